@@ -1,0 +1,37 @@
+# Every target sets up what it needs: a local virtual environment in .venv, made on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-test
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint typecheck pytest bench clean
+
+help: ## Show the targets.
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its test tools.
+
+lint: $(STAMP) ## ruff lint and format check.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks.
+	$(BIN)/mypy
+
+pytest: $(STAMP) ## The test suite (no network: MockTransport and loopback only).
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest ## Every check: ruff, mypy --strict, pytest.
+
+bench: $(STAMP) ## Benchmarks against a loopback server, side by side with plain httpx.
+	$(BIN)/python benchmarks/run.py
+
+clean: ## Remove .venv and caches.
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache out

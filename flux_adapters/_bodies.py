@@ -1,0 +1,143 @@
+"""Turn body descriptions into bytes on the wire, streamed, with the length known up front.
+
+A JSON body is flattened once into segments: runs of already-encoded JSON text and the local
+images between them. While sending, each image is read and base64-encoded slice by slice, so
+eight 20 MB images never sit in memory as one 213 MB string, and httpx is never handed one
+large ``bytes`` object (which httpx 0.28 sends slowly).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Final
+
+import httpx
+
+from flux_adapters.errors import RequestError, Violation
+from flux_adapters.request import DataUrlImage, FileImage, LocalImage
+from flux_adapters.wire import ImageValue, JsonBody, JsonValue
+
+# Whole base64 quanta (3 bytes in, 4 out) per slice; ~1 MiB of output each.
+_READ_SIZE: Final = 3 * 256 * 1024
+_TEXT_SLICE: Final = 1024 * 1024
+
+Segment = bytes | LocalImage
+
+
+def _prefix(image: LocalImage) -> bytes:
+    return f"data:{image.info.media_type};base64,".encode("ascii")
+
+
+def data_url(image: LocalImage) -> str:
+    """Return *image* as a complete ``data:`` URL string (in memory)."""
+    if isinstance(image, DataUrlImage):
+        return image.data_url
+    return b"".join(_data_url_chunks(image)).decode("ascii")
+
+
+def _data_url_length(image: LocalImage) -> int:
+    if isinstance(image, DataUrlImage):
+        return len(image.data_url)
+    return len(_prefix(image)) + 4 * -(-image.info.byte_size // 3)
+
+
+def _data_url_chunks(image: LocalImage) -> Iterator[bytes]:
+    if isinstance(image, DataUrlImage):
+        text = image.data_url
+        for start in range(0, len(text), _TEXT_SLICE):
+            yield text[start : start + _TEXT_SLICE].encode("ascii")
+        return
+    yield _prefix(image)
+    if isinstance(image, FileImage):
+        sent = 0
+        with image.path.open("rb") as stream:
+            while chunk := stream.read(_READ_SIZE):
+                sent += len(chunk)
+                yield base64.b64encode(chunk)
+        if sent != image.info.byte_size:
+            # The announced Content-Length no longer matches: stop rather than send a lie.
+            raise RequestError(
+                [
+                    Violation(
+                        "images",
+                        f"{image.path} changed while it was being sent",
+                        "a file that stays the same until sent",
+                        f"{sent} bytes instead of {image.info.byte_size}",
+                    )
+                ]
+            )
+        return
+    view = memoryview(image.data)
+    for start in range(0, len(view), _READ_SIZE):
+        yield base64.b64encode(view[start : start + _READ_SIZE])
+
+
+def _encode_scalar(value: JsonValue) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def _flatten(value: JsonValue, out: list[Segment]) -> None:
+    if isinstance(value, ImageValue):
+        out += [b'"', value.image, b'"']
+    elif isinstance(value, dict):
+        out.append(b"{")
+        for index, (key, item) in enumerate(value.items()):
+            out.append((b"," if index else b"") + _encode_scalar(key) + b":")
+            _flatten(item, out)
+        out.append(b"}")
+    elif isinstance(value, list):
+        out.append(b"[")
+        for index, item in enumerate(value):
+            if index:
+                out.append(b",")
+            _flatten(item, out)
+        out.append(b"]")
+    else:
+        out.append(_encode_scalar(value))
+
+
+def json_segments(body: JsonBody) -> list[Segment]:
+    """Flatten *body* into encoded JSON text runs and the images between them."""
+    raw: list[Segment] = []
+    _flatten(body.value, raw)
+    merged: list[Segment] = []
+    for segment in raw:
+        if isinstance(segment, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += segment
+        else:
+            merged.append(segment)
+    return merged
+
+
+def segments_length(segments: list[Segment]) -> int:
+    """The exact number of bytes *segments* encode to."""
+    return sum(len(s) if isinstance(s, bytes) else _data_url_length(s) for s in segments)
+
+
+def _segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
+    for segment in segments:
+        if isinstance(segment, bytes):
+            yield segment
+        else:
+            yield from _data_url_chunks(segment)
+
+
+class StreamedJson(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A JSON body with images, encoded while it is sent; usable by sync and async clients.
+
+    Local files are read with ordinary blocking reads of 768 KiB, which take well under a
+    millisecond from the page cache; the async client accepts that rather than pay a thread
+    hop per slice.
+    """
+
+    def __init__(self, segments: list[Segment]) -> None:
+        self._segments = segments
+
+    def __iter__(self) -> Iterator[bytes]:
+        return _segment_chunks(self._segments)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in _segment_chunks(self._segments):
+            yield chunk

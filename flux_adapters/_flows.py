@@ -1,0 +1,87 @@
+"""Interaction patterns, each written once as a generator the sync and async clients both drive.
+
+A flow yields the `HttpRequest` it wants sent and receives the `HttpResponse`, the way httpx's
+``Auth.auth_flow`` does; it returns its outcome through ``StopIteration``. It does no I/O, so
+every provider limit is enforced before the first request is yielded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+from attrs import frozen
+
+from flux_adapters.errors import ProviderError, RequestError, ResponseFormatError, Violation
+from flux_adapters.limits import Plan, plan
+from flux_adapters.providers import Adapter, Answer, get_adapter
+from flux_adapters.providers._images_api import redact
+from flux_adapters.request import EditRequest
+from flux_adapters.wire import HttpRequest, HttpResponse
+
+__all__ = ["Flow", "Outcome", "check", "edit_flow", "resolve"]
+
+
+@frozen
+class Outcome:
+    """What a finished flow produced."""
+
+    plan: Plan
+    answer: Answer
+
+
+Flow = Generator[HttpRequest, HttpResponse, Outcome]
+
+
+def resolve(adapter: Adapter, request: EditRequest) -> Plan:
+    """Check *request* against *adapter*'s limits and resolve it.
+
+    Raises:
+        RequestError: The provider does not offer the model, or the request breaks its limits.
+    """
+    limits = adapter.limits.get(request.model)
+    if limits is None:
+        offered = ", ".join(adapter.limits) or "none"
+        violation = Violation(
+            "model", f"{adapter.name} does not offer {request.model}", offered, request.model
+        )
+        raise RequestError([violation], provider=adapter.name, model=request.model)
+    return plan(request, limits)
+
+
+def check(request: EditRequest, provider: str) -> tuple[Violation, ...]:
+    """Return every way *request* breaks *provider*'s limits; empty when it would be sent.
+
+    Pure: nothing is sent. The same check runs inside every ``edit`` call.
+
+    Raises:
+        ConfigurationError: No provider has that id.
+    """
+    try:
+        resolve(get_adapter(provider), request)
+    except RequestError as error:
+        return error.violations
+    return ()
+
+
+def edit_flow(
+    adapter: Adapter, request: EditRequest, base_url: str, secrets: tuple[str, ...] = ()
+) -> Flow:
+    """One synchronous call: POST the request, read the images from the answer.
+
+    Raises:
+        RequestError: Before anything is yielded, when the request breaks the provider's limits.
+        ProviderError: The provider answered with an error (details redacted of *secrets*).
+    """
+    resolved = resolve(adapter, request)
+    response = yield adapter.build_request(request, resolved, base_url)
+    try:
+        if not 200 <= response.status_code < 300:
+            raise adapter.parse_error(response)
+        answer = adapter.parse_response(response)
+    except ProviderError as error:
+        if error.detail:
+            error.detail = redact(error.detail, secrets)
+        if isinstance(error, ResponseFormatError):
+            error.excerpt = redact(error.excerpt, secrets)
+        raise
+    return Outcome(plan=resolved, answer=answer)

@@ -1,0 +1,286 @@
+"""Every exception flux-adapters raises on purpose.
+
+The tree::
+
+    FluxError                         base: ``except FluxError`` catches all of them
+    ├── ConfigurationError            bad client setup (unknown provider, no API key); nothing sent
+    ├── RequestError (also ValueError) the request breaks a rule or a limit; nothing was sent
+    ├── ProviderError                 the provider answered, and the answer is an error
+    │   ├── AuthenticationFailed      401, or 403 about the key
+    │   ├── InsufficientBalance       402, or a "quota exhausted" answer; the job was not taken
+    │   ├── RateLimited               429; ``retry_after`` seconds when the provider said
+    │   ├── ContentModerated          the prompt, an input or the output was blocked
+    │   ├── ModelUnavailable          the provider has no channel for this model right now
+    │   ├── ProviderRejected          any other 4xx: the provider refused the request as invalid
+    │   ├── ProviderUnavailable       5xx
+    │   └── ResponseFormatError       a success status with a body we cannot read
+    ├── TransportError                no usable answer; ``sent``: may the provider have it?
+    │   └── Timeout
+    ├── ResultExpired                 the short-lived result URL is gone (403/404/410 on download)
+    └── AllProvidersFailed            every candidate provider failed; ``attempts`` lists them
+
+Rules every class follows: status codes are the ones the provider sent (never made up here), the
+cause is chained with ``raise ... from``, details are short and redacted, no API key appears in a
+message or repr, and every instance pickles (``__reduce__`` rebuilds from state, so keyword-only
+constructors need no extra code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from attrs import frozen
+
+if TYPE_CHECKING:
+    from flux_adapters.result import Attempt
+
+__all__ = [
+    "AllProvidersFailed",
+    "AuthenticationFailed",
+    "ConfigurationError",
+    "ContentModerated",
+    "FluxError",
+    "InsufficientBalance",
+    "ModelUnavailable",
+    "ProviderError",
+    "ProviderRejected",
+    "ProviderUnavailable",
+    "RateLimited",
+    "RequestError",
+    "ResponseFormatError",
+    "ResultExpired",
+    "Timeout",
+    "TransportError",
+    "Violation",
+]
+
+
+class FluxError(Exception):
+    """Base class of everything this library raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+    """Whether repeating the same call may succeed. Whether it is *safe* also depends on
+    whether the provider may have taken the job (see ``TransportError.sent``)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[FluxError], args: tuple[object, ...], state: dict[str, object]) -> FluxError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class ConfigurationError(FluxError, ValueError):
+    """The client is set up wrongly (unknown provider, missing API key). Nothing was sent."""
+
+
+@frozen
+class Violation:
+    """One way a request breaks a rule or a provider's limit.
+
+    Attributes:
+        field: The request field at fault, e.g. ``"images"`` or ``"images[2]"``.
+        message: What is wrong, as a sentence fragment.
+        limit: The rule, e.g. ``"at most 3"`` or ``"a multiple of 32 from 512 to 2048"``.
+        value: What the request had, rendered short (never image data).
+        source: Where the limit comes from (a provider document), when it is a provider's limit.
+    """
+
+    field: str
+    message: str
+    limit: str
+    value: str
+    source: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message} (limit: {self.limit}; got: {self.value})"
+
+
+class RequestError(FluxError, ValueError):
+    """The request breaks one or more rules; nothing was sent and nothing was paid for.
+
+    Attributes:
+        violations: Every violation found, not only the first.
+        provider: The provider whose limits were checked, or ``None`` for rules that hold for all.
+        model: The canonical model id the request asked for, when known.
+    """
+
+    def __init__(
+        self,
+        violations: Sequence[Violation],
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.violations = tuple(violations)
+        self.provider = provider
+        self.model = model
+        where = f" for {model} at {provider}" if provider and model else ""
+        lines = "".join(f"\n  - {violation}" for violation in self.violations)
+        count = len(self.violations)
+        super().__init__(
+            f"{count} problem{'s' if count != 1 else ''} with the request{where}:{lines}"
+        )
+
+
+class ProviderError(FluxError):
+    """The provider answered, and the answer is an error.
+
+    Attributes:
+        provider: The provider id, e.g. ``"apiyi"``.
+        status_code: The HTTP status the provider sent.
+        detail: The provider's own error text, at most 500 characters, secrets removed.
+        code: The provider's machine-readable error code, when it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        status_code: int,
+        detail: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.status_code = status_code
+        self.detail = detail
+        self.code = code
+
+    def __str__(self) -> str:
+        detail = f": {self.detail}" if self.detail else ""
+        return f"{self.provider}: {self.args[0]} (HTTP {self.status_code}){detail}"
+
+
+class AuthenticationFailed(ProviderError):
+    """The provider refused the API key (401, or a 403 about the key)."""
+
+
+class InsufficientBalance(ProviderError):
+    """The account has no balance or quota left for this call; the job was not taken."""
+
+
+class RateLimited(ProviderError):
+    """The provider asked us to slow down (429).
+
+    Attributes:
+        retry_after: Seconds the provider asked us to wait, when it said.
+    """
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        status_code: int,
+        detail: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(
+            message, provider=provider, status_code=status_code, detail=detail, code=code
+        )
+        self.retry_after = retry_after
+
+
+class ContentModerated(ProviderError):
+    """The provider's filter blocked the prompt, an input image or the output."""
+
+
+class ModelUnavailable(ProviderError):
+    """The provider has no working channel for this model at the moment."""
+
+    retryable = True
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the request as invalid (a 4xx not covered by a subclass)."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider failed (5xx). The job may or may not have been taken for a 500."""
+
+    retryable = True
+
+
+class ResponseFormatError(ProviderError):
+    """The provider answered with a success status but a body we cannot read.
+
+    Attributes:
+        excerpt: The start of the body, at most 200 characters, secrets removed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        status_code: int,
+        excerpt: str = "",
+    ) -> None:
+        super().__init__(
+            message, provider=provider, status_code=status_code, detail=excerpt or None
+        )
+        self.excerpt = excerpt
+
+
+class TransportError(FluxError):
+    """No usable answer arrived (connection refused, reset, timed out).
+
+    Attributes:
+        provider: The provider id.
+        sent: ``False`` when the failure proves the provider never received the request
+            (connection refused, connect timeout), so repeating it cannot bill twice. ``True``
+            when the request may have arrived and may be billed.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, provider: str, sent: bool) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.sent = sent
+
+    def __str__(self) -> str:
+        state = "the request may have reached it" if self.sent else "the request was not sent"
+        return f"{self.provider}: {self.args[0]} ({state})"
+
+
+class Timeout(TransportError):
+    """A connect, write or read timeout expired."""
+
+
+class ResultExpired(FluxError):
+    """A result URL answered 403, 404 or 410: result URLs live for about 10 minutes.
+
+    Attributes:
+        status_code: The status the download answered with.
+        location: Host and path of the URL; the signed query string is left out.
+    """
+
+    def __init__(self, message: str, *, status_code: int, location: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.location = location
+
+    def __str__(self) -> str:
+        return f"{self.args[0]} (HTTP {self.status_code} from {self.location})"
+
+
+class AllProvidersFailed(FluxError):
+    """Every candidate provider was tried or skipped, and none produced an image.
+
+    Attributes:
+        attempts: Every provider tried or skipped, in order, with its outcome.
+    """
+
+    def __init__(self, message: str, *, attempts: Sequence[Attempt]) -> None:
+        super().__init__(message)
+        self.attempts = tuple(attempts)

@@ -1,0 +1,44 @@
+"""JSON fields of the Black Forest Labs API, which laozhang and apiyi forward under the same names.
+
+BFL's FLUX.2 request takes the first reference image as ``input_image`` and the next ones as
+``input_image_2`` .. ``input_image_8`` (https://docs.bfl.ai/flux_2/flux2_image_editing); both
+resellers keep those names and the settings' names (``seed``, ``safety_tolerance``, ...).
+"""
+
+from __future__ import annotations
+
+from flux_adapters.limits import Plan
+from flux_adapters.request import EditRequest
+from flux_adapters.wire import JsonValue, json_image
+
+__all__ = ["build_bfl_style_body", "image_field"]
+
+
+def image_field(index: int) -> str:
+    """``input_image`` for the first image, then ``input_image_2`` .. ``input_image_8``."""
+    return "input_image" if index == 0 else f"input_image_{index + 1}"
+
+
+def build_bfl_style_body(request: EditRequest, plan: Plan) -> dict[str, JsonValue]:
+    """The JSON fields laozhang and apiyi share: model, prompt, numbered images, settings."""
+    body: dict[str, JsonValue] = {"model": plan.wire_model, "prompt": request.prompt}
+    for index, image in enumerate(request.images):
+        body[image_field(index)] = json_image(image)
+    if plan.dimensions is not None:
+        width, height = plan.dimensions
+        if plan.size_string:
+            body["size"] = f"{width}x{height}"
+        else:
+            body["width"], body["height"] = width, height
+    if plan.ratio_text is not None:
+        body["aspect_ratio"] = plan.ratio_text
+    settings: dict[str, JsonValue] = {
+        "seed": request.seed,
+        "output_format": request.output_format,
+        "safety_tolerance": request.safety_tolerance,
+        "prompt_upsampling": request.prompt_upsampling,
+        "steps": request.steps,
+        "guidance": request.guidance,
+    }
+    body.update({key: value for key, value in settings.items() if value is not None})
+    return body

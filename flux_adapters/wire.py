@@ -1,0 +1,136 @@
+"""Plain-data HTTP requests and responses, the currency between adapters and the client.
+
+Adapters build `HttpRequest` values and read `HttpResponse` values; they never see httpx, a
+socket, a file handle or the API key. The client adds credentials, turns the body description
+into a streamed httpx body and sends it.
+
+A body is a description, not bytes: `JsonBody` may hold `ImageValue` leaves (a local image to be
+written as a base64 data URL while sending) and `MultipartBody` names the local images to upload,
+so a 20 MB image is streamed from disk rather than copied into memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TypeAlias
+
+from attrs import frozen
+
+from flux_adapters.request import ImageInput, LocalImage, UrlImage
+
+__all__ = [
+    "FilePart",
+    "HttpRequest",
+    "HttpResponse",
+    "ImageValue",
+    "JsonBody",
+    "JsonValue",
+    "MultipartBody",
+    "json_image",
+]
+
+
+@frozen
+class ImageValue:
+    """A local image that goes into a JSON body as a ``data:`` URL string."""
+
+    image: LocalImage
+
+
+JsonValue: TypeAlias = (
+    bool | int | float | str | ImageValue | list["JsonValue"] | dict[str, "JsonValue"] | None
+)
+
+
+def json_image(image: ImageInput) -> JsonValue:
+    """The JSON value for a reference image: a URL as it is, a local image as a data URL."""
+    return image.url if isinstance(image, UrlImage) else ImageValue(image)
+
+
+@frozen
+class JsonBody:
+    """A JSON object body; `ImageValue` leaves are encoded while streaming."""
+
+    value: dict[str, JsonValue]
+
+    def materialize(self) -> dict[str, object]:
+        """Return the body as plain JSON data, with images written out as data URLs.
+
+        This builds every data URL in memory: meant for tests and small bodies.
+        """
+        return {key: _materialize(item) for key, item in self.value.items()}
+
+
+@frozen
+class FilePart:
+    """One uploaded file of a multipart body."""
+
+    name: str
+    filename: str
+    image: LocalImage
+
+
+@frozen
+class MultipartBody:
+    """A ``multipart/form-data`` body: text fields, then files in order."""
+
+    fields: tuple[tuple[str, str], ...]
+    files: tuple[FilePart, ...]
+
+
+@frozen(kw_only=True)
+class HttpRequest:
+    """One HTTP request an adapter wants sent. Holds no credentials.
+
+    Attributes:
+        method: ``"POST"`` or ``"GET"``.
+        url: The full URL.
+        body: What to send, or ``None``.
+        headers: Extra headers (the client adds authentication and the content type).
+        idempotent: Whether sending it twice is harmless. A POST that creates an image is not:
+            a repeat may make, and bill, a second image.
+    """
+
+    method: str
+    url: str
+    body: JsonBody | MultipartBody | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    idempotent: bool = False
+
+
+@frozen(kw_only=True)
+class HttpResponse:
+    """One HTTP response, fully read. Header names are lower case."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+
+    def header(self, name: str) -> str | None:
+        """Return the header *name* (any case), or ``None``."""
+        return self.headers.get(name.lower())
+
+    def text(self) -> str:
+        """The body decoded as UTF-8, with undecodable bytes replaced."""
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> object:
+        """The body parsed as JSON.
+
+        Raises:
+            ValueError: The body is not JSON.
+        """
+        return json.loads(self.content)
+
+
+def _materialize(value: JsonValue) -> object:
+    if isinstance(value, ImageValue):
+        from flux_adapters._bodies import data_url  # the encoder lives with the streaming code
+
+        return data_url(value.image)
+    if isinstance(value, dict):
+        return {key: _materialize(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_materialize(item) for item in value]
+    return value
