@@ -131,12 +131,17 @@ def _build_httpx_request(
             return http.build_request(
                 outgoing.method, outgoing.url, headers=headers, content=segments[0], timeout=timeout
             )
-        request = http.build_request(
-            outgoing.method, outgoing.url, headers=headers, timeout=timeout
+        # build_request applies the caller's client defaults; a fresh Request then carries the
+        # stream (replacing .stream on a built request would leave its empty .content behind).
+        base = http.build_request(outgoing.method, outgoing.url, headers=headers, timeout=timeout)
+        base.headers["Content-Length"] = str(segments_length(segments))
+        return httpx.Request(
+            base.method,
+            base.url,
+            headers=base.headers,
+            stream=StreamedJson(segments),
+            extensions=base.extensions,
         )
-        request.stream = StreamedJson(segments)
-        request.headers["Content-Length"] = str(segments_length(segments))
-        return request
     return http.build_request(outgoing.method, outgoing.url, headers=headers, timeout=timeout)
 
 

@@ -107,8 +107,10 @@ class ResultImage:
 
     url: str | None = field(default=None, repr=_short_url)
     b64_json: str | None = field(
-        default=None, repr=lambda value: f"<{len(value)} base64 characters>"
+        default=None,
+        repr=lambda value: "None" if value is None else f"<{len(value)} base64 characters>",
     )
+
     _downloader: Downloader | None = field(default=None, eq=False, repr=False, alias="downloader")
 
     def _fetcher(self) -> Downloader:

@@ -1,0 +1,38 @@
+"""Shared fixtures: small real images, and a Hypothesis profile that keeps CI time bounded."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import pytest
+from hypothesis import HealthCheck, settings
+from PIL import Image
+
+settings.register_profile(
+    "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=50, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", color: str = "red") -> bytes:
+    """A real image of the given size and format."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any test that tries to resolve a host other than loopback."""
+    real = socket.getaddrinfo
+
+    def loopback_only(host: object, *args: object, **kwargs: object) -> object:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name not in {"localhost", "::1"} and not name.startswith("127."):
+            raise OSError(f"tests may not reach the network (tried {name})")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)

@@ -1,0 +1,77 @@
+import pickle
+from typing import Any
+
+import pytest
+
+from flux_adapters import errors
+from flux_adapters.errors import Violation
+from flux_adapters.result import Attempt
+
+VIOLATION = Violation("images", "too many reference images", "0..3 images", "5", "https://doc")
+PROVIDER: dict[str, Any] = {
+    "provider": "apiyi",
+    "status_code": 400,
+    "detail": "bad",
+    "code": "invalid",
+}
+
+INSTANCES = [
+    errors.ConfigurationError("no key"),
+    errors.RequestError([VIOLATION, VIOLATION], provider="aimlapi", model="flux-2-pro"),
+    errors.ProviderError("refused", **PROVIDER),
+    errors.AuthenticationFailed("key", **PROVIDER),
+    errors.InsufficientBalance("money", **PROVIDER),
+    errors.RateLimited("slow", retry_after=2.5, **PROVIDER),
+    errors.ContentModerated("blocked", **PROVIDER),
+    errors.ModelUnavailable("gone", **PROVIDER),
+    errors.ProviderRejected("invalid", **PROVIDER),
+    errors.ProviderUnavailable("down", **PROVIDER),
+    errors.ResponseFormatError("garbled", provider="apiyi", status_code=200, excerpt="<html>"),
+    errors.TransportError("refused", provider="laozhang", sent=False),
+    errors.Timeout("slow", provider="laozhang", sent=True),
+    errors.ResultExpired("gone", status_code=403, location="cdn.example/x.png"),
+    errors.AllProvidersFailed(
+        "none",
+        attempts=[Attempt(provider="apiyi", model="flux-2-pro", outcome="failed", elapsed_s=0.1)],
+    ),
+]
+
+
+@pytest.mark.parametrize("error", INSTANCES, ids=lambda error: type(error).__name__)
+def test_every_error_pickles_with_its_fields(error: errors.FluxError) -> None:
+    clone = pickle.loads(pickle.dumps(error))
+    assert type(clone) is type(error)
+    assert str(clone) == str(error)
+    assert vars(clone) == vars(error)
+
+
+def test_every_error_class_is_covered_above() -> None:
+    covered = {type(error).__name__ for error in INSTANCES}
+    assert covered == {name for name in errors.__all__ if name not in {"FluxError", "Violation"}}
+
+
+def test_request_error_lists_every_violation_with_limit_and_value() -> None:
+    error = errors.RequestError(
+        [VIOLATION, Violation("seed", "is out of range", ">= 1", "0")],
+        provider="aimlapi",
+        model="flux-2-pro",
+    )
+    text = str(error)
+    assert "2 problems with the request for flux-2-pro at aimlapi" in text
+    assert "images: too many reference images (limit: 0..3 images; got: 5)" in text
+    assert "seed: is out of range (limit: >= 1; got: 0)" in text
+    assert isinstance(error, ValueError)
+
+
+def test_provider_error_keeps_the_real_status_and_detail() -> None:
+    error = errors.RateLimited(
+        "slow down", provider="apiyi", status_code=429, detail="busy", retry_after=3.0
+    )
+    assert error.status_code == 429
+    assert error.retry_after == 3.0
+    assert str(error) == "apiyi: slow down (HTTP 429): busy"
+
+
+def test_transport_error_says_whether_the_request_may_have_arrived() -> None:
+    assert "was not sent" in str(errors.TransportError("refused", provider="x", sent=False))
+    assert "may have reached" in str(errors.Timeout("read timeout", provider="x", sent=True))
