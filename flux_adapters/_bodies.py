@@ -8,9 +8,9 @@ large ``bytes`` object (which httpx 0.28 sends slowly).
 
 from __future__ import annotations
 
-import base64
+import functools
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Final
 
 import httpx
@@ -24,6 +24,24 @@ _READ_SIZE: Final = 3 * 256 * 1024
 _TEXT_SLICE: Final = 1024 * 1024
 
 Segment = bytes | LocalImage
+
+
+@functools.cache
+def _b64encode() -> Callable[[bytes | memoryview], bytes]:
+    """Return the fastest base64 encoder installed.
+
+    pybase64's SIMD encoder (the ``fast`` extra) is about 8x faster than the standard library's;
+    both give identical output.
+    """
+    try:
+        import pybase64
+
+        encode: Callable[[bytes | memoryview], bytes] = pybase64.b64encode
+    except ImportError:
+        import base64
+
+        encode = base64.b64encode
+    return encode
 
 
 def _prefix(image: LocalImage) -> bytes:
@@ -52,10 +70,11 @@ def _data_url_chunks(image: LocalImage) -> Iterator[bytes]:
     yield _prefix(image)
     if isinstance(image, FileImage):
         sent = 0
+        encode = _b64encode()
         with image.path.open("rb") as stream:
             while chunk := stream.read(_READ_SIZE):
                 sent += len(chunk)
-                yield base64.b64encode(chunk)
+                yield encode(chunk)
         if sent != image.info.byte_size:
             # The announced Content-Length no longer matches: stop rather than send a lie.
             raise RequestError(
@@ -69,9 +88,9 @@ def _data_url_chunks(image: LocalImage) -> Iterator[bytes]:
                 ]
             )
         return
-    view = memoryview(image.data)
+    view, encode = memoryview(image.data), _b64encode()
     for start in range(0, len(view), _READ_SIZE):
-        yield base64.b64encode(view[start : start + _READ_SIZE])
+        yield encode(view[start : start + _READ_SIZE])
 
 
 def _encode_scalar(value: JsonValue) -> bytes:

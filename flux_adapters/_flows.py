@@ -11,10 +11,10 @@ from collections.abc import Generator
 
 from attrs import frozen
 
+from flux_adapters._redact import redact
 from flux_adapters.errors import ProviderError, RequestError, ResponseFormatError, Violation
 from flux_adapters.limits import Plan, plan
 from flux_adapters.providers import Adapter, Answer, get_adapter
-from flux_adapters.providers._images_api import redact
 from flux_adapters.request import EditRequest
 from flux_adapters.wire import HttpRequest, HttpResponse
 

@@ -151,28 +151,48 @@ def _received(response: httpx.Response) -> HttpResponse:
     )
 
 
+def _proves_not_sent(exc: BaseException) -> bool:
+    """Whether a transport failure proves the provider never received the request."""
+    cause = exc.__cause__ if isinstance(exc, httpx.TransportError) and exc.__cause__ else exc
+    if type(cause).__module__.partition(".")[0] == "aiohttp":
+        # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout, including a
+        # disconnect after the body was sent; only aiohttp's connector errors prove it unsent.
+        import aiohttp
+
+        return isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    # A write timeout means the body was not fully written, so the job cannot have been taken.
+    return isinstance(
+        exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.WriteTimeout
+    )
+
+
+def _transport_error(exc: Exception, provider: str) -> TransportError:
+    sent = not _proves_not_sent(exc)
+    if isinstance(exc, httpx.TimeoutException | TimeoutError) or isinstance(
+        exc.__cause__, TimeoutError
+    ):
+        what = (
+            "timed out waiting for the answer" if sent else "timed out before the request was sent"
+        )
+        return Timeout(f"{what} ({type(exc).__name__})", provider=provider, sent=sent)
+    what = "the connection failed" if sent else "could not connect"
+    return TransportError(f"{what} ({type(exc).__name__}: {exc})", provider=provider, sent=sent)
+
+
 @contextlib.contextmanager
 def _mapped_transport_errors(provider: str) -> Iterator[None]:
-    """Re-raise httpx failures as ours, saying whether the provider may have the request."""
+    """Re-raise transport failures as ours, saying whether the provider may have the request."""
     try:
         yield
-    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-        raise Timeout(
-            f"timed out before sending ({type(exc).__name__})", provider=provider, sent=False
-        ) from exc
-    except httpx.WriteTimeout as exc:
-        # The body was not fully written, so the provider cannot have taken the job.
-        raise Timeout(
-            "timed out while sending the request body", provider=provider, sent=False
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise Timeout("timed out waiting for the answer", provider=provider, sent=True) from exc
-    except httpx.ConnectError as exc:
-        raise TransportError(f"could not connect ({exc})", provider=provider, sent=False) from exc
     except httpx.TransportError as exc:
-        raise TransportError(
-            f"the connection failed ({type(exc).__name__}: {exc})", provider=provider, sent=True
-        ) from exc
+        raise _transport_error(exc, provider) from exc
+    except (TimeoutError, OSError) as exc:
+        # Raw failures some transports let through (asyncio timeouts, aiohttp client errors).
+        raise _transport_error(exc, provider) from exc
+    except Exception as exc:
+        if type(exc).__module__.partition(".")[0] != "aiohttp":
+            raise
+        raise _transport_error(exc, provider) from exc
 
 
 def _drive_sync(flow: Flow, send: _SyncSend) -> Outcome:
@@ -292,7 +312,16 @@ class FluxClient:
 
 
 def _default_async_http() -> httpx.AsyncClient:
-    return httpx.AsyncClient()
+    """An AsyncClient on aiohttp when the ``aiohttp`` extra is installed, else plain httpx.
+
+    httpx's own async pool slows down sharply with many requests in flight (about 5x fewer
+    requests per second than aiohttp at 50 in flight on loopback; benchmarks/run.py e).
+    """
+    try:
+        from httpx_aiohttp import AiohttpTransport
+    except ImportError:
+        return httpx.AsyncClient()
+    return httpx.AsyncClient(transport=AiohttpTransport())
 
 
 class AsyncFluxClient:

@@ -12,7 +12,6 @@ provider adds is ignored.
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import re
 import time
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 from attrs import frozen
 
+from flux_adapters._redact import redact
 from flux_adapters.errors import (
     AuthenticationFailed,
     ContentModerated,
@@ -40,7 +40,7 @@ from flux_adapters.wire import HttpResponse
 if TYPE_CHECKING:
     import cattrs
 
-__all__ = ["parse_error", "parse_images", "redact", "retry_after"]
+__all__ = ["parse_error", "parse_images", "retry_after"]
 
 _DETAIL_CHARS: Final = 500
 
@@ -191,6 +191,8 @@ def retry_after(value: str | None) -> float | None:
     value = value.strip()
     if value.replace(".", "", 1).isdigit():
         return float(value)
+    import email.utils  # lazy: only HTTP-date Retry-After values need it
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -233,19 +235,6 @@ def _json_detail(body: Mapping[str, object]) -> tuple[str, str | None]:
                 code
             ) if code else None
     return _clip(str(body)), None
-
-
-_SECRETS: Final = re.compile(
-    r"(sk-[A-Za-z0-9_-]{6,}|Bearer\s+\S+|signature=[^&\s\"']+)", re.IGNORECASE
-)
-
-
-def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove API keys, bearer tokens and URL signatures from provider text."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return _SECRETS.sub("[redacted]", text)
 
 
 def _clip(text: str) -> str:

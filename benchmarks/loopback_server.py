@@ -1,0 +1,71 @@
+"""A minimal HTTP/1.1 server for the benchmarks: keep-alive, bodies read and discarded in chunks.
+
+Run as ``python benchmarks/loopback_server.py``; it prints its port on the first line of stdout
+and answers every POST with an OpenAI-style image answer, every GET with a tiny body. It runs in
+its own process so that its CPU and memory are not counted against the client being measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+ANSWER = json.dumps({"created": 1, "data": [{"url": "http://127.0.0.1/result.png"}]}).encode()
+CHUNK = 1024 * 1024
+
+
+async def discard(reader: asyncio.StreamReader, length: int) -> None:
+    while length > 0:
+        chunk = await reader.read(min(CHUNK, length))
+        if not chunk:
+            raise ConnectionError("client closed mid-body")
+        length -= len(chunk)
+
+
+async def discard_chunked(reader: asyncio.StreamReader) -> None:
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        await discard(reader, size + 2)
+        if size == 0:
+            return
+
+
+async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {
+                k.lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:] if line)
+            }
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                await discard_chunked(reader)
+            else:
+                await discard(reader, int(headers.get("content-length", "0")))
+            body = ANSWER if lines[0].startswith("POST") else b"ok"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main() -> None:
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, limit=CHUNK, backlog=512)
+    port = server.sockets[0].getsockname()[1]
+    sys.stdout.write(f"{port}\n")
+    sys.stdout.flush()
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

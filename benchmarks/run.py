@@ -1,0 +1,389 @@
+"""Benchmarks: flux-adapters side by side with hand-written httpx, in one run, on loopback.
+
+    python benchmarks/run.py            # all comparisons
+    python benchmarks/run.py b c        # some of them
+
+Each comparison prints both measurements and their ratio against the issue's target:
+
+  a  `import flux_adapters` vs `import httpx`, fresh interpreters (median of 21 each)
+  b  FluxClient.edit (text-to-image) vs httpx.Client.post of the same JSON, per call
+  c  an edit with three 1 MB local images as JSON data URLs vs hand-written httpx post(json=...)
+  d  eight 20 MB local images, as JSON data URLs and as multipart: time and peak memory above
+     the process baseline, each in a fresh process (hand-written post(json=...) alongside)
+  e  AsyncFluxClient vs plain httpx.AsyncClient, 50 requests in flight, requests per second
+
+The server (benchmarks/loopback_server.py) runs in its own process and discards bodies. Results
+are also written to benchmarks/results/latest.json. Timings vary with the machine; run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from flux_adapters import AsyncFluxClient, EditRequest, FluxClient
+
+HERE = Path(__file__).resolve().parent
+KEY = "bench-key"
+RESULTS: dict[str, dict[str, Any]] = {}
+
+
+def fake_png(path: Path, size: int, width: int = 2000, height: int = 1500) -> Path:
+    """A file with a valid PNG header (read for the limits check) padded to *size* bytes."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = (
+        struct.pack(">I", len(ihdr))
+        + b"IHDR"
+        + ihdr
+        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    )
+    head = b"\x89PNG\r\n\x1a\n" + chunk
+    with path.open("wb") as out:
+        out.write(head)
+        out.write(os.urandom(size - len(head)))
+    return path
+
+
+@contextmanager
+def loopback() -> Iterator[str]:
+    server = subprocess.Popen(
+        [sys.executable, str(HERE / "loopback_server.py")], stdout=subprocess.PIPE, text=True
+    )
+    assert server.stdout is not None
+    try:
+        yield f"http://127.0.0.1:{int(server.stdout.readline())}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def report(
+    key: str, title: str, rows: list[tuple[str, str]], ratio: float, target: str, ok: bool
+) -> None:
+    print(f"\n({key}) {title}")
+    for label, value in rows:
+        print(f"    {label:<46} {value}")
+    print(f"    {'ratio':<46} {ratio:.2f}x   target {target}   {'PASS' if ok else 'MISS'}")
+    RESULTS[key] = {
+        "title": title,
+        "rows": dict(rows),
+        "ratio": round(ratio, 3),
+        "target": target,
+        "ok": ok,
+    }
+
+
+def median_seconds(command: list[str], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(command, check=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_import(base: str) -> None:
+    codes = {
+        "pass": "pass",
+        "httpx": "import httpx",
+        "ours": "import flux_adapters",
+        "ours-used": "from flux_adapters import EditRequest, FluxClient",
+    }
+    samples: dict[str, list[float]] = {name: [] for name in codes}
+    for _ in range(21):  # interleaved, so drift hits all alike
+        for name, code in codes.items():
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            samples[name].append(time.perf_counter() - started)
+    bare, theirs, ours, used = (statistics.median(samples[name]) for name in codes)
+
+    def shown(seconds: float) -> str:
+        return f"{seconds * 1000:.1f} ms ({(seconds - bare) * 1000:.1f} ms net)"
+
+    report(
+        "a",
+        "import time, fresh interpreter (median of 21)",
+        [
+            ("import httpx", shown(theirs)),
+            ("import flux_adapters", shown(ours)),
+            ("from flux_adapters import EditRequest, FluxClient", shown(used)),
+            ("  that one, as a ratio to import httpx", f"{used / theirs:.2f}x"),
+        ],
+        ours / theirs,
+        "<= 1.5x",
+        ours / theirs <= 1.5,
+    )
+
+
+def per_call(function: Callable[[], object], calls: int, rounds: int = 5) -> float:
+    """Median over *rounds* of the mean seconds per call."""
+    function()
+    means = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(calls):
+            function()
+        means.append((time.perf_counter() - started) / calls)
+    return statistics.median(means)
+
+
+def bench_text_to_image(base: str) -> None:
+    prompt = "A ruby red retro robot riding a yellow skateboard"
+    body = {"model": "flux-2-pro", "prompt": prompt, "n": 1, "size": "1024x1024"}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{base}/laozhang/v1/images/generations"
+    with (
+        httpx.Client() as http,
+        FluxClient("laozhang", api_key=KEY, base_url=f"{base}/laozhang") as ours,
+    ):
+
+        def by_hand() -> object:
+            response = http.post(url, json=body, headers=headers)
+            response.raise_for_status()
+            return response.json()["data"][0]["url"]
+
+        def with_library() -> object:
+            request = EditRequest(prompt=prompt, model="flux-2-pro", size="1024x1024")
+            return ours.edit(request).images[0].url
+
+        theirs_s, ours_s = [], []
+        for _ in range(3):  # alternate, so drift hits both alike
+            theirs_s.append(per_call(by_hand, 300))
+            ours_s.append(per_call(with_library, 300))
+    theirs, mine = statistics.median(theirs_s), statistics.median(ours_s)
+    report(
+        "b",
+        "text-to-image, per call (request built each call)",
+        [
+            ("httpx.Client.post(json=...)", f"{theirs * 1e6:.0f} us"),
+            ("FluxClient.edit", f"{mine * 1e6:.0f} us"),
+        ],
+        mine / theirs,
+        "<= 1.3x",
+        mine / theirs <= 1.3,
+    )
+
+
+def bench_three_images(base: str, folder: Path) -> None:
+    paths = [fake_png(folder / f"ref{n}.png", 1024 * 1024) for n in range(3)]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{base}/laozhang/v1/images/generations"
+    with (
+        httpx.Client() as http,
+        FluxClient("laozhang", api_key=KEY, base_url=f"{base}/laozhang") as ours,
+    ):
+
+        def by_hand() -> object:
+            payload: dict[str, object] = {
+                "model": "flux-2-pro",
+                "prompt": "blend",
+                "width": 1024,
+                "height": 1024,
+            }
+            for index, path in enumerate(paths):
+                field = "input_image" if index == 0 else f"input_image_{index + 1}"
+                payload[field] = (
+                    "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+                )
+            response = http.post(url, json=payload, headers=headers)
+            response.raise_for_status()
+            return response.json()
+
+        def with_library() -> object:
+            request = EditRequest(
+                prompt="blend", model="flux-2-pro", images=paths, width=1024, height=1024
+            )
+            return ours.edit(request)
+
+        theirs_s, ours_s = [], []
+        for _ in range(3):
+            theirs_s.append(per_call(by_hand, 15, rounds=3))
+            ours_s.append(per_call(with_library, 15, rounds=3))
+    theirs, mine = statistics.median(theirs_s), statistics.median(ours_s)
+    report(
+        "c",
+        "edit with three 1 MB local images as JSON data URLs, per call",
+        [
+            ("read + b64 + httpx.Client.post(json=...)", f"{theirs * 1000:.1f} ms"),
+            ("EditRequest(images=[paths]) + FluxClient.edit", f"{mine * 1000:.1f} ms"),
+        ],
+        mine / theirs,
+        "<= 0.5x",
+        mine / theirs <= 0.5,
+    )
+
+
+_BIG_CHILD = """
+import base64, json, sys, time
+from pathlib import Path
+import httpx
+from flux_adapters import EditRequest, FluxClient
+mode, base, folder = sys.argv[1:4]
+paths = sorted(Path(folder).glob("big*.png"))
+def status_mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+http = httpx.Client(timeout=120)
+# Forked from the benchmark runner: reset the high-water mark inherited with its pages.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+baseline = status_mb("VmRSS")
+started = time.perf_counter()
+if mode == "hand-json":
+    payload = {"model": "flux-2-pro", "prompt": "blend"}
+    for i, p in enumerate(paths):
+        payload["input_image" if i == 0 else f"input_image_{i + 1}"] = (
+            "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode())
+    http.post(base + "/laozhang/v1/images/generations", json=payload).raise_for_status()
+else:
+    provider = "laozhang" if mode == "json" else "apiyi-multipart"
+    client = FluxClient(provider, api_key="k", base_url=f"{base}/{provider}", http_client=http)
+    client.edit(EditRequest(prompt="blend", model="flux-2-pro", images=paths))
+elapsed = time.perf_counter() - started
+peak = status_mb("VmHWM")
+print(json.dumps({"seconds": elapsed, "extra_mb": max(0.0, peak - baseline)}))
+"""
+
+
+def bench_big_images(base: str, folder: Path) -> None:
+    for n in range(8):
+        fake_png(folder / f"big{n}.png", 20_000_000, 4000, 5000)
+    measured = {}
+    for mode in ("json", "multipart", "hand-json"):
+        runs = [
+            json.loads(
+                subprocess.run(
+                    [sys.executable, "-c", _BIG_CHILD, mode, base, str(folder)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
+            for _ in range(3)
+        ]
+        measured[mode] = (
+            statistics.median(r["seconds"] for r in runs),
+            statistics.median(r["extra_mb"] for r in runs),
+        )
+    (js, jm), (ms, mm), (hs, hm) = measured["json"], measured["multipart"], measured["hand-json"]
+    ok = js <= 0.3 and jm <= 50 and mm <= 50
+    report(
+        "d",
+        "eight 20 MB local images (160 MB), fresh process each, median of 3",
+        [
+            ("JSON data URLs (laozhang)", f"{js:.2f} s, {jm:.0f} MB above baseline"),
+            ("multipart image[] (apiyi-multipart)", f"{ms:.2f} s, {mm:.0f} MB above baseline"),
+            ("hand-written httpx.post(json=...)", f"{hs:.2f} s, {hm:.0f} MB above baseline"),
+        ],
+        js / hs,
+        "JSON <= 0.3 s and <= 50 MB; multipart <= 50 MB",
+        ok,
+    )
+
+
+async def _rate(send: Callable[[], Any], total: int, in_flight: int) -> float:
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one() -> None:
+        async with gate:
+            await send()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(total)))
+    return total / (time.perf_counter() - started)
+
+
+def bench_async(base: str) -> None:
+    prompt = "A ruby red retro robot riding a yellow skateboard"
+    body = {"model": "flux-2-pro", "prompt": prompt, "n": 1, "size": "1024x1024"}
+    url = f"{base}/laozhang/v1/images/generations"
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def measure() -> dict[str, float]:
+        rates: dict[str, list[float]] = {"httpx": [], "ours": [], "ours-on-httpx": []}
+        async with (
+            httpx.AsyncClient() as plain,
+            AsyncFluxClient("laozhang", api_key=KEY, base_url=f"{base}/laozhang") as ours,
+            httpx.AsyncClient() as plain_for_ours,
+        ):
+            ours_on_plain = AsyncFluxClient(
+                "laozhang", api_key=KEY, base_url=f"{base}/laozhang", http_client=plain_for_ours
+            )
+
+            async def by_hand() -> None:
+                (await plain.post(url, json=body, headers=headers)).raise_for_status()
+
+            def library(client: AsyncFluxClient) -> Callable[[], Any]:
+                async def send() -> None:
+                    await client.edit(
+                        EditRequest(prompt=prompt, model="flux-2-pro", size="1024x1024")
+                    )
+
+                return send
+
+            senders = {
+                "httpx": by_hand,
+                "ours": library(ours),
+                "ours-on-httpx": library(ours_on_plain),
+            }
+            for send in senders.values():
+                await _rate(send, 200, 50)  # warm the pools
+            for _ in range(3):
+                for name, send in senders.items():
+                    rates[name].append(await _rate(send, 1500, 50))
+        return {name: statistics.median(values) for name, values in rates.items()}
+
+    rates = asyncio.run(measure())
+    ratio = rates["ours"] / rates["httpx"]
+    report(
+        "e",
+        "async, 50 requests in flight, requests per second (higher is better)",
+        [
+            ("plain httpx.AsyncClient.post", f"{rates['httpx']:.0f} req/s"),
+            ("AsyncFluxClient (default transport)", f"{rates['ours']:.0f} req/s"),
+            ("AsyncFluxClient on a plain httpx.AsyncClient", f"{rates['ours-on-httpx']:.0f} req/s"),
+        ],
+        ratio,
+        ">= 1.5x",
+        ratio >= 1.5,
+    )
+
+
+def main(selected: list[str]) -> int:
+    chosen = selected or ["a", "b", "c", "d", "e"]
+    print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
+    with loopback() as base, tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        steps: dict[str, Callable[[], None]] = {
+            "a": lambda: bench_import(base),
+            "b": lambda: bench_text_to_image(base),
+            "c": lambda: bench_three_images(base, folder),
+            "d": lambda: bench_big_images(base, folder),
+            "e": lambda: bench_async(base),
+        }
+        for key in chosen:
+            steps[key]()
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(RESULTS, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,144 @@
+"""The default transports over real loopback sockets: httpx for FluxClient, aiohttp (the ``fast``
+extra) for AsyncFluxClient. Bodies must arrive whole with the length announced up front, and a
+failure must say honestly whether the request may have reached the server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, errors
+from tests.conftest import image_bytes
+
+ANSWER = json.dumps({"data": [{"url": "http://127.0.0.1:1/result.png"}]}).encode()
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    received: list[tuple[str, dict[str, str], bytes]]
+    hang_up_after_body: bool = False
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append(
+            (self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        )
+        if self.server.hang_up_after_body:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(ANSWER)))
+        self.end_headers()
+        self.wfile.write(ANSWER)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    httpd = Server(("127.0.0.1", 0), Handler)
+    httpd.received = []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def base(httpd: Server, provider: str) -> str:
+    return f"http://127.0.0.1:{httpd.server_address[1]}/{provider}"
+
+
+def edit(kind: str, url: str, provider: str, request: EditRequest) -> EditResult:
+    if kind == "sync":
+        with FluxClient(provider, api_key="k", base_url=url, timeout=10) as client:
+            return client.edit(request)
+
+    async def run() -> EditResult:
+        async with AsyncFluxClient(provider, api_key="k", base_url=url, timeout=10) as client:
+            return await client.edit(request)
+
+    return asyncio.run(run())
+
+
+both = pytest.mark.parametrize("kind", ["sync", "async"])
+
+
+@both
+def test_streamed_json_arrives_whole(kind: str, server: Server, tmp_path: Path) -> None:
+    # 3 MB of file: several encoder slices, so chunk boundaries are exercised.
+    picture = tmp_path / "big.png"
+    picture.write_bytes(image_bytes(64, 64) + bytes(3 * 1024 * 1024))
+    request = EditRequest(
+        prompt="p", model="flux-2-pro", images=[picture, image_bytes(8, 8, "JPEG")]
+    )
+    result = edit(kind, base(server, "laozhang"), "laozhang", request)
+    [(path, headers, body)] = server.received
+    assert path == "/laozhang/v1/images/generations"
+    assert int(headers["content-length"]) == len(body)
+    assert "transfer-encoding" not in headers
+    sent = json.loads(body)
+    assert base64.b64decode(sent["input_image"].split(",", 1)[1]) == picture.read_bytes()
+    assert sent["input_image_2"].startswith("data:image/jpeg;base64,")
+    assert result.images[0].url == "http://127.0.0.1:1/result.png"
+
+
+@both
+def test_multipart_arrives_whole(kind: str, server: Server, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.png", tmp_path / "b.webp"
+    first.write_bytes(image_bytes(40, 40))
+    second.write_bytes(image_bytes(30, 20, "WEBP"))
+    edit(
+        kind,
+        base(server, "apiyi"),
+        "apiyi-multipart",
+        EditRequest(prompt="p", model="flux-2-pro", images=[first, second]),
+    )
+    [(path, headers, body)] = server.received
+    assert path == "/apiyi/v1/images/edits"
+    assert int(headers["content-length"]) == len(body)
+    assert body.count(b'name="image[]"') == 2
+    assert first.read_bytes() in body
+    assert second.read_bytes() in body
+
+
+@both
+def test_refused_connection_is_reported_as_not_sent(kind: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again before use: nothing listens there
+    with pytest.raises(errors.TransportError) as caught:
+        edit(
+            kind,
+            f"http://127.0.0.1:{port}/laozhang",
+            "laozhang",
+            EditRequest(prompt="p", model="flux-2-pro"),
+        )
+    assert caught.value.sent is False
+
+
+@both
+def test_a_hang_up_after_the_body_is_reported_as_maybe_sent(kind: str, server: Server) -> None:
+    server.hang_up_after_body = True
+    with pytest.raises(errors.TransportError) as caught:
+        edit(
+            kind, base(server, "laozhang"), "laozhang", EditRequest(prompt="p", model="flux-2-pro")
+        )
+    assert caught.value.sent is True  # the provider may have taken, and billed, the job
+    assert len(server.received) == 1
