@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint typecheck pytest bench clean
+.PHONY: help install test lint typecheck pytest bench docs clean
 
 help: ## Show the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ test: lint typecheck pytest ## Every check: ruff, mypy --strict, pytest.
 
 bench: $(STAMP) ## Benchmarks against a loopback server, side by side with plain httpx.
 	$(BIN)/python benchmarks/run.py
+
+docs: $(STAMP) ## Regenerate the limits tables in README.md and docs/providers from the data.
+	$(BIN)/python -m flux_adapters._tables README.md docs/providers/*.md
 
 clean: ## Remove .venv and caches.
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache out

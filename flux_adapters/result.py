@@ -24,7 +24,7 @@ class ConversionWarning:
     Attributes:
         field: The request field, e.g. ``"aspect_ratio"``.
         requested: What the request asked for, e.g. ``"16:9"``.
-        sent: What was sent instead, e.g. ``"1376x768"``.
+        sent: What was sent instead, e.g. ``"1360x768"``.
         message: Why, and what it means for the output.
     """
 
