@@ -240,7 +240,30 @@ def _result(
     )
 
 
-class FluxClient:
+class _ClientBase:
+    """What both clients share: the provider binding, the timeout, and a key-free repr."""
+
+    def __init__(
+        self,
+        provider: str,
+        api_key: str | None,
+        base_url: str | None,
+        timeout: httpx.Timeout | float | None,
+    ) -> None:
+        self._binding = _Binding.create(provider, api_key, base_url)
+        self._timeout = _as_timeout(timeout)
+
+    def __repr__(self) -> str:
+        base_url = self._binding.base_url
+        return f"{type(self).__name__}(provider={self.provider!r}, base_url={base_url!r})"
+
+    @property
+    def provider(self) -> str:
+        """The provider id this client sends to."""
+        return self._binding.adapter.name
+
+
+class FluxClient(_ClientBase):
     """Send `EditRequest` values to one provider and return `EditResult` values.
 
     Args:
@@ -266,19 +289,10 @@ class FluxClient:
         http_client: httpx.Client | None = None,
         timeout: httpx.Timeout | float | None = None,
     ) -> None:
-        self._binding = _Binding.create(provider, api_key, base_url)
+        super().__init__(provider, api_key, base_url, timeout)
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else httpx.Client()
-        self._timeout = _as_timeout(timeout)
         self._downloader = HttpDownloader(provider=provider, sync_client=self._http)
-
-    def __repr__(self) -> str:
-        return f"FluxClient(provider={self.provider!r}, base_url={self._binding.base_url!r})"
-
-    @property
-    def provider(self) -> str:
-        """The provider id this client sends to."""
-        return self._binding.adapter.name
 
     def edit(self, request: EditRequest) -> EditResult:
         """Send *request* and return the images.
@@ -324,7 +338,7 @@ def _default_async_http() -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=AiohttpTransport())
 
 
-class AsyncFluxClient:
+class AsyncFluxClient(_ClientBase):
     """Async twin of `FluxClient`: same arguments, same flows, same errors.
 
     ``http_client`` is an ``httpx.AsyncClient``.
@@ -339,19 +353,10 @@ class AsyncFluxClient:
         http_client: httpx.AsyncClient | None = None,
         timeout: httpx.Timeout | float | None = None,
     ) -> None:
-        self._binding = _Binding.create(provider, api_key, base_url)
+        super().__init__(provider, api_key, base_url, timeout)
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else _default_async_http()
-        self._timeout = _as_timeout(timeout)
         self._downloader = HttpDownloader(provider=provider, async_client=self._http)
-
-    def __repr__(self) -> str:
-        return f"AsyncFluxClient(provider={self.provider!r}, base_url={self._binding.base_url!r})"
-
-    @property
-    def provider(self) -> str:
-        """The provider id this client sends to."""
-        return self._binding.adapter.name
 
     async def edit(self, request: EditRequest) -> EditResult:
         """Send *request* and return the images; see `FluxClient.edit`."""

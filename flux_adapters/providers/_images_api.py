@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Mapping
 from html import unescape
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 from attrs import frozen
 
@@ -40,7 +40,7 @@ from flux_adapters.wire import HttpResponse
 if TYPE_CHECKING:
     import cattrs
 
-__all__ = ["parse_error", "parse_images", "retry_after"]
+__all__ = ["ImagesApiAnswers", "parse_error", "parse_images", "retry_after"]
 
 _DETAIL_CHARS: Final = 500
 
@@ -240,3 +240,17 @@ def _json_detail(body: Mapping[str, object]) -> tuple[str, str | None]:
 def _clip(text: str) -> str:
     text = redact(_SPACE.sub(" ", text).strip())
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 1] + "…"
+
+
+class ImagesApiAnswers:
+    """``parse_response`` and ``parse_error`` for adapters whose provider answers in this shape."""
+
+    name: ClassVar[str]
+
+    def parse_response(self, response: HttpResponse) -> Answer:
+        """Read a successful answer."""
+        return parse_images(self.name, response)
+
+    def parse_error(self, response: HttpResponse) -> ProviderError:
+        """Return the typed error for an error answer."""
+        return parse_error(self.name, response)

@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar, Final
 
-from flux_adapters.errors import ProviderError
 from flux_adapters.limits import (
     IMAGE_KINDS,
     MB,
@@ -40,10 +39,9 @@ from flux_adapters.limits import (
     RatioRule,
     SizeRule,
 )
-from flux_adapters.providers import Answer
-from flux_adapters.providers._images_api import parse_error, parse_images
+from flux_adapters.providers._images_api import ImagesApiAnswers
 from flux_adapters.request import EditRequest
-from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, JsonValue, json_image
+from flux_adapters.wire import HttpRequest, JsonBody, JsonValue, json_image
 
 __all__ = ["LIMITS", "AimlapiAdapter"]
 
@@ -86,7 +84,7 @@ LIMITS: Final[Mapping[str, ModelLimits]] = {
 }
 
 
-class AimlapiAdapter:
+class AimlapiAdapter(ImagesApiAnswers):
     """Translate requests to and from aimlapi.com's image endpoint. Sends nothing itself."""
 
     name: ClassVar[str] = "aimlapi"
@@ -115,11 +113,3 @@ class AimlapiAdapter:
         return HttpRequest(
             method="POST", url=f"{base_url}/v1/images/generations", body=JsonBody(body)
         )
-
-    def parse_response(self, response: HttpResponse) -> Answer:
-        """Read a successful answer."""
-        return parse_images(self.name, response)
-
-    def parse_error(self, response: HttpResponse) -> ProviderError:
-        """Return the typed error for an error answer."""
-        return parse_error(self.name, response)

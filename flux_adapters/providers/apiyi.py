@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar, Final
 
-from flux_adapters.errors import ProviderError
 from flux_adapters.limits import (
     IMAGE_KINDS,
     MB,
@@ -45,11 +44,10 @@ from flux_adapters.limits import (
     RatioRule,
     SizeRule,
 )
-from flux_adapters.providers import Answer
 from flux_adapters.providers._bfl_json import build_bfl_style_body
-from flux_adapters.providers._images_api import parse_error, parse_images
+from flux_adapters.providers._images_api import ImagesApiAnswers
 from flux_adapters.request import EditRequest, FileImage, UrlImage
-from flux_adapters.wire import FilePart, HttpRequest, HttpResponse, JsonBody, MultipartBody
+from flux_adapters.wire import FilePart, HttpRequest, JsonBody, MultipartBody
 
 __all__ = ["JSON_LIMITS", "MULTIPART_LIMITS", "ApiyiAdapter", "ApiyiMultipartAdapter"]
 
@@ -130,7 +128,7 @@ MULTIPART_LIMITS: Final[Mapping[str, ModelLimits]] = {
 }
 
 
-class ApiyiAdapter:
+class ApiyiAdapter(ImagesApiAnswers):
     """Translate requests to and from apiyi.com's JSON FLUX endpoint. Sends nothing itself."""
 
     name: ClassVar[str] = "apiyi"
@@ -143,16 +141,8 @@ class ApiyiAdapter:
         body = JsonBody(build_bfl_style_body(request, plan))
         return HttpRequest(method="POST", url=f"{base_url}/v1/images/generations", body=body)
 
-    def parse_response(self, response: HttpResponse) -> Answer:
-        """Read a successful answer."""
-        return parse_images(self.name, response)
 
-    def parse_error(self, response: HttpResponse) -> ProviderError:
-        """Return the typed error for an error answer."""
-        return parse_error(self.name, response)
-
-
-class ApiyiMultipartAdapter:
+class ApiyiMultipartAdapter(ImagesApiAnswers):
     """Translate requests to and from apiyi.com's multipart edit endpoint. Sends nothing itself."""
 
     name: ClassVar[str] = "apiyi-multipart"
@@ -189,11 +179,3 @@ class ApiyiMultipartAdapter:
             files.append(FilePart("image[]", name, image))
         body = MultipartBody(fields=tuple(fields), files=tuple(files))
         return HttpRequest(method="POST", url=f"{base_url}/v1/images/edits", body=body)
-
-    def parse_response(self, response: HttpResponse) -> Answer:
-        """Read a successful answer."""
-        return parse_images(self.name, response)
-
-    def parse_error(self, response: HttpResponse) -> ProviderError:
-        """Return the typed error for an error answer."""
-        return parse_error(self.name, response)

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar, Final
 
-from flux_adapters.errors import ProviderError
 from flux_adapters.limits import (
     IMAGE_KINDS,
     MB,
@@ -36,11 +35,10 @@ from flux_adapters.limits import (
     RatioRule,
     SizeRule,
 )
-from flux_adapters.providers import Answer
 from flux_adapters.providers._bfl_json import build_bfl_style_body
-from flux_adapters.providers._images_api import parse_error, parse_images
+from flux_adapters.providers._images_api import ImagesApiAnswers
 from flux_adapters.request import EditRequest
-from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody
+from flux_adapters.wire import HttpRequest, JsonBody
 
 __all__ = ["LIMITS", "LaozhangAdapter"]
 
@@ -101,7 +99,7 @@ LIMITS: Final[Mapping[str, ModelLimits]] = {
 }
 
 
-class LaozhangAdapter:
+class LaozhangAdapter(ImagesApiAnswers):
     """Translate requests to and from laozhang.ai's FLUX endpoint. Sends nothing itself."""
 
     name: ClassVar[str] = "laozhang"
@@ -117,11 +115,3 @@ class LaozhangAdapter:
         return HttpRequest(
             method="POST", url=f"{base_url}/v1/images/generations", body=JsonBody(body)
         )
-
-    def parse_response(self, response: HttpResponse) -> Answer:
-        """Read a successful answer."""
-        return parse_images(self.name, response)
-
-    def parse_error(self, response: HttpResponse) -> ProviderError:
-        """Return the typed error for an error answer."""
-        return parse_error(self.name, response)
