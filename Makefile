@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint typecheck pytest bench docs clean
+.PHONY: help install demo test lint typecheck pytest bench docs clean
 
 help: ## Show the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the project with its test tools.
+
+demo: $(STAMP) ## The main job offline: edit two bundled images on the emulator, save out/demo.png.
+	$(BIN)/python examples/demo.py
 
 lint: $(STAMP) ## ruff lint and format check.
 	$(BIN)/ruff check .

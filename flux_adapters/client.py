@@ -32,6 +32,7 @@ from flux_adapters.errors import (
     Timeout,
     TransportError,
 )
+from flux_adapters.prices import price_for
 from flux_adapters.providers import Adapter, get_adapter
 from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage
 from flux_adapters.result import Attempt, EditResult
@@ -225,11 +226,13 @@ def _result(
     elapsed = time.perf_counter() - started
     limits = outcome.plan.limits
     images = tuple(attrs.evolve(image, downloader=downloader) for image in outcome.answer.images)
+    price = price_for(binding.adapter.name, limits.model)
     return EditResult(
         provider=binding.adapter.name,
         model=limits.model,
         images=images,
         usage=outcome.answer.usage,
+        cost_usd=price.usd_per_call * len(images) if price else None,
         warnings=outcome.plan.warnings,
         attempts=(
             Attempt(

@@ -179,7 +179,8 @@ class EditResult:
         model: The canonical model id.
         images: The images it returned.
         usage: Usage the provider reported, if any.
-        cost_usd: The provider's own figure or the price-table estimate, when known.
+        cost_usd: Estimated from the provider's documented price (``flux_adapters.prices``);
+            ``None`` when no price is known.
         warnings: Conversions made because the request allowed them.
         attempts: Every provider tried, in order.
         elapsed_s: Seconds from sending to the parsed answer.
