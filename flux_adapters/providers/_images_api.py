@@ -136,8 +136,11 @@ _MODERATION_TEXT: Final = re.compile(r"moderat|content policy|nsfw", re.IGNORECA
 _BALANCE_TEXT: Final = re.compile(
     r"insufficient (balance|quota|credit)|余额不足|额度不足", re.IGNORECASE
 )
+# "model X not found" or "model X is unavailable", within one clause: a generic "service
+# temporarily unavailable" after "the model is overloaded;" is a 5xx, not a missing model.
 _MODEL_TEXT: Final = re.compile(
-    r"no available channel|无可用渠道|model .*(not found|unavailable)", re.IGNORECASE
+    r"no available channel|无可用渠道|model\b[^.;,]*\b(not found|not available|does not exist|is unavailable)",
+    re.IGNORECASE,
 )
 
 
