@@ -6,9 +6,11 @@ import io
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -133,3 +135,36 @@ def test_the_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "checked:  out/demo.png is a 1280x768 PNG image" in finished.stdout
     with Image.open(tmp_path / "out" / "demo.png") as picture:
         assert picture.size == (1280, 768)
+
+
+def test_emulate_serves_in_the_foreground_with_faults_from_the_command_line() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "flux_adapters",
+        "emulate",
+        "--port",
+        str(port),
+        "--fault",
+        "aimlapi:503,first=1",
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as server:
+        try:
+            assert server.stdout is not None
+            banner = [server.stdout.readline() for _ in range(6)]
+            assert f"  laozhang         http://127.0.0.1:{port}/laozhang/v1\n" in banner
+            url = f"http://127.0.0.1:{port}/aimlapi/v1/images/generations"
+            body = {"model": "blackforestlabs/flux-2-pro", "prompt": "p"}
+            for _ in range(100):  # the banner is printed just before the server binds
+                try:
+                    first = httpx.post(url, json=body, headers={"Authorization": "Bearer k"})
+                    break
+                except httpx.ConnectError:
+                    time.sleep(0.05)
+            second = httpx.post(url, json=body, headers={"Authorization": "Bearer k"})
+            assert (first.status_code, second.status_code) == (503, 200)
+        finally:
+            server.terminate()
