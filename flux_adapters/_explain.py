@@ -10,7 +10,7 @@ import json
 
 from flux_adapters._bodies import json_segments, segments_length
 from flux_adapters.request import DataUrlImage, FileImage, LocalImage
-from flux_adapters.wire import HttpRequest, ImageValue, JsonBody, JsonValue, MultipartBody
+from flux_adapters.wire import HttpRequest, JsonBody, MultipartBody
 
 __all__ = ["render"]
 
@@ -34,16 +34,6 @@ def _image(image: LocalImage) -> str:
     return f"{head}… <{dimensions}{info.format}, {_size(info.byte_size)}{source}>"
 
 
-def _abbreviated(value: JsonValue) -> object:
-    if isinstance(value, ImageValue):
-        return _image(value.image)
-    if isinstance(value, dict):
-        return {key: _abbreviated(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_abbreviated(item) for item in value]
-    return value
-
-
 def render(request: HttpRequest) -> str:
     """The request line, headers and body, with the key redacted and images abbreviated."""
     lines = [f"{request.method} {request.url}", "Authorization: Bearer [redacted]"]
@@ -54,7 +44,7 @@ def render(request: HttpRequest) -> str:
             "Content-Type: application/json",
             f"Content-Length: {segments_length(json_segments(body))}",
             "",
-            json.dumps(_abbreviated(body.value), indent=2, ensure_ascii=False),
+            json.dumps(body.map_images(_image), indent=2, ensure_ascii=False),
         ]
     elif isinstance(body, MultipartBody):
         lines += ["Content-Type: multipart/form-data; boundary=<random>", ""]

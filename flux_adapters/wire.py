@@ -12,7 +12,7 @@ so a 20 MB image is streamed from disk rather than copied into memory.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypeAlias
 
 from attrs import frozen
@@ -59,7 +59,13 @@ class JsonBody:
 
         This builds every data URL in memory: meant for tests and small bodies.
         """
-        return {key: _materialize(item) for key, item in self.value.items()}
+        from flux_adapters._bodies import data_url  # the encoder lives with the streaming code
+
+        return self.map_images(data_url)
+
+    def map_images(self, replace: Callable[[LocalImage], object]) -> dict[str, object]:
+        """Return the body as plain data, with each image leaf replaced by ``replace(image)``."""
+        return {key: _map_images(item, replace) for key, item in self.value.items()}
 
 
 @frozen
@@ -124,13 +130,11 @@ class HttpResponse:
         return json.loads(self.content)
 
 
-def _materialize(value: JsonValue) -> object:
+def _map_images(value: JsonValue, replace: Callable[[LocalImage], object]) -> object:
     if isinstance(value, ImageValue):
-        from flux_adapters._bodies import data_url  # the encoder lives with the streaming code
-
-        return data_url(value.image)
+        return replace(value.image)
     if isinstance(value, dict):
-        return {key: _materialize(item) for key, item in value.items()}
+        return {key: _map_images(item, replace) for key, item in value.items()}
     if isinstance(value, list):
-        return [_materialize(item) for item in value]
+        return [_map_images(item, replace) for item in value]
     return value

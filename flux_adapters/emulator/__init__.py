@@ -26,8 +26,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from flux_adapters.emulator._app import Call, Fault, State, _Armed, create_app, quiet_intended_drops
+
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = ["PROVIDER_PREFIXES", "Call", "Emulator", "Fault", "run_emulator", "serve"]
 
@@ -105,11 +109,18 @@ def _state(
     return state
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
+def _server(state: State, host: str, port: int) -> tuple[uvicorn.Server, socket.socket]:
+    """A uvicorn server for the emulator app and the socket it will listen on (bound here)."""
+    import uvicorn  # lazy: the emulator extra is only needed when it runs
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    return sock
+    quiet_intended_drops()
+    config = uvicorn.Config(
+        create_app(state), log_level="warning", access_log=False, lifespan="off"
+    )
+    return uvicorn.Server(config), sock
 
 
 @contextmanager
@@ -132,15 +143,8 @@ def run_emulator(
         bad_keys: Keys to refuse with 401.
         faults: Faults to inject from the start, per provider id.
     """
-    import uvicorn
-
     state = _state(ttl, valid_keys, bad_keys, faults)
-    sock = _listening_socket(host, port)
-    config = uvicorn.Config(
-        create_app(state), log_level="warning", access_log=False, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    quiet_intended_drops()
+    server, sock = _server(state, host, port)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="flux-emulator", daemon=True
     )
@@ -168,12 +172,5 @@ def serve(
     faults: Mapping[str, Iterable[Fault]] | None = None,
 ) -> None:
     """Run the emulator in the foreground until interrupted (``flux-adapters emulate``)."""
-    import uvicorn
-
-    state = _state(ttl, valid_keys, bad_keys, faults)
-    sock = _listening_socket(host, port)
-    quiet_intended_drops()
-    config = uvicorn.Config(
-        create_app(state), log_level="warning", access_log=False, lifespan="off"
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    server, sock = _server(_state(ttl, valid_keys, bad_keys, faults), host, port)
+    server.run(sockets=[sock])
