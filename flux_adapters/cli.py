@@ -14,7 +14,6 @@ Exit status, for scripts:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -33,7 +32,6 @@ __all__ = ["main"]
 EXIT_OK, EXIT_FAILED, EXIT_REQUEST, EXIT_PROVIDER, EXIT_TRANSPORT, EXIT_CONFIG, EXIT_EXPIRED = (
     range(7)
 )
-_SIGNATURES = ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"RIFF", "webp"))
 
 
 def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,28 +173,24 @@ def _waiting(message: str, stream: TextIO) -> Iterator[None]:
         ticker.join()
 
 
-def _sniff(data: bytes) -> str:
-    return next((name for signature, name in _SIGNATURES if data.startswith(signature)), "bin")
-
-
 def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from flux_adapters.client import FluxClient
-    from flux_adapters.prices import price_for
+    from flux_adapters.client import FluxClient, image_extension
     from flux_adapters.request import EditRequest
 
-    provider = arguments.provider or next(
-        (name.strip() for name in os.environ.get("FLUX_PROVIDERS", "").split(",") if name.strip()),
-        None,
-    )
-    if provider is None:
-        err.write("flux-adapters: choose a provider with --provider or $FLUX_PROVIDERS\n")
-        return EXIT_CONFIG
     request = _request(arguments)
     assert isinstance(request, EditRequest)
     started = time.perf_counter()
-    with FluxClient(provider, base_url=arguments.base_url, timeout=arguments.timeout) as client:
+    if arguments.provider:
+        client = FluxClient(
+            arguments.provider, base_url=arguments.base_url, timeout=arguments.timeout
+        )
+    else:  # the configured provider or failover list: flux-adapters.toml and $FLUX_PROVIDERS
+        client = FluxClient.from_env()
+    with client:
         references = f" with {len(request.images)} reference image(s)" if request.images else ""
-        with _waiting(f"{provider}: generating {request.model}{references} ...", err):
+        with _waiting(
+            f"{', '.join(client.providers)}: generating {request.model}{references} ...", err
+        ):
             result = client.edit(request)
         saved = []
         for index, image in enumerate(result.images):
@@ -210,17 +204,23 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 data = image.read()
                 stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
                 suffix = f"-{index + 1}" if len(result.images) > 1 else ""
-                target = Path("out") / f"{provider}-{stamp}{suffix}.{_sniff(data)}"
+                target = (
+                    Path("out") / f"{result.provider}-{stamp}{suffix}.{image_extension(data[:16])}"
+                )
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
             saved.append(target)
     elapsed = time.perf_counter() - started
-    price = price_for(result.provider, result.model)
     cost = (
-        f"${result.cost_usd:.3f} (documented price, as of {price.as_of})"
-        if result.cost_usd is not None and price
-        else "unknown (no documented price for this provider and model)"
+        f"${result.cost_usd:.3f} (estimate from the price table)"
+        if result.cost_usd is not None
+        else "unknown (no price known for this provider and model)"
     )
+    for attempt in result.attempts[:-1]:
+        why = attempt.reason or (
+            f"{type(attempt.error).__name__}: {attempt.error}" if attempt.error else ""
+        )
+        out.write(f"tried:    {attempt.provider}: {attempt.outcome} ({why})\n")
     out.write(
         f"provider: {result.provider}\nmodel:    {result.model}\ntime:     {elapsed:.2f} s\ncost:     {cost}\n"
     )
@@ -238,13 +238,12 @@ def _models(out: TextIO) -> int:
 
     for provider in PROVIDERS:
         out.write(f"\n{provider}\n\n{limits_table(provider)}\n\nprices: ")
-        prices = [price_for(provider, model) for model in get_adapter(provider).limits]
-        known = [f"{p.model} ${p.usd_per_call:g}/call" for p in prices if p]
-        out.write(
-            ("; ".join(known) + f" (as of {next(p for p in prices if p).as_of})")
-            if known
-            else "not documented"
-        )
+        known = [
+            f"{model} {price.describe()}"
+            for model in get_adapter(provider).limits
+            if (price := price_for(provider, model)) is not None
+        ]
+        out.write("; ".join(known) if known else "not documented")
         out.write("\n")
     return EXIT_OK
 

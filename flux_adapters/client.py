@@ -8,14 +8,25 @@ the request, and attach a downloader to each result image.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import io
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final, Self
+from typing import IO, Any, Final, Self
 from urllib.parse import urlsplit
 
 import attrs
@@ -23,8 +34,10 @@ import httpx
 
 from flux_adapters._bodies import StreamedJson, json_segments, segments_length
 from flux_adapters._flows import Flow, Outcome, edit_flow
+from flux_adapters.config import ProviderSettings, load_config
 from flux_adapters.errors import (
     ConfigurationError,
+    FluxError,
     ProviderRejected,
     ProviderUnavailable,
     ResponseFormatError,
@@ -32,10 +45,20 @@ from flux_adapters.errors import (
     Timeout,
     TransportError,
 )
-from flux_adapters.prices import price_for
+from flux_adapters.prices import Price, estimate
 from flux_adapters.providers import Adapter, get_adapter
 from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage
-from flux_adapters.result import Attempt, EditResult
+from flux_adapters.result import BatchItem, EditResult, ResultImage
+from flux_adapters.routing import (
+    Breaker,
+    Instruction,
+    Reply,
+    Routed,
+    Routing,
+    RoutingPolicy,
+    Wait,
+    route,
+)
 from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, MultipartBody
 
 __all__ = ["DEFAULT_TIMEOUT", "DOWNLOAD_TIMEOUT", "AsyncFluxClient", "FluxClient", "HttpDownloader"]
@@ -51,24 +74,42 @@ MAX_DOWNLOAD_BYTES: Final = 100 * 1024 * 1024
 
 @attrs.frozen
 class _Binding:
-    """One provider as configured: adapter, base URL and key (kept out of every repr)."""
+    """One provider as configured: adapter, base URL, timeout and key (kept out of every repr)."""
 
     adapter: Adapter
     base_url: str
+    timeout: httpx.Timeout
     api_key: str = attrs.field(repr=False)
 
     @classmethod
-    def create(cls, provider: str, api_key: str | None, base_url: str | None) -> _Binding:
+    def create(
+        cls,
+        provider: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        settings: ProviderSettings | None = None,
+    ) -> _Binding:
+        """Bind *provider*: explicit arguments, then the environment, then its settings."""
         adapter = get_adapter(provider)
-        key = api_key if api_key is not None else os.environ.get(f"{adapter.env_prefix}_API_KEY")
+        variable = (settings and settings.api_key_env) or f"{adapter.env_prefix}_API_KEY"
+        key = api_key if api_key is not None else os.environ.get(variable)
         if not key:
-            raise ConfigurationError(
-                f"no API key for {provider}: pass api_key= or set {adapter.env_prefix}_API_KEY"
-            )
+            raise ConfigurationError(f"no API key for {provider}: pass api_key= or set {variable}")
         base = (
-            base_url or os.environ.get(f"{adapter.env_prefix}_BASE_URL") or adapter.default_base_url
+            base_url
+            or os.environ.get(f"{adapter.env_prefix}_BASE_URL")
+            or (settings and settings.base_url)
+            or adapter.default_base_url
         )
-        return cls(adapter=adapter, base_url=_normalise_base_url(base), api_key=key)
+        chosen = timeout if timeout is not None else settings.timeout if settings else None
+        return cls(
+            adapter=adapter,
+            base_url=_normalise_base_url(base),
+            timeout=_as_timeout(chosen),
+            api_key=key,
+        )
 
     def owns(self, url: str) -> bool:
         """Whether *url* is on this provider's own origin (and may carry the key)."""
@@ -196,7 +237,7 @@ def _mapped_transport_errors(provider: str) -> Iterator[None]:
         raise _transport_error(exc, provider) from exc
 
 
-def _drive_sync(flow: Flow, send: _SyncSend) -> Outcome:
+def _drive_sync(flow: Flow, send: Callable[[HttpRequest], HttpResponse]) -> Outcome:
     try:
         outgoing = next(flow)
         while True:
@@ -208,76 +249,160 @@ def _drive_sync(flow: Flow, send: _SyncSend) -> Outcome:
         flow.close()
 
 
-class _SyncSend:
-    def __init__(self, http: httpx.Client, binding: _Binding, timeout: httpx.Timeout) -> None:
-        self._http, self._binding, self._timeout = http, binding, timeout
-
-    def __call__(self, outgoing: HttpRequest) -> HttpResponse:
-        with contextlib.ExitStack() as files, _mapped_transport_errors(self._binding.adapter.name):
-            request = _build_httpx_request(
-                self._http, self._binding, outgoing, self._timeout, files
-            )
-            return _received(self._http.send(request))
-
-
-def _result(
-    binding: _Binding, outcome: Outcome, downloader: HttpDownloader, started: float
-) -> EditResult:
-    elapsed = time.perf_counter() - started
-    limits = outcome.plan.limits
-    images = tuple(attrs.evolve(image, downloader=downloader) for image in outcome.answer.images)
-    price = price_for(binding.adapter.name, limits.model)
-    return EditResult(
-        provider=binding.adapter.name,
-        model=limits.model,
-        images=images,
-        usage=outcome.answer.usage,
-        cost_usd=price.usd_per_call * len(images) if price else None,
-        warnings=outcome.plan.warnings,
-        attempts=(
-            Attempt(
-                provider=binding.adapter.name, model=limits.model, outcome="ok", elapsed_s=elapsed
-            ),
-        ),
-        elapsed_s=elapsed,
-    )
+_GATES: ContextVar[Mapping[str, asyncio.Semaphore] | None] = ContextVar("flux_gates", default=None)
+"""Per-provider concurrency limits of the `edit_many` batch the current task belongs to."""
 
 
 class _ClientBase:
-    """What both clients share: the provider binding, the timeout, and a key-free repr."""
+    """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
     def __init__(
         self,
-        provider: str,
+        provider: str | None,
+        providers: Sequence[str] | None,
+        *,
         api_key: str | None,
         base_url: str | None,
         timeout: httpx.Timeout | float | None,
+        routing: Routing,
+        max_cost_usd: float | None,
+        failover_on_ambiguous: bool,
+        policy: RoutingPolicy | None,
+        prices: Mapping[tuple[str, str], Price] | None,
+        settings: Mapping[str, ProviderSettings] | None,
     ) -> None:
-        self._binding = _Binding.create(provider, api_key, base_url)
-        self._timeout = _as_timeout(timeout)
+        if (provider is None) == (providers is None):
+            raise ConfigurationError("pass either provider= (one) or providers= (a failover list)")
+        if providers is not None and (api_key is not None or base_url is not None):
+            raise ConfigurationError(
+                "api_key= and base_url= go with a single provider=; for several providers, "
+                "set <PROVIDER>_API_KEY / <PROVIDER>_BASE_URL or use a configuration file"
+            )
+        names = [provider] if provider is not None else list(providers or ())
+        if not names:
+            raise ConfigurationError("providers= is empty")
+        known = settings or {}
+        self._bindings = tuple(
+            _Binding.create(
+                name, api_key=api_key, base_url=base_url, timeout=timeout, settings=known.get(name)
+            )
+            for name in names
+        )
+        if policy is None:
+            single = provider is not None
+            policy = RoutingPolicy(
+                routing=routing,
+                max_cost_usd=max_cost_usd,
+                failover_on_ambiguous=failover_on_ambiguous,
+                # One provider: no retries and no cooldown, so each call reports its own outcome.
+                retries=0 if single else 1,
+                cooldown=0.0 if single else 30.0,
+            )
+        self._policy = policy
+        self._breaker = Breaker(cooldown=policy.cooldown)
+        self._prices = dict(prices or {})
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        config: str | os.PathLike[str] | None = None,
+        http_client: Any = None,
+    ) -> Self:
+        """Build a client from ``flux-adapters.toml`` (or *config*) and the environment.
+
+        ``$FLUX_PROVIDERS`` (comma-separated, in failover order), ``$FLUX_ROUTING``,
+        ``$FLUX_MAX_COST_USD``, ``$FLUX_TIMEOUT``, ``$<PROVIDER>_API_KEY`` and
+        ``$<PROVIDER>_BASE_URL`` override the file; see `flux_adapters.config`.
+
+        Raises:
+            ConfigurationError: Nothing or something invalid is configured, or a key is missing.
+        """
+        loaded = load_config(config)
+        names = [settings.name for settings in loaded.providers]
+        policy = RoutingPolicy(
+            routing=loaded.routing,
+            max_cost_usd=loaded.max_cost_usd,
+            unknown_price="refuse" if loaded.unknown_price == "refuse" else "allow",
+            failover_on_ambiguous=loaded.failover_on_ambiguous,
+            retries=0 if len(names) == 1 else 1,
+            cooldown=0.0 if len(names) == 1 else 30.0,
+        )
+        options: dict[str, Any] = {
+            "providers": names,
+            "http_client": http_client,
+            "timeout": loaded.timeout,
+            "policy": policy,
+            "prices": loaded.prices,
+            "settings": {settings.name: settings for settings in loaded.providers},
+        }
+        return cls(**options)
 
     def __repr__(self) -> str:
-        base_url = self._binding.base_url
-        return f"{type(self).__name__}(provider={self.provider!r}, base_url={base_url!r})"
+        if len(self._bindings) == 1:
+            binding = self._bindings[0]
+            return f"{type(self).__name__}(provider={binding.adapter.name!r}, base_url={binding.base_url!r})"
+        return f"{type(self).__name__}(providers={list(self.providers)!r}, routing={self._policy.routing!r})"
 
     @property
     def provider(self) -> str:
-        """The provider id this client sends to."""
-        return self._binding.adapter.name
+        """The provider this client sends to (the first, when it has several)."""
+        return self._bindings[0].adapter.name
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """Every provider this client may send to, in configured order."""
+        return tuple(binding.adapter.name for binding in self._bindings)
+
+    def _route(self, request: EditRequest) -> Generator[Instruction, Reply, Routed]:
+        return route(
+            request, self._bindings, _adapter_of, self._policy, self._breaker, self._prices
+        )
+
+    def _result(
+        self, request: EditRequest, routed: Routed, started: float, downloader: HttpDownloader
+    ) -> EditResult:
+        binding = routed.candidate
+        assert isinstance(binding, _Binding)
+        outcome = routed.outcome
+        images = tuple(
+            attrs.evolve(image, downloader=downloader) for image in outcome.answer.images
+        )
+        return EditResult(
+            provider=binding.adapter.name,
+            model=outcome.plan.limits.model,
+            images=images,
+            usage=outcome.answer.usage,
+            cost_usd=estimate(request, outcome.plan, self._prices),
+            warnings=outcome.plan.warnings,
+            attempts=routed.attempts,
+            elapsed_s=time.perf_counter() - started,
+        )
+
+
+def _adapter_of(binding: object) -> Adapter:
+    assert isinstance(binding, _Binding)
+    return binding.adapter
 
 
 class FluxClient(_ClientBase):
-    """Send `EditRequest` values to one provider and return `EditResult` values.
+    """Send `EditRequest` values to one provider, or to several with failover.
 
     Args:
-        provider: Provider id: ``"laozhang"``, ``"apiyi"``, ``"apiyi-multipart"`` or ``"aimlapi"``.
-        api_key: The key; read from ``<PROVIDER>_API_KEY`` (``APIYI_API_KEY`` for both apiyi
-            dialects) when not given.
-        base_url: The provider's base URL, with or without ``/v1``; read from
-            ``<PROVIDER>_BASE_URL`` when not given, else the provider's real one.
-        http_client: An ``httpx.Client`` of yours (proxies, transports, tests). It is not
-            closed by this client.
+        provider: One provider id: ``"laozhang"``, ``"apiyi"``, ``"apiyi-multipart"`` or
+            ``"aimlapi"``. Its errors are raised as they are.
+        providers: Several provider ids, in failover order (see `flux_adapters.routing`).
+        routing: ``"ordered"`` or ``"cheapest"`` (by the price table), with *providers*.
+        api_key: The key, with *provider*; else read from ``<PROVIDER>_API_KEY``
+            (``APIYI_API_KEY`` for both apiyi dialects).
+        base_url: The base URL, with *provider*, with or without ``/v1``; else
+            ``<PROVIDER>_BASE_URL``, else the provider's real one.
+        http_client: An ``httpx.Client`` of yours (proxies, transports, tests); not closed here.
         timeout: Per-call timeout; defaults to `DEFAULT_TIMEOUT`, suited to image generation.
+        max_cost_usd: Skip providers whose estimated price for the call exceeds this.
+        failover_on_ambiguous: Fail over even after a failure that may have been billed.
+        policy: Full routing settings (overrides *routing*, *max_cost_usd*, *failover_on_ambiguous*).
+        prices: Price overrides by (provider, model).
 
     Raises:
         ConfigurationError: Unknown provider, or no API key.
@@ -285,31 +410,73 @@ class FluxClient(_ClientBase):
 
     def __init__(
         self,
-        provider: str,
+        provider: str | None = None,
         *,
+        providers: Sequence[str] | None = None,
+        routing: Routing = "ordered",
         api_key: str | None = None,
         base_url: str | None = None,
         http_client: httpx.Client | None = None,
         timeout: httpx.Timeout | float | None = None,
+        max_cost_usd: float | None = None,
+        failover_on_ambiguous: bool = False,
+        policy: RoutingPolicy | None = None,
+        prices: Mapping[tuple[str, str], Price] | None = None,
+        settings: Mapping[str, ProviderSettings] | None = None,
     ) -> None:
-        super().__init__(provider, api_key, base_url, timeout)
+        super().__init__(
+            provider,
+            providers,
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            routing=routing,
+            max_cost_usd=max_cost_usd,
+            failover_on_ambiguous=failover_on_ambiguous,
+            policy=policy,
+            prices=prices,
+            settings=settings,
+        )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else httpx.Client()
-        self._downloader = HttpDownloader(provider=provider, sync_client=self._http)
+        self._downloader = HttpDownloader(provider=self.provider, sync_client=self._http)
 
     def edit(self, request: EditRequest) -> EditResult:
-        """Send *request* and return the images.
+        """Send *request* (failing over as configured) and return the images.
 
         Raises:
             RequestError: The request breaks the provider's limits; nothing was sent.
             ProviderError: The provider answered with an error (a subclass says which).
             TransportError: No usable answer; ``sent`` says whether it may be billed.
+            AllProvidersFailed: With several providers, none produced the image.
         """
-        binding = self._binding
         started = time.perf_counter()
+        router = self._route(request)
+        try:
+            instruction = next(router)
+            while True:
+                if isinstance(instruction, Wait):
+                    time.sleep(instruction.seconds)
+                    reply: Reply = None
+                else:
+                    reply = self._attempt(instruction.candidate, request)
+                instruction = router.send(reply)
+        except StopIteration as done:
+            routed: Routed = done.value
+        return self._result(request, routed, started, self._downloader)
+
+    def _attempt(self, binding: object, request: EditRequest) -> Outcome | FluxError:
+        assert isinstance(binding, _Binding)
         flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,))
-        outcome = _drive_sync(flow, _SyncSend(self._http, binding, self._timeout))
-        return _result(binding, outcome, self._downloader, started)
+        try:
+            return _drive_sync(flow, lambda outgoing: self._send(binding, outgoing))
+        except FluxError as error:
+            return error
+
+    def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
+        with contextlib.ExitStack() as files, _mapped_transport_errors(binding.adapter.name):
+            request = _build_httpx_request(self._http, binding, outgoing, binding.timeout, files)
+            return _received(self._http.send(request))
 
     def close(self) -> None:
         """Close the HTTP client, if this client created it."""
@@ -329,9 +496,9 @@ class FluxClient(_ClientBase):
 
 
 def _default_async_http() -> httpx.AsyncClient:
-    """An AsyncClient on aiohttp when the ``aiohttp`` extra is installed, else plain httpx.
+    """An AsyncClient on aiohttp when the ``fast`` extra is installed, else plain httpx.
 
-    httpx's own async pool slows down sharply with many requests in flight (about 5x fewer
+    httpx's own async pool slows down sharply with many requests in flight (about 3x fewer
     requests per second than aiohttp at 50 in flight on loopback; benchmarks/run.py e).
     """
     try:
@@ -342,46 +509,151 @@ def _default_async_http() -> httpx.AsyncClient:
 
 
 class AsyncFluxClient(_ClientBase):
-    """Async twin of `FluxClient`: same arguments, same flows, same errors.
+    """Async twin of `FluxClient`: same arguments, same routing, same errors.
 
-    ``http_client`` is an ``httpx.AsyncClient``.
+    ``http_client`` is an ``httpx.AsyncClient``. `edit_many` runs a batch.
     """
 
     def __init__(
         self,
-        provider: str,
+        provider: str | None = None,
         *,
+        providers: Sequence[str] | None = None,
+        routing: Routing = "ordered",
         api_key: str | None = None,
         base_url: str | None = None,
         http_client: httpx.AsyncClient | None = None,
         timeout: httpx.Timeout | float | None = None,
+        max_cost_usd: float | None = None,
+        failover_on_ambiguous: bool = False,
+        policy: RoutingPolicy | None = None,
+        prices: Mapping[tuple[str, str], Price] | None = None,
+        settings: Mapping[str, ProviderSettings] | None = None,
     ) -> None:
-        super().__init__(provider, api_key, base_url, timeout)
+        super().__init__(
+            provider,
+            providers,
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            routing=routing,
+            max_cost_usd=max_cost_usd,
+            failover_on_ambiguous=failover_on_ambiguous,
+            policy=policy,
+            prices=prices,
+            settings=settings,
+        )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else _default_async_http()
-        self._downloader = HttpDownloader(provider=provider, async_client=self._http)
+        self._downloader = HttpDownloader(provider=self.provider, async_client=self._http)
 
     async def edit(self, request: EditRequest) -> EditResult:
-        """Send *request* and return the images; see `FluxClient.edit`."""
-        binding = self._binding
+        """Send *request* (failing over as configured) and return the images; see `FluxClient.edit`."""
         started = time.perf_counter()
-        flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,))
+        router = self._route(request)
         try:
-            outgoing = next(flow)
+            instruction = next(router)
             while True:
-                outgoing = flow.send(await self._send(outgoing))
-        except StopIteration as finished:
-            outcome: Outcome = finished.value
-        finally:
-            flow.close()
-        return _result(binding, outcome, self._downloader, started)
+                if isinstance(instruction, Wait):
+                    await asyncio.sleep(instruction.seconds)
+                    reply: Reply = None
+                else:
+                    reply = await self._attempt(instruction.candidate, request)
+                instruction = router.send(reply)
+        except StopIteration as done:
+            routed: Routed = done.value
+        return self._result(request, routed, started, self._downloader)
 
-    async def _send(self, outgoing: HttpRequest) -> HttpResponse:
-        with contextlib.ExitStack() as files, _mapped_transport_errors(self._binding.adapter.name):
-            request = _build_httpx_request(
-                self._http, self._binding, outgoing, self._timeout, files
-            )
+    async def _attempt(self, binding: object, request: EditRequest) -> Outcome | FluxError:
+        assert isinstance(binding, _Binding)
+        gates = _GATES.get()
+        gate = gates.get(binding.adapter.name) if gates else None
+        async with gate if gate is not None else contextlib.nullcontext():
+            flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,))
+            try:
+                outgoing = next(flow)
+                while True:
+                    outgoing = flow.send(await self._send(binding, outgoing))
+            except StopIteration as finished:
+                outcome: Outcome = finished.value
+                return outcome
+            except FluxError as error:
+                return error
+            finally:
+                flow.close()
+
+    async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
+        with contextlib.ExitStack() as files, _mapped_transport_errors(binding.adapter.name):
+            request = _build_httpx_request(self._http, binding, outgoing, binding.timeout, files)
             return _received(await self._http.send(request))
+
+    async def edit_many(
+        self,
+        requests: Iterable[EditRequest],
+        *,
+        concurrency: int = 8,
+        per_provider: int | None = None,
+        output_dir: str | os.PathLike[str] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> AsyncIterator[BatchItem]:
+        """Run many edits at once; yield each `BatchItem` as soon as it finishes.
+
+        Args:
+            requests: The edits, each routed as `edit` would.
+            concurrency: Most edits in flight at once.
+            per_provider: Most requests in flight at any one provider.
+            output_dir: When given, each result image is saved there the moment it is ready
+                (result URLs expire in minutes), as ``<name>.<format>`` (``<name>-2...`` for more).
+            names: File names (without extension) for the requests, in order; default the index.
+
+        A failed edit is yielded with its error; the batch goes on.
+        """
+        queue = list(requests)
+        stems = (
+            list(names) if names is not None else [f"{index:05d}" for index in range(len(queue))]
+        )
+        if len(stems) != len(queue):
+            raise ValueError("names= must give one name per request")
+        folder = Path(output_dir) if output_dir is not None else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        gate = asyncio.Semaphore(concurrency)
+        # The batch's tasks run in their own context, so its per-provider gates stay its own.
+        context = contextvars.copy_context()
+        if per_provider is not None:
+            context.run(
+                _GATES.set, {name: asyncio.Semaphore(per_provider) for name in self.providers}
+            )
+
+        async def one(index: int, request: EditRequest) -> BatchItem:
+            async with gate:
+                try:
+                    result = await self.edit(request)
+                    saved: tuple[Path, ...] = ()
+                    if folder is not None:
+                        saved = tuple(
+                            [
+                                await _save(image, folder, stems[index], k)
+                                for k, image in enumerate(result.images)
+                            ]
+                        )
+                except FluxError as error:
+                    return BatchItem(index=index, name=stems[index], request=request, error=error)
+                return BatchItem(
+                    index=index, name=stems[index], request=request, result=result, saved=saved
+                )
+
+        tasks = [
+            asyncio.create_task(one(index, request), context=context)
+            for index, request in enumerate(queue)
+        ]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def aclose(self) -> None:
         """Close the HTTP client, if this client created it."""
@@ -398,6 +670,24 @@ class AsyncFluxClient(_ClientBase):
         trace: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+_SIGNATURES: Final = ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"RIFF", "webp"))
+
+
+def image_extension(head: bytes) -> str:
+    """The file extension for image bytes starting with *head* (``"bin"`` when unknown)."""
+    return next((name for signature, name in _SIGNATURES if head.startswith(signature)), "bin")
+
+
+async def _save(image: ResultImage, folder: Path, stem: str, index: int) -> Path:
+    """Save *image* now, then name it after its real format."""
+    partial = folder / f"{stem}{'' if index == 0 else f'-{index + 1}'}.download"
+    await image.save_async(partial)
+    with partial.open("rb") as stream:
+        target = partial.with_suffix("." + image_extension(stream.read(16)))
+    partial.replace(target)
+    return target
 
 
 class HttpDownloader:

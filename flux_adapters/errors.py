@@ -63,6 +63,9 @@ class FluxError(Exception):
     """Whether repeating the same call may succeed. Whether it is *safe* also depends on
     whether the provider may have taken the job (see ``TransportError.sent``)."""
 
+    attempts: tuple[Attempt, ...] = ()
+    """Every provider tried or skipped before this error ended the call (set by the router)."""
+
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild, (type(self), self.args, self.__dict__))
 

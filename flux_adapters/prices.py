@@ -1,84 +1,126 @@
 """Prices as data: what a call costs at each provider, with the source and date of every figure.
 
-Only figures a provider documents are listed; where none is known, `price_for` returns ``None``
-and the cost is reported as unknown, never guessed.
+Two shapes, as providers bill: `PerCall` (laozhang prices each call) and `PerMegapixel` (the
+Black Forest Labs formula: the first output megapixel, each further output megapixel, and each
+input megapixel, each rounded up). Only figures a provider documents are built in; callers add
+or override figures (``prices=`` on the client, or the configuration file). Where no figure is
+known, `estimate` returns ``None`` and the cost is reported as unknown, never guessed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, TypeAlias
 
 from attrs import frozen
 
-__all__ = ["PRICES", "Price", "price_for"]
+from flux_adapters.limits import Plan
+from flux_adapters.request import EditRequest, UrlImage
+
+__all__ = ["PRICES", "PerCall", "PerMegapixel", "Price", "estimate", "price_for"]
+
+MEGAPIXEL: Final = 1_000_000
 
 
 @frozen(kw_only=True)
-class Price:
-    """A per-call price.
+class PerCall:
+    """A flat price per successful call (one image).
 
     Attributes:
-        provider: Provider id.
-        model: Canonical model id.
-        usd_per_call: US dollars charged per successful call (one image).
+        usd: US dollars per call.
         source: Where the figure comes from.
         as_of: The date of the source.
     """
 
-    provider: str
-    model: str
-    usd_per_call: float
-    source: str
-    as_of: str
+    usd: float
+    source: str = "configured"
+    as_of: str = ""
 
+    def estimate(self, request: EditRequest, plan: Plan) -> float:
+        """The cost of one call."""
+        return self.usd
+
+    def describe(self) -> str:
+        """The price in words."""
+        return f"${self.usd:g} per call" + (f" (as of {self.as_of})" if self.as_of else "")
+
+
+@frozen(kw_only=True)
+class PerMegapixel:
+    """Black Forest Labs' formula: first output MP, each further output MP, each input MP.
+
+    Megapixels are rounded up. An output of unknown size (the provider decides) counts as one
+    megapixel; a reference given by URL, whose size is unknown here, counts as one megapixel.
+
+    Attributes:
+        usd_first: US dollars for the first output megapixel.
+        usd_extra: US dollars for each further output megapixel.
+        usd_input: US dollars for each input megapixel.
+        source: Where the figures come from.
+        as_of: The date of the source.
+    """
+
+    usd_first: float
+    usd_extra: float
+    usd_input: float = 0.0
+    source: str = "configured"
+    as_of: str = ""
+
+    def describe(self) -> str:
+        """The price in words."""
+        text = f"${self.usd_first:g} first MP + ${self.usd_extra:g} per further MP"
+        text += f" + ${self.usd_input:g} per input MP" if self.usd_input else ""
+        return text + (f" (as of {self.as_of})" if self.as_of else "")
+
+    def estimate(self, request: EditRequest, plan: Plan) -> float:
+        """The cost of one call of *request* as resolved by *plan*."""
+        width_height = plan.dimensions
+        output = math.ceil(width_height[0] * width_height[1] / MEGAPIXEL) if width_height else 1
+        inputs = 0
+        for image in request.images:
+            pixels = None if isinstance(image, UrlImage) else image.info.pixels
+            inputs += math.ceil(pixels / MEGAPIXEL) if pixels else 1
+        return self.usd_first + (max(output, 1) - 1) * self.usd_extra + inputs * self.usd_input
+
+
+Price: TypeAlias = PerCall | PerMegapixel
 
 _LAOZHANG: Final = (
     "https://docs.laozhang.ai/en/api-capabilities/flux-image-edit (Models and Pricing)"
 )
 
+
+def _laozhang(usd: float) -> PerCall:
+    return PerCall(usd=usd, source=_LAOZHANG, as_of="2026-09-24")
+
+
 PRICES: Final[Mapping[tuple[str, str], Price]] = {
-    (price.provider, price.model): price
-    for price in (
-        Price(
-            provider="laozhang",
-            model="flux-2-pro",
-            usd_per_call=0.03,
-            source=_LAOZHANG,
-            as_of="2026-09-24",
-        ),
-        Price(
-            provider="laozhang",
-            model="flux-2-flex",
-            usd_per_call=0.06,
-            source=_LAOZHANG,
-            as_of="2026-09-24",
-        ),
-        Price(
-            provider="laozhang",
-            model="flux-2-max",
-            usd_per_call=0.07,
-            source=_LAOZHANG,
-            as_of="2026-09-24",
-        ),
-        Price(
-            provider="laozhang",
-            model="flux-kontext-pro",
-            usd_per_call=0.035,
-            source=_LAOZHANG,
-            as_of="2026-09-24",
-        ),
-        Price(
-            provider="laozhang",
-            model="flux-kontext-max",
-            usd_per_call=0.07,
-            source=_LAOZHANG,
-            as_of="2026-09-24",
-        ),
-    )
+    ("laozhang", "flux-2-pro"): _laozhang(0.03),
+    ("laozhang", "flux-2-flex"): _laozhang(0.06),
+    ("laozhang", "flux-2-max"): _laozhang(0.07),
+    ("laozhang", "flux-kontext-pro"): _laozhang(0.035),
+    ("laozhang", "flux-kontext-max"): _laozhang(0.07),
 }
+"""Built-in figures: only what the providers' own documents state. apiyi and aimlapi publish
+no per-model figure in the documents this library follows; configure theirs if you know them."""
 
 
-def price_for(provider: str, model: str) -> Price | None:
-    """The documented price of one call of *model* at *provider*, or ``None`` when unknown."""
-    return PRICES.get((provider, model))
+def price_for(
+    provider: str, model: str, overrides: Mapping[tuple[str, str], Price] | None = None
+) -> Price | None:
+    """The price of *model* at *provider*: an override, else a built-in figure, else ``None``."""
+    key = (provider, model)
+    if overrides and key in overrides:
+        return overrides[key]
+    return PRICES.get(key)
+
+
+def estimate(
+    request: EditRequest,
+    plan: Plan,
+    overrides: Mapping[tuple[str, str], Price] | None = None,
+) -> float | None:
+    """Estimated US dollars for sending *request* as *plan*; ``None`` when no price is known."""
+    price = price_for(plan.limits.provider, plan.limits.model, overrides)
+    return None if price is None else price.estimate(request, plan)

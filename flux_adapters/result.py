@@ -5,14 +5,25 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
 from flux_adapters.errors import FluxError
 
-__all__ = ["Attempt", "ConversionWarning", "Downloader", "EditResult", "ResultImage", "Usage"]
+if TYPE_CHECKING:
+    from flux_adapters.request import EditRequest
+
+__all__ = [
+    "Attempt",
+    "BatchItem",
+    "ConversionWarning",
+    "Downloader",
+    "EditResult",
+    "ResultImage",
+    "Usage",
+]
 
 
 @frozen(kw_only=True)
@@ -55,6 +66,7 @@ class Attempt:
         outcome: ``"ok"``, ``"failed"`` or ``"skipped"`` (refused before sending).
         elapsed_s: Seconds spent on this provider.
         error: What went wrong, when it did.
+        reason: Why it was skipped, in words.
     """
 
     provider: str
@@ -62,6 +74,7 @@ class Attempt:
     outcome: Literal["ok", "failed", "skipped"]
     elapsed_s: float
     error: FluxError | None = None
+    reason: str = ""
 
 
 class Downloader(Protocol):
@@ -194,3 +207,24 @@ class EditResult:
     warnings: tuple[ConversionWarning, ...] = ()
     attempts: tuple[Attempt, ...] = ()
     elapsed_s: float = 0.0
+
+
+@frozen(kw_only=True)
+class BatchItem:
+    """One finished request of ``AsyncFluxClient.edit_many``: its result or its error.
+
+    Attributes:
+        index: Position of the request in the batch.
+        name: The file name stem its images were saved under.
+        request: The request.
+        result: The result, when it succeeded.
+        error: What went wrong, when it failed (``error.attempts`` lists the providers tried).
+        saved: Where its images were saved, when an output folder was given.
+    """
+
+    index: int
+    name: str
+    request: EditRequest
+    result: EditResult | None = None
+    error: FluxError | None = None
+    saved: tuple[Path, ...] = ()

@@ -74,7 +74,7 @@ def test_models_lists_limits_and_prices() -> None:
     code, out, _ = run("models")
     assert code == 0
     assert "blackforestlabs/flux-2-pro-edit" in out
-    assert "flux-2-pro $0.03/call" in out
+    assert "flux-2-pro $0.03 per call (as of 2026-09-24)" in out
     assert "prices: not documented" in out
 
 

@@ -1,0 +1,243 @@
+"""Which providers to use, in what order, at what price: from a TOML file and the environment.
+
+Switching provider, or to a failover list, is a configuration change, not a code change:
+``FluxClient.from_env()`` reads this and builds the client. The file is ``flux-adapters.toml``
+in the working directory, or the path in ``$FLUX_CONFIG``; environment variables override it::
+
+    providers = ["aimlapi", "laozhang"]      # failover order        ($FLUX_PROVIDERS="aimlapi,laozhang")
+    routing = "cheapest"                     # or "ordered"          ($FLUX_ROUTING)
+    max_cost_usd = 0.05                      # budget per call       ($FLUX_MAX_COST_USD)
+    unknown_price = "allow"                  # under a budget: "allow" or "refuse"
+    failover_on_ambiguous = false            # see flux_adapters.routing
+    timeout = 300                            # seconds               ($FLUX_TIMEOUT)
+
+    [provider.laozhang]
+    api_key_env = "LAOZHANG_API_KEY"         # the variable holding the key (the default)
+    base_url = "https://api.laozhang.ai"     # $LAOZHANG_BASE_URL overrides
+    priority = 1                             # lower first, for routing = "ordered"
+    timeout = 240
+
+    [provider.aimlapi.prices]
+    "flux-2-pro" = { usd_first = 0.03, usd_extra = 0.015, usd_input = 0.015 }   # per megapixel
+    [provider.laozhang.prices]
+    "flux-2-max" = { usd = 0.07 }                                                 # per call
+
+Keys are never written in the file (a ``api_key`` entry is refused): name the variable instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final, get_args
+
+from attrs import frozen
+
+from flux_adapters.errors import ConfigurationError
+from flux_adapters.prices import PerCall, PerMegapixel, Price
+from flux_adapters.providers import PROVIDERS
+from flux_adapters.routing import Routing
+
+__all__ = ["DEFAULT_PATH", "Config", "ProviderSettings", "load_config"]
+
+DEFAULT_PATH: Final = Path("flux-adapters.toml")
+
+_TOP_KEYS: Final = {
+    "providers",
+    "routing",
+    "max_cost_usd",
+    "unknown_price",
+    "failover_on_ambiguous",
+    "timeout",
+    "provider",
+}
+_PROVIDER_KEYS: Final = {"api_key_env", "base_url", "priority", "timeout", "prices"}
+
+
+@frozen(kw_only=True)
+class ProviderSettings:
+    """One provider as configured.
+
+    Attributes:
+        name: Provider id.
+        api_key_env: The environment variable holding its key (``None``: ``<PREFIX>_API_KEY``).
+        base_url: Its base URL (``None``: ``$<PREFIX>_BASE_URL`` or the real one).
+        priority: Lower is tried first under ``routing = "ordered"``.
+        timeout: Seconds to wait for its answer.
+        prices: Price overrides by canonical model id.
+    """
+
+    name: str
+    api_key_env: str | None = None
+    base_url: str | None = None
+    priority: int | None = None
+    timeout: float | None = None
+    prices: Mapping[str, Price] = {}
+
+
+@frozen(kw_only=True)
+class Config:
+    """Everything ``from_env`` needs to build a client."""
+
+    providers: tuple[ProviderSettings, ...]
+    routing: Routing = "ordered"
+    max_cost_usd: float | None = None
+    unknown_price: str = "allow"
+    failover_on_ambiguous: bool = False
+    timeout: float | None = None
+    source: str = "environment"
+
+    @property
+    def prices(self) -> dict[tuple[str, str], Price]:
+        """Every price override, keyed by (provider, model)."""
+        return {(p.name, model): price for p in self.providers for model, price in p.prices.items()}
+
+
+def _fail(where: str, message: str) -> ConfigurationError:
+    return ConfigurationError(f"{where}: {message}")
+
+
+def _number(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise _fail(where, f"must be a non-negative number, not {value!r}")
+    return float(value)
+
+
+def _price(value: object, where: str) -> Price:
+    if not isinstance(value, dict):
+        raise _fail(
+            where, "must be a table such as { usd = 0.03 } or { usd_first = ..., usd_extra = ... }"
+        )
+    if set(value) == {"usd"}:
+        return PerCall(usd=_number(value["usd"], where), source=where)
+    if {"usd_first", "usd_extra"} <= set(value) <= {"usd_first", "usd_extra", "usd_input"}:
+        return PerMegapixel(
+            usd_first=_number(value["usd_first"], where),
+            usd_extra=_number(value["usd_extra"], where),
+            usd_input=_number(value.get("usd_input", 0.0), where),
+            source=where,
+        )
+    raise _fail(
+        where, f"unknown price keys {sorted(value)}; use usd, or usd_first/usd_extra/usd_input"
+    )
+
+
+def _provider(name: str, table: object, origin: str) -> ProviderSettings:
+    where = f"{origin} [provider.{name}]"
+    if name not in PROVIDERS:
+        raise _fail(where, f"unknown provider; known: {', '.join(PROVIDERS)}")
+    if not isinstance(table, dict):
+        raise _fail(where, "must be a table")
+    if "api_key" in table:
+        raise _fail(
+            where,
+            "keys are never read from the file; set api_key_env to the variable that holds it",
+        )
+    unknown = set(table) - _PROVIDER_KEYS
+    if unknown:
+        raise _fail(where, f"unknown keys {sorted(unknown)}; known: {sorted(_PROVIDER_KEYS)}")
+    prices = table.get("prices", {})
+    if not isinstance(prices, dict):
+        raise _fail(f"{where}.prices", "must be a table of model = price")
+    priority = table.get("priority")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise _fail(where, f"priority must be a whole number, not {priority!r}")
+    return ProviderSettings(
+        name=name,
+        api_key_env=table.get("api_key_env"),
+        base_url=table.get("base_url"),
+        priority=priority,
+        timeout=_number(table["timeout"], f"{where} timeout") if "timeout" in table else None,
+        prices={model: _price(price, f"{where}.prices.{model}") for model, price in prices.items()},
+    )
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read the configuration file (if any) and let the environment override it.
+
+    Args:
+        path: The TOML file; default ``$FLUX_CONFIG``, else ``flux-adapters.toml`` if present.
+        environ: The environment to read (default ``os.environ``).
+
+    Raises:
+        ConfigurationError: The file or a variable is invalid, or no provider is configured.
+    """
+    env = os.environ if environ is None else environ
+    chosen = (
+        Path(path)
+        if path is not None
+        else Path(env["FLUX_CONFIG"])
+        if env.get("FLUX_CONFIG")
+        else None
+    )
+    data: dict[str, object] = {}
+    origin = "environment"
+    if chosen is not None or DEFAULT_PATH.exists():
+        file = chosen or DEFAULT_PATH
+        try:
+            data = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise _fail(str(file), "no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise _fail(str(file), f"not valid TOML ({exc})") from None
+        origin = str(file)
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise _fail(origin, f"unknown keys {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
+    tables = data.get("provider", {})
+    if not isinstance(tables, dict):
+        raise _fail(origin, "[provider.NAME] sections expected")
+    configured = {name: _provider(name, table, origin) for name, table in tables.items()}
+
+    names: object = data.get("providers")
+    if env.get("FLUX_PROVIDERS"):
+        names = [name.strip() for name in env["FLUX_PROVIDERS"].split(",") if name.strip()]
+    if names is None:
+        names = list(configured)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigurationError(
+            "no providers configured: set FLUX_PROVIDERS or providers = [...] in flux-adapters.toml"
+        )
+    for name in names:
+        if name not in PROVIDERS:
+            raise ConfigurationError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
+    settings = [configured.get(name) or ProviderSettings(name=name) for name in names]
+    ordered = sorted(
+        settings, key=lambda s: (s.priority is None, s.priority or 0, names.index(s.name))
+    )
+
+    routing = env.get("FLUX_ROUTING") or data.get("routing", "ordered")
+    if routing not in get_args(Routing):
+        raise ConfigurationError(f"routing must be 'ordered' or 'cheapest', not {routing!r}")
+    budget = env.get("FLUX_MAX_COST_USD") or data.get("max_cost_usd")
+    timeout = env.get("FLUX_TIMEOUT") or data.get("timeout")
+    unknown_price = data.get("unknown_price", "allow")
+    if unknown_price not in ("allow", "refuse"):
+        raise _fail(origin, f"unknown_price must be 'allow' or 'refuse', not {unknown_price!r}")
+    ambiguous = data.get("failover_on_ambiguous", False)
+    if not isinstance(ambiguous, bool):
+        raise _fail(origin, "failover_on_ambiguous must be true or false")
+    return Config(
+        providers=tuple(ordered),
+        routing=routing,  # type: ignore[arg-type]
+        max_cost_usd=None
+        if budget is None
+        else _number(_as_float(budget, "max_cost_usd"), "max_cost_usd"),
+        unknown_price=str(unknown_price),
+        failover_on_ambiguous=ambiguous,
+        timeout=None if timeout is None else _number(_as_float(timeout, "timeout"), "timeout"),
+        source=origin,
+    )
+
+
+def _as_float(value: object, name: str) -> object:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be a number, not {value!r}") from None
+    return value
