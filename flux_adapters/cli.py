@@ -2,10 +2,10 @@
 
 Exit status, for scripts:
 
-    0  success
+    0  success (for batch: every request saved or already saved)
     1  unexpected failure
     2  bad arguments or a request the provider's limits refuse (nothing was sent)
-    3  the provider answered with an error (see the message for the status)
+    3  the provider answered with an error (for batch: at least one request failed)
     4  no usable answer: connection failed or timed out
     5  configuration: unknown provider, no API key, a missing optional dependency
     6  the result URL expired before it was downloaded
@@ -14,6 +14,7 @@ Exit status, for scripts:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -83,6 +84,34 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--timeout", type=float, help="seconds to wait for the image (default 300)")
 
     commands.add_parser("models", help="the providers x models table, with limits and prices")
+
+    batch = commands.add_parser(
+        "batch",
+        help="run every request of a JSONL file, saving each image as it is ready",
+        description="Each line is a JSON object: id (the file name), prompt, model, images (paths or "
+        "URLs), and any of width, height, size, aspect_ratio, seed, output_format, safety_tolerance, "
+        "prompt_upsampling, steps, guidance, allow_conversions. Providers come from --provider, or "
+        "from flux-adapters.toml and $FLUX_PROVIDERS. A request whose image is already in the output "
+        "folder is skipped, so an interrupted batch can be run again without paying twice.",
+    )
+    batch.add_argument("file", type=Path, help="the JSONL file of requests")
+    batch.add_argument(
+        "-o", "--output", type=Path, default=Path("out"), help="output folder (default: out)"
+    )
+    batch.add_argument(
+        "--report", type=Path, help="JSONL report to append to (default: <output>/report.jsonl)"
+    )
+    batch.add_argument(
+        "-p",
+        "--provider",
+        action="append",
+        choices=list(PROVIDERS),
+        help="provider(s), in failover order",
+    )
+    batch.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    batch.add_argument(
+        "--per-provider", type=int, default=4, help="requests in flight per provider (default 4)"
+    )
 
     explain = commands.add_parser(
         "explain", help="print the HTTP request each provider would receive; sends nothing"
@@ -231,6 +260,139 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+_BATCH_FIELDS = {
+    "prompt", "model", "images", "width", "height", "size", "aspect_ratio", "seed", "output_format",
+    "safety_tolerance", "prompt_upsampling", "steps", "guidance", "allow_conversions",
+}  # fmt: skip
+
+
+def _batch_requests(path: Path) -> list[tuple[str, object]]:
+    """Read the JSONL file; every problem names its line."""
+    from flux_adapters.request import EditRequest
+
+    entries: list[tuple[str, object]] = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise errors.ConfigurationError(f"{path}:{number}: not JSON ({exc})") from None
+        if not isinstance(item, dict):
+            raise errors.ConfigurationError(f"{path}:{number}: each line must be a JSON object")
+        name = str(item.pop("id", number))
+        if not name or "/" in name or name in seen:
+            raise errors.ConfigurationError(
+                f"{path}:{number}: id {name!r} must be unique and a plain file name"
+            )
+        seen.add(name)
+        unknown = set(item) - _BATCH_FIELDS
+        if unknown:
+            raise errors.ConfigurationError(f"{path}:{number}: unknown fields {sorted(unknown)}")
+        item["images"] = _images([str(image) for image in item.get("images", [])])
+        item.setdefault("model", "flux-2-pro")
+        try:
+            entries.append((name, EditRequest(**item)))
+        except errors.RequestError as error:
+            entries.append((name, error))
+    return entries
+
+
+def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import asyncio
+
+    from flux_adapters.client import AsyncFluxClient
+    from flux_adapters.request import EditRequest
+
+    entries = _batch_requests(arguments.file)
+    folder: Path = arguments.output
+    folder.mkdir(parents=True, exist_ok=True)
+    report_path: Path = arguments.report or folder / "report.jsonl"
+    # The first image of a request is saved as <id>.<format>: its presence means "done".
+    done = {
+        name
+        for name, _ in entries
+        if any((folder / f"{name}.{ext}").exists() for ext in ("png", "jpeg", "webp"))
+    }
+    pending = [(name, request) for name, request in entries if name not in done]
+    counts = {"ok": 0, "failed": 0, "skipped": len(entries) - len(pending)}
+
+    def write(line: dict[str, object]) -> None:
+        with report_path.open("a") as report:
+            report.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    for name, _ in entries:
+        if name in done:
+            write({"id": name, "status": "skipped", "reason": "already saved"})
+    invalid = [(name, request) for name, request in pending if not isinstance(request, EditRequest)]
+    for name, problem in invalid:
+        counts["failed"] += 1
+        write({"id": name, "status": "failed", "error": f"RequestError: {problem}"})
+    runnable = [(name, request) for name, request in pending if isinstance(request, EditRequest)]
+
+    async def run() -> None:
+        if arguments.provider:
+            client = AsyncFluxClient(providers=arguments.provider)
+        else:
+            client = AsyncFluxClient.from_env()
+        async with client:
+            items = client.edit_many(
+                [request for _, request in runnable],
+                names=[name for name, _ in runnable],
+                concurrency=arguments.concurrency,
+                per_provider=arguments.per_provider,
+                output_dir=folder,
+            )
+            with _progress(len(runnable), err) as advance:
+                async for item in items:
+                    attempts = [
+                        {"provider": a.provider, "outcome": a.outcome, "seconds": round(a.elapsed_s, 3), "reason": a.reason or (type(a.error).__name__ if a.error else "")}
+                        for a in (item.result.attempts if item.result else item.error.attempts if item.error else ())
+                    ]  # fmt: skip
+                    if item.result is not None:
+                        counts["ok"] += 1
+                        write({"id": item.name, "status": "ok", "provider": item.result.provider,
+                               "files": [str(path) for path in item.saved], "cost_usd": item.result.cost_usd,
+                               "attempts": attempts})  # fmt: skip
+                    else:
+                        counts["failed"] += 1
+                        write({"id": item.name, "status": "failed", "error": f"{type(item.error).__name__}: {item.error}",
+                               "attempts": attempts})  # fmt: skip
+                    advance(f"{item.name}: {'ok' if item.result else 'failed'}")
+
+    if runnable:
+        asyncio.run(run())
+    out.write(
+        f"{counts['ok']} saved, {counts['failed']} failed, {counts['skipped']} already saved; report: {report_path}\n"
+    )
+    return EXIT_OK if counts["failed"] == 0 else EXIT_PROVIDER
+
+
+@contextmanager
+def _progress(total: int, stream: TextIO) -> Iterator[Callable[[str], None]]:
+    """A progress bar (rich, with the `cli` extra, on a terminal), else one line per item."""
+    if stream.isatty():
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            pass
+        else:
+            with Progress(console=None, transient=False) as bar:
+                task = bar.add_task("batch", total=total)
+                yield lambda _: bar.advance(task)
+            return
+    finished = 0
+
+    def advance(message: str) -> None:
+        nonlocal finished
+        finished += 1
+        stream.write(f"[{finished}/{total}] {message}\n")
+        stream.flush()
+
+    yield advance
+
+
 def _models(out: TextIO) -> int:
     from flux_adapters._tables import limits_table
     from flux_adapters.prices import price_for
@@ -326,6 +488,7 @@ def main(
     arguments = _parser().parse_args(argv)
     commands: dict[str, Callable[[], int]] = {
         "edit": lambda: _edit(arguments, out, err),
+        "batch": lambda: _batch(arguments, out, err),
         "models": lambda: _models(out),
         "explain": lambda: _explain(arguments, out),
         "emulate": lambda: _emulate(arguments, out),

@@ -1,0 +1,275 @@
+"""The router, driven with canned outcomes (no I/O): ordering, skipping, retries, failover and
+what is never failed over. The breaker is checked against a model with Hypothesis."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from flux_adapters import EditRequest, errors, get_adapter
+from flux_adapters._flows import Outcome, resolve
+from flux_adapters.prices import PerCall
+from flux_adapters.providers import Adapter, Answer
+from flux_adapters.result import ResultImage
+from flux_adapters.routing import Breaker, Routed, RoutingPolicy, Try, Wait, disposition, route
+
+REQUEST = EditRequest(prompt="p", model="flux-2-pro")
+
+
+def adapter_of(candidate: object) -> Adapter:
+    assert isinstance(candidate, str)
+    return get_adapter(candidate)
+
+
+def ok(provider: str, request: EditRequest = REQUEST) -> Outcome:
+    plan = resolve(get_adapter(provider), request)
+    return Outcome(plan=plan, answer=Answer(images=(ResultImage(url="https://cdn.example/a.png"),)))
+
+
+def fail(kind: type[errors.ProviderError], status: int, **extra: object) -> errors.ProviderError:
+    return kind("failed", provider="x", status_code=status, **extra)  # type: ignore[arg-type]
+
+
+def drive(
+    candidates: Sequence[str],
+    replies: dict[str, list[object]],
+    policy: RoutingPolicy | None = None,
+    request: EditRequest = REQUEST,
+    breaker: Breaker | None = None,
+    prices: dict[tuple[str, str], PerCall] | None = None,
+) -> tuple[list[str], Routed]:
+    """Run the router; each Try to provider P gets the next canned reply for P."""
+    log: list[str] = []
+    router: Generator[object, object, Routed] = route(
+        request, candidates, adapter_of, policy or RoutingPolicy(), breaker or Breaker(), prices
+    )  # type: ignore[assignment]
+    try:
+        instruction = next(router)
+        while True:
+            if isinstance(instruction, Wait):
+                log.append(f"wait {instruction.seconds:g}")
+                instruction = router.send(None)
+            else:
+                assert isinstance(instruction, Try)
+                name = str(instruction.candidate)
+                log.append(name)
+                reply = replies[name].pop(0)
+                instruction = router.send(ok(name, request) if reply == "ok" else reply)
+    except StopIteration as done:
+        return log, done.value
+
+
+def test_a_not_taken_failure_fails_over_and_both_attempts_are_recorded() -> None:
+    for failure in [
+        errors.TransportError("refused", provider="laozhang", sent=False),
+        fail(errors.RateLimited, 429, retry_after=60.0),
+        fail(errors.InsufficientBalance, 402),
+        fail(errors.AuthenticationFailed, 401),
+        fail(errors.ProviderUnavailable, 503),
+        fail(errors.ModelUnavailable, 503),
+    ]:
+        policy = RoutingPolicy(retries=0)
+        log, routed = drive(["laozhang", "apiyi"], {"laozhang": [failure], "apiyi": ["ok"]}, policy)
+        assert log == ["laozhang", "apiyi"], failure
+        assert [(a.provider, a.outcome) for a in routed.attempts] == [
+            ("laozhang", "failed"),
+            ("apiyi", "ok"),
+        ]
+        assert routed.attempts[0].error is failure
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        errors.Timeout("read timeout", provider="laozhang", sent=True),
+        errors.TransportError("dropped", provider="laozhang", sent=True),
+        fail(errors.ProviderUnavailable, 500),
+        errors.ResponseFormatError("garbled", provider="laozhang", status_code=200),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_ambiguous_failure_is_final_unless_opted_in(failure: errors.FluxError) -> None:
+    with pytest.raises(type(failure)) as caught:
+        drive(["laozhang", "apiyi"], {"laozhang": [failure], "apiyi": ["ok"]})
+    assert [a.provider for a in caught.value.attempts] == ["laozhang"]  # apiyi never tried
+    log, routed = drive(
+        ["laozhang", "apiyi"],
+        {"laozhang": [failure], "apiyi": ["ok"]},
+        RoutingPolicy(failover_on_ambiguous=True),
+    )
+    assert log == ["laozhang", "apiyi"]
+    assert routed.attempts[-1].outcome == "ok"
+
+
+@pytest.mark.parametrize(
+    "failure", [fail(errors.ContentModerated, 400), fail(errors.ProviderRejected, 422)]
+)
+def test_moderation_and_invalid_requests_never_fail_over(failure: errors.FluxError) -> None:
+    policy = RoutingPolicy(failover_on_ambiguous=True)
+    with pytest.raises(type(failure)):
+        drive(["laozhang", "apiyi"], {"laozhang": [failure], "apiyi": ["ok"]}, policy)
+
+
+def test_retries_wait_for_retry_after_or_back_off() -> None:
+    log, _ = drive(
+        ["laozhang", "apiyi"], {"laozhang": [fail(errors.RateLimited, 429, retry_after=2.0), "ok"]}
+    )
+    assert log == ["laozhang", "wait 2", "laozhang"]
+    refused = errors.TransportError("refused", provider="laozhang", sent=False)
+    log, _ = drive(
+        ["laozhang", "apiyi"],
+        {"laozhang": [refused, refused, refused], "apiyi": ["ok"]},
+        RoutingPolicy(retries=2),
+    )
+    assert log == ["laozhang", "wait 0.5", "laozhang", "wait 1", "laozhang", "apiyi"]
+    too_long = fail(errors.RateLimited, 429, retry_after=120.0)
+    log, _ = drive(["laozhang", "apiyi"], {"laozhang": [too_long], "apiyi": ["ok"]})
+    assert log == ["laozhang", "apiyi"]
+
+
+def test_cheapest_orders_by_price_and_skips_what_the_limits_refuse() -> None:
+    prices = {("aimlapi", "flux-2-pro"): PerCall(usd=0.01)}
+    log, routed = drive(
+        ["laozhang", "apiyi", "aimlapi"],
+        {"aimlapi": ["ok"]},
+        RoutingPolicy(routing="cheapest"),
+        prices=prices,
+    )
+    assert log == ["aimlapi"]
+    five = EditRequest(
+        prompt="p", model="flux-2-pro", images=[f"https://ex.com/{n}.png" for n in range(5)]
+    )
+    log, routed = drive(
+        ["laozhang", "apiyi", "aimlapi"],
+        {"laozhang": ["ok"]},
+        RoutingPolicy(routing="cheapest"),
+        five,
+        prices=prices,
+    )
+    assert log == ["laozhang"]  # aimlapi takes at most 3 references; unpriced apiyi sorts last
+    skipped = routed.attempts[0]
+    assert (skipped.provider, skipped.outcome, skipped.reason) == (
+        "aimlapi",
+        "skipped",
+        "its limits refuse the request",
+    )
+    assert isinstance(skipped.error, errors.RequestError)
+    assert skipped.error.violations[0].field == "images"
+
+
+def test_a_budget_skips_providers_it_cannot_afford() -> None:
+    prices = {("laozhang", "flux-2-max"): PerCall(usd=0.07)}
+    maxed = EditRequest(prompt="p", model="flux-2-max")
+    policy = RoutingPolicy(max_cost_usd=0.05, unknown_price="refuse")
+    with pytest.raises(errors.AllProvidersFailed) as caught:
+        drive(["laozhang", "apiyi"], {}, policy, maxed, prices=prices)
+    reasons = [a.reason for a in caught.value.attempts]
+    assert reasons == [
+        "estimated $0.0700 exceeds the budget of $0.0500",
+        "no known price, and a budget is set",
+    ]
+    log, _ = drive(
+        ["laozhang", "apiyi"],
+        {"apiyi": ["ok"]},
+        RoutingPolicy(max_cost_usd=0.05),
+        maxed,
+        prices=prices,
+    )
+    assert log == ["apiyi"]  # unknown prices allowed by default
+
+
+def test_an_open_breaker_skips_the_provider_without_trying_it() -> None:
+    clock = [0.0]
+    breaker = Breaker(cooldown=30.0, clock=lambda: clock[0])
+    down = errors.TransportError("refused", provider="laozhang", sent=False)
+    drive(
+        ["laozhang", "apiyi"],
+        {"laozhang": [down], "apiyi": ["ok"]},
+        RoutingPolicy(retries=0),
+        breaker=breaker,
+    )
+    log, routed = drive(["laozhang", "apiyi"], {"apiyi": ["ok"]}, breaker=breaker)
+    assert log == ["apiyi"]
+    assert routed.attempts[0].reason.startswith("cooling down for 30.0 s")
+    clock[0] = 31.0  # half-open: one probe goes through and closes the circuit
+    log, _ = drive(["laozhang", "apiyi"], {"laozhang": ["ok"]}, breaker=breaker)
+    assert log == ["laozhang"]
+    assert breaker.state(("laozhang", "flux-2-pro")) == "closed"
+
+
+def test_a_single_provider_raises_its_own_error() -> None:
+    with pytest.raises(errors.InsufficientBalance) as caught:
+        drive(["laozhang"], {"laozhang": [fail(errors.InsufficientBalance, 402)]})
+    assert len(caught.value.attempts) == 1
+    with pytest.raises(errors.RequestError):
+        drive(["aimlapi"], {}, request=EditRequest(prompt="p", model="flux-2-pro", seed=0))
+
+
+def test_every_error_has_a_disposition() -> None:
+    assert disposition(errors.Timeout("t", provider="x", sent=False)) == "retry"
+    assert disposition(fail(errors.ProviderUnavailable, 504)) == "next"
+    assert disposition(fail(errors.ProviderUnavailable, 500)) == "ambiguous"
+    assert disposition(fail(errors.ProviderRejected, 400)) == "final"
+
+
+class BreakerMachine(RuleBasedStateMachine):
+    """The breaker against a simple model: per key, open until a time, and at most one probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.breaker = Breaker(cooldown=10.0, clock=lambda: self.now)
+        self.opened_until: dict[str, float] = {}
+        self.probing: set[str] = set()
+
+    keys = st.sampled_from(["a", "b"])
+
+    @rule(seconds=st.floats(0, 25))
+    def wait(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(key=keys, retry_after=st.none() | st.floats(0, 40))
+    def fail(self, key: str, retry_after: float | None) -> None:
+        self.breaker.failure((key, "m"), retry_after)
+        self.opened_until[key] = self.now + max(10.0, retry_after or 0.0)
+        self.probing.discard(key)
+
+    @rule(key=keys)
+    def succeed(self, key: str) -> None:
+        self.breaker.success((key, "m"))
+        self.opened_until.pop(key, None)
+        self.probing.discard(key)
+
+    @rule(key=keys)
+    def ask(self, key: str) -> None:
+        left = self.breaker.acquire((key, "m"))
+        until = self.opened_until.get(key)
+        if until is None:
+            assert left is None  # closed: always allowed
+        elif self.now < until:
+            assert left is not None
+            assert abs(left - (until - self.now)) < 1e-6
+        elif key in self.probing:
+            assert left == 0.0  # half-open with a probe out: others skip
+        else:
+            assert left is None  # half-open: this call is the probe
+            self.probing.add(key)
+
+    @precondition(lambda self: bool(self.probing))
+    @rule(key=keys)
+    def probe_undecided(self, key: str) -> None:
+        self.breaker.release((key, "m"))
+        self.probing.discard(key)
+
+    @invariant()
+    def states_agree(self) -> None:
+        for key in ("a", "b"):
+            until = self.opened_until.get(key)
+            expected = "closed" if until is None else "open" if self.now < until else "half-open"
+            assert self.breaker.state((key, "m")) == expected
+
+
+TestBreaker = BreakerMachine.TestCase
