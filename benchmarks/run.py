@@ -11,6 +11,8 @@ Each comparison prints both measurements and their ratio against the issue's tar
   d  eight 20 MB local images, as JSON data URLs and as multipart: time and peak memory above
      the process baseline, each in a fresh process (hand-written post(json=...) alongside)
   e  AsyncFluxClient vs plain httpx.AsyncClient, 50 requests in flight, requests per second
+  f  routing on the emulator: a failover client whose first provider answers vs a single-provider
+     client, per call; and with the first provider down (503 after 1 s) once its breaker is open
 
 The server (benchmarks/loopback_server.py) runs in its own process and discards bodies. Results
 are also written to benchmarks/results/latest.json. Timings vary with the machine; run twice.
@@ -365,8 +367,76 @@ def bench_async(base: str) -> None:
     )
 
 
+@contextmanager
+def emulator_process(*arguments: str) -> Iterator[str]:
+    """`flux-adapters emulate` in its own process (so rendering does not share our GIL)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "flux_adapters", "emulate", "--port", str(port), *arguments]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL) as server:
+        root = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                httpx.get(f"{root}/files/none")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.05)
+        try:
+            yield root
+        finally:
+            server.terminate()
+
+
+def bench_routing() -> None:
+    request = EditRequest(prompt="a robot", model="flux-2-pro", size="64x64")
+    os.environ.update(LAOZHANG_API_KEY=KEY, APIYI_API_KEY=KEY)
+    with emulator_process() as root:
+        os.environ.update(LAOZHANG_BASE_URL=f"{root}/laozhang", APIYI_BASE_URL=f"{root}/apiyi")
+        with (
+            FluxClient("laozhang") as single,
+            FluxClient(providers=["laozhang", "apiyi"]) as routed,
+        ):
+            singles, routeds = [], []
+            for _ in range(5):
+                singles.append(per_call(lambda: single.edit(request), 100))
+                routeds.append(per_call(lambda: routed.edit(request), 100))
+        alone, routing = statistics.median(singles), statistics.median(routeds)
+    with emulator_process("--fault", "laozhang:503,delay=1") as root:
+        os.environ.update(LAOZHANG_BASE_URL=f"{root}/laozhang", APIYI_BASE_URL=f"{root}/apiyi")
+        # apiyi takes only ratios: let it send 64x64 as 1:1, the same request to both clients.
+        both = EditRequest(
+            prompt="a robot", model="flux-2-pro", size="64x64", allow_conversions=True
+        )
+        with FluxClient("apiyi") as healthy, FluxClient(providers=["laozhang", "apiyi"]) as routed:
+            started = time.perf_counter()
+            routed.edit(both)  # laozhang answers 503 after 1 s: its breaker opens
+            first = time.perf_counter() - started
+            healthy_s = per_call(lambda: healthy.edit(both), 30)
+            open_s = per_call(lambda: routed.edit(both), 30)
+    report(
+        "f",
+        "routing on the emulator (64x64 edits), per call",
+        [
+            ("single-provider FluxClient (laozhang)", f"{alone * 1000:.2f} ms"),
+            ("FluxClient(providers=[laozhang, apiyi])", f"{routing * 1000:.2f} ms"),
+            ("first provider down: the call that opens its breaker", f"{first:.2f} s"),
+            ("  then, breaker open: failover client", f"{open_s * 1000:.2f} ms"),
+            (
+                "  vs a single-provider client on apiyi",
+                f"{healthy_s * 1000:.2f} ms ({open_s / healthy_s:.2f}x)",
+            ),
+        ],
+        routing / alone,
+        "<= 1.10x; no call waits for the provider that is down",
+        routing / alone <= 1.10 and open_s < 0.5,
+    )
+
+
 def main(selected: list[str]) -> int:
-    chosen = selected or ["a", "b", "c", "d", "e"]
+    chosen = selected or ["a", "b", "c", "d", "e", "f"]
     print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
     with loopback() as base, tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -376,6 +446,7 @@ def main(selected: list[str]) -> int:
             "c": lambda: bench_three_images(base, folder),
             "d": lambda: bench_big_images(base, folder),
             "e": lambda: bench_async(base),
+            "f": bench_routing,
         }
         for key in chosen:
             steps[key]()
