@@ -253,6 +253,12 @@ _GATES: ContextVar[Mapping[str, asyncio.Semaphore] | None] = ContextVar("flux_ga
 """Per-provider concurrency limits of the `edit_many` batch the current task belongs to."""
 
 
+def _default_policy(provider_count: int, **settings: Any) -> RoutingPolicy:
+    # One provider: no retries and no cooldown, so each call reports its own outcome.
+    single = provider_count == 1
+    return RoutingPolicy(retries=0 if single else 1, cooldown=0.0 if single else 30.0, **settings)
+
+
 class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
@@ -289,14 +295,11 @@ class _ClientBase:
             for name in names
         )
         if policy is None:
-            single = provider is not None
-            policy = RoutingPolicy(
+            policy = _default_policy(
+                len(names),
                 routing=routing,
                 max_cost_usd=max_cost_usd,
                 failover_on_ambiguous=failover_on_ambiguous,
-                # One provider: no retries and no cooldown, so each call reports its own outcome.
-                retries=0 if single else 1,
-                cooldown=0.0 if single else 30.0,
             )
         self._policy = policy
         self._breaker = Breaker(cooldown=policy.cooldown)
@@ -320,13 +323,12 @@ class _ClientBase:
         """
         loaded = load_config(config)
         names = [settings.name for settings in loaded.providers]
-        policy = RoutingPolicy(
+        policy = _default_policy(
+            len(names),
             routing=loaded.routing,
             max_cost_usd=loaded.max_cost_usd,
             unknown_price="refuse" if loaded.unknown_price == "refuse" else "allow",
             failover_on_ambiguous=loaded.failover_on_ambiguous,
-            retries=0 if len(names) == 1 else 1,
-            cooldown=0.0 if len(names) == 1 else 30.0,
         )
         options: dict[str, Any] = {
             "providers": names,
