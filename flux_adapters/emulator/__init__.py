@@ -28,10 +28,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from flux_adapters.emulator._app import Call, Fault, State, _Armed, create_app, quiet_intended_drops
+from flux_adapters.emulator._faults import Call, Fault, _Armed
 
 if TYPE_CHECKING:
     import uvicorn
+
+    from flux_adapters.emulator._app import State
 
 __all__ = ["PROVIDER_PREFIXES", "Call", "Emulator", "Fault", "run_emulator", "serve"]
 
@@ -97,6 +99,8 @@ def _state(
     bad_keys: Iterable[str],
     faults: Mapping[str, Iterable[Fault]] | None,
 ) -> State:
+    from flux_adapters.emulator._app import State
+
     state = State(
         ttl=ttl,
         valid_keys=frozenset(valid_keys) if valid_keys is not None else None,
@@ -112,6 +116,8 @@ def _state(
 def _server(state: State, host: str, port: int) -> tuple[uvicorn.Server, socket.socket]:
     """A uvicorn server for the emulator app and the socket it will listen on (bound here)."""
     import uvicorn  # lazy: the emulator extra is only needed when it runs
+
+    from flux_adapters.emulator._app import create_app, quiet_intended_drops
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

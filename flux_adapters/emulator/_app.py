@@ -16,6 +16,7 @@ the requested size and format.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 import anyio
-from attrs import define, field, frozen
+from attrs import define, field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -36,71 +37,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from flux_adapters.emulator import _dialects, _images
+from flux_adapters.emulator._faults import Call, Fault, _Armed
 
-__all__ = ["Call", "DroppedConnection", "Fault", "State", "create_app"]
+__all__ = ["DroppedConnection", "State", "create_app"]
 
 _MEDIA_TYPES: Final = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _KEPT_RESULTS: Final = 512
-
-
-@frozen(kw_only=True)
-class Fault:
-    """A misbehaviour to inject into one provider's answers.
-
-    Attributes:
-        status: Answer with this HTTP status instead (429, 402, 500, 502, 503, ...), with a body
-            in the provider's style.
-        retry_after: Seconds for a ``Retry-After`` header (with 429 by default 1).
-        delay: Seconds to wait before answering (or before the other misbehaviour).
-        drop: Cut the connection after the request was read, without a complete answer.
-        body: ``"malformed"`` or ``"empty"``: answer 200 with a body that is not the documented shape.
-        moderation: Answer as the provider's content filter does.
-        first: Misbehave only on the first N calls, then answer normally; ``None`` for every call.
-    """
-
-    status: int | None = None
-    retry_after: float | None = None
-    delay: float = 0.0
-    drop: bool = False
-    body: str | None = None
-    moderation: bool = False
-    first: int | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> Fault:
-        """Read a command-line fault such as ``429,retry-after=2,first=1`` or ``drop``."""
-        values: dict[str, object] = {}
-        for item in (part.strip() for part in spec.split(",") if part.strip()):
-            key, _, value = item.partition("=")
-            if key.isdigit() and not value:
-                values["status"] = int(key)
-            elif key in ("drop", "moderation") and not value:
-                values[key] = True
-            elif key in ("malformed", "empty") and not value:
-                values["body"] = key
-            elif key in ("retry-after", "delay") and value:
-                values[key.replace("-", "_")] = float(value)
-            elif key == "first" and value.isdigit():
-                values["first"] = int(value)
-            else:
-                raise ValueError(f"unknown fault part {item!r}")
-        return cls(**values)  # type: ignore[arg-type]
-
-
-@frozen
-class Call:
-    """One request the emulator received."""
-
-    provider: str
-    method: str
-    path: str
-    at: float
-
-
-@define
-class _Armed:
-    fault: Fault
-    used: int = 0
 
 
 class DroppedConnection(Exception):
@@ -252,7 +194,9 @@ def create_app(state: State) -> Starlette:
         with state.lock:
             state.calls.append(Call(provider, request.method, request.url.path, time.time()))
 
-    async def answer(provider: str, request: Request, job: _dialects.Job | list[str]) -> Response:
+    async def answer(
+        provider: str, request: Request, job: _dialects.Job | list[str], inline: bool = False
+    ) -> Response:
         if isinstance(job, list):
             return _error(provider, 400, "; ".join(job), "invalid_request")
         picture = await anyio.to_thread.run_sync(
@@ -261,6 +205,13 @@ def create_app(state: State) -> Starlette:
                 job.output_format,
             )
         )
+        if inline:
+            encoded = base64.b64encode(picture).decode()
+            inline_body: dict[str, object] = {
+                "created": int(state.clock()),
+                "data": [{"url": None, "b64_json": encoded}],
+            }
+            return JSONResponse(inline_body)
         name = f"{secrets.token_hex(12)}.{job.output_format}"
         expires = int(state.clock() + state.ttl)
         with state.lock:
@@ -276,13 +227,14 @@ def create_app(state: State) -> Starlette:
             }
         return JSONResponse(body)
 
-    async def misbehave(provider: str) -> Response | None:
+    async def misbehave(provider: str) -> tuple[Response | None, bool]:
+        """Apply this call's fault, if any: an answer to send instead, and whether to answer inline."""
         fault = state.take_fault(provider)
         if fault is None:
-            return None
+            return None, False
         if fault.delay:
             await asyncio.sleep(fault.delay)
-        return _fault_answer(provider, fault)
+        return _fault_answer(provider, fault), fault.body == "b64"
 
     async def generations(request: Request) -> Response:
         provider = request.path_params["provider"]
@@ -292,22 +244,20 @@ def create_app(state: State) -> Starlette:
                 {"error": {"message": f"no provider {provider!r} here"}}, status_code=404
             )
         record(provider, request)
-        if (failed := await misbehave(provider)) or (
-            failed := _authorised(state, request, provider)
-        ):
+        failed, inline = await misbehave(provider)
+        if failed or (failed := _authorised(state, request, provider)):
             return failed
         body = await _read_json(request, provider)
         if isinstance(body, Response):
             return body
         job = await anyio.to_thread.run_sync(dialect, body)
-        return await answer(provider, request, job)
+        return await answer(provider, request, job, inline)
 
     async def edits(request: Request) -> Response:
         provider = "apiyi-multipart"
         record(provider, request)
-        if (failed := await misbehave(provider)) or (
-            failed := _authorised(state, request, provider)
-        ):
+        failed, inline = await misbehave(provider)
+        if failed or (failed := _authorised(state, request, provider)):
             return failed
         form = await _read_form(request)
         if form is None:
@@ -315,7 +265,7 @@ def create_app(state: State) -> Starlette:
                 provider, 415, "Content-Type must be multipart/form-data", "unsupported_media_type"
             )
         job = await anyio.to_thread.run_sync(_dialects.apiyi_multipart, *form)
-        return await answer(provider, request, job)
+        return await answer(provider, request, job, inline)
 
     async def files(request: Request) -> Response:
         name = request.path_params["name"]

@@ -1,0 +1,274 @@
+"""The conformance scenarios: data, with stable ids that name the cassette files.
+
+Each scenario builds an `EditRequest` for a given adapter (choosing the model and, where the
+scenario needs one, the model's own limit) and states what must happen:
+
+- `Completes`: the provider answers with images (optionally: the image downloads and is a real
+  image; the answer came as base64);
+- `RaisesBeforeIO`: a `RequestError` before any byte is sent;
+- `ProviderFails`: the typed error with the provider's real status code.
+
+Whether an adapter supports a scenario comes from its limits data: a request its limits refuse
+is "unsupported", and the suite then requires that refusal to happen before any I/O. Scenarios
+whose failure only a misbehaving server can produce carry the emulator `Fault` that records
+them (and are not recorded against a live provider).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Final, TypeAlias
+
+from attrs import frozen
+
+from flux_adapters import errors
+from flux_adapters.emulator._faults import Fault
+from flux_adapters.providers import Adapter
+from flux_adapters.request import EditRequest
+
+__all__ = [
+    "SCENARIOS",
+    "Completes",
+    "Expectation",
+    "ProviderFails",
+    "RaisesBeforeIO",
+    "Scenario",
+    "by_id",
+]
+
+# Public images of the providers' own documents: fetchable by a live provider (the emulator
+# never fetches; it draws a tile per URL).
+REFERENCE_URLS: Final = (
+    "https://raw.githubusercontent.com/aimlapi/api-docs/main/reference-files/t-rex.png",
+    "https://raw.githubusercontent.com/aimlapi/api-docs/main/reference-files/blue-mug.jpg",
+    "https://static.apiyi.com/apiyi-logo.png",
+)
+
+
+def asset(number: int) -> Path:
+    """One of the three small reference PNGs shipped with the suite."""
+    return Path(
+        str(resources.files("flux_adapters.conformance") / "assets" / f"reference-{number}.png")
+    )
+
+
+@frozen
+class Completes:
+    """The provider answers with at least one image."""
+
+    download: bool = False
+    base64: bool = False
+
+
+@frozen
+class RaisesBeforeIO:
+    """A `RequestError` is raised and nothing is sent."""
+
+
+@frozen
+class ProviderFails:
+    """The provider's answer maps to *error* with *status*."""
+
+    error: type[errors.FluxError]
+    status: int
+    retry_after: bool = False
+
+
+Expectation: TypeAlias = Completes | RaisesBeforeIO | ProviderFails
+
+
+@frozen(kw_only=True)
+class Scenario:
+    """One behaviour every adapter is checked for.
+
+    Attributes:
+        id: Stable identifier; the cassette is ``<id>.yaml``.
+        title: What it checks, in words.
+        build: Makes the request for an adapter.
+        expect: What must happen.
+        fault: The emulator fault that produces it (recorded against the emulator only).
+        api_key: A key to record with instead of the real one (for the 401 scenario).
+        result_form: ``"b64_json"`` when it needs the provider to answer inline.
+    """
+
+    id: str
+    title: str
+    build: Callable[[Adapter], EditRequest]
+    expect: Expectation
+    fault: Fault | None = None
+    api_key: str | None = None
+    result_form: str = "url"
+
+
+def _request(
+    model: str = "flux-2-pro", prompt: str = "a red robot on a skateboard", **fields: object
+) -> Callable[[Adapter], EditRequest]:
+    def build(adapter: Adapter) -> EditRequest:
+        return EditRequest(prompt=prompt, model=model, **fields)  # type: ignore[arg-type]
+
+    return build
+
+
+def _most_references(adapter: Adapter, extra: int) -> EditRequest:
+    limits = adapter.limits.get("flux-2-pro")
+    most = limits.images.high if limits is not None and limits.images.high is not None else 8
+    images = [asset(1 + n % 3) for n in range(most + extra)]
+    return EditRequest(
+        prompt="combine every reference into one scene", model="flux-2-pro", images=images
+    )
+
+
+def _oversized(adapter: Adapter) -> EditRequest:
+    # A 21 MB file with a valid PNG header: refused from its size alone, never read whole.
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "flux-conformance-oversized.png"
+    if not path.exists() or path.stat().st_size != 21 * 1024 * 1024:
+        with path.open("wb") as out:
+            out.write(asset(1).read_bytes())
+            out.truncate(21 * 1024 * 1024)
+    return EditRequest(prompt="edit image 1", model="flux-2-pro", images=[path])
+
+
+def _data_url_reference(adapter: Adapter) -> EditRequest:
+    import base64
+
+    data_url = "data:image/png;base64," + base64.b64encode(asset(1).read_bytes()).decode()
+    return EditRequest(prompt="make image 1 blue", model="flux-2-pro", images=[data_url])
+
+
+SCENARIOS: Final[tuple[Scenario, ...]] = (
+    Scenario(id="text-to-image", title="text-to-image", build=_request(), expect=Completes()),
+    Scenario(
+        id="reference-by-url",
+        title="one reference image by URL",
+        build=lambda a: EditRequest(
+            prompt="make image 1 blue", model="flux-2-pro", images=[REFERENCE_URLS[0]]
+        ),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="reference-by-data-url",
+        title="one reference image by data URL from a local file",
+        build=_data_url_reference,
+        expect=Completes(),
+    ),
+    Scenario(
+        id="three-references-in-order",
+        title='three references, in order ("image 1..3")',
+        build=lambda a: EditRequest(
+            prompt="image 1 rides image 3 in front of image 2",
+            model="flux-2-pro",
+            images=[asset(1), asset(2), asset(3)],
+        ),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="maximum-references",
+        title="the model's maximum number of references",
+        build=lambda a: _most_references(a, 0),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="one-over-maximum-references",
+        title="one reference more than the maximum: refused before any I/O",
+        build=lambda a: _most_references(a, 1),
+        expect=RaisesBeforeIO(),
+    ),
+    Scenario(
+        id="off-grid-size",
+        title="an off-grid size: refused before any I/O",
+        build=_request(width=1000, height=1000),
+        expect=RaisesBeforeIO(),
+    ),
+    Scenario(
+        id="oversized-image",
+        title="a local image over 20 MB: refused before any I/O",
+        build=_oversized,
+        expect=RaisesBeforeIO(),
+    ),
+    Scenario(
+        id="seed-and-format",
+        title="seed and output format passed through",
+        build=_request(seed=42, output_format="png"),
+        expect=Completes(download=True),
+    ),
+    Scenario(
+        id="kontext-aspect-ratio",
+        title="FLUX.1 Kontext with an aspect ratio",
+        build=_request("flux-kontext-pro", aspect_ratio="16:9"),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="flex-steps-guidance",
+        title="FLUX.2 [flex] with steps and guidance",
+        build=_request("flux-2-flex", steps=28, guidance=3.5),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="result-by-url-downloaded",
+        title="result by URL, downloaded",
+        build=_request(),
+        expect=Completes(download=True),
+    ),
+    Scenario(
+        id="result-by-base64",
+        title="result inline as base64",
+        build=_request(),
+        expect=Completes(base64=True),
+        fault=Fault(body="b64"),
+        result_form="b64_json",
+    ),
+    Scenario(
+        id="error-401",
+        title="a refused key: 401",
+        build=_request(),
+        expect=ProviderFails(errors.AuthenticationFailed, 401),
+        api_key="sk-conformance-revoked-key",
+    ),
+    Scenario(
+        id="error-402",
+        title="insufficient balance: 402",
+        build=_request(),
+        expect=ProviderFails(errors.InsufficientBalance, 402),
+        fault=Fault(status=402),
+    ),
+    Scenario(
+        id="error-429",
+        title="rate limited: 429 with Retry-After",
+        build=_request(),
+        expect=ProviderFails(errors.RateLimited, 429, retry_after=True),
+        fault=Fault(status=429, retry_after=7),
+    ),
+    Scenario(
+        id="error-5xx",
+        title="a gateway failure: 503",
+        build=_request(),
+        expect=ProviderFails(errors.ProviderUnavailable, 503),
+        fault=Fault(status=503),
+    ),
+    Scenario(
+        id="malformed-200",
+        title="a 200 whose body is not the documented shape",
+        build=_request(),
+        expect=ProviderFails(errors.ResponseFormatError, 200),
+        fault=Fault(body="malformed"),
+    ),
+    Scenario(
+        id="moderation",
+        title="moderation",
+        build=_request(prompt="a prompt the provider's filter blocks"),
+        expect=ProviderFails(errors.ContentModerated, 400),
+        fault=Fault(moderation=True),
+    ),
+)
+
+
+def by_id(scenario_id: str) -> Scenario:
+    """The scenario with *scenario_id*."""
+    for scenario in SCENARIOS:
+        if scenario.id == scenario_id:
+            return scenario
+    raise KeyError(scenario_id)
