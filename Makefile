@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint typecheck pytest bench docs clean
+.PHONY: help install demo test lint typecheck pytest bench docs cassettes conformance clean
 
 help: ## Show the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,12 @@ test: lint typecheck pytest ## Every check: ruff, mypy --strict, pytest.
 
 bench: $(STAMP) ## Benchmarks against a loopback server, side by side with plain httpx.
 	$(BIN)/python benchmarks/run.py
+
+cassettes: $(STAMP) ## Re-record every provider's conformance cassettes against the emulator.
+	$(BIN)/flux-adapters conformance --record --emulator --cassettes cassettes --report-dir out
+
+conformance: $(STAMP) ## Replay the conformance cassettes; report in out/conformance.{md,json}.
+	$(BIN)/flux-adapters conformance --cassettes cassettes --report-dir out
 
 docs: $(STAMP) ## Regenerate the limits tables in README.md and docs/providers from the data.
 	$(BIN)/python -m flux_adapters._tables README.md docs/providers/*.md

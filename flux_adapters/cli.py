@@ -85,6 +85,48 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="the providers x models table, with limits and prices")
 
+    conformance = commands.add_parser(
+        "conformance",
+        help="replay (or record) the conformance scenarios and report provider x scenario",
+        description="Replays every scenario from its cassette with the network blocked and writes "
+        "conformance.md and conformance.json. With --record, records again: against the live "
+        "provider with its key from the environment, against --base-url (a reseller that claims "
+        "to speak a known dialect), or against the bundled --emulator.",
+    )
+    conformance.add_argument(
+        "-p", "--provider", action="append", help="a provider id (repeat; default: all four)"
+    )
+    conformance.add_argument("--adapter", help="an adapter of another package, as module:Class")
+    conformance.add_argument(
+        "--cassettes",
+        type=Path,
+        default=Path("cassettes"),
+        help="folder with <provider>/<scenario>.yaml (default: cassettes)",
+    )
+    conformance.add_argument(
+        "--report-dir",
+        type=Path,
+        default=Path("out"),
+        help="where to write the report (default: out)",
+    )
+    conformance.add_argument(
+        "--record",
+        action="store_true",
+        help="record the cassettes again (may cost money; asks first)",
+    )
+    target = conformance.add_mutually_exclusive_group()
+    target.add_argument("--base-url", help="with --record: record against this base URL")
+    target.add_argument(
+        "--emulator", action="store_true", help="with --record: record against the bundled emulator"
+    )
+    conformance.add_argument(
+        "--key-env",
+        help="with --record: the variable holding the key (default: <PROVIDER>_API_KEY)",
+    )
+    conformance.add_argument(
+        "-y", "--yes", action="store_true", help="with --record: do not ask before paid calls"
+    )
+
     batch = commands.add_parser(
         "batch",
         help="run every request of a JSONL file, saving each image as it is ready",
@@ -393,6 +435,66 @@ def _progress(total: int, stream: TextIO) -> Iterator[Callable[[str], None]]:
     yield advance
 
 
+def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import importlib
+    import os
+
+    from flux_adapters.conformance.runner import paid_calls, record, run_scenario, write_report
+    from flux_adapters.conformance.scenarios import SCENARIOS
+    from flux_adapters.providers import Adapter, get_adapter
+
+    adapters: list[Adapter] = [
+        get_adapter(name) for name in arguments.provider or ([] if arguments.adapter else PROVIDERS)
+    ]
+    if arguments.adapter:
+        module, _, name = arguments.adapter.partition(":")
+        adapters.append(getattr(importlib.import_module(module), name)())
+    if arguments.record:
+        for adapter in adapters:
+            key = (
+                "emulator-key"
+                if arguments.emulator
+                else os.environ.get(arguments.key_env or f"{adapter.env_prefix}_API_KEY", "")
+            )
+            if not key:
+                raise errors.ConfigurationError(
+                    f"recording {adapter.name} needs its key in ${arguments.key_env or adapter.env_prefix + '_API_KEY'}"
+                )
+            requests, billed = paid_calls(adapter, arguments.emulator)
+            where = (
+                "the emulator"
+                if arguments.emulator
+                else arguments.base_url or adapter.default_base_url
+            )
+            out.write(
+                f"{adapter.name}: {requests} request(s) to {where}, {billed} of which may be billed\n"
+            )
+            if billed and not arguments.emulator and not arguments.yes:
+                out.write("continue? [y/N] ")
+                out.flush()
+                answer = sys.stdin.readline().strip().lower() if sys.stdin.isatty() else ""
+                if answer not in ("y", "yes"):
+                    err.write("flux-adapters: not recorded (answer y, or pass --yes)\n")
+                    return EXIT_CONFIG
+            record(
+                adapter,
+                arguments.cassettes / adapter.name,
+                api_key=key,
+                base_url=arguments.base_url,
+                emulator=arguments.emulator,
+                log=lambda line: print(line, file=out),
+            )
+    verdicts = [
+        run_scenario(adapter, scenario, arguments.cassettes / adapter.name)
+        for adapter in adapters
+        for scenario in SCENARIOS
+    ]
+    markdown, data = write_report(verdicts, arguments.report_dir)
+    out.write(markdown.read_text())
+    out.write(f"\nwritten: {markdown} and {data}\n")
+    return EXIT_OK if all(v.outcome != "fail" for v in verdicts) else EXIT_FAILED
+
+
 def _models(out: TextIO) -> int:
     from flux_adapters._tables import limits_table
     from flux_adapters.prices import price_for
@@ -488,6 +590,7 @@ def main(
     arguments = _parser().parse_args(argv)
     commands: dict[str, Callable[[], int]] = {
         "edit": lambda: _edit(arguments, out, err),
+        "conformance": lambda: _conformance(arguments, out, err),
         "batch": lambda: _batch(arguments, out, err),
         "models": lambda: _models(out),
         "explain": lambda: _explain(arguments, out),

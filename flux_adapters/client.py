@@ -84,7 +84,7 @@ class _Binding:
     @classmethod
     def create(
         cls,
-        provider: str,
+        provider: str | Adapter,
         *,
         api_key: str | None = None,
         base_url: str | None = None,
@@ -92,11 +92,13 @@ class _Binding:
         settings: ProviderSettings | None = None,
     ) -> _Binding:
         """Bind *provider*: explicit arguments, then the environment, then its settings."""
-        adapter = get_adapter(provider)
+        adapter = get_adapter(provider) if isinstance(provider, str) else provider
         variable = (settings and settings.api_key_env) or f"{adapter.env_prefix}_API_KEY"
         key = api_key if api_key is not None else os.environ.get(variable)
         if not key:
-            raise ConfigurationError(f"no API key for {provider}: pass api_key= or set {variable}")
+            raise ConfigurationError(
+                f"no API key for {adapter.name}: pass api_key= or set {variable}"
+            )
         base = (
             base_url
             or os.environ.get(f"{adapter.env_prefix}_BASE_URL")
@@ -264,8 +266,8 @@ class _ClientBase:
 
     def __init__(
         self,
-        provider: str | None,
-        providers: Sequence[str] | None,
+        provider: str | Adapter | None,
+        providers: Sequence[str | Adapter] | None,
         *,
         api_key: str | None,
         base_url: str | None,
@@ -290,7 +292,11 @@ class _ClientBase:
         known = settings or {}
         self._bindings = tuple(
             _Binding.create(
-                name, api_key=api_key, base_url=base_url, timeout=timeout, settings=known.get(name)
+                name,
+                api_key=api_key,
+                base_url=base_url,
+                timeout=timeout,
+                settings=known.get(name if isinstance(name, str) else name.name),
             )
             for name in names
         )
@@ -392,7 +398,8 @@ class FluxClient(_ClientBase):
 
     Args:
         provider: One provider id: ``"laozhang"``, ``"apiyi"``, ``"apiyi-multipart"`` or
-            ``"aimlapi"``. Its errors are raised as they are.
+            ``"aimlapi"``, or an adapter object (a provider from another package). Its errors are
+            raised as they are.
         providers: Several provider ids, in failover order (see `flux_adapters.routing`).
         routing: ``"ordered"`` or ``"cheapest"`` (by the price table), with *providers*.
         api_key: The key, with *provider*; else read from ``<PROVIDER>_API_KEY``
@@ -412,9 +419,9 @@ class FluxClient(_ClientBase):
 
     def __init__(
         self,
-        provider: str | None = None,
+        provider: str | Adapter | None = None,
         *,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[str | Adapter] | None = None,
         routing: Routing = "ordered",
         api_key: str | None = None,
         base_url: str | None = None,
@@ -518,9 +525,9 @@ class AsyncFluxClient(_ClientBase):
 
     def __init__(
         self,
-        provider: str | None = None,
+        provider: str | Adapter | None = None,
         *,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[str | Adapter] | None = None,
         routing: Routing = "ordered",
         api_key: str | None = None,
         base_url: str | None = None,

@@ -106,7 +106,11 @@ def _request(
     model: str = "flux-2-pro", prompt: str = "a red robot on a skateboard", **fields: object
 ) -> Callable[[Adapter], EditRequest]:
     def build(adapter: Adapter) -> EditRequest:
-        return EditRequest(prompt=prompt, model=model, **fields)  # type: ignore[arg-type]
+        # An edit-only endpoint (at least one image) gets one small reference, so that what the
+        # scenario checks is still exercised there.
+        limits = adapter.limits.get(model)
+        images = [asset(1)] if limits is not None and limits.images.low > 0 else []
+        return EditRequest(prompt=prompt, model=model, images=images, **fields)  # type: ignore[arg-type]
 
     return build
 
@@ -117,6 +121,18 @@ def _most_references(adapter: Adapter, extra: int) -> EditRequest:
     images = [asset(1 + n % 3) for n in range(most + extra)]
     return EditRequest(
         prompt="combine every reference into one scene", model="flux-2-pro", images=images
+    )
+
+
+def _explicit_size(adapter: Adapter) -> EditRequest:
+    # 512x512 sits on every grid here (16 or 32) and inside every range; one reference image
+    # so that edit-only endpoints can take it too.
+    return EditRequest(
+        prompt="image 1, on a plain background",
+        model="flux-2-pro",
+        images=[asset(1)],
+        width=512,
+        height=512,
     )
 
 
@@ -140,7 +156,12 @@ def _data_url_reference(adapter: Adapter) -> EditRequest:
 
 
 SCENARIOS: Final[tuple[Scenario, ...]] = (
-    Scenario(id="text-to-image", title="text-to-image", build=_request(), expect=Completes()),
+    Scenario(
+        id="text-to-image",
+        title="text-to-image",
+        build=lambda a: EditRequest(prompt="a red robot on a skateboard", model="flux-2-pro"),
+        expect=Completes(),
+    ),
     Scenario(
         id="reference-by-url",
         title="one reference image by URL",
@@ -188,6 +209,12 @@ SCENARIOS: Final[tuple[Scenario, ...]] = (
         title="a local image over 20 MB: refused before any I/O",
         build=_oversized,
         expect=RaisesBeforeIO(),
+    ),
+    Scenario(
+        id="explicit-size",
+        title="output size as width and height",
+        build=_explicit_size,
+        expect=Completes(),
     ),
     Scenario(
         id="seed-and-format",

@@ -91,6 +91,8 @@ class AimlapiAdapter(ImagesApiAnswers):
     default_base_url: ClassVar[str] = "https://api.aimlapi.com"
     env_prefix: ClassVar[str] = "AIMLAPI"
     limits: ClassVar[Mapping[str, ModelLimits]] = LIMITS
+    # The answer schema has "data": [{"url", "b64_json"}]; the others document only "url".
+    result_forms: ClassVar[frozenset[str]] = frozenset({"url", "b64_json"})
 
     def build_request(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
         """Return the one POST that performs *request*."""

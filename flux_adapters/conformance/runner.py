@@ -1,0 +1,427 @@
+"""Run, record and report conformance scenarios for one adapter.
+
+`run_scenario` gives a `Verdict` for one scenario:
+
+- **pass**: it behaved as the scenario expects, replayed from its cassette with the network
+  blocked and every recorded interaction played (or, for a refusal, before any I/O);
+- **fail**: it did not (the detail names the scenario and the first mismatch);
+- **unsupported**: the adapter's limits refuse the request, and verifiably so before any I/O;
+- **deviation**: it fails in a way the provider's author declared (and fails again, loudly,
+  once it stops deviating);
+- **unrecorded**: a failure only a misbehaving server can produce (402, 429, 5xx, ...) has no
+  cassette, because it was recorded against a live provider or a plain base URL. Not a pass.
+
+`record` re-records cassettes against the emulator, a live provider, or any base URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import httpx
+from attrs import frozen
+
+from flux_adapters import errors
+from flux_adapters._flows import resolve
+from flux_adapters._version import __version__
+from flux_adapters.client import FluxClient, image_extension
+from flux_adapters.conformance.cassettes import RECORDING, make_vcr
+from flux_adapters.conformance.scenarios import (
+    SCENARIOS,
+    Completes,
+    ProviderFails,
+    RaisesBeforeIO,
+    Scenario,
+)
+from flux_adapters.providers import Adapter
+from flux_adapters.request import EditRequest
+
+__all__ = ["Verdict", "paid_calls", "record", "run_scenario", "scan_for_secrets", "write_report"]
+
+Outcome = Literal["pass", "fail", "unsupported", "deviation", "unrecorded"]
+REPLAY_KEY: Final = "replay-key"
+# Where each in-repo provider's result images live, for the URLs of emulator recordings.
+RESULT_HOSTS: Final = {
+    "laozhang": "https://delivery-eu.bfl.ai/results",
+    "apiyi": "https://delivery-eu.bfl.ai/results",
+    "apiyi-multipart": "https://delivery-eu.bfl.ai/results",
+    "aimlapi": "https://cdn.aimlapi.com/generations",
+}
+
+
+@frozen(kw_only=True)
+class Verdict:
+    """What one scenario showed for one provider."""
+
+    provider: str
+    scenario: str
+    outcome: Outcome
+    detail: str = ""
+    recorded: Mapping[str, str] | None = None
+
+
+def _supports(adapter: Adapter, scenario: Scenario, request: EditRequest) -> str:
+    """Why *adapter* cannot run *scenario* (empty when it can)."""
+    forms = getattr(adapter, "result_forms", frozenset({"url"}))
+    if scenario.result_form not in forms:
+        return f"{adapter.name} documents no {scenario.result_form} answers"
+    try:
+        resolve(adapter, request)
+    except errors.RequestError as error:
+        return "; ".join(str(violation) for violation in error.violations)
+    return ""
+
+
+@contextlib.contextmanager
+def _network_blocked() -> Iterator[None]:
+    """Refuse every outgoing connection: a replay must come entirely from the cassette."""
+    real = socket.socket.connect
+
+    def refuse(self: socket.socket, address: Any) -> None:
+        raise ConnectionRefusedError(f"the conformance replay blocks the network (tried {address})")
+
+    socket.socket.connect = refuse  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        socket.socket.connect = real  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _client(adapter: Adapter, api_key: str, base_url: str) -> Iterator[FluxClient]:
+    # gzip only: vcrpy cannot decode every encoding httpx may advertise (zstd), and a body it
+    # cannot decode cannot be scrubbed.
+    with httpx.Client(headers={"Accept-Encoding": "gzip"}) as http:
+        yield FluxClient(adapter, api_key=api_key, base_url=base_url, http_client=http)
+
+
+def _exercise(client: FluxClient, request: EditRequest, expect: Completes | ProviderFails) -> str:
+    """Send *request*; return what went against *expect* (empty when nothing did)."""
+    try:
+        result = client.edit(request)
+    except errors.FluxError as error:
+        if isinstance(expect, ProviderFails) and isinstance(error, expect.error):
+            status = getattr(error, "status_code", None)
+            if status != expect.status:
+                return (
+                    f"raised {type(error).__name__} with status {status}, expected {expect.status}"
+                )
+            if expect.retry_after and getattr(error, "retry_after", None) is None:
+                return "the 429 carried no Retry-After value"
+            return ""
+        return f"raised {type(error).__name__}: {error}"
+    if isinstance(expect, ProviderFails):
+        return f"completed, but {expect.error.__name__} ({expect.status}) was expected"
+    if not result.images:
+        return "the result holds no image"
+    if expect.base64 and result.images[0].b64_json is None:
+        return "the image came as a URL, expected inline base64"
+    if expect.download or expect.base64:
+        data = result.images[0].read()
+        if image_extension(data[:16]) == "bin":
+            return "the downloaded result is not a png, jpeg or webp image"
+    return ""
+
+
+def _refusal(adapter: Adapter, request: EditRequest) -> str:
+    """Check that *request* is refused with a RequestError before any byte is sent."""
+    sent: list[httpx.Request] = []
+
+    def record(outgoing: httpx.Request) -> httpx.Response:
+        sent.append(outgoing)
+        return httpx.Response(500)
+
+    http = httpx.Client(transport=httpx.MockTransport(record))
+    with FluxClient(
+        adapter, api_key=REPLAY_KEY, base_url=adapter.default_base_url, http_client=http
+    ) as client:
+        try:
+            client.edit(request)
+        except errors.RequestError:
+            return (
+                ""
+                if not sent
+                else f"raised RequestError, but only after sending {len(sent)} request(s)"
+            )
+        except errors.FluxError as error:
+            return f"raised {type(error).__name__} instead of RequestError (sent {len(sent)} request(s))"
+        finally:
+            http.close()
+    return f"was not refused: {len(sent)} request(s) sent"
+
+
+def _read_metadata(path: Path) -> Mapping[str, str] | None:
+    from flux_adapters.conformance.cassettes import _Serializer
+
+    recorded = _Serializer.deserialize(path.read_text()).get("recorded")
+    return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else None
+
+
+def _judge(adapter: Adapter, scenario: Scenario, cassettes: Path) -> Verdict:
+    def verdict(
+        outcome: Outcome, detail: str = "", recorded: Mapping[str, str] | None = None
+    ) -> Verdict:
+        return Verdict(
+            provider=adapter.name,
+            scenario=scenario.id,
+            outcome=outcome,
+            detail=detail,
+            recorded=recorded,
+        )
+
+    try:
+        request = scenario.build(adapter)
+    except errors.RequestError as error:
+        return verdict("fail", f"{scenario.id}: the scenario's request could not be built: {error}")
+    unsupported = _supports(adapter, scenario, request)
+    if isinstance(scenario.expect, RaisesBeforeIO) or (
+        unsupported and scenario.result_form == "url"
+    ):
+        problem = _refusal(adapter, request)
+        if problem:
+            return verdict("fail", f"{scenario.id}: {problem}")
+        return verdict(
+            "pass" if isinstance(scenario.expect, RaisesBeforeIO) else "unsupported", unsupported
+        )
+    if unsupported:
+        return verdict("unsupported", unsupported)
+    path = cassettes / f"{scenario.id}.yaml"
+    if not path.exists():
+        if scenario.fault is not None:
+            return verdict(
+                "unrecorded",
+                f"{scenario.id}: no cassette; only a server that misbehaves on purpose (the emulator) produces it",
+            )
+        return verdict(
+            "fail",
+            f"{scenario.id}: no cassette at {path}; record it: flux-adapters conformance --provider {adapter.name} --record",
+        )
+    recorded = _read_metadata(path)
+    try:
+        with _network_blocked(), make_vcr("none").use_cassette(str(path)) as cassette:
+            with _client(adapter, REPLAY_KEY, adapter.default_base_url) as client:
+                problem = _exercise(client, request, scenario.expect)
+            unplayed = len(cassette.data) - len(cassette.play_counts)
+    except Exception as exc:  # vcrpy's CannotOverwriteExistingCassetteException names the mismatch
+        return verdict("fail", f"{scenario.id}: {_mismatch(exc)}", recorded)
+    if problem:
+        return verdict("fail", f"{scenario.id}: {problem}", recorded)
+    if unplayed:
+        return verdict(
+            "fail", f"{scenario.id}: {unplayed} recorded request(s) were never made", recorded
+        )
+    return verdict("pass", "", recorded)
+
+
+def _mismatch(exc: BaseException) -> str:
+    """The matcher's own words from vcrpy's "no match" error (both its 8.x and 9.x wording)."""
+    text = str(exc)
+    for line in text.splitlines():
+        if " differs: " in line:  # vcrpy 9: "body_matcher differs: JSON body differs: ..."
+            return "the request does not match the recording: " + line.split(" differs: ", 1)[1].strip()
+    marker = "Matchers failed :"  # vcrpy 8
+    if marker in text:
+        return "the request does not match the recording: " + " ".join(text.split(marker, 1)[1].split())
+    if "no recorded interaction" in text or "No match for the request" in text:
+        return "the request was not recorded: " + " ".join(text.split())[:300]
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def run_scenario(
+    adapter: Adapter,
+    scenario: Scenario,
+    cassettes: Path,
+    deviations: Mapping[str, str] | None = None,
+) -> Verdict:
+    """Judge *adapter* on *scenario* from the cassettes in *cassettes* (see the module docstring)."""
+    judged = _judge(adapter, scenario, cassettes)
+    reason = (deviations or {}).get(scenario.id)
+    if reason is None:
+        return judged
+    if judged.outcome == "fail":
+        return Verdict(
+            provider=judged.provider, scenario=judged.scenario, outcome="deviation",
+            detail=f"{reason} ({judged.detail})", recorded=judged.recorded,
+        )  # fmt: skip
+    return Verdict(
+        provider=judged.provider, scenario=judged.scenario, outcome="fail",
+        detail=f"{scenario.id}: declared as a deviation ({reason}) but it now conforms; remove the declaration",
+        recorded=judged.recorded,
+    )  # fmt: skip
+
+
+def _recordable(adapter: Adapter, scenario: Scenario, emulator: bool) -> bool:
+    if isinstance(scenario.expect, RaisesBeforeIO) or _supports(
+        adapter, scenario, scenario.build(adapter)
+    ):
+        return False
+    return emulator or scenario.fault is None
+
+
+def paid_calls(adapter: Adapter, emulator: bool) -> tuple[int, int]:
+    """How many requests a recording run makes, and how many of them may be billed."""
+    chosen = [s for s in SCENARIOS if _recordable(adapter, s, emulator)]
+    billed = [s for s in chosen if isinstance(s.expect, Completes)]
+    return len(chosen), len(billed)
+
+
+def _rewriter(
+    target: str, real: str, results_from: str | None, results_to: str
+) -> Callable[[str], str]:
+    def rewrite(url: str) -> str:
+        if url.startswith(target + "/") or url == target:
+            return real + url[len(target) :]
+        if results_from is not None and url.startswith(results_from):
+            return results_to + url[len(results_from) :]
+        return url
+
+    return rewrite
+
+
+def record(
+    adapter: Adapter,
+    cassettes: Path,
+    *,
+    api_key: str,
+    base_url: str | None = None,
+    emulator: bool = False,
+    scenarios: Sequence[Scenario] = SCENARIOS,
+    log: Callable[[str], None] = print,
+) -> list[Verdict]:
+    """Record every scenario *adapter* supports into *cassettes*, replacing old recordings.
+
+    Args:
+        adapter: The adapter to record through.
+        cassettes: The folder for ``<scenario>.yaml``.
+        api_key: The key to record with (never written: credentials are scrubbed).
+        base_url: Record against this base URL instead of the provider's real one.
+        emulator: Record against the bundled emulator, injecting each scenario's fault.
+        scenarios: The scenarios to record (default: all).
+        log: Where progress lines go.
+    """
+    cassettes.mkdir(parents=True, exist_ok=True)
+    verdicts: list[Verdict] = []
+    with contextlib.ExitStack() as stack:
+        results_from: str | None = None
+        if emulator:
+            from flux_adapters.emulator import run_emulator
+
+            bad_keys = {s.api_key for s in scenarios if s.api_key}
+            running = stack.enter_context(run_emulator(bad_keys={key for key in bad_keys if key}))
+            target, where = running.base_url(adapter.name), "emulator"
+            results_from = f"{running.url}/files"
+        else:
+            running = None
+            target = (base_url or adapter.default_base_url).rstrip("/").removesuffix("/v1")
+            where = "live" if base_url is None else f"base URL {target}"
+        rewrite = _rewriter(
+            target,
+            adapter.default_base_url,
+            results_from,
+            RESULT_HOSTS.get(adapter.name, adapter.default_base_url + "/results"),
+        )
+        for scenario in scenarios:
+            if not _recordable(adapter, scenario, emulator):
+                continue
+            if running is not None:
+                running.clear_faults()
+                if scenario.fault is not None:
+                    running.inject(adapter.name, scenario.fault)
+            path = cassettes / f"{scenario.id}.yaml"
+            path.unlink(missing_ok=True)
+            stamp = datetime.now(UTC).replace(microsecond=0).isoformat()
+            token = RECORDING.set(
+                {
+                    "where": where,
+                    "at": stamp,
+                    "provider": adapter.name,
+                    "scenario": scenario.id,
+                    "flux_adapters": __version__,
+                }
+            )
+            try:
+                with (
+                    make_vcr("all", rewrite).use_cassette(str(path)),
+                    _client(adapter, scenario.api_key or api_key, target) as client,
+                ):
+                    problem = _exercise(client, scenario.build(adapter), scenario.expect)  # type: ignore[arg-type]
+            finally:
+                RECORDING.reset(token)
+            outcome: Outcome = "fail" if problem else "pass"
+            verdicts.append(
+                Verdict(
+                    provider=adapter.name, scenario=scenario.id, outcome=outcome, detail=problem
+                )
+            )
+            log(f"  recorded {scenario.id}: {outcome}{' - ' + problem if problem else ''}")
+    return verdicts
+
+
+_SECRETS: Final = (
+    ("a bearer token", r"Bearer (?!<redacted>)[A-Za-z0-9._~+/=-]{8,}"),
+    ("an API key", r"sk-[A-Za-z0-9_-]{16,}"),
+    ("a URL signature", r"(?:signature|sig|X-Amz-Signature)=(?!REDACTED)[^&\s\"']+"),
+)
+
+
+def scan_for_secrets(folder: Path, extra: Sequence[str] = ()) -> list[str]:
+    """Every cassette line under *folder* that holds a key, a bearer token or a URL signature."""
+    import re
+
+    findings = []
+    patterns = [(name, re.compile(pattern)) for name, pattern in _SECRETS]
+    patterns += [("the recording key", re.compile(re.escape(secret))) for secret in extra if secret]
+    for path in sorted(folder.rglob("*.yaml")):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            for name, pattern in patterns:
+                if pattern.search(line):
+                    findings.append(f"{path}:{number}: {name}")
+    return findings
+
+
+_SYMBOLS: Final = {
+    "pass": "pass",
+    "fail": "FAIL",
+    "unsupported": "unsupported",
+    "deviation": "deviation",
+    "unrecorded": "not recorded",
+}
+
+
+def write_report(verdicts: Sequence[Verdict], folder: Path) -> tuple[Path, Path]:
+    """Write the provider x scenario table as ``conformance.md`` and ``conformance.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    providers = list(dict.fromkeys(v.provider for v in verdicts))
+    cell = {(v.provider, v.scenario): v for v in verdicts}
+    lines = [
+        f"# Conformance report (flux-adapters {__version__})",
+        "",
+        "| scenario | " + " | ".join(f"`{p}`" for p in providers) + " |",
+        "|---" * (len(providers) + 1) + "|",
+    ]
+    for scenario in SCENARIOS:
+        row = [
+            _SYMBOLS[cell[(p, scenario.id)].outcome] if (p, scenario.id) in cell else ""
+            for p in providers
+        ]
+        lines.append(f"| `{scenario.id}` | " + " | ".join(row) + " |")
+    notes = [v for v in verdicts if v.outcome in ("fail", "deviation")]
+    if notes:
+        lines += ["", "## Failures and deviations", ""] + [
+            f"- `{v.provider}` {v.detail}" for v in notes
+        ]
+    markdown, data = folder / "conformance.md", folder / "conformance.json"
+    markdown.write_text("\n".join(lines) + "\n")
+    data.write_text(json.dumps(
+        {"flux_adapters": __version__, "verdicts": [
+            {"provider": v.provider, "scenario": v.scenario, "outcome": v.outcome, "detail": v.detail,
+             "recorded": dict(v.recorded) if v.recorded else None}
+            for v in verdicts
+        ]}, indent=2) + "\n")  # fmt: skip
+    return markdown, data

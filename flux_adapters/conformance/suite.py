@@ -1,0 +1,86 @@
+"""`ConformanceSuite`: the base class a provider author subclasses in one test module.
+
+    from pathlib import Path
+
+    from flux_adapters.conformance import ConformanceSuite
+    from my_reseller import MyResellerAdapter
+
+
+    class TestMyReseller(ConformanceSuite):
+        adapter = MyResellerAdapter()
+        cassettes = Path(__file__).parent / "cassettes" / "my-reseller"
+        credentials_env = "MY_RESELLER_API_KEY"   # read only when recording
+        deviations = {"error-429": "answers 503 instead of 429 when rate limited"}
+
+Every scenario becomes one test. A declared deviation must still fail (and the test fails the
+day it stops failing, so the declaration gets removed). Needs the ``conformance`` extra
+(pytest and vcrpy).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from flux_adapters.conformance.runner import run_scenario, scan_for_secrets
+from flux_adapters.conformance.scenarios import SCENARIOS, Scenario
+from flux_adapters.providers import Adapter
+
+__all__ = ["ConformanceSuite"]
+
+
+class ConformanceSuite:
+    """Behaviour every provider adapter must show. Subclass once per provider.
+
+    Attributes:
+        adapter: The adapter under test.
+        cassettes: The folder holding ``<scenario>.yaml`` for this provider.
+        credentials_env: The variable holding the provider's key; read only when recording,
+            and used to check that no cassette contains it.
+        deviations: Scenario id -> why this provider deviates (expected to fail).
+    """
+
+    adapter: ClassVar[Adapter]
+    cassettes: ClassVar[Path]
+    credentials_env: ClassVar[str] = ""
+    deviations: ClassVar[Mapping[str, str]] = {}
+
+    @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda scenario: scenario.id)
+    def test_scenario(self, scenario: Scenario) -> None:
+        """The scenario passes, is verifiably unsupported, or is a declared deviation."""
+        verdict = run_scenario(self.adapter, scenario, self.cassettes, self.deviations)
+        if verdict.outcome == "fail":
+            pytest.fail(f"[{self.adapter.name}] {verdict.detail}", pytrace=False)
+        if verdict.outcome == "unrecorded":
+            pytest.skip(verdict.detail)
+
+    def test_unknown_deviations_are_refused(self) -> None:
+        """A deviation must name a real scenario (a typo would otherwise hide nothing)."""
+        known = {scenario.id for scenario in SCENARIOS}
+        assert set(self.deviations) <= known, (
+            f"unknown scenario ids: {sorted(set(self.deviations) - known)}"
+        )
+
+    def test_translation_is_deterministic(self) -> None:
+        """Building the same request twice gives the same wire request: no clocks, no randomness."""
+        from flux_adapters._flows import resolve
+        from flux_adapters.errors import RequestError
+
+        for scenario in SCENARIOS:
+            request = scenario.build(self.adapter)
+            try:
+                plan = resolve(self.adapter, request)
+            except RequestError:
+                continue
+            first = self.adapter.build_request(request, plan, self.adapter.default_base_url)
+            second = self.adapter.build_request(request, plan, self.adapter.default_base_url)
+            assert first == second, scenario.id
+
+    def test_cassettes_hold_no_secrets(self) -> None:
+        """No cassette holds a key, a bearer token or a result-URL signature."""
+        key = os.environ.get(self.credentials_env, "") if self.credentials_env else ""
+        assert scan_for_secrets(self.cassettes, [key]) == []

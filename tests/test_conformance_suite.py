@@ -1,0 +1,217 @@
+"""The conformance suite catches what it is for: each deliberate break below must fail, naming
+the scenario and the mismatch. And its own rules: deviations, missing cassettes, secrets,
+idempotent scrubbing, and streamed bodies that are still recorded and matched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+
+from flux_adapters.conformance import SCENARIOS, record, run_scenario, scan_for_secrets
+from flux_adapters.conformance.cassettes import scrub_request
+from flux_adapters.conformance.scenarios import Completes, Scenario, by_id
+from flux_adapters.limits import Plan
+from flux_adapters.providers.aimlapi import AimlapiAdapter
+from flux_adapters.providers.apiyi import ApiyiMultipartAdapter
+from flux_adapters.providers.laozhang import LaozhangAdapter
+from flux_adapters.request import EditRequest
+from flux_adapters.wire import FilePart, HttpRequest, JsonBody, MultipartBody
+
+CASSETTES = Path(__file__).resolve().parent.parent / "cassettes"
+
+
+class RenamedField(LaozhangAdapter):
+    """Sends output_format as "format"."""
+
+    def build_request(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+        wire = super().build_request(request, plan, base_url)
+        assert isinstance(wire.body, JsonBody)
+        body = dict(wire.body.value)
+        if "output_format" in body:
+            body["format"] = body.pop("output_format")
+        return attrs.evolve(wire, body=JsonBody(body))
+
+
+class DroppedThirdImage(LaozhangAdapter):
+    def build_request(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+        wire = super().build_request(request, plan, base_url)
+        assert isinstance(wire.body, JsonBody)
+        return attrs.evolve(
+            wire, body=JsonBody({k: v for k, v in wire.body.value.items() if k != "input_image_3"})
+        )
+
+
+class WidthWithoutHeight(LaozhangAdapter):
+    def build_request(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+        wire = super().build_request(request, plan, base_url)
+        assert isinstance(wire.body, JsonBody)
+        return attrs.evolve(
+            wire, body=JsonBody({k: v for k, v in wire.body.value.items() if k != "height"})
+        )
+
+
+class SingularImageField(ApiyiMultipartAdapter):
+    """Sends each file as "image" instead of "image[]"."""
+
+    def build_request(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+        wire = super().build_request(request, plan, base_url)
+        assert isinstance(wire.body, MultipartBody)
+        files = tuple(FilePart("image", part.filename, part.image) for part in wire.body.files)
+        return attrs.evolve(wire, body=MultipartBody(fields=wire.body.fields, files=files))
+
+
+BREAKS = [
+    (RenamedField(), "laozhang", "seed-and-format", "format is sent but was not recorded"),
+    (
+        DroppedThirdImage(),
+        "laozhang",
+        "three-references-in-order",
+        "input_image_3 was recorded but is not sent",
+    ),
+    (WidthWithoutHeight(), "laozhang", "explicit-size", "height was recorded but is not sent"),
+    (
+        SingularImageField(),
+        "apiyi-multipart",
+        "three-references-in-order",
+        "multipart body differs",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "folder", "scenario_id", "mismatch"),
+    BREAKS,
+    ids=[b[2] + ":" + type(b[0]).__name__ for b in BREAKS],
+)
+def test_each_deliberate_break_fails_naming_the_scenario_and_the_mismatch(
+    adapter: object, folder: str, scenario_id: str, mismatch: str
+) -> None:
+    verdict = run_scenario(adapter, by_id(scenario_id), CASSETTES / folder)  # type: ignore[arg-type]
+    assert verdict.outcome == "fail"
+    assert verdict.detail.startswith(f"{scenario_id}: the request does not match the recording")
+    assert mismatch in verdict.detail
+
+
+def test_the_unbroken_adapters_pass_the_same_scenarios() -> None:
+    for adapter, folder, scenario_id, _ in BREAKS:
+        original = type(adapter).__mro__[1]()
+        assert run_scenario(original, by_id(scenario_id), CASSETTES / folder).outcome == "pass"
+
+
+def test_a_declared_deviation_must_keep_failing() -> None:
+    deviations = {"three-references-in-order": "drops the third image (ticket 12)"}
+    broken = run_scenario(
+        DroppedThirdImage(), by_id("three-references-in-order"), CASSETTES / "laozhang", deviations
+    )
+    assert broken.outcome == "deviation"
+    fixed = run_scenario(
+        LaozhangAdapter(), by_id("three-references-in-order"), CASSETTES / "laozhang", deviations
+    )
+    assert fixed.outcome == "fail"
+    assert "now conforms; remove the declaration" in fixed.detail
+
+
+def test_a_missing_cassette_fails_with_the_command_to_record_it(tmp_path: Path) -> None:
+    verdict = run_scenario(LaozhangAdapter(), by_id("text-to-image"), tmp_path)
+    assert verdict.outcome == "fail"
+    assert "flux-adapters conformance --provider laozhang --record" in verdict.detail
+    fault_only = run_scenario(LaozhangAdapter(), by_id("error-429"), tmp_path)
+    assert fault_only.outcome == "unrecorded"  # reported, never a pass
+
+
+def test_an_unsupported_scenario_is_verified_to_fail_before_any_io() -> None:
+    verdict = run_scenario(AimlapiAdapter(), by_id("kontext-aspect-ratio"), CASSETTES / "aimlapi")
+    assert verdict.outcome == "unsupported"
+    assert "aimlapi does not offer flux-kontext-pro" in verdict.detail
+
+
+def test_the_repository_cassettes_hold_no_secrets_and_the_scan_finds_planted_ones(
+    tmp_path: Path,
+) -> None:
+    assert scan_for_secrets(CASSETTES) == []
+    leaky = tmp_path / "leak.yaml"
+    leaky.write_text(
+        "authorization: Bearer sk-live-abcdefghijklmnop\nuri: https://cdn.example/x.png?signature=abc123\nkey: my-own-key\n"
+    )
+    found = scan_for_secrets(tmp_path, ["my-own-key"])
+    assert [line.split(": ", 1)[1] for line in found] == [
+        "a bearer token", "an API key", "a URL signature", "the recording key",
+    ]  # fmt: skip
+
+
+def test_every_cassette_says_where_and_when_it_was_recorded() -> None:
+    import yaml
+
+    files = sorted(CASSETTES.rglob("*.yaml"))
+    assert len(files) > 50
+    for path in files:
+        recorded = yaml.safe_load(path.read_text())["recorded"]
+        assert recorded["where"] == "emulator", path
+        assert recorded["at"].startswith("20"), path
+        assert recorded["scenario"] == path.stem
+
+
+class FakeRequest:
+    def __init__(self, uri: str, body: bytes, headers: dict[str, str]) -> None:
+        self.uri, self.body, self.headers = uri, body, headers
+
+
+def test_scrubbing_is_idempotent() -> None:
+    import base64
+    import json
+
+    data_url = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake image").decode()
+    body = json.dumps(
+        {"prompt": "p", "input_image": data_url, "ref": "https://x.example/a.png?signature=s3cr3t"}
+    ).encode()
+    request = FakeRequest(
+        "https://cdn.example/a.png?expires=1&signature=abc",
+        body,
+        {"Authorization": "Bearer sk-live-secret-key-123456", "Content-Type": "application/json"},
+    )
+    once = scrub_request(request)
+    snapshot = (once.uri, once.body, dict(once.headers))
+    twice = scrub_request(once)
+    assert (twice.uri, twice.body, dict(twice.headers)) == snapshot
+    assert b"sk-live" not in twice.body
+    assert "signature=REDACTED" in twice.uri
+    assert b"sha256=" in twice.body
+    assert twice.headers["Authorization"] == "Bearer <redacted>"
+
+
+def test_streamed_large_bodies_are_recorded_and_matched(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    from tests.conftest import image_bytes
+
+    big.write_bytes(image_bytes(64, 64) + bytes(3 * 1024 * 1024))  # 3 MB: several encoder slices
+    scenario = Scenario(
+        id="streamed-large-image",
+        title="a large local image, streamed",
+        build=lambda adapter: EditRequest(prompt="edit image 1", model="flux-2-pro", images=[big]),
+        expect=Completes(),
+    )
+    verdicts = record(
+        LaozhangAdapter(),
+        tmp_path / "cassettes",
+        api_key="k",
+        emulator=True,
+        scenarios=[scenario],
+        log=lambda _: None,
+    )
+    assert [v.outcome for v in verdicts] == ["pass"]
+    text = (tmp_path / "cassettes" / "streamed-large-image.yaml").read_text()
+    assert "sha256=" in text
+    assert len(text) < 20_000  # the 4 MB data URL is stored as its digest
+    assert run_scenario(LaozhangAdapter(), scenario, tmp_path / "cassettes").outcome == "pass"
+    big.write_bytes(image_bytes(64, 64) + bytes(3 * 1024 * 1024 - 1) + b"x")  # one byte differs
+    changed = run_scenario(LaozhangAdapter(), scenario, tmp_path / "cassettes")
+    assert changed.outcome == "fail"
+    assert "input_image is" in changed.detail
+
+
+def test_scenario_ids_are_unique_and_stable() -> None:
+    ids = [scenario.id for scenario in SCENARIOS]
+    assert len(ids) == len(set(ids))
+    assert ids[:3] == ["text-to-image", "reference-by-url", "reference-by-data-url"]
