@@ -215,3 +215,22 @@ def test_scenario_ids_are_unique_and_stable() -> None:
     ids = [scenario.id for scenario in SCENARIOS]
     assert len(ids) == len(set(ids))
     assert ids[:3] == ["text-to-image", "reference-by-url", "reference-by-data-url"]
+
+
+def test_the_documented_report_of_the_example_is_reproduced(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    command = [
+        sys.executable, "-m", "flux_adapters", "conformance", "--adapter", "pixelforge_flux:PixelforgeAdapter",
+        "--cassettes", "examples/pixelforge/tests/cassettes", "--report-dir", str(tmp_path),
+    ]  # fmt: skip
+    environment = os.environ | {"PYTHONPATH": "examples/pixelforge"}
+    finished = subprocess.run(
+        command, cwd=root, env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert finished.returncode == 0, finished.stderr
+    committed = (root / "examples" / "pixelforge" / "conformance-report.md").read_text()
+    assert (tmp_path / "conformance.md").read_text() == committed

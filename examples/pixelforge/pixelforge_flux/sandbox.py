@@ -1,0 +1,95 @@
+"""PixelForge's sandbox: a local server speaking its render API, to record cassettes against.
+
+    python -m pixelforge_flux.sandbox --port 8765
+
+A real provider author records against the live service (or its sandbox); this one exists so
+the worked example can be recorded and reproduced without the internet. It answers with a real
+image from the flux-adapters emulator's renderer and serves it at a signed URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import secrets
+
+import uvicorn
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from flux_adapters.emulator._images import encode, render
+
+REVOKED = "sk-conformance-revoked-key"
+_results: dict[str, bytes] = {}
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error_code": code, "message": message}, status_code=status)
+
+
+async def render_route(request: Request) -> Response:
+    key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not key or key == REVOKED:
+        return _error(401, "invalid_api_key", "unknown or revoked API key")
+    body = await request.json()
+    if body.get("engine") != "flux-2-pro" or not body.get("text"):
+        return _error(400, "invalid_request", "engine flux-2-pro and text are required")
+    references: list[Image.Image] = []
+    for reference in body.get("references", []):
+        if "data" in reference:
+            references.append(
+                Image.open(io.BytesIO(base64.b64decode(reference["data"].split(",", 1)[1])))
+            )
+        else:
+            digest = hashlib.sha256(reference["url"].encode()).digest()
+            references.append(Image.new("RGB", (64, 64), tuple(digest[:3])))
+    if len(references) > 4:
+        return _error(400, "too_many_references", "at most 4 references")
+    canvas = body.get("canvas", {"w": 1024, "h": 1024})
+    if (
+        canvas["w"] % 64
+        or canvas["h"] % 64
+        or not (256 <= canvas["w"] <= 1536 and 256 <= canvas["h"] <= 1536)
+    ):
+        return _error(
+            400, "invalid_canvas", "canvas sides must be multiples of 64 from 256 to 1536"
+        )
+    picture = encode(
+        render(canvas["w"], canvas["h"], references, body["text"], body.get("seed")),
+        body.get("format", "png"),
+    )
+    name = f"{secrets.token_hex(8)}.{body.get('format', 'png')}"
+    _results[name] = picture
+    href = f"{str(request.base_url).rstrip('/')}/outputs/{name}?sig={secrets.token_hex(8)}"
+    return JSONResponse({"job": name.split(".")[0], "outputs": [{"href": href}]})
+
+
+async def output_route(request: Request) -> Response:
+    picture = _results.get(request.path_params["name"])
+    if picture is None:
+        return Response(status_code=404)
+    return Response(
+        picture,
+        media_type="image/png" if request.path_params["name"].endswith("png") else "image/jpeg",
+    )
+
+
+app = Starlette(
+    routes=[
+        Route("/api/v2/render", render_route, methods=["POST"]),
+        Route("/outputs/{name}", output_route),
+    ]
+)
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="PixelForge's sandbox (fictional), for recording cassettes"
+    )
+    parser.add_argument("--port", type=int, default=8765)
+    arguments = parser.parse_args()
+    uvicorn.run(app, host="127.0.0.1", port=arguments.port, log_level="warning")
