@@ -144,6 +144,22 @@ def per_call(function: Callable[[], object], calls: int, rounds: int = 5) -> flo
     return statistics.median(means)
 
 
+def side_by_side(
+    first: Callable[[], object],
+    second: Callable[[], object],
+    calls: int,
+    *,
+    alternations: int = 3,
+    rounds: int = 5,
+) -> tuple[float, float]:
+    """Median seconds per call of *first* and *second*, measured in alternation so drift hits both."""
+    firsts, seconds = [], []
+    for _ in range(alternations):
+        firsts.append(per_call(first, calls, rounds))
+        seconds.append(per_call(second, calls, rounds))
+    return statistics.median(firsts), statistics.median(seconds)
+
+
 def bench_text_to_image(base: str) -> None:
     prompt = "A ruby red retro robot riding a yellow skateboard"
     body = {"model": "flux-2-pro", "prompt": prompt, "n": 1, "size": "1024x1024"}
@@ -163,11 +179,7 @@ def bench_text_to_image(base: str) -> None:
             request = EditRequest(prompt=prompt, model="flux-2-pro", size="1024x1024")
             return ours.edit(request).images[0].url
 
-        theirs_s, ours_s = [], []
-        for _ in range(3):  # alternate, so drift hits both alike
-            theirs_s.append(per_call(by_hand, 300))
-            ours_s.append(per_call(with_library, 300))
-    theirs, mine = statistics.median(theirs_s), statistics.median(ours_s)
+        theirs, mine = side_by_side(by_hand, with_library, 300)
     report(
         "b",
         "text-to-image, per call (request built each call)",
@@ -212,11 +224,7 @@ def bench_three_images(base: str, folder: Path) -> None:
             )
             return ours.edit(request)
 
-        theirs_s, ours_s = [], []
-        for _ in range(3):
-            theirs_s.append(per_call(by_hand, 15, rounds=3))
-            ours_s.append(per_call(with_library, 15, rounds=3))
-    theirs, mine = statistics.median(theirs_s), statistics.median(ours_s)
+        theirs, mine = side_by_side(by_hand, with_library, 15, rounds=3)
     report(
         "c",
         "edit with three 1 MB local images as JSON data URLs, per call",
@@ -399,11 +407,9 @@ def bench_routing() -> None:
             FluxClient("laozhang") as single,
             FluxClient(providers=["laozhang", "apiyi"]) as routed,
         ):
-            singles, routeds = [], []
-            for _ in range(5):
-                singles.append(per_call(lambda: single.edit(request), 100))
-                routeds.append(per_call(lambda: routed.edit(request), 100))
-        alone, routing = statistics.median(singles), statistics.median(routeds)
+            alone, routing = side_by_side(
+                lambda: single.edit(request), lambda: routed.edit(request), 100, alternations=5
+            )
     with emulator_process("--fault", "laozhang:503,delay=1") as root:
         os.environ.update(LAOZHANG_BASE_URL=f"{root}/laozhang", APIYI_BASE_URL=f"{root}/apiyi")
         # apiyi takes only ratios: let it send 64x64 as 1:1, the same request to both clients.

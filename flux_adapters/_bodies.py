@@ -94,7 +94,7 @@ def _data_url_chunks(image: LocalImage) -> Iterator[bytes]:
 
 
 def _encode_scalar(value: JsonValue) -> bytes:
-    return json.dumps(value, ensure_ascii=False).encode("utf-8")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _flatten(value: JsonValue, out: list[Segment]) -> None:
@@ -117,8 +117,21 @@ def _flatten(value: JsonValue, out: list[Segment]) -> None:
         out.append(_encode_scalar(value))
 
 
+def _has_images(value: JsonValue) -> bool:
+    if isinstance(value, ImageValue):
+        return True
+    if isinstance(value, dict):
+        return any(_has_images(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_images(item) for item in value)
+    return False
+
+
 def json_segments(body: JsonBody) -> list[Segment]:
     """Flatten *body* into encoded JSON text runs and the images between them."""
+    if not _has_images(body.value):
+        # The common case (text-to-image, URL references): one dumps call, same bytes.
+        return [json.dumps(body.value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")]
     raw: list[Segment] = []
     _flatten(body.value, raw)
     merged: list[Segment] = []

@@ -64,15 +64,22 @@ def check(request: EditRequest, provider: str) -> tuple[Violation, ...]:
 
 
 def edit_flow(
-    adapter: Adapter, request: EditRequest, base_url: str, secrets: tuple[str, ...] = ()
+    adapter: Adapter,
+    request: EditRequest,
+    base_url: str,
+    secrets: tuple[str, ...] = (),
+    plan: Plan | None = None,
 ) -> Flow:
     """One synchronous call: POST the request, read the images from the answer.
+
+    *plan* is the request already resolved against *adapter*'s limits (the router has one);
+    without it the flow resolves the request itself.
 
     Raises:
         RequestError: Before anything is yielded, when the request breaks the provider's limits.
         ProviderError: The provider answered with an error (details redacted of *secrets*).
     """
-    resolved = resolve(adapter, request)
+    resolved = plan if plan is not None else resolve(adapter, request)
     response = yield adapter.build_request(request, resolved, base_url)
     try:
         if not 200 <= response.status_code < 300:

@@ -45,6 +45,7 @@ from flux_adapters.errors import (
     Timeout,
     TransportError,
 )
+from flux_adapters.limits import Plan
 from flux_adapters.prices import Price, estimate
 from flux_adapters.providers import Adapter, get_adapter
 from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage
@@ -191,7 +192,10 @@ def _build_httpx_request(
 
 def _received(response: httpx.Response) -> HttpResponse:
     return HttpResponse(
-        status_code=response.status_code, headers=dict(response.headers), content=response.content
+        # multi_items() walks the headers once; dict(headers) looks each name up again (quadratic).
+        status_code=response.status_code,
+        headers=dict(response.headers.multi_items()),
+        content=response.content,
     )
 
 
@@ -468,15 +472,15 @@ class FluxClient(_ClientBase):
                     time.sleep(instruction.seconds)
                     reply: Reply = None
                 else:
-                    reply = self._attempt(instruction.candidate, request)
+                    reply = self._attempt(instruction.candidate, request, instruction.plan)
                 instruction = router.send(reply)
         except StopIteration as done:
             routed: Routed = done.value
         return self._result(request, routed, started, self._downloader)
 
-    def _attempt(self, binding: object, request: EditRequest) -> Outcome | FluxError:
+    def _attempt(self, binding: object, request: EditRequest, plan: Plan) -> Outcome | FluxError:
         assert isinstance(binding, _Binding)
-        flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,))
+        flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,), plan)
         try:
             return _drive_sync(flow, lambda outgoing: self._send(binding, outgoing))
         except FluxError as error:
@@ -567,18 +571,20 @@ class AsyncFluxClient(_ClientBase):
                     await asyncio.sleep(instruction.seconds)
                     reply: Reply = None
                 else:
-                    reply = await self._attempt(instruction.candidate, request)
+                    reply = await self._attempt(instruction.candidate, request, instruction.plan)
                 instruction = router.send(reply)
         except StopIteration as done:
             routed: Routed = done.value
         return self._result(request, routed, started, self._downloader)
 
-    async def _attempt(self, binding: object, request: EditRequest) -> Outcome | FluxError:
+    async def _attempt(
+        self, binding: object, request: EditRequest, plan: Plan
+    ) -> Outcome | FluxError:
         assert isinstance(binding, _Binding)
         gates = _GATES.get()
         gate = gates.get(binding.adapter.name) if gates else None
         async with gate if gate is not None else contextlib.nullcontext():
-            flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,))
+            flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,), plan)
             try:
                 outgoing = next(flow)
                 while True:
