@@ -28,7 +28,7 @@ constructors need no extra code).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from attrs import frozen
 
@@ -58,10 +58,6 @@ __all__ = [
 
 class FluxError(Exception):
     """Base class of everything this library raises on purpose."""
-
-    retryable: ClassVar[bool] = False
-    """Whether repeating the same call may succeed. Whether it is *safe* also depends on
-    whether the provider may have taken the job (see ``TransportError.sent``)."""
 
     attempts: tuple[Attempt, ...] = ()
     """Every provider tried or skipped before this error ended the call (set by the router)."""
@@ -175,8 +171,6 @@ class RateLimited(ProviderError):
         retry_after: Seconds the provider asked us to wait, when it said.
     """
 
-    retryable = True
-
     def __init__(
         self,
         message: str,
@@ -200,8 +194,6 @@ class ContentModerated(ProviderError):
 class ModelUnavailable(ProviderError):
     """The provider has no working channel for this model at the moment."""
 
-    retryable = True
-
 
 class ProviderRejected(ProviderError):
     """The provider refused the request as invalid (a 4xx not covered by a subclass)."""
@@ -209,8 +201,6 @@ class ProviderRejected(ProviderError):
 
 class ProviderUnavailable(ProviderError):
     """The provider failed (5xx). The job may or may not have been taken for a 500."""
-
-    retryable = True
 
 
 class ResponseFormatError(ProviderError):
@@ -243,8 +233,6 @@ class TransportError(FluxError):
             (connection refused, connect timeout), so repeating it cannot bill twice. ``True``
             when the request may have arrived and may be billed.
     """
-
-    retryable = True
 
     def __init__(self, message: str, *, provider: str, sent: bool) -> None:
         super().__init__(message)

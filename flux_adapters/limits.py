@@ -32,7 +32,6 @@ __all__ = [
     "Plan",
     "RatioRule",
     "SizeRule",
-    "check_limits",
     "image_kind",
     "plan",
 ]
@@ -245,11 +244,6 @@ def image_kind(image: ImageInput) -> ImageKind:
 def _ratio_text(width: int, height: int) -> str:
     divisor = math.gcd(width, height)
     return f"{width // divisor}:{height // divisor}"
-
-
-def check_limits(request: EditRequest, limits: ModelLimits) -> tuple[Violation, ...]:
-    """Return every way *request* breaks *limits*; an empty tuple means it fits."""
-    return _evaluate(request, limits)[0]
 
 
 def plan(request: EditRequest, limits: ModelLimits) -> Plan:

@@ -94,15 +94,12 @@ class HttpRequest:
         url: The full URL.
         body: What to send, or ``None``.
         headers: Extra headers (the client adds authentication and the content type).
-        idempotent: Whether sending it twice is harmless. A POST that creates an image is not:
-            a repeat may make, and bill, a second image.
     """
 
     method: str
     url: str
     body: JsonBody | MultipartBody | None = None
     headers: tuple[tuple[str, str], ...] = ()
-    idempotent: bool = False
 
 
 @frozen(kw_only=True)
