@@ -22,11 +22,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from flux_adapters import errors
 from flux_adapters.providers import PROVIDERS
 from flux_adapters.request import MODELS
+
+if TYPE_CHECKING:
+    from flux_adapters.request import EditRequest
 
 __all__ = ["main"]
 
@@ -192,7 +195,7 @@ def _images(values: Sequence[str]) -> list[str | Path]:
     ]
 
 
-def _request(arguments: argparse.Namespace) -> object:
+def _request(arguments: argparse.Namespace) -> EditRequest:
     from flux_adapters.request import EditRequest
 
     return EditRequest(
@@ -246,10 +249,8 @@ def _waiting(message: str, stream: TextIO) -> Iterator[None]:
 
 def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from flux_adapters.client import FluxClient, image_extension
-    from flux_adapters.request import EditRequest
 
     request = _request(arguments)
-    assert isinstance(request, EditRequest)
     started = time.perf_counter()
     if arguments.provider:
         client = FluxClient(
@@ -516,10 +517,8 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
     from flux_adapters._explain import render
     from flux_adapters._flows import resolve
     from flux_adapters.providers import get_adapter
-    from flux_adapters.request import EditRequest
 
     request = _request(arguments)
-    assert isinstance(request, EditRequest)
     refused = 0
     for provider in arguments.provider or list(PROVIDERS):
         adapter = get_adapter(provider)
