@@ -1,20 +1,139 @@
-"""Scrub secrets from text that came from a provider before it reaches a message or log."""
+"""Scrub secrets from text before it reaches a message, a log line, a report or a cassette.
+
+A key can reach text in more shapes than the one it was given in: a provider echoes it inside
+an error (whole, or cut at the 200th or 500th character), a proxy URL-encodes it into a query
+string, a Basic ``Authorization`` header carries it base64-encoded after a user name. `Redactor`
+knows the keys it was given and removes, from any text:
+
+- every form of each key: as it is, URL-encoded, JSON-escaped, and the parts of its base64
+  encoding that do not depend on what precedes it (for each of the three byte alignments);
+- every fragment of 8 characters or more of any of those forms, so that a key cut at a boundary
+  leaves at most 7 characters behind;
+- anything shaped like a key, a bearer token or a URL signature, even of a key it was not given.
+
+The work is linear in the text: one regular-expression scan with a lookahead per position.
+"""
 
 from __future__ import annotations
 
+import base64
+import functools
+import json
 import re
+from collections.abc import Iterable
 from typing import Final
+from urllib.parse import quote, quote_plus
 
-__all__ = ["redact"]
+__all__ = ["FRAGMENT", "MASK", "Redactor", "redact", "secret_forms"]
 
-_SECRETS: Final = re.compile(
-    r"(sk-[A-Za-z0-9_-]{6,}|Bearer\s+\S+|signature=[^&\s\"']+)", re.IGNORECASE
+MASK: Final = "[redacted]"
+FRAGMENT: Final = 8
+"""Shortest piece of a key that is removed wherever it appears."""
+_SHORTEST_KEY: Final = 4
+"""Keys shorter than this are not searched for: replacing a 1-3 character "key" would mangle
+every message, and no provider issues keys that short."""
+
+_SHAPES: Final = re.compile(
+    r"(sk-[A-Za-z0-9_-]{6,}|Bearer\s+[^\s\"',;]+|Basic\s+[A-Za-z0-9+/=]{8,}"
+    r"|(?:signature|sig|X-Amz-Signature)=[^&\s\"']+)",
+    re.IGNORECASE,
 )
 
 
+def _base64_cores(secret: bytes) -> Iterable[str]:
+    """The base64 text that encodes *secret* wherever it starts in a longer value.
+
+    Base64 works on 3-byte groups, so the characters for *secret* depend on its offset modulo 3
+    in the encoded value. For each offset, encode it behind that many filler bytes and keep only
+    the characters made entirely of its own bytes.
+    """
+    for offset in range(3):
+        encoded = base64.b64encode(bytes(offset) + secret).decode("ascii")
+        start = -(-offset * 4 // 3)  # characters touched by the filler bytes
+        whole = (offset + len(secret)) // 3 * 4  # characters of complete groups
+        core = encoded[start:whole]
+        if core:
+            yield core
+            yield core.replace("+", "-").replace("/", "_")  # the URL-safe alphabet
+
+
+def secret_forms(secret: str) -> tuple[str, ...]:
+    """Every text form *secret* may take on the wire or in a stored exchange.
+
+    Returns the key as it is, URL-encoded (``%XX`` and ``+``), JSON-escaped, and the parts of
+    its base64 encoding that any base64 value containing it would include. Empty for an empty
+    secret.
+    """
+    if not secret:
+        return ()
+    raw = secret.encode("utf-8", errors="surrogatepass")
+    forms = [
+        secret,
+        quote(secret, safe=""),
+        quote_plus(secret, safe=""),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        *_base64_cores(raw),
+    ]
+    return tuple(dict.fromkeys(form for form in forms if form))
+
+
+class Redactor:
+    """Removes the given secrets (in every form, and their long fragments) and key-like text.
+
+    Build one per set of keys and reuse it: the pattern is compiled once.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        grams: set[str] = set()
+        whole: set[str] = set()
+        for secret in secrets:
+            if not isinstance(secret, str) or len(secret) < _SHORTEST_KEY:
+                continue
+            for form in secret_forms(secret):
+                if len(form) < FRAGMENT:
+                    whole.add(form)
+                else:
+                    grams.update(form[i : i + FRAGMENT] for i in range(len(form) - FRAGMENT + 1))
+        self._active = bool(grams or whole)
+        # Longest first, so an alternation prefers a whole key over a shorter one inside it.
+        pieces = sorted(grams | whole, key=len, reverse=True)
+        self._pattern = (
+            re.compile("(?=(" + "|".join(re.escape(piece) for piece in pieces) + "))")
+            if pieces
+            else None
+        )
+
+    def __call__(self, text: str) -> str:
+        """Return *text* with every secret, fragment and key-shaped value replaced by a mask."""
+        if self._pattern is not None:
+            text = self._cover(text, self._pattern)
+        return _SHAPES.sub(MASK, text)
+
+    @staticmethod
+    def _cover(text: str, pattern: re.Pattern[str]) -> str:
+        spans: list[list[int]] = []
+        for match in pattern.finditer(text):
+            start, end = match.start(), match.start() + len(match.group(1))
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+        if not spans:
+            return text
+        parts, last = [], 0
+        for start, end in spans:
+            parts += [text[last:start], MASK]
+            last = end
+        parts.append(text[last:])
+        return "".join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _redactor(secrets: tuple[str, ...]) -> Redactor:
+    return Redactor(secrets)
+
+
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove *secrets*, anything shaped like an API key or bearer token, and URL signatures."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return _SECRETS.sub("[redacted]", text)
+    """Remove *secrets* (every form, every 8+ character fragment) and key-shaped text."""
+    return _redactor(secrets)(text)

@@ -17,6 +17,7 @@ The tree::
     ├── TransportError                no usable answer; ``sent``: may the provider have it?
     │   └── Timeout
     ├── ResultExpired                 the short-lived result URL is gone (403/404/410 on download)
+    ├── OutputError                   an image could not be written where asked; nothing was lost upstream
     └── AllProvidersFailed            every candidate provider failed; ``attempts`` lists them
 
 Rules every class follows: status codes are the ones the provider sent (never made up here), the
@@ -43,6 +44,7 @@ __all__ = [
     "FluxError",
     "InsufficientBalance",
     "ModelUnavailable",
+    "OutputError",
     "ProviderError",
     "ProviderRejected",
     "ProviderUnavailable",
@@ -263,6 +265,25 @@ class ResultExpired(FluxError):
 
     def __str__(self) -> str:
         return f"{self.args[0]} (HTTP {self.status_code} from {self.location})"
+
+
+class OutputError(FluxError):
+    """An image could not be written to the path asked for.
+
+    The path is not a regular file (a directory, a FIFO, a device), its folder is missing or not
+    writable, or the disk is full. Raised before the paid call wherever the path is known then
+    (the command line checks it first); the result itself is not lost: save it elsewhere.
+
+    Attributes:
+        path: The path that could not be written.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.args[0]}"
 
 
 class AllProvidersFailed(FluxError):

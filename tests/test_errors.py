@@ -30,6 +30,7 @@ INSTANCES = [
     errors.TransportError("refused", provider="laozhang", sent=False),
     errors.Timeout("slow", provider="laozhang", sent=True),
     errors.ResultExpired("gone", status_code=403, location="cdn.example/x.png"),
+    errors.OutputError("is a directory", path="out/robot.png"),
     errors.AllProvidersFailed(
         "none",
         attempts=[Attempt(provider="apiyi", model="flux-2-pro", outcome="failed", elapsed_s=0.1)],
