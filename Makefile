@@ -42,8 +42,8 @@ cassettes: $(STAMP) ## Re-record every provider's conformance cassettes against 
 conformance: $(STAMP) ## Replay the conformance cassettes; report in out/conformance.{md,json}.
 	$(BIN)/flux-adapters conformance --cassettes cassettes --report-dir out
 
-docs: $(STAMP) ## Regenerate the limits tables in README.md and docs/providers from the data.
-	$(BIN)/python -m flux_adapters._tables README.md docs/providers/*.md
+docs: $(STAMP) ## Regenerate the generated tables (limits, billing rule) in README.md and docs/.
+	$(BIN)/python -m flux_adapters._tables README.md docs/routing.md docs/providers/*.md
 
 clean: ## Remove .venv and caches.
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache out

@@ -88,7 +88,7 @@ class Redactor:
         grams: set[str] = set()
         whole: set[str] = set()
         for secret in secrets:
-            if not isinstance(secret, str) or len(secret) < _SHORTEST_KEY:
+            if len(secret) < _SHORTEST_KEY:
                 continue
             for form in secret_forms(secret):
                 if len(form) < FRAGMENT:

@@ -15,7 +15,7 @@ from flux_adapters.limits import ModelLimits
 from flux_adapters.providers import PROVIDERS, get_adapter
 from flux_adapters.request import MODELS
 
-__all__ = ["limits_table", "models_table", "render", "rewrite"]
+__all__ = ["billing_table", "limits_table", "models_table", "render", "rewrite"]
 
 
 def _refs(limits: ModelLimits) -> str:
@@ -90,10 +90,35 @@ def limits_table(provider: str) -> str:
     return "\n".join(lines)
 
 
+def billing_table() -> str:
+    """The billing rule (``flux_adapters.routing.BILLING_RULES``): every row, with its reason."""
+    from flux_adapters.routing import BILLING_RULES
+
+    actions = {
+        "retry": "retry the same provider, then fail over",
+        "next": "fail over",
+        "ambiguous": "**raise** (fail over only with `failover_on_ambiguous=True`)",
+        "final": "raise; never fails over",
+    }
+    lines = [
+        "| failure | proves | what happens | row | why |",
+        "|---|---|---|---|---|",
+    ]
+    for rule in BILLING_RULES:
+        proves = "**may be billed**" if rule.proves == "may be billed" else rule.proves
+        lines.append(
+            f"| {rule.failure} | {proves} | {actions[rule.disposition]} | `{rule.name}` "
+            f"| {rule.reason} |"
+        )
+    return "\n".join(lines)
+
+
 def render(name: str) -> str:
-    """The table called *name*: ``models`` or ``limits-<provider>``."""
+    """The table called *name*: ``models``, ``billing`` or ``limits-<provider>``."""
     if name == "models":
         return models_table()
+    if name == "billing":
+        return billing_table()
     if name.startswith("limits-"):
         return limits_table(name.removeprefix("limits-"))
     raise KeyError(name)

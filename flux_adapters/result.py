@@ -67,6 +67,9 @@ class Attempt:
         elapsed_s: Seconds spent on this provider.
         error: What went wrong, when it did.
         reason: Why it was skipped, in words.
+        billing: For a failure, the row of the billing table it fell under
+            (``flux_adapters.routing.BILLING_RULES``), e.g. ``"server-error"``: whether the
+            provider may have billed the job.
     """
 
     provider: str
@@ -75,6 +78,7 @@ class Attempt:
     elapsed_s: float
     error: FluxError | None = None
     reason: str = ""
+    billing: str = ""
 
 
 class Downloader(Protocol):

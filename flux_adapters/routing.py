@@ -2,16 +2,20 @@
 
 An image generation is a paid POST that is not idempotent: these resellers generate
 synchronously and a call that reached them may be billed even if the answer never arrives. So
-each failure is sorted by what it proves:
+each failure is judged by what it *proves* about the job, by one table, `BILLING_RULES`, applied
+in one place, `billing_rule`:
 
-- **not taken** (connection refused, connect or pool timeout, 429, 402, 401/403, 502/503/504
-  from a gateway, model unavailable): the job was not accepted. Retry the same provider when that
-  may help (refused connection, a short ``Retry-After``), else fail over to the next;
-- **ambiguous** (a 500, a read timeout or a dropped connection after the body was sent, a 200
-  whose body cannot be read): the provider may have made, and billed, the image. Final by
-  default; fail over only with ``failover_on_ambiguous=True``;
+- **not taken** (the connection was never made; the provider answered 429, 402, 401/403 or 503;
+  a status the provider's own document says is not billed): retry the same provider when that
+  may help (a refused connection, a short ``Retry-After``), else fail over to the next;
+- **ambiguous** (any other 5xx, 502 and 504 included; a read timeout or a drop after the body
+  was sent; a 2xx whose body cannot be read): the provider may have made, and billed, the image.
+  Final by default; fail over only with ``failover_on_ambiguous=True``;
 - **final** (moderation, a request the provider rejected as invalid): trying elsewhere would
   not help. Never fails over.
+
+The status code decides, never the text of a body: a 500 that says "insufficient quota" is
+still a 500. Text only tells apart the kinds of a 4xx, which is a refusal either way.
 
 The routing logic is one generator (`route`) that yields `Try` and `Wait` instructions and
 receives each attempt's outcome; `FluxClient` and `AsyncFluxClient` drive it, so they cannot
@@ -31,12 +35,11 @@ from attrs import define, field, frozen
 from flux_adapters._flows import Outcome, resolve
 from flux_adapters.errors import (
     AllProvidersFailed,
-    AuthenticationFailed,
     ContentModerated,
     FluxError,
     InsufficientBalance,
     ModelUnavailable,
-    ProviderUnavailable,
+    ProviderError,
     RateLimited,
     RequestError,
     TransportError,
@@ -47,12 +50,151 @@ from flux_adapters.providers import Adapter
 from flux_adapters.request import EditRequest
 from flux_adapters.result import Attempt
 
-__all__ = ["Breaker", "Routing", "RoutingPolicy", "Try", "Wait", "disposition", "route"]
+__all__ = [
+    "BILLING_RULES",
+    "BillingRule",
+    "Breaker",
+    "Pass",
+    "Routing",
+    "RoutingPolicy",
+    "Try",
+    "Wait",
+    "billing_rule",
+    "disposition",
+    "route",
+]
 
 Routing: TypeAlias = Literal["ordered", "cheapest"]
 Disposition: TypeAlias = Literal["retry", "next", "ambiguous", "final"]
+Proves: TypeAlias = Literal["not taken", "may be billed", "refused"]
 
-_GATEWAY_STATUSES: Final = frozenset({502, 503, 504})
+
+@frozen(kw_only=True)
+class BillingRule:
+    """One row of the billing table: a kind of failure, what it proves, and what follows.
+
+    Attributes:
+        name: Stable id of the row, e.g. ``"server-error"``.
+        failure: The failure, in words.
+        proves: ``"not taken"`` (the provider never took the job: repeating it cannot bill
+            twice), ``"may be billed"`` (the job may have been done), or ``"refused"`` (the
+            provider looked at the request and refused it).
+        disposition: What the router does: ``"retry"`` the same provider (then fail over),
+            fail over to the ``"next"``, stop as ``"ambiguous"`` (fail over only when the caller
+            opted in), or stop as ``"final"``.
+        reason: Why.
+    """
+
+    name: str
+    failure: str
+    proves: Proves
+    disposition: Disposition
+    reason: str
+
+
+BILLING_RULES: Final[tuple[BillingRule, ...]] = (
+    BillingRule(
+        name="not-connected",
+        failure="connection refused or reset before sending, DNS failure, connect or pool "
+        "timeout, body not fully written",
+        proves="not taken",
+        disposition="retry",
+        reason="the provider never received a complete request, so it cannot have started the job",
+    ),
+    BillingRule(
+        name="rate-limited",
+        failure="429",
+        proves="not taken",
+        disposition="retry",
+        reason="the provider refused the request before taking it; wait `Retry-After` (up to "
+        "`max_retry_wait`) and retry, else fail over",
+    ),
+    BillingRule(
+        name="no-balance",
+        failure="402",
+        proves="not taken",
+        disposition="next",
+        reason="the account cannot pay, so the provider did not do the job",
+    ),
+    BillingRule(
+        name="key-refused",
+        failure="401, 403",
+        proves="not taken",
+        disposition="next",
+        reason="the provider refused the key before doing anything",
+    ),
+    BillingRule(
+        name="overloaded",
+        failure="503",
+        proves="not taken",
+        disposition="next",
+        reason="the server says it cannot handle the request now (RFC 9110, 15.6.4)",
+    ),
+    BillingRule(
+        name="provider-rule",
+        failure="a status the provider's own document says is not billed",
+        proves="not taken",
+        disposition="next",
+        reason="the adapter cites the document (`Adapter.not_taken`); none of the resellers "
+        "documents one",
+    ),
+    BillingRule(
+        name="refused-model-or-balance",
+        failure="another 4xx that names the model as unavailable or the balance as exhausted",
+        proves="refused",
+        disposition="next",
+        reason="a 4xx is a refusal, so nothing was done; another provider may offer the model "
+        "or have balance",
+    ),
+    BillingRule(
+        name="moderated",
+        failure="moderation (any status)",
+        proves="refused",
+        disposition="final",
+        reason="another provider's filter would most likely block it too",
+    ),
+    BillingRule(
+        name="invalid",
+        failure="any other 4xx",
+        proves="refused",
+        disposition="final",
+        reason="the provider found the request invalid; check its limits (`flux_adapters.check`)",
+    ),
+    BillingRule(
+        name="refused-locally",
+        failure="the request breaks a limit, or cannot be sent as given (raised here)",
+        proves="not taken",
+        disposition="final",
+        reason="nothing was sent; other providers were already checked against their own limits",
+    ),
+    BillingRule(
+        name="server-error",
+        failure="500, 502, 504 and every other 5xx but 503",
+        proves="may be billed",
+        disposition="ambiguous",
+        reason="the provider, or a gateway in front of it, failed; the upstream may have "
+        "finished and billed the image (a 502/504 gateway often gives up on an upstream that "
+        "completes). The text of the body never changes this",
+    ),
+    BillingRule(
+        name="answer-lost",
+        failure="read timeout, connection dropped after sending, deadline passed while waiting",
+        proves="may be billed",
+        disposition="ambiguous",
+        reason="the provider had the whole request and may have done the job",
+    ),
+    BillingRule(
+        name="unreadable-answer",
+        failure="a 2xx whose body is not the documented shape, too large, or reports an error; "
+        "any other status",
+        proves="may be billed",
+        disposition="ambiguous",
+        reason="the provider answered success (or something unknown): the job was probably done",
+    ),
+)
+"""The billing table, in the order `billing_rule` checks it (docs/routing.md shows it)."""
+
+_RULES: Final = {rule.name: rule for rule in BILLING_RULES}
 
 
 @frozen(kw_only=True)
@@ -90,16 +232,28 @@ class _Circuit:
     probing: bool = False
 
 
+@frozen
+class Pass:
+    """Leave to send to a (provider, model); ``probe`` when it is the one half-open probe."""
+
+    key: tuple[str, str]
+    probe: bool = False
+
+
 @define
 class Breaker:
     """Cooldowns per (provider, model), shared by every call of a client; thread-safe.
 
-    A failure that shows the provider is not taking jobs opens the circuit for the cooldown.
-    Once it has passed, one call may probe (half-open): its success closes the circuit, its
-    failure opens it again; other calls skip the provider while the probe is out.
+    A failure that shows the provider is not taking jobs, or is failing, opens the circuit for
+    the cooldown. Once it has passed, one call may probe (half-open): its success closes the
+    circuit, its failure opens it again; other calls skip the provider while the probe is out.
+    A probe that ends any other way (a final error, cancellation, an exception) is released, so
+    the provider is never skipped for longer than its cooldown.
     """
 
     cooldown: float = 30.0
+    max_pause: float = 900.0
+    """The longest cooldown a provider's ``Retry-After`` can ask for."""
     clock: Callable[[], float] = time.monotonic
     _circuits: dict[tuple[str, str], _Circuit] = field(factory=dict, init=False)
     _lock: threading.Lock = field(factory=threading.Lock, init=False)
@@ -114,23 +268,24 @@ class Breaker:
                 return "open"
             return "half-open"
 
-    def acquire(self, key: tuple[str, str]) -> float | None:
+    def acquire(self, key: tuple[str, str]) -> Pass | float:
         """Ask to send to *key*.
 
-        Returns ``None`` when allowed (taking the one probe when half-open), else the seconds
-        left before it may be tried (0 while another call's probe is out).
+        Returns a `Pass` when allowed (the probe, when half-open), else the seconds left before
+        it may be tried (0 while another call's probe is out). Every pass must end in `success`,
+        `failure` or `release`.
         """
         with self._lock:
             circuit = self._circuits.get(key)
             if circuit is None:
-                return None
+                return Pass(key)
             left = circuit.opened_until - self.clock()
             if left > 0:
                 return left
             if circuit.probing:
                 return 0.0
             circuit.probing = True
-            return None
+            return Pass(key, probe=True)
 
     def success(self, key: tuple[str, str]) -> None:
         """The call to *key* succeeded: close the circuit."""
@@ -141,34 +296,54 @@ class Breaker:
         """The call to *key* showed it is not taking jobs: open the circuit."""
         if self.cooldown <= 0:
             return
+        asked = min(retry_after, self.max_pause) if retry_after is not None else 0.0
         with self._lock:
-            pause = max(self.cooldown, retry_after or 0.0)
+            pause = max(self.cooldown, asked)
             self._circuits[key] = _Circuit(opened_until=self.clock() + pause)
 
-    def release(self, key: tuple[str, str]) -> None:
-        """A probe ended without showing either way (an ambiguous or final error)."""
+    def release(self, granted: Pass) -> None:
+        """*granted* ended without showing either way; a probe lets the next call probe."""
+        if not granted.probe:
+            return
         with self._lock:
-            circuit = self._circuits.get(key)
+            circuit = self._circuits.get(granted.key)
             if circuit is not None:
                 circuit.probing = False
 
 
-def disposition(error: FluxError) -> Disposition:
-    """What *error* proves about the job: see the module docstring."""
+def billing_rule(error: FluxError, not_taken: Mapping[int, str] | None = None) -> BillingRule:
+    """The row of `BILLING_RULES` that *error* falls under.
+
+    Args:
+        error: A failed attempt.
+        not_taken: Statuses the provider's own document says are not billed, each with the
+            document it comes from (`Adapter.not_taken`).
+    """
     if isinstance(error, TransportError):
-        return "ambiguous" if error.sent else "retry"
-    if isinstance(error, RateLimited):
-        return "retry"
-    if isinstance(error, InsufficientBalance | AuthenticationFailed | ModelUnavailable):
-        return "next"
+        return _RULES["answer-lost" if error.sent else "not-connected"]
     if isinstance(error, ContentModerated):
-        return "final"
-    if isinstance(error, ProviderUnavailable):
-        return "next" if error.status_code in _GATEWAY_STATUSES else "ambiguous"
-    if isinstance(error, RequestError):
-        return "final"
-    # ResponseFormatError (a 2xx we could not read) may have been billed; other 4xx are final.
-    return "ambiguous" if getattr(error, "status_code", 0) < 300 else "final"
+        return _RULES["moderated"]
+    if not isinstance(error, ProviderError):
+        return _RULES["refused-locally"]  # RequestError and the other errors raised here
+    status = error.status_code
+    if not_taken and status in not_taken:
+        return _RULES["provider-rule"]
+    named = {429: "rate-limited", 402: "no-balance", 401: "key-refused", 403: "key-refused"}
+    if status in named:
+        return _RULES[named[status]]
+    if status == 503:
+        return _RULES["overloaded"]
+    if 400 <= status < 500:
+        refused = isinstance(error, ModelUnavailable | InsufficientBalance)
+        return _RULES["refused-model-or-balance" if refused else "invalid"]
+    if 500 <= status < 600:
+        return _RULES["server-error"]
+    return _RULES["unreadable-answer"]
+
+
+def disposition(error: FluxError, not_taken: Mapping[int, str] | None = None) -> Disposition:
+    """What the router does after *error*: see `billing_rule` and the module docstring."""
+    return billing_rule(error, not_taken).disposition
 
 
 @frozen
@@ -251,50 +426,64 @@ def route(
 
     last: FluxError | None = None
     for _, _, candidate, plan in ranked:
-        name = adapter_of(candidate).name
-        key = (name, request.model)
-        left = breaker.acquire(key)
-        if left is not None:
-            attempts.append(
-                _skipped(name, request.model, None, f"cooling down for {left:.1f} s after failures")
-            )
+        adapter = adapter_of(candidate)
+        key = (adapter.name, request.model)
+        granted = breaker.acquire(key)
+        if not isinstance(granted, Pass):
+            reason = f"cooling down for {granted:.1f} s after failures"
+            attempts.append(_skipped(adapter.name, request.model, None, reason))
             continue
-        tries = 0
-        while True:
-            started = clock()
-            reply = yield Try(candidate, plan)
-            elapsed = clock() - started
-            if isinstance(reply, Outcome):
-                breaker.success(key)
+        settled = False
+        try:
+            tries = 0
+            while True:
+                started = clock()
+                reply = yield Try(candidate, plan)
+                elapsed = clock() - started
+                if isinstance(reply, Outcome):
+                    breaker.success(key)
+                    settled = True
+                    attempts.append(
+                        Attempt(
+                            provider=adapter.name,
+                            model=request.model,
+                            outcome="ok",
+                            elapsed_s=elapsed,
+                        )
+                    )
+                    return Routed(candidate, reply, tuple(attempts))
+                assert isinstance(reply, FluxError)
+                last = reply
+                rule = billing_rule(reply, getattr(adapter, "not_taken", None))
                 attempts.append(
-                    Attempt(provider=name, model=request.model, outcome="ok", elapsed_s=elapsed)
+                    Attempt(
+                        provider=adapter.name,
+                        model=request.model,
+                        outcome="failed",
+                        elapsed_s=elapsed,
+                        error=reply,
+                        billing=rule.name,
+                    )
                 )
-                return Routed(candidate, reply, tuple(attempts))
-            assert isinstance(reply, FluxError)
-            last = reply
-            attempts.append(
-                Attempt(
-                    provider=name,
-                    model=request.model,
-                    outcome="failed",
-                    elapsed_s=elapsed,
-                    error=reply,
-                )
-            )
-            kind = disposition(reply)
-            if kind == "retry" and tries < policy.retries:
-                pause = _retry_pause(reply, policy, tries)
-                if pause is not None:
-                    tries += 1
-                    yield Wait(pause)
-                    continue
-            if kind in ("retry", "next"):
-                breaker.failure(key, reply.retry_after if isinstance(reply, RateLimited) else None)
+                if rule.disposition == "retry" and tries < policy.retries:
+                    pause = _retry_pause(reply, policy, tries)
+                    if pause is not None:
+                        tries += 1
+                        yield Wait(pause)
+                        continue
+                if rule.disposition == "final":
+                    raise _with_attempts(reply, attempts)
+                # Not taken, or failing in a way that may have billed: either way the provider
+                # is not serving now, so later calls skip it for the cooldown.
+                retry_after = reply.retry_after if isinstance(reply, RateLimited) else None
+                breaker.failure(key, retry_after)
+                settled = True
+                if rule.disposition == "ambiguous" and not policy.failover_on_ambiguous:
+                    raise _with_attempts(reply, attempts)
                 break
-            breaker.release(key)
-            if kind == "ambiguous" and policy.failover_on_ambiguous:
-                break
-            raise _with_attempts(reply, attempts)
+        finally:
+            if not settled:  # a final error, a cancelled call, an exception in the driver
+                breaker.release(granted)
     if last is not None and len(candidates) == 1:
         raise _with_attempts(last, attempts)
     tried = ", ".join(f"{a.provider} ({a.reason or type(a.error).__name__})" for a in attempts)

@@ -14,9 +14,21 @@ from flux_adapters._flows import Outcome, resolve
 from flux_adapters.prices import PerCall
 from flux_adapters.providers import Adapter, Answer
 from flux_adapters.result import ResultImage
-from flux_adapters.routing import Breaker, Routed, RoutingPolicy, Try, Wait, disposition, route
+from flux_adapters.routing import (
+    BILLING_RULES,
+    Breaker,
+    Pass,
+    Routed,
+    RoutingPolicy,
+    Try,
+    Wait,
+    billing_rule,
+    disposition,
+    route,
+)
 
 REQUEST = EditRequest(prompt="p", model="flux-2-pro")
+MODEL = REQUEST.model
 
 
 def adapter_of(candidate: object) -> Adapter:
@@ -208,15 +220,109 @@ def test_a_single_provider_raises_its_own_error() -> None:
         drive(["aimlapi"], {}, request=EditRequest(prompt="p", model="flux-2-pro", seed=0))
 
 
-def test_every_error_has_a_disposition() -> None:
-    assert disposition(errors.Timeout("t", provider="x", sent=False)) == "retry"
-    assert disposition(fail(errors.ProviderUnavailable, 504)) == "next"
-    assert disposition(fail(errors.ProviderUnavailable, 500)) == "ambiguous"
-    assert disposition(fail(errors.ProviderRejected, 400)) == "final"
+def transport(sent: bool) -> errors.TransportError:
+    return errors.TransportError("failed", provider="x", sent=sent)
+
+
+# Every row of the billing table, with failures that must fall under it. Text in a body never
+# moves an ambiguous status: a ModelUnavailable or InsufficientBalance at 500 or 200 stays there.
+BILLING_EXAMPLES: dict[str, list[errors.FluxError]] = {
+    "not-connected": [transport(False), errors.Timeout("connect", provider="x", sent=False)],
+    "rate-limited": [
+        fail(errors.RateLimited, 429, retry_after=1.0),
+        fail(errors.ProviderError, 429),
+    ],
+    "no-balance": [fail(errors.InsufficientBalance, 402), fail(errors.ProviderRejected, 402)],
+    "key-refused": [fail(errors.AuthenticationFailed, 401), fail(errors.AuthenticationFailed, 403)],
+    "overloaded": [fail(errors.ProviderUnavailable, 503), fail(errors.ModelUnavailable, 503)],
+    "provider-rule": [fail(errors.ProviderUnavailable, 599)],  # declared below for this test
+    "refused-model-or-balance": [
+        fail(errors.ModelUnavailable, 404),
+        fail(errors.InsufficientBalance, 400),
+    ],
+    "moderated": [fail(errors.ContentModerated, 400), fail(errors.ContentModerated, 200)],
+    "invalid": [fail(errors.ProviderRejected, 400), fail(errors.ProviderRejected, 422)],
+    "refused-locally": [
+        errors.RequestError([errors.Violation("seed", "bad", ">= 1", "0")]),
+        errors.ConfigurationError("no key"),
+    ],
+    "server-error": [
+        fail(errors.ProviderUnavailable, 500),
+        fail(errors.ProviderUnavailable, 502),
+        fail(errors.ProviderUnavailable, 504),
+        fail(errors.ModelUnavailable, 500),  # "model ... is unavailable" in a 500's body
+        fail(errors.InsufficientBalance, 500),  # "insufficient quota" in a 500's body
+    ],
+    "answer-lost": [transport(True), errors.Timeout("read", provider="x", sent=True)],
+    "unreadable-answer": [
+        errors.ResponseFormatError("garbled", provider="x", status_code=200),
+        fail(errors.InsufficientBalance, 200),  # an error report inside a 200
+        fail(errors.ModelUnavailable, 200),
+        fail(errors.ProviderRejected, 302),
+    ],
+}
+
+
+def test_the_billing_table_is_walked_row_by_row() -> None:
+    assert set(BILLING_EXAMPLES) == {row.name for row in BILLING_RULES}
+    declared = {599: "https://provider.example/docs/errors (599: not billed)"}
+    for row in BILLING_RULES:
+        for error in BILLING_EXAMPLES[row.name]:
+            found = billing_rule(error, declared)
+            assert found == row, (row.name, error, found.name)
+            assert disposition(error, declared) == row.disposition
+    assert billing_rule(fail(errors.ProviderUnavailable, 599)).name == "server-error"  # undeclared
+    ambiguous = {r.name for r in BILLING_RULES if r.disposition == "ambiguous"}
+    assert ambiguous == {r.name for r in BILLING_RULES if r.proves == "may be billed"}
+
+
+# provider-rule needs an adapter that declares the status: the test after this one.
+@pytest.mark.parametrize("name", [r.name for r in BILLING_RULES if r.name != "provider-rule"])
+def test_each_row_does_what_it_says_in_a_failover(name: str) -> None:
+    """Drive a two-provider route with the row's first example: only not-taken rows fail over."""
+    row = next(r for r in BILLING_RULES if r.name == name)
+    failure = BILLING_EXAMPLES[name][0]
+    policy = RoutingPolicy(retries=0)
+    replies: dict[str, list[object]] = {"laozhang": [failure], "apiyi": ["ok"]}
+    if row.disposition in ("retry", "next"):
+        log, routed = drive(["laozhang", "apiyi"], replies, policy)
+        assert log == ["laozhang", "apiyi"]
+        assert routed.attempts[0].billing == name
+    else:
+        with pytest.raises(type(failure)) as caught:
+            drive(["laozhang", "apiyi"], replies, policy)
+        assert [a.provider for a in caught.value.attempts] == ["laozhang"]  # apiyi never tried
+        assert caught.value.attempts[0].billing == name
+
+
+def test_a_provider_rule_citing_its_document_makes_a_status_not_taken() -> None:
+    class Documented:
+        def __init__(self, inner: Adapter) -> None:
+            self._inner = inner
+            self.not_taken = {599: "https://provider.example/docs/errors"}
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._inner, name)
+
+    documented = Documented(get_adapter("laozhang"))
+
+    def of(candidate: object) -> Adapter:
+        return documented if candidate == "laozhang" else get_adapter(str(candidate))  # type: ignore[return-value]
+
+    router = route(REQUEST, ["laozhang", "apiyi"], of, RoutingPolicy(retries=0), Breaker())
+    assert isinstance(next(router), Try)
+    second = router.send(fail(errors.ProviderUnavailable, 599))
+    assert isinstance(second, Try)
+    assert second.candidate == "apiyi"
 
 
 class BreakerMachine(RuleBasedStateMachine):
-    """The breaker against a simple model: per key, open until a time, and at most one probe."""
+    """The breaker against a simple model: per key, open until a time, and at most one probe.
+
+    Calls go through the real router, so a probe that is cancelled (the generator closed while
+    its attempt is out, as ``asyncio.wait_for`` does to an async edit) or that meets a final
+    error must release the probe: the provider is never skipped beyond its cooldown.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -224,8 +330,21 @@ class BreakerMachine(RuleBasedStateMachine):
         self.breaker = Breaker(cooldown=10.0, clock=lambda: self.now)
         self.opened_until: dict[str, float] = {}
         self.probing: set[str] = set()
+        self.out: dict[str, list[tuple[Generator[object, object, Routed], bool]]] = {
+            "laozhang": [],
+            "apiyi": [],
+        }
 
-    keys = st.sampled_from(["a", "b"])
+    keys = st.sampled_from(["laozhang", "apiyi"])
+
+    def _model_ask(self, key: str) -> str:
+        """What the model expects of an acquire: "pass", "probe" or "skip"."""
+        until = self.opened_until.get(key)
+        if until is None:
+            return "pass"
+        if self.now < until:
+            return "skip"
+        return "skip" if key in self.probing else "probe"
 
     @rule(seconds=st.floats(0, 25))
     def wait(self, seconds: float) -> None:
@@ -233,43 +352,83 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @rule(key=keys, retry_after=st.none() | st.floats(0, 40))
     def fail(self, key: str, retry_after: float | None) -> None:
-        self.breaker.failure((key, "m"), retry_after)
+        self.breaker.failure((key, MODEL), retry_after)
         self.opened_until[key] = self.now + max(10.0, retry_after or 0.0)
         self.probing.discard(key)
 
     @rule(key=keys)
     def succeed(self, key: str) -> None:
-        self.breaker.success((key, "m"))
+        self.breaker.success((key, MODEL))
         self.opened_until.pop(key, None)
         self.probing.discard(key)
 
     @rule(key=keys)
     def ask(self, key: str) -> None:
-        left = self.breaker.acquire((key, "m"))
-        until = self.opened_until.get(key)
-        if until is None:
-            assert left is None  # closed: always allowed
-        elif self.now < until:
-            assert left is not None
-            assert abs(left - (until - self.now)) < 1e-6
-        elif key in self.probing:
-            assert left == 0.0  # half-open with a probe out: others skip
+        expected = self._model_ask(key)
+        granted = self.breaker.acquire((key, MODEL))
+        if expected == "skip":
+            assert not isinstance(granted, Pass)
+            until = self.opened_until[key]
+            assert abs(granted - max(0.0, until - self.now)) < 1e-6 or key in self.probing
         else:
-            assert left is None  # half-open: this call is the probe
-            self.probing.add(key)
+            assert granted == Pass((key, MODEL), probe=expected == "probe")
+            if expected == "probe":
+                self.probing.add(key)
+                self.breaker.release(granted)  # this probe ends undecided at once
+                self.probing.discard(key)
 
-    @precondition(lambda self: bool(self.probing))
     @rule(key=keys)
-    def probe_undecided(self, key: str) -> None:
-        self.breaker.release((key, "m"))
-        self.probing.discard(key)
+    def start_call(self, key: str) -> None:
+        """A call reaches the router; it holds a pass (maybe the probe) until it ends."""
+        expected = self._model_ask(key)
+        router = route(
+            REQUEST,
+            [key],
+            adapter_of,
+            RoutingPolicy(retries=0),
+            self.breaker,
+        )
+        if expected == "skip":
+            with pytest.raises(errors.AllProvidersFailed):
+                next(router)
+            return
+        assert isinstance(next(router), Try)
+        if expected == "probe":
+            self.probing.add(key)
+        self.out[key].append((router, expected == "probe"))  # type: ignore[arg-type]
+
+    @precondition(lambda self: any(self.out.values()))
+    @rule(key=keys, how=st.sampled_from(["cancel", "final", "ok", "down"]))
+    def end_call(self, key: str, how: str) -> None:
+        if not self.out[key]:
+            return
+        router, probe = self.out[key].pop(0)
+        if how == "cancel":
+            router.close()  # GeneratorExit at the yield: the finally must release the probe
+            if probe:
+                self.probing.discard(key)
+        elif how == "final":
+            with pytest.raises(errors.ContentModerated):
+                router.send(fail(errors.ContentModerated, 400))
+            if probe:
+                self.probing.discard(key)
+        elif how == "ok":
+            with pytest.raises(StopIteration):
+                router.send(ok(key))
+            self.opened_until.pop(key, None)
+            self.probing.discard(key)
+        else:
+            with pytest.raises(errors.ProviderUnavailable):
+                router.send(fail(errors.ProviderUnavailable, 503))
+            self.opened_until[key] = self.now + 10.0
+            self.probing.discard(key)
 
     @invariant()
     def states_agree(self) -> None:
-        for key in ("a", "b"):
+        for key in ("laozhang", "apiyi"):
             until = self.opened_until.get(key)
             expected = "closed" if until is None else "open" if self.now < until else "half-open"
-            assert self.breaker.state((key, "m")) == expected
+            assert self.breaker.state((key, MODEL)) == expected
 
 
 TestBreaker = BreakerMachine.TestCase
