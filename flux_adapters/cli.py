@@ -14,6 +14,7 @@ Exit status, for scripts:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -30,12 +31,14 @@ from flux_adapters.request import MODELS
 
 if TYPE_CHECKING:
     from flux_adapters.request import EditRequest
+    from flux_adapters.result import BatchItem
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_REQUEST, EXIT_PROVIDER, EXIT_TRANSPORT, EXIT_CONFIG, EXIT_EXPIRED = (
     range(7)
 )
+EXIT_OUTPUT, EXIT_UNCONFIRMED, EXIT_INTERRUPTED = 7, 8, 130
 
 
 def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,8 +139,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Each line is a JSON object: id (the file name), prompt, model, images (paths or "
         "URLs), and any of width, height, size, aspect_ratio, seed, output_format, safety_tolerance, "
         "prompt_upsampling, steps, guidance, allow_conversions. Providers come from --provider, or "
-        "from flux-adapters.toml and $FLUX_PROVIDERS. A request whose image is already in the output "
-        "folder is skipped, so an interrupted batch can be run again without paying twice.",
+        "from flux-adapters.toml and $FLUX_PROVIDERS. A journal in the output folder records every "
+        "request before it is sent, so a batch stopped at any point (Ctrl-C, a kill, a power loss) "
+        "can be run again: saved jobs are skipped, and jobs that may have been billed are reported "
+        "'unconfirmed' and not sent again unless --resend-unconfirmed.",
     )
     batch.add_argument("file", type=Path, help="the JSONL file of requests")
     batch.add_argument(
@@ -156,6 +161,22 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     batch.add_argument(
         "--per-provider", type=int, default=4, help="requests in flight per provider (default 4)"
+    )
+    batch.add_argument(
+        "--resend-unconfirmed",
+        action="store_true",
+        help="send again jobs that may have been billed already (sent, no image saved)",
+    )
+    batch.add_argument(
+        "--force",
+        action="store_true",
+        help="run again jobs already saved, and jobs whose request changed since it was sent",
+    )
+    batch.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="after Ctrl-C, seconds to let jobs in flight finish and save (default 30)",
     )
 
     explain = commands.add_parser(
@@ -307,109 +328,214 @@ _BATCH_FIELDS = {
     "prompt", "model", "images", "width", "height", "size", "aspect_ratio", "seed", "output_format",
     "safety_tolerance", "prompt_upsampling", "steps", "guidance", "allow_conversions",
 }  # fmt: skip
+_SHOWN_PROBLEMS = 5
 
 
-def _batch_requests(path: Path) -> list[tuple[str, object]]:
-    """Read the JSONL file; every problem names its line."""
+def _batch_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
+    """Each non-blank line of the JSONL file: its number and its object, or what is wrong."""
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw)
+            except (ValueError, RecursionError) as exc:
+                yield number, f"not JSON ({str(exc)[:80]})"
+                continue
+            yield number, item if isinstance(item, dict) else "must be a JSON object"
+
+
+def _batch_id(number: int, item: dict[str, object]) -> str:
+    value = item.get("id", number)
+    return value if isinstance(value, str) else str(value) if isinstance(value, int) else ""
+
+
+def _check_batch_file(path: Path) -> int:
+    """Check the whole file before anything is sent; return how many requests it holds.
+
+    Raises:
+        RequestError: Lines that are not JSON objects, or whose id is missing, unsafe or
+            repeated, or that have unknown fields (the first few, with their line numbers).
+    """
+    from flux_adapters._batch import _name_problem
+
+    problems: list[errors.Violation] = []
+    seen: set[str] = set()
+    count = 0
+    for number, item in _batch_lines(path):
+        count += 1
+        where = f"{path.name}:{number}"
+        if isinstance(item, str):
+            problems.append(errors.Violation(where, item, "a JSON object per line", "line"))
+            continue
+        name = _batch_id(number, item)
+        trouble = _name_problem(name) or ("is used twice" if name in seen else "")
+        if trouble:
+            problems.append(errors.Violation(where, f"id {trouble}", "a unique file name", name))
+        seen.add(name)
+        unknown = sorted(set(item) - _BATCH_FIELDS - {"id"})
+        if unknown:
+            problems.append(
+                errors.Violation(
+                    where, "unknown fields", ", ".join(sorted(_BATCH_FIELDS)), str(unknown)
+                )
+            )
+    if problems:
+        shown = problems[:_SHOWN_PROBLEMS]
+        if len(problems) > len(shown):
+            more = len(problems) - len(shown)
+            shown.append(errors.Violation(path.name, f"and {more} more", "", "..."))
+        raise errors.RequestError(shown)
+    return count
+
+
+def _batch_jobs(
+    path: Path, refused: Callable[[str, errors.RequestError], None]
+) -> Iterator[tuple[str, EditRequest]]:
+    """The requests of a checked file, read lazily; a request its line cannot build is refused."""
     from flux_adapters.request import EditRequest
 
-    entries: list[tuple[str, object]] = []
-    seen: set[str] = set()
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, item in _batch_lines(path):
+        assert isinstance(item, dict)  # checked by _check_batch_file
+        name = _batch_id(number, item)
+        fields = {key: value for key, value in item.items() if key != "id"}
+        images = fields.get("images", [])
+        fields["images"] = (
+            _images([str(image) for image in images]) if isinstance(images, list) else images
+        )
+        fields.setdefault("model", "flux-2-pro")
         try:
-            item = json.loads(line)
-        except ValueError as exc:
-            raise errors.ConfigurationError(f"{path}:{number}: not JSON ({exc})") from None
-        if not isinstance(item, dict):
-            raise errors.ConfigurationError(f"{path}:{number}: each line must be a JSON object")
-        name = str(item.pop("id", number))
-        if not name or "/" in name or name in seen:
-            raise errors.ConfigurationError(
-                f"{path}:{number}: id {name!r} must be unique and a plain file name"
-            )
-        seen.add(name)
-        unknown = set(item) - _BATCH_FIELDS
-        if unknown:
-            raise errors.ConfigurationError(f"{path}:{number}: unknown fields {sorted(unknown)}")
-        item["images"] = _images([str(image) for image in item.get("images", [])])
-        item.setdefault("model", "flux-2-pro")
-        try:
-            entries.append((name, EditRequest(**item)))
+            yield name, EditRequest(**fields)  # type: ignore[arg-type]
         except errors.RequestError as error:
-            entries.append((name, error))
-    return entries
+            refused(name, error)
+
+
+def _attempt_lines(item: BatchItem) -> list[dict[str, object]]:
+    source = item.result or item.error
+    return [
+        {
+            "provider": attempt.provider,
+            "outcome": attempt.outcome,
+            "seconds": round(attempt.elapsed_s, 3),
+            "billing": attempt.billing,
+            "reason": attempt.reason or (type(attempt.error).__name__ if attempt.error else ""),
+        }
+        for attempt in (source.attempts if source is not None else ())
+    ]
+
+
+def _report_line(item: BatchItem) -> dict[str, object]:
+    line: dict[str, object] = {"id": item.name, "status": item.status}
+    if item.result is not None:
+        line["provider"] = item.result.provider
+        line["cost_usd"] = item.result.cost_usd
+    if item.saved:
+        line["files"] = [str(path) for path in item.saved]
+    if item.error is not None:
+        line["error"] = f"{type(item.error).__name__}: {item.error}"
+    if item.reason:
+        line["reason"] = item.reason
+    attempts = _attempt_lines(item)
+    if attempts:
+        line["attempts"] = attempts
+    return line
 
 
 def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import asyncio
+    import itertools
+    import signal
 
+    from flux_adapters._journal import JsonLines
     from flux_adapters.client import AsyncFluxClient
-    from flux_adapters.request import EditRequest
 
-    entries = _batch_requests(arguments.file)
+    path: Path = arguments.file
+    total = _check_batch_file(path)
     folder: Path = arguments.output
-    folder.mkdir(parents=True, exist_ok=True)
-    report_path: Path = arguments.report or folder / "report.jsonl"
-    # The first image of a request is saved as <id>.<format>: its presence means "done".
-    done = {
-        name
-        for name, _ in entries
-        if any((folder / f"{name}.{ext}").exists() for ext in ("png", "jpeg", "webp"))
-    }
-    pending = [(name, request) for name, request in entries if name not in done]
-    counts = {"ok": 0, "failed": 0, "skipped": len(entries) - len(pending)}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise errors.OutputError(exc.strerror or str(exc), path=str(folder)) from None
+    report = JsonLines(arguments.report or folder / "report.jsonl")
+    counts = dict.fromkeys(("ok", "skipped", "changed", "failed", "unconfirmed"), 0)
 
-    def write(line: dict[str, object]) -> None:
-        with report_path.open("a") as report:
-            report.write(json.dumps(line, ensure_ascii=False) + "\n")
-
-    for name, _ in entries:
-        if name in done:
-            write({"id": name, "status": "skipped", "reason": "already saved"})
-    invalid = [(name, request) for name, request in pending if not isinstance(request, EditRequest)]
-    for name, problem in invalid:
+    def refused(name: str, error: errors.RequestError) -> None:
         counts["failed"] += 1
-        write({"id": name, "status": "failed", "error": f"RequestError: {problem}"})
-    runnable = [(name, request) for name, request in pending if isinstance(request, EditRequest)]
+        report.append({"id": name, "status": "failed", "error": f"RequestError: {error}"})
+
+    interrupted = False
 
     async def run() -> None:
+        nonlocal interrupted
+        stop = asyncio.Event()
+        main_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            nonlocal interrupted
+            if interrupted:
+                assert main_task is not None
+                main_task.cancel()  # a second signal: stop now; the journal knows what was sent
+                return
+            interrupted = True
+            stop.set()
+            err.write(
+                f"flux-adapters: stopping: no new jobs; up to {arguments.grace:g} s for those in "
+                "flight (Ctrl-C again to stop at once)\n"
+            )
+            err.flush()
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(number, on_signal)
         if arguments.provider:
             client = AsyncFluxClient(providers=arguments.provider)
         else:
             client = AsyncFluxClient.from_env()
+        first, second = itertools.tee(_batch_jobs(path, refused))
         async with client:
             items = client.edit_many(
-                [request for _, request in runnable],
-                names=[name for name, _ in runnable],
+                (request for _, request in second),
+                names=(name for name, _ in first),
                 concurrency=arguments.concurrency,
                 per_provider=arguments.per_provider,
                 output_dir=folder,
+                resend_unconfirmed=arguments.resend_unconfirmed,
+                force=arguments.force,
+                stop=stop,
+                grace=arguments.grace,
             )
-            with _progress(len(runnable), err) as advance:
-                async for item in items:
-                    attempts = [
-                        {"provider": a.provider, "outcome": a.outcome, "seconds": round(a.elapsed_s, 3), "reason": a.reason or (type(a.error).__name__ if a.error else "")}
-                        for a in (item.result.attempts if item.result else item.error.attempts if item.error else ())
-                    ]  # fmt: skip
-                    if item.result is not None:
-                        counts["ok"] += 1
-                        write({"id": item.name, "status": "ok", "provider": item.result.provider,
-                               "files": [str(path) for path in item.saved], "cost_usd": item.result.cost_usd,
-                               "attempts": attempts})  # fmt: skip
-                    else:
-                        counts["failed"] += 1
-                        write({"id": item.name, "status": "failed", "error": f"{type(item.error).__name__}: {item.error}",
-                               "attempts": attempts})  # fmt: skip
-                    advance(f"{item.name}: {'ok' if item.result else 'failed'}")
+            with _progress(total, err) as advance:
+                try:
+                    async for item in items:
+                        counts[item.status] += 1
+                        report.append(_report_line(item))
+                        advance(f"{item.name}: {item.status}")
+                except asyncio.CancelledError:
+                    pass
 
-    if runnable:
+    try:
         asyncio.run(run())
-    out.write(
-        f"{counts['ok']} saved, {counts['failed']} failed, {counts['skipped']} already saved; report: {report_path}\n"
+    finally:
+        report.close()
+    done = sum(counts.values())
+    summary = (
+        f"{counts['ok']} saved, {counts['skipped']} already saved, {counts['failed']} failed, "
+        f"{counts['unconfirmed']} unconfirmed, {counts['changed']} changed"
     )
-    return EXIT_OK if counts["failed"] == 0 else EXIT_PROVIDER
+    if done < total:
+        summary += f", {total - done} not started"
+    out.write(f"{summary}; report: {report.path}\n")
+    if counts["unconfirmed"]:
+        out.write(
+            "unconfirmed jobs may have been billed and have no image: see the report; rerun with "
+            "--resend-unconfirmed to send them again\n"
+        )
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if counts["unconfirmed"]:
+        return EXIT_UNCONFIRMED
+    return EXIT_PROVIDER if counts["failed"] or counts["changed"] else EXIT_OK
 
 
 @contextmanager
@@ -572,6 +698,7 @@ def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
 
 
 _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
+    (errors.OutputError, EXIT_OUTPUT),
     (errors.RequestError, EXIT_REQUEST),
     (errors.ConfigurationError, EXIT_CONFIG),
     (errors.ResultExpired, EXIT_EXPIRED),

@@ -1,16 +1,16 @@
 """`FluxClient` and `AsyncFluxClient`: the only code that sends anything.
 
-Both drive the same flows (``flux_adapters._flows``) over httpx, so they cannot drift apart.
-They add the credentials (only to the provider's own base URL), stream request bodies, map
-httpx failures to `TransportError` with ``sent`` saying whether the provider may have received
-the request, and attach a downloader to each result image.
+Both drive the same flows (``flux_adapters._flows``) and the same router over httpx, so they
+cannot drift apart. They add the credentials (only to the provider's own base URL), stream
+request bodies, read answers within a size cap and an overall deadline, map httpx failures to
+`TransportError` with ``sent`` saying whether the provider may have received the request, and
+attach a downloader to each result image. Every argument is checked when a client is built.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import io
 import os
 import time
@@ -19,37 +19,49 @@ from collections.abc import (
     Callable,
     Generator,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
 from contextvars import ContextVar
-from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final, Self
+from typing import IO, Any, Final, Protocol, Self, get_args
 from urllib.parse import urlsplit
 
 import attrs
 import httpx
 
 from flux_adapters._bodies import StreamedJson, json_segments, segments_length
+from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
+from flux_adapters._files import image_format
 from flux_adapters._flows import Flow, Outcome, edit_flow
+from flux_adapters._options import (
+    check_adapter,
+    check_base_url,
+    check_key,
+    check_seconds,
+    check_timeout,
+    did_you_mean,
+    is_number,
+)
+from flux_adapters._redact import Redactor
+from flux_adapters._transport import (
+    AnswerBody,
+    deadline_error,
+    mapped_transport_errors,
+    phase_timeouts,
+)
 from flux_adapters.config import ProviderSettings, load_config
 from flux_adapters.errors import (
     ConfigurationError,
     FluxError,
-    ProviderRejected,
-    ProviderUnavailable,
-    ResponseFormatError,
-    ResultExpired,
-    Timeout,
-    TransportError,
+    RequestError,
+    Violation,
 )
 from flux_adapters.limits import Plan
-from flux_adapters.prices import Price, estimate
+from flux_adapters.prices import PerCall, PerMegapixel, Price, estimate
 from flux_adapters.providers import Adapter, get_adapter
 from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage
-from flux_adapters.result import BatchItem, EditResult, ResultImage
+from flux_adapters.result import BatchItem, EditResult
 from flux_adapters.routing import (
     Breaker,
     Instruction,
@@ -62,25 +74,38 @@ from flux_adapters.routing import (
 )
 from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, MultipartBody
 
-__all__ = ["DEFAULT_TIMEOUT", "DOWNLOAD_TIMEOUT", "AsyncFluxClient", "FluxClient", "HttpDownloader"]
+__all__ = [
+    "DEFAULT_DEADLINE",
+    "DEFAULT_TIMEOUT",
+    "DOWNLOAD_DEADLINE",
+    "DOWNLOAD_TIMEOUT",
+    "AsyncFluxClient",
+    "FluxClient",
+    "HttpDownloader",
+]
 
 DEFAULT_TIMEOUT: Final = httpx.Timeout(connect=10.0, read=300.0, write=120.0, pool=60.0)
 """Generation is synchronous at these providers and FLUX.2 [max] with eight references can take
 minutes; the documents' own examples wait 120 to 240 s. Connecting should still be quick."""
 
-DOWNLOAD_TIMEOUT: Final = httpx.Timeout(60.0, connect=10.0)
-MAX_DOWNLOAD_BYTES: Final = 100 * 1024 * 1024
-"""A result image larger than this is refused rather than written to disk or memory."""
+DEFAULT_DEADLINE: Final = 600.0
+"""Seconds one exchange may take in all, from sending the request to the last byte of the
+answer: a server that drips its answer a byte at a time cannot hold a call longer. A number
+given as ``timeout=`` is also the deadline."""
 
 
 @attrs.frozen
 class _Binding:
-    """One provider as configured: adapter, base URL, timeout and key (kept out of every repr)."""
+    """One provider as configured: adapter, base URL, timeouts and key (kept out of every repr)."""
 
     adapter: Adapter
     base_url: str
     timeout: httpx.Timeout
+    """Per-phase timeouts, none longer than the deadline."""
+    deadline: float
     api_key: str = attrs.field(repr=False)
+    scrub: Redactor = attrs.field(repr=False, eq=False)
+    """Removes this key, in any form, from every message."""
 
     @classmethod
     def create(
@@ -90,28 +115,46 @@ class _Binding:
         api_key: str | None = None,
         base_url: str | None = None,
         timeout: httpx.Timeout | float | None = None,
+        deadline: float | None = None,
         settings: ProviderSettings | None = None,
     ) -> _Binding:
-        """Bind *provider*: explicit arguments, then the environment, then its settings."""
+        """Bind *provider*: explicit arguments, then the environment, then its settings.
+
+        Raises:
+            ConfigurationError: Unknown provider, no key, or a key, URL or timeout that is not
+                usable (the message names where it came from, never the key).
+        """
         adapter = get_adapter(provider) if isinstance(provider, str) else provider
         variable = (settings and settings.api_key_env) or f"{adapter.env_prefix}_API_KEY"
-        key = api_key if api_key is not None else os.environ.get(variable)
-        if not key:
-            raise ConfigurationError(
-                f"no API key for {adapter.name}: pass api_key= or set {variable}"
-            )
-        base = (
-            base_url
-            or os.environ.get(f"{adapter.env_prefix}_BASE_URL")
-            or (settings and settings.base_url)
-            or adapter.default_base_url
-        )
+        if api_key is not None:
+            key = check_key(api_key, "api_key=")
+        else:
+            found = os.environ.get(variable)
+            if not found:
+                raise ConfigurationError(
+                    f"no API key for {adapter.name}: pass api_key= or set {variable}"
+                )
+            key = check_key(found, f"${variable}")
+        env_url = os.environ.get(f"{adapter.env_prefix}_BASE_URL")
+        if base_url is not None:
+            base = check_base_url(base_url, "base_url=")
+        elif env_url:
+            base = check_base_url(env_url, f"${adapter.env_prefix}_BASE_URL")
+        elif settings is not None and settings.base_url:
+            base = check_base_url(settings.base_url, f"base_url of [provider.{adapter.name}]")
+        else:
+            base = adapter.default_base_url
         chosen = timeout if timeout is not None else settings.timeout if settings else None
+        phases = DEFAULT_TIMEOUT if chosen is None else check_timeout(chosen, "timeout=")
+        if deadline is None:
+            deadline = float(chosen) if is_number(chosen) else DEFAULT_DEADLINE
         return cls(
             adapter=adapter,
             base_url=_normalise_base_url(base),
-            timeout=_as_timeout(chosen),
+            timeout=phase_timeouts(phases, deadline),
+            deadline=deadline,
             api_key=key,
+            scrub=Redactor((key,)),
         )
 
     def owns(self, url: str) -> bool:
@@ -126,15 +169,9 @@ def _normalise_base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def _as_timeout(timeout: httpx.Timeout | float | None) -> httpx.Timeout:
-    if timeout is None:
-        return DEFAULT_TIMEOUT
-    return timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
-
-
 def _open_upload(image: LocalImage, files: contextlib.ExitStack) -> IO[bytes]:
     if isinstance(image, FileImage):
-        return files.enter_context(image.path.open("rb"))
+        return files.enter_context(image.open())
     if isinstance(image, DataUrlImage):
         return io.BytesIO(image.decode())
     # BytesIO, not bytes: httpx then streams it in 64 KiB slices instead of one large write.
@@ -145,7 +182,30 @@ def _build_httpx_request(
     http: httpx.Client | httpx.AsyncClient,
     binding: _Binding,
     outgoing: HttpRequest,
-    timeout: httpx.Timeout,
+    files: contextlib.ExitStack,
+) -> httpx.Request:
+    """The httpx request for *outgoing*, with the key added only for the provider's origin.
+
+    Raises:
+        RequestError: httpx cannot send what the adapter built (a bad URL or header).
+    """
+    try:
+        return _httpx_request(http, binding, outgoing, files)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        why = binding.scrub(f"{type(exc).__name__}: {exc}")[:200]
+        violation = Violation(
+            "request",
+            f"{binding.adapter.name} built a request httpx cannot send",
+            "valid HTTP",
+            why,
+        )
+        raise RequestError([violation], provider=binding.adapter.name) from None
+
+
+def _httpx_request(
+    http: httpx.Client | httpx.AsyncClient,
+    binding: _Binding,
+    outgoing: HttpRequest,
     files: contextlib.ExitStack,
 ) -> httpx.Request:
     headers = dict(outgoing.headers)
@@ -153,6 +213,7 @@ def _build_httpx_request(
     if binding.owns(outgoing.url):
         headers["Authorization"] = f"Bearer {binding.api_key}"
     body = outgoing.body
+    timeout = binding.timeout
     if isinstance(body, MultipartBody):
         uploads = [
             (
@@ -190,59 +251,6 @@ def _build_httpx_request(
     return http.build_request(outgoing.method, outgoing.url, headers=headers, timeout=timeout)
 
 
-def _received(response: httpx.Response) -> HttpResponse:
-    return HttpResponse(
-        # multi_items() walks the headers once; dict(headers) looks each name up again (quadratic).
-        status_code=response.status_code,
-        headers=dict(response.headers.multi_items()),
-        content=response.content,
-    )
-
-
-def _proves_not_sent(exc: BaseException) -> bool:
-    """Whether a transport failure proves the provider never received the request."""
-    cause = exc.__cause__ if isinstance(exc, httpx.TransportError) and exc.__cause__ else exc
-    if type(cause).__module__.partition(".")[0] == "aiohttp":
-        # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout, including a
-        # disconnect after the body was sent; only aiohttp's connector errors prove it unsent.
-        import aiohttp
-
-        return isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-    # A write timeout means the body was not fully written, so the job cannot have been taken.
-    return isinstance(
-        exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.WriteTimeout
-    )
-
-
-def _transport_error(exc: Exception, provider: str) -> TransportError:
-    sent = not _proves_not_sent(exc)
-    if isinstance(exc, httpx.TimeoutException | TimeoutError) or isinstance(
-        exc.__cause__, TimeoutError
-    ):
-        what = (
-            "timed out waiting for the answer" if sent else "timed out before the request was sent"
-        )
-        return Timeout(f"{what} ({type(exc).__name__})", provider=provider, sent=sent)
-    what = "the connection failed" if sent else "could not connect"
-    return TransportError(f"{what} ({type(exc).__name__}: {exc})", provider=provider, sent=sent)
-
-
-@contextlib.contextmanager
-def _mapped_transport_errors(provider: str) -> Iterator[None]:
-    """Re-raise transport failures as ours, saying whether the provider may have the request."""
-    try:
-        yield
-    except httpx.TransportError as exc:
-        raise _transport_error(exc, provider) from exc
-    except (TimeoutError, OSError) as exc:
-        # Raw failures some transports let through (asyncio timeouts, aiohttp client errors).
-        raise _transport_error(exc, provider) from exc
-    except Exception as exc:
-        if type(exc).__module__.partition(".")[0] != "aiohttp":
-            raise
-        raise _transport_error(exc, provider) from exc
-
-
 def _drive_sync(flow: Flow, send: Callable[[HttpRequest], HttpResponse]) -> Outcome:
     try:
         outgoing = next(flow)
@@ -259,14 +267,76 @@ _GATES: ContextVar[Mapping[str, asyncio.Semaphore] | None] = ContextVar("flux_ga
 """Per-provider concurrency limits of the `edit_many` batch the current task belongs to."""
 
 
+class Watcher(Protocol):
+    """Told about each attempt of one edit (the batch journal): before it sends, and after."""
+
+    async def sending(self, provider: str) -> None:
+        """A request for the job is about to go to *provider*; raise to stop it going."""
+
+    def finished(self, provider: str, reply: Outcome | FluxError) -> None:
+        """The attempt at *provider* ended with *reply*."""
+
+
 def _default_policy(provider_count: int, **settings: Any) -> RoutingPolicy:
     # One provider: no retries and no cooldown, so each call reports its own outcome.
     single = provider_count == 1
     return RoutingPolicy(retries=0 if single else 1, cooldown=0.0 if single else 30.0, **settings)
 
 
+def _provider_list(provider: object, providers: object) -> list[str | Adapter]:
+    if (provider is None) == (providers is None):
+        raise ConfigurationError("pass either provider= (one) or providers= (a failover list)")
+    if provider is not None:
+        items: list[object] = [provider]
+    else:
+        if isinstance(providers, str | bytes) or not isinstance(providers, Iterable):
+            raise ConfigurationError(
+                "providers= must be a list of provider ids, e.g. ['laozhang', 'apiyi']"
+            )
+        try:
+            items = list(providers)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"providers= could not be read ({type(exc).__name__})"
+            ) from exc
+        if not items:
+            raise ConfigurationError("providers= is empty")
+    names: list[str | Adapter] = []
+    for item in items:
+        if isinstance(item, str):
+            names.append(get_adapter(item).name)
+        else:
+            names.append(check_adapter(item))  # type: ignore[arg-type]
+    seen = [name if isinstance(name, str) else name.name for name in names]
+    twice = sorted({name for name in seen if seen.count(name) > 1})
+    if twice:
+        raise ConfigurationError(f"providers= lists {', '.join(twice)} more than once")
+    return names
+
+
+def _check_prices(prices: object) -> dict[tuple[str, str], Price]:
+    if prices is None:
+        return {}
+    if not isinstance(prices, Mapping):
+        raise ConfigurationError("prices= must map (provider, model) to a price")
+    checked: dict[tuple[str, str], Price] = {}
+    for key, price in prices.items():
+        if not (
+            isinstance(key, tuple) and len(key) == 2 and all(isinstance(part, str) for part in key)
+        ):
+            raise ConfigurationError("prices= keys must be (provider, model) pairs of strings")
+        if not isinstance(price, PerCall | PerMegapixel):
+            raise ConfigurationError(
+                f"prices=[{key!r}] must be a PerCall or PerMegapixel, not {type(price).__name__}"
+            )
+        checked[key] = price
+    return checked
+
+
 class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
+
+    _http: httpx.Client | httpx.AsyncClient
 
     def __init__(
         self,
@@ -276,6 +346,7 @@ class _ClientBase:
         api_key: str | None,
         base_url: str | None,
         timeout: httpx.Timeout | float | None,
+        deadline: float | None,
         routing: Routing,
         max_cost_usd: float | None,
         failover_on_ambiguous: bool,
@@ -283,16 +354,39 @@ class _ClientBase:
         prices: Mapping[tuple[str, str], Price] | None,
         settings: Mapping[str, ProviderSettings] | None,
     ) -> None:
-        if (provider is None) == (providers is None):
-            raise ConfigurationError("pass either provider= (one) or providers= (a failover list)")
+        names = _provider_list(provider, providers)
         if providers is not None and (api_key is not None or base_url is not None):
             raise ConfigurationError(
                 "api_key= and base_url= go with a single provider=; for several providers, "
                 "set <PROVIDER>_API_KEY / <PROVIDER>_BASE_URL or use a configuration file"
             )
-        names = [provider] if provider is not None else list(providers or ())
-        if not names:
-            raise ConfigurationError("providers= is empty")
+        # Callers may pass anything, whatever the annotations say: check the values as objects.
+        given: dict[str, object] = {
+            "routing": routing,
+            "budget": max_cost_usd,
+            "failover": failover_on_ambiguous,
+            "policy": policy,
+            "settings": settings,
+        }
+        chosen = given["routing"]
+        if chosen not in get_args(Routing):
+            hint = did_you_mean(chosen, get_args(Routing)) if isinstance(chosen, str) else ""
+            raise ConfigurationError(f"routing= must be 'ordered' or 'cheapest'{hint}")
+        budget = given["budget"]
+        if budget is not None and not (is_number(budget) and budget >= 0):
+            raise ConfigurationError("max_cost_usd= must be a number of dollars >= 0, or None")
+        if not isinstance(given["failover"], bool):
+            raise ConfigurationError("failover_on_ambiguous= must be True or False")
+        if given["policy"] is not None and not isinstance(given["policy"], RoutingPolicy):
+            raise ConfigurationError("policy= must be a flux_adapters.routing.RoutingPolicy")
+        configured = given["settings"]
+        if configured is not None and not (
+            isinstance(configured, Mapping)
+            and all(isinstance(value, ProviderSettings) for value in configured.values())
+        ):
+            raise ConfigurationError("settings= must map provider ids to ProviderSettings")
+        if deadline is not None:
+            deadline = check_seconds(deadline, "deadline=")
         known = settings or {}
         self._bindings = tuple(
             _Binding.create(
@@ -300,6 +394,7 @@ class _ClientBase:
                 api_key=api_key,
                 base_url=base_url,
                 timeout=timeout,
+                deadline=deadline,
                 settings=known.get(name if isinstance(name, str) else name.name),
             )
             for name in names
@@ -313,7 +408,7 @@ class _ClientBase:
             )
         self._policy = policy
         self._breaker = Breaker(cooldown=policy.cooldown)
-        self._prices = dict(prices or {})
+        self._prices = _check_prices(prices)
 
     @classmethod
     def from_env(
@@ -366,7 +461,15 @@ class _ClientBase:
         """Every provider this client may send to, in configured order."""
         return tuple(binding.adapter.name for binding in self._bindings)
 
-    def _route(self, request: EditRequest) -> Generator[Instruction, Reply, Routed]:
+    def _start(self, request: object) -> Generator[Instruction, Reply, Routed]:
+        """The router for *request*, once the request and the client are usable."""
+        if not isinstance(request, EditRequest):
+            violation = Violation(
+                "request", "must be an EditRequest", "EditRequest(...)", type(request).__name__
+            )
+            raise RequestError([violation])
+        if self._http.is_closed:
+            raise ConfigurationError(f"this {type(self).__name__} is closed; create a new one")
         return route(
             request, self._bindings, _adapter_of, self._policy, self._breaker, self._prices
         )
@@ -391,6 +494,9 @@ class _ClientBase:
             elapsed_s=time.perf_counter() - started,
         )
 
+    def _downloader_deadline(self) -> float:
+        return min([DOWNLOAD_DEADLINE, *(binding.deadline for binding in self._bindings)])
+
 
 def _adapter_of(binding: object) -> Adapter:
     assert isinstance(binding, _Binding)
@@ -407,19 +513,25 @@ class FluxClient(_ClientBase):
         providers: Several provider ids, in failover order (see `flux_adapters.routing`).
         routing: ``"ordered"`` or ``"cheapest"`` (by the price table), with *providers*.
         api_key: The key, with *provider*; else read from ``<PROVIDER>_API_KEY``
-            (``APIYI_API_KEY`` for both apiyi dialects).
+            (``APIYI_API_KEY`` for both apiyi dialects). Whitespace or a line break around the
+            key is refused (not stripped), naming the variable.
         base_url: The base URL, with *provider*, with or without ``/v1``; else
             ``<PROVIDER>_BASE_URL``, else the provider's real one.
         http_client: An ``httpx.Client`` of yours (proxies, transports, tests); not closed here.
-        timeout: Per-call timeout; defaults to `DEFAULT_TIMEOUT`, suited to image generation.
+        timeout: Seconds (also the deadline), or an ``httpx.Timeout`` per phase; default
+            `DEFAULT_TIMEOUT`, suited to image generation.
+        deadline: Seconds one exchange may take in all, answer included (default: a number given
+            as *timeout*, else `DEFAULT_DEADLINE`); bounds servers that answer a byte at a time.
         max_cost_usd: Skip providers whose estimated price for the call exceeds this.
         failover_on_ambiguous: Fail over even after a failure that may have been billed.
         policy: Full routing settings (overrides *routing*, *max_cost_usd*, *failover_on_ambiguous*).
         prices: Price overrides by (provider, model).
 
     Raises:
-        ConfigurationError: Unknown provider, or no API key.
+        ConfigurationError: Unknown provider, no API key, or any argument that is not usable.
     """
+
+    _http: httpx.Client
 
     def __init__(
         self,
@@ -431,18 +543,25 @@ class FluxClient(_ClientBase):
         base_url: str | None = None,
         http_client: httpx.Client | None = None,
         timeout: httpx.Timeout | float | None = None,
+        deadline: float | None = None,
         max_cost_usd: float | None = None,
         failover_on_ambiguous: bool = False,
         policy: RoutingPolicy | None = None,
         prices: Mapping[tuple[str, str], Price] | None = None,
         settings: Mapping[str, ProviderSettings] | None = None,
     ) -> None:
+        if http_client is not None and not isinstance(http_client, httpx.Client):
+            raise ConfigurationError(
+                f"http_client= must be an httpx.Client, not {type(http_client).__name__}"
+                + (" (use AsyncFluxClient)" if isinstance(http_client, httpx.AsyncClient) else "")
+            )
         super().__init__(
             provider,
             providers,
             api_key=api_key,
             base_url=base_url,
             timeout=timeout,
+            deadline=deadline,
             routing=routing,
             max_cost_usd=max_cost_usd,
             failover_on_ambiguous=failover_on_ambiguous,
@@ -452,7 +571,9 @@ class FluxClient(_ClientBase):
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else httpx.Client()
-        self._downloader = HttpDownloader(provider=self.provider, sync_client=self._http)
+        self._downloader = HttpDownloader(
+            provider=self.provider, sync_client=self._http, deadline=self._downloader_deadline()
+        )
 
     def edit(self, request: EditRequest) -> EditResult:
         """Send *request* (failing over as configured) and return the images.
@@ -462,9 +583,10 @@ class FluxClient(_ClientBase):
             ProviderError: The provider answered with an error (a subclass says which).
             TransportError: No usable answer; ``sent`` says whether it may be billed.
             AllProvidersFailed: With several providers, none produced the image.
+            ConfigurationError: The client is closed.
         """
         started = time.perf_counter()
-        router = self._route(request)
+        router = self._start(request)
         try:
             instruction = next(router)
             while True:
@@ -476,6 +598,8 @@ class FluxClient(_ClientBase):
                 instruction = router.send(reply)
         except StopIteration as done:
             routed: Routed = done.value
+        finally:
+            router.close()  # an exception here still ends the route (and releases its probe)
         return self._result(request, routed, started, self._downloader)
 
     def _attempt(self, binding: object, request: EditRequest, plan: Plan) -> Outcome | FluxError:
@@ -487,9 +611,22 @@ class FluxClient(_ClientBase):
             return error
 
     def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
-        with contextlib.ExitStack() as files, _mapped_transport_errors(binding.adapter.name):
-            request = _build_httpx_request(self._http, binding, outgoing, binding.timeout, files)
-            return _received(self._http.send(request))
+        name = binding.adapter.name
+        with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
+            request = _build_httpx_request(self._http, binding, outgoing, files)
+            ends = time.monotonic() + binding.deadline
+            response = self._http.send(request, stream=True)
+            try:
+                body = AnswerBody(response, name, binding.deadline, ends)
+                try:
+                    for chunk in response.iter_bytes():
+                        if not body.take(chunk):
+                            break
+                except httpx.DecodingError as exc:
+                    raise body.unreadable("the answer could not be decoded") from exc
+                return body.finish()
+            finally:
+                response.close()
 
     def close(self) -> None:
         """Close the HTTP client, if this client created it."""
@@ -527,6 +664,8 @@ class AsyncFluxClient(_ClientBase):
     ``http_client`` is an ``httpx.AsyncClient``. `edit_many` runs a batch.
     """
 
+    _http: httpx.AsyncClient
+
     def __init__(
         self,
         provider: str | Adapter | None = None,
@@ -537,18 +676,25 @@ class AsyncFluxClient(_ClientBase):
         base_url: str | None = None,
         http_client: httpx.AsyncClient | None = None,
         timeout: httpx.Timeout | float | None = None,
+        deadline: float | None = None,
         max_cost_usd: float | None = None,
         failover_on_ambiguous: bool = False,
         policy: RoutingPolicy | None = None,
         prices: Mapping[tuple[str, str], Price] | None = None,
         settings: Mapping[str, ProviderSettings] | None = None,
     ) -> None:
+        if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
+            raise ConfigurationError(
+                f"http_client= must be an httpx.AsyncClient, not {type(http_client).__name__}"
+                + (" (use FluxClient)" if isinstance(http_client, httpx.Client) else "")
+            )
         super().__init__(
             provider,
             providers,
             api_key=api_key,
             base_url=base_url,
             timeout=timeout,
+            deadline=deadline,
             routing=routing,
             max_cost_usd=max_cost_usd,
             failover_on_ambiguous=failover_on_ambiguous,
@@ -558,12 +704,17 @@ class AsyncFluxClient(_ClientBase):
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else _default_async_http()
-        self._downloader = HttpDownloader(provider=self.provider, async_client=self._http)
+        self._downloader = HttpDownloader(
+            provider=self.provider, async_client=self._http, deadline=self._downloader_deadline()
+        )
 
     async def edit(self, request: EditRequest) -> EditResult:
         """Send *request* (failing over as configured) and return the images; see `FluxClient.edit`."""
+        return await self._edit(request, None)
+
+    async def _edit(self, request: EditRequest, watcher: Watcher | None) -> EditResult:
         started = time.perf_counter()
-        router = self._route(request)
+        router = self._start(request)
         try:
             instruction = next(router)
             while True:
@@ -571,104 +722,124 @@ class AsyncFluxClient(_ClientBase):
                     await asyncio.sleep(instruction.seconds)
                     reply: Reply = None
                 else:
-                    reply = await self._attempt(instruction.candidate, request, instruction.plan)
+                    reply = await self._attempt(
+                        instruction.candidate, request, instruction.plan, watcher
+                    )
                 instruction = router.send(reply)
         except StopIteration as done:
             routed: Routed = done.value
+        finally:
+            router.close()  # cancelled (asyncio.wait_for) or failed: the route releases its probe
         return self._result(request, routed, started, self._downloader)
 
     async def _attempt(
-        self, binding: object, request: EditRequest, plan: Plan
+        self, binding: object, request: EditRequest, plan: Plan, watcher: Watcher | None
     ) -> Outcome | FluxError:
         assert isinstance(binding, _Binding)
+        name = binding.adapter.name
         gates = _GATES.get()
-        gate = gates.get(binding.adapter.name) if gates else None
+        gate = gates.get(name) if gates else None
         async with gate if gate is not None else contextlib.nullcontext():
             flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,), plan)
+            reply: Outcome | FluxError
             try:
                 outgoing = next(flow)
+                if watcher is not None:
+                    await watcher.sending(name)  # durable before anything goes out
                 while True:
                     outgoing = flow.send(await self._send(binding, outgoing))
             except StopIteration as finished:
-                outcome: Outcome = finished.value
-                return outcome
+                reply = finished.value
             except FluxError as error:
-                return error
+                reply = error
             finally:
                 flow.close()
+            if watcher is not None:
+                watcher.finished(name, reply)
+            return reply
 
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
-        with contextlib.ExitStack() as files, _mapped_transport_errors(binding.adapter.name):
-            request = _build_httpx_request(self._http, binding, outgoing, binding.timeout, files)
-            return _received(await self._http.send(request))
+        name = binding.adapter.name
+        deadline = asyncio.timeout(binding.deadline)
+        try:
+            async with deadline:
+                with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
+                    request = _build_httpx_request(self._http, binding, outgoing, files)
+                    response = await self._http.send(request, stream=True)
+                    try:
+                        body = AnswerBody(response, name, binding.deadline, None)
+                        try:
+                            async for chunk in response.aiter_bytes():
+                                if not body.take(chunk):
+                                    break
+                        except httpx.DecodingError as exc:
+                            raise body.unreadable("the answer could not be decoded") from exc
+                        return body.finish()
+                    finally:
+                        await response.aclose()
+        except TimeoutError as exc:  # transport timeouts are mapped inside: this is the deadline
+            if not deadline.expired():
+                raise
+            raise deadline_error(name, binding.deadline) from exc
 
-    async def edit_many(
+    def edit_many(
         self,
         requests: Iterable[EditRequest],
         *,
         concurrency: int = 8,
         per_provider: int | None = None,
         output_dir: str | os.PathLike[str] | None = None,
-        names: Sequence[str] | None = None,
+        names: Iterable[str] | None = None,
+        resend_unconfirmed: bool = False,
+        force: bool = False,
+        stop: asyncio.Event | None = None,
+        grace: float = 30.0,
     ) -> AsyncIterator[BatchItem]:
         """Run many edits at once; yield each `BatchItem` as soon as it finishes.
 
+        With *output_dir*, each image is saved there the moment it is ready (result URLs expire
+        in minutes) as ``<name>.<format>`` (``<name>-2.<format>`` ... for more), and a
+        write-ahead journal in that folder (``.flux-journal.jsonl``) makes reruns safe: a job
+        already saved is skipped; a job that may have been billed without an image saved
+        (an ambiguous failure, or a crash after sending) is reported ``unconfirmed`` and not
+        sent again unless *resend_unconfirmed*; a job whose request changed since it was sent is
+        reported ``changed`` and not sent unless *force* (which also re-runs saved jobs).
+
         Args:
-            requests: The edits, each routed as `edit` would.
+            requests: The edits, each routed as `edit` would; read lazily, so a generator of a
+                million requests runs in constant memory.
             concurrency: Most edits in flight at once.
             per_provider: Most requests in flight at any one provider.
-            output_dir: When given, each result image is saved there the moment it is ready
-                (result URLs expire in minutes), as ``<name>.<format>`` (``<name>-2...`` for more).
-            names: File names (without extension) for the requests, in order; default the index.
+            output_dir: Where to save images and keep the journal.
+            names: File names (without extension) for the requests, in order; default the
+                index. Each must be a plain file name (no folder, no leading dot).
+            resend_unconfirmed: Send again jobs that may have been billed already.
+            force: Run again jobs already saved, and jobs whose request changed.
+            stop: When set, no further job starts; those in flight get *grace* seconds to
+                finish (their images are saved) before they are cancelled.
+            grace: Seconds in-flight jobs may take after *stop* is set.
 
-        A failed edit is yielded with its error; the batch goes on.
+        Every failure of a job, of any kind, is yielded as that job's `BatchItem` with a typed
+        error; the batch goes on.
+
+        Raises:
+            ConfigurationError: *concurrency*, *per_provider* or *grace* are not usable, the
+                output folder cannot be used, or another batch is writing to it.
         """
-        queue = list(requests)
-        stems = (
-            list(names) if names is not None else [f"{index:05d}" for index in range(len(queue))]
+        from flux_adapters._batch import run_batch  # lazy: only batches need it
+
+        return run_batch(
+            self,
+            requests,
+            concurrency=concurrency,
+            per_provider=per_provider,
+            output_dir=output_dir,
+            names=names,
+            resend_unconfirmed=resend_unconfirmed,
+            force=force,
+            stop=stop,
+            grace=grace,
         )
-        if len(stems) != len(queue):
-            raise ValueError("names= must give one name per request")
-        folder = Path(output_dir) if output_dir is not None else None
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        gate = asyncio.Semaphore(concurrency)
-        # The batch's tasks run in their own context, so its per-provider gates stay its own.
-        context = contextvars.copy_context()
-        if per_provider is not None:
-            context.run(
-                _GATES.set, {name: asyncio.Semaphore(per_provider) for name in self.providers}
-            )
-
-        async def one(index: int, request: EditRequest) -> BatchItem:
-            async with gate:
-                try:
-                    result = await self.edit(request)
-                    saved: tuple[Path, ...] = ()
-                    if folder is not None:
-                        saved = tuple(
-                            [
-                                await _save(image, folder, stems[index], k)
-                                for k, image in enumerate(result.images)
-                            ]
-                        )
-                except FluxError as error:
-                    return BatchItem(index=index, name=stems[index], request=request, error=error)
-                return BatchItem(
-                    index=index, name=stems[index], request=request, result=result, saved=saved
-                )
-
-        tasks = [
-            asyncio.create_task(one(index, request), context=context)
-            for index, request in enumerate(queue)
-        ]
-        try:
-            for finished in asyncio.as_completed(tasks):
-                yield await finished
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def aclose(self) -> None:
         """Close the HTTP client, if this client created it."""
@@ -687,146 +858,6 @@ class AsyncFluxClient(_ClientBase):
         await self.aclose()
 
 
-_SIGNATURES: Final = ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"RIFF", "webp"))
-
-
 def image_extension(head: bytes) -> str:
     """The file extension for image bytes starting with *head* (``"bin"`` when unknown)."""
-    return next((name for signature, name in _SIGNATURES if head.startswith(signature)), "bin")
-
-
-async def _save(image: ResultImage, folder: Path, stem: str, index: int) -> Path:
-    """Save *image* now, then name it after its real format."""
-    partial = folder / f"{stem}{'' if index == 0 else f'-{index + 1}'}.download"
-    await image.save_async(partial)
-    with partial.open("rb") as stream:
-        target = partial.with_suffix("." + image_extension(stream.read(16)))
-    partial.replace(target)
-    return target
-
-
-class HttpDownloader:
-    """Downloads result URLs with the client's httpx client, or a short-lived one if it is closed.
-
-    Result URLs are signed and need no credentials, so none are ever sent with them.
-    """
-
-    def __init__(
-        self,
-        *,
-        provider: str = "download",
-        sync_client: httpx.Client | None = None,
-        async_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        self._provider = provider
-        self._sync = sync_client
-        self._async = async_client
-
-    def _check(self, response: httpx.Response, url: str) -> None:
-        status = response.status_code
-        if status < 400:
-            length = response.headers.get("content-length")
-            if length and length.isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
-                raise self._too_large(status)
-            return
-        parts = urlsplit(url)
-        location = f"{parts.netloc}{parts.path}"
-        if status in (403, 404, 410):
-            raise ResultExpired(
-                "the result URL has expired or is gone (result URLs live about 10 minutes)",
-                status_code=status,
-                location=location,
-            )
-        kind = ProviderUnavailable if status >= 500 else ProviderRejected
-        raise kind(
-            f"downloading the result failed ({location})",
-            provider=self._provider,
-            status_code=status,
-        )
-
-    def _too_large(self, status: int) -> ResponseFormatError:
-        return ResponseFormatError(
-            f"the result is larger than {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MB",
-            provider=self._provider,
-            status_code=status,
-        )
-
-    @contextlib.contextmanager
-    def _sync_client(self) -> Iterator[httpx.Client]:
-        if self._sync is not None and not self._sync.is_closed:
-            yield self._sync
-        else:
-            with httpx.Client() as client:
-                yield client
-
-    def read(self, url: str) -> bytes:
-        """Return the body at *url*."""
-        chunks = bytearray()
-        with (
-            self._sync_client() as http,
-            _mapped_transport_errors(self._provider),
-            http.stream("GET", url, timeout=DOWNLOAD_TIMEOUT) as response,
-        ):
-            self._check(response, url)
-            for chunk in response.iter_bytes():
-                chunks += chunk
-                if len(chunks) > MAX_DOWNLOAD_BYTES:
-                    raise self._too_large(response.status_code)
-        return bytes(chunks)
-
-    def save(self, url: str, path: Path) -> None:
-        """Stream the body at *url* into *path*, which appears only once complete."""
-        partial = path.with_name(path.name + ".part")
-        try:
-            with (
-                self._sync_client() as http,
-                _mapped_transport_errors(self._provider),
-                http.stream("GET", url, timeout=DOWNLOAD_TIMEOUT) as response,
-            ):
-                self._check(response, url)
-                with partial.open("wb") as out:
-                    for chunk in response.iter_bytes():
-                        out.write(chunk)
-                        if out.tell() > MAX_DOWNLOAD_BYTES:
-                            raise self._too_large(response.status_code)
-            partial.replace(path)
-        finally:
-            partial.unlink(missing_ok=True)
-
-    @contextlib.asynccontextmanager
-    async def _async_client(self) -> AsyncIterator[httpx.AsyncClient]:
-        if self._async is not None and not self._async.is_closed:
-            yield self._async
-        else:
-            async with httpx.AsyncClient() as client:
-                yield client
-
-    async def read_async(self, url: str) -> bytes:
-        """Return the body at *url*."""
-        chunks = bytearray()
-        async with self._async_client() as http:
-            with _mapped_transport_errors(self._provider):
-                async with http.stream("GET", url, timeout=DOWNLOAD_TIMEOUT) as response:
-                    self._check(response, url)
-                    async for chunk in response.aiter_bytes():
-                        chunks += chunk
-                        if len(chunks) > MAX_DOWNLOAD_BYTES:
-                            raise self._too_large(response.status_code)
-        return bytes(chunks)
-
-    async def save_async(self, url: str, path: Path) -> None:
-        """Stream the body at *url* into *path*, which appears only once complete."""
-        partial = path.with_name(path.name + ".part")
-        try:
-            async with self._async_client() as http:
-                with _mapped_transport_errors(self._provider):
-                    async with http.stream("GET", url, timeout=DOWNLOAD_TIMEOUT) as response:
-                        self._check(response, url)
-                        with partial.open("wb") as out:
-                            async for chunk in response.aiter_bytes():
-                                out.write(chunk)
-                                if out.tell() > MAX_DOWNLOAD_BYTES:
-                                    raise self._too_large(response.status_code)
-            partial.replace(path)
-        finally:
-            partial.unlink(missing_ok=True)
+    return image_format(head) or "bin"

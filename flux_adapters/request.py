@@ -129,6 +129,29 @@ class FileImage:
         """A short, human-readable name for messages."""
         return str(self.path)
 
+    def open(self) -> BinaryIO:
+        """Open the file for reading, refusing anything but a regular file without blocking.
+
+        Raises:
+            RequestError: It is gone, unreadable, or no longer a regular file (a FIFO would
+                otherwise block the send forever).
+        """
+        import stat
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except (OSError, ValueError) as exc:
+            raise self._gone(str(getattr(exc, "strerror", None) or exc)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._gone("is no longer a regular file")
+        return os.fdopen(fd, "rb")
+
+    def _gone(self, why: str) -> RequestError:
+        return RequestError(
+            [Violation("images", f"{self.path} {why}", "a readable regular file", str(self.path))]
+        )
+
 
 @frozen
 class BytesImage:

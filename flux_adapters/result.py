@@ -2,28 +2,63 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
+from flux_adapters._files import atomic_image, check_target, image_format
 from flux_adapters.errors import FluxError
 
 if TYPE_CHECKING:
     from flux_adapters.request import EditRequest
 
 __all__ = [
+    "MAX_IMAGE_BYTES",
     "Attempt",
     "BatchItem",
+    "BatchStatus",
     "ConversionWarning",
     "Downloader",
     "EditResult",
     "ResultImage",
     "Usage",
+    "inline_image_problem",
 ]
+
+MAX_IMAGE_BYTES: Final = 32 * 1024 * 1024
+"""The largest result image accepted, whether downloaded from its URL or sent inline as
+``b64_json``. FLUX outputs are at most 4 MP (a PNG of about 12 MB); a larger answer is a
+`errors.ResponseFormatError` and is never held in memory or written in full."""
+
+_BASE64: Final = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_MAX_BASE64_CHARS: Final = 4 * -(-MAX_IMAGE_BYTES // 3)
+_BASE64_SLICE: Final = 4 * 256 * 1024  # whole quanta: each slice decodes on its own
+
+
+def inline_image_problem(text: str) -> str:
+    """Why *text* is not acceptable inline image data (``b64_json``); empty when it is.
+
+    Checks the size against `MAX_IMAGE_BYTES`, the whole text against the base64 alphabet (one
+    linear scan, nothing decoded), and the decoded first bytes for a png, jpeg or webp header.
+    """
+    if len(text) > _MAX_BASE64_CHARS:
+        return f"an inline image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB"
+    if len(text) % 4 or not _BASE64.fullmatch(text):
+        return "an inline image is not valid base64"
+    if image_format(binascii.a2b_base64(text[:64])) is None:
+        return "an inline image is not a png, jpeg or webp image"
+    return ""
+
+
+def _inline_chunks(text: str) -> Iterator[bytes]:
+    for start in range(0, len(text), _BASE64_SLICE):
+        yield binascii.a2b_base64(text[start : start + _BASE64_SLICE])
 
 
 @frozen(kw_only=True)
@@ -82,19 +117,23 @@ class Attempt:
 
 
 class Downloader(Protocol):
-    """Fetches result URLs; the clients provide one. Never sends the API key."""
+    """Fetches result URLs; the clients provide one. Never sends the API key.
+
+    Implementations verify what they fetch: a 2xx whose bytes are a png, jpeg or webp image of
+    at most `MAX_IMAGE_BYTES`, within a deadline, following a few redirects at most.
+    """
 
     def read(self, url: str) -> bytes:
-        """Return the body at *url*."""
+        """Return the image at *url*."""
 
-    def save(self, url: str, path: Path) -> None:
-        """Stream the body at *url* into *path*."""
+    def save(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        """Stream the image at *url* into *path* (plus its real extension with *add_suffix*)."""
 
     async def read_async(self, url: str) -> bytes:
-        """Return the body at *url*."""
+        """Return the image at *url*."""
 
-    async def save_async(self, url: str, path: Path) -> None:
-        """Stream the body at *url* into *path*."""
+    async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        """Stream the image at *url* into *path* (plus its real extension with *add_suffix*)."""
 
 
 def _short_url(url: str | None) -> str:
@@ -106,7 +145,7 @@ def _short_url(url: str | None) -> str:
 
 
 def _default_downloader() -> Downloader:
-    from flux_adapters.client import HttpDownloader  # lazy: results can be built without a client
+    from flux_adapters._download import HttpDownloader  # lazy: results exist without a client
 
     return HttpDownloader()
 
@@ -116,6 +155,7 @@ class ResultImage:
     """One generated image: a short-lived URL, or base64 data the provider returned inline.
 
     Result URLs expire about 10 minutes after the image is made; `save` or `read` it at once.
+    Inline data was checked when the answer was read (base64 of a png, jpeg or webp image).
 
     Attributes:
         url: Where to download the image, when the provider returned a URL.
@@ -143,48 +183,48 @@ class ResultImage:
 
         Raises:
             ResultExpired: The URL has expired.
-            TransportError: The download failed.
+            ResponseFormatError: What the URL served is not an image, or is too large.
+            TransportError: The download failed or passed its deadline.
         """
         if self.b64_json is not None:
-            return base64.b64decode(self.b64_json)
+            return b"".join(_inline_chunks(self.b64_json))
         return self._fetcher().read(self._url())
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the image to *path* (streamed to disk for a URL) and return the path.
+    def save(self, path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
+        """Write the image to *path* (streamed to disk for a URL) and return where it went.
 
-        The file appears only once it is complete: a failed download leaves nothing behind.
+        *path* must be a new file in an existing folder, or a regular file (replaced); it is
+        checked before anything is downloaded. The file appears only once complete and verified
+        as an image: a failed download leaves nothing behind. With *add_suffix*, the image's
+        real extension is added to the name (``out/robot`` -> ``out/robot.png``).
 
         Raises:
+            OutputError: *path* is a directory, FIFO or device, its folder is missing or not
+                writable, or the disk is full.
             ResultExpired: The URL has expired.
-            TransportError: The download failed.
+            ResponseFormatError: What the URL served is not an image, or is too large.
+            TransportError: The download failed or passed its deadline.
         """
-        target = Path(path)
-        if self.b64_json is not None:
-            _write_atomically(target, base64.b64decode(self.b64_json))
-        else:
-            self._fetcher().save(self._url(), target)
-        return target
+        target = check_target(path)
+        if self.b64_json is None:
+            return self._fetcher().save(self._url(), target, add_suffix=add_suffix)
+        with atomic_image(target, add_suffix=add_suffix) as out:
+            for chunk in _inline_chunks(self.b64_json):
+                out.write(chunk)
+        return out.target
 
     async def read_async(self) -> bytes:
         """Async twin of `read`."""
         if self.b64_json is not None:
-            return base64.b64decode(self.b64_json)
+            return self.read()
         return await self._fetcher().read_async(self._url())
 
-    async def save_async(self, path: str | os.PathLike[str]) -> Path:
+    async def save_async(self, path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
         """Async twin of `save`."""
-        target = Path(path)
         if self.b64_json is not None:
-            _write_atomically(target, base64.b64decode(self.b64_json))
-        else:
-            await self._fetcher().save_async(self._url(), target)
-        return target
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    partial = target.with_name(target.name + ".part")
-    partial.write_bytes(data)
-    partial.replace(target)
+            return self.save(path, add_suffix=add_suffix)
+        target = check_target(path)
+        return await self._fetcher().save_async(self._url(), target, add_suffix=add_suffix)
 
 
 @frozen(kw_only=True)
@@ -213,22 +253,33 @@ class EditResult:
     elapsed_s: float = 0.0
 
 
+BatchStatus = Literal["ok", "skipped", "changed", "failed", "unconfirmed"]
+
+
 @frozen(kw_only=True)
 class BatchItem:
-    """One finished request of ``AsyncFluxClient.edit_many``: its result or its error.
+    """One job of ``AsyncFluxClient.edit_many``: what became of it.
 
     Attributes:
         index: Position of the request in the batch.
-        name: The file name stem its images were saved under.
-        request: The request.
-        result: The result, when it succeeded.
-        error: What went wrong, when it failed (``error.attempts`` lists the providers tried).
-        saved: Where its images were saved, when an output folder was given.
+        name: The file name stem its images are saved under (its id).
+        request: The request (``None`` when what was given was not an `EditRequest`).
+        status: ``"ok"`` (done now; saved when there is an output folder), ``"skipped"``
+            (saved by an earlier run), ``"changed"`` (its request differs from the one an
+            earlier run sent; not sent), ``"failed"`` (not billed: refused, or provably not
+            taken; a rerun tries again), or ``"unconfirmed"`` (a provider may have billed it and
+            no image was saved; a rerun sends it again only when told to).
+        result: The result, when it was made in this run.
+        error: What went wrong (``error.attempts`` lists the providers tried).
+        saved: Where its images are, when an output folder was given.
+        reason: Why it was skipped, or what is known of an unconfirmed job, in words.
     """
 
     index: int
     name: str
-    request: EditRequest
+    request: EditRequest | None
+    status: BatchStatus
     result: EditResult | None = None
     error: FluxError | None = None
     saved: tuple[Path, ...] = ()
+    reason: str = ""

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 from attrs import frozen
 
 from flux_adapters.request import ImageInput, LocalImage, UrlImage
+from flux_adapters.result import MAX_IMAGE_BYTES
 
 __all__ = [
+    "ERROR_BODY_BYTES",
+    "MAX_ANSWER_BYTES",
     "FilePart",
     "HttpRequest",
     "HttpResponse",
@@ -29,6 +32,15 @@ __all__ = [
     "MultipartBody",
     "json_image",
 ]
+
+
+ERROR_BODY_BYTES: Final = 64 * 1024
+"""An error answer's body is read no further than this: its status says what happened, its text
+only adds detail, and no pattern runs over more than this many bytes."""
+
+MAX_ANSWER_BYTES: Final = 4 * -(-MAX_IMAGE_BYTES // 3) + 1024 * 1024
+"""The largest success answer read: one inline image of `MAX_IMAGE_BYTES` as base64, plus room
+for the JSON around it. A larger answer is a ``ResponseFormatError``."""
 
 
 @frozen

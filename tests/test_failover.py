@@ -253,38 +253,60 @@ def batch_file(tmp_path: Path, count: int) -> Path:
     return path
 
 
-def test_a_batch_of_200_with_faults_saves_or_reports_each_and_a_rerun_sends_nothing_again(
+def read_report(folder: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (folder / "report.jsonl").read_text().splitlines()]
+
+
+def test_a_batch_of_200_with_faults_accounts_for_every_job_and_reruns_only_what_was_not_taken(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FLUX_PROVIDERS", "laozhang,aimlapi")
-    emulator.inject("laozhang", Fault(status=503, first=40))
-    emulator.inject(
-        "aimlapi", Fault(status=500, first=5)
-    )  # ambiguous: those requests fail, reported
+    emulator.inject("laozhang", Fault(status=503, first=40))  # not taken: fails over
+    emulator.inject("aimlapi", Fault(status=500, first=5))  # ambiguous: may have been billed
     source, folder = batch_file(tmp_path, 200), tmp_path / "images"
-    out, err = io.StringIO(), io.StringIO()
-    code = main(["batch", str(source), "-o", str(folder), "--concurrency", "16"], out=out, err=err)
-    report = [json.loads(line) for line in (folder / "report.jsonl").read_text().splitlines()]
-    statuses = {line["id"]: line["status"] for line in report}
-    assert len(statuses) == 200
-    saved = saved_images(folder)
-    assert {name for name, status in statuses.items() if status == "ok"} == saved
-    failed = [line for line in report if line["status"] == "failed"]
-    assert code == (3 if failed else 0)
-    # A 500 is ambiguous (raised, never failed over); while both providers cool down after it,
-    # later jobs are refused before sending (AllProvidersFailed, every attempt "skipped").
-    assert all(
-        line["error"].startswith(("ProviderUnavailable", "AllProvidersFailed")) for line in failed
+    code = main(
+        ["batch", str(source), "-o", str(folder), "--concurrency", "16"],
+        out=io.StringIO(),
+        err=io.StringIO(),
     )
-    assert len(saved) + len(failed) == 200
+    first = {str(line["id"]): line for line in read_report(folder)}
+    assert len(first) == 200  # every job accounted for
+    by_status = {
+        status: {name for name, line in first.items() if line["status"] == status}
+        for status in ("ok", "failed", "unconfirmed")
+    }
+    assert sum(len(names) for names in by_status.values()) == 200
+    assert by_status["ok"] == saved_images(folder)
+    assert 1 <= len(by_status["unconfirmed"]) <= 5  # each hit one of aimlapi's 500s
+    assert all(
+        str(first[name]["error"]).startswith("ProviderUnavailable")
+        for name in by_status["unconfirmed"]
+    )
+    # While both providers cool down after those failures, jobs are refused before sending.
+    assert all(
+        str(first[name]["error"]).startswith("AllProvidersFailed") for name in by_status["failed"]
+    )
+    assert code == 8  # some jobs may have been billed without an image
+
+    emulator.clear_faults()
+    sent = len(emulator.calls())
+    code = main(["batch", str(source), "-o", str(folder)], out=io.StringIO(), err=io.StringIO())
+    assert len(emulator.calls()) - sent == len(by_status["failed"])  # never the unconfirmed
+    second = {str(line["id"]): line["status"] for line in read_report(folder)[200:]}
+    assert {name for name, status in second.items() if status == "unconfirmed"} == (
+        by_status["unconfirmed"]
+    )
+    assert code == 8
 
     sent = len(emulator.calls())
-    emulator.clear_faults()
-    code = main(["batch", str(source), "-o", str(folder)], out=io.StringIO(), err=io.StringIO())
+    code = main(
+        ["batch", str(source), "-o", str(folder), "--resend-unconfirmed"],
+        out=io.StringIO(),
+        err=io.StringIO(),
+    )
+    assert len(emulator.calls()) - sent == len(by_status["unconfirmed"])  # only on request
     assert code == 0
-    resent = len(emulator.calls()) - sent
-    assert resent == len(failed)  # only what was not saved is sent again
-    assert saved_images(folder) == set(statuses)
+    assert saved_images(folder) == set(first)
 
 
 def test_edit_many_yields_as_finished_and_limits_each_provider(

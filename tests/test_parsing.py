@@ -1,11 +1,15 @@
 """Answers and error bodies of every shape, mapped to results and typed errors."""
 
+import base64
 import json
 
 import pytest
 
 from flux_adapters import errors, get_adapter
-from flux_adapters.wire import HttpResponse
+from flux_adapters.providers._images_api import MAX_RETRY_AFTER
+from flux_adapters.result import MAX_IMAGE_BYTES
+from flux_adapters.wire import ERROR_BODY_BYTES, HttpResponse
+from tests.conftest import image_bytes
 
 
 def response(status: int, body: object, headers: dict[str, str] | None = None) -> HttpResponse:
@@ -47,14 +51,15 @@ def test_aimlapi_answer_with_usage_in_either_unit() -> None:
     answer = adapter.parse_response(response(200, documented))
     assert answer.usage is not None
     assert answer.usage.tokens_used == 120000
+    picture = image_bytes(8, 8)
     schema_form = {
-        "data": [{"url": None, "b64_json": "aGVsbG8="}],
+        "data": [{"url": None, "b64_json": base64.b64encode(picture).decode()}],
         "meta": {"usage": {"credits_used": 2.5}},
     }
     answer = adapter.parse_response(response(200, schema_form))
     assert answer.usage is not None
     assert answer.usage.credits_used == 2.5
-    assert answer.images[0].read() == b"hello"
+    assert answer.images[0].read() == picture
 
 
 def test_unknown_extra_fields_are_ignored() -> None:
@@ -161,3 +166,106 @@ def test_details_are_clipped_and_scrubbed_of_keys_and_signatures() -> None:
     assert len(error.detail) <= 500
     for secret in ("sk-abcdefghijklmnop", "abc.def", "s3cr3t"):
         assert secret not in error.detail
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        # The status decides: text never turns an ambiguous status into "not taken".
+        (500, {"error": {"message": "insufficient quota", "code": "insufficient_quota"}}, errors.ProviderUnavailable),
+        (500, {"error": {"message": "model flux-2-max is unavailable"}}, errors.ProviderUnavailable),
+        (502, {"error": {"message": "no available channel for model flux-2-pro"}}, errors.ProviderUnavailable),
+        (503, {"error": {"message": "no available channel for model flux-2-pro"}}, errors.ModelUnavailable),
+        (404, {"error": {"message": "model flux-2-max not found", "code": "model_not_found"}}, errors.ModelUnavailable),
+        (400, {"error": {"message": "insufficient balance"}}, errors.InsufficientBalance),
+        (500, {"error": {"message": "Request Moderated"}}, errors.ContentModerated),
+    ],
+)  # fmt: skip
+def test_the_status_decides_the_kind_of_error(
+    status: int, body: object, kind: type[errors.ProviderError]
+) -> None:
+    error = get_adapter("laozhang").parse_error(response(status, body))
+    assert type(error) is kind
+    assert error.status_code == status
+
+
+def test_an_error_report_inside_a_200_is_a_format_error_not_a_refusal() -> None:
+    body = {"error": {"message": "insufficient quota", "code": "insufficient_quota"}}
+    with pytest.raises(errors.ResponseFormatError) as caught:
+        get_adapter("laozhang").parse_response(response(200, body))
+    assert caught.value.status_code == 200  # ambiguous: the job may have been done
+
+
+def inline(b64: str) -> dict[str, object]:
+    return {"data": [{"b64_json": b64}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (inline("!!!not base64!!!"), "not valid base64"),
+        (inline("aGVsbG8="), "not a png, jpeg or webp image"),
+        (inline("A" * (4 * (MAX_IMAGE_BYTES // 3 + 2))), "larger than 32 MB"),
+        ({"data": [{"url": "file:///etc/passwd"}]}, r"not an http\(s\) URL"),
+        ({"data": [{"url": "https://x.example/a.png"}] * 17}, "lists 17 images"),
+    ],
+    ids=["bad-base64", "not-an-image", "too-large", "file-url", "too-many"],
+)
+def test_every_image_of_an_answer_is_checked_before_it_is_accepted(
+    body: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(errors.ResponseFormatError, match=problem):
+        get_adapter("aimlapi").parse_response(response(200, body))
+
+
+def test_json_nested_deeper_than_python_goes_is_a_typed_error() -> None:
+    deep = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(errors.ResponseFormatError, match="not readable JSON"):
+        get_adapter("laozhang").parse_response(response(200, deep))
+    error = get_adapter("laozhang").parse_error(response(500, deep))
+    assert isinstance(error, errors.ProviderUnavailable)
+    nested_message = {"error": {"message": json.loads("[" * 900 + "]" * 900)}}
+    error = get_adapter("laozhang").parse_error(response(400, nested_message))
+    assert isinstance(error, errors.ProviderRejected)
+
+
+def test_a_huge_html_error_page_is_reduced_to_its_title_from_a_bounded_prefix() -> None:
+    page = (
+        b"<!DOCTYPE html><html><head><title>504 Gateway Time-out</title></head><body>"
+        + b"<div class='x'>" * 100_000
+        + b"</body></html>"
+    )
+    assert len(page) > 1_000_000
+    error = get_adapter("apiyi").parse_error(response(504, page))
+    assert isinstance(error, errors.ProviderUnavailable)
+    assert error.detail == "504 Gateway Time-out"
+    untitled = b"<html><body>" + b"<p>down " * 200_000 + b"</body></html>"
+    error = get_adapter("apiyi").parse_error(response(502, untitled))
+    assert error.detail is not None
+    assert error.detail.startswith("down down")
+    assert len(error.detail) <= 500
+    assert ERROR_BODY_BYTES < len(untitled)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("²", None),
+        ("١٢", None),
+        ("1e400", None),
+        ("nan", None),
+        ("-5", None),
+        ("inf", None),
+        ("99999999999", None),
+        ("9999999999", MAX_RETRY_AFTER),
+        ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0),
+        ("Mon, 99 Foo 99999 99:99:99 GMT", None),
+        ("3", 3.0),
+    ],
+)
+def test_retry_after_values_of_any_shape_are_bounded_or_ignored(
+    value: str, expected: float | None
+) -> None:
+    error = get_adapter("laozhang").parse_error(response(429, b"slow", {"retry-after": value}))
+    assert isinstance(error, errors.RateLimited)
+    assert error.retry_after == expected

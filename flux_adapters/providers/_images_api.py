@@ -4,7 +4,9 @@ Success: ``{"created": ..., "data": [{"url": ..., "b64_json": ...}], "meta": {"u
 (aimlapi adds ``meta.usage`` with ``credits_used`` in its schema and ``tokens_used`` in its
 example, so both are read). Errors come as OpenAI-style JSON (``{"error": {"message", "type",
 "code"}}``), other JSON shapes, plain text or an HTML page from a gateway; each becomes the typed
-error for its status, keeping the real status code.
+error for its status, keeping the real status code. Nothing a provider sends is trusted: error
+bodies are cut to `ERROR_BODY_BYTES` before any pattern runs, HTML is reduced in one pass,
+JSON too deep for Python is a typed error, and every image is checked before it is accepted.
 
 Responses are structured leniently: only the fields read here are declared, anything else the
 provider adds is ignored.
@@ -13,11 +15,13 @@ provider adds is ignored.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import time
 from collections.abc import Mapping
 from html import unescape
 from typing import TYPE_CHECKING, ClassVar, Final
+from urllib.parse import urlsplit
 
 from attrs import frozen
 
@@ -34,8 +38,8 @@ from flux_adapters.errors import (
     ResponseFormatError,
 )
 from flux_adapters.providers import Answer
-from flux_adapters.result import ResultImage, Usage
-from flux_adapters.wire import HttpResponse
+from flux_adapters.result import ResultImage, Usage, inline_image_problem
+from flux_adapters.wire import ERROR_BODY_BYTES, HttpResponse
 
 if TYPE_CHECKING:
     import cattrs
@@ -43,6 +47,10 @@ if TYPE_CHECKING:
 __all__ = ["ImagesApiAnswers", "parse_error", "parse_images", "retry_after"]
 
 _DETAIL_CHARS: Final = 500
+MAX_IMAGES: Final = 16
+"""Most images one answer may list (these providers make one per call)."""
+MAX_RETRY_AFTER: Final = 86_400.0
+"""A ``Retry-After`` longer than a day is read as a day; the router caps what it honours."""
 
 
 @frozen
@@ -78,44 +86,69 @@ def _converter() -> cattrs.Converter:
 def parse_images(provider: str, response: HttpResponse) -> Answer:
     """Read a 2xx answer of an OpenAI-style image endpoint.
 
+    Every image is checked before it is accepted: a URL must be ``http(s)`` with a host, inline
+    ``b64_json`` must be base64 of a png, jpeg or webp image within `MAX_IMAGE_BYTES`.
+
     Raises:
-        ResponseFormatError: The body is not JSON of the documented shape, or has no image.
-        ProviderError: The body is an error report despite the success status.
+        ResponseFormatError: The body is not JSON of the documented shape, has no image, or
+            reports an error despite the success status.
+        ContentModerated: The body reports moderation despite the success status.
     """
     try:
         body = response.json()
-    except ValueError:
-        raise _format_error(provider, response, "the answer is not JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python goes
+        raise _format_error(provider, response, "the answer is not readable JSON") from None
     if isinstance(body, dict) and body.get("error") and not body.get("data"):
-        raise parse_error(provider, response)
+        detail, code = _json_detail(body)
+        if _is_moderation(code, detail):
+            raise ContentModerated(
+                _MESSAGES[ContentModerated],
+                provider=provider,
+                status_code=response.status_code,
+                detail=detail or None,
+                code=code,
+            )
+        raise _format_error(provider, response, "the answer reports an error despite its status")
     try:
         images = _converter().structure(body, _Images)
     except Exception as exc:  # cattrs raises a ClassValidationError group for any shape mismatch
         raise _format_error(
             provider, response, "the answer does not have the documented shape"
         ) from exc
-    results = tuple(
-        ResultImage(url=item.url, b64_json=item.b64_json)
-        for item in images.data
-        if item.url or item.b64_json
-    )
-    if not results:
+    items = [item for item in images.data if item.url or item.b64_json]
+    if not items:
         raise _format_error(provider, response, "the answer holds no image")
+    if len(items) > MAX_IMAGES:
+        raise _format_error(provider, response, f"the answer lists {len(items)} images")
+    for item in items:
+        problem = _image_problem(item)
+        if problem:
+            raise _format_error(provider, response, problem)
     usage = images.meta.usage if images.meta else None
     return Answer(
-        images=results,
+        images=tuple(ResultImage(url=item.url, b64_json=item.b64_json) for item in items),
         usage=Usage(credits_used=usage.credits_used, tokens_used=usage.tokens_used)
         if usage
         else None,
     )
 
 
+def _image_problem(item: _Item) -> str:
+    if item.b64_json:
+        return inline_image_problem(item.b64_json)
+    parts = urlsplit(item.url or "")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "a result URL is not an http(s) URL"
+    return ""
+
+
 def _format_error(provider: str, response: HttpResponse, message: str) -> ResponseFormatError:
+    head = response.content[:800].decode("utf-8", errors="replace")
     return ResponseFormatError(
         message,
         provider=provider,
         status_code=response.status_code,
-        excerpt=redact(response.text()[:200]),
+        excerpt=redact(head[:200]),
     )
 
 
@@ -155,7 +188,12 @@ _MESSAGES: Final[Mapping[type[ProviderError], str]] = {
 
 
 def parse_error(provider: str, response: HttpResponse) -> ProviderError:
-    """Return the typed error for an error answer, keeping the real status code."""
+    """Return the typed error for an error answer, keeping the real status code.
+
+    The status decides the kind; the body's code or text only tells apart the kinds of a 4xx
+    (and of a 503), never turning a 500 into "insufficient balance" (see
+    ``flux_adapters.routing.BILLING_RULES``). At most `ERROR_BODY_BYTES` of the body are read.
+    """
     detail, code = _detail(response)
     status = response.status_code
     if status == 429:
@@ -167,61 +205,107 @@ def parse_error(provider: str, response: HttpResponse) -> ProviderError:
             code=code,
             retry_after=retry_after(response.header("retry-after")),
         )
-    kind = _classify(status, code, f"{code or ''} {detail}")
+    kind = _classify(status, code, detail)
     return kind(
         _MESSAGES[kind], provider=provider, status_code=status, detail=detail or None, code=code
     )
 
 
+def _is_moderation(code: str | None, text: str) -> bool:
+    return code in _MODERATION_CODES or _MODERATION_TEXT.search(text) is not None
+
+
 def _classify(status: int, code: str | None, text: str) -> type[ProviderError]:
-    if code in _MODERATION_CODES or _MODERATION_TEXT.search(text):
+    if _is_moderation(code, text):
         return ContentModerated
-    if status == 402 or code in _BALANCE_CODES or _BALANCE_TEXT.search(text):
+    if status == 402:
         return InsufficientBalance
-    if code in _MODEL_CODES or _MODEL_TEXT.search(text):
+    names_model = code in _MODEL_CODES or _MODEL_TEXT.search(text) is not None
+    if 400 <= status < 500:
+        if code in _BALANCE_CODES or _BALANCE_TEXT.search(text):
+            return InsufficientBalance
+        if names_model:
+            return ModelUnavailable
+        return AuthenticationFailed if status in (401, 403) else ProviderRejected
+    if status == 503 and names_model:
         return ModelUnavailable
-    if status in (401, 403):
-        return AuthenticationFailed
-    if status >= 500:
-        return ProviderUnavailable
-    return ProviderRejected
+    return ProviderUnavailable if status >= 500 else ProviderRejected
+
+
+_SECONDS: Final = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,6})?")
 
 
 def retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date).
+
+    ``None`` for an absent or unreadable value; at most `MAX_RETRY_AFTER`.
+    """
     if not value:
         return None
-    value = value.strip()
-    if value.replace(".", "", 1).isdigit():
-        return float(value)
+    value = value.strip()[:100]
+    if _SECONDS.fullmatch(value):
+        return min(float(value), MAX_RETRY_AFTER)
     import email.utils  # lazy: only HTTP-date Retry-After values need it
 
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
-_TITLE: Final = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
-_TAGS: Final = re.compile(r"<[^>]+>")
 _SPACE: Final = re.compile(r"\s+")
 
 
 def _detail(response: HttpResponse) -> tuple[str, str | None]:
     """Pull the provider's own words (and error code) out of an error body of any shape."""
-    text = response.text()
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        return _json_detail(body)
-    if "<html" in text[:500].lower() or "<!doctype" in text[:100].lower():
-        title = _TITLE.search(text)
-        plain = title.group(1) if title else _TAGS.sub(" ", text)
-        return _clip(unescape(plain)), None
+    content = response.content
+    head = content[:ERROR_BODY_BYTES]
+    if len(content) <= ERROR_BODY_BYTES:
+        try:
+            body = json.loads(head)
+        except (ValueError, RecursionError):
+            body = None
+        if isinstance(body, dict):
+            return _json_detail(body)
+    text = head.decode("utf-8", errors="replace")
+    start = text[:512].lower()
+    if "<html" in start or "<!doctype" in start:
+        return _clip(_html_text(text)), None
     return _clip(text), None
+
+
+def _html_text(page: str) -> str:
+    """The page's title, else its text without tags; one pass, no backtracking patterns."""
+    lower = page.lower()
+    opening = lower.find("<title")
+    if opening >= 0:
+        start = lower.find(">", opening) + 1
+        end = lower.find("</title", start) if start else -1
+        if end >= 0:
+            return unescape(page[start:end])
+    pieces: list[str] = []
+    position = 0
+    while True:
+        tag = page.find("<", position)
+        if tag < 0:
+            pieces.append(page[position:])
+            break
+        pieces += [page[position:tag], " "]
+        position = page.find(">", tag) + 1
+        if position == 0:
+            break
+    return unescape("".join(pieces))
+
+
+def _text_of(value: object) -> str:
+    """A bounded text for any JSON value (nested ones included), never raising."""
+    if isinstance(value, str):
+        return value[: _DETAIL_CHARS * 4]
+    try:
+        return json.dumps(value, ensure_ascii=False)[: _DETAIL_CHARS * 4]
+    except (ValueError, TypeError, RecursionError):
+        return type(value).__name__
 
 
 def _json_detail(body: Mapping[str, object]) -> tuple[str, str | None]:
@@ -229,19 +313,17 @@ def _json_detail(body: Mapping[str, object]) -> tuple[str, str | None]:
     if isinstance(error, dict):
         message = error.get("message") or error.get("msg") or ""
         code = error.get("code") or error.get("type")
-        return _clip(str(message)), str(code) if code else None
+        return _clip(_text_of(message)), _text_of(code)[:100] if code else None
     for key in ("message", "detail", "msg", "error"):
         value = body.get(key)
         if value:
             code = body.get("code")
-            return _clip(value if isinstance(value, str) else str(value)), str(
-                code
-            ) if code else None
-    return _clip(str(body)), None
+            return _clip(_text_of(value)), _text_of(code)[:100] if code else None
+    return _clip(_text_of(body)), None
 
 
 def _clip(text: str) -> str:
-    text = redact(_SPACE.sub(" ", text).strip())
+    text = redact(_SPACE.sub(" ", text[: _DETAIL_CHARS * 4]).strip())
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 1] + "…"
 
 

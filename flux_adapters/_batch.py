@@ -1,0 +1,331 @@
+"""`AsyncFluxClient.edit_many`: many edits at once, never dying of one, never paying twice.
+
+A fixed pool of workers takes requests one at a time from the caller's iterable (so a million
+requests need no more memory than a few), runs each through the client's router, saves its
+images the moment they arrive, and yields one `BatchItem` per job. Whatever goes wrong with one
+job (a typed error, a garbled answer, a bug) becomes that job's item; the others go on.
+
+With an output folder, the journal (``flux_adapters._journal``) records each job's steps, the
+``sent`` step durably before the request leaves. A rerun reads it and, per job:
+
+- saved (its files are on disk and are images): skipped, unless ``force``;
+- its request changed since it was sent: reported ``changed``, unless ``force``;
+- may have been billed, no image saved: its result URLs (if any) are downloaded again, free;
+  otherwise reported ``unconfirmed`` and not sent unless ``resend_unconfirmed``;
+- never sent, or provably not taken (or refused) every time: sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from flux_adapters._journal import JobState, Journal, is_image_file, request_digest
+from flux_adapters._options import is_number
+from flux_adapters.errors import ConfigurationError, FluxError, OutputError, RequestError, Violation
+from flux_adapters.request import EditRequest
+from flux_adapters.result import BatchItem, BatchStatus, EditResult, ResultImage
+from flux_adapters.routing import BILLING_RULES, billing_rule
+
+if TYPE_CHECKING:
+    from flux_adapters._flows import Outcome
+    from flux_adapters.client import AsyncFluxClient
+
+__all__ = ["run_batch"]
+
+_ItemMaker = Callable[..., BatchItem]
+
+_MAX_NAME: Final = 200
+_MAY_BE_BILLED: Final = frozenset(r.name for r in BILLING_RULES if r.proves == "may be billed")
+
+
+def _name_problem(name: object) -> str:
+    """Why *name* cannot be a file name in the output folder (empty when it can)."""
+    if not isinstance(name, str):
+        return f"must be a string, not {type(name).__name__}"
+    if not name or len(name) > _MAX_NAME:
+        return f"must be 1 to {_MAX_NAME} characters"
+    if name in (".", "..") or name.startswith("."):
+        return "must not start with a dot"
+    if any(part in name for part in ("/", "\\", "\0")) or not name.isprintable():
+        return "must be a plain file name (no folder separator or control character)"
+    if name.encode("utf-8", errors="replace").decode() != name:
+        return "must be valid text (no lone surrogate)"
+    return ""
+
+
+def _numbered(
+    requests: Iterable[object], names: Iterable[object] | None
+) -> Iterator[tuple[int, object, object]]:
+    if names is None:
+        for index, request in enumerate(requests):
+            yield index, f"{index:05d}", request
+        return
+    for index, (name, request) in enumerate(zip(names, requests, strict=True)):
+        yield index, name, request
+
+
+def _may_be_billed(error: FluxError) -> bool:
+    """Whether some attempt behind *error* may have been billed."""
+    return any(a.outcome == "ok" or a.billing in _MAY_BE_BILLED for a in error.attempts)
+
+
+class _JobWatcher:
+    """Records one job's attempts in the journal: ``sent`` durably, before it goes."""
+
+    def __init__(self, journal: Journal, job: str) -> None:
+        self._journal = journal
+        self._job = job
+
+    async def sending(self, provider: str) -> None:
+        await self._journal.durable(self._job, "sent", p=provider)
+
+    def finished(self, provider: str, reply: Outcome | FluxError) -> None:
+        if isinstance(reply, FluxError):
+            rule = billing_rule(reply)
+            self._journal.note(
+                self._job,
+                "attempt",
+                p=provider,
+                b=rule.name,
+                proves=rule.proves,
+                e=f"{type(reply).__name__}: {reply}"[:300],
+            )
+        else:
+            urls = [image.url for image in reply.answer.images if image.url]
+            self._journal.note(self._job, "answered", p=provider, urls=urls)
+
+
+async def _save_all(images: Iterable[ResultImage], folder: Path, name: str) -> tuple[Path, ...]:
+    saved = []
+    for number, image in enumerate(images):
+        stem = name if number == 0 else f"{name}-{number + 1}"
+        saved.append(await image.save_async(folder / stem, add_suffix=True))
+    return tuple(saved)
+
+
+def _check_options(
+    concurrency: object, per_provider: object, grace: object, flags: dict[str, object]
+) -> None:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError("concurrency= must be a whole number >= 1")
+    if per_provider is not None and (
+        isinstance(per_provider, bool) or not isinstance(per_provider, int) or per_provider < 1
+    ):
+        raise ConfigurationError("per_provider= must be a whole number >= 1, or None")
+    if not is_number(grace) or grace < 0:
+        raise ConfigurationError("grace= must be a number of seconds >= 0")
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{flag}= must be True or False")
+
+
+def _open_folder(output_dir: object) -> Path:
+    try:
+        folder = Path(output_dir)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigurationError("output_dir= must be a path") from None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(exc.strerror or str(exc), path=str(folder)) from None
+    return folder
+
+
+class _Batch:
+    """One run of `run_batch`: its options, journal and bookkeeping."""
+
+    def __init__(
+        self,
+        client: AsyncFluxClient,
+        folder: Path | None,
+        *,
+        resend_unconfirmed: bool,
+        force: bool,
+    ) -> None:
+        self.client = client
+        self.folder = folder
+        self.journal = Journal(folder) if folder is not None else None
+        self.resend_unconfirmed = resend_unconfirmed
+        self.force = force
+        self.seen: set[str] = set()
+        self.interrupted = False
+
+    async def run(self, index: int, name: object, request: object) -> BatchItem:
+        """Run one job; every outcome, of any kind, is its item."""
+        shown = name if isinstance(name, str) else repr(name)[:40]
+
+        def item(status: BatchStatus, **values: object) -> BatchItem:
+            return BatchItem(
+                index=index,
+                name=shown,
+                request=request if isinstance(request, EditRequest) else None,
+                status=status,
+                **values,  # type: ignore[arg-type]
+            )
+
+        try:
+            return await self._run(shown, request, item)
+        except asyncio.CancelledError:
+            if not self.interrupted:
+                raise
+            stopped = FluxError("interrupted: the batch was stopped while this job was in flight")
+            return item(self._status_after(shown, None), error=stopped)
+        except FluxError as error:
+            return item(self._status_after(shown, error), error=error)
+        except Exception as exc:  # a bug, in this library or a provider package: contained
+            bug = FluxError(f"unexpected {type(exc).__name__}: {str(exc)[:200]}")
+            bug.__cause__ = exc
+            return item(self._status_after(shown, None), error=bug)
+
+    def _status_after(self, name: str, error: FluxError | None) -> BatchStatus:
+        if self.journal is not None and name in self.journal.states:
+            return "unconfirmed" if self.journal.state(name).may_be_billed else "failed"
+        return "unconfirmed" if error is not None and _may_be_billed(error) else "failed"
+
+    async def _run(self, name: str, request: object, item: _ItemMaker) -> BatchItem:
+        problem = _name_problem(name) if self.folder is not None else ""
+        if not problem and name in self.seen:
+            problem = "is used by another job of this batch"
+        if problem:
+            raise RequestError([Violation("name", problem, "a unique plain file name", name)])
+        self.seen.add(name)
+        if not isinstance(request, EditRequest):
+            kind = type(request).__name__
+            raise RequestError(
+                [Violation("request", "must be an EditRequest", "EditRequest", kind)]
+            )
+        if self.journal is None or self.folder is None:
+            return item("ok", result=await self.client._edit(request, None))
+        journal, folder = self.journal, self.folder
+        digest = request_digest(request)
+        known = name in journal.states
+        state = journal.state(name)
+        verdict = state.verdict(digest, folder) if known else "new"
+        if verdict == "saved" and not self.force:
+            files = tuple(folder / file for file in state.files)
+            return item("skipped", saved=files, reason="already saved")
+        if not known and not self.force:
+            # A folder filled before it had a journal: an image named after the job is its own.
+            found = [folder / f"{name}.{kind}" for kind in ("png", "jpeg", "webp")]
+            existing = tuple(path for path in found if is_image_file(path))
+            if existing:
+                return item("skipped", saved=existing, reason="already saved (no journal entry)")
+        if verdict == "changed" and not self.force:
+            return item(
+                "changed",
+                reason="the request for this id is not the one sent before (run with force to "
+                "send it)",
+            )
+        if verdict == "unconfirmed":
+            recovered = await self._download_again(name, state)
+            if recovered:
+                return item("ok", saved=recovered, reason="downloaded again from its result URL")
+            if not self.resend_unconfirmed:
+                why = state.note or "it was sent and no answer was recorded (interrupted?)"
+                return item(
+                    "unconfirmed",
+                    reason=f"may have been billed, no image saved: {why}",
+                )
+        journal.note(name, "accepted", d=digest)
+        result: EditResult = await self.client._edit(request, _JobWatcher(journal, name))
+        saved = await _save_all(result.images, folder, name)
+        journal.note(name, "saved", files=[path.name for path in saved])
+        return item("ok", result=result, saved=saved)
+
+    async def _download_again(self, name: str, state: JobState) -> tuple[Path, ...]:
+        """Save an answered job's images from their URLs, if they still work (it costs nothing)."""
+        if not state.urls or self.journal is None or self.folder is None:
+            return ()
+        images = [ResultImage(url=url, downloader=self.client._downloader) for url in state.urls]
+        try:
+            saved = await _save_all(images, self.folder, name)
+        except FluxError as error:
+            state.note = f"the answer's images could not be saved ({type(error).__name__})"
+            return ()
+        self.journal.note(name, "saved", files=[path.name for path in saved])
+        return saved
+
+    async def close(self) -> None:
+        if self.journal is not None:
+            await self.journal.close()
+
+
+async def run_batch(
+    client: AsyncFluxClient,
+    requests: Iterable[EditRequest],
+    *,
+    concurrency: int,
+    per_provider: int | None,
+    output_dir: str | os.PathLike[str] | None,
+    names: Iterable[str] | None,
+    resend_unconfirmed: bool,
+    force: bool,
+    stop: asyncio.Event | None,
+    grace: float,
+) -> AsyncIterator[BatchItem]:
+    """See `AsyncFluxClient.edit_many`."""
+    from flux_adapters.client import _GATES
+
+    _check_options(
+        concurrency, per_provider, grace, {"resend_unconfirmed": resend_unconfirmed, "force": force}
+    )
+    if stop is not None and not isinstance(stop, asyncio.Event):
+        raise ConfigurationError("stop= must be an asyncio.Event")
+    folder = _open_folder(output_dir) if output_dir is not None else None
+    batch = _Batch(client, folder, resend_unconfirmed=resend_unconfirmed, force=force)
+    source = _numbered(requests, names)
+    results: asyncio.Queue[BatchItem | None] = asyncio.Queue()
+    failures: list[BaseException] = []
+    # The batch's tasks run in their own context, so its per-provider gates stay its own.
+    context = contextvars.copy_context()
+    if per_provider is not None:
+        gates = {name: asyncio.Semaphore(per_provider) for name in client.providers}
+        context.run(_GATES.set, gates)
+
+    async def work() -> None:
+        try:
+            while not (stop is not None and stop.is_set()) and not failures:
+                try:
+                    index, name, request = next(source)
+                except StopIteration:
+                    return
+                except Exception as exc:  # the caller's iterable failed: stop taking jobs
+                    failures.append(exc)
+                    return
+                results.put_nowait(await batch.run(index, name, request))
+        finally:
+            results.put_nowait(None)
+
+    async def interrupt_after_grace() -> None:
+        assert stop is not None
+        await stop.wait()
+        await asyncio.sleep(grace)
+        batch.interrupted = True
+        for worker in workers:
+            worker.cancel()
+
+    workers = [asyncio.create_task(work(), context=context) for _ in range(concurrency)]
+    watchdog = asyncio.create_task(interrupt_after_grace()) if stop is not None else None
+    try:
+        running = len(workers)
+        while running:
+            finished = await results.get()
+            if finished is None:
+                running -= 1
+            else:
+                yield finished
+        if failures:
+            failure = failures[0]
+            if isinstance(failure, ValueError) and "zip()" in str(failure):
+                raise ConfigurationError("names= and requests have different lengths")
+            raise failure
+    finally:
+        for task in [*workers, *([watchdog] if watchdog else [])]:
+            task.cancel()
+        await asyncio.gather(*workers, *([watchdog] if watchdog else []), return_exceptions=True)
+        await batch.close()

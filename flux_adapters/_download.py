@@ -1,0 +1,311 @@
+"""Downloading result images: verified, bounded, retried in place, never with credentials.
+
+A download succeeds only with a 2xx whose bytes are a png, jpeg or webp image (checked from the
+first bytes, before anything is kept) of at most `MAX_IMAGE_BYTES`, within a deadline.
+Redirects are followed by hand, at most `MAX_REDIRECTS`, each to an ``http(s)`` URL. A 302 to a
+login page, an HTML error page with status 200, an empty body: each is a typed error, never a
+saved "image". Result URLs are signed and need no key, so none is ever sent with them.
+
+A download is an idempotent GET: a failure that may pass (no connection, a 5xx, a 429, a
+timeout) is retried in place a few times, so a paid image is not lost to one network blip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Final
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from flux_adapters._files import SNIFF_BYTES, atomic_image, image_format
+from flux_adapters._redact import redact
+from flux_adapters._transport import (
+    deadline_error,
+    declared_length,
+    mapped_transport_errors,
+    phase_timeouts,
+)
+from flux_adapters.errors import (
+    FluxError,
+    ProviderRejected,
+    ProviderUnavailable,
+    RateLimited,
+    ResponseFormatError,
+    ResultExpired,
+    TransportError,
+)
+from flux_adapters.result import MAX_IMAGE_BYTES
+
+__all__ = ["DOWNLOAD_DEADLINE", "DOWNLOAD_TIMEOUT", "MAX_REDIRECTS", "HttpDownloader"]
+
+DOWNLOAD_TIMEOUT: Final = httpx.Timeout(60.0, connect=10.0)
+DOWNLOAD_DEADLINE: Final = 120.0
+"""Seconds one download may take in all, redirects and retries included."""
+MAX_REDIRECTS: Final = 5
+RETRIES: Final = 2
+"""Further tries of a download after a failure that may pass."""
+_BACKOFF: Final = 0.5
+
+
+def _location(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.netloc}{parts.path}"  # the signed query string stays out of messages
+
+
+class _ImageBody:
+    """Checks a download as it streams: size, deadline, and that it starts like an image."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        url: str,
+        provider: str,
+        sink: Callable[[bytes], None],
+        deadline: float,
+        ends: float | None,
+    ) -> None:
+        self._response = response
+        self._url = url
+        self._provider = provider
+        self._sink = sink
+        self._deadline = deadline
+        self._ends = ends
+        self._head = b""
+        self._size = 0
+        self._verified = False
+        declared = declared_length(response)
+        if declared is not None and declared > MAX_IMAGE_BYTES:
+            raise self._too_large()
+
+    def _too_large(self) -> ResponseFormatError:
+        return ResponseFormatError(
+            f"the result image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB "
+            f"({_location(self._url)})",
+            provider=self._provider,
+            status_code=self._response.status_code,
+        )
+
+    def _not_image(self) -> ResponseFormatError:
+        kind = self._response.headers.get("content-type", "no content type")[:60]
+        what = "empty" if not self._size else f"not an image ({kind}, {self._size}+ bytes)"
+        return ResponseFormatError(
+            f"the download from {_location(self._url)} is {what}",
+            provider=self._provider,
+            status_code=self._response.status_code,
+            excerpt=redact(self._head[:120].decode("utf-8", errors="replace")),
+        )
+
+    def take(self, chunk: bytes) -> None:
+        """Check and pass on *chunk*."""
+        self._size += len(chunk)
+        if self._size > MAX_IMAGE_BYTES:
+            raise self._too_large()
+        if self._ends is not None and time.monotonic() > self._ends:
+            raise deadline_error(self._provider, self._deadline)
+        if self._verified:
+            self._sink(chunk)
+            return
+        self._head += chunk
+        if len(self._head) >= SNIFF_BYTES:
+            self._verify()
+
+    def _verify(self) -> None:
+        if image_format(self._head) is None:
+            raise self._not_image()
+        self._verified = True
+        self._sink(self._head)
+
+    def finish(self) -> None:
+        """The body ended: a short or empty one must still be an image."""
+        if not self._verified:
+            self._verify()
+
+
+def _next_url(response: httpx.Response, url: str, provider: str) -> str | None:
+    """The URL to go on to for a redirect, ``None`` for a 2xx; else the typed error."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return None
+    location = _location(url)
+    if 300 <= status < 400:
+        target = response.headers.get("location")
+        following = urljoin(url, target) if target else ""
+        if urlsplit(following).scheme not in ("http", "https"):
+            raise ResponseFormatError(
+                f"the download from {location} redirected nowhere usable",
+                provider=provider,
+                status_code=status,
+            )
+        return following
+    if status in (403, 404, 410):
+        raise ResultExpired(
+            "the result URL has expired or is gone (result URLs live about 10 minutes)",
+            status_code=status,
+            location=location,
+        )
+    if status == 429:
+        raise RateLimited(
+            f"downloading the result was rate limited ({location})",
+            provider=provider,
+            status_code=status,
+        )
+    kind = ProviderUnavailable if status >= 500 else ProviderRejected
+    raise kind(f"downloading the result failed ({location})", provider=provider, status_code=status)
+
+
+def _may_pass(error: FluxError) -> bool:
+    """Whether trying the same download again may succeed (the deadline still bounds it)."""
+    return isinstance(error, TransportError | ProviderUnavailable | RateLimited)
+
+
+def _too_many_redirects(url: str, provider: str) -> ResponseFormatError:
+    return ResponseFormatError(
+        f"the download from {_location(url)} redirected more than {MAX_REDIRECTS} times",
+        provider=provider,
+        status_code=302,
+    )
+
+
+class HttpDownloader:
+    """Downloads result URLs with the client's httpx client, or a short-lived one if it is closed.
+
+    Args:
+        provider: The provider the images came from, for error messages.
+        sync_client: The httpx client of a `FluxClient`.
+        async_client: The httpx client of an `AsyncFluxClient`.
+        deadline: Seconds one download may take in all (default `DOWNLOAD_DEADLINE`).
+    """
+
+    def __init__(
+        self,
+        *,
+        provider: str = "download",
+        sync_client: httpx.Client | None = None,
+        async_client: httpx.AsyncClient | None = None,
+        deadline: float = DOWNLOAD_DEADLINE,
+    ) -> None:
+        self._provider = provider
+        self._sync = sync_client
+        self._async = async_client
+        self._deadline = deadline
+        self._timeout = phase_timeouts(DOWNLOAD_TIMEOUT, deadline)
+
+    @contextlib.contextmanager
+    def _sync_client(self) -> Iterator[httpx.Client]:
+        if self._sync is not None and not self._sync.is_closed:
+            yield self._sync
+        else:
+            with httpx.Client() as client:
+                yield client
+
+    @contextlib.asynccontextmanager
+    async def _async_client(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self._async is not None and not self._async.is_closed:
+            yield self._async
+        else:
+            async with httpx.AsyncClient() as client:
+                yield client
+
+    def _fetch(self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]) -> None:
+        ends = time.monotonic() + self._deadline
+        attempt = 0
+        while True:
+            try:
+                with self._sync_client() as http, mapped_transport_errors(self._provider):
+                    self._follow(http, url, sink, ends)
+                return
+            except FluxError as error:
+                pause = _BACKOFF * 2**attempt
+                if attempt == RETRIES or not _may_pass(error) or time.monotonic() + pause > ends:
+                    raise
+            attempt += 1
+            restart()
+            time.sleep(pause)
+
+    def _follow(
+        self, http: httpx.Client, url: str, sink: Callable[[bytes], None], ends: float
+    ) -> None:
+        for _ in range(MAX_REDIRECTS + 1):
+            with http.stream("GET", url, timeout=self._timeout, follow_redirects=False) as response:
+                following = _next_url(response, url, self._provider)
+                if following is None:
+                    body = _ImageBody(response, url, self._provider, sink, self._deadline, ends)
+                    for chunk in response.iter_bytes():
+                        body.take(chunk)
+                    body.finish()
+                    return
+            url = following
+        raise _too_many_redirects(url, self._provider)
+
+    async def _fetch_async(
+        self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]
+    ) -> None:
+        deadline = asyncio.timeout(self._deadline)
+        try:
+            async with deadline:
+                attempt = 0
+                while True:
+                    try:
+                        async with self._async_client() as http:
+                            with mapped_transport_errors(self._provider):
+                                await self._follow_async(http, url, sink)
+                        return
+                    except FluxError as error:
+                        if attempt == RETRIES or not _may_pass(error):
+                            raise
+                    restart()
+                    await asyncio.sleep(_BACKOFF * 2**attempt)
+                    attempt += 1
+        except TimeoutError as exc:
+            if deadline.expired():
+                raise deadline_error(self._provider, self._deadline) from exc
+            raise
+
+    async def _follow_async(
+        self, http: httpx.AsyncClient, url: str, sink: Callable[[bytes], None]
+    ) -> None:
+        for _ in range(MAX_REDIRECTS + 1):
+            async with http.stream(
+                "GET", url, timeout=self._timeout, follow_redirects=False
+            ) as response:
+                following = _next_url(response, url, self._provider)
+                if following is None:
+                    body = _ImageBody(response, url, self._provider, sink, self._deadline, None)
+                    async for chunk in response.aiter_bytes():
+                        body.take(chunk)
+                    body.finish()
+                    return
+            url = following
+        raise _too_many_redirects(url, self._provider)
+
+    def read(self, url: str) -> bytes:
+        """Return the image at *url*."""
+        chunks: list[bytes] = []
+        self._fetch(url, chunks.append, chunks.clear)
+        return b"".join(chunks)
+
+    def save(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        """Stream the image at *url* into *path*, which appears only once complete.
+
+        With *add_suffix*, the file is *path* plus the image's real extension. Returns the path.
+        """
+        with atomic_image(path, add_suffix=add_suffix) as out:
+            self._fetch(url, out.write, out.restart)
+        return out.target
+
+    async def read_async(self, url: str) -> bytes:
+        """Return the image at *url*."""
+        chunks: list[bytes] = []
+        await self._fetch_async(url, chunks.append, chunks.clear)
+        return b"".join(chunks)
+
+    async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        """Stream the image at *url* into *path*, which appears only once complete."""
+        with atomic_image(path, add_suffix=add_suffix) as out:
+            await self._fetch_async(url, out.write, out.restart)
+        return out.target

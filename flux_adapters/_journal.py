@@ -1,0 +1,341 @@
+"""The write-ahead journal of a batch, and appending JSON lines that survive any kill.
+
+A batch that is killed (SIGKILL, power loss) must never re-send a job the provider may have
+billed. So before each request goes out, a ``sent`` record for its job is on disk (``fsync``);
+what happened next is recorded as it happens::
+
+    accepted   the job (its id and a digest of its request) was taken up
+    sent       a request for it is about to go to a provider (durable before it goes)
+    attempt    that request failed; its billing row says whether it may have been billed
+    answered   a provider answered with the image(s); the result URLs, to download again
+    saved      the image files are complete on disk
+
+Records of a job are folded into a `JobState`; `JobState.verdict` tells a rerun what to do.
+Group commit: one ``fsync`` covers every record that became ready while the previous one ran,
+so a batch of many jobs in flight pays for few ``fsync`` calls, and never sends a request
+before its record is durable.
+
+A record is one JSON line written with a single ``write`` on an ``O_APPEND`` file, so a kill
+cannot tear it; a power loss can leave a partial last line, which `repair_tail` cuts off when
+the file is opened again. An exclusive lock keeps two processes from sharing one journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final, Literal, TypeAlias
+
+from attrs import define, field
+
+from flux_adapters.errors import ConfigurationError, OutputError
+from flux_adapters.request import BytesImage, DataUrlImage, EditRequest, FileImage, UrlImage
+
+__all__ = ["JOURNAL_NAME", "JobState", "Journal", "JsonLines", "is_image_file", "request_digest"]
+
+JOURNAL_NAME: Final = ".flux-journal.jsonl"
+_SAMPLE: Final = 64 * 1024
+
+Verdict: TypeAlias = Literal["new", "saved", "changed", "unconfirmed", "retry"]
+
+
+def request_digest(request: EditRequest) -> str:
+    """A digest of everything that decides the image: settings, prompt and image contents.
+
+    Local files are identified by their size and first and last 64 KiB, not by path or time,
+    so moving or re-checking-out the inputs does not make a job look changed.
+    """
+    hasher = hashlib.sha256()
+    settings = {
+        name: getattr(request, name)
+        for name in (
+            "prompt",
+            "model",
+            "width",
+            "height",
+            "size",
+            "aspect_ratio",
+            "seed",
+            "output_format",
+            "safety_tolerance",
+            "prompt_upsampling",
+            "steps",
+            "guidance",
+            "allow_conversions",
+        )
+    }
+    hasher.update(json.dumps(settings, sort_keys=True, ensure_ascii=True).encode())
+    for image in request.images:
+        hasher.update(b"\0image:")
+        if isinstance(image, UrlImage):
+            hasher.update(b"url:" + image.url.encode("utf-8", errors="surrogatepass"))
+        elif isinstance(image, DataUrlImage):
+            hasher.update(b"data:" + image.data_url.encode("ascii", errors="replace"))
+        elif isinstance(image, BytesImage):
+            hasher.update(b"bytes:" + image.data)
+        else:
+            hasher.update(b"file:" + _file_sample(image))
+    return hasher.hexdigest()[:32]
+
+
+def _file_sample(image: FileImage) -> bytes:
+    size = image.info.byte_size
+    with image.open() as stream:
+        head = stream.read(_SAMPLE)
+        if size > 2 * _SAMPLE:
+            stream.seek(size - _SAMPLE)
+        tail = stream.read(_SAMPLE)
+    return str(size).encode() + b":" + head + b":" + tail
+
+
+@define
+class JobState:
+    """What the journal knows of one job, folded from its records.
+
+    Attributes:
+        digest: The digest of the request it was accepted with.
+        open_sends: Providers sent to with no answer or failure recorded (a crash, a cancel).
+        billed: Some provider may have billed it (an ambiguous failure, or an answer).
+        urls: Result URLs of the last answer, to download again.
+        files: The image files saved, when it was saved.
+        note: The last thing that went wrong, in words.
+    """
+
+    digest: str = ""
+    open_sends: list[str] = field(factory=list)
+    billed: bool = False
+    urls: list[str] = field(factory=list)
+    files: list[str] = field(factory=list)
+    note: str = ""
+
+    def fold(self, record: dict[str, Any]) -> None:
+        """Take one record into account."""
+        kind = record.get("k")
+        provider = str(record.get("p", ""))
+        if kind == "accepted":
+            self.digest = str(record.get("d", ""))
+            self.files = []
+        elif kind == "sent":
+            self.open_sends.append(provider)
+        elif kind in ("attempt", "answered"):
+            if provider in self.open_sends:
+                self.open_sends.remove(provider)
+            if kind == "answered":
+                self.billed = True
+                self.urls = [str(url) for url in record.get("urls", [])]
+            else:
+                self.billed = self.billed or record.get("proves") == "may be billed"
+                self.note = str(record.get("e", ""))
+        elif kind == "saved":
+            self.files = [str(name) for name in record.get("files", [])]
+
+    @property
+    def may_be_billed(self) -> bool:
+        """Whether some provider may have done (and billed) the job."""
+        return self.billed or bool(self.open_sends)
+
+    def verdict(self, digest: str, folder: Path) -> Verdict:
+        """What a new run should do with this job (given its request's *digest* now).
+
+        ``saved``: its images are on disk; ``changed``: its request is not the one the journal
+        knows; ``unconfirmed``: it may have been billed and has no saved image; ``retry``: it
+        was tried and provably never taken (or refused); ``new``: never sent.
+        """
+        if self.digest and digest != self.digest:
+            return "changed"
+        if self.files and all(is_image_file(folder / name) for name in self.files):
+            return "saved"
+        if self.may_be_billed:
+            return "unconfirmed"
+        return "retry" if self.note else "new"
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether *path* is a readable file that starts like a png, jpeg or webp image."""
+    from flux_adapters._files import SNIFF_BYTES, image_format
+
+    try:
+        with path.open("rb") as stream:
+            return image_format(stream.read(SNIFF_BYTES)) is not None
+    except OSError:
+        return False
+
+
+def repair_tail(fd: int) -> None:
+    """Cut a partial last line (a write torn by a power loss) off the file open as *fd*."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    position = size
+    while position > 0:
+        start = max(0, position - 4096)
+        chunk = os.pread(fd, position - start, start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            end = start + cut + 1
+            if end != size:
+                os.ftruncate(fd, end)
+            return
+        position = start
+    os.ftruncate(fd, 0)
+
+
+class JsonLines:
+    """An append-only JSON-lines file whose every line is whole, whatever kills the process.
+
+    Raises:
+        OutputError: The file cannot be opened or written.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(path, flags, 0o644)
+            repair_tail(self._fd)
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
+
+    @staticmethod
+    def encode(record: dict[str, object]) -> bytes:
+        """*record* as one line of JSON."""
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+    def write(self, data: bytes) -> None:
+        """Append whole lines with one ``write`` (a kill cannot leave half of one)."""
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):  # a full disk: cut what was written back to whole lines
+                repair_tail(self._fd)
+                raise OSError(28, "No space left on device")
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc), path=str(self.path)) from exc
+
+    def append(self, record: dict[str, object]) -> None:
+        """Append *record* as one line."""
+        self.write(self.encode(record))
+
+    def sync(self) -> None:
+        """Make everything appended so far durable."""
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc), path=str(self.path)) from exc
+
+    def fileno(self) -> int:
+        """The file descriptor (for locking)."""
+        return self._fd
+
+    def close(self) -> None:
+        """Close the file."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def read_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines file; a torn or unreadable line is skipped."""
+    try:
+        stream = path.open("rb")
+    except FileNotFoundError:
+        return
+    with stream:
+        for line in stream:
+            if not line.endswith(b"\n"):
+                return  # torn by a power loss: repaired when the file is next opened
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+class Journal:
+    """The journal of the batch writing to one folder; see the module docstring.
+
+    Args:
+        folder: The batch's output folder; the journal is ``<folder>/.flux-journal.jsonl``.
+
+    Raises:
+        ConfigurationError: Another process has the journal open.
+        OutputError: It cannot be created or written.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        path = folder / JOURNAL_NAME
+        self.states: dict[str, JobState] = {}
+        for record in read_lines(path):
+            job = record.get("id")
+            if isinstance(job, str):
+                self.states.setdefault(job, JobState()).fold(record)
+        self._lines = JsonLines(path)
+        try:
+            import fcntl
+
+            fcntl.flock(self._lines.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not on POSIX: no lock
+            pass
+        except OSError:
+            self._lines.close()
+            raise ConfigurationError(
+                f"another batch is writing to {folder} (its journal is locked); wait for it or "
+                "choose another output folder"
+            ) from None
+        self._pending: list[bytes] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def state(self, job: str) -> JobState:
+        """What is known of *job* (an empty state for a new one)."""
+        return self.states.get(job) or JobState()
+
+    def note(self, job: str, kind: str, **values: object) -> None:
+        """Record something that need not be durable before the next step (flushed soon)."""
+        record: dict[str, object] = {"id": job, "k": kind, **values}
+        self.states.setdefault(job, JobState()).fold(record)
+        self._pending.append(JsonLines.encode(record))
+
+    async def durable(self, job: str, kind: str, **values: object) -> None:
+        """Record something, and return once it (and all noted before it) is on disk."""
+        self.note(job, kind, **values)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await asyncio.shield(waiter)
+
+    async def _flush(self) -> None:
+        while self._waiters:
+            data, self._pending = b"".join(self._pending), []
+            waiters, self._waiters = self._waiters, []
+            try:
+                await asyncio.to_thread(self._write_and_sync, data)
+            except OutputError as error:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(error)
+                continue
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _write_and_sync(self, data: bytes) -> None:
+        if data:
+            self._lines.write(data)
+        self._lines.sync()
+
+    async def close(self) -> None:
+        """Write and sync what is pending, then close."""
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+        data, self._pending = b"".join(self._pending), []
+        with contextlib.suppress(OutputError):
+            await asyncio.to_thread(self._write_and_sync, data)
+        self._lines.close()

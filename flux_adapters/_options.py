@@ -1,0 +1,147 @@
+"""Checking what callers pass to the clients, when the client is built.
+
+A wrong value is a `ConfigurationError` that says what was expected, raised before anything is
+sent, never a raw ``TypeError`` at call time. Messages name where a value came from (an
+argument, an environment variable) and never repeat a key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping
+from typing import Final, TypeGuard
+from urllib.parse import urlsplit
+
+import httpx
+
+from flux_adapters.errors import ConfigurationError
+
+__all__ = [
+    "check_adapter",
+    "check_base_url",
+    "check_key",
+    "check_seconds",
+    "check_timeout",
+    "did_you_mean",
+    "is_number",
+]
+
+_ADAPTER_PARTS: Final = ("name", "default_base_url", "env_prefix", "limits")
+_ADAPTER_METHODS: Final = ("build_request", "parse_response", "parse_error")
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """Whether *value* is a real, finite number (``bool`` is not one here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def did_you_mean(value: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss of *known*, else an empty string."""
+    close = difflib.get_close_matches(value.lower(), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_key(value: object, source: str) -> str:
+    """*value* as an API key; *source* says where it came from, e.g. ``$LAOZHANG_API_KEY``.
+
+    A key goes into an HTTP header, so it must be printable ASCII without spaces. Whitespace
+    around it (a line break from a CRLF ``.env`` file) is refused rather than stripped: the key
+    you set is the key that is sent.
+    """
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{source} must be a string, not {type(value).__name__}")
+    if not value:
+        raise ConfigurationError(f"{source} is empty")
+    if value != value.strip():
+        ending = " a line break" if value[-1:] in ("\r", "\n") else " whitespace"
+        raise ConfigurationError(
+            f"{source} has{ending} around the key (a CRLF .env file?); remove it"
+        )
+    if value.lower().startswith(("bearer ", "key ", "token ")):
+        raise ConfigurationError(f"{source} starts with a scheme word; give the key alone")
+    if not all(0x21 <= ord(character) <= 0x7E for character in value):
+        raise ConfigurationError(
+            f"{source} holds characters an HTTP header cannot carry (spaces, control or "
+            "non-ASCII characters); check the key"
+        )
+    return value
+
+
+def check_base_url(value: object, source: str) -> str:
+    """*value* as a provider base URL: ``http(s)://host[:port][/path]``."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{source} must be a URL string, not {type(value).__name__}")
+    expected = "an http(s) URL with a host and no query, e.g. https://api.example.com"
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError for a port out of range or not a number
+    except ValueError:
+        raise ConfigurationError(f"{source} must be {expected}") from None
+    del port
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or not value.isascii()
+        or any(character.isspace() or not character.isprintable() for character in value)
+    ):
+        raise ConfigurationError(f"{source} must be {expected}")
+    return value
+
+
+def check_seconds(value: object, source: str) -> float:
+    """*value* as a positive, finite number of seconds."""
+    if not is_number(value) or value <= 0:
+        raise ConfigurationError(f"{source} must be a number of seconds > 0, not {_shown(value)}")
+    return float(value)
+
+
+def check_timeout(value: object, source: str) -> httpx.Timeout:
+    """*value* (seconds, or an ``httpx.Timeout`` with positive phases) as an ``httpx.Timeout``."""
+    if isinstance(value, httpx.Timeout):
+        for phase in ("connect", "read", "write", "pool"):
+            seconds = getattr(value, phase)
+            if seconds is not None:
+                check_seconds(seconds, f"{source} {phase}")
+        return value
+    if not is_number(value):
+        raise ConfigurationError(
+            f"{source} must be seconds (a number > 0) or an httpx.Timeout, not {_shown(value)}"
+        )
+    return httpx.Timeout(check_seconds(value, source))
+
+
+def check_adapter(value: object) -> object:
+    """*value* if it has what the client needs of an adapter, else `ConfigurationError`."""
+    missing = [part for part in _ADAPTER_PARTS if not hasattr(value, part)]
+    missing += [part for part in _ADAPTER_METHODS if not callable(getattr(value, part, None))]
+    if missing:
+        raise ConfigurationError(
+            f"a provider must be a provider id or an adapter; {type(value).__name__} has no "
+            + ", ".join(missing)
+        )
+    name = getattr(value, "name", None)
+    limits = getattr(value, "limits", None)
+    if not isinstance(name, str) or not name or not isinstance(limits, Mapping):
+        raise ConfigurationError(
+            f"adapter {type(value).__name__}: name must be a non-empty str and limits a mapping"
+        )
+    return value
+
+
+def _shown(value: object) -> str:
+    """A short description of a wrong value (its type, and the value when small and simple)."""
+    if isinstance(value, str):
+        return repr(value[:40]) if value.isprintable() else "a str with control characters"
+    if isinstance(value, bool | float) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if abs(value) < 10**12 else "a very large int"
+    return type(value).__name__
