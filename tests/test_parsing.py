@@ -244,7 +244,7 @@ def test_a_huge_html_error_page_is_reduced_to_its_title_from_a_bounded_prefix() 
     assert error.detail is not None
     assert error.detail.startswith("down down")
     assert len(error.detail) <= 500
-    assert ERROR_BODY_BYTES < len(untitled)
+    assert len(untitled) > ERROR_BODY_BYTES
 
 
 @pytest.mark.parametrize(
