@@ -12,7 +12,13 @@ from collections.abc import Generator
 from attrs import frozen
 
 from flux_adapters._redact import redact
-from flux_adapters.errors import ProviderError, RequestError, ResponseFormatError, Violation
+from flux_adapters.errors import (
+    FluxError,
+    ProviderError,
+    RequestError,
+    ResponseFormatError,
+    Violation,
+)
 from flux_adapters.limits import Plan, plan
 from flux_adapters.providers import Adapter, Answer, get_adapter
 from flux_adapters.request import EditRequest
@@ -73,14 +79,26 @@ def edit_flow(
     """One synchronous call: POST the request, read the images from the answer.
 
     *plan* is the request already resolved against *adapter*'s limits (the router has one);
-    without it the flow resolves the request itself.
+    without it the flow resolves the request itself. An adapter (perhaps from another package)
+    that fails with an exception of its own gets a typed error in its place: before anything is
+    sent, a `RequestError`; once an answer came, a `ResponseFormatError` (it may be billed).
 
     Raises:
         RequestError: Before anything is yielded, when the request breaks the provider's limits.
         ProviderError: The provider answered with an error (details redacted of *secrets*).
     """
     resolved = plan if plan is not None else resolve(adapter, request)
-    response = yield adapter.build_request(request, resolved, base_url)
+    try:
+        outgoing = adapter.build_request(request, resolved, base_url)
+    except FluxError:
+        raise
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {str(exc)[:120]}"
+        violation = Violation(
+            "request", f"{adapter.name} could not build it", "an adapter bug", why
+        )
+        raise RequestError([violation], provider=adapter.name, model=request.model) from exc
+    response = yield outgoing
     try:
         if not 200 <= response.status_code < 300:
             raise adapter.parse_error(response)
@@ -91,4 +109,12 @@ def edit_flow(
         if isinstance(error, ResponseFormatError):
             error.excerpt = redact(error.excerpt, secrets)
         raise
+    except FluxError:
+        raise
+    except Exception as exc:
+        raise ResponseFormatError(
+            f"the {adapter.name} adapter could not read the answer ({type(exc).__name__})",
+            provider=adapter.name,
+            status_code=response.status_code,
+        ) from exc
     return Outcome(plan=resolved, answer=answer)

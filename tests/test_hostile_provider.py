@@ -1,0 +1,451 @@
+"""The clients against a hostile provider and a careless caller, through httpx.MockTransport.
+
+A provider that drips its answer, sends 100 MB, garbles its encoding, redirects forever, serves
+HTML as the image, or echoes the key back; a caller passing any value for any argument. Every
+outcome is a typed error (or a result), bounded in time and memory, and no key ever shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
+from flux_adapters._redact import FRAGMENT, secret_forms
+from flux_adapters.result import MAX_IMAGE_BYTES
+from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES
+from tests.conftest import image_bytes
+
+KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
+REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
+RESULT_URL = "https://cdn.example/results/a.png?signature=s3cr3t"
+OK = {"created": 1, "data": [{"url": RESULT_URL}]}
+Handler = Callable[[httpx.Request], httpx.Response]
+both = pytest.mark.parametrize("kind", ["sync", "async"])
+
+
+class Stream(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body made of *chunks*, optionally one every *pause* seconds; counts what is read."""
+
+    def __init__(self, chunks: Iterator[bytes], pause: float = 0.0) -> None:
+        self._chunks = chunks
+        self._pause = pause
+        self.read = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            time.sleep(self._pause)
+            self.read += len(chunk)
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            await asyncio.sleep(self._pause)
+            self.read += len(chunk)
+            yield chunk
+
+
+def run(kind: str, handler: Handler, call: Callable[[Any], Any], **options: Any) -> Any:
+    """Make a client of *kind* on *handler* and return ``call(client)`` (awaited when async)."""
+    transport = httpx.MockTransport(handler)
+    if kind == "sync":
+        with httpx.Client(transport=transport) as http:
+            return call(FluxClient("laozhang", api_key=KEY, http_client=http, **options))
+
+    async def main() -> Any:
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http, **options)
+            outcome = call(client)
+            return await outcome if asyncio.iscoroutine(outcome) else outcome
+
+    return asyncio.run(main())
+
+
+def leaks(text: str, key: str = KEY) -> list[str]:
+    """Every form of *key*, or 8-character fragment of one, that appears in *text*."""
+    found = []
+    for form in secret_forms(key):
+        found += [
+            form[i : i + FRAGMENT]
+            for i in range(len(form) - FRAGMENT + 1)
+            if form[i : i + FRAGMENT] in text
+        ]
+    return found
+
+
+# --- answers that never end, or never stop growing -----------------------------------------
+
+
+@both
+def test_a_server_dripping_its_answer_is_cut_off_at_the_deadline(kind: str) -> None:
+    def drip(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Stream(iter([b"{"] * 200), pause=0.02))
+
+    started = time.monotonic()
+    with pytest.raises(errors.Timeout, match=r"deadline of 0\.3 s") as caught:
+        run(kind, drip, lambda client: client.edit(REQUEST), deadline=0.3)
+    assert time.monotonic() - started < 2.0  # 200 bytes at 20 ms each would take 4 s
+    assert caught.value.sent is True  # the job may have been done: never failed over
+
+
+@both
+def test_a_number_given_as_timeout_is_also_the_deadline(kind: str) -> None:
+    def drip(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Stream(iter([b" "] * 200), pause=0.02))
+
+    with pytest.raises(errors.Timeout, match="deadline"):
+        run(kind, drip, lambda client: client.edit(REQUEST), timeout=0.3)
+
+
+@both
+def test_an_answer_over_the_cap_is_refused_without_reading_it(kind: str) -> None:
+    declared = httpx.Response(
+        200, headers={"content-length": str(MAX_ANSWER_BYTES + 1)}, stream=Stream(iter([b"{"]))
+    )
+    with pytest.raises(errors.ResponseFormatError, match="larger than"):
+        run(kind, lambda request: declared, lambda client: client.edit(REQUEST))
+    endless = Stream(b"x" * 1024 * 1024 for _ in range(10_000))  # 10 GB if read to the end
+    with pytest.raises(errors.ResponseFormatError, match="larger than"):
+        run(kind, lambda request: httpx.Response(200, stream=endless), lambda c: c.edit(REQUEST))
+    assert endless.read <= MAX_ANSWER_BYTES + 1024 * 1024
+
+
+@both
+def test_an_error_answer_is_read_no_further_than_its_prefix(kind: str) -> None:
+    page = Stream(iter([b"<html><title>down</title>", *([b"x" * 65536] * 10_000)]))
+    with pytest.raises(errors.ProviderUnavailable) as caught:
+        run(kind, lambda request: httpx.Response(500, stream=page), lambda c: c.edit(REQUEST))
+    assert caught.value.detail == "down"
+    assert page.read <= ERROR_BODY_BYTES + 2 * 65536
+
+
+@both
+def test_a_body_that_cannot_be_decoded_is_a_format_error(kind: str) -> None:
+    def garbled(request: httpx.Request) -> httpx.Response:
+        body = Stream(iter([b"not gzip at all"]))
+        return httpx.Response(200, headers={"content-encoding": "gzip"}, stream=body)
+
+    with pytest.raises(errors.ResponseFormatError, match="could not be decoded"):
+        run(kind, garbled, lambda client: client.edit(REQUEST))
+
+
+# --- downloads that are not images ---------------------------------------------------------
+
+
+def cdn(*answers: httpx.Response | Callable[[httpx.Request], httpx.Response]) -> Handler:
+    """The provider answers OK; each download of the result plays the next of *answers*."""
+    queue = list(answers)
+    gets: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json=OK)
+        gets.append(str(request.url))
+        answer = queue.pop(0) if len(queue) > 1 else queue[0]
+        if callable(answer):
+            return answer(request)
+        # A fresh response each time, whose body either client can stream.
+        body = Stream(iter([answer.content]))
+        return httpx.Response(answer.status_code, headers=answer.headers, stream=body)
+
+    handler.gets = gets  # type: ignore[attr-defined]
+    return handler
+
+
+PNG = image_bytes(40, 30)
+HTML = b"<html><body>Please log in</body></html>"
+
+
+def save(kind: str, handler: Handler, target: Path, **options: Any) -> Path:
+    if kind == "sync":
+        return run(  # type: ignore[no-any-return]
+            kind, handler, lambda client: client.edit(REQUEST).images[0].save(target), **options
+        )
+
+    async def go(client: AsyncFluxClient) -> Path:
+        result = await client.edit(REQUEST)
+        return await result.images[0].save_async(target)
+
+    return run(kind, handler, go, **options)  # type: ignore[no-any-return]
+
+
+@both
+@pytest.mark.parametrize(
+    ("answers", "problem"),
+    [
+        ((httpx.Response(302, headers={"location": "/login"}), httpx.Response(200, content=HTML)), "not an image"),
+        ((httpx.Response(200, content=HTML, headers={"content-type": "text/html"}),), r"not an image \(text/html"),
+        ((httpx.Response(200, content=b""),), "is empty"),
+        ((httpx.Response(200, content=b"\x00" * 500, headers={"content-type": "image/png"}),), "not an image"),
+        ((httpx.Response(302, headers={"location": "https://cdn.example/loop"}),), "redirected more than 5 times"),
+        ((httpx.Response(302),), "redirected nowhere usable"),
+        ((httpx.Response(200, headers={"content-length": str(MAX_IMAGE_BYTES + 1)}, content=PNG),), "larger than 32 MB"),
+    ],
+    ids=["302-to-html", "html", "empty", "fake-png", "redirect-loop", "redirect-nowhere", "too-large"],
+)  # fmt: skip
+def test_a_download_is_saved_only_when_it_is_an_image(
+    kind: str, answers: tuple[httpx.Response, ...], problem: str, tmp_path: Path
+) -> None:
+    target = tmp_path / "out.png"
+    with pytest.raises(errors.ResponseFormatError, match=problem) as caught:
+        save(kind, cdn(*answers), target)
+    assert "s3cr3t" not in str(caught.value)  # the URL's signature stays out of the message
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, nothing under the name
+
+
+@both
+def test_a_redirect_to_the_image_and_a_passing_failure_are_followed(
+    kind: str, tmp_path: Path
+) -> None:
+    handler = cdn(
+        httpx.Response(503),  # a blip: retried in place
+        httpx.Response(302, headers={"location": "/moved/a.png"}),
+        httpx.Response(200, content=PNG, headers={"content-type": "image/png"}),
+    )
+    target = save(kind, handler, tmp_path / "out.png")
+    assert target.read_bytes() == PNG
+    assert handler.gets[-1] == "https://cdn.example/moved/a.png"  # type: ignore[attr-defined]
+    assert [path.name for path in tmp_path.iterdir()] == ["out.png"]
+
+
+@both
+def test_a_download_dripping_forever_ends_at_its_deadline(kind: str, tmp_path: Path) -> None:
+    slow = Stream(iter([PNG[:16], *([b"\x00"] * 500)]), pause=0.02)
+    started = time.monotonic()
+    handler = cdn(lambda request: httpx.Response(200, stream=slow))
+    with pytest.raises(errors.Timeout, match=r"deadline of 0\.5 s"):
+        save(kind, handler, tmp_path / "out.png", deadline=0.5)
+    assert time.monotonic() - started < 3.0
+    assert list(tmp_path.iterdir()) == []
+
+
+@both
+def test_a_target_that_is_not_a_regular_file_is_refused_before_downloading(
+    kind: str, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    (tmp_path / "file").write_bytes(b"x")
+    for target, problem in [
+        (folder, "is a directory"),
+        (fifo, "is a FIFO"),
+        (tmp_path / "missing" / "a.png", "does not exist"),
+        (tmp_path / "file" / "a.png", "Not a directory"),
+        (Path("/dev/null"), "is a device"),
+    ]:
+        handler = cdn(httpx.Response(200, content=PNG))
+        with pytest.raises(errors.OutputError, match=problem):
+            save(kind, handler, target)
+        assert handler.gets == []  # type: ignore[attr-defined]
+
+
+def test_inline_images_are_decoded_in_slices_to_their_target(tmp_path: Path) -> None:
+    import base64
+
+    png = image_bytes(600, 600)
+    answer = httpx.Response(200, json={"data": [{"b64_json": base64.b64encode(png).decode()}]})
+    transport = httpx.MockTransport(lambda request: answer)
+    with httpx.Client(transport=transport) as http:
+        result = FluxClient("aimlapi", api_key=KEY, http_client=http).edit(REQUEST)
+    saved = result.images[0].save(tmp_path / "robot", add_suffix=True)
+    assert saved == tmp_path / "robot.png"
+    assert saved.read_bytes() == png
+
+
+# --- the key never shows -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "x" * 100])
+def test_a_key_echoed_by_the_provider_never_shows_at_any_cut(prefix: str) -> None:
+    """The detail is cut at 500 characters and an excerpt at 200: no cut leaves 8+ characters."""
+    for offset in range(520):
+        message = prefix + "y" * offset + KEY + " was refused"
+
+        def echo(request: httpx.Request, text: str = message) -> httpx.Response:
+            return httpx.Response(401, json={"error": {"message": text}})
+
+        with pytest.raises(errors.AuthenticationFailed) as caught:
+            run("sync", echo, lambda client: client.edit(REQUEST))
+        error = caught.value
+        shown = f"{error} {error!r} {error.detail} {error.attempts}"
+        assert leaks(shown) == [], offset
+
+        def garbage(request: httpx.Request, text: str = message) -> httpx.Response:
+            return httpx.Response(200, content=text.encode())
+
+        with pytest.raises(errors.ResponseFormatError) as garbled:
+            run("sync", garbage, lambda client: client.edit(REQUEST))
+        assert leaks(f"{garbled.value} {garbled.value.excerpt}") == [], offset
+
+
+def test_a_key_in_a_transport_failure_message_never_shows() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.LocalProtocolError(f"Illegal header value b'Bearer {KEY}\\r'")
+
+    with pytest.raises(errors.TransportError) as caught:
+        run("sync", refuse, lambda client: client.edit(REQUEST))
+    assert caught.value.sent is False  # a local failure: nothing reached the provider
+    assert "may have reached" not in str(caught.value)
+    assert leaks(str(caught.value)) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        (KEY + "\r", "line break"),
+        (KEY + "\n", "line break"),
+        (" " + KEY, "whitespace"),
+        (KEY[:10] + "é" + KEY[10:], "cannot carry"),
+        (KEY[:10] + " " + KEY[10:], "cannot carry"),
+        ("Bearer " + KEY, "scheme word"),
+        ("", "is empty"),
+    ],
+)
+def test_an_unusable_key_is_refused_when_the_client_is_built_without_showing_it(
+    key: str, problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(errors.ConfigurationError, match=problem) as given:
+        FluxClient("laozhang", api_key=key)
+    assert "api_key=" in str(given.value)
+    assert leaks(str(given.value)) == []
+    monkeypatch.setenv("LAOZHANG_API_KEY", key)
+    with pytest.raises(errors.ConfigurationError) as from_env:
+        AsyncFluxClient("laozhang")
+    assert "LAOZHANG_API_KEY" in str(from_env.value)
+    assert leaks(str(from_env.value)) == []
+    assert "may have reached" not in str(from_env.value)
+
+
+def test_the_key_never_appears_in_debug_logs(caplog: pytest.LogCaptureFixture) -> None:
+    from flux_adapters.emulator import run_emulator
+
+    with caplog.at_level(logging.DEBUG), run_emulator() as emulator:
+        with FluxClient("laozhang", api_key=KEY, base_url=emulator.base_url("laozhang")) as client:
+            client.edit(REQUEST).images[0].read()
+        closed = FluxClient("laozhang", api_key=KEY, base_url="http://127.0.0.1:9")
+        with closed, pytest.raises(errors.TransportError):
+            closed.edit(REQUEST)
+    assert any(record.name.startswith("httpcore") for record in caplog.records)  # it did log
+    assert leaks(caplog.text) == []
+
+
+# --- a careless caller ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"routing": "fastest"}, "routing= must be"),
+        ({"routing": "cheapst"}, "did you mean 'cheapest'"),
+        ({"timeout": "30"}, "timeout= must be seconds"),
+        ({"timeout": float("nan")}, "timeout= must be"),
+        ({"timeout": -1}, "timeout= must be"),
+        ({"timeout": httpx.Timeout(5, read=0)}, "timeout= read must be"),
+        ({"deadline": float("inf")}, "deadline= must be"),
+        ({"deadline": 10**400}, "deadline= must be"),
+        ({"base_url": "api.laozhang.ai"}, "base_url= must be an http"),
+        ({"base_url": "https://api.laozhang.ai/\r\nX: y"}, "base_url= must be an http"),
+        ({"base_url": "http://[::1"}, "base_url= must be an http"),
+        ({"base_url": 42}, "base_url= must be a URL string"),
+        ({"max_cost_usd": -1}, "max_cost_usd="),
+        ({"max_cost_usd": "0.05"}, "max_cost_usd="),
+        ({"failover_on_ambiguous": "yes"}, "failover_on_ambiguous="),
+        ({"policy": {"retries": 3}}, "policy="),
+        ({"prices": {"laozhang": 0.03}}, "prices="),
+        ({"settings": ["laozhang"]}, "settings="),
+        ({"http_client": httpx.AsyncClient()}, "use AsyncFluxClient"),
+        ({"http_client": "http"}, "http_client= must be"),
+    ],
+)
+def test_every_client_argument_is_checked_when_the_client_is_built(
+    options: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(errors.ConfigurationError, match=problem):
+        FluxClient("laozhang", api_key=KEY, **options)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({}, "pass either provider="),
+        ({"provider": "laozhang", "providers": ["apiyi"]}, "pass either provider="),
+        ({"providers": "laozhang"}, "must be a list"),
+        ({"providers": []}, "is empty"),
+        ({"providers": ["laozhang", "laozhang"]}, "more than once"),
+        ({"providers": [42]}, "a provider must be a provider id or an adapter"),
+        ({"provider": object()}, "a provider must be a provider id or an adapter"),
+    ],
+)
+def test_provider_arguments_are_checked(arguments: dict[str, Any], problem: str) -> None:
+    with pytest.raises(errors.ConfigurationError, match=problem):
+        FluxClient(**arguments)
+
+
+@both
+def test_edit_takes_only_a_request_and_a_closed_client_says_so(kind: str) -> None:
+    with pytest.raises(errors.RequestError, match="must be an EditRequest"):
+        run(kind, lambda request: httpx.Response(200, json=OK), lambda c: c.edit({"prompt": "x"}))
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=OK))
+    if kind == "sync":
+        client = FluxClient("laozhang", api_key=KEY, http_client=httpx.Client(transport=transport))
+        client._http.close()
+        with pytest.raises(errors.ConfigurationError, match="is closed"):
+            client.edit(REQUEST)
+        return
+
+    async def closed() -> None:
+        http = httpx.AsyncClient(transport=transport)
+        client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http)
+        await http.aclose()
+        with pytest.raises(errors.ConfigurationError, match="is closed"):
+            await client.edit(REQUEST)
+
+    asyncio.run(closed())
+
+
+class Broken:
+    """An adapter from another package with bugs of its own."""
+
+    name = "broken"
+    default_base_url = "https://broken.example"
+    env_prefix = "BROKEN"
+
+    def __init__(self, fail_at: str) -> None:
+        from flux_adapters import get_adapter
+
+        self._inner = get_adapter("laozhang")
+        self.limits = self._inner.limits
+        self._fail_at = fail_at
+
+    def build_request(self, *args: Any) -> Any:
+        if self._fail_at == "build":
+            raise KeyError("model")
+        return self._inner.build_request(*args)
+
+    def parse_response(self, response: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'url'")
+
+    def parse_error(self, response: Any) -> Any:
+        return None  # not an error at all
+
+
+def test_a_buggy_adapter_gets_typed_errors_in_place_of_its_own() -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=OK))
+    with httpx.Client(transport=transport) as http:
+        client = FluxClient(Broken("build"), api_key=KEY, http_client=http)
+        with pytest.raises(errors.RequestError, match="could not build it"):
+            client.edit(REQUEST)
+        client = FluxClient(Broken("parse"), api_key=KEY, http_client=http)
+        with pytest.raises(errors.ResponseFormatError, match="could not read the answer"):
+            client.edit(REQUEST)
