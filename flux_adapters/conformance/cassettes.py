@@ -51,7 +51,7 @@ from email.parser import BytesParser
 from typing import Any, Final
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
 
-from flux_adapters._redact import MASK, Redactor, secret_forms
+from flux_adapters._redact import FRAGMENT, MASK, Redactor, secret_forms
 
 __all__ = [
     "BOUNDARY",
@@ -395,12 +395,13 @@ class Scrubber:
         if isinstance(body, str):
             body = body.encode()
         content_type = _header(request.headers, "content-type")
-        request.body = self._request_body(content_type, body) if body else body
+        if body:
+            request.body = self._request_body(content_type, body)
         if _media(content_type) == "multipart/form-data":
             _set_header(
                 request.headers, "content-type", f"multipart/form-data; boundary={BOUNDARY}"
             )
-        if request.body != body:
+        if body and request.body != body:
             _set_header(request.headers, "content-length", str(len(request.body)))
         return request
 
@@ -521,10 +522,10 @@ class SecretScan:
         for secret in usable:
             for form in secret_forms(secret):
                 label = _form_kind(secret, form)
-                pieces = {form[i : i + 8] for i in range(len(form) - 7)}
+                pieces = {form[i : i + FRAGMENT] for i in range(len(form) - FRAGMENT + 1)}
                 fragments = (
                     re.compile("|".join(re.escape(piece) for piece in sorted(pieces)))
-                    if len(form) > 8
+                    if len(form) > FRAGMENT
                     else None
                 )
                 self._forms.append((label, re.compile(re.escape(form)), fragments))
@@ -535,7 +536,7 @@ class SecretScan:
             if whole.search(text):
                 kinds.append(f"a recording key{label}")
             elif fragments is not None and fragments.search(text):
-                kinds.append(f"an 8-character fragment of a recording key{label}")
+                kinds.append(f"an {FRAGMENT}-character fragment of a recording key{label}")
         return kinds
 
     def _in_text(self, text: str) -> list[str]:
@@ -560,11 +561,13 @@ class SecretScan:
             node = nodes.pop()
             first, last = node.start_mark.line + 1, node.end_mark.line + 1
             if isinstance(node, yaml.ScalarNode):
-                if node.tag == "tag:yaml.org,2002:binary":
-                    data = base64.b64decode(node.value).decode("latin-1")
-                    kinds = self._keys_in(data)
-                else:
-                    kinds = self._in_text(node.value)
+                try:
+                    binary = node.tag == "tag:yaml.org,2002:binary"
+                    data = base64.b64decode(node.value).decode("latin-1") if binary else ""
+                except ValueError:  # not base64 after all: read it as text
+                    binary = False
+                # A binary body is searched for the keys only: its bytes are no text.
+                kinds = self._keys_in(data) if binary else self._in_text(node.value)
                 for kind in kinds:
                     if not any((line, kind) in found for line in range(first, last + 1)):
                         found[(first, kind)] = None
