@@ -136,9 +136,15 @@ def test_the_repository_cassettes_hold_no_secrets_and_the_scan_finds_planted_one
         "authorization: Bearer sk-live-abcdefghijklmnop\nuri: https://cdn.example/x.png?signature=abc123\nkey: my-own-key\n"
     )
     found = scan_for_secrets(tmp_path, ["my-own-key"])
-    assert [line.split(": ", 1)[1] for line in found] == [
-        "a bearer token", "an API key", "a URL signature", "the recording key",
-    ]  # fmt: skip
+    assert [line.split(":", 1)[1] for line in found] == [
+        "1: a bearer token",
+        "1: an API key",
+        "1: an unredacted 'authorization' value",
+        "2: an unredacted signature= value",
+        "3: a recording key",
+        "3: an unredacted 'key' value",
+    ]
+    assert not any("my-own-key" in line or "abcdefgh" in line for line in found)
 
 
 def test_every_cassette_says_where_and_when_it_was_recorded() -> None:

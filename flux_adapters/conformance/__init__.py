@@ -3,6 +3,8 @@
 - `SCENARIOS` (``scenarios``): what every adapter is checked for, with stable ids.
 - `run_scenario`, `record`, `write_report` (``runner``): replay with the network blocked,
   record again (emulator, live provider, or any base URL), and the provider x scenario report.
+- `scan_for_secrets`, `RecordingFailed`: what a recording run checks before it replaces any
+  cassette (every scenario passed, no secret in any form), and what it raises when not.
 - `ConformanceSuite` (``suite``): subclass it in one test module (needs pytest).
 
 Install the ``conformance`` extra (pytest, vcrpy). See docs/validating-a-provider.md.
@@ -13,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flux_adapters.conformance.runner import (
+    RecordingFailed,
     Verdict,
     record,
     run_scenario,
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SCENARIOS",
     "ConformanceSuite",
+    "RecordingFailed",
     "Scenario",
     "Verdict",
     "record",

@@ -11,15 +11,22 @@
 - **unrecorded**: a failure only a misbehaving server can produce (402, 429, 5xx, ...) has no
   cassette, because it was recorded against a live provider or a plain base URL. Not a pass.
 
-`record` re-records cassettes against the emulator, a live provider, or any base URL.
+`record` re-records cassettes against the emulator, a live provider, or any base URL. It writes
+into a temporary folder next to the cassettes, scans every new cassette for secrets, and moves
+them into place only when every scenario passed and the scan is clean; otherwise it raises
+`RecordingFailed` and the old cassettes are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
+import shutil
 import socket
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -29,9 +36,10 @@ from attrs import frozen
 
 from flux_adapters import errors
 from flux_adapters._flows import resolve
+from flux_adapters._redact import Redactor
 from flux_adapters._version import __version__
 from flux_adapters.client import FluxClient, image_extension
-from flux_adapters.conformance.cassettes import RECORDING, make_vcr
+from flux_adapters.conformance.cassettes import RECORDING, Scrubber, SecretScan, make_vcr
 from flux_adapters.conformance.scenarios import (
     SCENARIOS,
     Completes,
@@ -42,7 +50,15 @@ from flux_adapters.conformance.scenarios import (
 from flux_adapters.providers import Adapter
 from flux_adapters.request import EditRequest
 
-__all__ = ["Verdict", "paid_calls", "record", "run_scenario", "scan_for_secrets", "write_report"]
+__all__ = [
+    "RecordingFailed",
+    "Verdict",
+    "paid_calls",
+    "record",
+    "run_scenario",
+    "scan_for_secrets",
+    "write_report",
+]
 
 Outcome = Literal["pass", "fail", "unsupported", "deviation", "unrecorded"]
 REPLAY_KEY: Final = "replay-key"
@@ -64,6 +80,34 @@ class Verdict:
     outcome: Outcome
     detail: str = ""
     recorded: Mapping[str, str] | None = None
+
+
+class RecordingFailed(errors.FluxError):
+    """A recording run replaced no cassette: a scenario failed, it broke off, or it found a secret.
+
+    The cassettes that were there before are untouched, and the new ones are deleted.
+
+    Attributes:
+        provider: The adapter's name.
+        folder: The cassette folder that was left as it was.
+        failures: The scenarios that did not pass, with what went wrong.
+        findings: ``<file>:<line>: <kind of secret>`` for each secret found (never the secret).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        folder: Path,
+        failures: Sequence[Verdict] = (),
+        findings: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.folder = folder
+        self.failures = tuple(failures)
+        self.findings = tuple(findings)
 
 
 def _supports(adapter: Adapter, scenario: Scenario, request: EditRequest) -> str:
@@ -204,7 +248,8 @@ def _judge(adapter: Adapter, scenario: Scenario, cassettes: Path) -> Verdict:
         )
     recorded = _read_metadata(path)
     try:
-        with _network_blocked(), make_vcr("none").use_cassette(str(path)) as cassette:
+        replay = make_vcr("none", secrets=[REPLAY_KEY])
+        with _network_blocked(), replay.use_cassette(str(path)) as cassette:
             with _client(adapter, REPLAY_KEY, adapter.default_base_url) as client:
                 problem = _exercise(client, request, scenario.expect)
             unplayed = len(cassette.data) - len(cassette.play_counts)
@@ -224,10 +269,15 @@ def _mismatch(exc: BaseException) -> str:
     text = str(exc)
     for line in text.splitlines():
         if " differs: " in line:  # vcrpy 9: "body_matcher differs: JSON body differs: ..."
-            return "the request does not match the recording: " + line.split(" differs: ", 1)[1].strip()
+            return (
+                "the request does not match the recording: "
+                + line.split(" differs: ", 1)[1].strip()
+            )
     marker = "Matchers failed :"  # vcrpy 8
     if marker in text:
-        return "the request does not match the recording: " + " ".join(text.split(marker, 1)[1].split())
+        return "the request does not match the recording: " + " ".join(
+            text.split(marker, 1)[1].split()
+        )
     if "no recorded interaction" in text or "No match for the request" in text:
         return "the request was not recorded: " + " ".join(text.split())[:300]
     return f"{type(exc).__name__}: {text[:300]}"
@@ -284,6 +334,10 @@ def _rewriter(
     return rewrite
 
 
+def _recording_keys(api_key: str, scenarios: Sequence[Scenario]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([api_key, *(s.api_key for s in scenarios if s.api_key)]))
+
+
 def record(
     adapter: Adapter,
     cassettes: Path,
@@ -294,18 +348,99 @@ def record(
     scenarios: Sequence[Scenario] = SCENARIOS,
     log: Callable[[str], None] = print,
 ) -> list[Verdict]:
-    """Record every scenario *adapter* supports into *cassettes*, replacing old recordings.
+    """Record every scenario *adapter* supports and replace their cassettes in *cassettes*.
+
+    The new cassettes are written to a temporary folder next to *cassettes* (so that moving them
+    in is a rename), scrubbed of *api_key* and every scenario's key in every form, then scanned
+    for any secret left (`scan_for_secrets` with those keys). They replace the old ones only
+    when every recorded scenario passed and the scan found nothing; cassettes of scenarios not
+    recorded in this run stay as they are.
 
     Args:
         adapter: The adapter to record through.
         cassettes: The folder for ``<scenario>.yaml``.
-        api_key: The key to record with (never written: credentials are scrubbed).
+        api_key: The key to record with (never written: it is scrubbed, then searched for).
+            With *emulator* it is not used: a random throwaway key is, because the emulator
+            takes any key, and a fixed one (``emulator-key``) shares 8-character pieces with
+            text every cassette holds (``emulator``).
         base_url: Record against this base URL instead of the provider's real one.
         emulator: Record against the bundled emulator, injecting each scenario's fault.
         scenarios: The scenarios to record (default: all).
         log: Where progress lines go.
+
+    Returns:
+        One passing verdict per recorded scenario.
+
+    Raises:
+        RecordingFailed: A scenario did not pass, recording broke off, or a new cassette held a
+            secret; nothing was replaced.
     """
-    cassettes.mkdir(parents=True, exist_ok=True)
+    if emulator:
+        api_key = "emu-" + secrets.token_urlsafe(24)
+    keys = _recording_keys(api_key, scenarios)
+    redact = Redactor(keys)
+    cassettes.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cassettes.name}.recording-", dir=cassettes.parent))
+    at: list[str] = []
+    try:
+        try:
+            verdicts = _record_into(
+                staging,
+                adapter,
+                api_key=api_key,
+                keys=keys,
+                base_url=base_url,
+                emulator=emulator,
+                scenarios=scenarios,
+                log=lambda line: log(redact(line)),
+                at=at,
+            )
+        except ImportError:
+            raise  # a missing extra: the CLI names what to install
+        except Exception as exc:
+            where = f"at {at[-1]}" if at else "before the first scenario"
+            raise RecordingFailed(
+                f"recording {adapter.name} broke off {where} ({type(exc).__name__}: "
+                f"{redact(str(exc))[:300]}); {cassettes} is unchanged",
+                provider=adapter.name,
+                folder=cassettes,
+            ) from exc
+        failures = [verdict for verdict in verdicts if verdict.outcome != "pass"]
+        findings = [
+            f"{cassettes / path.relative_to(staging)}:{line}: {kind}"
+            for path, line, kind in _scan(staging, keys)
+        ]
+        if failures or findings:
+            lines = [f"- {v.scenario}: {redact(v.detail)}" for v in failures]
+            lines += [f"- {finding} (not written)" for finding in findings]
+            raise RecordingFailed(
+                f"recording {adapter.name} failed, {cassettes} is unchanged:\n" + "\n".join(lines),
+                provider=adapter.name,
+                folder=cassettes,
+                failures=failures,
+                findings=findings,
+            )
+        cassettes.mkdir(exist_ok=True)
+        for path in sorted(staging.glob("*.yaml")):
+            os.replace(path, cassettes / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return verdicts
+
+
+def _record_into(
+    folder: Path,
+    adapter: Adapter,
+    *,
+    api_key: str,
+    keys: Sequence[str],
+    base_url: str | None,
+    emulator: bool,
+    scenarios: Sequence[Scenario],
+    log: Callable[[str], None],
+    at: list[str],
+) -> list[Verdict]:
+    """Record into *folder*; *at* gets each scenario's id as it starts."""
     verdicts: list[Verdict] = []
     with contextlib.ExitStack() as stack:
         results_from: str | None = None
@@ -319,22 +454,23 @@ def record(
         else:
             running = None
             target = (base_url or adapter.default_base_url).rstrip("/").removesuffix("/v1")
-            where = "live" if base_url is None else f"base URL {target}"
+            # The base URL may carry credentials of its own (https://user:pass@host).
+            where = "live" if base_url is None else f"base URL {Scrubber(keys).url(target)}"
         rewrite = _rewriter(
             target,
             adapter.default_base_url,
             results_from,
             RESULT_HOSTS.get(adapter.name, adapter.default_base_url + "/results"),
         )
+        recorder = make_vcr("all", rewrite, secrets=keys)
         for scenario in scenarios:
+            at.append(scenario.id)
             if not _recordable(adapter, scenario, emulator):
                 continue
             if running is not None:
                 running.clear_faults()
                 if scenario.fault is not None:
                     running.inject(adapter.name, scenario.fault)
-            path = cassettes / f"{scenario.id}.yaml"
-            path.unlink(missing_ok=True)
             stamp = datetime.now(UTC).replace(microsecond=0).isoformat()
             token = RECORDING.set(
                 {
@@ -347,7 +483,7 @@ def record(
             )
             try:
                 with (
-                    make_vcr("all", rewrite).use_cassette(str(path)),
+                    recorder.use_cassette(str(folder / f"{scenario.id}.yaml")),
                     _client(adapter, scenario.api_key or api_key, target) as client,
                 ):
                     problem = _exercise(client, scenario.build(adapter), scenario.expect)  # type: ignore[arg-type]
@@ -363,26 +499,24 @@ def record(
     return verdicts
 
 
-_SECRETS: Final = (
-    ("a bearer token", r"Bearer (?!<redacted>)[A-Za-z0-9._~+/=-]{8,}"),
-    ("an API key", r"sk-[A-Za-z0-9_-]{16,}"),
-    ("a URL signature", r"(?:signature|sig|X-Amz-Signature)=(?!REDACTED)[^&\s\"']+"),
-)
+def _scan(folder: Path, keys: Iterable[str]) -> list[tuple[Path, int, str]]:
+    scan = SecretScan(keys)
+    return [
+        (path, line, kind)
+        for path in sorted(folder.rglob("*.yaml"))
+        for line, kind in scan.findings(path.read_text(encoding="utf-8", errors="replace"))
+    ]
 
 
-def scan_for_secrets(folder: Path, extra: Sequence[str] = ()) -> list[str]:
-    """Every cassette line under *folder* that holds a key, a bearer token or a URL signature."""
-    import re
+def scan_for_secrets(folder: Path, keys: Iterable[str] = ()) -> list[str]:
+    """Every secret in the cassettes (``*.yaml``) under *folder*, as ``<file>:<line>: <kind>``.
 
-    findings = []
-    patterns = [(name, re.compile(pattern)) for name, pattern in _SECRETS]
-    patterns += [("the recording key", re.compile(re.escape(secret))) for secret in extra if secret]
-    for path in sorted(folder.rglob("*.yaml")):
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            for name, pattern in patterns:
-                if pattern.search(line):
-                    findings.append(f"{path}:{number}: {name}")
-    return findings
+    Looks for every form of each of *keys* (as is, URL-encoded, JSON-escaped, base64) and every
+    8-character fragment of those forms, and for credentials whatever their value: bearer
+    tokens, Basic credentials, ``sk-`` keys, URL passwords, and credential headers, query values,
+    JSON and multipart fields that are not redacted. The kind is named; the secret never is.
+    """
+    return [f"{path}:{line}: {kind}" for path, line, kind in _scan(folder, keys)]
 
 
 _SYMBOLS: Final = {

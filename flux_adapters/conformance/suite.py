@@ -81,6 +81,6 @@ class ConformanceSuite:
             assert first == second, scenario.id
 
     def test_cassettes_hold_no_secrets(self) -> None:
-        """No cassette holds a key, a bearer token or a result-URL signature."""
+        """No cassette holds a secret: see `scan_for_secrets` (the key itself when it is set)."""
         key = os.environ.get(self.credentials_env, "") if self.credentials_env else ""
         assert scan_for_secrets(self.cassettes, [key]) == []
