@@ -34,7 +34,7 @@ _SHORTEST_KEY: Final = 4
 every message, and no provider issues keys that short."""
 
 _SHAPES: Final = re.compile(
-    r"(sk-[A-Za-z0-9_-]{6,}|Bearer\s+[^\s\"',;]+|Basic\s+[A-Za-z0-9+/=]{8,}"
+    r"((?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{6,}|Bearer\s+[^\s\"',;]+|Basic\s+[A-Za-z0-9+/=]{8,}"
     r"|(?:signature|sig|X-Amz-Signature)=[^&\s\"']+)",
     re.IGNORECASE,
 )
@@ -81,10 +81,13 @@ def secret_forms(secret: str) -> tuple[str, ...]:
 class Redactor:
     """Removes the given secrets (in every form, and their long fragments) and key-like text.
 
-    Build one per set of keys and reuse it: the pattern is compiled once.
+    Build one per set of keys and reuse it: the pattern is compiled once. With
+    ``shapes=False`` only the given keys are removed, not text that merely looks like a key or
+    a signature (a cassette keeps ids such as ``task-0123456789`` and parameter names).
     """
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str] = (), *, shapes: bool = True) -> None:
+        self._shapes = shapes
         grams: set[str] = set()
         whole: set[str] = set()
         for secret in secrets:
@@ -108,7 +111,7 @@ class Redactor:
         """Return *text* with every secret, fragment and key-shaped value replaced by a mask."""
         if self._pattern is not None:
             text = self._cover(text, self._pattern)
-        return _SHAPES.sub(MASK, text)
+        return _SHAPES.sub(MASK, text) if self._shapes else text
 
     @staticmethod
     def _cover(text: str, pattern: re.Pattern[str]) -> str:

@@ -151,18 +151,6 @@ RECORDING: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.Contex
 """Where and when the cassette being written was recorded; written into it by the serializer."""
 
 
-class _KeyCover(Redactor):
-    """`Redactor`'s key forms and fragments, without its guesses at key-shaped text.
-
-    The guesses (``sk-`` anywhere in a word, ``signature=...``) suit a log line, not a cassette:
-    they would rewrite ids that the replay needs (``task-0123456789`` holds ``sk-0123456789``)
-    and drop the parameter names that `Scrubber` keeps.
-    """
-
-    def __call__(self, text: str) -> str:
-        return text if self._pattern is None else self._cover(text, self._pattern)
-
-
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -235,7 +223,9 @@ class Scrubber:
     def __init__(
         self, secrets: Iterable[str] = (), rewrite: Callable[[str], str] | None = None
     ) -> None:
-        self._cover = _KeyCover(tuple(secrets))
+        # Only the keys' forms and fragments: guesses at key-shaped text suit a log line, not a
+        # cassette, whose ids the replay needs and whose parameter names `Scrubber` keeps.
+        self._cover = Redactor(tuple(secrets), shapes=False)
         self._rewrite = rewrite
 
     def cover(self, text: str) -> str:
