@@ -118,17 +118,24 @@ def check_timeout(value: object, source: str) -> httpx.Timeout:
     return httpx.Timeout(check_seconds(value, source))
 
 
+def _attribute(value: object, name: str) -> object:
+    try:
+        return getattr(value, name)
+    except Exception:  # a missing attribute, or a __getattr__ that fails in its own way
+        return None
+
+
 def check_adapter(value: object) -> object:
     """*value* if it has what the client needs of an adapter, else `ConfigurationError`."""
-    missing = [part for part in _ADAPTER_PARTS if not hasattr(value, part)]
-    missing += [part for part in _ADAPTER_METHODS if not callable(getattr(value, part, None))]
+    missing = [part for part in _ADAPTER_PARTS if _attribute(value, part) is None]
+    missing += [part for part in _ADAPTER_METHODS if not callable(_attribute(value, part))]
     if missing:
         raise ConfigurationError(
             f"a provider must be a provider id or an adapter; {type(value).__name__} has no "
             + ", ".join(missing)
         )
-    name = getattr(value, "name", None)
-    limits = getattr(value, "limits", None)
+    name = _attribute(value, "name")
+    limits = _attribute(value, "limits")
     if not isinstance(name, str) or not name or not isinstance(limits, Mapping):
         raise ConfigurationError(
             f"adapter {type(value).__name__}: name must be a non-empty str and limits a mapping"

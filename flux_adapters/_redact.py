@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import Final
 from urllib.parse import quote, quote_plus
 
-__all__ = ["FRAGMENT", "MASK", "Redactor", "redact", "secret_forms"]
+__all__ = ["FRAGMENT", "MASK", "Redactor", "redact", "redactor_for", "secret_forms"]
 
 MASK: Final = "[redacted]"
 FRAGMENT: Final = 8
@@ -133,10 +133,11 @@ class Redactor:
 
 
 @functools.lru_cache(maxsize=64)
-def _redactor(secrets: tuple[str, ...]) -> Redactor:
+def redactor_for(secrets: tuple[str, ...]) -> Redactor:
+    """The `Redactor` for *secrets*, built once and shared."""
     return Redactor(secrets)
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Remove *secrets* (every form, every 8+ character fragment) and key-shaped text."""
-    return _redactor(secrets)(text)
+    return redactor_for(secrets)(text)

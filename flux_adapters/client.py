@@ -43,7 +43,7 @@ from flux_adapters._options import (
     did_you_mean,
     is_number,
 )
-from flux_adapters._redact import Redactor
+from flux_adapters._redact import Redactor, redactor_for
 from flux_adapters._transport import (
     AnswerBody,
     deadline_error,
@@ -154,7 +154,7 @@ class _Binding:
             timeout=phase_timeouts(phases, deadline),
             deadline=deadline,
             api_key=key,
-            scrub=Redactor((key,)),
+            scrub=redactor_for((key,)),
         )
 
     def owns(self, url: str) -> bool:
@@ -369,7 +369,7 @@ class _ClientBase:
             "settings": settings,
         }
         chosen = given["routing"]
-        if chosen not in get_args(Routing):
+        if not (isinstance(chosen, str) and chosen in get_args(Routing)):
             hint = did_you_mean(chosen, get_args(Routing)) if isinstance(chosen, str) else ""
             raise ConfigurationError(f"routing= must be 'ordered' or 'cheapest'{hint}")
         budget = given["budget"]
