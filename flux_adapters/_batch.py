@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from flux_adapters._files import remove_partial_files
 from flux_adapters._journal import JobState, Journal, is_image_file, request_digest
 from flux_adapters._options import is_number
 from flux_adapters.errors import ConfigurationError, FluxError, OutputError, RequestError, Violation
@@ -150,9 +151,13 @@ class _Batch:
         self.client = client
         self.folder = folder
         self.journal = Journal(folder) if folder is not None else None
+        if folder is not None:
+            remove_partial_files(folder)  # a killed run's half-written images; the lock is ours
         self.resend_unconfirmed = resend_unconfirmed
         self.force = force
         self.seen: set[str] = set()
+        self.started: set[int] = set()
+        """Indexes of the jobs of this run that got as far as being recorded as accepted."""
         self.interrupted = False
 
     async def run(self, index: int, name: object, request: object) -> BatchItem:
@@ -169,25 +174,28 @@ class _Batch:
             )
 
         try:
-            return await self._run(shown, request, item)
+            return await self._run(index, shown, request, item)
         except asyncio.CancelledError:
             if not self.interrupted:
                 raise
             stopped = FluxError("interrupted: the batch was stopped while this job was in flight")
-            return item(self._status_after(shown, None), error=stopped)
+            return item(self._status_after(index, shown, None), error=stopped)
         except FluxError as error:
-            return item(self._status_after(shown, error), error=error)
+            return item(self._status_after(index, shown, error), error=error)
         except Exception as exc:  # a bug, in this library or a provider package: contained
             bug = FluxError(f"unexpected {type(exc).__name__}: {str(exc)[:200]}")
             bug.__cause__ = exc
-            return item(self._status_after(shown, None), error=bug)
+            return item(self._status_after(index, shown, None), error=bug)
 
-    def _status_after(self, name: str, error: FluxError | None) -> BatchStatus:
-        if self.journal is not None and name in self.journal.states:
+    def _status_after(self, index: int, name: str, error: FluxError | None) -> BatchStatus:
+        """ "unconfirmed" when this job may have been billed in this run, else "failed"."""
+        if index not in self.started:
+            return "failed"  # refused before anything was recorded, let alone sent
+        if self.journal is not None:
             return "unconfirmed" if self.journal.state(name).may_be_billed else "failed"
         return "unconfirmed" if error is not None and _may_be_billed(error) else "failed"
 
-    async def _run(self, name: str, request: object, item: _ItemMaker) -> BatchItem:
+    async def _run(self, index: int, name: str, request: object, item: _ItemMaker) -> BatchItem:
         problem = _name_problem(name) if self.folder is not None else ""
         if not problem and name in self.seen:
             problem = "is used by another job of this batch"
@@ -200,6 +208,7 @@ class _Batch:
                 [Violation("request", "must be an EditRequest", "EditRequest", kind)]
             )
         if self.journal is None or self.folder is None:
+            self.started.add(index)
             return item("ok", result=await self.client._edit(request, None))
         journal, folder = self.journal, self.folder
         digest = request_digest(request)
@@ -232,6 +241,7 @@ class _Batch:
                     reason=f"may have been billed, no image saved: {why}",
                 )
         journal.note(name, "accepted", d=digest)
+        self.started.add(index)
         result: EditResult = await self.client._edit(request, _JobWatcher(journal, name))
         saved = await _save_all(result.images, folder, name)
         journal.note(name, "saved", files=[path.name for path in saved])

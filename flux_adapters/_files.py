@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ from typing import Final
 
 from flux_adapters.errors import OutputError
 
-__all__ = ["ImageFile", "atomic_image", "check_target", "image_format"]
+__all__ = ["ImageFile", "atomic_image", "check_target", "image_format", "remove_partial_files"]
 
+_PARTIAL: Final = re.compile(r"\..+\.[0-9a-f]{8}\.part")
+"""The name `atomic_image` gives its temporary file: ``.<name>.<8 hex digits>.part``."""
 _SIGNATURES: Final = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
 SNIFF_BYTES: Final = 12
 """Bytes needed to tell the formats apart (WebP: ``RIFF`` + size + ``WEBP``)."""
@@ -133,7 +136,7 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     while True:
-        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")  # _PARTIAL
         try:
             fd = os.open(partial, flags, 0o666)
             break
@@ -156,3 +159,18 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
     finally:
         with contextlib.suppress(OSError):
             os.unlink(partial)
+
+
+def remove_partial_files(folder: Path) -> int:
+    """Remove the temporary files `atomic_image` left in *folder* when a process was killed.
+
+    Only for a folder this process alone writes to (a batch holds its journal's lock).
+    Returns how many were removed.
+    """
+    removed = 0
+    for path in folder.glob(".*.part"):
+        if _PARTIAL.fullmatch(path.name):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
