@@ -188,7 +188,7 @@ class _Batch:
             return item(self._status_after(index, shown, None), error=bug)
 
     def _status_after(self, index: int, name: str, error: FluxError | None) -> BatchStatus:
-        """ "unconfirmed" when this job may have been billed in this run, else "failed"."""
+        """``"unconfirmed"`` when this job may have been billed in this run, else ``"failed"``."""
         if index not in self.started:
             return "failed"  # refused before anything was recorded, let alone sent
         if self.journal is not None:

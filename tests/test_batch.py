@@ -295,17 +295,20 @@ def test_one_journal_per_folder_at_a_time(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
-def test_batch_options_are_checked(tmp_path: Path) -> None:
-    for options, problem in [
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
         ({"concurrency": 0}, "concurrency="),
         ({"concurrency": True}, "concurrency="),
         ({"per_provider": 0}, "per_provider="),
         ({"grace": float("nan")}, "grace="),
         ({"force": "yes"}, "force="),
         ({"stop": True}, "stop="),
-    ]:
-        with pytest.raises(errors.ConfigurationError, match=problem):
-            batch(Provider(), ["p"], tmp_path, **options)
+    ],
+)
+def test_batch_options_are_checked(options: dict[str, Any], problem: str, tmp_path: Path) -> None:
+    with pytest.raises(errors.ConfigurationError, match=problem):
+        batch(Provider(), ["p"], tmp_path, **options)
 
 
 def test_names_and_requests_of_different_lengths_are_refused(tmp_path: Path) -> None:
