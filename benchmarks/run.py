@@ -13,6 +13,8 @@ Each comparison prints both measurements and their ratio against the issue's tar
   e  AsyncFluxClient vs plain httpx.AsyncClient, 50 requests in flight, requests per second
   f  routing on the emulator: a failover client whose first provider answers vs a single-provider
      client, per call; and with the first provider down (503 after 1 s) once its breaker is open
+  g  hostile answers: a 1 MB HTML error page (several shapes that made the old regexes quadratic)
+     and a 100,000-deep nested JSON answer, each parsed into a typed error; worst time of each
 
 The server (benchmarks/loopback_server.py) runs in its own process and discards bodies. Results
 are also written to benchmarks/results/latest.json. Timings vary with the machine; run twice.
@@ -441,8 +443,63 @@ def bench_routing() -> None:
     )
 
 
+def _worst_parse(parse: Callable[[], object], runs: int = 5) -> float:
+    """The slowest of *runs* parses (each must end in a typed error), in seconds."""
+    from flux_adapters import errors
+
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        outcome = parse()
+        times.append(time.perf_counter() - started)
+        assert isinstance(outcome, errors.FluxError), outcome
+    return max(times)
+
+
+def bench_hostile_answers() -> None:
+    from flux_adapters import errors, get_adapter
+    from flux_adapters.wire import HttpResponse
+
+    adapter = get_adapter("laozhang")
+    size = 1024 * 1024
+    pages = {
+        "unclosed <title": b"<html><head><title>" + b"x" * size,
+        "1 MB of tags": b"<html><body>" + b"<div class='a'>" * (size // 15),
+        "'<' never closed": b"<!DOCTYPE html>" + b"<a " * (size // 3),
+    }
+    deep = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    def error_of(status: int, body: bytes) -> Callable[[], object]:
+        return lambda: adapter.parse_error(
+            HttpResponse(status_code=status, headers={}, content=body)
+        )
+
+    def answer_of(body: bytes) -> Callable[[], object]:
+        def parse() -> object:
+            try:
+                return adapter.parse_response(
+                    HttpResponse(status_code=200, headers={}, content=body)
+                )
+            except errors.FluxError as error:
+                return error
+
+        return parse
+
+    html = {name: _worst_parse(error_of(502, page)) for name, page in pages.items()}
+    deep_answer = _worst_parse(answer_of(deep))
+    deep_error = _worst_parse(error_of(500, deep))
+    worst = max([*html.values(), deep_answer, deep_error])
+    rows = [(f"1 MB HTML error page, {name}", f"{t * 1000:.2f} ms") for name, t in html.items()]
+    rows += [
+        ("100,000-deep JSON as a 200 answer", f"{deep_answer * 1000:.2f} ms"),
+        ("100,000-deep JSON as a 500 error body", f"{deep_error * 1000:.2f} ms"),
+    ]
+    report("g", "hostile answers parsed into typed errors, worst of 5 runs", rows,
+           worst / 0.050, "each < 50 ms (ratio: worst / 50 ms)", worst < 0.050)  # fmt: skip
+
+
 def main(selected: list[str]) -> int:
-    chosen = selected or ["a", "b", "c", "d", "e", "f"]
+    chosen = selected or ["a", "b", "c", "d", "e", "f", "g"]
     print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
     with loopback() as base, tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -453,6 +510,7 @@ def main(selected: list[str]) -> int:
             "d": lambda: bench_big_images(base, folder),
             "e": lambda: bench_async(base),
             "f": bench_routing,
+            "g": bench_hostile_answers,
         }
         for key in chosen:
             steps[key]()
