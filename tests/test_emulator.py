@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +83,17 @@ def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
+def claiming(data: bytes, width: int, height: int) -> bytes:
+    """A small real PNG or JPEG whose header claims *width* x *height* (a decompression bomb)."""
+    if data.startswith(b"\x89PNG"):
+        # IHDR is the first chunk: length, type, then width and height; its CRC follows the data.
+        ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+        return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+    # A baseline JPEG's SOF0 segment: marker, length, precision, then height and width.
+    sof = data.index(b"\xff\xc0")
+    return data[: sof + 5] + struct.pack(">HH", height, width) + data[sof + 9 :]
+
+
 GOOD = {"model": "flux-2-pro", "prompt": "a robot"}
 REJECTED = [
     ("/laozhang", {"model": "flux-2-pro"}, "prompt is required"),
@@ -96,6 +109,16 @@ REJECTED = [
     ("/laozhang", GOOD | {"input_image": "ftp://ex.com/a.png"}, "public http(s) URL or a data:image"),
     ("/laozhang", GOOD | {"input_image": data_url(image_bytes(16, 16, "GIF"))}, "accepted: jpeg, png, webp"),
     ("/laozhang", GOOD | {"input_image": data_url(image_bytes(8, 8) + bytes(21 * 1024 * 1024))}, "at most 20 MB"),
+    # Decompression bombs: tiny files whose headers claim more pixels than the 20 MP rule allows
+    # (10000x10000 sits in the band where Pillow would only warn): refused before decoding.
+    ("/laozhang", GOOD | {"input_image": data_url(claiming(image_bytes(8, 8), 30000, 30000))}, "30000x30000 pixels; at most 20 MP"),
+    ("/laozhang", GOOD | {"input_image": data_url(claiming(image_bytes(8, 8), 10000, 10000))}, "10000x10000 pixels; at most 20 MP"),
+    ("/apiyi", GOOD | {"input_image": data_url(claiming(image_bytes(8, 8, "JPEG"), 60000, 60000))}, "60000x60000 pixels; at most 20 MP"),
+    # Truncated or corrupt images are refused while validating, not found broken while rendering.
+    ("/laozhang", GOOD | {"input_image": data_url(image_bytes(300, 300)[:300])}, "truncated or corrupt png image"),
+    ("/apiyi", GOOD | {"input_image": data_url(image_bytes(300, 300, "JPEG")[:200])}, "not a readable jpeg image"),
+    ("/aimlapi", {"model": "blackforestlabs/flux-2-pro-edit", "prompt": "p", "image_urls": [data_url(image_bytes(300, 300, "WEBP")[:100])]}, "webp image"),
+    ("/laozhang", GOOD | {"input_image": data_url(b"\x89PNG\r\n\x1a\n" + bytes(64))}, "not a readable png image"),
     ("/apiyi", GOOD | {"width": 1024, "height": 1024}, "unknown parameter 'width'"),
     ("/apiyi", GOOD | {"steps": 20}, "only supported by flux-2-flex"),
     ("/apiyi", {"model": "flux-2-flex", "prompt": "p", "guidance": 11}, "guidance must be a number from 1.5 to 10"),

@@ -13,29 +13,36 @@ Needs the ``emulator`` extra (Starlette, uvicorn, Pillow, python-multipart)::
 From the command line: ``flux-adapters emulate --port 8000 --fault laozhang:503,first=2``.
 
 It validates each request as its provider's document describes (unknown or mistyped fields, too
-many images, off-grid sizes, oversized or unreadable images, wrong content type: a 4xx in the
-provider's style), accepts any non-empty bearer key unless told otherwise, renders real images
-at the requested size and format that visibly combine the references, and serves them at signed
-URLs that expire (10 minutes by default; then 403, as at the real providers).
+many images, off-grid sizes, oversized, truncated or decompression-bomb images, wrong content
+type, a body over the size limit: a 4xx in the provider's style), accepts any non-empty bearer
+key unless told otherwise, renders real images at the requested size and format that visibly
+combine the references, and serves them at signed URLs that expire (10 minutes by default; then
+403, as at the real providers). Every job it renders is billed (`Emulator.billed`), so tests can
+count what a client paid for, including jobs whose answer an ``after_work`` fault replaced.
+Connections that never finish a request head are closed, and clients that hang up leave no
+traceback in its log.
 """
 
 from __future__ import annotations
 
-import socket
+import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from flux_adapters.emulator._faults import Call, Fault, _Armed
+from flux_adapters.emulator._faults import Billed, Call, Fault, _Armed
 
 if TYPE_CHECKING:
-    import uvicorn
-
     from flux_adapters.emulator._app import State
 
-__all__ = ["PROVIDER_PREFIXES", "Call", "Emulator", "Fault", "run_emulator", "serve"]
+__all__ = ["PROVIDER_PREFIXES", "Billed", "Call", "Emulator", "Fault", "run_emulator", "serve"]
+
+# The largest legitimate request is 8 reference images of 20 MB as base64 data URLs in JSON,
+# about 214 MB; the default must take it, with room for the rest of the body.
+_MAX_BODY_BYTES: Final = 240 * 1024 * 1024
+_HEADER_TIMEOUT: Final = 10.0
 
 PROVIDER_PREFIXES = {
     "laozhang": "laozhang",
@@ -47,7 +54,7 @@ PROVIDER_PREFIXES = {
 
 
 class Emulator:
-    """A running emulator: its URLs, the faults it injects, and the calls it received."""
+    """A running emulator: its URLs, the faults it injects, the calls it received, the jobs it billed."""
 
     def __init__(self, state: State, url: str) -> None:
         self._state = state
@@ -78,6 +85,16 @@ class Emulator:
         with self._state.lock:
             return [call for call in self._state.calls if provider in (None, call.provider)]
 
+    def billed(self, provider: str | None = None) -> list[Billed]:
+        """The jobs done (validated and rendered), oldest first, for *provider* or for all.
+
+        A job is billed whether or not its answer reached the client: a success, an
+        ``after_work`` fault, a client that hung up while the image was rendered. A fault that
+        answers before the work, and a request refused as invalid, are not billed.
+        """
+        with self._state.lock:
+            return [job for job in self._state.billed if provider in (None, job.provider)]
+
     @property
     def ttl(self) -> float:
         """Seconds a result URL stays valid."""
@@ -94,42 +111,28 @@ class Emulator:
 
 
 def _state(
+    *,
     ttl: float,
     valid_keys: Iterable[str] | None,
     bad_keys: Iterable[str],
     faults: Mapping[str, Iterable[Fault]] | None,
+    seed: int | None,
+    max_body_bytes: int,
 ) -> State:
     from flux_adapters.emulator._app import State
 
     state = State(
+        max_body_bytes=max_body_bytes,
         ttl=ttl,
         valid_keys=frozenset(valid_keys) if valid_keys is not None else None,
         bad_keys=frozenset(bad_keys),
+        random=random.Random(seed),
     )
     for provider, provider_faults in (faults or {}).items():
         if provider not in PROVIDER_PREFIXES:
             raise ValueError(f"unknown provider {provider!r}")
         state.faults[provider] = [_Armed(fault) for fault in provider_faults]
     return state
-
-
-def _server(state: State, host: str, port: int) -> tuple[uvicorn.Server, socket.socket]:
-    """A uvicorn server for the emulator app and the socket it will listen on (bound here)."""
-    import uvicorn  # lazy: the emulator extra is only needed when it runs
-
-    from flux_adapters.emulator._app import create_app, quiet_intended_drops
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted connections inherit this: without it, uvicorn's separate header and body writes
-    # meet the client's delayed ACK and every answer stalls about 40 ms (measured: 44 ms -> 0.7 ms).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    quiet_intended_drops()
-    config = uvicorn.Config(
-        create_app(state), log_level="warning", access_log=False, lifespan="off"
-    )
-    return uvicorn.Server(config), sock
 
 
 @contextmanager
@@ -141,8 +144,14 @@ def run_emulator(
     valid_keys: Iterable[str] | None = None,
     bad_keys: Iterable[str] = (),
     faults: Mapping[str, Iterable[Fault]] | None = None,
+    seed: int | None = 0,
+    max_body_bytes: int = _MAX_BODY_BYTES,
+    header_timeout: float = _HEADER_TIMEOUT,
 ) -> Iterator[Emulator]:
     """Run the emulator in a background thread (on a free port by default) and stop it on exit.
+
+    Its server logs through the host application's logging (uvicorn's ``uvicorn.error``
+    logger), without configuring any handlers.
 
     Args:
         host: Address to listen on; keep it on loopback.
@@ -151,23 +160,39 @@ def run_emulator(
         valid_keys: Accept only these bearer keys; by default any non-empty key.
         bad_keys: Keys to refuse with 401.
         faults: Faults to inject from the start, per provider id.
+        seed: Seeds the draws of faults with a ``chance``: the same seed and the same order of
+            calls give the same faults. ``None`` draws differently on every run.
+        max_body_bytes: Refuse larger request bodies with 413 (240 MiB by default, enough for
+            8 images of 20 MB as base64 in JSON).
+        header_timeout: Close a connection that has not sent a complete request head within
+            this many seconds of connecting, or of its previous answer.
     """
-    state = _state(ttl, valid_keys, bad_keys, faults)
-    server, sock = _server(state, host, port)
+    from flux_adapters.emulator._server import build_server  # lazy: needs the emulator extra
+
+    state = _state(
+        ttl=ttl,
+        valid_keys=valid_keys,
+        bad_keys=bad_keys,
+        faults=faults,
+        seed=seed,
+        max_body_bytes=max_body_bytes,
+    )
+    server, sock = build_server(state, host, port, timeout=header_timeout, own_logging=False)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="flux-emulator", daemon=True
     )
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the emulator did not start")
-        time.sleep(0.01)
     try:
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the emulator did not start")
+            time.sleep(0.01)
         yield Emulator(state, f"http://{host}:{sock.getsockname()[1]}")
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        if thread.is_alive():
+            thread.join(timeout=10)
         sock.close()
 
 
@@ -179,7 +204,34 @@ def serve(
     valid_keys: Iterable[str] | None = None,
     bad_keys: Iterable[str] = (),
     faults: Mapping[str, Iterable[Fault]] | None = None,
+    seed: int | None = 0,
+    max_body_bytes: int = _MAX_BODY_BYTES,
+    header_timeout: float = _HEADER_TIMEOUT,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Run the emulator in the foreground until interrupted (``flux-adapters emulate``)."""
-    server, sock = _server(_state(ttl, valid_keys, bad_keys, faults), host, port)
-    server.run(sockets=[sock])
+    """Run the emulator in the foreground until interrupted (``flux-adapters emulate``).
+
+    The port is bound and listening before *on_ready* is called with the root URL (e.g.
+    ``http://127.0.0.1:8000``), so a banner printed there is only printed once the port is ours.
+    The other arguments are those of `run_emulator`.
+
+    Raises:
+        OSError: The port is in use (or the address cannot be bound), before *on_ready* is called.
+    """
+    from flux_adapters.emulator._server import build_server  # lazy: needs the emulator extra
+
+    state = _state(
+        ttl=ttl,
+        valid_keys=valid_keys,
+        bad_keys=bad_keys,
+        faults=faults,
+        seed=seed,
+        max_body_bytes=max_body_bytes,
+    )
+    server, sock = build_server(state, host, port, timeout=header_timeout, own_logging=True)
+    try:
+        if on_ready is not None:
+            on_ready(f"http://{host}:{sock.getsockname()[1]}")
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

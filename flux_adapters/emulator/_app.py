@@ -7,265 +7,318 @@ Routes::
     POST /apiyi/v1/images/edits             apiyi multipart (image[]), provider id apiyi-multipart
     POST /aimlapi/v1/images/generations     aimlapi JSON
     GET  /files/<name>?expires=&signature=  results; 403 once expired, as signed URLs do
+    GET  /portal                            the HTML page a "redirect" download fault lands on
 
-Every POST is recorded (`Emulator.calls`), may meet an injected `Fault`, is checked for a bearer
-key, the content type and the body (`_dialects`), and is answered with a real image rendered at
-the requested size and format.
+Every POST is recorded (`Emulator.calls`), refused with 413 if its body is over the limit, may
+meet an injected `Fault`, is checked for a bearer key, the content type and the body
+(`_dialects`), and is answered with a real image rendered at the requested size and format. A
+rendered job is billed (`Emulator.billed`) whether or not its answer gets through. What each
+answer looks like is decided in `_answers`; this module decides when each is sent.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import hashlib
 import hmac
 import json
-import logging
+import random
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import anyio
-from attrs import define, field
+from attrs import define, field, frozen
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message
 
-from flux_adapters.emulator import _dialects, _images
-from flux_adapters.emulator._faults import Call, Fault, _Armed
+from flux_adapters.emulator import _answers, _dialects, _images
+from flux_adapters.emulator._faults import Billed, Call, Fault, _Armed
 
-__all__ = ["DroppedConnection", "State", "create_app"]
+__all__ = ["State", "create_app"]
 
 _MEDIA_TYPES: Final = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _KEPT_RESULTS: Final = 512
+_MB: Final = 1024 * 1024
 
 
-class DroppedConnection(Exception):
-    """Raised inside the app to make the server cut the connection (an injected fault)."""
+@frozen
+class _Result:
+    """A rendered image at its result URL, and how that URL misbehaves (`Fault.download`)."""
+
+    picture: bytes
+    media_type: str
+    download: str | None = None
+    drip: float = 0.0
 
 
 @define(kw_only=True)
 class State:
-    """Everything the emulator knows; shared with the `Emulator` handle that controls it."""
+    """Everything the emulator knows; shared with the `Emulator` handle that controls it.
 
+    Attributes:
+        max_body_bytes: The largest request body accepted; a larger one gets a 413.
+        random: Decides whether a fault with a ``chance`` applies; seed it for repeatable runs.
+    """
+
+    max_body_bytes: int
     ttl: float = 600.0
     valid_keys: frozenset[str] | None = None
     bad_keys: frozenset[str] = frozenset()
     clock: Callable[[], float] = time.time
+    random: random.Random = field(factory=random.Random)
     secret: bytes = field(factory=lambda: secrets.token_bytes(32))
     calls: list[Call] = field(factory=list)
+    billed: list[Billed] = field(factory=list)
     faults: dict[str, list[_Armed]] = field(factory=dict)
-    results: OrderedDict[str, tuple[bytes, str]] = field(factory=OrderedDict)
+    results: OrderedDict[str, _Result] = field(factory=OrderedDict)
     lock: threading.Lock = field(factory=threading.Lock)
 
     def take_fault(self, provider: str) -> Fault | None:
-        """The fault to apply to this call of *provider*, if any, counting it as used."""
+        """The fault to apply to this call of *provider*, if any, counting it as used.
+
+        Faults are tried in the order injected; the first that still has uses left (``first``)
+        and wins its draw (``chance``) applies.
+        """
         with self.lock:
             for armed in self.faults.get(provider, []):
-                if armed.fault.first is None or armed.used < armed.fault.first:
-                    armed.used += 1
-                    return armed.fault
+                fault = armed.fault
+                if fault.first is not None and armed.used >= fault.first:
+                    continue
+                # A certain fault draws nothing, so it does not shift the others' draws.
+                if fault.chance < 1 and self.random.random() >= fault.chance:
+                    continue
+                armed.used += 1
+                return fault
         return None
+
+    def record(self, provider: str, request: Request) -> None:
+        """Note a POST received."""
+        with self.lock:
+            self.calls.append(Call(provider, request.method, request.url.path, time.time()))
+
+    def bill(self, job: _dialects.Job) -> None:
+        """Note a job done: from here on the provider has earned its money."""
+        billed = Billed(
+            provider=job.provider, model=job.model, prompt=job.prompt, seed=job.seed, at=time.time()
+        )
+        with self.lock:
+            self.billed.append(billed)
+
+    def keep(self, result: _Result) -> str:
+        """Store *result* under a new name (forgetting the oldest past a bound) and return it."""
+        name = f"{secrets.token_hex(12)}.{result.media_type.removeprefix('image/')}"
+        with self.lock:
+            self.results[name] = result
+            while len(self.results) > _KEPT_RESULTS:
+                self.results.popitem(last=False)
+        return name
 
     def sign(self, name: str, expires: int) -> str:
         """The signature of a result URL."""
         return hmac.new(self.secret, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
 
 
-def _error(
-    provider: str, status: int, message: str, code: str, headers: Mapping[str, str] | None = None
-) -> Response:
-    if provider == "aimlapi":
-        # aimlapi answers in its framework's shape: {"statusCode", "message", "error"}.
-        body: dict[str, object] = {"statusCode": status, "message": message, "error": code}
-    else:
-        # laozhang and apiyi answer in the OpenAI shape their gateways use.
-        body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+class _TooLarge(Exception):
+    """The request body went past the limit while it was being read."""
 
 
-_FAULT_ANSWERS: Final = {
-    402: ("Insufficient balance: top up your account to continue", "insufficient_balance"),
-    429: ("Rate limit reached for requests; retry later", "rate_limit_exceeded"),
-    500: ("Internal server error while generating the image", "internal_error"),
-    503: ("The model is overloaded; service temporarily unavailable", "service_unavailable"),
-}
-_BAD_GATEWAY: Final = (
-    "<html><head><title>502 Bad Gateway</title></head>"
-    "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
-)
+def _capped(request: Request, limit: int) -> Request:
+    """*request*, reading whose body raises `_TooLarge` as soon as more than *limit* arrived.
+
+    This covers bodies without a Content-Length (chunked): at most one network chunk past the
+    limit is ever held.
+    """
+    seen = 0
+
+    async def receive() -> Message:
+        nonlocal seen
+        message = await request.receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge
+        return message
+
+    return Request(request.scope, receive)
 
 
-class _Dropping(Response):
-    """Sends the status line and headers, then has the server cut the connection."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-length", b"1000")],
-            }
-        )
-        raise DroppedConnection("connection dropped on purpose (injected fault)")
+def _too_large(provider: str, limit: int) -> Response:
+    # Connection: close, so the server stops reading instead of draining a body it refused.
+    return _answers.error(
+        provider,
+        413,
+        f"Request body too large: at most {limit} bytes",
+        "request_too_large",
+        {"Connection": "close"},
+    )
 
 
-def _fault_answer(provider: str, fault: Fault) -> Response | None:
-    if fault.drop:
-        return _Dropping()
-    if fault.body == "empty":
-        return Response(b"", status_code=200, media_type="application/json")
-    if fault.body == "malformed":
-        return Response(b'{"data": [{"url": ', status_code=200, media_type="application/json")
-    if fault.moderation:
-        return _error(
-            provider,
-            400,
-            "Request Moderated: the prompt or an input was flagged",
-            "content_policy_violation",
-        )
-    if fault.status is None:
-        return None
-    if fault.status == 502:
-        return Response(_BAD_GATEWAY, status_code=502, media_type="text/html")
-    message, code = _FAULT_ANSWERS.get(fault.status, ("injected failure", "injected"))
-    headers = {}
-    if fault.status == 429 or fault.retry_after is not None:
-        headers["Retry-After"] = f"{fault.retry_after if fault.retry_after is not None else 1:g}"
-    return _error(provider, fault.status, message, code, headers)
+def _declared_too_large(request: Request, limit: int) -> bool:
+    # h11 has already refused a Content-Length that is not a number.
+    declared = request.headers.get("content-length", "")
+    return declared.isdigit() and int(declared) > limit
 
 
-def _authorised(state: State, request: Request, provider: str) -> Response | None:
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _refusal(state: State, request: Request, provider: str) -> Response | None:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
-        return _error(
+        return _answers.error(
             provider,
             401,
             "No API key provided: send Authorization: Bearer <key>",
             "invalid_api_key",
         )
     if key in state.bad_keys or (state.valid_keys is not None and key not in state.valid_keys):
-        return _error(provider, 401, "Invalid API key", "invalid_api_key")
+        return _answers.error(provider, 401, "Invalid API key", "invalid_api_key")
     return None
 
 
-async def _read_json(request: Request, provider: str) -> Mapping[str, object] | Response:
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        return _error(
-            provider, 415, "Content-Type must be application/json", "unsupported_media_type"
+def _checked(provider: str, job: _dialects.Job | list[str]) -> _dialects.Job | Response:
+    if isinstance(job, list):
+        return _answers.error(provider, 400, "; ".join(job), "invalid_request")
+    return job
+
+
+def _json_job(
+    provider: str, dialect: _dialects.JsonDialect
+) -> Callable[[Request], Awaitable[_dialects.Job | Response]]:
+    async def validate(request: Request) -> _dialects.Job | Response:
+        if _media_type(request) != "application/json":
+            return _answers.error(
+                provider, 415, "Content-Type must be application/json", "unsupported_media_type"
+            )
+        raw = await request.body()
+        try:
+            # Off the event loop: a body of a few hundred MB takes a while to parse.
+            body = await anyio.to_thread.run_sync(json.loads, raw)
+        except (ValueError, RecursionError):
+            return _answers.error(provider, 400, "the body is not valid JSON", "invalid_json")
+        if not isinstance(body, dict):
+            return _answers.error(provider, 400, "the body must be a JSON object", "invalid_json")
+        return _checked(provider, await anyio.to_thread.run_sync(dialect, body))
+
+    return validate
+
+
+async def _form_job(request: Request) -> _dialects.Job | Response:
+    provider = "apiyi-multipart"
+    if _media_type(request) != "multipart/form-data":
+        return _answers.error(
+            provider, 415, "Content-Type must be multipart/form-data", "unsupported_media_type"
         )
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        return _error(provider, 400, "the body is not valid JSON", "invalid_json")
-    if not isinstance(body, dict):
-        return _error(provider, 400, "the body must be a JSON object", "invalid_json")
-    return body
-
-
-async def _read_form(
-    request: Request,
-) -> tuple[dict[str, str], list[tuple[str, _dialects.Upload]]] | None:
-    if request.headers.get("content-type", "").split(";")[0].strip() != "multipart/form-data":
-        return None
     fields: dict[str, str] = {}
     files: list[tuple[str, _dialects.Upload]] = []
-    async with request.form(max_files=64, max_fields=64, max_part_size=1024 * 1024) as form:
-        for name, value in form.multi_items():
-            if isinstance(value, str):
-                fields[name] = value
-            else:
-                data = await value.read()
-                upload = _dialects.Upload(value.filename or "", value.content_type or "", data)
-                files.append((name, upload))
-    return fields, files
+    try:
+        async with request.form(max_files=64, max_fields=64, max_part_size=_MB) as form:
+            for name, value in form.multi_items():
+                if isinstance(value, str):
+                    fields[name] = value
+                else:
+                    data = await value.read()
+                    upload = _dialects.Upload(value.filename or "", value.content_type or "", data)
+                    files.append((name, upload))
+    except HTTPException as exc:
+        # Starlette's answer to a broken multipart body; the provider's style instead.
+        return _answers.error(provider, 400, exc.detail, "invalid_multipart")
+    return _checked(
+        provider, await anyio.to_thread.run_sync(_dialects.apiyi_multipart, fields, files)
+    )
+
+
+def _rendered(job: _dialects.Job) -> bytes:
+    picture = _images.render(job.width, job.height, job.references, job.prompt, job.seed)
+    return _images.encode(picture, job.output_format)
+
+
+def _delivered(answer: Response, fault: Fault | None) -> Response:
+    if fault is not None and fault.drip and fault.download != "drip":
+        return _answers.dripped(answer, fault.drip)
+    return answer
+
+
+async def _run_job(
+    state: State,
+    provider: str,
+    request: Request,
+    validate: Callable[[Request], Awaitable[_dialects.Job | Response]],
+) -> Response:
+    """One POST, from receipt to answer: the order of checks, faults, work and billing."""
+    state.record(provider, request)
+    limit = state.max_body_bytes
+    # Decided from the header before a byte of the body is read.
+    if _declared_too_large(request, limit):
+        return _too_large(provider, limit)
+    fault = state.take_fault(provider)
+    if fault is not None and fault.delay:
+        await anyio.sleep(fault.delay)
+    created = int(state.clock())
+    if fault is not None and fault.fails and not fault.after_work:
+        return _delivered(_answers.failure(provider, fault, created), fault)
+    refused = _refusal(state, request, provider)
+    if refused is not None:
+        return refused
+    try:
+        job = await validate(_capped(request, limit))
+    except _TooLarge:
+        return _too_large(provider, limit)
+    if isinstance(job, Response):
+        return job
+    picture = await anyio.to_thread.run_sync(_rendered, job)
+    state.bill(job)
+    if fault is not None and fault.after_work:
+        answer = _answers.failure(provider, fault, created)
+    elif fault is not None and fault.body == "b64":
+        answer = _answers.result_inline(picture, created)
+    else:
+        result = _Result(
+            picture,
+            _MEDIA_TYPES[job.output_format],
+            fault.download if fault is not None else None,
+            fault.drip if fault is not None else 0.0,
+        )
+        name = state.keep(result)
+        expires = int(state.clock() + state.ttl)
+        base = str(request.base_url).rstrip("/")
+        url = f"{base}/files/{name}?expires={expires}&signature={state.sign(name, expires)}"
+        answer = _answers.result_url(provider, url, created)
+    return _delivered(answer, fault)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client hung up before its body was read: nobody will read this answer, and a hang-up
+    # is no server error worth a traceback in the log.
+    return Response(status_code=400)
 
 
 def create_app(state: State) -> Starlette:
     """The emulator's ASGI app over *state*."""
-
-    def record(provider: str, request: Request) -> None:
-        with state.lock:
-            state.calls.append(Call(provider, request.method, request.url.path, time.time()))
-
-    async def answer(
-        provider: str, request: Request, job: _dialects.Job | list[str], inline: bool = False
-    ) -> Response:
-        if isinstance(job, list):
-            return _error(provider, 400, "; ".join(job), "invalid_request")
-        picture = await anyio.to_thread.run_sync(
-            lambda: _images.encode(
-                _images.render(job.width, job.height, job.references, job.prompt, job.seed),
-                job.output_format,
-            )
-        )
-        if inline:
-            encoded = base64.b64encode(picture).decode()
-            inline_body: dict[str, object] = {
-                "created": int(state.clock()),
-                "data": [{"url": None, "b64_json": encoded}],
-            }
-            return JSONResponse(inline_body)
-        name = f"{secrets.token_hex(12)}.{job.output_format}"
-        expires = int(state.clock() + state.ttl)
-        with state.lock:
-            state.results[name] = (picture, _MEDIA_TYPES[job.output_format])
-            while len(state.results) > _KEPT_RESULTS:
-                state.results.popitem(last=False)
-        url = f"{str(request.base_url).rstrip('/')}/files/{name}?expires={expires}&signature={state.sign(name, expires)}"
-        body: dict[str, object] = {"created": int(state.clock()), "data": [{"url": url}]}
-        if provider == "aimlapi":
-            body = {
-                "data": [{"url": url, "b64_json": None}],
-                "meta": {"usage": {"credits_used": 2}},
-            }
-        return JSONResponse(body)
-
-    async def misbehave(provider: str) -> tuple[Response | None, bool]:
-        """Apply this call's fault, if any: an answer to send instead, and whether to answer inline."""
-        fault = state.take_fault(provider)
-        if fault is None:
-            return None, False
-        if fault.delay:
-            await asyncio.sleep(fault.delay)
-        return _fault_answer(provider, fault), fault.body == "b64"
+    json_jobs = {
+        provider: _json_job(provider, dialect) for provider, dialect in _dialects.DIALECTS.items()
+    }
 
     async def generations(request: Request) -> Response:
         provider = request.path_params["provider"]
-        dialect = _dialects.DIALECTS.get(provider)
-        if dialect is None:
+        validate = json_jobs.get(provider)
+        if validate is None:
             return JSONResponse(
                 {"error": {"message": f"no provider {provider!r} here"}}, status_code=404
             )
-        record(provider, request)
-        failed, inline = await misbehave(provider)
-        if failed or (failed := _authorised(state, request, provider)):
-            return failed
-        body = await _read_json(request, provider)
-        if isinstance(body, Response):
-            return body
-        job = await anyio.to_thread.run_sync(dialect, body)
-        return await answer(provider, request, job, inline)
+        return await _run_job(state, provider, request, validate)
 
     async def edits(request: Request) -> Response:
-        provider = "apiyi-multipart"
-        record(provider, request)
-        failed, inline = await misbehave(provider)
-        if failed or (failed := _authorised(state, request, provider)):
-            return failed
-        form = await _read_form(request)
-        if form is None:
-            return _error(
-                provider, 415, "Content-Type must be multipart/form-data", "unsupported_media_type"
-            )
-        job = await anyio.to_thread.run_sync(_dialects.apiyi_multipart, *form)
-        return await answer(provider, request, job, inline)
+        return await _run_job(state, "apiyi-multipart", request, _form_job)
 
     async def files(request: Request) -> Response:
         name = request.path_params["name"]
@@ -287,24 +340,17 @@ def create_app(state: State) -> Starlette:
             return Response(
                 "<Error><Code>NoSuchKey</Code></Error>", 404, media_type="application/xml"
             )
-        return Response(stored[0], media_type=stored[1])
+        return _answers.download(
+            stored.download, stored.picture, stored.media_type, str(request.url), stored.drip
+        )
+
+    async def portal(request: Request) -> Response:
+        return _answers.portal()
 
     routes = [
         Route("/apiyi/v1/images/edits", edits, methods=["POST"]),
         Route("/{provider}/v1/images/generations", generations, methods=["POST"]),
         Route("/files/{name}", files, methods=["GET"]),
+        Route("/portal", portal, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
-
-
-class _QuietDrops(logging.Filter):
-    """Keep intended connection drops out of the server's error log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], DroppedConnection))
-
-
-def quiet_intended_drops(loggers: Iterable[str] = ("uvicorn.error",)) -> None:
-    """Install the filter that hides injected drops from the server log."""
-    for name in loggers:
-        logging.getLogger(name).addFilter(_QuietDrops())
+    return Starlette(routes=routes, exception_handlers={ClientDisconnect: _client_gone})

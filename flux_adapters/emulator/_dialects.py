@@ -13,20 +13,53 @@ import hashlib
 import io
 import math
 import re
+import struct
+import zlib
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import BinaryIO, Final
 
 from attrs import frozen
 from PIL import Image
+from PIL.ImageFile import ImageFile
+from PIL.JpegImagePlugin import JpegImageFile
+from PIL.PngImagePlugin import PngImageFile
+from PIL.WebPImagePlugin import WebPImageFile
 
 from flux_adapters.limits import ModelLimits
 from flux_adapters.providers import get_adapter
 
 __all__ = ["DIALECTS", "Job", "Upload"]
 
-# Pillow warns (and past twice this, refuses) on huge images; the 20 MP rule is checked here.
-Image.MAX_IMAGE_PIXELS = 60_000_000
 MB: Final = 1024 * 1024
+# The formats providers take, read by Pillow's own readers; and the magic numbers that tell them
+# (and the formats people send by mistake) apart, so that only an accepted format is parsed.
+_READERS: Final[Mapping[str, Callable[[BinaryIO], ImageFile]]] = {
+    "png": PngImageFile,
+    "jpeg": JpegImageFile,
+    "webp": WebPImageFile,
+}
+_SIGNATURES: Final = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+# What Pillow's readers and decoders raise on a broken file (SyntaxError for a bad header or
+# checksum, OSError for truncated data, the rest from struct and zlib deep inside).
+_UNREADABLE: Final = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+    zlib.error,
+)
 _DATA_URL: Final = re.compile(r"data:image/[\w.+-]+(?:;[\w.+-]+=[\w.+-]+)*;base64,")
 _SIZE: Final = re.compile(r"(\d+)x(\d+)")
 _RATIO: Final = re.compile(r"(\d+):(\d+)")
@@ -92,28 +125,49 @@ def _placeholder(url: str) -> Image.Image:
     return Image.new("RGB", (256, 256), (digest[0], digest[1], digest[2]))
 
 
+def _sniffed(data: bytes) -> str | None:
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
 def _decode_image(data: bytes, name: str, limits: ModelLimits, check: _Check) -> Image.Image | None:
+    """The image in *data*, fully decoded, or ``None`` with the problem noted.
+
+    Pillow's ``Image.open`` checks sizes against its process-wide ``MAX_IMAGE_PIXELS``, with a
+    warning below twice that; instead the format's own reader parses the header and the provider's
+    pixel limit is checked before a pixel is decoded. Then the whole image is decoded here, so
+    that a truncated or corrupt one is refused now, not found broken while rendering.
+    """
     rule = limits.image
     if len(data) > rule.max_bytes:
         check.fail(
             f"{name} is {len(data) / MB:.1f} MB; each image must be at most {rule.max_bytes // MB} MB"
         )
         return None
-    try:
-        image = Image.open(io.BytesIO(data))
-        image_format = (image.format or "").lower()
-    except (OSError, Image.DecompressionBombError, ValueError):
-        check.fail(f"{name} is not a readable image")
-        return None
-    if image_format not in rule.formats:
+    image_format = _sniffed(data)
+    if image_format not in rule.formats or image_format not in _READERS:
         check.fail(
             f"{name} is {image_format or 'an unknown format'}; accepted: {', '.join(sorted(rule.formats))}"
         )
+        return None
+    try:
+        image = _READERS[image_format](io.BytesIO(data))
+    except _UNREADABLE:
+        check.fail(f"{name} is not a readable {image_format} image")
         return None
     if image.width * image.height > rule.max_pixels:
         check.fail(
             f"{name} has {image.width}x{image.height} pixels; at most {rule.max_pixels / 1e6:g} MP"
         )
+        return None
+    try:
+        image.load()
+    except _UNREADABLE:
+        check.fail(f"{name} is a truncated or corrupt {image_format} image")
         return None
     return image
 
