@@ -100,8 +100,10 @@ def _fail(where: str, message: str) -> ConfigurationError:
 
 
 def _number(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise _fail(where, f"must be a non-negative number, not {value!r}")
+    from flux_adapters._options import is_number
+
+    if not is_number(value) or value < 0:
+        raise _fail(where, f"must be a finite number >= 0, not {str(value)[:40]!r}")
     return float(value)
 
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, TypeAlias, get_args
 
 from attrs import define, field, frozen
 
 from flux_adapters._flows import Outcome, resolve
 from flux_adapters.errors import (
     AllProvidersFailed,
+    ConfigurationError,
     ContentModerated,
     FluxError,
     InsufficientBalance,
@@ -214,6 +215,9 @@ class RoutingPolicy:
         max_retry_wait: The longest ``Retry-After`` honoured; a longer one fails over instead.
         cooldown: Seconds a (provider, model) is skipped after a failure that shows it is not
             taking jobs (or the provider's ``Retry-After``, if longer). 0 disables it.
+
+    Raises:
+        ConfigurationError: A value of the wrong kind or out of range.
     """
 
     routing: Routing = "ordered"
@@ -224,6 +228,43 @@ class RoutingPolicy:
     backoff: float = 0.5
     max_retry_wait: float = 10.0
     cooldown: float = 30.0
+
+    def __attrs_post_init__(self) -> None:
+        from flux_adapters._options import is_number
+
+        values: dict[str, object] = {name: getattr(self, name) for name in _POLICY_FIELDS}
+        problems = []
+        if not (isinstance(values["routing"], str) and values["routing"] in get_args(Routing)):
+            problems.append("routing must be 'ordered' or 'cheapest'")
+        choice = values["unknown_price"]
+        if not (isinstance(choice, str) and choice in ("allow", "refuse")):
+            problems.append("unknown_price must be 'allow' or 'refuse'")
+        if not isinstance(values["failover_on_ambiguous"], bool):
+            problems.append("failover_on_ambiguous must be True or False")
+        retries = values["retries"]
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            problems.append("retries must be a whole number from 0 to 10")
+        budget = values["max_cost_usd"]
+        if budget is not None and not (is_number(budget) and budget >= 0):
+            problems.append("max_cost_usd must be a number >= 0, or None")
+        for name in ("backoff", "max_retry_wait", "cooldown"):
+            seconds = values[name]
+            if not (is_number(seconds) and 0 <= seconds <= 86_400):
+                problems.append(f"{name} must be a number of seconds from 0 to 86400")
+        if problems:
+            raise ConfigurationError("RoutingPolicy: " + "; ".join(problems))
+
+
+_POLICY_FIELDS: Final = (
+    "routing",
+    "failover_on_ambiguous",
+    "max_cost_usd",
+    "unknown_price",
+    "retries",
+    "backoff",
+    "max_retry_wait",
+    "cooldown",
+)
 
 
 @define

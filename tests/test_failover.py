@@ -237,6 +237,10 @@ def test_configuration_file_rules(tmp_path: Path) -> None:
         load_config(config, environ={})
     with pytest.raises(errors.ConfigurationError, match="no providers configured"):
         load_config(None, environ={})
+    for variable in ("FLUX_TIMEOUT", "FLUX_MAX_COST_USD"):
+        for value in ("nan", "inf", "-1", "soon"):
+            with pytest.raises(errors.ConfigurationError, match="must be"):
+                load_config(None, environ={"FLUX_PROVIDERS": "laozhang", variable: value})
 
 
 def saved_images(folder: Path) -> set[str]:

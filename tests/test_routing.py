@@ -316,6 +316,27 @@ def test_a_provider_rule_citing_its_document_makes_a_status_not_taken() -> None:
     assert second.candidate == "apiyi"
 
 
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"retries": -1}, "retries"),
+        ({"retries": 1.5}, "retries"),
+        ({"backoff": float("nan")}, "backoff"),
+        ({"cooldown": 10**400}, "cooldown"),
+        ({"max_retry_wait": "10"}, "max_retry_wait"),
+        ({"routing": "fastest"}, "routing"),
+        ({"unknown_price": ["allow"]}, "unknown_price"),
+        ({"failover_on_ambiguous": 1}, "failover_on_ambiguous"),
+        ({"max_cost_usd": float("inf")}, "max_cost_usd"),
+    ],
+)
+def test_a_routing_policy_refuses_values_it_cannot_use(
+    settings: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(errors.ConfigurationError, match=problem):
+        RoutingPolicy(**settings)  # type: ignore[arg-type]
+
+
 class BreakerMachine(RuleBasedStateMachine):
     """The breaker against a simple model: per key, open until a time, and at most one probe.
 
