@@ -7,12 +7,12 @@ The tree::
     ├── RequestError (also ValueError) the request breaks a rule or a limit; nothing was sent
     ├── ProviderError                 the provider answered, and the answer is an error
     │   ├── AuthenticationFailed      401, or 403 about the key
-    │   ├── InsufficientBalance       402, or a "quota exhausted" answer; the job was not taken
+    │   ├── InsufficientBalance       402, or a 4xx "quota exhausted" answer; the job was not taken
     │   ├── RateLimited               429; ``retry_after`` seconds when the provider said
     │   ├── ContentModerated          the prompt, an input or the output was blocked
     │   ├── ModelUnavailable          the provider has no channel for this model right now
     │   ├── ProviderRejected          any other 4xx: the provider refused the request as invalid
-    │   ├── ProviderUnavailable       5xx
+    │   ├── ProviderUnavailable       5xx (a 503 was not taken; any other may have been billed)
     │   └── ResponseFormatError       a success status with a body we cannot read
     ├── TransportError                no usable answer; ``sent``: may the provider have it?
     │   └── Timeout
