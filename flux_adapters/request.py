@@ -22,7 +22,7 @@ import io
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final, Literal, TypeAlias
 
@@ -658,7 +658,12 @@ _SINGLE_IMAGES: Final = (str, *_BYTES_LIKE, *_IMAGE_INPUTS)
 _LIST_LIMIT: Final = "a list of images, e.g. images=[Path('a.png')]"
 
 
-def _to_images(values: object) -> tuple[ImageInput | _Unreadable, ...]:
+def _to_images(values: Iterable[object]) -> tuple[ImageInput | _Unreadable, ...]:
+    # Typed for callers; at run time *values* may be anything, and every case is reported.
+    return _classify(values)
+
+
+def _classify(values: object) -> tuple[ImageInput | _Unreadable, ...]:
     kind = type(values)
     if kind is tuple or kind is list:
         count = len(values)  # type: ignore[arg-type]

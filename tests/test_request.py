@@ -94,7 +94,7 @@ def test_a_plain_string_that_is_not_a_url_is_refused_with_a_hint() -> None:
 )
 def test_a_single_image_instead_of_a_list_is_refused(single: object, kind: str) -> None:
     with pytest.raises(RequestError) as caught:
-        EditRequest(prompt="x", model="flux-2-pro", images=single)
+        EditRequest(prompt="x", model="flux-2-pro", images=single)  # type: ignore[arg-type]
     [violation] = caught.value.violations
     assert violation.field == "images"
     assert violation.message == (
