@@ -158,7 +158,7 @@ def _repr_engine() -> reprlib.Repr:
 
 
 def _printable(text: str) -> str:
-    """*text* with every character outside printable ASCII escaped, cut to a bounded length."""
+    """*text* with every non-printable character escaped, cut to a bounded length."""
     if len(text) > 4 * _SHOWN_CHARS:
         text = text[: 4 * _SHOWN_CHARS]
     if _NOT_PRINTABLE.search(text):
@@ -171,7 +171,10 @@ def _printable(text: str) -> str:
 
 
 def _type_name(value: object) -> str:
-    return _printable(type(value).__name__)
+    try:
+        return _printable(type(value).__name__)
+    except Exception:  # a metaclass may override __getattribute__ on the class itself
+        return "object"
 
 
 def _render(value: object) -> str:
@@ -223,8 +226,15 @@ def _as_text(value: object) -> str | None:
 
 
 def _is(value: object, kinds: type | tuple[type, ...]) -> bool:
-    """``isinstance`` that asks only the real type: a ``__class__`` property cannot lie or raise."""
-    return issubclass(type(value), kinds)
+    """``isinstance`` that asks only the real type: a ``__class__`` property cannot lie or raise.
+
+    An abstract base class (``os.PathLike``) reads attributes of the type, which a hostile
+    metaclass may refuse; such a type is taken to be none of *kinds*.
+    """
+    try:
+        return issubclass(type(value), kinds)
+    except Exception:
+        return False
 
 
 def _not_text(name: str, value: object, limit: str) -> Violation:
@@ -670,7 +680,7 @@ def _classify(values: object) -> tuple[ImageInput | _Unreadable, ...]:
         if count > MAX_IMAGES:
             return (_whole("too many images", f"at most {MAX_IMAGES}", f"{count} images"),)
         return tuple(_to_image(value) for value in values)  # type: ignore[attr-defined]
-    if issubclass(kind, _SINGLE_IMAGES) or issubclass(kind, os.PathLike):
+    if _is(values, _SINGLE_IMAGES) or _is(values, os.PathLike):
         problem = (
             f"must be a list of images, not a single {_type_name(values)}; wrap it: images=[...]"
         )
@@ -679,7 +689,7 @@ def _classify(values: object) -> tuple[ImageInput | _Unreadable, ...]:
         return (
             _whole("must be a list of images, not None; pass [] for none", _LIST_LIMIT, "None"),
         )
-    if issubclass(kind, Mapping | Set):
+    if _is(values, (Mapping, Set)):
         # A set has no order, and a dict's keys are no images: "image 1" must mean something.
         problem = f"must be a list of images in order, not a {_type_name(values)}"
         return (_whole(problem, _LIST_LIMIT, _render(values)),)
