@@ -104,6 +104,7 @@ _OPEN_FLAGS: Final = (
     | getattr(os, "O_BINARY", 0)
 )
 _REGULAR_FILE: Final = "a regular image file"
+_PATH: Final = type(Path())  # PosixPath or WindowsPath
 
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _NOT_PRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
@@ -478,7 +479,8 @@ def _open_regular(path: Path) -> BinaryIO | tuple[str, str]:
         if found is not None:
             os.close(descriptor)
             return found
-        return open(descriptor, "rb")  # the caller owns and closes the stream
+        # O_NONBLOCK stays set: it has no effect on a regular file. The caller closes the stream.
+        return open(descriptor, "rb")
     except BaseException:
         os.close(descriptor)
         raise
@@ -504,6 +506,8 @@ def _from_path(path: Path) -> FileImage | _Unreadable:
 
 
 def _from_path_like(value: object) -> FileImage | _Unreadable:
+    if type(value) is _PATH:
+        return _from_path(value)  # the common case: nothing to distrust
     try:
         raw: object = os.fspath(value)  # type: ignore[call-overload]
     except Exception as error:  # __fspath__ is user code: it may raise or return a non-path
@@ -625,13 +629,11 @@ def _recheck(image: ImageInput) -> ImageInput | _Unreadable:
             text = _as_text(image.url)  # type: ignore[union-attr]
             if text is None:
                 return _Unreadable(shown, "has a url that is not text", "a str URL")
-            return (
-                _from_text(text)
-                if text[:8].lower().startswith(("https://", "http://"))
-                else (
-                    _Unreadable(_render(text), "is not an http(s) URL", "http://... or https://...")
+            if not text[:8].lower().startswith(("https://", "http://")):
+                return _Unreadable(
+                    _render(text), "is not an http(s) URL", "http://... or https://..."
                 )
-            )
+            return _from_text(text)
         if _is(image, DataUrlImage):
             text = _as_text(image.data_url)  # type: ignore[union-attr]
             if text is None:

@@ -869,9 +869,12 @@ def test_recursion_error_and_others_from_user_repr_are_contained() -> None:
 
 
 def test_binascii_error_hand_built_data_url_is_checked_again() -> None:
-    forged = DataUrlImage("data:image/png;base64,@@@@", ImageInfo("png", 8, 8, 3), 22)
+    # Passed through unchecked, this one raised binascii.Error when a multipart upload decoded it.
+    forged = DataUrlImage("data:image/png;base64,iVBORw0KG", ImageInfo("png", 8, 8, 3), 22)
     violation = only(images=[forged])
-    assert violation.message.endswith("has invalid base64 data")
+    assert violation.message.endswith("has a truncated base64 payload")
+    forged = DataUrlImage("data:image/png;base64,@@@@", ImageInfo("png", 8, 8, 3), 22)
+    assert only(images=[forged]).message.endswith("has invalid base64 data")
     # A hand-built input is re-derived from its source, so its claimed header cannot lie.
     lying = BytesImage(PNG, ImageInfo("png", 10**5000, 8, -1))
     [image] = EditRequest(**VALID, images=[lying]).images  # type: ignore[arg-type]
