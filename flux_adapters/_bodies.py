@@ -71,7 +71,9 @@ def _data_url_chunks(image: LocalImage) -> Iterator[bytes]:
     if isinstance(image, FileImage):
         sent = 0
         encode = _b64encode()
-        with image.path.open("rb") as stream:
+        # FileImage.open refuses anything but a regular file, without blocking: the path may have
+        # become a FIFO or a device since the request was built.
+        with image.open() as stream:
             while chunk := stream.read(_READ_SIZE):
                 sent += len(chunk)
                 yield encode(chunk)

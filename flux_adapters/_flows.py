@@ -21,7 +21,7 @@ from flux_adapters.errors import (
 )
 from flux_adapters.limits import Plan, plan
 from flux_adapters.providers import Adapter, Answer, get_adapter
-from flux_adapters.request import EditRequest
+from flux_adapters.request import EditRequest, _render, _type_name
 from flux_adapters.wire import HttpRequest, HttpResponse
 
 __all__ = ["Flow", "Outcome", "check", "edit_flow", "resolve"]
@@ -38,12 +38,25 @@ class Outcome:
 Flow = Generator[HttpRequest, HttpResponse, Outcome]
 
 
+def _not_a_request(value: object, provider: str) -> RequestError:
+    violation = Violation(
+        "request",
+        f"must be an EditRequest, not {_type_name(value)}",
+        "an EditRequest",
+        _render(value),
+    )
+    return RequestError([violation], provider=provider)
+
+
 def resolve(adapter: Adapter, request: EditRequest) -> Plan:
     """Check *request* against *adapter*'s limits and resolve it.
 
     Raises:
-        RequestError: The provider does not offer the model, or the request breaks its limits.
+        RequestError: *request* is not an `EditRequest`, the provider does not offer the model,
+            or the request breaks its limits.
     """
+    if not issubclass(type(request), EditRequest):  # the real type: callers may pass anything
+        raise _not_a_request(request, adapter.name)
     limits = adapter.limits.get(request.model)
     if limits is None:
         offered = ", ".join(adapter.limits) or "none"
@@ -57,13 +70,18 @@ def resolve(adapter: Adapter, request: EditRequest) -> Plan:
 def check(request: EditRequest, provider: str) -> tuple[Violation, ...]:
     """Return every way *request* breaks *provider*'s limits; empty when it would be sent.
 
-    Pure: nothing is sent. The same check runs inside every ``edit`` call.
+    Pure: nothing is sent. The same check runs inside every ``edit`` call. The provider is
+    looked up first, so a bad provider id is reported even when *request* is bad too.
 
     Raises:
-        ConfigurationError: No provider has that id.
+        ConfigurationError: *provider* is not a known provider id (whatever its type).
+        RequestError: *request* is not an `EditRequest`.
     """
+    adapter = get_adapter(provider)
+    if not issubclass(type(request), EditRequest):
+        raise _not_a_request(request, adapter.name)
     try:
-        resolve(get_adapter(provider), request)
+        resolve(adapter, request)
     except RequestError as error:
         return error.violations
     return ()

@@ -19,7 +19,14 @@ from typing import Final, Literal, TypeAlias
 from attrs import field, frozen
 
 from flux_adapters.errors import RequestError, Violation
-from flux_adapters.request import DataUrlImage, EditRequest, FileImage, ImageInput, UrlImage
+from flux_adapters.request import (
+    DataUrlImage,
+    EditRequest,
+    FileImage,
+    ImageInput,
+    UrlImage,
+    _render,
+)
 from flux_adapters.result import ConversionWarning
 
 __all__ = [
@@ -102,13 +109,14 @@ class SizeRule:
         """Yield ``(message, value)`` for each way ``width x height`` breaks the rule."""
         for side, value in (("width", width), ("height", height)):
             if value % self.multiple:
-                yield f"{side} is not a multiple of {self.multiple}", f"{side} {value}"
+                yield f"{side} is not a multiple of {self.multiple}", f"{side} {_render(value)}"
             if value < self.min_side or (self.max_side is not None and value > self.max_side):
-                yield f"{side} is out of range", f"{side} {value}"
-        if self.max_pixels is not None and width * height > self.max_pixels:
+                yield f"{side} is out of range", f"{side} {_render(value)}"
+        pixels = width * height
+        if self.max_pixels is not None and pixels > self.max_pixels:
             yield (
                 "the image has too many pixels",
-                f"{name} {width}x{height} = {width * height / MEGAPIXEL:.2f} MP",
+                f"{name} {_render(width)}x{_render(height)} = {_megapixels(pixels)}",
             )
 
 
@@ -134,11 +142,14 @@ class RatioRule:
 
     def accepts(self, width: int, height: int) -> bool:
         """Whether the ratio ``width:height`` is accepted."""
+        if width <= 0 or height <= 0:
+            return False
         if self.presets is not None:
             return _ratio_text(width, height) in self.presets
-        low = self.narrowest[0] / self.narrowest[1]
-        high = self.widest[0] / self.widest[1]
-        return low <= width / height <= high
+        # narrowest <= width/height <= widest, multiplied out: exact for whole numbers of any
+        # size, where float division would round or overflow.
+        (low_w, low_h), (high_w, high_h) = self.narrowest, self.widest
+        return low_w * height <= width * low_h and width * high_h <= high_w * height
 
 
 @frozen(kw_only=True)
@@ -242,8 +253,15 @@ def image_kind(image: ImageInput) -> ImageKind:
 
 
 def _ratio_text(width: int, height: int) -> str:
-    divisor = math.gcd(width, height)
-    return f"{width // divisor}:{height // divisor}"
+    divisor = math.gcd(width, height) or 1
+    return f"{_render(width // divisor)}:{_render(height // divisor)}"
+
+
+def _megapixels(pixels: int) -> str:
+    # A float division that could overflow only past any real image; say so instead of raising.
+    if pixels > 10**15:
+        return "more than 10^9 MP"
+    return f"{pixels / MEGAPIXEL:.2f} MP"
 
 
 def plan(request: EditRequest, limits: ModelLimits) -> Plan:
@@ -267,7 +285,8 @@ class _Found:
         self.items: list[Violation] = []
 
     def add(self, name: str, message: str, limit: str, value: object) -> None:
-        self.items.append(Violation(name, message, limit, str(value), self.limits.source))
+        shown = value if type(value) is str else _render(value)
+        self.items.append(Violation(name, message, limit, shown, self.limits.source))
 
 
 def _evaluate(
@@ -428,7 +447,7 @@ def _resolve_dimensions(
             name,
             f"{limits.provider} takes no output size for {limits.model}",
             "no size setting",
-            f"{width}x{height}",
+            f"{_render(width)}x{_render(height)}",
         )
         return _Geometry()
     ratio_text = _ratio_text(width, height)
@@ -438,7 +457,7 @@ def _resolve_dimensions(
             f"{limits.provider} takes only an aspect ratio for {limits.model}; "
             f'pass aspect_ratio="{ratio_text}" or allow_conversions=True',
             f"aspect ratio {ratio_rule.describe()}",
-            f"{width}x{height}",
+            f"{_render(width)}x{_render(height)}",
         )
         return _Geometry()
     if not ratio_rule.accepts(width, height):
@@ -446,7 +465,7 @@ def _resolve_dimensions(
         return _Geometry()
     warning = ConversionWarning(
         field=name,
-        requested=f"{width}x{height}",
+        requested=f"{_render(width)}x{_render(height)}",
         sent=f"aspect_ratio {ratio_text}",
         message=f"{limits.provider} takes only an aspect ratio for {limits.model}; "
         "it picks the pixel size",
@@ -467,7 +486,7 @@ def _resolve_ratio(
     request: EditRequest, ratio: tuple[int, int], limits: ModelLimits, found: _Found
 ) -> _Geometry:
     rule = limits.ratios
-    given = f"{ratio[0]}:{ratio[1]}"
+    given = f"{_render(ratio[0])}:{_render(ratio[1])}"
     if rule is not None and rule.accepts(*ratio):
         return _ratio_geometry(rule, _ratio_text(*ratio))
     sizes = limits.sizes
@@ -486,26 +505,38 @@ def _resolve_ratio(
             given,
         )
         return _Geometry()
-    width, height = _size_for_ratio(ratio, sizes)
-    if not sizes.fits(width, height):
+    found_size = _size_for_ratio(ratio, sizes)
+    if found_size is None or not sizes.fits(*found_size):
         found.add(
             "aspect_ratio", "has no size within the provider's range", sizes.describe(), given
         )
         return _Geometry()
+    width, height = found_size
     warning = ConversionWarning(
         field="aspect_ratio",
         requested=given,
-        sent=f"{width}x{height}",
+        sent=f"{_render(width)}x{_render(height)}",
         message=f"{limits.provider} takes explicit sizes for {limits.model}; "
         f"the nearest size on its grid is {width / height:.3f}:1",
     )
     return _Geometry(dimensions=(width, height), warnings=(warning,))
 
 
-def _size_for_ratio(ratio: tuple[int, int], rule: SizeRule) -> tuple[int, int]:
-    """Return the grid size nearest to one megapixel at *ratio*, clamped into *rule*'s sides."""
-    exact_width = math.sqrt(_CONVERSION_PIXELS * ratio[0] / ratio[1])
-    exact_height = exact_width * ratio[1] / ratio[0]
+def _size_for_ratio(ratio: tuple[int, int], rule: SizeRule) -> tuple[int, int] | None:
+    """Return the grid size nearest to one megapixel at *ratio*, clamped into *rule*'s sides.
+
+    ``None`` when the ratio is too extreme to compute in floating point (EditRequest bounds its
+    terms, so only a hand-made ratio gets here).
+    """
+    if ratio[0] <= 0 or ratio[1] <= 0:
+        return None
+    try:
+        exact_width = math.sqrt(_CONVERSION_PIXELS * ratio[0] / ratio[1])
+        exact_height = exact_width * ratio[1] / ratio[0]
+    except OverflowError:
+        return None
+    if not (math.isfinite(exact_width) and math.isfinite(exact_height)):
+        return None
 
     def on_grid(value: float) -> int:
         snapped = max(rule.multiple, round(value / rule.multiple) * rule.multiple)

@@ -1,31 +1,46 @@
 """The provider-neutral request: `EditRequest` and the image inputs it holds.
 
 Only rules that hold at every provider are checked here (a prompt is present, a size is written
-``"WxH"``, a local file exists and is readable). Each provider's limits for each model are data in
+``"WxH"``, a local file exists and is a regular, readable file, every value has the right type and
+lies within a generous universal bound). Each provider's limits for each model are data in
 ``flux_adapters.limits`` and are checked when the request meets a provider.
+
+Any value for any field either builds a request or raises `RequestError`; user code reached on the
+way (an iterator, ``__fspath__``, ``__repr__``) may fail and is reported as a violation too.
 
 Local images (a path, raw bytes, a ``data:`` URL) are inspected once, when the request is built:
 format and pixel size come from the image header (``imagesize``), without decoding pixels and
-without reading a large file more than once. The body is streamed from the file at send time.
+without reading a large file more than once. The body is streamed from the file at send time,
+opened again with `FileImage.open`, which refuses anything but a regular file.
 """
 
 from __future__ import annotations
 
 import binascii
+import functools
 import io
-import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+import stat
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
-from typing import BinaryIO, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, BinaryIO, Final, Literal, TypeAlias
 
-import attrs
 from attrs import field, frozen
 
 from flux_adapters.errors import RequestError, Violation
 
+if TYPE_CHECKING:
+    import reprlib
+
 __all__ = [
+    "MAX_GUIDANCE",
+    "MAX_IMAGES",
+    "MAX_SAFETY_TOLERANCE",
+    "MAX_SEED",
+    "MAX_SIDE",
+    "MAX_STEPS",
+    "MAX_URL_LENGTH",
     "MODELS",
     "BytesImage",
     "DataUrlImage",
@@ -49,6 +64,24 @@ MODELS: Final = (
 )
 """Canonical model ids (Black Forest Labs' own), in the order tables list them."""
 
+# Universal bounds: far beyond anything a provider takes (providers' own, tighter limits are data
+# in flux_adapters.limits), but small enough that no arithmetic overflows, no int is too long to
+# print (Python refuses str() of ints over 4300 digits) and nothing json.dumps refuses is built.
+MAX_SIDE: Final = 100_000
+"""Largest ``width``/``height``, ``size`` side or ``aspect_ratio`` term, in pixels."""
+MAX_SEED: Final = 2**63 - 1
+"""Largest ``seed``: a signed 64-bit integer (seeds start at 0)."""
+MAX_STEPS: Final = 1_000
+"""Largest ``steps`` (FLUX.2 [flex] documents at most 50)."""
+MAX_SAFETY_TOLERANCE: Final = 100
+"""Largest ``safety_tolerance`` (providers document 0..6 at most)."""
+MAX_GUIDANCE: Final = 100.0
+"""Largest ``guidance`` (providers document at most 20); the least is 0."""
+MAX_IMAGES: Final = 100
+"""Most reference images one request may hold (providers take at most 8)."""
+MAX_URL_LENGTH: Final = 8_192
+"""Longest image URL, in characters."""
+
 OutputFormat: TypeAlias = Literal["jpeg", "png", "webp"]
 _OUTPUT_FORMATS: Final = ("jpeg", "png", "webp")
 
@@ -58,6 +91,160 @@ _MEDIA_TYPES: Final = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/
 # Enough decoded bytes to reach a JPEG's frame header even behind large EXIF/ICC blocks.
 _HEADER_BYTES: Final = 2 * 1024 * 1024
 _BASE64_CHUNK: Final = 4 * 256 * 1024
+# Longest rendering of a value in a message: enough to recognise it, never a flood.
+_SHOWN_CHARS: Final = 80
+
+# O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer.
+# O_NOCTTY: opening a terminal never makes it ours. Both exist only on POSIX; Windows has no FIFOs.
+_OPEN_FLAGS: Final = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+_REGULAR_FILE: Final = "a regular image file"
+_PATH: Final = type(Path())  # PosixPath or WindowsPath
+
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_NOT_PRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
+# Whitespace (Unicode's too) and control characters, which a URL must carry percent-encoded.
+_URL_FORBIDDEN: Final = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
+# ASCII digits only, and few of them: int() never sees a 5,000-digit or Arabic-Indic number.
+_SIZE: Final = re.compile(r"([0-9]{1,6})x([0-9]{1,6})", re.ASCII)
+_RATIO: Final = re.compile(r"([0-9]{1,6}):([0-9]{1,6})", re.ASCII)
+_DATA_URL: Final = re.compile(
+    r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII
+)
+
+
+# --- Rendering any value safely -------------------------------------------------------------
+
+
+@functools.cache
+def _repr_engine() -> reprlib.Repr:
+    """A `reprlib.Repr` that bounds depth and width and survives huge ints; built on first use."""
+    import reprlib
+
+    class ShortRepr(reprlib.Repr):
+        def repr_int(self, x: int, level: int) -> str:
+            if type(x) is not int:  # a user class that happens to be called "int"
+                return self.repr_instance(x, level)
+            try:
+                return super().repr_int(x, level)
+            except ValueError:  # over sys.get_int_max_str_digits() digits
+                digits = int(x.bit_length() * 0.30103) + 1
+                return f"<int of about {digits} digits>"
+
+        def repr_str(self, x: str, level: int) -> str:
+            if type(x) is not str:
+                return self.repr_instance(x, level)
+            return super().repr_str(x, level)
+
+        def repr_bytes(self, x: bytes, level: int) -> str:
+            if type(x) is not bytes:
+                return self.repr_instance(x, level)
+            if len(x) <= self.maxstring:
+                return repr(x)
+            return f"{x[: self.maxstring]!r}... ({len(x)} bytes)"
+
+    engine = ShortRepr()
+    engine.maxlevel = 3
+    engine.maxstring = engine.maxother = 60
+    engine.maxlong = 40
+    engine.maxlist = engine.maxtuple = engine.maxset = engine.maxfrozenset = 4
+    engine.maxdeque = engine.maxarray = 4
+    engine.maxdict = 3
+    return engine
+
+
+def _printable(text: str) -> str:
+    """*text* with every non-printable character escaped, cut to a bounded length."""
+    if len(text) > 4 * _SHOWN_CHARS:
+        text = text[: 4 * _SHOWN_CHARS]
+    if _NOT_PRINTABLE.search(text):
+        # Keep printable non-ASCII (an accented letter); escape controls, surrogates and the like.
+        text = "".join(
+            char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+            for char in text
+        )
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _type_name(value: object) -> str:
+    try:
+        return _printable(type(value).__name__)
+    except Exception:  # a metaclass may override __getattribute__ on the class itself
+        return "object"
+
+
+def _render(value: object) -> str:
+    """*value* rendered for a message: short, printable, and never raising, whatever it is."""
+    try:
+        text: object = _repr_engine().repr(value)
+    except Exception:  # a user __repr__ (or __len__, __iter__ reached by it) may raise anything
+        text = None
+    if type(text) is not str or not text:
+        return f"<{_type_name(value)} object>"
+    return _printable(text)
+
+
+def _describe_exception(error: BaseException) -> str:
+    try:
+        detail = str(error)
+    except Exception:
+        detail = ""
+    name = _type_name(error)
+    return _printable(f"{name}: {detail}" if type(detail) is str and detail else name)
+
+
+def _surrogate_at(text: str) -> int | None:
+    """Index of the first lone surrogate in *text*, if any.
+
+    A lone surrogate is what decoding bad UTF-8 with ``errors="surrogateescape"`` leaves behind;
+    no encoder takes it, so it would fail later, when the body is encoded.
+    """
+    if text.isascii():
+        return None
+    found = _LONE_SURROGATE.search(text)
+    return None if found is None else found.start()
+
+
+def _surrogate_message(text: str, at: int) -> tuple[str, str]:
+    context = _render(text[max(0, at - 20) : at + 20])
+    return f"contains a lone surrogate at index {at} (invalid UTF-8?)", context
+
+
+def _as_text(value: object) -> str | None:
+    """*value* as a plain ``str`` when it is one (a subclass is copied); else ``None``."""
+    kind = type(value)
+    if kind is str:
+        return value  # type: ignore[return-value]
+    if issubclass(kind, str):
+        # str.__str__ copies the characters without calling anything the subclass overrides.
+        return str.__str__(value)
+    return None
+
+
+def _is(value: object, kinds: type | tuple[type, ...]) -> bool:
+    """``isinstance`` that asks only the real type: a ``__class__`` property cannot lie or raise.
+
+    An abstract base class (``os.PathLike``) reads attributes of the type, which a hostile
+    metaclass may refuse; such a type is taken to be none of *kinds*.
+    """
+    try:
+        return issubclass(type(value), kinds)
+    except Exception:
+        return False
+
+
+def _not_text(name: str, value: object, limit: str) -> Violation:
+    if _is(value, (bytes, bytearray, memoryview)):
+        return Violation(name, "must be text, not bytes; decode it first", limit, _render(value))
+    return Violation(name, f"must be text (str), not {_type_name(value)}", limit, _render(value))
+
+
+# --- Image inputs ---------------------------------------------------------------------------
 
 
 @frozen
@@ -97,7 +284,7 @@ class UrlImage:
 
     def describe(self) -> str:
         """A short, human-readable name for messages."""
-        return self.url if len(self.url) <= 80 else self.url[:77] + "..."
+        return _printable(self.url)
 
 
 @frozen
@@ -127,30 +314,25 @@ class FileImage:
 
     def describe(self) -> str:
         """A short, human-readable name for messages."""
-        return str(self.path)
+        return _short_path(str(self.path))
 
     def open(self) -> BinaryIO:
-        """Open the file for reading, refusing anything but a regular file without blocking.
+        """Open the file for reading, as the request body is sent.
+
+        Only a regular file is opened: a FIFO, a device (``/dev/zero``, ``/dev/stdin``), a
+        directory or a socket is refused without waiting on it or reading it, even if the path
+        was swapped for one after the request was built. The check and the open cannot race: the
+        file is opened without blocking and the open descriptor itself is checked.
 
         Raises:
-            RequestError: It is gone, unreadable, or no longer a regular file (a FIFO would
-                otherwise block the send forever).
+            RequestError: The path is no longer a readable regular file.
         """
-        import stat
-
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except (OSError, ValueError) as exc:
-            raise self._gone(str(getattr(exc, "strerror", None) or exc)) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise self._gone("is no longer a regular file")
-        return os.fdopen(fd, "rb")
-
-    def _gone(self, why: str) -> RequestError:
-        return RequestError(
-            [Violation("images", f"{self.path} {why}", "a readable regular file", str(self.path))]
-        )
+        opened = _open_regular(self.path)
+        if isinstance(opened, tuple):
+            problem, limit = opened
+            shown = self.describe()
+            raise RequestError([Violation("images", f"{shown} {problem}", limit, shown)])
+        return opened
 
 
 @frozen
@@ -173,14 +355,35 @@ LocalImage: TypeAlias = DataUrlImage | FileImage | BytesImage
 ImageLike: TypeAlias = str | os.PathLike[str] | bytes | ImageInput
 """What ``EditRequest(images=...)`` takes: a URL or data URL string, a path, bytes, an input."""
 
+_IMAGE_INPUTS: Final = (UrlImage, DataUrlImage, FileImage, BytesImage)
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)
+_IMAGE_LIMIT: Final = "an http(s) URL or data URL str, a pathlib.Path, or bytes"
+
 
 @frozen
 class _Unreadable:
-    """Stand-in for an image that could not be classified; never outlives ``EditRequest``."""
+    """Stand-in for an image that could not be classified; never outlives ``EditRequest``.
+
+    With ``whole``, the problem is with ``images`` itself (not a list, too many, ...).
+    """
 
     description: str
     problem: str
     limit: str
+    whole: bool = False
+
+
+def _whole(problem: str, limit: str, shown: str) -> _Unreadable:
+    return _Unreadable(shown, problem, limit, whole=True)
+
+
+def _short_path(text: str) -> str:
+    """A path for messages: printable, and its end (the file name) kept when it is long."""
+    if len(text) > _SHOWN_CHARS and text.isprintable():
+        return "..." + text[-(_SHOWN_CHARS - 3) :]
+    if text.isprintable():
+        return text
+    return _render(text)
 
 
 def _sniff(head: bytes) -> str | None:
@@ -199,9 +402,9 @@ def _dimensions(stream: BinaryIO) -> tuple[int | None, int | None]:
         found = imagesize.get_info(
             stream, dpi=False, colors=False, channels=False, exif_rotation=False
         )
-    except (ValueError, OSError, IndexError, KeyError, TypeError, EOFError):
+        width, height = int(found.width), int(found.height)
+    except Exception:  # a parser of hostile bytes: any failure means "no readable header"
         return None, None
-    width, height = int(found.width), int(found.height)
     if width <= 0 or height <= 0:
         return None, None
     return width, height
@@ -213,26 +416,126 @@ def _inspect(stream: BinaryIO, byte_size: int) -> ImageInfo:
     return ImageInfo(format=image_format, width=width, height=height, byte_size=byte_size)
 
 
-def _from_path(path: Path) -> FileImage | _Unreadable:
-    try:
-        with path.open("rb") as stream:
-            size = os.fstat(stream.fileno()).st_size
-            return FileImage(path=path, info=_inspect(stream, size))
-    except FileNotFoundError:
-        return _Unreadable(str(path), "file not found", "an existing, readable file")
-    except IsADirectoryError:
-        return _Unreadable(str(path), "is a directory", "an existing, readable file")
-    except OSError as exc:
-        return _Unreadable(str(path), f"cannot be read ({exc.strerror})", "a readable file")
-
-
-_DATA_URL = re.compile(
-    r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,"
+_FILE_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
 )
+
+
+def _not_regular(mode: int) -> tuple[str, str] | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    return f"is {kind}, not a regular file", _REGULAR_FILE
+
+
+def _os_problem(error: OSError) -> tuple[str, str]:
+    import errno
+
+    if isinstance(error, FileNotFoundError):
+        return "file not found", "an existing, readable file"
+    if isinstance(error, NotADirectoryError):
+        return "is not a file path: a part of it is not a directory", "an existing file"
+    if isinstance(error, IsADirectoryError):
+        return "is a directory, not a regular file", _REGULAR_FILE
+    if isinstance(error, PermissionError):
+        return "cannot be read (permission denied)", "a readable file"
+    reasons = {
+        errno.ENAMETOOLONG: ("path is too long", "a path the system accepts"),
+        errno.ELOOP: ("has a loop of symbolic links", "a path that leads to a file"),
+        errno.ENXIO: ("is a device or socket that cannot be opened", _REGULAR_FILE),
+    }
+    fallback = (
+        f"cannot be read ({_printable(error.strerror or type(error).__name__)})",
+        "a readable file",
+    )
+    return reasons.get(error.errno or 0, fallback)
+
+
+def _open_regular(path: Path) -> BinaryIO | tuple[str, str]:
+    """Open *path* for reading when it is a regular file; else say why not as (problem, limit).
+
+    The path is looked at first (``stat``), so a device or FIFO is never opened at all; the
+    open itself cannot block (``O_NONBLOCK``) and its descriptor is checked again (``fstat``),
+    so a path swapped in between is refused too.
+    """
+    try:
+        found = _not_regular(os.stat(path).st_mode)
+        if found is not None:
+            return found
+        descriptor = os.open(path, _OPEN_FLAGS)
+    except OSError as error:
+        return _os_problem(error)
+    except (ValueError, UnicodeError):  # a NUL character; a name the file system cannot encode
+        return (
+            "path cannot be passed to the operating system",
+            "a path without NUL or lone surrogates",
+        )
+    try:
+        found = _not_regular(os.fstat(descriptor).st_mode)
+        if found is not None:
+            os.close(descriptor)
+            return found
+        # O_NONBLOCK stays set: it has no effect on a regular file. The caller closes the stream.
+        return open(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _from_path(path: Path) -> FileImage | _Unreadable:
+    text = str(path)
+    shown = _short_path(text)
+    if "\0" in text:
+        return _Unreadable(shown, "path contains a NUL character", "a path without NUL")
+    at = _surrogate_at(text)
+    if at is not None:
+        return _Unreadable(
+            shown,
+            f"path has a lone surrogate at index {at}: the name is not valid UTF-8; rename it",
+            "a path in valid Unicode",
+        )
+    opened = _open_regular(path)
+    if isinstance(opened, tuple):
+        return _Unreadable(shown, *opened)
+    with opened as stream:
+        return FileImage(path=path, info=_inspect(stream, os.fstat(stream.fileno()).st_size))
+
+
+def _from_path_like(value: object) -> FileImage | _Unreadable:
+    if type(value) is _PATH:
+        return _from_path(value)  # the common case: nothing to distrust
+    try:
+        raw: object = os.fspath(value)  # type: ignore[call-overload]
+    except Exception as error:  # __fspath__ is user code: it may raise or return a non-path
+        return _Unreadable(
+            f"<{_type_name(value)} object>",
+            f"is not a usable path (__fspath__ failed: {_describe_exception(error)})",
+            "a path whose __fspath__ returns str",
+        )
+    try:
+        # os.fspath returned a str or bytes (or a subclass, whose methods are not trusted).
+        text = (
+            os.fsdecode(bytes(memoryview(raw)))  # type: ignore[arg-type]
+            if _is(raw, bytes)
+            else str.__str__(raw)
+        )
+    except Exception as error:
+        return _Unreadable(
+            f"<{_type_name(value)} object>",
+            f"is not a usable path ({_describe_exception(error)})",
+            "a path whose __fspath__ returns str",
+        )
+    return _from_path(Path(text))
 
 
 def _from_data_url(text: str) -> DataUrlImage | _Unreadable:
     described = f"data URL ({len(text)} characters)"
+    if not text.isascii():
+        return _Unreadable(described, "contains non-ASCII characters", "an ASCII base64 data URL")
     match = _DATA_URL.match(text)
     if match is None:
         return _Unreadable(described, "is not a base64 data URL", "data:image/<type>;base64,<data>")
@@ -256,43 +559,171 @@ def _from_data_url(text: str) -> DataUrlImage | _Unreadable:
     return DataUrlImage(data_url=text, info=info, payload_offset=offset)
 
 
-def _to_image(value: object) -> ImageInput | _Unreadable:
-    if isinstance(value, UrlImage | DataUrlImage | FileImage | BytesImage):
-        return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        data = bytes(value)
-        if not data:
-            return _Unreadable("empty bytes", "is empty", "at least one byte of image data")
-        return BytesImage(data=data, info=_inspect(io.BytesIO(data), len(data)))
-    if isinstance(value, os.PathLike):
-        return _from_path(Path(value))
-    if isinstance(value, str):
-        if value.startswith(("https://", "http://")):
-            return UrlImage(value)
-        if value.startswith("data:"):
-            return _from_data_url(value)
-        shown = value if len(value) <= 60 else value[:57] + "..."
-        return _Unreadable(
-            shown,
-            "is neither an http(s) URL nor a data URL (pass a local file as pathlib.Path)",
-            "http(s)://..., data:image/...;base64,..., a Path or bytes",
+def _url_problem(url: str) -> tuple[str, str] | None:
+    """Why *url* is not a URL a provider can fetch, as (problem, limit); ``None`` when it is."""
+    if len(url) > MAX_URL_LENGTH:
+        return "is too long", f"at most {MAX_URL_LENGTH} characters"
+    forbidden = _URL_FORBIDDEN.search(url)
+    if forbidden is not None:
+        return (
+            f"contains whitespace or a control character at index {forbidden.start()}",
+            "a URL with those percent-encoded",
         )
-    return _Unreadable(type(value).__name__, "is not an image input", "str, Path, bytes")
+    from urllib.parse import urlsplit  # lazy: only requests with URL images pay for it
+
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises ValueError for a bad port
+    except ValueError as error:
+        return f"is not a valid URL ({_describe_exception(error)})", "a valid http(s) URL"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "is not an http(s) URL", "http://... or https://..."
+    if not host:
+        return "has no host", "http(s)://host/..."
+    return None
+
+
+def _from_text(text: str) -> ImageInput | _Unreadable:
+    at = _surrogate_at(text)
+    if at is not None:
+        message, _ = _surrogate_message(text, at)
+        return _Unreadable(_render(text), message, "text in valid Unicode")
+    scheme = text[:8].lower()
+    if scheme.startswith(("https://", "http://")):
+        problem = _url_problem(text)
+        if problem is not None:
+            return _Unreadable(_render(text), *problem)
+        return UrlImage(text)
+    if scheme.startswith("data:"):
+        return _from_data_url(text)
+    return _Unreadable(
+        _render(text),
+        "is neither an http(s) URL nor a data URL (pass a local file as pathlib.Path)",
+        "http(s)://..., data:image/...;base64,..., a Path or bytes",
+    )
+
+
+def _from_bytes(value: object) -> BytesImage | _Unreadable:
+    try:
+        data = value if type(value) is bytes else bytes(memoryview(value))  # type: ignore[arg-type]
+    except Exception as error:  # a released memoryview; a buffer that refuses to be read
+        return _Unreadable(
+            f"<{_type_name(value)} object>",
+            f"cannot be read ({_describe_exception(error)})",
+            "bytes of an image",
+        )
+    if not data:
+        return _Unreadable("empty bytes", "is empty", "at least one byte of image data")
+    return BytesImage(data=data, info=_inspect(io.BytesIO(data), len(data)))
+
+
+def _recheck(image: ImageInput) -> ImageInput | _Unreadable:
+    """Check an image input built elsewhere (by hand, or taken from another request) again.
+
+    Its fields are re-derived from its source (URL, data URL, path or bytes), so a hand-built
+    one cannot smuggle in a wrong header or a value of the wrong type.
+    """
+    shown = f"<{_type_name(image)} object>"
+    try:
+        if _is(image, UrlImage):
+            text = _as_text(image.url)  # type: ignore[union-attr]
+            if text is None:
+                return _Unreadable(shown, "has a url that is not text", "a str URL")
+            if not text[:8].lower().startswith(("https://", "http://")):
+                return _Unreadable(
+                    _render(text), "is not an http(s) URL", "http://... or https://..."
+                )
+            return _from_text(text)
+        if _is(image, DataUrlImage):
+            text = _as_text(image.data_url)  # type: ignore[union-attr]
+            if text is None:
+                return _Unreadable(shown, "has a data_url that is not text", "a str data URL")
+            return _from_data_url(text)
+        if _is(image, FileImage):
+            path: object = image.path  # type: ignore[union-attr]
+            if not _is(path, os.PathLike):
+                return _Unreadable(shown, "has a path that is not a path", "a pathlib.Path")
+            return _from_path_like(path)
+        data: object = image.data  # type: ignore[union-attr]
+    except Exception as error:  # a subclass's property may raise anything
+        return _Unreadable(shown, f"cannot be read ({_describe_exception(error)})", _IMAGE_LIMIT)
+    if not _is(data, _BYTES_LIKE):
+        return _Unreadable(shown, "has data that is not bytes", "bytes")
+    return _from_bytes(data)
+
+
+def _to_image(value: object) -> ImageInput | _Unreadable:
+    if _is(value, _IMAGE_INPUTS):
+        return _recheck(value)  # type: ignore[arg-type]
+    if _is(value, _BYTES_LIKE):
+        return _from_bytes(value)
+    if _is(value, str):
+        return _from_text(str.__str__(value))
+    if _is(value, os.PathLike):
+        return _from_path_like(value)
+    return _Unreadable(
+        _render(value), f"is not an image input (a {_type_name(value)})", _IMAGE_LIMIT
+    )
+
+
+_SINGLE_IMAGES: Final = (str, *_BYTES_LIKE, *_IMAGE_INPUTS)
+_LIST_LIMIT: Final = "a list of images, e.g. images=[Path('a.png')]"
 
 
 def _to_images(values: Iterable[object]) -> tuple[ImageInput | _Unreadable, ...]:
-    if isinstance(values, str | bytes | os.PathLike):
-        # A lone image where a list was expected: flagged in __attrs_post_init__.
-        return (_Unreadable("a single image", "images must be a list", "a list of images"),)
-    return tuple(_to_image(value) for value in values)
+    # Typed for callers; at run time *values* may be anything, and every case is reported.
+    return _classify(values)
 
 
-_SIZE = re.compile(r"(\d+)x(\d+)")
-_RATIO = re.compile(r"(\d+):(\d+)")
+def _classify(values: object) -> tuple[ImageInput | _Unreadable, ...]:
+    kind = type(values)
+    if kind is tuple or kind is list:
+        count = len(values)  # type: ignore[arg-type]
+        if count > MAX_IMAGES:
+            return (_whole("too many images", f"at most {MAX_IMAGES}", f"{count} images"),)
+        return tuple(_to_image(value) for value in values)  # type: ignore[attr-defined]
+    if _is(values, _SINGLE_IMAGES) or _is(values, os.PathLike):
+        problem = (
+            f"must be a list of images, not a single {_type_name(values)}; wrap it: images=[...]"
+        )
+        return (_whole(problem, _LIST_LIMIT, _render(values)),)
+    if values is None:
+        return (
+            _whole("must be a list of images, not None; pass [] for none", _LIST_LIMIT, "None"),
+        )
+    if _is(values, (Mapping, Set)):
+        # A set has no order, and a dict's keys are no images: "image 1" must mean something.
+        problem = f"must be a list of images in order, not a {_type_name(values)}"
+        return (_whole(problem, _LIST_LIMIT, _render(values)),)
+    return _collect(values)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _collect(values: object) -> tuple[ImageInput | _Unreadable, ...]:
+    """Read images from any iterable, reporting (not raising) what its own code raises."""
+    try:
+        iterator: Iterator[object] = iter(values)  # type: ignore[call-overload]
+    except Exception:
+        problem = f"must be a list of images, not a {_type_name(values)}"
+        return (_whole(problem, _LIST_LIMIT, _render(values)),)
+    images: list[ImageInput | _Unreadable] = []
+    while True:
+        try:
+            value = next(iterator)
+        except StopIteration:
+            break
+        except Exception as error:  # a generator's own code failed
+            problem = f"could not be read: iterating it raised {_describe_exception(error)}"
+            images.append(_whole(problem, _LIST_LIMIT, f"<{_type_name(values)} object>"))
+            break
+        if len(images) == MAX_IMAGES:
+            problem = f"has more than {MAX_IMAGES} images"
+            images.append(_whole(problem, f"at most {MAX_IMAGES}", f"<{_type_name(values)}>"))
+            break
+        images.append(_to_image(value))
+    return tuple(images)
+
+
+# --- The request ----------------------------------------------------------------------------
 
 
 @frozen(kw_only=True)
@@ -305,23 +736,36 @@ class EditRequest:
     decides (for an edit, usually the first image's size).
 
     Building a request checks the rules that hold everywhere and inspects local images; any
-    problem raises `RequestError` listing every problem found. Each provider's own limits are
-    checked when the request is sent (or by ``flux_adapters.check``).
+    problem raises `RequestError` listing every problem found, whatever the values given (wrong
+    types, huge numbers, text that is not valid Unicode, objects whose methods raise). Each
+    provider's own limits are checked when the request is sent (or by ``flux_adapters.check``).
+
+    Rules that hold everywhere: text fields are ``str`` without lone surrogates (what decoding
+    invalid UTF-8 with ``surrogateescape`` leaves); whole numbers are ``int`` (not ``bool`` or
+    ``float``); every number lies within a universal bound far beyond any provider's own
+    (`MAX_SIDE`, `MAX_SEED`, `MAX_STEPS`, `MAX_SAFETY_TOLERANCE`, `MAX_GUIDANCE`); ``images``
+    is a list (or another ordered iterable) of at most `MAX_IMAGES`; a URL is ``http(s)`` with a
+    host, no whitespace or control characters and at most `MAX_URL_LENGTH` characters; a path
+    names a regular file (never a directory, FIFO, device or socket).
 
     Attributes:
-        prompt: What to generate or how to edit.
+        prompt: What to generate or how to edit; non-empty text.
         model: A canonical model id, one of ``flux_adapters.MODELS``.
-        images: Reference images: URL or data URL strings, paths, bytes, in order.
-        width: Output width in pixels (with ``height``).
-        height: Output height in pixels (with ``width``).
-        size: Output size as ``"WxH"``, for providers that take that form.
-        aspect_ratio: Output aspect ratio as ``"W:H"``; the provider picks the pixel size.
-        seed: Fixed seed for reproducible output.
+        images: Reference images, in order: ``http(s)`` URL or ``data:`` URL strings,
+            ``pathlib.Path`` objects naming regular files, or bytes; at most `MAX_IMAGES`.
+        width: Output width in pixels (with ``height``), 1 to `MAX_SIDE`.
+        height: Output height in pixels (with ``width``), 1 to `MAX_SIDE`.
+        size: Output size as ``"WxH"``, for providers that take that form; each side 1 to
+            `MAX_SIDE`, ASCII digits.
+        aspect_ratio: Output aspect ratio as ``"W:H"``; the provider picks the pixel size. Each
+            term 1 to `MAX_SIDE`.
+        seed: Fixed seed for reproducible output, 0 to `MAX_SEED` (``2**63 - 1``).
         output_format: ``"jpeg"``, ``"png"`` or ``"webp"``.
-        safety_tolerance: Moderation level (0 strictest); the range depends on the provider.
+        safety_tolerance: Moderation level (0 strictest), 0 to `MAX_SAFETY_TOLERANCE`; the
+            range a provider takes is narrower.
         prompt_upsampling: Let the provider rewrite the prompt.
-        steps: Inference steps (FLUX.2 [flex] only).
-        guidance: Guidance scale (FLUX.2 [flex] only).
+        steps: Inference steps (FLUX.2 [flex] only), 1 to `MAX_STEPS`.
+        guidance: Guidance scale (FLUX.2 [flex] only), a finite number from 0 to `MAX_GUIDANCE`.
         allow_conversions: Let an adapter express a setting its provider cannot take exactly in
             the nearest form it can (e.g. a size as an aspect ratio), reporting each conversion
             as a warning on the result. Off by default: such a request is refused.
@@ -343,10 +787,10 @@ class EditRequest:
     allow_conversions: bool = False
 
     def __attrs_post_init__(self) -> None:
-        found = list(_universal_violations(self))
+        found = _universal_violations(self)
         if found:
-            model: object = self.model
-            raise RequestError(found, model=model if isinstance(model, str) else None)
+            model = self.model if _is(self.model, str) and self.model in MODELS else None
+            raise RequestError(found, model=model)
 
     @property
     def dimensions(self) -> tuple[int, int] | None:
@@ -367,68 +811,175 @@ class EditRequest:
         return int(width), int(height)
 
 
-def _universal_violations(request: EditRequest) -> Iterable[Violation]:
-    # Read the fields as plain objects: callers may pass anything, whatever the annotations say.
-    given: dict[str, object] = attrs.asdict(request, recurse=False)
-    prompt = given["prompt"]
-    if not isinstance(prompt, str) or not prompt.strip():
-        yield Violation("prompt", "must be a non-empty string", "non-empty text", repr(prompt))
-    if given["model"] not in MODELS:
-        yield Violation(
-            "model", "is not a known FLUX model id", ", ".join(MODELS), repr(given["model"])
+# Whole-number fields: (low, high) inclusive.
+_WHOLE_NUMBERS: Final = (
+    ("seed", 0, MAX_SEED),
+    ("safety_tolerance", 0, MAX_SAFETY_TOLERANCE),
+    ("steps", 1, MAX_STEPS),
+)
+
+
+def _universal_violations(request: EditRequest) -> list[Violation]:
+    """Every rule that holds at every provider, in field order.
+
+    Fields are read as plain objects (callers may pass anything, whatever the annotations say)
+    and compared only by their real type; a subclass of ``str``, ``int`` or ``float`` is
+    replaced by a plain copy, so no overridden method runs after this point.
+    """
+    found: list[Violation] = []
+    prompt = _text_field(request, "prompt", "non-empty text", found)
+    if prompt is not None and not prompt.strip():
+        found.append(
+            Violation("prompt", "must be non-empty text", "non-empty text", _render(prompt))
         )
-    yield from _image_violations(request.images)
-    yield from _geometry_violations(given)
-    for name, low in (("seed", 0), ("safety_tolerance", 0), ("steps", 1)):
-        value = given[name]
-        if value is not None and not (_is_int(value) and value >= low):  # type: ignore[operator]
-            yield Violation(
-                name, f"must be a whole number of at least {low}", f">= {low}", repr(value)
-            )
-    output_format = given["output_format"]
+    model = _text_field(request, "model", ", ".join(MODELS), found)
+    if model is not None and model not in MODELS:
+        found.append(
+            Violation("model", "is not a known FLUX model id", ", ".join(MODELS), _render(model))
+        )
+    images: Sequence[object] = request.images
+    if images:
+        found += _image_violations(images)
+    _geometry_violations(request, found)
+    for name, low, high in _WHOLE_NUMBERS:
+        _whole_field(request, name, low, high, found)
+    output_format = _text_field(request, "output_format", " / ".join(_OUTPUT_FORMATS), found)
     if output_format is not None and output_format not in _OUTPUT_FORMATS:
-        yield Violation(
-            "output_format",
-            "is not an image format",
-            " / ".join(_OUTPUT_FORMATS),
-            repr(output_format),
+        found.append(
+            Violation(
+                "output_format",
+                "is not an image format",
+                " / ".join(_OUTPUT_FORMATS),
+                _render(output_format),
+            )
         )
     for name in ("prompt_upsampling", "allow_conversions"):
-        value = given[name]
-        if value is not None and not isinstance(value, bool):
-            yield Violation(name, "must be True or False", "a bool", repr(value))
-    guidance = given["guidance"]
-    if guidance is not None and not (
-        isinstance(guidance, int | float)
-        and not isinstance(guidance, bool)
-        and math.isfinite(guidance)
-    ):
-        yield Violation("guidance", "must be a finite number", "a number", repr(guidance))
+        value = getattr(request, name)
+        if value is not None and type(value) is not bool:
+            found.append(Violation(name, "must be True or False", "a bool", _render(value)))
+    _guidance_field(request, found)
+    return found
 
 
-def _image_violations(images: Sequence[object]) -> Iterable[Violation]:
+def _replace(request: EditRequest, name: str, value: object) -> None:
+    # The request is frozen; this runs while it is being built, before anyone else sees it.
+    object.__setattr__(request, name, value)
+
+
+def _text_field(request: EditRequest, name: str, limit: str, found: list[Violation]) -> str | None:
+    """The field as a plain ``str`` without lone surrogates; ``None`` when unset or refused."""
+    value: object = getattr(request, name)
+    if value is None and name != "prompt" and name != "model":
+        return None
+    text = _as_text(value)
+    if text is None:
+        found.append(_not_text(name, value, limit))
+        return None
+    if text is not value:
+        _replace(request, name, text)
+    at = _surrogate_at(text)
+    if at is not None:
+        message, shown = _surrogate_message(text, at)
+        found.append(Violation(name, message, "text in valid Unicode", shown))
+        return None
+    return text
+
+
+def _whole_number(value: object) -> int | None:
+    """*value* as a plain ``int`` when it is one (not a ``bool``); else ``None``."""
+    kind = type(value)
+    if kind is int:
+        return value  # type: ignore[return-value]
+    if kind is bool or not issubclass(kind, int):
+        return None
+    return int.__index__(value)  # type: ignore[arg-type]  # a plain copy of an int subclass
+
+
+def _whole_field(
+    request: EditRequest, name: str, low: int, high: int, found: list[Violation]
+) -> None:
+    value: object = getattr(request, name)
+    if value is None:
+        return
+    number = _whole_number(value)
+    if number is None:
+        found.append(
+            Violation(
+                name,
+                f"must be a whole number (int) from {low} to {high}, not {_type_name(value)}",
+                f"{low}..{high}",
+                _render(value),
+            )
+        )
+    elif not low <= number <= high:
+        found.append(Violation(name, "is out of range", f"{low}..{high}", _render(number)))
+    elif number is not value:
+        _replace(request, name, number)
+
+
+def _guidance_field(request: EditRequest, found: list[Violation]) -> None:
+    value: object = request.guidance
+    if value is None:
+        return
+    number: int | float | None = _whole_number(value)
+    kind = type(value)
+    if number is None and kind is not bool and issubclass(kind, float):
+        number = float.__float__(value)  # type: ignore[arg-type]  # a plain copy of a subclass
+    limit = f"0..{MAX_GUIDANCE:g}"
+    if number is None:
+        found.append(
+            Violation(
+                "guidance",
+                f"must be a number (int or float), not {_type_name(value)}",
+                limit,
+                _render(value),
+            )
+        )
+    # Exact comparisons: NaN and the infinities fail them, and a huge int is compared exactly.
+    elif not 0 <= number <= MAX_GUIDANCE:
+        found.append(
+            Violation("guidance", "must be a finite number in range", limit, _render(number))
+        )
+    elif number is not value:
+        _replace(request, "guidance", number)
+
+
+def _image_violations(images: Sequence[object]) -> list[Violation]:
+    found = []
     for index, image in enumerate(images):
         if isinstance(image, _Unreadable):
-            yield Violation(
-                f"images[{index}]",
-                f"{image.description} {image.problem}",
-                image.limit,
-                image.description,
-            )
+            if image.whole:
+                found.append(Violation("images", image.problem, image.limit, image.description))
+            else:
+                found.append(
+                    Violation(
+                        f"images[{index}]",
+                        f"{image.description} {image.problem}",
+                        image.limit,
+                        image.description,
+                    )
+                )
+    return found
 
 
-def _matches(pattern: re.Pattern[str], value: object) -> bool:
-    match = pattern.fullmatch(value) if isinstance(value, str) else None
-    return match is not None and all(int(part) > 0 for part in match.groups())
+def _parsed_pair(pattern: re.Pattern[str], value: str) -> tuple[int, int] | None:
+    """``(a, b)`` from ``"AxB"`` / ``"A:B"`` when both are whole numbers from 1 to MAX_SIDE."""
+    match = pattern.fullmatch(value)
+    if match is None:
+        return None
+    first, second = int(match[1]), int(match[2])  # at most six ASCII digits each
+    if not (1 <= first <= MAX_SIDE and 1 <= second <= MAX_SIDE):
+        return None
+    return first, second
 
 
-def _geometry_violations(given: dict[str, object]) -> Iterable[Violation]:
-    width, height, size, ratio = (
-        given["width"],
-        given["height"],
-        given["size"],
-        given["aspect_ratio"],
-    )
+def _geometry_violations(request: EditRequest, found: list[Violation]) -> None:
+    width: object = request.width
+    height: object = request.height
+    size: object = request.size
+    ratio: object = request.aspect_ratio
+    if size is None and ratio is None and width is None and height is None:
+        return
     ways = [
         name
         for name, present in (
@@ -439,28 +990,50 @@ def _geometry_violations(given: dict[str, object]) -> Iterable[Violation]:
         if present
     ]
     if len(ways) > 1:
-        yield Violation(
-            "size",
-            "give only one way to set the output size",
-            "one of width/height, size, aspect_ratio",
-            " and ".join(ways),
+        found.append(
+            Violation(
+                "size",
+                "give only one way to set the output size",
+                "one of width/height, size, aspect_ratio",
+                " and ".join(ways),
+            )
         )
+    sides = f"1..{MAX_SIDE}"
     for name, value in (("width", width), ("height", height)):
-        if value is not None and not (_is_int(value) and value > 0):  # type: ignore[operator]
-            yield Violation(name, "must be a positive whole number of pixels", "> 0", repr(value))
+        if value is None:
+            continue
+        number = _whole_number(value)
+        if number is None:
+            found.append(
+                Violation(
+                    name,
+                    f"must be a whole number (int) of pixels, not {_type_name(value)}",
+                    sides,
+                    _render(value),
+                )
+            )
+        elif not 1 <= number <= MAX_SIDE:
+            found.append(Violation(name, "is out of range", sides, _render(number)))
+        elif number is not value:
+            _replace(request, name, number)
     if (width is None) != (height is None):
         missing = "height" if height is None else "width"
-        yield Violation(
-            missing, "width and height go together", "both or neither", f"{missing} missing"
+        found.append(
+            Violation(
+                missing, "width and height go together", "both or neither", f"{missing} missing"
+            )
         )
-    if size is not None and not _matches(_SIZE, size):
-        yield Violation(
-            "size", 'must be written "WxH" with positive whole numbers', '"1024x768"', repr(size)
-        )
-    if ratio is not None and not _matches(_RATIO, ratio):
-        yield Violation(
-            "aspect_ratio",
-            'must be written "W:H" with positive whole numbers',
-            '"16:9"',
-            repr(ratio),
-        )
+    for name, pattern, form, example in (
+        ("size", _SIZE, "WxH", "1024x768"),
+        ("aspect_ratio", _RATIO, "W:H", "16:9"),
+    ):
+        text = _text_field(request, name, f'"{example}"', found)
+        if text is not None and _parsed_pair(pattern, text) is None:
+            found.append(
+                Violation(
+                    name,
+                    f'must be written "{form}" with whole numbers from 1 to {MAX_SIDE}',
+                    f'"{example}"',
+                    _render(text),
+                )
+            )

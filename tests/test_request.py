@@ -84,9 +84,22 @@ def test_a_plain_string_that_is_not_a_url_is_refused_with_a_hint() -> None:
         EditRequest(prompt="x", model="flux-2-pro", images=["robot.png"])
 
 
-def test_a_single_image_instead_of_a_list_is_refused() -> None:
-    with pytest.raises(RequestError, match="images must be a list"):
-        EditRequest(prompt="x", model="flux-2-pro", images="https://example.com/a.png")
+@pytest.mark.parametrize(
+    ("single", "kind"),
+    [
+        ("https://example.com/a.png", "str"),
+        (Path("a.png"), type(Path("a.png")).__name__),
+        (b"\x89PNG", "bytes"),
+    ],
+)
+def test_a_single_image_instead_of_a_list_is_refused(single: object, kind: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        EditRequest(prompt="x", model="flux-2-pro", images=single)  # type: ignore[arg-type]
+    [violation] = caught.value.violations
+    assert violation.field == "images"
+    assert violation.message == (
+        f"must be a list of images, not a single {kind}; wrap it: images=[...]"
+    )
 
 
 def test_size_forms_are_parsed_and_exclusive() -> None:

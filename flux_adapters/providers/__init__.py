@@ -15,7 +15,7 @@ from attrs import frozen
 
 from flux_adapters.errors import ConfigurationError, ProviderError
 from flux_adapters.limits import ModelLimits, Plan
-from flux_adapters.request import EditRequest
+from flux_adapters.request import EditRequest, _render, _type_name
 from flux_adapters.result import ResultImage, Usage
 from flux_adapters.wire import HttpRequest, HttpResponse
 
@@ -79,14 +79,34 @@ def get_adapter(name: str) -> Adapter:
     """Return the adapter registered as *name*.
 
     Raises:
-        ConfigurationError: No provider has that id.
+        ConfigurationError: No provider has that id (or *name* is not a ``str`` at all).
     """
+    given: object = name
+    if type(given) is not str:
+        # By the real type: an unhashable or hostile value never reaches the dict lookups.
+        if not issubclass(type(given), str):
+            raise ConfigurationError(
+                f"a provider id must be a str, not {_type_name(given)} ({_render(given)}); "
+                f"known: {', '.join(PROVIDERS)}"
+            )
+        name = str.__str__(given)  # a plain copy of a str subclass
     adapter = _loaded.get(name)
     if adapter is None:
         target = PROVIDERS.get(name)
         if target is None:
-            raise ConfigurationError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
+            raise ConfigurationError(_unknown_provider(name))
         module_name, class_name = target.split(":")
         adapter = getattr(importlib.import_module(module_name), class_name)()
         _loaded[name] = adapter
     return adapter
+
+
+def _unknown_provider(name: str) -> str:
+    message = f"unknown provider {_render(name)}"
+    if len(name) <= 64:  # difflib is quadratic; a long id resembles nothing anyway
+        import difflib  # lazy: only a mistyped id pays for it
+
+        close = difflib.get_close_matches(name.strip().lower(), PROVIDERS, n=1)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+    return f"{message}; known: {', '.join(PROVIDERS)}"
