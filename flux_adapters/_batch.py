@@ -168,7 +168,7 @@ class _Batch:
             return BatchItem(
                 index=index,
                 name=shown,
-                request=request if isinstance(request, EditRequest) else None,
+                request=request if issubclass(type(request), EditRequest) else None,  # type: ignore[arg-type]
                 status=status,
                 **values,  # type: ignore[arg-type]
             )

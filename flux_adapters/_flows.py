@@ -21,7 +21,7 @@ from flux_adapters.errors import (
 )
 from flux_adapters.limits import Plan, plan
 from flux_adapters.providers import Adapter, Answer, get_adapter
-from flux_adapters.request import EditRequest, _render, _type_name
+from flux_adapters.request import EditRequest, render_value, type_name
 from flux_adapters.wire import HttpRequest, HttpResponse
 
 __all__ = ["Flow", "Outcome", "check", "edit_flow", "resolve"]
@@ -41,9 +41,9 @@ Flow = Generator[HttpRequest, HttpResponse, Outcome]
 def _not_a_request(value: object, provider: str) -> RequestError:
     violation = Violation(
         "request",
-        f"must be an EditRequest, not {_type_name(value)}",
+        f"must be an EditRequest, not {type_name(value)}",
         "an EditRequest",
-        _render(value),
+        render_value(value),
     )
     return RequestError([violation], provider=provider)
 

@@ -60,7 +60,7 @@ from flux_adapters.errors import (
 from flux_adapters.limits import Plan
 from flux_adapters.prices import PerCall, PerMegapixel, Price, estimate
 from flux_adapters.providers import Adapter, get_adapter
-from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage
+from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage, type_name
 from flux_adapters.result import BatchItem, EditResult
 from flux_adapters.routing import (
     Breaker,
@@ -461,11 +461,12 @@ class _ClientBase:
         """Every provider this client may send to, in configured order."""
         return tuple(binding.adapter.name for binding in self._bindings)
 
-    def _start(self, request: object) -> Generator[Instruction, Reply, Routed]:
+    def _start(self, request: EditRequest) -> Generator[Instruction, Reply, Routed]:
         """The router for *request*, once the request and the client are usable."""
-        if not isinstance(request, EditRequest):
+        given: object = request  # callers may pass anything, whatever the annotation says
+        if not issubclass(type(given), EditRequest):  # type() cannot be fooled; isinstance can
             violation = Violation(
-                "request", "must be an EditRequest", "EditRequest(...)", type(request).__name__
+                "request", "must be an EditRequest", "EditRequest(...)", type_name(request)
             )
             raise RequestError([violation])
         if self._http.is_closed:

@@ -25,7 +25,7 @@ from flux_adapters.request import (
     FileImage,
     ImageInput,
     UrlImage,
-    _render,
+    render_value,
 )
 from flux_adapters.result import ConversionWarning
 
@@ -109,14 +109,17 @@ class SizeRule:
         """Yield ``(message, value)`` for each way ``width x height`` breaks the rule."""
         for side, value in (("width", width), ("height", height)):
             if value % self.multiple:
-                yield f"{side} is not a multiple of {self.multiple}", f"{side} {_render(value)}"
+                yield (
+                    f"{side} is not a multiple of {self.multiple}",
+                    f"{side} {render_value(value)}",
+                )
             if value < self.min_side or (self.max_side is not None and value > self.max_side):
-                yield f"{side} is out of range", f"{side} {_render(value)}"
+                yield f"{side} is out of range", f"{side} {render_value(value)}"
         pixels = width * height
         if self.max_pixels is not None and pixels > self.max_pixels:
             yield (
                 "the image has too many pixels",
-                f"{name} {_render(width)}x{_render(height)} = {_megapixels(pixels)}",
+                f"{name} {render_value(width)}x{render_value(height)} = {_megapixels(pixels)}",
             )
 
 
@@ -254,7 +257,7 @@ def image_kind(image: ImageInput) -> ImageKind:
 
 def _ratio_text(width: int, height: int) -> str:
     divisor = math.gcd(width, height) or 1
-    return f"{_render(width // divisor)}:{_render(height // divisor)}"
+    return f"{render_value(width // divisor)}:{render_value(height // divisor)}"
 
 
 def _megapixels(pixels: int) -> str:
@@ -285,7 +288,7 @@ class _Found:
         self.items: list[Violation] = []
 
     def add(self, name: str, message: str, limit: str, value: object) -> None:
-        shown = value if type(value) is str else _render(value)
+        shown = value if type(value) is str else render_value(value)
         self.items.append(Violation(name, message, limit, shown, self.limits.source))
 
 
@@ -447,7 +450,7 @@ def _resolve_dimensions(
             name,
             f"{limits.provider} takes no output size for {limits.model}",
             "no size setting",
-            f"{_render(width)}x{_render(height)}",
+            f"{render_value(width)}x{render_value(height)}",
         )
         return _Geometry()
     ratio_text = _ratio_text(width, height)
@@ -457,7 +460,7 @@ def _resolve_dimensions(
             f"{limits.provider} takes only an aspect ratio for {limits.model}; "
             f'pass aspect_ratio="{ratio_text}" or allow_conversions=True',
             f"aspect ratio {ratio_rule.describe()}",
-            f"{_render(width)}x{_render(height)}",
+            f"{render_value(width)}x{render_value(height)}",
         )
         return _Geometry()
     if not ratio_rule.accepts(width, height):
@@ -465,7 +468,7 @@ def _resolve_dimensions(
         return _Geometry()
     warning = ConversionWarning(
         field=name,
-        requested=f"{_render(width)}x{_render(height)}",
+        requested=f"{render_value(width)}x{render_value(height)}",
         sent=f"aspect_ratio {ratio_text}",
         message=f"{limits.provider} takes only an aspect ratio for {limits.model}; "
         "it picks the pixel size",
@@ -486,7 +489,7 @@ def _resolve_ratio(
     request: EditRequest, ratio: tuple[int, int], limits: ModelLimits, found: _Found
 ) -> _Geometry:
     rule = limits.ratios
-    given = f"{_render(ratio[0])}:{_render(ratio[1])}"
+    given = f"{render_value(ratio[0])}:{render_value(ratio[1])}"
     if rule is not None and rule.accepts(*ratio):
         return _ratio_geometry(rule, _ratio_text(*ratio))
     sizes = limits.sizes
@@ -515,7 +518,7 @@ def _resolve_ratio(
     warning = ConversionWarning(
         field="aspect_ratio",
         requested=given,
-        sent=f"{_render(width)}x{_render(height)}",
+        sent=f"{render_value(width)}x{render_value(height)}",
         message=f"{limits.provider} takes explicit sizes for {limits.model}; "
         f"the nearest size on its grid is {width / height:.3f}:1",
     )

@@ -171,21 +171,25 @@ def _printable(text: str) -> str:
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
-def _type_name(value: object) -> str:
+def type_name(value: object) -> str:
+    """The name of *value*'s type, for messages; never raises, whatever the type does."""
     try:
         return _printable(type(value).__name__)
     except Exception:  # a metaclass may override __getattribute__ on the class itself
         return "object"
 
 
-def _render(value: object) -> str:
-    """*value* rendered for a message: short, printable, and never raising, whatever it is."""
+def render_value(value: object) -> str:
+    """*value* rendered for a message: short, printable, and never raising, whatever it is.
+
+    Shared by every message that shows a caller's value (limits, providers, flows).
+    """
     try:
         text: object = _repr_engine().repr(value)
     except Exception:  # a user __repr__ (or __len__, __iter__ reached by it) may raise anything
         text = None
     if type(text) is not str or not text:
-        return f"<{_type_name(value)} object>"
+        return f"<{type_name(value)} object>"
     return _printable(text)
 
 
@@ -194,7 +198,7 @@ def _describe_exception(error: BaseException) -> str:
         detail = str(error)
     except Exception:
         detail = ""
-    name = _type_name(error)
+    name = type_name(error)
     return _printable(f"{name}: {detail}" if type(detail) is str and detail else name)
 
 
@@ -211,7 +215,7 @@ def _surrogate_at(text: str) -> int | None:
 
 
 def _surrogate_message(text: str, at: int) -> tuple[str, str]:
-    context = _render(text[max(0, at - 20) : at + 20])
+    context = render_value(text[max(0, at - 20) : at + 20])
     return f"contains a lone surrogate at index {at} (invalid UTF-8?)", context
 
 
@@ -240,8 +244,12 @@ def _is(value: object, kinds: type | tuple[type, ...]) -> bool:
 
 def _not_text(name: str, value: object, limit: str) -> Violation:
     if _is(value, (bytes, bytearray, memoryview)):
-        return Violation(name, "must be text, not bytes; decode it first", limit, _render(value))
-    return Violation(name, f"must be text (str), not {_type_name(value)}", limit, _render(value))
+        return Violation(
+            name, "must be text, not bytes; decode it first", limit, render_value(value)
+        )
+    return Violation(
+        name, f"must be text (str), not {type_name(value)}", limit, render_value(value)
+    )
 
 
 # --- Image inputs ---------------------------------------------------------------------------
@@ -383,7 +391,7 @@ def _short_path(text: str) -> str:
         return "..." + text[-(_SHOWN_CHARS - 3) :]
     if text.isprintable():
         return text
-    return _render(text)
+    return render_value(text)
 
 
 def _sniff(head: bytes) -> str | None:
@@ -512,7 +520,7 @@ def _from_path_like(value: object) -> FileImage | _Unreadable:
         raw: object = os.fspath(value)  # type: ignore[call-overload]
     except Exception as error:  # __fspath__ is user code: it may raise or return a non-path
         return _Unreadable(
-            f"<{_type_name(value)} object>",
+            f"<{type_name(value)} object>",
             f"is not a usable path (__fspath__ failed: {_describe_exception(error)})",
             "a path whose __fspath__ returns str",
         )
@@ -525,7 +533,7 @@ def _from_path_like(value: object) -> FileImage | _Unreadable:
         )
     except Exception as error:
         return _Unreadable(
-            f"<{_type_name(value)} object>",
+            f"<{type_name(value)} object>",
             f"is not a usable path ({_describe_exception(error)})",
             "a path whose __fspath__ returns str",
         )
@@ -587,17 +595,17 @@ def _from_text(text: str) -> ImageInput | _Unreadable:
     at = _surrogate_at(text)
     if at is not None:
         message, _ = _surrogate_message(text, at)
-        return _Unreadable(_render(text), message, "text in valid Unicode")
+        return _Unreadable(render_value(text), message, "text in valid Unicode")
     scheme = text[:8].lower()
     if scheme.startswith(("https://", "http://")):
         problem = _url_problem(text)
         if problem is not None:
-            return _Unreadable(_render(text), *problem)
+            return _Unreadable(render_value(text), *problem)
         return UrlImage(text)
     if scheme.startswith("data:"):
         return _from_data_url(text)
     return _Unreadable(
-        _render(text),
+        render_value(text),
         "is neither an http(s) URL nor a data URL (pass a local file as pathlib.Path)",
         "http(s)://..., data:image/...;base64,..., a Path or bytes",
     )
@@ -608,7 +616,7 @@ def _from_bytes(value: object) -> BytesImage | _Unreadable:
         data = value if type(value) is bytes else bytes(memoryview(value))  # type: ignore[arg-type]
     except Exception as error:  # a released memoryview; a buffer that refuses to be read
         return _Unreadable(
-            f"<{_type_name(value)} object>",
+            f"<{type_name(value)} object>",
             f"cannot be read ({_describe_exception(error)})",
             "bytes of an image",
         )
@@ -623,7 +631,7 @@ def _recheck(image: ImageInput) -> ImageInput | _Unreadable:
     Its fields are re-derived from its source (URL, data URL, path or bytes), so a hand-built
     one cannot smuggle in a wrong header or a value of the wrong type.
     """
-    shown = f"<{_type_name(image)} object>"
+    shown = f"<{type_name(image)} object>"
     try:
         if _is(image, UrlImage):
             text = _as_text(image.url)  # type: ignore[union-attr]
@@ -631,7 +639,7 @@ def _recheck(image: ImageInput) -> ImageInput | _Unreadable:
                 return _Unreadable(shown, "has a url that is not text", "a str URL")
             if not text[:8].lower().startswith(("https://", "http://")):
                 return _Unreadable(
-                    _render(text), "is not an http(s) URL", "http://... or https://..."
+                    render_value(text), "is not an http(s) URL", "http://... or https://..."
                 )
             return _from_text(text)
         if _is(image, DataUrlImage):
@@ -662,7 +670,7 @@ def _to_image(value: object) -> ImageInput | _Unreadable:
     if _is(value, os.PathLike):
         return _from_path_like(value)
     return _Unreadable(
-        _render(value), f"is not an image input (a {_type_name(value)})", _IMAGE_LIMIT
+        render_value(value), f"is not an image input (a {type_name(value)})", _IMAGE_LIMIT
     )
 
 
@@ -684,17 +692,17 @@ def _classify(values: object) -> tuple[ImageInput | _Unreadable, ...]:
         return tuple(_to_image(value) for value in values)  # type: ignore[attr-defined]
     if _is(values, _SINGLE_IMAGES) or _is(values, os.PathLike):
         problem = (
-            f"must be a list of images, not a single {_type_name(values)}; wrap it: images=[...]"
+            f"must be a list of images, not a single {type_name(values)}; wrap it: images=[...]"
         )
-        return (_whole(problem, _LIST_LIMIT, _render(values)),)
+        return (_whole(problem, _LIST_LIMIT, render_value(values)),)
     if values is None:
         return (
             _whole("must be a list of images, not None; pass [] for none", _LIST_LIMIT, "None"),
         )
     if _is(values, (Mapping, Set)):
         # A set has no order, and a dict's keys are no images: "image 1" must mean something.
-        problem = f"must be a list of images in order, not a {_type_name(values)}"
-        return (_whole(problem, _LIST_LIMIT, _render(values)),)
+        problem = f"must be a list of images in order, not a {type_name(values)}"
+        return (_whole(problem, _LIST_LIMIT, render_value(values)),)
     return _collect(values)
 
 
@@ -703,8 +711,8 @@ def _collect(values: object) -> tuple[ImageInput | _Unreadable, ...]:
     try:
         iterator: Iterator[object] = iter(values)  # type: ignore[call-overload]
     except Exception:
-        problem = f"must be a list of images, not a {_type_name(values)}"
-        return (_whole(problem, _LIST_LIMIT, _render(values)),)
+        problem = f"must be a list of images, not a {type_name(values)}"
+        return (_whole(problem, _LIST_LIMIT, render_value(values)),)
     images: list[ImageInput | _Unreadable] = []
     while True:
         try:
@@ -713,11 +721,11 @@ def _collect(values: object) -> tuple[ImageInput | _Unreadable, ...]:
             break
         except Exception as error:  # a generator's own code failed
             problem = f"could not be read: iterating it raised {_describe_exception(error)}"
-            images.append(_whole(problem, _LIST_LIMIT, f"<{_type_name(values)} object>"))
+            images.append(_whole(problem, _LIST_LIMIT, f"<{type_name(values)} object>"))
             break
         if len(images) == MAX_IMAGES:
             problem = f"has more than {MAX_IMAGES} images"
-            images.append(_whole(problem, f"at most {MAX_IMAGES}", f"<{_type_name(values)}>"))
+            images.append(_whole(problem, f"at most {MAX_IMAGES}", f"<{type_name(values)}>"))
             break
         images.append(_to_image(value))
     return tuple(images)
@@ -830,12 +838,14 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
     prompt = _text_field(request, "prompt", "non-empty text", found)
     if prompt is not None and not prompt.strip():
         found.append(
-            Violation("prompt", "must be non-empty text", "non-empty text", _render(prompt))
+            Violation("prompt", "must be non-empty text", "non-empty text", render_value(prompt))
         )
     model = _text_field(request, "model", ", ".join(MODELS), found)
     if model is not None and model not in MODELS:
         found.append(
-            Violation("model", "is not a known FLUX model id", ", ".join(MODELS), _render(model))
+            Violation(
+                "model", "is not a known FLUX model id", ", ".join(MODELS), render_value(model)
+            )
         )
     images: Sequence[object] = request.images
     if images:
@@ -850,13 +860,13 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
                 "output_format",
                 "is not an image format",
                 " / ".join(_OUTPUT_FORMATS),
-                _render(output_format),
+                render_value(output_format),
             )
         )
     for name in ("prompt_upsampling", "allow_conversions"):
         value = getattr(request, name)
         if value is not None and type(value) is not bool:
-            found.append(Violation(name, "must be True or False", "a bool", _render(value)))
+            found.append(Violation(name, "must be True or False", "a bool", render_value(value)))
     _guidance_field(request, found)
     return found
 
@@ -906,13 +916,13 @@ def _whole_field(
         found.append(
             Violation(
                 name,
-                f"must be a whole number (int) from {low} to {high}, not {_type_name(value)}",
+                f"must be a whole number (int) from {low} to {high}, not {type_name(value)}",
                 f"{low}..{high}",
-                _render(value),
+                render_value(value),
             )
         )
     elif not low <= number <= high:
-        found.append(Violation(name, "is out of range", f"{low}..{high}", _render(number)))
+        found.append(Violation(name, "is out of range", f"{low}..{high}", render_value(number)))
     elif number is not value:
         _replace(request, name, number)
 
@@ -930,15 +940,15 @@ def _guidance_field(request: EditRequest, found: list[Violation]) -> None:
         found.append(
             Violation(
                 "guidance",
-                f"must be a number (int or float), not {_type_name(value)}",
+                f"must be a number (int or float), not {type_name(value)}",
                 limit,
-                _render(value),
+                render_value(value),
             )
         )
     # Exact comparisons: NaN and the infinities fail them, and a huge int is compared exactly.
     elif not 0 <= number <= MAX_GUIDANCE:
         found.append(
-            Violation("guidance", "must be a finite number in range", limit, _render(number))
+            Violation("guidance", "must be a finite number in range", limit, render_value(number))
         )
     elif number is not value:
         _replace(request, "guidance", number)
@@ -1007,13 +1017,13 @@ def _geometry_violations(request: EditRequest, found: list[Violation]) -> None:
             found.append(
                 Violation(
                     name,
-                    f"must be a whole number (int) of pixels, not {_type_name(value)}",
+                    f"must be a whole number (int) of pixels, not {type_name(value)}",
                     sides,
-                    _render(value),
+                    render_value(value),
                 )
             )
         elif not 1 <= number <= MAX_SIDE:
-            found.append(Violation(name, "is out of range", sides, _render(number)))
+            found.append(Violation(name, "is out of range", sides, render_value(number)))
         elif number is not value:
             _replace(request, name, number)
     if (width is None) != (height is None):
@@ -1034,6 +1044,6 @@ def _geometry_violations(request: EditRequest, found: list[Violation]) -> None:
                     name,
                     f'must be written "{form}" with whole numbers from 1 to {MAX_SIDE}',
                     f'"{example}"',
-                    _render(text),
+                    render_value(text),
                 )
             )

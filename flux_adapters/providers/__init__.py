@@ -15,7 +15,7 @@ from attrs import frozen
 
 from flux_adapters.errors import ConfigurationError, ProviderError
 from flux_adapters.limits import ModelLimits, Plan
-from flux_adapters.request import EditRequest, _render, _type_name
+from flux_adapters.request import EditRequest, render_value, type_name
 from flux_adapters.result import ResultImage, Usage
 from flux_adapters.wire import HttpRequest, HttpResponse
 
@@ -86,7 +86,7 @@ def get_adapter(name: str) -> Adapter:
         # By the real type: an unhashable or hostile value never reaches the dict lookups.
         if not issubclass(type(given), str):
             raise ConfigurationError(
-                f"a provider id must be a str, not {_type_name(given)} ({_render(given)}); "
+                f"a provider id must be a str, not {type_name(given)} ({render_value(given)}); "
                 f"known: {', '.join(PROVIDERS)}"
             )
         name = str.__str__(given)  # a plain copy of a str subclass
@@ -102,7 +102,7 @@ def get_adapter(name: str) -> Adapter:
 
 
 def _unknown_provider(name: str) -> str:
-    message = f"unknown provider {_render(name)}"
+    message = f"unknown provider {render_value(name)}"
     if len(name) <= 64:  # difflib is quadratic; a long id resembles nothing anyway
         import difflib  # lazy: only a mistyped id pays for it
 
