@@ -11,6 +11,7 @@ from collections.abc import Generator
 
 from attrs import frozen
 
+from flux_adapters._display import render_value, type_name
 from flux_adapters._redact import redact
 from flux_adapters.errors import (
     FluxError,
@@ -21,7 +22,7 @@ from flux_adapters.errors import (
 )
 from flux_adapters.limits import Plan, plan
 from flux_adapters.providers import Adapter, Answer, get_adapter
-from flux_adapters.request import EditRequest, render_value, type_name
+from flux_adapters.request import EditRequest
 from flux_adapters.wire import HttpRequest, HttpResponse
 
 __all__ = ["Flow", "Outcome", "check", "edit_flow", "resolve"]

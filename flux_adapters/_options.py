@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from flux_adapters._display import render_value
 from flux_adapters.errors import ConfigurationError
 
 __all__ = [
@@ -99,7 +100,9 @@ def check_base_url(value: object, source: str) -> str:
 def check_seconds(value: object, source: str) -> float:
     """*value* as a positive, finite number of seconds."""
     if not is_number(value) or value <= 0:
-        raise ConfigurationError(f"{source} must be a number of seconds > 0, not {_shown(value)}")
+        raise ConfigurationError(
+            f"{source} must be a number of seconds > 0, not {render_value(value)}"
+        )
     return float(value)
 
 
@@ -113,7 +116,7 @@ def check_timeout(value: object, source: str) -> httpx.Timeout:
         return value
     if not is_number(value):
         raise ConfigurationError(
-            f"{source} must be seconds (a number > 0) or an httpx.Timeout, not {_shown(value)}"
+            f"{source} must be seconds (a number > 0) or an httpx.Timeout, not {render_value(value)}"
         )
     return httpx.Timeout(check_seconds(value, source))
 
@@ -141,14 +144,3 @@ def check_adapter(value: object) -> object:
             f"adapter {type(value).__name__}: name must be a non-empty str and limits a mapping"
         )
     return value
-
-
-def _shown(value: object) -> str:
-    """A short description of a wrong value (its type, and the value when small and simple)."""
-    if isinstance(value, str):
-        return repr(value[:40]) if value.isprintable() else "a str with control characters"
-    if isinstance(value, bool | float) or value is None:
-        return repr(value)
-    if isinstance(value, int):
-        return repr(value) if abs(value) < 10**12 else "a very large int"
-    return type(value).__name__

@@ -31,6 +31,7 @@ import attrs
 import httpx
 
 from flux_adapters._bodies import StreamedJson, json_segments, segments_length
+from flux_adapters._display import type_name
 from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
 from flux_adapters._files import image_format
 from flux_adapters._flows import Flow, Outcome, edit_flow
@@ -60,7 +61,7 @@ from flux_adapters.errors import (
 from flux_adapters.limits import Plan
 from flux_adapters.prices import PerCall, PerMegapixel, Price, estimate
 from flux_adapters.providers import Adapter, get_adapter
-from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage, type_name
+from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage
 from flux_adapters.result import BatchItem, EditResult
 from flux_adapters.routing import (
     Breaker,

@@ -18,15 +18,9 @@ from typing import Final, Literal, TypeAlias
 
 from attrs import field, frozen
 
+from flux_adapters._display import render_value
 from flux_adapters.errors import RequestError, Violation
-from flux_adapters.request import (
-    DataUrlImage,
-    EditRequest,
-    FileImage,
-    ImageInput,
-    UrlImage,
-    render_value,
-)
+from flux_adapters.request import DataUrlImage, EditRequest, FileImage, ImageInput, UrlImage
 from flux_adapters.result import ConversionWarning
 
 __all__ = [

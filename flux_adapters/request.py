@@ -17,7 +17,6 @@ opened again with `FileImage.open`, which refuses anything but a regular file.
 from __future__ import annotations
 
 import binascii
-import functools
 import io
 import os
 import re
@@ -28,10 +27,18 @@ from typing import TYPE_CHECKING, BinaryIO, Final, Literal, TypeAlias
 
 from attrs import field, frozen
 
+from flux_adapters._display import (
+    SHOWN_CHARS,
+    describe_exception,
+    printable,
+    render_value,
+    type_name,
+)
+from flux_adapters._files import image_format
 from flux_adapters.errors import RequestError, Violation
 
 if TYPE_CHECKING:
-    import reprlib
+    pass
 
 __all__ = [
     "MAX_GUIDANCE",
@@ -86,13 +93,11 @@ OutputFormat: TypeAlias = Literal["jpeg", "png", "webp"]
 _OUTPUT_FORMATS: Final = ("jpeg", "png", "webp")
 
 # The three formats any provider here accepts, told apart by their first bytes.
-_SIGNATURES: Final = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
 _MEDIA_TYPES: Final = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Enough decoded bytes to reach a JPEG's frame header even behind large EXIF/ICC blocks.
 _HEADER_BYTES: Final = 2 * 1024 * 1024
 _BASE64_CHUNK: Final = 4 * 256 * 1024
 # Longest rendering of a value in a message: enough to recognise it, never a flood.
-_SHOWN_CHARS: Final = 80
 
 # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer.
 # O_NOCTTY: opening a terminal never makes it ours. Both exist only on POSIX; Windows has no FIFOs.
@@ -107,7 +112,6 @@ _REGULAR_FILE: Final = "a regular image file"
 _PATH: Final = type(Path())  # PosixPath or WindowsPath
 
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
-_NOT_PRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 # Whitespace (Unicode's too) and control characters, which a URL must carry percent-encoded.
 _URL_FORBIDDEN: Final = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 # ASCII digits only, and few of them: int() never sees a 5,000-digit or Arabic-Indic number.
@@ -116,90 +120,6 @@ _RATIO: Final = re.compile(r"([0-9]{1,6}):([0-9]{1,6})", re.ASCII)
 _DATA_URL: Final = re.compile(
     r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII
 )
-
-
-# --- Rendering any value safely -------------------------------------------------------------
-
-
-@functools.cache
-def _repr_engine() -> reprlib.Repr:
-    """A `reprlib.Repr` that bounds depth and width and survives huge ints; built on first use."""
-    import reprlib
-
-    class ShortRepr(reprlib.Repr):
-        def repr_int(self, x: int, level: int) -> str:
-            if type(x) is not int:  # a user class that happens to be called "int"
-                return self.repr_instance(x, level)
-            try:
-                return super().repr_int(x, level)
-            except ValueError:  # over sys.get_int_max_str_digits() digits
-                digits = int(x.bit_length() * 0.30103) + 1
-                return f"<int of about {digits} digits>"
-
-        def repr_str(self, x: str, level: int) -> str:
-            if type(x) is not str:
-                return self.repr_instance(x, level)
-            return super().repr_str(x, level)
-
-        def repr_bytes(self, x: bytes, level: int) -> str:
-            if type(x) is not bytes:
-                return self.repr_instance(x, level)
-            if len(x) <= self.maxstring:
-                return repr(x)
-            return f"{x[: self.maxstring]!r}... ({len(x)} bytes)"
-
-    engine = ShortRepr()
-    engine.maxlevel = 3
-    engine.maxstring = engine.maxother = 60
-    engine.maxlong = 40
-    engine.maxlist = engine.maxtuple = engine.maxset = engine.maxfrozenset = 4
-    engine.maxdeque = engine.maxarray = 4
-    engine.maxdict = 3
-    return engine
-
-
-def _printable(text: str) -> str:
-    """*text* with every non-printable character escaped, cut to a bounded length."""
-    if len(text) > 4 * _SHOWN_CHARS:
-        text = text[: 4 * _SHOWN_CHARS]
-    if _NOT_PRINTABLE.search(text):
-        # Keep printable non-ASCII (an accented letter); escape controls, surrogates and the like.
-        text = "".join(
-            char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-            for char in text
-        )
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
-
-
-def type_name(value: object) -> str:
-    """The name of *value*'s type, for messages; never raises, whatever the type does."""
-    try:
-        return _printable(type(value).__name__)
-    except Exception:  # a metaclass may override __getattribute__ on the class itself
-        return "object"
-
-
-def render_value(value: object) -> str:
-    """*value* rendered for a message: short, printable, and never raising, whatever it is.
-
-    Shared by every message that shows a caller's value (limits, providers, flows).
-    """
-    try:
-        text: object = _repr_engine().repr(value)
-    except Exception:  # a user __repr__ (or __len__, __iter__ reached by it) may raise anything
-        text = None
-    if type(text) is not str or not text:
-        return f"<{type_name(value)} object>"
-    return _printable(text)
-
-
-def _describe_exception(error: BaseException) -> str:
-    try:
-        detail = str(error)
-    except Exception:
-        detail = ""
-    name = type_name(error)
-    return _printable(f"{name}: {detail}" if type(detail) is str and detail else name)
 
 
 def _surrogate_at(text: str) -> int | None:
@@ -292,7 +212,7 @@ class UrlImage:
 
     def describe(self) -> str:
         """A short, human-readable name for messages."""
-        return _printable(self.url)
+        return printable(self.url)
 
 
 @frozen
@@ -387,20 +307,11 @@ def _whole(problem: str, limit: str, shown: str) -> _Unreadable:
 
 def _short_path(text: str) -> str:
     """A path for messages: printable, and its end (the file name) kept when it is long."""
-    if len(text) > _SHOWN_CHARS and text.isprintable():
-        return "..." + text[-(_SHOWN_CHARS - 3) :]
+    if len(text) > SHOWN_CHARS and text.isprintable():
+        return "..." + text[-(SHOWN_CHARS - 3) :]
     if text.isprintable():
         return text
     return render_value(text)
-
-
-def _sniff(head: bytes) -> str | None:
-    for signature, name in _SIGNATURES:
-        if head.startswith(signature):
-            return name
-    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 def _dimensions(stream: BinaryIO) -> tuple[int | None, int | None]:
@@ -419,9 +330,9 @@ def _dimensions(stream: BinaryIO) -> tuple[int | None, int | None]:
 
 
 def _inspect(stream: BinaryIO, byte_size: int) -> ImageInfo:
-    image_format = _sniff(stream.read(16))
-    width, height = _dimensions(stream) if image_format else (None, None)
-    return ImageInfo(format=image_format, width=width, height=height, byte_size=byte_size)
+    found = image_format(stream.read(16))
+    width, height = _dimensions(stream) if found else (None, None)
+    return ImageInfo(format=found, width=width, height=height, byte_size=byte_size)
 
 
 _FILE_KINDS: Final = (
@@ -457,7 +368,7 @@ def _os_problem(error: OSError) -> tuple[str, str]:
         errno.ENXIO: ("is a device or socket that cannot be opened", _REGULAR_FILE),
     }
     fallback = (
-        f"cannot be read ({_printable(error.strerror or type(error).__name__)})",
+        f"cannot be read ({printable(error.strerror or type(error).__name__)})",
         "a readable file",
     )
     return reasons.get(error.errno or 0, fallback)
@@ -521,7 +432,7 @@ def _from_path_like(value: object) -> FileImage | _Unreadable:
     except Exception as error:  # __fspath__ is user code: it may raise or return a non-path
         return _Unreadable(
             f"<{type_name(value)} object>",
-            f"is not a usable path (__fspath__ failed: {_describe_exception(error)})",
+            f"is not a usable path (__fspath__ failed: {describe_exception(error)})",
             "a path whose __fspath__ returns str",
         )
     try:
@@ -534,7 +445,7 @@ def _from_path_like(value: object) -> FileImage | _Unreadable:
     except Exception as error:
         return _Unreadable(
             f"<{type_name(value)} object>",
-            f"is not a usable path ({_describe_exception(error)})",
+            f"is not a usable path ({describe_exception(error)})",
             "a path whose __fspath__ returns str",
         )
     return _from_path(Path(text))
@@ -583,7 +494,7 @@ def _url_problem(url: str) -> tuple[str, str] | None:
         parts = urlsplit(url)
         host, _ = parts.hostname, parts.port  # .port raises ValueError for a bad port
     except ValueError as error:
-        return f"is not a valid URL ({_describe_exception(error)})", "a valid http(s) URL"
+        return f"is not a valid URL ({describe_exception(error)})", "a valid http(s) URL"
     if parts.scheme.lower() not in ("http", "https"):
         return "is not an http(s) URL", "http://... or https://..."
     if not host:
@@ -617,7 +528,7 @@ def _from_bytes(value: object) -> BytesImage | _Unreadable:
     except Exception as error:  # a released memoryview; a buffer that refuses to be read
         return _Unreadable(
             f"<{type_name(value)} object>",
-            f"cannot be read ({_describe_exception(error)})",
+            f"cannot be read ({describe_exception(error)})",
             "bytes of an image",
         )
     if not data:
@@ -654,7 +565,7 @@ def _recheck(image: ImageInput) -> ImageInput | _Unreadable:
             return _from_path_like(path)
         data: object = image.data  # type: ignore[union-attr]
     except Exception as error:  # a subclass's property may raise anything
-        return _Unreadable(shown, f"cannot be read ({_describe_exception(error)})", _IMAGE_LIMIT)
+        return _Unreadable(shown, f"cannot be read ({describe_exception(error)})", _IMAGE_LIMIT)
     if not _is(data, _BYTES_LIKE):
         return _Unreadable(shown, "has data that is not bytes", "bytes")
     return _from_bytes(data)
@@ -720,7 +631,7 @@ def _collect(values: object) -> tuple[ImageInput | _Unreadable, ...]:
         except StopIteration:
             break
         except Exception as error:  # a generator's own code failed
-            problem = f"could not be read: iterating it raised {_describe_exception(error)}"
+            problem = f"could not be read: iterating it raised {describe_exception(error)}"
             images.append(_whole(problem, _LIST_LIMIT, f"<{type_name(values)} object>"))
             break
         if len(images) == MAX_IMAGES:

@@ -13,9 +13,10 @@ from typing import Final, Protocol
 
 from attrs import frozen
 
+from flux_adapters._display import render_value, type_name
 from flux_adapters.errors import ConfigurationError, ProviderError
 from flux_adapters.limits import ModelLimits, Plan
-from flux_adapters.request import EditRequest, render_value, type_name
+from flux_adapters.request import EditRequest
 from flux_adapters.result import ResultImage, Usage
 from flux_adapters.wire import HttpRequest, HttpResponse
 

@@ -1,0 +1,103 @@
+"""Showing a caller's value in a message: short, printable, and never raising.
+
+A careless caller may pass anything: a 5,000-digit int (whose ``str()`` Python refuses), a
+structure nested past the recursion limit, an object whose ``__repr__`` raises, text with
+control characters or lone surrogates. Every message that shows such a value goes through here.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import reprlib
+
+__all__ = ["SHOWN_CHARS", "describe_exception", "printable", "render_value", "type_name"]
+
+SHOWN_CHARS: Final = 80
+"""The longest a value is shown in a message."""
+_NOT_PRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
+
+
+@functools.cache
+def _repr_engine() -> reprlib.Repr:
+    """A `reprlib.Repr` that bounds depth and width and survives huge ints; built on first use."""
+    import reprlib
+
+    class ShortRepr(reprlib.Repr):
+        def repr_int(self, x: int, level: int) -> str:
+            if type(x) is not int:  # a user class that happens to be called "int"
+                return self.repr_instance(x, level)
+            try:
+                return super().repr_int(x, level)
+            except ValueError:  # over sys.get_int_max_str_digits() digits
+                digits = int(x.bit_length() * 0.30103) + 1
+                return f"<int of about {digits} digits>"
+
+        def repr_str(self, x: str, level: int) -> str:
+            if type(x) is not str:
+                return self.repr_instance(x, level)
+            return super().repr_str(x, level)
+
+        def repr_bytes(self, x: bytes, level: int) -> str:
+            if type(x) is not bytes:
+                return self.repr_instance(x, level)
+            if len(x) <= self.maxstring:
+                return repr(x)
+            return f"{x[: self.maxstring]!r}... ({len(x)} bytes)"
+
+    engine = ShortRepr()
+    engine.maxlevel = 3
+    engine.maxstring = engine.maxother = 60
+    engine.maxlong = 40
+    engine.maxlist = engine.maxtuple = engine.maxset = engine.maxfrozenset = 4
+    engine.maxdeque = engine.maxarray = 4
+    engine.maxdict = 3
+    return engine
+
+
+def printable(text: str) -> str:
+    """*text* with every non-printable character escaped, cut to a bounded length."""
+    if len(text) > 4 * SHOWN_CHARS:
+        text = text[: 4 * SHOWN_CHARS]
+    if _NOT_PRINTABLE.search(text):
+        # Keep printable non-ASCII (an accented letter); escape controls, surrogates and the like.
+        text = "".join(
+            char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+            for char in text
+        )
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+def type_name(value: object) -> str:
+    """The name of *value*'s type, for messages; never raises, whatever the type does."""
+    try:
+        return printable(type(value).__name__)
+    except Exception:  # a metaclass may override __getattribute__ on the class itself
+        return "object"
+
+
+def render_value(value: object) -> str:
+    """*value* rendered for a message: short, printable, and never raising, whatever it is.
+
+    Shared by every message that shows a caller's value (limits, providers, flows).
+    """
+    try:
+        text: object = _repr_engine().repr(value)
+    except Exception:  # a user __repr__ (or __len__, __iter__ reached by it) may raise anything
+        text = None
+    if type(text) is not str or not text:
+        return f"<{type_name(value)} object>"
+    return printable(text)
+
+
+def describe_exception(error: BaseException) -> str:
+    """``Type: message`` for *error*, short and printable, never raising."""
+    try:
+        detail = str(error)
+    except Exception:
+        detail = ""
+    name = type_name(error)
+    return printable(f"{name}: {detail}" if type(detail) is str and detail else name)
