@@ -110,7 +110,7 @@ ROWS = [
     Row("ttl negative inf", ("emulate", "--ttl=-inf"), 2, "--ttl"),
     Row("fault unknown part", ("emulate", "--fault", "laozhang:teapot"), 2, "teapot"),
     Row("fault unknown provider", ("emulate", "--fault", "mars:503"), 2, "mars"),
-    Row("fault NaN delay", ("emulate", "--fault", "apiyi:delay=nan"), 2, "seconds go from 0"),
+    Row("fault NaN delay", ("emulate", "--fault", "apiyi:delay=nan"), 2, "delay must be at least 0"),
     Row("record flag without record", ("conformance", "--emulator"), 2, "go with --record"),
     # Input files: never opened unless they are regular files.
     Row("image missing", ("edit", "p", "-i", "missing.png"), 2, "missing.png: no such file"),
