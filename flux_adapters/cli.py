@@ -1,14 +1,24 @@
-"""The ``flux-adapters`` command: edit, models, explain, emulate.
+"""The ``flux-adapters`` command: edit, batch, models, explain, emulate, conformance.
 
-Exit status, for scripts:
+Every failure ends with one line on standard error and one of these exit statuses, never a
+traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its traceback):
 
-    0  success (for batch: every request saved or already saved)
-    1  unexpected failure
-    2  bad arguments or a request the provider's limits refuse (nothing was sent)
-    3  the provider answered with an error (for batch: at least one request failed)
-    4  no usable answer: connection failed or timed out
-    5  configuration: unknown provider, no API key, a missing optional dependency
-    6  the result URL expired before it was downloaded
+    0    success (batch: every request saved or already saved)
+    1    unexpected failure (a bug, or standard output cannot be written, e.g. a full disk)
+    2    bad arguments, an unusable input file, or a request the limits refuse (nothing sent)
+    3    the provider answered with an error (batch: at least one request failed)
+    4    no usable answer: connection failed or timed out
+    5    configuration: unknown provider, no API key, missing optional dependency, busy port
+    6    the result URL expired before it was downloaded
+    7    an output path cannot be written (checked before anything is sent; when saving
+         fails after a paid call, the image is saved elsewhere and the message says where)
+    8    batch: some requests are unconfirmed (they may have been billed) and were not sent
+         again; rerun with --resend-unconfirmed to send them
+    130  interrupted (Ctrl-C)
+    141  standard output was closed by its reader before everything was written, as in
+         "flux-adapters models | head -1" (the shell's status for a broken pipe)
+
+When every provider of a failover list failed, the status is that of the last failure.
 """
 
 from __future__ import annotations
@@ -16,35 +26,160 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
+import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from flux_adapters import errors
-from flux_adapters.providers import PROVIDERS
-from flux_adapters.request import MODELS
 
 if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
+    from flux_adapters.emulator import Fault
     from flux_adapters.request import EditRequest
-    from flux_adapters.result import BatchItem
+    from flux_adapters.result import BatchItem, ResultImage
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_REQUEST, EXIT_PROVIDER, EXIT_TRANSPORT, EXIT_CONFIG, EXIT_EXPIRED = (
     range(7)
 )
-EXIT_OUTPUT, EXIT_UNCONFIRMED, EXIT_INTERRUPTED = 7, 8, 130
+EXIT_OUTPUT, EXIT_UNCONFIRMED, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 7, 8, 130, 141
+
+MAX_CONCURRENCY = 1000
+MAX_SECONDS = 86400.0
+"""The most seconds any option takes: a day (a socket timeout of 1e12 s overflows time_t)."""
+DEFAULT_OUTPUT = Path("out")
+
+
+class _UsageError(Exception):
+    """Bad arguments or an unusable input file: one line, exit status 2, nothing sent."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with each error as one line (no usage block) that `main` writes and maps to 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        # argparse's own ignores a failed write: `--help | head -1` must end like `models | head -1`.
+        (file or sys.stdout).write(self.format_help())
+
+
+# Argument types: argparse shows an ArgumentTypeError's text as "argument --flag: <text>".
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _seconds(*, zero: bool = False) -> Callable[[str], float]:
+    lowest = "from 0" if zero else "above 0"
+
+    def parse(text: str) -> float:
+        value = _number(text)
+        if value < 0 or (value == 0 and not zero) or value > MAX_SECONDS:
+            raise argparse.ArgumentTypeError(
+                f"must be seconds {lowest} to {MAX_SECONDS:.0f}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _http_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r}")
+    return text
+
+
+def _input_file(text: str) -> Path:
+    """An existing regular file, checked with ``stat`` so a FIFO or a device is never opened."""
+    try:
+        mode = os.stat(text).st_mode
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{text}: no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise argparse.ArgumentTypeError(f"{text}: {_reason(exc)}") from None
+    if not stat.S_ISREG(mode):
+        from flux_adapters._files import _kind
+
+        raise argparse.ArgumentTypeError(f"{text}: {_kind(mode)}")
+    return Path(text)
+
+
+_URL_PREFIXES = ("http://", "https://", "data:")
+
+
+def _image(text: str) -> str | Path:
+    return text if text.startswith(_URL_PREFIXES) else _input_file(text)
+
+
+def _folder(text: str) -> Path:
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+    return Path(text)
+
+
+def _adapter_name(text: str) -> str:
+    module, _, name = text.partition(":")
+    if not module or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"not module:Class: {text!r}")
+    return text
+
+
+def _fault(text: str) -> tuple[str, Fault]:
+    from flux_adapters.emulator import PROVIDER_PREFIXES, Fault  # light: no server imports
+
+    provider, _, spec = text.partition(":")
+    if provider not in PROVIDER_PREFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown provider {provider!r}")
+    try:
+        return provider, Fault.parse(spec)  # which also checks each value
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    from flux_adapters.request import MODELS
+
     parser.add_argument("prompt", help="what to generate, or how to edit the images")
     parser.add_argument(
-        "-i", "--image", action="append", default=[], metavar="PATH_OR_URL",
+        "-i", "--image", action="append", default=[], metavar="PATH_OR_URL", type=_image,
         help="a reference image (repeat, in order: image 1, image 2, ...); a path, http(s) URL or data URL",
     )  # fmt: skip
     parser.add_argument(
@@ -59,7 +194,7 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="output_format", choices=("jpeg", "png", "webp"))
     parser.add_argument("--safety-tolerance", type=int)
     parser.add_argument("--steps", type=int, help="inference steps (flux-2-flex)")
-    parser.add_argument("--guidance", type=float, help="guidance (flux-2-flex)")
+    parser.add_argument("--guidance", type=_number, help="guidance (flux-2-flex)")
     parser.add_argument("--prompt-upsampling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
         "--allow-conversions", action="store_true",
@@ -68,11 +203,13 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from flux_adapters.providers import PROVIDERS
+
+    parser = _Parser(
         prog="flux-adapters",
         description="Edit and generate images with FLUX models through API resellers.",
-        epilog="Exit status: 0 ok, 2 request refused before sending, 3 provider error, "
-        "4 network or timeout, 5 configuration, 6 result expired, 1 anything else.",
+        epilog=(__doc__ or "").partition("\n\n")[2] or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -82,12 +219,18 @@ def _parser() -> argparse.ArgumentParser:
         "-p", "--provider", choices=list(PROVIDERS), help="default: first of $FLUX_PROVIDERS"
     )
     edit.add_argument(
-        "--base-url", help="the provider's base URL (default: $<PROVIDER>_BASE_URL or the real one)"
+        "--base-url",
+        type=_http_url,
+        help="with --provider: its base URL (default: $<PROVIDER>_BASE_URL or the real one)",
     )
     edit.add_argument(
         "-o", "--output", type=Path, help="where to save (default: out/<provider>-<time>.<format>)"
     )
-    edit.add_argument("--timeout", type=float, help="seconds to wait for the image (default 300)")
+    edit.add_argument(
+        "--timeout",
+        type=_seconds(),
+        help="with --provider: seconds to wait for the image (default 300)",
+    )
 
     commands.add_parser("models", help="the providers x models table, with limits and prices")
 
@@ -100,12 +243,18 @@ def _parser() -> argparse.ArgumentParser:
         "to speak a known dialect), or against the bundled --emulator.",
     )
     conformance.add_argument(
-        "-p", "--provider", action="append", help="a provider id (repeat; default: all four)"
+        "-p",
+        "--provider",
+        action="append",
+        choices=list(PROVIDERS),
+        help="a provider id (repeat; default: all four)",
     )
-    conformance.add_argument("--adapter", help="an adapter of another package, as module:Class")
+    conformance.add_argument(
+        "--adapter", type=_adapter_name, help="an adapter of another package, as module:Class"
+    )
     conformance.add_argument(
         "--cassettes",
-        type=Path,
+        type=_folder,
         default=Path("cassettes"),
         help="folder with <provider>/<scenario>.yaml (default: cassettes)",
     )
@@ -121,7 +270,9 @@ def _parser() -> argparse.ArgumentParser:
         help="record the cassettes again (may cost money; asks first)",
     )
     target = conformance.add_mutually_exclusive_group()
-    target.add_argument("--base-url", help="with --record: record against this base URL")
+    target.add_argument(
+        "--base-url", type=_http_url, help="with --record: record against this base URL"
+    )
     target.add_argument(
         "--emulator", action="store_true", help="with --record: record against the bundled emulator"
     )
@@ -144,9 +295,9 @@ def _parser() -> argparse.ArgumentParser:
         "can be run again: saved jobs are skipped, and jobs that may have been billed are reported "
         "'unconfirmed' and not sent again unless --resend-unconfirmed.",
     )
-    batch.add_argument("file", type=Path, help="the JSONL file of requests")
+    batch.add_argument("file", type=_input_file, help="the JSONL file of requests")
     batch.add_argument(
-        "-o", "--output", type=Path, default=Path("out"), help="output folder (default: out)"
+        "-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="output folder (default: out)"
     )
     batch.add_argument(
         "--report", type=Path, help="JSONL report to append to (default: <output>/report.jsonl)"
@@ -158,9 +309,17 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(PROVIDERS),
         help="provider(s), in failover order",
     )
-    batch.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     batch.add_argument(
-        "--per-provider", type=int, default=4, help="requests in flight per provider (default 4)"
+        "--concurrency",
+        type=_whole(1, MAX_CONCURRENCY),
+        default=8,
+        help=f"requests in flight, 1 to {MAX_CONCURRENCY} (default 8)",
+    )
+    batch.add_argument(
+        "--per-provider",
+        type=_whole(1, MAX_CONCURRENCY),
+        default=4,
+        help=f"requests in flight per provider, 1 to {MAX_CONCURRENCY} (default 4)",
     )
     batch.add_argument(
         "--resend-unconfirmed",
@@ -174,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--grace",
-        type=float,
+        type=_seconds(zero=True),
         default=30.0,
         help="after Ctrl-C, seconds to let jobs in flight finish and save (default 30)",
     )
@@ -190,13 +349,15 @@ def _parser() -> argparse.ArgumentParser:
     emulate = commands.add_parser(
         "emulate", help="run the provider emulator on 127.0.0.1 in the foreground"
     )
-    emulate.add_argument("--port", type=int, default=8000)
+    emulate.add_argument(
+        "--port", type=_whole(0, 65535), default=8000, help="default 8000; 0: any free port"
+    )
     emulate.add_argument("--host", default="127.0.0.1")
     emulate.add_argument(
-        "--ttl", type=float, default=600.0, help="seconds result URLs stay valid (default 600)"
+        "--ttl", type=_seconds(), default=600.0, help="seconds result URLs stay valid (default 600)"
     )
     emulate.add_argument(
-        "--fault", action="append", default=[], metavar="PROVIDER:SPEC",
+        "--fault", action="append", default=[], metavar="PROVIDER:SPEC", type=_fault,
         help="inject a fault, e.g. laozhang:429,retry-after=2,first=1  apiyi:drop  aimlapi:503,delay=2 "
         "(parts: a status, retry-after=S, delay=S, drop, malformed, empty, moderation, first=N)",
     )  # fmt: skip
@@ -209,11 +370,50 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, NotADirectoryError):
+        return "a part of the path is a file, not a directory"
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _check_folder(folder: Path, *, named: Path | None = None) -> None:
+    """Refuse, before anything is sent, a folder that is not one or cannot be created in.
+
+    Nothing is created. The error names *named* (the file to go in the folder), else *folder*.
+    """
+    shown = str(named or folder)
+    existing = folder
+    while True:
+        try:
+            mode = existing.stat().st_mode
+        except FileNotFoundError:
+            if existing.parent == existing:
+                raise errors.OutputError(f"no folder {folder}", path=shown) from None
+            existing = existing.parent
+            continue
+        except (OSError, ValueError) as exc:  # ENOTDIR: a part of the path is a file
+            raise errors.OutputError(_reason(exc), path=shown) from None
+        break
+    if not stat.S_ISDIR(mode):
+        raise errors.OutputError(f"{existing} is not a directory", path=shown)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise errors.OutputError(f"no permission to write in {existing}", path=shown)
+
+
+def _check_output_file(path: Path) -> None:
+    """Refuse, before anything is sent, a path that cannot become a regular file.
+
+    Its folder may be missing (it is created when the image is saved) but must be creatable.
+    """
+    from flux_adapters._files import check_target
+
+    _check_folder(path.parent, named=path)
+    if path.parent.is_dir():
+        check_target(path)
+
+
 def _images(values: Sequence[str]) -> list[str | Path]:
-    return [
-        value if value.startswith(("http://", "https://", "data:")) else Path(value)
-        for value in values
-    ]
+    return [value if value.startswith(_URL_PREFIXES) else Path(value) for value in values]
 
 
 def _request(arguments: argparse.Namespace) -> EditRequest:
@@ -222,7 +422,7 @@ def _request(arguments: argparse.Namespace) -> EditRequest:
     return EditRequest(
         prompt=arguments.prompt,
         model=arguments.model,
-        images=_images(arguments.image),
+        images=arguments.image,
         width=arguments.width,
         height=arguments.height,
         size=arguments.size,
@@ -237,10 +437,17 @@ def _request(arguments: argparse.Namespace) -> EditRequest:
     )
 
 
+def _is_terminal(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):  # closed
+        return False
+
+
 @contextmanager
 def _waiting(message: str, stream: TextIO) -> Iterator[None]:
     """Show that we are waiting (with elapsed time) while the provider generates."""
-    if stream.isatty():
+    if _is_terminal(stream):
         try:
             from rich.console import Console  # the `cli` extra: a live spinner
         except ImportError:
@@ -256,8 +463,11 @@ def _waiting(message: str, stream: TextIO) -> Iterator[None]:
     def tick() -> None:
         started = time.monotonic()
         while not done.wait(5.0):
-            stream.write(f"  still waiting ({time.monotonic() - started:.0f} s)\n")
-            stream.flush()
+            try:
+                stream.write(f"  still waiting ({time.monotonic() - started:.0f} s)\n")
+                stream.flush()
+            except (OSError, ValueError):  # the reader of stderr is gone: keep waiting quietly
+                return
 
     ticker = threading.Thread(target=tick, daemon=True)
     ticker.start()
@@ -268,10 +478,65 @@ def _waiting(message: str, stream: TextIO) -> Iterator[None]:
         ticker.join()
 
 
-def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from flux_adapters.client import FluxClient, image_extension
+def _save_into(image: ResultImage, folder: Path, name: str | None, stem: str) -> Path:
+    """Save *image* in *folder* (created if missing) as *name*, or as *stem* plus its format."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as exc:
+        raise errors.OutputError(_reason(exc), path=str(folder)) from None
+    if name is not None:
+        return image.save(folder / name)
+    return image.save(folder / stem, add_suffix=True)
 
+
+def _save(image: ResultImage, target: Path | None, stem: str, err: TextIO) -> tuple[str, int]:
+    """Save one paid-for image and never lose it quietly: its line for ``saved:``, and a status.
+
+    *target* is the path asked for (None: ``out/<stem>.<format>``). If it cannot be written, the
+    image goes to out/ or the temporary folder instead; if that fails too, or the download
+    fails, the message gives the address it can still be downloaded from for a few minutes.
+    """
+    folder, name = (target.parent, target.name) if target else (DEFAULT_OUTPUT, None)
+    try:
+        return str(_save_into(image, folder, name, stem)), EXIT_OK
+    except errors.OutputError as error:
+        problem = f"flux-adapters: OutputError: {error}"
+    except errors.FluxError as error:
+        problem, where = f"flux-adapters: {type(error).__name__}: {_one_line(error)}", ""
+        if image.url is not None and not isinstance(error, errors.ResultExpired):
+            where = f"; download it within 10 minutes from {image.url}"
+        _say(err, problem + where)
+        return "", _exit_code(error)
+    for fallback in (DEFAULT_OUTPUT, Path(tempfile.gettempdir())):
+        if os.path.abspath(fallback) == os.path.abspath(folder):
+            continue
+        try:
+            saved = _save_into(image, fallback, None, stem)
+        except errors.OutputError:
+            continue
+        except errors.FluxError:  # the download failed this time: only the address is left
+            break
+        _say(err, f"{problem}; saved in {saved} instead")
+        return f"{saved} (instead of {target or folder})", EXIT_OUTPUT
+    where = f"download it within 10 minutes from {image.url}" if image.url else "nowhere to save it"
+    _say(err, f"{problem}; {where}")
+    return "", EXIT_OUTPUT
+
+
+def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from flux_adapters.client import FluxClient
+
+    if not arguments.provider and (arguments.base_url or arguments.timeout):
+        raise _UsageError(
+            "flux-adapters edit: error: --base-url and --timeout go with --provider "
+            "(for a failover list, set them in flux-adapters.toml or the environment)"
+        )
     request = _request(arguments)
+    output: Path | None = arguments.output
+    if output is not None:
+        _check_output_file(output)
+    else:
+        _check_folder(DEFAULT_OUTPUT)
     started = time.perf_counter()
     if arguments.provider:
         client = FluxClient(
@@ -279,30 +544,21 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     else:  # the configured provider or failover list: flux-adapters.toml and $FLUX_PROVIDERS
         client = FluxClient.from_env()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    saved: list[str] = []
+    code = EXIT_OK
     with client:
         references = f" with {len(request.images)} reference image(s)" if request.images else ""
         with _waiting(
             f"{', '.join(client.providers)}: generating {request.model}{references} ...", err
         ):
             result = client.edit(request)
-        saved = []
         for index, image in enumerate(result.images):
-            if arguments.output is not None:
-                target = arguments.output
-                if len(result.images) > 1:
-                    target = target.with_name(f"{target.stem}-{index + 1}{target.suffix}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                image.save(target)
-            else:
-                data = image.read()
-                stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-                suffix = f"-{index + 1}" if len(result.images) > 1 else ""
-                target = (
-                    Path("out") / f"{result.provider}-{stamp}{suffix}.{image_extension(data[:16])}"
-                )
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-            saved.append(target)
+            suffix = f"-{index + 1}" if len(result.images) > 1 else ""
+            target = output.with_name(f"{output.stem}{suffix}{output.suffix}") if output else None
+            place, status = _save(image, target, f"{result.provider}-{stamp}{suffix}", err)
+            saved += [place] if place else []
+            code = code or status  # the first failure decides
     elapsed = time.perf_counter() - started
     cost = (
         f"${result.cost_usd:.3f} (estimate from the price table)"
@@ -319,9 +575,9 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     )
     for warning in result.warnings:
         out.write(f"warning:  {warning}\n")
-    for target in saved:
-        out.write(f"saved:    {target}\n")
-    return EXIT_OK
+    for place in saved:
+        out.write(f"saved:    {place}\n")
+    return code
 
 
 _BATCH_FIELDS = {
@@ -564,18 +820,28 @@ def _progress(total: int, stream: TextIO) -> Iterator[Callable[[str], None]]:
 
 def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import importlib
-    import os
 
     from flux_adapters.conformance.runner import paid_calls, record, run_scenario, write_report
     from flux_adapters.conformance.scenarios import SCENARIOS
-    from flux_adapters.providers import Adapter, get_adapter
+    from flux_adapters.providers import PROVIDERS, Adapter, get_adapter
 
+    if not arguments.record and (arguments.base_url or arguments.emulator or arguments.key_env):
+        raise _UsageError(
+            "flux-adapters conformance: error: --base-url, --emulator and --key-env go with --record"
+        )
+    _check_folder(arguments.report_dir)
+    if arguments.record:
+        _check_folder(arguments.cassettes)
     adapters: list[Adapter] = [
         get_adapter(name) for name in arguments.provider or ([] if arguments.adapter else PROVIDERS)
     ]
     if arguments.adapter:
         module, _, name = arguments.adapter.partition(":")
-        adapters.append(getattr(importlib.import_module(module), name)())
+        try:
+            adapter_class = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise errors.ConfigurationError(f"--adapter {arguments.adapter}: {exc}") from None
+        adapters.append(adapter_class())
     if arguments.record:
         for adapter in adapters:
             key = (
@@ -599,9 +865,10 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
             if billed and not arguments.emulator and not arguments.yes:
                 out.write("continue? [y/N] ")
                 out.flush()
-                answer = sys.stdin.readline().strip().lower() if sys.stdin.isatty() else ""
+                # Only a person at a terminal can say yes: a closed or redirected stdin is a no.
+                answer = sys.stdin.readline().strip().lower() if _is_terminal(sys.stdin) else ""
                 if answer not in ("y", "yes"):
-                    err.write("flux-adapters: not recorded (answer y, or pass --yes)\n")
+                    _say(err, "flux-adapters: not recorded (answer y at a terminal, or pass --yes)")
                     return EXIT_CONFIG
             record(
                 adapter,
@@ -625,7 +892,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
 def _models(out: TextIO) -> int:
     from flux_adapters._tables import limits_table
     from flux_adapters.prices import price_for
-    from flux_adapters.providers import get_adapter
+    from flux_adapters.providers import PROVIDERS, get_adapter
 
     for provider in PROVIDERS:
         out.write(f"\n{provider}\n\n{limits_table(provider)}\n\nprices: ")
@@ -642,7 +909,7 @@ def _models(out: TextIO) -> int:
 def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
     from flux_adapters._explain import render
     from flux_adapters._flows import resolve
-    from flux_adapters.providers import get_adapter
+    from flux_adapters.providers import PROVIDERS, get_adapter
 
     request = _request(arguments)
     refused = 0
@@ -665,36 +932,54 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
 
 
 def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
-    from flux_adapters.emulator import PROVIDER_PREFIXES, Fault, serve
+    from flux_adapters.emulator import PROVIDER_PREFIXES, serve
 
     faults: dict[str, list[Fault]] = {}
-    for text in arguments.fault:
-        provider, _, spec = text.partition(":")
-        if provider not in PROVIDER_PREFIXES:
-            raise errors.ConfigurationError(f"--fault {text!r}: unknown provider {provider!r}")
-        try:
-            faults.setdefault(provider, []).append(Fault.parse(spec))
-        except ValueError as exc:
-            raise errors.ConfigurationError(f"--fault {text!r}: {exc}") from None
-    root = f"http://{arguments.host}:{arguments.port}"
-    out.write(f"flux-adapters emulator on {root} (Ctrl-C to stop); base URLs:\n")
-    for provider, prefix in PROVIDER_PREFIXES.items():
-        out.write(f"  {provider:<16} {root}/{prefix}/v1\n")
-    out.write(
-        "any non-empty API key is accepted\n"
-        if not arguments.key
-        else "only the given API keys are accepted\n"
-    )
-    out.flush()
-    serve(
-        host=arguments.host,
-        port=arguments.port,
-        ttl=arguments.ttl,
-        valid_keys=arguments.key,
-        bad_keys=arguments.bad_key,
-        faults=faults,
-    )
+    for provider, fault in arguments.fault:
+        faults.setdefault(provider, []).append(fault)
+    listening = False
+
+    def banner(root: str) -> None:
+        nonlocal listening
+        listening = True
+        out.write(f"flux-adapters emulator on {root} (Ctrl-C to stop); base URLs:\n")
+        for provider, prefix in PROVIDER_PREFIXES.items():
+            out.write(f"  {provider:<16} {root}/{prefix}/v1\n")
+        out.write(
+            "any non-empty API key is accepted\n"
+            if not arguments.key
+            else "only the given API keys are accepted\n"
+        )
+        out.flush()
+
+    # uvicorn stops on Ctrl-C, then raises the signal again once its loop is done; asyncio.run's
+    # own handler would then only cancel the finished task and the command would end with 0.
+    # With a handler of our own installed, Ctrl-C ends as everywhere else: KeyboardInterrupt, 130.
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    try:
+        serve(
+            host=arguments.host,
+            port=arguments.port,
+            ttl=arguments.ttl,
+            valid_keys=arguments.key,
+            bad_keys=arguments.bad_key,
+            faults=faults,
+            on_ready=banner,
+        )
+    except OSError as exc:
+        if listening:
+            raise
+        # Bound before the banner: a busy port, a privileged one, or an address not on this host.
+        raise errors.ConfigurationError(
+            f"cannot listen on {arguments.host}:{arguments.port}: {_reason(exc)}"
+        ) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return EXIT_OK
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
@@ -707,13 +992,85 @@ _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
     (errors.FluxError, EXIT_FAILED),
 )
 
+# The optional extra that provides each module a command may import.
+_EXTRA_FOR = {
+    "uvicorn": "emulator",
+    "starlette": "emulator",
+    "PIL": "emulator",
+    "multipart": "emulator",
+    "python_multipart": "emulator",
+    "rich": "cli",
+    "vcr": "conformance",
+    "yaml": "conformance",
+    "pytest": "conformance",
+}
 
-def main(
-    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
-) -> int:
-    """Run the command with *argv* (default: ``sys.argv[1:]``) and return its exit status."""
-    out, err = out or sys.stdout, err or sys.stderr
-    arguments = _parser().parse_args(argv)
+
+def _exit_code(error: errors.FluxError) -> int:
+    if isinstance(error, errors.AllProvidersFailed):
+        # Every provider failed: the last failure says best what to do (all skipped: refused).
+        failures = [attempt.error for attempt in error.attempts if attempt.error is not None]
+        return _exit_code(failures[-1]) if failures else EXIT_REQUEST
+    return next(code for kind, code in _EXIT_FOR if isinstance(error, kind))
+
+
+def _one_line(error: BaseException, limit: int = 2000) -> str:
+    if isinstance(error, errors.RequestError):
+        text = str(error).partition("\n")[0] + " " + "; ".join(map(str, error.violations))
+    else:
+        text = str(error)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _say(stream: TextIO, line: str) -> None:
+    """Write *line*; a closed or broken stream must not turn a message into a traceback."""
+    with contextlib.suppress(OSError, ValueError):
+        stream.write(line + "\n")
+        stream.flush()
+
+
+def _reopen_closed_standard_streams() -> None:
+    """Give a command started with stdin, stdout or stderr closed (``>&-``) /dev/null instead.
+
+    Python leaves ``sys.stdout`` None then, and the first file the command opened would take
+    descriptor 1 and receive whatever is printed.
+    """
+    for descriptor, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != descriptor:
+                os.dup2(null, descriptor)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(descriptor, mode, closefd=False))  # noqa: SIM115
+
+
+def _quiet_failed_streams(*streams: TextIO) -> None:
+    """Point a stream that cannot be flushed (reader gone, disk full) at /dev/null.
+
+    Otherwise the interpreter's own flush at exit prints "Exception ignored ... BrokenPipeError".
+    """
+    for stream in {id(stream): stream for stream in streams}.values():
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, stream.fileno())
+                os.close(null)
+
+
+def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
+    try:
+        arguments = _parser().parse_args(argv)
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else EXIT_OK
+    if arguments.command == "batch":  # then _batch checks every line, also before sending
+        _check_folder(arguments.output)
+        _check_output_file(arguments.report or arguments.output / "report.jsonl")
     commands: dict[str, Callable[[], int]] = {
         "edit": lambda: _edit(arguments, out, err),
         "conformance": lambda: _conformance(arguments, out, err),
@@ -722,18 +1079,47 @@ def main(
         "explain": lambda: _explain(arguments, out),
         "emulate": lambda: _emulate(arguments, out),
     }
+    return commands[arguments.command]()
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run the command with *argv* (default: ``sys.argv[1:]``) and return its exit status.
+
+    Every failure is one line on *err* and a documented status (see the module docstring).
+    """
+    _reopen_closed_standard_streams()
+    out, err = out or sys.stdout, err or sys.stderr
     try:
-        return commands[arguments.command]()
+        code = _run(argv, out, err)
+        out.flush()
     except KeyboardInterrupt:
-        return 130
-    except ModuleNotFoundError as exc:
-        err.write(
-            f"flux-adapters: {exc.name} is not installed; try: pip install 'flux-adapters[emulator,cli]'\n"
-        )
-        return EXIT_CONFIG
+        _say(err, "flux-adapters: interrupted")
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of our output is gone (`| head`): nobody to tell
+        code = EXIT_BROKEN_PIPE
+    except _UsageError as error:
+        _say(err, str(error))
+        code = EXIT_REQUEST
     except errors.FluxError as error:
-        err.write(f"flux-adapters: {type(error).__name__}: {error}\n")
-        return next(code for kind, code in _EXIT_FOR if isinstance(error, kind))
+        _say(err, f"flux-adapters: {type(error).__name__}: {_one_line(error)}")
+        code = _exit_code(error)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_FOR.get((exc.name or "").partition(".")[0])
+        hint = f"pip install 'flux-adapters[{extra}]'" if extra else "reinstall flux-adapters"
+        _say(err, f"flux-adapters: {exc.name or exc} is not installed; try: {hint}")
+        code = EXIT_CONFIG
+    except Exception as exc:
+        if os.environ.get("FLUX_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc(file=err)
+        note = "" if isinstance(exc, OSError) else " (unexpected; FLUX_DEBUG=1 shows the traceback)"
+        _say(err, f"flux-adapters: {type(exc).__name__}: {_one_line(exc, 300)}{note}")
+        code = EXIT_FAILED
+    _quiet_failed_streams(out, err, sys.stdout, sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
+from flux_adapters import cli
 from flux_adapters.cli import main
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from tests.conftest import image_bytes
@@ -119,8 +126,8 @@ def test_edit_exit_codes(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_emulate_rejects_a_bad_fault_spec() -> None:
     code, _, err = run("emulate", "--fault", "laozhang:teapot")
-    assert code == 5
-    assert "unknown fault part" in err
+    assert code == 2  # a bad argument: refused before the server starts
+    assert "unknown fault part 'teapot'" in err
 
 
 def test_the_demo_runs_end_to_end(tmp_path: Path) -> None:
@@ -158,7 +165,7 @@ def test_emulate_serves_in_the_foreground_with_faults_from_the_command_line() ->
             assert f"  laozhang         http://127.0.0.1:{port}/laozhang/v1\n" in banner
             url = f"http://127.0.0.1:{port}/aimlapi/v1/images/generations"
             body = {"model": "blackforestlabs/flux-2-pro", "prompt": "p"}
-            for _ in range(100):  # the banner is printed just before the server binds
+            for _ in range(100):  # the banner is printed once bound, just before it listens
                 try:
                     first = httpx.post(url, json=body, headers={"Authorization": "Bearer k"})
                     break
@@ -168,3 +175,194 @@ def test_emulate_serves_in_the_foreground_with_faults_from_the_command_line() ->
             assert (first.status_code, second.status_code) == (503, 200)
         finally:
             server.terminate()
+
+
+def edit_at(emulator: Emulator, *argv: str) -> tuple[int, str, str]:
+    return run("edit", "p", "-p", "laozhang", "--base-url", emulator.base_url("laozhang"), *argv)
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_paid_call(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    (tmp_path / "a-file").write_text("")
+    sent = len(emulator.calls())
+    for target in (tmp_path, tmp_path / "a-file" / "robot.png"):
+        code, _, err = edit_at(emulator, "-o", str(target))
+        assert code == 7
+        assert f"OutputError: cannot write {target}" in err
+    assert len(emulator.calls()) == sent
+
+
+@contextmanager
+def folder_replaced_by_a_file_once_sent(emulator: Emulator, folder: Path) -> Iterator[None]:
+    """While the provider works (1 s), *folder* becomes a file: saving there fails after the check."""
+    emulator.inject("laozhang", Fault(delay=1.0, first=1))
+    sent = len(emulator.calls())
+
+    def replace() -> None:
+        deadline = time.monotonic() + 10
+        while len(emulator.calls()) == sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        folder.rmdir()
+        folder.write_text("no longer a folder")
+
+    swapper = threading.Thread(target=replace)
+    swapper.start()
+    try:
+        yield
+    finally:
+        swapper.join()
+        emulator.clear_faults()
+
+
+def test_an_image_that_cannot_be_saved_after_the_paid_call_is_saved_elsewhere(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.chdir(tmp_path)
+    wanted = tmp_path / "wanted"
+    wanted.mkdir()
+    sent = len(emulator.calls())
+    with folder_replaced_by_a_file_once_sent(emulator, wanted):
+        code, out, err = edit_at(emulator, "-o", str(wanted / "robot.png"), "--size", "512x256")
+    assert code == 7
+    assert len(emulator.calls()) == sent + 1  # paid once, and not again for the fallback
+    [fallback] = (tmp_path / "out").iterdir()
+    assert f"saved:    out/{fallback.name} (instead of {wanted / 'robot.png'})" in out
+    assert f"OutputError: cannot write {wanted}" in err
+    assert f"saved in out/{fallback.name} instead" in err
+    with Image.open(fallback) as picture:
+        assert picture.size == (512, 256)
+
+
+def test_an_image_that_cannot_be_saved_anywhere_leaves_its_download_address(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").write_text("a file where the fallback folder would go")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "out" / "tmp"))
+    wanted = tmp_path / "wanted"
+    wanted.mkdir()
+    with folder_replaced_by_a_file_once_sent(emulator, wanted):
+        code, _, err = edit_at(emulator, "-o", str(wanted / "robot.png"))
+    assert code == 7
+    address = err.split("download it within 10 minutes from ", 1)[1].strip()
+    assert httpx.get(address).status_code == 200
+
+
+def test_a_result_that_expired_before_its_download_ends_with_6(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    with run_emulator() as expiring:
+        expiring.ttl = -1.0  # every URL it signs is already past its expiry
+        code, _, err = edit_at(expiring, "-o", str(tmp_path / "robot.png"))
+    assert code == 6
+    assert "flux-adapters: ResultExpired: the result URL has expired" in err
+    assert "download it" not in err
+    assert not (tmp_path / "robot.png").exists()
+
+
+def test_a_bug_is_one_line_and_the_traceback_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(out: object) -> int:
+        raise RuntimeError("boom\nacross lines")
+
+    monkeypatch.setattr(cli, "_models", broken)
+    monkeypatch.delenv("FLUX_DEBUG", raising=False)
+    code, _, err = run("models")
+    assert code == 1
+    assert err == (
+        "flux-adapters: RuntimeError: boom across lines "
+        "(unexpected; FLUX_DEBUG=1 shows the traceback)\n"
+    )
+    monkeypatch.setenv("FLUX_DEBUG", "1")
+    code, _, err = run("models")
+    assert code == 1
+    assert err.startswith("Traceback (most recent call last):")
+
+
+@pytest.mark.parametrize("stdin", [None, io.StringIO("y\n")], ids=["closed", "not a terminal"])
+def test_recording_asks_only_a_person_at_a_terminal(
+    stdin: io.StringIO | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code, out, err = run(
+        "conformance", "--record", "-p", "laozhang", "--base-url", "http://127.0.0.1:9",
+        "--cassettes", str(tmp_path / "cassettes"), "--report-dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 5
+    assert "may be billed" in out
+    assert "not recorded" in err
+    assert not (tmp_path / "cassettes").exists()
+
+
+def spawn(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flux_adapters", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_ctrl_c_while_waiting_for_the_provider_ends_with_130(tmp_path: Path) -> None:
+    with run_emulator(faults={"laozhang": [Fault(delay=3)]}) as slow:
+        env = {**os.environ, "LAOZHANG_API_KEY": "k"}
+        base = slow.base_url("laozhang")
+        with spawn("edit", "p", "-p", "laozhang", "--base-url", base, "-o", str(tmp_path / "x.png"), env=env) as edit:  # fmt: skip
+            deadline = time.monotonic() + 10
+            while not slow.calls() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert slow.calls(), "the request never arrived"
+            edit.send_signal(signal.SIGINT)
+            _, err = edit.communicate(timeout=10)
+    assert edit.returncode == 130
+    assert err.splitlines()[-1] == "flux-adapters: interrupted"
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_ctrl_c_stops_the_emulator_with_130_and_port_0_takes_a_free_port() -> None:
+    with spawn("emulate", "--port", "0") as server:
+        assert server.stdout is not None
+        first = server.stdout.readline()
+        root = first.split(" on ", 1)[1].split(" ", 1)[0]
+        assert not root.endswith(":0")
+        for _ in range(100):
+            try:
+                httpx.get(f"{root}/")  # any answer: it listens on the port it announced
+                break
+            except httpx.ConnectError:
+                time.sleep(0.05)
+        else:
+            pytest.fail(f"nothing listens at {root}")
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=10)
+    assert server.returncode == 130
+    assert err == "flux-adapters: interrupted\n"
+
+
+EXIT_STATUSES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 130, 141)
+
+
+def test_every_exit_status_is_in_the_help_and_the_documentation() -> None:
+    code, _, _ = run("--help")
+    assert code == 0
+    helped = subprocess.run(
+        [sys.executable, "-m", "flux_adapters", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    documented = (ROOT / "docs" / "cli.md").read_text()
+    for status in EXIT_STATUSES:
+        assert re.search(rf"^\s+{status}\s+\w", helped, re.MULTILINE), status
+        assert f"| `{status}` |" in documented, status
+    assert "FLUX_DEBUG" in helped
+    assert "FLUX_DEBUG" in documented
