@@ -197,11 +197,12 @@ class _Batch:
 
     async def _run(self, index: int, name: str, request: object, item: _ItemMaker) -> BatchItem:
         problem = _name_problem(name) if self.folder is not None else ""
-        if not problem and name in self.seen:
+        # Case-insensitively: two names that differ only in case are one file on some systems.
+        if not problem and name.casefold() in self.seen:
             problem = "is used by another job of this batch"
         if problem:
             raise RequestError([Violation("name", problem, "a unique plain file name", name)])
-        self.seen.add(name)
+        self.seen.add(name.casefold())
         if not isinstance(request, EditRequest):
             kind = type(request).__name__
             raise RequestError(

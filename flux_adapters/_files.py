@@ -20,7 +20,14 @@ from typing import Final
 
 from flux_adapters.errors import OutputError
 
-__all__ = ["ImageFile", "atomic_image", "check_target", "image_format", "remove_partial_files"]
+__all__ = [
+    "ImageFile",
+    "atomic_image",
+    "check_target",
+    "image_format",
+    "read_text_file",
+    "remove_partial_files",
+]
 
 _PARTIAL: Final = re.compile(r"\..+\.[0-9a-f]{8}\.part")
 """The name `atomic_image` gives its temporary file: ``.<name>.<8 hex digits>.part``."""
@@ -174,3 +181,25 @@ def remove_partial_files(folder: Path) -> int:
                 path.unlink()
                 removed += 1
     return removed
+
+
+def read_text_file(path: Path, limit: int = 16 * 1024 * 1024) -> str:
+    """The UTF-8 text of the regular file *path*, at most *limit* bytes.
+
+    Opened without blocking, so a FIFO or a device in its place is refused instead of waited on.
+
+    Raises:
+        OSError: It cannot be read, is not a regular file (``EINVAL``) or is too large
+            (``EFBIG``); ``strerror`` says which.
+        UnicodeDecodeError: It is not UTF-8 text.
+    """
+    import errno
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return data.decode("utf-8")

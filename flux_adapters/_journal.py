@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
@@ -194,11 +195,19 @@ class JsonLines:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        # O_NONBLOCK: a FIFO in its place opens at once (and is refused) instead of hanging.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         try:
             self._fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            raise OutputError("is not a regular file", path=str(path))
+        try:
             repair_tail(self._fd)
         except OSError as exc:
+            os.close(self._fd)
             raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
 
     @staticmethod
@@ -238,12 +247,18 @@ class JsonLines:
 
 
 def read_lines(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a JSON-lines file; a torn or unreadable line is skipped."""
+    """The records of a JSON-lines file; a torn or unreadable line is skipped.
+
+    Nothing but a regular file is read (a FIFO in its place would block forever).
+    """
     try:
-        stream = path.open("rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return
+    stream = os.fdopen(fd, "rb")
     with stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
         for line in stream:
             if not line.endswith(b"\n"):
                 return  # torn by a power loss: repaired when the file is next opened
@@ -269,12 +284,12 @@ class Journal:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         path = folder / JOURNAL_NAME
+        self._lines = JsonLines(path)  # refuses anything but a regular file, before any read
         self.states: dict[str, JobState] = {}
         for record in read_lines(path):
             job = record.get("id")
             if isinstance(job, str):
                 self.states.setdefault(job, JobState()).fold(record)
-        self._lines = JsonLines(path)
         try:
             import fcntl
 

@@ -486,7 +486,16 @@ def _save_into(image: ResultImage, folder: Path, name: str | None, stem: str) ->
         raise errors.OutputError(_reason(exc), path=str(folder)) from None
     if name is not None:
         return image.save(folder / name)
-    return image.save(folder / stem, add_suffix=True)
+    return image.save(folder / _unused_stem(folder, stem), add_suffix=True)
+
+
+def _unused_stem(folder: Path, stem: str) -> str:
+    """*stem*, or *stem*-2, -3 ...: the first no image in *folder* is named after yet."""
+    for number in range(1, 10_000):
+        candidate = stem if number == 1 else f"{stem}-{number}"
+        if not any((folder / f"{candidate}.{kind}").exists() for kind in ("png", "jpeg", "webp")):
+            return candidate
+    return f"{stem}-{os.getpid()}"
 
 
 def _save(image: ResultImage, target: Path | None, stem: str, err: TextIO) -> tuple[str, int]:
@@ -584,7 +593,6 @@ _BATCH_FIELDS = {
     "prompt", "model", "images", "width", "height", "size", "aspect_ratio", "seed", "output_format",
     "safety_tolerance", "prompt_upsampling", "steps", "guidance", "allow_conversions",
 }  # fmt: skip
-_SHOWN_PROBLEMS = 5
 
 
 def _batch_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
@@ -625,10 +633,11 @@ def _check_batch_file(path: Path) -> int:
             problems.append(errors.Violation(where, item, "a JSON object per line", "line"))
             continue
         name = _batch_id(number, item)
-        trouble = _name_problem(name) or ("is used twice" if name in seen else "")
+        # Case-insensitively: two ids that differ only in case are one file on macOS and Windows.
+        trouble = _name_problem(name) or ("is used twice" if name.casefold() in seen else "")
         if trouble:
             problems.append(errors.Violation(where, f"id {trouble}", "a unique file name", name))
-        seen.add(name)
+        seen.add(name.casefold())
         unknown = sorted(set(item) - _BATCH_FIELDS - {"id"})
         if unknown:
             problems.append(
@@ -637,11 +646,7 @@ def _check_batch_file(path: Path) -> int:
                 )
             )
     if problems:
-        shown = problems[:_SHOWN_PROBLEMS]
-        if len(problems) > len(shown):
-            more = len(problems) - len(shown)
-            shown.append(errors.Violation(path.name, f"and {more} more", "", "..."))
-        raise errors.RequestError(shown)
+        raise errors.RequestError(problems)  # printed as one line, cut to a bounded length
     return count
 
 

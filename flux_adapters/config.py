@@ -35,6 +35,7 @@ from typing import Final, get_args
 
 from attrs import frozen
 
+from flux_adapters._files import read_text_file
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.prices import PerCall, PerMegapixel, Price
 from flux_adapters.providers import PROVIDERS
@@ -181,11 +182,15 @@ def load_config(
     if chosen is not None or DEFAULT_PATH.exists():
         file = chosen or DEFAULT_PATH
         try:
-            data = tomllib.loads(file.read_text())
+            data = tomllib.loads(read_text_file(file, limit=1024 * 1024))
         except FileNotFoundError:
             raise _fail(str(file), "no such file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise _fail(str(file), f"not valid TOML ({exc})") from None
+        except OSError as exc:
+            raise _fail(str(file), f"cannot be read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise _fail(str(file), "is not UTF-8 text") from None
+        except (tomllib.TOMLDecodeError, RecursionError) as exc:
+            raise _fail(str(file), f"not valid TOML ({str(exc)[:200]})") from None
         origin = str(file)
     unknown = set(data) - _TOP_KEYS
     if unknown:

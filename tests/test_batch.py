@@ -161,6 +161,21 @@ def test_the_same_name_twice_in_one_batch_is_refused(tmp_path: Path) -> None:
     assert provider.posts == Counter({"one": 1})
 
 
+def test_names_that_differ_only_in_case_are_one_file_and_refused(tmp_path: Path) -> None:
+    provider = Provider()
+    items = batch(provider, ["one", "two"], tmp_path, names=["Robot", "robot"], concurrency=1)
+    assert [item.status for item in items] == ["ok", "failed"]
+
+
+def test_a_report_or_journal_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "report.jsonl")
+    with pytest.raises(errors.OutputError, match="not a regular file"):
+        JsonLines(tmp_path / "report.jsonl")
+    os.mkfifo(tmp_path / JOURNAL_NAME)
+    with pytest.raises(errors.OutputError, match="not a regular file"):
+        batch(Provider(), ["p"], tmp_path)
+
+
 def test_a_changed_request_is_reported_and_force_sends_it(tmp_path: Path) -> None:
     provider = Provider()
     batch(provider, ["a red robot"], tmp_path, names=["robot"])

@@ -366,3 +366,14 @@ def test_every_exit_status_is_in_the_help_and_the_documentation() -> None:
         assert f"| `{status}` |" in documented, status
     assert "FLUX_DEBUG" in helped
     assert "FLUX_DEBUG" in documented
+
+
+def test_two_edits_in_the_same_second_keep_both_images(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    base = ["--provider", "laozhang", "--base-url", emulator.base_url("laozhang")]
+    for seed in ("1", "2"):
+        assert run("edit", "p", "--seed", seed, "--size", "64x64", *base)[0] == 0
+    assert len(list((tmp_path / "out").iterdir())) == 2  # no second image written over the first

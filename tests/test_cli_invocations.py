@@ -63,6 +63,7 @@ BATCH_FILES: dict[str, list[object]] = {
     "dotdot.jsonl": bad_lines({"id": "..", "prompt": "p"}),
     "unknown-field.jsonl": bad_lines({"id": "b", "prompt": "p", "colour": "red"}),
     "many-bad.jsonl": bad_lines(*["nope"] * 6),
+    "case.jsonl": bad_lines({"id": "ROBOT", "prompt": "again"}),
 }
 
 ROWS = [
@@ -110,7 +111,7 @@ ROWS = [
     Row("ttl negative inf", ("emulate", "--ttl=-inf"), 2, "--ttl"),
     Row("fault unknown part", ("emulate", "--fault", "laozhang:teapot"), 2, "teapot"),
     Row("fault unknown provider", ("emulate", "--fault", "mars:503"), 2, "mars"),
-    Row("fault NaN delay", ("emulate", "--fault", "apiyi:delay=nan"), 2, "delay must be at least 0"),
+    Row("fault NaN delay", ("emulate", "--fault", "apiyi:delay=nan"), 2, "delay must be from 0 to 86400"),
     Row("record flag without record", ("conformance", "--emulator"), 2, "go with --record"),
     # Input files: never opened unless they are regular files.
     Row("image missing", ("edit", "p", "-i", "missing.png"), 2, "missing.png: no such file"),
@@ -131,7 +132,8 @@ ROWS = [
     Row("batch id with slash", ("batch", "slash.jsonl"), 2, "slash.jsonl:2: id must be a plain file name"),
     Row("batch id dotdot", ("batch", "dotdot.jsonl"), 2, "dotdot.jsonl:2: id must not start with a dot"),
     Row("batch unknown field", ("batch", "unknown-field.jsonl"), 2, "unknown-field.jsonl:2: unknown fields"),
-    Row("batch many bad lines", ("batch", "many-bad.jsonl"), 2, "many-bad.jsonl: and 1 more"),
+    Row("batch many bad lines", ("batch", "many-bad.jsonl"), 2, "6 problems with the request"),
+    Row("batch ids differing in case", ("batch", "case.jsonl"), 2, "id is used twice"),
     Row("batch not UTF-8", ("batch", "latin1.jsonl"), 2, "latin1.jsonl:1: not JSON"),
     Row("batch grace negative", ("batch", "good.jsonl", "--grace=-1"), 2, "--grace"),
     Row("batch grace inf", ("batch", "good.jsonl", "--grace", "inf"), 2, "--grace"),

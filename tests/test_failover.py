@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -237,6 +238,10 @@ def test_configuration_file_rules(tmp_path: Path) -> None:
         load_config(config, environ={})
     with pytest.raises(errors.ConfigurationError, match="no providers configured"):
         load_config(None, environ={})
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # read without blocking, and refused
+    with pytest.raises(errors.ConfigurationError, match="not a regular file"):
+        load_config(None, environ={"FLUX_CONFIG": str(fifo)})
     for variable in ("FLUX_TIMEOUT", "FLUX_MAX_COST_USD"):
         for value in ("nan", "inf", "-1", "soon"):
             with pytest.raises(errors.ConfigurationError, match="must be"):

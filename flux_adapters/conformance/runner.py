@@ -35,6 +35,7 @@ import httpx
 from attrs import frozen
 
 from flux_adapters import errors
+from flux_adapters._files import read_text_file
 from flux_adapters._flows import resolve
 from flux_adapters._redact import Redactor
 from flux_adapters._version import __version__
@@ -203,7 +204,7 @@ def _refusal(adapter: Adapter, request: EditRequest) -> str:
 def _read_metadata(path: Path) -> Mapping[str, str] | None:
     from flux_adapters.conformance.cassettes import _Serializer
 
-    recorded = _Serializer.deserialize(path.read_text()).get("recorded")
+    recorded = _Serializer.deserialize(read_text_file(path)).get("recorded")
     return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else None
 
 
@@ -246,6 +247,8 @@ def _judge(adapter: Adapter, scenario: Scenario, cassettes: Path) -> Verdict:
             "fail",
             f"{scenario.id}: no cassette at {path}; record it: flux-adapters conformance --provider {adapter.name} --record",
         )
+    if not path.is_file():  # a FIFO or device would hang the replay: stat it, never open it
+        return verdict("fail", f"{scenario.id}: {path} is not a regular file")
     recorded = _read_metadata(path)
     try:
         replay = make_vcr("none", secrets=[REPLAY_KEY])
@@ -504,6 +507,7 @@ def _scan(folder: Path, keys: Iterable[str]) -> list[tuple[Path, int, str]]:
     return [
         (path, line, kind)
         for path in sorted(folder.rglob("*.yaml"))
+        if path.is_file()  # stat only: a FIFO named like a cassette is never opened
         for line, kind in scan.findings(path.read_text(encoding="utf-8", errors="replace"))
     ]
 

@@ -80,11 +80,11 @@ class Fault:
             problems.append(
                 f"download {self.download!r} is not one of {', '.join(sorted(DOWNLOADS))}"
             )
-        # `not x >= 0` also refuses NaN.
+        # `not 0 <= x <= ...` also refuses NaN; a day is far past any test's patience.
         for name in ("delay", "drip", "retry_after"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                problems.append(f"{name} must be at least 0; got {value}")
+            if value is not None and not 0 <= value <= 86_400:
+                problems.append(f"{name} must be from 0 to 86400 seconds; got {value}")
         if not 0 <= self.chance <= 1:
             problems.append(f"chance must be from 0 to 1; got {self.chance}")
         if self.first is not None and self.first < 0:
