@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,7 +142,7 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     while True:
-        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")  # _PARTIAL
+        partial = target.with_name(f".{target.name}.{os.urandom(4).hex()}.part")  # _PARTIAL
         try:
             fd = os.open(partial, flags, 0o666)
             break

@@ -171,5 +171,7 @@ def test_ctrl_c_stops_taking_jobs_lets_those_in_flight_finish_and_prints_the_sum
     assert all(line["status"] == "ok" for line in lines)  # those in flight finished and saved
     assert len(emulator.calls()) == len(lines)  # nothing started after the stop
     for line in lines:
-        [saved] = line["files"]  # type: ignore[misc]
-        assert Path(str(saved)).is_file()
+        files = line["files"]
+        assert isinstance(files, list)
+        assert len(files) == 1
+        assert Path(str(files[0])).is_file()
