@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from flux_adapters._display import render_value, type_name
 from flux_adapters._files import remove_partial_files
 from flux_adapters._journal import JobState, Journal, is_image_file, request_digest
 from flux_adapters._options import is_number
@@ -162,7 +163,8 @@ class _Batch:
 
     async def run(self, index: int, name: object, request: object) -> BatchItem:
         """Run one job; every outcome, of any kind, is its item."""
-        shown = name if isinstance(name, str) else repr(name)[:40]
+        # A plain copy of a str (a subclass's methods never run), else a safe rendering.
+        shown = str.__str__(name) if issubclass(type(name), str) else render_value(name)
 
         def item(status: BatchStatus, **values: object) -> BatchItem:
             return BatchItem(
@@ -174,6 +176,9 @@ class _Batch:
             )
 
         try:
+            if not issubclass(type(name), str):
+                problem = f"must be a string, not {type_name(name)}"
+                raise RequestError([Violation("name", problem, "a plain file name", shown)])
             return await self._run(index, shown, request, item)
         except asyncio.CancelledError:
             if not self.interrupted:
@@ -203,11 +208,12 @@ class _Batch:
         if problem:
             raise RequestError([Violation("name", problem, "a unique plain file name", name)])
         self.seen.add(name.casefold())
-        if not isinstance(request, EditRequest):
-            kind = type(request).__name__
+        if not issubclass(type(request), EditRequest):  # type() cannot be fooled; isinstance can
+            kind = type_name(request)
             raise RequestError(
                 [Violation("request", "must be an EditRequest", "EditRequest", kind)]
             )
+        assert isinstance(request, EditRequest)
         if self.journal is None or self.folder is None:
             self.started.add(index)
             return item("ok", result=await self.client._edit(request, None))

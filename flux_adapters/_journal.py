@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
 
+import attrs
 from attrs import define, field
 
 from flux_adapters.errors import ConfigurationError, OutputError
@@ -52,23 +53,11 @@ def request_digest(request: EditRequest) -> str:
     so moving or re-checking-out the inputs does not make a job look changed.
     """
     hasher = hashlib.sha256()
+    # Every field but the images (hashed by content below): a field added later counts too.
     settings = {
-        name: getattr(request, name)
-        for name in (
-            "prompt",
-            "model",
-            "width",
-            "height",
-            "size",
-            "aspect_ratio",
-            "seed",
-            "output_format",
-            "safety_tolerance",
-            "prompt_upsampling",
-            "steps",
-            "guidance",
-            "allow_conversions",
-        )
+        field.name: getattr(request, field.name)
+        for field in attrs.fields(EditRequest)
+        if field.name != "images"
     }
     hasher.update(json.dumps(settings, sort_keys=True, ensure_ascii=True).encode())
     for image in request.images:

@@ -161,6 +161,32 @@ def test_the_same_name_twice_in_one_batch_is_refused(tmp_path: Path) -> None:
     assert provider.posts == Counter({"one": 1})
 
 
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("__repr__")
+
+
+class Trapped(str):
+    def casefold(self) -> str:
+        raise RuntimeError("casefold")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("__eq__")
+
+    __hash__ = str.__hash__
+
+
+def test_a_hostile_name_fails_its_own_job_and_no_other(tmp_path: Path) -> None:
+    provider = Provider()
+    names: list[Any] = ["good-1", Unprintable(), Trapped("trapped"), 42, "good-2"]
+    items = by_name(batch(provider, ["a", "b", "c", "d", "e"], tmp_path, names=names))
+    assert items["good-1"].status == items["good-2"].status == "ok"
+    assert items["trapped"].status == "ok"  # used as the plain text it holds
+    others = [item for name, item in items.items() if not name.startswith(("good", "trapped"))]
+    assert [item.status for item in others] == ["failed", "failed"]
+    assert all(isinstance(item.error, errors.RequestError) for item in others)
+
+
 def test_names_that_differ_only_in_case_are_one_file_and_refused(tmp_path: Path) -> None:
     provider = Provider()
     items = batch(provider, ["one", "two"], tmp_path, names=["Robot", "robot"], concurrency=1)
