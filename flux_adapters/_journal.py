@@ -104,11 +104,14 @@ class JobState:
     note: str = ""
 
     def fold(self, record: dict[str, Any]) -> None:
-        """Take one record into account."""
+        """Take one record into account; a record of the wrong shape is ignored."""
         kind = record.get("k")
-        provider = str(record.get("p", ""))
+        provider = _text(record.get("p"))
         if kind == "accepted":
-            self.digest = str(record.get("d", ""))
+            digest = _text(record.get("d"))
+            if digest != self.digest:  # another request under this name: a new job
+                self.open_sends, self.billed, self.urls, self.note = [], False, [], ""
+            self.digest = digest
             self.files = []
         elif kind == "sent":
             self.open_sends.append(provider)
@@ -117,12 +120,12 @@ class JobState:
                 self.open_sends.remove(provider)
             if kind == "answered":
                 self.billed = True
-                self.urls = [str(url) for url in record.get("urls", [])]
+                self.urls = _texts(record.get("urls"))
             else:
                 self.billed = self.billed or record.get("proves") == "may be billed"
-                self.note = str(record.get("e", ""))
+                self.note = _text(record.get("e"))
         elif kind == "saved":
-            self.files = [str(name) for name in record.get("files", [])]
+            self.files = _texts(record.get("files"))
 
     @property
     def may_be_billed(self) -> bool:
@@ -143,6 +146,14 @@ class JobState:
         if self.may_be_billed:
             return "unconfirmed"
         return "retry" if self.note else "new"
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _texts(value: object) -> list[str]:
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
 
 
 def is_image_file(path: Path) -> bool:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, errors
-from flux_adapters._journal import JOURNAL_NAME, Journal, JsonLines, read_lines
+from flux_adapters._journal import JOURNAL_NAME, JobState, Journal, JsonLines, read_lines
 from flux_adapters.result import BatchItem
 from tests.conftest import image_bytes
 
@@ -321,6 +321,31 @@ def test_a_torn_last_line_is_cut_off_and_the_rest_is_kept(tmp_path: Path) -> Non
     lines.close()
     assert [record["id"] for record in read_lines(path)] == ["a", "c"]
     assert path.read_bytes().endswith(b"\n")
+
+
+def test_a_damaged_journal_is_read_as_far_as_it_makes_sense(tmp_path: Path) -> None:
+    provider = Provider()
+    batch(provider, ["robot"], tmp_path, names=["robot"])
+    with (tmp_path / JOURNAL_NAME).open("a") as journal:
+        journal.write('{"id": "robot", "k": "saved", "files": 5}\n')  # the wrong shape
+        journal.write('{"id": 7, "k": "sent"}\n{"k": "sent"}\n[1, 2]\nnot json\n')
+        journal.write('{"id": "x", "k": "answered", "urls": {"a": 1}, "p": ["laozhang"]}\n')
+    [item] = batch(provider, ["robot"], tmp_path, names=["robot"])
+    # "files": 5 reads as no files, so the answered job is downloaded again, not sent again.
+    assert (item.status, item.reason) == ("ok", "downloaded again from its result URL")
+    assert provider.posts == Counter({"robot": 1})
+
+
+def test_a_new_request_under_a_name_starts_a_new_billing_history() -> None:
+    state = JobState()
+    state.fold({"k": "accepted", "d": "first"})
+    state.fold({"k": "sent", "p": "laozhang"})
+    state.fold({"k": "attempt", "p": "laozhang", "proves": "may be billed", "e": "500"})
+    assert state.may_be_billed
+    state.fold({"k": "accepted", "d": "first"})  # the same request sent again: history stays
+    assert state.may_be_billed
+    state.fold({"k": "accepted", "d": "second"})  # a different request (force): a new job
+    assert not state.may_be_billed
 
 
 def test_one_journal_per_folder_at_a_time(tmp_path: Path) -> None:
