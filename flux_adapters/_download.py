@@ -30,6 +30,7 @@ from flux_adapters._transport import (
     mapped_transport_errors,
     phase_timeouts,
 )
+from flux_adapters._version import __version__
 from flux_adapters.errors import (
     FluxError,
     ProviderRejected,
@@ -50,10 +51,14 @@ MAX_REDIRECTS: Final = 5
 RETRIES: Final = 2
 """Further tries of a download after a failure that may pass."""
 _BACKOFF: Final = 0.5
+_HEADERS: Final = {"Accept": "image/*", "User-Agent": f"flux-adapters/{__version__}"}
 
 
 def _location(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "an unusable URL"
     return f"{parts.netloc}{parts.path}"  # the signed query string stays out of messages
 
 
@@ -134,8 +139,12 @@ def _next_url(response: httpx.Response, url: str, provider: str) -> str | None:
     location = _location(url)
     if 300 <= status < 400:
         target = response.headers.get("location")
-        following = urljoin(url, target) if target else ""
-        if urlsplit(following).scheme not in ("http", "https"):
+        try:
+            following = urljoin(url, target) if target else ""
+            scheme = urlsplit(following).scheme
+        except ValueError:  # "http://[" and the like
+            scheme = ""
+        if scheme not in ("http", "https"):
             raise ResponseFormatError(
                 f"the download from {location} redirected nowhere usable",
                 provider=provider,
@@ -227,11 +236,27 @@ class HttpDownloader:
             restart()
             time.sleep(pause)
 
+    def _get(self, url: str) -> httpx.Request:
+        """A bare GET: none of the caller's client defaults (headers, cookies) go to a CDN.
+
+        Raises:
+            ResponseFormatError: The URL the provider gave cannot be fetched as it is.
+        """
+        try:
+            return httpx.Request(
+                "GET", url, headers=_HEADERS, extensions={"timeout": self._timeout.as_dict()}
+            )
+        except (httpx.InvalidURL, ValueError, TypeError):
+            raise ResponseFormatError(
+                "a result URL cannot be fetched as given", provider=self._provider, status_code=200
+            ) from None
+
     def _follow(
         self, http: httpx.Client, url: str, sink: Callable[[bytes], None], ends: float
     ) -> None:
         for _ in range(MAX_REDIRECTS + 1):
-            with http.stream("GET", url, timeout=self._timeout, follow_redirects=False) as response:
+            response = http.send(self._get(url), stream=True, auth=None, follow_redirects=False)
+            try:
                 following = _next_url(response, url, self._provider)
                 if following is None:
                     body = _ImageBody(response, url, self._provider, sink, self._deadline, ends)
@@ -239,6 +264,8 @@ class HttpDownloader:
                         body.take(chunk)
                     body.finish()
                     return
+            finally:
+                response.close()
             url = following
         raise _too_many_redirects(url, self._provider)
 
@@ -270,9 +297,9 @@ class HttpDownloader:
         self, http: httpx.AsyncClient, url: str, sink: Callable[[bytes], None]
     ) -> None:
         for _ in range(MAX_REDIRECTS + 1):
-            async with http.stream(
-                "GET", url, timeout=self._timeout, follow_redirects=False
-            ) as response:
+            request = self._get(url)
+            response = await http.send(request, stream=True, auth=None, follow_redirects=False)
+            try:
                 following = _next_url(response, url, self._provider)
                 if following is None:
                     body = _ImageBody(response, url, self._provider, sink, self._deadline, None)
@@ -280,6 +307,8 @@ class HttpDownloader:
                         body.take(chunk)
                     body.finish()
                     return
+            finally:
+                await response.aclose()
             url = following
         raise _too_many_redirects(url, self._provider)
 

@@ -100,8 +100,9 @@ def mapped_transport_errors(provider: str, scrub: Callable[[str], str] = redact)
         raise
     except httpx.TransportError as exc:
         raise _transport_error(exc, provider, scrub) from exc
-    except httpx.HTTPError as exc:
-        # TooManyRedirects, DecodingError and stream errors: an answer came, unusable.
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+        # TooManyRedirects, DecodingError, stream errors, or a Location header httpx cannot
+        # parse (InvalidURL is no HTTPError): an answer came, and it is unusable.
         message = scrub(f"the answer could not be read ({type(exc).__name__}: {exc})")[:300]
         raise TransportError(message, provider=provider, sent=True) from exc
     except (TimeoutError, OSError) as exc:

@@ -617,7 +617,8 @@ class FluxClient(_ClientBase):
         with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
             request = _build_httpx_request(self._http, binding, outgoing, files)
             ends = time.monotonic() + binding.deadline
-            response = self._http.send(request, stream=True)
+            # auth=None: a caller's client-level auth must not replace the provider's key.
+            response = self._http.send(request, stream=True, auth=None)
             try:
                 body = AnswerBody(response, name, binding.deadline, ends)
                 try:
@@ -767,7 +768,7 @@ class AsyncFluxClient(_ClientBase):
             async with deadline:
                 with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
                     request = _build_httpx_request(self._http, binding, outgoing, files)
-                    response = await self._http.send(request, stream=True)
+                    response = await self._http.send(request, stream=True, auth=None)
                     try:
                         body = AnswerBody(response, name, binding.deadline, None)
                         try:

@@ -249,6 +249,55 @@ def test_a_target_that_is_not_a_regular_file_is_refused_before_downloading(
         assert handler.gets == []  # type: ignore[attr-defined]
 
 
+def test_a_callers_client_defaults_never_go_with_a_download(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.method == "POST":
+            return httpx.Response(200, json=OK)
+        return httpx.Response(200, content=PNG)
+
+    transport = httpx.MockTransport(handler)
+    with httpx.Client(
+        transport=transport,
+        headers={"Authorization": "Bearer caller-secret", "X-Team": "robots"},
+        cookies={"session": "caller-cookie"},
+        auth=("user", "caller-password"),
+    ) as http:
+        client = FluxClient("laozhang", api_key=KEY, http_client=http)
+        client.edit(REQUEST).images[0].save(tmp_path / "out.png")
+    post, get = seen
+    assert post.headers["authorization"] == f"Bearer {KEY}"  # to the provider: its key
+    assert "authorization" not in get.headers  # to the CDN: nothing of the caller's
+    assert "cookie" not in get.headers
+    assert "x-team" not in get.headers
+    assert get.headers["accept"] == "image/*"
+
+
+@both
+def test_malformed_result_urls_and_redirects_are_typed_errors(kind: str, tmp_path: Path) -> None:
+    with pytest.raises(errors.ResponseFormatError, match="not an http"):
+        run(
+            kind,
+            lambda r: httpx.Response(200, json={"data": [{"url": "http://[::1"}]}),
+            lambda c: c.edit(REQUEST),
+        )
+    for location in ("http://[::1", "mailto:robot@example.com", "//"):
+        handler = cdn(httpx.Response(302, headers={"location": location}))
+        # Refused by httpx itself (a TransportError) or by us (a ResponseFormatError).
+        with pytest.raises((errors.TransportError, errors.ResponseFormatError)):
+            save(kind, handler, tmp_path / "out.png")
+
+        def redirect(request: httpx.Request, location: str = location) -> httpx.Response:
+            return httpx.Response(302, headers={"location": location})
+
+        with pytest.raises(errors.FluxError) as caught:  # the POST answered so: typed too
+            run(kind, redirect, lambda client: client.edit(REQUEST))
+        assert not isinstance(caught.value, errors.RequestError)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_inline_images_are_decoded_in_slices_to_their_target(tmp_path: Path) -> None:
     import base64
 

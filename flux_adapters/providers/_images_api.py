@@ -136,7 +136,10 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
 def _image_problem(item: _Item) -> str:
     if item.b64_json:
         return inline_image_problem(item.b64_json)
-    parts = urlsplit(item.url or "")
+    try:
+        parts = urlsplit(item.url or "")
+    except ValueError:  # "http://[" and the like
+        return "a result URL is not an http(s) URL"
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return "a result URL is not an http(s) URL"
     return ""
