@@ -498,3 +498,38 @@ def test_a_buggy_adapter_gets_typed_errors_in_place_of_its_own() -> None:
         client = FluxClient(Broken("parse"), api_key=KEY, http_client=http)
         with pytest.raises(errors.ResponseFormatError, match="could not read the answer"):
             client.edit(REQUEST)
+
+
+def test_a_probe_cancelled_by_wait_for_lets_the_next_call_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for prefix in ("LAOZHANG", "APIYI"):
+        monkeypatch.setenv(f"{prefix}_API_KEY", KEY)
+    from flux_adapters.routing import RoutingPolicy
+
+    hang = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "api.laozhang.ai":
+            if hang.is_set():
+                await asyncio.sleep(30)  # the probe: never answers in time
+            return httpx.Response(503, text="busy")
+        return httpx.Response(200, json=OK)
+
+    async def main() -> list[str]:
+        transport = httpx.MockTransport(handler)
+        policy = RoutingPolicy(retries=0, cooldown=0.05)
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = AsyncFluxClient(
+                providers=["laozhang", "apiyi"], http_client=http, policy=policy
+            )
+            await client.edit(REQUEST)  # laozhang's 503 opens its circuit; apiyi serves it
+            await asyncio.sleep(0.06)  # half-open: the next call is laozhang's probe
+            hang.set()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.edit(REQUEST), timeout=0.2)
+            hang.clear()
+            result = await client.edit(REQUEST)  # the cancelled probe was released
+            return [f"{a.provider}:{a.outcome}" for a in result.attempts]
+
+    assert asyncio.run(main()) == ["laozhang:failed", "apiyi:ok"]  # probed, not skipped
