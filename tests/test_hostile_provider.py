@@ -287,7 +287,7 @@ def test_malformed_result_urls_and_redirects_are_typed_errors(kind: str, tmp_pat
         handler = cdn(httpx.Response(302, headers={"location": location}))
         # Refused by httpx itself (a TransportError) or by us (a ResponseFormatError).
         with pytest.raises((errors.TransportError, errors.ResponseFormatError)):
-            save(kind, handler, tmp_path / "out.png")
+            save(kind, handler, tmp_path / "out.png", deadline=0.4)  # too short to retry
 
         def redirect(request: httpx.Request, location: str = location) -> httpx.Response:
             return httpx.Response(302, headers={"location": location})
