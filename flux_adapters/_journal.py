@@ -17,7 +17,11 @@ before its record is durable.
 
 A record is one JSON line written with a single ``write`` on an ``O_APPEND`` file, so a kill
 cannot tear it; a power loss can leave a partial last line, which `repair_tail` cuts off when
-the file is opened again. An exclusive lock keeps two processes from sharing one journal.
+the file is opened again, but only by a process that has the file to itself: a write of another
+process still under way looks like a partial line too, and cutting it would lose the records
+it carries (for a journal, ``sent`` records already on disk). So the journal is locked
+exclusively before it is repaired or read (two batches never share one journal), and a report,
+which several processes may append to, is repaired only when no other process has it open.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
@@ -37,7 +42,15 @@ from attrs import define, field
 from flux_adapters.errors import ConfigurationError, OutputError
 from flux_adapters.request import BytesImage, DataUrlImage, EditRequest, FileImage, UrlImage
 
-__all__ = ["JOURNAL_NAME", "JobState", "Journal", "JsonLines", "is_image_file", "request_digest"]
+__all__ = [
+    "JOURNAL_NAME",
+    "Busy",
+    "JobState",
+    "Journal",
+    "JsonLines",
+    "is_image_file",
+    "request_digest",
+]
 
 JOURNAL_NAME: Final = ".flux-journal.jsonl"
 _SAMPLE: Final = 64 * 1024
@@ -186,14 +199,58 @@ def repair_tail(fd: int) -> None:
     os.ftruncate(fd, 0)
 
 
+class Busy(Exception):
+    """Another process holds the file that `JsonLines` was asked to have to itself."""
+
+
+def _lock(fd: int, *, exclusive: bool) -> bool:
+    """Lock the file open as *fd* for this process alone; whether that was possible.
+
+    Raises:
+        Busy: *exclusive*, and another process holds a lock on the file.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no lock, and nobody to race
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if exclusive:
+            raise Busy from None
+        return False
+    return True
+
+
+def _share(fd: int) -> None:
+    """Hold a shared lock on *fd*, so that a process opening it later knows it is in use."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    for _ in range(100):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:  # another process is repairing it just now
+            time.sleep(0.01)
+    # Held exclusively for a second: the file is some batch's journal. Append unlocked.
+
+
 class JsonLines:
     """An append-only JSON-lines file whose every line is whole, whatever kills the process.
 
+    Args:
+        path: The file, created if missing.
+        exclusive: Hold an exclusive lock on it while it is open (raise `Busy` if another
+            process has it); otherwise a shared one, which other writers may hold too.
+
     Raises:
         OutputError: The file cannot be opened or written.
+        Busy: *exclusive*, and another process has the file open with a lock.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, exclusive: bool = False) -> None:
         self.path = path
         # O_NONBLOCK: a FIFO in its place opens at once (and is refused) instead of hanging.
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -201,14 +258,19 @@ class JsonLines:
             self._fd = os.open(path, flags, 0o644)
         except OSError as exc:
             raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
-        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
-            os.close(self._fd)
-            raise OutputError("is not a regular file", path=str(path))
         try:
-            repair_tail(self._fd)
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise OutputError("is not a regular file", path=str(path))
+            if _lock(self._fd, exclusive=exclusive):
+                repair_tail(self._fd)  # no other process is writing: a partial line is torn
+            if not exclusive:
+                _share(self._fd)
         except OSError as exc:
             os.close(self._fd)
             raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     @staticmethod
     def encode(record: dict[str, object]) -> bytes:
@@ -284,24 +346,19 @@ class Journal:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         path = folder / JOURNAL_NAME
-        self._lines = JsonLines(path)  # refuses anything but a regular file, before any read
+        try:
+            # Refuses anything but a regular file, and locks it before repairing or reading it.
+            self._lines = JsonLines(path, exclusive=True)
+        except Busy:
+            raise ConfigurationError(
+                f"another batch is writing to {folder} (its journal is locked); wait for it or "
+                "choose another output folder"
+            ) from None
         self.states: dict[str, JobState] = {}
         for record in read_lines(path):
             job = record.get("id")
             if isinstance(job, str):
                 self.states.setdefault(job, JobState()).fold(record)
-        try:
-            import fcntl
-
-            fcntl.flock(self._lines.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not on POSIX: no lock
-            pass
-        except OSError:
-            self._lines.close()
-            raise ConfigurationError(
-                f"another batch is writing to {folder} (its journal is locked); wait for it or "
-                "choose another output folder"
-            ) from None
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None

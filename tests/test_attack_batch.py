@@ -1,0 +1,56 @@
+"""Attacks on batches, their journal and report: a second process, a crash at the wrong moment,
+a journal edited by hand, a caller that stops reading, and what each promises afterwards."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from flux_adapters import errors
+from flux_adapters._journal import JOURNAL_NAME, JsonLines, read_lines
+from tests.test_batch import Provider, batch
+
+
+@contextmanager
+def held(path: Path, lock: int, data: bytes) -> Iterator[None]:
+    """Another process's handle on *path*, locked, in the middle of appending *data*."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    try:
+        fcntl.flock(fd, lock)
+        os.write(fd, data)
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_a_batch_refused_by_the_lock_leaves_the_running_batchs_journal_alone(
+    tmp_path: Path,
+) -> None:
+    # The running batch's group commit is half way through its write: to anyone else the last
+    # line looks torn. Cutting it would take durable "sent" records with it (paid twice later).
+    writing = b'{"id":"a","k":"sent","p":"laozhang"}\n{"id":"b","k":"se'
+    journal = tmp_path / JOURNAL_NAME
+    provider = Provider()
+    with held(journal, fcntl.LOCK_EX, writing):
+        with pytest.raises(errors.ConfigurationError, match="another batch"):
+            batch(provider, ["p"], tmp_path, names=["b"])
+        assert journal.read_bytes() == writing
+    assert provider.posts == {}
+
+
+def test_a_report_another_process_is_appending_to_is_not_cut(tmp_path: Path) -> None:
+    path = tmp_path / "report.jsonl"
+    writing = b'{"id": "a", "status": "ok"}\n{"id": "b", "sta'
+    with held(path, fcntl.LOCK_SH, writing):
+        lines = JsonLines(path)
+        lines.close()
+        assert path.read_bytes() == writing
+    lines = JsonLines(path)  # alone now: the torn line is cut off
+    lines.append({"id": "c", "status": "ok"})
+    lines.close()
+    assert [record["id"] for record in read_lines(path)] == ["a", "c"]
