@@ -156,6 +156,8 @@ class _Batch:
         self.resend_unconfirmed = resend_unconfirmed
         self.force = force
         self.seen: set[str] = set()
+        self.named: set[int] = set()
+        """Indexes of the jobs of this run whose name is theirs alone (valid and unique)."""
         self.started: set[int] = set()
         """Indexes of the jobs of this run that got as far as being recorded as accepted."""
         self.interrupted = False
@@ -190,7 +192,9 @@ class _Batch:
     def _status_after(self, index: int, name: str, error: FluxError | None) -> BatchStatus:
         """``"unconfirmed"`` when this job may have been billed in this run, else ``"failed"``."""
         if index not in self.started:
-            return "failed"  # refused before anything was recorded, let alone sent
+            # Not sent in this run; but a job an earlier run may have had billed stays so.
+            journal = self.journal if index in self.named else None
+            return "unconfirmed" if journal and journal.state(name).may_be_billed else "failed"
         if self.journal is not None:
             return "unconfirmed" if self.journal.state(name).may_be_billed else "failed"
         return "unconfirmed" if error is not None and _may_be_billed(error) else "failed"
@@ -203,6 +207,7 @@ class _Batch:
         if problem:
             raise RequestError([Violation("name", problem, "a unique plain file name", name)])
         self.seen.add(name.casefold())
+        self.named.add(index)
         if not isinstance(request, EditRequest):
             kind = type(request).__name__
             raise RequestError(
@@ -232,15 +237,12 @@ class _Batch:
                 "send it)",
             )
         if verdict == "unconfirmed":
-            recovered = await self._download_again(name, state)
+            recovered, failure = await self._download_again(name, state)
             if recovered:
                 return item("ok", saved=recovered, reason="downloaded again from its result URL")
             if not self.resend_unconfirmed:
-                why = state.note or "it was sent and no answer was recorded (interrupted?)"
-                return item(
-                    "unconfirmed",
-                    reason=f"may have been billed, no image saved: {why}",
-                )
+                why = failure or state.why_unconfirmed
+                return item("unconfirmed", reason=f"may have been billed, no image saved: {why}")
         journal.note(name, "accepted", d=digest)
         self.started.add(index)
         result: EditResult = await self.client._edit(request, _JobWatcher(journal, name))
@@ -248,18 +250,20 @@ class _Batch:
         journal.note(name, "saved", files=[path.name for path in saved])
         return item("ok", result=result, saved=saved)
 
-    async def _download_again(self, name: str, state: JobState) -> tuple[Path, ...]:
-        """Save an answered job's images from their URLs, if they still work (it costs nothing)."""
+    async def _download_again(self, name: str, state: JobState) -> tuple[tuple[Path, ...], str]:
+        """Save an answered job's images from their URLs, if they still work (it costs nothing).
+
+        Returns the files saved, or why they could not be.
+        """
         if not state.urls or self.journal is None or self.folder is None:
-            return ()
+            return (), ""
         images = [ResultImage(url=url, downloader=self.client._downloader) for url in state.urls]
         try:
             saved = await _save_all(images, self.folder, name)
-        except FluxError as error:
-            state.note = f"the answer's images could not be saved ({type(error).__name__})"
-            return ()
+        except Exception as error:  # a URL from the journal is data: whatever fails, no image
+            return (), f"its answer's images could not be downloaded again ({type(error).__name__})"
         self.journal.note(name, "saved", files=[path.name for path in saved])
-        return saved
+        return saved, ""
 
     async def close(self) -> None:
         if self.journal is not None:

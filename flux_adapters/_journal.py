@@ -128,11 +128,17 @@ class JobState:
     note: str = ""
 
     def fold(self, record: dict[str, Any]) -> None:
-        """Take one record into account."""
+        """Take one record into account.
+
+        A journal may come from another version or be edited by hand: a value of the wrong
+        kind is read the cautious way (an answer without usable URLs, no files saved, a digest
+        that matches no request), never trusted and never an exception.
+        """
         kind = record.get("k")
-        provider = str(record.get("p", ""))
+        provider = str(record.get("p", ""))[:100]
         if kind == "accepted":
-            self.digest = str(record.get("d", ""))
+            digest = record.get("d", "")
+            self.digest = digest if isinstance(digest, str) else "?"
             self.files = []
         elif kind == "sent":
             self.open_sends.append(provider)
@@ -141,12 +147,26 @@ class JobState:
                 self.open_sends.remove(provider)
             if kind == "answered":
                 self.billed = True
-                self.urls = [str(url) for url in record.get("urls", [])]
+                urls = _strings(record.get("urls"))
+                self.urls = [url for url in urls if url.startswith(("https://", "http://"))]
             else:
                 self.billed = self.billed or record.get("proves") == "may be billed"
-                self.note = str(record.get("e", ""))
+                self.note = str(record.get("e", ""))[:300]
         elif kind == "saved":
-            self.files = [str(name) for name in record.get("files", [])]
+            files = _strings(record.get("files"))
+            # Only plain names in the folder: a path elsewhere was not saved by this batch.
+            if files and all(_plain_name(name) for name in files):
+                self.files = files
+
+    @property
+    def why_unconfirmed(self) -> str:
+        """What is known of a job that may have been billed, in words."""
+        if self.open_sends:
+            providers = ", ".join(dict.fromkeys(self.open_sends))
+            return f"it was sent to {providers} and no answer was recorded (interrupted?)"
+        if self.note:
+            return self.note
+        return "it was answered, and no image was saved from the answer"
 
     @property
     def may_be_billed(self) -> bool:
@@ -169,6 +189,17 @@ class JobState:
         return "retry" if self.note else "new"
 
 
+def _strings(value: object) -> list[str]:
+    """*value* if it is a list of strings, else an empty list."""
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return []
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
 def is_image_file(path: Path) -> bool:
     """Whether *path* is a readable file that starts like a png, jpeg or webp image."""
     from flux_adapters._files import SNIFF_BYTES, image_format
@@ -176,7 +207,7 @@ def is_image_file(path: Path) -> bool:
     try:
         with path.open("rb") as stream:
             return image_format(stream.read(SNIFF_BYTES)) is not None
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name
         return False
 
 

@@ -4,6 +4,7 @@ a journal edited by hand, a caller that stops reading, and what each promises af
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flux_adapters import errors
-from flux_adapters._journal import JOURNAL_NAME, JsonLines, read_lines
-from tests.test_batch import Provider, batch
+from flux_adapters import EditRequest, errors
+from flux_adapters._journal import JOURNAL_NAME, JsonLines, read_lines, request_digest
+from tests.test_batch import PNG, Provider, batch
 
 
 @contextmanager
@@ -54,3 +55,46 @@ def test_a_report_another_process_is_appending_to_is_not_cut(tmp_path: Path) -> 
     lines.append({"id": "c", "status": "ok"})
     lines.close()
     assert [record["id"] for record in read_lines(path)] == ["a", "c"]
+
+
+def journal_of(folder: Path, *records: dict[str, object]) -> None:
+    lines = [json.dumps(record) for record in records]
+    (folder / JOURNAL_NAME).write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"k": "answered", "p": "laozhang", "urls": 5},
+        {"k": "answered", "p": "laozhang", "urls": "https://cdn.example/p.png"},
+        {"k": "answered", "p": "laozhang", "urls": [None]},
+        {"k": "answered", "p": "laozhang", "urls": ["relative/p.png"]},
+        {"k": "answered", "p": "laozhang", "urls": ["https://" + "x" * 100_000]},
+        {"k": "saved", "files": 5},
+        {"k": "saved", "files": ["nul\0byte.png"]},
+        {"k": "saved", "files": ["../elsewhere.png"]},
+        {"k": "attempt", "p": [], "proves": 5, "e": {"x": 1}},
+        {"k": 5},
+    ],
+)
+def test_a_journal_edited_by_hand_or_by_another_version_never_breaks_a_rerun(
+    record: dict[str, object], tmp_path: Path
+) -> None:
+    # The job was sent; then a record of the wrong shape. It may have been billed: the rerun
+    # says so, sends nothing, and raises nothing.
+    (tmp_path / "elsewhere.png").write_bytes(PNG)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    digest = request_digest(EditRequest(prompt="p", model="flux-2-pro"))
+    journal_of(
+        folder,
+        {"id": "job", "k": "accepted", "d": digest},
+        {"id": "job", "k": "sent", "p": "laozhang"},
+        {"id": "job", **record},
+    )
+    provider = Provider()
+    [item] = batch(provider, ["p"], folder, names=["job"])
+    assert item.status == "unconfirmed", item
+    assert "may have been billed" in item.reason
+    assert provider.posts == {}
+    assert item.saved == ()
