@@ -138,7 +138,12 @@ class JobState:
         provider = str(record.get("p", ""))[:100]
         if kind == "accepted":
             digest = record.get("d", "")
-            self.digest = digest if isinstance(digest, str) else "?"
+            digest = digest if isinstance(digest, str) else "?"
+            if self.digest and digest != self.digest:
+                # Another request under this name (forced): what was known is of the old one,
+                # whose answer's URLs are not this request's image.
+                self.open_sends, self.billed, self.urls, self.note = [], False, [], ""
+            self.digest = digest
             self.files = []
         elif kind == "sent":
             self.open_sends.append(provider)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from flux_adapters import EditRequest, errors
@@ -98,3 +99,18 @@ def test_a_journal_edited_by_hand_or_by_another_version_never_breaks_a_rerun(
     assert "may have been billed" in item.reason
     assert provider.posts == {}
     assert item.saved == ()
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_forced_new_request_that_fails_is_never_given_the_old_requests_image(
+    status: int, tmp_path: Path
+) -> None:
+    provider = Provider({"a blue robot": lambda request: httpx.Response(status, content=b"x")})
+    batch(provider, ["a red robot"], tmp_path, names=["robot"])
+    [forced] = batch(provider, ["a blue robot"], tmp_path, names=["robot"], force=True)
+    assert forced.status == ("unconfirmed" if status == 500 else "failed")
+    [again] = batch(provider, ["a blue robot"], tmp_path, names=["robot"])
+    # Not "ok, downloaded again": the URL the journal holds is the red robot's.
+    assert again.status == forced.status
+    assert "downloaded again" not in again.reason
+    assert provider.posts["a blue robot"] == (1 if status == 500 else 2)
