@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from flux_adapters._files import remove_partial_files
-from flux_adapters._journal import JobState, Journal, is_image_file, request_digest
+from flux_adapters._journal import (
+    JobState,
+    Journal,
+    image_identities,
+    is_image_file,
+    request_digest,
+)
 from flux_adapters._options import is_number
 from flux_adapters.errors import ConfigurationError, FluxError, OutputError, RequestError, Violation
 from flux_adapters.request import EditRequest
@@ -220,10 +226,14 @@ class _Batch:
         digest = request_digest(request)
         known = name in journal.states
         state = journal.state(name)
-        verdict = state.verdict(digest, folder) if known else "new"
+        verdict = state.verdict(digest, folder, name) if known else "new"
         if verdict == "saved" and not self.force:
-            files = tuple(folder / file for file in state.files)
-            return item("skipped", saved=files, reason="already saved")
+            files = state.saved_files(folder, name)
+            if files != state.files:  # renamed into place, then a kill before it was recorded
+                journal.note(name, "saved", files=files)
+            return item(
+                "skipped", saved=tuple(folder / file for file in files), reason="already saved"
+            )
         if not known and not self.force:
             # A folder filled before it had a journal: an image named after the job is its own.
             found = [folder / f"{name}.{kind}" for kind in ("png", "jpeg", "webp")]
@@ -243,7 +253,8 @@ class _Batch:
             if not self.resend_unconfirmed:
                 why = failure or state.why_unconfirmed
                 return item("unconfirmed", reason=f"may have been billed, no image saved: {why}")
-        journal.note(name, "accepted", d=digest)
+        before = image_identities(folder, name)  # images that are not this run's, if any
+        journal.note(name, "accepted", d=digest, **({"old": before} if before else {}))
         self.started.add(index)
         result: EditResult = await self.client._edit(request, _JobWatcher(journal, name))
         saved = await _save_all(result.images, folder, name)

@@ -4,7 +4,8 @@ A batch that is killed (SIGKILL, power loss) must never re-send a job the provid
 billed. So before each request goes out, a ``sent`` record for its job is on disk (``fsync``);
 what happened next is recorded as it happens::
 
-    accepted   the job (its id and a digest of its request) was taken up
+    accepted   the job (its id and a digest of its request) was taken up; images already named
+               after it, if any, with their identity (a later one is this job's)
     sent       a request for it is about to go to a provider (durable before it goes)
     attempt    that request failed; its billing row says whether it may have been billed
     answered   a provider answered with the image(s); the result URLs, to download again
@@ -13,7 +14,10 @@ what happened next is recorded as it happens::
 Records of a job are folded into a `JobState`; `JobState.verdict` tells a rerun what to do.
 Group commit: one ``fsync`` covers every record that became ready while the previous one ran,
 so a batch of many jobs in flight pays for few ``fsync`` calls, and never sends a request
-before its record is durable.
+before its record is durable. The other records are written as soon as the previous write is
+done, without an ``fsync``: a kill (not a power loss) then loses none of them. An image renamed
+into place just before a kill, its ``saved`` record not yet written, is still recognised: it is
+not one of the images that were there when the job was accepted.
 
 A record is one JSON line written with a single ``write`` on an ``O_APPEND`` file, so a kill
 cannot tear it; a power loss can leave a partial last line, which `repair_tail` cuts off when
@@ -48,6 +52,7 @@ __all__ = [
     "JobState",
     "Journal",
     "JsonLines",
+    "image_identities",
     "is_image_file",
     "request_digest",
 ]
@@ -113,6 +118,7 @@ class JobState:
 
     Attributes:
         digest: The digest of the request it was accepted with.
+        before: Images named after the job when it was accepted: file name -> identity.
         open_sends: Providers sent to with no answer or failure recorded (a crash, a cancel).
         billed: Some provider may have billed it (an ambiguous failure, or an answer).
         urls: Result URLs of the last answer, to download again.
@@ -121,6 +127,7 @@ class JobState:
     """
 
     digest: str = ""
+    before: dict[str, str] = field(factory=dict)
     open_sends: list[str] = field(factory=list)
     billed: bool = False
     urls: list[str] = field(factory=list)
@@ -145,6 +152,8 @@ class JobState:
                 self.open_sends, self.billed, self.urls, self.note = [], False, [], ""
             self.digest = digest
             self.files = []
+            before = record.get("old", {})
+            self.before = before if _is_string_map(before) else {}
         elif kind == "sent":
             self.open_sends.append(provider)
         elif kind in ("attempt", "answered"):
@@ -178,7 +187,20 @@ class JobState:
         """Whether some provider may have done (and billed) the job."""
         return self.billed or bool(self.open_sends)
 
-    def verdict(self, digest: str, folder: Path) -> Verdict:
+    def saved_files(self, folder: Path, name: str = "") -> list[str]:
+        """The job's images in *folder*: those recorded as saved, if all are there and images.
+
+        Else, given the job's *name*, an image named after it that was not there (as it is)
+        when the job was accepted: a kill can come between its rename and its ``saved`` record.
+        """
+        if self.files and all(is_image_file(folder / file) for file in self.files):
+            return self.files
+        if not (name and self.may_be_billed):
+            return []  # nothing was made for this job: an image named after it is not its own
+        found = image_identities(folder, name)
+        return [file for file, identity in found.items() if self.before.get(file) != identity]
+
+    def verdict(self, digest: str, folder: Path, name: str = "") -> Verdict:
         """What a new run should do with this job (given its request's *digest* now).
 
         ``saved``: its images are on disk; ``changed``: its request is not the one the journal
@@ -187,11 +209,32 @@ class JobState:
         """
         if self.digest and digest != self.digest:
             return "changed"
-        if self.files and all(is_image_file(folder / name) for name in self.files):
+        if self.saved_files(folder, name):
             return "saved"
         if self.may_be_billed:
             return "unconfirmed"
         return "retry" if self.note else "new"
+
+
+def image_identities(folder: Path, name: str) -> dict[str, str]:
+    """The images named after job *name* in *folder* (``name.png`` ...): file name -> identity.
+
+    The identity (inode and modification time) changes when an image is renamed over the file.
+    """
+    found = {}
+    for kind in ("png", "jpeg", "webp"):
+        path = folder / f"{name}.{kind}"
+        try:
+            info = path.stat()
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(info.st_mode) and is_image_file(path):
+            found[path.name] = f"{info.st_ino}:{info.st_mtime_ns}"
+    return found
+
+
+def _is_string_map(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(item, str) for item in value.values())
 
 
 def _strings(value: object) -> list[str]:
@@ -404,27 +447,39 @@ class Journal:
         return self.states.get(job) or JobState()
 
     def note(self, job: str, kind: str, **values: object) -> None:
-        """Record something that need not be durable before the next step (flushed soon)."""
+        """Record something that need not be durable before the next step.
+
+        It is written as soon as the writes before it are done (so a kill does not lose it),
+        and made durable by the next ``fsync``.
+        """
         record: dict[str, object] = {"id": job, "k": kind, **values}
         self.states.setdefault(job, JobState()).fold(record)
         self._pending.append(JsonLines.encode(record))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def durable(self, job: str, kind: str, **values: object) -> None:
         """Record something, and return once it (and all noted before it) is on disk."""
-        self.note(job, kind, **values)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        self.note(job, kind, **values)
         await asyncio.shield(waiter)
 
     async def _flush(self) -> None:
-        while self._waiters:
+        while self._pending or self._waiters:
             data, self._pending = b"".join(self._pending), []
             waiters, self._waiters = self._waiters, []
             try:
-                await asyncio.to_thread(self._write_and_sync, data)
-            except OutputError as error:
+                await asyncio.to_thread(self._write, data, bool(waiters))
+            except Exception as exc:  # every waiter must hear of it, or it waits forever
+                error = (
+                    exc
+                    if isinstance(exc, OutputError)
+                    else OutputError(
+                        f"the journal could not be written ({type(exc).__name__})",
+                        path=str(self._lines.path),
+                    )
+                )
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_exception(error)
@@ -433,10 +488,11 @@ class Journal:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    def _write_and_sync(self, data: bytes) -> None:
+    def _write(self, data: bytes, sync: bool = True) -> None:
         if data:
             self._lines.write(data)
-        self._lines.sync()
+        if sync:
+            self._lines.sync()
 
     async def close(self) -> None:
         """Write and sync what is pending, then close."""
@@ -445,5 +501,5 @@ class Journal:
                 await self._flusher
         data, self._pending = b"".join(self._pending), []
         with contextlib.suppress(OutputError):
-            await asyncio.to_thread(self._write_and_sync, data)
+            await asyncio.to_thread(self._write, data)
         self._lines.close()

@@ -3,9 +3,11 @@ a journal edited by hand, a caller that stops reading, and what each promises af
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flux_adapters import EditRequest, errors
+from flux_adapters import AsyncFluxClient, EditRequest, errors
 from flux_adapters._journal import JOURNAL_NAME, JsonLines, read_lines, request_digest
-from tests.test_batch import PNG, Provider, batch
+from tests.test_batch import KEY, PNG, Provider, batch
 
 
 @contextmanager
@@ -114,3 +116,64 @@ def test_a_forced_new_request_that_fails_is_never_given_the_old_requests_image(
     assert again.status == forced.status
     assert "downloaded again" not in again.reason
     assert provider.posts["a blue robot"] == (1 if status == 500 else 2)
+
+
+def without(folder: Path, kinds: set[str]) -> None:
+    """The journal as a kill would have left it before records of *kinds* were written."""
+    path = folder / JOURNAL_NAME
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["k"] not in kinds]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def test_an_image_saved_just_before_a_kill_is_not_reported_unconfirmed(tmp_path: Path) -> None:
+    # Killed after the image was renamed into place, before its records reached the journal:
+    # the next run must not call it unconfirmed (a --resend-unconfirmed would pay again).
+    provider = Provider()
+    [first] = batch(provider, ["robot"], tmp_path, names=["robot"])
+    assert first.status == "ok"
+    without(tmp_path, {"answered", "saved"})
+    [again] = batch(provider, ["robot"], tmp_path, names=["robot"])
+    assert (again.status, again.saved) == ("skipped", (tmp_path / "robot.png",))
+    [third] = batch(provider, ["robot"], tmp_path, names=["robot"], resend_unconfirmed=True)
+    assert third.status == "skipped"  # recorded as saved by the second run
+    assert provider.posts == {"robot": 1}
+
+
+def test_an_old_image_under_a_forced_jobs_name_is_not_taken_for_its_new_one(
+    tmp_path: Path,
+) -> None:
+    provider = Provider()
+    batch(provider, ["a red robot"], tmp_path, names=["robot"])
+    old = (tmp_path / "robot.png").stat()
+    # Forced with a new request, killed after sending: robot.png is still the red robot.
+    provider.answers["a blue robot"] = lambda request: httpx.Response(500, content=b"x")
+    batch(provider, ["a blue robot"], tmp_path, names=["robot"], force=True)
+    without(tmp_path, {"attempt"})
+    assert (tmp_path / "robot.png").stat().st_ino == old.st_ino
+    [again] = batch(provider, ["a blue robot"], tmp_path, names=["robot"])
+    assert again.status == "unconfirmed"
+    assert "sent to laozhang" in again.reason
+
+
+def test_what_a_job_recorded_reaches_the_journal_without_waiting_for_the_batch_to_end(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / JOURNAL_NAME
+
+    async def run() -> set[str]:
+        transport = httpx.MockTransport(Provider())
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http)
+            requests = [EditRequest(prompt="robot", model="flux-2-pro")]
+            async for _ in client.edit_many(requests, output_dir=tmp_path, names=["robot"]):
+                # The batch is still open (a kill now loses what is only in memory).
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    kinds = {record["k"] for record in read_lines(journal)}
+                    if "saved" in kinds:
+                        return kinds
+                    await asyncio.sleep(0.01)
+                return kinds
+        return set()
+
+    assert asyncio.run(run()) >= {"accepted", "sent", "answered", "saved"}
