@@ -36,7 +36,7 @@ from flux_adapters._options import is_number
 from flux_adapters.errors import ConfigurationError, FluxError, OutputError, RequestError, Violation
 from flux_adapters.request import EditRequest
 from flux_adapters.result import BatchItem, BatchStatus, EditResult, ResultImage
-from flux_adapters.routing import BILLING_RULES, billing_rule
+from flux_adapters.routing import billing_rule
 
 if TYPE_CHECKING:
     from flux_adapters._flows import Outcome
@@ -47,7 +47,6 @@ __all__ = ["run_batch"]
 _ItemMaker = Callable[..., BatchItem]
 
 _MAX_NAME: Final = 200
-_MAY_BE_BILLED: Final = frozenset(r.name for r in BILLING_RULES if r.proves == "may be billed")
 
 
 def _name_problem(name: object) -> str:
@@ -76,9 +75,18 @@ def _numbered(
         yield index, name, request
 
 
-def _may_be_billed(error: FluxError) -> bool:
-    """Whether some attempt behind *error* may have been billed."""
-    return any(a.outcome == "ok" or a.billing in _MAY_BE_BILLED for a in error.attempts)
+def _finished_record(provider: str, reply: Outcome | FluxError) -> dict[str, object]:
+    """The journal record of an attempt at *provider* that ended with *reply*."""
+    if isinstance(reply, FluxError):
+        rule = billing_rule(reply)
+        return {
+            "k": "attempt",
+            "p": provider,
+            "b": rule.name,
+            "proves": rule.proves,
+            "e": f"{type(reply).__name__}: {reply}"[:300],
+        }
+    return {"k": "answered", "p": provider, "urls": [i.url for i in reply.answer.images if i.url]}
 
 
 class _JobWatcher:
@@ -92,19 +100,25 @@ class _JobWatcher:
         await self._journal.durable(self._job, "sent", p=provider)
 
     def finished(self, provider: str, reply: Outcome | FluxError) -> None:
-        if isinstance(reply, FluxError):
-            rule = billing_rule(reply)
-            self._journal.note(
-                self._job,
-                "attempt",
-                p=provider,
-                b=rule.name,
-                proves=rule.proves,
-                e=f"{type(reply).__name__}: {reply}"[:300],
-            )
-        else:
-            urls = [image.url for image in reply.answer.images if image.url]
-            self._journal.note(self._job, "answered", p=provider, urls=urls)
+        record = _finished_record(provider, reply)
+        self._journal.note(self._job, str(record.pop("k")), **record)
+
+
+class _MemoryWatcher:
+    """Without an output folder: what the journal would know of one job, kept in memory.
+
+    A job cut short after its request went out (a stop past its grace, a bug in a transport)
+    may have been billed; only this tells it apart from one that never left.
+    """
+
+    def __init__(self, state: JobState) -> None:
+        self._state = state
+
+    async def sending(self, provider: str) -> None:
+        self._state.fold({"k": "sent", "p": provider})
+
+    def finished(self, provider: str, reply: Outcome | FluxError) -> None:
+        self._state.fold(_finished_record(provider, reply))
 
 
 async def _save_all(images: Iterable[ResultImage], folder: Path, name: str) -> tuple[Path, ...]:
@@ -166,6 +180,8 @@ class _Batch:
         """Indexes of the jobs of this run whose name is theirs alone (valid and unique)."""
         self.started: set[int] = set()
         """Indexes of the jobs of this run that got as far as being recorded as accepted."""
+        self.memory: dict[int, JobState] = {}
+        """Without a journal: the jobs in flight, as the journal would know them."""
         self.interrupted = False
 
     async def run(self, index: int, name: object, request: object) -> BatchItem:
@@ -187,23 +203,26 @@ class _Batch:
             if not self.interrupted:
                 raise
             stopped = FluxError("interrupted: the batch was stopped while this job was in flight")
-            return item(self._status_after(index, shown, None), error=stopped)
+            return item(self._status_after(index, shown), error=stopped)
         except FluxError as error:
-            return item(self._status_after(index, shown, error), error=error)
+            return item(self._status_after(index, shown), error=error)
         except Exception as exc:  # a bug, in this library or a provider package: contained
             bug = FluxError(f"unexpected {type(exc).__name__}: {str(exc)[:200]}")
             bug.__cause__ = exc
-            return item(self._status_after(index, shown, None), error=bug)
+            return item(self._status_after(index, shown), error=bug)
+        finally:  # a batch of a million jobs keeps nothing per finished job but its name
+            self.named.discard(index)
+            self.started.discard(index)
+            self.memory.pop(index, None)
 
-    def _status_after(self, index: int, name: str, error: FluxError | None) -> BatchStatus:
+    def _status_after(self, index: int, name: str) -> BatchStatus:
         """``"unconfirmed"`` when this job may have been billed in this run, else ``"failed"``."""
         if index not in self.started:
             # Not sent in this run; but a job an earlier run may have had billed stays so.
             journal = self.journal if index in self.named else None
             return "unconfirmed" if journal and journal.state(name).may_be_billed else "failed"
-        if self.journal is not None:
-            return "unconfirmed" if self.journal.state(name).may_be_billed else "failed"
-        return "unconfirmed" if error is not None and _may_be_billed(error) else "failed"
+        state = self.journal.state(name) if self.journal is not None else self.memory.get(index)
+        return "unconfirmed" if state is not None and state.may_be_billed else "failed"
 
     async def _run(self, index: int, name: str, request: object, item: _ItemMaker) -> BatchItem:
         problem = _name_problem(name) if self.folder is not None else ""
@@ -221,7 +240,8 @@ class _Batch:
             )
         if self.journal is None or self.folder is None:
             self.started.add(index)
-            return item("ok", result=await self.client._edit(request, None))
+            watcher = _MemoryWatcher(self.memory.setdefault(index, JobState()))
+            return item("ok", result=await self.client._edit(request, watcher))
         journal, folder = self.journal, self.folder
         digest = request_digest(request)
         known = name in journal.states

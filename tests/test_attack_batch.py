@@ -17,6 +17,7 @@ import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, errors
 from flux_adapters._journal import JOURNAL_NAME, JsonLines, read_lines, request_digest
+from flux_adapters.result import BatchItem
 from tests.test_batch import KEY, PNG, Provider, batch
 
 
@@ -177,3 +178,33 @@ def test_what_a_job_recorded_reaches_the_journal_without_waiting_for_the_batch_t
         return set()
 
     assert asyncio.run(run()) >= {"accepted", "sent", "answered", "saved"}
+
+
+def test_without_a_folder_a_job_cut_short_after_sending_is_unconfirmed_not_failed() -> None:
+    # "failed" promises the job was not billed and may be sent again: not true of these.
+    async def run() -> dict[str, BatchItem]:
+        stop = asyncio.Event()
+
+        async def provider(request: httpx.Request) -> httpx.Response:
+            prompt = json.loads(request.content)["prompt"]
+            if prompt == "bug":
+                raise RuntimeError("a transport bug once the body went out")
+            if prompt == "busy":
+                return httpx.Response(503, content=b"busy")
+            stop.set()
+            await asyncio.sleep(30)  # "hang": in flight when the grace runs out
+            raise AssertionError("never answered")
+
+        prompts = ["bug", "busy", "hang"]
+        async with httpx.AsyncClient(transport=httpx.MockTransport(provider)) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http)
+            requests = [EditRequest(prompt=prompt, model="flux-2-pro") for prompt in prompts]
+            items = client.edit_many(requests, names=prompts, concurrency=3, stop=stop, grace=0.1)
+            return {item.name: item async for item in items}
+
+    items = asyncio.run(run())
+    assert {name: item.status for name, item in items.items()} == {
+        "bug": "unconfirmed",
+        "busy": "failed",
+        "hang": "unconfirmed",
+    }
