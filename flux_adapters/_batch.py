@@ -325,27 +325,38 @@ async def run_batch(
     folder = _open_folder(output_dir) if output_dir is not None else None
     batch = _Batch(client, folder, resend_unconfirmed=resend_unconfirmed, force=force)
     source = _numbered(requests, names)
-    results: asyncio.Queue[BatchItem | None] = asyncio.Queue()
+    # Bounded: a caller that reads slowly (or stopped reading without closing the iterator)
+    # holds the workers back instead of piling up results, images and all, in memory.
+    results: asyncio.Queue[BatchItem | None] = asyncio.Queue(maxsize=concurrency)
     failures: list[BaseException] = []
+    closing = asyncio.Event()  # set once this iterator is being closed
     # The batch's tasks run in their own context, so its per-provider gates stay its own.
     context = contextvars.copy_context()
     if per_provider is not None:
         gates = {name: asyncio.Semaphore(per_provider) for name in client.providers}
         context.run(_GATES.set, gates)
 
+    async def deliver(value: BatchItem | None) -> None:
+        while not closing.is_set():
+            try:
+                await results.put(value)
+                return
+            except asyncio.CancelledError:
+                if closing.is_set() or not batch.interrupted:
+                    raise
+                # The grace ran out while this item waited for the caller: it still goes out.
+
     async def work() -> None:
-        try:
-            while not (stop is not None and stop.is_set()) and not failures:
-                try:
-                    index, name, request = next(source)
-                except StopIteration:
-                    return
-                except Exception as exc:  # the caller's iterable failed: stop taking jobs
-                    failures.append(exc)
-                    return
-                results.put_nowait(await batch.run(index, name, request))
-        finally:
-            results.put_nowait(None)
+        while not (stop is not None and stop.is_set()) and not failures and not closing.is_set():
+            try:
+                index, name, request = next(source)
+            except StopIteration:
+                break
+            except Exception as exc:  # the caller's iterable failed: stop taking jobs
+                failures.append(exc)
+                break
+            await deliver(await batch.run(index, name, request))
+        await deliver(None)  # this worker is done (not needed once the iterator is closing)
 
     async def interrupt_after_grace() -> None:
         assert stop is not None
@@ -371,6 +382,7 @@ async def run_batch(
                 raise ConfigurationError("names= and requests have different lengths")
             raise failure
     finally:
+        closing.set()
         for task in [*workers, *([watchdog] if watchdog else [])]:
             task.cancel()
         await asyncio.gather(*workers, *([watchdog] if watchdog else []), return_exceptions=True)

@@ -824,6 +824,12 @@ class AsyncFluxClient(_ClientBase):
         Every failure of a job, of any kind, is yielded as that job's `BatchItem` with a typed
         error; the batch goes on.
 
+        To stop reading early, close the iterator (``async with contextlib.aclosing(...)``, or
+        ``await items.aclose()``): the jobs in flight are cancelled (a rerun reports those that
+        were sent as unconfirmed) and the journal is released. An iterator left open but no
+        longer read runs only the jobs in flight, and at most *concurrency* more whose items
+        wait to be read.
+
         Raises:
             ConfigurationError: *concurrency*, *per_provider* or *grace* are not usable, the
                 output folder cannot be used, or another batch is writing to it.

@@ -4,6 +4,7 @@ a journal edited by hand, a caller that stops reading, and what each promises af
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -208,3 +209,29 @@ def test_without_a_folder_a_job_cut_short_after_sending_is_unconfirmed_not_faile
         "busy": "failed",
         "hang": "unconfirmed",
     }
+
+
+def test_a_caller_that_stops_reading_stops_the_batch_from_running_on(tmp_path: Path) -> None:
+    provider = Provider()
+
+    async def run() -> tuple[int, int]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(provider)) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http)
+            requests = (EditRequest(prompt=f"p{n}", model="flux-2-pro") for n in range(300))
+            items = client.edit_many(requests, output_dir=tmp_path, concurrency=4)
+            async for _ in items:
+                break  # still holding `items`: it is not closed yet
+            await asyncio.sleep(0.5)  # long enough for 300 jobs on this transport
+            sent_while_held = sum(provider.posts.values())
+            async with contextlib.aclosing(items):
+                pass
+            return sent_while_held, sum(provider.posts.values())
+
+    held, closed = asyncio.run(run())
+    # The jobs in flight, and as many again waiting for the reader: not the other 290.
+    assert held <= 3 * 4, held
+    assert closed == held
+    # Closed: the journal is released, and the rerun sends only what was never sent.
+    items = batch(provider, [f"p{n}" for n in range(300)], tmp_path)
+    assert {item.status for item in items} <= {"ok", "skipped"}
+    assert set(provider.posts.values()) == {1}
