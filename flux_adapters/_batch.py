@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -313,7 +313,7 @@ async def run_batch(
     force: bool,
     stop: asyncio.Event | None,
     grace: float,
-) -> AsyncIterator[BatchItem]:
+) -> AsyncGenerator[BatchItem, None]:
     """See `AsyncFluxClient.edit_many`."""
     from flux_adapters.client import _GATES
 

@@ -37,7 +37,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
 
@@ -54,6 +54,7 @@ __all__ = [
     "JsonLines",
     "image_identities",
     "is_image_file",
+    "load_states",
     "request_digest",
 ]
 
@@ -411,6 +412,16 @@ def read_lines(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
+def load_states(path: Path, jobs: Container[str] | None = None) -> dict[str, JobState]:
+    """What the journal at *path* knows of each job (of *jobs* only, if given)."""
+    states: dict[str, JobState] = {}
+    for record in read_lines(path):
+        job = record.get("id")
+        if isinstance(job, str) and (jobs is None or job in jobs):
+            states.setdefault(job, JobState()).fold(record)
+    return states
+
+
 class Journal:
     """The journal of the batch writing to one folder; see the module docstring.
 
@@ -433,11 +444,7 @@ class Journal:
                 f"another batch is writing to {folder} (its journal is locked); wait for it or "
                 "choose another output folder"
             ) from None
-        self.states: dict[str, JobState] = {}
-        for record in read_lines(path):
-            job = record.get("id")
-            if isinstance(job, str):
-                self.states.setdefault(job, JobState()).fold(record)
+        self.states = load_states(path)
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None

@@ -707,7 +707,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import itertools
     import signal
 
-    from flux_adapters._journal import JsonLines
+    from flux_adapters._journal import JOURNAL_NAME, JsonLines, load_states
     from flux_adapters.client import AsyncFluxClient
 
     path: Path = arguments.file
@@ -725,9 +725,17 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         report.append({"id": name, "status": "failed", "error": f"RequestError: {error}"})
 
     interrupted = False
+    at_once = False
+    in_flight: set[str] = set()
+    """Ids taken from the file whose report line is not written yet."""
+
+    def taken(names: Iterator[str]) -> Iterator[str]:
+        for name in names:
+            in_flight.add(name)
+            yield name
 
     async def run() -> None:
-        nonlocal interrupted
+        nonlocal interrupted, at_once
         stop = asyncio.Event()
         main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
@@ -757,7 +765,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         async with client:
             items = client.edit_many(
                 (request for _, request in second),
-                names=(name for name, _ in first),
+                names=taken(name for name, _ in first),
                 concurrency=arguments.concurrency,
                 per_provider=arguments.per_provider,
                 output_dir=folder,
@@ -768,15 +776,29 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             )
             with _progress(total, err) as advance:
                 try:
-                    async for item in items:
-                        counts[item.status] += 1
-                        report.append(_report_line(item))
-                        advance(f"{item.name}: {item.status}")
+                    # Closed here even if writing the report fails: jobs stop before the client.
+                    async with contextlib.aclosing(items):
+                        async for item in items:
+                            counts[item.status] += 1
+                            report.append(_report_line(item))
+                            in_flight.discard(item.name)
+                            advance(f"{item.name}: {item.status}")
                 except asyncio.CancelledError:
-                    pass
+                    at_once = True
 
     try:
-        asyncio.run(run())
+        with contextlib.suppress(asyncio.CancelledError):  # a second signal after the batch
+            asyncio.run(run())
+        if at_once and in_flight:
+            # Stopped at once: the jobs in flight have no item. The journal (closed now) says
+            # which of them may have been billed; they must not vanish from the report.
+            states = load_states(folder / JOURNAL_NAME, in_flight)
+            for name in sorted(in_flight):
+                state = states.get(name)
+                if state is not None and state.may_be_billed:
+                    counts["unconfirmed"] += 1
+                    reason = f"may have been billed, no image saved: stopped at once; {state.why_unconfirmed}"
+                    report.append({"id": name, "status": "unconfirmed", "reason": reason})
     finally:
         report.close()
     done = sum(counts.values())

@@ -15,7 +15,7 @@ import io
 import os
 import time
 from collections.abc import (
-    AsyncIterator,
+    AsyncGenerator,
     Callable,
     Generator,
     Iterable,
@@ -796,7 +796,7 @@ class AsyncFluxClient(_ClientBase):
         force: bool = False,
         stop: asyncio.Event | None = None,
         grace: float = 30.0,
-    ) -> AsyncIterator[BatchItem]:
+    ) -> AsyncGenerator[BatchItem, None]:
         """Run many edits at once; yield each `BatchItem` as soon as it finishes.
 
         With *output_dir*, each image is saved there the moment it is ready (result URLs expire

@@ -8,6 +8,9 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +21,7 @@ import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, errors
 from flux_adapters._journal import JOURNAL_NAME, JsonLines, read_lines, request_digest
+from flux_adapters.emulator import Fault, run_emulator
 from flux_adapters.result import BatchItem
 from tests.test_batch import KEY, PNG, Provider, batch
 
@@ -235,3 +239,36 @@ def test_a_caller_that_stops_reading_stops_the_batch_from_running_on(tmp_path: P
     items = batch(provider, [f"p{n}" for n in range(300)], tmp_path)
     assert {item.status for item in items} <= {"ok", "skipped"}
     assert set(provider.posts.values()) == {1}
+
+
+def test_a_second_ctrl_c_still_reports_the_jobs_it_cut_short(tmp_path: Path) -> None:
+    source, folder = tmp_path / "jobs.jsonl", tmp_path / "out"
+    lines = [json.dumps({"id": f"job-{n:02d}", "prompt": f"job {n}"}) for n in range(40)]
+    source.write_text("\n".join(lines) + "\n")
+    with run_emulator() as emulator:
+        emulator.inject("laozhang", Fault(delay=2.0))
+        environment = os.environ | {
+            "LAOZHANG_API_KEY": KEY,
+            "LAOZHANG_BASE_URL": emulator.base_url("laozhang"),
+        }
+        command = [sys.executable, "-m", "flux_adapters", "batch", str(source), "-o", str(folder), "-p", "laozhang", "--concurrency", "4"]  # fmt: skip
+        with subprocess.Popen(
+            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as process:
+            deadline = time.monotonic() + 20
+            while len(emulator.calls()) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.1)
+            process.send_signal(signal.SIGINT)  # at once: the four in flight are cut short
+            out, err = process.communicate(timeout=30)
+        sent = len(emulator.calls())
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    report = [json.loads(line) for line in (folder / "report.jsonl").read_text().splitlines()]
+    # Each job that went out is in the report, as unconfirmed (it may have been billed), and
+    # counted so in the summary, not as "not started".
+    assert len(report) == sent == 4
+    assert {line["status"] for line in report} == {"unconfirmed"}
+    assert "4 unconfirmed" in out
+    assert "36 not started" in out
