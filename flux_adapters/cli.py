@@ -412,6 +412,21 @@ def _check_output_file(path: Path) -> None:
         check_target(path)
 
 
+def _check_not_the_journal(report: Path, folder: Path) -> None:
+    """Refuse a report that is the batch's own journal (its lines would go into it)."""
+    from flux_adapters._journal import JOURNAL_NAME
+
+    journal = folder / JOURNAL_NAME
+    try:
+        same = report.resolve() == journal.resolve() or os.path.samefile(report, journal)
+    except (OSError, ValueError, RuntimeError):  # one of them does not exist yet, a loop ...
+        same = False
+    if same:
+        raise errors.OutputError(
+            "is the batch's journal; choose another file for the report", path=str(report)
+        )
+
+
 def _images(values: Sequence[str]) -> list[str | Path]:
     return [value if value.startswith(_URL_PREFIXES) else Path(value) for value in values]
 
@@ -596,8 +611,16 @@ _BATCH_FIELDS = {
 
 
 def _batch_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
-    """Each non-blank line of the JSONL file: its number and its object, or what is wrong."""
-    with path.open("rb") as stream:
+    """Each non-blank line of the JSONL file: its number and its object, or what is wrong.
+
+    Raises:
+        RequestError: It is no longer a regular file (a FIFO put in its place is not waited on).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            violation = errors.Violation("file", "is not a regular file", "a JSONL file", str(path))
+            raise errors.RequestError([violation])
         for number, raw in enumerate(stream, start=1):
             if not raw.strip():
                 continue
@@ -657,8 +680,19 @@ def _batch_jobs(
     from flux_adapters.request import EditRequest
 
     for number, item in _batch_lines(path):
-        assert isinstance(item, dict)  # checked by _check_batch_file
+        # Checked by _check_batch_file; but lines added or edited since then are checked here.
+        where = f"{path.name}:{number}"
+        if isinstance(item, str):
+            line = errors.Violation(where, item, "a JSON object per line", "line")
+            refused(str(number), errors.RequestError([line]))
+            continue
         name = _batch_id(number, item)
+        unknown = sorted(set(item) - _BATCH_FIELDS - {"id"})
+        if unknown:
+            allowed = ", ".join(sorted(_BATCH_FIELDS))
+            line = errors.Violation(where, "unknown fields", allowed, str(unknown))
+            refused(name, errors.RequestError([line]))
+            continue
         fields = {key: value for key, value in item.items() if key != "id"}
         images = fields.get("images", [])
         fields["images"] = (
@@ -1095,7 +1129,9 @@ def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         return done.code if isinstance(done.code, int) else EXIT_OK
     if arguments.command == "batch":  # then _batch checks every line, also before sending
         _check_folder(arguments.output)
-        _check_output_file(arguments.report or arguments.output / "report.jsonl")
+        report = arguments.report or arguments.output / "report.jsonl"
+        _check_output_file(report)
+        _check_not_the_journal(report, arguments.output)
     commands: dict[str, Callable[[], int]] = {
         "edit": lambda: _edit(arguments, out, err),
         "conformance": lambda: _conformance(arguments, out, err),

@@ -272,3 +272,40 @@ def test_a_second_ctrl_c_still_reports_the_jobs_it_cut_short(tmp_path: Path) -> 
     assert {line["status"] for line in report} == {"unconfirmed"}
     assert "4 unconfirmed" in out
     assert "36 not started" in out
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+    environment = os.environ | {"LAOZHANG_API_KEY": KEY, "LAOZHANG_BASE_URL": "http://127.0.0.1:9"}
+    return subprocess.run(
+        [sys.executable, "-m", "flux_adapters", "batch", *arguments, "-p", "laozhang"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_report_that_is_the_journal_itself_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "jobs.jsonl"
+    source.write_text('{"id": "a", "prompt": "p"}\n')
+    folder = tmp_path / "out"
+    done = run_cli(str(source), "-o", str(folder), "--report", str(folder / JOURNAL_NAME))
+    assert done.returncode == 7, done.stderr
+    assert "journal" in done.stderr
+    assert not (folder / JOURNAL_NAME).exists()
+
+
+def test_lines_added_to_the_file_while_the_batch_runs_are_checked_too(tmp_path: Path) -> None:
+    # The file is read twice: checked whole, then lazily as jobs are taken. A line added in
+    # between (a careless edit) is that line's failure, not the end of the batch.
+    from flux_adapters.cli import _batch_jobs
+
+    source = tmp_path / "jobs.jsonl"
+    source.write_text('{"id": "a", "prompt": "p"}\n')
+    refused: list[str] = []
+    jobs = _batch_jobs(source, lambda name, error: refused.append(name))
+    assert next(jobs)[0] == "a"
+    with source.open("a") as stream:
+        stream.write('not json\n{"id": "c", "promt": "typo"}\n{"id": "d", "prompt": "p"}\n')
+    assert [name for name, _ in jobs] == ["d"]
+    assert refused == ["2", "c"]
