@@ -277,7 +277,20 @@ class _Batch:
         journal.note(name, "accepted", d=digest, **({"old": before} if before else {}))
         self.started.add(index)
         result: EditResult = await self.client._edit(request, _JobWatcher(journal, name))
-        saved = await _save_all(result.images, folder, name)
+        try:
+            saved = await _save_all(result.images, folder, name)
+        except FluxError as error:
+            # Paid for, and not lost yet: the result goes back to the caller, and the journal
+            # keeps its URLs for a rerun.
+            again = "a rerun downloads it again while its URL lasts (about 10 minutes)"
+            inline = "it came inline, not as a URL: the item's result holds it"
+            why = again if any(image.url for image in result.images) else inline
+            return item(
+                "unconfirmed",
+                result=result,
+                error=error,
+                reason=f"answered (billed), but its image could not be saved; {why}",
+            )
         journal.note(name, "saved", files=[path.name for path in saved])
         return item("ok", result=result, saved=saved)
 

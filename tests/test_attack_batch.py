@@ -309,3 +309,20 @@ def test_lines_added_to_the_file_while_the_batch_runs_are_checked_too(tmp_path: 
         stream.write('not json\n{"id": "c", "promt": "typo"}\n{"id": "d", "prompt": "p"}\n')
     assert [name for name, _ in jobs] == ["d"]
     assert refused == ["2", "c"]
+
+
+def test_a_paid_image_that_cannot_be_saved_comes_back_and_a_rerun_saves_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "robot.png").mkdir()  # the image cannot be renamed into place
+    provider = Provider()
+    [item] = batch(provider, ["robot"], tmp_path, names=["robot"])
+    assert item.status == "unconfirmed"
+    assert isinstance(item.error, errors.OutputError)
+    assert item.result is not None  # paid for: the caller still has it
+    assert item.result.images[0].url == "https://cdn.example/robot.png"
+    assert "a rerun downloads it again" in item.reason
+    (tmp_path / "robot.png").rmdir()
+    [again] = batch(provider, ["robot"], tmp_path, names=["robot"])
+    assert (again.status, again.saved) == ("ok", (tmp_path / "robot.png",))
+    assert provider.posts == {"robot": 1}
