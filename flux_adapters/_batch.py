@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import unicodedata
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from flux_adapters._flows import Outcome
     from flux_adapters.client import AsyncFluxClient
 
-__all__ = ["run_batch"]
+__all__ = ["file_key", "run_batch"]
 
 _ItemMaker = Callable[..., BatchItem]
 
@@ -62,6 +63,15 @@ def _name_problem(name: object) -> str:
     if name.encode("utf-8", errors="replace").decode() != name:
         return "must be valid text (no lone surrogate)"
     return ""
+
+
+def file_key(name: str) -> str:
+    """What *name* is as a file name where case and Unicode normalisation do not count.
+
+    macOS (APFS, HFS+) and Windows ignore case, and macOS ignores normalisation (``é`` as one
+    code point or as ``e`` and an accent): two names with one key are one file there.
+    """
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
 
 
 def _numbered(
@@ -226,12 +236,12 @@ class _Batch:
 
     async def _run(self, index: int, name: str, request: object, item: _ItemMaker) -> BatchItem:
         problem = _name_problem(name) if self.folder is not None else ""
-        # Case-insensitively: two names that differ only in case are one file on some systems.
-        if not problem and name.casefold() in self.seen:
+        # Two names that differ only in case or normalisation are one file on macOS (file_key).
+        if not problem and file_key(name) in self.seen:
             problem = "is used by another job of this batch"
         if problem:
             raise RequestError([Violation("name", problem, "a unique plain file name", name)])
-        self.seen.add(name.casefold())
+        self.seen.add(file_key(name))
         self.named.add(index)
         if not isinstance(request, EditRequest):
             kind = type(request).__name__

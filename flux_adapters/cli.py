@@ -644,7 +644,7 @@ def _check_batch_file(path: Path) -> int:
         RequestError: Lines that are not JSON objects, or whose id is missing, unsafe or
             repeated, or that have unknown fields (the first few, with their line numbers).
     """
-    from flux_adapters._batch import _name_problem
+    from flux_adapters._batch import _name_problem, file_key
 
     problems: list[errors.Violation] = []
     seen: set[str] = set()
@@ -656,11 +656,11 @@ def _check_batch_file(path: Path) -> int:
             problems.append(errors.Violation(where, item, "a JSON object per line", "line"))
             continue
         name = _batch_id(number, item)
-        # Case-insensitively: two ids that differ only in case are one file on macOS and Windows.
-        trouble = _name_problem(name) or ("is used twice" if name.casefold() in seen else "")
+        # Two ids that differ only in case or normalisation are one file on macOS (file_key).
+        trouble = _name_problem(name) or ("is used twice" if file_key(name) in seen else "")
         if trouble:
             problems.append(errors.Violation(where, f"id {trouble}", "a unique file name", name))
-        seen.add(name.casefold())
+        seen.add(file_key(name))
         unknown = sorted(set(item) - _BATCH_FIELDS - {"id"})
         if unknown:
             problems.append(

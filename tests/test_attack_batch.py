@@ -326,3 +326,14 @@ def test_a_paid_image_that_cannot_be_saved_comes_back_and_a_rerun_saves_it(
     [again] = batch(provider, ["robot"], tmp_path, names=["robot"])
     assert (again.status, again.saved) == ("ok", (tmp_path / "robot.png",))
     assert provider.posts == {"robot": 1}
+
+
+def test_names_that_differ_only_in_unicode_normalisation_are_one_file_and_refused(
+    tmp_path: Path,
+) -> None:
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # one file on macOS
+    provider = Provider()
+    names = [composed, decomposed.upper()]
+    items = batch(provider, ["one", "two"], tmp_path, names=names, concurrency=1)
+    assert [item.status for item in items] == ["ok", "failed"]
+    assert provider.posts == {"one": 1}
