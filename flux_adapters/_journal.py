@@ -412,6 +412,20 @@ def read_lines(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
+def _sync_directory(folder: Path) -> None:
+    """Make the entries of *folder* durable (where the system can; some cannot sync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # EINVAL: this file system does not sync folders
+        pass
+    finally:
+        os.close(fd)
+
+
 def load_states(path: Path, jobs: Container[str] | None = None) -> dict[str, JobState]:
     """What the journal at *path* knows of each job (of *jobs* only, if given)."""
     states: dict[str, JobState] = {}
@@ -445,6 +459,8 @@ class Journal:
                 "choose another output folder"
             ) from None
         self.states = load_states(path)
+        self._entry_durable = False
+        """Whether the journal's own directory entry (and its folder's) has been synced."""
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -500,6 +516,13 @@ class Journal:
             self._lines.write(data)
         if sync:
             self._lines.sync()
+            if not self._entry_durable:
+                # An fsync of a new file does not make its name durable: after a power loss the
+                # journal (or the folder just made for it) could be gone, with the jobs it
+                # recorded as sent. Its folder, and that folder's parent, are synced once.
+                _sync_directory(self.folder)
+                _sync_directory(self.folder.absolute().parent)
+                self._entry_durable = True
 
     async def close(self) -> None:
         """Write and sync what is pending, then close."""

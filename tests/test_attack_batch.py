@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from flux_adapters import AsyncFluxClient, EditRequest, errors
 from flux_adapters._journal import JOURNAL_NAME, JsonLines, read_lines, request_digest
 from flux_adapters.emulator import Fault, run_emulator
 from flux_adapters.result import BatchItem
+from flux_adapters.routing import RoutingPolicy
 from tests.test_batch import KEY, PNG, Provider, batch
 
 
@@ -337,3 +339,73 @@ def test_names_that_differ_only_in_unicode_normalisation_are_one_file_and_refuse
     items = batch(provider, ["one", "two"], tmp_path, names=names, concurrency=1)
     assert [item.status for item in items] == ["ok", "failed"]
     assert provider.posts == {"one": 1}
+
+
+def test_every_request_that_goes_out_has_its_sent_record_on_disk_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Retries after a 429, failover after a 503 and a refused connection: each request sent.
+    folder = tmp_path / "new" / "out"
+    synced: list[tuple[int, int]] = []  # (inode, size) of each fsync'd file or folder
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        found = os.fstat(fd)
+        synced.append((found.st_ino, found.st_size))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("AIMLAPI_API_KEY", KEY)
+    posts: Counter[tuple[str, str]] = Counter()
+    asked: Counter[str] = Counter()
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, content=PNG)
+        name = "laozhang" if "laozhang" in request.url.host else "aimlapi"
+        prompt = str(json.loads(request.content)["prompt"])
+        journal = folder / JOURNAL_NAME
+        inode = journal.stat().st_ino
+        durable = max((size for ino, size in synced if ino == inode), default=0)
+        records = [json.loads(line) for line in journal.read_bytes()[:durable].splitlines()]
+        sent = sum(1 for r in records if r == {"id": prompt, "k": "sent", "p": name})
+        posts[prompt, name] += 1
+        assert sent >= posts[prompt, name], (prompt, name)  # one durable record per request
+        # ... and the journal's name, and its new folder's, were made durable too.
+        assert {folder.stat().st_ino, folder.parent.stat().st_ino} <= {ino for ino, _ in synced}
+        asked[prompt] += 1
+        if name == "laozhang" and prompt == "slow-down" and asked[prompt] == 1:
+            return httpx.Response(429, headers={"retry-after": "0"}, content=b"{}")
+        if name == "laozhang" and prompt == "busy":
+            return httpx.Response(503, content=b"{}")
+        if name == "laozhang" and prompt == "refused":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, json={"data": [{"url": f"https://cdn.example/{prompt}.png"}]})
+
+    async def run() -> list[BatchItem]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(provider)) as http:
+            client = AsyncFluxClient(
+                providers=["laozhang", "aimlapi"],
+                http_client=http,
+                policy=RoutingPolicy(retries=1, backoff=0, cooldown=0),
+            )
+            prompts = ["slow-down", "busy", "refused", "plain"]
+            requests = [EditRequest(prompt=p, model="flux-2-pro", size="512x512") for p in prompts]
+            items = client.edit_many(requests, names=prompts, output_dir=folder, concurrency=4)
+            return [item async for item in items]
+
+    items = asyncio.run(run())
+    assert {item.name: item.status for item in items} == dict.fromkeys(
+        ["slow-down", "busy", "refused", "plain"], "ok"
+    )
+    assert posts == Counter(
+        {
+            ("slow-down", "laozhang"): 2,
+            ("busy", "laozhang"): 1,
+            ("busy", "aimlapi"): 1,
+            ("refused", "laozhang"): 2,
+            ("refused", "aimlapi"): 1,
+            ("plain", "laozhang"): 1,
+        }
+    )
