@@ -74,8 +74,27 @@ def file_key(name: str) -> str:
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
 
 
+def _iterable(value: object, argument: str) -> Iterator[object]:
+    """An iterator over *value*, a list or generator of the caller's (not one item, not a str).
+
+    Raises:
+        ConfigurationError: It is not one.
+    """
+    if isinstance(value, str | bytes | EditRequest):
+        raise ConfigurationError(
+            f"{argument} must be a list or an iterable (one per job), not a single "
+            f"{type(value).__name__}"
+        )
+    try:
+        return iter(value)  # type: ignore[call-overload,no-any-return]
+    except TypeError:
+        raise ConfigurationError(
+            f"{argument} must be a list or an iterable, not {type(value).__name__}"
+        ) from None
+
+
 def _numbered(
-    requests: Iterable[object], names: Iterable[object] | None
+    requests: Iterator[object], names: Iterator[object] | None
 ) -> Iterator[tuple[int, object, object]]:
     if names is None:
         for index, request in enumerate(requests):
@@ -345,9 +364,11 @@ async def run_batch(
     )
     if stop is not None and not isinstance(stop, asyncio.Event):
         raise ConfigurationError("stop= must be an asyncio.Event")
+    jobs = _iterable(requests, "requests")
+    named = _iterable(names, "names=") if names is not None else None
     folder = _open_folder(output_dir) if output_dir is not None else None
     batch = _Batch(client, folder, resend_unconfirmed=resend_unconfirmed, force=force)
-    source = _numbered(requests, names)
+    source = _numbered(jobs, named)
     # Bounded: a caller that reads slowly (or stopped reading without closing the iterator)
     # holds the workers back instead of piling up results, images and all, in memory.
     results: asyncio.Queue[BatchItem | None] = asyncio.Queue(maxsize=concurrency)

@@ -831,8 +831,12 @@ class AsyncFluxClient(_ClientBase):
         wait to be read.
 
         Raises:
-            ConfigurationError: *concurrency*, *per_provider* or *grace* are not usable, the
-                output folder cannot be used, or another batch is writing to it.
+            ConfigurationError: *requests* or *names* is not a list or iterable (one request, a
+                string), *concurrency*, *per_provider* or *grace* are not usable, the output
+                folder cannot be used, or another batch is writing to it; or, after the jobs
+                already taken, *names* and *requests* turned out to have different lengths.
+            Exception: Whatever the caller's *requests* or *names* iterable raised, once the
+                jobs already taken have been yielded.
         """
         from flux_adapters._batch import run_batch  # lazy: only batches need it
 

@@ -409,3 +409,27 @@ def test_every_request_that_goes_out_has_its_sent_record_on_disk_first(
             ("plain", "laozhang"): 1,
         }
     )
+
+
+@pytest.mark.parametrize(
+    ("requests", "names", "problem"),
+    [
+        (EditRequest(prompt="p", model="flux-2-pro"), None, "not a single EditRequest"),
+        (None, None, "not NoneType"),
+        ([EditRequest(prompt="p", model="flux-2-pro")], 5, "not int"),
+        ([EditRequest(prompt="p", model="flux-2-pro")] * 3, "abc", "not a single str"),
+    ],
+)
+def test_requests_or_names_that_are_not_a_list_are_refused_before_anything(
+    requests: object, names: object, problem: str, tmp_path: Path
+) -> None:
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(Provider())) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http)
+            items = client.edit_many(requests, names=names, output_dir=tmp_path / "out")  # type: ignore[arg-type]
+            async for _ in items:
+                pass
+
+    with pytest.raises(errors.ConfigurationError, match=problem):
+        asyncio.run(run())
+    assert not (tmp_path / "out").exists()
