@@ -23,8 +23,11 @@ import pytest
 from flux_adapters import AsyncFluxClient, EditRequest, errors
 from flux_adapters._journal import JOURNAL_NAME, JsonLines, read_lines, request_digest
 from flux_adapters.emulator import Fault, run_emulator
+from flux_adapters.providers import Answer
+from flux_adapters.providers.laozhang import LaozhangAdapter
 from flux_adapters.result import BatchItem
 from flux_adapters.routing import RoutingPolicy
+from flux_adapters.wire import HttpResponse
 from tests.test_batch import KEY, PNG, Provider, batch
 
 
@@ -433,3 +436,42 @@ def test_requests_or_names_that_are_not_a_list_are_refused_before_anything(
     with pytest.raises(errors.ConfigurationError, match=problem):
         asyncio.run(run())
     assert not (tmp_path / "out").exists()
+
+
+class _ReadsAnswersBadly(LaozhangAdapter):
+    """An adapter from another package that raises typed errors of the wrong kind on answers."""
+
+    def __init__(self, error: errors.FluxError) -> None:
+        self.error = error
+
+    def parse_response(self, response: HttpResponse) -> Answer:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.RequestError([errors.Violation("answer", "unexpected", "a known shape", "?")]),
+        errors.TransportError("could not read", provider="laozhang", sent=False),
+        errors.FluxError("something"),
+    ],
+)
+def test_an_adapter_failing_on_an_answer_never_makes_it_look_not_taken(
+    error: errors.FluxError, tmp_path: Path
+) -> None:
+    # The provider answered 200: it did the job. "Not taken" would retry at once, fail over, or
+    # let a rerun send it again; all pay twice.
+    provider = Provider()
+
+    async def run() -> list[BatchItem]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(provider)) as http:
+            client = AsyncFluxClient(_ReadsAnswersBadly(error), api_key=KEY, http_client=http)
+            requests = [EditRequest(prompt="robot", model="flux-2-pro")]
+            return [i async for i in client.edit_many(requests, output_dir=tmp_path, names=["r"])]
+
+    [item] = asyncio.run(run())
+    assert item.status == "unconfirmed"
+    assert isinstance(item.error, errors.ResponseFormatError)
+    [again] = asyncio.run(run())
+    assert again.status == "unconfirmed"
+    assert provider.posts == {"robot": 1}
