@@ -21,7 +21,7 @@ import asyncio
 import contextvars
 import os
 import unicodedata
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -104,10 +104,15 @@ def _numbered(
         yield index, name, request
 
 
-def _finished_record(provider: str, reply: Outcome | FluxError) -> dict[str, object]:
-    """The journal record of an attempt at *provider* that ended with *reply*."""
+def _finished_record(
+    provider: str, reply: Outcome | FluxError, not_taken: Mapping[int, str] | None
+) -> dict[str, object]:
+    """The journal record of an attempt at *provider* that ended with *reply*.
+
+    Judged by the same rule as the router's (with the statuses the adapter says are not billed).
+    """
     if isinstance(reply, FluxError):
-        rule = billing_rule(reply)
+        rule = billing_rule(reply, not_taken)
         return {
             "k": "attempt",
             "p": provider,
@@ -128,8 +133,10 @@ class _JobWatcher:
     async def sending(self, provider: str) -> None:
         await self._journal.durable(self._job, "sent", p=provider)
 
-    def finished(self, provider: str, reply: Outcome | FluxError) -> None:
-        record = _finished_record(provider, reply)
+    def finished(
+        self, provider: str, reply: Outcome | FluxError, not_taken: Mapping[int, str] | None
+    ) -> None:
+        record = _finished_record(provider, reply, not_taken)
         self._journal.note(self._job, str(record.pop("k")), **record)
 
 
@@ -146,8 +153,10 @@ class _MemoryWatcher:
     async def sending(self, provider: str) -> None:
         self._state.fold({"k": "sent", "p": provider})
 
-    def finished(self, provider: str, reply: Outcome | FluxError) -> None:
-        self._state.fold(_finished_record(provider, reply))
+    def finished(
+        self, provider: str, reply: Outcome | FluxError, not_taken: Mapping[int, str] | None
+    ) -> None:
+        self._state.fold(_finished_record(provider, reply, not_taken))
 
 
 async def _save_all(images: Iterable[ResultImage], folder: Path, name: str) -> tuple[Path, ...]:

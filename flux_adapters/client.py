@@ -274,8 +274,10 @@ class Watcher(Protocol):
     async def sending(self, provider: str) -> None:
         """A request for the job is about to go to *provider*; raise to stop it going."""
 
-    def finished(self, provider: str, reply: Outcome | FluxError) -> None:
-        """The attempt at *provider* ended with *reply*."""
+    def finished(
+        self, provider: str, reply: Outcome | FluxError, not_taken: Mapping[int, str] | None
+    ) -> None:
+        """The attempt at *provider* ended with *reply* (judged with its *not_taken* statuses)."""
 
 
 def _default_policy(provider_count: int, **settings: Any) -> RoutingPolicy:
@@ -757,7 +759,7 @@ class AsyncFluxClient(_ClientBase):
             finally:
                 flow.close()
             if watcher is not None:
-                watcher.finished(name, reply)
+                watcher.finished(name, reply, getattr(binding.adapter, "not_taken", None))
             return reply
 
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -475,3 +476,27 @@ def test_an_adapter_failing_on_an_answer_never_makes_it_look_not_taken(
     [again] = asyncio.run(run())
     assert again.status == "unconfirmed"
     assert provider.posts == {"robot": 1}
+
+
+class _DocumentsA500AsNotBilled(LaozhangAdapter):
+    not_taken: ClassVar[dict[int, str]] = {500: "https://docs.example/billing"}
+
+
+def test_the_journal_judges_an_attempt_by_the_same_rule_as_the_router(tmp_path: Path) -> None:
+    # The adapter cites its document: a 500 is not billed. The router fails over on it; the
+    # journal must not call the job "may have been billed" (unconfirmed, never sent again).
+    provider = Provider({"robot": lambda request: httpx.Response(500, content=b"down")})
+
+    async def run() -> list[BatchItem]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(provider)) as http:
+            client = AsyncFluxClient(_DocumentsA500AsNotBilled(), api_key=KEY, http_client=http)
+            requests = [EditRequest(prompt="robot", model="flux-2-pro")]
+            return [i async for i in client.edit_many(requests, output_dir=tmp_path, names=["r"])]
+
+    [item] = asyncio.run(run())
+    assert item.error is not None
+    assert [a.billing for a in item.error.attempts] == ["provider-rule"]
+    assert item.status == "failed"
+    provider.answers.clear()
+    [again] = asyncio.run(run())
+    assert again.status == "ok"
