@@ -614,9 +614,14 @@ def _batch_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
     """Each non-blank line of the JSONL file: its number and its object, or what is wrong.
 
     Raises:
-        RequestError: It is no longer a regular file (a FIFO put in its place is not waited on).
+        RequestError: It cannot be read, or is no longer a regular file (it was replaced since
+            the command started: a FIFO in its place is not waited on).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        violation = errors.Violation("file", _reason(exc), "a readable JSONL file", str(path))
+        raise errors.RequestError([violation]) from None
     with os.fdopen(fd, "rb") as stream:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             violation = errors.Violation("file", "is not a regular file", "a JSONL file", str(path))

@@ -500,3 +500,16 @@ def test_the_journal_judges_an_attempt_by_the_same_rule_as_the_router(tmp_path: 
     provider.answers.clear()
     [again] = asyncio.run(run())
     assert again.status == "ok"
+
+
+def test_a_requests_file_gone_or_replaced_by_a_fifo_after_the_check_is_a_typed_error(
+    tmp_path: Path,
+) -> None:
+    from flux_adapters.cli import _batch_jobs
+
+    source = tmp_path / "jobs.jsonl"
+    with pytest.raises(errors.RequestError, match="No such file"):
+        next(_batch_jobs(source, lambda name, error: None))
+    os.mkfifo(source)  # opened without waiting for a writer, and refused
+    with pytest.raises(errors.RequestError, match="not a regular file"):
+        next(_batch_jobs(source, lambda name, error: None))
