@@ -220,7 +220,8 @@ class _Batch:
         """Indexes of the jobs of this run that got as far as being recorded as accepted."""
         self.memory: dict[int, JobState] = {}
         """Without a journal: the jobs in flight, as the journal would know them."""
-        self.interrupted = False
+        self.grace_over: set[asyncio.Task[None]] = set()
+        """Workers cancelled because the grace after a stop ran out, their job in flight."""
 
     async def run(self, index: int, name: object, request: object) -> BatchItem:
         """Run one job; every outcome, of any kind, is its item."""
@@ -238,8 +239,13 @@ class _Batch:
         try:
             return await self._run(index, shown, request, item)
         except asyncio.CancelledError:
-            if not self.interrupted:
+            task = asyncio.current_task()
+            # Only the grace running out (one cancel, from the watchdog) becomes an item; any
+            # other cancel (the iterator closed, the event loop shutting down) ends the task.
+            if task is None or task not in self.grace_over or task.cancelling() > 1:
                 raise
+            self.grace_over.discard(task)
+            task.uncancel()
             stopped = FluxError("interrupted: the batch was stopped while this job was in flight")
             return item(self._status_after(index, shown), error=stopped)
         except FluxError as error:
@@ -382,25 +388,18 @@ async def run_batch(
     # holds the workers back instead of piling up results, images and all, in memory.
     results: asyncio.Queue[BatchItem | None] = asyncio.Queue(maxsize=concurrency)
     failures: list[BaseException] = []
-    closing = asyncio.Event()  # set once this iterator is being closed
+    in_job: set[asyncio.Task[None]] = set()
+    """Workers running a job (not waiting for the reader): those the grace may cut short."""
     # The batch's tasks run in their own context, so its per-provider gates stay its own.
     context = contextvars.copy_context()
     if per_provider is not None:
         gates = {name: asyncio.Semaphore(per_provider) for name in client.providers}
         context.run(_GATES.set, gates)
 
-    async def deliver(value: BatchItem | None) -> None:
-        while not closing.is_set():
-            try:
-                await results.put(value)
-                return
-            except asyncio.CancelledError:
-                if closing.is_set() or not batch.interrupted:
-                    raise
-                # The grace ran out while this item waited for the caller: it still goes out.
-
     async def work() -> None:
-        while not (stop is not None and stop.is_set()) and not failures and not closing.is_set():
+        me = asyncio.current_task()
+        assert me is not None
+        while not (stop is not None and stop.is_set()) and not failures:
             try:
                 index, name, request = next(source)
             except StopIteration:
@@ -408,15 +407,20 @@ async def run_batch(
             except Exception as exc:  # the caller's iterable failed: stop taking jobs
                 failures.append(exc)
                 break
-            await deliver(await batch.run(index, name, request))
-        await deliver(None)  # this worker is done (not needed once the iterator is closing)
+            in_job.add(me)
+            try:
+                finished = await batch.run(index, name, request)
+            finally:
+                in_job.discard(me)
+            await results.put(finished)  # waits while the reader is behind
+        await results.put(None)  # this worker is done
 
     async def interrupt_after_grace() -> None:
         assert stop is not None
         await stop.wait()
         await asyncio.sleep(grace)
-        batch.interrupted = True
-        for worker in workers:
+        for worker in list(in_job):  # an item waiting for the reader is done: it goes out
+            batch.grace_over.add(worker)
             worker.cancel()
 
     workers = [asyncio.create_task(work(), context=context) for _ in range(concurrency)]
@@ -435,7 +439,6 @@ async def run_batch(
                 raise ConfigurationError("names= and requests have different lengths")
             raise failure
     finally:
-        closing.set()
         for task in [*workers, *([watchdog] if watchdog else [])]:
             task.cancel()
         await asyncio.gather(*workers, *([watchdog] if watchdog else []), return_exceptions=True)

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -513,3 +514,31 @@ def test_a_requests_file_gone_or_replaced_by_a_fifo_after_the_check_is_a_typed_e
     os.mkfifo(source)  # opened without waiting for a writer, and refused
     with pytest.raises(errors.RequestError, match="not a regular file"):
         next(_batch_jobs(source, lambda name, error: None))
+
+
+def test_a_program_that_ends_while_holding_a_stopped_batch_still_exits(tmp_path: Path) -> None:
+    # The grace ran out while the reader held the iterator without reading; then the program
+    # returns. asyncio.run cancels every task: none may swallow that cancel and wait forever.
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        async def provider(request: httpx.Request) -> httpx.Response:
+            await asyncio.sleep(0.05)
+            prompt = json.loads(request.content)["prompt"]
+            return httpx.Response(200, json={"data": [{"url": f"https://cdn.example/{prompt}"}]})
+
+        http = httpx.AsyncClient(transport=httpx.MockTransport(provider))
+        client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http)
+        requests = [EditRequest(prompt=f"p{n}", model="flux-2-pro") for n in range(50)]
+        items = client.edit_many(requests, concurrency=4, stop=stop, grace=0.05)
+        async for _ in items:
+            stop.set()
+            await asyncio.sleep(0.5)  # the grace runs out; the workers wait for this reader
+            break
+        kept.append(items)  # still referenced: not closed before the loop shuts down
+
+    kept: list[object] = []
+    runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    runner.start()
+    runner.join(timeout=20)
+    assert not runner.is_alive()
