@@ -358,10 +358,17 @@ class JsonLines:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
     def write(self, data: bytes) -> None:
-        """Append whole lines with one ``write`` (a kill cannot leave half of one)."""
+        """Append whole lines with one ``write`` (a kill cannot leave half of one).
+
+        All or nothing: when the disk is full part way, the part written is cut off again. A
+        caller told that the write failed must not find some of its lines there later (a
+        ``sent`` record for a request that never went out would make it look billed).
+        """
         try:
             written = os.write(self._fd, data)
-            if written != len(data):  # a full disk: cut what was written back to whole lines
+            if written != len(data):
+                end = os.fstat(self._fd).st_size - written
+                os.ftruncate(self._fd, max(end, 0))
                 repair_tail(self._fd)
                 raise OSError(28, "No space left on device")
         except OSError as exc:
@@ -484,6 +491,9 @@ class Journal:
     async def durable(self, job: str, kind: str, **values: object) -> None:
         """Record something, and return once it (and all noted before it) is on disk."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A caller cancelled while it waits no longer hears of a failed write: mark the error
+        # as seen, or asyncio logs "exception was never retrieved" with a traceback.
+        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._waiters.append(waiter)
         self.note(job, kind, **values)
         await asyncio.shield(waiter)

@@ -542,3 +542,51 @@ def test_a_program_that_ends_while_holding_a_stopped_batch_still_exits(tmp_path:
     runner.start()
     runner.join(timeout=20)
     assert not runner.is_alive()
+
+
+def test_a_full_disk_stops_a_batch_before_sending_with_one_line_and_no_traceback(
+    tmp_path: Path,
+) -> None:
+    source, folder = tmp_path / "jobs.jsonl", tmp_path / "out"
+    lines = [json.dumps({"id": f"job-{n:02d}", "prompt": f"job {n}"}) for n in range(20)]
+    source.write_text("\n".join(lines) + "\n")
+
+    # Files can grow to 200 bytes only: a full disk, for this process (set in the child itself).
+    limited = (
+        "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200)); "
+        "sys.argv[0] = 'flux-adapters'; runpy.run_module('flux_adapters', run_name='__main__')"
+    )
+    with run_emulator() as emulator:
+        environment = os.environ | {
+            "LAOZHANG_API_KEY": KEY,
+            "LAOZHANG_BASE_URL": emulator.base_url("laozhang"),
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", limited, "batch", str(source), "-o", str(folder), "-p", "laozhang", "--concurrency", "4"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        calls = emulator.calls()
+    assert done.returncode == 7, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "never retrieved" not in done.stderr
+    assert calls == []
+    # Nothing of the failed writes is left to make a job look sent (and billed) later.
+    assert [r for r in read_lines(folder / JOURNAL_NAME) if r["k"] == "sent"] == []
+
+
+def test_a_write_the_disk_cut_short_leaves_nothing_of_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "report.jsonl"
+    lines = JsonLines(path)
+    lines.append({"id": "a"})
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data)[:30]))
+    with pytest.raises(errors.OutputError, match="No space left"):
+        lines.write(b'{"id":"b","k":"sent"}\n{"id":"c","k":"sent"}\n')
+    monkeypatch.undo()
+    lines.close()
+    assert [record["id"] for record in read_lines(path)] == ["a"]
