@@ -105,11 +105,16 @@ def _numbered(
 
 
 def _finished_record(
-    provider: str, reply: Outcome | FluxError, not_taken: Mapping[int, str] | None
+    provider: str,
+    reply: Outcome | FluxError,
+    not_taken: Mapping[int, str] | None,
+    key_only: Callable[[str], str],
 ) -> dict[str, object]:
     """The journal record of an attempt at *provider* that ended with *reply*.
 
     Judged by the same rule as the router's (with the statuses the adapter says are not billed).
+    A result URL that carries the API key (a provider echoing it) is not kept: the journal is a
+    file in the output folder, and the key never goes in a file.
     """
     if isinstance(reply, FluxError):
         rule = billing_rule(reply, not_taken)
@@ -120,7 +125,8 @@ def _finished_record(
             "proves": rule.proves,
             "e": f"{type(reply).__name__}: {reply}"[:300],
         }
-    return {"k": "answered", "p": provider, "urls": [i.url for i in reply.answer.images if i.url]}
+    urls = [image.url for image in reply.answer.images if image.url]
+    return {"k": "answered", "p": provider, "urls": [url for url in urls if key_only(url) == url]}
 
 
 class _JobWatcher:
@@ -134,9 +140,13 @@ class _JobWatcher:
         await self._journal.durable(self._job, "sent", p=provider)
 
     def finished(
-        self, provider: str, reply: Outcome | FluxError, not_taken: Mapping[int, str] | None
+        self,
+        provider: str,
+        reply: Outcome | FluxError,
+        not_taken: Mapping[int, str] | None,
+        key_only: Callable[[str], str],
     ) -> None:
-        record = _finished_record(provider, reply, not_taken)
+        record = _finished_record(provider, reply, not_taken, key_only)
         self._journal.note(self._job, str(record.pop("k")), **record)
 
 
@@ -154,9 +164,13 @@ class _MemoryWatcher:
         self._state.fold({"k": "sent", "p": provider})
 
     def finished(
-        self, provider: str, reply: Outcome | FluxError, not_taken: Mapping[int, str] | None
+        self,
+        provider: str,
+        reply: Outcome | FluxError,
+        not_taken: Mapping[int, str] | None,
+        key_only: Callable[[str], str],
     ) -> None:
-        self._state.fold(_finished_record(provider, reply, not_taken))
+        self._state.fold(_finished_record(provider, reply, not_taken, key_only))
 
 
 async def _save_all(images: Iterable[ResultImage], folder: Path, name: str) -> tuple[Path, ...]:

@@ -107,6 +107,8 @@ class _Binding:
     api_key: str = attrs.field(repr=False)
     scrub: Redactor = attrs.field(repr=False, eq=False)
     """Removes this key, in any form, from every message."""
+    key_only: Redactor = attrs.field(repr=False, eq=False)
+    """Removes this key, in any form, and nothing else (so a change means it was there)."""
 
     @classmethod
     def create(
@@ -156,6 +158,7 @@ class _Binding:
             deadline=deadline,
             api_key=key,
             scrub=redactor_for((key,)),
+            key_only=Redactor((key,), shapes=False),
         )
 
     def owns(self, url: str) -> bool:
@@ -275,9 +278,17 @@ class Watcher(Protocol):
         """A request for the job is about to go to *provider*; raise to stop it going."""
 
     def finished(
-        self, provider: str, reply: Outcome | FluxError, not_taken: Mapping[int, str] | None
+        self,
+        provider: str,
+        reply: Outcome | FluxError,
+        not_taken: Mapping[int, str] | None,
+        key_only: Callable[[str], str],
     ) -> None:
-        """The attempt at *provider* ended with *reply* (judged with its *not_taken* statuses)."""
+        """The attempt at *provider* ended with *reply*.
+
+        *not_taken*: the statuses its adapter says are not billed; *key_only* masks the API key
+        (and nothing else) in a text, so what the provider sent back can be kept without it.
+        """
 
 
 def _default_policy(provider_count: int, **settings: Any) -> RoutingPolicy:
@@ -759,7 +770,8 @@ class AsyncFluxClient(_ClientBase):
             finally:
                 flow.close()
             if watcher is not None:
-                watcher.finished(name, reply, getattr(binding.adapter, "not_taken", None))
+                not_taken = getattr(binding.adapter, "not_taken", None)
+                watcher.finished(name, reply, not_taken, binding.key_only)
             return reply
 
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:

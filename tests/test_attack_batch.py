@@ -590,3 +590,22 @@ def test_a_write_the_disk_cut_short_leaves_nothing_of_itself(
     monkeypatch.undo()
     lines.close()
     assert [record["id"] for record in read_lines(path)] == ["a"]
+
+
+def test_a_result_url_that_echoes_the_key_never_reaches_the_journal(tmp_path: Path) -> None:
+    from tests.test_hostile_provider import KEY as LIVE_KEY
+    from tests.test_hostile_provider import leaks
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        key = request.headers["authorization"].removeprefix("Bearer ")
+        return httpx.Response(200, json={"data": [{"url": f"https://cdn.example/r.png?k={key}"}]})
+
+    async def run() -> list[BatchItem]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(Provider({"r": echo}))) as http:
+            client = AsyncFluxClient("laozhang", api_key=LIVE_KEY, http_client=http)
+            requests = [EditRequest(prompt="r", model="flux-2-pro")]
+            return [i async for i in client.edit_many(requests, output_dir=tmp_path, names=["r"])]
+
+    [item] = asyncio.run(run())
+    assert item.status == "ok"  # the image itself is saved
+    assert leaks((tmp_path / JOURNAL_NAME).read_text(), LIVE_KEY) == []
