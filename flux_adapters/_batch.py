@@ -137,7 +137,15 @@ class _JobWatcher:
         self._job = job
 
     async def sending(self, provider: str) -> None:
-        await self._journal.durable(self._job, "sent", p=provider)
+        try:
+            await self._journal.durable(self._job, "sent", p=provider)
+        except asyncio.CancelledError:
+            # Stopped while its record was being synced: the request never left.
+            self._journal.note(
+                self._job, "attempt", p=provider, b="not-connected", proves="not taken",
+                e="stopped before the request was sent",
+            )  # fmt: skip
+            raise
 
     def finished(
         self,

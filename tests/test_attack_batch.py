@@ -609,3 +609,34 @@ def test_a_result_url_that_echoes_the_key_never_reaches_the_journal(tmp_path: Pa
     [item] = asyncio.run(run())
     assert item.status == "ok"  # the image itself is saved
     assert leaks((tmp_path / JOURNAL_NAME).read_text(), LIVE_KEY) == []
+
+
+def test_a_job_stopped_while_its_sent_record_was_syncing_was_not_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.5)  # a slow disk: the grace runs out while the record is being synced
+        real_fsync(fd)
+
+    provider = Provider()
+
+    async def run(stop_at_once: bool) -> list[BatchItem]:
+        stop = asyncio.Event()
+        if stop_at_once:
+            asyncio.get_running_loop().call_later(0.1, stop.set)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(provider)) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http)
+            requests = [EditRequest(prompt="robot", model="flux-2-pro")]
+            items = client.edit_many(requests, output_dir=tmp_path, stop=stop, grace=0.05)
+            return [item async for item in items]
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    [item] = asyncio.run(run(stop_at_once=True))
+    monkeypatch.undo()
+    assert provider.posts == {}
+    assert item.status == "failed"  # not billed: a rerun sends it, as it should
+    [again] = asyncio.run(run(stop_at_once=False))
+    assert again.status == "ok"
+    assert provider.posts == {"robot": 1}
