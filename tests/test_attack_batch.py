@@ -617,7 +617,7 @@ def test_a_job_stopped_while_its_sent_record_was_syncing_was_not_sent(
     real_fsync = os.fsync
 
     def slow_fsync(fd: int) -> None:
-        time.sleep(0.5)  # a slow disk: the grace runs out while the record is being synced
+        time.sleep(0.3)  # a slow disk: the grace runs out while the record is being synced
         real_fsync(fd)
 
     provider = Provider()
