@@ -20,29 +20,35 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+import unicodedata
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from flux_adapters._display import render_value, type_name
 from flux_adapters._files import remove_partial_files
-from flux_adapters._journal import JobState, Journal, is_image_file, request_digest
+from flux_adapters._journal import (
+    JobState,
+    Journal,
+    image_identities,
+    is_image_file,
+    request_digest,
+)
 from flux_adapters._options import is_number
 from flux_adapters.errors import ConfigurationError, FluxError, OutputError, RequestError, Violation
 from flux_adapters.request import EditRequest
 from flux_adapters.result import BatchItem, BatchStatus, EditResult, ResultImage
-from flux_adapters.routing import BILLING_RULES, billing_rule
+from flux_adapters.routing import billing_rule
 
 if TYPE_CHECKING:
     from flux_adapters._flows import Outcome
     from flux_adapters.client import AsyncFluxClient
 
-__all__ = ["run_batch"]
+__all__ = ["file_key", "run_batch"]
 
 _ItemMaker = Callable[..., BatchItem]
 
 _MAX_NAME: Final = 200
-_MAY_BE_BILLED: Final = frozenset(r.name for r in BILLING_RULES if r.proves == "may be billed")
 
 
 def _name_problem(name: object) -> str:
@@ -60,8 +66,36 @@ def _name_problem(name: object) -> str:
     return ""
 
 
+def file_key(name: str) -> str:
+    """What *name* is as a file name where case and Unicode normalisation do not count.
+
+    macOS (APFS, HFS+) and Windows ignore case, and macOS ignores normalisation (``é`` as one
+    code point or as ``e`` and an accent): two names with one key are one file there.
+    """
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
+def _iterable(value: object, argument: str) -> Iterator[object]:
+    """An iterator over *value*, a list or generator of the caller's (not one item, not a str).
+
+    Raises:
+        ConfigurationError: It is not one.
+    """
+    if isinstance(value, str | bytes | EditRequest):
+        raise ConfigurationError(
+            f"{argument} must be a list or an iterable (one per job), not a single "
+            f"{type(value).__name__}"
+        )
+    try:
+        return iter(value)  # type: ignore[call-overload,no-any-return]
+    except TypeError:
+        raise ConfigurationError(
+            f"{argument} must be a list or an iterable, not {type(value).__name__}"
+        ) from None
+
+
 def _numbered(
-    requests: Iterable[object], names: Iterable[object] | None
+    requests: Iterator[object], names: Iterator[object] | None
 ) -> Iterator[tuple[int, object, object]]:
     if names is None:
         for index, request in enumerate(requests):
@@ -71,9 +105,29 @@ def _numbered(
         yield index, name, request
 
 
-def _may_be_billed(error: FluxError) -> bool:
-    """Whether some attempt behind *error* may have been billed."""
-    return any(a.outcome == "ok" or a.billing in _MAY_BE_BILLED for a in error.attempts)
+def _finished_record(
+    provider: str,
+    reply: Outcome | FluxError,
+    not_taken: Mapping[int, str] | None,
+    key_only: Callable[[str], str],
+) -> dict[str, object]:
+    """The journal record of an attempt at *provider* that ended with *reply*.
+
+    Judged by the same rule as the router's (with the statuses the adapter says are not billed).
+    A result URL that carries the API key (a provider echoing it) is not kept: the journal is a
+    file in the output folder, and the key never goes in a file.
+    """
+    if isinstance(reply, FluxError):
+        rule = billing_rule(reply, not_taken)
+        return {
+            "k": "attempt",
+            "p": provider,
+            "b": rule.name,
+            "proves": rule.proves,
+            "e": f"{type(reply).__name__}: {reply}"[:300],
+        }
+    urls = [image.url for image in reply.answer.images if image.url]
+    return {"k": "answered", "p": provider, "urls": [url for url in urls if key_only(url) == url]}
 
 
 class _JobWatcher:
@@ -84,22 +138,48 @@ class _JobWatcher:
         self._job = job
 
     async def sending(self, provider: str) -> None:
-        await self._journal.durable(self._job, "sent", p=provider)
-
-    def finished(self, provider: str, reply: Outcome | FluxError) -> None:
-        if isinstance(reply, FluxError):
-            rule = billing_rule(reply)
+        try:
+            await self._journal.durable(self._job, "sent", p=provider)
+        except asyncio.CancelledError:
+            # Stopped while its record was being synced: the request never left.
             self._journal.note(
-                self._job,
-                "attempt",
-                p=provider,
-                b=rule.name,
-                proves=rule.proves,
-                e=f"{type(reply).__name__}: {reply}"[:300],
-            )
-        else:
-            urls = [image.url for image in reply.answer.images if image.url]
-            self._journal.note(self._job, "answered", p=provider, urls=urls)
+                self._job, "attempt", p=provider, b="not-connected", proves="not taken",
+                e="stopped before the request was sent",
+            )  # fmt: skip
+            raise
+
+    def finished(
+        self,
+        provider: str,
+        reply: Outcome | FluxError,
+        not_taken: Mapping[int, str] | None,
+        key_only: Callable[[str], str],
+    ) -> None:
+        record = _finished_record(provider, reply, not_taken, key_only)
+        self._journal.note(self._job, str(record.pop("k")), **record)
+
+
+class _MemoryWatcher:
+    """Without an output folder: what the journal would know of one job, kept in memory.
+
+    A job cut short after its request went out (a stop past its grace, a bug in a transport)
+    may have been billed; only this tells it apart from one that never left.
+    """
+
+    def __init__(self, state: JobState) -> None:
+        self._state = state
+
+    async def sending(self, provider: str) -> None:
+        self._state.fold({"k": "sent", "p": provider})
+
+    def finished(
+        self,
+        provider: str,
+        reply: Outcome | FluxError,
+        not_taken: Mapping[int, str] | None,
+        key_only: Callable[[str], str],
+    ) -> None:
+        self._state.fold(_finished_record(provider, reply, not_taken, key_only))
 
 
 async def _save_all(images: Iterable[ResultImage], folder: Path, name: str) -> tuple[Path, ...]:
@@ -157,9 +237,14 @@ class _Batch:
         self.resend_unconfirmed = resend_unconfirmed
         self.force = force
         self.seen: set[str] = set()
+        self.named: set[int] = set()
+        """Indexes of the jobs of this run whose name is theirs alone (valid and unique)."""
         self.started: set[int] = set()
         """Indexes of the jobs of this run that got as far as being recorded as accepted."""
-        self.interrupted = False
+        self.memory: dict[int, JobState] = {}
+        """Without a journal: the jobs in flight, as the journal would know them."""
+        self.grace_over: set[asyncio.Task[None]] = set()
+        """Workers cancelled because the grace after a stop ran out, their job in flight."""
 
     async def run(self, index: int, name: object, request: object) -> BatchItem:
         """Run one job; every outcome, of any kind, is its item."""
@@ -181,33 +266,44 @@ class _Batch:
                 raise RequestError([Violation("name", problem, "a plain file name", shown)])
             return await self._run(index, shown, request, item)
         except asyncio.CancelledError:
-            if not self.interrupted:
+            task = asyncio.current_task()
+            # Only the grace running out (one cancel, from the watchdog) becomes an item; any
+            # other cancel (the iterator closed, the event loop shutting down) ends the task.
+            if task is None or task not in self.grace_over or task.cancelling() > 1:
                 raise
+            self.grace_over.discard(task)
+            task.uncancel()
             stopped = FluxError("interrupted: the batch was stopped while this job was in flight")
-            return item(self._status_after(index, shown, None), error=stopped)
+            return item(self._status_after(index, shown), error=stopped)
         except FluxError as error:
-            return item(self._status_after(index, shown, error), error=error)
+            return item(self._status_after(index, shown), error=error)
         except Exception as exc:  # a bug, in this library or a provider package: contained
             bug = FluxError(f"unexpected {type(exc).__name__}: {str(exc)[:200]}")
             bug.__cause__ = exc
-            return item(self._status_after(index, shown, None), error=bug)
+            return item(self._status_after(index, shown), error=bug)
+        finally:  # a batch of a million jobs keeps nothing per finished job but its name
+            self.named.discard(index)
+            self.started.discard(index)
+            self.memory.pop(index, None)
 
-    def _status_after(self, index: int, name: str, error: FluxError | None) -> BatchStatus:
+    def _status_after(self, index: int, name: str) -> BatchStatus:
         """``"unconfirmed"`` when this job may have been billed in this run, else ``"failed"``."""
         if index not in self.started:
-            return "failed"  # refused before anything was recorded, let alone sent
-        if self.journal is not None:
-            return "unconfirmed" if self.journal.state(name).may_be_billed else "failed"
-        return "unconfirmed" if error is not None and _may_be_billed(error) else "failed"
+            # Not sent in this run; but a job an earlier run may have had billed stays so.
+            journal = self.journal if index in self.named else None
+            return "unconfirmed" if journal and journal.state(name).may_be_billed else "failed"
+        state = self.journal.state(name) if self.journal is not None else self.memory.get(index)
+        return "unconfirmed" if state is not None and state.may_be_billed else "failed"
 
     async def _run(self, index: int, name: str, request: object, item: _ItemMaker) -> BatchItem:
         problem = _name_problem(name) if self.folder is not None else ""
-        # Case-insensitively: two names that differ only in case are one file on some systems.
-        if not problem and name.casefold() in self.seen:
+        # Two names that differ only in case or normalisation are one file on macOS (file_key).
+        if not problem and file_key(name) in self.seen:
             problem = "is used by another job of this batch"
         if problem:
             raise RequestError([Violation("name", problem, "a unique plain file name", name)])
-        self.seen.add(name.casefold())
+        self.seen.add(file_key(name))
+        self.named.add(index)
         if not issubclass(type(request), EditRequest):  # type() cannot be fooled; isinstance can
             kind = type_name(request)
             raise RequestError(
@@ -216,15 +312,20 @@ class _Batch:
         assert isinstance(request, EditRequest)
         if self.journal is None or self.folder is None:
             self.started.add(index)
-            return item("ok", result=await self.client._edit(request, None))
+            watcher = _MemoryWatcher(self.memory.setdefault(index, JobState()))
+            return item("ok", result=await self.client._edit(request, watcher))
         journal, folder = self.journal, self.folder
         digest = request_digest(request)
         known = name in journal.states
         state = journal.state(name)
-        verdict = state.verdict(digest, folder) if known else "new"
+        verdict = state.verdict(digest, folder, name) if known else "new"
         if verdict == "saved" and not self.force:
-            files = tuple(folder / file for file in state.files)
-            return item("skipped", saved=files, reason="already saved")
+            files = state.saved_files(folder, name)
+            if files != state.files:  # renamed into place, then a kill before it was recorded
+                journal.note(name, "saved", files=files)
+            return item(
+                "skipped", saved=tuple(folder / file for file in files), reason="already saved"
+            )
         if not known and not self.force:
             # A folder filled before it had a journal: an image named after the job is its own.
             found = [folder / f"{name}.{kind}" for kind in ("png", "jpeg", "webp")]
@@ -238,34 +339,47 @@ class _Batch:
                 "send it)",
             )
         if verdict == "unconfirmed":
-            recovered = await self._download_again(name, state)
+            recovered, failure = await self._download_again(name, state)
             if recovered:
                 return item("ok", saved=recovered, reason="downloaded again from its result URL")
             if not self.resend_unconfirmed:
-                why = state.note or "it was sent and no answer was recorded (interrupted?)"
-                return item(
-                    "unconfirmed",
-                    reason=f"may have been billed, no image saved: {why}",
-                )
-        journal.note(name, "accepted", d=digest)
+                why = failure or state.why_unconfirmed
+                return item("unconfirmed", reason=f"may have been billed, no image saved: {why}")
+        before = image_identities(folder, name)  # images that are not this run's, if any
+        journal.note(name, "accepted", d=digest, **({"old": before} if before else {}))
         self.started.add(index)
         result: EditResult = await self.client._edit(request, _JobWatcher(journal, name))
-        saved = await _save_all(result.images, folder, name)
+        try:
+            saved = await _save_all(result.images, folder, name)
+        except FluxError as error:
+            # Paid for, and not lost yet: the result goes back to the caller, and the journal
+            # keeps its URLs for a rerun.
+            again = "a rerun downloads it again while its URL lasts (about 10 minutes)"
+            inline = "it came inline, not as a URL: the item's result holds it"
+            why = again if any(image.url for image in result.images) else inline
+            return item(
+                "unconfirmed",
+                result=result,
+                error=error,
+                reason=f"answered (billed), but its image could not be saved; {why}",
+            )
         journal.note(name, "saved", files=[path.name for path in saved])
         return item("ok", result=result, saved=saved)
 
-    async def _download_again(self, name: str, state: JobState) -> tuple[Path, ...]:
-        """Save an answered job's images from their URLs, if they still work (it costs nothing)."""
+    async def _download_again(self, name: str, state: JobState) -> tuple[tuple[Path, ...], str]:
+        """Save an answered job's images from their URLs, if they still work (it costs nothing).
+
+        Returns the files saved, or why they could not be.
+        """
         if not state.urls or self.journal is None or self.folder is None:
-            return ()
+            return (), ""
         images = [ResultImage(url=url, downloader=self.client._downloader) for url in state.urls]
         try:
             saved = await _save_all(images, self.folder, name)
-        except FluxError as error:
-            state.note = f"the answer's images could not be saved ({type(error).__name__})"
-            return ()
+        except Exception as error:  # a URL from the journal is data: whatever fails, no image
+            return (), f"its answer's images could not be downloaded again ({type(error).__name__})"
         self.journal.note(name, "saved", files=[path.name for path in saved])
-        return saved
+        return saved, ""
 
     async def close(self) -> None:
         if self.journal is not None:
@@ -284,7 +398,7 @@ async def run_batch(
     force: bool,
     stop: asyncio.Event | None,
     grace: float,
-) -> AsyncIterator[BatchItem]:
+) -> AsyncGenerator[BatchItem, None]:
     """See `AsyncFluxClient.edit_many`."""
     from flux_adapters.client import _GATES
 
@@ -293,11 +407,17 @@ async def run_batch(
     )
     if stop is not None and not isinstance(stop, asyncio.Event):
         raise ConfigurationError("stop= must be an asyncio.Event")
+    jobs = _iterable(requests, "requests")
+    named = _iterable(names, "names=") if names is not None else None
     folder = _open_folder(output_dir) if output_dir is not None else None
     batch = _Batch(client, folder, resend_unconfirmed=resend_unconfirmed, force=force)
-    source = _numbered(requests, names)
-    results: asyncio.Queue[BatchItem | None] = asyncio.Queue()
+    source = _numbered(jobs, named)
+    # Bounded: a caller that reads slowly (or stopped reading without closing the iterator)
+    # holds the workers back instead of piling up results, images and all, in memory.
+    results: asyncio.Queue[BatchItem | None] = asyncio.Queue(maxsize=concurrency)
     failures: list[BaseException] = []
+    in_job: set[asyncio.Task[None]] = set()
+    """Workers running a job (not waiting for the reader): those the grace may cut short."""
     # The batch's tasks run in their own context, so its per-provider gates stay its own.
     context = contextvars.copy_context()
     if per_provider is not None:
@@ -305,25 +425,30 @@ async def run_batch(
         context.run(_GATES.set, gates)
 
     async def work() -> None:
-        try:
-            while not (stop is not None and stop.is_set()) and not failures:
-                try:
-                    index, name, request = next(source)
-                except StopIteration:
-                    return
-                except Exception as exc:  # the caller's iterable failed: stop taking jobs
-                    failures.append(exc)
-                    return
-                results.put_nowait(await batch.run(index, name, request))
-        finally:
-            results.put_nowait(None)
+        me = asyncio.current_task()
+        assert me is not None
+        while not (stop is not None and stop.is_set()) and not failures:
+            try:
+                index, name, request = next(source)
+            except StopIteration:
+                break
+            except Exception as exc:  # the caller's iterable failed: stop taking jobs
+                failures.append(exc)
+                break
+            in_job.add(me)
+            try:
+                finished = await batch.run(index, name, request)
+            finally:
+                in_job.discard(me)
+            await results.put(finished)  # waits while the reader is behind
+        await results.put(None)  # this worker is done
 
     async def interrupt_after_grace() -> None:
         assert stop is not None
         await stop.wait()
         await asyncio.sleep(grace)
-        batch.interrupted = True
-        for worker in workers:
+        for worker in list(in_job):  # an item waiting for the reader is done: it goes out
+            batch.grace_over.add(worker)
             worker.cancel()
 
     workers = [asyncio.create_task(work(), context=context) for _ in range(concurrency)]

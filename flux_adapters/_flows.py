@@ -128,9 +128,10 @@ def edit_flow(
         if isinstance(error, ResponseFormatError):
             error.excerpt = redact(error.excerpt, secrets)
         raise
-    except FluxError:
-        raise
     except Exception as exc:
+        # Any other error, typed ones too (an adapter raising RequestError or TransportError
+        # while reading the answer): the provider did answer, so it is judged by that answer's
+        # status, never as "nothing was sent" (which would retry, or send it again later).
         raise ResponseFormatError(
             f"the {adapter.name} adapter could not read the answer ({type(exc).__name__})",
             provider=adapter.name,

@@ -4,7 +4,8 @@ A batch that is killed (SIGKILL, power loss) must never re-send a job the provid
 billed. So before each request goes out, a ``sent`` record for its job is on disk (``fsync``);
 what happened next is recorded as it happens::
 
-    accepted   the job (its id and a digest of its request) was taken up
+    accepted   the job (its id and a digest of its request) was taken up; images already named
+               after it, if any, with their identity (a later one is this job's)
     sent       a request for it is about to go to a provider (durable before it goes)
     attempt    that request failed; its billing row says whether it may have been billed
     answered   a provider answered with the image(s); the result URLs, to download again
@@ -13,11 +14,18 @@ what happened next is recorded as it happens::
 Records of a job are folded into a `JobState`; `JobState.verdict` tells a rerun what to do.
 Group commit: one ``fsync`` covers every record that became ready while the previous one ran,
 so a batch of many jobs in flight pays for few ``fsync`` calls, and never sends a request
-before its record is durable.
+before its record is durable. The other records are written as soon as the previous write is
+done, without an ``fsync``: a kill (not a power loss) then loses none of them. An image renamed
+into place just before a kill, its ``saved`` record not yet written, is still recognised: it is
+not one of the images that were there when the job was accepted.
 
 A record is one JSON line written with a single ``write`` on an ``O_APPEND`` file, so a kill
 cannot tear it; a power loss can leave a partial last line, which `repair_tail` cuts off when
-the file is opened again. An exclusive lock keeps two processes from sharing one journal.
+the file is opened again, but only by a process that has the file to itself: a write of another
+process still under way looks like a partial line too, and cutting it would lose the records
+it carries (for a journal, ``sent`` records already on disk). So the journal is locked
+exclusively before it is repaired or read (two batches never share one journal), and a report,
+which several processes may append to, is repaired only when no other process has it open.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
 
@@ -38,7 +47,17 @@ from attrs import define, field
 from flux_adapters.errors import ConfigurationError, OutputError
 from flux_adapters.request import BytesImage, DataUrlImage, EditRequest, FileImage, UrlImage
 
-__all__ = ["JOURNAL_NAME", "JobState", "Journal", "JsonLines", "is_image_file", "request_digest"]
+__all__ = [
+    "JOURNAL_NAME",
+    "Busy",
+    "JobState",
+    "Journal",
+    "JsonLines",
+    "image_identities",
+    "is_image_file",
+    "load_states",
+    "request_digest",
+]
 
 JOURNAL_NAME: Final = ".flux-journal.jsonl"
 _SAMPLE: Final = 64 * 1024
@@ -89,6 +108,7 @@ class JobState:
 
     Attributes:
         digest: The digest of the request it was accepted with.
+        before: Images named after the job when it was accepted: file name -> identity.
         open_sends: Providers sent to with no answer or failure recorded (a crash, a cancel).
         billed: Some provider may have billed it (an ambiguous failure, or an answer).
         urls: Result URLs of the last answer, to download again.
@@ -97,6 +117,7 @@ class JobState:
     """
 
     digest: str = ""
+    before: dict[str, str] = field(factory=dict)
     open_sends: list[str] = field(factory=list)
     billed: bool = False
     urls: list[str] = field(factory=list)
@@ -104,15 +125,25 @@ class JobState:
     note: str = ""
 
     def fold(self, record: dict[str, Any]) -> None:
-        """Take one record into account; a record of the wrong shape is ignored."""
+        """Take one record into account.
+
+        A journal may come from another version or be edited by hand: a value of the wrong
+        kind is read the cautious way (an answer without usable URLs, no files saved, a digest
+        that matches no request), never trusted and never an exception.
+        """
         kind = record.get("k")
-        provider = _text(record.get("p"))
+        provider = str(record.get("p", ""))[:100]
         if kind == "accepted":
-            digest = _text(record.get("d"))
-            if digest != self.digest:  # another request under this name: a new job
+            digest = record.get("d", "")
+            digest = digest if isinstance(digest, str) else "?"
+            if self.digest and digest != self.digest:
+                # Another request under this name (forced): what was known is of the old one,
+                # whose answer's URLs are not this request's image.
                 self.open_sends, self.billed, self.urls, self.note = [], False, [], ""
             self.digest = digest
             self.files = []
+            before = record.get("old", {})
+            self.before = before if _is_string_map(before) else {}
         elif kind == "sent":
             self.open_sends.append(provider)
         elif kind in ("attempt", "answered"):
@@ -120,19 +151,46 @@ class JobState:
                 self.open_sends.remove(provider)
             if kind == "answered":
                 self.billed = True
-                self.urls = _texts(record.get("urls"))
+                urls = _strings(record.get("urls"))
+                self.urls = [url for url in urls if url.startswith(("https://", "http://"))]
             else:
                 self.billed = self.billed or record.get("proves") == "may be billed"
-                self.note = _text(record.get("e"))
+                self.note = str(record.get("e", ""))[:300]
         elif kind == "saved":
-            self.files = _texts(record.get("files"))
+            files = _strings(record.get("files"))
+            # Only plain names in the folder: a path elsewhere was not saved by this batch.
+            if files and all(_plain_name(name) for name in files):
+                self.files = files
+
+    @property
+    def why_unconfirmed(self) -> str:
+        """What is known of a job that may have been billed, in words."""
+        if self.open_sends:
+            providers = ", ".join(dict.fromkeys(self.open_sends))
+            return f"it was sent to {providers} and no answer was recorded (interrupted?)"
+        if self.note:
+            return self.note
+        return "it was answered, and no image was saved from the answer"
 
     @property
     def may_be_billed(self) -> bool:
         """Whether some provider may have done (and billed) the job."""
         return self.billed or bool(self.open_sends)
 
-    def verdict(self, digest: str, folder: Path) -> Verdict:
+    def saved_files(self, folder: Path, name: str = "") -> list[str]:
+        """The job's images in *folder*: those recorded as saved, if all are there and images.
+
+        Else, given the job's *name*, an image named after it that was not there (as it is)
+        when the job was accepted: a kill can come between its rename and its ``saved`` record.
+        """
+        if self.files and all(is_image_file(folder / file) for file in self.files):
+            return self.files
+        if not (name and self.may_be_billed):
+            return []  # nothing was made for this job: an image named after it is not its own
+        found = image_identities(folder, name)
+        return [file for file, identity in found.items() if self.before.get(file) != identity]
+
+    def verdict(self, digest: str, folder: Path, name: str = "") -> Verdict:
         """What a new run should do with this job (given its request's *digest* now).
 
         ``saved``: its images are on disk; ``changed``: its request is not the one the journal
@@ -141,19 +199,43 @@ class JobState:
         """
         if self.digest and digest != self.digest:
             return "changed"
-        if self.files and all(is_image_file(folder / name) for name in self.files):
+        if self.saved_files(folder, name):
             return "saved"
         if self.may_be_billed:
             return "unconfirmed"
         return "retry" if self.note else "new"
 
 
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else ""
+def image_identities(folder: Path, name: str) -> dict[str, str]:
+    """The images named after job *name* in *folder* (``name.png`` ...): file name -> identity.
+
+    The identity (inode and modification time) changes when an image is renamed over the file.
+    """
+    found = {}
+    for kind in ("png", "jpeg", "webp"):
+        path = folder / f"{name}.{kind}"
+        try:
+            info = path.stat()
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(info.st_mode) and is_image_file(path):
+            found[path.name] = f"{info.st_ino}:{info.st_mtime_ns}"
+    return found
 
 
-def _texts(value: object) -> list[str]:
-    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+def _is_string_map(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(item, str) for item in value.values())
+
+
+def _strings(value: object) -> list[str]:
+    """*value* if it is a list of strings, else an empty list."""
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return []
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
 def is_image_file(path: Path) -> bool:
@@ -163,7 +245,7 @@ def is_image_file(path: Path) -> bool:
     try:
         with path.open("rb") as stream:
             return image_format(stream.read(SNIFF_BYTES)) is not None
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name
         return False
 
 
@@ -186,14 +268,58 @@ def repair_tail(fd: int) -> None:
     os.ftruncate(fd, 0)
 
 
+class Busy(Exception):
+    """Another process holds the file that `JsonLines` was asked to have to itself."""
+
+
+def _lock(fd: int, *, exclusive: bool) -> bool:
+    """Lock the file open as *fd* for this process alone; whether that was possible.
+
+    Raises:
+        Busy: *exclusive*, and another process holds a lock on the file.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no lock, and nobody to race
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if exclusive:
+            raise Busy from None
+        return False
+    return True
+
+
+def _share(fd: int) -> None:
+    """Hold a shared lock on *fd*, so that a process opening it later knows it is in use."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    for _ in range(100):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:  # another process is repairing it just now
+            time.sleep(0.01)
+    # Held exclusively for a second: the file is some batch's journal. Append unlocked.
+
+
 class JsonLines:
     """An append-only JSON-lines file whose every line is whole, whatever kills the process.
 
+    Args:
+        path: The file, created if missing.
+        exclusive: Hold an exclusive lock on it while it is open (raise `Busy` if another
+            process has it); otherwise a shared one, which other writers may hold too.
+
     Raises:
         OutputError: The file cannot be opened or written.
+        Busy: *exclusive*, and another process has the file open with a lock.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, exclusive: bool = False) -> None:
         self.path = path
         # O_NONBLOCK: a FIFO in its place opens at once (and is refused) instead of hanging.
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -201,14 +327,19 @@ class JsonLines:
             self._fd = os.open(path, flags, 0o644)
         except OSError as exc:
             raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
-        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
-            os.close(self._fd)
-            raise OutputError("is not a regular file", path=str(path))
         try:
-            repair_tail(self._fd)
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise OutputError("is not a regular file", path=str(path))
+            if _lock(self._fd, exclusive=exclusive):
+                repair_tail(self._fd)  # no other process is writing: a partial line is torn
+            if not exclusive:
+                _share(self._fd)
         except OSError as exc:
             os.close(self._fd)
             raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     @staticmethod
     def encode(record: dict[str, object]) -> bytes:
@@ -216,10 +347,17 @@ class JsonLines:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
     def write(self, data: bytes) -> None:
-        """Append whole lines with one ``write`` (a kill cannot leave half of one)."""
+        """Append whole lines with one ``write`` (a kill cannot leave half of one).
+
+        All or nothing: when the disk is full part way, the part written is cut off again. A
+        caller told that the write failed must not find some of its lines there later (a
+        ``sent`` record for a request that never went out would make it look billed).
+        """
         try:
             written = os.write(self._fd, data)
-            if written != len(data):  # a full disk: cut what was written back to whole lines
+            if written != len(data):
+                end = os.fstat(self._fd).st_size - written
+                os.ftruncate(self._fd, max(end, 0))
                 repair_tail(self._fd)
                 raise OSError(28, "No space left on device")
         except OSError as exc:
@@ -270,6 +408,30 @@ def read_lines(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
+def _sync_directory(folder: Path) -> None:
+    """Make the entries of *folder* durable (where the system can; some cannot sync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # EINVAL: this file system does not sync folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_states(path: Path, jobs: Container[str] | None = None) -> dict[str, JobState]:
+    """What the journal at *path* knows of each job (of *jobs* only, if given)."""
+    states: dict[str, JobState] = {}
+    for record in read_lines(path):
+        job = record.get("id")
+        if isinstance(job, str) and (jobs is None or job in jobs):
+            states.setdefault(job, JobState()).fold(record)
+    return states
+
+
 class Journal:
     """The journal of the batch writing to one folder; see the module docstring.
 
@@ -284,24 +446,17 @@ class Journal:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         path = folder / JOURNAL_NAME
-        self._lines = JsonLines(path)  # refuses anything but a regular file, before any read
-        self.states: dict[str, JobState] = {}
-        for record in read_lines(path):
-            job = record.get("id")
-            if isinstance(job, str):
-                self.states.setdefault(job, JobState()).fold(record)
         try:
-            import fcntl
-
-            fcntl.flock(self._lines.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not on POSIX: no lock
-            pass
-        except OSError:
-            self._lines.close()
+            # Refuses anything but a regular file, and locks it before repairing or reading it.
+            self._lines = JsonLines(path, exclusive=True)
+        except Busy:
             raise ConfigurationError(
                 f"another batch is writing to {folder} (its journal is locked); wait for it or "
                 "choose another output folder"
             ) from None
+        self.states = load_states(path)
+        self._entry_durable = False
+        """Whether the journal's own directory entry (and its folder's) has been synced."""
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -311,27 +466,42 @@ class Journal:
         return self.states.get(job) or JobState()
 
     def note(self, job: str, kind: str, **values: object) -> None:
-        """Record something that need not be durable before the next step (flushed soon)."""
+        """Record something that need not be durable before the next step.
+
+        It is written as soon as the writes before it are done (so a kill does not lose it),
+        and made durable by the next ``fsync``.
+        """
         record: dict[str, object] = {"id": job, "k": kind, **values}
         self.states.setdefault(job, JobState()).fold(record)
         self._pending.append(JsonLines.encode(record))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def durable(self, job: str, kind: str, **values: object) -> None:
         """Record something, and return once it (and all noted before it) is on disk."""
-        self.note(job, kind, **values)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A caller cancelled while it waits no longer hears of a failed write: mark the error
+        # as seen, or asyncio logs "exception was never retrieved" with a traceback.
+        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._waiters.append(waiter)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        self.note(job, kind, **values)
         await asyncio.shield(waiter)
 
     async def _flush(self) -> None:
-        while self._waiters:
+        while self._pending or self._waiters:
             data, self._pending = b"".join(self._pending), []
             waiters, self._waiters = self._waiters, []
             try:
-                await asyncio.to_thread(self._write_and_sync, data)
-            except OutputError as error:
+                await asyncio.to_thread(self._write, data, bool(waiters))
+            except Exception as exc:  # every waiter must hear of it, or it waits forever
+                error = (
+                    exc
+                    if isinstance(exc, OutputError)
+                    else OutputError(
+                        f"the journal could not be written ({type(exc).__name__})",
+                        path=str(self._lines.path),
+                    )
+                )
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_exception(error)
@@ -340,10 +510,18 @@ class Journal:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    def _write_and_sync(self, data: bytes) -> None:
+    def _write(self, data: bytes, sync: bool = True) -> None:
         if data:
             self._lines.write(data)
-        self._lines.sync()
+        if sync:
+            self._lines.sync()
+            if not self._entry_durable:
+                # An fsync of a new file does not make its name durable: after a power loss the
+                # journal (or the folder just made for it) could be gone, with the jobs it
+                # recorded as sent. Its folder, and that folder's parent, are synced once.
+                _sync_directory(self.folder)
+                _sync_directory(self.folder.absolute().parent)
+                self._entry_durable = True
 
     async def close(self) -> None:
         """Write and sync what is pending, then close."""
@@ -352,5 +530,5 @@ class Journal:
                 await self._flusher
         data, self._pending = b"".join(self._pending), []
         with contextlib.suppress(OutputError):
-            await asyncio.to_thread(self._write_and_sync, data)
+            await asyncio.to_thread(self._write, data)
         self._lines.close()

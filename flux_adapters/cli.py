@@ -412,6 +412,21 @@ def _check_output_file(path: Path) -> None:
         check_target(path)
 
 
+def _check_not_the_journal(report: Path, folder: Path) -> None:
+    """Refuse a report that is the batch's own journal (its lines would go into it)."""
+    from flux_adapters._journal import JOURNAL_NAME
+
+    journal = folder / JOURNAL_NAME
+    try:
+        same = report.resolve() == journal.resolve() or os.path.samefile(report, journal)
+    except (OSError, ValueError, RuntimeError):  # one of them does not exist yet, a loop ...
+        same = False
+    if same:
+        raise errors.OutputError(
+            "is the batch's journal; choose another file for the report", path=str(report)
+        )
+
+
 def _images(values: Sequence[str]) -> list[str | Path]:
     return [value if value.startswith(_URL_PREFIXES) else Path(value) for value in values]
 
@@ -596,8 +611,21 @@ _BATCH_FIELDS = {
 
 
 def _batch_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
-    """Each non-blank line of the JSONL file: its number and its object, or what is wrong."""
-    with path.open("rb") as stream:
+    """Each non-blank line of the JSONL file: its number and its object, or what is wrong.
+
+    Raises:
+        RequestError: It cannot be read, or is no longer a regular file (it was replaced since
+            the command started: a FIFO in its place is not waited on).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        violation = errors.Violation("file", _reason(exc), "a readable JSONL file", str(path))
+        raise errors.RequestError([violation]) from None
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            violation = errors.Violation("file", "is not a regular file", "a JSONL file", str(path))
+            raise errors.RequestError([violation])
         for number, raw in enumerate(stream, start=1):
             if not raw.strip():
                 continue
@@ -621,7 +649,7 @@ def _check_batch_file(path: Path) -> int:
         RequestError: Lines that are not JSON objects, or whose id is missing, unsafe or
             repeated, or that have unknown fields (the first few, with their line numbers).
     """
-    from flux_adapters._batch import _name_problem
+    from flux_adapters._batch import _name_problem, file_key
 
     problems: list[errors.Violation] = []
     seen: set[str] = set()
@@ -633,11 +661,11 @@ def _check_batch_file(path: Path) -> int:
             problems.append(errors.Violation(where, item, "a JSON object per line", "line"))
             continue
         name = _batch_id(number, item)
-        # Case-insensitively: two ids that differ only in case are one file on macOS and Windows.
-        trouble = _name_problem(name) or ("is used twice" if name.casefold() in seen else "")
+        # Two ids that differ only in case or normalisation are one file on macOS (file_key).
+        trouble = _name_problem(name) or ("is used twice" if file_key(name) in seen else "")
         if trouble:
             problems.append(errors.Violation(where, f"id {trouble}", "a unique file name", name))
-        seen.add(name.casefold())
+        seen.add(file_key(name))
         unknown = sorted(set(item) - _BATCH_FIELDS - {"id"})
         if unknown:
             problems.append(
@@ -657,8 +685,19 @@ def _batch_jobs(
     from flux_adapters.request import EditRequest
 
     for number, item in _batch_lines(path):
-        assert isinstance(item, dict)  # checked by _check_batch_file
+        # Checked by _check_batch_file; but lines added or edited since then are checked here.
+        where = f"{path.name}:{number}"
+        if isinstance(item, str):
+            line = errors.Violation(where, item, "a JSON object per line", "line")
+            refused(str(number), errors.RequestError([line]))
+            continue
         name = _batch_id(number, item)
+        unknown = sorted(set(item) - _BATCH_FIELDS - {"id"})
+        if unknown:
+            allowed = ", ".join(sorted(_BATCH_FIELDS))
+            line = errors.Violation(where, "unknown fields", allowed, str(unknown))
+            refused(name, errors.RequestError([line]))
+            continue
         fields = {key: value for key, value in item.items() if key != "id"}
         images = fields.get("images", [])
         fields["images"] = (
@@ -707,7 +746,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import itertools
     import signal
 
-    from flux_adapters._journal import JsonLines
+    from flux_adapters._journal import JOURNAL_NAME, JsonLines, load_states
     from flux_adapters.client import AsyncFluxClient
 
     path: Path = arguments.file
@@ -725,9 +764,17 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         report.append({"id": name, "status": "failed", "error": f"RequestError: {error}"})
 
     interrupted = False
+    at_once = False
+    in_flight: set[str] = set()
+    """Ids taken from the file whose report line is not written yet."""
+
+    def taken(names: Iterator[str]) -> Iterator[str]:
+        for name in names:
+            in_flight.add(name)
+            yield name
 
     async def run() -> None:
-        nonlocal interrupted
+        nonlocal interrupted, at_once
         stop = asyncio.Event()
         main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
@@ -757,7 +804,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         async with client:
             items = client.edit_many(
                 (request for _, request in second),
-                names=(name for name, _ in first),
+                names=taken(name for name, _ in first),
                 concurrency=arguments.concurrency,
                 per_provider=arguments.per_provider,
                 output_dir=folder,
@@ -768,15 +815,29 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             )
             with _progress(total, err) as advance:
                 try:
-                    async for item in items:
-                        counts[item.status] += 1
-                        report.append(_report_line(item))
-                        advance(f"{item.name}: {item.status}")
+                    # Closed here even if writing the report fails: jobs stop before the client.
+                    async with contextlib.aclosing(items):
+                        async for item in items:
+                            counts[item.status] += 1
+                            report.append(_report_line(item))
+                            in_flight.discard(item.name)
+                            advance(f"{item.name}: {item.status}")
                 except asyncio.CancelledError:
-                    pass
+                    at_once = True
 
     try:
-        asyncio.run(run())
+        with contextlib.suppress(asyncio.CancelledError):  # a second signal after the batch
+            asyncio.run(run())
+        if at_once and in_flight:
+            # Stopped at once: the jobs in flight have no item. The journal (closed now) says
+            # which of them may have been billed; they must not vanish from the report.
+            states = load_states(folder / JOURNAL_NAME, in_flight)
+            for name in sorted(in_flight):
+                state = states.get(name)
+                if state is not None and state.may_be_billed:
+                    counts["unconfirmed"] += 1
+                    reason = f"may have been billed, no image saved: stopped at once; {state.why_unconfirmed}"
+                    report.append({"id": name, "status": "unconfirmed", "reason": reason})
     finally:
         report.close()
     done = sum(counts.values())
@@ -1073,7 +1134,9 @@ def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         return done.code if isinstance(done.code, int) else EXIT_OK
     if arguments.command == "batch":  # then _batch checks every line, also before sending
         _check_folder(arguments.output)
-        _check_output_file(arguments.report or arguments.output / "report.jsonl")
+        report = arguments.report or arguments.output / "report.jsonl"
+        _check_output_file(report)
+        _check_not_the_journal(report, arguments.output)
     commands: dict[str, Callable[[], int]] = {
         "edit": lambda: _edit(arguments, out, err),
         "conformance": lambda: _conformance(arguments, out, err),

@@ -15,7 +15,7 @@ import io
 import os
 import time
 from collections.abc import (
-    AsyncIterator,
+    AsyncGenerator,
     Callable,
     Generator,
     Iterable,
@@ -107,6 +107,8 @@ class _Binding:
     api_key: str = attrs.field(repr=False)
     scrub: Redactor = attrs.field(repr=False, eq=False)
     """Removes this key, in any form, from every message."""
+    key_only: Redactor = attrs.field(repr=False, eq=False)
+    """Removes this key, in any form, and nothing else (so a change means it was there)."""
 
     @classmethod
     def create(
@@ -156,6 +158,7 @@ class _Binding:
             deadline=deadline,
             api_key=key,
             scrub=redactor_for((key,)),
+            key_only=Redactor((key,), shapes=False),
         )
 
     def owns(self, url: str) -> bool:
@@ -274,8 +277,18 @@ class Watcher(Protocol):
     async def sending(self, provider: str) -> None:
         """A request for the job is about to go to *provider*; raise to stop it going."""
 
-    def finished(self, provider: str, reply: Outcome | FluxError) -> None:
-        """The attempt at *provider* ended with *reply*."""
+    def finished(
+        self,
+        provider: str,
+        reply: Outcome | FluxError,
+        not_taken: Mapping[int, str] | None,
+        key_only: Callable[[str], str],
+    ) -> None:
+        """The attempt at *provider* ended with *reply*.
+
+        *not_taken*: the statuses its adapter says are not billed; *key_only* masks the API key
+        (and nothing else) in a text, so what the provider sent back can be kept without it.
+        """
 
 
 def _default_policy(provider_count: int, **settings: Any) -> RoutingPolicy:
@@ -758,7 +771,8 @@ class AsyncFluxClient(_ClientBase):
             finally:
                 flow.close()
             if watcher is not None:
-                watcher.finished(name, reply)
+                not_taken = getattr(binding.adapter, "not_taken", None)
+                watcher.finished(name, reply, not_taken, binding.key_only)
             return reply
 
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
@@ -797,7 +811,7 @@ class AsyncFluxClient(_ClientBase):
         force: bool = False,
         stop: asyncio.Event | None = None,
         grace: float = 30.0,
-    ) -> AsyncIterator[BatchItem]:
+    ) -> AsyncGenerator[BatchItem, None]:
         """Run many edits at once; yield each `BatchItem` as soon as it finishes.
 
         With *output_dir*, each image is saved there the moment it is ready (result URLs expire
@@ -825,9 +839,19 @@ class AsyncFluxClient(_ClientBase):
         Every failure of a job, of any kind, is yielded as that job's `BatchItem` with a typed
         error; the batch goes on.
 
+        To stop reading early, close the iterator (``async with contextlib.aclosing(...)``, or
+        ``await items.aclose()``): the jobs in flight are cancelled (a rerun reports those that
+        were sent as unconfirmed) and the journal is released. An iterator left open but no
+        longer read runs only the jobs in flight, and at most *concurrency* more whose items
+        wait to be read.
+
         Raises:
-            ConfigurationError: *concurrency*, *per_provider* or *grace* are not usable, the
-                output folder cannot be used, or another batch is writing to it.
+            ConfigurationError: *requests* or *names* is not a list or iterable (one request, a
+                string), *concurrency*, *per_provider* or *grace* are not usable, the output
+                folder cannot be used, or another batch is writing to it; or, after the jobs
+                already taken, *names* and *requests* turned out to have different lengths.
+            Exception: Whatever the caller's *requests* or *names* iterable raised, once the
+                jobs already taken have been yielded.
         """
         from flux_adapters._batch import run_batch  # lazy: only batches need it
 

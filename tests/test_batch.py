@@ -331,8 +331,8 @@ def test_a_damaged_journal_is_read_as_far_as_it_makes_sense(tmp_path: Path) -> N
         journal.write('{"id": 7, "k": "sent"}\n{"k": "sent"}\n[1, 2]\nnot json\n')
         journal.write('{"id": "x", "k": "answered", "urls": {"a": 1}, "p": ["laozhang"]}\n')
     [item] = batch(provider, ["robot"], tmp_path, names=["robot"])
-    # "files": 5 reads as no files, so the answered job is downloaded again, not sent again.
-    assert (item.status, item.reason) == ("ok", "downloaded again from its result URL")
+    # The record of the wrong shape is ignored: the earlier "saved" stands; nothing is sent.
+    assert (item.status, item.reason) == ("skipped", "already saved")
     assert provider.posts == Counter({"robot": 1})
 
 
