@@ -25,8 +25,11 @@ import httpx
 from flux_adapters._files import SNIFF_BYTES, atomic_image, image_format
 from flux_adapters._redact import redact
 from flux_adapters._transport import (
+    ACCEPT_ENCODING,
+    aiter_decoded,
     deadline_error,
     declared_length,
+    iter_decoded,
     mapped_transport_errors,
     phase_timeouts,
 )
@@ -50,6 +53,7 @@ MAX_REDIRECTS: Final = 5
 RETRIES: Final = 2
 """Further tries of a download after a failure that may pass."""
 _BACKOFF: Final = 0.5
+_HEADERS: Final = {"Accept-Encoding": ACCEPT_ENCODING}
 
 
 def _location(url: str) -> str:
@@ -231,11 +235,13 @@ class HttpDownloader:
         self, http: httpx.Client, url: str, sink: Callable[[bytes], None], ends: float
     ) -> None:
         for _ in range(MAX_REDIRECTS + 1):
-            with http.stream("GET", url, timeout=self._timeout, follow_redirects=False) as response:
+            with http.stream(
+                "GET", url, headers=_HEADERS, timeout=self._timeout, follow_redirects=False
+            ) as response:
                 following = _next_url(response, url, self._provider)
                 if following is None:
                     body = _ImageBody(response, url, self._provider, sink, self._deadline, ends)
-                    for chunk in response.iter_bytes():
+                    for chunk in iter_decoded(response):
                         body.take(chunk)
                     body.finish()
                     return
@@ -271,12 +277,12 @@ class HttpDownloader:
     ) -> None:
         for _ in range(MAX_REDIRECTS + 1):
             async with http.stream(
-                "GET", url, timeout=self._timeout, follow_redirects=False
+                "GET", url, headers=_HEADERS, timeout=self._timeout, follow_redirects=False
             ) as response:
                 following = _next_url(response, url, self._provider)
                 if following is None:
                     body = _ImageBody(response, url, self._provider, sink, self._deadline, None)
-                    async for chunk in response.aiter_bytes():
+                    async for chunk in aiter_decoded(response):
                         body.take(chunk)
                     body.finish()
                     return

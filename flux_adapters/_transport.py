@@ -4,7 +4,10 @@
   may have the request, with every message scrubbed of the client's keys;
 - per-phase timeouts never outlast the overall deadline of an exchange;
 - a body is read within a size cap and a deadline: a slow-drip server or a 2 GB answer cannot
-  hold a call or fill memory.
+  hold a call or fill memory;
+- a compressed body is inflated a bounded slice at a time (`iter_decoded`), so the cap applies
+  to the decoded bytes as they come: httpx inflates each chunk whole, and a 64 KiB chunk of
+  gzip can hold 64 MB (of gzip within gzip, gigabytes).
 
 A deadline is enforced exactly by the async client (``asyncio.timeout``). The sync client checks
 it after every chunk and caps each phase's timeout at it, so a call ends within the deadline
@@ -16,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Final
 
 import httpx
@@ -26,14 +30,28 @@ from flux_adapters.errors import FluxError, ResponseFormatError, Timeout, Transp
 from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, HttpResponse
 
 __all__ = [
+    "ACCEPT_ENCODING",
     "AnswerBody",
+    "aiter_decoded",
     "deadline_error",
+    "iter_decoded",
     "mapped_transport_errors",
     "phase_timeouts",
     "proves_not_sent",
 ]
 
 _MB: Final = 1024 * 1024
+
+ACCEPT_ENCODING: Final = "gzip, deflate"
+"""The encodings asked for: one layer of gzip or deflate, which `iter_decoded` inflates in bounded
+slices (httpx would also ask for br and zstd when their packages are installed)."""
+DECODED_SLICE: Final = 256 * 1024
+"""The most bytes one step of inflating produces before the reader checks its cap."""
+_WBITS: Final = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
 
 
 def phase_timeouts(timeout: httpx.Timeout, deadline: float) -> httpx.Timeout:
@@ -118,6 +136,96 @@ def deadline_error(provider: str, deadline: float) -> Timeout:
     return Timeout(
         f"no complete answer within the deadline of {deadline:g} s", provider=provider, sent=True
     )
+
+
+class _Inflater:
+    """Inflates one gzip or deflate body, never more than `DECODED_SLICE` bytes per step."""
+
+    def __init__(self, coding: str) -> None:
+        self._raw_fallback = coding == "deflate"  # "deflate" sent without its zlib wrapper
+        self._inflate = zlib.decompressobj(_WBITS[coding])
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        more = False
+        while (data or more) and not self._inflate.eof:
+            try:
+                out = self._inflate.decompress(data, DECODED_SLICE)
+            except zlib.error as exc:
+                if not self._raw_fallback:
+                    raise httpx.DecodingError(f"bad compressed data ({exc})") from exc
+                # Some servers send raw deflate; httpx retries the first bytes the same way.
+                self._raw_fallback = False
+                self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+                continue
+            self._raw_fallback = False
+            data = self._inflate.unconsumed_tail
+            more = len(out) == DECODED_SLICE  # the step was full: there may be more waiting
+            if out:
+                yield out
+
+
+def _inflater(response: httpx.Response) -> _Inflater | None:
+    """The inflater for *response*'s ``Content-Encoding`` (``None``: not encoded).
+
+    Raises:
+        httpx.DecodingError: An encoding that was not asked for (br, zstd, a chain of two).
+    """
+    codings = [
+        value.strip().lower()
+        for value in response.headers.get_list("content-encoding", split_commas=True)
+    ]
+    codings = [coding for coding in codings if coding and coding != "identity"]
+    if not codings:
+        return None
+    if len(codings) > 1 or codings[0] not in _WBITS:
+        shown = ", ".join(codings)[:60]
+        raise httpx.DecodingError(f"an encoding that was not asked for ({shown})")
+    return _Inflater(codings[0])
+
+
+def _already_read(response: httpx.Response) -> Iterator[bytes] | None:
+    """The body in slices, when a transport (a test's MockTransport) has already read it."""
+    try:
+        content = response.content
+    except httpx.ResponseNotRead:
+        return None
+    return (
+        content[start : start + DECODED_SLICE] for start in range(0, len(content), DECODED_SLICE)
+    )
+
+
+def iter_decoded(response: httpx.Response) -> Iterator[bytes]:
+    """The body of a streamed *response*, decoded; inflated pieces hold at most `DECODED_SLICE`.
+
+    Raises:
+        httpx.DecodingError: An encoding that was not asked for, or bad compressed data.
+    """
+    read = _already_read(response)
+    if read is not None:
+        yield from read
+        return
+    inflater = _inflater(response)
+    for raw in response.iter_raw():
+        if inflater is None:
+            yield raw
+        else:
+            yield from inflater.feed(raw)
+
+
+async def aiter_decoded(response: httpx.Response) -> AsyncIterator[bytes]:
+    """Async twin of `iter_decoded`."""
+    read = _already_read(response)
+    if read is not None:
+        for piece in read:
+            yield piece
+        return
+    inflater = _inflater(response)
+    async for raw in response.aiter_raw():
+        if inflater is None:
+            yield raw
+        else:
+            for piece in inflater.feed(raw):
+                yield piece
 
 
 def declared_length(response: httpx.Response) -> int | None:

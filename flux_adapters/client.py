@@ -46,8 +46,11 @@ from flux_adapters._options import (
 )
 from flux_adapters._redact import Redactor, redactor_for
 from flux_adapters._transport import (
+    ACCEPT_ENCODING,
     AnswerBody,
+    aiter_decoded,
     deadline_error,
+    iter_decoded,
     mapped_transport_errors,
     phase_timeouts,
 )
@@ -211,6 +214,7 @@ def _httpx_request(
 ) -> httpx.Request:
     headers = dict(outgoing.headers)
     headers.setdefault("Accept", "application/json")
+    headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
     if binding.owns(outgoing.url):
         headers["Authorization"] = f"Bearer {binding.api_key}"
     body = outgoing.body
@@ -621,7 +625,7 @@ class FluxClient(_ClientBase):
             try:
                 body = AnswerBody(response, name, binding.deadline, ends)
                 try:
-                    for chunk in response.iter_bytes():
+                    for chunk in iter_decoded(response):
                         if not body.take(chunk):
                             break
                 except httpx.DecodingError as exc:
@@ -771,7 +775,7 @@ class AsyncFluxClient(_ClientBase):
                     try:
                         body = AnswerBody(response, name, binding.deadline, None)
                         try:
-                            async for chunk in response.aiter_bytes():
+                            async for chunk in aiter_decoded(response):
                                 if not body.take(chunk):
                                     break
                         except httpx.DecodingError as exc:

@@ -1,0 +1,186 @@
+"""Single edits under attack: a hostile provider, a careless caller, a crash.
+
+Each test here reproduces a bug found by attacking the clients (a compression bomb, a redirect
+that re-sends the paid POST, headers dripped past the deadline, ...) and pins the fix. Hostile
+servers are `httpx.MockTransport` handlers or raw sockets on loopback; nothing leaves the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
+from flux_adapters.result import MAX_IMAGE_BYTES
+from flux_adapters.wire import MAX_ANSWER_BYTES
+from tests.conftest import image_bytes
+
+KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
+REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
+RESULT_URL = "https://cdn.example/results/a.png"
+OK = {"created": 1, "data": [{"url": RESULT_URL}]}
+PNG = image_bytes(40, 30)
+Handler = Callable[[httpx.Request], httpx.Response]
+both = pytest.mark.parametrize("kind", ["sync", "async"])
+
+
+def run(
+    kind: str,
+    handler: Handler,
+    call: Callable[[Any], Any],
+    http: dict[str, Any] | None = None,
+    **options: Any,
+) -> Any:
+    """Make a client of *kind* on *handler* and return ``call(client)`` (awaited when async)."""
+    transport = httpx.MockTransport(handler)
+    if kind == "sync":
+        with httpx.Client(transport=transport, **(http or {})) as client:
+            return call(FluxClient("laozhang", api_key=KEY, http_client=client, **options))
+
+    async def main() -> Any:
+        async with httpx.AsyncClient(transport=transport, **(http or {})) as client:
+            flux = AsyncFluxClient("laozhang", api_key=KEY, http_client=client, **options)
+            outcome = call(flux)
+            return await outcome if asyncio.iscoroutine(outcome) else outcome
+
+    return asyncio.run(main())
+
+
+class Raw(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A body sent as it is (already compressed), 64 KiB at a time, as a socket delivers it.
+
+    A response built with ``content=`` is read (and inflated) by httpx as it is built; a stream
+    is what a transport returns.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        for start in range(0, len(self._body), 65536):
+            yield self._body[start : start + 65536]
+
+    async def __aiter__(self) -> Any:
+        for chunk in self:
+            yield chunk
+
+
+def peak_memory(action: Callable[[], object]) -> int:
+    """The most bytes Python held at once, above what it held before, while *action* ran."""
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# --- compression bombs ---------------------------------------------------------------------
+
+
+@functools.cache
+def gzip_bomb(megabytes: int, head: bytes = b"") -> bytes:
+    """*head* then *megabytes* MB of zeros, gzip-compressed (about 1,000 to 1)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1024 * 1024)
+    parts = [compressor.compress(head)]
+    parts += [compressor.compress(zeros) for _ in range(megabytes)]
+    return b"".join([*parts, compressor.flush()])
+
+
+BOMB_MB = 256
+BOUND = MAX_ANSWER_BYTES + 32 * 1024 * 1024
+"""What reading any answer may hold at once: the answer cap and some room for chunks."""
+
+
+@both
+@pytest.mark.parametrize("status", [200, 500])
+def test_a_compressed_answer_is_capped_as_it_inflates_not_after(kind: str, status: int) -> None:
+    """A 260 KB gzip body that inflates to 256 MB: the cap applies to the decoded bytes."""
+    bomb = gzip_bomb(BOMB_MB)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers={"content-encoding": "gzip"}, stream=Raw(bomb))
+
+    def edit() -> None:
+        with pytest.raises((errors.ResponseFormatError, errors.ProviderUnavailable)):
+            run(kind, handler, lambda client: client.edit(REQUEST))
+
+    assert peak_memory(edit) < BOUND
+
+
+@both
+@pytest.mark.parametrize("encoding", ["gzip, gzip", "gzip, deflate", "br", "zstd", "compress"])
+def test_an_encoding_that_was_not_asked_for_is_refused_unread(kind: str, encoding: str) -> None:
+    """Only one layer of gzip or deflate is asked for; a chain multiplies the ratio (GBs)."""
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("accept-encoding", ""))
+        bomb = gzip_bomb(BOMB_MB)
+        return httpx.Response(200, headers={"content-encoding": encoding}, stream=Raw(bomb))
+
+    def edit() -> None:
+        with pytest.raises(errors.ResponseFormatError, match="could not be decoded"):
+            run(kind, handler, lambda client: client.edit(REQUEST))
+
+    assert peak_memory(edit) < BOUND
+    assert sent == ["gzip, deflate"]
+
+
+@both
+def test_a_compressed_download_is_capped_as_it_inflates(kind: str, tmp_path: Path) -> None:
+    """A result URL serving a PNG header and 256 MB of zeros, gzip-compressed."""
+    bomb = gzip_bomb(BOMB_MB, head=PNG[:16])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json=OK)
+        return httpx.Response(200, headers={"content-encoding": "gzip"}, stream=Raw(bomb))
+
+    async def save_async(client: AsyncFluxClient) -> Path:
+        result = await client.edit(REQUEST)
+        return await result.images[0].save_async(tmp_path / "out.png")
+
+    def save_sync(client: FluxClient) -> Path:
+        return client.edit(REQUEST).images[0].save(tmp_path / "out.png")
+
+    def save() -> None:
+        with pytest.raises(
+            errors.ResponseFormatError, match=f"larger than {MAX_IMAGE_BYTES >> 20}"
+        ):
+            run(kind, handler, save_sync if kind == "sync" else save_async)
+
+    assert peak_memory(save) < BOUND
+    assert list(tmp_path.iterdir()) == []
+
+
+@both
+def test_a_well_compressed_answer_and_download_still_work(kind: str) -> None:
+    import gzip
+    import json
+
+    answer = gzip.compress(json.dumps(OK).encode())
+    deflated = zlib.compress(PNG)  # "deflate" as most servers send it: with the zlib wrapper
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, headers={"content-encoding": "gzip"}, stream=Raw(answer))
+        return httpx.Response(200, headers={"content-encoding": "deflate"}, stream=Raw(deflated))
+
+    async def read_async(client: AsyncFluxClient) -> bytes:
+        return await (await client.edit(REQUEST)).images[0].read_async()
+
+    if kind == "sync":
+        data = run(kind, handler, lambda client: client.edit(REQUEST).images[0].read())
+    else:
+        data = run(kind, handler, read_async)
+    assert data == PNG
