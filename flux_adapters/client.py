@@ -621,7 +621,9 @@ class FluxClient(_ClientBase):
         with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
             request = _build_httpx_request(self._http, binding, outgoing, files)
             ends = time.monotonic() + binding.deadline
-            response = self._http.send(request, stream=True)
+            # Never followed, whatever the caller's client says: a 307/308 would send the paid
+            # POST again (and its images to another origin); a 3xx is judged by its status.
+            response = self._http.send(request, stream=True, follow_redirects=False)
             try:
                 body = AnswerBody(response, name, binding.deadline, ends)
                 try:
@@ -771,7 +773,11 @@ class AsyncFluxClient(_ClientBase):
             async with deadline:
                 with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
                     request = _build_httpx_request(self._http, binding, outgoing, files)
-                    response = await self._http.send(request, stream=True)
+                    response = await self._http.send(
+                        request,
+                        stream=True,
+                        follow_redirects=False,  # see FluxClient._send
+                    )
                     try:
                         body = AnswerBody(response, name, binding.deadline, None)
                         try:

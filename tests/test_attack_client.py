@@ -184,3 +184,34 @@ def test_a_well_compressed_answer_and_download_still_work(kind: str) -> None:
     else:
         data = run(kind, handler, read_async)
     assert data == PNG
+
+
+# --- the paid POST is sent once --------------------------------------------------------------
+
+
+@both
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@pytest.mark.parametrize(
+    "where", ["https://api.laozhang.ai/v1/again", "https://elsewhere.example/"]
+)
+def test_a_redirect_answering_the_paid_post_is_never_followed(
+    kind: str, status: int, where: str
+) -> None:
+    """Even on a caller's client made with ``follow_redirects=True``.
+
+    A 307/308 makes httpx send the POST again (body and images; the key too, on the same
+    origin), up to 20 times: each could be billed.
+    """
+    posts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posts.append(str(request.url))
+        if len(posts) > 1:
+            return httpx.Response(200, json=OK)
+        return httpx.Response(status, headers={"location": where})
+
+    with pytest.raises(errors.ProviderError) as caught:
+        run(kind, handler, lambda client: client.edit(REQUEST), http={"follow_redirects": True})
+    assert len(posts) == 1
+    assert caught.value.status_code == status
+    assert caught.value.attempts[0].billing == "unreadable-answer"  # may be billed: final
