@@ -27,11 +27,14 @@ from flux_adapters._redact import redact
 from flux_adapters._transport import (
     ACCEPT_ENCODING,
     aiter_decoded,
+    bounded_by,
+    bounded_http_client,
     deadline_error,
     declared_length,
     iter_decoded,
     mapped_transport_errors,
     phase_timeouts,
+    send_within,
 )
 from flux_adapters.errors import (
     FluxError,
@@ -204,7 +207,7 @@ class HttpDownloader:
         if self._sync is not None and not self._sync.is_closed:
             yield self._sync
         else:
-            with httpx.Client() as client:
+            with bounded_http_client() as client:
                 yield client
 
     @contextlib.asynccontextmanager
@@ -220,7 +223,11 @@ class HttpDownloader:
         attempt = 0
         while True:
             try:
-                with self._sync_client() as http, mapped_transport_errors(self._provider):
+                with (
+                    self._sync_client() as http,
+                    mapped_transport_errors(self._provider),
+                    bounded_by(ends, self._provider, self._deadline),
+                ):
                     self._follow(http, url, sink, ends)
                 return
             except FluxError as error:
@@ -235,9 +242,10 @@ class HttpDownloader:
         self, http: httpx.Client, url: str, sink: Callable[[bytes], None], ends: float
     ) -> None:
         for _ in range(MAX_REDIRECTS + 1):
-            with http.stream(
-                "GET", url, headers=_HEADERS, timeout=self._timeout, follow_redirects=False
-            ) as response:
+            request = http.build_request("GET", url, headers=_HEADERS, timeout=self._timeout)
+            # On a worker thread: a server dripping its headers cannot hold it past the deadline.
+            response = send_within(http, request, ends, self._provider, self._deadline)
+            try:
                 following = _next_url(response, url, self._provider)
                 if following is None:
                     body = _ImageBody(response, url, self._provider, sink, self._deadline, ends)
@@ -245,6 +253,8 @@ class HttpDownloader:
                         body.take(chunk)
                     body.finish()
                     return
+            finally:
+                response.close()
             url = following
         raise _too_many_redirects(url, self._provider)
 

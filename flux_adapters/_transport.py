@@ -9,20 +9,30 @@
   to the decoded bytes as they come: httpx inflates each chunk whole, and a 64 KiB chunk of
   gzip can hold 64 MB (of gzip within gzip, gigabytes).
 
-A deadline is enforced exactly by the async client (``asyncio.timeout``). The sync client checks
-it after every chunk and caps each phase's timeout at it, so a call ends within the deadline
-plus at most one read wait (itself no longer than the deadline).
+A deadline is enforced exactly by the async client (``asyncio.timeout``). Per-read timeouts
+alone cannot end a server that drips its headers a byte at a time, so the sync client bounds
+every socket operation of its own httpx client by the time left (`bounded_http_client`,
+`bounded_by`); with a caller's httpx client, whose transport it cannot reach, it sends on a
+worker thread and stops waiting for the answer's head at the deadline (`send_within`). It then
+checks the deadline after every chunk of the body and caps each phase's timeout at it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
+import os
+import queue
+import socket
+import threading
 import time
+import weakref
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Final
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, Final
 
+import httpcore
 import httpx
 
 from flux_adapters._redact import redact
@@ -33,11 +43,14 @@ __all__ = [
     "ACCEPT_ENCODING",
     "AnswerBody",
     "aiter_decoded",
+    "bounded_by",
+    "bounded_http_client",
     "deadline_error",
     "iter_decoded",
     "mapped_transport_errors",
     "phase_timeouts",
     "proves_not_sent",
+    "send_within",
 ]
 
 _MB: Final = 1024 * 1024
@@ -136,6 +149,257 @@ def deadline_error(provider: str, deadline: float) -> Timeout:
     return Timeout(
         f"no complete answer within the deadline of {deadline:g} s", provider=provider, sent=True
     )
+
+
+_ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar("flux_ends", default=None)
+"""When (`time.monotonic`) the exchange under way in this context must be over."""
+
+
+def _left(timeout: float | None) -> float | None:
+    """*timeout*, shortened to the time left before the exchange's deadline."""
+    ends = _ENDS.get()
+    if ends is None:
+        return timeout
+    left = ends - time.monotonic()
+    if left <= 0:
+        raise httpcore.ReadTimeout("the deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _BoundedStream(httpcore.NetworkStream):
+    """A socket stream whose every read, write and TLS handshake ends by the deadline."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _left(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _left(timeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        return _BoundedStream(self._inner.start_tls(ssl_context, server_hostname, _left(timeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _BoundedBackend(httpcore.NetworkBackend):
+    """Opens `_BoundedStream` connections."""
+
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._inner.connect_tcp(host, port, _left(timeout), local_address, socket_options)
+        return _BoundedStream(stream)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        return _BoundedStream(self._inner.connect_unix_socket(path, _left(timeout), socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+_BOUNDED: weakref.WeakSet[httpx.Client] = weakref.WeakSet()
+"""The httpx clients made by `bounded_http_client` whose every transport is bounded."""
+
+
+def bounded_http_client() -> httpx.Client:
+    """An ``httpx.Client`` (proxies from the environment included) whose sockets keep deadlines.
+
+    Within `bounded_by`, each read, write and connect waits no longer than the time left. The
+    backend is set on httpx's own connection pools, which httpx does not let one pass in; if a
+    future httpx moves them, the client still works and `send_within` uses a worker thread.
+    """
+    client = httpx.Client()
+    transports = [client._transport, *client._mounts.values()]
+    pools = [getattr(transport, "_pool", None) for transport in transports if transport]
+    if pools and all(isinstance(pool, httpcore.ConnectionPool) for pool in pools):
+        for pool in pools:
+            pool._network_backend = _BoundedBackend(pool._network_backend)  # type: ignore[union-attr]
+        _BOUNDED.add(client)
+    return client
+
+
+@contextlib.contextmanager
+def bounded_by(ends: float, provider: str, deadline: float) -> Iterator[None]:
+    """End the exchange in this block at *ends* (`time.monotonic`): a `Timeout` after it.
+
+    Sockets of a `bounded_http_client` wait no longer than the time left.
+    """
+    token = _ENDS.set(ends)
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        if time.monotonic() < ends:
+            raise
+        raise deadline_error(provider, deadline) from exc
+    finally:
+        _ENDS.reset(token)
+
+
+class _Workers:
+    """Daemon threads that run blocking sends for callers that may stop waiting for them.
+
+    Daemon threads, not a ``ThreadPoolExecutor``, whose threads the interpreter joins at exit: a
+    send given up on may still be blocked on its server, and must not hold up the process.
+    Idle threads wait for the next send, so a call does not pay for starting one.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)  # no thread survives a fork
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        """Run *task* (which must not raise) on an idle thread, or on a new one."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._tasks.put(task)
+                return
+        threading.Thread(
+            target=self._work, args=(task,), name="flux-adapters-send", daemon=True
+        ).start()
+
+    def _work(self, task: Callable[[], None]) -> None:
+        while True:
+            task()
+            with self._lock:
+                self._idle += 1
+                tasks = self._tasks
+            task = tasks.get()
+
+
+_WORKERS: Final = _Workers()
+
+
+class _Send:
+    """``http.send(request)`` on a worker thread, which its caller may give up on."""
+
+    def __init__(self, http: httpx.Client, request: httpx.Request) -> None:
+        self._http = http
+        self._request = request
+        self._context = contextvars.copy_context()  # the caller's (tracing spans, ...)
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._sockets: list[socket.socket] = []
+        self.response: httpx.Response | None = None
+        self.error: BaseException | None = None
+        traced = request.extensions.get("trace")
+
+        def trace(event: str, info: dict[str, object]) -> None:
+            # httpcore's hook: the socket of a connection opened for this request, to shut down
+            # if the caller gives up (a connection taken from the pool cannot be reached).
+            if event == "connection.connect_tcp.complete":
+                self._opened(info.get("return_value"))
+            if traced is not None:
+                traced(event, info)
+
+        request.extensions = {**request.extensions, "trace": trace}
+
+    def run(self) -> None:
+        try:
+            response = self._context.run(
+                self._http.send, self._request, stream=True, follow_redirects=False
+            )
+        except BaseException as exc:  # handed to the caller, KeyboardInterrupt included
+            self.error = exc
+        else:
+            with self._lock:
+                late = self._abandoned
+                self.response = response
+            if late:
+                response.close()
+        finally:
+            self._done.set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._done.wait(seconds)
+
+    def abandon(self) -> None:
+        """Stop waiting: close an answer that came, shut the connection this send opened."""
+        with self._lock:
+            self._abandoned = True
+            response, sockets = self.response, list(self._sockets)
+        if response is not None:
+            response.close()
+        for opened in sockets:
+            _shut(opened)
+
+    def _opened(self, stream: object) -> None:
+        try:
+            opened = stream.get_extra_info("socket")  # type: ignore[attr-defined]
+        except Exception:  # a network backend of another kind
+            return
+        if not isinstance(opened, socket.socket):
+            return
+        with self._lock:
+            self._sockets.append(opened)
+            late = self._abandoned
+        if late:
+            _shut(opened)
+
+
+def _shut(opened: socket.socket) -> None:
+    # shutdown(), not close(): it wakes a thread blocked reading the socket.
+    with contextlib.suppress(OSError):
+        opened.shutdown(socket.SHUT_RDWR)
+
+
+def send_within(
+    http: httpx.Client, request: httpx.Request, ends: float, provider: str, deadline: float
+) -> httpx.Response:
+    """``http.send(request, stream=True)``, redirects not followed, given up at *ends*.
+
+    A `bounded_http_client` sends in this thread (within `bounded_by`, its sockets keep the
+    deadline). Any other client sends on a worker thread while the caller waits for the answer's
+    head no longer than the time left (`time.monotonic` clock); given up, the connection it
+    opened is shut down so the worker ends too, and an answer that comes later is closed unread.
+
+    Raises:
+        Timeout: *ends* passed first (``sent=True``: the provider may have the request).
+        Exception: Whatever ``http.send`` raised.
+    """
+    if http in _BOUNDED:
+        return http.send(request, stream=True, follow_redirects=False)
+    send = _Send(http, request)
+    try:
+        _WORKERS.submit(send.run)
+        finished = send.wait(max(0.0, ends - time.monotonic()))
+    except BaseException:  # Ctrl-C while starting the worker or waiting for it
+        send.abandon()
+        raise
+    if not finished:
+        send.abandon()
+        raise deadline_error(provider, deadline)
+    if send.error is not None:
+        error, send.error = send.error, None
+        raise error
+    assert send.response is not None
+    return send.response
 
 
 class _Inflater:

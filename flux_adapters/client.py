@@ -49,10 +49,13 @@ from flux_adapters._transport import (
     ACCEPT_ENCODING,
     AnswerBody,
     aiter_decoded,
+    bounded_by,
+    bounded_http_client,
     deadline_error,
     iter_decoded,
     mapped_transport_errors,
     phase_timeouts,
+    send_within,
 )
 from flux_adapters.config import ProviderSettings, load_config
 from flux_adapters.errors import (
@@ -576,7 +579,7 @@ class FluxClient(_ClientBase):
             settings=settings,
         )
         self._own_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.Client()
+        self._http = http_client if http_client is not None else bounded_http_client()
         self._downloader = HttpDownloader(
             provider=self.provider, sync_client=self._http, deadline=self._downloader_deadline()
         )
@@ -618,12 +621,17 @@ class FluxClient(_ClientBase):
 
     def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
         name = binding.adapter.name
-        with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
+        ends = time.monotonic() + binding.deadline
+        with (
+            contextlib.ExitStack() as files,
+            mapped_transport_errors(name, binding.scrub),
+            bounded_by(ends, name, binding.deadline),
+        ):
             request = _build_httpx_request(self._http, binding, outgoing, files)
-            ends = time.monotonic() + binding.deadline
-            # Never followed, whatever the caller's client says: a 307/308 would send the paid
-            # POST again (and its images to another origin); a 3xx is judged by its status.
-            response = self._http.send(request, stream=True, follow_redirects=False)
+            # Redirects are never followed, whatever the caller's client says: a 307/308 would
+            # send the paid POST again (and its images to another origin); a 3xx is judged by
+            # its status. A server dripping its headers cannot hold the call past the deadline.
+            response = send_within(self._http, request, ends, name, binding.deadline)
             try:
                 body = AnswerBody(response, name, binding.deadline, ends)
                 try:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import socket
+import threading
+import time
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
@@ -166,7 +170,6 @@ def test_a_compressed_download_is_capped_as_it_inflates(kind: str, tmp_path: Pat
 @both
 def test_a_well_compressed_answer_and_download_still_work(kind: str) -> None:
     import gzip
-    import json
 
     answer = gzip.compress(json.dumps(OK).encode())
     deflated = zlib.compress(PNG)  # "deflate" as most servers send it: with the zlib wrapper
@@ -215,3 +218,176 @@ def test_a_redirect_answering_the_paid_post_is_never_followed(
     assert len(posts) == 1
     assert caught.value.status_code == status
     assert caught.value.attempts[0].billing == "unreadable-answer"  # may be billed: final
+
+
+# --- deadlines hold whatever the server drips ------------------------------------------------
+
+
+class Server:
+    """A raw HTTP server on loopback: reads each request's head, then runs *respond* on it."""
+
+    def __init__(self, respond: Callable[[socket.socket, bytes], None]) -> None:
+        self._respond = respond
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.heads: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(30)
+            head = b""
+            try:
+                while b"\r\n\r\n" not in head:
+                    received = connection.recv(65536)
+                    if not received:
+                        return
+                    head += received
+                self.heads.append(head)
+                self._respond(connection, head)
+            except OSError:  # the client gave up
+                return
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[socket.socket, bytes], None]], Server]]:
+    servers: list[Server] = []
+
+    def start(respond: Callable[[socket.socket, bytes], None]) -> Server:
+        servers.append(Server(respond))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+HUNG_UP = threading.Event()
+"""Set when a client hangs up on `drip_headers`."""
+
+
+def drip_headers(connection: socket.socket, head: bytes) -> None:
+    """A status line, then a header one byte every 20 ms: 20 s for 1,000 bytes."""
+    try:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(1000):
+            connection.sendall(b"a")
+            time.sleep(0.02)
+    except OSError:
+        HUNG_UP.set()
+        raise
+
+
+def edit_on(kind: str, base_url: str, **options: Any) -> Any:
+    if kind == "sync":
+        with FluxClient("laozhang", api_key=KEY, base_url=base_url, **options) as client:
+            return client.edit(REQUEST)
+
+    async def main() -> Any:
+        async with AsyncFluxClient("laozhang", api_key=KEY, base_url=base_url, **options) as client:
+            return await client.edit(REQUEST)
+
+    return asyncio.run(main())
+
+
+@both
+def test_headers_dripped_a_byte_at_a_time_end_at_the_deadline(
+    kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server]
+) -> None:
+    """Each byte comes well within the read timeout, so only the deadline can end the call."""
+    server = serve(drip_headers)
+    HUNG_UP.clear()
+    started = time.monotonic()
+    with pytest.raises(errors.Timeout, match=r"deadline of 1 s") as caught:
+        edit_on(kind, server.url, deadline=1.0)
+    assert time.monotonic() - started < 5.0
+    assert caught.value.sent is True  # the provider had the request: never failed over
+
+
+def test_a_send_given_up_on_hangs_up_instead_of_holding_the_connection(
+    serve: Callable[[Callable[[socket.socket, bytes], None]], Server],
+) -> None:
+    """The caller's client stays open: nothing but the deadline closes the dripping connection."""
+    server = serve(drip_headers)
+    HUNG_UP.clear()
+    with httpx.Client() as http:
+        client = FluxClient(
+            "laozhang", api_key=KEY, base_url=server.url, http_client=http, deadline=1.0
+        )
+        with pytest.raises(errors.Timeout, match="deadline"):
+            client.edit(REQUEST)
+        assert HUNG_UP.wait(5.0)  # within 5 s, not when the 20 s drip ends
+
+
+@both
+def test_a_download_whose_headers_drip_ends_at_its_deadline(
+    kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server], tmp_path: Path
+) -> None:
+    cdn = serve(drip_headers)
+
+    def answer(connection: socket.socket, head: bytes) -> None:
+        body = json.dumps({"data": [{"url": f"{cdn.url}/a.png"}]}).encode()
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    provider = serve(answer)
+    result = edit_on(kind, provider.url, deadline=1.0)
+    started = time.monotonic()
+    image, target = result.images[0], tmp_path / "out.png"
+    with pytest.raises(errors.Timeout, match="deadline"):
+        image.save(target) if kind == "sync" else asyncio.run(image.save_async(target))
+    assert time.monotonic() - started < 5.0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_send_that_blocks_in_the_callers_transport_ends_at_the_deadline() -> None:
+    """Any transport (a proxy, a test double): the sync client waits no longer than the deadline."""
+    release = threading.Event()
+
+    def stuck(request: httpx.Request) -> httpx.Response:
+        release.wait(30)
+        return httpx.Response(200, json=OK)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(errors.Timeout, match="deadline"):
+            run("sync", stuck, lambda client: client.edit(REQUEST), deadline=0.5)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 3.0
+
+
+def test_ctrl_c_while_a_callers_transport_blocks_ends_the_call_and_closes_the_late_answer() -> None:
+    import signal
+
+    release, closed = threading.Event(), threading.Event()
+
+    class Late(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"{}"
+
+        def close(self) -> None:
+            closed.set()
+
+    def interrupted(request: httpx.Request) -> httpx.Response:
+        # Ctrl-C, a real signal, while the caller waits for this answer.
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        release.wait(10)
+        return httpx.Response(200, stream=Late())
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run("sync", interrupted, lambda client: client.edit(REQUEST))
+    assert time.monotonic() - started < 5.0
+    release.set()
+    assert closed.wait(5.0)  # the answer that came after was closed, not leaked
