@@ -293,6 +293,8 @@ class _Workers:
 
 
 _WORKERS: Final = _Workers()
+_SIGNAL_SLICE: Final = 0.05
+"""Seconds between looks at pending signals (Ctrl-C) while waiting for a worker."""
 
 
 class _Send:
@@ -336,8 +338,16 @@ class _Send:
         finally:
             self._done.set()
 
-    def wait(self, seconds: float) -> bool:
-        return self._done.wait(seconds)
+    def wait(self, ends: float) -> bool:
+        """Wait for the send until *ends*; ``False`` if it has not finished by then."""
+        while True:
+            left = ends - time.monotonic()
+            if left <= 0:
+                return self._done.is_set()
+            # In slices: a blocked Event.wait does not wake for a signal on Linux, and Ctrl-C
+            # must interrupt the caller within a moment, not when the answer comes.
+            if self._done.wait(min(left, _SIGNAL_SLICE)):
+                return True
 
     def abandon(self) -> None:
         """Stop waiting: close an answer that came, shut the connection this send opened."""
@@ -388,7 +398,7 @@ def send_within(
     send = _Send(http, request)
     try:
         _WORKERS.submit(send.run)
-        finished = send.wait(max(0.0, ends - time.monotonic()))
+        finished = send.wait(ends)
     except BaseException:  # Ctrl-C while starting the worker or waiting for it
         send.abandon()
         raise
