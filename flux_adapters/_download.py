@@ -167,6 +167,8 @@ def _next_url(response: httpx.Response, url: str, provider: str) -> str | None:
 
 def _may_pass(error: FluxError) -> bool:
     """Whether trying the same download again may succeed (the deadline still bounds it)."""
+    if isinstance(error.__cause__, httpx.InvalidURL | httpx.UnsupportedProtocol):
+        return False  # the URL itself cannot be fetched
     return isinstance(error, TransportError | ProviderUnavailable | RateLimited)
 
 

@@ -131,6 +131,9 @@ def mapped_transport_errors(provider: str, scrub: Callable[[str], str] = redact)
         raise
     except httpx.TransportError as exc:
         raise _transport_error(exc, provider, scrub) from exc
+    except httpx.InvalidURL as exc:  # not an HTTPError: a URL httpx cannot send to at all
+        message = scrub(f"could not send the request (InvalidURL: {exc})")[:300]
+        raise TransportError(message, provider=provider, sent=False) from exc
     except httpx.HTTPError as exc:
         # TooManyRedirects, DecodingError and stream errors: an answer came, unusable.
         message = scrub(f"the answer could not be read ({type(exc).__name__}: {exc})")[:300]

@@ -391,3 +391,42 @@ def test_ctrl_c_while_a_callers_transport_blocks_ends_the_call_and_closes_the_la
     assert time.monotonic() - started < 5.0
     release.set()
     assert closed.wait(5.0)  # the answer that came after was closed, not leaked
+
+
+# --- result URLs that cannot be fetched ------------------------------------------------------
+
+
+@both
+@pytest.mark.parametrize(
+    "url",
+    ["https://cdn.example/a\x00.png", "https://cdn.example/a\r\nX: y", "https://cdn.example:port/a.png",
+     "https://cdn.example:99999999/a.png", "https://[::1/a.png", "https:///a.png"],
+    ids=["nul", "crlf", "port-name", "port-range", "bad-ipv6", "no-host"],
+)  # fmt: skip
+def test_an_answer_whose_result_url_cannot_be_fetched_is_a_format_error(
+    kind: str, url: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": [{"url": url}]})
+
+    with pytest.raises(errors.ResponseFormatError, match="result URL"):
+        run(kind, handler, lambda client: client.edit(REQUEST))
+
+
+@both
+@pytest.mark.parametrize(
+    "url",
+    ["https://cdn.example/a\x00.png", "https://cdn.example:port/a.png", "ftp://cdn.example/a"],
+)
+def test_a_hand_built_result_image_with_an_unusable_url_fails_typed_and_at_once(
+    kind: str, url: str, tmp_path: Path
+) -> None:
+    from flux_adapters.result import ResultImage
+
+    image = ResultImage(url=url)
+    started = time.monotonic()
+    with pytest.raises(errors.TransportError) as caught:
+        image.save(tmp_path / "a.png") if kind == "sync" else asyncio.run(image.read_async())
+    assert caught.value.sent is False  # nothing could be sent
+    assert time.monotonic() - started < 0.4  # not retried: it cannot pass
+    assert list(tmp_path.iterdir()) == []

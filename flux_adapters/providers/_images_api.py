@@ -133,12 +133,23 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
     )
 
 
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+"""Characters no HTTP client puts in a request line (httpx refuses them)."""
+
+
 def _image_problem(item: _Item) -> str:
     if item.b64_json:
         return inline_image_problem(item.b64_json)
-    parts = urlsplit(item.url or "")
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    url = item.url or ""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return "a result URL is not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         return "a result URL is not an http(s) URL"
+    if _CONTROL.search(url):
+        return "a result URL holds control characters"
     return ""
 
 
