@@ -19,6 +19,7 @@ from flux_adapters._display import render_value
 from flux_adapters.errors import ConfigurationError
 
 __all__ = [
+    "MAX_SECONDS",
     "check_adapter",
     "check_base_url",
     "check_key",
@@ -97,11 +98,16 @@ def check_base_url(value: object, source: str) -> str:
     return value
 
 
+MAX_SECONDS: Final = 86_400.0
+"""The longest timeout or deadline taken: a day. A socket timeout of 1e10 s overflows time_t."""
+
+
 def check_seconds(value: object, source: str) -> float:
-    """*value* as a positive, finite number of seconds."""
-    if not is_number(value) or value <= 0:
+    """*value* as a positive number of seconds, at most `MAX_SECONDS`."""
+    if not is_number(value) or not 0 < value <= MAX_SECONDS:
         raise ConfigurationError(
-            f"{source} must be a number of seconds > 0, not {render_value(value)}"
+            f"{source} must be a number of seconds > 0 and at most {MAX_SECONDS:.0f}, "
+            f"not {render_value(value)}"
         )
     return float(value)
 

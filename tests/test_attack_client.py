@@ -430,3 +430,65 @@ def test_a_hand_built_result_image_with_an_unusable_url_fails_typed_and_at_once(
     assert caught.value.sent is False  # nothing could be sent
     assert time.monotonic() - started < 0.4  # not retried: it cannot pass
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a careless caller: client arguments and configuration -----------------------------------
+
+
+@pytest.mark.parametrize("option", ["timeout", "deadline"])
+@pytest.mark.parametrize("seconds", [1e10, 1e308, 86_401])
+def test_seconds_beyond_a_day_are_refused_when_the_client_is_built(
+    option: str, seconds: float
+) -> None:
+    """A socket timeout of 1e10 s overflowed time_t: OverflowError from the first edit."""
+    given: dict[str, Any] = {option: seconds}
+    for make in (FluxClient, AsyncFluxClient):
+        with pytest.raises(errors.ConfigurationError, match=f"{option}= must be .*86400"):
+            make("laozhang", api_key=KEY, **given)
+    with pytest.raises(errors.ConfigurationError, match="timeout= read must be"):
+        FluxClient("laozhang", api_key=KEY, timeout=httpx.Timeout(10, read=1e10))
+
+
+def test_a_day_is_still_a_usable_timeout() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=OK)
+
+    result = run("sync", handler, lambda client: client.edit(REQUEST), timeout=86_400)
+    assert result.images[0].url == RESULT_URL
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("timeout = 1e10", "timeout"),
+        ("timeout = 0", "timeout"),
+        ("[provider.laozhang]\ntimeout = 1e10", r"\[provider.laozhang\] timeout"),
+        ("[provider.laozhang]\ntimeout = 0", r"\[provider.laozhang\] timeout"),
+        ("[provider.laozhang]\napi_key_env = 5", "api_key_env must be"),
+        ('[provider.laozhang]\napi_key_env = ["LAOZHANG_API_KEY"]', "api_key_env must be"),
+        ('[provider.laozhang]\napi_key_env = "A=B"', "api_key_env must be"),
+        ('[provider.laozhang]\napi_key_env = ""', "api_key_env must be"),
+    ],
+)
+def test_odd_configuration_files_are_configuration_errors_naming_the_file(
+    text: str, problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
+    path = tmp_path / "flux-adapters.toml"
+    path.write_text(text + "\n")
+    for make in (FluxClient, AsyncFluxClient):
+        with pytest.raises(errors.ConfigurationError, match=problem) as caught:
+            make.from_env(config=path)
+        assert str(path) in str(caught.value)
+
+
+def test_an_odd_timeout_in_the_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
+    for value in ("1e10", "0", "-1", "nan", "soon"):
+        monkeypatch.setenv("FLUX_TIMEOUT", value)
+        with pytest.raises(errors.ConfigurationError, match="FLUX_TIMEOUT"):
+            FluxClient.from_env()
