@@ -26,6 +26,7 @@ from flux_adapters._files import SNIFF_BYTES, atomic_image, image_format
 from flux_adapters._redact import redact
 from flux_adapters._transport import (
     ACCEPT_ENCODING,
+    LoopBinding,
     aiter_decoded,
     bounded_by,
     bounded_http_client,
@@ -187,6 +188,7 @@ class HttpDownloader:
         provider: The provider the images came from, for error messages.
         sync_client: The httpx client of a `FluxClient`.
         async_client: The httpx client of an `AsyncFluxClient`.
+        async_loop: The event loop *async_client*'s connections belong to (the client's).
         deadline: Seconds one download may take in all (default `DOWNLOAD_DEADLINE`).
     """
 
@@ -196,11 +198,13 @@ class HttpDownloader:
         provider: str = "download",
         sync_client: httpx.Client | None = None,
         async_client: httpx.AsyncClient | None = None,
+        async_loop: LoopBinding | None = None,
         deadline: float = DOWNLOAD_DEADLINE,
     ) -> None:
         self._provider = provider
         self._sync = sync_client
         self._async = async_client
+        self._async_loop = async_loop or LoopBinding()
         self._deadline = deadline
         self._timeout = phase_timeouts(DOWNLOAD_TIMEOUT, deadline)
 
@@ -214,9 +218,9 @@ class HttpDownloader:
 
     @contextlib.asynccontextmanager
     async def _async_client(self) -> AsyncIterator[httpx.AsyncClient]:
-        if self._async is not None and not self._async.is_closed:
+        if self._async is not None and not self._async.is_closed and self._async_loop.claim():
             yield self._async
-        else:
+        else:  # closed, or its connections belong to another event loop
             async with httpx.AsyncClient() as client:
                 yield client
 

@@ -19,6 +19,7 @@ checks the deadline after every chunk of the body and caps each phase's timeout 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import math
@@ -42,6 +43,7 @@ from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, HttpResponse
 __all__ = [
     "ACCEPT_ENCODING",
     "AnswerBody",
+    "LoopBinding",
     "aiter_decoded",
     "bounded_by",
     "bounded_http_client",
@@ -152,6 +154,27 @@ def deadline_error(provider: str, deadline: float) -> Timeout:
     return Timeout(
         f"no complete answer within the deadline of {deadline:g} s", provider=provider, sent=True
     )
+
+
+class LoopBinding:
+    """The event loop an ``httpx.AsyncClient``'s connections belong to: the first it is used in.
+
+    Its connections (aiohttp's session, httpcore's pool) cannot be used from another loop; after
+    ``asyncio.run`` returns, they fail with ``RuntimeError: Event loop is closed``.
+    """
+
+    def __init__(self) -> None:
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        """Whether the running loop is the one (binding it on first use)."""
+        running = asyncio.get_running_loop()
+        with self._lock:
+            if self._loop is None:
+                self._loop = weakref.ref(running)
+                return True
+            return self._loop() is running
 
 
 _ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar("flux_ends", default=None)

@@ -48,6 +48,7 @@ from flux_adapters._redact import Redactor, redactor_for
 from flux_adapters._transport import (
     ACCEPT_ENCODING,
     AnswerBody,
+    LoopBinding,
     aiter_decoded,
     bounded_by,
     bounded_http_client,
@@ -720,8 +721,12 @@ class AsyncFluxClient(_ClientBase):
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else _default_async_http()
+        self._loop = LoopBinding()
         self._downloader = HttpDownloader(
-            provider=self.provider, async_client=self._http, deadline=self._downloader_deadline()
+            provider=self.provider,
+            async_client=self._http,
+            async_loop=self._loop,
+            deadline=self._downloader_deadline(),
         )
 
     async def edit(self, request: EditRequest) -> EditResult:
@@ -731,6 +736,13 @@ class AsyncFluxClient(_ClientBase):
     async def _edit(self, request: EditRequest, watcher: Watcher | None) -> EditResult:
         started = time.perf_counter()
         router = self._start(request)
+        if not self._loop.claim():
+            router.close()
+            raise ConfigurationError(
+                "this AsyncFluxClient was first used in another event loop, which its "
+                "connections belong to; create the client inside the loop that uses it (in "
+                "your async main, not around asyncio.run), or use FluxClient"
+            )
         try:
             instruction = next(router)
             while True:

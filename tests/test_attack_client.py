@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
+from flux_adapters._files import image_format
 from flux_adapters.result import MAX_IMAGE_BYTES
 from flux_adapters.wire import MAX_ANSWER_BYTES
 from tests.conftest import image_bytes
@@ -492,3 +493,34 @@ def test_an_odd_timeout_in_the_environment_names_the_variable(
         monkeypatch.setenv("FLUX_TIMEOUT", value)
         with pytest.raises(errors.ConfigurationError, match="FLUX_TIMEOUT"):
             FluxClient.from_env()
+
+
+# --- one async client, two event loops -------------------------------------------------------
+
+
+@pytest.mark.parametrize("http", ["default", "httpx"])
+def test_an_async_client_used_in_a_second_event_loop_says_so(http: str) -> None:
+    """``asyncio.run(client.edit(...))`` twice: the connections belong to the first loop.
+
+    The second call raised RuntimeError ('Event loop is closed', or a future attached to a
+    different loop) from deep in the transport; reading a result in another loop did too.
+    """
+    from flux_adapters.emulator import run_emulator
+
+    first = asyncio.new_event_loop()
+    with run_emulator() as emulator:
+        mine = httpx.AsyncClient() if http == "httpx" else None
+        client = AsyncFluxClient(
+            "laozhang", api_key=KEY, base_url=emulator.base_url("laozhang"), http_client=mine
+        )
+        try:
+            result = first.run_until_complete(client.edit(REQUEST))
+            image = asyncio.run(result.images[0].read_async())  # a result is a value: any loop
+            assert image_format(image) is not None
+            with pytest.raises(errors.ConfigurationError, match="another event loop"):
+                asyncio.run(client.edit(REQUEST))
+        finally:
+            first.run_until_complete(client.aclose())
+            if mine is not None:
+                first.run_until_complete(mine.aclose())
+            first.close()
