@@ -60,9 +60,13 @@ _BACKOFF: Final = 0.5
 _HEADERS: Final = {"Accept-Encoding": ACCEPT_ENCODING}
 
 
-def _location(url: str) -> str:
+def _location(url: str, scrub: Callable[[str], str]) -> str:
+    """Host and path of *url* for messages, scrubbed of the client's keys.
+
+    The signed query string and any user name or password stay out.
+    """
     parts = urlsplit(url)
-    return f"{parts.netloc}{parts.path}"  # the signed query string stays out of messages
+    return scrub(f"{parts.netloc.rpartition('@')[2]}{parts.path}")
 
 
 class _ImageBody:
@@ -76,9 +80,11 @@ class _ImageBody:
         sink: Callable[[bytes], None],
         deadline: float,
         ends: float | None,
+        scrub: Callable[[str], str] = redact,
     ) -> None:
         self._response = response
         self._url = url
+        self._scrub = scrub
         self._provider = provider
         self._sink = sink
         self._deadline = deadline
@@ -93,7 +99,7 @@ class _ImageBody:
     def _too_large(self) -> ResponseFormatError:
         return ResponseFormatError(
             f"the result image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB "
-            f"({_location(self._url)})",
+            f"({_location(self._url, self._scrub)})",
             provider=self._provider,
             status_code=self._response.status_code,
         )
@@ -102,10 +108,10 @@ class _ImageBody:
         kind = self._response.headers.get("content-type", "no content type")[:60]
         what = "empty" if not self._size else f"not an image ({kind}, {self._size}+ bytes)"
         return ResponseFormatError(
-            f"the download from {_location(self._url)} is {what}",
+            f"the download from {_location(self._url, self._scrub)} is {what}",
             provider=self._provider,
             status_code=self._response.status_code,
-            excerpt=redact(self._head[:120].decode("utf-8", errors="replace")),
+            excerpt=self._scrub(self._head[:120].decode("utf-8", errors="replace")),
         )
 
     def take(self, chunk: bytes) -> None:
@@ -134,12 +140,14 @@ class _ImageBody:
             self._verify()
 
 
-def _next_url(response: httpx.Response, url: str, provider: str) -> str | None:
+def _next_url(
+    response: httpx.Response, url: str, provider: str, scrub: Callable[[str], str]
+) -> str | None:
     """The URL to go on to for a redirect, ``None`` for a 2xx; else the typed error."""
     status = response.status_code
     if 200 <= status < 300:
         return None
-    location = _location(url)
+    location = _location(url, scrub)
     if 300 <= status < 400:
         target = response.headers.get("location")
         following = urljoin(url, target) if target else ""
@@ -173,11 +181,13 @@ def _may_pass(error: FluxError) -> bool:
     return isinstance(error, TransportError | ProviderUnavailable | RateLimited)
 
 
-def _too_many_redirects(url: str, provider: str) -> ResponseFormatError:
+def _too_many_redirects(
+    url: str, provider: str, status: int, scrub: Callable[[str], str]
+) -> ResponseFormatError:
     return ResponseFormatError(
-        f"the download from {_location(url)} redirected more than {MAX_REDIRECTS} times",
+        f"the download from {_location(url, scrub)} redirected more than {MAX_REDIRECTS} times",
         provider=provider,
-        status_code=302,
+        status_code=status,
     )
 
 
@@ -190,6 +200,8 @@ class HttpDownloader:
         async_client: The httpx client of an `AsyncFluxClient`.
         async_loop: The event loop *async_client*'s connections belong to (the client's).
         deadline: Seconds one download may take in all (default `DOWNLOAD_DEADLINE`).
+        scrub: Removes the client's keys from messages (a hostile provider may put one in a
+            result URL); by default, text shaped like a key.
     """
 
     def __init__(
@@ -200,8 +212,10 @@ class HttpDownloader:
         async_client: httpx.AsyncClient | None = None,
         async_loop: LoopBinding | None = None,
         deadline: float = DOWNLOAD_DEADLINE,
+        scrub: Callable[[str], str] = redact,
     ) -> None:
         self._provider = provider
+        self._scrub = scrub
         self._sync = sync_client
         self._async = async_client
         self._async_loop = async_loop or LoopBinding()
@@ -231,7 +245,7 @@ class HttpDownloader:
             try:
                 with (
                     self._sync_client() as http,
-                    mapped_transport_errors(self._provider),
+                    mapped_transport_errors(self._provider, self._scrub),
                     bounded_by(ends, self._provider, self._deadline),
                 ):
                     self._follow(http, url, sink, ends)
@@ -247,14 +261,16 @@ class HttpDownloader:
     def _follow(
         self, http: httpx.Client, url: str, sink: Callable[[bytes], None], ends: float
     ) -> None:
+        status = 0
         for _ in range(MAX_REDIRECTS + 1):
             request = http.build_request("GET", url, headers=_HEADERS, timeout=self._timeout)
-            # On a worker thread: a server dripping its headers cannot hold it past the deadline.
+            # A server dripping its headers cannot hold it past the deadline.
             response = send_within(http, request, ends, self._provider, self._deadline)
             try:
-                following = _next_url(response, url, self._provider)
+                status = response.status_code
+                following = _next_url(response, url, self._provider, self._scrub)
                 if following is None:
-                    body = _ImageBody(response, url, self._provider, sink, self._deadline, ends)
+                    body = self._body(response, url, sink, ends)
                     for chunk in iter_decoded(response):
                         body.take(chunk)
                     body.finish()
@@ -262,7 +278,14 @@ class HttpDownloader:
             finally:
                 response.close()
             url = following
-        raise _too_many_redirects(url, self._provider)
+        raise _too_many_redirects(url, self._provider, status, self._scrub)
+
+    def _body(
+        self, response: httpx.Response, url: str, sink: Callable[[bytes], None], ends: float | None
+    ) -> _ImageBody:
+        return _ImageBody(
+            response, url, self._provider, sink, self._deadline, ends, scrub=self._scrub
+        )
 
     async def _fetch_async(
         self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]
@@ -274,7 +297,7 @@ class HttpDownloader:
                 while True:
                     try:
                         async with self._async_client() as http:
-                            with mapped_transport_errors(self._provider):
+                            with mapped_transport_errors(self._provider, self._scrub):
                                 await self._follow_async(http, url, sink)
                         return
                     except FluxError as error:
@@ -291,19 +314,21 @@ class HttpDownloader:
     async def _follow_async(
         self, http: httpx.AsyncClient, url: str, sink: Callable[[bytes], None]
     ) -> None:
+        status = 0
         for _ in range(MAX_REDIRECTS + 1):
             async with http.stream(
                 "GET", url, headers=_HEADERS, timeout=self._timeout, follow_redirects=False
             ) as response:
-                following = _next_url(response, url, self._provider)
+                status = response.status_code
+                following = _next_url(response, url, self._provider, self._scrub)
                 if following is None:
-                    body = _ImageBody(response, url, self._provider, sink, self._deadline, None)
+                    body = self._body(response, url, sink, None)
                     async for chunk in aiter_decoded(response):
                         body.take(chunk)
                     body.finish()
                     return
             url = following
-        raise _too_many_redirects(url, self._provider)
+        raise _too_many_redirects(url, self._provider, status, self._scrub)
 
     def read(self, url: str) -> bytes:
         """Return the image at *url*."""

@@ -125,6 +125,8 @@ def edit_flow(
     except ProviderError as error:
         if error.detail:
             error.detail = redact(error.detail, secrets)
+        if error.code:
+            error.code = redact(error.code, secrets)
         if isinstance(error, ResponseFormatError):
             error.excerpt = redact(error.excerpt, secrets)
         raise

@@ -416,6 +416,8 @@ class _ClientBase:
                 failover_on_ambiguous=failover_on_ambiguous,
             )
         self._policy = policy
+        self._scrub = redactor_for(tuple(binding.api_key for binding in self._bindings))
+        """Removes every key of this client, in any form, from a message."""
         self._breaker = Breaker(cooldown=policy.cooldown)
         self._prices = _check_prices(prices)
 
@@ -582,7 +584,10 @@ class FluxClient(_ClientBase):
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else bounded_http_client()
         self._downloader = HttpDownloader(
-            provider=self.provider, sync_client=self._http, deadline=self._downloader_deadline()
+            provider=self.provider,
+            sync_client=self._http,
+            deadline=self._downloader_deadline(),
+            scrub=self._scrub,
         )
 
     def edit(self, request: EditRequest) -> EditResult:
@@ -727,6 +732,7 @@ class AsyncFluxClient(_ClientBase):
             async_client=self._http,
             async_loop=self._loop,
             deadline=self._downloader_deadline(),
+            scrub=self._scrub,
         )
 
     async def edit(self, request: EditRequest) -> EditResult:

@@ -524,3 +524,73 @@ def test_an_async_client_used_in_a_second_event_loop_says_so(http: str) -> None:
             if mine is not None:
                 first.run_until_complete(mine.aclose())
             first.close()
+
+
+# --- the key never shows: fields and URLs the provider controls ------------------------------
+
+
+def leaks(text: str) -> list[str]:
+    """Every 8-character fragment of the key in *text* (the key as sent: it is ASCII)."""
+    return [KEY[i : i + 8] for i in range(len(KEY) - 7) if KEY[i : i + 8] in text]
+
+
+@both
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, {"error": {"message": "bad key", "code": KEY}}),
+        (401, {"error": {"message": "bad key", "type": f"invalid key {KEY}"}}),
+        (400, {"message": "bad request", "code": KEY}),
+        (200, {"error": {"message": "moderated", "code": KEY}}),
+    ],
+)
+def test_a_key_echoed_in_the_error_code_never_shows(
+    kind: str, status: int, body: dict[str, Any]
+) -> None:
+    def echo(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=body)
+
+    with pytest.raises(errors.ProviderError) as caught:
+        run(kind, echo, lambda client: client.edit(REQUEST))
+    error = caught.value
+    assert leaks(f"{error} {error!r} {error.detail} {error.code}") == []
+
+
+@both
+@pytest.mark.parametrize(
+    ("url", "answer"),
+    [
+        (f"https://user:{KEY}@cdn.example/a.png", 404),
+        (f"https://cdn.example/{KEY}/a.png", 404),
+        (f"https://cdn.example/{KEY}/a.png", 200),
+        (f"https://cdn.example/x/{KEY[3:]}.png", 302),
+    ],
+    ids=["userinfo-expired", "path-expired", "path-not-image", "path-redirect-nowhere"],
+)
+def test_a_key_in_a_result_url_never_shows_in_a_download_error(
+    kind: str, url: str, answer: int, tmp_path: Path
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json={"data": [{"url": url}]})
+        assert "Bearer" not in request.headers.get("authorization", "")  # never the client's
+        return httpx.Response(answer, content=b"<html>gone</html>")
+
+    async def save_async(client: AsyncFluxClient) -> Path:
+        return await (await client.edit(REQUEST)).images[0].save_async(tmp_path / "a.png")
+
+    def save_sync(client: FluxClient) -> Path:
+        return client.edit(REQUEST).images[0].save(tmp_path / "a.png")
+
+    with pytest.raises(errors.FluxError) as caught:
+        run(kind, handler, save_sync if kind == "sync" else save_async)
+    error = caught.value
+    shown = f"{error} {error!r} {vars(error)}"
+    assert leaks(shown) == [], shown
+
+
+def test_a_result_image_repr_never_shows_a_user_name_or_password() -> None:
+    from flux_adapters.result import ResultImage
+
+    image = ResultImage(url=f"https://user:{KEY}@cdn.example/a.png?signature=s3cr3t")
+    assert repr(image) == "ResultImage(url='https://cdn.example/a.png?…', b64_json=None)"
