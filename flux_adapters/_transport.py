@@ -106,17 +106,29 @@ def proves_not_sent(exc: BaseException) -> bool:
     )
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a transport failure was a timeout (rather than a refusal or a drop)."""
+    cause = exc.__cause__ if isinstance(exc, httpx.TransportError) and exc.__cause__ else exc
+    if type(cause).__module__.partition(".")[0] == "aiohttp":
+        # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout, a server that
+        # hung up included; aiohttp's own timeouts are TimeoutErrors.
+        return isinstance(cause, TimeoutError)
+    return isinstance(exc, httpx.TimeoutException | TimeoutError) or isinstance(
+        exc.__cause__, TimeoutError
+    )
+
+
 def _transport_error(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> FluxError:
     sent = not proves_not_sent(exc)
-    if isinstance(exc, httpx.TimeoutException | TimeoutError) or isinstance(
-        exc.__cause__, TimeoutError
-    ):
+    if _timed_out(exc):
         what = (
             "timed out waiting for the answer" if sent else "timed out before the request was sent"
         )
         return Timeout(f"{what} ({type(exc).__name__})", provider=provider, sent=sent)
     what = "the connection failed" if sent else "could not send the request"
-    detail = scrub(f"{type(exc).__name__}: {exc}")[:300]
+    # aiohttp's own error, not the httpx class httpx-aiohttp filed it under (ConnectTimeout).
+    cause = exc.__cause__ if type(exc.__cause__).__module__.startswith("aiohttp") else exc
+    detail = scrub(f"{type(cause).__name__}: {cause}")[:300]
     return TransportError(f"{what} ({detail})", provider=provider, sent=sent)
 
 

@@ -594,3 +594,32 @@ def test_a_result_image_repr_never_shows_a_user_name_or_password() -> None:
 
     image = ResultImage(url=f"https://user:{KEY}@cdn.example/a.png?signature=s3cr3t")
     assert repr(image) == "ResultImage(url='https://cdn.example/a.png?…', b64_json=None)"
+
+
+# --- honest kinds of transport failure -------------------------------------------------------
+
+
+def hang_up(connection: socket.socket, head: bytes) -> None:
+    """Read the request, then close without a word."""
+
+
+def stall(connection: socket.socket, head: bytes) -> None:
+    time.sleep(3)
+
+
+@both
+def test_a_server_hanging_up_is_a_dropped_connection_not_a_timeout(
+    kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server]
+) -> None:
+    """aiohttp's disconnect came back as httpx.ConnectTimeout: a ``Timeout`` nobody waited for."""
+    server = serve(hang_up)
+    with pytest.raises(errors.TransportError) as caught:
+        edit_on(kind, server.url)
+    assert type(caught.value) is errors.TransportError
+    assert caught.value.sent is True  # it had the request: may be billed
+
+    server = serve(stall)
+    timeout = httpx.Timeout(5.0, read=0.5)
+    with pytest.raises(errors.Timeout) as waited:
+        edit_on(kind, server.url, timeout=timeout)
+    assert waited.value.sent is True
