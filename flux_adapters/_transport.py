@@ -193,14 +193,18 @@ _ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar("flux_ends"
 """When (`time.monotonic`) the exchange under way in this context must be over."""
 
 
-def _left(timeout: float | None) -> float | None:
-    """*timeout*, shortened to the time left before the exchange's deadline."""
+def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
+    """*timeout*, shortened to the time left before the exchange's deadline.
+
+    Raises:
+        httpcore.TimeoutException: *expired*, the kind for this phase, when no time is left.
+    """
     ends = _ENDS.get()
     if ends is None:
         return timeout
     left = ends - time.monotonic()
     if left <= 0:
-        raise httpcore.ReadTimeout("the deadline passed")
+        raise expired("the deadline passed")
     return left if timeout is None else min(timeout, left)
 
 
@@ -211,10 +215,10 @@ class _BoundedStream(httpcore.NetworkStream):
         self._inner = inner
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _left(timeout))
+        return self._inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _left(timeout))
+        self._inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
         self._inner.close()
@@ -222,7 +226,8 @@ class _BoundedStream(httpcore.NetworkStream):
     def start_tls(
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.NetworkStream:
-        return _BoundedStream(self._inner.start_tls(ssl_context, server_hostname, _left(timeout)))
+        seconds = _left(timeout, httpcore.ConnectTimeout)
+        return _BoundedStream(self._inner.start_tls(ssl_context, server_hostname, seconds))
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
@@ -242,13 +247,15 @@ class _BoundedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        stream = self._inner.connect_tcp(host, port, _left(timeout), local_address, socket_options)
+        seconds = _left(timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_tcp(host, port, seconds, local_address, socket_options)
         return _BoundedStream(stream)
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore.NetworkStream:
-        return _BoundedStream(self._inner.connect_unix_socket(path, _left(timeout), socket_options))
+        seconds = _left(timeout, httpcore.ConnectTimeout)
+        return _BoundedStream(self._inner.connect_unix_socket(path, seconds, socket_options))
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
@@ -279,13 +286,14 @@ def bounded_http_client() -> httpx.Client:
 def bounded_by(ends: float, provider: str, deadline: float) -> Iterator[None]:
     """End the exchange in this block at *ends* (`time.monotonic`): a `Timeout` after it.
 
-    Sockets of a `bounded_http_client` wait no longer than the time left.
+    Sockets of a `bounded_http_client` wait no longer than the time left. A connect, pool or
+    write timeout at the deadline stays what it is: it proves the request was not sent whole.
     """
     token = _ENDS.set(ends)
     try:
         yield
     except httpx.TimeoutException as exc:
-        if time.monotonic() < ends:
+        if time.monotonic() < ends or proves_not_sent(exc):
             raise
         raise deadline_error(provider, deadline) from exc
     finally:

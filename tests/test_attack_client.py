@@ -623,3 +623,32 @@ def test_a_server_hanging_up_is_a_dropped_connection_not_a_timeout(
     with pytest.raises(errors.Timeout) as waited:
         edit_on(kind, server.url, timeout=timeout)
     assert waited.value.sent is True
+
+
+def never_read(connection: socket.socket, head: bytes) -> None:
+    """Take the request's head, then never read its body."""
+    time.sleep(5)
+
+
+def test_an_upload_the_server_never_reads_is_not_sent_when_the_deadline_ends_it(
+    serve: Callable[[Callable[[socket.socket, bytes], None]], Server], tmp_path: Path
+) -> None:
+    """The body was not written whole, so the provider cannot have the job: not billed."""
+    import os
+    import struct
+
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR"
+    header += struct.pack(">IIBBBBB", 1024, 1024, 8, 2, 0, 0, 0) + bytes(4)
+    images = []
+    for number in range(3):
+        path = tmp_path / f"{number}.png"
+        path.write_bytes(header + os.urandom(8 * 1024 * 1024))
+        images.append(path)
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=images)
+    server = serve(never_read)
+    started = time.monotonic()
+    client = FluxClient("laozhang", api_key=KEY, base_url=server.url, deadline=1.0)
+    with client, pytest.raises(errors.Timeout) as caught:
+        client.edit(request)
+    assert time.monotonic() - started < 4.0
+    assert caught.value.sent is False
