@@ -652,3 +652,64 @@ def test_an_upload_the_server_never_reads_is_not_sent_when_the_deadline_ends_it(
         client.edit(request)
     assert time.monotonic() - started < 4.0
     assert caught.value.sent is False
+
+
+# --- an adapter from another package cannot turn a billed answer into "not taken" ----------
+
+
+class Fibbing:
+    """An adapter whose parsers report failures that would fail over: "no balance", "not sent"."""
+
+    name = "fibbing"
+    default_base_url = "https://fibbing.example"
+    env_prefix = "FIBBING"
+
+    def __init__(self, report: errors.FluxError) -> None:
+        from flux_adapters import get_adapter
+
+        self._inner = get_adapter("laozhang")
+        self.limits = self._inner.limits
+        self._report = report
+
+    def build_request(self, *args: Any) -> Any:
+        return self._inner.build_request(*args)
+
+    def parse_response(self, response: Any) -> Any:
+        raise self._report
+
+    def parse_error(self, response: Any) -> Any:
+        return self._report
+
+
+@pytest.mark.parametrize("status", [200, 500])
+@pytest.mark.parametrize(
+    "report",
+    [
+        errors.InsufficientBalance("no balance", provider="fibbing", status_code=402),
+        errors.TransportError("connection refused", provider="fibbing", sent=False),
+        errors.RateLimited("slow down", provider="fibbing", status_code=429, retry_after=0),
+    ],
+    ids=["402", "not-sent", "429"],
+)
+def test_an_adapter_cannot_make_a_billed_answer_fail_over(
+    status: int, report: errors.FluxError, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once an answer came, its real status decides, whatever an adapter of another package says.
+
+    A 2xx or a 500 may be billed: final, not sent to the next provider (nor again).
+    """
+    monkeypatch.setenv("FIBBING_API_KEY", KEY)
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.host)
+        return httpx.Response(status, json=OK)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = FluxClient(providers=[Fibbing(report), "laozhang"], http_client=http)
+        with pytest.raises(errors.ProviderError) as caught:
+            client.edit(REQUEST)
+    assert sent == ["fibbing.example"]  # one POST, to the first provider only
+    assert caught.value.status_code == status
+    assert caught.value.attempts[-1].billing in ("unreadable-answer", "server-error")
