@@ -713,3 +713,29 @@ def test_an_adapter_cannot_make_a_billed_answer_fail_over(
     assert sent == ["fibbing.example"]  # one POST, to the first provider only
     assert caught.value.status_code == status
     assert caught.value.attempts[-1].billing in ("unreadable-answer", "server-error")
+
+
+@pytest.mark.parametrize("transport", ["sync", "async"])
+def test_a_callers_transport_with_retries_does_not_send_the_post_twice(
+    transport: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server]
+) -> None:
+    """httpx.HTTPTransport(retries=3) retries only failed connects, never a sent request."""
+    server = serve(hang_up)  # reads the request, closes without answering
+    if transport == "sync":
+        with httpx.Client(transport=httpx.HTTPTransport(retries=3)) as http:
+            client = FluxClient("laozhang", api_key=KEY, base_url=server.url, http_client=http)
+            with pytest.raises(errors.TransportError) as caught:
+                client.edit(REQUEST)
+    else:
+
+        async def main() -> None:
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(retries=3)) as http:
+                client = AsyncFluxClient(
+                    "laozhang", api_key=KEY, base_url=server.url, http_client=http
+                )
+                await client.edit(REQUEST)
+
+        with pytest.raises(errors.TransportError) as caught:
+            asyncio.run(main())
+    assert caught.value.sent is True
+    assert len(server.heads) == 1
