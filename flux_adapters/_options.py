@@ -86,6 +86,11 @@ def check_base_url(value: object, source: str) -> str:
     except ValueError:
         raise ConfigurationError(f"{source} must be {expected}") from None
     del port
+    if parts.username is not None or parts.password is not None:
+        # httpx sends them as Basic auth, in place of the key.
+        raise ConfigurationError(
+            f"{source} must not hold a user name or password; give the key as the API key"
+        )
     if (
         parts.scheme not in ("http", "https")
         or not parts.hostname

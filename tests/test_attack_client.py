@@ -739,3 +739,20 @@ def test_a_callers_transport_with_retries_does_not_send_the_post_twice(
             asyncio.run(main())
     assert caught.value.sent is True
     assert len(server.heads) == 1
+
+
+@pytest.mark.parametrize(
+    "base_url", ["https://user:pass@api.laozhang.ai", "https://user@api.laozhang.ai"]
+)
+def test_a_base_url_with_a_user_name_is_refused_without_showing_it(
+    base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx turns URL user information into Basic auth, which replaced the Bearer key: every
+    call was a 401 'refused the API key', and the client's repr showed the password."""
+    with pytest.raises(errors.ConfigurationError, match="base_url= must not hold a user") as given:
+        FluxClient("laozhang", api_key=KEY, base_url=base_url)
+    assert ":pass@" not in str(given.value)
+    assert "user@" not in str(given.value)
+    monkeypatch.setenv("LAOZHANG_BASE_URL", base_url)
+    with pytest.raises(errors.ConfigurationError, match="LAOZHANG_BASE_URL must not hold a user"):
+        AsyncFluxClient("laozhang", api_key=KEY)
