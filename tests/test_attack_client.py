@@ -756,3 +756,34 @@ def test_a_base_url_with_a_user_name_is_refused_without_showing_it(
     monkeypatch.setenv("LAOZHANG_BASE_URL", base_url)
     with pytest.raises(errors.ConfigurationError, match="LAOZHANG_BASE_URL must not hold a user"):
         AsyncFluxClient("laozhang", api_key=KEY)
+
+
+# --- a paid image is never dropped over a field the client does not need ---------------------
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [{"tokens_used": "lots"}, {"tokens_used": 1e400}, {"credits_used": [1]}, {"credits_used": {}},
+     "none", [1, 2]],
+)  # fmt: skip
+def test_an_unreadable_usage_report_does_not_lose_the_image(usage: object) -> None:
+    """The image was made and billed; usage is an optional report beside it."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.dumps({"data": [{"url": RESULT_URL}], "meta": {"usage": usage}})
+        return httpx.Response(200, content=body.replace("Infinity", "1e400").encode())
+
+    result = run("sync", handler, lambda client: client.edit(REQUEST))
+    assert result.images[0].url == RESULT_URL
+    assert result.usage is None
+
+
+def test_a_readable_usage_report_is_kept_beside_an_unreadable_field() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        usage = {"credits_used": 2.5, "tokens_used": "many"}
+        return httpx.Response(200, json={"data": [{"url": RESULT_URL}], "meta": {"usage": usage}})
+
+    result = run("sync", handler, lambda client: client.edit(REQUEST))
+    assert result.usage is not None
+    assert result.usage.credits_used == 2.5
+    assert result.usage.tokens_used is None

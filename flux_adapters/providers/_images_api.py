@@ -9,13 +9,15 @@ bodies are cut to `ERROR_BODY_BYTES` before any pattern runs, HTML is reduced in
 JSON too deep for Python is a typed error, and every image is checked before it is accepted.
 
 Responses are structured leniently: only the fields read here are declared, anything else the
-provider adds is ignored.
+provider adds is ignored, and the optional usage report is read field by field (a count that is
+not a number is left out rather than losing the image it came with, which was paid for).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -60,20 +62,8 @@ class _Item:
 
 
 @frozen
-class _Usage:
-    credits_used: float | None = None
-    tokens_used: int | None = None
-
-
-@frozen
-class _Meta:
-    usage: _Usage | None = None
-
-
-@frozen
 class _Images:
     data: list[_Item]
-    meta: _Meta | None = None
 
 
 @functools.cache
@@ -124,13 +114,35 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
         problem = _image_problem(item)
         if problem:
             raise _format_error(provider, response, problem)
-    usage = images.meta.usage if images.meta else None
     return Answer(
         images=tuple(ResultImage(url=item.url, b64_json=item.b64_json) for item in items),
-        usage=Usage(credits_used=usage.credits_used, tokens_used=usage.tokens_used)
-        if usage
-        else None,
+        usage=_usage(body),
     )
+
+
+def _usage(body: object) -> Usage | None:
+    """``meta.usage``, field by field; ``None`` when it holds no readable count."""
+    meta = body.get("meta") if isinstance(body, dict) else None
+    usage = meta.get("usage") if isinstance(meta, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    credits = _count(usage.get("credits_used"))
+    tokens = _count(usage.get("tokens_used"))
+    whole = int(tokens) if tokens is not None and tokens.is_integer() else None
+    if credits is None and whole is None:
+        return None
+    return Usage(credits_used=credits, tokens_used=whole)
+
+
+def _count(value: object) -> float | None:
+    """*value* as a finite number (numbers, or numeric text), else ``None``."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
