@@ -1,7 +1,8 @@
 """Downloading result images: verified, bounded, retried in place, never with credentials.
 
 A download succeeds only with a 2xx whose bytes are a png, jpeg or webp image (checked from the
-first bytes, before anything is kept) of at most `MAX_IMAGE_BYTES`, within a deadline.
+first bytes, before anything is kept, and from the last: a whole one) of at most
+`MAX_IMAGE_BYTES`, within a deadline.
 Redirects are followed by hand, at most `MAX_REDIRECTS`, each to an ``http(s)`` URL. A 302 to a
 login page, an HTML error page with status 200, an empty body: each is a typed error, never a
 saved "image". Result URLs are signed and need no key, so none is ever sent with them.
@@ -22,7 +23,13 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from flux_adapters._files import SNIFF_BYTES, atomic_image, image_format
+from flux_adapters._files import (
+    SNIFF_BYTES,
+    TAIL_BYTES,
+    atomic_image,
+    image_format,
+    image_is_whole,
+)
 from flux_adapters._redact import redact
 from flux_adapters._transport import (
     ACCEPT_ENCODING,
@@ -90,6 +97,7 @@ class _ImageBody:
         self._deadline = deadline
         self._ends = ends
         self._head = b""
+        self._tail = b""
         self._size = 0
         self._verified = False
         declared = declared_length(response)
@@ -119,6 +127,7 @@ class _ImageBody:
         self._size += len(chunk)
         if self._size > MAX_IMAGE_BYTES:
             raise self._too_large()
+        self._tail = (self._tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
         if self._ends is not None and time.monotonic() > self._ends:
             raise deadline_error(self._provider, self._deadline)
         if self._verified:
@@ -135,9 +144,16 @@ class _ImageBody:
         self._sink(self._head)
 
     def finish(self) -> None:
-        """The body ended: a short or empty one must still be an image."""
+        """The body ended: a short or empty one must still be an image, and a whole one."""
         if not self._verified:
             self._verify()
+        if not image_is_whole(self._head, self._tail, self._size):
+            raise ResponseFormatError(
+                f"the download from {_location(self._url, self._scrub)} is cut short "
+                f"(not a whole {image_format(self._head)} image: {self._size} bytes)",
+                provider=self._provider,
+                status_code=self._response.status_code,
+            )
 
 
 def _next_url(

@@ -20,10 +20,12 @@ from typing import Final
 from flux_adapters.errors import OutputError
 
 __all__ = [
+    "TAIL_BYTES",
     "ImageFile",
     "atomic_image",
     "check_target",
     "image_format",
+    "image_is_whole",
     "read_text_file",
     "remove_partial_files",
 ]
@@ -43,6 +45,30 @@ def image_format(head: bytes) -> str | None:
     if len(head) >= SNIFF_BYTES and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
     return None
+
+
+TAIL_BYTES: Final = 1024
+"""The last bytes of an image kept to tell whether it is whole (`image_is_whole`)."""
+_PNG_END: Final = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last chunk of a PNG
+_JPEG_END: Final = b"\xff\xd9"  # EOI; within the entropy-coded data 0xFF is always escaped
+
+
+def image_is_whole(head: bytes, tail: bytes, size: int) -> bool:
+    """Whether an image of *size* bytes, starting with *head*, ending with *tail*, is complete.
+
+    A cheap check without decoding, against an image cut short (a CDN serving part of a
+    file, a ``Content-Length`` shorter than the image): a PNG ends with its IEND chunk, a JPEG
+    with its EOI marker (a few bytes of padding after either are allowed), a WebP's RIFF
+    header gives its exact size.
+    """
+    found = image_format(head)
+    if found == "png":
+        return _PNG_END in tail[-64:]
+    if found == "jpeg":
+        return _JPEG_END in tail[-64:]
+    if found == "webp":
+        return int.from_bytes(head[4:8], "little") + 8 == size
+    return False
 
 
 def _kind(mode: int) -> str:

@@ -787,3 +787,71 @@ def test_a_readable_usage_report_is_kept_beside_an_unreadable_field() -> None:
     assert result.usage is not None
     assert result.usage.credits_used == 2.5
     assert result.usage.tokens_used is None
+
+
+# --- a download cut short is not an image ----------------------------------------------------
+
+
+JPEG = image_bytes(40, 30, "JPEG")
+WEBP = image_bytes(40, 30, "WEBP")
+
+
+@both
+@pytest.mark.parametrize("image", [PNG, JPEG, WEBP], ids=["png", "jpeg", "webp"])
+def test_a_download_cut_short_is_refused_not_saved(kind: str, image: bytes, tmp_path: Path) -> None:
+    """A CDN serving part of the file with a 200: the bytes start like an image, but it is
+    not whole, and its URL expires in minutes: saving it would lose the paid image quietly."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json=OK)
+        return httpx.Response(200, stream=Raw(image[:-40]))
+
+    async def save_async(client: AsyncFluxClient) -> Path:
+        return await (await client.edit(REQUEST)).images[0].save_async(tmp_path / "a.png")
+
+    def save_sync(client: FluxClient) -> Path:
+        return client.edit(REQUEST).images[0].save(tmp_path / "a.png")
+
+    with pytest.raises(errors.ResponseFormatError, match="cut short"):
+        run(kind, handler, save_sync if kind == "sync" else save_async)
+    assert list(tmp_path.iterdir()) == []
+
+
+@both
+@pytest.mark.parametrize("image", [PNG, JPEG, WEBP], ids=["png", "jpeg", "webp"])
+def test_a_whole_image_in_any_format_downloads(kind: str, image: bytes) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json=OK)
+        return httpx.Response(200, stream=Raw(image))
+
+    async def read_async(client: AsyncFluxClient) -> bytes:
+        return await (await client.edit(REQUEST)).images[0].read_async()
+
+    def read_sync(client: FluxClient) -> bytes:
+        return client.edit(REQUEST).images[0].read()
+
+    assert run(kind, handler, read_sync if kind == "sync" else read_async) == image
+
+
+@both
+def test_a_content_length_shorter_than_the_image_is_refused(
+    kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server], tmp_path: Path
+) -> None:
+    """The client reads no further than the Content-Length a server declares."""
+
+    def lie(connection: socket.socket, head: bytes) -> None:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(PNG) // 2))
+        connection.sendall(PNG)
+
+    cdn = serve(lie)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": [{"url": f"{cdn.url}/a.png"}]})
+
+    result = run(kind, handler, lambda client: client.edit(REQUEST))
+    image, target = result.images[0], tmp_path / "a.png"
+    with pytest.raises(errors.ResponseFormatError, match="cut short"):
+        image.save(target) if kind == "sync" else asyncio.run(image.save_async(target))
+    assert list(tmp_path.iterdir()) == []
