@@ -23,6 +23,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from flux_adapters._display import escape_controls
 from flux_adapters._files import (
     SNIFF_BYTES,
     TAIL_BYTES,
@@ -119,7 +120,7 @@ class _ImageBody:
             f"the download from {_location(self._url, self._scrub)} is {what}",
             provider=self._provider,
             status_code=self._response.status_code,
-            excerpt=self._scrub(self._head[:120].decode("utf-8", errors="replace")),
+            excerpt=escape_controls(self._scrub(self._head[:120].decode("utf-8", "replace"))),
         )
 
     def take(self, chunk: bytes) -> None:

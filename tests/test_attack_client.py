@@ -855,3 +855,34 @@ def test_a_content_length_shorter_than_the_image_is_refused(
     with pytest.raises(errors.ResponseFormatError, match="cut short"):
         image.save(target) if kind == "sync" else asyncio.run(image.save_async(target))
     assert list(tmp_path.iterdir()) == []
+
+
+# --- provider text is shown, never obeyed by a terminal --------------------------------------
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x1b[31mred\x9b0m\u202edesrever\x00"
+
+
+@both
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (500, f"boom {ESCAPES}".encode()),
+        (401, json.dumps({"error": {"message": f"bad {ESCAPES}", "code": ESCAPES}}).encode()),
+        (200, f"not json {ESCAPES}".encode()),
+    ],
+)
+def test_control_characters_from_a_provider_are_escaped_in_errors(
+    kind: str, status: int, body: bytes
+) -> None:
+    """Error text reaches terminals (the command line prints it): an escape sequence from a
+    hostile provider could retitle the window, clear the screen or reverse the text shown."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=body)
+
+    with pytest.raises(errors.ProviderError) as caught:
+        run(kind, handler, lambda client: client.edit(REQUEST))
+    error = caught.value
+    for text in (str(error), error.detail or "", error.code or ""):
+        assert text.isprintable(), text
+    assert "red" in str(error)  # the words are still there, the escapes shown as text

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 
+from flux_adapters._display import escape_controls
 from flux_adapters._redact import redact
 from flux_adapters.errors import (
     AuthenticationFailed,
@@ -171,7 +172,7 @@ def _format_error(provider: str, response: HttpResponse, message: str) -> Respon
         message,
         provider=provider,
         status_code=response.status_code,
-        excerpt=redact(head[:200]),
+        excerpt=escape_controls(redact(head[:200])),
     )
 
 
@@ -336,18 +337,22 @@ def _json_detail(body: Mapping[str, object]) -> tuple[str, str | None]:
     if isinstance(error, dict):
         message = error.get("message") or error.get("msg") or ""
         code = error.get("code") or error.get("type")
-        return _clip(_text_of(message)), _text_of(code)[:100] if code else None
+        return _clip(_text_of(message)), _clip_code(code)
     for key in ("message", "detail", "msg", "error"):
         value = body.get(key)
         if value:
-            code = body.get("code")
-            return _clip(_text_of(value)), _text_of(code)[:100] if code else None
+            return _clip(_text_of(value)), _clip_code(body.get("code"))
     return _clip(_text_of(body)), None
 
 
 def _clip(text: str) -> str:
     text = redact(_SPACE.sub(" ", text[: _DETAIL_CHARS * 4]).strip())
-    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 1] + "…"
+    text = text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 1] + "…"
+    return escape_controls(text)  # error text reaches terminals
+
+
+def _clip_code(code: object) -> str | None:
+    return escape_controls(redact(_text_of(code)[:100])) if code else None
 
 
 class ImagesApiAnswers:
