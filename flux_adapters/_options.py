@@ -72,7 +72,9 @@ def check_key(value: object, source: str) -> str:
             f"{source} holds characters an HTTP header cannot carry (spaces, control or "
             "non-ASCII characters); check the key"
         )
-    return value
+    # A plain copy of the characters: a str subclass may print itself as "****" (a "secret
+    # string"), and the header is built by formatting the key.
+    return str.__str__(value)
 
 
 def check_base_url(value: object, source: str) -> str:
@@ -100,7 +102,7 @@ def check_base_url(value: object, source: str) -> str:
         or any(character.isspace() or not character.isprintable() for character in value)
     ):
         raise ConfigurationError(f"{source} must be {expected}")
-    return value
+    return str.__str__(value)  # a plain copy, as for the key
 
 
 MAX_SECONDS: Final = 86_400.0

@@ -46,13 +46,14 @@ def run(
 ) -> Any:
     """Make a client of *kind* on *handler* and return ``call(client)`` (awaited when async)."""
     transport = httpx.MockTransport(handler)
+    options.setdefault("api_key", KEY)
     if kind == "sync":
         with httpx.Client(transport=transport, **(http or {})) as client:
-            return call(FluxClient("laozhang", api_key=KEY, http_client=client, **options))
+            return call(FluxClient("laozhang", http_client=client, **options))
 
     async def main() -> Any:
         async with httpx.AsyncClient(transport=transport, **(http or {})) as client:
-            flux = AsyncFluxClient("laozhang", api_key=KEY, http_client=client, **options)
+            flux = AsyncFluxClient("laozhang", http_client=client, **options)
             outcome = call(flux)
             return await outcome if asyncio.iscoroutine(outcome) else outcome
 
@@ -886,3 +887,31 @@ def test_control_characters_from_a_provider_are_escaped_in_errors(
     for text in (str(error), error.detail or "", error.code or ""):
         assert text.isprintable(), text
     assert "red" in str(error)  # the words are still there, the escapes shown as text
+
+
+# --- a careless caller: values that are not quite what they seem -----------------------------
+
+
+class Masked(str):
+    """A "secret string" as some settings libraries make them: str, but printed as stars."""
+
+    def __str__(self) -> str:
+        return "****"
+
+    def __format__(self, spec: str) -> str:
+        return "****"
+
+
+@both
+def test_a_key_given_as_a_str_subclass_is_sent_as_its_characters(kind: str) -> None:
+    """f"Bearer {key}" asked the subclass to format itself: it sent 'Bearer ****'."""
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers["authorization"])
+        return httpx.Response(401, json={"error": {"message": f"bad key {KEY}"}})
+
+    with pytest.raises(errors.AuthenticationFailed) as caught:
+        run(kind, handler, lambda client: client.edit(REQUEST), api_key=Masked(KEY))
+    assert sent == [f"Bearer {KEY}"]
+    assert leaks(str(caught.value)) == []
