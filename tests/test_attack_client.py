@@ -915,3 +915,37 @@ def test_a_key_given_as_a_str_subclass_is_sent_as_its_characters(kind: str) -> N
         run(kind, handler, lambda client: client.edit(REQUEST), api_key=Masked(KEY))
     assert sent == [f"Bearer {KEY}"]
     assert leaks(str(caught.value)) == []
+
+
+@both
+@pytest.mark.parametrize("retry_after", [-5.0, float("nan"), float("-inf")])
+def test_an_adapters_odd_retry_after_never_breaks_the_wait(
+    kind: str, retry_after: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """time.sleep(-5) raises ValueError; asyncio.sleep(nan) never ends."""
+    monkeypatch.setenv("FIBBING_API_KEY", KEY)
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    report = errors.RateLimited(
+        "slow down", provider="fibbing", status_code=429, retry_after=retry_after
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "fibbing.example":
+            return httpx.Response(429)
+        return httpx.Response(200, json=OK)
+
+    started = time.monotonic()
+    if kind == "sync":
+        with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+            client = FluxClient(providers=[Fibbing(report), "laozhang"], http_client=http)
+            result = client.edit(REQUEST)
+    else:
+
+        async def main() -> Any:
+            async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+                client = AsyncFluxClient(providers=[Fibbing(report), "laozhang"], http_client=http)
+                return await asyncio.wait_for(client.edit(REQUEST), 10)
+
+        result = asyncio.run(main())
+    assert result.provider == "laozhang"
+    assert time.monotonic() - started < 5.0
