@@ -33,6 +33,8 @@ __all__ = [
 _PARTIAL: Final = re.compile(r"\..+\.[0-9a-f]{8}\.part")
 """The name `atomic_image` gives its temporary file: ``.<name>.<8 hex digits>.part``."""
 _SIGNATURES: Final = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
+_NAME_MAX: Final = 255
+"""The longest file name (in bytes) common file systems take (ext4, APFS, NTFS in UTF-16)."""
 SNIFF_BYTES: Final = 12
 """Bytes needed to tell the formats apart (WebP: ``RIFF`` + size + ``WEBP``)."""
 
@@ -167,8 +169,10 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
         OutputError: The file cannot be created, written or renamed into place.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    # The name cut so that the temporary one is no longer than the longest the system takes.
+    stem = os.fsdecode(os.fsencode(target.name)[: _NAME_MAX - len(".00000000.part") - 1])
     while True:
-        partial = target.with_name(f".{target.name}.{os.urandom(4).hex()}.part")  # _PARTIAL
+        partial = target.with_name(f".{stem}.{os.urandom(4).hex()}.part")  # _PARTIAL
         try:
             fd = os.open(partial, flags, 0o666)
             break

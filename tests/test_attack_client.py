@@ -949,3 +949,17 @@ def test_an_adapters_odd_retry_after_never_breaks_the_wait(
         result = asyncio.run(main())
     assert result.provider == "laozhang"
     assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize("length", [241, 250, 255])
+def test_a_long_file_name_the_system_takes_can_be_saved_to(length: int, tmp_path: Path) -> None:
+    """The temporary file beside it was 15 characters longer: 'File name too long'."""
+    import base64
+
+    from flux_adapters.result import ResultImage
+
+    image = ResultImage(b64_json=base64.b64encode(PNG).decode())
+    target = tmp_path / ("é" * 20 + "a" * (length - 40))  # 255 bytes at most, in UTF-8
+    assert image.save(target) == target
+    assert target.read_bytes() == PNG
+    assert [path.name for path in tmp_path.iterdir()] == [target.name]
