@@ -565,7 +565,16 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for index, image in enumerate(result.images):
             suffix = f"-{index + 1}" if len(result.images) > 1 else ""
             target = output.with_name(f"{output.stem}{suffix}{output.suffix}") if output else None
-            place, status = _save(image, target, f"{result.provider}-{stamp}{suffix}", err)
+            try:
+                place, status = _save(image, target, f"{result.provider}-{stamp}{suffix}", err)
+            except KeyboardInterrupt:  # the images are paid for: say where they still are
+                urls = [later.url for later in result.images[index:] if later.url]
+                if urls:
+                    _say(
+                        err,
+                        f"flux-adapters: not saved; download it within 10 minutes from {' '.join(urls)}",
+                    )
+                raise
             saved += [place] if place else []
             code = code or status  # the first failure decides
     elapsed = time.perf_counter() - started
