@@ -30,10 +30,9 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Final
 
-import httpcore
 import httpx
 
 from flux_adapters._redact import redact
@@ -42,6 +41,7 @@ from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, HttpResponse
 
 __all__ = [
     "ACCEPT_ENCODING",
+    "ENDS",
     "AnswerBody",
     "LoopBinding",
     "aiter_decoded",
@@ -189,76 +189,8 @@ class LoopBinding:
             return self._loop() is running
 
 
-_ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar("flux_ends", default=None)
-"""When (`time.monotonic`) the exchange under way in this context must be over."""
-
-
-def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
-    """*timeout*, shortened to the time left before the exchange's deadline.
-
-    Raises:
-        httpcore.TimeoutException: *expired*, the kind for this phase, when no time is left.
-    """
-    ends = _ENDS.get()
-    if ends is None:
-        return timeout
-    left = ends - time.monotonic()
-    if left <= 0:
-        raise expired("the deadline passed")
-    return left if timeout is None else min(timeout, left)
-
-
-class _BoundedStream(httpcore.NetworkStream):
-    """A socket stream whose every read, write and TLS handshake ends by the deadline."""
-
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
-        self._inner = inner
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(
-        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.NetworkStream:
-        seconds = _left(timeout, httpcore.ConnectTimeout)
-        return _BoundedStream(self._inner.start_tls(ssl_context, server_hostname, seconds))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _BoundedBackend(httpcore.NetworkBackend):
-    """Opens `_BoundedStream` connections."""
-
-    def __init__(self, inner: httpcore.NetworkBackend) -> None:
-        self._inner = inner
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        seconds = _left(timeout, httpcore.ConnectTimeout)
-        stream = self._inner.connect_tcp(host, port, seconds, local_address, socket_options)
-        return _BoundedStream(stream)
-
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.NetworkStream:
-        seconds = _left(timeout, httpcore.ConnectTimeout)
-        return _BoundedStream(self._inner.connect_unix_socket(path, seconds, socket_options))
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
+ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar("flux_ends", default=None)
+"""When (`time.monotonic`) the exchange under way in this context must be over (`bounded_by`)."""
 
 
 _BOUNDED: weakref.WeakSet[httpx.Client] = weakref.WeakSet()
@@ -272,12 +204,10 @@ def bounded_http_client() -> httpx.Client:
     backend is set on httpx's own connection pools, which httpx does not let one pass in; if a
     future httpx moves them, the client still works and `send_within` uses a worker thread.
     """
+    from flux_adapters._bounded import bound  # lazy: httpx loads httpcore only for a client
+
     client = httpx.Client()
-    transports = [client._transport, *client._mounts.values()]
-    pools = [getattr(transport, "_pool", None) for transport in transports if transport]
-    if pools and all(isinstance(pool, httpcore.ConnectionPool) for pool in pools):
-        for pool in pools:
-            pool._network_backend = _BoundedBackend(pool._network_backend)  # type: ignore[union-attr]
+    if bound(client):
         _BOUNDED.add(client)
     return client
 
@@ -289,7 +219,7 @@ def bounded_by(ends: float, provider: str, deadline: float) -> Iterator[None]:
     Sockets of a `bounded_http_client` wait no longer than the time left. A connect, pool or
     write timeout at the deadline stays what it is: it proves the request was not sent whole.
     """
-    token = _ENDS.set(ends)
+    token = ENDS.set(ends)
     try:
         yield
     except httpx.TimeoutException as exc:
@@ -297,7 +227,7 @@ def bounded_by(ends: float, provider: str, deadline: float) -> Iterator[None]:
             raise
         raise deadline_error(provider, deadline) from exc
     finally:
-        _ENDS.reset(token)
+        ENDS.reset(token)
 
 
 class _Workers:
