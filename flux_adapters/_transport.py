@@ -35,6 +35,7 @@ from typing import Final
 
 import httpx
 
+from flux_adapters._display import escape_controls
 from flux_adapters._redact import redact
 from flux_adapters.errors import FluxError, ResponseFormatError, Timeout, TransportError
 from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, HttpResponse
@@ -128,7 +129,8 @@ def _transport_error(exc: BaseException, provider: str, scrub: Callable[[str], s
     what = "the connection failed" if sent else "could not send the request"
     # aiohttp's own error, not the httpx class httpx-aiohttp filed it under (ConnectTimeout).
     cause = exc.__cause__ if type(exc.__cause__).__module__.startswith("aiohttp") else exc
-    detail = scrub(f"{type(cause).__name__}: {cause}")[:300]
+    # One line, escaped: aiohttp's messages span lines and quote what the server sent.
+    detail = escape_controls(" ".join(scrub(f"{type(cause).__name__}: {cause}").split()))[:300]
     return TransportError(f"{what} ({detail})", provider=provider, sent=sent)
 
 

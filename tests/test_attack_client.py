@@ -963,3 +963,18 @@ def test_a_long_file_name_the_system_takes_can_be_saved_to(length: int, tmp_path
     assert image.save(target) == target
     assert target.read_bytes() == PNG
     assert [path.name for path in tmp_path.iterdir()] == [target.name]
+
+
+@both
+def test_a_garbled_answer_is_described_on_one_printable_line(
+    kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server]
+) -> None:
+    """aiohttp's parser errors span lines and quote what the server sent."""
+
+    def garbled(connection: socket.socket, head: bytes) -> None:
+        connection.sendall(b"HTTP/1.1 2000 \x1b[2J OK\r\n\r\n")
+
+    server = serve(garbled)
+    with pytest.raises(errors.TransportError) as caught:
+        edit_on(kind, server.url)
+    assert str(caught.value).isprintable(), str(caught.value)
