@@ -35,6 +35,7 @@ from typing import Final, get_args
 
 from attrs import frozen
 
+from flux_adapters._display import escape_controls
 from flux_adapters._files import read_text_file
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.prices import PerCall, PerMegapixel, Price
@@ -192,28 +193,39 @@ def load_config(
         ConfigurationError: The file or a variable is invalid, or no provider is configured.
     """
     env = os.environ if environ is None else environ
-    chosen = (
-        Path(path)
-        if path is not None
-        else Path(env["FLUX_CONFIG"])
-        if env.get("FLUX_CONFIG")
-        else None
-    )
+    try:
+        chosen = (
+            Path(path)
+            if path is not None
+            else Path(env["FLUX_CONFIG"])
+            if env.get("FLUX_CONFIG")
+            else None
+        )
+    except TypeError:  # bytes, or not a path at all
+        raise ConfigurationError(
+            f"config= must be a path (str or os.PathLike), not {type(path).__name__}"
+        ) from None
     data: dict[str, object] = {}
     origin = "environment"
     if chosen is not None or DEFAULT_PATH.exists():
         file = chosen or DEFAULT_PATH
+        shown = escape_controls(str(file))  # a NUL, or a name that is not valid UTF-8
         try:
             data = tomllib.loads(read_text_file(file, limit=1024 * 1024))
         except FileNotFoundError:
-            raise _fail(str(file), "no such file") from None
+            raise _fail(shown, "no such file") from None
         except OSError as exc:
-            raise _fail(str(file), f"cannot be read ({exc.strerror or exc})") from None
-        except UnicodeDecodeError:
-            raise _fail(str(file), "is not UTF-8 text") from None
+            raise _fail(shown, f"cannot be read ({exc.strerror or exc})") from None
         except (tomllib.TOMLDecodeError, RecursionError) as exc:
-            raise _fail(str(file), f"not valid TOML ({str(exc)[:200]})") from None
-        origin = str(file)
+            raise _fail(shown, f"not valid TOML ({str(exc)[:200]})") from None
+        except ValueError as exc:  # os.open: an embedded NUL; UnicodeDecodeError: not UTF-8
+            why = (
+                "is not UTF-8 text"
+                if isinstance(exc, UnicodeDecodeError)
+                else "is not a usable path"
+            )
+            raise _fail(shown, why) from None
+        origin = shown
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise _fail(origin, f"unknown keys {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")

@@ -978,3 +978,28 @@ def test_a_garbled_answer_is_described_on_one_printable_line(
     with pytest.raises(errors.TransportError) as caught:
         edit_on(kind, server.url)
     assert str(caught.value).isprintable(), str(caught.value)
+
+
+@pytest.mark.parametrize("config", ["a\x00b.toml", 5, b"flux-adapters.toml", "caf\udce9.toml"])
+def test_an_unusable_config_argument_is_a_configuration_error(
+    config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    for make in (FluxClient, AsyncFluxClient):
+        with pytest.raises(errors.ConfigurationError) as caught:
+            make.from_env(config=config)
+        assert str(caught.value).isprintable()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(b"providers = [", "not valid TOML"), (b'providers = ["\xff"]', "is not UTF-8 text"),
+     (b"a = " + b"[" * 5000 + b"]" * 5000, "not valid TOML")],
+)  # fmt: skip
+def test_a_configuration_file_that_cannot_be_read_says_why(
+    content: bytes, problem: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "flux-adapters.toml"
+    path.write_bytes(content)
+    with pytest.raises(errors.ConfigurationError, match=problem):
+        FluxClient.from_env(config=path)
