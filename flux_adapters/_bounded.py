@@ -1,24 +1,36 @@
-"""Sockets that keep a deadline: httpcore network streams whose every wait ends by it.
+"""How the sync client keeps its deadline, which per-read timeouts alone cannot do.
 
-`flux_adapters._transport.bounded_http_client` puts `_BoundedBackend` under the library's own
-sync httpx client; within `flux_adapters._transport.bounded_by`, each read, write, connect and
-TLS handshake waits no longer than the time left. Per-read timeouts alone cannot end a server
-that drips its answer (headers included) a byte at a time. Imported when a client is made:
-httpx loads httpcore only then.
+A server that drips its answer a byte at a time, headers included, each byte within the read
+timeout, would hold a blocking call for as long as it likes. So:
+
+- under the library's own sync httpx client (`flux_adapters._transport.bounded_http_client`)
+  a network backend whose every read, write, connect and TLS handshake waits no longer than the
+  time left (within `flux_adapters._transport.bounded_by`), at no cost per call;
+- with a caller's httpx client, whose sockets cannot be reached that way, the send runs on a
+  daemon worker thread and the caller stops waiting at the deadline or on Ctrl-C
+  (`send_on_worker`).
+
+Imported on first use: httpx loads httpcore only when a client is made.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
+import queue
+import socket
+import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 import httpcore
 import httpx
 
-from flux_adapters._transport import ENDS
+from flux_adapters._transport import ENDS, deadline_error
 
-__all__ = ["bound"]
+__all__ = ["bound", "send_on_worker"]
 
 
 def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
@@ -102,3 +114,157 @@ def bound(client: httpx.Client) -> bool:
     for pool in pools:
         pool._network_backend = _BoundedBackend(pool._network_backend)  # type: ignore[union-attr]
     return True
+
+
+class _Workers:
+    """Daemon threads that run blocking sends for callers that may stop waiting for them.
+
+    Daemon threads, not a ``ThreadPoolExecutor``, whose threads the interpreter joins at exit: a
+    send given up on may still be blocked on its server, and must not hold up the process.
+    Idle threads wait for the next send, so a call does not pay for starting one.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)  # no thread survives a fork
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        """Run *task* (which must not raise) on an idle thread, or on a new one."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._tasks.put(task)
+                return
+        threading.Thread(
+            target=self._work, args=(task,), name="flux-adapters-send", daemon=True
+        ).start()
+
+    def _work(self, task: Callable[[], None]) -> None:
+        while True:
+            task()
+            with self._lock:
+                self._idle += 1
+                tasks = self._tasks
+            task = tasks.get()
+
+
+_WORKERS: Final = _Workers()
+_SIGNAL_SLICE: Final = 0.05
+"""Seconds between looks at pending signals (Ctrl-C) while waiting for a worker."""
+
+
+class _Send:
+    """``http.send(request)`` on a worker thread, which its caller may give up on."""
+
+    def __init__(self, http: httpx.Client, request: httpx.Request) -> None:
+        self._http = http
+        self._request = request
+        self._context = contextvars.copy_context()  # the caller's (tracing spans, ...)
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._sockets: list[socket.socket] = []
+        self.response: httpx.Response | None = None
+        self.error: BaseException | None = None
+        traced = request.extensions.get("trace")
+
+        def trace(event: str, info: dict[str, object]) -> None:
+            # httpcore's hook: the socket of a connection opened for this request, to shut down
+            # if the caller gives up (a connection taken from the pool cannot be reached).
+            if event == "connection.connect_tcp.complete":
+                self._opened(info.get("return_value"))
+            if traced is not None:
+                traced(event, info)
+
+        request.extensions = {**request.extensions, "trace": trace}
+
+    def run(self) -> None:
+        try:
+            response = self._context.run(
+                self._http.send, self._request, stream=True, follow_redirects=False
+            )
+        except BaseException as exc:  # handed to the caller, KeyboardInterrupt included
+            self.error = exc
+        else:
+            with self._lock:
+                late = self._abandoned
+                self.response = response
+            if late:
+                response.close()
+        finally:
+            self._done.set()
+
+    def wait(self, ends: float) -> bool:
+        """Wait for the send until *ends*; ``False`` if it has not finished by then."""
+        while True:
+            left = ends - time.monotonic()
+            if left <= 0:
+                return self._done.is_set()
+            # In slices: a blocked Event.wait does not wake for a signal on Linux, and Ctrl-C
+            # must interrupt the caller within a moment, not when the answer comes.
+            if self._done.wait(min(left, _SIGNAL_SLICE)):
+                return True
+
+    def abandon(self) -> None:
+        """Stop waiting: close an answer that came, shut the connection this send opened."""
+        with self._lock:
+            self._abandoned = True
+            response, sockets = self.response, list(self._sockets)
+        if response is not None:
+            response.close()
+        for opened in sockets:
+            _shut(opened)
+
+    def _opened(self, stream: object) -> None:
+        try:
+            opened = stream.get_extra_info("socket")  # type: ignore[attr-defined]
+        except Exception:  # a network backend of another kind
+            return
+        if not isinstance(opened, socket.socket):
+            return
+        with self._lock:
+            self._sockets.append(opened)
+            late = self._abandoned
+        if late:
+            _shut(opened)
+
+
+def _shut(opened: socket.socket) -> None:
+    # shutdown(), not close(): it wakes a thread blocked reading the socket.
+    with contextlib.suppress(OSError):
+        opened.shutdown(socket.SHUT_RDWR)
+
+
+def send_on_worker(
+    http: httpx.Client, request: httpx.Request, ends: float, provider: str, deadline: float
+) -> httpx.Response:
+    """``http.send(request, stream=True)`` on a worker thread, waited for until *ends*.
+
+    Given up (the deadline, Ctrl-C), the connection the send opened is shut down so the worker
+    ends too, and an answer that comes later is closed unread.
+
+    Raises:
+        Timeout: *ends* passed first (``sent=True``: the provider may have the request).
+        Exception: Whatever ``http.send`` raised.
+    """
+    send = _Send(http, request)
+    try:
+        _WORKERS.submit(send.run)
+        finished = send.wait(ends)
+    except BaseException:  # Ctrl-C while starting the worker or waiting for it
+        send.abandon()
+        raise
+    if not finished:
+        send.abandon()
+        raise deadline_error(provider, deadline)
+    if send.error is not None:
+        error, send.error = send.error, None
+        raise error
+    assert send.response is not None
+    return send.response

@@ -13,8 +13,9 @@ A deadline is enforced exactly by the async client (``asyncio.timeout``). Per-re
 alone cannot end a server that drips its headers a byte at a time, so the sync client bounds
 every socket operation of its own httpx client by the time left (`bounded_http_client`,
 `bounded_by`); with a caller's httpx client, whose transport it cannot reach, it sends on a
-worker thread and stops waiting for the answer's head at the deadline (`send_within`). It then
-checks the deadline after every chunk of the body and caps each phase's timeout at it.
+worker thread and stops waiting for the answer's head at the deadline (`send_within`); both are
+in ``flux_adapters._bounded``. It then checks the deadline after every chunk of the body and
+caps each phase's timeout at it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ import asyncio
 import contextlib
 import contextvars
 import math
-import os
-import queue
-import socket
 import threading
 import time
 import weakref
@@ -232,131 +230,6 @@ def bounded_by(ends: float, provider: str, deadline: float) -> Iterator[None]:
         ENDS.reset(token)
 
 
-class _Workers:
-    """Daemon threads that run blocking sends for callers that may stop waiting for them.
-
-    Daemon threads, not a ``ThreadPoolExecutor``, whose threads the interpreter joins at exit: a
-    send given up on may still be blocked on its server, and must not hold up the process.
-    Idle threads wait for the next send, so a call does not pay for starting one.
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)  # no thread survives a fork
-
-    def _reset(self) -> None:
-        self._lock = threading.Lock()
-        self._idle = 0
-        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-
-    def submit(self, task: Callable[[], None]) -> None:
-        """Run *task* (which must not raise) on an idle thread, or on a new one."""
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-                self._tasks.put(task)
-                return
-        threading.Thread(
-            target=self._work, args=(task,), name="flux-adapters-send", daemon=True
-        ).start()
-
-    def _work(self, task: Callable[[], None]) -> None:
-        while True:
-            task()
-            with self._lock:
-                self._idle += 1
-                tasks = self._tasks
-            task = tasks.get()
-
-
-_WORKERS: Final = _Workers()
-_SIGNAL_SLICE: Final = 0.05
-"""Seconds between looks at pending signals (Ctrl-C) while waiting for a worker."""
-
-
-class _Send:
-    """``http.send(request)`` on a worker thread, which its caller may give up on."""
-
-    def __init__(self, http: httpx.Client, request: httpx.Request) -> None:
-        self._http = http
-        self._request = request
-        self._context = contextvars.copy_context()  # the caller's (tracing spans, ...)
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._abandoned = False
-        self._sockets: list[socket.socket] = []
-        self.response: httpx.Response | None = None
-        self.error: BaseException | None = None
-        traced = request.extensions.get("trace")
-
-        def trace(event: str, info: dict[str, object]) -> None:
-            # httpcore's hook: the socket of a connection opened for this request, to shut down
-            # if the caller gives up (a connection taken from the pool cannot be reached).
-            if event == "connection.connect_tcp.complete":
-                self._opened(info.get("return_value"))
-            if traced is not None:
-                traced(event, info)
-
-        request.extensions = {**request.extensions, "trace": trace}
-
-    def run(self) -> None:
-        try:
-            response = self._context.run(
-                self._http.send, self._request, stream=True, follow_redirects=False
-            )
-        except BaseException as exc:  # handed to the caller, KeyboardInterrupt included
-            self.error = exc
-        else:
-            with self._lock:
-                late = self._abandoned
-                self.response = response
-            if late:
-                response.close()
-        finally:
-            self._done.set()
-
-    def wait(self, ends: float) -> bool:
-        """Wait for the send until *ends*; ``False`` if it has not finished by then."""
-        while True:
-            left = ends - time.monotonic()
-            if left <= 0:
-                return self._done.is_set()
-            # In slices: a blocked Event.wait does not wake for a signal on Linux, and Ctrl-C
-            # must interrupt the caller within a moment, not when the answer comes.
-            if self._done.wait(min(left, _SIGNAL_SLICE)):
-                return True
-
-    def abandon(self) -> None:
-        """Stop waiting: close an answer that came, shut the connection this send opened."""
-        with self._lock:
-            self._abandoned = True
-            response, sockets = self.response, list(self._sockets)
-        if response is not None:
-            response.close()
-        for opened in sockets:
-            _shut(opened)
-
-    def _opened(self, stream: object) -> None:
-        try:
-            opened = stream.get_extra_info("socket")  # type: ignore[attr-defined]
-        except Exception:  # a network backend of another kind
-            return
-        if not isinstance(opened, socket.socket):
-            return
-        with self._lock:
-            self._sockets.append(opened)
-            late = self._abandoned
-        if late:
-            _shut(opened)
-
-
-def _shut(opened: socket.socket) -> None:
-    # shutdown(), not close(): it wakes a thread blocked reading the socket.
-    with contextlib.suppress(OSError):
-        opened.shutdown(socket.SHUT_RDWR)
-
-
 def send_within(
     http: httpx.Client, request: httpx.Request, ends: float, provider: str, deadline: float
 ) -> httpx.Response:
@@ -373,21 +246,9 @@ def send_within(
     """
     if http in _BOUNDED:
         return http.send(request, stream=True, follow_redirects=False)
-    send = _Send(http, request)
-    try:
-        _WORKERS.submit(send.run)
-        finished = send.wait(ends)
-    except BaseException:  # Ctrl-C while starting the worker or waiting for it
-        send.abandon()
-        raise
-    if not finished:
-        send.abandon()
-        raise deadline_error(provider, deadline)
-    if send.error is not None:
-        error, send.error = send.error, None
-        raise error
-    assert send.response is not None
-    return send.response
+    from flux_adapters._bounded import send_on_worker  # lazy: only a caller's client needs it
+
+    return send_on_worker(http, request, ends, provider, deadline)
 
 
 class _Inflater:
