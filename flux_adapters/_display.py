@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     import reprlib
 
-__all__ = ["SHOWN_CHARS", "describe_exception", "printable", "render_value", "type_name"]
+__all__ = [
+    "SHOWN_CHARS",
+    "describe_exception",
+    "escape_controls",
+    "printable",
+    "render_value",
+    "type_name",
+]
 
 SHOWN_CHARS: Final = 80
 """The longest a value is shown in a message."""
@@ -58,16 +65,26 @@ def _repr_engine() -> reprlib.Repr:
     return engine
 
 
+def escape_controls(text: str) -> str:
+    r"""*text* with every non-printable character escaped (``\x1b``), whatever its length.
+
+    Keeps printable non-ASCII (an accented letter, Chinese); escapes controls (a terminal's
+    escape sequences), bidirectional overrides, surrogates and the like. Provider text shown
+    in a message goes through here: it reaches terminals.
+    """
+    if not _NOT_PRINTABLE.search(text):
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 def printable(text: str) -> str:
     """*text* with every non-printable character escaped, cut to a bounded length."""
     if len(text) > 4 * SHOWN_CHARS:
         text = text[: 4 * SHOWN_CHARS]
-    if _NOT_PRINTABLE.search(text):
-        # Keep printable non-ASCII (an accented letter); escape controls, surrogates and the like.
-        text = "".join(
-            char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-            for char in text
-        )
+    text = escape_controls(text)
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 

@@ -1,7 +1,8 @@
 """Downloading result images: verified, bounded, retried in place, never with credentials.
 
 A download succeeds only with a 2xx whose bytes are a png, jpeg or webp image (checked from the
-first bytes, before anything is kept) of at most `MAX_IMAGE_BYTES`, within a deadline.
+first bytes, before anything is kept, and from the last: a whole one) of at most
+`MAX_IMAGE_BYTES`, within a deadline.
 Redirects are followed by hand, at most `MAX_REDIRECTS`, each to an ``http(s)`` URL. A 302 to a
 login page, an HTML error page with status 200, an empty body: each is a typed error, never a
 saved "image". Result URLs are signed and need no key, so none is ever sent with them.
@@ -22,13 +23,27 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from flux_adapters._files import SNIFF_BYTES, atomic_image, image_format
+from flux_adapters._display import escape_controls
+from flux_adapters._files import (
+    SNIFF_BYTES,
+    TAIL_BYTES,
+    atomic_image,
+    image_format,
+    image_is_whole,
+)
 from flux_adapters._redact import redact
 from flux_adapters._transport import (
+    ACCEPT_ENCODING,
+    LoopBinding,
+    aiter_decoded,
+    bounded_by,
+    bounded_http_client,
     deadline_error,
     declared_length,
+    iter_decoded,
     mapped_transport_errors,
     phase_timeouts,
+    send_within,
 )
 from flux_adapters._version import __version__
 from flux_adapters.errors import (
@@ -51,15 +66,23 @@ MAX_REDIRECTS: Final = 5
 RETRIES: Final = 2
 """Further tries of a download after a failure that may pass."""
 _BACKOFF: Final = 0.5
-_HEADERS: Final = {"Accept": "image/*", "User-Agent": f"flux-adapters/{__version__}"}
+_HEADERS: Final = {
+    "Accept": "image/*",
+    "Accept-Encoding": ACCEPT_ENCODING,
+    "User-Agent": f"flux-adapters/{__version__}",
+}
 
 
-def _location(url: str) -> str:
+def _location(url: str, scrub: Callable[[str], str]) -> str:
+    """Host and path of *url* for messages, scrubbed of the client's keys.
+
+    The signed query string and any user name or password stay out.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "an unusable URL"
-    return f"{parts.netloc}{parts.path}"  # the signed query string stays out of messages
+    return scrub(f"{parts.netloc.rpartition('@')[2]}{parts.path}")
 
 
 class _ImageBody:
@@ -73,14 +96,17 @@ class _ImageBody:
         sink: Callable[[bytes], None],
         deadline: float,
         ends: float | None,
+        scrub: Callable[[str], str] = redact,
     ) -> None:
         self._response = response
         self._url = url
+        self._scrub = scrub
         self._provider = provider
         self._sink = sink
         self._deadline = deadline
         self._ends = ends
         self._head = b""
+        self._tail = b""
         self._size = 0
         self._verified = False
         declared = declared_length(response)
@@ -90,7 +116,7 @@ class _ImageBody:
     def _too_large(self) -> ResponseFormatError:
         return ResponseFormatError(
             f"the result image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB "
-            f"({_location(self._url)})",
+            f"({_location(self._url, self._scrub)})",
             provider=self._provider,
             status_code=self._response.status_code,
         )
@@ -99,10 +125,10 @@ class _ImageBody:
         kind = self._response.headers.get("content-type", "no content type")[:60]
         what = "empty" if not self._size else f"not an image ({kind}, {self._size}+ bytes)"
         return ResponseFormatError(
-            f"the download from {_location(self._url)} is {what}",
+            f"the download from {_location(self._url, self._scrub)} is {what}",
             provider=self._provider,
             status_code=self._response.status_code,
-            excerpt=redact(self._head[:120].decode("utf-8", errors="replace")),
+            excerpt=escape_controls(self._scrub(self._head[:120].decode("utf-8", "replace"))),
         )
 
     def take(self, chunk: bytes) -> None:
@@ -110,6 +136,7 @@ class _ImageBody:
         self._size += len(chunk)
         if self._size > MAX_IMAGE_BYTES:
             raise self._too_large()
+        self._tail = (self._tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
         if self._ends is not None and time.monotonic() > self._ends:
             raise deadline_error(self._provider, self._deadline)
         if self._verified:
@@ -126,17 +153,26 @@ class _ImageBody:
         self._sink(self._head)
 
     def finish(self) -> None:
-        """The body ended: a short or empty one must still be an image."""
+        """The body ended: a short or empty one must still be an image, and a whole one."""
         if not self._verified:
             self._verify()
+        if not image_is_whole(self._head, self._tail, self._size):
+            raise ResponseFormatError(
+                f"the download from {_location(self._url, self._scrub)} is cut short "
+                f"(not a whole {image_format(self._head)} image: {self._size} bytes)",
+                provider=self._provider,
+                status_code=self._response.status_code,
+            )
 
 
-def _next_url(response: httpx.Response, url: str, provider: str) -> str | None:
+def _next_url(
+    response: httpx.Response, url: str, provider: str, scrub: Callable[[str], str]
+) -> str | None:
     """The URL to go on to for a redirect, ``None`` for a 2xx; else the typed error."""
     status = response.status_code
     if 200 <= status < 300:
         return None
-    location = _location(url)
+    location = _location(url, scrub)
     if 300 <= status < 400:
         target = response.headers.get("location")
         try:
@@ -169,14 +205,18 @@ def _next_url(response: httpx.Response, url: str, provider: str) -> str | None:
 
 def _may_pass(error: FluxError) -> bool:
     """Whether trying the same download again may succeed (the deadline still bounds it)."""
+    if isinstance(error.__cause__, httpx.InvalidURL | httpx.UnsupportedProtocol):
+        return False  # the URL itself cannot be fetched
     return isinstance(error, TransportError | ProviderUnavailable | RateLimited)
 
 
-def _too_many_redirects(url: str, provider: str) -> ResponseFormatError:
+def _too_many_redirects(
+    url: str, provider: str, status: int, scrub: Callable[[str], str]
+) -> ResponseFormatError:
     return ResponseFormatError(
-        f"the download from {_location(url)} redirected more than {MAX_REDIRECTS} times",
+        f"the download from {_location(url, scrub)} redirected more than {MAX_REDIRECTS} times",
         provider=provider,
-        status_code=302,
+        status_code=status,
     )
 
 
@@ -187,7 +227,10 @@ class HttpDownloader:
         provider: The provider the images came from, for error messages.
         sync_client: The httpx client of a `FluxClient`.
         async_client: The httpx client of an `AsyncFluxClient`.
+        async_loop: The event loop *async_client*'s connections belong to (the client's).
         deadline: Seconds one download may take in all (default `DOWNLOAD_DEADLINE`).
+        scrub: Removes the client's keys from messages (a hostile provider may put one in a
+            result URL); by default, text shaped like a key.
     """
 
     def __init__(
@@ -196,11 +239,15 @@ class HttpDownloader:
         provider: str = "download",
         sync_client: httpx.Client | None = None,
         async_client: httpx.AsyncClient | None = None,
+        async_loop: LoopBinding | None = None,
         deadline: float = DOWNLOAD_DEADLINE,
+        scrub: Callable[[str], str] = redact,
     ) -> None:
         self._provider = provider
+        self._scrub = scrub
         self._sync = sync_client
         self._async = async_client
+        self._async_loop = async_loop or LoopBinding()
         self._deadline = deadline
         self._timeout = phase_timeouts(DOWNLOAD_TIMEOUT, deadline)
 
@@ -209,14 +256,14 @@ class HttpDownloader:
         if self._sync is not None and not self._sync.is_closed:
             yield self._sync
         else:
-            with httpx.Client() as client:
+            with bounded_http_client() as client:
                 yield client
 
     @contextlib.asynccontextmanager
     async def _async_client(self) -> AsyncIterator[httpx.AsyncClient]:
-        if self._async is not None and not self._async.is_closed:
+        if self._async is not None and not self._async.is_closed and self._async_loop.claim():
             yield self._async
-        else:
+        else:  # closed, or its connections belong to another event loop
             async with httpx.AsyncClient() as client:
                 yield client
 
@@ -225,7 +272,11 @@ class HttpDownloader:
         attempt = 0
         while True:
             try:
-                with self._sync_client() as http, mapped_transport_errors(self._provider):
+                with (
+                    self._sync_client() as http,
+                    mapped_transport_errors(self._provider, self._scrub),
+                    bounded_by(ends, self._provider, self._deadline),
+                ):
                     self._follow(http, url, sink, ends)
                 return
             except FluxError as error:
@@ -240,34 +291,48 @@ class HttpDownloader:
         """A bare GET: none of the caller's client defaults (headers, cookies) go to a CDN.
 
         Raises:
-            ResponseFormatError: The URL the provider gave cannot be fetched as it is.
+            TransportError: The URL cannot be fetched as it is (``sent=False``; not retried).
         """
         try:
             return httpx.Request(
                 "GET", url, headers=_HEADERS, extensions={"timeout": self._timeout.as_dict()}
             )
-        except (httpx.InvalidURL, ValueError, TypeError):
-            raise ResponseFormatError(
-                "a result URL cannot be fetched as given", provider=self._provider, status_code=200
-            ) from None
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            unusable = httpx.InvalidURL(str(exc))  # what _may_pass reads as "cannot pass"
+            raise TransportError(
+                "could not send the request (the result URL cannot be fetched as given)",
+                provider=self._provider,
+                sent=False,
+            ) from unusable
 
     def _follow(
         self, http: httpx.Client, url: str, sink: Callable[[bytes], None], ends: float
     ) -> None:
+        status = 0
         for _ in range(MAX_REDIRECTS + 1):
-            response = http.send(self._get(url), stream=True, auth=None, follow_redirects=False)
+            # A bare GET (none of the caller's client defaults), sent so that a server dripping
+            # its headers cannot hold it past the deadline.
+            response = send_within(http, self._get(url), ends, self._provider, self._deadline)
             try:
-                following = _next_url(response, url, self._provider)
+                status = response.status_code
+                following = _next_url(response, url, self._provider, self._scrub)
                 if following is None:
-                    body = _ImageBody(response, url, self._provider, sink, self._deadline, ends)
-                    for chunk in response.iter_bytes():
+                    body = self._body(response, url, sink, ends)
+                    for chunk in iter_decoded(response):
                         body.take(chunk)
                     body.finish()
                     return
             finally:
                 response.close()
             url = following
-        raise _too_many_redirects(url, self._provider)
+        raise _too_many_redirects(url, self._provider, status, self._scrub)
+
+    def _body(
+        self, response: httpx.Response, url: str, sink: Callable[[bytes], None], ends: float | None
+    ) -> _ImageBody:
+        return _ImageBody(
+            response, url, self._provider, sink, self._deadline, ends, scrub=self._scrub
+        )
 
     async def _fetch_async(
         self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]
@@ -279,7 +344,7 @@ class HttpDownloader:
                 while True:
                     try:
                         async with self._async_client() as http:
-                            with mapped_transport_errors(self._provider):
+                            with mapped_transport_errors(self._provider, self._scrub):
                                 await self._follow_async(http, url, sink)
                         return
                     except FluxError as error:
@@ -296,21 +361,23 @@ class HttpDownloader:
     async def _follow_async(
         self, http: httpx.AsyncClient, url: str, sink: Callable[[bytes], None]
     ) -> None:
+        status = 0
         for _ in range(MAX_REDIRECTS + 1):
             request = self._get(url)
             response = await http.send(request, stream=True, auth=None, follow_redirects=False)
             try:
-                following = _next_url(response, url, self._provider)
+                status = response.status_code
+                following = _next_url(response, url, self._provider, self._scrub)
                 if following is None:
-                    body = _ImageBody(response, url, self._provider, sink, self._deadline, None)
-                    async for chunk in response.aiter_bytes():
+                    body = self._body(response, url, sink, None)
+                    async for chunk in aiter_decoded(response):
                         body.take(chunk)
                     body.finish()
                     return
             finally:
                 await response.aclose()
             url = following
-        raise _too_many_redirects(url, self._provider)
+        raise _too_many_redirects(url, self._provider, status, self._scrub)
 
     def read(self, url: str) -> bytes:
         """Return the image at *url*."""

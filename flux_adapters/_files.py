@@ -20,10 +20,12 @@ from typing import Final
 from flux_adapters.errors import OutputError
 
 __all__ = [
+    "TAIL_BYTES",
     "ImageFile",
     "atomic_image",
     "check_target",
     "image_format",
+    "image_is_whole",
     "read_text_file",
     "remove_partial_files",
 ]
@@ -31,6 +33,8 @@ __all__ = [
 _PARTIAL: Final = re.compile(r"\..+\.[0-9a-f]{8}\.part")
 """The name `atomic_image` gives its temporary file: ``.<name>.<8 hex digits>.part``."""
 _SIGNATURES: Final = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
+_NAME_MAX: Final = 255
+"""The longest file name (in bytes) common file systems take (ext4, APFS, NTFS in UTF-16)."""
 SNIFF_BYTES: Final = 12
 """Bytes needed to tell the formats apart (WebP: ``RIFF`` + size + ``WEBP``)."""
 
@@ -43,6 +47,30 @@ def image_format(head: bytes) -> str | None:
     if len(head) >= SNIFF_BYTES and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
     return None
+
+
+TAIL_BYTES: Final = 1024
+"""The last bytes of an image kept to tell whether it is whole (`image_is_whole`)."""
+_PNG_END: Final = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last chunk of a PNG
+_JPEG_END: Final = b"\xff\xd9"  # EOI; within the entropy-coded data 0xFF is always escaped
+
+
+def image_is_whole(head: bytes, tail: bytes, size: int) -> bool:
+    """Whether an image of *size* bytes, starting with *head*, ending with *tail*, is complete.
+
+    A cheap check without decoding, against an image cut short (a CDN serving part of a
+    file, a ``Content-Length`` shorter than the image): a PNG ends with its IEND chunk, a JPEG
+    with its EOI marker (a few bytes of padding after either are allowed), a WebP's RIFF
+    header gives its exact size.
+    """
+    found = image_format(head)
+    if found == "png":
+        return _PNG_END in tail[-64:]
+    if found == "jpeg":
+        return _JPEG_END in tail[-64:]
+    if found == "webp":
+        return int.from_bytes(head[4:8], "little") + 8 == size
+    return False
 
 
 def _kind(mode: int) -> str:
@@ -141,8 +169,10 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
         OutputError: The file cannot be created, written or renamed into place.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    # The name cut so that the temporary one is no longer than the longest the system takes.
+    stem = os.fsdecode(os.fsencode(target.name)[: _NAME_MAX - len(".00000000.part") - 1])
     while True:
-        partial = target.with_name(f".{target.name}.{os.urandom(4).hex()}.part")  # _PARTIAL
+        partial = target.with_name(f".{stem}.{os.urandom(4).hex()}.part")  # _PARTIAL
         try:
             fd = os.open(partial, flags, 0o666)
             break

@@ -100,7 +100,9 @@ def edit_flow(
     *plan* is the request already resolved against *adapter*'s limits (the router has one);
     without it the flow resolves the request itself. An adapter (perhaps from another package)
     that fails with an exception of its own gets a typed error in its place: before anything is
-    sent, a `RequestError`; once an answer came, a `ResponseFormatError` (it may be billed).
+    sent, a `RequestError`; once an answer came, a `ResponseFormatError` (it may be billed),
+    also for a `FluxError` that is not a `ProviderError` (a "not sent" `TransportError`, say).
+    A `ProviderError` keeps its kind but carries the status the provider really sent.
 
     Raises:
         RequestError: Before anything is yielded, when the request breaks the provider's limits.
@@ -123,8 +125,13 @@ def edit_flow(
             raise adapter.parse_error(response)
         answer = adapter.parse_response(response)
     except ProviderError as error:
+        # The status the provider sent decides what the error proves (routing.billing_rule):
+        # an adapter may not report another, nor turn a billed 2xx or 5xx into a 402 or 429.
+        error.status_code = response.status_code
         if error.detail:
             error.detail = redact(error.detail, secrets)
+        if error.code:
+            error.code = redact(error.code, secrets)
         if isinstance(error, ResponseFormatError):
             error.excerpt = redact(error.excerpt, secrets)
         raise

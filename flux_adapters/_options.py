@@ -19,6 +19,7 @@ from flux_adapters._display import render_value
 from flux_adapters.errors import ConfigurationError
 
 __all__ = [
+    "MAX_SECONDS",
     "check_adapter",
     "check_base_url",
     "check_key",
@@ -71,7 +72,9 @@ def check_key(value: object, source: str) -> str:
             f"{source} holds characters an HTTP header cannot carry (spaces, control or "
             "non-ASCII characters); check the key"
         )
-    return value
+    # A plain copy of the characters: a str subclass may print itself as "****" (a "secret
+    # string"), and the header is built by formatting the key.
+    return str.__str__(value)
 
 
 def check_base_url(value: object, source: str) -> str:
@@ -85,6 +88,11 @@ def check_base_url(value: object, source: str) -> str:
     except ValueError:
         raise ConfigurationError(f"{source} must be {expected}") from None
     del port
+    if parts.username is not None or parts.password is not None:
+        # httpx sends them as Basic auth, in place of the key.
+        raise ConfigurationError(
+            f"{source} must not hold a user name or password; give the key as the API key"
+        )
     if (
         parts.scheme not in ("http", "https")
         or not parts.hostname
@@ -94,14 +102,19 @@ def check_base_url(value: object, source: str) -> str:
         or any(character.isspace() or not character.isprintable() for character in value)
     ):
         raise ConfigurationError(f"{source} must be {expected}")
-    return value
+    return str.__str__(value)  # a plain copy, as for the key
+
+
+MAX_SECONDS: Final = 86_400.0
+"""The longest timeout or deadline taken: a day. A socket timeout of 1e10 s overflows time_t."""
 
 
 def check_seconds(value: object, source: str) -> float:
-    """*value* as a positive, finite number of seconds."""
-    if not is_number(value) or value <= 0:
+    """*value* as a positive number of seconds, at most `MAX_SECONDS`."""
+    if not is_number(value) or not 0 < value <= MAX_SECONDS:
         raise ConfigurationError(
-            f"{source} must be a number of seconds > 0, not {render_value(value)}"
+            f"{source} must be a number of seconds > 0 and at most {MAX_SECONDS:.0f}, "
+            f"not {render_value(value)}"
         )
     return float(value)
 

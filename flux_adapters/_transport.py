@@ -4,36 +4,68 @@
   may have the request, with every message scrubbed of the client's keys;
 - per-phase timeouts never outlast the overall deadline of an exchange;
 - a body is read within a size cap and a deadline: a slow-drip server or a 2 GB answer cannot
-  hold a call or fill memory.
+  hold a call or fill memory;
+- a compressed body is inflated a bounded slice at a time (`iter_decoded`), so the cap applies
+  to the decoded bytes as they come: httpx inflates each chunk whole, and a 64 KiB chunk of
+  gzip can hold 64 MB (of gzip within gzip, gigabytes).
 
-A deadline is enforced exactly by the async client (``asyncio.timeout``). The sync client checks
-it after every chunk and caps each phase's timeout at it, so a call ends within the deadline
-plus at most one read wait (itself no longer than the deadline).
+A deadline is enforced exactly by the async client (``asyncio.timeout``). Per-read timeouts
+alone cannot end a server that drips its headers a byte at a time, so the sync client bounds
+every socket operation of its own httpx client by the time left (`bounded_http_client`,
+`bounded_by`); with a caller's httpx client, whose transport it cannot reach, it sends on a
+worker thread and stops waiting for the answer's head at the deadline (`send_within`); both are
+in ``flux_adapters._bounded``. It then checks the deadline after every chunk of the body and
+caps each phase's timeout at it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import math
+import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Final
 
 import httpx
 
+from flux_adapters._display import escape_controls
 from flux_adapters._redact import redact
 from flux_adapters.errors import FluxError, ResponseFormatError, Timeout, TransportError
 from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, HttpResponse
 
 __all__ = [
+    "ACCEPT_ENCODING",
+    "ENDS",
     "AnswerBody",
+    "LoopBinding",
+    "aiter_decoded",
+    "bounded_by",
+    "bounded_http_client",
     "deadline_error",
+    "iter_decoded",
     "mapped_transport_errors",
     "phase_timeouts",
     "proves_not_sent",
+    "send_within",
 ]
 
 _MB: Final = 1024 * 1024
+
+ACCEPT_ENCODING: Final = "gzip, deflate"
+"""The encodings asked for: one layer of gzip or deflate, which `iter_decoded` inflates in bounded
+slices (httpx would also ask for br and zstd when their packages are installed)."""
+DECODED_SLICE: Final = 256 * 1024
+"""The most bytes one step of inflating produces before the reader checks its cap."""
+_WBITS: Final = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
 
 
 def phase_timeouts(timeout: httpx.Timeout, deadline: float) -> httpx.Timeout:
@@ -73,17 +105,30 @@ def proves_not_sent(exc: BaseException) -> bool:
     )
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a transport failure was a timeout (rather than a refusal or a drop)."""
+    cause = exc.__cause__ if isinstance(exc, httpx.TransportError) and exc.__cause__ else exc
+    if type(cause).__module__.partition(".")[0] == "aiohttp":
+        # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout, a server that
+        # hung up included; aiohttp's own timeouts are TimeoutErrors.
+        return isinstance(cause, TimeoutError)
+    return isinstance(exc, httpx.TimeoutException | TimeoutError) or isinstance(
+        exc.__cause__, TimeoutError
+    )
+
+
 def _transport_error(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> FluxError:
     sent = not proves_not_sent(exc)
-    if isinstance(exc, httpx.TimeoutException | TimeoutError) or isinstance(
-        exc.__cause__, TimeoutError
-    ):
+    if _timed_out(exc):
         what = (
             "timed out waiting for the answer" if sent else "timed out before the request was sent"
         )
         return Timeout(f"{what} ({type(exc).__name__})", provider=provider, sent=sent)
     what = "the connection failed" if sent else "could not send the request"
-    detail = scrub(f"{type(exc).__name__}: {exc}")[:300]
+    # aiohttp's own error, not the httpx class httpx-aiohttp filed it under (ConnectTimeout).
+    cause = exc.__cause__ if type(exc.__cause__).__module__.startswith("aiohttp") else exc
+    # One line, escaped: aiohttp's messages span lines and quote what the server sent.
+    detail = escape_controls(" ".join(scrub(f"{type(cause).__name__}: {cause}").split()))[:300]
     return TransportError(f"{what} ({detail})", provider=provider, sent=sent)
 
 
@@ -101,8 +146,10 @@ def mapped_transport_errors(provider: str, scrub: Callable[[str], str] = redact)
     except httpx.TransportError as exc:
         raise _transport_error(exc, provider, scrub) from exc
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-        # TooManyRedirects, DecodingError, stream errors, or a Location header httpx cannot
-        # parse (InvalidURL is no HTTPError): an answer came, and it is unusable.
+        # TooManyRedirects, DecodingError, stream errors, or InvalidURL (no HTTPError), which
+        # httpx raises from send() for an answer's Location header it cannot parse, even when
+        # not following it: the request went out and may be billed. (A URL of ours that httpx
+        # refuses fails earlier, when the request is built, as a RequestError.)
         message = scrub(f"the answer could not be read ({type(exc).__name__}: {exc})")[:300]
         raise TransportError(message, provider=provider, sent=True) from exc
     except (TimeoutError, OSError) as exc:
@@ -119,6 +166,182 @@ def deadline_error(provider: str, deadline: float) -> Timeout:
     return Timeout(
         f"no complete answer within the deadline of {deadline:g} s", provider=provider, sent=True
     )
+
+
+class LoopBinding:
+    """The event loop an ``httpx.AsyncClient``'s connections belong to: the first it is used in.
+
+    Its connections (aiohttp's session, httpcore's pool) cannot be used from another loop; after
+    ``asyncio.run`` returns, they fail with ``RuntimeError: Event loop is closed``.
+    """
+
+    def __init__(self) -> None:
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        """Whether the running loop is the one (binding it on first use)."""
+        running = asyncio.get_running_loop()
+        with self._lock:
+            if self._loop is None:
+                self._loop = weakref.ref(running)
+                return True
+            return self._loop() is running
+
+
+ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar("flux_ends", default=None)
+"""When (`time.monotonic`) the exchange under way in this context must be over (`bounded_by`)."""
+
+
+_BOUNDED: weakref.WeakSet[httpx.Client] = weakref.WeakSet()
+"""The httpx clients made by `bounded_http_client` whose every transport is bounded."""
+
+
+def bounded_http_client() -> httpx.Client:
+    """An ``httpx.Client`` (proxies from the environment included) whose sockets keep deadlines.
+
+    Within `bounded_by`, each read, write and connect waits no longer than the time left. The
+    backend is set on httpx's own connection pools, which httpx does not let one pass in; if a
+    future httpx moves them, the client still works and `send_within` uses a worker thread.
+    """
+    from flux_adapters._bounded import bound  # lazy: httpx loads httpcore only for a client
+
+    client = httpx.Client()
+    if bound(client):
+        _BOUNDED.add(client)
+    return client
+
+
+@contextlib.contextmanager
+def bounded_by(ends: float, provider: str, deadline: float) -> Iterator[None]:
+    """End the exchange in this block at *ends* (`time.monotonic`): a `Timeout` after it.
+
+    Sockets of a `bounded_http_client` wait no longer than the time left. A connect, pool or
+    write timeout at the deadline stays what it is: it proves the request was not sent whole.
+    """
+    token = ENDS.set(ends)
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        if time.monotonic() < ends or proves_not_sent(exc):
+            raise
+        raise deadline_error(provider, deadline) from exc
+    finally:
+        ENDS.reset(token)
+
+
+def send_within(
+    http: httpx.Client, request: httpx.Request, ends: float, provider: str, deadline: float
+) -> httpx.Response:
+    """``http.send(request, stream=True)``, given up at *ends*.
+
+    Never with the caller's client-level auth (it would replace the provider's key, or reach a
+    CDN), and never following a redirect (a redirected POST would be sent, and paid, again).
+
+    A `bounded_http_client` sends in this thread (within `bounded_by`, its sockets keep the
+    deadline). Any other client sends on a worker thread while the caller waits for the answer's
+    head no longer than the time left (`time.monotonic` clock); given up, the connection it
+    opened is shut down so the worker ends too, and an answer that comes later is closed unread.
+
+    Raises:
+        Timeout: *ends* passed first (``sent=True``: the provider may have the request).
+        Exception: Whatever ``http.send`` raised.
+    """
+    if http in _BOUNDED:
+        return http.send(request, stream=True, auth=None, follow_redirects=False)
+    from flux_adapters._bounded import send_on_worker  # lazy: only a caller's client needs it
+
+    return send_on_worker(http, request, ends, provider, deadline)
+
+
+class _Inflater:
+    """Inflates one gzip or deflate body, never more than `DECODED_SLICE` bytes per step."""
+
+    def __init__(self, coding: str) -> None:
+        self._raw_fallback = coding == "deflate"  # "deflate" sent without its zlib wrapper
+        self._inflate = zlib.decompressobj(_WBITS[coding])
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        more = False
+        while (data or more) and not self._inflate.eof:
+            try:
+                out = self._inflate.decompress(data, DECODED_SLICE)
+            except zlib.error as exc:
+                if not self._raw_fallback:
+                    raise httpx.DecodingError(f"bad compressed data ({exc})") from exc
+                # Some servers send raw deflate; httpx retries the first bytes the same way.
+                self._raw_fallback = False
+                self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+                continue
+            self._raw_fallback = False
+            data = self._inflate.unconsumed_tail
+            more = len(out) == DECODED_SLICE  # the step was full: there may be more waiting
+            if out:
+                yield out
+
+
+def _inflater(response: httpx.Response) -> _Inflater | None:
+    """The inflater for *response*'s ``Content-Encoding`` (``None``: not encoded).
+
+    Raises:
+        httpx.DecodingError: An encoding that was not asked for (br, zstd, a chain of two).
+    """
+    codings = [
+        value.strip().lower()
+        for value in response.headers.get_list("content-encoding", split_commas=True)
+    ]
+    codings = [coding for coding in codings if coding and coding != "identity"]
+    if not codings:
+        return None
+    if len(codings) > 1 or codings[0] not in _WBITS:
+        shown = ", ".join(codings)[:60]
+        raise httpx.DecodingError(f"an encoding that was not asked for ({shown})")
+    return _Inflater(codings[0])
+
+
+def _already_read(response: httpx.Response) -> Iterator[bytes] | None:
+    """The body in slices, when a transport (a test's MockTransport) has already read it."""
+    try:
+        content = response.content
+    except httpx.ResponseNotRead:
+        return None
+    return (
+        content[start : start + DECODED_SLICE] for start in range(0, len(content), DECODED_SLICE)
+    )
+
+
+def iter_decoded(response: httpx.Response) -> Iterator[bytes]:
+    """The body of a streamed *response*, decoded; inflated pieces hold at most `DECODED_SLICE`.
+
+    Raises:
+        httpx.DecodingError: An encoding that was not asked for, or bad compressed data.
+    """
+    read = _already_read(response)
+    if read is not None:
+        yield from read
+        return
+    inflater = _inflater(response)
+    for raw in response.iter_raw():
+        if inflater is None:
+            yield raw
+        else:
+            yield from inflater.feed(raw)
+
+
+async def aiter_decoded(response: httpx.Response) -> AsyncIterator[bytes]:
+    """Async twin of `iter_decoded`."""
+    read = _already_read(response)
+    if read is not None:
+        for piece in read:
+            yield piece
+        return
+    inflater = _inflater(response)
+    async for raw in response.aiter_raw():
+        if inflater is None:
+            yield raw
+        else:
+            for piece in inflater.feed(raw):
+                yield piece
 
 
 def declared_length(response: httpx.Response) -> int | None:

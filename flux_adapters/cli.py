@@ -580,7 +580,16 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for index, image in enumerate(result.images):
             suffix = f"-{index + 1}" if len(result.images) > 1 else ""
             target = output.with_name(f"{output.stem}{suffix}{output.suffix}") if output else None
-            place, status = _save(image, target, f"{result.provider}-{stamp}{suffix}", err)
+            try:
+                place, status = _save(image, target, f"{result.provider}-{stamp}{suffix}", err)
+            except KeyboardInterrupt:  # the images are paid for: say where they still are
+                urls = [later.url for later in result.images[index:] if later.url]
+                if urls:
+                    _say(
+                        err,
+                        f"flux-adapters: not saved; download it within 10 minutes from {' '.join(urls)}",
+                    )
+                raise
             saved += [place] if place else []
             code = code or status  # the first failure decides
     elapsed = time.perf_counter() - started
@@ -887,6 +896,8 @@ def _progress(total: int, stream: TextIO) -> Iterator[Callable[[str], None]]:
 def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import importlib
 
+    from flux_adapters._display import describe_exception
+    from flux_adapters._options import check_adapter
     from flux_adapters.conformance.runner import paid_calls, record, run_scenario, write_report
     from flux_adapters.conformance.scenarios import SCENARIOS
     from flux_adapters.providers import PROVIDERS, Adapter, get_adapter
@@ -907,7 +918,13 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
             adapter_class = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
             raise errors.ConfigurationError(f"--adapter {arguments.adapter}: {exc}") from None
-        adapters.append(adapter_class())
+        try:
+            adapter = adapter_class()
+        except Exception as exc:  # the other package's code: anything may go wrong
+            raise errors.ConfigurationError(
+                f"--adapter {arguments.adapter} could not be created ({describe_exception(exc)})"
+            ) from None
+        adapters.append(check_adapter(adapter))  # type: ignore[arg-type]
     if arguments.record:
         for adapter in adapters:
             # Against the emulator, record() makes up a throwaway key of its own.

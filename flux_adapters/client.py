@@ -46,10 +46,17 @@ from flux_adapters._options import (
 )
 from flux_adapters._redact import Redactor, redactor_for
 from flux_adapters._transport import (
+    ACCEPT_ENCODING,
     AnswerBody,
+    LoopBinding,
+    aiter_decoded,
+    bounded_by,
+    bounded_http_client,
     deadline_error,
+    iter_decoded,
     mapped_transport_errors,
     phase_timeouts,
+    send_within,
 )
 from flux_adapters.config import ProviderSettings, load_config
 from flux_adapters.errors import (
@@ -214,6 +221,7 @@ def _httpx_request(
 ) -> httpx.Request:
     headers = dict(outgoing.headers)
     headers.setdefault("Accept", "application/json")
+    headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
     if binding.owns(outgoing.url):
         headers["Authorization"] = f"Bearer {binding.api_key}"
     body = outgoing.body
@@ -421,6 +429,8 @@ class _ClientBase:
                 failover_on_ambiguous=failover_on_ambiguous,
             )
         self._policy = policy
+        self._scrub = redactor_for(tuple(binding.api_key for binding in self._bindings))
+        """Removes every key of this client, in any form, from a message."""
         self._breaker = Breaker(cooldown=policy.cooldown)
         self._prices = _check_prices(prices)
 
@@ -585,9 +595,12 @@ class FluxClient(_ClientBase):
             settings=settings,
         )
         self._own_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.Client()
+        self._http = http_client if http_client is not None else bounded_http_client()
         self._downloader = HttpDownloader(
-            provider=self.provider, sync_client=self._http, deadline=self._downloader_deadline()
+            provider=self.provider,
+            sync_client=self._http,
+            deadline=self._downloader_deadline(),
+            scrub=self._scrub,
         )
 
     def edit(self, request: EditRequest) -> EditResult:
@@ -627,15 +640,22 @@ class FluxClient(_ClientBase):
 
     def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
         name = binding.adapter.name
-        with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
+        ends = time.monotonic() + binding.deadline
+        with (
+            contextlib.ExitStack() as files,
+            mapped_transport_errors(name, binding.scrub),
+            bounded_by(ends, name, binding.deadline),
+        ):
             request = _build_httpx_request(self._http, binding, outgoing, files)
-            ends = time.monotonic() + binding.deadline
-            # auth=None: a caller's client-level auth must not replace the provider's key.
-            response = self._http.send(request, stream=True, auth=None)
+            # Redirects are never followed, whatever the caller's client says: a 307/308 would
+            # send the paid POST again (and its images to another origin); a 3xx is judged by
+            # its status. A caller's client-level auth never replaces the provider's key. A
+            # server dripping its headers cannot hold the call past the deadline.
+            response = send_within(self._http, request, ends, name, binding.deadline)
             try:
                 body = AnswerBody(response, name, binding.deadline, ends)
                 try:
-                    for chunk in response.iter_bytes():
+                    for chunk in iter_decoded(response):
                         if not body.take(chunk):
                             break
                 except httpx.DecodingError as exc:
@@ -720,8 +740,13 @@ class AsyncFluxClient(_ClientBase):
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else _default_async_http()
+        self._loop = LoopBinding()
         self._downloader = HttpDownloader(
-            provider=self.provider, async_client=self._http, deadline=self._downloader_deadline()
+            provider=self.provider,
+            async_client=self._http,
+            async_loop=self._loop,
+            deadline=self._downloader_deadline(),
+            scrub=self._scrub,
         )
 
     async def edit(self, request: EditRequest) -> EditResult:
@@ -731,6 +756,13 @@ class AsyncFluxClient(_ClientBase):
     async def _edit(self, request: EditRequest, watcher: Watcher | None) -> EditResult:
         started = time.perf_counter()
         router = self._start(request)
+        if not self._loop.claim():
+            router.close()
+            raise ConfigurationError(
+                "this AsyncFluxClient was first used in another event loop, which its "
+                "connections belong to; create the client inside the loop that uses it (in "
+                "your async main, not around asyncio.run), or use FluxClient"
+            )
         try:
             instruction = next(router)
             while True:
@@ -782,11 +814,16 @@ class AsyncFluxClient(_ClientBase):
             async with deadline:
                 with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
                     request = _build_httpx_request(self._http, binding, outgoing, files)
-                    response = await self._http.send(request, stream=True, auth=None)
+                    response = await self._http.send(
+                        request,
+                        stream=True,
+                        auth=None,  # see FluxClient._send
+                        follow_redirects=False,
+                    )
                     try:
                         body = AnswerBody(response, name, binding.deadline, None)
                         try:
-                            async for chunk in response.aiter_bytes():
+                            async for chunk in aiter_decoded(response):
                                 if not body.take(chunk):
                                     break
                         except httpx.DecodingError as exc:

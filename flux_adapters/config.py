@@ -35,6 +35,7 @@ from typing import Final, get_args
 
 from attrs import frozen
 
+from flux_adapters._display import escape_controls
 from flux_adapters._files import read_text_file
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.prices import PerCall, PerMegapixel, Price
@@ -108,6 +109,28 @@ def _number(value: object, where: str) -> float:
     return float(value)
 
 
+def _seconds(value: object, where: str) -> float:
+    from flux_adapters._options import MAX_SECONDS, is_number
+
+    if not is_number(value) or not 0 < value <= MAX_SECONDS:
+        raise _fail(
+            where,
+            f"must be seconds above 0 and at most {MAX_SECONDS:.0f}, not {str(value)[:40]!r}",
+        )
+    return float(value)
+
+
+def _variable_name(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    if not (isinstance(value, str) and value.isprintable() and value and "=" not in value):
+        raise _fail(
+            where,
+            f"api_key_env must be the name of an environment variable, not {str(value)[:40]!r}",
+        )
+    return value
+
+
 def _price(value: object, where: str) -> Price:
     if not isinstance(value, dict):
         raise _fail(
@@ -149,10 +172,10 @@ def _provider(name: str, table: object, origin: str) -> ProviderSettings:
         raise _fail(where, f"priority must be a whole number, not {priority!r}")
     return ProviderSettings(
         name=name,
-        api_key_env=table.get("api_key_env"),
+        api_key_env=_variable_name(table.get("api_key_env"), where),
         base_url=table.get("base_url"),
         priority=priority,
-        timeout=_number(table["timeout"], f"{where} timeout") if "timeout" in table else None,
+        timeout=_seconds(table["timeout"], f"{where} timeout") if "timeout" in table else None,
         prices={model: _price(price, f"{where}.prices.{model}") for model, price in prices.items()},
     )
 
@@ -170,28 +193,39 @@ def load_config(
         ConfigurationError: The file or a variable is invalid, or no provider is configured.
     """
     env = os.environ if environ is None else environ
-    chosen = (
-        Path(path)
-        if path is not None
-        else Path(env["FLUX_CONFIG"])
-        if env.get("FLUX_CONFIG")
-        else None
-    )
+    try:
+        chosen = (
+            Path(path)
+            if path is not None
+            else Path(env["FLUX_CONFIG"])
+            if env.get("FLUX_CONFIG")
+            else None
+        )
+    except TypeError:  # bytes, or not a path at all
+        raise ConfigurationError(
+            f"config= must be a path (str or os.PathLike), not {type(path).__name__}"
+        ) from None
     data: dict[str, object] = {}
     origin = "environment"
     if chosen is not None or DEFAULT_PATH.exists():
         file = chosen or DEFAULT_PATH
+        shown = escape_controls(str(file))  # a NUL, or a name that is not valid UTF-8
         try:
             data = tomllib.loads(read_text_file(file, limit=1024 * 1024))
         except FileNotFoundError:
-            raise _fail(str(file), "no such file") from None
+            raise _fail(shown, "no such file") from None
         except OSError as exc:
-            raise _fail(str(file), f"cannot be read ({exc.strerror or exc})") from None
-        except UnicodeDecodeError:
-            raise _fail(str(file), "is not UTF-8 text") from None
+            raise _fail(shown, f"cannot be read ({exc.strerror or exc})") from None
         except (tomllib.TOMLDecodeError, RecursionError) as exc:
-            raise _fail(str(file), f"not valid TOML ({str(exc)[:200]})") from None
-        origin = str(file)
+            raise _fail(shown, f"not valid TOML ({str(exc)[:200]})") from None
+        except ValueError as exc:  # os.open: an embedded NUL; UnicodeDecodeError: not UTF-8
+            why = (
+                "is not UTF-8 text"
+                if isinstance(exc, UnicodeDecodeError)
+                else "is not a usable path"
+            )
+            raise _fail(shown, why) from None
+        origin = shown
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise _fail(origin, f"unknown keys {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
@@ -222,6 +256,7 @@ def load_config(
         raise ConfigurationError(f"routing must be 'ordered' or 'cheapest', not {routing!r}")
     budget = env.get("FLUX_MAX_COST_USD") or data.get("max_cost_usd")
     timeout = env.get("FLUX_TIMEOUT") or data.get("timeout")
+    timeout_from = "$FLUX_TIMEOUT" if env.get("FLUX_TIMEOUT") else f"{origin} timeout"
     unknown_price = data.get("unknown_price", "allow")
     if unknown_price not in ("allow", "refuse"):
         raise _fail(origin, f"unknown_price must be 'allow' or 'refuse', not {unknown_price!r}")
@@ -236,7 +271,9 @@ def load_config(
         else _number(_as_float(budget, "max_cost_usd"), "max_cost_usd"),
         unknown_price=str(unknown_price),
         failover_on_ambiguous=ambiguous,
-        timeout=None if timeout is None else _number(_as_float(timeout, "timeout"), "timeout"),
+        timeout=None
+        if timeout is None
+        else _seconds(_as_float(timeout, timeout_from), timeout_from),
         source=origin,
     )
 

@@ -137,11 +137,13 @@ class Downloader(Protocol):
 
 
 def _short_url(url: str | None) -> str:
-    # Signed result URLs grant access to the image; keep the signature out of reprs and logs.
+    # Signed result URLs grant access to the image; keep the signature (and any user name or
+    # password) out of reprs and logs.
     if url is None:
         return "None"
     parts = urlsplit(url)
-    return repr(f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?…" if parts.query else ""))
+    host = parts.netloc.rpartition("@")[2]
+    return repr(f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else ""))
 
 
 def _default_downloader() -> Downloader:

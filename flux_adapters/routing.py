@@ -534,8 +534,10 @@ def route(
 
 
 def _retry_pause(error: FluxError, policy: RoutingPolicy, tries: int) -> float | None:
-    if isinstance(error, RateLimited) and error.retry_after is not None:
-        return error.retry_after if error.retry_after <= policy.max_retry_wait else None
+    asked = error.retry_after if isinstance(error, RateLimited) else None
+    if asked is not None and asked == asked:  # NaN (from an adapter of another package): unsaid
+        asked = max(0.0, asked)  # a time in the past: now (time.sleep refuses a negative one)
+        return asked if asked <= policy.max_retry_wait else None
     return policy.backoff * 2.0**tries
 
 

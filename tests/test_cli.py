@@ -377,3 +377,25 @@ def test_two_edits_in_the_same_second_keep_both_images(
     for seed in ("1", "2"):
         assert run("edit", "p", "--seed", seed, "--size", "64x64", *base)[0] == 0
     assert len(list((tmp_path / "out").iterdir())) == 2  # no second image written over the first
+
+
+def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
+    tmp_path: Path,
+) -> None:
+    """The image was made and billed; its URL lives minutes: Ctrl-C must not lose it quietly."""
+    with run_emulator(faults={"laozhang": [Fault(download="drip", drip=0.5)]}) as cdn:
+        env = {**os.environ, "LAOZHANG_API_KEY": "k"}
+        base = cdn.base_url("laozhang")
+        with spawn("edit", "p", "-p", "laozhang", "--base-url", base, "-o", str(tmp_path / "x.png"), env=env) as edit:  # fmt: skip
+            deadline = time.monotonic() + 10
+            while not cdn.billed() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert cdn.billed(), "the request never arrived"
+            time.sleep(1.0)  # the answer came; the download is dripping
+            edit.send_signal(signal.SIGINT)
+            _, err = edit.communicate(timeout=10)
+    assert edit.returncode == 130
+    assert "download it within 10 minutes from http://127.0.0.1:" in err, err
+    assert err.splitlines()[-1] == "flux-adapters: interrupted"
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -277,7 +277,7 @@ def test_a_callers_client_defaults_never_go_with_a_download(tmp_path: Path) -> N
 
 @both
 def test_malformed_result_urls_and_redirects_are_typed_errors(kind: str, tmp_path: Path) -> None:
-    with pytest.raises(errors.ResponseFormatError, match="not an http"):
+    with pytest.raises(errors.ResponseFormatError, match="not a valid URL"):
         run(
             kind,
             lambda r: httpx.Response(200, json={"data": [{"url": "http://[::1"}]}),
@@ -533,3 +533,40 @@ def test_a_probe_cancelled_by_wait_for_lets_the_next_call_probe(
             return [f"{a.provider}:{a.outcome}" for a in result.attempts]
 
     assert asyncio.run(main()) == ["laozhang:failed", "apiyi:ok"]  # probed, not skipped
+
+
+@both
+@pytest.mark.parametrize("location", ["http://[::1", "mailto:robot@example.com"])
+def test_a_paid_post_answered_with_an_unreadable_location_is_never_failed_over(
+    kind: str, location: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx raises InvalidURL from send() for such a header: after the POST went out."""
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("APIYI_API_KEY", KEY)
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if request.url.host == "api.laozhang.ai":
+            return httpx.Response(302, headers={"location": location})
+        return httpx.Response(200, json=OK)
+
+    transport = httpx.MockTransport(handler)
+
+    def edit() -> object:
+        if kind == "sync":
+            with httpx.Client(transport=transport) as http:
+                client = FluxClient(providers=["laozhang", "apiyi"], http_client=http)
+                return client.edit(REQUEST)
+
+        async def main() -> object:
+            async with httpx.AsyncClient(transport=transport) as http:
+                client = AsyncFluxClient(providers=["laozhang", "apiyi"], http_client=http)
+                return await client.edit(REQUEST)
+
+        return asyncio.run(main())
+
+    with pytest.raises(errors.FluxError) as caught:
+        edit()
+    assert hosts == ["api.laozhang.ai"]  # the second provider was never sent the job
+    assert caught.value.attempts[0].billing in ("answer-lost", "unreadable-answer")

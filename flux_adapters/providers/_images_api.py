@@ -9,13 +9,15 @@ bodies are cut to `ERROR_BODY_BYTES` before any pattern runs, HTML is reduced in
 JSON too deep for Python is a typed error, and every image is checked before it is accepted.
 
 Responses are structured leniently: only the fields read here are declared, anything else the
-provider adds is ignored.
+provider adds is ignored, and the optional usage report is read field by field (a count that is
+not a number is left out rather than losing the image it came with, which was paid for).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 
+from flux_adapters._display import escape_controls
 from flux_adapters._redact import redact
 from flux_adapters.errors import (
     AuthenticationFailed,
@@ -60,20 +63,8 @@ class _Item:
 
 
 @frozen
-class _Usage:
-    credits_used: float | None = None
-    tokens_used: int | None = None
-
-
-@frozen
-class _Meta:
-    usage: _Usage | None = None
-
-
-@frozen
 class _Images:
     data: list[_Item]
-    meta: _Meta | None = None
 
 
 @functools.cache
@@ -124,24 +115,54 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
         problem = _image_problem(item)
         if problem:
             raise _format_error(provider, response, problem)
-    usage = images.meta.usage if images.meta else None
     return Answer(
         images=tuple(ResultImage(url=item.url, b64_json=item.b64_json) for item in items),
-        usage=Usage(credits_used=usage.credits_used, tokens_used=usage.tokens_used)
-        if usage
-        else None,
+        usage=_usage(body),
     )
+
+
+def _usage(body: object) -> Usage | None:
+    """``meta.usage``, field by field; ``None`` when it holds no readable count."""
+    meta = body.get("meta") if isinstance(body, dict) else None
+    usage = meta.get("usage") if isinstance(meta, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    credits = _count(usage.get("credits_used"))
+    tokens = _count(usage.get("tokens_used"))
+    whole = int(tokens) if tokens is not None and tokens.is_integer() else None
+    if credits is None and whole is None:
+        return None
+    return Usage(credits_used=credits, tokens_used=whole)
+
+
+def _count(value: object) -> float | None:
+    """*value* as a finite number (numbers, or numeric text), else ``None``."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+"""Characters no HTTP client puts in a request line (httpx refuses them)."""
 
 
 def _image_problem(item: _Item) -> str:
     if item.b64_json:
         return inline_image_problem(item.b64_json)
+    url = item.url or ""
     try:
-        parts = urlsplit(item.url or "")
-    except ValueError:  # "http://[" and the like
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return "a result URL is not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         return "a result URL is not an http(s) URL"
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return "a result URL is not an http(s) URL"
+    if _CONTROL.search(url):
+        return "a result URL holds control characters"
     return ""
 
 
@@ -151,7 +172,7 @@ def _format_error(provider: str, response: HttpResponse, message: str) -> Respon
         message,
         provider=provider,
         status_code=response.status_code,
-        excerpt=redact(head[:200]),
+        excerpt=escape_controls(redact(head[:200])),
     )
 
 
@@ -316,18 +337,22 @@ def _json_detail(body: Mapping[str, object]) -> tuple[str, str | None]:
     if isinstance(error, dict):
         message = error.get("message") or error.get("msg") or ""
         code = error.get("code") or error.get("type")
-        return _clip(_text_of(message)), _text_of(code)[:100] if code else None
+        return _clip(_text_of(message)), _clip_code(code)
     for key in ("message", "detail", "msg", "error"):
         value = body.get(key)
         if value:
-            code = body.get("code")
-            return _clip(_text_of(value)), _text_of(code)[:100] if code else None
+            return _clip(_text_of(value)), _clip_code(body.get("code"))
     return _clip(_text_of(body)), None
 
 
 def _clip(text: str) -> str:
     text = redact(_SPACE.sub(" ", text[: _DETAIL_CHARS * 4]).strip())
-    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 1] + "…"
+    text = text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 1] + "…"
+    return escape_controls(text)  # error text reaches terminals
+
+
+def _clip_code(code: object) -> str | None:
+    return escape_controls(redact(_text_of(code)[:100])) if code else None
 
 
 class ImagesApiAnswers:

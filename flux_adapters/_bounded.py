@@ -1,0 +1,270 @@
+"""How the sync client keeps its deadline, which per-read timeouts alone cannot do.
+
+A server that drips its answer a byte at a time, headers included, each byte within the read
+timeout, would hold a blocking call for as long as it likes. So:
+
+- under the library's own sync httpx client (`flux_adapters._transport.bounded_http_client`)
+  a network backend whose every read, write, connect and TLS handshake waits no longer than the
+  time left (within `flux_adapters._transport.bounded_by`), at no cost per call;
+- with a caller's httpx client, whose sockets cannot be reached that way, the send runs on a
+  daemon worker thread and the caller stops waiting at the deadline or on Ctrl-C
+  (`send_on_worker`).
+
+Imported on first use: httpx loads httpcore only when a client is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import httpcore
+import httpx
+
+from flux_adapters._transport import ENDS, deadline_error
+
+__all__ = ["bound", "send_on_worker"]
+
+
+def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
+    """*timeout*, shortened to the time left before the exchange's deadline.
+
+    Raises:
+        httpcore.TimeoutException: *expired*, the kind for this phase, when no time is left.
+    """
+    ends = ENDS.get()
+    if ends is None:
+        return timeout
+    left = ends - time.monotonic()
+    if left <= 0:
+        raise expired("the deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _BoundedStream(httpcore.NetworkStream):
+    """A socket stream whose every read, write and TLS handshake ends by the deadline."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        seconds = _left(timeout, httpcore.ConnectTimeout)
+        return _BoundedStream(self._inner.start_tls(ssl_context, server_hostname, seconds))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _BoundedBackend(httpcore.NetworkBackend):
+    """Opens `_BoundedStream` connections."""
+
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        seconds = _left(timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_tcp(host, port, seconds, local_address, socket_options)
+        return _BoundedStream(stream)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        seconds = _left(timeout, httpcore.ConnectTimeout)
+        return _BoundedStream(self._inner.connect_unix_socket(path, seconds, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def bound(client: httpx.Client) -> bool:
+    """Put the bounded backend under each of *client*'s connection pools (proxies included).
+
+    httpx does not let one pass a network backend in, so it is set on its pools; ``False``
+    (nothing changed) if a future httpx keeps them elsewhere.
+    """
+    transports = [client._transport, *client._mounts.values()]
+    pools = [getattr(transport, "_pool", None) for transport in transports if transport]
+    if not pools or not all(isinstance(pool, httpcore.ConnectionPool) for pool in pools):
+        return False
+    for pool in pools:
+        pool._network_backend = _BoundedBackend(pool._network_backend)  # type: ignore[union-attr]
+    return True
+
+
+class _Workers:
+    """Daemon threads that run blocking sends for callers that may stop waiting for them.
+
+    Daemon threads, not a ``ThreadPoolExecutor``, whose threads the interpreter joins at exit: a
+    send given up on may still be blocked on its server, and must not hold up the process.
+    Idle threads wait for the next send, so a call does not pay for starting one.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)  # no thread survives a fork
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        """Run *task* (which must not raise) on an idle thread, or on a new one."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._tasks.put(task)
+                return
+        threading.Thread(
+            target=self._work, args=(task,), name="flux-adapters-send", daemon=True
+        ).start()
+
+    def _work(self, task: Callable[[], None]) -> None:
+        while True:
+            task()
+            with self._lock:
+                self._idle += 1
+                tasks = self._tasks
+            task = tasks.get()
+
+
+_WORKERS: Final = _Workers()
+_SIGNAL_SLICE: Final = 0.05
+"""Seconds between looks at pending signals (Ctrl-C) while waiting for a worker."""
+
+
+class _Send:
+    """``http.send(request)`` on a worker thread, which its caller may give up on."""
+
+    def __init__(self, http: httpx.Client, request: httpx.Request) -> None:
+        self._http = http
+        self._request = request
+        self._context = contextvars.copy_context()  # the caller's (tracing spans, ...)
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._sockets: list[socket.socket] = []
+        self.response: httpx.Response | None = None
+        self.error: BaseException | None = None
+        traced = request.extensions.get("trace")
+
+        def trace(event: str, info: dict[str, object]) -> None:
+            # httpcore's hook: the socket of a connection opened for this request, to shut down
+            # if the caller gives up (a connection taken from the pool cannot be reached).
+            if event == "connection.connect_tcp.complete":
+                self._opened(info.get("return_value"))
+            if traced is not None:
+                traced(event, info)
+
+        request.extensions = {**request.extensions, "trace": trace}
+
+    def run(self) -> None:
+        try:
+            response = self._context.run(
+                self._http.send, self._request, stream=True, auth=None, follow_redirects=False
+            )
+        except BaseException as exc:  # handed to the caller, KeyboardInterrupt included
+            self.error = exc
+        else:
+            with self._lock:
+                late = self._abandoned
+                self.response = response
+            if late:
+                response.close()
+        finally:
+            self._done.set()
+
+    def wait(self, ends: float) -> bool:
+        """Wait for the send until *ends*; ``False`` if it has not finished by then."""
+        while True:
+            left = ends - time.monotonic()
+            if left <= 0:
+                return self._done.is_set()
+            # In slices: a blocked Event.wait does not wake for a signal on Linux, and Ctrl-C
+            # must interrupt the caller within a moment, not when the answer comes.
+            if self._done.wait(min(left, _SIGNAL_SLICE)):
+                return True
+
+    def abandon(self) -> None:
+        """Stop waiting: close an answer that came, shut the connection this send opened."""
+        with self._lock:
+            self._abandoned = True
+            response, sockets = self.response, list(self._sockets)
+        if response is not None:
+            response.close()
+        for opened in sockets:
+            _shut(opened)
+
+    def _opened(self, stream: object) -> None:
+        try:
+            opened = stream.get_extra_info("socket")  # type: ignore[attr-defined]
+        except Exception:  # a network backend of another kind
+            return
+        if not isinstance(opened, socket.socket):
+            return
+        with self._lock:
+            self._sockets.append(opened)
+            late = self._abandoned
+        if late:
+            _shut(opened)
+
+
+def _shut(opened: socket.socket) -> None:
+    # shutdown(), not close(): it wakes a thread blocked reading the socket.
+    with contextlib.suppress(OSError):
+        opened.shutdown(socket.SHUT_RDWR)
+
+
+def send_on_worker(
+    http: httpx.Client, request: httpx.Request, ends: float, provider: str, deadline: float
+) -> httpx.Response:
+    """``http.send(request, stream=True)`` on a worker thread, waited for until *ends*.
+
+    Given up (the deadline, Ctrl-C), the connection the send opened is shut down so the worker
+    ends too, and an answer that comes later is closed unread.
+
+    Raises:
+        Timeout: *ends* passed first (``sent=True``: the provider may have the request).
+        Exception: Whatever ``http.send`` raised.
+    """
+    send = _Send(http, request)
+    try:
+        _WORKERS.submit(send.run)
+        finished = send.wait(ends)
+    except BaseException:  # Ctrl-C while starting the worker or waiting for it
+        send.abandon()
+        raise
+    if not finished:
+        send.abandon()
+        raise deadline_error(provider, deadline)
+    if send.error is not None:
+        error, send.error = send.error, None
+        raise error
+    assert send.response is not None
+    return send.response
