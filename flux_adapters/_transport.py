@@ -156,9 +156,12 @@ def mapped_transport_errors(provider: str, scrub: Callable[[str], str] = redact)
         # Raw failures some transports let through (asyncio timeouts, aiohttp client errors).
         raise _transport_error(exc, provider, scrub) from exc
     except Exception as exc:
-        if type(exc).__module__.partition(".")[0] != "aiohttp":
-            raise
-        raise _transport_error(exc, provider, scrub) from exc
+        if type(exc).__module__.partition(".")[0] == "aiohttp":
+            raise _transport_error(exc, provider, scrub) from exc
+        # Anything else a caller's transport raised: say what, never as "not sent" (which
+        # would retry or fail over), since nothing tells when it failed.
+        message = scrub(f"the transport failed ({type(exc).__name__}: {exc})")[:300]
+        raise TransportError(message, provider=provider, sent=True) from exc
 
 
 def deadline_error(provider: str, deadline: float) -> Timeout:

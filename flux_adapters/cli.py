@@ -42,6 +42,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from flux_adapters import errors
+from flux_adapters._display import escape_controls
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -528,7 +529,7 @@ def _save(image: ResultImage, target: Path | None, stem: str, err: TextIO) -> tu
     except errors.FluxError as error:
         problem, where = f"flux-adapters: {type(error).__name__}: {_one_line(error)}", ""
         if image.url is not None and not isinstance(error, errors.ResultExpired):
-            where = f"; download it within 10 minutes from {image.url}"
+            where = f"; download it within 10 minutes from {escape_controls(image.url)}"
         _say(err, problem + where)
         return "", _exit_code(error)
     for fallback in (DEFAULT_OUTPUT, Path(tempfile.gettempdir())):
@@ -542,7 +543,11 @@ def _save(image: ResultImage, target: Path | None, stem: str, err: TextIO) -> tu
             break
         _say(err, f"{problem}; saved in {saved} instead")
         return f"{saved} (instead of {target or folder})", EXIT_OUTPUT
-    where = f"download it within 10 minutes from {image.url}" if image.url else "nowhere to save it"
+    where = (
+        f"download it within 10 minutes from {escape_controls(image.url)}"
+        if image.url
+        else "nowhere to save it"
+    )
     _say(err, f"{problem}; {where}")
     return "", EXIT_OUTPUT
 
@@ -587,7 +592,8 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 if urls:
                     _say(
                         err,
-                        f"flux-adapters: not saved; download it within 10 minutes from {' '.join(urls)}",
+                        "flux-adapters: not saved; download it within 10 minutes from "
+                        + " ".join(escape_controls(url) for url in urls),
                     )
                 raise
             saved += [place] if place else []

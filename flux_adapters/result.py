@@ -12,7 +12,13 @@ from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
-from flux_adapters._files import atomic_image, check_target, image_format
+from flux_adapters._files import (
+    TAIL_BYTES,
+    atomic_image,
+    check_target,
+    image_format,
+    image_is_whole,
+)
 from flux_adapters.errors import FluxError
 
 if TYPE_CHECKING:
@@ -51,8 +57,14 @@ def inline_image_problem(text: str) -> str:
         return f"an inline image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB"
     if len(text) % 4 or not _BASE64.fullmatch(text):
         return "an inline image is not valid base64"
-    if image_format(binascii.a2b_base64(text[:64])) is None:
+    head = binascii.a2b_base64(text[:64])
+    if image_format(head) is None:
         return "an inline image is not a png, jpeg or webp image"
+    # The last whole base64 quanta hold the image's end, checked as a download's is.
+    tail = binascii.a2b_base64(text[-4 * (TAIL_BYTES // 3) :])
+    size = len(text) // 4 * 3 - text[-2:].count("=")
+    if not image_is_whole(head, tail, size):
+        return "an inline image is cut short"
     return ""
 
 

@@ -538,7 +538,8 @@ def _retry_pause(error: FluxError, policy: RoutingPolicy, tries: int) -> float |
     if asked is not None and asked == asked:  # NaN (from an adapter of another package): unsaid
         asked = max(0.0, asked)  # a time in the past: now (time.sleep refuses a negative one)
         return asked if asked <= policy.max_retry_wait else None
-    return policy.backoff * 2.0**tries
+    # Doubling, but never past the longest wait honoured (or the first pause, if longer).
+    return min(policy.backoff * 2.0**tries, max(policy.max_retry_wait, policy.backoff))
 
 
 def _skipped(provider: str, model: str, error: FluxError | None, reason: str) -> Attempt:

@@ -570,3 +570,43 @@ def test_a_paid_post_answered_with_an_unreadable_location_is_never_failed_over(
         edit()
     assert hosts == ["api.laozhang.ai"]  # the second provider was never sent the job
     assert caught.value.attempts[0].billing in ("answer-lost", "unreadable-answer")
+
+
+@both
+def test_anything_a_callers_transport_raises_is_typed_and_never_failed_over(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("APIYI_API_KEY", KEY)
+    hosts: list[str] = []
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        raise ValueError("a bug in the caller's transport")
+
+    transport = httpx.MockTransport(broken)
+
+    def edit() -> object:
+        if kind == "sync":
+            with httpx.Client(transport=transport) as http:
+                return FluxClient(providers=["laozhang", "apiyi"], http_client=http).edit(REQUEST)
+
+        async def main() -> object:
+            async with httpx.AsyncClient(transport=transport) as http:
+                client = AsyncFluxClient(providers=["laozhang", "apiyi"], http_client=http)
+                return await client.edit(REQUEST)
+
+        return asyncio.run(main())
+
+    with pytest.raises(errors.TransportError, match="the transport failed") as caught:
+        edit()
+    assert caught.value.sent is True  # nothing tells when it failed: it may have been sent
+    assert hosts == ["api.laozhang.ai"]
+
+
+@both
+def test_a_redirect_answering_the_post_is_neither_success_nor_a_refusal(kind: str) -> None:
+    moved = httpx.Response(302, headers={"location": "https://elsewhere.example/v1"})
+    with pytest.raises(errors.ResponseFormatError, match="neither success nor an error") as caught:
+        run(kind, lambda request: moved, lambda client: client.edit(REQUEST))
+    assert caught.value.status_code == 302

@@ -218,6 +218,14 @@ def test_every_image_of_an_answer_is_checked_before_it_is_accepted(
         get_adapter("aimlapi").parse_response(response(200, body))
 
 
+def test_an_inline_image_cut_short_is_refused() -> None:
+    whole = base64.b64encode(image_bytes(64, 64)).decode()
+    assert get_adapter("aimlapi").parse_response(response(200, inline(whole))).images
+    cut = whole[: len(whole) // 2 // 4 * 4]  # whole base64 quanta: valid base64, half an image
+    with pytest.raises(errors.ResponseFormatError, match="cut short"):
+        get_adapter("aimlapi").parse_response(response(200, inline(cut)))
+
+
 def test_json_nested_deeper_than_python_goes_is_a_typed_error() -> None:
     deep = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(errors.ResponseFormatError, match="not readable JSON"):

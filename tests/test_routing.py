@@ -142,6 +142,19 @@ def test_retries_wait_for_retry_after_or_back_off() -> None:
     assert log == ["laozhang", "apiyi"]
 
 
+def test_retry_pauses_double_but_never_past_the_longest_wait() -> None:
+    refused = errors.TransportError("refused", provider="laozhang", sent=False)
+    policy = RoutingPolicy(retries=5, backoff=4.0, max_retry_wait=10.0)
+    log, _ = drive(["laozhang", "apiyi"], {"laozhang": [refused] * 6, "apiyi": ["ok"]}, policy)
+    assert [entry for entry in log if entry.startswith("wait")] == [
+        "wait 4",
+        "wait 8",
+        "wait 10",
+        "wait 10",
+        "wait 10",
+    ]
+
+
 def test_cheapest_orders_by_price_and_skips_what_the_limits_refuse() -> None:
     prices = {("aimlapi", "flux-2-pro"): PerCall(usd=0.01)}
     log, routed = drive(

@@ -229,6 +229,15 @@ def parse_error(provider: str, response: HttpResponse) -> ProviderError:
             code=code,
             retry_after=retry_after(response.header("retry-after")),
         )
+    if status < 400:
+        # A redirect (never followed: it would send the paid POST again) or an informational
+        # status: neither success nor a refusal, so the job may have been done.
+        return ResponseFormatError(
+            "the provider answered with neither success nor an error",
+            provider=provider,
+            status_code=status,
+            excerpt=detail,
+        )
     kind = _classify(status, code, detail)
     return kind(
         _MESSAGES[kind], provider=provider, status_code=status, detail=detail or None, code=code
