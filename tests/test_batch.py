@@ -18,7 +18,7 @@ import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, errors
 from flux_adapters._journal import JOURNAL_NAME, JobState, Journal, JsonLines, read_lines
-from flux_adapters.result import BatchItem
+from flux_adapters.result import BatchItem, ResultImage
 from tests.conftest import image_bytes
 
 KEY = "sk-test-0123456789abcdef"
@@ -117,7 +117,8 @@ def test_one_bad_answer_never_stops_the_others_and_is_never_sent_again(tmp_path:
         assert items[name].status == "unconfirmed", name  # sent: it may have been billed
         assert isinstance(items[name].error, kind), (name, items[name].error)
         assert not list(tmp_path.glob(f"{name}.*")), name  # nothing saved under its name
-    assert "unexpected RuntimeError" in str(items["bug"].error)
+    assert isinstance(items["bug"].error, errors.TransportError)  # typed at the transport
+    assert "RuntimeError: a bug in some transport" in str(items["bug"].error)
     assert all(count == 1 for count in provider.posts.values())
 
     again = by_name(batch(provider, prompts, tmp_path, names=prompts))
@@ -128,6 +129,24 @@ def test_one_bad_answer_never_stops_the_others_and_is_never_sent_again(tmp_path:
 
     batch(provider, prompts, tmp_path, names=prompts, resend_unconfirmed=True)
     assert {name for name, count in provider.posts.items() if count == 2} == set(expected)
+
+
+def test_a_bug_in_one_job_is_contained_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ResultImage.save_async
+
+    async def buggy(self: ResultImage, path: Any, *, add_suffix: bool = False) -> Path:
+        if "broken" in str(self.url):
+            raise KeyError("a bug while saving")
+        return await real(self, path, add_suffix=add_suffix)
+
+    monkeypatch.setattr(ResultImage, "save_async", buggy)
+    provider = Provider()
+    items = by_name(batch(provider, ["broken", "fine"], tmp_path, names=["broken", "fine"]))
+    assert items["fine"].status == "ok"
+    assert items["broken"].status == "unconfirmed"  # answered, so billed: never sent again
+    assert "unexpected KeyError" in str(items["broken"].error)
 
 
 def test_jobs_provably_not_taken_are_sent_again(tmp_path: Path) -> None:
