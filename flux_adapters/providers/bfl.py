@@ -1,0 +1,148 @@
+"""Black Forest Labs' own API: submit a job, poll it until it is ready, download the sample.
+
+Documents: https://docs.bfl.ai/flux_2/flux2_image_editing (FLUX.2), the model API references
+under https://docs.bfl.ai/api-reference/models/ (FLUX.2, FLUX.1 Kontext),
+https://docs.bfl.ml/api-reference/utility/get-result.md (polling) and
+https://docs.bfl.ml/api_integration/errors.md (statuses and HTTP errors).
+
+Wire shape: ``POST {base}/v1/<model>`` (``flux-2-pro`` ... ``flux-kontext-max``) with JSON and
+the key in ``x-key``; reference images are ``input_image``, ``input_image_2`` .. ``input_image_8``
+(a URL, or base64 without a ``data:`` prefix). The answer is ``{id, polling_url, cost, input_mp,
+output_mp}``: ``cost`` in credits, 1 credit = $0.01. ``GET polling_url`` (with ``x-key``) answers
+``{id, status, result}`` until ``status`` is ``Ready``, with ``result.sample`` a signed URL that
+lives 10 minutes.
+
+Quirks:
+- "Always use the polling_url returned": it may be on another host than the submit
+  (``api.eu2.bfl.ai``, ``gateway.bfl.ai``), so the key may go to ``*.bfl.ai`` over https.
+- Statuses: ``Pending``, ``Ready``, ``Request Moderated`` and ``Content Moderated`` ("not
+  charged"), ``Error`` (processing failed), ``Task not found`` (unknown or expired id).
+- HTTP 402 insufficient credits, 403 the key lacks access, 422 invalid body, 429 over the
+  concurrency limit ("retry once a previous task finishes"), 500 and 503 "retry with backoff".
+- Regional base URLs: ``https://api.bfl.ai`` (global, fails over between clusters),
+  ``https://api.eu.bfl.ai``, ``https://api.us.bfl.ai``.
+- There is no cancel endpoint: a job past the deadline is left to finish (and be billed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from flux_adapters.limits import (
+    IMAGE_KINDS,
+    MB,
+    MEGAPIXEL,
+    ImageRule,
+    IntRange,
+    ModelLimits,
+    NumberRange,
+    RatioRule,
+    SizeRule,
+)
+from flux_adapters.prices import PerCall, PerMegapixel, Price
+
+__all__ = ["LIMITS", "PRICES"]
+
+_EDITING: Final = "https://docs.bfl.ai/flux_2/flux2_image_editing"
+_SPECS: Final = "https://help.bfl.ai/articles/4029171097-flux-2-technical-specifications"
+_KLEIN: Final = "https://docs.bfl.ai/api-reference/models/generate-or-edit-an-image-with-flux2-[klein]-9b-preview"
+_KONTEXT: Final = (
+    "https://docs.bfl.ml/api-reference/tasks/edit-or-create-an-image-with-flux-kontext-max"
+)
+_SDK: Final = "https://github.com/black-forest-labs/blackforest (src/bfl/_models.py)"
+_PRICING: Final = (
+    "https://docs.bfl.ai/quick_start/pricing.md; "
+    "https://github.com/black-forest-labs/skills (skills/bfl-api/SKILL.md)"
+)
+
+# BFL documents no per-image byte limit for FLUX.2; its SDK's image validator refuses over
+# 20 MB or 20 MP, the same limits the resellers document for this upstream.
+_IMAGES: Final = ImageRule(
+    kinds=frozenset(IMAGE_KINDS),
+    max_bytes=20 * MB,
+    max_pixels=20_000_000,
+    formats=frozenset({"png", "jpeg", "webp"}),
+)
+# "min 64; multiples of 16; max 4 MP total. Omit them and the model picks the size."
+_SIZES: Final = SizeRule(multiple=16, min_side=64, max_pixels=4 * MEGAPIXEL)
+# Kontext: the API reference says "between 21:9 and 9:21" (its text-to-image guide says 3:7 to
+# 7:3, the SDK 1:4 to 4:1); the API reference is what the endpoint documents.
+_KONTEXT_RATIOS: Final = RatioRule(narrowest=(9, 21), widest=(21, 9))
+# FLUX.2 flex only: steps 1..50; guidance 1.5..10 (the SDK's bounds).
+_FLEX_STEPS: Final = IntRange(1, 50)
+_FLEX_GUIDANCE: Final = NumberRange(1.5, 10)
+
+_MAX_IMAGES: Final = {
+    "flux-2-pro": 8,
+    "flux-2-max": 8,
+    "flux-2-flex": 8,
+    "flux-2-klein-4b": 4,
+    # The docs and the preview API page say 4 ("like Pro but max 4 images"); the SDK's catalog
+    # says 5. We follow the documents: a fifth image may be refused, a fourth never is.
+    "flux-2-klein-9b": 4,
+}
+
+
+def _flux2(model: str) -> ModelLimits:
+    klein = "klein" in model
+    return ModelLimits(
+        provider="bfl",
+        model=model,
+        wire_model=model,
+        images=IntRange(0, _MAX_IMAGES[model]),
+        sizes=_SIZES,
+        ratios=None,
+        image=_IMAGES,
+        # Public docs: 0 (strict) to 5; 6 and 7 need an allowlisted organisation (the SDK).
+        safety_tolerance=IntRange(0, 5),
+        # The SDK: "FLUX.2 [klein] has no upsampling control".
+        prompt_upsampling=not klein,
+        output_formats=("jpeg", "png", "webp"),
+        steps=_FLEX_STEPS if model == "flux-2-flex" else None,
+        guidance=_FLEX_GUIDANCE if model == "flux-2-flex" else None,
+        source=f"{_EDITING}; {_SPECS}; {_KLEIN}; {_SDK}",
+    )
+
+
+def _kontext(model: str) -> ModelLimits:
+    return ModelLimits(
+        provider="bfl",
+        model=model,
+        wire_model=model,
+        # input_image_2..4 are "Experimental Multiref": only the one documented image is offered.
+        images=IntRange(0, 1),
+        sizes=None,
+        ratios=_KONTEXT_RATIOS,
+        image=_IMAGES,
+        safety_tolerance=IntRange(0, 6),  # the Kontext API reference: 0..6, default 2
+        prompt_upsampling=True,
+        output_formats=("jpeg", "png"),
+        source=_KONTEXT,
+    )
+
+
+LIMITS: Final[Mapping[str, ModelLimits]] = {
+    **{model: _flux2(model) for model in _MAX_IMAGES},
+    "flux-kontext-pro": _kontext("flux-kontext-pro"),
+    "flux-kontext-max": _kontext("flux-kontext-max"),
+}
+
+
+def _per_mp(first: float, extra: float) -> PerMegapixel:
+    # (firstMP + (outputMP - 1) * mpPrice) + inputMP * mpPrice: each input MP at the extra rate.
+    return PerMegapixel(
+        usd_first=first, usd_extra=extra, usd_input=extra, source=_PRICING, as_of="2026-11-22"
+    )
+
+
+PRICES: Final[Mapping[str, Price]] = {
+    "flux-2-pro": _per_mp(0.03, 0.015),
+    "flux-2-max": _per_mp(0.07, 0.03),
+    "flux-2-flex": _per_mp(0.05, 0.05),
+    "flux-2-klein-4b": _per_mp(0.014, 0.001),
+    "flux-2-klein-9b": _per_mp(0.015, 0.002),
+    "flux-kontext-pro": PerCall(usd=0.04, source=_PRICING, as_of="2026-11-22"),
+    "flux-kontext-max": PerCall(usd=0.08, source=_PRICING, as_of="2026-11-22"),
+}
+"""BFL's documented prices, used when a job's reported cost is not known (credits are)."""
