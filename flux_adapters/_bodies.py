@@ -23,7 +23,7 @@ from flux_adapters.wire import ImageValue, JsonBody, JsonValue
 _READ_SIZE: Final = 3 * 256 * 1024
 _TEXT_SLICE: Final = 1024 * 1024
 
-Segment = bytes | LocalImage
+Segment = bytes | ImageValue
 
 
 @functools.cache
@@ -50,24 +50,34 @@ def _prefix(image: LocalImage) -> bytes:
 
 def data_url(image: LocalImage) -> str:
     """Return *image* as a complete ``data:`` URL string (in memory)."""
+    return image_text(ImageValue(image))
+
+
+def image_text(value: ImageValue) -> str:
+    """Return the text *value* is sent as: a data URL, or plain base64 (in memory)."""
+    if isinstance(value.image, DataUrlImage) and not value.bare:
+        return value.image.data_url
+    return b"".join(_image_chunks(value)).decode("ascii")
+
+
+def _image_length(value: ImageValue) -> int:
+    image = value.image
     if isinstance(image, DataUrlImage):
-        return image.data_url
-    return b"".join(_data_url_chunks(image)).decode("ascii")
+        return len(image.data_url) - (image.payload_offset if value.bare else 0)
+    prefix = 0 if value.bare else len(_prefix(image))
+    return prefix + 4 * -(-image.info.byte_size // 3)
 
 
-def _data_url_length(image: LocalImage) -> int:
-    if isinstance(image, DataUrlImage):
-        return len(image.data_url)
-    return len(_prefix(image)) + 4 * -(-image.info.byte_size // 3)
-
-
-def _data_url_chunks(image: LocalImage) -> Iterator[bytes]:
+def _image_chunks(value: ImageValue) -> Iterator[bytes]:
+    image = value.image
     if isinstance(image, DataUrlImage):
         text = image.data_url
-        for start in range(0, len(text), _TEXT_SLICE):
-            yield text[start : start + _TEXT_SLICE].encode("ascii")
+        start = image.payload_offset if value.bare else 0
+        for offset in range(start, len(text), _TEXT_SLICE):
+            yield text[offset : offset + _TEXT_SLICE].encode("ascii")
         return
-    yield _prefix(image)
+    if not value.bare:
+        yield _prefix(image)
     if isinstance(image, FileImage):
         sent = 0
         encode = _b64encode()
@@ -101,7 +111,7 @@ def _encode_scalar(value: JsonValue) -> bytes:
 
 def _flatten(value: JsonValue, out: list[Segment]) -> None:
     if isinstance(value, ImageValue):
-        out += [b'"', value.image, b'"']
+        out += [b'"', value, b'"']
     elif isinstance(value, dict):
         out.append(b"{")
         for index, (key, item) in enumerate(value.items()):
@@ -147,7 +157,7 @@ def json_segments(body: JsonBody) -> list[Segment]:
 
 def segments_length(segments: list[Segment]) -> int:
     """The exact number of bytes *segments* encode to."""
-    return sum(len(s) if isinstance(s, bytes) else _data_url_length(s) for s in segments)
+    return sum(len(s) if isinstance(s, bytes) else _image_length(s) for s in segments)
 
 
 def _segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
@@ -155,7 +165,7 @@ def _segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
         if isinstance(segment, bytes):
             yield segment
         else:
-            yield from _data_url_chunks(segment)
+            yield from _image_chunks(segment)
 
 
 class StreamedJson(httpx.SyncByteStream, httpx.AsyncByteStream):

@@ -5,15 +5,19 @@ socket, a file handle or the API key. The client adds credentials, turns the bod
 into a streamed httpx body and sends it.
 
 A body is a description, not bytes: `JsonBody` may hold `ImageValue` leaves (a local image to be
-written as a base64 data URL while sending) and `MultipartBody` names the local images to upload,
-so a 20 MB image is streamed from disk rather than copied into memory.
+written as base64, as a data URL or bare, while sending) and `MultipartBody` names the local
+images to upload, so a 20 MB image is streamed from disk rather than copied into memory.
+
+A request carries its role in a job (``submit``, ``poll``, ``fetch``, ``cancel``): only a submit
+can be billed, which is how the client judges billing per job rather than per exchange. A flow
+may also ask the client to wait (`Sleep`) between exchanges.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Final, TypeAlias
+from typing import Final, Literal, TypeAlias
 
 from attrs import frozen
 
@@ -30,6 +34,8 @@ __all__ = [
     "JsonBody",
     "JsonValue",
     "MultipartBody",
+    "Role",
+    "Sleep",
     "json_image",
 ]
 
@@ -45,9 +51,16 @@ for the JSON around it. A larger answer is a ``ResponseFormatError``."""
 
 @frozen
 class ImageValue:
-    """A local image that goes into a JSON body as a ``data:`` URL string."""
+    """A local image that goes into a JSON body as base64 text.
+
+    Attributes:
+        image: The image.
+        bare: Plain base64 (``iVBOR...``) rather than a ``data:image/...;base64,`` URL, for
+            providers that document "a base64 encoded image" (Black Forest Labs).
+    """
 
     image: LocalImage
+    bare: bool = False
 
 
 JsonValue: TypeAlias = (
@@ -55,9 +68,12 @@ JsonValue: TypeAlias = (
 )
 
 
-def json_image(image: ImageInput) -> JsonValue:
-    """The JSON value for a reference image: a URL as it is, a local image as a data URL."""
-    return image.url if isinstance(image, UrlImage) else ImageValue(image)
+def json_image(image: ImageInput, *, bare: bool = False) -> JsonValue:
+    """The JSON value for a reference image: a URL as it is, a local image as base64.
+
+    With *bare*, a local image is plain base64 (no ``data:`` prefix).
+    """
+    return image.url if isinstance(image, UrlImage) else ImageValue(image, bare)
 
 
 @frozen
@@ -67,16 +83,20 @@ class JsonBody:
     value: dict[str, JsonValue]
 
     def materialize(self) -> dict[str, object]:
-        """Return the body as plain JSON data, with images written out as data URLs.
+        """Return the body as plain JSON data, with images written out as base64 text.
 
-        This builds every data URL in memory: meant for tests and small bodies.
+        This builds every image's text in memory: meant for tests and small bodies.
         """
-        from flux_adapters._bodies import data_url  # the encoder lives with the streaming code
+        from flux_adapters._bodies import image_text  # the encoder lives with the streaming code
 
-        return self.map_images(data_url)
+        return self.map_values(image_text)
 
     def map_images(self, replace: Callable[[LocalImage], object]) -> dict[str, object]:
         """Return the body as plain data, with each image leaf replaced by ``replace(image)``."""
+        return self.map_values(lambda value: replace(value.image))
+
+    def map_values(self, replace: Callable[[ImageValue], object]) -> dict[str, object]:
+        """Return the body as plain data, with each `ImageValue` replaced by ``replace(value)``."""
         return {key: _map_images(item, replace) for key, item in self.value.items()}
 
 
@@ -97,21 +117,36 @@ class MultipartBody:
     files: tuple[FilePart, ...]
 
 
+Role: TypeAlias = Literal["submit", "poll", "fetch", "cancel"]
+"""What an exchange is to a job: ``submit`` (the one that can be billed), ``poll`` (its status),
+``fetch`` (its result), ``cancel``. The last three are free and may be repeated."""
+
+
 @frozen(kw_only=True)
 class HttpRequest:
     """One HTTP request an adapter wants sent. Holds no credentials.
 
     Attributes:
-        method: ``"POST"`` or ``"GET"``.
+        method: ``"POST"``, ``"GET"``, ``"PUT"``...
         url: The full URL.
         body: What to send, or ``None``.
         headers: Extra headers (the client adds authentication and the content type).
+        role: What the exchange is to its job (`Role`); a synchronous provider's one request is
+            its ``submit``.
     """
 
     method: str
     url: str
     body: JsonBody | MultipartBody | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    role: Role = "submit"
+
+
+@frozen
+class Sleep:
+    """A flow asks the client to wait *seconds* before its next exchange (answered with None)."""
+
+    seconds: float
 
 
 @frozen(kw_only=True)
@@ -139,9 +174,9 @@ class HttpResponse:
         return json.loads(self.content)
 
 
-def _map_images(value: JsonValue, replace: Callable[[LocalImage], object]) -> object:
+def _map_images(value: JsonValue, replace: Callable[[ImageValue], object]) -> object:
     if isinstance(value, ImageValue):
-        return replace(value.image)
+        return replace(value)
     if isinstance(value, dict):
         return {key: _map_images(item, replace) for key, item in value.items()}
     if isinstance(value, list):
