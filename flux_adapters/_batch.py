@@ -11,7 +11,9 @@ With an output folder, the journal (``flux_adapters._journal``) records each job
 - saved (its files are on disk and are images): skipped, unless ``force``;
 - its request changed since it was sent: reported ``changed``, unless ``force``;
 - may have been billed, no image saved: its result URLs (if any) are downloaded again, free;
-  otherwise reported ``unconfirmed`` and not sent unless ``resend_unconfirmed``;
+  else a job an asynchronous provider accepted (its id is journaled durably the moment it is
+  accepted) is polled again, free; otherwise reported ``unconfirmed`` and not sent unless
+  ``resend_unconfirmed``;
 - never sent, or provably not taken (or refused) every time: sent.
 """
 
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Final
 
 from flux_adapters._display import render_value, type_name
 from flux_adapters._files import remove_partial_files
+from flux_adapters._flows import Outcome
 from flux_adapters._journal import (
     JobState,
     Journal,
@@ -35,14 +38,23 @@ from flux_adapters._journal import (
     request_digest,
 )
 from flux_adapters._options import is_number
-from flux_adapters.errors import ConfigurationError, FluxError, OutputError, RequestError, Violation
+from flux_adapters.errors import (
+    ConfigurationError,
+    FluxError,
+    JobError,
+    JobTimeout,
+    OutputError,
+    RequestError,
+    Violation,
+)
+from flux_adapters.jobs import Job
 from flux_adapters.request import EditRequest
 from flux_adapters.result import BatchItem, BatchStatus, EditResult, ResultImage
 from flux_adapters.routing import billing_rule
 
 if TYPE_CHECKING:
-    from flux_adapters._flows import Outcome
     from flux_adapters.client import AsyncFluxClient
+    from flux_adapters.providers import Answer
 
 __all__ = ["file_key", "run_batch"]
 
@@ -107,7 +119,7 @@ def _numbered(
 
 def _finished_record(
     provider: str,
-    reply: Outcome | FluxError,
+    reply: Outcome | Answer | FluxError,
     not_taken: Mapping[int, str] | None,
     key_only: Callable[[str], str],
 ) -> dict[str, object]:
@@ -119,14 +131,18 @@ def _finished_record(
     """
     if isinstance(reply, FluxError):
         rule = billing_rule(reply, not_taken)
-        return {
+        record: dict[str, object] = {
             "k": "attempt",
             "p": provider,
             "b": rule.name,
             "proves": rule.proves,
             "e": f"{type(reply).__name__}: {reply}"[:300],
         }
-    urls = [image.url for image in reply.answer.images if image.url]
+        if isinstance(reply, JobError) and not isinstance(reply, JobTimeout):
+            record["over"] = True  # the provider ended the job: a rerun has nothing to poll
+        return record
+    answer = reply.answer if isinstance(reply, Outcome) else reply
+    urls = [image.url for image in answer.images if image.url]
     return {"k": "answered", "p": provider, "urls": [url for url in urls if key_only(url) == url]}
 
 
@@ -148,10 +164,18 @@ class _JobWatcher:
             )  # fmt: skip
             raise
 
+    async def accepted(self, provider: str, job: Job) -> None:
+        record = {"p": provider, "job": job.to_dict()}
+        try:
+            await self._journal.durable(self._job, "job", **record)
+        except asyncio.CancelledError:
+            self._journal.note(self._job, "job", **record)  # written, if not yet synced
+            raise
+
     def finished(
         self,
         provider: str,
-        reply: Outcome | FluxError,
+        reply: Outcome | Answer | FluxError,
         not_taken: Mapping[int, str] | None,
         key_only: Callable[[str], str],
     ) -> None:
@@ -172,10 +196,13 @@ class _MemoryWatcher:
     async def sending(self, provider: str) -> None:
         self._state.fold({"k": "sent", "p": provider})
 
+    async def accepted(self, provider: str, job: Job) -> None:
+        self._state.fold({"k": "job", "p": provider, "job": job.to_dict()})
+
     def finished(
         self,
         provider: str,
-        reply: Outcome | FluxError,
+        reply: Outcome | Answer | FluxError,
         not_taken: Mapping[int, str] | None,
         key_only: Callable[[str], str],
     ) -> None:
@@ -342,6 +369,10 @@ class _Batch:
             recovered, failure = await self._download_again(name, state)
             if recovered:
                 return item("ok", saved=recovered, reason="downloaded again from its result URL")
+            if state.job is not None:
+                self.started.add(index)
+                resumed = await self.client._resume(state.job, _JobWatcher(journal, name))
+                return await self._save(name, resumed, item, f"job {state.job.id} polled again")
             if not self.resend_unconfirmed:
                 why = failure or state.why_unconfirmed
                 return item("unconfirmed", reason=f"may have been billed, no image saved: {why}")
@@ -349,6 +380,15 @@ class _Batch:
         journal.note(name, "accepted", d=digest, **({"old": before} if before else {}))
         self.started.add(index)
         result: EditResult = await self.client._edit(request, _JobWatcher(journal, name))
+        return await self._save(name, result, item)
+
+    async def _save(
+        self, name: str, result: EditResult, item: _ItemMaker, reason: str = ""
+    ) -> BatchItem:
+        """Save *result*'s images as job *name*'s, and journal them."""
+        assert self.journal is not None
+        assert self.folder is not None
+        journal, folder = self.journal, self.folder
         try:
             saved = await _save_all(result.images, folder, name)
         except FluxError as error:
@@ -364,7 +404,7 @@ class _Batch:
                 reason=f"answered (billed), but its image could not be saved; {why}",
             )
         journal.note(name, "saved", files=[path.name for path in saved])
-        return item("ok", result=result, saved=saved)
+        return item("ok", result=result, saved=saved, reason=reason)
 
     async def _download_again(self, name: str, state: JobState) -> tuple[tuple[Path, ...], str]:
         """Save an answered job's images from their URLs, if they still work (it costs nothing).

@@ -1,16 +1,21 @@
 """Render an `HttpRequest` as the provider would receive it, for ``flux-adapters explain``.
 
-The key is shown as ``[redacted]``; images are abbreviated to their start, kind and size, so the
+The key is shown where the adapter sends it (``Authorization: Bearer``, ``x-key``, a query
+parameter), as ``[redacted]``; images are abbreviated to their start, kind and size, so the
 output stays readable and never holds a whole image.
 """
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from flux_adapters._bodies import json_segments, segments_length
-from flux_adapters.request import DataUrlImage, FileImage, LocalImage
-from flux_adapters.wire import HttpRequest, JsonBody, MultipartBody
+from flux_adapters.request import DataUrlImage, FileImage
+from flux_adapters.wire import HttpRequest, ImageValue, JsonBody, MultipartBody
+
+if TYPE_CHECKING:
+    from flux_adapters.providers import KeyAuth
 
 __all__ = ["render"]
 
@@ -23,20 +28,30 @@ def _size(byte_count: int) -> str:
     )
 
 
-def _image(image: LocalImage) -> str:
+def _image(value: ImageValue) -> str:
+    image = value.image
     info = image.info
     source = f" from {image.path.name}" if isinstance(image, FileImage) else ""
     dimensions = f"{info.width}x{info.height} " if info.width else ""
-    if isinstance(image, DataUrlImage):
+    if value.bare:
+        head = "<plain base64>"
+    elif isinstance(image, DataUrlImage):
         head = image.data_url[: image.payload_offset + 12]
     else:
         head = f"data:{info.media_type};base64,"
     return f"{head}… <{dimensions}{info.format}, {_size(info.byte_size)}{source}>"
 
 
-def render(request: HttpRequest) -> str:
-    """The request line, headers and body, with the key redacted and images abbreviated."""
-    lines = [f"{request.method} {request.url}", "Authorization: Bearer [redacted]"]
+def render(request: HttpRequest, auth: KeyAuth) -> str:
+    """The request line, headers and body; the key, sent as *auth* says, redacted.
+
+    Images are abbreviated to their start, kind and size.
+    """
+    if auth.header is None:
+        joiner = "&" if "?" in request.url else "?"
+        lines = [f"{request.method} {request.url}{joiner}{auth.describe()[1:]}"]
+    else:
+        lines = [f"{request.method} {request.url}", auth.describe()]
     lines += [f"{name}: {value}" for name, value in request.headers]
     body = request.body
     if isinstance(body, JsonBody):
@@ -44,7 +59,7 @@ def render(request: HttpRequest) -> str:
             "Content-Type: application/json",
             f"Content-Length: {segments_length(json_segments(body))}",
             "",
-            json.dumps(body.map_images(_image), indent=2, ensure_ascii=False),
+            json.dumps(body.map_values(_image), indent=2, ensure_ascii=False),
         ]
     elif isinstance(body, MultipartBody):
         lines += ["Content-Type: multipart/form-data; boundary=<random>", ""]

@@ -1,42 +1,83 @@
 """Interaction patterns, each written once as a generator the sync and async clients both drive.
 
-A flow yields the `HttpRequest` it wants sent and receives the `HttpResponse`, the way httpx's
-``Auth.auth_flow`` does; it returns its outcome through ``StopIteration``. It does no I/O, so
-every provider limit is enforced before the first request is yielded.
+A flow yields what it wants done and receives the outcome, the way httpx's ``Auth.auth_flow``
+does: an `HttpRequest` (answered with its `HttpResponse`, or a transport failure thrown into the
+flow), a `Sleep` (answered with ``None``), or `Accepted` (a job was accepted: the client records
+it; answered with ``None``). It returns its outcome through ``StopIteration``. It does no I/O,
+so every provider limit is enforced before the first request is yielded.
+
+- `edit_flow`: a synchronous provider, one call.
+- `job_flow`: an asynchronous provider (`flux_adapters.jobs`): submit, then `follow_job`.
+- `follow_job`: poll an accepted job until it is done, fetch its result, cancel it at the
+  deadline or when the caller stops waiting; also how ``client.resume(job)`` picks a job up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import random
+import time
+from collections.abc import Callable, Generator
+from typing import Final, TypeAlias, TypeVar
 
+import attrs
 from attrs import frozen
 
 from flux_adapters._display import render_value, type_name
 from flux_adapters._redact import redact
 from flux_adapters.errors import (
     FluxError,
+    JobError,
+    JobNotFound,
+    JobTimeout,
     ProviderError,
     RequestError,
     ResponseFormatError,
+    TransportError,
     Violation,
 )
+from flux_adapters.jobs import Accepted, Done, Job, JobAdapter, Pending, Polling, StopJob
 from flux_adapters.limits import Plan, plan
-from flux_adapters.providers import Adapter, Answer, get_adapter
+from flux_adapters.providers import Adapter, Answer, AnyAdapter, get_adapter
 from flux_adapters.request import EditRequest
-from flux_adapters.wire import HttpRequest, HttpResponse
+from flux_adapters.wire import HttpRequest, HttpResponse, Role, Sleep
 
-__all__ = ["Flow", "Outcome", "check", "edit_flow", "resolve"]
+__all__ = [
+    "Flow",
+    "Instruction",
+    "Outcome",
+    "check",
+    "edit_flow",
+    "first_request",
+    "flow_for",
+    "follow_job",
+    "job_flow",
+    "resolve",
+]
+
+_T = TypeVar("_T")
 
 
 @frozen
 class Outcome:
-    """What a finished flow produced."""
+    """What a finished flow produced: the plan it sent, the answer, and its job if it had one."""
 
     plan: Plan
     answer: Answer
+    job: Job | None = None
 
 
-Flow = Generator[HttpRequest, HttpResponse, Outcome]
+Instruction: TypeAlias = HttpRequest | Sleep | Accepted
+Flow: TypeAlias = Generator[Instruction, HttpResponse | None, Outcome]
+_Steps: TypeAlias = Generator[Instruction, HttpResponse | None, _T]
+
+_UNREADABLE_POLLS: Final = 3
+"""Polls in a row whose answer cannot be read before the job is given up as unreadable."""
+
+CANCEL_DEADLINE: Final = 10.0
+"""Seconds a cancel may take: it is sent while the caller is giving up, and must not hold them."""
+
+_SHORTEST_EXCHANGE: Final = 0.1
+"""The least time a poll or fetch is given, however close the job's deadline."""
 
 
 def _not_a_request(value: object, provider: str) -> RequestError:
@@ -49,7 +90,7 @@ def _not_a_request(value: object, provider: str) -> RequestError:
     return RequestError([violation], provider=provider)
 
 
-def resolve(adapter: Adapter, request: EditRequest) -> Plan:
+def resolve(adapter: AnyAdapter, request: EditRequest) -> Plan:
     """Check *request* against *adapter*'s limits and resolve it.
 
     Raises:
@@ -88,6 +129,107 @@ def check(request: EditRequest, provider: str) -> tuple[Violation, ...]:
     return ()
 
 
+def is_job_adapter(adapter: object) -> bool:
+    """Whether *adapter* is an asynchronous provider's (`flux_adapters.jobs.JobAdapter`)."""
+    return callable(getattr(adapter, "build_submit", None)) and callable(
+        getattr(adapter, "parse_submit", None)
+    )
+
+
+def first_request(
+    adapter: AnyAdapter, request: EditRequest, plan: Plan, base_url: str
+) -> HttpRequest:
+    """The request *adapter* sends first, the one that may be paid: a job's submit, or the call."""
+    if is_job_adapter(adapter):
+        return adapter.build_submit(request, plan, base_url)  # type: ignore[union-attr]
+    return adapter.build_request(request, plan, base_url)  # type: ignore[union-attr]
+
+
+def flow_for(
+    adapter: AnyAdapter,
+    request: EditRequest,
+    base_url: str,
+    secrets: tuple[str, ...] = (),
+    plan: Plan | None = None,
+    *,
+    polling: Polling | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Flow:
+    """The flow that performs *request* at *adapter*: one call, or a job."""
+    if is_job_adapter(adapter):
+        return job_flow(
+            adapter,  # type: ignore[arg-type]
+            request,
+            base_url,
+            secrets,
+            plan,
+            polling=polling or Polling(),
+            clock=clock,
+        )
+    return edit_flow(adapter, request, base_url, secrets, plan)  # type: ignore[arg-type]
+
+
+def _built(adapter: object, request: EditRequest | None, build: Callable[[], _T]) -> _T:
+    """*build()*, or a `RequestError` in place of an adapter's own exception (not sent).
+
+    *request* is the edit for a submit, ``None`` for a later exchange of an accepted job.
+    """
+    try:
+        return build()
+    except FluxError:
+        raise
+    except Exception as exc:
+        name = str(getattr(adapter, "name", "the adapter"))
+        why = f"{type(exc).__name__}: {str(exc)[:120]}"
+        violation = Violation("request", f"{name} could not build it", "an adapter bug", why)
+        model = request.model if request is not None else None
+        raise RequestError([violation], provider=name, model=model) from exc
+
+
+def _scrubbed(error: ProviderError, status: int, secrets: tuple[str, ...]) -> ProviderError:
+    # The status the provider sent decides what the error proves (routing.billing_rule): an
+    # adapter may not report another, nor turn a billed 2xx or 5xx into a 402 or 429.
+    error.status_code = status
+    if error.detail:
+        error.detail = redact(error.detail, secrets)
+    if error.code:
+        error.code = redact(error.code, secrets)
+    if isinstance(error, ResponseFormatError):
+        error.excerpt = redact(error.excerpt, secrets)
+    return error
+
+
+def _answered(
+    adapter: AnyAdapter,
+    response: HttpResponse,
+    secrets: tuple[str, ...],
+    read: Callable[[], _T],
+) -> _T:
+    """*read()* of a 2xx answer; the typed error of any other, or of an answer *read* fails on.
+
+    An adapter's own exception, or a `FluxError` that is no answer's (a "not sent"
+    `TransportError`, say), becomes a `ResponseFormatError`: the provider did answer, so it is
+    judged by that answer's status, never as "nothing was sent" (which would retry, or send it
+    again later). A `ProviderError` keeps its kind but carries the status really sent.
+    """
+    try:
+        if not 200 <= response.status_code < 300:
+            raise adapter.parse_error(response)
+        return read()
+    except ProviderError as error:
+        raise _scrubbed(error, response.status_code, secrets) from error.__cause__
+    except JobError as error:
+        if error.detail:
+            error.detail = redact(error.detail, secrets)
+        raise
+    except Exception as exc:
+        raise ResponseFormatError(
+            f"the {adapter.name} adapter could not read the answer ({type(exc).__name__})",
+            provider=adapter.name,
+            status_code=response.status_code,
+        ) from exc
+
+
 def edit_flow(
     adapter: Adapter,
     request: EditRequest,
@@ -100,48 +242,270 @@ def edit_flow(
     *plan* is the request already resolved against *adapter*'s limits (the router has one);
     without it the flow resolves the request itself. An adapter (perhaps from another package)
     that fails with an exception of its own gets a typed error in its place: before anything is
-    sent, a `RequestError`; once an answer came, a `ResponseFormatError` (it may be billed),
-    also for a `FluxError` that is not a `ProviderError` (a "not sent" `TransportError`, say).
-    A `ProviderError` keeps its kind but carries the status the provider really sent.
+    sent, a `RequestError`; once an answer came, a `ResponseFormatError` (see `_answered`).
 
     Raises:
         RequestError: Before anything is yielded, when the request breaks the provider's limits.
         ProviderError: The provider answered with an error (details redacted of *secrets*).
     """
     resolved = plan if plan is not None else resolve(adapter, request)
-    try:
-        outgoing = adapter.build_request(request, resolved, base_url)
-    except FluxError:
-        raise
-    except Exception as exc:
-        why = f"{type(exc).__name__}: {str(exc)[:120]}"
-        violation = Violation(
-            "request", f"{adapter.name} could not build it", "an adapter bug", why
-        )
-        raise RequestError([violation], provider=adapter.name, model=request.model) from exc
-    response = yield outgoing
-    try:
-        if not 200 <= response.status_code < 300:
-            raise adapter.parse_error(response)
-        answer = adapter.parse_response(response)
-    except ProviderError as error:
-        # The status the provider sent decides what the error proves (routing.billing_rule):
-        # an adapter may not report another, nor turn a billed 2xx or 5xx into a 402 or 429.
-        error.status_code = response.status_code
-        if error.detail:
-            error.detail = redact(error.detail, secrets)
-        if error.code:
-            error.code = redact(error.code, secrets)
-        if isinstance(error, ResponseFormatError):
-            error.excerpt = redact(error.excerpt, secrets)
-        raise
-    except Exception as exc:
-        # Any other error, typed ones too (an adapter raising RequestError or TransportError
-        # while reading the answer): the provider did answer, so it is judged by that answer's
-        # status, never as "nothing was sent" (which would retry, or send it again later).
-        raise ResponseFormatError(
-            f"the {adapter.name} adapter could not read the answer ({type(exc).__name__})",
-            provider=adapter.name,
-            status_code=response.status_code,
-        ) from exc
+    outgoing = _built(adapter, request, lambda: adapter.build_request(request, resolved, base_url))
+    response = yield attrs.evolve(outgoing, role="submit")
+    assert response is not None
+    answer = _answered(adapter, response, secrets, lambda: adapter.parse_response(response))
     return Outcome(plan=resolved, answer=answer)
+
+
+def job_flow(
+    adapter: JobAdapter,
+    request: EditRequest,
+    base_url: str,
+    secrets: tuple[str, ...] = (),
+    plan: Plan | None = None,
+    *,
+    polling: Polling,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+) -> Flow:
+    """An asynchronous provider's job: submit it, then follow it (`follow_job`).
+
+    The submit is the only exchange that can be billed; once the provider accepted it, the flow
+    yields `Accepted` with the `Job`, and every later error carries it (``error.job``).
+
+    Raises:
+        RequestError: Before anything is yielded, when the request breaks the provider's limits.
+        ProviderError: The submit was refused (details redacted of *secrets*).
+        JobError: The accepted job ended without an image, or passed the deadline.
+    """
+    resolved = plan if plan is not None else resolve(adapter, request)
+    started = clock()
+    submit = _built(adapter, request, lambda: adapter.build_submit(request, resolved, base_url))
+    response = yield attrs.evolve(submit, role="submit")
+    assert response is not None
+    submitted = _answered(adapter, response, secrets, lambda: adapter.parse_submit(response))
+    job = Job(
+        provider=adapter.name,
+        model=resolved.limits.model,
+        id=submitted.id,
+        poll_url=submitted.poll_url,
+        result_url=submitted.result_url,
+        cancel_url=submitted.cancel_url,
+        submitted_at=time.time(),
+        usage=submitted.usage,
+    )
+    yield Accepted(job)
+    answer = yield from follow_job(
+        adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
+    )
+    return Outcome(plan=resolved, answer=answer, job=job)
+
+
+class _Deadline(Exception):
+    """The job's deadline passed (internal to `follow_job`)."""
+
+
+def follow_job(
+    adapter: JobAdapter,
+    job: Job,
+    secrets: tuple[str, ...] = (),
+    *,
+    polling: Polling,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+    started: float | None = None,
+) -> _Steps[Answer]:
+    """Poll *job* until it is done and return its answer (fetching it where it is apart).
+
+    Waits grow from ``polling.first`` by ``polling.factor`` up to ``polling.longest``, each
+    varied by ``polling.jitter``, or follow the provider's ``Retry-After``. A poll or fetch that
+    fails in a way that may pass (a dropped connection, a timeout, a 429, a 5xx) is tried again
+    in place: they are free. At ``polling.deadline`` after *started* (default: now) the job is
+    cancelled where the provider can, and `JobTimeout` raised. `StopJob` thrown in (the caller
+    stopped waiting) cancels it too, then propagates.
+
+    Raises:
+        Moderated, JobFailed, JobNotFound: The job ended without an image.
+        JobTimeout: The deadline passed.
+        ProviderError: A poll or fetch was refused for good (a revoked key, say).
+    """
+    chance = rng or random.Random()
+    begun = clock() if started is None else started
+    ends = begun + polling.deadline
+    wait = polling.first
+    unreadable = 0
+    try:
+        while True:
+            yield from _pause(wait, polling, chance, ends - clock())
+            if clock() >= ends:
+                raise _Deadline
+            poll = _within(
+                _built(adapter, None, lambda: adapter.build_poll(job)), "poll", ends, clock
+            )
+            state = yield from _poll_once(adapter, job, poll, secrets)
+            if isinstance(state, ResponseFormatError):
+                # Maybe a glitch, maybe an adapter that cannot read its provider's statuses:
+                # a few in a row, and the job is given up as unreadable (it may still finish).
+                unreadable += 1
+                if unreadable >= _UNREADABLE_POLLS:
+                    raise state
+                state = Pending()
+            else:
+                unreadable = 0
+            if isinstance(state, Done):
+                if state.answer is not None:
+                    return state.answer
+                return (yield from _fetch(adapter, job, secrets, polling, chance, ends, clock))
+            wait = _next_wait(wait, polling, state)
+    except _Deadline:
+        cancelled = yield from _cancel(adapter, job)
+        timeout = JobTimeout(
+            f"the job did not finish within {polling.deadline:g} s"
+            + ("; it was cancelled" if cancelled else "; it may still finish (resume it)"),
+            provider=adapter.name,
+            job_id=job.id,
+            waited=clock() - begun,
+            cancelled=cancelled,
+        )
+        timeout.job = job
+        raise timeout from None
+    except StopJob:
+        yield from _cancel(adapter, job)
+        raise
+    except FluxError as error:
+        error.job = job
+        raise
+
+
+def _pause(wait: float, polling: Polling, chance: random.Random, left: float) -> _Steps[None]:
+    spread = wait * polling.jitter
+    pause = max(0.0, min(wait + chance.uniform(-spread, spread), left))
+    yield Sleep(pause)
+
+
+def _next_wait(wait: float, polling: Polling, state: Pending | None) -> float:
+    if state is not None and state.retry_after is not None:
+        return max(0.0, state.retry_after)
+    return min(polling.longest, wait * polling.factor)
+
+
+def _within(
+    request: HttpRequest, role: Role, ends: float, clock: Callable[[], float]
+) -> HttpRequest:
+    """*request* marked as *role* (whatever the adapter said), to end by the job's deadline."""
+    return attrs.evolve(request, role=role, deadline=max(_SHORTEST_EXCHANGE, ends - clock()))
+
+
+def _poll_once(
+    adapter: JobAdapter, job: Job, request: HttpRequest, secrets: tuple[str, ...]
+) -> _Steps[Pending | Done | ResponseFormatError]:
+    """One poll's state: `Done`, `Pending` (also after a failure that may pass), or an error.
+
+    The error is the `ResponseFormatError` of a success answer that could not be read.
+    """
+    try:
+        response = yield request
+    except TransportError:
+        return Pending()  # a poll is free: try again after the usual wait
+    assert response is not None
+    retry = _transient(response)
+    if retry is not None:
+        return retry
+    if response.status_code in (404, 410):
+        raise JobNotFound(
+            f"the provider does not know the job (HTTP {response.status_code})",
+            provider=adapter.name,
+            job_id=job.id,
+        )
+    try:
+        return _answered(adapter, response, secrets, lambda: adapter.parse_poll(response, job))
+    except ResponseFormatError as error:
+        if not 200 <= response.status_code < 300:
+            raise
+        return error
+
+
+def _job_failure(
+    adapter: JobAdapter, response: HttpResponse, job: Job, secrets: tuple[str, ...]
+) -> JobError | None:
+    """The job's own failure in an error answer to its result fetch (`JobAdapter.job_failure`)."""
+    if 200 <= response.status_code < 300:
+        return None
+    try:
+        failed = adapter.job_failure(response, job)
+    except Exception:  # an adapter that cannot tell: the answer is judged by its status
+        return None
+    if not isinstance(failed, JobError):
+        return None
+    if failed.detail:
+        failed.detail = redact(failed.detail, secrets)
+    return failed
+
+
+def _transient(response: HttpResponse) -> Pending | None:
+    """A `Pending` to wait on for an answer that may pass (408, 429, 5xx), else ``None``."""
+    status = response.status_code
+    if status not in (408, 429) and not 500 <= status < 600:
+        return None
+    from flux_adapters.providers._images_api import retry_after
+
+    return Pending(retry_after=retry_after(response.header("retry-after")))
+
+
+def _fetch(
+    adapter: JobAdapter,
+    job: Job,
+    secrets: tuple[str, ...],
+    polling: Polling,
+    chance: random.Random,
+    ends: float,
+    clock: Callable[[], float],
+) -> _Steps[Answer]:
+    """Fetch a finished job's result, trying again in place after failures that may pass."""
+    wait = polling.first
+    while True:
+        built = _built(adapter, None, lambda: adapter.build_fetch(job))
+        if built is None:
+            raise ResponseFormatError(
+                "the job is done, and its answer holds no result to fetch",
+                provider=adapter.name,
+                status_code=200,
+            )
+        try:
+            response = yield _within(built, "fetch", ends, clock)
+        except TransportError:
+            response = None
+        if response is not None:
+            failed = _job_failure(adapter, response, job, secrets)
+            if failed is not None:
+                raise failed
+            retry = _transient(response)
+            if retry is None:
+                return _answered(
+                    adapter, response, secrets, _reader(adapter.parse_fetch, response, job)
+                )
+            wait = _next_wait(wait, polling, retry)
+        yield from _pause(wait, polling, chance, ends - clock())
+        if clock() >= ends:
+            raise _Deadline
+
+
+def _reader(
+    read: Callable[[HttpResponse, Job], _T], response: HttpResponse, job: Job
+) -> Callable[[], _T]:
+    return lambda: read(response, job)
+
+
+def _cancel(adapter: JobAdapter, job: Job) -> _Steps[bool | None]:
+    """Ask the provider to cancel *job*: ``True`` accepted, ``False`` refused, ``None`` no cancel."""
+    try:
+        request = adapter.build_cancel(job)
+    except Exception:  # an adapter bug must not hide why the job is being given up
+        return False
+    if request is None:
+        return None
+    try:
+        response = yield attrs.evolve(request, role="cancel", deadline=CANCEL_DEADLINE)
+    except TransportError:
+        return False
+    assert response is not None
+    return 200 <= response.status_code < 300

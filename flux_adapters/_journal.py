@@ -45,6 +45,7 @@ import attrs
 from attrs import define, field
 
 from flux_adapters.errors import ConfigurationError, OutputError
+from flux_adapters.jobs import Job
 from flux_adapters.request import BytesImage, DataUrlImage, EditRequest, FileImage, UrlImage
 
 __all__ = [
@@ -112,6 +113,8 @@ class JobState:
         open_sends: Providers sent to with no answer or failure recorded (a crash, a cancel).
         billed: Some provider may have billed it (an ambiguous failure, or an answer).
         urls: Result URLs of the last answer, to download again.
+        job: The job an asynchronous provider accepted for it and has not ended: a rerun
+            polls it (`AsyncFluxClient.resume`) rather than paying for another.
         files: The image files saved, when it was saved.
         note: The last thing that went wrong, in words.
     """
@@ -121,6 +124,7 @@ class JobState:
     open_sends: list[str] = field(factory=list)
     billed: bool = False
     urls: list[str] = field(factory=list)
+    job: Job | None = None
     files: list[str] = field(factory=list)
     note: str = ""
 
@@ -140,12 +144,16 @@ class JobState:
                 # Another request under this name (forced): what was known is of the old one,
                 # whose answer's URLs are not this request's image.
                 self.open_sends, self.billed, self.urls, self.note = [], False, [], ""
+                self.job = None
             self.digest = digest
             self.files = []
             before = record.get("old", {})
             self.before = before if _is_string_map(before) else {}
         elif kind == "sent":
             self.open_sends.append(provider)
+        elif kind == "job":
+            job = record.get("job")
+            self.job = Job.from_dict(job) if isinstance(job, dict) else None
         elif kind in ("attempt", "answered"):
             if provider in self.open_sends:
                 self.open_sends.remove(provider)
@@ -156,6 +164,8 @@ class JobState:
             else:
                 self.billed = self.billed or record.get("proves") == "may be billed"
                 self.note = str(record.get("e", ""))[:300]
+                if record.get("over") is True:  # the provider ended the job: nothing to poll
+                    self.job = None
         elif kind == "saved":
             files = _strings(record.get("files"))
             # Only plain names in the folder: a path elsewhere was not saved by this batch.

@@ -10,13 +10,14 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable, Mapping
-from typing import Final, TypeGuard
+from typing import TYPE_CHECKING, Final, TypeGuard
 from urllib.parse import urlsplit
-
-import httpx
 
 from flux_adapters._display import render_value
 from flux_adapters.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "MAX_SECONDS",
@@ -31,6 +32,18 @@ __all__ = [
 
 _ADAPTER_PARTS: Final = ("name", "default_base_url", "env_prefix", "limits")
 _ADAPTER_METHODS: Final = ("build_request", "parse_response", "parse_error")
+_JOB_ADAPTER_METHODS: Final = (
+    "build_submit",
+    "parse_submit",
+    "build_poll",
+    "parse_poll",
+    "build_fetch",
+    "parse_fetch",
+    "build_cancel",
+    "job_failure",
+    "parse_error",
+)
+"""An asynchronous provider's adapter (`flux_adapters.jobs.JobAdapterBase` has them all)."""
 
 
 def is_number(value: object) -> TypeGuard[int | float]:
@@ -121,6 +134,8 @@ def check_seconds(value: object, source: str) -> float:
 
 def check_timeout(value: object, source: str) -> httpx.Timeout:
     """*value* (seconds, or an ``httpx.Timeout`` with positive phases) as an ``httpx.Timeout``."""
+    import httpx  # lazy: checking an adapter (the registry) needs no HTTP client
+
     if isinstance(value, httpx.Timeout):
         for phase in ("connect", "read", "write", "pool"):
             seconds = getattr(value, phase)
@@ -142,9 +157,15 @@ def _attribute(value: object, name: str) -> object:
 
 
 def check_adapter(value: object) -> object:
-    """*value* if it has what the client needs of an adapter, else `ConfigurationError`."""
+    """*value* if it has what the client needs of an adapter, else `ConfigurationError`.
+
+    An adapter with ``build_submit`` is an asynchronous provider's, and needs the whole job
+    protocol; any other needs ``build_request``, ``parse_response`` and ``parse_error``.
+    """
+    jobs = callable(_attribute(value, "build_submit"))
+    methods = _JOB_ADAPTER_METHODS if jobs else _ADAPTER_METHODS
     missing = [part for part in _ADAPTER_PARTS if _attribute(value, part) is None]
-    missing += [part for part in _ADAPTER_METHODS if not callable(_attribute(value, part))]
+    missing += [part for part in methods if not callable(_attribute(value, part))]
     if missing:
         raise ConfigurationError(
             f"a provider must be a provider id or an adapter; {type(value).__name__} has no "

@@ -19,12 +19,22 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
 import re
+import threading
 from collections.abc import Iterable
 from typing import Final
 from urllib.parse import quote, quote_plus
 
-__all__ = ["FRAGMENT", "MASK", "Redactor", "redact", "redactor_for", "secret_forms"]
+__all__ = [
+    "FRAGMENT",
+    "MASK",
+    "Redactor",
+    "hide_in_httpx_log",
+    "redact",
+    "redactor_for",
+    "secret_forms",
+]
 
 MASK: Final = "[redacted]"
 FRAGMENT: Final = 8
@@ -141,3 +151,36 @@ def redactor_for(secrets: tuple[str, ...]) -> Redactor:
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Remove *secrets* (every form, every 8+ character fragment) and key-shaped text."""
     return redactor_for(secrets)(text)
+
+
+class _HiddenInLogs(logging.Filter):
+    """Masks keys sent in a query string in httpx's own log lines (``HTTP Request: GET ...``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._keys: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def hide(self, key: str) -> None:
+        if key not in self._keys:
+            with self._lock:
+                self._keys = self._keys | {key}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        keys = self._keys
+        if keys:
+            message = record.getMessage()
+            cleaned = redactor_for(tuple(sorted(keys)))(message)
+            if cleaned != message:
+                record.msg, record.args = cleaned, ()
+        return True
+
+
+_IN_LOGS: Final = _HiddenInLogs()
+
+
+def hide_in_httpx_log(key: str) -> None:
+    """Keep *key*, sent as a query parameter, out of httpx's log of request URLs."""
+    if not _IN_LOGS._keys:
+        logging.getLogger("httpx").addFilter(_IN_LOGS)  # once: addFilter ignores a second add
+    _IN_LOGS.hide(key)

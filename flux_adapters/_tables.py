@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from flux_adapters.limits import ModelLimits
-from flux_adapters.providers import PROVIDERS, get_adapter
+from flux_adapters.providers import BUILT_IN, get_adapter
 from flux_adapters.request import MODELS
 
 __all__ = ["billing_table", "limits_table", "models_table", "render", "rewrite"]
@@ -25,7 +25,7 @@ def _refs(limits: ModelLimits) -> str:
 
 def models_table() -> str:
     """Providers x models: which provider offers which model, and how many reference images."""
-    providers = list(PROVIDERS)
+    providers = list(BUILT_IN)
     lines = [
         "| model | " + " | ".join(f"`{p}`" for p in providers) + " |",
         "|---" * (len(providers) + 1) + "|",

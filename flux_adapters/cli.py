@@ -119,6 +119,16 @@ def _seconds(*, zero: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def _provider_id(text: str) -> str:
+    """A provider id, built in or registered (any case), with a suggestion for a typo."""
+    from flux_adapters.providers import canonical_name
+
+    try:
+        return canonical_name(text)
+    except errors.ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _http_url(text: str) -> str:
     from urllib.parse import urlsplit
 
@@ -204,8 +214,6 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from flux_adapters.providers import PROVIDERS
-
     parser = _Parser(
         prog="flux-adapters",
         description="Edit and generate images with FLUX models through API resellers.",
@@ -217,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     edit = commands.add_parser("edit", help="generate or edit an image and save it")
     _add_request_arguments(edit)
     edit.add_argument(
-        "-p", "--provider", choices=list(PROVIDERS), help="default: first of $FLUX_PROVIDERS"
+        "-p", "--provider", type=_provider_id, help="default: first of $FLUX_PROVIDERS"
     )
     edit.add_argument(
         "--base-url",
@@ -247,8 +255,8 @@ def _parser() -> argparse.ArgumentParser:
         "-p",
         "--provider",
         action="append",
-        choices=list(PROVIDERS),
-        help="a provider id (repeat; default: all four)",
+        type=_provider_id,
+        help="a provider id (repeat; default: every provider known)",
     )
     conformance.add_argument(
         "--adapter", type=_adapter_name, help="an adapter of another package, as module:Class"
@@ -307,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
         "-p",
         "--provider",
         action="append",
-        choices=list(PROVIDERS),
+        type=_provider_id,
         help="provider(s), in failover order",
     )
     batch.add_argument(
@@ -344,7 +352,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_request_arguments(explain)
     explain.add_argument(
-        "-p", "--provider", action="append", choices=list(PROVIDERS), help="default: all"
+        "-p", "--provider", action="append", type=_provider_id, help="default: all"
     )
 
     emulate = commands.add_parser(
@@ -906,7 +914,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     from flux_adapters._options import check_adapter
     from flux_adapters.conformance.runner import paid_calls, record, run_scenario, write_report
     from flux_adapters.conformance.scenarios import SCENARIOS
-    from flux_adapters.providers import PROVIDERS, Adapter, get_adapter
+    from flux_adapters.providers import PROVIDERS, AnyAdapter, get_adapter
 
     if not arguments.record and (arguments.base_url or arguments.emulator or arguments.key_env):
         raise _UsageError(
@@ -915,7 +923,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     _check_folder(arguments.report_dir)
     if arguments.record:
         _check_folder(arguments.cassettes)
-    adapters: list[Adapter] = [
+    adapters: list[AnyAdapter] = [
         get_adapter(name) for name in arguments.provider or ([] if arguments.adapter else PROVIDERS)
     ]
     if arguments.adapter:
@@ -981,12 +989,14 @@ def _models(out: TextIO) -> int:
     from flux_adapters.prices import price_for
     from flux_adapters.providers import PROVIDERS, get_adapter
 
-    for provider in PROVIDERS:
-        out.write(f"\n{provider}\n\n{limits_table(provider)}\n\nprices: ")
+    for provider, origin in PROVIDERS.items():
+        adapter = get_adapter(provider)
+        out.write(f"\n{provider} ({origin})\n\n{limits_table(provider)}\n\nprices: ")
+        shipped = getattr(adapter, "prices", None)
         known = [
             f"{model} {price.describe()}"
-            for model in get_adapter(provider).limits
-            if (price := price_for(provider, model)) is not None
+            for model in adapter.limits
+            if (price := price_for(provider, model, None, shipped)) is not None
         ]
         out.write("; ".join(known) if known else "not documented")
         out.write("\n")
@@ -995,8 +1005,8 @@ def _models(out: TextIO) -> int:
 
 def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
     from flux_adapters._explain import render
-    from flux_adapters._flows import resolve
-    from flux_adapters.providers import PROVIDERS, get_adapter
+    from flux_adapters._flows import first_request, resolve
+    from flux_adapters.providers import BEARER, PROVIDERS, get_adapter
 
     request = _request(arguments)
     refused = 0
@@ -1011,7 +1021,8 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
                 "refused before sending:\n" + "".join(f"  - {v}\n" for v in error.violations) + "\n"
             )
             continue
-        out.write(render(adapter.build_request(request, plan, adapter.default_base_url)) + "\n")
+        outgoing = first_request(adapter, request, plan, adapter.default_base_url)
+        out.write(render(outgoing, getattr(adapter, "auth", None) or BEARER) + "\n")
         for warning in plan.warnings:
             out.write(f"warning: {warning}\n")
         out.write("\n")

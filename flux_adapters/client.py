@@ -1,10 +1,12 @@
 """`FluxClient` and `AsyncFluxClient`: the only code that sends anything.
 
 Both drive the same flows (``flux_adapters._flows``) and the same router over httpx, so they
-cannot drift apart. They add the credentials (only to the provider's own base URL), stream
-request bodies, read answers within a size cap and an overall deadline, map httpx failures to
-`TransportError` with ``sent`` saying whether the provider may have received the request, and
-attach a downloader to each result image. Every argument is checked when a client is built.
+cannot drift apart. They add the credentials the way each adapter declares (`KeyAuth`), only to
+the hosts it allows, stream request bodies, read answers within a size cap and an overall
+deadline, map httpx failures to `TransportError` with ``sent`` saying whether the provider may
+have received the request, wait between a job's polls without blocking other work, cancel a job
+whose caller stopped waiting, and attach a downloader to each result image. Every argument is
+checked when a client is built.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from collections.abc import (
 )
 from contextvars import ContextVar
 from types import TracebackType
-from typing import IO, Any, Final, Protocol, Self, get_args
-from urllib.parse import urlsplit
+from typing import IO, Any, Final, Literal, Protocol, Self, TypeVar, get_args
 
 import attrs
 import httpx
@@ -34,7 +35,7 @@ from flux_adapters._bodies import StreamedJson, json_segments, segments_length
 from flux_adapters._display import type_name
 from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
 from flux_adapters._files import image_format
-from flux_adapters._flows import Flow, Outcome, edit_flow
+from flux_adapters._flows import Outcome, flow_for, follow_job, is_job_adapter
 from flux_adapters._options import (
     check_adapter,
     check_base_url,
@@ -44,7 +45,7 @@ from flux_adapters._options import (
     did_you_mean,
     is_number,
 )
-from flux_adapters._redact import Redactor, redactor_for
+from flux_adapters._redact import Redactor, hide_in_httpx_log, redactor_for
 from flux_adapters._transport import (
     ACCEPT_ENCODING,
     AnswerBody,
@@ -63,13 +64,15 @@ from flux_adapters.errors import (
     ConfigurationError,
     FluxError,
     RequestError,
+    TransportError,
     Violation,
 )
+from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob
 from flux_adapters.limits import Plan
 from flux_adapters.prices import PerCall, PerMegapixel, Price, estimate
-from flux_adapters.providers import Adapter, get_adapter
+from flux_adapters.providers import BEARER, Answer, AnyAdapter, KeyAuth, get_adapter
 from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage
-from flux_adapters.result import BatchItem, EditResult
+from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
 from flux_adapters.routing import (
     Breaker,
     Instruction,
@@ -80,7 +83,7 @@ from flux_adapters.routing import (
     Wait,
     route,
 )
-from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, MultipartBody
+from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, MultipartBody, Sleep
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -102,11 +105,17 @@ answer: a server that drips its answer a byte at a time cannot hold a call longe
 given as ``timeout=`` is also the deadline."""
 
 
+_T = TypeVar("_T")
+_Steps = Generator[HttpRequest | Sleep | Accepted, HttpResponse | None, _T]
+
+
 @attrs.frozen
 class _Binding:
     """One provider as configured: adapter, base URL, timeouts and key (kept out of every repr)."""
 
-    adapter: Adapter
+    adapter: AnyAdapter
+    auth: KeyAuth
+    """How the key is sent, and where it may go."""
     base_url: str
     timeout: httpx.Timeout
     """Per-phase timeouts, none longer than the deadline."""
@@ -120,7 +129,7 @@ class _Binding:
     @classmethod
     def create(
         cls,
-        provider: str | Adapter,
+        provider: str | AnyAdapter,
         *,
         api_key: str | None = None,
         base_url: str | None = None,
@@ -135,6 +144,12 @@ class _Binding:
                 usable (the message names where it came from, never the key).
         """
         adapter = get_adapter(provider) if isinstance(provider, str) else provider
+        auth = getattr(adapter, "auth", None) or BEARER
+        if not isinstance(auth, KeyAuth):
+            raise ConfigurationError(
+                f"adapter {adapter.name}: auth must be a flux_adapters.providers.KeyAuth, "
+                f"not {type_name(auth)}"
+            )
         variable = (settings and settings.api_key_env) or f"{adapter.env_prefix}_API_KEY"
         if api_key is not None:
             key = check_key(api_key, "api_key=")
@@ -160,6 +175,7 @@ class _Binding:
             deadline = float(chosen) if is_number(chosen) else DEFAULT_DEADLINE
         return cls(
             adapter=adapter,
+            auth=auth,
             base_url=_normalise_base_url(base),
             timeout=phase_timeouts(phases, deadline),
             deadline=deadline,
@@ -168,10 +184,14 @@ class _Binding:
             key_only=Redactor((key,), shapes=False),
         )
 
-    def owns(self, url: str) -> bool:
-        """Whether *url* is on this provider's own origin (and may carry the key)."""
-        mine, theirs = urlsplit(self.base_url), urlsplit(url)
-        return (mine.scheme, mine.netloc) == (theirs.scheme, theirs.netloc)
+    def may_receive_key(self, url: str) -> bool:
+        """Whether *url* may carry the key: the base URL's origin, or a host the adapter declares."""
+        return self.auth.allows(url, self.base_url)
+
+    def limit(self, outgoing: HttpRequest) -> float:
+        """Seconds *outgoing* may take in all: the client's deadline, or the flow's if shorter."""
+        asked = outgoing.deadline
+        return self.deadline if asked is None else max(0.0, min(self.deadline, asked))
 
 
 def _normalise_base_url(url: str) -> str:
@@ -195,7 +215,7 @@ def _build_httpx_request(
     outgoing: HttpRequest,
     files: contextlib.ExitStack,
 ) -> httpx.Request:
-    """The httpx request for *outgoing*, with the key added only for the provider's origin.
+    """The httpx request for *outgoing*, with the key added only where its adapter allows.
 
     Raises:
         RequestError: httpx cannot send what the adapter built (a bad URL or header).
@@ -222,10 +242,20 @@ def _httpx_request(
     headers = dict(outgoing.headers)
     headers.setdefault("Accept", "application/json")
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
-    if binding.owns(outgoing.url):
-        headers["Authorization"] = f"Bearer {binding.api_key}"
+    url: str | httpx.URL = outgoing.url
+    auth = binding.auth
+    if binding.may_receive_key(outgoing.url):
+        if auth.header is not None:
+            headers[auth.header] = auth.value(binding.api_key)
+        else:
+            assert auth.query is not None
+            url = httpx.URL(outgoing.url).copy_merge_params({auth.query: binding.api_key})
+            hide_in_httpx_log(binding.api_key)
     body = outgoing.body
-    timeout = binding.timeout
+    seconds = binding.limit(outgoing)
+    timeout = (
+        phase_timeouts(binding.timeout, seconds) if seconds < binding.deadline else binding.timeout
+    )
     if isinstance(body, MultipartBody):
         uploads = [
             (
@@ -236,7 +266,7 @@ def _httpx_request(
         ]
         return http.build_request(
             outgoing.method,
-            outgoing.url,
+            url,
             headers=headers,
             data=dict(body.fields),
             files=uploads,
@@ -247,11 +277,11 @@ def _httpx_request(
         segments = json_segments(body)
         if len(segments) == 1 and isinstance(segments[0], bytes):
             return http.build_request(
-                outgoing.method, outgoing.url, headers=headers, content=segments[0], timeout=timeout
+                outgoing.method, url, headers=headers, content=segments[0], timeout=timeout
             )
         # build_request applies the caller's client defaults; a fresh Request then carries the
         # stream (replacing .stream on a built request would leave its empty .content behind).
-        base = http.build_request(outgoing.method, outgoing.url, headers=headers, timeout=timeout)
+        base = http.build_request(outgoing.method, url, headers=headers, timeout=timeout)
         base.headers["Content-Length"] = str(segments_length(segments))
         return httpx.Request(
             base.method,
@@ -260,19 +290,7 @@ def _httpx_request(
             stream=StreamedJson(segments),
             extensions=base.extensions,
         )
-    return http.build_request(outgoing.method, outgoing.url, headers=headers, timeout=timeout)
-
-
-def _drive_sync(flow: Flow, send: Callable[[HttpRequest], HttpResponse]) -> Outcome:
-    try:
-        outgoing = next(flow)
-        while True:
-            outgoing = flow.send(send(outgoing))
-    except StopIteration as finished:
-        outcome: Outcome = finished.value
-        return outcome
-    finally:
-        flow.close()
+    return http.build_request(outgoing.method, url, headers=headers, timeout=timeout)
 
 
 _GATES: ContextVar[Mapping[str, asyncio.Semaphore] | None] = ContextVar("flux_gates", default=None)
@@ -285,10 +303,13 @@ class Watcher(Protocol):
     async def sending(self, provider: str) -> None:
         """A request for the job is about to go to *provider*; raise to stop it going."""
 
+    async def accepted(self, provider: str, job: Job) -> None:
+        """*provider* accepted the request as *job*: keep it, so that it is polled, not re-sent."""
+
     def finished(
         self,
         provider: str,
-        reply: Outcome | FluxError,
+        reply: Outcome | Answer | FluxError,
         not_taken: Mapping[int, str] | None,
         key_only: Callable[[str], str],
     ) -> None:
@@ -305,7 +326,7 @@ def _default_policy(provider_count: int, **settings: Any) -> RoutingPolicy:
     return RoutingPolicy(retries=0 if single else 1, cooldown=0.0 if single else 30.0, **settings)
 
 
-def _provider_list(provider: object, providers: object) -> list[str | Adapter]:
+def _provider_list(provider: object, providers: object) -> list[str | AnyAdapter]:
     if (provider is None) == (providers is None):
         raise ConfigurationError("pass either provider= (one) or providers= (a failover list)")
     if provider is not None:
@@ -323,7 +344,7 @@ def _provider_list(provider: object, providers: object) -> list[str | Adapter]:
             ) from exc
         if not items:
             raise ConfigurationError("providers= is empty")
-    names: list[str | Adapter] = []
+    names: list[str | AnyAdapter] = []
     for item in items:
         if isinstance(item, str):
             names.append(get_adapter(item).name)
@@ -362,8 +383,8 @@ class _ClientBase:
 
     def __init__(
         self,
-        provider: str | Adapter | None,
-        providers: Sequence[str | Adapter] | None,
+        provider: str | AnyAdapter | None,
+        providers: Sequence[str | AnyAdapter] | None,
         *,
         api_key: str | None,
         base_url: str | None,
@@ -375,6 +396,7 @@ class _ClientBase:
         policy: RoutingPolicy | None,
         prices: Mapping[tuple[str, str], Price] | None,
         settings: Mapping[str, ProviderSettings] | None,
+        polling: Polling | None,
     ) -> None:
         names = _provider_list(provider, providers)
         if providers is not None and (api_key is not None or base_url is not None):
@@ -389,6 +411,7 @@ class _ClientBase:
             "failover": failover_on_ambiguous,
             "policy": policy,
             "settings": settings,
+            "polling": polling,
         }
         chosen = given["routing"]
         if not (isinstance(chosen, str) and chosen in get_args(Routing)):
@@ -407,6 +430,9 @@ class _ClientBase:
             and all(isinstance(value, ProviderSettings) for value in configured.values())
         ):
             raise ConfigurationError("settings= must map provider ids to ProviderSettings")
+        if given["polling"] is not None and not isinstance(given["polling"], Polling):
+            raise ConfigurationError("polling= must be a flux_adapters.jobs.Polling")
+        self._polling = polling or Polling()
         if deadline is not None:
             deadline = check_seconds(deadline, "deadline=")
         known = settings or {}
@@ -444,8 +470,9 @@ class _ClientBase:
         """Build a client from ``flux-adapters.toml`` (or *config*) and the environment.
 
         ``$FLUX_PROVIDERS`` (comma-separated, in failover order), ``$FLUX_ROUTING``,
-        ``$FLUX_MAX_COST_USD``, ``$FLUX_TIMEOUT``, ``$<PROVIDER>_API_KEY`` and
-        ``$<PROVIDER>_BASE_URL`` override the file; see `flux_adapters.config`.
+        ``$FLUX_MAX_COST_USD``, ``$FLUX_TIMEOUT``, ``$FLUX_JOB_DEADLINE``,
+        ``$<PROVIDER>_API_KEY`` and ``$<PROVIDER>_BASE_URL`` override the file; see
+        `flux_adapters.config`.
 
         Raises:
             ConfigurationError: Nothing or something invalid is configured, or a key is missing.
@@ -466,6 +493,9 @@ class _ClientBase:
             "policy": policy,
             "prices": loaded.prices,
             "settings": {settings.name: settings for settings in loaded.providers},
+            "polling": None
+            if loaded.job_deadline is None
+            else Polling(deadline=loaded.job_deadline),
         }
         return cls(**options)
 
@@ -505,25 +535,94 @@ class _ClientBase:
         binding = routed.candidate
         assert isinstance(binding, _Binding)
         outcome = routed.outcome
-        images = tuple(
-            attrs.evolve(image, downloader=downloader) for image in outcome.answer.images
-        )
-        return EditResult(
-            provider=binding.adapter.name,
+        return _result(
+            binding,
+            outcome.answer,
+            outcome.job,
+            downloader,
+            started,
             model=outcome.plan.limits.model,
-            images=images,
-            usage=outcome.answer.usage,
-            cost_usd=estimate(request, outcome.plan, self._prices),
+            estimated=estimate(
+                request, outcome.plan, self._prices, getattr(binding.adapter, "prices", None)
+            ),
             warnings=outcome.plan.warnings,
             attempts=routed.attempts,
-            elapsed_s=time.perf_counter() - started,
         )
+
+    def _job_binding(self, job: object) -> _Binding:
+        """The binding that polls *job*: the provider that accepted it.
+
+        Raises:
+            ConfigurationError: *job* is not a `Job`, or this client has no such provider.
+        """
+        if not isinstance(job, Job):
+            raise ConfigurationError(
+                f"resume() takes a flux_adapters.jobs.Job (an error's .job), not {type_name(job)}"
+            )
+        for binding in self._bindings:
+            if binding.adapter.name == job.provider and is_job_adapter(binding.adapter):
+                return binding
+        raise ConfigurationError(
+            f"this client has no asynchronous provider {job.provider!r} to resume job {job.id} "
+            f"at (it has {', '.join(self.providers)})"
+        )
+
+    def _follow(self, binding: _Binding, job: Job) -> _Steps[Answer]:
+        adapter: JobAdapter = binding.adapter  # type: ignore[assignment]
+        return follow_job(adapter, job, (binding.api_key,), polling=self._polling)
 
     def _downloader_deadline(self) -> float:
         return min([DOWNLOAD_DEADLINE, *(binding.deadline for binding in self._bindings)])
 
 
-def _adapter_of(binding: object) -> Adapter:
+def _result(
+    binding: _Binding,
+    answer: Answer,
+    job: Job | None,
+    downloader: HttpDownloader,
+    started: float,
+    *,
+    model: str,
+    estimated: float | None,
+    warnings: tuple[ConversionWarning, ...] = (),
+    attempts: tuple[Attempt, ...] = (),
+) -> EditResult:
+    """The `EditResult` of *answer*, its cost the provider's own figure where it can be."""
+    usage = _merged(job.usage if job is not None else None, answer.usage)
+    rate = getattr(binding.adapter, "usd_per_credit", None)
+    cost: float | None = None
+    source: Literal["provider", "price table"] | None = None
+    if usage is not None and usage.credits_used is not None and is_number(rate):
+        cost, source = usage.credits_used * rate, "provider"
+    elif estimated is not None:
+        cost, source = estimated, "price table"
+    return EditResult(
+        provider=binding.adapter.name,
+        model=model,
+        images=tuple(attrs.evolve(image, downloader=downloader) for image in answer.images),
+        usage=usage,
+        cost_usd=cost,
+        cost_source=source,
+        warnings=warnings,
+        attempts=attempts,
+        elapsed_s=time.perf_counter() - started,
+        job=job,
+    )
+
+
+def _merged(first: Usage | None, then: Usage | None) -> Usage | None:
+    """*then*'s figures, and *first*'s where *then* has none (a job's submit, then its result)."""
+    if first is None or then is None:
+        return then or first
+    return Usage(
+        **{
+            name: getattr(then, name) if getattr(then, name) is not None else getattr(first, name)
+            for name in ("credits_used", "tokens_used", "input_mp", "output_mp")
+        }
+    )
+
+
+def _adapter_of(binding: object) -> AnyAdapter:
     assert isinstance(binding, _Binding)
     return binding.adapter
 
@@ -551,6 +650,8 @@ class FluxClient(_ClientBase):
         failover_on_ambiguous: Fail over even after a failure that may have been billed.
         policy: Full routing settings (overrides *routing*, *max_cost_usd*, *failover_on_ambiguous*).
         prices: Price overrides by (provider, model).
+        polling: How jobs at asynchronous providers (``"bfl"``, ``"fal"``) are polled, and the
+            deadline of a whole job (default `Polling()`: ten minutes).
 
     Raises:
         ConfigurationError: Unknown provider, no API key, or any argument that is not usable.
@@ -560,9 +661,9 @@ class FluxClient(_ClientBase):
 
     def __init__(
         self,
-        provider: str | Adapter | None = None,
+        provider: str | AnyAdapter | None = None,
         *,
-        providers: Sequence[str | Adapter] | None = None,
+        providers: Sequence[str | AnyAdapter] | None = None,
         routing: Routing = "ordered",
         api_key: str | None = None,
         base_url: str | None = None,
@@ -574,6 +675,7 @@ class FluxClient(_ClientBase):
         policy: RoutingPolicy | None = None,
         prices: Mapping[tuple[str, str], Price] | None = None,
         settings: Mapping[str, ProviderSettings] | None = None,
+        polling: Polling | None = None,
     ) -> None:
         if http_client is not None and not isinstance(http_client, httpx.Client):
             raise ConfigurationError(
@@ -593,6 +695,7 @@ class FluxClient(_ClientBase):
             policy=policy,
             prices=prices,
             settings=settings,
+            polling=polling,
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else bounded_http_client()
@@ -630,30 +733,105 @@ class FluxClient(_ClientBase):
             router.close()  # an exception here still ends the route (and releases its probe)
         return self._result(request, routed, started, self._downloader)
 
+    def resume(self, job: Job) -> EditResult:
+        """Poll *job*, accepted earlier, until it is done, and return its images; nothing is paid.
+
+        *job* is an error's ``job`` (`JobTimeout`, a lost connection, ...) or one a batch
+        journal kept. The job gets a new deadline (``polling.deadline``) from now.
+
+        Raises:
+            ConfigurationError: *job* is not a `Job`, or this client has not its provider.
+            JobError: The job ended without an image (moderated, failed, unknown) or passed its
+                deadline again.
+            ProviderError: A poll was refused for good (a revoked key, say).
+        """
+        binding = self._job_binding(job)
+        started = time.perf_counter()
+        answer = self._drive(binding, self._follow(binding, job))
+        return _result(
+            binding, answer, job, self._downloader, started, model=job.model, estimated=None
+        )
+
     def _attempt(self, binding: object, request: EditRequest, plan: Plan) -> Outcome | FluxError:
         assert isinstance(binding, _Binding)
-        flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,), plan)
+        flow = flow_for(
+            binding.adapter,
+            request,
+            binding.base_url,
+            (binding.api_key,),
+            plan,
+            polling=self._polling,
+        )
         try:
-            return _drive_sync(flow, lambda outgoing: self._send(binding, outgoing))
+            return self._drive(binding, flow)
         except FluxError as error:
             return error
 
+    def _drive(self, binding: _Binding, flow: _Steps[_T]) -> _T:
+        """Perform what *flow* asks, in this thread; its result.
+
+        A transport failure is thrown into the flow (a job's poll is then tried again). Ctrl-C
+        lets the flow cancel its job, if the provider took one and can, before it propagates.
+        """
+        try:
+            instruction = next(flow)
+            while True:
+                try:
+                    reply = self._perform(binding, instruction)
+                except TransportError as error:
+                    instruction = flow.throw(error)
+                else:
+                    instruction = flow.send(reply)
+        except StopIteration as finished:
+            result: _T = finished.value
+            return result
+        except KeyboardInterrupt:
+            self._stop(binding, flow)
+            raise
+        finally:
+            flow.close()
+
+    def _perform(
+        self, binding: _Binding, instruction: HttpRequest | Sleep | Accepted
+    ) -> HttpResponse | None:
+        if isinstance(instruction, Sleep):
+            time.sleep(instruction.seconds)
+            return None
+        if isinstance(instruction, Accepted):
+            return None
+        return self._send(binding, instruction)
+
+    def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
+        """The caller stopped waiting: let *flow* cancel its job (each cancel bounded)."""
+        try:
+            instruction = flow.throw(StopJob())
+            while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
+                try:
+                    reply = self._send(binding, instruction)
+                except TransportError as error:
+                    instruction = flow.throw(error)
+                else:
+                    instruction = flow.send(reply)
+        except (StopJob, StopIteration, FluxError):
+            pass
+
     def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
         name = binding.adapter.name
-        ends = time.monotonic() + binding.deadline
+        seconds = binding.limit(outgoing)
+        ends = time.monotonic() + seconds
         with (
             contextlib.ExitStack() as files,
             mapped_transport_errors(name, binding.scrub),
-            bounded_by(ends, name, binding.deadline),
+            bounded_by(ends, name, seconds),
         ):
             request = _build_httpx_request(self._http, binding, outgoing, files)
             # Redirects are never followed, whatever the caller's client says: a 307/308 would
             # send the paid POST again (and its images to another origin); a 3xx is judged by
             # its status. A caller's client-level auth never replaces the provider's key. A
             # server dripping its headers cannot hold the call past the deadline.
-            response = send_within(self._http, request, ends, name, binding.deadline)
+            response = send_within(self._http, request, ends, name, seconds)
             try:
-                body = AnswerBody(response, name, binding.deadline, ends)
+                body = AnswerBody(response, name, seconds, ends)
                 try:
                     for chunk in iter_decoded(response):
                         if not body.take(chunk):
@@ -704,9 +882,9 @@ class AsyncFluxClient(_ClientBase):
 
     def __init__(
         self,
-        provider: str | Adapter | None = None,
+        provider: str | AnyAdapter | None = None,
         *,
-        providers: Sequence[str | Adapter] | None = None,
+        providers: Sequence[str | AnyAdapter] | None = None,
         routing: Routing = "ordered",
         api_key: str | None = None,
         base_url: str | None = None,
@@ -718,6 +896,7 @@ class AsyncFluxClient(_ClientBase):
         policy: RoutingPolicy | None = None,
         prices: Mapping[tuple[str, str], Price] | None = None,
         settings: Mapping[str, ProviderSettings] | None = None,
+        polling: Polling | None = None,
     ) -> None:
         if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
             raise ConfigurationError(
@@ -737,6 +916,7 @@ class AsyncFluxClient(_ClientBase):
             policy=policy,
             prices=prices,
             settings=settings,
+            polling=polling,
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else _default_async_http()
@@ -756,13 +936,11 @@ class AsyncFluxClient(_ClientBase):
     async def _edit(self, request: EditRequest, watcher: Watcher | None) -> EditResult:
         started = time.perf_counter()
         router = self._start(request)
-        if not self._loop.claim():
+        try:
+            self._claim_loop()
+        except ConfigurationError:
             router.close()
-            raise ConfigurationError(
-                "this AsyncFluxClient was first used in another event loop, which its "
-                "connections belong to; create the client inside the loop that uses it (in "
-                "your async main, not around asyncio.run), or use FluxClient"
-            )
+            raise
         try:
             instruction = next(router)
             while True:
@@ -780,6 +958,27 @@ class AsyncFluxClient(_ClientBase):
             router.close()  # cancelled (asyncio.wait_for) or failed: the route releases its probe
         return self._result(request, routed, started, self._downloader)
 
+    async def resume(self, job: Job) -> EditResult:
+        """Poll *job*, accepted earlier, until it is done; see `FluxClient.resume`."""
+        return await self._resume(job, None)
+
+    async def _resume(self, job: Job, watcher: Watcher | None) -> EditResult:
+        binding = self._job_binding(job)
+        self._claim_loop()
+        started = time.perf_counter()
+        name = binding.adapter.name
+        try:
+            answer = await self._drive(binding, self._follow(binding, job), watcher)
+        except FluxError as error:
+            if watcher is not None:
+                watcher.finished(name, error, None, binding.key_only)
+            raise
+        if watcher is not None:
+            watcher.finished(name, answer, None, binding.key_only)
+        return _result(
+            binding, answer, job, self._downloader, started, model=job.model, estimated=None
+        )
+
     async def _attempt(
         self, binding: object, request: EditRequest, plan: Plan, watcher: Watcher | None
     ) -> Outcome | FluxError:
@@ -788,28 +987,83 @@ class AsyncFluxClient(_ClientBase):
         gates = _GATES.get()
         gate = gates.get(name) if gates else None
         async with gate if gate is not None else contextlib.nullcontext():
-            flow = edit_flow(binding.adapter, request, binding.base_url, (binding.api_key,), plan)
+            flow = flow_for(
+                binding.adapter,
+                request,
+                binding.base_url,
+                (binding.api_key,),
+                plan,
+                polling=self._polling,
+            )
             reply: Outcome | FluxError
             try:
-                outgoing = next(flow)
-                if watcher is not None:
-                    await watcher.sending(name)  # durable before anything goes out
-                while True:
-                    outgoing = flow.send(await self._send(binding, outgoing))
-            except StopIteration as finished:
-                reply = finished.value
+                reply = await self._drive(binding, flow, watcher)
             except FluxError as error:
                 reply = error
-            finally:
-                flow.close()
             if watcher is not None:
                 not_taken = getattr(binding.adapter, "not_taken", None)
                 watcher.finished(name, reply, not_taken, binding.key_only)
             return reply
 
+    async def _drive(self, binding: _Binding, flow: _Steps[_T], watcher: Watcher | None) -> _T:
+        """Perform what *flow* asks; its result. See `FluxClient._drive`.
+
+        The watcher hears of a submit before it goes (durably) and of the job it was accepted
+        as. A cancelled task lets the flow cancel its job before the cancellation propagates.
+        """
+        try:
+            instruction = next(flow)
+            while True:
+                try:
+                    reply = await self._perform(binding, instruction, watcher)
+                except TransportError as error:
+                    instruction = flow.throw(error)
+                else:
+                    instruction = flow.send(reply)
+        except StopIteration as finished:
+            result: _T = finished.value
+            return result
+        except asyncio.CancelledError:
+            await self._stop(binding, flow)
+            raise
+        finally:
+            flow.close()
+
+    async def _perform(
+        self,
+        binding: _Binding,
+        instruction: HttpRequest | Sleep | Accepted,
+        watcher: Watcher | None,
+    ) -> HttpResponse | None:
+        if isinstance(instruction, Sleep):
+            await asyncio.sleep(instruction.seconds)
+            return None
+        if isinstance(instruction, Accepted):
+            if watcher is not None:
+                await watcher.accepted(binding.adapter.name, instruction.job)
+            return None
+        if instruction.role == "submit" and watcher is not None:
+            await watcher.sending(binding.adapter.name)  # durable before anything goes out
+        return await self._send(binding, instruction)
+
+    async def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
+        """The caller stopped waiting: let *flow* cancel its job (each cancel bounded)."""
+        try:
+            instruction = flow.throw(StopJob())
+            while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
+                try:
+                    reply = await self._send(binding, instruction)
+                except TransportError as error:
+                    instruction = flow.throw(error)
+                else:
+                    instruction = flow.send(reply)
+        except (StopJob, StopIteration, FluxError):
+            pass
+
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
         name = binding.adapter.name
-        deadline = asyncio.timeout(binding.deadline)
+        seconds = binding.limit(outgoing)
+        deadline = asyncio.timeout(seconds)
         try:
             async with deadline:
                 with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
@@ -821,7 +1075,7 @@ class AsyncFluxClient(_ClientBase):
                         follow_redirects=False,
                     )
                     try:
-                        body = AnswerBody(response, name, binding.deadline, None)
+                        body = AnswerBody(response, name, seconds, None)
                         try:
                             async for chunk in aiter_decoded(response):
                                 if not body.take(chunk):
@@ -834,7 +1088,7 @@ class AsyncFluxClient(_ClientBase):
         except TimeoutError as exc:  # transport timeouts are mapped inside: this is the deadline
             if not deadline.expired():
                 raise
-            raise deadline_error(name, binding.deadline) from exc
+            raise deadline_error(name, seconds) from exc
 
     def edit_many(
         self,
@@ -904,6 +1158,14 @@ class AsyncFluxClient(_ClientBase):
             stop=stop,
             grace=grace,
         )
+
+    def _claim_loop(self) -> None:
+        if not self._loop.claim():
+            raise ConfigurationError(
+                "this AsyncFluxClient was first used in another event loop, which its "
+                "connections belong to; create the client inside the loop that uses it (in "
+                "your async main, not around asyncio.run), or use FluxClient"
+            )
 
     async def aclose(self) -> None:
         """Close the HTTP client, if this client created it."""

@@ -10,6 +10,7 @@ in the working directory, or the path in ``$FLUX_CONFIG``; environment variables
     unknown_price = "allow"                  # under a budget: "allow" or "refuse"
     failover_on_ambiguous = false            # see flux_adapters.routing
     timeout = 300                            # seconds               ($FLUX_TIMEOUT)
+    job_deadline = 600                       # seconds a whole job at bfl or fal may take ($FLUX_JOB_DEADLINE)
 
     [provider.laozhang]
     api_key_env = "LAOZHANG_API_KEY"         # the variable holding the key (the default)
@@ -39,7 +40,7 @@ from flux_adapters._display import escape_controls
 from flux_adapters._files import read_text_file
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.prices import PerCall, PerMegapixel, Price
-from flux_adapters.providers import PROVIDERS
+from flux_adapters.providers import canonical_name
 from flux_adapters.routing import Routing
 
 __all__ = ["DEFAULT_PATH", "Config", "ProviderSettings", "load_config"]
@@ -53,6 +54,7 @@ _TOP_KEYS: Final = {
     "unknown_price",
     "failover_on_ambiguous",
     "timeout",
+    "job_deadline",
     "provider",
 }
 _PROVIDER_KEYS: Final = {"api_key_env", "base_url", "priority", "timeout", "prices"}
@@ -89,6 +91,7 @@ class Config:
     unknown_price: str = "allow"
     failover_on_ambiguous: bool = False
     timeout: float | None = None
+    job_deadline: float | None = None
     source: str = "environment"
 
     @property
@@ -150,10 +153,12 @@ def _price(value: object, where: str) -> Price:
     )
 
 
-def _provider(name: str, table: object, origin: str) -> ProviderSettings:
-    where = f"{origin} [provider.{name}]"
-    if name not in PROVIDERS:
-        raise _fail(where, f"unknown provider; known: {', '.join(PROVIDERS)}")
+def _provider(given: str, table: object, origin: str) -> ProviderSettings:
+    where = f"{origin} [provider.{given}]"
+    try:
+        name = canonical_name(given)
+    except ConfigurationError as error:
+        raise _fail(where, str(error)) from None
     if not isinstance(table, dict):
         raise _fail(where, "must be a table")
     if "api_key" in table:
@@ -232,7 +237,12 @@ def load_config(
     tables = data.get("provider", {})
     if not isinstance(tables, dict):
         raise _fail(origin, "[provider.NAME] sections expected")
-    configured = {name: _provider(name, table, origin) for name, table in tables.items()}
+    configured: dict[str, ProviderSettings] = {}
+    for given, table in tables.items():
+        one = _provider(given, table, origin)
+        if one.name in configured:
+            raise _fail(origin, f"[provider.{one.name}] is given twice (names ignore case)")
+        configured[one.name] = one
 
     names: object = data.get("providers")
     if env.get("FLUX_PROVIDERS"):
@@ -243,9 +253,7 @@ def load_config(
         raise ConfigurationError(
             "no providers configured: set FLUX_PROVIDERS or providers = [...] in flux-adapters.toml"
         )
-    for name in names:
-        if name not in PROVIDERS:
-            raise ConfigurationError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
+    names = [canonical_name(name) for name in names]
     settings = [configured.get(name) or ProviderSettings(name=name) for name in names]
     ordered = sorted(
         settings, key=lambda s: (s.priority is None, s.priority or 0, names.index(s.name))
@@ -257,6 +265,10 @@ def load_config(
     budget = env.get("FLUX_MAX_COST_USD") or data.get("max_cost_usd")
     timeout = env.get("FLUX_TIMEOUT") or data.get("timeout")
     timeout_from = "$FLUX_TIMEOUT" if env.get("FLUX_TIMEOUT") else f"{origin} timeout"
+    job_deadline = env.get("FLUX_JOB_DEADLINE") or data.get("job_deadline")
+    deadline_from = (
+        "$FLUX_JOB_DEADLINE" if env.get("FLUX_JOB_DEADLINE") else f"{origin} job_deadline"
+    )
     unknown_price = data.get("unknown_price", "allow")
     if unknown_price not in ("allow", "refuse"):
         raise _fail(origin, f"unknown_price must be 'allow' or 'refuse', not {unknown_price!r}")
@@ -274,6 +286,9 @@ def load_config(
         timeout=None
         if timeout is None
         else _seconds(_as_float(timeout, timeout_from), timeout_from),
+        job_deadline=None
+        if job_deadline is None
+        else _seconds(_as_float(job_deadline, deadline_from), deadline_from),
         source=origin,
     )
 

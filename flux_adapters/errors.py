@@ -16,9 +16,17 @@ The tree::
     │   └── ResponseFormatError       a success status with a body we cannot read
     ├── TransportError                no usable answer; ``sent``: may the provider have it?
     │   └── Timeout
+    ├── JobError                      a job the provider accepted ended without an image
+    │   ├── Moderated                 its filter blocked the request or the output (not charged)
+    │   ├── JobFailed                 the provider says processing failed
+    │   ├── JobNotFound               the provider no longer knows the job (unknown or expired)
+    │   └── JobTimeout                the job passed its deadline (cancelled if the provider can)
     ├── ResultExpired                 the short-lived result URL is gone (403/404/410 on download)
     ├── OutputError                   an image could not be written where asked; nothing was lost upstream
     └── AllProvidersFailed            every candidate provider failed; ``attempts`` lists them
+
+An error that came after an asynchronous provider accepted the job carries it in ``job``:
+``client.resume(error.job)`` polls it again instead of paying for a new one.
 
 Rules every class follows: status codes are the ones the provider sent (never made up here), the
 cause is chained with ``raise ... from``, details are short and redacted, no API key appears in a
@@ -34,6 +42,7 @@ from typing import TYPE_CHECKING
 from attrs import frozen
 
 if TYPE_CHECKING:
+    from flux_adapters.jobs import Job
     from flux_adapters.result import Attempt
 
 __all__ = [
@@ -43,7 +52,12 @@ __all__ = [
     "ContentModerated",
     "FluxError",
     "InsufficientBalance",
+    "JobError",
+    "JobFailed",
+    "JobNotFound",
+    "JobTimeout",
     "ModelUnavailable",
+    "Moderated",
     "OutputError",
     "ProviderError",
     "ProviderRejected",
@@ -63,6 +77,10 @@ class FluxError(Exception):
 
     attempts: tuple[Attempt, ...] = ()
     """Every provider tried or skipped before this error ended the call (set by the router)."""
+
+    job: Job | None = None
+    """The job an asynchronous provider accepted before this error, if one did: it may still
+    finish (and be billed), so it is never submitted again; ``client.resume(job)`` polls it."""
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild, (type(self), self.args, self.__dict__))
@@ -248,6 +266,102 @@ class TransportError(FluxError):
 
 class Timeout(TransportError):
     """A connect, write or read timeout expired."""
+
+
+class JobError(FluxError):
+    """A job the provider accepted ended without an image, or was given up on.
+
+    No HTTP status is claimed: the outcome came as a job status (in a 200), or from the clock.
+
+    Attributes:
+        provider: The provider id.
+        job_id: The provider's id of the job.
+        detail: The provider's own words, at most 500 characters, secrets removed.
+    """
+
+    def __init__(
+        self, message: str, *, provider: str, job_id: str, detail: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.job_id = job_id
+        self.detail = detail
+
+    def __str__(self) -> str:
+        detail = f": {self.detail}" if self.detail else ""
+        return f"{self.provider}: {self.args[0]} (job {self.job_id}){detail}"
+
+
+class Moderated(JobError):
+    """The provider's filter blocked the job: its input (``"request"``) or its output (``"content"``).
+
+    Black Forest Labs documents both as not charged. Never failed over: another provider's filter
+    would most likely block it too.
+
+    Attributes:
+        stage: ``"request"`` (blocked before processing) or ``"content"`` (the output was).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        job_id: str,
+        stage: str,
+        detail: str | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, job_id=job_id, detail=detail)
+        self.stage = stage
+
+
+class JobFailed(JobError):
+    """The provider reports that processing the job failed.
+
+    Attributes:
+        billed: What the provider's document says of a failure like this one: ``False`` not
+            charged (the router may then fail over), ``True`` charged, ``None`` not said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        job_id: str,
+        detail: str | None = None,
+        billed: bool | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, job_id=job_id, detail=detail)
+        self.billed = billed
+
+
+class JobNotFound(JobError):
+    """The provider does not know the job (its id is unknown, or it expired)."""
+
+
+class JobTimeout(JobError):
+    """The job did not finish within its deadline.
+
+    It may still finish, and be billed: ``client.resume(error.job)`` picks it up again.
+
+    Attributes:
+        waited: Seconds waited.
+        cancelled: Whether the provider accepted a cancel; ``None`` when it offers none.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        job_id: str,
+        waited: float,
+        cancelled: bool | None,
+    ) -> None:
+        super().__init__(message, provider=provider, job_id=job_id)
+        self.waited = waited
+        self.cancelled = cancelled
 
 
 class ResultExpired(FluxError):

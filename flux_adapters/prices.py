@@ -3,8 +3,9 @@
 Two shapes, as providers bill: `PerCall` (laozhang prices each call) and `PerMegapixel` (the
 Black Forest Labs formula: the first output megapixel, each further output megapixel, and each
 input megapixel, each rounded up). Only figures a provider documents are built in; callers add
-or override figures (``prices=`` on the client, or the configuration file). Where no figure is
-known, `estimate` returns ``None`` and the cost is reported as unknown, never guessed.
+or override figures (``prices=`` on the client, or the configuration file). An adapter may ship
+its provider's figures (its ``prices``), so a provider package brings its own. Where no figure
+is known, `estimate` returns ``None`` and the cost is reported as unknown, never guessed.
 """
 
 from __future__ import annotations
@@ -107,20 +108,34 @@ no per-model figure in the documents this library follows; configure theirs if y
 
 
 def price_for(
-    provider: str, model: str, overrides: Mapping[tuple[str, str], Price] | None = None
+    provider: str,
+    model: str,
+    overrides: Mapping[tuple[str, str], Price] | None = None,
+    shipped: Mapping[str, Price] | None = None,
 ) -> Price | None:
-    """The price of *model* at *provider*: an override, else a built-in figure, else ``None``."""
+    """The price of *model* at *provider*, or ``None`` when none is known.
+
+    In order: an override (the caller's), a figure built in here, the figure the provider's
+    adapter ships (its ``prices``: model -> price; a provider package can ship its own).
+    """
     key = (provider, model)
     if overrides and key in overrides:
         return overrides[key]
-    return PRICES.get(key)
+    price = PRICES.get(key)
+    if price is None and isinstance(shipped, Mapping):
+        price = shipped.get(model)
+    return price if isinstance(price, PerCall | PerMegapixel) else None
 
 
 def estimate(
     request: EditRequest,
     plan: Plan,
     overrides: Mapping[tuple[str, str], Price] | None = None,
+    shipped: Mapping[str, Price] | None = None,
 ) -> float | None:
-    """Estimated US dollars for sending *request* as *plan*; ``None`` when no price is known."""
-    price = price_for(plan.limits.provider, plan.limits.model, overrides)
+    """Estimated US dollars for sending *request* as *plan*; ``None`` when no price is known.
+
+    *shipped* is the adapter's own ``prices`` (see `price_for`).
+    """
+    price = price_for(plan.limits.provider, plan.limits.model, overrides, shipped)
     return None if price is None else price.estimate(request, plan)

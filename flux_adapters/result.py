@@ -22,6 +22,7 @@ from flux_adapters._files import (
 from flux_adapters.errors import FluxError
 
 if TYPE_CHECKING:
+    from flux_adapters.jobs import Job
     from flux_adapters.request import EditRequest
 
 __all__ = [
@@ -97,10 +98,19 @@ class ConversionWarning:
 
 @frozen(kw_only=True)
 class Usage:
-    """Usage the provider reported (``meta.usage``), in its own units."""
+    """What the provider reported a call cost or measured, in its own units.
+
+    Attributes:
+        credits_used: Credits charged (aimlapi's ``meta.usage``; BFL's ``cost``).
+        tokens_used: Tokens counted (aimlapi's example).
+        input_mp: Megapixels of input the provider counted (BFL).
+        output_mp: Megapixels of output the provider counted (BFL).
+    """
 
     credits_used: float | None = None
     tokens_used: int | None = None
+    input_mp: float | None = None
+    output_mp: float | None = None
 
 
 @frozen(kw_only=True)
@@ -250,11 +260,14 @@ class EditResult:
         model: The canonical model id.
         images: The images it returned.
         usage: Usage the provider reported, if any.
-        cost_usd: Estimated from the provider's documented price (``flux_adapters.prices``);
-            ``None`` when no price is known.
+        cost_usd: What the call cost in US dollars: the provider's own figure where it reports
+            one with a documented rate (BFL's credits, $0.01 each), else an estimate from the
+            price table (``flux_adapters.prices``); ``None`` when neither is known.
+        cost_source: Where ``cost_usd`` came from: ``"provider"`` or ``"price table"``.
         warnings: Conversions made because the request allowed them.
         attempts: Every provider tried, in order.
         elapsed_s: Seconds from sending to the parsed answer.
+        job: The job, for an asynchronous provider.
     """
 
     provider: str
@@ -262,9 +275,11 @@ class EditResult:
     images: tuple[ResultImage, ...]
     usage: Usage | None = None
     cost_usd: float | None = None
+    cost_source: Literal["provider", "price table"] | None = None
     warnings: tuple[ConversionWarning, ...] = ()
     attempts: tuple[Attempt, ...] = ()
     elapsed_s: float = 0.0
+    job: Job | None = None
 
 
 BatchStatus = Literal["ok", "skipped", "changed", "failed", "unconfirmed"]
@@ -286,7 +301,8 @@ class BatchItem:
         result: The result, when it was made in this run.
         error: What went wrong (``error.attempts`` lists the providers tried).
         saved: Where its images are, when an output folder was given.
-        reason: Why it was skipped, or what is known of an unconfirmed job, in words.
+        reason: Why it was skipped, what is known of an unconfirmed job, or how an earlier
+            run's job was recovered ("downloaded again", "polled again"), in words.
     """
 
     index: int

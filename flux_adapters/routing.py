@@ -14,6 +14,11 @@ in one place, `billing_rule`:
 - **final** (moderation, a request the provider rejected as invalid): trying elsewhere would
   not help. Never fails over.
 
+Asynchronous providers (`flux_adapters.jobs`) are judged per job, not per HTTP exchange: a poll
+that fails is tried again in place (it is free), and once a submit was accepted the job is the
+provider's. Whatever happens after that is final (the error carries ``job``, to resume), except
+a failure the provider documents as not charged, which fails over.
+
 The status code decides, never the text of a body: a 500 that says "insufficient quota" is
 still a 500. Text only tells apart the kinds of a 4xx, which is a refusal either way.
 
@@ -39,7 +44,10 @@ from flux_adapters.errors import (
     ContentModerated,
     FluxError,
     InsufficientBalance,
+    JobError,
+    JobFailed,
     ModelUnavailable,
+    Moderated,
     ProviderError,
     RateLimited,
     RequestError,
@@ -47,7 +55,7 @@ from flux_adapters.errors import (
 )
 from flux_adapters.limits import Plan
 from flux_adapters.prices import Price, estimate
-from flux_adapters.providers import Adapter
+from flux_adapters.providers import AnyAdapter
 from flux_adapters.request import EditRequest
 from flux_adapters.result import Attempt
 
@@ -67,7 +75,7 @@ __all__ = [
 
 Routing: TypeAlias = Literal["ordered", "cheapest"]
 Disposition: TypeAlias = Literal["retry", "next", "ambiguous", "final"]
-Proves: TypeAlias = Literal["not taken", "may be billed", "refused"]
+Proves: TypeAlias = Literal["not taken", "not billed", "may be billed", "refused"]
 
 
 @frozen(kw_only=True)
@@ -78,8 +86,9 @@ class BillingRule:
         name: Stable id of the row, e.g. ``"server-error"``.
         failure: The failure, in words.
         proves: ``"not taken"`` (the provider never took the job: repeating it cannot bill
-            twice), ``"may be billed"`` (the job may have been done), or ``"refused"`` (the
-            provider looked at the request and refused it).
+            twice), ``"not billed"`` (it took the job, which ended in a way its document says is
+            not charged), ``"may be billed"`` (the job may have been done), or ``"refused"``
+            (the provider looked at the request and refused it).
         disposition: What the router does: ``"retry"`` the same provider (then fail over),
             fail over to the ``"next"``, stop as ``"ambiguous"`` (fail over only when the caller
             opted in), or stop as ``"final"``.
@@ -94,6 +103,24 @@ class BillingRule:
 
 
 BILLING_RULES: Final[tuple[BillingRule, ...]] = (
+    BillingRule(
+        name="job-not-billed",
+        failure="a job the provider accepted failed in a way its document says is not charged",
+        proves="not billed",
+        disposition="next",
+        reason="the job is over and unpaid (fal: server errors of an app are never charged), "
+        "so another provider may do it",
+    ),
+    BillingRule(
+        name="job-accepted",
+        failure="any other failure after an asynchronous provider accepted the job (but "
+        "moderation): it failed, is unknown, passed its deadline, or a poll was refused or "
+        "unreadable",
+        proves="may be billed",
+        disposition="final",
+        reason="the job is the provider's now and may still be billed: it is never submitted "
+        "again, anywhere; `client.resume(error.job)` polls it again",
+    ),
     BillingRule(
         name="not-connected",
         failure="connection refused or reset before sending, DNS failure, connect or pool "
@@ -149,7 +176,7 @@ BILLING_RULES: Final[tuple[BillingRule, ...]] = (
     ),
     BillingRule(
         name="moderated",
-        failure="moderation (any status)",
+        failure="moderation (any status, or a job's moderated status)",
         proves="refused",
         disposition="final",
         reason="another provider's filter would most likely block it too",
@@ -360,10 +387,14 @@ def billing_rule(error: FluxError, not_taken: Mapping[int, str] | None = None) -
         not_taken: Statuses the provider's own document says are not billed, each with the
             document it comes from (`Adapter.not_taken`).
     """
+    if isinstance(error, ContentModerated | Moderated):
+        return _RULES["moderated"]
+    if error.job is not None or isinstance(error, JobError):  # after an accepted submit
+        if isinstance(error, JobFailed) and error.billed is False:
+            return _RULES["job-not-billed"]
+        return _RULES["job-accepted"]
     if isinstance(error, TransportError):
         return _RULES["answer-lost" if error.sent else "not-connected"]
-    if isinstance(error, ContentModerated):
-        return _RULES["moderated"]
     if not isinstance(error, ProviderError):
         return _RULES["refused-locally"]  # RequestError and the other errors raised here
     status = error.status_code
@@ -423,7 +454,7 @@ def _with_attempts(error: FluxError, attempts: list[Attempt]) -> FluxError:
 def route(
     request: EditRequest,
     candidates: Sequence[object],
-    adapter_of: Callable[[object], Adapter],
+    adapter_of: Callable[[object], AnyAdapter],
     policy: RoutingPolicy,
     breaker: Breaker,
     prices: Mapping[tuple[str, str], Price] | None = None,
@@ -448,7 +479,7 @@ def route(
                 _skipped(adapter.name, request.model, error, "its limits refuse the request")
             )
             continue
-        cost = estimate(request, plan, prices)
+        cost = estimate(request, plan, prices, getattr(adapter, "prices", None))
         if policy.max_cost_usd is not None:
             if cost is None and policy.unknown_price == "refuse":
                 attempts.append(

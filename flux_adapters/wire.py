@@ -133,6 +133,8 @@ class HttpRequest:
         headers: Extra headers (the client adds authentication and the content type).
         role: What the exchange is to its job (`Role`); a synchronous provider's one request is
             its ``submit``.
+        deadline: Seconds the exchange may take in all, when that is shorter than the client's
+            own deadline (a poll near its job's deadline); set by the library's job flows.
     """
 
     method: str
@@ -140,6 +142,7 @@ class HttpRequest:
     body: JsonBody | MultipartBody | None = None
     headers: tuple[tuple[str, str], ...] = ()
     role: Role = "submit"
+    deadline: float | None = None
 
 
 @frozen

@@ -5,10 +5,15 @@ from __future__ import annotations
 import io
 import os
 import socket
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, settings
 from PIL import Image
+
+from flux_adapters import get_adapter
+from flux_adapters._flows import is_job_adapter
+from flux_adapters.providers import Adapter
 
 settings.register_profile(
     "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -36,3 +41,10 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(host, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+
+
+def call_adapter(name: str) -> Adapter:
+    """The adapter of a synchronous provider (one call), typed as one."""
+    adapter = get_adapter(name)
+    assert not is_job_adapter(adapter), name
+    return cast(Adapter, adapter)

@@ -40,7 +40,7 @@ def run(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_explain_shows_four_different_wire_requests(tmp_path: Path) -> None:
+def test_explain_shows_every_providers_wire_request_and_auth_header(tmp_path: Path) -> None:
     picture = tmp_path / "robot.png"
     picture.write_bytes(image_bytes(64, 48))
     code, out, _ = run(
@@ -54,7 +54,7 @@ def test_explain_shows_four_different_wire_requests(tmp_path: Path) -> None:
     )
     assert code == 0
     sections = dict(part.split("\n", 1) for part in out.split("=== ")[1:])
-    assert set(sections) == {"laozhang", "apiyi", "apiyi-multipart", "aimlapi"}
+    assert set(sections) == {"laozhang", "apiyi", "apiyi-multipart", "aimlapi", "bfl", "fal"}
     assert "POST https://api.laozhang.ai/v1/images/generations" in sections["laozhang"]
     assert '"width": 1184' in sections["laozhang"]
     assert '"aspect_ratio": "4:3"' in sections["apiyi"]
@@ -62,9 +62,14 @@ def test_explain_shows_four_different_wire_requests(tmp_path: Path) -> None:
     assert 'image[]  (file "robot.png", image/png' in sections["apiyi-multipart"]
     assert '"image_size": "landscape_4_3"' in sections["aimlapi"]
     assert '"model": "blackforestlabs/flux-2-pro-edit"' in sections["aimlapi"]
-    assert "Authorization: Bearer [redacted]" in out
+    assert "Authorization: Bearer [redacted]" in sections["laozhang"]
+    assert "POST https://api.bfl.ai/v1/flux-2-pro\nx-key: [redacted]" in sections["bfl"]
+    assert '"input_image": "<plain base64>… <64x48 png' in sections["bfl"]  # no data: prefix
+    assert "POST https://queue.fal.run/fal-ai/flux-2-pro/edit" in sections["fal"]
+    assert "Authorization: Key [redacted]" in sections["fal"]
+    assert '"image_size": "landscape_4_3"' in sections["fal"]
     assert "data:image/png;base64,… <64x48 png" in out
-    assert len(set(sections.values())) == 4
+    assert len(set(sections.values())) == 6
 
 
 def test_explain_lists_violations_instead_of_sending(tmp_path: Path) -> None:

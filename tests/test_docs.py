@@ -22,7 +22,7 @@ def test_generated_tables_are_current(path: Path) -> None:
 
 
 def test_every_provider_has_a_page() -> None:
-    from flux_adapters import PROVIDERS
+    from flux_adapters.providers import BUILT_IN
 
     pages = {path.stem for path in (ROOT / "docs" / "providers").glob("*.md")}
-    assert pages == set(PROVIDERS)
+    assert pages == set(BUILT_IN)

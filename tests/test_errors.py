@@ -31,6 +31,11 @@ INSTANCES = [
     errors.Timeout("slow", provider="laozhang", sent=True),
     errors.ResultExpired("gone", status_code=403, location="cdn.example/x.png"),
     errors.OutputError("is a directory", path="out/robot.png"),
+    errors.JobError("ended", provider="bfl", job_id="j-1", detail="why"),
+    errors.Moderated("blocked", provider="bfl", job_id="j-1", stage="content", detail="flagged"),
+    errors.JobFailed("failed", provider="fal", job_id="j-2", billed=False),
+    errors.JobNotFound("gone", provider="bfl", job_id="j-3"),
+    errors.JobTimeout("late", provider="fal", job_id="j-4", waited=600.0, cancelled=True),
     errors.AllProvidersFailed(
         "none",
         attempts=[Attempt(provider="apiyi", model="flux-2-pro", outcome="failed", elapsed_s=0.1)],

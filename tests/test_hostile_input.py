@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from flux_adapters import MODELS, PROVIDERS, EditRequest, check, get_adapter
 from flux_adapters._bodies import StreamedJson, data_url, json_segments
-from flux_adapters._flows import resolve
+from flux_adapters._flows import first_request, resolve
 from flux_adapters.errors import ConfigurationError, FluxError, RequestError, Violation
 from flux_adapters.limits import RatioRule, SizeRule, _size_for_ratio
 from flux_adapters.request import (
@@ -633,7 +633,7 @@ def send_everywhere(request: EditRequest) -> None:
             assert_clear(RequestError(found, provider=provider, model=request.model))
             continue
         adapter = get_adapter(provider)
-        wire = adapter.build_request(request, resolve(adapter, request), "https://api.example")
+        wire = first_request(adapter, request, resolve(adapter, request), "https://api.example")
         body = wire.body
         if isinstance(body, JsonBody):
             json.loads(b"".join(StreamedJson(json_segments(body))))
@@ -996,7 +996,7 @@ def test_a_file_swapped_for_a_fifo_before_sending_is_refused(tmp_path: Path) -> 
     assert outcome.violations[0].message.endswith("is a FIFO (named pipe), not a regular file")
     # ...and the streamed JSON body every JSON provider sends.
     adapter = get_adapter("laozhang")
-    body = adapter.build_request(request, resolve(adapter, request), "https://api.example").body
+    body = first_request(adapter, request, resolve(adapter, request), "https://api.example").body
     assert isinstance(body, JsonBody)
     outcome = returns_quickly(lambda: b"".join(StreamedJson(json_segments(body))))
     assert isinstance(outcome, RequestError)

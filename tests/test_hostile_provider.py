@@ -22,7 +22,7 @@ from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters._redact import FRAGMENT, secret_forms
 from flux_adapters.result import MAX_IMAGE_BYTES
 from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES
-from tests.conftest import image_bytes
+from tests.conftest import call_adapter, image_bytes
 
 KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
 REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
@@ -471,9 +471,8 @@ class Broken:
     env_prefix = "BROKEN"
 
     def __init__(self, fail_at: str) -> None:
-        from flux_adapters import get_adapter
 
-        self._inner = get_adapter("laozhang")
+        self._inner = call_adapter("laozhang")
         self.limits = self._inner.limits
         self._fail_at = fail_at
 

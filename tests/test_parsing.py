@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from flux_adapters import errors, get_adapter
+from flux_adapters import errors
 from flux_adapters.providers._images_api import MAX_RETRY_AFTER
 from flux_adapters.result import MAX_IMAGE_BYTES
 from flux_adapters.wire import ERROR_BODY_BYTES, HttpResponse
-from tests.conftest import image_bytes
+from tests.conftest import call_adapter, image_bytes
 
 
 def response(status: int, body: object, headers: dict[str, str] | None = None) -> HttpResponse:
@@ -20,7 +20,7 @@ def response(status: int, body: object, headers: dict[str, str] | None = None) -
 @pytest.mark.parametrize("provider", ["laozhang", "apiyi", "apiyi-multipart", "aimlapi"])
 def test_url_answers(provider: str) -> None:
     # apiyi's documented answer (003), the same shape at every provider here.
-    answer = get_adapter(provider).parse_response(
+    answer = call_adapter(provider).parse_response(
         response(
             200,
             {
@@ -38,7 +38,7 @@ def test_url_answers(provider: str) -> None:
 
 
 def test_aimlapi_answer_with_usage_in_either_unit() -> None:
-    adapter = get_adapter("aimlapi")
+    adapter = call_adapter("aimlapi")
     documented = {
         "data": [
             {
@@ -68,7 +68,7 @@ def test_unknown_extra_fields_are_ignored() -> None:
         "id": "1",
         "usage": {"total": 3},
     }
-    assert len(get_adapter("apiyi").parse_response(response(200, body)).images) == 1
+    assert len(call_adapter("apiyi").parse_response(response(200, body)).images) == 1
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_unknown_extra_fields_are_ignored() -> None:
 )
 def test_malformed_success_answers(body: bytes) -> None:
     with pytest.raises(errors.ResponseFormatError) as caught:
-        get_adapter("laozhang").parse_response(response(200, body))
+        call_adapter("laozhang").parse_response(response(200, body))
     assert caught.value.status_code == 200
     assert caught.value.provider == "laozhang"
 
@@ -93,7 +93,7 @@ def test_malformed_success_answers(body: bytes) -> None:
 def test_an_error_report_inside_a_200_is_an_error() -> None:
     body = {"error": {"message": "Request Moderated", "code": "content_policy_violation"}}
     with pytest.raises(errors.ContentModerated) as caught:
-        get_adapter("apiyi").parse_response(response(200, body))
+        call_adapter("apiyi").parse_response(response(200, body))
     assert caught.value.status_code == 200
 
 
@@ -133,14 +133,14 @@ def test_error_bodies_map_to_typed_errors_with_the_real_status(
     kind: type[errors.ProviderError],
     detail: str,
 ) -> None:
-    error = get_adapter("laozhang").parse_error(response(status, body, headers))
+    error = call_adapter("laozhang").parse_error(response(status, body, headers))
     assert type(error) is kind
     assert error.status_code == status
     assert error.detail == detail
 
 
 def test_retry_after_in_seconds_and_as_a_date() -> None:
-    adapter = get_adapter("aimlapi")
+    adapter = call_adapter("aimlapi")
     seconds = adapter.parse_error(response(429, b"slow down", {"retry-after": "2.5"}))
     assert isinstance(seconds, errors.RateLimited)
     assert seconds.retry_after == 2.5
@@ -161,7 +161,7 @@ def test_details_are_clipped_and_scrubbed_of_keys_and_signatures() -> None:
             + "x" * 900
         }
     }
-    error = get_adapter("apiyi").parse_error(response(401, body))
+    error = call_adapter("apiyi").parse_error(response(401, body))
     assert error.detail is not None
     assert len(error.detail) <= 500
     for secret in ("sk-abcdefghijklmnop", "abc.def", "s3cr3t"):
@@ -184,7 +184,7 @@ def test_details_are_clipped_and_scrubbed_of_keys_and_signatures() -> None:
 def test_the_status_decides_the_kind_of_error(
     status: int, body: object, kind: type[errors.ProviderError]
 ) -> None:
-    error = get_adapter("laozhang").parse_error(response(status, body))
+    error = call_adapter("laozhang").parse_error(response(status, body))
     assert type(error) is kind
     assert error.status_code == status
 
@@ -192,7 +192,7 @@ def test_the_status_decides_the_kind_of_error(
 def test_an_error_report_inside_a_200_is_a_format_error_not_a_refusal() -> None:
     body = {"error": {"message": "insufficient quota", "code": "insufficient_quota"}}
     with pytest.raises(errors.ResponseFormatError) as caught:
-        get_adapter("laozhang").parse_response(response(200, body))
+        call_adapter("laozhang").parse_response(response(200, body))
     assert caught.value.status_code == 200  # ambiguous: the job may have been done
 
 
@@ -215,25 +215,25 @@ def test_every_image_of_an_answer_is_checked_before_it_is_accepted(
     body: dict[str, object], problem: str
 ) -> None:
     with pytest.raises(errors.ResponseFormatError, match=problem):
-        get_adapter("aimlapi").parse_response(response(200, body))
+        call_adapter("aimlapi").parse_response(response(200, body))
 
 
 def test_an_inline_image_cut_short_is_refused() -> None:
     whole = base64.b64encode(image_bytes(64, 64)).decode()
-    assert get_adapter("aimlapi").parse_response(response(200, inline(whole))).images
+    assert call_adapter("aimlapi").parse_response(response(200, inline(whole))).images
     cut = whole[: len(whole) // 2 // 4 * 4]  # whole base64 quanta: valid base64, half an image
     with pytest.raises(errors.ResponseFormatError, match="cut short"):
-        get_adapter("aimlapi").parse_response(response(200, inline(cut)))
+        call_adapter("aimlapi").parse_response(response(200, inline(cut)))
 
 
 def test_json_nested_deeper_than_python_goes_is_a_typed_error() -> None:
     deep = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(errors.ResponseFormatError, match="not readable JSON"):
-        get_adapter("laozhang").parse_response(response(200, deep))
-    error = get_adapter("laozhang").parse_error(response(500, deep))
+        call_adapter("laozhang").parse_response(response(200, deep))
+    error = call_adapter("laozhang").parse_error(response(500, deep))
     assert isinstance(error, errors.ProviderUnavailable)
     nested_message = {"error": {"message": json.loads("[" * 900 + "]" * 900)}}
-    error = get_adapter("laozhang").parse_error(response(400, nested_message))
+    error = call_adapter("laozhang").parse_error(response(400, nested_message))
     assert isinstance(error, errors.ProviderRejected)
 
 
@@ -244,11 +244,11 @@ def test_a_huge_html_error_page_is_reduced_to_its_title_from_a_bounded_prefix() 
         + b"</body></html>"
     )
     assert len(page) > 1_000_000
-    error = get_adapter("apiyi").parse_error(response(504, page))
+    error = call_adapter("apiyi").parse_error(response(504, page))
     assert isinstance(error, errors.ProviderUnavailable)
     assert error.detail == "504 Gateway Time-out"
     untitled = b"<html><body>" + b"<p>down " * 200_000 + b"</body></html>"
-    error = get_adapter("apiyi").parse_error(response(502, untitled))
+    error = call_adapter("apiyi").parse_error(response(502, untitled))
     assert error.detail is not None
     assert error.detail.startswith("down down")
     assert len(error.detail) <= 500
@@ -274,6 +274,6 @@ def test_a_huge_html_error_page_is_reduced_to_its_title_from_a_bounded_prefix() 
 def test_retry_after_values_of_any_shape_are_bounded_or_ignored(
     value: str, expected: float | None
 ) -> None:
-    error = get_adapter("laozhang").parse_error(response(429, b"slow", {"retry-after": value}))
+    error = call_adapter("laozhang").parse_error(response(429, b"slow", {"retry-after": value}))
     assert isinstance(error, errors.RateLimited)
     assert error.retry_after == expected

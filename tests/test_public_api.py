@@ -3,6 +3,7 @@ import sys
 
 import flux_adapters
 from flux_adapters import errors
+from flux_adapters.providers import BUILT_IN
 
 
 def test_every_exported_name_resolves() -> None:
@@ -12,7 +13,9 @@ def test_every_exported_name_resolves() -> None:
 
 
 def test_the_contract_names_exist() -> None:
-    assert flux_adapters.PROVIDERS.keys() == {"laozhang", "apiyi", "apiyi-multipart", "aimlapi"}
+    built_in = {"laozhang", "apiyi", "apiyi-multipart", "aimlapi", "bfl", "fal"}
+    assert set(BUILT_IN) == built_in
+    assert built_in <= flux_adapters.PROVIDERS.keys()  # and any installed provider package
     assert issubclass(errors.RequestError, errors.FluxError)
     assert issubclass(errors.RequestError, ValueError)
     assert issubclass(errors.ProviderError, errors.FluxError)

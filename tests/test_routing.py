@@ -9,13 +9,15 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from flux_adapters import EditRequest, errors, get_adapter
+from flux_adapters import EditRequest, errors
 from flux_adapters._flows import Outcome, resolve
+from flux_adapters.jobs import Job
 from flux_adapters.prices import PerCall
 from flux_adapters.providers import Adapter, Answer
 from flux_adapters.result import ResultImage
 from flux_adapters.routing import (
     BILLING_RULES,
+    BillingRule,
     Breaker,
     Pass,
     Routed,
@@ -26,6 +28,7 @@ from flux_adapters.routing import (
     disposition,
     route,
 )
+from tests.conftest import call_adapter
 
 REQUEST = EditRequest(prompt="p", model="flux-2-pro")
 MODEL = REQUEST.model
@@ -33,11 +36,11 @@ MODEL = REQUEST.model
 
 def adapter_of(candidate: object) -> Adapter:
     assert isinstance(candidate, str)
-    return get_adapter(candidate)
+    return call_adapter(candidate)
 
 
 def ok(provider: str, request: EditRequest = REQUEST) -> Outcome:
-    plan = resolve(get_adapter(provider), request)
+    plan = resolve(call_adapter(provider), request)
     return Outcome(plan=plan, answer=Answer(images=(ResultImage(url="https://cdn.example/a.png"),)))
 
 
@@ -239,7 +242,34 @@ def transport(sent: bool) -> errors.TransportError:
 
 # Every row of the billing table, with failures that must fall under it. Text in a body never
 # moves an ambiguous status: a ModelUnavailable or InsufficientBalance at 500 or 200 stays there.
+ACCEPTED = Job(provider="x", model="flux-2-pro", id="job-1", poll_url="https://x.example/poll")
+
+
+def after_acceptance(error: errors.FluxError) -> errors.FluxError:
+    """*error* as a job flow raises it once the provider accepted the job."""
+    error.job = ACCEPTED
+    return error
+
+
+def job_failed(billed: bool | None) -> errors.JobFailed:
+    return errors.JobFailed("failed", provider="x", job_id="job-1", billed=billed)
+
+
 BILLING_EXAMPLES: dict[str, list[errors.FluxError]] = {
+    "job-not-billed": [after_acceptance(job_failed(False)), job_failed(False)],
+    "job-accepted": [
+        after_acceptance(
+            errors.JobTimeout("late", provider="x", job_id="job-1", waited=600, cancelled=None)
+        ),
+        after_acceptance(errors.JobNotFound("gone", provider="x", job_id="job-1")),
+        after_acceptance(job_failed(None)),
+        after_acceptance(job_failed(True)),
+        # Whatever a poll meets after the submit was accepted: never "not taken" any more.
+        after_acceptance(transport(False)),
+        after_acceptance(fail(errors.ProviderUnavailable, 503)),
+        after_acceptance(fail(errors.RateLimited, 429)),
+        after_acceptance(errors.ResponseFormatError("garbled", provider="x", status_code=200)),
+    ],
     "not-connected": [transport(False), errors.Timeout("connect", provider="x", sent=False)],
     "rate-limited": [
         fail(errors.RateLimited, 429, retry_after=1.0),
@@ -253,7 +283,12 @@ BILLING_EXAMPLES: dict[str, list[errors.FluxError]] = {
         fail(errors.ModelUnavailable, 404),
         fail(errors.InsufficientBalance, 400),
     ],
-    "moderated": [fail(errors.ContentModerated, 400), fail(errors.ContentModerated, 200)],
+    "moderated": [
+        fail(errors.ContentModerated, 400),
+        fail(errors.ContentModerated, 200),
+        after_acceptance(errors.Moderated("m", provider="x", job_id="job-1", stage="request")),
+        after_acceptance(errors.Moderated("m", provider="x", job_id="job-1", stage="content")),
+    ],
     "invalid": [fail(errors.ProviderRejected, 400), fail(errors.ProviderRejected, 422)],
     "refused-locally": [
         errors.RequestError([errors.Violation("seed", "bad", ">= 1", "0")]),
@@ -276,6 +311,10 @@ BILLING_EXAMPLES: dict[str, list[errors.FluxError]] = {
 }
 
 
+def _rule(name: str) -> BillingRule:
+    return next(row for row in BILLING_RULES if row.name == name)
+
+
 def test_the_billing_table_is_walked_row_by_row() -> None:
     assert set(BILLING_EXAMPLES) == {row.name for row in BILLING_RULES}
     declared = {599: "https://provider.example/docs/errors (599: not billed)"}
@@ -286,7 +325,11 @@ def test_the_billing_table_is_walked_row_by_row() -> None:
             assert disposition(error, declared) == row.disposition
     assert billing_rule(fail(errors.ProviderUnavailable, 599)).name == "server-error"  # undeclared
     ambiguous = {r.name for r in BILLING_RULES if r.disposition == "ambiguous"}
-    assert ambiguous == {r.name for r in BILLING_RULES if r.proves == "may be billed"}
+    billed = {r.name for r in BILLING_RULES if r.proves == "may be billed"}
+    # An accepted job may be billed too, and is final: never sent anywhere again, even when the
+    # caller accepts paying twice for an ambiguous failure (failover_on_ambiguous).
+    assert ambiguous == billed - {"job-accepted"}
+    assert _rule("job-accepted").disposition == "final"
 
 
 # provider-rule needs an adapter that declares the status: the test after this one.
@@ -317,10 +360,10 @@ def test_a_provider_rule_citing_its_document_makes_a_status_not_taken() -> None:
         def __getattr__(self, name: str) -> object:
             return getattr(self._inner, name)
 
-    documented = Documented(get_adapter("laozhang"))
+    documented = Documented(call_adapter("laozhang"))
 
     def of(candidate: object) -> Adapter:
-        return documented if candidate == "laozhang" else get_adapter(str(candidate))  # type: ignore[return-value]
+        return documented if candidate == "laozhang" else call_adapter(str(candidate))  # type: ignore[return-value]
 
     router = route(REQUEST, ["laozhang", "apiyi"], of, RoutingPolicy(retries=0), Breaker())
     assert isinstance(next(router), Try)

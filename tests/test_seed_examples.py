@@ -13,10 +13,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from flux_adapters import EditRequest, get_adapter
+from flux_adapters import EditRequest
 from flux_adapters._flows import resolve
 from flux_adapters.wire import HttpRequest, JsonBody, MultipartBody
-from tests.conftest import image_bytes
+from tests.conftest import call_adapter, image_bytes
 
 BASES = {
     "laozhang": "https://api.laozhang.ai",
@@ -418,7 +418,7 @@ MULTIPART_EXAMPLES = [
 
 
 def build(provider: str, request: EditRequest) -> HttpRequest:
-    adapter = get_adapter(provider)
+    adapter = call_adapter(provider)
     return adapter.build_request(request, resolve(adapter, request), BASES[provider])
 
 

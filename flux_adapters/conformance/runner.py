@@ -48,7 +48,7 @@ from flux_adapters.conformance.scenarios import (
     RaisesBeforeIO,
     Scenario,
 )
-from flux_adapters.providers import Adapter
+from flux_adapters.providers import AnyAdapter
 from flux_adapters.request import EditRequest
 
 __all__ = [
@@ -111,7 +111,7 @@ class RecordingFailed(errors.FluxError):
         self.findings = tuple(findings)
 
 
-def _supports(adapter: Adapter, scenario: Scenario, request: EditRequest) -> str:
+def _supports(adapter: AnyAdapter, scenario: Scenario, request: EditRequest) -> str:
     """Why *adapter* cannot run *scenario* (empty when it can)."""
     forms = getattr(adapter, "result_forms", frozenset({"url"}))
     if scenario.result_form not in forms:
@@ -139,7 +139,7 @@ def _network_blocked() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _client(adapter: Adapter, api_key: str, base_url: str) -> Iterator[FluxClient]:
+def _client(adapter: AnyAdapter, api_key: str, base_url: str) -> Iterator[FluxClient]:
     # gzip only: vcrpy cannot decode every encoding httpx may advertise (zstd), and a body it
     # cannot decode cannot be scrubbed.
     with httpx.Client(headers={"Accept-Encoding": "gzip"}) as http:
@@ -182,7 +182,7 @@ def _exercise(client: FluxClient, request: EditRequest, expect: Completes | Prov
     return ""
 
 
-def _refusal(adapter: Adapter, request: EditRequest) -> str:
+def _refusal(adapter: AnyAdapter, request: EditRequest) -> str:
     """Check that *request* is refused with a RequestError before any byte is sent."""
     sent: list[httpx.Request] = []
 
@@ -216,7 +216,7 @@ def _read_metadata(path: Path) -> Mapping[str, str] | None:
     return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else None
 
 
-def _judge(adapter: Adapter, scenario: Scenario, cassettes: Path) -> Verdict:
+def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
     def verdict(
         outcome: Outcome, detail: str = "", recorded: Mapping[str, str] | None = None
     ) -> Verdict:
@@ -295,7 +295,7 @@ def _mismatch(exc: BaseException) -> str:
 
 
 def run_scenario(
-    adapter: Adapter,
+    adapter: AnyAdapter,
     scenario: Scenario,
     cassettes: Path,
     deviations: Mapping[str, str] | None = None,
@@ -317,7 +317,7 @@ def run_scenario(
     )  # fmt: skip
 
 
-def _recordable(adapter: Adapter, scenario: Scenario, emulator: bool) -> bool:
+def _recordable(adapter: AnyAdapter, scenario: Scenario, emulator: bool) -> bool:
     if isinstance(scenario.expect, RaisesBeforeIO) or _supports(
         adapter, scenario, scenario.build(adapter)
     ):
@@ -325,7 +325,7 @@ def _recordable(adapter: Adapter, scenario: Scenario, emulator: bool) -> bool:
     return emulator or scenario.fault is None
 
 
-def paid_calls(adapter: Adapter, emulator: bool) -> tuple[int, int]:
+def paid_calls(adapter: AnyAdapter, emulator: bool) -> tuple[int, int]:
     """How many requests a recording run makes, and how many of them may be billed."""
     chosen = [s for s in SCENARIOS if _recordable(adapter, s, emulator)]
     billed = [s for s in chosen if isinstance(s.expect, Completes)]
@@ -350,7 +350,7 @@ def _recording_keys(api_key: str, scenarios: Sequence[Scenario]) -> tuple[str, .
 
 
 def record(
-    adapter: Adapter,
+    adapter: AnyAdapter,
     cassettes: Path,
     *,
     api_key: str,
@@ -441,7 +441,7 @@ def record(
 
 def _record_into(
     folder: Path,
-    adapter: Adapter,
+    adapter: AnyAdapter,
     *,
     api_key: str,
     keys: Sequence[str],

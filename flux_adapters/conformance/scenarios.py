@@ -25,7 +25,7 @@ from attrs import frozen
 
 from flux_adapters import errors
 from flux_adapters.emulator._faults import Fault
-from flux_adapters.providers import Adapter
+from flux_adapters.providers import AnyAdapter
 from flux_adapters.request import EditRequest
 
 __all__ = [
@@ -95,7 +95,7 @@ class Scenario:
 
     id: str
     title: str
-    build: Callable[[Adapter], EditRequest]
+    build: Callable[[AnyAdapter], EditRequest]
     expect: Expectation
     fault: Fault | None = None
     api_key: str | None = None
@@ -104,8 +104,8 @@ class Scenario:
 
 def _request(
     model: str = "flux-2-pro", prompt: str = "a red robot on a skateboard", **fields: object
-) -> Callable[[Adapter], EditRequest]:
-    def build(adapter: Adapter) -> EditRequest:
+) -> Callable[[AnyAdapter], EditRequest]:
+    def build(adapter: AnyAdapter) -> EditRequest:
         # An edit-only endpoint (at least one image) gets one small reference, so that what the
         # scenario checks is still exercised there.
         limits = adapter.limits.get(model)
@@ -115,7 +115,7 @@ def _request(
     return build
 
 
-def _most_references(adapter: Adapter, extra: int) -> EditRequest:
+def _most_references(adapter: AnyAdapter, extra: int) -> EditRequest:
     limits = adapter.limits.get("flux-2-pro")
     most = limits.images.high if limits is not None and limits.images.high is not None else 8
     images = [asset(1 + n % 3) for n in range(most + extra)]
@@ -124,7 +124,7 @@ def _most_references(adapter: Adapter, extra: int) -> EditRequest:
     )
 
 
-def _explicit_size(adapter: Adapter) -> EditRequest:
+def _explicit_size(adapter: AnyAdapter) -> EditRequest:
     # 512x512 sits on every grid here (16 or 32) and inside every range; one reference image
     # so that edit-only endpoints can take it too.
     return EditRequest(
@@ -136,7 +136,7 @@ def _explicit_size(adapter: Adapter) -> EditRequest:
     )
 
 
-def _oversized(adapter: Adapter) -> EditRequest:
+def _oversized(adapter: AnyAdapter) -> EditRequest:
     # A 21 MB file with a valid PNG header: refused from its size alone, never read whole.
     import tempfile
 
@@ -148,7 +148,7 @@ def _oversized(adapter: Adapter) -> EditRequest:
     return EditRequest(prompt="edit image 1", model="flux-2-pro", images=[path])
 
 
-def _data_url_reference(adapter: Adapter) -> EditRequest:
+def _data_url_reference(adapter: AnyAdapter) -> EditRequest:
     import base64
 
     data_url = "data:image/png;base64," + base64.b64encode(asset(1).read_bytes()).decode()

@@ -1,15 +1,32 @@
 """The provider registry and the contract every adapter meets.
 
 An adapter is pure: it turns an `EditRequest` (resolved into a `Plan` by the limits check) into
-one `HttpRequest`, and an `HttpResponse` into an `Answer` or a typed error. It never sends,
-sleeps, reads files or the environment, or logs. Provider modules are imported only when used.
+the HTTP exchanges that perform it, and their answers into an `Answer` or a typed error. It
+never sends, sleeps, reads files or the environment, or logs. Two shapes exist:
+
+- `Adapter`: a synchronous provider, one request and one answer (the resellers);
+- `flux_adapters.jobs.JobAdapter`: an asynchronous one, submit -> poll -> fetch -> cancel, whose
+  loop, waits and deadline the library owns (Black Forest Labs, fal).
+
+Either declares how its key is sent and which hosts may receive it (`KeyAuth`), and may declare
+statuses its provider's document says are not billed (``not_taken``), its prices (``prices``)
+and the dollar value of its reported credits (``usd_per_credit``).
+
+Providers come from three places, seen alike by every part of the library (clients,
+``from_env``, the configuration file, ``check``, the command line, the conformance runner):
+the built-in ones, the entry-point group ``flux_adapters.providers`` of installed packages, and
+`register_provider`. Names are case-insensitive. Provider modules are imported only when used.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
-from collections.abc import Mapping
-from typing import Final, Protocol
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
+from urllib.parse import urlsplit
 
 from attrs import frozen
 
@@ -20,15 +37,93 @@ from flux_adapters.request import EditRequest
 from flux_adapters.result import ResultImage, Usage
 from flux_adapters.wire import HttpRequest, HttpResponse
 
-__all__ = ["PROVIDERS", "Adapter", "Answer", "get_adapter"]
+if TYPE_CHECKING:
+    from flux_adapters.jobs import JobAdapter
 
-PROVIDERS: Final[Mapping[str, str]] = {
+__all__ = [
+    "BEARER",
+    "BUILT_IN",
+    "ENTRY_POINT_GROUP",
+    "PROVIDERS",
+    "Adapter",
+    "Answer",
+    "AnyAdapter",
+    "KeyAuth",
+    "canonical_name",
+    "get_adapter",
+    "provider_origin",
+    "register_provider",
+]
+
+ENTRY_POINT_GROUP: Final = "flux_adapters.providers"
+"""The entry-point group a provider package registers its adapter under (``name = "module:Class"``)."""
+
+BUILT_IN: Final[Mapping[str, str]] = {
     "laozhang": "flux_adapters.providers.laozhang:LaozhangAdapter",
     "apiyi": "flux_adapters.providers.apiyi:ApiyiAdapter",
     "apiyi-multipart": "flux_adapters.providers.apiyi:ApiyiMultipartAdapter",
     "aimlapi": "flux_adapters.providers.aimlapi:AimlapiAdapter",
+    "bfl": "flux_adapters.providers.bfl:BflAdapter",
+    "fal": "flux_adapters.providers.fal:FalAdapter",
 }
-"""Provider id -> ``module:Class`` of its adapter."""
+"""The providers this library ships: id -> ``module:Class`` of its adapter."""
+
+_NAME: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+@frozen(kw_only=True)
+class KeyAuth:
+    """How an adapter's API key is sent, and which hosts may receive it.
+
+    Attributes:
+        header: The header that carries the key (``"Authorization"``, ``"x-key"``), or ``None``
+            when a query parameter does.
+        scheme: The word before the key in the header (``"Bearer"``, ``"Key"``, ``"Token"``),
+            or ``None`` for the key alone.
+        query: The query parameter that carries the key, instead of a header.
+        hosts: Host patterns besides the base URL's own origin that may receive the key, over
+            https only, for URLs the provider returns (``"*.bfl.ai"`` for polling URLs on
+            regional hosts). A result or delivery URL never receives it: downloads carry none.
+    """
+
+    header: str | None = "Authorization"
+    scheme: str | None = "Bearer"
+    query: str | None = None
+    hosts: tuple[str, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if (self.header is None) == (self.query is None):
+            raise ConfigurationError("KeyAuth: give a header or a query parameter, one of them")
+        words = [word for word in (self.header, self.scheme, self.query) if word is not None]
+        if not all(re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", word) for word in words):
+            raise ConfigurationError("KeyAuth: header, scheme and query must be plain tokens")
+
+    def describe(self) -> str:
+        """Where the key goes, with the key itself redacted: ``x-key: [redacted]``."""
+        if self.header is None:
+            return f"?{self.query}=[redacted]"
+        return f"{self.header}: {self.scheme + ' ' if self.scheme else ''}[redacted]"
+
+    def value(self, key: str) -> str:
+        """The header value (or query value) that carries *key*."""
+        return f"{self.scheme} {key}" if self.scheme and self.header else key
+
+    def allows(self, url: str, base_url: str) -> bool:
+        """Whether *url* may receive the key: *base_url*'s own origin, or a declared host."""
+        try:
+            theirs, mine = urlsplit(url), urlsplit(base_url)
+            host = theirs.hostname or ""
+        except ValueError:
+            return False
+        if (theirs.scheme, theirs.netloc) == (mine.scheme, mine.netloc):
+            return True
+        return theirs.scheme == "https" and any(
+            fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.hosts
+        )
+
+
+BEARER: Final = KeyAuth()
+"""``Authorization: Bearer <key>`` to the base URL's origin only: an adapter's default."""
 
 
 @frozen(kw_only=True)
@@ -40,7 +135,14 @@ class Answer:
 
 
 class Adapter(Protocol):
-    """What the client needs from a provider adapter."""
+    """What the client needs from the adapter of a synchronous provider (one call).
+
+    Optional data an adapter may also declare (read with ``getattr``, so older adapters keep
+    working): ``auth`` (a `KeyAuth`; default `BEARER`), ``not_taken`` (status -> the document
+    saying it is not billed), ``prices`` (model -> ``flux_adapters.prices.Price``),
+    ``usd_per_credit`` (the dollar value of a credit in ``Usage.credits_used``, when the
+    provider documents it), ``result_forms`` (``{"url"}``, ``{"url", "b64_json"}``).
+    """
 
     @property
     def name(self) -> str:
@@ -73,41 +175,202 @@ class Adapter(Protocol):
         """Return the typed error for an error answer (status >= 300)."""
 
 
-_loaded: dict[str, Adapter] = {}
+AnyAdapter: TypeAlias = "Adapter | JobAdapter"
+"""Either kind of adapter: a synchronous provider's or an asynchronous one's."""
 
 
-def get_adapter(name: str) -> Adapter:
-    """Return the adapter registered as *name*.
+class _Registry:
+    """Every provider known: built in, from installed packages' entry points, or registered."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._targets: dict[str, tuple[object, str]] = {
+            name: (target, "built in") for name, target in BUILT_IN.items()
+        }
+        self._loaded: dict[str, AnyAdapter] = {}
+        self._scanned = False
+
+    def _scan(self) -> None:
+        """Read the installed packages' entry points once (their modules load only when used)."""
+        if self._scanned:
+            return
+        from importlib.metadata import entry_points
+
+        found = list(entry_points(group=ENTRY_POINT_GROUP))  # two threads may both read: harmless
+        with self._lock:
+            for point in found:
+                name = point.name.strip().lower()
+                package = point.dist.name if point.dist is not None else "an installed package"
+                if _NAME.fullmatch(name) and name not in self._targets:
+                    self._targets[name] = (point, f"entry point of {package}")
+            self._scanned = True
+
+    def names(self) -> tuple[str, ...]:
+        self._scan()
+        return tuple(self._targets)
+
+    def origin(self, name: str) -> str:
+        self._scan()
+        return self._targets[self.canonical(name)][1]
+
+    def canonical(self, name: object) -> str:
+        """*name* as a registered id (any case), or `ConfigurationError` with a suggestion."""
+        if not issubclass(type(name), str):
+            raise ConfigurationError(
+                f"a provider id must be a str, not {type_name(name)} ({render_value(name)}); "
+                f"known: {', '.join(self.names())}"
+            )
+        text = str.__str__(name).strip().lower()
+        if text in BUILT_IN:
+            return text
+        self._scan()
+        if text not in self._targets:
+            raise ConfigurationError(self._unknown(str.__str__(name)))
+        return text
+
+    def _unknown(self, name: str) -> str:
+        message = f"unknown provider {render_value(name)}"
+        known = self.names()
+        if len(name) <= 64:  # difflib is quadratic; a long id resembles nothing anyway
+            import difflib  # lazy: only a mistyped id pays for it
+
+            close = difflib.get_close_matches(name.strip().lower(), known, n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        return f"{message}; known: {', '.join(known)}"
+
+    def get(self, name: object) -> AnyAdapter:
+        canonical = self.canonical(name)
+        adapter = self._loaded.get(canonical)
+        if adapter is not None:
+            return adapter
+        with self._lock:
+            adapter = self._loaded.get(canonical)
+            if adapter is None:
+                target, origin = self._targets[canonical]
+                adapter = _load(canonical, target, origin)
+                self._loaded[canonical] = adapter
+        return adapter
+
+    def register(self, name: object, adapter: object, *, replace: bool) -> str:
+        if not issubclass(type(name), str) or not _NAME.fullmatch(
+            canonical := str.__str__(name).strip().lower()
+        ):
+            raise ConfigurationError(
+                f"a provider id is 1 to 64 lower-case letters, digits, '.', '_' or '-' "
+                f"(got {render_value(name)})"
+            )
+        if canonical in BUILT_IN:
+            raise ConfigurationError(f"{canonical!r} is a built-in provider; choose another id")
+        self._scan()
+        with self._lock:
+            if canonical in self._targets and not replace:
+                origin = self._targets[canonical][1]
+                raise ConfigurationError(
+                    f"a provider {canonical!r} is already known ({origin}); pass replace=True"
+                )
+            self._targets[canonical] = (adapter, "register_provider()")
+            self._loaded.pop(canonical, None)
+        return canonical
+
+
+def _load(name: str, target: object, origin: str) -> AnyAdapter:
+    """The adapter behind *target*: a ``module:Class`` text, an entry point, a class or object."""
+    from flux_adapters._options import check_adapter
+
+    try:
+        if isinstance(target, str):
+            module_name, _, attribute = target.partition(":")
+            target = getattr(importlib.import_module(module_name), attribute)
+        elif hasattr(target, "load") and hasattr(target, "group"):  # an entry point
+            target = target.load()
+        adapter = target() if isinstance(target, type) else target
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(
+            f"provider {name!r} ({origin}) could not be loaded: {type(exc).__name__}: "
+            f"{render_value(str(exc))}"
+        ) from exc
+    checked = check_adapter(adapter)
+    if getattr(checked, "name", None) != name:
+        raise ConfigurationError(
+            f"provider {name!r} ({origin}) names itself {render_value(getattr(checked, 'name', None))}"
+        )
+    return checked  # type: ignore[return-value]
+
+
+_REGISTRY: Final = _Registry()
+
+
+class _Providers(Mapping[str, str]):
+    """A live view: provider id -> where it comes from."""
+
+    def __getitem__(self, name: str) -> str:
+        try:
+            return _REGISTRY.origin(name)
+        except ConfigurationError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_REGISTRY.names())
+
+    def __len__(self) -> int:
+        return len(_REGISTRY.names())
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            _REGISTRY.canonical(name)
+        except ConfigurationError:
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"PROVIDERS({dict(self)!r})"
+
+
+PROVIDERS: Final[Mapping[str, str]] = _Providers()
+"""Every provider id known now -> where it comes from (``"built in"``, ``"entry point of
+<package>"``, ``"register_provider()"``). Built-in ids come first."""
+
+
+def get_adapter(name: str) -> AnyAdapter:
+    """Return the adapter known as *name* (any case).
 
     Raises:
-        ConfigurationError: No provider has that id (or *name* is not a ``str`` at all).
+        ConfigurationError: No provider has that id (with a suggestion for a near miss), *name*
+            is not a ``str`` at all, or a provider package's adapter cannot be loaded.
     """
-    given: object = name
-    if type(given) is not str:
-        # By the real type: an unhashable or hostile value never reaches the dict lookups.
-        if not issubclass(type(given), str):
-            raise ConfigurationError(
-                f"a provider id must be a str, not {type_name(given)} ({render_value(given)}); "
-                f"known: {', '.join(PROVIDERS)}"
-            )
-        name = str.__str__(given)  # a plain copy of a str subclass
-    adapter = _loaded.get(name)
-    if adapter is None:
-        target = PROVIDERS.get(name)
-        if target is None:
-            raise ConfigurationError(_unknown_provider(name))
-        module_name, class_name = target.split(":")
-        adapter = getattr(importlib.import_module(module_name), class_name)()
-        _loaded[name] = adapter
-    return adapter
+    return _REGISTRY.get(name)
 
 
-def _unknown_provider(name: str) -> str:
-    message = f"unknown provider {render_value(name)}"
-    if len(name) <= 64:  # difflib is quadratic; a long id resembles nothing anyway
-        import difflib  # lazy: only a mistyped id pays for it
+def canonical_name(name: object) -> str:
+    """*name* as the id of a known provider (``"BFL "`` -> ``"bfl"``).
 
-        close = difflib.get_close_matches(name.strip().lower(), PROVIDERS, n=1)
-        if close:
-            message += f" (did you mean {close[0]!r}?)"
-    return f"{message}; known: {', '.join(PROVIDERS)}"
+    Raises:
+        ConfigurationError: No provider has that id (with a suggestion for a near miss), or
+            *name* is not a ``str``.
+    """
+    return _REGISTRY.canonical(name)
+
+
+def provider_origin(name: str) -> str:
+    """Where the provider *name* comes from: ``"built in"``, ``"entry point of <package>"``...
+
+    Raises:
+        ConfigurationError: No provider has that id.
+    """
+    return _REGISTRY.origin(name)
+
+
+def register_provider(name: str, adapter: Any, *, replace: bool = False) -> str:
+    """Make *adapter* known as *name*, for code that cannot ship entry-point metadata.
+
+    *adapter* is an adapter object, its class, or ``"module:Class"``; it is loaded (and checked)
+    when first used. Returns the id as stored (lower case).
+
+    Raises:
+        ConfigurationError: *name* is not a usable id, is built in, or is taken (unless
+            *replace*).
+    """
+    return _REGISTRY.register(name, adapter, replace=replace)

@@ -19,11 +19,18 @@ def image_field(index: int) -> str:
     return "input_image" if index == 0 else f"input_image_{index + 1}"
 
 
-def build_bfl_style_body(request: EditRequest, plan: Plan) -> dict[str, JsonValue]:
-    """The JSON fields laozhang and apiyi share: model, prompt, numbered images, settings."""
-    body: dict[str, JsonValue] = {"model": plan.wire_model, "prompt": request.prompt}
+def build_bfl_style_body(
+    request: EditRequest, plan: Plan, *, model: bool = True, bare: bool = False
+) -> dict[str, JsonValue]:
+    """The JSON fields of BFL's API: model, prompt, numbered images, settings.
+
+    laozhang and apiyi take them all; BFL itself names the model in the path (*model* false)
+    and takes local images as plain base64 (*bare*).
+    """
+    body: dict[str, JsonValue] = {"model": plan.wire_model} if model else {}
+    body["prompt"] = request.prompt
     for index, image in enumerate(request.images):
-        body[image_field(index)] = json_image(image)
+        body[image_field(index)] = json_image(image, bare=bare)
     if plan.dimensions is not None:
         width, height = plan.dimensions
         if plan.size_string:

@@ -47,7 +47,16 @@ from flux_adapters.wire import ERROR_BODY_BYTES, HttpResponse
 if TYPE_CHECKING:
     import cattrs
 
-__all__ = ["ImagesApiAnswers", "parse_error", "parse_images", "retry_after"]
+__all__ = [
+    "ImagesApiAnswers",
+    "clip_detail",
+    "finite_number",
+    "format_error",
+    "parse_error",
+    "parse_images",
+    "retry_after",
+    "url_problem",
+]
 
 _DETAIL_CHARS: Final = 500
 MAX_IMAGES: Final = 16
@@ -88,7 +97,7 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
     try:
         body = response.json()
     except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python goes
-        raise _format_error(provider, response, "the answer is not readable JSON") from None
+        raise format_error(provider, response, "the answer is not readable JSON") from None
     if isinstance(body, dict) and body.get("error") and not body.get("data"):
         detail, code = _json_detail(body)
         if _is_moderation(code, detail):
@@ -99,22 +108,22 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
                 detail=detail or None,
                 code=code,
             )
-        raise _format_error(provider, response, "the answer reports an error despite its status")
+        raise format_error(provider, response, "the answer reports an error despite its status")
     try:
         images = _converter().structure(body, _Images)
     except Exception as exc:  # cattrs raises a ClassValidationError group for any shape mismatch
-        raise _format_error(
+        raise format_error(
             provider, response, "the answer does not have the documented shape"
         ) from exc
     items = [item for item in images.data if item.url or item.b64_json]
     if not items:
-        raise _format_error(provider, response, "the answer holds no image")
+        raise format_error(provider, response, "the answer holds no image")
     if len(items) > MAX_IMAGES:
-        raise _format_error(provider, response, f"the answer lists {len(items)} images")
+        raise format_error(provider, response, f"the answer lists {len(items)} images")
     for item in items:
         problem = _image_problem(item)
         if problem:
-            raise _format_error(provider, response, problem)
+            raise format_error(provider, response, problem)
     return Answer(
         images=tuple(ResultImage(url=item.url, b64_json=item.b64_json) for item in items),
         usage=_usage(body),
@@ -127,15 +136,15 @@ def _usage(body: object) -> Usage | None:
     usage = meta.get("usage") if isinstance(meta, dict) else None
     if not isinstance(usage, dict):
         return None
-    credits = _count(usage.get("credits_used"))
-    tokens = _count(usage.get("tokens_used"))
+    credits = finite_number(usage.get("credits_used"))
+    tokens = finite_number(usage.get("tokens_used"))
     whole = int(tokens) if tokens is not None and tokens.is_integer() else None
     if credits is None and whole is None:
         return None
     return Usage(credits_used=credits, tokens_used=whole)
 
 
-def _count(value: object) -> float | None:
+def finite_number(value: object) -> float | None:
     """*value* as a finite number (numbers, or numeric text), else ``None``."""
     if value is None or isinstance(value, bool):
         return None
@@ -153,20 +162,24 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 def _image_problem(item: _Item) -> str:
     if item.b64_json:
         return inline_image_problem(item.b64_json)
-    url = item.url or ""
+    return url_problem(item.url or "", "a result URL")
+
+
+def url_problem(url: str, what: str) -> str:
+    """What is wrong with *url*, a URL an answer gave (*what*: ``"a result URL"``), or ``""``."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError:
-        return "a result URL is not a valid URL"
+        return f"{what} is not a valid URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "a result URL is not an http(s) URL"
+        return f"{what} is not an http(s) URL"
     if _CONTROL.search(url):
-        return "a result URL holds control characters"
+        return f"{what} holds control characters"
     return ""
 
 
-def _format_error(provider: str, response: HttpResponse, message: str) -> ResponseFormatError:
+def format_error(provider: str, response: HttpResponse, message: str) -> ResponseFormatError:
     head = response.content[:800].decode("utf-8", errors="replace")
     return ResponseFormatError(
         message,
@@ -304,8 +317,8 @@ def _detail(response: HttpResponse) -> tuple[str, str | None]:
     text = head.decode("utf-8", errors="replace")
     start = text[:512].lower()
     if "<html" in start or "<!doctype" in start:
-        return _clip(_html_text(text)), None
-    return _clip(text), None
+        return clip_detail(_html_text(text)), None
+    return clip_detail(text), None
 
 
 def _html_text(page: str) -> str:
@@ -346,15 +359,15 @@ def _json_detail(body: Mapping[str, object]) -> tuple[str, str | None]:
     if isinstance(error, dict):
         message = error.get("message") or error.get("msg") or ""
         code = error.get("code") or error.get("type")
-        return _clip(_text_of(message)), _clip_code(code)
+        return clip_detail(_text_of(message)), _clip_code(code)
     for key in ("message", "detail", "msg", "error"):
         value = body.get(key)
         if value:
-            return _clip(_text_of(value)), _clip_code(body.get("code"))
-    return _clip(_text_of(body)), None
+            return clip_detail(_text_of(value)), _clip_code(body.get("code"))
+    return clip_detail(_text_of(body)), None
 
 
-def _clip(text: str) -> str:
+def clip_detail(text: str) -> str:
     text = redact(_SPACE.sub(" ", text[: _DETAIL_CHARS * 4]).strip())
     text = text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 1] + "…"
     return escape_controls(text)  # error text reaches terminals

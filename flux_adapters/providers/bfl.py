@@ -27,8 +27,10 @@ Quirks:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
+from typing import ClassVar, Final
 
+from flux_adapters.errors import JobFailed, JobNotFound, Moderated
+from flux_adapters.jobs import Done, Job, JobAdapterBase, Pending, Submitted
 from flux_adapters.limits import (
     IMAGE_KINDS,
     MB,
@@ -37,12 +39,27 @@ from flux_adapters.limits import (
     IntRange,
     ModelLimits,
     NumberRange,
+    Plan,
     RatioRule,
     SizeRule,
 )
 from flux_adapters.prices import PerCall, PerMegapixel, Price
+from flux_adapters.providers import Answer, KeyAuth
+from flux_adapters.providers._bfl_json import build_bfl_style_body
+from flux_adapters.providers._images_api import url_problem
+from flux_adapters.providers._job_answers import (
+    json_object,
+    number,
+    required_text,
+    required_url,
+    unreadable,
+    words,
+)
+from flux_adapters.request import EditRequest
+from flux_adapters.result import ResultImage, Usage
+from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody
 
-__all__ = ["LIMITS", "PRICES"]
+__all__ = ["LIMITS", "PRICES", "BflAdapter"]
 
 _EDITING: Final = "https://docs.bfl.ai/flux_2/flux2_image_editing"
 _SPECS: Final = "https://help.bfl.ai/articles/4029171097-flux-2-technical-specifications"
@@ -84,6 +101,16 @@ _MAX_IMAGES: Final = {
 }
 
 
+_TOLERANCE: Final = (
+    "chosen: safety_tolerance 0..5 as the public documents say (the SDK takes 6 and 7 for "
+    "allowlisted organisations only)"
+)
+_CHOICES: Final = {
+    "flux-2-klein-9b": "chosen: 4 references as the documents say (the SDK's catalog says 5: "
+    "a fifth may be refused, a fourth never is); " + _TOLERANCE,
+}
+
+
 def _flux2(model: str) -> ModelLimits:
     klein = "klein" in model
     return ModelLimits(
@@ -101,7 +128,7 @@ def _flux2(model: str) -> ModelLimits:
         output_formats=("jpeg", "png", "webp"),
         steps=_FLEX_STEPS if model == "flux-2-flex" else None,
         guidance=_FLEX_GUIDANCE if model == "flux-2-flex" else None,
-        source=f"{_EDITING}; {_SPECS}; {_KLEIN}; {_SDK}",
+        source=f"{_EDITING}; {_SPECS}; {_KLEIN}; {_SDK}; " + _CHOICES.get(model, _TOLERANCE),
     )
 
 
@@ -118,7 +145,8 @@ def _kontext(model: str) -> ModelLimits:
         safety_tolerance=IntRange(0, 6),  # the Kontext API reference: 0..6, default 2
         prompt_upsampling=True,
         output_formats=("jpeg", "png"),
-        source=_KONTEXT,
+        source=f"{_KONTEXT}; chosen: safety_tolerance 0..6 and ratios 21:9 to 9:21 as this "
+        "endpoint's reference says (a guide says 3:7 to 7:3, the SDK 1:4 to 4:1)",
     )
 
 
@@ -145,4 +173,91 @@ PRICES: Final[Mapping[str, Price]] = {
     "flux-kontext-pro": PerCall(usd=0.04, source=_PRICING, as_of="2026-11-22"),
     "flux-kontext-max": PerCall(usd=0.08, source=_PRICING, as_of="2026-11-22"),
 }
-"""BFL's documented prices, used when a job's reported cost is not known (credits are)."""
+"""BFL's documented prices: the estimate before a call (routing by price, budgets); a finished
+job's cost is what BFL reported in credits."""
+
+
+_RESULT: Final = "https://docs.bfl.ml/api-reference/utility/get-result.md"
+_PENDING: Final = frozenset({"Pending", "Queued", "Processing"})
+"""Statuses of a job not done yet: BFL documents ``Pending``; clients of its API also meet
+``Queued`` and ``Processing`` (Vercel's provider, LiteLLM)."""
+
+
+class BflAdapter(JobAdapterBase):
+    """Black Forest Labs' API: submit, poll the returned URL, read ``result.sample``. No I/O."""
+
+    name: ClassVar[str] = "bfl"
+    default_base_url: ClassVar[str] = "https://api.bfl.ai"
+    env_prefix: ClassVar[str] = "BFL"
+    limits: ClassVar[Mapping[str, ModelLimits]] = LIMITS
+    prices: ClassVar[Mapping[str, Price]] = PRICES
+    usd_per_credit: ClassVar[float] = 0.01
+    """"1 credit = $0.01" (https://docs.bfl.ai/quick_start/pricing.md)."""
+    auth: ClassVar[KeyAuth] = KeyAuth(header="x-key", scheme=None, hosts=("*.bfl.ai",))
+    """``x-key``; polling URLs come back on regional hosts (``api.eu2.bfl.ai``,
+    ``gateway.bfl.ai``) and are polled as returned, so ``*.bfl.ai`` may receive the key."""
+
+    def build_submit(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+        """``POST {base}/v1/<model>`` with the prompt, ``input_image`` .. and the settings."""
+        body = build_bfl_style_body(request, plan, model=False, bare=True)
+        return HttpRequest(
+            method="POST", url=f"{base_url}/v1/{plan.wire_model}", body=JsonBody(body)
+        )
+
+    def parse_submit(self, response: HttpResponse) -> Submitted:
+        """Read ``{id, polling_url, cost, input_mp, output_mp}``; ``cost`` is in credits."""
+        body = json_object(self.name, response)
+        usage = Usage(
+            credits_used=number(body.get("cost")),
+            input_mp=number(body.get("input_mp")),
+            output_mp=number(body.get("output_mp")),
+        )
+        return Submitted(
+            id=required_text(self.name, response, body, "id"),
+            poll_url=required_url(self.name, response, body, "polling_url"),
+            usage=usage if usage != Usage() else None,
+        )
+
+    def parse_poll(self, response: HttpResponse, job: Job) -> Pending | Done:
+        """Read ``{status, result, progress}`` (``state`` is read as a synonym of ``status``)."""
+        body = json_object(self.name, response)
+        status = body.get("status", body.get("state"))
+        if status in _PENDING:
+            progress = number(body.get("progress"))
+            if progress is not None and not 0 <= progress <= 1:
+                progress = None
+            return Pending(progress=progress)
+        if status == "Ready":
+            result = body.get("result")
+            sample = result.get("sample") if isinstance(result, dict) else None
+            if not isinstance(sample, str):
+                raise unreadable(self.name, response, "the job is Ready without result.sample")
+            problem = url_problem(sample, "result.sample")
+            if problem:
+                raise unreadable(self.name, response, problem)
+            return Done(answer=Answer(images=(ResultImage(url=sample),)))
+        detail = words(body.get("details") or body.get("detail") or body.get("result"))
+        if status in ("Request Moderated", "Content Moderated"):
+            stage = "request" if status == "Request Moderated" else "content"
+            blocked = "the request" if stage == "request" else "the generated image"
+            raise Moderated(
+                f"BFL's moderation blocked {blocked} (not charged)",
+                provider=self.name,
+                job_id=job.id,
+                stage=stage,
+                detail=detail,
+            )
+        if status in ("Error", "Failed"):
+            raise JobFailed(
+                "BFL reports that processing the job failed",
+                provider=self.name,
+                job_id=job.id,
+                detail=detail,
+            )
+        if status == "Task not found":
+            raise JobNotFound(
+                "BFL does not know the job (unknown, or expired)",
+                provider=self.name,
+                job_id=job.id,
+            )
+        raise unreadable(self.name, response, "the answer has no known job status")

@@ -26,8 +26,10 @@ Quirks:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
+from typing import ClassVar, Final
 
+from flux_adapters.errors import JobError, JobFailed, Moderated, ResponseFormatError
+from flux_adapters.jobs import Done, Job, JobAdapterBase, Pending, Submitted
 from flux_adapters.limits import (
     IMAGE_KINDS,
     MB,
@@ -36,12 +38,25 @@ from flux_adapters.limits import (
     IntRange,
     ModelLimits,
     NumberRange,
+    Plan,
     RatioRule,
     SizeRule,
 )
 from flux_adapters.prices import PerMegapixel, Price
+from flux_adapters.providers import Answer, KeyAuth
+from flux_adapters.providers._images_api import url_problem
+from flux_adapters.providers._job_answers import (
+    json_object,
+    required_text,
+    required_url,
+    unreadable,
+    words,
+)
+from flux_adapters.request import EditRequest
+from flux_adapters.result import ResultImage
+from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, JsonValue, json_image
 
-__all__ = ["LIMITS", "PRICES"]
+__all__ = ["LIMITS", "PRICES", "FalAdapter"]
 
 _QUEUE: Final = "https://docs.fal.ai/documentation/model-apis/inference/queue"
 _TYPES: Final = (
@@ -158,3 +173,168 @@ PRICES: Final[Mapping[str, Price]] = {
     "flux-2-flex": _price(0.05, 0.05, "flux-2-flex/edit"),
 }
 """fal's documented per-megapixel prices (the edit apps' pages; text-to-image has no inputs)."""
+
+
+_FAQ: Final = "https://fal.ai/docs/documentation/model-apis/faq.md"
+_ERRORS: Final = "https://fal.ai/docs/documentation/model-apis/request-errors"
+_APP_FAILURES: Final = frozenset(
+    {
+        "request_timeout",
+        "startup_timeout",
+        "runner_scheduling_failure",
+        "runner_connection_timeout",
+        "runner_disconnected",
+        "runner_connection_refused",
+        "runner_connection_error",
+        "runner_incomplete_response",
+        "runner_server_error",
+    }
+)
+"""``error_type`` values of a request that failed on fal's runners (``_ERRORS``): server errors,
+"never charged" (``_FAQ``). ``internal_error`` is not one of them: it may be the result
+endpoint's own, so it is tried again."""
+_INPUT_FIELDS: Final = frozenset({"prompt", "image_urls", "image_url"})
+
+
+class FalAdapter(JobAdapterBase):
+    """fal.ai's queue: submit to the app, poll ``status_url``, fetch ``response_url``. No I/O."""
+
+    name: ClassVar[str] = "fal"
+    default_base_url: ClassVar[str] = "https://queue.fal.run"
+    env_prefix: ClassVar[str] = "FAL"
+    limits: ClassVar[Mapping[str, ModelLimits]] = LIMITS
+    prices: ClassVar[Mapping[str, Price]] = PRICES
+    auth: ClassVar[KeyAuth] = KeyAuth(header="Authorization", scheme="Key")
+    """``Authorization: Key <key>``; the status, result and cancel URLs are on the queue's own
+    origin, so no other host receives it."""
+
+    def build_submit(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+        """``POST {base}/<app>`` with fal's field names."""
+        body: dict[str, JsonValue] = {"prompt": request.prompt}
+        if request.images:
+            if plan.limits.images.high == 1:  # Kontext: one image_url
+                body["image_url"] = json_image(request.images[0])
+            else:
+                body["image_urls"] = [json_image(image) for image in request.images]
+        if plan.dimensions is not None:
+            width, height = plan.dimensions
+            body["image_size"] = {"width": width, "height": height}
+        if plan.preset is not None:  # a Kontext app takes a ratio; the others a named size
+            body["image_size" if plan.limits.sizes is not None else "aspect_ratio"] = plan.preset
+        settings: dict[str, JsonValue] = {
+            "seed": request.seed,
+            "output_format": request.output_format,
+            "safety_tolerance": (
+                None if request.safety_tolerance is None else str(request.safety_tolerance)
+            ),
+            "guidance_scale": request.guidance,
+            "num_inference_steps": request.steps,
+        }
+        body.update({key: value for key, value in settings.items() if value is not None})
+        return HttpRequest(method="POST", url=f"{base_url}/{plan.wire_model}", body=JsonBody(body))
+
+    def parse_submit(self, response: HttpResponse) -> Submitted:
+        """Read ``{request_id, status_url, response_url, cancel_url}``."""
+        body = json_object(self.name, response)
+        cancel = body.get("cancel_url")
+        return Submitted(
+            id=required_text(self.name, response, body, "request_id"),
+            poll_url=required_url(self.name, response, body, "status_url"),
+            result_url=required_url(self.name, response, body, "response_url"),
+            cancel_url=(required_url(self.name, response, body, "cancel_url") if cancel else None),
+        )
+
+    def parse_poll(self, response: HttpResponse, job: Job) -> Pending | Done:
+        """Read ``{status, queue_position}``: ``COMPLETED`` means the result is ready to fetch."""
+        body = json_object(self.name, response)
+        status = body.get("status")
+        if status in ("IN_QUEUE", "IN_PROGRESS"):
+            position = body.get("queue_position")
+            known = isinstance(position, int) and not isinstance(position, bool) and position >= 0
+            return Pending(position=position if known else None)  # type: ignore[arg-type]
+        if status == "COMPLETED":
+            return Done()
+        raise unreadable(self.name, response, "the answer has no known queue status")
+
+    def parse_fetch(self, response: HttpResponse, job: Job) -> Answer:
+        """Read the app's output: ``{images: [{url, ...}], seed, has_nsfw_concepts}``."""
+        body = json_object(self.name, response)
+        images = body.get("images")
+        if not isinstance(images, list) or not images or len(images) > 16:
+            raise unreadable(self.name, response, "the answer holds no images list")
+        urls = []
+        for image in images:
+            url = image.get("url") if isinstance(image, dict) else None
+            if not isinstance(url, str):
+                raise unreadable(self.name, response, "an image has no URL")
+            problem = url_problem(url, "a result URL")
+            if problem:
+                raise unreadable(self.name, response, problem)
+            urls.append(url)
+        flagged = body.get("has_nsfw_concepts")
+        if isinstance(flagged, list) and any(item is True for item in flagged):
+            # With the safety checker on, fal blanks a flagged image rather than failing.
+            raise Moderated(
+                "fal's safety checker flagged the generated image",
+                provider=self.name,
+                job_id=job.id,
+                stage="content",
+            )
+        return Answer(images=tuple(ResultImage(url=url) for url in urls))
+
+    def build_cancel(self, job: Job) -> HttpRequest | None:
+        """``PUT cancel_url``: removes a queued request; one in progress may still finish."""
+        if job.cancel_url is None:
+            return None
+        return HttpRequest(method="PUT", url=job.cancel_url, role="cancel")
+
+    def job_failure(self, response: HttpResponse, job: Job) -> JobError | None:
+        """The app's failure, kept at the result URL: moderation, invalid input, a runner error.
+
+        An answer in no shape of fal's (a gateway page) is left to the library: tried again.
+        """
+        try:
+            body = json_object(self.name, response)
+        except ResponseFormatError:
+            return None
+        detail = body.get("detail")
+        status = response.status_code
+        if isinstance(detail, list):  # a model error: [{loc, msg, type, url, ctx}]
+            kinds = [item.get("type") for item in detail if isinstance(item, dict)]
+            if "content_policy_violation" in kinds:
+                places = {
+                    str(place)
+                    for item in detail
+                    if isinstance(item, dict) and isinstance(item.get("loc"), list)
+                    for place in item["loc"]
+                }
+                return Moderated(
+                    "fal's content policy blocked the job",
+                    provider=self.name,
+                    job_id=job.id,
+                    stage="request" if places & _INPUT_FIELDS else "content",
+                    detail=words(detail),
+                )
+            if status == 422:
+                return JobFailed(
+                    "fal refused the job's input ('invalid inputs (HTTP 422) may still be "
+                    "charged')",
+                    provider=self.name,
+                    job_id=job.id,
+                    detail=words(detail),
+                )
+            return None
+        kind = body.get("error_type") or response.header("x-fal-error-type")
+        if status >= 500 and kind in _APP_FAILURES:
+            return JobFailed(
+                "the job failed on fal's servers ('server errors are never charged')",
+                provider=self.name,
+                job_id=job.id,
+                detail=words(detail),
+                billed=False,
+            )
+        if kind == "client_cancelled":
+            return JobFailed(
+                "the job was cancelled", provider=self.name, job_id=job.id, detail=words(detail)
+            )
+        return None
