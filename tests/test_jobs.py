@@ -1,0 +1,667 @@
+"""Asynchronous providers through httpx.MockTransport: submit, polls, fetch, cancel, resume.
+
+Each fake provider counts what a user pays for (submits) and what is free (polls, fetches,
+cancels), so the tests can say "never a second submit" as a number. Every test runs against
+`FluxClient` and `AsyncFluxClient` alike where both matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+
+from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, errors
+from flux_adapters.jobs import Done, Job, JobAdapterBase, Pending, Polling, Submitted
+from flux_adapters.providers import Answer, KeyAuth
+from flux_adapters.providers.bfl import BflAdapter
+from flux_adapters.result import ResultImage
+from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody
+from tests.conftest import image_bytes
+
+KEY = "bfl-key-0123456789abcdef"
+PNG = image_bytes(64, 48)
+FAST = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=5.0)
+LAOZHANG_OK = {"created": 1, "data": [{"url": "https://cdn.example/laozhang.png"}]}
+
+Reply = Callable[[httpx.Request], httpx.Response]
+
+
+class Fake:
+    """A provider on MockTransport: answers by script, counts every exchange by role."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.lock = threading.Lock()
+
+    def count(self, method: str, part: str = "") -> int:
+        return sum(1 for r in self.requests if r.method == method and part in str(r.url))
+
+    def keys_sent_to(self, host: str) -> list[str | None]:
+        return [
+            r.headers.get("x-key") or r.headers.get("authorization")
+            for r in self.requests
+            if r.url.host == host
+        ]
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        with self.lock:
+            self.requests.append(request)
+        if request.url.path.endswith(".png") and request.method == "GET":
+            return httpx.Response(200, content=PNG, headers={"content-type": "image/png"})
+        return self.answer(request)
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        raise NotImplementedError
+
+
+class FakeBfl(Fake):
+    """BFL's API: POST /v1/<model> -> {id, polling_url, cost...}; GET polling_url -> status."""
+
+    def __init__(
+        self,
+        *,
+        pending: int = 2,
+        outcome: dict[str, Any] | None = None,
+        poll_host: str = "api.eu2.bfl.ai",
+        poll_faults: list[Reply | httpx.Response] | None = None,
+        submit: httpx.Response | None = None,
+    ) -> None:
+        super().__init__()
+        self.pending = pending
+        self.outcome = outcome or {
+            "status": "Ready",
+            "result": {"sample": "https://delivery-eu1.bfl.ai/results/a/sample.png"},
+        }
+        self.poll_host = poll_host
+        self.poll_faults = list(poll_faults or [])
+        self.submit = submit
+        self.polls = 0
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            if self.submit is not None:
+                return fresh(self.submit)
+            return httpx.Response(
+                200,
+                json={
+                    "id": "job-1",
+                    "polling_url": f"https://{self.poll_host}/v1/get_result?id=job-1",
+                    "cost": 4.5,
+                    "input_mp": 1.0,
+                    "output_mp": 1.05,
+                },
+            )
+        if request.headers.get("x-key") != KEY:
+            return httpx.Response(401, json={"detail": "Not authenticated"})
+        if self.poll_faults:
+            fault = self.poll_faults.pop(0)
+            return fault(request) if callable(fault) else fresh(fault)
+        self.polls += 1
+        if self.polls <= self.pending:
+            return httpx.Response(200, json={"id": "job-1", "status": "Pending", "progress": 0.4})
+        return httpx.Response(200, json={"id": "job-1", **self.outcome})
+
+
+def fresh(response: httpx.Response) -> httpx.Response:
+    """A new copy of a canned answer: an httpx.Response is read once, by one client."""
+    return httpx.Response(response.status_code, headers=response.headers, content=response.content)
+
+
+def raises(exc: type[Exception]) -> Reply:
+    def reply(request: httpx.Request) -> httpx.Response:
+        raise exc("injected", request=request)  # type: ignore[call-arg]
+
+    return reply
+
+
+def run(
+    kind: str,
+    fake: Callable[[httpx.Request], httpx.Response],
+    request: EditRequest,
+    *,
+    provider: object = "bfl",
+    polling: Polling = FAST,
+    **options: Any,
+) -> EditResult:
+    """One edit through a sync or an async client on *fake*; its images read while it is open."""
+    transport = httpx.MockTransport(fake)
+    keyed: dict[str, Any] = (
+        {"providers": provider}
+        if isinstance(provider, list)
+        else {"provider": provider, "api_key": KEY}
+    )
+    if kind == "sync":
+        with httpx.Client(transport=transport) as http:
+            client = FluxClient(**keyed, http_client=http, polling=polling, **options)
+            result = client.edit(request)
+            DOWNLOADED[id(result)] = [image.read() for image in result.images]
+            return result
+
+    async def main() -> EditResult:
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = AsyncFluxClient(**keyed, http_client=http, polling=polling, **options)
+            result = await client.edit(request)
+            DOWNLOADED[id(result)] = [await image.read_async() for image in result.images]
+            return result
+
+    return asyncio.run(main())
+
+
+DOWNLOADED: dict[int, list[bytes]] = {}
+"""The images of each result `run` returned, as downloaded while its client was open."""
+
+
+both = pytest.mark.parametrize("kind", ["sync", "async"])
+T2I = EditRequest(prompt="a lighthouse", model="flux-2-pro", width=1024, height=768)
+
+
+def three_refs() -> EditRequest:
+    return EditRequest(
+        prompt="image 1 and image 2 in the scene of image 3",
+        model="flux-2-pro",
+        images=[PNG, image_bytes(32, 32, "JPEG"), "https://example.com/scene.png"],
+    )
+
+
+# --- the happy path ------------------------------------------------------------------------
+
+
+@both
+def test_bfl_text_to_image_and_a_three_reference_edit_go_submit_polls_result(kind: str) -> None:
+    for request in (T2I, three_refs()):
+        fake = FakeBfl(pending=2)
+        result = run(kind, fake, request)
+        assert fake.count("POST") == 1
+        assert fake.count("GET", "get_result") == 3  # two pending, then Ready
+        assert result.images[0].url == "https://delivery-eu1.bfl.ai/results/a/sample.png"
+        assert DOWNLOADED[id(result)] == [PNG]
+        assert result.job is not None
+        assert result.job.id == "job-1"
+        # BFL reports credits; 1 credit = $0.01, so the cost is its figure, not an estimate.
+        assert result.cost_usd == pytest.approx(0.045)
+        assert result.cost_source == "provider"
+        assert result.usage is not None
+        assert result.usage.output_mp == pytest.approx(1.05)
+
+
+def test_the_bfl_submit_names_the_model_in_the_path_and_sends_plain_base64() -> None:
+    fake = FakeBfl()
+    run("sync", fake, three_refs())
+    submit = next(r for r in fake.requests if r.method == "POST")
+    assert submit.url == "https://api.bfl.ai/v1/flux-2-pro"
+    body = json.loads(submit.content)
+    assert "model" not in body
+    assert base64.b64decode(body["input_image"]) == PNG  # no data: prefix
+    assert body["input_image_3"] == "https://example.com/scene.png"
+    assert submit.headers["x-key"] == KEY
+    assert "authorization" not in submit.headers
+
+
+# --- where the key goes --------------------------------------------------------------------
+
+
+@both
+def test_a_polling_url_on_another_bfl_host_gets_the_key_and_the_download_does_not(
+    kind: str,
+) -> None:
+    fake = FakeBfl(poll_host="gateway.bfl.ai")
+    run(kind, fake, T2I)
+    assert set(fake.keys_sent_to("gateway.bfl.ai")) == {KEY}
+    assert fake.keys_sent_to("delivery-eu1.bfl.ai") == [None]  # the image: no key at all
+
+
+@pytest.mark.parametrize("host", ["bfl.ai.evil.example", "evilbfl.ai", "example.com"])
+def test_a_polling_url_on_an_undeclared_host_never_gets_the_key(host: str) -> None:
+    fake = FakeBfl(poll_host=host)
+    with pytest.raises(errors.ProviderError) as caught:
+        run("sync", fake, T2I)
+    assert fake.keys_sent_to(host) == [None]  # asked once, without the key: refused
+    assert caught.value.status_code == 401
+    assert caught.value.job is not None  # and the job, accepted, is kept to resume
+    assert fake.count("POST") == 1
+
+
+def test_plain_http_to_a_declared_host_never_gets_the_key() -> None:
+    class Plain(FakeBfl):
+        def answer(self, request: httpx.Request) -> httpx.Response:
+            response = super().answer(request)
+            if request.method == "POST":
+                body = json.loads(response.content)
+                body["polling_url"] = body["polling_url"].replace("https://", "http://")
+                return httpx.Response(200, json=body)
+            return response
+
+    fake = Plain()
+    with pytest.raises(errors.ProviderError):
+        run("sync", fake, T2I)
+    assert fake.keys_sent_to("api.eu2.bfl.ai") == [None]
+
+
+def test_an_adapter_may_send_its_key_as_a_query_parameter_and_httpx_logs_never_show_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class QueryKey(BflAdapter):
+        name: ClassVar[str] = "bfl"
+        auth: ClassVar[KeyAuth] = KeyAuth(header=None, scheme=None, query="key")
+
+    fake = FakeBfl(poll_host="api.bfl.ai")
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.params.get("key", ""))
+        request.headers["x-key"] = request.url.params.get("key", "")  # so FakeBfl accepts it
+        return fake(request)
+
+    with caplog.at_level(logging.INFO, logger="httpx"):
+        run("sync", handler, T2I, provider=QueryKey())
+    assert seen[:4] == [KEY] * 4  # submit and three polls
+    assert seen[-1] == ""  # the download carries no key
+    assert caplog.records, "httpx logs each request at INFO"
+    assert all(KEY not in record.getMessage() for record in caplog.records)
+
+
+# --- billing per job: a failed poll is retried, never the submit ---------------------------
+
+POLL_FAULTS: dict[str, Reply | httpx.Response] = {
+    "connect error": raises(httpx.ConnectError),
+    "read timeout": raises(httpx.ReadTimeout),
+    "dropped": raises(httpx.RemoteProtocolError),
+    "500": httpx.Response(500, json={"detail": "Internal Server Error"}),
+    "502 page": httpx.Response(502, text="<html><title>502 Bad Gateway</title></html>"),
+    "503": httpx.Response(503, json={"detail": "overloaded"}),
+    "504": httpx.Response(504, text="<html><title>504 Gateway Time-out</title></html>"),
+    "429": httpx.Response(429, headers={"retry-after": "0"}, json={"detail": "slow down"}),
+    "408": httpx.Response(408),
+}
+
+
+@both
+@pytest.mark.parametrize("fault", list(POLL_FAULTS))
+def test_a_failed_poll_is_retried_in_place_and_never_submits_again(kind: str, fault: str) -> None:
+    fake = FakeBfl(pending=1, poll_faults=[POLL_FAULTS[fault]] * 3)
+    result = run(kind, fake, T2I)
+    assert fake.count("POST") == 1
+    assert fake.polls == 2  # the faulty polls were free; the job went on
+    assert result.images
+
+
+@both
+def test_a_job_that_never_finishes_ends_at_its_deadline_with_the_job_to_resume(kind: str) -> None:
+    fake = FakeBfl(pending=10**9)
+    with pytest.raises(errors.JobTimeout) as caught:
+        run(kind, fake, T2I, polling=Polling(first=0.01, longest=0.02, deadline=0.3))
+    error = caught.value
+    assert error.job_id == "job-1"
+    assert error.job is not None
+    assert error.cancelled is None  # BFL has no cancel
+    assert 0.3 <= error.waited < 3
+    assert fake.count("POST") == 1
+    assert "job-1" in str(error)
+
+
+def test_a_poll_that_hangs_cannot_hold_the_job_past_its_deadline() -> None:
+    def hang(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    slow = FakeBfl(poll_faults=[hang] * 1000)
+    with pytest.raises(errors.JobTimeout):
+        run("sync", slow, T2I, polling=Polling(first=0.01, deadline=0.2))
+
+
+# --- job outcomes are typed, carry the job, and are final ----------------------------------
+
+OUTCOMES: dict[str, tuple[dict[str, Any], type[errors.JobError]]] = {
+    "Request Moderated": (
+        {"status": "Request Moderated", "details": {"Moderation Reasons": ["Derivative Works"]}},
+        errors.Moderated,
+    ),
+    "Content Moderated": ({"status": "Content Moderated"}, errors.Moderated),
+    "Error": ({"status": "Error", "details": "out of memory"}, errors.JobFailed),
+    "Task not found": ({"status": "Task not found"}, errors.JobNotFound),
+}
+
+
+@both
+@pytest.mark.parametrize("status", list(OUTCOMES))
+def test_a_job_status_becomes_a_typed_error_with_the_job_and_no_made_up_status(
+    kind: str, status: str
+) -> None:
+    outcome, kind_of_error = OUTCOMES[status]
+    fake = FakeBfl(outcome=outcome)
+    with pytest.raises(kind_of_error) as caught:
+        run(kind, fake, T2I)
+    error = caught.value
+    assert error.job_id == "job-1"
+    assert error.job is not None
+    assert not hasattr(error, "status_code")  # no HTTP status is claimed for a job status
+    if isinstance(error, errors.Moderated):
+        assert error.stage == ("request" if status.startswith("Request") else "content")
+    if status == "Request Moderated":
+        assert error.detail is not None
+        assert "Derivative Works" in error.detail
+
+
+def test_a_poll_answered_404_means_the_provider_no_longer_knows_the_job() -> None:
+    fake = FakeBfl(poll_faults=[httpx.Response(404, json={"detail": "Not Found"})])
+    with pytest.raises(errors.JobNotFound) as caught:
+        run("sync", fake, T2I)
+    assert caught.value.job is not None
+
+
+def test_unreadable_polls_are_tolerated_twice_and_given_up_the_third_time() -> None:
+    garbage = httpx.Response(200, text="<html>maintenance</html>")
+    recovered = FakeBfl(pending=0, poll_faults=[garbage, garbage])
+    assert run("sync", recovered, T2I).images
+    broken = FakeBfl(pending=0, poll_faults=[garbage] * 3)
+    with pytest.raises(errors.ResponseFormatError) as caught:
+        run("sync", broken, T2I)
+    assert caught.value.job is not None
+    assert broken.count("POST") == 1
+
+
+# --- failover: before acceptance only ------------------------------------------------------
+
+
+class Both:
+    """bfl and laozhang on one transport."""
+
+    def __init__(self, bfl: FakeBfl) -> None:
+        self.bfl = bfl
+        self.laozhang: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "api.laozhang.ai":
+            self.laozhang.append(request)
+            return httpx.Response(200, json=LAOZHANG_OK)
+        if request.url.host == "cdn.example":
+            return httpx.Response(200, content=PNG, headers={"content-type": "image/png"})
+        return self.bfl(request)
+
+
+@pytest.fixture
+def keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BFL_API_KEY", KEY)
+    monkeypatch.setenv("LAOZHANG_API_KEY", "lz-key-0123456789abcdef")
+
+
+@both
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        httpx.Response(503, json={"detail": "busy"}),
+        httpx.Response(429, json={"detail": "too many active tasks"}),
+        httpx.Response(402, json={"detail": "insufficient credits"}),
+    ],
+    ids=["503", "429", "402"],
+)
+def test_a_refused_bfl_submit_fails_over_to_laozhang(
+    kind: str, refusal: httpx.Response, keys: None
+) -> None:
+    both_ = Both(FakeBfl(submit=refusal))
+    result = run(kind, both_, T2I, provider=["bfl", "laozhang"], policy=None)
+    assert result.provider == "laozhang"
+    assert len(both_.laozhang) == 1
+    assert next(a.billing for a in result.attempts if a.outcome == "failed") in (
+        "overloaded",
+        "rate-limited",
+        "no-balance",
+    )
+
+
+@both
+@pytest.mark.parametrize(
+    "after",
+    ["deadline", "poll refused", "moderated", "failed", "not found", "unreadable"],
+)
+def test_never_a_failover_once_bfl_accepted_the_job(kind: str, after: str, keys: None) -> None:
+    faults: dict[str, FakeBfl] = {
+        "deadline": FakeBfl(pending=10**9),
+        "poll refused": FakeBfl(poll_faults=[httpx.Response(403, json={"detail": "revoked"})]),
+        "moderated": FakeBfl(outcome={"status": "Content Moderated"}),
+        "failed": FakeBfl(outcome={"status": "Error"}),
+        "not found": FakeBfl(outcome={"status": "Task not found"}),
+        "unreadable": FakeBfl(poll_faults=[httpx.Response(200, text="?")] * 3),
+    }
+    both_ = Both(faults[after])
+    with pytest.raises(errors.FluxError) as caught:
+        run(
+            kind,
+            both_,
+            T2I,
+            provider=["bfl", "laozhang"],
+            polling=Polling(first=0.01, longest=0.02, deadline=0.3),
+            failover_on_ambiguous=True,  # even a caller who accepts paying twice elsewhere
+        )
+    assert both_.laozhang == []
+    assert caught.value.job is not None
+    assert [a.provider for a in caught.value.attempts] == ["bfl"]
+
+
+# --- resume --------------------------------------------------------------------------------
+
+
+@both
+def test_resume_finishes_a_timed_out_job_without_a_submit(kind: str) -> None:
+    fake = FakeBfl(pending=10**9)
+    transport = httpx.MockTransport(fake)
+    short = Polling(first=0.01, longest=0.02, deadline=0.2)
+
+    if kind == "sync":
+        with httpx.Client(transport=transport) as http:
+            client = FluxClient("bfl", api_key=KEY, http_client=http, polling=short)
+            with pytest.raises(errors.JobTimeout) as caught:
+                client.edit(T2I)
+            assert caught.value.job is not None
+            fake.pending = fake.polls + 2  # the job finishes two polls later
+            result = client.resume(caught.value.job)
+            image = result.images[0].read()
+    else:
+
+        async def main() -> tuple[EditResult, bytes]:
+            async with httpx.AsyncClient(transport=transport) as http:
+                client = AsyncFluxClient("bfl", api_key=KEY, http_client=http, polling=short)
+                with pytest.raises(errors.JobTimeout) as caught:
+                    await client.edit(T2I)
+                assert caught.value.job is not None
+                fake.pending = fake.polls + 2
+                resumed = await client.resume(caught.value.job)
+                return resumed, await resumed.images[0].read_async()
+
+        result, image = asyncio.run(main())
+    assert fake.count("POST") == 1
+    assert image == PNG
+    assert result.job is not None
+    assert result.cost_usd == pytest.approx(0.045)  # the credits reported at submit, kept
+
+
+def test_resume_needs_a_job_of_one_of_the_clients_asynchronous_providers() -> None:
+    job = Job(provider="bfl", model="flux-2-pro", id="j", poll_url="https://api.bfl.ai/p")
+    with FluxClient("laozhang", api_key=KEY) as client:
+        with pytest.raises(errors.ConfigurationError, match="no asynchronous provider 'bfl'"):
+            client.resume(job)
+        with pytest.raises(errors.ConfigurationError, match=r"takes a flux_adapters\.jobs\.Job"):
+            client.resume("j")  # type: ignore[arg-type]
+
+
+def test_a_job_survives_a_round_trip_through_json_and_a_damaged_record_is_none() -> None:
+    job = Job(
+        provider="fal",
+        model="flux-2-pro",
+        id="r-1",
+        poll_url="https://queue.fal.run/fal-ai/flux-2-pro/requests/r-1/status",
+        result_url="https://queue.fal.run/fal-ai/flux-2-pro/requests/r-1",
+        cancel_url="https://queue.fal.run/fal-ai/flux-2-pro/requests/r-1/cancel",
+        submitted_at=1.5,
+    )
+    assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+    for damaged in (
+        {},
+        {"provider": "fal"},
+        {**job.to_dict(), "id": 7},
+        {**job.to_dict(), "poll_url": ""},
+    ):
+        assert Job.from_dict(damaged) is None
+
+
+# --- cancel: at the deadline, and when the caller stops waiting ----------------------------
+
+
+class Queue(JobAdapterBase):
+    """A small queue provider with a cancel, as an outside package would write it."""
+
+    name: ClassVar[str] = "queue"
+    default_base_url: ClassVar[str] = "https://queue.example"
+    env_prefix: ClassVar[str] = "QUEUE"
+    limits: ClassVar[Any] = {"flux-2-pro": BflAdapter.limits["flux-2-pro"]}
+    auth: ClassVar[KeyAuth] = KeyAuth(header="Authorization", scheme="Token")
+
+    def build_submit(self, request: EditRequest, plan: Any, base_url: str) -> HttpRequest:
+        return HttpRequest(
+            method="POST", url=f"{base_url}/jobs", body=JsonBody({"prompt": request.prompt})
+        )
+
+    def parse_submit(self, response: HttpResponse) -> Submitted:
+        body = response.json()
+        assert isinstance(body, dict)
+        return Submitted(
+            id=body["id"],
+            poll_url=f"https://queue.example/jobs/{body['id']}",
+            cancel_url=f"https://queue.example/jobs/{body['id']}/cancel",
+        )
+
+    def parse_poll(self, response: HttpResponse, job: Job) -> Pending | Done:
+        body = response.json()
+        assert isinstance(body, dict)
+        if body["state"] == "done":
+            return Done(answer=Answer(images=(ResultImage(url=body["url"]),)))
+        return Pending()
+
+    def build_cancel(self, job: Job) -> HttpRequest | None:
+        return HttpRequest(method="POST", url=job.cancel_url or "", role="cancel")
+
+
+class FakeQueue(Fake):
+    def __init__(self, *, interrupt_on_poll: int | None = None) -> None:
+        super().__init__()
+        self.interrupt_on_poll = interrupt_on_poll
+        self.cancelled = False
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == f"Token {KEY}"
+        if request.method == "POST" and request.url.path == "/jobs":
+            return httpx.Response(200, json={"id": "q-1"})
+        if request.url.path.endswith("/cancel"):
+            self.cancelled = True
+            return httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"})
+        if self.interrupt_on_poll is not None:
+            polls = self.count("GET", "/jobs/q-1")
+            if polls == self.interrupt_on_poll:
+                raise KeyboardInterrupt
+        return httpx.Response(200, json={"state": "running"})
+
+
+@both
+def test_a_deadline_sends_exactly_one_cancel_and_says_it_was_accepted(kind: str) -> None:
+    fake = FakeQueue()
+    with pytest.raises(errors.JobTimeout) as caught:
+        run(kind, fake, T2I, provider=Queue(), polling=Polling(first=0.01, deadline=0.2))
+    assert fake.count("POST", "/cancel") == 1
+    assert caught.value.cancelled is True
+    assert caught.value.job_id == "q-1"
+    assert fake.count("POST", "/jobs") - fake.count("POST", "/cancel") == 1  # one submit
+
+
+def test_ctrl_c_while_waiting_cancels_the_job_then_propagates() -> None:
+    fake = FakeQueue(interrupt_on_poll=2)
+    with pytest.raises(KeyboardInterrupt):
+        run("sync", fake, T2I, provider=Queue())
+    assert fake.count("POST", "/cancel") == 1
+
+
+def test_cancelling_the_async_task_cancels_the_job() -> None:
+    fake = FakeQueue()
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as http:
+            client = AsyncFluxClient(Queue(), api_key=KEY, http_client=http, polling=FAST)
+            task = asyncio.create_task(client.edit(T2I))
+            while fake.count("GET") < 2:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+    assert fake.cancelled
+    assert fake.count("POST", "/cancel") == 1
+
+
+def test_nothing_is_cancelled_when_the_caller_stops_before_the_job_was_accepted() -> None:
+    def submit_interrupted(request: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run("sync", submit_interrupted, T2I, provider=Queue())
+
+
+def test_polls_back_off_and_honour_retry_after() -> None:
+    slept: list[float] = []
+    fake = FakeBfl(
+        pending=4,
+        poll_faults=[httpx.Response(429, headers={"retry-after": "0.05"})],
+    )
+    import time as time_module
+
+    real = time_module.sleep
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        real(min(seconds, 0.001))
+
+    polling = Polling(first=0.01, factor=2.0, longest=0.03, jitter=0.0, deadline=5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time_module, "sleep", sleep)
+        run("sync", fake, T2I, polling=polling)
+    # first wait, then the provider's Retry-After, then growing waits capped at `longest`.
+    assert slept[:2] == [pytest.approx(0.01), pytest.approx(0.05)]
+    assert slept[2:] == [pytest.approx(0.03)] * (len(slept) - 2)
+
+
+def test_many_jobs_polled_together_spread_out_with_jitter() -> None:
+    from flux_adapters._flows import follow_job
+
+    adapter = BflAdapter()
+    job = Job(provider="bfl", model="flux-2-pro", id="j", poll_url="https://api.bfl.ai/p")
+    firsts = set()
+    for _ in range(20):
+        flow = follow_job(adapter, job, polling=Polling(first=1.0, jitter=0.2))
+        first = next(flow)
+        flow.close()
+        assert 0.8 <= first.seconds <= 1.2  # type: ignore[union-attr]
+        firsts.add(first.seconds)  # type: ignore[union-attr]
+    assert len(firsts) > 10
+
+
+def test_the_polling_settings_are_checked() -> None:
+    with pytest.raises(errors.ConfigurationError, match="polling="):
+        FluxClient("bfl", api_key=KEY, polling={"deadline": 5})  # type: ignore[arg-type]
+
+
+def test_submits_are_counted_once_across_a_matrix_of_poll_faults() -> None:
+    """The acceptance figure: 0 second submits over every poll fault, sync and async."""
+    second_submits: Counter[str] = Counter()
+    for kind in ("sync", "async"):
+        for fault in POLL_FAULTS.values():
+            fake = FakeBfl(pending=1, poll_faults=[fault] * 2)
+            run(kind, fake, T2I)
+            second_submits[kind] += fake.count("POST") - 1
+    assert second_submits == Counter({"sync": 0, "async": 0})
