@@ -34,7 +34,8 @@ class DroppedConnection(Exception):
 
 
 # fal's request errors name their kind in "error_type" and in an X-Fal-Error-Type header, with
-# "typical status codes" (https://docs.fal.ai/documentation/model-apis/request-errors).
+# "typical status codes" (https://docs.fal.ai/documentation/model-apis/request-errors); an
+# injected status gets the type typical of it.
 _FAL_ERROR_TYPES: Final = {
     400: "bad_request",
     499: "client_cancelled",
@@ -42,6 +43,15 @@ _FAL_ERROR_TYPES: Final = {
     502: "runner_incomplete_response",
     503: "runner_scheduling_failure",
     504: "request_timeout",
+}
+_FAL_TYPES: Final = frozenset(_FAL_ERROR_TYPES.values()) | {
+    "startup_timeout",
+    "runner_connection_timeout",
+    "runner_disconnected",
+    "runner_connection_refused",
+    "runner_connection_error",
+    "runner_server_error",
+    "client_disconnected",
 }
 
 
@@ -58,7 +68,7 @@ def error(
         body = {"detail": message}
     elif provider == "fal":
         # fal's request errors: {"detail": "...", "error_type": "..."}, the type in a header too.
-        error_type = _FAL_ERROR_TYPES.get(status, code)
+        error_type = code if code in _FAL_TYPES else _FAL_ERROR_TYPES.get(status, code)
         body = {"detail": message, "error_type": error_type}
         extra["X-Fal-Error-Type"] = error_type
     else:
