@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -901,3 +903,53 @@ def test_faults_a_provider_cannot_take_are_refused_when_injected(
         emulator.inject(provider, fault)
     with pytest.raises(ValueError, match=problem), run_emulator(faults={provider: [fault]}):
         pass
+
+
+def test_a_download_fault_makes_a_jobs_image_urls_misbehave(emulator: Emulator) -> None:
+    emulator.inject("bfl", Fault(download="html", first=1))
+    url = bfl_submit(emulator, width=64, height=64).json()["polling_url"]
+    page = httpx.get(sample(bfl_until_done(url)[-1]))
+    assert (page.status_code, page.headers["content-type"].split(";")[0]) == (200, "text/html")
+
+
+def test_a_dripping_poll_sends_its_body_a_byte_at_a_time(emulator: Emulator) -> None:
+    emulator.inject("fal", Fault(drip=0.002, on="poll", first=1))
+    job = accepted(fal_submit(emulator, image_size="square"))
+    started = time.perf_counter()
+    answer = fal_get(job["status_url"])
+    # At 2 ms a byte, the ~400-byte status takes most of a second.
+    assert time.perf_counter() - started > 0.4
+    assert answer.json()["status"] == "IN_QUEUE"
+
+
+# --- the documents --------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "emulator.md"
+
+
+def job_fault_section() -> str:
+    text = DOCS.read_text()
+    return text[text.index("### Faults for jobs") : text.index("### Decided where")]
+
+
+def test_every_job_fault_row_of_the_documents_is_what_its_spec_parses_to() -> None:
+    rows = re.findall(r"^\| `([^`|]+)` \| `([^`|]+)` \|", job_fault_section(), re.MULTILINE)
+    checked = 0
+    for python, spec in rows:
+        if re.search(r"=[A-Z]\b", spec):
+            continue  # a placeholder such as pending=N
+        assert Fault.parse(spec) == eval(f"Fault({python})", {"Fault": Fault}), spec
+        checked += 1
+    assert checked >= 15
+
+
+def test_every_job_fault_example_of_the_documents_matches_its_spec() -> None:
+    pairs = re.findall(
+        r"# --fault (\w+):(\S+).*\n\s*emulator\.inject\(\"(\w+)\", (Fault\(.*\))\)",
+        job_fault_section(),
+    )
+    assert len(pairs) == 5
+    for provider, spec, injected_at, python in pairs:
+        fault = eval(python, {"Fault": Fault})
+        assert (provider, Fault.parse(spec)) == (injected_at, fault)
+        fault.check_for(provider)
