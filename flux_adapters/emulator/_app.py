@@ -58,7 +58,7 @@ __all__ = [
 
 MEDIA_TYPES: Final = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _KEPT_RESULTS: Final = 512
-_KEPT_JOBS: Final = 1024
+_KEPT_JOBS: Final = 512
 _MB: Final = 1024 * 1024
 # Where each provider reads the key; the others read Authorization.
 _KEY_HEADERS: Final = {"bfl": "x-key"}

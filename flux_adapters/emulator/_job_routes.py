@@ -207,6 +207,7 @@ def _finish(state: State, job: JobRecord) -> None:
         width, height = job.submission.job.width, job.submission.job.height
         outputs.append(Output(url, media_type, name, len(picture), width, height))
     job.outputs = tuple(outputs)
+    job.pictures = ()  # kept with the results now (or in the data URIs)
 
 
 def _poll(state: State, job: JobRecord) -> None:

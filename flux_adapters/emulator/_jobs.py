@@ -63,7 +63,8 @@ class JobRecord:
         queued: Of those, polls answered as still in the queue.
         outcome: How it ends (`Fault.outcome`); ``None`` for an image.
         seed: The seed it renders with and reports.
-        pictures: The rendered images (none for a job that does not end with images).
+        pictures: The rendered images until it is done (none for a job that does not end with
+            images).
         download: The misbehaviour of its result URLs (`Fault.download`).
         drip: Seconds per byte for a ``"drip"`` download.
         submitted: Emulator clock at the submit.
