@@ -33,17 +33,48 @@ class DroppedConnection(Exception):
     """Raised inside the app to make the server cut the connection (an injected fault)."""
 
 
+# fal's request errors name their kind in "error_type" and in an X-Fal-Error-Type header, with
+# "typical status codes" (https://docs.fal.ai/documentation/model-apis/request-errors); an
+# injected status gets the type typical of it.
+_FAL_ERROR_TYPES: Final = {
+    400: "bad_request",
+    499: "client_cancelled",
+    500: "internal_error",
+    502: "runner_incomplete_response",
+    503: "runner_scheduling_failure",
+    504: "request_timeout",
+}
+_FAL_TYPES: Final = frozenset(_FAL_ERROR_TYPES.values()) | {
+    "startup_timeout",
+    "runner_connection_timeout",
+    "runner_disconnected",
+    "runner_connection_refused",
+    "runner_connection_error",
+    "runner_server_error",
+    "client_disconnected",
+}
+
+
 def error(
     provider: str, status: int, message: str, code: str, headers: Mapping[str, str] | None = None
 ) -> Response:
     """An error answer in *provider*'s style."""
+    extra = dict(headers or {})
     if provider == "aimlapi":
         # aimlapi answers in its framework's shape: {"statusCode", "message", "error"}.
         body: dict[str, object] = {"statusCode": status, "message": message, "error": code}
+    elif provider == "bfl":
+        # BFL's API is FastAPI: an HTTPException is {"detail": "..."}.
+        body = {"detail": message}
+    elif provider == "fal":
+        # fal's request errors: {"detail": "...", "error_type": "..."}, the type in a header too.
+        error_type = code if code in _FAL_TYPES else _FAL_ERROR_TYPES.get(status, code)
+        body = {"detail": message, "error_type": error_type}
+        extra["X-Fal-Error-Type"] = error_type
     else:
         # laozhang and apiyi answer in the OpenAI shape their gateways use.
         body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+    return JSONResponse(body, status_code=status, headers=extra)
 
 
 def result_url(provider: str, url: str, created: int) -> Response:

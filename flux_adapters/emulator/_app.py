@@ -1,4 +1,4 @@
-"""The emulator's ASGI app: each provider's endpoints under ``/<provider>/v1``, on one server.
+"""The emulator's ASGI app: each provider's endpoints under ``/<provider>``, on one server.
 
 Routes::
 
@@ -6,6 +6,7 @@ Routes::
     POST /apiyi/v1/images/generations       apiyi JSON
     POST /apiyi/v1/images/edits             apiyi multipart (image[]), provider id apiyi-multipart
     POST /aimlapi/v1/images/generations     aimlapi JSON
+    /bfl/..., /fal/...                      the job providers (`_job_routes`)
     GET  /files/<name>?expires=&signature=  results; 403 once expired, as signed URLs do
     GET  /portal                            the HTML page a "redirect" download fault lands on
 
@@ -40,16 +41,31 @@ from starlette.types import Message
 
 from flux_adapters.emulator import _answers, _dialects, _images
 from flux_adapters.emulator._faults import Billed, Call, Fault, _Armed
+from flux_adapters.emulator._jobs import JobRecord
 
-__all__ = ["State", "create_app"]
+__all__ = [
+    "MEDIA_TYPES",
+    "Result",
+    "State",
+    "TooLarge",
+    "capped",
+    "create_app",
+    "declared_too_large",
+    "delivered",
+    "result_url",
+    "too_large",
+]
 
-_MEDIA_TYPES: Final = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+MEDIA_TYPES: Final = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _KEPT_RESULTS: Final = 512
+_KEPT_JOBS: Final = 512
 _MB: Final = 1024 * 1024
+# Where each provider reads the key; the others read Authorization.
+_KEY_HEADERS: Final = {"bfl": "x-key"}
 
 
 @frozen
-class _Result:
+class Result:
     """A rendered image at its result URL, and how that URL misbehaves (`Fault.download`)."""
 
     picture: bytes
@@ -65,9 +81,13 @@ class State:
     Attributes:
         max_body_bytes: The largest request body accepted; a larger one gets a 413.
         random: Decides whether a fault with a ``chance`` applies; seed it for repeatable runs.
+        pending_polls: Polls a job answers as not done, unless its fault says otherwise.
+        jobs: The jobs of the job providers by id, the oldest forgotten past a bound (then
+            unknown, as an expired id is).
     """
 
     max_body_bytes: int
+    pending_polls: int = 2
     ttl: float = 600.0
     valid_keys: frozenset[str] | None = None
     bad_keys: frozenset[str] = frozenset()
@@ -77,18 +97,21 @@ class State:
     calls: list[Call] = field(factory=list)
     billed: list[Billed] = field(factory=list)
     faults: dict[str, list[_Armed]] = field(factory=dict)
-    results: OrderedDict[str, _Result] = field(factory=OrderedDict)
+    results: OrderedDict[str, Result] = field(factory=OrderedDict)
+    jobs: OrderedDict[str, JobRecord] = field(factory=OrderedDict)
     lock: threading.Lock = field(factory=threading.Lock)
 
-    def take_fault(self, provider: str) -> Fault | None:
-        """The fault to apply to this call of *provider*, if any, counting it as used.
+    def take_fault(self, provider: str, kind: str = "submit") -> Fault | None:
+        """The fault to apply to this *kind* of exchange with *provider*, if any, counting it.
 
-        Faults are tried in the order injected; the first that still has uses left (``first``)
-        and wins its draw (``chance``) applies.
+        Faults are tried in the order injected; the first for this kind of exchange (``on``)
+        that still has uses left (``first``) and wins its draw (``chance``) applies.
         """
         with self.lock:
             for armed in self.faults.get(provider, []):
                 fault = armed.fault
+                if fault.on != kind:
+                    continue
                 if fault.first is not None and armed.used >= fault.first:
                     continue
                 # A certain fault draws nothing, so it does not shift the others' draws.
@@ -98,20 +121,54 @@ class State:
                 return fault
         return None
 
-    def record(self, provider: str, request: Request) -> None:
-        """Note a POST received."""
+    def record(self, provider: str, request: Request, kind: str = "submit") -> None:
+        """Note an exchange received: its kind, where it was sent, whether it carried a key."""
+        keyed = bool(request.headers.get(_KEY_HEADERS.get(provider, "authorization"), "").strip())
+        call = Call(
+            provider,
+            request.method,
+            request.url.path,
+            time.time(),
+            kind=kind,
+            host=request.headers.get("host", ""),
+            keyed=keyed,
+        )
         with self.lock:
-            self.calls.append(Call(provider, request.method, request.url.path, time.time()))
+            self.calls.append(call)
 
-    def bill(self, job: _dialects.Job) -> None:
-        """Note a job done: from here on the provider has earned its money."""
+    def bill(self, job: _dialects.Job, job_id: str | None = None) -> Billed:
+        """Note a job charged for: from here on the provider has earned its money."""
         billed = Billed(
-            provider=job.provider, model=job.model, prompt=job.prompt, seed=job.seed, at=time.time()
+            provider=job.provider,
+            model=job.model,
+            prompt=job.prompt,
+            seed=job.seed,
+            at=time.time(),
+            job_id=job_id,
         )
         with self.lock:
             self.billed.append(billed)
+        return billed
 
-    def keep(self, result: _Result) -> str:
+    def refund(self, billed: Billed) -> None:
+        """Take a charge off the ledger (a fal request cancelled while in the queue)."""
+        with self.lock:
+            self.billed = [entry for entry in self.billed if entry is not billed]
+
+    def add_job(self, job: JobRecord) -> None:
+        """Keep *job* for its polls, forgetting the oldest past a bound."""
+        with self.lock:
+            self.jobs[job.id] = job
+            while len(self.jobs) > _KEPT_JOBS:
+                self.jobs.popitem(last=False)
+
+    def job(self, job_id: str, provider: str) -> JobRecord | None:
+        """*provider*'s job *job_id*, if it is known."""
+        with self.lock:
+            found = self.jobs.get(job_id)
+        return found if found is not None and found.provider == provider else None
+
+    def keep(self, result: Result) -> str:
         """Store *result* under a new name (forgetting the oldest past a bound) and return it."""
         name = f"{secrets.token_hex(12)}.{result.media_type.removeprefix('image/')}"
         with self.lock:
@@ -125,12 +182,12 @@ class State:
         return hmac.new(self.secret, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
 
 
-class _TooLarge(Exception):
+class TooLarge(Exception):
     """The request body went past the limit while it was being read."""
 
 
-def _capped(request: Request, limit: int) -> Request:
-    """*request*, reading whose body raises `_TooLarge` as soon as more than *limit* arrived.
+def capped(request: Request, limit: int) -> Request:
+    """*request*, reading whose body raises `TooLarge` as soon as more than *limit* arrived.
 
     This covers bodies without a Content-Length (chunked): at most one network chunk past the
     limit is ever held.
@@ -143,13 +200,13 @@ def _capped(request: Request, limit: int) -> Request:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _TooLarge
+                raise TooLarge
         return message
 
     return Request(request.scope, receive)
 
 
-def _too_large(provider: str, limit: int) -> Response:
+def too_large(provider: str, limit: int) -> Response:
     # Connection: close, so the server stops reading instead of draining a body it refused.
     return _answers.error(
         provider,
@@ -160,7 +217,7 @@ def _too_large(provider: str, limit: int) -> Response:
     )
 
 
-def _declared_too_large(request: Request, limit: int) -> bool:
+def declared_too_large(request: Request, limit: int) -> bool:
     # h11 has already refused a Content-Length that is not a number.
     declared = request.headers.get("content-length", "")
     return declared.isdigit() and int(declared) > limit
@@ -242,10 +299,18 @@ def _rendered(job: _dialects.Job) -> bytes:
     return _images.encode(picture, job.output_format)
 
 
-def _delivered(answer: Response, fault: Fault | None) -> Response:
+def delivered(answer: Response, fault: Fault | None) -> Response:
+    """*answer*, dripped if *fault* says so (and its download does not drip instead)."""
     if fault is not None and fault.drip and fault.download != "drip":
         return _answers.dripped(answer, fault.drip)
     return answer
+
+
+def result_url(state: State, root: str, result: Result) -> str:
+    """Keep *result* and return its signed URL under *root*, valid for the emulator's ttl."""
+    name = state.keep(result)
+    expires = int(state.clock() + state.ttl)
+    return f"{root}/files/{name}?expires={expires}&signature={state.sign(name, expires)}"
 
 
 async def _run_job(
@@ -258,21 +323,21 @@ async def _run_job(
     state.record(provider, request)
     limit = state.max_body_bytes
     # Decided from the header before a byte of the body is read.
-    if _declared_too_large(request, limit):
-        return _too_large(provider, limit)
+    if declared_too_large(request, limit):
+        return too_large(provider, limit)
     fault = state.take_fault(provider)
     if fault is not None and fault.delay:
         await anyio.sleep(fault.delay)
     created = int(state.clock())
     if fault is not None and fault.fails and not fault.after_work:
-        return _delivered(_answers.failure(provider, fault, created), fault)
+        return delivered(_answers.failure(provider, fault, created), fault)
     refused = _refusal(state, request, provider)
     if refused is not None:
         return refused
     try:
-        job = await validate(_capped(request, limit))
-    except _TooLarge:
-        return _too_large(provider, limit)
+        job = await validate(capped(request, limit))
+    except TooLarge:
+        return too_large(provider, limit)
     if isinstance(job, Response):
         return job
     picture = await anyio.to_thread.run_sync(_rendered, job)
@@ -282,18 +347,15 @@ async def _run_job(
     elif fault is not None and fault.body == "b64":
         answer = _answers.result_inline(picture, created)
     else:
-        result = _Result(
+        result = Result(
             picture,
-            _MEDIA_TYPES[job.output_format],
+            MEDIA_TYPES[job.output_format],
             fault.download if fault is not None else None,
             fault.drip if fault is not None else 0.0,
         )
-        name = state.keep(result)
-        expires = int(state.clock() + state.ttl)
-        base = str(request.base_url).rstrip("/")
-        url = f"{base}/files/{name}?expires={expires}&signature={state.sign(name, expires)}"
+        url = result_url(state, str(request.base_url).rstrip("/"), result)
         answer = _answers.result_url(provider, url, created)
-    return _delivered(answer, fault)
+    return delivered(answer, fault)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -347,9 +409,13 @@ def create_app(state: State) -> Starlette:
     async def portal(request: Request) -> Response:
         return _answers.portal()
 
+    # Imported here: the job routes use this module's helpers.
+    from flux_adapters.emulator._job_routes import job_routes
+
     routes = [
         Route("/apiyi/v1/images/edits", edits, methods=["POST"]),
         Route("/{provider}/v1/images/generations", generations, methods=["POST"]),
+        *job_routes(state),
         Route("/files/{name}", files, methods=["GET"]),
         Route("/portal", portal, methods=["GET"]),
     ]

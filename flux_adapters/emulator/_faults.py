@@ -2,6 +2,12 @@
 
 No server imports here: the conformance scenarios and the command line build faults without the
 ``emulator`` extra installed.
+
+Two kinds of provider are emulated. The synchronous ones (laozhang, apiyi, aimlapi) answer one
+POST with the image. The job providers (bfl, fal) take a submit, answer polls until the job is
+done, and (fal) a fetch of the result and a cancel: a fault says which of those exchanges it
+applies to (``on``), and for a submit how the job goes on (``pending``, ``queued``, ``outcome``,
+``other_host``).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from typing import Final
 
 from attrs import define, frozen
 
-__all__ = ["Billed", "Call", "Fault"]
+__all__ = ["EXCHANGES", "JOB_PROVIDERS", "OUTCOMES", "Billed", "Call", "Fault"]
 
 GARBAGE_BODIES: Final = frozenset({"malformed", "empty", "bad-b64", "nested", "html"})
 """``Fault.body`` values that replace the answer with a 200 a client must not accept."""
@@ -18,6 +24,16 @@ BODIES: Final = GARBAGE_BODIES | {"b64"}
 """Every ``Fault.body`` value; ``"b64"`` is a success, with the image inline."""
 DOWNLOADS: Final = frozenset({"html", "empty", "redirect", "redirect-loop", "not-image", "drip"})
 """Every ``Fault.download`` value."""
+EXCHANGES: Final = ("submit", "poll", "fetch", "cancel")
+"""The kinds of exchange (`Call.kind`, ``Fault.on``): a synchronous provider only has submits;
+bfl has submits and polls; fal has all four."""
+OUTCOMES: Final = frozenset(
+    {"request-moderated", "content-moderated", "failed", "not-found", "invalid"}
+)
+"""Every ``Fault.outcome`` value: how a job that is not a success ends."""
+JOB_PROVIDERS: Final = frozenset({"bfl", "fal"})
+"""The providers that answer a submit with a job to poll rather than with the image."""
+_SUBMIT_ONLY: Final = ("pending", "queued", "outcome", "other_host", "download")
 
 
 @frozen(kw_only=True)
@@ -29,6 +45,11 @@ class Fault:
     ``drip``, ``body="b64"``, ``download``). By default a replacing fault answers before any work,
     so nothing is billed; with ``after_work`` the job is validated, rendered and billed first.
 
+    At a job provider (bfl, fal) a fault applies to one kind of exchange (``on``): the submit, a
+    poll of the job's status, a fetch of its result or a cancel. A fault on the submit also
+    decides how that job goes on: how many polls stay pending, how it ends, where its polling
+    URLs point.
+
     Attributes:
         status: Answer with this HTTP status instead (429, 402, 500, 502, 503, 504, ...), with a
             body in the provider's style (502 and 504 as a gateway's HTML page).
@@ -38,10 +59,13 @@ class Fault:
         body: A 200 that is not the documented shape: ``"malformed"`` (cut-off JSON), ``"empty"``,
             ``"bad-b64"`` (``data[0].b64_json`` that is not base64), ``"nested"`` (JSON nested
             100,000 levels deep), ``"html"`` (a ``text/html`` page); or ``"b64"``: a success
-            with the image inline (``b64_json``) instead of a URL.
-        moderation: Answer as the provider's content filter does.
-        after_work: Do the job first (validate, render, bill), then send the fault's answer
-            instead of the success: the provider took the money and the client got an error.
+            with the image inline (``b64_json``) instead of a URL (synchronous providers only).
+        moderation: Answer as the provider's content filter does (synchronous providers; a job
+            provider moderates through ``outcome``).
+        after_work: Do the exchange's work first, then send the fault's answer instead of its
+            own: a submit is accepted (and billed as the provider bills it), a poll counts
+            towards the job's completion, a cancel takes effect. The client gets an error or
+            garbage for work that was done.
         download: Make the result URL of this job misbehave (the POST succeeds and is billed):
             ``"html"`` (a 200 HTML page), ``"empty"`` (a 200 without a body), ``"redirect"`` (302 to
             an HTML page), ``"redirect-loop"`` (302 to itself), ``"not-image"`` (a 200 with the
@@ -50,7 +74,24 @@ class Fault:
         drip: Send the answer's body one byte every this many seconds, after the headers; with
             ``download="drip"`` the download drips instead and the POST answer does not.
         chance: Apply to each call with this probability (drawn from the emulator's ``seed``).
-        first: Apply only the first N times, then answer normally; ``None`` for every call.
+        first: Apply only the first N times, then answer normally; ``None`` for every call. Only
+            exchanges of the fault's own kind (``on``) count.
+        on: The exchange this fault applies to at a job provider: ``"submit"`` (the default, and
+            the only exchange of a synchronous provider), ``"poll"`` (BFL's ``get_result``,
+            fal's ``/status``), ``"fetch"`` (fal's result) or ``"cancel"`` (fal's cancel).
+        pending: Polls this job answers as not done yet before it ends; ``None`` for the
+            emulator's ``pending_polls``. A huge number (``10**9``) is a job that never ends.
+        queued: Of the ``pending`` polls, how many fal answers ``IN_QUEUE`` (the rest are
+            ``IN_PROGRESS``); by default the first half, rounded up. A request cancelled while in
+            the queue is not charged.
+        outcome: How the job ends instead of with an image: ``"request-moderated"``,
+            ``"content-moderated"`` (BFL's statuses; fal answers a 422 content-policy error),
+            ``"failed"`` (BFL's ``Error``; fal a 500 from the result), ``"not-found"`` (the job
+            is gone: BFL's ``Task not found``, fal's 404) or ``"invalid"`` (fal only: a 422 from
+            the result for input the model refused).
+        other_host: Give this job's polling URLs (fal: status, result and cancel URLs) another
+            host name of the same server (``localhost`` for ``127.0.0.1`` and back), as BFL's
+            polling URLs may point at another host than the submit.
     """
 
     status: int | None = None
@@ -64,6 +105,11 @@ class Fault:
     drip: float = 0.0
     chance: float = 1.0
     first: int | None = None
+    on: str = "submit"
+    pending: int | None = None
+    queued: int | None = None
+    outcome: str | None = None
+    other_host: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = self._problems()
@@ -102,7 +148,58 @@ class Fault:
             problems.append('download="drip" needs drip (seconds per byte)')
         if self.drop and self.drip:
             problems.append("drop sends no body to drip")
+        return problems + self._job_problems(answers)
+
+    def _job_problems(self, answers: list[str]) -> list[str]:
+        problems: list[str] = []
+        if self.on not in EXCHANGES:
+            problems.append(f"on {self.on!r} is not one of {', '.join(EXCHANGES)}")
+        if self.outcome is not None and self.outcome not in OUTCOMES:
+            problems.append(f"outcome {self.outcome!r} is not one of {', '.join(sorted(OUTCOMES))}")
+        for name in ("pending", "queued"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                problems.append(f"{name} must be at least 0; got {value}")
+        if self.pending is not None and self.queued is not None and self.queued > self.pending:
+            problems.append(f"queued ({self.queued}) cannot be more than pending ({self.pending})")
+        shaping = [name for name in _SUBMIT_ONLY if getattr(self, name) not in (None, False)]
+        if shaping and self.on != "submit":
+            problems.append(f"{', '.join(shaping)}: decided at the job's submit; use on='submit'")
+            return problems
+        # download has its own message above
+        shaping = [name for name in shaping if name != "download"]
+        if shaping and answers and not self.after_work:
+            problems.append(
+                f"{', '.join(shaping)}: needs the submit accepted, but {answers[0]} answers "
+                "before the work (add after_work)"
+            )
         return problems
+
+    def check_for(self, provider: str) -> None:
+        """Raise `ValueError` if the fault cannot take effect at *provider*.
+
+        A synchronous provider has only submits and no jobs to shape; a job provider moderates
+        through ``outcome``, not ``moderation``, and has no inline (``b64``) answer; only fal
+        answers a result fetch or a cancel, or an ``invalid`` outcome.
+        """
+        problems: list[str] = []
+        if provider not in JOB_PROVIDERS:
+            job_only = [name for name in ("pending", "queued", "outcome") if getattr(self, name)]
+            job_only += ["other_host"] if self.other_host else []
+            job_only += [f"on={self.on!r}"] if self.on != "submit" else []
+            if job_only:
+                problems.append(f"{', '.join(job_only)}: {provider} answers with the image, no job")
+        else:
+            if self.moderation:
+                problems.append(f"{provider} moderates jobs: use outcome='request-moderated'")
+            if self.body == "b64":
+                problems.append(f"{provider} has no inline (b64) answer")
+            if provider == "bfl" and self.on in ("fetch", "cancel"):
+                problems.append(f"bfl has no {self.on}: its poll answers the result, no cancel")
+            if provider == "bfl" and self.outcome == "invalid":
+                problems.append("bfl refuses invalid input at the submit; 'invalid' is fal's")
+        if problems:
+            raise ValueError(f"invalid fault for {provider}: {'; '.join(problems)}")
 
     def _replacements(self) -> list[str]:
         candidates = (
@@ -122,6 +219,11 @@ class Fault:
     def parse(cls, spec: str) -> Fault:
         """Read a command-line fault such as ``429,retry-after=2,first=1`` or ``502,after-work``.
 
+        Job faults: ``on=poll``, ``pending=N``, ``queued=N``, an outcome word
+        (``request-moderated``, ``content-moderated``, ``failed``, ``not-found``, ``invalid``, or
+        ``outcome=WORD``) and ``other-host``, e.g. ``503,on=poll,first=1`` or
+        ``content-moderated,pending=3``.
+
         Raises:
             ValueError: An unknown part, or a combination `Fault` refuses.
         """
@@ -130,19 +232,21 @@ class Fault:
             key, _, value = item.partition("=")
             if key.isdigit() and not value:
                 values["status"] = int(key)
-            elif key in ("drop", "moderation", "after-work") and not value:
+            elif key in ("drop", "moderation", "after-work", "other-host") and not value:
                 values[key.replace("-", "_")] = True
             elif key in BODIES and not value:
                 values["body"] = key
-            elif key == "download" and value:
-                values["download"] = value
+            elif key in OUTCOMES and not value:
+                values["outcome"] = key
+            elif key in ("download", "on", "outcome") and value:
+                values[key] = value
             elif key in ("retry-after", "delay", "drip", "chance") and value:
                 try:
                     values[key.replace("-", "_")] = float(value)
                 except ValueError:
                     raise ValueError(f"{key} must be a number; got {value!r}") from None
-            elif key == "first" and value.isdigit():
-                values["first"] = int(value)
+            elif key in ("first", "pending", "queued") and value.isdigit():
+                values[key] = int(value)
             else:
                 raise ValueError(f"unknown fault part {item!r}")
         return cls(**values)  # type: ignore[arg-type]
@@ -150,24 +254,44 @@ class Fault:
 
 @frozen
 class Call:
-    """One request the emulator received."""
+    """One request the emulator received.
+
+    Attributes:
+        provider: The provider id it was for (``apiyi-multipart`` apart from ``apiyi``).
+        method: The HTTP method.
+        path: The URL path, without the query.
+        at: Wall-clock time (``time.time()``) when it arrived.
+        kind: Which exchange: ``"submit"`` (every synchronous call, a job's POST), ``"poll"``
+            (BFL's ``get_result``, fal's ``/status``), ``"fetch"`` (fal's result) or ``"cancel"``.
+        host: The ``Host`` it was sent to, e.g. ``127.0.0.1:8000`` or ``localhost:8000``.
+        keyed: Whether it carried an API key (in the header the provider reads), whatever the
+            key; the key itself is not kept.
+    """
 
     provider: str
     method: str
     path: str
     at: float
+    kind: str = "submit"
+    host: str = ""
+    keyed: bool = False
 
 
 @frozen(kw_only=True)
 class Billed:
-    """One job the emulator did (validated and rendered), whether or not its answer got through.
+    """One job the provider charges for, whether or not its answer got through.
+
+    At a synchronous provider: a request validated and rendered. At a job provider: a submit
+    accepted, unless the provider does not charge how the job ended (see `Emulator.billed`).
 
     Attributes:
         provider: The provider id that did it (``apiyi-multipart`` apart from ``apiyi``).
         model: The model, as the limits tables name it.
         prompt: The prompt; tests use it to tell jobs apart.
         seed: The seed sent, if any.
-        at: Wall-clock time (``time.time()``) when the job was done.
+        at: Wall-clock time (``time.time()``) when the job was done (a job provider's: when it
+            was accepted).
+        job_id: A job provider's id for the job (BFL's ``id``, fal's ``request_id``).
     """
 
     provider: str
@@ -175,6 +299,7 @@ class Billed:
     prompt: str
     seed: int | None
     at: float
+    job_id: str | None = None
 
 
 @define
