@@ -475,7 +475,7 @@ class Journal:
         """What is known of *job* (an empty state for a new one)."""
         return self.states.get(job) or JobState()
 
-    def note(self, job: str, kind: str, **values: object) -> None:
+    def note(self, job: str, kind: str, /, **values: object) -> None:
         """Record something that need not be durable before the next step.
 
         It is written as soon as the writes before it are done (so a kill does not lose it),
@@ -487,7 +487,7 @@ class Journal:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    async def durable(self, job: str, kind: str, **values: object) -> None:
+    async def durable(self, job: str, kind: str, /, **values: object) -> None:
         """Record something, and return once it (and all noted before it) is on disk."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A caller cancelled while it waits no longer hears of a failed write: mark the error

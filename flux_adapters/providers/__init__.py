@@ -81,9 +81,10 @@ class KeyAuth:
         scheme: The word before the key in the header (``"Bearer"``, ``"Key"``, ``"Token"``),
             or ``None`` for the key alone.
         query: The query parameter that carries the key, instead of a header.
-        hosts: Host patterns besides the base URL's own origin that may receive the key, over
-            https only, for URLs the provider returns (``"*.bfl.ai"`` for polling URLs on
-            regional hosts). A result or delivery URL never receives it: downloads carry none.
+        hosts: Host patterns besides the base URL's own origin that may receive the key, for
+            URLs the provider returns (``"*.bfl.ai"`` for polling URLs on regional hosts): over
+            https, or over http when the base URL itself is http (an emulator). A result or
+            delivery URL never receives it: downloads carry none.
     """
 
     header: str | None = "Authorization"
@@ -117,9 +118,10 @@ class KeyAuth:
             return False
         if (theirs.scheme, theirs.netloc) == (mine.scheme, mine.netloc):
             return True
-        return theirs.scheme == "https" and any(
-            fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.hosts
-        )
+        # A declared host over https; over plain http only when the base URL is plain http too
+        # (an emulator, a local proxy), where the key travels in the clear anyway.
+        secure = theirs.scheme == "https" or theirs.scheme == mine.scheme == "http"
+        return secure and any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.hosts)
 
 
 BEARER: Final = KeyAuth()
