@@ -39,7 +39,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message
 
-from flux_adapters.emulator import _answers, _dialects, _images
+from flux_adapters.emulator import _answers, _dialects
+from flux_adapters.emulator import images as _images
 from flux_adapters.emulator._faults import Billed, Call, Fault, _Armed
 from flux_adapters.emulator._jobs import JobRecord
 

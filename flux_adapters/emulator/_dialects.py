@@ -9,7 +9,6 @@ the same `ModelLimits` rows the adapters use, each citing its document.
 from __future__ import annotations
 
 import binascii
-import hashlib
 import io
 import math
 import re
@@ -25,6 +24,7 @@ from PIL.JpegImagePlugin import JpegImageFile
 from PIL.PngImagePlugin import PngImageFile
 from PIL.WebPImagePlugin import WebPImageFile
 
+from flux_adapters.emulator.images import placeholder
 from flux_adapters.limits import ModelLimits
 from flux_adapters.providers import get_adapter
 
@@ -118,13 +118,6 @@ def _limits(provider: str, model: object, check: _Check) -> ModelLimits | None:
     return found
 
 
-def _placeholder(url: str) -> Image.Image:
-    # The emulator never fetches from the internet: a URL reference becomes a tile whose colour
-    # is derived from the URL, so the output still shows where each reference went.
-    digest = hashlib.sha256(url.encode()).digest()
-    return Image.new("RGB", (256, 256), (digest[0], digest[1], digest[2]))
-
-
 def _sniffed(data: bytes) -> str | None:
     for signature, name in _SIGNATURES:
         if data.startswith(signature):
@@ -177,7 +170,7 @@ def _reference(value: object, name: str, limits: ModelLimits, check: _Check) -> 
         check.fail(f"{name} must be a string (a URL or a data URL)")
         return None
     if value.startswith(("http://", "https://")):
-        return _placeholder(value)
+        return placeholder(value)
     match = _DATA_URL.match(value)
     if match is None:
         check.fail(f"{name} must be a public http(s) URL or a data:image/...;base64, URL")

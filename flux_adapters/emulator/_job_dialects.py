@@ -34,10 +34,10 @@ from flux_adapters.emulator._dialects import (
     Job,
     _Check,
     _decode_image,
-    _placeholder,
     _ratio_size,
     _reference,
 )
+from flux_adapters.emulator.images import placeholder
 from flux_adapters.limits import MEGAPIXEL, ModelLimits, SizeRule
 from flux_adapters.providers import bfl as bfl_data
 from flux_adapters.providers import fal as fal_data
@@ -246,7 +246,7 @@ def _bfl_image(
         problems.add(field, "Input should be a valid string", "string_type")
         return None
     if _URL.fullmatch(value):
-        return _placeholder(value)
+        return placeholder(value)
     if value.startswith("data:"):
         problems.add(
             field,

@@ -36,8 +36,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from flux_adapters.emulator import _answers, _images
+from flux_adapters.emulator import _answers
 from flux_adapters.emulator import _job_answers as answers
+from flux_adapters.emulator import images as _images
 from flux_adapters.emulator._app import (
     MEDIA_TYPES,
     Result,

@@ -1,9 +1,20 @@
-"""Output images the emulator returns: real pictures, deterministic, visibly made of the inputs.
+"""The emulator's pictures: real images, deterministic, visibly made of the references.
 
-Image 2 (or the only image) fills the frame as the scene; image 1 is placed in front of it in a
-white frame; any further references line up as framed thumbnails along the bottom. With no
-references, a gradient and circles are drawn from the seed. The same inputs, prompt and seed
-always give the same pixels.
+Public, for sandboxes of providers in other packages (``examples/nimbus`` and
+``examples/pixelforge`` use it): a server that stands in for a provider answers with the images
+the emulator draws. Needs the ``emulator`` extra (Pillow)::
+
+    from flux_adapters.emulator.images import decode, encode, placeholder, render
+
+    references = [placeholder("https://example.com/robot.png"), decode(uploaded_png)]
+    picture = encode(render(1024, 768, references, "image 1 in front of image 2", seed=42), "png")
+
+`render` draws the picture: image 2 (or the only image) fills the frame as the scene; image 1 is
+placed in front of it in a white frame; any further references line up as framed thumbnails
+along the bottom. With no references, a gradient and circles are drawn from the seed. The same
+inputs, prompt and seed always give the same pixels. `encode` writes it as png, jpeg or webp.
+`placeholder` stands in for a reference given by URL (the emulator never fetches), `decode`
+reads one given as bytes.
 """
 
 from __future__ import annotations
@@ -12,12 +23,16 @@ import hashlib
 import io
 import random
 from collections.abc import Sequence
+from typing import Final
 
 from PIL import Image, ImageDraw, ImageOps
 
-__all__ = ["encode", "render"]
+__all__ = ["FORMATS", "decode", "encode", "placeholder", "render"]
 
-_PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_PIL_FORMATS: Final = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+FORMATS: Final = tuple(_PIL_FORMATS)
+"""The formats `encode` writes and `decode` reads: ``jpeg``, ``png``, ``webp``."""
+_MAX_PIXELS: Final = 64_000_000
 
 
 def _rng(prompt: str, seed: int | None) -> random.Random:
@@ -84,7 +99,41 @@ def render(
 
 
 def encode(image: Image.Image, output_format: str) -> bytes:
-    """The image as *output_format* bytes (``jpeg``, ``png`` or ``webp``)."""
+    """The image as *output_format* bytes (one of `FORMATS`).
+
+    Raises:
+        KeyError: *output_format* is not one of `FORMATS`.
+    """
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format=_PIL_FORMATS[output_format])
     return buffer.getvalue()
+
+
+def placeholder(url: str) -> Image.Image:
+    """The stand-in for a reference image given by URL: a tile coloured from the URL.
+
+    The emulator never fetches from the internet; the tile's colour still shows where each
+    reference went in the picture `render` draws.
+    """
+    digest = hashlib.sha256(url.encode()).digest()
+    return Image.new("RGB", (256, 256), (digest[0], digest[1], digest[2]))
+
+
+def decode(data: bytes) -> Image.Image:
+    """The png, jpeg or webp image in *data*, decoded whole (at most 64 megapixels).
+
+    Raises:
+        ValueError: *data* is not a readable png, jpeg or webp image, or is larger.
+    """
+    try:
+        with Image.open(
+            io.BytesIO(data), formats=[_PIL_FORMATS[name] for name in FORMATS]
+        ) as image:
+            if image.width * image.height > _MAX_PIXELS:
+                raise ValueError(f"the image has {image.width}x{image.height} pixels")
+            image.load()
+            return image.copy()
+    except ValueError:
+        raise
+    except Exception as exc:  # Pillow's readers raise OSError, SyntaxError, struct.error ...
+        raise ValueError(f"not a readable png, jpeg or webp image ({type(exc).__name__})") from exc
