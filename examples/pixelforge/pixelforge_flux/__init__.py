@@ -21,7 +21,7 @@ from attrs import frozen
 from flux_adapters import errors
 from flux_adapters.limits import IMAGE_KINDS, MB, ImageRule, IntRange, ModelLimits, Plan, SizeRule
 from flux_adapters.providers import Answer
-from flux_adapters.providers._images_api import parse_error as parse_openai_style_error
+from flux_adapters.providers.answers import parse_error
 from flux_adapters.request import EditRequest, UrlImage
 from flux_adapters.result import ResultImage
 from flux_adapters.wire import HttpRequest, HttpResponse, ImageValue, JsonBody, JsonValue
@@ -108,5 +108,5 @@ class PixelforgeAdapter:
         return Answer(images=tuple(ResultImage(url=output.href) for output in rendered.outputs))
 
     def parse_error(self, response: HttpResponse) -> errors.ProviderError:
-        """PixelForge's ``{"error_code", "message"}`` maps like the OpenAI-style errors."""
-        return parse_openai_style_error(self.name, response)
+        """PixelForge's ``{"error_code", "message"}``, read like any common error shape."""
+        return parse_error(self.name, response)

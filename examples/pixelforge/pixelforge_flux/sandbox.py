@@ -4,15 +4,14 @@
 
 A real provider author records against the live service (or its sandbox); this one exists so
 the worked example can be recorded and reproduced without the internet. It answers with a real
-image from the flux-adapters emulator's renderer and serves it at a signed URL.
+image drawn by the flux-adapters emulator (`flux_adapters.emulator.images`, public API) and serves
+it at a signed URL.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
-import io
 import secrets
 
 import uvicorn
@@ -22,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from flux_adapters.emulator._images import encode, render
+from flux_adapters.emulator.images import decode, encode, placeholder, render
 
 REVOKED = "sk-conformance-revoked-key"
 _results: dict[str, bytes] = {}
@@ -42,12 +41,12 @@ async def render_route(request: Request) -> Response:
     references: list[Image.Image] = []
     for reference in body.get("references", []):
         if "data" in reference:
-            references.append(
-                Image.open(io.BytesIO(base64.b64decode(reference["data"].split(",", 1)[1])))
-            )
+            try:
+                references.append(decode(base64.b64decode(reference["data"].split(",", 1)[1])))
+            except ValueError:
+                return _error(400, "invalid_reference", "a reference is not a readable image")
         else:
-            digest = hashlib.sha256(reference["url"].encode()).digest()
-            references.append(Image.new("RGB", (64, 64), tuple(digest[:3])))
+            references.append(placeholder(reference["url"]))
     if len(references) > 4:
         return _error(400, "too_many_references", "at most 4 references")
     canvas = body.get("canvas", {"w": 1024, "h": 1024})
