@@ -10,10 +10,13 @@ STAMP  := $(VENV)/.installed-test
 help: ## Show the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# examples/nimbus is a provider package of its own, installed as a user would install one: pip
+# puts its entry point where flux-adapters finds "nimbus" (see docs/validating-a-provider.md).
+$(STAMP): pyproject.toml examples/nimbus/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e 'examples/nimbus[sandbox]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the project with its test tools.
