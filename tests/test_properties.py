@@ -12,6 +12,7 @@ from flux_adapters import MODELS, PROVIDERS, EditRequest, check, get_adapter
 from flux_adapters._bodies import StreamedJson, json_segments, segments_length
 from flux_adapters._flows import first_request, resolve
 from flux_adapters.errors import RequestError
+from flux_adapters.providers import BUILT_IN
 from flux_adapters.providers._bfl_json import image_field
 from flux_adapters.request import DataUrlImage
 from flux_adapters.wire import JsonBody, MultipartBody, json_image
@@ -75,8 +76,9 @@ def test_any_request_translates_or_raises_request_error(
     wire = first_request(adapter, request, plan, "https://api.example")
     assert wire.method == "POST"
     assert wire.role == "submit"
-    path = wire.url.removeprefix("https://api.example/")
-    assert path.startswith("v1/images/") or path.endswith(plan.wire_model), wire.url
+    if provider in BUILT_IN:  # an installed provider package (Nimbus) has paths of its own
+        path = wire.url.removeprefix("https://api.example/")
+        assert path.startswith("v1/images/") or path.endswith(plan.wire_model), wire.url
 
 
 def sent_images(wire_body: JsonBody | MultipartBody | None, provider: str) -> list[object]:
@@ -93,9 +95,11 @@ def sent_images(wire_body: JsonBody | MultipartBody | None, provider: str) -> li
     return [body[key] for key in numbered]
 
 
+# The built-in providers, whose bodies `sent_images` knows; an installed provider package
+# checks its own (tests/test_outside_provider.py for Nimbus).
 @given(
     count=st.integers(0, 8),
-    provider=st.sampled_from(sorted(PROVIDERS)),
+    provider=st.sampled_from(sorted(BUILT_IN)),
     model=st.sampled_from(MODELS),
 )
 def test_image_order_and_count_survive_translation(count: int, provider: str, model: str) -> None:
