@@ -180,9 +180,11 @@ def _fault(text: str) -> tuple[str, Fault]:
     if provider not in PROVIDER_PREFIXES:
         raise argparse.ArgumentTypeError(f"{text!r}: unknown provider {provider!r}")
     try:
-        return provider, Fault.parse(spec)  # which also checks each value
+        fault = Fault.parse(spec)  # which also checks each value
+        fault.check_for(provider)  # and that it can happen there (a poll fault at laozhang...)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return provider, fault
 
 
 def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -367,8 +369,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     emulate.add_argument(
         "--fault", action="append", default=[], metavar="PROVIDER:SPEC", type=_fault,
-        help="inject a fault, e.g. laozhang:429,retry-after=2,first=1  apiyi:drop  aimlapi:503,delay=2 "
-        "(parts: a status, retry-after=S, delay=S, drop, malformed, empty, moderation, first=N)",
+        help="inject a fault, e.g. laozhang:429,retry-after=2,first=1  apiyi:drop  bfl:pending=5  "
+        "fal:on=poll,503 (see docs/emulator.md#faults for every part)",
+    )  # fmt: skip
+    emulate.add_argument(
+        "--pending-polls", type=_whole(0, 10**6), default=2, metavar="N",
+        help="polls a bfl or fal job answers as not done before it ends (default 2)",
     )  # fmt: skip
     emulate.add_argument(
         "--key", action="append", help="accept only these API keys (default: any non-empty key)"
@@ -1042,7 +1048,7 @@ def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
         listening = True
         out.write(f"flux-adapters emulator on {root} (Ctrl-C to stop); base URLs:\n")
         for provider, prefix in PROVIDER_PREFIXES.items():
-            out.write(f"  {provider:<16} {root}/{prefix}/v1\n")
+            out.write(f"  {provider:<16} {root}/{prefix}\n")
         out.write(
             "any non-empty API key is accepted\n"
             if not arguments.key
@@ -1063,6 +1069,7 @@ def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
             bad_keys=arguments.bad_key,
             faults=faults,
             on_ready=banner,
+            pending_polls=arguments.pending_polls,
         )
     except OSError as exc:
         if listening:

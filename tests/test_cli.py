@@ -155,22 +155,17 @@ def test_emulate_serves_in_the_foreground_with_faults_from_the_command_line() ->
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "flux_adapters",
-        "emulate",
-        "--port",
-        str(port),
-        "--fault",
-        "aimlapi:503,first=1",
-    ]
+    command = [sys.executable, "-m", "flux_adapters", "emulate", "--port", str(port),
+               "--fault", "aimlapi:503,first=1", "--pending-polls", "3"]  # fmt: skip
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as server:
         try:
             assert server.stdout is not None
-            banner = [server.stdout.readline() for _ in range(6)]
-            assert f"  laozhang         http://127.0.0.1:{port}/laozhang/v1\n" in banner
-            url = f"http://127.0.0.1:{port}/aimlapi/v1/images/generations"
+            banner = [server.stdout.readline() for _ in range(8)]
+            root = f"http://127.0.0.1:{port}"
+            for line in (f"  laozhang         {root}/laozhang\n", f"  bfl              {root}/bfl\n",
+                         f"  fal              {root}/fal\n"):  # fmt: skip
+                assert line in banner  # the base URLs to give a client, as printed
+            url = f"{root}/aimlapi/v1/images/generations"
             body = {"model": "blackforestlabs/flux-2-pro", "prompt": "p"}
             for _ in range(100):  # the banner is printed once bound, just before it listens
                 try:
@@ -180,8 +175,26 @@ def test_emulate_serves_in_the_foreground_with_faults_from_the_command_line() ->
                     time.sleep(0.05)
             second = httpx.post(url, json=body, headers={"Authorization": "Bearer k"})
             assert (first.status_code, second.status_code) == (503, 200)
+
+            submitted = httpx.post(f"{root}/bfl/v1/flux-2-pro", json={"prompt": "p"},
+                                   headers={"x-key": "k"}).json()  # fmt: skip
+            statuses = [
+                httpx.get(submitted["polling_url"], headers={"x-key": "k"}).json()["status"]
+                for _ in range(4)
+            ]
+            assert statuses == ["Pending", "Pending", "Pending", "Ready"]  # --pending-polls 3
         finally:
             server.terminate()
+
+
+@pytest.mark.parametrize(
+    "spec", ["laozhang:on=poll,503", "aimlapi:pending=3", "apiyi:failed", "bfl:on=fetch,500"]
+)
+def test_emulate_refuses_a_fault_the_provider_cannot_have(spec: str) -> None:
+    code, _, err = run("emulate", "--fault", spec)
+    assert code == 2
+    assert spec in err
+    assert "Traceback" not in err
 
 
 def edit_at(emulator: Emulator, *argv: str) -> tuple[int, str, str]:
