@@ -10,8 +10,12 @@ renders real images with the flux-adapters emulator's public `flux_adapters.emul
 served at signed URLs that expire.
 
 A task moves on when it is polled, not with time: ``queued`` at its first poll, ``running`` until
-it has been polled ``pending_polls`` times (2 by default), then done. Prompts holding a sandbox
-word decide how it ends (the README lists them), e.g. ``[sandbox:blocked]``.
+it has been polled ``pending_polls`` times (2 by default), then done; each pending answer asks for
+the next poll after ``poll_after_ms``, doubling up to 2 s. An outcome of `OUTCOMES` decides how a
+task ends, or how its submit is answered, when its prompt holds ``[sandbox:<outcome>]`` or when
+it is sent under ``/sandbox/<outcome>`` (a base URL such as ``http://127.0.0.1:8766/sandbox/failed``,
+whose URLs keep the prefix): that is how the failures a live service will not produce on request
+are recorded (`nimbus_flux.recording`).
 
 In tests, `run_sandbox` serves it in a background thread and records every exchange it received
 (`Sandbox.calls`), with the key each one carried.
@@ -46,22 +50,26 @@ from uvicorn.config import LOGGING_CONFIG
 
 from flux_adapters.emulator.images import decode, encode, placeholder, render
 
-__all__ = ["REVOKED", "SANDBOX_WORDS", "Call", "Sandbox", "create_app", "main", "run_sandbox"]
+__all__ = ["OUTCOMES", "REVOKED", "Call", "Sandbox", "create_app", "main", "run_sandbox"]
 
 REVOKED: Final = "sk-conformance-revoked-key"
 """A key the sandbox refuses with 401 (the conformance suite's ``error-401`` records with it)."""
 
-SANDBOX_WORDS: Final = {
-    "[sandbox:overloaded]": "the submit answers 503 overloaded; no task is created",
-    "[sandbox:prompt-blocked]": "the submit answers 400 prompt_blocked",
-    "[sandbox:blocked]": "the task ends blocked: input_blocked",
-    "[sandbox:blocked-output]": "the task ends blocked: output_blocked",
-    "[sandbox:failed]": "the task ends failed: worker_lost, not charged",
-    "[sandbox:failed-charged]": "the task ends failed: invalid_input, charged",
-    "[sandbox:stuck]": "the task never finishes (until canceled)",
-    "[sandbox:expired]": "its status URL answers 404 task_not_found",
+OUTCOMES: Final = {
+    "overloaded": "the submit answers 503 overloaded; no task is created",
+    "no-credits": "the submit answers 402 insufficient_credits; no task is created",
+    "rate-limited": "the submit answers 429 rate_limited with Retry-After: 7; no task is created",
+    "prompt-blocked": "the submit answers 400 prompt_blocked; no task is created",
+    "malformed": "the submit answers 200 with a body that is not the documented shape",
+    "blocked": "the task ends blocked: input_blocked",
+    "blocked-output": "the task ends blocked: output_blocked",
+    "failed": "the task ends failed: worker_lost, not charged",
+    "failed-charged": "the task ends failed: invalid_input, charged",
+    "stuck": "the task never finishes (until canceled)",
+    "expired": "its status URL answers 404 task_not_found",
 }
-"""Words in a prompt that make the sandbox end a task a given way, and what each does."""
+"""How the sandbox can be told to answer, by ``[sandbox:<outcome>]`` in a prompt or a
+``/sandbox/<outcome>`` base URL, and what each does."""
 
 _MODELS: Final = {
     # wire model -> (max references, credits, takes a size, takes an aspect ratio, flex settings)
@@ -84,6 +92,8 @@ _INPUT_FIELDS: Final = {
 _MAX_REFERENCE_BYTES: Final = 16 * 1024 * 1024
 _RATIO: Final = re.compile(r"([1-9][0-9]{0,2}):([1-9][0-9]{0,2})")
 _TTL: Final = 600
+_LONGEST_POLL_AFTER_MS: Final = 2000
+_PROMPT_OUTCOME: Final = re.compile(r"\[sandbox:([a-z-]+)\]")
 
 
 @frozen
@@ -111,7 +121,8 @@ class _Task:
     credits: int
     images: list[bytes]
     extension: str
-    word: str | None
+    outcome: str | None
+    origin: str
     polls: int = 0
     canceled: bool = False
     finished: bool = False
@@ -169,7 +180,10 @@ def _refusal(token: str | None) -> JSONResponse | None:
 
 
 def _origin(sandbox: Sandbox, request: Request) -> str:
-    return sandbox.public_url or str(request.base_url).rstrip("/")
+    """Where the URLs handed out for *request* live: its origin, and its /sandbox/ prefix."""
+    origin = sandbox.public_url or f"{request.url.scheme}://{request.url.netloc}"
+    outcome = request.path_params.get("outcome")
+    return f"{origin}/sandbox/{outcome}" if outcome else origin
 
 
 class _Invalid(Exception):
@@ -271,28 +285,45 @@ def _task(body: object) -> tuple[str, str, list[Image.Image], tuple[int, int], s
     return model, prompt, references, size, output["format"], seed
 
 
-def _word(prompt: str) -> str | None:
-    return next((word for word in SANDBOX_WORDS if word in prompt), None)
+def _prompt_outcome(body: object) -> str | None:
+    task = body.get("input") if isinstance(body, dict) else None
+    prompt = task.get("prompt") if isinstance(task, dict) else None
+    found = _PROMPT_OUTCOME.search(prompt) if isinstance(prompt, str) else None
+    return found[1] if found is not None and found[1] in OUTCOMES else None
+
+
+def _submit_refusal(outcome: str | None) -> Response | None:
+    """The answer to a submit that *outcome* refuses (no task is created), if it does."""
+    if outcome == "overloaded":
+        return _error(503, "overloaded", "no capacity right now; nothing was created")
+    if outcome == "no-credits":
+        return _error(402, "insufficient_credits", "top up your credits to submit tasks")
+    if outcome == "rate-limited":
+        answer = _error(429, "rate_limited", "too many tasks in flight")
+        answer.headers["Retry-After"] = "7"
+        return answer
+    if outcome == "prompt-blocked":
+        return _error(400, "prompt_blocked", "the prompt was refused by the safety filter")
+    if outcome == "malformed":
+        return Response('{"task_id": "tsk_', status_code=200, media_type="application/json")
+    return None
 
 
 def create_app(sandbox: Sandbox) -> Starlette:
     """The sandbox's HTTP application, serving *sandbox*."""
 
     async def submit(request: Request) -> Response:
-        refused = _refusal(sandbox._record(request, "submit"))
+        refused = _refusal(sandbox._record(request, "submit")) or _unknown_outcome(request)
         if refused is not None:
             return refused
         try:
             body = await request.json()
         except ValueError:
             return _error(400, "invalid_json", "the body is not JSON")
-        task_input = body.get("input") if isinstance(body, dict) else None
-        prompt = task_input.get("prompt") if isinstance(task_input, dict) else None
-        word = _word(prompt) if isinstance(prompt, str) else None
-        if word == "[sandbox:overloaded]":
-            return _error(503, "overloaded", "no capacity right now; nothing was created")
-        if word == "[sandbox:prompt-blocked]":
-            return _error(400, "prompt_blocked", "the prompt was refused by the safety filter")
+        outcome = request.path_params.get("outcome") or _prompt_outcome(body)
+        refused = _submit_refusal(outcome)
+        if refused is not None:
+            return refused
         try:
             model, prompt, references, (width, height), extension, seed = _task(body)
         except _Invalid as problem:
@@ -303,10 +334,11 @@ def create_app(sandbox: Sandbox) -> Starlette:
             credits=_MODELS[model][1],
             images=[picture],
             extension=extension,
-            word=word,
+            outcome=outcome,
+            origin=_origin(sandbox, request),
         )
         sandbox._tasks[task.id] = task
-        origin = _origin(sandbox, request)
+        origin = task.origin
         return JSONResponse(
             {
                 "task_id": task.id,
@@ -318,30 +350,31 @@ def create_app(sandbox: Sandbox) -> Starlette:
         )
 
     async def status(request: Request) -> Response:
-        refused = _refusal(sandbox._record(request, "poll"))
+        refused = _refusal(sandbox._record(request, "poll")) or _unknown_outcome(request)
         if refused is not None:
             return refused
         task = sandbox._tasks.get(request.path_params["task_id"])
-        if task is None or task.word == "[sandbox:expired]":
+        if task is None or task.outcome == "expired":
             return _error(404, "task_not_found", "no such task (tasks are kept for 24 hours)")
         task.polls += 1
         answer: dict[str, object] = {"task_id": task.id}
         if task.canceled:
             task.finished = True
             return JSONResponse({**answer, "state": "canceled"})
-        if task.polls <= sandbox.pending_polls or task.word == "[sandbox:stuck]":
+        if task.polls <= sandbox.pending_polls or task.outcome == "stuck":
             queued = task.polls == 1
             progress = 0.0 if queued else min(0.9, (task.polls - 1) / max(1, sandbox.pending_polls))
             answer |= {"state": "queued" if queued else "running", "progress": progress}
             if queued:
                 answer["queue_position"] = 1
-            answer["poll_after_ms"] = sandbox.poll_after_ms
+            later = sandbox.poll_after_ms * 2 ** min(task.polls - 1, 16)
+            answer["poll_after_ms"] = min(later, _LONGEST_POLL_AFTER_MS)
             return JSONResponse(answer)
         task.finished = True
-        return JSONResponse(answer | _ending(sandbox, request, task))
+        return JSONResponse(answer | _ending(task, sandbox))
 
     async def cancel(request: Request) -> Response:
-        refused = _refusal(sandbox._record(request, "cancel"))
+        refused = _refusal(sandbox._record(request, "cancel")) or _unknown_outcome(request)
         if refused is not None:
             return refused
         task = sandbox._tasks.get(request.path_params["task_id"])
@@ -370,28 +403,43 @@ def create_app(sandbox: Sandbox) -> Starlette:
             return _error(404, "file_not_found", "no such file")
         return Response(task.images[int(index)], media_type=_FORMATS[task.extension])
 
+    routes = [
+        Route("/v1/tasks", submit, methods=["POST"]),
+        Route("/v1/tasks/{task_id}", status, methods=["GET"]),
+        Route("/v1/tasks/{task_id}/cancel", cancel, methods=["POST"]),
+        Route("/v1/files/{name}", download, methods=["GET"]),
+    ]
+    # The same API under /sandbox/<outcome>: every task submitted there ends that way.
     return Starlette(
         routes=[
-            Route("/v1/tasks", submit, methods=["POST"]),
-            Route("/v1/tasks/{task_id}", status, methods=["GET"]),
-            Route("/v1/tasks/{task_id}/cancel", cancel, methods=["POST"]),
-            Route("/v1/files/{name}", download, methods=["GET"]),
+            *routes,
+            *(
+                Route(f"/sandbox/{{outcome}}{r.path}", r.endpoint, methods=r.methods)
+                for r in routes
+            ),
         ]
     )
 
 
-def _ending(sandbox: Sandbox, request: Request, task: _Task) -> dict[str, object]:
+def _unknown_outcome(request: Request) -> Response | None:
+    outcome = request.path_params.get("outcome")
+    if outcome is None or outcome in OUTCOMES:
+        return None
+    return _error(404, "unknown_outcome", f"the sandbox knows {', '.join(OUTCOMES)}")
+
+
+def _ending(task: _Task, sandbox: Sandbox) -> dict[str, object]:
     """How a task ends: its images and credits, or why it has none."""
-    if task.word == "[sandbox:blocked]":
+    if task.outcome == "blocked":
         return {"state": "blocked", "error": {"code": "input_blocked", "message": "a reference or the prompt was blocked"}}  # fmt: skip
-    if task.word == "[sandbox:blocked-output]":
+    if task.outcome == "blocked-output":
         return {"state": "blocked", "error": {"code": "output_blocked", "message": "the generated image was blocked"}}  # fmt: skip
-    if task.word == "[sandbox:failed]":
+    if task.outcome == "failed":
         return {"state": "failed", "error": {"code": "worker_lost", "message": "the worker rendering the task was lost", "charged": False}}  # fmt: skip
-    if task.word == "[sandbox:failed-charged]":
+    if task.outcome == "failed-charged":
         return {"state": "failed", "error": {"code": "invalid_input", "message": "a reference could not be used", "charged": True}}  # fmt: skip
     expires = int(time.time()) + _TTL
-    origin = _origin(sandbox, request)
+    origin = task.origin
     images = []
     for index in range(len(task.images)):
         name = f"{task.id}-{index}.{task.extension}"
@@ -477,9 +525,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766)
-    parser.add_argument("--pending-polls", type=int, default=2, help="default: 2")
+    parser.add_argument(
+        "--pending-polls", type=int, default=2, help="polls a task answers as pending (default 2)"
+    )
+    parser.add_argument(
+        "--poll-after-ms",
+        type=int,
+        default=50,
+        help="the first pending answer's poll_after_ms, doubling up to 2000 (default 50)",
+    )
     arguments = parser.parse_args(argv)
-    sandbox = Sandbox(pending_polls=arguments.pending_polls)
+    sandbox = Sandbox(pending_polls=arguments.pending_polls, poll_after_ms=arguments.poll_after_ms)
     try:
         sock = _listening(arguments.host, arguments.port)
     except OSError as exc:
