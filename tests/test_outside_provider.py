@@ -239,6 +239,9 @@ def test_a_job_accepted_by_nimbus_can_be_resumed_from_its_record(sandbox: Sandbo
         ("[sandbox:expired]", errors.JobNotFound, lambda e: True),
         ("[sandbox:prompt-blocked]", errors.ContentModerated, lambda e: e.status_code == 400),
         ("[sandbox:overloaded]", errors.ProviderUnavailable, lambda e: e.status_code == 503),
+        ("[sandbox:no-credits]", errors.InsufficientBalance, lambda e: e.status_code == 402),
+        ("[sandbox:rate-limited]", errors.RateLimited, lambda e: e.retry_after == 7),
+        ("[sandbox:malformed]", errors.ResponseFormatError, lambda e: e.status_code == 200),
     ],
 )
 def test_each_way_a_nimbus_task_ends_is_typed(
@@ -251,8 +254,25 @@ def test_each_way_a_nimbus_task_ends_is_typed(
     assert check(caught.value)
     assert KEY not in str(caught.value)
     assert KEY not in repr(caught.value)
-    accepted = word not in ("[sandbox:prompt-blocked]", "[sandbox:overloaded]")
-    assert (caught.value.job is not None) == accepted
+    refused = ("prompt-blocked", "overloaded", "no-credits", "rate-limited", "malformed")
+    assert (caught.value.job is None) == any(f"[sandbox:{name}]" == word for name in refused)
+
+
+@pytest.mark.parametrize("outcome", ["failed", "expired"])
+def test_a_sandbox_base_url_makes_every_task_there_end_one_way(
+    sandbox: Sandbox, outcome: str
+) -> None:
+    """How the failure scenarios are recorded: /sandbox/<outcome>, its URLs keep the prefix."""
+    before = len(sandbox.calls())
+    base_url = f"{sandbox.url}/sandbox/{outcome}"
+    client = FluxClient("nimbus", api_key=KEY, base_url=base_url, polling=FAST)
+    with client, pytest.raises(errors.JobError) as caught:
+        client.edit(EditRequest(prompt="an ordinary prompt", model="flux-2-pro"))
+    wanted = errors.JobFailed if outcome == "failed" else errors.JobNotFound
+    assert type(caught.value) is wanted
+    calls = calls_since(sandbox, before)
+    assert {call.kind for call in calls} == {"submit", "poll"}
+    assert all(call.url.startswith(base_url + "/v1/tasks") for call in calls)
 
 
 def test_a_task_past_its_deadline_is_cancelled_once(sandbox: Sandbox) -> None:
