@@ -613,8 +613,13 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             saved += [place] if place else []
             code = code or status  # the first failure decides
     elapsed = time.perf_counter() - started
+    source = (
+        "reported by the provider"
+        if result.cost_source == "provider"
+        else "estimate from the price table"
+    )
     cost = (
-        f"${result.cost_usd:.3f} (estimate from the price table)"
+        f"${result.cost_usd:.3f} ({source})"
         if result.cost_usd is not None
         else "unknown (no price known for this provider and model)"
     )
