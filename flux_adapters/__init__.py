@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from flux_adapters.client import AsyncFluxClient, FluxClient
     from flux_adapters.errors import Violation
     from flux_adapters.limits import ModelLimits
-    from flux_adapters.providers import PROVIDERS, get_adapter
+    from flux_adapters.providers import PROVIDERS, get_adapter, register_provider
     from flux_adapters.request import MODELS, EditRequest
     from flux_adapters.result import Attempt, ConversionWarning, EditResult, ResultImage, Usage
 
@@ -40,6 +40,7 @@ _EXPORTS = {
     "Violation": "flux_adapters.errors",
     "check": "flux_adapters._flows",
     "get_adapter": "flux_adapters.providers",
+    "register_provider": "flux_adapters.providers",
 }
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "check",
     "errors",
     "get_adapter",
+    "register_provider",
 ]
 
 

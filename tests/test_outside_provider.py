@@ -642,6 +642,14 @@ def test_the_public_modules_for_outside_packages_pin_their_names() -> None:
             assert callable(value) is False or (value.__doc__ or "").strip(), name
 
 
+def test_register_provider_is_exported_at_the_top_as_the_contract_says() -> None:
+    import flux_adapters
+    from flux_adapters import providers
+
+    assert flux_adapters.register_provider is providers.register_provider
+    assert "register_provider" in flux_adapters.__all__
+
+
 def test_importing_the_answer_readers_loads_no_emulator_or_http_client() -> None:
     code = (
         "import sys, flux_adapters, flux_adapters.providers.answers; "
