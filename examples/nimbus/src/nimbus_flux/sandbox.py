@@ -134,8 +134,9 @@ class Sandbox:
 
     Attributes:
         pending_polls: Polls a task answers as not done before it ends.
-        poll_after_ms: The ``poll_after_ms`` a pending task answers (the live service's document
-            says 1000 to 2000; the sandbox is quicker, to keep tests and replays short).
+        poll_after_ms: The ``poll_after_ms`` of a task's first pending answer, doubling with
+            each poll up to 2000 (the live service asks for 1000 to 2000; the sandbox starts
+            quicker, to keep tests and recordings short).
         public_url: The origin of the status, cancel and file URLs it hands out; by default
             the one each request came to.
         url: Its root URL once it is served (`run_sandbox`).
