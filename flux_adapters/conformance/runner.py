@@ -566,9 +566,14 @@ def run_scenario(
             provider=judged.provider, scenario=judged.scenario, outcome="deviation",
             detail=f"{reason} ({judged.detail})", recorded=judged.recorded,
         )  # fmt: skip
+    now = (
+        "it now conforms"
+        if judged.outcome == "pass"
+        else f"it does not fail ({_SYMBOLS[judged.outcome]}: {judged.detail})"
+    )
     return Verdict(
         provider=judged.provider, scenario=judged.scenario, outcome="fail",
-        detail=f"{scenario.id}: declared as a deviation ({reason}) but it now conforms; remove the declaration",
+        detail=f"{scenario.id}: declared as a deviation ({reason}) but {now}; remove the declaration",
         recorded=judged.recorded,
     )  # fmt: skip
 
