@@ -1,18 +1,41 @@
 """A minimal HTTP/1.1 server for the benchmarks: keep-alive, bodies read and discarded in chunks.
 
 Run as ``python benchmarks/loopback_server.py``; it prints its port on the first line of stdout
-and answers every POST with an OpenAI-style image answer, every GET with a tiny body. It runs in
-its own process so that its CPU and memory are not counted against the client being measured.
+and answers every POST with an OpenAI-style image answer, every GET with a tiny body. Under
+``/bfl/`` it answers as Black Forest Labs does: a POST takes a job (``{"id", "polling_url"}``)
+and ``GET /bfl/v1/get_result?id=N`` answers ``Pending`` twice, then ``Ready``. It runs in its own
+process so that its CPU and memory are not counted against the client being measured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
+from collections import Counter
 
 ANSWER = json.dumps({"created": 1, "data": [{"url": "http://127.0.0.1/result.png"}]}).encode()
 CHUNK = 1024 * 1024
+PENDING_POLLS = 2
+JOB_IDS = itertools.count()
+POLLS: Counter[str] = Counter()
+
+
+def bfl(method: str, target: str, host: str) -> bytes:
+    """BFL's answers: a job for a POST, its status for a poll (``Ready`` on the third)."""
+    if method == "POST":
+        job = str(next(JOB_IDS))
+        url = f"http://{host}/bfl/v1/get_result?id={job}"
+        answer = {"id": job, "polling_url": url, "cost": 3.0, "input_mp": 0.0, "output_mp": 1.0}
+        return json.dumps(answer).encode()
+    job = target.rpartition("id=")[2]
+    POLLS[job] += 1
+    if POLLS[job] <= PENDING_POLLS:
+        return json.dumps({"id": job, "status": "Pending", "result": None}).encode()
+    del POLLS[job]
+    sample = "http://127.0.0.1/result.png"
+    return json.dumps({"id": job, "status": "Ready", "result": {"sample": sample}}).encode()
 
 
 async def discard(reader: asyncio.StreamReader, length: int) -> None:
@@ -44,7 +67,11 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 await discard_chunked(reader)
             else:
                 await discard(reader, int(headers.get("content-length", "0")))
-            body = ANSWER if lines[0].startswith("POST") else b"ok"
+            method, target, _ = lines[0].split(" ", 2)
+            if target.startswith("/bfl/"):
+                body = bfl(method, target, headers.get("host", ""))
+            else:
+                body = ANSWER if method == "POST" else b"ok"
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                 + str(len(body)).encode()

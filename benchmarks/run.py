@@ -15,6 +15,11 @@ Each comparison prints both measurements and their ratio against the issue's tar
      client, per call; and with the first provider down (503 after 1 s) once its breaker is open
   g  hostile answers: a 1 MB HTML error page (several shapes that made the old regexes quadratic)
      and a 100,000-deep nested JSON answer, each parsed into a typed error; worst time of each
+  h  one-exchange FluxClient.edit (laozhang, text-to-image) per call, this tree vs the library
+     as it was before jobs (commit BASELINE, or $FLUX_BENCH_BASELINE), each in its own process,
+     alternated
+  i  a BFL job, submit + 3 polls (2 pending, then ready), per call: FluxClient.edit vs the same
+     four requests by hand with httpx.Client
 
 The server (benchmarks/loopback_server.py) runs in its own process and discards bodies. Results
 are also written to benchmarks/results/latest.json. Timings vary with the machine; run twice.
@@ -43,7 +48,10 @@ import httpx
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 KEY = "bench-key"
+BASELINE = "ec8badd"
+"""The last commit before asynchronous providers (jobs) came in: the one-exchange baseline."""
 RESULTS: dict[str, dict[str, Any]] = {}
 
 
@@ -499,8 +507,109 @@ def bench_hostile_answers() -> None:
            worst / 0.050, "each < 50 ms (ratio: worst / 50 ms)", worst < 0.050)  # fmt: skip
 
 
+def one_exchange_per_call(base: str, calls: int) -> float:
+    """Median seconds per `FluxClient.edit` at laozhang (run in a child: see `bench_baseline`)."""
+    prompt = "A ruby red retro robot riding a yellow skateboard"
+    with FluxClient("laozhang", api_key=KEY, base_url=f"{base}/laozhang") as client:
+        return per_call(
+            lambda: client.edit(EditRequest(prompt=prompt, model="flux-2-pro", size="1024x1024")),
+            calls,
+        )
+
+
+def bench_baseline(base: str) -> None:
+    ref = os.environ.get("FLUX_BENCH_BASELINE", BASELINE)
+    with tempfile.TemporaryDirectory() as old:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", ref, "flux_adapters"],
+            capture_output=True,
+            check=False,
+        )
+        if archive.returncode != 0:
+            print(f"\n(h) skipped: commit {ref} is not in this clone ({archive.stderr.decode()})")
+            return
+        subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+        child = [sys.executable, str(HERE / "run.py"), "--one-exchange", base, "300"]
+
+        def measure(path: str) -> float:
+            environment = os.environ | {"PYTHONPATH": path}
+            done = subprocess.run(child, env=environment, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"the child measuring {path} failed:\n{done.stderr}")
+            seconds, origin = done.stdout.split()
+            assert Path(origin).is_relative_to(path), f"measured {origin}, not the tree at {path}"
+            return float(seconds)
+
+        before, now = [], []
+        for _ in range(7):  # alternated, each in a fresh process, so drift hits both alike
+            before.append(measure(old))
+            now.append(measure(str(ROOT)))
+    was, mine = statistics.median(before), statistics.median(now)
+    report(
+        "h",
+        "one-exchange FluxClient.edit per call: before jobs vs now (median of 7 processes)",
+        [
+            (f"before jobs (commit {ref})", f"{was * 1e6:.0f} us"),
+            ("this tree", f"{mine * 1e6:.0f} us"),
+        ],
+        mine / was,
+        "<= 1.05x",
+        mine / was <= 1.05,
+    )
+
+
+def bench_job(base: str) -> None:
+    from flux_adapters.jobs import Polling  # here: the baseline's child imports this module
+
+    prompt = "A ruby red retro robot riding a yellow skateboard"
+    headers = {"x-key": KEY}
+    immediate = Polling(first=0, longest=0, jitter=0)  # the server decides: 2 pending, then ready
+    with (
+        httpx.Client() as http,
+        FluxClient("bfl", api_key=KEY, base_url=f"{base}/bfl", polling=immediate) as ours,
+    ):
+
+        def by_hand() -> object:
+            submitted = http.post(
+                f"{base}/bfl/v1/flux-2-pro",
+                json={"prompt": prompt, "width": 1024, "height": 1024},
+                headers=headers,
+            )
+            submitted.raise_for_status()
+            polling_url = submitted.json()["polling_url"]
+            while True:
+                polled = http.get(polling_url, headers=headers)
+                polled.raise_for_status()
+                status = polled.json()
+                if status["status"] == "Ready":
+                    return status["result"]["sample"]
+
+        def with_library() -> object:
+            request = EditRequest(prompt=prompt, model="flux-2-pro", width=1024, height=1024)
+            return ours.edit(request).images[0].url
+
+        assert by_hand() == with_library()
+        theirs, mine = side_by_side(by_hand, with_library, 200)
+    report(
+        "i",
+        "a BFL job (submit + 3 polls) per call, no waits between polls",
+        [
+            ("httpx.Client: post, then get until Ready", f"{theirs * 1e6:.0f} us"),
+            ("FluxClient('bfl').edit", f"{mine * 1e6:.0f} us"),
+        ],
+        mine / theirs,
+        "<= 1.3x",
+        mine / theirs <= 1.3,
+    )
+
+
 def main(selected: list[str]) -> int:
-    chosen = selected or ["a", "b", "c", "d", "e", "f", "g"]
+    if selected[:1] == ["--one-exchange"]:  # the child of bench_baseline
+        import flux_adapters
+
+        print(one_exchange_per_call(selected[1], int(selected[2])), flux_adapters.__file__)
+        return 0
+    chosen = selected or ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
     print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
     with loopback() as base, tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -512,6 +621,8 @@ def main(selected: list[str]) -> int:
             "e": lambda: bench_async(base),
             "f": bench_routing,
             "g": bench_hostile_answers,
+            "h": lambda: bench_baseline(base),
+            "i": lambda: bench_job(base),
         }
         for key in chosen:
             steps[key]()

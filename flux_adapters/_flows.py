@@ -379,7 +379,8 @@ def follow_job(
 def _pause(wait: float, polling: Polling, chance: random.Random, left: float) -> _Steps[None]:
     spread = wait * polling.jitter
     pause = max(0.0, min(wait + chance.uniform(-spread, spread), left))
-    yield Sleep(pause)
+    if pause > 0:  # time.sleep(0) still costs a trip through the kernel's timer
+        yield Sleep(pause)
 
 
 def _next_wait(wait: float, polling: Polling, state: Pending | None) -> float:

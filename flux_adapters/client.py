@@ -35,7 +35,7 @@ from flux_adapters._bodies import StreamedJson, json_segments, segments_length
 from flux_adapters._display import type_name
 from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
 from flux_adapters._files import image_format
-from flux_adapters._flows import Outcome, flow_for, follow_job, is_job_adapter
+from flux_adapters._flows import Flow, Outcome, flow_for, follow_job, is_job_adapter
 from flux_adapters._options import (
     check_adapter,
     check_base_url,
@@ -570,6 +570,19 @@ class _ClientBase:
             f"at (it has {', '.join(self.providers)})"
         )
 
+    def _flow(self, binding: _Binding, request: EditRequest, plan: Plan) -> Flow:
+        """The flow that performs *request* at *binding*'s provider: one exchange, or a job."""
+        secrets = (binding.api_key,)
+        return flow_for(
+            binding.adapter,
+            request,
+            binding.base_url,
+            secrets,
+            plan,
+            polling=self._polling,
+            clock=self._job_clock,
+        )
+
     def _follow(self, binding: _Binding, job: Job) -> _Steps[Answer]:
         adapter: JobAdapter = binding.adapter  # type: ignore[assignment]
         return follow_job(
@@ -761,15 +774,7 @@ class FluxClient(_ClientBase):
 
     def _attempt(self, binding: object, request: EditRequest, plan: Plan) -> Outcome | FluxError:
         assert isinstance(binding, _Binding)
-        flow = flow_for(
-            binding.adapter,
-            request,
-            binding.base_url,
-            (binding.api_key,),
-            plan,
-            polling=self._polling,
-            clock=self._job_clock,
-        )
+        flow = self._flow(binding, request, plan)
         try:
             return self._drive(binding, flow)
         except FluxError as error:
@@ -995,15 +1000,7 @@ class AsyncFluxClient(_ClientBase):
         gates = _GATES.get()
         gate = gates.get(name) if gates else None
         async with gate if gate is not None else contextlib.nullcontext():
-            flow = flow_for(
-                binding.adapter,
-                request,
-                binding.base_url,
-                (binding.api_key,),
-                plan,
-                polling=self._polling,
-                clock=self._job_clock,
-            )
+            flow = self._flow(binding, request, plan)
             reply: Outcome | FluxError
             try:
                 reply = await self._drive(binding, flow, watcher)

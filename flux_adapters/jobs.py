@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, runtime_checkable
 
 from attrs import frozen
 
@@ -214,6 +214,38 @@ class Polling:
     longest: float = 5.0
     jitter: float = 0.2
     deadline: float = 600.0
+
+    def __attrs_post_init__(self) -> None:
+        from flux_adapters.errors import ConfigurationError
+
+        problems = [
+            f"{name} must be a number {rule}, not {_shown(getattr(self, name))}"
+            for name, rule, allowed in _POLLING_RULES
+            if not _in_range(getattr(self, name), allowed)
+        ]
+        if problems:
+            raise ConfigurationError("Polling: " + "; ".join(problems))
+
+
+_POLLING_RULES: Final = (
+    ("first", "from 0 to 3600 seconds", (0.0, 3600.0)),
+    ("factor", "from 1 to 10", (1.0, 10.0)),
+    ("longest", "from 0 to 3600 seconds", (0.0, 3600.0)),
+    ("jitter", "from 0 to 1", (0.0, 1.0)),
+    ("deadline", "above 0, at most 86400 seconds (a day)", (math.ulp(0.0), 86_400.0)),
+)
+"""Each `Polling` field, its bounds in words, and as numbers: finite, and within a day."""
+
+
+def _in_range(value: object, bounds: tuple[float, float]) -> bool:
+    from flux_adapters._options import is_number
+
+    return is_number(value) and bounds[0] <= value <= bounds[1]
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @runtime_checkable

@@ -665,3 +665,23 @@ def test_submits_are_counted_once_across_a_matrix_of_poll_faults() -> None:
             run(kind, fake, T2I)
             second_submits[kind] += fake.count("POST") - 1
     assert second_submits == Counter({"sync": 0, "async": 0})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("first", -1), ("first", float("nan")), ("first", "0.5"), ("first", True),
+        ("factor", 0.5), ("factor", float("inf")), ("longest", 10**400), ("longest", None),
+        ("jitter", 1.5), ("jitter", -0.1), ("deadline", 0), ("deadline", 86_401),
+        ("deadline", float("nan")), ("deadline", [600]),
+    ],
+)  # fmt: skip
+def test_polling_refuses_a_value_that_cannot_be_waited_with_a_typed_error(
+    field: str, value: object
+) -> None:
+    with pytest.raises(errors.ConfigurationError, match=f"Polling: {field} must be a number"):
+        Polling(**{field: value})  # type: ignore[arg-type]
+
+
+def test_polling_takes_zero_waits_and_a_days_deadline() -> None:
+    assert Polling(first=0, longest=0, jitter=0, deadline=86_400).deadline == 86_400
