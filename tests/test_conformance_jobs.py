@@ -7,6 +7,7 @@ sleeping, and are reported as not applicable, never passed, where they do not ap
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -382,3 +383,36 @@ def test_images_in_bare_base64_are_stored_as_their_digest_and_still_matched() ->
     assert kept == {"note": text}
     other = base64.b64encode(image_bytes(8, 8, color="blue")).decode()
     assert scrubber.json_value(other, images=True) != scrubber.json_value(bare, images=True)
+
+
+def test_recording_a_job_elsewhere_than_the_emulator_waits_for_real(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Against a live provider (here a base URL the recorder knows nothing of) the suite's
+    waits are really spent, so a provider is not polled in a tight loop; the replay does not
+    wait, and matches."""
+    from flux_adapters.emulator import run_emulator
+
+    slept: list[float] = []
+    here = threading.current_thread()
+
+    def sleep(seconds: float) -> None:  # the emulator's threads keep their own pace
+        if threading.current_thread() is here:
+            slept.append(seconds)
+
+    scenario = by_id("job-pending-then-ready")
+    with run_emulator(pending_polls=2) as emulator:
+        monkeypatch.setattr(time, "sleep", sleep)
+        verdicts = record(
+            BflAdapter(),
+            tmp_path,
+            api_key="a-recording-key",
+            base_url=emulator.base_url("bfl"),
+            scenarios=[scenario],
+            log=print,
+        )
+    assert [v.outcome for v in verdicts] == ["pass"]
+    assert slept == [1.0, 1.5, 2.25]  # before each of the three polls
+    slept.clear()
+    assert run_scenario(BflAdapter(), scenario, tmp_path).outcome == "pass"
+    assert slept == []
