@@ -433,6 +433,9 @@ class _ClientBase:
         if given["polling"] is not None and not isinstance(given["polling"], Polling):
             raise ConfigurationError("polling= must be a flux_adapters.jobs.Polling")
         self._polling = polling or Polling()
+        self._job_clock: Callable[[], float] = time.monotonic
+        """The clock a job's deadline is kept on. Private: the conformance replay sets one that
+        only the job's own waits move, so that a replay makes exactly the recorded polls."""
         if deadline is not None:
             deadline = check_seconds(deadline, "deadline=")
         known = settings or {}
@@ -571,12 +574,20 @@ class _ClientBase:
         """The flow that performs *request* at *binding*'s provider: one exchange, or a job."""
         secrets = (binding.api_key,)
         return flow_for(
-            binding.adapter, request, binding.base_url, secrets, plan, polling=self._polling
+            binding.adapter,
+            request,
+            binding.base_url,
+            secrets,
+            plan,
+            polling=self._polling,
+            clock=self._job_clock,
         )
 
     def _follow(self, binding: _Binding, job: Job) -> _Steps[Answer]:
         adapter: JobAdapter = binding.adapter  # type: ignore[assignment]
-        return follow_job(adapter, job, (binding.api_key,), polling=self._polling)
+        return follow_job(
+            adapter, job, (binding.api_key,), polling=self._polling, clock=self._job_clock
+        )
 
     def _downloader_deadline(self) -> float:
         return min([DOWNLOAD_DEADLINE, *(binding.deadline for binding in self._bindings)])
@@ -706,6 +717,8 @@ class FluxClient(_ClientBase):
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else bounded_http_client()
+        self._job_sleep: Callable[[float], None] = time.sleep
+        """How a job's waits are spent (private, with `_job_clock`)."""
         self._downloader = HttpDownloader(
             provider=self.provider,
             sync_client=self._http,
@@ -795,7 +808,7 @@ class FluxClient(_ClientBase):
         self, binding: _Binding, instruction: HttpRequest | Sleep | Accepted
     ) -> HttpResponse | None:
         if isinstance(instruction, Sleep):
-            time.sleep(instruction.seconds)
+            self._job_sleep(instruction.seconds)
             return None
         if isinstance(instruction, Accepted):
             return None

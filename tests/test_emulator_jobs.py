@@ -953,3 +953,20 @@ def test_every_job_fault_example_of_the_documents_matches_its_spec() -> None:
         fault = eval(python, {"Fault": Fault})
         assert (provider, Fault.parse(spec)) == (injected_at, fault)
         fault.check_for(provider)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "loc"),
+    [("request-moderated", ["body", "prompt"]), ("content-moderated", ["body"])],
+)
+def test_fal_a_moderated_job_names_the_input_only_when_the_input_was_flagged(
+    outcome: str, loc: list[str], emulator: Emulator
+) -> None:
+    # fal: loc is ["body", "<field>"] for an input, ["body"] for a general error; a client tells
+    # a flagged prompt from a flagged output by it (https://docs.fal.ai/errors).
+    emulator.inject("fal", Fault(outcome=outcome, first=1))
+    job = accepted(fal_submit(emulator, image_size="square"))
+    fal_until_done(job["status_url"])
+    result = fal_get(job["response_url"])
+    assert result.status_code == 422
+    assert [entry["loc"] for entry in result.json()["detail"]] == [loc]

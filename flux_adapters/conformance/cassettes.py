@@ -9,8 +9,9 @@ removes every secret it can find before anything is written, in both directions:
   or more of those forms, wherever they appear: header values, URLs (path, query, fragment,
   userinfo), JSON, multipart and form bodies, and any textual response body (JSON, HTML, XML,
   plain text). A key in free text becomes ``[redacted]``; inside a URL, ``REDACTED``;
-- **credentials by name, whatever their value** (`CREDENTIAL_NAMES`, case-insensitive, ``-`` and
-  ``_`` ignored): a header keeps its name and its scheme (``Authorization: Key <redacted>``,
+- **credentials by name, whatever their value** (`CREDENTIAL_NAMES`, and the header or query
+  parameter the adapter's own ``auth`` names; case-insensitive, ``-`` and ``_`` ignored): a
+  header keeps its name and its scheme (``Authorization: Key <redacted>``,
   ``x-key: <redacted>``), a cookie its names (``sid=<redacted>``), a query parameter or a
   ``name=value`` pair in text its name (``signature=REDACTED``), a JSON field at any depth or a
   multipart text field its name (``"api_key": "<redacted>"``), URL userinfo its user name
@@ -29,8 +30,9 @@ Both hooks are idempotent (vcrpy runs the request hook twice on live requests) a
 (the live request is scrubbed before it is matched, so stored and live forms compare equal).
 
 Bodies are stored canonically: a JSON request body sorted, with each image data URL replaced by
-its digest (``data:image/png;sha256=<hex>;bytes=<n>``); a multipart body rebuilt with a fixed
-boundary and each file replaced by its digest. Images are matched by digest and cassettes stay
+its digest (``data:image/png;sha256=<hex>;bytes=<n>``), and so each image sent as bare base64
+(BFL's ``input_image``: ``base64:image/png;sha256=<hex>;bytes=<n>``); a multipart body rebuilt
+with a fixed boundary and each file replaced by its digest. Images are matched by digest and cassettes stay
 small. Recorded against the emulator (or another base URL), URLs are rewritten to the provider's
 real host, and result URLs to the provider's result host.
 
@@ -119,22 +121,36 @@ def is_credential(name: str) -> bool:
     return _normal(name) in CREDENTIAL_NAMES
 
 
-_NAMES: Final = "|".join(
-    sorted(
-        {
-            "[-_]?".join(re.escape(part) for part in re.split(r"[-_]", name))
-            for name in _CREDENTIALS
-        },
-        key=len,
-        reverse=True,
+def _names_pattern(names: Iterable[str]) -> str:
+    return "|".join(
+        sorted(
+            {"[-_]?".join(re.escape(part) for part in re.split(r"[-_]", name)) for name in names},
+            key=len,
+            reverse=True,
+        )
     )
-)
+
+
+_NAMES: Final = _names_pattern(_CREDENTIALS)
 _VALUE_END: Final = "&\\s\"'<>,;#"
-_PAIR: Final = re.compile(
-    rf"(?<![\w-])(?P<name>{_NAMES})=(?P<value>[^{_VALUE_END}]+)", re.IGNORECASE
-)
+
+
+def _pair_pattern(extra: Iterable[str] = ()) -> re.Pattern[str]:
+    """``name=value`` for every credential name (and *extra* ones), case-insensitively."""
+    names = _names_pattern([*_CREDENTIALS, *extra])
+    return re.compile(rf"(?<![\w-])(?P<name>{names})=(?P<value>[^{_VALUE_END}]+)", re.IGNORECASE)
+
+
 _URL: Final = re.compile(r"https?://[^\s\"'<>\\]+", re.IGNORECASE)
 _DATA_URL: Final = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>[A-Za-z0-9+/=]+)")
+_BARE_BASE64: Final = re.compile(r"[A-Za-z0-9+/]{64,}={0,2}")
+# The signatures of the image formats a provider takes, as their base64 begins.
+_IMAGE_STARTS: Final = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
 # An authentication scheme worth keeping: a short word, or one of the registered hyphenated ones.
 _SCHEME: Final = re.compile(
     r"(?P<scheme>AWS4-HMAC-SHA256|SCRAM-SHA-256|SCRAM-SHA-1|[A-Za-z]{1,16})\s+\S"
@@ -158,6 +174,23 @@ def _digest(data: bytes) -> str:
 def _image_placeholder(match: re.Match[str]) -> str:
     data = base64.b64decode(match["data"])
     return f"data:{match['type']};sha256={_digest(data)};bytes={len(data)}"
+
+
+def _bare_image(value: str) -> str | None:
+    """The digest of *value* when it is a whole image as bare base64 (no ``data:`` prefix)."""
+    if len(value) % 4 or not _BARE_BASE64.fullmatch(value):
+        return None
+    head = base64.b64decode(value[:24])
+    media = next((kind for start, kind in _IMAGE_STARTS if head.startswith(start)), None)
+    if media is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        media = "image/webp"
+    if media is None:
+        return None
+    try:
+        data = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return f"base64:{media};sha256={_digest(data)};bytes={len(data)}"
 
 
 def _media(content_type: str) -> str:
@@ -216,17 +249,29 @@ class Scrubber:
         secrets: The keys to remove in every form: the recording key and any scenario's key.
         rewrite: Maps a URL recorded against a stand-in (the emulator, a base URL) to the
             provider's own.
+        credentials: Names that carry a credential besides `CREDENTIAL_NAMES`: the header or
+            query parameter of the adapter's ``auth`` (`KeyAuth`).
 
     Build one per recording and reuse it: the key pattern is compiled once.
     """
 
     def __init__(
-        self, secrets: Iterable[str] = (), rewrite: Callable[[str], str] | None = None
+        self,
+        secrets: Iterable[str] = (),
+        rewrite: Callable[[str], str] | None = None,
+        credentials: Iterable[str] = (),
     ) -> None:
         # Only the keys' forms and fragments: guesses at key-shaped text suit a log line, not a
         # cassette, whose ids the replay needs and whose parameter names `Scrubber` keeps.
         self._cover = Redactor(tuple(secrets), shapes=False)
         self._rewrite = rewrite
+        extra = sorted({name for name in credentials if name} - set(_CREDENTIALS))
+        self._names = CREDENTIAL_NAMES | {_normal(name) for name in extra}
+        self._pair = _pair_pattern(extra)
+
+    def is_credential(self, name: str) -> bool:
+        """Whether a header, parameter or field called *name* holds a credential."""
+        return _normal(name) in self._names
 
     def cover(self, text: str) -> str:
         """*text* with every form of every key, and every long fragment, replaced by a mask."""
@@ -259,7 +304,7 @@ class Scrubber:
         pairs = []
         for pair in query.split("&"):
             name, equals, value = pair.partition("=")
-            if equals and is_credential(unquote_plus(name)):
+            if equals and self.is_credential(unquote_plus(name)):
                 pairs.append(f"{name}={URL_PLACEHOLDER}")
             else:
                 pairs.append(self._url_cover(name) + equals + self._url_cover(value))
@@ -279,7 +324,7 @@ class Scrubber:
     def _plain(self, text: str) -> str:
         if not text:
             return text
-        return self._cover(_PAIR.sub(lambda m: f"{m['name']}={URL_PLACEHOLDER}", text))
+        return self._cover(self._pair.sub(lambda m: f"{m['name']}={URL_PLACEHOLDER}", text))
 
     def credential(self, name: str, value: str) -> str:
         """The stored form of credential header *name*: its scheme, or its cookie names, stay."""
@@ -308,14 +353,20 @@ class Scrubber:
     def json_value(self, value: Any, *, images: bool = False) -> Any:
         """A parsed JSON value with credential fields (at any depth) and keys replaced.
 
-        With *images*, each image data URL is replaced by its digest first.
+        With *images*, each image data URL, and each image in bare base64, is replaced by its
+        digest first.
         """
         if isinstance(value, str):
-            return self.text(_DATA_URL.sub(_image_placeholder, value) if images else value)
+            if images:
+                bare = _bare_image(value)
+                if bare is not None:
+                    return bare
+                value = _DATA_URL.sub(_image_placeholder, value)
+            return self.text(value)
         if isinstance(value, dict):
             return {
                 self.cover(str(key)): PLACEHOLDER
-                if is_credential(str(key))
+                if self.is_credential(str(key))
                 else self.json_value(item, images=images)
                 for key, item in value.items()
             }
@@ -329,7 +380,7 @@ class Scrubber:
             lines.append(f"--{BOUNDARY}".encode())
             if filename is None:
                 text = _textual("", data)
-                if is_credential(name):
+                if self.is_credential(name):
                     data = PLACEHOLDER.encode()
                 elif text is not None:
                     data = self.text(text).encode()
@@ -379,7 +430,7 @@ class Scrubber:
         for name in list(request.headers):
             value = str(request.headers[name])
             request.headers[name] = (
-                self.credential(name, value) if is_credential(name) else self.text(value)
+                self.credential(name, value) if self.is_credential(name) else self.text(value)
             )
         body = request.body or b""
         if isinstance(body, str):
@@ -417,7 +468,9 @@ class Scrubber:
                 continue
             values = headers[name] if isinstance(headers[name], list) else [headers[name]]
             headers[name] = [
-                self.credential(name, str(value)) if is_credential(name) else self.text(str(value))
+                self.credential(name, str(value))
+                if self.is_credential(name)
+                else self.text(str(value))
                 for value in values
             ]
         status = response.get("status")
@@ -505,9 +558,9 @@ class SecretScan:
     writer or stored in a binary body is found too.
     """
 
-    def __init__(self, keys: Iterable[str] = ()) -> None:
+    def __init__(self, keys: Iterable[str] = (), *, credentials: Iterable[str] = ()) -> None:
         usable = tuple(dict.fromkeys(key for key in keys if len(key) >= _SHORTEST_KEY))
-        self._scrubber = Scrubber(usable)
+        self._scrubber = Scrubber(usable, credentials=credentials)
         self._forms: list[tuple[str, re.Pattern[str], re.Pattern[str] | None]] = []
         for secret in usable:
             for form in secret_forms(secret):
@@ -566,7 +619,7 @@ class SecretScan:
             elif isinstance(node, yaml.MappingNode):
                 for key, value in node.value:
                     nodes += [key, value]
-                    if isinstance(key, yaml.ScalarNode) and is_credential(key.value):
+                    if isinstance(key, yaml.ScalarNode) and self._scrubber.is_credential(key.value):
                         for item in (
                             value.value if isinstance(value, yaml.SequenceNode) else [value]
                         ):
@@ -650,6 +703,7 @@ def make_vcr(
     record_mode: str = "none",
     rewrite: Callable[[str], str] | None = None,
     secrets: Iterable[str] = (),
+    credentials: Iterable[str] = (),
 ) -> Any:
     """A vcrpy ``VCR`` set up for conformance cassettes (``record_mode="none"`` replays only).
 
@@ -658,10 +712,11 @@ def make_vcr(
         rewrite: See `Scrubber`.
         secrets: The keys to remove in every form (recording), or the stand-in key the replay
             sends (replay), so that a key is found in the same places on both sides.
+        credentials: The adapter's own credential names (see `Scrubber`).
     """
     import vcr
 
-    scrubber = Scrubber(secrets, rewrite)
+    scrubber = Scrubber(secrets, rewrite, credentials)
     recorder = vcr.VCR(
         serializer="flux-yaml",
         record_mode=record_mode,

@@ -9,7 +9,15 @@
 - **deviation**: it fails in a way the provider's author declared (and fails again, loudly,
   once it stops deviating);
 - **unrecorded**: a failure only a misbehaving server can produce (402, 429, 5xx, ...) has no
-  cassette, because it was recorded against a live provider or a plain base URL. Not a pass.
+  cassette, because it was recorded against a live provider or a plain base URL. Not a pass;
+- **not applicable**: the scenario is about the other kind of provider (a job's polls at a
+  provider that answers in one call, a refused call at one that runs jobs). Not a pass.
+
+A job is polled by `JOB_POLLING` with its deadline kept on a clock that only the job's own waits
+move; a replay does not wait at all, and a recording against the emulator does not either, so a
+replay makes exactly the recorded polls. Every request the replay sends must be in the cassette
+(a poll the cassette lacks is a failure, even though the library retries a poll in place), and
+every recorded interaction must be played.
 
 `record` re-records cassettes against the emulator, a live provider, or any base URL. It writes
 into a temporary folder next to the cassettes, scans every new cassette for secrets, and moves
@@ -26,34 +34,43 @@ import secrets
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import attrs
 import httpx
-from attrs import frozen
+from attrs import define, frozen
 
 from flux_adapters import errors
 from flux_adapters._files import read_text_file
-from flux_adapters._flows import resolve
+from flux_adapters._flows import first_request, is_job_adapter, resolve
 from flux_adapters._redact import Redactor
 from flux_adapters._version import __version__
 from flux_adapters.client import FluxClient, image_extension
 from flux_adapters.conformance.cassettes import RECORDING, Scrubber, SecretScan, make_vcr
 from flux_adapters.conformance.scenarios import (
+    JOB_POLLING,
     SCENARIOS,
     Completes,
+    Expectation,
+    JobEnds,
     ProviderFails,
     RaisesBeforeIO,
     Scenario,
+    TimesOut,
 )
+from flux_adapters.jobs import Job, JobAdapter, Polling
 from flux_adapters.providers import AnyAdapter
 from flux_adapters.request import EditRequest
+from flux_adapters.wire import HttpRequest
 
 __all__ = [
     "RecordingFailed",
     "Verdict",
+    "credential_names",
     "paid_calls",
     "record",
     "run_scenario",
@@ -61,15 +78,24 @@ __all__ = [
     "write_report",
 ]
 
-Outcome = Literal["pass", "fail", "unsupported", "deviation", "unrecorded"]
+Outcome = Literal["pass", "fail", "unsupported", "deviation", "unrecorded", "not-applicable"]
 REPLAY_KEY: Final = "replay-key"
-# Where each in-repo provider's result images live, for the URLs of emulator recordings.
+# Where each in-repo provider's result images live, for the URLs of emulator recordings. A
+# job's own URLs (BFL's polling_url, fal's status, result and cancel URLs) are on the provider's
+# base URL: the emulator serves them under the provider's prefix, rewritten like the submit.
 RESULT_HOSTS: Final = {
     "laozhang": "https://delivery-eu.bfl.ai/results",
     "apiyi": "https://delivery-eu.bfl.ai/results",
     "apiyi-multipart": "https://delivery-eu.bfl.ai/results",
     "aimlapi": "https://cdn.aimlapi.com/generations",
+    # BFL: "result.sample" is a signed URL on its delivery hosts (delivery-eu1.bfl.ai, ...).
+    "bfl": "https://delivery-eu.bfl.ai/results",
+    # fal: outputs live on its media CDN (https://v3.fal.media/files/...).
+    "fal": "https://v3.fal.media/files",
 }
+RECORDED_PENDING_POLLS: Final = 2
+"""Polls an emulated job answers as pending before it ends, when recording against the emulator
+(``job-pending-then-ready`` needs at least two)."""
 
 
 @frozen(kw_only=True)
@@ -111,6 +137,19 @@ class RecordingFailed(errors.FluxError):
         self.findings = tuple(findings)
 
 
+def _inapplicable(adapter: AnyAdapter, scenario: Scenario) -> str:
+    """Why *scenario* does not apply to *adapter*'s kind of provider (empty when it does)."""
+    jobs = is_job_adapter(adapter)
+    if scenario.applies_to == "job" and not jobs:
+        return f"{adapter.name} answers each edit in one call: it has no jobs to poll"
+    if scenario.applies_to == "call" and jobs:
+        return (
+            f"{adapter.name} runs jobs: it moderates a job it accepted "
+            "(job-request-moderated, job-content-moderated), not the call"
+        )
+    return ""
+
+
 def _supports(adapter: AnyAdapter, scenario: Scenario, request: EditRequest) -> str:
     """Why *adapter* cannot run *scenario* (empty when it can)."""
     forms = getattr(adapter, "result_forms", frozenset({"url"}))
@@ -138,12 +177,84 @@ def _network_blocked() -> Iterator[None]:
         socket.socket.connect = real  # type: ignore[method-assign]
 
 
+@define
+class _Pace:
+    """The clock of a job's deadline, moved by the job's own waits only.
+
+    *real* also spends each wait (recording against a live provider, which must not be polled
+    in a tight loop); otherwise a wait costs nothing.
+    """
+
+    real: bool = False
+    now: float = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if self.real:
+            time.sleep(seconds)
+
+
+@define
+class _Exchanges:
+    """What the client sent and which of those were answered (httpx event hooks)."""
+
+    sent: list[httpx.Request] = attrs.Factory(list)
+    answered: list[tuple[httpx.Request, int]] = attrs.Factory(list)
+
+    def on_request(self, request: httpx.Request) -> None:
+        self.sent.append(request)
+
+    def on_response(self, response: httpx.Response) -> None:
+        self.answered.append((response.request, response.status_code))
+
+    def unanswered(self) -> list[httpx.Request]:
+        """Requests that got no answer: in a replay, requests the cassette does not hold."""
+        answered = {id(request) for request, _ in self.answered}
+        return [request for request in self.sent if id(request) not in answered]
+
+    def matching(self, wanted: HttpRequest, key_param: str | None) -> list[httpx.Request]:
+        """The requests sent that are *wanted* (method and URL; a key in the query ignored)."""
+        try:
+            url = httpx.URL(wanted.url)
+        except (httpx.InvalidURL, TypeError, ValueError):
+            return []
+        found = []
+        for request in self.sent:
+            sent = request.url.copy_remove_param(key_param) if key_param else request.url
+            if request.method == wanted.method.upper() and sent == url:
+                found.append(request)
+        return found
+
+    def status(self, request: httpx.Request) -> int | None:
+        return next((status for sent, status in self.answered if sent is request), None)
+
+
+def _polling(expect: Expectation) -> Polling:
+    if isinstance(expect, TimesOut):
+        return attrs.evolve(JOB_POLLING, deadline=expect.deadline)
+    return JOB_POLLING
+
+
 @contextlib.contextmanager
-def _client(adapter: AnyAdapter, api_key: str, base_url: str) -> Iterator[FluxClient]:
+def _client(
+    adapter: AnyAdapter, api_key: str, base_url: str, polling: Polling, pace: _Pace
+) -> Iterator[tuple[FluxClient, _Exchanges]]:
+    exchanges = _Exchanges()
     # gzip only: vcrpy cannot decode every encoding httpx may advertise (zstd), and a body it
     # cannot decode cannot be scrubbed.
-    with httpx.Client(headers={"Accept-Encoding": "gzip"}) as http:
-        yield FluxClient(adapter, api_key=api_key, base_url=base_url, http_client=http)
+    with httpx.Client(
+        headers={"Accept-Encoding": "gzip"},
+        event_hooks={"request": [exchanges.on_request], "response": [exchanges.on_response]},
+    ) as http:
+        client = FluxClient(
+            adapter, api_key=api_key, base_url=base_url, http_client=http, polling=polling
+        )
+        client._job_clock = pace.clock
+        client._job_sleep = pace.sleep
+        yield client, exchanges
 
 
 def _is_unrecorded(cause: BaseException | None) -> bool:
@@ -151,34 +262,158 @@ def _is_unrecorded(cause: BaseException | None) -> bool:
     return type(cause).__name__ == "CannotOverwriteExistingCassetteException"
 
 
-def _exercise(client: FluxClient, request: EditRequest, expect: Completes | ProviderFails) -> str:
-    """Send *request*; return what went against *expect* (empty when nothing did)."""
+@frozen
+class _Sent:
+    """What a scenario's call is judged with besides its outcome."""
+
+    adapter: AnyAdapter
+    request: EditRequest
+    base_url: str
+    exchanges: _Exchanges
+
+    @property
+    def key_param(self) -> str | None:
+        auth = getattr(self.adapter, "auth", None)
+        query = getattr(auth, "query", None)
+        return query if isinstance(query, str) else None
+
+    def count(self, build: Callable[[], object]) -> tuple[int, str]:
+        """How many requests like the one *build* makes were sent (or why that is unknown)."""
+        try:
+            wanted = build()
+        except Exception as exc:  # the adapter under test: anything may go wrong
+            return 0, f"the adapter could not build it ({type(exc).__name__})"
+        if wanted is None:
+            return 0, ""
+        if not isinstance(wanted, HttpRequest):
+            return 0, "the adapter built no HttpRequest"
+        return len(self.exchanges.matching(wanted, self.key_param)), ""
+
+    def submits(self) -> int:
+        plan = resolve(self.adapter, self.request)
+        count, _ = self.count(
+            lambda: first_request(self.adapter, self.request, plan, self.base_url)
+        )
+        return count
+
+
+def _exercise(client: FluxClient, expect: Expectation, sent: _Sent) -> str:
+    """Send the scenario's request; return what went against *expect* (empty when nothing did)."""
     try:
-        result = client.edit(request)
+        result = client.edit(sent.request)
     except errors.FluxError as error:
         cause = error.__cause__
         if cause is not None and _is_unrecorded(cause):
             raise cause from None  # a request the cassette does not hold: a mismatch
         if isinstance(expect, ProviderFails) and isinstance(error, expect.error):
             status = getattr(error, "status_code", None)
-            if status != expect.status:
-                return (
-                    f"raised {type(error).__name__} with status {status}, expected {expect.status}"
-                )
+            if status != expect.status and status not in expect.also:
+                wanted = " or ".join(str(code) for code in (expect.status, *expect.also))
+                return f"raised {type(error).__name__} with status {status}, expected {wanted}"
             if expect.retry_after and getattr(error, "retry_after", None) is None:
                 return "the 429 carried no Retry-After value"
             return ""
+        if isinstance(expect, JobEnds | TimesOut) and isinstance(error, errors.JobError):
+            return _job_ending(error, expect, sent)
         return f"raised {type(error).__name__}: {error}"
     if isinstance(expect, ProviderFails):
         return f"completed, but {expect.error.__name__} ({expect.status}) was expected"
+    if isinstance(expect, JobEnds | TimesOut):
+        ending = expect.error if isinstance(expect, JobEnds) else errors.JobTimeout
+        return f"completed, but {ending.__name__} was expected"
+    assert isinstance(expect, Completes)
     if not result.images:
         return "the result holds no image"
+    if expect.pending:
+        problem = _pending_polls(result.job, expect.pending, sent)
+        if problem:
+            return problem
     if expect.base64 and result.images[0].b64_json is None:
         return "the image came as a URL, expected inline base64"
     if expect.download or expect.base64:
         data = result.images[0].read()
         if image_extension(data[:16]) == "bin":
             return "the downloaded result is not a png, jpeg or webp image"
+    return ""
+
+
+def _submitted_once(sent: _Sent) -> str:
+    submits = sent.submits()
+    if submits != 1:
+        return f"the job was submitted {submits} times; an accepted job is never submitted again"
+    return ""
+
+
+def _pending_polls(job: Job | None, pending: int, sent: _Sent) -> str:
+    """Check that the job was polled past *pending* answers of "not done", and submitted once."""
+    if job is None:
+        return "the result carries no job"
+    adapter: JobAdapter = sent.adapter  # type: ignore[assignment]
+    polls, problem = sent.count(lambda: adapter.build_poll(job))
+    if problem:
+        return f"its poll: {problem}"
+    if polls < pending + 1:
+        return (
+            f"the job was polled {polls} time(s); the scenario needs {pending} pending "
+            "answer(s) before the result (record it again)"
+        )
+    return _submitted_once(sent)
+
+
+def _job_ending(error: errors.JobError, expect: JobEnds | TimesOut, sent: _Sent) -> str:
+    """What in *error*, a job's ending, goes against *expect* (empty when nothing does)."""
+    name = type(error).__name__
+    wanted = expect.error if isinstance(expect, JobEnds) else errors.JobTimeout
+    if not isinstance(error, wanted):
+        return f"raised {name}, expected {wanted.__name__}: {error}"
+    job = error.job
+    if job is None:
+        return f"raised {name} without its job (error.job), so it could not be resumed"
+    if error.job_id != job.id or error.provider != sent.adapter.name:
+        return f"{name} names job {error.job_id!r} at {error.provider!r}, not {job.id!r}"
+    if isinstance(expect, JobEnds):
+        if expect.stage is not None and getattr(error, "stage", None) != expect.stage:
+            return f"raised {name} with stage {getattr(error, 'stage', None)!r}, expected {expect.stage!r}"
+        if isinstance(error, errors.JobFailed):
+            billed = error.billed
+            if billed not in (True, False, None):
+                return f"raised JobFailed with billed={billed!r}; it must be True, False or None"
+            if sent.adapter.name in expect.billed and billed != expect.billed[sent.adapter.name]:
+                return (
+                    f"raised JobFailed with billed={billed!r}; the provider's document says "
+                    f"{expect.billed[sent.adapter.name]!r}"
+                )
+        return _submitted_once(sent)
+    assert isinstance(error, errors.JobTimeout)
+    return _timed_out(error, job, expect.deadline, sent) or _submitted_once(sent)
+
+
+def _timed_out(error: errors.JobTimeout, job: Job, deadline: float, sent: _Sent) -> str:
+    if not error.waited >= deadline - 1e-9:
+        return f"JobTimeout after {error.waited:g} s of waits; the deadline is {deadline:g} s"
+    adapter: JobAdapter = sent.adapter  # type: ignore[assignment]
+    polls, problem = sent.count(lambda: adapter.build_poll(job))
+    if problem or polls < 1:
+        return problem or "the job was never polled before its deadline"
+    try:
+        cancel: object = adapter.build_cancel(job)
+    except Exception as exc:  # the adapter under test
+        return f"the adapter could not build the job's cancel ({type(exc).__name__})"
+    if cancel is None:
+        if error.cancelled is not None:
+            return f"JobTimeout says cancelled={error.cancelled!r}, but the job has no cancel"
+        return ""
+    cancels = (
+        sent.exchanges.matching(cancel, sent.key_param) if isinstance(cancel, HttpRequest) else []
+    )
+    if len(cancels) != 1:
+        return f"the job was cancelled {len(cancels)} times at its deadline; expected once"
+    status = sent.exchanges.status(cancels[0])
+    accepted = status is not None and 200 <= status < 300
+    if error.cancelled is not accepted:
+        return (
+            f"JobTimeout says cancelled={error.cancelled!r}, but the cancel was answered {status}"
+        )
     return ""
 
 
@@ -228,6 +463,9 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
             recorded=recorded,
         )
 
+    inapplicable = _inapplicable(adapter, scenario)
+    if inapplicable:
+        return verdict("not-applicable", inapplicable)
     try:
         request = scenario.build(adapter)
     except errors.RequestError as error:
@@ -258,14 +496,32 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
     if not path.is_file():  # a FIFO or device would hang the replay: stat it, never open it
         return verdict("fail", f"{scenario.id}: {path} is not a regular file")
     recorded = _read_metadata(path)
+    expect = scenario.expect
+    assert not isinstance(expect, RaisesBeforeIO)
+    base_url = adapter.default_base_url
     try:
-        replay = make_vcr("none", secrets=[REPLAY_KEY])
+        replay = make_vcr("none", secrets=[REPLAY_KEY], credentials=credential_names(adapter))
         with _network_blocked(), replay.use_cassette(str(path)) as cassette:
-            with _client(adapter, REPLAY_KEY, adapter.default_base_url) as client:
-                problem = _exercise(client, request, scenario.expect)
+            with _client(adapter, REPLAY_KEY, base_url, _polling(expect), _Pace()) as (
+                client,
+                exchanges,
+            ):
+                problem = _exercise(client, expect, _Sent(adapter, request, base_url, exchanges))
             unplayed = len(cassette.data) - len(cassette.play_counts)
     except Exception as exc:  # vcrpy's CannotOverwriteExistingCassetteException names the mismatch
         return verdict("fail", f"{scenario.id}: {_mismatch(exc)}", recorded)
+    missing = exchanges.unanswered()
+    if missing:
+        # A poll or fetch the library retried in place after the cassette had no answer for it
+        # (a transport failure to the flow): the recording and the replay went apart there.
+        first = missing[0]
+        return verdict(
+            "fail",
+            f"{scenario.id}: the request was not recorded: {first.method} {first.url}"
+            + (f" ({len(missing)} such requests)" if len(missing) > 1 else "")
+            + (f"; then {problem}" if problem else ""),
+            recorded,
+        )
     if problem:
         return verdict("fail", f"{scenario.id}: {problem}", recorded)
     if unplayed:
@@ -310,16 +566,23 @@ def run_scenario(
             provider=judged.provider, scenario=judged.scenario, outcome="deviation",
             detail=f"{reason} ({judged.detail})", recorded=judged.recorded,
         )  # fmt: skip
+    now = (
+        "it now conforms"
+        if judged.outcome == "pass"
+        else f"it does not fail ({_SYMBOLS[judged.outcome]}: {judged.detail})"
+    )
     return Verdict(
         provider=judged.provider, scenario=judged.scenario, outcome="fail",
-        detail=f"{scenario.id}: declared as a deviation ({reason}) but it now conforms; remove the declaration",
+        detail=f"{scenario.id}: declared as a deviation ({reason}) but {now}; remove the declaration",
         recorded=judged.recorded,
     )  # fmt: skip
 
 
 def _recordable(adapter: AnyAdapter, scenario: Scenario, emulator: bool) -> bool:
-    if isinstance(scenario.expect, RaisesBeforeIO) or _supports(
-        adapter, scenario, scenario.build(adapter)
+    if (
+        isinstance(scenario.expect, RaisesBeforeIO)
+        or _inapplicable(adapter, scenario)
+        or _supports(adapter, scenario, scenario.build(adapter))
     ):
         return False
     return emulator or scenario.fault is None
@@ -419,7 +682,7 @@ def record(
         failures = [verdict for verdict in verdicts if verdict.outcome != "pass"]
         findings = [
             f"{cassettes / path.relative_to(staging)}:{line}: {kind}"
-            for path, line, kind in _scan(staging, keys)
+            for path, line, kind in _scan(staging, keys, credential_names(adapter))
         ]
         if failures or findings:
             lines = [f"- {v.scenario}: {redact(v.detail)}" for v in failures]
@@ -459,7 +722,12 @@ def _record_into(
             from flux_adapters.emulator import run_emulator
 
             bad_keys = {s.api_key for s in scenarios if s.api_key}
-            running = stack.enter_context(run_emulator(bad_keys={key for key in bad_keys if key}))
+            running = stack.enter_context(
+                run_emulator(
+                    bad_keys={key for key in bad_keys if key},
+                    pending_polls=RECORDED_PENDING_POLLS,
+                )
+            )
             target, where = running.base_url(adapter.name), "emulator"
             results_from = f"{running.url}/files"
         else:
@@ -473,7 +741,7 @@ def _record_into(
             results_from,
             RESULT_HOSTS.get(adapter.name, adapter.default_base_url + "/results"),
         )
-        recorder = make_vcr("all", rewrite, secrets=keys)
+        recorder = make_vcr("all", rewrite, secrets=keys, credentials=credential_names(adapter))
         for scenario in scenarios:
             at.append(scenario.id)
             if not _recordable(adapter, scenario, emulator):
@@ -492,14 +760,26 @@ def _record_into(
                     "flux_adapters": __version__,
                 }
             )
+            expect = scenario.expect
+            assert not isinstance(expect, RaisesBeforeIO)
+            # A live provider is polled at the suite's real pace; the emulator counts polls, not
+            # seconds, so its waits are not spent. Either way the deadline is kept on the waits.
+            pace = _Pace(real=running is None)
             try:
                 with (
                     recorder.use_cassette(str(folder / f"{scenario.id}.yaml")),
-                    _client(adapter, scenario.api_key or api_key, target) as client,
+                    _client(
+                        adapter, scenario.api_key or api_key, target, _polling(expect), pace
+                    ) as (client, exchanges),
                 ):
-                    problem = _exercise(client, scenario.build(adapter), scenario.expect)  # type: ignore[arg-type]
+                    request = scenario.build(adapter)
+                    problem = _exercise(client, expect, _Sent(adapter, request, target, exchanges))
             finally:
                 RECORDING.reset(token)
+            if not problem and exchanges.unanswered():
+                # A failure without an answer cannot be recorded (a dropped poll the library
+                # tried again): the replay would poll on a different schedule.
+                problem = "an exchange got no answer while recording; record again"
             outcome: Outcome = "fail" if problem else "pass"
             verdicts.append(
                 Verdict(
@@ -510,8 +790,21 @@ def _record_into(
     return verdicts
 
 
-def _scan(folder: Path, keys: Iterable[str]) -> list[tuple[Path, int, str]]:
-    scan = SecretScan(keys)
+def credential_names(adapter: AnyAdapter) -> tuple[str, ...]:
+    """The header and query parameter *adapter*'s key travels in (its ``auth``), if any.
+
+    The scrubber and the scan know the usual names (``Authorization``, ``x-key``, ...); an
+    adapter of another package may send its key under a name of its own.
+    """
+    auth = getattr(adapter, "auth", None)
+    names = (getattr(auth, "header", None), getattr(auth, "query", None))
+    return tuple(name for name in names if isinstance(name, str) and name)
+
+
+def _scan(
+    folder: Path, keys: Iterable[str], credentials: Iterable[str] = ()
+) -> list[tuple[Path, int, str]]:
+    scan = SecretScan(keys, credentials=credentials)
     return [
         (path, line, kind)
         for path in sorted(folder.rglob("*.yaml"))
@@ -520,15 +813,19 @@ def _scan(folder: Path, keys: Iterable[str]) -> list[tuple[Path, int, str]]:
     ]
 
 
-def scan_for_secrets(folder: Path, keys: Iterable[str] = ()) -> list[str]:
+def scan_for_secrets(
+    folder: Path, keys: Iterable[str] = (), *, credentials: Iterable[str] = ()
+) -> list[str]:
     """Every secret in the cassettes (``*.yaml``) under *folder*, as ``<file>:<line>: <kind>``.
 
     Looks for every form of each of *keys* (as is, URL-encoded, JSON-escaped, base64) and every
     8-character fragment of those forms, and for credentials whatever their value: bearer
     tokens, Basic credentials, ``sk-`` keys, URL passwords, and credential headers, query values,
-    JSON and multipart fields that are not redacted. The kind is named; the secret never is.
+    JSON and multipart fields that are not redacted, by the usual names and by *credentials*
+    (an adapter's own header or query parameter: `credential_names`). The kind is named; the
+    secret never is.
     """
-    return [f"{path}:{line}: {kind}" for path, line, kind in _scan(folder, keys)]
+    return [f"{path}:{line}: {kind}" for path, line, kind in _scan(folder, keys, credentials)]
 
 
 _SYMBOLS: Final = {
@@ -537,6 +834,7 @@ _SYMBOLS: Final = {
     "unsupported": "unsupported",
     "deviation": "deviation",
     "unrecorded": "not recorded",
+    "not-applicable": "not applicable",
 }
 
 

@@ -4,39 +4,59 @@ Each scenario builds an `EditRequest` for a given adapter (choosing the model an
 scenario needs one, the model's own limit) and states what must happen:
 
 - `Completes`: the provider answers with images (optionally: the image downloads and is a real
-  image; the answer came as base64);
+  image; the answer came as base64; a job answered pending before it was done);
 - `RaisesBeforeIO`: a `RequestError` before any byte is sent;
-- `ProviderFails`: the typed error with the provider's real status code.
+- `ProviderFails`: the typed error with the provider's real status code;
+- `JobEnds`: an accepted job ends without an image, as the typed `JobError` with its job;
+- `TimesOut`: a job still pending at its deadline is given up (and cancelled once where the
+  provider can cancel), as `JobTimeout` with its job.
 
 Whether an adapter supports a scenario comes from its limits data: a request its limits refuse
-is "unsupported", and the suite then requires that refusal to happen before any I/O. Scenarios
-whose failure only a misbehaving server can produce carry the emulator `Fault` that records
-them (and are not recorded against a live provider).
+is "unsupported", and the suite then requires that refusal to happen before any I/O. Some
+scenarios apply to one kind of provider only (``Scenario.applies_to``): the job scenarios to
+asynchronous providers (`flux_adapters.jobs.JobAdapter`), a refused call to synchronous ones;
+elsewhere they are "not applicable", said so in the report, never passed. Scenarios whose
+failure only a misbehaving server can produce carry the emulator `Fault` that records them (and
+are not recorded against a live provider).
+
+Jobs are polled by `JOB_POLLING` (fixed waits, no jitter), and a job's deadline is kept on a
+clock that only those waits move: a recording and its replay make the same polls, however long
+each exchange took.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Final, TypeAlias
+from typing import Final, Literal, TypeAlias
 
-from attrs import frozen
+from attrs import field, frozen
 
 from flux_adapters import errors
 from flux_adapters.emulator._faults import Fault
+from flux_adapters.jobs import Polling
 from flux_adapters.providers import AnyAdapter
 from flux_adapters.request import EditRequest
 
 __all__ = [
+    "JOB_POLLING",
     "SCENARIOS",
     "Completes",
     "Expectation",
+    "JobEnds",
     "ProviderFails",
     "RaisesBeforeIO",
     "Scenario",
+    "TimesOut",
     "by_id",
 ]
+
+JOB_POLLING: Final = Polling(first=1.0, factor=1.5, longest=5.0, jitter=0.0, deadline=600.0)
+"""How the suite polls jobs, recording and replaying: waits of 1, 1.5, 2.25 ... 5 s, no jitter.
+
+Recording against a live provider really waits; against the emulator, and in a replay, the waits
+only move the job's clock (see the module docstring)."""
 
 # Public images of the providers' own documents: fetchable by a live provider (the emulator
 # never fetches; it draws a tile per URL).
@@ -56,10 +76,18 @@ def asset(number: int) -> Path:
 
 @frozen
 class Completes:
-    """The provider answers with at least one image."""
+    """The provider answers with at least one image.
+
+    Attributes:
+        download: The image downloads, and is a png, jpeg or webp image.
+        base64: The image came inline, as base64.
+        pending: A job answered at least this many polls as not done before it was (and was
+            submitted once).
+    """
 
     download: bool = False
     base64: bool = False
+    pending: int = 0
 
 
 @frozen
@@ -69,14 +97,53 @@ class RaisesBeforeIO:
 
 @frozen
 class ProviderFails:
-    """The provider's answer maps to *error* with *status*."""
+    """The provider's answer maps to *error* with *status* (or one of *also*).
+
+    *also* lists other statuses the error tree gives the same meaning, for providers that
+    document one of those instead (a refused key: 401, or 403 "about the key").
+    """
 
     error: type[errors.FluxError]
     status: int
     retry_after: bool = False
+    also: tuple[int, ...] = ()
 
 
-Expectation: TypeAlias = Completes | RaisesBeforeIO | ProviderFails
+@frozen
+class JobEnds:
+    """An accepted job ends without an image: *error*, carrying the job (``error.job``).
+
+    The job was submitted once; ``error.job_id`` is the job's id, ``error.provider`` the
+    adapter's name; no HTTP status is claimed.
+
+    Attributes:
+        error: The `errors.JobError` subclass.
+        stage: For `errors.Moderated`: ``"request"`` or ``"content"``.
+        billed: For `errors.JobFailed`: what each provider's document says of such a failure
+            (``JobFailed.billed``), by provider id. A provider not listed must say ``True``,
+            ``False`` or ``None`` (not documented), and is not held to one of them.
+    """
+
+    error: type[errors.JobError]
+    stage: str | None = None
+    billed: Mapping[str, bool | None] = field(factory=dict, hash=False)
+
+
+@frozen
+class TimesOut:
+    """A job still pending at *deadline* seconds (on the job's clock) is given up.
+
+    `errors.JobTimeout` with the job and its id, having waited the deadline; where the adapter
+    can cancel the job (``build_cancel``), exactly one cancel was sent and ``cancelled`` says
+    whether the provider accepted it (a 2xx); where it cannot, none was and ``cancelled`` is
+    ``None``.
+    """
+
+    deadline: float
+
+
+Expectation: TypeAlias = Completes | RaisesBeforeIO | ProviderFails | JobEnds | TimesOut
+Applies: TypeAlias = Literal["any", "job", "call"]
 
 
 @frozen(kw_only=True)
@@ -91,6 +158,8 @@ class Scenario:
         fault: The emulator fault that produces it (recorded against the emulator only).
         api_key: A key to record with instead of the real one (for the 401 scenario).
         result_form: ``"b64_json"`` when it needs the provider to answer inline.
+        applies_to: ``"any"`` adapter, ``"job"`` (asynchronous providers only) or ``"call"``
+            (synchronous providers only); elsewhere the scenario is not applicable.
     """
 
     id: str
@@ -100,6 +169,7 @@ class Scenario:
     fault: Fault | None = None
     api_key: str | None = None
     result_form: str = "url"
+    applies_to: Applies = "any"
 
 
 def _request(
@@ -250,9 +320,10 @@ SCENARIOS: Final[tuple[Scenario, ...]] = (
     ),
     Scenario(
         id="error-401",
-        title="a refused key: 401",
+        title="a refused key: 401 (403 where the provider documents that, as BFL does)",
         build=_request(),
-        expect=ProviderFails(errors.AuthenticationFailed, 401),
+        # BFL documents no 401: "403 ... key lacks access" (https://docs.bfl.ml/api_integration/errors.md).
+        expect=ProviderFails(errors.AuthenticationFailed, 401, also=(403,)),
         api_key="sk-conformance-revoked-key",
     ),
     Scenario(
@@ -285,10 +356,73 @@ SCENARIOS: Final[tuple[Scenario, ...]] = (
     ),
     Scenario(
         id="moderation",
-        title="moderation",
+        title="moderation: the call is refused",
         build=_request(prompt="a prompt the provider's filter blocks"),
         expect=ProviderFails(errors.ContentModerated, 400),
         fault=Fault(moderation=True),
+        # A job provider moderates a job it accepted: see job-request-moderated and
+        # job-content-moderated.
+        applies_to="call",
+    ),
+    Scenario(
+        id="job-pending-then-ready",
+        title="a job answers pending twice, then ready: polled until done, submitted once",
+        build=_request(prompt="a red robot, rendered slowly"),
+        # Recorded against the emulator with its two pending polls (`record`); a live job at
+        # the suite's first wait of 1 s is pending too.
+        expect=Completes(download=True, pending=2),
+        applies_to="job",
+    ),
+    Scenario(
+        id="job-request-moderated",
+        title="a job whose request the provider's filter blocks: Moderated, stage request",
+        build=_request(prompt="a prompt the provider's filter blocks"),
+        expect=JobEnds(errors.Moderated, stage="request"),
+        fault=Fault(outcome="request-moderated"),
+        applies_to="job",
+    ),
+    Scenario(
+        id="job-content-moderated",
+        title="a job whose output the provider's filter blocks: Moderated, stage content",
+        build=_request(prompt="a prompt whose image the provider's filter blocks"),
+        expect=JobEnds(errors.Moderated, stage="content"),
+        fault=Fault(outcome="content-moderated"),
+        applies_to="job",
+    ),
+    Scenario(
+        id="job-failed",
+        title="a job the provider reports as failed: JobFailed, billed as documented",
+        build=_request(prompt="a job the provider fails"),
+        expect=JobEnds(
+            errors.JobFailed,
+            billed={
+                # BFL's status list says nothing of charging for "Error" (only moderated jobs
+                # are "not charged"): https://docs.bfl.ml/api_integration/errors.md.
+                "bfl": None,
+                # A runner's 500: "Server errors (HTTP 500+) are never charged"
+                # (https://fal.ai/docs/documentation/model-apis/faq.md).
+                "fal": False,
+            },
+        ),
+        fault=Fault(outcome="failed"),
+        applies_to="job",
+    ),
+    Scenario(
+        id="job-not-found",
+        title="a job the provider no longer knows: JobNotFound",
+        build=_request(prompt="a job the provider forgets"),
+        expect=JobEnds(errors.JobNotFound),
+        fault=Fault(outcome="not-found"),
+        applies_to="job",
+    ),
+    Scenario(
+        id="job-deadline",
+        title="a job still pending at its deadline: JobTimeout, cancelled once where possible",
+        build=_request(prompt="a job that never ends"),
+        # Waits of 1, 1.5, 2.25, 3.375 and 1.875 s: four pending polls, then the deadline.
+        expect=TimesOut(deadline=10.0),
+        fault=Fault(pending=1000),
+        applies_to="job",
     ),
 )
 

@@ -13,7 +13,9 @@
         deviations = {"error-429": "answers 503 instead of 429 when rate limited"}
 
 Every scenario becomes one test. A declared deviation must still fail (and the test fails the
-day it stops failing, so the declaration gets removed). Needs the ``conformance`` extra
+day it stops failing, so the declaration gets removed). A scenario about the other kind of
+provider (the job scenarios at a provider that answers in one call) is skipped as not
+applicable, with the reason. Needs the ``conformance`` extra
 (pytest and vcrpy).
 """
 
@@ -26,7 +28,7 @@ from typing import ClassVar
 
 import pytest
 
-from flux_adapters.conformance.runner import run_scenario, scan_for_secrets
+from flux_adapters.conformance.runner import credential_names, run_scenario, scan_for_secrets
 from flux_adapters.conformance.scenarios import SCENARIOS, Scenario
 from flux_adapters.providers import AnyAdapter
 
@@ -57,6 +59,8 @@ class ConformanceSuite:
             pytest.fail(f"[{self.adapter.name}] {verdict.detail}", pytrace=False)
         if verdict.outcome == "unrecorded":
             pytest.skip(verdict.detail)
+        if verdict.outcome == "not-applicable":
+            pytest.skip(f"not applicable: {verdict.detail}")
 
     def test_unknown_deviations_are_refused(self) -> None:
         """A deviation must name a real scenario (a typo would otherwise hide nothing)."""
@@ -84,4 +88,5 @@ class ConformanceSuite:
     def test_cassettes_hold_no_secrets(self) -> None:
         """No cassette holds a secret: see `scan_for_secrets` (the key itself when it is set)."""
         key = os.environ.get(self.credentials_env, "") if self.credentials_env else ""
-        assert scan_for_secrets(self.cassettes, [key]) == []
+        names = credential_names(self.adapter)
+        assert scan_for_secrets(self.cassettes, [key], credentials=names) == []

@@ -216,8 +216,11 @@ def _model_error(job: JobRecord) -> Response:
             "type": "value_error",
         }
     else:
+        # "loc: ["body", "field_name"] for input validation, ["body"] for general errors"
+        # (https://docs.fal.ai/errors): a flagged prompt names its field; a flagged output names
+        # none, which is how a client tells the two stages apart.
         entry = {
-            "loc": ["body", "prompt"],
+            "loc": ["body", "prompt"] if job.outcome == "request-moderated" else ["body"],
             "msg": "The content could not be processed because it was flagged by a content checker",
             "type": "content_policy_violation",
             "url": _CONTENT_POLICY,
