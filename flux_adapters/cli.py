@@ -258,7 +258,8 @@ def _parser() -> argparse.ArgumentParser:
         "--provider",
         action="append",
         type=_provider_id,
-        help="a provider id (repeat; default: every provider known)",
+        help="a provider id, built in or registered (repeat; default: the built-in ones, whose "
+        "cassettes ship in cassettes/)",
     )
     conformance.add_argument(
         "--adapter", type=_adapter_name, help="an adapter of another package, as module:Class"
@@ -925,7 +926,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     from flux_adapters._options import check_adapter
     from flux_adapters.conformance.runner import paid_calls, record, run_scenario, write_report
     from flux_adapters.conformance.scenarios import SCENARIOS
-    from flux_adapters.providers import PROVIDERS, AnyAdapter, get_adapter
+    from flux_adapters.providers import BUILT_IN, AnyAdapter, get_adapter
 
     if not arguments.record and (arguments.base_url or arguments.emulator or arguments.key_env):
         raise _UsageError(
@@ -935,7 +936,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     if arguments.record:
         _check_folder(arguments.cassettes)
     adapters: list[AnyAdapter] = [
-        get_adapter(name) for name in arguments.provider or ([] if arguments.adapter else PROVIDERS)
+        get_adapter(name) for name in arguments.provider or ([] if arguments.adapter else BUILT_IN)
     ]
     if arguments.adapter:
         module, _, name = arguments.adapter.partition(":")

@@ -135,6 +135,26 @@ def test_models_lists_nimbus_with_the_package_it_comes_from() -> None:
     assert "flux-2-pro $0.04 per call" in section
 
 
+def test_conformance_replays_nimbus_when_named_and_the_built_in_providers_by_default(
+    tmp_path: Path,
+) -> None:
+    cassettes = Path(__file__).parents[1] / "examples/nimbus/tests/cassettes"
+    named = run_cli("conformance", "-p", "Nimbus", "--cassettes", str(cassettes),
+                    "--report-dir", str(tmp_path / "nimbus"))  # fmt: skip
+    assert named.returncode == 0, named.stdout + named.stderr
+    report = json.loads((tmp_path / "nimbus/conformance.json").read_text())
+    assert {verdict["provider"] for verdict in report["verdicts"]} == {"nimbus"}
+
+    built_in = Path(__file__).parents[1] / "cassettes"
+    default = run_cli("conformance", "--cassettes", str(built_in),
+                      "--report-dir", str(tmp_path / "default"))  # fmt: skip
+    assert default.returncode == 0, default.stdout + default.stderr
+    report = json.loads((tmp_path / "default/conformance.json").read_text())
+    assert {verdict["provider"] for verdict in report["verdicts"]} == {
+        "laozhang", "apiyi", "apiyi-multipart", "aimlapi", "bfl", "fal"
+    }  # fmt: skip
+
+
 # --- by name: FluxClient, AsyncFluxClient, from_env, a configuration file -----------------
 
 
