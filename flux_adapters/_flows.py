@@ -1,8 +1,8 @@
 """Interaction patterns, each written once as a generator the sync and async clients both drive.
 
 A flow yields what it wants done and receives the outcome, the way httpx's ``Auth.auth_flow``
-does: an `HttpRequest` (answered with its `HttpResponse`, or a transport failure thrown into the
-flow), a `Sleep` (answered with ``None``), or `Accepted` (a job was accepted: the client records
+does: an `HttpRequest` (answered with its `HttpResponse`, or the client's `FluxError` thrown into
+the flow: a transport failure, an answer too large to read, a request httpx refused to build), a `Sleep` (answered with ``None``), or `Accepted` (a job was accepted: the client records
 it; answered with ``None``). It returns its outcome through ``StopIteration``. It does no I/O,
 so every provider limit is enforced before the first request is yielded.
 
@@ -293,7 +293,11 @@ def job_flow(
         submitted_at=time.time(),
         usage=submitted.usage,
     )
-    yield Accepted(job)
+    try:
+        yield Accepted(job)
+    except FluxError as error:  # the job could not be recorded: it was accepted all the same
+        error.job = job
+        raise
     answer = yield from follow_job(
         adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
     )
@@ -407,6 +411,8 @@ def _poll_once(
         response = yield request
     except TransportError:
         return Pending()  # a poll is free: try again after the usual wait
+    except ResponseFormatError as error:  # a 2xx the client could not read (too large ...)
+        return error
     assert response is not None
     retry = _transient(response)
     if retry is not None:
@@ -506,7 +512,7 @@ def _cancel(adapter: JobAdapter, job: Job) -> _Steps[bool | None]:
         return None
     try:
         response = yield attrs.evolve(request, role="cancel", deadline=CANCEL_DEADLINE)
-    except TransportError:
+    except FluxError:  # not sent, or no answer: it must not hide why the job is given up
         return False
     assert response is not None
     return 200 <= response.status_code < 300

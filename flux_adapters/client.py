@@ -64,7 +64,6 @@ from flux_adapters.errors import (
     ConfigurationError,
     FluxError,
     RequestError,
-    TransportError,
     Violation,
 )
 from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob
@@ -770,15 +769,17 @@ class FluxClient(_ClientBase):
     def _drive(self, binding: _Binding, flow: _Steps[_T]) -> _T:
         """Perform what *flow* asks, in this thread; its result.
 
-        A transport failure is thrown into the flow (a job's poll is then tried again). Ctrl-C
-        lets the flow cancel its job, if the provider took one and can, before it propagates.
+        A failure to send or read an exchange is thrown into the flow: a job's poll is then
+        tried again, and any error after its submit was accepted carries the job (so that it is
+        never judged as a call of its own, which could fail over and pay twice). Ctrl-C lets the
+        flow cancel its job, if the provider took one and can, before it propagates.
         """
         try:
             instruction = next(flow)
             while True:
                 try:
                     reply = self._perform(binding, instruction)
-                except TransportError as error:
+                except FluxError as error:  # the flow judges it, and attaches its job if any
                     instruction = flow.throw(error)
                 else:
                     instruction = flow.send(reply)
@@ -808,7 +809,7 @@ class FluxClient(_ClientBase):
             while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
                 try:
                     reply = self._send(binding, instruction)
-                except TransportError as error:
+                except FluxError as error:
                     instruction = flow.throw(error)
                 else:
                     instruction = flow.send(reply)
@@ -1016,7 +1017,7 @@ class AsyncFluxClient(_ClientBase):
             while True:
                 try:
                     reply = await self._perform(binding, instruction, watcher)
-                except TransportError as error:
+                except FluxError as error:  # the flow judges it, and attaches its job if any
                     instruction = flow.throw(error)
                 else:
                     instruction = flow.send(reply)
@@ -1053,7 +1054,7 @@ class AsyncFluxClient(_ClientBase):
             while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
                 try:
                     reply = await self._send(binding, instruction)
-                except TransportError as error:
+                except FluxError as error:
                     instruction = flow.throw(error)
                 else:
                     instruction = flow.send(reply)
