@@ -66,7 +66,7 @@ from flux_adapters.errors import (
     RequestError,
     Violation,
 )
-from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob
+from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob, job_problem
 from flux_adapters.limits import Plan
 from flux_adapters.prices import PerCall, PerMegapixel, Price, estimate
 from flux_adapters.providers import BEARER, Answer, AnyAdapter, KeyAuth, get_adapter
@@ -552,12 +552,19 @@ class _ClientBase:
         """The binding that polls *job*: the provider that accepted it.
 
         Raises:
-            ConfigurationError: *job* is not a `Job`, or this client has no such provider.
+            ConfigurationError: *job* is not a `Job`, or not one that can be polled
+                (`flux_adapters.jobs.job_problem`), this client has no such provider, or it is
+                closed. Nothing was sent.
         """
         if not isinstance(job, Job):
             raise ConfigurationError(
                 f"resume() takes a flux_adapters.jobs.Job (an error's .job), not {type_name(job)}"
             )
+        problem = job_problem(job)
+        if problem:
+            raise ConfigurationError(f"resume() cannot poll this job: {problem}")
+        if self._http.is_closed:  # else each poll fails, and is tried again until the deadline
+            raise ConfigurationError(f"this {type(self).__name__} is closed; create a new one")
         for binding in self._bindings:
             if binding.adapter.name == job.provider and is_job_adapter(binding.adapter):
                 return binding
@@ -739,7 +746,8 @@ class FluxClient(_ClientBase):
         journal kept. The job gets a new deadline (``polling.deadline``) from now.
 
         Raises:
-            ConfigurationError: *job* is not a `Job`, or this client has not its provider.
+            ConfigurationError: *job* is not a `Job` that can be polled, this client has not its
+                provider, or it is closed; nothing was sent.
             JobError: The job ended without an image (moderated, failed, unknown) or passed its
                 deadline again.
             ProviderError: A poll was refused for good (a revoked key, say).

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 
-from flux_adapters import AsyncFluxClient, errors
-from flux_adapters.jobs import Polling
+from flux_adapters import AsyncFluxClient, FluxClient, errors
+from flux_adapters.jobs import Job, Polling
 from tests.test_jobs import KEY, T2I, Both, FakeBfl, both, run
 
 QUICK = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=2.0)
@@ -107,3 +109,97 @@ def test_a_journal_that_cannot_record_the_job_fails_with_the_job(
         flow.throw(errors.OutputError("the disk is full", path="journal"))
     assert caught.value.job is not None
     assert caught.value.job.id == "j"
+
+
+# --- a careless caller: resume on a closed client, a job that is not one -------------------
+
+JOB = Job(provider="bfl", model="flux-2-pro", id="j", poll_url="https://api.bfl.ai/v1/r?id=j")
+
+
+def test_resume_on_a_closed_client_is_refused_at_once() -> None:
+    # Before: the closed client's RuntimeError became a transport failure of the poll, tried
+    # again in place until the job's deadline (ten minutes by default), then a JobTimeout.
+    client = FluxClient("bfl", api_key=KEY, polling=QUICK)  # a short deadline: fails fast
+    client.close()
+    started = time.monotonic()
+    with pytest.raises(errors.ConfigurationError, match="closed"):
+        client.resume(JOB)
+
+    async def main() -> None:
+        closed = AsyncFluxClient("bfl", api_key=KEY, polling=QUICK)
+        await closed.aclose()
+        with pytest.raises(errors.ConfigurationError, match="closed"):
+            await closed.resume(JOB)
+
+    asyncio.run(main())
+    assert time.monotonic() - started < 2
+
+
+@both
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"poll_url": "file:///etc/passwd"},
+        {"poll_url": "ftp://api.bfl.ai/v1/r"},
+        {"poll_url": "not a url"},
+        {"poll_url": "https://api.bfl.ai/v1/r\r\nx-key: stolen"},
+        {"poll_url": None},
+        {"result_url": "javascript:alert(1)"},
+        {"cancel_url": 7},
+        {"id": 5},
+        {"id": ""},
+        {"model": None},
+    ],
+    ids=lambda damage: f"{next(iter(damage))}={next(iter(damage.values()))!r}",
+)
+def test_resume_refuses_a_job_it_cannot_poll_before_sending_anything(
+    kind: str, damage: dict[str, object]
+) -> None:
+    # Before: an unsupported scheme or a bad URL was a "transport failure", tried again in place
+    # until the deadline; a wrong type passed through to the result or to httpx.
+    job = attrs.evolve(JOB, **damage)  # type: ignore[arg-type]
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(500)
+
+    transport = httpx.MockTransport(record)
+
+    def resume() -> None:
+        if kind == "sync":
+            with httpx.Client(transport=transport) as http:
+                FluxClient("bfl", api_key=KEY, http_client=http, polling=QUICK).resume(job)
+            return
+
+        async def main() -> None:
+            async with httpx.AsyncClient(transport=transport) as http:
+                client = AsyncFluxClient("bfl", api_key=KEY, http_client=http, polling=QUICK)
+                await client.resume(job)
+
+        asyncio.run(main())
+
+    with pytest.raises(errors.ConfigurationError, match="resume"):
+        resume()
+    assert sent == []
+
+
+@pytest.mark.parametrize("data", [None, [1], "job", 7, b"{}"])
+def test_job_from_dict_of_something_that_is_no_mapping_is_none(data: object) -> None:
+    assert Job.from_dict(data) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"poll_url": "file:///etc/passwd"},
+        {"poll_url": "https://api.bfl.ai/r\nx"},
+        {"result_url": "ftp://x/y"},
+        {"cancel_url": "javascript:x"},
+        {"id": "a\r\nb"},
+    ],
+)
+def test_a_journal_record_of_a_job_that_cannot_be_polled_is_damaged(
+    damage: dict[str, object],
+) -> None:
+    assert Job.from_dict({**JOB.to_dict(), **damage}) is None
