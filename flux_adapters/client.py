@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
 import os
 import time
 from collections.abc import (
@@ -593,13 +594,18 @@ def _result(
     warnings: tuple[ConversionWarning, ...] = (),
     attempts: tuple[Attempt, ...] = (),
 ) -> EditResult:
-    """The `EditResult` of *answer*, its cost the provider's own figure where it can be."""
+    """The `EditResult` of *answer*, its cost the provider's own figure where it can be.
+
+    The provider's figure is believed only when it makes a dollar amount that can be one: finite
+    and not negative (a hostile or broken answer cannot credit the caller or overflow a budget).
+    """
     usage = _merged(job.usage if job is not None else None, answer.usage)
     rate = getattr(binding.adapter, "usd_per_credit", None)
     cost: float | None = None
     source: Literal["provider", "price table"] | None = None
-    if usage is not None and usage.credits_used is not None and is_number(rate):
-        cost, source = usage.credits_used * rate, "provider"
+    reported = _reported_cost(usage, rate)
+    if reported is not None:
+        cost, source = reported, "provider"
     elif estimated is not None:
         cost, source = estimated, "price table"
     return EditResult(
@@ -614,6 +620,16 @@ def _result(
         elapsed_s=time.perf_counter() - started,
         job=job,
     )
+
+
+def _reported_cost(usage: Usage | None, rate: object) -> float | None:
+    """Dollars from the credits the provider reported, when they make a finite amount >= 0."""
+    if usage is None or not is_number(usage.credits_used) or not is_number(rate):
+        return None
+    dollars = float(usage.credits_used) * float(rate)
+    if not (math.isfinite(dollars) and dollars >= 0):
+        return None
+    return dollars + 0.0  # -0.0 becomes 0.0
 
 
 def _merged(first: Usage | None, then: Usage | None) -> Usage | None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import attrs
 import httpx
@@ -17,6 +19,7 @@ import pytest
 
 from flux_adapters import AsyncFluxClient, FluxClient, errors
 from flux_adapters.jobs import Job, Polling
+from flux_adapters.providers.bfl import BflAdapter
 from tests.test_jobs import KEY, T2I, Both, FakeBfl, both, run
 
 QUICK = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=2.0)
@@ -203,3 +206,43 @@ def test_a_journal_record_of_a_job_that_cannot_be_polled_is_damaged(
     damage: dict[str, object],
 ) -> None:
     assert Job.from_dict({**JOB.to_dict(), **damage}) is None
+
+
+# --- a hostile provider's cost: never a negative, infinite or NaN dollar figure ------------
+
+
+def bfl_costing(cost: object) -> FakeBfl:
+    body = {"id": "job-1", "polling_url": "https://api.bfl.ai/v1/get_result?id=job-1"}
+    content = json.dumps(body)[:-1] + f', "cost": {cost}}}'
+    return FakeBfl(submit=httpx.Response(200, content=content.encode()))
+
+
+class Lavish(BflAdapter):
+    usd_per_credit: ClassVar[float] = 1e300
+
+
+@both
+@pytest.mark.parametrize(
+    ("cost", "adapter"),
+    [("-5", "bfl"), ("-0.0", "bfl"), ("-1e308", "bfl"), ("1e300", "lavish"), ("-1", "lavish")],
+)
+def test_a_reported_cost_never_makes_a_negative_or_infinite_cost_usd(
+    kind: str, cost: str, adapter: str
+) -> None:
+    provider: object = Lavish() if adapter == "lavish" else "bfl"
+    result = run(kind, bfl_costing(cost), T2I, provider=provider, polling=QUICK)
+    assert result.cost_usd is not None
+    assert math.isfinite(result.cost_usd)
+    assert result.cost_usd >= 0
+    assert str(result.cost_usd)[0] != "-"  # not even -0.0
+    if float(cost) < 0 or adapter == "lavish":
+        assert result.cost_source == "price table"  # the provider's figure was not believed
+
+
+def test_a_resumed_job_from_a_tampered_journal_has_no_negative_cost() -> None:
+    job = Job.from_dict({**JOB.to_dict(), "usage": {"credits_used": -300}})
+    assert job is not None
+    fake = FakeBfl(pending=0)
+    with httpx.Client(transport=httpx.MockTransport(fake)) as http:
+        result = FluxClient("bfl", api_key=KEY, http_client=http, polling=QUICK).resume(job)
+    assert result.cost_usd is None or result.cost_usd >= 0
