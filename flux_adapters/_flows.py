@@ -388,9 +388,17 @@ def _pause(wait: float, polling: Polling, chance: random.Random, left: float) ->
 
 
 def _next_wait(wait: float, polling: Polling, state: Pending | None) -> float:
-    if state is not None and state.retry_after is not None:
-        return max(0.0, state.retry_after)
-    return min(polling.longest, wait * polling.factor)
+    """The wait after *wait*: grown by the backoff, or longer when the provider asked for more.
+
+    A ``Retry-After`` is the least wait, never a reason to hurry: a provider answering "0" to
+    every poll would otherwise be polled in a busy loop until the deadline. A wait it asks that
+    is no number (NaN, from an adapter) is ignored, and an endless one stops at the deadline.
+    """
+    grown = min(polling.longest, wait * polling.factor)
+    asked = state.retry_after if state is not None else None
+    if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > grown:
+        return min(float(asked), polling.deadline)
+    return grown
 
 
 def _within(
@@ -481,6 +489,7 @@ def _fetch(
             response = yield _within(built, "fetch", ends, clock)
         except TransportError:
             response = None
+        retry: Pending | None = None
         if response is not None:
             failed = _job_failure(adapter, response, job, secrets)
             if failed is not None:
@@ -490,7 +499,7 @@ def _fetch(
                 return _answered(
                     adapter, response, secrets, _reader(adapter.parse_fetch, response, job)
                 )
-            wait = _next_wait(wait, polling, retry)
+        wait = _next_wait(wait, polling, retry)  # backing off after a dropped fetch too
         yield from _pause(wait, polling, chance, ends - clock())
         if clock() >= ends:
             raise _Deadline

@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,9 +19,10 @@ import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient, FluxClient, errors
-from flux_adapters.jobs import Job, Polling
+from flux_adapters.jobs import Done, Job, Pending, Polling
 from flux_adapters.providers.bfl import BflAdapter
-from tests.test_jobs import KEY, T2I, Both, FakeBfl, both, run
+from flux_adapters.wire import HttpResponse
+from tests.test_jobs import KEY, T2I, Both, Fake, FakeBfl, both, run
 
 QUICK = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=2.0)
 
@@ -246,3 +248,96 @@ def test_a_resumed_job_from_a_tampered_journal_has_no_negative_cost() -> None:
     with httpx.Client(transport=httpx.MockTransport(fake)) as http:
         result = FluxClient("bfl", api_key=KEY, http_client=http, polling=QUICK).resume(job)
     assert result.cost_usd is None or result.cost_usd >= 0
+
+
+# --- a hostile provider's waits: Retry-After 0 (or inf) cannot make the client spin ----------
+
+SLOW = Polling(first=0.01, factor=1.5, longest=0.05, jitter=0.0, deadline=0.5)
+"""Waits of 10 to 50 ms for half a second: about a dozen polls, never hundreds."""
+
+
+@both
+@pytest.mark.parametrize("retry_after", ["0", "0.0", "-1"])
+def test_a_retry_after_of_zero_on_every_poll_does_not_poll_in_a_busy_loop(
+    kind: str, retry_after: str
+) -> None:
+    busy = httpx.Response(429, headers={"retry-after": retry_after}, json={"detail": "slow"})
+    fake = FakeBfl(poll_faults=[busy] * 100_000)
+    with pytest.raises(errors.JobTimeout):
+        run(kind, fake, T2I, polling=SLOW)
+    polls = fake.count("GET", "get_result")
+    assert polls <= 30  # before: thousands in half a second, the CPU busy
+    assert fake.count("POST") == 1
+
+
+class Impatient(BflAdapter):
+    """An adapter (as a package might write one) passing on whatever wait its provider asked."""
+
+    def __init__(self, asked: float) -> None:
+        self.asked = asked
+
+    def parse_poll(self, response: HttpResponse, job: Job) -> Pending | Done:
+        return Pending(retry_after=self.asked)
+
+
+@pytest.mark.parametrize("asked", [0.0, -5.0, math.inf, math.nan])
+def test_a_pending_answer_asking_any_wait_keeps_the_polls_paced(asked: float) -> None:
+    adapter = Impatient(asked)
+    fake = FakeBfl()
+    with pytest.raises(errors.JobTimeout):
+        run("sync", fake, T2I, provider=adapter, polling=SLOW)
+    assert 1 <= fake.count("GET", "get_result") <= 30
+
+
+class FakeFal(Fake):
+    """fal's queue on MockTransport: the job is COMPLETED at once; the fetch answers *fetch*."""
+
+    QUEUE = "https://queue.fal.run/fal-ai/flux-2-pro/requests/r-1"
+
+    def __init__(self, fetch: Callable[[httpx.Request], httpx.Response]) -> None:
+        super().__init__()
+        self.fetch = fetch
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(
+                200,
+                json={
+                    "request_id": "r-1",
+                    "status_url": f"{self.QUEUE}/status",
+                    "response_url": self.QUEUE,
+                    "cancel_url": f"{self.QUEUE}/cancel",
+                },
+            )
+        if request.method == "PUT":
+            return httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"})
+        if request.url.path.endswith("/status"):
+            return httpx.Response(200, json={"status": "COMPLETED"})
+        return self.fetch(request)
+
+    def fetches(self) -> int:
+        return sum(1 for r in self.requests if r.method == "GET" and r.url.path.endswith("r-1"))
+
+
+def _drop(request: httpx.Request) -> httpx.Response:
+    raise httpx.RemoteProtocolError("dropped", request=request)
+
+
+@both
+@pytest.mark.parametrize(
+    "trouble",
+    [
+        lambda request: httpx.Response(429, headers={"retry-after": "0"}),
+        _drop,
+    ],
+    ids=["429 retry-after 0", "dropped"],
+)
+def test_a_result_fetch_failing_forever_backs_off_until_the_deadline(
+    kind: str, trouble: Callable[[httpx.Request], httpx.Response]
+) -> None:
+    fake = FakeFal(trouble)
+    with pytest.raises(errors.JobTimeout) as caught:
+        run(kind, fake, T2I, provider="fal", polling=SLOW)
+    assert caught.value.cancelled is True
+    assert 2 <= fake.fetches() <= 30  # before: every 10 ms (dropped), or a busy loop (429)
+    assert fake.count("POST") == 1
