@@ -426,17 +426,21 @@ def _poll_once(
     if retry is not None:
         return retry
     if response.status_code in (404, 410):
-        raise JobNotFound(
-            f"the provider does not know the job (HTTP {response.status_code})",
-            provider=adapter.name,
-            job_id=job.id,
-        )
+        raise _not_found(adapter, job, response)
     try:
         return _answered(adapter, response, secrets, lambda: adapter.parse_poll(response, job))
     except ResponseFormatError as error:
         if not 200 <= response.status_code < 300:
             raise
         return error
+
+
+def _not_found(adapter: JobAdapter, job: Job, response: HttpResponse) -> JobNotFound:
+    return JobNotFound(
+        f"the provider does not know the job (HTTP {response.status_code})",
+        provider=adapter.name,
+        job_id=job.id,
+    )
 
 
 def _job_failure(
@@ -494,6 +498,8 @@ def _fetch(
             failed = _job_failure(adapter, response, job, secrets)
             if failed is not None:
                 raise failed
+            if response.status_code in (404, 410):
+                raise _not_found(adapter, job, response)
             retry = _transient(response)
             if retry is None:
                 return _answered(

@@ -341,3 +341,18 @@ def test_a_result_fetch_failing_forever_backs_off_until_the_deadline(
     assert caught.value.cancelled is True
     assert 2 <= fake.fetches() <= 30  # before: every 10 ms (dropped), or a busy loop (429)
     assert fake.count("POST") == 1
+
+
+@both
+@pytest.mark.parametrize("status", [404, 410])
+def test_a_result_the_provider_no_longer_has_is_job_not_found_as_documented(
+    kind: str, status: int
+) -> None:
+    # JobAdapter.job_failure: "None leaves the answer to the library: ... errors.JobNotFound for
+    # 404 and 410". The fetch raised the adapter's ProviderRejected instead.
+    fake = FakeFal(lambda request: httpx.Response(status, json={"detail": "Request not found"}))
+    with pytest.raises(errors.JobNotFound) as caught:
+        run(kind, fake, T2I, provider="fal", polling=SLOW)
+    assert caught.value.job is not None
+    assert caught.value.job_id == "r-1"
+    assert fake.fetches() == 1
