@@ -18,7 +18,7 @@ import attrs
 import httpx
 import pytest
 
-from flux_adapters import AsyncFluxClient, FluxClient, errors
+from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters.jobs import Done, Job, Pending, Polling
 from flux_adapters.providers.bfl import BflAdapter
 from flux_adapters.wire import HttpResponse
@@ -356,3 +356,27 @@ def test_a_result_the_provider_no_longer_has_is_job_not_found_as_documented(
     assert caught.value.job is not None
     assert caught.value.job_id == "r-1"
     assert fake.fetches() == 1
+
+
+# --- odd but valid arguments: every ratio fal's Kontext enum lists is taken ------------------
+
+
+@pytest.mark.parametrize("ratio", ["21:9", "9:21", "16:9", "3:2", "1:1", "42:18"])
+def test_fal_kontext_takes_every_aspect_ratio_of_its_enum(ratio: str) -> None:
+    # The presets were looked up in lowest terms: 21:9 is 7:3, not a key, so the two widest
+    # ratios fal documents were refused ("one of 21:9, ...; got: 21:9").
+    from flux_adapters import check
+    from flux_adapters._flows import resolve
+    from flux_adapters.providers.fal import FalAdapter
+
+    request = EditRequest(
+        prompt="x",
+        model="flux-kontext-pro",
+        images=["https://example.com/a.png"],
+        aspect_ratio=ratio,
+    )
+    assert check(request, "fal") == ()
+    adapter = FalAdapter()
+    submit = adapter.build_submit(request, resolve(adapter, request), adapter.default_base_url)
+    body = submit.body.value  # type: ignore[union-attr]
+    assert body["aspect_ratio"] == {"42:18": "21:9"}.get(ratio, ratio)
