@@ -7,6 +7,7 @@ submitted again, anywhere), typed errors only, bounded loops, and no key where i
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import time
@@ -380,3 +381,23 @@ def test_fal_kontext_takes_every_aspect_ratio_of_its_enum(ratio: str) -> None:
     submit = adapter.build_submit(request, resolve(adapter, request), adapter.default_base_url)
     body = submit.body.value  # type: ignore[union-attr]
     assert body["aspect_ratio"] == {"42:18": "21:9"}.get(ratio, ratio)
+
+
+def test_the_edit_command_says_when_the_cost_is_the_providers_own_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # BFL reports what it charged; the command labelled every cost "estimate from the price
+    # table", even this one.
+    from flux_adapters.cli import main
+    from flux_adapters.emulator import run_emulator
+
+    monkeypatch.setenv("BFL_API_KEY", KEY)
+    out, err = io.StringIO(), io.StringIO()
+    with run_emulator(pending_polls=0) as emulator:
+        base = emulator.base_url("bfl")
+        arguments = ["edit", "-p", "bfl", "--base-url", base, "--size", "256x256"]
+        code = main([*arguments, "-o", str(tmp_path / "a.jpeg"), "a robot"], out, err)
+    assert code == 0, err.getvalue()
+    cost = next(line for line in out.getvalue().splitlines() if line.startswith("cost:"))
+    assert "reported by bfl" in cost
+    assert "price table" not in cost
