@@ -401,3 +401,35 @@ def test_the_edit_command_says_when_the_cost_is_the_providers_own_figure(
     cost = next(line for line in out.getvalue().splitlines() if line.startswith("cost:"))
     assert "reported by bfl" in cost
     assert "price table" not in cost
+
+
+# --- the key goes to a declared host only when the host is a plain DNS name -----------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://evil.com\\.bfl.ai/v1/get_result",  # a resolver reads "\." as a dot in a label
+        "https://evil.com%2f.bfl.ai/v1/get_result",
+        "https://evil.com%00.bfl.ai/v1/get_result",
+        "https://evil.com;.bfl.ai/v1/get_result",
+        "https://evil.com .bfl.ai/v1/get_result",
+        "https://.bfl.ai/v1/get_result",
+        "https://evil..bfl.ai/v1/get_result",
+    ],
+)
+def test_a_declared_host_pattern_never_matches_a_host_that_is_no_plain_dns_name(url: str) -> None:
+    assert not BflAdapter.auth.allows(url, "https://api.bfl.ai")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.eu2.bfl.ai/v1/get_result?id=1",
+        "https://gateway.bfl.ai/v1/get_result?id=1",
+        "https://API.US.BFL.AI/v1/get_result?id=1",
+        "https://api-2.bfl.ai:8443/v1/get_result?id=1",
+    ],
+)
+def test_bfls_regional_polling_hosts_still_get_the_key(url: str) -> None:
+    assert BflAdapter.auth.allows(url, "https://api.bfl.ai")
