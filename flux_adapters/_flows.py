@@ -1,8 +1,8 @@
 """Interaction patterns, each written once as a generator the sync and async clients both drive.
 
 A flow yields what it wants done and receives the outcome, the way httpx's ``Auth.auth_flow``
-does: an `HttpRequest` (answered with its `HttpResponse`, or a transport failure thrown into the
-flow), a `Sleep` (answered with ``None``), or `Accepted` (a job was accepted: the client records
+does: an `HttpRequest` (answered with its `HttpResponse`, or the client's `FluxError` thrown into
+the flow: a transport failure, an answer too large to read, a request httpx refused to build), a `Sleep` (answered with ``None``), or `Accepted` (a job was accepted: the client records
 it; answered with ``None``). It returns its outcome through ``StopIteration``. It does no I/O,
 so every provider limit is enforced before the first request is yielded.
 
@@ -293,7 +293,11 @@ def job_flow(
         submitted_at=time.time(),
         usage=submitted.usage,
     )
-    yield Accepted(job)
+    try:
+        yield Accepted(job)
+    except FluxError as error:  # the job could not be recorded: it was accepted all the same
+        error.job = job
+        raise
     answer = yield from follow_job(
         adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
     )
@@ -384,9 +388,17 @@ def _pause(wait: float, polling: Polling, chance: random.Random, left: float) ->
 
 
 def _next_wait(wait: float, polling: Polling, state: Pending | None) -> float:
-    if state is not None and state.retry_after is not None:
-        return max(0.0, state.retry_after)
-    return min(polling.longest, wait * polling.factor)
+    """The wait after *wait*: grown by the backoff, or longer when the provider asked for more.
+
+    A ``Retry-After`` is the least wait, never a reason to hurry: a provider answering "0" to
+    every poll would otherwise be polled in a busy loop until the deadline. A wait it asks that
+    is no number (NaN, from an adapter) is ignored, and an endless one stops at the deadline.
+    """
+    grown = min(polling.longest, wait * polling.factor)
+    asked = state.retry_after if state is not None else None
+    if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > grown:
+        return min(float(asked), polling.deadline)
+    return grown
 
 
 def _within(
@@ -407,22 +419,28 @@ def _poll_once(
         response = yield request
     except TransportError:
         return Pending()  # a poll is free: try again after the usual wait
+    except ResponseFormatError as error:  # a 2xx the client could not read (too large ...)
+        return error
     assert response is not None
     retry = _transient(response)
     if retry is not None:
         return retry
     if response.status_code in (404, 410):
-        raise JobNotFound(
-            f"the provider does not know the job (HTTP {response.status_code})",
-            provider=adapter.name,
-            job_id=job.id,
-        )
+        raise _not_found(adapter, job, response)
     try:
         return _answered(adapter, response, secrets, lambda: adapter.parse_poll(response, job))
     except ResponseFormatError as error:
         if not 200 <= response.status_code < 300:
             raise
         return error
+
+
+def _not_found(adapter: JobAdapter, job: Job, response: HttpResponse) -> JobNotFound:
+    return JobNotFound(
+        f"the provider does not know the job (HTTP {response.status_code})",
+        provider=adapter.name,
+        job_id=job.id,
+    )
 
 
 def _job_failure(
@@ -475,16 +493,19 @@ def _fetch(
             response = yield _within(built, "fetch", ends, clock)
         except TransportError:
             response = None
+        retry: Pending | None = None
         if response is not None:
             failed = _job_failure(adapter, response, job, secrets)
             if failed is not None:
                 raise failed
+            if response.status_code in (404, 410):
+                raise _not_found(adapter, job, response)
             retry = _transient(response)
             if retry is None:
                 return _answered(
                     adapter, response, secrets, _reader(adapter.parse_fetch, response, job)
                 )
-            wait = _next_wait(wait, polling, retry)
+        wait = _next_wait(wait, polling, retry)  # backing off after a dropped fetch too
         yield from _pause(wait, polling, chance, ends - clock())
         if clock() >= ends:
             raise _Deadline
@@ -506,7 +527,7 @@ def _cancel(adapter: JobAdapter, job: Job) -> _Steps[bool | None]:
         return None
     try:
         response = yield attrs.evolve(request, role="cancel", deadline=CANCEL_DEADLINE)
-    except TransportError:
+    except FluxError:  # not sent, or no answer: it must not hide why the job is given up
         return False
     assert response is not None
     return 200 <= response.status_code < 300

@@ -614,16 +614,12 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             saved += [place] if place else []
             code = code or status  # the first failure decides
     elapsed = time.perf_counter() - started
-    source = (
-        "reported by the provider"
-        if result.cost_source == "provider"
-        else "estimate from the price table"
-    )
-    cost = (
-        f"${result.cost_usd:.3f} ({source})"
-        if result.cost_usd is not None
-        else "unknown (no price known for this provider and model)"
-    )
+    if result.cost_usd is None:
+        cost = "unknown (no price known for this provider and model)"
+    elif result.cost_source == "provider":  # BFL's credits: what it charged, not an estimate
+        cost = f"${result.cost_usd:.3f} (reported by {result.provider})"
+    else:
+        cost = f"${result.cost_usd:.3f} (estimate from the price table)"
     for attempt in result.attempts[:-1]:
         why = attempt.reason or (
             f"{type(attempt.error).__name__}: {attempt.error}" if attempt.error else ""

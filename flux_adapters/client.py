@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
 import os
 import time
 from collections.abc import (
@@ -64,10 +65,9 @@ from flux_adapters.errors import (
     ConfigurationError,
     FluxError,
     RequestError,
-    TransportError,
     Violation,
 )
-from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob
+from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob, job_problem
 from flux_adapters.limits import Plan
 from flux_adapters.prices import PerCall, PerMegapixel, Price, estimate
 from flux_adapters.providers import BEARER, Answer, AnyAdapter, KeyAuth, get_adapter
@@ -556,12 +556,19 @@ class _ClientBase:
         """The binding that polls *job*: the provider that accepted it.
 
         Raises:
-            ConfigurationError: *job* is not a `Job`, or this client has no such provider.
+            ConfigurationError: *job* is not a `Job`, or not one that can be polled
+                (`flux_adapters.jobs.job_problem`), this client has no such provider, or it is
+                closed. Nothing was sent.
         """
         if not isinstance(job, Job):
             raise ConfigurationError(
                 f"resume() takes a flux_adapters.jobs.Job (an error's .job), not {type_name(job)}"
             )
+        problem = job_problem(job)
+        if problem:
+            raise ConfigurationError(f"resume() cannot poll this job: {problem}")
+        if self._http.is_closed:  # else each poll fails, and is tried again until the deadline
+            raise ConfigurationError(f"this {type(self).__name__} is closed; create a new one")
         for binding in self._bindings:
             if binding.adapter.name == job.provider and is_job_adapter(binding.adapter):
                 return binding
@@ -605,13 +612,18 @@ def _result(
     warnings: tuple[ConversionWarning, ...] = (),
     attempts: tuple[Attempt, ...] = (),
 ) -> EditResult:
-    """The `EditResult` of *answer*, its cost the provider's own figure where it can be."""
+    """The `EditResult` of *answer*, its cost the provider's own figure where it can be.
+
+    The provider's figure is believed only when it makes a dollar amount that can be one: finite
+    and not negative (a hostile or broken answer cannot credit the caller or overflow a budget).
+    """
     usage = _merged(job.usage if job is not None else None, answer.usage)
     rate = getattr(binding.adapter, "usd_per_credit", None)
     cost: float | None = None
     source: Literal["provider", "price table"] | None = None
-    if usage is not None and usage.credits_used is not None and is_number(rate):
-        cost, source = usage.credits_used * rate, "provider"
+    reported = _reported_cost(usage, rate)
+    if reported is not None:
+        cost, source = reported, "provider"
     elif estimated is not None:
         cost, source = estimated, "price table"
     return EditResult(
@@ -626,6 +638,16 @@ def _result(
         elapsed_s=time.perf_counter() - started,
         job=job,
     )
+
+
+def _reported_cost(usage: Usage | None, rate: object) -> float | None:
+    """Dollars from the credits the provider reported, when they make a finite amount >= 0."""
+    if usage is None or not is_number(usage.credits_used) or not is_number(rate):
+        return None
+    dollars = float(usage.credits_used) * float(rate)
+    if not (math.isfinite(dollars) and dollars >= 0):
+        return None
+    return dollars + 0.0  # -0.0 becomes 0.0
 
 
 def _merged(first: Usage | None, then: Usage | None) -> Usage | None:
@@ -760,7 +782,8 @@ class FluxClient(_ClientBase):
         journal kept. The job gets a new deadline (``polling.deadline``) from now.
 
         Raises:
-            ConfigurationError: *job* is not a `Job`, or this client has not its provider.
+            ConfigurationError: *job* is not a `Job` that can be polled, this client has not its
+                provider, or it is closed; nothing was sent.
             JobError: The job ended without an image (moderated, failed, unknown) or passed its
                 deadline again.
             ProviderError: A poll was refused for good (a revoked key, say).
@@ -783,15 +806,17 @@ class FluxClient(_ClientBase):
     def _drive(self, binding: _Binding, flow: _Steps[_T]) -> _T:
         """Perform what *flow* asks, in this thread; its result.
 
-        A transport failure is thrown into the flow (a job's poll is then tried again). Ctrl-C
-        lets the flow cancel its job, if the provider took one and can, before it propagates.
+        A failure to send or read an exchange is thrown into the flow: a job's poll is then
+        tried again, and any error after its submit was accepted carries the job (so that it is
+        never judged as a call of its own, which could fail over and pay twice). Ctrl-C lets the
+        flow cancel its job, if the provider took one and can, before it propagates.
         """
         try:
             instruction = next(flow)
             while True:
                 try:
                     reply = self._perform(binding, instruction)
-                except TransportError as error:
+                except FluxError as error:  # the flow judges it, and attaches its job if any
                     instruction = flow.throw(error)
                 else:
                     instruction = flow.send(reply)
@@ -821,7 +846,7 @@ class FluxClient(_ClientBase):
             while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
                 try:
                     reply = self._send(binding, instruction)
-                except TransportError as error:
+                except FluxError as error:
                     instruction = flow.throw(error)
                 else:
                     instruction = flow.send(reply)
@@ -1022,7 +1047,7 @@ class AsyncFluxClient(_ClientBase):
             while True:
                 try:
                     reply = await self._perform(binding, instruction, watcher)
-                except TransportError as error:
+                except FluxError as error:  # the flow judges it, and attaches its job if any
                     instruction = flow.throw(error)
                 else:
                     instruction = flow.send(reply)
@@ -1059,7 +1084,7 @@ class AsyncFluxClient(_ClientBase):
             while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
                 try:
                     reply = await self._send(binding, instruction)
-                except TransportError as error:
+                except FluxError as error:
                     instruction = flow.throw(error)
                 else:
                     instruction = flow.send(reply)

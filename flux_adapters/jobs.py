@@ -53,6 +53,7 @@ __all__ = [
     "Polling",
     "StopJob",
     "Submitted",
+    "job_problem",
 ]
 
 
@@ -101,14 +102,21 @@ class Job:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Job | None:
-        """The job in *data* (from `to_dict`), or ``None`` when it is not one (a damaged record)."""
+        """The job in *data* (from `to_dict`), or ``None`` when it is not one (a damaged record).
+
+        A record that is no mapping, or whose job could not be polled (`job_problem`: a URL that
+        is not http(s), an id with a line break), is damaged too.
+        """
+        given: object = data  # a file may hold anything, whatever the annotation says
+        if not isinstance(given, Mapping):
+            return None
         texts = {name: data.get(name) for name in ("provider", "model", "id", "poll_url")}
         if not all(isinstance(value, str) and value for value in texts.values()):
             return None
         optional = {name: data.get(name) for name in ("result_url", "cancel_url")}
         when = data.get("submitted_at")
         usage = data.get("usage")
-        return cls(
+        job = cls(
             provider=str(texts["provider"]),
             model=str(texts["model"]),
             id=str(texts["id"]),
@@ -118,6 +126,32 @@ class Job:
             submitted_at=_number(when) or 0.0,
             usage=_usage(usage) if isinstance(usage, Mapping) else None,
         )
+        return None if job_problem(job) else job
+
+
+def job_problem(job: Job) -> str:
+    """Why *job* cannot be polled, in words (no value quoted), or ``""`` when it can.
+
+    A `Job` is plain data, so one made by hand or read back from a file may hold anything: its
+    provider, model and id must be printable texts, its poll URL (and result and cancel URLs,
+    when it has them) http(s) URLs without control characters, as a provider's answer must be.
+    """
+    from flux_adapters.providers._images_api import url_problem
+
+    for name in ("provider", "model", "id"):
+        value = getattr(job, name)
+        if not (isinstance(value, str) and value and value.isprintable()):
+            return f"its {name} is not a printable text"
+    for name in ("poll_url", "result_url", "cancel_url"):
+        value = getattr(job, name)
+        if value is None and name != "poll_url":
+            continue
+        if not isinstance(value, str):
+            return f"its {name} is not a URL"
+        problem = url_problem(value, f"its {name}")
+        if problem:
+            return problem
+    return ""
 
 
 def _number(value: object) -> float | None:

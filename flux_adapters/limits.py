@@ -142,11 +142,26 @@ class RatioRule:
         if width <= 0 or height <= 0:
             return False
         if self.presets is not None:
-            return _ratio_text(width, height) in self.presets
+            return self.preset(width, height) is not None
         # narrowest <= width/height <= widest, multiplied out: exact for whole numbers of any
         # size, where float division would round or overflow.
         (low_w, low_h), (high_w, high_h) = self.narrowest, self.widest
         return low_w * height <= width * low_h and width * high_h <= high_w * height
+
+    def preset(self, width: int, height: int) -> str | None:
+        """The preset the ratio ``width:height`` is sent as, or ``None`` when it is none of them.
+
+        Ratios are compared in lowest terms: a preset listed as ``"21:9"`` is the ratio 7:3.
+        """
+        if self.presets is None or width <= 0 or height <= 0:
+            return None
+        wanted = _ratio_text(width, height)
+        for ratio, name in self.presets.items():
+            across, _, down = ratio.partition(":")
+            usable = across.isdigit() and down.isdigit() and int(across) > 0 and int(down) > 0
+            if usable and _ratio_text(int(across), int(down)) == wanted:
+                return name
+        return None
 
 
 @frozen(kw_only=True)
@@ -473,9 +488,11 @@ def _resolve_dimensions(
 def _ratio_geometry(
     rule: RatioRule, ratio_text: str, warnings: tuple[ConversionWarning, ...] = ()
 ) -> _Geometry:
-    if rule.presets is not None:
-        return _Geometry(preset=rule.presets[ratio_text], warnings=warnings)
     width, height = ratio_text.split(":")
+    if rule.presets is not None:
+        preset = rule.preset(int(width), int(height))
+        assert preset is not None  # the rule accepted the ratio
+        return _Geometry(preset=preset, warnings=warnings)
     return _Geometry(ratio=(int(width), int(height)), warnings=warnings)
 
 

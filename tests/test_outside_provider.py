@@ -429,7 +429,7 @@ def test_cli_edit_with_nimbus_by_name(sandbox: Sandbox, tmp_path: Path) -> None:
     )  # fmt: skip
     assert finished.returncode == 0, finished.stderr
     assert decoded(output.read_bytes()).size == (512, 384)
-    assert "cost:     $0.040 (reported by the provider)" in finished.stdout  # 4 credits
+    assert "cost:     $0.040 (reported by nimbus)" in finished.stdout  # 4 credits
     assert KEY not in finished.stdout + finished.stderr
     assert [call.kind for call in calls_since(sandbox, before)].count("submit") == 1
 

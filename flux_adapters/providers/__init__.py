@@ -119,10 +119,22 @@ class KeyAuth:
         if (theirs.scheme, theirs.netloc) == (mine.scheme, mine.netloc):
             return True
         # A declared host over https; over plain http only when the base URL is plain http too
-        # (an emulator, a local proxy), where the key travels in the clear anyway.
+        # (an emulator, a local proxy), where the key travels in the clear anyway. Only a plain
+        # DNS name is matched: "evil.com\.bfl.ai" or "evil.com%2f.bfl.ai" end like a declared
+        # host, but a resolver need not read them as one of its names.
         secure = theirs.scheme == "https" or theirs.scheme == mine.scheme == "http"
-        return secure and any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.hosts)
+        return (
+            secure
+            and _DNS_NAME.fullmatch(host) is not None
+            and any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.hosts)
+        )
 
+
+_DNS_NAME: Final = re.compile(
+    r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
+)
+"""A host name of letters, digits and inner hyphens in dot-separated labels (lower case, as
+``urlsplit`` gives it)."""
 
 BEARER: Final = KeyAuth()
 """``Authorization: Bearer <key>`` to the base URL's origin only: an adapter's default."""
