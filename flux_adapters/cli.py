@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
     from flux_adapters.emulator import Fault
+    from flux_adapters.jobs import Polling
     from flux_adapters.request import EditRequest
     from flux_adapters.result import BatchItem, ResultImage
 
@@ -240,7 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--timeout",
         type=_seconds(),
-        help="with --provider: seconds to wait for the image (default 300)",
+        help="with --provider: seconds to wait for the image: for each request (default 300) "
+        "and, at a provider that runs jobs (bfl, fal), for the whole job (default "
+        "$FLUX_JOB_DEADLINE or 600)",
     )
 
     commands.add_parser("models", help="the providers x models table, with limits and prices")
@@ -567,6 +570,15 @@ def _save(image: ResultImage, target: Path | None, stem: str, err: TextIO) -> tu
     return "", EXIT_OUTPUT
 
 
+def _polling(timeout: float | None) -> Polling | None:
+    """A job's deadline with --provider: *timeout*, else ``$FLUX_JOB_DEADLINE`` (as `from_env`)."""
+    from flux_adapters.config import job_deadline_from_env
+    from flux_adapters.jobs import Polling
+
+    deadline = timeout if timeout is not None else job_deadline_from_env()
+    return Polling(deadline=deadline) if deadline is not None else None
+
+
 def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from flux_adapters.client import FluxClient
 
@@ -584,7 +596,10 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     started = time.perf_counter()
     if arguments.provider:
         client = FluxClient(
-            arguments.provider, base_url=arguments.base_url, timeout=arguments.timeout
+            arguments.provider,
+            base_url=arguments.base_url,
+            timeout=arguments.timeout,
+            polling=_polling(arguments.timeout),
         )
     else:  # the configured provider or failover list: flux-adapters.toml and $FLUX_PROVIDERS
         client = FluxClient.from_env()
@@ -828,7 +843,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(number, on_signal)
         if arguments.provider:
-            client = AsyncFluxClient(providers=arguments.provider)
+            client = AsyncFluxClient(providers=arguments.provider, polling=_polling(None))
         else:
             client = AsyncFluxClient.from_env()
         first, second = itertools.tee(_batch_jobs(path, refused))

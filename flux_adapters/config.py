@@ -293,6 +293,18 @@ def load_config(
     )
 
 
+def job_deadline_from_env(env: Mapping[str, str] | None = None) -> float | None:
+    """``$FLUX_JOB_DEADLINE`` in seconds, or ``None`` when it is not set.
+
+    Raises:
+        ConfigurationError: It is not a number of seconds above 0 and at most a day.
+    """
+    value = (os.environ if env is None else env).get("FLUX_JOB_DEADLINE")
+    if not value:
+        return None
+    return _seconds(_as_float(value, "$FLUX_JOB_DEADLINE"), "$FLUX_JOB_DEADLINE")
+
+
 def _as_float(value: object, name: str) -> object:
     if isinstance(value, str):
         try:

@@ -419,3 +419,33 @@ def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
     assert err.splitlines()[-1] == "flux-adapters: interrupted"
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["--timeout", "$FLUX_JOB_DEADLINE"])
+def test_edit_at_a_job_provider_gives_up_on_the_whole_job_at_its_deadline(
+    how: str, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BFL_API_KEY", "k")
+    emulator.inject("bfl", Fault(pending=10**9, first=1))  # a job that never ends
+    argv = ["edit", "p", "-p", "bfl", "--base-url", emulator.base_url("bfl")]
+    argv += ["-o", str(tmp_path / "x.png")]
+    if how == "--timeout":
+        argv += ["--timeout", "1"]
+    else:
+        monkeypatch.setenv("FLUX_JOB_DEADLINE", "1")
+    code, _, err = run(*argv)
+    assert code != 0
+    assert "JobTimeout" in err
+    assert "within 1 s" in err  # the deadline given, not the 600 s default
+
+
+def test_a_bad_flux_job_deadline_is_a_configuration_error_before_sending(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BFL_API_KEY", "k")
+    monkeypatch.setenv("FLUX_JOB_DEADLINE", "soon")
+    sent = len(emulator.calls("bfl"))
+    code, _, err = run("edit", "p", "-p", "bfl", "--base-url", emulator.base_url("bfl"))
+    assert code != 0
+    assert "$FLUX_JOB_DEADLINE" in err
+    assert len(emulator.calls("bfl")) == sent
