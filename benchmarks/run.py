@@ -189,7 +189,7 @@ def bench_text_to_image(base: str) -> None:
             request = EditRequest(prompt=prompt, model="flux-2-pro", size="1024x1024")
             return ours.edit(request).images[0].url
 
-        theirs, mine = side_by_side(by_hand, with_library, 300)
+        theirs, mine = side_by_side(by_hand, with_library, 300, alternations=7)
     report(
         "b",
         "text-to-image, per call (request built each call)",
@@ -541,13 +541,13 @@ def bench_baseline(base: str) -> None:
             return float(seconds)
 
         before, now = [], []
-        for _ in range(7):  # alternated, each in a fresh process, so drift hits both alike
+        for _ in range(9):  # alternated, each in a fresh process, so drift hits both alike
             before.append(measure(old))
             now.append(measure(str(ROOT)))
     was, mine = statistics.median(before), statistics.median(now)
     report(
         "h",
-        "one-exchange FluxClient.edit per call: before jobs vs now (median of 7 processes)",
+        "one-exchange FluxClient.edit per call: before jobs vs now (median of 9 processes)",
         [
             (f"before jobs (commit {ref})", f"{was * 1e6:.0f} us"),
             ("this tree", f"{mine * 1e6:.0f} us"),
@@ -589,7 +589,7 @@ def bench_job(base: str) -> None:
             return ours.edit(request).images[0].url
 
         assert by_hand() == with_library()
-        theirs, mine = side_by_side(by_hand, with_library, 200)
+        theirs, mine = side_by_side(by_hand, with_library, 100, alternations=9)
     report(
         "i",
         "a BFL job (submit + 3 polls) per call, no waits between polls",

@@ -250,7 +250,7 @@ def edit_flow(
     """
     resolved = plan if plan is not None else resolve(adapter, request)
     outgoing = _built(adapter, request, lambda: adapter.build_request(request, resolved, base_url))
-    response = yield attrs.evolve(outgoing, role="submit")
+    response = yield _as_submit(outgoing)
     assert response is not None
     answer = _answered(adapter, response, secrets, lambda: adapter.parse_response(response))
     return Outcome(plan=resolved, answer=answer)
@@ -280,7 +280,7 @@ def job_flow(
     resolved = plan if plan is not None else resolve(adapter, request)
     started = clock()
     submit = _built(adapter, request, lambda: adapter.build_submit(request, resolved, base_url))
-    response = yield attrs.evolve(submit, role="submit")
+    response = yield _as_submit(submit)
     assert response is not None
     submitted = _answered(adapter, response, secrets, lambda: adapter.parse_submit(response))
     job = Job(
@@ -399,6 +399,11 @@ def _next_wait(wait: float, polling: Polling, state: Pending | None) -> float:
     if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > grown:
         return min(float(asked), polling.deadline)
     return grown
+
+
+def _as_submit(request: HttpRequest) -> HttpRequest:
+    """*request* marked as the paid exchange, whatever the adapter said (usually as it is)."""
+    return request if request.role == "submit" else attrs.evolve(request, role="submit")
 
 
 def _within(
