@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint typecheck pytest bench docs cassettes conformance clean
+.PHONY: help install demo test lint typecheck pytest package bench docs cassettes conformance clean
 
 help: ## Show the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,7 +34,10 @@ typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks.
 pytest: $(STAMP) ## The test suite (no network: MockTransport and loopback only).
 	$(BIN)/pytest -q
 
-test: lint typecheck pytest ## Every check: ruff, mypy --strict, pytest.
+package: $(STAMP) ## Build the sdist and wheel; install the wheel in fresh venvs, one per extra, and use it.
+	PYTHON=$(BIN)/python bash .ci/package-check
+
+test: lint typecheck pytest package ## Every check: ruff, mypy --strict, pytest, the built package.
 
 bench: $(STAMP) ## Benchmarks against a loopback server, side by side with plain httpx.
 	$(BIN)/python benchmarks/run.py

@@ -270,8 +270,8 @@ def _parser() -> argparse.ArgumentParser:
     conformance.add_argument(
         "--cassettes",
         type=_folder,
-        default=Path("cassettes"),
-        help="folder with <provider>/<scenario>.yaml (default: cassettes)",
+        help="folder with <provider>/<scenario>.yaml (default: ./cassettes; when replaying and "
+        "there is none, the built-in providers' cassettes shipped with flux-adapters)",
     )
     conformance.add_argument(
         "--report-dir",
@@ -944,6 +944,15 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
             "flux-adapters conformance: error: --base-url, --emulator and --key-env go with --record"
         )
     _check_folder(arguments.report_dir)
+    if arguments.cassettes is None:
+        arguments.cassettes = Path("cassettes")
+        if not arguments.record and not arguments.cassettes.is_dir():
+            from flux_adapters.conformance.runner import bundled_cassettes
+
+            arguments.cassettes = bundled_cassettes()
+            out.write(
+                f"replaying the cassettes shipped with flux-adapters ({arguments.cassettes})\n"
+            )
     if arguments.record:
         _check_folder(arguments.cassettes)
     adapters: list[AnyAdapter] = [

@@ -449,3 +449,26 @@ def test_a_bad_flux_job_deadline_is_a_configuration_error_before_sending(
     assert code != 0
     assert "$FLUX_JOB_DEADLINE" in err
     assert len(emulator.calls("bfl")) == sent
+
+
+def test_conformance_replays_the_shipped_cassettes_from_a_folder_without_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./cassettes here
+    code, out, _ = run("conformance", "-p", "laozhang", "--report-dir", "report")
+    assert code == 0, out
+    assert "replaying the cassettes shipped with flux-adapters" in out
+    assert "| `text-to-image` | pass |" in out
+    assert not (tmp_path / "cassettes").exists()  # nothing recorded or created
+
+
+def test_conformance_records_into_the_current_folder_never_into_the_installed_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(
+        "conformance", "--record", "--emulator", "-p", "laozhang", "--report-dir", "report"
+    )
+    assert code == 0, out
+    assert (tmp_path / "cassettes/laozhang/text-to-image.yaml").is_file()
+    assert "replaying the cassettes shipped" not in out

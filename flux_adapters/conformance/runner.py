@@ -70,6 +70,7 @@ from flux_adapters.wire import HttpRequest
 __all__ = [
     "RecordingFailed",
     "Verdict",
+    "bundled_cassettes",
     "credential_names",
     "paid_calls",
     "record",
@@ -96,6 +97,17 @@ RESULT_HOSTS: Final = {
 RECORDED_PENDING_POLLS: Final = 2
 """Polls an emulated job answers as pending before it ends, when recording against the emulator
 (``job-pending-then-ready`` needs at least two)."""
+
+
+def bundled_cassettes() -> Path:
+    """The built-in providers' cassettes that came with this installation.
+
+    A wheel carries them as ``flux_adapters/conformance/recorded``; a checkout (an editable
+    install) has them at the repository's top level, ``cassettes/``.
+    """
+    here = Path(__file__).resolve().parent
+    packaged = here / "recorded"
+    return packaged if packaged.is_dir() else here.parents[1] / "cassettes"
 
 
 @frozen(kw_only=True)
