@@ -935,7 +935,13 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
 
     from flux_adapters._display import describe_exception
     from flux_adapters._options import check_adapter
-    from flux_adapters.conformance.runner import paid_calls, record, run_scenario, write_report
+    from flux_adapters.conformance.runner import (
+        paid_calls,
+        read_deviations,
+        record,
+        run_scenario,
+        write_report,
+    )
     from flux_adapters.conformance.scenarios import SCENARIOS
     from flux_adapters.providers import BUILT_IN, AnyAdapter, get_adapter
 
@@ -1006,8 +1012,9 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 log=lambda line: print(line, file=out),
             )
     verdicts = [
-        run_scenario(adapter, scenario, arguments.cassettes / adapter.name)
+        run_scenario(adapter, scenario, folder, read_deviations(folder))
         for adapter in adapters
+        for folder in [arguments.cassettes / adapter.name]
         for scenario in SCENARIOS
     ]
     markdown, data = write_report(verdicts, arguments.report_dir)

@@ -240,3 +240,91 @@ def test_the_documented_report_of_the_example_is_reproduced(tmp_path: Path) -> N
     assert finished.returncode == 0, finished.stderr
     committed = (root / "examples" / "pixelforge" / "conformance-report.md").read_text()
     assert (tmp_path / "conformance.md").read_text() == committed
+
+
+def laozhang_with_deviation(tmp_path: Path, text: str | None) -> Path:
+    """A copy of laozhang's cassettes, with *text* as its deviations.toml."""
+    import shutil
+
+    folder = tmp_path / "cassettes" / "laozhang"
+    shutil.copytree(CASSETTES / "laozhang", folder)
+    if text is not None:
+        (folder / "deviations.toml").write_text(text)
+    return folder
+
+
+DROPS_THIRD = """[deviations]
+three-references-in-order = "drops the third image (ticket 12)"
+maximum-references = "drops the third image (ticket 12)"
+"""
+
+
+def test_the_cli_reads_the_same_deviations_file_and_passes_only_with_it(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def report(text: str | None) -> tuple[int, dict[str, str]]:
+        folder = laozhang_with_deviation(tmp_path / str(text is None), text)
+        finished = subprocess.run(
+            [sys.executable, "-m", "flux_adapters", "conformance", "--adapter",
+             "tests.test_conformance_suite:DroppedThirdImage", "--cassettes", str(folder.parent),
+             "--report-dir", str(folder.parent / "report")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        verdicts = json.loads((folder.parent / "report/conformance.json").read_text())["verdicts"]
+        return finished.returncode, {v["scenario"]: v["outcome"] for v in verdicts}
+
+    code, outcomes = report(DROPS_THIRD)
+    assert outcomes["three-references-in-order"] == "deviation"
+    assert code == 0
+    code, outcomes = report(None)
+    assert outcomes["three-references-in-order"] == "fail"
+    assert code != 0
+
+
+def test_pytest_reports_a_deviation_as_xfail_and_unsupported_as_skipped(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    folder = laozhang_with_deviation(tmp_path, DROPS_THIRD)
+    module = tmp_path / "test_dropping.py"
+    module.write_text(
+        "from pathlib import Path\n"
+        "from flux_adapters.conformance import ConformanceSuite\n"
+        "from tests.test_conformance_suite import DroppedThirdImage\n\n\n"
+        "class TestDropping(ConformanceSuite):\n"
+        "    adapter = DroppedThirdImage()\n"
+        f"    cassettes = Path({str(folder)!r})\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rxs", "-p", "no:cacheprovider", str(module),
+         "-k", "three-references-in-order or flex-steps-guidance", "--rootdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "XFAIL" in finished.stdout
+    assert "deviation: drops the third image (ticket 12)" in finished.stdout
+    assert "unsupported: steps: laozhang has no such setting" in finished.stdout
+    assert " passed" not in finished.stdout.splitlines()[-1]  # neither is counted as a pass
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('[deviations]\nerror-249 = "typo"\n', "'error-249' is not a scenario"),
+        ("[deviations]\nerror-429 = 503\n", "the reason must be text, not int"),
+        ('error-429 = "no table"\n', "must hold one [deviations] table"),
+        ("[deviations\n", "cannot be read as TOML"),
+    ],
+)
+def test_a_bad_deviations_file_is_a_configuration_error_naming_it(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    from flux_adapters.conformance.runner import read_deviations
+    from flux_adapters.errors import ConfigurationError
+
+    folder = laozhang_with_deviation(tmp_path, text)
+    with pytest.raises(ConfigurationError, match=r"deviations\.toml") as caught:
+        read_deviations(folder)
+    assert problem in str(caught.value)

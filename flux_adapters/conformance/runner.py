@@ -68,11 +68,13 @@ from flux_adapters.request import EditRequest
 from flux_adapters.wire import HttpRequest
 
 __all__ = [
+    "DEVIATIONS_FILE",
     "RecordingFailed",
     "Verdict",
     "bundled_cassettes",
     "credential_names",
     "paid_calls",
+    "read_deviations",
     "record",
     "run_scenario",
     "scan_for_secrets",
@@ -560,6 +562,46 @@ def _mismatch(exc: BaseException) -> str:
     if "no recorded interaction" in text or "No match for the request" in text:
         return "the request was not recorded: " + " ".join(text.split())[:300]
     return f"{type(exc).__name__}: {text[:300]}"
+
+
+DEVIATIONS_FILE: Final = "deviations.toml"
+"""A provider's declared deviations, beside its cassettes: read by `ConformanceSuite` and the CLI."""
+
+
+def read_deviations(cassettes: Path) -> dict[str, str]:
+    """The deviations declared in *cassettes*/``deviations.toml`` (none when it is absent).
+
+    The file is one table, scenario id -> why the provider deviates::
+
+        [deviations]
+        error-429 = "answers 503 instead of 429 when rate limited"
+
+    Raises:
+        ConfigurationError: The file cannot be read, is not that shape, or names a scenario
+            the suite does not have.
+    """
+    import tomllib
+
+    path = cassettes / DEVIATIONS_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(read_text_file(path, limit=1024 * 1024))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise errors.ConfigurationError(f"{path}: cannot be read as TOML ({exc})") from None
+    table = data.get("deviations")
+    if set(data) != {"deviations"} or not isinstance(table, dict):
+        raise errors.ConfigurationError(f"{path}: must hold one [deviations] table, and only it")
+    known = {scenario.id for scenario in SCENARIOS}
+    problems = [
+        f"{scenario_id!r} is not a scenario" if scenario_id not in known else
+        f"{scenario_id}: the reason must be text, not {type(reason).__name__}"
+        for scenario_id, reason in table.items()
+        if scenario_id not in known or not isinstance(reason, str) or not reason.strip()
+    ]  # fmt: skip
+    if problems:
+        raise errors.ConfigurationError(f"{path}: " + "; ".join(problems))
+    return {str(scenario_id): str(reason) for scenario_id, reason in table.items()}
 
 
 def run_scenario(

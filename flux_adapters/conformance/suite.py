@@ -10,13 +10,21 @@
         adapter = MyResellerAdapter()
         cassettes = Path(__file__).parent / "cassettes" / "my-reseller"
         credentials_env = "MY_RESELLER_API_KEY"   # read only when recording
-        deviations = {"error-429": "answers 503 instead of 429 when rate limited"}
 
-Every scenario becomes one test. A declared deviation must still fail (and the test fails the
-day it stops failing, so the declaration gets removed). A scenario about the other kind of
-provider (the job scenarios at a provider that answers in one call) is skipped as not
-applicable, with the reason. Needs the ``conformance`` extra
-(pytest and vcrpy).
+Every scenario becomes one test: it passes; or is reported as ``xfail`` when it is a declared
+deviation (which must still fail: the test fails the day it stops failing, so the declaration
+gets removed); or is skipped with the reason when the provider verifiably does not support it,
+when only a misbehaving server produces it and it was not recorded, or when it is about the
+other kind of provider (the job scenarios at a provider that answers in one call). Nothing but
+a real pass is reported as PASSED.
+
+Deviations are declared in ``deviations.toml`` beside the cassettes (`read_deviations`), where
+``flux-adapters conformance`` reads them too, so pytest and the CLI's report agree::
+
+    [deviations]
+    error-429 = "answers 503 instead of 429 when rate limited"
+
+Needs the ``conformance`` extra (pytest and vcrpy).
 """
 
 from __future__ import annotations
@@ -28,7 +36,12 @@ from typing import ClassVar
 
 import pytest
 
-from flux_adapters.conformance.runner import credential_names, run_scenario, scan_for_secrets
+from flux_adapters.conformance.runner import (
+    credential_names,
+    read_deviations,
+    run_scenario,
+    scan_for_secrets,
+)
 from flux_adapters.conformance.scenarios import SCENARIOS, Scenario
 from flux_adapters.providers import AnyAdapter
 
@@ -43,7 +56,8 @@ class ConformanceSuite:
         cassettes: The folder holding ``<scenario>.yaml`` for this provider.
         credentials_env: The variable holding the provider's key; read only when recording,
             and used to check that no cassette contains it.
-        deviations: Scenario id -> why this provider deviates (expected to fail).
+        deviations: Scenario id -> why this provider deviates (expected to fail), besides
+            those in ``deviations.toml`` beside the cassettes (these win on the same id).
     """
 
     adapter: ClassVar[AnyAdapter]
@@ -54,20 +68,26 @@ class ConformanceSuite:
     @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda scenario: scenario.id)
     def test_scenario(self, scenario: Scenario) -> None:
         """The scenario passes, is verifiably unsupported, or is a declared deviation."""
-        verdict = run_scenario(self.adapter, scenario, self.cassettes, self.deviations)
+        verdict = run_scenario(self.adapter, scenario, self.cassettes, self._deviations())
         if verdict.outcome == "fail":
             pytest.fail(f"[{self.adapter.name}] {verdict.detail}", pytrace=False)
+        if verdict.outcome == "deviation":
+            pytest.xfail(f"deviation: {verdict.detail}")
+        if verdict.outcome == "unsupported":
+            pytest.skip(f"unsupported: {verdict.detail}")
         if verdict.outcome == "unrecorded":
             pytest.skip(verdict.detail)
         if verdict.outcome == "not-applicable":
             pytest.skip(f"not applicable: {verdict.detail}")
 
+    def _deviations(self) -> Mapping[str, str]:
+        return {**read_deviations(self.cassettes), **self.deviations}
+
     def test_unknown_deviations_are_refused(self) -> None:
         """A deviation must name a real scenario (a typo would otherwise hide nothing)."""
         known = {scenario.id for scenario in SCENARIOS}
-        assert set(self.deviations) <= known, (
-            f"unknown scenario ids: {sorted(set(self.deviations) - known)}"
-        )
+        declared = self._deviations()  # the file's ids are checked as it is read
+        assert set(declared) <= known, f"unknown scenario ids: {sorted(set(declared) - known)}"
 
     def test_translation_is_deterministic(self) -> None:
         """Building the same request twice gives the same wire request: no clocks, no randomness."""
