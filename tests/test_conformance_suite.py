@@ -114,9 +114,16 @@ def test_a_declared_deviation_must_keep_failing() -> None:
 
 
 def test_a_missing_cassette_fails_with_the_command_to_record_it(tmp_path: Path) -> None:
-    verdict = run_scenario(LaozhangAdapter(), by_id("text-to-image"), tmp_path)
+    verdict = run_scenario(LaozhangAdapter(), by_id("text-to-image"), tmp_path / "laozhang")
     assert verdict.outcome == "fail"
-    assert "flux-adapters conformance --provider laozhang --record" in verdict.detail
+    assert verdict.detail.endswith(
+        f"flux-adapters conformance --provider laozhang --record --cassettes {tmp_path}"
+    )
+    # An adapter that is not registered under its name is recorded with --adapter.
+    outside = run_scenario(DroppedThirdImage(), by_id("text-to-image"), Path("cassettes/nowhere"))
+    assert outside.detail.endswith(
+        "flux-adapters conformance --adapter tests.test_conformance_suite:DroppedThirdImage --record"
+    )
     fault_only = run_scenario(LaozhangAdapter(), by_id("error-429"), tmp_path)
     assert fault_only.outcome == "unrecorded"  # reported, never a pass
 

@@ -505,7 +505,7 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
             )
         return verdict(
             "fail",
-            f"{scenario.id}: no cassette at {path}; record it: flux-adapters conformance --provider {adapter.name} --record",
+            f"{scenario.id}: no cassette at {path}; record it: {_record_command(adapter, cassettes)}",
         )
     if not path.is_file():  # a FIFO or device would hang the replay: stat it, never open it
         return verdict("fail", f"{scenario.id}: {path} is not a regular file")
@@ -543,6 +543,24 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
             "fail", f"{scenario.id}: {unplayed} recorded request(s) were never made", recorded
         )
     return verdict("pass", "", recorded)
+
+
+def _record_command(adapter: AnyAdapter, cassettes: Path) -> str:
+    """The command that records *adapter*'s cassettes into *cassettes*, as the CLI takes it."""
+    from flux_adapters.providers import PROVIDERS, get_adapter
+
+    name = adapter.name
+    try:
+        known = name in PROVIDERS and type(get_adapter(name)) is type(adapter)
+    except errors.FluxError:  # a registered package that fails to load: name the class instead
+        known = False
+    which = (
+        f"--provider {name}"
+        if known
+        else f"--adapter {type(adapter).__module__}:{type(adapter).__qualname__}"
+    )
+    folder = "" if cassettes.parent == Path("cassettes") else f" --cassettes {cassettes.parent}"
+    return f"flux-adapters conformance {which} --record{folder}"
 
 
 def _mismatch(exc: BaseException) -> str:
