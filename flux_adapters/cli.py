@@ -993,7 +993,8 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 else arguments.base_url or adapter.default_base_url
             )
             out.write(
-                f"{adapter.name}: {requests} request(s) to {where}, {billed} of which may be billed\n"
+                f"{adapter.name}: {requests} scenario(s) to record against {where}, {billed} of "
+                "them with a request that may be billed (polls and downloads are free)\n"
             )
             if billed and not arguments.emulator and not arguments.yes:
                 out.write("continue? [y/N] ")

@@ -472,3 +472,26 @@ def test_conformance_records_into_the_current_folder_never_into_the_installed_pa
     assert code == 0, out
     assert (tmp_path / "cassettes/laozhang/text-to-image.yaml").is_file()
     assert "replaying the cassettes shipped" not in out
+
+
+def test_a_recording_run_counts_scenarios_before_and_exchanges_and_accepted_paid_requests_after(
+    tmp_path: Path,
+) -> None:
+    code, out, _ = run(
+        "conformance", "--record", "--emulator", "-p", "fal",
+        "--cassettes", str(tmp_path / "cassettes"), "--report-dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 0, out
+    before = re.search(
+        r"fal: (\d+) scenario\(s\) to record against the emulator, (\d+) of them", out
+    )
+    after = re.search(
+        r"fal: (\d+) scenario\(s\) recorded in (\d+) exchange\(s\), (\d+) of them", out
+    )
+    assert before is not None, out
+    assert after is not None, out
+    recorded = list((tmp_path / "cassettes/fal").glob("*.yaml"))
+    exchanges = sum(path.read_text().count("\n- request:") for path in recorded)
+    assert int(after[1]) == int(before[1]) == len(recorded)
+    assert int(after[2]) == exchanges > len(recorded)  # a job is more than its submit
+    assert int(after[3]) == int(before[2])  # what was announced as may-be-billed, and no more

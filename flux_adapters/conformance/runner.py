@@ -661,9 +661,20 @@ def _recordable(adapter: AnyAdapter, scenario: Scenario, emulator: bool) -> bool
 
 
 def paid_calls(adapter: AnyAdapter, emulator: bool) -> tuple[int, int]:
-    """How many requests a recording run makes, and how many of them may be billed."""
+    """How many scenarios a recording run records, and how many send a request that may be billed.
+
+    One each: polls, fetches and downloads are free. `record` says afterwards how many exchanges
+    were made in all.
+    """
     chosen = [s for s in SCENARIOS if _recordable(adapter, s, emulator)]
-    billed = [s for s in chosen if isinstance(s.expect, Completes)]
+    # A job that ends without an image was accepted all the same, and an unreadable 2xx may
+    # have been done: both may be billed.
+    billed = [
+        s
+        for s in chosen
+        if isinstance(s.expect, Completes | JobEnds | TimesOut)
+        or (isinstance(s.expect, ProviderFails) and 200 <= s.expect.status < 300)
+    ]
     return len(chosen), len(billed)
 
 
@@ -766,12 +777,36 @@ def record(
                 failures=failures,
                 findings=findings,
             )
+        exchanges, paid = _exchanges(staging)
+        log(
+            f"{adapter.name}: {len(verdicts)} scenario(s) recorded in {exchanges} exchange(s), "
+            f"{paid} of them a paid request the provider accepted"
+        )
         cassettes.mkdir(exist_ok=True)
         for path in sorted(staging.glob("*.yaml")):
             os.replace(path, cassettes / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return verdicts
+
+
+def _exchanges(folder: Path) -> tuple[int, int]:
+    """Exchanges in the cassettes of *folder*, and how many paid requests were answered with a 2xx.
+
+    Each scenario's first exchange is its paid request (the call, or a job's submit); the polls,
+    fetches, cancels and downloads after it are free. So the second figure is what the run may
+    have been billed for.
+    """
+    from flux_adapters.conformance.cassettes import _Serializer
+
+    exchanges = paid = 0
+    for path in folder.glob("*.yaml"):
+        interactions = _Serializer.deserialize(read_text_file(path)).get("interactions") or []
+        exchanges += len(interactions)
+        if interactions:
+            code = interactions[0].get("response", {}).get("status", {}).get("code", 0)
+            paid += isinstance(code, int) and 200 <= code < 300
+    return exchanges, paid
 
 
 def _record_into(
