@@ -5,6 +5,7 @@ idempotent scrubbing, and streamed bodies that are still recorded and matched.""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import attrs
 import pytest
@@ -13,8 +14,11 @@ from flux_adapters.conformance import SCENARIOS, record, run_scenario, scan_for_
 from flux_adapters.conformance.cassettes import scrub_request
 from flux_adapters.conformance.scenarios import Completes, Scenario, by_id
 from flux_adapters.limits import Plan
+from flux_adapters.providers import KeyAuth
 from flux_adapters.providers.aimlapi import AimlapiAdapter
 from flux_adapters.providers.apiyi import ApiyiMultipartAdapter
+from flux_adapters.providers.bfl import BflAdapter
+from flux_adapters.providers.fal import FalAdapter
 from flux_adapters.providers.laozhang import LaozhangAdapter
 from flux_adapters.request import EditRequest
 from flux_adapters.wire import FilePart, HttpRequest, JsonBody, MultipartBody
@@ -335,3 +339,40 @@ def test_a_bad_deviations_file_is_a_configuration_error_naming_it(
     with pytest.raises(ConfigurationError, match=r"deviations\.toml") as caught:
         read_deviations(folder)
     assert problem in str(caught.value)
+
+
+class BearerAtBfl(BflAdapter):
+    """Sends BFL's key as `Authorization: Bearer` instead of `x-key`."""
+
+    auth: ClassVar[KeyAuth] = KeyAuth(hosts=("*.bfl.ai",))
+
+
+class XKeyAtLaozhang(LaozhangAdapter):
+    auth: ClassVar[KeyAuth] = KeyAuth(header="x-key", scheme=None)
+
+
+class TokenAtFal(FalAdapter):
+    """The right header, the wrong word before the key."""
+
+    auth: ClassVar[KeyAuth] = KeyAuth(scheme="Token")
+
+
+@pytest.mark.parametrize(
+    ("adapter", "folder", "sent", "recorded"),
+    [
+        (BearerAtBfl(), "bfl", "authorization: Bearer <key>", "x-key: <key>"),
+        (XKeyAtLaozhang(), "laozhang", "x-key: <key>", "authorization: Bearer <key>"),
+        (TokenAtFal(), "fal", "authorization: Token <key>", "authorization: Key <key>"),
+    ],
+    ids=["bearer-for-x-key", "x-key-for-bearer", "wrong-scheme"],
+)
+def test_a_key_in_the_wrong_header_or_scheme_fails_every_scenario_that_sends_it(
+    adapter: object, folder: str, sent: str, recorded: str
+) -> None:
+    for scenario_id in ("text-to-image", "three-references-in-order"):
+        verdict = run_scenario(adapter, by_id(scenario_id), CASSETTES / folder)  # type: ignore[arg-type]
+        assert verdict.outcome == "fail", verdict
+        assert verdict.detail == (
+            f"{scenario_id}: the request does not match the recording: credential differs: "
+            f"sent {sent}; the recording has {recorded}"
+        )

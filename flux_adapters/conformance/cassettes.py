@@ -72,7 +72,9 @@ __all__ = [
 ]
 
 BOUNDARY: Final = "flux-multipart-boundary"
-MATCH_ON: Final = ("method", "scheme", "host", "port", "path", "query", "flux_body")
+MATCH_ON: Final = (
+    "method", "scheme", "host", "port", "path", "query", "flux_credential", "flux_body"
+)  # fmt: skip
 PLACEHOLDER: Final = "<redacted>"
 """What a named credential's value becomes (a header, a cookie, a JSON or multipart field)."""
 URL_PLACEHOLDER: Final = "REDACTED"
@@ -679,6 +681,36 @@ def body_matcher(live: Any, recorded: Any) -> None:
     raise AssertionError("body differs")
 
 
+def credential_matcher(names: Iterable[str]) -> Callable[[Any, Any], None]:
+    """A vcrpy matcher: the key goes in the header the recording has it in, with its scheme.
+
+    Values are never compared (the recording holds ``<redacted>``): only which credential
+    headers are sent (the common names and the adapter's own *names*) and the word before the
+    key (``Bearer``, ``Key``, ``Token``, or none), so ``Authorization: Bearer`` sent where the
+    provider takes ``x-key`` is a difference.
+    """
+    own = {_normal(name) for name in names}
+
+    def signature(request: Any) -> list[str]:
+        shown = []
+        for name in sorted(request.headers, key=str.lower):
+            if _normal(name) in CREDENTIAL_NAMES or _normal(name) in own:
+                words = str(request.headers[name]).split(None, 1)
+                scheme = words[0] + " " if len(words) == 2 else ""
+                shown.append(f"{name.lower()}: {scheme}<key>")
+        return shown
+
+    def match(live: Any, recorded: Any) -> None:
+        sent, kept = signature(live), signature(recorded)
+        if sent != kept:
+            raise AssertionError(
+                f"credential differs: sent {', '.join(sent) or 'none'}; "
+                f"the recording has {', '.join(kept) or 'none'}"
+            )
+
+    return match
+
+
 class _Serializer:
     """vcrpy's YAML, plus a ``recorded`` block saying where and when the cassette was made."""
 
@@ -733,4 +765,5 @@ def make_vcr(
     )
     recorder.register_serializer("flux-yaml", _Serializer)
     recorder.register_matcher("flux_body", body_matcher)
+    recorder.register_matcher("flux_credential", credential_matcher(credentials))
     return recorder
