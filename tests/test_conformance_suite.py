@@ -376,3 +376,26 @@ def test_a_key_in_the_wrong_header_or_scheme_fails_every_scenario_that_sends_it(
             f"{scenario_id}: the request does not match the recording: credential differs: "
             f"sent {sent}; the recording has {recorded}"
         )
+
+
+class SwappedSize(LaozhangAdapter):
+    """Sends width and height the wrong way round."""
+
+    def build_request(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+        wire = super().build_request(request, plan, base_url)
+        assert isinstance(wire.body, JsonBody)
+        body = dict(wire.body.value)
+        if "width" in body:
+            body["width"], body["height"] = body["height"], body["width"]
+        return attrs.evolve(wire, body=JsonBody(body))
+
+
+def test_width_and_height_the_wrong_way_round_fail_the_explicit_size_scenario() -> None:
+    verdict = run_scenario(SwappedSize(), by_id("explicit-size"), CASSETTES / "laozhang")
+    assert verdict.outcome == "fail"
+    assert verdict.detail == (
+        "explicit-size: the request does not match the recording: "
+        "JSON body differs: height is 768; the recording has 512"
+    )
+    request = by_id("explicit-size").build(LaozhangAdapter())
+    assert request.width != request.height  # a square size could not show it

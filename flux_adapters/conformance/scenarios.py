@@ -195,13 +195,14 @@ def _most_references(adapter: AnyAdapter, extra: int) -> EditRequest:
 
 
 def _explicit_size(adapter: AnyAdapter) -> EditRequest:
-    # 512x512 sits on every grid here (16 or 32) and inside every range; one reference image
-    # so that edit-only endpoints can take it too.
+    # 768x512 sits on every grid here (16 or 32) and inside every range, and is not square, so
+    # width and height sent the wrong way round do not match; one reference image so that
+    # edit-only endpoints can take it too.
     return EditRequest(
         prompt="image 1, on a plain background",
         model="flux-2-pro",
         images=[asset(1)],
-        width=512,
+        width=768,
         height=512,
     )
 
