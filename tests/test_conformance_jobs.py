@@ -165,7 +165,7 @@ BREAKS = [
     (
         ReadsModerationAsPending(),
         "job-request-moderated",
-        "the request was not recorded: GET https://api.bfl.ai/v1/get_result?id=",
+        "the request was not recorded: GET https://api.eu2.bfl.ai/v1/get_result?id=",
     ),
     (
         EveryModerationIsTheRequests(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 import attrs
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from flux_adapters.conformance import SCENARIOS, record, run_scenario, scan_for_secrets
 from flux_adapters.conformance.cassettes import scrub_request
 from flux_adapters.conformance.scenarios import Completes, Scenario, by_id
+from flux_adapters.jobs import Job
 from flux_adapters.limits import Plan
 from flux_adapters.providers import KeyAuth
 from flux_adapters.providers.aimlapi import AimlapiAdapter
@@ -399,3 +401,23 @@ def test_width_and_height_the_wrong_way_round_fail_the_explicit_size_scenario() 
     )
     request = by_id("explicit-size").build(LaozhangAdapter())
     assert request.width != request.height  # a square size could not show it
+
+
+class PollsOnItsBaseHost(BflAdapter):
+    """Rebuilds BFL's polling URL on the base URL instead of polling it as returned."""
+
+    def build_poll(self, job: Job) -> HttpRequest:
+        path = urlsplit(job.poll_url)
+        return HttpRequest(
+            method="GET", url=f"{self.default_base_url}{path.path}?{path.query}", role="poll"
+        )
+
+
+def test_a_polling_url_rebuilt_on_the_base_host_fails_the_job_scenarios() -> None:
+    verdict = run_scenario(PollsOnItsBaseHost(), by_id("job-pending-then-ready"), CASSETTES / "bfl")
+    assert verdict.outcome == "fail"
+    assert "the request was not recorded: GET https://api.bfl.ai/v1/get_result" in verdict.detail
+    assert (
+        run_scenario(BflAdapter(), by_id("job-pending-then-ready"), CASSETTES / "bfl").outcome
+        == "pass"
+    )

@@ -96,6 +96,13 @@ RESULT_HOSTS: Final = {
     # fal: outputs live on its media CDN (https://v3.fal.media/files/...).
     "fal": "https://v3.fal.media/files",
 }
+POLL_HOSTS: Final = {
+    # BFL answers with a polling_url on a regional host (api.eu2.bfl.ai, api.us1.bfl.ai, ...),
+    # "to be polled as returned": emulator recordings put it there, so that an adapter that
+    # rebuilds it on its base URL does not match.
+    "bfl": ("/v1/get_result", "https://api.eu2.bfl.ai"),
+}
+"""Provider -> (path of its job URLs, the host they are on), for emulator recordings."""
 RECORDED_PENDING_POLLS: Final = 2
 """Polls an emulated job answers as pending before it ends, when recording against the emulator
 (``job-pending-then-ready`` needs at least two)."""
@@ -679,9 +686,15 @@ def paid_calls(adapter: AnyAdapter, emulator: bool) -> tuple[int, int]:
 
 
 def _rewriter(
-    target: str, real: str, results_from: str | None, results_to: str
+    target: str,
+    real: str,
+    results_from: str | None,
+    results_to: str,
+    polls: tuple[str, str] | None = None,
 ) -> Callable[[str], str]:
     def rewrite(url: str) -> str:
+        if polls is not None and url.startswith(target + polls[0]):
+            return polls[1] + url[len(target) :]
         if url.startswith(target + "/") or url == target:
             return real + url[len(target) :]
         if results_from is not None and url.startswith(results_from):
@@ -847,6 +860,7 @@ def _record_into(
             adapter.default_base_url,
             results_from,
             RESULT_HOSTS.get(adapter.name, adapter.default_base_url + "/results"),
+            POLL_HOSTS.get(adapter.name) if running is not None else None,
         )
         recorder = make_vcr("all", rewrite, secrets=keys, credentials=credential_names(adapter))
         for scenario in scenarios:
