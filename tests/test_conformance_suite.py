@@ -4,6 +4,7 @@ idempotent scrubbing, and streamed bodies that are still recorded and matched.""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -13,17 +14,18 @@ import pytest
 
 from flux_adapters.conformance import SCENARIOS, record, run_scenario, scan_for_secrets
 from flux_adapters.conformance.cassettes import scrub_request
-from flux_adapters.conformance.scenarios import Completes, Scenario, by_id
-from flux_adapters.jobs import Job
+from flux_adapters.conformance.scenarios import Completes, Scenario, asset, by_id
+from flux_adapters.jobs import Done, Job, Pending
 from flux_adapters.limits import Plan
-from flux_adapters.providers import KeyAuth
+from flux_adapters.providers import Answer, KeyAuth
 from flux_adapters.providers.aimlapi import AimlapiAdapter
 from flux_adapters.providers.apiyi import ApiyiMultipartAdapter
 from flux_adapters.providers.bfl import BflAdapter
 from flux_adapters.providers.fal import FalAdapter
 from flux_adapters.providers.laozhang import LaozhangAdapter
 from flux_adapters.request import EditRequest
-from flux_adapters.wire import FilePart, HttpRequest, JsonBody, MultipartBody
+from flux_adapters.result import ResultImage
+from flux_adapters.wire import FilePart, HttpRequest, HttpResponse, JsonBody, MultipartBody
 
 CASSETTES = Path(__file__).resolve().parent.parent / "cassettes"
 
@@ -421,3 +423,36 @@ def test_a_polling_url_rebuilt_on_the_base_host_fails_the_job_scenarios() -> Non
         run_scenario(BflAdapter(), by_id("job-pending-then-ready"), CASSETTES / "bfl").outcome
         == "pass"
     )
+
+
+class PollingUrlAsImage(BflAdapter):
+    """Returns the job's polling URL as its image."""
+
+    def parse_poll(self, response: HttpResponse, job: Job) -> Pending | Done:
+        state = super().parse_poll(response, job)
+        if isinstance(state, Done) and state.answer is not None:
+            return Done(answer=Answer(images=(ResultImage(url=job.poll_url),)))
+        return state
+
+
+class ShrunkImage(LaozhangAdapter):
+    """Answers as if the provider had made the image, but returns the reference image instead."""
+
+    def parse_response(self, response: HttpResponse) -> Answer:
+        super().parse_response(response)
+        data = base64.b64encode(asset(1).read_bytes()).decode()  # a 96x64 PNG
+        return Answer(images=(ResultImage(b64_json=data),))
+
+
+def test_completing_means_every_image_downloads_as_an_image_of_the_size_asked_for() -> None:
+    for scenario_id in ("text-to-image", "job-pending-then-ready"):
+        verdict = run_scenario(PollingUrlAsImage(), by_id(scenario_id), CASSETTES / "bfl")
+        assert verdict.outcome == "fail"
+        # Its "download" is a GET of the polling URL, without the key: no such exchange was
+        # recorded (the recorded polls carried the key).
+        assert verdict.detail.startswith(f"{scenario_id}: the request does not match")
+        assert "credential differs: sent none; the recording has x-key: <key>" in verdict.detail
+
+    wrong_size = run_scenario(ShrunkImage(), by_id("explicit-size"), CASSETTES / "laozhang")
+    assert wrong_size.outcome == "fail"
+    assert wrong_size.detail == ("explicit-size: image 1 is 96x64; the request asked for 768x512")

@@ -65,6 +65,7 @@ from flux_adapters.conformance.scenarios import (
 from flux_adapters.jobs import Job, JobAdapter, Polling
 from flux_adapters.providers import AnyAdapter
 from flux_adapters.request import EditRequest
+from flux_adapters.result import ResultImage
 from flux_adapters.wire import HttpRequest
 
 __all__ = [
@@ -351,10 +352,39 @@ def _exercise(client: FluxClient, expect: Expectation, sent: _Sent) -> str:
             return problem
     if expect.base64 and result.images[0].b64_json is None:
         return "the image came as a URL, expected inline base64"
-    if expect.download or expect.base64:
-        data = result.images[0].read()
-        if image_extension(data[:16]) == "bin":
-            return "the downloaded result is not a png, jpeg or webp image"
+    for number, image in enumerate(result.images, 1):
+        problem = _image_problem(image, number, sent.request)
+        if problem:
+            return problem
+    return ""
+
+
+def _image_problem(image: ResultImage, number: int, request: EditRequest) -> str:
+    """Why result image *number* is not an image of the size *request* fixed (empty: it is).
+
+    Completing means an image: each one is downloaded from the cassette (or decoded from its
+    base64) and must be a png, jpeg or webp whose header says the width and height asked for.
+    """
+    import io
+
+    from flux_adapters.request import _dimensions
+
+    try:
+        data = image.read()
+    except errors.FluxError as error:
+        cause = error.__cause__
+        if cause is not None and _is_unrecorded(cause):
+            raise cause from None  # its download is not in the cassette: a mismatch
+        return f"image {number} is not an image: {type(error).__name__}: {error}"
+    if image_extension(data[:16]) == "bin":
+        return f"image {number} is not a png, jpeg or webp image"
+    if request.width is not None and request.height is not None:
+        width, height = _dimensions(io.BytesIO(data))
+        if (width, height) != (request.width, request.height):
+            return (
+                f"image {number} is {width}x{height}; the request asked for "
+                f"{request.width}x{request.height}"
+            )
     return ""
 
 
