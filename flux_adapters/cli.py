@@ -936,6 +936,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     from flux_adapters._display import describe_exception
     from flux_adapters._options import check_adapter
     from flux_adapters.conformance.runner import (
+        bundled_cassettes,
         paid_calls,
         read_deviations,
         record,
@@ -953,8 +954,6 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     if arguments.cassettes is None:
         arguments.cassettes = Path("cassettes")
         if not arguments.record and not arguments.cassettes.is_dir():
-            from flux_adapters.conformance.runner import bundled_cassettes
-
             arguments.cassettes = bundled_cassettes()
             out.write(
                 f"replaying the cassettes shipped with flux-adapters ({arguments.cassettes})\n"
@@ -1012,12 +1011,11 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 emulator=arguments.emulator,
                 log=lambda line: print(line, file=out),
             )
-    verdicts = [
-        run_scenario(adapter, scenario, folder, read_deviations(folder))
-        for adapter in adapters
-        for folder in [arguments.cassettes / adapter.name]
-        for scenario in SCENARIOS
-    ]
+    verdicts = []
+    for adapter in adapters:
+        folder = arguments.cassettes / adapter.name
+        deviations = read_deviations(folder)
+        verdicts += [run_scenario(adapter, scenario, folder, deviations) for scenario in SCENARIOS]
     markdown, data = write_report(verdicts, arguments.report_dir)
     out.write(markdown.read_text())
     out.write(f"\nwritten: {markdown} and {data}\n")
