@@ -286,7 +286,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     target = conformance.add_mutually_exclusive_group()
     target.add_argument(
-        "--base-url", type=_http_url, help="with --record: record against this base URL"
+        "--base-url",
+        type=_http_url,
+        help="with --record: record against this base URL (default: $<PROVIDER>_BASE_URL, else the real one)",
     )
     target.add_argument(
         "--emulator", action="store_true", help="with --record: record against the bundled emulator"
@@ -934,7 +936,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     import importlib
 
     from flux_adapters._display import describe_exception
-    from flux_adapters._options import check_adapter
+    from flux_adapters._options import check_adapter, check_base_url
     from flux_adapters.conformance.runner import (
         bundled_cassettes,
         paid_calls,
@@ -986,11 +988,14 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                     f"recording {adapter.name} needs its key in ${arguments.key_env or adapter.env_prefix + '_API_KEY'}"
                 )
             requests, billed = paid_calls(adapter, arguments.emulator)
-            where = (
-                "the emulator"
-                if arguments.emulator
-                else arguments.base_url or adapter.default_base_url
+            # As a client would: --base-url, else $<PROVIDER>_BASE_URL, else the real one.
+            variable = f"{adapter.env_prefix}_BASE_URL"
+            base_url = arguments.base_url or (
+                check_base_url(os.environ[variable], f"${variable}")
+                if os.environ.get(variable) and not arguments.emulator
+                else None
             )
+            where = "the emulator" if arguments.emulator else base_url or adapter.default_base_url
             out.write(
                 f"{adapter.name}: {requests} scenario(s) to record against {where}, {billed} of "
                 "them with a request that may be billed (polls and downloads are free)\n"
@@ -1007,7 +1012,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 adapter,
                 arguments.cassettes / adapter.name,
                 api_key=key,
-                base_url=arguments.base_url,
+                base_url=base_url,
                 emulator=arguments.emulator,
                 log=lambda line: print(line, file=out),
             )

@@ -495,3 +495,39 @@ def test_a_recording_run_counts_scenarios_before_and_exchanges_and_accepted_paid
     assert int(after[1]) == int(before[1]) == len(recorded)
     assert int(after[2]) == exchanges > len(recorded)  # a job is more than its submit
     assert int(after[3]) == int(before[2])  # what was announced as may-be-billed, and no more
+
+
+def test_recording_honours_the_providers_base_url_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like a client: $<PROVIDER>_BASE_URL when --base-url is not given (here, an emulator)."""
+    from flux_adapters.conformance.scenarios import by_id
+
+    revoked = by_id("error-401").api_key
+    assert revoked is not None
+    with run_emulator(bad_keys={revoked}) as server:
+        monkeypatch.setenv("LAOZHANG_API_KEY", "recording-key-0123456789")
+        monkeypatch.setenv("LAOZHANG_BASE_URL", server.base_url("laozhang"))
+        code, out, err = run(
+            "conformance", "--record", "--yes", "-p", "laozhang",
+            "--cassettes", str(tmp_path / "cassettes"), "--report-dir", str(tmp_path / "out"),
+        )  # fmt: skip
+        assert code == 0, out + err
+        assert f"to record against {server.base_url('laozhang')}," in out
+        assert server.calls("laozhang")  # recorded there, not at api.laozhang.ai
+    recorded = (tmp_path / "cassettes/laozhang/text-to-image.yaml").read_text()
+    assert f"where: base URL {server.base_url('laozhang')}" in recorded
+
+
+def test_a_malformed_base_url_variable_stops_a_recording_before_any_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "recording-key-0123456789")
+    monkeypatch.setenv("LAOZHANG_BASE_URL", "ftp://nowhere")
+    code, _, err = run(
+        "conformance", "--record", "--yes", "-p", "laozhang",
+        "--cassettes", str(tmp_path / "cassettes"), "--report-dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code != 0
+    assert "$LAOZHANG_BASE_URL" in err
+    assert not (tmp_path / "cassettes").exists()
