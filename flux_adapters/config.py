@@ -265,10 +265,10 @@ def load_config(
     budget = env.get("FLUX_MAX_COST_USD") or data.get("max_cost_usd")
     timeout = env.get("FLUX_TIMEOUT") or data.get("timeout")
     timeout_from = "$FLUX_TIMEOUT" if env.get("FLUX_TIMEOUT") else f"{origin} timeout"
-    job_deadline = env.get("FLUX_JOB_DEADLINE") or data.get("job_deadline")
-    deadline_from = (
-        "$FLUX_JOB_DEADLINE" if env.get("FLUX_JOB_DEADLINE") else f"{origin} job_deadline"
-    )
+    job_deadline = job_deadline_from_env(env)
+    if job_deadline is None and data.get("job_deadline") is not None:
+        where = f"{origin} job_deadline"
+        job_deadline = _seconds(_as_float(data["job_deadline"], where), where)
     unknown_price = data.get("unknown_price", "allow")
     if unknown_price not in ("allow", "refuse"):
         raise _fail(origin, f"unknown_price must be 'allow' or 'refuse', not {unknown_price!r}")
@@ -286,9 +286,7 @@ def load_config(
         timeout=None
         if timeout is None
         else _seconds(_as_float(timeout, timeout_from), timeout_from),
-        job_deadline=None
-        if job_deadline is None
-        else _seconds(_as_float(job_deadline, deadline_from), deadline_from),
+        job_deadline=job_deadline,
         source=origin,
     )
 
