@@ -328,7 +328,7 @@ def test_a_run_against_the_wrong_server_leaves_the_good_cassettes_in_place(
     assert [path.name for path in tmp_path.iterdir()] == ["laozhang"]  # no temporary folder left
     failure = caught.value
     assert isinstance(failure, errors.FluxError)
-    assert len(failure.failures) == paid_calls(LaozhangAdapter(), emulator=False)[0] == 10
+    assert len(failure.failures) == paid_calls(LaozhangAdapter(), emulator=False)[0] == 19
     assert all("ProviderRejected" in verdict.detail for verdict in failure.failures)
     message = str(failure)
     assert f"{good} is unchanged" in message

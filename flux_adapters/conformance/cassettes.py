@@ -36,8 +36,12 @@ with a fixed boundary and each file replaced by its digest. Images are matched b
 small. Recorded against the emulator (or another base URL), URLs are rewritten to the provider's
 real host, and result URLs to the provider's result host.
 
-Matching uses method, scheme, host, port, path, query and the canonical body, with a key-level
-difference in the failure message; every recorded interaction must be played.
+Matching uses method, scheme, host, port, path and query (every host as recorded: a polling or
+result URL on another host must be sent there), the credential (which header carries the key,
+and its scheme; never its value), every other request header that is not volatile (name and
+value), and the canonical body: JSON field by field, types included (``512`` is not ``"512"``),
+multipart part by part (names, filenames, content types, order, digests). The failure message
+names the first difference; every recorded interaction must be played.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ __all__ = [
     "Scrubber",
     "SecretScan",
     "body_matcher",
+    "credential_matcher",
+    "header_matcher",
     "is_credential",
     "make_vcr",
     "scrub_request",
@@ -73,7 +79,8 @@ __all__ = [
 
 BOUNDARY: Final = "flux-multipart-boundary"
 MATCH_ON: Final = (
-    "method", "scheme", "host", "port", "path", "query", "flux_credential", "flux_body"
+    "method", "scheme", "host", "port", "path", "query", "flux_credential", "flux_headers",
+    "flux_body",
 )  # fmt: skip
 PLACEHOLDER: Final = "<redacted>"
 """What a named credential's value becomes (a header, a cookie, a JSON or multipart field)."""
@@ -634,7 +641,18 @@ class SecretScan:
         return sorted(found, key=lambda finding: finding[0])
 
 
+def _shown(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "text"}.get(type(value))
+    text = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return f"{kind} {text}" if kind else text
+
+
 def _json_difference(first: Any, second: Any, path: str = "") -> str:
+    """The first difference between the JSON values *first* (sent) and *second* (recorded).
+
+    Types count: ``512`` and ``"512"``, ``1`` and ``1.0``, ``true`` and ``1`` differ, as a
+    provider's schema tells them apart.
+    """
     if isinstance(first, dict) and isinstance(second, dict):
         for key in sorted(set(first) | set(second)):
             where = f"{path}.{key}" if path else key
@@ -654,7 +672,26 @@ def _json_difference(first: Any, second: Any, path: str = "") -> str:
             if found:
                 return found
         return ""
-    return "" if first == second else f"{path or 'body'} is {first!r}; the recording has {second!r}"
+    if type(first) is type(second) and first == second:
+        return ""
+    return f"{path or 'body'} is {_shown(first)}; the recording has {_shown(second)}"
+
+
+def _part_shown(part: tuple[str, str | None, str, bytes]) -> str:
+    name, filename, media, data = part
+    if filename is None:
+        return f"field {name!r} = {data.decode(errors='replace')[:80]!r}"
+    return f"file {name!r} (filename {filename!r}, {media}, {data.decode(errors='replace')[:90]})"
+
+
+def _multipart_difference(sent: list[Any], kept: list[Any]) -> str:
+    """The first difference between two multipart bodies' parts: order, name, file, content."""
+    for number, (mine, theirs) in enumerate(zip(sent, kept, strict=False), 1):
+        if mine != theirs:
+            return f"part {number} is {_part_shown(mine)}; the recording has {_part_shown(theirs)}"
+    if len(sent) != len(kept):
+        return f"{len(sent)} parts are sent; the recording has {len(kept)}"
+    return "the bodies differ"
 
 
 def body_matcher(live: Any, recorded: Any) -> None:
@@ -671,14 +708,63 @@ def body_matcher(live: Any, recorded: Any) -> None:
             difference = "the bodies differ"
         raise AssertionError(f"JSON body differs: {difference}")
     if content_type.startswith("multipart/form-data"):
-        sent = [
-            (n, f, m, d.decode(errors="replace"))
-            for n, f, m, d in _multipart_parts(content_type, live.body)
-        ]
-        kept = [(n, f, m, d.decode(errors="replace")) for n, f, m, d in _multipart_parts(
-            _header(recorded.headers, "content-type"), recorded.body)]  # fmt: skip
-        raise AssertionError(f"multipart body differs: sent parts {sent}, recorded parts {kept}")
+        sent = _multipart_parts(content_type, live.body)
+        kept = _multipart_parts(_header(recorded.headers, "content-type"), recorded.body or b"")
+        raise AssertionError(f"multipart body differs: {_multipart_difference(sent, kept)}")
     raise AssertionError("body differs")
+
+
+VOLATILE_HEADERS: Final = frozenset(
+    {"content-length", "host", "accept-encoding", "connection", "keep-alive", "te"}
+)
+"""Request headers not compared at all: the body and the URL are compared instead, and the
+rest belong to the HTTP client, not to the adapter."""
+PRESENCE_HEADERS: Final = frozenset(
+    {
+        "user-agent",
+        "idempotency-key",
+        "x-idempotency-key",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+    }
+)
+"""Request headers compared by presence only: their value changes from one run to the next."""
+
+
+def header_matcher(names: Iterable[str] = ()) -> Callable[[Any, Any], None]:
+    """A vcrpy matcher: every request header that is not volatile is sent as recorded.
+
+    ``Accept``, ``Content-Type`` and any header an adapter sets of its own (``HttpRequest.headers``)
+    are compared by name and value, case-insensitively by name; `PRESENCE_HEADERS` by name only;
+    `VOLATILE_HEADERS` not at all. Credential headers (the common names and the adapter's own
+    *names*) are left to `credential_matcher`, which never compares their values.
+    """
+    own = {_normal(name) for name in names}
+
+    def shown(request: Any) -> dict[str, str]:
+        kept: dict[str, str] = {}
+        for name in request.headers:
+            lowered = name.lower()
+            if lowered in VOLATILE_HEADERS or _normal(name) in CREDENTIAL_NAMES | own:
+                continue
+            value = str(request.headers[name])
+            kept[lowered] = "(any value)" if lowered in PRESENCE_HEADERS else value
+        return kept
+
+    def match(live: Any, recorded: Any) -> None:
+        sent, kept = shown(live), shown(recorded)
+        for name in sorted(set(sent) | set(kept)):
+            if name not in kept:
+                raise AssertionError(f"header differs: {name} is sent but was not recorded")
+            if name not in sent:
+                raise AssertionError(f"header differs: {name} was recorded but is not sent")
+            if sent[name] != kept[name]:
+                raise AssertionError(
+                    f"header differs: {name} is {sent[name]!r}; the recording has {kept[name]!r}"
+                )
+
+    return match
 
 
 def credential_matcher(names: Iterable[str]) -> Callable[[Any, Any], None]:
@@ -766,4 +852,5 @@ def make_vcr(
     recorder.register_serializer("flux-yaml", _Serializer)
     recorder.register_matcher("flux_body", body_matcher)
     recorder.register_matcher("flux_credential", credential_matcher(credentials))
+    recorder.register_matcher("flux_headers", header_matcher(credentials))
     return recorder

@@ -49,8 +49,14 @@ from flux_adapters._files import read_text_file
 from flux_adapters._flows import first_request, is_job_adapter, resolve
 from flux_adapters._redact import Redactor
 from flux_adapters._version import __version__
-from flux_adapters.client import FluxClient, image_extension
-from flux_adapters.conformance.cassettes import RECORDING, Scrubber, SecretScan, make_vcr
+from flux_adapters.client import FluxClient
+from flux_adapters.conformance.cassettes import (
+    RECORDING,
+    Scrubber,
+    SecretScan,
+    _Serializer,
+    make_vcr,
+)
 from flux_adapters.conformance.scenarios import (
     JOB_POLLING,
     SCENARIOS,
@@ -65,7 +71,7 @@ from flux_adapters.conformance.scenarios import (
 from flux_adapters.jobs import Job, JobAdapter, Polling
 from flux_adapters.providers import AnyAdapter
 from flux_adapters.request import EditRequest
-from flux_adapters.result import ResultImage
+from flux_adapters.result import ResultImage, Usage
 from flux_adapters.wire import HttpRequest
 
 __all__ = [
@@ -292,6 +298,7 @@ class _Sent:
     request: EditRequest
     base_url: str
     exchanges: _Exchanges
+    reported: Mapping[str, float] = attrs.field(factory=dict)
 
     @property
     def key_param(self) -> str | None:
@@ -356,17 +363,26 @@ def _exercise(client: FluxClient, expect: Expectation, sent: _Sent) -> str:
         problem = _image_problem(image, number, sent.request)
         if problem:
             return problem
-    return ""
+    return _usage_problem(result.usage, sent.reported)
+
+
+RATIO_TOLERANCE: Final = 0.05
+"""How far an image's width/height may be from the aspect ratio asked, relatively: a provider
+picks the pixel size for a ratio and rounds it to its grid (21:9 at one megapixel on a grid of
+32 is 1536x640, 2.9 % off)."""
 
 
 def _image_problem(image: ResultImage, number: int, request: EditRequest) -> str:
-    """Why result image *number* is not an image of the size *request* fixed (empty: it is).
+    """Why result image *number* is not the image *request* asked for (empty: it is).
 
     Completing means an image: each one is downloaded from the cassette (or decoded from its
-    base64) and must be a png, jpeg or webp whose header says the width and height asked for.
+    base64) and must be a png, jpeg or webp; of the format asked, if one was; whose header says
+    the width and height asked (``width``/``height`` or ``size``), or an aspect ratio within
+    `RATIO_TOLERANCE` of the one asked.
     """
     import io
 
+    from flux_adapters._files import image_format
     from flux_adapters.request import _dimensions
 
     try:
@@ -376,16 +392,80 @@ def _image_problem(image: ResultImage, number: int, request: EditRequest) -> str
         if cause is not None and _is_unrecorded(cause):
             raise cause from None  # its download is not in the cassette: a mismatch
         return f"image {number} is not an image: {type(error).__name__}: {error}"
-    if image_extension(data[:16]) == "bin":
+    found = image_format(data[:16])
+    if found is None:
         return f"image {number} is not a png, jpeg or webp image"
-    if request.width is not None and request.height is not None:
-        width, height = _dimensions(io.BytesIO(data))
-        if (width, height) != (request.width, request.height):
-            return (
-                f"image {number} is {width}x{height}; the request asked for "
-                f"{request.width}x{request.height}"
-            )
+    if request.output_format is not None and found != request.output_format:
+        return f"image {number} is a {found} image; the request asked for {request.output_format}"
+    width, height = _dimensions(io.BytesIO(data))
+    if width is None or height is None:
+        return f"image {number} has no readable size"
+    wanted = request.dimensions
+    if wanted is not None and (width, height) != wanted:
+        return f"image {number} is {width}x{height}; the request asked for {wanted[0]}x{wanted[1]}"
+    ratio = request.ratio
+    if ratio is not None and abs(width * ratio[1] / (height * ratio[0]) - 1) > RATIO_TOLERANCE:
+        return (
+            f"image {number} is {width}x{height}; the request asked for the aspect ratio "
+            f"{ratio[0]}:{ratio[1]}"
+        )
     return ""
+
+
+USAGE_FIELDS: Final = {
+    "cost": "credits_used",  # BFL: credits
+    "credits_used": "credits_used",  # aimlapi's meta.usage
+    "tokens_used": "tokens_used",
+    "input_mp": "input_mp",
+    "output_mp": "output_mp",
+}
+"""Fields of a provider's answers that report usage -> the `Usage` attribute they parse into."""
+
+
+def reported_usage(answers: Iterable[object]) -> dict[str, float]:
+    """The usage the provider reported in *answers* (JSON bodies), by `Usage` attribute.
+
+    Each of `USAGE_FIELDS` found at any depth with a number (not a bool); the first answer that
+    reports a field gives its value.
+    """
+    found: dict[str, float] = {}
+    stack = list(answers)[::-1]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                field = USAGE_FIELDS.get(key)
+                if field and isinstance(item, int | float) and not isinstance(item, bool):
+                    found.setdefault(field, float(item))
+            stack.extend(reversed(list(value.values())))
+        elif isinstance(value, list):
+            stack.extend(reversed(value))
+    return found
+
+
+def _usage_problem(usage: Usage | None, reported: Mapping[str, float]) -> str:
+    """What of the *reported* usage the result's *usage* misses or misreads (empty: nothing)."""
+    for field, number in reported.items():
+        parsed = getattr(usage, field, None) if usage is not None else None
+        if parsed is None:
+            return f"the provider reported {field} {number:g}; the result's usage has none"
+        if abs(float(parsed) - number) > 1e-9 * max(1.0, abs(number)):
+            return f"the provider reported {field} {number:g}; the result's usage says {parsed:g}"
+    return ""
+
+
+def _cassette_answers(data: Mapping[str, Any]) -> list[object]:
+    """The JSON bodies of the answers recorded in a cassette (others skipped)."""
+    answers: list[object] = []
+    for interaction in data.get("interactions") or []:
+        body = (interaction.get("response") or {}).get("body") or {}
+        text = body.get("string") if isinstance(body, dict) else None
+        if isinstance(text, str | bytes):
+            try:
+                answers.append(json.loads(text))
+            except (ValueError, RecursionError):  # an image, a page, anything but JSON
+                continue
+    return answers
 
 
 def _submitted_once(sent: _Sent) -> str:
@@ -495,10 +575,9 @@ def _refusal(adapter: AnyAdapter, request: EditRequest) -> str:
     return f"was not refused: {len(sent)} request(s) sent"
 
 
-def _read_metadata(path: Path) -> Mapping[str, str] | None:
-    from flux_adapters.conformance.cassettes import _Serializer
-
-    recorded = _Serializer.deserialize(read_text_file(path)).get("recorded")
+def _metadata(data: Mapping[str, Any]) -> Mapping[str, str] | None:
+    """The ``recorded`` block of a cassette: where and when it was made."""
+    recorded = data.get("recorded")
     return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else None
 
 
@@ -546,7 +625,8 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
         )
     if not path.is_file():  # a FIFO or device would hang the replay: stat it, never open it
         return verdict("fail", f"{scenario.id}: {path} is not a regular file")
-    recorded = _read_metadata(path)
+    data = _Serializer.deserialize(read_text_file(path))
+    recorded = _metadata(data)
     expect = scenario.expect
     assert not isinstance(expect, RaisesBeforeIO)
     base_url = adapter.default_base_url
@@ -557,7 +637,10 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
                 client,
                 exchanges,
             ):
-                problem = _exercise(client, expect, _Sent(adapter, request, base_url, exchanges))
+                sent = _Sent(
+                    adapter, request, base_url, exchanges, reported_usage(_cassette_answers(data))
+                )
+                problem = _exercise(client, expect, sent)
             unplayed = len(cassette.data) - len(cassette.play_counts)
     except Exception as exc:  # vcrpy's CannotOverwriteExistingCassetteException names the mismatch
         return verdict("fail", f"{scenario.id}: {_mismatch(exc)}", recorded)
@@ -840,8 +923,6 @@ def _exchanges(folder: Path) -> tuple[int, int]:
     fetches, cancels and downloads after it are free. So the second figure is what the run may
     have been billed for.
     """
-    from flux_adapters.conformance.cassettes import _Serializer
-
     exchanges = paid = 0
     for path in folder.glob("*.yaml"):
         interactions = _Serializer.deserialize(read_text_file(path)).get("interactions") or []

@@ -36,6 +36,7 @@ from attrs import field, frozen
 from flux_adapters import errors
 from flux_adapters.emulator._faults import Fault
 from flux_adapters.jobs import Polling
+from flux_adapters.limits import IntRange, ModelLimits, RatioRule
 from flux_adapters.providers import AnyAdapter
 from flux_adapters.request import EditRequest
 
@@ -186,6 +187,57 @@ def _request(
     return build
 
 
+_MODELS_TRIED: Final = (
+    "flux-2-pro", "flux-2-flex", "flux-2-max", "flux-kontext-pro", "flux-kontext-max",
+    "flux-2-klein-9b", "flux-2-klein-4b",
+)  # fmt: skip
+
+
+def _model_with(adapter: AnyAdapter, has: Callable[[ModelLimits], bool]) -> str:
+    """The first model (FLUX.2 [pro] first) whose limits at *adapter* have the setting *has*.
+
+    ``flux-2-pro`` when none has it: the request is then refused by the adapter's limits, and
+    the scenario is reported unsupported, that refusal checked to come before any I/O.
+    """
+    return next(
+        (
+            model
+            for model in _MODELS_TRIED
+            if (limits := adapter.limits.get(model)) is not None and has(limits)
+        ),
+        "flux-2-pro",
+    )
+
+
+def _with_setting(
+    has: Callable[[ModelLimits], bool],
+    value: Callable[[ModelLimits], Mapping[str, object]],
+    otherwise: Mapping[str, object],
+    prompt: str = "a red robot on a skateboard",
+) -> Callable[[AnyAdapter], EditRequest]:
+    """A request with the setting *value* reads from the limits of a model that *has* it.
+
+    The value comes from the provider's declared data (its bounds, its widest ratio), so each
+    provider is tried at its own edges. A provider where no model has the setting gets
+    *otherwise* at ``flux-2-pro``, which its limits must refuse before anything is sent.
+    """
+
+    def build(adapter: AnyAdapter) -> EditRequest:
+        model = _model_with(adapter, has)
+        limits = adapter.limits.get(model)
+        fields = value(limits) if limits is not None and has(limits) else otherwise
+        return _request(model, prompt, **fields)(adapter)
+
+    return build
+
+
+def _ratio(rule: RatioRule | None, end: str) -> Mapping[str, object]:
+    """The ``"widest"`` or ``"tallest"`` ratio of *rule*, or one twice as wide (``"beyond"``)."""
+    assert rule is not None
+    width, height = rule.narrowest if end == "tallest" else rule.widest
+    return {"aspect_ratio": f"{width * (2 if end == 'beyond' else 1)}:{height}"}
+
+
 def _most_references(adapter: AnyAdapter, extra: int) -> EditRequest:
     limits = adapter.limits.get("flux-2-pro")
     most = limits.images.high if limits is not None and limits.images.high is not None else 8
@@ -195,17 +247,29 @@ def _most_references(adapter: AnyAdapter, extra: int) -> EditRequest:
     )
 
 
-def _explicit_size(adapter: AnyAdapter) -> EditRequest:
-    # 768x512 sits on every grid here (16 or 32) and inside every range, and is not square, so
-    # width and height sent the wrong way round do not match; one reference image so that
-    # edit-only endpoints can take it too.
-    return EditRequest(
-        prompt="image 1, on a plain background",
-        model="flux-2-pro",
-        images=[asset(1)],
-        width=768,
-        height=512,
-    )
+def _sized(**size: object) -> Callable[[AnyAdapter], EditRequest]:
+    """A request for an explicit size, with one reference so that edit-only endpoints take it.
+
+    The sizes used (768x512, 512x768, 1024x768) sit on every grid here (16, 32 or 64) and
+    inside every range, and are not square: width and height sent the wrong way round do not
+    match the recording, and the image is checked for the size asked.
+    """
+
+    def build(adapter: AnyAdapter) -> EditRequest:
+        return EditRequest(
+            prompt="image 1, on a plain background",
+            model="flux-2-pro",
+            images=[asset(1)],
+            **size,  # type: ignore[arg-type]
+        )
+
+    return build
+
+
+def _bound(levels: IntRange | None, end: str) -> int:
+    assert levels is not None
+    high = levels.high if levels.high is not None else levels.low
+    return levels.low if end == "low" else high
 
 
 def _oversized(adapter: AnyAdapter) -> EditRequest:
@@ -249,6 +313,14 @@ SCENARIOS: Final[tuple[Scenario, ...]] = (
         expect=Completes(),
     ),
     Scenario(
+        id="reference-as-bytes",
+        title="one reference image given as bytes in memory",
+        build=lambda a: EditRequest(
+            prompt="make image 1 green", model="flux-2-pro", images=[asset(2).read_bytes()]
+        ),
+        expect=Completes(),
+    ),
+    Scenario(
         id="three-references-in-order",
         title='three references, in order ("image 1..3")',
         build=lambda a: EditRequest(
@@ -285,7 +357,19 @@ SCENARIOS: Final[tuple[Scenario, ...]] = (
     Scenario(
         id="explicit-size",
         title="output size as width and height",
-        build=_explicit_size,
+        build=_sized(width=768, height=512),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="portrait-size",
+        title="a portrait output size (height over width)",
+        build=_sized(width=512, height=768),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="size-as-wxh",
+        title='output size given as "WxH"',
+        build=_sized(size="1024x768"),
         expect=Completes(),
     ),
     Scenario(
@@ -298,6 +382,72 @@ SCENARIOS: Final[tuple[Scenario, ...]] = (
         id="kontext-aspect-ratio",
         title="FLUX.1 Kontext with an aspect ratio",
         build=_request("flux-kontext-pro", aspect_ratio="16:9"),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="aspect-ratio-widest",
+        title="the widest aspect ratio the provider documents",
+        build=_with_setting(
+            lambda limits: limits.ratios is not None,
+            lambda limits: _ratio(limits.ratios, "widest"),
+            {"aspect_ratio": "21:9"},
+        ),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="aspect-ratio-tallest",
+        title="the tallest aspect ratio the provider documents",
+        build=_with_setting(
+            lambda limits: limits.ratios is not None,
+            lambda limits: _ratio(limits.ratios, "tallest"),
+            {"aspect_ratio": "9:21"},
+        ),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="aspect-ratio-beyond-range",
+        title="an aspect ratio twice as wide as the provider's widest: refused before any I/O",
+        build=_with_setting(
+            lambda limits: limits.ratios is not None,
+            lambda limits: _ratio(limits.ratios, "beyond"),
+            {"aspect_ratio": "21:9"},
+        ),
+        expect=RaisesBeforeIO(),
+    ),
+    Scenario(
+        id="output-format-jpeg",
+        title="output format jpeg: the image comes back as a JPEG",
+        build=_request(output_format="jpeg"),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="safety-tolerance-lowest",
+        title="safety_tolerance at the provider's lowest (strictest) level",
+        build=_with_setting(
+            lambda limits: limits.safety_tolerance is not None,
+            lambda limits: {"safety_tolerance": _bound(limits.safety_tolerance, "low")},
+            {"safety_tolerance": 0},
+        ),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="safety-tolerance-highest",
+        title="safety_tolerance at the provider's highest (most permissive) level",
+        build=_with_setting(
+            lambda limits: limits.safety_tolerance is not None,
+            lambda limits: {"safety_tolerance": _bound(limits.safety_tolerance, "high")},
+            {"safety_tolerance": 2},
+        ),
+        expect=Completes(),
+    ),
+    Scenario(
+        id="prompt-upsampling",
+        title="prompt_upsampling on",
+        build=_with_setting(
+            lambda limits: limits.prompt_upsampling,
+            lambda limits: {"prompt_upsampling": True},
+            {"prompt_upsampling": True},
+        ),
         expect=Completes(),
     ),
     Scenario(
