@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint typecheck pytest package bench docs cassettes conformance clean
+.PHONY: help install demo test lint typecheck pytest package bench docs cassettes conformance mutation clean
 
 help: ## Show the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ cassettes: $(STAMP) ## Re-record the built-in providers' conformance cassettes a
 conformance: $(STAMP) ## Replay the conformance cassettes; report in out/conformance.{md,json} (Nimbus: out/nimbus/).
 	$(BIN)/flux-adapters conformance --cassettes cassettes --report-dir out
 	$(BIN)/flux-adapters conformance -p nimbus --cassettes examples/nimbus/tests/cassettes --report-dir out/nimbus
+
+# Not part of `test`: it exits 1 while a built-in provider is below the 95 % target, which is
+# the case until the scenarios that set safety_tolerance, prompt_upsampling, a WxH size and the
+# aspect-ratio presets are recorded (docs/conformance.md lists each survivor). About 25 s.
+mutation: $(STAMP) ## Mutation score: the suite against wire mutants of each built-in adapter.
+	$(BIN)/flux-adapters conformance --mutate --cassettes cassettes --report-dir out
 
 docs: $(STAMP) ## Regenerate the generated tables (limits, billing rule) in README.md and docs/.
 	$(BIN)/python -m flux_adapters._tables README.md docs/routing.md docs/providers/*.md

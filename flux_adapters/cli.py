@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from flux_adapters.emulator import Fault
     from flux_adapters.jobs import Polling
+    from flux_adapters.providers import AnyAdapter
     from flux_adapters.request import EditRequest
     from flux_adapters.result import BatchItem, ResultImage
 
@@ -299,6 +300,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     conformance.add_argument(
         "-y", "--yes", action="store_true", help="with --record: do not ask before paid calls"
+    )
+    conformance.add_argument(
+        "--mutate",
+        action="store_true",
+        help="score the suite instead: replay it against wire mutants of each adapter, print how "
+        "many it kills and every survivor, write mutation.md (docs/conformance.md)",
     )
 
     batch = commands.add_parser(
@@ -946,12 +953,14 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
         write_report,
     )
     from flux_adapters.conformance.scenarios import SCENARIOS
-    from flux_adapters.providers import BUILT_IN, AnyAdapter, get_adapter
+    from flux_adapters.providers import BUILT_IN, get_adapter
 
     if not arguments.record and (arguments.base_url or arguments.emulator or arguments.key_env):
         raise _UsageError(
             "flux-adapters conformance: error: --base-url, --emulator and --key-env go with --record"
         )
+    if arguments.mutate and arguments.record:
+        raise _UsageError("flux-adapters conformance: error: --mutate replays; not with --record")
     _check_folder(arguments.report_dir)
     if arguments.cassettes is None:
         arguments.cassettes = Path("cassettes")
@@ -978,6 +987,8 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 f"--adapter {arguments.adapter} could not be created ({describe_exception(exc)})"
             ) from None
         adapters.append(check_adapter(adapter))  # type: ignore[arg-type]
+    if arguments.mutate:
+        return _mutation(adapters, arguments.cassettes, arguments.report_dir, out)
     if arguments.record:
         for adapter in adapters:
             # Against the emulator, record() makes up a throwaway key of its own.
@@ -1025,6 +1036,22 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     out.write(markdown.read_text())
     out.write(f"\nwritten: {markdown} and {data}\n")
     return EXIT_OK if all(v.outcome != "fail" for v in verdicts) else EXIT_FAILED
+
+
+def _mutation(
+    adapters: Sequence[AnyAdapter], cassettes: Path, report_dir: Path, out: TextIO
+) -> int:
+    """The mutation score of each adapter; exit 0 only when each reached the target."""
+    from flux_adapters.conformance.mutation import render, score_all
+
+    started = time.perf_counter()
+    scores = score_all([(adapter, cassettes / adapter.name) for adapter in adapters])
+    text = render(scores, seconds=time.perf_counter() - started)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    report = report_dir / "mutation.md"
+    report.write_text(text)
+    out.write(text + f"\nwritten: {report}\n")
+    return EXIT_OK if all(score.reached for score in scores) else EXIT_FAILED
 
 
 def _models(out: TextIO) -> int:
