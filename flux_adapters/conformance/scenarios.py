@@ -457,6 +457,16 @@ SCENARIOS: Final[tuple[Scenario, ...]] = (
         expect=Completes(),
     ),
     Scenario(
+        id="guidance-highest",
+        title="guidance at the provider's highest, on the first model that takes it",
+        build=_with_setting(
+            lambda limits: limits.guidance is not None,
+            lambda limits: {"guidance": limits.guidance.high if limits.guidance else 0.0},
+            {"guidance": 5.0},
+        ),
+        expect=Completes(),
+    ),
+    Scenario(
         id="result-by-url-downloaded",
         title="result by URL, downloaded",
         build=_request(),
