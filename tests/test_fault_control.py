@@ -11,26 +11,47 @@ in pytest, and the CLI's report gives the same verdicts.
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 import uvicorn
+from pixelforge_flux import PixelforgeAdapter
+from pixelforge_flux import sandbox as pixelforge_sandbox
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
 from flux_adapters import EditRequest, FluxClient, errors
 from flux_adapters.conformance import (
     SCENARIOS,
+    RecordingFailed,
+    _fault_control,
+    record,
+    run_scenario,
 )
+from flux_adapters.conformance.runner import (
+    _LIVE_FAULTS,
+    _recordable,
+    fault_control_problem,
+    paid_calls,
+)
+from flux_adapters.conformance.scenarios import by_id
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.emulator._faults import build_fault_body, parse_fault_body
+from flux_adapters.providers.aimlapi import AimlapiAdapter
+from flux_adapters.providers.bfl import BflAdapter
+from flux_adapters.providers.laozhang import LaozhangAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "validating-a-provider.md"
@@ -214,3 +235,218 @@ def test_the_emulator_answers_404_under_a_prefix_no_provider_has(emulator: Emula
 def test_the_emulator_refuses_a_body_that_is_not_json(emulator: Emulator) -> None:
     answer = httpx.post(faults_url(emulator, "laozhang"), content=b"\xff{")
     assert answer.status_code == 400
+
+
+# --- recording through the protocol -------------------------------------------------------------
+
+
+def test_record_against_a_standalone_emulator_records_the_fault_scenarios(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    adapter = AimlapiAdapter()
+    scenarios = [by_id(i) for i in ("result-by-base64", "error-402", "error-429", "malformed-200")]
+    lines: list[str] = []
+    verdicts = record(
+        adapter,
+        tmp_path / "aimlapi",
+        api_key="a-recording-key",
+        base_url=emulator.base_url("aimlapi"),
+        scenarios=[by_id("text-to-image"), *scenarios],
+        log=lines.append,
+    )
+    assert [v.outcome for v in verdicts] == ["pass"] * 5
+    for scenario in scenarios:
+        assert run_scenario(adapter, scenario, tmp_path / "aimlapi").outcome == "pass", scenario.id
+    # The protocol's own requests are not in any cassette, and no fault is left armed.
+    assert not any("__flux" in path.read_text() for path in (tmp_path / "aimlapi").iterdir())
+    with FluxClient(adapter, api_key="k", base_url=emulator.base_url("aimlapi")) as client:
+        assert client.edit(EditRequest(prompt="after", model="flux-2-pro")).images
+
+
+def test_record_against_a_standalone_emulator_records_job_faults(
+    emulator: Emulator, tmp_path: Path, no_waits: list[float]
+) -> None:
+    scenarios = [by_id("job-request-moderated"), by_id("job-failed")]
+    verdicts = record(
+        BflAdapter(),
+        tmp_path / "bfl",
+        api_key="a-recording-key",
+        base_url=emulator.base_url("bfl"),
+        scenarios=scenarios,
+        log=print,
+    )
+    assert [v.outcome for v in verdicts] == ["pass", "pass"]
+    for scenario in scenarios:
+        assert run_scenario(BflAdapter(), scenario, tmp_path / "bfl").outcome == "pass"
+    assert no_waits  # polled at the suite's pace, like any sandbox
+
+
+def test_recording_against_the_emulator_tells_it_each_fault_over_http(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    told: list[Fault] = []
+    arm = _fault_control.FaultControl.arm
+
+    def spy(self: _fault_control.FaultControl, fault: Fault) -> tuple[str, str]:
+        told.append(fault)
+        assert self.url.endswith("/laozhang/__flux/faults")
+        return arm(self, fault)
+
+    monkeypatch.setattr(_fault_control.FaultControl, "arm", spy)
+    scenarios = [by_id("error-5xx"), by_id("moderation")]
+    verdicts = record(
+        LaozhangAdapter(), tmp_path / "laozhang", api_key="", emulator=True, scenarios=scenarios
+    )
+    assert [v.outcome for v in verdicts] == ["pass", "pass"]
+    assert told == [scenario.fault for scenario in scenarios]
+
+
+# --- where faults are never asked for -----------------------------------------------------------
+
+
+def test_a_live_run_never_asks_for_faults_and_names_what_it_did_not_record(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+
+    def probe(self: _fault_control.FaultControl) -> str:
+        asked.append(self.url)
+        return ""
+
+    monkeypatch.setattr(_fault_control.FaultControl, "probe", probe)
+
+    class Live(LaozhangAdapter):
+        """laozhang whose real base URL is the emulator: a "live" run without the internet."""
+
+        default_base_url: ClassVar[str] = emulator.base_url("laozhang")
+
+    lines: list[str] = []
+    verdicts = record(
+        Live(),
+        tmp_path / "laozhang",
+        api_key="a-recording-key",
+        scenarios=[by_id("text-to-image"), by_id("error-402"), by_id("moderation")],
+        log=lines.append,
+    )
+    assert asked == []
+    assert [(v.scenario, v.outcome, v.detail) for v in verdicts] == [
+        ("text-to-image", "pass", ""),
+        ("error-402", "unrecorded", _LIVE_FAULTS),
+        ("moderation", "unrecorded", _LIVE_FAULTS),
+    ]
+    assert f"  not recorded error-402: {_LIVE_FAULTS}" in lines
+    assert "laozhang: not recorded (see above why): error-402, moderation" in lines
+    assert fault_control_problem(Live(), None) == _LIVE_FAULTS
+    assert sorted(p.name for p in (tmp_path / "laozhang").iterdir()) == ["text-to-image.yaml"]
+
+
+def test_the_announced_count_includes_the_fault_scenarios_only_where_they_can_be_recorded() -> None:
+    adapter = PixelforgeAdapter()
+    everything, billed_with = paid_calls(adapter, False, faults=True)
+    without, billed_without = paid_calls(adapter, False)
+    assert everything - without == 5  # 402, 429, 5xx, malformed-200, moderation
+    assert billed_with - billed_without == 1  # the unreadable 200 may have been done
+
+
+# --- recording is safe --------------------------------------------------------------------------
+
+
+def _refusing_faults(app: ASGIApp) -> Starlette:
+    """*app* behind a fault endpoint that takes the probe but answers 500 to every fault."""
+
+    async def faults(request: Request) -> Response:
+        return Response(status_code=204 if request.method == "DELETE" else 500)
+
+    return Starlette(
+        routes=[
+            Route("/__flux/faults", faults, methods=["POST", "DELETE"]),
+            Mount("/", app=app),
+        ]
+    )
+
+
+def test_a_sandbox_that_refuses_a_fault_fails_that_scenario_and_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "pixelforge"
+    shutil.copytree(PIXELFORGE_CASSETTES, folder)
+    before = _snapshot(folder)
+    lines: list[str] = []
+    with (
+        serve(_refusing_faults(pixelforge_sandbox.app)) as url,
+        pytest.raises(RecordingFailed) as caught,
+    ):
+        record(
+            PixelforgeAdapter(),
+            folder,
+            api_key="a-recording-key",
+            base_url=url,
+            scenarios=[by_id("error-402"), by_id("text-to-image")],
+            log=lines.append,
+        )
+    [failure] = caught.value.failures
+    assert failure.scenario == "error-402"
+    assert "the sandbox refused the scenario's fault" in failure.detail
+    assert "answered 500" in failure.detail
+    assert "  recorded text-to-image: pass" in lines
+    assert _snapshot(folder) == before
+
+
+@pytest.mark.parametrize(
+    "wrong", [nothing_listens, not_found_everywhere], ids=["nothing-listens", "404-everywhere"]
+)
+def test_a_recording_run_pointed_at_a_wrong_server_leaves_the_committed_cassettes_untouched(
+    tmp_path: Path, wrong: Callable[[], Any]
+) -> None:
+    folder = tmp_path / "pixelforge"
+    shutil.copytree(PIXELFORGE_CASSETTES, folder)
+    before = _snapshot(folder)
+    lines: list[str] = []
+    with wrong() as url, pytest.raises(RecordingFailed) as caught:
+        record(
+            PixelforgeAdapter(), folder, api_key="a-recording-key", base_url=url, log=lines.append
+        )
+    assert _snapshot(folder) == before
+    assert [path.name for path in tmp_path.iterdir()] == ["pixelforge"]  # no staging folder left
+    # Every scenario was tried and reported: the well-behaved ones failed, the faults were
+    # not asked for, since the server does not speak the protocol.
+    recordable, _ = paid_calls(PixelforgeAdapter(), False)
+    assert len(caught.value.failures) == recordable == 9
+    assert f"{folder} is unchanged" in str(caught.value)
+    faults = [s.id for s in FAULT_SCENARIOS if _recordable(PixelforgeAdapter(), s, faults=True)]
+    assert faults == ["error-402", "error-429", "error-5xx", "malformed-200", "moderation"]
+    for scenario_id in faults:
+        assert any(
+            line.startswith(f"  not recorded {scenario_id}: DELETE {url}/__flux/faults")
+            for line in lines
+        )
+    assert lines[-1] == f"pixelforge: not recorded (see above why): {', '.join(faults)}"
+    assert "pixelforge: 9 scenario(s) recorded in " in "\n".join(lines)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_the_command_says_before_it_starts_that_the_faults_will_not_be_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from flux_adapters.cli import main
+
+    monkeypatch.setenv("PIXELFORGE_API_KEY", "a-recording-key")
+    out, err = io.StringIO(), io.StringIO()
+    with not_found_everywhere() as url:
+        code = main(
+            ["conformance", "--record", "--yes", "--adapter", "pixelforge_flux:PixelforgeAdapter",
+             "--base-url", url, "--cassettes", str(tmp_path), "--report-dir", str(tmp_path / "out")],
+            out=out, err=err,
+        )  # fmt: skip
+    assert code != 0
+    first, second = out.getvalue().splitlines()[:2]
+    assert first.startswith(f"pixelforge: 9 scenario(s) to record against {url}, ")
+    assert second == (
+        f"pixelforge: its fault scenarios will not be recorded: DELETE {url}/__flux/faults "
+        "answered 404: it does not speak the fault-control protocol"
+    )
+    assert "RecordingFailed" in err.getvalue()
