@@ -10,9 +10,13 @@ in pytest, and the CLI's report gives the same verdicts.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import attrs
 import httpx
 import pytest
 import uvicorn
@@ -450,3 +455,231 @@ def test_the_command_says_before_it_starts_that_the_faults_will_not_be_recorded(
         "answered 404: it does not speak the fault-control protocol"
     )
     assert "RecordingFailed" in err.getvalue()
+
+
+# --- the documented protocol, and PixelForge's sandbox ------------------------------------------
+
+
+def _documented_bodies() -> dict[str, object]:
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| `(\{.*\})` \|$", DOC.read_text(), re.MULTILINE)
+    return {scenario_id: json.loads(body) for scenario_id, body in rows}
+
+
+def test_every_fault_scenario_sends_the_body_the_documentation_lists() -> None:
+    sent = {scenario.id: build_fault_body(scenario.fault) for scenario in FAULT_SCENARIOS}  # type: ignore[arg-type]
+    assert sent == _documented_bodies()
+    assert sent["error-429"] == {"status": 429, "retry_after": 7}
+    for scenario in FAULT_SCENARIOS:
+        assert parse_fault_body(json.loads(json.dumps(sent[scenario.id]))) == scenario.fault
+
+
+def _protocol_lines() -> list[str]:
+    """Every line of PixelForge's sandbox that is there for the protocol, blank ones included.
+
+    The delimited block, and outside it every line that uses what the block defines (each must
+    be marked ``# fault-control protocol``), with the ``return`` under a marked ``if``.
+    """
+    lines = (PIXELFORGE / "pixelforge_flux" / "sandbox.py").read_text().splitlines()
+    start = lines.index("# --- fault-control protocol (docs/validating-a-provider.md) ---")
+    end = lines.index("# --- end of the fault-control protocol ---")
+    names = ("_armed", "_answer_to", "faults_route", "__flux")
+    uses = [
+        number
+        for number, line in enumerate(lines)
+        if not start <= number <= end and any(name in line for name in names)
+    ]
+    assert [lines[n] for n in uses if not lines[n].endswith("# fault-control protocol")] == []
+    following = [lines[n + 1] for n in uses if lines[n].strip().startswith("if ")]
+    return lines[start : end + 1] + [lines[n] for n in uses] + following
+
+
+def test_pixelforge_speaks_the_protocol_in_under_40_lines_as_documented() -> None:
+    lines = _protocol_lines()
+    assert len(lines) < 40
+    stated = re.search(r"PixelForge's sandbox does it in (\d+) lines", DOC.read_text())
+    assert stated is not None
+    assert int(stated[1]) == len(lines)
+    # The documentation shows the block as it is.
+    block = "\n".join(lines[: lines.index("# --- end of the fault-control protocol ---") + 1])
+    assert f"<!-- pixelforge-fault-control -->\n```python\n{block}\n```" in DOC.read_text()
+
+
+@pytest.fixture(scope="module")
+def pixelforge_url() -> Iterator[str]:
+    with serve(pixelforge_sandbox.app) as url:
+        yield url
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "status"),
+    [
+        ({"status": 402}, errors.InsufficientBalance, 402),
+        ({"status": 503}, errors.ProviderUnavailable, 503),
+        ({"moderation": True}, errors.ContentModerated, 400),
+        ({"body": "malformed"}, errors.ResponseFormatError, 200),
+        ({"status": 429, "retry_after": 7}, errors.RateLimited, 429),
+    ],
+)
+def test_pixelforge_answers_each_armed_fault_in_its_own_shape(
+    pixelforge_url: str, body: dict[str, object], error: type[errors.ProviderError], status: int
+) -> None:
+    request = EditRequest(prompt="a robot", model="flux-2-pro")
+    client = FluxClient(PixelforgeAdapter(), api_key="k", base_url=pixelforge_url)
+    assert httpx.post(f"{pixelforge_url}/__flux/faults", json=body).status_code == 204
+    try:
+        with client, pytest.raises(error) as caught:
+            client.edit(request)
+    finally:
+        assert httpx.delete(f"{pixelforge_url}/__flux/faults").status_code == 204
+    assert caught.value.status_code == status
+    if isinstance(caught.value, errors.RateLimited):
+        # Its documented quirk: the wait is in the body, which the adapter does not read yet.
+        assert caught.value.retry_after is None
+    with FluxClient(PixelforgeAdapter(), api_key="k", base_url=pixelforge_url) as client:
+        assert client.edit(request).images
+
+
+@pytest.mark.parametrize(
+    "body", [{"body": "b64"}, {"status": 502}, {"status": 429, "retry_after": 1.5}, [402]]
+)
+def test_pixelforge_answers_422_to_a_fault_it_cannot_produce(
+    pixelforge_url: str, body: object
+) -> None:
+    answer = httpx.post(f"{pixelforge_url}/__flux/faults", json=body)
+    assert answer.status_code == 422
+    assert answer.json()["error_code"] == "unsupported_fault"
+
+
+def test_a_fault_the_sandbox_cannot_produce_is_not_recorded_and_keeps_its_cassette(
+    pixelforge_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pixelforge"
+    shutil.copytree(PIXELFORGE_CASSETTES, folder)
+    before = _snapshot(folder)
+    gateway = attrs.evolve(by_id("error-5xx"), fault=Fault(status=502))
+    lines: list[str] = []
+    verdicts = record(
+        PixelforgeAdapter(),
+        folder,
+        api_key="a-recording-key",
+        base_url=pixelforge_url,
+        scenarios=[by_id("error-402"), gateway],
+        log=lines.append,
+    )
+    assert [(v.scenario, v.outcome) for v in verdicts] == [
+        ("error-402", "pass"),
+        ("error-5xx", "unrecorded"),
+    ]
+    assert "the sandbox cannot produce this fault" in verdicts[1].detail
+    assert "answered 422: the sandbox cannot produce {'status': 502}" in verdicts[1].detail
+    assert any(line.startswith("  not recorded error-5xx: the sandbox cannot") for line in lines)
+    assert "pixelforge: not recorded (see above why): error-5xx" in lines
+    after = _snapshot(folder)
+    assert after["error-5xx.yaml"] == before["error-5xx.yaml"]
+    assert after["error-402.yaml"] != before["error-402.yaml"]  # recorded again, and replaced
+
+
+# --- declared deviations, when recording --------------------------------------------------------
+
+
+def test_a_declared_deviation_records_and_an_undeclared_one_replaces_nothing(
+    pixelforge_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pixelforge"
+    shutil.copytree(PIXELFORGE_CASSETTES, folder)
+    old = (folder / "error-429.yaml").read_bytes()
+    [verdict] = record(
+        PixelforgeAdapter(),
+        folder,
+        api_key="a-recording-key",
+        base_url=pixelforge_url,
+        scenarios=[by_id("error-429")],
+        log=print,
+    )
+    assert verdict.outcome == "deviation"
+    assert verdict.detail.endswith("(the 429 carried no Retry-After value)")
+    # Recorded (replaced), and replays as the deviation it is.
+    assert (folder / "error-429.yaml").read_bytes() != old
+    replayed = run_scenario(PixelforgeAdapter(), by_id("error-429"), folder, {"error-429": "x"})
+    assert replayed.outcome == "deviation"
+
+    (folder / "deviations.toml").unlink()
+    before = _snapshot(folder)
+    with pytest.raises(RecordingFailed, match="the 429 carried no Retry-After value"):
+        record(
+            PixelforgeAdapter(),
+            folder,
+            api_key="a-recording-key",
+            base_url=pixelforge_url,
+            scenarios=[by_id("error-429")],
+            log=print,
+        )
+    assert _snapshot(folder) == before
+
+
+def test_a_declared_deviation_that_now_conforms_fails_the_recording(
+    pixelforge_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pixelforge"
+    shutil.copytree(PIXELFORGE_CASSETTES, folder)
+    (folder / "deviations.toml").write_text('[deviations]\nerror-402 = "ticket 7"\n')
+    before = _snapshot(folder)
+    with pytest.raises(RecordingFailed) as caught:
+        record(
+            PixelforgeAdapter(),
+            folder,
+            api_key="a-recording-key",
+            base_url=pixelforge_url,
+            scenarios=[by_id("error-402")],
+            log=print,
+        )
+    assert "declared as a deviation (ticket 7) but it now conforms" in str(caught.value)
+    assert _snapshot(folder) == before
+
+
+# --- pytest and the CLI agree on PixelForge -----------------------------------------------------
+
+_PYTEST_WORDS = {
+    "PASSED": "pass",
+    "XFAIL": "deviation",
+    "SKIPPED": "skipped",
+    "FAILED": "fail",
+    "XPASS": "fail",
+}
+_SKIPPED = {"unsupported", "unrecorded", "not-applicable"}
+
+
+def test_pytest_shows_pixelforge_s_deviation_as_xfail_and_the_cli_agrees(tmp_path: Path) -> None:
+    environment = os.environ | {"PYTHONPATH": str(PIXELFORGE)}
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "-rx", "-p", "no:cacheprovider",
+         "examples/pixelforge/tests/test_conformance.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment,
+    )  # fmt: skip
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    reason = (
+        "deviation: PixelForge gives a 429's wait in the body (retry_in_ms), not in a Retry-After "
+        "header, and the adapter does not read it yet (error-429: the 429 carried no Retry-After "
+        "value)"
+    )
+    assert f"XFAIL examples/pixelforge/tests/test_conformance.py::TestPixelforge::test_scenario[error-429] - {reason}" in tests.stdout  # fmt: skip
+    said = {
+        match[1]: _PYTEST_WORDS[match[2]]
+        for match in re.finditer(r"::test_scenario\[([a-z0-9-]+)\] ([A-Z]+)", tests.stdout)
+    }
+    assert set(said) == {scenario.id for scenario in SCENARIOS}
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "flux_adapters", "conformance",
+         "--adapter", "pixelforge_flux:PixelforgeAdapter",
+         "--cassettes", str(PIXELFORGE_CASSETTES.parent), "--report-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    verdicts = json.loads((tmp_path / "conformance.json").read_text())["verdicts"]
+    reported = {
+        v["scenario"]: "skipped" if v["outcome"] in _SKIPPED else v["outcome"] for v in verdicts
+    }
+    assert reported == said
+    assert reported["error-429"] == "deviation"
+    assert "| `error-429` | deviation |" in cli.stdout
