@@ -683,3 +683,30 @@ def test_pytest_shows_pixelforge_s_deviation_as_xfail_and_the_cli_agrees(tmp_pat
     assert reported == said
     assert reported["error-429"] == "deviation"
     assert "| `error-429` | deviation |" in cli.stdout
+
+
+# --- Nimbus's sandbox ---------------------------------------------------------------------------
+
+
+def test_nimbus_records_its_job_faults_through_the_protocol(
+    tmp_path: Path, no_waits: list[float]
+) -> None:
+    from nimbus_flux import NimbusAdapter
+    from nimbus_flux.sandbox import run_sandbox
+
+    scenarios = [by_id(i) for i in ("error-429", "job-content-moderated", "job-not-found")]
+    with run_sandbox() as sandbox:
+        verdicts = record(
+            NimbusAdapter(),
+            tmp_path / "nimbus",
+            api_key="a-recording-key",
+            base_url=sandbox.url,
+            scenarios=scenarios,
+            log=print,
+        )
+        refused = httpx.post(f"{sandbox.url}/__flux/faults", json={"status": 418})
+        assert sandbox.armed is None  # cleared after the run, and a refused fault arms nothing
+    assert [v.outcome for v in verdicts] == ["pass"] * 3
+    assert refused.status_code == 422
+    for scenario in scenarios:
+        assert run_scenario(NimbusAdapter(), scenario, tmp_path / "nimbus").outcome == "pass"
