@@ -946,6 +946,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     from flux_adapters._options import check_adapter, check_base_url
     from flux_adapters.conformance.runner import (
         bundled_cassettes,
+        fault_control_problem,
         paid_calls,
         read_deviations,
         record,
@@ -998,7 +999,6 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 raise errors.ConfigurationError(
                     f"recording {adapter.name} needs its key in ${arguments.key_env or adapter.env_prefix + '_API_KEY'}"
                 )
-            requests, billed = paid_calls(adapter, arguments.emulator)
             # As a client would: --base-url, else $<PROVIDER>_BASE_URL, else the real one.
             variable = f"{adapter.env_prefix}_BASE_URL"
             base_url = arguments.base_url or (
@@ -1006,11 +1006,16 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 if os.environ.get(variable) and not arguments.emulator
                 else None
             )
+            # Whether the fault scenarios can be recorded there: a free DELETE, without the key.
+            unable = "" if arguments.emulator else fault_control_problem(adapter, base_url)
+            requests, billed = paid_calls(adapter, arguments.emulator, faults=not unable)
             where = "the emulator" if arguments.emulator else base_url or adapter.default_base_url
             out.write(
                 f"{adapter.name}: {requests} scenario(s) to record against {where}, {billed} of "
                 "them with a request that may be billed (polls and downloads are free)\n"
             )
+            if unable and paid_calls(adapter, True)[0] > requests:
+                out.write(f"{adapter.name}: its fault scenarios will not be recorded: {unable}\n")
             if billed and not arguments.emulator and not arguments.yes:
                 out.write("continue? [y/N] ")
                 out.flush()

@@ -361,7 +361,7 @@ def test_a_key_inside_a_binary_body_fails_the_run_naming_file_line_and_kind(
     assert not any(piece in str(caught.value) for piece in _pieces(ODD_KEY))
 
 
-def test_an_exception_during_recording_leaves_the_cassettes_and_says_where(
+def test_an_exception_in_one_scenario_is_its_failure_and_the_run_goes_on(
     tmp_path: Path,
 ) -> None:
     folder = tmp_path / "laozhang"
@@ -372,20 +372,26 @@ def test_an_exception_during_recording_leaves_the_cassettes_and_says_where(
         raise RuntimeError(f"the request builder broke, holding {PLAIN_KEY}")
 
     broken = Scenario(id="broken", title="broken", build=explode, expect=Completes())
+    lines: list[str] = []
     with Hostile() as server, pytest.raises(RecordingFailed) as caught:
         record(
             LaozhangAdapter(),
             folder,
             api_key=PLAIN_KEY,
             base_url=server.url,
-            scenarios=[by_id("text-to-image"), broken],
-            log=lambda _: None,
+            scenarios=[broken, by_id("text-to-image")],
+            log=lines.append,
         )
     assert _snapshot(folder) == before
     assert [path.name for path in tmp_path.iterdir()] == ["laozhang"]
-    assert isinstance(caught.value.__cause__, RuntimeError)
-    assert "broke off at broken (RuntimeError" in str(caught.value)
+    # The scenario after the broken one was still recorded, and passed.
+    assert "  recorded text-to-image: pass" in lines
+    [failure] = caught.value.failures
+    assert failure.scenario == "broken"
+    assert failure.detail == "RuntimeError: the request builder broke, holding [redacted]"
+    assert "- broken: RuntimeError: the request builder broke" in str(caught.value)
     assert not any(piece in str(caught.value) for piece in _pieces(PLAIN_KEY))
+    assert not any(piece in line for line in lines for piece in _pieces(PLAIN_KEY))
 
 
 class FakeRequest:

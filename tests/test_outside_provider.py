@@ -282,7 +282,7 @@ def test_each_way_a_nimbus_task_ends_is_typed(
 def test_a_sandbox_base_url_makes_every_task_there_end_one_way(
     sandbox: Sandbox, outcome: str
 ) -> None:
-    """How the failure scenarios are recorded: /sandbox/<outcome>, its URLs keep the prefix."""
+    """Every task under a /sandbox/<outcome> base URL ends that way; its URLs keep the prefix."""
     before = len(sandbox.calls())
     base_url = f"{sandbox.url}/sandbox/{outcome}"
     client = FluxClient("nimbus", api_key=KEY, base_url=base_url, polling=FAST)

@@ -9,7 +9,8 @@
 - **deviation**: it fails in a way the provider's author declared (and fails again, loudly,
   once it stops deviating);
 - **unrecorded**: a failure only a misbehaving server can produce (402, 429, 5xx, ...) has no
-  cassette, because it was recorded against a live provider or a plain base URL. Not a pass;
+  cassette, because it was recorded against a live provider or a server that does not speak
+  the fault-control protocol (or cannot produce that fault). Not a pass;
 - **not applicable**: the scenario is about the other kind of provider (a job's polls at a
   provider that answers in one call, a refused call at one that runs jobs). Not a pass.
 
@@ -19,10 +20,13 @@ replay makes exactly the recorded polls. Every request the replay sends must be 
 (a poll the cassette lacks is a failure, even though the library retries a poll in place), and
 every recorded interaction must be played.
 
-`record` re-records cassettes against the emulator, a live provider, or any base URL. It writes
-into a temporary folder next to the cassettes, scans every new cassette for secrets, and moves
-them into place only when every scenario passed and the scan is clean; otherwise it raises
-`RecordingFailed` and the old cassettes are untouched.
+`record` re-records cassettes against the emulator, a live provider, or any base URL, asking
+the server for each fault scenario's fault over the fault-control protocol where it speaks it
+(`flux_adapters.conformance._fault_control`). Each scenario records on its own: what goes wrong
+in one is that scenario's failure, and the run goes on. It writes into a temporary folder next
+to the cassettes, scans every new cassette for secrets, and moves them into place only when
+every recorded scenario passed (or failed as a declared deviation) and the scan is clean;
+otherwise it raises `RecordingFailed` and the old cassettes are untouched.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from flux_adapters._flows import first_request, is_job_adapter, resolve
 from flux_adapters._redact import Redactor
 from flux_adapters._version import __version__
 from flux_adapters.client import FluxClient
+from flux_adapters.conformance._fault_control import FaultControl
 from flux_adapters.conformance.cassettes import (
     RECORDING,
     Scrubber,
@@ -80,6 +85,7 @@ __all__ = [
     "Verdict",
     "bundled_cassettes",
     "credential_names",
+    "fault_control_problem",
     "paid_calls",
     "read_deviations",
     "record",
@@ -770,23 +776,30 @@ def run_scenario(
     )  # fmt: skip
 
 
-def _recordable(adapter: AnyAdapter, scenario: Scenario, emulator: bool) -> bool:
+def _recordable(adapter: AnyAdapter, scenario: Scenario, faults: bool) -> bool:
+    """Whether a run records *scenario*; *faults*: whether its server takes faults on request."""
     if (
         isinstance(scenario.expect, RaisesBeforeIO)
         or _inapplicable(adapter, scenario)
         or _supports(adapter, scenario, scenario.build(adapter))
     ):
         return False
-    return emulator or scenario.fault is None
+    return faults or scenario.fault is None
 
 
-def paid_calls(adapter: AnyAdapter, emulator: bool) -> tuple[int, int]:
+def paid_calls(
+    adapter: AnyAdapter, emulator: bool, *, faults: bool | None = None
+) -> tuple[int, int]:
     """How many scenarios a recording run records, and how many send a request that may be billed.
 
     One each: polls, fetches and downloads are free. `record` says afterwards how many exchanges
-    were made in all.
+    were made in all. *faults* says whether the server takes faults on request, so that the
+    fault scenarios are recorded too (by default: with *emulator*; a sandbox that speaks the
+    fault-control protocol does as well, see `fault_control_problem`).
     """
-    chosen = [s for s in SCENARIOS if _recordable(adapter, s, emulator)]
+    chosen = [
+        s for s in SCENARIOS if _recordable(adapter, s, emulator if faults is None else faults)
+    ]
     # A job that ends without an image was accepted all the same, and an unreadable 2xx may
     # have been done: both may be billed.
     billed = [
@@ -796,6 +809,31 @@ def paid_calls(adapter: AnyAdapter, emulator: bool) -> tuple[int, int]:
         or (isinstance(s.expect, ProviderFails) and 200 <= s.expect.status < 300)
     ]
     return len(chosen), len(billed)
+
+
+_LIVE_FAULTS: Final = (
+    "a live provider is not asked to misbehave; record it against a sandbox that speaks the "
+    "fault-control protocol (--base-url)"
+)
+
+
+def fault_control_problem(adapter: AnyAdapter, base_url: str | None) -> str:
+    """Why a recording of *adapter* at *base_url* cannot record the fault scenarios (empty: it can).
+
+    None is the live provider, which is never asked. Otherwise one ``DELETE
+    {base_url}/__flux/faults`` (free, and without the key) asks whether the server speaks the
+    fault-control protocol (see `flux_adapters.conformance._fault_control`); it clears any fault
+    armed there before.
+    """
+    if base_url is None:
+        return _LIVE_FAULTS
+    with httpx.Client() as http:
+        return FaultControl(_target(adapter, base_url), http).probe()
+
+
+def _target(adapter: AnyAdapter, base_url: str | None) -> str:
+    """The URL a recording sends to in place of *adapter*'s own base URL (no trailing ``/v1``)."""
+    return (base_url or adapter.default_base_url).rstrip("/").removesuffix("/v1")
 
 
 def _rewriter(
@@ -837,7 +875,20 @@ def record(
     in is a rename), scrubbed of *api_key* and every scenario's key in every form, then scanned
     for any secret left (`scan_for_secrets` with those keys). They replace the old ones only
     when every recorded scenario passed and the scan found nothing; cassettes of scenarios not
-    recorded in this run stay as they are.
+    recorded in this run stay as they are. A deviation declared in *cassettes*/``deviations.toml``
+    counts as in a replay: a declared scenario that fails is recorded as a "deviation", one that
+    passes fails (remove the declaration).
+
+    Each scenario is recorded on its own: anything that goes wrong in one (a connection refused,
+    a download that fails, a sandbox that refuses its fault, an exception of the adapter) is that
+    scenario's failure, and the run goes on to the next, so that it reports every scenario.
+
+    The fault scenarios (`Scenario.fault`: 402, 429, 5xx, ...) are recorded where the server
+    misbehaves on request: the emulator, or a sandbox at *base_url* that speaks the
+    fault-control protocol (``POST``/``DELETE {base_url}/__flux/faults``, see
+    `flux_adapters.conformance._fault_control`). Elsewhere (a live provider, a server that does
+    not speak it, a fault the sandbox answers 422 to) they are not recorded, and the run says
+    which and why; their old cassettes, if any, stay.
 
     Args:
         adapter: The adapter to record through.
@@ -847,17 +898,21 @@ def record(
             takes any key, and a fixed one (``emulator-key``) shares 8-character pieces with
             text every cassette holds (``emulator``).
         base_url: Record against this base URL instead of the provider's real one.
-        emulator: Record against the bundled emulator, injecting each scenario's fault.
+        emulator: Record against the bundled emulator, telling it each scenario's fault over
+            the same protocol.
         scenarios: The scenarios to record (default: all).
         log: Where progress lines go.
 
     Returns:
-        One passing verdict per recorded scenario.
+        One verdict per scenario this run could record: ``"pass"``, ``"deviation"`` (declared),
+        or ``"unrecorded"`` (with why) for a fault scenario the server could not be asked for.
 
     Raises:
-        RecordingFailed: A scenario did not pass, recording broke off, or a new cassette held a
-            secret; nothing was replaced.
+        RecordingFailed: A scenario failed, recording broke off before its scenarios, or a new
+            cassette held a secret; nothing was replaced.
+        ConfigurationError: *cassettes*/``deviations.toml`` cannot be read (`read_deviations`).
     """
+    deviations = read_deviations(cassettes)
     if emulator:
         api_key = "emu-" + secrets.token_urlsafe(24)
     keys = _recording_keys(api_key, scenarios)
@@ -875,6 +930,7 @@ def record(
                 base_url=base_url,
                 emulator=emulator,
                 scenarios=scenarios,
+                deviations=deviations,
                 log=lambda line: log(redact(line)),
                 at=at,
             )
@@ -888,13 +944,24 @@ def record(
                 provider=adapter.name,
                 folder=cassettes,
             ) from exc
-        failures = [verdict for verdict in verdicts if verdict.outcome != "pass"]
+        verdicts = [attrs.evolve(v, detail=redact(v.detail)) for v in verdicts]
+        failures = [verdict for verdict in verdicts if verdict.outcome == "fail"]
         findings = [
             f"{cassettes / path.relative_to(staging)}:{line}: {kind}"
             for path, line, kind in _scan(staging, keys, credential_names(adapter))
         ]
+        exchanges, paid = _exchanges(staging)
+        tried = sum(verdict.outcome != "unrecorded" for verdict in verdicts)
+        log(
+            f"{adapter.name}: {tried} scenario(s) recorded in {exchanges} exchange(s), "
+            f"{paid} of them a paid request the provider accepted"
+            + (f"; {len(failures)} failed" if failures else "")
+        )
+        unrecorded = [verdict.scenario for verdict in verdicts if verdict.outcome == "unrecorded"]
+        if unrecorded:
+            log(f"{adapter.name}: not recorded (see above why): {', '.join(unrecorded)}")
         if failures or findings:
-            lines = [f"- {v.scenario}: {redact(v.detail)}" for v in failures]
+            lines = [f"- {v.scenario}: {v.detail}" for v in failures]
             lines += [f"- {finding} (not written)" for finding in findings]
             raise RecordingFailed(
                 f"recording {adapter.name} failed, {cassettes} is unchanged:\n" + "\n".join(lines),
@@ -903,17 +970,29 @@ def record(
                 failures=failures,
                 findings=findings,
             )
-        exchanges, paid = _exchanges(staging)
-        log(
-            f"{adapter.name}: {len(verdicts)} scenario(s) recorded in {exchanges} exchange(s), "
-            f"{paid} of them a paid request the provider accepted"
-        )
         cassettes.mkdir(exist_ok=True)
         for path in sorted(staging.glob("*.yaml")):
             os.replace(path, cassettes / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return verdicts
+
+
+def _declared(verdict: Verdict, reason: str | None) -> Verdict:
+    """*verdict* of a recording, with the provider's declared deviation (*reason*) applied.
+
+    As in a replay (`run_scenario`): a declared scenario that fails is a deviation, and records;
+    one that passes fails, asking for the declaration to be removed.
+    """
+    if reason is None or verdict.outcome not in ("pass", "fail"):
+        return verdict
+    if verdict.outcome == "fail":
+        return attrs.evolve(verdict, outcome="deviation", detail=f"{reason} ({verdict.detail})")
+    return attrs.evolve(
+        verdict,
+        outcome="fail",
+        detail=f"declared as a deviation ({reason}) but it now conforms; remove the declaration",
+    )
 
 
 def _exchanges(folder: Path) -> tuple[int, int]:
@@ -933,6 +1012,22 @@ def _exchanges(folder: Path) -> tuple[int, int]:
     return exchanges, paid
 
 
+@frozen
+class _Recording:
+    """What every scenario of one run is recorded with."""
+
+    folder: Path
+    adapter: AnyAdapter
+    api_key: str
+    target: str
+    where: str
+    recorder: Any  # vcr.VCR: vcrpy is an optional extra, imported by make_vcr
+    control: FaultControl | None
+    unable: str
+    """Why the fault scenarios cannot be recorded here (empty: they can)."""
+    real_pace: bool
+
+
 def _record_into(
     folder: Path,
     adapter: AnyAdapter,
@@ -942,6 +1037,7 @@ def _record_into(
     base_url: str | None,
     emulator: bool,
     scenarios: Sequence[Scenario],
+    deviations: Mapping[str, str],
     log: Callable[[str], None],
     at: list[str],
 ) -> list[Verdict]:
@@ -963,9 +1059,15 @@ def _record_into(
             results_from = f"{running.url}/files"
         else:
             running = None
-            target = (base_url or adapter.default_base_url).rstrip("/").removesuffix("/v1")
+            target = _target(adapter, base_url)
             # The base URL may carry credentials of its own (https://user:pass@host).
             where = "live" if base_url is None else f"base URL {Scrubber(keys).url(target)}"
+        control, unable = None, _LIVE_FAULTS
+        if running is not None or base_url is not None:
+            # The emulator is told its faults as any sandbox is: over HTTP, never with the key.
+            # Asked once whether it speaks the protocol, and only when there is a fault to ask.
+            control = FaultControl(target, stack.enter_context(httpx.Client()))
+            unable = control.probe() if any(s.fault is not None for s in scenarios) else ""
         rewrite = _rewriter(
             target,
             adapter.default_base_url,
@@ -973,53 +1075,112 @@ def _record_into(
             RESULT_HOSTS.get(adapter.name, adapter.default_base_url + "/results"),
             POLL_HOSTS.get(adapter.name) if running is not None else None,
         )
-        recorder = make_vcr("all", rewrite, secrets=keys, credentials=credential_names(adapter))
+        recording = _Recording(
+            folder=folder,
+            adapter=adapter,
+            api_key=api_key,
+            target=target,
+            where=where,
+            recorder=make_vcr("all", rewrite, secrets=keys, credentials=credential_names(adapter)),
+            control=control,
+            unable=unable,
+            # A live provider or a sandbox is polled at the suite's real pace; the emulator
+            # counts polls, not seconds, so its waits are not spent.
+            real_pace=running is None,
+        )
         for scenario in scenarios:
             at.append(scenario.id)
-            if not _recordable(adapter, scenario, emulator):
-                continue
-            if running is not None:
-                running.clear_faults()
-                if scenario.fault is not None:
-                    running.inject(adapter.name, scenario.fault)
-            stamp = datetime.now(UTC).replace(microsecond=0).isoformat()
-            token = RECORDING.set(
-                {
-                    "where": where,
-                    "at": stamp,
-                    "provider": adapter.name,
-                    "scenario": scenario.id,
-                    "flux_adapters": __version__,
-                }
-            )
-            expect = scenario.expect
-            assert not isinstance(expect, RaisesBeforeIO)
-            # A live provider is polled at the suite's real pace; the emulator counts polls, not
-            # seconds, so its waits are not spent. Either way the deadline is kept on the waits.
-            pace = _Pace(real=running is None)
             try:
-                with (
-                    recorder.use_cassette(str(folder / f"{scenario.id}.yaml")),
-                    _client(
-                        adapter, scenario.api_key or api_key, target, _polling(expect), pace
-                    ) as (client, exchanges),
-                ):
-                    request = scenario.build(adapter)
-                    problem = _exercise(client, expect, _Sent(adapter, request, target, exchanges))
-            finally:
-                RECORDING.reset(token)
-            if not problem and exchanges.unanswered():
-                # A failure without an answer cannot be recorded (a dropped poll the library
-                # tried again): the replay would poll on a different schedule.
-                problem = "an exchange got no answer while recording; record again"
-            outcome: Outcome = "fail" if problem else "pass"
-            verdicts.append(
-                Verdict(
-                    provider=adapter.name, scenario=scenario.id, outcome=outcome, detail=problem
+                verdict = _record_scenario(recording, scenario)
+            except Exception as exc:  # anything in one scenario is that scenario's failure
+                verdict = Verdict(
+                    provider=adapter.name,
+                    scenario=scenario.id,
+                    outcome="fail",
+                    detail=f"{type(exc).__name__}: {str(exc)[:300]}",
                 )
-            )
-            log(f"  recorded {scenario.id}: {outcome}{' - ' + problem if problem else ''}")
+            if verdict is None:
+                continue
+            verdict = _declared(verdict, deviations.get(scenario.id))
+            verdicts.append(verdict)
+            if verdict.outcome == "unrecorded":
+                log(f"  not recorded {scenario.id}: {verdict.detail}")
+            else:
+                detail = f" - {verdict.detail}" if verdict.detail else ""
+                log(f"  recorded {scenario.id}: {verdict.outcome}{detail}")
     return verdicts
+
+
+def _record_scenario(recording: _Recording, scenario: Scenario) -> Verdict | None:
+    """Record *scenario* (None: it is not for this adapter, or it is refused before any I/O)."""
+    adapter = recording.adapter
+    if not _recordable(adapter, scenario, faults=True):
+        return None
+
+    def verdict(outcome: Outcome, detail: str = "") -> Verdict:
+        return Verdict(provider=adapter.name, scenario=scenario.id, outcome=outcome, detail=detail)
+
+    fault, control = scenario.fault, recording.control
+    if fault is None:
+        return verdict(*_judged(_record_exchanges(recording, scenario)))
+    if recording.unable or control is None:
+        return verdict("unrecorded", recording.unable)
+    try:
+        taken, words = control.arm(fault)
+        if taken == "cannot":
+            return verdict("unrecorded", f"the sandbox cannot produce this fault ({words})")
+        if taken == "refused":
+            return verdict("fail", f"the sandbox refused the scenario's fault ({words})")
+        problem = _record_exchanges(recording, scenario)
+    finally:
+        # Cleared whatever happened: a fault left armed would answer the next scenarios.
+        cleared = control.clear()
+    return verdict(*_judged(problem or cleared))
+
+
+def _judged(problem: str) -> tuple[Outcome, str]:
+    return ("fail", problem) if problem else ("pass", "")
+
+
+def _record_exchanges(recording: _Recording, scenario: Scenario) -> str:
+    """Send *scenario*'s request into its cassette; what went against its expectation, if any."""
+    adapter = recording.adapter
+    stamp = datetime.now(UTC).replace(microsecond=0).isoformat()
+    token = RECORDING.set(
+        {
+            "where": recording.where,
+            "at": stamp,
+            "provider": adapter.name,
+            "scenario": scenario.id,
+            "flux_adapters": __version__,
+        }
+    )
+    expect = scenario.expect
+    assert not isinstance(expect, RaisesBeforeIO)
+    # Either way the deadline is kept on the waits (see `_Pace`).
+    pace = _Pace(real=recording.real_pace)
+    try:
+        with (
+            recording.recorder.use_cassette(str(recording.folder / f"{scenario.id}.yaml")),
+            _client(
+                adapter,
+                scenario.api_key or recording.api_key,
+                recording.target,
+                _polling(expect),
+                pace,
+            ) as (client, exchanges),
+        ):
+            request = scenario.build(adapter)
+            problem = _exercise(
+                client, expect, _Sent(adapter, request, recording.target, exchanges)
+            )
+    finally:
+        RECORDING.reset(token)
+    if not problem and exchanges.unanswered():
+        # A failure without an answer cannot be recorded (a dropped poll the library
+        # tried again): the replay would poll on a different schedule.
+        problem = "an exchange got no answer while recording; record again"
+    return problem
 
 
 def credential_names(adapter: AnyAdapter) -> tuple[str, ...]:

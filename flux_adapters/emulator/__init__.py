@@ -26,6 +26,10 @@ Besides the synchronous resellers it speaks two job APIs, submit then poll: Blac
 own (``bfl``: ``POST /bfl/v1/<model>``, ``GET /bfl/v1/get_result?id=``) and fal's queue
 (``fal``: ``POST /fal/<app>``, then status, result and cancel URLs). A job answers
 ``pending_polls`` polls as not done, then ends as its submit's fault says (`Fault.outcome`).
+
+Faults can also be armed over HTTP, by another process: ``POST /<prefix>/__flux/faults`` with the
+fault as JSON, ``DELETE`` to clear (the fault-control protocol a conformance recording speaks to
+any sandbox; docs/emulator.md).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Routes::
     /bfl/..., /fal/...                      the job providers (`_job_routes`)
     GET  /files/<name>?expires=&signature=  results; 403 once expired, as signed URLs do
     GET  /portal                            the HTML page a "redirect" download fault lands on
+    POST /<prefix>/__flux/faults            arm a fault for the providers under that prefix
+    DELETE /<prefix>/__flux/faults          clear them (the fault-control protocol)
 
 Every POST is recorded (`Emulator.calls`), refused with 413 if its body is over the limit, may
 meet an injected `Fault`, is checked for a bearer key, the content type and the body
@@ -41,7 +43,15 @@ from starlette.types import Message
 
 from flux_adapters.emulator import _answers, _dialects
 from flux_adapters.emulator import images as _images
-from flux_adapters.emulator._faults import Billed, Call, Fault, _Armed
+from flux_adapters.emulator._faults import (
+    FAULTS_PATH,
+    Billed,
+    Call,
+    Fault,
+    _Armed,
+    build_fault_body,
+    parse_fault_body,
+)
 from flux_adapters.emulator._jobs import JobRecord
 
 __all__ = [
@@ -61,6 +71,7 @@ MEDIA_TYPES: Final = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/w
 _KEPT_RESULTS: Final = 512
 _KEPT_JOBS: Final = 512
 _MB: Final = 1024 * 1024
+_FAULT_BODY_BYTES: Final = 64 * 1024
 # Where each provider reads the key; the others read Authorization.
 _KEY_HEADERS: Final = {"bfl": "x-key"}
 
@@ -359,6 +370,49 @@ async def _run_job(
     return delivered(answer, fault)
 
 
+def _control_answer(status: int, message: str) -> Response:
+    return JSONResponse({"error": {"message": message}}, status_code=status)
+
+
+async def _fault_control(state: State, request: Request) -> Response:
+    """The fault-control protocol: arm (POST) or clear (DELETE) faults for one base URL.
+
+    The base URL's prefix names the providers (``/apiyi`` is both ``apiyi`` and
+    ``apiyi-multipart``, which share it). A POST adds the fault after any armed before, as
+    `Emulator.inject` does: 200 with the fault, or 400 for a body that is no fault and 422 for
+    one that cannot take effect there (`Fault.check_for`). A DELETE clears them: 204.
+    """
+    from flux_adapters.emulator import PROVIDER_PREFIXES
+
+    prefix = request.path_params["prefix"]
+    providers = [name for name, under in PROVIDER_PREFIXES.items() if under == prefix]
+    if not providers:
+        return _control_answer(404, f"no provider under /{prefix}")
+    if request.method == "DELETE":
+        with state.lock:
+            for provider in providers:
+                state.faults.pop(provider, None)
+        return Response(status_code=204)
+    if declared_too_large(request, _FAULT_BODY_BYTES):
+        return _control_answer(413, f"a fault is at most {_FAULT_BODY_BYTES} bytes")
+    try:
+        raw = await capped(request, _FAULT_BODY_BYTES).body()
+        fault = parse_fault_body(json.loads(raw))
+    except TooLarge:
+        return _control_answer(413, f"a fault is at most {_FAULT_BODY_BYTES} bytes")
+    except (ValueError, RecursionError) as exc:  # not JSON (a ValueError too), or no fault
+        return _control_answer(400, f"not a fault: {str(exc)[:300]}")
+    try:
+        for provider in providers:
+            fault.check_for(provider)
+    except ValueError as exc:
+        return _control_answer(422, str(exc))
+    with state.lock:
+        for provider in providers:
+            state.faults.setdefault(provider, []).append(_Armed(fault))
+    return JSONResponse({"armed": build_fault_body(fault), "providers": providers})
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # The client hung up before its body was read: nobody will read this answer, and a hang-up
     # is no server error worth a traceback in the log.
@@ -410,10 +464,15 @@ def create_app(state: State) -> Starlette:
     async def portal(request: Request) -> Response:
         return _answers.portal()
 
+    async def fault_control(request: Request) -> Response:
+        return await _fault_control(state, request)
+
     # Imported here: the job routes use this module's helpers.
     from flux_adapters.emulator._job_routes import job_routes
 
     routes = [
+        # First: fal's catch-all route would take /fal/__flux/faults for its own.
+        Route(f"/{{prefix}}{FAULTS_PATH}", fault_control, methods=["POST", "DELETE"]),
         Route("/apiyi/v1/images/edits", edits, methods=["POST"]),
         Route("/{provider}/v1/images/generations", generations, methods=["POST"]),
         *job_routes(state),

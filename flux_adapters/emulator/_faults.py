@@ -8,15 +8,37 @@ POST with the image. The job providers (bfl, fal) take a submit, answer polls un
 done, and (fal) a fetch of the result and a cancel: a fault says which of those exchanges it
 applies to (``on``), and for a submit how the job goes on (``pending``, ``queued``, ``outcome``,
 ``other_host``).
+
+A fault also travels over HTTP, in the fault-control protocol a recording run speaks to any
+sandbox (``POST {base_url}/__flux/faults``, docs/validating-a-provider.md): its body is the
+fault's fields that differ from their defaults, `build_fault_body`, read back strictly by
+`parse_fault_body`.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from functools import cache
+from typing import TYPE_CHECKING, Any, Final
 
 from attrs import define, frozen
 
-__all__ = ["EXCHANGES", "JOB_PROVIDERS", "OUTCOMES", "Billed", "Call", "Fault"]
+if TYPE_CHECKING:
+    import cattrs
+
+__all__ = [
+    "EXCHANGES",
+    "FAULTS_PATH",
+    "JOB_PROVIDERS",
+    "OUTCOMES",
+    "Billed",
+    "Call",
+    "Fault",
+    "build_fault_body",
+    "parse_fault_body",
+]
+
+FAULTS_PATH: Final = "/__flux/faults"
+"""Where a sandbox takes faults, under the base URL a recording run is given (the protocol)."""
 
 GARBAGE_BODIES: Final = frozenset({"malformed", "empty", "bad-b64", "nested", "html"})
 """``Fault.body`` values that replace the answer with a 200 a client must not accept."""
@@ -250,6 +272,69 @@ class Fault:
             else:
                 raise ValueError(f"unknown fault part {item!r}")
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _exactly(kind: type[Any]) -> Any:
+    """A structure hook taking only values of *kind* (JSON's ``true`` is no number, ``"7"`` none)."""
+
+    def structure(value: object, _: object) -> object:
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise TypeError(f"must be {kind.__name__}, not {type(value).__name__}")
+        return value
+
+    return structure
+
+
+def _number(value: object, _: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"must be a number, not {type(value).__name__}")
+    return float(value)
+
+
+@cache
+def _wire() -> cattrs.Converter:
+    import cattrs  # lazy: only the fault-control protocol needs it
+
+    converter = cattrs.Converter(omit_if_default=True, forbid_extra_keys=True)
+    for kind in (int, bool, str):
+        converter.register_structure_hook(kind, _exactly(kind))
+    converter.register_structure_hook(float, _number)
+    return converter
+
+
+def build_fault_body(fault: Fault) -> dict[str, Any]:
+    """*fault* as the fault-control protocol sends it: the fields that differ from their defaults.
+
+    ``Fault(status=429, retry_after=7)`` is ``{"status": 429, "retry_after": 7}``;
+    ``Fault(body="malformed")`` is ``{"body": "malformed"}``.
+    """
+    body: dict[str, Any] = _wire().unstructure(fault)
+    # A whole number is sent whole (7, not 7.0), however it was given: simpler for a sandbox.
+    return {
+        name: int(value) if isinstance(value, float) and value.is_integer() else value
+        for name, value in body.items()
+    }
+
+
+def parse_fault_body(body: object) -> Fault:
+    """The `Fault` a fault-control body describes, read strictly: a body from the network.
+
+    Raises:
+        ValueError: Not a JSON object, a field `Fault` does not have, a value of the wrong type
+            (``"429"``, ``true`` for a number), or a combination `Fault` refuses; the message
+            names each problem.
+    """
+    import cattrs
+
+    if not isinstance(body, dict):
+        raise ValueError(f"a fault is a JSON object, not {type(body).__name__}")
+    try:
+        return _wire().structure(body, Fault)
+    except cattrs.BaseValidationError as exc:
+        problems = cattrs.transform_error(exc, format_exception=lambda error, _: str(error))
+        raise ValueError("; ".join(problems)) from None
+    except (TypeError, ValueError) as exc:  # the class itself refused the combination
+        raise ValueError(str(exc)) from None
 
 
 @frozen

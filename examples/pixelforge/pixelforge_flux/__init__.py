@@ -7,6 +7,12 @@ Wire shape: ``POST {base}/api/v2/render`` with JSON ``{"engine", "text", "refere
 | {"data", "type"}], "canvas": {"w", "h"}, "seed", "format"}``; the answer is
 ``{"job", "outputs": [{"href"}]}``; errors are ``{"error_code", "message"}``.
 
+Known quirk: a rate-limited render is a 429 that gives the wait in its body, in milliseconds
+(``{"error_code": "rate_limited", "message", "retry_in_ms"}``), and sends no ``Retry-After``
+header. This adapter does not read ``retry_in_ms`` yet, so its `errors.RateLimited` carries no
+``retry_after``: the conformance scenario ``error-429`` fails on that, declared as a deviation
+in tests/cassettes/pixelforge/deviations.toml.
+
 Limits (from PixelForge's imaginary documentation): FLUX.2 [pro] only, up to 4 references,
 canvases in multiples of 64 from 256 to 1536, png or jpeg.
 """

@@ -14,8 +14,10 @@ it has been polled ``pending_polls`` times (2 by default), then done; each pendi
 the next poll after ``poll_after_ms``, doubling up to 2 s. An outcome of `OUTCOMES` decides how a
 task ends, or how its submit is answered, when its prompt holds ``[sandbox:<outcome>]`` or when
 it is sent under ``/sandbox/<outcome>`` (a base URL such as ``http://127.0.0.1:8766/sandbox/failed``,
-whose URLs keep the prefix): that is how the failures a live service will not produce on request
-are recorded (`nimbus_flux.recording`).
+whose URLs keep the prefix), or when the conformance suite's fault-control protocol armed it
+(``POST /__flux/faults`` with a fault of `FAULTS`, until ``DELETE /__flux/faults``): that is how
+``flux-adapters conformance --record --base-url`` records the failures a live service will not
+produce on request.
 
 In tests, `run_sandbox` serves it in a background thread and records every exchange it received
 (`Sandbox.calls`), with the key each one carried.
@@ -50,7 +52,16 @@ from uvicorn.config import LOGGING_CONFIG
 
 from flux_adapters.emulator.images import decode, encode, placeholder, render
 
-__all__ = ["OUTCOMES", "REVOKED", "Call", "Sandbox", "create_app", "main", "run_sandbox"]
+__all__ = [
+    "FAULTS",
+    "OUTCOMES",
+    "REVOKED",
+    "Call",
+    "Sandbox",
+    "create_app",
+    "main",
+    "run_sandbox",
+]
 
 REVOKED: Final = "sk-conformance-revoked-key"
 """A key the sandbox refuses with 401 (the conformance suite's ``error-401`` records with it)."""
@@ -70,6 +81,21 @@ OUTCOMES: Final = {
 }
 """How the sandbox can be told to answer, by ``[sandbox:<outcome>]`` in a prompt or a
 ``/sandbox/<outcome>`` base URL, and what each does."""
+
+FAULTS: Final[tuple[tuple[dict[str, object], str], ...]] = (
+    ({"status": 402}, "no-credits"),
+    ({"status": 429, "retry_after": 7}, "rate-limited"),
+    ({"status": 503}, "overloaded"),
+    ({"body": "malformed"}, "malformed"),
+    ({"moderation": True}, "prompt-blocked"),
+    ({"outcome": "request-moderated"}, "blocked"),
+    ({"outcome": "content-moderated"}, "blocked-output"),
+    ({"outcome": "failed"}, "failed"),
+    ({"outcome": "not-found"}, "expired"),
+    ({"pending": 1000}, "stuck"),
+)
+"""The faults of the fault-control protocol the sandbox produces (its body, exactly), and the
+outcome of `OUTCOMES` each arms; any other fault is answered 422."""
 
 _MODELS: Final = {
     # wire model -> (max references, credits, takes a size, takes an aspect ratio, flex settings)
@@ -146,6 +172,8 @@ class Sandbox:
     poll_after_ms: int = 50
     public_url: str | None = None
     url: str = ""
+    armed: str | None = None
+    """The outcome the fault-control protocol armed for every submit, until cleared."""
     _tasks: dict[str, _Task] = field(factory=dict, init=False)
     _calls: list[Call] = field(factory=list, init=False)
     _lock: threading.Lock = field(factory=threading.Lock, init=False)
@@ -321,7 +349,7 @@ def create_app(sandbox: Sandbox) -> Starlette:
             body = await request.json()
         except ValueError:
             return _error(400, "invalid_json", "the body is not JSON")
-        outcome = request.path_params.get("outcome") or _prompt_outcome(body)
+        outcome = request.path_params.get("outcome") or sandbox.armed or _prompt_outcome(body)
         refused = _submit_refusal(outcome)
         if refused is not None:
             return refused
@@ -404,6 +432,21 @@ def create_app(sandbox: Sandbox) -> Starlette:
             return _error(404, "file_not_found", "no such file")
         return Response(task.images[int(index)], media_type=_FORMATS[task.extension])
 
+    async def faults(request: Request) -> Response:
+        """The fault-control protocol: arm (POST) one of `FAULTS` for every submit, or clear it."""
+        sandbox.armed = None
+        if request.method == "DELETE":
+            return Response(status_code=204)
+        try:
+            fault = await request.json()
+        except ValueError:
+            return _error(400, "invalid_json", "the body is not JSON")
+        armed = next((outcome for known, outcome in FAULTS if known == fault), None)
+        if armed is None:
+            return _error(422, "unsupported_fault", f"the sandbox cannot produce {fault}")
+        sandbox.armed = armed
+        return JSONResponse({"armed": fault, "outcome": armed})
+
     routes = [
         Route("/v1/tasks", submit, methods=["POST"]),
         Route("/v1/tasks/{task_id}", status, methods=["GET"]),
@@ -413,6 +456,7 @@ def create_app(sandbox: Sandbox) -> Starlette:
     # The same API under /sandbox/<outcome>: every task submitted there ends that way.
     return Starlette(
         routes=[
+            Route("/__flux/faults", faults, methods=["POST", "DELETE"]),
             *routes,
             *(
                 Route(f"/sandbox/{{outcome}}{r.path}", r.endpoint, methods=r.methods)
