@@ -623,7 +623,8 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
         if scenario.fault is not None:
             return verdict(
                 "unrecorded",
-                f"{scenario.id}: no cassette; only a server that misbehaves on purpose (the emulator) produces it",
+                f"{scenario.id}: no cassette; only a server that misbehaves on purpose produces "
+                "it (the emulator, or a sandbox that speaks the fault-control protocol)",
             )
         return verdict(
             "fail",
@@ -755,25 +756,31 @@ def run_scenario(
     deviations: Mapping[str, str] | None = None,
 ) -> Verdict:
     """Judge *adapter* on *scenario* from the cassettes in *cassettes* (see the module docstring)."""
-    judged = _judge(adapter, scenario, cassettes)
-    reason = (deviations or {}).get(scenario.id)
-    if reason is None:
-        return judged
-    if judged.outcome == "fail":
-        return Verdict(
-            provider=judged.provider, scenario=judged.scenario, outcome="deviation",
-            detail=f"{reason} ({judged.detail})", recorded=judged.recorded,
-        )  # fmt: skip
+    return _declared(_judge(adapter, scenario, cassettes), (deviations or {}).get(scenario.id))
+
+
+def _declared(verdict: Verdict, reason: str | None, keep: Sequence[Outcome] = ()) -> Verdict:
+    """*verdict* with the provider's declared deviation (*reason*) applied.
+
+    A declared scenario that fails is a deviation; one that does anything else fails, asking for
+    the declaration to be removed, unless its outcome is one of *keep* (a recording leaves a
+    scenario it could not record as it is).
+    """
+    if reason is None or verdict.outcome in keep:
+        return verdict
+    if verdict.outcome == "fail":
+        return attrs.evolve(verdict, outcome="deviation", detail=f"{reason} ({verdict.detail})")
     now = (
         "it now conforms"
-        if judged.outcome == "pass"
-        else f"it does not fail ({_SYMBOLS[judged.outcome]}: {judged.detail})"
+        if verdict.outcome == "pass"
+        else f"it does not fail ({_SYMBOLS[verdict.outcome]}: {verdict.detail})"
     )
-    return Verdict(
-        provider=judged.provider, scenario=judged.scenario, outcome="fail",
-        detail=f"{scenario.id}: declared as a deviation ({reason}) but {now}; remove the declaration",
-        recorded=judged.recorded,
-    )  # fmt: skip
+    return attrs.evolve(
+        verdict,
+        outcome="fail",
+        detail=f"{verdict.scenario}: declared as a deviation ({reason}) but {now}; "
+        "remove the declaration",
+    )
 
 
 def _recordable(adapter: AnyAdapter, scenario: Scenario, faults: bool) -> bool:
@@ -978,23 +985,6 @@ def record(
     return verdicts
 
 
-def _declared(verdict: Verdict, reason: str | None) -> Verdict:
-    """*verdict* of a recording, with the provider's declared deviation (*reason*) applied.
-
-    As in a replay (`run_scenario`): a declared scenario that fails is a deviation, and records;
-    one that passes fails, asking for the declaration to be removed.
-    """
-    if reason is None or verdict.outcome not in ("pass", "fail"):
-        return verdict
-    if verdict.outcome == "fail":
-        return attrs.evolve(verdict, outcome="deviation", detail=f"{reason} ({verdict.detail})")
-    return attrs.evolve(
-        verdict,
-        outcome="fail",
-        detail=f"declared as a deviation ({reason}) but it now conforms; remove the declaration",
-    )
-
-
 def _exchanges(folder: Path) -> tuple[int, int]:
     """Exchanges in the cassettes of *folder*, and how many paid requests were answered with a 2xx.
 
@@ -1101,7 +1091,7 @@ def _record_into(
                 )
             if verdict is None:
                 continue
-            verdict = _declared(verdict, deviations.get(scenario.id))
+            verdict = _declared(verdict, deviations.get(scenario.id), keep=("unrecorded",))
             verdicts.append(verdict)
             if verdict.outcome == "unrecorded":
                 log(f"  not recorded {scenario.id}: {verdict.detail}")

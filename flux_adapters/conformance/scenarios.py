@@ -157,7 +157,9 @@ class Scenario:
         title: What it checks, in words.
         build: Makes the request for an adapter.
         expect: What must happen.
-        fault: The emulator fault that produces it (recorded against the emulator only).
+        fault: The fault that produces it: recorded against the emulator, or a sandbox that
+            speaks the fault-control protocol (`flux_adapters.conformance._fault_control`);
+            never against a live provider.
         api_key: A key to record with instead of the real one (for the 401 scenario).
         result_form: ``"b64_json"`` when it needs the provider to answer inline.
         applies_to: ``"any"`` adapter, ``"job"`` (asynchronous providers only) or ``"call"``
