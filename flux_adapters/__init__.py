@@ -1,8 +1,10 @@
 """flux-adapters: one provider-neutral FLUX image edit request, translated for each API reseller.
 
 Build an `EditRequest`, send it with `FluxClient` (or `AsyncFluxClient`) to ``laozhang``,
-``apiyi``, ``apiyi-multipart`` or ``aimlapi``; each provider's limits for the model are checked
-before anything is sent, and every error is a subclass of `errors.FluxError`.
+``apiyi``, ``apiyi-multipart``, ``aimlapi``, ``bfl`` or ``fal``; each provider's limits for the
+model are checked before anything is sent, and every error is a subclass of `errors.FluxError`.
+`ModelId` and `ProviderId` are the ids as ``Literal`` types (``mypy --strict`` flags a typo);
+`ProviderName` names a provider registered at run time.
 
 Names are loaded on first use (PEP 562), so ``import flux_adapters`` costs almost nothing and a
 script that only builds and checks requests never imports httpx.
@@ -18,6 +20,7 @@ from flux_adapters._version import __version__
 if TYPE_CHECKING:
     from flux_adapters import errors
     from flux_adapters._flows import check
+    from flux_adapters._ids import ModelId, ProviderId, ProviderName
     from flux_adapters.client import AsyncFluxClient, FluxClient
     from flux_adapters.errors import Violation
     from flux_adapters.limits import ModelLimits
@@ -34,7 +37,10 @@ _EXPORTS = {
     "EditRequest": "flux_adapters.request",
     "EditResult": "flux_adapters.result",
     "FluxClient": "flux_adapters.client",
+    "ModelId": "flux_adapters._ids",
     "ModelLimits": "flux_adapters.limits",
+    "ProviderId": "flux_adapters._ids",
+    "ProviderName": "flux_adapters._ids",
     "ResultImage": "flux_adapters.result",
     "Usage": "flux_adapters.result",
     "Violation": "flux_adapters.errors",
@@ -52,7 +58,10 @@ __all__ = [
     "EditRequest",
     "EditResult",
     "FluxClient",
+    "ModelId",
     "ModelLimits",
+    "ProviderId",
+    "ProviderName",
     "ResultImage",
     "Usage",
     "Violation",

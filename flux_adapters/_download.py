@@ -8,7 +8,8 @@ login page, an HTML error page with status 200, an empty body: each is a typed e
 saved "image". Result URLs are signed and need no key, so none is ever sent with them.
 
 A download is an idempotent GET: a failure that may pass (no connection, a 5xx, a 429, a
-timeout) is retried in place a few times, so a paid image is not lost to one network blip.
+timeout) is retried in place a few times, after a jittered wait (``flux_adapters._backoff``), so a
+paid image is not lost to one network blip.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from flux_adapters._backoff import backoff
 from flux_adapters._display import escape_controls
 from flux_adapters._files import (
     SNIFF_BYTES,
@@ -66,6 +68,7 @@ MAX_REDIRECTS: Final = 5
 RETRIES: Final = 2
 """Further tries of a download after a failure that may pass."""
 _BACKOFF: Final = 0.5
+"""The ceiling of the first wait before a retry, doubled for each further one (full jitter)."""
 _HEADERS: Final = {
     "Accept": "image/*",
     "Accept-Encoding": ACCEPT_ENCODING,
@@ -280,7 +283,7 @@ class HttpDownloader:
                     self._follow(http, url, sink, ends)
                 return
             except FluxError as error:
-                pause = _BACKOFF * 2**attempt
+                pause = backoff(attempt, _BACKOFF, _BACKOFF * 2**RETRIES)
                 if attempt == RETRIES or not _may_pass(error) or time.monotonic() + pause > ends:
                     raise
             attempt += 1
@@ -351,7 +354,7 @@ class HttpDownloader:
                         if attempt == RETRIES or not _may_pass(error):
                             raise
                     restart()
-                    await asyncio.sleep(_BACKOFF * 2**attempt)
+                    await asyncio.sleep(backoff(attempt, _BACKOFF, _BACKOFF * 2**RETRIES))
                     attempt += 1
         except TimeoutError as exc:
             if deadline.expired():

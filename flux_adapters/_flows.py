@@ -23,6 +23,7 @@ import attrs
 from attrs import frozen
 
 from flux_adapters._display import render_value, type_name
+from flux_adapters._ids import ProviderId, ProviderName
 from flux_adapters._redact import redact
 from flux_adapters.errors import (
     FluxError,
@@ -109,11 +110,12 @@ def resolve(adapter: AnyAdapter, request: EditRequest) -> Plan:
     return plan(request, limits)
 
 
-def check(request: EditRequest, provider: str) -> tuple[Violation, ...]:
+def check(request: EditRequest, provider: ProviderId | ProviderName) -> tuple[Violation, ...]:
     """Return every way *request* breaks *provider*'s limits; empty when it would be sent.
 
     Pure: nothing is sent. The same check runs inside every ``edit`` call. The provider is
-    looked up first, so a bad provider id is reported even when *request* is bad too.
+    looked up first (in any case), so a bad provider id is reported even when *request* is bad
+    too. *provider* is a built-in id, or ``ProviderName("...")`` for a registered one.
 
     Raises:
         ConfigurationError: *provider* is not a known provider id (whatever its type).

@@ -7,6 +7,12 @@ deadline, map httpx failures to `TransportError` with ``sent`` saying whether th
 have received the request, wait between a job's polls without blocking other work, cancel a job
 whose caller stopped waiting, and attach a downloader to each result image. Every argument is
 checked when a client is built.
+
+Settings that behave as in the SDKs people know (OpenAI's, httpx): ``max_retries=`` on every
+client (retries only where the billing rule proves the job was not taken), a caller's
+``http_client`` timeout respected unless ``timeout=`` is given, ``with_options(...)`` for a
+light copy sharing the connection pool, and a ``flux_adapters`` logger (``FLUX_LOG=info|debug``;
+see ``flux_adapters._log``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import math
 import os
 import time
@@ -33,10 +40,11 @@ import attrs
 import httpx
 
 from flux_adapters._bodies import StreamedJson, json_segments, segments_length
-from flux_adapters._display import type_name
+from flux_adapters._display import render_value, type_name
 from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
 from flux_adapters._files import image_format
 from flux_adapters._flows import Flow, Outcome, flow_for, follow_job, is_job_adapter
+from flux_adapters._log import LOGGER, note
 from flux_adapters._options import (
     check_adapter,
     check_base_url,
@@ -70,8 +78,16 @@ from flux_adapters.errors import (
 from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob, job_problem
 from flux_adapters.limits import Plan
 from flux_adapters.prices import PerCall, PerMegapixel, Price, estimate
-from flux_adapters.providers import BEARER, Answer, AnyAdapter, KeyAuth, get_adapter
-from flux_adapters.request import DataUrlImage, EditRequest, FileImage, LocalImage
+from flux_adapters.providers import (
+    BEARER,
+    Answer,
+    AnyAdapter,
+    KeyAuth,
+    Provider,
+    canonical_name,
+    get_adapter,
+)
+from flux_adapters.request import MODELS, DataUrlImage, EditRequest, FileImage, LocalImage
 from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
 from flux_adapters.routing import (
     Breaker,
@@ -90,6 +106,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DOWNLOAD_DEADLINE",
     "DOWNLOAD_TIMEOUT",
+    "MAX_RETRIES",
     "AsyncFluxClient",
     "FluxClient",
     "HttpDownloader",
@@ -103,6 +120,14 @@ DEFAULT_DEADLINE: Final = 600.0
 """Seconds one exchange may take in all, from sending the request to the last byte of the
 answer: a server that drips its answer a byte at a time cannot hold a call longer. A number
 given as ``timeout=`` is also the deadline."""
+
+MAX_RETRIES: Final = 10
+"""The most ``max_retries=`` a client takes: each retry may wait up to ``max_retry_wait``."""
+
+_HTTPX_DEFAULT_TIMEOUT: Final = httpx.Timeout(5.0)
+"""What ``httpx.Client()`` has when its caller set no timeout: not taken as the caller's choice
+(five seconds cannot wait for an image). The OpenAI SDK draws the same line, with the same edge:
+a client made with ``timeout=5`` on purpose looks the same, and gets `DEFAULT_TIMEOUT` too."""
 
 
 _T = TypeVar("_T")
@@ -136,8 +161,12 @@ class _Binding:
         timeout: httpx.Timeout | float | None = None,
         deadline: float | None = None,
         settings: ProviderSettings | None = None,
+        inherited: httpx.Timeout | None = None,
     ) -> _Binding:
         """Bind *provider*: explicit arguments, then the environment, then its settings.
+
+        Timeouts: *timeout*, else the settings' ``timeout``, else *inherited* (the caller's
+        httpx client's), else `DEFAULT_TIMEOUT` (see `_timing`).
 
         Raises:
             ConfigurationError: Unknown provider, no key, or a key, URL or timeout that is not
@@ -169,20 +198,28 @@ class _Binding:
             base = check_base_url(settings.base_url, f"base_url of [provider.{adapter.name}]")
         else:
             base = adapter.default_base_url
-        chosen = timeout if timeout is not None else settings.timeout if settings else None
-        phases = DEFAULT_TIMEOUT if chosen is None else check_timeout(chosen, "timeout=")
-        if deadline is None:
-            deadline = float(chosen) if is_number(chosen) else DEFAULT_DEADLINE
+        if timeout is not None:
+            phases, seconds = _timing(timeout, "timeout=", deadline, inherited)
+        elif settings is not None and settings.timeout is not None:
+            where = f"timeout of [provider.{adapter.name}]"
+            phases, seconds = _timing(settings.timeout, where, deadline, inherited)
+        else:
+            phases, seconds = _timing(None, "timeout=", deadline, inherited)
         return cls(
             adapter=adapter,
             auth=auth,
             base_url=_normalise_base_url(base),
-            timeout=phase_timeouts(phases, deadline),
-            deadline=deadline,
+            timeout=phases,
+            deadline=seconds,
             api_key=key,
             scrub=redactor_for((key,)),
             key_only=Redactor((key,), shapes=False),
         )
+
+    def retimed(self, timeout: httpx.Timeout | float, deadline: float | None) -> _Binding:
+        """This binding with *timeout* (checked) and *deadline* (already checked, or ``None``)."""
+        phases, seconds = _timing(timeout, "timeout=", deadline, None)
+        return attrs.evolve(self, timeout=phases, deadline=seconds)
 
     def may_receive_key(self, url: str) -> bool:
         """Whether *url* may carry the key: the base URL's origin, or a host the adapter declares."""
@@ -192,6 +229,56 @@ class _Binding:
         """Seconds *outgoing* may take in all: the client's deadline, or the flow's if shorter."""
         asked = outgoing.deadline
         return self.deadline if asked is None else max(0.0, min(self.deadline, asked))
+
+
+def _timing(
+    chosen: object, source: str, deadline: float | None, inherited: httpx.Timeout | None
+) -> tuple[httpx.Timeout, float]:
+    """The per-phase timeouts and the deadline of one exchange.
+
+    *chosen* (a number of seconds, or an ``httpx.Timeout``; ``None`` when not given) wins; else
+    *inherited*, the caller's httpx client's own timeout; else `DEFAULT_TIMEOUT`. The deadline
+    is *deadline* when given, else a number *chosen*, else `DEFAULT_DEADLINE`; no phase is
+    longer than it.
+
+    Raises:
+        ConfigurationError: *chosen* is not a usable timeout (named by *source*).
+    """
+    if chosen is None:
+        phases = inherited if inherited is not None else DEFAULT_TIMEOUT
+    else:
+        phases = check_timeout(chosen, source)
+    if deadline is None:
+        deadline = float(chosen) if is_number(chosen) else DEFAULT_DEADLINE
+    return phase_timeouts(phases, deadline), deadline
+
+
+def _callers_timeout(http: httpx.Client | httpx.AsyncClient | None) -> httpx.Timeout | None:
+    """The timeout the caller set on their httpx client, or ``None`` when they set none.
+
+    Raises:
+        ConfigurationError: A phase that is not a usable number of seconds (0, or over a day).
+    """
+    if http is None:
+        return None
+    try:
+        timeout: object = http.timeout
+    except Exception as exc:  # a subclass of httpx's client whose property fails
+        raise ConfigurationError(
+            f"the timeout of http_client= could not be read ({type(exc).__name__})"
+        ) from exc
+    if isinstance(timeout, httpx.Timeout) and timeout == _HTTPX_DEFAULT_TIMEOUT:
+        return None
+    return check_timeout(timeout, "the timeout of http_client=")
+
+
+def _check_retries(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
+        raise ConfigurationError(
+            f"max_retries= must be a whole number from 0 to {MAX_RETRIES}, not "
+            f"{render_value(value)}"
+        )
+    return value
 
 
 def _normalise_base_url(url: str) -> str:
@@ -321,9 +408,27 @@ class Watcher(Protocol):
 
 
 def _default_policy(provider_count: int, **settings: Any) -> RoutingPolicy:
-    # One provider: no retries and no cooldown, so each call reports its own outcome.
+    # One provider: no retries unless asked (max_retries=) and no cooldown, so each call reports
+    # its own outcome. Several: one retry of a provider before failing over.
     single = provider_count == 1
-    return RoutingPolicy(retries=0 if single else 1, cooldown=0.0 if single else 30.0, **settings)
+    settings.setdefault("retries", 0 if single else 1)
+    return RoutingPolicy(cooldown=0.0 if single else 30.0, **settings)
+
+
+def _within(policy: RoutingPolicy, bindings: Sequence[_Binding]) -> RoutingPolicy:
+    """*policy* with no wait before a retry longer than the shortest deadline of *bindings*.
+
+    A ``Retry-After`` longer than that then fails over (or is raised) instead of holding the
+    call: whatever a provider asks, a call never waits beyond the client's deadline.
+    """
+    longest = min(binding.deadline for binding in bindings)
+    if policy.max_retry_wait <= longest and policy.backoff <= longest:
+        return policy
+    return attrs.evolve(
+        policy,
+        max_retry_wait=min(policy.max_retry_wait, longest),
+        backoff=min(policy.backoff, longest),
+    )
 
 
 def _provider_list(provider: object, providers: object) -> list[str | AnyAdapter]:
@@ -346,7 +451,7 @@ def _provider_list(provider: object, providers: object) -> list[str | AnyAdapter
             raise ConfigurationError("providers= is empty")
     names: list[str | AnyAdapter] = []
     for item in items:
-        if isinstance(item, str):
+        if isinstance(item, str):  # any case, with a "did you mean" for a near miss
             names.append(get_adapter(item).name)
         else:
             names.append(check_adapter(item))  # type: ignore[arg-type]
@@ -357,22 +462,74 @@ def _provider_list(provider: object, providers: object) -> list[str | AnyAdapter
     return names
 
 
-def _check_prices(prices: object) -> dict[tuple[str, str], Price]:
+def _check_prices(prices: object, providers: Sequence[str]) -> dict[tuple[str, str], Price]:
+    """*prices* keyed by (canonical provider id, model id); a key that could never match is refused.
+
+    The provider is one of *providers* (this client's) or any known id, in any case; the model
+    one of `MODELS`. A misspelt key would otherwise be a price silently never used.
+    """
     if prices is None:
         return {}
     if not isinstance(prices, Mapping):
         raise ConfigurationError("prices= must map (provider, model) to a price")
+    mine = {name.lower(): name for name in providers}
+    try:
+        items = list(prices.items())
+    except Exception as exc:
+        raise ConfigurationError(f"prices= could not be read ({type(exc).__name__})") from exc
     checked: dict[tuple[str, str], Price] = {}
-    for key, price in prices.items():
+    for key, price in items:
         if not (
             isinstance(key, tuple) and len(key) == 2 and all(isinstance(part, str) for part in key)
         ):
             raise ConfigurationError("prices= keys must be (provider, model) pairs of strings")
+        shown = render_value(key)
         if not isinstance(price, PerCall | PerMegapixel):
             raise ConfigurationError(
-                f"prices=[{key!r}] must be a PerCall or PerMegapixel, not {type(price).__name__}"
+                f"prices=[{shown}] must be a PerCall or PerMegapixel, not {type_name(price)}"
             )
-        checked[key] = price
+        provider, model = (str.__str__(part) for part in key)
+        lowered = mine.get(provider.strip().lower())
+        if lowered is None:
+            try:
+                lowered = canonical_name(provider)
+            except ConfigurationError as error:
+                raise ConfigurationError(f"prices=[{shown}]: {error}") from None
+        if model not in MODELS:
+            hint = did_you_mean(model, MODELS) if len(model) <= 64 else ""
+            raise ConfigurationError(
+                f"prices=[{shown}]: {render_value(model)} is not a FLUX model id{hint}"
+            )
+        if (lowered, model) in checked:
+            raise ConfigurationError(f"prices= gives ({lowered!r}, {model!r}) twice")
+        checked[(lowered, model)] = price
+    return checked
+
+
+def _check_settings(settings: object, names: Sequence[str]) -> dict[str, ProviderSettings]:
+    """*settings* keyed by this client's provider ids (any case); a key for none is refused."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, Mapping):
+        raise ConfigurationError("settings= must map provider ids to ProviderSettings")
+    try:
+        items = list(settings.items())
+    except Exception as exc:
+        raise ConfigurationError(f"settings= could not be read ({type(exc).__name__})") from exc
+    mine = {name.lower(): name for name in names}
+    checked: dict[str, ProviderSettings] = {}
+    for key, value in items:
+        if not isinstance(key, str) or not isinstance(value, ProviderSettings):
+            raise ConfigurationError("settings= must map provider ids to ProviderSettings")
+        name = mine.get(str.__str__(key).strip().lower())
+        if name is None:
+            given = str.__str__(key).strip().lower()
+            hint = did_you_mean(given, names) if len(given) <= 64 else ""
+            raise ConfigurationError(
+                f"settings= names {render_value(key)}, not a provider of this client "
+                f"({', '.join(names)}){hint}"
+            )
+        checked[name] = value
     return checked
 
 
@@ -380,16 +537,20 @@ class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
     _http: httpx.Client | httpx.AsyncClient
+    _own_http: bool
+    """Whether closing this client closes ``_http`` (not a caller's, not a `with_options` copy's)."""
+    _downloader: HttpDownloader
 
     def __init__(
         self,
-        provider: str | AnyAdapter | None,
-        providers: Sequence[str | AnyAdapter] | None,
+        provider: Provider | None,
+        providers: Sequence[Provider] | None,
         *,
         api_key: str | None,
         base_url: str | None,
         timeout: httpx.Timeout | float | None,
         deadline: float | None,
+        max_retries: int | None,
         routing: Routing,
         max_cost_usd: float | None,
         failover_on_ambiguous: bool,
@@ -397,6 +558,7 @@ class _ClientBase:
         prices: Mapping[tuple[str, str], Price] | None,
         settings: Mapping[str, ProviderSettings] | None,
         polling: Polling | None,
+        inherited: httpx.Timeout | None,
     ) -> None:
         names = _provider_list(provider, providers)
         if providers is not None and (api_key is not None or base_url is not None):
@@ -416,20 +578,23 @@ class _ClientBase:
         chosen = given["routing"]
         if not (isinstance(chosen, str) and chosen in get_args(Routing)):
             hint = did_you_mean(chosen, get_args(Routing)) if isinstance(chosen, str) else ""
-            raise ConfigurationError(f"routing= must be 'ordered' or 'cheapest'{hint}")
+            raise ConfigurationError(
+                f"routing= must be 'ordered' or 'cheapest', not {render_value(chosen)}{hint}"
+            )
         budget = given["budget"]
         if budget is not None and not (is_number(budget) and budget >= 0):
-            raise ConfigurationError("max_cost_usd= must be a number of dollars >= 0, or None")
+            raise ConfigurationError(
+                f"max_cost_usd= must be a number of dollars >= 0, or None, not {render_value(budget)}"
+            )
         if not isinstance(given["failover"], bool):
-            raise ConfigurationError("failover_on_ambiguous= must be True or False")
+            raise ConfigurationError(
+                f"failover_on_ambiguous= must be True or False, not {render_value(given['failover'])}"
+            )
         if given["policy"] is not None and not isinstance(given["policy"], RoutingPolicy):
             raise ConfigurationError("policy= must be a flux_adapters.routing.RoutingPolicy")
-        configured = given["settings"]
-        if configured is not None and not (
-            isinstance(configured, Mapping)
-            and all(isinstance(value, ProviderSettings) for value in configured.values())
-        ):
-            raise ConfigurationError("settings= must map provider ids to ProviderSettings")
+        retries = None if max_retries is None else _check_retries(max_retries)
+        names_of = [name if isinstance(name, str) else name.name for name in names]
+        known = _check_settings(given["settings"], names_of)
         if given["polling"] is not None and not isinstance(given["polling"], Polling):
             raise ConfigurationError("polling= must be a flux_adapters.jobs.Polling")
         self._polling = polling or Polling()
@@ -438,7 +603,8 @@ class _ClientBase:
         only the job's own waits move, so that a replay makes exactly the recorded polls."""
         if deadline is not None:
             deadline = check_seconds(deadline, "deadline=")
-        known = settings or {}
+        self._deadline_given = deadline
+        """``deadline=`` as given (checked), kept for `with_options`."""
         self._bindings = tuple(
             _Binding.create(
                 name,
@@ -446,9 +612,10 @@ class _ClientBase:
                 base_url=base_url,
                 timeout=timeout,
                 deadline=deadline,
-                settings=known.get(name if isinstance(name, str) else name.name),
+                settings=known.get(label),
+                inherited=inherited,
             )
-            for name in names
+            for name, label in zip(names, names_of, strict=True)
         )
         if policy is None:
             policy = _default_policy(
@@ -456,12 +623,49 @@ class _ClientBase:
                 routing=routing,
                 max_cost_usd=max_cost_usd,
                 failover_on_ambiguous=failover_on_ambiguous,
+                **({} if retries is None else {"retries": retries}),
             )
+        elif retries is not None:
+            policy = attrs.evolve(policy, retries=retries)
         self._policy = policy
+        """The routing policy as given (or built from the arguments)."""
+        self._route_policy = _within(policy, self._bindings)
+        """The policy the router follows: no wait before a retry longer than the deadline."""
         self._scrub = redactor_for(tuple(binding.api_key for binding in self._bindings))
         """Removes every key of this client, in any form, from a message."""
         self._breaker = Breaker(cooldown=policy.cooldown)
-        self._prices = _check_prices(prices)
+        self._prices = _check_prices(prices, names_of)
+
+    @property
+    def max_retries(self) -> int:
+        """Further tries at the same provider after a failure that proves the job was not taken."""
+        return self._policy.retries
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        """The per-phase timeouts of an exchange with the (first) provider, as they apply."""
+        return self._bindings[0].timeout
+
+    @property
+    def deadline(self) -> float:
+        """Seconds one exchange with the (first) provider may take in all."""
+        return self._bindings[0].deadline
+
+    def _copy_with(self, timeout: object, max_retries: object) -> Self:
+        """A shallow copy (same pool, breaker, keys) with other timeouts or retries."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        if timeout is not None:
+            check_timeout(timeout, "timeout=")  # the message names the argument, not a provider
+            copy._bindings = tuple(
+                binding.retimed(timeout, self._deadline_given)  # type: ignore[arg-type]
+                for binding in self._bindings
+            )
+        if max_retries is not None:
+            copy._policy = attrs.evolve(self._policy, retries=_check_retries(max_retries))
+        copy._route_policy = _within(copy._policy, copy._bindings)
+        copy._own_http = False  # closing the copy leaves the shared pool open
+        return copy
 
     @classmethod
     def from_env(
@@ -469,25 +673,32 @@ class _ClientBase:
         *,
         config: str | os.PathLike[str] | None = None,
         http_client: Any = None,
+        max_retries: int | None = None,
     ) -> Self:
         """Build a client from ``flux-adapters.toml`` (or *config*) and the environment.
 
         ``$FLUX_PROVIDERS`` (comma-separated, in failover order), ``$FLUX_ROUTING``,
         ``$FLUX_MAX_COST_USD``, ``$FLUX_TIMEOUT``, ``$FLUX_JOB_DEADLINE``,
         ``$<PROVIDER>_API_KEY`` and ``$<PROVIDER>_BASE_URL`` override the file; see
-        `flux_adapters.config`.
+        `flux_adapters.config`. A configured timeout (``$FLUX_TIMEOUT``, or ``timeout`` in the
+        file) counts as ``timeout=``: it wins over *http_client*'s own; ``timeout`` in a
+        ``[provider.NAME]`` section applies when no top-level one is set. *max_retries* is the
+        client's (default: 0 for one provider, 1 for several).
 
         Raises:
-            ConfigurationError: Nothing or something invalid is configured, or a key is missing.
+            ConfigurationError: Nothing or something invalid is configured, a key is missing, or
+                an argument is not usable.
         """
         loaded = load_config(config)
         names = [settings.name for settings in loaded.providers]
+        retries = None if max_retries is None else _check_retries(max_retries)
         policy = _default_policy(
             len(names),
             routing=loaded.routing,
             max_cost_usd=loaded.max_cost_usd,
             unknown_price="refuse" if loaded.unknown_price == "refuse" else "allow",
             failover_on_ambiguous=loaded.failover_on_ambiguous,
+            **({} if retries is None else {"retries": retries}),
         )
         options: dict[str, Any] = {
             "providers": names,
@@ -529,7 +740,13 @@ class _ClientBase:
         if self._http.is_closed:
             raise ConfigurationError(f"this {type(self).__name__} is closed; create a new one")
         return route(
-            request, self._bindings, _adapter_of, self._policy, self._breaker, self._prices
+            request,
+            self._bindings,
+            _adapter_of,
+            self._route_policy,
+            self._breaker,
+            self._prices,
+            scrub=self._scrub,
         )
 
     def _result(
@@ -599,6 +816,36 @@ class _ClientBase:
     def _downloader_deadline(self) -> float:
         return min([DOWNLOAD_DEADLINE, *(binding.deadline for binding in self._bindings)])
 
+    def _new_downloader(self) -> HttpDownloader:
+        raise NotImplementedError
+
+    def with_options(
+        self,
+        *,
+        timeout: httpx.Timeout | float | None = None,
+        max_retries: int | None = None,
+    ) -> Self:
+        """A copy of this client with other settings; an argument left ``None`` keeps this one's.
+
+        The copy is light: it shares this client's connection pool, keys, cooldowns, prices and
+        polling, so making one per call costs next to nothing
+        (``client.with_options(timeout=30).edit(request)``). Closing it, or leaving its ``with``
+        block, leaves the pool open: it belongs to the client that made it (or to you, when it is
+        your ``http_client``). Once that client is closed, the copy is closed too.
+
+        Args:
+            timeout: Seconds (also the deadline of an exchange, unless the client was given
+                ``deadline=``), or an ``httpx.Timeout`` per phase; see the client's *timeout*.
+            max_retries: Further tries at the same provider, 0 to `MAX_RETRIES`; see the client's
+                *max_retries*.
+
+        Raises:
+            ConfigurationError: A value that is not usable; nothing is copied.
+        """
+        copy = self._copy_with(timeout, max_retries)
+        copy._downloader = copy._new_downloader()
+        return copy
+
 
 def _result(
     binding: _Binding,
@@ -662,6 +909,54 @@ def _merged(first: Usage | None, then: Usage | None) -> Usage | None:
     )
 
 
+def _note_exchange(
+    binding: _Binding, outgoing: HttpRequest, started: float, outcome: HttpResponse | FluxError
+) -> None:
+    """Log one exchange at DEBUG: what was sent where, and what came back (never the key)."""
+    if not LOGGER.isEnabledFor(logging.DEBUG):
+        return
+    seconds = time.perf_counter() - started
+    if isinstance(outcome, HttpResponse):
+        result = f"HTTP {outcome.status_code}"
+    else:
+        sent = getattr(outcome, "sent", None)
+        result = f"{type(outcome).__name__}{'' if sent is None else f' (sent={sent})'}"
+    note(
+        logging.DEBUG,
+        "exchange",
+        binding.scrub,
+        "%s %s %s %s -> %s in %.3f s",
+        binding.adapter.name,
+        outgoing.role,
+        outgoing.method,
+        outgoing.url,
+        result,
+        seconds,
+    )
+
+
+def _note_wait(binding: _Binding, sleep: Sleep) -> None:
+    note(
+        logging.DEBUG,
+        "wait",
+        binding.scrub,
+        "%s: waiting %.2f s before asking about the job again",
+        binding.adapter.name,
+        sleep.seconds,
+    )
+
+
+def _note_accepted(binding: _Binding, accepted: Accepted) -> None:
+    note(
+        logging.INFO,
+        "accepted",
+        binding.scrub,
+        "%s accepted the job as %s; it is polled, never submitted again",
+        binding.adapter.name,
+        accepted.job.id,
+    )
+
+
 def _adapter_of(binding: object) -> AnyAdapter:
     assert isinstance(binding, _Binding)
     return binding.adapter
@@ -671,10 +966,11 @@ class FluxClient(_ClientBase):
     """Send `EditRequest` values to one provider, or to several with failover.
 
     Args:
-        provider: One provider id: ``"laozhang"``, ``"apiyi"``, ``"apiyi-multipart"`` or
-            ``"aimlapi"``, or an adapter object (a provider from another package). Its errors are
-            raised as they are.
-        providers: Several provider ids, in failover order (see `flux_adapters.routing`).
+        provider: One provider: a built-in id (``"laozhang"``, ``"apiyi"``,
+            ``"apiyi-multipart"``, ``"aimlapi"``, ``"bfl"``, ``"fal"``; any case at run time),
+            ``ProviderName("nimbus")`` for one an installed package or ``register_provider``
+            added, or an adapter object. Its errors are raised as they are.
+        providers: Several of them, in failover order (see `flux_adapters.routing`).
         routing: ``"ordered"`` or ``"cheapest"`` (by the price table), with *providers*.
         api_key: The key, with *provider*; else read from ``<PROVIDER>_API_KEY``
             (``APIYI_API_KEY`` for both apiyi dialects). Whitespace or a line break around the
@@ -682,34 +978,59 @@ class FluxClient(_ClientBase):
         base_url: The base URL, with *provider*, with or without ``/v1``; else
             ``<PROVIDER>_BASE_URL``, else the provider's real one.
         http_client: An ``httpx.Client`` of yours (proxies, transports, tests); not closed here.
-        timeout: Seconds (also the deadline), or an ``httpx.Timeout`` per phase; default
-            `DEFAULT_TIMEOUT`, suited to image generation.
+            Its timeout is used unless *timeout* is given (see below).
+        timeout: Seconds (also the deadline), or an ``httpx.Timeout`` per phase. Which applies,
+            first found: this argument (`from_env`: the configured ``timeout``); the provider's
+            ``timeout`` in *settings*; the timeout of *http_client*, unless it is httpx's own
+            default (``httpx.Client()``'s five seconds, which cannot wait for an image); else
+            `DEFAULT_TIMEOUT`, suited to image generation. No phase outlasts the deadline.
         deadline: Seconds one exchange may take in all, answer included (default: a number given
             as *timeout*, else `DEFAULT_DEADLINE`); bounds servers that answer a byte at a time.
+        max_retries: Further tries at the same provider, 0 to `MAX_RETRIES`, after a failure
+            that proves the job was not taken and may pass: a refused connection, a 429, a 503
+            when no other provider is left (`flux_adapters.routing.BILLING_RULES`). Never after
+            one that may have been billed (a 500, 502, 504, a timeout after sending). Each
+            waits the provider's ``Retry-After`` (a longer one than ``policy.max_retry_wait``,
+            or than the deadline, is not waited for), else a jittered backoff. Default: 0 with
+            one provider, 1 with several; overrides ``policy.retries``.
         max_cost_usd: Skip providers whose estimated price for the call exceeds this.
         failover_on_ambiguous: Fail over even after a failure that may have been billed.
         policy: Full routing settings (overrides *routing*, *max_cost_usd*, *failover_on_ambiguous*).
-        prices: Price overrides by (provider, model).
+        prices: Price overrides by (provider, model); each provider and model must be one that
+            can match (any case for the provider).
+        settings: `ProviderSettings` by provider id (any case), for this client's providers.
         polling: How jobs at asynchronous providers (``"bfl"``, ``"fal"``) are polled, and the
             deadline of a whole job (default `Polling()`: ten minutes).
 
+    Every argument is checked here, whatever its type, so a mistake is a `ConfigurationError`
+    now rather than a failure at the first call. For type checkers, *provider* is typed as
+    ``ProviderId | ProviderName | adapter`` rather than ``str``: ``mypy --strict`` then flags
+    ``FluxClient("laozang")``, while a provider known only at run time is named on purpose
+    (``FluxClient(ProviderName("nimbus"))``, a name read from configuration likewise, or its
+    adapter object). A plain ``str`` fallback would have let every typo through.
+
+    `with_options` makes a light copy with another *timeout* or *max_retries*. The client logs
+    its routing decisions to the ``flux_adapters`` logger (``FLUX_LOG=info|debug``).
+
     Raises:
-        ConfigurationError: Unknown provider, no API key, or any argument that is not usable.
+        ConfigurationError: Unknown provider (with a "did you mean"), no API key, or any argument
+            that is not usable.
     """
 
     _http: httpx.Client
 
     def __init__(
         self,
-        provider: str | AnyAdapter | None = None,
+        provider: Provider | None = None,
         *,
-        providers: Sequence[str | AnyAdapter] | None = None,
+        providers: Sequence[Provider] | None = None,
         routing: Routing = "ordered",
         api_key: str | None = None,
         base_url: str | None = None,
         http_client: httpx.Client | None = None,
         timeout: httpx.Timeout | float | None = None,
         deadline: float | None = None,
+        max_retries: int | None = None,
         max_cost_usd: float | None = None,
         failover_on_ambiguous: bool = False,
         policy: RoutingPolicy | None = None,
@@ -729,6 +1050,7 @@ class FluxClient(_ClientBase):
             base_url=base_url,
             timeout=timeout,
             deadline=deadline,
+            max_retries=max_retries,
             routing=routing,
             max_cost_usd=max_cost_usd,
             failover_on_ambiguous=failover_on_ambiguous,
@@ -736,12 +1058,16 @@ class FluxClient(_ClientBase):
             prices=prices,
             settings=settings,
             polling=polling,
+            inherited=_callers_timeout(http_client),
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else bounded_http_client()
         self._job_sleep: Callable[[float], None] = time.sleep
         """How a job's waits are spent (private, with `_job_clock`)."""
-        self._downloader = HttpDownloader(
+        self._downloader = self._new_downloader()
+
+    def _new_downloader(self) -> HttpDownloader:
+        return HttpDownloader(
             provider=self.provider,
             sync_client=self._http,
             deadline=self._downloader_deadline(),
@@ -833,11 +1159,20 @@ class FluxClient(_ClientBase):
         self, binding: _Binding, instruction: HttpRequest | Sleep | Accepted
     ) -> HttpResponse | None:
         if isinstance(instruction, Sleep):
+            _note_wait(binding, instruction)
             self._job_sleep(instruction.seconds)
             return None
         if isinstance(instruction, Accepted):
+            _note_accepted(binding, instruction)
             return None
-        return self._send(binding, instruction)
+        started = time.perf_counter()
+        try:
+            response = self._send(binding, instruction)
+        except FluxError as error:
+            _note_exchange(binding, instruction, started, error)
+            raise
+        _note_exchange(binding, instruction, started, response)
+        return response
 
     def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
         """The caller stopped waiting: let *flow* cancel its job (each cancel bounded)."""
@@ -913,22 +1248,24 @@ def _default_async_http() -> httpx.AsyncClient:
 class AsyncFluxClient(_ClientBase):
     """Async twin of `FluxClient`: same arguments, same routing, same errors.
 
-    ``http_client`` is an ``httpx.AsyncClient``. `edit_many` runs a batch.
+    ``http_client`` is an ``httpx.AsyncClient`` (its timeout is used unless *timeout* is given,
+    as with `FluxClient`). `edit_many` runs a batch; `with_options` makes a light copy.
     """
 
     _http: httpx.AsyncClient
 
     def __init__(
         self,
-        provider: str | AnyAdapter | None = None,
+        provider: Provider | None = None,
         *,
-        providers: Sequence[str | AnyAdapter] | None = None,
+        providers: Sequence[Provider] | None = None,
         routing: Routing = "ordered",
         api_key: str | None = None,
         base_url: str | None = None,
         http_client: httpx.AsyncClient | None = None,
         timeout: httpx.Timeout | float | None = None,
         deadline: float | None = None,
+        max_retries: int | None = None,
         max_cost_usd: float | None = None,
         failover_on_ambiguous: bool = False,
         policy: RoutingPolicy | None = None,
@@ -948,6 +1285,7 @@ class AsyncFluxClient(_ClientBase):
             base_url=base_url,
             timeout=timeout,
             deadline=deadline,
+            max_retries=max_retries,
             routing=routing,
             max_cost_usd=max_cost_usd,
             failover_on_ambiguous=failover_on_ambiguous,
@@ -955,11 +1293,15 @@ class AsyncFluxClient(_ClientBase):
             prices=prices,
             settings=settings,
             polling=polling,
+            inherited=_callers_timeout(http_client),
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else _default_async_http()
         self._loop = LoopBinding()
-        self._downloader = HttpDownloader(
+        self._downloader = self._new_downloader()
+
+    def _new_downloader(self) -> HttpDownloader:
+        return HttpDownloader(
             provider=self.provider,
             async_client=self._http,
             async_loop=self._loop,
@@ -1067,15 +1409,24 @@ class AsyncFluxClient(_ClientBase):
         watcher: Watcher | None,
     ) -> HttpResponse | None:
         if isinstance(instruction, Sleep):
+            _note_wait(binding, instruction)
             await asyncio.sleep(instruction.seconds)
             return None
         if isinstance(instruction, Accepted):
+            _note_accepted(binding, instruction)
             if watcher is not None:
                 await watcher.accepted(binding.adapter.name, instruction.job)
             return None
         if instruction.role == "submit" and watcher is not None:
             await watcher.sending(binding.adapter.name)  # durable before anything goes out
-        return await self._send(binding, instruction)
+        started = time.perf_counter()
+        try:
+            response = await self._send(binding, instruction)
+        except FluxError as error:
+            _note_exchange(binding, instruction, started, error)
+            raise
+        _note_exchange(binding, instruction, started, response)
+        return response
 
     async def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
         """The caller stopped waiting: let *flow* cancel its job (each cancel bounded)."""

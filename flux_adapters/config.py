@@ -253,10 +253,10 @@ def load_config(
         raise ConfigurationError(
             "no providers configured: set FLUX_PROVIDERS or providers = [...] in flux-adapters.toml"
         )
-    names = [canonical_name(name) for name in names]
-    settings = [configured.get(name) or ProviderSettings(name=name) for name in names]
+    ids: list[str] = [canonical_name(name) for name in names]
+    settings = [configured.get(name) or ProviderSettings(name=name) for name in ids]
     ordered = sorted(
-        settings, key=lambda s: (s.priority is None, s.priority or 0, names.index(s.name))
+        settings, key=lambda s: (s.priority is None, s.priority or 0, ids.index(s.name))
     )
 
     routing = env.get("FLUX_ROUTING") or data.get("routing", "ordered")

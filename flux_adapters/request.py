@@ -23,7 +23,7 @@ import re
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, BinaryIO, Final, Literal, TypeAlias, get_args
 
 from attrs import field, frozen
 
@@ -35,6 +35,7 @@ from flux_adapters._display import (
     type_name,
 )
 from flux_adapters._files import image_format
+from flux_adapters._ids import ModelId
 from flux_adapters.errors import RequestError, Violation
 
 if TYPE_CHECKING:
@@ -60,16 +61,8 @@ __all__ = [
     "UrlImage",
 ]
 
-MODELS: Final = (
-    "flux-2-pro",
-    "flux-2-max",
-    "flux-2-flex",
-    "flux-2-klein-4b",
-    "flux-2-klein-9b",
-    "flux-kontext-pro",
-    "flux-kontext-max",
-)
-"""Canonical model ids (Black Forest Labs' own), in the order tables list them."""
+MODELS: Final[tuple[ModelId, ...]] = get_args(ModelId)
+"""Canonical model ids (Black Forest Labs' own), in the order tables list them (`ModelId`)."""
 
 # Universal bounds: far beyond anything a provider takes (providers' own, tighter limits are data
 # in flux_adapters.limits), but small enough that no arithmetic overflows, no int is too long to
@@ -669,7 +662,8 @@ class EditRequest:
 
     Attributes:
         prompt: What to generate or how to edit; non-empty text.
-        model: A canonical model id, one of ``flux_adapters.MODELS``.
+        model: A canonical model id, one of ``flux_adapters.MODELS`` (typed `ModelId`, so
+            ``mypy --strict`` flags a misspelt one; at run time it is a `RequestError`).
         images: Reference images, in order: ``http(s)`` URL or ``data:`` URL strings,
             ``pathlib.Path`` objects naming regular files, or bytes; at most `MAX_IMAGES`.
         width: Output width in pixels (with ``height``), 1 to `MAX_SIDE`.
@@ -691,7 +685,7 @@ class EditRequest:
     """
 
     prompt: str
-    model: str
+    model: ModelId
     images: tuple[ImageInput, ...] = field(default=(), converter=_to_images)
     width: int | None = None
     height: int | None = None
@@ -753,9 +747,15 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
         )
     model = _text_field(request, "model", ", ".join(MODELS), found)
     if model is not None and model not in MODELS:
+        from flux_adapters._options import did_you_mean  # lazy: only a wrong id needs difflib
+
+        hint = did_you_mean(model, MODELS) if len(model) <= 64 else ""
         found.append(
             Violation(
-                "model", "is not a known FLUX model id", ", ".join(MODELS), render_value(model)
+                "model",
+                f"is not a known FLUX model id{hint}",
+                ", ".join(MODELS),
+                render_value(model),
             )
         )
     images: Sequence[object] = request.images

@@ -7,7 +7,8 @@ in one place, `billing_rule`:
 
 - **not taken** (the connection was never made; the provider answered 429, 402, 401/403 or 503;
   a status the provider's own document says is not billed): retry the same provider when that
-  may help (a refused connection, a short ``Retry-After``), else fail over to the next;
+  may help (a refused connection, a 429 with a short ``Retry-After`` or none, a 503 when no other
+  provider is left to try), else fail over to the next;
 - **ambiguous** (any other 5xx, 502 and 504 included; a read timeout or a drop after the body
   was sent; a 2xx whose body cannot be read): the provider may have made, and billed, the image.
   Final by default; fail over only with ``failover_on_ambiguous=True``;
@@ -22,14 +23,22 @@ a failure the provider documents as not charged, which fails over.
 The status code decides, never the text of a body: a 500 that says "insufficient quota" is
 still a 500. Text only tells apart the kinds of a 4xx, which is a refusal either way.
 
+Retries are the client's ``max_retries`` (`RoutingPolicy.retries`), per provider: never after
+a failure that may have been billed. The wait before each is the provider's ``Retry-After`` when
+it gave one no longer than `RoutingPolicy.max_retry_wait` (a longer one fails over instead),
+else exponential backoff with full jitter (``flux_adapters._backoff``).
+
 The routing logic is one generator (`route`) that yields `Try` and `Wait` instructions and
 receives each attempt's outcome; `FluxClient` and `AsyncFluxClient` drive it, so they cannot
-drift apart. A `Breaker` keeps a cooldown per (provider, model), shared by concurrent calls, so
-a provider that just failed is skipped at once instead of being waited on.
+drift apart. It logs each decision to the ``flux_adapters`` logger (``flux_adapters._log``). A
+`Breaker` keeps a cooldown per (provider, model), shared by concurrent calls, so a provider that
+just failed is skipped at once instead of being waited on.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -37,7 +46,10 @@ from typing import Final, Literal, TypeAlias, get_args
 
 from attrs import define, field, frozen
 
+from flux_adapters._backoff import backoff
 from flux_adapters._flows import Outcome, resolve
+from flux_adapters._log import LOGGER, note
+from flux_adapters._redact import redact
 from flux_adapters.errors import (
     AllProvidersFailed,
     ConfigurationError,
@@ -49,7 +61,6 @@ from flux_adapters.errors import (
     ModelUnavailable,
     Moderated,
     ProviderError,
-    RateLimited,
     RequestError,
     TransportError,
 )
@@ -156,7 +167,8 @@ BILLING_RULES: Final[tuple[BillingRule, ...]] = (
         failure="503",
         proves="not taken",
         disposition="next",
-        reason="the server says it cannot handle the request now (RFC 9110, 15.6.4)",
+        reason="the server says it cannot handle the request now (RFC 9110, 15.6.4); "
+        "when no other provider is left to try, it is retried like a 429",
     ),
     BillingRule(
         name="provider-rule",
@@ -236,10 +248,15 @@ class RoutingPolicy:
             after sending, an unreadable 200), accepting that the first provider may bill too.
         max_cost_usd: Skip a provider whose estimate for the call exceeds this.
         unknown_price: Under a budget, whether a provider without a known price may be used.
-        retries: Further tries at the same provider after a failure that proves the job was not
-            taken and may pass (refused connection, 429 with a short ``Retry-After``).
-        backoff: Seconds before the first such retry; doubled for each further one.
-        max_retry_wait: The longest ``Retry-After`` honoured; a longer one fails over instead.
+        retries: Further tries at the same provider (0 to 10) after a failure that proves the
+            job was not taken and may pass: a refused connection, a 429 (with a ``Retry-After``
+            no longer than *max_retry_wait*, or none), a 503 when no other provider is left to
+            try. Never after a failure that may have been billed. A client's ``max_retries``.
+        backoff: The ceiling of the first wait when the provider asked for none; it doubles for
+            each further retry, up to *max_retry_wait*, and each wait is drawn at random below
+            it (full jitter), so clients that failed together do not retry together.
+        max_retry_wait: The longest wait before a retry; a longer ``Retry-After`` fails over
+            instead. A client never waits longer than its deadline either.
         cooldown: Seconds a (provider, model) is skipped after a failure that shows it is not
             taking jobs (or the provider's ``Retry-After``, if longer). 0 disables it.
 
@@ -360,14 +377,18 @@ class Breaker:
         with self._lock:
             self._circuits.pop(key, None)
 
-    def failure(self, key: tuple[str, str], retry_after: float | None = None) -> None:
-        """The call to *key* showed it is not taking jobs: open the circuit."""
+    def failure(self, key: tuple[str, str], retry_after: float | None = None) -> float | None:
+        """The call to *key* showed it is not taking jobs: open the circuit.
+
+        Returns the seconds it stays open, ``None`` when cooldowns are off.
+        """
         if self.cooldown <= 0:
-            return
-        asked = min(retry_after, self.max_pause) if retry_after is not None else 0.0
+            return None
+        asked = _seconds_asked(retry_after)
         with self._lock:
-            pause = max(self.cooldown, asked)
+            pause = max(self.cooldown, min(asked, self.max_pause) if asked is not None else 0.0)
             self._circuits[key] = _Circuit(opened_until=self.clock() + pause)
+        return pause
 
     def release(self, granted: Pass) -> None:
         """*granted* ended without showing either way; a probe lets the next call probe."""
@@ -459,8 +480,14 @@ def route(
     breaker: Breaker,
     prices: Mapping[tuple[str, str], Price] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    *,
+    scrub: Callable[[str], str] = redact,
+    draw: Callable[[], float] = random.random,
 ) -> Generator[Instruction, Reply, Routed]:
     """Try *candidates* for *request* as *policy* says; yields instructions, returns `Routed`.
+
+    Each decision is logged to the ``flux_adapters`` logger (see ``flux_adapters._log``), every
+    line through *scrub* (the client's `Redactor`). *draw* gives the backoff its jitter.
 
     Raises:
         FluxError: A final or ambiguous error (with ``.attempts``); or, when nothing is left to
@@ -468,6 +495,7 @@ def route(
     """
     attempts: list[Attempt] = []
     ranked: list[tuple[float | None, int, object, Plan]] = []
+    model = request.model
     for index, candidate in enumerate(candidates):
         adapter = adapter_of(candidate)
         try:
@@ -475,40 +503,60 @@ def route(
         except RequestError as error:
             if len(candidates) == 1:
                 raise  # one provider: its own refusal is the answer, as with a plain client
-            attempts.append(
-                _skipped(adapter.name, request.model, error, "its limits refuse the request")
-            )
+            attempts.append(_skipped(adapter.name, model, error, "its limits refuse the request"))
+            _note_skip(scrub, attempts[-1], error)
             continue
         cost = estimate(request, plan, prices, getattr(adapter, "prices", None))
         if policy.max_cost_usd is not None:
             if cost is None and policy.unknown_price == "refuse":
                 attempts.append(
-                    _skipped(
-                        adapter.name, request.model, None, "no known price, and a budget is set"
-                    )
+                    _skipped(adapter.name, model, None, "no known price, and a budget is set")
                 )
+                _note_skip(scrub, attempts[-1], None)
                 continue
             if cost is not None and cost > policy.max_cost_usd:
                 reason = f"estimated ${cost:.4f} exceeds the budget of ${policy.max_cost_usd:.4f}"
-                attempts.append(_skipped(adapter.name, request.model, None, reason))
+                attempts.append(_skipped(adapter.name, model, None, reason))
+                _note_skip(scrub, attempts[-1], None)
                 continue
         ranked.append((cost, index, candidate, plan))
     if policy.routing == "cheapest":
         ranked.sort(key=lambda item: (item[0] is None, item[0] or 0.0, item[1]))
+    if len(candidates) > 1 and LOGGER.isEnabledFor(logging.DEBUG):
+        note(
+            logging.DEBUG,
+            "candidates",
+            scrub,
+            "%s (%s): %s",
+            model,
+            policy.routing,
+            ", ".join(
+                f"{adapter_of(c).name} ({'no price' if cost is None else f'${cost:.4f}'})"
+                for cost, _, c, _ in ranked
+            )
+            or "none left",
+        )
 
     last: FluxError | None = None
-    for _, _, candidate, plan in ranked:
+    for position, (_, _, candidate, plan) in enumerate(ranked):
         adapter = adapter_of(candidate)
-        key = (adapter.name, request.model)
+        name = adapter.name
+        key = (name, model)
+        if last is not None:
+            note(logging.INFO, "failover", scrub, "%s: failing over to %s", model, name)
         granted = breaker.acquire(key)
         if not isinstance(granted, Pass):
             reason = f"cooling down for {granted:.1f} s after failures"
-            attempts.append(_skipped(adapter.name, request.model, None, reason))
+            attempts.append(_skipped(name, model, None, reason))
+            _note_skip(scrub, attempts[-1], None)
             continue
+        if granted.probe:
+            note(logging.INFO, "probe", scrub, "%s: %s cooled down; trying it again", model, name)
         settled = False
         try:
             tries = 0
             while True:
+                note(logging.DEBUG, "try", scrub, "%s: trying %s (try %d)", model, name, tries + 1)
                 started = clock()
                 reply = yield Try(candidate, plan)
                 elapsed = clock() - started
@@ -516,12 +564,18 @@ def route(
                     breaker.success(key)
                     settled = True
                     attempts.append(
-                        Attempt(
-                            provider=adapter.name,
-                            model=request.model,
-                            outcome="ok",
-                            elapsed_s=elapsed,
-                        )
+                        Attempt(provider=name, model=model, outcome="ok", elapsed_s=elapsed)
+                    )
+                    note(
+                        logging.INFO,
+                        "served",
+                        scrub,
+                        "%s: served by %s in %.2f s (%d attempt%s)",
+                        model,
+                        name,
+                        elapsed,
+                        len(attempts),
+                        "" if len(attempts) == 1 else "s",
                     )
                     return Routed(candidate, reply, tuple(attempts))
                 assert isinstance(reply, FluxError)
@@ -529,28 +583,87 @@ def route(
                 rule = billing_rule(reply, getattr(adapter, "not_taken", None))
                 attempts.append(
                     Attempt(
-                        provider=adapter.name,
-                        model=request.model,
+                        provider=name,
+                        model=model,
                         outcome="failed",
                         elapsed_s=elapsed,
                         error=reply,
                         billing=rule.name,
                     )
                 )
-                if rule.disposition == "retry" and tries < policy.retries:
-                    pause = _retry_pause(reply, policy, tries)
+                if LOGGER.isEnabledFor(logging.INFO):
+                    note(
+                        logging.INFO,
+                        "failed",
+                        scrub,
+                        "%s: %s failed after %.2f s: %s: %s (row %s: %s)",
+                        model,
+                        name,
+                        elapsed,
+                        type(reply).__name__,
+                        _shown(reply),
+                        rule.name,
+                        rule.proves,
+                    )
+                # A 503 fails over at once (quicker than waiting); with nowhere left to go it is
+                # retried like a 429: both say "not now", and neither took the job.
+                retried = rule.disposition == "retry" or (
+                    rule.name == "overloaded" and position == len(ranked) - 1
+                )
+                if retried and tries < policy.retries:
+                    pause = _retry_pause(reply, policy, tries, draw)
                     if pause is not None:
                         tries += 1
+                        note(
+                            logging.INFO,
+                            "retry",
+                            scrub,
+                            "%s: retrying %s in %.2f s (retry %d of %d)",
+                            model,
+                            name,
+                            pause,
+                            tries,
+                            policy.retries,
+                        )
                         yield Wait(pause)
                         continue
+                    note(
+                        logging.INFO,
+                        "no-retry",
+                        scrub,
+                        "%s: not waiting for %s: it asked for %s s, longer than %g s",
+                        model,
+                        name,
+                        _asked(reply),
+                        policy.max_retry_wait,
+                    )
                 if rule.disposition == "final":
+                    note(logging.INFO, "give-up", scrub, "%s: %s", model, rule.reason)
                     raise _with_attempts(reply, attempts)
                 # Not taken, or failing in a way that may have billed: either way the provider
                 # is not serving now, so later calls skip it for the cooldown.
-                retry_after = reply.retry_after if isinstance(reply, RateLimited) else None
-                breaker.failure(key, retry_after)
+                pause_for = breaker.failure(key, _seconds_asked(_asked(reply)))
                 settled = True
+                if pause_for is not None:
+                    note(
+                        logging.INFO,
+                        "cooldown",
+                        scrub,
+                        "%s: %s is skipped for %.1f s (cooldown)",
+                        model,
+                        name,
+                        pause_for,
+                    )
                 if rule.disposition == "ambiguous" and not policy.failover_on_ambiguous:
+                    note(
+                        logging.INFO,
+                        "give-up",
+                        scrub,
+                        "%s: not failing over: %s may have done, and billed, the job "
+                        "(failover_on_ambiguous=False)",
+                        model,
+                        name,
+                    )
                     raise _with_attempts(reply, attempts)
                 break
         finally:
@@ -559,18 +672,71 @@ def route(
     if last is not None and len(candidates) == 1:
         raise _with_attempts(last, attempts)
     tried = ", ".join(f"{a.provider} ({a.reason or type(a.error).__name__})" for a in attempts)
+    note(
+        logging.INFO,
+        "all-failed",
+        scrub,
+        "%s: no provider produced the image: %s",
+        model,
+        tried or "no provider configured",
+    )
     raise AllProvidersFailed(
         f"no provider produced the image: {tried or 'no provider configured'}", attempts=attempts
     )
 
 
-def _retry_pause(error: FluxError, policy: RoutingPolicy, tries: int) -> float | None:
-    asked = error.retry_after if isinstance(error, RateLimited) else None
-    if asked is not None and asked == asked:  # NaN (from an adapter of another package): unsaid
-        asked = max(0.0, asked)  # a time in the past: now (time.sleep refuses a negative one)
+def _asked(error: FluxError) -> object:
+    """The wait the provider asked for with *error* (``Retry-After``), as the adapter gave it."""
+    return getattr(error, "retry_after", None) if isinstance(error, ProviderError) else None
+
+
+def _seconds_asked(value: object) -> float | None:
+    """*value* as seconds to wait, whatever an adapter (perhaps of another package) put there.
+
+    ``None`` for no number (NaN, a string), 0 for a time in the past, infinity for a number too
+    large for a float.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float: longer than any wait
+        return float("inf")
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
+
+def _retry_pause(
+    error: FluxError, policy: RoutingPolicy, tries: int, draw: Callable[[], float]
+) -> float | None:
+    """Seconds before retrying after *error*; ``None`` when the provider asked for too long."""
+    asked = _seconds_asked(_asked(error))
+    if asked is not None:
         return asked if asked <= policy.max_retry_wait else None
-    # Doubling, but never past the longest wait honoured (or the first pause, if longer).
-    return min(policy.backoff * 2.0**tries, max(policy.max_retry_wait, policy.backoff))
+    return backoff(tries, policy.backoff, max(policy.max_retry_wait, policy.backoff), draw)
+
+
+def _shown(error: FluxError) -> str:
+    try:
+        return str(error)[:300]
+    except Exception:  # an error of another package whose __str__ fails
+        return type(error).__name__
+
+
+def _note_skip(scrub: Callable[[str], str], attempt: Attempt, error: FluxError | None) -> None:
+    if not LOGGER.isEnabledFor(logging.INFO):
+        return
+    note(
+        logging.INFO,
+        "skip",
+        scrub,
+        "%s: skipping %s: %s%s",
+        attempt.model,
+        attempt.provider,
+        attempt.reason,
+        f" ({_shown(error)})" if error is not None else "",
+    )
 
 
 def _skipped(provider: str, model: str, error: FluxError | None, reason: str) -> Attempt:

@@ -323,9 +323,9 @@ def test_missing_key_and_unknown_provider_are_configuration_errors(
     with pytest.raises(errors.ConfigurationError, match="AIMLAPI_API_KEY"):
         FluxClient("aimlapi")
     with pytest.raises(errors.ConfigurationError, match="unknown provider 'mars'"):
-        FluxClient("mars", api_key=KEY)
+        FluxClient("mars", api_key=KEY)  # type: ignore[arg-type]
     with pytest.raises(errors.ConfigurationError, match="did you mean 'laozhang'"):
-        FluxClient("laozang", api_key=KEY)
+        FluxClient("laozang", api_key=KEY)  # type: ignore[arg-type]
 
 
 def test_generation_timeouts_are_applied_and_callers_client_is_left_open() -> None:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from flux_adapters import EditRequest, FluxClient, errors
+from flux_adapters import EditRequest, FluxClient, ProviderId, errors
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from tests.conftest import image_bytes
 from tests.test_seed_examples import EXAMPLES, MULTIPART_EXAMPLES, Example, local
@@ -240,7 +240,7 @@ def test_result_urls_expire_and_are_signed(emulator: Emulator) -> None:
     assert "Request has expired" in expired.text
 
 
-def client(emulator: Emulator, provider: str = "laozhang") -> FluxClient:
+def client(emulator: Emulator, provider: ProviderId = "laozhang") -> FluxClient:
     return FluxClient(provider, api_key="k", base_url=emulator.base_url(provider), timeout=10)
 
 

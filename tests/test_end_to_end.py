@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, errors
+from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, ProviderId, errors
 from flux_adapters.emulator import Emulator, run_emulator
 from tests.conftest import image_bytes
 
@@ -68,7 +68,7 @@ def check_image(data: bytes, provider: str) -> None:
 
 
 @pytest.mark.parametrize("provider", ["laozhang", "apiyi", "apiyi-multipart", "aimlapi"])
-def test_sync(provider: str, emulator: Emulator, tmp_path: Path) -> None:
+def test_sync(provider: ProviderId, emulator: Emulator, tmp_path: Path) -> None:
     with FluxClient(provider, api_key="k", base_url=emulator.base_url(provider)) as client:
         for name, request in requests(provider, tmp_path).items():
             result = client.edit(request)
@@ -78,7 +78,7 @@ def test_sync(provider: str, emulator: Emulator, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("provider", ["laozhang", "apiyi", "apiyi-multipart", "aimlapi"])
-def test_async(provider: str, emulator: Emulator, tmp_path: Path) -> None:
+def test_async(provider: ProviderId, emulator: Emulator, tmp_path: Path) -> None:
     async def run() -> list[EditResult]:
         async with AsyncFluxClient(
             provider, api_key="k", base_url=emulator.base_url(provider)

@@ -22,7 +22,15 @@ from typing import Any, ClassVar
 import pytest
 from PIL import Image
 
-from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, errors
+from flux_adapters import (
+    AsyncFluxClient,
+    EditRequest,
+    EditResult,
+    FluxClient,
+    ModelId,
+    ProviderId,
+    errors,
+)
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.jobs import Polling
 from flux_adapters.providers import KeyAuth
@@ -77,7 +85,7 @@ def size_of(data: bytes) -> tuple[int, int]:
         return image.size
 
 
-def three_references(model: str, prompt: str) -> EditRequest:
+def three_references(model: ModelId, prompt: str) -> EditRequest:
     return EditRequest(
         prompt=prompt,
         model=model,
@@ -221,7 +229,9 @@ def test_a_poll_that_cannot_connect_is_retried_and_never_submits_again(
 # --- acceptance: a deadline causes one cancel and a JobTimeout; resume completes ------------
 
 
-def resume(kind: str, emulator: Emulator, provider: str, job: Any) -> tuple[EditResult, bytes]:
+def resume(
+    kind: str, emulator: Emulator, provider: ProviderId, job: Any
+) -> tuple[EditResult, bytes]:
     settings: dict[str, Any] = {
         "api_key": KEY,
         "base_url": emulator.base_url(provider),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_adapters import EditRequest, check, get_adapter
+from flux_adapters import EditRequest, ModelId, ProviderId, check, get_adapter
 from flux_adapters._flows import resolve
 from flux_adapters.errors import RequestError
 from tests.conftest import image_bytes
@@ -13,7 +13,7 @@ from tests.conftest import image_bytes
 URL = "https://example.com/ref.png"
 
 
-def fields(request: EditRequest, provider: str) -> list[str]:
+def fields(request: EditRequest, provider: ProviderId) -> list[str]:
     return [violation.field for violation in check(request, provider)]
 
 
@@ -34,7 +34,7 @@ def fields(request: EditRequest, provider: str) -> list[str]:
         ("aimlapi", "flux-2-pro", 3),
     ],
 )
-def test_reference_image_count(provider: str, model: str, most: int) -> None:
+def test_reference_image_count(provider: ProviderId, model: ModelId, most: int) -> None:
     image: object = image_bytes(8, 8) if provider == "apiyi-multipart" else URL
     at_limit = EditRequest(prompt="x", model=model, images=[image] * most)
     over = EditRequest(prompt="x", model=model, images=[image] * (most + 1))
@@ -69,7 +69,9 @@ def test_unoffered_models_are_refused_by_name() -> None:
         ("apiyi-multipart", 2064, 2048, ["width/height"]),  # over 4 MP
     ],
 )
-def test_size_grids_and_ranges(provider: str, width: int, height: int, expected: list[str]) -> None:
+def test_size_grids_and_ranges(
+    provider: ProviderId, width: int, height: int, expected: list[str]
+) -> None:
     images = [image_bytes(8, 8)] if provider == "apiyi-multipart" else []
     request = EditRequest(prompt="x", model="flux-2-pro", images=images, width=width, height=height)
     assert fields(request, provider) == expected

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, errors
+from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, ProviderId, errors
 from tests.conftest import image_bytes
 
 ANSWER = json.dumps({"data": [{"url": "http://127.0.0.1:1/result.png"}]}).encode()
@@ -65,7 +65,7 @@ def base(httpd: Server, provider: str) -> str:
     return f"http://127.0.0.1:{httpd.server_address[1]}/{provider}"
 
 
-def edit(kind: str, url: str, provider: str, request: EditRequest) -> EditResult:
+def edit(kind: str, url: str, provider: ProviderId, request: EditRequest) -> EditResult:
     if kind == "sync":
         with FluxClient(provider, api_key="k", base_url=url, timeout=10) as client:
             return client.edit(request)

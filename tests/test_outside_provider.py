@@ -32,7 +32,14 @@ from nimbus_flux import NimbusAdapter
 from nimbus_flux.sandbox import REVOKED, Sandbox, run_sandbox
 from PIL import Image
 
-from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, errors
+from flux_adapters import (
+    AsyncFluxClient,
+    EditRequest,
+    EditResult,
+    FluxClient,
+    ProviderName,
+    errors,
+)
 from flux_adapters.emulator import Emulator, run_emulator
 from flux_adapters.jobs import Job, Pending, Polling
 from flux_adapters.providers import PROVIDERS, get_adapter, provider_origin
@@ -42,6 +49,8 @@ from tests.conftest import image_bytes
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 KEY = "nimbus-test-key-0123456789"
+NIMBUS = ProviderName("nimbus")
+"""Installed, not built in: named on purpose for the type checker, as a user would."""
 FAST = Polling(first=0.01, factor=1.5, longest=0.05, jitter=0.1, deadline=30.0)
 
 
@@ -177,7 +186,7 @@ def check_nimbus_job(
 def test_flux_client_by_name_submits_polls_and_downloads(sandbox: Sandbox) -> None:
     before = len(sandbox.calls())
     request = EditRequest(prompt="a robot", model="flux-2-pro", width=512, height=384)
-    with FluxClient("nimbus", api_key=KEY, base_url=sandbox.url, polling=FAST) as client:
+    with FluxClient(NIMBUS, api_key=KEY, base_url=sandbox.url, polling=FAST) as client:
         result = client.edit(request)
         images = [image.read() for image in result.images]
     check_nimbus_job(sandbox, before, result, images)
@@ -194,7 +203,9 @@ def test_async_client_by_name_in_any_case(sandbox: Sandbox) -> None:
     )
 
     async def main() -> tuple[EditResult, list[bytes]]:
-        async with AsyncFluxClient("Nimbus", api_key=KEY, base_url=sandbox.url, polling=FAST) as c:
+        async with AsyncFluxClient(
+            ProviderName("Nimbus"), api_key=KEY, base_url=sandbox.url, polling=FAST
+        ) as c:
             result = await c.edit(request)
             return result, [await image.read_async() for image in result.images]
 
@@ -234,7 +245,7 @@ def test_a_configuration_file_names_nimbus_its_key_variable_and_base_url(
 
 
 def test_a_job_accepted_by_nimbus_can_be_resumed_from_its_record(sandbox: Sandbox) -> None:
-    with FluxClient("nimbus", api_key=KEY, base_url=sandbox.url, polling=FAST) as client:
+    with FluxClient(NIMBUS, api_key=KEY, base_url=sandbox.url, polling=FAST) as client:
         first = client.edit(EditRequest(prompt="resume me", model="flux-2-pro"))
         assert first.job is not None
         record = Job.from_dict(json.loads(json.dumps(first.job.to_dict())))
@@ -268,7 +279,7 @@ def test_each_way_a_nimbus_task_ends_is_typed(
     sandbox: Sandbox, word: str, error: type[errors.FluxError], check: Any
 ) -> None:
     request = EditRequest(prompt=f"a robot {word}", model="flux-2-pro")
-    client = FluxClient("nimbus", api_key=KEY, base_url=sandbox.url, polling=FAST)
+    client = FluxClient(NIMBUS, api_key=KEY, base_url=sandbox.url, polling=FAST)
     with client, pytest.raises(error) as caught:
         client.edit(request)
     assert check(caught.value)
@@ -285,7 +296,7 @@ def test_a_sandbox_base_url_makes_every_task_there_end_one_way(
     """Every task under a /sandbox/<outcome> base URL ends that way; its URLs keep the prefix."""
     before = len(sandbox.calls())
     base_url = f"{sandbox.url}/sandbox/{outcome}"
-    client = FluxClient("nimbus", api_key=KEY, base_url=base_url, polling=FAST)
+    client = FluxClient(NIMBUS, api_key=KEY, base_url=base_url, polling=FAST)
     with client, pytest.raises(errors.JobError) as caught:
         client.edit(EditRequest(prompt="an ordinary prompt", model="flux-2-pro"))
     wanted = errors.JobFailed if outcome == "failed" else errors.JobNotFound
@@ -298,7 +309,7 @@ def test_a_sandbox_base_url_makes_every_task_there_end_one_way(
 def test_a_task_past_its_deadline_is_cancelled_once(sandbox: Sandbox) -> None:
     before = len(sandbox.calls())
     polling = Polling(first=0.01, longest=0.02, deadline=0.3)
-    client = FluxClient("nimbus", api_key=KEY, base_url=sandbox.url, polling=polling)
+    client = FluxClient(NIMBUS, api_key=KEY, base_url=sandbox.url, polling=polling)
     with client, pytest.raises(errors.JobTimeout) as caught:
         client.edit(EditRequest(prompt="forever [sandbox:stuck]", model="flux-2-pro"))
     assert caught.value.cancelled is True
@@ -315,7 +326,7 @@ def test_the_key_goes_to_no_host_nimbus_does_not_declare() -> None:
     """A status URL on another host (here ``localhost`` for ``127.0.0.1``) gets no key."""
     with run_sandbox() as elsewhere:
         elsewhere.public_url = elsewhere.url.replace("127.0.0.1", "localhost")
-        client = FluxClient("nimbus", api_key=KEY, base_url=elsewhere.url, polling=FAST)
+        client = FluxClient(NIMBUS, api_key=KEY, base_url=elsewhere.url, polling=FAST)
         with client, pytest.raises(errors.AuthenticationFailed) as caught:
             client.edit(EditRequest(prompt="a robot", model="flux-2-pro"))
         calls = elsewhere.calls()
@@ -347,11 +358,13 @@ def failover_env(
 
 def failover(kind: str, request: EditRequest, polling: Polling = FAST) -> EditResult:
     if kind == "sync":
-        with FluxClient(providers=["nimbus", "laozhang"], polling=polling) as client:
+        with FluxClient(providers=[NIMBUS, "laozhang"], polling=polling) as client:
             return client.edit(request)
 
     async def main() -> EditResult:
-        async with AsyncFluxClient(providers=["NIMBUS", "laozhang"], polling=polling) as client:
+        async with AsyncFluxClient(
+            providers=[ProviderName("NIMBUS"), "laozhang"], polling=polling
+        ) as client:
             return await client.edit(request)
 
     return asyncio.run(main())
@@ -530,7 +543,7 @@ JOB = Job(
 def submit_body(request: EditRequest) -> dict[str, object]:
     from flux_adapters import check
 
-    assert check(request, "nimbus") == ()
+    assert check(request, NIMBUS) == ()
     limits = ADAPTER.limits[request.model]
     from flux_adapters.limits import plan
 

@@ -8,7 +8,16 @@ import json
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from flux_adapters import MODELS, PROVIDERS, EditRequest, check, get_adapter
+from flux_adapters import (
+    MODELS,
+    PROVIDERS,
+    EditRequest,
+    ModelId,
+    ProviderId,
+    ProviderName,
+    check,
+    get_adapter,
+)
 from flux_adapters._bodies import StreamedJson, json_segments, segments_length
 from flux_adapters._flows import first_request, resolve
 from flux_adapters.errors import RequestError
@@ -58,7 +67,7 @@ def request_arguments(draw: st.DrawFn) -> dict[str, object]:
 
 @given(arguments=request_arguments(), provider=st.sampled_from(sorted(PROVIDERS)))
 def test_any_request_translates_or_raises_request_error(
-    arguments: dict[str, object], provider: str
+    arguments: dict[str, object], provider: ProviderName
 ) -> None:
     try:
         request = EditRequest(**arguments)  # type: ignore[arg-type]
@@ -102,7 +111,9 @@ def sent_images(wire_body: JsonBody | MultipartBody | None, provider: str) -> li
     provider=st.sampled_from(sorted(BUILT_IN)),
     model=st.sampled_from(MODELS),
 )
-def test_image_order_and_count_survive_translation(count: int, provider: str, model: str) -> None:
+def test_image_order_and_count_survive_translation(
+    count: int, provider: ProviderId, model: ModelId
+) -> None:
     sources = [image_bytes(8 + n, 8) for n in range(count)]
     request = EditRequest(prompt="p", model=model, images=sources)
     adapter = get_adapter(provider)

@@ -47,7 +47,7 @@ def test_every_universal_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(RequestError) as caught:
         EditRequest(
             prompt=" ",
-            model="flux-3-ultra",
+            model="flux-3-ultra",  # type: ignore[arg-type]
             images=["photo.png", tmp_path / "missing.png", "data:image/png;base64,!!!!"],
             width=1024,
             aspect_ratio="16-9",

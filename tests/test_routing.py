@@ -3,13 +3,15 @@ what is never failed over. The breaker is checked against a model with Hypothesi
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from flux_adapters import EditRequest, errors
+from flux_adapters._backoff import backoff
 from flux_adapters._flows import Outcome, resolve
 from flux_adapters.jobs import Job
 from flux_adapters.prices import PerCall
@@ -55,11 +57,21 @@ def drive(
     request: EditRequest = REQUEST,
     breaker: Breaker | None = None,
     prices: dict[tuple[str, str], PerCall] | None = None,
+    draw: Callable[[], float] = lambda: 1.0,
 ) -> tuple[list[str], Routed]:
-    """Run the router; each Try to provider P gets the next canned reply for P."""
+    """Run the router; each Try to provider P gets the next canned reply for P.
+
+    *draw* is the backoff's jitter: by default the top of its range, so waits are the ceilings.
+    """
     log: list[str] = []
     router: Generator[object, object, Routed] = route(
-        request, candidates, adapter_of, policy or RoutingPolicy(), breaker or Breaker(), prices
+        request,
+        candidates,
+        adapter_of,
+        policy or RoutingPolicy(),
+        breaker or Breaker(),
+        prices,
+        draw=draw,
     )  # type: ignore[assignment]
     try:
         instruction = next(router)
@@ -156,6 +168,41 @@ def test_retry_pauses_double_but_never_past_the_longest_wait() -> None:
         "wait 10",
         "wait 10",
     ]
+    # Full jitter: each wait is drawn from [0, ceiling), so clients that failed together spread.
+    log, _ = drive(
+        ["laozhang", "apiyi"],
+        {"laozhang": [refused] * 6, "apiyi": ["ok"]},
+        policy,
+        draw=lambda: 0.25,
+    )
+    assert [entry for entry in log if entry.startswith("wait")] == [
+        "wait 1",
+        "wait 2",
+        "wait 2.5",
+        "wait 2.5",
+        "wait 2.5",
+    ]
+
+
+@given(
+    tries=st.integers(-5, 10_000),
+    first=st.floats(0, 86_400),
+    longest=st.floats(0, 86_400),
+    drawn=st.floats(0, 1, exclude_max=True),
+)
+def test_backoff_is_full_jitter_below_a_doubling_ceiling(
+    tries: int, first: float, longest: float, drawn: float
+) -> None:
+    wait = backoff(tries, first, longest, lambda: drawn)
+    ceiling = min(longest, first * 2.0 ** min(max(tries, 0), 64))
+    assert 0.0 <= wait <= ceiling
+    assert wait == drawn * ceiling
+
+
+def test_backoff_varies_between_calls() -> None:
+    waits = {backoff(3, 0.5, 10.0) for _ in range(50)}
+    assert len(waits) > 1
+    assert all(0.0 <= wait < 4.0 for wait in waits)
 
 
 def test_cheapest_orders_by_price_and_skips_what_the_limits_refuse() -> None:

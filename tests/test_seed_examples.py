@@ -13,7 +13,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from flux_adapters import EditRequest
+from flux_adapters import EditRequest, ModelId
 from flux_adapters._flows import resolve
 from flux_adapters.wire import HttpRequest, JsonBody, MultipartBody
 from tests.conftest import call_adapter, image_bytes
@@ -435,7 +435,7 @@ def test_json_examples_are_reproduced(example: Example, tmp_path: Path) -> None:
     ("where", "model", "prompt", "size", "names"), MULTIPART_EXAMPLES, ids=lambda v: str(v)[:40]
 )
 def test_multipart_examples_are_reproduced(
-    where: str, model: str, prompt: str, size: str, names: list[str], tmp_path: Path
+    where: str, model: ModelId, prompt: str, size: str, names: list[str], tmp_path: Path
 ) -> None:
     files = [local(tmp_path, name) for name in names]
     wire = build(

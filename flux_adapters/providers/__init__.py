@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from attrs import frozen
 
 from flux_adapters._display import render_value, type_name
+from flux_adapters._ids import ProviderId, ProviderName
 from flux_adapters.errors import ConfigurationError, ProviderError
 from flux_adapters.limits import ModelLimits, Plan
 from flux_adapters.request import EditRequest
@@ -49,6 +50,9 @@ __all__ = [
     "Answer",
     "AnyAdapter",
     "KeyAuth",
+    "Provider",
+    "ProviderId",
+    "ProviderName",
     "canonical_name",
     "get_adapter",
     "provider_origin",
@@ -191,6 +195,10 @@ class Adapter(Protocol):
 
 AnyAdapter: TypeAlias = "Adapter | JobAdapter"
 """Either kind of adapter: a synchronous provider's or an asynchronous one's."""
+
+Provider: TypeAlias = "ProviderId | ProviderName | Adapter | JobAdapter"
+"""What the clients take as a provider: a built-in id (`ProviderId`, checked by mypy), the id of
+a provider registered at run time (`ProviderName`), or an adapter object."""
 
 
 class _Registry:
@@ -358,14 +366,14 @@ def get_adapter(name: str) -> AnyAdapter:
     return _REGISTRY.get(name)
 
 
-def canonical_name(name: object) -> str:
-    """*name* as the id of a known provider (``"BFL "`` -> ``"bfl"``).
+def canonical_name(name: object) -> ProviderName:
+    """*name* as the id of a known provider (``"BFL "`` -> ``"bfl"``), typed for the clients.
 
     Raises:
         ConfigurationError: No provider has that id (with a suggestion for a near miss), or
             *name* is not a ``str``.
     """
-    return _REGISTRY.canonical(name)
+    return ProviderName(_REGISTRY.canonical(name))
 
 
 def provider_origin(name: str) -> str:
@@ -377,14 +385,15 @@ def provider_origin(name: str) -> str:
     return _REGISTRY.origin(name)
 
 
-def register_provider(name: str, adapter: Any, *, replace: bool = False) -> str:
+def register_provider(name: str, adapter: Any, *, replace: bool = False) -> ProviderName:
     """Make *adapter* known as *name*, for code that cannot ship entry-point metadata.
 
     *adapter* is an adapter object, its class, or ``"module:Class"``; it is loaded (and checked)
-    when first used. Returns the id as stored (lower case).
+    when first used. Returns the id as stored (lower case), as a `ProviderName` that the
+    clients' type signatures take (``FluxClient(register_provider("pixelforge", ...))``).
 
     Raises:
         ConfigurationError: *name* is not a usable id, is built in, or is taken (unless
             *replace*).
     """
-    return _REGISTRY.register(name, adapter, replace=replace)
+    return ProviderName(_REGISTRY.register(name, adapter, replace=replace))
