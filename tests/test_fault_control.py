@@ -416,7 +416,7 @@ def test_a_recording_run_pointed_at_a_wrong_server_leaves_the_committed_cassette
     # Every scenario was tried and reported: the well-behaved ones failed, the faults were
     # not asked for, since the server does not speak the protocol.
     recordable, _ = paid_calls(PixelforgeAdapter(), False)
-    assert len(caught.value.failures) == recordable == 9
+    assert len(caught.value.failures) == recordable == 13
     assert f"{folder} is unchanged" in str(caught.value)
     faults = [s.id for s in FAULT_SCENARIOS if _recordable(PixelforgeAdapter(), s, faults=True)]
     assert faults == ["error-402", "error-429", "error-5xx", "malformed-200", "moderation"]
@@ -426,7 +426,7 @@ def test_a_recording_run_pointed_at_a_wrong_server_leaves_the_committed_cassette
             for line in lines
         )
     assert lines[-1] == f"pixelforge: not recorded (see above why): {', '.join(faults)}"
-    assert "pixelforge: 9 scenario(s) recorded in " in "\n".join(lines)
+    assert "pixelforge: 13 scenario(s) recorded in " in "\n".join(lines)
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def test_the_command_says_before_it_starts_that_the_faults_will_not_be_recorded(
         )  # fmt: skip
     assert code != 0
     first, second = out.getvalue().splitlines()[:2]
-    assert first.startswith(f"pixelforge: 9 scenario(s) to record against {url}, ")
+    assert first.startswith(f"pixelforge: 13 scenario(s) to record against {url}, ")
     assert second == (
         f"pixelforge: its fault scenarios will not be recorded: DELETE {url}/__flux/faults "
         "answered 404: it does not speak the fault-control protocol"
