@@ -37,7 +37,7 @@ pytest: $(STAMP) ## The test suite (no network: MockTransport and loopback only)
 package: $(STAMP) ## Build the sdist and wheel; install the wheel in fresh venvs, one per extra, and use it.
 	PYTHON=$(BIN)/python bash .ci/package-check
 
-test: lint typecheck pytest package ## Every check: ruff, mypy --strict, pytest, the built package.
+test: lint typecheck pytest mutation package ## Every check: ruff, mypy --strict, pytest, the mutation score, the built package.
 
 bench: $(STAMP) ## Benchmarks against a loopback server, side by side with plain httpx.
 	$(BIN)/python benchmarks/run.py
