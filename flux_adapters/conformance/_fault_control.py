@@ -29,27 +29,38 @@ only sends.
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Final, Literal
 
 import httpx
 from attrs import frozen
 
+from flux_adapters import errors
+from flux_adapters._transport import bounded_by, send_within
 from flux_adapters.emulator._faults import FAULTS_PATH, Fault, build_fault_body
 
 __all__ = ["Arming", "FaultControl", "arming", "probe_problem"]
 
 Arming = Literal["armed", "cannot", "refused"]
 _TIMEOUT: Final = 10.0
+DEADLINE: Final = 30.0
+"""The longest one request of the protocol may take, answer included: a sandbox that drips its
+answer a byte at a time, each within `_TIMEOUT`, is given up then."""
+ANSWER_BYTES: Final = 64 * 1024
+"""The most of an answer that is read: the sandbox's words are cut to `_MESSAGE_CHARS` anyway."""
 _MESSAGE_CHARS: Final = 200
+_WHO: Final = "the fault-control protocol"
 
 
-def _said(response: httpx.Response) -> str:
+def _said(data: bytes) -> str:
     """The sandbox's own words (its JSON ``message`` or ``detail``, else its text), cut short."""
-    text = response.text[: _MESSAGE_CHARS * 4]
+    text = data.decode("utf-8", errors="replace")
     try:
-        body = response.json()
-    except ValueError:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
         body = None
+    text = text[: _MESSAGE_CHARS * 4]
     if isinstance(body, dict):
         inner = body.get("error")
         source = inner if isinstance(inner, dict) else body
@@ -96,34 +107,67 @@ class FaultControl:
         url = httpx.URL(self.url)
         return str(url.copy_with(userinfo=b"")) if url.userinfo else self.url
 
+    def _send(self, method: str, body: object = None) -> tuple[int, bytes]:
+        """Send one request of the protocol: its status and the start of its answer.
+
+        Bounded whatever the sandbox does: the whole exchange within `DEADLINE` (a sandbox that
+        drips its answer is given up), at most `ANSWER_BYTES` of the answer read (an endless one
+        is not read whole), no redirect followed (the key-less request stays on this host).
+
+        Raises:
+            httpx.HTTPError: No answer.
+            errors.Timeout: No answer within `DEADLINE`.
+        """
+        ends = time.monotonic() + DEADLINE
+        request = self.http.build_request(
+            method,
+            self.url,
+            json=body,
+            # Raw bytes, so that a compressed answer cannot grow past the cap as it is read.
+            headers={"Accept-Encoding": "identity", "Connection": "close"},
+            timeout=_TIMEOUT,
+        )
+        data = b""
+        with bounded_by(ends, _WHO, DEADLINE):
+            response = send_within(self.http, request, ends, _WHO, DEADLINE)
+            try:
+                for chunk in response.iter_raw():
+                    data += chunk
+                    if len(data) >= ANSWER_BYTES or time.monotonic() >= ends:
+                        break
+            finally:
+                response.close()
+        return response.status_code, data[:ANSWER_BYTES]
+
     def probe(self) -> str:
         """Clear any fault armed before; empty when the sandbox speaks the protocol, else why not."""
         try:
-            response = self.http.delete(self.url, timeout=_TIMEOUT)
-        except httpx.HTTPError as exc:
+            status, _ = self._send("DELETE")
+        except (httpx.HTTPError, errors.FluxError) as exc:
             return probe_problem(self.shown, None, f"{type(exc).__name__}: {str(exc)[:100]}")
-        return probe_problem(self.shown, response.status_code)
+        return probe_problem(self.shown, status)
 
     def arm(self, fault: Fault) -> tuple[Arming, str]:
         """Ask for *fault* on the next submits: how the sandbox took it, and in what words.
 
         Raises:
             httpx.HTTPError: No answer (the scenario's failure).
+            errors.Timeout: No answer within `DEADLINE` (the scenario's failure).
         """
         body = build_fault_body(fault)
-        response = self.http.post(self.url, json=body, timeout=_TIMEOUT)
-        said = _said(response)
-        words = f"POST {self.shown} {body} answered {response.status_code}"
-        return arming(response.status_code), words + (f": {said}" if said else "")
+        status, data = self._send("POST", body)
+        said = _said(data)
+        words = f"POST {self.shown} {body} answered {status}"
+        return arming(status), words + (f": {said}" if said else "")
 
     def clear(self) -> str:
         """Clear the armed fault; empty when the sandbox confirmed it, else what went wrong."""
         try:
-            response = self.http.delete(self.url, timeout=_TIMEOUT)
-        except httpx.HTTPError as exc:
+            status, _ = self._send("DELETE")
+        except (httpx.HTTPError, errors.FluxError) as exc:
             return (
                 f"DELETE {self.shown} got no answer ({type(exc).__name__}); the fault may be armed"
             )
-        if 200 <= response.status_code < 300:
+        if 200 <= status < 300:
             return ""
-        return f"DELETE {self.shown} answered {response.status_code}; the fault may be armed"
+        return f"DELETE {self.shown} answered {status}; the fault may be armed"

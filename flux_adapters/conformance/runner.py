@@ -52,6 +52,7 @@ from flux_adapters import errors
 from flux_adapters._files import read_text_file
 from flux_adapters._flows import first_request, is_job_adapter, resolve
 from flux_adapters._redact import Redactor
+from flux_adapters._transport import bounded_http_client
 from flux_adapters._version import __version__
 from flux_adapters.client import FluxClient
 from flux_adapters.conformance._fault_control import FaultControl
@@ -834,7 +835,7 @@ def fault_control_problem(adapter: AnyAdapter, base_url: str | None) -> str:
     """
     if base_url is None:
         return _LIVE_FAULTS
-    with httpx.Client() as http:
+    with bounded_http_client() as http:
         return FaultControl(_target(adapter, base_url), http).probe()
 
 
@@ -1056,7 +1057,7 @@ def _record_into(
         if running is not None or base_url is not None:
             # The emulator is told its faults as any sandbox is: over HTTP, never with the key.
             # Asked once whether it speaks the protocol, and only when there is a fault to ask.
-            control = FaultControl(target, stack.enter_context(httpx.Client()))
+            control = FaultControl(target, stack.enter_context(bounded_http_client()))
             unable = control.probe() if any(s.fault is not None for s in scenarios) else ""
         rewrite = _rewriter(
             target,

@@ -1,0 +1,218 @@
+"""A hostile sandbox, a careless adapter author and a careless caller against the conformance
+suite: what each one tried, and that the suite, the recorder and the harness hold.
+
+The fault-control protocol's requests are bounded (a sandbox that drips or never ends its answer
+is given up, and never read whole); a sandbox that says it armed a fault and did not, or that
+redirects the protocol elsewhere, or echoes the key, replaces no cassette and leaks nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import httpx
+import pytest
+from pixelforge_flux import PixelforgeAdapter
+from pixelforge_flux import sandbox as pixelforge_sandbox
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
+
+from flux_adapters import errors
+from flux_adapters.conformance import RecordingFailed, _fault_control, record
+from flux_adapters.conformance._fault_control import FaultControl
+from flux_adapters.conformance.scenarios import by_id
+from flux_adapters.emulator import Fault
+from tests.test_fault_control import PIXELFORGE_CASSETTES, _snapshot, serve
+
+KEY = "a-recording-key-0123456789abcdef"
+
+
+# --- a sandbox that misbehaves on the socket ----------------------------------------------------
+
+
+@contextmanager
+def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[tuple[str, dict[str, int]]]:
+    """A loopback server that reads each request's head and lets *answer* write anything back."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    sent = {"bytes": 0}
+    stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            with suppress(OSError):
+                answer(conn)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", sent
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_an_endless_answer_to_the_probe_is_not_read_whole() -> None:
+    sent = {"bytes": 0}
+
+    def endless(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+        for _ in range(4096):  # 256 MiB, if anyone read it all
+            conn.sendall(chunk)
+            sent["bytes"] += 0x10000
+
+    with raw_server(endless) as (url, _), httpx.Client() as http:
+        assert FaultControl(url, http).probe() == ""  # a 200: it speaks the protocol
+    # What the kernel buffers aside, the client stopped reading at its cap.
+    assert sent["bytes"] < 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("head_too", [False, True], ids=["body", "head"])
+def test_a_sandbox_that_drips_its_answer_is_given_up(
+    monkeypatch: pytest.MonkeyPatch, head_too: bool
+) -> None:
+    monkeypatch.setattr(_fault_control, "DEADLINE", 0.5)
+    release = threading.Event()
+
+    def drip(conn: socket.socket) -> None:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+        if not head_too:
+            conn.sendall(answer)
+            answer = b""
+        for byte in answer + b"x" * 100000:
+            conn.sendall(bytes([byte]))
+            if release.wait(0.05):  # each byte well within the per-read timeout
+                return
+
+    try:
+        with raw_server(drip) as (url, _), httpx.Client() as http:
+            control = FaultControl(url, http)
+            if not head_too:
+                # The status came in time: it is the answer; the rest is not waited for.
+                assert control.probe() == ""
+                assert control.arm(Fault(status=402))[0] == "armed"
+                assert control.clear() == ""
+                return
+            problem = control.probe()
+            assert "got no answer" in problem
+            assert "Timeout" in problem
+            with pytest.raises(errors.Timeout):
+                control.arm(Fault(status=402))
+            assert "the fault may be armed" in control.clear()
+    finally:
+        release.set()
+
+
+# --- a sandbox that misbehaves in HTTP ----------------------------------------------------------
+
+
+def _with_faults(app: ASGIApp, faults: Callable[[Request], Response]) -> Starlette:
+    async def route(request: Request) -> Response:
+        await request.body()
+        return faults(request)
+
+    return Starlette(
+        routes=[Route("/__flux/faults", route, methods=["POST", "DELETE"]), Mount("/", app=app)]
+    )
+
+
+def _record(url: str, folder: Path, scenarios: list[str], lines: list[str]) -> RecordingFailed:
+    with pytest.raises(RecordingFailed) as caught:
+        record(
+            PixelforgeAdapter(),
+            folder,
+            api_key=KEY,
+            base_url=url,
+            scenarios=[by_id(s) for s in scenarios],
+            log=lines.append,
+        )
+    return caught.value
+
+
+def test_a_sandbox_that_says_armed_but_is_not_replaces_no_cassette(tmp_path: Path) -> None:
+    folder = tmp_path / "pixelforge"
+    shutil.copytree(PIXELFORGE_CASSETTES, folder)
+    before = _snapshot(folder)
+    lines: list[str] = []
+    app = _with_faults(pixelforge_sandbox.app, lambda request: Response(status_code=204))
+    with serve(app) as url:
+        failed = _record(url, folder, ["error-402", "moderation", "text-to-image"], lines)
+    assert sorted(v.scenario for v in failed.failures) == ["error-402", "moderation"]
+    assert all("completed, but" in v.detail for v in failed.failures)
+    assert _snapshot(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pixelforge"]
+
+
+def test_a_fault_endpoint_redirected_elsewhere_is_not_followed(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def elsewhere(request: Request) -> Response:
+        seen.append(request.method)
+        return RedirectResponse("http://127.0.0.2:9/__flux/faults", status_code=307)
+
+    folder = tmp_path / "pixelforge"
+    shutil.copytree(PIXELFORGE_CASSETTES, folder)
+    before = _snapshot(folder)
+    lines: list[str] = []
+    app = _with_faults(pixelforge_sandbox.app, elsewhere)
+    with serve(app) as url:
+        # The probe's 307 is not a 2xx: no fault is asked for, so nothing fails and the fault
+        # scenario keeps its cassette.
+        verdicts = record(
+            PixelforgeAdapter(),
+            folder,
+            api_key=KEY,
+            base_url=url,
+            scenarios=[by_id("error-402")],
+            log=lines.append,
+        )
+    assert [v.outcome for v in verdicts] == ["unrecorded"]
+    assert "answered 307" in verdicts[0].detail
+    assert seen == ["DELETE"]  # only the probe, never followed to the other host
+    assert _snapshot(folder) == before
+
+
+def test_a_sandbox_that_echoes_the_key_leaks_it_nowhere(tmp_path: Path) -> None:
+    """The sandbox saw the key on a submit and repeats it in its answers to the protocol."""
+
+    def echo(request: Request) -> Response:
+        if request.method == "DELETE":
+            return Response(status_code=204)
+        return JSONResponse({"message": f"no: your key is {KEY} ({KEY[:12]})"}, status_code=500)
+
+    folder = tmp_path / "pixelforge"
+    shutil.copytree(PIXELFORGE_CASSETTES, folder)
+    before = _snapshot(folder)
+    lines: list[str] = []
+    with serve(_with_faults(pixelforge_sandbox.app, echo)) as url:
+        failed = _record(url, folder, ["error-402", "text-to-image"], lines)
+    said = "\n".join([str(failed), *lines, *(v.detail for v in failed.failures)])
+    assert "answered 500" in said
+    assert KEY not in said
+    assert KEY[:12] not in said
+    assert KEY[8:16] not in said
+    assert _snapshot(folder) == before
