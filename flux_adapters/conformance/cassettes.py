@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable, Mapping
 from email import policy
 from email.parser import BytesParser
 from typing import Any, Final
-from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus, urlsplit
 
 from flux_adapters._redact import FRAGMENT, MASK, Redactor, secret_forms
 
@@ -73,13 +73,14 @@ __all__ = [
     "header_matcher",
     "is_credential",
     "make_vcr",
+    "query_matcher",
     "scrub_request",
     "scrub_response",
 ]
 
 BOUNDARY: Final = "flux-multipart-boundary"
 MATCH_ON: Final = (
-    "method", "scheme", "host", "port", "path", "query", "flux_credential", "flux_headers",
+    "method", "scheme", "host", "port", "path", "flux_query", "flux_credential", "flux_headers",
     "flux_body",
 )  # fmt: skip
 PLACEHOLDER: Final = "<redacted>"
@@ -714,6 +715,35 @@ def body_matcher(live: Any, recorded: Any) -> None:
     raise AssertionError("body differs")
 
 
+def _query_pairs(uri: str) -> list[tuple[str, str]]:
+    """The query's pairs, in order, a parameter without a value kept (``?debug``, ``?seed=``)."""
+    return parse_qsl(urlsplit(uri).query, keep_blank_values=True)
+
+
+def query_matcher(live: Any, recorded: Any) -> None:
+    """A vcrpy matcher: the same query parameters, with the same values, blank ones included.
+
+    vcrpy's own ``query`` matcher drops a parameter with no value (``?debug``, ``?seed=``), which
+    a provider may well read. Order does not matter; how many times a parameter is given does.
+    """
+    sent, kept = sorted(_query_pairs(live.uri)), sorted(_query_pairs(recorded.uri))
+    if sent == kept:
+        return
+    for name in sorted({name for name, _ in sent} | {name for name, _ in kept}):
+        mine = [value for key, value in sent if key == name]
+        theirs = [value for key, value in kept if key == name]
+        if not theirs:
+            raise AssertionError(f"query differs: {name} is sent but was not recorded")
+        if not mine:
+            raise AssertionError(f"query differs: {name} was recorded but is not sent")
+        if mine != theirs:
+            raise AssertionError(
+                f"query differs: {name} is {', '.join(map(repr, mine))}; "
+                f"the recording has {', '.join(map(repr, theirs))}"
+            )
+    raise AssertionError("query differs")
+
+
 VOLATILE_HEADERS: Final = frozenset(
     {"content-length", "host", "accept-encoding", "connection", "keep-alive", "te"}
 )
@@ -850,6 +880,7 @@ def make_vcr(
         # and keep unplayed ones in the file (drop_unused_requests): both as the suite needs.
     )
     recorder.register_serializer("flux-yaml", _Serializer)
+    recorder.register_matcher("flux_query", query_matcher)
     recorder.register_matcher("flux_body", body_matcher)
     recorder.register_matcher("flux_credential", credential_matcher(credentials))
     recorder.register_matcher("flux_headers", header_matcher(credentials))
