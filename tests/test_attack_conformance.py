@@ -14,9 +14,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any, cast
 
+import attrs
 import httpx
 import pytest
+from nimbus_flux import NimbusAdapter
 from pixelforge_flux import PixelforgeAdapter
 from pixelforge_flux import sandbox as pixelforge_sandbox
 from starlette.applications import Starlette
@@ -28,11 +31,18 @@ from starlette.types import ASGIApp
 from flux_adapters import errors
 from flux_adapters.conformance import RecordingFailed, _fault_control, record
 from flux_adapters.conformance._fault_control import FaultControl
+from flux_adapters.conformance.runner import reported_usage, run_scenario
 from flux_adapters.conformance.scenarios import by_id
 from flux_adapters.emulator import Fault
-from tests.test_fault_control import PIXELFORGE_CASSETTES, _snapshot, serve
+from flux_adapters.jobs import Done, Job, Pending
+from flux_adapters.limits import Plan
+from flux_adapters.providers import AnyAdapter, get_adapter
+from flux_adapters.request import EditRequest
+from flux_adapters.wire import HttpRequest, HttpResponse
+from tests.test_fault_control import PIXELFORGE_CASSETTES, ROOT, _snapshot, serve
 
 KEY = "a-recording-key-0123456789abcdef"
+NIMBUS = ROOT / "examples" / "nimbus" / "tests" / "cassettes" / "nimbus"
 
 
 # --- a sandbox that misbehaves on the socket ----------------------------------------------------
@@ -216,3 +226,69 @@ def test_a_sandbox_that_echoes_the_key_leaks_it_nowhere(tmp_path: Path) -> None:
     assert KEY[:12] not in said
     assert KEY[8:16] not in said
     assert _snapshot(folder) == before
+
+
+# --- an adapter wrong on the wire ---------------------------------------------------------------
+
+
+class _Submits:
+    """A synchronous adapter whose call is edited by *edit* before it is sent."""
+
+    def __init__(self, real: Any, edit: Callable[[HttpRequest], HttpRequest]) -> None:
+        self._real, self._edit = real, edit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def build_request(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+        return self._edit(self._real.build_request(request, plan, base_url))
+
+
+@pytest.mark.parametrize("suffix", ["?debug", "?debug=", "?seed="])
+@pytest.mark.parametrize("provider", ["laozhang", "aimlapi", "pixelforge"])
+def test_a_query_parameter_without_a_value_is_a_difference(provider: str, suffix: str) -> None:
+    real = PixelforgeAdapter() if provider == "pixelforge" else get_adapter(provider)
+    folder = PIXELFORGE_CASSETTES if provider == "pixelforge" else ROOT / "cassettes" / provider
+    wrong = _Submits(real, lambda built: attrs.evolve(built, url=built.url + suffix))
+    verdict = run_scenario(cast("AnyAdapter", wrong), by_id("text-to-image"), folder)
+    assert verdict.outcome == "fail"
+    name = suffix.strip("?=")
+    assert verdict.detail == (
+        "text-to-image: the request does not match the recording: "
+        f"query differs: {name} is sent but was not recorded"
+    )
+    assert run_scenario(real, by_id("text-to-image"), folder).outcome == "pass"
+
+
+def test_usage_in_a_usage_object_is_checked_but_a_lone_credits_is_not_usage() -> None:
+    # Nimbus reports {"usage": {"credits": 4}}: an adapter that drops it, or reads it in other
+    # units, passed every scenario.
+    assert reported_usage([{"state": "succeeded", "usage": {"credits": 4}}]) == {
+        "credits_used": 4.0
+    }
+    # A balance is not what the call cost.
+    assert reported_usage([{"error": {"code": "no_credits", "credits": 0}}]) == {}
+    assert reported_usage([{"usage": {"credits": True}}]) == {}
+
+
+def test_nimbus_usage_in_other_units_fails_naming_what_was_reported() -> None:
+    real = NimbusAdapter()
+
+    class Hundredfold:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def parse_poll(self, response: HttpResponse, job: Job) -> Pending | Done:
+            state = real.parse_poll(response, job)
+            if isinstance(state, Done) and state.answer is not None and state.answer.usage:
+                usage = state.answer.usage
+                wrong = attrs.evolve(usage, credits_used=(usage.credits_used or 0) * 100)
+                return attrs.evolve(state, answer=attrs.evolve(state.answer, usage=wrong))
+            return state
+
+    verdict = run_scenario(cast("AnyAdapter", Hundredfold()), by_id("text-to-image"), NIMBUS)
+    assert verdict.outcome == "fail"
+    assert verdict.detail == (
+        "text-to-image: the provider reported credits_used 4; the result's usage says 400"
+    )
+    assert run_scenario(real, by_id("text-to-image"), NIMBUS).outcome == "pass"

@@ -427,26 +427,32 @@ USAGE_FIELDS: Final = {
     "output_mp": "output_mp",
 }
 """Fields of a provider's answers that report usage -> the `Usage` attribute they parse into."""
+USAGE_OBJECT_FIELDS: Final = {"credits": "credits_used"}
+"""Fields that report usage only inside a ``usage`` object (Nimbus's ``usage.credits``): alone,
+``credits`` may as well be a balance."""
 
 
 def reported_usage(answers: Iterable[object]) -> dict[str, float]:
     """The usage the provider reported in *answers* (JSON bodies), by `Usage` attribute.
 
-    Each of `USAGE_FIELDS` found at any depth with a number (not a bool); the first answer that
-    reports a field gives its value.
+    Each of `USAGE_FIELDS` found at any depth with a number (not a bool), and each of
+    `USAGE_OBJECT_FIELDS` in an object under ``usage``; the first answer that reports a field
+    gives its value.
     """
     found: dict[str, float] = {}
-    stack = list(answers)[::-1]
+    stack: list[tuple[object, bool]] = [(answer, False) for answer in list(answers)[::-1]]
     while stack:
-        value = stack.pop()
+        value, in_usage = stack.pop()
         if isinstance(value, dict):
             for key, item in value.items():
-                field = USAGE_FIELDS.get(key)
+                field = USAGE_FIELDS.get(key) or (
+                    USAGE_OBJECT_FIELDS.get(key) if in_usage else None
+                )
                 if field and isinstance(item, int | float) and not isinstance(item, bool):
                     found.setdefault(field, float(item))
-            stack.extend(reversed(list(value.values())))
+            stack.extend((item, key == "usage") for key, item in reversed(list(value.items())))
         elif isinstance(value, list):
-            stack.extend(reversed(value))
+            stack.extend((item, False) for item in reversed(value))
     return found
 
 
