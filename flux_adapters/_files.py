@@ -212,15 +212,11 @@ def remove_partial_files(folder: Path) -> int:
     return removed
 
 
-def read_text_file(path: Path, limit: int = 16 * 1024 * 1024) -> str:
-    """The UTF-8 text of the regular file *path*, at most *limit* bytes.
-
-    Opened without blocking, so a FIFO or a device in its place is refused instead of waited on.
+def read_bytes_file(path: Path, limit: int = 16 * 1024 * 1024) -> bytes:
+    """The bytes of the regular file *path*, at most *limit*: `read_text_file` without decoding.
 
     Raises:
-        OSError: It cannot be read, is not a regular file (``EINVAL``) or is too large
-            (``EFBIG``); ``strerror`` says which.
-        UnicodeDecodeError: It is not UTF-8 text.
+        OSError: As `read_text_file`.
     """
     import errno
 
@@ -231,4 +227,17 @@ def read_text_file(path: Path, limit: int = 16 * 1024 * 1024) -> str:
         data = stream.read(limit + 1)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
-    return data.decode("utf-8")
+    return data
+
+
+def read_text_file(path: Path, limit: int = 16 * 1024 * 1024) -> str:
+    """The UTF-8 text of the regular file *path*, at most *limit* bytes.
+
+    Opened without blocking, so a FIFO or a device in its place is refused instead of waited on.
+
+    Raises:
+        OSError: It cannot be read, is not a regular file (``EINVAL``) or is too large
+            (``EFBIG``); ``strerror`` says which.
+        UnicodeDecodeError: It is not UTF-8 text.
+    """
+    return read_bytes_file(path, limit).decode("utf-8")

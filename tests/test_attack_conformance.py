@@ -8,6 +8,8 @@ redirects the protocol elsewhere, or echoes the key, replaces no cassette and le
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
 import socket
 import threading
@@ -29,9 +31,10 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
 from flux_adapters import errors
-from flux_adapters.conformance import RecordingFailed, _fault_control, record
+from flux_adapters.cli import main
+from flux_adapters.conformance import RecordingFailed, _fault_control, record, runner
 from flux_adapters.conformance._fault_control import FaultControl
-from flux_adapters.conformance.runner import reported_usage, run_scenario
+from flux_adapters.conformance.runner import reported_usage, run_scenario, scan_for_secrets
 from flux_adapters.conformance.scenarios import by_id
 from flux_adapters.emulator import Fault
 from flux_adapters.jobs import Done, Job, Pending
@@ -292,3 +295,92 @@ def test_nimbus_usage_in_other_units_fails_naming_what_was_reported() -> None:
         "text-to-image: the provider reported credits_used 4; the result's usage says 400"
     )
     assert run_scenario(real, by_id("text-to-image"), NIMBUS).outcome == "pass"
+
+
+# --- a cassette that is not one ----------------------------------------------------------------
+
+_ALIASES = "a: &a [x, x]\n" + "".join(
+    f"{chr(98 + n)}: &{chr(98 + n)} [*{chr(97 + n)}, *{chr(97 + n)}]\n" for n in range(20)
+)  # 2 ** 21 values once expanded
+NOT_CASSETTES = {
+    "not-utf8": (b"interactions:\n- request: \xff\xfe\n", "it is not UTF-8 text"),
+    "deep": (b"a: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "it nests deeper than 64 levels"),
+    "aliases": (
+        _ALIASES.encode(),
+        "it holds more than 1000000 values with its aliases expanded",
+    ),
+    "a-list": (b"- 1\n- 2\n", "it holds no list of interactions"),
+    "empty": (b"", "it holds no list of interactions"),
+    "number": (b"interactions: 42\n", "it holds no list of interactions"),
+    "not-an-exchange": (b"interactions:\n- 42\n", "an interaction is not a request and a response"),
+    "syntax": (b"interactions: [unclosed\n", "ParserError: while parsing a flow sequence"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_CASSETTES))
+def test_a_file_that_is_no_cassette_fails_its_scenario_and_says_why(
+    tmp_path: Path, name: str
+) -> None:
+    """Not an exception out of the suite (the whole report lost), nor a crashed process: a
+    hundred thousand nested brackets made PyYAML's C loader overflow the stack."""
+    folder = tmp_path / "laozhang"
+    shutil.copytree(ROOT / "cassettes" / "laozhang", folder)
+    content, why = NOT_CASSETTES[name]
+    (folder / "text-to-image.yaml").write_bytes(content)
+    verdict = run_scenario(get_adapter("laozhang"), by_id("text-to-image"), folder)
+    assert verdict.outcome == "fail"
+    assert verdict.detail.startswith(
+        f"text-to-image: {folder / 'text-to-image.yaml'} cannot be read as a cassette ({why}"
+    )
+    assert run_scenario(get_adapter("laozhang"), by_id("explicit-size"), folder).outcome == "pass"
+    if name in ("deep", "aliases"):  # the scan says it cannot search it, rather than pass it
+        [finding] = scan_for_secrets(folder)
+        assert finding.endswith(f"YAML that cannot be scanned as parsed ({why})")
+
+
+def test_a_cassette_too_large_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "CASSETTE_BYTES", 1024)
+    folder = tmp_path / "laozhang"
+    shutil.copytree(ROOT / "cassettes" / "laozhang", folder)
+    (folder / "text-to-image.yaml").write_bytes(b"#" * 4096)
+    verdict = run_scenario(get_adapter("laozhang"), by_id("text-to-image"), folder)
+    assert verdict.detail.endswith("cannot be read as a cassette (larger than 1024 bytes)")
+    assert any(
+        "text-to-image.yaml:1: a file that cannot be scanned (larger than 1024 bytes)" in finding
+        for finding in scan_for_secrets(folder)
+    )
+
+
+def test_the_command_reports_every_scenario_when_cassettes_are_hostile(tmp_path: Path) -> None:
+    folder = tmp_path / "cassettes" / "laozhang"
+    shutil.copytree(ROOT / "cassettes" / "laozhang", folder)
+    for name, (content, _) in zip(
+        ["text-to-image", "explicit-size", "portrait-size", "seed-and-format"],
+        [NOT_CASSETTES["not-utf8"], NOT_CASSETTES["deep"], NOT_CASSETTES["aliases"], (b"", "")],
+        strict=True,
+    ):
+        (folder / f"{name}.yaml").unlink()
+        if not content:
+            os.mkfifo(folder / f"{name}.yaml")  # opened, it would block forever
+        else:
+            (folder / f"{name}.yaml").write_bytes(content)
+    out, err = io.StringIO(), io.StringIO()
+    code = main(
+        [
+            "conformance",
+            "-p",
+            "laozhang",
+            "--cassettes",
+            str(tmp_path / "cassettes"),
+            "--report-dir",
+            str(tmp_path / "out"),
+        ],
+        out=out,
+        err=err,
+    )
+    assert code == 1, err.getvalue()
+    report = out.getvalue()
+    for name in ["text-to-image", "explicit-size", "portrait-size", "seed-and-format"]:
+        assert f"| `{name}` | FAIL |" in report
+    assert "| `reference-by-url` | pass |" in report
+    assert "is not a regular file" in report

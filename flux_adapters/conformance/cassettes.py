@@ -76,6 +76,7 @@ __all__ = [
     "query_matcher",
     "scrub_request",
     "scrub_response",
+    "yaml_problem",
 ]
 
 BOUNDARY: Final = "flux-multipart-boundary"
@@ -605,6 +606,10 @@ class SecretScan:
         found: dict[tuple[int, str], None] = {}
         for number, line in enumerate(text.splitlines(), start=1):
             found.update(dict.fromkeys((number, kind) for kind in self._in_text(line)))
+        problem = yaml_problem(text)
+        if problem:  # its values cannot be searched as parsed: say so rather than pass it
+            found[(1, f"YAML that cannot be scanned as parsed ({problem})")] = None
+            return sorted(found, key=lambda finding: finding[0])
         try:
             root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except yaml.YAMLError:
@@ -827,8 +832,61 @@ def credential_matcher(names: Iterable[str]) -> Callable[[Any, Any], None]:
     return match
 
 
+YAML_DEPTH: Final = 64
+"""The deepest a cassette's YAML may nest: a recorded one nests a dozen levels; PyYAML's C
+loader builds deeper documents by recursion, and crashes the process (a segmentation fault)
+on one nested a hundred thousand levels."""
+YAML_NODES: Final = 1_000_000
+"""The most values a cassette's YAML may hold once its aliases are expanded: twenty anchors,
+each two aliases of the one before, are a million values in a few lines (a "billion laughs")."""
+
+
+def yaml_problem(text: str) -> str:
+    """Why *text* is no YAML a recording writes, from its events alone (empty: it may be one).
+
+    Nested deeper than `YAML_DEPTH`, or more than `YAML_NODES` values with every alias
+    expanded (as a walk of it, or ``str()`` of it, expands them). Reading events recurses
+    nowhere, so this is safe on any text; a syntax error is left to the loader.
+    """
+    import yaml
+
+    sizes: dict[str, int] = {}  # anchor -> the values it stands for, expanded
+    open_: list[list[Any]] = [[None, 0]]  # [anchor, values so far] of each collection open
+
+    def add(count: int) -> bool:
+        total: int = open_[-1][1] + count
+        open_[-1][1] = total
+        return total > YAML_NODES
+
+    try:
+        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
+                open_.append([event.anchor, 1])
+                if len(open_) - 1 > YAML_DEPTH:
+                    return f"it nests deeper than {YAML_DEPTH} levels"
+                continue
+            if isinstance(event, yaml.SequenceEndEvent | yaml.MappingEndEvent):
+                anchor, count = open_.pop()
+            elif isinstance(event, yaml.ScalarEvent):
+                anchor, count = event.anchor, 1
+            elif isinstance(event, yaml.AliasEvent):
+                anchor, count = None, sizes.get(event.anchor or "", 1)
+            else:
+                continue
+            if anchor:
+                sizes[anchor] = count
+            if add(count):
+                return f"it holds more than {YAML_NODES} values with its aliases expanded"
+    except yaml.YAMLError:
+        return ""
+    return ""
+
+
 class _Serializer:
-    """vcrpy's YAML, plus a ``recorded`` block saying where and when the cassette was made."""
+    """vcrpy's YAML, plus a ``recorded`` block saying where and when the cassette was made.
+
+    Reading refuses YAML no recording writes (`yaml_problem`) with a ``ValueError``.
+    """
 
     @staticmethod
     def serialize(cassette: dict[str, Any]) -> str:
@@ -843,6 +901,9 @@ class _Serializer:
     def deserialize(text: str) -> dict[str, Any]:
         from vcr.serializers import yamlserializer
 
+        problem = yaml_problem(text)
+        if problem:
+            raise ValueError(f"not a cassette: {problem}")
         data: dict[str, Any] = yamlserializer.deserialize(text)
         return data
 

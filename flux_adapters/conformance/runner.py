@@ -49,7 +49,7 @@ import httpx
 from attrs import define, frozen
 
 from flux_adapters import errors
-from flux_adapters._files import read_text_file
+from flux_adapters._files import read_bytes_file, read_text_file
 from flux_adapters._flows import first_request, is_job_adapter, resolve
 from flux_adapters._redact import Redactor
 from flux_adapters._transport import bounded_http_client
@@ -639,7 +639,9 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
         )
     if not path.is_file():  # a FIFO or device would hang the replay: stat it, never open it
         return verdict("fail", f"{scenario.id}: {path} is not a regular file")
-    data = _Serializer.deserialize(read_text_file(path))
+    data, unreadable = _read_cassette(path)
+    if unreadable:
+        return verdict("fail", f"{scenario.id}: {path} cannot be read as a cassette ({unreadable})")
     recorded = _metadata(data)
     expect = scenario.expect
     assert not isinstance(expect, RaisesBeforeIO)
@@ -677,6 +679,41 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
             "fail", f"{scenario.id}: {unplayed} recorded request(s) were never made", recorded
         )
     return verdict("pass", "", recorded)
+
+
+CASSETTE_BYTES: Final = 16 * 1024 * 1024
+"""The largest cassette a replay reads (the suite's own are a few kB; images are digests)."""
+
+
+def _read_cassette(path: Path) -> tuple[dict[str, Any], str]:
+    """The cassette at *path*, or why it cannot be one: that scenario's failure, not the report's.
+
+    Why: a file that is too large, not UTF-8, not YAML, YAML no recording writes, or not the
+    shape vcrpy writes (a mapping with a list of interactions, each a request and a response).
+    """
+    try:
+        data: object = _Serializer.deserialize(read_text_file(path, limit=CASSETTE_BYTES))
+    except OSError as exc:
+        return {}, exc.strerror or type(exc).__name__
+    except UnicodeDecodeError:
+        return {}, "it is not UTF-8 text"
+    except RecursionError:
+        return {}, "it is nested too deeply"
+    except ValueError as exc:  # _Serializer: YAML no recording writes
+        return {}, str(exc).removeprefix("not a cassette: ")
+    except Exception as exc:  # yaml.YAMLError and what vcrpy raises on a file it did not write
+        return {}, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    interactions = data.get("interactions") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(interactions, list):
+        return {}, "it holds no list of interactions"
+    if not all(
+        isinstance(item, dict)
+        and isinstance(item.get("request"), dict)
+        and isinstance(item.get("response"), dict)
+        for item in interactions
+    ):
+        return {}, "an interaction is not a request and a response"
+    return data, ""
 
 
 def _record_command(adapter: AnyAdapter, cassettes: Path) -> str:
@@ -1195,12 +1232,18 @@ def _scan(
     folder: Path, keys: Iterable[str], credentials: Iterable[str] = ()
 ) -> list[tuple[Path, int, str]]:
     scan = SecretScan(keys, credentials=credentials)
-    return [
-        (path, line, kind)
-        for path in sorted(folder.rglob("*.yaml"))
-        if path.is_file()  # stat only: a FIFO named like a cassette is never opened
-        for line, kind in scan.findings(path.read_text(encoding="utf-8", errors="replace"))
-    ]
+    found: list[tuple[Path, int, str]] = []
+    for path in sorted(folder.rglob("*.yaml")):
+        if not path.is_file():  # stat only: a FIFO named like a cassette is never opened
+            continue
+        try:
+            data = read_bytes_file(path, CASSETTE_BYTES)
+        except OSError as exc:  # too large, or gone: not scanned, so not passed either
+            found.append((path, 1, f"a file that cannot be scanned ({exc.strerror})"))
+            continue
+        text = data.decode("utf-8", errors="replace")
+        found += [(path, line, kind) for line, kind in scan.findings(text)]
+    return found
 
 
 def scan_for_secrets(
