@@ -34,12 +34,14 @@ from flux_adapters import errors
 from flux_adapters.cli import main
 from flux_adapters.conformance import RecordingFailed, _fault_control, record, runner
 from flux_adapters.conformance._fault_control import FaultControl
+from flux_adapters.conformance.mutation import render, score
 from flux_adapters.conformance.runner import reported_usage, run_scenario, scan_for_secrets
 from flux_adapters.conformance.scenarios import by_id
 from flux_adapters.emulator import Fault
 from flux_adapters.jobs import Done, Job, Pending
 from flux_adapters.limits import Plan
 from flux_adapters.providers import AnyAdapter, get_adapter
+from flux_adapters.providers.laozhang import LaozhangAdapter
 from flux_adapters.request import EditRequest
 from flux_adapters.wire import HttpRequest, HttpResponse
 from tests.test_fault_control import PIXELFORGE_CASSETTES, ROOT, _snapshot, serve
@@ -384,3 +386,34 @@ def test_the_command_reports_every_scenario_when_cassettes_are_hostile(tmp_path:
         assert f"| `{name}` | FAIL |" in report
     assert "| `reference-by-url` | pass |" in report
     assert "is not a regular file" in report
+
+
+# --- the mutation harness, given nothing to judge with ------------------------------------------
+
+
+class _RaisesEverywhere(LaozhangAdapter):
+    def build_request(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+        raise RuntimeError("not written yet")
+
+
+@pytest.mark.parametrize(
+    ("adapter", "cassettes", "why"),
+    [
+        (LaozhangAdapter(), "missing", "there are no cassettes at "),
+        (
+            _RaisesEverywhere(),
+            "laozhang",
+            "the real adapter passes no scenario that sends a request",
+        ),
+    ],
+    ids=["no-cassettes", "adapter-that-raises"],
+)
+def test_no_mutant_is_called_a_survivor_when_nothing_could_judge_it(
+    adapter: AnyAdapter, cassettes: str, why: str
+) -> None:
+    """They were reported as 57 survivors at 0 %, each "not reached by any scenario"."""
+    outcome = score(adapter, ROOT / "cassettes" / cassettes)
+    assert outcome.results == ()
+    assert outcome.problem.startswith(f"no mutant can be judged: {why}")
+    assert not outcome.reached
+    assert "Survivors: none" in render([outcome])

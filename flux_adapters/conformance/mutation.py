@@ -381,6 +381,22 @@ def score(
             seconds=time.perf_counter() - started,
             problem=f"the real adapter could not be run: {type(exc).__name__}: {_clip(str(exc))}",
         )
+    excluded = tuple(v.scenario for v in base.verdicts if v.outcome == "fail")
+    if not base.exchanged:
+        # Nothing a mutant changes could be told apart: its "survival" would be no verdict at
+        # all. Missing cassettes, or a real adapter that fails every scenario that sends.
+        why = (
+            f"there are no cassettes at {cassettes}"
+            if not cassettes.is_dir()
+            else "the real adapter passes no scenario that sends a request"
+        )
+        return ProviderScore(
+            provider=name,
+            results=(),
+            seconds=time.perf_counter() - started,
+            excluded=excluded,
+            problem=f"no mutant can be judged: {why}",
+        )
     results = []
     for mutant in chosen:
         try:
@@ -399,7 +415,7 @@ def score(
         provider=name,
         results=tuple(results),
         seconds=time.perf_counter() - started,
-        excluded=tuple(v.scenario for v in base.verdicts if v.outcome == "fail"),
+        excluded=excluded,
     )
 
 
