@@ -265,7 +265,8 @@ class LocalAdapter(LaozhangAdapter):
 
 
 def test_score_all_scores_in_workers_and_here_what_a_worker_cannot_take(tmp_path: Path) -> None:
-    # Empty cassette folders: every mutant is judged on the refusals only, so this is quick.
+    # No cassette folders: each provider is scored (here or in a worker) to "nothing to judge
+    # with", so this is quick.
     unpicklable = LocalAdapter()
     unpicklable.reason = lambda: None  # type: ignore[attr-defined]  # a lambda does not pickle
     targets: list[tuple[AnyAdapter, Path]] = [
@@ -274,8 +275,12 @@ def test_score_all_scores_in_workers_and_here_what_a_worker_cannot_take(tmp_path
     ]
     scores = score_all(targets, workers=2)
     assert [s.provider for s in scores] == ["apiyi", "laozhang"]
-    assert all(s.mutants > 0 and not s.problem for s in scores)
-    assert all(s.killed == 0 for s in scores)  # no cassette: nothing sent is ever compared
+    # No cassette: nothing sent is ever compared, so no mutant is called a survivor either.
+    assert all(s.mutants == 0 for s in scores)
+    assert all(
+        s.problem == f"no mutant can be judged: there are no cassettes at {tmp_path / s.provider}"
+        for s in scores
+    )
 
 
 def result_of(status: str, operator: str = "drop-field") -> MutantResult:
