@@ -720,9 +720,26 @@ def body_matcher(live: Any, recorded: Any) -> None:
     raise AssertionError("body differs")
 
 
-def _query_pairs(uri: str) -> list[tuple[str, str]]:
-    """The query's pairs, in order, a parameter without a value kept (``?debug``, ``?seed=``)."""
-    return parse_qsl(urlsplit(uri).query, keep_blank_values=True)
+def _named_difference(
+    sent: Mapping[str, Any], kept: Mapping[str, Any], shown: Callable[[Any], str] = repr
+) -> str:
+    """The first name (in order) whose value *sent* and the recording *kept* disagree on."""
+    for name in sorted(set(sent) | set(kept)):
+        if name not in kept:
+            return f"{name} is sent but was not recorded"
+        if name not in sent:
+            return f"{name} was recorded but is not sent"
+        if sent[name] != kept[name]:
+            return f"{name} is {shown(sent[name])}; the recording has {shown(kept[name])}"
+    return ""
+
+
+def _query_values(uri: str) -> dict[str, list[str]]:
+    """The query's values by name, a parameter without a value kept (``?debug``, ``?seed=``)."""
+    values: dict[str, list[str]] = {}
+    for name, value in sorted(parse_qsl(urlsplit(uri).query, keep_blank_values=True)):
+        values.setdefault(name, []).append(value)
+    return values
 
 
 def query_matcher(live: Any, recorded: Any) -> None:
@@ -731,22 +748,10 @@ def query_matcher(live: Any, recorded: Any) -> None:
     vcrpy's own ``query`` matcher drops a parameter with no value (``?debug``, ``?seed=``), which
     a provider may well read. Order does not matter; how many times a parameter is given does.
     """
-    sent, kept = sorted(_query_pairs(live.uri)), sorted(_query_pairs(recorded.uri))
-    if sent == kept:
-        return
-    for name in sorted({name for name, _ in sent} | {name for name, _ in kept}):
-        mine = [value for key, value in sent if key == name]
-        theirs = [value for key, value in kept if key == name]
-        if not theirs:
-            raise AssertionError(f"query differs: {name} is sent but was not recorded")
-        if not mine:
-            raise AssertionError(f"query differs: {name} was recorded but is not sent")
-        if mine != theirs:
-            raise AssertionError(
-                f"query differs: {name} is {', '.join(map(repr, mine))}; "
-                f"the recording has {', '.join(map(repr, theirs))}"
-            )
-    raise AssertionError("query differs")
+    sent, kept = _query_values(live.uri), _query_values(recorded.uri)
+    if sent != kept:
+        difference = _named_difference(sent, kept, lambda values: ", ".join(map(repr, values)))
+        raise AssertionError(f"query differs: {difference}")
 
 
 VOLATILE_HEADERS: Final = frozenset(
@@ -767,6 +772,12 @@ PRESENCE_HEADERS: Final = frozenset(
 """Request headers compared by presence only: their value changes from one run to the next."""
 
 
+def _credential_names(names: Iterable[str]) -> Callable[[str], bool]:
+    """Whether a header carries a credential: one of `CREDENTIAL_NAMES` or of *names*."""
+    known = CREDENTIAL_NAMES | {_normal(name) for name in names}
+    return lambda name: _normal(name) in known
+
+
 def header_matcher(names: Iterable[str] = ()) -> Callable[[Any, Any], None]:
     """A vcrpy matcher: every request header that is not volatile is sent as recorded.
 
@@ -775,13 +786,13 @@ def header_matcher(names: Iterable[str] = ()) -> Callable[[Any, Any], None]:
     `VOLATILE_HEADERS` not at all. Credential headers (the common names and the adapter's own
     *names*) are left to `credential_matcher`, which never compares their values.
     """
-    own = {_normal(name) for name in names}
+    credential = _credential_names(names)
 
     def shown(request: Any) -> dict[str, str]:
         kept: dict[str, str] = {}
         for name in request.headers:
             lowered = name.lower()
-            if lowered in VOLATILE_HEADERS or _normal(name) in CREDENTIAL_NAMES | own:
+            if lowered in VOLATILE_HEADERS or credential(name):
                 continue
             value = str(request.headers[name])
             kept[lowered] = "(any value)" if lowered in PRESENCE_HEADERS else value
@@ -789,15 +800,8 @@ def header_matcher(names: Iterable[str] = ()) -> Callable[[Any, Any], None]:
 
     def match(live: Any, recorded: Any) -> None:
         sent, kept = shown(live), shown(recorded)
-        for name in sorted(set(sent) | set(kept)):
-            if name not in kept:
-                raise AssertionError(f"header differs: {name} is sent but was not recorded")
-            if name not in sent:
-                raise AssertionError(f"header differs: {name} was recorded but is not sent")
-            if sent[name] != kept[name]:
-                raise AssertionError(
-                    f"header differs: {name} is {sent[name]!r}; the recording has {kept[name]!r}"
-                )
+        if sent != kept:
+            raise AssertionError(f"header differs: {_named_difference(sent, kept)}")
 
     return match
 
@@ -810,12 +814,12 @@ def credential_matcher(names: Iterable[str]) -> Callable[[Any, Any], None]:
     key (``Bearer``, ``Key``, ``Token``, or none), so ``Authorization: Bearer`` sent where the
     provider takes ``x-key`` is a difference.
     """
-    own = {_normal(name) for name in names}
+    credential = _credential_names(names)
 
     def signature(request: Any) -> list[str]:
         shown = []
         for name in sorted(request.headers, key=str.lower):
-            if _normal(name) in CREDENTIAL_NAMES or _normal(name) in own:
+            if credential(name):
                 words = str(request.headers[name]).split(None, 1)
                 scheme = words[0] + " " if len(words) == 2 else ""
                 shown.append(f"{name.lower()}: {scheme}<key>")
