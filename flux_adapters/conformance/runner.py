@@ -1038,7 +1038,7 @@ def _exchanges(folder: Path) -> tuple[int, int]:
     """
     exchanges = paid = 0
     for path in folder.glob("*.yaml"):
-        interactions = _Serializer.deserialize(read_text_file(path)).get("interactions") or []
+        interactions = _read_cassette(path)[0].get("interactions") or []
         exchanges += len(interactions)
         if interactions:
             code = interactions[0].get("response", {}).get("status", {}).get("code", 0)
