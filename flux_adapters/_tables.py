@@ -19,8 +19,9 @@ __all__ = ["billing_table", "limits_table", "models_table", "render", "rewrite"]
 
 
 def _refs(limits: ModelLimits) -> str:
+    # The notation of every other range here and of the violations (`IntRange`): "0..8".
     low, high = limits.images.low, limits.images.high
-    return str(low) if low == high else f"{low}–{high}"
+    return str(low) if low == high else f"{low}..{high}"
 
 
 def models_table() -> str:

@@ -140,7 +140,7 @@ def test_models_lists_nimbus_with_the_package_it_comes_from() -> None:
     assert finished.returncode == 0, finished.stderr
     assert "\nnimbus (entry point of nimbus-flux)\n" in finished.stdout
     section = finished.stdout.split("nimbus (entry point of nimbus-flux)")[1]
-    assert "| `flux-2-pro` | `flux.2-pro` | 0–6 |" in section
+    assert "| `flux-2-pro` | `flux.2-pro` | 0..6 |" in section
     assert "flux-2-pro $0.04 per call" in section
 
 
