@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
+# The docs tools (the `docs` dependency group) have a stamp of their own: `make install` and
+# `make pytest` do not need them, the docs targets install them on first use.
+DOCS_STAMP := $(VENV)/.installed-docs
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint typecheck pytest package bench docs cassettes conformance mutation clean
+.PHONY: help install demo test lint typecheck pytest package bench docs docs-build cassettes conformance mutation clean
 
 help: ## Show the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,6 +23,10 @@ $(STAMP): pyproject.toml examples/nimbus/pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the project with its test tools.
+
+$(DOCS_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet --group docs
+	@touch $(DOCS_STAMP)
 
 demo: $(STAMP) ## The main job offline: edit two bundled images on the emulator, save out/demo.png.
 	$(BIN)/python examples/demo.py
@@ -37,7 +44,7 @@ pytest: $(STAMP) ## The test suite (no network: MockTransport and loopback only)
 package: $(STAMP) ## Build the sdist and wheel; install the wheel in fresh venvs, one per extra, and use it.
 	PYTHON=$(BIN)/python bash .ci/package-check
 
-test: lint typecheck pytest mutation package ## Every check: ruff, mypy --strict, pytest, the mutation score, the built package.
+test: lint typecheck pytest mutation package docs-build ## Every check: ruff, mypy --strict, pytest, the mutation score, the built package, the docs site.
 
 bench: $(STAMP) ## Benchmarks against a loopback server, side by side with plain httpx.
 	$(BIN)/python benchmarks/run.py
@@ -57,8 +64,18 @@ conformance: $(STAMP) ## Replay the conformance cassettes; report in out/conform
 mutation: $(STAMP) ## Mutation score: the suite against wire mutants of each built-in adapter.
 	$(BIN)/flux-adapters conformance --mutate --cassettes cassettes --report-dir out
 
-docs: $(STAMP) ## Regenerate the generated tables (limits, billing rule) in README.md and docs/.
+docs: $(DOCS_STAMP) ## Regenerate the tables (limits, billing rule) in README.md and docs/, then build the site.
 	$(BIN)/python -m flux_adapters._tables README.md docs/routing.md docs/providers/*.md
+	$(MAKE) docs-build
 
-clean: ## Remove .venv and caches.
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache out
+# `test` builds the site without regenerating the tables first: a table that no longer matches
+# the code fails tests/test_docs.py instead of being rewritten in place. --strict turns every
+# warning (a broken link or anchor, a page outside the nav, a docstring griffe cannot read) into
+# a failure. Nothing is fetched: no fonts, no social cards, no external inventories (it builds
+# with the network unplugged). NO_MKDOCS_2_WARNING hides Material's banner announcing its end of
+# life (May 2027, succeeded by Zensical): news about the theme, not a problem in the docs.
+docs-build: $(DOCS_STAMP) ## Build the docs site into site/ with mkdocs --strict (offline, about 5 s).
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+clean: ## Remove .venv, caches and the built site.
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache out site
