@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-test
+STAMP  := $(VENV)/.installed-dev
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint typecheck pytest package bench docs cassettes conformance mutation clean
@@ -10,16 +10,18 @@ STAMP  := $(VENV)/.installed-test
 help: ## Show the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-# examples/nimbus is a provider package of its own, installed as a user would install one: pip
-# puts its entry point where flux-adapters finds "nimbus" (see docs/validating-a-provider.md).
+# The project in editable mode with the `dev` dependency group of pyproject.toml (every extra,
+# plus the test and lint tools; `--group` needs pip 25.1 or newer). examples/nimbus is a provider
+# package of its own, installed as a user would install one: pip puts its entry point where
+# flux-adapters finds "nimbus" (see docs/validating-a-provider.md).
 $(STAMP): pyproject.toml examples/nimbus/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --upgrade 'pip>=25.1'
+	$(BIN)/python -m pip install --quiet -e . --group dev
 	$(BIN)/python -m pip install --quiet -e 'examples/nimbus[sandbox]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the project with its test tools.
+install: $(STAMP) ## Create .venv: the project (editable), every extra, the test and lint tools.
 
 demo: $(STAMP) ## The main job offline: edit two bundled images on the emulator, save out/demo.png.
 	$(BIN)/python examples/demo.py
