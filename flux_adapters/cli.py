@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from flux_adapters import errors
 from flux_adapters._display import escape_controls
+from flux_adapters._version import __version__
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -224,6 +225,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(__doc__ or "").partition("\n\n")[2] or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     edit = commands.add_parser("edit", help="generate or edit an image and save it")

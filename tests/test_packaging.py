@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import flux_adapters
 from flux_adapters import errors
 from flux_adapters._extras import FEATURES, PROVIDED_BY, extra_imports, missing_extra
 
@@ -322,3 +323,17 @@ def test_the_speed_ups_and_the_display_fall_back_silently() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["Zmx1eA== AsyncHTTPTransport", "0 True ''"]
     assert result.stderr == ""
+
+
+# -- the command line's version ------------------------------------------------------------------
+
+
+def test_version_prints_the_package_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flux_adapters", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout == f"flux-adapters {flux_adapters.__version__}\n"
