@@ -36,7 +36,7 @@ typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks.
 pytest: $(STAMP) ## The test suite (no network: MockTransport and loopback only).
 	$(BIN)/pytest -q
 
-package: $(STAMP) ## Build the sdist and wheel; install the wheel in fresh venvs, one per extra, and use it.
+package: $(STAMP) ## Build the sdist and wheel, check their contents, use the wheel in fresh venvs (no extra, each extra).
 	PYTHON=$(BIN)/python bash .ci/package-check
 
 test: lint typecheck pytest mutation package ## Every check: ruff, mypy --strict, pytest, the mutation score, the built package.
