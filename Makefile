@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-test
+STAMP  := $(VENV)/.installed-dev
 # The docs tools (the `docs` dependency group) have a stamp of their own: `make install` and
 # `make pytest` do not need them, the docs targets install them on first use.
 DOCS_STAMP := $(VENV)/.installed-docs
@@ -13,16 +13,18 @@ DOCS_STAMP := $(VENV)/.installed-docs
 help: ## Show the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-# examples/nimbus is a provider package of its own, installed as a user would install one: pip
-# puts its entry point where flux-adapters finds "nimbus" (see docs/validating-a-provider.md).
+# The project in editable mode with the `dev` dependency group of pyproject.toml (every extra,
+# plus the test and lint tools; `--group` needs pip 25.1 or newer). examples/nimbus is a provider
+# package of its own, installed as a user would install one: pip puts its entry point where
+# flux-adapters finds "nimbus" (see docs/validating-a-provider.md).
 $(STAMP): pyproject.toml examples/nimbus/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --upgrade 'pip>=25.1'
+	$(BIN)/python -m pip install --quiet -e . --group dev
 	$(BIN)/python -m pip install --quiet -e 'examples/nimbus[sandbox]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the project with its test tools.
+install: $(STAMP) ## Create .venv: the project (editable), every extra, the test and lint tools.
 
 $(DOCS_STAMP): pyproject.toml | $(STAMP)
 	$(BIN)/python -m pip install --quiet --group docs
@@ -41,7 +43,7 @@ typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks.
 pytest: $(STAMP) ## The test suite (no network: MockTransport and loopback only).
 	$(BIN)/pytest -q
 
-package: $(STAMP) ## Build the sdist and wheel; install the wheel in fresh venvs, one per extra, and use it.
+package: $(STAMP) ## Build the sdist and wheel, check their contents, use the wheel in fresh venvs (no extra, each extra).
 	PYTHON=$(BIN)/python bash .ci/package-check
 
 test: lint typecheck pytest mutation package docs-build ## Every check: ruff, mypy --strict, pytest, the mutation score, the built package, the docs site.

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from flux_adapters import errors
 from flux_adapters._display import escape_controls
+from flux_adapters._version import __version__
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -224,6 +225,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(__doc__ or "").partition("\n\n")[2] or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     edit = commands.add_parser("edit", help="generate or edit an image and save it")
@@ -1158,6 +1160,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
     (errors.OutputError, EXIT_OUTPUT),
+    (errors.MissingExtraError, EXIT_CONFIG),
     (errors.RequestError, EXIT_REQUEST),
     (errors.ConfigurationError, EXIT_CONFIG),
     (errors.ResultExpired, EXIT_EXPIRED),
@@ -1165,19 +1168,6 @@ _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
     (errors.TransportError, EXIT_TRANSPORT),
     (errors.FluxError, EXIT_FAILED),
 )
-
-# The optional extra that provides each module a command may import.
-_EXTRA_FOR = {
-    "uvicorn": "emulator",
-    "starlette": "emulator",
-    "PIL": "emulator",
-    "multipart": "emulator",
-    "python_multipart": "emulator",
-    "rich": "cli",
-    "vcr": "conformance",
-    "yaml": "conformance",
-    "pytest": "conformance",
-}
 
 
 def _exit_code(error: errors.FluxError) -> int:
@@ -1281,10 +1271,14 @@ def main(
     except errors.FluxError as error:
         _say(err, f"flux-adapters: {type(error).__name__}: {_one_line(error)}")
         code = _exit_code(error)
-    except ModuleNotFoundError as exc:
-        extra = _EXTRA_FOR.get((exc.name or "").partition(".")[0])
-        hint = f"pip install 'flux-adapters[{extra}]'" if extra else "reinstall flux-adapters"
-        _say(err, f"flux-adapters: {exc.name or exc} is not installed; try: {hint}")
+    except ModuleNotFoundError as exc:  # not raised inside `extra_imports`: say the same
+        from flux_adapters._extras import missing_extra
+
+        missing = missing_extra(exc)
+        if missing is not None:
+            _say(err, f"flux-adapters: {type(missing).__name__}: {_one_line(missing)}")
+        else:
+            _say(err, f"flux-adapters: {_one_line(exc, 300)}; reinstall flux-adapters")
         code = EXIT_CONFIG
     except Exception as exc:
         if os.environ.get("FLUX_DEBUG") == "1":

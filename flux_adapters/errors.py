@@ -23,6 +23,7 @@ The tree::
     │   └── JobTimeout                the job passed its deadline (cancelled if the provider can)
     ├── ResultExpired                 the short-lived result URL is gone (403/404/410 on download)
     ├── OutputError                   an image could not be written where asked; nothing was lost upstream
+    ├── MissingExtraError             an optional extra is not installed (also ModuleNotFoundError)
     └── AllProvidersFailed            every candidate provider failed; ``attempts`` lists them
 
 An error that came after an asynchronous provider accepted the job carries it in ``job``:
@@ -56,6 +57,7 @@ __all__ = [
     "JobFailed",
     "JobNotFound",
     "JobTimeout",
+    "MissingExtraError",
     "ModelUnavailable",
     "Moderated",
     "OutputError",
@@ -379,6 +381,29 @@ class ResultExpired(FluxError):
 
     def __str__(self) -> str:
         return f"{self.args[0]} (HTTP {self.status_code} from {self.location})"
+
+
+class MissingExtraError(FluxError, ModuleNotFoundError):
+    """A feature needs a package of an optional extra that is not installed.
+
+    The message names the package and the command that installs it, e.g. ``pip install
+    'flux-adapters[emulator]'``. Also a ``ModuleNotFoundError`` (and so an ``ImportError``):
+    code that catches those keeps working.
+
+    Attributes:
+        name: The module that could not be imported, e.g. ``"PIL"`` (as on any ``ImportError``).
+        distribution: The package that provides it, e.g. ``"pillow"``.
+        extra: The extra that installs it, e.g. ``"emulator"``.
+    """
+
+    def __init__(self, message: str, *, name: str, distribution: str, extra: str) -> None:
+        ModuleNotFoundError.__init__(self, message, name=name)
+        self.distribution = distribution
+        self.extra = extra
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # ImportError keeps ``name`` outside __dict__; pickle gives it back through __setstate__.
+        return (*super().__reduce__(), {"name": self.name})
 
 
 class OutputError(FluxError):

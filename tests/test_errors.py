@@ -31,6 +31,9 @@ INSTANCES = [
     errors.Timeout("slow", provider="laozhang", sent=True),
     errors.ResultExpired("gone", status_code=403, location="cdn.example/x.png"),
     errors.OutputError("is a directory", path="out/robot.png"),
+    errors.MissingExtraError(
+        "the emulator needs starlette", name="starlette", distribution="starlette", extra="emulator"
+    ),
     errors.JobError("ended", provider="bfl", job_id="j-1", detail="why"),
     errors.Moderated("blocked", provider="bfl", job_id="j-1", stage="content", detail="flagged"),
     errors.JobFailed("failed", provider="fal", job_id="j-2", billed=False),

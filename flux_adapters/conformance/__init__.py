@@ -7,7 +7,8 @@
   cassette (every scenario passed, no secret in any form), and what it raises when not.
 - `ConformanceSuite` (``suite``): subclass it in one test module (needs pytest).
 
-Install the ``conformance`` extra (pytest, vcrpy). See docs/validating-a-provider.md.
+Install the ``conformance`` extra (pytest, vcrpy, PyYAML); without it, replaying or recording
+raises `errors.MissingExtraError`, which says what to install. See docs/validating-a-provider.md.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ from email.parser import BytesParser
 from typing import Any, Final
 from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus, urlsplit
 
+from flux_adapters._extras import extra_imports
 from flux_adapters._redact import FRAGMENT, MASK, Redactor, secret_forms
 
 __all__ = [
@@ -601,7 +602,8 @@ class SecretScan:
 
     def findings(self, text: str) -> list[tuple[int, str]]:
         """Every ``(line, kind)`` in the cassette *text*, in line order."""
-        import yaml
+        with extra_imports():
+            import yaml
 
         found: dict[tuple[int, str], None] = {}
         for number, line in enumerate(text.splitlines(), start=1):
@@ -852,7 +854,8 @@ def yaml_problem(text: str) -> str:
     expanded (as a walk of it, or ``str()`` of it, expands them). Reading events recurses
     nowhere, so this is safe on any text; a syntax error is left to the loader.
     """
-    import yaml
+    with extra_imports():
+        import yaml
 
     sizes: dict[str, int] = {}  # anchor -> the values it stands for, expanded
     open_: list[list[Any]] = [[None, 0]]  # [anchor, values so far] of each collection open
@@ -894,7 +897,8 @@ class _Serializer:
 
     @staticmethod
     def serialize(cassette: dict[str, Any]) -> str:
-        from vcr.serializers import yamlserializer
+        with extra_imports():
+            from vcr.serializers import yamlserializer
 
         meta = RECORDING.get()
         if meta is not None:
@@ -903,7 +907,8 @@ class _Serializer:
 
     @staticmethod
     def deserialize(text: str) -> dict[str, Any]:
-        from vcr.serializers import yamlserializer
+        with extra_imports():
+            from vcr.serializers import yamlserializer
 
         problem = yaml_problem(text)
         if problem:
@@ -927,7 +932,8 @@ def make_vcr(
             sends (replay), so that a key is found in the same places on both sides.
         credentials: The adapter's own credential names (see `Scrubber`).
     """
-    import vcr
+    with extra_imports():
+        import vcr
 
     scrubber = Scrubber(secrets, rewrite, credentials)
     recorder = vcr.VCR(

@@ -701,6 +701,8 @@ def _read_cassette(path: Path) -> tuple[dict[str, Any], str]:
         return {}, "it is nested too deeply"
     except ValueError as exc:  # _Serializer: YAML no recording writes
         return {}, str(exc).removeprefix("not a cassette: ")
+    except errors.MissingExtraError:
+        raise  # no cassette can be read: the whole run stops, naming what to install
     except Exception as exc:  # yaml.YAMLError and what vcrpy raises on a file it did not write
         return {}, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     interactions = data.get("interactions") if isinstance(data, dict) else None

@@ -24,7 +24,8 @@ Deviations are declared in ``deviations.toml`` beside the cassettes (`read_devia
     [deviations]
     error-429 = "answers 503 instead of 429 when rate limited"
 
-Needs the ``conformance`` extra (pytest and vcrpy).
+Needs the ``conformance`` extra (pytest and vcrpy); without it, importing this module raises
+`errors.MissingExtraError`, which says what to install.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
-import pytest
-
+from flux_adapters._extras import extra_imports
 from flux_adapters.conformance.runner import (
     credential_names,
     read_deviations,
@@ -44,6 +44,9 @@ from flux_adapters.conformance.runner import (
 )
 from flux_adapters.conformance.scenarios import SCENARIOS, Scenario
 from flux_adapters.providers import AnyAdapter
+
+with extra_imports():
+    import pytest
 
 __all__ = ["ConformanceSuite"]
 

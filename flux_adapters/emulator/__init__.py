@@ -1,6 +1,8 @@
 """A loopback server that speaks every provider's dialect, for demos and tests without a key.
 
-Needs the ``emulator`` extra (Starlette, uvicorn, Pillow, python-multipart)::
+Needs the ``emulator`` extra (Starlette, uvicorn, Pillow, python-multipart); without it this
+module still imports, and `run_emulator` and `serve` raise `errors.MissingExtraError`, which names
+the missing package and ``pip install 'flux-adapters[emulator]'``::
 
     from flux_adapters import EditRequest, FluxClient
     from flux_adapters.emulator import Fault, run_emulator
@@ -41,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final
 
+from flux_adapters._extras import extra_imports
 from flux_adapters.emulator._faults import Billed, Call, Fault, _Armed
 
 if TYPE_CHECKING:
@@ -219,8 +222,13 @@ def run_emulator(
             this many seconds of connecting, or of its previous answer.
         pending_polls: Polls a BFL or fal job answers as not done before it ends (2 by default,
             so that a client meets pending answers); a fault's ``pending`` overrides it.
+
+    Raises:
+        MissingExtraError: The ``emulator`` extra is not installed (the message says what to
+            install).
     """
-    from flux_adapters.emulator._server import build_server  # lazy: needs the emulator extra
+    with extra_imports():  # lazy: needs the emulator extra
+        from flux_adapters.emulator._server import build_server
 
     state = _state(
         ttl=ttl,
@@ -271,9 +279,11 @@ def serve(
     The other arguments are those of `run_emulator`.
 
     Raises:
+        MissingExtraError: The ``emulator`` extra is not installed.
         OSError: The port is in use (or the address cannot be bound), before *on_ready* is called.
     """
-    from flux_adapters.emulator._server import build_server  # lazy: needs the emulator extra
+    with extra_imports():  # lazy: needs the emulator extra
+        from flux_adapters.emulator._server import build_server
 
     state = _state(
         ttl=ttl,

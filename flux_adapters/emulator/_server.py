@@ -15,6 +15,11 @@ import socket
 from typing import ClassVar
 
 import h11
+
+# Starlette needs python-multipart for apiyi's multipart endpoint, and finds it missing only on
+# the first such request (an AssertionError, a 500); imported here, its absence stops the start
+# with the install hint (every import of this module is inside `extra_imports`).
+import python_multipart  # noqa: F401
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol

@@ -2,7 +2,8 @@
 
 Public, for sandboxes of providers in other packages (``examples/nimbus`` and
 ``examples/pixelforge`` use it): a server that stands in for a provider answers with the images
-the emulator draws. Needs the ``emulator`` extra (Pillow)::
+the emulator draws. Needs the ``emulator`` extra (Pillow; without it, importing this module
+raises `errors.MissingExtraError`)::
 
     from flux_adapters.emulator.images import decode, encode, placeholder, render
 
@@ -25,7 +26,10 @@ import random
 from collections.abc import Sequence
 from typing import Final
 
-from PIL import Image, ImageDraw, ImageOps
+from flux_adapters._extras import extra_imports
+
+with extra_imports():
+    from PIL import Image, ImageDraw, ImageOps
 
 __all__ = ["FORMATS", "decode", "encode", "placeholder", "render"]
 
