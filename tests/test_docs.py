@@ -30,13 +30,12 @@ def test_every_provider_has_a_page() -> None:
 
 
 # Links from the docs site to files outside docs/ (examples, tests) point at the repository on
-# GitHub, where the site's reader can follow them; README.md links relatively, or the same way.
-# `mkdocs build --strict` (make docs-build) checks the links between pages of docs/; these two
-# tests check the rest, offline, against this checkout.
+# GitHub, where the site's reader can follow them. `mkdocs build --strict` (make docs-build)
+# checks the links between pages of docs/; this test checks the rest, offline, against this
+# checkout. README.md's links are checked by tests/test_packaging.py.
 REPOSITORY = "https://github.com/flux-adapters/flux-adapters/"
 _REPOSITORY_LINK = re.compile(re.escape(REPOSITORY) + r"(?:blob|tree)/main/([^)\s#>\"'`]+)")
-_MARKDOWN_LINK = re.compile(r"\]\((?!https?://|#|mailto:)([^)\s#]+)(?:#[^)\s]*)?\)")
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+DOCUMENTS = sorted((ROOT / "docs").rglob("*.md"))
 
 
 @pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: str(path.relative_to(ROOT)))
@@ -44,10 +43,3 @@ def test_links_into_the_repository_name_files_that_exist(path: Path) -> None:
     targets = _REPOSITORY_LINK.findall(path.read_text())
     missing = [target for target in targets if not (ROOT / target).exists()]
     assert not missing, f"{path.name} links to files this repository does not have: {missing}"
-
-
-def test_the_readme_links_to_files_that_exist() -> None:
-    targets = _MARKDOWN_LINK.findall((ROOT / "README.md").read_text())
-    assert targets  # the pattern still finds the README's links
-    missing = [target for target in targets if not (ROOT / target).exists()]
-    assert not missing, f"README.md links to files this repository does not have: {missing}"
