@@ -27,9 +27,11 @@ import httpx
 from flux_adapters._backoff import backoff
 from flux_adapters._display import escape_controls
 from flux_adapters._files import (
+    IMAGE_FORMATS,
     SNIFF_BYTES,
     TAIL_BYTES,
     atomic_image,
+    format_name,
     image_format,
     image_is_whole,
 )
@@ -125,8 +127,14 @@ class _ImageBody:
         )
 
     def _not_image(self) -> ResponseFormatError:
-        kind = self._response.headers.get("content-type", "no content type")[:60]
-        what = "empty" if not self._size else f"not an image ({kind}, {self._size}+ bytes)"
+        kind = escape_controls(self._response.headers.get("content-type", "no content type")[:60])
+        found = image_format(self._head)
+        if not self._size:
+            what = "empty"
+        elif found is not None:  # an image, but in a format no provider here returns
+            what = f"a {format_name(found)} image, not png, jpeg or webp ({self._size}+ bytes)"
+        else:
+            what = f"not an image ({kind}, {self._size}+ bytes)"
         return ResponseFormatError(
             f"the download from {_location(self._url, self._scrub)} is {what}",
             provider=self._provider,
@@ -150,7 +158,7 @@ class _ImageBody:
             self._verify()
 
     def _verify(self) -> None:
-        if image_format(self._head) is None:
+        if image_format(self._head) not in IMAGE_FORMATS:
             raise self._not_image()
         self._verified = True
         self._sink(self._head)

@@ -34,7 +34,7 @@ from flux_adapters._display import (
     render_value,
     type_name,
 )
-from flux_adapters._files import image_format
+from flux_adapters._files import MEDIA_TYPES, SNIFF_BYTES, image_format
 from flux_adapters._ids import ModelId
 from flux_adapters.errors import RequestError, Violation
 
@@ -85,8 +85,6 @@ MAX_URL_LENGTH: Final = 8_192
 OutputFormat: TypeAlias = Literal["jpeg", "png", "webp"]
 _OUTPUT_FORMATS: Final = ("jpeg", "png", "webp")
 
-# The three formats any provider here accepts, told apart by their first bytes.
-_MEDIA_TYPES: Final = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Enough decoded bytes to reach a JPEG's frame header even behind large EXIF/ICC blocks.
 _HEADER_BYTES: Final = 2 * 1024 * 1024
 _BASE64_CHUNK: Final = 4 * 256 * 1024
@@ -173,7 +171,10 @@ class ImageInfo:
     """What the header of a local image says.
 
     Attributes:
-        format: ``"png"``, ``"jpeg"`` or ``"webp"``; ``None`` for anything else.
+        format: ``"png"``, ``"jpeg"`` or ``"webp"``; a format providers do not take, named so
+            that an error can say which (``"gif"``, ``"bmp"``, ``"tiff"``, ``"heic"``,
+            ``"avif"``, ... see ``flux_adapters._files.image_format``); ``None`` for data that
+            is no image format known here.
         width: Pixel width, or ``None`` when the header could not be read.
         height: Pixel height, or ``None`` when the header could not be read.
         byte_size: Size of the image file in bytes (decoded, for a data URL).
@@ -187,7 +188,7 @@ class ImageInfo:
     @property
     def media_type(self) -> str:
         """The media type to declare when sending the image."""
-        return _MEDIA_TYPES.get(self.format or "", "application/octet-stream")
+        return MEDIA_TYPES.get(self.format or "", "application/octet-stream")
 
     @property
     def pixels(self) -> int | None:
@@ -323,7 +324,7 @@ def _dimensions(stream: BinaryIO) -> tuple[int | None, int | None]:
 
 
 def _inspect(stream: BinaryIO, byte_size: int) -> ImageInfo:
-    found = image_format(stream.read(16))
+    found = image_format(stream.read(SNIFF_BYTES))
     width, height = _dimensions(stream) if found else (None, None)
     return ImageInfo(format=found, width=width, height=height, byte_size=byte_size)
 

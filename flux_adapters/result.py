@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from attrs import field, frozen
 
 from flux_adapters._files import (
+    IMAGE_FORMATS,
     TAIL_BYTES,
     atomic_image,
     check_target,
@@ -59,7 +60,7 @@ def inline_image_problem(text: str) -> str:
     if len(text) % 4 or not _BASE64.fullmatch(text):
         return "an inline image is not valid base64"
     head = binascii.a2b_base64(text[:64])
-    if image_format(head) is None:
+    if image_format(head) not in IMAGE_FORMATS:
         return "an inline image is not a png, jpeg or webp image"
     # The last whole base64 quanta hold the image's end, checked as a download's is.
     tail = binascii.a2b_base64(text[-4 * (TAIL_BYTES // 3) :])

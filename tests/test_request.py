@@ -115,8 +115,13 @@ def test_size_forms_are_parsed_and_exclusive() -> None:
 
 
 def test_unrecognised_bytes_are_kept_for_the_provider_check() -> None:
-    request = EditRequest(prompt="x", model="flux-2-pro", images=[b"GIF89a......"])
+    request = EditRequest(prompt="x", model="flux-2-pro", images=[b"not an image at all"])
     assert request.images[0].info.format is None  # type: ignore[union-attr]
+
+
+def test_formats_no_provider_takes_are_named_for_the_provider_check() -> None:
+    request = EditRequest(prompt="x", model="flux-2-pro", images=[b"GIF89a......"])
+    assert request.images[0].info.format == "gif"  # type: ignore[union-attr]
 
 
 def test_repr_never_shows_image_data() -> None:
