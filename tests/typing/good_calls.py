@@ -1,18 +1,23 @@
-"""What ``mypy --strict`` must accept: the ways to name a provider known only at run time.
+"""What ``mypy --strict`` must accept: the ways to name a provider known only at run time, and
+the images people have in hand.
 
 Never run; part of the project's own mypy run.
 """
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 
 import httpx
+from PIL import Image
 
 from flux_adapters import (
     MODELS,
     EditRequest,
     FluxClient,
+    ImageLike,
     ModelId,
     ProviderId,
     ProviderName,
@@ -38,4 +43,22 @@ def names_on_purpose(http: httpx.Client) -> list[FluxClient]:
         FluxClient(get_adapter("nimbus")),  # the adapter object: checked when looked up
         FluxClient(providers=["laozhang", ProviderName("nimbus")], routing="cheapest"),
         FluxClient("laozhang").with_options(timeout=5, max_retries=1),
+    ]
+
+
+def images_in_hand(path: Path, photo: Image.Image) -> list[EditRequest]:
+    one: ImageLike = photo
+    with path.open("rb") as stream:
+        from_file = EditRequest(prompt="a robot", model="flux-2-pro", images=[stream, one])
+    return [
+        from_file,
+        EditRequest(prompt="a robot", model="flux-2-pro", images=path),  # one image on its own
+        EditRequest(prompt="a robot", model="flux-2-pro", images=io.BytesIO(b"...")),
+        EditRequest(prompt="a robot", model="flux-2-pro", images=photo),
+        EditRequest(prompt="a robot", model="flux-2-pro", images=b"\x89PNG..."),
+        EditRequest(
+            prompt="a robot",
+            model="flux-2-pro",
+            images=[photo, b"...", bytearray(b"..."), "https://example.com/a.png", path],
+        ),
     ]
