@@ -1204,7 +1204,7 @@ class FluxClient(_ClientBase):
             # server dripping its headers cannot hold the call past the deadline.
             response = send_within(self._http, request, ends, name, seconds)
             try:
-                body = AnswerBody(response, name, seconds, ends)
+                body = AnswerBody(response, name, seconds, ends, binding.scrub)
                 try:
                     for chunk in iter_decoded(response):
                         if not body.take(chunk):
@@ -1457,7 +1457,7 @@ class AsyncFluxClient(_ClientBase):
                         follow_redirects=False,
                     )
                     try:
-                        body = AnswerBody(response, name, seconds, None)
+                        body = AnswerBody(response, name, seconds, None, binding.scrub)
                         try:
                             async for chunk in aiter_decoded(response):
                                 if not body.take(chunk):
