@@ -417,6 +417,10 @@ class HttpDownloader:
         """Stream the image at *url* into *path*, which appears only once complete.
 
         With *add_suffix*, the file is *path* plus the image's real extension. Returns the path.
+
+        Raises:
+            ExtensionMismatch: *path*'s extension names another format than the image's
+                (`flux_adapters._files.check_extension`); nothing is written.
         """
         with atomic_image(path, add_suffix=add_suffix) as out:
             self._fetch(url, out.write, out.restart)
@@ -429,7 +433,7 @@ class HttpDownloader:
         return b"".join(chunks)
 
     async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
-        """Stream the image at *url* into *path*, which appears only once complete."""
+        """Async twin of `save`."""
         with atomic_image(path, add_suffix=add_suffix) as out:
             await self._fetch_async(url, out.write, out.restart)
         return out.target

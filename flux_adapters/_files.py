@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from flux_adapters.errors import OutputError
+from flux_adapters.errors import ExtensionMismatch, OutputError
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -29,6 +29,7 @@ __all__ = [
     "TAIL_BYTES",
     "ImageFile",
     "atomic_image",
+    "check_extension",
     "check_target",
     "extension_format",
     "format_name",
@@ -261,6 +262,30 @@ def check_target(path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def check_extension(target: Path, found: str | None) -> None:
+    """Refuse to write an image of format *found* under a name that says it is another.
+
+    Saving a JPEG as ``scene.png`` would label it wrongly for every program that trusts the
+    name; converting it would need an image library and change the bytes that were paid for.
+    A name without an image extension (``scene``, ``scene.bin``) is taken as it is.
+
+    Raises:
+        ExtensionMismatch: *target*'s extension names an image format other than *found*.
+    """
+    named = extension_format(target)
+    if named is None or found is None or named == found:
+        return
+    suggested = target.with_suffix(f".{found}")
+    raise ExtensionMismatch(
+        f"the image is {format_name(found)}, but the name says {format_name(named)}; "
+        f"save it as {suggested.name} (nothing was written)",
+        path=str(target),
+        image_format=found,
+        extension_format=named,
+        suggested=str(suggested),
+    )
+
+
 class ImageFile:
     """The open temporary file of `atomic_image`; raises `OutputError`, never `OSError`."""
 
@@ -304,9 +329,11 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
     on any failure, so a failed or interrupted write never leaves a partial image behind under
     the target's name. With *add_suffix*, the file is named *target* plus the extension of the
     format its bytes turned out to have (``robot`` -> ``robot.png``); the final path is
-    `ImageFile.target` once the block has ended.
+    `ImageFile.target` once the block has ended. Without it, an extension that names another
+    image format than the bytes have is refused (`check_extension`), and nothing is written.
 
     Raises:
+        ExtensionMismatch: *target*'s extension names another image format than the bytes'.
         OutputError: The file cannot be created, written or renamed into place.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -327,8 +354,11 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
             yield out
         finally:
             os.close(fd)
+        found = image_format(out.head)
         if add_suffix:
-            out.target = target.with_name(f"{target.name}.{image_format(out.head) or 'bin'}")
+            out.target = target.with_name(f"{target.name}.{found or 'bin'}")
+        else:
+            check_extension(target, found)
         try:
             os.replace(partial, out.target)
         except OSError as exc:

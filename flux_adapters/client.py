@@ -767,6 +767,8 @@ class _ClientBase:
             ),
             warnings=outcome.plan.warnings,
             attempts=routed.attempts,
+            request_id=outcome.request_id,
+            requested_format=request.output_format,
         )
 
     def _job_binding(self, job: object) -> _Binding:
@@ -858,6 +860,8 @@ def _result(
     estimated: float | None,
     warnings: tuple[ConversionWarning, ...] = (),
     attempts: tuple[Attempt, ...] = (),
+    request_id: str | None = None,
+    requested_format: str | None = None,
 ) -> EditResult:
     """The `EditResult` of *answer*, its cost the provider's own figure where it can be.
 
@@ -876,7 +880,10 @@ def _result(
     return EditResult(
         provider=binding.adapter.name,
         model=model,
-        images=tuple(attrs.evolve(image, downloader=downloader) for image in answer.images),
+        images=tuple(
+            image.fetched_with(downloader, declared_format=requested_format)
+            for image in answer.images
+        ),
         usage=usage,
         cost_usd=cost,
         cost_source=source,
@@ -884,6 +891,7 @@ def _result(
         attempts=attempts,
         elapsed_s=time.perf_counter() - started,
         job=job,
+        request_id=request_id,
     )
 
 
@@ -1118,7 +1126,14 @@ class FluxClient(_ClientBase):
         started = time.perf_counter()
         answer = self._drive(binding, self._follow(binding, job))
         return _result(
-            binding, answer, job, self._downloader, started, model=job.model, estimated=None
+            binding,
+            answer,
+            job,
+            self._downloader,
+            started,
+            model=job.model,
+            estimated=None,
+            request_id=job.id,
         )
 
     def _attempt(self, binding: object, request: EditRequest, plan: Plan) -> Outcome | FluxError:
@@ -1356,7 +1371,14 @@ class AsyncFluxClient(_ClientBase):
         if watcher is not None:
             watcher.finished(name, answer, None, binding.key_only)
         return _result(
-            binding, answer, job, self._downloader, started, model=job.model, estimated=None
+            binding,
+            answer,
+            job,
+            self._downloader,
+            started,
+            model=job.model,
+            estimated=None,
+            request_id=job.id,
         )
 
     async def _attempt(

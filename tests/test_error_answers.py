@@ -21,7 +21,7 @@ from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, 
 from flux_adapters._redact import MASK, answer_headers, redact, request_id
 from flux_adapters.jobs import Job
 from tests.conftest import image_bytes
-from tests.test_jobs import T2I, FakeBfl, run
+from tests.test_jobs import FAST, T2I, FakeBfl, run
 
 KEY = "sk-test-0123456789abcdef"
 REQUEST = EditRequest(prompt="a lighthouse", model="flux-2-pro")
@@ -147,6 +147,18 @@ def test_a_request_id_that_is_only_a_key_is_no_request_id() -> None:
 
 
 @both
+def test_a_success_carries_the_request_id_of_its_answer(kind: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "cdn.example":
+            return httpx.Response(200, content=PNG)
+        return httpx.Response(200, json=OK, headers={"x-oneapi-request-id": "2024-abc"})
+
+    result = call(kind, handler)
+    assert result.request_id == "2024-abc"
+    assert result.to_dict()["request_id"] == "2024-abc"
+
+
+@both
 def test_an_unreadable_answer_carries_its_headers(kind: str) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=b"<html>oops</html>", headers={"request-id": "u-9"})
@@ -211,6 +223,11 @@ def test_a_provider_error_after_a_job_was_accepted_names_the_job() -> None:
         run("sync", fake, T2I)
     assert caught.value.request_id == "job-1"
     assert "request id job-1" in str(caught.value)
+
+
+def test_a_job_result_carries_the_job_id_as_its_request_id() -> None:
+    result = run("sync", FakeBfl(), T2I, polling=FAST)
+    assert result.request_id == "job-1"
 
 
 def test_request_id_prefers_the_header_over_the_job() -> None:
