@@ -1,5 +1,5 @@
-"""What ``mypy --strict`` must accept: the ways to name a provider known only at run time, and
-the images people have in hand.
+"""What ``mypy --strict`` must accept: the ways to name a provider known only at run time, the
+images people have in hand, and what results and errors tell.
 
 Never run; part of the project's own mypy run.
 """
@@ -7,7 +7,9 @@ Never run; part of the project's own mypy run.
 from __future__ import annotations
 
 import io
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -16,12 +18,14 @@ from PIL import Image
 from flux_adapters import (
     MODELS,
     EditRequest,
+    EditResult,
     FluxClient,
     ImageLike,
     ModelId,
     ProviderId,
     ProviderName,
     check,
+    errors,
     get_adapter,
     register_provider,
 )
@@ -62,3 +66,22 @@ def images_in_hand(path: Path, photo: Image.Image) -> list[EditRequest]:
             images=[photo, b"...", bytearray(b"..."), "https://example.com/a.png", path],
         ),
     ]
+
+
+def what_results_and_errors_tell(client: FluxClient, request: EditRequest) -> str:
+    try:
+        result: EditResult = client.edit(request)
+    except errors.ProviderError as error:
+        request_id: str | None = error.request_id
+        headers: Mapping[str, str] = error.response_headers
+        return f"{request_id} {headers.get('retry-after')}"
+    except errors.ClientClosedError:
+        return "closed"
+    image = result.images[0]
+    kind: str | None = image.format
+    media: str | None = image.media_type
+    try:
+        image.save("scene.png")
+    except errors.ExtensionMismatch as mismatch:
+        image.save(mismatch.suggested)
+    return json.dumps(result.to_dict()) + f"{kind} {media} {result.request_id}"
