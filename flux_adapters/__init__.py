@@ -4,7 +4,8 @@ Build an `EditRequest`, send it with `FluxClient` (or `AsyncFluxClient`) to ``la
 ``apiyi``, ``apiyi-multipart``, ``aimlapi``, ``bfl`` or ``fal``; each provider's limits for the
 model are checked before anything is sent, and every error is a subclass of `errors.FluxError`.
 `ModelId` and `ProviderId` are the ids as ``Literal`` types (``mypy --strict`` flags a typo);
-`ProviderName` names a provider registered at run time.
+`ProviderName` names a provider registered at run time. `ImageLike` is one image as
+``EditRequest(images=...)`` takes it (a URL, a path, bytes, a binary file, a Pillow image).
 
 Names are loaded on first use (PEP 562), so ``import flux_adapters`` costs almost nothing and a
 script that only builds and checks requests never imports httpx.
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from flux_adapters.errors import Violation
     from flux_adapters.limits import ModelLimits
     from flux_adapters.providers import PROVIDERS, get_adapter, register_provider
-    from flux_adapters.request import MODELS, EditRequest
+    from flux_adapters.request import MODELS, EditRequest, ImageLike
     from flux_adapters.result import Attempt, ConversionWarning, EditResult, ResultImage, Usage
 
 _EXPORTS = {
@@ -37,6 +38,7 @@ _EXPORTS = {
     "EditRequest": "flux_adapters.request",
     "EditResult": "flux_adapters.result",
     "FluxClient": "flux_adapters.client",
+    "ImageLike": "flux_adapters.request",
     "ModelId": "flux_adapters._ids",
     "ModelLimits": "flux_adapters.limits",
     "ProviderId": "flux_adapters._ids",
@@ -58,6 +60,7 @@ __all__ = [
     "EditRequest",
     "EditResult",
     "FluxClient",
+    "ImageLike",
     "ModelId",
     "ModelLimits",
     "ProviderId",

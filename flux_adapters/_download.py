@@ -27,9 +27,11 @@ import httpx
 from flux_adapters._backoff import backoff
 from flux_adapters._display import escape_controls
 from flux_adapters._files import (
+    IMAGE_FORMATS,
     SNIFF_BYTES,
     TAIL_BYTES,
     atomic_image,
+    format_name,
     image_format,
     image_is_whole,
 )
@@ -46,6 +48,7 @@ from flux_adapters._transport import (
     mapped_transport_errors,
     phase_timeouts,
     send_within,
+    with_answer,
 )
 from flux_adapters._version import __version__
 from flux_adapters.errors import (
@@ -117,22 +120,30 @@ class _ImageBody:
             raise self._too_large()
 
     def _too_large(self) -> ResponseFormatError:
-        return ResponseFormatError(
+        error = ResponseFormatError(
             f"the result image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB "
             f"({_location(self._url, self._scrub)})",
             provider=self._provider,
             status_code=self._response.status_code,
         )
+        return with_answer(error, self._response, self._scrub)
 
     def _not_image(self) -> ResponseFormatError:
-        kind = self._response.headers.get("content-type", "no content type")[:60]
-        what = "empty" if not self._size else f"not an image ({kind}, {self._size}+ bytes)"
-        return ResponseFormatError(
+        kind = escape_controls(self._response.headers.get("content-type", "no content type")[:60])
+        found = image_format(self._head)
+        if not self._size:
+            what = "empty"
+        elif found is not None:  # an image, but in a format no provider here returns
+            what = f"a {format_name(found)} image, not png, jpeg or webp ({self._size}+ bytes)"
+        else:
+            what = f"not an image ({kind}, {self._size}+ bytes)"
+        error = ResponseFormatError(
             f"the download from {_location(self._url, self._scrub)} is {what}",
             provider=self._provider,
             status_code=self._response.status_code,
             excerpt=escape_controls(self._scrub(self._head[:120].decode("utf-8", "replace"))),
         )
+        return with_answer(error, self._response, self._scrub)
 
     def take(self, chunk: bytes) -> None:
         """Check and pass on *chunk*."""
@@ -150,7 +161,7 @@ class _ImageBody:
             self._verify()
 
     def _verify(self) -> None:
-        if image_format(self._head) is None:
+        if image_format(self._head) not in IMAGE_FORMATS:
             raise self._not_image()
         self._verified = True
         self._sink(self._head)
@@ -160,18 +171,32 @@ class _ImageBody:
         if not self._verified:
             self._verify()
         if not image_is_whole(self._head, self._tail, self._size):
-            raise ResponseFormatError(
+            error = ResponseFormatError(
                 f"the download from {_location(self._url, self._scrub)} is cut short "
                 f"(not a whole {image_format(self._head)} image: {self._size} bytes)",
                 provider=self._provider,
                 status_code=self._response.status_code,
             )
+            raise with_answer(error, self._response, self._scrub)
 
 
 def _next_url(
     response: httpx.Response, url: str, provider: str, scrub: Callable[[str], str]
 ) -> str | None:
-    """The URL to go on to for a redirect, ``None`` for a 2xx; else the typed error."""
+    """The URL to go on to for a redirect, ``None`` for a 2xx; else the typed error.
+
+    The error carries the answer's headers and request id (`FluxError.response_headers`).
+    """
+    try:
+        return _followed(response, url, provider, scrub)
+    except FluxError as error:
+        with_answer(error, response, scrub)
+        raise
+
+
+def _followed(
+    response: httpx.Response, url: str, provider: str, scrub: Callable[[str], str]
+) -> str | None:
     status = response.status_code
     if 200 <= status < 300:
         return None
@@ -392,6 +417,10 @@ class HttpDownloader:
         """Stream the image at *url* into *path*, which appears only once complete.
 
         With *add_suffix*, the file is *path* plus the image's real extension. Returns the path.
+
+        Raises:
+            ExtensionMismatch: *path*'s extension names another format than the image's
+                (`flux_adapters._files.check_extension`); nothing is written.
         """
         with atomic_image(path, add_suffix=add_suffix) as out:
             self._fetch(url, out.write, out.restart)
@@ -404,7 +433,7 @@ class HttpDownloader:
         return b"".join(chunks)
 
     async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
-        """Stream the image at *url* into *path*, which appears only once complete."""
+        """Async twin of `save`."""
         with atomic_image(path, add_suffix=add_suffix) as out:
             await self._fetch_async(url, out.write, out.restart)
         return out.target

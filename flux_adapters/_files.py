@@ -1,9 +1,12 @@
-"""Local files for results: their format, where they may go, and writing them whole.
+"""Image bytes and local files: what format bytes are, where an image may go, writing it whole.
 
-What format image bytes are, where an image may be written, and writing it so that it appears
-only once complete.
+`image_format` is the one place that tells image formats apart by their first bytes: inputs
+(`flux_adapters.request`), downloads, inline results, saved files and the emulator all ask it,
+so a format is recognised (or named in an error) the same way everywhere. Its table knows the
+formats providers take (`IMAGE_FORMATS`) and the ones people send by mistake (GIF, BMP, TIFF,
+HEIC/AVIF, ...), so that an error can say which one it got.
 
-Every failure here is an `OutputError` naming the path: the image itself is not lost (it is
+Every failure to write is an `OutputError` naming the path: the image itself is not lost (it is
 still at its URL, or in memory), it just cannot go where it was asked to.
 """
 
@@ -17,13 +20,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from flux_adapters.errors import OutputError
+from flux_adapters.errors import ExtensionMismatch, OutputError
 
 __all__ = [
+    "IMAGE_FORMATS",
+    "MEDIA_TYPES",
+    "SNIFF_BYTES",
     "TAIL_BYTES",
     "ImageFile",
     "atomic_image",
+    "check_extension",
     "check_target",
+    "extension_format",
+    "format_name",
     "image_format",
     "image_is_whole",
     "read_text_file",
@@ -32,21 +41,154 @@ __all__ = [
 
 _PARTIAL: Final = re.compile(r"\..+\.[0-9a-f]{8}\.part")
 """The name `atomic_image` gives its temporary file: ``.<name>.<8 hex digits>.part``."""
-_SIGNATURES: Final = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
 _NAME_MAX: Final = 255
 """The longest file name (in bytes) common file systems take (ext4, APFS, NTFS in UTF-16)."""
-SNIFF_BYTES: Final = 12
-"""Bytes needed to tell the formats apart (WebP: ``RIFF`` + size + ``WEBP``)."""
+SNIFF_BYTES: Final = 32
+"""Bytes needed to tell the formats apart (an ISO-BMFF ``ftyp`` box lists its brands there)."""
+
+IMAGE_FORMATS: Final = ("jpeg", "png", "webp")
+"""The formats every built-in provider takes as input and returns: anything else is refused
+(as a reference image, by a provider's limits; as a result, when it is read)."""
+
+# (first bytes, format). WebP, BMP and the ISO-BMFF family (HEIC, AVIF) need more than a prefix
+# and are told apart in `image_format`. Sources: the PNG spec (section 5.2), JPEG's SOI marker,
+# GIF89a (section 17), TIFF 6.0 (section 2), JPEG 2000 (ISO 15444-1 annex I), JPEG XL (ISO
+# 18181-2), Photoshop's file format, PDF 1.7 (section 7.5.2).
+_SIGNATURES: Final = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
+    (b"\xff\x4f\xff\x51", "jpeg2000"),  # a bare codestream
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "jxl"),
+    (b"\xff\x0a", "jxl"),  # a bare codestream
+    (b"8BPS", "psd"),
+    (b"%PDF-", "pdf"),
+)
+# ISO-BMFF brands (the ``ftyp`` box): HEIF's (ISO 23008-12 annex B) and AVIF's (AV1 Image File
+# Format, section 9). A generic HEIF brand (mif1) is named by the first specific one it lists.
+_BRANDS: Final = {
+    b"avif": "avif",
+    b"avis": "avif",
+    **dict.fromkeys(
+        (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"), "heic"
+    ),
+}
+_GENERIC_BRANDS: Final = (b"mif1", b"msf1")
+# The header sizes of the BMP versions (BITMAPCOREHEADER .. BITMAPV5HEADER): "BM" alone would
+# take any text that starts with those two letters for an image.
+_BMP_HEADERS: Final = (12, 16, 40, 52, 56, 64, 108, 124)
+
+MEDIA_TYPES: Final = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+    "heic": "image/heic",
+    "heif": "image/heif",
+    "avif": "image/avif",
+    "jpeg2000": "image/jp2",
+    "jxl": "image/jxl",
+    "psd": "image/vnd.adobe.photoshop",
+    "pdf": "application/pdf",
+}
+"""The media type of each format `image_format` names (IANA's registry)."""
+_NAMES: Final = {
+    "png": "PNG",
+    "jpeg": "JPEG",
+    "webp": "WebP",
+    "gif": "GIF",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+    "heic": "HEIC",
+    "heif": "HEIF",
+    "avif": "AVIF",
+    "jpeg2000": "JPEG 2000",
+    "jxl": "JPEG XL",
+    "psd": "Photoshop (PSD)",
+    "pdf": "PDF",
+}
+# File name extensions (lower case) and the format each names.
+_EXTENSIONS: Final = {
+    "png": "png",
+    "jpg": "jpeg",
+    "jpeg": "jpeg",
+    "jpe": "jpeg",
+    "jfif": "jpeg",
+    "webp": "webp",
+    "gif": "gif",
+    "bmp": "bmp",
+    "dib": "bmp",
+    "tif": "tiff",
+    "tiff": "tiff",
+    "heic": "heic",
+    "heif": "heif",
+    "hif": "heif",
+    "avif": "avif",
+    "jp2": "jpeg2000",
+    "j2k": "jpeg2000",
+    "jxl": "jxl",
+    "psd": "psd",
+    "pdf": "pdf",
+}
 
 
 def image_format(head: bytes) -> str | None:
-    """``"png"``, ``"jpeg"`` or ``"webp"`` for image bytes starting with *head*, else ``None``."""
+    """The format of image bytes starting with *head* (`SNIFF_BYTES` of them suffice).
+
+    ``"png"``, ``"jpeg"`` or ``"webp"`` (`IMAGE_FORMATS`, what providers take), or a format
+    people send by mistake, named so that an error can say so: ``"gif"``, ``"bmp"``,
+    ``"tiff"``, ``"heic"``, ``"heif"``, ``"avif"``, ``"jpeg2000"``, ``"jxl"``, ``"psd"``,
+    ``"pdf"``. ``None`` for anything else. Decodes nothing: a match says what the bytes claim
+    to be, not that they are a whole, readable image.
+    """
     for signature, name in _SIGNATURES:
         if head.startswith(signature):
             return name
-    if len(head) >= SNIFF_BYTES and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
+    if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in _BMP_HEADERS:
+        return "bmp"
+    if head[4:8] == b"ftyp":
+        return _iso_brand(head)
     return None
+
+
+def _iso_brand(head: bytes) -> str | None:
+    """HEIC, HEIF or AVIF from an ``ftyp`` box: its major brand, then its compatible ones."""
+    major = head[8:12]
+    if major in _BRANDS:
+        return _BRANDS[major]
+    if major not in _GENERIC_BRANDS:
+        return None  # a video (mp4, mov) or another ISO-BMFF file: not an image we can name
+    end = min(len(head), int.from_bytes(head[:4], "big"))
+    for start in range(16, end - 3, 4):
+        brand = head[start : start + 4]
+        if brand in _BRANDS:
+            return _BRANDS[brand]
+    return "heif"
+
+
+def format_name(found: str | None) -> str:
+    """How a format from `image_format` is written in messages: ``"GIF"``, ``"JPEG"``, ..."""
+    if found is None:
+        return "no image format we know"
+    return _NAMES.get(found, found.upper())
+
+
+def extension_format(path: Path) -> str | None:
+    """The image format the extension of *path* names (any case); ``None`` for none or another.
+
+    ``scene.JPG`` -> ``"jpeg"``; ``scene``, ``scene.bin``, ``scene.tmp`` -> ``None``.
+    """
+    return _EXTENSIONS.get(path.suffix[1:].lower()) if path.suffix else None
 
 
 TAIL_BYTES: Final = 1024
@@ -120,6 +262,30 @@ def check_target(path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def check_extension(target: Path, found: str | None) -> None:
+    """Refuse to write an image of format *found* under a name that says it is another.
+
+    Saving a JPEG as ``scene.png`` would label it wrongly for every program that trusts the
+    name; converting it would need an image library and change the bytes that were paid for.
+    A name without an image extension (``scene``, ``scene.bin``) is taken as it is.
+
+    Raises:
+        ExtensionMismatch: *target*'s extension names an image format other than *found*.
+    """
+    named = extension_format(target)
+    if named is None or found is None or named == found:
+        return
+    suggested = target.with_suffix(f".{found}")
+    raise ExtensionMismatch(
+        f"the image is {format_name(found)}, but the name says {format_name(named)}; "
+        f"save it as {suggested.name} (nothing was written)",
+        path=str(target),
+        image_format=found,
+        extension_format=named,
+        suggested=str(suggested),
+    )
+
+
 class ImageFile:
     """The open temporary file of `atomic_image`; raises `OutputError`, never `OSError`."""
 
@@ -163,9 +329,11 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
     on any failure, so a failed or interrupted write never leaves a partial image behind under
     the target's name. With *add_suffix*, the file is named *target* plus the extension of the
     format its bytes turned out to have (``robot`` -> ``robot.png``); the final path is
-    `ImageFile.target` once the block has ended.
+    `ImageFile.target` once the block has ended. Without it, an extension that names another
+    image format than the bytes have is refused (`check_extension`), and nothing is written.
 
     Raises:
+        ExtensionMismatch: *target*'s extension names another image format than the bytes'.
         OutputError: The file cannot be created, written or renamed into place.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -186,8 +354,11 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
             yield out
         finally:
             os.close(fd)
+        found = image_format(out.head)
         if add_suffix:
-            out.target = target.with_name(f"{target.name}.{image_format(out.head) or 'bin'}")
+            out.target = target.with_name(f"{target.name}.{found or 'bin'}")
+        else:
+            check_extension(target, found)
         try:
             os.replace(partial, out.target)
         except OSError as exc:

@@ -24,7 +24,7 @@ from attrs import frozen
 
 from flux_adapters._display import render_value, type_name
 from flux_adapters._ids import ProviderId, ProviderName
-from flux_adapters._redact import redact
+from flux_adapters._redact import answer_headers, redact, redactor_for, request_id
 from flux_adapters.errors import (
     FluxError,
     JobError,
@@ -35,6 +35,7 @@ from flux_adapters.errors import (
     ResponseFormatError,
     TransportError,
     Violation,
+    attach_response,
 )
 from flux_adapters.jobs import Accepted, Done, Job, JobAdapter, Pending, Polling, StopJob
 from flux_adapters.limits import Plan, plan
@@ -56,15 +57,21 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_E = TypeVar("_E", bound=FluxError)
 
 
 @frozen
 class Outcome:
-    """What a finished flow produced: the plan it sent, the answer, and its job if it had one."""
+    """What a finished flow produced: the plan it sent, the answer, and its job if it had one.
+
+    ``request_id`` is the provider's id for the call (`FluxError.request_id` explains where it
+    comes from), when it gave one.
+    """
 
     plan: Plan
     answer: Answer
     job: Job | None = None
+    request_id: str | None = None
 
 
 Instruction: TypeAlias = HttpRequest | Sleep | Accepted
@@ -188,6 +195,18 @@ def _built(adapter: object, request: EditRequest | None, build: Callable[[], _T]
         raise RequestError([violation], provider=name, model=model) from exc
 
 
+def _answer_id(response: HttpResponse, secrets: tuple[str, ...]) -> str | None:
+    """The provider's id for the exchange *response* answers, if it sent one."""
+    return request_id(answer_headers(response.headers, redactor_for(secrets)))
+
+
+def _with_answer(error: _E, response: HttpResponse, secrets: tuple[str, ...]) -> _E:
+    """*error* carrying *response*'s headers (made safe) and the provider's request id."""
+    kept = answer_headers(response.headers, redactor_for(secrets))
+    attach_response(error, kept, request_id(kept))
+    return error
+
+
 def _scrubbed(error: ProviderError, status: int, secrets: tuple[str, ...]) -> ProviderError:
     # The status the provider sent decides what the error proves (routing.billing_rule): an
     # adapter may not report another, nor turn a billed 2xx or 5xx into a 402 or 429.
@@ -219,17 +238,20 @@ def _answered(
             raise adapter.parse_error(response)
         return read()
     except ProviderError as error:
-        raise _scrubbed(error, response.status_code, secrets) from error.__cause__
+        scrubbed = _scrubbed(error, response.status_code, secrets)
+        raise _with_answer(scrubbed, response, secrets) from error.__cause__
     except JobError as error:
         if error.detail:
             error.detail = redact(error.detail, secrets)
+        _with_answer(error, response, secrets)
         raise
     except Exception as exc:
-        raise ResponseFormatError(
+        unread = ResponseFormatError(
             f"the {adapter.name} adapter could not read the answer ({type(exc).__name__})",
             provider=adapter.name,
             status_code=response.status_code,
-        ) from exc
+        )
+        raise _with_answer(unread, response, secrets) from exc
 
 
 def edit_flow(
@@ -255,7 +277,7 @@ def edit_flow(
     response = yield _as_submit(outgoing)
     assert response is not None
     answer = _answered(adapter, response, secrets, lambda: adapter.parse_response(response))
-    return Outcome(plan=resolved, answer=answer)
+    return Outcome(plan=resolved, answer=answer, request_id=_answer_id(response, secrets))
 
 
 def job_flow(
@@ -285,6 +307,7 @@ def job_flow(
     response = yield _as_submit(submit)
     assert response is not None
     submitted = _answered(adapter, response, secrets, lambda: adapter.parse_submit(response))
+    submit_id = _answer_id(response, secrets)
     job = Job(
         provider=adapter.name,
         model=resolved.limits.model,
@@ -303,7 +326,7 @@ def job_flow(
     answer = yield from follow_job(
         adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
     )
-    return Outcome(plan=resolved, answer=answer, job=job)
+    return Outcome(plan=resolved, answer=answer, job=job, request_id=submit_id or job.id)
 
 
 class _Deadline(Exception):
@@ -433,7 +456,7 @@ def _poll_once(
     if retry is not None:
         return retry
     if response.status_code in (404, 410):
-        raise _not_found(adapter, job, response)
+        raise _with_answer(_not_found(adapter, job, response), response, secrets)
     try:
         return _answered(adapter, response, secrets, lambda: adapter.parse_poll(response, job))
     except ResponseFormatError as error:
@@ -464,7 +487,7 @@ def _job_failure(
         return None
     if failed.detail:
         failed.detail = redact(failed.detail, secrets)
-    return failed
+    return _with_answer(failed, response, secrets)
 
 
 def _transient(response: HttpResponse) -> Pending | None:
@@ -506,7 +529,7 @@ def _fetch(
             if failed is not None:
                 raise failed
             if response.status_code in (404, 410):
-                raise _not_found(adapter, job, response)
+                raise _with_answer(_not_found(adapter, job, response), response, secrets)
             retry = _transient(response)
             if retry is None:
                 return _answered(

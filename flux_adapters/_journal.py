@@ -250,11 +250,11 @@ def _plain_name(name: str) -> bool:
 
 def is_image_file(path: Path) -> bool:
     """Whether *path* is a readable file that starts like a png, jpeg or webp image."""
-    from flux_adapters._files import SNIFF_BYTES, image_format
+    from flux_adapters._files import IMAGE_FORMATS, SNIFF_BYTES, image_format
 
     try:
         with path.open("rb") as stream:
-            return image_format(stream.read(SNIFF_BYTES)) is not None
+            return image_format(stream.read(SNIFF_BYTES)) in IMAGE_FORMATS
     except (OSError, ValueError):  # ValueError: a NUL in the name
         return False
 

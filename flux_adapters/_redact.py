@@ -22,17 +22,22 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlsplit
+
+from flux_adapters._display import escape_controls
 
 __all__ = [
     "FRAGMENT",
     "MASK",
+    "REQUEST_ID_HEADERS",
     "Redactor",
+    "answer_headers",
     "hide_in_httpx_log",
     "redact",
     "redactor_for",
+    "request_id",
     "secret_forms",
 ]
 
@@ -184,3 +189,71 @@ def hide_in_httpx_log(key: str) -> None:
     if not _IN_LOGS._keys:
         logging.getLogger("httpx").addFilter(_IN_LOGS)  # once: addFilter ignores a second add
     _IN_LOGS.hide(key)
+
+
+# --- Answer headers kept on errors -----------------------------------------------------------
+
+REQUEST_ID_HEADERS: Final = (
+    "x-request-id",
+    "request-id",
+    "x-fal-request-id",
+    # one-api / new-api, the gateway many resellers run (middleware/request-id.go there).
+    "x-oneapi-request-id",
+    "x-amzn-requestid",
+    "x-amz-request-id",
+)
+"""Headers that carry a provider's id for an exchange, in the order they are looked for."""
+_MOST_HEADERS: Final = 64
+_LONGEST_NAME: Final = 64
+_LONGEST_VALUE: Final = 256
+_LONGEST_ID: Final = 128
+# A header whose name says it holds a credential or a session: its value is never kept.
+_SECRET_NAME: Final = re.compile(
+    r"cookie|auth|token|secret|key|passw|session|credential|signature", re.IGNORECASE
+)
+_URL_HEADERS: Final = frozenset({"location", "content-location", "link", "refresh"})
+
+
+def _without_query(value: str) -> str:
+    """A URL header's value without its query, fragment and user info (they may be signed)."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return MASK
+    if not parts.scheme and not parts.netloc:
+        return value.split("?", 1)[0].split("#", 1)[0]
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" + ("?[redacted]" if parts.query else "")
+
+
+def answer_headers(headers: Mapping[str, str], scrub: Callable[[str], str]) -> dict[str, str]:
+    """The headers of an answer, safe to keep on an error and to show.
+
+    At most 64, names in lower case; a credential's or cookie's value (``set-cookie``,
+    ``authorization``, ``x-api-key``, ...) masked; a URL's query left out; every other value
+    cut to 256 characters, passed through *scrub* (the client's keys, key-shaped text) and its
+    control characters escaped: a hostile provider's headers reach terminals too.
+    """
+    kept: dict[str, str] = {}
+    for raw_name, raw_value in list(headers.items())[:_MOST_HEADERS]:
+        name = str(raw_name).lower()
+        if len(name) > _LONGEST_NAME or not name.isprintable():
+            continue
+        value = str(raw_value)[: _LONGEST_VALUE * 4]
+        if _SECRET_NAME.search(name):
+            value = MASK
+        elif name in _URL_HEADERS:
+            value = scrub(_without_query(value))
+        else:
+            value = scrub(value)
+        kept[name] = escape_controls(value)[:_LONGEST_VALUE]
+    return kept
+
+
+def request_id(headers: Mapping[str, str]) -> str | None:
+    """The provider's id for the exchange, from headers already made safe by `answer_headers`."""
+    for name in REQUEST_ID_HEADERS:
+        value = headers.get(name, "").strip()
+        if value and value != MASK:
+            return value[:_LONGEST_ID]
+    return None

@@ -29,13 +29,19 @@ import time
 import weakref
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Final
+from typing import Final, TypeVar
 
 import httpx
 
 from flux_adapters._display import escape_controls
-from flux_adapters._redact import redact
-from flux_adapters.errors import FluxError, ResponseFormatError, Timeout, TransportError
+from flux_adapters._redact import answer_headers, redact, request_id
+from flux_adapters.errors import (
+    FluxError,
+    ResponseFormatError,
+    Timeout,
+    TransportError,
+    attach_response,
+)
 from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, HttpResponse
 
 __all__ = [
@@ -52,6 +58,7 @@ __all__ = [
     "phase_timeouts",
     "proves_not_sent",
     "send_within",
+    "with_answer",
 ]
 
 _MB: Final = 1024 * 1024
@@ -347,6 +354,16 @@ async def aiter_decoded(response: httpx.Response) -> AsyncIterator[bytes]:
                 yield piece
 
 
+_E = TypeVar("_E", bound=FluxError)
+
+
+def with_answer(error: _E, response: httpx.Response, scrub: Callable[[str], str] = redact) -> _E:
+    """*error* carrying *response*'s headers (made safe by *scrub*) and the provider's request id."""
+    kept = answer_headers(dict(response.headers.multi_items()), scrub)
+    attach_response(error, kept, request_id(kept))
+    return error
+
+
 def declared_length(response: httpx.Response) -> int | None:
     """The ``Content-Length`` the server declared, when it is a plain number."""
     value = response.headers.get("content-length", "")
@@ -363,9 +380,15 @@ class AnswerBody:
     """
 
     def __init__(
-        self, response: httpx.Response, provider: str, deadline: float, ends: float | None
+        self,
+        response: httpx.Response,
+        provider: str,
+        deadline: float,
+        ends: float | None,
+        scrub: Callable[[str], str] = redact,
     ) -> None:
         self._response = response
+        self._scrub = scrub
         self._provider = provider
         self._deadline = deadline
         self._ends = ends
@@ -379,21 +402,25 @@ class AnswerBody:
 
     def _check_time(self) -> None:
         if self._ends is not None and time.monotonic() > self._ends:
-            raise deadline_error(self._provider, self._deadline)
+            raise with_answer(
+                deadline_error(self._provider, self._deadline), self._response, self._scrub
+            )
 
     def too_large(self) -> ResponseFormatError:
         """The error for an answer over the cap."""
-        return ResponseFormatError(
+        error = ResponseFormatError(
             f"the answer is larger than {math.ceil(MAX_ANSWER_BYTES / _MB)} MB",
             provider=self._provider,
             status_code=self._response.status_code,
         )
+        return with_answer(error, self._response, self._scrub)
 
     def unreadable(self, why: str) -> ResponseFormatError:
         """The error for an answer whose body cannot be decoded."""
-        return ResponseFormatError(
+        error = ResponseFormatError(
             why, provider=self._provider, status_code=self._response.status_code
         )
+        return with_answer(error, self._response, self._scrub)
 
     def take(self, chunk: bytes) -> bool:
         """Keep *chunk*; ``False`` when no more of the body is wanted."""

@@ -70,6 +70,7 @@ from flux_adapters._transport import (
 )
 from flux_adapters.config import ProviderSettings, load_config
 from flux_adapters.errors import (
+    ClientClosedError,
     ConfigurationError,
     FluxError,
     RequestError,
@@ -533,6 +534,27 @@ def _check_settings(settings: object, names: Sequence[str]) -> dict[str, Provide
     return checked
 
 
+class _Lifetime:
+    """Whether a client is closed: by its own ``close()``, or (a `with_options` copy) its maker's."""
+
+    __slots__ = ("_closed", "_maker")
+
+    def __init__(self, maker: _Lifetime | None = None) -> None:
+        self._closed = False
+        self._maker = maker
+
+    def close(self) -> None:
+        self._closed = True
+
+    def why_closed(self) -> str | None:
+        """``"closed"`` (itself), ``"maker closed"`` (the client it was copied from), or ``None``."""
+        if self._closed:
+            return "closed"
+        if self._maker is not None and self._maker.why_closed() is not None:
+            return "maker closed"
+        return None
+
+
 class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
@@ -540,6 +562,7 @@ class _ClientBase:
     _own_http: bool
     """Whether closing this client closes ``_http`` (not a caller's, not a `with_options` copy's)."""
     _downloader: HttpDownloader
+    _lifetime: _Lifetime
 
     def __init__(
         self,
@@ -560,6 +583,7 @@ class _ClientBase:
         polling: Polling | None,
         inherited: httpx.Timeout | None,
     ) -> None:
+        self._lifetime = _Lifetime()
         names = _provider_list(provider, providers)
         if providers is not None and (api_key is not None or base_url is not None):
             raise ConfigurationError(
@@ -665,7 +689,57 @@ class _ClientBase:
             copy._policy = attrs.evolve(self._policy, retries=_check_retries(max_retries))
         copy._route_policy = _within(copy._policy, copy._bindings)
         copy._own_http = False  # closing the copy leaves the shared pool open
+        copy._lifetime = _Lifetime(self._lifetime)  # closed by its own close(), or by ours
         return copy
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether this client is closed (then every call raises `ClientClosedError`).
+
+        It is once `close` was called (or its ``with`` block ended), once the client it was
+        copied from (`with_options`) is closed, or once its httpx client is.
+        """
+        return self._lifetime.why_closed() is not None or self._http.is_closed
+
+    def _closed_error(self) -> ClientClosedError | None:
+        """The error for a call on this client once it is closed; ``None`` while it is open."""
+        name = type(self).__name__
+        why = self._lifetime.why_closed()
+        if why == "closed":
+            return ClientClosedError(
+                f"this {name} is closed (by close() or the end of its with block); create a new one"
+            )
+        if why == "maker closed":
+            return ClientClosedError(
+                f"this {name} is a with_options() copy of a client that is closed; "
+                "copies share its connections, so create a new client"
+            )
+        if self._http.is_closed:
+            return ClientClosedError(
+                f"the httpx client of this {name} is closed (http_client= is yours: closing it "
+                "ends this client too); create a new one"
+            )
+        return None
+
+    def _check_open(self) -> None:
+        """Raise `ClientClosedError` once this client is closed; nothing is sent."""
+        error = self._closed_error()
+        if error is not None:
+            raise error
+
+    @contextlib.contextmanager
+    def _closed_mapped(self) -> Generator[None, None, None]:
+        """Httpx's ``RuntimeError`` for a client closed in the meantime, as `ClientClosedError`.
+
+        httpx refuses before sending anything, so nothing was sent.
+        """
+        try:
+            yield
+        except RuntimeError as exc:
+            error = self._closed_error()
+            if error is None or isinstance(exc, FluxError):
+                raise
+            raise error from exc
 
     @classmethod
     def from_env(
@@ -737,8 +811,7 @@ class _ClientBase:
                 "request", "must be an EditRequest", "EditRequest(...)", type_name(request)
             )
             raise RequestError([violation])
-        if self._http.is_closed:
-            raise ConfigurationError(f"this {type(self).__name__} is closed; create a new one")
+        self._check_open()
         return route(
             request,
             self._bindings,
@@ -767,6 +840,8 @@ class _ClientBase:
             ),
             warnings=outcome.plan.warnings,
             attempts=routed.attempts,
+            request_id=outcome.request_id,
+            requested_format=request.output_format,
         )
 
     def _job_binding(self, job: object) -> _Binding:
@@ -774,8 +849,8 @@ class _ClientBase:
 
         Raises:
             ConfigurationError: *job* is not a `Job`, or not one that can be polled
-                (`flux_adapters.jobs.job_problem`), this client has no such provider, or it is
-                closed. Nothing was sent.
+                (`flux_adapters.jobs.job_problem`), or this client has no such provider; a
+                `ClientClosedError` when it is closed. Nothing was sent.
         """
         if not isinstance(job, Job):
             raise ConfigurationError(
@@ -784,8 +859,7 @@ class _ClientBase:
         problem = job_problem(job)
         if problem:
             raise ConfigurationError(f"resume() cannot poll this job: {problem}")
-        if self._http.is_closed:  # else each poll fails, and is tried again until the deadline
-            raise ConfigurationError(f"this {type(self).__name__} is closed; create a new one")
+        self._check_open()  # else each poll fails, and is tried again until the deadline
         for binding in self._bindings:
             if binding.adapter.name == job.provider and is_job_adapter(binding.adapter):
                 return binding
@@ -829,9 +903,10 @@ class _ClientBase:
 
         The copy is light: it shares this client's connection pool, keys, cooldowns, prices and
         polling, so making one per call costs next to nothing
-        (``client.with_options(timeout=30).edit(request)``). Closing it, or leaving its ``with``
-        block, leaves the pool open: it belongs to the client that made it (or to you, when it is
-        your ``http_client``). Once that client is closed, the copy is closed too.
+        (``client.with_options(timeout=30).edit(request)``). Closing the copy (``close()``, or
+        leaving its ``with`` block) closes the copy only: it then raises `ClientClosedError`,
+        while this client and the pool stay open (the pool belongs to this client, or to you
+        when it is your ``http_client``). Closing this client closes every copy made from it.
 
         Args:
             timeout: Seconds (also the deadline of an exchange, unless the client was given
@@ -840,8 +915,10 @@ class _ClientBase:
                 *max_retries*.
 
         Raises:
+            ClientClosedError: This client is closed.
             ConfigurationError: A value that is not usable; nothing is copied.
         """
+        self._check_open()
         copy = self._copy_with(timeout, max_retries)
         copy._downloader = copy._new_downloader()
         return copy
@@ -858,6 +935,8 @@ def _result(
     estimated: float | None,
     warnings: tuple[ConversionWarning, ...] = (),
     attempts: tuple[Attempt, ...] = (),
+    request_id: str | None = None,
+    requested_format: str | None = None,
 ) -> EditResult:
     """The `EditResult` of *answer*, its cost the provider's own figure where it can be.
 
@@ -876,7 +955,10 @@ def _result(
     return EditResult(
         provider=binding.adapter.name,
         model=model,
-        images=tuple(attrs.evolve(image, downloader=downloader) for image in answer.images),
+        images=tuple(
+            image.fetched_with(downloader, declared_format=requested_format)
+            for image in answer.images
+        ),
         usage=usage,
         cost_usd=cost,
         cost_source=source,
@@ -884,6 +966,7 @@ def _result(
         attempts=attempts,
         elapsed_s=time.perf_counter() - started,
         job=job,
+        request_id=request_id,
     )
 
 
@@ -1082,7 +1165,7 @@ class FluxClient(_ClientBase):
             ProviderError: The provider answered with an error (a subclass says which).
             TransportError: No usable answer; ``sent`` says whether it may be billed.
             AllProvidersFailed: With several providers, none produced the image.
-            ConfigurationError: The client is closed.
+            ClientClosedError: The client is closed (also a `ConfigurationError`); nothing sent.
         """
         started = time.perf_counter()
         router = self._start(request)
@@ -1108,8 +1191,9 @@ class FluxClient(_ClientBase):
         journal kept. The job gets a new deadline (``polling.deadline``) from now.
 
         Raises:
-            ConfigurationError: *job* is not a `Job` that can be polled, this client has not its
-                provider, or it is closed; nothing was sent.
+            ConfigurationError: *job* is not a `Job` that can be polled, or this client has not
+                its provider; nothing was sent.
+            ClientClosedError: The client is closed; nothing was sent.
             JobError: The job ended without an image (moderated, failed, unknown) or passed its
                 deadline again.
             ProviderError: A poll was refused for good (a revoked key, say).
@@ -1118,7 +1202,14 @@ class FluxClient(_ClientBase):
         started = time.perf_counter()
         answer = self._drive(binding, self._follow(binding, job))
         return _result(
-            binding, answer, job, self._downloader, started, model=job.model, estimated=None
+            binding,
+            answer,
+            job,
+            self._downloader,
+            started,
+            model=job.model,
+            estimated=None,
+            request_id=job.id,
         )
 
     def _attempt(self, binding: object, request: EditRequest, plan: Plan) -> Outcome | FluxError:
@@ -1126,6 +1217,8 @@ class FluxClient(_ClientBase):
         flow = self._flow(binding, request, plan)
         try:
             return self._drive(binding, flow)
+        except ClientClosedError:
+            raise  # no other provider can be tried either: the whole call ends here
         except FluxError as error:
             return error
 
@@ -1192,6 +1285,7 @@ class FluxClient(_ClientBase):
         name = binding.adapter.name
         seconds = binding.limit(outgoing)
         ends = time.monotonic() + seconds
+        self._check_open()  # closed while a call was under way (by another thread)
         with (
             contextlib.ExitStack() as files,
             mapped_transport_errors(name, binding.scrub),
@@ -1202,9 +1296,10 @@ class FluxClient(_ClientBase):
             # send the paid POST again (and its images to another origin); a 3xx is judged by
             # its status. A caller's client-level auth never replaces the provider's key. A
             # server dripping its headers cannot hold the call past the deadline.
-            response = send_within(self._http, request, ends, name, seconds)
+            with self._closed_mapped():
+                response = send_within(self._http, request, ends, name, seconds)
             try:
-                body = AnswerBody(response, name, seconds, ends)
+                body = AnswerBody(response, name, seconds, ends, binding.scrub)
                 try:
                     for chunk in iter_decoded(response):
                         if not body.take(chunk):
@@ -1216,7 +1311,13 @@ class FluxClient(_ClientBase):
                 response.close()
 
     def close(self) -> None:
-        """Close the HTTP client, if this client created it."""
+        """Close this client: any later call raises `ClientClosedError`.
+
+        Closes its httpx client too when it made it (not one you passed as ``http_client``,
+        nor the pool a `with_options` copy shares). Closing it again does nothing. Images of
+        results already returned can still be saved: they download with a short-lived client.
+        """
+        self._lifetime.close()
         if self._own_http:
             self._http.close()
 
@@ -1356,7 +1457,14 @@ class AsyncFluxClient(_ClientBase):
         if watcher is not None:
             watcher.finished(name, answer, None, binding.key_only)
         return _result(
-            binding, answer, job, self._downloader, started, model=job.model, estimated=None
+            binding,
+            answer,
+            job,
+            self._downloader,
+            started,
+            model=job.model,
+            estimated=None,
+            request_id=job.id,
         )
 
     async def _attempt(
@@ -1371,6 +1479,10 @@ class AsyncFluxClient(_ClientBase):
             reply: Outcome | FluxError
             try:
                 reply = await self._drive(binding, flow, watcher)
+            except ClientClosedError as error:  # no other provider can be tried either
+                if watcher is not None:
+                    watcher.finished(name, error, None, binding.key_only)
+                raise
             except FluxError as error:
                 reply = error
             if watcher is not None:
@@ -1448,16 +1560,18 @@ class AsyncFluxClient(_ClientBase):
         deadline = asyncio.timeout(seconds)
         try:
             async with deadline:
+                self._check_open()  # closed while a call was under way
                 with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
                     request = _build_httpx_request(self._http, binding, outgoing, files)
-                    response = await self._http.send(
-                        request,
-                        stream=True,
-                        auth=None,  # see FluxClient._send
-                        follow_redirects=False,
-                    )
+                    with self._closed_mapped():
+                        response = await self._http.send(
+                            request,
+                            stream=True,
+                            auth=None,  # see FluxClient._send
+                            follow_redirects=False,
+                        )
                     try:
-                        body = AnswerBody(response, name, seconds, None)
+                        body = AnswerBody(response, name, seconds, None, binding.scrub)
                         try:
                             async for chunk in aiter_decoded(response):
                                 if not body.take(chunk):
@@ -1519,6 +1633,7 @@ class AsyncFluxClient(_ClientBase):
         wait to be read.
 
         Raises:
+            ClientClosedError: This client is closed.
             ConfigurationError: *requests* or *names* is not a list or iterable (one request, a
                 string), *concurrency*, *per_provider* or *grace* are not usable, the output
                 folder cannot be used, or another batch is writing to it; or, after the jobs
@@ -1528,6 +1643,7 @@ class AsyncFluxClient(_ClientBase):
         """
         from flux_adapters._batch import run_batch  # lazy: only batches need it
 
+        self._check_open()
         return run_batch(
             self,
             requests,
@@ -1550,7 +1666,8 @@ class AsyncFluxClient(_ClientBase):
             )
 
     async def aclose(self) -> None:
-        """Close the HTTP client, if this client created it."""
+        """Close this client: any later call raises `ClientClosedError`; see `FluxClient.close`."""
+        self._lifetime.close()
         if self._own_http:
             await self._http.aclose()
 

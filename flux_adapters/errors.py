@@ -4,6 +4,7 @@ The tree::
 
     FluxError                         base: ``except FluxError`` catches all of them
     ├── ConfigurationError            bad client setup (unknown provider, no API key); nothing sent
+    │   └── ClientClosedError         the client was closed (also a RuntimeError, as httpx's is)
     ├── RequestError (also ValueError) the request breaks a rule or a limit; nothing was sent
     ├── ProviderError                 the provider answered, and the answer is an error
     │   ├── AuthenticationFailed      401, or 403 about the key
@@ -23,11 +24,17 @@ The tree::
     │   └── JobTimeout                the job passed its deadline (cancelled if the provider can)
     ├── ResultExpired                 the short-lived result URL is gone (403/404/410 on download)
     ├── OutputError                   an image could not be written where asked; nothing was lost upstream
+    │   └── ExtensionMismatch         the file name says another image format than the bytes have
     ├── MissingExtraError             an optional extra is not installed (also ModuleNotFoundError)
     └── AllProvidersFailed            every candidate provider failed; ``attempts`` lists them
 
 An error that came after an asynchronous provider accepted the job carries it in ``job``:
 ``client.resume(error.job)`` polls it again instead of paying for a new one.
+
+An error that came with an HTTP answer carries that answer's headers in ``response_headers``
+(read-only, cookies and credentials masked, keys removed) and the provider's id for the exchange
+in ``request_id`` (from ``x-request-id`` and the like; for an accepted job without one, the job's
+id); ``str(error)`` shows the request id, which is what a provider's support asks for.
 
 Rules every class follows: status codes are the ones the provider sent (never made up here), the
 cause is chained with ``raise ... from``, details are short and redacted, no API key appears in a
@@ -37,7 +44,8 @@ constructors need no extra code).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from attrs import frozen
@@ -49,8 +57,10 @@ if TYPE_CHECKING:
 __all__ = [
     "AllProvidersFailed",
     "AuthenticationFailed",
+    "ClientClosedError",
     "ConfigurationError",
     "ContentModerated",
+    "ExtensionMismatch",
     "FluxError",
     "InsufficientBalance",
     "JobError",
@@ -84,19 +94,77 @@ class FluxError(Exception):
     """The job an asynchronous provider accepted before this error, if one did: it may still
     finish (and be billed), so it is never submitted again; ``client.resume(job)`` polls it."""
 
+    _request_id: str | None = None
+    _response_headers: Mapping[str, str] = MappingProxyType({})
+
+    @property
+    def request_id(self) -> str | None:
+        """The provider's id for the exchange that failed, to quote to its support; else ``None``.
+
+        Read from the answer's headers (``x-request-id``, ``request-id``, ``x-fal-request-id``,
+        ``x-oneapi-request-id`` of the one-api/new-api gateways many resellers run, ...). For an
+        asynchronous provider's job with no such header, the job's id (BFL's task id; fal's
+        ``request_id``). Shown in ``str(error)``.
+        """
+        if self._request_id is not None:
+            return self._request_id
+        return self.job.id if self.job is not None else None
+
+    @property
+    def response_headers(self) -> Mapping[str, str]:
+        """The headers of the answer this error came with (names in lower case); read-only.
+
+        Empty when no answer came (a transport failure, a request refused before sending).
+        Cookies and credentials (``set-cookie``, ``authorization``, ...) are masked, the client's
+        keys and anything shaped like a key are removed from the rest, and the query string of
+        a URL (``location``) is left out: it may be signed.
+        """
+        return MappingProxyType(dict(self._response_headers))
+
+    def _request_note(self) -> str:
+        """``", request id X"`` when there is one, for ``__str__``."""
+        found = self.request_id
+        return f", request id {found}" if found else ""
+
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.args, self.__dict__))
+        # The state goes third, so pickle records the error before it: a router's error holds
+        # its own attempt (``attempts[-1].error is self``), a cycle pickle can only close that way.
+        return (_rebuild, (type(self), self.args), self.__dict__)
 
 
-def _rebuild(cls: type[FluxError], args: tuple[object, ...], state: dict[str, object]) -> FluxError:
+def attach_response(error: FluxError, headers: Mapping[str, str], request_id: str | None) -> None:
+    """Give *error* the answer's (already redacted) *headers* and its *request_id*.
+
+    Internal: called where the client meets an answer. An id the error already has (from an
+    earlier exchange of the same call) is kept.
+    """
+    if not error._response_headers:
+        error._response_headers = dict(headers)
+    if error._request_id is None and request_id:
+        error._request_id = request_id
+
+
+def _rebuild(
+    cls: type[FluxError], args: tuple[object, ...], state: dict[str, object] | None = None
+) -> FluxError:
     error = cls.__new__(cls)
     error.args = args
-    error.__dict__.update(state)
+    if state:  # pickles made before the state went apart
+        error.__dict__.update(state)
     return error
 
 
 class ConfigurationError(FluxError, ValueError):
     """The client is set up wrongly (unknown provider, missing API key). Nothing was sent."""
+
+
+class ClientClosedError(ConfigurationError, RuntimeError):
+    """The client was closed (``close()``, ``aclose()`` or the end of its ``with`` block).
+
+    Nothing was sent. Also a `ConfigurationError` (what a closed client raised before) and a
+    ``RuntimeError`` (what httpx raises for a closed client), so existing handlers still catch
+    it. Create a new client, or use one `with_options` copy per call and close only the client.
+    """
 
 
 @frozen
@@ -175,7 +243,7 @@ class ProviderError(FluxError):
 
     def __str__(self) -> str:
         detail = f": {self.detail}" if self.detail else ""
-        return f"{self.provider}: {self.args[0]} (HTTP {self.status_code}){detail}"
+        return f"{self.provider}: {self.args[0]} (HTTP {self.status_code}{self._request_note()}){detail}"
 
 
 class AuthenticationFailed(ProviderError):
@@ -263,7 +331,7 @@ class TransportError(FluxError):
 
     def __str__(self) -> str:
         state = "the request may have reached it" if self.sent else "the request was not sent"
-        return f"{self.provider}: {self.args[0]} ({state})"
+        return f"{self.provider}: {self.args[0]} ({state}{self._request_note()})"
 
 
 class Timeout(TransportError):
@@ -291,7 +359,9 @@ class JobError(FluxError):
 
     def __str__(self) -> str:
         detail = f": {self.detail}" if self.detail else ""
-        return f"{self.provider}: {self.args[0]} (job {self.job_id}){detail}"
+        found = self.request_id
+        note = f", request id {found}" if found and found != self.job_id else ""
+        return f"{self.provider}: {self.args[0]} (job {self.job_id}{note}){detail}"
 
 
 class Moderated(JobError):
@@ -380,7 +450,9 @@ class ResultExpired(FluxError):
         self.location = location
 
     def __str__(self) -> str:
-        return f"{self.args[0]} (HTTP {self.status_code} from {self.location})"
+        return (
+            f"{self.args[0]} (HTTP {self.status_code} from {self.location}{self._request_note()})"
+        )
 
 
 class MissingExtraError(FluxError, ModuleNotFoundError):
@@ -423,6 +495,34 @@ class OutputError(FluxError):
 
     def __str__(self) -> str:
         return f"cannot write {self.path}: {self.args[0]}"
+
+
+class ExtensionMismatch(OutputError):
+    """The file name's extension says another image format than the image's bytes have.
+
+    Raised by ``ResultImage.save`` (saving a JPEG as ``scene.png``) before anything is written
+    under that name; the image is not converted. Save it under `suggested`, or pass
+    ``add_suffix=True`` with a name without extension.
+
+    Attributes:
+        image_format: The format the bytes have, e.g. ``"jpeg"``.
+        extension_format: The format the extension names, e.g. ``"png"``.
+        suggested: *path* with the extension of the image's real format.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        image_format: str,
+        extension_format: str,
+        suggested: str,
+    ) -> None:
+        super().__init__(message, path=path)
+        self.image_format = image_format
+        self.extension_format = extension_format
+        self.suggested = suggested
 
 
 class AllProvidersFailed(FluxError):

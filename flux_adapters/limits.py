@@ -19,6 +19,7 @@ from typing import Final, Literal, TypeAlias
 from attrs import field, frozen
 
 from flux_adapters._display import render_value
+from flux_adapters._files import format_name
 from flux_adapters.errors import RequestError, Violation
 from flux_adapters.request import DataUrlImage, EditRequest, FileImage, ImageInput, UrlImage
 from flux_adapters.result import ConversionWarning
@@ -381,45 +382,53 @@ def _check_images(request: EditRequest, limits: ModelLimits, found: _Found) -> N
         else:
             found.add("images", "too many reference images", f"{allowed} images", count)
     rule = limits.image
+    takes = ", ".join(sorted(rule.formats))
     for index, image in enumerate(request.images):
         name = f"images[{index}]"
+        shown = image.describe()  # each message names the image: which of five is at fault?
         kind = image_kind(image)
         if kind not in rule.kinds:
             found.add(
                 name,
-                f"{limits.provider} cannot take an image given as {kind.replace('_', ' ')}",
+                f"{limits.provider} cannot take an image given as {kind.replace('_', ' ')} "
+                f"({shown})",
                 " / ".join(sorted(rule.kinds)),
-                image.describe(),
+                shown,
             )
         if isinstance(image, UrlImage):
             continue  # the provider fetches it; nothing here can be checked before sending
         info = image.info
         if info.format not in rule.formats:
+            what = (
+                f"is a {format_name(info.format)} image"
+                if info.format is not None
+                else "is not in any image format known here"
+            )
             found.add(
                 name,
-                "is not an accepted image format",
+                f"{shown} {what}, which {limits.provider} does not accept; it takes {takes}",
                 " / ".join(sorted(rule.formats)),
-                info.format or "unrecognised data",
+                format_name(info.format) if info.format else "unrecognised data",
             )
             continue
         if info.byte_size > rule.max_bytes:
             found.add(
                 name,
-                "is too large",
+                f"{shown} is too large",
                 f"at most {rule.max_bytes / MB:g} MB",
                 f"{info.byte_size / MB:.1f} MB",
             )
         if info.pixels is None:
             found.add(
                 name,
-                "has an unreadable image header",
+                f"{shown} has an unreadable {format_name(info.format)} header",
                 f"a valid {info.format} header",
-                image.describe(),
+                shown,
             )
         elif info.pixels > rule.max_pixels:
             found.add(
                 name,
-                "has too many pixels",
+                f"{shown} has too many pixels",
                 f"at most {rule.max_pixels / 1_000_000:g} MP",
                 f"{info.width}x{info.height}",
             )

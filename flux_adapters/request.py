@@ -12,6 +12,12 @@ Local images (a path, raw bytes, a ``data:`` URL) are inspected once, when the r
 format and pixel size come from the image header (``imagesize``), without decoding pixels and
 without reading a large file more than once. The body is streamed from the file at send time,
 opened again with `FileImage.open`, which refuses anything but a regular file.
+
+Images people have in hand are taken too, and turned into bytes when the request is built (never
+later, so a request holds no open stream and can be sent twice): a binary file object (anything
+whose ``read()`` returns bytes) is read once from where it stands to its end, at most
+`MAX_READ_BYTES`; a Pillow image is encoded to PNG, losslessly, and Pillow is never imported to
+find out (an object can be a Pillow image only once the caller imported it).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import io
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final, Literal, TypeAlias, get_args
+from typing import TYPE_CHECKING, BinaryIO, Final, Literal, Protocol, TypeAlias, get_args
 
 from attrs import field, frozen
 
@@ -34,22 +41,25 @@ from flux_adapters._display import (
     render_value,
     type_name,
 )
-from flux_adapters._files import image_format
+from flux_adapters._files import MEDIA_TYPES, SNIFF_BYTES, image_format
 from flux_adapters._ids import ModelId
 from flux_adapters.errors import RequestError, Violation
 
 if TYPE_CHECKING:
-    pass
+    from PIL.Image import Image as PILImage
 
 __all__ = [
+    "MAX_ENCODED_PIXELS",
     "MAX_GUIDANCE",
     "MAX_IMAGES",
+    "MAX_READ_BYTES",
     "MAX_SAFETY_TOLERANCE",
     "MAX_SEED",
     "MAX_SIDE",
     "MAX_STEPS",
     "MAX_URL_LENGTH",
     "MODELS",
+    "BinaryReadable",
     "BytesImage",
     "DataUrlImage",
     "EditRequest",
@@ -81,12 +91,17 @@ MAX_IMAGES: Final = 100
 """Most reference images one request may hold (providers take at most 8)."""
 MAX_URL_LENGTH: Final = 8_192
 """Longest image URL, in characters."""
+MAX_READ_BYTES: Final = 64 * 1024 * 1024
+"""Most bytes read from a binary file object, or made by encoding a Pillow image: three times any
+provider's limit (20 MB), so that a provider's own limit is what refuses a large image, by name,
+while an endless stream is never read past this (plus one byte, to know it is longer)."""
+MAX_ENCODED_PIXELS: Final = 50_000_000
+"""Largest Pillow image encoded (width times height): providers take at most 20 MP, and
+encoding a larger one would take long only to be refused."""
 
 OutputFormat: TypeAlias = Literal["jpeg", "png", "webp"]
 _OUTPUT_FORMATS: Final = ("jpeg", "png", "webp")
 
-# The three formats any provider here accepts, told apart by their first bytes.
-_MEDIA_TYPES: Final = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Enough decoded bytes to reach a JPEG's frame header even behind large EXIF/ICC blocks.
 _HEADER_BYTES: Final = 2 * 1024 * 1024
 _BASE64_CHUNK: Final = 4 * 256 * 1024
@@ -173,7 +188,10 @@ class ImageInfo:
     """What the header of a local image says.
 
     Attributes:
-        format: ``"png"``, ``"jpeg"`` or ``"webp"``; ``None`` for anything else.
+        format: ``"png"``, ``"jpeg"`` or ``"webp"``; a format providers do not take, named so
+            that an error can say which (``"gif"``, ``"bmp"``, ``"tiff"``, ``"heic"``,
+            ``"avif"``, ... see ``flux_adapters._files.image_format``); ``None`` for data that
+            is no image format known here.
         width: Pixel width, or ``None`` when the header could not be read.
         height: Pixel height, or ``None`` when the header could not be read.
         byte_size: Size of the image file in bytes (decoded, for a data URL).
@@ -187,7 +205,7 @@ class ImageInfo:
     @property
     def media_type(self) -> str:
         """The media type to declare when sending the image."""
-        return _MEDIA_TYPES.get(self.format or "", "application/octet-stream")
+        return MEDIA_TYPES.get(self.format or "", "application/octet-stream")
 
     @property
     def pixels(self) -> int | None:
@@ -258,13 +276,24 @@ class FileImage:
 
 @frozen
 class BytesImage:
-    """Raw image bytes held in memory."""
+    """Image bytes held in memory: given as bytes, read from a file object, or a Pillow image.
+
+    Attributes:
+        data: The image bytes.
+        info: What its header says.
+        source: Where the bytes came from, for messages: a file object's name
+            (``'photos/cat.png'``; ``'<BytesIO object>'`` when it has none), or ``'a PIL image
+            (640x480)'``; ``None`` for bytes given as they are.
+    """
 
     data: bytes = field(repr=lambda value: f"<{len(value)} bytes>")
     info: ImageInfo
+    source: str | None = None
 
     def describe(self) -> str:
         """A short, human-readable name for messages."""
+        if self.source is not None:
+            return f"{self.source} ({len(self.data)} bytes)"
         return f"{len(self.data)} bytes in memory"
 
 
@@ -273,12 +302,34 @@ ImageInput: TypeAlias = UrlImage | DataUrlImage | FileImage | BytesImage
 
 LocalImage: TypeAlias = DataUrlImage | FileImage | BytesImage
 
-ImageLike: TypeAlias = str | os.PathLike[str] | bytes | ImageInput
-"""What ``EditRequest(images=...)`` takes: a URL or data URL string, a path, bytes, an input."""
+
+class BinaryReadable(Protocol):
+    """A binary file object: ``open(path, "rb")``, ``io.BytesIO``, a spooled temporary file..."""
+
+    def read(self, size: int = ..., /) -> bytes:
+        """Up to *size* bytes; ``b""`` at the end."""
+
+
+if TYPE_CHECKING:  # Pillow is an optional dependency: type checkers see its Image class
+    ImageLike: TypeAlias = (
+        str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryReadable | PILImage
+    ) | ImageInput
+else:  # at run time, the same union without Pillow's class (which is never imported here)
+    ImageLike = (
+        str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryReadable | ImageInput
+    )
+"""One image as ``EditRequest(images=...)`` takes it: an ``http(s)`` URL or ``data:`` URL
+string, a path, bytes, a binary file object, a Pillow image, or an `ImageInput`."""
 
 _IMAGE_INPUTS: Final = (UrlImage, DataUrlImage, FileImage, BytesImage)
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)
-_IMAGE_LIMIT: Final = "an http(s) URL or data URL str, a pathlib.Path, or bytes"
+_IMAGE_LIMIT: Final = (
+    "an http(s) URL or data URL str, a pathlib.Path, bytes, a binary file object or a PIL image"
+)
+_READ_CHUNK: Final = 1024 * 1024
+# Modes Pillow writes to PNG as they are (PngImagePlugin._OUTMODES, without the packed
+# variants): any other would be converted, which is not what "lossless" promises.
+_PNG_MODES: Final = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
 
 
 @frozen
@@ -323,7 +374,7 @@ def _dimensions(stream: BinaryIO) -> tuple[int | None, int | None]:
 
 
 def _inspect(stream: BinaryIO, byte_size: int) -> ImageInfo:
-    found = image_format(stream.read(16))
+    found = image_format(stream.read(SNIFF_BYTES))
     width, height = _dimensions(stream) if found else (None, None)
     return ImageInfo(format=found, width=width, height=height, byte_size=byte_size)
 
@@ -515,7 +566,7 @@ def _from_text(text: str) -> ImageInput | _Unreadable:
     )
 
 
-def _from_bytes(value: object) -> BytesImage | _Unreadable:
+def _from_bytes(value: object, source: str | None = None) -> BytesImage | _Unreadable:
     try:
         data = value if type(value) is bytes else bytes(memoryview(value))  # type: ignore[arg-type]
     except Exception as error:  # a released memoryview; a buffer that refuses to be read
@@ -526,7 +577,131 @@ def _from_bytes(value: object) -> BytesImage | _Unreadable:
         )
     if not data:
         return _Unreadable("empty bytes", "is empty", "at least one byte of image data")
-    return BytesImage(data=data, info=_inspect(io.BytesIO(data), len(data)))
+    return BytesImage(data=data, info=_inspect(io.BytesIO(data), len(data)), source=source)
+
+
+def _has_method(value: object, name: str) -> bool:
+    """Whether *value*'s type has a method *name*; asks the type, never runs the instance's code."""
+    try:
+        return callable(getattr(type(value), name, None))
+    except Exception:  # a metaclass that refuses attribute lookups
+        return False
+
+
+def _stream_name(value: object) -> str:
+    """How to name a file object in messages: its file name when it has one (``open()``)."""
+    try:
+        name: object = getattr(value, "name", None)  # user code: a property may raise
+    except Exception:
+        name = None
+    text = _as_text(name)
+    if text:
+        return _short_path(text)
+    return f"<{type_name(value)} object>"
+
+
+_MB: Final = 1024 * 1024
+_READ_LIMIT: Final = f"at most {MAX_READ_BYTES // _MB} MB read from a file object"
+_BINARY_STREAM: Final = "a file object opened in binary mode ('rb'), or bytes"
+
+
+def _from_stream(value: object) -> BytesImage | _Unreadable:
+    """Read a binary file object from where it stands to its end: at most `MAX_READ_BYTES` + 1.
+
+    Reads in slices, never asking for more than one byte past the limit in all, so an endless
+    stream costs no more than that; the file object is left open (it is the caller's).
+    """
+    shown = _stream_name(value)
+    if _is(value, io.TextIOBase):
+        return _Unreadable(
+            shown, "is a text file object; open the file with 'rb' (binary)", _BINARY_STREAM
+        )
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_READ_BYTES:
+        wanted = min(_READ_CHUNK, MAX_READ_BYTES + 1 - size)
+        try:
+            chunk: object = value.read(wanted)  # type: ignore[attr-defined]
+        except Exception as error:  # closed, not readable, or the caller's own code failed
+            problem = f"could not be read ({describe_exception(error)})"
+            return _Unreadable(shown, problem, _BINARY_STREAM)
+        if chunk is None:  # io's answer for "no data yet" on a non-blocking stream
+            problem = "has no data ready (a non-blocking stream); read it first and pass bytes"
+            return _Unreadable(shown, problem, _BINARY_STREAM)
+        if _is(chunk, str):
+            problem = "gives text, not bytes; open the file with 'rb' (binary)"
+            return _Unreadable(shown, problem, _BINARY_STREAM)
+        if not _is(chunk, _BYTES_LIKE):
+            problem = f"read() returned {type_name(chunk)}, not bytes"
+            return _Unreadable(shown, problem, _BINARY_STREAM)
+        try:
+            data = bytes(chunk) if type(chunk) is not bytes else chunk  # type: ignore[call-overload]
+        except Exception as error:  # a memoryview released under us
+            return _Unreadable(shown, f"could not be read ({describe_exception(error)})", "bytes")
+        if not data:
+            break
+        chunks.append(data[: MAX_READ_BYTES + 1 - size])  # a read() that gives more than asked
+        size += len(chunks[-1])
+    if size > MAX_READ_BYTES:
+        return _Unreadable(shown, f"is larger than {MAX_READ_BYTES // _MB} MB", _READ_LIMIT)
+    if not size:
+        problem = "is empty (at its end: a file object is read from where it stands; seek(0)?)"
+        return _Unreadable(shown, problem, "at least one byte of image data")
+    return _from_bytes(b"".join(chunks), shown)
+
+
+def _pil_image_type() -> type | None:
+    """Pillow's ``Image`` class, when the caller has imported Pillow; never imports it."""
+    module = sys.modules.get("PIL.Image")
+    found = getattr(module, "Image", None) if module is not None else None
+    return found if isinstance(found, type) else None
+
+
+class _TooLarge(Exception):
+    """An encoded image passed `MAX_READ_BYTES` (internal to `_from_pil`)."""
+
+
+class _CappedBuffer(io.BytesIO):
+    """A ``BytesIO`` that refuses to grow past `MAX_READ_BYTES`."""
+
+    def write(self, data: object, /) -> int:
+        if self.tell() + memoryview(data).nbytes > MAX_READ_BYTES:  # type: ignore[arg-type]
+            raise _TooLarge
+        return super().write(data)  # type: ignore[arg-type]
+
+
+def _from_pil(value: object) -> BytesImage | _Unreadable:
+    """A Pillow image, encoded to PNG as it is: no mode conversion, its ICC profile kept."""
+    image: PILImage = value  # type: ignore[assignment]
+    try:
+        width, height = (int(side) for side in image.size)
+        mode = str(image.mode)
+        filename = _as_text(getattr(image, "filename", None))
+        profile = image.info.get("icc_profile")
+    except Exception as error:
+        return _Unreadable("a PIL image", f"cannot be read ({describe_exception(error)})", "PNG")
+    shown = f"a PIL image ({width}x{height}"
+    shown += f", from {_short_path(filename)!r})" if filename else ")"
+    if width * height > MAX_ENCODED_PIXELS:
+        limit = f"at most {MAX_ENCODED_PIXELS / 1_000_000:g} MP"
+        return _Unreadable(shown, f"has too many pixels to encode ({width}x{height})", limit)
+    if mode not in _PNG_MODES:
+        problem = (
+            f"is in mode {render_value(mode)}, which PNG cannot hold without converting it; "
+            "convert it first, e.g. image.convert('RGB')"
+        )
+        return _Unreadable(shown, problem, "modes " + ", ".join(sorted(_PNG_MODES)))
+    buffer = _CappedBuffer()
+    extra = {"icc_profile": profile} if type(profile) is bytes else {}
+    try:
+        image.save(buffer, format="PNG", **extra)
+    except _TooLarge:
+        limit = f"at most {MAX_READ_BYTES // _MB} MB as PNG"
+        return _Unreadable(shown, f"is larger than {MAX_READ_BYTES // _MB} MB as PNG", limit)
+    except Exception as error:  # closed, truncated file behind it, a decompression bomb ...
+        problem = f"could not be encoded as PNG ({describe_exception(error)})"
+        return _Unreadable(shown, problem, "a readable PIL image")
+    return _from_bytes(buffer.getvalue(), shown)
 
 
 def _recheck(image: ImageInput) -> ImageInput | _Unreadable:
@@ -561,7 +736,11 @@ def _recheck(image: ImageInput) -> ImageInput | _Unreadable:
         return _Unreadable(shown, f"cannot be read ({describe_exception(error)})", _IMAGE_LIMIT)
     if not _is(data, _BYTES_LIKE):
         return _Unreadable(shown, "has data that is not bytes", "bytes")
-    return _from_bytes(data)
+    try:
+        source = _as_text(image.source)  # type: ignore[union-attr]
+    except Exception:
+        source = None
+    return _from_bytes(data, source)
 
 
 def _to_image(value: object) -> ImageInput | _Unreadable:
@@ -573,16 +752,28 @@ def _to_image(value: object) -> ImageInput | _Unreadable:
         return _from_text(str.__str__(value))
     if _is(value, os.PathLike):
         return _from_path_like(value)
+    pil = _pil_image_type()
+    if pil is not None and _is(value, pil):
+        return _from_pil(value)
+    if _has_method(value, "read"):
+        return _from_stream(value)
     return _Unreadable(
         render_value(value), f"is not an image input (a {type_name(value)})", _IMAGE_LIMIT
     )
 
 
-_SINGLE_IMAGES: Final = (str, *_BYTES_LIKE, *_IMAGE_INPUTS)
-_LIST_LIMIT: Final = "a list of images, e.g. images=[Path('a.png')]"
+def _is_single_image(value: object) -> bool:
+    """Whether *value* is one image rather than a collection of them."""
+    if _is(value, (str, *_BYTES_LIKE, *_IMAGE_INPUTS, os.PathLike)):
+        return True
+    pil = _pil_image_type()
+    return (pil is not None and _is(value, pil)) or _has_method(value, "read")
 
 
-def _to_images(values: Iterable[object]) -> tuple[ImageInput | _Unreadable, ...]:
+_LIST_LIMIT: Final = "an image, or a list of images, e.g. images=[Path('a.png')]"
+
+
+def _to_images(values: ImageLike | Iterable[object]) -> tuple[ImageInput | _Unreadable, ...]:
     # Typed for callers; at run time *values* may be anything, and every case is reported.
     return _classify(values)
 
@@ -594,11 +785,8 @@ def _classify(values: object) -> tuple[ImageInput | _Unreadable, ...]:
         if count > MAX_IMAGES:
             return (_whole("too many images", f"at most {MAX_IMAGES}", f"{count} images"),)
         return tuple(_to_image(value) for value in values)  # type: ignore[attr-defined]
-    if _is(values, _SINGLE_IMAGES) or _is(values, os.PathLike):
-        problem = (
-            f"must be a list of images, not a single {type_name(values)}; wrap it: images=[...]"
-        )
-        return (_whole(problem, _LIST_LIMIT, render_value(values)),)
+    if _is_single_image(values):
+        return (_to_image(values),)  # a str is one URL, a BytesIO one image: never iterated
     if values is None:
         return (
             _whole("must be a list of images, not None; pass [] for none", _LIST_LIMIT, "None"),
@@ -656,16 +844,23 @@ class EditRequest:
     invalid UTF-8 with ``surrogateescape`` leaves); whole numbers are ``int`` (not ``bool`` or
     ``float``); every number lies within a universal bound far beyond any provider's own
     (`MAX_SIDE`, `MAX_SEED`, `MAX_STEPS`, `MAX_SAFETY_TOLERANCE`, `MAX_GUIDANCE`); ``images``
-    is a list (or another ordered iterable) of at most `MAX_IMAGES`; a URL is ``http(s)`` with a
-    host, no whitespace or control characters and at most `MAX_URL_LENGTH` characters; a path
-    names a regular file (never a directory, FIFO, device or socket).
+    is one image, or a list (or another ordered iterable) of at most `MAX_IMAGES`; a URL is
+    ``http(s)`` with a host, no whitespace or control characters and at most `MAX_URL_LENGTH`
+    characters; a path names a regular file (never a directory, FIFO, device or socket); a file
+    object gives bytes and at most `MAX_READ_BYTES` of them.
 
     Attributes:
         prompt: What to generate or how to edit; non-empty text.
         model: A canonical model id, one of ``flux_adapters.MODELS`` (typed `ModelId`, so
             ``mypy --strict`` flags a misspelt one; at run time it is a `RequestError`).
-        images: Reference images, in order: ``http(s)`` URL or ``data:`` URL strings,
-            ``pathlib.Path`` objects naming regular files, or bytes; at most `MAX_IMAGES`.
+        images: Reference images, in order, at most `MAX_IMAGES`; or one image on its own
+            (``images=Path("scene.png")``). Each is an ``http(s)`` URL or ``data:`` URL string
+            (a plain ``str`` is never taken as a file path: pass a ``pathlib.Path``), a
+            ``pathlib.Path`` naming a regular file, bytes, a binary file object (``open(path,
+            "rb")``, ``io.BytesIO``: read now, from where it stands to its end, at most
+            `MAX_READ_BYTES`, and left open), or a Pillow image (encoded now to PNG,
+            losslessly, at most `MAX_ENCODED_PIXELS`). Files named by a path are read when the
+            request is sent; everything else is held in memory from now on.
         width: Output width in pixels (with ``height``), 1 to `MAX_SIDE`.
         height: Output height in pixels (with ``width``), 1 to `MAX_SIDE`.
         size: Output size as ``"WxH"``, for providers that take that form; each side 1 to

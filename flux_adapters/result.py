@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import binascii
+import contextlib
+import math
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol, Self
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
 from flux_adapters._files import (
+    IMAGE_FORMATS,
+    MEDIA_TYPES,
+    SNIFF_BYTES,
     TAIL_BYTES,
     atomic_image,
+    check_extension,
     check_target,
     image_format,
     image_is_whole,
 )
-from flux_adapters.errors import FluxError
+from flux_adapters.errors import ExtensionMismatch, FluxError
 
 if TYPE_CHECKING:
     from flux_adapters.jobs import Job
@@ -59,7 +65,7 @@ def inline_image_problem(text: str) -> str:
     if len(text) % 4 or not _BASE64.fullmatch(text):
         return "an inline image is not valid base64"
     head = binascii.a2b_base64(text[:64])
-    if image_format(head) is None:
+    if image_format(head) not in IMAGE_FORMATS:
         return "an inline image is not a png, jpeg or webp image"
     # The last whole base64 quanta hold the image's end, checked as a download's is.
     tail = binascii.a2b_base64(text[-4 * (TAIL_BYTES // 3) :])
@@ -174,8 +180,35 @@ def _default_downloader() -> Downloader:
     return HttpDownloader()
 
 
-@frozen(kw_only=True)
-class ResultImage:
+def _declared(value: object) -> str | None:
+    """A declared format as `image_format` names it: ``"jpeg"`` from ``"image/jpeg"``, ``"JPG"``."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if "/" in text:
+        text = text.split(";", 1)[0].strip()
+        text = next((name for name, media in MEDIA_TYPES.items() if media == text), "")
+    text = {"jpg": "jpeg"}.get(text, text)
+    return text if text in IMAGE_FORMATS else None
+
+
+def _finite(value: float | None) -> float | None:
+    """*value*, or ``None`` for NaN and the infinities (which JSON cannot hold)."""
+    return value if value is None or math.isfinite(value) else None
+
+
+class _Held:
+    """What a `ResultImage` holds besides its value, kept out of its attrs fields.
+
+    ``attrs.asdict``, ``==``, ``repr`` and pickling see the fields only: a downloader (with its
+    httpx client) is no data, and what the bytes showed is only a cache.
+    """
+
+    __slots__ = ("_held_downloader", "_held_seen")
+
+
+@frozen(kw_only=True, init=False)
+class ResultImage(_Held):
     """One generated image: a short-lived URL, or base64 data the provider returned inline.
 
     Result URLs expire about 10 minutes after the image is made; `save` or `read` it at once.
@@ -184,6 +217,10 @@ class ResultImage:
     Attributes:
         url: Where to download the image, when the provider returned a URL.
         b64_json: The image as base64, when the provider returned it inline.
+        declared_format: The format the provider declared for the image (fal's
+            ``content_type``), else the ``output_format`` the request asked for (every adapter
+            sends it); ``"png"``, ``"jpeg"`` or ``"webp"``, or ``None``. A claim, not a fact:
+            `format` prefers the bytes.
     """
 
     url: str | None = field(default=None, repr=_short_url)
@@ -191,16 +228,81 @@ class ResultImage:
         default=None,
         repr=lambda value: "None" if value is None else f"<{len(value)} base64 characters>",
     )
+    declared_format: str | None = None
 
-    _downloader: Downloader | None = field(default=None, eq=False, repr=False, alias="downloader")
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        b64_json: str | None = None,
+        declared_format: str | None = None,
+        downloader: Downloader | None = None,
+    ) -> None:
+        """Make one; *declared_format* may be a media type (``"image/jpeg"``) or a format name.
+
+        *downloader* fetches the URL (the clients give theirs); by default a short-lived one.
+        """
+        self.__attrs_init__(url=url, b64_json=b64_json, declared_format=_declared(declared_format))
+        object.__setattr__(self, "_held_downloader", downloader)
+        object.__setattr__(self, "_held_seen", None)
+
+    def fetched_with(self, downloader: Downloader, *, declared_format: str | None = None) -> Self:
+        """This image, downloading with *downloader*; *declared_format* fills in a missing one."""
+        return type(self)(
+            url=self.url,
+            b64_json=self.b64_json,
+            declared_format=self.declared_format or declared_format,
+            downloader=downloader,
+        )
 
     def _fetcher(self) -> Downloader:
-        return self._downloader if self._downloader is not None else _default_downloader()
+        held: Downloader | None = getattr(self, "_held_downloader", None)  # None once unpickled
+        return held if held is not None else _default_downloader()
+
+    def _seen(self, head: bytes, size: int) -> None:
+        """Remember what the bytes turned out to be, once they were read or saved."""
+        object.__setattr__(self, "_held_seen", (image_format(head), size))
+
+    def _inline_head(self) -> bytes:
+        assert self.b64_json is not None
+        return binascii.a2b_base64(self.b64_json[:64])
 
     def _url(self) -> str:
         if self.url is None:  # pragma: no cover - parse_* never builds an image with neither
             raise ValueError("this image has neither a URL nor inline data")
         return self.url
+
+    @property
+    def format(self) -> str | None:
+        """``"png"``, ``"jpeg"`` or ``"webp"``: from the bytes once they are known, else declared.
+
+        Inline data is known at once. A URL's bytes are known once `read` or `save` fetched them
+        through this object; until then this is `declared_format` (``None`` when nothing was
+        declared). The download itself always checks the bytes, whatever was declared.
+        """
+        if self.b64_json is not None:
+            try:
+                return image_format(self._inline_head())
+            except (binascii.Error, ValueError):  # built by hand with bad base64
+                return None
+        seen: tuple[str | None, int] | None = getattr(self, "_held_seen", None)
+        if seen is not None and seen[0] is not None:
+            return seen[0]
+        return self.declared_format
+
+    @property
+    def media_type(self) -> str | None:
+        """The media type of `format`, e.g. ``"image/png"``; ``None`` when it is not known."""
+        return MEDIA_TYPES.get(self.format or "")
+
+    @property
+    def byte_size(self) -> int | None:
+        """The image's size in bytes: known for inline data, and once a URL was read or saved."""
+        if self.b64_json is not None:
+            text = self.b64_json
+            return len(text) // 4 * 3 - text[-2:].count("=")
+        seen: tuple[str | None, int] | None = getattr(self, "_held_seen", None)
+        return seen[1] if seen is not None else None
 
     def read(self) -> bytes:
         """Return the image bytes, downloading them now if the provider returned a URL.
@@ -212,7 +314,9 @@ class ResultImage:
         """
         if self.b64_json is not None:
             return b"".join(_inline_chunks(self.b64_json))
-        return self._fetcher().read(self._url())
+        data = self._fetcher().read(self._url())
+        self._seen(data[:SNIFF_BYTES], len(data))
+        return data
 
     def save(self, path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
         """Write the image to *path* (streamed to disk for a URL) and return where it went.
@@ -222,7 +326,17 @@ class ResultImage:
         as an image: a failed download leaves nothing behind. With *add_suffix*, the image's
         real extension is added to the name (``out/robot`` -> ``out/robot.png``).
 
+        The image is written as it came, never converted. An extension that names another image
+        format than the bytes have (a JPEG saved as ``scene.png``) is refused with
+        `ExtensionMismatch`, whose ``suggested`` path has the right extension: converting would
+        need an image library, change the bytes that were paid for, and for a JPEG source gain
+        nothing; writing it as it is would mislabel it for every program that trusts the name.
+        For inline data this is known before anything is written; for a URL, once the first
+        bytes arrive (the download is then dropped, and the URL still serves it for a while).
+        A name without an image extension (``out/robot``, ``robot.bin``) is written as it is.
+
         Raises:
+            ExtensionMismatch: *path*'s extension names another image format (nothing written).
             OutputError: *path* is a directory, FIFO or device, its folder is missing or not
                 writable, or the disk is full.
             ResultExpired: The URL has expired.
@@ -231,24 +345,79 @@ class ResultImage:
         """
         target = check_target(path)
         if self.b64_json is None:
-            return self._fetcher().save(self._url(), target, add_suffix=add_suffix)
+            return self._saved(self._fetcher().save(self._url(), target, add_suffix=add_suffix))
+        if not add_suffix:
+            check_extension(target, self.format)
         with atomic_image(target, add_suffix=add_suffix) as out:
             for chunk in _inline_chunks(self.b64_json):
                 out.write(chunk)
         return out.target
 
+    def _saved(self, saved: Path) -> Path:
+        """Note what the downloaded file holds; refuse (and remove) a mislabelled one.
+
+        `HttpDownloader` checks the name itself before the file appears; this also holds a
+        `Downloader` of another make to the rule.
+        """
+        try:
+            with saved.open("rb") as stream:
+                head = stream.read(SNIFF_BYTES)
+            size = saved.stat().st_size
+        except OSError:
+            return saved
+        self._seen(head, size)
+        try:
+            check_extension(saved, image_format(head))
+        except ExtensionMismatch:
+            with contextlib.suppress(OSError):
+                saved.unlink()
+            raise
+        return saved
+
     async def read_async(self) -> bytes:
         """Async twin of `read`."""
         if self.b64_json is not None:
             return self.read()
-        return await self._fetcher().read_async(self._url())
+        data = await self._fetcher().read_async(self._url())
+        self._seen(data[:SNIFF_BYTES], len(data))
+        return data
 
     async def save_async(self, path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
         """Async twin of `save`."""
         if self.b64_json is not None:
             return self.save(path, add_suffix=add_suffix)
         target = check_target(path)
-        return await self._fetcher().save_async(self._url(), target, add_suffix=add_suffix)
+        return self._saved(
+            await self._fetcher().save_async(self._url(), target, add_suffix=add_suffix)
+        )
+
+    def to_dict(self, *, include_data: bool = False) -> dict[str, object]:
+        """The image as JSON data: ``url``, ``inline``, ``format``, ``media_type``, ``byte_size``.
+
+        ``url`` is the full (signed) result URL: anyone holding it can fetch the image until it
+        expires. Inline data is left out (``b64_json``, megabytes of it) unless *include_data*.
+        """
+        data: dict[str, object] = {
+            "url": self.url,
+            "inline": self.b64_json is not None,
+            "format": self.format,
+            "media_type": self.media_type,
+            "byte_size": self.byte_size,
+        }
+        if include_data:
+            data["b64_json"] = self.b64_json
+        return data
+
+
+def _error_dict(error: FluxError) -> dict[str, object]:
+    """A failed attempt's error as JSON data (its message is redacted already)."""
+    status: object = getattr(error, "status_code", None)
+    return {
+        "type": type(error).__name__,
+        "message": str(error),
+        "status_code": status if type(status) is int else None,
+        "request_id": error.request_id,
+    }
 
 
 @frozen(kw_only=True)
@@ -268,6 +437,9 @@ class EditResult:
         attempts: Every provider tried, in order.
         elapsed_s: Seconds from sending to the parsed answer.
         job: The job, for an asynchronous provider.
+        request_id: The provider's id for the call, to quote to its support: from its answer's
+            headers (``x-request-id`` and the like), or the job's id for an asynchronous
+            provider that sent none; ``None`` when it gave none.
     """
 
     provider: str
@@ -280,6 +452,57 @@ class EditResult:
     attempts: tuple[Attempt, ...] = ()
     elapsed_s: float = 0.0
     job: Job | None = None
+    request_id: str | None = None
+
+    def to_dict(self, *, include_data: bool = False) -> dict[str, object]:
+        """The result as JSON data: ``json.dumps(result.to_dict())`` always works.
+
+        Keys: ``provider``, ``model``, ``request_id``, ``images`` (`ResultImage.to_dict`; inline
+        data only with *include_data*), ``usage``, ``cost_usd``, ``cost_source``, ``warnings``,
+        ``attempts`` (each with its error's ``type``, ``message``, ``status_code`` and
+        ``request_id``), ``elapsed_s`` and ``job`` (``Job.to_dict``: ``Job.from_dict`` reads it
+        back to resume). A number JSON cannot hold (NaN, infinity) is ``null``.
+        """
+        usage = None
+        if self.usage is not None:
+            usage = {
+                "credits_used": _finite(self.usage.credits_used),
+                "tokens_used": self.usage.tokens_used,
+                "input_mp": _finite(self.usage.input_mp),
+                "output_mp": _finite(self.usage.output_mp),
+            }
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "request_id": self.request_id,
+            "images": [image.to_dict(include_data=include_data) for image in self.images],
+            "usage": usage,
+            "cost_usd": _finite(self.cost_usd),
+            "cost_source": self.cost_source,
+            "warnings": [
+                {
+                    "field": warning.field,
+                    "requested": warning.requested,
+                    "sent": warning.sent,
+                    "message": warning.message,
+                }
+                for warning in self.warnings
+            ],
+            "attempts": [
+                {
+                    "provider": attempt.provider,
+                    "model": attempt.model,
+                    "outcome": attempt.outcome,
+                    "elapsed_s": _finite(attempt.elapsed_s),
+                    "error": None if attempt.error is None else _error_dict(attempt.error),
+                    "reason": attempt.reason,
+                    "billing": attempt.billing,
+                }
+                for attempt in self.attempts
+            ],
+            "elapsed_s": _finite(self.elapsed_s),
+            "job": None if self.job is None else self.job.to_dict(),
+        }
 
 
 BatchStatus = Literal["ok", "skipped", "changed", "failed", "unconfirmed"]

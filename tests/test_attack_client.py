@@ -594,7 +594,9 @@ def test_a_result_image_repr_never_shows_a_user_name_or_password() -> None:
     from flux_adapters.result import ResultImage
 
     image = ResultImage(url=f"https://user:{KEY}@cdn.example/a.png?signature=s3cr3t")
-    assert repr(image) == "ResultImage(url='https://cdn.example/a.png?…', b64_json=None)"
+    assert repr(image) == (
+        "ResultImage(url='https://cdn.example/a.png?…', b64_json=None, declared_format=None)"
+    )
 
 
 # --- honest kinds of transport failure -------------------------------------------------------

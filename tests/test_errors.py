@@ -34,6 +34,14 @@ INSTANCES = [
     errors.MissingExtraError(
         "the emulator needs starlette", name="starlette", distribution="starlette", extra="emulator"
     ),
+    errors.ExtensionMismatch(
+        "the image is JPEG",
+        path="scene.png",
+        image_format="jpeg",
+        extension_format="png",
+        suggested="scene.jpeg",
+    ),
+    errors.ClientClosedError("this FluxClient is closed"),
     errors.JobError("ended", provider="bfl", job_id="j-1", detail="why"),
     errors.Moderated("blocked", provider="bfl", job_id="j-1", stage="content", detail="flagged"),
     errors.JobFailed("failed", provider="fal", job_id="j-2", billed=False),
@@ -52,6 +60,30 @@ def test_every_error_pickles_with_its_fields(error: errors.FluxError) -> None:
     assert type(clone) is type(error)
     assert str(clone) == str(error)
     assert vars(clone) == vars(error)
+
+
+def answered(error: errors.FluxError) -> errors.FluxError:
+    errors.attach_response(error, {"x-request-id": "req-42", "server": "edge"}, "req-42")
+    return error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        answered(errors.ProviderUnavailable("down", **PROVIDER)),
+        answered(errors.JobFailed("failed", provider="fal", job_id="j-2")),
+        answered(errors.ResultExpired("gone", status_code=403, location="cdn.example/x.png")),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_an_error_with_an_answer_pickles_with_its_headers_and_request_id(
+    error: errors.FluxError,
+) -> None:
+    clone = pickle.loads(pickle.dumps(error))
+    assert clone.request_id == "req-42"
+    assert dict(clone.response_headers) == {"x-request-id": "req-42", "server": "edge"}
+    assert "request id req-42" in str(clone)
+    assert str(clone) == str(error)
 
 
 def test_every_error_class_is_covered_above() -> None:
@@ -84,3 +116,15 @@ def test_provider_error_keeps_the_real_status_and_detail() -> None:
 def test_transport_error_says_whether_the_request_may_have_arrived() -> None:
     assert "was not sent" in str(errors.TransportError("refused", provider="x", sent=False))
     assert "may have reached" in str(errors.Timeout("read timeout", provider="x", sent=True))
+
+
+def test_an_error_that_holds_itself_in_its_attempts_pickles_whole() -> None:
+    # The router files an error under its own attempt; pickle could lose every field of it
+    # when the state went with the constructor's arguments (a cycle it cannot close there).
+    error = errors.ProviderUnavailable("down", **PROVIDER)
+    error.attempts = (
+        Attempt(provider="apiyi", model="flux-2-pro", outcome="failed", elapsed_s=0.1, error=error),
+    )
+    clone = pickle.loads(pickle.dumps(error))
+    assert (clone.provider, clone.status_code, clone.detail) == ("apiyi", 400, "bad")
+    assert clone.attempts[0].error is clone

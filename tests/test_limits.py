@@ -123,12 +123,16 @@ def test_local_image_limits(tmp_path: Path) -> None:
     request = EditRequest(prompt="x", model="flux-2-pro", images=[too_big, too_many_pixels, gif])
     found = check(request, "apiyi")
     assert [(v.field, v.message) for v in found] == [
-        ("images[0]", "is too large"),
-        ("images[1]", "has too many pixels"),
-        ("images[2]", "is not an accepted image format"),
+        ("images[0]", f"{too_big} is too large"),
+        ("images[1]", f"{too_many_pixels} has too many pixels"),
+        (
+            "images[2]",
+            f"{gif} is a GIF image, which apiyi does not accept; it takes jpeg, png, webp",
+        ),
     ]
     assert found[0].limit == "at most 20 MB"
     assert found[1].value == "5000x4001"
+    assert found[2].value == "GIF"
 
 
 def test_settings_only_where_the_model_has_them() -> None:

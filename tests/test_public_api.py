@@ -47,3 +47,18 @@ def test_building_and_checking_requests_never_imports_httpx() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["seed", "False"]
+
+
+def test_the_names_for_images_in_hand_and_their_errors_are_public_and_lazy() -> None:
+    assert {"ImageLike", "EditResult", "ResultImage"} <= set(flux_adapters.__all__)
+    assert {"ClientClosedError", "ExtensionMismatch"} <= set(errors.__all__)
+    assert issubclass(errors.ClientClosedError, errors.ConfigurationError)
+    assert issubclass(errors.ExtensionMismatch, errors.OutputError)
+    code = (
+        "import sys, flux_adapters; loaded = 'flux_adapters.request' in sys.modules; "
+        "flux_adapters.ImageLike; print(loaded, 'flux_adapters.request' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "True"]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_adapters import EditRequest
+from flux_adapters import EditRequest, ImageLike
 from flux_adapters.errors import RequestError
 from flux_adapters.request import BytesImage, DataUrlImage, FileImage, UrlImage, _inspect
 from tests.conftest import image_bytes
@@ -84,22 +84,27 @@ def test_a_plain_string_that_is_not_a_url_is_refused_with_a_hint() -> None:
         EditRequest(prompt="x", model="flux-2-pro", images=["robot.png"])
 
 
-@pytest.mark.parametrize(
-    ("single", "kind"),
-    [
-        ("https://example.com/a.png", "str"),
-        (Path("a.png"), type(Path("a.png")).__name__),
-        (b"\x89PNG", "bytes"),
-    ],
-)
-def test_a_single_image_instead_of_a_list_is_refused(single: object, kind: str) -> None:
+def test_a_single_image_instead_of_a_list_is_taken_as_one(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(image_bytes(8, 8))
+    cases: list[tuple[ImageLike, type]] = [
+        ("https://example.com/a.png", UrlImage),
+        (path, FileImage),
+        (image_bytes(8, 8), BytesImage),
+        (bytearray(image_bytes(8, 8)), BytesImage),
+        (io.BytesIO(image_bytes(8, 8)), BytesImage),
+    ]
+    for single, kind in cases:
+        request = EditRequest(prompt="x", model="flux-2-pro", images=single)
+        assert [type(image) for image in request.images] == [kind], single
+
+
+def test_a_single_missing_path_is_reported_as_the_first_image() -> None:
     with pytest.raises(RequestError) as caught:
-        EditRequest(prompt="x", model="flux-2-pro", images=single)  # type: ignore[arg-type]
+        EditRequest(prompt="x", model="flux-2-pro", images=Path("/nonexistent/a.png"))
     [violation] = caught.value.violations
-    assert violation.field == "images"
-    assert violation.message == (
-        f"must be a list of images, not a single {kind}; wrap it: images=[...]"
-    )
+    assert violation.field == "images[0]"
+    assert "file not found" in violation.message
 
 
 def test_size_forms_are_parsed_and_exclusive() -> None:
@@ -115,8 +120,13 @@ def test_size_forms_are_parsed_and_exclusive() -> None:
 
 
 def test_unrecognised_bytes_are_kept_for_the_provider_check() -> None:
-    request = EditRequest(prompt="x", model="flux-2-pro", images=[b"GIF89a......"])
+    request = EditRequest(prompt="x", model="flux-2-pro", images=[b"not an image at all"])
     assert request.images[0].info.format is None  # type: ignore[union-attr]
+
+
+def test_formats_no_provider_takes_are_named_for_the_provider_check() -> None:
+    request = EditRequest(prompt="x", model="flux-2-pro", images=[b"GIF89a......"])
+    assert request.images[0].info.format == "gif"  # type: ignore[union-attr]
 
 
 def test_repr_never_shows_image_data() -> None:

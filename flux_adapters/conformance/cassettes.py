@@ -58,6 +58,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus, urlsplit
 
 from flux_adapters._extras import extra_imports
+from flux_adapters._files import MEDIA_TYPES, SNIFF_BYTES, image_format
 from flux_adapters._redact import FRAGMENT, MASK, Redactor, secret_forms
 
 __all__ = [
@@ -156,13 +157,6 @@ def _pair_pattern(extra: Iterable[str] = ()) -> re.Pattern[str]:
 _URL: Final = re.compile(r"https?://[^\s\"'<>\\]+", re.IGNORECASE)
 _DATA_URL: Final = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>[A-Za-z0-9+/=]+)")
 _BARE_BASE64: Final = re.compile(r"[A-Za-z0-9+/]{64,}={0,2}")
-# The signatures of the image formats a provider takes, as their base64 begins.
-_IMAGE_STARTS: Final = (
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-)
 # An authentication scheme worth keeping: a short word, or one of the registered hyphenated ones.
 _SCHEME: Final = re.compile(
     r"(?P<scheme>AWS4-HMAC-SHA256|SCRAM-SHA-256|SCRAM-SHA-1|[A-Za-z]{1,16})\s+\S"
@@ -192,10 +186,9 @@ def _bare_image(value: str) -> str | None:
     """The digest of *value* when it is a whole image as bare base64 (no ``data:`` prefix)."""
     if len(value) % 4 or not _BARE_BASE64.fullmatch(value):
         return None
-    head = base64.b64decode(value[:24])
-    media = next((kind for start, kind in _IMAGE_STARTS if head.startswith(start)), None)
-    if media is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        media = "image/webp"
+    # Whole base64 quanta covering the bytes image_format reads (the library's one table).
+    head = base64.b64decode(value[: 4 * -(-SNIFF_BYTES // 3)])
+    media = MEDIA_TYPES.get(image_format(head) or "")
     if media is None:
         return None
     try:

@@ -389,7 +389,7 @@ def _image_problem(image: ResultImage, number: int, request: EditRequest) -> str
     """
     import io
 
-    from flux_adapters._files import image_format
+    from flux_adapters._files import IMAGE_FORMATS, SNIFF_BYTES, image_format
     from flux_adapters.request import _dimensions
 
     try:
@@ -399,8 +399,8 @@ def _image_problem(image: ResultImage, number: int, request: EditRequest) -> str
         if cause is not None and _is_unrecorded(cause):
             raise cause from None  # its download is not in the cassette: a mismatch
         return f"image {number} is not an image: {type(error).__name__}: {error}"
-    found = image_format(data[:16])
-    if found is None:
+    found = image_format(data[:SNIFF_BYTES])
+    if found not in IMAGE_FORMATS:
         return f"image {number} is not a png, jpeg or webp image"
     if request.output_format is not None and found != request.output_format:
         return f"image {number} is a {found} image; the request asked for {request.output_format}"

@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message
 
+from flux_adapters._files import MEDIA_TYPES as _FORMAT_MEDIA
 from flux_adapters.emulator import _answers, _dialects
 from flux_adapters.emulator import images as _images
 from flux_adapters.emulator._faults import (
@@ -67,7 +68,8 @@ __all__ = [
     "too_large",
 ]
 
-MEDIA_TYPES: Final = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+MEDIA_TYPES: Final = {name: _FORMAT_MEDIA[name] for name in ("jpeg", "png", "webp")}
+"""The media type of each output format it serves (the library's one table)."""
 _KEPT_RESULTS: Final = 512
 _KEPT_JOBS: Final = 512
 _MB: Final = 1024 * 1024

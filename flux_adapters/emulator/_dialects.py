@@ -24,6 +24,7 @@ from PIL.JpegImagePlugin import JpegImageFile
 from PIL.PngImagePlugin import PngImageFile
 from PIL.WebPImagePlugin import WebPImageFile
 
+from flux_adapters._files import SNIFF_BYTES, image_format
 from flux_adapters.emulator.images import placeholder
 from flux_adapters.limits import ModelLimits
 from flux_adapters.providers import get_adapter
@@ -31,22 +32,14 @@ from flux_adapters.providers import get_adapter
 __all__ = ["DIALECTS", "Job", "Upload"]
 
 MB: Final = 1024 * 1024
-# The formats providers take, read by Pillow's own readers; and the magic numbers that tell them
-# (and the formats people send by mistake) apart, so that only an accepted format is parsed.
+# The formats providers take, read by Pillow's own readers. The library's one table of magic
+# numbers (flux_adapters._files.image_format) tells them (and the formats people send by mistake)
+# apart, so that only an accepted format is parsed.
 _READERS: Final[Mapping[str, Callable[[BinaryIO], ImageFile]]] = {
     "png": PngImageFile,
     "jpeg": JpegImageFile,
     "webp": WebPImageFile,
 }
-_SIGNATURES: Final = (
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"\xff\xd8\xff", "jpeg"),
-    (b"GIF87a", "gif"),
-    (b"GIF89a", "gif"),
-    (b"BM", "bmp"),
-    (b"II*\x00", "tiff"),
-    (b"MM\x00*", "tiff"),
-)
 # What Pillow's readers and decoders raise on a broken file (SyntaxError for a bad header or
 # checksum, OSError for truncated data, the rest from struct and zlib deep inside).
 _UNREADABLE: Final = (
@@ -118,15 +111,6 @@ def _limits(provider: str, model: object, check: _Check) -> ModelLimits | None:
     return found
 
 
-def _sniffed(data: bytes) -> str | None:
-    for signature, name in _SIGNATURES:
-        if data.startswith(signature):
-            return name
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
 def _decode_image(data: bytes, name: str, limits: ModelLimits, check: _Check) -> Image.Image | None:
     """The image in *data*, fully decoded, or ``None`` with the problem noted.
 
@@ -141,16 +125,16 @@ def _decode_image(data: bytes, name: str, limits: ModelLimits, check: _Check) ->
             f"{name} is {len(data) / MB:.1f} MB; each image must be at most {rule.max_bytes // MB} MB"
         )
         return None
-    image_format = _sniffed(data)
-    if image_format not in rule.formats or image_format not in _READERS:
+    found = image_format(data[:SNIFF_BYTES])
+    if found not in rule.formats or found not in _READERS:
         check.fail(
-            f"{name} is {image_format or 'an unknown format'}; accepted: {', '.join(sorted(rule.formats))}"
+            f"{name} is {found or 'an unknown format'}; accepted: {', '.join(sorted(rule.formats))}"
         )
         return None
     try:
-        image = _READERS[image_format](io.BytesIO(data))
+        image = _READERS[found](io.BytesIO(data))
     except _UNREADABLE:
-        check.fail(f"{name} is not a readable {image_format} image")
+        check.fail(f"{name} is not a readable {found} image")
         return None
     if image.width * image.height > rule.max_pixels:
         check.fail(
@@ -160,7 +144,7 @@ def _decode_image(data: bytes, name: str, limits: ModelLimits, check: _Check) ->
     try:
         image.load()
     except _UNREADABLE:
-        check.fail(f"{name} is a truncated or corrupt {image_format} image")
+        check.fail(f"{name} is a truncated or corrupt {found} image")
         return None
     return image
 

@@ -262,7 +262,7 @@ class FalAdapter(JobAdapterBase):
         images = body.get("images")
         if not isinstance(images, list) or not images or len(images) > 16:
             raise unreadable(self.name, response, "the answer holds no images list")
-        urls = []
+        found = []
         for image in images:
             url = image.get("url") if isinstance(image, dict) else None
             if not isinstance(url, str):
@@ -270,7 +270,8 @@ class FalAdapter(JobAdapterBase):
             problem = url_problem(url, "a result URL")
             if problem:
                 raise unreadable(self.name, response, problem)
-            urls.append(url)
+            # fal's File type declares the image's content_type; a claim the download checks.
+            found.append(ResultImage(url=url, declared_format=image.get("content_type")))
         flagged = body.get("has_nsfw_concepts")
         if isinstance(flagged, list) and any(item is True for item in flagged):
             # With the safety checker on, fal blanks a flagged image rather than failing.
@@ -280,7 +281,7 @@ class FalAdapter(JobAdapterBase):
                 job_id=job.id,
                 stage="content",
             )
-        return Answer(images=tuple(ResultImage(url=url) for url in urls))
+        return Answer(images=tuple(found))
 
     def build_cancel(self, job: Job) -> HttpRequest | None:
         """``PUT cancel_url``: removes a queued request; one in progress may still finish."""

@@ -34,3 +34,4 @@ FluxClient("laozhang", http_client=httpx.AsyncClient())  # error: arg-type
 FluxClient("laozhang").with_options(timeout="5")  # error: arg-type
 FluxClient("laozhang").with_options(retries=2)  # error: call-arg
 EditRequest(prompt="a robot", model="flux-2-pro", width="1024")  # error: arg-type
+EditRequest(prompt="a robot", model="flux-2-pro", images=42)  # error: arg-type
