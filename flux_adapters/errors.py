@@ -474,8 +474,8 @@ class MissingExtraError(FluxError, ModuleNotFoundError):
         self.extra = extra
 
     def __reduce__(self) -> tuple[object, ...]:
-        # ImportError keeps ``name`` outside __dict__; pickle gives it back through __setstate__.
-        return (*super().__reduce__(), {"name": self.name})
+        # ImportError keeps ``name`` outside __dict__; BaseException.__setstate__ sets it back.
+        return (_rebuild, (type(self), self.args), {**self.__dict__, "name": self.name})
 
 
 class OutputError(FluxError):
