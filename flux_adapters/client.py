@@ -68,7 +68,7 @@ from flux_adapters._transport import (
     phase_timeouts,
     send_within,
 )
-from flux_adapters.config import ProviderSettings, load_config
+from flux_adapters.config import ProviderSettings, load_config, with_keys
 from flux_adapters.errors import (
     ConfigurationError,
     FluxError,
@@ -685,12 +685,18 @@ class _ClientBase:
         ``[provider.NAME]`` section applies when no top-level one is set. *max_retries* is the
         client's (default: 0 for one provider, 1 for several).
 
+        A configured provider whose key variable is unset or empty is left out, with a warning
+        on the ``flux_adapters`` logger, when another one has a key (``client.providers`` says
+        which are used).
+
         Raises:
-            ConfigurationError: Nothing or something invalid is configured, a key is missing, or
-                an argument is not usable.
+            ConfigurationError: Nothing or something invalid is configured, no configured
+                provider has a key (the message names each variable), or an argument is not
+                usable.
         """
         loaded = load_config(config)
-        names = [settings.name for settings in loaded.providers]
+        usable = with_keys(loaded.providers)  # a provider without a key: skipped, with a warning
+        names = [settings.name for settings in usable]
         retries = None if max_retries is None else _check_retries(max_retries)
         policy = _default_policy(
             len(names),
@@ -706,7 +712,7 @@ class _ClientBase:
             "timeout": loaded.timeout,
             "policy": policy,
             "prices": loaded.prices,
-            "settings": {settings.name: settings for settings in loaded.providers},
+            "settings": {settings.name: settings for settings in usable},
             "polling": None
             if loaded.job_deadline is None
             else Polling(deadline=loaded.job_deadline),

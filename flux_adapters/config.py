@@ -24,13 +24,16 @@ in the working directory, or the path in ``$FLUX_CONFIG``; environment variables
     "flux-2-max" = { usd = 0.07 }                                                 # per call
 
 Keys are never written in the file (a ``api_key`` entry is refused): name the variable instead.
+A configured provider whose key variable is unset or empty is skipped, with a warning on the
+``flux_adapters`` logger, as long as another one has a key (`with_keys`); with none, the error
+names every variable to set.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final, get_args
 
@@ -43,7 +46,15 @@ from flux_adapters.prices import PerCall, PerMegapixel, Price
 from flux_adapters.providers import canonical_name
 from flux_adapters.routing import Routing
 
-__all__ = ["DEFAULT_PATH", "Config", "ProviderSettings", "load_config"]
+__all__ = [
+    "DEFAULT_PATH",
+    "Config",
+    "ProviderSettings",
+    "key_variable",
+    "load_config",
+    "missing_keys",
+    "with_keys",
+]
 
 DEFAULT_PATH: Final = Path("flux-adapters.toml")
 
@@ -289,6 +300,58 @@ def load_config(
         job_deadline=job_deadline,
         source=origin,
     )
+
+
+def key_variable(settings: ProviderSettings) -> str:
+    """The environment variable that holds the key of *settings*' provider.
+
+    Its ``api_key_env``, else ``<PREFIX>_API_KEY`` (``APIYI_API_KEY`` for both apiyi dialects).
+    """
+    from flux_adapters.providers import get_adapter
+
+    return settings.api_key_env or f"{get_adapter(settings.name).env_prefix}_API_KEY"
+
+
+def missing_keys(
+    providers: Sequence[ProviderSettings], environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Each of *providers* whose key variable is unset or empty, with the name of that variable."""
+    env = os.environ if environ is None else environ
+    found = {settings.name: key_variable(settings) for settings in providers}
+    return {name: variable for name, variable in found.items() if not env.get(variable)}
+
+
+def no_key_error(missing: Mapping[str, str]) -> ConfigurationError:
+    """The error for providers of which none has a key: every variable to set, and for whom."""
+    if len(missing) == 1:
+        [(name, variable)] = missing.items()
+        return ConfigurationError(f"no API key for {name}: set {variable}")
+    needs: dict[str, list[str]] = {}
+    for name, variable in missing.items():
+        needs.setdefault(variable, []).append(name)
+    wanted = ", ".join(f"{variable} ({', '.join(names)})" for variable, names in needs.items())
+    return ConfigurationError(f"no API key for any of the providers: set {wanted}")
+
+
+def with_keys(
+    providers: Sequence[ProviderSettings], environ: Mapping[str, str] | None = None
+) -> tuple[ProviderSettings, ...]:
+    """*providers* without those that have no key, each skipped with a warning logged.
+
+    Raises:
+        ConfigurationError: None of them has a key (the message names every variable).
+    """
+    import logging
+
+    from flux_adapters._log import note
+
+    missing = missing_keys(providers, environ)
+    if missing and len(missing) == len(providers):
+        raise no_key_error(missing)
+    for name, variable in missing.items():
+        # The name of a variable, never its value: nothing here to scrub.
+        note(logging.WARNING, "no-key", str, "%s skipped: no API key (set %s)", name, variable)
+    return tuple(settings for settings in providers if settings.name not in missing)
 
 
 def job_deadline_from_env(env: Mapping[str, str] | None = None) -> float | None:
