@@ -736,7 +736,7 @@ def test_from_env_with_no_key_at_all_names_every_variable_to_set(
         'providers = ["laozhang"]\n[provider.laozhang]\napi_key_env = "MY_LZ_KEY"\n'
     )
     monkeypatch.delenv("FLUX_PROVIDERS")
-    with pytest.raises(errors.ConfigurationError, match="set MY_LZ_KEY$"):
+    with pytest.raises(errors.ConfigurationError, match=r"set MY_LZ_KEY$"):
         FluxClient.from_env()
     monkeypatch.setenv("MY_LZ_KEY", KEYS["laozhang"])
     assert FluxClient.from_env().providers == ("laozhang",)
