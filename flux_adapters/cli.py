@@ -681,23 +681,25 @@ def _verdicts(
     return found
 
 
-def _refused_everywhere(
-    verdicts: Mapping[str, Plan | errors.RequestError], model: str
-) -> errors.RequestError | None:
-    """The error to stop with when every provider refuses the request, else ``None``."""
+def _stop_if_refused(verdicts: Mapping[str, Plan | errors.RequestError], model: str) -> None:
+    """Stop before anything is sent when every provider refuses the request.
+
+    Raises:
+        RequestError: Every violation, each named after its provider when there are several.
+    """
     import attrs
 
     refusals = [v for v in verdicts.values() if isinstance(v, errors.RequestError)]
     if len(refusals) < len(verdicts):
-        return None
+        return
     if len(refusals) == 1:
-        return refusals[0]
+        raise refusals[0]
     violations = [
         attrs.evolve(violation, field=f"{error.provider}: {violation.field}")
         for error in refusals
         for violation in error.violations
     ]
-    return errors.RequestError(violations, provider="every provider", model=model)
+    raise errors.RequestError(violations, provider="every provider", model=model)
 
 
 def _key_for(provider: str) -> None:
@@ -845,10 +847,10 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         _check_folder(DEFAULT_OUTPUT)
     started = time.perf_counter()
+    verdicts = None
     if arguments.provider:
-        refused = _refused_everywhere(_verdicts(request, [arguments.provider]), request.model)
-        if refused is not None:
-            raise refused
+        verdicts = _verdicts(request, [arguments.provider])
+        _stop_if_refused(verdicts, request.model)  # before a missing key: the request is wrong
         _key_for(arguments.provider)
         client = FluxClient(
             arguments.provider,
@@ -862,10 +864,9 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     saved: list[dict[str, object]] = []
     code = EXIT_OK
     with client:
-        verdicts = _verdicts(request, client.providers)
-        refused = _refused_everywhere(verdicts, request.model)
-        if refused is not None:
-            raise refused
+        if verdicts is None:
+            verdicts = _verdicts(request, client.providers)
+            _stop_if_refused(verdicts, request.model)
         accepting = [
             name
             for name, verdict in verdicts.items()

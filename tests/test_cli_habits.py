@@ -570,6 +570,31 @@ def test_the_report_keeps_one_line_per_job(tmp_path: Path) -> None:
     assert not compact_report(report)  # nothing repeated: left as it is
 
 
+def test_a_report_replaced_while_its_lock_was_awaited_is_opened_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux_adapters import _journal
+
+    report = tmp_path / "report.jsonl"
+    report.write_text('{"id": "a", "status": "failed"}\n')
+    share = _journal._share
+    replaced: list[int] = []
+
+    def rewritten_meanwhile(fd: int) -> None:
+        if not replaced:  # a finished batch compacts the report just then
+            compacted = tmp_path / "new"
+            compacted.write_text('{"id": "a", "status": "ok"}\n')
+            compacted.replace(report)
+            replaced.append(fd)
+        share(fd)
+
+    monkeypatch.setattr(_journal, "_share", rewritten_meanwhile)
+    lines = _journal.JsonLines(report)
+    lines.append({"id": "b", "status": "ok"})
+    lines.close()
+    assert report.read_text() == '{"id": "a", "status": "ok"}\n{"id":"b","status":"ok"}\n'
+
+
 def test_a_report_another_process_holds_is_not_rewritten(tmp_path: Path) -> None:
     import fcntl
 
