@@ -17,7 +17,7 @@ from flux_adapters.wire import HttpRequest, ImageValue, JsonBody, MultipartBody
 if TYPE_CHECKING:
     from flux_adapters.providers import KeyAuth
 
-__all__ = ["render"]
+__all__ = ["as_data", "render"]
 
 
 def _size(byte_count: int) -> str:
@@ -70,3 +70,38 @@ def render(request: HttpRequest, auth: KeyAuth) -> str:
             for part in body.files
         ]
     return "\n".join(lines)
+
+
+def as_data(request: HttpRequest, auth: KeyAuth) -> dict[str, object]:
+    """The same as `render`, as JSON data: method, URL, headers, and the body.
+
+    A JSON body is the object sent, images abbreviated as in `render`; a multipart body is
+    ``{"fields": [[name, value], ...], "files": [{"name", "filename", "media_type", "bytes"}]}``.
+    """
+    url = request.url
+    headers = [[name, value] for name, value in request.headers]
+    redacted = auth.describe()
+    if auth.header is None:
+        url += ("&" if "?" in url else "?") + redacted[1:]
+    else:
+        name, _, value = redacted.partition(": ")
+        headers.insert(0, [name, value])
+    body: object = None
+    if isinstance(request.body, JsonBody):
+        headers.append(["Content-Type", "application/json"])
+        body = request.body.map_values(_image)
+    elif isinstance(request.body, MultipartBody):
+        headers.append(["Content-Type", "multipart/form-data; boundary=<random>"])
+        body = {
+            "fields": [[name, value] for name, value in request.body.fields],
+            "files": [
+                {
+                    "name": part.name,
+                    "filename": part.filename,
+                    "media_type": part.image.info.media_type,
+                    "bytes": part.image.info.byte_size,
+                }
+                for part in request.body.files
+            ],
+        }
+    return {"method": request.method, "url": url, "headers": headers, "body": body}

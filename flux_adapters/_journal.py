@@ -331,25 +331,44 @@ class JsonLines:
 
     def __init__(self, path: Path, *, exclusive: bool = False) -> None:
         self.path = path
+        for _ in range(10):
+            self._fd = self._open(path, exclusive=exclusive)
+            if self._still_at(path):
+                return
+            # Replaced while its lock was awaited (a report being compacted): open the new one.
+            os.close(self._fd)
+        raise OutputError("keeps being replaced by another process", path=str(path))
+
+    @staticmethod
+    def _open(path: Path, *, exclusive: bool) -> int:
         # O_NONBLOCK: a FIFO in its place opens at once (and is refused) instead of hanging.
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         try:
-            self._fd = os.open(path, flags, 0o644)
+            fd = os.open(path, flags, 0o644)
         except OSError as exc:
             raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
         try:
-            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OutputError("is not a regular file", path=str(path))
-            if _lock(self._fd, exclusive=exclusive):
-                repair_tail(self._fd)  # no other process is writing: a partial line is torn
+            if _lock(fd, exclusive=exclusive):
+                repair_tail(fd)  # no other process is writing: a partial line is torn
             if not exclusive:
-                _share(self._fd)
+                _share(fd)
         except OSError as exc:
-            os.close(self._fd)
+            os.close(fd)
             raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
         except BaseException:
-            os.close(self._fd)
+            os.close(fd)
             raise
+        return fd
+
+    def _still_at(self, path: Path) -> bool:
+        """Whether the file open is still the one at *path*."""
+        try:
+            here, opened = os.stat(path), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (opened.st_dev, opened.st_ino)
 
     @staticmethod
     def encode(record: dict[str, object]) -> bytes:

@@ -1,13 +1,14 @@
 """The ``flux_adapters`` logger: what a client decided, and why, never a key.
 
-At INFO: routing decisions, one line each: a provider skipped (its limits, the budget, its
+At WARNING: a configured provider left out by ``from_env`` because it has no API key (its
+variable named). At INFO: routing decisions, one line each: a provider skipped (its limits, the budget, its
 cooldown) and why, a failure and the billing rule it falls under, a retry and the wait before
 it, a cooldown started, a failover, a failure that is not failed over (it may have been billed),
 and who served the image. At DEBUG besides: the candidates in the order they will be tried,
 each try, each exchange sent (method, URL, status, seconds) and each wait between a job's
 polls. Each record carries the kind of step in ``record.flux_event`` (``"skip"``, ``"try"``,
 ``"failed"``, ``"retry"``, ``"give-up"``, ``"cooldown"``, ``"probe"``, ``"failover"``,
-``"served"``, ``"exchange"``, ``"wait"`` ...).
+``"served"``, ``"exchange"``, ``"wait"``, ``"no-key"`` ...).
 
 Every line is formatted here and passed through the client's `Redactor` (each of its keys in
 every form, and anything shaped like a key or a URL signature) and stripped of control

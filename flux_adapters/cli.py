@@ -1,4 +1,4 @@
-"""The ``flux-adapters`` command: edit, batch, models, explain, emulate, conformance.
+"""The ``flux-adapters`` command: edit, check, explain, batch, models, emulate, conformance.
 
 Every failure ends with one line on standard error and one of these exit statuses, never a
 traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its traceback):
@@ -19,6 +19,10 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
          "flux-adapters models | head -1" (the shell's status for a broken pipe)
 
 When every provider of a failover list failed, the status is that of the last failure.
+
+With --json (edit, check, explain, models, batch), standard output is one JSON document and
+nothing else; after the arguments are read, a failure is the JSON object {"error": {...}} there
+(its type, message, exit status and any violations), besides its line on standard error.
 """
 
 from __future__ import annotations
@@ -26,33 +30,38 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import signal
 import stat
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, Final, NoReturn, TextIO
 
 from flux_adapters import errors
+from flux_adapters._batch_files import URL_PREFIXES
 from flux_adapters._display import escape_controls
 from flux_adapters._version import __version__
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
+    from flux_adapters.client import AsyncFluxClient
     from flux_adapters.emulator import Fault
     from flux_adapters.jobs import Polling
+    from flux_adapters.limits import Plan
+    from flux_adapters.prices import Price
     from flux_adapters.providers import AnyAdapter
     from flux_adapters.request import EditRequest
-    from flux_adapters.result import BatchItem, ResultImage
+    from flux_adapters.result import Attempt, BatchItem, ConversionWarning, ResultImage
 
 __all__ = ["main"]
 
@@ -133,12 +142,13 @@ def _provider_id(text: str) -> str:
 
 
 def _http_url(text: str) -> str:
-    from urllib.parse import urlsplit
+    from flux_adapters._options import check_base_url
 
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r}")
-    return text
+    try:
+        return check_base_url(text, "the URL")  # as a client checks it: no user or password ...
+    except errors.ConfigurationError as error:
+        # Not the URL itself: it may hold a password.
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _input_file(text: str) -> Path:
@@ -156,11 +166,8 @@ def _input_file(text: str) -> Path:
     return Path(text)
 
 
-_URL_PREFIXES = ("http://", "https://", "data:")
-
-
 def _image(text: str) -> str | Path:
-    return text if text.startswith(_URL_PREFIXES) else _input_file(text)
+    return text if text.startswith(URL_PREFIXES) else _input_file(text)
 
 
 def _folder(text: str) -> Path:
@@ -207,15 +214,26 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="output width (with --height)")
     parser.add_argument("--height", type=int, help="output height (with --width)")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--format", dest="output_format", choices=("jpeg", "png", "webp"))
+    parser.add_argument(
+        "--format", dest="output_format", choices=_FORMATS, help="default: from -o's extension"
+    )
     parser.add_argument("--safety-tolerance", type=int)
     parser.add_argument("--steps", type=int, help="inference steps (flux-2-flex)")
     parser.add_argument("--guidance", type=_number, help="guidance (flux-2-flex)")
     parser.add_argument("--prompt-upsampling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
         "--allow-conversions", action="store_true",
-        help="let the adapter send a setting the provider cannot take exactly in its nearest form, with a warning",
+        help="send a setting the provider cannot take exactly in its nearest form (an off-grid "
+        "size as the nearest valid one, a size as a ratio ...), with a warning",
     )  # fmt: skip
+
+
+def _add_json(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help=f"print {what} as one JSON document on standard output (messages stay on standard error)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -225,10 +243,16 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(__doc__ or "").partition("\n\n")[2] or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"flux-adapters {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    edit = commands.add_parser("edit", help="generate or edit an image and save it")
+    edit = commands.add_parser(
+        "edit",
+        help="generate or edit an image and save it",
+        description="Checks the request against each chosen provider's limits, the image files "
+        "and the output path, then sends it and saves the image. Nothing is sent when a check "
+        "fails.",
+    )
     _add_request_arguments(edit)
     edit.add_argument(
         "-p", "--provider", type=_provider_id, help="default: first of $FLUX_PROVIDERS"
@@ -239,7 +263,11 @@ def _parser() -> argparse.ArgumentParser:
         help="with --provider: its base URL (default: $<PROVIDER>_BASE_URL or the real one)",
     )
     edit.add_argument(
-        "-o", "--output", type=Path, help="where to save (default: out/<provider>-<time>.<format>)"
+        "-o",
+        "--output",
+        type=Path,
+        help="where to save (default: out/<provider>-<time>.<format>); its extension "
+        "(.png, .jpg, .jpeg, .webp) sets --format",
     )
     edit.add_argument(
         "--timeout",
@@ -248,8 +276,39 @@ def _parser() -> argparse.ArgumentParser:
         "and, at a provider that runs jobs (bfl, fal), for the whole job (default "
         "$FLUX_JOB_DEADLINE or 600)",
     )
+    _add_json(edit, "the result (provider, model, files, cost, attempts, warnings)")
 
-    commands.add_parser("models", help="the providers x models table, with limits and prices")
+    check = commands.add_parser(
+        "check",
+        help="check a request against each provider's limits; sends nothing",
+        description="Lists, for each provider, every way the request breaks its limits (or the "
+        "conversions it would make). Providers: --provider, else the configured ones "
+        "($FLUX_PROVIDERS, flux-adapters.toml), else every known one. Exit status 0 when every "
+        "one of them accepts the request, 2 when any refuses it.",
+    )
+    _add_request_arguments(check)
+    check.add_argument(
+        "-p",
+        "--provider",
+        action="append",
+        type=_provider_id,
+        help="repeat; default: the configured providers, else all",
+    )
+    _add_json(check, "each provider's verdict")
+
+    models = commands.add_parser(
+        "models",
+        help="the providers x models table, with limits and prices",
+        description="A table per provider, fitted to the terminal's width (plain Markdown "
+        "without the cli extra).",
+    )
+    shape = models.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--markdown", action="store_true", help="Markdown tables, as in the documentation"
+    )
+    shape.add_argument(
+        "--json", action="store_true", help="every limit and price as one JSON document"
+    )
 
     conformance = commands.add_parser(
         "conformance",
@@ -313,20 +372,25 @@ def _parser() -> argparse.ArgumentParser:
     batch = commands.add_parser(
         "batch",
         help="run every request of a JSONL file, saving each image as it is ready",
-        description="Each line is a JSON object: id (the file name), prompt, model, images (paths or "
-        "URLs), and any of width, height, size, aspect_ratio, seed, output_format, safety_tolerance, "
-        "prompt_upsampling, steps, guidance, allow_conversions. Providers come from --provider, or "
-        "from flux-adapters.toml and $FLUX_PROVIDERS. A journal in the output folder records every "
-        "request before it is sent, so a batch stopped at any point (Ctrl-C, a kill, a power loss) "
-        "can be run again: saved jobs are skipped, and jobs that may have been billed are reported "
-        "'unconfirmed' and not sent again unless --resend-unconfirmed.",
+        description="Each line is a JSON object: id (the file name), prompt, model, images (paths, "
+        "read relative to the JSONL file's folder, or URLs), and any of width, height, size, "
+        "aspect_ratio, seed, output_format, safety_tolerance, prompt_upsampling, steps, "
+        "guidance, allow_conversions. Every line is checked before anything is sent. Providers "
+        "come from --provider, or from flux-adapters.toml and $FLUX_PROVIDERS. A journal in the "
+        "output folder records every request before it is sent, so a batch stopped at any point "
+        "(Ctrl-C, a kill, a power loss) can be run again: saved jobs are skipped, and jobs that "
+        "may have been billed are reported 'unconfirmed' and not sent again unless "
+        "--resend-unconfirmed. A job that fails is one line on standard error as it ends.",
     )
     batch.add_argument("file", type=_input_file, help="the JSONL file of requests")
     batch.add_argument(
         "-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="output folder (default: out)"
     )
     batch.add_argument(
-        "--report", type=Path, help="JSONL report to append to (default: <output>/report.jsonl)"
+        "--report",
+        type=Path,
+        help="JSONL report, one line per job; a rerun replaces the lines of the jobs it ran "
+        "(default: <output>/report.jsonl)",
     )
     batch.add_argument(
         "-p",
@@ -363,14 +427,20 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="after Ctrl-C, seconds to let jobs in flight finish and save (default 30)",
     )
+    _add_json(batch, "the summary")
 
     explain = commands.add_parser(
-        "explain", help="print the HTTP request each provider would receive; sends nothing"
+        "explain",
+        help="print the HTTP request each provider would receive; sends nothing",
+        description="For each provider, the request it would receive (at $<PROVIDER>_BASE_URL "
+        "when that is set), the key redacted and images abbreviated, or the violations that "
+        "stop it. Exit status 2 when every provider refuses the request.",
     )
     _add_request_arguments(explain)
     explain.add_argument(
         "-p", "--provider", action="append", type=_provider_id, help="default: all"
     )
+    _add_json(explain, "each provider's request")
 
     emulate = commands.add_parser(
         "emulate", help="run the provider emulator on 127.0.0.1 in the foreground"
@@ -457,13 +527,126 @@ def _check_not_the_journal(report: Path, folder: Path) -> None:
         )
 
 
-def _images(values: Sequence[str]) -> list[str | Path]:
-    return [value if value.startswith(_URL_PREFIXES) else Path(value) for value in values]
+# --- Messages that name the command line's flags ----------------------------------------------
+
+_FLAGS: Final = {
+    "model": "--model",
+    "images": "--image",
+    "width": "--width",
+    "height": "--height",
+    "width/height": "--width/--height",
+    "size": "--size",
+    "aspect_ratio": "--aspect-ratio",
+    "seed": "--seed",
+    "output_format": "--format",
+    "safety_tolerance": "--safety-tolerance",
+    "prompt_upsampling": "--prompt-upsampling",
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "allow_conversions": "--allow-conversions",
+    "base_url": "--base-url",
+    "timeout": "--timeout",
+}
+"""Each request field or client argument the library's messages name, as the command names it."""
+
+# How the library names an argument in its advice (flux_adapters.limits): name="value",
+# name=True, name= (an argument on its own), and the width/height pair.
+_SPELLED: Final = re.compile(r'(?<![\w-])(?:(width/height)\b|([a-z_]+)=(True|"[^"\s]*"|(?![\w"])))')
 
 
-def _request(arguments: argparse.Namespace) -> EditRequest:
+def _flag(name: str, flags: Mapping[str, str]) -> str:
+    """How the command line names request field *name* (``images[1]``: image 2)."""
+    prefix, colon, field = name.rpartition(": ")  # "laozhang: seed", several providers refusing
+    indexed = re.fullmatch(r"images\[(\d+)\]", field)
+    shown = f"image {int(indexed[1]) + 1} (--image)" if indexed else flags.get(field, field)
+    return prefix + colon + shown
+
+
+def _in_flags(text: str, flags: Mapping[str, str]) -> str:
+    """*text* with each argument the library's advice names spelled as its flag."""
+
+    def spelled(match: re.Match[str]) -> str:
+        name = match[1] or match[2]
+        flag = flags.get(name)
+        if flag is None:
+            return match[0]
+        value = match[3] or ""
+        return flag if value in ("", "True") else f"{flag} {value.strip(chr(34))}"
+
+    return _SPELLED.sub(spelled, text)
+
+
+def _violation_text(violation: errors.Violation, flags: Mapping[str, str]) -> str:
+    """One violation, as the command line says it: flags, not the library's argument names."""
+    return (
+        f"{_flag(violation.field, flags)}: {_in_flags(violation.message, flags)} "
+        f"(limit: {_in_flags(violation.limit, flags)}; got: {violation.value})"
+    )
+
+
+def _violation_data(violation: errors.Violation, flags: Mapping[str, str]) -> dict[str, object]:
+    return {
+        "field": violation.field,
+        "flag": _flag(violation.field, flags),
+        "message": _in_flags(violation.message, flags),
+        "limit": _in_flags(violation.limit, flags),
+        "value": violation.value,
+        "source": violation.source,
+    }
+
+
+def _warning_data(warning: ConversionWarning) -> dict[str, object]:
+    return {
+        "field": warning.field,
+        "requested": warning.requested,
+        "sent": warning.sent,
+        "message": warning.message,
+    }
+
+
+# --- The request, from the arguments ----------------------------------------------------------
+
+_FORMATS: Final = ("jpeg", "png", "webp")
+_FORMAT_OF_SUFFIX: Final = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def _output_format(arguments: argparse.Namespace, flags: dict[str, str]) -> str | None:
+    """``--format``, else the format ``-o``'s extension names; the two must agree.
+
+    Raises:
+        _UsageError: ``--format`` and the extension name different formats.
+    """
+    output: Path | None = getattr(arguments, "output", None)
+    chosen: str | None = arguments.output_format
+    implied = _FORMAT_OF_SUFFIX.get(output.suffix.lower()) if output is not None else None
+    if implied is None:
+        return chosen
+    if chosen is not None and chosen != implied:
+        raise _UsageError(
+            f"flux-adapters {arguments.command}: error: --format {chosen} and -o {output} "
+            f"(a {implied} file name) disagree; drop one, or make them name one format"
+        )
+    if chosen is None:
+        flags["output_format"] = f"--format (from -o {output})"
+    return implied
+
+
+def _request(arguments: argparse.Namespace, flags: dict[str, str]) -> EditRequest:
+    """The request the arguments describe (*flags* learns a --format taken from -o).
+
+    Raises:
+        _UsageError: The size is given in two ways, or only one of --width and --height.
+        RequestError: A rule that holds at every provider is broken.
+    """
     from flux_adapters.request import EditRequest
 
+    command = f"flux-adapters {arguments.command}: error:"
+    sides = (arguments.width is not None) + (arguments.height is not None)
+    if sides == 1:
+        raise _UsageError(f"{command} --width and --height go together")
+    if sides and (arguments.size or arguments.aspect_ratio):
+        other = "--size" if arguments.size else "--aspect-ratio"
+        raise _UsageError(f"{command} --width/--height and {other}: give the output size one way")
     return EditRequest(
         prompt=arguments.prompt,
         model=arguments.model,
@@ -473,7 +656,7 @@ def _request(arguments: argparse.Namespace) -> EditRequest:
         size=arguments.size,
         aspect_ratio=arguments.aspect_ratio,
         seed=arguments.seed,
-        output_format=arguments.output_format,
+        output_format=_output_format(arguments, flags),  # type: ignore[arg-type]
         safety_tolerance=arguments.safety_tolerance,
         prompt_upsampling=arguments.prompt_upsampling,
         steps=arguments.steps,
@@ -482,45 +665,57 @@ def _request(arguments: argparse.Namespace) -> EditRequest:
     )
 
 
-def _is_terminal(stream: TextIO | None) -> bool:
-    try:
-        return stream is not None and stream.isatty()
-    except (OSError, ValueError):  # closed
-        return False
+def _verdicts(
+    request: EditRequest, providers: Sequence[str]
+) -> dict[str, Plan | errors.RequestError]:
+    """Each provider's plan for *request*, or why it refuses it (`flux_adapters.check`'s check)."""
+    from flux_adapters._flows import resolve
+    from flux_adapters.providers import get_adapter
 
-
-@contextmanager
-def _waiting(message: str, stream: TextIO) -> Iterator[None]:
-    """Show that we are waiting (with elapsed time) while the provider generates."""
-    if _is_terminal(stream):
+    found: dict[str, Plan | errors.RequestError] = {}
+    for provider in providers:
         try:
-            from rich.console import Console  # the `cli` extra: a live spinner
-        except ImportError:
-            pass
-        else:
-            with Console(file=stream).status(message):
-                yield
-            return
-    stream.write(f"{message}\n")
-    stream.flush()
-    done = threading.Event()
+            found[provider] = resolve(get_adapter(provider), request)
+        except errors.RequestError as error:
+            found[provider] = error
+    return found
 
-    def tick() -> None:
-        started = time.monotonic()
-        while not done.wait(5.0):
-            try:
-                stream.write(f"  still waiting ({time.monotonic() - started:.0f} s)\n")
-                stream.flush()
-            except (OSError, ValueError):  # the reader of stderr is gone: keep waiting quietly
-                return
 
-    ticker = threading.Thread(target=tick, daemon=True)
-    ticker.start()
-    try:
-        yield
-    finally:
-        done.set()
-        ticker.join()
+def _stop_if_refused(verdicts: Mapping[str, Plan | errors.RequestError], model: str) -> None:
+    """Stop before anything is sent when every provider refuses the request.
+
+    Raises:
+        RequestError: Every violation, each named after its provider when there are several.
+    """
+    import attrs
+
+    refusals = [v for v in verdicts.values() if isinstance(v, errors.RequestError)]
+    if len(refusals) < len(verdicts):
+        return
+    if len(refusals) == 1:
+        raise refusals[0]
+    violations = [
+        attrs.evolve(violation, field=f"{error.provider}: {violation.field}")
+        for error in refusals
+        for violation in error.violations
+    ]
+    raise errors.RequestError(violations, provider="every provider", model=model)
+
+
+def _key_for(provider: str) -> None:
+    """Refuse a provider named on the command line whose key is not set, before sending.
+
+    Raises:
+        ConfigurationError: Its variable is unset or empty (the message names it).
+    """
+    from flux_adapters.config import ProviderSettings, missing_keys, no_key_error
+
+    missing = missing_keys([ProviderSettings(name=provider)])
+    if missing:
+        raise no_key_error(missing)
+
+
+# --- edit ---------------------------------------------------------------------------------------
 
 
 def _save_into(image: ResultImage, folder: Path, name: str | None, stem: str) -> Path:
@@ -538,13 +733,36 @@ def _unused_stem(folder: Path, stem: str) -> str:
     """*stem*, or *stem*-2, -3 ...: the first no image in *folder* is named after yet."""
     for number in range(1, 10_000):
         candidate = stem if number == 1 else f"{stem}-{number}"
-        if not any((folder / f"{candidate}.{kind}").exists() for kind in ("png", "jpeg", "webp")):
+        if not any((folder / f"{candidate}.{kind}").exists() for kind in _FORMATS):
             return candidate
     return f"{stem}-{os.getpid()}"
 
 
-def _save(image: ResultImage, target: Path | None, stem: str, err: TextIO) -> tuple[str, int]:
-    """Save one paid-for image and never lose it quietly: its line for ``saved:``, and a status.
+def _saved_data(path: Path, instead_of: Path | None = None) -> dict[str, object]:
+    """A saved image for ``--json``: where, its format and pixel size (read from its header)."""
+    from flux_adapters._files import image_format
+
+    data: dict[str, object] = {"path": str(path)}
+    if instead_of is not None:
+        data["instead_of"] = str(instead_of)
+    try:
+        with path.open("rb") as stream:
+            data["format"] = image_format(stream.read(16))
+            stream.seek(0)
+            import imagesize
+
+            width, height = imagesize.get(stream)
+        data["width"], data["height"] = (width, height) if width > 0 else (None, None)
+        data["bytes"] = path.stat().st_size
+    except Exception:  # the image is saved; what cannot be read of it is left out
+        pass
+    return data
+
+
+def _save(
+    image: ResultImage, target: Path | None, stem: str, err: TextIO
+) -> tuple[dict[str, object], int]:
+    """Save one paid-for image and never lose it quietly: where it went, and a status.
 
     *target* is the path asked for (None: ``out/<stem>.<format>``). If it cannot be written, the
     image goes to out/ or the temporary folder instead; if that fails too, or the download
@@ -552,15 +770,16 @@ def _save(image: ResultImage, target: Path | None, stem: str, err: TextIO) -> tu
     """
     folder, name = (target.parent, target.name) if target else (DEFAULT_OUTPUT, None)
     try:
-        return str(_save_into(image, folder, name, stem)), EXIT_OK
+        return _saved_data(_save_into(image, folder, name, stem)), EXIT_OK
     except errors.OutputError as error:
         problem = f"flux-adapters: OutputError: {error}"
+        failure: errors.FluxError = error
     except errors.FluxError as error:
         problem, where = f"flux-adapters: {type(error).__name__}: {_one_line(error)}", ""
         if image.url is not None and not isinstance(error, errors.ResultExpired):
             where = f"; download it within 10 minutes from {escape_controls(image.url)}"
         _say(err, problem + where)
-        return "", _exit_code(error)
+        return _unsaved(image, error), _exit_code(error)
     for fallback in (DEFAULT_OUTPUT, Path(tempfile.gettempdir())):
         if os.path.abspath(fallback) == os.path.abspath(folder):
             continue
@@ -571,14 +790,22 @@ def _save(image: ResultImage, target: Path | None, stem: str, err: TextIO) -> tu
         except errors.FluxError:  # the download failed this time: only the address is left
             break
         _say(err, f"{problem}; saved in {saved} instead")
-        return f"{saved} (instead of {target or folder})", EXIT_OUTPUT
+        return _saved_data(saved, target or folder), EXIT_OUTPUT
     where = (
         f"download it within 10 minutes from {escape_controls(image.url)}"
         if image.url
         else "nowhere to save it"
     )
     _say(err, f"{problem}; {where}")
-    return "", EXIT_OUTPUT
+    return _unsaved(image, failure), EXIT_OUTPUT
+
+
+def _unsaved(image: ResultImage, error: errors.FluxError) -> dict[str, object]:
+    return {
+        "path": None,
+        "error": f"{type(error).__name__}: {_one_line(error)}",
+        "url": None if isinstance(error, errors.ResultExpired) else image.url,
+    }
 
 
 def _polling(timeout: float | None) -> Polling | None:
@@ -590,7 +817,21 @@ def _polling(timeout: float | None) -> Polling | None:
     return Polling(deadline=deadline) if deadline is not None else None
 
 
+def _attempt_data(attempt: Attempt) -> dict[str, object]:
+    return {
+        "provider": attempt.provider,
+        "outcome": attempt.outcome,
+        "seconds": round(attempt.elapsed_s, 3),
+        "billing": attempt.billing,
+        "reason": attempt.reason,
+        "error": f"{type(attempt.error).__name__}: {_one_line(attempt.error)}"
+        if attempt.error
+        else None,
+    }
+
+
 def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from flux_adapters._terminal import waiting
     from flux_adapters.client import FluxClient
 
     if not arguments.provider and (arguments.base_url or arguments.timeout):
@@ -598,14 +839,19 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "flux-adapters edit: error: --base-url and --timeout go with --provider "
             "(for a failover list, set them in flux-adapters.toml or the environment)"
         )
-    request = _request(arguments)
+    flags = arguments.flags
+    request = _request(arguments, flags)
     output: Path | None = arguments.output
     if output is not None:
         _check_output_file(output)
     else:
         _check_folder(DEFAULT_OUTPUT)
     started = time.perf_counter()
+    verdicts = None
     if arguments.provider:
+        verdicts = _verdicts(request, [arguments.provider])
+        _stop_if_refused(verdicts, request.model)  # before a missing key: the request is wrong
+        _key_for(arguments.provider)
         client = FluxClient(
             arguments.provider,
             base_url=arguments.base_url,
@@ -615,13 +861,19 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:  # the configured provider or failover list: flux-adapters.toml and $FLUX_PROVIDERS
         client = FluxClient.from_env()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    saved: list[str] = []
+    saved: list[dict[str, object]] = []
     code = EXIT_OK
     with client:
+        if verdicts is None:
+            verdicts = _verdicts(request, client.providers)
+            _stop_if_refused(verdicts, request.model)
+        accepting = [
+            name
+            for name, verdict in verdicts.items()
+            if not isinstance(verdict, errors.RequestError)
+        ]
         references = f" with {len(request.images)} reference image(s)" if request.images else ""
-        with _waiting(
-            f"{', '.join(client.providers)}: generating {request.model}{references} ...", err
-        ):
+        with waiting(f"{', '.join(accepting)}: generating {request.model}{references} ...", err):
             result = client.edit(request)
         for index, image in enumerate(result.images):
             suffix = f"-{index + 1}" if len(result.images) > 1 else ""
@@ -637,9 +889,23 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         + " ".join(escape_controls(url) for url in urls),
                     )
                 raise
-            saved += [place] if place else []
+            saved.append(place)
             code = code or status  # the first failure decides
     elapsed = time.perf_counter() - started
+    if arguments.json:
+        document = {
+            "provider": result.provider,
+            "model": result.model,
+            "images": saved,
+            "cost_usd": result.cost_usd,
+            "cost_source": result.cost_source,
+            "seconds": round(elapsed, 3),
+            "attempts": [_attempt_data(attempt) for attempt in result.attempts],
+            "warnings": [_warning_data(warning) for warning in result.warnings],
+            "exit_status": code,
+        }
+        _write_json(out, document)
+        return code
     if result.cost_usd is None:
         cost = "unknown (no price known for this provider and model)"
     elif result.cost_source == "provider":  # BFL's credits: what it charged, not an estimate
@@ -657,114 +923,70 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for warning in result.warnings:
         out.write(f"warning:  {warning}\n")
     for place in saved:
-        out.write(f"saved:    {place}\n")
+        if place["path"] is not None:
+            instead = f" (instead of {place['instead_of']})" if "instead_of" in place else ""
+            out.write(f"saved:    {place['path']}{instead}\n")
     return code
 
 
-_BATCH_FIELDS = {
-    "prompt", "model", "images", "width", "height", "size", "aspect_ratio", "seed", "output_format",
-    "safety_tolerance", "prompt_upsampling", "steps", "guidance", "allow_conversions",
-}  # fmt: skip
+def _write_json(out: TextIO, document: object) -> None:
+    out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
-def _batch_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
-    """Each non-blank line of the JSONL file: its number and its object, or what is wrong.
-
-    Raises:
-        RequestError: It cannot be read, or is no longer a regular file (it was replaced since
-            the command started: a FIFO in its place is not waited on).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        violation = errors.Violation("file", _reason(exc), "a readable JSONL file", str(path))
-        raise errors.RequestError([violation]) from None
-    with os.fdopen(fd, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            violation = errors.Violation("file", "is not a regular file", "a JSONL file", str(path))
-            raise errors.RequestError([violation])
-        for number, raw in enumerate(stream, start=1):
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                yield number, f"not JSON ({str(exc)[:80]})"
-                continue
-            yield number, item if isinstance(item, dict) else "must be a JSON object"
+# --- check, explain -----------------------------------------------------------------------------
 
 
-def _batch_id(number: int, item: dict[str, object]) -> str:
-    value = item.get("id", number)
-    return value if isinstance(value, str) else str(value) if isinstance(value, int) else ""
+def _chosen_providers(named: Sequence[str] | None) -> list[str]:
+    """``-p`` providers, else the configured ones, else every known one."""
+    from flux_adapters.config import DEFAULT_PATH, load_config
+    from flux_adapters.providers import PROVIDERS
+
+    if named:
+        return list(dict.fromkeys(named))
+    if os.environ.get("FLUX_PROVIDERS") or os.environ.get("FLUX_CONFIG") or DEFAULT_PATH.exists():
+        return [settings.name for settings in load_config().providers]
+    return list(PROVIDERS)
 
 
-def _check_batch_file(path: Path) -> int:
-    """Check the whole file before anything is sent; return how many requests it holds.
-
-    Raises:
-        RequestError: Lines that are not JSON objects, or whose id is missing, unsafe or
-            repeated, or that have unknown fields (the first few, with their line numbers).
-    """
-    from flux_adapters._batch import _name_problem, file_key
-
-    problems: list[errors.Violation] = []
-    seen: set[str] = set()
-    count = 0
-    for number, item in _batch_lines(path):
-        count += 1
-        where = f"{path.name}:{number}"
-        if isinstance(item, str):
-            problems.append(errors.Violation(where, item, "a JSON object per line", "line"))
-            continue
-        name = _batch_id(number, item)
-        # Two ids that differ only in case or normalisation are one file on macOS (file_key).
-        trouble = _name_problem(name) or ("is used twice" if file_key(name) in seen else "")
-        if trouble:
-            problems.append(errors.Violation(where, f"id {trouble}", "a unique file name", name))
-        seen.add(file_key(name))
-        unknown = sorted(set(item) - _BATCH_FIELDS - {"id"})
-        if unknown:
-            problems.append(
-                errors.Violation(
-                    where, "unknown fields", ", ".join(sorted(_BATCH_FIELDS)), str(unknown)
-                )
-            )
-    if problems:
-        raise errors.RequestError(problems)  # printed as one line, cut to a bounded length
-    return count
-
-
-def _batch_jobs(
-    path: Path, refused: Callable[[str, errors.RequestError], None]
-) -> Iterator[tuple[str, EditRequest]]:
-    """The requests of a checked file, read lazily; a request its line cannot build is refused."""
-    from flux_adapters.request import EditRequest
-
-    for number, item in _batch_lines(path):
-        # Checked by _check_batch_file; but lines added or edited since then are checked here.
-        where = f"{path.name}:{number}"
-        if isinstance(item, str):
-            line = errors.Violation(where, item, "a JSON object per line", "line")
-            refused(str(number), errors.RequestError([line]))
-            continue
-        name = _batch_id(number, item)
-        unknown = sorted(set(item) - _BATCH_FIELDS - {"id"})
-        if unknown:
-            allowed = ", ".join(sorted(_BATCH_FIELDS))
-            line = errors.Violation(where, "unknown fields", allowed, str(unknown))
-            refused(name, errors.RequestError([line]))
-            continue
-        fields = {key: value for key, value in item.items() if key != "id"}
-        images = fields.get("images", [])
-        fields["images"] = (
-            _images([str(image) for image in images]) if isinstance(images, list) else images
+def _check(arguments: argparse.Namespace, out: TextIO) -> int:
+    flags = arguments.flags
+    request = _request(arguments, flags)
+    verdicts = _verdicts(request, _chosen_providers(arguments.provider))
+    every = all(not isinstance(verdict, errors.RequestError) for verdict in verdicts.values())
+    if arguments.json:
+        _write_json(
+            out,
+            {
+                "model": request.model,
+                "accepted": every,
+                "providers": [
+                    {
+                        "provider": provider,
+                        "accepted": not isinstance(verdict, errors.RequestError),
+                        "violations": [_violation_data(v, flags) for v in verdict.violations]
+                        if isinstance(verdict, errors.RequestError)
+                        else [],
+                        "warnings": []
+                        if isinstance(verdict, errors.RequestError)
+                        else [_warning_data(warning) for warning in verdict.warnings],
+                    }
+                    for provider, verdict in verdicts.items()
+                ],
+            },
         )
-        fields.setdefault("model", "flux-2-pro")
-        try:
-            yield name, EditRequest(**fields)  # type: ignore[arg-type]
-        except errors.RequestError as error:
-            refused(name, error)
+    else:
+        for provider, verdict in verdicts.items():
+            if isinstance(verdict, errors.RequestError):
+                count = len(verdict.violations)
+                out.write(f"{provider}: refused ({count} problem{'s' if count != 1 else ''})\n")
+                out.writelines(f"  - {_violation_text(v, flags)}\n" for v in verdict.violations)
+            else:
+                out.write(f"{provider}: accepted\n")
+                out.writelines(f"  warning: {warning}\n" for warning in verdict.warnings)
+    return EXIT_OK if every else EXIT_REQUEST
+
+
+# --- batch --------------------------------------------------------------------------------------
 
 
 def _attempt_lines(item: BatchItem) -> list[dict[str, object]]:
@@ -798,16 +1020,39 @@ def _report_line(item: BatchItem) -> dict[str, object]:
     return line
 
 
+def _job_line(name: str, status: str, why: str) -> str:
+    """A job that did not succeed, as one line on standard error."""
+    text = " ".join(escape_controls(why).split())
+    if len(text) > 500:
+        text = text[:499] + "…"
+    return f"flux-adapters: {escape_controls(name)}: {status}: {text}"
+
+
+def _batch_client(arguments: argparse.Namespace) -> AsyncFluxClient:
+    """The client for a batch: ``-p`` providers (those without a key left out), else configured."""
+    from flux_adapters.client import AsyncFluxClient
+
+    if not arguments.provider:
+        return AsyncFluxClient.from_env()
+    from flux_adapters._ids import ProviderName
+    from flux_adapters.config import ProviderSettings, with_keys
+
+    named = [ProviderSettings(name=name) for name in dict.fromkeys(arguments.provider)]
+    usable = [ProviderName(settings.name) for settings in with_keys(named)]
+    return AsyncFluxClient(providers=usable, polling=_polling(None))
+
+
 def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import asyncio
     import itertools
     import signal
 
+    from flux_adapters._batch_files import check_file, compact_report, requests
     from flux_adapters._journal import JOURNAL_NAME, JsonLines, load_states
-    from flux_adapters.client import AsyncFluxClient
+    from flux_adapters._terminal import BatchDisplay, batch_progress
 
     path: Path = arguments.file
-    total = _check_batch_file(path)
+    total = check_file(path)
     folder: Path = arguments.output
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -815,10 +1060,21 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise errors.OutputError(exc.strerror or str(exc), path=str(folder)) from None
     report = JsonLines(arguments.report or folder / "report.jsonl")
     counts = dict.fromkeys(("ok", "skipped", "changed", "failed", "unconfirmed"), 0)
+    display: list[BatchDisplay] = []
+    """The progress display, once the batch runs (lines refused before it are said plainly)."""
+
+    def tell(line: str) -> None:
+        if display:
+            display[0].say(line)
+        else:
+            _say(err, line)
 
     def refused(name: str, error: errors.RequestError) -> None:
         counts["failed"] += 1
         report.append({"id": name, "status": "failed", "error": f"RequestError: {error}"})
+        tell(_job_line(name, "failed", f"RequestError: {_one_line(error)}"))
+        if display:
+            display[0].advance()
 
     interrupted = False
     at_once = False
@@ -844,20 +1100,16 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 return
             interrupted = True
             stop.set()
-            err.write(
+            tell(
                 f"flux-adapters: stopping: no new jobs; up to {arguments.grace:g} s for those in "
-                "flight (Ctrl-C again to stop at once)\n"
+                "flight (Ctrl-C again to stop at once)"
             )
-            err.flush()
 
         for number in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(number, on_signal)
-        if arguments.provider:
-            client = AsyncFluxClient(providers=arguments.provider, polling=_polling(None))
-        else:
-            client = AsyncFluxClient.from_env()
-        first, second = itertools.tee(_batch_jobs(path, refused))
+        client = _batch_client(arguments)
+        first, second = itertools.tee(requests(path, refused))
         async with client:
             items = client.edit_many(
                 (request for _, request in second),
@@ -870,7 +1122,8 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 stop=stop,
                 grace=arguments.grace,
             )
-            with _progress(total, err) as advance:
+            with batch_progress(total, err) as shown:
+                display.append(shown)
                 try:
                     # Closed here even if writing the report fails: jobs stop before the client.
                     async with contextlib.aclosing(items):
@@ -878,9 +1131,20 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                             counts[item.status] += 1
                             report.append(_report_line(item))
                             in_flight.discard(item.name)
-                            advance(f"{item.name}: {item.status}")
+                            if item.status in ("failed", "unconfirmed", "changed"):
+                                why = (
+                                    f"{type(item.error).__name__}: {_one_line(item.error)}"
+                                    if item.error is not None
+                                    else item.reason
+                                )
+                                if item.error is not None and item.reason:
+                                    why += f" ({item.reason})"
+                                shown.say(_job_line(item.name, item.status, why))
+                            shown.advance()
                 except asyncio.CancelledError:
                     at_once = True
+                finally:
+                    display.clear()
 
     try:
         with contextlib.suppress(asyncio.CancelledError):  # a second signal after the batch
@@ -895,21 +1159,39 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     counts["unconfirmed"] += 1
                     reason = f"may have been billed, no image saved: stopped at once; {state.why_unconfirmed}"
                     report.append({"id": name, "status": "unconfirmed", "reason": reason})
+                    tell(_job_line(name, "unconfirmed", reason))
     finally:
         report.close()
+        compact_report(report.path)  # one line per job; the lines of this run are all in
     done = sum(counts.values())
-    summary = (
-        f"{counts['ok']} saved, {counts['skipped']} already saved, {counts['failed']} failed, "
-        f"{counts['unconfirmed']} unconfirmed, {counts['changed']} changed"
-    )
-    if done < total:
-        summary += f", {total - done} not started"
-    out.write(f"{summary}; report: {report.path}\n")
-    if counts["unconfirmed"]:
-        out.write(
-            "unconfirmed jobs may have been billed and have no image: see the report; rerun with "
-            "--resend-unconfirmed to send them again\n"
+    if arguments.json:
+        _write_json(
+            out,
+            {
+                "total": total,
+                "saved": counts["ok"],
+                "already_saved": counts["skipped"],
+                "failed": counts["failed"],
+                "unconfirmed": counts["unconfirmed"],
+                "changed": counts["changed"],
+                "not_started": max(total - done, 0),
+                "interrupted": interrupted,
+                "report": str(report.path),
+            },
         )
+    else:
+        summary = (
+            f"{counts['ok']} saved, {counts['skipped']} already saved, {counts['failed']} failed, "
+            f"{counts['unconfirmed']} unconfirmed, {counts['changed']} changed"
+        )
+        if done < total:
+            summary += f", {total - done} not started"
+        out.write(f"{summary}; report: {report.path}\n")
+        if counts["unconfirmed"]:
+            out.write(
+                "unconfirmed jobs may have been billed and have no image: see the report; rerun "
+                "with --resend-unconfirmed to send them again\n"
+            )
     if interrupted:
         return EXIT_INTERRUPTED
     if counts["unconfirmed"]:
@@ -917,35 +1199,12 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_PROVIDER if counts["failed"] or counts["changed"] else EXIT_OK
 
 
-@contextmanager
-def _progress(total: int, stream: TextIO) -> Iterator[Callable[[str], None]]:
-    """A progress bar (rich, with the `cli` extra, on a terminal), else one line per item."""
-    if stream.isatty():
-        try:
-            from rich.progress import Progress
-        except ImportError:
-            pass
-        else:
-            with Progress(console=None, transient=False) as bar:
-                task = bar.add_task("batch", total=total)
-                yield lambda _: bar.advance(task)
-            return
-    finished = 0
-
-    def advance(message: str) -> None:
-        nonlocal finished
-        finished += 1
-        stream.write(f"[{finished}/{total}] {message}\n")
-        stream.flush()
-
-    yield advance
-
-
 def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import importlib
 
     from flux_adapters._display import describe_exception
     from flux_adapters._options import check_adapter, check_base_url
+    from flux_adapters._terminal import is_terminal
     from flux_adapters.conformance.runner import (
         bundled_cassettes,
         fault_control_problem,
@@ -1022,7 +1281,7 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 out.write("continue? [y/N] ")
                 out.flush()
                 # Only a person at a terminal can say yes: a closed or redirected stdin is a no.
-                answer = sys.stdin.readline().strip().lower() if _is_terminal(sys.stdin) else ""
+                answer = sys.stdin.readline().strip().lower() if is_terminal(sys.stdin) else ""
                 if answer not in ("y", "yes"):
                     _say(err, "flux-adapters: not recorded (answer y at a terminal, or pass --yes)")
                     return EXIT_CONFIG
@@ -1061,49 +1320,117 @@ def _mutation(
     return EXIT_OK if all(score.reached for score in scores) else EXIT_FAILED
 
 
-def _models(out: TextIO) -> int:
-    from flux_adapters._tables import limits_table
+def _models(arguments: argparse.Namespace, out: TextIO) -> int:
     from flux_adapters.prices import price_for
     from flux_adapters.providers import PROVIDERS, get_adapter
 
-    for provider, origin in PROVIDERS.items():
-        adapter = get_adapter(provider)
-        out.write(f"\n{provider} ({origin})\n\n{limits_table(provider)}\n\nprices: ")
-        shipped = getattr(adapter, "prices", None)
-        known = [
-            f"{model} {price.describe()}"
-            for model in adapter.limits
+    prices: dict[str, dict[str, Price]] = {}
+    for provider in PROVIDERS:
+        shipped = getattr(get_adapter(provider), "prices", None)
+        prices[provider] = {
+            model: price
+            for model in get_adapter(provider).limits
             if (price := price_for(provider, model, None, shipped)) is not None
-        ]
+        }
+    if arguments.json:
+        _write_json(
+            out,
+            [
+                _provider_data(provider, origin, prices[provider])
+                for provider, origin in PROVIDERS.items()
+            ],
+        )
+        return EXIT_OK
+    from flux_adapters._terminal import models_table, rich_console
+
+    console = None if arguments.markdown else rich_console(out, terminal_only=False)
+    for provider, origin in PROVIDERS.items():
+        described = {model: price.describe() for model, price in prices[provider].items()}
+        if console is not None:
+            models_table(console, provider, origin, described)
+            continue
+        from flux_adapters._tables import limits_table
+
+        out.write(f"\n{provider} ({origin})\n\n{limits_table(provider)}\n\nprices: ")
+        known = [f"{model} {text}" for model, text in described.items()]
         out.write("; ".join(known) if known else "not documented")
         out.write("\n")
     return EXIT_OK
 
 
+def _provider_data(provider: str, origin: str, prices: Mapping[str, Price]) -> dict[str, object]:
+    """One provider's limits and prices, for ``models --json``: the limits data as it is."""
+    import attrs as attributes
+
+    from flux_adapters.providers import get_adapter
+
+    def plain(instance: object, field: object, value: object) -> object:
+        if isinstance(value, frozenset):
+            return sorted(value)
+        return dict(value) if isinstance(value, Mapping) else value
+
+    adapter = get_adapter(provider)
+    models = []
+    for model, limits in adapter.limits.items():
+        data = attributes.asdict(limits, value_serializer=plain)
+        price = prices.get(model)
+        data["price"] = (
+            None if price is None else {"describe": price.describe(), **attributes.asdict(price)}
+        )
+        models.append(data)
+    return {
+        "provider": provider,
+        "origin": origin,
+        "default_base_url": adapter.default_base_url,
+        "key_variable": f"{adapter.env_prefix}_API_KEY",
+        "models": models,
+    }
+
+
 def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
-    from flux_adapters._explain import render
-    from flux_adapters._flows import first_request, resolve
+    from flux_adapters._explain import as_data, render
+    from flux_adapters._flows import first_request
+    from flux_adapters.config import base_url_for
     from flux_adapters.providers import BEARER, PROVIDERS, get_adapter
 
-    request = _request(arguments)
-    refused = 0
-    for provider in arguments.provider or list(PROVIDERS):
+    flags = arguments.flags
+    request = _request(arguments, flags)
+    providers = list(dict.fromkeys(arguments.provider or PROVIDERS))
+    verdicts = _verdicts(request, providers)
+    documents = []
+    for provider, verdict in verdicts.items():
         adapter = get_adapter(provider)
-        out.write(f"=== {provider}\n")
-        try:
-            plan = resolve(adapter, request)
-        except errors.RequestError as error:
-            refused += 1
-            out.write(
-                "refused before sending:\n" + "".join(f"  - {v}\n" for v in error.violations) + "\n"
-            )
-            continue
-        outgoing = first_request(adapter, request, plan, adapter.default_base_url)
-        out.write(render(outgoing, getattr(adapter, "auth", None) or BEARER) + "\n")
-        for warning in plan.warnings:
-            out.write(f"warning: {warning}\n")
-        out.write("\n")
-    return EXIT_REQUEST if refused == len(arguments.provider or PROVIDERS) else EXIT_OK
+        base_url = base_url_for(adapter)  # where a client would send it: $<PROVIDER>_BASE_URL
+        entry: dict[str, object] = {"provider": provider, "base_url": base_url}
+        if isinstance(verdict, errors.RequestError):
+            entry |= {
+                "accepted": False,
+                "request": None,
+                "violations": [_violation_data(v, flags) for v in verdict.violations],
+                "warnings": [],
+            }
+            if not arguments.json:
+                out.write(f"=== {provider}\nrefused before sending:\n")
+                out.writelines(f"  - {_violation_text(v, flags)}\n" for v in verdict.violations)
+                out.write("\n")
+        else:
+            outgoing = first_request(adapter, request, verdict, base_url)
+            auth = getattr(adapter, "auth", None) or BEARER
+            entry |= {
+                "accepted": True,
+                "request": as_data(outgoing, auth),
+                "violations": [],
+                "warnings": [_warning_data(warning) for warning in verdict.warnings],
+            }
+            if not arguments.json:
+                out.write(f"=== {provider}\n{render(outgoing, auth)}\n")
+                out.writelines(f"warning: {warning}\n" for warning in verdict.warnings)
+                out.write("\n")
+        documents.append(entry)
+    if arguments.json:
+        _write_json(out, {"model": request.model, "providers": documents})
+    refused = sum(not entry["accepted"] for entry in documents)
+    return EXIT_REQUEST if refused == len(documents) else EXIT_OK
 
 
 def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
@@ -1178,9 +1505,18 @@ def _exit_code(error: errors.FluxError) -> int:
     return next(code for kind, code in _EXIT_FOR if isinstance(error, kind))
 
 
-def _one_line(error: BaseException, limit: int = 2000) -> str:
+def _one_line(
+    error: BaseException, limit: int = 2000, flags: Mapping[str, str] | None = None
+) -> str:
+    """*error* as one line; with *flags*, its violations and advice name the command's flags."""
     if isinstance(error, errors.RequestError):
-        text = str(error).partition("\n")[0] + " " + "; ".join(map(str, error.violations))
+        shown = [
+            str(violation) if flags is None else _violation_text(violation, flags)
+            for violation in error.violations
+        ]
+        text = str(error).partition("\n")[0] + " " + "; ".join(shown)
+    elif flags is not None and isinstance(error, errors.ConfigurationError):
+        text = _in_flags(str(error), flags)
     else:
         text = str(error)
     text = " ".join(text.split())
@@ -1227,25 +1563,83 @@ def _quiet_failed_streams(*streams: TextIO) -> None:
                 os.close(null)
 
 
-def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
+def _parse(argv: Sequence[str] | None, out: TextIO) -> argparse.Namespace | int:
+    """The arguments, or the exit status once ``--help`` or ``--version`` has been printed.
+
+    Without a command, the help is printed (on *out*) and the status is 0.
+    """
+    parser = _parser()
     try:
-        arguments = _parser().parse_args(argv)
-    except SystemExit as done:  # --help
+        with contextlib.redirect_stdout(out):  # argparse prints --help and --version there
+            arguments = parser.parse_args(argv)
+    except SystemExit as done:
         return done.code if isinstance(done.code, int) else EXIT_OK
-    if arguments.command == "batch":  # then _batch checks every line, also before sending
+    if arguments.command is None:
+        parser.print_help(out)
+        return EXIT_OK
+    arguments.flags = dict(_FLAGS)
+    return arguments
+
+
+class _WarningLines(logging.Handler):
+    """The library's warnings (a provider left out for want of a key) as lines on standard error."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(logging.WARNING)
+        self._stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _say(self._stream, f"flux-adapters: warning: {record.getMessage()}")
+
+
+@contextmanager
+def _library_warnings(err: TextIO) -> Iterator[None]:
+    from flux_adapters._log import LOGGER
+    from flux_adapters._log import _installed as flux_log_handlers
+
+    if flux_log_handlers:  # $FLUX_LOG prints every line of the logger on stderr already
+        yield
+        return
+    handler = _WarningLines(err)
+    LOGGER.addHandler(handler)
+    try:
+        yield
+    finally:
+        LOGGER.removeHandler(handler)
+
+
+def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if arguments.command == "batch":  # then check_file checks every line, also before sending
         _check_folder(arguments.output)
         report = arguments.report or arguments.output / "report.jsonl"
         _check_output_file(report)
         _check_not_the_journal(report, arguments.output)
     commands: dict[str, Callable[[], int]] = {
         "edit": lambda: _edit(arguments, out, err),
+        "check": lambda: _check(arguments, out),
         "conformance": lambda: _conformance(arguments, out, err),
         "batch": lambda: _batch(arguments, out, err),
-        "models": lambda: _models(out),
+        "models": lambda: _models(arguments, out),
         "explain": lambda: _explain(arguments, out),
         "emulate": lambda: _emulate(arguments, out),
     }
-    return commands[arguments.command]()
+    with _library_warnings(err):
+        return commands[arguments.command]()
+
+
+def _failure_data(error: BaseException, code: int, flags: Mapping[str, str]) -> dict[str, object]:
+    """A failure, for ``--json``: ``{"error": {"type", "message", "exit_status", ...}}``."""
+    name = "UsageError" if isinstance(error, _UsageError) else type(error).__name__
+    if isinstance(error, KeyboardInterrupt):
+        message = "interrupted"
+    elif isinstance(error, errors.FluxError):
+        message = _one_line(error, flags=flags)
+    else:
+        message = _one_line(error)
+    detail: dict[str, object] = {"type": name, "message": message, "exit_status": code}
+    if isinstance(error, errors.RequestError):
+        detail["violations"] = [_violation_data(v, flags) for v in error.violations]
+    return {"error": detail}
 
 
 def main(
@@ -1253,24 +1647,33 @@ def main(
 ) -> int:
     """Run the command with *argv* (default: ``sys.argv[1:]``) and return its exit status.
 
-    Every failure is one line on *err* and a documented status (see the module docstring).
+    Every failure is one line on *err* and a documented status (see the module docstring); with
+    ``--json``, it is also a JSON object on *out*.
     """
     _reopen_closed_standard_streams()
     out, err = out or sys.stdout, err or sys.stderr
+    flags: Mapping[str, str] = _FLAGS
+    wants_json = False
+    failure: BaseException | None = None
     try:
-        code = _run(argv, out, err)
+        parsed = _parse(argv, out)
+        if isinstance(parsed, int):
+            code = parsed
+        else:
+            flags, wants_json = parsed.flags, bool(getattr(parsed, "json", False))
+            code = _run(parsed, out, err)
         out.flush()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         _say(err, "flux-adapters: interrupted")
-        code = EXIT_INTERRUPTED
+        code, failure = EXIT_INTERRUPTED, error
     except BrokenPipeError:  # the reader of our output is gone (`| head`): nobody to tell
         code = EXIT_BROKEN_PIPE
     except _UsageError as error:
         _say(err, str(error))
-        code = EXIT_REQUEST
+        code, failure = EXIT_REQUEST, error
     except errors.FluxError as error:
-        _say(err, f"flux-adapters: {type(error).__name__}: {_one_line(error)}")
-        code = _exit_code(error)
+        _say(err, f"flux-adapters: {type(error).__name__}: {_one_line(error, flags=flags)}")
+        code, failure = _exit_code(error), error
     except ModuleNotFoundError as exc:  # not raised inside `extra_imports`: say the same
         from flux_adapters._extras import missing_extra
 
@@ -1279,7 +1682,7 @@ def main(
             _say(err, f"flux-adapters: {type(missing).__name__}: {_one_line(missing)}")
         else:
             _say(err, f"flux-adapters: {_one_line(exc, 300)}; reinstall flux-adapters")
-        code = EXIT_CONFIG
+        code, failure = EXIT_CONFIG, missing or exc
     except Exception as exc:
         if os.environ.get("FLUX_DEBUG") == "1":
             import traceback
@@ -1287,7 +1690,11 @@ def main(
             traceback.print_exc(file=err)
         note = "" if isinstance(exc, OSError) else " (unexpected; FLUX_DEBUG=1 shows the traceback)"
         _say(err, f"flux-adapters: {type(exc).__name__}: {_one_line(exc, 300)}{note}")
-        code = EXIT_FAILED
+        code, failure = EXIT_FAILED, exc
+    if wants_json and failure is not None:
+        with contextlib.suppress(OSError, ValueError):
+            _write_json(out, _failure_data(failure, code, flags))
+            out.flush()
     _quiet_failed_streams(out, err, sys.stdout, sys.stderr)
     return code
 

@@ -47,7 +47,6 @@ from flux_adapters._flows import Flow, Outcome, flow_for, follow_job, is_job_ada
 from flux_adapters._log import LOGGER, note
 from flux_adapters._options import (
     check_adapter,
-    check_base_url,
     check_key,
     check_seconds,
     check_timeout,
@@ -68,7 +67,7 @@ from flux_adapters._transport import (
     phase_timeouts,
     send_within,
 )
-from flux_adapters.config import ProviderSettings, load_config
+from flux_adapters.config import ProviderSettings, base_url_for, load_config, with_keys
 from flux_adapters.errors import (
     ClientClosedError,
     ConfigurationError,
@@ -190,15 +189,7 @@ class _Binding:
                     f"no API key for {adapter.name}: pass api_key= or set {variable}"
                 )
             key = check_key(found, f"${variable}")
-        env_url = os.environ.get(f"{adapter.env_prefix}_BASE_URL")
-        if base_url is not None:
-            base = check_base_url(base_url, "base_url=")
-        elif env_url:
-            base = check_base_url(env_url, f"${adapter.env_prefix}_BASE_URL")
-        elif settings is not None and settings.base_url:
-            base = check_base_url(settings.base_url, f"base_url of [provider.{adapter.name}]")
-        else:
-            base = adapter.default_base_url
+        base = base_url_for(adapter, base_url, settings)
         if timeout is not None:
             phases, seconds = _timing(timeout, "timeout=", deadline, inherited)
         elif settings is not None and settings.timeout is not None:
@@ -209,7 +200,7 @@ class _Binding:
         return cls(
             adapter=adapter,
             auth=auth,
-            base_url=_normalise_base_url(base),
+            base_url=base,
             timeout=phases,
             deadline=seconds,
             api_key=key,
@@ -280,12 +271,6 @@ def _check_retries(value: object) -> int:
             f"{render_value(value)}"
         )
     return value
-
-
-def _normalise_base_url(url: str) -> str:
-    # Accept the OpenAI-SDK habit of a base URL ending in /v1; adapters add /v1/... themselves.
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
 def _open_upload(image: LocalImage, files: contextlib.ExitStack) -> IO[bytes]:
@@ -759,12 +744,18 @@ class _ClientBase:
         ``[provider.NAME]`` section applies when no top-level one is set. *max_retries* is the
         client's (default: 0 for one provider, 1 for several).
 
+        A configured provider whose key variable is unset or empty is left out, with a warning
+        on the ``flux_adapters`` logger, when another one has a key (``client.providers`` says
+        which are used).
+
         Raises:
-            ConfigurationError: Nothing or something invalid is configured, a key is missing, or
-                an argument is not usable.
+            ConfigurationError: Nothing or something invalid is configured, no configured
+                provider has a key (the message names each variable), or an argument is not
+                usable.
         """
         loaded = load_config(config)
-        names = [settings.name for settings in loaded.providers]
+        usable = with_keys(loaded.providers)  # a provider without a key: skipped, with a warning
+        names = [settings.name for settings in usable]
         retries = None if max_retries is None else _check_retries(max_retries)
         policy = _default_policy(
             len(names),
@@ -780,7 +771,7 @@ class _ClientBase:
             "timeout": loaded.timeout,
             "policy": policy,
             "prices": loaded.prices,
-            "settings": {settings.name: settings for settings in loaded.providers},
+            "settings": {settings.name: settings for settings in usable},
             "polling": None
             if loaded.job_deadline is None
             else Polling(deadline=loaded.job_deadline),

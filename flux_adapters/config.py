@@ -24,17 +24,21 @@ in the working directory, or the path in ``$FLUX_CONFIG``; environment variables
     "flux-2-max" = { usd = 0.07 }                                                 # per call
 
 Keys are never written in the file (a ``api_key`` entry is refused): name the variable instead.
+A configured provider whose key variable is unset or empty is skipped, with a warning on the
+``flux_adapters`` logger, as long as another one has a key (`with_keys`); with none, the error
+names every variable to set.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final, get_args
+from typing import TYPE_CHECKING, Final, TypeVar, get_args
 
-from attrs import frozen
+import attrs
+from attrs import field, frozen
 
 from flux_adapters._display import escape_controls
 from flux_adapters._files import read_text_file
@@ -43,21 +47,64 @@ from flux_adapters.prices import PerCall, PerMegapixel, Price
 from flux_adapters.providers import canonical_name
 from flux_adapters.routing import Routing
 
-__all__ = ["DEFAULT_PATH", "Config", "ProviderSettings", "load_config"]
+if TYPE_CHECKING:
+    from flux_adapters.providers import AnyAdapter
+
+__all__ = [
+    "DEFAULT_PATH",
+    "Config",
+    "ProviderSettings",
+    "base_url_for",
+    "key_variable",
+    "load_config",
+    "missing_keys",
+    "with_keys",
+]
 
 DEFAULT_PATH: Final = Path("flux-adapters.toml")
 
-_TOP_KEYS: Final = {
-    "providers",
-    "routing",
-    "max_cost_usd",
-    "unknown_price",
-    "failover_on_ambiguous",
-    "timeout",
-    "job_deadline",
-    "provider",
-}
-_PROVIDER_KEYS: Final = {"api_key_env", "base_url", "priority", "timeout", "prices"}
+_SECONDS: Final = "seconds above 0 and at most 86400"
+
+
+@frozen(kw_only=True)
+class _FileShape:
+    """The top level of the file, as TOML types (`flux_adapters._schema` checks it)."""
+
+    providers: list[str] | None = None
+    routing: str | None = None
+    max_cost_usd: float | None = field(default=None, metadata={"expected": "dollars, a number"})
+    unknown_price: str | None = None
+    failover_on_ambiguous: bool | None = None
+    timeout: float | None = field(default=None, metadata={"expected": _SECONDS})
+    job_deadline: float | None = field(default=None, metadata={"expected": _SECONDS})
+    provider: dict[str, object] = field(
+        factory=dict, metadata={"expected": "[provider.NAME] sections"}
+    )
+
+
+@frozen(kw_only=True)
+class _ProviderShape:
+    """One ``[provider.NAME]`` section."""
+
+    api_key_env: str | None = field(
+        default=None, metadata={"expected": "the name of an environment variable"}
+    )
+    base_url: str | None = field(default=None, metadata={"expected": "an http(s) URL"})
+    priority: int | None = None
+    timeout: float | None = field(default=None, metadata={"expected": _SECONDS})
+    prices: dict[str, object] = field(
+        factory=dict, metadata={"expected": "a table of model = price"}
+    )
+
+
+@frozen(kw_only=True)
+class _PriceShape:
+    """One price: ``{ usd = ... }`` or ``{ usd_first = ..., usd_extra = ..., usd_input = ... }``."""
+
+    usd: float | None = None
+    usd_first: float | None = None
+    usd_extra: float | None = None
+    usd_input: float | None = None
 
 
 @frozen(kw_only=True)
@@ -123,33 +170,58 @@ def _seconds(value: object, where: str) -> float:
     return float(value)
 
 
-def _variable_name(value: object, where: str) -> str | None:
+def _variable_name(value: str | None, where: str) -> str | None:
     if value is None:
         return None
-    if not (isinstance(value, str) and value.isprintable() and value and "=" not in value):
+    if not (value.isprintable() and value and "=" not in value):
         raise _fail(
             where,
-            f"api_key_env must be the name of an environment variable, not {str(value)[:40]!r}",
+            f"api_key_env must be the name of an environment variable, not {value[:40]!r}",
         )
     return value
 
 
+_T = TypeVar("_T")
+
+
+def _shaped(data: object, shape: type[_T], where: str, what: str) -> _T:
+    """*data* as *shape*: every unknown key and every value of the wrong type, in one error."""
+    from flux_adapters._schema import Unstructured, structure
+
+    if not isinstance(data, dict):
+        raise _fail(where, f"must be {what}, not {type(data).__name__}")
+    try:
+        return structure(data, shape)
+    except Unstructured as error:
+        problems = [
+            f"unknown keys {problem.value}; known: {problem.expected}"
+            if problem.kind == "unknown"
+            else str(problem)
+            for problem in error.problems
+        ]
+        raise _fail(where, "; ".join(problems)) from None
+
+
 def _price(value: object, where: str) -> Price:
-    if not isinstance(value, dict):
-        raise _fail(
-            where, "must be a table such as { usd = 0.03 } or { usd_first = ..., usd_extra = ... }"
-        )
-    if set(value) == {"usd"}:
-        return PerCall(usd=_number(value["usd"], where), source=where)
-    if {"usd_first", "usd_extra"} <= set(value) <= {"usd_first", "usd_extra", "usd_input"}:
+    shape = _shaped(
+        value,
+        _PriceShape,
+        where,
+        "a table such as { usd = 0.03 } or { usd_first = ..., usd_extra = ... }",
+    )
+    given = {name for name in attrs.fields_dict(_PriceShape) if getattr(shape, name) is not None}
+    if given == {"usd"}:
+        return PerCall(usd=_number(shape.usd, where), source=where)
+    if {"usd_first", "usd_extra"} <= given <= {"usd_first", "usd_extra", "usd_input"}:
         return PerMegapixel(
-            usd_first=_number(value["usd_first"], where),
-            usd_extra=_number(value["usd_extra"], where),
-            usd_input=_number(value.get("usd_input", 0.0), where),
+            usd_first=_number(shape.usd_first, where),
+            usd_extra=_number(shape.usd_extra, where),
+            usd_input=_number(shape.usd_input or 0.0, where),
             source=where,
         )
     raise _fail(
-        where, f"unknown price keys {sorted(value)}; use usd, or usd_first/usd_extra/usd_input"
+        where,
+        f"price keys {sorted(given)} do not go together; use usd, or usd_first/usd_extra/usd_input",
     )
 
 
@@ -159,29 +231,21 @@ def _provider(given: str, table: object, origin: str) -> ProviderSettings:
         name = canonical_name(given)
     except ConfigurationError as error:
         raise _fail(where, str(error)) from None
-    if not isinstance(table, dict):
-        raise _fail(where, "must be a table")
-    if "api_key" in table:
+    if isinstance(table, dict) and "api_key" in table:
         raise _fail(
             where,
             "keys are never read from the file; set api_key_env to the variable that holds it",
         )
-    unknown = set(table) - _PROVIDER_KEYS
-    if unknown:
-        raise _fail(where, f"unknown keys {sorted(unknown)}; known: {sorted(_PROVIDER_KEYS)}")
-    prices = table.get("prices", {})
-    if not isinstance(prices, dict):
-        raise _fail(f"{where}.prices", "must be a table of model = price")
-    priority = table.get("priority")
-    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-        raise _fail(where, f"priority must be a whole number, not {priority!r}")
+    shape = _shaped(table, _ProviderShape, where, "a table")
     return ProviderSettings(
         name=name,
-        api_key_env=_variable_name(table.get("api_key_env"), where),
-        base_url=table.get("base_url"),
-        priority=priority,
-        timeout=_seconds(table["timeout"], f"{where} timeout") if "timeout" in table else None,
-        prices={model: _price(price, f"{where}.prices.{model}") for model, price in prices.items()},
+        api_key_env=_variable_name(shape.api_key_env, where),
+        base_url=shape.base_url,
+        priority=shape.priority,
+        timeout=None if shape.timeout is None else _seconds(shape.timeout, f"{where} timeout"),
+        prices={
+            model: _price(price, f"{where}.prices.{model}") for model, price in shape.prices.items()
+        },
     )
 
 
@@ -210,7 +274,7 @@ def load_config(
         raise ConfigurationError(
             f"config= must be a path (str or os.PathLike), not {type(path).__name__}"
         ) from None
-    data: dict[str, object] = {}
+    data: object = {}
     origin = "environment"
     if chosen is not None or DEFAULT_PATH.exists():
         file = chosen or DEFAULT_PATH
@@ -231,25 +295,20 @@ def load_config(
             )
             raise _fail(shown, why) from None
         origin = shown
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise _fail(origin, f"unknown keys {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
-    tables = data.get("provider", {})
-    if not isinstance(tables, dict):
-        raise _fail(origin, "[provider.NAME] sections expected")
+    shape = _shaped(data, _FileShape, origin, "a table")
     configured: dict[str, ProviderSettings] = {}
-    for given, table in tables.items():
+    for given, table in shape.provider.items():
         one = _provider(given, table, origin)
         if one.name in configured:
             raise _fail(origin, f"[provider.{one.name}] is given twice (names ignore case)")
         configured[one.name] = one
 
-    names: object = data.get("providers")
+    names = shape.providers
     if env.get("FLUX_PROVIDERS"):
         names = [name.strip() for name in env["FLUX_PROVIDERS"].split(",") if name.strip()]
     if names is None:
         names = list(configured)
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+    if not names:
         raise ConfigurationError(
             "no providers configured: set FLUX_PROVIDERS or providers = [...] in flux-adapters.toml"
         )
@@ -259,22 +318,19 @@ def load_config(
         settings, key=lambda s: (s.priority is None, s.priority or 0, ids.index(s.name))
     )
 
-    routing = env.get("FLUX_ROUTING") or data.get("routing", "ordered")
+    routing = env.get("FLUX_ROUTING") or shape.routing or "ordered"
     if routing not in get_args(Routing):
         raise ConfigurationError(f"routing must be 'ordered' or 'cheapest', not {routing!r}")
-    budget = env.get("FLUX_MAX_COST_USD") or data.get("max_cost_usd")
-    timeout = env.get("FLUX_TIMEOUT") or data.get("timeout")
+    budget = env.get("FLUX_MAX_COST_USD") or shape.max_cost_usd
+    timeout = env.get("FLUX_TIMEOUT") or shape.timeout
     timeout_from = "$FLUX_TIMEOUT" if env.get("FLUX_TIMEOUT") else f"{origin} timeout"
     job_deadline = job_deadline_from_env(env)
-    if job_deadline is None and data.get("job_deadline") is not None:
-        where = f"{origin} job_deadline"
-        job_deadline = _seconds(_as_float(data["job_deadline"], where), where)
-    unknown_price = data.get("unknown_price", "allow")
+    if job_deadline is None and shape.job_deadline is not None:
+        job_deadline = _seconds(shape.job_deadline, f"{origin} job_deadline")
+    unknown_price = shape.unknown_price or "allow"
     if unknown_price not in ("allow", "refuse"):
         raise _fail(origin, f"unknown_price must be 'allow' or 'refuse', not {unknown_price!r}")
-    ambiguous = data.get("failover_on_ambiguous", False)
-    if not isinstance(ambiguous, bool):
-        raise _fail(origin, "failover_on_ambiguous must be true or false")
+    ambiguous = bool(shape.failover_on_ambiguous)
     return Config(
         providers=tuple(ordered),
         routing=routing,  # type: ignore[arg-type]
@@ -289,6 +345,89 @@ def load_config(
         job_deadline=job_deadline,
         source=origin,
     )
+
+
+def base_url_for(
+    adapter: AnyAdapter,
+    given: str | None = None,
+    settings: ProviderSettings | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The base URL a client sends *adapter*'s requests to, checked and without a final ``/v1``.
+
+    *given* (``base_url=``, ``--base-url``), else ``$<PREFIX>_BASE_URL``, else the settings'
+    ``base_url`` (the file), else the provider's real one.
+
+    Raises:
+        ConfigurationError: The URL chosen is not usable (the message names where it came from).
+    """
+    from flux_adapters._options import check_base_url
+
+    variable = f"{adapter.env_prefix}_BASE_URL"
+    from_env = (os.environ if environ is None else environ).get(variable)
+    if given is not None:
+        base = check_base_url(given, "base_url=")
+    elif from_env:
+        base = check_base_url(from_env, f"${variable}")
+    elif settings is not None and settings.base_url:
+        base = check_base_url(settings.base_url, f"base_url of [provider.{adapter.name}]")
+    else:
+        base = adapter.default_base_url
+    # Accept the OpenAI-SDK habit of a base URL ending in /v1; adapters add /v1/... themselves.
+    base = base.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def key_variable(settings: ProviderSettings) -> str:
+    """The environment variable that holds the key of *settings*' provider.
+
+    Its ``api_key_env``, else ``<PREFIX>_API_KEY`` (``APIYI_API_KEY`` for both apiyi dialects).
+    """
+    from flux_adapters.providers import get_adapter
+
+    return settings.api_key_env or f"{get_adapter(settings.name).env_prefix}_API_KEY"
+
+
+def missing_keys(
+    providers: Sequence[ProviderSettings], environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Each of *providers* whose key variable is unset or empty, with the name of that variable."""
+    env = os.environ if environ is None else environ
+    found = {settings.name: key_variable(settings) for settings in providers}
+    return {name: variable for name, variable in found.items() if not env.get(variable)}
+
+
+def no_key_error(missing: Mapping[str, str]) -> ConfigurationError:
+    """The error for providers of which none has a key: every variable to set, and for whom."""
+    if len(missing) == 1:
+        [(name, variable)] = missing.items()
+        return ConfigurationError(f"no API key for {name}: set {variable}")
+    needs: dict[str, list[str]] = {}
+    for name, variable in missing.items():
+        needs.setdefault(variable, []).append(name)
+    wanted = ", ".join(f"{variable} ({', '.join(names)})" for variable, names in needs.items())
+    return ConfigurationError(f"no API key for any of the providers: set {wanted}")
+
+
+def with_keys(
+    providers: Sequence[ProviderSettings], environ: Mapping[str, str] | None = None
+) -> tuple[ProviderSettings, ...]:
+    """*providers* without those that have no key, each skipped with a warning logged.
+
+    Raises:
+        ConfigurationError: None of them has a key (the message names every variable).
+    """
+    import logging
+
+    from flux_adapters._log import note
+
+    missing = missing_keys(providers, environ)
+    if missing and len(missing) == len(providers):
+        raise no_key_error(missing)
+    for name, variable in missing.items():
+        # The name of a variable, never its value: nothing here to scrub.
+        note(logging.WARNING, "no-key", str, "%s skipped: no API key (set %s)", name, variable)
+    return tuple(settings for settings in providers if settings.name not in missing)
 
 
 def job_deadline_from_env(env: Mapping[str, str] | None = None) -> float | None:

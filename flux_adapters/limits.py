@@ -8,6 +8,10 @@ the wire model id, the size in the form the provider takes, and any conversion t
 Nothing is rounded, truncated or dropped quietly: a setting the provider cannot take exactly is a
 violation unless the request has ``allow_conversions=True``, in which case the nearest form the
 provider takes is used and reported as a `ConversionWarning`.
+
+A message that advises what to pass instead names the request's arguments as Python does:
+``allow_conversions=True``, ``aspect_ratio="7:4"``, ``width/height`` (the pair). The command
+line rewrites exactly these spellings into its flags (``flux_adapters.cli``), so keep to them.
 """
 
 from __future__ import annotations
@@ -99,6 +103,44 @@ class SizeRule:
     def fits(self, width: int, height: int) -> bool:
         """Whether ``width x height`` is on the grid and within every bound."""
         return not any(self.violations(width, height, "size"))
+
+    def within_bounds(self, width: int, height: int) -> bool:
+        """Whether ``width x height`` is within the side bounds and the pixel ceiling (grid aside)."""
+        sides_fit = all(
+            self.min_side <= side and (self.max_side is None or side <= self.max_side)
+            for side in (width, height)
+        )
+        return sides_fit and (self.max_pixels is None or width * height <= self.max_pixels)
+
+    def nearest(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
+        """The valid sizes nearest to ``width x height``: the one below and the one above.
+
+        Below: each side rounded down to the grid; above: each side rounded up. Each is kept
+        within the side bounds and, past the pixel ceiling, scaled down to it (keeping its shape).
+        Sizes that still do not fit, and ``width x height`` itself, are left out: empty when no
+        size near it is valid.
+        """
+        grid = self.multiple
+        if grid <= 0 or max(width, height) > 10**9 or min(width, height) <= 0:
+            return ()  # a hand-made rule or size past any real image: no suggestion
+        lowest = -(-self.min_side // grid) * grid
+        highest = None if self.max_side is None else self.max_side // grid * grid
+
+        def side(value: int, up: bool) -> int:
+            snapped = max(lowest, -(-value // grid) * grid if up else value // grid * grid)
+            return snapped if highest is None else min(snapped, highest)
+
+        found: list[tuple[int, int]] = []
+        for up in (False, True):
+            across, down = side(width, up), side(height, up)
+            if self.max_pixels is not None and across * down > self.max_pixels:
+                scale = math.sqrt(self.max_pixels / (across * down))
+                across = max(lowest, int(across * scale) // grid * grid)
+                down = max(lowest, int(down * scale) // grid * grid)
+            candidate = (across, down)
+            if self.fits(*candidate) and candidate != (width, height) and candidate not in found:
+                found.append(candidate)
+        return tuple(found)
 
     def violations(self, width: int, height: int, name: str) -> Iterable[tuple[str, str]]:
         """Yield ``(message, value)`` for each way ``width x height`` breaks the rule."""
@@ -458,10 +500,7 @@ def _resolve_dimensions(
     width, height = dimensions
     name = "size" if request.size is not None else "width/height"
     if limits.sizes is not None:
-        for message, value in limits.sizes.violations(width, height, name):
-            found.add(name, message, limits.sizes.describe(), value)
-        as_string = request.size is not None and limits.size_string
-        return _Geometry(dimensions=dimensions, size_string=as_string)
+        return _resolve_on_grid(request, name, dimensions, limits, limits.sizes, found)
     ratio_rule = limits.ratios
     if ratio_rule is None:
         found.add(
@@ -494,6 +533,45 @@ def _resolve_dimensions(
     return _ratio_geometry(ratio_rule, ratio_text, (warning,))
 
 
+def _resolve_on_grid(
+    request: EditRequest,
+    name: str,
+    dimensions: tuple[int, int],
+    limits: ModelLimits,
+    rule: SizeRule,
+    found: _Found,
+) -> _Geometry:
+    """An explicit size at a provider that takes explicit sizes: as asked, or the nearest.
+
+    Off the grid but within the bounds, with ``allow_conversions``: the nearest valid size is
+    sent instead (the one below on a tie), with a warning. Otherwise every broken rule is a
+    violation, the last one naming the nearest valid sizes.
+    """
+    width, height = dimensions
+    as_string = request.size is not None and limits.size_string
+    broken = list(rule.violations(width, height, name))
+    if not broken:
+        return _Geometry(dimensions=dimensions, size_string=as_string)
+    nearest = rule.nearest(width, height)
+    if request.allow_conversions and nearest and rule.within_bounds(width, height):
+        sent = min(nearest, key=lambda size: abs(size[0] - width) + abs(size[1] - height))
+        warning = ConversionWarning(
+            field=name,
+            requested=f"{render_value(width)}x{render_value(height)}",
+            sent=f"{sent[0]}x{sent[1]}",
+            message=f"{limits.provider} takes sizes in {rule.describe()} for {limits.model}; "
+            "sent the nearest valid size",
+        )
+        return _Geometry(dimensions=sent, size_string=as_string, warnings=(warning,))
+    if nearest:
+        message, value = broken[-1]
+        shown = " or ".join(f"{across}x{down}" for across, down in nearest)
+        broken[-1] = (f"{message}; nearest valid: {shown}", value)
+    for message, value in broken:
+        found.add(name, message, rule.describe(), value)
+    return _Geometry()
+
+
 def _ratio_geometry(
     rule: RatioRule, ratio_text: str, warnings: tuple[ConversionWarning, ...] = ()
 ) -> _Geometry:
@@ -518,17 +596,31 @@ def _resolve_ratio(
         limit = rule.describe() if rule is not None else "no size setting"
         found.add("aspect_ratio", "is not accepted", limit, given)
         return _Geometry()
+    found_size = _size_for_ratio(ratio, sizes)
     if not request.allow_conversions:
-        accepted = f"aspect ratio {rule.describe()}, or sizes in " if rule is not None else ""
+        example = (
+            f" (e.g. {found_size[0]}x{found_size[1]} for {given})"
+            if found_size is not None and sizes.fits(*found_size)
+            else ""
+        )
+        if rule is None:
+            message = (
+                f"{limits.provider} takes explicit sizes for {limits.model}, no aspect ratio; pass"
+            )
+            accepted = ""
+        else:  # presets: these ratios are sent by name, any other shape as a size
+            message = (
+                f"is not one of {limits.provider}'s aspect-ratio presets for {limits.model} "
+                f"({', '.join(rule.presets or ())}); pass one of them,"
+            )
+            accepted = f"aspect ratio {rule.describe()}, or sizes in "
         found.add(
             "aspect_ratio",
-            f"{limits.provider} takes explicit sizes for {limits.model}; pass width/height "
-            "or allow_conversions=True",
+            f"{message} width/height{example} or allow_conversions=True",
             accepted + sizes.describe(),
             given,
         )
         return _Geometry()
-    found_size = _size_for_ratio(ratio, sizes)
     if found_size is None or not sizes.fits(*found_size):
         found.add(
             "aspect_ratio", "has no size within the provider's range", sizes.describe(), given

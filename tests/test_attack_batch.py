@@ -305,12 +305,12 @@ def test_a_report_that_is_the_journal_itself_is_refused(tmp_path: Path) -> None:
 def test_lines_added_to_the_file_while_the_batch_runs_are_checked_too(tmp_path: Path) -> None:
     # The file is read twice: checked whole, then lazily as jobs are taken. A line added in
     # between (a careless edit) is that line's failure, not the end of the batch.
-    from flux_adapters.cli import _batch_jobs
+    from flux_adapters._batch_files import requests
 
     source = tmp_path / "jobs.jsonl"
     source.write_text('{"id": "a", "prompt": "p"}\n')
     refused: list[str] = []
-    jobs = _batch_jobs(source, lambda name, error: refused.append(name))
+    jobs = requests(source, lambda name, error: refused.append(name))
     assert next(jobs)[0] == "a"
     with source.open("a") as stream:
         stream.write('not json\n{"id": "c", "promt": "typo"}\n{"id": "d", "prompt": "p"}\n')
@@ -506,14 +506,14 @@ def test_the_journal_judges_an_attempt_by_the_same_rule_as_the_router(tmp_path: 
 def test_a_requests_file_gone_or_replaced_by_a_fifo_after_the_check_is_a_typed_error(
     tmp_path: Path,
 ) -> None:
-    from flux_adapters.cli import _batch_jobs
+    from flux_adapters._batch_files import requests
 
     source = tmp_path / "jobs.jsonl"
     with pytest.raises(errors.RequestError, match="No such file"):
-        next(_batch_jobs(source, lambda name, error: None))
+        next(requests(source, lambda name, error: None))
     os.mkfifo(source)  # opened without waiting for a writer, and refused
     with pytest.raises(errors.RequestError, match="not a regular file"):
-        next(_batch_jobs(source, lambda name, error: None))
+        next(requests(source, lambda name, error: None))
 
 
 def test_a_program_that_ends_while_holding_a_stopped_batch_still_exits(tmp_path: Path) -> None:

@@ -470,8 +470,24 @@ def test_a_day_is_still_a_usable_timeout() -> None:
         ('[provider.laozhang]\napi_key_env = ["LAOZHANG_API_KEY"]', "api_key_env must be"),
         ('[provider.laozhang]\napi_key_env = "A=B"', "api_key_env must be"),
         ('[provider.laozhang]\napi_key_env = ""', "api_key_env must be"),
+        # The shape: every key and TOML type checked, nothing converted, all problems at once.
+        ('[provider.laozhang]\npriority = "1"', "priority must be a whole number, not str '1'"),
+        ("[provider.laozhang]\npriority = true", "priority must be a whole number, not bool True"),
+        ('[provider.laozhang]\ncolour = 1\npriority = 1.5', r"\[provider.laozhang\]: priority must be a whole number, not float 1.5; unknown keys \['colour'\]; known: api_key_env, base_url, prices, priority, timeout"),
+        ('providers = "laozhang"', "providers must be a list of strings, not str 'laozhang'"),
+        ('providers = ["laozhang", 5]', r"providers\[1\] must be text, not int 5"),
+        ("provider = 5", r"provider must be \[provider.NAME\] sections, not int 5"),
+        ("[provider]\nlaozhang = 5", r"\[provider.laozhang\]: must be a table, not int"),
+        ('failover_on_ambiguous = "yes"', "failover_on_ambiguous must be true or false, not str"),
+        ('timeout = "300"', "timeout must be seconds above 0 and at most 86400, not str '300'"),
+        ("retries = 3", r"unknown keys \['retries'\]; known: failover_on_ambiguous, job_deadline"),
+        ("[provider.laozhang]\nprices = 3", "prices must be a table of model = price, not int 3"),
+        ('[provider.laozhang.prices]\n"flux-2-pro" = 0.03', r"prices.flux-2-pro: must be a table such as \{ usd = 0.03 \}"),
+        ('[provider.laozhang.prices]\n"flux-2-pro" = { usd = 0.03, eur = 1 }', r"unknown keys \['eur'\]; known: usd, usd_extra, usd_first, usd_input"),
+        ('[provider.laozhang.prices]\n"flux-2-pro" = { usd = "0.03" }', "usd must be a number, not str '0.03'"),
+        ('[provider.laozhang.prices]\n"flux-2-pro" = { usd = 0.03, usd_first = 1 }', "do not go together; use usd, or usd_first/usd_extra/usd_input"),
     ],
-)
+)  # fmt: skip
 def test_odd_configuration_files_are_configuration_errors_naming_the_file(
     text: str, problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -74,11 +74,24 @@ def test_bad_answers_among_good_ones_through_the_command_line(
     assert {name for name, line in lines.items() if line["status"] == "ok"} == set(lines) - bad
     billed = Counter(entry.prompt for entry in emulator.billed())
 
+    # Each job that did not succeed is one line on stderr as it ends, with its id.
+    for name in bad:
+        [said] = [line for line in first.stderr.splitlines() if f": {name}: " in line]
+        assert said.startswith(f"flux-adapters: {name}: unconfirmed: ResponseFormatError: ")
+
     again = batch(source, folder, emulator.base_url("laozhang"))
     assert again.returncode == 8
     assert Counter(entry.prompt for entry in emulator.billed()) == billed  # nothing sent again
-    rerun = {str(line["id"]): line["status"] for line in report(folder)[10:]}
-    assert {name for name, status in rerun.items() if status == "unconfirmed"} == bad
+    # One line per job after the rerun: the saved ones keep the line that says how they were
+    # made (not "skipped"), the unconfirmed ones have this run's line.
+    rerun = report(folder)
+    assert sorted(str(line["id"]) for line in rerun) == sorted(lines)
+    assert {str(line["id"]) for line in rerun if line["status"] == "unconfirmed"} == bad
+    assert all(
+        line["status"] == "ok" and line["provider"] == "laozhang"
+        for line in rerun
+        if line["id"] not in bad
+    )
     assert "Traceback" not in first.stderr + again.stderr
 
 

@@ -690,3 +690,53 @@ def test_flux_log_writes_decisions_to_stderr_without_keys(level: str, tmp_path: 
     assert "failing over to apiyi" in done.stderr
     assert "no provider produced the image" in done.stderr
     assert ("POST http" in done.stderr) == (level == "debug")  # each exchange, at DEBUG
+
+
+def test_from_env_leaves_out_a_provider_without_a_key_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no flux-adapters.toml here
+    monkeypatch.delenv("FLUX_CONFIG", raising=False)
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang,aimlapi,apiyi")
+    monkeypatch.setenv("AIMLAPI_API_KEY", KEYS["aimlapi"])
+    monkeypatch.delenv("LAOZHANG_API_KEY", raising=False)
+    monkeypatch.setenv("APIYI_API_KEY", "")  # empty counts as unset
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"):
+        client = FluxClient.from_env()
+    assert client.providers == ("aimlapi",)
+    skipped = [(r.levelno, r.getMessage(), getattr(r, "flux_event", "")) for r in caplog.records]
+    assert skipped == [
+        (logging.WARNING, "laozhang skipped: no API key (set LAOZHANG_API_KEY)", "no-key"),
+        (logging.WARNING, "apiyi skipped: no API key (set APIYI_API_KEY)", "no-key"),
+    ]
+    assert KEYS["aimlapi"] not in caplog.text
+
+
+def test_from_env_with_no_key_at_all_names_every_variable_to_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLUX_CONFIG", raising=False)
+    for prefix in ("LAOZHANG", "APIYI", "AIMLAPI"):
+        monkeypatch.delenv(f"{prefix}_API_KEY", raising=False)
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang,apiyi,apiyi-multipart")
+    with pytest.raises(errors.ConfigurationError) as caught:
+        FluxClient.from_env()
+    assert str(caught.value) == (
+        "no API key for any of the providers: set LAOZHANG_API_KEY (laozhang), "
+        "APIYI_API_KEY (apiyi, apiyi-multipart)"
+    )
+    monkeypatch.setenv("FLUX_PROVIDERS", "aimlapi")
+    with pytest.raises(
+        errors.ConfigurationError, match=r"^no API key for aimlapi: set AIMLAPI_API_KEY$"
+    ):
+        AsyncFluxClient.from_env()
+    # A key named in the file is looked for under that name.
+    (tmp_path / "flux-adapters.toml").write_text(
+        'providers = ["laozhang"]\n[provider.laozhang]\napi_key_env = "MY_LZ_KEY"\n'
+    )
+    monkeypatch.delenv("FLUX_PROVIDERS")
+    with pytest.raises(errors.ConfigurationError, match=r"set MY_LZ_KEY$"):
+        FluxClient.from_env()
+    monkeypatch.setenv("MY_LZ_KEY", KEYS["laozhang"])
+    assert FluxClient.from_env().providers == ("laozhang",)

@@ -80,7 +80,10 @@ def test_size_grids_and_ranges(
 def test_size_violation_names_grid_value_and_source() -> None:
     request = EditRequest(prompt="x", model="flux-2-pro", width=1040, height=480)
     found = check(request, "aimlapi")
-    assert [v.message for v in found] == ["width is not a multiple of 32", "height is out of range"]
+    assert [v.message for v in found] == [
+        "width is not a multiple of 32",
+        "height is out of range; nearest valid: 1024x512 or 1056x512",
+    ]
     assert all(v.limit == "multiples of 32 from 512 to 2048 px" for v in found)
     assert all("aimlapi" in (v.source or "") for v in found)
 
@@ -173,7 +176,64 @@ def test_data_urls_are_checked_like_files() -> None:
     assert fields(request, "laozhang") == ["images[0]"]
 
 
+@pytest.mark.parametrize(
+    ("provider", "width", "height", "nearest"),
+    [
+        ("laozhang", 1000, 1000, "992x992 or 1008x1008"),  # the grid of 16
+        ("aimlapi", 1000, 1000, "992x992 or 1024x1024"),  # the grid of 32
+        ("aimlapi", 480, 512, "512x512"),  # below the smallest side: only the one above
+        ("laozhang", 3000, 3000, "2048x2048"),  # past the largest side: clamped
+        ("bfl", 3000, 3000, "2032x2032 or 2048x2048"),  # past 4 MP: scaled down to it
+    ],
+)
+def test_a_size_it_cannot_take_names_the_nearest_valid_sizes(
+    provider: ProviderId, width: int, height: int, nearest: str
+) -> None:
+    request = EditRequest(prompt="x", model="flux-2-pro", width=width, height=height)
+    found = check(request, provider)
+    assert found[-1].message.endswith(f"; nearest valid: {nearest}")
+    for size in nearest.split(" or "):
+        across, down = map(int, size.split("x"))
+        exact = EditRequest(prompt="x", model="flux-2-pro", width=across, height=down)
+        assert check(exact, provider) == ()  # each suggestion is taken as it is
+
+
+def test_an_aspect_ratio_that_is_no_preset_names_the_presets_it_takes() -> None:
+    [violation] = check(EditRequest(prompt="x", model="flux-2-pro", aspect_ratio="21:9"), "aimlapi")
+    assert violation.message == (
+        "is not one of aimlapi's aspect-ratio presets for flux-2-pro (1:1, 4:3, 3:4, 16:9, 9:16); "
+        "pass one of them, width/height (e.g. 1568x672 for 21:9) or allow_conversions=True"
+    )
+    assert "takes explicit sizes" not in violation.message
+    [sizes_only] = check(
+        EditRequest(prompt="x", model="flux-2-pro", aspect_ratio="21:9"), "laozhang"
+    )
+    assert sizes_only.message.startswith(
+        "laozhang takes explicit sizes for flux-2-pro, no aspect ratio"
+    )
+
+
 class TestConversions:
+    def test_an_off_grid_size_becomes_the_nearest_valid_one_with_a_warning(self) -> None:
+        request = EditRequest(
+            prompt="x", model="flux-2-pro", width=1000, height=1010, allow_conversions=True
+        )
+        plan = resolve(get_adapter("laozhang"), request)
+        assert plan.dimensions == (992, 1008)  # the nearer of 992x1008 and 1008x1024
+        [warning] = plan.warnings
+        assert (warning.field, warning.requested, warning.sent) == (
+            "width/height",
+            "1000x1010",
+            "992x1008",
+        )
+        assert "multiples of 16" in warning.message
+
+    def test_a_size_out_of_range_is_refused_even_with_conversions(self) -> None:
+        request = EditRequest(
+            prompt="x", model="flux-2-pro", width=3000, height=3000, allow_conversions=True
+        )
+        assert fields(request, "laozhang") == ["width/height"] * 5
+
     def test_refused_by_default_with_the_alternative_named(self) -> None:
         request = EditRequest(prompt="x", model="flux-2-pro", width=1792, height=1024)
         [violation] = check(request, "apiyi")

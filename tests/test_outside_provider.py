@@ -136,12 +136,14 @@ def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def test_models_lists_nimbus_with_the_package_it_comes_from() -> None:
-    finished = run_cli("models")
+    finished = run_cli("models", "--markdown")
     assert finished.returncode == 0, finished.stderr
     assert "\nnimbus (entry point of nimbus-flux)\n" in finished.stdout
     section = finished.stdout.split("nimbus (entry point of nimbus-flux)")[1]
     assert "| `flux-2-pro` | `flux.2-pro` | 0..6 |" in section
     assert "flux-2-pro $0.04 per call" in section
+    table = run_cli("models")  # the table drawn for a terminal names it the same way
+    assert "\nnimbus (entry point of nimbus-flux)" in table.stdout
 
 
 def test_conformance_replays_nimbus_when_named_and_the_built_in_providers_by_default(

@@ -1,0 +1,294 @@
+"""The files of ``flux-adapters batch``: the JSONL file of requests, and the JSONL report.
+
+Each line of the request file is a JSON object whose shape (its keys, and the JSON type of each
+value) is structured by `flux_adapters._schema`: an unknown key, a missing prompt or a number
+written as a string make the line malformed, and one malformed line refuses the whole file
+before anything is sent. What the values mean (sizes, model ids, image files, provider limits)
+is each request's own check, when it is built and sent.
+
+Image paths in a line are read relative to the folder of the request file, so the file works
+from any working directory; absolute paths, URLs and data URLs are taken as they are.
+
+The report gets one line per job as each job ends (appended: a crash keeps every line
+written); at the end of a run it is rewritten with one line per job (`compact_report`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from attrs import field, frozen
+
+from flux_adapters.errors import RequestError, Violation
+
+if TYPE_CHECKING:
+    from flux_adapters.request import EditRequest
+
+__all__ = [
+    "URL_PREFIXES",
+    "BatchLine",
+    "check_file",
+    "compact_report",
+    "image_source",
+    "read_lines",
+    "requests",
+    "structure_line",
+]
+
+URL_PREFIXES: Final = ("http://", "https://", "data:")
+
+
+@frozen(kw_only=True)
+class BatchLine:
+    """One line of a batch file, as JSON types; the fields of `EditRequest` and an ``id``."""
+
+    prompt: str
+    id: str | int | None = field(
+        default=None, metadata={"expected": "a file name (text) or a whole number"}
+    )
+    model: str = "flux-2-pro"
+    images: list[str] = field(
+        factory=list, metadata={"expected": "a list of paths or URLs (strings)"}
+    )
+    width: int | None = None
+    height: int | None = None
+    size: str | None = field(default=None, metadata={"expected": 'text such as "1024x768"'})
+    aspect_ratio: str | None = field(default=None, metadata={"expected": 'text such as "16:9"'})
+    seed: int | None = None
+    output_format: str | None = field(
+        default=None, metadata={"expected": '"jpeg", "png" or "webp"'}
+    )
+    safety_tolerance: int | None = None
+    prompt_upsampling: bool | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    allow_conversions: bool | None = None
+
+    def name(self, number: int) -> str:
+        """The job's id: its ``id``, else its line number."""
+        return str(self.id) if self.id is not None else str(number)
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
+    """Each non-blank line of the JSONL file: its number and its object, or what is wrong.
+
+    Raises:
+        RequestError: It cannot be read, or is no longer a regular file (it was replaced since
+            the command started: a FIFO in its place is not waited on).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise RequestError(
+            [Violation("file", reason, "a readable JSONL file", str(path))]
+        ) from None
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            violation = Violation("file", "is not a regular file", "a JSONL file", str(path))
+            raise RequestError([violation])
+        for number, raw in enumerate(stream, start=1):
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw)
+            except (ValueError, RecursionError) as exc:
+                yield number, f"not JSON ({str(exc)[:80]})"
+                continue
+            yield number, item if isinstance(item, dict) else "must be a JSON object"
+
+
+def structure_line(where: str, item: dict[str, object] | str) -> BatchLine | list[Violation]:
+    """The line as a `BatchLine`, or a violation (named *where*, ``file:line``) per problem."""
+    from flux_adapters._schema import Unstructured, structure
+
+    if isinstance(item, str):
+        return [Violation(where, item, "a JSON object per line", "line")]
+    try:
+        return structure(item, BatchLine)
+    except Unstructured as error:
+        found = []
+        for problem in error.problems:
+            if problem.kind == "unknown":
+                found.append(Violation(where, "unknown fields", problem.expected, problem.value))
+            elif problem.kind == "missing":
+                required = f"required ({problem.expected})"
+                found.append(Violation(where, f"{problem.field} is missing", required, "nothing"))
+            else:
+                message = f"{problem.field} must be {problem.expected}"
+                found.append(Violation(where, message, problem.expected, problem.value))
+        return found
+
+
+def check_file(path: Path) -> int:
+    """Check the whole file before anything is sent; return how many requests it holds.
+
+    Raises:
+        RequestError: Lines that are not JSON objects of the right shape, or whose id is
+            missing, unsafe or repeated (every one, with its line number).
+    """
+    from flux_adapters._batch import _name_problem, file_key
+
+    problems: list[Violation] = []
+    seen: set[str] = set()
+    count = 0
+    for number, item in read_lines(path):
+        count += 1
+        where = f"{path.name}:{number}"
+        line = structure_line(where, item)
+        if isinstance(line, list):
+            problems += line
+            given = item.get("id", number) if isinstance(item, dict) else None
+            if type(given) not in (str, int):
+                continue  # no id to check (its type is among the problems)
+            name = str(given)
+        else:
+            name = line.name(number)
+        # Two ids that differ only in case or normalisation are one file on macOS (file_key).
+        trouble = _name_problem(name) or ("is used twice" if file_key(name) in seen else "")
+        if trouble:
+            problems.append(Violation(where, f"id {trouble}", "a unique file name", name))
+        seen.add(file_key(name))
+    if problems:
+        raise RequestError(problems)
+    return count
+
+
+def image_source(text: str, folder: Path) -> str | Path:
+    """An image of a line: a URL or data URL as it is; a path, relative to *folder*."""
+    if text.startswith(URL_PREFIXES):
+        return text
+    given = Path(text)
+    return given if given.is_absolute() else folder / given
+
+
+def requests(
+    path: Path, refused: Callable[[str, RequestError], None]
+) -> Iterator[tuple[str, EditRequest]]:
+    """The requests of a checked file, read lazily; a line that cannot be one is *refused*.
+
+    Lines were checked by `check_file`, but lines added or edited since then are checked here.
+    """
+    from flux_adapters.request import EditRequest
+
+    folder = path.parent
+    for number, item in read_lines(path):
+        where = f"{path.name}:{number}"
+        line = structure_line(where, item)
+        if isinstance(line, list):
+            name = str(item.get("id", number)) if isinstance(item, dict) else str(number)
+            refused(name, RequestError(line))
+            continue
+        settings = {
+            name: getattr(line, name)
+            for name in (
+                "width", "height", "size", "aspect_ratio", "seed", "output_format",
+                "safety_tolerance", "prompt_upsampling", "steps", "guidance",
+            )
+        }  # fmt: skip
+        try:
+            yield (
+                line.name(number),
+                EditRequest(
+                    prompt=line.prompt,
+                    model=line.model,  # type: ignore[arg-type]  # EditRequest checks it
+                    images=[image_source(image, folder) for image in line.images],
+                    allow_conversions=bool(line.allow_conversions),
+                    **settings,
+                ),
+            )
+        except RequestError as error:
+            refused(line.name(number), error)
+
+
+_SKIPPED: Final = "skipped"
+
+
+def compact_report(path: Path) -> bool:
+    """Rewrite the report at *path* with one line per job; whether it was rewritten.
+
+    A job's line is its latest, except that a ``skipped`` line (nothing was done) does not
+    replace an earlier one, which says how the job was done. Each job keeps the place of its
+    first line; lines without an id are kept as they are. The new file replaces the old one
+    atomically, so a crash leaves one or the other whole. Nothing is done while another process
+    has the report open (it holds a lock on it), or when no job has two lines.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not _lock_alone(fd):
+            return False
+        chosen: dict[str, tuple[int, int, bool]] = {}
+        """Each id's line to keep: its offset, length, and whether it is a skipped one."""
+        offset, repeated = 0, False
+        for raw in stream:
+            job, status = _id_and_status(raw)
+            if job is not None:
+                kept = chosen.get(job)
+                repeated = repeated or kept is not None
+                if kept is None or kept[2] or status != _SKIPPED:
+                    chosen[job] = (offset, len(raw), status == _SKIPPED)
+            offset += len(raw)
+        if not repeated:
+            return False
+        target = Path(os.path.realpath(path))
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(temporary, "xb") as out:
+                os.fchmod(out.fileno(), stat.S_IMODE(os.fstat(fd).st_mode))
+                written: set[str] = set()
+                stream.seek(0)
+                for raw in stream:
+                    job, _ = _id_and_status(raw)
+                    if job is None:
+                        out.write(raw)
+                    elif job not in written:
+                        written.add(job)
+                        start, length, _ = chosen[job]
+                        out.write(os.pread(fd, length, start))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            return False
+    from flux_adapters._journal import _sync_directory
+
+    _sync_directory(target.parent)
+    return True
+
+
+def _id_and_status(raw: bytes) -> tuple[str | None, str]:
+    if not raw.endswith(b"\n"):
+        return None, ""  # a torn last line: kept as it is, repaired when the file is next opened
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None, ""
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        return None, ""
+    status = record.get("status")
+    return record["id"], status if isinstance(status, str) else ""
+
+
+def _lock_alone(fd: int) -> bool:
+    """Lock the file open as *fd* for this process alone (held until it is closed)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no lock, and nobody to race
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
