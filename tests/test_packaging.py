@@ -286,7 +286,7 @@ def test_the_cli_says_the_same_for_a_module_no_guard_caught(
         raise ModuleNotFoundError("No module named 'rich'", name="rich")
 
     monkeypatch.setattr(cli, "_run", run)
-    assert cli.main([]) == EXIT_CONFIG
+    assert cli.main(["models"]) == EXIT_CONFIG
     assert capsys.readouterr().err == (
         "flux-adapters: MissingExtraError: the live progress display needs rich, which is not "
         "installed; install it with: pip install 'flux-adapters[cli]'\n"
@@ -302,7 +302,7 @@ def test_the_cli_asks_for_a_reinstall_when_a_core_module_is_missing(
         raise ModuleNotFoundError("No module named 'cattrs'", name="cattrs")
 
     monkeypatch.setattr(cli, "_run", run)
-    assert cli.main([]) == EXIT_CONFIG
+    assert cli.main(["models"]) == EXIT_CONFIG
     assert capsys.readouterr().err == (
         "flux-adapters: No module named 'cattrs'; reinstall flux-adapters\n"
     )
