@@ -6,8 +6,9 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
     0    success (batch: every request saved or already saved)
     1    unexpected failure (a bug, or standard output cannot be written, e.g. a full disk)
     2    bad arguments, an unusable input file, or a request the limits refuse (nothing sent)
-    3    the provider answered with an error (batch: at least one request failed)
-    4    no usable answer: connection failed or timed out
+    3    the provider answered with an error, or its job ended without an image (failed,
+         moderated, unknown) (batch: at least one request failed)
+    4    no usable answer: connection failed or timed out, or a job passed its deadline
     5    configuration: unknown provider, no API key, missing optional dependency, busy port
     6    the result URL expired before it was downloaded
     7    an output path cannot be written (checked before anything is sent; when saving
@@ -1492,6 +1493,8 @@ _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
     (errors.ConfigurationError, EXIT_CONFIG),
     (errors.ResultExpired, EXIT_EXPIRED),
     (errors.ProviderError, EXIT_PROVIDER),
+    (errors.JobTimeout, EXIT_TRANSPORT),
+    (errors.JobError, EXIT_PROVIDER),
     (errors.TransportError, EXIT_TRANSPORT),
     (errors.FluxError, EXIT_FAILED),
 )

@@ -372,6 +372,34 @@ def test_a_missing_key_names_the_variable_not_a_python_argument(
     )
 
 
+@pytest.mark.parametrize(
+    ("outcome", "error", "code"),
+    [
+        ("failed", "JobFailed", 3),
+        ("content-moderated", "Moderated", 3),
+        ("not-found", "JobNotFound", 3),
+    ],
+)
+def test_a_job_that_ends_without_an_image_exits_as_a_provider_error(
+    outcome: str, error: str, code: int, emulator: Emulator
+) -> None:
+    from flux_adapters.emulator import Fault
+
+    emulator.inject("bfl", Fault(outcome=outcome))
+    status, _, err = run("edit", "a cat", "-p", "bfl", "--size", "64x64", "-o", "cat.png")
+    assert (status, err.splitlines()[-1].split(":")[1].strip()) == (code, error)
+    assert not Path("cat.png").exists()
+
+
+def test_a_job_past_its_deadline_exits_as_no_usable_answer(emulator: Emulator) -> None:
+    from flux_adapters.emulator import Fault
+
+    emulator.inject("bfl", Fault(pending=10**9))
+    status, _, err = run("edit", "a cat", "-p", "bfl", "--size", "64x64", "--timeout", "0.5")
+    assert status == 4
+    assert "JobTimeout" in err
+
+
 # --- 6. every local check before the status line ---------------------------------------------
 
 
