@@ -608,20 +608,28 @@ def _warning_data(warning: ConversionWarning) -> dict[str, object]:
 # --- The request, from the arguments ----------------------------------------------------------
 
 _FORMATS: Final = ("jpeg", "png", "webp")
-_FORMAT_OF_SUFFIX: Final = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 def _output_format(arguments: argparse.Namespace, flags: dict[str, str]) -> str | None:
     """``--format``, else the format ``-o``'s extension names; the two must agree.
 
     Raises:
-        _UsageError: ``--format`` and the extension name different formats.
+        _UsageError: ``--format`` and the extension name different formats, or the extension
+            names an image format no provider returns (``.gif``): the image would be paid for
+            and then refused by the name (`flux_adapters.errors.ExtensionMismatch`).
     """
+    from flux_adapters._files import IMAGE_FORMATS, extension_format, format_name
+
     output: Path | None = getattr(arguments, "output", None)
     chosen: str | None = arguments.output_format
-    implied = _FORMAT_OF_SUFFIX.get(output.suffix.lower()) if output is not None else None
+    implied = extension_format(output) if output is not None else None
     if implied is None:
         return chosen
+    if implied not in IMAGE_FORMATS:
+        raise _UsageError(
+            f"flux-adapters {arguments.command}: error: -o {output}: {format_name(implied)} is "
+            "not a format a provider returns; name the file .png, .jpg or .webp"
+        )
     if chosen is not None and chosen != implied:
         raise _UsageError(
             f"flux-adapters {arguments.command}: error: --format {chosen} and -o {output} "

@@ -468,6 +468,24 @@ def test_a_format_that_disagrees_with_the_extension_is_a_usage_error(emulator: E
     assert emulator.calls("aimlapi")  # sent
 
 
+@pytest.mark.parametrize("name", ["x.gif", "x.TIFF", "x.bmp", "x.heic", "x.jpe"])
+def test_an_output_name_no_result_can_have_is_refused_before_sending(
+    name: str, emulator: Emulator
+) -> None:
+    # No provider returns GIF, TIFF, BMP or HEIC: the image would be paid for and then refused
+    # by save() (ExtensionMismatch). A .jpe name is a JPEG name: it sets --format like .jpg.
+    code, _, err = run("edit", "p", "-p", "aimlapi", "--size", "512x512", "-o", name)
+    if name == "x.jpe":
+        assert code == 0, err
+        with Image.open(name) as picture:
+            assert picture.format == "JPEG"
+        return
+    assert code == 2
+    assert "is not a format a provider returns" in err
+    assert "generating" not in err
+    assert not emulator.calls("aimlapi")  # nothing sent, nothing paid
+
+
 # --- 8. <PROVIDER>_BASE_URL everywhere ---------------------------------------------------------------
 
 
