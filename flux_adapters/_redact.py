@@ -229,16 +229,17 @@ def _without_query(value: str) -> str:
 def answer_headers(headers: Mapping[str, str], scrub: Callable[[str], str]) -> dict[str, str]:
     """The headers of an answer, safe to keep on an error and to show.
 
-    At most 64, names in lower case; a credential's or cookie's value (``set-cookie``,
-    ``authorization``, ``x-api-key``, ...) masked; a URL's query left out; every other value
-    cut to 256 characters, passed through *scrub* (the client's keys, key-shaped text) and its
-    control characters escaped: a hostile provider's headers reach terminals too.
+    At most 64, names in lower case (a name holding a key or key-shaped text is left out); a
+    credential's or cookie's value (``set-cookie``, ``authorization``, ``x-api-key``, ...)
+    masked; a URL's query left out; every other value cut to 256 characters, passed through
+    *scrub* (the client's keys, key-shaped text) and its control characters escaped: a hostile
+    provider's headers reach terminals too.
     """
     kept: dict[str, str] = {}
     for raw_name, raw_value in list(headers.items())[:_MOST_HEADERS]:
         name = str(raw_name).lower()
-        if len(name) > _LONGEST_NAME or not name.isprintable():
-            continue
+        if len(name) > _LONGEST_NAME or not name.isprintable() or scrub(name) != name:
+            continue  # a name that holds a key (a gateway echoing what it was sent) is dropped
         value = str(raw_value)[: _LONGEST_VALUE * 4]
         if _SECRET_NAME.search(name):
             value = MASK

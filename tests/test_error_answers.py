@@ -140,6 +140,21 @@ def test_hostile_header_values_and_counts_are_bounded() -> None:
     assert len(found) <= 128
 
 
+@both
+def test_a_header_named_after_the_key_is_not_kept(kind: str) -> None:
+    # A gateway that echoes what it was sent into header names ("x-<token>: 1") must not put the
+    # key into response_headers, where the value masking never looks.
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {f"x-{KEY}": "1", f"x-seen-{KEY[3:]}": "1", "x-request-id": "req-1"}
+        return httpx.Response(502, json={"error": {"message": "boom"}}, headers=headers)
+
+    with pytest.raises(errors.ProviderError) as caught:
+        call(kind, handler)
+    assert leaks(caught.value) == []
+    assert KEY[3:11] not in " ".join(caught.value.response_headers)
+    assert caught.value.request_id == "req-1"
+
+
 def test_a_request_id_that_is_only_a_key_is_no_request_id() -> None:
     shaped = answer_headers({"x-request-id": "Bearer abcdefgh"}, redact)
     assert shaped["x-request-id"] == MASK
@@ -247,7 +262,7 @@ def test_errors_that_met_no_answer_have_no_headers() -> None:
 
 @given(
     st.dictionaries(
-        st.text(max_size=20),
+        st.one_of(st.text(max_size=20), st.builds(lambda t: f"x-{KEY}{t}", st.text(max_size=8))),
         st.one_of(st.text(max_size=60), st.just(KEY), st.builds(lambda t: f"x{KEY}{t}", st.text())),
         max_size=80,
     )
@@ -259,6 +274,7 @@ def test_any_headers_are_kept_bounded_printable_and_without_the_key(
     assert len(shaped) <= 64
     for name, value in shaped.items():
         assert name == name.lower()
+        assert KEY[:8] not in name
         assert len(value) <= 256
         assert KEY[:8] not in value  # not even an 8-character fragment of it
         assert value.isprintable()
