@@ -37,12 +37,22 @@ __all__ = [
     "check_file",
     "compact_report",
     "image_source",
+    "is_url",
     "read_lines",
     "requests",
     "structure_line",
 ]
 
 URL_PREFIXES: Final = ("http://", "https://", "data:")
+
+
+def is_url(text: str) -> bool:
+    """Whether *text* is a URL or data URL rather than a path.
+
+    As `EditRequest` tells them apart: by the scheme in any case (``HTTPS://`` is https, RFC 3986
+    section 3.1).
+    """
+    return text[:8].lower().startswith(URL_PREFIXES)
 
 
 @frozen(kw_only=True)
@@ -163,7 +173,7 @@ def check_file(path: Path) -> int:
 
 def image_source(text: str, folder: Path) -> str | Path:
     """An image of a line: a URL or data URL as it is; a path, relative to *folder*."""
-    if text.startswith(URL_PREFIXES):
+    if is_url(text):
         return text
     given = Path(text)
     return given if given.is_absolute() else folder / given

@@ -48,7 +48,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Final, NoReturn, TextIO
 
 from flux_adapters import errors
-from flux_adapters._batch_files import URL_PREFIXES
+from flux_adapters._batch_files import is_url
 from flux_adapters._display import escape_controls
 from flux_adapters._version import __version__
 
@@ -168,7 +168,7 @@ def _input_file(text: str) -> Path:
 
 
 def _image(text: str) -> str | Path:
-    return text if text.startswith(URL_PREFIXES) else _input_file(text)
+    return text if is_url(text) else _input_file(text)
 
 
 def _folder(text: str) -> Path:

@@ -590,6 +590,22 @@ def test_batch_image_paths_are_relative_to_the_file(
     assert out.startswith("2 saved")
 
 
+def test_urls_with_an_upper_case_scheme_are_urls_in_a_batch_line_and_in_edit(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # EditRequest takes HTTPS://... as a URL (schemes are case-insensitive, RFC 3986 3.1); the
+    # command line and a batch line took it for a file path ("file not found").
+    from flux_adapters._batch_files import requests
+
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(json.dumps({"id": "u", "prompt": "p", "images": ["HTTPS://a.example/x.png"]}))
+    [(_, request)] = list(requests(source, lambda *_: None))
+    assert [type(image).__name__ for image in request.images] == ["UrlImage"]
+    code, out, err = run("check", "p", "-p", "laozhang", "-i", "HTTPS://a.example/x.png", "--json")
+    assert code == 0, err
+    assert json.loads(out)["accepted"] is True
+
+
 def test_the_report_keeps_one_line_per_job(tmp_path: Path) -> None:
     from flux_adapters._batch_files import compact_report
 
