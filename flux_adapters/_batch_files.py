@@ -108,11 +108,28 @@ def read_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
             if not raw.strip():
                 continue
             try:
-                item = json.loads(raw)
+                item = json.loads(raw, object_pairs_hook=_unique_keys)
+            except _RepeatedKey as exc:
+                yield number, f"{exc.args[0]!r} given twice: which one is meant is a guess"
+                continue
             except (ValueError, RecursionError) as exc:
                 yield number, f"not JSON ({str(exc)[:80]})"
                 continue
             yield number, item if isinstance(item, dict) else "must be a JSON object"
+
+
+class _RepeatedKey(Exception):
+    """A key given twice in one JSON object (internal to `read_lines`)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json.loads keeps the last of two equal keys, silently: {"prompt": "a", "prompt": "b"}.
+    found: dict[str, object] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _RepeatedKey(key[:40])
+        found[key] = value
+    return found
 
 
 def structure_line(where: str, item: dict[str, object] | str) -> BatchLine | list[Violation]:

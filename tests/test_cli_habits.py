@@ -606,6 +606,20 @@ def test_urls_with_an_upper_case_scheme_are_urls_in_a_batch_line_and_in_edit(
     assert json.loads(out)["accepted"] is True
 
 
+def test_a_batch_line_with_a_key_given_twice_is_refused(emulator: Emulator, tmp_path: Path) -> None:
+    # json.loads keeps the last of two equal keys: which prompt (or id) was meant is a guess.
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(
+        '{"id": "a", "prompt": "a red door", "prompt": "a blue door"}\n'
+        '{"id": "b", "prompt": "p", "size": "64x64"}\n'
+    )
+    code, _, err = run("batch", str(source), "-o", str(tmp_path / "o"), "-p", "laozhang")
+    assert code == 2
+    assert "jobs.jsonl:1" in err
+    assert "'prompt' given twice" in err
+    assert not emulator.calls("laozhang")  # the whole file is refused before anything is sent
+
+
 def test_the_report_keeps_one_line_per_job(tmp_path: Path) -> None:
     from flux_adapters._batch_files import compact_report
 
