@@ -236,7 +236,15 @@ def _answered(
     try:
         if not 200 <= response.status_code < 300:
             raise adapter.parse_error(response)
-        return read()
+        value = read()
+        unusable = _unusable_image(value)
+        if unusable:
+            raise ResponseFormatError(
+                f"the {adapter.name} adapter returned {unusable}",
+                provider=adapter.name,
+                status_code=response.status_code,
+            )
+        return value
     except ProviderError as error:
         scrubbed = _scrubbed(error, response.status_code, secrets)
         raise _with_answer(scrubbed, response, secrets) from error.__cause__
@@ -252,6 +260,37 @@ def _answered(
             status_code=response.status_code,
         )
         raise _with_answer(unread, response, secrets) from exc
+
+
+def _unusable_image(value: object) -> str:
+    """What is wrong with an image in a parsed answer (an `Answer`, a `Done`), or ``""``.
+
+    The built-in adapters check inline data as they read it; an adapter from another package
+    may not, and nothing else looks at inline bytes before `ResultImage.save` writes them (a
+    download is checked as it arrives).
+    """
+    from flux_adapters.result import ResultImage, inline_image_problem
+
+    answer = value.answer if isinstance(value, Done) else value
+    if not isinstance(answer, Answer):
+        return ""
+    images: tuple[object, ...] = answer.images  # typed, but built by code we do not know
+    for image in images:
+        if not isinstance(image, ResultImage):
+            return f"{type_name(image)} for an image, not a ResultImage"
+        data: object = image.b64_json
+        url: object = image.url
+        if data is not None:
+            problem = (
+                inline_image_problem(data)
+                if isinstance(data, str)
+                else "inline image data that is not text"
+            )
+            if problem:
+                return problem
+        elif not isinstance(url, str) or not url:
+            return "an image with neither a URL nor inline data"
+    return ""
 
 
 def edit_flow(

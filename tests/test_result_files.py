@@ -150,6 +150,47 @@ def test_an_inline_image_built_by_hand_with_bad_base64_has_no_format() -> None:
     assert json.dumps(image.to_dict())
 
 
+@pytest.mark.parametrize(
+    "image",
+    [
+        ResultImage(b64_json="!!!!"),  # not base64
+        ResultImage(b64_json=base64.b64encode(b"<html>sorry</html>").decode()),  # not an image
+        ResultImage(b64_json=base64.b64encode(PNG[:20]).decode()),  # cut short
+        ResultImage(),  # neither a URL nor data
+    ],
+)
+def test_an_outside_adapters_unusable_inline_image_is_a_typed_error_not_a_file(
+    image: ResultImage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The built-in adapters check inline data when they read an answer; an adapter from another
+    # package may not, and its garbage was saved as scene.png without a word.
+    from flux_adapters.providers import _REGISTRY, Answer, register_provider
+    from flux_adapters.providers.laozhang import LaozhangAdapter
+
+    monkeypatch.setattr(_REGISTRY, "_targets", dict(_REGISTRY._targets))
+    monkeypatch.setattr(_REGISTRY, "_loaded", dict(_REGISTRY._loaded))
+    monkeypatch.setattr(_REGISTRY, "_scanned", _REGISTRY._scanned)  # a scan fills the copy
+
+    class Careless(LaozhangAdapter):
+        name = "careless"
+
+        def parse_response(self, response: Any) -> Answer:
+            return Answer(images=(image,))
+
+    careless = register_provider("careless", Careless())
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"created": 1, "data": [{"b64_json": "x"}]})
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = FluxClient(careless, api_key=KEY, http_client=http)
+        with pytest.raises(errors.ResponseFormatError) as caught:
+            client.edit(EditRequest(prompt="p", model="flux-2-pro"))
+    assert caught.value.status_code == 200
+    assert caught.value.provider == "careless"
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- save: the name must not lie ---------------------------------------------------------------
 
 
