@@ -16,8 +16,10 @@ written); at the end of a run it is rewritten with one line per job (`compact_re
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator
@@ -244,7 +246,8 @@ def compact_report(path: Path) -> bool:
     A job's line is its latest, except that a ``skipped`` line (nothing was done) does not
     replace an earlier one, which says how the job was done. Each job keeps the place of its
     first line; lines without an id are kept as they are. The new file replaces the old one
-    atomically, so a crash leaves one or the other whole. Nothing is done while another process
+    atomically, so a crash leaves one or the other whole (and its temporary file, which the
+    next call removes). Nothing is done while another process
     has the report open (it holds a lock on it), or when no job has two lines.
     """
     try:
@@ -254,6 +257,8 @@ def compact_report(path: Path) -> bool:
     with os.fdopen(fd, "rb") as stream:
         if not stat.S_ISREG(os.fstat(fd).st_mode) or not _lock_alone(fd):
             return False
+        target = Path(os.path.realpath(path))
+        _remove_stale_temporaries(target)
         chosen: dict[str, tuple[int, int, bool]] = {}
         """Each id's line to keep: its offset, length, and whether it is a skipped one."""
         offset, repeated = 0, False
@@ -267,7 +272,6 @@ def compact_report(path: Path) -> bool:
             offset += len(raw)
         if not repeated:
             return False
-        target = Path(os.path.realpath(path))
         temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
         try:
             with open(temporary, "xb") as out:
@@ -293,6 +297,19 @@ def compact_report(path: Path) -> bool:
 
     _sync_directory(target.parent)
     return True
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove the temporary files of compactions of *target* that were killed before the end.
+
+    Called with the report's lock held: no other compaction of it is under way, so any such
+    file is left over (a SIGKILL or power loss between creating it and renaming it).
+    """
+    with contextlib.suppress(OSError):
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+            if re.fullmatch(r"[0-9a-f]{8}", stale.name[len(target.name) + 2 : -len(".tmp")]):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
 
 def _id_and_status(raw: bytes) -> tuple[str | None, str]:

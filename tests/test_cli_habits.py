@@ -646,6 +646,26 @@ def test_the_report_keeps_one_line_per_job(tmp_path: Path) -> None:
     assert not compact_report(report)  # nothing repeated: left as it is
 
 
+def test_the_temporary_file_of_a_compaction_killed_midway_is_removed_by_the_next_one(
+    tmp_path: Path,
+) -> None:
+    from flux_adapters._batch_files import compact_report
+
+    report = tmp_path / "report.jsonl"
+    line = json.dumps({"id": "a", "status": "ok"}) + "\n"
+    report.write_text(line + line)
+    stale = tmp_path / ".report.jsonl.0badf00d.tmp"  # SIGKILL while it was being written
+    stale.write_text(line)
+    kept = tmp_path / ".report.jsonl.notmine.tmp"  # not a name compact_report gives
+    kept.write_text("x")
+    assert compact_report(report)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [kept.name, report.name]
+    assert report.read_text() == line
+    stale.write_text(line)
+    assert not compact_report(report)  # nothing to compact, and still no leftover
+    assert not stale.exists()
+
+
 def test_a_report_replaced_while_its_lock_was_awaited_is_opened_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
