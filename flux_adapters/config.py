@@ -375,7 +375,10 @@ def base_url_for(
         base = adapter.default_base_url
     # Accept the OpenAI-SDK habit of a base URL ending in /v1; adapters add /v1/... themselves.
     base = base.rstrip("/")
-    return base[: -len("/v1")] if base.endswith("/v1") else base
+    scheme, _, rest = base.partition("://")
+    if "/" in rest and rest.endswith("/v1"):  # a path ending in /v1, not a host named v1
+        base = base[: -len("/v1")]
+    return base
 
 
 def key_variable(settings: ProviderSettings) -> str:

@@ -740,3 +740,21 @@ def test_from_env_with_no_key_at_all_names_every_variable_to_set(
         FluxClient.from_env()
     monkeypatch.setenv("MY_LZ_KEY", KEYS["laozhang"])
     assert FluxClient.from_env().providers == ("laozhang",)
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("https://api.example.com/v1", "https://api.example.com"),  # the OpenAI SDK habit
+        ("https://api.example.com/v1/", "https://api.example.com"),
+        ("https://api.example.com/relay/v1", "https://api.example.com/relay"),
+        ("http://v1", "http://v1"),  # a host named v1 (a container, a cluster service)
+        ("http://v1:8080", "http://v1:8080"),
+        ("http://gateway/v1", "http://gateway"),
+    ],
+)
+def test_a_final_v1_is_dropped_from_the_path_only(given: str, used: str) -> None:
+    from flux_adapters.config import base_url_for
+    from flux_adapters.providers import get_adapter
+
+    assert base_url_for(get_adapter("laozhang"), given, environ={}) == used
