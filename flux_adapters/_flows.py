@@ -265,11 +265,11 @@ def _answered(
 def _unusable_image(value: object) -> str:
     """What is wrong with an image in a parsed answer (an `Answer`, a `Done`), or ``""``.
 
-    The built-in adapters check inline data as they read it; an adapter from another package
-    may not, and nothing else looks at inline bytes before `ResultImage.save` writes them (a
-    download is checked as it arrives).
+    An adapter from another package may put anything in ``images``; a `ResultImage` itself
+    checked its inline data when it was made (base64 of a whole png, jpeg or webp image), and a
+    download is checked as it arrives.
     """
-    from flux_adapters.result import ResultImage, inline_image_problem
+    from flux_adapters.result import ResultImage
 
     answer = value.answer if isinstance(value, Done) else value
     if not isinstance(answer, Answer):
@@ -278,18 +278,6 @@ def _unusable_image(value: object) -> str:
     for image in images:
         if not isinstance(image, ResultImage):
             return f"{type_name(image)} for an image, not a ResultImage"
-        data: object = image.b64_json
-        url: object = image.url
-        if data is not None:
-            problem = (
-                inline_image_problem(data)
-                if isinstance(data, str)
-                else "inline image data that is not text"
-            )
-            if problem:
-                return problem
-        elif not isinstance(url, str) or not url:
-            return "an image with neither a URL nor inline data"
     return ""
 
 

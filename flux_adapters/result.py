@@ -75,6 +75,18 @@ def inline_image_problem(text: str) -> str:
     return ""
 
 
+def _image_problem(url: object, b64_json: object) -> str:
+    if b64_json is not None:
+        if not isinstance(b64_json, str):
+            return f"b64_json must be base64 text, not {type(b64_json).__name__}"
+        return inline_image_problem(b64_json)
+    if url is None:
+        return "an image needs a url or b64_json; it has neither"
+    if not isinstance(url, str) or not url:
+        return "url must be a non-empty string"
+    return ""
+
+
 def _inline_chunks(text: str) -> Iterator[bytes]:
     for start in range(0, len(text), _BASE64_SLICE):
         yield binascii.a2b_base64(text[start : start + _BASE64_SLICE])
@@ -241,7 +253,18 @@ class ResultImage(_Held):
         """Make one; *declared_format* may be a media type (``"image/jpeg"``) or a format name.
 
         *downloader* fetches the URL (the clients give theirs); by default a short-lived one.
+
+        Raises:
+            ConfigurationError: Neither *url* nor *b64_json* is given, one is not text, or
+                *b64_json* is not base64 of a whole png, jpeg or webp image (the check an
+                answer's inline data gets; an adapter that builds such an image answers a
+                `ResponseFormatError`).
         """
+        problem = _image_problem(url, b64_json)
+        if problem:
+            from flux_adapters.errors import ConfigurationError
+
+            raise ConfigurationError(f"ResultImage: {problem}")
         self.__attrs_init__(url=url, b64_json=b64_json, declared_format=_declared(declared_format))
         object.__setattr__(self, "_held_downloader", downloader)
         object.__setattr__(self, "_held_seen", None)
@@ -268,8 +291,7 @@ class ResultImage(_Held):
         return binascii.a2b_base64(self.b64_json[:64])
 
     def _url(self) -> str:
-        if self.url is None:  # pragma: no cover - parse_* never builds an image with neither
-            raise ValueError("this image has neither a URL nor inline data")
+        assert self.url is not None  # the constructor refuses an image with neither
         return self.url
 
     @property
@@ -281,10 +303,7 @@ class ResultImage(_Held):
         declared). The download itself always checks the bytes, whatever was declared.
         """
         if self.b64_json is not None:
-            try:
-                return image_format(self._inline_head())
-            except (binascii.Error, ValueError):  # built by hand with bad base64
-                return None
+            return image_format(self._inline_head())
         seen: tuple[str | None, int] | None = getattr(self, "_held_seen", None)
         if seen is not None and seen[0] is not None:
             return seen[0]

@@ -144,23 +144,28 @@ def test_a_gif_served_for_a_result_is_named_and_refused() -> None:
         served(gif, content_type="image/png", then=lambda result: result.images[0].read())
 
 
-def test_an_inline_image_built_by_hand_with_bad_base64_has_no_format() -> None:
-    image = ResultImage(b64_json="!!!!")
-    assert image.format is None
-    assert json.dumps(image.to_dict())
+UNUSABLE: list[dict[str, Any]] = [
+    {"b64_json": "!!!!"},  # not base64
+    {"b64_json": ""},  # nothing
+    {"b64_json": base64.b64encode(b"<html>sorry</html>").decode()},  # not an image
+    {"b64_json": base64.b64encode(PNG[:20]).decode()},  # cut short
+    {"b64_json": 123},  # not text
+    {"url": 123},
+    {"url": ""},
+    {},  # neither a URL nor data
+]
 
 
-@pytest.mark.parametrize(
-    "image",
-    [
-        ResultImage(b64_json="!!!!"),  # not base64
-        ResultImage(b64_json=base64.b64encode(b"<html>sorry</html>").decode()),  # not an image
-        ResultImage(b64_json=base64.b64encode(PNG[:20]).decode()),  # cut short
-        ResultImage(),  # neither a URL nor data
-    ],
-)
+@pytest.mark.parametrize("fields", UNUSABLE, ids=repr)
+def test_a_result_image_with_unusable_data_cannot_be_made(fields: dict[str, Any]) -> None:
+    # Built by hand, it read as b"" and saved an empty scene.png, or raised TypeError.
+    with pytest.raises(errors.ConfigurationError, match=r"^ResultImage: "):
+        ResultImage(**fields)
+
+
+@pytest.mark.parametrize("fields", UNUSABLE, ids=repr)
 def test_an_outside_adapters_unusable_inline_image_is_a_typed_error_not_a_file(
-    image: ResultImage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    fields: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # The built-in adapters check inline data when they read an answer; an adapter from another
     # package may not, and its garbage was saved as scene.png without a word.
@@ -175,7 +180,7 @@ def test_an_outside_adapters_unusable_inline_image_is_a_typed_error_not_a_file(
         name = "careless"
 
         def parse_response(self, response: Any) -> Answer:
-            return Answer(images=(image,))
+            return Answer(images=(ResultImage(**fields),))
 
     careless = register_provider("careless", Careless())
 

@@ -598,15 +598,17 @@ class _Mutated:
             return answer
         if not isinstance(answer, Answer):
             return answer
-        image = {
-            "polling-url": ResultImage(url=job.poll_url) if job is not None else None,
-            "submit-url": ResultImage(url=self._submit_url) if self._submit_url else None,
-            "non-image-base64": ResultImage(b64_json=_NOT_AN_IMAGE),
+        url = {
+            "polling-url": job.poll_url if job is not None else None,
+            "submit-url": self._submit_url,
         }.get(mutant.argument)
-        if image is None:
-            return answer
-        self.effects += 1
-        return attrs.evolve(answer, images=(image,))
+        if url:
+            self.effects += 1
+            return attrs.evolve(answer, images=(ResultImage(url=url),))
+        if mutant.argument == "non-image-base64":
+            self.effects += 1
+            ResultImage(b64_json=_NOT_AN_IMAGE)  # refused, as the adapter's parse would be
+        return answer
 
 
 class _MutatedCall(_Mutated):
