@@ -375,7 +375,7 @@ def base_url_for(
         base = adapter.default_base_url
     # Accept the OpenAI-SDK habit of a base URL ending in /v1; adapters add /v1/... themselves.
     base = base.rstrip("/")
-    scheme, _, rest = base.partition("://")
+    rest = base.partition("://")[2]
     if "/" in rest and rest.endswith("/v1"):  # a path ending in /v1, not a host named v1
         base = base[: -len("/v1")]
     return base
