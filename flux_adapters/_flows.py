@@ -197,13 +197,15 @@ def _built(adapter: object, request: EditRequest | None, build: Callable[[], _T]
 
 def _answer_id(response: HttpResponse, secrets: tuple[str, ...]) -> str | None:
     """The provider's id for the exchange *response* answers, if it sent one."""
-    return request_id(answer_headers(response.headers, redactor_for(secrets)))
+    return request_id(response.headers, redactor_for(secrets))
 
 
 def _with_answer(error: _E, response: HttpResponse, secrets: tuple[str, ...]) -> _E:
     """*error* carrying *response*'s headers (made safe) and the provider's request id."""
-    kept = answer_headers(response.headers, redactor_for(secrets))
-    attach_response(error, kept, request_id(kept))
+    scrub = redactor_for(secrets)
+    attach_response(
+        error, answer_headers(response.headers, scrub), request_id(response.headers, scrub)
+    )
     return error
 
 

@@ -251,10 +251,17 @@ def answer_headers(headers: Mapping[str, str], scrub: Callable[[str], str]) -> d
     return kept
 
 
-def request_id(headers: Mapping[str, str]) -> str | None:
-    """The provider's id for the exchange, from headers already made safe by `answer_headers`."""
+def request_id(headers: Mapping[str, str], scrub: Callable[[str], str]) -> str | None:
+    """The provider's id for the exchange, from an answer's *headers* (names in lower case).
+
+    Looked up among all of them (not only the first 64 that `answer_headers` keeps), and made
+    safe the same way: a value that holds a key is masked, and a masked one is no id.
+    """
     for name in REQUEST_ID_HEADERS:
-        value = headers.get(name, "").strip()
+        raw = headers.get(name)
+        if not raw:
+            continue
+        value = answer_headers({name: raw}, scrub).get(name, "").strip()
         if value and value != MASK:
             return value[:_LONGEST_ID]
     return None

@@ -359,8 +359,8 @@ _E = TypeVar("_E", bound=FluxError)
 
 def with_answer(error: _E, response: httpx.Response, scrub: Callable[[str], str] = redact) -> _E:
     """*error* carrying *response*'s headers (made safe by *scrub*) and the provider's request id."""
-    kept = answer_headers(dict(response.headers.multi_items()), scrub)
-    attach_response(error, kept, request_id(kept))
+    headers = dict(response.headers.multi_items())
+    attach_response(error, answer_headers(headers, scrub), request_id(headers, scrub))
     return error
 
 

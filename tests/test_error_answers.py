@@ -122,19 +122,17 @@ def test_no_request_id_header_means_none_and_an_unchanged_message() -> None:
 
 def test_hostile_header_values_and_counts_are_bounded() -> None:
     flood = {f"x-h-{number}": "v" for number in range(1000)}
-    shaped = answer_headers(
-        {
-            "x-request-id": f"{KEY}-" + "9" * 10_000,
-            "X-LONG": "a" * 10_000,
-            "n" * 500: "long name",
-            **flood,
-        },
-        lambda text: redact(text, (KEY,)),
-    )
+    headers = {
+        "x-request-id": f"{KEY}-" + "9" * 10_000,
+        "X-LONG": "a" * 10_000,
+        "n" * 500: "long name",
+        **flood,
+    }
+    shaped = answer_headers(headers, lambda text: redact(text, (KEY,)))
     assert len(shaped) <= 64
     assert all(len(value) <= 256 for value in shaped.values())
     assert "n" * 500 not in shaped
-    found = request_id(shaped)
+    found = request_id(headers, lambda text: redact(text, (KEY,)))
     assert found is not None
     assert KEY not in found
     assert len(found) <= 128
@@ -156,9 +154,15 @@ def test_a_header_named_after_the_key_is_not_kept(kind: str) -> None:
 
 
 def test_a_request_id_that_is_only_a_key_is_no_request_id() -> None:
-    shaped = answer_headers({"x-request-id": "Bearer abcdefgh"}, redact)
-    assert shaped["x-request-id"] == MASK
-    assert request_id(shaped) is None
+    headers = {"x-request-id": "Bearer abcdefgh"}
+    assert answer_headers(headers, redact)["x-request-id"] == MASK
+    assert request_id(headers, redact) is None
+
+
+def test_a_request_id_after_the_64_headers_kept_is_still_found() -> None:
+    headers = {f"x-filler-{n}": "x" for n in range(20_000)} | {"x-request-id": "req-last"}
+    assert "x-request-id" not in answer_headers(headers, redact)
+    assert request_id(headers, redact) == "req-last"
 
 
 @both
@@ -278,5 +282,7 @@ def test_any_headers_are_kept_bounded_printable_and_without_the_key(
         assert len(value) <= 256
         assert KEY[:8] not in value  # not even an 8-character fragment of it
         assert value.isprintable()
-    found = request_id(shaped)
+    found = request_id(
+        {name.lower(): value for name, value in headers.items()}, lambda text: redact(text, (KEY,))
+    )
     assert found is None or (len(found) <= 128 and KEY[:8] not in found)
