@@ -54,6 +54,7 @@ import httpx
 from flux_adapters._display import render_value, type_name
 from flux_adapters._files import image_format
 from flux_adapters._ids import Routing
+from flux_adapters._log import LOGGER, note  # FLUX_LOG applies once this module is imported
 from flux_adapters._options import (
     base_url_for,
     check_key,
@@ -69,6 +70,7 @@ from flux_adapters.errors import (
     RequestError,
     Violation,
 )
+from flux_adapters.request import MODELS, DataUrlImage, EditRequest, FileImage
 
 # What only sending, a result, several providers or a batch needs is imported where it is used,
 # so that `from flux_adapters import EditRequest, FluxClient` loads neither the routing, the
@@ -84,7 +86,7 @@ if TYPE_CHECKING:
     from flux_adapters.limits import Plan
     from flux_adapters.prices import Price
     from flux_adapters.providers import Answer, AnyAdapter, KeyAuth, Provider
-    from flux_adapters.request import EditRequest, LocalImage
+    from flux_adapters.request import LocalImage
     from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
     from flux_adapters.routing import Breaker, Instruction, Reply, Routed, RoutingPolicy
     from flux_adapters.wire import HttpRequest, HttpResponse, Sleep
@@ -278,8 +280,6 @@ def _check_retries(value: object) -> int:
 
 
 def _open_upload(image: LocalImage, files: contextlib.ExitStack) -> IO[bytes]:
-    from flux_adapters.request import DataUrlImage, FileImage
-
     if isinstance(image, FileImage):
         return files.enter_context(image.open())
     if isinstance(image, DataUrlImage):
@@ -319,7 +319,6 @@ def _httpx_request(
     files: contextlib.ExitStack,
 ) -> httpx.Request:
     from flux_adapters._bodies import StreamedJson, json_segments, segments_length
-    from flux_adapters._redact import hide_in_httpx_log
     from flux_adapters._transport import ACCEPT_ENCODING, phase_timeouts
     from flux_adapters.wire import JsonBody, MultipartBody
 
@@ -333,6 +332,8 @@ def _httpx_request(
             headers[auth.header] = auth.value(binding.api_key)
         else:
             assert auth.query is not None
+            from flux_adapters._redact import hide_in_httpx_log
+
             url = httpx.URL(outgoing.url).copy_merge_params({auth.query: binding.api_key})
             hide_in_httpx_log(binding.api_key)
     body = outgoing.body
@@ -476,7 +477,6 @@ def _check_prices(prices: object, providers: Sequence[str]) -> dict[tuple[str, s
         raise ConfigurationError("prices= must map (provider, model) to a price")
     from flux_adapters.prices import PerCall, PerMegapixel
     from flux_adapters.providers import canonical_name
-    from flux_adapters.request import MODELS
 
     mine = {name.lower(): name for name in providers}
     try:
@@ -878,7 +878,6 @@ class _ClientBase:
 
     def _start(self, request: EditRequest) -> Generator[Instruction, Reply, Routed]:
         """The router for *request*, once the request and the client are usable."""
-        from flux_adapters.request import EditRequest
         from flux_adapters.routing import route
 
         given: object = request  # callers may pass anything, whatever the annotation says
@@ -1085,11 +1084,10 @@ def _note_exchange(
     binding: _Binding, outgoing: HttpRequest, started: float, outcome: HttpResponse | FluxError
 ) -> None:
     """Log one exchange at DEBUG: what was sent where, and what came back (never the key)."""
-    from flux_adapters._log import LOGGER, note
-    from flux_adapters.wire import HttpResponse
-
     if not LOGGER.isEnabledFor(logging.DEBUG):
         return
+    from flux_adapters.wire import HttpResponse
+
     seconds = time.perf_counter() - started
     if isinstance(outcome, HttpResponse):
         result = f"HTTP {outcome.status_code}"
@@ -1111,8 +1109,6 @@ def _note_exchange(
 
 
 def _note_wait(binding: _Binding, sleep: Sleep) -> None:
-    from flux_adapters._log import note
-
     note(
         logging.DEBUG,
         "wait",
@@ -1124,8 +1120,6 @@ def _note_wait(binding: _Binding, sleep: Sleep) -> None:
 
 
 def _note_accepted(binding: _Binding, accepted: Accepted) -> None:
-    from flux_adapters._log import note
-
     note(
         logging.INFO,
         "accepted",
