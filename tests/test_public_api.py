@@ -148,6 +148,7 @@ def test_the_named_import_and_building_a_request_and_client_load_nothing_they_do
         "print(json.dumps({'imported': imported, 'built': built}))"
     )
     assert "flux_adapters.client" in stages["imported"]  # the child measured what it should
+    assert "flux_adapters._log" in stages["imported"]  # FLUX_LOG applies on importing the client
     assert _among(stages["imported"], _NOT_FOR_THE_NAMED_IMPORT) == []
     assert "flux_adapters.providers.laozhang" in stages["built"]
     assert _among(stages["built"], _NOT_FOR_BUILDING) == []
