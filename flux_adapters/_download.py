@@ -14,7 +14,6 @@ paid image is not lost to one network blip.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -365,6 +364,8 @@ class HttpDownloader:
     async def _fetch_async(
         self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]
     ) -> None:
+        import asyncio  # here, not at the top: the sync path never loads it
+
         deadline = asyncio.timeout(self._deadline)
         try:
             async with deadline:

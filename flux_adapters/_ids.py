@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Literal, NewType, TypeAlias
 
-__all__ = ["ModelId", "ProviderId", "ProviderName"]
+__all__ = ["ModelId", "ProviderId", "ProviderName", "Routing"]
 
 ModelId: TypeAlias = Literal[
     "flux-2-pro",
@@ -39,3 +39,6 @@ ProviderName = NewType("ProviderName", str)
 """The id of a provider registered at run time (an installed package's, or
 ``register_provider``'s): ``ProviderName("nimbus")``. Checked against the registry, in any
 case, when a client is built; ``register_provider`` returns one."""
+
+Routing: TypeAlias = Literal["ordered", "cheapest"]
+"""How a client with several providers orders them (``flux_adapters.routing.RoutingPolicy``)."""

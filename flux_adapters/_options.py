@@ -7,8 +7,8 @@ argument, an environment variable) and never repeat a key.
 
 from __future__ import annotations
 
-import difflib
 import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final, TypeGuard
 from urllib.parse import urlsplit
@@ -19,8 +19,12 @@ from flux_adapters.errors import ConfigurationError
 if TYPE_CHECKING:
     import httpx
 
+    from flux_adapters.config import ProviderSettings
+    from flux_adapters.providers import AnyAdapter
+
 __all__ = [
     "MAX_SECONDS",
+    "base_url_for",
     "check_adapter",
     "check_base_url",
     "check_key",
@@ -58,6 +62,8 @@ def is_number(value: object) -> TypeGuard[int | float]:
 
 def did_you_mean(value: str, known: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for a near miss of *known*, else an empty string."""
+    import difflib  # lazy: only a wrong value needs it
+
     close = difflib.get_close_matches(value.lower(), list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -116,6 +122,38 @@ def check_base_url(value: object, source: str) -> str:
     ):
         raise ConfigurationError(f"{source} must be {expected}")
     return str.__str__(value)  # a plain copy, as for the key
+
+
+def base_url_for(
+    adapter: AnyAdapter,
+    given: str | None = None,
+    settings: ProviderSettings | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The base URL a client sends *adapter*'s requests to, checked and without a final ``/v1``.
+
+    *given* (``base_url=``, ``--base-url``), else ``$<PREFIX>_BASE_URL``, else the settings'
+    ``base_url`` (the file), else the provider's real one.
+
+    Raises:
+        ConfigurationError: The URL chosen is not usable (the message names where it came from).
+    """
+    variable = f"{adapter.env_prefix}_BASE_URL"
+    from_env = (os.environ if environ is None else environ).get(variable)
+    if given is not None:
+        base = check_base_url(given, "base_url=")
+    elif from_env:
+        base = check_base_url(from_env, f"${variable}")
+    elif settings is not None and settings.base_url:
+        base = check_base_url(settings.base_url, f"base_url of [provider.{adapter.name}]")
+    else:
+        base = adapter.default_base_url
+    # Accept the OpenAI-SDK habit of a base URL ending in /v1; adapters add /v1/... themselves.
+    base = base.rstrip("/")
+    rest = base.partition("://")[2]
+    if "/" in rest and rest.endswith("/v1"):  # a path ending in /v1, not a host named v1
+        base = base[: -len("/v1")]
+    return base
 
 
 MAX_SECONDS: Final = 86_400.0

@@ -20,7 +20,6 @@ caps each phase's timeout at it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import math
@@ -29,7 +28,7 @@ import time
 import weakref
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import httpx
 
@@ -43,6 +42,9 @@ from flux_adapters.errors import (
     attach_response,
 )
 from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, HttpResponse
+
+if TYPE_CHECKING:
+    import asyncio  # at run time only where a loop runs: FluxClient never loads it
 
 __all__ = [
     "ACCEPT_ENCODING",
@@ -191,6 +193,8 @@ class LoopBinding:
 
     def claim(self) -> bool:
         """Whether the running loop is the one (binding it on first use)."""
+        import asyncio
+
         running = asyncio.get_running_loop()
         with self._lock:
             if self._loop is None:

@@ -17,12 +17,13 @@ see ``flux_adapters._log``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import io
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -34,40 +35,34 @@ from collections.abc import (
 )
 from contextvars import ContextVar
 from types import TracebackType
-from typing import IO, Any, Final, Literal, Protocol, Self, TypeVar, get_args
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Literal,
+    Protocol,
+    Self,
+    TypeAlias,
+    TypeVar,
+    get_args,
+)
 
 import attrs
 import httpx
 
-from flux_adapters._bodies import StreamedJson, json_segments, segments_length
 from flux_adapters._display import render_value, type_name
-from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
 from flux_adapters._files import image_format
-from flux_adapters._flows import Flow, Outcome, flow_for, follow_job, is_job_adapter
-from flux_adapters._log import LOGGER, note
+from flux_adapters._ids import Routing
+from flux_adapters._log import LOGGER, note  # FLUX_LOG applies once this module is imported
 from flux_adapters._options import (
-    check_adapter,
+    base_url_for,
     check_key,
     check_seconds,
     check_timeout,
     did_you_mean,
     is_number,
 )
-from flux_adapters._redact import Redactor, hide_in_httpx_log, redactor_for
-from flux_adapters._transport import (
-    ACCEPT_ENCODING,
-    AnswerBody,
-    LoopBinding,
-    aiter_decoded,
-    bounded_by,
-    bounded_http_client,
-    deadline_error,
-    iter_decoded,
-    mapped_transport_errors,
-    phase_timeouts,
-    send_within,
-)
-from flux_adapters.config import ProviderSettings, base_url_for, load_config, with_keys
 from flux_adapters.errors import (
     ClientClosedError,
     ConfigurationError,
@@ -75,31 +70,26 @@ from flux_adapters.errors import (
     RequestError,
     Violation,
 )
-from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob, job_problem
-from flux_adapters.limits import Plan
-from flux_adapters.prices import PerCall, PerMegapixel, Price, estimate
-from flux_adapters.providers import (
-    BEARER,
-    Answer,
-    AnyAdapter,
-    KeyAuth,
-    Provider,
-    canonical_name,
-    get_adapter,
-)
-from flux_adapters.request import MODELS, DataUrlImage, EditRequest, FileImage, LocalImage
-from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
-from flux_adapters.routing import (
-    Breaker,
-    Instruction,
-    Reply,
-    Routed,
-    Routing,
-    RoutingPolicy,
-    Wait,
-    route,
-)
-from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, MultipartBody, Sleep
+from flux_adapters.request import MODELS, DataUrlImage, EditRequest, FileImage
+
+# What only sending, a result, several providers or a batch needs is imported where it is used,
+# so that `from flux_adapters import EditRequest, FluxClient` loads neither the routing, the
+# flows, the price table, configuration files nor asyncio (tests/test_public_api.py holds it).
+if TYPE_CHECKING:
+    import asyncio
+
+    from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
+    from flux_adapters._flows import Flow, Outcome
+    from flux_adapters._redact import Redactor
+    from flux_adapters.config import ProviderSettings
+    from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling
+    from flux_adapters.limits import Plan
+    from flux_adapters.prices import Price
+    from flux_adapters.providers import Answer, AnyAdapter, KeyAuth, Provider
+    from flux_adapters.request import LocalImage
+    from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
+    from flux_adapters.routing import Breaker, Instruction, Reply, Routed, RoutingPolicy
+    from flux_adapters.wire import HttpRequest, HttpResponse, Sleep
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -131,7 +121,18 @@ a client made with ``timeout=5`` on purpose looks the same, and gets `DEFAULT_TI
 
 
 _T = TypeVar("_T")
-_Steps = Generator[HttpRequest | Sleep | Accepted, HttpResponse | None, _T]
+if TYPE_CHECKING:
+    _Steps: TypeAlias = Generator[HttpRequest | Sleep | Accepted, HttpResponse | None, _T]
+
+
+def __getattr__(name: str) -> object:
+    # The download settings and `HttpDownloader` are named here too (see __all__), loaded only
+    # when asked for: a client imports flux_adapters._download when it first needs a downloader.
+    if name in ("DOWNLOAD_DEADLINE", "DOWNLOAD_TIMEOUT", "HttpDownloader"):
+        from flux_adapters import _download
+
+        return getattr(_download, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @attrs.frozen
@@ -172,6 +173,9 @@ class _Binding:
             ConfigurationError: Unknown provider, no key, or a key, URL or timeout that is not
                 usable (the message names where it came from, never the key).
         """
+        from flux_adapters._redact import Redactor, redactor_for
+        from flux_adapters.providers import BEARER, KeyAuth, get_adapter
+
         adapter = get_adapter(provider) if isinstance(provider, str) else provider
         auth = getattr(adapter, "auth", None) or BEARER
         if not isinstance(auth, KeyAuth):
@@ -236,6 +240,8 @@ def _timing(
     Raises:
         ConfigurationError: *chosen* is not a usable timeout (named by *source*).
     """
+    from flux_adapters._transport import phase_timeouts
+
     if chosen is None:
         phases = inherited if inherited is not None else DEFAULT_TIMEOUT
     else:
@@ -312,6 +318,10 @@ def _httpx_request(
     outgoing: HttpRequest,
     files: contextlib.ExitStack,
 ) -> httpx.Request:
+    from flux_adapters._bodies import StreamedJson, json_segments, segments_length
+    from flux_adapters._transport import ACCEPT_ENCODING, phase_timeouts
+    from flux_adapters.wire import JsonBody, MultipartBody
+
     headers = dict(outgoing.headers)
     headers.setdefault("Accept", "application/json")
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
@@ -322,6 +332,8 @@ def _httpx_request(
             headers[auth.header] = auth.value(binding.api_key)
         else:
             assert auth.query is not None
+            from flux_adapters._redact import hide_in_httpx_log
+
             url = httpx.URL(outgoing.url).copy_merge_params({auth.query: binding.api_key})
             hide_in_httpx_log(binding.api_key)
     body = outgoing.body
@@ -394,6 +406,8 @@ class Watcher(Protocol):
 
 
 def _default_policy(provider_count: int, **settings: Any) -> RoutingPolicy:
+    from flux_adapters.routing import RoutingPolicy
+
     # One provider: no retries unless asked (max_retries=) and no cooldown, so each call reports
     # its own outcome. Several: one retry of a provider before failing over.
     single = provider_count == 1
@@ -435,6 +449,9 @@ def _provider_list(provider: object, providers: object) -> list[str | AnyAdapter
             ) from exc
         if not items:
             raise ConfigurationError("providers= is empty")
+    from flux_adapters._options import check_adapter
+    from flux_adapters.providers import get_adapter
+
     names: list[str | AnyAdapter] = []
     for item in items:
         if isinstance(item, str):  # any case, with a "did you mean" for a near miss
@@ -458,6 +475,9 @@ def _check_prices(prices: object, providers: Sequence[str]) -> dict[tuple[str, s
         return {}
     if not isinstance(prices, Mapping):
         raise ConfigurationError("prices= must map (provider, model) to a price")
+    from flux_adapters.prices import PerCall, PerMegapixel
+    from flux_adapters.providers import canonical_name
+
     mine = {name.lower(): name for name in providers}
     try:
         items = list(prices.items())
@@ -498,6 +518,8 @@ def _check_settings(settings: object, names: Sequence[str]) -> dict[str, Provide
         return {}
     if not isinstance(settings, Mapping):
         raise ConfigurationError("settings= must map provider ids to ProviderSettings")
+    from flux_adapters.config import ProviderSettings
+
     try:
         items = list(settings.items())
     except Exception as exc:
@@ -540,13 +562,33 @@ class _Lifetime:
         return None
 
 
+class _Cooldowns:
+    """The `Breaker` a client shares with its `with_options` copies, made by the first call."""
+
+    __slots__ = ("_breaker", "_lock")
+
+    def __init__(self) -> None:
+        self._breaker: Breaker | None = None
+        self._lock = threading.Lock()
+
+    def breaker(self, cooldown: float) -> Breaker:
+        made = self._breaker
+        if made is None:
+            from flux_adapters.routing import Breaker
+
+            with self._lock:  # two first calls at once must not each keep a breaker of their own
+                if self._breaker is None:
+                    self._breaker = Breaker(cooldown=cooldown)
+                made = self._breaker
+        return made
+
+
 class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
     _http: httpx.Client | httpx.AsyncClient
     _own_http: bool
     """Whether closing this client closes ``_http`` (not a caller's, not a `with_options` copy's)."""
-    _downloader: HttpDownloader
     _lifetime: _Lifetime
 
     def __init__(
@@ -599,14 +641,21 @@ class _ClientBase:
             raise ConfigurationError(
                 f"failover_on_ambiguous= must be True or False, not {render_value(given['failover'])}"
             )
-        if given["policy"] is not None and not isinstance(given["policy"], RoutingPolicy):
-            raise ConfigurationError("policy= must be a flux_adapters.routing.RoutingPolicy")
+        if given["policy"] is not None:
+            from flux_adapters.routing import RoutingPolicy
+
+            if not isinstance(given["policy"], RoutingPolicy):
+                raise ConfigurationError("policy= must be a flux_adapters.routing.RoutingPolicy")
         retries = None if max_retries is None else _check_retries(max_retries)
         names_of = [name if isinstance(name, str) else name.name for name in names]
         known = _check_settings(given["settings"], names_of)
-        if given["polling"] is not None and not isinstance(given["polling"], Polling):
-            raise ConfigurationError("polling= must be a flux_adapters.jobs.Polling")
-        self._polling = polling or Polling()
+        if given["polling"] is not None:
+            from flux_adapters.jobs import Polling
+
+            checked = given["polling"]
+            if not isinstance(checked, Polling):
+                raise ConfigurationError("polling= must be a flux_adapters.jobs.Polling")
+            self._polling = checked
         self._job_clock: Callable[[], float] = time.monotonic
         """The clock a job's deadline is kept on. Private: the conformance replay sets one that
         only the job's own waits move, so that a replay makes exactly the recorded polls."""
@@ -626,24 +675,52 @@ class _ClientBase:
             )
             for name, label in zip(names, names_of, strict=True)
         )
-        if policy is None:
-            policy = _default_policy(
-                len(names),
-                routing=routing,
-                max_cost_usd=max_cost_usd,
-                failover_on_ambiguous=failover_on_ambiguous,
-                **({} if retries is None else {"retries": retries}),
-            )
-        elif retries is not None:
-            policy = attrs.evolve(policy, retries=retries)
-        self._policy = policy
-        """The routing policy as given (or built from the arguments)."""
-        self._route_policy = _within(policy, self._bindings)
-        """The policy the router follows: no wait before a retry longer than the deadline."""
+        self._policy_settings: dict[str, object] = {
+            "routing": routing,
+            "max_cost_usd": max_cost_usd,
+            "failover_on_ambiguous": failover_on_ambiguous,
+            **({} if retries is None else {"retries": retries}),
+        }
+        """What `_policy` is built from when no ``policy=`` is given (each value checked above)."""
+        if policy is not None:
+            self._policy = policy if retries is None else attrs.evolve(policy, retries=retries)
+        from flux_adapters._redact import redactor_for  # loaded by _Binding.create already
+
         self._scrub = redactor_for(tuple(binding.api_key for binding in self._bindings))
         """Removes every key of this client, in any form, from a message."""
-        self._breaker = Breaker(cooldown=policy.cooldown)
+        self._cooldowns = _Cooldowns()
         self._prices = _check_prices(prices, names_of)
+
+    # Built when first needed, not with the client: a client that was only built (a script that
+    # checks its configuration) loads neither the routing nor the jobs module, and every value
+    # they are built from was checked in __init__, so building them later cannot fail.
+
+    @functools.cached_property
+    def _policy(self) -> RoutingPolicy:
+        """The routing policy as given (``policy=``), or built from the client's arguments."""
+        return _default_policy(len(self._bindings), **self._policy_settings)
+
+    @functools.cached_property
+    def _route_policy(self) -> RoutingPolicy:
+        """The policy the router follows: no wait before a retry longer than the deadline."""
+        return _within(self._policy, self._bindings)
+
+    @functools.cached_property
+    def _polling(self) -> Polling:
+        """How jobs are polled: ``polling=``, else `Polling()`."""
+        from flux_adapters.jobs import Polling
+
+        return Polling()
+
+    @functools.cached_property
+    def _downloader(self) -> HttpDownloader:
+        """Downloads the images of this client's results."""
+        return self._new_downloader()
+
+    @property
+    def _breaker(self) -> Breaker:
+        """The cooldowns of this client's providers, shared with its `with_options` copies."""
+        return self._cooldowns.breaker(self._policy.cooldown)
 
     @property
     def max_retries(self) -> int:
@@ -672,7 +749,9 @@ class _ClientBase:
             )
         if max_retries is not None:
             copy._policy = attrs.evolve(self._policy, retries=_check_retries(max_retries))
-        copy._route_policy = _within(copy._policy, copy._bindings)
+        # Made again, from the copy's own bindings and policy, when first needed.
+        copy.__dict__.pop("_route_policy", None)
+        copy.__dict__.pop("_downloader", None)
         copy._own_http = False  # closing the copy leaves the shared pool open
         copy._lifetime = _Lifetime(self._lifetime)  # closed by its own close(), or by ours
         return copy
@@ -753,6 +832,9 @@ class _ClientBase:
                 provider has a key (the message names each variable), or an argument is not
                 usable.
         """
+        from flux_adapters.config import load_config, with_keys
+        from flux_adapters.jobs import Polling
+
         loaded = load_config(config)
         usable = with_keys(loaded.providers)  # a provider without a key: skipped, with a warning
         names = [settings.name for settings in usable]
@@ -796,6 +878,8 @@ class _ClientBase:
 
     def _start(self, request: EditRequest) -> Generator[Instruction, Reply, Routed]:
         """The router for *request*, once the request and the client are usable."""
+        from flux_adapters.routing import route
+
         given: object = request  # callers may pass anything, whatever the annotation says
         if not issubclass(type(given), EditRequest):  # type() cannot be fooled; isinstance can
             violation = Violation(
@@ -816,6 +900,8 @@ class _ClientBase:
     def _result(
         self, request: EditRequest, routed: Routed, started: float, downloader: HttpDownloader
     ) -> EditResult:
+        from flux_adapters.prices import estimate
+
         binding = routed.candidate
         assert isinstance(binding, _Binding)
         outcome = routed.outcome
@@ -843,6 +929,9 @@ class _ClientBase:
                 (`flux_adapters.jobs.job_problem`), or this client has no such provider; a
                 `ClientClosedError` when it is closed. Nothing was sent.
         """
+        from flux_adapters._flows import is_job_adapter
+        from flux_adapters.jobs import Job, job_problem
+
         if not isinstance(job, Job):
             raise ConfigurationError(
                 f"resume() takes a flux_adapters.jobs.Job (an error's .job), not {type_name(job)}"
@@ -861,6 +950,8 @@ class _ClientBase:
 
     def _flow(self, binding: _Binding, request: EditRequest, plan: Plan) -> Flow:
         """The flow that performs *request* at *binding*'s provider: one exchange, or a job."""
+        from flux_adapters._flows import flow_for
+
         secrets = (binding.api_key,)
         return flow_for(
             binding.adapter,
@@ -873,12 +964,16 @@ class _ClientBase:
         )
 
     def _follow(self, binding: _Binding, job: Job) -> _Steps[Answer]:
+        from flux_adapters._flows import follow_job
+
         adapter: JobAdapter = binding.adapter  # type: ignore[assignment]
         return follow_job(
             adapter, job, (binding.api_key,), polling=self._polling, clock=self._job_clock
         )
 
     def _downloader_deadline(self) -> float:
+        from flux_adapters._download import DOWNLOAD_DEADLINE
+
         return min([DOWNLOAD_DEADLINE, *(binding.deadline for binding in self._bindings)])
 
     def _new_downloader(self) -> HttpDownloader:
@@ -910,9 +1005,7 @@ class _ClientBase:
             ConfigurationError: A value that is not usable; nothing is copied.
         """
         self._check_open()
-        copy = self._copy_with(timeout, max_retries)
-        copy._downloader = copy._new_downloader()
-        return copy
+        return self._copy_with(timeout, max_retries)
 
 
 def _result(
@@ -934,6 +1027,8 @@ def _result(
     The provider's figure is believed only when it makes a dollar amount that can be one: finite
     and not negative (a hostile or broken answer cannot credit the caller or overflow a budget).
     """
+    from flux_adapters.result import EditResult
+
     usage = _merged(job.usage if job is not None else None, answer.usage)
     rate = getattr(binding.adapter, "usd_per_credit", None)
     cost: float | None = None
@@ -975,6 +1070,8 @@ def _merged(first: Usage | None, then: Usage | None) -> Usage | None:
     """*then*'s figures, and *first*'s where *then* has none (a job's submit, then its result)."""
     if first is None or then is None:
         return then or first
+    from flux_adapters.result import Usage
+
     return Usage(
         **{
             name: getattr(then, name) if getattr(then, name) is not None else getattr(first, name)
@@ -989,6 +1086,8 @@ def _note_exchange(
     """Log one exchange at DEBUG: what was sent where, and what came back (never the key)."""
     if not LOGGER.isEnabledFor(logging.DEBUG):
         return
+    from flux_adapters.wire import HttpResponse
+
     seconds = time.perf_counter() - started
     if isinstance(outcome, HttpResponse):
         result = f"HTTP {outcome.status_code}"
@@ -1134,13 +1233,16 @@ class FluxClient(_ClientBase):
             polling=polling,
             inherited=_callers_timeout(http_client),
         )
+        from flux_adapters._transport import bounded_http_client
+
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else bounded_http_client()
         self._job_sleep: Callable[[float], None] = time.sleep
         """How a job's waits are spent (private, with `_job_clock`)."""
-        self._downloader = self._new_downloader()
 
     def _new_downloader(self) -> HttpDownloader:
+        from flux_adapters._download import HttpDownloader
+
         return HttpDownloader(
             provider=self.provider,
             sync_client=self._http,
@@ -1158,6 +1260,8 @@ class FluxClient(_ClientBase):
             AllProvidersFailed: With several providers, none produced the image.
             ClientClosedError: The client is closed (also a `ConfigurationError`); nothing sent.
         """
+        from flux_adapters.routing import Wait
+
         started = time.perf_counter()
         router = self._start(request)
         try:
@@ -1242,6 +1346,9 @@ class FluxClient(_ClientBase):
     def _perform(
         self, binding: _Binding, instruction: HttpRequest | Sleep | Accepted
     ) -> HttpResponse | None:
+        from flux_adapters.jobs import Accepted
+        from flux_adapters.wire import Sleep
+
         if isinstance(instruction, Sleep):
             _note_wait(binding, instruction)
             self._job_sleep(instruction.seconds)
@@ -1260,6 +1367,9 @@ class FluxClient(_ClientBase):
 
     def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
         """The caller stopped waiting: let *flow* cancel its job (each cancel bounded)."""
+        from flux_adapters.jobs import StopJob
+        from flux_adapters.wire import HttpRequest
+
         try:
             instruction = flow.throw(StopJob())
             while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
@@ -1273,6 +1383,14 @@ class FluxClient(_ClientBase):
             pass
 
     def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
+        from flux_adapters._transport import (
+            AnswerBody,
+            bounded_by,
+            iter_decoded,
+            mapped_transport_errors,
+            send_within,
+        )
+
         name = binding.adapter.name
         seconds = binding.limit(outgoing)
         ends = time.monotonic() + seconds
@@ -1389,10 +1507,13 @@ class AsyncFluxClient(_ClientBase):
         )
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else _default_async_http()
+        from flux_adapters._transport import LoopBinding
+
         self._loop = LoopBinding()
-        self._downloader = self._new_downloader()
 
     def _new_downloader(self) -> HttpDownloader:
+        from flux_adapters._download import HttpDownloader
+
         return HttpDownloader(
             provider=self.provider,
             async_client=self._http,
@@ -1406,6 +1527,10 @@ class AsyncFluxClient(_ClientBase):
         return await self._edit(request, None)
 
     async def _edit(self, request: EditRequest, watcher: Watcher | None) -> EditResult:
+        import asyncio
+
+        from flux_adapters.routing import Wait
+
         started = time.perf_counter()
         router = self._start(request)
         try:
@@ -1487,6 +1612,8 @@ class AsyncFluxClient(_ClientBase):
         The watcher hears of a submit before it goes (durably) and of the job it was accepted
         as. A cancelled task lets the flow cancel its job before the cancellation propagates.
         """
+        import asyncio
+
         try:
             instruction = next(flow)
             while True:
@@ -1511,6 +1638,11 @@ class AsyncFluxClient(_ClientBase):
         instruction: HttpRequest | Sleep | Accepted,
         watcher: Watcher | None,
     ) -> HttpResponse | None:
+        import asyncio
+
+        from flux_adapters.jobs import Accepted
+        from flux_adapters.wire import Sleep
+
         if isinstance(instruction, Sleep):
             _note_wait(binding, instruction)
             await asyncio.sleep(instruction.seconds)
@@ -1533,6 +1665,9 @@ class AsyncFluxClient(_ClientBase):
 
     async def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
         """The caller stopped waiting: let *flow* cancel its job (each cancel bounded)."""
+        from flux_adapters.jobs import StopJob
+        from flux_adapters.wire import HttpRequest
+
         try:
             instruction = flow.throw(StopJob())
             while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
@@ -1546,6 +1681,15 @@ class AsyncFluxClient(_ClientBase):
             pass
 
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
+        import asyncio
+
+        from flux_adapters._transport import (
+            AnswerBody,
+            aiter_decoded,
+            deadline_error,
+            mapped_transport_errors,
+        )
+
         name = binding.adapter.name
         seconds = binding.limit(outgoing)
         deadline = asyncio.timeout(seconds)

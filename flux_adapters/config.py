@@ -35,20 +35,18 @@ import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TypeVar, get_args
+from typing import Final, TypeVar, get_args
 
 import attrs
 from attrs import field, frozen
 
 from flux_adapters._display import escape_controls
 from flux_adapters._files import read_text_file
+from flux_adapters._ids import Routing
+from flux_adapters._options import base_url_for
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.prices import PerCall, PerMegapixel, Price
 from flux_adapters.providers import canonical_name
-from flux_adapters.routing import Routing
-
-if TYPE_CHECKING:
-    from flux_adapters.providers import AnyAdapter
 
 __all__ = [
     "DEFAULT_PATH",
@@ -345,40 +343,6 @@ def load_config(
         job_deadline=job_deadline,
         source=origin,
     )
-
-
-def base_url_for(
-    adapter: AnyAdapter,
-    given: str | None = None,
-    settings: ProviderSettings | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> str:
-    """The base URL a client sends *adapter*'s requests to, checked and without a final ``/v1``.
-
-    *given* (``base_url=``, ``--base-url``), else ``$<PREFIX>_BASE_URL``, else the settings'
-    ``base_url`` (the file), else the provider's real one.
-
-    Raises:
-        ConfigurationError: The URL chosen is not usable (the message names where it came from).
-    """
-    from flux_adapters._options import check_base_url
-
-    variable = f"{adapter.env_prefix}_BASE_URL"
-    from_env = (os.environ if environ is None else environ).get(variable)
-    if given is not None:
-        base = check_base_url(given, "base_url=")
-    elif from_env:
-        base = check_base_url(from_env, f"${variable}")
-    elif settings is not None and settings.base_url:
-        base = check_base_url(settings.base_url, f"base_url of [provider.{adapter.name}]")
-    else:
-        base = adapter.default_base_url
-    # Accept the OpenAI-SDK habit of a base URL ending in /v1; adapters add /v1/... themselves.
-    base = base.rstrip("/")
-    rest = base.partition("://")[2]
-    if "/" in rest and rest.endswith("/v1"):  # a path ending in /v1, not a host named v1
-        base = base[: -len("/v1")]
-    return base
 
 
 def key_variable(settings: ProviderSettings) -> str:

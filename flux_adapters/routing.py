@@ -48,6 +48,7 @@ from attrs import define, field, frozen
 
 from flux_adapters._backoff import backoff
 from flux_adapters._flows import Outcome, resolve
+from flux_adapters._ids import Routing
 from flux_adapters._log import LOGGER, note
 from flux_adapters._redact import redact
 from flux_adapters.errors import (
@@ -84,7 +85,6 @@ __all__ = [
     "route",
 ]
 
-Routing: TypeAlias = Literal["ordered", "cheapest"]
 Disposition: TypeAlias = Literal["retry", "next", "ambiguous", "final"]
 Proves: TypeAlias = Literal["not taken", "not billed", "may be billed", "refused"]
 

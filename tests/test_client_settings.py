@@ -614,7 +614,7 @@ def test_logging_costs_nothing_when_off(monkeypatch: pytest.MonkeyPatch) -> None
         formatted.append(text)
         return text
 
-    monkeypatch.setattr("flux_adapters.client.redactor_for", lambda keys: never)
+    monkeypatch.setattr("flux_adapters._redact.redactor_for", lambda keys: never)
     LOGGER.setLevel(logging.WARNING)
     try:
         http, _ = scripted([])

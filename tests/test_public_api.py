@@ -1,5 +1,7 @@
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import flux_adapters
 from flux_adapters import errors
@@ -62,3 +64,112 @@ def test_the_names_for_images_in_hand_and_their_errors_are_public_and_lazy() -> 
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["False", "True"]
+
+
+# What `from flux_adapters import EditRequest, FluxClient` (every example's first line) and
+# building a request and a one-provider client must not load: what only sending, a result,
+# several providers, prices, a configuration file, a batch, the emulator, the conformance suite
+# or the command line needs (issue 13). A name stands for the module and its submodules.
+_NOT_FOR_THE_NAMED_IMPORT = (
+    "asyncio",
+    "cattrs",
+    "rich",
+    "tomllib",
+    "difflib",
+    "imagesize",
+    "flux_adapters.routing",
+    "flux_adapters.config",
+    "flux_adapters.prices",
+    "flux_adapters.jobs",
+    "flux_adapters.result",
+    "flux_adapters.limits",
+    "flux_adapters.wire",
+    "flux_adapters.providers",
+    "flux_adapters._flows",
+    "flux_adapters._bodies",
+    "flux_adapters._download",
+    "flux_adapters._transport",
+    "flux_adapters._batch",
+    "flux_adapters._journal",
+    "flux_adapters.emulator",
+    "flux_adapters.conformance",
+    "flux_adapters.cli",
+)
+_NOT_FOR_BUILDING = (
+    "asyncio",
+    "cattrs",
+    "rich",
+    "tomllib",
+    "difflib",
+    "flux_adapters.routing",
+    "flux_adapters.config",
+    "flux_adapters.prices",
+    "flux_adapters.jobs",
+    "flux_adapters._flows",
+    "flux_adapters._bodies",
+    "flux_adapters._download",
+    "flux_adapters._batch",
+    "flux_adapters._journal",
+    "flux_adapters.emulator",
+    "flux_adapters.conformance",
+    "flux_adapters.cli",
+)
+
+# Run first in each child: with click installed (as in the dev environment), `import httpx`
+# loads click, rich and pygments for its own command line, which would hide a rich of ours. As
+# where click is missing (a plain `pip install flux-adapters`), httpx then skips them.
+_AS_WITHOUT_HTTPX_CLI = "import sys; sys.modules['click'] = None; import httpx; "
+
+
+def _added(code: str) -> dict[str, list[str]]:
+    """Each stage's new modules, after httpx: *code* prints ``json.dumps`` of what it finds."""
+    finished = subprocess.run(
+        [sys.executable, "-c", _AS_WITHOUT_HTTPX_CLI + code],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    stages: dict[str, list[str]] = json.loads(finished.stdout)
+    return stages
+
+
+def _among(modules: list[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_the_named_import_and_building_a_request_and_client_load_nothing_they_do_not_use() -> None:
+    stages = _added(
+        "import json; before = set(sys.modules); "
+        "from flux_adapters import EditRequest, FluxClient; "
+        "imported = sorted(set(sys.modules) - before); "
+        "EditRequest(prompt='x', model='flux-2-pro'); FluxClient('laozhang', api_key='k'); "
+        "built = sorted(set(sys.modules) - before); "
+        "print(json.dumps({'imported': imported, 'built': built}))"
+    )
+    assert "flux_adapters.client" in stages["imported"]  # the child measured what it should
+    assert "flux_adapters._log" in stages["imported"]  # FLUX_LOG applies on importing the client
+    assert _among(stages["imported"], _NOT_FOR_THE_NAMED_IMPORT) == []
+    assert "flux_adapters.providers.laozhang" in stages["built"]
+    assert _among(stages["built"], _NOT_FOR_BUILDING) == []
+
+
+def test_a_sync_edit_and_its_download_never_load_asyncio(tmp_path: Path) -> None:
+    image = Path(__file__).parent.parent / "examples" / "assets" / "greenhouse.png"
+    stages = _added(
+        "import json, pathlib; from flux_adapters import EditRequest, FluxClient\n"
+        f"png = pathlib.Path({str(image)!r}).read_bytes()\n"
+        "def answer(request):  # the provider, then the image's host\n"
+        "    if request.url.host == 'cdn.example.com':\n"
+        "        return httpx.Response(200, content=png, headers={'content-type': 'image/png'})\n"
+        "    return httpx.Response(200, json={'data': [{'url': 'https://cdn.example.com/1'}]})\n"
+        "http = httpx.Client(transport=httpx.MockTransport(answer))\n"
+        "with FluxClient('laozhang', api_key='k', http_client=http) as client:\n"
+        "    result = client.edit(EditRequest(prompt='x', model='flux-2-pro'))\n"
+        f"    saved = result.images[0].save({str(tmp_path / 'out.png')!r})\n"
+        "print(json.dumps({'saved': [str(saved)], 'asyncio': sorted(m for m in sys.modules "
+        "if m == 'asyncio' or m.startswith('asyncio.'))}))"
+    )
+    assert stages["saved"] == [str(tmp_path / "out.png")]
+    assert (tmp_path / "out.png").read_bytes() == image.read_bytes()
+    assert stages["asyncio"] == []
