@@ -326,13 +326,14 @@ def _id_and_status(raw: bytes) -> tuple[str | None, str]:
 
 
 def _lock_alone(fd: int) -> bool:
-    """Lock the file open as *fd* for this process alone (held until it is closed)."""
+    """Lock the file open as *fd* for this process alone (held until it is closed).
+
+    The journal's lock, except that any failure to take it (not only another holder) means
+    "leave the report alone".
+    """
+    from flux_adapters._journal import _lock
+
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX: no lock, and nobody to race
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return _lock(fd, exclusive=False)
     except OSError:
         return False
-    return True
