@@ -160,7 +160,8 @@ def segments_length(segments: list[Segment]) -> int:
     return sum(len(s) if isinstance(s, bytes) else _image_length(s) for s in segments)
 
 
-def _segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
+def segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
+    """The bytes *segments* encode to, in slices (images read and encoded as they go)."""
     for segment in segments:
         if isinstance(segment, bytes):
             yield segment
@@ -180,8 +181,8 @@ class StreamedJson(httpx.SyncByteStream, httpx.AsyncByteStream):
         self._segments = segments
 
     def __iter__(self) -> Iterator[bytes]:
-        return _segment_chunks(self._segments)
+        return segment_chunks(self._segments)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in _segment_chunks(self._segments):
+        for chunk in segment_chunks(self._segments):
             yield chunk

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import math
 import os
@@ -34,14 +33,22 @@ from collections.abc import (
 )
 from contextvars import ContextVar
 from types import TracebackType
-from typing import IO, Any, Final, Literal, Protocol, Self, TypeVar, get_args
+from typing import Any, Final, Literal, Protocol, Self, TypeVar, get_args
 
 import attrs
 import httpx
 
-from flux_adapters._bodies import StreamedJson, json_segments, segments_length
 from flux_adapters._display import render_value, type_name
 from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
+from flux_adapters._drivers import (
+    AsyncDriver,
+    DriverName,
+    Exchange,
+    HttpxDriver,
+    choose,
+    httpx_request,
+    unsendable,
+)
 from flux_adapters._files import image_format
 from flux_adapters._flows import Flow, Outcome, flow_for, follow_job, is_job_adapter
 from flux_adapters._log import LOGGER, note
@@ -58,10 +65,8 @@ from flux_adapters._transport import (
     ACCEPT_ENCODING,
     AnswerBody,
     LoopBinding,
-    aiter_decoded,
     bounded_by,
     bounded_http_client,
-    deadline_error,
     iter_decoded,
     mapped_transport_errors,
     phase_timeouts,
@@ -87,7 +92,7 @@ from flux_adapters.providers import (
     canonical_name,
     get_adapter,
 )
-from flux_adapters.request import MODELS, DataUrlImage, EditRequest, FileImage, LocalImage
+from flux_adapters.request import MODELS, EditRequest
 from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
 from flux_adapters.routing import (
     Breaker,
@@ -99,7 +104,7 @@ from flux_adapters.routing import (
     Wait,
     route,
 )
-from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, MultipartBody, Sleep
+from flux_adapters.wire import HttpRequest, HttpResponse, Sleep
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -273,97 +278,41 @@ def _check_retries(value: object) -> int:
     return value
 
 
-def _open_upload(image: LocalImage, files: contextlib.ExitStack) -> IO[bytes]:
-    if isinstance(image, FileImage):
-        return files.enter_context(image.open())
-    if isinstance(image, DataUrlImage):
-        return io.BytesIO(image.decode())
-    # BytesIO, not bytes: httpx then streams it in 64 KiB slices instead of one large write.
-    return io.BytesIO(image.data)
-
-
-def _build_httpx_request(
-    http: httpx.Client | httpx.AsyncClient,
-    binding: _Binding,
-    outgoing: HttpRequest,
-    files: contextlib.ExitStack,
-) -> httpx.Request:
-    """The httpx request for *outgoing*, with the key added only where its adapter allows.
+def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
+    """*outgoing* as it goes on the wire: the key added only where its adapter allows it.
 
     Raises:
-        RequestError: httpx cannot send what the adapter built (a bad URL or header).
+        RequestError: The key goes in a query string httpx cannot build into the URL.
     """
-    try:
-        return _httpx_request(http, binding, outgoing, files)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        why = binding.scrub(f"{type(exc).__name__}: {exc}")[:200]
-        violation = Violation(
-            "request",
-            f"{binding.adapter.name} built a request httpx cannot send",
-            "valid HTTP",
-            why,
-        )
-        raise RequestError([violation], provider=binding.adapter.name) from None
-
-
-def _httpx_request(
-    http: httpx.Client | httpx.AsyncClient,
-    binding: _Binding,
-    outgoing: HttpRequest,
-    files: contextlib.ExitStack,
-) -> httpx.Request:
     headers = dict(outgoing.headers)
     headers.setdefault("Accept", "application/json")
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
-    url: str | httpx.URL = outgoing.url
+    url = outgoing.url
     auth = binding.auth
-    if binding.may_receive_key(outgoing.url):
+    if binding.may_receive_key(url):
         if auth.header is not None:
             headers[auth.header] = auth.value(binding.api_key)
         else:
             assert auth.query is not None
-            url = httpx.URL(outgoing.url).copy_merge_params({auth.query: binding.api_key})
+            try:
+                url = str(httpx.URL(url).copy_merge_params({auth.query: binding.api_key}))
+            except (httpx.InvalidURL, ValueError, TypeError) as exc:
+                raise unsendable(binding.adapter.name, binding.scrub, exc) from None
             hide_in_httpx_log(binding.api_key)
-    body = outgoing.body
     seconds = binding.limit(outgoing)
     timeout = (
         phase_timeouts(binding.timeout, seconds) if seconds < binding.deadline else binding.timeout
     )
-    if isinstance(body, MultipartBody):
-        uploads = [
-            (
-                part.name,
-                (part.filename, _open_upload(part.image, files), part.image.info.media_type),
-            )
-            for part in body.files
-        ]
-        return http.build_request(
-            outgoing.method,
-            url,
-            headers=headers,
-            data=dict(body.fields),
-            files=uploads,
-            timeout=timeout,
-        )
-    if isinstance(body, JsonBody):
-        headers["Content-Type"] = "application/json"
-        segments = json_segments(body)
-        if len(segments) == 1 and isinstance(segments[0], bytes):
-            return http.build_request(
-                outgoing.method, url, headers=headers, content=segments[0], timeout=timeout
-            )
-        # build_request applies the caller's client defaults; a fresh Request then carries the
-        # stream (replacing .stream on a built request would leave its empty .content behind).
-        base = http.build_request(outgoing.method, url, headers=headers, timeout=timeout)
-        base.headers["Content-Length"] = str(segments_length(segments))
-        return httpx.Request(
-            base.method,
-            base.url,
-            headers=base.headers,
-            stream=StreamedJson(segments),
-            extensions=base.extensions,
-        )
-    return http.build_request(outgoing.method, url, headers=headers, timeout=timeout)
+    return Exchange(
+        outgoing.method,
+        url,
+        headers,
+        outgoing.body,
+        timeout,
+        seconds,
+        binding.adapter.name,
+        binding.scrub,
+    )
 
 
 _GATES: ContextVar[Mapping[str, asyncio.Semaphore] | None] = ContextVar("flux_gates", default=None)
@@ -543,9 +492,9 @@ class _Lifetime:
 class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
-    _http: httpx.Client | httpx.AsyncClient
     _own_http: bool
-    """Whether closing this client closes ``_http`` (not a caller's, not a `with_options` copy's)."""
+    """Whether closing this client closes its connections (not a caller's ``http_client``, not
+    a `with_options` copy's)."""
     _downloader: HttpDownloader
     _lifetime: _Lifetime
 
@@ -684,7 +633,11 @@ class _ClientBase:
         It is once `close` was called (or its ``with`` block ended), once the client it was
         copied from (`with_options`) is closed, or once its httpx client is.
         """
-        return self._lifetime.why_closed() is not None or self._http.is_closed
+        return self._lifetime.why_closed() is not None or self._sender_closed()
+
+    def _sender_closed(self) -> bool:
+        """Whether what this client sends with (its httpx client, its driver) is closed."""
+        raise NotImplementedError
 
     def _closed_error(self) -> ClientClosedError | None:
         """The error for a call on this client once it is closed; ``None`` while it is open."""
@@ -699,7 +652,7 @@ class _ClientBase:
                 f"this {name} is a with_options() copy of a client that is closed; "
                 "copies share its connections, so create a new client"
             )
-        if self._http.is_closed:
+        if self._sender_closed():
             return ClientClosedError(
                 f"the httpx client of this {name} is closed (http_client= is yours: closing it "
                 "ends this client too); create a new one"
@@ -712,19 +665,29 @@ class _ClientBase:
         if error is not None:
             raise error
 
+    def _closed_instead(self, exc: RuntimeError) -> BaseException:
+        """What to raise for *exc*: this client's `ClientClosedError` when it is a refusal to send.
+
+        httpx's ``RuntimeError`` for a closed client, or a driver's `ClientClosedError`: each is
+        raised before anything is sent. Any other error is raised as it is.
+        """
+        error = self._closed_error()
+        if error is None:
+            return exc
+        if isinstance(exc, ClientClosedError) or not isinstance(exc, FluxError):
+            return error
+        return exc
+
     @contextlib.contextmanager
     def _closed_mapped(self) -> Generator[None, None, None]:
-        """Httpx's ``RuntimeError`` for a client closed in the meantime, as `ClientClosedError`.
-
-        httpx refuses before sending anything, so nothing was sent.
-        """
+        """`_closed_instead` over a block."""
         try:
             yield
         except RuntimeError as exc:
-            error = self._closed_error()
-            if error is None or isinstance(exc, FluxError):
+            instead = self._closed_instead(exc)
+            if instead is exc:
                 raise
-            raise error from exc
+            raise instead from exc
 
     @classmethod
     def from_env(
@@ -1093,6 +1056,9 @@ class FluxClient(_ClientBase):
 
     _http: httpx.Client
 
+    def _sender_closed(self) -> bool:
+        return self._http.is_closed
+
     def __init__(
         self,
         provider: Provider | None = None,
@@ -1282,7 +1248,7 @@ class FluxClient(_ClientBase):
             mapped_transport_errors(name, binding.scrub),
             bounded_by(ends, name, seconds),
         ):
-            request = _build_httpx_request(self._http, binding, outgoing, files)
+            request = httpx_request(self._http, _exchange(binding, outgoing), files)
             # Redirects are never followed, whatever the caller's client says: a 307/308 would
             # send the paid POST again (and its images to another origin); a 3xx is judged by
             # its status. A caller's client-level auth never replaces the provider's key. A
@@ -1324,27 +1290,32 @@ class FluxClient(_ClientBase):
         self.close()
 
 
-def _default_async_http() -> httpx.AsyncClient:
-    """An AsyncClient on aiohttp when the ``fast`` extra is installed, else plain httpx.
-
-    httpx's own async pool slows down sharply with many requests in flight (about 3x fewer
-    requests per second than aiohttp at 50 in flight on loopback; benchmarks/run.py e).
-    """
-    try:
-        from httpx_aiohttp import AiohttpTransport
-    except ImportError:
-        return httpx.AsyncClient()
-    return httpx.AsyncClient(transport=AiohttpTransport())
-
-
 class AsyncFluxClient(_ClientBase):
     """Async twin of `FluxClient`: same arguments, same routing, same errors.
 
     ``http_client`` is an ``httpx.AsyncClient`` (its timeout is used unless *timeout* is given,
     as with `FluxClient`). `edit_many` runs a batch; `with_options` makes a light copy.
+
+    It sends with one of two drivers, the same flows and errors on each (`driver` says which):
+
+    - ``"aiohttp"``, when aiohttp is installed (the ``fast`` extra), no *http_client* is given
+      and no proxy is set in the environment: aiohttp directly, about 3x the requests per
+      second of httpx's stack at hundreds in flight (docs/benchmarks.md);
+    - ``"httpx"`` otherwise: *http_client*, or the library's own ``httpx.AsyncClient`` with a
+      pool of 100 connections kept alive and a queue in front of it.
+
+    *driver* (``"auto"``, ``"aiohttp"`` or ``"httpx"``; default ``$FLUX_ASYNC_DRIVER``, else
+    ``"auto"``) forces one. Either way at most 100 exchanges of a client are in flight at once;
+    the rest wait their turn, no longer than the pool timeout (then a `errors.Timeout` with
+    ``sent=False``).
+
+    Raises:
+        ConfigurationError: As `FluxClient`; or *driver* (or ``$FLUX_ASYNC_DRIVER``) is not a
+            driver, or is ``"aiohttp"`` with an *http_client*.
+        MissingExtraError: *driver* is ``"aiohttp"`` and aiohttp is not installed.
     """
 
-    _http: httpx.AsyncClient
+    _driver: AsyncDriver
 
     def __init__(
         self,
@@ -1364,6 +1335,7 @@ class AsyncFluxClient(_ClientBase):
         prices: Mapping[tuple[str, str], Price] | None = None,
         settings: Mapping[str, ProviderSettings] | None = None,
         polling: Polling | None = None,
+        driver: Literal["auto", "aiohttp", "httpx"] | None = None,
     ) -> None:
         if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
             raise ConfigurationError(
@@ -1388,14 +1360,33 @@ class AsyncFluxClient(_ClientBase):
             inherited=_callers_timeout(http_client),
         )
         self._own_http = http_client is None
-        self._http = http_client if http_client is not None else _default_async_http()
+        chosen = choose(driver, http_client)
+        if http_client is not None:
+            self._driver = HttpxDriver(http_client)
+        elif chosen == "aiohttp":
+            from flux_adapters._aiohttp import AiohttpDriver  # lazy: aiohttp only for this driver
+
+            self._driver = AiohttpDriver()
+        else:
+            self._driver = HttpxDriver()
         self._loop = LoopBinding()
         self._downloader = self._new_downloader()
+
+    @property
+    def driver(self) -> DriverName:
+        """What this client sends with: ``"aiohttp"`` or ``"httpx"`` (see the class)."""
+        return self._driver.name
+
+    def _sender_closed(self) -> bool:
+        return self._driver.is_closed
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, driver={self.driver!r})"
 
     def _new_downloader(self) -> HttpDownloader:
         return HttpDownloader(
             provider=self.provider,
-            async_client=self._http,
+            async_client=self._driver,
             async_loop=self._loop,
             deadline=self._downloader_deadline(),
             scrub=self._scrub,
@@ -1546,36 +1537,11 @@ class AsyncFluxClient(_ClientBase):
             pass
 
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
-        name = binding.adapter.name
-        seconds = binding.limit(outgoing)
-        deadline = asyncio.timeout(seconds)
+        self._check_open()  # closed while a call was under way
         try:
-            async with deadline:
-                self._check_open()  # closed while a call was under way
-                with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
-                    request = _build_httpx_request(self._http, binding, outgoing, files)
-                    with self._closed_mapped():
-                        response = await self._http.send(
-                            request,
-                            stream=True,
-                            auth=None,  # see FluxClient._send
-                            follow_redirects=False,
-                        )
-                    try:
-                        body = AnswerBody(response, name, seconds, None, binding.scrub)
-                        try:
-                            async for chunk in aiter_decoded(response):
-                                if not body.take(chunk):
-                                    break
-                        except httpx.DecodingError as exc:
-                            raise body.unreadable("the answer could not be decoded") from exc
-                        return body.finish()
-                    finally:
-                        await response.aclose()
-        except TimeoutError as exc:  # transport timeouts are mapped inside: this is the deadline
-            if not deadline.expired():
-                raise
-            raise deadline_error(name, seconds) from exc
+            return await self._driver.exchange(_exchange(binding, outgoing))
+        except RuntimeError as exc:  # a refusal to send on a client closed meanwhile
+            raise self._closed_instead(exc) from exc
 
     def edit_many(
         self,
@@ -1660,7 +1626,7 @@ class AsyncFluxClient(_ClientBase):
         """Close this client: any later call raises `ClientClosedError`; see `FluxClient.close`."""
         self._lifetime.close()
         if self._own_http:
-            await self._http.aclose()
+            await self._driver.aclose()
 
     async def __aenter__(self) -> Self:
         return self
