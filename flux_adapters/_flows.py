@@ -24,7 +24,14 @@ from attrs import frozen
 
 from flux_adapters._display import render_value, type_name
 from flux_adapters._ids import ProviderId, ProviderName
-from flux_adapters._redact import answer_headers, redact, redactor_for, request_id
+from flux_adapters._redact import (
+    MOST_HEADERS,
+    REQUEST_ID_HEADERS,
+    answer_headers,
+    redact,
+    redactor_for,
+    request_id,
+)
 from flux_adapters.errors import (
     FluxError,
     JobError,
@@ -83,6 +90,8 @@ _UNREADABLE_POLLS: Final = 3
 
 CANCEL_DEADLINE: Final = 10.0
 """Seconds a cancel may take: it is sent while the caller is giving up, and must not hold them."""
+
+_ID_HEADERS: Final = frozenset(REQUEST_ID_HEADERS)
 
 _SHORTEST_EXCHANGE: Final = 0.1
 """The least time a poll or fetch is given, however close the job's deadline."""
@@ -196,8 +205,19 @@ def _built(adapter: object, request: EditRequest | None, build: Callable[[], _T]
 
 
 def _answer_id(response: HttpResponse, secrets: tuple[str, ...]) -> str | None:
-    """The provider's id for the exchange *response* answers, if it sent one."""
-    return request_id(answer_headers(response.headers, redactor_for(secrets)))
+    """The provider's id for the exchange *response* answers, if it sent one.
+
+    Only the headers that can carry it are made safe (`answer_headers` looks at the first
+    `MOST_HEADERS`): on every successful call, most answers have none.
+    """
+    carrying = {
+        name: value
+        for name, value in list(response.headers.items())[:MOST_HEADERS]
+        if str(name).lower() in _ID_HEADERS
+    }
+    if not carrying:
+        return None
+    return request_id(answer_headers(carrying, redactor_for(secrets)))
 
 
 def _with_answer(error: _E, response: HttpResponse, secrets: tuple[str, ...]) -> _E:

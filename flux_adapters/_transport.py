@@ -197,6 +197,9 @@ class LoopBinding:
     def claim(self) -> bool:
         """Whether the running loop is the one (binding it on first use)."""
         running = asyncio.get_running_loop()
+        bound = self._loop
+        if bound is not None:  # set once, never unset: no lock needed to read it
+            return bound() is running
         with self._lock:
             if self._loop is None:
                 self._loop = weakref.ref(running)

@@ -34,6 +34,7 @@ from collections.abc import (
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, Self, TypeVar, get_args
+from urllib.parse import urlsplit
 
 import attrs
 import httpx
@@ -82,7 +83,7 @@ from flux_adapters.errors import (
 )
 from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob, job_problem
 from flux_adapters.limits import Plan
-from flux_adapters.prices import PerCall, PerMegapixel, Price, estimate
+from flux_adapters.prices import PerCall, PerMegapixel, Price
 from flux_adapters.providers import (
     BEARER,
     Answer,
@@ -155,6 +156,9 @@ class _Binding:
     """Removes this key, in any form, from every message."""
     key_only: Redactor = attrs.field(repr=False, eq=False)
     """Removes this key, in any form, and nothing else (so a change means it was there)."""
+    origin: str | None = attrs.field(default=None, repr=False, eq=False)
+    """``scheme://host[:port]/`` of the base URL, exactly as `KeyAuth.allows` compares it: a URL
+    that starts with it is the base URL's origin without parsing it (every exchange asks)."""
 
     @classmethod
     def create(
@@ -211,6 +215,7 @@ class _Binding:
             api_key=key,
             scrub=redactor_for((key,)),
             key_only=Redactor((key,), shapes=False),
+            origin=_origin(base),
         )
 
     def retimed(self, timeout: httpx.Timeout | float, deadline: float | None) -> _Binding:
@@ -220,12 +225,26 @@ class _Binding:
 
     def may_receive_key(self, url: str) -> bool:
         """Whether *url* may carry the key: the base URL's origin, or a host the adapter declares."""
-        return self.auth.allows(url, self.base_url)
+        origin = self.origin
+        return (origin is not None and url.startswith(origin)) or self.auth.allows(
+            url, self.base_url
+        )
 
     def limit(self, outgoing: HttpRequest) -> float:
         """Seconds *outgoing* may take in all: the client's deadline, or the flow's if shorter."""
         asked = outgoing.deadline
         return self.deadline if asked is None else max(0.0, min(self.deadline, asked))
+
+
+def _origin(base_url: str) -> str | None:
+    """``scheme://netloc/`` of *base_url* as ``urlsplit`` reads it; ``None`` if it has none."""
+    try:
+        parts = urlsplit(base_url)
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}/"
 
 
 def _timing(
@@ -789,9 +808,7 @@ class _ClientBase:
             downloader,
             started,
             model=outcome.plan.limits.model,
-            estimated=estimate(
-                request, outcome.plan, self._prices, getattr(binding.adapter, "prices", None)
-            ),
+            estimated=routed.estimated,
             warnings=outcome.plan.warnings,
             attempts=routed.attempts,
             request_id=outcome.request_id,
@@ -1456,7 +1473,9 @@ class AsyncFluxClient(_ClientBase):
         name = binding.adapter.name
         gates = _GATES.get()
         gate = gates.get(name) if gates else None
-        async with gate if gate is not None else contextlib.nullcontext():
+        if gate is not None:
+            await gate.acquire()
+        try:
             flow = self._flow(binding, request, plan)
             reply: Outcome | FluxError
             try:
@@ -1471,6 +1490,9 @@ class AsyncFluxClient(_ClientBase):
                 not_taken = getattr(binding.adapter, "not_taken", None)
                 watcher.finished(name, reply, not_taken, binding.key_only)
             return reply
+        finally:
+            if gate is not None:
+                gate.release()
 
     async def _drive(self, binding: _Binding, flow: _Steps[_T], watcher: Watcher | None) -> _T:
         """Perform what *flow* asks; its result. See `FluxClient._drive`.

@@ -460,11 +460,16 @@ Reply: TypeAlias = Outcome | FluxError | None
 
 @frozen
 class Routed:
-    """The route's result: which candidate served it, its outcome, and every attempt."""
+    """The route's result: which candidate served it, its outcome, every attempt, its price.
+
+    ``estimated`` is the price the route ranked the candidate by (`flux_adapters.prices`), or
+    ``None`` when none is known.
+    """
 
     candidate: object
     outcome: Outcome
     attempts: tuple[Attempt, ...]
+    estimated: float | None = None
 
 
 def _with_attempts(error: FluxError, attempts: list[Attempt]) -> FluxError:
@@ -538,7 +543,7 @@ def route(
         )
 
     last: FluxError | None = None
-    for position, (_, _, candidate, plan) in enumerate(ranked):
+    for position, (cost, _, candidate, plan) in enumerate(ranked):
         adapter = adapter_of(candidate)
         name = adapter.name
         key = (name, model)
@@ -577,7 +582,7 @@ def route(
                         len(attempts),
                         "" if len(attempts) == 1 else "s",
                     )
-                    return Routed(candidate, reply, tuple(attempts))
+                    return Routed(candidate, reply, tuple(attempts), cost)
                 assert isinstance(reply, FluxError)
                 last = reply
                 rule = billing_rule(reply, getattr(adapter, "not_taken", None))
