@@ -121,6 +121,7 @@ class _Body(Payload):
         self._size = self._length = size
         self._write = write
         self._handed = 0
+        self._transport: asyncio.BaseTransport | None = None
         self.write_timed_out = False
         self.error: FluxError | None = None
 
@@ -138,6 +139,8 @@ class _Body(Payload):
     async def write_with_length(
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
+        # Kept: once aiohttp gives up on the connection, its protocol no longer holds it.
+        self._transport = getattr(writer, "transport", None)
         try:
             for chunk in self._chunks:
                 self._handed += len(chunk)
@@ -148,10 +151,23 @@ class _Body(Payload):
                         await writer.write(chunk)
         except TimeoutError:
             self.write_timed_out = True
+            self.abort()
             raise
         except FluxError as error:
             self.error = error
+            self.abort()
             raise
+
+    def abort(self) -> None:
+        """Drop the connection this body was going out on, unless it went out whole.
+
+        Abort, not close: a close waits to flush what is buffered, which a server that stopped
+        reading never takes; the connection would linger, half sent, until the loop ends. What
+        was buffered is dropped too, so the provider cannot get the rest of the request.
+        """
+        transport = self._transport
+        if transport is not None and not self.complete and isinstance(transport, asyncio.Transport):
+            transport.abort()
 
 
 class _Queue:
@@ -349,9 +365,11 @@ class AiohttpDriver:
                         response.release()  # to the pool only when read to its end; else closed
                 finally:
                     self._queue.leave()
-        except TimeoutError as exc:  # transport timeouts are mapped inside: this is the deadline
-            if not deadline.expired():
-                raise
+        except BaseException as exc:
+            if body is not None:
+                body.abort()  # given up with the body cut short: drop the rest of it
+            if not (isinstance(exc, TimeoutError) and deadline.expired()):
+                raise  # transport timeouts are mapped inside: this one is the deadline
             if waiting or (body is not None and not body.complete):
                 raise not_sent_by_deadline(exchange) from exc
             raise deadline_error(name, seconds) from exc

@@ -270,6 +270,47 @@ def _closed(http_is_yours: bool) -> ClientClosedError:
     return ClientClosedError(f"{what} is closed; nothing was sent")
 
 
+class _Counted(httpx.AsyncByteStream):
+    """A request body that knows whether its last byte was handed to httpx.
+
+    Until then, the provider cannot have the whole request: a deadline that ends the exchange
+    earlier proves it was not sent (as httpx's own write timeout does).
+    """
+
+    def __init__(self, inner: httpx.AsyncByteStream, length: int) -> None:
+        self._inner = inner
+        self._left = length
+
+    @property
+    def complete(self) -> bool:
+        """Whether every byte was handed over."""
+        return self._left <= 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._left -= len(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _counted(request: httpx.Request) -> _Counted | None:
+    """*request*'s streamed body, now counted; ``None`` for a body held whole (or none)."""
+    try:
+        request.content  # noqa: B018 - raises for a streamed body
+    except httpx.RequestNotRead:
+        length = request.headers.get("content-length", "")
+        if not (length.isascii() and length.isdigit()) or not isinstance(
+            request.stream, httpx.AsyncByteStream
+        ):
+            return None
+        counted = _Counted(request.stream, int(length))
+        request.stream = counted
+        return counted
+    return None
+
+
 class _Pool:
     """One ``httpx.AsyncClient`` of the library's, and how many exchanges it has in flight."""
 
@@ -379,10 +420,12 @@ class HttpxDriver:
         name, seconds, scrub = exchange.provider, exchange.seconds, exchange.scrub
         deadline = asyncio.timeout(seconds)
         waiting = True  # in the queue: nothing sent yet
+        body: _Counted | None = None
         try:
             async with deadline:
                 with contextlib.ExitStack() as files, mapped_transport_errors(name, scrub):
                     request = httpx_request(self.http, exchange, files)
+                    body = _counted(request)
                     chosen = await self._enter(exchange.timeout.pool)
                     waiting = False
                     try:
@@ -392,7 +435,7 @@ class HttpxDriver:
         except TimeoutError as exc:  # transport timeouts are mapped inside: this is the deadline
             if not deadline.expired():
                 raise
-            if waiting:
+            if waiting or (body is not None and not body.complete):
                 raise not_sent_by_deadline(exchange) from exc
             raise deadline_error(name, seconds) from exc
 
