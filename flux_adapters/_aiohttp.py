@@ -10,9 +10,9 @@ answer with the same `flux_adapters._transport.AnswerBody` as the httpx driver. 
   parts in the same order;
 - answers read within their cap and the exchange's deadline, compressed ones inflated a bounded
   slice at a time (aiohttp's own decompression is off: it inflates each chunk whole);
-- timeouts per phase: pool (the queue in front of the connector: `_Queue`), connect (aiohttp's
-  ``sock_connect``), write (per slice), read (aiohttp's ``sock_read``: from the end of the body to
-  the first byte of the answer, then between bytes), and the deadline over all of them;
+- timeouts per phase as aiohttp keeps them (`AiohttpDriver._timeout`): pool and connect, connect,
+  read (from the end of the body to the first byte of the answer, then between bytes), and the
+  deadline over all of them; write per slice of the body (`_Body`);
 - ``sent`` on every failure: ``False`` only when the provider cannot have the whole request (no
   connection, a pool, connect or write timeout, or the deadline before the last byte of the body
   went out), as httpx's mapping says (`flux_adapters._transport.proves_not_sent`);
@@ -170,41 +170,6 @@ class _Body(Payload):
             transport.abort()
 
 
-class _Queue:
-    """At most *size* exchanges in flight; the rest wait here, no longer than the pool timeout.
-
-    The connector allows as many connections, so aiohttp itself never makes a request wait, and
-    a wait here is known to be before anything was sent.
-    """
-
-    __slots__ = ("_places",)
-
-    def __init__(self, size: int) -> None:
-        self._places = asyncio.Semaphore(size)
-
-    async def enter(self, pool: float | None) -> None:
-        """Take a place, waiting no longer than *pool* seconds.
-
-        Raises:
-            httpx.PoolTimeout: No place within *pool* seconds (mapped to a `Timeout`, not sent).
-        """
-        places = self._places
-        if not places.locked():
-            await places.acquire()  # a free place: taken without waiting
-            return
-        wait = asyncio.timeout(pool)
-        try:
-            async with wait:
-                await places.acquire()
-        except TimeoutError:
-            if not wait.expired():
-                raise
-            raise httpx.PoolTimeout("no connection became free within the pool timeout") from None
-
-    def leave(self) -> None:
-        self._places.release()
-
-
 def _yarl(url: str) -> URL:
     """*url* as aiohttp takes it, sent as httpx would send it.
 
@@ -254,10 +219,9 @@ class AiohttpDriver:
 
     def __init__(self, connections: int = CONNECTIONS) -> None:
         self._connections = connections
-        self._queue = _Queue(connections)
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
-        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     @property
     def is_closed(self) -> bool:
@@ -285,13 +249,24 @@ class AiohttpDriver:
         self._session = session
         return session
 
-    def _timeout(self, timeout: httpx.Timeout) -> aiohttp.ClientTimeout:
-        """Aiohttp's timeouts for *timeout*'s connect and read phases (pool and write are ours)."""
-        key = (timeout.connect, timeout.read)
+    def _timeout(self, timeout: httpx.Timeout, seconds: float | None) -> aiohttp.ClientTimeout:
+        """Aiohttp's timeouts for *timeout*'s phases and the deadline *seconds* (made once).
+
+        The deadline is aiohttp's ``total`` (its timer already runs for every request, and it
+        covers reading the body). The pool timeout is its ``connect``: waiting for a free
+        connection, and opening one, within it (aiohttp times them together, and the wait costs
+        a timer only when there is one); opening one is also within the connect timeout
+        (``sock_connect``). ``sock_read`` starts when the body has gone out, and again with each
+        piece of the answer. The write phase is `_Body`'s.
+        """
+        key = (timeout.connect, timeout.read, timeout.pool, seconds)
         found = self._timeouts.get(key)
         if found is None:
             found = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, sock_connect=timeout.connect, sock_read=timeout.read
+                total=seconds,
+                connect=timeout.pool,
+                sock_connect=timeout.connect,
+                sock_read=timeout.read,
             )
         return found
 
@@ -324,55 +299,40 @@ class AiohttpDriver:
 
     async def exchange(self, exchange: Exchange) -> HttpResponse:
         """See `flux_adapters._drivers.AsyncDriver.exchange`."""
-        name, seconds, scrub = exchange.provider, exchange.seconds, exchange.scrub
-        deadline = asyncio.timeout(seconds)
-        waiting = True  # in the queue: nothing sent yet
+        name, scrub = exchange.provider, exchange.scrub
         body: _Body | None = None
         # Upload files stay open until the body is sent; a JSON body opens its own as it goes.
         files = contextlib.ExitStack() if isinstance(exchange.body, MultipartBody) else None
         try:
-            async with deadline:
-                try:
-                    url = _yarl(exchange.url)
-                except httpx.InvalidURL as exc:
-                    raise unsendable(name, scrub, exc) from None
-                except httpx.UnsupportedProtocol as exc:
-                    raise transport_error(exc, name, scrub) from exc
-                headers, body = self._body(exchange, files)
-                session = self._open()
-                try:
-                    await self._queue.enter(exchange.timeout.pool)
-                except httpx.PoolTimeout as exc:
-                    raise transport_error(exc, name, scrub) from exc
-                waiting = False
-                try:
-                    try:
-                        response = await session.request(
-                            exchange.method,
-                            url,
-                            headers=headers,
-                            data=body,
-                            timeout=self._timeout(exchange.timeout),
-                            allow_redirects=False,  # a redirected POST would be sent (and paid) again
-                        )
-                    except FluxError:
-                        raise
-                    except Exception as exc:
-                        raise self._failure(exc, exchange, body) from exc
-                    try:
-                        return await self._read(response, exchange, body)
-                    finally:
-                        response.release()  # to the pool only when read to its end; else closed
-                finally:
-                    self._queue.leave()
-        except BaseException as exc:
+            try:
+                url = _yarl(exchange.url)
+            except httpx.InvalidURL as exc:
+                raise unsendable(name, scrub, exc) from None
+            except httpx.UnsupportedProtocol as exc:
+                raise transport_error(exc, name, scrub) from exc
+            headers, body = self._body(exchange, files)
+            session = self._open()
+            try:
+                response = await session.request(
+                    exchange.method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    timeout=self._timeout(exchange.timeout, exchange.seconds),
+                    allow_redirects=False,  # a redirected POST would be sent (and paid) again
+                )
+            except FluxError:
+                raise
+            except Exception as exc:
+                raise self._failure(exc, exchange, body) from exc
+            try:
+                return await self._read(response, exchange, body)
+            finally:
+                response.release()  # to the pool only when read to its end; else closed
+        except BaseException:
             if body is not None:
                 body.abort()  # given up with the body cut short: drop the rest of it
-            if not (isinstance(exc, TimeoutError) and deadline.expired()):
-                raise  # transport timeouts are mapped inside: this one is the deadline
-            if waiting or (body is not None and not body.complete):
-                raise not_sent_by_deadline(exchange) from exc
-            raise deadline_error(name, seconds) from exc
+            raise
         finally:
             if files is not None:
                 files.close()
@@ -405,12 +365,19 @@ class AiohttpDriver:
         """The typed error for *exc*, judged by how far the request got."""
         if body is not None and body.error is not None:
             return body.error  # the body itself failed (a file that changed while it was sent)
-        if body is not None and body.write_timed_out and not body.complete:
+        whole = body is None or body.complete
+        if body is not None and body.write_timed_out and not whole:
             return Timeout(
                 "timed out before the request was sent (WriteTimeout)",
                 provider=exchange.provider,
                 sent=False,
             )
+        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ServerTimeoutError):
+            # aiohttp's total, which is the deadline (its connect and read timeouts are
+            # ServerTimeoutErrors): before the body's last byte went out, nothing can be billed.
+            if not whole:
+                return not_sent_by_deadline(exchange)
+            return deadline_error(exchange.provider, exchange.seconds)
         if isinstance(exc, RuntimeError) and self._closed:  # "Session is closed"
             return ClientClosedError("the connection pool is closed; nothing was sent")
         return transport_error(exc, exchange.provider, exchange.scrub)
@@ -424,18 +391,14 @@ class AiohttpDriver:
         timeout = httpx.Timeout(**request.extensions.get("timeout", {}))
         headers = {name: value for name, value in request.headers.items() if name != "host"}
         session = self._open()
-        await self._queue.enter(timeout.pool)
+        response = await session.request(
+            "GET", url, headers=headers, timeout=self._timeout(timeout, None), allow_redirects=False
+        )
         try:
-            response = await session.request(
-                "GET", url, headers=headers, timeout=self._timeout(timeout), allow_redirects=False
-            )
-            try:
-                head = _Head(response)
-                yield head, adecoded(head, _raw(response.content))
-            finally:
-                response.release()
+            head = _Head(response)
+            yield head, adecoded(head, _raw(response.content))
         finally:
-            self._queue.leave()
+            response.release()
 
     async def aclose(self) -> None:
         self._closed = True
