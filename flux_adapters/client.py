@@ -1316,15 +1316,15 @@ class AsyncFluxClient(_ClientBase):
     It sends with one of two drivers, the same flows and errors on each (`driver` says which):
 
     - ``"aiohttp"``, when aiohttp is installed (the ``fast`` extra), no *http_client* is given
-      and no proxy is set in the environment: aiohttp directly, about 3x the requests per
-      second of httpx's stack at hundreds in flight (docs/benchmarks.md);
-    - ``"httpx"`` otherwise: *http_client*, or the library's own ``httpx.AsyncClient`` with a
-      pool of 100 connections kept alive and a queue in front of it.
+      and no proxy is set in the environment: aiohttp directly, without httpx's request and
+      response objects on top (docs/benchmarks.md has the figures);
+    - ``"httpx"`` otherwise: *http_client* as it is, or the library's own small httpx pools
+      (8 connections each, up to 100, all kept alive) with a queue in front of them.
 
     *driver* (``"auto"``, ``"aiohttp"`` or ``"httpx"``; default ``$FLUX_ASYNC_DRIVER``, else
-    ``"auto"``) forces one. Either way at most 100 exchanges of a client are in flight at once;
-    the rest wait their turn, no longer than the pool timeout (then a `errors.Timeout` with
-    ``sent=False``).
+    ``"auto"``) forces one. Either way, without an *http_client*, at most 100 exchanges of a
+    client are in flight at once; the rest wait their turn, no longer than the pool timeout
+    (then a `errors.Timeout` with ``sent=False``).
 
     Raises:
         ConfigurationError: As `FluxClient`; or *driver* (or ``$FLUX_ASYNC_DRIVER``) is not a
