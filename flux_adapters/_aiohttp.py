@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
 import aiohttp
@@ -67,30 +67,25 @@ _SMALL_WRITE: Final = 64 * 1024
 class _Headers:
     """An aiohttp answer's headers, read the way `flux_adapters._transport.HeadHeaders` says."""
 
-    __slots__ = ("_items", "_single")
+    __slots__ = ("_headers",)
 
-    def __init__(self, items: Iterable[tuple[str, str]]) -> None:
-        self._items = [(name.lower(), value) for name, value in items]
-        single = dict(self._items)
-        # Looked up directly when no name came twice; else every value is read (as httpx does).
-        self._single = single if len(single) == len(self._items) else None
+    def __init__(self, headers: Any) -> None:
+        self._headers = headers  # aiohttp's CIMultiDictProxy: any case, in the order received
 
     def get(self, key: str, default: Any = None) -> Any:
-        key = key.lower()
-        if self._single is not None:
-            return self._single.get(key, default)
-        values = [value for name, value in self._items if name == key]
-        return ", ".join(values) if values else default
+        values = self._headers.getall(key, None)
+        if values is None:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)  # as httpx joins them
 
     def get_list(self, key: str, split_commas: bool = False) -> list[str]:
-        key = key.lower()
-        values = [value for name, value in self._items if name == key]
+        values: list[str] = list(self._headers.getall(key, ()))
         if not split_commas:
             return values
         return [part.strip() for value in values for part in value.split(",")]
 
     def multi_items(self) -> list[tuple[str, str]]:
-        return self._items
+        return [(name.lower(), value) for name, value in self._headers.items()]
 
 
 class _Head:
@@ -100,7 +95,7 @@ class _Head:
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.status_code = response.status
-        self.headers = _Headers(response.headers.items())
+        self.headers = _Headers(response.headers)
 
 
 class _Body(Payload):
@@ -170,6 +165,10 @@ class _Body(Payload):
             transport.abort()
 
 
+_MOST_URLS: Final = 256
+"""URLs a driver keeps read (`AiohttpDriver._url`): polling URLs differ per job."""
+
+
 def _yarl(url: str) -> URL:
     """*url* as aiohttp takes it, sent as httpx would send it.
 
@@ -222,6 +221,7 @@ class AiohttpDriver:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+        self._urls: dict[str, URL] = {}
 
     @property
     def is_closed(self) -> bool:
@@ -248,6 +248,18 @@ class AiohttpDriver:
         )
         self._session = session
         return session
+
+    def _url(self, url: str) -> URL:
+        """`_yarl` of *url*, read once: a client sends to the same endpoint again and again.
+
+        Kept by the driver, not the process: a URL may carry a key (in its query).
+        """
+        found = self._urls.get(url)
+        if found is None:
+            if len(self._urls) >= _MOST_URLS:
+                self._urls.clear()
+            found = self._urls[url] = _yarl(url)
+        return found
 
     def _timeout(self, timeout: httpx.Timeout, seconds: float | None) -> aiohttp.ClientTimeout:
         """Aiohttp's timeouts for *timeout*'s phases and the deadline *seconds* (made once).
@@ -305,7 +317,7 @@ class AiohttpDriver:
         files = contextlib.ExitStack() if isinstance(exchange.body, MultipartBody) else None
         try:
             try:
-                url = _yarl(exchange.url)
+                url = self._url(exchange.url)
             except httpx.InvalidURL as exc:
                 raise unsendable(name, scrub, exc) from None
             except httpx.UnsupportedProtocol as exc:
@@ -350,8 +362,9 @@ class AiohttpDriver:
                         break
             else:
                 content = response.content
+                # at_eof: a body whose declared length has all come needs no read of its end.
                 while chunk := await content.readany():
-                    if not answer.take(chunk):
+                    if not answer.take(chunk) or content.at_eof():
                         break
         except httpx.DecodingError as exc:
             raise answer.unreadable("the answer could not be decoded") from exc

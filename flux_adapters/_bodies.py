@@ -140,7 +140,7 @@ def _has_images(value: JsonValue) -> bool:
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     for item in items:  # noqa: SIM110 - any() over a generator costs a call per item
         # Scalars (most of a body) are passed over without a call each.
-        if isinstance(item, ImageValue | dict | list) and _has_images(item):
+        if isinstance(item, (ImageValue, dict, list)) and _has_images(item):
             return True
     return False
 

@@ -680,6 +680,8 @@ class _ClientBase:
 
     def _check_open(self) -> None:
         """Raise `ClientClosedError` once this client is closed; nothing is sent."""
+        if self._lifetime.why_closed() is None and not self._sender_closed():
+            return  # every exchange asks: the open case builds no message
         error = self._closed_error()
         if error is not None:
             raise error

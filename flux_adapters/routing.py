@@ -561,7 +561,16 @@ def route(
         try:
             tries = 0
             while True:
-                note(logging.DEBUG, "try", scrub, "%s: trying %s (try %d)", model, name, tries + 1)
+                if LOGGER.isEnabledFor(logging.DEBUG):  # every call passes here: no arguments built
+                    note(
+                        logging.DEBUG,
+                        "try",
+                        scrub,
+                        "%s: trying %s (try %d)",
+                        model,
+                        name,
+                        tries + 1,
+                    )
                 started = clock()
                 reply = yield Try(candidate, plan)
                 elapsed = clock() - started
@@ -571,17 +580,18 @@ def route(
                     attempts.append(
                         Attempt(provider=name, model=model, outcome="ok", elapsed_s=elapsed)
                     )
-                    note(
-                        logging.INFO,
-                        "served",
-                        scrub,
-                        "%s: served by %s in %.2f s (%d attempt%s)",
-                        model,
-                        name,
-                        elapsed,
-                        len(attempts),
-                        "" if len(attempts) == 1 else "s",
-                    )
+                    if LOGGER.isEnabledFor(logging.INFO):
+                        note(
+                            logging.INFO,
+                            "served",
+                            scrub,
+                            "%s: served by %s in %.2f s (%d attempt%s)",
+                            model,
+                            name,
+                            elapsed,
+                            len(attempts),
+                            "" if len(attempts) == 1 else "s",
+                        )
                     return Routed(candidate, reply, tuple(attempts), cost)
                 assert isinstance(reply, FluxError)
                 last = reply
