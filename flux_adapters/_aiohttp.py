@@ -294,7 +294,6 @@ class AiohttpDriver:
         body, write = exchange.body, exchange.timeout.write
         if isinstance(body, JsonBody):
             segments = json_segments(body)
-            headers = {**headers, "Content-Type": "application/json"}
             first = segments[0]
             if len(segments) == 1 and isinstance(first, bytes):  # no local image: one slice
                 return headers, _Body(iter((first,)), len(first), "application/json", write)

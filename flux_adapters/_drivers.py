@@ -106,7 +106,8 @@ class Exchange(NamedTuple):
     Attributes:
         method: The HTTP method.
         url: The full URL (with the key in its query when the adapter sends it there).
-        headers: Every header of ours: the adapter's, ``Accept``, ``Accept-Encoding``, the key.
+        headers: Every header of ours: the adapter's, ``Accept``, ``Accept-Encoding``, the
+            ``Content-Type`` of a JSON body, the key.
         body: What to send (streamed), or ``None``.
         timeout: Per-phase timeouts, none longer than *seconds*.
         seconds: The deadline of the whole exchange, answer included.
@@ -216,7 +217,6 @@ def _httpx_request(
         )
     if isinstance(body, JsonBody):
         segments = json_segments(body)
-        headers = {**headers, "Content-Type": "application/json"}
         if len(segments) == 1 and isinstance(segments[0], bytes):
             return http.build_request(
                 exchange.method, exchange.url, headers=headers, content=segments[0], timeout=timeout

@@ -105,7 +105,7 @@ from flux_adapters.routing import (
     Wait,
     route,
 )
-from flux_adapters.wire import HttpRequest, HttpResponse, Sleep
+from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, Sleep
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -306,6 +306,8 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
     headers = dict(outgoing.headers)
     headers.setdefault("Accept", "application/json")
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
+    if isinstance(outgoing.body, JsonBody):
+        headers["Content-Type"] = "application/json"
     url = outgoing.url
     auth = binding.auth
     if binding.may_receive_key(url):
