@@ -667,3 +667,34 @@ def test_a_key_echoed_by_a_failing_connection_never_shows(
     assert isinstance(outcome, errors.TransportError), outcome
     shown = f"{outcome} {outcome!r}"
     assert [KEY[i : i + 8] for i in range(len(KEY) - 7) if KEY[i : i + 8] in shown] == []
+
+
+# --- a caller's httpx client on aiohttp (httpx-aiohttp): its errors still say what they prove --
+
+
+@pytest.mark.parametrize(
+    "behaviour", ["refused", "drop-after-body", "garbled-status", "502"], ids=str
+)
+def test_a_callers_httpx_client_on_aiohttp_is_judged_as_the_drivers_are(
+    behaviour: str, serve: Callable[..., Server]
+) -> None:
+    """httpx-aiohttp files every aiohttp connection error under httpx.ConnectTimeout, a hang-up
+    after the body included: the cause, not that class, decides ``sent``."""
+    from httpx_aiohttp import AiohttpTransport
+
+    if behaviour == "refused":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    else:
+        url = serve(HOSTILE[behaviour]).url
+
+    async def main() -> object:
+        async with httpx.AsyncClient(transport=AiohttpTransport()) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, base_url=url, http_client=http)
+            try:
+                return await client.edit(REQUEST)
+            except errors.FluxError as error:
+                return error
+
+    assert judged(asyncio.run(main())) == judged(edit("aiohttp", url))
