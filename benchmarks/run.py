@@ -13,7 +13,10 @@ Each comparison prints both measurements and their ratio against the issue's tar
   c  an edit with three 1 MB local images as JSON data URLs vs hand-written httpx post(json=...)
   d  eight 20 MB local images, as JSON data URLs and as multipart: time and peak memory above
      the process baseline, each in a fresh process (hand-written post(json=...) alongside)
-  e  AsyncFluxClient vs plain httpx.AsyncClient, 50 requests in flight, requests per second
+  e  async, at 50, 200 and 500 requests in flight, requests per second and CPU per request: raw
+     aiohttp, httpx on aiohttp, AsyncFluxClient's aiohttp driver (target >= 0.6x raw aiohttp);
+     plain httpx.AsyncClient in several pool configurations, AsyncFluxClient's httpx driver
+     (target >= the best of them). Each measurement in a fresh process.
   f  routing on the emulator: a failover client whose first provider answers vs a single-provider
      client, per call; and with the first provider down (503 after 1 s) once its breaker is open
   g  hostile answers: a 1 MB HTML error page (several shapes that made the old regexes quadratic)
@@ -26,6 +29,11 @@ Each comparison prints both measurements and their ratio against the issue's tar
 
 The server (benchmarks/loopback_server.py) runs in its own process and discards bodies. Results
 are also written to benchmarks/results/latest.json. Timings vary with the machine; run twice.
+
+    python benchmarks/run.py --profile-async flux-aiohttp 200     # CPU per request + cProfile
+    PYTHONPATH=/tmp/old python benchmarks/run.py --profile-async flux-aiohttp 200   # another tree
+
+profiles one configuration of (e): aiohttp, httpx-aiohttp, flux-aiohttp, flux-httpx, httpx:N.
 """
 
 from __future__ import annotations
@@ -417,72 +425,276 @@ def bench_big_images(base: str, folder: Path) -> None:
     )
 
 
-async def _rate(send: Callable[[], Any], total: int, in_flight: int) -> float:
-    gate = asyncio.Semaphore(in_flight)
+ASYNC_IN_FLIGHT = (50, 200, 500)
+PLAIN_HTTPX_LIMITS = ("8", "16", "32", "100", "default")
+"""Plain httpx.AsyncClient configurations tried (max_connections, all kept alive; or httpx's
+own defaults: 100 connections, 20 kept alive); the best at each level is the baseline."""
+ASYNC_LABELS = {
+    "aiohttp": "raw aiohttp (ClientSession.post, .json())",
+    "httpx-aiohttp": "httpx.AsyncClient(transport=AiohttpTransport())",
+    "flux-aiohttp": "AsyncFluxClient, aiohttp driver (fast extra)",
+    "flux-httpx": "AsyncFluxClient, httpx driver (no extra)",
+}
+_PROMPT = "A ruby red retro robot riding a yellow skateboard"
+_BODY = {"model": "flux-2-pro", "prompt": _PROMPT, "n": 1, "size": "1024x1024"}
 
-    async def one() -> None:
-        async with gate:
-            await send()
 
-    started = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(total)))
-    return total / (time.perf_counter() - started)
+def _async_sender(config: str, base: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """An async function sending one request as *config* does, and one that closes it.
 
+    Everything is made inside the running loop (aiohttp and httpx pools belong to it).
+    """
+    import inspect
 
-def bench_async(base: str) -> None:
-    prompt = "A ruby red retro robot riding a yellow skateboard"
-    body = {"model": "flux-2-pro", "prompt": prompt, "n": 1, "size": "1024x1024"}
     url = f"{base}/laozhang/v1/images/generations"
     headers = {"Authorization": f"Bearer {KEY}"}
+    if config == "aiohttp":
+        import aiohttp
 
-    async def measure() -> dict[str, float]:
-        rates: dict[str, list[float]] = {"httpx": [], "ours": [], "ours-on-httpx": []}
-        async with (
-            httpx.AsyncClient() as plain,
-            AsyncFluxClient("laozhang", api_key=KEY, base_url=f"{base}/laozhang") as ours,
-            httpx.AsyncClient() as plain_for_ours,
-        ):
-            ours_on_plain = AsyncFluxClient(
-                "laozhang", api_key=KEY, base_url=f"{base}/laozhang", http_client=plain_for_ours
-            )
+        session = aiohttp.ClientSession()
 
-            async def by_hand() -> None:
-                (await plain.post(url, json=body, headers=headers)).raise_for_status()
+        async def raw() -> None:
+            async with session.post(url, json=_BODY, headers=headers) as response:
+                response.raise_for_status()
+                assert (await response.json())["data"][0]["url"]
 
-            def library(client: AsyncFluxClient) -> Callable[[], Any]:
-                async def send() -> None:
-                    await client.edit(
-                        EditRequest(prompt=prompt, model="flux-2-pro", size="1024x1024")
-                    )
+        return raw, session.close
+    if config == "httpx-aiohttp" or config.startswith("httpx:"):
+        # The timeouts AsyncFluxClient has by default (a pool wait of 60 s, not httpx's 5 s, which
+        # hundreds of requests waiting in httpcore's pool overrun).
+        timeout = httpx.Timeout(connect=10.0, read=300.0, write=120.0, pool=60.0)
+        if config == "httpx-aiohttp":
+            from httpx_aiohttp import AiohttpTransport
 
-                return send
+            http = httpx.AsyncClient(transport=AiohttpTransport(), timeout=timeout)
+        elif config == "httpx:default":
+            http = httpx.AsyncClient(timeout=timeout)
+        else:
+            most = int(config.partition(":")[2])
+            limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
+            http = httpx.AsyncClient(limits=limits, timeout=timeout)
 
-            senders = {
-                "httpx": by_hand,
-                "ours": library(ours),
-                "ours-on-httpx": library(ours_on_plain),
-            }
-            for send in senders.values():
-                await _rate(send, 200, 50)  # warm the pools
-            for _ in range(3):
-                for name, send in senders.items():
-                    rates[name].append(await _rate(send, 1500, 50))
-        return {name: statistics.median(values) for name, values in rates.items()}
+        async def by_hand() -> None:
+            response = await http.post(url, json=_BODY, headers=headers)
+            response.raise_for_status()
+            assert response.json()["data"][0]["url"]
 
-    rates = asyncio.run(measure())
-    ratio = rates["ours"] / rates["httpx"]
-    report(
-        "e",
-        "async, 50 requests in flight, requests per second (higher is better)",
-        [
-            ("plain httpx.AsyncClient.post", f"{rates['httpx']:.0f} req/s"),
-            ("AsyncFluxClient (default transport)", f"{rates['ours']:.0f} req/s"),
-            ("AsyncFluxClient on a plain httpx.AsyncClient", f"{rates['ours-on-httpx']:.0f} req/s"),
-        ],
-        ratio,
-        ">= 1.5x",
-        ratio >= 1.5,
+        return by_hand, http.aclose
+    # AsyncFluxClient; a tree from before the drivers (benchmarks/run.py --profile-async with
+    # PYTHONPATH) had httpx on aiohttp by default, and plain httpx without the extra.
+    options: dict[str, Any] = {}
+    has_driver = "driver" in inspect.signature(AsyncFluxClient).parameters
+    if config == "flux-httpx":
+        options = {"driver": "httpx"} if has_driver else {"http_client": httpx.AsyncClient()}
+    elif has_driver:
+        options = {"driver": "aiohttp"}
+    client = AsyncFluxClient("laozhang", api_key=KEY, base_url=f"{base}/laozhang", **options)
+    mine = options.get("http_client")
+
+    async def library() -> None:
+        result = await client.edit(
+            EditRequest(prompt=_PROMPT, model="flux-2-pro", size="1024x1024")
+        )
+        assert result.images[0].url
+
+    async def close() -> None:
+        await client.aclose()
+        if mine is not None:
+            await mine.aclose()
+
+    return library, close
+
+
+async def _in_flight(send: Callable[[], Any], total: int, in_flight: int) -> tuple[float, float]:
+    """Requests per second and CPU seconds per request, *in_flight* workers sending in turn."""
+    each = max(1, total // in_flight)
+
+    async def worker() -> None:
+        for _ in range(each):
+            await send()
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    done = each * in_flight
+    return done / (time.perf_counter() - wall), (time.process_time() - cpu) / done
+
+
+def async_child(config: str, in_flight: int, total: int, base: str) -> dict[str, float]:
+    """One measurement, in this (fresh) process: warm up, then *total* requests."""
+
+    async def main() -> dict[str, float]:
+        send, close = _async_sender(config, base)
+        try:
+            await _in_flight(send, max(2 * in_flight, 300), in_flight)  # pools, imports, caches
+            rate, cpu = await _in_flight(send, total, in_flight)
+        except Exception as exc:  # a configuration that collapses (a PoolTimeout): 0 req/s
+            print(f"{config} at {in_flight}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return {"rate": 0.0, "cpu_us": float("nan")}
+        finally:
+            await close()
+        return {"rate": rate, "cpu_us": cpu * 1e6}
+
+    return asyncio.run(main())
+
+
+def _measure_async(config: str, in_flight: int, total: int, base: str) -> dict[str, float]:
+    child = [
+        sys.executable,
+        str(HERE / "run.py"),
+        "--async-child",
+        config,
+        str(in_flight),
+        str(total),
+        base,
+    ]
+    done = subprocess.run(child, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {config} at {in_flight} failed:\n{done.stderr}")
+    return cast(dict[str, float], json.loads(done.stdout.splitlines()[-1]))
+
+
+def bench_async(base: str, rounds: int = int(os.environ.get("FLUX_BENCH_ROUNDS", "3"))) -> None:
+    """Each configuration at 50, 200 and 500 in flight, each measurement in a fresh process.
+
+    Configurations alternate within a round, so drift on a shared machine hits all alike; the
+    median of the rounds is shown. A worker per request in flight sends one request after
+    another (a pool of N workers, as a batch runs), on one event loop.
+    """
+    configs = [
+        "aiohttp",
+        "httpx-aiohttp",
+        "flux-aiohttp",
+        *(f"httpx:{n}" for n in PLAIN_HTTPX_LIMITS),
+        "flux-httpx",
+    ]
+    totals = {config: 4000 if "aiohttp" in config else 1500 for config in configs}
+    seen: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for _ in range(rounds):
+        for in_flight in ASYNC_IN_FLIGHT:
+            for config in configs:
+                measured = _measure_async(config, in_flight, totals[config], base)
+                seen.setdefault((config, in_flight), []).append(measured)
+
+    def median(config: str, in_flight: int, field: str) -> float:
+        return statistics.median(m[field] for m in seen[(config, in_flight)])
+
+    def cell(config: str, in_flight: int) -> str:
+        rate, cpu = median(config, in_flight, "rate"), median(config, in_flight, "cpu_us")
+        return f"{rate:6.0f} ({cpu / 1000:.2f} ms)" if rate else "failed"
+
+    best_plain = {
+        n: max(
+            (f"httpx:{limit}" for limit in PLAIN_HTTPX_LIMITS), key=lambda c: median(c, n, "rate")
+        )
+        for n in ASYNC_IN_FLIGHT
+    }
+    print(
+        "\n(e) async: requests per second by requests in flight (CPU per request), median of "
+        f"{rounds} rounds"
     )
+    print(f"    {'':<62}" + "".join(f"{n:>18}" for n in ASYNC_IN_FLIGHT))
+    rows: list[tuple[str, str]] = []
+
+    def line(label: str, cells: list[str]) -> None:
+        print(f"    {label:<62}" + "".join(f"{value:>18}" for value in cells))
+        rows.append((label, " | ".join(cells)))
+
+    for config in ("aiohttp", "httpx-aiohttp", "flux-aiohttp"):
+        line(ASYNC_LABELS[config], [cell(config, n) for n in ASYNC_IN_FLIGHT])
+    fast = {
+        n: median("flux-aiohttp", n, "rate") / median("aiohttp", n, "rate") for n in ASYNC_IN_FLIGHT
+    }
+    fast_cpu = {
+        n: median("aiohttp", n, "cpu_us") / median("flux-aiohttp", n, "cpu_us")
+        for n in ASYNC_IN_FLIGHT
+    }
+    line(
+        "  ratio to raw aiohttp, req/s (target >= 0.6x)",
+        [f"{fast[n]:.2f}x" for n in ASYNC_IN_FLIGHT],
+    )
+    line(
+        "  ratio to raw aiohttp, CPU per request", [f"{fast_cpu[n]:.2f}x" for n in ASYNC_IN_FLIGHT]
+    )
+    line(
+        "  httpx on aiohttp, ratio to raw aiohttp",
+        [
+            f"{median('httpx-aiohttp', n, 'rate') / median('aiohttp', n, 'rate'):.2f}x"
+            for n in ASYNC_IN_FLIGHT
+        ],
+    )
+    for limit in PLAIN_HTTPX_LIMITS:
+        name = (
+            "httpx defaults" if limit == "default" else f"max_connections={limit}, all kept alive"
+        )
+        line(
+            f"plain httpx.AsyncClient, {name}", [cell(f"httpx:{limit}", n) for n in ASYNC_IN_FLIGHT]
+        )
+    line(
+        "  best plain httpx",
+        [best_plain[n].partition(":")[2] for n in ASYNC_IN_FLIGHT],
+    )
+    line(ASYNC_LABELS["flux-httpx"], [cell("flux-httpx", n) for n in ASYNC_IN_FLIGHT])
+    plain = {
+        n: median("flux-httpx", n, "rate") / median(best_plain[n], n, "rate")
+        for n in ASYNC_IN_FLIGHT
+    }
+    line(
+        "  ratio to the best plain httpx (target >= 1.0x)",
+        [f"{plain[n]:.2f}x" for n in ASYNC_IN_FLIGHT],
+    )
+    worst_fast, worst_plain = min(fast.values()), min(plain.values())
+    ok = worst_fast >= 0.6 and worst_plain >= 1.0
+    print(
+        f"    {'worst ratios':<62}aiohttp driver {worst_fast:.2f}x (>= 0.6x), httpx driver "
+        f"{worst_plain:.2f}x (>= 1.0x)   {'PASS' if ok else 'MISS'}"
+    )
+    RESULTS["e"] = {
+        "title": "async requests per second at 50, 200 and 500 in flight",
+        "rows": dict(rows),
+        "ratio": round(worst_fast, 3),
+        "target": ">= 0.6x raw aiohttp (aiohttp driver); >= 1.0x the best plain httpx (httpx driver)",
+        "ok": ok,
+        "measurements": {
+            f"{config}@{n}": [{k: round(v, 1) for k, v in m.items()} for m in seen[(config, n)]]
+            for (config, n) in seen
+        },
+    }
+
+
+def profile_async(config: str, in_flight: int, total: int) -> None:
+    """CPU per request of *config* and its costliest functions (cProfile), on a fresh loopback.
+
+    Run with ``PYTHONPATH`` pointing at another tree to profile that one (the flux configurations
+    then use its defaults).
+    """
+    import cProfile
+    import io
+    import pstats
+
+    with loopback() as base:
+
+        async def main() -> None:
+            send, close = _async_sender(config, base)
+            try:
+                await _in_flight(send, max(2 * in_flight, 300), in_flight)
+                rate, cpu = await _in_flight(send, total, in_flight)
+                profile = cProfile.Profile()
+                profile.enable()
+                await _in_flight(send, total, in_flight)
+                profile.disable()
+            finally:
+                await close()
+            out = io.StringIO()
+            stats = pstats.Stats(profile, stream=out)
+            stats.sort_stats("tottime").print_stats(15)
+            calls = sum(entry[1] for entry in stats.stats.values())  # type: ignore[attr-defined]
+            print(
+                f"{config} at {in_flight} in flight: {rate:.0f} req/s, {cpu * 1e6:.0f} us CPU per "
+                f"request unprofiled; {calls / total:.0f} Python calls per request"
+            )
+            print(out.getvalue())
+
+        asyncio.run(main())
 
 
 @contextmanager
@@ -708,6 +920,13 @@ def main(selected: list[str]) -> int:
         import flux_adapters
 
         print(one_exchange_per_call(selected[1], int(selected[2])), flux_adapters.__file__)
+        return 0
+    if selected[:1] == ["--async-child"]:  # a measurement of bench_async
+        config, in_flight, total, base = selected[1:5]
+        print(json.dumps(async_child(config, int(in_flight), int(total), base)))
+        return 0
+    if selected[:1] == ["--profile-async"]:  # CONFIG IN_FLIGHT [TOTAL]
+        profile_async(selected[1], int(selected[2]), int(selected[3]) if selected[3:] else 3000)
         return 0
     chosen = selected or ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
     print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")

@@ -105,8 +105,13 @@ def _image_chunks(value: ImageValue) -> Iterator[bytes]:
         yield encode(view[start : start + _READ_SIZE])
 
 
+_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+"""Compact JSON, as ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))`` writes it
+(made once: ``json.dumps`` with arguments builds an encoder for every call)."""
+
+
 def _encode_scalar(value: JsonValue) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _JSON.encode(value).encode("utf-8")
 
 
 def _flatten(value: JsonValue, out: list[Segment]) -> None:
@@ -132,18 +137,19 @@ def _flatten(value: JsonValue, out: list[Segment]) -> None:
 def _has_images(value: JsonValue) -> bool:
     if isinstance(value, ImageValue):
         return True
-    if isinstance(value, dict):
-        return any(_has_images(item) for item in value.values())
-    if isinstance(value, list):
-        return any(_has_images(item) for item in value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:  # noqa: SIM110 - any() over a generator costs a call per item
+        # Scalars (most of a body) are passed over without a call each.
+        if isinstance(item, (ImageValue, dict, list)) and _has_images(item):
+            return True
     return False
 
 
 def json_segments(body: JsonBody) -> list[Segment]:
     """Flatten *body* into encoded JSON text runs and the images between them."""
     if not _has_images(body.value):
-        # The common case (text-to-image, URL references): one dumps call, same bytes.
-        return [json.dumps(body.value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")]
+        # The common case (text-to-image, URL references): one encoding, same bytes.
+        return [_JSON.encode(body.value).encode("utf-8")]
     raw: list[Segment] = []
     _flatten(body.value, raw)
     merged: list[Segment] = []
@@ -160,7 +166,8 @@ def segments_length(segments: list[Segment]) -> int:
     return sum(len(s) if isinstance(s, bytes) else _image_length(s) for s in segments)
 
 
-def _segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
+def segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
+    """The bytes *segments* encode to, in slices (images read and encoded as they go)."""
     for segment in segments:
         if isinstance(segment, bytes):
             yield segment
@@ -180,8 +187,8 @@ class StreamedJson(httpx.SyncByteStream, httpx.AsyncByteStream):
         self._segments = segments
 
     def __iter__(self) -> Iterator[bytes]:
-        return _segment_chunks(self._segments)
+        return segment_chunks(self._segments)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in _segment_chunks(self._segments):
+        for chunk in segment_chunks(self._segments):
             yield chunk

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol, TypeAlias
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -37,6 +38,7 @@ from flux_adapters._files import (
 from flux_adapters._redact import redact
 from flux_adapters._transport import (
     ACCEPT_ENCODING,
+    Head,
     LoopBinding,
     aiter_decoded,
     bounded_by,
@@ -61,7 +63,15 @@ from flux_adapters.errors import (
 )
 from flux_adapters.result import MAX_IMAGE_BYTES
 
-__all__ = ["DOWNLOAD_DEADLINE", "DOWNLOAD_TIMEOUT", "MAX_REDIRECTS", "HttpDownloader"]
+__all__ = [
+    "DOWNLOAD_DEADLINE",
+    "DOWNLOAD_TIMEOUT",
+    "MAX_REDIRECTS",
+    "AsyncGetter",
+    "HttpDownloader",
+    "Incoming",
+    "httpx_get",
+]
 
 DOWNLOAD_TIMEOUT: Final = httpx.Timeout(60.0, connect=10.0)
 DOWNLOAD_DEADLINE: Final = 120.0
@@ -95,7 +105,7 @@ class _ImageBody:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: Head,
         url: str,
         provider: str,
         sink: Callable[[bytes], None],
@@ -179,9 +189,7 @@ class _ImageBody:
             raise with_answer(error, self._response, self._scrub)
 
 
-def _next_url(
-    response: httpx.Response, url: str, provider: str, scrub: Callable[[str], str]
-) -> str | None:
+def _next_url(response: Head, url: str, provider: str, scrub: Callable[[str], str]) -> str | None:
     """The URL to go on to for a redirect, ``None`` for a 2xx; else the typed error.
 
     The error carries the answer's headers and request id (`FluxError.response_headers`).
@@ -193,9 +201,7 @@ def _next_url(
         raise
 
 
-def _followed(
-    response: httpx.Response, url: str, provider: str, scrub: Callable[[str], str]
-) -> str | None:
+def _followed(response: Head, url: str, provider: str, scrub: Callable[[str], str]) -> str | None:
     status = response.status_code
     if 200 <= status < 300:
         return None
@@ -247,13 +253,57 @@ def _too_many_redirects(
     )
 
 
+Incoming: TypeAlias = tuple[Head, AsyncIterator[bytes]]
+"""An answer being received: its head, and its body decoded (`flux_adapters._transport.adecoded`)."""
+
+
+class AsyncGetter(Protocol):
+    """Sends one bare GET and streams its answer: what the async downloader needs of a driver."""
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether it can no longer send."""
+
+    def get(self, request: httpx.Request) -> AbstractAsyncContextManager[Incoming]:
+        """Send *request* (never following a redirect); the answer while the block runs.
+
+        Raises:
+            httpx.HTTPError, OSError, TimeoutError: Or the driver's own transport failures,
+                which `flux_adapters._transport.mapped_transport_errors` maps.
+        """
+
+
+@contextlib.asynccontextmanager
+async def httpx_get(http: httpx.AsyncClient, request: httpx.Request) -> AsyncIterator[Incoming]:
+    """`AsyncGetter.get` on an ``httpx.AsyncClient``: never its auth, never a redirect."""
+    response = await http.send(request, stream=True, auth=None, follow_redirects=False)
+    try:
+        yield response, aiter_decoded(response)
+    finally:
+        await response.aclose()
+
+
+class _HttpxGetter:
+    """An ``httpx.AsyncClient`` as an `AsyncGetter`."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    @property
+    def is_closed(self) -> bool:
+        return self._http.is_closed
+
+    def get(self, request: httpx.Request) -> AbstractAsyncContextManager[Incoming]:
+        return httpx_get(self._http, request)
+
+
 class HttpDownloader:
     """Downloads result URLs with the client's httpx client, or a short-lived one if it is closed.
 
     Args:
         provider: The provider the images came from, for error messages.
         sync_client: The httpx client of a `FluxClient`.
-        async_client: The httpx client of an `AsyncFluxClient`.
+        async_client: The httpx client of an `AsyncFluxClient`, or its driver (`AsyncGetter`).
         async_loop: The event loop *async_client*'s connections belong to (the client's).
         deadline: Seconds one download may take in all (default `DOWNLOAD_DEADLINE`).
         scrub: Removes the client's keys from messages (a hostile provider may put one in a
@@ -265,7 +315,7 @@ class HttpDownloader:
         *,
         provider: str = "download",
         sync_client: httpx.Client | None = None,
-        async_client: httpx.AsyncClient | None = None,
+        async_client: httpx.AsyncClient | AsyncGetter | None = None,
         async_loop: LoopBinding | None = None,
         deadline: float = DOWNLOAD_DEADLINE,
         scrub: Callable[[str], str] = redact,
@@ -273,7 +323,11 @@ class HttpDownloader:
         self._provider = provider
         self._scrub = scrub
         self._sync = sync_client
-        self._async = async_client
+        self._async: AsyncGetter | None = (
+            _HttpxGetter(async_client)
+            if isinstance(async_client, httpx.AsyncClient)
+            else async_client
+        )
         self._async_loop = async_loop or LoopBinding()
         self._deadline = deadline
         self._timeout = phase_timeouts(DOWNLOAD_TIMEOUT, deadline)
@@ -287,12 +341,12 @@ class HttpDownloader:
                 yield client
 
     @contextlib.asynccontextmanager
-    async def _async_client(self) -> AsyncIterator[httpx.AsyncClient]:
+    async def _async_client(self) -> AsyncIterator[AsyncGetter]:
         if self._async is not None and not self._async.is_closed and self._async_loop.claim():
             yield self._async
         else:  # closed, or its connections belong to another event loop
             async with httpx.AsyncClient() as client:
-                yield client
+                yield _HttpxGetter(client)
 
     def _fetch(self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]) -> None:
         ends = time.monotonic() + self._deadline
@@ -355,7 +409,7 @@ class HttpDownloader:
         raise _too_many_redirects(url, self._provider, status, self._scrub)
 
     def _body(
-        self, response: httpx.Response, url: str, sink: Callable[[bytes], None], ends: float | None
+        self, response: Head, url: str, sink: Callable[[bytes], None], ends: float | None
     ) -> _ImageBody:
         return _ImageBody(
             response, url, self._provider, sink, self._deadline, ends, scrub=self._scrub
@@ -388,23 +442,19 @@ class HttpDownloader:
             raise
 
     async def _follow_async(
-        self, http: httpx.AsyncClient, url: str, sink: Callable[[bytes], None]
+        self, http: AsyncGetter, url: str, sink: Callable[[bytes], None]
     ) -> None:
         status = 0
         for _ in range(MAX_REDIRECTS + 1):
-            request = self._get(url)
-            response = await http.send(request, stream=True, auth=None, follow_redirects=False)
-            try:
+            async with http.get(self._get(url)) as (response, chunks):
                 status = response.status_code
                 following = _next_url(response, url, self._provider, self._scrub)
                 if following is None:
                     body = self._body(response, url, sink, None)
-                    async for chunk in aiter_decoded(response):
+                    async for chunk in chunks:
                         body.take(chunk)
                     body.finish()
                     return
-            finally:
-                await response.aclose()
             url = following
         raise _too_many_redirects(url, self._provider, status, self._scrub)
 

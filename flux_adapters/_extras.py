@@ -8,7 +8,7 @@ feature cannot do without (the emulator, the conformance suite) is written insid
     with extra_imports():
         from flux_adapters.emulator._server import build_server
 
-The speed-ups of the ``fast`` extra (pybase64, httpx-aiohttp) and the live display of the ``cli``
+The speed-ups of the ``fast`` extra (pybase64, aiohttp) and the live display of the ``cli``
 extra (rich) are not needed by anything: their imports fall back silently when missing.
 
 Nothing here is imported by ``import flux_adapters``; the error class is imported only when an
@@ -36,7 +36,7 @@ PROVIDED_BY: Final = {
     "yaml": ("PyYAML", "conformance"),
     "rich": ("rich", "cli"),
     "pybase64": ("pybase64", "fast"),
-    "httpx_aiohttp": ("httpx-aiohttp", "fast"),
+    "aiohttp": ("aiohttp", "fast"),
 }
 """Top-level module -> (the package on the index that provides it, the extra that installs it).
 

@@ -31,6 +31,7 @@ from flux_adapters._display import escape_controls
 __all__ = [
     "FRAGMENT",
     "MASK",
+    "MOST_HEADERS",
     "REQUEST_ID_HEADERS",
     "Redactor",
     "answer_headers",
@@ -203,7 +204,8 @@ REQUEST_ID_HEADERS: Final = (
     "x-amz-request-id",
 )
 """Headers that carry a provider's id for an exchange, in the order they are looked for."""
-_MOST_HEADERS: Final = 64
+MOST_HEADERS: Final = 64
+"""Most headers of an answer looked at: a hostile provider may send thousands."""
 _LONGEST_NAME: Final = 64
 _LONGEST_VALUE: Final = 256
 _LONGEST_ID: Final = 128
@@ -236,7 +238,7 @@ def answer_headers(headers: Mapping[str, str], scrub: Callable[[str], str]) -> d
     provider's headers reach terminals too.
     """
     kept: dict[str, str] = {}
-    for raw_name, raw_value in list(headers.items())[:_MOST_HEADERS]:
+    for raw_name, raw_value in list(headers.items())[:MOST_HEADERS]:
         name = str(raw_name).lower()
         if len(name) > _LONGEST_NAME or not name.isprintable() or scrub(name) != name:
             continue  # a name that holds a key (a gateway echoing what it was sent) is dropped

@@ -28,7 +28,7 @@ import time
 import weakref
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import httpx
 
@@ -50,7 +50,10 @@ __all__ = [
     "ACCEPT_ENCODING",
     "ENDS",
     "AnswerBody",
+    "Head",
+    "HeadHeaders",
     "LoopBinding",
+    "adecoded",
     "aiter_decoded",
     "bounded_by",
     "bounded_http_client",
@@ -60,6 +63,7 @@ __all__ = [
     "phase_timeouts",
     "proves_not_sent",
     "send_within",
+    "transport_error",
     "with_answer",
 ]
 
@@ -126,7 +130,8 @@ def _timed_out(exc: BaseException) -> bool:
     )
 
 
-def _transport_error(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> FluxError:
+def transport_error(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> FluxError:
+    """The `Timeout` or `TransportError` for a transport failure *exc* (httpx's or aiohttp's)."""
     sent = not proves_not_sent(exc)
     if _timed_out(exc):
         what = (
@@ -153,7 +158,7 @@ def mapped_transport_errors(provider: str, scrub: Callable[[str], str] = redact)
     except FluxError:
         raise
     except httpx.TransportError as exc:
-        raise _transport_error(exc, provider, scrub) from exc
+        raise transport_error(exc, provider, scrub) from exc
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
         # TooManyRedirects, DecodingError, stream errors, or InvalidURL (no HTTPError), which
         # httpx raises from send() for an answer's Location header it cannot parse, even when
@@ -163,10 +168,10 @@ def mapped_transport_errors(provider: str, scrub: Callable[[str], str] = redact)
         raise TransportError(message, provider=provider, sent=True) from exc
     except (TimeoutError, OSError) as exc:
         # Raw failures some transports let through (asyncio timeouts, aiohttp client errors).
-        raise _transport_error(exc, provider, scrub) from exc
+        raise transport_error(exc, provider, scrub) from exc
     except Exception as exc:
         if type(exc).__module__.partition(".")[0] == "aiohttp":
-            raise _transport_error(exc, provider, scrub) from exc
+            raise transport_error(exc, provider, scrub) from exc
         # Anything else a caller's transport raised: say what, never as "not sent" (which
         # would retry or fail over), since nothing tells when it failed.
         message = scrub(f"the transport failed ({type(exc).__name__}: {exc})")[:300]
@@ -196,6 +201,9 @@ class LoopBinding:
         import asyncio
 
         running = asyncio.get_running_loop()
+        bound = self._loop
+        if bound is not None:  # set once, never unset: no lock needed to read it
+            return bound() is running
         with self._lock:
             if self._loop is None:
                 self._loop = weakref.ref(running)
@@ -268,6 +276,35 @@ def send_within(
     return send_on_worker(http, request, ends, provider, deadline)
 
 
+class HeadHeaders(Protocol):
+    """The headers of an answer as the readers here use them (``httpx.Headers`` is one)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of *key* (any case); several values joined with ``", "``."""
+
+    def get_list(self, key: str, split_commas: bool = False) -> list[str]:
+        """Every value of *key* (any case)."""
+
+    def multi_items(self) -> list[tuple[str, str]]:
+        """Every header, names in lower case, in the order received."""
+
+
+class Head(Protocol):
+    """The head of an answer: its status and headers (an ``httpx.Response`` is one).
+
+    The readers here (`AnswerBody`, the downloader's checks) take this rather than an
+    ``httpx.Response``, so that a driver on another HTTP library feeds them the same way.
+    """
+
+    @property
+    def status_code(self) -> int:
+        """The status code."""
+
+    @property
+    def headers(self) -> HeadHeaders:
+        """The headers."""
+
+
 class _Inflater:
     """Inflates one gzip or deflate body, never more than `DECODED_SLICE` bytes per step."""
 
@@ -294,7 +331,7 @@ class _Inflater:
                 yield out
 
 
-def _inflater(response: httpx.Response) -> _Inflater | None:
+def _inflater(response: Head) -> _Inflater | None:
     """The inflater for *response*'s ``Content-Encoding`` (``None``: not encoded).
 
     Raises:
@@ -349,26 +386,36 @@ async def aiter_decoded(response: httpx.Response) -> AsyncIterator[bytes]:
         for piece in read:
             yield piece
         return
-    inflater = _inflater(response)
-    async for raw in response.aiter_raw():
+    async for piece in adecoded(response, response.aiter_raw()):
+        yield piece
+
+
+async def adecoded(head: Head, raw: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The body *raw* (as received) of the answer *head*, decoded as `iter_decoded` does.
+
+    Raises:
+        httpx.DecodingError: An encoding that was not asked for, or bad compressed data.
+    """
+    inflater = _inflater(head)
+    async for chunk in raw:
         if inflater is None:
-            yield raw
+            yield chunk
         else:
-            for piece in inflater.feed(raw):
+            for piece in inflater.feed(chunk):
                 yield piece
 
 
 _E = TypeVar("_E", bound=FluxError)
 
 
-def with_answer(error: _E, response: httpx.Response, scrub: Callable[[str], str] = redact) -> _E:
+def with_answer(error: _E, response: Head, scrub: Callable[[str], str] = redact) -> _E:
     """*error* carrying *response*'s headers (made safe by *scrub*) and the provider's request id."""
     headers = dict(response.headers.multi_items())
     attach_response(error, answer_headers(headers, scrub), request_id(headers, scrub))
     return error
 
 
-def declared_length(response: httpx.Response) -> int | None:
+def declared_length(response: Head) -> int | None:
     """The ``Content-Length`` the server declared, when it is a plain number."""
     value = response.headers.get("content-length", "")
     return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
@@ -385,7 +432,7 @@ class AnswerBody:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: Head,
         provider: str,
         deadline: float,
         ends: float | None,

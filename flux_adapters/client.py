@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import logging
 import math
 import os
@@ -36,7 +35,6 @@ from collections.abc import (
 from contextvars import ContextVar
 from types import TracebackType
 from typing import (
-    IO,
     TYPE_CHECKING,
     Any,
     Final,
@@ -47,6 +45,7 @@ from typing import (
     TypeVar,
     get_args,
 )
+from urllib.parse import urlsplit
 
 import attrs
 import httpx
@@ -70,7 +69,7 @@ from flux_adapters.errors import (
     RequestError,
     Violation,
 )
-from flux_adapters.request import MODELS, DataUrlImage, EditRequest, FileImage
+from flux_adapters.request import MODELS, EditRequest
 
 # What only sending, a result, several providers or a batch needs is imported where it is used,
 # so that `from flux_adapters import EditRequest, FluxClient` loads neither the routing, the
@@ -79,6 +78,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
+    from flux_adapters._drivers import AsyncDriver, DriverName, Exchange
     from flux_adapters._flows import Flow, Outcome
     from flux_adapters._redact import Redactor
     from flux_adapters.config import ProviderSettings
@@ -86,7 +86,6 @@ if TYPE_CHECKING:
     from flux_adapters.limits import Plan
     from flux_adapters.prices import Price
     from flux_adapters.providers import Answer, AnyAdapter, KeyAuth, Provider
-    from flux_adapters.request import LocalImage
     from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
     from flux_adapters.routing import Breaker, Instruction, Reply, Routed, RoutingPolicy
     from flux_adapters.wire import HttpRequest, HttpResponse, Sleep
@@ -151,6 +150,9 @@ class _Binding:
     """Removes this key, in any form, from every message."""
     key_only: Redactor = attrs.field(repr=False, eq=False)
     """Removes this key, in any form, and nothing else (so a change means it was there)."""
+    origin: str | None = attrs.field(default=None, repr=False, eq=False)
+    """``scheme://host[:port]/`` of the base URL, exactly as `KeyAuth.allows` compares it: a URL
+    that starts with it is the base URL's origin without parsing it (every exchange asks)."""
 
     @classmethod
     def create(
@@ -210,6 +212,7 @@ class _Binding:
             api_key=key,
             scrub=redactor_for((key,)),
             key_only=Redactor((key,), shapes=False),
+            origin=_origin(base),
         )
 
     def retimed(self, timeout: httpx.Timeout | float, deadline: float | None) -> _Binding:
@@ -219,12 +222,26 @@ class _Binding:
 
     def may_receive_key(self, url: str) -> bool:
         """Whether *url* may carry the key: the base URL's origin, or a host the adapter declares."""
-        return self.auth.allows(url, self.base_url)
+        origin = self.origin
+        return (origin is not None and url.startswith(origin)) or self.auth.allows(
+            url, self.base_url
+        )
 
     def limit(self, outgoing: HttpRequest) -> float:
         """Seconds *outgoing* may take in all: the client's deadline, or the flow's if shorter."""
         asked = outgoing.deadline
         return self.deadline if asked is None else max(0.0, min(self.deadline, asked))
+
+
+def _origin(base_url: str) -> str | None:
+    """``scheme://netloc/`` of *base_url* as ``urlsplit`` reads it; ``None`` if it has none."""
+    try:
+        parts = urlsplit(base_url)
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}/"
 
 
 def _timing(
@@ -279,103 +296,48 @@ def _check_retries(value: object) -> int:
     return value
 
 
-def _open_upload(image: LocalImage, files: contextlib.ExitStack) -> IO[bytes]:
-    if isinstance(image, FileImage):
-        return files.enter_context(image.open())
-    if isinstance(image, DataUrlImage):
-        return io.BytesIO(image.decode())
-    # BytesIO, not bytes: httpx then streams it in 64 KiB slices instead of one large write.
-    return io.BytesIO(image.data)
-
-
-def _build_httpx_request(
-    http: httpx.Client | httpx.AsyncClient,
-    binding: _Binding,
-    outgoing: HttpRequest,
-    files: contextlib.ExitStack,
-) -> httpx.Request:
-    """The httpx request for *outgoing*, with the key added only where its adapter allows.
+def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
+    """*outgoing* as it goes on the wire: the key added only where its adapter allows it.
 
     Raises:
-        RequestError: httpx cannot send what the adapter built (a bad URL or header).
+        RequestError: The key goes in a query string httpx cannot build into the URL.
     """
-    try:
-        return _httpx_request(http, binding, outgoing, files)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        why = binding.scrub(f"{type(exc).__name__}: {exc}")[:200]
-        violation = Violation(
-            "request",
-            f"{binding.adapter.name} built a request httpx cannot send",
-            "valid HTTP",
-            why,
-        )
-        raise RequestError([violation], provider=binding.adapter.name) from None
-
-
-def _httpx_request(
-    http: httpx.Client | httpx.AsyncClient,
-    binding: _Binding,
-    outgoing: HttpRequest,
-    files: contextlib.ExitStack,
-) -> httpx.Request:
-    from flux_adapters._bodies import StreamedJson, json_segments, segments_length
+    from flux_adapters._drivers import Exchange, unsendable
+    from flux_adapters._redact import hide_in_httpx_log
     from flux_adapters._transport import ACCEPT_ENCODING, phase_timeouts
-    from flux_adapters.wire import JsonBody, MultipartBody
+    from flux_adapters.wire import JsonBody
 
     headers = dict(outgoing.headers)
     headers.setdefault("Accept", "application/json")
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
-    url: str | httpx.URL = outgoing.url
+    if isinstance(outgoing.body, JsonBody):
+        headers["Content-Type"] = "application/json"
+    url = outgoing.url
     auth = binding.auth
-    if binding.may_receive_key(outgoing.url):
+    if binding.may_receive_key(url):
         if auth.header is not None:
             headers[auth.header] = auth.value(binding.api_key)
         else:
             assert auth.query is not None
-            from flux_adapters._redact import hide_in_httpx_log
-
-            url = httpx.URL(outgoing.url).copy_merge_params({auth.query: binding.api_key})
+            try:
+                url = str(httpx.URL(url).copy_merge_params({auth.query: binding.api_key}))
+            except (httpx.InvalidURL, ValueError, TypeError) as exc:
+                raise unsendable(binding.adapter.name, binding.scrub, exc) from None
             hide_in_httpx_log(binding.api_key)
-    body = outgoing.body
     seconds = binding.limit(outgoing)
     timeout = (
         phase_timeouts(binding.timeout, seconds) if seconds < binding.deadline else binding.timeout
     )
-    if isinstance(body, MultipartBody):
-        uploads = [
-            (
-                part.name,
-                (part.filename, _open_upload(part.image, files), part.image.info.media_type),
-            )
-            for part in body.files
-        ]
-        return http.build_request(
-            outgoing.method,
-            url,
-            headers=headers,
-            data=dict(body.fields),
-            files=uploads,
-            timeout=timeout,
-        )
-    if isinstance(body, JsonBody):
-        headers["Content-Type"] = "application/json"
-        segments = json_segments(body)
-        if len(segments) == 1 and isinstance(segments[0], bytes):
-            return http.build_request(
-                outgoing.method, url, headers=headers, content=segments[0], timeout=timeout
-            )
-        # build_request applies the caller's client defaults; a fresh Request then carries the
-        # stream (replacing .stream on a built request would leave its empty .content behind).
-        base = http.build_request(outgoing.method, url, headers=headers, timeout=timeout)
-        base.headers["Content-Length"] = str(segments_length(segments))
-        return httpx.Request(
-            base.method,
-            base.url,
-            headers=base.headers,
-            stream=StreamedJson(segments),
-            extensions=base.extensions,
-        )
-    return http.build_request(outgoing.method, url, headers=headers, timeout=timeout)
+    return Exchange(
+        outgoing.method,
+        url,
+        headers,
+        outgoing.body,
+        timeout,
+        seconds,
+        binding.adapter.name,
+        binding.scrub,
+    )
 
 
 _GATES: ContextVar[Mapping[str, asyncio.Semaphore] | None] = ContextVar("flux_gates", default=None)
@@ -586,9 +548,9 @@ class _Cooldowns:
 class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
-    _http: httpx.Client | httpx.AsyncClient
     _own_http: bool
-    """Whether closing this client closes ``_http`` (not a caller's, not a `with_options` copy's)."""
+    """Whether closing this client closes its connections (not a caller's ``http_client``, not
+    a `with_options` copy's)."""
     _lifetime: _Lifetime
 
     def __init__(
@@ -763,7 +725,11 @@ class _ClientBase:
         It is once `close` was called (or its ``with`` block ended), once the client it was
         copied from (`with_options`) is closed, or once its httpx client is.
         """
-        return self._lifetime.why_closed() is not None or self._http.is_closed
+        return self._lifetime.why_closed() is not None or self._sender_closed()
+
+    def _sender_closed(self) -> bool:
+        """Whether what this client sends with (its httpx client, its driver) is closed."""
+        raise NotImplementedError
 
     def _closed_error(self) -> ClientClosedError | None:
         """The error for a call on this client once it is closed; ``None`` while it is open."""
@@ -778,7 +744,7 @@ class _ClientBase:
                 f"this {name} is a with_options() copy of a client that is closed; "
                 "copies share its connections, so create a new client"
             )
-        if self._http.is_closed:
+        if self._sender_closed():
             return ClientClosedError(
                 f"the httpx client of this {name} is closed (http_client= is yours: closing it "
                 "ends this client too); create a new one"
@@ -787,23 +753,35 @@ class _ClientBase:
 
     def _check_open(self) -> None:
         """Raise `ClientClosedError` once this client is closed; nothing is sent."""
+        if self._lifetime.why_closed() is None and not self._sender_closed():
+            return  # every exchange asks: the open case builds no message
         error = self._closed_error()
         if error is not None:
             raise error
 
+    def _closed_instead(self, exc: RuntimeError) -> BaseException:
+        """What to raise for *exc*: this client's `ClientClosedError` when it is a refusal to send.
+
+        httpx's ``RuntimeError`` for a closed client, or a driver's `ClientClosedError`: each is
+        raised before anything is sent. Any other error is raised as it is.
+        """
+        error = self._closed_error()
+        if error is None:
+            return exc
+        if isinstance(exc, ClientClosedError) or not isinstance(exc, FluxError):
+            return error
+        return exc
+
     @contextlib.contextmanager
     def _closed_mapped(self) -> Generator[None, None, None]:
-        """Httpx's ``RuntimeError`` for a client closed in the meantime, as `ClientClosedError`.
-
-        httpx refuses before sending anything, so nothing was sent.
-        """
+        """`_closed_instead` over a block."""
         try:
             yield
         except RuntimeError as exc:
-            error = self._closed_error()
-            if error is None or isinstance(exc, FluxError):
+            instead = self._closed_instead(exc)
+            if instead is exc:
                 raise
-            raise error from exc
+            raise instead from exc
 
     @classmethod
     def from_env(
@@ -900,8 +878,6 @@ class _ClientBase:
     def _result(
         self, request: EditRequest, routed: Routed, started: float, downloader: HttpDownloader
     ) -> EditResult:
-        from flux_adapters.prices import estimate
-
         binding = routed.candidate
         assert isinstance(binding, _Binding)
         outcome = routed.outcome
@@ -912,9 +888,7 @@ class _ClientBase:
             downloader,
             started,
             model=outcome.plan.limits.model,
-            estimated=estimate(
-                request, outcome.plan, self._prices, getattr(binding.adapter, "prices", None)
-            ),
+            estimated=routed.estimated,
             warnings=outcome.plan.warnings,
             attempts=routed.attempts,
             request_id=outcome.request_id,
@@ -1192,6 +1166,9 @@ class FluxClient(_ClientBase):
 
     _http: httpx.Client
 
+    def _sender_closed(self) -> bool:
+        return self._http.is_closed
+
     def __init__(
         self,
         provider: Provider | None = None,
@@ -1383,6 +1360,7 @@ class FluxClient(_ClientBase):
             pass
 
     def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
+        from flux_adapters._drivers import httpx_request
         from flux_adapters._transport import (
             AnswerBody,
             bounded_by,
@@ -1400,7 +1378,7 @@ class FluxClient(_ClientBase):
             mapped_transport_errors(name, binding.scrub),
             bounded_by(ends, name, seconds),
         ):
-            request = _build_httpx_request(self._http, binding, outgoing, files)
+            request = httpx_request(self._http, _exchange(binding, outgoing), files)
             # Redirects are never followed, whatever the caller's client says: a 307/308 would
             # send the paid POST again (and its images to another origin); a 3xx is judged by
             # its status. A caller's client-level auth never replaces the provider's key. A
@@ -1442,27 +1420,32 @@ class FluxClient(_ClientBase):
         self.close()
 
 
-def _default_async_http() -> httpx.AsyncClient:
-    """An AsyncClient on aiohttp when the ``fast`` extra is installed, else plain httpx.
-
-    httpx's own async pool slows down sharply with many requests in flight (about 3x fewer
-    requests per second than aiohttp at 50 in flight on loopback; benchmarks/run.py e).
-    """
-    try:
-        from httpx_aiohttp import AiohttpTransport
-    except ImportError:
-        return httpx.AsyncClient()
-    return httpx.AsyncClient(transport=AiohttpTransport())
-
-
 class AsyncFluxClient(_ClientBase):
     """Async twin of `FluxClient`: same arguments, same routing, same errors.
 
     ``http_client`` is an ``httpx.AsyncClient`` (its timeout is used unless *timeout* is given,
     as with `FluxClient`). `edit_many` runs a batch; `with_options` makes a light copy.
+
+    It sends with one of two drivers, the same flows and errors on each (`driver` says which):
+
+    - ``"aiohttp"``, when aiohttp is installed (the ``fast`` extra), no *http_client* is given
+      and no proxy is set in the environment: aiohttp directly, without httpx's request and
+      response objects on top (docs/benchmarks.md has the figures);
+    - ``"httpx"`` otherwise: *http_client* as it is, or the library's own small httpx pools
+      (8 connections each, up to 100, all kept alive) with a queue in front of them.
+
+    *driver* (``"auto"``, ``"aiohttp"`` or ``"httpx"``; default ``$FLUX_ASYNC_DRIVER``, else
+    ``"auto"``) forces one. Either way, without an *http_client*, at most 100 exchanges of a
+    client are in flight at once; the rest wait their turn, no longer than the pool timeout
+    (then a `errors.Timeout` with ``sent=False``).
+
+    Raises:
+        ConfigurationError: As `FluxClient`; or *driver* (or ``$FLUX_ASYNC_DRIVER``) is not a
+            driver, or is ``"aiohttp"`` with an *http_client*.
+        MissingExtraError: *driver* is ``"aiohttp"`` and aiohttp is not installed.
     """
 
-    _http: httpx.AsyncClient
+    _driver: AsyncDriver
 
     def __init__(
         self,
@@ -1482,6 +1465,7 @@ class AsyncFluxClient(_ClientBase):
         prices: Mapping[tuple[str, str], Price] | None = None,
         settings: Mapping[str, ProviderSettings] | None = None,
         polling: Polling | None = None,
+        driver: Literal["auto", "aiohttp", "httpx"] | None = None,
     ) -> None:
         if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
             raise ConfigurationError(
@@ -1506,17 +1490,37 @@ class AsyncFluxClient(_ClientBase):
             inherited=_callers_timeout(http_client),
         )
         self._own_http = http_client is None
-        self._http = http_client if http_client is not None else _default_async_http()
+        from flux_adapters._drivers import HttpxDriver, choose
         from flux_adapters._transport import LoopBinding
 
+        chosen = choose(driver, http_client)
+        if http_client is not None:
+            self._driver = HttpxDriver(http_client)
+        elif chosen == "aiohttp":
+            from flux_adapters._aiohttp import AiohttpDriver  # lazy: aiohttp only for this driver
+
+            self._driver = AiohttpDriver()
+        else:
+            self._driver = HttpxDriver()
         self._loop = LoopBinding()
+
+    @property
+    def driver(self) -> DriverName:
+        """What this client sends with: ``"aiohttp"`` or ``"httpx"`` (see the class)."""
+        return self._driver.name
+
+    def _sender_closed(self) -> bool:
+        return self._driver.is_closed
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, driver={self.driver!r})"
 
     def _new_downloader(self) -> HttpDownloader:
         from flux_adapters._download import HttpDownloader
 
         return HttpDownloader(
             provider=self.provider,
-            async_client=self._http,
+            async_client=self._driver,
             async_loop=self._loop,
             deadline=self._downloader_deadline(),
             scrub=self._scrub,
@@ -1590,7 +1594,9 @@ class AsyncFluxClient(_ClientBase):
         name = binding.adapter.name
         gates = _GATES.get()
         gate = gates.get(name) if gates else None
-        async with gate if gate is not None else contextlib.nullcontext():
+        if gate is not None:
+            await gate.acquire()
+        try:
             flow = self._flow(binding, request, plan)
             reply: Outcome | FluxError
             try:
@@ -1605,6 +1611,9 @@ class AsyncFluxClient(_ClientBase):
                 not_taken = getattr(binding.adapter, "not_taken", None)
                 watcher.finished(name, reply, not_taken, binding.key_only)
             return reply
+        finally:
+            if gate is not None:
+                gate.release()
 
     async def _drive(self, binding: _Binding, flow: _Steps[_T], watcher: Watcher | None) -> _T:
         """Perform what *flow* asks; its result. See `FluxClient._drive`.
@@ -1681,45 +1690,11 @@ class AsyncFluxClient(_ClientBase):
             pass
 
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
-        import asyncio
-
-        from flux_adapters._transport import (
-            AnswerBody,
-            aiter_decoded,
-            deadline_error,
-            mapped_transport_errors,
-        )
-
-        name = binding.adapter.name
-        seconds = binding.limit(outgoing)
-        deadline = asyncio.timeout(seconds)
+        self._check_open()  # closed while a call was under way
         try:
-            async with deadline:
-                self._check_open()  # closed while a call was under way
-                with contextlib.ExitStack() as files, mapped_transport_errors(name, binding.scrub):
-                    request = _build_httpx_request(self._http, binding, outgoing, files)
-                    with self._closed_mapped():
-                        response = await self._http.send(
-                            request,
-                            stream=True,
-                            auth=None,  # see FluxClient._send
-                            follow_redirects=False,
-                        )
-                    try:
-                        body = AnswerBody(response, name, seconds, None, binding.scrub)
-                        try:
-                            async for chunk in aiter_decoded(response):
-                                if not body.take(chunk):
-                                    break
-                        except httpx.DecodingError as exc:
-                            raise body.unreadable("the answer could not be decoded") from exc
-                        return body.finish()
-                    finally:
-                        await response.aclose()
-        except TimeoutError as exc:  # transport timeouts are mapped inside: this is the deadline
-            if not deadline.expired():
-                raise
-            raise deadline_error(name, seconds) from exc
+            return await self._driver.exchange(_exchange(binding, outgoing))
+        except RuntimeError as exc:  # a refusal to send on a client closed meanwhile
+            raise self._closed_instead(exc) from exc
 
     def edit_many(
         self,
@@ -1804,7 +1779,7 @@ class AsyncFluxClient(_ClientBase):
         """Close this client: any later call raises `ClientClosedError`; see `FluxClient.close`."""
         self._lifetime.close()
         if self._own_http:
-            await self._http.aclose()
+            await self._driver.aclose()
 
     async def __aenter__(self) -> Self:
         return self

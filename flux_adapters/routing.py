@@ -460,11 +460,16 @@ Reply: TypeAlias = Outcome | FluxError | None
 
 @frozen
 class Routed:
-    """The route's result: which candidate served it, its outcome, and every attempt."""
+    """The route's result: which candidate served it, its outcome, every attempt, its price.
+
+    ``estimated`` is the price the route ranked the candidate by (`flux_adapters.prices`), or
+    ``None`` when none is known.
+    """
 
     candidate: object
     outcome: Outcome
     attempts: tuple[Attempt, ...]
+    estimated: float | None = None
 
 
 def _with_attempts(error: FluxError, attempts: list[Attempt]) -> FluxError:
@@ -538,7 +543,7 @@ def route(
         )
 
     last: FluxError | None = None
-    for position, (_, _, candidate, plan) in enumerate(ranked):
+    for position, (cost, _, candidate, plan) in enumerate(ranked):
         adapter = adapter_of(candidate)
         name = adapter.name
         key = (name, model)
@@ -556,7 +561,16 @@ def route(
         try:
             tries = 0
             while True:
-                note(logging.DEBUG, "try", scrub, "%s: trying %s (try %d)", model, name, tries + 1)
+                if LOGGER.isEnabledFor(logging.DEBUG):  # every call passes here: no arguments built
+                    note(
+                        logging.DEBUG,
+                        "try",
+                        scrub,
+                        "%s: trying %s (try %d)",
+                        model,
+                        name,
+                        tries + 1,
+                    )
                 started = clock()
                 reply = yield Try(candidate, plan)
                 elapsed = clock() - started
@@ -566,18 +580,19 @@ def route(
                     attempts.append(
                         Attempt(provider=name, model=model, outcome="ok", elapsed_s=elapsed)
                     )
-                    note(
-                        logging.INFO,
-                        "served",
-                        scrub,
-                        "%s: served by %s in %.2f s (%d attempt%s)",
-                        model,
-                        name,
-                        elapsed,
-                        len(attempts),
-                        "" if len(attempts) == 1 else "s",
-                    )
-                    return Routed(candidate, reply, tuple(attempts))
+                    if LOGGER.isEnabledFor(logging.INFO):
+                        note(
+                            logging.INFO,
+                            "served",
+                            scrub,
+                            "%s: served by %s in %.2f s (%d attempt%s)",
+                            model,
+                            name,
+                            elapsed,
+                            len(attempts),
+                            "" if len(attempts) == 1 else "s",
+                        )
+                    return Routed(candidate, reply, tuple(attempts), cost)
                 assert isinstance(reply, FluxError)
                 last = reply
                 rule = billing_rule(reply, getattr(adapter, "not_taken", None))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
-from typing import cast
+from typing import Literal, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -20,6 +20,20 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+CLIENT_KINDS = ("sync", "aiohttp", "httpx")
+"""What a test that runs on every client takes: FluxClient, then AsyncFluxClient with each of its
+drivers (``driver=kind``), so a fault gives the same typed error and ``sent`` on all three."""
+
+ASYNC_DRIVERS = ("aiohttp", "httpx")
+"""AsyncFluxClient's drivers."""
+
+
+def driver(kind: str) -> Literal["aiohttp", "httpx"]:
+    """*kind* (one of `ASYNC_DRIVERS`) as AsyncFluxClient's ``driver=`` takes it."""
+    assert kind in ASYNC_DRIVERS, kind
+    return cast(Literal["aiohttp", "httpx"], kind)
 
 
 def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", color: str = "red") -> bytes:

@@ -26,7 +26,7 @@ from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters._files import image_format
 from flux_adapters.result import MAX_IMAGE_BYTES
 from flux_adapters.wire import MAX_ANSWER_BYTES
-from tests.conftest import call_adapter, image_bytes
+from tests.conftest import CLIENT_KINDS, call_adapter, driver, image_bytes
 
 KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
 REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
@@ -35,6 +35,9 @@ OK = {"created": 1, "data": [{"url": RESULT_URL}]}
 PNG = image_bytes(40, 30)
 Handler = Callable[[httpx.Request], httpx.Response]
 both = pytest.mark.parametrize("kind", ["sync", "async"])
+"""FluxClient and AsyncFluxClient on a caller's httpx client (MockTransport)."""
+every = pytest.mark.parametrize("kind", CLIENT_KINDS)
+"""FluxClient, and AsyncFluxClient on each of its own drivers, on loopback."""
 
 
 def run(
@@ -297,13 +300,15 @@ def edit_on(kind: str, base_url: str, **options: Any) -> Any:
             return client.edit(REQUEST)
 
     async def main() -> Any:
-        async with AsyncFluxClient("laozhang", api_key=KEY, base_url=base_url, **options) as client:
+        async with AsyncFluxClient(
+            "laozhang", api_key=KEY, base_url=base_url, driver=driver(kind), **options
+        ) as client:
             return await client.edit(REQUEST)
 
     return asyncio.run(main())
 
 
-@both
+@every
 def test_headers_dripped_a_byte_at_a_time_end_at_the_deadline(
     kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server]
 ) -> None:
@@ -332,7 +337,7 @@ def test_a_send_given_up_on_hangs_up_instead_of_holding_the_connection(
         assert HUNG_UP.wait(5.0)  # within 5 s, not when the 20 s drip ends
 
 
-@both
+@every
 def test_a_download_whose_headers_drip_ends_at_its_deadline(
     kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server], tmp_path: Path
 ) -> None:
@@ -515,7 +520,7 @@ def test_an_odd_timeout_in_the_environment_names_the_variable(
 # --- one async client, two event loops -------------------------------------------------------
 
 
-@pytest.mark.parametrize("http", ["default", "httpx"])
+@pytest.mark.parametrize("http", ["aiohttp", "httpx", "callers"])
 def test_an_async_client_used_in_a_second_event_loop_says_so(http: str) -> None:
     """``asyncio.run(client.edit(...))`` twice: the connections belong to the first loop.
 
@@ -526,9 +531,13 @@ def test_an_async_client_used_in_a_second_event_loop_says_so(http: str) -> None:
 
     first = asyncio.new_event_loop()
     with run_emulator() as emulator:
-        mine = httpx.AsyncClient() if http == "httpx" else None
+        mine = httpx.AsyncClient() if http == "callers" else None
         client = AsyncFluxClient(
-            "laozhang", api_key=KEY, base_url=emulator.base_url("laozhang"), http_client=mine
+            "laozhang",
+            api_key=KEY,
+            base_url=emulator.base_url("laozhang"),
+            http_client=mine,
+            driver=None if mine else driver(http),
         )
         try:
             result = first.run_until_complete(client.edit(REQUEST))
@@ -626,7 +635,7 @@ def stall(connection: socket.socket, head: bytes) -> None:
     time.sleep(3)
 
 
-@both
+@every
 def test_a_server_hanging_up_is_a_dropped_connection_not_a_timeout(
     kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server]
 ) -> None:
@@ -649,8 +658,9 @@ def never_read(connection: socket.socket, head: bytes) -> None:
     time.sleep(5)
 
 
+@every
 def test_an_upload_the_server_never_reads_is_not_sent_when_the_deadline_ends_it(
-    serve: Callable[[Callable[[socket.socket, bytes], None]], Server], tmp_path: Path
+    kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server], tmp_path: Path
 ) -> None:
     """The body was not written whole, so the provider cannot have the job: not billed."""
     import os
@@ -666,9 +676,20 @@ def test_an_upload_the_server_never_reads_is_not_sent_when_the_deadline_ends_it(
     request = EditRequest(prompt="a robot", model="flux-2-pro", images=images)
     server = serve(never_read)
     started = time.monotonic()
-    client = FluxClient("laozhang", api_key=KEY, base_url=server.url, deadline=1.0)
-    with client, pytest.raises(errors.Timeout) as caught:
-        client.edit(request)
+    if kind == "sync":
+        client = FluxClient("laozhang", api_key=KEY, base_url=server.url, deadline=1.0)
+        with client, pytest.raises(errors.Timeout) as caught:
+            client.edit(request)
+    else:
+
+        async def main() -> None:
+            async with AsyncFluxClient(
+                "laozhang", api_key=KEY, base_url=server.url, deadline=1.0, driver=driver(kind)
+            ) as client:
+                await client.edit(request)
+
+        with pytest.raises(errors.Timeout) as caught:
+            asyncio.run(main())
     assert time.monotonic() - started < 4.0
     assert caught.value.sent is False
 
@@ -982,7 +1003,7 @@ def test_a_long_file_name_the_system_takes_can_be_saved_to(length: int, tmp_path
     assert [path.name for path in tmp_path.iterdir()] == [target.name]
 
 
-@both
+@every
 def test_a_garbled_answer_is_described_on_one_printable_line(
     kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server]
 ) -> None:

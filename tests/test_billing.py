@@ -2,9 +2,10 @@
 
 Every provider in turn is the first of a failover pair and meets every fault, the plain ones
 (answered before any work) and "took the job, then failed" (the image was made and billed, then
-a 500 / 502 / 504 / drop / garbage 200 came back), through FluxClient and AsyncFluxClient. The
-ledger says which providers did (and billed) each job: never two, unless the caller opted in.
-Then 200 concurrent edits meet random faults with the breaker on.
+a 500 / 502 / 504 / drop / garbage 200 came back), through FluxClient and AsyncFluxClient on
+each of its drivers (aiohttp, httpx). The ledger says which providers did (and billed) each
+job: never two, unless the caller opted in. Then 200 concurrent edits meet random faults with
+the breaker on, on each driver.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, errors
 from flux_adapters.emulator import Emulator, Fault, run_emulator
-from tests.conftest import image_bytes
+from tests.conftest import ASYNC_DRIVERS, CLIENT_KINDS, driver, image_bytes
 
 # apiyi-multipart takes local images only and needs at least one: every job carries one, so that
 # any provider can stand in for any other.
@@ -99,7 +100,13 @@ def edit(kind: str, providers: list[str], request: EditRequest, **options: objec
                 return client.edit(request)
 
         async def run() -> EditResult:
-            async with AsyncFluxClient(providers=providers, timeout=2.0, **options) as client:  # type: ignore[arg-type]
+            async with AsyncFluxClient(
+                providers=providers,  # type: ignore[arg-type]
+                timeout=2.0,
+                driver=driver(kind),
+                **options,  # type: ignore[arg-type]
+            ) as client:
+                assert client.driver == kind
                 return await client.edit(request)
 
         return asyncio.run(run())
@@ -120,7 +127,7 @@ CASES = [
     (provider, fault, kind)
     for provider in SECOND
     for fault in NOT_TAKEN + AMBIGUOUS_BEFORE_WORK + TOOK_THE_JOB + FINAL
-    for kind in ("sync", "async")
+    for kind in CLIENT_KINDS
 ]
 
 
@@ -157,7 +164,32 @@ def test_no_job_is_billed_by_two_providers(
         assert billed == ([first] if fault.after_work else [])
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
+def judged(outcome: object) -> tuple[str, bool | None, int | None, tuple[str, ...]]:
+    """What a caller can tell of an outcome: its type, ``sent``, the status, who was tried."""
+    attempts = getattr(outcome, "attempts", ())
+    return (
+        type(outcome).__name__,
+        getattr(outcome, "sent", None),
+        getattr(outcome, "status_code", None),
+        tuple(f"{attempt.provider}:{attempt.outcome}" for attempt in attempts),
+    )
+
+
+@pytest.mark.parametrize(
+    "fault", NOT_TAKEN + AMBIGUOUS_BEFORE_WORK + TOOK_THE_JOB + FINAL, ids=named
+)
+def test_every_client_and_driver_judges_a_fault_the_same(fault: Fault, emulator: Emulator) -> None:
+    """FluxClient and AsyncFluxClient on aiohttp and on httpx: the same error, ``sent`` and route."""
+    seen = {}
+    for kind in CLIENT_KINDS:
+        emulator.inject("laozhang", fault)
+        seen[kind] = judged(edit(kind, ["laozhang", "apiyi"], job()))
+        emulator.clear_faults()
+    assert seen["aiohttp"] == seen["sync"], seen
+    assert seen["httpx"] == seen["sync"], seen
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
 @pytest.mark.parametrize("fault", TOOK_THE_JOB[:4], ids=named)
 def test_failing_over_after_an_ambiguous_failure_is_the_callers_choice(
     fault: Fault, kind: str, emulator: Emulator
@@ -170,7 +202,10 @@ def test_failing_over_after_an_ambiguous_failure_is_the_callers_choice(
     assert billed_by(emulator, request) == ["laozhang", "apiyi"]  # exactly what was opted into
 
 
-def test_200_concurrent_edits_with_random_faults_and_the_breaker_on(emulator: Emulator) -> None:
+@pytest.mark.parametrize("kind", ASYNC_DRIVERS)
+def test_200_concurrent_edits_with_random_faults_and_the_breaker_on(
+    kind: str, emulator: Emulator
+) -> None:
     faults = itertools.cycle(NOT_TAKEN + AMBIGUOUS_BEFORE_WORK + TOOK_THE_JOB)
     for provider in ("laozhang", "apiyi", "aimlapi"):
         for _ in range(6):
@@ -179,7 +214,9 @@ def test_200_concurrent_edits_with_random_faults_and_the_breaker_on(emulator: Em
 
     async def run() -> list[object]:
         async with AsyncFluxClient(
-            providers=["laozhang", "apiyi", "aimlapi"], timeout=5.0
+            providers=["laozhang", "apiyi", "aimlapi"],
+            timeout=5.0,
+            driver=driver(kind),
         ) as client:
 
             async def one(request: EditRequest) -> object:

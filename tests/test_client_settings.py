@@ -295,10 +295,10 @@ def test_async_with_options_shares_the_pool_and_its_event_loop(emulator: Emulato
     async def main() -> None:
         async with AsyncFluxClient("apiyi") as client:
             async with client.with_options(timeout=20, max_retries=1) as copy:
-                assert copy._http is client._http
+                assert copy._driver is client._driver
                 assert copy._loop is client._loop
                 assert (await copy.edit(REQUEST)).provider == "apiyi"
-            assert not client._http.is_closed
+            assert not client._driver.is_closed
             assert (await client.edit(REQUEST)).provider == "apiyi"
 
     asyncio.run(main())

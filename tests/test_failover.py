@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
+from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, errors
 from flux_adapters.cli import main
 from flux_adapters.config import load_config
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.routing import RoutingPolicy
+from tests.conftest import ASYNC_DRIVERS, driver
 
 REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
 
@@ -91,6 +92,61 @@ def test_fault_matrix_on_the_first_provider(
             assert posts(emulator, "apiyi") == before["apiyi"]  # no second POST elsewhere
     assert posts(emulator, "laozhang") == before["laozhang"] + 1  # exactly one POST, no retry
     assert time.monotonic() - started < 5  # bounded by the timeouts: no hang
+
+
+@pytest.mark.parametrize("kind", ASYNC_DRIVERS)
+@pytest.mark.parametrize(("fault", "expected"), MATRIX, ids=lambda v: str(v)[:40])
+def test_fault_matrix_on_the_first_provider_on_each_async_driver(
+    kind: str, fault: Fault, expected: object, emulator: Emulator
+) -> None:
+    """The matrix above, on AsyncFluxClient with each driver: the same route and errors."""
+    emulator.inject("laozhang", fault)
+    before = {name: posts(emulator, name) for name in ("laozhang", "apiyi")}
+
+    async def main() -> object:
+        async with AsyncFluxClient(
+            providers=["laozhang", "apiyi"], timeout=1.0, driver=driver(kind)
+        ) as client:
+            try:
+                return await client.edit(REQUEST)
+            except errors.FluxError as error:
+                return error
+
+    outcome = asyncio.run(main())
+    if isinstance(expected, str):
+        assert isinstance(outcome, EditResult), outcome
+        assert outcome.provider == expected
+        assert [(a.provider, a.outcome) for a in outcome.attempts] == [
+            ("laozhang", "failed"),
+            ("apiyi", "ok"),
+        ]
+    else:
+        assert type(outcome) is expected, outcome
+        assert isinstance(outcome, errors.FluxError)
+        assert [a.provider for a in outcome.attempts] == ["laozhang"]
+        assert posts(emulator, "apiyi") == before["apiyi"]  # no second POST elsewhere
+        if isinstance(outcome, errors.TransportError):
+            assert outcome.sent is True  # a drop or a read timeout after sending: maybe billed
+    assert posts(emulator, "laozhang") == before["laozhang"] + 1  # exactly one POST, no retry
+
+
+@pytest.mark.parametrize("kind", ASYNC_DRIVERS)
+def test_a_refused_connection_fails_over_on_each_async_driver(
+    kind: str, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_BASE_URL", closed_port_url())
+
+    async def main() -> EditResult:
+        policy = RoutingPolicy(retries=0)
+        async with AsyncFluxClient(
+            providers=["laozhang", "apiyi"], policy=policy, driver=driver(kind)
+        ) as client:
+            return await client.edit(REQUEST)
+
+    result = asyncio.run(main())
+    assert result.provider == "apiyi"
+    assert isinstance(result.attempts[0].error, errors.TransportError)
+    assert result.attempts[0].error.sent is False
 
 
 def test_a_refused_connection_fails_over(

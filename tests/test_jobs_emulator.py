@@ -35,7 +35,7 @@ from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.jobs import Polling
 from flux_adapters.providers import KeyAuth
 from flux_adapters.providers.bfl import BflAdapter
-from tests.conftest import image_bytes
+from tests.conftest import CLIENT_KINDS, driver, image_bytes
 
 KEY = "emulator-key-0123456789"
 FAST = Polling(first=0.01, factor=1.5, longest=0.05, jitter=0.1, deadline=30.0)
@@ -70,14 +70,15 @@ def edit(
             return result, [image.read() for image in result.images]
 
     async def main() -> tuple[EditResult, list[bytes]]:
-        async with AsyncFluxClient(provider, **settings) as client:  # type: ignore[arg-type]
+        async with AsyncFluxClient(provider, driver=driver(kind), **settings) as client:  # type: ignore[arg-type]
             result = await client.edit(request)
             return result, [await image.read_async() for image in result.images]
 
     return asyncio.run(main())
 
 
-both = pytest.mark.parametrize("kind", ["sync", "async"])
+both = pytest.mark.parametrize("kind", CLIENT_KINDS)
+"""FluxClient, and AsyncFluxClient on each of its drivers."""
 
 
 def size_of(data: bytes) -> tuple[int, int]:
@@ -243,7 +244,7 @@ def resume(
             return done, done.images[0].read()
 
     async def main() -> tuple[EditResult, bytes]:
-        async with AsyncFluxClient(provider, **settings) as client:
+        async with AsyncFluxClient(provider, driver=driver(kind), **settings) as client:
             done = await client.resume(job)
             return done, await done.images[0].read_async()
 
@@ -355,7 +356,9 @@ def failover(kind: str, request: EditRequest, polling: Polling = FAST) -> EditRe
             return client.edit(request)
 
     async def main() -> EditResult:
-        async with AsyncFluxClient(providers=["bfl", "laozhang"], polling=polling) as client:
+        async with AsyncFluxClient(
+            providers=["bfl", "laozhang"], polling=polling, driver=driver(kind)
+        ) as client:
             return await client.edit(request)
 
     return asyncio.run(main())

@@ -1,5 +1,5 @@
-"""The default transports over real loopback sockets: httpx for FluxClient, aiohttp (the ``fast``
-extra) for AsyncFluxClient. Bodies must arrive whole with the length announced up front, and a
+"""The clients over real loopback sockets: FluxClient on httpx, AsyncFluxClient on each of its
+drivers (aiohttp, httpx). Bodies must arrive whole with the length announced up front, and a
 failure must say honestly whether the request may have reached the server."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, ProviderId, errors
-from tests.conftest import image_bytes
+from tests.conftest import CLIENT_KINDS, driver, image_bytes
 
 ANSWER = json.dumps({"data": [{"url": "http://127.0.0.1:1/result.png"}]}).encode()
 
@@ -71,13 +71,15 @@ def edit(kind: str, url: str, provider: ProviderId, request: EditRequest) -> Edi
             return client.edit(request)
 
     async def run() -> EditResult:
-        async with AsyncFluxClient(provider, api_key="k", base_url=url, timeout=10) as client:
+        async with AsyncFluxClient(
+            provider, api_key="k", base_url=url, timeout=10, driver=driver(kind)
+        ) as client:
             return await client.edit(request)
 
     return asyncio.run(run())
 
 
-both = pytest.mark.parametrize("kind", ["sync", "async"])
+both = pytest.mark.parametrize("kind", CLIENT_KINDS)
 
 
 @both

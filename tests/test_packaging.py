@@ -314,14 +314,15 @@ def test_the_speed_ups_and_the_display_fall_back_silently() -> None:
         "import io\n"
         "from flux_adapters import cli\n"
         "from flux_adapters._bodies import _b64encode\n"
-        "from flux_adapters.client import _default_async_http\n"
-        "print(_b64encode()(b'flux').decode(), type(_default_async_http()._transport).__name__)\n"
+        "from flux_adapters import AsyncFluxClient\n"
+        "client = AsyncFluxClient('laozhang', api_key='k')\n"
+        "print(_b64encode()(b'flux').decode(), client.driver, type(client._driver.http._transport).__name__)\n"
         "out, err = io.StringIO(), io.StringIO()\n"
         "print(cli.main(['models'], out, err), 'laozhang' in out.getvalue(), repr(err.getvalue()))\n"
     )
-    result = _run(code, blocked=("pybase64", "httpx_aiohttp", "rich"))
+    result = _run(code, blocked=("pybase64", "aiohttp", "rich"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["Zmx1eA== AsyncHTTPTransport", "0 True ''"]
+    assert result.stdout.splitlines() == ["Zmx1eA== httpx AsyncHTTPTransport", "0 True ''"]
     assert result.stderr == ""
 
 

@@ -1,0 +1,544 @@
+"""How an exchange goes out: the request as it goes on the wire, and the async clients' drivers.
+
+`Exchange` is what a client computed for one `HttpRequest` of a flow: the URL and headers with
+the key added only where the adapter allows it, the body description, the per-phase timeouts and
+the exchange's deadline. Sending it is all that is left, and a driver does that:
+
+- `HttpxDriver`: an ``httpx.AsyncClient``, the caller's (``http_client=``), or the library's own
+  small pools with a queue of ours in front, so that requests wait for a connection there
+  rather than in httpcore's pool, which slows down sharply as it grows and as requests wait;
+- ``flux_adapters._aiohttp.AiohttpDriver``: aiohttp directly (the ``fast`` extra), without
+  httpx's request and response machinery on top, which costs more CPU than aiohttp itself.
+
+Both read the answer with the same `flux_adapters._transport.AnswerBody` (size cap, error prefix,
+bounded inflating) and map failures to the same typed errors, with ``sent`` saying whether the
+provider may have the request (docs/routing.md). `choose` decides which one an
+``AsyncFluxClient`` uses. `FluxClient` sends with httpx only (`httpx_request`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Literal,
+    NamedTuple,
+    Protocol,
+    TypeAlias,
+    get_args,
+)
+
+import httpx
+
+from flux_adapters._bodies import StreamedJson, json_segments, segments_length
+from flux_adapters._transport import (
+    AnswerBody,
+    aiter_decoded,
+    deadline_error,
+    mapped_transport_errors,
+)
+from flux_adapters.errors import (
+    ClientClosedError,
+    ConfigurationError,
+    RequestError,
+    Timeout,
+    Violation,
+)
+from flux_adapters.request import DataUrlImage, FileImage, LocalImage
+from flux_adapters.wire import HttpResponse, JsonBody, MultipartBody
+
+if TYPE_CHECKING:
+    from flux_adapters._download import Incoming
+
+__all__ = [
+    "CONNECTIONS",
+    "DRIVER_VARIABLE",
+    "AsyncDriver",
+    "DriverName",
+    "Exchange",
+    "HttpxDriver",
+    "choose",
+    "httpx_request",
+    "multipart_request",
+    "not_sent_by_deadline",
+    "open_upload",
+    "unsendable",
+]
+
+DriverName: TypeAlias = Literal["aiohttp", "httpx"]
+"""Which library an ``AsyncFluxClient`` sends with."""
+_ASKED: Final = ("auto", *get_args(DriverName))
+
+DRIVER_VARIABLE: Final = "FLUX_ASYNC_DRIVER"
+"""The environment variable that picks the driver when ``driver=`` is not given."""
+
+CONNECTIONS: Final = 100
+"""Connections a client's own driver keeps open at most, and exchanges it lets in flight at
+once; more wait in the client's queue (for as long as the pool timeout allows), where waiting
+costs nothing per request. aiohttp's own default is 100 too."""
+
+PER_POOL: Final = 8
+"""Connections per httpx pool of the library's own httpx driver (see `HttpxDriver`)."""
+
+KEEPALIVE: Final = 5.0
+"""Seconds an idle connection is kept: httpx's default, for both drivers. A server that closes
+an idle connection as a request goes out on it makes that request ambiguous (it may have
+arrived), so this is kept short."""
+
+
+class Exchange(NamedTuple):
+    """One request as it goes on the wire, key included: what a driver sends.
+
+    A named tuple rather than an attrs class: one is made for every exchange, and a tuple is
+    built several times faster than a frozen attrs instance.
+
+    Attributes:
+        method: The HTTP method.
+        url: The full URL (with the key in its query when the adapter sends it there).
+        headers: Every header of ours: the adapter's, ``Accept``, ``Accept-Encoding``, the
+            ``Content-Type`` of a JSON body, the key.
+        body: What to send (streamed), or ``None``.
+        timeout: Per-phase timeouts, none longer than *seconds*.
+        seconds: The deadline of the whole exchange, answer included.
+        provider: The provider's id, for errors.
+        scrub: Removes the client's keys from a message.
+    """
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: JsonBody | MultipartBody | None
+    timeout: httpx.Timeout
+    seconds: float
+    provider: str
+    scrub: Callable[[str], str]
+
+    def __repr__(self) -> str:  # the headers hold the key
+        return f"Exchange({self.method} {self.provider}, {self.seconds:g} s)"
+
+
+def unsendable(
+    provider: str, scrub: Callable[[str], str], exc: BaseException, by: str = "httpx"
+) -> RequestError:
+    """The error for a request that *by* cannot send as built (a bad URL or header); not sent."""
+    why = scrub(f"{type(exc).__name__}: {exc}")[:200]
+    violation = Violation(
+        "request", f"{provider} built a request {by} cannot send", "valid HTTP", why
+    )
+    return RequestError([violation], provider=provider)
+
+
+def not_sent_by_deadline(exchange: Exchange) -> Timeout:
+    """The error for a deadline that passed before the request went out whole (not billed)."""
+    return Timeout(
+        f"the request could not be sent within the deadline of {exchange.seconds:g} s",
+        provider=exchange.provider,
+        sent=False,
+    )
+
+
+def open_upload(image: LocalImage, files: contextlib.ExitStack) -> IO[bytes]:
+    """*image* as a binary file object, closed with *files*."""
+    if isinstance(image, FileImage):
+        return files.enter_context(image.open())
+    if isinstance(image, DataUrlImage):
+        return io.BytesIO(image.decode())
+    # BytesIO, not bytes: httpx then streams it in 64 KiB slices instead of one large write.
+    return io.BytesIO(image.data)
+
+
+def _uploads(body: MultipartBody, files: contextlib.ExitStack) -> list[tuple[str, Any]]:
+    return [
+        (part.name, (part.filename, open_upload(part.image, files), part.image.info.media_type))
+        for part in body.files
+    ]
+
+
+def multipart_request(
+    exchange: Exchange, body: MultipartBody, files: contextlib.ExitStack
+) -> httpx.Request:
+    """A client-less httpx request carrying *body*: its stream and headers are the encoding.
+
+    The same encoder for both drivers: the parts, their order and the announced length are
+    httpx's whichever library sends them.
+
+    Raises:
+        RequestError: httpx cannot encode what the adapter built (a bad URL or header).
+    """
+    try:
+        return httpx.Request(
+            exchange.method,
+            exchange.url,
+            headers=exchange.headers,
+            data=dict(body.fields),
+            files=_uploads(body, files),
+        )
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise unsendable(exchange.provider, exchange.scrub, exc) from None
+
+
+def httpx_request(
+    http: httpx.Client | httpx.AsyncClient, exchange: Exchange, files: contextlib.ExitStack
+) -> httpx.Request:
+    """The httpx request for *exchange*, with *http*'s own defaults applied.
+
+    Raises:
+        RequestError: httpx cannot send what the adapter built (a bad URL or header).
+    """
+    try:
+        return _httpx_request(http, exchange, files)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise unsendable(exchange.provider, exchange.scrub, exc) from None
+
+
+def _httpx_request(
+    http: httpx.Client | httpx.AsyncClient, exchange: Exchange, files: contextlib.ExitStack
+) -> httpx.Request:
+    body, headers, timeout = exchange.body, exchange.headers, exchange.timeout
+    if isinstance(body, MultipartBody):
+        return http.build_request(
+            exchange.method,
+            exchange.url,
+            headers=headers,
+            data=dict(body.fields),
+            files=_uploads(body, files),
+            timeout=timeout,
+        )
+    if isinstance(body, JsonBody):
+        segments = json_segments(body)
+        if len(segments) == 1 and isinstance(segments[0], bytes):
+            return http.build_request(
+                exchange.method, exchange.url, headers=headers, content=segments[0], timeout=timeout
+            )
+        # build_request applies the caller's client defaults; a fresh Request then carries the
+        # stream (replacing .stream on a built request would leave its empty .content behind).
+        base = http.build_request(exchange.method, exchange.url, headers=headers, timeout=timeout)
+        base.headers["Content-Length"] = str(segments_length(segments))
+        return httpx.Request(
+            base.method,
+            base.url,
+            headers=base.headers,
+            stream=StreamedJson(segments),
+            extensions=base.extensions,
+        )
+    return http.build_request(exchange.method, exchange.url, headers=headers, timeout=timeout)
+
+
+class AsyncDriver(Protocol):
+    """What an ``AsyncFluxClient`` sends with: exchanges, and the downloads of its results."""
+
+    @property
+    def name(self) -> DriverName:
+        """The library it sends with."""
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether it can no longer send."""
+
+    async def exchange(self, exchange: Exchange) -> HttpResponse:
+        """Send *exchange* and read its answer within the cap and the deadline.
+
+        Raises:
+            TransportError: No usable answer; ``sent`` says whether the provider may have it
+                (a `Timeout` for a timeout or the deadline).
+            ResponseFormatError: An answer too large, or that cannot be decoded.
+            RequestError: The request cannot be sent as built; nothing was sent.
+            ClientClosedError: The driver was closed; nothing was sent.
+        """
+
+    def get(self, request: httpx.Request) -> AbstractAsyncContextManager[Incoming]:
+        """Send a bare GET (a download), never following a redirect; the answer in the block."""
+
+    async def aclose(self) -> None:
+        """Close its connections; any later exchange raises `ClientClosedError`."""
+
+
+def _closed(http_is_yours: bool) -> ClientClosedError:
+    # The client replaces this with its own message (flux_adapters.client, _closed_mapped).
+    what = "the httpx client" if http_is_yours else "the connection pool"
+    return ClientClosedError(f"{what} is closed; nothing was sent")
+
+
+class _Counted(httpx.AsyncByteStream):
+    """A request body that knows whether its last byte was handed to httpx.
+
+    Until then, the provider cannot have the whole request: a deadline that ends the exchange
+    earlier proves it was not sent (as httpx's own write timeout does).
+    """
+
+    def __init__(self, inner: httpx.AsyncByteStream, length: int) -> None:
+        self._inner = inner
+        self._left = length
+
+    @property
+    def complete(self) -> bool:
+        """Whether every byte was handed over."""
+        return self._left <= 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._left -= len(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _counted(request: httpx.Request) -> _Counted | None:
+    """*request*'s streamed body, now counted; ``None`` for a body held whole (or none)."""
+    try:
+        request.content  # noqa: B018 - raises for a streamed body
+    except httpx.RequestNotRead:
+        length = request.headers.get("content-length", "")
+        if not (length.isascii() and length.isdigit()) or not isinstance(
+            request.stream, httpx.AsyncByteStream
+        ):
+            return None
+        counted = _Counted(request.stream, int(length))
+        request.stream = counted
+        return counted
+    return None
+
+
+class _Pool:
+    """One ``httpx.AsyncClient`` of the library's, and how many exchanges it has in flight."""
+
+    __slots__ = ("busy", "http")
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self.busy = 0
+
+
+class HttpxDriver:
+    """Sends with httpx: the caller's ``httpx.AsyncClient`` as it is, or the library's own pools.
+
+    The library's own (*http* not given): up to *connections* connections, in pools of
+    *per_pool* (an ``httpx.AsyncClient`` each, made as the load needs them, every connection
+    kept alive), and at most *connections* exchanges in flight; the rest wait their turn in a
+    queue of ours, for no longer than the pool timeout (then a `Timeout` with ``sent=False``).
+
+    Small pools, because httpcore looks at every connection of a pool, and at every request
+    waiting in it, each time a request starts or ends (``_assign_requests_to_connections``):
+    its cost per request grows with the square of the pool's size, and each request waiting in
+    httpcore's queue makes every other one slower. One pool of 100 connections with 500
+    requests in flight spent milliseconds of CPU per request there (benchmarks/run.py e).
+
+    Args:
+        http: The caller's client: every exchange goes to it, with no queue of ours (its pool
+            is the caller's to size).
+        connections: Most connections, and exchanges in flight, of the library's own pools.
+        per_pool: Connections per pool.
+    """
+
+    name: Final = "httpx"
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient | None = None,
+        *,
+        connections: int = CONNECTIONS,
+        per_pool: int = PER_POOL,
+    ) -> None:
+        self._own = http is None
+        self._per_pool = per_pool
+        self._verify: ssl.SSLContext | None = None
+        self._pools = [_Pool(http if http is not None else self._new_client())]
+        self.http = self._pools[0].http
+        """The first pool's client (the caller's, if given); it builds every request."""
+        import asyncio  # here, not above: FluxClient uses this module and never needs asyncio
+
+        most = -(-connections // per_pool) * per_pool
+        self._queue = asyncio.Semaphore(most) if self._own else None
+        self._closed = False
+
+    def _new_client(self) -> httpx.AsyncClient:
+        if self._verify is None:  # the certificates are loaded once, not once per pool
+            self._verify = httpx.create_ssl_context()
+        limits = httpx.Limits(
+            max_connections=self._per_pool,
+            max_keepalive_connections=self._per_pool,
+            keepalive_expiry=KEEPALIVE,
+        )
+        return httpx.AsyncClient(limits=limits, verify=self._verify)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed if self._own else self.http.is_closed
+
+    async def _enter(self, pool: float | None) -> _Pool:
+        """A pool with room, after a turn in the queue, waited for no longer than *pool* seconds.
+
+        Raises:
+            httpx.PoolTimeout: No turn within *pool* seconds (nothing was sent).
+        """
+        queue = self._queue
+        if queue is None:
+            return self._pools[0]
+        if not queue.locked():
+            await queue.acquire()  # a free place: taken without waiting
+        else:
+            import asyncio
+
+            wait = asyncio.timeout(pool)
+            try:
+                async with wait:
+                    await queue.acquire()
+            except TimeoutError:
+                if not wait.expired():
+                    raise
+                raise httpx.PoolTimeout(
+                    "no connection became free within the pool timeout"
+                ) from None
+        # The queue lets no more in than the pools can take: one has room, or one can be made.
+        for chosen in self._pools:  # the first with room: its connections are the warmest
+            if chosen.busy < self._per_pool:
+                break
+        else:
+            if self._closed:
+                queue.release()
+                raise _closed(False)
+            chosen = _Pool(self._new_client())
+            self._pools.append(chosen)
+        chosen.busy += 1
+        return chosen
+
+    def _leave(self, chosen: _Pool) -> None:
+        if self._queue is not None:
+            chosen.busy -= 1
+            self._queue.release()
+
+    async def exchange(self, exchange: Exchange) -> HttpResponse:
+        """See `AsyncDriver.exchange`."""
+        import asyncio
+
+        name, seconds, scrub = exchange.provider, exchange.seconds, exchange.scrub
+        deadline = asyncio.timeout(seconds)
+        waiting = True  # in the queue: nothing sent yet
+        body: _Counted | None = None
+        try:
+            async with deadline:
+                with contextlib.ExitStack() as files, mapped_transport_errors(name, scrub):
+                    request = httpx_request(self.http, exchange, files)
+                    body = _counted(request)
+                    chosen = await self._enter(exchange.timeout.pool)
+                    waiting = False
+                    try:
+                        return await self._send(chosen.http, request, exchange)
+                    finally:
+                        self._leave(chosen)
+        except TimeoutError as exc:  # transport timeouts are mapped inside: this is the deadline
+            if not deadline.expired():
+                raise
+            if waiting or (body is not None and not body.complete):
+                raise not_sent_by_deadline(exchange) from exc
+            raise deadline_error(name, seconds) from exc
+
+    async def _send(
+        self, http: httpx.AsyncClient, request: httpx.Request, exchange: Exchange
+    ) -> HttpResponse:
+        try:
+            # Never the caller's client-level auth (it would replace the provider's key), never
+            # a redirect (a 307/308 would send the paid POST again; a 3xx is judged by its status).
+            response = await http.send(request, stream=True, auth=None, follow_redirects=False)
+        except RuntimeError as exc:  # httpx refuses a closed client before sending anything
+            if not http.is_closed:
+                raise
+            raise _closed(not self._own) from exc
+        try:
+            body = AnswerBody(response, exchange.provider, exchange.seconds, None, exchange.scrub)
+            try:
+                async for chunk in aiter_decoded(response):
+                    if not body.take(chunk):
+                        break
+            except httpx.DecodingError as exc:
+                raise body.unreadable("the answer could not be decoded") from exc
+            return body.finish()
+        finally:
+            await response.aclose()
+
+    @contextlib.asynccontextmanager
+    async def get(self, request: httpx.Request) -> AsyncIterator[Incoming]:
+        """See `AsyncDriver.get`."""
+        from flux_adapters._download import httpx_get
+
+        chosen = await self._enter(httpx.Timeout(**request.extensions.get("timeout", {})).pool)
+        try:
+            async with httpx_get(chosen.http, request) as incoming:
+                yield incoming
+        finally:
+            self._leave(chosen)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for each in self._pools:
+            await each.http.aclose()
+
+
+def _installed(module: str) -> bool:
+    """Whether *module* can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken installation counts as none
+        return False
+
+
+def _proxied() -> bool:
+    """Whether the environment names a proxy (``HTTPS_PROXY``, ``ALL_PROXY``...), as httpx reads it."""
+    return any(scheme in ("http", "https", "all") for scheme in urllib.request.getproxies())
+
+
+def choose(
+    asked: object, http_client: object, environ: Mapping[str, str] | None = None
+) -> DriverName:
+    """The driver for an ``AsyncFluxClient``: ``driver=`` as *asked*, else ``$FLUX_ASYNC_DRIVER``.
+
+    ``"auto"`` (the default) is aiohttp when it is installed (the ``fast`` extra), no
+    *http_client* was passed and no proxy is set in the environment (httpx honours
+    ``HTTPS_PROXY`` and the like; the aiohttp driver does not read them), else httpx.
+
+    Raises:
+        ConfigurationError: A value that is not a driver, or ``"aiohttp"`` with an httpx
+            *http_client* (which driver would send?).
+        MissingExtraError: ``"aiohttp"`` asked for, and aiohttp is not installed.
+    """
+    env = os.environ if environ is None else environ
+    source = "driver="
+    if asked is None:
+        asked = env.get(DRIVER_VARIABLE, "").strip().lower() or "auto"
+        source = f"${DRIVER_VARIABLE}"
+    if not isinstance(asked, str) or asked not in _ASKED:
+        from flux_adapters._display import render_value
+
+        raise ConfigurationError(
+            f"{source} must be 'auto', 'aiohttp' or 'httpx', not {render_value(asked)}"
+        )
+    if asked == "httpx":
+        return "httpx"
+    if http_client is not None:
+        if asked == "aiohttp" and source == "driver=":
+            raise ConfigurationError(
+                "driver='aiohttp' sends with aiohttp, and http_client= is an httpx client: "
+                "pass one or the other"
+            )
+        return "httpx"  # the caller's client is used as given, whatever the environment says
+    installed = _installed("aiohttp")
+    if asked == "aiohttp":
+        if not installed:
+            from flux_adapters._extras import missing_extra
+
+            error = missing_extra(ModuleNotFoundError("No module named 'aiohttp'", name="aiohttp"))
+            assert error is not None
+            raise error
+        return "aiohttp"
+    return "aiohttp" if installed and not _proxied() else "httpx"

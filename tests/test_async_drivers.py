@@ -1,0 +1,700 @@
+"""AsyncFluxClient's two drivers: aiohttp directly, and httpx (flux_adapters._drivers).
+
+Each hostile answer a real socket can send is met by FluxClient and by AsyncFluxClient on each
+driver, and must give the same typed error and the same ``sent``: that flag decides whether a
+router may fail over without paying twice (docs/routing.md). Then the aiohttp driver's own error
+mapping on its own, the queue and pools in front of the connections, and how a driver is chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
+from flux_adapters._drivers import DRIVER_VARIABLE, Exchange, HttpxDriver, choose
+from flux_adapters._redact import redact
+from flux_adapters.emulator import Emulator, Fault, run_emulator
+from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, JsonBody
+from tests.conftest import ASYNC_DRIVERS, CLIENT_KINDS, driver
+
+KEY = "sk-drivers-5Hq8Lw2Zt7Nc4Vb1Xm9R"
+REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
+OK = b'{"created": 1, "data": [{"url": "http://127.0.0.1:9/result.png"}]}'
+Respond = Callable[[socket.socket, bytes, bytes], None]
+"""A server's answer to one request: the connection, the request's head, and its body."""
+
+
+class Server:
+    """A loopback HTTP/1.1 server on raw sockets that answers each request with *respond*.
+
+    It reads each request whole (head, then as many bytes as its Content-Length says) and counts
+    what it received and sent, and the connections open at once.
+    """
+
+    def __init__(self, respond: Respond) -> None:
+        self._respond = respond
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.requests = 0
+        self.sent = 0
+        self.open = 0
+        self.most_open = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with self._lock:
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+        try:
+            with connection:
+                connection.settimeout(30)
+                buffered = b""
+                while True:  # one request after another on a kept-alive connection
+                    while b"\r\n\r\n" not in buffered:
+                        received = connection.recv(65536)
+                        if not received:
+                            return
+                        buffered += received
+                    head, _, buffered = buffered.partition(b"\r\n\r\n")
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    while len(buffered) < length:
+                        received = connection.recv(1024 * 1024)
+                        if not received:
+                            return
+                        buffered += received
+                    body, buffered = buffered[:length], buffered[length:]
+                    with self._lock:
+                        self.requests += 1
+                    self._respond(connection, head, body)
+        except OSError:  # the client gave up, or the answer closed the connection
+            return
+        finally:
+            with self._lock:
+                self.open -= 1
+
+    def send(self, connection: socket.socket, data: bytes) -> None:
+        """Send *data*, counted."""
+        connection.sendall(data)
+        with self._lock:
+            self.sent += len(data)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[Server, socket.socket, bytes, bytes], None]], Server]]:
+    servers: list[Server] = []
+
+    def start(respond: Callable[[Server, socket.socket, bytes, bytes], None]) -> Server:
+        holder: list[Server] = []
+        server = Server(lambda connection, head, body: respond(holder[0], connection, head, body))
+        holder.append(server)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def answer(status: int, body: bytes, *headers: str) -> bytes:
+    extra = "".join(f"{header}\r\n" for header in headers)
+    return f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+def edit(kind: str, base_url: str, request: EditRequest = REQUEST, **options: Any) -> object:
+    """The result of an edit by a client of *kind*, or the FluxError it raised."""
+    try:
+        if kind == "sync":
+            with FluxClient("laozhang", api_key=KEY, base_url=base_url, **options) as client:
+                return client.edit(request)
+
+        async def main() -> object:
+            async with AsyncFluxClient(
+                "laozhang", api_key=KEY, base_url=base_url, driver=driver(kind), **options
+            ) as client:
+                return await client.edit(request)
+
+        return asyncio.run(main())
+    except errors.FluxError as error:
+        return error
+
+
+def judged(outcome: object) -> tuple[str, bool | None, int | None]:
+    return (
+        type(outcome).__name__,
+        getattr(outcome, "sent", None),
+        getattr(outcome, "status_code", None),
+    )
+
+
+# --- hostile answers: the same typed error and `sent` on every client ------------------------
+
+
+def drop_after_body(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    connection.shutdown(socket.SHUT_RDWR)  # the whole request arrived: it may be billed
+
+
+def drop_mid_answer(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    server.send(connection, b'HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{"data": [')
+    connection.shutdown(socket.SHUT_RDWR)
+
+
+def gateway(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    server.send(connection, answer(502, b"<html><title>502 Bad Gateway</title></html>"))
+
+
+def garbled(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    server.send(connection, b"HTTP/1.1 2000 \x1b[2J OK\r\n\r\n")
+
+
+def rate_limited(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    server.send(connection, answer(429, b'{"error": {"message": "slow down"}}', "Retry-After: 30"))
+
+
+def redirect(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    server.send(connection, answer(307, b"", "Location: /elsewhere"))
+
+
+def not_json(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    server.send(connection, answer(200, b"<html>hello</html>", "Content-Type: text/html"))
+
+
+def unasked_encoding(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    server.send(connection, answer(200, b"\x0b\x02\x80{}\x03", "Content-Encoding: br"))
+
+
+HOSTILE = {
+    "drop-after-body": drop_after_body,
+    "drop-mid-answer": drop_mid_answer,
+    "502": gateway,
+    "garbled-status": garbled,
+    "429": rate_limited,
+    "307-not-followed": redirect,
+    "html-200": not_json,
+    "unasked-encoding": unasked_encoding,
+}
+
+
+@pytest.mark.parametrize("behaviour", HOSTILE, ids=list(HOSTILE))
+def test_every_client_meets_a_hostile_answer_with_the_same_error_and_sent(
+    behaviour: str, serve: Callable[..., Server]
+) -> None:
+    server = serve(HOSTILE[behaviour])
+    seen = {kind: judged(edit(kind, server.url)) for kind in CLIENT_KINDS}
+    assert seen["aiohttp"] == seen["sync"], seen
+    assert seen["httpx"] == seen["sync"], seen
+    assert seen["sync"][0] != "EditResult"
+    assert server.requests == len(CLIENT_KINDS)  # one POST each: nothing retried or followed
+
+
+def test_a_refused_connection_is_not_sent_on_every_client() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once closed
+    for kind in CLIENT_KINDS:
+        outcome = edit(kind, url)
+        assert isinstance(outcome, errors.TransportError), (kind, outcome)
+        assert outcome.sent is False, kind
+
+
+def drip_body(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    """The head at once, then the body a byte every 20 ms: 4 s for 200 bytes."""
+    server.send(connection, b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n")
+    for _ in range(200):
+        server.send(connection, b" ")
+        time.sleep(0.02)
+
+
+def test_an_answer_dripping_past_the_deadline_is_a_timeout_that_may_be_billed(
+    serve: Callable[..., Server],
+) -> None:
+    """Each byte well within the read timeout: only the deadline ends it, after the request."""
+    server = serve(drip_body)
+    for kind in CLIENT_KINDS:
+        outcome = edit(kind, server.url, deadline=0.5)
+        assert isinstance(outcome, errors.Timeout), (kind, outcome)
+        assert outcome.sent is True, kind
+        assert "deadline of 0.5 s" in str(outcome), kind
+
+
+def endless(
+    status: int, declared: int | None, *headers: str
+) -> Callable[[Server, socket.socket, bytes, bytes], None]:
+    """An answer that never ends: 1 MB pieces until the client hangs up."""
+
+    def respond(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        length = f"Content-Length: {declared}" if declared is not None else "Connection: close"
+        extra = "".join(f"{header}\r\n" for header in headers)
+        server.send(connection, f"HTTP/1.1 {status} X\r\n{length}\r\n{extra}\r\n".encode())
+        piece = b"x" * (1024 * 1024)
+        while True:
+            server.send(connection, piece)
+
+    return respond
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+@pytest.mark.parametrize(
+    ("status", "declared", "error", "most"),
+    [
+        (200, MAX_ANSWER_BYTES + 1, errors.ResponseFormatError, 0),
+        (200, None, errors.ResponseFormatError, MAX_ANSWER_BYTES),
+        (500, None, errors.ProviderUnavailable, ERROR_BODY_BYTES),
+    ],
+    ids=["declared-too-large", "endless-200", "endless-500"],
+)
+def test_an_answer_over_its_cap_is_refused_without_reading_it_all(
+    kind: str,
+    status: int,
+    declared: int | None,
+    error: type[errors.FluxError],
+    most: int,
+    serve: Callable[..., Server],
+) -> None:
+    server = serve(endless(status, declared))
+    outcome = edit(kind, server.url, timeout=30)
+    assert isinstance(outcome, error), outcome
+    if isinstance(outcome, errors.ResponseFormatError):
+        assert "larger than" in str(outcome)
+    # The client hung up soon after its cap; the socket buffers hold a few MB more at most.
+    assert server.sent <= most + 16 * 1024 * 1024, server.sent
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+def test_a_compressed_answer_is_capped_as_it_inflates(
+    kind: str, serve: Callable[..., Server]
+) -> None:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    megabyte = bytes(1024 * 1024)
+    bomb = b"".join([*(compressor.compress(megabyte) for _ in range(64)), compressor.flush()])
+
+    def respond(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        server.send(connection, answer(200, bomb, "Content-Encoding: gzip"))
+
+    outcome = edit(kind, serve(respond).url)
+    assert isinstance(outcome, errors.ResponseFormatError), outcome
+    assert "larger than" in str(outcome)
+
+
+def test_every_client_reads_the_same_retry_after(serve: Callable[..., Server]) -> None:
+    server = serve(rate_limited)
+    waits = set()
+    for kind in CLIENT_KINDS:
+        outcome = edit(kind, server.url)
+        assert isinstance(outcome, errors.RateLimited), outcome
+        waits.add(outcome.retry_after)
+    assert waits == {30.0}
+
+
+# --- downloads of result images, on each driver ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    with run_emulator() as running:
+        yield running
+
+
+@pytest.mark.parametrize("download", ["html", "empty", "redirect", "redirect-loop", "not-image"])
+def test_a_result_that_is_no_image_is_the_same_error_on_every_client(
+    download: str, emulator: Emulator
+) -> None:
+    def fetch(kind: str) -> str:
+        emulator.inject("laozhang", Fault(download=download))
+        try:
+            base = emulator.base_url("laozhang")
+            if kind == "sync":
+                with FluxClient("laozhang", api_key=KEY, base_url=base) as client:
+                    client.edit(REQUEST).images[0].read()
+            else:
+
+                async def main() -> None:
+                    async with AsyncFluxClient(
+                        "laozhang", api_key=KEY, base_url=base, driver=driver(kind)
+                    ) as client:
+                        await (await client.edit(REQUEST)).images[0].read_async()
+
+                asyncio.run(main())
+        except errors.FluxError as error:
+            # Each job's result has a file name of its own.
+            return re.sub(r"/files/\S+", "/files/...", f"{type(error).__name__}: {error}")
+        finally:
+            emulator.clear_faults()
+        raise AssertionError(f"{kind} read a result that is no image")
+
+    seen = {kind: fetch(kind) for kind in CLIENT_KINDS}
+    assert seen["aiohttp"] == seen["sync"]
+    assert seen["httpx"] == seen["sync"]
+
+
+@pytest.mark.parametrize("kind", ASYNC_DRIVERS)
+def test_an_image_downloads_through_the_clients_own_connections(
+    kind: str, emulator: Emulator
+) -> None:
+    async def main() -> bytes:
+        async with AsyncFluxClient(
+            "laozhang", api_key=KEY, base_url=emulator.base_url("laozhang"), driver=driver(kind)
+        ) as client:
+            result = await client.edit(REQUEST)
+            return await result.images[0].read_async()
+
+    assert asyncio.run(main())[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xe1")
+
+
+# --- the aiohttp driver's own mapping, exchange by exchange -----------------------------------
+
+
+def exchange(url: str, body: JsonBody | None = None, **timeouts: float) -> Exchange:
+    phases = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0} | timeouts
+    return Exchange(
+        "POST" if body is not None else "GET",
+        url,
+        {"Authorization": f"Bearer {KEY}", "Accept": "application/json"},
+        body,
+        httpx.Timeout(**phases),
+        10.0,
+        "laozhang",
+        redact,
+    )
+
+
+def aiohttp_driver(connections: int = 100) -> Any:
+    from flux_adapters._aiohttp import AiohttpDriver
+
+    return AiohttpDriver(connections)
+
+
+def on_driver(make: Callable[[], Any], *exchanges: Exchange) -> list[object]:
+    """Each exchange's answer or FluxError, sent at once by one driver made by *make*."""
+
+    async def main() -> list[object]:
+        sender = make()
+        try:
+
+            async def one(item: Exchange) -> object:
+                try:
+                    return await sender.exchange(item)
+                except errors.FluxError as error:
+                    return error
+
+            return list(await asyncio.gather(*(one(item) for item in exchanges)))
+        finally:
+            await sender.aclose()
+
+    return asyncio.run(main())
+
+
+BODY = JsonBody({"model": "flux-2-pro", "prompt": "a robot"})
+
+
+def test_aiohttp_a_refused_connection_is_not_sent() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    [outcome] = on_driver(aiohttp_driver, exchange(url, BODY))
+    assert type(outcome) is errors.TransportError
+    assert outcome.sent is False
+    assert "could not send the request" in str(outcome)
+
+
+def test_aiohttp_a_drop_after_the_request_body_may_have_been_sent(
+    serve: Callable[..., Server],
+) -> None:
+    server = serve(drop_after_body)
+    [outcome] = on_driver(aiohttp_driver, exchange(f"{server.url}/v1", BODY))
+    assert type(outcome) is errors.TransportError
+    assert outcome.sent is True
+    assert server.requests == 1
+
+
+def test_aiohttp_an_answer_over_the_cap_is_the_httpx_drivers_error_unread(
+    serve: Callable[..., Server],
+) -> None:
+    server = serve(endless(200, None))
+    [aio] = on_driver(aiohttp_driver, exchange(f"{server.url}/v1", BODY, read=30.0))
+    read_by_aiohttp = server.sent
+    [plain] = on_driver(HttpxDriver, exchange(f"{server.url}/v1", BODY, read=30.0))
+    assert isinstance(aio, errors.ResponseFormatError)
+    assert isinstance(plain, errors.ResponseFormatError)
+    assert (str(aio), aio.status_code) == (str(plain), plain.status_code)
+    assert read_by_aiohttp <= MAX_ANSWER_BYTES + 16 * 1024 * 1024
+
+
+def test_aiohttp_a_read_timeout_after_the_body_is_sent_and_a_timeout(
+    serve: Callable[..., Server],
+) -> None:
+    def stall(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        time.sleep(3)
+
+    server = serve(stall)
+    [outcome] = on_driver(aiohttp_driver, exchange(f"{server.url}/v1", BODY, read=0.3))
+    assert isinstance(outcome, errors.Timeout)
+    assert outcome.sent is True
+
+
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+def test_a_wait_for_a_free_connection_past_the_pool_timeout_is_not_sent(
+    make: Callable[..., Any], serve: Callable[..., Server]
+) -> None:
+    def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        time.sleep(1.0)
+        server.send(connection, answer(200, OK))
+
+    server = serve(slow)
+    one = (lambda: make(connections=1, per_pool=1)) if make is HttpxDriver else lambda: make(1)
+    first, second = on_driver(
+        one, exchange(f"{server.url}/v1", BODY), exchange(f"{server.url}/v1", BODY, pool=0.2)
+    )
+    assert getattr(first, "status_code", None) == 200
+    assert isinstance(second, errors.Timeout)
+    assert second.sent is False
+    assert "before the request was sent" in str(second)
+    assert server.requests == 1
+
+
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+def test_a_deadline_that_passes_in_the_queue_is_not_sent(
+    make: Callable[..., Any], serve: Callable[..., Server]
+) -> None:
+    def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        time.sleep(1.0)
+        server.send(connection, answer(200, OK))
+
+    server = serve(slow)
+    one = (lambda: make(connections=1, per_pool=1)) if make is HttpxDriver else lambda: make(1)
+    queued = exchange(f"{server.url}/v1", BODY)._replace(seconds=0.3)
+    first, second = on_driver(one, exchange(f"{server.url}/v1", BODY), queued)
+    assert getattr(first, "status_code", None) == 200
+    assert isinstance(second, errors.Timeout)
+    assert second.sent is False
+    assert "deadline of 0.3 s" in str(second)
+
+
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+def test_no_more_connections_than_the_driver_allows(
+    make: Callable[..., Any], serve: Callable[..., Server]
+) -> None:
+    def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        time.sleep(0.05)
+        server.send(connection, answer(200, OK))
+
+    server = serve(slow)
+    four = (lambda: make(connections=4, per_pool=2)) if make is HttpxDriver else lambda: make(4)
+    outcomes = on_driver(four, *(exchange(f"{server.url}/v1", BODY) for _ in range(40)))
+    assert [getattr(outcome, "status_code", None) for outcome in outcomes] == [200] * 40
+    assert server.most_open <= 4
+
+
+def test_aiohttp_a_header_that_cannot_be_sent_is_a_request_error_and_sends_nothing(
+    serve: Callable[..., Server],
+) -> None:
+    server = serve(gateway)
+    bad = exchange(f"{server.url}/v1", BODY)
+    bad.headers["X-Trace"] = "a\r\nX-Injected: yes"
+    [outcome] = on_driver(aiohttp_driver, bad)
+    assert isinstance(outcome, errors.RequestError)
+    assert server.requests == 0
+
+
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+def test_a_url_that_is_no_http_url_is_not_sent(make: Callable[..., Any]) -> None:
+    [outcome] = on_driver(make, exchange("ftp://127.0.0.1:9/v1", BODY))
+    assert type(outcome) is errors.TransportError
+    assert outcome.sent is False
+
+
+def test_aiohttp_a_signed_query_is_sent_as_written(serve: Callable[..., Server]) -> None:
+    """yarl would re-quote a URL; a signed one must reach the server byte for byte."""
+    heads: list[bytes] = []
+
+    def record(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        heads.append(head)
+        server.send(connection, answer(200, OK))
+
+    server = serve(record)
+    path = "/v1/a%2Fb/c?sig=A%2Bb%3D%3D&x=%7E&y=a+b"
+    on_driver(aiohttp_driver, exchange(f"{server.url}{path}"))
+    on_driver(HttpxDriver, exchange(f"{server.url}{path}"))
+    assert [head.split(b" ")[1].decode() for head in heads] == [path, path]
+
+
+def test_aiohttp_a_closed_driver_sends_nothing() -> None:
+    async def main() -> None:
+        sender = aiohttp_driver()
+        await sender.aclose()
+        await sender.exchange(exchange("http://127.0.0.1:9/v1", BODY))
+
+    with pytest.raises(errors.ClientClosedError):
+        asyncio.run(main())
+
+
+# --- the client: which driver, copies, closing -------------------------------------------------
+
+
+def test_the_client_says_which_driver_it_sends_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DRIVER_VARIABLE, raising=False)
+    for proxy in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(proxy, raising=False)
+    default = AsyncFluxClient("laozhang", api_key=KEY)
+    assert default.driver == "aiohttp"
+    assert repr(default).endswith("driver='aiohttp')")
+    assert AsyncFluxClient("laozhang", api_key=KEY, driver="httpx").driver == "httpx"
+    monkeypatch.setenv(DRIVER_VARIABLE, "httpx")
+    assert AsyncFluxClient("laozhang", api_key=KEY).driver == "httpx"
+    assert AsyncFluxClient("laozhang", api_key=KEY, driver="aiohttp").driver == "aiohttp"
+    monkeypatch.setenv(DRIVER_VARIABLE, "auto")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert AsyncFluxClient("laozhang", api_key=KEY).driver == "httpx"  # aiohttp reads no proxy
+
+
+def test_a_callers_http_client_is_always_sent_with_as_it_is() -> None:
+    async def main() -> None:
+        async with httpx.AsyncClient() as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http)
+            assert client.driver == "httpx"
+            assert client._driver.http is http  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+    with pytest.raises(errors.ConfigurationError, match="pass one or the other"):
+        AsyncFluxClient("laozhang", api_key=KEY, http_client=httpx.AsyncClient(), driver="aiohttp")
+
+
+@pytest.mark.parametrize("value", ["fast", "", "AIOHTTP", 1, None.__class__])
+def test_a_driver_that_is_none_is_refused(value: object) -> None:
+    with pytest.raises(errors.ConfigurationError, match="driver= must be"):
+        AsyncFluxClient("laozhang", api_key=KEY, driver=value)  # type: ignore[arg-type]
+
+
+def test_the_driver_variable_is_read_leniently_and_refused_naming_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(DRIVER_VARIABLE, " HTTPX ")
+    assert AsyncFluxClient("laozhang", api_key=KEY).driver == "httpx"
+    monkeypatch.setenv(DRIVER_VARIABLE, "fast")
+    with pytest.raises(errors.ConfigurationError, match=f"\\${DRIVER_VARIABLE} must be"):
+        AsyncFluxClient("laozhang", api_key=KEY)
+
+
+def test_aiohttp_asked_for_without_the_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("flux_adapters._drivers._installed", lambda module: False)
+    assert choose(None, None, {}) == "httpx"  # auto: falls back, silently
+    with pytest.raises(errors.MissingExtraError, match=r"pip install 'flux-adapters\[fast\]'"):
+        choose("aiohttp", None, {})
+
+
+@pytest.mark.parametrize("kind", ASYNC_DRIVERS)
+def test_copies_share_the_drivers_connections_and_close_with_their_maker(
+    kind: str, emulator: Emulator
+) -> None:
+    async def main() -> None:
+        client = AsyncFluxClient(
+            "laozhang", api_key=KEY, base_url=emulator.base_url("laozhang"), driver=driver(kind)
+        )
+        async with client.with_options(timeout=20) as copy:
+            assert copy._driver is client._driver
+            assert (await copy.edit(REQUEST)).provider == "laozhang"
+        assert not client.is_closed  # closing the copy left the connections open
+        assert (await client.edit(REQUEST)).provider == "laozhang"
+        other = client.with_options(max_retries=1)
+        await client.aclose()
+        for closed in (client, other):
+            with pytest.raises(errors.ClientClosedError):
+                await closed.edit(REQUEST)
+
+    asyncio.run(main())
+
+
+def test_aiohttp_is_loaded_only_by_an_async_client_that_sends_with_it() -> None:
+    code = (
+        "import sys\n"
+        "import flux_adapters\n"
+        "from flux_adapters import FluxClient, AsyncFluxClient, EditRequest\n"
+        "FluxClient('laozhang', api_key='k')\n"
+        "AsyncFluxClient('laozhang', api_key='k', driver='httpx')\n"
+        "print('aiohttp' in sys.modules)\n"
+        "AsyncFluxClient('laozhang', api_key='k', driver='aiohttp')\n"
+        "print('aiohttp' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("kind", ASYNC_DRIVERS)
+def test_a_key_echoed_by_a_failing_connection_never_shows(
+    kind: str, serve: Callable[..., Server]
+) -> None:
+    def echo(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        # The request's head, key included, as a status line no parser takes: quoted back.
+        server.send(connection, b"HTTP/1.1 2000 " + head.replace(b"\r\n", b" ") + b"\r\n\r\n")
+
+    outcome = edit(kind, serve(echo).url)
+    assert isinstance(outcome, errors.TransportError), outcome
+    shown = f"{outcome} {outcome!r}"
+    assert [KEY[i : i + 8] for i in range(len(KEY) - 7) if KEY[i : i + 8] in shown] == []
+
+
+# --- a caller's httpx client on aiohttp (httpx-aiohttp): its errors still say what they prove --
+
+
+@pytest.mark.parametrize(
+    "behaviour", ["refused", "drop-after-body", "garbled-status", "502"], ids=str
+)
+def test_a_callers_httpx_client_on_aiohttp_is_judged_as_the_drivers_are(
+    behaviour: str, serve: Callable[..., Server]
+) -> None:
+    """httpx-aiohttp files every aiohttp connection error under httpx.ConnectTimeout, a hang-up
+    after the body included: the cause, not that class, decides ``sent``."""
+    from httpx_aiohttp import AiohttpTransport
+
+    if behaviour == "refused":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    else:
+        url = serve(HOSTILE[behaviour]).url
+
+    async def main() -> object:
+        async with httpx.AsyncClient(transport=AiohttpTransport()) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, base_url=url, http_client=http)
+            try:
+                return await client.edit(REQUEST)
+            except errors.FluxError as error:
+                return error
+
+    assert judged(asyncio.run(main())) == judged(edit("aiohttp", url))
