@@ -32,8 +32,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final, Literal, Protocol, TypeAlias, get_args
 
-from attrs import field, frozen
-
 from flux_adapters._display import (
     SHOWN_CHARS,
     describe_exception,
@@ -46,7 +44,10 @@ from flux_adapters._ids import ModelId
 from flux_adapters.errors import RequestError, Violation
 
 if TYPE_CHECKING:
+    from attrs import field, frozen
     from PIL.Image import Image as PILImage
+else:  # attrs classes made on first use: importing this module does not import attrs
+    from flux_adapters._lazy_attrs import field, frozen
 
 __all__ = [
     "MAX_ENCODED_PIXELS",
