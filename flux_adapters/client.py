@@ -47,7 +47,6 @@ from typing import (
 )
 from urllib.parse import urlsplit
 
-import attrs
 import httpx
 
 from flux_adapters._display import render_value, type_name
@@ -77,6 +76,8 @@ from flux_adapters.request import MODELS, EditRequest
 if TYPE_CHECKING:
     import asyncio
 
+    from attrs import field, frozen
+
     from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
     from flux_adapters._drivers import AsyncDriver, DriverName, Exchange
     from flux_adapters._flows import Flow, Outcome
@@ -89,6 +90,8 @@ if TYPE_CHECKING:
     from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
     from flux_adapters.routing import Breaker, Instruction, Reply, Routed, RoutingPolicy
     from flux_adapters.wire import HttpRequest, HttpResponse, Sleep
+else:  # _Binding is made an attrs class when the first client is: not on importing this module
+    from flux_adapters._lazy_attrs import field, frozen
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -134,7 +137,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@attrs.frozen
+@frozen
 class _Binding:
     """One provider as configured: adapter, base URL, timeouts and key (kept out of every repr)."""
 
@@ -145,12 +148,12 @@ class _Binding:
     timeout: httpx.Timeout
     """Per-phase timeouts, none longer than the deadline."""
     deadline: float
-    api_key: str = attrs.field(repr=False)
-    scrub: Redactor = attrs.field(repr=False, eq=False)
+    api_key: str = field(repr=False)
+    scrub: Redactor = field(repr=False, eq=False)
     """Removes this key, in any form, from every message."""
-    key_only: Redactor = attrs.field(repr=False, eq=False)
+    key_only: Redactor = field(repr=False, eq=False)
     """Removes this key, in any form, and nothing else (so a change means it was there)."""
-    origin: str | None = attrs.field(default=None, repr=False, eq=False)
+    origin: str | None = field(default=None, repr=False, eq=False)
     """``scheme://host[:port]/`` of the base URL, exactly as `KeyAuth.allows` compares it: a URL
     that starts with it is the base URL's origin without parsing it (every exchange asks)."""
 
@@ -217,6 +220,8 @@ class _Binding:
 
     def retimed(self, timeout: httpx.Timeout | float, deadline: float | None) -> _Binding:
         """This binding with *timeout* (checked) and *deadline* (already checked, or ``None``)."""
+        import attrs  # loaded with the providers already
+
         phases, seconds = _timing(timeout, "timeout=", deadline, None)
         return attrs.evolve(self, timeout=phases, deadline=seconds)
 
@@ -383,6 +388,8 @@ def _within(policy: RoutingPolicy, bindings: Sequence[_Binding]) -> RoutingPolic
     A ``Retry-After`` longer than that then fails over (or is raised) instead of holding the
     call: whatever a provider asks, a call never waits beyond the client's deadline.
     """
+    import attrs  # loaded with the providers already
+
     longest = min(binding.deadline for binding in bindings)
     if policy.max_retry_wait <= longest and policy.backoff <= longest:
         return policy
@@ -645,6 +652,8 @@ class _ClientBase:
         }
         """What `_policy` is built from when no ``policy=`` is given (each value checked above)."""
         if policy is not None:
+            import attrs  # loaded with the providers already
+
             self._policy = policy if retries is None else attrs.evolve(policy, retries=retries)
         from flux_adapters._redact import redactor_for  # loaded by _Binding.create already
 
@@ -710,6 +719,8 @@ class _ClientBase:
                 for binding in self._bindings
             )
         if max_retries is not None:
+            import attrs  # loaded with the providers already
+
             copy._policy = attrs.evolve(self._policy, retries=_check_retries(max_retries))
         # Made again, from the copy's own bindings and policy, when first needed.
         copy.__dict__.pop("_route_policy", None)

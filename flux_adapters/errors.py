@@ -48,11 +48,13 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from attrs import frozen
-
 if TYPE_CHECKING:
+    from attrs import frozen
+
     from flux_adapters.jobs import Job
     from flux_adapters.result import Attempt
+else:  # Violation is made an attrs class on first use: importing errors does not import attrs
+    from flux_adapters._lazy_attrs import frozen
 
 __all__ = [
     "AllProvidersFailed",

@@ -32,8 +32,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final, Literal, Protocol, TypeAlias, get_args
 
-from attrs import field, frozen
-
 from flux_adapters._display import (
     SHOWN_CHARS,
     describe_exception,
@@ -46,7 +44,10 @@ from flux_adapters._ids import ModelId
 from flux_adapters.errors import RequestError, Violation
 
 if TYPE_CHECKING:
+    from attrs import field, frozen
     from PIL.Image import Image as PILImage
+else:  # attrs classes made on first use: importing this module does not import attrs
+    from flux_adapters._lazy_attrs import field, frozen
 
 __all__ = [
     "MAX_ENCODED_PIXELS",
@@ -119,15 +120,15 @@ _OPEN_FLAGS: Final = (
 _REGULAR_FILE: Final = "a regular image file"
 _PATH: Final = type(Path())  # PosixPath or WindowsPath
 
-_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
-# Whitespace (Unicode's too) and control characters, which a URL must carry percent-encoded.
-_URL_FORBIDDEN: Final = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 # ASCII digits only, and few of them: int() never sees a 5,000-digit or Arabic-Indic number.
 _SIZE: Final = re.compile(r"([0-9]{1,6})x([0-9]{1,6})", re.ASCII)
 _RATIO: Final = re.compile(r"([0-9]{1,6}):([0-9]{1,6})", re.ASCII)
-_DATA_URL: Final = re.compile(
-    r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII
-)
+# Patterns only non-ASCII text, an image URL or a data URL needs: re compiles each when first
+# used, and keeps it (compiling all three here cost more than the rest of this module's body).
+_LONE_SURROGATE: Final = "[\ud800-\udfff]"
+# Whitespace (Unicode's too) and control characters, which a URL must carry percent-encoded.
+_URL_FORBIDDEN: Final = r"[\x00-\x20\x7f-\x9f\s]"
+_DATA_URL: Final = r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,"
 
 
 def _surrogate_at(text: str) -> int | None:
@@ -138,7 +139,7 @@ def _surrogate_at(text: str) -> int | None:
     """
     if text.isascii():
         return None
-    found = _LONE_SURROGATE.search(text)
+    found = re.search(_LONE_SURROGATE, text)
     return None if found is None else found.start()
 
 
@@ -499,7 +500,7 @@ def _from_data_url(text: str) -> DataUrlImage | _Unreadable:
     described = f"data URL ({len(text)} characters)"
     if not text.isascii():
         return _Unreadable(described, "contains non-ASCII characters", "an ASCII base64 data URL")
-    match = _DATA_URL.match(text)
+    match = re.match(_DATA_URL, text, re.ASCII)
     if match is None:
         return _Unreadable(described, "is not a base64 data URL", "data:image/<type>;base64,<data>")
     offset = match.end()
@@ -526,7 +527,7 @@ def _url_problem(url: str) -> tuple[str, str] | None:
     """Why *url* is not a URL a provider can fetch, as (problem, limit); ``None`` when it is."""
     if len(url) > MAX_URL_LENGTH:
         return "is too long", f"at most {MAX_URL_LENGTH} characters"
-    forbidden = _URL_FORBIDDEN.search(url)
+    forbidden = re.search(_URL_FORBIDDEN, url)
     if forbidden is not None:
         return (
             f"contains whitespace or a control character at index {forbidden.start()}",

@@ -69,9 +69,13 @@ def test_the_names_for_images_in_hand_and_their_errors_are_public_and_lazy() -> 
 # What `from flux_adapters import EditRequest, FluxClient` (every example's first line) and
 # building a request and a one-provider client must not load: what only sending, a result,
 # several providers, prices, a configuration file, a batch, the emulator, the conformance suite
-# or the command line needs (issue 13). A name stands for the module and its submodules.
+# or the command line needs (issue 13); nor, for the import alone, attrs (made attrs classes on
+# first use, EditRequest and Violation need it only then: tests/test_value_classes.py). A name
+# stands for the module and its submodules.
 _NOT_FOR_THE_NAMED_IMPORT = (
     "asyncio",
+    "attr",  # attrs' own package: EditRequest and Violation become attrs classes on first use
+    "attrs",
     "cattrs",
     "rich",
     "tomllib",
