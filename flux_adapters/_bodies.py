@@ -1,9 +1,15 @@
 """Turn body descriptions into bytes on the wire, streamed, with the length known up front.
 
 A JSON body is flattened once into segments: runs of already-encoded JSON text and the local
-images between them. While sending, each image is read and base64-encoded slice by slice, so
-eight 20 MB images never sit in memory as one 213 MB string, and httpx is never handed one
-large ``bytes`` object (which httpx 0.28 sends slowly).
+images whose base64 goes between them (a data URL's ``data:image/...;base64,`` head goes with
+the text before it, so each image is one run of base64 between two runs of text). While
+sending, each image is read and base64-encoded slice by slice, so eight 20 MB images never sit
+in memory as one 213 MB string, and httpx is never handed one large ``bytes`` object (which
+httpx 0.28 sends slowly).
+
+A file is read as it was measured: exactly ``byte_size`` bytes, each slice with one ``read``
+of its exact size (a read of more than is left allocates the larger size first), and a file
+that is shorter or longer by then stops the body before its last slice goes out.
 """
 
 from __future__ import annotations
@@ -19,16 +25,20 @@ from flux_adapters.errors import RequestError, Violation
 from flux_adapters.request import DataUrlImage, FileImage, LocalImage
 from flux_adapters.wire import ImageValue, JsonBody, JsonValue
 
-# Whole base64 quanta (3 bytes in, 4 out) per slice; ~1 MiB of output each.
 _READ_SIZE: Final = 3 * 256 * 1024
-_TEXT_SLICE: Final = 1024 * 1024
+"""Bytes of an image encoded at a time (768 KiB in, 1 MiB of base64 out): whole base64 quanta,
+so the slices' base64 joins up without padding."""
+_ONE_SLICE: Final = _READ_SIZE + _READ_SIZE // 2
+"""The largest image encoded in one slice (1.1 MiB): a 1 MiB image goes out as one run of
+base64 rather than as 768 KiB and then 256 KiB; larger ones go in `_READ_SIZE` slices."""
 
-Segment = bytes | ImageValue
+Segment = bytes | LocalImage
+"""Encoded JSON text, or an image that stands for its base64 payload (no ``data:`` head)."""
 
 
 @functools.cache
 def _b64encode() -> Callable[[bytes | memoryview], bytes]:
-    """Return the fastest base64 encoder installed.
+    """Return the fastest base64 encoder installed (standard alphabet, no newline).
 
     pybase64's SIMD encoder (the ``fast`` extra) is about 8x faster than the standard library's;
     both give identical output.
@@ -38,14 +48,24 @@ def _b64encode() -> Callable[[bytes | memoryview], bytes]:
 
         encode: Callable[[bytes | memoryview], bytes] = pybase64.b64encode
     except ImportError:
-        import base64
+        import binascii
 
-        encode = base64.b64encode
+        encode = functools.partial(binascii.b2a_base64, newline=False)
     return encode
 
 
 def _prefix(image: LocalImage) -> bytes:
     return f"data:{image.info.media_type};base64,".encode("ascii")
+
+
+def _head(value: ImageValue) -> bytes:
+    """The text sent before *value*'s base64 payload: its data URL head, or nothing when bare."""
+    image = value.image
+    if value.bare:
+        return b""
+    if isinstance(image, DataUrlImage):
+        return image.data_url[: image.payload_offset].encode("ascii")
+    return _prefix(image)
 
 
 def data_url(image: LocalImage) -> str:
@@ -57,52 +77,73 @@ def image_text(value: ImageValue) -> str:
     """Return the text *value* is sent as: a data URL, or plain base64 (in memory)."""
     if isinstance(value.image, DataUrlImage) and not value.bare:
         return value.image.data_url
-    return b"".join(_image_chunks(value)).decode("ascii")
+    return (_head(value) + b"".join(_payload_chunks(value.image))).decode("ascii")
 
 
-def _image_length(value: ImageValue) -> int:
-    image = value.image
+def _payload_length(image: LocalImage) -> int:
     if isinstance(image, DataUrlImage):
-        return len(image.data_url) - (image.payload_offset if value.bare else 0)
-    prefix = 0 if value.bare else len(_prefix(image))
-    return prefix + 4 * -(-image.info.byte_size // 3)
+        return len(image.data_url) - image.payload_offset
+    return 4 * -(-image.info.byte_size // 3)
 
 
-def _image_chunks(value: ImageValue) -> Iterator[bytes]:
-    image = value.image
-    if isinstance(image, DataUrlImage):
-        text = image.data_url
-        start = image.payload_offset if value.bare else 0
-        for offset in range(start, len(text), _TEXT_SLICE):
-            yield text[offset : offset + _TEXT_SLICE].encode("ascii")
+def _slices(size: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of each slice of *size* bytes: one up to `_ONE_SLICE`, else `_READ_SIZE`."""
+    if size <= _ONE_SLICE:
+        yield 0, size
         return
-    if not value.bare:
-        yield _prefix(image)
-    if isinstance(image, FileImage):
-        sent = 0
-        encode = _b64encode()
-        # FileImage.open refuses anything but a regular file, without blocking: the path may have
-        # become a FIFO or a device since the request was built.
-        with image.open() as stream:
-            while chunk := stream.read(_READ_SIZE):
-                sent += len(chunk)
-                yield encode(chunk)
-        if sent != image.info.byte_size:
-            # The announced Content-Length no longer matches: stop rather than send a lie.
-            raise RequestError(
-                [
-                    Violation(
-                        "images",
-                        f"{image.path} changed while it was being sent",
-                        "a file that stays the same until sent",
-                        f"{sent} bytes instead of {image.info.byte_size}",
-                    )
-                ]
+    for start in range(0, size, _READ_SIZE):
+        yield start, min(_READ_SIZE, size - start)
+
+
+def _changed(image: FileImage, found: str) -> RequestError:
+    # The announced Content-Length no longer matches: stop rather than send a lie.
+    return RequestError(
+        [
+            Violation(
+                "images",
+                f"{image.describe()} changed while it was being sent",
+                "a file that stays the same until sent",
+                found,
             )
-        return
-    view, encode = memoryview(image.data), _b64encode()
-    for start in range(0, len(view), _READ_SIZE):
-        yield encode(view[start : start + _READ_SIZE])
+        ]
+    )
+
+
+def _file_chunks(image: FileImage) -> Iterator[bytes]:
+    """*image*'s bytes as base64, slice by slice, read as measured when the request was built.
+
+    Raises:
+        RequestError: The file is no longer a readable regular file, or no longer has the size
+            it had: raised before its last slice is produced, so a body with it never completes.
+    """
+    size, encode = image.info.byte_size, _b64encode()
+    # FileImage.open refuses anything but a regular file, without blocking: the path may have
+    # become a FIFO or a device since the request was built.
+    with image.open() as stream:
+        for start, length in _slices(size):
+            data = stream.read(length)
+            if len(data) != length:
+                raise _changed(image, f"{start + len(data)} bytes instead of {size}")
+            if start + length == size and stream.read(1):
+                raise _changed(image, f"more than {size} bytes")
+            encoded = encode(data)
+            del data  # only the base64 stays in memory while it is sent
+            yield encoded
+
+
+def _payload_chunks(image: LocalImage) -> Iterator[bytes]:
+    """*image*'s base64 payload, in slices (a file read and encoded as it goes)."""
+    if isinstance(image, FileImage):
+        yield from _file_chunks(image)
+    elif isinstance(image, DataUrlImage):
+        text = image.data_url
+        for start, length in _slices(len(text) - image.payload_offset):
+            offset = image.payload_offset + start
+            yield text[offset : offset + length].encode("ascii")
+    else:
+        view, encode = memoryview(image.data), _b64encode()
+        for start, length in _slices(len(view)):
+            yield encode(view[start : start + length])
 
 
 _JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -116,7 +157,8 @@ def _encode_scalar(value: JsonValue) -> bytes:
 
 def _flatten(value: JsonValue, out: list[Segment]) -> None:
     if isinstance(value, ImageValue):
-        out += [b'"', value, b'"']
+        # The data URL's head joins the text before it: the image stands for its payload.
+        out += [b'"' + _head(value), value.image, b'"']
     elif isinstance(value, dict):
         out.append(b"{")
         for index, (key, item) in enumerate(value.items()):
@@ -163,7 +205,7 @@ def json_segments(body: JsonBody) -> list[Segment]:
 
 def segments_length(segments: list[Segment]) -> int:
     """The exact number of bytes *segments* encode to."""
-    return sum(len(s) if isinstance(s, bytes) else _image_length(s) for s in segments)
+    return sum(len(s) if isinstance(s, bytes) else _payload_length(s) for s in segments)
 
 
 def segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
@@ -172,14 +214,14 @@ def segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
         if isinstance(segment, bytes):
             yield segment
         else:
-            yield from _image_chunks(segment)
+            yield from _payload_chunks(segment)
 
 
 class StreamedJson(httpx.SyncByteStream, httpx.AsyncByteStream):
     """A JSON body with images, encoded while it is sent; usable by sync and async clients.
 
-    Local files are read with ordinary blocking reads of 768 KiB, which take well under a
-    millisecond from the page cache; the async client accepts that rather than pay a thread
+    Local files are read with ordinary blocking reads of at most 1.1 MiB, which take well under
+    a millisecond from the page cache; the async client accepts that rather than pay a thread
     hop per slice.
     """
 

@@ -43,6 +43,7 @@ import httpx
 from flux_adapters._bodies import StreamedJson, json_segments, segments_length
 from flux_adapters._transport import (
     AnswerBody,
+    ParsedUrls,
     aiter_decoded,
     deadline_error,
     mapped_transport_errors,
@@ -188,27 +189,33 @@ def multipart_request(
 
 
 def httpx_request(
-    http: httpx.Client | httpx.AsyncClient, exchange: Exchange, files: contextlib.ExitStack
+    http: httpx.Client | httpx.AsyncClient,
+    exchange: Exchange,
+    files: contextlib.ExitStack,
+    urls: ParsedUrls,
 ) -> httpx.Request:
-    """The httpx request for *exchange*, with *http*'s own defaults applied.
+    """The httpx request for *exchange*, with *http*'s own defaults applied; its URL from *urls*.
 
     Raises:
         RequestError: httpx cannot send what the adapter built (a bad URL or header).
     """
     try:
-        return _httpx_request(http, exchange, files)
+        return _httpx_request(http, exchange, urls(exchange.url), files)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
         raise unsendable(exchange.provider, exchange.scrub, exc) from None
 
 
 def _httpx_request(
-    http: httpx.Client | httpx.AsyncClient, exchange: Exchange, files: contextlib.ExitStack
+    http: httpx.Client | httpx.AsyncClient,
+    exchange: Exchange,
+    url: httpx.URL,
+    files: contextlib.ExitStack,
 ) -> httpx.Request:
     body, headers, timeout = exchange.body, exchange.headers, exchange.timeout
     if isinstance(body, MultipartBody):
         return http.build_request(
             exchange.method,
-            exchange.url,
+            url,
             headers=headers,
             data=dict(body.fields),
             files=_uploads(body, files),
@@ -218,11 +225,11 @@ def _httpx_request(
         segments = json_segments(body)
         if len(segments) == 1 and isinstance(segments[0], bytes):
             return http.build_request(
-                exchange.method, exchange.url, headers=headers, content=segments[0], timeout=timeout
+                exchange.method, url, headers=headers, content=segments[0], timeout=timeout
             )
         # build_request applies the caller's client defaults; a fresh Request then carries the
         # stream (replacing .stream on a built request would leave its empty .content behind).
-        base = http.build_request(exchange.method, exchange.url, headers=headers, timeout=timeout)
+        base = http.build_request(exchange.method, url, headers=headers, timeout=timeout)
         base.headers["Content-Length"] = str(segments_length(segments))
         return httpx.Request(
             base.method,
@@ -231,7 +238,7 @@ def _httpx_request(
             stream=StreamedJson(segments),
             extensions=base.extensions,
         )
-    return http.build_request(exchange.method, exchange.url, headers=headers, timeout=timeout)
+    return http.build_request(exchange.method, url, headers=headers, timeout=timeout)
 
 
 class AsyncDriver(Protocol):
@@ -356,6 +363,7 @@ class HttpxDriver:
         self._pools = [_Pool(http if http is not None else self._new_client())]
         self.http = self._pools[0].http
         """The first pool's client (the caller's, if given); it builds every request."""
+        self._urls = ParsedUrls()
         import asyncio  # here, not above: FluxClient uses this module and never needs asyncio
 
         most = -(-connections // per_pool) * per_pool
@@ -429,7 +437,7 @@ class HttpxDriver:
         try:
             async with deadline:
                 with contextlib.ExitStack() as files, mapped_transport_errors(name, scrub):
-                    request = httpx_request(self.http, exchange, files)
+                    request = httpx_request(self.http, exchange, files, self._urls)
                     body = _counted(request)
                     chosen = await self._enter(exchange.timeout.pool)
                     waiting = False

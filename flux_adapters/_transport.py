@@ -53,6 +53,7 @@ __all__ = [
     "Head",
     "HeadHeaders",
     "LoopBinding",
+    "ParsedUrls",
     "adecoded",
     "aiter_decoded",
     "bounded_by",
@@ -217,6 +218,35 @@ ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar("flux_ends",
 
 _BOUNDED: weakref.WeakSet[httpx.Client] = weakref.WeakSet()
 """The httpx clients made by `bounded_http_client` whose every transport is bounded."""
+
+
+class ParsedUrls:
+    """Each URL a client sends to, as httpx parsed it the first time.
+
+    httpx parses a URL string anew for every request it builds (about a third of building one),
+    and a client sends to the same endpoint again and again. Kept by a client, not the process:
+    a URL may carry a key (in its query). A dict, as `flux_adapters._aiohttp.AiohttpDriver`
+    keeps its own (yarl's): reading and adding are atomic, so threads can share it.
+    """
+
+    MOST: Final = 256
+    """URLs kept at most (then it starts afresh): the endpoints, and polling URLs of jobs."""
+
+    def __init__(self) -> None:
+        self._urls: dict[str, httpx.URL] = {}
+
+    def __call__(self, url: str) -> httpx.URL:
+        """*url* parsed (once).
+
+        Raises:
+            httpx.InvalidURL: httpx cannot parse *url*.
+        """
+        found = self._urls.get(url)
+        if found is None:
+            if len(self._urls) >= self.MOST:
+                self._urls.clear()
+            found = self._urls[url] = httpx.URL(url)
+        return found
 
 
 def bounded_http_client() -> httpx.Client:

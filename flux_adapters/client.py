@@ -1221,10 +1221,11 @@ class FluxClient(_ClientBase):
             polling=polling,
             inherited=_callers_timeout(http_client),
         )
-        from flux_adapters._transport import bounded_http_client
+        from flux_adapters._transport import ParsedUrls, bounded_http_client
 
         self._own_http = http_client is None
         self._http = http_client if http_client is not None else bounded_http_client()
+        self._urls = ParsedUrls()  # shared with with_options copies: same pool, same endpoints
         self._job_sleep: Callable[[float], None] = time.sleep
         """How a job's waits are spent (private, with `_job_clock`)."""
 
@@ -1389,7 +1390,7 @@ class FluxClient(_ClientBase):
             mapped_transport_errors(name, binding.scrub),
             bounded_by(ends, name, seconds),
         ):
-            request = httpx_request(self._http, _exchange(binding, outgoing), files)
+            request = httpx_request(self._http, _exchange(binding, outgoing), files, self._urls)
             # Redirects are never followed, whatever the caller's client says: a 307/308 would
             # send the paid POST again (and its images to another origin); a 3xx is judged by
             # its status. A caller's client-level auth never replaces the provider's key. A

@@ -348,3 +348,20 @@ def test_credentials_only_go_to_the_providers_own_origin() -> None:
         ).edit(EditRequest(prompt="x", model="flux-2-pro"))
     assert recorder.requests[0].url.host == "proxy.example"
     assert recorder.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_parsed_urls_are_the_same_urls_and_stay_few() -> None:
+    """A client parses each URL it sends to once; one that polls job after job, each at a URL
+    of its own, keeps no more than `ParsedUrls.MOST` of them (a URL may also carry a key)."""
+    from flux_adapters._transport import ParsedUrls
+
+    urls = ParsedUrls()
+    endpoint = "https://api.laozhang.ai/v1/images/generations?key=k&q=a%20b"
+    assert urls(endpoint) == httpx.URL(endpoint)
+    assert urls(endpoint) is urls(endpoint)
+    for n in range(3 * ParsedUrls.MOST):
+        polling = f"https://api.us1.bfl.ai/v1/get_result?id={n}"
+        assert urls(polling) == httpx.URL(polling)
+    assert len(urls._urls) <= ParsedUrls.MOST
+    with pytest.raises(httpx.InvalidURL):
+        urls("https://[::1")

@@ -32,10 +32,14 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
+        length = int(self.headers["Content-Length"])
+        body = self.rfile.read(length)
         self.server.received.append(
             (self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         )
+        if len(body) < length:  # the client gave up on the body: no answer to a partial request
+            self.close_connection = True
+            return
         if self.server.hang_up_after_body:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -99,6 +103,24 @@ def test_streamed_json_arrives_whole(kind: str, server: Server, tmp_path: Path) 
     assert base64.b64decode(sent["input_image"].split(",", 1)[1]) == picture.read_bytes()
     assert sent["input_image_2"].startswith("data:image/jpeg;base64,")
     assert result.images[0].url == "http://127.0.0.1:1/result.png"
+
+
+@both
+@pytest.mark.parametrize("grows", [True, False], ids=["grew", "shrank"])
+def test_a_file_changed_after_the_request_was_built_never_goes_out_whole(
+    kind: str, grows: bool, server: Server, tmp_path: Path
+) -> None:
+    picture = tmp_path / "ref.png"
+    picture.write_bytes(image_bytes(64, 64) + bytes(2 * 1024 * 1024))
+    request = EditRequest(prompt="p", model="flux-2-pro", images=[picture])
+    data = picture.read_bytes()
+    picture.write_bytes(data + b"\0" * 10 if grows else data[:-10])
+    with pytest.raises(errors.RequestError) as caught:
+        edit(kind, base(server, "laozhang"), "laozhang", request)
+    assert caught.value.violations[0].message.endswith("ref.png changed while it was being sent")
+    # Whatever reached the server is short of the announced length: no request it could take.
+    for _, headers, body in server.received:
+        assert len(body) < int(headers["content-length"])
 
 
 @both
