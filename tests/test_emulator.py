@@ -232,10 +232,11 @@ def test_result_urls_expire_and_are_signed(emulator: Emulator) -> None:
     url = post(emulator, "/laozhang/v1/images/generations", json=GOOD).json()["data"][0]["url"]
     assert httpx.get(url).status_code == 200
     assert httpx.get(url.replace("signature=", "signature=0")).status_code == 403
-    emulator.ttl = 0.2
-    short = post(emulator, "/laozhang/v1/images/generations", json=GOOD).json()["data"][0]["url"]
-    time.sleep(1.3)  # expiry is checked in whole seconds
-    expired = httpx.get(short)
+    with run_emulator() as expiring:  # its own: the module's emulator keeps its clock
+        expiring.ttl = 0.2
+        short = post(expiring, "/laozhang/v1/images/generations", json=GOOD).json()
+        expiring.advance_clock(1.3)  # expiry is checked in whole seconds
+        expired = httpx.get(short["data"][0]["url"])
     assert expired.status_code == 403
     assert "Request has expired" in expired.text
 
