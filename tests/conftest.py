@@ -6,9 +6,11 @@ import io
 import os
 import socket
 import socketserver
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal, TypeVar, cast
 
 import pytest
@@ -60,6 +62,17 @@ def serving(server: _Server) -> Iterator[_Server]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def short_tmp_path() -> Iterator[Path]:
+    """A new, empty folder whose path a message shows whole, for tests that compare messages.
+
+    Messages keep only the last 80 characters of a longer path; pytest's own ``tmp_path`` can
+    pass that with a file name in it (a long user name, ``popen-gw0/`` under pytest-xdist).
+    """
+    with tempfile.TemporaryDirectory(prefix="flux-") as folder:
+        yield Path(folder)
 
 
 def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", color: str = "red") -> bytes:

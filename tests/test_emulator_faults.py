@@ -142,7 +142,11 @@ AFTER_WORK = [
 ]
 
 
-@pytest.mark.parametrize(("fault", "looks_right"), AFTER_WORK, ids=lambda v: str(v)[6:40])
+@pytest.mark.parametrize(
+    ("fault", "looks_right"),
+    AFTER_WORK,
+    ids=[str(fault.status or fault.body) for fault, _ in AFTER_WORK],  # the same in every run
+)
 def test_an_after_work_fault_is_billed_and_answers_with_the_failure(
     fault: Fault, looks_right: Check, emulator: Emulator
 ) -> None:
