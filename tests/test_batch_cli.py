@@ -165,9 +165,8 @@ def test_ctrl_c_stops_taking_jobs_lets_those_in_flight_finish_and_prints_the_sum
         command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
         deadline = time.monotonic() + 20
-        while not emulator.calls() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)  # four jobs in flight, each answered after 0.5 s
+        while len(emulator.calls()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until four jobs are in flight, each answered after 0.5 s
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
     assert process.returncode == 130
