@@ -40,8 +40,12 @@ lint: $(STAMP) ## ruff lint and format check.
 typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks.
 	$(BIN)/mypy
 
+# One worker process per CPU (pytest-xdist), each taking whole files, so that a module's
+# fixtures (an emulator, a table of CLI runs) are made once; most of a test's time is spent
+# waiting on a server or a child process, which the other worker fills. Plain `pytest` (a file,
+# a -k selection) still runs in one process.
 pytest: $(STAMP) ## The test suite (no network: MockTransport and loopback only).
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 package: $(STAMP) ## Build the sdist and wheel, check their contents, use the wheel in fresh venvs (no extra, each extra).
 	PYTHON=$(BIN)/python bash .ci/package-check
@@ -62,7 +66,7 @@ conformance: $(STAMP) ## Replay the conformance cassettes; report in out/conform
 
 # Part of `test`: it exits 1 when a built-in provider's kill rate is below 95 % (each is at 97 %
 # or more now, 98.0 % overall; docs/conformance.md has the table and explains each survivor).
-# 20 to 40 s.
+# 10 to 15 s on two CPUs.
 mutation: $(STAMP) ## Mutation score: the suite against wire mutants of each built-in adapter.
 	$(BIN)/flux-adapters conformance --mutate --cassettes cassettes --report-dir out
 

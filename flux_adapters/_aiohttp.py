@@ -51,6 +51,7 @@ from flux_adapters._transport import (
     AnswerBody,
     adecoded,
     deadline_error,
+    shared_ssl_context,
     transport_error,
 )
 from flux_adapters.errors import ClientClosedError, FluxError, Timeout
@@ -237,7 +238,7 @@ class AiohttpDriver:
             limit=self._connections,
             limit_per_host=0,
             keepalive_timeout=KEEPALIVE,
-            ssl=httpx.create_ssl_context(),  # the certificates httpx trusts (certifi)
+            ssl=shared_ssl_context(),  # the certificates httpx trusts (certifi), loaded once
         )
         session = aiohttp.ClientSession(
             connector=connector,

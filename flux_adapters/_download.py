@@ -49,6 +49,7 @@ from flux_adapters._transport import (
     mapped_transport_errors,
     phase_timeouts,
     send_within,
+    shared_ssl_context,
     with_answer,
 )
 from flux_adapters._version import __version__
@@ -345,7 +346,7 @@ class HttpDownloader:
         if self._async is not None and not self._async.is_closed and self._async_loop.claim():
             yield self._async
         else:  # closed, or its connections belong to another event loop
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(verify=shared_ssl_context()) as client:
                 yield _HttpxGetter(client)
 
     def _fetch(self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]) -> None:

@@ -22,7 +22,6 @@ import contextlib
 import importlib.util
 import io
 import os
-import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -47,6 +46,7 @@ from flux_adapters._transport import (
     aiter_decoded,
     deadline_error,
     mapped_transport_errors,
+    shared_ssl_context,
 )
 from flux_adapters.errors import (
     ClientClosedError,
@@ -359,7 +359,6 @@ class HttpxDriver:
     ) -> None:
         self._own = http is None
         self._per_pool = per_pool
-        self._verify: ssl.SSLContext | None = None
         self._pools = [_Pool(http if http is not None else self._new_client())]
         self.http = self._pools[0].http
         """The first pool's client (the caller's, if given); it builds every request."""
@@ -371,14 +370,12 @@ class HttpxDriver:
         self._closed = False
 
     def _new_client(self) -> httpx.AsyncClient:
-        if self._verify is None:  # the certificates are loaded once, not once per pool
-            self._verify = httpx.create_ssl_context()
         limits = httpx.Limits(
             max_connections=self._per_pool,
             max_keepalive_connections=self._per_pool,
             keepalive_expiry=KEEPALIVE,
         )
-        return httpx.AsyncClient(limits=limits, verify=self._verify)
+        return httpx.AsyncClient(limits=limits, verify=shared_ssl_context())
 
     @property
     def is_closed(self) -> bool:

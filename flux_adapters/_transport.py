@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
+import os
 import threading
 import time
 import weakref
@@ -45,6 +47,7 @@ from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, HttpResponse
 
 if TYPE_CHECKING:
     import asyncio  # at run time only where a loop runs: FluxClient never loads it
+    import ssl
 
 __all__ = [
     "ACCEPT_ENCODING",
@@ -216,6 +219,22 @@ ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar("flux_ends",
 """When (`time.monotonic`) the exchange under way in this context must be over (`bounded_by`)."""
 
 
+def shared_ssl_context() -> ssl.SSLContext:
+    """The TLS settings ``httpx.Client()`` would make, made once per process.
+
+    Those are certifi's certificates, or those ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` name: one
+    context per value of those variables. Loading the certificates costs about 20 ms of CPU, which every client the library made for
+    itself paid again: each `FluxClient`, each async pool, each conformance scenario. A context
+    is safe to share between clients and threads.
+    """
+    return _ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.lru_cache(maxsize=4)
+def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    return httpx.create_ssl_context()  # reads the two variables itself, as httpx.Client() does
+
+
 _BOUNDED: weakref.WeakSet[httpx.Client] = weakref.WeakSet()
 """The httpx clients made by `bounded_http_client` whose every transport is bounded."""
 
@@ -258,7 +277,7 @@ def bounded_http_client() -> httpx.Client:
     """
     from flux_adapters._bounded import bound  # lazy: httpx loads httpcore only for a client
 
-    client = httpx.Client()
+    client = httpx.Client(verify=shared_ssl_context())
     if bound(client):
         _BOUNDED.add(client)
     return client

@@ -5,7 +5,13 @@ from __future__ import annotations
 import io
 import os
 import socket
-from typing import Literal, cast
+import socketserver
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal, TypeVar, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -34,6 +40,39 @@ def driver(kind: str) -> Literal["aiohttp", "httpx"]:
     """*kind* (one of `ASYNC_DRIVERS`) as AsyncFluxClient's ``driver=`` takes it."""
     assert kind in ASYNC_DRIVERS, kind
     return cast(Literal["aiohttp", "httpx"], kind)
+
+
+_Server = TypeVar("_Server", bound=socketserver.BaseServer)
+
+
+@contextmanager
+def serving(server: _Server) -> Iterator[_Server]:
+    """Run *server* (a `socketserver` server, e.g. an ``http.server`` one) in a thread; stop it on exit.
+
+    ``serve_forever`` looks for a stop every ``poll_interval``, 0.5 s by default, which each
+    ``shutdown()`` waited out; 10 ms costs no measurable CPU.
+    """
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def short_tmp_path() -> Iterator[Path]:
+    """A new, empty folder whose path a message shows whole, for tests that compare messages.
+
+    Messages keep only the last 80 characters of a longer path; pytest's own ``tmp_path`` can
+    pass that with a file name in it (a long user name, ``popen-gw0/`` under pytest-xdist).
+    """
+    with tempfile.TemporaryDirectory(prefix="flux-") as folder:
+        yield Path(folder)
 
 
 def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", color: str = "red") -> bytes:

@@ -426,16 +426,29 @@ def test_an_answer_whose_result_url_cannot_be_fetched_is_a_format_error(
     ["https://cdn.example/a\x00.png", "https://cdn.example:port/a.png", "ftp://cdn.example/a"],
 )
 def test_a_hand_built_result_image_with_an_unusable_url_fails_typed_and_at_once(
-    kind: str, url: str, tmp_path: Path
+    kind: str, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from flux_adapters._download import HttpDownloader
     from flux_adapters.result import ResultImage
 
+    attempts = []
+    follow, follow_async = HttpDownloader._follow, HttpDownloader._follow_async
+
+    def counted(self: HttpDownloader, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(url)
+        return follow(self, *args, **kwargs)
+
+    async def counted_async(self: HttpDownloader, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(url)
+        return await follow_async(self, *args, **kwargs)
+
+    monkeypatch.setattr(HttpDownloader, "_follow", counted)
+    monkeypatch.setattr(HttpDownloader, "_follow_async", counted_async)
     image = ResultImage(url=url)
-    started = time.monotonic()
     with pytest.raises(errors.TransportError) as caught:
         image.save(tmp_path / "a.png") if kind == "sync" else asyncio.run(image.read_async())
     assert caught.value.sent is False  # nothing could be sent
-    assert time.monotonic() - started < 0.4  # not retried: it cannot pass
+    assert len(attempts) == 1  # not retried after a pause: it cannot pass
     assert list(tmp_path.iterdir()) == []
 
 

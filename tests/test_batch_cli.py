@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from flux_adapters.emulator import Emulator, Fault, run_emulator
+from tests.conftest import serving
 from tests.test_hostile_provider import KEY, leaks
 
 
@@ -117,14 +117,9 @@ class _Echo(BaseHTTPRequestHandler):
 def test_a_key_echoed_in_every_position_never_reaches_the_report_or_the_terminal(
     tmp_path: Path,
 ) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), _Echo)) as server:
         source, folder = jobs_file(tmp_path, 64), tmp_path / "out"
         done = batch(source, folder, f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert done.returncode == 3  # refused: failed, not billed
     lines = report(folder)
     assert len(lines) == 64
@@ -170,9 +165,8 @@ def test_ctrl_c_stops_taking_jobs_lets_those_in_flight_finish_and_prints_the_sum
         command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
         deadline = time.monotonic() + 20
-        while not emulator.calls() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)  # four jobs in flight, each answered after 0.5 s
+        while len(emulator.calls()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until four jobs are in flight, each answered after 0.5 s
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
     assert process.returncode == 130

@@ -1,5 +1,9 @@
 """A real `flux-adapters batch` process, killed with SIGKILL at random points and run again.
 
+Each kill comes once the provider has received a random number of this run's requests (from
+9, so that answers have come back too, to 30): always with the batch under way and requests in
+flight, whatever the machine's speed.
+
 At the end every job is saved exactly once or reported, the report parses line by line, and the
 emulator's billing ledger shows no job done twice (no --resend-unconfirmed was given).
 """
@@ -54,17 +58,23 @@ def test_a_batch_killed_five_times_never_does_a_job_twice(tmp_path: Path) -> Non
         }
         kills = []
         for _ in range(5):
+            received, after = len(emulator.calls()), rng.randint(9, 30)
             process = subprocess.Popen(
                 command(source, folder),
                 env=environment,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            moment = rng.uniform(0.5, 1.2)
-            time.sleep(moment)
+            deadline = time.monotonic() + 60
+            while (
+                len(emulator.calls()) < received + after
+                and process.poll() is None
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.005)
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=10)
-            kills.append((round(moment, 2), len(emulator.billed())))
+            kills.append((after, len(emulator.billed())))
         final = subprocess.run(
             command(source, folder), env=environment, capture_output=True, text=True, timeout=120
         )

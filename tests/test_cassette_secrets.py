@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import string
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from flux_adapters.conformance.runner import paid_calls
 from flux_adapters.conformance.scenarios import Completes, ProviderFails, Scenario, by_id
 from flux_adapters.providers.laozhang import LaozhangAdapter
 from flux_adapters.request import EditRequest
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, serving
 
 CASSETTES = Path(__file__).resolve().parent.parent / "cassettes"
 REVOKED = by_id("error-401").api_key or ""
@@ -111,20 +110,18 @@ class Hostile:
     def __init__(self, mode: str = "echo") -> None:
         self.mode = mode
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._serving = serving(self.server)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def __enter__(self) -> Hostile:
-        self.thread.start()
+        self._serving.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
+        self._serving.__exit__(None, None, None)
 
     def result_url(self, key: str) -> str:
         encoded = quote(key, safe="")

@@ -385,7 +385,7 @@ def test_a_job_that_ends_without_an_image_exits_as_a_provider_error(
 ) -> None:
     from flux_adapters.emulator import Fault
 
-    emulator.inject("bfl", Fault(outcome=outcome))
+    emulator.inject("bfl", Fault(outcome=outcome, pending=0))  # it ends at the first poll
     status, _, err = run("edit", "a cat", "-p", "bfl", "--size", "64x64", "-o", "cat.png")
     assert (status, err.splitlines()[-1].split(":")[1].strip()) == (code, error)
     assert not Path("cat.png").exists()

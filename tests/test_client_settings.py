@@ -758,3 +758,28 @@ def test_a_final_v1_is_dropped_from_the_path_only(given: str, used: str) -> None
     from flux_adapters.providers import get_adapter
 
     assert base_url_for(get_adapter("laozhang"), given, environ={}) == used
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+def test_the_clients_trust_what_httpx_trusts_loaded_once_per_ssl_cert_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import certifi
+
+    from flux_adapters._transport import shared_ssl_context
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    default = shared_ssl_context()
+    assert shared_ssl_context() is default  # the certificates are loaded once
+    assert default.get_ca_certs() == httpx.create_ssl_context().get_ca_certs()
+    # A company's own authority, named as httpx.Client() reads it: the next context trusts it.
+    bundle = Path(certifi.where()).read_text()
+    first = bundle[: bundle.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+    (tmp_path / "ca.pem").write_text(first[first.index("-----BEGIN CERTIFICATE-----") :] + "\n")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    assert len(shared_ssl_context().get_ca_certs()) == 1
+    monkeypatch.delenv("SSL_CERT_FILE")
+    assert shared_ssl_context() is default

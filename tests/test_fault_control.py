@@ -54,9 +54,11 @@ from flux_adapters.conformance.runner import (
 from flux_adapters.conformance.scenarios import by_id
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.emulator._faults import build_fault_body, parse_fault_body
+from flux_adapters.emulator._server import EmulatorServer
 from flux_adapters.providers.aimlapi import AimlapiAdapter
 from flux_adapters.providers.bfl import BflAdapter
 from flux_adapters.providers.laozhang import LaozhangAdapter
+from tests.conftest import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "validating-a-provider.md"
@@ -77,16 +79,15 @@ def serve(app: ASGIApp) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     config = uvicorn.Config(app, log_level="warning", log_config=None, lifespan="off")
-    server = uvicorn.Server(config)
+    server = EmulatorServer(config)  # uvicorn's, stopped at once
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        while not server.started:
-            assert thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
+        assert server.ready.wait(timeout=10), "the server did not start"
+        assert server.started, "the server did not start"
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
-        server.should_exit = True
+        server.stop()
         thread.join(timeout=10)
         sock.close()
 
@@ -118,15 +119,8 @@ def not_found_everywhere() -> Iterator[str]:
 
         do_GET = do_POST = do_PUT = do_DELETE = _not_found
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as server:
         yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture

@@ -77,9 +77,9 @@ def test_what_only_looks_like_an_image_format_is_not_named(data: bytes) -> None:
 
 @pytest.mark.parametrize("fmt", [name for name in SAMPLES if name not in IMAGE_FORMATS])
 def test_a_format_providers_do_not_take_is_named_with_the_file_and_what_they_take(
-    fmt: str, tmp_path: Path
+    fmt: str, short_tmp_path: Path
 ) -> None:
-    path = tmp_path / f"photo.{fmt}"
+    path = short_tmp_path / f"photo.{fmt}"
     path.write_bytes(SAMPLES[fmt])
     request = build([PNG, path])
     [violation] = check(request, "apiyi")
@@ -92,12 +92,12 @@ def test_a_format_providers_do_not_take_is_named_with_the_file_and_what_they_tak
     assert str(path) in str(errors.RequestError([violation]))
 
 
-def test_every_per_image_limit_message_names_the_image(tmp_path: Path) -> None:
-    huge = tmp_path / "huge.png"
+def test_every_per_image_limit_message_names_the_image(short_tmp_path: Path) -> None:
+    huge = short_tmp_path / "huge.png"
     with huge.open("wb") as out:
         out.write(image_bytes(5000, 4100))
         out.truncate(21 * 2**20)
-    broken = tmp_path / "broken.png"
+    broken = short_tmp_path / "broken.png"
     broken.write_bytes(PNG[:20])
     request = build([huge, broken, b"hello"])
     messages = [(v.field, v.message) for v in check(request, "apiyi")]

@@ -40,8 +40,8 @@ def refused(images: object) -> errors.Violation:
 # --- binary file objects ---------------------------------------------------------------------
 
 
-def test_a_file_opened_rb_is_read_once_when_the_request_is_built(tmp_path: Path) -> None:
-    path = tmp_path / "robot.png"
+def test_a_file_opened_rb_is_read_once_when_the_request_is_built(short_tmp_path: Path) -> None:
+    path = short_tmp_path / "robot.png"
     path.write_bytes(PNG)
     with path.open("rb") as stream:
         request = build([stream])
@@ -74,8 +74,8 @@ def test_a_spooled_temporary_file_and_a_buffered_reader_are_file_objects() -> No
     assert build([reader]).images[0].info.format == "jpeg"  # type: ignore[union-attr]
 
 
-def test_a_text_file_object_is_refused_without_being_read(tmp_path: Path) -> None:
-    path = tmp_path / "notes.png"
+def test_a_text_file_object_is_refused_without_being_read(short_tmp_path: Path) -> None:
+    path = short_tmp_path / "notes.png"
     path.write_bytes(PNG)
     with path.open("r", encoding="latin-1") as text:
         violation = refused([text])
@@ -237,8 +237,8 @@ def test_a_pil_image_is_encoded_to_png_losslessly(mode: str) -> None:
     assert image.describe().startswith("a PIL image (17x9) (")
 
 
-def test_a_pil_image_keeps_its_icc_profile_and_names_its_file(tmp_path: Path) -> None:
-    path = tmp_path / "photo.jpg"
+def test_a_pil_image_keeps_its_icc_profile_and_names_its_file(short_tmp_path: Path) -> None:
+    path = short_tmp_path / "photo.jpg"
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     Image.new("RGB", (12, 8), "orange").save(path, icc_profile=profile)
     with Image.open(path) as opened:

@@ -411,7 +411,9 @@ def test_a_killed_batch_of_bfl_jobs_finishes_on_rerun_by_polling(tmp_path: Path)
             for n in range(jobs)
         )
     )
-    with run_emulator(pending_polls=5) as emulator:  # ~10 s of polls: killed with all in flight
+    with run_emulator(pending_polls=1) as emulator:
+        # Until the kill every poll answers 503: no job can end before it, however slow the machine.
+        emulator.inject("bfl", Fault(on="poll", status=503))
         environment = os.environ | {"BFL_API_KEY": KEY, "BFL_BASE_URL": emulator.base_url("bfl")}
         command = [sys.executable, "-m", "flux_adapters", "batch", str(source), "-o",
                    str(folder), "-p", "bfl", "--concurrency", str(jobs), "--per-provider",
@@ -428,6 +430,7 @@ def test_a_killed_batch_of_bfl_jobs_finishes_on_rerun_by_polling(tmp_path: Path)
         process.wait(timeout=10)
         saved_before = list(folder.glob("job-*.*"))
         submits_at_kill = len(emulator.calls("bfl", "submit"))
+        emulator.clear_faults("bfl")
 
         final = subprocess.run(command, env=environment, capture_output=True, text=True,
                                timeout=180)  # fmt: skip

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, ProviderId, errors
-from tests.conftest import CLIENT_KINDS, driver, image_bytes
+from tests.conftest import CLIENT_KINDS, driver, image_bytes, serving
 
 ANSWER = json.dumps({"data": [{"url": "http://127.0.0.1:1/result.png"}]}).encode()
 
@@ -58,11 +57,8 @@ class Handler(BaseHTTPRequestHandler):
 def server() -> Iterator[Server]:
     httpd = Server(("127.0.0.1", 0), Handler)
     httpd.received = []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(httpd):
+        yield httpd
 
 
 def base(httpd: Server, provider: str) -> str:

@@ -52,7 +52,7 @@ from flux_adapters import errors
 from flux_adapters._files import read_bytes_file, read_text_file
 from flux_adapters._flows import first_request, is_job_adapter, resolve
 from flux_adapters._redact import Redactor
-from flux_adapters._transport import bounded_http_client
+from flux_adapters._transport import bounded_http_client, shared_ssl_context
 from flux_adapters._version import __version__
 from flux_adapters.client import FluxClient
 from flux_adapters.conformance._fault_control import FaultControl
@@ -281,6 +281,7 @@ def _client(
     # gzip only: vcrpy cannot decode every encoding httpx may advertise (zstd), and a body it
     # cannot decode cannot be scrubbed.
     with httpx.Client(
+        verify=shared_ssl_context(),
         headers={"Accept-Encoding": "gzip"},
         event_hooks={"request": [exchanges.on_request], "response": [exchanges.on_response]},
     ) as http:

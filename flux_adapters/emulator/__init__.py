@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final
@@ -204,6 +203,9 @@ def run_emulator(
 ) -> Iterator[Emulator]:
     """Run the emulator in a background thread (on a free port by default) and stop it on exit.
 
+    The stop is immediate: connections are closed and answers still in progress (a ``delay``, a
+    ``drip``) are cut short, not waited for.
+
     Its server logs through the host application's logging (uvicorn's ``uvicorn.error``
     logger), without configuring any handlers.
 
@@ -240,19 +242,23 @@ def run_emulator(
         pending_polls=pending_polls,
     )
     server, sock = build_server(state, host, port, timeout=header_timeout, own_logging=False)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="flux-emulator", daemon=True
-    )
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            server.ready.set()  # also when it failed before it could start
+
+    thread = threading.Thread(target=run, name="flux-emulator", daemon=True)
     try:
         thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the emulator did not start")
-            time.sleep(0.01)
+        if not server.ready.wait(timeout=10) or not server.started:
+            raise RuntimeError("the emulator did not start")
         yield Emulator(state, f"http://{host}:{sock.getsockname()[1]}")
     finally:
-        server.should_exit = True
+        # At once: the connections are closed and answers still in progress (a delay, a drip)
+        # cut short, instead of waited for.
+        server.stop()
         if thread.is_alive():
             thread.join(timeout=10)
         sock.close()

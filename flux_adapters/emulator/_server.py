@@ -10,8 +10,10 @@ gives each request head a deadline from the moment the server starts waiting for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import threading
 from typing import ClassVar
 
 import h11
@@ -27,7 +29,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from flux_adapters.emulator._answers import DroppedConnection
 from flux_adapters.emulator._app import State, create_app
 
-__all__ = ["build_server"]
+__all__ = ["EmulatorServer", "build_server"]
 
 
 class _HeadDeadline(H11Protocol):
@@ -78,19 +80,85 @@ class _HeadDeadline(H11Protocol):
 
 
 class _QuietDrops(logging.Filter):
-    """Keeps injected connection drops out of the server's error log (they are intended)."""
+    """Keeps intended breaks out of the server's error log: injected connection drops, answers cut.
+
+    An answer still in progress when `EmulatorServer.stop` is called is cancelled, which uvicorn
+    would log as an exception in the application.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], DroppedConnection))
+        return not (
+            record.exc_info
+            and isinstance(record.exc_info[1], DroppedConnection | asyncio.CancelledError)
+        )
 
 
 # One instance, so that adding it again for every server is a no-op (`Logger.addFilter`).
 _QUIET_DROPS = _QuietDrops()
 
 
+class EmulatorServer(uvicorn.Server):
+    """uvicorn's server, which a host thread can also stop at once (`stop`).
+
+    uvicorn notices ``should_exit`` at its next tick (every 0.1 s), then waits 0.1 s more and
+    for every answer in progress to end: a test that leaves an emulator with a delayed or
+    dripping answer outstanding waited for it. `stop` wakes the server at once, closes every
+    connection and cuts the answers in progress (their clients see the connection close). A
+    foreground server stopped by a signal (``flux-adapters emulate``) still stops as uvicorn does.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+        """Set once the server listens (`started`), or failed to start."""
+        self._woken = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._prompt = False
+
+    def stop(self) -> None:
+        """Stop the server from another thread without waiting for the answers in progress."""
+        self._prompt = True
+        self.should_exit = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                loop.call_soon_threadsafe(self._woken.set)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await super().startup(sockets)
+        finally:
+            self.ready.set()
+
+    async def main_loop(self) -> None:
+        # uvicorn's loop, ticking every 0.1 s (the Date header, should_exit from a signal), but
+        # woken at once by `stop`.
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864_000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), 0.1)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if not self._prompt:
+            await super().shutdown(sockets)
+            return
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.transport.abort()
+        tasks = list(self.server_state.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for server in self.servers:
+            await server.wait_closed()
+
+
 def build_server(
     state: State, host: str, port: int, *, timeout: float, own_logging: bool
-) -> tuple[uvicorn.Server, socket.socket]:
+) -> tuple[EmulatorServer, socket.socket]:
     """A uvicorn server for the emulator app, and its socket, already bound and listening.
 
     Args:
@@ -131,7 +199,7 @@ def build_server(
             access_log=False,
             lifespan="off",
         )
-        return uvicorn.Server(config), sock
+        return EmulatorServer(config), sock
     except BaseException:
         sock.close()
         raise
