@@ -41,6 +41,7 @@ from flux_adapters.jobs import Accepted, Done, Job, JobAdapter, Pending, Polling
 from flux_adapters.limits import Plan, plan
 from flux_adapters.providers import Adapter, Answer, AnyAdapter, get_adapter
 from flux_adapters.request import EditRequest
+from flux_adapters.result import ResultImage
 from flux_adapters.wire import HttpRequest, HttpResponse, Role, Sleep
 
 __all__ = [
@@ -271,8 +272,6 @@ def _unusable_image(value: object) -> str:
     checked its inline data when it was made (base64 of a whole png, jpeg or webp image), and a
     download is checked as it arrives.
     """
-    from flux_adapters.result import ResultImage
-
     answer = value.answer if isinstance(value, Done) else value
     if not isinstance(answer, Answer):
         return ""
