@@ -1068,8 +1068,10 @@ def _result(
         provider=binding.adapter.name,
         model=model,
         images=tuple(
-            image.fetched_with(downloader, declared_format=requested_format)
-            for image in answer.images
+            [
+                image.fetched_with(downloader, declared_format=requested_format)
+                for image in answer.images
+            ]
         ),
         usage=usage,
         cost_usd=cost,
@@ -1698,7 +1700,11 @@ class AsyncFluxClient(_ClientBase):
             await watcher.sending(binding.adapter.name)  # durable before anything goes out
         started = time.perf_counter()
         try:
-            response = await self._send(binding, instruction)
+            self._check_open()  # closed while a call was under way
+            try:  # `_send`, written out: a coroutine less on the path of every exchange
+                response = await self._driver.exchange(_exchange(binding, instruction))
+            except RuntimeError as exc:  # a refusal to send on a client closed meanwhile
+                raise self._closed_instead(exc) from exc
         except FluxError as error:
             _note_exchange(binding, instruction, started, error)
             raise

@@ -125,6 +125,11 @@ _URL_FORBIDDEN: Final = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 # ASCII digits only, and few of them: int() never sees a 5,000-digit or Arabic-Indic number.
 _SIZE: Final = re.compile(r"([0-9]{1,6})x([0-9]{1,6})", re.ASCII)
 _RATIO: Final = re.compile(r"([0-9]{1,6}):([0-9]{1,6})", re.ASCII)
+# The limits a refusal names, written once: every request is checked, few are refused.
+_MODELS_LIMIT: Final = ", ".join(MODELS)
+_FORMATS_LIMIT: Final = " / ".join(_OUTPUT_FORMATS)
+_SIDES_LIMIT: Final = f"1..{MAX_SIDE}"
+_PAIRS: Final = (("size", _SIZE, "WxH", '"1024x768"'), ("aspect_ratio", _RATIO, "W:H", '"16:9"'))
 _DATA_URL: Final = re.compile(
     r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII
 )
@@ -940,7 +945,7 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
         found.append(
             Violation("prompt", "must be non-empty text", "non-empty text", render_value(prompt))
         )
-    model = _text_field(request, "model", ", ".join(MODELS), found)
+    model = _text_field(request, "model", _MODELS_LIMIT, found)
     if model is not None and model not in MODELS:
         from flux_adapters._options import did_you_mean  # lazy: only a wrong id needs difflib
 
@@ -949,7 +954,7 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
             Violation(
                 "model",
                 f"is not a known FLUX model id{hint}",
-                ", ".join(MODELS),
+                _MODELS_LIMIT,
                 render_value(model),
             )
         )
@@ -959,13 +964,13 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
     _geometry_violations(request, found)
     for name, low, high in _WHOLE_NUMBERS:
         _whole_field(request, name, low, high, found)
-    output_format = _text_field(request, "output_format", " / ".join(_OUTPUT_FORMATS), found)
+    output_format = _text_field(request, "output_format", _FORMATS_LIMIT, found)
     if output_format is not None and output_format not in _OUTPUT_FORMATS:
         found.append(
             Violation(
                 "output_format",
                 "is not an image format",
-                " / ".join(_OUTPUT_FORMATS),
+                _FORMATS_LIMIT,
                 render_value(output_format),
             )
         )
@@ -1094,18 +1099,19 @@ def _geometry_violations(request: EditRequest, found: list[Violation]) -> None:
     height: object = request.height
     size: object = request.size
     ratio: object = request.aspect_ratio
-    if size is None and ratio is None and width is None and height is None:
+    sides_given = width is not None or height is not None
+    if not sides_given and size is None and ratio is None:
         return
-    ways = [
-        name
-        for name, present in (
-            ("width/height", width is not None or height is not None),
-            ("size", size is not None),
-            ("aspect_ratio", ratio is not None),
-        )
-        if present
-    ]
-    if len(ways) > 1:
+    if sides_given + (size is not None) + (ratio is not None) > 1:
+        ways = [
+            name
+            for name, present in (
+                ("width/height", sides_given),
+                ("size", size is not None),
+                ("aspect_ratio", ratio is not None),
+            )
+            if present
+        ]
         found.append(
             Violation(
                 "size",
@@ -1114,7 +1120,7 @@ def _geometry_violations(request: EditRequest, found: list[Violation]) -> None:
                 " and ".join(ways),
             )
         )
-    sides = f"1..{MAX_SIDE}"
+    sides = _SIDES_LIMIT
     for name, value in (("width", width), ("height", height)):
         if value is None:
             continue
@@ -1139,17 +1145,14 @@ def _geometry_violations(request: EditRequest, found: list[Violation]) -> None:
                 missing, "width and height go together", "both or neither", f"{missing} missing"
             )
         )
-    for name, pattern, form, example in (
-        ("size", _SIZE, "WxH", "1024x768"),
-        ("aspect_ratio", _RATIO, "W:H", "16:9"),
-    ):
-        text = _text_field(request, name, f'"{example}"', found)
+    for name, pattern, form, example in _PAIRS:
+        text = _text_field(request, name, example, found)
         if text is not None and _parsed_pair(pattern, text) is None:
             found.append(
                 Violation(
                     name,
                     f'must be written "{form}" with whole numbers from 1 to {MAX_SIDE}',
-                    f'"{example}"',
+                    example,
                     render_value(text),
                 )
             )
