@@ -10,9 +10,11 @@ answer with the same `flux_adapters._transport.AnswerBody` as the httpx driver. 
   parts in the same order;
 - answers read within their cap and the exchange's deadline, compressed ones inflated a bounded
   slice at a time (aiohttp's own decompression is off: it inflates each chunk whole);
-- timeouts per phase as aiohttp keeps them (`AiohttpDriver._timeout`): pool and connect, connect,
-  read (from the end of the body to the first byte of the answer, then between bytes), and the
-  deadline over all of them; write per slice of the body (`_Body`);
+- timeouts per phase: the deadline over everything, and read (from the last byte of the body
+  to the answer's head, then between its pieces), on one timer per exchange (`_Clock`); pool
+  (waiting for a free connection, and opening one) and connect as aiohttp keeps them
+  (`AiohttpDriver._timeout`), each timer made only when there is a wait or a new connection;
+  write per slice of the body (`_Body`);
 - ``sent`` on every failure: ``False`` only when the provider cannot have the whole request (no
   connection, a pool, connect or write timeout, or the deadline before the last byte of the body
   went out), as httpx's mapping says (`flux_adapters._transport.proves_not_sent`);
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
@@ -103,19 +106,25 @@ class _Body(Payload):
     """A request body of known length, written slice by slice; it knows how far it got.
 
     ``complete`` once its last byte was handed to the connection: from then on the provider may
-    have the whole request. A slice that cannot be written within *write* seconds (the server
-    stopped reading) ends the exchange with ``write_timed_out``; a `FluxError` raised while
-    producing a slice (a file that changed) is kept in ``error`` (aiohttp wraps what a body
-    raises).
+    have the whole request, and the exchange's read phase begins (*clock*). A slice that cannot
+    be written within *write* seconds (the server stopped reading) ends the exchange with
+    ``write_timed_out``; a `FluxError` raised while producing a slice (a file that changed) is
+    kept in ``error`` (aiohttp wraps what a body raises).
     """
 
     def __init__(
-        self, chunks: Iterator[bytes], size: int, content_type: str, write: float | None
+        self,
+        chunks: Iterator[bytes],
+        size: int,
+        content_type: str,
+        write: float | None,
+        clock: _Clock | None,
     ) -> None:
         super().__init__(chunks, content_type=content_type)
         self._chunks = chunks
         self._size = self._length = size
         self._write = write
+        self._clock = clock
         self._handed = 0
         self._transport: asyncio.BaseTransport | None = None
         self.write_timed_out = False
@@ -153,6 +162,9 @@ class _Body(Payload):
             self.error = error
             self.abort()
             raise
+        clock = self._clock
+        if clock is not None and self.complete:
+            clock.read_from = clock.now()
 
     def abort(self) -> None:
         """Drop the connection this body was going out on, unless it went out whole.
@@ -164,6 +176,79 @@ class _Body(Payload):
         transport = self._transport
         if transport is not None and not self.complete and isinstance(transport, asyncio.Transport):
             transport.abort()
+
+
+_EARLY: Final = 1e-6
+"""A timer may run this much before its time (the loop's clock resolution): counted as on time."""
+_NO_CONTEXT: Final = contextvars.Context()
+
+
+class _Clock:
+    """The deadline and the read timeout of one exchange, on a single timer of the event loop.
+
+    The read timeout runs from the body's last byte to the answer's head, then from one piece
+    of the answer to the next. The timer is set for the earliest moment either could pass; it
+    usually fires early (the read phase began later than it could have) and is set again for
+    what is left. An exchange that ends in time costs one timer, set and cancelled. (aiohttp's
+    own ``total`` and ``sock_read`` cost a timer each, and ``sock_read`` another per piece.)
+
+    When one passes, the exchange's task is cancelled, as ``asyncio.timeout`` does, and
+    `expired` says which; the exchange turns the cancellation into the typed error.
+
+    Args:
+        read: The read timeout, or ``None`` when aiohttp keeps it (a request with no body: only
+            aiohttp knows when it went out).
+    """
+
+    __slots__ = ("_handle", "_loop", "_read", "_task", "cancelling", "ends", "expired", "read_from")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+        seconds: float,
+        read: float | None,
+    ) -> None:
+        self._loop = loop
+        self._task = task
+        self.cancelling = task.cancelling()
+        now = loop.time()
+        self.ends = ends = now + seconds
+        self._read = read
+        self.read_from: float | None = None
+        """When the read phase began, or last received a piece of the answer."""
+        self.expired: str | None = None
+        """``"deadline"`` or ``"read"``: what passed (the task was cancelled)."""
+        when = ends if read is None else min(ends, now + read)
+        # No context of the caller's: the timer's callback reads none.
+        self._handle = loop.call_at(when, self._fire, context=_NO_CONTEXT)
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def _fire(self) -> None:
+        now = self._loop.time() + _EARLY
+        read, since = self._read, self.read_from
+        if now >= self.ends:
+            self.expired = "deadline"
+        elif read is not None and since is not None and now >= since + read:
+            self.expired = "read"
+        else:  # a read phase that has not begun begins now at the soonest
+            when = self.ends if read is None else min(self.ends, (since or now) + read)
+            self._handle = self._loop.call_at(when, self._fire, context=_NO_CONTEXT)
+            return
+        self._task.cancel()
+
+    def stop(self) -> None:
+        """The exchange is over: no more timer."""
+        self._handle.cancel()
+
+    def passed(self) -> bool:
+        """Whether a cancellation of the task is this clock's own (and the only one pending).
+
+        Called once, with the ``CancelledError``: it takes the cancellation back.
+        """
+        return self.expired is not None and self._task.uncancel() <= self.cancelling
 
 
 _MOST_URLS: Final = 256
@@ -189,30 +274,33 @@ def _yarl(url: str) -> URL:
     return parsed
 
 
-_UNSENDABLE: Final = re.compile(r"[^\x20-\x7e]")
-"""What a header may not hold: anything but printable ASCII (httpx refuses the others too)."""
+def _check_headers(exchange: Exchange) -> None:
+    """Refuse a header that is not printable ASCII (a line break, a control character).
 
-
-def _checked_headers(exchange: Exchange) -> dict[str, str]:
-    """The exchange's headers, each printable ASCII.
+    httpx refuses the same ones.
 
     Raises:
-        RequestError: A header that cannot be sent (a line break, a control character).
+        RequestError: A header that cannot be sent.
     """
     headers = exchange.headers
-    if _UNSENDABLE.search("".join(headers.values())) or _UNSENDABLE.search("".join(headers)):
-        bad = next(name for name, value in headers.items() if _UNSENDABLE.search(name + value))
-        problem = ValueError(f"the header {bad!r} cannot be sent as it is")
-        raise unsendable(exchange.provider, exchange.scrub, problem, "aiohttp")
-    return headers
+    text = "".join(headers.values()) + "".join(headers)
+    if text.isascii() and text.isprintable():
+        return
+    bad = next(name for name, value in headers.items() if not _printable(name + value))
+    problem = ValueError(f"the header {bad!r} cannot be sent as it is")
+    raise unsendable(exchange.provider, exchange.scrub, problem, "aiohttp")
+
+
+def _printable(text: str) -> bool:
+    return text.isascii() and text.isprintable()
 
 
 class AiohttpDriver:
     """Sends with one ``aiohttp.ClientSession``, made inside the event loop on first use.
 
     Args:
-        connections: Most connections open at once, and exchanges in flight (the rest wait in
-            the client's queue, within the pool timeout).
+        connections: Most connections open at once, and exchanges in flight (the rest wait for
+            a free connection, within the pool timeout).
     """
 
     name: Final = "aiohttp"
@@ -262,75 +350,80 @@ class AiohttpDriver:
             found = self._urls[url] = _yarl(url)
         return found
 
-    def _timeout(self, timeout: httpx.Timeout, seconds: float | None) -> aiohttp.ClientTimeout:
-        """Aiohttp's timeouts for *timeout*'s phases and the deadline *seconds* (made once).
+    def _timeout(self, timeout: httpx.Timeout, read: bool) -> aiohttp.ClientTimeout:
+        """The timeouts aiohttp keeps for *timeout*'s phases (made once); *read* too if asked.
 
-        The deadline is aiohttp's ``total`` (its timer already runs for every request, and it
-        covers reading the body). The pool timeout is its ``connect``: waiting for a free
-        connection, and opening one, within it (aiohttp times them together, and the wait costs
-        a timer only when there is one); opening one is also within the connect timeout
-        (``sock_connect``). ``sock_read`` starts when the body has gone out, and again with each
-        piece of the answer. The write phase is `_Body`'s.
+        The pool timeout is aiohttp's ``connect``: waiting for a free connection, and opening
+        one, within it (aiohttp times them together, and starts that timer only when there is
+        a wait or a new connection); opening one is also within the connect timeout
+        (``sock_connect``). ``sock_read`` is asked for requests with no body, whose read phase
+        starts when aiohttp has written them; the others' is the exchange's `_Clock`, which
+        keeps the deadline too (no ``total``).
         """
-        key = (timeout.connect, timeout.read, timeout.pool, seconds)
+        key = (timeout.connect, timeout.pool, timeout.read if read else None)
         found = self._timeouts.get(key)
         if found is None:
             found = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=seconds,
-                connect=timeout.pool,
-                sock_connect=timeout.connect,
-                sock_read=timeout.read,
+                total=None, connect=key[1], sock_connect=key[0], sock_read=key[2]
             )
         return found
 
     def _body(
-        self, exchange: Exchange, files: contextlib.ExitStack | None
+        self, exchange: Exchange, files: contextlib.ExitStack | None, clock: _Clock
     ) -> tuple[dict[str, str], _Body | None]:
         """The headers and the body to send.
 
         Raises:
             RequestError: The request cannot be sent as built.
         """
-        headers = _checked_headers(exchange)
+        headers = exchange.headers
         body, write = exchange.body, exchange.timeout.write
         if isinstance(body, JsonBody):
             segments = json_segments(body)
             first = segments[0]
             if len(segments) == 1 and isinstance(first, bytes):  # no local image: one slice
-                return headers, _Body(iter((first,)), len(first), "application/json", write)
+                return headers, _Body(iter((first,)), len(first), "application/json", write, clock)
             size = segments_length(segments)
-            return headers, _Body(segment_chunks(segments), size, "application/json", write)
+            chunks = segment_chunks(segments)
+            return headers, _Body(chunks, size, "application/json", write, clock)
         if isinstance(body, MultipartBody):
             assert files is not None
             encoded = multipart_request(exchange, body, files)
             stream: Any = encoded.stream  # httpx's multipart stream: iterable, sized
-            headers = {**headers, "Content-Type": encoded.headers["Content-Type"]}
+            kind = encoded.headers["Content-Type"]
+            headers = {**headers, "Content-Type": kind}
             size = int(encoded.headers["Content-Length"])
-            return headers, _Body(iter(stream), size, headers["Content-Type"], write)
+            return headers, _Body(iter(stream), size, kind, write, clock)
         return headers, None
 
     async def exchange(self, exchange: Exchange) -> HttpResponse:
         """See `flux_adapters._drivers.AsyncDriver.exchange`."""
-        name, scrub = exchange.provider, exchange.scrub
+        name, scrub, timeout = exchange.provider, exchange.scrub, exchange.timeout
+        try:
+            url = self._url(exchange.url)
+        except httpx.InvalidURL as exc:
+            raise unsendable(name, scrub, exc) from None
+        except httpx.UnsupportedProtocol as exc:
+            raise transport_error(exc, name, scrub) from exc
+        _check_headers(exchange)
+        session = self._open()
+        has_body = exchange.body is not None
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None  # an exchange runs in a task (asyncio.run makes one)
+        clock = _Clock(loop, task, exchange.seconds, timeout.read if has_body else None)
         body: _Body | None = None
         # Upload files stay open until the body is sent; a JSON body opens its own as it goes.
         files = contextlib.ExitStack() if isinstance(exchange.body, MultipartBody) else None
         try:
-            try:
-                url = self._url(exchange.url)
-            except httpx.InvalidURL as exc:
-                raise unsendable(name, scrub, exc) from None
-            except httpx.UnsupportedProtocol as exc:
-                raise transport_error(exc, name, scrub) from exc
-            headers, body = self._body(exchange, files)
-            session = self._open()
+            headers, body = self._body(exchange, files, clock)
             try:
                 response = await session.request(
                     exchange.method,
                     url,
                     headers=headers,
                     data=body,
-                    timeout=self._timeout(exchange.timeout, exchange.seconds),
+                    timeout=self._timeout(timeout, not has_body),
                     allow_redirects=False,  # a redirected POST would be sent (and paid) again
                 )
             except FluxError:
@@ -338,33 +431,45 @@ class AiohttpDriver:
             except Exception as exc:
                 raise self._failure(exc, exchange, body) from exc
             try:
-                return await self._read(response, exchange, body)
+                return await self._read(response, exchange, body, clock)
             finally:
                 response.release()  # to the pool only when read to its end; else closed
-        except BaseException:
+        except BaseException as exc:
             if body is not None:
                 body.abort()  # given up with the body cut short: drop the rest of it
-            raise
+            if clock.expired is None:
+                raise
+            if not clock.passed() and isinstance(exc, asyncio.CancelledError):
+                raise  # the caller cancelled too: that wins
+            # The clock cancelled the task (whatever aiohttp made of the cancellation).
+            raise self._expired(clock, exchange, body) from None
         finally:
+            clock.stop()
             if files is not None:
                 files.close()
 
     async def _read(
-        self, response: aiohttp.ClientResponse, exchange: Exchange, body: _Body | None
+        self,
+        response: aiohttp.ClientResponse,
+        exchange: Exchange,
+        body: _Body | None,
+        clock: _Clock,
     ) -> HttpResponse:
-        """The answer, read within its cap (`AnswerBody`)."""
+        """The answer, read within its cap (`AnswerBody`) and its read timeout (*clock*)."""
         head = _Head(response)
         answer = AnswerBody(head, exchange.provider, exchange.seconds, None, exchange.scrub)
         try:
+            content = response.content
             if "content-encoding" in response.headers:
-                async for piece in adecoded(head, _raw(response.content)):
+                async for piece in adecoded(head, _raw(content, clock)):
                     if not answer.take(piece):
                         break
             else:
-                content = response.content
                 # at_eof: a body whose declared length has all come needs no read of its end.
-                while chunk := await content.readany():
-                    if not answer.take(chunk) or content.at_eof():
+                while True:
+                    clock.read_from = clock.now()
+                    chunk = await content.readany()
+                    if not chunk or not answer.take(chunk) or content.at_eof():
                         break
         except httpx.DecodingError as exc:
             raise answer.unreadable("the answer could not be decoded") from exc
@@ -373,6 +478,20 @@ class AiohttpDriver:
         except Exception as exc:
             raise self._failure(exc, exchange, body) from exc
         return answer.finish()
+
+    def _expired(self, clock: _Clock, exchange: Exchange, body: _Body | None) -> FluxError:
+        """The `Timeout` for what *clock* saw pass."""
+        if clock.expired == "read":  # it starts once the whole body went out
+            return Timeout(
+                "timed out waiting for the answer (ReadTimeout)",
+                provider=exchange.provider,
+                sent=True,
+            )
+        if body is not None and not body.complete:
+            # Before the body's last byte went out (waiting for a connection, say): nothing
+            # can be billed. A request with no body may have gone out whole.
+            return not_sent_by_deadline(exchange)
+        return deadline_error(exchange.provider, exchange.seconds)
 
     def _failure(self, exc: Exception, exchange: Exchange, body: _Body | None) -> FluxError:
         """The typed error for *exc*, judged by how far the request got."""
@@ -385,12 +504,6 @@ class AiohttpDriver:
                 provider=exchange.provider,
                 sent=False,
             )
-        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ServerTimeoutError):
-            # aiohttp's total, which is the deadline (its connect and read timeouts are
-            # ServerTimeoutErrors): before the body's last byte went out, nothing can be billed.
-            if not whole:
-                return not_sent_by_deadline(exchange)
-            return deadline_error(exchange.provider, exchange.seconds)
         if isinstance(exc, RuntimeError) and self._closed:  # "Session is closed"
             return ClientClosedError("the connection pool is closed; nothing was sent")
         return transport_error(exc, exchange.provider, exchange.scrub)
@@ -405,11 +518,11 @@ class AiohttpDriver:
         headers = {name: value for name, value in request.headers.items() if name != "host"}
         session = self._open()
         response = await session.request(
-            "GET", url, headers=headers, timeout=self._timeout(timeout, None), allow_redirects=False
+            "GET", url, headers=headers, timeout=self._timeout(timeout, True), allow_redirects=False
         )
         try:
             head = _Head(response)
-            yield head, adecoded(head, _raw(response.content))
+            yield head, adecoded(head, _raw(response.content, None))
         finally:
             response.release()
 
@@ -420,6 +533,12 @@ class AiohttpDriver:
             await session.close()
 
 
-async def _raw(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    while chunk := await content.readany():
+async def _raw(content: aiohttp.StreamReader, clock: _Clock | None) -> AsyncIterator[bytes]:
+    """The body as received; each piece restarts *clock*'s read timeout."""
+    while True:
+        if clock is not None:
+            clock.read_from = clock.now()
+        chunk = await content.readany()
+        if not chunk:
+            return
         yield chunk

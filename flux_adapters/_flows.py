@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Generator
-from typing import Final, TypeAlias, TypeVar
+from typing import Final, ParamSpec, TypeAlias, TypeVar
 
 import attrs
 from attrs import frozen
@@ -41,6 +41,7 @@ from flux_adapters.jobs import Accepted, Done, Job, JobAdapter, Pending, Polling
 from flux_adapters.limits import Plan, plan
 from flux_adapters.providers import Adapter, Answer, AnyAdapter, get_adapter
 from flux_adapters.request import EditRequest
+from flux_adapters.result import ResultImage
 from flux_adapters.wire import HttpRequest, HttpResponse, Role, Sleep
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 _E = TypeVar("_E", bound=FluxError)
 
 
@@ -178,13 +180,20 @@ def flow_for(
     return edit_flow(adapter, request, base_url, secrets, plan)  # type: ignore[arg-type]
 
 
-def _built(adapter: object, request: EditRequest | None, build: Callable[[], _T]) -> _T:
-    """*build()*, or a `RequestError` in place of an adapter's own exception (not sent).
+def _built(
+    adapter: object,
+    request: EditRequest | None,
+    build: Callable[_P, _T],
+    *args: _P.args,
+    **kwargs: _P.kwargs,
+) -> _T:
+    """``build(*args)``, or a `RequestError` in place of an adapter's own exception (not sent).
 
-    *request* is the edit for a submit, ``None`` for a later exchange of an accepted job.
+    *request* is the edit for a submit, ``None`` for a later exchange of an accepted job. (The
+    call and its arguments rather than a closure: one less function, and its cells, per call.)
     """
     try:
-        return build()
+        return build(*args, **kwargs)
     except FluxError:
         raise
     except Exception as exc:
@@ -226,9 +235,11 @@ def _answered(
     adapter: AnyAdapter,
     response: HttpResponse,
     secrets: tuple[str, ...],
-    read: Callable[[], _T],
+    read: Callable[_P, _T],
+    *args: _P.args,
+    **kwargs: _P.kwargs,
 ) -> _T:
-    """*read()* of a 2xx answer; the typed error of any other, or of an answer *read* fails on.
+    """``read(*args)`` of a 2xx answer; the typed error of any other, or of an answer it fails on.
 
     An adapter's own exception, or a `FluxError` that is no answer's (a "not sent"
     `TransportError`, say), becomes a `ResponseFormatError`: the provider did answer, so it is
@@ -238,7 +249,7 @@ def _answered(
     try:
         if not 200 <= response.status_code < 300:
             raise adapter.parse_error(response)
-        value = read()
+        value = read(*args, **kwargs)
         unusable = _unusable_image(value)
         if unusable:
             raise ResponseFormatError(
@@ -271,8 +282,6 @@ def _unusable_image(value: object) -> str:
     checked its inline data when it was made (base64 of a whole png, jpeg or webp image), and a
     download is checked as it arrives.
     """
-    from flux_adapters.result import ResultImage
-
     answer = value.answer if isinstance(value, Done) else value
     if not isinstance(answer, Answer):
         return ""
@@ -302,10 +311,10 @@ def edit_flow(
         ProviderError: The provider answered with an error (details redacted of *secrets*).
     """
     resolved = plan if plan is not None else resolve(adapter, request)
-    outgoing = _built(adapter, request, lambda: adapter.build_request(request, resolved, base_url))
+    outgoing = _built(adapter, request, adapter.build_request, request, resolved, base_url)
     response = yield _as_submit(outgoing)
     assert response is not None
-    answer = _answered(adapter, response, secrets, lambda: adapter.parse_response(response))
+    answer = _answered(adapter, response, secrets, adapter.parse_response, response)
     return Outcome(plan=resolved, answer=answer, request_id=_answer_id(response, secrets))
 
 
@@ -332,10 +341,10 @@ def job_flow(
     """
     resolved = plan if plan is not None else resolve(adapter, request)
     started = clock()
-    submit = _built(adapter, request, lambda: adapter.build_submit(request, resolved, base_url))
+    submit = _built(adapter, request, adapter.build_submit, request, resolved, base_url)
     response = yield _as_submit(submit)
     assert response is not None
-    submitted = _answered(adapter, response, secrets, lambda: adapter.parse_submit(response))
+    submitted = _answered(adapter, response, secrets, adapter.parse_submit, response)
     submit_id = _answer_id(response, secrets)
     job = Job(
         provider=adapter.name,
@@ -396,9 +405,7 @@ def follow_job(
             yield from _pause(wait, polling, chance, ends - clock())
             if clock() >= ends:
                 raise _Deadline
-            poll = _within(
-                _built(adapter, None, lambda: adapter.build_poll(job)), "poll", ends, clock
-            )
+            poll = _within(_built(adapter, None, adapter.build_poll, job), "poll", ends, clock)
             state = yield from _poll_once(adapter, job, poll, secrets)
             if isinstance(state, ResponseFormatError):
                 # Maybe a glitch, maybe an adapter that cannot read its provider's statuses:
@@ -487,7 +494,7 @@ def _poll_once(
     if response.status_code in (404, 410):
         raise _with_answer(_not_found(adapter, job, response), response, secrets)
     try:
-        return _answered(adapter, response, secrets, lambda: adapter.parse_poll(response, job))
+        return _answered(adapter, response, secrets, adapter.parse_poll, response, job)
     except ResponseFormatError as error:
         if not 200 <= response.status_code < 300:
             raise
@@ -541,7 +548,7 @@ def _fetch(
     """Fetch a finished job's result, trying again in place after failures that may pass."""
     wait = polling.first
     while True:
-        built = _built(adapter, None, lambda: adapter.build_fetch(job))
+        built = _built(adapter, None, adapter.build_fetch, job)
         if built is None:
             raise ResponseFormatError(
                 "the job is done, and its answer holds no result to fetch",
@@ -561,19 +568,11 @@ def _fetch(
                 raise _with_answer(_not_found(adapter, job, response), response, secrets)
             retry = _transient(response)
             if retry is None:
-                return _answered(
-                    adapter, response, secrets, _reader(adapter.parse_fetch, response, job)
-                )
+                return _answered(adapter, response, secrets, adapter.parse_fetch, response, job)
         wait = _next_wait(wait, polling, retry)  # backing off after a dropped fetch too
         yield from _pause(wait, polling, chance, ends - clock())
         if clock() >= ends:
             raise _Deadline
-
-
-def _reader(
-    read: Callable[[HttpResponse, Job], _T], response: HttpResponse, job: Job
-) -> Callable[[], _T]:
-    return lambda: read(response, job)
 
 
 def _cancel(adapter: JobAdapter, job: Job) -> _Steps[bool | None]:

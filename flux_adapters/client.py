@@ -73,25 +73,84 @@ from flux_adapters.request import MODELS, EditRequest
 # What only sending, a result, several providers or a batch needs is imported where it is used,
 # so that `from flux_adapters import EditRequest, FluxClient` loads neither the routing, the
 # flows, the price table, configuration files nor asyncio (tests/test_public_api.py holds it).
+# What every edit uses is bound once, by `_load_sending`.
 if TYPE_CHECKING:
     import asyncio
 
     from attrs import field, frozen
 
     from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
-    from flux_adapters._drivers import AsyncDriver, DriverName, Exchange
-    from flux_adapters._flows import Flow, Outcome
-    from flux_adapters._redact import Redactor
+    from flux_adapters._drivers import (
+        AsyncDriver,
+        DriverName,
+        Exchange,
+        httpx_request,
+        unsendable,
+    )
+    from flux_adapters._flows import Flow, Outcome, flow_for
+    from flux_adapters._redact import Redactor, hide_in_httpx_log
+    from flux_adapters._transport import (
+        ACCEPT_ENCODING,
+        AnswerBody,
+        bounded_by,
+        iter_decoded,
+        mapped_transport_errors,
+        phase_timeouts,
+        send_within,
+    )
     from flux_adapters.config import ProviderSettings
     from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling
     from flux_adapters.limits import Plan
     from flux_adapters.prices import Price
     from flux_adapters.providers import Answer, AnyAdapter, KeyAuth, Provider
     from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
-    from flux_adapters.routing import Breaker, Instruction, Reply, Routed, RoutingPolicy
-    from flux_adapters.wire import HttpRequest, HttpResponse, Sleep
+    from flux_adapters.routing import (
+        Breaker,
+        Instruction,
+        Reply,
+        Routed,
+        RoutingPolicy,
+        Wait,
+        route,
+    )
+    from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, Sleep
 else:  # _Binding is made an attrs class when the first client is: not on importing this module
     from flux_adapters._lazy_attrs import field, frozen
+
+_sending_loaded = False
+
+
+def _load_sending() -> None:
+    """Bind what every edit and resume uses as names of this module, once (the first one).
+
+    Not imported at the top, so that the named import and building a client load none of it;
+    nor in each function that uses it: on the path every exchange takes, an import statement
+    costs about a microsecond a call (Python 3.11 looks the module's ``__path__`` up, and
+    formats the error it does not raise).
+    """
+    global _sending_loaded
+    global ACCEPT_ENCODING, Accepted, AnswerBody, EditResult, Exchange, JsonBody, Sleep, Wait
+    global bounded_by, flow_for, hide_in_httpx_log, httpx_request, iter_decoded
+    global mapped_transport_errors, phase_timeouts, route, send_within, unsendable
+    from flux_adapters._drivers import Exchange, httpx_request, unsendable
+    from flux_adapters._flows import flow_for
+    from flux_adapters._redact import hide_in_httpx_log
+    from flux_adapters._transport import (
+        ACCEPT_ENCODING,
+        AnswerBody,
+        bounded_by,
+        iter_decoded,
+        mapped_transport_errors,
+        phase_timeouts,
+        send_within,
+    )
+    from flux_adapters.jobs import Accepted
+    from flux_adapters.result import EditResult
+    from flux_adapters.routing import Wait, route
+    from flux_adapters.wire import JsonBody, Sleep
+
+    _sending_loaded = True
+
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -307,11 +366,6 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
     Raises:
         RequestError: The key goes in a query string httpx cannot build into the URL.
     """
-    from flux_adapters._drivers import Exchange, unsendable
-    from flux_adapters._redact import hide_in_httpx_log
-    from flux_adapters._transport import ACCEPT_ENCODING, phase_timeouts
-    from flux_adapters.wire import JsonBody
-
     headers = dict(outgoing.headers)
     headers.setdefault("Accept", "application/json")
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
@@ -867,8 +921,8 @@ class _ClientBase:
 
     def _start(self, request: EditRequest) -> Generator[Instruction, Reply, Routed]:
         """The router for *request*, once the request and the client are usable."""
-        from flux_adapters.routing import route
-
+        if not _sending_loaded:
+            _load_sending()
         given: object = request  # callers may pass anything, whatever the annotation says
         if not issubclass(type(given), EditRequest):  # type() cannot be fooled; isinstance can
             violation = Violation(
@@ -917,6 +971,8 @@ class _ClientBase:
         from flux_adapters._flows import is_job_adapter
         from flux_adapters.jobs import Job, job_problem
 
+        if not _sending_loaded:
+            _load_sending()
         if not isinstance(job, Job):
             raise ConfigurationError(
                 f"resume() takes a flux_adapters.jobs.Job (an error's .job), not {type_name(job)}"
@@ -935,8 +991,6 @@ class _ClientBase:
 
     def _flow(self, binding: _Binding, request: EditRequest, plan: Plan) -> Flow:
         """The flow that performs *request* at *binding*'s provider: one exchange, or a job."""
-        from flux_adapters._flows import flow_for
-
         secrets = (binding.api_key,)
         return flow_for(
             binding.adapter,
@@ -1012,8 +1066,6 @@ def _result(
     The provider's figure is believed only when it makes a dollar amount that can be one: finite
     and not negative (a hostile or broken answer cannot credit the caller or overflow a budget).
     """
-    from flux_adapters.result import EditResult
-
     usage = _merged(job.usage if job is not None else None, answer.usage)
     rate = getattr(binding.adapter, "usd_per_credit", None)
     cost: float | None = None
@@ -1027,8 +1079,10 @@ def _result(
         provider=binding.adapter.name,
         model=model,
         images=tuple(
-            image.fetched_with(downloader, declared_format=requested_format)
-            for image in answer.images
+            [
+                image.fetched_with(downloader, declared_format=requested_format)
+                for image in answer.images
+            ]
         ),
         usage=usage,
         cost_usd=cost,
@@ -1249,8 +1303,6 @@ class FluxClient(_ClientBase):
             AllProvidersFailed: With several providers, none produced the image.
             ClientClosedError: The client is closed (also a `ConfigurationError`); nothing sent.
         """
-        from flux_adapters.routing import Wait
-
         started = time.perf_counter()
         router = self._start(request)
         try:
@@ -1335,9 +1387,6 @@ class FluxClient(_ClientBase):
     def _perform(
         self, binding: _Binding, instruction: HttpRequest | Sleep | Accepted
     ) -> HttpResponse | None:
-        from flux_adapters.jobs import Accepted
-        from flux_adapters.wire import Sleep
-
         if isinstance(instruction, Sleep):
             _note_wait(binding, instruction)
             self._job_sleep(instruction.seconds)
@@ -1372,15 +1421,6 @@ class FluxClient(_ClientBase):
             pass
 
     def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
-        from flux_adapters._drivers import httpx_request
-        from flux_adapters._transport import (
-            AnswerBody,
-            bounded_by,
-            iter_decoded,
-            mapped_transport_errors,
-            send_within,
-        )
-
         name = binding.adapter.name
         seconds = binding.limit(outgoing)
         ends = time.monotonic() + seconds
@@ -1545,8 +1585,6 @@ class AsyncFluxClient(_ClientBase):
     async def _edit(self, request: EditRequest, watcher: Watcher | None) -> EditResult:
         import asyncio
 
-        from flux_adapters.routing import Wait
-
         started = time.perf_counter()
         router = self._start(request)
         try:
@@ -1661,9 +1699,6 @@ class AsyncFluxClient(_ClientBase):
     ) -> HttpResponse | None:
         import asyncio
 
-        from flux_adapters.jobs import Accepted
-        from flux_adapters.wire import Sleep
-
         if isinstance(instruction, Sleep):
             _note_wait(binding, instruction)
             await asyncio.sleep(instruction.seconds)
@@ -1677,7 +1712,11 @@ class AsyncFluxClient(_ClientBase):
             await watcher.sending(binding.adapter.name)  # durable before anything goes out
         started = time.perf_counter()
         try:
-            response = await self._send(binding, instruction)
+            self._check_open()  # closed while a call was under way
+            try:  # `_send`, written out: a coroutine less on the path of every exchange
+                response = await self._driver.exchange(_exchange(binding, instruction))
+            except RuntimeError as exc:  # a refusal to send on a client closed meanwhile
+                raise self._closed_instead(exc) from exc
         except FluxError as error:
             _note_exchange(binding, instruction, started, error)
             raise

@@ -424,7 +424,6 @@ def _check_images(request: EditRequest, limits: ModelLimits, found: _Found) -> N
         else:
             found.add("images", "too many reference images", f"{allowed} images", count)
     rule = limits.image
-    takes = ", ".join(sorted(rule.formats))
     for index, image in enumerate(request.images):
         name = f"images[{index}]"
         shown = image.describe()  # each message names the image: which of five is at fault?
@@ -448,7 +447,8 @@ def _check_images(request: EditRequest, limits: ModelLimits, found: _Found) -> N
             )
             found.add(
                 name,
-                f"{shown} {what}, which {limits.provider} does not accept; it takes {takes}",
+                f"{shown} {what}, which {limits.provider} does not accept; it takes "
+                + ", ".join(sorted(rule.formats)),
                 " / ".join(sorted(rule.formats)),
                 format_name(info.format) if info.format else "unrecognised data",
             )

@@ -129,6 +129,11 @@ _LONE_SURROGATE: Final = "[\ud800-\udfff]"
 # Whitespace (Unicode's too) and control characters, which a URL must carry percent-encoded.
 _URL_FORBIDDEN: Final = r"[\x00-\x20\x7f-\x9f\s]"
 _DATA_URL: Final = r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,"
+# The limits a refusal names, written once: every request is checked, few are refused.
+_MODELS_LIMIT: Final = ", ".join(MODELS)
+_FORMATS_LIMIT: Final = " / ".join(_OUTPUT_FORMATS)
+_SIDES_LIMIT: Final = f"1..{MAX_SIDE}"
+_PAIRS: Final = (("size", _SIZE, "WxH", '"1024x768"'), ("aspect_ratio", _RATIO, "W:H", '"16:9"'))
 
 
 def _surrogate_at(text: str) -> int | None:
@@ -941,7 +946,7 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
         found.append(
             Violation("prompt", "must be non-empty text", "non-empty text", render_value(prompt))
         )
-    model = _text_field(request, "model", ", ".join(MODELS), found)
+    model = _text_field(request, "model", _MODELS_LIMIT, found)
     if model is not None and model not in MODELS:
         from flux_adapters._options import did_you_mean  # lazy: only a wrong id needs difflib
 
@@ -950,7 +955,7 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
             Violation(
                 "model",
                 f"is not a known FLUX model id{hint}",
-                ", ".join(MODELS),
+                _MODELS_LIMIT,
                 render_value(model),
             )
         )
@@ -960,13 +965,13 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
     _geometry_violations(request, found)
     for name, low, high in _WHOLE_NUMBERS:
         _whole_field(request, name, low, high, found)
-    output_format = _text_field(request, "output_format", " / ".join(_OUTPUT_FORMATS), found)
+    output_format = _text_field(request, "output_format", _FORMATS_LIMIT, found)
     if output_format is not None and output_format not in _OUTPUT_FORMATS:
         found.append(
             Violation(
                 "output_format",
                 "is not an image format",
-                " / ".join(_OUTPUT_FORMATS),
+                _FORMATS_LIMIT,
                 render_value(output_format),
             )
         )
@@ -1095,18 +1100,19 @@ def _geometry_violations(request: EditRequest, found: list[Violation]) -> None:
     height: object = request.height
     size: object = request.size
     ratio: object = request.aspect_ratio
-    if size is None and ratio is None and width is None and height is None:
+    sides_given = width is not None or height is not None
+    if not sides_given and size is None and ratio is None:
         return
-    ways = [
-        name
-        for name, present in (
-            ("width/height", width is not None or height is not None),
-            ("size", size is not None),
-            ("aspect_ratio", ratio is not None),
-        )
-        if present
-    ]
-    if len(ways) > 1:
+    if sides_given + (size is not None) + (ratio is not None) > 1:
+        ways = [
+            name
+            for name, present in (
+                ("width/height", sides_given),
+                ("size", size is not None),
+                ("aspect_ratio", ratio is not None),
+            )
+            if present
+        ]
         found.append(
             Violation(
                 "size",
@@ -1115,7 +1121,7 @@ def _geometry_violations(request: EditRequest, found: list[Violation]) -> None:
                 " and ".join(ways),
             )
         )
-    sides = f"1..{MAX_SIDE}"
+    sides = _SIDES_LIMIT
     for name, value in (("width", width), ("height", height)):
         if value is None:
             continue
@@ -1140,17 +1146,14 @@ def _geometry_violations(request: EditRequest, found: list[Violation]) -> None:
                 missing, "width and height go together", "both or neither", f"{missing} missing"
             )
         )
-    for name, pattern, form, example in (
-        ("size", _SIZE, "WxH", "1024x768"),
-        ("aspect_ratio", _RATIO, "W:H", "16:9"),
-    ):
-        text = _text_field(request, name, f'"{example}"', found)
+    for name, pattern, form, example in _PAIRS:
+        text = _text_field(request, name, example, found)
         if text is not None and _parsed_pair(pattern, text) is None:
             found.append(
                 Violation(
                     name,
                     f'must be written "{form}" with whole numbers from 1 to {MAX_SIDE}',
-                    f'"{example}"',
+                    example,
                     render_value(text),
                 )
             )

@@ -271,12 +271,24 @@ class ResultImage(_Held):
 
     def fetched_with(self, downloader: Downloader, *, declared_format: str | None = None) -> Self:
         """This image, downloading with *downloader*; *declared_format* fills in a missing one."""
-        return type(self)(
+        if type(self) is not ResultImage:  # a subclass may do more when it is made
+            return type(self)(
+                url=self.url,
+                b64_json=self.b64_json,
+                declared_format=self.declared_format or declared_format,
+                downloader=downloader,
+            )
+        # The same url and data were checked when this one was made (inline data is scanned
+        # whole): not again for every result.
+        copy = object.__new__(type(self))
+        copy.__attrs_init__(
             url=self.url,
             b64_json=self.b64_json,
-            declared_format=self.declared_format or declared_format,
-            downloader=downloader,
+            declared_format=self.declared_format or _declared(declared_format),
         )
+        object.__setattr__(copy, "_held_downloader", downloader)
+        object.__setattr__(copy, "_held_seen", None)
+        return copy
 
     def _fetcher(self) -> Downloader:
         held: Downloader | None = getattr(self, "_held_downloader", None)  # None once unpickled

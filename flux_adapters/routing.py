@@ -360,6 +360,8 @@ class Breaker:
         it may be tried (0 while another call's probe is out). Every pass must end in `success`,
         `failure` or `release`.
         """
+        if key not in self._circuits:  # closed: nothing to change, so no lock to take
+            return Pass(key)
         with self._lock:
             circuit = self._circuits.get(key)
             if circuit is None:
@@ -374,6 +376,8 @@ class Breaker:
 
     def success(self, key: tuple[str, str]) -> None:
         """The call to *key* succeeded: close the circuit."""
+        if key not in self._circuits:  # already closed (a lookup is atomic: no lock for it)
+            return
         with self._lock:
             self._circuits.pop(key, None)
 

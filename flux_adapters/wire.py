@@ -44,6 +44,9 @@ ERROR_BODY_BYTES: Final = 64 * 1024
 """An error answer's body is read no further than this: its status says what happened, its text
 only adds detail, and no pattern runs over more than this many bytes."""
 
+_DECODER: Final = json.JSONDecoder()
+"""What ``json.loads`` decodes text with, when given no options."""
+
 MAX_ANSWER_BYTES: Final = 4 * -(-MAX_IMAGE_BYTES // 3) + 1024 * 1024
 """The largest success answer read: one inline image of `MAX_IMAGE_BYTES` as base64, plus room
 for the JSON around it. A larger answer is a ``ResponseFormatError``."""
@@ -174,7 +177,12 @@ class HttpResponse:
         Raises:
             ValueError: The body is not JSON.
         """
-        return json.loads(self.content)
+        content = self.content
+        if content[:1] in (b"{", b"[") and content[1:2] != b"\x00":
+            # UTF-8, as json.loads would find (no byte-order mark, no UTF-16/32 zero byte):
+            # decoded at once, without its search for the encoding.
+            return _DECODER.decode(content.decode("utf-8", "surrogatepass"))
+        return json.loads(content)
 
 
 def _map_images(value: JsonValue, replace: Callable[[ImageValue], object]) -> object:

@@ -459,6 +459,36 @@ def test_aiohttp_a_read_timeout_after_the_body_is_sent_and_a_timeout(
     assert outcome.sent is True
 
 
+def test_aiohttp_the_read_timeout_restarts_with_each_piece_of_the_answer(
+    serve: Callable[..., Server],
+) -> None:
+    """A byte every 20 ms never waits out a read timeout of 0.3 s: the deadline ends it."""
+    server = serve(drip_body)
+    dripping = exchange(f"{server.url}/v1", BODY, read=0.3)._replace(seconds=1.0)
+    [outcome] = on_driver(aiohttp_driver, dripping)
+    assert isinstance(outcome, errors.Timeout)
+    assert outcome.sent is True
+    assert "deadline of 1 s" in str(outcome)
+
+
+def test_aiohttp_a_callers_own_cancellation_is_no_timeout(serve: Callable[..., Server]) -> None:
+    def stall(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        time.sleep(2)
+
+    server = serve(stall)
+
+    async def main() -> None:
+        sender = aiohttp_driver()
+        try:
+            await asyncio.wait_for(sender.exchange(exchange(f"{server.url}/v1", BODY)), 0.3)
+        finally:
+            await sender.aclose()
+
+    with pytest.raises(TimeoutError) as raised:  # wait_for's own, not the driver's Timeout
+        asyncio.run(main())
+    assert not isinstance(raised.value, errors.FluxError)
+
+
 @pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
 def test_a_wait_for_a_free_connection_past_the_pool_timeout_is_not_sent(
     make: Callable[..., Any], serve: Callable[..., Server]

@@ -7,11 +7,23 @@ resellers keep those names and the settings' names (``seed``, ``safety_tolerance
 
 from __future__ import annotations
 
+from typing import Final
+
 from flux_adapters.limits import Plan
 from flux_adapters.request import EditRequest
 from flux_adapters.wire import JsonValue, json_image
 
 __all__ = ["build_bfl_style_body", "image_field"]
+
+_SETTINGS: Final = (
+    "seed",
+    "output_format",
+    "safety_tolerance",
+    "prompt_upsampling",
+    "steps",
+    "guidance",
+)
+"""The request's settings BFL's API takes under the same names, in the order they are sent."""
 
 
 def image_field(index: int) -> str:
@@ -39,13 +51,8 @@ def build_bfl_style_body(
             body["width"], body["height"] = width, height
     if plan.ratio_text is not None:
         body["aspect_ratio"] = plan.ratio_text
-    settings: dict[str, JsonValue] = {
-        "seed": request.seed,
-        "output_format": request.output_format,
-        "safety_tolerance": request.safety_tolerance,
-        "prompt_upsampling": request.prompt_upsampling,
-        "steps": request.steps,
-        "guidance": request.guidance,
-    }
-    body.update({key: value for key, value in settings.items() if value is not None})
+    for key in _SETTINGS:  # those set, in this order
+        value = getattr(request, key)
+        if value is not None:
+            body[key] = value
     return body

@@ -125,7 +125,7 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
         if problem:
             raise format_error(provider, response, problem)
     return Answer(
-        images=tuple(ResultImage(url=item.url, b64_json=item.b64_json) for item in items),
+        images=tuple([ResultImage(url=item.url, b64_json=item.b64_json) for item in items]),
         usage=_usage(body),
     )
 
