@@ -403,15 +403,21 @@ def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
     tmp_path: Path,
 ) -> None:
     """The image was made and billed; its URL lives minutes: Ctrl-C must not lose it quietly."""
-    with run_emulator(faults={"laozhang": [Fault(download="drip", drip=0.5)]}) as cdn:
+    # A byte every 20 ms: the first bytes (enough to tell the format) are saved within a second,
+    # the whole image would take minutes.
+    with run_emulator(faults={"laozhang": [Fault(download="drip", drip=0.02)]}) as cdn:
         env = {**os.environ, "LAOZHANG_API_KEY": "k"}
         base = cdn.base_url("laozhang")
         with spawn("edit", "p", "-p", "laozhang", "--base-url", base, "-o", str(tmp_path / "x.png"), env=env) as edit:  # fmt: skip
+
+            def downloading() -> bool:  # the answer came, and the first dripped bytes are saved
+                return any(part.stat().st_size for part in tmp_path.glob(".x.png.*.part"))
+
             deadline = time.monotonic() + 10
-            while not list(tmp_path.glob(".x.png.*.part")) and time.monotonic() < deadline:
-                time.sleep(0.01)  # until the answer came and the save began: a dripping download
+            while not downloading() and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert cdn.billed(), "the request never arrived"
-            assert list(tmp_path.glob(".x.png.*.part")), "the download never started"
+            assert downloading(), "the download never started"
             edit.send_signal(signal.SIGINT)
             _, err = edit.communicate(timeout=10)
     assert edit.returncode == 130
