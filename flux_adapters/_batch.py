@@ -34,7 +34,6 @@ from flux_adapters._journal import (
     JobState,
     Journal,
     image_identities,
-    is_image_file,
     request_digest,
 )
 from flux_adapters._options import is_number
@@ -353,11 +352,11 @@ class _Batch:
             return item(
                 "skipped", saved=tuple(folder / file for file in files), reason="already saved"
             )
+        before = None
         if not known and not self.force:
-            # A folder filled before it had a journal: an image named after the job is its own.
-            found = [folder / f"{name}.{kind}" for kind in ("png", "jpeg", "webp")]
-            existing = tuple(path for path in found if is_image_file(path))
-            if existing:
+            before = image_identities(folder, name)
+            if before:  # a folder filled before it had a journal: the image is the job's own
+                existing = tuple(folder / file for file in before)
                 return item("skipped", saved=existing, reason="already saved (no journal entry)")
         if verdict == "changed" and not self.force:
             return item(
@@ -376,7 +375,8 @@ class _Batch:
             if not self.resend_unconfirmed:
                 why = failure or state.why_unconfirmed
                 return item("unconfirmed", reason=f"may have been billed, no image saved: {why}")
-        before = image_identities(folder, name)  # images that are not this run's, if any
+        if before is None:
+            before = image_identities(folder, name)  # images that are not this run's, if any
         journal.note(name, "accepted", d=digest, **({"old": before} if before else {}))
         self.started.add(index)
         result: EditResult = await self.client._edit(request, _JobWatcher(journal, name))
