@@ -308,6 +308,8 @@ class _Batch:
             bug.__cause__ = exc
             return item(self._status_after(index, shown), error=bug)
         finally:  # a batch of a million jobs keeps nothing per finished job but its name
+            if index in self.named and self.journal is not None:
+                self.journal.forget(shown)  # its name is its own: no other job's state
             self.named.discard(index)
             self.started.discard(index)
             self.memory.pop(index, None)
