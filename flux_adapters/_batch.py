@@ -1,9 +1,12 @@
 """`AsyncFluxClient.edit_many`: many edits at once, never dying of one, never paying twice.
 
-A fixed pool of workers takes requests one at a time from the caller's iterable (so a million
-requests need no more memory than a few), runs each through the client's router, saves its
-images the moment they arrive, and yields one `BatchItem` per job. Whatever goes wrong with one
-job (a typed error, a garbled answer, a bug) becomes that job's item; the others go on.
+A fixed pool of workers takes requests one at a time from the caller's iterable, runs each
+through the client's router, saves its images the moment they arrive, and yields one
+`BatchItem` per job. Whatever goes wrong with one job (a typed error, a garbled answer, a bug)
+becomes that job's item; the others go on. Memory does not grow with the number of jobs: the
+jobs in flight and the items waiting for the reader (at most ``concurrency`` of each) are all
+that is held, besides a 16-byte digest of each name (`NameSet`, to refuse a name used twice)
+and, on a rerun, what the journal knows of the jobs of earlier runs not yet taken up.
 
 With an output folder, the journal (``flux_adapters._journal``) records each job's steps, the
 ``sent`` step durably before the request leaves. A rerun reads it and, per job:
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import mmap
 import os
 import unicodedata
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
@@ -91,20 +95,21 @@ class NameSet:
     """Names seen, each kept as a digest in one open-addressing table, not as a string.
 
     A batch checks that no two jobs share a file name (`file_key`) without keeping a million
-    names: the table is one ``bytearray`` at most two thirds full, so a name takes 1.5 to 3
-    times *digest_size* bytes (measured: 33 to 41 by default, 32 MB for a million names, and
-    half as much again while the table doubles), where a ``set`` of short strings takes 92 to
-    100, in small objects that often stay with the process once freed; a big ``bytearray``
-    goes back to the system. Two different names count as one only if their BLAKE2b digests
-    are equal: with the default 128 bits and a million names, a chance of about 1 in 10**26,
-    the odds the journal's request digests already live with. A caller for whom a false match
-    only costs work (`compact_report`) may take 8 bytes.
+    names: the table is at most two thirds full, so a name takes 1.5 to 3 times *digest_size*
+    bytes (measured: 33 to 41 by default, 32 MB for a million names, and half as much again
+    while the table doubles), where a ``set`` of short strings takes 92 to 100. The table is
+    an anonymous memory map, not a ``bytearray``: freed, it goes back to the system at once,
+    where a heap block among the small objects of the JSON parsed meanwhile stays with the
+    process (8 MB of a 100,000-line file's check did). Two different names count as one only
+    if their BLAKE2b digests are equal: with the default 128 bits and a million names, a
+    chance of about 1 in 10**26, the odds the journal's request digests already live with. A
+    caller for whom a false match only costs work (`compact_report`) may take 8 bytes.
     """
 
     def __init__(self, digest_size: int = 16) -> None:
         self._width = digest_size
         self._empty = bytes(digest_size)
-        self._table = bytearray(digest_size * 1024)
+        self._table = _zeroed(digest_size * 1024)
         self._mask = 1023
         self._count = 0
 
@@ -129,7 +134,7 @@ class NameSet:
             self._grow()
         return True
 
-    def _insert(self, table: bytearray, mask: int, key: bytes) -> bool:
+    def _insert(self, table: mmap.mmap, mask: int, key: bytes) -> bool:
         width = self._width
         slot = int.from_bytes(key[:8], "little") & mask
         while True:
@@ -145,12 +150,20 @@ class NameSet:
     def _grow(self) -> None:
         old, width = self._table, self._width
         mask = self._mask * 2 + 1
-        table = bytearray(width * (mask + 1))
+        table = _zeroed(width * (mask + 1))
         for start in range(0, len(old), width):
-            key = bytes(old[start : start + width])
+            key = old[start : start + width]
             if key != self._empty:
                 self._insert(table, mask, key)
         self._table, self._mask = table, mask
+        old.close()
+
+
+def _zeroed(size: int) -> mmap.mmap:
+    """*size* bytes of zeros, private to this process, given back to the system when closed."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    return mmap.mmap(-1, size)  # pragma: no cover - Windows: an anonymous map is private
 
 
 def _iterable(value: object, argument: str) -> Iterator[object]:
