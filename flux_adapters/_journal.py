@@ -226,14 +226,17 @@ def image_identities(folder: Path, name: str) -> dict[str, str]:
     The identity (inode and modification time) changes when an image is renamed over the file.
     """
     found = {}
+    # Plain strings: a batch asks this of every job, and three `Path`s would cost as much as the
+    # three stats (pathlib parses each one and interns its new part).
+    stem = os.path.join(folder, name)
     for kind in ("png", "jpeg", "webp"):
-        path = folder / f"{name}.{kind}"
         try:
-            info = path.stat()
+            info = os.stat(f"{stem}.{kind}")
         except (OSError, ValueError):
             continue
-        if stat.S_ISREG(info.st_mode) and is_image_file(path):
-            found[path.name] = f"{info.st_ino}:{info.st_mtime_ns}"
+        file = f"{name}.{kind}"
+        if stat.S_ISREG(info.st_mode) and is_image_file(folder / file):
+            found[file] = f"{info.st_ino}:{info.st_mtime_ns}"
     return found
 
 
