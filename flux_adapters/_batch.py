@@ -3,10 +3,11 @@
 A fixed pool of workers takes requests one at a time from the caller's iterable, runs each
 through the client's router, saves its images the moment they arrive, and yields one
 `BatchItem` per job. Whatever goes wrong with one job (a typed error, a garbled answer, a bug)
-becomes that job's item; the others go on. Memory does not grow with the number of jobs: the
-jobs in flight and the items waiting for the reader (at most ``concurrency`` of each) are all
-that is held, besides a 16-byte digest of each name (`NameSet`, to refuse a name used twice)
-and, on a rerun, what the journal knows of the jobs of earlier runs not yet taken up.
+becomes that job's item; the others go on. What a batch holds is the jobs in flight and the
+items waiting for the reader (at most ``concurrency`` of each); all that grows with the number
+of jobs is a 16-byte digest of each name (`NameSet`, to refuse a name used twice, 33 to 41
+bytes a name in all) and, on a rerun, what the journal knows of the jobs of earlier runs not
+yet taken up.
 
 With an output folder, the journal (``flux_adapters._journal``) records each job's steps, the
 ``sent`` step durably before the request leaves. A rerun reads it and, per job:
