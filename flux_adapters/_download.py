@@ -30,6 +30,7 @@ from flux_adapters._files import (
     IMAGE_FORMATS,
     SNIFF_BYTES,
     TAIL_BYTES,
+    ImageFile,
     atomic_image,
     format_name,
     image_format,
@@ -473,9 +474,17 @@ class HttpDownloader:
             ExtensionMismatch: *path*'s extension names another format than the image's
                 (`flux_adapters._files.check_extension`); nothing is written.
         """
+        return self.write(url, path, add_suffix=add_suffix).target
+
+    def write(self, url: str, path: Path, *, add_suffix: bool = False) -> ImageFile:
+        """`save`, returning what was written: its path (`ImageFile.target`), first bytes, size.
+
+        The bytes were checked as they came (`_ImageBody`) and the name against them
+        (`atomic_image`): the caller has no need to open the file again.
+        """
         with atomic_image(path, add_suffix=add_suffix) as out:
             self._fetch(url, out.write, out.restart)
-        return out.target
+        return out
 
     async def read_async(self, url: str) -> bytes:
         """Return the image at *url*."""
@@ -485,6 +494,10 @@ class HttpDownloader:
 
     async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
         """Async twin of `save`."""
+        return (await self.write_async(url, path, add_suffix=add_suffix)).target
+
+    async def write_async(self, url: str, path: Path, *, add_suffix: bool = False) -> ImageFile:
+        """Async twin of `write`."""
         with atomic_image(path, add_suffix=add_suffix) as out:
             await self._fetch_async(url, out.write, out.restart)
-        return out.target
+        return out

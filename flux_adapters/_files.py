@@ -287,7 +287,11 @@ def check_extension(target: Path, found: str | None) -> None:
 
 
 class ImageFile:
-    """The open temporary file of `atomic_image`; raises `OutputError`, never `OSError`."""
+    """The open temporary file of `atomic_image`; raises `OutputError`, never `OSError`.
+
+    Once the ``with`` block of `atomic_image` has ended, it says what was put in place:
+    `target`, `head` and `size`, so nobody needs to open the file again to know what it holds.
+    """
 
     def __init__(self, fd: int, target: Path) -> None:
         self._fd = fd
@@ -296,6 +300,8 @@ class ImageFile:
         """Where the image ends up."""
         self.head = b""
         """The first bytes written, enough to tell the image format."""
+        self.size = 0
+        """How many bytes were written."""
 
     def _failed(self, exc: OSError) -> OutputError:
         return OutputError(exc.strerror or str(exc), path=str(self._target))
@@ -307,7 +313,9 @@ class ImageFile:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._fd, view) :]
+                written = os.write(self._fd, view)
+                self.size += written
+                view = view[written:]
         except OSError as exc:
             raise self._failed(exc) from exc
 
@@ -319,6 +327,7 @@ class ImageFile:
         except OSError as exc:
             raise self._failed(exc) from exc
         self.head = b""
+        self.size = 0
 
 
 @contextlib.contextmanager
@@ -331,6 +340,12 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
     format its bytes turned out to have (``robot`` -> ``robot.png``); the final path is
     `ImageFile.target` once the block has ended. Without it, an extension that names another
     image format than the bytes have is refused (`check_extension`), and nothing is written.
+    The format is told from the first bytes as they were written: the bytes are written once,
+    renamed once, and never read back.
+
+    The image is not ``fsync``-ed: a kill cannot leave part of it under its name, a power loss
+    can (the rename may reach the disk before the data). A batch's journal does not take such
+    a file for a saved image unless it starts like one (`flux_adapters._journal`).
 
     Raises:
         ExtensionMismatch: *target*'s extension names another image format than the bytes'.
@@ -349,6 +364,7 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
         except OSError as exc:
             raise OutputError(exc.strerror or str(exc), path=str(target)) from exc
     out = ImageFile(fd, target)
+    renamed = False
     try:
         try:
             yield out
@@ -363,9 +379,11 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
             os.replace(partial, out.target)
         except OSError as exc:
             raise OutputError(exc.strerror or str(exc), path=str(out.target)) from exc
+        renamed = True
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
+        if not renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
 
 
 def remove_partial_files(folder: Path) -> int:

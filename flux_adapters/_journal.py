@@ -12,12 +12,16 @@ what happened next is recorded as it happens::
     saved      the image files are complete on disk
 
 Records of a job are folded into a `JobState`; `JobState.verdict` tells a rerun what to do.
-Group commit: one ``fsync`` covers every record that became ready while the previous one ran,
-so a batch of many jobs in flight pays for few ``fsync`` calls, and never sends a request
-before its record is durable. The other records are written as soon as the previous write is
-done, without an ``fsync``: a kill (not a power loss) then loses none of them. An image renamed
-into place just before a kill, its ``saved`` record not yet written, is still recognised: it is
-not one of the images that were there when the job was accepted.
+Group commit: one ``fsync`` (in a worker thread) covers every record written while the
+previous one ran, so a batch of many jobs in flight pays for few ``fsync`` calls, and never
+sends a request before its record is durable. The other records are written at the next turn
+of the event loop, all those noted meanwhile in one ``write``, without an ``fsync``: a kill (not
+a power loss) loses only what was noted in the moment before it. An image renamed into place
+just before a kill, its ``saved`` record not yet written, is still recognised: it is not one of
+the images that were there when the job was accepted. Images are not synced: after a power
+loss, an image renamed just before may be empty under its name; it is not taken for a saved one
+(it does not start like an image), and its job is downloaded again from the URLs of its
+``answered`` record if that reached the disk, else reported ``unconfirmed``.
 
 A record is one JSON line written with a single ``write`` on an ``O_APPEND`` file, so a kill
 cannot tear it; a power loss can leave a partial last line, which `repair_tail` cuts off when
@@ -222,14 +226,17 @@ def image_identities(folder: Path, name: str) -> dict[str, str]:
     The identity (inode and modification time) changes when an image is renamed over the file.
     """
     found = {}
+    # Plain strings: a batch asks this of every job, and three `Path`s would cost as much as the
+    # three stats (pathlib parses each one and interns its new part).
+    stem = os.path.join(folder, name)
     for kind in ("png", "jpeg", "webp"):
-        path = folder / f"{name}.{kind}"
         try:
-            info = path.stat()
+            info = os.stat(f"{stem}.{kind}")
         except (OSError, ValueError):
             continue
-        if stat.S_ISREG(info.st_mode) and is_image_file(path):
-            found[path.name] = f"{info.st_ino}:{info.st_mtime_ns}"
+        file = f"{name}.{kind}"
+        if stat.S_ISREG(info.st_mode) and is_image_file(folder / file):
+            found[file] = f"{info.st_ino}:{info.st_mtime_ns}"
     return found
 
 
@@ -486,78 +493,126 @@ class Journal:
         self.states = load_states(path)
         self._entry_durable = False
         """Whether the journal's own directory entry (and its folder's) has been synced."""
-        self._pending: list[bytes] = []
-        self._waiters: list[asyncio.Future[None]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._unwritten: list[bytes] = []
+        """Records noted and not written yet: written together at the next turn of the loop."""
+        self._write_soon: asyncio.Handle | None = None
+        self._unwritten_waiters: list[asyncio.Future[None]] = []
+        """A waiter for each of those records that must be durable before its job goes on."""
+        self._unsynced: list[asyncio.Future[None]] = []
+        """A waiter for each record written that must be durable, not yet covered by an fsync."""
+        self._syncer: asyncio.Task[None] | None = None
 
     def state(self, job: str) -> JobState:
         """What is known of *job* (an empty state for a new one)."""
         return self.states.get(job) or JobState()
 
+    def forget(self, job: str) -> None:
+        """Drop what is known of *job* from memory (it has ended; the file keeps its records).
+
+        A batch of a million jobs then holds the states of the jobs in flight only.
+        """
+        self.states.pop(job, None)
+
     def note(self, job: str, kind: str, /, **values: object) -> None:
         """Record something that need not be durable before the next step.
 
-        It is written as soon as the writes before it are done (so a kill does not lose it),
-        and made durable by the next ``fsync``.
+        It is written at the next turn of the event loop, with every record noted meanwhile (one
+        ``write``: a kill does not tear it), and made durable by the next ``fsync``.
         """
         record: dict[str, object] = {"id": job, "k": kind, **values}
         self.states.setdefault(job, JobState()).fold(record)
-        self._pending.append(JsonLines.encode(record))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        self._unwritten.append(JsonLines.encode(record))
+        if self._write_soon is None:
+            self._write_soon = asyncio.get_running_loop().call_soon(self._write_now)
 
     async def durable(self, job: str, kind: str, /, **values: object) -> None:
-        """Record something, and return once it (and all noted before it) is on disk."""
+        """Record something, and return once it (and all noted before it) is on disk.
+
+        Group commit: the record is written at the next turn of the event loop, with every
+        record noted meanwhile, and one ``fsync`` in a worker thread covers every record written
+        while the previous ``fsync`` ran, so the event loop never waits for the disk and jobs in
+        flight share few ``fsync`` calls. An ``fsync`` counts for a record only when it started
+        after the record was written.
+
+        Raises:
+            OutputError: The record could not be written or synced.
+        """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A caller cancelled while it waits no longer hears of a failed write: mark the error
         # as seen, or asyncio logs "exception was never retrieved" with a traceback.
         waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._waiters.append(waiter)
         self.note(job, kind, **values)
+        self._unwritten_waiters.append(waiter)
         await asyncio.shield(waiter)
 
-    async def _flush(self) -> None:
-        while self._pending or self._waiters:
-            data, self._pending = b"".join(self._pending), []
-            waiters, self._waiters = self._waiters, []
+    def _write_now(self) -> None:
+        """Write the records noted so far with one ``write``, then have them synced if awaited.
+
+        A write that fails leaves none of its records in the file (`JsonLines.write`); the
+        callers waiting for one of them hear of it, the others' records are lost, as they would
+        be to a kill.
+        """
+        if self._write_soon is not None:
+            self._write_soon.cancel()
+            self._write_soon = None
+        data, self._unwritten = b"".join(self._unwritten), []
+        waiters, self._unwritten_waiters = self._unwritten_waiters, []
+        if not data:
+            return
+        try:
+            self._lines.write(data)
+        except OutputError as error:
+            _fail(waiters, error)
+            return
+        if waiters:
+            self._unsynced += waiters
+            if self._syncer is None or self._syncer.done():
+                self._syncer = asyncio.get_running_loop().create_task(self._sync_written())
+
+    async def _sync_written(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._unsynced:
+            # Every record these waiters stand for was written before this fsync starts.
+            waiters, self._unsynced = self._unsynced, []
             try:
-                await asyncio.to_thread(self._write, data, bool(waiters))
+                await loop.run_in_executor(None, self._sync)
             except Exception as exc:  # every waiter must hear of it, or it waits forever
-                error = (
+                _fail(
+                    waiters,
                     exc
                     if isinstance(exc, OutputError)
                     else OutputError(
-                        f"the journal could not be written ({type(exc).__name__})",
+                        f"the journal could not be synced ({type(exc).__name__})",
                         path=str(self._lines.path),
-                    )
+                    ),
                 )
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(error)
                 continue
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    def _write(self, data: bytes, sync: bool = True) -> None:
-        if data:
-            self._lines.write(data)
-        if sync:
-            self._lines.sync()
-            if not self._entry_durable:
-                # An fsync of a new file does not make its name durable: after a power loss the
-                # journal (or the folder just made for it) could be gone, with the jobs it
-                # recorded as sent. Its folder, and that folder's parent, are synced once.
-                _sync_directory(self.folder)
-                _sync_directory(self.folder.absolute().parent)
-                self._entry_durable = True
+    def _sync(self) -> None:
+        self._lines.sync()
+        if not self._entry_durable:
+            # An fsync of a new file does not make its name durable: after a power loss the
+            # journal (or the folder just made for it) could be gone, with the jobs it recorded
+            # as sent. Its folder, and that folder's parent, are synced once.
+            _sync_directory(self.folder)
+            _sync_directory(self.folder.absolute().parent)
+            self._entry_durable = True
 
     async def close(self) -> None:
         """Write and sync what is pending, then close."""
-        if self._flusher is not None:
+        self._write_now()
+        if self._syncer is not None:
             with contextlib.suppress(Exception):
-                await self._flusher
-        data, self._pending = b"".join(self._pending), []
+                await self._syncer
         with contextlib.suppress(OutputError):
-            await asyncio.to_thread(self._write, data)
+            await asyncio.get_running_loop().run_in_executor(None, self._sync)
         self._lines.close()
+
+
+def _fail(waiters: list[asyncio.Future[None]], error: OutputError) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(error)

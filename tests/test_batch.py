@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -305,31 +306,41 @@ def test_a_stop_past_its_grace_reports_jobs_in_flight_as_unconfirmed(tmp_path: P
     assert all("interrupted" in str(item.error) for item in items)
 
 
+@pytest.mark.parametrize("slow", [0.0, 0.02], ids=["disk", "slow-disk"])
 def test_no_request_leaves_before_its_sent_record_is_on_disk(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: float
 ) -> None:
-    synced: list[int] = []
+    journal = tmp_path / JOURNAL_NAME
+    durable = [0]
+    """Bytes of the journal on disk: its size when an fsync began, once that fsync returned."""
+    syncs: list[int] = []
+    under_way: list[int] = []
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
+        found = os.fstat(fd)  # what this fsync covers: the bytes written before it starts
+        under_way.append(fd)
+        assert len(under_way) == 1, "two fsyncs at once: group commit runs one at a time"
+        time.sleep(slow)  # a slow disk: records of other jobs pile up meanwhile
         real_fsync(fd)
-        synced.append(os.fstat(fd).st_size)
+        under_way.remove(fd)
+        if found.st_ino == journal.stat().st_ino:
+            durable[0] = max(durable[0], found.st_size)
+            syncs.append(found.st_size)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    journal = tmp_path / JOURNAL_NAME
     provider = Provider()
 
     def check(prompt: str) -> None:
-        durable = journal.read_bytes()[: synced[-1]] if synced else b""
-        records = [json.loads(line) for line in durable.splitlines()]
+        records = [json.loads(line) for line in journal.read_bytes()[: durable[0]].splitlines()]
         assert {"id": prompt, "k": "sent", "p": "laozhang"} in records
 
     provider.before_post = check
     prompts = [f"job-{n}" for n in range(40)]
     items = batch(provider, prompts, tmp_path, names=prompts, concurrency=16)
-    assert {item.status for item in items} == {"ok"}
+    assert {item.status for item in items} == {"ok"}  # a failed check makes its job unconfirmed
     assert sum(provider.posts.values()) == 40
-    assert len(synced) < 40  # group commit: one fsync covered several jobs
+    assert len(syncs) < 40  # group commit: one fsync covered several jobs
 
 
 def test_a_torn_last_line_is_cut_off_and_the_rest_is_kept(tmp_path: Path) -> None:
