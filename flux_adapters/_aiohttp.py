@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -49,6 +50,7 @@ from flux_adapters._drivers import (
 )
 from flux_adapters._transport import (
     AnswerBody,
+    UnusableURL,
     adecoded,
     deadline_error,
     transport_error,
@@ -58,8 +60,9 @@ from flux_adapters.wire import HttpResponse, JsonBody, MultipartBody
 
 __all__ = ["AiohttpDriver"]
 
-_PLAIN_URL: Final = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]*")
-"""A URL made only of characters that need no quoting: sent exactly as written."""
+_PLAIN_URL: Final = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+"""A URL made only of characters that need no quoting (and whole %-escapes, which httpx keeps as
+they are): sent exactly as written. A signed result URL's query is full of escapes."""
 _SMALL_WRITE: Final = 64 * 1024
 """A slice this small goes into aiohttp's buffer without waiting (its limit is 64 KiB)."""
 
@@ -185,6 +188,30 @@ def _yarl(url: str) -> URL:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         scheme = parsed.scheme or "no scheme"
         raise httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol '{scheme}://'.")
+    return parsed
+
+
+_IPV4_STYLE: Final = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
+"""A host httpx reads as an IPv4 address, and refuses unless it is a valid one."""
+
+
+def _fetchable(url: str) -> URL:
+    """`_yarl` of a download's *url*, refused where httpx would refuse to build its request.
+
+    Raises:
+        UnusableURL: httpx (or yarl) cannot read it: not a URL, a bad port or IPv4 address.
+        httpx.UnsupportedProtocol: Not an http(s) URL with a host (nothing is sent).
+    """
+    try:
+        parsed = _yarl(url)
+        host = parsed.raw_host or ""
+        if _IPV4_STYLE.fullmatch(host):
+            ipaddress.IPv4Address(host)
+        parsed.port  # noqa: B018 - yarl checks the port when it is read
+    except httpx.UnsupportedProtocol:
+        raise
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise UnusableURL(str(exc)) from exc
     return parsed
 
 
@@ -396,19 +423,26 @@ class AiohttpDriver:
 
     @contextlib.asynccontextmanager
     async def get(
-        self, request: httpx.Request
+        self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout
     ) -> AsyncIterator[tuple[_Head, AsyncIterator[bytes]]]:
-        """See `flux_adapters._drivers.AsyncDriver.get` (transport failures as aiohttp raises them)."""
-        url = _yarl(str(request.url))
-        timeout = httpx.Timeout(**request.extensions.get("timeout", {}))
-        headers = {name: value for name, value in request.headers.items() if name != "host"}
+        """See `flux_adapters._drivers.AsyncDriver.get` (transport failures as aiohttp raises them).
+
+        No ``httpx.Request`` is made: the URL is read as `_yarl` reads it, and refused where
+        httpx would refuse it (`_fetchable`). Result URLs differ per job: none is kept.
+        """
+        target = _fetchable(url)
         session = self._open()
         response = await session.request(
-            "GET", url, headers=headers, timeout=self._timeout(timeout, None), allow_redirects=False
+            "GET",
+            target,
+            headers=headers,
+            timeout=self._timeout(timeout, None),
+            allow_redirects=False,
         )
         try:
             head = _Head(response)
-            yield head, adecoded(head, _raw(response.content))
+            raw = _raw(response.content)
+            yield head, (adecoded(head, raw) if "content-encoding" in response.headers else raw)
         finally:
             response.release()
 

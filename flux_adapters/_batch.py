@@ -293,7 +293,7 @@ async def _save_all(images: Iterable[ResultImage], folder: Path, name: str) -> t
     saved = []
     for number, image in enumerate(images):
         stem = name if number == 0 else f"{name}-{number + 1}"
-        saved.append(await image.save_async(folder / stem, add_suffix=True))
+        saved.append(await image._save_async(folder / stem, add_suffix=True))  # folder checked
     return tuple(saved)
 
 

@@ -352,10 +352,13 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
         OutputError: The file cannot be created, written or renamed into place.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    # Plain strings, not Paths, for the temporary name: a batch does this for every image.
+    where = os.fspath(target)
+    folder, name = os.path.split(where)
     # The name cut so that the temporary one is no longer than the longest the system takes.
-    stem = os.fsdecode(os.fsencode(target.name)[: _NAME_MAX - len(".00000000.part") - 1])
+    stem = os.fsdecode(os.fsencode(name)[: _NAME_MAX - len(".00000000.part") - 1])
     while True:
-        partial = target.with_name(f".{stem}.{os.urandom(4).hex()}.part")  # _PARTIAL
+        partial = os.path.join(folder, f".{stem}.{os.urandom(4).hex()}.part")  # _PARTIAL
         try:
             fd = os.open(partial, flags, 0o666)
             break
@@ -371,14 +374,16 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
         finally:
             os.close(fd)
         found = image_format(out.head)
+        final = where
         if add_suffix:
-            out.target = target.with_name(f"{target.name}.{found or 'bin'}")
+            final = f"{where}.{found or 'bin'}"
+            out.target = Path(final)
         else:
             check_extension(target, found)
         try:
-            os.replace(partial, out.target)
+            os.replace(partial, final)
         except OSError as exc:
-            raise OutputError(exc.strerror or str(exc), path=str(out.target)) from exc
+            raise OutputError(exc.strerror or str(exc), path=final) from exc
         renamed = True
     finally:
         if not renamed:

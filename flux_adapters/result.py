@@ -378,6 +378,10 @@ class ResultImage(_Held):
             if ours is not None:
                 return self._written(ours.write(self._url(), target, add_suffix=add_suffix))
             return self._saved(fetcher.save(self._url(), target, add_suffix=add_suffix))
+        return self._save_inline(target, add_suffix)
+
+    def _save_inline(self, target: Path, add_suffix: bool) -> Path:
+        assert self.b64_json is not None
         if not add_suffix:
             check_extension(target, self.format)
         with atomic_image(target, add_suffix=add_suffix) as out:
@@ -421,9 +425,18 @@ class ResultImage(_Held):
 
     async def save_async(self, path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
         """Async twin of `save`."""
+        return await self._save_async(check_target(path), add_suffix=add_suffix)
+
+    async def _save_async(self, target: Path, *, add_suffix: bool) -> Path:
+        """`save_async` to *target*, checked by `check_target` or in a batch's own folder.
+
+        A batch checked its folder when it began (it keeps its journal there), and saves every
+        image under a new name in it: the three system calls of `check_target` per image would
+        tell it nothing. A folder gone or made read-only since still fails, as `OutputError`,
+        when the image is written (`atomic_image`).
+        """
         if self.b64_json is not None:
-            return self.save(path, add_suffix=add_suffix)
-        target = check_target(path)
+            return self._save_inline(target, add_suffix)
         fetcher = self._fetcher()
         ours = _checking(fetcher)
         if ours is not None:

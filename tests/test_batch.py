@@ -135,14 +135,14 @@ def test_one_bad_answer_never_stops_the_others_and_is_never_sent_again(tmp_path:
 def test_a_bug_in_one_job_is_contained_and_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = ResultImage.save_async
+    real = ResultImage._save_async  # what a batch saves with (its folder is checked once)
 
     async def buggy(self: ResultImage, path: Any, *, add_suffix: bool = False) -> Path:
         if "broken" in str(self.url):
             raise KeyError("a bug while saving")
         return await real(self, path, add_suffix=add_suffix)
 
-    monkeypatch.setattr(ResultImage, "save_async", buggy)
+    monkeypatch.setattr(ResultImage, "_save_async", buggy)
     provider = Provider()
     items = by_name(batch(provider, ["broken", "fine"], tmp_path, names=["broken", "fine"]))
     assert items["fine"].status == "ok"
