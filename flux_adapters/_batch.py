@@ -425,7 +425,7 @@ class _Batch:
             return item("ok", result=await self.client._edit(request, watcher))
         journal, folder = self.journal, self.folder
         digest = request_digest(request)
-        known = name in journal.states
+        known = journal.knows(name)
         state = journal.state(name)
         verdict = state.verdict(digest, folder, name) if known else "new"
         if verdict == "saved" and not self.force:

@@ -35,9 +35,12 @@ which several processes may append to, is repaired only when no other process ha
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import hashlib
 import json
+import marshal
 import os
 import stat
 import time
@@ -60,6 +63,7 @@ __all__ = [
     "JsonLines",
     "image_identities",
     "is_image_file",
+    "load_packed",
     "load_states",
     "request_digest",
 ]
@@ -77,13 +81,8 @@ def request_digest(request: EditRequest) -> str:
     so moving or re-checking-out the inputs does not make a job look changed.
     """
     hasher = hashlib.sha256()
-    # Every field but the images (hashed by content below): a field added later counts too.
-    settings = {
-        field.name: getattr(request, field.name)
-        for field in attrs.fields(EditRequest)
-        if field.name != "images"
-    }
-    hasher.update(json.dumps(settings, sort_keys=True, ensure_ascii=True).encode())
+    settings = {name: getattr(request, name) for name in _settings_fields()}
+    hasher.update(_DIGEST_ENCODER.encode(settings).encode())
     for image in request.images:
         hasher.update(b"\0image:")
         if isinstance(image, UrlImage):
@@ -95,6 +94,16 @@ def request_digest(request: EditRequest) -> str:
         else:
             hasher.update(b"file:" + _file_sample(image))
     return hasher.hexdigest()[:32]
+
+
+_DIGEST_ENCODER: Final = json.JSONEncoder(sort_keys=True, ensure_ascii=True)
+"""`json.dumps(..., sort_keys=True, ensure_ascii=True)`, made once: a batch digests every job."""
+
+
+@functools.cache
+def _settings_fields() -> tuple[str, ...]:
+    """Every field of `EditRequest` but the images (hashed by content): a field added later too."""
+    return tuple(field.name for field in attrs.fields(EditRequest) if field.name != "images")
 
 
 def _file_sample(image: FileImage) -> bytes:
@@ -323,6 +332,10 @@ def _share(fd: int) -> None:
     # Held exclusively for a second: the file is some batch's journal. Append unlocked.
 
 
+_LINE_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+"""How `JsonLines.encode` writes a record, made once (as `json.dumps` with these options)."""
+
+
 class JsonLines:
     """An append-only JSON-lines file whose every line is whole, whatever kills the process.
 
@@ -380,7 +393,7 @@ class JsonLines:
     @staticmethod
     def encode(record: dict[str, object]) -> bytes:
         """*record* as one line of JSON."""
-        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        return _LINE_ENCODER.encode(record).encode() + b"\n"
 
     def write(self, data: bytes) -> None:
         """Append whole lines with one ``write`` (a kill cannot leave half of one).
@@ -468,6 +481,58 @@ def load_states(path: Path, jobs: Container[str] | None = None) -> dict[str, Job
     return states
 
 
+_RECENT: Final = 256
+"""States kept unpacked while a journal is read: a job's records lie close together in it."""
+
+
+def _pack(state: JobState) -> bytes:
+    """*state* as compact bytes (`marshal`, of this process's own making): a fifth of its size."""
+    job = state.job.to_dict() if state.job is not None else None
+    fields = (state.digest, state.before, state.open_sends, state.billed, state.urls, job)
+    return marshal.dumps((*fields, state.files, state.note))
+
+
+def _unpack(packed: bytes) -> JobState:
+    digest, before, open_sends, billed, urls, job, files, note = marshal.loads(packed)
+    return JobState(
+        digest=digest,
+        before=before,
+        open_sends=open_sends,
+        billed=billed,
+        urls=urls,
+        job=Job.from_dict(job) if job is not None else None,
+        files=files,
+        note=note,
+    )
+
+
+def load_packed(path: Path) -> dict[str, bytes]:
+    """`load_states` of every job, each state packed (`_pack`) as soon as its records are read.
+
+    A rerun of 100,000 jobs holds what the journal knows of each until the job is taken up:
+    as `JobState` objects that was about 800 bytes a job (and a peak of that while reading);
+    packed, about 250. Only the `_RECENT` jobs last read are held unpacked meanwhile.
+    """
+    packed: dict[str, bytes] = {}
+    recent: collections.OrderedDict[str, JobState] = collections.OrderedDict()
+    for record in read_lines(path):
+        job = record.get("id")
+        if not isinstance(job, str):
+            continue
+        state = recent.pop(job, None)
+        if state is None:
+            earlier = packed.pop(job, None)
+            state = _unpack(earlier) if earlier is not None else JobState()
+        state.fold(record)
+        recent[job] = state
+        if len(recent) > _RECENT:
+            oldest, left = recent.popitem(last=False)
+            packed[oldest] = _pack(left)
+    for job, state in recent.items():
+        packed[job] = _pack(state)
+    return packed
+
+
 class Journal:
     """The journal of the batch writing to one folder; see the module docstring.
 
@@ -490,7 +555,10 @@ class Journal:
                 f"another batch is writing to {folder} (its journal is locked); wait for it or "
                 "choose another output folder"
             ) from None
-        self.states = load_states(path)
+        self._earlier = load_packed(path)
+        """What the journal knew, when it was opened, of each job not taken up since (packed)."""
+        self.states: dict[str, JobState] = {}
+        """The jobs taken up in this run and not ended yet (forgotten when they end)."""
         self._entry_durable = False
         """Whether the journal's own directory entry (and its folder's) has been synced."""
         self._unwritten: list[bytes] = []
@@ -502,16 +570,30 @@ class Journal:
         """A waiter for each record written that must be durable, not yet covered by an fsync."""
         self._syncer: asyncio.Task[None] | None = None
 
+    def knows(self, job: str) -> bool:
+        """Whether the journal has a record of *job*."""
+        return job in self.states or job in self._earlier
+
     def state(self, job: str) -> JobState:
-        """What is known of *job* (an empty state for a new one)."""
-        return self.states.get(job) or JobState()
+        """What is known of *job* (an empty state for a new one).
+
+        For a job of an earlier run not taken up yet in this one, a copy: what is noted of the
+        job (`note`) is folded into the journal's own.
+        """
+        state = self.states.get(job)
+        if state is not None:
+            return state
+        earlier = self._earlier.get(job)
+        return _unpack(earlier) if earlier is not None else JobState()
 
     def forget(self, job: str) -> None:
         """Drop what is known of *job* from memory (it has ended; the file keeps its records).
 
-        A batch of a million jobs then holds the states of the jobs in flight only.
+        A batch of a million jobs then holds the states of the jobs in flight only, and of the
+        jobs of earlier runs not taken up yet.
         """
         self.states.pop(job, None)
+        self._earlier.pop(job, None)
 
     def note(self, job: str, kind: str, /, **values: object) -> None:
         """Record something that need not be durable before the next step.
@@ -520,7 +602,12 @@ class Journal:
         ``write``: a kill does not tear it), and made durable by the next ``fsync``.
         """
         record: dict[str, object] = {"id": job, "k": kind, **values}
-        self.states.setdefault(job, JobState()).fold(record)
+        state = self.states.get(job)
+        if state is None:  # taken up now: what earlier runs knew of it, if anything
+            earlier = self._earlier.pop(job, None)
+            state = _unpack(earlier) if earlier is not None else JobState()
+            self.states[job] = state
+        state.fold(record)
         self._unwritten.append(JsonLines.encode(record))
         if self._write_soon is None:
             self._write_soon = asyncio.get_running_loop().call_soon(self._write_now)

@@ -25,7 +25,7 @@ from flux_adapters import _batch as batch_module
 from flux_adapters._batch import NameSet, file_key
 from flux_adapters._batch_files import check_file, compact_report
 from flux_adapters._journal import JOURNAL_NAME, Journal, read_lines
-from tests.test_batch import KEY, PNG, Provider, batch
+from tests.test_batch import KEY, PNG, Provider, answer, batch
 
 # --- one write per image -----------------------------------------------------------------------
 
@@ -133,6 +133,43 @@ def test_a_5000_job_batch_holds_a_bounded_number_of_jobs_tasks_and_states(
     assert journals[0].states == {}
     saved = {r["id"] for r in read_lines(tmp_path / JOURNAL_NAME) if r["k"] == "saved"}
     assert len(saved) == JOBS
+
+
+def test_a_rerun_holds_earlier_jobs_packed_and_lets_each_go_once_taken_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux_adapters._journal import load_states
+
+    names = [f"job-{n}" for n in range(300)]
+    provider = Provider({"job-7": answer(503, b"overloaded")})  # not taken: sent again
+    batch(provider, names, tmp_path, names=names)
+    known = load_states(tmp_path / JOURNAL_NAME)
+    journals: list[Journal] = []
+
+    class Watched(Journal):
+        def __init__(self, folder: Path) -> None:
+            super().__init__(folder)
+            journals.append(self)
+            # What the journal knew, packed, is what folding its records says.
+            assert {name: self.state(name) for name in names} == known
+
+    monkeypatch.setattr(batch_module, "Journal", Watched)
+    earlier: list[int] = []
+    real_forget = Journal.forget
+
+    def forget(self: Journal, job: str) -> None:
+        real_forget(self, job)
+        earlier.append(len(self._earlier))
+        assert len(self.states) <= CONCURRENCY
+
+    monkeypatch.setattr(Journal, "forget", forget)
+    provider.answers.clear()
+    items = batch(provider, names, tmp_path, names=names)
+    assert Counter(item.status for item in items) == {"skipped": 299, "ok": 1}
+    # Each job's earlier state goes as its job ends: nothing is held for the whole run.
+    assert earlier == sorted(earlier, reverse=True)
+    assert earlier[-1] == 0
+    assert journals[0].states == {}
 
 
 def test_a_batch_file_is_checked_in_one_pass_that_keeps_a_digest_per_line(
