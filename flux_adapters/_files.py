@@ -345,7 +345,8 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
 
     The image is not ``fsync``-ed: a kill cannot leave part of it under its name, a power loss
     can (the rename may reach the disk before the data). A batch's journal does not take such
-    a file for a saved image unless it starts like one (`flux_adapters._journal`).
+    a file for a saved image unless it starts and ends like a whole one
+    (`flux_adapters._journal.is_image_file`).
 
     Raises:
         ExtensionMismatch: *target*'s extension names another image format than the bytes'.

@@ -19,9 +19,10 @@ of the event loop, all those noted meanwhile in one ``write``, without an ``fsyn
 a power loss) loses only what was noted in the moment before it. An image renamed into place
 just before a kill, its ``saved`` record not yet written, is still recognised: it is not one of
 the images that were there when the job was accepted. Images are not synced: after a power
-loss, an image renamed just before may be empty under its name; it is not taken for a saved one
-(it does not start like an image), and its job is downloaded again from the URLs of its
-``answered`` record if that reached the disk, else reported ``unconfirmed``.
+loss, an image renamed just before may be empty or cut short under its name; it is not taken for
+a saved one (it does not start like an image, or does not end like a whole one), and its job is
+downloaded again from the URLs of its ``answered`` record if that reached the disk, else reported
+``unconfirmed``.
 
 A record is one JSON line written with a single ``write`` on an ``O_APPEND`` file, so a kill
 cannot tear it; a power loss can leave a partial last line, which `repair_tail` cuts off when
@@ -265,12 +266,29 @@ def _plain_name(name: str) -> bool:
 
 
 def is_image_file(path: Path) -> bool:
-    """Whether *path* is a readable file that starts like a png, jpeg or webp image."""
-    from flux_adapters._files import IMAGE_FORMATS, SNIFF_BYTES, image_format
+    """Whether *path* is a readable file holding a whole png, jpeg or webp image.
+
+    Told from its first bytes and its last (`flux_adapters._files.image_is_whole`), not by
+    decoding it. Images are written to a temporary file and renamed once complete, so a kill
+    never leaves part of one under its name; a power loss can (the rename may reach the disk
+    before the data), and such an image is not taken for a saved one.
+    """
+    from flux_adapters._files import (
+        IMAGE_FORMATS,
+        SNIFF_BYTES,
+        TAIL_BYTES,
+        image_format,
+        image_is_whole,
+    )
 
     try:
         with path.open("rb") as stream:
-            return image_format(stream.read(SNIFF_BYTES)) in IMAGE_FORMATS
+            head = stream.read(SNIFF_BYTES)
+            if image_format(head) not in IMAGE_FORMATS:
+                return False
+            size = os.fstat(stream.fileno()).st_size
+            stream.seek(max(size - TAIL_BYTES, 0))
+            return image_is_whole(head, stream.read(TAIL_BYTES), size)
     except (OSError, ValueError):  # ValueError: a NUL in the name
         return False
 

@@ -60,7 +60,12 @@ def test_a_batch_killed_five_times_never_does_a_job_twice(tmp_path: Path) -> Non
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            moment = rng.uniform(0.5, 1.2)
+            # Killed at a random moment once this run is under way (a job billed), however
+            # slowly a busy machine starts it: a kill before any work would test nothing.
+            started, before = time.monotonic(), len(emulator.billed())
+            while len(emulator.billed()) == before and time.monotonic() - started < 30:
+                time.sleep(0.01)
+            moment = rng.uniform(0.0, 0.7)
             time.sleep(moment)
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=10)
