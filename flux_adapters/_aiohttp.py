@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -206,13 +207,19 @@ def _fetchable(url: str) -> URL:
         parsed = _yarl(url)
         host = parsed.raw_host or ""
         if _IPV4_STYLE.fullmatch(host):
-            ipaddress.IPv4Address(host)
+            _check_ipv4(host)
         parsed.port  # noqa: B018 - yarl checks the port when it is read
     except httpx.UnsupportedProtocol:
         raise
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
         raise UnusableURL(str(exc)) from exc
     return parsed
+
+
+@functools.lru_cache(maxsize=64)
+def _check_ipv4(host: str) -> None:
+    """Raise ValueError unless *host* is an IPv4 address (a few hosts serve every download)."""
+    ipaddress.IPv4Address(host)
 
 
 _UNSENDABLE: Final = re.compile(r"[^\x20-\x7e]")
@@ -383,7 +390,7 @@ class AiohttpDriver:
         answer = AnswerBody(head, exchange.provider, exchange.seconds, None, exchange.scrub)
         try:
             if "content-encoding" in response.headers:
-                async for piece in adecoded(head, _raw(response.content)):
+                async for piece in adecoded(head, _Chunks(response.content)):
                     if not answer.take(piece):
                         break
             else:
@@ -421,30 +428,13 @@ class AiohttpDriver:
             return ClientClosedError("the connection pool is closed; nothing was sent")
         return transport_error(exc, exchange.provider, exchange.scrub)
 
-    @contextlib.asynccontextmanager
-    async def get(
-        self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout
-    ) -> AsyncIterator[tuple[_Head, AsyncIterator[bytes]]]:
+    def get(self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout) -> _Getting:
         """See `flux_adapters._drivers.AsyncDriver.get` (transport failures as aiohttp raises them).
 
         No ``httpx.Request`` is made: the URL is read as `_yarl` reads it, and refused where
         httpx would refuse it (`_fetchable`). Result URLs differ per job: none is kept.
         """
-        target = _fetchable(url)
-        session = self._open()
-        response = await session.request(
-            "GET",
-            target,
-            headers=headers,
-            timeout=self._timeout(timeout, None),
-            allow_redirects=False,
-        )
-        try:
-            head = _Head(response)
-            raw = _raw(response.content)
-            yield head, (adecoded(head, raw) if "content-encoding" in response.headers else raw)
-        finally:
-            response.release()
+        return _Getting(self, _fetchable(url), headers, self._timeout(timeout, None))
 
     async def aclose(self) -> None:
         self._closed = True
@@ -453,6 +443,57 @@ class AiohttpDriver:
             await session.close()
 
 
-async def _raw(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    while chunk := await content.readany():
-        yield chunk
+class _Getting:
+    """A download's GET while its block runs (`AiohttpDriver.get`): the answer's head and body.
+
+    A class, not ``contextlib.asynccontextmanager``: a batch makes one per image.
+    """
+
+    __slots__ = ("_driver", "_headers", "_response", "_target", "_timeout")
+
+    def __init__(
+        self,
+        driver: AiohttpDriver,
+        target: URL,
+        headers: Mapping[str, str],
+        timeout: aiohttp.ClientTimeout,
+    ) -> None:
+        self._driver = driver
+        self._target = target
+        self._headers = headers
+        self._timeout = timeout
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> tuple[_Head, AsyncIterator[bytes]]:
+        session = self._driver._open()
+        response = self._response = await session.request(
+            "GET", self._target, headers=self._headers, timeout=self._timeout, allow_redirects=False
+        )
+        head = _Head(response)
+        chunks = _Chunks(response.content)
+        return head, (adecoded(head, chunks) if "content-encoding" in response.headers else chunks)
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._response is not None:
+            self._response.release()  # to the pool only when read to its end; else closed
+
+
+class _Chunks:
+    """An answer's body as it comes (aiohttp's ``readany``), as an async iterator.
+
+    Not an async generator: asyncio keeps each of those in a set until it ends.
+    """
+
+    __slots__ = ("_content",)
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._content.readany()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
