@@ -249,6 +249,28 @@ def test_a_report_with_repeated_ids_keeps_one_line_each(tmp_path: Path) -> None:
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b"]
 
 
+def test_looking_for_a_killed_compactions_leftovers_does_not_hold_the_folder_in_memory(
+    tmp_path: Path,
+) -> None:
+    # The report is often beside a batch's images: 100,000 of them at the end of a large one.
+    import tracemalloc
+
+    for number in range(400):
+        (tmp_path / f"job-{number:05d}.png").touch()
+    stale = tmp_path / ".report.jsonl.0badf00d.tmp"
+    stale.touch()
+    path = tmp_path / "report.jsonl"
+    report_of(path, [f"job-{n:05d}" for n in range(10)])
+    tracemalloc.start()
+    try:
+        assert compact_report(path) is False  # nothing repeated
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not stale.exists()
+    assert peak < 32 * 1024, peak  # a list of the folder's 400 entries alone takes 100 KB
+
+
 # --- group commit: one fsync for many records, never one that began before a record ------------
 
 
