@@ -399,11 +399,14 @@ def remove_partial_files(folder: Path) -> int:
     Returns how many were removed.
     """
     removed = 0
-    for path in folder.glob(".*.part"):
-        if _PARTIAL.fullmatch(path.name):
-            with contextlib.suppress(OSError):
-                path.unlink()
-                removed += 1
+    # One entry at a time (Path.glob lists a folder whole): a rerun's folder may hold 100,000
+    # images, whose list would be the largest thing the batch ever held (17 MB).
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") and _PARTIAL.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
     return removed
 
 

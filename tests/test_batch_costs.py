@@ -271,6 +271,32 @@ def test_looking_for_a_killed_compactions_leftovers_does_not_hold_the_folder_in_
     assert peak < 32 * 1024, peak  # a list of the folder's 400 entries alone takes 100 KB
 
 
+def test_a_rerun_removes_a_killed_runs_partial_images_without_listing_its_folder(
+    tmp_path: Path,
+) -> None:
+    import tracemalloc
+
+    from flux_adapters._files import remove_partial_files
+
+    for number in range(400):  # a rerun's folder: the images of the run before
+        (tmp_path / f"job-{number:05d}.png").touch()
+    partial = [tmp_path / f".job-{n:05d}.0badf00{n}.part" for n in range(3)]
+    for path in partial:
+        path.touch()
+    kept = tmp_path / ".job-1.notmine.part"  # not a name atomic_image gives
+    kept.touch()
+    tracemalloc.start()
+    try:
+        assert remove_partial_files(tmp_path) == 3
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not any(path.exists() for path in partial)
+    assert kept.exists()
+    assert len(list(tmp_path.glob("job-*.png"))) == 400
+    assert peak < 32 * 1024, peak  # a list of the folder's 400 entries alone takes 100 KB
+
+
 # --- group commit: one fsync for many records, never one that began before a record ------------
 
 
