@@ -1,10 +1,12 @@
 """A minimal HTTP/1.1 server for the benchmarks: keep-alive, bodies read and discarded in chunks.
 
 Run as ``python benchmarks/loopback_server.py``; it prints its port on the first line of stdout
-and answers every POST with an OpenAI-style image answer, every GET with a tiny body. Under
-``/bfl/`` it answers as Black Forest Labs does: a POST takes a job (``{"id", "polling_url"}``)
-and ``GET /bfl/v1/get_result?id=N`` answers ``Pending`` twice, then ``Ready``. It runs in its own
-process so that its CPU and memory are not counted against the client being measured.
+and answers every POST with an OpenAI-style image answer whose URL is its own ``/result.png``,
+a GET of a path ending in ``.png`` with a small PNG image (64x64, so that a batch can download
+and save it), and any other GET with a tiny body. Under ``/bfl/`` it answers as Black Forest
+Labs does: a POST takes a job (``{"id", "polling_url"}``) and ``GET /bfl/v1/get_result?id=N``
+answers ``Pending`` twice, then ``Ready``. It runs in its own process so that its CPU and
+memory are not counted against the client being measured.
 """
 
 from __future__ import annotations
@@ -12,10 +14,41 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import struct
 import sys
+import zlib
 from collections import Counter
 
-ANSWER = json.dumps({"created": 1, "data": [{"url": "http://127.0.0.1/result.png"}]}).encode()
+
+def png(width: int, height: int) -> bytes:
+    """A valid grey PNG image (8-bit greyscale), written by hand: no Pillow in this process."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    rows = b"".join(b"\0" + bytes([128]) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+IMAGE = png(64, 64)
+ANSWERS: dict[str, bytes] = {}
+
+
+def answer(host: str) -> bytes:
+    """An OpenAI-style image answer whose URL is this server's ``/result.png``."""
+    if host not in ANSWERS:
+        url = f"http://{host}/result.png"
+        ANSWERS[host] = json.dumps({"created": 1, "data": [{"url": url}]}).encode()
+    return ANSWERS[host]
+
+
 CHUNK = 1024 * 1024
 PENDING_POLLS = 2
 JOB_IDS = itertools.count()
@@ -70,10 +103,15 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             method, target, _ = lines[0].split(" ", 2)
             if target.startswith("/bfl/"):
                 body = bfl(method, target, headers.get("host", ""))
+            elif method == "POST":
+                body = answer(headers.get("host", "127.0.0.1"))
             else:
-                body = ANSWER if method == "POST" else b"ok"
+                body = IMAGE if target.endswith(".png") else b"ok"
+            kind = b"image/png" if body is IMAGE else b"application/json"
             writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                b"HTTP/1.1 200 OK\r\nContent-Type: "
+                + kind
+                + b"\r\nContent-Length: "
                 + str(len(body)).encode()
                 + b"\r\n\r\n"
                 + body

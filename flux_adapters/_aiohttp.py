@@ -31,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
+import ipaddress
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -52,6 +54,7 @@ from flux_adapters._drivers import (
 )
 from flux_adapters._transport import (
     AnswerBody,
+    UnusableURL,
     adecoded,
     deadline_error,
     shared_ssl_context,
@@ -62,8 +65,9 @@ from flux_adapters.wire import HttpResponse, JsonBody, MultipartBody
 
 __all__ = ["AiohttpDriver"]
 
-_PLAIN_URL: Final = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]*")
-"""A URL made only of characters that need no quoting: sent exactly as written."""
+_PLAIN_URL: Final = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+"""A URL made only of characters that need no quoting (and whole %-escapes, which httpx keeps as
+they are): sent exactly as written. A signed result URL's query is full of escapes."""
 _SMALL_WRITE: Final = 64 * 1024
 """A slice this small goes into aiohttp's buffer without waiting (its limit is 64 KiB)."""
 
@@ -274,6 +278,36 @@ def _yarl(url: str) -> URL:
     return parsed
 
 
+_IPV4_STYLE: Final = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
+"""A host httpx reads as an IPv4 address, and refuses unless it is a valid one."""
+
+
+def _fetchable(url: str) -> URL:
+    """`_yarl` of a download's *url*, refused where httpx would refuse to build its request.
+
+    Raises:
+        UnusableURL: httpx (or yarl) cannot read it: not a URL, a bad port or IPv4 address.
+        httpx.UnsupportedProtocol: Not an http(s) URL with a host (nothing is sent).
+    """
+    try:
+        parsed = _yarl(url)
+        host = parsed.raw_host or ""
+        if _IPV4_STYLE.fullmatch(host):
+            _check_ipv4(host)
+        parsed.port  # noqa: B018 - yarl checks the port when it is read
+    except httpx.UnsupportedProtocol:
+        raise
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise UnusableURL(str(exc)) from exc
+    return parsed
+
+
+@functools.lru_cache(maxsize=64)
+def _check_ipv4(host: str) -> None:
+    """Raise ValueError unless *host* is an IPv4 address (a few hosts serve every download)."""
+    ipaddress.IPv4Address(host)
+
+
 def _check_headers(exchange: Exchange) -> None:
     """Refuse a header that is not printable ASCII (a line break, a control character).
 
@@ -461,7 +495,7 @@ class AiohttpDriver:
         try:
             content = response.content
             if "content-encoding" in response.headers:
-                async for piece in adecoded(head, _raw(content, clock)):
+                async for piece in adecoded(head, _Chunks(content, clock)):
                     if not answer.take(piece):
                         break
             else:
@@ -508,23 +542,13 @@ class AiohttpDriver:
             return ClientClosedError("the connection pool is closed; nothing was sent")
         return transport_error(exc, exchange.provider, exchange.scrub)
 
-    @contextlib.asynccontextmanager
-    async def get(
-        self, request: httpx.Request
-    ) -> AsyncIterator[tuple[_Head, AsyncIterator[bytes]]]:
-        """See `flux_adapters._drivers.AsyncDriver.get` (transport failures as aiohttp raises them)."""
-        url = _yarl(str(request.url))
-        timeout = httpx.Timeout(**request.extensions.get("timeout", {}))
-        headers = {name: value for name, value in request.headers.items() if name != "host"}
-        session = self._open()
-        response = await session.request(
-            "GET", url, headers=headers, timeout=self._timeout(timeout, True), allow_redirects=False
-        )
-        try:
-            head = _Head(response)
-            yield head, adecoded(head, _raw(response.content, None))
-        finally:
-            response.release()
+    def get(self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout) -> _Getting:
+        """See `flux_adapters._drivers.AsyncDriver.get` (transport failures as aiohttp raises them).
+
+        No ``httpx.Request`` is made: the URL is read as `_yarl` reads it, and refused where
+        httpx would refuse it (`_fetchable`). Result URLs differ per job: none is kept.
+        """
+        return _Getting(self, _fetchable(url), headers, self._timeout(timeout, True))
 
     async def aclose(self) -> None:
         self._closed = True
@@ -533,12 +557,61 @@ class AiohttpDriver:
             await session.close()
 
 
-async def _raw(content: aiohttp.StreamReader, clock: _Clock | None) -> AsyncIterator[bytes]:
-    """The body as received; each piece restarts *clock*'s read timeout."""
-    while True:
-        if clock is not None:
+class _Getting:
+    """A download's GET while its block runs (`AiohttpDriver.get`): the answer's head and body.
+
+    A class, not ``contextlib.asynccontextmanager``: a batch makes one per image.
+    """
+
+    __slots__ = ("_driver", "_headers", "_response", "_target", "_timeout")
+
+    def __init__(
+        self,
+        driver: AiohttpDriver,
+        target: URL,
+        headers: Mapping[str, str],
+        timeout: aiohttp.ClientTimeout,
+    ) -> None:
+        self._driver = driver
+        self._target = target
+        self._headers = headers
+        self._timeout = timeout
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> tuple[_Head, AsyncIterator[bytes]]:
+        session = self._driver._open()
+        response = self._response = await session.request(
+            "GET", self._target, headers=self._headers, timeout=self._timeout, allow_redirects=False
+        )
+        head = _Head(response)
+        chunks = _Chunks(response.content)
+        return head, (adecoded(head, chunks) if "content-encoding" in response.headers else chunks)
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._response is not None:
+            self._response.release()  # to the pool only when read to its end; else closed
+
+
+class _Chunks:
+    """An answer's body as it comes (aiohttp's ``readany``), as an async iterator.
+
+    Each piece restarts *clock*'s read timeout, if one is given. Not an async generator: asyncio keeps each of those in a set until it ends.
+    """
+
+    __slots__ = ("_clock", "_content")
+
+    def __init__(self, content: aiohttp.StreamReader, clock: _Clock | None = None) -> None:
+        self._content = content
+        self._clock = clock
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        clock = self._clock
+        if clock is not None:  # each piece restarts the read timeout
             clock.read_from = clock.now()
-        chunk = await content.readany()
+        chunk = await self._content.readany()
         if not chunk:
-            return
-        yield chunk
+            raise StopAsyncIteration
+        return chunk

@@ -1,14 +1,18 @@
 """`AsyncFluxClient.edit_many`: many edits at once, never dying of one, never paying twice.
 
-A fixed pool of workers takes requests one at a time from the caller's iterable (so a million
-requests need no more memory than a few), runs each through the client's router, saves its
-images the moment they arrive, and yields one `BatchItem` per job. Whatever goes wrong with one
-job (a typed error, a garbled answer, a bug) becomes that job's item; the others go on.
+A fixed pool of workers takes requests one at a time from the caller's iterable, runs each
+through the client's router, saves its images the moment they arrive, and yields one
+`BatchItem` per job. Whatever goes wrong with one job (a typed error, a garbled answer, a bug)
+becomes that job's item; the others go on. What a batch holds is the jobs in flight and the
+items waiting for the reader (at most ``concurrency`` of each); all that grows with the number
+of jobs is a 16-byte digest of each name (`NameSet`, to refuse a name used twice, 33 to 41
+bytes a name in all) and, on a rerun, what the journal knows of the jobs of earlier runs not
+yet taken up (packed: about 300 bytes a job, let go as each is taken up).
 
 With an output folder, the journal (``flux_adapters._journal``) records each job's steps, the
 ``sent`` step durably before the request leaves. A rerun reads it and, per job:
 
-- saved (its files are on disk and are images): skipped, unless ``force``;
+- saved (its files are on disk and are whole images): skipped, unless ``force``;
 - its request changed since it was sent: reported ``changed``, unless ``force``;
 - may have been billed, no image saved: its result URLs (if any) are downloaded again, free;
   else a job an asynchronous provider accepted (its id is journaled durably the moment it is
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
+import mmap
 import os
 import unicodedata
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
@@ -34,7 +40,6 @@ from flux_adapters._journal import (
     JobState,
     Journal,
     image_identities,
-    is_image_file,
     request_digest,
 )
 from flux_adapters._options import is_number
@@ -56,7 +61,7 @@ if TYPE_CHECKING:
     from flux_adapters.client import AsyncFluxClient
     from flux_adapters.providers import Answer
 
-__all__ = ["file_key", "run_batch"]
+__all__ = ["NameSet", "file_key", "run_batch"]
 
 _ItemMaker = Callable[..., BatchItem]
 
@@ -85,6 +90,81 @@ def file_key(name: str) -> str:
     code point or as ``e`` and an accent): two names with one key are one file there.
     """
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
+class NameSet:
+    """Names seen, each kept as a digest in one open-addressing table, not as a string.
+
+    A batch checks that no two jobs share a file name (`file_key`) without keeping a million
+    names: the table is at most two thirds full, so a name takes 1.5 to 3 times *digest_size*
+    bytes (measured: 33 to 41 by default, 32 MB for a million names, and half as much again
+    while the table doubles), where a ``set`` of short strings takes 92 to 100. The table is
+    an anonymous memory map, not a ``bytearray``: freed, it goes back to the system at once,
+    where a heap block among the small objects of the JSON parsed meanwhile stays with the
+    process (8 MB of a 100,000-line file's check did). Two different names count as one only
+    if their BLAKE2b digests are equal: with the default 128 bits and a million names, a
+    chance of about 1 in 10**26, the odds the journal's request digests already live with. A
+    caller for whom a false match only costs work (`compact_report`) may take 8 bytes.
+    """
+
+    def __init__(self, digest_size: int = 16) -> None:
+        self._width = digest_size
+        self._empty = bytes(digest_size)
+        self._table = _zeroed(digest_size * 1024)
+        self._mask = 1023
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def table_bytes(self) -> int:
+        """The bytes its table takes."""
+        return len(self._table)
+
+    def add(self, name: str) -> bool:
+        """Add *name*; whether it was not there yet."""
+        data = name.encode("utf-8", "surrogatepass")
+        key = hashlib.blake2b(data, digest_size=self._width).digest()
+        if key == self._empty:  # the all-zero digest marks a free slot
+            key = b"\1" + key[1:]
+        if not self._insert(self._table, self._mask, key):
+            return False
+        self._count += 1
+        if self._count * 3 > self._mask * 2:
+            self._grow()
+        return True
+
+    def _insert(self, table: mmap.mmap, mask: int, key: bytes) -> bool:
+        width = self._width
+        slot = int.from_bytes(key[:8], "little") & mask
+        while True:
+            start = slot * width
+            found = table[start : start + width]
+            if found == key:
+                return False
+            if found == self._empty:
+                table[start : start + width] = key
+                return True
+            slot = (slot + 1) & mask
+
+    def _grow(self) -> None:
+        old, width = self._table, self._width
+        mask = self._mask * 2 + 1
+        table = _zeroed(width * (mask + 1))
+        for start in range(0, len(old), width):
+            key = old[start : start + width]
+            if key != self._empty:
+                self._insert(table, mask, key)
+        self._table, self._mask = table, mask
+        old.close()
+
+
+def _zeroed(size: int) -> mmap.mmap:
+    """*size* bytes of zeros, private to this process, given back to the system when closed."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    return mmap.mmap(-1, size)  # pragma: no cover - Windows: an anonymous map is private
 
 
 def _iterable(value: object, argument: str) -> Iterator[object]:
@@ -213,7 +293,7 @@ async def _save_all(images: Iterable[ResultImage], folder: Path, name: str) -> t
     saved = []
     for number, image in enumerate(images):
         stem = name if number == 0 else f"{name}-{number + 1}"
-        saved.append(await image.save_async(folder / stem, add_suffix=True))
+        saved.append(await image._save_async(folder / stem, add_suffix=True))  # folder checked
     return tuple(saved)
 
 
@@ -263,7 +343,8 @@ class _Batch:
             remove_partial_files(folder)  # a killed run's half-written images; the lock is ours
         self.resend_unconfirmed = resend_unconfirmed
         self.force = force
-        self.seen: set[str] = set()
+        self.seen = NameSet()
+        """The file names (`file_key`) of this run's jobs so far."""
         self.named: set[int] = set()
         """Indexes of the jobs of this run whose name is theirs alone (valid and unique)."""
         self.started: set[int] = set()
@@ -308,7 +389,9 @@ class _Batch:
             bug = FluxError(f"unexpected {type(exc).__name__}: {str(exc)[:200]}")
             bug.__cause__ = exc
             return item(self._status_after(index, shown), error=bug)
-        finally:  # a batch of a million jobs keeps nothing per finished job but its name
+        finally:  # a batch of a million jobs keeps nothing per finished job but its name's digest
+            if index in self.named and self.journal is not None:
+                self.journal.forget(shown)  # its name is its own: no other job's state
             self.named.discard(index)
             self.started.discard(index)
             self.memory.pop(index, None)
@@ -325,11 +408,10 @@ class _Batch:
     async def _run(self, index: int, name: str, request: object, item: _ItemMaker) -> BatchItem:
         problem = _name_problem(name) if self.folder is not None else ""
         # Two names that differ only in case or normalisation are one file on macOS (file_key).
-        if not problem and file_key(name) in self.seen:
+        if not problem and not self.seen.add(file_key(name)):
             problem = "is used by another job of this batch"
         if problem:
             raise RequestError([Violation("name", problem, "a unique plain file name", name)])
-        self.seen.add(file_key(name))
         self.named.add(index)
         if not issubclass(type(request), EditRequest):  # type() cannot be fooled; isinstance can
             kind = type_name(request)
@@ -343,7 +425,7 @@ class _Batch:
             return item("ok", result=await self.client._edit(request, watcher))
         journal, folder = self.journal, self.folder
         digest = request_digest(request)
-        known = name in journal.states
+        known = journal.knows(name)
         state = journal.state(name)
         verdict = state.verdict(digest, folder, name) if known else "new"
         if verdict == "saved" and not self.force:
@@ -353,11 +435,11 @@ class _Batch:
             return item(
                 "skipped", saved=tuple(folder / file for file in files), reason="already saved"
             )
+        before = None
         if not known and not self.force:
-            # A folder filled before it had a journal: an image named after the job is its own.
-            found = [folder / f"{name}.{kind}" for kind in ("png", "jpeg", "webp")]
-            existing = tuple(path for path in found if is_image_file(path))
-            if existing:
+            before = image_identities(folder, name)
+            if before:  # a folder filled before it had a journal: the image is the job's own
+                existing = tuple(folder / file for file in before)
                 return item("skipped", saved=existing, reason="already saved (no journal entry)")
         if verdict == "changed" and not self.force:
             return item(
@@ -376,7 +458,8 @@ class _Batch:
             if not self.resend_unconfirmed:
                 why = failure or state.why_unconfirmed
                 return item("unconfirmed", reason=f"may have been billed, no image saved: {why}")
-        before = image_identities(folder, name)  # images that are not this run's, if any
+        if before is None:
+            before = image_identities(folder, name)  # images that are not this run's, if any
         journal.note(name, "accepted", d=digest, **({"old": before} if before else {}))
         self.started.add(index)
         result: EditResult = await self.client._edit(request, _JobWatcher(journal, name))

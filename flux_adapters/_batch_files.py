@@ -16,13 +16,12 @@ written); at the end of a run it is rewritten with one line per job (`compact_re
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -163,10 +162,10 @@ def check_file(path: Path) -> int:
         RequestError: Lines that are not JSON objects of the right shape, or whose id is
             missing, unsafe or repeated (every one, with its line number).
     """
-    from flux_adapters._batch import _name_problem, file_key
+    from flux_adapters._batch import NameSet, _name_problem, file_key
 
     problems: list[Violation] = []
-    seen: set[str] = set()
+    seen = NameSet()  # a digest per line, not its id: about 32 MB for a million lines, not 90
     count = 0
     for number, item in read_lines(path):
         count += 1
@@ -181,10 +180,9 @@ def check_file(path: Path) -> int:
         else:
             name = line.name(number)
         # Two ids that differ only in case or normalisation are one file on macOS (file_key).
-        trouble = _name_problem(name) or ("is used twice" if file_key(name) in seen else "")
+        trouble = _name_problem(name) or ("" if seen.add(file_key(name)) else "is used twice")
         if trouble:
             problems.append(Violation(where, f"id {trouble}", "a unique file name", name))
-        seen.add(file_key(name))
     if problems:
         raise RequestError(problems)
     return count
@@ -259,6 +257,9 @@ def compact_report(path: Path) -> bool:
             return False
         target = Path(os.path.realpath(path))
         _remove_stale_temporaries(target)
+        if not _may_repeat_an_id(stream):  # a first run's report: no id is held in memory
+            return False
+        stream.seek(0)
         chosen: dict[str, tuple[int, int, bool]] = {}
         """Each id's line to keep: its offset, length, and whether it is a skipped one."""
         offset, repeated = 0, False
@@ -305,11 +306,31 @@ def _remove_stale_temporaries(target: Path) -> None:
     Called with the report's lock held: no other compaction of it is under way, so any such
     file is left over (a SIGKILL or power loss between creating it and renaming it).
     """
-    with contextlib.suppress(OSError):
-        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-            if re.fullmatch(r"[0-9a-f]{8}", stale.name[len(target.name) + 2 : -len(".tmp")]):
+    prefix = f".{target.name}."
+    # One entry at a time: the report is often in a batch's output folder, beside 100,000
+    # images (Path.glob lists a folder whole: 17 MB of entries at the end of such a batch).
+    with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
+        for entry in entries:
+            name = entry.name
+            if (
+                name.startswith(prefix)
+                and name.endswith(".tmp")
+                and re.fullmatch(r"[0-9a-f]{8}", name[len(prefix) : -len(".tmp")])
+            ):
                 with contextlib.suppress(OSError):
-                    stale.unlink()
+                    os.unlink(entry.path)
+
+
+def _may_repeat_an_id(lines: Iterable[bytes]) -> bool:
+    """Whether some id may have two of these report lines (the caller checks exactly)."""
+    from flux_adapters._batch import NameSet
+
+    seen = NameSet(digest_size=8)  # a false match only costs the exact pass that follows
+    for raw in lines:
+        job, _ = _id_and_status(raw)
+        if job is not None and not seen.add(job):
+            return True
+    return False
 
 
 def _id_and_status(raw: bytes) -> tuple[str | None, str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Final, Protocol, TypeAlias
@@ -30,6 +30,7 @@ from flux_adapters._files import (
     IMAGE_FORMATS,
     SNIFF_BYTES,
     TAIL_BYTES,
+    ImageFile,
     atomic_image,
     format_name,
     image_format,
@@ -40,6 +41,7 @@ from flux_adapters._transport import (
     ACCEPT_ENCODING,
     Head,
     LoopBinding,
+    UnusableURL,
     aiter_decoded,
     bounded_by,
     bounded_http_client,
@@ -71,6 +73,7 @@ __all__ = [
     "AsyncGetter",
     "HttpDownloader",
     "Incoming",
+    "bare_get",
     "httpx_get",
 ]
 
@@ -265,18 +268,33 @@ class AsyncGetter(Protocol):
     def is_closed(self) -> bool:
         """Whether it can no longer send."""
 
-    def get(self, request: httpx.Request) -> AbstractAsyncContextManager[Incoming]:
-        """Send *request* (never following a redirect); the answer while the block runs.
+    def get(
+        self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout
+    ) -> AbstractAsyncContextManager[Incoming]:
+        """GET *url* with *headers* only (never following a redirect); the answer in the block.
 
         Raises:
+            UnusableURL: *url* cannot be sent as it is (httpx refuses it); nothing was sent.
             httpx.HTTPError, OSError, TimeoutError: Or the driver's own transport failures,
                 which `flux_adapters._transport.mapped_transport_errors` maps.
         """
 
 
+def bare_get(url: str, headers: Mapping[str, str], timeout: httpx.Timeout) -> httpx.Request:
+    """An httpx GET of *url* with *headers* only: none of a client's defaults go to a CDN.
+
+    Raises:
+        UnusableURL: httpx cannot send *url* as it is.
+    """
+    try:
+        return httpx.Request("GET", url, headers=headers, extensions={"timeout": timeout.as_dict()})
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise UnusableURL(str(exc)) from exc
+
+
 @contextlib.asynccontextmanager
 async def httpx_get(http: httpx.AsyncClient, request: httpx.Request) -> AsyncIterator[Incoming]:
-    """`AsyncGetter.get` on an ``httpx.AsyncClient``: never its auth, never a redirect."""
+    """Send *request* (`bare_get`) with an ``httpx.AsyncClient``: never its auth, no redirect."""
     response = await http.send(request, stream=True, auth=None, follow_redirects=False)
     try:
         yield response, aiter_decoded(response)
@@ -294,8 +312,10 @@ class _HttpxGetter:
     def is_closed(self) -> bool:
         return self._http.is_closed
 
-    def get(self, request: httpx.Request) -> AbstractAsyncContextManager[Incoming]:
-        return httpx_get(self._http, request)
+    def get(
+        self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout
+    ) -> AbstractAsyncContextManager[Incoming]:
+        return httpx_get(self._http, bare_get(url, headers, timeout))
 
 
 class HttpDownloader:
@@ -341,13 +361,12 @@ class HttpDownloader:
             with bounded_http_client() as client:
                 yield client
 
-    @contextlib.asynccontextmanager
-    async def _async_client(self) -> AsyncIterator[AsyncGetter]:
-        if self._async is not None and not self._async.is_closed and self._async_loop.claim():
-            yield self._async
-        else:  # closed, or its connections belong to another event loop
-            async with httpx.AsyncClient(verify=shared_ssl_context()) as client:
-                yield _HttpxGetter(client)
+    def _own_getter(self) -> AsyncGetter | None:
+        """The client's getter, if it is open and its connections belong to the running loop."""
+        getter = self._async
+        if getter is not None and not getter.is_closed and self._async_loop.claim():
+            return getter
+        return None
 
     def _fetch(self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]) -> None:
         ends = time.monotonic() + self._deadline
@@ -369,23 +388,13 @@ class HttpDownloader:
             restart()
             time.sleep(pause)
 
-    def _get(self, url: str) -> httpx.Request:
-        """A bare GET: none of the caller's client defaults (headers, cookies) go to a CDN.
-
-        Raises:
-            TransportError: The URL cannot be fetched as it is (``sent=False``; not retried).
-        """
-        try:
-            return httpx.Request(
-                "GET", url, headers=_HEADERS, extensions={"timeout": self._timeout.as_dict()}
-            )
-        except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            unusable = httpx.InvalidURL(str(exc))  # what _may_pass reads as "cannot pass"
-            raise TransportError(
-                "could not send the request (the result URL cannot be fetched as given)",
-                provider=self._provider,
-                sent=False,
-            ) from unusable
+    def _unusable(self) -> TransportError:
+        """The error for a URL that cannot be fetched as it is (``sent=False``; not retried)."""
+        return TransportError(
+            "could not send the request (the result URL cannot be fetched as given)",
+            provider=self._provider,
+            sent=False,
+        )
 
     def _follow(
         self, http: httpx.Client, url: str, sink: Callable[[bytes], None], ends: float
@@ -394,7 +403,12 @@ class HttpDownloader:
         for _ in range(MAX_REDIRECTS + 1):
             # A bare GET (none of the caller's client defaults), sent so that a server dripping
             # its headers cannot hold it past the deadline.
-            response = send_within(http, self._get(url), ends, self._provider, self._deadline)
+            try:
+                request = bare_get(url, _HEADERS, self._timeout)
+            except UnusableURL as refused:
+                # httpx.InvalidURL is what _may_pass reads as "cannot pass".
+                raise self._unusable() from httpx.InvalidURL(str(refused))
+            response = send_within(http, request, ends, self._provider, self._deadline)
             try:
                 status = response.status_code
                 following = _next_url(response, url, self._provider, self._scrub)
@@ -427,9 +441,13 @@ class HttpDownloader:
                 attempt = 0
                 while True:
                     try:
-                        async with self._async_client() as http:
-                            with mapped_transport_errors(self._provider, self._scrub):
-                                await self._follow_async(http, url, sink)
+                        own = self._own_getter()
+                        with mapped_transport_errors(self._provider, self._scrub):
+                            if own is not None:
+                                await self._follow_async(own, url, sink)
+                            else:  # closed, or its connections belong to another event loop
+                                async with httpx.AsyncClient(verify=shared_ssl_context()) as client:
+                                    await self._follow_async(_HttpxGetter(client), url, sink)
                         return
                     except FluxError as error:
                         if attempt == RETRIES or not _may_pass(error):
@@ -447,15 +465,19 @@ class HttpDownloader:
     ) -> None:
         status = 0
         for _ in range(MAX_REDIRECTS + 1):
-            async with http.get(self._get(url)) as (response, chunks):
-                status = response.status_code
-                following = _next_url(response, url, self._provider, self._scrub)
-                if following is None:
-                    body = self._body(response, url, sink, None)
-                    async for chunk in chunks:
-                        body.take(chunk)
-                    body.finish()
-                    return
+            try:
+                async with http.get(url, _HEADERS, self._timeout) as (response, chunks):
+                    status = response.status_code
+                    following = _next_url(response, url, self._provider, self._scrub)
+                    if following is None:
+                        body = self._body(response, url, sink, None)
+                        async for chunk in chunks:
+                            body.take(chunk)
+                        body.finish()
+                        return
+            except UnusableURL as refused:
+                # httpx.InvalidURL is what _may_pass reads as "cannot pass".
+                raise self._unusable() from httpx.InvalidURL(str(refused))
             url = following
         raise _too_many_redirects(url, self._provider, status, self._scrub)
 
@@ -474,9 +496,17 @@ class HttpDownloader:
             ExtensionMismatch: *path*'s extension names another format than the image's
                 (`flux_adapters._files.check_extension`); nothing is written.
         """
+        return self.write(url, path, add_suffix=add_suffix).target
+
+    def write(self, url: str, path: Path, *, add_suffix: bool = False) -> ImageFile:
+        """`save`, returning what was written: its path (`ImageFile.target`), first bytes, size.
+
+        The bytes were checked as they came (`_ImageBody`) and the name against them
+        (`atomic_image`): the caller has no need to open the file again.
+        """
         with atomic_image(path, add_suffix=add_suffix) as out:
             self._fetch(url, out.write, out.restart)
-        return out.target
+        return out
 
     async def read_async(self, url: str) -> bytes:
         """Return the image at *url*."""
@@ -486,6 +516,10 @@ class HttpDownloader:
 
     async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
         """Async twin of `save`."""
+        return (await self.write_async(url, path, add_suffix=add_suffix)).target
+
+    async def write_async(self, url: str, path: Path, *, add_suffix: bool = False) -> ImageFile:
+        """Async twin of `write`."""
         with atomic_image(path, add_suffix=add_suffix) as out:
             await self._fetch_async(url, out.write, out.restart)
-        return out.target
+        return out

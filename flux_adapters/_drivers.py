@@ -263,8 +263,10 @@ class AsyncDriver(Protocol):
             ClientClosedError: The driver was closed; nothing was sent.
         """
 
-    def get(self, request: httpx.Request) -> AbstractAsyncContextManager[Incoming]:
-        """Send a bare GET (a download), never following a redirect; the answer in the block."""
+    def get(
+        self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout
+    ) -> AbstractAsyncContextManager[Incoming]:
+        """See `flux_adapters._download.AsyncGetter.get` (a download)."""
 
     async def aclose(self) -> None:
         """Close its connections; any later exchange raises `ClientClosedError`."""
@@ -473,11 +475,14 @@ class HttpxDriver:
             await response.aclose()
 
     @contextlib.asynccontextmanager
-    async def get(self, request: httpx.Request) -> AsyncIterator[Incoming]:
+    async def get(
+        self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout
+    ) -> AsyncIterator[Incoming]:
         """See `AsyncDriver.get`."""
-        from flux_adapters._download import httpx_get
+        from flux_adapters._download import bare_get, httpx_get
 
-        chosen = await self._enter(httpx.Timeout(**request.extensions.get("timeout", {})).pool)
+        request = bare_get(url, headers, timeout)  # an unusable URL takes no connection
+        chosen = await self._enter(timeout.pool)
         try:
             async with httpx_get(chosen.http, request) as incoming:
                 yield incoming

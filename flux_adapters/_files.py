@@ -287,7 +287,11 @@ def check_extension(target: Path, found: str | None) -> None:
 
 
 class ImageFile:
-    """The open temporary file of `atomic_image`; raises `OutputError`, never `OSError`."""
+    """The open temporary file of `atomic_image`; raises `OutputError`, never `OSError`.
+
+    Once the ``with`` block of `atomic_image` has ended, it says what was put in place:
+    `target`, `head` and `size`, so nobody needs to open the file again to know what it holds.
+    """
 
     def __init__(self, fd: int, target: Path) -> None:
         self._fd = fd
@@ -296,6 +300,8 @@ class ImageFile:
         """Where the image ends up."""
         self.head = b""
         """The first bytes written, enough to tell the image format."""
+        self.size = 0
+        """How many bytes were written."""
 
     def _failed(self, exc: OSError) -> OutputError:
         return OutputError(exc.strerror or str(exc), path=str(self._target))
@@ -307,7 +313,9 @@ class ImageFile:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._fd, view) :]
+                written = os.write(self._fd, view)
+                self.size += written
+                view = view[written:]
         except OSError as exc:
             raise self._failed(exc) from exc
 
@@ -319,6 +327,7 @@ class ImageFile:
         except OSError as exc:
             raise self._failed(exc) from exc
         self.head = b""
+        self.size = 0
 
 
 @contextlib.contextmanager
@@ -331,16 +340,26 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
     format its bytes turned out to have (``robot`` -> ``robot.png``); the final path is
     `ImageFile.target` once the block has ended. Without it, an extension that names another
     image format than the bytes have is refused (`check_extension`), and nothing is written.
+    The format is told from the first bytes as they were written: the bytes are written once,
+    renamed once, and never read back.
+
+    The image is not ``fsync``-ed: a kill cannot leave part of it under its name, a power loss
+    can (the rename may reach the disk before the data). A batch's journal does not take such
+    a file for a saved image unless it starts and ends like a whole one
+    (`flux_adapters._journal.is_image_file`).
 
     Raises:
         ExtensionMismatch: *target*'s extension names another image format than the bytes'.
         OutputError: The file cannot be created, written or renamed into place.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    # Plain strings, not Paths, for the temporary name: a batch does this for every image.
+    where = os.fspath(target)
+    folder, name = os.path.split(where)
     # The name cut so that the temporary one is no longer than the longest the system takes.
-    stem = os.fsdecode(os.fsencode(target.name)[: _NAME_MAX - len(".00000000.part") - 1])
+    stem = os.fsdecode(os.fsencode(name)[: _NAME_MAX - len(".00000000.part") - 1])
     while True:
-        partial = target.with_name(f".{stem}.{os.urandom(4).hex()}.part")  # _PARTIAL
+        partial = os.path.join(folder, f".{stem}.{os.urandom(4).hex()}.part")  # _PARTIAL
         try:
             fd = os.open(partial, flags, 0o666)
             break
@@ -349,23 +368,28 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
         except OSError as exc:
             raise OutputError(exc.strerror or str(exc), path=str(target)) from exc
     out = ImageFile(fd, target)
+    renamed = False
     try:
         try:
             yield out
         finally:
             os.close(fd)
         found = image_format(out.head)
+        final = where
         if add_suffix:
-            out.target = target.with_name(f"{target.name}.{found or 'bin'}")
+            final = f"{where}.{found or 'bin'}"
+            out.target = Path(final)
         else:
             check_extension(target, found)
         try:
-            os.replace(partial, out.target)
+            os.replace(partial, final)
         except OSError as exc:
-            raise OutputError(exc.strerror or str(exc), path=str(out.target)) from exc
+            raise OutputError(exc.strerror or str(exc), path=final) from exc
+        renamed = True
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
+        if not renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
 
 
 def remove_partial_files(folder: Path) -> int:
@@ -375,11 +399,14 @@ def remove_partial_files(folder: Path) -> int:
     Returns how many were removed.
     """
     removed = 0
-    for path in folder.glob(".*.part"):
-        if _PARTIAL.fullmatch(path.name):
-            with contextlib.suppress(OSError):
-                path.unlink()
-                removed += 1
+    # One entry at a time (Path.glob lists a folder whole): a rerun's folder may hold 100,000
+    # images, whose list would be the largest thing the batch ever held (17 MB).
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") and _PARTIAL.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
     return removed
 
 

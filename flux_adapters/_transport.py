@@ -57,6 +57,7 @@ __all__ = [
     "HeadHeaders",
     "LoopBinding",
     "ParsedUrls",
+    "UnusableURL",
     "adecoded",
     "aiter_decoded",
     "bounded_by",
@@ -97,6 +98,10 @@ def phase_timeouts(timeout: httpx.Timeout, deadline: float) -> httpx.Timeout:
         write=cap(timeout.write),
         pool=cap(timeout.pool),
     )
+
+
+class UnusableURL(Exception):
+    """A URL that cannot be sent as it is (a download's getter refuses it before sending)."""
 
 
 def proves_not_sent(exc: BaseException) -> bool:

@@ -1771,8 +1771,11 @@ class AsyncFluxClient(_ClientBase):
         reported ``changed`` and not sent unless *force* (which also re-runs saved jobs).
 
         Args:
-            requests: The edits, each routed as `edit` would; read lazily, so a generator of a
-                million requests runs in constant memory.
+            requests: The edits, each routed as `edit` would; read lazily, one as a worker
+                frees up. What the batch holds grows with the number of jobs only by a 16-byte
+                digest of each name (to refuse one used twice: about 32 MB for a million) and,
+                on a rerun, by what the journal knew of the jobs of earlier runs until each is
+                taken up (about 300 bytes a job); the rest is bounded by *concurrency*.
             concurrency: Most edits in flight at once.
             per_provider: Most requests in flight at any one provider.
             output_dir: Where to save images and keep the journal.

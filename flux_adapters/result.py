@@ -19,6 +19,7 @@ from flux_adapters._files import (
     MEDIA_TYPES,
     SNIFF_BYTES,
     TAIL_BYTES,
+    ImageFile,
     atomic_image,
     check_extension,
     check_target,
@@ -28,6 +29,7 @@ from flux_adapters._files import (
 from flux_adapters.errors import ExtensionMismatch, FluxError
 
 if TYPE_CHECKING:
+    from flux_adapters._download import HttpDownloader
     from flux_adapters.jobs import Job
     from flux_adapters.request import EditRequest
 
@@ -190,6 +192,13 @@ def _default_downloader() -> Downloader:
     from flux_adapters._download import HttpDownloader  # lazy: results exist without a client
 
     return HttpDownloader()
+
+
+def _checking(fetcher: Downloader) -> HttpDownloader | None:
+    """*fetcher* if it is this library's, which says what it wrote: nothing is read back."""
+    from flux_adapters._download import HttpDownloader  # lazy, as in `_default_downloader`
+
+    return fetcher if isinstance(fetcher, HttpDownloader) else None
 
 
 def _declared(value: object) -> str | None:
@@ -376,7 +385,15 @@ class ResultImage(_Held):
         """
         target = check_target(path)
         if self.b64_json is None:
-            return self._saved(self._fetcher().save(self._url(), target, add_suffix=add_suffix))
+            fetcher = self._fetcher()
+            ours = _checking(fetcher)
+            if ours is not None:
+                return self._written(ours.write(self._url(), target, add_suffix=add_suffix))
+            return self._saved(fetcher.save(self._url(), target, add_suffix=add_suffix))
+        return self._save_inline(target, add_suffix)
+
+    def _save_inline(self, target: Path, add_suffix: bool) -> Path:
+        assert self.b64_json is not None
         if not add_suffix:
             check_extension(target, self.format)
         with atomic_image(target, add_suffix=add_suffix) as out:
@@ -384,11 +401,16 @@ class ResultImage(_Held):
                 out.write(chunk)
         return out.target
 
+    def _written(self, written: ImageFile) -> Path:
+        """Note what `HttpDownloader` wrote: it checked the bytes and the name as they came."""
+        self._seen(written.head, written.size)
+        return written.target
+
     def _saved(self, saved: Path) -> Path:
         """Note what the downloaded file holds; refuse (and remove) a mislabelled one.
 
-        `HttpDownloader` checks the name itself before the file appears; this also holds a
-        `Downloader` of another make to the rule.
+        For a `Downloader` of another make, which says only where it saved the image: the file
+        is read back to hold it to the rule that `HttpDownloader` keeps as it writes.
         """
         try:
             with saved.open("rb") as stream:
@@ -415,12 +437,23 @@ class ResultImage(_Held):
 
     async def save_async(self, path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
         """Async twin of `save`."""
+        return await self._save_async(check_target(path), add_suffix=add_suffix)
+
+    async def _save_async(self, target: Path, *, add_suffix: bool) -> Path:
+        """`save_async` to *target*, checked by `check_target` or in a batch's own folder.
+
+        A batch checked its folder when it began (it keeps its journal there), and saves every
+        image under a new name in it: the three system calls of `check_target` per image would
+        tell it nothing. A folder gone or made read-only since still fails, as `OutputError`,
+        when the image is written (`atomic_image`).
+        """
         if self.b64_json is not None:
-            return self.save(path, add_suffix=add_suffix)
-        target = check_target(path)
-        return self._saved(
-            await self._fetcher().save_async(self._url(), target, add_suffix=add_suffix)
-        )
+            return self._save_inline(target, add_suffix)
+        fetcher = self._fetcher()
+        ours = _checking(fetcher)
+        if ours is not None:
+            return self._written(await ours.write_async(self._url(), target, add_suffix=add_suffix))
+        return self._saved(await fetcher.save_async(self._url(), target, add_suffix=add_suffix))
 
     def to_dict(self, *, include_data: bool = False) -> dict[str, object]:
         """The image as JSON data: ``url``, ``inline``, ``format``, ``media_type``, ``byte_size``.

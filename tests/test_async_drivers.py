@@ -368,6 +368,38 @@ def test_an_image_downloads_through_the_clients_own_connections(
     assert asyncio.run(main())[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xe1")
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://cdn.example/a\x00.png",
+        "https://cdn.example:port/a.png",
+        "http://999.1.1.1/a.png",
+        "http://[::1/a.png",
+        "ftp://cdn.example/a.png",
+    ],
+)
+def test_a_result_url_that_cannot_be_fetched_fails_alike_on_both_drivers(
+    url: str,
+) -> None:
+    from flux_adapters._download import HttpDownloader
+
+    async def read(kind: str) -> tuple[str, bool, str]:
+        getter = aiohttp_driver() if kind == "aiohttp" else HttpxDriver()
+        try:
+            await HttpDownloader(async_client=getter).read_async(url)
+        except errors.TransportError as error:
+            return type(error.__cause__).__name__, error.sent, str(error)
+        finally:
+            await getter.aclose()
+        raise AssertionError(f"{kind} fetched {url!r}")
+
+    seen = {kind: asyncio.run(read(kind)) for kind in ASYNC_DRIVERS}
+    assert seen["aiohttp"] == seen["httpx"]
+    cause, sent, _ = seen["httpx"]
+    assert sent is False  # nothing could be sent
+    assert cause in ("InvalidURL", "UnsupportedProtocol")  # which the downloader never retries
+
+
 # --- the aiohttp driver's own mapping, exchange by exchange -----------------------------------
 
 

@@ -1,0 +1,348 @@
+"""What a batch costs, counted rather than timed: each image written once and renamed once, a
+memory that does not grow with the number of jobs, and one ``fsync`` for many journal records,
+never one that began before a record was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flux_adapters import AsyncFluxClient, EditRequest
+from flux_adapters import _batch as batch_module
+from flux_adapters._batch import NameSet, file_key
+from flux_adapters._batch_files import check_file, compact_report
+from flux_adapters._journal import JOURNAL_NAME, Journal, read_lines
+from tests.test_batch import KEY, PNG, Provider, answer, batch
+
+# --- one write per image -----------------------------------------------------------------------
+
+
+def test_each_image_is_written_once_renamed_once_and_never_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: Counter[str] = Counter()
+    real_open, real_replace, real_unlink = os.open, os.replace, os.unlink
+    real_io_open = io.open
+
+    def watched_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(path).parent == tmp_path and Path(path).name != JOURNAL_NAME:
+            calls["create" if flags & os.O_CREAT else "open to read"] += 1
+        return real_open(path, flags, *args, **kwargs)
+
+    def watched_io_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path, str | Path) and Path(path).parent == tmp_path:
+            calls["open to read"] += 1
+        return real_io_open(path, *args, **kwargs)
+
+    def watched_replace(source: Any, target: Any) -> None:
+        calls["rename"] += 1
+        real_replace(source, target)
+
+    def watched_unlink(path: Any) -> None:
+        calls["unlink"] += 1
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "open", watched_open)
+    monkeypatch.setattr(io, "open", watched_io_open)
+    monkeypatch.setattr(os, "replace", watched_replace)
+    monkeypatch.setattr(os, "unlink", watched_unlink)
+    prompts = [f"job-{n}" for n in range(20)]
+    items = batch(Provider(), prompts, tmp_path, names=prompts, concurrency=4)
+    monkeypatch.undo()
+
+    assert {item.status for item in items} == {"ok"}
+    # One temporary file and one rename per image; nothing opened again to learn what it is.
+    assert calls == {"create": 20, "rename": 20}, calls
+    assert sorted(path.name for path in tmp_path.glob("job-*")) == sorted(
+        f"{name}.png" for name in prompts
+    )
+    assert not list(tmp_path.glob(".*.part"))
+    # What the bytes are is known from the bytes written: the format and the size.
+    [image] = items[0].result.images if items[0].result else ()
+    assert (image.format, image.byte_size) == ("png", len(PNG))
+
+
+# --- memory that does not grow with the number of jobs --------------------------------------
+
+JOBS = 5000
+CONCURRENCY = 8
+
+
+def test_a_5000_job_batch_holds_a_bounded_number_of_jobs_tasks_and_states(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journals: list[Journal] = []
+
+    class Watched(Journal):
+        def __init__(self, folder: Path) -> None:
+            super().__init__(folder)
+            journals.append(self)
+
+    monkeypatch.setattr(batch_module, "Journal", Watched)
+    pulled = [0]
+    most: Counter[str] = Counter()
+
+    def requests() -> Iterator[EditRequest]:
+        for number in range(JOBS):
+            pulled[0] += 1
+            yield EditRequest(prompt=f"p{number}", model="flux-2-pro")
+
+    def high_water(mark: str, value: int) -> None:
+        most[mark] = max(most[mark], value)
+
+    provider = Provider()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        high_water("tasks", len(asyncio.all_tasks()))
+        high_water("states", len(journals[0].states))
+        return provider(request)
+
+    async def run() -> int:
+        done = 0
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http)
+            items = client.edit_many(requests(), output_dir=tmp_path, concurrency=CONCURRENCY)
+            async for item in items:
+                assert item.status == "ok", item
+                done += 1
+                high_water("taken, not yet yielded", pulled[0] - done)
+                high_water("tasks", len(asyncio.all_tasks()))
+        return done
+
+    assert asyncio.run(run()) == JOBS
+    assert sum(provider.posts.values()) == JOBS
+    # Workers, this reader, the journal's syncer, the batch's watchdog: never a task per job.
+    assert most["tasks"] <= CONCURRENCY + 4, most
+    # Jobs are read lazily: those in flight and those whose items wait for the reader.
+    assert most["taken, not yet yielded"] <= 2 * CONCURRENCY + 1, most
+    # The journal keeps the states of the jobs in flight only; the file keeps every record.
+    assert most["states"] <= CONCURRENCY, most
+    assert journals[0].states == {}
+    saved = {r["id"] for r in read_lines(tmp_path / JOURNAL_NAME) if r["k"] == "saved"}
+    assert len(saved) == JOBS
+
+
+def test_a_rerun_holds_earlier_jobs_packed_and_lets_each_go_once_taken_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux_adapters._journal import load_states
+
+    names = [f"job-{n}" for n in range(300)]
+    provider = Provider({"job-7": answer(503, b"overloaded")})  # not taken: sent again
+    batch(provider, names, tmp_path, names=names)
+    known = load_states(tmp_path / JOURNAL_NAME)
+    journals: list[Journal] = []
+
+    class Watched(Journal):
+        def __init__(self, folder: Path) -> None:
+            super().__init__(folder)
+            journals.append(self)
+            # What the journal knew, packed, is what folding its records says.
+            assert {name: self.state(name) for name in names} == known
+
+    monkeypatch.setattr(batch_module, "Journal", Watched)
+    earlier: list[int] = []
+    real_forget = Journal.forget
+
+    def forget(self: Journal, job: str) -> None:
+        real_forget(self, job)
+        earlier.append(len(self._earlier))
+        assert len(self.states) <= CONCURRENCY
+
+    monkeypatch.setattr(Journal, "forget", forget)
+    provider.answers.clear()
+    items = batch(provider, names, tmp_path, names=names)
+    assert Counter(item.status for item in items) == {"skipped": 299, "ok": 1}
+    # Each job's earlier state goes as its job ends: nothing is held for the whole run.
+    assert earlier == sorted(earlier, reverse=True)
+    assert earlier[-1] == 0
+    assert journals[0].states == {}
+
+
+def test_a_batch_file_is_checked_in_one_pass_that_keeps_a_digest_per_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sets: list[NameSet] = []
+    real = NameSet.__init__
+
+    def watched(self: NameSet, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        sets.append(self)
+
+    monkeypatch.setattr(NameSet, "__init__", watched)
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": f"j{n}", "prompt": "p"}) + "\n" for n in range(JOBS))
+    )
+    assert check_file(source) == JOBS
+    [names] = sets
+    assert len(names) == JOBS
+    assert names.table_bytes <= JOBS * 3 * 16  # 16 bytes a name, the table at least 1/3 full
+
+
+# --- NameSet: a set of names in a few bytes each -----------------------------------------------
+
+names = st.lists(st.text(min_size=0, max_size=6), max_size=300)
+
+
+@given(names)
+def test_a_name_set_answers_as_a_set_of_the_names_would(given_names: list[str]) -> None:
+    seen: set[str] = set()
+    digests = NameSet()
+    for name in given_names:
+        assert digests.add(name) == (name not in seen)
+        seen.add(name)
+    assert len(digests) == len(seen)
+
+
+def test_a_name_set_grows_and_keeps_every_name() -> None:
+    digests = NameSet()
+    assert all(digests.add(f"job-{n}") for n in range(20_000))
+    assert not any(digests.add(f"job-{n}") for n in range(20_000))
+    assert len(digests) == 20_000
+    assert 16 * 20_000 * 3 // 2 <= digests.table_bytes <= 16 * 20_000 * 3
+
+
+def test_names_one_file_apart_are_one_name_to_the_batch() -> None:
+    digests = NameSet()
+    assert digests.add(file_key("Caf\u00e9"))
+    assert not digests.add(file_key("cafe\u0301"))  # one file on macOS
+
+
+# --- the report: compacted only when an id has two lines, checked exactly -----------------------
+
+
+def report_of(path: Path, ids: list[str]) -> bytes:
+    path.write_text("".join(json.dumps({"id": job, "status": "ok"}) + "\n" for job in ids))
+    return path.read_bytes()
+
+
+def test_a_report_without_repeated_ids_is_left_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "report.jsonl"
+    written = report_of(path, [f"j{n}" for n in range(100)])
+    assert compact_report(path) is False
+    # Even when the cheap first look (8-byte digests) mistakes two ids for one.
+    monkeypatch.setattr(NameSet, "add", lambda self, name: False)
+    assert compact_report(path) is False
+    assert path.read_bytes() == written
+
+
+def test_a_report_with_repeated_ids_keeps_one_line_each(tmp_path: Path) -> None:
+    path = tmp_path / "report.jsonl"
+    report_of(path, ["a", "b", "a"])
+    assert compact_report(path) is True
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b"]
+
+
+def test_looking_for_a_killed_compactions_leftovers_does_not_hold_the_folder_in_memory(
+    tmp_path: Path,
+) -> None:
+    # The report is often beside a batch's images: 100,000 of them at the end of a large one.
+    import tracemalloc
+
+    for number in range(400):
+        (tmp_path / f"job-{number:05d}.png").touch()
+    stale = tmp_path / ".report.jsonl.0badf00d.tmp"
+    stale.touch()
+    path = tmp_path / "report.jsonl"
+    report_of(path, [f"job-{n:05d}" for n in range(10)])
+    tracemalloc.start()
+    try:
+        assert compact_report(path) is False  # nothing repeated
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not stale.exists()
+    assert peak < 32 * 1024, peak  # a list of the folder's 400 entries alone takes 100 KB
+
+
+def test_a_rerun_removes_a_killed_runs_partial_images_without_listing_its_folder(
+    tmp_path: Path,
+) -> None:
+    import tracemalloc
+
+    from flux_adapters._files import remove_partial_files
+
+    for number in range(400):  # a rerun's folder: the images of the run before
+        (tmp_path / f"job-{number:05d}.png").touch()
+    partial = [tmp_path / f".job-{n:05d}.0badf00{n}.part" for n in range(3)]
+    for path in partial:
+        path.touch()
+    kept = tmp_path / ".job-1.notmine.part"  # not a name atomic_image gives
+    kept.touch()
+    tracemalloc.start()
+    try:
+        assert remove_partial_files(tmp_path) == 3
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not any(path.exists() for path in partial)
+    assert kept.exists()
+    assert len(list(tmp_path.glob("job-*.png"))) == 400
+    assert peak < 32 * 1024, peak  # a list of the folder's 400 entries alone takes 100 KB
+
+
+# --- group commit: one fsync for many records, never one that began before a record ------------
+
+
+def test_a_record_written_while_an_fsync_runs_waits_for_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal_path = tmp_path / JOURNAL_NAME
+    gates = [threading.Event() for _ in range(3)]
+    began: list[int] = []
+    """The journal's size as each of its fsyncs began."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        found = os.fstat(fd)
+        if journal_path.exists() and found.st_ino == journal_path.stat().st_ino:
+            began.append(found.st_size)
+            assert gates[len(began) - 1].wait(10), "never released"
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(2000):
+            if condition():
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("the condition never came true")
+
+    async def run() -> None:
+        journal = Journal(tmp_path)
+        first = asyncio.create_task(journal.durable("a", "sent", p="x"))
+        await until(lambda: len(began) == 1)  # the first fsync is under way, for "a" alone
+        later = [asyncio.create_task(journal.durable(job, "sent", p="x")) for job in "bcd"]
+        await until(lambda: journal_path.stat().st_size > began[0])  # written meanwhile
+        gates[0].set()
+        await first
+        await until(lambda: len(began) == 2)  # one more fsync, for all three
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in later)  # the first fsync did not cover them
+        assert began[1] == journal_path.stat().st_size  # the second covers all they wrote
+        gates[1].set()
+        await asyncio.gather(*later)
+        gates[2].set()  # the fsync of close()
+        await journal.close()
+
+    asyncio.run(run())
+    assert len(began) == 3
+    records = [record["id"] for record in read_lines(journal_path)]
+    assert records == ["a", "b", "c", "d"]
