@@ -1268,7 +1268,15 @@ def main(selected: list[str]) -> int:
     if selected[:1] == ["--profile-async"]:  # CONFIG IN_FLIGHT [TOTAL]
         profile_async(selected[1], int(selected[2]), int(selected[3]) if selected[3:] else 3000)
         return 0
-    chosen = selected or ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"]
+    rows = "abcdefghijk"
+    chosen = selected or list(rows)
+    if chosen in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    unknown = [name for name in chosen if name not in rows]
+    if unknown:
+        print(f"unknown rows: {' '.join(unknown)} (see --help)", file=sys.stderr)
+        return 2
     print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
     with loopback() as base, tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
