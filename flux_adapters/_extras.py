@@ -31,6 +31,8 @@ PROVIDED_BY: Final = {
     "uvicorn": ("uvicorn", "emulator"),
     "PIL": ("pillow", "emulator"),
     "python_multipart": ("python-multipart", "emulator"),
+    "anyio": ("anyio", "emulator"),
+    "h11": ("h11", "emulator"),
     "pytest": ("pytest", "conformance"),
     "vcr": ("vcrpy", "conformance"),
     "yaml": ("PyYAML", "conformance"),
