@@ -1,8 +1,8 @@
 """A loopback server that speaks every provider's dialect, for demos and tests without a key.
 
 Needs the ``emulator`` extra (Starlette, uvicorn, Pillow, python-multipart, anyio, h11); without
-it this module still imports, and `run_emulator` and `serve` raise `errors.MissingExtraError`, which names
-the missing package and ``pip install 'flux-adapters[emulator]'``::
+it this module still imports, and `run_emulator` and `serve` raise `errors.MissingExtraError`,
+which names the missing package and ``pip install 'flux-adapters[emulator]'``::
 
     from flux_adapters import EditRequest, FluxClient
     from flux_adapters.emulator import Fault, run_emulator
