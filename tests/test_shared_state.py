@@ -29,7 +29,7 @@ from flux_adapters.errors import (
     StateUnavailable,
 )
 from flux_adapters.prices import PerCall
-from flux_adapters.state import open_state
+from flux_adapters.state import RedisState, open_state
 from tests.redis_server import RedisServer, redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,6 +267,25 @@ def test_a_hung_redis_is_a_clear_error_within_the_timeout_not_a_hang(
         state.blocking.close()
 
 
+def test_a_hung_redis_is_a_clear_error_for_the_async_client_too(emulator: Emulator) -> None:
+    async def run(server: RedisServer) -> None:
+        state = open_state(server.url, prefix=prefix(), timeout=0.3)
+        async with AsyncFluxClient(providers=["laozhang", "apiyi"], state=state) as client:
+            assert (await client.edit(REQUEST)).provider == "laozhang"
+            before = sent(emulator, "laozhang")
+            server.freeze()
+            try:
+                with pytest.raises(StateUnavailable):
+                    await asyncio.wait_for(client.edit(REQUEST), 60)  # a bound, never reached
+            finally:
+                server.thaw()
+            assert sent(emulator, "laozhang") == before
+        await state.aclose()
+
+    with redis_server() as server:
+        asyncio.run(run(server))
+
+
 def test_with_fallback_to_local_a_dead_redis_warns_once_and_calls_go_on(
     emulator: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -411,6 +430,53 @@ def test_importing_the_package_does_not_load_the_state() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_a_cancelled_probe_lets_the_next_call_probe(redis: RedisServer, emulator: Emulator) -> None:
+    async def run() -> tuple[bool, str]:
+        state = open_state(redis.url, prefix=prefix())
+        assert isinstance(state, RedisState)
+        key = state._layout.circuit(("laozhang", "flux-2-pro"))
+        raw: Any = redis.client()
+        raw.hset(key, "until", "0")  # a cooldown that has just passed: the next call probes
+        emulator.inject("laozhang", Fault(delay=30, first=1))
+        async with AsyncFluxClient(providers=["laozhang", "apiyi"], state=state) as client:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.edit(REQUEST), 0.5)  # cancelled mid-probe
+            probing = raw.hexists(key, "probing")
+            served = (await client.edit(REQUEST)).provider  # probes again, and closes it
+        raw.close()
+        await state.aclose()
+        return bool(probing), served
+
+    probing, served = asyncio.run(run())
+    assert not probing
+    assert served == "laozhang"
+
+
+def test_from_env_reads_the_state_and_the_budget_from_the_file(
+    redis: RedisServer, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "flux-adapters.toml"
+    config.write_text(
+        'providers = ["laozhang"]\n'
+        "budget_usd = 0.05\n"
+        'budget_period = "day"\n'
+        'budget_scope = "team:a"\n'
+        "[provider.laozhang]\n"
+        "rate_per_minute = 600\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("FLUX_STATE_URL", redis.url)
+    with FluxClient.from_env(config=config) as client:
+        assert client.edit(REQUEST).provider == "laozhang"  # $0.03 of $0.05
+        with pytest.raises(BudgetExceeded) as caught:
+            client.edit(REQUEST)
+    assert caught.value.scope == "team:a"
+    assert caught.value.period == "day"
+    monkeypatch.setenv("FLUX_STATE_URL", "http://not-redis")
+    with pytest.raises(ConfigurationError, match="state URL"):
+        FluxClient.from_env(config=config)
 
 
 def test_with_options_copies_share_the_state_and_closing_one_leaves_it_open(
