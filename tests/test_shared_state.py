@@ -517,3 +517,19 @@ def test_mock_transport_clients_share_a_cooldown_through_local_state(
     result = second.edit(request)
     assert result.attempts[0].outcome == "skipped"
     assert sum("laozhang" in host for host in calls) == 1
+
+
+def test_a_redis_url_without_the_redis_extra_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None  # as if redis-py were not installed\n"
+        "from flux_adapters import FluxClient, errors\n"
+        "try:\n"
+        "    FluxClient('laozhang', api_key='k', state='redis://localhost:6379/0')\n"
+        "except errors.MissingExtraError as error:\n"
+        "    print(error.extra)\n"
+        "FluxClient('laozhang', api_key='k', state='local', budget_usd=1)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert out.strip() == "redis"
