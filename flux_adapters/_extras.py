@@ -37,6 +37,7 @@ PROVIDED_BY: Final = {
     "rich": ("rich", "cli"),
     "pybase64": ("pybase64", "fast"),
     "aiohttp": ("aiohttp", "fast"),
+    "redis": ("redis", "redis"),
 }
 """Top-level module -> (the package on the index that provides it, the extra that installs it).
 
@@ -47,6 +48,7 @@ FEATURES: Final = {
     "conformance": "the conformance suite",
     "cli": "the live progress display",
     "fast": "the speed-ups",
+    "redis": "shared state in Redis (FLUX_STATE_URL)",
 }
 """What each extra is for, as the subject of the error message."""
 
