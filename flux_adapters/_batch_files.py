@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "URL_PREFIXES",
     "BatchLine",
+    "build_request",
     "check_file",
     "compact_report",
     "image_source",
@@ -203,36 +204,43 @@ def requests(
 
     Lines were checked by `check_file`, but lines added or edited since then are checked here.
     """
-    from flux_adapters.request import EditRequest
-
     folder = path.parent
     for number, item in read_lines(path):
-        where = f"{path.name}:{number}"
-        line = structure_line(where, item)
-        if isinstance(line, list):
-            name = str(item.get("id", number)) if isinstance(item, dict) else str(number)
-            refused(name, RequestError(line))
-            continue
-        settings = {
-            name: getattr(line, name)
-            for name in (
-                "width", "height", "size", "aspect_ratio", "seed", "output_format",
-                "safety_tolerance", "prompt_upsampling", "steps", "guidance",
-            )
-        }  # fmt: skip
-        try:
-            yield (
-                line.name(number),
-                EditRequest(
-                    prompt=line.prompt,
-                    model=line.model,  # type: ignore[arg-type]  # EditRequest checks it
-                    images=[image_source(image, folder) for image in line.images],
-                    allow_conversions=bool(line.allow_conversions),
-                    **settings,
-                ),
-            )
-        except RequestError as error:
-            refused(line.name(number), error)
+        name, request = build_request(path.name, folder, number, item)
+        if isinstance(request, RequestError):
+            refused(name, request)
+        else:
+            yield name, request
+
+
+def build_request(
+    file_name: str, folder: Path, number: int, item: dict[str, object] | str
+) -> tuple[str, EditRequest | RequestError]:
+    """The job of line *number* (as `read_lines` gives it): its name, and its request or why not."""
+    from flux_adapters.request import EditRequest
+
+    where = f"{file_name}:{number}"
+    line = structure_line(where, item)
+    if isinstance(line, list):
+        name = str(item.get("id", number)) if isinstance(item, dict) else str(number)
+        return name, RequestError(line)
+    settings = {
+        name: getattr(line, name)
+        for name in (
+            "width", "height", "size", "aspect_ratio", "seed", "output_format",
+            "safety_tolerance", "prompt_upsampling", "steps", "guidance",
+        )
+    }  # fmt: skip
+    try:
+        return line.name(number), EditRequest(
+            prompt=line.prompt,
+            model=line.model,  # type: ignore[arg-type]  # EditRequest checks it
+            images=[image_source(image, folder) for image in line.images],
+            allow_conversions=bool(line.allow_conversions),
+            **settings,
+        )
+    except RequestError as error:
+        return line.name(number), error
 
 
 _SKIPPED: Final = "skipped"
