@@ -40,6 +40,7 @@ __all__ = [
     "compact_report",
     "image_source",
     "is_url",
+    "parse_line",
     "read_lines",
     "requests",
     "structure_line",
@@ -107,17 +108,19 @@ def read_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
             violation = Violation("file", "is not a regular file", "a JSONL file", str(path))
             raise RequestError([violation])
         for number, raw in enumerate(stream, start=1):
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw, object_pairs_hook=_unique_keys)
-            except _RepeatedKey as exc:
-                yield number, f"{exc.args[0]!r} given twice: which one is meant is a guess"
-                continue
-            except (ValueError, RecursionError) as exc:
-                yield number, f"not JSON ({str(exc)[:80]})"
-                continue
-            yield number, item if isinstance(item, dict) else "must be a JSON object"
+            if raw.strip():
+                yield number, parse_line(raw)
+
+
+def parse_line(raw: bytes) -> dict[str, object] | str:
+    """One non-blank line of a JSONL file: its object, or what is wrong with it."""
+    try:
+        item = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        return f"{exc.args[0]!r} given twice: which one is meant is a guess"
+    except (ValueError, RecursionError) as exc:
+        return f"not JSON ({str(exc)[:80]})"
+    return item if isinstance(item, dict) else "must be a JSON object"
 
 
 class _RepeatedKey(Exception):
