@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import contextvars
+import glob
 import hashlib
 import json
 import os
@@ -141,6 +143,20 @@ class LocalOutput:
     async def is_whole(self, file: str) -> bool:
         return await asyncio.to_thread(is_image_file, self.folder / file)
 
+    async def remove_partial(self, name: str) -> None:
+        """Remove the temporary file of job *name*'s image a killed worker left, if any.
+
+        Only for a job taken over from another worker: the folder is listed (by `glob`).
+        """
+
+        def remove() -> None:
+            pattern = glob.escape(str(self.folder / f".{name}.")) + "[0-9a-f]" * 8 + ".part"
+            for found in glob.glob(pattern):
+                with contextlib.suppress(OSError):
+                    os.unlink(found)
+
+        await asyncio.to_thread(remove)
+
 
 class FsspecOutput:
     """Any fsspec file system (``s3://bucket/run``, ``memory://out``, ...).
@@ -214,6 +230,9 @@ class FsspecOutput:
 
     async def is_whole(self, file: str) -> bool:
         return await asyncio.to_thread(self._whole, file, None)
+
+    async def remove_partial(self, name: str) -> None:
+        """Nothing: a temporary object a killed worker left stays (see docs/scaling.md)."""
 
     def _whole(self, file: str, size: int | None) -> bool:
         from flux_adapters._files import (
@@ -654,6 +673,7 @@ class _Run:
         """
         if state.files and all([await self.output.is_whole(file) for file in state.files]):
             return Ended(name, "ok", reason="saved before its worker stopped", files=state.files)
+        await self.output.remove_partial(name)
         found = await self.output.identities(name)
         new = [file for file, identity in found.items() if state.before.get(file) != identity]
         if new:  # renamed into place, then its worker stopped before recording it
