@@ -521,6 +521,10 @@ class _Run:
                 self.queue.put_nowait(None)
 
     def _take(self, claim: Claim) -> None:
+        if claim.block in self.held:
+            # Its own block again: its lease ran out (a stalled loop) before anyone took it
+            # over, and the claim renewed it. Its jobs are queued or in flight already.
+            return
         self.held[claim.block] = len(claim.jobs)
         self.lost.discard(claim.block)
         for number, done, saved, records in claim.jobs:

@@ -132,6 +132,13 @@ def _seconds(*, zero: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def _lease(text: str) -> float:
+    seconds = _seconds()(text)
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, not {text!r}")
+    return seconds
+
+
 def _provider_id(text: str) -> str:
     """A provider id, built in or registered (any case), with a suggestion for a typo."""
     from flux_adapters.providers import canonical_name
@@ -406,7 +413,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--lease",
-        type=_seconds(),
+        type=_lease,
         default=30.0,
         help="with --state: seconds a worker's claim lasts unless renewed; a worker that dies "
         "loses its jobs to the others after this long (default 30; the first worker's counts)",
