@@ -383,7 +383,16 @@ class _Watcher:
 
     async def sending(self, provider: str) -> None:
         record = {"k": "sent", "p": provider}
-        await self._writer.durable(self._job, record)  # acknowledged before anything goes out
+        try:
+            await self._writer.durable(self._job, record)  # acknowledged before anything goes out
+        except asyncio.CancelledError:
+            # Stopped while its record was on its way: the request never left.
+            self._writer.note(
+                self._job,
+                {"k": "attempt", "p": provider, "b": "not-connected", "proves": "not taken",
+                 "e": "stopped before the request was sent"},
+            )  # fmt: skip
+            raise
         self.state.fold(record)
 
     async def accepted(self, provider: str, job: Job) -> None:
@@ -454,6 +463,16 @@ class Summary:
     """Whether every job of the batch ended (this worker saw the round over)."""
 
 
+async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until one of *events* is set (or *timeout* seconds)."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 class _Run:
     def __init__(
         self,
@@ -499,7 +518,7 @@ class _Run:
         try:
             while not self.stop.is_set():
                 while self.queue.qsize() >= self.options.concurrency and not self.stop.is_set():
-                    await self.more.wait()
+                    await _first(self.more, self.stop)
                     self.more.clear()
                 if self.stop.is_set():
                     break
@@ -509,9 +528,7 @@ class _Run:
                     break
                 if isinstance(claim, float):  # others still work: their leases may end
                     waited = min(max(claim, 0.05), self.options.lease_s / 3, 1.0)
-                    with_stop = asyncio.ensure_future(self.stop.wait())
-                    await asyncio.wait([with_stop], timeout=waited)
-                    with_stop.cancel()
+                    await _first(self.stop, timeout=waited)
                     continue
                 self._take(claim)
         except StateUnavailable as exc:
@@ -587,9 +604,13 @@ class _Run:
         record = {"k": "saved", "files": ended.files} if ended.files else None
         try:
             ended.counted = await self.writer.note(number, record, end=ended.status, saved=saved)
+            lost = "another worker took this job's block over (this worker's lease ended)"
         except StateUnavailable:
             ended.counted = False
-        if ended.counted:
+            lost = "its end could not be recorded: the shared state (Redis) did not answer"
+        if not ended.counted:
+            ended.reason = f"{ended.reason}; {lost}" if ended.reason else lost
+        else:
             self.mine[ended.status] += 1
         self.on_end(ended)
         self._job_over(block)

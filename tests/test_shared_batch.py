@@ -521,3 +521,42 @@ def test_outputs_go_to_an_fsspec_url_whole(
     assert names == [f"job-{n:03d}.jpeg" for n in range(5)]  # no temporary left, nothing else
     for name in names:
         assert image_format(fs.cat_file(f"/shared-out/run/{name}")[:16]) == "jpeg"
+
+
+def test_a_worker_stopped_by_ctrl_c_gives_its_blocks_back_at_once(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 60), tmp_path / "out"
+    # A lease far longer than the test: the blocks come back because they are given back.
+    args = ("--block", "10", "--lease", "600", "--concurrency", "4", "--grace", "0")
+    with run_emulator() as emulator:
+        emulator.inject("laozhang", Fault(delay=0.2))
+        env = environment(emulator)
+        first = subprocess.Popen(
+            worker(source, str(folder), redis.url, *args),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: len(emulator.calls()) >= 6, first)
+        first.send_signal(signal.SIGINT)
+        stdout, stderr = first.communicate(timeout=60)
+        second = subprocess.run(
+            worker(source, str(folder), redis.url, *args),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        ledger = Counter(entry.prompt for entry in emulator.billed())
+    stopped = summary(stdout)
+    assert first.returncode == 130, stderr
+    assert stopped["interrupted"]
+    assert not stopped["finished"]
+    done = summary(second.stdout)
+    assert done["finished"]
+    assert done["round"] == stopped["round"]  # the same round, continued
+    assert done["saved"] + done["unconfirmed"] == 60
+    assert sum(images(folder).values()) == done["saved"]
+    assert max(ledger.values()) == 1
