@@ -20,7 +20,7 @@ from flux_adapters.errors import FluxError
 from flux_adapters.prices import PerCall
 from flux_adapters.state import open_state
 
-REQUEST = EditRequest(prompt="a robot", model="flux-2-pro", size="64x64")
+REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
 
 
 def _say(line: str) -> None:

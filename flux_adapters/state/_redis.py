@@ -344,12 +344,10 @@ class RedisState:
         return self._async
 
     async def _call(self, name: str, keys: list[str], args: list[str]) -> Any:
-        import asyncio
 
         client = self._client()
-        try:
-            async with asyncio.timeout(self._timeout * 2 + 0.5):  # a belt over the socket bounds
-                return await self._scripts[name](keys=keys, args=args, client=client)
+        try:  # bounded by the pool's wait, the connect timeout and the socket timeout
+            return await self._scripts[name](keys=keys, args=args, client=client)
         except (OSError, TimeoutError) as exc:
             raise _unavailable(exc, self._timeout) from exc
         except Exception as exc:
