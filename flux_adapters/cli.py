@@ -8,7 +8,8 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
     2    bad arguments, an unusable input file, or a request the limits refuse (nothing sent)
     3    the provider answered with an error, or its job ended without an image (failed,
          moderated, unknown) (batch: at least one request failed)
-    4    no usable answer: connection failed or timed out, or a job passed its deadline
+    4    no usable answer: connection failed or timed out, or a job passed its deadline, or
+         the shared state (Redis) did not answer
     5    configuration: unknown provider, no API key, missing optional dependency, busy port
     6    the result URL expired before it was downloaded
     7    an output path cannot be written (checked before anything is sent; when saving
