@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-from attrs import define, field
+from attrs import define, field, frozen
 
 from flux_adapters._batch import _finished_record, _save_all
 from flux_adapters._batch_files import build_request, parse_line
@@ -463,6 +463,18 @@ class Summary:
     """Whether every job of the batch ended (this worker saw the round over)."""
 
 
+@frozen
+class _Queued:
+    """A job claimed, waiting for a worker task: which claim gave it, and its journal."""
+
+    claim: int
+    block: int
+    job: int
+    done: bool
+    saved: bool
+    records: tuple[dict[str, Any], ...]
+
+
 async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
     """Wait until one of *events* is set (or *timeout* seconds)."""
     waits = [asyncio.ensure_future(event.wait()) for event in events]
@@ -493,12 +505,15 @@ class _Run:
         self.stop = stop
         self.on_end = on_end
         self.on_progress = on_progress
-        self.queue: asyncio.Queue[tuple[int, int, bool, bool, tuple[dict[str, Any], ...]] | None]
-        self.queue = asyncio.Queue()
+        self.queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
         self.more = asyncio.Event()
         self.held: dict[int, int] = {}
         """Blocks this worker holds -> jobs of it not ended yet."""
-        self.lost: set[int] = set()
+        self.claims: dict[int, int] = {}
+        """Blocks this worker holds -> the number of the claim that gave it (`_take`)."""
+        self.claimed = 0
+        self.running: set[int] = set()
+        """The jobs this worker has in flight."""
         self.failure: StateUnavailable | None = None
         self.mine = dict.fromkeys(STATUSES, 0)
         self.finished = False
@@ -542,10 +557,14 @@ class _Run:
             # Its own block again: its lease ran out (a stalled loop) before anyone took it
             # over, and the claim renewed it. Its jobs are queued or in flight already.
             return
+        # A block lost (taken over) and claimed again later: the jobs of the first claim still
+        # queued are dropped (this claim's come with what the journal knows now), and one
+        # still in flight here is not started twice (`running`).
+        self.claimed += 1
+        self.claims[claim.block] = self.claimed
         self.held[claim.block] = len(claim.jobs)
-        self.lost.discard(claim.block)
         for number, done, saved, records in claim.jobs:
-            self.queue.put_nowait((claim.block, number, done, saved, records))
+            self.queue.put_nowait(_Queued(self.claimed, claim.block, number, done, saved, records))
 
     async def renewer(self) -> None:
         period = self.options.lease_s / 3
@@ -554,8 +573,8 @@ class _Run:
                 await asyncio.sleep(period)
                 lost, _, counts = await self.store.renew(sorted(self.held))
                 for block in lost:
-                    self.lost.add(block)
                     self.held.pop(block, None)
+                    self.claims.pop(block, None)
                 self.on_progress(counts)
         except StateUnavailable as exc:
             self._broken(exc)
@@ -566,6 +585,7 @@ class _Run:
             return
         if left <= 1:
             del self.held[block]
+            del self.claims[block]
             self.writer.release(block, finished=True)
         else:
             self.held[block] = left - 1
@@ -581,18 +601,24 @@ class _Run:
                 self.more.set()
             if taken is None:
                 return
-            block, number, done, saved, records = taken
-            if self.stop.is_set() or block in self.lost:
+            block, number = taken.block, taken.job
+            if self.stop.is_set() or self.claims.get(block) != taken.claim:
                 continue  # not started: the block goes back (given up) or is another's now
-            if done:  # ended in this round already (a block taken over)
+            if number in self.running:
+                continue  # in flight here from an earlier claim of its block: it ends there
+            if taken.done:  # ended in this round already (a block taken over)
                 self._job_over(block)
                 continue
             self.in_job.add(me)
+            self.running.add(number)
             try:
-                ended = await self.run_job(number, saved, records)
+                ended = await self.run_job(number, taken.saved, taken.records)
             finally:
                 self.in_job.discard(me)
-            await self._end(block, number, ended)
+            try:
+                await self._end(block, number, ended)
+            finally:
+                self.running.discard(number)
 
     async def _end(self, block: int, number: int, ended: Ended) -> None:
         if ended.given_back:  # its block is not finished: given up at the end of the run
