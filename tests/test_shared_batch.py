@@ -296,15 +296,28 @@ def test_another_jobs_file_on_the_same_redis_is_another_batch(
     first = write_jobs(tmp_path / "first.jsonl", 12, tag="first")
     second = write_jobs(tmp_path / "second.jsonl", 7, tag="second")
     folder = str(tmp_path / "out")
+    secret = "sk-shared-batch-secret-9f3c"
     with run_emulator() as emulator:
-        env = environment(emulator)
+        env = environment(emulator) | {"LAOZHANG_API_KEY": secret}
+        # The third names the same folder as a file:// URL: the same output, the same batch.
         runs = [
-            subprocess.run(worker(source, folder, redis.url, "--block", "5"), env=env,
+            subprocess.run(worker(source, output, redis.url, "--block", "5"), env=env,
                            capture_output=True, text=True, timeout=120)
-            for source in (first, second, first)
+            for source, output in ((first, folder), (second, folder), (first, f"file://{folder}"))
         ]  # fmt: skip
         ledger = Counter(entry.prompt for entry in emulator.billed())
     a, b, a_again = (summary(run.stdout) for run in runs)
+    # No secret in Redis: not in any key of the batches, nor in any value.
+    client: Any = redis.client()
+    for key in client.scan_iter(match=b"flux:batch:*"):
+        assert secret.encode() not in key
+        kind = client.type(key)
+        values = (
+            client.hgetall(key).items() if kind == b"hash" else [(client.get(key), b"")]
+            if kind == b"string" else client.zrange(key, 0, -1)
+        )  # fmt: skip
+        assert secret.encode() not in repr(list(values)).encode()
+    client.close()
     assert a["batch"] != b["batch"]
     assert a["batch"] == a_again["batch"]
     assert (a["total"], a["saved"], a["round"]) == (12, 12, 1)
