@@ -35,10 +35,12 @@ if TYPE_CHECKING:
 __all__ = [
     "URL_PREFIXES",
     "BatchLine",
+    "build_request",
     "check_file",
     "compact_report",
     "image_source",
     "is_url",
+    "parse_line",
     "read_lines",
     "requests",
     "structure_line",
@@ -106,17 +108,19 @@ def read_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
             violation = Violation("file", "is not a regular file", "a JSONL file", str(path))
             raise RequestError([violation])
         for number, raw in enumerate(stream, start=1):
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw, object_pairs_hook=_unique_keys)
-            except _RepeatedKey as exc:
-                yield number, f"{exc.args[0]!r} given twice: which one is meant is a guess"
-                continue
-            except (ValueError, RecursionError) as exc:
-                yield number, f"not JSON ({str(exc)[:80]})"
-                continue
-            yield number, item if isinstance(item, dict) else "must be a JSON object"
+            if raw.strip():
+                yield number, parse_line(raw)
+
+
+def parse_line(raw: bytes) -> dict[str, object] | str:
+    """One non-blank line of a JSONL file: its object, or what is wrong with it."""
+    try:
+        item = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        return f"{exc.args[0]!r} given twice: which one is meant is a guess"
+    except (ValueError, RecursionError) as exc:
+        return f"not JSON ({str(exc)[:80]})"
+    return item if isinstance(item, dict) else "must be a JSON object"
 
 
 class _RepeatedKey(Exception):
@@ -203,36 +207,43 @@ def requests(
 
     Lines were checked by `check_file`, but lines added or edited since then are checked here.
     """
-    from flux_adapters.request import EditRequest
-
     folder = path.parent
     for number, item in read_lines(path):
-        where = f"{path.name}:{number}"
-        line = structure_line(where, item)
-        if isinstance(line, list):
-            name = str(item.get("id", number)) if isinstance(item, dict) else str(number)
-            refused(name, RequestError(line))
-            continue
-        settings = {
-            name: getattr(line, name)
-            for name in (
-                "width", "height", "size", "aspect_ratio", "seed", "output_format",
-                "safety_tolerance", "prompt_upsampling", "steps", "guidance",
-            )
-        }  # fmt: skip
-        try:
-            yield (
-                line.name(number),
-                EditRequest(
-                    prompt=line.prompt,
-                    model=line.model,  # type: ignore[arg-type]  # EditRequest checks it
-                    images=[image_source(image, folder) for image in line.images],
-                    allow_conversions=bool(line.allow_conversions),
-                    **settings,
-                ),
-            )
-        except RequestError as error:
-            refused(line.name(number), error)
+        name, request = build_request(path.name, folder, number, item)
+        if isinstance(request, RequestError):
+            refused(name, request)
+        else:
+            yield name, request
+
+
+def build_request(
+    file_name: str, folder: Path, number: int, item: dict[str, object] | str
+) -> tuple[str, EditRequest | RequestError]:
+    """The job of line *number* (as `read_lines` gives it): its name, and its request or why not."""
+    from flux_adapters.request import EditRequest
+
+    where = f"{file_name}:{number}"
+    line = structure_line(where, item)
+    if isinstance(line, list):
+        name = str(item.get("id", number)) if isinstance(item, dict) else str(number)
+        return name, RequestError(line)
+    settings = {
+        name: getattr(line, name)
+        for name in (
+            "width", "height", "size", "aspect_ratio", "seed", "output_format",
+            "safety_tolerance", "prompt_upsampling", "steps", "guidance",
+        )
+    }  # fmt: skip
+    try:
+        return line.name(number), EditRequest(
+            prompt=line.prompt,
+            model=line.model,  # type: ignore[arg-type]  # EditRequest checks it
+            images=[image_source(image, folder) for image in line.images],
+            allow_conversions=bool(line.allow_conversions),
+            **settings,
+        )
+    except RequestError as error:
+        return line.name(number), error
 
 
 _SKIPPED: Final = "skipped"

@@ -40,6 +40,7 @@ PROVIDED_BY: Final = {
     "pybase64": ("pybase64", "fast"),
     "aiohttp": ("aiohttp", "fast"),
     "redis": ("redis", "redis"),
+    "fsspec": ("fsspec", "fsspec"),
 }
 """Top-level module -> (the package on the index that provides it, the extra that installs it).
 
@@ -51,6 +52,7 @@ FEATURES: Final = {
     "cli": "the live progress display",
     "fast": "the speed-ups",
     "redis": "shared state in Redis (FLUX_STATE_URL)",
+    "fsspec": "batch outputs at an fsspec URL",
 }
 """What each extra is for, as the subject of the error message."""
 

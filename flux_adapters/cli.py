@@ -8,7 +8,8 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
     2    bad arguments, an unusable input file, or a request the limits refuse (nothing sent)
     3    the provider answered with an error, or its job ended without an image (failed,
          moderated, unknown) (batch: at least one request failed)
-    4    no usable answer: connection failed or timed out, or a job passed its deadline
+    4    no usable answer: connection failed or timed out, or a job passed its deadline, or
+         the shared state (Redis) did not answer
     5    configuration: unknown provider, no API key, missing optional dependency, busy port
     6    the result URL expired before it was downloaded
     7    an output path cannot be written (checked before anything is sent; when saving
@@ -130,6 +131,13 @@ def _seconds(*, zero: bool = False) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _lease(text: str) -> float:
+    seconds = _seconds()(text)
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, not {text!r}")
+    return seconds
 
 
 def _provider_id(text: str) -> str:
@@ -385,13 +393,45 @@ def _parser() -> argparse.ArgumentParser:
     )
     batch.add_argument("file", type=_input_file, help="the JSONL file of requests")
     batch.add_argument(
-        "-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="output folder (default: out)"
+        "-o",
+        "--output",
+        default=str(DEFAULT_OUTPUT),
+        help="output folder (default: out); with --state, also any fsspec URL (s3://..., "
+        "memory://...: the fsspec extra)",
     )
     batch.add_argument(
         "--report",
         type=Path,
         help="JSONL report, one line per job; a rerun replaces the lines of the jobs it ran "
-        "(default: <output>/report.jsonl)",
+        "(default: <output>/report.jsonl; with --state: none, else this worker's jobs only)",
+    )
+    batch.add_argument(
+        "--state",
+        metavar="URL",
+        help="share the batch with every worker started with the same file, output and Redis "
+        "(redis://, rediss://, unix://): jobs are claimed in blocks with a lease, the journal "
+        "and the counts live in Redis (docs/scaling.md)",
+    )
+    batch.add_argument(
+        "--lease",
+        type=_lease,
+        default=30.0,
+        help="with --state: seconds a worker's claim lasts unless renewed; a worker that dies "
+        "loses its jobs to the others after this long (default 30; the first worker's counts)",
+    )
+    batch.add_argument(
+        "--block",
+        type=_whole(1, 10_000),
+        default=50,
+        help="with --state: jobs claimed at a time (default 50; the first worker's counts)",
+    )
+    batch.add_argument(
+        "--state-expiry",
+        type=_seconds(),
+        default=7 * 86400.0,
+        metavar="SECONDS",
+        help="with --state: seconds the batch's state stays in Redis after its last step "
+        "(default 604800, 7 days)",
     )
     batch.add_argument(
         "-p",
@@ -1208,6 +1248,171 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_PROVIDER if counts["failed"] or counts["changed"] else EXIT_OK
 
 
+def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``batch --state``: this process is one of the workers of a batch shared through Redis."""
+    import asyncio
+    import signal
+
+    from flux_adapters._batch_files import check_file
+    from flux_adapters._journal import JsonLines
+    from flux_adapters._shared_batch import Ended, Lines, SharedOptions, Summary, run_shared
+    from flux_adapters._terminal import BatchDisplay, batch_progress
+
+    path: Path = arguments.file
+    total = check_file(path)
+    options = SharedOptions(
+        state_url=arguments.state,
+        output=arguments.output,
+        concurrency=arguments.concurrency,
+        per_provider=arguments.per_provider,
+        block=arguments.block,
+        lease_s=arguments.lease,
+        keep_s=max(int(arguments.state_expiry), 1),
+        resend_unconfirmed=arguments.resend_unconfirmed,
+        force=arguments.force,
+        grace=arguments.grace,
+    )
+    report = JsonLines(arguments.report) if arguments.report is not None else None
+    lines = Lines(path)
+    interrupted = False
+    shown_done = 0
+    display: list[BatchDisplay] = []
+
+    def ended(job: Ended) -> None:
+        nonlocal shown_done
+        if report is not None:
+            line: dict[str, object] = {"id": job.name, "status": job.status}
+            if job.result is not None:
+                line["provider"] = job.result.provider
+                line["cost_usd"] = job.result.cost_usd
+            if job.files:
+                line["files"] = job.files
+            if job.error is not None:
+                line["error"] = f"{type(job.error).__name__}: {job.error}"
+            if job.reason:
+                line["reason"] = job.reason
+            if not job.counted:
+                line["counted"] = False
+            report.append(line)
+        if job.status in ("failed", "unconfirmed", "changed") or not job.counted:
+            why = (
+                f"{type(job.error).__name__}: {_one_line(job.error)}"
+                if job.error is not None
+                else job.reason
+            )
+            if job.error is not None and job.reason:
+                why += f" ({job.reason})"
+            tell(_job_line(job.name, job.status, why))
+        if display and job.counted:
+            shown_done += 1
+            display[0].advance()
+
+    def progress(counts: Mapping[str, int]) -> None:
+        nonlocal shown_done
+        done = sum(counts.values())
+        while display and shown_done < done:
+            shown_done += 1
+            display[0].advance()
+
+    def tell(line: str) -> None:
+        if display:
+            display[0].say(line)
+        else:
+            _say(err, line)
+
+    async def run() -> Summary:
+        nonlocal interrupted
+        stop = asyncio.Event()
+        main_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            nonlocal interrupted
+            if interrupted:
+                assert main_task is not None
+                main_task.cancel()  # a second signal: stop now; Redis knows what was sent
+                return
+            interrupted = True
+            stop.set()
+            tell(
+                f"flux-adapters: stopping: no new jobs; up to {arguments.grace:g} s for those in "
+                "flight, then this worker's blocks go back to the others (Ctrl-C again to stop "
+                "at once)"
+            )
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(number, on_signal)
+        client = _batch_client(arguments)
+        async with client:
+            with batch_progress(total, err) as shown:
+                display.append(shown)
+                try:
+                    return await run_shared(
+                        client, lines, options, stop=stop, on_end=ended, on_progress=progress
+                    )
+                finally:
+                    display.clear()
+
+    try:
+        summary = asyncio.run(run())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        lines.close()
+        if report is not None:
+            report.close()
+    totals, mine = summary.totals, summary.mine
+    done = sum(totals.values())
+    if arguments.json:
+
+        def counted(counts: Mapping[str, int]) -> dict[str, int]:
+            return {
+                "saved": counts["ok"],
+                "already_saved": counts["skipped"],
+                "failed": counts["failed"],
+                "unconfirmed": counts["unconfirmed"],
+                "changed": counts["changed"],
+            }
+
+        _write_json(
+            out,
+            {
+                "batch": summary.batch,
+                "round": summary.round,
+                "total": total,
+                **counted(totals),
+                "not_started": max(total - done, 0),
+                "finished": summary.finished,
+                "interrupted": interrupted,
+                "report": str(report.path) if report is not None else None,
+                "worker": counted(mine),
+            },
+        )
+    else:
+
+        def said(counts: Mapping[str, int]) -> str:
+            return (
+                f"{counts['ok']} saved, {counts['skipped']} already saved, {counts['failed']} "
+                f"failed, {counts['unconfirmed']} unconfirmed, {counts['changed']} changed"
+            )
+
+        line = f"batch {summary.batch} (round {summary.round}): {said(totals)}"
+        if done < total:
+            line += f", {total - done} not done yet"
+        out.write(f"{line}; this worker: {said(mine)}\n")
+        if totals["unconfirmed"]:
+            out.write(
+                "unconfirmed jobs may have been billed and have no image; run the batch again "
+                "with --resend-unconfirmed to send them again\n"
+            )
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if totals["unconfirmed"]:
+        return EXIT_UNCONFIRMED
+    return EXIT_PROVIDER if totals["failed"] or totals["changed"] else EXIT_OK
+
+
 def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import importlib
 
@@ -1495,6 +1700,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
+    (errors.StateUnavailable, EXIT_TRANSPORT),
     (errors.OutputError, EXIT_OUTPUT),
     (errors.MissingExtraError, EXIT_CONFIG),
     (errors.RequestError, EXIT_REQUEST),
@@ -1620,7 +1826,16 @@ def _library_warnings(err: TextIO) -> Iterator[None]:
 
 
 def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    if arguments.command == "batch":  # then check_file checks every line, also before sending
+    if arguments.command == "batch" and arguments.state is not None:
+        if arguments.report is not None:
+            _check_output_file(arguments.report)
+    elif arguments.command == "batch":  # then check_file checks every line, also before sending
+        if "://" in arguments.output and not arguments.output.startswith("file://"):
+            raise errors.ConfigurationError(
+                "an output URL is for a batch shared through Redis (--state); a batch of one "
+                "process writes to a folder"
+            )
+        arguments.output = Path(arguments.output.removeprefix("file://"))
         _check_folder(arguments.output)
         report = arguments.report or arguments.output / "report.jsonl"
         _check_output_file(report)
@@ -1629,7 +1844,11 @@ def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         "edit": lambda: _edit(arguments, out, err),
         "check": lambda: _check(arguments, out),
         "conformance": lambda: _conformance(arguments, out, err),
-        "batch": lambda: _batch(arguments, out, err),
+        "batch": lambda: (
+            _shared_batch(arguments, out, err)
+            if arguments.state is not None
+            else _batch(arguments, out, err)
+        ),
         "models": lambda: _models(arguments, out),
         "explain": lambda: _explain(arguments, out),
         "emulate": lambda: _emulate(arguments, out),

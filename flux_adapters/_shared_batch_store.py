@@ -1,0 +1,330 @@
+"""The Redis side of a batch shared by many workers: claims, leases, the journal, the counts.
+
+Every step is one Lua script (atomic in Redis), every time is the server's (``TIME``, in
+milliseconds), every key lives under ``<prefix>batch:{<batch id>}:`` (one hash tag: one slot
+in a cluster) and every key's expiry is set again, to *keep* seconds, by every step: the state
+of a batch goes away *keep* seconds after its last step. No secret is stored: the records hold
+what the file-based journal holds (provider names, digests, job ids, result URLs without the
+key).
+
+Keys (``B`` = the block size, job *n* is in block ``n // B``):
+
+``meta``     hash: total, block, blocks, lease (ms), round, next (the next block never
+             claimed), file (digest of the jobs file), output, prev_round / prev_counts
+``leases``   sorted set: block -> lease end (server ms); only the blocks being worked on
+``owners``   hash: block -> the worker holding it
+``jobs``     hash: job number -> its journal records (JSON lines), for the jobs in flight and
+             those that ended unsaved (a rerun needs them); a saved job's are deleted
+``saved``    bitmap: job number -> saved (its image is in the output)
+``done``     bitmap: job number -> ended in this round (counted once)
+``counts``   hash: status -> jobs of this round that ended so
+
+So what Redis holds grows with the jobs in flight and the jobs that ended unsaved, plus two bits
+a job (250 KB for a million jobs), never with the jobs saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any, Final
+
+from attrs import frozen
+
+from flux_adapters.errors import ConfigurationError, StateUnavailable
+
+if TYPE_CHECKING:
+    from flux_adapters.state._redis import RedisState
+
+__all__ = ["Claim", "Store"]
+
+_HEAD: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local meta, leases, owners, jobs, saved, done, counts =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local function keep(seconds)
+  for i = 1, 7 do redis.call('EXPIRE', KEYS[i], seconds) end
+end
+"""
+
+BEGIN: Final = (
+    _HEAD
+    + """
+-- ARGV: total, block, lease_ms, keep, file digest, output
+local total, block = tonumber(ARGV[1]), tonumber(ARGV[2])
+local how = 'join'
+if redis.call('EXISTS', meta) == 0 then
+  redis.call('HSET', meta, 'total', total, 'block', block,
+    'blocks', math.ceil(total / block), 'lease', ARGV[3], 'round', 1, 'next', 0,
+    'file', ARGV[5], 'output', ARGV[6])
+  redis.call('DEL', leases, owners, jobs, saved, done, counts)
+  how = 'new'
+else
+  if redis.call('HGET', meta, 'file') ~= ARGV[5] or tonumber(redis.call('HGET', meta, 'total')) ~= total then
+    return {'mismatch', redis.call('HGET', meta, 'output') or ''}
+  end
+  local nxt = tonumber(redis.call('HGET', meta, 'next'))
+  local blocks = tonumber(redis.call('HGET', meta, 'blocks'))
+  if nxt >= blocks and redis.call('ZCARD', leases) == 0 then
+    -- the last round is over: this worker begins another (a rerun)
+    local round = tonumber(redis.call('HGET', meta, 'round'))
+    redis.call('HSET', meta, 'prev_round', round,
+      'prev_counts', cjson.encode(redis.call('HGETALL', counts)), 'round', round + 1, 'next', 0)
+    redis.call('DEL', owners, done, counts)
+    how = 'rerun'
+  end
+end
+keep(tonumber(ARGV[4]))
+local m = redis.call('HMGET', meta, 'round', 'block', 'lease')
+return {how, m[1], m[2], m[3]}
+"""
+)
+
+CLAIM: Final = (
+    _HEAD
+    + """
+-- ARGV: worker, round, keep
+local m = redis.call('HMGET', meta, 'round', 'block', 'lease', 'next', 'blocks', 'total')
+if m[1] ~= ARGV[2] then return {'over'} end
+local block, lease, nxt = tonumber(m[2]), tonumber(m[3]), tonumber(m[4])
+local blocks, total = tonumber(m[5]), tonumber(m[6])
+local b, took
+local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 1)
+if #expired > 0 then
+  b, took = tonumber(expired[1]), 1
+elseif nxt < blocks then
+  b, took = nxt, 0
+  redis.call('HSET', meta, 'next', nxt + 1)
+elseif redis.call('ZCARD', leases) > 0 then
+  local first = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+  return {'wait', tostring(tonumber(first[2]) - now)}
+else
+  return {'done'}
+end
+redis.call('ZADD', leases, now + lease, b)
+redis.call('HSET', owners, b, ARGV[1])
+local first = b * block
+local last = math.min(first + block, total) - 1
+local out = {'block', tostring(b), tostring(took), ''}
+local flags = {}
+for n = first, last do
+  flags[#flags + 1] = redis.call('GETBIT', done, n) .. redis.call('GETBIT', saved, n)
+  out[#out + 1] = redis.call('HGET', jobs, n) or ''
+end
+out[4] = table.concat(flags)
+keep(tonumber(ARGV[3]))
+return out
+"""
+)
+
+RENEW: Final = (
+    _HEAD
+    + """
+-- ARGV: worker, keep, round, blocks...
+local lease = tonumber(redis.call('HGET', meta, 'lease') or '0')
+local lost = {}
+for i = 4, #ARGV do
+  if redis.call('HGET', owners, ARGV[i]) == ARGV[1] and redis.call('ZSCORE', leases, ARGV[i]) then
+    redis.call('ZADD', leases, 'XX', now + lease, ARGV[i])
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+keep(tonumber(ARGV[2]))
+local current = redis.call('HGET', meta, 'round') == ARGV[3]
+return {table.concat(lost, ','), current and 1 or 0, redis.call('HGETALL', counts)}
+"""
+)
+
+JOURNAL: Final = (
+    _HEAD
+    + """
+-- ARGV: worker, keep, ops (JSON list of [job or block, record, end status, saved, release])
+-- Every op is fenced: only the worker holding a job's block may write for it.
+local block = tonumber(redis.call('HGET', meta, 'block') or '0')
+local ops = cjson.decode(ARGV[3])
+local out = {}
+for i, op in ipairs(ops) do
+  local n = op[1]
+  local b = op[5] ~= '' and op[5] or tostring(math.floor(tonumber(n) / block))
+  if block == 0 or redis.call('HGET', owners, b) ~= ARGV[1] or not redis.call('ZSCORE', leases, b) then
+    out[i] = 'lost'
+  else
+    if op[5] ~= '' then
+      if op[2] == 'finished' then
+        redis.call('ZREM', leases, b)
+        redis.call('HDEL', owners, b)
+      else
+        redis.call('ZADD', leases, 0, b)  -- given up: any worker takes it over at once
+      end
+    else
+      if op[2] ~= '' then
+        redis.call('HSET', jobs, n, (redis.call('HGET', jobs, n) or '') .. op[2] .. '\\n')
+      end
+      if op[3] ~= '' then
+        if redis.call('GETBIT', done, n) == 0 then
+          redis.call('SETBIT', done, n, 1)
+          redis.call('HINCRBY', counts, op[3], 1)
+        end
+        if op[4] == 1 then
+          redis.call('SETBIT', saved, n, 1)
+          redis.call('HDEL', jobs, n)
+        end
+      end
+    end
+    out[i] = 'ok'
+  end
+end
+keep(tonumber(ARGV[2]))
+return out
+"""
+)
+
+STATUS: Final = (
+    _HEAD
+    + """
+-- ARGV: round
+local m = redis.call('HMGET', meta, 'round', 'prev_round', 'prev_counts')
+if m[1] == ARGV[1] then return {'current', cjson.encode(redis.call('HGETALL', counts))} end
+if m[2] == ARGV[1] then return {'previous', m[3]} end
+return {'gone', '[]'}
+"""
+)
+
+STATUSES: Final = ("ok", "skipped", "failed", "unconfirmed", "changed")
+
+
+@frozen
+class Claim:
+    """A block of jobs claimed: its number, whether it was taken over, and its jobs.
+
+    ``jobs``: (job number, ended in this round, saved, journal records) for each job.
+    """
+
+    block: int
+    taken_over: bool
+    jobs: tuple[tuple[int, bool, bool, tuple[dict[str, Any], ...]], ...]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _counts(flat: object) -> dict[str, int]:
+    """``HGETALL``'s flat list (or cjson's list of it) as status -> count."""
+    items = [_text(item) for item in flat] if isinstance(flat, list) else []
+    found = dict.fromkeys(STATUSES, 0)
+    for status, count in zip(items[::2], items[1::2], strict=False):
+        if status in found:
+            found[status] = int(count)
+    return found
+
+
+def _records(raw: str) -> tuple[dict[str, Any], ...]:
+    found = []
+    for line in raw.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            found.append(record)
+    return tuple(found)
+
+
+class Store:
+    """One shared batch's state in Redis, through the state backend's connection.
+
+    Every call is bounded by the state's timeout; any failure is `StateUnavailable`, whose
+    message says the batch stops (the caller stops sending: a job whose ``sent`` record was not
+    acknowledged is never sent).
+    """
+
+    def __init__(self, state: RedisState, batch_id: str, *, worker: str, keep_s: int) -> None:
+        self._state = state
+        self.batch_id = batch_id
+        self.worker = worker
+        self._keep = str(keep_s)
+        base = f"{state.prefix}batch:{{{batch_id}}}:"
+        self.keys = [
+            base + part for part in ("meta", "leases", "owners", "jobs", "saved", "done", "counts")
+        ]
+        self._scripts: dict[str, Any] = {}
+        self.round = ""
+        self.block = 0
+
+    async def _run(self, name: str, source: str, args: list[str]) -> Any:
+        import redis.exceptions
+
+        client = self._state._client()  # the state's pool: its timeouts, no retries
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = client.register_script(source)
+        timeout = self._state._timeout
+        try:
+            async with asyncio.timeout(timeout * 2 + 0.5):  # a belt over the socket bounds
+                return await script(keys=self.keys, args=args, client=client)
+        except (OSError, TimeoutError, redis.exceptions.RedisError) as exc:
+            raise StateUnavailable(
+                f"the batch's shared state (Redis) did not answer within {timeout:g} s "
+                f"({type(exc).__name__}): no job is sent without its record there; stopping"
+            ) from exc
+
+    async def begin(
+        self, *, total: int, block: int, lease_ms: int, file_digest: str, output: str
+    ) -> tuple[str, int, int]:
+        """Join (or create, or rerun) the batch: how, its block size and lease (ms).
+
+        Raises:
+            ConfigurationError: Another batch has this id (it cannot, but for a digest match).
+        """
+        args = [str(total), str(block), str(lease_ms), self._keep, file_digest, output]
+        answer = [_text(part) for part in await self._run("begin", BEGIN, args)]
+        if answer[0] == "mismatch":
+            raise ConfigurationError(
+                f"the shared state holds another batch under id {self.batch_id} "
+                f"(output {answer[1]!r}); use another --state prefix"
+            )
+        self.round, self.block = answer[1], int(answer[2])
+        return answer[0], int(answer[2]), int(answer[3])
+
+    async def claim(self) -> Claim | float | None:
+        """A block of jobs to work on.
+
+        Else the seconds until a lease held by another worker ends (others are still working),
+        or ``None`` when this round is over.
+        """
+        answer = await self._run("claim", CLAIM, [self.worker, self.round, self._keep])
+        kind = _text(answer[0])
+        if kind == "wait":
+            return max(int(_text(answer[1])), 0) / 1000
+        if kind != "block":
+            return None
+        block, took, flags = int(_text(answer[1])), _text(answer[2]) == "1", _text(answer[3])
+        first = block * self.block
+        jobs = tuple(
+            (first + i, flags[2 * i] == "1", flags[2 * i + 1] == "1", _records(_text(raw)))
+            for i, raw in enumerate(answer[4:])
+        )
+        return Claim(block, took, jobs)
+
+    async def renew(self, blocks: list[int]) -> tuple[set[int], bool, dict[str, int]]:
+        """Extend the leases of *blocks*: those lost, whether the round is current, the counts."""
+        args = [self.worker, self._keep, self.round, *(str(block) for block in blocks)]
+        lost, current, counts = await self._run("renew", RENEW, args)
+        text = _text(lost)
+        return {int(b) for b in text.split(",") if b}, bool(int(current)), _counts(counts)
+
+    async def journal(self, ops: list[list[object]]) -> list[bool]:
+        """Apply *ops* in order, fenced; for each, whether it was (not lost to another worker)."""
+        payload = json.dumps(ops, separators=(",", ":"), ensure_ascii=True)
+        answer = await self._run("journal", JOURNAL, [self.worker, self._keep, payload])
+        return [_text(part) == "ok" for part in answer]
+
+    async def totals(self) -> dict[str, int] | None:
+        """The counts of this worker's round (``None`` when they have expired)."""
+        kind, raw = (_text(part) for part in await self._run("status", STATUS, [self.round]))
+        if kind == "gone":
+            return None
+        return _counts(json.loads(raw))
