@@ -128,6 +128,8 @@ class LoopbackServer(uvicorn.Server):
         await asyncio.gather(*tasks, return_exceptions=True)
         for server in self.servers:
             await server.wait_closed()
+        if not self.force_exit:  # the app's own shutdown (the gateway closes its clients)
+            await self.lifespan.shutdown()
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -19,7 +19,7 @@ import pytest
 
 import flux_adapters
 from flux_adapters import errors
-from flux_adapters._extras import FEATURES, PROVIDED_BY, extra_imports, missing_extra
+from flux_adapters._extras import FEATURES, PROVIDED_BY, SHARED, extra_imports, missing_extra
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -94,7 +94,10 @@ def test_user_extras_hold_no_development_tools() -> None:
         assert not tools & {_normalized(r) for r in requirements}, extra
     dev = {_normalized(r) for r in PYPROJECT["dependency-groups"]["dev"]}
     assert tools <= dev
-    assert "flux-adapters[fast,emulator,cli,conformance]" in PYPROJECT["dependency-groups"]["dev"]
+    assert (
+        "flux-adapters[fast,emulator,cli,conformance,gateway]"
+        in PYPROJECT["dependency-groups"]["dev"]
+    )
 
 
 def test_the_extras_table_matches_pyproject() -> None:
@@ -106,6 +109,8 @@ def test_the_extras_table_matches_pyproject() -> None:
     known: dict[str, set[str]] = {}
     for distribution, extra in PROVIDED_BY.values():
         known.setdefault(extra, set()).add(_normalized(distribution))
+    for extra, modules in SHARED.items():
+        known.setdefault(extra, set()).update(_normalized(PROVIDED_BY[m][0]) for m in modules)
     assert known == declared
     assert set(FEATURES) == set(declared)
 
