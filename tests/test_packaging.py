@@ -88,8 +88,8 @@ def test_the_classifiers_name_every_python_the_package_claims() -> None:
 
 def test_user_extras_hold_no_development_tools() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert set(extras) == {"fast", "emulator", "cli", "conformance"}
-    tools = {"ruff", "mypy", "build", "hypothesis", "types-pyyaml"}
+    assert set(extras) == {"fast", "emulator", "cli", "conformance", "gateway"}
+    tools = {"ruff", "mypy", "build", "hypothesis", "types-pyyaml", "openai"}
     for extra, requirements in extras.items():
         assert not tools & {_normalized(r) for r in requirements}, extra
     dev = {_normalized(r) for r in PYPROJECT["dependency-groups"]["dev"]}
