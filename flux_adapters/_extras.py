@@ -38,6 +38,7 @@ PROVIDED_BY: Final = {
     "pybase64": ("pybase64", "fast"),
     "aiohttp": ("aiohttp", "fast"),
     "prometheus_client": ("prometheus-client", "gateway"),
+    "redis": ("redis", "redis"),
 }
 """Top-level module -> (the package on the index that provides it, the extra that installs it).
 
@@ -54,6 +55,7 @@ FEATURES: Final = {
     "cli": "the live progress display",
     "fast": "the speed-ups",
     "gateway": "the gateway",
+    "redis": "shared state in Redis (FLUX_STATE_URL)",
 }
 """What each extra is for, as the subject of the error message."""
 

@@ -89,6 +89,7 @@ if TYPE_CHECKING:
     )
     from flux_adapters._flows import Flow, Outcome, flow_for
     from flux_adapters._redact import Redactor, hide_in_httpx_log
+    from flux_adapters._shared import Shared
     from flux_adapters._transport import (
         ACCEPT_ENCODING,
         AnswerBody,
@@ -105,14 +106,19 @@ if TYPE_CHECKING:
     from flux_adapters.providers import Answer, AnyAdapter, KeyAuth, Provider
     from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
     from flux_adapters.routing import (
+        Admit,
+        Admitted,
         Breaker,
         Instruction,
         Reply,
         Routed,
         RoutingPolicy,
+        Settle,
+        Try,
         Wait,
         route,
     )
+    from flux_adapters.state import StateBackend
     from flux_adapters.wire import HttpRequest, HttpResponse, JsonBody, Sleep
 else:  # _Binding is made an attrs class when the first client is: not on importing this module
     from flux_adapters._lazy_attrs import field, frozen
@@ -130,6 +136,7 @@ def _load_sending() -> None:
     """
     global _sending_loaded
     global ACCEPT_ENCODING, Accepted, AnswerBody, EditResult, Exchange, JsonBody, Sleep, Wait
+    global Admit, Admitted, Try
     global bounded_by, flow_for, hide_in_httpx_log, httpx_request, iter_decoded
     global mapped_transport_errors, phase_timeouts, route, send_within, unsendable
     from flux_adapters._drivers import Exchange, httpx_request, unsendable
@@ -146,7 +153,7 @@ def _load_sending() -> None:
     )
     from flux_adapters.jobs import Accepted
     from flux_adapters.result import EditResult
-    from flux_adapters.routing import Wait, route
+    from flux_adapters.routing import Admit, Admitted, Try, Wait, route
     from flux_adapters.wire import JsonBody, Sleep
 
     _sending_loaded = True
@@ -606,6 +613,48 @@ class _Cooldowns:
         return made
 
 
+def _shared_for(
+    state: object,
+    budget_usd: object,
+    budget_period: object,
+    budget_scope: object,
+    fallback: object,
+    rates: Mapping[str, float],
+) -> Shared:
+    """The shared state of a client (`flux_adapters.state`), every argument checked.
+
+    Raises:
+        ConfigurationError: An argument is not usable (a NaN or negative budget, an odd scope).
+        MissingExtraError: A Redis URL without the ``redis`` extra.
+    """
+    from flux_adapters._shared import Shared
+    from flux_adapters.state import check_period, check_scope, check_usd, open_state
+
+    budget = None
+    if budget_usd is not None:
+        budget = (
+            check_scope(budget_scope),
+            check_usd(budget_usd, "budget_usd="),
+            check_period(budget_period),
+        )
+    if fallback not in ("none", "local"):
+        raise ConfigurationError(
+            f"state_fallback= must be 'none' or 'local', not {render_value(fallback)}"
+        )
+    owned = isinstance(state, str)
+    if state is None or isinstance(state, str):
+        backend: Any = open_state(state, fallback=fallback)
+        owned = owned and state != "local"
+    elif callable(getattr(state, "admit", None)) and hasattr(state, "blocking"):
+        backend = state
+    else:
+        raise ConfigurationError(
+            "state= must be a URL ('local', 'redis://...') or a flux_adapters.state backend, "
+            f"not {type_name(state)}"
+        )
+    return Shared(backend, owned=owned, budget=budget, rates=rates)
+
+
 class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
@@ -632,6 +681,11 @@ class _ClientBase:
         settings: Mapping[str, ProviderSettings] | None,
         polling: Polling | None,
         inherited: httpx.Timeout | None,
+        state: object = None,
+        budget_usd: float | None = None,
+        budget_period: str = "total",
+        budget_scope: str = "client:default",
+        state_fallback: str = "none",
     ) -> None:
         self._lifetime = _Lifetime()
         names = _provider_list(provider, providers)
@@ -715,6 +769,18 @@ class _ClientBase:
         """Removes every key of this client, in any form, from a message."""
         self._cooldowns = _Cooldowns()
         self._prices = _check_prices(prices, names_of)
+        rates = {
+            name: settings.rate_per_minute / 60.0
+            for name, settings in known.items()
+            if settings.rate_per_minute is not None
+        }
+        self._shared: Shared | None = None
+        """The shared state (`flux_adapters.state`), when a state, a budget or a rate limit is
+        set; else ``None`` and the client's own `Breaker` keeps its cooldowns."""
+        if state is not None or budget_usd is not None or rates:
+            self._shared = _shared_for(
+                state, budget_usd, budget_period, budget_scope, state_fallback, rates
+            )
 
     # Built when first needed, not with the client: a client that was only built (a script that
     # checks its configuration) loads neither the routing nor the jobs module, and every value
@@ -780,6 +846,8 @@ class _ClientBase:
         copy.__dict__.pop("_route_policy", None)
         copy.__dict__.pop("_downloader", None)
         copy._own_http = False  # closing the copy leaves the shared pool open
+        if self._shared is not None:  # the same state; closing the copy leaves it open
+            copy._shared = self._shared.unowned()
         copy._lifetime = _Lifetime(self._lifetime)  # closed by its own close(), or by ours
         return copy
 
@@ -900,6 +968,11 @@ class _ClientBase:
             "polling": None
             if loaded.job_deadline is None
             else Polling(deadline=loaded.job_deadline),
+            "state": loaded.state_url,
+            "budget_usd": loaded.budget_usd,
+            "budget_period": loaded.budget_period,
+            "budget_scope": loaded.budget_scope,
+            "state_fallback": loaded.state_fallback,
         }
         return cls(**options)
 
@@ -938,6 +1011,7 @@ class _ClientBase:
             self._breaker,
             self._prices,
             scrub=self._scrub,
+            shared=self._shared is not None,
         )
 
     def _result(
@@ -1213,6 +1287,20 @@ class FluxClient(_ClientBase):
         settings: `ProviderSettings` by provider id (any case), for this client's providers.
         polling: How jobs at asynchronous providers (``"bfl"``, ``"fal"``) are polled, and the
             deadline of a whole job (default `Polling()`: ten minutes).
+        state: Where cooldowns, budgets and rate limits are kept and shared
+            (`flux_adapters.state`): ``"local"`` (this process's), ``"redis://..."`` (every
+            process using that Redis; the ``redis`` extra), or a backend object. Default: the
+            client's own cooldowns only, unless *budget_usd* or a provider's
+            ``rate_per_minute`` asks for the process's shared state. docs/scaling.md.
+        budget_usd: A cumulative budget in dollars over *budget_period* (``"total"`` or
+            ``"day"``, a UTC day by the state's clock) for *budget_scope*, shared by every
+            client using the same state and scope: each try reserves its estimate before
+            sending (a provider without a known price is skipped) and settles its actual cost
+            after, so together they never pass it by more than one call's price. A call with no
+            room raises `errors.BudgetExceeded` before anything is sent.
+        state_fallback: ``"none"`` (default): when Redis does not answer in time, the call fails
+            with `errors.StateUnavailable` before sending (fail closed); ``"local"``: this
+            process's own state is used instead, with one WARNING.
 
     Every argument is checked here, whatever its type, so a mistake is a `ConfigurationError`
     now rather than a failure at the first call. For type checkers, *provider* is typed as
@@ -1252,6 +1340,11 @@ class FluxClient(_ClientBase):
         prices: Mapping[tuple[str, str], Price] | None = None,
         settings: Mapping[str, ProviderSettings] | None = None,
         polling: Polling | None = None,
+        state: str | StateBackend | None = None,
+        budget_usd: float | None = None,
+        budget_period: Literal["day", "total"] = "total",
+        budget_scope: str = "client:default",
+        state_fallback: Literal["none", "local"] = "none",
     ) -> None:
         if http_client is not None and not isinstance(http_client, httpx.Client):
             raise ConfigurationError(
@@ -1274,6 +1367,11 @@ class FluxClient(_ClientBase):
             settings=settings,
             polling=polling,
             inherited=_callers_timeout(http_client),
+            state=state,
+            budget_usd=budget_usd,
+            budget_period=budget_period,
+            budget_scope=budget_scope,
+            state_fallback=state_fallback,
         )
         from flux_adapters._transport import ParsedUrls, bounded_http_client
 
@@ -1305,20 +1403,42 @@ class FluxClient(_ClientBase):
         """
         started = time.perf_counter()
         router = self._start(request)
+        pending: Admitted | None = None  # a shared admission not yet settled
         try:
             instruction = next(router)
             while True:
-                if isinstance(instruction, Wait):
+                if isinstance(instruction, Try):
+                    reply: Reply = self._attempt(instruction.candidate, request, instruction.plan)
+                elif isinstance(instruction, Wait):
                     time.sleep(instruction.seconds)
-                    reply: Reply = None
+                    reply = None
+                elif isinstance(instruction, Admit):
+                    reply = self._admit(instruction)
+                    pending = reply if isinstance(reply, Admitted) else None
                 else:
-                    reply = self._attempt(instruction.candidate, request, instruction.plan)
+                    reply = self._settle(instruction)
+                    if instruction.result != "none":
+                        pending = None
                 instruction = router.send(reply)
         except StopIteration as done:
             routed: Routed = done.value
         finally:
             router.close()  # an exception here still ends the route (and releases its probe)
+            if pending is not None:
+                self._release(pending)
         return self._result(request, routed, started, self._downloader)
+
+    def _admit(self, admit: Admit) -> Reply:
+        assert self._shared is not None
+        return self._shared.admit_blocking(admit, self._route_policy)
+
+    def _settle(self, settle: Settle) -> Reply:
+        assert self._shared is not None
+        return self._shared.settle_blocking(settle, self._route_policy)
+
+    def _release(self, pending: Admitted) -> None:
+        assert self._shared is not None
+        self._shared.release_blocking(pending)
 
     def resume(self, job: Job) -> EditResult:
         """Poll *job*, accepted earlier, until it is done, and return its images; nothing is paid.
@@ -1459,6 +1579,8 @@ class FluxClient(_ClientBase):
         self._lifetime.close()
         if self._own_http:
             self._http.close()
+        if self._shared is not None:
+            self._shared.close_blocking()
 
     def __enter__(self) -> Self:
         return self
@@ -1517,6 +1639,11 @@ class AsyncFluxClient(_ClientBase):
         prices: Mapping[tuple[str, str], Price] | None = None,
         settings: Mapping[str, ProviderSettings] | None = None,
         polling: Polling | None = None,
+        state: str | StateBackend | None = None,
+        budget_usd: float | None = None,
+        budget_period: Literal["day", "total"] = "total",
+        budget_scope: str = "client:default",
+        state_fallback: Literal["none", "local"] = "none",
         driver: Literal["auto", "aiohttp", "httpx"] | None = None,
     ) -> None:
         if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
@@ -1540,6 +1667,11 @@ class AsyncFluxClient(_ClientBase):
             settings=settings,
             polling=polling,
             inherited=_callers_timeout(http_client),
+            state=state,
+            budget_usd=budget_usd,
+            budget_period=budget_period,
+            budget_scope=budget_scope,
+            state_fallback=state_fallback,
         )
         self._own_http = http_client is None
         from flux_adapters._drivers import HttpxDriver, choose
@@ -1592,22 +1724,44 @@ class AsyncFluxClient(_ClientBase):
         except ConfigurationError:
             router.close()
             raise
+        pending: Admitted | None = None  # a shared admission not yet settled
         try:
             instruction = next(router)
             while True:
-                if isinstance(instruction, Wait):
-                    await asyncio.sleep(instruction.seconds)
-                    reply: Reply = None
-                else:
-                    reply = await self._attempt(
+                if isinstance(instruction, Try):
+                    reply: Reply = await self._attempt(
                         instruction.candidate, request, instruction.plan, watcher
                     )
+                elif isinstance(instruction, Wait):
+                    await asyncio.sleep(instruction.seconds)
+                    reply = None
+                elif isinstance(instruction, Admit):
+                    reply = await self._admit(instruction)
+                    pending = reply if isinstance(reply, Admitted) else None
+                else:
+                    reply = await self._settle(instruction)
+                    if instruction.result != "none":
+                        pending = None
                 instruction = router.send(reply)
         except StopIteration as done:
             routed: Routed = done.value
         finally:
             router.close()  # cancelled (asyncio.wait_for) or failed: the route releases its probe
+            if pending is not None:
+                await self._release(pending)
         return self._result(request, routed, started, self._downloader)
+
+    async def _admit(self, admit: Admit) -> Reply:
+        assert self._shared is not None
+        return await self._shared.admit_async(admit, self._route_policy)
+
+    async def _settle(self, settle: Settle) -> Reply:
+        assert self._shared is not None
+        return await self._shared.settle_async(settle, self._route_policy)
+
+    async def _release(self, pending: Admitted) -> None:
+        assert self._shared is not None
+        await self._shared.release_async(pending)
 
     async def resume(self, job: Job) -> EditResult:
         """Poll *job*, accepted earlier, until it is done; see `FluxClient.resume`."""
@@ -1834,6 +1988,8 @@ class AsyncFluxClient(_ClientBase):
         self._lifetime.close()
         if self._own_http:
             await self._driver.aclose()
+        if self._shared is not None:
+            await self._shared.aclose()
 
     async def __aenter__(self) -> Self:
         return self

@@ -11,12 +11,17 @@ in the working directory, or the path in ``$FLUX_CONFIG``; environment variables
     failover_on_ambiguous = false            # see flux_adapters.routing
     timeout = 300                            # seconds               ($FLUX_TIMEOUT)
     job_deadline = 600                       # seconds a whole job at bfl or fal may take ($FLUX_JOB_DEADLINE)
+    state_url = "redis://localhost:6379/0"   # shared state, docs/scaling.md ($FLUX_STATE_URL)
+    state_fallback = "none"                  # Redis down: "none" fails closed, "local" falls back
+    budget_usd = 50                          # a cumulative budget, shared through the state
+    budget_period = "day"                    # "day" (UTC) or "total"
 
     [provider.laozhang]
     api_key_env = "LAOZHANG_API_KEY"         # the variable holding the key (the default)
     base_url = "https://api.laozhang.ai"     # $LAOZHANG_BASE_URL overrides
     priority = 1                             # lower first, for routing = "ordered"
     timeout = 240
+    rate_per_minute = 60                     # its key's rate limit, shared through the state
 
     [provider.aimlapi.prices]
     "flux-2-pro" = { usd_first = 0.03, usd_extra = 0.015, usd_input = 0.015 }   # per megapixel
@@ -75,6 +80,11 @@ class _FileShape:
     failover_on_ambiguous: bool | None = None
     timeout: float | None = field(default=None, metadata={"expected": _SECONDS})
     job_deadline: float | None = field(default=None, metadata={"expected": _SECONDS})
+    state_url: str | None = field(default=None, metadata={"expected": "'local' or redis://..."})
+    state_fallback: str | None = None
+    budget_usd: float | None = field(default=None, metadata={"expected": "dollars, a number"})
+    budget_period: str | None = None
+    budget_scope: str | None = None
     provider: dict[str, object] = field(
         factory=dict, metadata={"expected": "[provider.NAME] sections"}
     )
@@ -90,6 +100,9 @@ class _ProviderShape:
     base_url: str | None = field(default=None, metadata={"expected": "an http(s) URL"})
     priority: int | None = None
     timeout: float | None = field(default=None, metadata={"expected": _SECONDS})
+    rate_per_minute: float | None = field(
+        default=None, metadata={"expected": "requests a minute, a number"}
+    )
     prices: dict[str, object] = field(
         factory=dict, metadata={"expected": "a table of model = price"}
     )
@@ -116,6 +129,8 @@ class ProviderSettings:
         priority: Lower is tried first under ``routing = "ordered"``.
         timeout: Seconds to wait for its answer.
         prices: Price overrides by canonical model id.
+        rate_per_minute: Requests a minute its key may send, counted in the shared state
+            (`flux_adapters.state`) by every client and worker using that key.
     """
 
     name: str
@@ -124,6 +139,7 @@ class ProviderSettings:
     priority: int | None = None
     timeout: float | None = None
     prices: Mapping[str, Price] = {}
+    rate_per_minute: float | None = None
 
 
 @frozen(kw_only=True)
@@ -138,6 +154,11 @@ class Config:
     timeout: float | None = None
     job_deadline: float | None = None
     source: str = "environment"
+    state_url: str | None = None
+    state_fallback: str = "none"
+    budget_usd: float | None = None
+    budget_period: str = "total"
+    budget_scope: str = "client:default"
 
     @property
     def prices(self) -> dict[tuple[str, str], Price]:
@@ -244,7 +265,17 @@ def _provider(given: str, table: object, origin: str) -> ProviderSettings:
         prices={
             model: _price(price, f"{where}.prices.{model}") for model, price in shape.prices.items()
         },
+        rate_per_minute=None
+        if shape.rate_per_minute is None
+        else _rate(shape.rate_per_minute, f"{where} rate_per_minute"),
     )
+
+
+def _rate(value: object, where: str) -> float:
+    number = _number(value, where)
+    if not 0 < number <= 60_000_000:
+        raise _fail(where, "must be a number of requests a minute above 0")
+    return number
 
 
 def load_config(
@@ -342,6 +373,13 @@ def load_config(
         else _seconds(_as_float(timeout, timeout_from), timeout_from),
         job_deadline=job_deadline,
         source=origin,
+        state_url=env.get("FLUX_STATE_URL") or shape.state_url,
+        state_fallback=env.get("FLUX_STATE_FALLBACK") or shape.state_fallback or "none",
+        budget_usd=None
+        if shape.budget_usd is None
+        else _number(shape.budget_usd, f"{origin} budget_usd"),
+        budget_period=shape.budget_period or "total",
+        budget_scope=shape.budget_scope or "client:default",
     )
 
 

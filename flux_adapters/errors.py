@@ -26,6 +26,8 @@ The tree::
     ├── OutputError                   an image could not be written where asked; nothing was lost upstream
     │   └── ExtensionMismatch         the file name says another image format than the bytes have
     ├── MissingExtraError             an optional extra is not installed (also ModuleNotFoundError)
+    ├── BudgetExceeded                a cumulative budget (``budget_usd=``) has no room for the call; nothing sent
+    ├── StateUnavailable              the shared state (Redis) did not answer in time; nothing sent
     └── AllProvidersFailed            every candidate provider failed; ``attempts`` lists them
 
 An error that came after an asynchronous provider accepted the job carries it in ``job``:
@@ -59,6 +61,7 @@ else:  # Violation is made an attrs class on first use: importing errors does no
 __all__ = [
     "AllProvidersFailed",
     "AuthenticationFailed",
+    "BudgetExceeded",
     "ClientClosedError",
     "ConfigurationError",
     "ContentModerated",
@@ -80,6 +83,7 @@ __all__ = [
     "RequestError",
     "ResponseFormatError",
     "ResultExpired",
+    "StateUnavailable",
     "Timeout",
     "TransportError",
     "Violation",
@@ -537,3 +541,37 @@ class AllProvidersFailed(FluxError):
     def __init__(self, message: str, *, attempts: Sequence[Attempt]) -> None:
         super().__init__(message)
         self.attempts = tuple(attempts)
+
+
+class BudgetExceeded(FluxError):
+    """A cumulative budget has no room for the call's estimated price; nothing was sent.
+
+    Raised before sending when every provider that could take the call was refused by the
+    budget (``budget_usd=`` with ``budget_period=``, shared by every client and worker that use
+    the same state, `flux_adapters.state`).
+
+    Attributes:
+        scope: The budget's scope (``"client:default"``, ``"key:<id>"``).
+        limit_usd: The budget.
+        spent_usd: What the scope had spent (and reserved) when the call was refused.
+        period: ``"day"`` (UTC, by the state's clock) or ``"total"``.
+    """
+
+    def __init__(
+        self, message: str, *, scope: str, limit_usd: float, spent_usd: float, period: str
+    ) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.limit_usd = limit_usd
+        self.spent_usd = spent_usd
+        self.period = period
+
+
+class StateUnavailable(FluxError):
+    """The shared state (`flux_adapters.state`, Redis) could not be reached in time.
+
+    Raised within the state's bounded timeouts, never a hang. Raised before a call is sent, it
+    means nothing was sent; a call already answered is not affected (its outcome is returned;
+    only the shared bookkeeping after it was lost). ``state_fallback = "local"`` in the
+    configuration uses in-process state instead, with one warning.
+    """

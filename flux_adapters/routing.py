@@ -53,6 +53,7 @@ from flux_adapters._log import LOGGER, note
 from flux_adapters._redact import redact
 from flux_adapters.errors import (
     AllProvidersFailed,
+    BudgetExceeded,
     ConfigurationError,
     ContentModerated,
     FluxError,
@@ -73,11 +74,15 @@ from flux_adapters.result import Attempt
 
 __all__ = [
     "BILLING_RULES",
+    "Admit",
+    "Admitted",
     "BillingRule",
     "Breaker",
+    "Denied",
     "Pass",
     "Routing",
     "RoutingPolicy",
+    "Settle",
     "Try",
     "Wait",
     "billing_rule",
@@ -458,8 +463,77 @@ class Wait:
     seconds: float
 
 
-Instruction: TypeAlias = Try | Wait
-Reply: TypeAlias = Outcome | FluxError | None
+@frozen
+class Admitted:
+    """The shared state's leave to send (`flux_adapters.state`).
+
+    *granted* is the breaker's pass (``None`` when no circuit was asked about), *reservation*
+    the budget's (``None`` without a budget).
+    """
+
+    granted: Pass | None
+    reservation: object = None
+
+
+DeniedKind: TypeAlias = Literal["cooling", "probing", "paused", "paced", "budget"]
+
+
+@frozen
+class Denied:
+    """The shared state's refusal.
+
+    The circuit is open (``cooling``, *seconds* left) or being probed by another call
+    (``probing``); the provider key is paused by a 429 (``paused``) or out of tokens
+    (``paced``), *seconds* before it may go; or the budget has no room (``budget``: *spent_usd*
+    of *limit_usd* in *scope* over *period*).
+    """
+
+    kind: DeniedKind
+    seconds: float = 0.0
+    spent_usd: float = 0.0
+    scope: str = ""
+    limit_usd: float = 0.0
+    period: str = "total"
+
+
+@frozen
+class Admit:
+    """Ask the shared state for leave to send to *candidate*; reply `Admitted` or `Denied`.
+
+    *key* is the circuit, *estimate* the price to reserve.
+    """
+
+    candidate: object
+    key: tuple[str, str]
+    estimate: float | None
+
+
+Charge: TypeAlias = Literal["actual", "keep", "refund"]
+
+
+@frozen
+class Settle:
+    """Tell the shared state how the admitted try ended; reply with the cooldown started, if any.
+
+    *result*: ``"success"`` closes the circuit, ``"failure"`` opens it (for the provider's
+    *retry_after*, if longer than the cooldown), ``"release"`` frees a probe, ``"none"`` leaves
+    it. *charge*: the reservation becomes the call's ``"actual"`` cost (the provider's figure,
+    else the estimate), stays as reserved (``"keep"``: the job may have been billed), or is
+    refunded (``"refund"``: the failure proves nothing was billed). *pause_s*: pause the
+    provider key for everyone (a 429's ``Retry-After``).
+    """
+
+    candidate: object
+    admitted: Admitted
+    result: Literal["success", "failure", "release", "none"]
+    charge: Charge = "keep"
+    outcome: Outcome | None = None
+    retry_after: float | None = None
+    pause_s: float | None = None
+
+
+Instruction: TypeAlias = Try | Wait | Admit | Settle
+Reply: TypeAlias = Outcome | FluxError | Admitted | Denied | float | None
 
 
 @frozen
@@ -492,15 +566,22 @@ def route(
     *,
     scrub: Callable[[str], str] = redact,
     draw: Callable[[], float] = random.random,
+    shared: bool = False,
 ) -> Generator[Instruction, Reply, Routed]:
     """Try *candidates* for *request* as *policy* says; yields instructions, returns `Routed`.
 
     Each decision is logged to the ``flux_adapters`` logger (see ``flux_adapters._log``), every
     line through *scrub* (the client's `Redactor`). *draw* gives the backoff its jitter.
 
+    With *shared*, *breaker* is not used: the cooldowns, the provider keys' rate limits and the
+    budget are the shared state's (`flux_adapters.state`), asked through `Admit` before each
+    candidate and told through `Settle` after it; the driver performs both (it is the only one
+    that does I/O), and releases an admission still open when the route is closed.
+
     Raises:
         FluxError: A final or ambiguous error (with ``.attempts``); or, when nothing is left to
-            try, the single provider's error, or `AllProvidersFailed` with every attempt.
+            try, the single provider's error, `BudgetExceeded` when the budget refused every
+            candidate and nothing was sent, or `AllProvidersFailed` with every attempt.
     """
     attempts: list[Attempt] = []
     ranked: list[tuple[float | None, int, object, Plan]] = []
@@ -547,18 +628,40 @@ def route(
         )
 
     last: FluxError | None = None
+    over_budget: Denied | None = None
     for position, (cost, _, candidate, plan) in enumerate(ranked):
         adapter = adapter_of(candidate)
         name = adapter.name
         key = (name, model)
         if last is not None:
             note(logging.INFO, "failover", scrub, "%s: failing over to %s", model, name)
-        granted = breaker.acquire(key)
-        if not isinstance(granted, Pass):
-            reason = f"cooling down for {granted:.1f} s after failures"
-            attempts.append(_skipped(name, model, None, reason))
-            _note_skip(scrub, attempts[-1], None)
-            continue
+        admitted: Admitted | None = None
+        if shared:
+            answer = yield Admit(candidate, key, cost)
+            waited = 0.0
+            while isinstance(answer, Denied) and answer.kind in ("paused", "paced"):
+                if waited + answer.seconds > policy.max_retry_wait:
+                    break
+                waited += max(answer.seconds, 0.001)
+                yield Wait(answer.seconds)
+                answer = yield Admit(candidate, key, cost)
+            if isinstance(answer, Denied):
+                if answer.kind == "budget":
+                    over_budget = answer
+                attempts.append(_skipped(name, model, None, _denied_reason(answer, cost)))
+                _note_skip(scrub, attempts[-1], None)
+                continue
+            assert isinstance(answer, Admitted)
+            admitted = answer
+            granted = answer.granted if answer.granted is not None else Pass(key)
+        else:
+            acquired = breaker.acquire(key)
+            if not isinstance(acquired, Pass):
+                reason = f"cooling down for {acquired:.1f} s after failures"
+                attempts.append(_skipped(name, model, None, reason))
+                _note_skip(scrub, attempts[-1], None)
+                continue
+            granted = acquired
         if granted.probe:
             note(logging.INFO, "probe", scrub, "%s: %s cooled down; trying it again", model, name)
         settled = False
@@ -579,7 +682,10 @@ def route(
                 reply = yield Try(candidate, plan)
                 elapsed = clock() - started
                 if isinstance(reply, Outcome):
-                    breaker.success(key)
+                    if admitted is None:
+                        breaker.success(key)
+                    else:
+                        yield Settle(candidate, admitted, "success", "actual", reply)
                     settled = True
                     attempts.append(
                         Attempt(provider=name, model=model, outcome="ok", elapsed_s=elapsed)
@@ -631,6 +737,10 @@ def route(
                 )
                 if retried and tries < policy.retries:
                     pause = _retry_pause(reply, policy, tries, draw)
+                    if admitted is not None and rule.name == "rate-limited":
+                        asked = _seconds_asked(_asked(reply))
+                        if asked:  # every worker on this provider key waits it, not only this one
+                            yield Settle(candidate, admitted, "none", pause_s=asked)
                     if pause is not None:
                         tries += 1
                         note(
@@ -658,10 +768,25 @@ def route(
                     )
                 if rule.disposition == "final":
                     note(logging.INFO, "give-up", scrub, "%s: %s", model, rule.reason)
+                    if admitted is not None:
+                        settled = True
+                        yield Settle(candidate, admitted, "release", _charge(rule))
                     raise _with_attempts(reply, attempts)
                 # Not taken, or failing in a way that may have billed: either way the provider
                 # is not serving now, so later calls skip it for the cooldown.
-                pause_for = breaker.failure(key, _seconds_asked(_asked(reply)))
+                asked = _seconds_asked(_asked(reply))
+                if admitted is None:
+                    pause_for = breaker.failure(key, asked)
+                else:
+                    told = yield Settle(
+                        candidate,
+                        admitted,
+                        "failure",
+                        _charge(rule),
+                        retry_after=asked,
+                        pause_s=asked if rule.name == "rate-limited" else None,
+                    )
+                    pause_for = told if isinstance(told, float) else None
                 settled = True
                 if pause_for is not None:
                     note(
@@ -686,10 +811,29 @@ def route(
                     raise _with_attempts(reply, attempts)
                 break
         finally:
-            if not settled:  # a final error, a cancelled call, an exception in the driver
+            # A final error, a cancelled call, an exception in the driver: a shared admission
+            # is released by the driver (a generator being closed cannot ask for I/O).
+            if not settled and admitted is None:
                 breaker.release(granted)
     if last is not None and len(candidates) == 1:
         raise _with_attempts(last, attempts)
+    if over_budget is not None and all(a.outcome == "skipped" for a in attempts):
+        message = (
+            f"the budget of ${over_budget.limit_usd:.4f} ({over_budget.scope}, "
+            f"{over_budget.period}) has ${max(0.0, over_budget.limit_usd - over_budget.spent_usd):.4f} "
+            f"left, not enough for this call; nothing was sent"
+        )
+        note(logging.INFO, "over-budget", scrub, "%s: %s", model, message)
+        raise _with_attempts(
+            BudgetExceeded(
+                message,
+                scope=over_budget.scope,
+                limit_usd=over_budget.limit_usd,
+                spent_usd=over_budget.spent_usd,
+                period=over_budget.period,
+            ),
+            attempts,
+        )
     tried = ", ".join(f"{a.provider} ({a.reason or type(a.error).__name__})" for a in attempts)
     note(
         logging.INFO,
@@ -702,6 +846,26 @@ def route(
     raise AllProvidersFailed(
         f"no provider produced the image: {tried or 'no provider configured'}", attempts=attempts
     )
+
+
+def _charge(rule: BillingRule) -> Charge:
+    """What a failed try costs the budget: nothing when it proves the job was not billed."""
+    return "keep" if rule.proves == "may be billed" else "refund"
+
+
+def _denied_reason(denied: Denied, cost: float | None) -> str:
+    if denied.kind == "cooling":
+        return f"cooling down for {denied.seconds:.1f} s after failures"
+    if denied.kind == "probing":
+        return "cooling down: another call is probing it"
+    if denied.kind == "paused":
+        return f"its key is paused for {denied.seconds:.1f} s (the provider's Retry-After)"
+    if denied.kind == "paced":
+        return f"its key's rate limit allows the next call in {denied.seconds:.1f} s"
+    if cost is None:
+        return "no known price, and a cumulative budget is set"
+    left = max(0.0, denied.limit_usd - denied.spent_usd)
+    return f"estimated ${cost:.4f}, more than the ${left:.4f} left in the budget ({denied.scope})"
 
 
 def _asked(error: FluxError) -> object:

@@ -51,6 +51,10 @@ INSTANCES = [
         "none",
         attempts=[Attempt(provider="apiyi", model="flux-2-pro", outcome="failed", elapsed_s=0.1)],
     ),
+    errors.BudgetExceeded(
+        "no room", scope="client:default", limit_usd=1.0, spent_usd=0.98, period="day"
+    ),
+    errors.StateUnavailable("redis did not answer within 1 s"),
 ]
 
 

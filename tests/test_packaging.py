@@ -88,14 +88,14 @@ def test_the_classifiers_name_every_python_the_package_claims() -> None:
 
 def test_user_extras_hold_no_development_tools() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert set(extras) == {"fast", "emulator", "cli", "conformance", "gateway"}
+    assert set(extras) == {"fast", "emulator", "cli", "conformance", "gateway", "redis"}
     tools = {"ruff", "mypy", "build", "hypothesis", "types-pyyaml", "openai"}
     for extra, requirements in extras.items():
         assert not tools & {_normalized(r) for r in requirements}, extra
     dev = {_normalized(r) for r in PYPROJECT["dependency-groups"]["dev"]}
     assert tools <= dev
     assert (
-        "flux-adapters[fast,emulator,cli,conformance,gateway]"
+        "flux-adapters[fast,emulator,cli,conformance,gateway,redis]"
         in PYPROJECT["dependency-groups"]["dev"]
     )
 

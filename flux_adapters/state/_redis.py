@@ -1,0 +1,583 @@
+"""`RedisState`: the shared state in Redis, for many workers (the ``redis`` extra).
+
+Every read-modify-write is one Lua script (atomic in Redis); every time is the server's
+(``TIME``), never a worker's clock; every key starts with the prefix (``flux:``); no secret is
+stored (buckets are digests of keys, gateway keys are kept as SHA-256 digests). Keys:
+
+- ``<prefix>cb:<provider>:<model>``: a breaker circuit (hash ``until``, ``probing``);
+- ``<prefix>budget:<scope>:<window>``: dollars spent and reserved (``window``: ``total`` or
+  the UTC day number);
+- ``<prefix>rate:<bucket>`` (hash ``tokens``, ``ts``) and ``<prefix>pause:<bucket>``;
+- ``<prefix>gwkey:<id>`` (the record, JSON), ``<prefix>gwhash:<sha256>`` (its id) and
+  ``<prefix>gwkeys`` (every id).
+
+The async methods use ``redis.asyncio``; `blocking` gives the same scripts on redis-py's
+blocking client, for `flux_adapters.FluxClient`. Every call is bounded by *timeout* (connect,
+write and read) and never retried by redis-py; a failure raises `StateUnavailable`, or, with
+``fallback="local"``, switches to in-process state with one WARNING (Redis is tried again after
+30 seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from flux_adapters._extras import extra_imports
+from flux_adapters.errors import StateUnavailable
+from flux_adapters.routing import Admitted, Denied, Pass
+from flux_adapters.state import (
+    Ask,
+    Finish,
+    KeyRecord,
+    Period,
+    Reservation,
+    check_bucket,
+    check_period,
+    check_rate,
+    check_scope,
+    check_seconds,
+    check_usd,
+    safe_part,
+)
+from flux_adapters.state._local import LocalState
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+_LOG = logging.getLogger("flux_adapters")
+
+_NOW: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function f(x) return string.format('%.17g', x) end
+"""
+
+ADMIT: Final = (
+    _NOW
+    + """
+-- KEYS: circuit, pause, bucket, budget (without its window)
+-- ARGV: has_key, has_bucket, rate, burst, has_budget, amount, limit, period, probe_ttl
+if ARGV[2] == '1' then
+  local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if paused > now then return {'paused', f(paused - now), '0'} end
+end
+local probe = 0
+if ARGV[1] == '1' then
+  local c = redis.call('HMGET', KEYS[1], 'until', 'probing')
+  if c[1] then
+    local left = tonumber(c[1]) - now
+    if left > 0 then return {'cooling', f(left), '0'} end
+    if c[2] and tonumber(c[2]) > now then return {'probing', '0', '0'} end
+    probe = 1
+  end
+end
+local tokens = 0
+local rate = tonumber(ARGV[3])
+if ARGV[2] == '1' and rate then
+  local burst = tonumber(ARGV[4])
+  local b = redis.call('HMGET', KEYS[3], 'tokens', 'ts')
+  local had = tonumber(b[1] or ARGV[4])
+  local at = tonumber(b[2] or f(now))
+  tokens = math.min(burst, had + math.max(0, now - at) * rate)
+  if tokens < 1 then return {'paced', f((1 - tokens) / rate), '0'} end
+end
+local window = 'total'
+if ARGV[5] == '1' then
+  if ARGV[8] == 'day' then window = string.format('%d', math.floor(now / 86400)) end
+  local bkey = KEYS[4] .. ':' .. window
+  local spent = tonumber(redis.call('GET', bkey) or '0')
+  local amount = tonumber(ARGV[6])
+  if spent + amount > tonumber(ARGV[7]) + 1e-9 then return {'budget', '0', f(spent)} end
+  redis.call('SET', bkey, f(spent + amount))
+  if window ~= 'total' then redis.call('EXPIRE', bkey, 172800) end
+end
+if ARGV[2] == '1' and rate then
+  redis.call('HSET', KEYS[3], 'tokens', f(tokens - 1), 'ts', f(now))
+  redis.call('EXPIRE', KEYS[3], 86400)
+end
+if probe == 1 then redis.call('HSET', KEYS[1], 'probing', f(now + tonumber(ARGV[9]))) end
+return {'ok', tostring(probe), window}
+"""
+)
+
+FINISH: Final = (
+    _NOW
+    + """
+-- KEYS: circuit, budget (without its window), pause
+-- ARGV: outcome, probe, cooldown, max_pause, retry_after, window, reserved, charge, pause_s
+local started = ''
+if ARGV[1] == 'success' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[1] == 'failure' and tonumber(ARGV[3]) > 0 then
+  local pause = tonumber(ARGV[3])
+  local asked = tonumber(ARGV[5])
+  if asked then pause = math.max(pause, math.min(asked, tonumber(ARGV[4]))) end
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'until', f(now + pause))
+  redis.call('EXPIRE', KEYS[1], math.ceil(pause) + 86400)
+  started = f(pause)
+elseif ARGV[2] == '1' then
+  redis.call('HDEL', KEYS[1], 'probing')
+end
+local charge = tonumber(ARGV[8])
+if charge then
+  local bkey = KEYS[2] .. ':' .. ARGV[6]
+  redis.call('INCRBYFLOAT', bkey, f(charge - tonumber(ARGV[7])))
+  if ARGV[6] ~= 'total' then redis.call('EXPIRE', bkey, 172800) end
+end
+local pause_s = tonumber(ARGV[9])
+if pause_s and pause_s > 0 then
+  local old = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if now + pause_s > old then
+    redis.call('SET', KEYS[3], f(now + pause_s), 'PX', math.ceil(pause_s * 1000) + 1000)
+  end
+end
+return started
+"""
+)
+
+SPENT: Final = (
+    _NOW
+    + """
+local window = 'total'
+if ARGV[1] == 'day' then window = string.format('%d', math.floor(now / 86400)) end
+return redis.call('GET', KEYS[1] .. ':' .. window) or '0'
+"""
+)
+
+_RETRY_LOCAL: Final = 30.0
+"""Seconds a fallen-back state waits before trying Redis again."""
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Layout:
+    """Keys and script arguments: shared by the async and blocking forms."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def circuit(self, key: tuple[str, str] | None) -> str:
+        if key is None:
+            return self.prefix + "cb:-"
+        return f"{self.prefix}cb:{safe_part(key[0])}:{safe_part(key[1])}"
+
+    def admit(self, ask: Ask) -> tuple[list[str], list[str]]:
+        keys = [
+            self.circuit(ask.key),
+            f"{self.prefix}pause:{ask.bucket or '-'}",
+            f"{self.prefix}rate:{ask.bucket or '-'}",
+            f"{self.prefix}budget:{ask.scope or '-'}",
+        ]
+        args = [
+            "1" if ask.key is not None else "0",
+            "1" if ask.bucket is not None else "0",
+            repr(ask.rate_per_s) if ask.bucket is not None and ask.rate_per_s else "",
+            str(ask.burst),
+            "1" if ask.scope is not None else "0",
+            repr(ask.amount_usd),
+            repr(ask.limit_usd),
+            ask.period,
+            repr(ask.probe_ttl),
+        ]
+        return keys, args
+
+    @staticmethod
+    def admitted(ask: Ask, answer: Any) -> Admitted | Denied:
+        status, number, extra = (_text(part) for part in answer)
+        if status == "ok":
+            granted = Pass(ask.key, probe=number == "1") if ask.key is not None else None
+            reservation = None
+            if ask.scope is not None:
+                reservation = Reservation(ask.scope, ask.period, extra, ask.amount_usd)
+            return Admitted(granted, reservation)
+        return Denied(status, float(number), float(extra))  # type: ignore[arg-type]
+
+    def finish(self, done: Finish) -> tuple[list[str], list[str]]:
+        granted = done.granted
+        reserved = done.reservation
+        keys = [
+            self.circuit(granted.key if granted is not None else None),
+            f"{self.prefix}budget:{reserved.scope if reserved is not None else '-'}",
+            f"{self.prefix}pause:{done.bucket or '-'}",
+        ]
+        args = [
+            done.outcome if granted is not None else "none",
+            "1" if granted is not None and granted.probe else "0",
+            repr(done.cooldown),
+            repr(done.max_pause),
+            "" if done.retry_after is None else repr(done.retry_after),
+            reserved.window if reserved is not None else "total",
+            repr(reserved.amount_usd) if reserved is not None else "0",
+            "" if reserved is None or done.charge_usd is None else repr(done.charge_usd),
+            "" if done.bucket is None or done.pause_s is None else repr(done.pause_s),
+        ]
+        return keys, args
+
+    @staticmethod
+    def finished(answer: Any) -> float | None:
+        text = _text(answer)
+        return float(text) if text else None
+
+
+def _unavailable(exc: BaseException, timeout: float) -> StateUnavailable:
+    return StateUnavailable(
+        f"the shared state (Redis) did not answer within {timeout:g} s: "
+        f"{type(exc).__name__}; nothing was sent"
+    )
+
+
+def _record(raw: object) -> KeyRecord | None:
+    if raw is None:
+        return None
+    data = json.loads(_text(raw))
+    data["allowed_models"] = tuple(data.get("allowed_models", ()))
+    data["allowed_providers"] = tuple(data.get("allowed_providers", ()))
+    return KeyRecord(**data)
+
+
+def _dumped(record: KeyRecord) -> str:
+    import attrs
+
+    data = attrs.asdict(record)
+    data["allowed_models"] = list(record.allowed_models)
+    data["allowed_providers"] = list(record.allowed_providers)
+    return json.dumps(data, allow_nan=False)
+
+
+class _Fallback:
+    """Whether Redis is skipped for now (``fallback="local"`` after a failure), and the warning."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.local = LocalState()
+        self._until = 0.0
+        self._warned = False
+        self._lock = threading.Lock()
+
+    def active(self) -> bool:
+        return self.enabled and time.monotonic() < self._until
+
+    def fell(self, exc: StateUnavailable) -> None:
+        """Redis failed: raise (fail closed), or use local state for a while, warning once."""
+        if not self.enabled:
+            raise exc
+        with self._lock:
+            self._until = time.monotonic() + _RETRY_LOCAL
+            if self._warned:
+                return
+            self._warned = True
+        _LOG.warning(
+            "shared state unavailable (%s); using this process's own state instead "
+            "(state_fallback = 'local'): budgets, breakers and rate limits are not shared "
+            "until Redis answers again",
+            exc,
+        )
+
+
+class RedisState:
+    """The shared state in Redis (see the module docstring and `flux_adapters.state`)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        fallback: Literal["none", "local"] = "none",
+        timeout: float = 1.0,
+        prefix: str = "flux:",
+    ) -> None:
+        with extra_imports():
+            import redis  # noqa: F401  (the redis extra: raise its install hint now, not later)
+        self._url = url
+        self._timeout = check_seconds(timeout, "timeout")
+        if self._timeout == 0:
+            self._timeout = 1.0
+        if not prefix or not all(c.isalnum() or c in ":_-." for c in prefix) or len(prefix) > 40:
+            from flux_adapters.errors import ConfigurationError
+
+            raise ConfigurationError("a state prefix must be 1 to 40 letters, digits or :_-.")
+        self._layout = _Layout(prefix)
+        self._fallback = _Fallback(fallback == "local")
+        self._async: redis.asyncio.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._blocking: _RedisBlocking | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisState(prefix={self._layout.prefix!r}, timeout={self._timeout:g})"
+
+    @property
+    def prefix(self) -> str:
+        return self._layout.prefix
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "socket_timeout": self._timeout,
+            "socket_connect_timeout": self._timeout,
+            "retry_on_timeout": False,
+            "health_check_interval": 0,
+        }
+
+    def _client(self) -> redis.asyncio.Redis:
+        if self._async is None:
+            import redis.asyncio
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            self._async = redis.asyncio.from_url(
+                self._url, retry=Retry(NoBackoff(), 0), **self._options()
+            )
+            for name, source in (("admit", ADMIT), ("finish", FINISH), ("spent", SPENT)):
+                self._scripts[name] = self._async.register_script(source)
+        return self._async
+
+    async def _call(self, name: str, keys: list[str], args: list[str]) -> Any:
+        import asyncio
+
+        client = self._client()
+        try:
+            async with asyncio.timeout(self._timeout * 2 + 0.5):  # a belt over the socket bounds
+                return await self._scripts[name](keys=keys, args=args, client=client)
+        except (OSError, TimeoutError) as exc:
+            raise _unavailable(exc, self._timeout) from exc
+        except Exception as exc:
+            import redis.exceptions
+
+            if isinstance(exc, redis.exceptions.RedisError):
+                raise _unavailable(exc, self._timeout) from exc
+            raise
+
+    async def _raw(self, *command: str) -> Any:
+        import asyncio
+
+        client = self._client()
+        try:
+            async with asyncio.timeout(self._timeout * 2 + 0.5):
+                return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except (OSError, TimeoutError) as exc:
+            raise _unavailable(exc, self._timeout) from exc
+        except Exception as exc:
+            import redis.exceptions
+
+            if isinstance(exc, redis.exceptions.RedisError):
+                raise _unavailable(exc, self._timeout) from exc
+            raise
+
+    # -- the atomic steps --------------------------------------------------------------------
+
+    async def admit(self, ask: Ask) -> Admitted | Denied:
+        """See `flux_adapters.state.StateBackend.admit`."""
+        if self._fallback.active():
+            return self._fallback.local.admit_now(ask)
+        keys, args = self._layout.admit(ask)
+        try:
+            return self._layout.admitted(ask, await self._call("admit", keys, args))
+        except StateUnavailable as exc:
+            self._fallback.fell(exc)
+            return self._fallback.local.admit_now(ask)
+
+    async def finish(self, done: Finish) -> float | None:
+        """See `flux_adapters.state.StateBackend.finish`."""
+        if self._fallback.active():
+            return self._fallback.local.finish_now(done)
+        keys, args = self._layout.finish(done)
+        try:
+            return self._layout.finished(await self._call("finish", keys, args))
+        except StateUnavailable as exc:
+            self._fallback.fell(exc)
+            return self._fallback.local.finish_now(done)
+
+    async def reserve(
+        self, scope: str, amount_usd: float, limit_usd: float, period: Period
+    ) -> Reservation | None:
+        ask = Ask(
+            scope=check_scope(scope),
+            amount_usd=check_usd(amount_usd, "amount_usd"),
+            limit_usd=check_usd(limit_usd, "limit_usd"),
+            period=check_period(period),
+        )
+        answer = await self.admit(ask)
+        return answer.reservation if isinstance(answer, Admitted) else None  # type: ignore[return-value]
+
+    async def settle(self, reservation: Reservation, spent_usd: float) -> None:
+        await self.finish(
+            Finish(reservation=reservation, charge_usd=check_usd(spent_usd, "spent_usd"))
+        )
+
+    async def spent(self, scope: str, period: Period) -> float:
+        key = f"{self._layout.prefix}budget:{check_scope(scope)}"
+        if self._fallback.active():
+            return await self._fallback.local.spent(scope, period)
+        try:
+            return float(_text(await self._call("spent", [key], [check_period(period)])))
+        except StateUnavailable as exc:
+            self._fallback.fell(exc)
+            return await self._fallback.local.spent(scope, period)
+
+    async def breaker_acquire(self, key: tuple[str, str]) -> Pass | float:
+        answer = await self.admit(Ask(key=key))
+        if isinstance(answer, Admitted):
+            assert answer.granted is not None
+            return answer.granted
+        return answer.seconds
+
+    async def breaker_success(self, key: tuple[str, str]) -> None:
+        await self.finish(Finish(granted=Pass(key), outcome="success"))
+
+    async def breaker_failure(
+        self, key: tuple[str, str], retry_after: float | None, cooldown: float = 30.0
+    ) -> float | None:
+        asked = None if retry_after is None else check_seconds(retry_after, "retry_after")
+        return await self.finish(
+            Finish(
+                granted=Pass(key),
+                outcome="failure",
+                retry_after=asked,
+                cooldown=check_seconds(cooldown, "cooldown"),
+            )
+        )
+
+    async def breaker_release(self, granted: Pass) -> None:
+        await self.finish(Finish(granted=granted, outcome="release"))
+
+    async def take(self, bucket: str, rate_per_s: float, burst: int) -> float:
+        rate, size = check_rate(rate_per_s, burst)
+        answer = await self.admit(Ask(bucket=check_bucket(bucket), rate_per_s=rate, burst=size))
+        return 0.0 if isinstance(answer, Admitted) else answer.seconds
+
+    async def pause(self, bucket: str, seconds: float) -> None:
+        await self.finish(
+            Finish(bucket=check_bucket(bucket), pause_s=check_seconds(seconds, "seconds"))
+        )
+
+    # -- gateway keys ------------------------------------------------------------------------
+
+    async def put_key(self, record: KeyRecord) -> None:
+        if not isinstance(record, KeyRecord):
+            raise TypeError("put_key takes a KeyRecord")
+        p = self._layout.prefix
+        # One script: the record, its hash's index and the set of ids change together.
+        await self._raw(
+            "EVAL",
+            "redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[2]); "
+            "redis.call('SADD', KEYS[3], ARGV[2]); return 1",
+            "3",
+            f"{p}gwkey:{record.id}",
+            f"{p}gwhash:{record.key_hash}",
+            f"{p}gwkeys",
+            _dumped(record),
+            record.id,
+        )
+
+    async def get_key(self, key_hash: str) -> KeyRecord | None:
+        given: object = key_hash
+        if not isinstance(given, str) or len(given) != 64:
+            return None
+        p = self._layout.prefix
+        raw = await self._raw(
+            "EVAL",
+            "local id = redis.call('GET', KEYS[1]); if not id then return false end; "
+            "return redis.call('GET', ARGV[1] .. id)",
+            "1",
+            f"{p}gwhash:{key_hash}",
+            f"{p}gwkey:",
+        )
+        return _record(raw)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        p = self._layout.prefix
+        ids = await self._raw("SMEMBERS", f"{p}gwkeys")
+        if not ids:
+            return []
+        raws = await self._raw("MGET", *(f"{p}gwkey:{_text(i)}" for i in ids))
+        found = [r for r in (_record(raw) for raw in raws) if r is not None]
+        return sorted(found, key=lambda r: (r.created, r.id))
+
+    async def delete_key(self, key_id: str) -> bool:
+        given: object = key_id
+        if not isinstance(given, str) or not given.isalnum() or len(given) > 32:
+            return False
+        p = self._layout.prefix
+        removed = await self._raw(
+            "EVAL",
+            "local raw = redis.call('GET', KEYS[1]); if not raw then return 0 end; "
+            "local h = cjson.decode(raw)['key_hash']; redis.call('DEL', KEYS[1]); "
+            "redis.call('DEL', ARGV[1] .. h); redis.call('SREM', KEYS[2], ARGV[2]); return 1",
+            "2",
+            f"{p}gwkey:{key_id}",
+            f"{p}gwkeys",
+            f"{p}gwhash:",
+            key_id,
+        )
+        return bool(removed)
+
+    async def aclose(self) -> None:
+        client, self._async = self._async, None
+        if client is not None:
+            await client.aclose()
+        if self._blocking is not None:
+            self._blocking.close()
+
+    # -- blocking form -----------------------------------------------------------------------
+
+    @property
+    def blocking(self) -> _RedisBlocking:
+        """The same state on redis-py's blocking client (`flux_adapters.state.BlockingState`)."""
+        if self._blocking is None:
+            self._blocking = _RedisBlocking(self)
+        return self._blocking
+
+
+class _RedisBlocking:
+    """`RedisState` for `flux_adapters.FluxClient`: the same scripts, on the blocking client."""
+
+    def __init__(self, state: RedisState) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self._state = state
+        self._client = redis.Redis.from_url(
+            state._url, retry=Retry(NoBackoff(), 0), **state._options()
+        )
+        self._admit = self._client.register_script(ADMIT)
+        self._finish = self._client.register_script(FINISH)
+
+    def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
+        import redis.exceptions
+
+        try:
+            return script(keys=keys, args=args)
+        except (OSError, redis.exceptions.RedisError) as exc:
+            raise _unavailable(exc, self._state._timeout) from exc
+
+    def admit(self, ask: Ask) -> Admitted | Denied:
+        fallback = self._state._fallback
+        if fallback.active():
+            return fallback.local.admit_now(ask)
+        keys, args = self._state._layout.admit(ask)
+        try:
+            return self._state._layout.admitted(ask, self._call(self._admit, keys, args))
+        except StateUnavailable as exc:
+            fallback.fell(exc)
+            return fallback.local.admit_now(ask)
+
+    def finish(self, done: Finish) -> float | None:
+        fallback = self._state._fallback
+        if fallback.active():
+            return fallback.local.finish_now(done)
+        keys, args = self._state._layout.finish(done)
+        try:
+            return self._state._layout.finished(self._call(self._finish, keys, args))
+        except StateUnavailable as exc:
+            fallback.fell(exc)
+            return fallback.local.finish_now(done)
+
+    def close(self) -> None:
+        self._client.close()
