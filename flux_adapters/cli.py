@@ -1638,6 +1638,7 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
     import asyncio
 
     from flux_adapters.gateway import new_key, open_key_store
+    from flux_adapters.gateway._keys import record_to_dict
 
     store = open_key_store(
         arguments.state or os.environ.get("FLUX_STATE_URL") or None, arguments.keys_file
@@ -1666,7 +1667,7 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
         )
         asyncio.run(store.put_key(record))
         if arguments.json:
-            _write_json(out, {"key": key, "record": record.to_dict()})
+            _write_json(out, {"key": key, "record": record_to_dict(record)})
         else:
             out.write(f"{key}\n")
             out.write(f"id {record.id}: the key above is shown once; only its hash is kept\n")
@@ -1674,7 +1675,7 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
     if arguments.keys_command == "list":
         records = asyncio.run(store.list_keys())
         if arguments.json:
-            _write_json(out, {"keys": [r.to_dict() | {"key_hash": None} for r in records]})
+            _write_json(out, {"keys": [record_to_dict(r) | {"key_hash": None} for r in records]})
             return EXIT_OK
         for r in records:
             budget = "no budget" if r.budget_usd is None else f"${r.budget_usd:g} per {r.period}"

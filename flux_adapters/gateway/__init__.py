@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from flux_adapters._extras import extra_imports
 from flux_adapters.gateway._keys import FileKeys, KeyRecord, KeyStore, new_key
@@ -50,10 +50,13 @@ __all__ = [
 ]
 
 
-def clients_from_config(config: str | os.PathLike[str] | None = None) -> ClientFactory:
+def clients_from_config(
+    config: str | os.PathLike[str] | None = None, *, state_url: str | None = None
+) -> ClientFactory:
     """Clients as ``AsyncFluxClient.from_env(config=...)`` builds them, for any provider subset.
 
     The configuration is read (and checked) now: a mistake fails here, before the server starts.
+    *state_url* replaces the configured shared state (``state_url``, ``$FLUX_STATE_URL``).
 
     Raises:
         ConfigurationError: As `AsyncFluxClient.from_env`.
@@ -83,6 +86,11 @@ def clients_from_config(config: str | os.PathLike[str] | None = None) -> ClientF
             prices=loaded.prices,
             settings={s.name: s for s in chosen},
             polling=None if loaded.job_deadline is None else Polling(deadline=loaded.job_deadline),
+            state=state_url or loaded.state_url,
+            budget_usd=loaded.budget_usd,
+            budget_period="day" if loaded.budget_period == "day" else "total",
+            budget_scope=loaded.budget_scope,
+            state_fallback="local" if loaded.state_fallback == "local" else "none",
         )
 
     return make
@@ -91,14 +99,12 @@ def clients_from_config(config: str | os.PathLike[str] | None = None) -> ClientF
 def open_key_store(
     state_url: str | None = None, keys_file: str | os.PathLike[str] | None = None
 ) -> KeyStore:
-    """Where gateway keys live: the shared state backend for a ``redis://`` URL, else a file."""
-    if state_url:
-        from flux_adapters.gateway._state import open_backend
+    """Where gateway keys live: the shared state for a ``redis://`` URL, else a file (`FileKeys`)."""
+    if state_url and state_url != "local":
+        from flux_adapters.state import open_state
 
-        backend: Any = open_backend(state_url)
-        if hasattr(backend, "get_key"):
-            store: KeyStore = backend
-            return store
+        store: KeyStore = open_state(state_url)
+        return store
     return FileKeys(keys_file)
 
 
@@ -130,9 +136,16 @@ def _gateway(
     state_url: str | None,
     **settings: Any,
 ) -> Gateway:
+    from flux_adapters.config import load_config
     from flux_adapters.gateway._app import Gateway, GatewaySettings
-    from flux_adapters.gateway._state import open_backend
+    from flux_adapters.state import open_state
 
+    fallback: Literal["none", "local"] = "none"
+    if clients is None:
+        loaded = load_config(config)
+        state_url = state_url or loaded.state_url
+        fallback = "local" if loaded.state_fallback == "local" else "none"
+        clients = clients_from_config(config, state_url=state_url)
     folder = (
         Path(files_dir)
         if files_dir is not None
@@ -140,9 +153,9 @@ def _gateway(
     )
     return Gateway(
         GatewaySettings(files_dir=folder, **settings),
-        clients or clients_from_config(config),
+        clients,
         keys if keys is not None else open_key_store(state_url),
-        open_backend(state_url),
+        open_state(state_url, fallback=fallback),
     )
 
 

@@ -5,7 +5,8 @@ metrics and ``keys list``), ``<secret>`` 32 random bytes (URL-safe base64). Only
 the whole key is stored; the gateway hashes the bearer key it is sent, looks the record up by
 that hash and compares the two hashes in constant time (`hmac.compare_digest`).
 
-Records live in the shared state backend when one is configured (``FLUX_STATE_URL``), else in a
+Records (`flux_adapters.state.KeyRecord`) live in the shared state when it is Redis
+(``FLUX_STATE_URL``, ``state_url``), else in a
 JSON file (`FileKeys`, ``flux-adapters-keys.json`` by default, ``$FLUX_GATEWAY_KEYS``), written
 atomically with mode 0600. Nothing here needs an extra: ``flux-adapters keys`` works without the
 ``gateway`` extra.
@@ -27,9 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
-from attrs import frozen
-
 from flux_adapters.errors import ConfigurationError
+from flux_adapters.state import KeyRecord
 
 __all__ = [
     "DEFAULT_KEYS_PATH",
@@ -39,6 +39,8 @@ __all__ = [
     "hash_key",
     "key_id_of",
     "new_key",
+    "record_from_dict",
+    "record_to_dict",
     "verify",
 ]
 
@@ -49,73 +51,44 @@ MAX_KEY_LENGTH: Final = 200
 """A bearer value longer than this is refused before it is hashed."""
 
 
-@frozen(kw_only=True)
-class KeyRecord:
-    """One gateway key as stored: everything but the key itself.
+def record_to_dict(record: KeyRecord) -> dict[str, object]:
+    """*record* as JSON data (the hash included, never a key)."""
+    return {
+        "id": record.id,
+        "key_hash": record.key_hash,
+        "name": record.name,
+        "budget_usd": record.budget_usd,
+        "period": record.period,
+        "allowed_models": list(record.allowed_models),
+        "allowed_providers": list(record.allowed_providers),
+        "rate_per_minute": record.rate_per_minute,
+        "created": record.created,
+    }
 
-    Attributes:
-        id: Short public id (8 characters), shown in logs, metrics and ``keys list``.
-        key_hash: SHA-256 (hex) of the whole key.
-        name: A label for people.
-        budget_usd: Spend allowed per `period`; ``None``: no budget.
-        period: ``"day"`` (UTC) or ``"total"``.
-        allowed_models: Canonical model ids this key may use; empty: all.
-        allowed_providers: Provider ids this key's calls may be routed to; empty: all.
-        rate_per_minute: Calls per minute (a token bucket holding a minute's worth); ``None``: no
-            limit.
-        created: Unix seconds.
+
+def record_from_dict(data: object) -> KeyRecord:
+    """Read a record written by `record_to_dict`.
+
+    Raises:
+        ConfigurationError: *data* is not such a record.
     """
-
-    id: str
-    key_hash: str
-    name: str = ""
-    budget_usd: float | None = None
-    period: Literal["day", "total"] = "total"
-    allowed_models: tuple[str, ...] = ()
-    allowed_providers: tuple[str, ...] = ()
-    rate_per_minute: float | None = None
-    created: float = 0.0
-
-    def to_dict(self) -> dict[str, object]:
-        """The record as JSON data (the hash included, never a key)."""
-        return {
-            "id": self.id,
-            "key_hash": self.key_hash,
-            "name": self.name,
-            "budget_usd": self.budget_usd,
-            "period": self.period,
-            "allowed_models": list(self.allowed_models),
-            "allowed_providers": list(self.allowed_providers),
-            "rate_per_minute": self.rate_per_minute,
-            "created": self.created,
-        }
-
-    @classmethod
-    def from_dict(cls, data: object) -> KeyRecord:
-        """Read a record written by `to_dict`.
-
-        Raises:
-            ConfigurationError: *data* is not such a record.
-        """
-        try:
-            assert isinstance(data, dict)
-            budget = data.get("budget_usd")
-            rate = data.get("rate_per_minute")
-            period = data.get("period", "total")
-            assert period in ("day", "total")
-            return cls(
-                id=str(data["id"]),
-                key_hash=str(data["key_hash"]),
-                name=str(data.get("name", "")),
-                budget_usd=None if budget is None else float(budget),
-                period=period,
-                allowed_models=tuple(str(m) for m in data.get("allowed_models", ())),
-                allowed_providers=tuple(str(p) for p in data.get("allowed_providers", ())),
-                rate_per_minute=None if rate is None else float(rate),
-                created=float(data.get("created", 0.0)),
-            )
-        except (AssertionError, KeyError, TypeError, ValueError):
-            raise ConfigurationError("a gateway key record is damaged") from None
+    try:
+        assert isinstance(data, dict)
+        budget = data.get("budget_usd")
+        rate = data.get("rate_per_minute")
+        return KeyRecord(
+            id=str(data["id"]),
+            key_hash=str(data["key_hash"]),
+            name=str(data.get("name", "")),
+            budget_usd=None if budget is None else float(budget),
+            period=data.get("period", "total"),
+            allowed_models=tuple(str(m) for m in data.get("allowed_models", ())),
+            allowed_providers=tuple(str(p) for p in data.get("allowed_providers", ())),
+            rate_per_minute=None if rate is None else float(rate),
+            created=float(data.get("created", 0.0)),
+        )
+    except (AssertionError, KeyError, TypeError, ValueError, ConfigurationError):
+        raise ConfigurationError("a gateway key record is damaged") from None
 
 
 class KeyStore(Protocol):
@@ -203,13 +176,13 @@ class FileKeys:
         keys = data.get("keys") if isinstance(data, dict) else None
         if not isinstance(keys, list):
             raise ConfigurationError(f"the key file {self.path} holds no key list")
-        records = [KeyRecord.from_dict(item) for item in keys]
+        records = [record_from_dict(item) for item in keys]
         self._seen, self._by_hash = stamp, {record.key_hash: record for record in records}
         return self._by_hash
 
     def _write(self, records: list[KeyRecord]) -> None:
         folder = self.path.parent if str(self.path.parent) else Path(".")
-        text = json.dumps({"keys": [r.to_dict() for r in records]}, indent=2) + "\n"
+        text = json.dumps({"keys": [record_to_dict(r) for r in records]}, indent=2) + "\n"
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=".keys-", suffix=".tmp")
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as out:
