@@ -1610,6 +1610,11 @@ def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
         )
         out.flush()
 
+    # uvicorn raises the signal that stopped it again once it is done: Ctrl-C then ends as
+    # everywhere else (KeyboardInterrupt, 130); SIGTERM, the way a service is stopped, after
+    # the calls under way were let finish (or reported), ends with 0.
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         serve(
             host=arguments.host,
@@ -1631,6 +1636,9 @@ def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
         raise errors.ConfigurationError(
             f"cannot listen on {arguments.host}:{arguments.port}: {_reason(exc)}"
         ) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
     return EXIT_OK
 
 

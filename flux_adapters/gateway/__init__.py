@@ -264,7 +264,9 @@ def serve(
     handler.setFormatter(logging.Formatter("%(message)s"))
     gateway_logger = logging.getLogger("flux_adapters.gateway")
     gateway_logger.addHandler(handler)
+    level, propagate = gateway_logger.level, gateway_logger.propagate
     gateway_logger.setLevel(logging.INFO)
+    gateway_logger.propagate = False  # its lines are JSON on stderr, once
     server, sock = build_server(
         gateway,
         host,
@@ -281,3 +283,5 @@ def serve(
     finally:
         sock.close()
         gateway_logger.removeHandler(handler)
+        gateway_logger.setLevel(level)
+        gateway_logger.propagate = propagate

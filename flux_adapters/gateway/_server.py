@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 
 import python_multipart  # noqa: F401  (Starlette needs it for /v1/images/edits; fail at start)
@@ -70,7 +71,7 @@ def build_server(
             log_config=LOGGING_CONFIG if own_logging else None,
             access_log=False,
             lifespan="on",
-            timeout_graceful_shutdown=int(shutdown_timeout),
+            timeout_graceful_shutdown=math.ceil(shutdown_timeout),
             server_header=False,
         )
         server = GatewayServer(config)
