@@ -44,6 +44,11 @@ ClientFactory = Callable[[tuple[str, ...] | None], AsyncFluxClient]
 """Makes the client for a set of allowed providers (``None``: every configured one)."""
 
 _FIELD_BYTES: Final = 1024 * 1024
+_INLINE_BODY_BYTES: Final = 64 * 1024
+"""A request body up to this size is turned into a request on the event loop, not a thread."""
+_INLINE_FILE_BYTES: Final = 1024 * 1024
+"""A kept image up to this size is read on the event loop (from the page cache, ~0.1 ms) and
+sent as one answer; a larger one is streamed from a thread (`FileResponse`)."""
 _HEADER_TEXT: Final = re.compile(r"[^\x20-\x7e]")
 
 
@@ -384,15 +389,20 @@ async def _image_call(
     if isinstance(read_out, Answer):
         return done(read_out, record)
     fields, images, as_text = read_out
-    parsed = await anyio.to_thread.run_sync(
-        lambda: from_fields(
+
+    def build() -> Any:
+        return from_fields(
             fields,
             allowed=EDIT_FIELDS if as_text else GENERATION_FIELDS,
             images=images,
             text_fields=as_text,
             default_model=gateway.settings.default_model,
         )
-    )
+
+    # Building a request inspects its images (headers, base64 in slices): a thread for large
+    # bodies; a small one (a prompt, settings, URLs) is built at once, without a thread hop.
+    small = not images and declared.isdigit() and int(declared) <= _INLINE_BODY_BYTES
+    parsed = build() if small else await anyio.to_thread.run_sync(build)
     if isinstance(parsed, list):
         return done(violations_answer([(v, None) for v in parsed]), record)
     edit = parsed.request
@@ -559,11 +569,22 @@ async def files(request: Request) -> Response:
         answer = openai_error(404, "no such image (or it has expired)", code="not_found")
         response: Response = _json(answer, _request_id())
     else:
-        media = MEDIA[path.suffix.lstrip(".")]
-        response = FileResponse(
-            path, media_type=media, headers={"cache-control": "private, max-age=3600"}
-        )
+        response = _kept(path)
     return _finish(gateway, request, "/v1/files/{name}", response, started, None)
+
+
+def _kept(path: Path) -> Response:
+    media = MEDIA[path.suffix.lstrip(".")]
+    headers = {"cache-control": "private, max-age=3600"}
+    try:
+        size = path.stat().st_size
+        data = path.read_bytes() if size <= _INLINE_FILE_BYTES else None
+    except OSError:  # swept between the look-up and the read
+        answer = openai_error(404, "no such image (or it has expired)", code="not_found")
+        return _json(answer, _request_id())
+    if data is not None:
+        return Response(data, media_type=media, headers=headers)
+    return FileResponse(path, media_type=media, headers=headers)
 
 
 async def healthz(request: Request) -> Response:
