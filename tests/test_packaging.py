@@ -267,6 +267,21 @@ def test_emulate_without_the_extra_ends_with_the_hint_and_status_5() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "module", ["starlette", "uvicorn", "python_multipart", "prometheus_client"]
+)
+def test_serve_without_the_extra_names_the_gateway_extra_and_ends_with_5(module: str) -> None:
+    """A module the emulator extra installs too is still named as the gateway's to install."""
+    result = _cli("serve", "--port", "0", "--no-auth", blocked=(module,))
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert result.stdout == ""  # no banner: nothing listened
+    named = "" if module == PROVIDED_BY[module][0] else f" (module {module})"
+    assert result.stderr == (
+        f"flux-adapters: MissingExtraError: the gateway needs {PROVIDED_BY[module][0]}{named}, "
+        "which is not installed; install it with: pip install 'flux-adapters[gateway]'\n"
+    )
+
+
 @pytest.mark.parametrize("module", ["vcr", "yaml"])
 def test_conformance_without_the_extra_ends_with_the_hint_and_status_5(
     module: str, tmp_path: Path
