@@ -44,7 +44,7 @@ typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks.
 # fixtures (an emulator, a table of CLI runs) are made once; most of a test's time is spent
 # waiting on a server or a child process, which the other worker fills. Plain `pytest` (a file,
 # a -k selection) still runs in one process.
-pytest: $(STAMP) ## The test suite (no network: MockTransport and loopback only).
+pytest: $(STAMP) ## The test suite (no network: MockTransport, loopback, and a redis-server it starts).
 	$(BIN)/pytest -q -n auto --dist loadfile
 
 package: $(STAMP) ## Build the sdist and wheel, check their contents, use the wheel in fresh venvs (no extra, each extra).

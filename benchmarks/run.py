@@ -33,12 +33,15 @@ Each comparison prints both measurements and their ratio against the issue's tar
   j  `flux-adapters batch` of 10,000 jobs (journal on), per job, vs the floor: aiohttp's raw
      POST + GET of the image + writing the file, as many in flight; fsyncs per job
   k  peak RSS of `flux-adapters batch` at 1,000 and at 100,000 jobs, each in a fresh process
-  l  the gateway's overhead per call: a 64x64 text-to-image POSTed to `flux-adapters serve`
+  l  Redis-backed routing vs in-process, per call: FluxClient and AsyncFluxClient with two
+     providers, cooldowns in the client vs in a redis-server on a Unix socket (state=), also
+     with a cumulative budget; measured side by side, alternated; Redis commands per call
+  m  the gateway's overhead per call: a 64x64 text-to-image POSTed to `flux-adapters serve`
      (fronting laozhang on the emulator; gateway key checked, image fetched and kept) and its
      image fetched from the gateway, vs the same POST to the emulator and its image fetched from
      the emulator, call by call in alternation; medians, the median of the paired differences
      (target <= 1.5 ms) and the ratio. Gateway and emulator each in their own process
-  m  the gateway's throughput at 50 and 200 concurrent clients (aiohttp, one connection each),
+  n  the gateway's throughput at 50 and 200 concurrent clients (aiohttp, one connection each),
      requests per second, vs the same clients calling the emulator directly
 
 The server (benchmarks/loopback_server.py) runs in its own process and discards bodies. Results
@@ -1345,7 +1348,7 @@ def bench_gateway_overhead(calls: int = 400) -> None:
     added = statistics.median(v[1] - d[1] for d, v in pairs)
     quartiles = statistics.quantiles([v[1] - d[1] for d, v in pairs], n=4)
     report(
-        "l",
+        "m",
         f"gateway overhead per call (64x64 text-to-image at laozhang, {calls} calls each)",
         [
             ("POST to the emulator (median)", f"{post_direct * 1000:.2f} ms"),
@@ -1416,12 +1419,163 @@ def bench_gateway_throughput(total: int = 2000) -> None:
             rows.append((f"{clients} clients: emulator directly", f"{direct:.0f} req/s"))
             rows.append((f"{clients} clients: through the gateway", f"{via:.0f} req/s"))
     report(
-        "m",
+        "n",
         f"gateway throughput, {total} text-to-image calls (64x64) per measurement",
         rows,
         min(ratios),
         "reported (no target in the issue)",
         True,
+    )
+
+
+def _redis_cpu(raw: Any) -> float:
+    """CPU seconds the redis-server has used so far (user + system)."""
+    cpu = raw.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def _interleaved_pair(
+    first: Callable[[], object], second: Callable[[], object], batch: int, batches: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of *first* and *second*, in alternating batches (drift hits both)."""
+    a: list[float] = []
+    b: list[float] = []
+    first()
+    second()
+    for _ in range(batches):
+        for function, out in ((first, a), (second, b)):
+            started = time.perf_counter()
+            for _ in range(batch):
+                function()
+            out.append((time.perf_counter() - started) / batch)
+    return a, b
+
+
+def _spread(values: list[float]) -> str:
+    """Median and range, in microseconds."""
+    return (
+        f"{statistics.median(values) * 1e6:.0f} us "
+        f"({min(values) * 1e6:.0f}..{max(values) * 1e6:.0f})"
+    )
+
+
+def bench_shared_state(base: str) -> None:
+    """(l) What keeping cooldowns (and a budget) in Redis adds to a call, vs in-process."""
+    sys.path.insert(0, str(ROOT))
+    from flux_adapters.prices import PerCall
+    from tests.redis_server import redis_server
+
+    providers: list[Any] = ["laozhang", "apiyi"]
+    prices = {(p, "flux-2-pro"): PerCall(usd=0.0001) for p in providers}
+    batches = int(os.environ.get("FLUX_BENCH_BATCHES", "21"))
+    os.environ.update(LAOZHANG_API_KEY=KEY, APIYI_API_KEY=KEY)
+    rows: list[tuple[str, str]] = []
+    with redis_server() as server:
+        raw: Any = server.client()
+        # 1. On the emulator (64x64 images, as row f): what a call costs when a server works.
+        small = EditRequest(prompt="a robot", model="flux-2-pro", size="64x64")
+        with emulator_process() as root:
+            os.environ.update(LAOZHANG_BASE_URL=f"{root}/laozhang", APIYI_BASE_URL=f"{root}/apiyi")
+            with (
+                FluxClient(providers=providers) as local,
+                FluxClient(providers=providers, state=server.url) as shared,
+            ):
+                emu_local, emu_redis = _interleaved_pair(
+                    lambda: local.edit(small), lambda: shared.edit(small), 20, batches
+                )
+        emulated = statistics.median(emu_redis) / statistics.median(emu_local)
+        rows += [
+            ("emulator: FluxClient, cooldowns in the client", _spread(emu_local)),
+            (
+                "emulator: FluxClient, state in Redis",
+                f"{_spread(emu_redis)}  {emulated:.2f}x",
+            ),
+        ]
+        # 2. On the loopback server (answers at once): the worst case for the ratio.
+        request = EditRequest(prompt="a robot", model="flux-2-pro", size="1024x1024")
+        os.environ.update(LAOZHANG_BASE_URL=f"{base}/laozhang", APIYI_BASE_URL=f"{base}/apiyi")
+        with (
+            FluxClient(providers=providers) as local,
+            FluxClient(providers=providers, state=server.url) as shared,
+            FluxClient(
+                providers=providers, state=server.url, prices=prices, budget_usd=1e6
+            ) as budget,
+        ):
+            loop_local, loop_redis = _interleaved_pair(
+                lambda: local.edit(request), lambda: shared.edit(request), 50, batches
+            )
+            _, loop_budget = _interleaved_pair(
+                lambda: local.edit(request), lambda: budget.edit(request), 50, batches // 2 + 1
+            )
+            # Stable measures: CPU per call, this process and the redis-server; round trips.
+            cpu: dict[str, float] = {}
+            for name, client in (("local", local), ("redis", shared), ("budget", budget)):
+                server_before, started = _redis_cpu(raw), time.process_time()
+                raw.config_resetstat()
+                for _ in range(500):
+                    client.edit(request)
+                cpu[name] = (time.process_time() - started) / 500
+                cpu[name + " server"] = (_redis_cpu(raw) - server_before) / 500
+                stats = raw.info("commandstats")
+                trips = sum(
+                    v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")
+                )
+                cpu[name + " trips"] = trips / 500
+        loopback_ratio = statistics.median(loop_redis) / statistics.median(loop_local)
+
+        async def async_pair() -> tuple[list[float], list[float]]:
+            a_local: list[float] = []
+            a_redis: list[float] = []
+            async with (
+                AsyncFluxClient(providers=providers) as mine,
+                AsyncFluxClient(providers=providers, state=server.url) as theirs,
+            ):
+                await mine.edit(request)
+                await theirs.edit(request)
+                for _ in range(batches):
+                    for client, out in ((mine, a_local), (theirs, a_redis)):
+                        started = time.perf_counter()
+                        for _ in range(50):
+                            await client.edit(request)
+                        out.append((time.perf_counter() - started) / 50)
+            return a_local, a_redis
+
+        async_local, async_redis = asyncio.run(async_pair())
+        raw.close()
+    async_ratio = statistics.median(async_redis) / statistics.median(async_local)
+    rows += [
+        ("loopback: FluxClient, cooldowns in the client", _spread(loop_local)),
+        ("loopback: FluxClient, state in Redis", f"{_spread(loop_redis)}  {loopback_ratio:.2f}x"),
+        (
+            "loopback: FluxClient, Redis + budget_usd",
+            f"{_spread(loop_budget)}  "
+            f"{statistics.median(loop_budget) / statistics.median(loop_local):.2f}x",
+        ),
+        ("loopback: AsyncFluxClient, cooldowns in the client", _spread(async_local)),
+        (
+            "loopback: AsyncFluxClient, state in Redis",
+            f"{_spread(async_redis)}  {async_ratio:.2f}x",
+        ),
+        (
+            "CPU per call, client (in-process / Redis / +budget)",
+            f"{cpu['local'] * 1e6:.0f} / {cpu['redis'] * 1e6:.0f} / {cpu['budget'] * 1e6:.0f} us",
+        ),
+        (
+            "CPU per call, redis-server (Redis / +budget)",
+            f"{cpu['redis server'] * 1e6:.0f} / {cpu['budget server'] * 1e6:.0f} us",
+        ),
+        (
+            "Redis round trips per call (Redis / +budget)",
+            f"{cpu['redis trips']:.2f} / {cpu['budget trips']:.2f}",
+        ),
+    ]
+    report(
+        "l",
+        "Redis-backed routing vs in-process, per call (two providers; median, range)",
+        rows,
+        emulated,
+        "<= 1.3x per call (emulator); loopback shown beside",
+        emulated <= 1.3,
     )
 
 
@@ -1438,7 +1592,7 @@ def main(selected: list[str]) -> int:
     if selected[:1] == ["--profile-async"]:  # CONFIG IN_FLIGHT [TOTAL]
         profile_async(selected[1], int(selected[2]), int(selected[3]) if selected[3:] else 3000)
         return 0
-    chosen = selected or ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m"]
+    chosen = selected or ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n"]
     print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
     with loopback() as base, tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -1454,8 +1608,9 @@ def main(selected: list[str]) -> int:
             "i": lambda: bench_job(base),
             "j": lambda: bench_batch(base),
             "k": lambda: bench_batch_memory(base),
-            "l": bench_gateway_overhead,
-            "m": bench_gateway_throughput,
+            "l": lambda: bench_shared_state(base),
+            "m": bench_gateway_overhead,
+            "n": bench_gateway_throughput,
         }
         for key in chosen:
             steps[key]()

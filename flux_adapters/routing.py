@@ -818,10 +818,12 @@ def route(
     if last is not None and len(candidates) == 1:
         raise _with_attempts(last, attempts)
     if over_budget is not None and all(a.outcome == "skipped" for a in attempts):
+        left = max(0.0, over_budget.limit_usd - over_budget.spent_usd)
+        skipped = "; ".join(f"{a.provider}: {a.reason}" for a in attempts)
         message = (
             f"the budget of ${over_budget.limit_usd:.4f} ({over_budget.scope}, "
-            f"{over_budget.period}) has ${max(0.0, over_budget.limit_usd - over_budget.spent_usd):.4f} "
-            f"left, not enough for this call; nothing was sent"
+            f"{over_budget.period}) has ${left:.4f} left, not enough for this call "
+            f"({skipped}); nothing was sent"
         )
         note(logging.INFO, "over-budget", scrub, "%s: %s", model, message)
         raise _with_attempts(

@@ -41,6 +41,7 @@ __all__ = [
     "BudgetExceeded",
     "KeyRecord",
     "LocalState",
+    "Pass",
     "Period",
     "RedisState",
     "Reservation",
@@ -380,6 +381,10 @@ def __getattr__(name: str) -> object:
         from flux_adapters.state._local import LocalState
 
         return LocalState
+    if name == "Pass":  # the breaker's leave to send, as `flux_adapters.routing` defines it
+        from flux_adapters.routing import Pass
+
+        return Pass
     if name == "RedisState":
         from flux_adapters.state._redis import RedisState
 

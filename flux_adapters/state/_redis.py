@@ -330,20 +330,24 @@ class RedisState:
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
-            self._async = redis.asyncio.from_url(
-                self._url, retry=Retry(NoBackoff(), 0), **self._options()
+            # At most 64 connections; a call waits for a free one no longer than the timeout.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=64,
+                timeout=self._timeout,
+                retry=Retry(NoBackoff(), 0),
+                **self._options(),
             )
+            self._async = redis.asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
             for name, source in (("admit", ADMIT), ("finish", FINISH), ("spent", SPENT)):
                 self._scripts[name] = self._async.register_script(source)
         return self._async
 
     async def _call(self, name: str, keys: list[str], args: list[str]) -> Any:
-        import asyncio
 
         client = self._client()
-        try:
-            async with asyncio.timeout(self._timeout * 2 + 0.5):  # a belt over the socket bounds
-                return await self._scripts[name](keys=keys, args=args, client=client)
+        try:  # bounded by the pool's wait, the connect timeout and the socket timeout
+            return await self._scripts[name](keys=keys, args=args, client=client)
         except (OSError, TimeoutError) as exc:
             raise _unavailable(exc, self._timeout) from exc
         except Exception as exc:
@@ -520,7 +524,7 @@ class RedisState:
     async def aclose(self) -> None:
         client, self._async = self._async, None
         if client is not None:
-            await client.aclose()
+            await client.aclose(close_connection_pool=True)
         if self._blocking is not None:
             self._blocking.close()
 
@@ -543,9 +547,14 @@ class _RedisBlocking:
         from redis.retry import Retry
 
         self._state = state
-        self._client = redis.Redis.from_url(
-            state._url, retry=Retry(NoBackoff(), 0), **state._options()
+        pool = redis.BlockingConnectionPool.from_url(
+            state._url,
+            max_connections=64,
+            timeout=state._timeout,
+            retry=Retry(NoBackoff(), 0),
+            **state._options(),
         )
+        self._client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self._admit = self._client.register_script(ADMIT)
         self._finish = self._client.register_script(FINISH)
 
@@ -581,3 +590,4 @@ class _RedisBlocking:
 
     def close(self) -> None:
         self._client.close()
+        self._client.connection_pool.disconnect()
