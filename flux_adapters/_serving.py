@@ -89,6 +89,11 @@ class LoopbackServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prompt = False
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the server runs on, once it started."""
+        return self._loop
+
     def stop(self) -> None:
         """Stop the server from another thread without waiting for the answers in progress."""
         self._prompt = True

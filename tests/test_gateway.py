@@ -462,3 +462,30 @@ def test_health_readiness_and_metrics(emulator: Emulator, tmp_path: Path) -> Non
     assert ready == {"status": "ready", "providers": ["laozhang"]}
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "flux_gateway_request_seconds" in metrics.text
+
+
+# -- several gateways, one Redis -----------------------------------------------------------------
+
+
+def test_two_gateways_share_keys_and_one_budget_through_redis(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    from tests.redis_server import redis_server
+
+    before = len(emulator.billed("laozhang"))
+    with (
+        redis_server() as redis,
+        run_gateway(
+            files_dir=tmp_path / "a", clients=single(emulator, "laozhang"), state_url=redis.url
+        ) as first,
+        run_gateway(
+            files_dir=tmp_path / "b", clients=single(emulator, "laozhang"), state_url=redis.url
+        ) as second,
+    ):
+        key, _ = first.add_key(budget_usd=0.05, period="day")  # laozhang: $0.03 a call
+        sdk(first, key).images.generate(model="flux-2-pro", prompt="on the first")
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk(second, key).images.generate(model="flux-2-pro", prompt="on the second")
+    body: Any = caught.value.body
+    assert body["code"] == "budget_exceeded"
+    assert [job.prompt for job in emulator.billed("laozhang")[before:]] == ["on the first"]

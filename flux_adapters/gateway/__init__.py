@@ -21,6 +21,7 @@ them itself.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -111,7 +112,8 @@ def open_key_store(
 class RunningGateway:
     """A gateway serving in a background thread (`run_gateway`)."""
 
-    def __init__(self, root: str, gateway: Gateway) -> None:
+    def __init__(self, root: str, gateway: Gateway, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self.root = root
         """Root URL, e.g. ``http://127.0.0.1:8080``."""
         self.url = f"{root}/v1"
@@ -119,11 +121,13 @@ class RunningGateway:
         self.gateway = gateway
 
     def add_key(self, **settings: Any) -> tuple[str, KeyRecord]:
-        """Make a gateway key (see `new_key` for *settings*) and store it; the key and its record."""
-        import asyncio
+        """Make a gateway key (see `new_key` for *settings*) and store it; the key and its record.
 
+        Stored from the gateway's own event loop, where its state's connections live.
+        """
         key, record = new_key(**settings)
-        asyncio.run(self.gateway.keys.put_key(record))
+        done = asyncio.run_coroutine_threadsafe(self.gateway.keys.put_key(record), self._loop)
+        done.result(timeout=30)
         return key, record
 
 
@@ -217,7 +221,8 @@ def run_gateway(
         if not server.ready.wait(timeout=10) or not server.started:
             raise RuntimeError("the gateway did not start")
         shown = f"[{host}]" if ":" in host else host
-        yield RunningGateway(f"http://{shown}:{sock.getsockname()[1]}", gateway)
+        assert server.loop is not None
+        yield RunningGateway(f"http://{shown}:{sock.getsockname()[1]}", gateway, server.loop)
     finally:
         server.stop()
         if thread.is_alive():

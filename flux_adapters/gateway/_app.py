@@ -152,6 +152,10 @@ class Gateway:
                 await client.aclose()
         with contextlib.suppress(Exception):
             await self.state.aclose()
+        closing = getattr(self.keys, "aclose", None)
+        if closing is not None and self.keys is not self.state:
+            with contextlib.suppress(Exception):
+                await closing()
 
     def models(self) -> list[str]:
         """Canonical models offered by at least one configured provider."""
