@@ -485,6 +485,12 @@ async def _image_call(
             billed = bool(answer.body["error"].get("may_be_billed"))  # type: ignore[attr-defined]
             settled = estimate if billed else 0.0
             info["may_be_billed"] = billed
+            if billed:
+                tried = getattr(error, "attempts", ()) or ()
+                provider = getattr(error, "provider", None) or (
+                    tried[-1].provider if tried else "-"
+                )
+                gateway.metrics.spend.labels(key_label, str(provider)).inc(estimate)
             return done(answer, record)
         _count_attempts(gateway, result.attempts)
         cost = (
