@@ -489,3 +489,24 @@ def test_two_gateways_share_keys_and_one_budget_through_redis(
     body: Any = caught.value.body
     assert body["code"] == "budget_exceeded"
     assert [job.prompt for job in emulator.billed("laozhang")[before:]] == ["on the first"]
+
+
+def test_redis_down_is_a_503_before_anything_is_sent(emulator: Emulator, tmp_path: Path) -> None:
+    from tests.redis_server import redis_server
+
+    before = len(emulator.calls("laozhang"))
+    with (
+        redis_server() as redis,
+        run_gateway(
+            files_dir=tmp_path, clients=single(emulator, "laozhang"), state_url=redis.url
+        ) as gateway,
+    ):
+        key, _ = gateway.add_key(budget_usd=1.0)
+        redis.kill()
+        with pytest.raises(openai.InternalServerError) as caught:
+            sdk(gateway, key).images.generate(model="flux-2-pro", prompt="no state")
+    assert caught.value.status_code == 503
+    body: Any = caught.value.body
+    assert body["code"] == "state_unavailable"
+    assert caught.value.response.headers["x-should-retry"] == "true"
+    assert len(emulator.calls("laozhang")) == before

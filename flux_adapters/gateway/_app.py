@@ -509,7 +509,20 @@ async def _image_call(
         gateway.metrics.in_flight.dec()
         if reservation is not None:
             with anyio.CancelScope(shield=True):
-                await gateway.state.settle(reservation, settled)
+                try:
+                    await gateway.state.settle(reservation, settled)
+                except errors.FluxError as error:  # the answer stands; only the books are off
+                    LOGGER.warning(
+                        json.dumps(
+                            {
+                                "event": "settle-failed",
+                                "request_id": request_id,
+                                "key": key_label,
+                                "spent_usd": settled,
+                                "error": type(error).__name__,
+                            }
+                        )
+                    )
 
 
 def _count_attempts(gateway: Gateway, attempts: Sequence[Any]) -> None:
@@ -649,6 +662,18 @@ def _finish(
     return response
 
 
+async def _state_down(request: Request, exc: Exception) -> Response:
+    # The shared state did not answer (Redis down, failing closed) before anything was sent.
+    answer = openai_error(
+        503,
+        "the gateway's shared state is not reachable; nothing was sent",
+        type_="server_error",
+        code="state_unavailable",
+        retry=True,
+    )
+    return _json(answer, _request_id())
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # A bug: logged with its traceback (never a key: none is in the gateway's locals' reprs),
     # answered in OpenAI's shape without details.
@@ -688,7 +713,12 @@ def create_app(gateway: Gateway) -> Starlette:
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
-        exception_handlers={404: _not_found, 405: _not_found, Exception: _unexpected},
+        exception_handlers={
+            404: _not_found,
+            405: _not_found,
+            errors.StateUnavailable: _state_down,
+            Exception: _unexpected,
+        },
         lifespan=lifespan,
     )
     app.state.gateway = gateway

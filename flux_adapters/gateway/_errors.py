@@ -124,6 +124,24 @@ def error_answer(error: errors.FluxError) -> Answer:
     status = getattr(error, "status_code", None)
     common: dict[str, Any] = {"provider": provider, "provider_status": status, **extra}
     text = str(error)
+    if isinstance(error, errors.BudgetExceeded):  # the configured (client) budget: nothing sent
+        return openai_error(
+            429,
+            text,
+            type_="insufficient_quota",
+            code="gateway_budget_exceeded",
+            retry=False,
+            may_be_billed=False,
+        )
+    if isinstance(error, errors.StateUnavailable):  # raised before sending: nothing sent
+        return openai_error(
+            503,
+            text,
+            type_="server_error",
+            code="state_unavailable",
+            retry=True,
+            may_be_billed=False,
+        )
     if isinstance(error, errors.ClientClosedError):
         return openai_error(503, "the gateway is shutting down", type_="server_error", retry=True)
     if isinstance(error, errors.ConfigurationError):
