@@ -360,6 +360,20 @@ def load_config(
     if unknown_price not in ("allow", "refuse"):
         raise _fail(origin, f"unknown_price must be 'allow' or 'refuse', not {unknown_price!r}")
     ambiguous = bool(shape.failover_on_ambiguous)
+    if shape.budget_period not in (None, "day", "total"):
+        raise _fail(
+            origin, f"budget_period must be 'day' or 'total', not {shape.budget_period!r:.40}"
+        )
+    fallback = env.get("FLUX_STATE_FALLBACK") or shape.state_fallback or "none"
+    if fallback not in ("none", "local"):
+        where = "$FLUX_STATE_FALLBACK" if env.get("FLUX_STATE_FALLBACK") else origin
+        raise _fail(where, f"state_fallback must be 'none' or 'local', not {fallback!r:.40}")
+    if shape.budget_usd is not None:
+        from flux_adapters._options import is_number
+
+        budget_usd = shape.budget_usd
+        if not (is_number(budget_usd) and 0 <= budget_usd <= 1e9):
+            raise _fail(origin, f"budget_usd must be dollars from 0 to 1e9, not {budget_usd!r:.40}")
     return Config(
         providers=tuple(ordered),
         routing=routing,  # type: ignore[arg-type]
@@ -374,10 +388,8 @@ def load_config(
         job_deadline=job_deadline,
         source=origin,
         state_url=env.get("FLUX_STATE_URL") or shape.state_url,
-        state_fallback=env.get("FLUX_STATE_FALLBACK") or shape.state_fallback or "none",
-        budget_usd=None
-        if shape.budget_usd is None
-        else _number(shape.budget_usd, f"{origin} budget_usd"),
+        state_fallback=fallback,
+        budget_usd=None if shape.budget_usd is None else float(shape.budget_usd),
         budget_period=shape.budget_period or "total",
         budget_scope=shape.budget_scope or "client:default",
     )

@@ -770,7 +770,7 @@ def route(
                     note(logging.INFO, "give-up", scrub, "%s: %s", model, rule.reason)
                     if admitted is not None:
                         settled = True
-                        yield Settle(candidate, admitted, "release", _charge(rule))
+                        yield Settle(candidate, admitted, "release", _charge(rule, reply))
                     raise _with_attempts(reply, attempts)
                 # Not taken, or failing in a way that may have billed: either way the provider
                 # is not serving now, so later calls skip it for the cooldown.
@@ -782,7 +782,7 @@ def route(
                         candidate,
                         admitted,
                         "failure",
-                        _charge(rule),
+                        _charge(rule, reply),
                         retry_after=asked,
                         pause_s=asked if rule.name == "rate-limited" else None,
                     )
@@ -850,9 +850,18 @@ def route(
     )
 
 
-def _charge(rule: BillingRule) -> Charge:
-    """What a failed try costs the budget: nothing when it proves the job was not billed."""
-    return "keep" if rule.proves == "may be billed" else "refund"
+def _charge(rule: BillingRule, error: FluxError) -> Charge:
+    """What a failed try costs the budget: nothing only when it proves the job was not billed.
+
+    A refusal refunds when it came before a job was accepted; a job the provider accepted and
+    then moderated keeps its reservation (fal bills it, BFL does not: counting it is the side
+    that cannot overspend).
+    """
+    if rule.proves in ("not taken", "not billed"):
+        return "refund"
+    if rule.proves == "refused" and error.job is None and not isinstance(error, JobError):
+        return "refund"
+    return "keep"
 
 
 def _denied_reason(denied: Denied, cost: float | None) -> str:

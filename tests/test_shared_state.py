@@ -533,3 +533,39 @@ def test_a_redis_url_without_the_redis_extra_names_the_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
     assert out.strip() == "redis"
+
+
+def test_a_refusal_refunds_but_a_moderated_accepted_job_keeps_its_reservation(
+    redis: RedisServer, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux_adapters.errors import ContentModerated, Moderated
+    from flux_adapters.jobs import Polling
+
+    monkeypatch.setenv("FAL_API_KEY", "fal-key")
+    monkeypatch.setenv("FAL_BASE_URL", emulator.base_url("fal"))
+    fast = Polling(first=0.01, factor=1.5, longest=0.05, jitter=0.1, deadline=30.0)
+
+    async def run() -> tuple[float, float]:
+        state = open_state(redis.url, prefix=prefix())
+        # laozhang's filter refuses the call: nothing was made, nothing is counted.
+        emulator.inject("laozhang", Fault(moderation=True, first=1))
+        async with AsyncFluxClient(
+            "laozhang", state=state, prices=PRICES, budget_usd=1.0, budget_scope="client:mod"
+        ) as client:
+            with pytest.raises(ContentModerated):
+                await client.edit(REQUEST)
+        refused = float(await state.spent("client:mod", "total"))
+        # fal accepted the job, then moderated it (fal bills that): the reservation stays.
+        emulator.inject("fal", Fault(outcome="content-moderated", pending=0))
+        async with AsyncFluxClient(
+            "fal", state=state, budget_usd=1.0, budget_scope="client:fal", polling=fast
+        ) as client:
+            with pytest.raises((Moderated, ContentModerated)):
+                await client.edit(REQUEST)
+        kept = float(await state.spent("client:fal", "total"))
+        await state.aclose()
+        return refused, kept
+
+    refused, kept = asyncio.run(run())
+    assert refused == 0.0
+    assert kept > 0.0
