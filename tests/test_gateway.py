@@ -510,3 +510,20 @@ def test_redis_down_is_a_503_before_anything_is_sent(emulator: Emulator, tmp_pat
     assert body["code"] == "state_unavailable"
     assert caught.value.response.headers["x-should-retry"] == "true"
     assert len(emulator.calls("laozhang")) == before
+
+
+def test_a_key_limited_to_providers_is_routed_among_them_only(
+    emulator: Emulator, failover_env: None, tmp_path: Path
+) -> None:
+    before = len(emulator.calls("apiyi"))
+    with run_gateway(files_dir=tmp_path) as gateway:
+        key, _ = gateway.add_key(allowed_providers=["laozhang"])
+        raw = sdk(gateway, key).images.with_raw_response.generate(
+            model="flux-2-pro", prompt="laozhang only", extra_body={"width": 512, "height": 512}
+        )
+        raw.parse()
+        everyone, _ = gateway.add_key()
+        models = [m.id for m in sdk(gateway, everyone).models.list()]
+    assert raw.headers["x-flux-attempt-log"] == "laozhang=ok"  # apiyi, first in order, not tried
+    assert len(emulator.calls("apiyi")) == before
+    assert "flux-2-pro" in models
