@@ -155,11 +155,12 @@ def _gateway(
         if files_dir is not None
         else Path(tempfile.gettempdir()) / "flux-gateway-files"
     )
+    state = open_state(state_url, fallback=fallback)
     return Gateway(
         GatewaySettings(files_dir=folder, **settings),
         clients,
-        keys if keys is not None else open_key_store(state_url),
-        open_state(state_url, fallback=fallback),
+        keys if keys is not None else state,  # no key file is read or written unless given
+        state,
     )
 
 
@@ -184,7 +185,8 @@ def run_gateway(
         files_dir: Where result images are kept (default: a folder in the temp directory).
         config: The configuration file (default: ``$FLUX_CONFIG`` or ``flux-adapters.toml``).
         clients: Makes the clients (default: `clients_from_config`).
-        keys: Where gateway keys live (default: `open_key_store`).
+        keys: Where gateway keys live (default: the state, this process's or Redis with
+            *state_url*; a key file only when given one, e.g. `FileKeys`).
         state_url: The shared state (``redis://...``); default in-process.
         header_timeout: Seconds a connection may take to send its request head.
         **settings: `GatewaySettings` fields: ``retention``, ``max_body_bytes``,
