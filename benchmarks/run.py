@@ -36,6 +36,13 @@ Each comparison prints both measurements and their ratio against the issue's tar
   l  Redis-backed routing vs in-process, per call: FluxClient and AsyncFluxClient with two
      providers, cooldowns in the client vs in a redis-server on a Unix socket (state=), also
      with a cumulative budget; measured side by side, alternated; Redis commands per call
+  m  the gateway's overhead per call: a 64x64 text-to-image POSTed to `flux-adapters serve`
+     (fronting laozhang on the emulator; gateway key checked, image fetched and kept) and its
+     image fetched from the gateway, vs the same POST to the emulator and its image fetched from
+     the emulator, call by call in alternation; medians, the median of the paired differences
+     (target <= 1.5 ms) and the ratio. Gateway and emulator each in their own process
+  n  the gateway's throughput at 50 and 200 concurrent clients (aiohttp, one connection each),
+     requests per second, vs the same clients calling the emulator directly
 
 The server (benchmarks/loopback_server.py) runs in its own process and discards bodies. Results
 are also written to benchmarks/results/latest.json. Timings vary with the machine; run twice.
@@ -1258,6 +1265,169 @@ def bench_batch_memory(base: str) -> None:
     )
 
 
+@contextmanager
+def gateway_process(emulator_root: str, folder: Path) -> Iterator[tuple[str, str]]:
+    """`flux-adapters serve` in its own process, fronting laozhang on *emulator_root*.
+
+    Yields its root URL and a gateway key (no budget, no rate limit: the checks a key with
+    them adds are in-process dictionary work).
+    """
+    import socket
+
+    env = {
+        **os.environ,
+        "FLUX_PROVIDERS": "laozhang",
+        "LAOZHANG_API_KEY": KEY,
+        "LAOZHANG_BASE_URL": f"{emulator_root}/laozhang",
+        "FLUX_GATEWAY_KEYS": str(folder / "keys.json"),
+    }
+    env.pop("FLUX_CONFIG", None)
+    made = subprocess.run(
+        [sys.executable, "-m", "flux_adapters", "keys", "create"],
+        env=env, cwd=folder, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    key = made.stdout.splitlines()[0]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "flux_adapters", "serve", "--port", str(port),
+               "--files-dir", str(folder / "files")]  # fmt: skip
+    with subprocess.Popen(
+        command, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as server:
+        root = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                httpx.get(f"{root}/healthz")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.05)
+        try:
+            yield root, key
+        finally:
+            server.terminate()
+            server.wait()
+
+
+def bench_gateway_overhead(calls: int = 400) -> None:
+    body = {"model": "flux-2-pro", "prompt": "a robot", "width": 64, "height": 64}
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        emulator_process() as emulator,
+        gateway_process(emulator, Path(scratch)) as (gateway, key),
+        httpx.Client() as client,
+    ):
+        direct_url = f"{emulator}/laozhang/v1/images/generations"
+        via_url = f"{gateway}/v1/images/generations"
+
+        def direct() -> tuple[float, float]:
+            started = time.perf_counter()
+            answer = client.post(direct_url, json=body, headers={"authorization": f"Bearer {KEY}"})
+            posted = time.perf_counter()
+            image = client.get(answer.json()["data"][0]["url"])
+            assert image.status_code == 200
+            return posted - started, time.perf_counter() - started
+
+        def via() -> tuple[float, float]:
+            started = time.perf_counter()
+            answer = client.post(via_url, json=body, headers={"authorization": f"Bearer {key}"})
+            posted = time.perf_counter()
+            assert answer.status_code == 200, answer.text
+            image = client.get(answer.json()["data"][0]["url"])
+            assert image.status_code == 200
+            return posted - started, time.perf_counter() - started
+
+        for _ in range(20):  # warm both up: connections, first renders, imports
+            direct()
+            via()
+        pairs = [(direct(), via()) for _ in range(calls)]
+    post_direct = statistics.median(d[0] for d, _ in pairs)
+    post_via = statistics.median(v[0] for _, v in pairs)
+    whole_direct = statistics.median(d[1] for d, _ in pairs)
+    whole_via = statistics.median(v[1] for _, v in pairs)
+    added = statistics.median(v[1] - d[1] for d, v in pairs)
+    quartiles = statistics.quantiles([v[1] - d[1] for d, v in pairs], n=4)
+    report(
+        "m",
+        f"gateway overhead per call (64x64 text-to-image at laozhang, {calls} calls each)",
+        [
+            ("POST to the emulator (median)", f"{post_direct * 1000:.2f} ms"),
+            ("POST to the gateway (median; it keeps the image)", f"{post_via * 1000:.2f} ms"),
+            ("POST + GET image, emulator directly (median)", f"{whole_direct * 1000:.2f} ms"),
+            ("POST + GET image, through the gateway (median)", f"{whole_via * 1000:.2f} ms"),
+            (
+                "added by the gateway, paired median (quartiles)",
+                f"{added * 1000:.2f} ms ({quartiles[0] * 1000:.2f} .. {quartiles[2] * 1000:.2f})",
+            ),
+        ],
+        whole_via / whole_direct,
+        "<= 1.5 ms added at the median",
+        added <= 0.0015,
+    )
+
+
+async def _hammer(url: str, headers: dict[str, str], clients: int, total: int) -> float:
+    """Requests per second of *clients* concurrent aiohttp clients sending *total* POSTs."""
+    import aiohttp
+
+    body = {"model": "flux-2-pro", "prompt": "a robot", "width": 64, "height": 64}
+    left = total
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one_client() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                async with session.post(url, json=body, headers=headers) as answer:
+                    assert answer.status == 200, await answer.text()
+                    await answer.read()
+
+        await asyncio.gather(*(one_client() for _ in range(min(clients, 20))))  # warm-up
+        left = total
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        return total / (time.perf_counter() - started)
+
+
+def bench_gateway_throughput(total: int = 2000) -> None:
+    rows: list[tuple[str, str]] = []
+    ratios = []
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        emulator_process() as emulator,
+        gateway_process(emulator, Path(scratch)) as (gateway, key),
+    ):
+        for clients in (50, 200):
+            direct = asyncio.run(
+                _hammer(
+                    f"{emulator}/laozhang/v1/images/generations",
+                    {"authorization": f"Bearer {KEY}"},
+                    clients,
+                    total,
+                )
+            )
+            via = asyncio.run(
+                _hammer(
+                    f"{gateway}/v1/images/generations",
+                    {"authorization": f"Bearer {key}"},
+                    clients,
+                    total,
+                )
+            )
+            ratios.append(via / direct)
+            rows.append((f"{clients} clients: emulator directly", f"{direct:.0f} req/s"))
+            rows.append((f"{clients} clients: through the gateway", f"{via:.0f} req/s"))
+    report(
+        "n",
+        f"gateway throughput, {total} text-to-image calls (64x64) per measurement",
+        rows,
+        min(ratios),
+        "reported (no target in the issue)",
+        True,
+    )
+
+
 def _redis_cpu(raw: Any) -> float:
     """CPU seconds the redis-server has used so far (user + system)."""
     cpu = raw.info("cpu")
@@ -1422,6 +1592,8 @@ _ROWS: Final[dict[str, Callable[[str, Path], None]]] = {
     "j": lambda base, _: bench_batch(base),
     "k": lambda base, _: bench_batch_memory(base),
     "l": lambda base, _: bench_shared_state(base),
+    "m": lambda _, __: bench_gateway_overhead(),
+    "n": lambda _, __: bench_gateway_throughput(),
 }
 """Each row of the docstring: its run, given the loopback server's URL and a scratch folder."""
 

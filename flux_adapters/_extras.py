@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from flux_adapters.errors import MissingExtraError
 
-__all__ = ["FEATURES", "PROVIDED_BY", "extra_imports", "missing_extra"]
+__all__ = ["FEATURES", "PROVIDED_BY", "SHARED", "extra_imports", "missing_extra"]
 
 PROVIDED_BY: Final = {
     "starlette": ("starlette", "emulator"),
@@ -39,30 +39,38 @@ PROVIDED_BY: Final = {
     "rich": ("rich", "cli"),
     "pybase64": ("pybase64", "fast"),
     "aiohttp": ("aiohttp", "fast"),
+    "prometheus_client": ("prometheus-client", "gateway"),
     "redis": ("redis", "redis"),
     "fsspec": ("fsspec", "fsspec"),
 }
 """Top-level module -> (the package on the index that provides it, the extra that installs it).
 
+A module that several extras install is listed under the first; `SHARED` names the others.
 tests/test_packaging.py checks that each extra in pyproject.toml lists exactly these packages."""
+
+SHARED: Final = {"gateway": ("starlette", "uvicorn", "python_multipart")}
+"""Extra -> modules of `PROVIDED_BY` that it installs too (the gateway serves with the emulator's
+server stack, without Pillow)."""
 
 FEATURES: Final = {
     "emulator": "the emulator",
     "conformance": "the conformance suite",
     "cli": "the live progress display",
     "fast": "the speed-ups",
+    "gateway": "the gateway",
     "redis": "shared state in Redis (FLUX_STATE_URL)",
     "fsspec": "batch outputs at an fsspec URL",
 }
 """What each extra is for, as the subject of the error message."""
 
 
-def missing_extra(error: ModuleNotFoundError) -> MissingExtraError | None:
+def missing_extra(error: ModuleNotFoundError, extra: str | None = None) -> MissingExtraError | None:
     """The `MissingExtraError` that *error* stands for; ``None`` when it is no extra's module.
 
     Only a top-level module of `PROVIDED_BY` counts: ``No module named 'PIL.WebPImagePlugin'``
     says that Pillow is installed (without WebP), not that the extra is missing. Python names
     the top-level module when that is what is missing, even for ``from starlette.routing import``.
+    *extra* names the extra to install when that one provides the module too (`SHARED`).
     """
     from flux_adapters.errors import MissingExtraError
 
@@ -71,7 +79,9 @@ def missing_extra(error: ModuleNotFoundError) -> MissingExtraError | None:
     module = error.name or ""
     if module not in PROVIDED_BY:
         return None
-    distribution, extra = PROVIDED_BY[module]
+    distribution, first = PROVIDED_BY[module]
+    if extra is None or (extra != first and module not in SHARED.get(extra, ())):
+        extra = first
     named = "" if module == distribution else f" (module {module})"
     return MissingExtraError(
         f"{FEATURES[extra]} needs {distribution}{named}, which is not installed; "
@@ -83,8 +93,10 @@ def missing_extra(error: ModuleNotFoundError) -> MissingExtraError | None:
 
 
 @contextmanager
-def extra_imports() -> Iterator[None]:
+def extra_imports(extra: str | None = None) -> Iterator[None]:
     """Raise `MissingExtraError` (with the install hint) for an extra's module missing in the block.
+
+    *extra* is the extra the block's feature needs, for a module several extras install.
 
     Any other ``ModuleNotFoundError`` (a broken installation) passes through unchanged, and so
     does a `MissingExtraError` raised by an inner block.
@@ -92,7 +104,7 @@ def extra_imports() -> Iterator[None]:
     try:
         yield
     except ModuleNotFoundError as exc:
-        missing = missing_extra(exc)
+        missing = missing_extra(exc, extra)
         if missing is None or missing is exc:
             raise
         raise missing from exc

@@ -1,4 +1,4 @@
-"""The ``flux-adapters`` command: edit, check, explain, batch, models, emulate, conformance.
+"""The ``flux-adapters`` command: edit, check, explain, batch, models, emulate, serve, keys, conformance.
 
 Every failure ends with one line on standard error and one of these exit statuses, never a
 traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its traceback):
@@ -508,7 +508,113 @@ def _parser() -> argparse.ArgumentParser:
     emulate.add_argument(
         "--bad-key", action="append", default=[], help="refuse this API key with 401"
     )
+    _add_serve(commands)
+    _add_keys(commands)
     return parser
+
+
+def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the OpenAI-compatible gateway (extra: gateway) in the foreground",
+        description="Serve OpenAI's Images API (/v1/images/generations, /v1/images/edits, "
+        "/v1/models) in front of the configured providers (flux-adapters.toml, "
+        "$FLUX_PROVIDERS, <PROVIDER>_API_KEY ...). See docs/gateway.md.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    serve.add_argument(
+        "--port", type=_whole(0, 65535), default=8080, help="default 8080; 0: any free port"
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="the configuration file (default: $FLUX_CONFIG, else ./flux-adapters.toml)",
+    )
+    serve.add_argument(
+        "--files-dir", type=Path, default=Path("flux-gateway-files"),
+        help="where result images are kept and served from (default ./flux-gateway-files)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--retention", type=_seconds(), default=86400.0,
+        help="seconds a kept image is served (default 86400: one day)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--public-url", help="root URL for image links (default: the URL each client called)"
+    )
+    serve.add_argument(
+        "--keys-file",
+        type=Path,
+        help="the gateway key file (default: $FLUX_GATEWAY_KEYS, else ./flux-adapters-keys.json)",
+    )
+    serve.add_argument(
+        "--state",
+        metavar="URL",
+        help="shared state, e.g. redis://host:6379/0 (default: $FLUX_STATE_URL, else in-process)",
+    )
+    serve.add_argument(
+        "--no-auth", action="store_true",
+        help="accept calls without a gateway key (only for a gateway no one else can reach)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-body-mb",
+        type=_whole(1, 4096),
+        default=240,
+        help="largest request body (default 240)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout", type=_seconds(zero=True), default=300.0,
+        help="seconds to let paid calls under way finish on SIGTERM/Ctrl-C (default 300)",
+    )  # fmt: skip
+
+
+def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
+    keys = commands.add_parser("keys", help="create, list or revoke gateway keys")
+    keys.add_argument(
+        "--keys-file",
+        type=Path,
+        help="the key file (default: $FLUX_GATEWAY_KEYS, else ./flux-adapters-keys.json)",
+    )
+    keys.add_argument("--state", metavar="URL", help="shared state (default: $FLUX_STATE_URL)")
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    actions.required = True
+    create = actions.add_parser(
+        "create", help="make a key; it is shown once, only its hash is kept"
+    )
+    create.add_argument("--name", default="", help="a label")
+    create.add_argument("--budget-usd", type=_number, help="dollars this key may spend")
+    period = create.add_mutually_exclusive_group()
+    period.add_argument(
+        "--per-day",
+        dest="period",
+        action="store_const",
+        const="day",
+        help="the budget is per UTC day",
+    )
+    period.add_argument(
+        "--total",
+        dest="period",
+        action="store_const",
+        const="total",
+        help="the budget is for the key's life (default)",
+    )
+    create.add_argument(
+        "--model", action="append", default=[], help="a model it may use (repeat; default all)"
+    )
+    create.add_argument(
+        "--provider",
+        action="append",
+        default=[],
+        type=_provider_id,
+        help="a provider its calls may go to (repeat; default all)",
+    )
+    create.add_argument(
+        "--rate-per-minute", type=_number, help="calls per minute (default: no limit)"
+    )
+    _add_json(create, "the key and its record")
+    listing = actions.add_parser("list", help="the keys (ids, limits, spend today; never a key)")
+    _add_json(listing, "the records")
+    revoke = actions.add_parser("revoke", help="delete a key by its id")
+    revoke.add_argument("key_id", help="the id `keys list` shows")
 
 
 def _reason(exc: BaseException) -> str:
@@ -1695,6 +1801,112 @@ def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
+    from flux_adapters.gateway import serve
+
+    listening = False
+
+    def banner(root: str) -> None:
+        nonlocal listening
+        listening = True
+        out.write(
+            f"flux-adapters gateway on {root} (Ctrl-C to stop); OpenAI base URL: {root}/v1\n"
+            + ("no gateway key needed (--no-auth)\n" if arguments.no_auth else "")
+        )
+        out.flush()
+
+    # uvicorn raises the signal that stopped it again once it is done: Ctrl-C then ends as
+    # everywhere else (KeyboardInterrupt, 130); SIGTERM, the way a service is stopped, after
+    # the calls under way were let finish (or reported), ends with 0.
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        serve(
+            host=arguments.host,
+            port=arguments.port,
+            config=arguments.config,
+            files_dir=arguments.files_dir,
+            retention=arguments.retention,
+            public_url=arguments.public_url,
+            keys_file=arguments.keys_file,
+            state_url=arguments.state or os.environ.get("FLUX_STATE_URL") or None,
+            require_keys=not arguments.no_auth,
+            max_body_bytes=arguments.max_body_mb * 1024 * 1024,
+            shutdown_timeout=arguments.shutdown_timeout,
+            on_ready=banner,
+        )
+    except OSError as exc:
+        if listening:
+            raise
+        raise errors.ConfigurationError(
+            f"cannot listen on {arguments.host}:{arguments.port}: {_reason(exc)}"
+        ) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+    return EXIT_OK
+
+
+def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
+    import asyncio
+
+    from flux_adapters.gateway import new_key, open_key_store
+    from flux_adapters.gateway._keys import record_to_dict
+
+    store = open_key_store(
+        arguments.state or os.environ.get("FLUX_STATE_URL") or None, arguments.keys_file
+    )
+    if arguments.keys_command == "create":
+        from flux_adapters.request import MODELS
+
+        unknown = [m for m in arguments.model if m not in MODELS]
+        if unknown:
+            raise errors.ConfigurationError(
+                f"unknown model {unknown[0]!r}; models: {', '.join(MODELS)}"
+            )
+        for name, value in (
+            ("--budget-usd", arguments.budget_usd),
+            ("--rate-per-minute", arguments.rate_per_minute),
+        ):
+            if value is not None and not value > 0:
+                raise errors.ConfigurationError(f"{name} must be above 0")
+        key, record = new_key(
+            name=arguments.name,
+            budget_usd=arguments.budget_usd,
+            period=arguments.period or "total",
+            allowed_models=arguments.model,
+            allowed_providers=arguments.provider,
+            rate_per_minute=arguments.rate_per_minute,
+        )
+        asyncio.run(store.put_key(record))
+        if arguments.json:
+            _write_json(out, {"key": key, "record": record_to_dict(record)})
+        else:
+            out.write(f"{key}\n")
+            out.write(f"id {record.id}: the key above is shown once; only its hash is kept\n")
+        return EXIT_OK
+    if arguments.keys_command == "list":
+        records = asyncio.run(store.list_keys())
+        if arguments.json:
+            _write_json(out, {"keys": [record_to_dict(r) | {"key_hash": None} for r in records]})
+            return EXIT_OK
+        for r in records:
+            budget = "no budget" if r.budget_usd is None else f"${r.budget_usd:g} per {r.period}"
+            rate = "" if r.rate_per_minute is None else f", {r.rate_per_minute:g}/min"
+            models = f", models {','.join(r.allowed_models)}" if r.allowed_models else ""
+            providers = (
+                f", providers {','.join(r.allowed_providers)}" if r.allowed_providers else ""
+            )
+            out.write(
+                f"{r.id}  {escape_controls(r.name) or '-'}  {budget}{rate}{models}{providers}\n"
+            )
+        return EXIT_OK
+    if not asyncio.run(store.delete_key(arguments.key_id)):
+        raise errors.ConfigurationError(f"no gateway key with id {arguments.key_id!r}")
+    out.write(f"revoked {arguments.key_id}\n")
+    return EXIT_OK
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -1852,6 +2064,8 @@ def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         "models": lambda: _models(arguments, out),
         "explain": lambda: _explain(arguments, out),
         "emulate": lambda: _emulate(arguments, out),
+        "serve": lambda: _serve(arguments, out),
+        "keys": lambda: _keys(arguments, out),
     }
     with _library_warnings(err):
         return commands[arguments.command]()

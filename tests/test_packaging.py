@@ -19,7 +19,7 @@ import pytest
 
 import flux_adapters
 from flux_adapters import errors
-from flux_adapters._extras import FEATURES, PROVIDED_BY, extra_imports, missing_extra
+from flux_adapters._extras import FEATURES, PROVIDED_BY, SHARED, extra_imports, missing_extra
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -88,14 +88,14 @@ def test_the_classifiers_name_every_python_the_package_claims() -> None:
 
 def test_user_extras_hold_no_development_tools() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert set(extras) == {"fast", "emulator", "cli", "conformance", "redis", "fsspec"}
-    tools = {"ruff", "mypy", "build", "hypothesis", "types-pyyaml"}
+    assert set(extras) == {"fast", "emulator", "cli", "conformance", "gateway", "redis", "fsspec"}
+    tools = {"ruff", "mypy", "build", "hypothesis", "types-pyyaml", "openai"}
     for extra, requirements in extras.items():
         assert not tools & {_normalized(r) for r in requirements}, extra
     dev = {_normalized(r) for r in PYPROJECT["dependency-groups"]["dev"]}
     assert tools <= dev
     assert (
-        "flux-adapters[fast,emulator,cli,conformance,redis,fsspec]"
+        "flux-adapters[fast,emulator,cli,conformance,gateway,redis,fsspec]"
         in PYPROJECT["dependency-groups"]["dev"]
     )
 
@@ -109,6 +109,8 @@ def test_the_extras_table_matches_pyproject() -> None:
     known: dict[str, set[str]] = {}
     for distribution, extra in PROVIDED_BY.values():
         known.setdefault(extra, set()).add(_normalized(distribution))
+    for extra, modules in SHARED.items():
+        known.setdefault(extra, set()).update(_normalized(PROVIDED_BY[m][0]) for m in modules)
     assert known == declared
     assert set(FEATURES) == set(declared)
 
@@ -262,6 +264,21 @@ def test_emulate_without_the_extra_ends_with_the_hint_and_status_5() -> None:
     assert result.stderr == (
         "flux-adapters: MissingExtraError: the emulator needs starlette, which is not installed; "
         "install it with: pip install 'flux-adapters[emulator]'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "module", ["starlette", "uvicorn", "python_multipart", "prometheus_client"]
+)
+def test_serve_without_the_extra_names_the_gateway_extra_and_ends_with_5(module: str) -> None:
+    """A module the emulator extra installs too is still named as the gateway's to install."""
+    result = _cli("serve", "--port", "0", "--no-auth", blocked=(module,))
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert result.stdout == ""  # no banner: nothing listened
+    named = "" if module == PROVIDED_BY[module][0] else f" (module {module})"
+    assert result.stderr == (
+        f"flux-adapters: MissingExtraError: the gateway needs {PROVIDED_BY[module][0]}{named}, "
+        "which is not installed; install it with: pip install 'flux-adapters[gateway]'\n"
     )
 
 

@@ -1,22 +1,13 @@
-"""The HTTP server under the emulator: uvicorn's h11 protocol, plus a deadline for request heads.
+"""The HTTP server under the emulator: uvicorn's h11 protocol with a deadline for request heads.
 
-uvicorn closes a connection that sits idle *between* requests (``timeout_keep_alive``), but it
-cancels that timer on the first byte of the next request, and starts none for a fresh
-connection. A client that connects and sends nothing, or sends a header line every few seconds
-and never finishes (slowloris), would hold its connection and task for ever. `_HeadDeadline`
-gives each request head a deadline from the moment the server starts waiting for it.
+The deadline and the prompt stop live in `flux_adapters._serving`, shared with the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-import threading
-from typing import ClassVar
-
-import h11
 
 # Starlette needs python-multipart for apiyi's multipart endpoint, and finds it missing only on
 # the first such request (an AssertionError, a 500); imported here, its absence stops the start
@@ -24,59 +15,13 @@ import h11
 import python_multipart  # noqa: F401
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from flux_adapters._serving import HeadDeadline as _HeadDeadline
+from flux_adapters._serving import LoopbackServer as EmulatorServer
 from flux_adapters.emulator._answers import DroppedConnection
 from flux_adapters.emulator._app import State, create_app
 
 __all__ = ["EmulatorServer", "build_server"]
-
-
-class _HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol, closing connections whose request head is late.
-
-    The deadline runs while h11 waits for a request head (``their_state`` is ``IDLE``): from the
-    connection, and again from each complete answer. Bytes of an unfinished head do not extend
-    it; a complete head stops it, so a slow body or a slow answer is not cut.
-    """
-
-    head_timeout: ClassVar[float] = 10.0
-    _deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._follow_head()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_deadline()
-        super().connection_lost(exc)
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        self._follow_head()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._follow_head()
-
-    def _follow_head(self) -> None:
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-            self._stop_deadline()
-        elif self._deadline is None:
-            self._deadline = self.loop.call_later(self.head_timeout, self._head_too_late)
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _head_too_late(self) -> None:
-        self._deadline = None
-        if not self.transport.is_closing():
-            # Close without an answer, as uvicorn does for an idle keep-alive connection: a 408
-            # sent to a client that sent nothing would be read as the answer to its next request.
-            self.conn.send(h11.ConnectionClosed())
-            self.transport.close()
 
 
 class _QuietDrops(logging.Filter):
@@ -95,65 +40,6 @@ class _QuietDrops(logging.Filter):
 
 # One instance, so that adding it again for every server is a no-op (`Logger.addFilter`).
 _QUIET_DROPS = _QuietDrops()
-
-
-class EmulatorServer(uvicorn.Server):
-    """uvicorn's server, which a host thread can also stop at once (`stop`).
-
-    uvicorn notices ``should_exit`` at its next tick (every 0.1 s), then waits 0.1 s more and
-    for every answer in progress to end: a test that leaves an emulator with a delayed or
-    dripping answer outstanding waited for it. `stop` wakes the server at once, closes every
-    connection and cuts the answers in progress (their clients see the connection close). A
-    foreground server stopped by a signal (``flux-adapters emulate``) still stops as uvicorn does.
-    """
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-        """Set once the server listens (`started`), or failed to start."""
-        self._woken = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._prompt = False
-
-    def stop(self) -> None:
-        """Stop the server from another thread without waiting for the answers in progress."""
-        self._prompt = True
-        self.should_exit = True
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has already ended
-                loop.call_soon_threadsafe(self._woken.set)
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        try:
-            await super().startup(sockets)
-        finally:
-            self.ready.set()
-
-    async def main_loop(self) -> None:
-        # uvicorn's loop, ticking every 0.1 s (the Date header, should_exit from a signal), but
-        # woken at once by `stop`.
-        counter = 0
-        while not await self.on_tick(counter):
-            counter = (counter + 1) % 864_000
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), 0.1)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        if not self._prompt:
-            await super().shutdown(sockets)
-            return
-        for server in self.servers:
-            server.close()
-        for connection in list(self.server_state.connections):
-            connection.transport.abort()
-        tasks = list(self.server_state.tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for server in self.servers:
-            await server.wait_closed()
 
 
 def build_server(

@@ -1,0 +1,158 @@
+"""uvicorn pieces shared by the emulator and the gateway: a deadline for request heads, a prompt stop.
+
+uvicorn closes a connection that sits idle *between* requests (``timeout_keep_alive``), but it
+cancels that timer on the first byte of the next request, and starts none for a fresh
+connection. A client that connects and sends nothing, or sends a header line every few seconds
+and never finishes (slowloris), would hold its connection and task for ever. `HeadDeadline`
+gives each request head a deadline from the moment the server starts waiting for it.
+
+Imported only with uvicorn installed (the ``emulator`` or ``gateway`` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from typing import ClassVar
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+__all__ = ["HeadDeadline", "LoopbackServer", "listening_socket"]
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol, closing connections whose request head is late.
+
+    The deadline runs while h11 waits for a request head (``their_state`` is ``IDLE``): from the
+    connection, and again from each complete answer. Bytes of an unfinished head do not extend
+    it; a complete head stops it, so a slow body or a slow answer is not cut.
+    """
+
+    head_timeout: ClassVar[float] = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._follow_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._follow_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._follow_head()
+
+    def _follow_head(self) -> None:
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            self._stop_deadline()
+        elif self._deadline is None:
+            self._deadline = self.loop.call_later(self.head_timeout, self._head_too_late)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_too_late(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            # Close without an answer, as uvicorn does for an idle keep-alive connection: a 408
+            # sent to a client that sent nothing would be read as the answer to its next request.
+            self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
+
+class LoopbackServer(uvicorn.Server):
+    """uvicorn's server, which a host thread can also stop at once (`stop`).
+
+    uvicorn notices ``should_exit`` at its next tick (every 0.1 s), then waits 0.1 s more and
+    for every answer in progress to end: a test that leaves an emulator with a delayed or
+    dripping answer outstanding waited for it. `stop` wakes the server at once, closes every
+    connection and cuts the answers in progress (their clients see the connection close). A
+    foreground server stopped by a signal (``flux-adapters emulate``) still stops as uvicorn does.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+        """Set once the server listens (`started`), or failed to start."""
+        self._woken = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._prompt = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the server runs on, once it started."""
+        return self._loop
+
+    def stop(self) -> None:
+        """Stop the server from another thread without waiting for the answers in progress."""
+        self._prompt = True
+        self.should_exit = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                loop.call_soon_threadsafe(self._woken.set)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await super().startup(sockets)
+        finally:
+            self.ready.set()
+
+    async def main_loop(self) -> None:
+        # uvicorn's loop, ticking every 0.1 s (the Date header, should_exit from a signal), but
+        # woken at once by `stop`.
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864_000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), 0.1)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if not self._prompt:
+            await super().shutdown(sockets)
+            return
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.transport.abort()
+        tasks = list(self.server_state.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for server in self.servers:
+            await server.wait_closed()
+        if not self.force_exit:  # the app's own shutdown (the gateway closes its clients)
+            await self.lifespan.shutdown()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to *host*:*port* and listening, with ``TCP_NODELAY`` for its connections.
+
+    Raises:
+        OSError: The address is in use or cannot be bound.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit this: without it, uvicorn's separate header and body
+        # writes meet the client's delayed ACK and every answer stalls about 40 ms.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        # Listening here, not when uvicorn starts, makes the port ours before anyone is told.
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock

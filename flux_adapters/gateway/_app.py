@@ -1,0 +1,733 @@
+"""The gateway's Starlette application: OpenAI's Images API in front of `AsyncFluxClient`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+from attrs import frozen
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message
+
+from flux_adapters import errors
+from flux_adapters.client import AsyncFluxClient
+from flux_adapters.gateway._errors import Answer, error_answer, openai_error, violations_answer
+from flux_adapters.gateway._files import MEDIA, FileStore
+from flux_adapters.gateway._keys import MAX_KEY_LENGTH, KeyRecord, KeyStore, hash_key, verify
+from flux_adapters.gateway._metrics import Metrics
+from flux_adapters.gateway._requests import EDIT_FIELDS, GENERATION_FIELDS, MAX_IMAGES, from_fields
+from flux_adapters.request import EditRequest
+from flux_adapters.result import EditResult
+from flux_adapters.state import StateBackend
+
+__all__ = ["ClientFactory", "GatewaySettings", "create_app"]
+
+LOGGER: Final = logging.getLogger("flux_adapters.gateway")
+ACCESS: Final = logging.getLogger("flux_adapters.gateway.access")
+
+ClientFactory = Callable[[tuple[str, ...] | None], AsyncFluxClient]
+"""Makes the client for a set of allowed providers (``None``: every configured one)."""
+
+_FIELD_BYTES: Final = 1024 * 1024
+_INLINE_BODY_BYTES: Final = 64 * 1024
+"""A request body up to this size is turned into a request on the event loop, not a thread."""
+_INLINE_FILE_BYTES: Final = 1024 * 1024
+"""A kept image up to this size is read on the event loop (from the page cache, ~0.1 ms) and
+sent as one answer; a larger one is streamed from a thread (`FileResponse`)."""
+_HEADER_TEXT: Final = re.compile(r"[^\x20-\x7e]")
+
+
+@frozen(kw_only=True)
+class GatewaySettings:
+    """How a gateway serves.
+
+    Attributes:
+        files_dir: Where result images are kept.
+        retention: Seconds a kept image is served (default one day).
+        max_body_bytes: Largest request body (default 240 MiB: 8 images of 20 MB as base64).
+        public_url: Root URL for the image links (default: the URL the client called).
+        require_keys: Refuse requests without a valid gateway key (``False``: open, for a
+            gateway only its own machine can reach).
+        default_model: The model when a request names none.
+    """
+
+    files_dir: Path
+    retention: float = 86400.0
+    max_body_bytes: int = 240 * 1024 * 1024
+    public_url: str | None = None
+    require_keys: bool = True
+    default_model: str = "flux-2-pro"
+
+
+class TooLarge(Exception):
+    """The request body went past the limit while it was being read."""
+
+
+def _capped(request: Request, limit: int) -> Request:
+    seen = 0
+
+    async def receive() -> Message:
+        nonlocal seen
+        message = await request.receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise TooLarge
+        return message
+
+    return Request(request.scope, receive)
+
+
+def _header(value: object, limit: int = 512) -> str:
+    """*value* as a header value: printable ASCII only (no CR/LF), at most *limit* characters."""
+    return _HEADER_TEXT.sub("?", str(value))[:limit]
+
+
+def _json(answer: Answer, request_id: str) -> JSONResponse:
+    headers = {**answer.headers, "x-request-id": request_id}
+    return JSONResponse(answer.body, status_code=answer.status, headers=headers)
+
+
+class Gateway:
+    """What one gateway holds: clients, keys, budgets, stored files, metrics, calls in flight."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        clients: ClientFactory,
+        keys: KeyStore,
+        state: StateBackend,
+    ) -> None:
+        self.settings = settings
+        self._make = clients
+        self._clients: dict[tuple[str, ...] | None, AsyncFluxClient] = {}
+        self.keys = keys
+        self.state = state
+        self.files = FileStore(settings.files_dir, settings.retention)
+        self.metrics = Metrics(self._breaker_states)
+        self.in_flight: dict[str, dict[str, object]] = {}
+        self.draining = False
+        self.started = time.time()
+
+    def client(self, allowed: tuple[str, ...] | None = None) -> AsyncFluxClient:
+        """The client for *allowed* providers (``None``: all), made once."""
+        chosen = self._clients.get(allowed)
+        if chosen is None:
+            chosen = self._clients[allowed] = self._make(allowed)
+        return chosen
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """Every configured provider, in failover order."""
+        return self.client().providers
+
+    def _breaker_states(self) -> Iterator[tuple[str, str, str]]:
+        seen: set[tuple[str, str]] = set()
+        for client in list(self._clients.values()):
+            breaker = client._breaker
+            for key in list(getattr(breaker, "_circuits", {})):
+                if key not in seen:
+                    seen.add(key)
+                    yield key[0], key[1], breaker.state(key)
+
+    async def aclose(self) -> None:
+        """Close every client and the state backend."""
+        for client in self._clients.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        with contextlib.suppress(Exception):
+            await self.state.aclose()
+        closing = getattr(self.keys, "aclose", None)
+        if closing is not None and self.keys is not self.state:
+            with contextlib.suppress(Exception):
+                await closing()
+
+    def models(self) -> list[str]:
+        """Canonical models offered by at least one configured provider."""
+        from flux_adapters.providers import get_adapter
+        from flux_adapters.request import MODELS
+
+        offered: set[str] = set()
+        for name in self.providers:
+            offered.update(get_adapter(name).limits)
+        return [model for model in MODELS if model in offered]
+
+    def estimate(self, client: AsyncFluxClient, request: EditRequest) -> float:
+        """The most any candidate provider would charge (known prices only; else 0)."""
+        from flux_adapters.limits import plan
+        from flux_adapters.prices import estimate
+        from flux_adapters.providers import get_adapter
+
+        most = 0.0
+        for name in client.providers:
+            adapter = get_adapter(name)
+            limits = adapter.limits.get(request.model)
+            if limits is None:
+                continue
+            try:
+                planned = plan(request, limits)
+                figure = estimate(
+                    request, planned, client._prices, getattr(adapter, "prices", None)
+                )
+            except errors.FluxError:
+                continue
+            if figure is not None and math.isfinite(figure):
+                most = max(most, figure)
+        return most
+
+
+# -- the routes ----------------------------------------------------------------------------------
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def _authorized(request: Request, gateway: Gateway) -> KeyRecord | Answer | None:
+    """The caller's key record; an `Answer` to refuse it; ``None`` on an open gateway."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    given = given.strip()
+    if not gateway.settings.require_keys and not given:
+        return None
+    if scheme.lower() != "bearer" or not given:
+        return openai_error(
+            401,
+            "No API key provided: send Authorization: Bearer <gateway key>",
+            code="invalid_api_key",
+            retry=False,
+        )
+    if len(given) > MAX_KEY_LENGTH or not given.isascii():
+        record = None
+        key_hash = "0" * 64
+    else:
+        key_hash = hash_key(given)
+        record = await gateway.keys.get_key(key_hash)
+    if not verify(record, key_hash):
+        return openai_error(401, "Incorrect API key provided", code="invalid_api_key", retry=False)
+    assert record is not None
+    return record
+
+
+def _allowed_providers(gateway: Gateway, record: KeyRecord | None) -> tuple[str, ...] | None:
+    if record is None or not record.allowed_providers:
+        return None
+    wanted = {name.lower() for name in record.allowed_providers}
+    return tuple(name for name in gateway.providers if name in wanted)
+
+
+async def models(request: Request) -> Response:
+    """``GET /v1/models``: the FLUX models this gateway (and this key) may use."""
+    gateway = _gateway(request)
+    request_id = _request_id()
+    started = time.perf_counter()
+    allowed = await _authorized(request, gateway)
+    if isinstance(allowed, Answer):
+        return _finish(gateway, request, "/v1/models", _json(allowed, request_id), started, None)
+    listed = gateway.models()
+    if allowed is not None and allowed.allowed_models:
+        listed = [model for model in listed if model in allowed.allowed_models]
+    created = int(gateway.started)
+    body = {
+        "object": "list",
+        "data": [
+            {"id": model, "object": "model", "created": created, "owned_by": "black-forest-labs"}
+            for model in listed
+        ],
+    }
+    answer = JSONResponse(body, headers={"x-request-id": request_id})
+    return _finish(gateway, request, "/v1/models", answer, started, allowed)
+
+
+async def generations(request: Request) -> Response:
+    """``POST /v1/images/generations`` (JSON)."""
+    return await _image_call(request, "/v1/images/generations", _json_fields)
+
+
+async def edits(request: Request) -> Response:
+    """``POST /v1/images/edits`` (multipart)."""
+    return await _image_call(request, "/v1/images/edits", _form_fields)
+
+
+async def _json_fields(
+    request: Request, gateway: Gateway
+) -> tuple[dict[str, object], list[object], bool] | Answer:
+    if _media_type(request) != "application/json":
+        return openai_error(
+            415, "Content-Type must be application/json", code="unsupported_media_type", retry=False
+        )
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return openai_error(400, "the body is not valid JSON", code="invalid_json", retry=False)
+    if not isinstance(body, dict):
+        return openai_error(400, "the body must be a JSON object", code="invalid_json", retry=False)
+    return body, [], False
+
+
+async def _form_fields(
+    request: Request, gateway: Gateway
+) -> tuple[dict[str, object], list[object], bool] | Answer:
+    if _media_type(request) != "multipart/form-data":
+        return openai_error(
+            415,
+            "Content-Type must be multipart/form-data",
+            code="unsupported_media_type",
+            retry=False,
+        )
+    fields: dict[str, object] = {}
+    images: list[object] = []
+    try:
+        async with request.form(
+            max_files=MAX_IMAGES + 1, max_fields=64, max_part_size=_FIELD_BYTES
+        ) as form:
+            for name, value in form.multi_items():
+                if isinstance(value, str):
+                    if name in fields:
+                        return openai_error(
+                            400,
+                            f"the field {name[:60]!r} is given twice",
+                            code="invalid_request",
+                            param=name[:60],
+                            retry=False,
+                        )
+                    fields[name] = value
+                elif name in ("image", "image[]"):
+                    images.append(await value.read())
+                else:
+                    fields[name] = "(a file)"
+    except HTTPException as exc:
+        return openai_error(
+            400, f"a broken multipart body: {exc.detail}", code="invalid_multipart", retry=False
+        )
+    if not images:
+        return openai_error(
+            400,
+            "no image: send one or more files as image or image[]",
+            code="invalid_request",
+            param="image",
+            retry=False,
+        )
+    return fields, images, True
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _request_id() -> str:
+    return f"gw-{secrets.token_hex(8)}"
+
+
+async def _image_call(
+    request: Request,
+    route: str,
+    read: Callable[[Request, Gateway], Any],
+) -> Response:
+    gateway = _gateway(request)
+    request_id = _request_id()
+    started = time.perf_counter()
+    info: dict[str, object] = {}
+
+    def done(answer: Answer | Response, record: KeyRecord | None) -> Response:
+        response = answer if isinstance(answer, Response) else _json(answer, request_id)
+        return _finish(gateway, request, route, response, started, record, info)
+
+    if gateway.draining:
+        return done(
+            openai_error(503, "the gateway is shutting down", type_="server_error", retry=True),
+            None,
+        )
+    record = await _authorized(request, gateway)
+    if isinstance(record, Answer):
+        return done(record, None)
+    limit = gateway.settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    too_large = openai_error(
+        413,
+        f"the body is larger than {limit} bytes",
+        code="request_too_large",
+        retry=False,
+        headers={"connection": "close"},
+    )
+    if declared.isdigit() and int(declared) > limit:
+        return done(too_large, record)
+    if record is not None and record.rate_per_minute:
+        wait = await gateway.state.take(
+            f"gwkey-{record.id}", record.rate_per_minute / 60.0, max(1, int(record.rate_per_minute))
+        )
+        if wait > 0:
+            return done(
+                openai_error(
+                    429,
+                    f"rate limit of this gateway key ({record.rate_per_minute:g} calls a minute) reached",
+                    type_="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    retry=True,
+                    headers={"retry-after": str(max(1, math.ceil(min(wait, 86400))))},
+                ),
+                record,
+            )
+    try:
+        read_out = await read(_capped(request, limit), gateway)
+    except TooLarge:
+        return done(too_large, record)
+    except ClientDisconnect:
+        return Response(status_code=499)
+    if isinstance(read_out, Answer):
+        return done(read_out, record)
+    fields, images, as_text = read_out
+
+    def build() -> Any:
+        return from_fields(
+            fields,
+            allowed=EDIT_FIELDS if as_text else GENERATION_FIELDS,
+            images=images,
+            text_fields=as_text,
+            default_model=gateway.settings.default_model,
+        )
+
+    # Building a request inspects its images (headers, base64 in slices): a thread for large
+    # bodies; a small one (a prompt, settings, URLs) is built at once, without a thread hop.
+    small = not images and declared.isdigit() and int(declared) <= _INLINE_BODY_BYTES
+    parsed = build() if small else await anyio.to_thread.run_sync(build)
+    if isinstance(parsed, list):
+        return done(violations_answer([(v, None) for v in parsed]), record)
+    edit = parsed.request
+    info["model"] = edit.model
+    if record is not None and record.allowed_models and edit.model not in record.allowed_models:
+        return done(
+            openai_error(
+                403,
+                f"this gateway key may not use {edit.model}",
+                type_="permission_error",
+                code="model_not_allowed",
+                param="model",
+                retry=False,
+            ),
+            record,
+        )
+    allowed = _allowed_providers(gateway, record)
+    if allowed == ():
+        return done(
+            openai_error(
+                403,
+                "none of this key's providers is configured here",
+                type_="permission_error",
+                code="provider_not_allowed",
+                retry=False,
+            ),
+            record,
+        )
+    client = gateway.client(allowed)
+    reservation = None
+    estimate = 0.0
+    if record is not None and record.budget_usd is not None:
+        estimate = gateway.estimate(client, edit)
+        reservation = await gateway.state.reserve(
+            f"key:{record.id}", estimate, record.budget_usd, record.period
+        )
+        if reservation is None:
+            spent = await gateway.state.spent(f"key:{record.id}", record.period)
+            return done(
+                openai_error(
+                    429,
+                    f"this gateway key's budget (${record.budget_usd:g} per {record.period}) is "
+                    f"spent: ${spent:.4f} so far, and this call may cost ${estimate:.4f}",
+                    type_="insufficient_quota",
+                    code="budget_exceeded",
+                    retry=False,
+                ),
+                record,
+            )
+    key_label = record.id if record is not None else "-"
+    gateway.in_flight[request_id] = {"key": key_label, "model": edit.model, "since": time.time()}
+    gateway.metrics.in_flight.inc()
+    settled = 0.0
+    try:
+        try:
+            result = await client.edit(edit)
+        except asyncio.CancelledError:
+            settled = estimate
+            LOGGER.warning(
+                json.dumps(
+                    {
+                        "event": "cut-at-shutdown",
+                        "request_id": request_id,
+                        "key": key_label,
+                        "model": edit.model,
+                        "may_be_billed": True,
+                        "message": "a paid call was still under way when the gateway stopped: "
+                        "the provider may have done, and billed, it",
+                    }
+                )
+            )
+            raise
+        except errors.FluxError as error:
+            _count_attempts(gateway, getattr(error, "attempts", ()) or ())
+            answer = error_answer(error)
+            billed = bool(answer.body["error"].get("may_be_billed"))  # type: ignore[attr-defined]
+            settled = estimate if billed else 0.0
+            info["may_be_billed"] = billed
+            if billed:
+                tried = getattr(error, "attempts", ()) or ()
+                provider = getattr(error, "provider", None) or (
+                    tried[-1].provider if tried else "-"
+                )
+                gateway.metrics.spend.labels(key_label, str(provider)).inc(estimate)
+            return done(answer, record)
+        _count_attempts(gateway, result.attempts)
+        cost = (
+            result.cost_usd
+            if result.cost_usd is not None and math.isfinite(result.cost_usd)
+            else estimate
+        )
+        settled = cost
+        gateway.metrics.spend.labels(key_label, result.provider).inc(cost)
+        info.update(provider=result.provider, attempts=len(result.attempts), cost_usd=cost)
+        return done(
+            await _answer(gateway, request, result, parsed.response_format, request_id), record
+        )
+    finally:
+        gateway.in_flight.pop(request_id, None)
+        gateway.metrics.in_flight.dec()
+        if reservation is not None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await gateway.state.settle(reservation, settled)
+                except errors.FluxError as error:  # the answer stands; only the books are off
+                    LOGGER.warning(
+                        json.dumps(
+                            {
+                                "event": "settle-failed",
+                                "request_id": request_id,
+                                "key": key_label,
+                                "spent_usd": settled,
+                                "error": type(error).__name__,
+                            }
+                        )
+                    )
+
+
+def _count_attempts(gateway: Gateway, attempts: Sequence[Any]) -> None:
+    for attempt in attempts:
+        gateway.metrics.attempts.labels(attempt.provider, attempt.outcome).inc()
+    if len(attempts) > 1 and attempts[-1].outcome == "ok":
+        for attempt in attempts[:-1]:
+            if attempt.outcome == "failed":
+                gateway.metrics.failovers.labels(attempt.provider).inc()
+
+
+async def _answer(
+    gateway: Gateway, request: Request, result: EditResult, response_format: str, request_id: str
+) -> Response:
+    root = gateway.settings.public_url or str(request.base_url).rstrip("/")
+    data: list[dict[str, object]] = []
+    try:
+        for image in result.images:
+            name, path = await gateway.files.keep(image)
+            if response_format == "b64_json":
+                raw = await anyio.to_thread.run_sync(path.read_bytes)
+                data.append({"b64_json": base64.b64encode(raw).decode("ascii")})
+            else:
+                data.append({"url": f"{root}/v1/files/{name}"})
+    except errors.FluxError as error:
+        answer = openai_error(
+            502,
+            f"{result.provider} made the image (and billed it), but it could not be kept: {error}",
+            type_="server_error",
+            code="result_not_kept",
+            retry=False,
+            may_be_billed=True,
+            provider=result.provider,
+        )
+        return _json(answer, request_id)
+    headers = {
+        "x-request-id": request_id,
+        "x-flux-provider": result.provider,
+        "x-flux-model": result.model,
+        "x-flux-attempts": str(len(result.attempts)),
+        "x-flux-attempt-log": _header(
+            "; ".join(
+                f"{a.provider}={a.outcome}" + (f":{a.billing}" if a.billing else "")
+                for a in result.attempts
+            ),
+            1024,
+        ),
+    }
+    if result.cost_usd is not None and math.isfinite(result.cost_usd):
+        headers["x-flux-cost-usd"] = f"{result.cost_usd:.6f}"
+        headers["x-flux-cost-source"] = result.cost_source or "price table"
+    if result.warnings:
+        headers["x-flux-warnings"] = _header(" | ".join(str(w) for w in result.warnings), 2048)
+    if result.request_id:
+        headers["x-flux-provider-request-id"] = _header(result.request_id, 256)
+    body = {"created": int(time.time()), "data": data}
+    return JSONResponse(body, headers=headers)
+
+
+async def files(request: Request) -> Response:
+    """``GET /v1/files/<name>``: a kept result image (no key: the name is the capability)."""
+    gateway = _gateway(request)
+    started = time.perf_counter()
+    name = request.path_params["name"]
+    path = gateway.files.find(name)
+    if path is None:
+        answer = openai_error(404, "no such image (or it has expired)", code="not_found")
+        response: Response = _json(answer, _request_id())
+    else:
+        response = _kept(path)
+    return _finish(gateway, request, "/v1/files/{name}", response, started, None)
+
+
+def _kept(path: Path) -> Response:
+    media = MEDIA[path.suffix.lstrip(".")]
+    headers = {"cache-control": "private, max-age=3600"}
+    try:
+        size = path.stat().st_size
+        data = path.read_bytes() if size <= _INLINE_FILE_BYTES else None
+    except OSError:  # swept between the look-up and the read
+        answer = openai_error(404, "no such image (or it has expired)", code="not_found")
+        return _json(answer, _request_id())
+    if data is not None:
+        return Response(data, media_type=media, headers=headers)
+    return FileResponse(path, media_type=media, headers=headers)
+
+
+async def healthz(request: Request) -> Response:
+    """Alive."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready to take calls: not draining, providers configured."""
+    gateway = _gateway(request)
+    if gateway.draining:
+        return JSONResponse(
+            {"status": "draining", "in_flight": len(gateway.in_flight)}, status_code=503
+        )
+    return JSONResponse({"status": "ready", "providers": list(gateway.providers)})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    gateway = _gateway(request)
+    payload = await anyio.to_thread.run_sync(generate_latest, gateway.metrics.registry)
+    return Response(payload, media_type=CONTENT_TYPE_LATEST)
+
+
+def _finish(
+    gateway: Gateway,
+    request: Request,
+    route: str,
+    response: Response,
+    started: float,
+    record: KeyRecord | None,
+    info: dict[str, object] | None = None,
+) -> Response:
+    elapsed = time.perf_counter() - started
+    gateway.metrics.requests.labels(route, str(response.status_code)).inc()
+    gateway.metrics.latency.labels(route).observe(elapsed)
+    if ACCESS.isEnabledFor(logging.INFO):
+        line: dict[str, object] = {
+            "ts": round(time.time(), 3),
+            "request_id": response.headers.get("x-request-id"),
+            "method": request.method,
+            "route": route,
+            "status": response.status_code,
+            "ms": round(elapsed * 1000, 2),
+            "key": record.id if record is not None else None,
+            "client": request.client.host if request.client else None,
+        }
+        line.update(info or {})
+        ACCESS.info(json.dumps(line))
+    return response
+
+
+async def _state_down(request: Request, exc: Exception) -> Response:
+    # The shared state did not answer (Redis down, failing closed) before anything was sent.
+    answer = openai_error(
+        503,
+        "the gateway's shared state is not reachable; nothing was sent",
+        type_="server_error",
+        code="state_unavailable",
+        retry=True,
+    )
+    return _json(answer, _request_id())
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # A bug: logged with its traceback (never a key: none is in the gateway's locals' reprs),
+    # answered in OpenAI's shape without details.
+    LOGGER.error("unexpected error in the gateway", exc_info=exc)
+    answer = openai_error(500, "internal error in the gateway", type_="server_error", retry=False)
+    return _json(answer, _request_id())
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 404)
+    if status == 405:
+        answer = openai_error(405, "method not allowed", code="method_not_allowed")
+    else:
+        answer = openai_error(404, "no such route", code="not_found")
+    return _json(answer, _request_id())
+
+
+def create_app(gateway: Gateway) -> Starlette:
+    """The ASGI app serving *gateway*."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sweeper = asyncio.get_running_loop().create_task(_sweep(gateway))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await gateway.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/images/generations", generations, methods=["POST"]),
+            Route("/v1/images/edits", edits, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/files/{name}", files, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers={
+            404: _not_found,
+            405: _not_found,
+            errors.StateUnavailable: _state_down,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+async def _sweep(gateway: Gateway) -> None:
+    every = max(1.0, min(gateway.settings.retention / 4, 600.0))
+    while True:
+        with contextlib.suppress(OSError):
+            await anyio.to_thread.run_sync(gateway.files.sweep)
+        await asyncio.sleep(every)

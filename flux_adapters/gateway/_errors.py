@@ -1,0 +1,265 @@
+"""The library's errors as OpenAI-shaped error answers, with the billing judgement kept.
+
+OpenAI's shape is ``{"error": {"message", "type", "param", "code"}}``; we add ``violations``
+(for a 400 about the request: every one, per provider), ``provider``, ``provider_status``,
+``may_be_billed`` and ``attempts``. The OpenAI SDKs retry 408, 409, 429 and 5xx by
+themselves unless the answer says ``x-should-retry: false``: every answer after which a second
+try could pay twice says so, and every answer that proves nothing was taken says
+``x-should-retry: true``. docs/gateway.md has the table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Final
+
+from attrs import frozen
+
+from flux_adapters import errors
+from flux_adapters.result import Attempt
+
+__all__ = ["Answer", "error_answer", "openai_error", "violations_answer"]
+
+
+@frozen
+class Answer:
+    """An error answer: status, JSON body, extra headers."""
+
+    status: int
+    body: dict[str, object]
+    headers: dict[str, str]
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    retry: bool | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: object,
+) -> Answer:
+    """An answer in OpenAI's error shape; *retry* sets ``x-should-retry``."""
+    body: dict[str, object] = {"message": message, "type": type_, "param": param, "code": code}
+    body.update(extra)
+    out = dict(headers or {})
+    if retry is not None:
+        out["x-should-retry"] = "true" if retry else "false"
+    return Answer(status, {"error": body}, out)
+
+
+def _violation(v: errors.Violation, provider: str | None) -> dict[str, object]:
+    return {
+        "provider": provider,
+        "field": v.field,
+        "message": v.message,
+        "limit": v.limit,
+        "value": v.value,
+    }
+
+
+def violations_answer(
+    found: Sequence[tuple[errors.Violation, str | None]], *, note: str = ""
+) -> Answer:
+    """A 400 listing every violation (each with the provider whose limit it breaks, if any)."""
+    lines = "; ".join(
+        (f"{provider}: " if provider else "") + str(violation) for violation, provider in found
+    )
+    count = len(found)
+    return openai_error(
+        400,
+        f"{count} problem{'s' if count != 1 else ''} with the request{note}: {lines}",
+        code="invalid_request",
+        param=found[0][0].field if found else None,
+        retry=False,
+        violations=[_violation(v, p) for v, p in found],
+    )
+
+
+_MAY_BE_BILLED: Final = (
+    " The provider may have done, and billed, the job: it was not retried elsewhere; "
+    "do not resend it blindly."
+)
+
+
+def _may_be_billed(error: errors.FluxError) -> bool:
+    from flux_adapters.routing import billing_rule
+
+    return billing_rule(error).proves == "may be billed"
+
+
+def _attempts(attempts: Sequence[Attempt]) -> list[dict[str, object]]:
+    return [
+        {
+            "provider": a.provider,
+            "outcome": a.outcome,
+            "billing": a.billing or None,
+            "error": None if a.error is None else type(a.error).__name__,
+            "status": getattr(a.error, "status_code", None),
+            "reason": a.reason or None,
+        }
+        for a in attempts
+    ]
+
+
+def _retry_after(error: errors.FluxError) -> dict[str, str]:
+    seconds = getattr(error, "retry_after", None)
+    if isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0:
+        return {"retry-after": str(max(1, math.ceil(seconds)))}
+    return {}
+
+
+def error_answer(error: errors.FluxError) -> Answer:
+    """The answer for *error*, raised by `AsyncFluxClient.edit`."""
+    attempts: Sequence[Attempt] = getattr(error, "attempts", ()) or ()
+    if isinstance(error, errors.AllProvidersFailed):
+        return _all_failed(error)
+    extra: dict[str, Any] = {"attempts": _attempts(attempts)} if attempts else {}
+    if isinstance(error, errors.RequestError):
+        return violations_answer([(v, error.provider) for v in error.violations])
+    provider = getattr(error, "provider", None)
+    status = getattr(error, "status_code", None)
+    common: dict[str, Any] = {"provider": provider, "provider_status": status, **extra}
+    text = str(error)
+    if isinstance(error, errors.BudgetExceeded):  # the configured (client) budget: nothing sent
+        return openai_error(
+            429,
+            text,
+            type_="insufficient_quota",
+            code="gateway_budget_exceeded",
+            retry=False,
+            may_be_billed=False,
+        )
+    if isinstance(error, errors.StateUnavailable):  # raised before sending: nothing sent
+        return openai_error(
+            503,
+            text,
+            type_="server_error",
+            code="state_unavailable",
+            retry=True,
+            may_be_billed=False,
+        )
+    if isinstance(error, errors.ClientClosedError):
+        return openai_error(503, "the gateway is shutting down", type_="server_error", retry=True)
+    if isinstance(error, errors.ConfigurationError):
+        return openai_error(400, text, code="invalid_request", retry=False)
+    if isinstance(error, errors.ContentModerated | errors.Moderated):
+        return openai_error(
+            400, text, code="content_policy_violation", retry=False, may_be_billed=False, **common
+        )
+    if isinstance(error, errors.RateLimited):
+        return openai_error(
+            429,
+            text,
+            type_="rate_limit_error",
+            code="provider_rate_limited",
+            retry=True,
+            headers=_retry_after(error),
+            may_be_billed=False,
+            **common,
+        )
+    if isinstance(error, errors.InsufficientBalance):
+        return openai_error(
+            402,
+            text,
+            type_="insufficient_quota",
+            code="provider_insufficient_balance",
+            retry=False,
+            may_be_billed=False,
+            **common,
+        )
+    if isinstance(error, errors.AuthenticationFailed):
+        # The gateway's own key for the provider was refused: no fault of the caller's key.
+        return openai_error(
+            502,
+            f"{provider}: the provider refused the gateway's key (HTTP {status})",
+            type_="server_error",
+            code="provider_key_refused",
+            retry=False,
+            may_be_billed=False,
+            **common,
+        )
+    if isinstance(error, errors.ModelUnavailable):
+        return openai_error(
+            503, text, type_="server_error", code="model_unavailable", retry=True, **common
+        )
+    if isinstance(error, errors.ProviderRejected):
+        return openai_error(
+            400, text, code="provider_rejected", retry=False, may_be_billed=False, **common
+        )
+    if isinstance(error, errors.JobFailed) and error.billed is False:
+        return openai_error(
+            502, text, type_="server_error", code="job_failed", retry=True, may_be_billed=False
+        )
+    if isinstance(error, errors.TransportError) and not error.sent:
+        return openai_error(
+            503,
+            text,
+            type_="server_error",
+            code="provider_unreachable",
+            retry=True,
+            may_be_billed=False,
+            **common,
+        )
+    if isinstance(error, errors.ProviderUnavailable) and status == 503:
+        return openai_error(
+            503,
+            text,
+            type_="server_error",
+            code="provider_overloaded",
+            retry=True,
+            headers=_retry_after(error),
+            may_be_billed=False,
+            **common,
+        )
+    # Everything left may have been billed: a 5xx, a lost or unreadable answer, a job that
+    # ended badly after it was accepted, a result that expired before it could be kept.
+    timeout = isinstance(error, errors.Timeout | errors.JobTimeout)
+    return openai_error(
+        504 if timeout else 502,
+        text + _MAY_BE_BILLED,
+        type_="server_error",
+        code="provider_timeout_may_be_billed" if timeout else "provider_error_may_be_billed",
+        retry=False,
+        may_be_billed=True,
+        **common,
+    )
+
+
+def _all_failed(error: errors.AllProvidersFailed) -> Answer:
+    attempts = error.attempts
+    tried = [a for a in attempts if a.outcome == "failed" and a.error is not None]
+    refused = [
+        (v, a.provider)
+        for a in attempts
+        if a.outcome == "skipped" and isinstance(a.error, errors.RequestError)
+        for v in a.error.violations
+    ]
+    if not tried and refused:
+        return violations_answer(refused, note=" for every configured provider")
+    billed = any(a.error is not None and _may_be_billed(a.error) for a in tried)
+    last = tried[-1].error if tried else None
+    if last is not None:
+        answer = error_answer(last)
+        status, body, headers = answer.status, answer.body, dict(answer.headers)
+    else:  # every provider skipped (cooling down, no price under the budget, ...)
+        status, body, headers = (
+            503,
+            {"error": {"type": "server_error", "param": None, "code": "no_provider_available"}},
+            {"x-should-retry": "true"},
+        )
+    inner = dict(body["error"])  # type: ignore[call-overload]
+    message = str(error) + (_MAY_BE_BILLED if billed else "")
+    inner.update(
+        message=message,
+        may_be_billed=billed,
+        attempts=_attempts(attempts),
+        code=inner.get("code") if not billed else "provider_error_may_be_billed",
+    )
+    if billed:
+        headers["x-should-retry"] = "false"
+        status = status if status in (502, 504) else 502
+    return Answer(status, {"error": inner}, headers)

@@ -1,0 +1,236 @@
+"""Gateway keys: made once, shown once, stored only as a hash; the records and where they live.
+
+A key looks like ``fxg_<id>_<secret>``: ``<id>`` is a short public id (in `KeyRecord.id`, logs,
+metrics and ``keys list``), ``<secret>`` 32 random bytes (URL-safe base64). Only the SHA-256 of
+the whole key is stored; the gateway hashes the bearer key it is sent, looks the record up by
+that hash and compares the two hashes in constant time (`hmac.compare_digest`).
+
+Records (`flux_adapters.state.KeyRecord`) live in the shared state when it is Redis
+(``FLUX_STATE_URL``, ``state_url``), else in a
+JSON file (`FileKeys`, ``flux-adapters-keys.json`` by default, ``$FLUX_GATEWAY_KEYS``), written
+atomically with mode 0600. Nothing here needs an extra: ``flux-adapters keys`` works without the
+``gateway`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final, Literal, Protocol
+
+from flux_adapters.errors import ConfigurationError
+from flux_adapters.state import KeyRecord
+
+__all__ = [
+    "DEFAULT_KEYS_PATH",
+    "FileKeys",
+    "KeyRecord",
+    "KeyStore",
+    "hash_key",
+    "key_id_of",
+    "new_key",
+    "record_from_dict",
+    "record_to_dict",
+    "verify",
+]
+
+DEFAULT_KEYS_PATH: Final = Path("flux-adapters-keys.json")
+_PREFIX: Final = "fxg_"
+_SHAPE: Final = re.compile(r"fxg_([a-z0-9]{8})_[A-Za-z0-9_-]{43}")
+MAX_KEY_LENGTH: Final = 200
+"""A bearer value longer than this is refused before it is hashed."""
+
+
+def record_to_dict(record: KeyRecord) -> dict[str, object]:
+    """*record* as JSON data (the hash included, never a key)."""
+    return {
+        "id": record.id,
+        "key_hash": record.key_hash,
+        "name": record.name,
+        "budget_usd": record.budget_usd,
+        "period": record.period,
+        "allowed_models": list(record.allowed_models),
+        "allowed_providers": list(record.allowed_providers),
+        "rate_per_minute": record.rate_per_minute,
+        "created": record.created,
+    }
+
+
+def record_from_dict(data: object) -> KeyRecord:
+    """Read a record written by `record_to_dict`.
+
+    Raises:
+        ConfigurationError: *data* is not such a record.
+    """
+    try:
+        assert isinstance(data, dict)
+        budget = data.get("budget_usd")
+        rate = data.get("rate_per_minute")
+        return KeyRecord(
+            id=str(data["id"]),
+            key_hash=str(data["key_hash"]),
+            name=str(data.get("name", "")),
+            budget_usd=None if budget is None else float(budget),
+            period=data.get("period", "total"),
+            allowed_models=tuple(str(m) for m in data.get("allowed_models", ())),
+            allowed_providers=tuple(str(p) for p in data.get("allowed_providers", ())),
+            rate_per_minute=None if rate is None else float(rate),
+            created=float(data.get("created", 0.0)),
+        )
+    except (AssertionError, KeyError, TypeError, ValueError, ConfigurationError):
+        raise ConfigurationError("a gateway key record is damaged") from None
+
+
+class KeyStore(Protocol):
+    """Where key records live (the state backend's key methods have the same names)."""
+
+    async def put_key(self, record: KeyRecord) -> None: ...
+    async def get_key(self, key_hash: str) -> KeyRecord | None: ...
+    async def list_keys(self) -> list[KeyRecord]: ...
+    async def delete_key(self, key_id: str) -> bool: ...
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 (hex) of *key*, as stored."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_key(
+    *,
+    name: str = "",
+    budget_usd: float | None = None,
+    period: Literal["day", "total"] = "total",
+    allowed_models: Sequence[str] = (),
+    allowed_providers: Sequence[str] = (),
+    rate_per_minute: float | None = None,
+) -> tuple[str, KeyRecord]:
+    """A new key and its record: show the key once, store the record."""
+    key_id = secrets.token_hex(4)
+    key = f"{_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    record = KeyRecord(
+        id=key_id,
+        key_hash=hash_key(key),
+        name=name,
+        budget_usd=budget_usd,
+        period=period,
+        allowed_models=tuple(allowed_models),
+        allowed_providers=tuple(allowed_providers),
+        rate_per_minute=rate_per_minute,
+        created=time.time(),
+    )
+    return key, record
+
+
+def key_id_of(key: str) -> str | None:
+    """The public id inside a well-formed key; ``None`` for anything else."""
+    match = _SHAPE.fullmatch(key)
+    return match[1] if match else None
+
+
+def verify(record: KeyRecord | None, key_hash: str) -> bool:
+    """Whether *record* is the one for *key_hash*, compared in constant time."""
+    stored = record.key_hash if record is not None else "0" * 64
+    return hmac.compare_digest(stored.encode(), key_hash.encode()) and record is not None
+
+
+class FileKeys:
+    """Key records in a JSON file: read again whenever the file changed, written atomically.
+
+    Several gateway processes on one machine can share the file; a ``keys revoke`` takes effect
+    at the next request of each (the file's modification time and size are checked on every
+    lookup, a ``stat`` call).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        chosen = path or os.environ.get("FLUX_GATEWAY_KEYS") or DEFAULT_KEYS_PATH
+        self.path = Path(chosen)
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None
+        self._by_hash: dict[str, KeyRecord] = {}
+
+    def _load(self) -> dict[str, KeyRecord]:
+        try:
+            status = self.path.stat()
+        except FileNotFoundError:
+            self._seen, self._by_hash = None, {}
+            return self._by_hash
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read the key file {self.path}: {exc}") from None
+        stamp = (status.st_mtime_ns, status.st_size)
+        if stamp == self._seen:
+            return self._by_hash
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ConfigurationError(f"cannot read the key file {self.path}: {exc}") from None
+        keys = data.get("keys") if isinstance(data, dict) else None
+        if not isinstance(keys, list):
+            raise ConfigurationError(f"the key file {self.path} holds no key list")
+        records = [record_from_dict(item) for item in keys]
+        self._seen, self._by_hash = stamp, {record.key_hash: record for record in records}
+        return self._by_hash
+
+    def _write(self, records: list[KeyRecord]) -> None:
+        folder = self.path.parent if str(self.path.parent) else Path(".")
+        text = json.dumps({"keys": [record_to_dict(r) for r in records]}, indent=2) + "\n"
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".keys-", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(text)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(temporary, 0o600)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def put_sync(self, record: KeyRecord) -> None:
+        """Add or replace *record*."""
+        with self._lock:
+            records = {r.id: r for r in self._load().values()}
+            records[record.id] = record
+            self._write(list(records.values()))
+
+    def list_sync(self) -> list[KeyRecord]:
+        """Every record, oldest first."""
+        with self._lock:
+            return sorted(self._load().values(), key=lambda r: (r.created, r.id))
+
+    def get_sync(self, key_hash: str) -> KeyRecord | None:
+        """The record whose hash is *key_hash*."""
+        with self._lock:
+            return self._load().get(key_hash)
+
+    def delete_sync(self, key_id: str) -> bool:
+        """Remove the record with *key_id*; whether there was one."""
+        with self._lock:
+            records = list(self._load().values())
+            kept = [r for r in records if r.id != key_id]
+            if len(kept) == len(records):
+                return False
+            self._write(kept)
+            return True
+
+    async def put_key(self, record: KeyRecord) -> None:
+        self.put_sync(record)
+
+    async def get_key(self, key_hash: str) -> KeyRecord | None:
+        return self.get_sync(key_hash)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return self.list_sync()
+
+    async def delete_key(self, key_id: str) -> bool:
+        return self.delete_sync(key_id)

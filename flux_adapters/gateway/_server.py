@@ -1,0 +1,82 @@
+"""The gateway's uvicorn server: a deadline for request heads, a prompt stop, a graceful drain."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import python_multipart  # noqa: F401  (Starlette needs it for /v1/images/edits; fail at start)
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from flux_adapters._serving import HeadDeadline, LoopbackServer, listening_socket
+from flux_adapters.gateway._app import LOGGER, Gateway, create_app
+
+__all__ = ["GatewayServer", "build_server"]
+
+
+class GatewayServer(LoopbackServer):
+    """uvicorn's server; on a signal it marks the gateway draining before it stops listening.
+
+    uvicorn then waits for the answers under way (at most ``timeout_graceful_shutdown``
+    seconds) and cancels the rest: each paid call cut that way is logged by the app as possibly
+    billed (``cut-at-shutdown``); the count still under way is logged here.
+    """
+
+    gateway: Gateway
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gateway.draining = True
+        under_way = len(self.gateway.in_flight)
+        if under_way:
+            LOGGER.warning(
+                json.dumps(
+                    {
+                        "event": "draining",
+                        "in_flight": under_way,
+                        "message": f"stopping: waiting for {under_way} paid call(s) under way",
+                    }
+                )
+            )
+        await super().shutdown(sockets)
+        left = len(self.gateway.in_flight)
+        LOGGER.info(json.dumps({"event": "stopped", "cut": left}))
+
+
+def build_server(
+    gateway: Gateway,
+    host: str,
+    port: int,
+    *,
+    header_timeout: float,
+    own_logging: bool,
+    shutdown_timeout: float = 300.0,
+) -> tuple[GatewayServer, socket.socket]:
+    """A uvicorn server for *gateway* and its socket, already bound and listening.
+
+    Raises:
+        OSError: The address is in use or cannot be bound.
+    """
+    sock = listening_socket(host, port)
+
+    class Protocol(HeadDeadline):
+        head_timeout = header_timeout
+
+    try:
+        config = uvicorn.Config(
+            create_app(gateway),
+            http=Protocol,
+            log_level="warning",
+            log_config=LOGGING_CONFIG if own_logging else None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=math.ceil(shutdown_timeout),
+            server_header=False,
+        )
+        server = GatewayServer(config)
+        server.gateway = gateway
+        return server, sock
+    except BaseException:
+        sock.close()
+        raise

@@ -1,0 +1,529 @@
+"""The gateway (``flux-adapters serve``) called with the real OpenAI Python SDK, fronting the
+loopback emulator: every built-in provider, failover and its headers, keys, budgets, rate limits,
+error shapes and what a hostile client gets. Nothing leaves the machine."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from flux_adapters import AsyncFluxClient
+from flux_adapters.emulator import Emulator, Fault, run_emulator
+from flux_adapters.gateway import FileKeys, RunningGateway, run_gateway
+from flux_adapters.jobs import Polling
+from tests.conftest import image_bytes
+
+PROVIDER_SECRET = "sk-provider-SECRET-0123456789abcdef"
+FAST_POLLS = Polling(first=0.01, factor=1.0, longest=0.01, jitter=0.0)
+
+# Per provider: how to ask for a 1024x768 output in the form it takes, and what comes back.
+SIZED: dict[str, dict[str, object]] = {
+    "laozhang": {"width": 1024, "height": 768},
+    "apiyi": {"aspect_ratio": "4:3"},
+    "apiyi-multipart": {"size": "1024x768"},
+    "aimlapi": {"width": 1024, "height": 768},
+    "bfl": {"width": 1024, "height": 768},
+    "fal": {"width": 1024, "height": 768},
+}
+EXPECTED = {
+    "laozhang": (1024, 768),
+    "apiyi": (1184, 880),
+    "apiyi-multipart": (1024, 768),
+    "aimlapi": (1024, 768),
+    "bfl": (1024, 768),
+    "fal": (1024, 768),
+}
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    with run_emulator() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _fresh_emulator(emulator: Emulator) -> None:
+    emulator.clear_faults()
+
+
+def single(emulator: Emulator, name: str) -> Callable[[tuple[str, ...] | None], AsyncFluxClient]:
+    def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
+        return AsyncFluxClient(
+            name,  # type: ignore[arg-type]
+            api_key=PROVIDER_SECRET,
+            base_url=emulator.base_url(name),
+            polling=FAST_POLLS,
+        )
+
+    return make
+
+
+@pytest.fixture
+def failover_env(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """apiyi first, then laozhang (which has a price: $0.03 a call), keys from the environment."""
+    emulator_dir = tmp_path_factory.mktemp("cwd")
+    monkeypatch.setenv("FLUX_PROVIDERS", "apiyi,laozhang")
+    monkeypatch.delenv("FLUX_CONFIG", raising=False)
+    monkeypatch.chdir(emulator_dir)  # no flux-adapters.toml here
+    for name in ("apiyi", "laozhang"):
+        monkeypatch.setenv(f"{name.upper()}_API_KEY", PROVIDER_SECRET)
+        monkeypatch.setenv(f"{name.upper()}_BASE_URL", emulator.base_url(name))
+
+
+_OPENED: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+def sdk(gateway: RunningGateway, key: str, retries: int = 0) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=gateway.url, api_key=key, max_retries=retries)
+    _OPENED.append(client)
+    return client
+
+
+def fetched(url: str) -> bytes:
+    answer = httpx.get(url)
+    assert answer.status_code == 200
+    return answer.content
+
+
+def size_of(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as picture:
+        return picture.size
+
+
+# -- every built-in provider, through the SDK ----------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["laozhang", "apiyi", "aimlapi", "bfl", "fal"])
+def test_sdk_generate_reaches_each_provider(
+    provider: str, emulator: Emulator, tmp_path: Path
+) -> None:
+    before = len(emulator.billed(provider))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, provider)) as gateway:
+        key, _ = gateway.add_key(name="app")
+        raw = sdk(gateway, key).images.with_raw_response.generate(
+            model="flux-2-pro",
+            prompt="a red robot",
+            extra_body={"seed": 7, "output_format": "png", **SIZED[provider]},
+        )
+        images = raw.parse()
+        assert raw.headers["x-flux-provider"] == provider
+        assert raw.headers["x-flux-attempts"] == "1"
+        assert raw.headers["x-request-id"].startswith("gw-")
+        assert images.data is not None
+        url = images.data[0].url
+        assert url is not None
+        assert url.startswith(gateway.root + "/v1/files/")
+        data = fetched(url)
+    assert data.startswith(b"\x89PNG")
+    assert size_of(data) == EXPECTED[provider]
+    billed = emulator.billed(provider)[before:]
+    assert [(job.prompt, job.seed) for job in billed] == [("a red robot", 7)]
+
+
+@pytest.mark.parametrize(
+    "provider", ["laozhang", "apiyi", "apiyi-multipart", "aimlapi", "bfl", "fal"]
+)
+def test_sdk_edit_sends_every_image_in_order(
+    provider: str, emulator: Emulator, tmp_path: Path
+) -> None:
+    robot = image_bytes(300, 400, color="red")
+    scene = image_bytes(600, 400, "JPEG", color="green")
+    before = len(emulator.calls(provider, "submit"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, provider)) as gateway:
+        key, _ = gateway.add_key()
+        result = sdk(gateway, key).images.edit(
+            model="flux-2-pro",
+            prompt="image 1 in image 2",
+            image=[("robot.png", robot, "image/png"), ("scene.jpg", scene, "image/jpeg")],
+            response_format="b64_json",
+            extra_body={"seed": "5", **{k: str(v) for k, v in SIZED[provider].items()}},
+        )
+    import base64
+
+    assert result.data is not None
+    encoded = result.data[0].b64_json
+    assert encoded is not None
+    assert size_of(base64.b64decode(encoded)) == EXPECTED[provider]
+    assert len(emulator.calls(provider, "submit")) == before + 1
+
+
+# -- failover, billing and the headers -----------------------------------------------------------
+
+
+def test_failover_behind_the_gateway_shows_attempts_and_cost(
+    emulator: Emulator, failover_env: None, tmp_path: Path
+) -> None:
+    emulator.inject("apiyi", Fault(status=503, first=1))
+    with run_gateway(files_dir=tmp_path) as gateway:
+        key, record = gateway.add_key()
+        raw = sdk(gateway, key).images.with_raw_response.generate(
+            model="flux-2-pro",
+            prompt="failover please",
+            extra_body={"aspect_ratio": "1:1", "allow_conversions": True},
+        )
+        raw.parse()
+        assert raw.headers["x-flux-provider"] == "laozhang"
+        assert raw.headers["x-flux-attempts"] == "2"
+        assert raw.headers["x-flux-attempt-log"] == "apiyi=failed:overloaded; laozhang=ok"
+        assert float(raw.headers["x-flux-cost-usd"]) == pytest.approx(0.03)
+        assert "1024x1024" in raw.headers["x-flux-warnings"]  # laozhang takes sizes only
+        metrics = httpx.get(gateway.root + "/metrics").text
+    assert 'flux_gateway_failovers_total{provider="apiyi"} 1.0' in metrics
+    assert f'flux_gateway_spend_usd_total{{key="{record.id}",provider="laozhang"}} 0.03' in metrics
+    assert [job.prompt for job in emulator.billed() if job.prompt == "failover please"] == [
+        "failover please"
+    ]
+
+
+def test_an_ambiguous_failure_is_not_retried_by_the_sdk_and_says_it_may_be_billed(
+    emulator: Emulator, failover_env: None, tmp_path: Path
+) -> None:
+    emulator.inject("apiyi", Fault(status=500, first=1))
+    before = len(emulator.calls(kind="submit"))
+    with run_gateway(files_dir=tmp_path) as gateway:
+        key, _ = gateway.add_key()
+        client = sdk(gateway, key, retries=2)  # the SDK's default: it would retry a 5xx
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.images.generate(
+                model="flux-2-pro",
+                prompt="maybe paid",
+                extra_body={"aspect_ratio": "1:1", "allow_conversions": True},
+            )
+    error = caught.value
+    assert error.status_code == 502
+    assert error.response.headers["x-should-retry"] == "false"
+    body: Any = error.body
+    assert body["may_be_billed"] is True
+    assert "may have done, and billed, the job" in body["message"]
+    assert [a["provider"] for a in body["attempts"]] == ["apiyi"]
+    # One call to apiyi, none to laozhang, none repeated by the SDK.
+    assert len(emulator.calls(kind="submit")) == before + 1
+
+
+def test_a_provider_rate_limit_keeps_its_meaning(emulator: Emulator, tmp_path: Path) -> None:
+    emulator.inject("laozhang", Fault(status=429, retry_after=7))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk(gateway, key).images.generate(model="flux-2-pro", prompt="busy")
+    assert caught.value.response.headers["retry-after"] == "7"
+    assert caught.value.response.headers["x-should-retry"] == "true"
+    body: Any = caught.value.body
+    assert (body["code"], body["may_be_billed"]) == ("provider_rate_limited", False)
+
+
+# -- keys, budgets, rate limits ------------------------------------------------------------------
+
+
+def test_keys_are_checked_and_never_stored_or_shown(emulator: Emulator, tmp_path: Path) -> None:
+    keys = FileKeys(tmp_path / "keys.json")
+    with run_gateway(
+        files_dir=tmp_path / "files", clients=single(emulator, "laozhang"), keys=keys
+    ) as gateway:
+        key, record = gateway.add_key(name="web")
+        assert key.startswith(f"fxg_{record.id}_")
+        stored = (tmp_path / "keys.json").read_text()
+        assert key not in stored
+        assert record.key_hash in stored
+        assert (tmp_path / "keys.json").stat().st_mode & 0o777 == 0o600
+        for wrong in ("not-a-key", key[:-1] + ("A" if key[-1] != "A" else "B"), "x" * 5000):
+            with pytest.raises(openai.AuthenticationError):
+                sdk(gateway, wrong).models.list()
+        assert [m.id for m in sdk(gateway, key).models.list()][:1] == ["flux-2-pro"]
+        assert keys.delete_sync(record.id)
+        with pytest.raises(openai.AuthenticationError):
+            sdk(gateway, key).models.list()
+
+
+def test_no_key_at_all_is_a_401_in_openai_shape(emulator: Emulator, tmp_path: Path) -> None:
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        answer = httpx.post(gateway.url + "/images/generations", json={"prompt": "x"})
+    assert answer.status_code == 401
+    assert answer.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_key_limited_to_models_gets_a_403_for_others(emulator: Emulator, tmp_path: Path) -> None:
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key(allowed_models=["flux-2-max"])
+        client = sdk(gateway, key)
+        assert [m.id for m in client.models.list()] == ["flux-2-max"]
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            client.images.generate(model="flux-2-pro", prompt="not mine")
+    body: Any = caught.value.body
+    assert body["code"] == "model_not_allowed"
+
+
+def test_a_budget_stops_calls_before_they_are_sent(emulator: Emulator, tmp_path: Path) -> None:
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key(budget_usd=0.05, period="day")  # laozhang: $0.03 a call
+        client = sdk(gateway, key, retries=2)
+        client.images.generate(model="flux-2-pro", prompt="first")
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.images.generate(model="flux-2-pro", prompt="second")
+    body: Any = caught.value.body
+    assert body["code"] == "budget_exceeded"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(emulator.calls("laozhang")) == before + 1  # the second was never sent
+
+
+def test_a_refused_call_refunds_its_reservation(emulator: Emulator, tmp_path: Path) -> None:
+    emulator.inject("laozhang", Fault(status=429, first=1))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key(budget_usd=0.03)
+        client = sdk(gateway, key)
+        with pytest.raises(openai.RateLimitError):
+            client.images.generate(model="flux-2-pro", prompt="not taken")
+        client.images.generate(model="flux-2-pro", prompt="taken")  # the $0.03 is still there
+
+
+def test_a_key_rate_limit_answers_429_with_retry_after(emulator: Emulator, tmp_path: Path) -> None:
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key(rate_per_minute=1)
+        client = sdk(gateway, key)
+        client.images.generate(model="flux-2-pro", prompt="one")
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.images.generate(model="flux-2-pro", prompt="two")
+    body: Any = caught.value.body
+    assert body["code"] == "rate_limit_exceeded"
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+# -- error shapes and hostile clients ------------------------------------------------------------
+
+
+def test_a_bad_request_lists_every_violation(emulator: Emulator, tmp_path: Path) -> None:
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk(gateway, key).images.generate(
+                model="flux-2-pro",
+                prompt="x",
+                n=2,
+                extra_body={"seed": "seven", "quality": "hd", "width": 1000, "height": 1000},
+            )
+    body: Any = caught.value.body
+    fields = {v["field"] for v in body["violations"]}
+    assert {"n", "seed", "quality"} <= fields
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+def test_provider_limits_are_reported_for_the_provider(emulator: Emulator, tmp_path: Path) -> None:
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk(gateway, key).images.generate(
+                model="flux-2-pro", prompt="x", extra_body={"width": 1000, "height": 1000}
+            )
+    body: Any = caught.value.body
+    assert body["violations"][0]["provider"] == "laozhang"
+    assert "width" in body["violations"][0]["field"] or "size" in body["violations"][0]["field"]
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status"),
+    [
+        (b"{not json", {"content-type": "application/json"}, 400),
+        (b"[1, 2]", {"content-type": "application/json"}, 400),
+        (b"[" * 100_000, {"content-type": "application/json"}, 400),
+        (b'{"prompt": "x"}', {"content-type": "text/plain"}, 415),
+        (
+            json.dumps({"prompt": 5, "model": ["x"]}).encode(),
+            {"content-type": "application/json"},
+            400,
+        ),
+        (
+            json.dumps({"prompt": "a\r\nb", "image_urls": "http://x"}).encode(),
+            {"content-type": "application/json"},
+            400,
+        ),
+    ],
+)
+def test_hostile_bodies_get_openai_shaped_4xx(
+    content: bytes, headers: dict[str, str], status: int, emulator: Emulator, tmp_path: Path
+) -> None:
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        answer = httpx.post(
+            gateway.url + "/images/generations",
+            content=content,
+            headers={**headers, "authorization": f"Bearer {key}"},
+        )
+    assert answer.status_code == status
+    assert set(answer.json()["error"]) >= {"message", "type", "code"}
+
+
+def test_a_huge_body_is_refused_without_being_read(emulator: Emulator, tmp_path: Path) -> None:
+    with run_gateway(
+        files_dir=tmp_path, clients=single(emulator, "laozhang"), max_body_bytes=1000
+    ) as gateway:
+        key, _ = gateway.add_key()
+        declared = httpx.post(
+            gateway.url + "/images/generations",
+            json={"prompt": "x" * 5000},
+            headers={"authorization": f"Bearer {key}"},
+        )
+
+        def chunks() -> Iterator[bytes]:
+            yield b'{"prompt": "'
+            for _ in range(100):
+                yield b"x" * 100
+
+        streamed = httpx.post(
+            gateway.url + "/images/generations",
+            content=chunks(),
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+        )
+    assert declared.status_code == streamed.status_code == 413
+
+
+def test_secrets_never_leave_the_gateway(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider that refuses (and echoes) the provider key: neither key shows anywhere."""
+    seen: list[str] = []
+    with run_emulator(bad_keys=[PROVIDER_SECRET]) as refusing:
+        caplog.set_level(logging.DEBUG)
+        with run_gateway(files_dir=tmp_path, clients=single(refusing, "laozhang")) as gateway:
+            key, _ = gateway.add_key()
+            with pytest.raises(openai.APIStatusError) as caught:
+                sdk(gateway, key).images.generate(model="flux-2-pro", prompt="x")
+            seen += [caught.value.response.text, str(caught.value.response.headers)]
+            seen.append(httpx.get(gateway.root + "/metrics").text)
+    assert caught.value.status_code == 502
+    body: Any = caught.value.body
+    assert body["code"] == "provider_key_refused"
+    seen += [record.getMessage() for record in caplog.records]
+    for text in seen:
+        assert PROVIDER_SECRET not in text
+        assert key not in text
+        assert key.split("_", 2)[2] not in text
+
+
+def test_access_logs_are_json_lines_without_secrets(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="flux_adapters.gateway.access")
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, record = gateway.add_key()
+        sdk(gateway, key).images.generate(model="flux-2-pro", prompt="logged")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith(".access")]
+    served = [line for line in lines if line["route"] == "/v1/images/generations"]
+    assert served[-1]["status"] == 200
+    assert (served[-1]["key"], served[-1]["provider"]) == (record.id, "laozhang")
+    assert all(key not in json.dumps(line) for line in lines)
+
+
+def test_kept_images_expire(emulator: Emulator, tmp_path: Path) -> None:
+    with run_gateway(
+        files_dir=tmp_path, clients=single(emulator, "laozhang"), retention=60.0
+    ) as gateway:
+        key, _ = gateway.add_key()
+        made = sdk(gateway, key).images.generate(model="flux-2-pro", prompt="x").data
+        assert made is not None
+        url = made[0].url
+        assert url is not None
+        assert httpx.get(url).status_code == 200
+        kept = tmp_path / url.rsplit("/", 1)[1]
+        past = time.time() - 3600
+        os.utime(kept, (past, past))
+        gone = httpx.get(url)
+        probing = httpx.get(gateway.url + "/files/..%2Fkeys.json")
+    assert gone.status_code == 404
+    assert not kept.exists()
+    assert probing.status_code == 404
+
+
+def test_health_readiness_and_metrics(emulator: Emulator, tmp_path: Path) -> None:
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        assert httpx.get(gateway.root + "/healthz").json() == {"status": "ok"}
+        ready = httpx.get(gateway.root + "/readyz").json()
+        metrics = httpx.get(gateway.root + "/metrics")
+    assert ready == {"status": "ready", "providers": ["laozhang"]}
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "flux_gateway_request_seconds" in metrics.text
+
+
+# -- several gateways, one Redis -----------------------------------------------------------------
+
+
+def test_two_gateways_share_keys_and_one_budget_through_redis(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    from tests.redis_server import redis_server
+
+    before = len(emulator.billed("laozhang"))
+    with (
+        redis_server() as redis,
+        run_gateway(
+            files_dir=tmp_path / "a", clients=single(emulator, "laozhang"), state_url=redis.url
+        ) as first,
+        run_gateway(
+            files_dir=tmp_path / "b", clients=single(emulator, "laozhang"), state_url=redis.url
+        ) as second,
+    ):
+        key, _ = first.add_key(budget_usd=0.05, period="day")  # laozhang: $0.03 a call
+        sdk(first, key).images.generate(model="flux-2-pro", prompt="on the first")
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk(second, key).images.generate(model="flux-2-pro", prompt="on the second")
+    body: Any = caught.value.body
+    assert body["code"] == "budget_exceeded"
+    assert [job.prompt for job in emulator.billed("laozhang")[before:]] == ["on the first"]
+
+
+def test_redis_down_is_a_503_before_anything_is_sent(emulator: Emulator, tmp_path: Path) -> None:
+    from tests.redis_server import redis_server
+
+    before = len(emulator.calls("laozhang"))
+    with (
+        redis_server() as redis,
+        run_gateway(
+            files_dir=tmp_path, clients=single(emulator, "laozhang"), state_url=redis.url
+        ) as gateway,
+    ):
+        key, _ = gateway.add_key(budget_usd=1.0)
+        redis.kill()
+        with pytest.raises(openai.InternalServerError) as caught:
+            sdk(gateway, key).images.generate(model="flux-2-pro", prompt="no state")
+    assert caught.value.status_code == 503
+    body: Any = caught.value.body
+    assert body["code"] == "state_unavailable"
+    assert caught.value.response.headers["x-should-retry"] == "true"
+    assert len(emulator.calls("laozhang")) == before
+
+
+def test_a_key_limited_to_providers_is_routed_among_them_only(
+    emulator: Emulator, failover_env: None, tmp_path: Path
+) -> None:
+    before = len(emulator.calls("apiyi"))
+    with run_gateway(files_dir=tmp_path) as gateway:
+        key, _ = gateway.add_key(allowed_providers=["laozhang"])
+        raw = sdk(gateway, key).images.with_raw_response.generate(
+            model="flux-2-pro", prompt="laozhang only", extra_body={"width": 512, "height": 512}
+        )
+        raw.parse()
+        everyone, _ = gateway.add_key()
+        models = [m.id for m in sdk(gateway, everyone).models.list()]
+    assert raw.headers["x-flux-attempt-log"] == "laozhang=ok"  # apiyi, first in order, not tried
+    assert len(emulator.calls("apiyi")) == before
+    assert "flux-2-pro" in models
