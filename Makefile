@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed-dev
 # The docs tools (the `docs` dependency group) have a stamp of their own: `make install` and
 # `make pytest` do not need them, the docs targets install them on first use.
 DOCS_STAMP := $(VENV)/.installed-docs
+# The official openai npm package (pinned in tests/node), for the gateway's Node test.
+NODE_DIR   := $(VENV)/node
+NODE_STAMP := $(NODE_DIR)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint typecheck pytest package bench docs docs-build cassettes conformance mutation clean
@@ -24,7 +27,15 @@ $(STAMP): pyproject.toml examples/nimbus/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e 'examples/nimbus[sandbox]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv: the project (editable), every extra, the test and lint tools.
+install: $(STAMP) $(NODE_STAMP) ## Create .venv: the project (editable), every extra, the test and lint tools.
+
+# Where Node.js and npm are installed, the openai npm package at the version tests/node pins
+# (npm ci: exactly the lock file); without them the Node test is skipped and says why.
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json | $(STAMP)
+	@if command -v npm >/dev/null && command -v node >/dev/null; then \
+		mkdir -p $(NODE_DIR) && cp tests/node/package.json tests/node/package-lock.json $(NODE_DIR)/ && \
+		npm ci --prefix $(NODE_DIR) --no-audit --no-fund --silent && touch $(NODE_STAMP); \
+	else echo "Node.js or npm not found: the gateway's Node test will be skipped"; fi
 
 $(DOCS_STAMP): pyproject.toml | $(STAMP)
 	$(BIN)/python -m pip install --quiet --group docs
@@ -44,7 +55,7 @@ typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks.
 # fixtures (an emulator, a table of CLI runs) are made once; most of a test's time is spent
 # waiting on a server or a child process, which the other worker fills. Plain `pytest` (a file,
 # a -k selection) still runs in one process.
-pytest: $(STAMP) ## The test suite (no network: MockTransport, loopback, and a redis-server it starts).
+pytest: $(STAMP) $(NODE_STAMP) ## The test suite (no network: MockTransport, loopback, and a redis-server it starts).
 	$(BIN)/pytest -q -n auto --dist loadfile
 
 package: $(STAMP) ## Build the sdist and wheel, check their contents, use the wheel in fresh venvs (no extra, each extra).

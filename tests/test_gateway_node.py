@@ -1,6 +1,7 @@
 """The gateway called from Node with the official ``openai`` npm package.
 
-The package is installed once into ``.venv/node`` (``npm install openai@6``, the only step that
+The package is installed into ``.venv/node`` at the version ``tests/node/package-lock.json`` pins
+(``npm ci`` by ``make install``, or by this test's fixture when it is missing: the only step that
 needs the npm registry); the test itself talks to loopback only. Skipped, saying why, only when
 Node or npm is not installed.
 """
@@ -23,7 +24,8 @@ from tests.conftest import image_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / ".venv" / "node"
-SCRIPT = Path(__file__).with_name("node") / "gateway_client.mjs"
+PINNED = Path(__file__).with_name("node")
+SCRIPT = PINNED / "gateway_client.mjs"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("node") is None or shutil.which("npm") is None,
@@ -33,15 +35,19 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def node_modules() -> Path:
+    """The package as tests/node pins it: ``make install`` puts it there; else ``npm ci`` now."""
     installed = NODE_DIR / "node_modules" / "openai" / "package.json"
     if not installed.exists():
+        NODE_DIR.mkdir(parents=True, exist_ok=True)
+        for name in ("package.json", "package-lock.json"):
+            shutil.copyfile(PINNED / name, NODE_DIR / name)
         done = subprocess.run(
-            ["npm", "install", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund", "openai@6"],
+            ["npm", "ci", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund"],
             capture_output=True,
             text=True,
             timeout=600,
         )
-        assert done.returncode == 0, f"npm install openai@6 failed: {done.stderr[-2000:]}"
+        assert done.returncode == 0, f"npm ci (tests/node) failed: {done.stderr[-2000:]}"
     return NODE_DIR / "node_modules"
 
 
