@@ -69,18 +69,24 @@ def single(emulator: Emulator, name: str) -> Callable[[tuple[str, ...] | None], 
     return make
 
 
+def providers_env(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch, where: Path, *names: str
+) -> None:
+    """*names* in this order on the emulator, keys from the environment, no config file."""
+    monkeypatch.setenv("FLUX_PROVIDERS", ",".join(names))
+    monkeypatch.delenv("FLUX_CONFIG", raising=False)
+    monkeypatch.chdir(where)  # no flux-adapters.toml here
+    for name in names:
+        monkeypatch.setenv(f"{name.upper()}_API_KEY", PROVIDER_SECRET)
+        monkeypatch.setenv(f"{name.upper()}_BASE_URL", emulator.base_url(name))
+
+
 @pytest.fixture
 def failover_env(
     emulator: Emulator, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """apiyi first, then laozhang (which has a price: $0.03 a call), keys from the environment."""
-    emulator_dir = tmp_path_factory.mktemp("cwd")
-    monkeypatch.setenv("FLUX_PROVIDERS", "apiyi,laozhang")
-    monkeypatch.delenv("FLUX_CONFIG", raising=False)
-    monkeypatch.chdir(emulator_dir)  # no flux-adapters.toml here
-    for name in ("apiyi", "laozhang"):
-        monkeypatch.setenv(f"{name.upper()}_API_KEY", PROVIDER_SECRET)
-        monkeypatch.setenv(f"{name.upper()}_BASE_URL", emulator.base_url(name))
+    providers_env(emulator, monkeypatch, tmp_path_factory.mktemp("cwd"), "apiyi", "laozhang")
 
 
 _OPENED: list[openai.OpenAI] = []
@@ -285,6 +291,39 @@ def test_a_budget_stops_calls_before_they_are_sent(emulator: Emulator, tmp_path:
     assert body["code"] == "budget_exceeded"
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert len(emulator.calls("laozhang")) == before + 1  # the second was never sent
+
+
+def test_a_key_with_a_budget_never_uses_a_provider_without_a_price(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # aimlapi has no known price for a flux-2-pro text-to-image: a call there could not be
+    # counted against a budget, so a key with one is routed past it (or refused), never to it.
+    (tmp_path / "cwd").mkdir()
+    providers_env(emulator, monkeypatch, tmp_path / "cwd", "aimlapi", "laozhang")
+    before = len(emulator.calls("aimlapi"))
+    size = {"width": 512, "height": 512}
+    with run_gateway(files_dir=tmp_path / "files") as gateway:
+        key, _ = gateway.add_key(budget_usd=1.0)
+        budgeted = sdk(gateway, key).images.with_raw_response.generate(
+            model="flux-2-pro", prompt="priced only", extra_body=size
+        )
+        budgeted.parse()
+        unlimited, _ = gateway.add_key()
+        free = sdk(gateway, unlimited).images.with_raw_response.generate(
+            model="flux-2-pro", prompt="any provider", extra_body=size
+        )
+        free.parse()
+        only_unpriced, _ = gateway.add_key(budget_usd=1.0, allowed_providers=["aimlapi"])
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            sdk(gateway, only_unpriced).images.generate(
+                model="flux-2-pro", prompt="cannot be counted", extra_body=size
+            )
+    assert budgeted.headers["x-flux-attempt-log"] == "laozhang=ok"
+    assert free.headers["x-flux-provider"] == "aimlapi"  # without a budget, the order holds
+    body: Any = caught.value.body
+    assert body["code"] == "no_priced_provider"
+    assert "aimlapi" in body["message"]
+    assert len(emulator.calls("aimlapi")) == before + 1  # the unlimited key's call only
 
 
 def test_a_refused_call_refunds_its_reservation(emulator: Emulator, tmp_path: Path) -> None:

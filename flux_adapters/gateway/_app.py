@@ -167,13 +167,19 @@ class Gateway:
             offered.update(get_adapter(name).limits)
         return [model for model in MODELS if model in offered]
 
-    def estimate(self, client: AsyncFluxClient, request: EditRequest) -> float:
-        """The most any candidate provider would charge (known prices only; else 0)."""
+    def estimate(
+        self, client: AsyncFluxClient, request: EditRequest
+    ) -> tuple[float, tuple[str, ...]]:
+        """The most *request* may cost, and the providers whose price is not known.
+
+        Among *client*'s providers whose limits take *request*: a budget cannot count a call to
+        one without a price, so those are not used under a budget.
+        """
         from flux_adapters.limits import plan
         from flux_adapters.prices import estimate
         from flux_adapters.providers import get_adapter
 
-        most = 0.0
+        most, unpriced = 0.0, []
         for name in client.providers:
             adapter = get_adapter(name)
             limits = adapter.limits.get(request.model)
@@ -181,14 +187,14 @@ class Gateway:
                 continue
             try:
                 planned = plan(request, limits)
-                figure = estimate(
-                    request, planned, client._prices, getattr(adapter, "prices", None)
-                )
             except errors.FluxError:
-                continue
-            if figure is not None and math.isfinite(figure):
+                continue  # its limits refuse the request: the router skips it, nothing is paid
+            figure = estimate(request, planned, client._prices, getattr(adapter, "prices", None))
+            if figure is None or not math.isfinite(figure):
+                unpriced.append(name)
+            else:
                 most = max(most, figure)
-        return most
+        return most, tuple(unpriced)
 
 
 # -- the routes ----------------------------------------------------------------------------------
@@ -439,7 +445,23 @@ async def _image_call(
     reservation = None
     estimate = 0.0
     if record is not None and record.budget_usd is not None:
-        estimate = gateway.estimate(client, edit)
+        estimate, unpriced = gateway.estimate(client, edit)
+        if unpriced:  # a budget counts only what has a price: route among the priced ones
+            priced = tuple(name for name in client.providers if name not in unpriced)
+            if not priced:
+                return done(
+                    openai_error(
+                        403,
+                        f"this gateway key has a budget, and no provider here has a known price "
+                        f"for {edit.model} (unpriced: {', '.join(unpriced)}): a call could not "
+                        "be counted against it",
+                        type_="permission_error",
+                        code="no_priced_provider",
+                        retry=False,
+                    ),
+                    record,
+                )
+            client = gateway.client(priced)
         reservation = await gateway.state.reserve(
             f"key:{record.id}", estimate, record.budget_usd, record.period
         )
