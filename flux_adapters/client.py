@@ -159,6 +159,16 @@ def _load_sending() -> None:
     _sending_loaded = True
 
 
+def _load_asyncio() -> None:
+    """Bind ``asyncio`` as a name of this module, once, for the async client's methods.
+
+    They use it on every call, where an import statement in each costs a lookup every time.
+    Called by `AsyncFluxClient` only: `FluxClient` never loads asyncio.
+    """
+    global asyncio
+    import asyncio
+
+
 __all__ = [
     "DEFAULT_DEADLINE",
     "DEFAULT_TIMEOUT",
@@ -1674,6 +1684,7 @@ class AsyncFluxClient(_ClientBase):
             state_fallback=state_fallback,
         )
         self._own_http = http_client is None
+        _load_asyncio()
         from flux_adapters._drivers import HttpxDriver, choose
         from flux_adapters._transport import LoopBinding
 
@@ -1715,8 +1726,6 @@ class AsyncFluxClient(_ClientBase):
         return await self._edit(request, None)
 
     async def _edit(self, request: EditRequest, watcher: Watcher | None) -> EditResult:
-        import asyncio
-
         started = time.perf_counter()
         router = self._start(request)
         try:
@@ -1824,14 +1833,30 @@ class AsyncFluxClient(_ClientBase):
 
         The watcher hears of a submit before it goes (durably) and of the job it was accepted
         as. A cancelled task lets the flow cancel its job before the cancellation propagates.
+        An exchange is performed here rather than in a coroutine of its own: one less coroutine
+        on the path of every exchange; a wait and an accepted job go to `_between`.
         """
-        import asyncio
-
         try:
             instruction = next(flow)
             while True:
                 try:
-                    reply = await self._perform(binding, instruction, watcher)
+                    if isinstance(instruction, (Sleep, Accepted)):
+                        await self._between(binding, instruction, watcher)
+                        reply = None
+                    else:
+                        if instruction.role == "submit" and watcher is not None:
+                            await watcher.sending(binding.adapter.name)  # durable before it goes
+                        started = time.perf_counter()
+                        try:
+                            self._check_open()  # closed while a call was under way
+                            try:
+                                reply = await self._driver.exchange(_exchange(binding, instruction))
+                            except RuntimeError as exc:  # a refusal to send: closed meanwhile
+                                raise self._closed_instead(exc) from exc
+                        except FluxError as error:
+                            _note_exchange(binding, instruction, started, error)
+                            raise
+                        _note_exchange(binding, instruction, started, reply)
                 except FluxError as error:  # the flow judges it, and attaches its job if any
                     instruction = flow.throw(error)
                 else:
@@ -1845,37 +1870,17 @@ class AsyncFluxClient(_ClientBase):
         finally:
             flow.close()
 
-    async def _perform(
-        self,
-        binding: _Binding,
-        instruction: HttpRequest | Sleep | Accepted,
-        watcher: Watcher | None,
-    ) -> HttpResponse | None:
-        import asyncio
-
+    async def _between(
+        self, binding: _Binding, instruction: Sleep | Accepted, watcher: Watcher | None
+    ) -> None:
+        """A wait the flow asked for, or a job it saw accepted (the watcher keeps it)."""
         if isinstance(instruction, Sleep):
             _note_wait(binding, instruction)
             await asyncio.sleep(instruction.seconds)
-            return None
-        if isinstance(instruction, Accepted):
-            _note_accepted(binding, instruction)
-            if watcher is not None:
-                await watcher.accepted(binding.adapter.name, instruction.job)
-            return None
-        if instruction.role == "submit" and watcher is not None:
-            await watcher.sending(binding.adapter.name)  # durable before anything goes out
-        started = time.perf_counter()
-        try:
-            self._check_open()  # closed while a call was under way
-            try:  # `_send`, written out: a coroutine less on the path of every exchange
-                response = await self._driver.exchange(_exchange(binding, instruction))
-            except RuntimeError as exc:  # a refusal to send on a client closed meanwhile
-                raise self._closed_instead(exc) from exc
-        except FluxError as error:
-            _note_exchange(binding, instruction, started, error)
-            raise
-        _note_exchange(binding, instruction, started, response)
-        return response
+            return
+        _note_accepted(binding, instruction)
+        if watcher is not None:
+            await watcher.accepted(binding.adapter.name, instruction.job)
 
     async def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
         """The caller stopped waiting: let *flow* cancel its job (each cancel bounded)."""
