@@ -6,6 +6,7 @@ Each gateway has a registry of its own, so that several can run in one process (
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -74,3 +75,16 @@ class Metrics:
         )
         self.in_flight = Gauge("flux_gateway_in_flight", "Paid calls under way", registry=r)
         r.register(_Breakers(breaker_states))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once: every call passes here.
+
+        prometheus-client checks and locks on each ``labels`` call; the child it returns is the
+        same one every time, so it is kept here (no more of them than the metric itself keeps).
+        """
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
