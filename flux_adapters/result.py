@@ -147,6 +147,10 @@ class Attempt:
         billing: For a failure, the row of the billing table it fell under
             (``flux_adapters.routing.BILLING_RULES``), e.g. ``"server-error"``: whether the
             provider may have billed the job.
+        available_in_s: For a provider skipped for a while (cooling down after failures, its
+            key paused by a ``Retry-After`` or held by its rate limit), the seconds until it
+            may be tried again, as known when it was skipped; ``0.0`` while another call probes
+            it; ``None`` otherwise.
     """
 
     provider: str
@@ -156,6 +160,7 @@ class Attempt:
     error: FluxError | None = None
     reason: str = ""
     billing: str = ""
+    available_in_s: float | None = None
 
 
 class Downloader(Protocol):

@@ -648,7 +648,15 @@ def route(
             if isinstance(answer, Denied):
                 if answer.kind == "budget":
                     over_budget = answer
-                attempts.append(_skipped(name, model, None, _denied_reason(answer, cost)))
+                attempts.append(
+                    _skipped(
+                        name,
+                        model,
+                        None,
+                        _denied_reason(answer, cost),
+                        None if answer.kind == "budget" else answer.seconds,
+                    )
+                )
                 _note_skip(scrub, attempts[-1], None)
                 continue
             assert isinstance(answer, Admitted)
@@ -658,7 +666,7 @@ def route(
             acquired = breaker.acquire(key)
             if not isinstance(acquired, Pass):
                 reason = f"cooling down for {acquired:.1f} s after failures"
-                attempts.append(_skipped(name, model, None, reason))
+                attempts.append(_skipped(name, model, None, reason, acquired))
                 _note_skip(scrub, attempts[-1], None)
                 continue
             granted = acquired
@@ -933,7 +941,19 @@ def _note_skip(scrub: Callable[[str], str], attempt: Attempt, error: FluxError |
     )
 
 
-def _skipped(provider: str, model: str, error: FluxError | None, reason: str) -> Attempt:
+def _skipped(
+    provider: str,
+    model: str,
+    error: FluxError | None,
+    reason: str,
+    available_in: float | None = None,
+) -> Attempt:
     return Attempt(
-        provider=provider, model=model, outcome="skipped", elapsed_s=0.0, error=error, reason=reason
+        provider=provider,
+        model=model,
+        outcome="skipped",
+        elapsed_s=0.0,
+        error=error,
+        reason=reason,
+        available_in_s=None if available_in is None else max(0.0, available_in),
     )

@@ -199,4 +199,6 @@ def test_three_gateways_share_one_budget_cooldowns_and_429_pauses(gateways: Gate
         [attempt] = body["attempts"]
         assert (attempt["provider"], attempt["outcome"]) == ("apiyi", "skipped")
         assert "paused" in attempt["reason"], attempt
+        assert 0 < attempt["available_in_s"] <= 120, attempt
+        assert 1 <= int(headers["retry-after"]) <= 120  # the SDK waits that long to retry
     assert len(emulator.calls("apiyi")) == 3 + 1

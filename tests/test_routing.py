@@ -269,6 +269,8 @@ def test_an_open_breaker_skips_the_provider_without_trying_it() -> None:
     log, routed = drive(["laozhang", "apiyi"], {"apiyi": ["ok"]}, breaker=breaker)
     assert log == ["apiyi"]
     assert routed.attempts[0].reason.startswith("cooling down for 30.0 s")
+    assert routed.attempts[0].available_in_s == 30.0  # when it may be tried again
+    assert routed.attempts[1].available_in_s is None
     clock[0] = 31.0  # half-open: one probe goes through and closes the circuit
     log, _ = drive(["laozhang", "apiyi"], {"laozhang": ["ok"]}, breaker=breaker)
     assert log == ["laozhang"]

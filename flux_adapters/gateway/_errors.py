@@ -100,6 +100,7 @@ def _attempts(attempts: Sequence[Attempt]) -> list[dict[str, object]]:
             "error": None if a.error is None else type(a.error).__name__,
             "status": getattr(a.error, "status_code", None),
             "reason": a.reason or None,
+            "available_in_s": a.available_in_s,
         }
         for a in attempts
     ]
@@ -251,6 +252,9 @@ def _all_failed(error: errors.AllProvidersFailed) -> Answer:
             {"error": {"type": "server_error", "param": None, "code": "no_provider_available"}},
             {"x-should-retry": "true"},
         )
+        waits = [a.available_in_s for a in attempts if a.available_in_s is not None]
+        if waits:  # when the first of them may be tried again: clients wait that long
+            headers["retry-after"] = str(max(1, math.ceil(min(waits))))
     inner = dict(body["error"])  # type: ignore[call-overload]
     message = str(error) + (_MAY_BE_BILLED if billed else "")
     inner.update(
