@@ -304,6 +304,17 @@ async def _form_fields(
             max_files=MAX_IMAGES + 1, max_fields=64, max_part_size=_FIELD_BYTES
         ) as form:
             for name, value in form.multi_items():
+                if isinstance(value, str) == (name in ("image", "image[]")):
+                    # A file where text is expected (it was sent on as "(a file)"), or an
+                    # image as text (it was dropped): refused, never guessed at.
+                    wanted = "a file" if isinstance(value, str) else "text"
+                    return openai_error(
+                        400,
+                        f"the field {name[:60]!r} must be {wanted}",
+                        code="invalid_request",
+                        param=name[:60],
+                        retry=False,
+                    )
                 if isinstance(value, str):
                     if name in fields:
                         return openai_error(
@@ -314,10 +325,8 @@ async def _form_fields(
                             retry=False,
                         )
                     fields[name] = value
-                elif name in ("image", "image[]"):
-                    images.append(await value.read())
                 else:
-                    fields[name] = "(a file)"
+                    images.append(await value.read())
     except HTTPException as exc:
         return openai_error(
             400, f"a broken multipart body: {exc.detail}", code="invalid_multipart", retry=False
