@@ -26,7 +26,13 @@ from starlette.types import Message
 
 from flux_adapters import errors
 from flux_adapters.client import AsyncFluxClient
-from flux_adapters.gateway._errors import Answer, error_answer, openai_error, violations_answer
+from flux_adapters.gateway._errors import (
+    Answer,
+    budget_keeps,
+    error_answer,
+    openai_error,
+    violations_answer,
+)
 from flux_adapters.gateway._files import MEDIA, FileStore
 from flux_adapters.gateway._keys import MAX_KEY_LENGTH, KeyRecord, KeyStore, hash_key, verify
 from flux_adapters.gateway._metrics import Metrics
@@ -514,9 +520,10 @@ async def _image_call(
             _count_attempts(gateway, getattr(error, "attempts", ()) or ())
             answer = error_answer(error)
             billed = bool(answer.body["error"].get("may_be_billed"))  # type: ignore[attr-defined]
-            settled = estimate if billed else 0.0
+            kept = billed or budget_keeps(error)
+            settled = estimate if kept else 0.0
             info["may_be_billed"] = billed
-            if billed:
+            if kept:
                 tried = getattr(error, "attempts", ()) or ()
                 provider = getattr(error, "provider", None) or (
                     tried[-1].provider if tried else "-"

@@ -19,7 +19,7 @@ from attrs import frozen
 from flux_adapters import errors
 from flux_adapters.result import Attempt
 
-__all__ = ["Answer", "error_answer", "openai_error", "violations_answer"]
+__all__ = ["Answer", "budget_keeps", "error_answer", "openai_error", "violations_answer"]
 
 
 @frozen
@@ -89,6 +89,22 @@ def _may_be_billed(error: errors.FluxError) -> bool:
     from flux_adapters.routing import billing_rule
 
     return billing_rule(error).proves == "may be billed"
+
+
+def budget_keeps(error: errors.FluxError) -> bool:
+    """Whether a key's reservation stays spent after *error*: the router's own rule.
+
+    Wider than ``may_be_billed``: a job the provider accepted and then moderated is not
+    "may be billed" for a resend (it will not pass anywhere), but fal bills it, so a budget
+    keeps its reservation, as the library's budgets do (`flux_adapters.routing`).
+    """
+    from flux_adapters.routing import _charge, billing_rule
+
+    tried: Sequence[Attempt] = getattr(error, "attempts", ()) or ()
+    failures = [a.error for a in tried if a.outcome == "failed" and a.error is not None]
+    if not isinstance(error, errors.AllProvidersFailed):
+        failures.append(error)
+    return any(_charge(billing_rule(e), e) == "keep" for e in failures)
 
 
 def _attempts(attempts: Sequence[Attempt]) -> list[dict[str, object]]:
