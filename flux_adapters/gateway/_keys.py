@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -47,6 +48,7 @@ __all__ = [
 DEFAULT_KEYS_PATH: Final = Path("flux-adapters-keys.json")
 _PREFIX: Final = "fxg_"
 _SHAPE: Final = re.compile(r"fxg_([a-z0-9]{8})_[A-Za-z0-9_-]{43}")
+_MAX_FILE_BYTES: Final = 64 * 1024 * 1024
 MAX_KEY_LENGTH: Final = 200
 """A bearer value longer than this is refused before it is hashed."""
 
@@ -166,6 +168,10 @@ class FileKeys:
             return self._by_hash
         except OSError as exc:
             raise ConfigurationError(f"cannot read the key file {self.path}: {exc}") from None
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the gateway's loop for ever
+            raise ConfigurationError(f"the key file {self.path} is not a regular file")
+        if status.st_size > _MAX_FILE_BYTES:
+            raise ConfigurationError(f"the key file {self.path} is larger than 64 MiB")
         stamp = (status.st_mtime_ns, status.st_size)
         if stamp == self._seen:
             return self._by_hash
@@ -183,7 +189,12 @@ class FileKeys:
     def _write(self, records: list[KeyRecord]) -> None:
         folder = self.path.parent if str(self.path.parent) else Path(".")
         text = json.dumps({"keys": [record_to_dict(r) for r in records]}, indent=2) + "\n"
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".keys-", suffix=".tmp")
+        try:
+            handle, temporary = tempfile.mkstemp(dir=folder, prefix=".keys-", suffix=".tmp")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot write the key file {self.path}: {exc.strerror or type(exc).__name__}"
+            ) from None
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as out:
                 out.write(text)
@@ -191,9 +202,13 @@ class FileKeys:
                 os.fsync(out.fileno())
             os.chmod(temporary, 0o600)
             os.replace(temporary, self.path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+            if isinstance(exc, OSError):
+                raise ConfigurationError(
+                    f"cannot write the key file {self.path}: {exc.strerror or type(exc).__name__}"
+                ) from None
             raise
 
     def put_sync(self, record: KeyRecord) -> None:
