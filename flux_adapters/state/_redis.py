@@ -252,6 +252,30 @@ def _dumped(record: KeyRecord) -> str:
     return json.dumps(data, allow_nan=False)
 
 
+def _checked_url(url: str) -> str:
+    """*url* once redis-py can read it (its port, database and options), checked now.
+
+    redis-py reads it only at the first call, and raises ``ValueError`` there: a
+    `ConfigurationError` now instead, never showing the URL's password.
+
+    Raises:
+        ConfigurationError: redis-py cannot read *url*.
+    """
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError) as exc:
+        from flux_adapters.errors import ConfigurationError
+
+        userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        reason = str(exc)[:200]
+        if userinfo and userinfo.rpartition(":")[2] in reason:
+            reason = type(exc).__name__
+        raise ConfigurationError(f"the state URL cannot be used: {reason}") from None
+    return url
+
+
 class _Fallback:
     """Whether Redis is skipped for now (``fallback="local"`` after a failure), and the warning."""
 
@@ -295,7 +319,7 @@ class RedisState:
     ) -> None:
         with extra_imports():
             import redis  # noqa: F401  (the redis extra: raise its install hint now, not later)
-        self._url = url
+        self._url = _checked_url(url)
         self._timeout = check_seconds(timeout, "timeout")
         if self._timeout == 0:
             self._timeout = 1.0
