@@ -150,7 +150,7 @@ def test_a_key_file_that_is_a_fifo_is_an_error_not_a_hang(tmp_path: Path) -> Non
     def look() -> None:
         try:
             outcome.append(FileKeys(fifo).list_sync())
-        except BaseException as exc:  # noqa: BLE001  (reported to the test thread)
+        except BaseException as exc:  # reported to the test thread
             outcome.append(exc)
 
     worker = threading.Thread(target=look, daemon=True)
