@@ -141,6 +141,30 @@ def test_a_key_budget_counts_a_job_the_provider_accepted_then_moderated(
     assert spent <= 3  # the $0.09 budget, passed by at most one call's price
 
 
+@pytest.mark.parametrize("provider", ["bfl", "fal"])
+@pytest.mark.parametrize("status", [400, 401, 402])
+def test_a_refused_poll_of_an_accepted_job_says_it_may_be_billed(
+    provider: str, status: int, emulator: Emulator, tmp_path: Path
+) -> None:
+    # The job was accepted (and billed), then a poll was refused: the answer said
+    # may_be_billed false (a 400, 402 or "key refused"), inviting a caller to send it again.
+    emulator.inject(provider, Fault(on="poll", status=status))
+    billed = len(emulator.billed(provider))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, provider)) as gateway:
+        key, _ = gateway.add_key()
+        answer = httpx.post(
+            gateway.url + "/images/generations",
+            json={"prompt": "accepted", "width": 512, "height": 512},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+    assert len(emulator.billed(provider)) == billed + 1
+    assert answer.status_code == 502
+    assert answer.json()["error"]["may_be_billed"] is True
+    assert answer.json()["error"]["code"] == "provider_error_may_be_billed"
+    assert answer.headers["x-should-retry"] == "false"
+
+
 # -- a careless operator -------------------------------------------------------------------------
 
 

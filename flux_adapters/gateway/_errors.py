@@ -166,6 +166,8 @@ def error_answer(error: errors.FluxError) -> Answer:
         return openai_error(
             400, text, code="content_policy_violation", retry=False, may_be_billed=False, **common
         )
+    if _may_be_billed(error):  # a job already accepted, whatever a poll was then told
+        return _ambiguous(error, text, common)
     if isinstance(error, errors.RateLimited):
         return openai_error(
             429,
@@ -233,6 +235,10 @@ def error_answer(error: errors.FluxError) -> Answer:
         )
     # Everything left may have been billed: a 5xx, a lost or unreadable answer, a job that
     # ended badly after it was accepted, a result that expired before it could be kept.
+    return _ambiguous(error, text, common)
+
+
+def _ambiguous(error: errors.FluxError, text: str, common: dict[str, Any]) -> Answer:
     timeout = isinstance(error, errors.Timeout | errors.JobTimeout)
     return openai_error(
         504 if timeout else 502,
