@@ -133,6 +133,16 @@ def _seconds(*, zero: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def _expiry(text: str) -> float:
+    """Seconds a shared batch's state is kept in Redis: above 0, up to a year."""
+    value = _number(text)
+    if not 0 < value <= 365 * 86400:
+        raise argparse.ArgumentTypeError(
+            f"must be seconds above 0 to 31536000 (a year), got {text!r}"
+        )
+    return value
+
+
 def _lease(text: str) -> float:
     seconds = _seconds()(text)
     if seconds < 1:
@@ -427,7 +437,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--state-expiry",
-        type=_seconds(),
+        type=_expiry,
         default=7 * 86400.0,
         metavar="SECONDS",
         help="with --state: seconds the batch's state stays in Redis after its last step "

@@ -288,3 +288,17 @@ def test_a_password_in_a_shared_batchs_output_url_is_not_kept_in_redis(
     done = asyncio.run(run())
     assert done.totals["ok"] == 1
     assert b"hunter2" not in redis_contents(redis)
+
+
+@pytest.mark.parametrize("seconds", ["604800", "172800"])
+def test_the_documented_state_expiry_can_be_given(seconds: str, tmp_path: Path) -> None:
+    # --state-expiry defaults to 604800 s (7 days), but took at most 86400: neither the default
+    # nor two days could be asked for.
+    from flux_adapters.cli import _parser
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "a", "prompt": "x"}\n')
+    parsed = _parser().parse_args(
+        ["batch", str(jobs), "-o", "out", "--state", "redis://x", "--state-expiry", seconds]
+    )
+    assert parsed.state_expiry == float(seconds)
