@@ -302,3 +302,24 @@ def test_the_documented_state_expiry_can_be_given(seconds: str, tmp_path: Path) 
         ["batch", str(jobs), "-o", "out", "--state", "redis://x", "--state-expiry", seconds]
     )
     assert parsed.state_expiry == float(seconds)
+
+
+def test_keys_created_at_once_by_several_processes_are_all_kept(tmp_path: Path) -> None:
+    # Each `keys create` read the file, added its key and wrote the file back: processes at once
+    # overwrote each other's keys, shown to their users and then refused by the gateway.
+    import subprocess
+    import sys
+
+    path = tmp_path / "keys.json"
+    code = (
+        "import sys\n"
+        "from flux_adapters.gateway import FileKeys, new_key\n"
+        "FileKeys(sys.argv[1]).put_sync(new_key(name=sys.argv[2])[1])\n"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, str(path), f"k{n}"]) for n in range(12)
+    ]
+    assert [process.wait(timeout=120) for process in processes] == [0] * 12
+    assert sorted(record.name for record in FileKeys(path).list_sync()) == sorted(
+        f"k{n}" for n in range(12)
+    )

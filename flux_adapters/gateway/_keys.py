@@ -25,7 +25,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
@@ -211,10 +211,34 @@ class FileKeys:
                 ) from None
             raise
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[dict[str, KeyRecord]]:
+        """The records, read afresh under a lock that other processes respect too.
+
+        A change reads the file, changes it and writes it back: without the lock (``flock`` on
+        ``<file>.lock``), two ``keys create`` at once each wrote the file without the other's key.
+        """
+        with self._lock:
+            try:
+                lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot lock the key file {self.path}: {exc.strerror or type(exc).__name__}"
+                ) from None
+            try:
+                with contextlib.suppress(ImportError):
+                    import fcntl
+
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                self._seen = None  # another process may have written it within the same stamp
+                yield self._load()
+            finally:
+                os.close(lock)  # releases the flock
+
     def put_sync(self, record: KeyRecord) -> None:
         """Add or replace *record*."""
-        with self._lock:
-            records = {r.id: r for r in self._load().values()}
+        with self._changing() as current:
+            records = {r.id: r for r in current.values()}
             records[record.id] = record
             self._write(list(records.values()))
 
@@ -230,8 +254,8 @@ class FileKeys:
 
     def delete_sync(self, key_id: str) -> bool:
         """Remove the record with *key_id*; whether there was one."""
-        with self._lock:
-            records = list(self._load().values())
+        with self._changing() as current:
+            records = list(current.values())
             kept = [r for r in records if r.id != key_id]
             if len(kept) == len(records):
                 return False
