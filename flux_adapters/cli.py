@@ -584,7 +584,11 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         type=Path,
         help="the key file (default: $FLUX_GATEWAY_KEYS, else ./flux-adapters-keys.json)",
     )
-    keys.add_argument("--state", metavar="URL", help="shared state (default: $FLUX_STATE_URL)")
+    keys.add_argument(
+        "--state",
+        metavar="URL",
+        help="shared state (default: $FLUX_STATE_URL, else state_url in the configuration file)",
+    )
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     actions.required = True
     create = actions.add_parser(
@@ -1860,12 +1864,10 @@ def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
 def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
     import asyncio
 
-    from flux_adapters.gateway import new_key, open_key_store
+    from flux_adapters.gateway import configured_state_url, new_key, open_key_store
     from flux_adapters.gateway._keys import record_to_dict
 
-    store = open_key_store(
-        arguments.state or os.environ.get("FLUX_STATE_URL") or None, arguments.keys_file
-    )
+    store = open_key_store(arguments.state or configured_state_url(), arguments.keys_file)
     if arguments.keys_command == "create":
         from flux_adapters.request import MODELS
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -323,3 +324,52 @@ def test_keys_created_at_once_by_several_processes_are_all_kept(tmp_path: Path) 
     assert sorted(record.name for record in FileKeys(path).list_sync()) == sorted(
         f"k{n}" for n in range(12)
     )
+
+
+def test_state_url_in_the_configuration_file_keeps_the_gateway_keys_in_redis(
+    tmp_path: Path, redis: RedisServer, emulator: Emulator
+) -> None:
+    # docs/gateway.md: with state_url in the configuration file, keys live in Redis. `keys` and
+    # `serve` read only --state and $FLUX_STATE_URL for them: the keys went to a file on each
+    # machine, while budgets were in Redis.
+    import subprocess
+    import sys
+
+    (tmp_path / "flux-adapters.toml").write_text(
+        f'providers = ["laozhang"]\nstate_url = "{redis.url}"\n'
+    )
+    env = {
+        **os.environ,
+        "LAOZHANG_API_KEY": PROVIDER_SECRET,
+        "LAOZHANG_BASE_URL": emulator.base_url("laozhang"),
+    }
+    for name in ("FLUX_CONFIG", "FLUX_STATE_URL", "FLUX_GATEWAY_KEYS", "FLUX_PROVIDERS"):
+        env.pop(name, None)
+    made = subprocess.run(
+        [sys.executable, "-m", "flux_adapters", "keys", "create", "--name", "in-redis"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    key = made.stdout.splitlines()[0]
+    assert not (tmp_path / "flux-adapters-keys.json").exists()
+    client: Any = redis.client()
+    stored = [client.get(b"flux:gwkey:" + member) for member in client.smembers(b"flux:gwkeys")]
+    client.close()
+    assert any(b"in-redis" in (value or b"") for value in stored)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flux_adapters", "serve", "--port", "0",
+         "--files-dir", str(tmp_path / "files")],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        root = process.stdout.readline().split()[3]
+        answer = httpx.post(
+            root + "/v1/images/generations",
+            json={"prompt": "a key kept in redis"},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    assert answer.status_code == 200, answer.text
