@@ -373,3 +373,37 @@ def test_state_url_in_the_configuration_file_keeps_the_gateway_keys_in_redis(
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
     assert answer.status_code == 200, answer.text
+
+
+# -- the shared state ----------------------------------------------------------------------------
+
+
+def test_a_reservation_made_while_redis_was_down_is_not_refunded_to_redis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With state_fallback = "local", a call admitted while Redis was down reserved in this
+    # process's state; when it ended after Redis was back, its refund was taken off the shared
+    # budget, which had never held it: every such refund was room to overspend.
+    import flux_adapters.state._redis as redis_module
+    from flux_adapters.state import open_state
+
+    monkeypatch.setattr(redis_module, "_RETRY_LOCAL", 0.0)  # try Redis again at the next call
+
+    async def run(url: str, server: RedisServer) -> list[bool]:
+        state = open_state(url, fallback="local", timeout=0.2, prefix="flux:fallback:")
+        try:
+            for _ in range(3):
+                server.freeze()
+                try:
+                    local = await state.reserve("gw", 0.03, 0.03, "total")  # made locally
+                finally:
+                    server.thaw()
+                assert local is not None
+                await state.settle(local, 0.0)  # refused by the provider: refunded
+            return [await state.reserve("gw", 0.03, 0.03, "total") is not None for _ in range(4)]
+        finally:
+            await state.aclose()
+
+    with redis_server() as server:
+        # the $0.03 shared budget takes one $0.03 call, not four
+        assert asyncio.run(run(server.url, server)) == [True, False, False, False]

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import attrs
+
 from flux_adapters._extras import extra_imports
 from flux_adapters.errors import StateUnavailable
 from flux_adapters.routing import Admitted, Denied, Pass
@@ -244,7 +246,6 @@ def _record(raw: object) -> KeyRecord | None:
 
 
 def _dumped(record: KeyRecord) -> str:
-    import attrs
 
     data = attrs.asdict(record)
     data["allowed_models"] = list(record.allowed_models)
@@ -276,6 +277,11 @@ def _checked_url(url: str) -> str:
     return url
 
 
+def _made_locally(done: Finish) -> bool:
+    """Whether *done* settles a reservation made in the local state while Redis was down."""
+    return done.reservation is not None and done.reservation.local
+
+
 class _Fallback:
     """Whether Redis is skipped for now (``fallback="local"`` after a failure), and the warning."""
 
@@ -288,6 +294,13 @@ class _Fallback:
 
     def active(self) -> bool:
         return self.enabled and time.monotonic() < self._until
+
+    def admit_locally(self, ask: Ask) -> Admitted | Denied:
+        """Admit *ask* in the local state; its reservation marked as made here (`_made_locally`)."""
+        answer = self.local.admit_now(ask)
+        if isinstance(answer, Admitted) and isinstance(answer.reservation, Reservation):
+            return Admitted(answer.granted, attrs.evolve(answer.reservation, local=True))
+        return answer
 
     def fell(self, exc: StateUnavailable) -> None:
         """Redis failed: raise (fail closed), or use local state for a while, warning once."""
@@ -402,17 +415,17 @@ class RedisState:
     async def admit(self, ask: Ask) -> Admitted | Denied:
         """See `flux_adapters.state.StateBackend.admit`."""
         if self._fallback.active():
-            return self._fallback.local.admit_now(ask)
+            return self._fallback.admit_locally(ask)
         keys, args = self._layout.admit(ask)
         try:
             return self._layout.admitted(ask, await self._call("admit", keys, args))
         except StateUnavailable as exc:
             self._fallback.fell(exc)
-            return self._fallback.local.admit_now(ask)
+            return self._fallback.admit_locally(ask)
 
     async def finish(self, done: Finish) -> float | None:
         """See `flux_adapters.state.StateBackend.finish`."""
-        if self._fallback.active():
+        if self._fallback.active() or _made_locally(done):
             return self._fallback.local.finish_now(done)
         keys, args = self._layout.finish(done)
         try:
@@ -593,17 +606,17 @@ class _RedisBlocking:
     def admit(self, ask: Ask) -> Admitted | Denied:
         fallback = self._state._fallback
         if fallback.active():
-            return fallback.local.admit_now(ask)
+            return fallback.admit_locally(ask)
         keys, args = self._state._layout.admit(ask)
         try:
             return self._state._layout.admitted(ask, self._call(self._admit, keys, args))
         except StateUnavailable as exc:
             fallback.fell(exc)
-            return fallback.local.admit_now(ask)
+            return fallback.admit_locally(ask)
 
     def finish(self, done: Finish) -> float | None:
         fallback = self._state._fallback
-        if fallback.active():
+        if fallback.active() or _made_locally(done):
             return fallback.local.finish_now(done)
         keys, args = self._state._layout.finish(done)
         try:
