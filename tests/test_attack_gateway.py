@@ -407,3 +407,32 @@ def test_a_reservation_made_while_redis_was_down_is_not_refunded_to_redis(
     with redis_server() as server:
         # the $0.03 shared budget takes one $0.03 call, not four
         assert asyncio.run(run(server.url, server)) == [True, False, False, False]
+
+
+def test_a_shared_reservation_settled_while_redis_is_down_is_not_refunded_locally(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The other way round: a reservation Redis held, refunded while Redis was down, was
+    # refunded to this process's state, which never held it: room to overspend while it lasts.
+    from flux_adapters.state import open_state
+
+    async def run(url: str, server: RedisServer) -> list[bool]:
+        state = open_state(url, fallback="local", timeout=0.2, prefix="flux:fallback2:")
+        try:
+            shared = [await state.reserve("gw", 0.03, 0.09, "total") for _ in range(3)]
+            server.freeze()
+            try:
+                for reservation in shared:
+                    if reservation is not None:
+                        await state.settle(reservation, 0.0)  # Redis does not answer
+                return [
+                    await state.reserve("gw", 0.03, 0.09, "total") is not None for _ in range(6)
+                ]
+            finally:
+                server.thaw()
+        finally:
+            await state.aclose()
+
+    with redis_server() as server:
+        # this process's $0.09 while Redis is down: three $0.03 calls, not six
+        assert asyncio.run(run(server.url, server)) == [True] * 3 + [False] * 3

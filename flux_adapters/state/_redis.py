@@ -295,6 +295,16 @@ class _Fallback:
     def active(self) -> bool:
         return self.enabled and time.monotonic() < self._until
 
+    def finish_locally(self, done: Finish) -> float | None:
+        """Finish *done* in the local state; a reservation Redis holds is left to Redis.
+
+        Settling it here would refund (or charge) a local budget that never held it; left in
+        Redis as reserved, it counts the estimate: the side that cannot overspend.
+        """
+        if done.reservation is not None and not _made_locally(done):
+            done = attrs.evolve(done, reservation=None, charge_usd=None)
+        return self.local.finish_now(done)
+
     def admit_locally(self, ask: Ask) -> Admitted | Denied:
         """Admit *ask* in the local state; its reservation marked as made here (`_made_locally`)."""
         answer = self.local.admit_now(ask)
@@ -426,13 +436,13 @@ class RedisState:
     async def finish(self, done: Finish) -> float | None:
         """See `flux_adapters.state.StateBackend.finish`."""
         if self._fallback.active() or _made_locally(done):
-            return self._fallback.local.finish_now(done)
+            return self._fallback.finish_locally(done)
         keys, args = self._layout.finish(done)
         try:
             return self._layout.finished(await self._call("finish", keys, args))
         except StateUnavailable as exc:
             self._fallback.fell(exc)
-            return self._fallback.local.finish_now(done)
+            return self._fallback.finish_locally(done)
 
     async def reserve(
         self, scope: str, amount_usd: float, limit_usd: float, period: Period
@@ -617,13 +627,13 @@ class _RedisBlocking:
     def finish(self, done: Finish) -> float | None:
         fallback = self._state._fallback
         if fallback.active() or _made_locally(done):
-            return fallback.local.finish_now(done)
+            return fallback.finish_locally(done)
         keys, args = self._state._layout.finish(done)
         try:
             return self._state._layout.finished(self._call(self._finish, keys, args))
         except StateUnavailable as exc:
             fallback.fell(exc)
-            return fallback.local.finish_now(done)
+            return fallback.finish_locally(done)
 
     def close(self) -> None:
         self._client.close()
