@@ -436,3 +436,56 @@ def test_a_shared_reservation_settled_while_redis_is_down_is_not_refunded_locall
     with redis_server() as server:
         # this process's $0.09 while Redis is down: three $0.03 calls, not six
         assert asyncio.run(run(server.url, server)) == [True] * 3 + [False] * 3
+
+
+def test_redis_lost_after_a_billed_try_is_not_answered_as_nothing_sent(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # failover_on_ambiguous = true: laozhang did the job and answered 502; Redis died before the
+    # next provider's admission, and the call ended as StateUnavailable, "nothing was sent",
+    # with no attempts: the gateway answered 503 x-should-retry: true, so an OpenAI SDK sent
+    # (and paid for) it again.
+    from flux_adapters.config import ProviderSettings
+
+    monkeypatch.setenv("ATTACK_LAOZHANG_KEY", PROVIDER_SECRET)
+    monkeypatch.setenv("ATTACK_AIMLAPI_KEY", PROVIDER_SECRET)
+    emulator.inject("laozhang", Fault(status=502, after_work=True, delay=1.0, first=1))
+    billed = len(emulator.billed("laozhang"))
+    with redis_server() as server:
+
+        def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
+            names = ("laozhang", "aimlapi")
+            return AsyncFluxClient(
+                providers=list(names),  # type: ignore[arg-type]
+                settings={
+                    name: ProviderSettings(
+                        name=name,
+                        api_key_env=f"ATTACK_{name.upper()}_KEY",
+                        base_url=emulator.base_url(name),
+                    )
+                    for name in names
+                },
+                state=server.url,
+                failover_on_ambiguous=True,
+            )
+
+        def kill_redis_once_laozhang_has_it() -> None:
+            while len(emulator.calls("laozhang")) == calls_before:
+                threading.Event().wait(0.005)
+            server.kill()
+
+        calls_before = len(emulator.calls("laozhang"))
+        killer = threading.Thread(target=kill_redis_once_laozhang_has_it, daemon=True)
+        with run_gateway(files_dir=tmp_path, clients=make) as gateway:
+            key, _ = gateway.add_key()
+            killer.start()
+            answer = httpx.post(
+                gateway.url + "/images/generations",
+                json={"prompt": "billed at laozhang", "size": "1024x1024"},
+                headers={"authorization": f"Bearer {key}"},
+                timeout=60,
+            )
+    assert len(emulator.billed("laozhang")) == billed + 1
+    assert answer.headers["x-should-retry"] == "false"
+    assert answer.json()["error"]["may_be_billed"] is True
+    assert "laozhang" in [a["provider"] for a in answer.json()["error"]["attempts"]]

@@ -150,6 +150,13 @@ def error_answer(error: errors.FluxError) -> Answer:
             may_be_billed=False,
         )
     if isinstance(error, errors.StateUnavailable):  # raised before sending: nothing sent
+        billed = [
+            a.error
+            for a in attempts
+            if a.outcome == "failed" and a.error is not None and _may_be_billed(a.error)
+        ]
+        if billed:  # ... this time; an earlier try (failover_on_ambiguous) may have been billed
+            return _ambiguous(billed[-1], text, common)
         return openai_error(
             503,
             text,
