@@ -68,6 +68,22 @@ def output_location(output: str) -> str:
     return "file://" + os.path.abspath(path)
 
 
+def shown_location(location: str) -> str:
+    """*location* without the password (or token) of its ``user:password@`` part, if any.
+
+    fsspec URLs may carry credentials (``ftp://user:pw@host/dir``, ``sftp://``, ``smb://``):
+    this form is the one kept in Redis and shown in messages; the batch id digests the whole.
+    """
+    scheme, sep, rest = location.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not sep or not at:
+        return location
+    user, colon, _ = userinfo.partition(":")
+    hidden = f"{user}:***" if colon else "***"
+    return f"{scheme}://{hidden}@{host}{slash}{path}"
+
+
 def batch_id(file_digest: str, output: str) -> str:
     """The id of the batch of the jobs file whose SHA-256 is *file_digest*, writing to *output*.
 
@@ -176,10 +192,12 @@ class FsspecOutput:
         try:
             self.fs.makedirs(self.root, exist_ok=True)
         except Exception as exc:  # any file system's own error
-            raise OutputError(f"cannot create it ({type(exc).__name__})", path=self.url) from None
+            raise OutputError(
+                f"cannot create it ({type(exc).__name__})", path=shown_location(self.url)
+            ) from None
 
     def where(self, file: str) -> str:
-        return f"{self.url}/{file}"
+        return shown_location(f"{self.url}/{file}")
 
     async def save(self, images: Iterable[ResultImage], name: str) -> list[str]:
         from flux_adapters._files import IMAGE_FORMATS, SNIFF_BYTES, image_format, image_is_whole
@@ -847,7 +865,7 @@ async def run_shared(
             block=options.block,
             lease_ms=max(int(options.lease_s * 1000), 1),
             file_digest=lines.digest,
-            output=output_location(options.output),
+            output=shown_location(output_location(options.output)),
         )
         # The first worker's lease and block size are the batch's.
         options = attrs.evolve(options, lease_s=lease_ms / 1000, block=store.block)

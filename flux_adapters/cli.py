@@ -133,6 +133,16 @@ def _seconds(*, zero: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def _expiry(text: str) -> float:
+    """Seconds a shared batch's state is kept in Redis: above 0, up to a year."""
+    value = _number(text)
+    if not 0 < value <= 365 * 86400:
+        raise argparse.ArgumentTypeError(
+            f"must be seconds above 0 to 31536000 (a year), got {text!r}"
+        )
+    return value
+
+
 def _lease(text: str) -> float:
     seconds = _seconds()(text)
     if seconds < 1:
@@ -427,7 +437,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--state-expiry",
-        type=_seconds(),
+        type=_expiry,
         default=7 * 86400.0,
         metavar="SECONDS",
         help="with --state: seconds the batch's state stays in Redis after its last step "
@@ -574,7 +584,11 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         type=Path,
         help="the key file (default: $FLUX_GATEWAY_KEYS, else ./flux-adapters-keys.json)",
     )
-    keys.add_argument("--state", metavar="URL", help="shared state (default: $FLUX_STATE_URL)")
+    keys.add_argument(
+        "--state",
+        metavar="URL",
+        help="shared state (default: $FLUX_STATE_URL, else state_url in the configuration file)",
+    )
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     actions.required = True
     create = actions.add_parser(
@@ -1850,12 +1864,10 @@ def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
 def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
     import asyncio
 
-    from flux_adapters.gateway import new_key, open_key_store
+    from flux_adapters.gateway import configured_state_url, new_key, open_key_store
     from flux_adapters.gateway._keys import record_to_dict
 
-    store = open_key_store(
-        arguments.state or os.environ.get("FLUX_STATE_URL") or None, arguments.keys_file
-    )
+    store = open_key_store(arguments.state or configured_state_url(), arguments.keys_file)
     if arguments.keys_command == "create":
         from flux_adapters.request import MODELS
 

@@ -66,6 +66,7 @@ from flux_adapters.errors import (
     ConfigurationError,
     FluxError,
     RequestError,
+    StateUnavailable,
     Violation,
 )
 from flux_adapters.request import MODELS, EditRequest
@@ -1423,7 +1424,11 @@ class FluxClient(_ClientBase):
                     time.sleep(instruction.seconds)
                     reply = None
                 elif isinstance(instruction, Admit):
-                    reply = self._admit(instruction)
+                    try:
+                        reply = self._admit(instruction)
+                    except StateUnavailable as lost:  # the router adds the tries made before
+                        router.throw(lost)
+                        raise
                     pending = reply if isinstance(reply, Admitted) else None
                 else:
                     reply = self._settle(instruction)
@@ -1745,7 +1750,11 @@ class AsyncFluxClient(_ClientBase):
                     await asyncio.sleep(instruction.seconds)
                     reply = None
                 elif isinstance(instruction, Admit):
-                    reply = await self._admit(instruction)
+                    try:
+                        reply = await self._admit(instruction)
+                    except StateUnavailable as lost:  # the router adds the tries made before
+                        router.throw(lost)
+                        raise
                     pending = reply if isinstance(reply, Admitted) else None
                 else:
                     reply = await self._settle(instruction)

@@ -572,6 +572,8 @@ class StateUnavailable(FluxError):
 
     Raised within the state's bounded timeouts, never a hang. Raised before a call is sent, it
     means nothing was sent; a call already answered is not affected (its outcome is returned;
-    only the shared bookkeeping after it was lost). ``state_fallback = "local"`` in the
-    configuration uses in-process state instead, with one warning.
+    only the shared bookkeeping after it was lost). Raised before a failover, its ``attempts``
+    list the tries made before it, and its message says when one of them may have been billed
+    (``failover_on_ambiguous``). ``state_fallback = "local"`` in the configuration uses
+    in-process state instead, with one warning.
     """

@@ -64,6 +64,7 @@ from flux_adapters.errors import (
     Moderated,
     ProviderError,
     RequestError,
+    StateUnavailable,
     TransportError,
 )
 from flux_adapters.limits import Plan
@@ -555,6 +556,27 @@ def _with_attempts(error: FluxError, attempts: list[Attempt]) -> FluxError:
     return error
 
 
+def _state_lost(error: StateUnavailable, attempts: list[Attempt]) -> FluxError:
+    """*error* (the state did not answer before a try), with the tries made before it.
+
+    Nothing was sent for this try; but with ``failover_on_ambiguous`` an earlier one may have
+    been billed: the error says so, and its attempts show it (`billing_rule` of each).
+    """
+    billed = [
+        a.provider
+        for a in attempts
+        if a.outcome == "failed"
+        and a.error is not None
+        and billing_rule(a.error).proves == "may be billed"
+    ]
+    if billed:
+        error = StateUnavailable(
+            f"{error} for the next try; but the try before it, at {billed[-1]}, may have done "
+            "and billed the job: do not resend it blindly"
+        )
+    return _with_attempts(error, attempts)
+
+
 def route(
     request: EditRequest,
     candidates: Sequence[object],
@@ -637,14 +659,17 @@ def route(
             note(logging.INFO, "failover", scrub, "%s: failing over to %s", model, name)
         admitted: Admitted | None = None
         if shared:
-            answer = yield Admit(candidate, key, cost)
-            waited = 0.0
-            while isinstance(answer, Denied) and answer.kind in ("paused", "paced"):
-                if waited + answer.seconds > policy.max_retry_wait:
-                    break
-                waited += max(answer.seconds, 0.001)
-                yield Wait(answer.seconds)
+            try:
                 answer = yield Admit(candidate, key, cost)
+                waited = 0.0
+                while isinstance(answer, Denied) and answer.kind in ("paused", "paced"):
+                    if waited + answer.seconds > policy.max_retry_wait:
+                        break
+                    waited += max(answer.seconds, 0.001)
+                    yield Wait(answer.seconds)
+                    answer = yield Admit(candidate, key, cost)
+            except StateUnavailable as lost:  # thrown in by the client: the state did not answer
+                raise _state_lost(lost, attempts) from None
             if isinstance(answer, Denied):
                 if answer.kind == "budget":
                     over_budget = answer

@@ -44,6 +44,7 @@ __all__ = [
     "KeyRecord",
     "RunningGateway",
     "clients_from_config",
+    "configured_state_url",
     "new_key",
     "open_key_store",
     "run_gateway",
@@ -95,6 +96,24 @@ def clients_from_config(
         )
 
     return make
+
+
+def configured_state_url(config: str | os.PathLike[str] | None = None) -> str | None:
+    """The shared state's URL: ``$FLUX_STATE_URL``, else ``state_url`` in the configuration file.
+
+    Keys go where the budgets are: a gateway whose state is Redis (from either place) keeps its
+    keys there, and ``flux-adapters keys`` finds them there.
+
+    Raises:
+        ConfigurationError: The configuration file is unusable.
+    """
+    from flux_adapters.config import DEFAULT_PATH, load_config
+
+    if os.environ.get("FLUX_STATE_URL"):
+        return os.environ["FLUX_STATE_URL"]
+    if config is None and not os.environ.get("FLUX_CONFIG") and not DEFAULT_PATH.exists():
+        return None
+    return load_config(config).state_url
 
 
 def open_key_store(
@@ -259,6 +278,7 @@ def serve(
     with extra_imports("gateway"):
         from flux_adapters.gateway._server import build_server
 
+    state_url = state_url or configured_state_url(config)
     gateway = _gateway(
         files_dir=files_dir,
         config=config,

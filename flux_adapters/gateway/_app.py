@@ -27,7 +27,13 @@ from starlette.types import Message
 
 from flux_adapters import errors
 from flux_adapters.client import AsyncFluxClient
-from flux_adapters.gateway._errors import Answer, error_answer, openai_error, violations_answer
+from flux_adapters.gateway._errors import (
+    Answer,
+    budget_keeps,
+    error_answer,
+    openai_error,
+    violations_answer,
+)
 from flux_adapters.gateway._files import MEDIA, FileStore
 from flux_adapters.gateway._keys import MAX_KEY_LENGTH, KeyRecord, KeyStore, hash_key, verify
 from flux_adapters.gateway._metrics import Metrics
@@ -305,6 +311,17 @@ async def _form_fields(
             max_files=MAX_IMAGES + 1, max_fields=64, max_part_size=_FIELD_BYTES
         ) as form:
             for name, value in form.multi_items():
+                if isinstance(value, str) == (name in ("image", "image[]")):
+                    # A file where text is expected (it was sent on as "(a file)"), or an
+                    # image as text (it was dropped): refused, never guessed at.
+                    wanted = "a file" if isinstance(value, str) else "text"
+                    return openai_error(
+                        400,
+                        f"the field {name[:60]!r} must be {wanted}",
+                        code="invalid_request",
+                        param=name[:60],
+                        retry=False,
+                    )
                 if isinstance(value, str):
                     if name in fields:
                         return openai_error(
@@ -315,10 +332,8 @@ async def _form_fields(
                             retry=False,
                         )
                     fields[name] = value
-                elif name in ("image", "image[]"):
-                    images.append(await value.read())
                 else:
-                    fields[name] = "(a file)"
+                    images.append(await value.read())
     except HTTPException as exc:
         return openai_error(
             400, f"a broken multipart body: {exc.detail}", code="invalid_multipart", retry=False
@@ -506,9 +521,10 @@ async def _image_call(
             _count_attempts(gateway, getattr(error, "attempts", ()) or ())
             answer = error_answer(error)
             billed = bool(answer.body["error"].get("may_be_billed"))  # type: ignore[attr-defined]
-            settled = estimate if billed else 0.0
+            kept = billed or budget_keeps(error)
+            settled = estimate if kept else 0.0
             info["may_be_billed"] = billed
-            if billed:
+            if kept:
                 tried = getattr(error, "attempts", ()) or ()
                 provider = getattr(error, "provider", None) or (
                     tried[-1].provider if tried else "-"

@@ -19,7 +19,7 @@ from attrs import frozen
 from flux_adapters import errors
 from flux_adapters.result import Attempt
 
-__all__ = ["Answer", "error_answer", "openai_error", "violations_answer"]
+__all__ = ["Answer", "budget_keeps", "error_answer", "openai_error", "violations_answer"]
 
 
 @frozen
@@ -91,6 +91,22 @@ def _may_be_billed(error: errors.FluxError) -> bool:
     return billing_rule(error).proves == "may be billed"
 
 
+def budget_keeps(error: errors.FluxError) -> bool:
+    """Whether a key's reservation stays spent after *error*: the router's own rule.
+
+    Wider than ``may_be_billed``: a job the provider accepted and then moderated is not
+    "may be billed" for a resend (it will not pass anywhere), but fal bills it, so a budget
+    keeps its reservation, as the library's budgets do (`flux_adapters.routing`).
+    """
+    from flux_adapters.routing import _charge, billing_rule
+
+    tried: Sequence[Attempt] = getattr(error, "attempts", ()) or ()
+    failures = [a.error for a in tried if a.outcome == "failed" and a.error is not None]
+    if not isinstance(error, errors.AllProvidersFailed):
+        failures.append(error)
+    return any(_charge(billing_rule(e), e) == "keep" for e in failures)
+
+
 def _attempts(attempts: Sequence[Attempt]) -> list[dict[str, object]]:
     return [
         {
@@ -135,6 +151,13 @@ def error_answer(error: errors.FluxError) -> Answer:
             may_be_billed=False,
         )
     if isinstance(error, errors.StateUnavailable):  # raised before sending: nothing sent
+        billed = [
+            a.error
+            for a in attempts
+            if a.outcome == "failed" and a.error is not None and _may_be_billed(a.error)
+        ]
+        if billed:  # ... this time; an earlier try (failover_on_ambiguous) may have been billed
+            return _ambiguous(billed[-1], text, common)
         return openai_error(
             503,
             text,
@@ -151,6 +174,8 @@ def error_answer(error: errors.FluxError) -> Answer:
         return openai_error(
             400, text, code="content_policy_violation", retry=False, may_be_billed=False, **common
         )
+    if _may_be_billed(error):  # a job already accepted, whatever a poll was then told
+        return _ambiguous(error, text, common)
     if isinstance(error, errors.RateLimited):
         return openai_error(
             429,
@@ -218,6 +243,10 @@ def error_answer(error: errors.FluxError) -> Answer:
         )
     # Everything left may have been billed: a 5xx, a lost or unreadable answer, a job that
     # ended badly after it was accepted, a result that expired before it could be kept.
+    return _ambiguous(error, text, common)
+
+
+def _ambiguous(error: errors.FluxError, text: str, common: dict[str, Any]) -> Answer:
     timeout = isinstance(error, errors.Timeout | errors.JobTimeout)
     return openai_error(
         504 if timeout else 502,

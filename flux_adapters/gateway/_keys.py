@@ -21,10 +21,11 @@ import json
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
@@ -47,6 +48,7 @@ __all__ = [
 DEFAULT_KEYS_PATH: Final = Path("flux-adapters-keys.json")
 _PREFIX: Final = "fxg_"
 _SHAPE: Final = re.compile(r"fxg_([a-z0-9]{8})_[A-Za-z0-9_-]{43}")
+_MAX_FILE_BYTES: Final = 64 * 1024 * 1024
 MAX_KEY_LENGTH: Final = 200
 """A bearer value longer than this is refused before it is hashed."""
 
@@ -166,6 +168,10 @@ class FileKeys:
             return self._by_hash
         except OSError as exc:
             raise ConfigurationError(f"cannot read the key file {self.path}: {exc}") from None
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the gateway's loop for ever
+            raise ConfigurationError(f"the key file {self.path} is not a regular file")
+        if status.st_size > _MAX_FILE_BYTES:
+            raise ConfigurationError(f"the key file {self.path} is larger than 64 MiB")
         stamp = (status.st_mtime_ns, status.st_size)
         if stamp == self._seen:
             return self._by_hash
@@ -183,7 +189,12 @@ class FileKeys:
     def _write(self, records: list[KeyRecord]) -> None:
         folder = self.path.parent if str(self.path.parent) else Path(".")
         text = json.dumps({"keys": [record_to_dict(r) for r in records]}, indent=2) + "\n"
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".keys-", suffix=".tmp")
+        try:
+            handle, temporary = tempfile.mkstemp(dir=folder, prefix=".keys-", suffix=".tmp")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot write the key file {self.path}: {exc.strerror or type(exc).__name__}"
+            ) from None
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as out:
                 out.write(text)
@@ -191,15 +202,43 @@ class FileKeys:
                 os.fsync(out.fileno())
             os.chmod(temporary, 0o600)
             os.replace(temporary, self.path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+            if isinstance(exc, OSError):
+                raise ConfigurationError(
+                    f"cannot write the key file {self.path}: {exc.strerror or type(exc).__name__}"
+                ) from None
             raise
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[dict[str, KeyRecord]]:
+        """The records, read afresh under a lock that other processes respect too.
+
+        A change reads the file, changes it and writes it back: without the lock (``flock`` on
+        ``<file>.lock``), two ``keys create`` at once each wrote the file without the other's key.
+        """
+        with self._lock:
+            try:
+                lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot lock the key file {self.path}: {exc.strerror or type(exc).__name__}"
+                ) from None
+            try:
+                with contextlib.suppress(ImportError):
+                    import fcntl
+
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                self._seen = None  # another process may have written it within the same stamp
+                yield self._load()
+            finally:
+                os.close(lock)  # releases the flock
 
     def put_sync(self, record: KeyRecord) -> None:
         """Add or replace *record*."""
-        with self._lock:
-            records = {r.id: r for r in self._load().values()}
+        with self._changing() as current:
+            records = {r.id: r for r in current.values()}
             records[record.id] = record
             self._write(list(records.values()))
 
@@ -215,8 +254,8 @@ class FileKeys:
 
     def delete_sync(self, key_id: str) -> bool:
         """Remove the record with *key_id*; whether there was one."""
-        with self._lock:
-            records = list(self._load().values())
+        with self._changing() as current:
+            records = list(current.values())
             kept = [r for r in records if r.id != key_id]
             if len(kept) == len(records):
                 return False

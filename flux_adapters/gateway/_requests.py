@@ -66,8 +66,13 @@ def _from_text(name: str, value: object) -> object:
     """A multipart field's text as the JSON value it stands for (``"42"`` -> 42)."""
     if not isinstance(value, str):
         return value
-    if name in _INTS and value.strip().lstrip("-").isdigit() and len(value) < 40:
-        return int(value)
+    if name in _INTS and len(value) < 40:
+        # Only ASCII digits with one optional sign: int() alone takes "1_000" and " 5 ", and
+        # str.isdigit() passes "²" and "--5", which int() then refuses.
+        text = value.strip()
+        if text.removeprefix("-").isascii() and text.removeprefix("-").isdigit():
+            return int(text)
+        return value
     if name == "guidance":
         try:
             return float(value)

@@ -144,12 +144,15 @@ class Reservation:
 
     ``window`` is the budget's window the amount went to (``"total"``, or the UTC day number by
     the state's clock), so a call that ends after midnight settles in the day it began.
+    ``local`` marks one a `RedisState` made in its process's own state while Redis was down
+    (``fallback="local"``): it is settled there, never in Redis, which never held it.
     """
 
     scope: str
     period: Period
     window: str
     amount_usd: float
+    local: bool = False
 
 
 @frozen(kw_only=True)

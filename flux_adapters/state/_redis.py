@@ -26,6 +26,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import attrs
+
 from flux_adapters._extras import extra_imports
 from flux_adapters.errors import StateUnavailable
 from flux_adapters.routing import Admitted, Denied, Pass
@@ -244,12 +246,40 @@ def _record(raw: object) -> KeyRecord | None:
 
 
 def _dumped(record: KeyRecord) -> str:
-    import attrs
 
     data = attrs.asdict(record)
     data["allowed_models"] = list(record.allowed_models)
     data["allowed_providers"] = list(record.allowed_providers)
     return json.dumps(data, allow_nan=False)
+
+
+def _checked_url(url: str) -> str:
+    """*url* once redis-py can read it (its port, database and options), checked now.
+
+    redis-py reads it only at the first call, and raises ``ValueError`` there: a
+    `ConfigurationError` now instead, never showing the URL's password.
+
+    Raises:
+        ConfigurationError: redis-py cannot read *url*.
+    """
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError) as exc:
+        from flux_adapters.errors import ConfigurationError
+
+        userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        reason = str(exc)[:200]
+        if userinfo and userinfo.rpartition(":")[2] in reason:
+            reason = type(exc).__name__
+        raise ConfigurationError(f"the state URL cannot be used: {reason}") from None
+    return url
+
+
+def _made_locally(done: Finish) -> bool:
+    """Whether *done* settles a reservation made in the local state while Redis was down."""
+    return done.reservation is not None and done.reservation.local
 
 
 class _Fallback:
@@ -264,6 +294,23 @@ class _Fallback:
 
     def active(self) -> bool:
         return self.enabled and time.monotonic() < self._until
+
+    def finish_locally(self, done: Finish) -> float | None:
+        """Finish *done* in the local state; a reservation Redis holds is left to Redis.
+
+        Settling it here would refund (or charge) a local budget that never held it; left in
+        Redis as reserved, it counts the estimate: the side that cannot overspend.
+        """
+        if done.reservation is not None and not _made_locally(done):
+            done = attrs.evolve(done, reservation=None, charge_usd=None)
+        return self.local.finish_now(done)
+
+    def admit_locally(self, ask: Ask) -> Admitted | Denied:
+        """Admit *ask* in the local state; its reservation marked as made here (`_made_locally`)."""
+        answer = self.local.admit_now(ask)
+        if isinstance(answer, Admitted) and isinstance(answer.reservation, Reservation):
+            return Admitted(answer.granted, attrs.evolve(answer.reservation, local=True))
+        return answer
 
     def fell(self, exc: StateUnavailable) -> None:
         """Redis failed: raise (fail closed), or use local state for a while, warning once."""
@@ -295,7 +342,7 @@ class RedisState:
     ) -> None:
         with extra_imports():
             import redis  # noqa: F401  (the redis extra: raise its install hint now, not later)
-        self._url = url
+        self._url = _checked_url(url)
         self._timeout = check_seconds(timeout, "timeout")
         if self._timeout == 0:
             self._timeout = 1.0
@@ -378,24 +425,24 @@ class RedisState:
     async def admit(self, ask: Ask) -> Admitted | Denied:
         """See `flux_adapters.state.StateBackend.admit`."""
         if self._fallback.active():
-            return self._fallback.local.admit_now(ask)
+            return self._fallback.admit_locally(ask)
         keys, args = self._layout.admit(ask)
         try:
             return self._layout.admitted(ask, await self._call("admit", keys, args))
         except StateUnavailable as exc:
             self._fallback.fell(exc)
-            return self._fallback.local.admit_now(ask)
+            return self._fallback.admit_locally(ask)
 
     async def finish(self, done: Finish) -> float | None:
         """See `flux_adapters.state.StateBackend.finish`."""
-        if self._fallback.active():
-            return self._fallback.local.finish_now(done)
+        if self._fallback.active() or _made_locally(done):
+            return self._fallback.finish_locally(done)
         keys, args = self._layout.finish(done)
         try:
             return self._layout.finished(await self._call("finish", keys, args))
         except StateUnavailable as exc:
             self._fallback.fell(exc)
-            return self._fallback.local.finish_now(done)
+            return self._fallback.finish_locally(done)
 
     async def reserve(
         self, scope: str, amount_usd: float, limit_usd: float, period: Period
@@ -569,24 +616,24 @@ class _RedisBlocking:
     def admit(self, ask: Ask) -> Admitted | Denied:
         fallback = self._state._fallback
         if fallback.active():
-            return fallback.local.admit_now(ask)
+            return fallback.admit_locally(ask)
         keys, args = self._state._layout.admit(ask)
         try:
             return self._state._layout.admitted(ask, self._call(self._admit, keys, args))
         except StateUnavailable as exc:
             fallback.fell(exc)
-            return fallback.local.admit_now(ask)
+            return fallback.admit_locally(ask)
 
     def finish(self, done: Finish) -> float | None:
         fallback = self._state._fallback
-        if fallback.active():
-            return fallback.local.finish_now(done)
+        if fallback.active() or _made_locally(done):
+            return fallback.finish_locally(done)
         keys, args = self._state._layout.finish(done)
         try:
             return self._state._layout.finished(self._call(self._finish, keys, args))
         except StateUnavailable as exc:
             fallback.fell(exc)
-            return fallback.local.finish_now(done)
+            return fallback.finish_locally(done)
 
     def close(self) -> None:
         self._client.close()
