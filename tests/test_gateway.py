@@ -326,6 +326,31 @@ def test_a_key_with_a_budget_never_uses_a_provider_without_a_price(
     assert len(emulator.calls("aimlapi")) == before + 1  # the unlimited key's call only
 
 
+def test_a_call_ended_by_a_bug_keeps_its_reservation(emulator: Emulator, tmp_path: Path) -> None:
+    # Whatever ends a call in a way the router did not judge (a bug of the library or of a
+    # provider package) may have come after the provider billed it: the budget keeps it.
+    class Broken(AsyncFluxClient):
+        async def edit(self, *args: Any, **kwargs: Any) -> Any:
+            await super().edit(*args, **kwargs)  # the provider does, and bills, the job
+            raise RuntimeError("a bug after the answer")
+
+    def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
+        return Broken("laozhang", api_key=PROVIDER_SECRET, base_url=emulator.base_url("laozhang"))
+
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(files_dir=tmp_path, clients=make) as gateway:
+        key, _ = gateway.add_key(budget_usd=0.03)  # laozhang: $0.03 a call
+        client = sdk(gateway, key, retries=2)  # the SDK's default: told not to retry this one
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.images.generate(model="flux-2-pro", prompt="billed, then a bug")
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.images.generate(model="flux-2-pro", prompt="no room left")
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    body: Any = caught.value.body
+    assert body["code"] == "budget_exceeded"
+    assert len(emulator.calls("laozhang")) == before + 1  # one call, never sent again
+
+
 def test_a_refused_call_refunds_its_reservation(emulator: Emulator, tmp_path: Path) -> None:
     emulator.inject("laozhang", Fault(status=429, first=1))
     with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -497,12 +498,11 @@ async def _image_call(
     key_label = record.id if record is not None else "-"
     gateway.in_flight[request_id] = {"key": key_label, "model": edit.model, "since": time.time()}
     gateway.metrics.in_flight.inc()
-    settled = 0.0
+    settled = estimate  # unless shown otherwise (a bug of ours included), the call may be billed
     try:
         try:
             result = await client.edit(edit)
         except asyncio.CancelledError:
-            settled = estimate
             LOGGER.warning(
                 json.dumps(
                     {
@@ -748,6 +748,29 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return _json(answer, _request_id())
 
 
+def _guarded(
+    endpoint: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """*endpoint*, a bug in it answered as `_unexpected` does, and not raised further.
+
+    Starlette gives a handler for ``Exception`` to its outermost middleware, which sends the
+    answer and then raises the exception again; the server then closes the connection, and a
+    client can see a reset instead of the 500 (an OpenAI SDK retries a connection error: a call
+    that may have been billed would be sent twice).
+    """
+
+    @functools.wraps(endpoint)
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except (errors.StateUnavailable, HTTPException):
+            raise  # answered by their own handlers
+        except Exception as exc:
+            return await _unexpected(request, exc)
+
+    return guarded
+
+
 async def _not_found(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 404)
     if status == 405:
@@ -771,13 +794,13 @@ def create_app(gateway: Gateway) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/v1/images/generations", generations, methods=["POST"]),
-            Route("/v1/images/edits", edits, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/files/{name}", files, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
+            Route("/v1/images/generations", _guarded(generations), methods=["POST"]),
+            Route("/v1/images/edits", _guarded(edits), methods=["POST"]),
+            Route("/v1/models", _guarded(models), methods=["GET"]),
+            Route("/v1/files/{name}", _guarded(files), methods=["GET"]),
+            Route("/healthz", _guarded(healthz), methods=["GET"]),
+            Route("/readyz", _guarded(readyz), methods=["GET"]),
+            Route("/metrics", _guarded(metrics), methods=["GET"]),
         ],
         exception_handlers={
             404: _not_found,
