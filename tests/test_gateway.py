@@ -588,6 +588,10 @@ def test_a_key_limited_to_providers_is_routed_among_them_only(
         raw.parse()
         everyone, _ = gateway.add_key()
         models = [m.id for m in sdk(gateway, everyone).models.list()]
+        limited = [m.id for m in sdk(gateway, key).models.list()]
     assert raw.headers["x-flux-attempt-log"] == "laozhang=ok"  # apiyi, first in order, not tried
     assert len(emulator.calls("apiyi")) == before
     assert "flux-2-pro" in models
+    assert "flux-2-klein-4b" in models  # apiyi offers it, laozhang does not
+    assert "flux-2-klein-4b" not in limited
+    assert "flux-2-pro" in limited

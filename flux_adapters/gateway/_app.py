@@ -165,13 +165,13 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await closing()
 
-    def models(self) -> list[str]:
-        """Canonical models offered by at least one configured provider."""
+    def models(self, among: tuple[str, ...] | None = None) -> list[str]:
+        """Canonical models offered by at least one configured provider (of *among*, if given)."""
         from flux_adapters.providers import get_adapter
         from flux_adapters.request import MODELS
 
         offered: set[str] = set()
-        for name in self.providers:
+        for name in self.providers if among is None else among:
             offered.update(get_adapter(name).limits)
         return [model for model in MODELS if model in offered]
 
@@ -253,7 +253,7 @@ async def models(request: Request) -> Response:
     allowed = await _authorized(request, gateway)
     if isinstance(allowed, Answer):
         return _finish(gateway, request, "/v1/models", _json(allowed, request_id), started, None)
-    listed = gateway.models()
+    listed = gateway.models(_allowed_providers(gateway, allowed))
     if allowed is not None and allowed.allowed_models:
         listed = [model for model in listed if model in allowed.allowed_models]
     created = int(gateway.started)
