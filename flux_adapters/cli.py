@@ -572,6 +572,10 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="largest request body (default 240)",
     )
     serve.add_argument(
+        "--body-timeout", type=_seconds(), default=300.0,
+        help="seconds a request's whole body may take to arrive; slower is a 408 (default 300)",
+    )  # fmt: skip
+    serve.add_argument(
         "--shutdown-timeout", type=_seconds(zero=True), default=300.0,
         help="seconds to let paid calls under way finish on SIGTERM/Ctrl-C (default 300)",
     )  # fmt: skip
@@ -1846,6 +1850,7 @@ def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
             state_url=arguments.state or os.environ.get("FLUX_STATE_URL") or None,
             require_keys=not arguments.no_auth,
             max_body_bytes=arguments.max_body_mb * 1024 * 1024,
+            body_timeout=arguments.body_timeout,
             shutdown_timeout=arguments.shutdown_timeout,
             on_ready=banner,
         )

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,9 @@ from PIL import Image
 
 from flux_adapters import AsyncFluxClient
 from flux_adapters.emulator import Emulator, Fault, run_emulator
+from flux_adapters.errors import ConfigurationError
 from flux_adapters.gateway import FileKeys, RunningGateway, run_gateway
+from flux_adapters.gateway._app import GatewaySettings
 from flux_adapters.jobs import Polling
 from tests.conftest import image_bytes
 
@@ -459,6 +462,48 @@ def test_a_huge_body_is_refused_without_being_read(emulator: Emulator, tmp_path:
             headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
         )
     assert declared.status_code == streamed.status_code == 413
+
+
+def test_a_body_dripped_slower_than_its_deadline_is_a_408(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(
+        files_dir=tmp_path, clients=single(emulator, "laozhang"), body_timeout=0.3
+    ) as gateway:
+        key, _ = gateway.add_key()
+        address = httpx.URL(gateway.url)
+        with socket.create_connection((address.host, address.port), timeout=30) as conn:
+            conn.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nhost: gateway\r\n"
+                + f"authorization: Bearer {key}\r\n".encode()
+                + b"content-type: application/json\r\ncontent-length: 100\r\n\r\n"
+                + b'{"prompt": "'  # and then nothing more: the rest never comes
+            )
+            answer = b""
+            while piece := conn.recv(65536):  # to the end: the gateway closes the connection
+                answer += piece  # (bounded by the socket's 30 s timeout)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"code":"request_timeout"' in answer.replace(b" ", b"")
+    assert len(emulator.calls("laozhang")) == before
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"retention": 0},
+        {"retention": float("nan")},
+        {"body_timeout": -1},
+        {"max_body_bytes": 0},
+        {"max_body_bytes": 2.5},
+        {"max_body_bytes": True},
+    ],
+)
+def test_gateway_settings_out_of_range_are_refused(
+    setting: dict[str, object], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError, match=next(iter(setting))):
+        GatewaySettings(files_dir=tmp_path, **setting)  # type: ignore[arg-type]
 
 
 def test_secrets_never_leave_the_gateway(

@@ -209,7 +209,7 @@ def run_gateway(
         state_url: The shared state (``redis://...``); default in-process.
         header_timeout: Seconds a connection may take to send its request head.
         **settings: `GatewaySettings` fields: ``retention``, ``max_body_bytes``,
-            ``public_url``, ``require_keys``, ``default_model``.
+            ``public_url``, ``require_keys``, ``default_model``, ``body_timeout``.
 
     Raises:
         MissingExtraError: The ``gateway`` extra is not installed.

@@ -72,6 +72,12 @@ class GatewaySettings:
         require_keys: Refuse requests without a valid gateway key (``False``: open, for a
             gateway only its own machine can reach).
         default_model: The model when a request names none.
+        body_timeout: Seconds a request's whole body may take to arrive (default 300): a
+            client that drips it is answered 408 and its connection closed, so slow uploads
+            cannot hold the gateway's connections.
+
+    Raises:
+        ConfigurationError: A value of the wrong kind or out of range.
     """
 
     files_dir: Path
@@ -80,6 +86,21 @@ class GatewaySettings:
     public_url: str | None = None
     require_keys: bool = True
     default_model: str = "flux-2-pro"
+    body_timeout: float = 300.0
+
+    def __attrs_post_init__(self) -> None:
+        from flux_adapters._options import is_number
+
+        problems = []
+        for name in ("retention", "body_timeout"):
+            seconds = getattr(self, name)
+            if not (is_number(seconds) and 0 < seconds <= 365 * 86400):
+                problems.append(f"{name} must be seconds above 0, up to a year")
+        size: object = self.max_body_bytes  # whatever a caller passed
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= 4096 << 20:
+            problems.append("max_body_bytes must be a whole number of bytes from 1 to 4 GiB")
+        if problems:
+            raise errors.ConfigurationError("GatewaySettings: " + "; ".join(problems))
 
 
 class TooLarge(Exception):
@@ -408,9 +429,21 @@ async def _image_call(
                 record,
             )
     try:
-        read_out = await read(_capped(request, limit), gateway)
+        with anyio.fail_after(gateway.settings.body_timeout):
+            read_out = await read(_capped(request, limit), gateway)
     except TooLarge:
         return done(too_large, record)
+    except TimeoutError:
+        return done(
+            openai_error(
+                408,
+                f"the body did not arrive within {gateway.settings.body_timeout:g} s",
+                code="request_timeout",
+                retry=False,
+                headers={"connection": "close"},
+            ),
+            record,
+        )
     except ClientDisconnect:
         return Response(status_code=499)
     if isinstance(read_out, Answer):
