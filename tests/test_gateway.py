@@ -506,6 +506,24 @@ def test_gateway_settings_out_of_range_are_refused(
         GatewaySettings(files_dir=tmp_path, **setting)  # type: ignore[arg-type]
 
 
+def test_an_image_that_cannot_be_kept_is_a_502_that_shows_no_gateway_path(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    files = tmp_path / "kept-here"
+    with run_gateway(files_dir=files, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        files.rmdir()
+        files.write_bytes(b"not a folder any more")
+        with pytest.raises(openai.APIStatusError) as caught:
+            sdk(gateway, key, retries=2).images.generate(model="flux-2-pro", prompt="made, lost")
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["x-should-retry"] == "false"  # it was billed
+    body: Any = caught.value.body
+    assert (body["code"], body["may_be_billed"]) == ("result_not_kept", True)
+    assert "could not store it" in body["message"]
+    assert "kept-here" not in json.dumps(body)
+
+
 def test_secrets_never_leave_the_gateway(
     emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

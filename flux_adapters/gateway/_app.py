@@ -620,9 +620,26 @@ async def _answer(
             else:
                 data.append({"url": f"{root}/v1/files/{name}"})
     except errors.FluxError as error:
+        # The details (the gateway's own paths, the provider's result URL) go to the log only.
+        LOGGER.warning(
+            json.dumps(
+                {
+                    "event": "result-not-kept",
+                    "request_id": request_id,
+                    "provider": result.provider,
+                    "error": type(error).__name__,
+                    "detail": str(error),
+                }
+            )
+        )
+        why = (
+            "the gateway could not store it"
+            if isinstance(error, errors.OutputError)
+            else f"it could not be downloaded from the provider ({type(error).__name__})"
+        )
         answer = openai_error(
             502,
-            f"{result.provider} made the image (and billed it), but it could not be kept: {error}",
+            f"{result.provider} made the image (and billed it), but it could not be kept: {why}",
             type_="server_error",
             code="result_not_kept",
             retry=False,
