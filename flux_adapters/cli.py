@@ -1215,6 +1215,42 @@ def _batch_client(arguments: argparse.Namespace) -> AsyncFluxClient:
     return AsyncFluxClient(providers=usable, polling=_polling(None))
 
 
+def _counted(counts: Mapping[str, int]) -> dict[str, int]:
+    """A batch's counts as its ``--json`` summary names them."""
+    return {
+        "saved": counts["ok"],
+        "already_saved": counts["skipped"],
+        "failed": counts["failed"],
+        "unconfirmed": counts["unconfirmed"],
+        "changed": counts["changed"],
+    }
+
+
+def _said(counts: Mapping[str, int]) -> str:
+    """A batch's counts in words."""
+    return (
+        f"{counts['ok']} saved, {counts['skipped']} already saved, {counts['failed']} failed, "
+        f"{counts['unconfirmed']} unconfirmed, {counts['changed']} changed"
+    )
+
+
+def _why(error: BaseException | None, reason: str) -> str:
+    """What a job's line says of why it did not end saved: its error, and the reason too."""
+    if error is None:
+        return reason
+    why = f"{type(error).__name__}: {_one_line(error)}"
+    return f"{why} ({reason})" if reason else why
+
+
+def _batch_status(counts: Mapping[str, int], interrupted: bool) -> int:
+    """A batch's exit status: stopped, some may have been billed unsaved, some failed, or ok."""
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if counts["unconfirmed"]:
+        return EXIT_UNCONFIRMED
+    return EXIT_PROVIDER if counts["failed"] or counts["changed"] else EXIT_OK
+
+
 def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import asyncio
     import itertools
@@ -1305,13 +1341,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                             report.append(_report_line(item))
                             in_flight.discard(item.name)
                             if item.status in ("failed", "unconfirmed", "changed"):
-                                why = (
-                                    f"{type(item.error).__name__}: {_one_line(item.error)}"
-                                    if item.error is not None
-                                    else item.reason
-                                )
-                                if item.error is not None and item.reason:
-                                    why += f" ({item.reason})"
+                                why = _why(item.error, item.reason)
                                 shown.say(_job_line(item.name, item.status, why))
                             shown.advance()
                 except asyncio.CancelledError:
@@ -1342,21 +1372,14 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out,
             {
                 "total": total,
-                "saved": counts["ok"],
-                "already_saved": counts["skipped"],
-                "failed": counts["failed"],
-                "unconfirmed": counts["unconfirmed"],
-                "changed": counts["changed"],
+                **_counted(counts),
                 "not_started": max(total - done, 0),
                 "interrupted": interrupted,
                 "report": str(report.path),
             },
         )
     else:
-        summary = (
-            f"{counts['ok']} saved, {counts['skipped']} already saved, {counts['failed']} failed, "
-            f"{counts['unconfirmed']} unconfirmed, {counts['changed']} changed"
-        )
+        summary = _said(counts)
         if done < total:
             summary += f", {total - done} not started"
         out.write(f"{summary}; report: {report.path}\n")
@@ -1365,11 +1388,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "unconfirmed jobs may have been billed and have no image: see the report; rerun "
                 "with --resend-unconfirmed to send them again\n"
             )
-    if interrupted:
-        return EXIT_INTERRUPTED
-    if counts["unconfirmed"]:
-        return EXIT_UNCONFIRMED
-    return EXIT_PROVIDER if counts["failed"] or counts["changed"] else EXIT_OK
+    return _batch_status(counts, interrupted)
 
 
 def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -1419,14 +1438,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
                 line["counted"] = False
             report.append(line)
         if job.status in ("failed", "unconfirmed", "changed") or not job.counted:
-            why = (
-                f"{type(job.error).__name__}: {_one_line(job.error)}"
-                if job.error is not None
-                else job.reason
-            )
-            if job.error is not None and job.reason:
-                why += f" ({job.reason})"
-            tell(_job_line(job.name, job.status, why))
+            tell(_job_line(job.name, job.status, _why(job.error, job.reason)))
         if display and job.counted:
             shown_done += 1
             display[0].advance()
@@ -1489,52 +1501,31 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     totals, mine = summary.totals, summary.mine
     done = sum(totals.values())
     if arguments.json:
-
-        def counted(counts: Mapping[str, int]) -> dict[str, int]:
-            return {
-                "saved": counts["ok"],
-                "already_saved": counts["skipped"],
-                "failed": counts["failed"],
-                "unconfirmed": counts["unconfirmed"],
-                "changed": counts["changed"],
-            }
-
         _write_json(
             out,
             {
                 "batch": summary.batch,
                 "round": summary.round,
                 "total": total,
-                **counted(totals),
+                **_counted(totals),
                 "not_started": max(total - done, 0),
                 "finished": summary.finished,
                 "interrupted": interrupted,
                 "report": str(report.path) if report is not None else None,
-                "worker": counted(mine),
+                "worker": _counted(mine),
             },
         )
     else:
-
-        def said(counts: Mapping[str, int]) -> str:
-            return (
-                f"{counts['ok']} saved, {counts['skipped']} already saved, {counts['failed']} "
-                f"failed, {counts['unconfirmed']} unconfirmed, {counts['changed']} changed"
-            )
-
-        line = f"batch {summary.batch} (round {summary.round}): {said(totals)}"
+        line = f"batch {summary.batch} (round {summary.round}): {_said(totals)}"
         if done < total:
             line += f", {total - done} not done yet"
-        out.write(f"{line}; this worker: {said(mine)}\n")
+        out.write(f"{line}; this worker: {_said(mine)}\n")
         if totals["unconfirmed"]:
             out.write(
                 "unconfirmed jobs may have been billed and have no image; run the batch again "
                 "with --resend-unconfirmed to send them again\n"
             )
-    if interrupted:
-        return EXIT_INTERRUPTED
-    if totals["unconfirmed"]:
-        return EXIT_UNCONFIRMED
-    return EXIT_PROVIDER if totals["failed"] or totals["changed"] else EXIT_OK
+    return _batch_status(totals, interrupted)
 
 
 def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
