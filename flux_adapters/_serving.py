@@ -1,4 +1,4 @@
-"""uvicorn pieces shared by the emulator and the gateway: a deadline for request heads, a prompt stop.
+"""What the emulator and the gateway serve with: head deadlines, capped bodies, a prompt stop.
 
 uvicorn closes a connection that sits idle *between* requests (``timeout_keep_alive``), but it
 cancels that timer on the first byte of the next request, and starts none for a fresh
@@ -19,9 +19,11 @@ from typing import ClassVar
 
 import h11
 import uvicorn
+from starlette.requests import Request
+from starlette.types import Message
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["HeadDeadline", "LoopbackServer", "listening_socket"]
+__all__ = ["HeadDeadline", "LoopbackServer", "TooLarge", "capped", "listening_socket"]
 
 
 class HeadDeadline(H11Protocol):
@@ -156,3 +158,27 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class TooLarge(Exception):
+    """The request body went past the limit while it was being read."""
+
+
+def capped(request: Request, limit: int) -> Request:
+    """*request*, reading whose body raises `TooLarge` as soon as more than *limit* arrived.
+
+    This covers bodies without a Content-Length (chunked): at most one network chunk past the
+    limit is ever held.
+    """
+    seen = 0
+
+    async def receive() -> Message:
+        nonlocal seen
+        message = await request.receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise TooLarge
+        return message
+
+    return Request(request.scope, receive)

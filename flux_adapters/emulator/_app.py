@@ -39,9 +39,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message
 
 from flux_adapters._files import MEDIA_TYPES as _FORMAT_MEDIA
+from flux_adapters._serving import TooLarge, capped
 from flux_adapters.emulator import _answers, _dialects
 from flux_adapters.emulator import images as _images
 from flux_adapters.emulator._faults import (
@@ -194,30 +194,6 @@ class State:
     def sign(self, name: str, expires: int) -> str:
         """The signature of a result URL."""
         return hmac.new(self.secret, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
-
-
-class TooLarge(Exception):
-    """The request body went past the limit while it was being read."""
-
-
-def capped(request: Request, limit: int) -> Request:
-    """*request*, reading whose body raises `TooLarge` as soon as more than *limit* arrived.
-
-    This covers bodies without a Content-Length (chunked): at most one network chunk past the
-    limit is ever held.
-    """
-    seen = 0
-
-    async def receive() -> Message:
-        nonlocal seen
-        message = await request.receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise TooLarge
-        return message
-
-    return Request(request.scope, receive)
 
 
 def too_large(provider: str, limit: int) -> Response:

@@ -24,9 +24,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message
 
 from flux_adapters import errors
+from flux_adapters._serving import TooLarge, capped
 from flux_adapters.client import AsyncFluxClient
 from flux_adapters.gateway._errors import (
     Answer,
@@ -101,25 +101,6 @@ class GatewaySettings:
             problems.append("max_body_bytes must be a whole number of bytes from 1 to 4 GiB")
         if problems:
             raise errors.ConfigurationError("GatewaySettings: " + "; ".join(problems))
-
-
-class TooLarge(Exception):
-    """The request body went past the limit while it was being read."""
-
-
-def _capped(request: Request, limit: int) -> Request:
-    seen = 0
-
-    async def receive() -> Message:
-        nonlocal seen
-        message = await request.receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise TooLarge
-        return message
-
-    return Request(request.scope, receive)
 
 
 def _header(value: object, limit: int = 512) -> str:
@@ -430,7 +411,7 @@ async def _image_call(
             )
     try:
         with anyio.fail_after(gateway.settings.body_timeout):
-            read_out = await read(_capped(request, limit), gateway)
+            read_out = await read(capped(request, limit), gateway)
     except TooLarge:
         return done(too_large, record)
     except TimeoutError:
