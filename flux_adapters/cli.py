@@ -54,6 +54,8 @@ from flux_adapters._display import escape_controls
 from flux_adapters._version import __version__
 
 if TYPE_CHECKING:
+    import asyncio
+
     from _typeshed import SupportsWrite
 
     from flux_adapters.client import AsyncFluxClient
@@ -1251,10 +1253,44 @@ def _batch_status(counts: Mapping[str, int], interrupted: bool) -> int:
     return EXIT_PROVIDER if counts["failed"] or counts["changed"] else EXIT_OK
 
 
+class _Interrupts:
+    """SIGINT and SIGTERM during a batch: the first stops taking jobs, a second stops at once.
+
+    `watch` is called inside the batch's event loop; its ``stop`` event is set by the first
+    signal, which *tell* announces with *message*; a second signal cancels the loop's main task.
+    """
+
+    def __init__(self, tell: Callable[[str], None], message: str) -> None:
+        self.interrupted = False
+        self._tell = tell
+        self._message = message
+
+    def watch(self) -> asyncio.Event:
+        import asyncio
+        import signal
+
+        stop = asyncio.Event()
+        main_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if self.interrupted:
+                assert main_task is not None
+                main_task.cancel()  # a second signal: stop now; the journal knows what was sent
+                return
+            self.interrupted = True
+            stop.set()
+            self._tell(self._message)
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(number, on_signal)
+        return stop
+
+
 def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import asyncio
     import itertools
-    import signal
 
     from flux_adapters._batch_files import check_file, compact_report, requests
     from flux_adapters._journal import JOURNAL_NAME, JsonLines, load_states
@@ -1285,7 +1321,11 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if display:
             display[0].advance()
 
-    interrupted = False
+    interrupts = _Interrupts(
+        tell,
+        f"flux-adapters: stopping: no new jobs; up to {arguments.grace:g} s for those in flight "
+        "(Ctrl-C again to stop at once)",
+    )
     at_once = False
     in_flight: set[str] = set()
     """Ids taken from the file whose report line is not written yet."""
@@ -1296,27 +1336,8 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             yield name
 
     async def run() -> None:
-        nonlocal interrupted, at_once
-        stop = asyncio.Event()
-        main_task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            nonlocal interrupted
-            if interrupted:
-                assert main_task is not None
-                main_task.cancel()  # a second signal: stop now; the journal knows what was sent
-                return
-            interrupted = True
-            stop.set()
-            tell(
-                f"flux-adapters: stopping: no new jobs; up to {arguments.grace:g} s for those in "
-                "flight (Ctrl-C again to stop at once)"
-            )
-
-        for number in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(number, on_signal)
+        nonlocal at_once
+        stop = interrupts.watch()
         client = _batch_client(arguments)
         first, second = itertools.tee(requests(path, refused))
         async with client:
@@ -1374,7 +1395,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "total": total,
                 **_counted(counts),
                 "not_started": max(total - done, 0),
-                "interrupted": interrupted,
+                "interrupted": interrupts.interrupted,
                 "report": str(report.path),
             },
         )
@@ -1388,13 +1409,12 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "unconfirmed jobs may have been billed and have no image: see the report; rerun "
                 "with --resend-unconfirmed to send them again\n"
             )
-    return _batch_status(counts, interrupted)
+    return _batch_status(counts, interrupts.interrupted)
 
 
 def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``batch --state``: this process is one of the workers of a batch shared through Redis."""
     import asyncio
-    import signal
 
     from flux_adapters._batch_files import check_file
     from flux_adapters._journal import JsonLines
@@ -1417,7 +1437,6 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     )
     report = JsonLines(arguments.report) if arguments.report is not None else None
     lines = Lines(path)
-    interrupted = False
     shown_done = 0
     display: list[BatchDisplay] = []
 
@@ -1456,29 +1475,14 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
         else:
             _say(err, line)
 
+    interrupts = _Interrupts(
+        tell,
+        f"flux-adapters: stopping: no new jobs; up to {arguments.grace:g} s for those in flight, "
+        "then this worker's blocks go back to the others (Ctrl-C again to stop at once)",
+    )
+
     async def run() -> Summary:
-        nonlocal interrupted
-        stop = asyncio.Event()
-        main_task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            nonlocal interrupted
-            if interrupted:
-                assert main_task is not None
-                main_task.cancel()  # a second signal: stop now; Redis knows what was sent
-                return
-            interrupted = True
-            stop.set()
-            tell(
-                f"flux-adapters: stopping: no new jobs; up to {arguments.grace:g} s for those in "
-                "flight, then this worker's blocks go back to the others (Ctrl-C again to stop "
-                "at once)"
-            )
-
-        for number in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(number, on_signal)
+        stop = interrupts.watch()
         client = _batch_client(arguments)
         async with client:
             with batch_progress(total, err) as shown:
@@ -1510,7 +1514,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
                 **_counted(totals),
                 "not_started": max(total - done, 0),
                 "finished": summary.finished,
-                "interrupted": interrupted,
+                "interrupted": interrupts.interrupted,
                 "report": str(report.path) if report is not None else None,
                 "worker": _counted(mine),
             },
@@ -1525,7 +1529,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
                 "unconfirmed jobs may have been billed and have no image; run the batch again "
                 "with --resend-unconfirmed to send them again\n"
             )
-    return _batch_status(totals, interrupted)
+    return _batch_status(totals, interrupts.interrupted)
 
 
 def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
