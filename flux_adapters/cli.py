@@ -574,6 +574,12 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="largest request body (default 240)",
     )
     serve.add_argument(
+        "--max-bodies-mb",
+        type=_whole(1, 1 << 20),
+        default=1024,
+        help="request bodies held at once, all calls together; past it a 503 (default 1024)",
+    )
+    serve.add_argument(
         "--body-timeout", type=_seconds(), default=300.0,
         help="seconds a request's whole body may take to arrive; slower is a 408 (default 300)",
     )  # fmt: skip
@@ -1846,6 +1852,7 @@ def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
             require_keys=not arguments.no_auth,
             max_body_bytes=arguments.max_body_mb * 1024 * 1024,
             body_timeout=arguments.body_timeout,
+            max_bodies_bytes=arguments.max_bodies_mb * 1024 * 1024,
             shutdown_timeout=arguments.shutdown_timeout,
             on_ready=banner,
         )

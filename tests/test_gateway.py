@@ -4,6 +4,7 @@ error shapes and what a hostile client gets. Nothing leaves the machine."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import logging
@@ -488,6 +489,39 @@ def test_a_body_dripped_slower_than_its_deadline_is_a_408(
     assert len(emulator.calls("laozhang")) == before
 
 
+def test_calls_past_the_bodies_the_gateway_may_hold_are_a_503_before_reading(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    emulator.inject("laozhang", Fault(delay=3.0, first=1))  # the first call stays under way
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(
+        files_dir=tmp_path,
+        clients=single(emulator, "laozhang"),
+        max_body_bytes=4000,
+        max_bodies_bytes=6000,  # one call of up to 4000 bytes at a time, and a small one
+    ) as gateway:
+        key, _ = gateway.add_key()
+        headers = {"authorization": f"Bearer {key}"}
+        url = gateway.url + "/images/generations"
+        body = {"prompt": "held", "model": "flux-2-pro", "user": "x" * 3000}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, url, json=body, headers=headers, timeout=30)
+            for _ in range(3000):  # until the first call reached the provider (bounded)
+                if len(emulator.calls("laozhang")) > before or first.done():
+                    break
+                time.sleep(0.01)
+            busy = httpx.post(url, json=body, headers=headers, timeout=30)
+            small = httpx.post(url, json={"prompt": "small"}, headers=headers, timeout=30)
+            assert first.result().status_code == 200
+        after = httpx.post(url, json=body, headers=headers, timeout=30)
+    assert busy.status_code == 503
+    assert busy.json()["error"]["code"] == "server_busy"
+    assert busy.headers["retry-after"] == "1"
+    assert small.status_code == 200  # 3,000-odd bytes fit beside the first call
+    assert after.status_code == 200  # the first call's body was given back
+    assert len(emulator.calls("laozhang")) == before + 3  # the busy one was never sent
+
+
 @pytest.mark.parametrize(
     "setting",
     [
@@ -497,6 +531,8 @@ def test_a_body_dripped_slower_than_its_deadline_is_a_408(
         {"max_body_bytes": 0},
         {"max_body_bytes": 2.5},
         {"max_body_bytes": True},
+        {"max_bodies_bytes": 0},
+        {"max_body_bytes": 2000, "max_bodies_bytes": 1000},
     ],
 )
 def test_gateway_settings_out_of_range_are_refused(

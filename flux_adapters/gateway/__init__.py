@@ -209,7 +209,8 @@ def run_gateway(
         state_url: The shared state (``redis://...``); default in-process.
         header_timeout: Seconds a connection may take to send its request head.
         **settings: `GatewaySettings` fields: ``retention``, ``max_body_bytes``,
-            ``public_url``, ``require_keys``, ``default_model``, ``body_timeout``.
+            ``public_url``, ``require_keys``, ``default_model``, ``body_timeout``,
+            ``max_bodies_bytes``.
 
     Raises:
         MissingExtraError: The ``gateway`` extra is not installed.

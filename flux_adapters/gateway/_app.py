@@ -75,6 +75,11 @@ class GatewaySettings:
         body_timeout: Seconds a request's whole body may take to arrive (default 300): a
             client that drips it is answered 408 and its connection closed, so slow uploads
             cannot hold the gateway's connections.
+        max_bodies_bytes: Request bodies the gateway holds at once, all calls together (default
+            1 GiB; at least *max_body_bytes*): a call that would pass it is answered 503
+            ``server_busy`` with a ``Retry-After`` before its body is read, so many large
+            calls at once cannot exhaust memory. A body counts its ``Content-Length``, or
+            *max_body_bytes* when it has none (chunked).
 
     Raises:
         ConfigurationError: A value of the wrong kind or out of range.
@@ -87,6 +92,7 @@ class GatewaySettings:
     require_keys: bool = True
     default_model: str = "flux-2-pro"
     body_timeout: float = 300.0
+    max_bodies_bytes: int = 1 << 30
 
     def __attrs_post_init__(self) -> None:
         from flux_adapters._options import is_number
@@ -99,6 +105,11 @@ class GatewaySettings:
         size: object = self.max_body_bytes  # whatever a caller passed
         if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= 4096 << 20:
             problems.append("max_body_bytes must be a whole number of bytes from 1 to 4 GiB")
+        held: object = self.max_bodies_bytes
+        if isinstance(held, bool) or not isinstance(held, int) or not 0 < held <= 1 << 40:
+            problems.append("max_bodies_bytes must be a whole number of bytes from 1 to 1 TiB")
+        elif isinstance(size, int) and held < size:
+            problems.append("max_bodies_bytes must be at least max_body_bytes")
         if problems:
             raise errors.ConfigurationError("GatewaySettings: " + "; ".join(problems))
 
@@ -131,6 +142,8 @@ class Gateway:
         self.files = FileStore(settings.files_dir, settings.retention)
         self.metrics = Metrics(self._breaker_states)
         self.in_flight: dict[str, dict[str, object]] = {}
+        self.bodies_held = 0
+        """Bytes of request bodies taken in by the calls under way (`GatewaySettings.max_bodies_bytes`)."""
         self.draining = False
         self.started = time.time()
 
@@ -366,6 +379,34 @@ async def _image_call(
     read: Callable[[Request, Gateway], Any],
 ) -> Response:
     gateway = _gateway(request)
+    limit = gateway.settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    size = min(int(declared), limit) if declared.isdigit() else limit
+    if gateway.bodies_held + size > gateway.settings.max_bodies_bytes:
+        answer = openai_error(
+            503,
+            "the gateway holds as many request bodies as it may; try again shortly (nothing sent)",
+            type_="server_error",
+            code="server_busy",
+            retry=True,
+            headers={"retry-after": "1", "connection": "close"},
+        )
+        return _finish(
+            gateway, request, route, _json(answer, _request_id()), time.perf_counter(), None, {}
+        )
+    gateway.bodies_held += size
+    try:
+        return await _image_call_held(gateway, request, route, read)
+    finally:
+        gateway.bodies_held -= size
+
+
+async def _image_call_held(
+    gateway: Gateway,
+    request: Request,
+    route: str,
+    read: Callable[[Request, Gateway], Any],
+) -> Response:
     request_id = _request_id()
     started = time.perf_counter()
     info: dict[str, object] = {}
