@@ -5,26 +5,22 @@ real parts (the loopback emulator, a real redis-server, real files), then fixed.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from PIL import Image
 
 from flux_adapters import AsyncFluxClient, errors
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.gateway import FileKeys, run_gateway
-from flux_adapters.jobs import Polling
+from tests.conftest import image_bytes
 from tests.redis_server import RedisServer, redis_server
-
-PROVIDER_SECRET = "sk-provider-SECRET-0123456789abcdef"
-FAST_POLLS = Polling(first=0.01, factor=1.0, longest=0.01, jitter=0.0)
+from tests.test_gateway import PROVIDER_SECRET, single
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +32,6 @@ def emulator() -> Iterator[Emulator]:
 @pytest.fixture(autouse=True)
 def _fresh_emulator(emulator: Emulator) -> None:
     emulator.clear_faults()
-
-
-def single(emulator: Emulator, name: str) -> Callable[[tuple[str, ...] | None], AsyncFluxClient]:
-    def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
-        return AsyncFluxClient(
-            name,  # type: ignore[arg-type]
-            api_key=PROVIDER_SECRET,
-            base_url=emulator.base_url(name),
-            polling=FAST_POLLS,
-        )
-
-    return make
-
-
-def png() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(out, "PNG")
-    return out.getvalue()
 
 
 # -- a careless or hostile client ----------------------------------------------------------------
@@ -70,7 +48,7 @@ def test_a_multipart_number_that_only_looks_like_digits_is_a_400_not_a_500(
         answer = httpx.post(
             gateway.url + "/images/edits",
             data={"prompt": "x", "seed": seed},
-            files={"image": ("a.png", png(), "image/png")},
+            files={"image": ("a.png", image_bytes(64, 64), "image/png")},
             headers={"authorization": f"Bearer {key}"},
         )
     assert answer.status_code == 400
@@ -90,7 +68,10 @@ def test_a_file_sent_in_a_text_field_is_refused_not_sent_as_text(
         answer = httpx.post(
             gateway.url + "/images/edits",
             data=data,
-            files=[(field, ("p.txt", b"a red robot", "text/plain")), ("image", ("a.png", png()))],
+            files=[
+                (field, ("p.txt", b"a red robot", "text/plain")),
+                ("image", ("a.png", image_bytes(64, 64))),
+            ],
             headers={"authorization": f"Bearer {key}"},
         )
     assert answer.status_code == 400
@@ -108,7 +89,7 @@ def test_an_image_given_as_text_in_an_edit_is_refused_not_dropped(
         answer = httpx.post(
             gateway.url + "/images/edits",
             data={"prompt": "x", "image": "https://example.com/robot.png"},
-            files={"image[]": ("a.png", png(), "image/png")},
+            files={"image[]": ("a.png", image_bytes(64, 64), "image/png")},
             headers={"authorization": f"Bearer {key}"},
         )
     assert answer.status_code == 400
