@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 from typing import ClassVar
 
 import h11
@@ -95,6 +96,40 @@ class LoopbackServer(uvicorn.Server):
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The event loop the server runs on, once it started."""
         return self._loop
+
+    @contextlib.contextmanager
+    def in_thread(self, sock: socket.socket, what: str, join: float) -> Iterator[None]:
+        """Serve *sock* in a daemon thread while the block runs, then `stop`.
+
+        *what* is the server's name in words (``"the emulator"``), for the thread and errors.
+
+        It waits up to 10 s for the server to listen, and up to *join* seconds for the thread to
+        end after; *sock* is closed last.
+
+        Raises:
+            RuntimeError: The server did not start.
+        """
+
+        def run() -> None:
+            try:
+                self.run(sockets=[sock])
+            finally:
+                self.ready.set()  # also when it failed before it could start
+
+        name = "flux-" + what.removeprefix("the ")
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        try:
+            thread.start()
+            if not self.ready.wait(timeout=10) or not self.started:
+                raise RuntimeError(f"{what} did not start")
+            yield
+        finally:
+            # At once: the connections are closed and answers still in progress (a delay, a
+            # drip) cut short, instead of waited for.
+            self.stop()
+            if thread.is_alive():
+                thread.join(timeout=join)
+            sock.close()
 
     def stop(self) -> None:
         """Stop the server from another thread without waiting for the answers in progress."""

@@ -37,7 +37,6 @@ any sandbox; docs/emulator.md).
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final
@@ -242,26 +241,8 @@ def run_emulator(
         pending_polls=pending_polls,
     )
     server, sock = build_server(state, host, port, timeout=header_timeout, own_logging=False)
-
-    def run() -> None:
-        try:
-            server.run(sockets=[sock])
-        finally:
-            server.ready.set()  # also when it failed before it could start
-
-    thread = threading.Thread(target=run, name="flux-emulator", daemon=True)
-    try:
-        thread.start()
-        if not server.ready.wait(timeout=10) or not server.started:
-            raise RuntimeError("the emulator did not start")
+    with server.in_thread(sock, "the emulator", join=10):
         yield Emulator(state, f"http://{host}:{sock.getsockname()[1]}")
-    finally:
-        # At once: the connections are closed and answers still in progress (a delay, a drip)
-        # cut short, instead of waited for.
-        server.stop()
-        if thread.is_alive():
-            thread.join(timeout=10)
-        sock.close()
 
 
 def serve(

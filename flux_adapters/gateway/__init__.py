@@ -26,7 +26,6 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -231,25 +230,10 @@ def run_gateway(
         gateway, host, port, header_timeout=header_timeout, own_logging=False
     )
 
-    def run() -> None:
-        try:
-            server.run(sockets=[sock])
-        finally:
-            server.ready.set()
-
-    thread = threading.Thread(target=run, name="flux-gateway", daemon=True)
-    try:
-        thread.start()
-        if not server.ready.wait(timeout=10) or not server.started:
-            raise RuntimeError("the gateway did not start")
+    with server.in_thread(sock, "the gateway", join=30):
         shown = f"[{host}]" if ":" in host else host
         assert server.loop is not None
         yield RunningGateway(f"http://{shown}:{sock.getsockname()[1]}", gateway, server.loop)
-    finally:
-        server.stop()
-        if thread.is_alive():
-            thread.join(timeout=30)
-        sock.close()
 
 
 def serve(
