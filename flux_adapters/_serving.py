@@ -184,7 +184,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Accepted connections inherit this: without it, uvicorn's separate header and body
-        # writes meet the client's delayed ACK and every answer stalls about 40 ms.
+        # writes meet the client's delayed ACK and every answer stalls about 40 ms (measured on
+        # the emulator: 44 ms -> 0.7 ms).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         # Listening here, not when uvicorn starts, makes the port ours before anyone is told.
