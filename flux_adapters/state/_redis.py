@@ -20,10 +20,12 @@ write and read) and never retried by redis-py; a failure raises `StateUnavailabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
@@ -236,6 +238,20 @@ def _unavailable(exc: BaseException, timeout: float) -> StateUnavailable:
     )
 
 
+@contextlib.contextmanager
+def _answered(timeout: float) -> Iterator[None]:
+    """Raise a Redis call's failure to answer as `StateUnavailable`, anything else as it is.
+
+    A failure to answer is a socket error, a timeout, or any of redis-py's own errors.
+    """
+    import redis.exceptions
+
+    try:
+        yield
+    except (OSError, redis.exceptions.RedisError) as exc:  # TimeoutError is an OSError
+        raise _unavailable(exc, timeout) from exc
+
+
 def _record(raw: object) -> KeyRecord | None:
     if raw is None:
         return None
@@ -393,32 +409,17 @@ class RedisState:
     async def _call(self, name: str, keys: list[str], args: list[str]) -> Any:
 
         client = self._client()
-        try:  # bounded by the pool's wait, the connect timeout and the socket timeout
+        # Bounded by the pool's wait, the connect timeout and the socket timeout.
+        with _answered(self._timeout):
             return await self._scripts[name](keys=keys, args=args, client=client)
-        except (OSError, TimeoutError) as exc:
-            raise _unavailable(exc, self._timeout) from exc
-        except Exception as exc:
-            import redis.exceptions
-
-            if isinstance(exc, redis.exceptions.RedisError):
-                raise _unavailable(exc, self._timeout) from exc
-            raise
 
     async def _raw(self, *command: str) -> Any:
         import asyncio
 
         client = self._client()
-        try:
+        with _answered(self._timeout):
             async with asyncio.timeout(self._timeout * 2 + 0.5):
                 return await client.execute_command(*command)  # type: ignore[no-untyped-call]
-        except (OSError, TimeoutError) as exc:
-            raise _unavailable(exc, self._timeout) from exc
-        except Exception as exc:
-            import redis.exceptions
-
-            if isinstance(exc, redis.exceptions.RedisError):
-                raise _unavailable(exc, self._timeout) from exc
-            raise
 
     # -- the atomic steps --------------------------------------------------------------------
 
@@ -606,12 +607,8 @@ class _RedisBlocking:
         self._finish = self._client.register_script(FINISH)
 
     def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
-        import redis.exceptions
-
-        try:
+        with _answered(self._state._timeout):
             return script(keys=keys, args=args)
-        except (OSError, redis.exceptions.RedisError) as exc:
-            raise _unavailable(exc, self._state._timeout) from exc
 
     def admit(self, ask: Ask) -> Admitted | Denied:
         fallback = self._state._fallback
