@@ -131,6 +131,7 @@ _URL_FORBIDDEN: Final = r"[\x00-\x20\x7f-\x9f\s]"
 _DATA_URL: Final = r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,"
 # The limits a refusal names, written once: every request is checked, few are refused.
 _MODELS_LIMIT: Final = ", ".join(MODELS)
+_MODEL_SET: Final = frozenset(MODELS)
 _FORMATS_LIMIT: Final = " / ".join(_OUTPUT_FORMATS)
 _SIDES_LIMIT: Final = f"1..{MAX_SIDE}"
 _PAIRS: Final = (("size", _SIZE, "WxH", '"1024x768"'), ("aspect_ratio", _RATIO, "W:H", '"16:9"'))
@@ -933,6 +934,62 @@ _WHOLE_NUMBERS: Final = (
 )
 
 
+def _plainly_valid(request: EditRequest) -> bool:
+    """Whether *request* is plainly within every universal rule: the common case, told quickly.
+
+    True only when `_universal_violations` would find nothing and replace nothing: every field
+    of its exact built-in type (``str``, ``int``, ``bool``, ``float``; no subclass to copy),
+    text in ASCII (no lone surrogate can hide in it), numbers in range, at most one way to set
+    the output size, every image readable. Anything else is judged field by field there.
+    """
+    prompt, model = request.prompt, request.model
+    if not (
+        type(prompt) is str
+        and prompt.isascii()
+        and prompt.strip()
+        and type(model) is str
+        and model in _MODEL_SET
+    ):
+        return False
+    for image in request.images:
+        if type(image) is _Unreadable:
+            return False
+    width, height, size, ratio = request.width, request.height, request.size, request.aspect_ratio
+    if width is not None or height is not None:
+        if not (
+            size is None
+            and ratio is None
+            and type(width) is int
+            and type(height) is int
+            and 1 <= width <= MAX_SIDE
+            and 1 <= height <= MAX_SIDE
+        ):
+            return False
+    elif size is not None:
+        if ratio is not None or type(size) is not str or _parsed_pair(_SIZE, size) is None:
+            return False
+    elif ratio is not None and (type(ratio) is not str or _parsed_pair(_RATIO, ratio) is None):
+        return False
+    for name, low, high in _WHOLE_NUMBERS:
+        value = getattr(request, name)
+        if value is not None and not (type(value) is int and low <= value <= high):
+            return False
+    output_format = request.output_format
+    if output_format is not None and not (
+        type(output_format) is str and output_format in _OUTPUT_FORMATS
+    ):
+        return False
+    upsampling, conversions = request.prompt_upsampling, request.allow_conversions
+    if (upsampling is not None and type(upsampling) is not bool) or (
+        conversions is not None and type(conversions) is not bool
+    ):
+        return False
+    guidance = request.guidance
+    return guidance is None or (
+        (type(guidance) is int or type(guidance) is float) and 0 <= guidance <= MAX_GUIDANCE
+    )
+
+
 def _universal_violations(request: EditRequest) -> list[Violation]:
     """Every rule that holds at every provider, in field order.
 
@@ -940,6 +997,8 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
     and compared only by their real type; a subclass of ``str``, ``int`` or ``float`` is
     replaced by a plain copy, so no overridden method runs after this point.
     """
+    if _plainly_valid(request):
+        return []
     found: list[Violation] = []
     prompt = _text_field(request, "prompt", "non-empty text", found)
     if prompt is not None and not prompt.strip():

@@ -223,6 +223,25 @@ def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
+def checked_image(
+    url: str | None,
+    b64_json: str | None,
+    declared_format: str | None = None,
+    downloader: Downloader | None = None,
+) -> ResultImage:
+    """A `ResultImage` of values already checked as its constructor checks them; not again.
+
+    For the library's own code only: *url* a non-empty ``str`` (or ``None`` with *b64_json*),
+    *b64_json* ``None`` or text `inline_image_problem` accepted, *declared_format* a format
+    name as `_declared` gives it, or ``None``. Inline data is scanned whole: once is enough.
+    """
+    image = object.__new__(ResultImage)
+    image.__attrs_init__(url=url, b64_json=b64_json, declared_format=declared_format)
+    object.__setattr__(image, "_held_downloader", downloader)
+    object.__setattr__(image, "_held_seen", None)
+    return image
+
+
 class _Held:
     """What a `ResultImage` holds besides its value, kept out of its attrs fields.
 
@@ -294,15 +313,12 @@ class ResultImage(_Held):
             )
         # The same url and data were checked when this one was made (inline data is scanned
         # whole): not again for every result.
-        copy = object.__new__(type(self))
-        copy.__attrs_init__(
-            url=self.url,
-            b64_json=self.b64_json,
-            declared_format=self.declared_format or _declared(declared_format),
+        return checked_image(  # type: ignore[return-value]  # ResultImage is the type of self
+            self.url,
+            self.b64_json,
+            self.declared_format or _declared(declared_format),
+            downloader,
         )
-        object.__setattr__(copy, "_held_downloader", downloader)
-        object.__setattr__(copy, "_held_seen", None)
-        return copy
 
     def _fetcher(self) -> Downloader:
         held: Downloader | None = getattr(self, "_held_downloader", None)  # None once unpickled
