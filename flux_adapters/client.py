@@ -233,6 +233,8 @@ class _Binding:
     origin: str | None = field(default=None, repr=False, eq=False)
     """``scheme://host[:port]/`` of the base URL, exactly as `KeyAuth.allows` compares it: a URL
     that starts with it is the base URL's origin without parsing it (every exchange asks)."""
+    key_value: str = field(default="", repr=False, eq=False)
+    """``auth.value(api_key)``: what carries the key (made once, not for every exchange)."""
 
     @classmethod
     def create(
@@ -293,6 +295,7 @@ class _Binding:
             scrub=redactor_for((key,)),
             key_only=Redactor((key,), shapes=False),
             origin=_origin(base),
+            key_value=auth.value(key),
         )
 
     def retimed(self, timeout: httpx.Timeout | float, deadline: float | None) -> _Binding:
@@ -393,7 +396,7 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
     auth = binding.auth
     if binding.may_receive_key(url):
         if auth.header is not None:
-            headers[auth.header] = auth.value(binding.api_key)
+            headers[auth.header] = binding.key_value
         else:
             assert auth.query is not None
             try:

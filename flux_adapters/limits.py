@@ -77,7 +77,7 @@ class NumberRange:
     high: float
 
     def __contains__(self, value: object) -> bool:
-        return isinstance(value, int | float) and self.low <= value <= self.high
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
 
     def __str__(self) -> str:
         return f"{self.low:g}..{self.high:g}"

@@ -28,9 +28,19 @@ import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final, Literal, Protocol, TypeAlias, get_args
+from typing import (
+    TYPE_CHECKING,
+    BinaryIO,
+    Final,
+    Literal,
+    NamedTuple,
+    Protocol,
+    TypeAlias,
+    get_args,
+)
 
 from flux_adapters._display import (
     SHOWN_CHARS,
@@ -432,28 +442,59 @@ def _open_regular(path: Path) -> BinaryIO | tuple[str, str]:
     open itself cannot block (``O_NONBLOCK``) and its descriptor is checked again (``fstat``),
     so a path swapped in between is refused too.
     """
+    opened = _regular_descriptor(path)
+    if isinstance(opened, _Refused):
+        return opened.problem, opened.limit
+    descriptor = opened[0]
     try:
-        found = _not_regular(os.stat(path).st_mode)
-        if found is not None:
-            return found
-        descriptor = os.open(path, _OPEN_FLAGS)
-    except OSError as error:
-        return _os_problem(error)
-    except (ValueError, UnicodeError):  # a NUL character; a name the file system cannot encode
-        return (
-            "path cannot be passed to the operating system",
-            "a path without NUL or lone surrogates",
-        )
-    try:
-        found = _not_regular(os.fstat(descriptor).st_mode)
-        if found is not None:
-            os.close(descriptor)
-            return found
         # O_NONBLOCK stays set: it has no effect on a regular file. The caller closes the stream.
         return open(descriptor, "rb")
     except BaseException:
         os.close(descriptor)
         raise
+
+
+class _Refused(NamedTuple):
+    """Why a path is not opened as a regular file."""
+
+    problem: str
+    limit: str
+
+
+def _regular_descriptor(path: Path) -> tuple[int, os.stat_result] | _Refused:
+    """`_open_regular`'s checks and open: the open descriptor and its ``fstat``, or why not."""
+    try:
+        found = _not_regular(os.stat(path).st_mode)
+        if found is not None:
+            return _Refused(*found)
+        descriptor = os.open(path, _OPEN_FLAGS)
+    except OSError as error:
+        return _Refused(*_os_problem(error))
+    except (ValueError, UnicodeError):  # a NUL character; a name the file system cannot encode
+        return _Refused(
+            "path cannot be passed to the operating system",
+            "a path without NUL or lone surrogates",
+        )
+    try:
+        status = os.fstat(descriptor)
+        found = _not_regular(status.st_mode)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    if found is not None:
+        os.close(descriptor)
+        return _Refused(*found)
+    return descriptor, status
+
+
+_INSPECTED: Final[dict[tuple[int, ...], ImageInfo]] = {}
+"""What the header of a file said, by the file's identity and state as ``fstat`` gives them
+(device, inode, size, and the times of its last change, in nanoseconds): a request that names
+the same unchanged file again (an image sent with every call) is not read again. Bounded."""
+_MOST_INSPECTED: Final = 4096
+_SETTLED_NS: Final = 2_000_000_000
+"""A file changed less than this long ago is read every time: a write within the same tick of
+the file system's clock leaves its times as they were (git's "racily clean" files)."""
 
 
 def _from_path(path: Path) -> FileImage | _Unreadable:
@@ -468,11 +509,33 @@ def _from_path(path: Path) -> FileImage | _Unreadable:
             f"path has a lone surrogate at index {at}: the name is not valid UTF-8; rename it",
             "a path in valid Unicode",
         )
-    opened = _open_regular(path)
-    if isinstance(opened, tuple):
-        return _Unreadable(shown, *opened)
-    with opened as stream:
-        return FileImage(path=path, info=_inspect(stream, os.fstat(stream.fileno()).st_size))
+    opened = _regular_descriptor(path)
+    if isinstance(opened, _Refused):
+        return _Unreadable(shown, opened.problem, opened.limit)
+    descriptor, status = opened
+    key = (
+        status.st_dev,
+        status.st_ino,
+        status.st_size,
+        status.st_mtime_ns,
+        status.st_ctime_ns,
+    )
+    info = _INSPECTED.get(key)
+    if info is not None:
+        os.close(descriptor)
+        return FileImage(path=path, info=info)
+    try:
+        stream = open(descriptor, "rb")  # noqa: SIM115 - closed by the with below
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with stream:
+        info = _inspect(stream, status.st_size)
+    if time.time_ns() - max(status.st_mtime_ns, status.st_ctime_ns) > _SETTLED_NS:
+        if len(_INSPECTED) >= _MOST_INSPECTED:
+            _INSPECTED.clear()
+        _INSPECTED[key] = info
+    return FileImage(path=path, info=info)
 
 
 def _from_path_like(value: object) -> FileImage | _Unreadable:
@@ -789,6 +852,8 @@ def _classify(values: object) -> tuple[ImageInput | _Unreadable, ...]:
     kind = type(values)
     if kind is tuple or kind is list:
         count = len(values)  # type: ignore[arg-type]
+        if not count:
+            return ()  # text-to-image: the default (), or []
         if count > MAX_IMAGES:
             return (_whole("too many images", f"at most {MAX_IMAGES}", f"{count} images"),)
         return tuple(_to_image(value) for value in values)  # type: ignore[attr-defined]
@@ -970,10 +1035,16 @@ def _plainly_valid(request: EditRequest) -> bool:
             return False
     elif ratio is not None and (type(ratio) is not str or _parsed_pair(_RATIO, ratio) is None):
         return False
-    for name, low, high in _WHOLE_NUMBERS:
-        value = getattr(request, name)
-        if value is not None and not (type(value) is int and low <= value <= high):
-            return False
+    seed, tolerance, steps = request.seed, request.safety_tolerance, request.steps
+    if (
+        (seed is not None and not (type(seed) is int and 0 <= seed <= MAX_SEED))
+        or (
+            tolerance is not None
+            and not (type(tolerance) is int and 0 <= tolerance <= MAX_SAFETY_TOLERANCE)
+        )
+        or (steps is not None and not (type(steps) is int and 1 <= steps <= MAX_STEPS))
+    ):
+        return False
     output_format = request.output_format
     if output_format is not None and not (
         type(output_format) is str and output_format in _OUTPUT_FORMATS

@@ -117,40 +117,41 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
             raise format_error(
                 provider, response, "the answer does not have the documented shape"
             ) from exc
-        items = [item for item in images.data if item.url or item.b64_json]
+        items = [(item.url, item.b64_json) for item in images.data if item.url or item.b64_json]
     if not items:
         raise format_error(provider, response, "the answer holds no image")
     if len(items) > MAX_IMAGES:
         raise format_error(provider, response, f"the answer lists {len(items)} images")
-    for item in items:
-        problem = _image_problem(item)
+    for url, b64_json in items:
+        problem = _image_problem(url, b64_json)
         if problem:
             raise format_error(provider, response, problem)
     return Answer(
-        images=tuple([_result_image(item) for item in items]),
+        images=tuple([_result_image(url, b64_json) for url, b64_json in items]),
         usage=_usage(body),
     )
 
 
-def _result_image(item: _Item) -> ResultImage:
-    """The image of *item*, which `_image_problem` accepted: not checked a second time.
+def _result_image(url: str | None, b64_json: str | None) -> ResultImage:
+    """The image of an item `_image_problem` accepted: not checked a second time.
 
     `_image_problem` checks the inline data when there is any, else the URL, as `ResultImage`
     does; only ``b64_json=""`` beside a URL is judged differently (by the URL there, as empty
     inline data by `ResultImage`), so that one is made by the constructor.
     """
-    if item.b64_json is None or item.b64_json:
-        return checked_image(item.url, item.b64_json)
-    return ResultImage(url=item.url, b64_json=item.b64_json)
+    if b64_json is None or b64_json:
+        return checked_image(url, b64_json)
+    return ResultImage(url=url, b64_json=b64_json)
 
 
-def _plain_items(body: object) -> list[_Item] | None:
+def _plain_items(body: object) -> list[tuple[str | None, str | None]] | None:
     """The images of an answer in the common plain shape, as cattrs would read them; else ``None``.
 
     Plain: a dict whose ``data`` is a list of dicts whose ``url`` and ``b64_json`` are each text
     or absent (``None``). cattrs gives exactly these items for such an answer (text is kept as
     it is); anything else (a number for a URL, which cattrs turns into text, a missing ``data``)
-    returns ``None`` and goes through cattrs. Only items with a URL or data are kept.
+    returns ``None`` and goes through cattrs. Only items with a URL or data are kept, as
+    ``(url, b64_json)``.
     """
     if type(body) is not dict:
         return None
@@ -168,7 +169,7 @@ def _plain_items(body: object) -> list[_Item] | None:
         ):
             return None
         if url or b64_json:
-            items.append(_Item(url, b64_json))
+            items.append((url, b64_json))
     return items
 
 
@@ -201,10 +202,10 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 """Characters no HTTP client puts in a request line (httpx refuses them)."""
 
 
-def _image_problem(item: _Item) -> str:
-    if item.b64_json:
-        return inline_image_problem(item.b64_json)
-    return url_problem(item.url or "", "a result URL")
+def _image_problem(url: str | None, b64_json: str | None) -> str:
+    if b64_json:
+        return inline_image_problem(b64_json)
+    return url_problem(url or "", "a result URL")
 
 
 def url_problem(url: str, what: str) -> str:
