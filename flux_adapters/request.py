@@ -1007,7 +1007,9 @@ def _plainly_valid(request: EditRequest) -> bool:
     text in ASCII (no lone surrogate can hide in it), numbers in range, at most one way to set
     the output size, every image readable. Anything else is judged field by field there.
     """
-    prompt, model = request.prompt, request.model
+    # Read as plain objects: callers may pass anything, whatever the annotations say.
+    prompt: object = request.prompt
+    model: object = request.model
     if not (
         type(prompt) is str
         and prompt.isascii()
@@ -1016,10 +1018,14 @@ def _plainly_valid(request: EditRequest) -> bool:
         and model in _MODEL_SET
     ):
         return False
-    for image in request.images:
+    images: Sequence[object] = request.images
+    for image in images:
         if type(image) is _Unreadable:
             return False
-    width, height, size, ratio = request.width, request.height, request.size, request.aspect_ratio
+    width: object = request.width
+    height: object = request.height
+    size: object = request.size
+    ratio: object = request.aspect_ratio
     if width is not None or height is not None:
         if not (
             size is None
@@ -1035,7 +1041,9 @@ def _plainly_valid(request: EditRequest) -> bool:
             return False
     elif ratio is not None and (type(ratio) is not str or _parsed_pair(_RATIO, ratio) is None):
         return False
-    seed, tolerance, steps = request.seed, request.safety_tolerance, request.steps
+    seed: object = request.seed
+    tolerance: object = request.safety_tolerance
+    steps: object = request.steps
     if (
         (seed is not None and not (type(seed) is int and 0 <= seed <= MAX_SEED))
         or (
@@ -1045,17 +1053,18 @@ def _plainly_valid(request: EditRequest) -> bool:
         or (steps is not None and not (type(steps) is int and 1 <= steps <= MAX_STEPS))
     ):
         return False
-    output_format = request.output_format
+    output_format: object = request.output_format
     if output_format is not None and not (
         type(output_format) is str and output_format in _OUTPUT_FORMATS
     ):
         return False
-    upsampling, conversions = request.prompt_upsampling, request.allow_conversions
+    upsampling: object = request.prompt_upsampling
+    conversions: object = request.allow_conversions
     if (upsampling is not None and type(upsampling) is not bool) or (
         conversions is not None and type(conversions) is not bool
     ):
         return False
-    guidance = request.guidance
+    guidance: object = request.guidance
     return guidance is None or (
         (type(guidance) is int or type(guidance) is float) and 0 <= guidance <= MAX_GUIDANCE
     )
