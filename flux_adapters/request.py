@@ -23,6 +23,7 @@ find out (an object can be a Pillow image only once the caller imported it).
 from __future__ import annotations
 
 import binascii
+import functools
 import io
 import os
 import re
@@ -1225,6 +1226,17 @@ def _image_violations(images: Sequence[object]) -> list[Violation]:
 
 def _parsed_pair(pattern: re.Pattern[str], value: str) -> tuple[int, int] | None:
     """``(a, b)`` from ``"AxB"`` / ``"A:B"`` when both are whole numbers from 1 to MAX_SIDE."""
+    if len(value) <= _PAIR_CHARS:  # the longest that can be one: "100000x100000"
+        return _known_pair(pattern, value)
+    return None
+
+
+_PAIR_CHARS: Final = 13
+
+
+@functools.lru_cache(maxsize=256)
+def _known_pair(pattern: re.Pattern[str], value: str) -> tuple[int, int] | None:
+    """`_parsed_pair` of a short *value*, remembered: requests ask for a few sizes and ratios."""
     match = pattern.fullmatch(value)
     if match is None:
         return None

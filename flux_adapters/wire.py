@@ -21,6 +21,7 @@ from typing import Final, Literal, TypeAlias
 
 from attrs import frozen
 
+from flux_adapters._slots import slot_setters
 from flux_adapters.request import ImageInput, LocalImage, UrlImage
 from flux_adapters.result import MAX_IMAGE_BYTES
 
@@ -125,7 +126,7 @@ Role: TypeAlias = Literal["submit", "poll", "fetch", "cancel"]
 ``fetch`` (its result), ``cancel``. The last three are free and may be repeated."""
 
 
-@frozen(kw_only=True)
+@frozen(kw_only=True, init=False)
 class HttpRequest:
     """One HTTP request an adapter wants sent. Holds no credentials.
 
@@ -146,6 +147,30 @@ class HttpRequest:
     headers: tuple[tuple[str, str], ...] = ()
     role: Role = "submit"
     deadline: float | None = None
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        url: str,
+        body: JsonBody | MultipartBody | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        role: Role = "submit",
+        deadline: float | None = None,
+    ) -> None:
+        # attrs' own __init__, with each slot set directly (flux_adapters._slots): every
+        # adapter makes one for every exchange.
+        _set_method(self, method)
+        _set_url(self, url)
+        _set_body(self, body)
+        _set_headers(self, headers)
+        _set_role(self, role)
+        _set_deadline(self, deadline)
+
+
+_set_method, _set_url, _set_body, _set_headers, _set_role, _set_deadline = slot_setters(
+    HttpRequest, ("method", "url", "body", "headers", "role", "deadline")
+)
 
 
 @frozen
