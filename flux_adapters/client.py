@@ -1539,13 +1539,16 @@ class FluxClient(_ClientBase):
         if isinstance(instruction, Accepted):
             _note_accepted(binding, instruction)
             return None
-        started = time.perf_counter()
+        noted = LOGGER.isEnabledFor(logging.DEBUG)  # timed only if logged
+        started = time.perf_counter() if noted else 0.0
         try:
             response = self._send(binding, instruction)
         except FluxError as error:
-            _note_exchange(binding, instruction, started, error)
+            if noted:
+                _note_exchange(binding, instruction, started, error)
             raise
-        _note_exchange(binding, instruction, started, response)
+        if noted:
+            _note_exchange(binding, instruction, started, response)
         return response
 
     def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
@@ -1865,7 +1868,8 @@ class AsyncFluxClient(_ClientBase):
                     else:
                         if instruction.role == "submit" and watcher is not None:
                             await watcher.sending(binding.adapter.name)  # durable before it goes
-                        started = time.perf_counter()
+                        noted = LOGGER.isEnabledFor(logging.DEBUG)  # timed only if logged
+                        started = time.perf_counter() if noted else 0.0
                         try:
                             self._check_open()  # closed while a call was under way
                             try:
@@ -1873,9 +1877,11 @@ class AsyncFluxClient(_ClientBase):
                             except RuntimeError as exc:  # a refusal to send: closed meanwhile
                                 raise self._closed_instead(exc) from exc
                         except FluxError as error:
-                            _note_exchange(binding, instruction, started, error)
+                            if noted:
+                                _note_exchange(binding, instruction, started, error)
                             raise
-                        _note_exchange(binding, instruction, started, reply)
+                        if noted:
+                            _note_exchange(binding, instruction, started, reply)
                 except FluxError as error:  # the flow judges it, and attaches its job if any
                     instruction = flow.throw(error)
                 else:
