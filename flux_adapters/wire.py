@@ -80,11 +80,16 @@ def json_image(image: ImageInput, *, bare: bool = False) -> JsonValue:
     return image.url if isinstance(image, UrlImage) else ImageValue(image, bare)
 
 
-@frozen
+@frozen(init=False)
 class JsonBody:
     """A JSON object body; `ImageValue` leaves are encoded while streaming."""
 
     value: dict[str, JsonValue]
+
+    def __init__(self, value: dict[str, JsonValue]) -> None:
+        # attrs' own __init__, the slot set directly (flux_adapters._slots): every JSON
+        # exchange makes one.
+        _set_value(self, value)
 
     def materialize(self) -> dict[str, object]:
         """Return the body as plain JSON data, with images written out as base64 text.
@@ -102,6 +107,9 @@ class JsonBody:
     def map_values(self, replace: Callable[[ImageValue], object]) -> dict[str, object]:
         """Return the body as plain data, with each `ImageValue` replaced by ``replace(value)``."""
         return {key: _map_images(item, replace) for key, item in self.value.items()}
+
+
+(_set_value,) = slot_setters(JsonBody, ("value",))
 
 
 @frozen
