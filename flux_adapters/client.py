@@ -394,14 +394,19 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
     Raises:
         RequestError: The key goes in a query string httpx cannot build into the URL.
     """
-    headers = dict(outgoing.headers)
-    headers.setdefault("Accept", "application/json")
+    extra = outgoing.headers
+    if extra:
+        headers = dict(extra)
+        headers.setdefault("Accept", "application/json")
+    else:
+        headers = {"Accept": "application/json"}
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
     if isinstance(outgoing.body, JsonBody):
         headers["Content-Type"] = "application/json"
     url = outgoing.url
     auth = binding.auth
-    if binding.may_receive_key(url):
+    origin = binding.origin  # the base URL's own origin: no need to ask (may_receive_key)
+    if (origin is not None and url.startswith(origin)) or binding.may_receive_key(url):
         if auth.header is not None:
             headers[auth.header] = binding.key_value
         else:
@@ -411,10 +416,9 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
             except (httpx.InvalidURL, ValueError, TypeError) as exc:
                 raise unsendable(binding.adapter.name, binding.scrub, exc) from None
             hide_in_httpx_log(binding.api_key)
-    seconds = binding.limit(outgoing)
-    timeout = (
-        phase_timeouts(binding.timeout, seconds) if seconds < binding.deadline else binding.timeout
-    )
+    asked, deadline = outgoing.deadline, binding.deadline
+    seconds = deadline if asked is None else binding.limit(outgoing)
+    timeout = phase_timeouts(binding.timeout, seconds) if seconds < deadline else binding.timeout
     return Exchange(
         outgoing.method,
         url,
@@ -907,7 +911,12 @@ class _ClientBase:
 
     def _check_open(self) -> None:
         """Raise `ClientClosedError` once this client is closed; nothing is sent."""
-        if self._lifetime.why_closed() is None and not self._sender_closed():
+        lifetime = self._lifetime
+        if (
+            not lifetime._closed
+            and lifetime._maker is None  # a copy asks its maker (why_closed)
+            and not self._sender_closed()
+        ) or (lifetime.why_closed() is None and not self._sender_closed()):
             return  # every exchange asks: the open case builds no message
         error = self._closed_error()
         if error is not None:
