@@ -836,7 +836,8 @@ class _ClientBase:
     @property
     def _breaker(self) -> Breaker:
         """The cooldowns of this client's providers, shared with its `with_options` copies."""
-        return self._cooldowns.breaker(self._policy.cooldown)
+        made = self._cooldowns._breaker  # made once: read without a call after the first
+        return made if made is not None else self._cooldowns.breaker(self._policy.cooldown)
 
     @property
     def max_retries(self) -> int:
@@ -1170,11 +1171,14 @@ def _result(
     The provider's figure is believed only when it makes a dollar amount that can be one: finite
     and not negative (a hostile or broken answer cannot credit the caller or overflow a budget).
     """
-    usage = _merged(job.usage if job is not None else None, answer.usage)
-    rate = getattr(binding.adapter, "usd_per_credit", None)
+    usage = answer.usage if job is None else _merged(job.usage, answer.usage)
     cost: float | None = None
     source: Literal["provider", "price table"] | None = None
-    reported = _reported_cost(usage, rate)
+    reported = (
+        None
+        if usage is None
+        else _reported_cost(usage, getattr(binding.adapter, "usd_per_credit", None))
+    )
     if reported is not None:
         cost, source = reported, "provider"
     elif estimated is not None:

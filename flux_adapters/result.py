@@ -319,7 +319,8 @@ class ResultImage(_Held):
         return checked_image(  # type: ignore[return-value]  # ResultImage is the type of self
             self.url,
             self.b64_json,
-            self.declared_format or _declared(declared_format),
+            self.declared_format
+            or (None if declared_format is None else _declared(declared_format)),
             downloader,
         )
 
