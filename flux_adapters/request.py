@@ -488,10 +488,11 @@ def _regular_descriptor(path: Path) -> tuple[int, os.stat_result] | _Refused:
     return descriptor, status
 
 
-_INSPECTED: Final[dict[tuple[int, ...], ImageInfo]] = {}
-"""What the header of a file said, by the file's identity and state as ``fstat`` gives them
-(device, inode, size, and the times of its last change, in nanoseconds): a request that names
-the same unchanged file again (an image sent with every call) is not read again. Bounded."""
+_INSPECTED: Final[dict[tuple[str | int, ...], ImageInfo]] = {}
+"""What the header of a file said, by its path and the file's identity and state as ``fstat``
+gives them (device, inode, size, and the times of its last change, in nanoseconds; the path too,
+for file systems that number no inodes): a request that names the same unchanged file again (an
+image sent with every call) is not read again. Bounded."""
 _MOST_INSPECTED: Final = 4096
 _SETTLED_NS: Final = 2_000_000_000
 """A file changed less than this long ago is read every time: a write within the same tick of
@@ -515,6 +516,7 @@ def _from_path(path: Path) -> FileImage | _Unreadable:
         return _Unreadable(shown, opened.problem, opened.limit)
     descriptor, status = opened
     key = (
+        text,
         status.st_dev,
         status.st_ino,
         status.st_size,
