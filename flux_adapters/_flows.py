@@ -25,7 +25,6 @@ from attrs import frozen
 from flux_adapters._display import render_value, type_name
 from flux_adapters._ids import ProviderId, ProviderName
 from flux_adapters._redact import answer_headers, redact, redactor_for, request_id
-from flux_adapters._slots import slot_setters
 from flux_adapters.errors import (
     FluxError,
     JobError,
@@ -75,21 +74,6 @@ class Outcome:
     answer: Answer
     job: Job | None = None
     request_id: str | None = None
-
-
-_set_plan, _set_answer, _set_job, _set_request_id = slot_setters(
-    Outcome, ("plan", "answer", "job", "request_id")
-)
-
-
-def _outcome(plan: Plan, answer: Answer, job: Job | None, request_id: str | None) -> Outcome:
-    """``Outcome(...)``, made for every edit (its slots set directly: flux_adapters._slots)."""
-    outcome = object.__new__(Outcome)
-    _set_plan(outcome, plan)
-    _set_answer(outcome, answer)
-    _set_job(outcome, job)
-    _set_request_id(outcome, request_id)
-    return outcome
 
 
 Instruction: TypeAlias = HttpRequest | Sleep | Accepted
@@ -331,7 +315,7 @@ def edit_flow(
     response = yield _as_submit(outgoing)
     assert response is not None
     answer = _answered(adapter, response, secrets, adapter.parse_response, response)
-    return _outcome(resolved, answer, None, _answer_id(response, secrets))
+    return Outcome(plan=resolved, answer=answer, request_id=_answer_id(response, secrets))
 
 
 def job_flow(

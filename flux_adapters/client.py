@@ -105,14 +105,7 @@ if TYPE_CHECKING:
     from flux_adapters.limits import Plan
     from flux_adapters.prices import Price
     from flux_adapters.providers import Answer, AnyAdapter, KeyAuth, Provider
-    from flux_adapters.result import (
-        Attempt,
-        BatchItem,
-        ConversionWarning,
-        EditResult,
-        Usage,
-        new_result,
-    )
+    from flux_adapters.result import Attempt, BatchItem, ConversionWarning, EditResult, Usage
     from flux_adapters.routing import (
         Admit,
         Admitted,
@@ -143,7 +136,7 @@ def _load_sending() -> None:
     formats the error it does not raise).
     """
     global _sending_loaded
-    global ACCEPT_ENCODING, Accepted, AnswerBody, Exchange, JsonBody, Sleep, Wait, new_result
+    global ACCEPT_ENCODING, Accepted, AnswerBody, EditResult, Exchange, JsonBody, Sleep, Wait
     global Admit, Admitted, Try
     global bounded_by, flow_for, hide_in_httpx_log, httpx_request, iter_decoded
     global mapped_transport_errors, phase_timeouts, route, send_within, unsendable
@@ -160,7 +153,7 @@ def _load_sending() -> None:
         send_within,
     )
     from flux_adapters.jobs import Accepted
-    from flux_adapters.result import new_result
+    from flux_adapters.result import EditResult
     from flux_adapters.routing import Admit, Admitted, Try, Wait, route
     from flux_adapters.wire import JsonBody, Sleep
 
@@ -1183,23 +1176,23 @@ def _result(
         cost, source = reported, "provider"
     elif estimated is not None:
         cost, source = estimated, "price table"
-    return new_result(
-        binding.adapter.name,
-        model,
-        tuple(
+    return EditResult(
+        provider=binding.adapter.name,
+        model=model,
+        images=tuple(
             [
                 image.fetched_with(downloader, declared_format=requested_format)
                 for image in answer.images
             ]
         ),
-        usage,
-        cost,
-        source,
-        warnings,
-        attempts,
-        time.perf_counter() - started,
-        job,
-        request_id,
+        usage=usage,
+        cost_usd=cost,
+        cost_source=source,
+        warnings=warnings,
+        attempts=attempts,
+        elapsed_s=time.perf_counter() - started,
+        job=job,
+        request_id=request_id,
     )
 
 

@@ -26,7 +26,6 @@ from flux_adapters._files import (
     image_format,
     image_is_whole,
 )
-from flux_adapters._slots import slot_setters
 from flux_adapters.errors import ExtensionMismatch, FluxError
 
 if TYPE_CHECKING:
@@ -236,12 +235,15 @@ def checked_image(
     *b64_json* ``None`` or text `inline_image_problem` accepted, *declared_format* a format
     name as `_declared` gives it, or ``None``. Inline data is scanned whole: once is enough.
     """
-    image = _new(ResultImage)
-    _set_url(image, url)
-    _set_b64_json(image, b64_json)
-    _set_declared_format(image, declared_format)
-    _set_held_downloader(image, downloader)
-    _set_held_seen(image, None)
+    image = object.__new__(ResultImage)
+    for name, value in (
+        ("url", url),
+        ("b64_json", b64_json),
+        ("declared_format", declared_format),
+        ("_held_downloader", downloader),
+        ("_held_seen", None),
+    ):
+        object.__setattr__(image, name, value)  # frozen: as attrs' own __init__ sets them
     return image
 
 
@@ -595,109 +597,6 @@ class EditResult:
 
 
 BatchStatus = Literal["ok", "skipped", "changed", "failed", "unconfirmed"]
-
-
-_new: Final = object.__new__
-# The slots of the classes made for every edit, set directly (flux_adapters._slots): checked
-# against their fields as this module is imported.
-_set_url, _set_b64_json, _set_declared_format, _set_held_downloader, _set_held_seen = slot_setters(
-    ResultImage, ("url", "b64_json", "declared_format"), ("_held_downloader", "_held_seen")
-)
-_ATTEMPT_SLOTS: Final = slot_setters(
-    Attempt,
-    (
-        "provider",
-        "model",
-        "outcome",
-        "elapsed_s",
-        "error",
-        "reason",
-        "billing",
-        "available_in_s",
-    ),
-)
-_RESULT_SLOTS: Final = slot_setters(
-    EditResult,
-    (
-        "provider",
-        "model",
-        "images",
-        "usage",
-        "cost_usd",
-        "cost_source",
-        "warnings",
-        "attempts",
-        "elapsed_s",
-        "job",
-        "request_id",
-    ),
-)
-
-
-def served_attempt(provider: str, model: str, elapsed_s: float) -> Attempt:
-    """``Attempt(provider=..., model=..., outcome="ok", elapsed_s=...)``, made for every edit."""
-    attempt = _new(Attempt)
-    (
-        set_provider,
-        set_model,
-        set_outcome,
-        set_elapsed,
-        set_error,
-        set_reason,
-        set_billing,
-        set_in,
-    ) = _ATTEMPT_SLOTS
-    set_provider(attempt, provider)
-    set_model(attempt, model)
-    set_outcome(attempt, "ok")
-    set_elapsed(attempt, elapsed_s)
-    set_error(attempt, None)
-    set_reason(attempt, "")
-    set_billing(attempt, "")
-    set_in(attempt, None)
-    return attempt
-
-
-def new_result(
-    provider: str,
-    model: str,
-    images: tuple[ResultImage, ...],
-    usage: Usage | None,
-    cost_usd: float | None,
-    cost_source: Literal["provider", "price table"] | None,
-    warnings: tuple[ConversionWarning, ...],
-    attempts: tuple[Attempt, ...],
-    elapsed_s: float,
-    job: Job | None,
-    request_id: str | None,
-) -> EditResult:
-    """``EditResult(...)`` of every field, in order: made for every edit."""
-    result = _new(EditResult)
-    (
-        set_provider,
-        set_model,
-        set_images,
-        set_usage,
-        set_cost,
-        set_source,
-        set_warnings,
-        set_attempts,
-        set_elapsed,
-        set_job,
-        set_request_id,
-    ) = _RESULT_SLOTS
-    set_provider(result, provider)
-    set_model(result, model)
-    set_images(result, images)
-    set_usage(result, usage)
-    set_cost(result, cost_usd)
-    set_source(result, cost_source)
-    set_warnings(result, warnings)
-    set_attempts(result, attempts)
-    set_elapsed(result, elapsed_s)
-    set_job(result, job)
-    set_request_id(result, request_id)
-    return result
 
 
 @frozen(kw_only=True)

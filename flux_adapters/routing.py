@@ -52,7 +52,6 @@ from flux_adapters._flows import Outcome, resolve
 from flux_adapters._ids import Routing
 from flux_adapters._log import LOGGER, note
 from flux_adapters._redact import redact
-from flux_adapters._slots import slot_setters
 from flux_adapters.errors import (
     AllProvidersFailed,
     BudgetExceeded,
@@ -73,7 +72,7 @@ from flux_adapters.limits import Plan
 from flux_adapters.prices import Price, estimate
 from flux_adapters.providers import AnyAdapter
 from flux_adapters.request import EditRequest
-from flux_adapters.result import Attempt, served_attempt
+from flux_adapters.result import Attempt
 
 __all__ = [
     "BILLING_RULES",
@@ -559,32 +558,6 @@ class Routed:
     estimated: float | None = None
 
 
-# What every edit makes, its slots set directly (flux_adapters._slots).
-_set_try_candidate, _set_try_plan = slot_setters(Try, ("candidate", "plan"))
-_ROUTED_SLOTS: Final = slot_setters(Routed, ("candidate", "outcome", "attempts", "estimated"))
-
-
-def _try(candidate: object, plan: Plan) -> Try:
-    """``Try(candidate, plan)``."""
-    made = object.__new__(Try)
-    _set_try_candidate(made, candidate)
-    _set_try_plan(made, plan)
-    return made
-
-
-def _routed(
-    candidate: object, outcome: Outcome, attempts: tuple[Attempt, ...], estimated: float | None
-) -> Routed:
-    """``Routed(candidate, outcome, attempts, estimated)``."""
-    made = object.__new__(Routed)
-    set_candidate, set_outcome, set_attempts, set_estimated = _ROUTED_SLOTS
-    set_candidate(made, candidate)
-    set_outcome(made, outcome)
-    set_attempts(made, attempts)
-    set_estimated(made, estimated)
-    return made
-
-
 def _with_attempts(error: FluxError, attempts: list[Attempt]) -> FluxError:
     error.attempts = tuple(attempts)
     return error
@@ -746,7 +719,7 @@ def route(
                         tries + 1,
                     )
                 started = clock()
-                reply = yield _try(candidate, plan)
+                reply = yield Try(candidate, plan)
                 elapsed = clock() - started
                 if isinstance(reply, Outcome):
                     if admitted is None:
@@ -754,7 +727,9 @@ def route(
                     else:
                         yield Settle(candidate, admitted, "success", "actual", reply)
                     settled = True
-                    attempts.append(served_attempt(name, model, elapsed))
+                    attempts.append(
+                        Attempt(provider=name, model=model, outcome="ok", elapsed_s=elapsed)
+                    )
                     if LOGGER.isEnabledFor(logging.INFO):
                         note(
                             logging.INFO,
@@ -767,7 +742,7 @@ def route(
                             len(attempts),
                             "" if len(attempts) == 1 else "s",
                         )
-                    return _routed(candidate, reply, tuple(attempts), cost)
+                    return Routed(candidate, reply, tuple(attempts), cost)
                 assert isinstance(reply, FluxError)
                 last = reply
                 rule = billing_rule(reply, getattr(adapter, "not_taken", None))

@@ -21,7 +21,6 @@ from typing import Final, Literal, TypeAlias
 
 from attrs import frozen
 
-from flux_adapters._slots import slot_setters
 from flux_adapters.request import ImageInput, LocalImage, UrlImage
 from flux_adapters.result import MAX_IMAGE_BYTES
 
@@ -80,16 +79,11 @@ def json_image(image: ImageInput, *, bare: bool = False) -> JsonValue:
     return image.url if isinstance(image, UrlImage) else ImageValue(image, bare)
 
 
-@frozen(init=False)
+@frozen
 class JsonBody:
     """A JSON object body; `ImageValue` leaves are encoded while streaming."""
 
     value: dict[str, JsonValue]
-
-    def __init__(self, value: dict[str, JsonValue]) -> None:
-        # attrs' own __init__, the slot set directly (flux_adapters._slots): every JSON
-        # exchange makes one.
-        _set_value(self, value)
 
     def materialize(self) -> dict[str, object]:
         """Return the body as plain JSON data, with images written out as base64 text.
@@ -107,9 +101,6 @@ class JsonBody:
     def map_values(self, replace: Callable[[ImageValue], object]) -> dict[str, object]:
         """Return the body as plain data, with each `ImageValue` replaced by ``replace(value)``."""
         return {key: _map_images(item, replace) for key, item in self.value.items()}
-
-
-(_set_value,) = slot_setters(JsonBody, ("value",))
 
 
 @frozen
@@ -134,7 +125,7 @@ Role: TypeAlias = Literal["submit", "poll", "fetch", "cancel"]
 ``fetch`` (its result), ``cancel``. The last three are free and may be repeated."""
 
 
-@frozen(kw_only=True, init=False)
+@frozen(kw_only=True)
 class HttpRequest:
     """One HTTP request an adapter wants sent. Holds no credentials.
 
@@ -155,30 +146,6 @@ class HttpRequest:
     headers: tuple[tuple[str, str], ...] = ()
     role: Role = "submit"
     deadline: float | None = None
-
-    def __init__(
-        self,
-        *,
-        method: str,
-        url: str,
-        body: JsonBody | MultipartBody | None = None,
-        headers: tuple[tuple[str, str], ...] = (),
-        role: Role = "submit",
-        deadline: float | None = None,
-    ) -> None:
-        # attrs' own __init__, with each slot set directly (flux_adapters._slots): every
-        # adapter makes one for every exchange.
-        _set_method(self, method)
-        _set_url(self, url)
-        _set_body(self, body)
-        _set_headers(self, headers)
-        _set_role(self, role)
-        _set_deadline(self, deadline)
-
-
-_set_method, _set_url, _set_body, _set_headers, _set_role, _set_deadline = slot_setters(
-    HttpRequest, ("method", "url", "body", "headers", "role", "deadline")
-)
 
 
 @frozen

@@ -11,17 +11,14 @@ import os
 import time
 from pathlib import Path
 
-import attrs
 import pytest
 
 import flux_adapters.request as request_module
 from flux_adapters import EditRequest, get_adapter
 from flux_adapters._flows import resolve
-from flux_adapters._slots import slot_setters
 from flux_adapters.errors import RequestError, ResponseFormatError
 from flux_adapters.providers._images_api import parse_images, url_problem
-from flux_adapters.result import Attempt, EditResult, ResultImage, new_result, served_attempt
-from flux_adapters.wire import HttpRequest, HttpResponse
+from flux_adapters.wire import HttpResponse
 from tests.conftest import image_bytes
 
 HOUR_AGO = time.time() - 3600
@@ -105,23 +102,3 @@ def test_a_result_url_is_judged_the_same_the_second_time() -> None:
         assert url_problem(url, "a result URL") == url_problem(url, "a result URL")
     assert url_problem("https://h:70000/x", "u") == "u is not a valid URL"
     assert url_problem("ftp://h/x", "u") == "u is not an http(s) URL"
-
-
-def test_objects_made_for_every_edit_equal_those_attrs_makes() -> None:
-    assert served_attempt("laozhang", "flux-2-pro", 0.5) == Attempt(
-        provider="laozhang", model="flux-2-pro", outcome="ok", elapsed_s=0.5
-    )
-    image = ResultImage(url="https://h/x.png")
-    values = attrs.asdict(
-        EditResult(provider="p", model="m", images=(image,), elapsed_s=1.0), recurse=False
-    )
-    assert new_result(**values) == EditResult(**values)
-    request = HttpRequest(method="POST", url="https://h/x")
-    assert attrs.evolve(request, role="poll").role == "poll"
-    with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        request.url = "https://elsewhere/"  # type: ignore[misc]
-
-
-def test_slot_setters_refuse_a_field_list_that_is_not_the_class_s() -> None:
-    with pytest.raises(TypeError, match="fields"):
-        slot_setters(Attempt, ("provider", "model"))

@@ -32,7 +32,6 @@ from attrs import frozen
 
 from flux_adapters._display import render_value, type_name
 from flux_adapters._ids import ProviderId, ProviderName
-from flux_adapters._slots import slot_setters
 from flux_adapters.errors import ConfigurationError, ProviderError
 from flux_adapters.limits import ModelLimits, Plan
 from flux_adapters.request import EditRequest
@@ -145,21 +144,12 @@ BEARER: Final = KeyAuth()
 """``Authorization: Bearer <key>`` to the base URL's origin only: an adapter's default."""
 
 
-@frozen(kw_only=True, init=False)
+@frozen(kw_only=True)
 class Answer:
     """A successful answer, parsed: the images and any usage the provider reported."""
 
     images: tuple[ResultImage, ...]
     usage: Usage | None = None
-
-    def __init__(self, *, images: tuple[ResultImage, ...], usage: Usage | None = None) -> None:
-        # attrs' own __init__, with each slot set directly (flux_adapters._slots): every
-        # answer makes one.
-        _set_images(self, images)
-        _set_usage(self, usage)
-
-
-_set_images, _set_usage = slot_setters(Answer, ("images", "usage"))
 
 
 class Adapter(Protocol):
