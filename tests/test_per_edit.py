@@ -10,14 +10,25 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Final
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flux_adapters.request as request_module
 from flux_adapters import EditRequest, get_adapter
 from flux_adapters._flows import resolve
 from flux_adapters.errors import RequestError, ResponseFormatError
 from flux_adapters.providers._images_api import parse_images, url_problem
+from flux_adapters.request import (
+    MAX_GUIDANCE,
+    MAX_SAFETY_TOLERANCE,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MODELS,
+)
 from flux_adapters.wire import HttpResponse
 from tests.conftest import image_bytes
 
@@ -102,3 +113,64 @@ def test_a_result_url_is_judged_the_same_the_second_time() -> None:
         assert url_problem(url, "a result URL") == url_problem(url, "a result URL")
     assert url_problem("https://h:70000/x", "u") == "u is not a valid URL"
     assert url_problem("ftp://h/x", "u") == "u is not an http(s) URL"
+
+
+_BOUNDS: Final = sorted(
+    {b + d for b in (0, 1, MAX_GUIDANCE, MAX_SAFETY_TOLERANCE, MAX_STEPS) for d in (-1, 0, 1)}
+    | {MAX_SIDE, MAX_SIDE + 1, MAX_SEED, MAX_SEED + 1}
+)
+_NEAR_BOUNDS: Final = [*_BOUNDS, None, True, False, 0.5, -0.0, float(MAX_GUIDANCE) + 0.1]
+_ODD: Final = st.one_of(
+    st.integers(),
+    st.floats(),
+    st.text(max_size=12),
+    st.sampled_from(["1024x768", "1024X768", " 64x64", "0x0", "16:9", "21:9 ", "png", "jpg"]),
+    st.binary(max_size=4),
+)
+"""Any value, in range or not, of any type: what a careless caller may put in any field."""
+_FITTING: Final = {
+    "prompt": st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=9),
+    "model": st.sampled_from(MODELS),
+    "width": st.integers(min_value=1, max_value=MAX_SIDE),
+    "height": st.integers(min_value=1, max_value=MAX_SIDE),
+    "size": st.sampled_from(["1024x768", "64x64", "1x1"]),
+    "aspect_ratio": st.sampled_from(["16:9", "1:1"]),
+    "seed": st.integers(min_value=0, max_value=MAX_SEED),
+    "output_format": st.sampled_from(["png", "jpeg", "webp"]),
+    "safety_tolerance": st.integers(min_value=0, max_value=6),
+    "prompt_upsampling": st.booleans(),
+    "steps": st.integers(min_value=1, max_value=50),
+    "guidance": st.one_of(st.integers(min_value=0, max_value=5), st.floats(0, 5)),
+    "allow_conversions": st.booleans(),
+}
+"""A value that fits, for each field (or None, for the optional ones)."""
+
+
+@pytest.mark.parametrize("odd", sorted(_FITTING))
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_the_quick_acceptance_of_a_request_never_accepts_what_the_rules_refuse(
+    odd: str, data: st.DataObject
+) -> None:
+    """`_plainly_valid` is a shortcut: whatever it accepts, the field-by-field rules accept too,
+    and leave as it is (no value replaced by a plain copy). The other fields fit (or are
+    unset); *odd* gets any value at all, most often one at or next to a bound."""
+    fields: dict[str, object] = {}
+    for name, fitting in _FITTING.items():
+        required = name in ("prompt", "model")
+        fields[name] = data.draw(fitting if required else st.one_of(st.none(), fitting), name)
+    if data.draw(st.integers(0, 3), "one way to size (or several, 0)"):
+        keep = data.draw(st.sampled_from([("width", "height"), ("size",), ("aspect_ratio",)]))
+        for name in ("width", "height", "size", "aspect_ratio"):
+            if name not in keep:
+                fields[name] = None
+    fields[odd] = data.draw(st.one_of(st.sampled_from(_NEAR_BOUNDS), _ODD), odd)
+    made = object.__new__(EditRequest)
+    for name, value in {**fields, "images": ()}.items():
+        object.__setattr__(made, name, value)
+    if not request_module._plainly_valid(made):
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(request_module, "_plainly_valid", lambda request: False)
+        assert request_module._universal_violations(made) == []
+    assert all(getattr(made, name) is value for name, value in fields.items())
