@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Final
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -85,6 +86,35 @@ def test_a_plan_is_shared_only_by_requests_of_the_same_shape() -> None:
         with pytest.raises(RequestError) as refused:
             resolve(adapter, EditRequest(prompt="a", model="flux-2-pro", seed=-1 + 2**70))
         assert refused.value.violations
+
+
+def test_the_plan_key_tells_apart_requests_that_differ_in_any_field_but_prompt_and_seed() -> None:
+    """A field added to EditRequest later must be in the key of a shared plan, or two requests
+    that differ in it would share one."""
+    from flux_adapters.limits import _plan_key
+
+    limits = get_adapter("laozhang").limits["flux-2-pro"]
+    base = EditRequest(prompt="a", model="flux-2-pro")
+    changes: list[dict[str, object]] = [
+        {"model": "flux-2-max"},
+        {"images": ("https://cdn.example/a.png",)},
+        {"width": 512, "height": 512},
+        {"width": 512, "height": 768},
+        {"size": "512x512"},
+        {"aspect_ratio": "1:1"},
+        {"output_format": "png"},
+        {"safety_tolerance": 2},
+        {"prompt_upsampling": True},
+        {"steps": 20},
+        {"guidance": 3.5},
+        {"allow_conversions": True},
+    ]
+    names = {field.name for field in attrs.fields(EditRequest)}
+    covered = {name for change in changes for name in change}
+    assert names - {"prompt", "seed"} == covered  # a new field: add it here and to the key
+    keys = [_plan_key(attrs.evolve(base, **change), limits) for change in changes]  # type: ignore[arg-type]
+    assert len({_plan_key(base, limits), *keys}) == len(changes) + 1
+    assert _plan_key(attrs.evolve(base, prompt="b", seed=3), limits) == _plan_key(base, limits)
 
 
 @pytest.mark.parametrize(
