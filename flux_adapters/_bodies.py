@@ -155,15 +155,36 @@ def _encode_scalar(value: JsonValue) -> bytes:
     return _JSON.encode(value).encode("utf-8")
 
 
+def _members(run: dict[str, JsonValue], written: int) -> bytes:
+    """``"key":value`` of each member of *run*, as in a dict; after a comma if *written*."""
+    text = _JSON.encode(run)[1:-1].encode("utf-8")  # within the braces
+    return b"," + text if written else text
+
+
 def _flatten(value: JsonValue, out: list[Segment]) -> None:
     if isinstance(value, ImageValue):
         # The data URL's head joins the text before it: the image stands for its payload.
         out += [b'"' + _head(value), value.image, b'"']
     elif isinstance(value, dict):
+        # Members whose value holds no image are written together, as the encoder writes a
+        # dict of them (the same bytes, one call instead of two per member); a member with an
+        # image (or a key that is not text) on its own.
         out.append(b"{")
-        for index, (key, item) in enumerate(value.items()):
-            out.append((b"," if index else b"") + _encode_scalar(key) + b":")
+        run: dict[str, JsonValue] = {}
+        written = 0
+        for key, item in value.items():
+            if type(key) is str and not isinstance(item, (ImageValue, dict, list)):
+                run[key] = item
+                continue
+            if run:
+                out.append(_members(run, written))
+                written += len(run)
+                run = {}
+            out.append((b"," if written else b"") + _encode_scalar(key) + b":")
+            written += 1
             _flatten(item, out)
+        if run:
+            out.append(_members(run, written))
         out.append(b"}")
     elif isinstance(value, list):
         out.append(b"[")

@@ -227,10 +227,23 @@ def _httpx_request(
             return http.build_request(
                 exchange.method, url, headers=headers, content=segments[0], timeout=timeout
             )
+        length = str(segments_length(segments))
+        if isinstance(http, httpx.Client):
+            # One request, the body an iterable of known length: httpx sends it as it comes
+            # (as ``content=`` a generator of one's own), with this Content-Length.
+            return http.build_request(
+                exchange.method,
+                url,
+                headers={**headers, "Content-Length": length},
+                content=StreamedJson(segments),
+                timeout=timeout,
+            )
         # build_request applies the caller's client defaults; a fresh Request then carries the
-        # stream (replacing .stream on a built request would leave its empty .content behind).
+        # stream (replacing .stream on a built request would leave its empty .content behind),
+        # which an async client takes as it is (it would read an iterable given as content=
+        # as a synchronous one).
         base = http.build_request(exchange.method, url, headers=headers, timeout=timeout)
-        base.headers["Content-Length"] = str(segments_length(segments))
+        base.headers["Content-Length"] = length
         return httpx.Request(
             base.method,
             base.url,

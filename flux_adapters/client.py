@@ -233,6 +233,8 @@ class _Binding:
     origin: str | None = field(default=None, repr=False, eq=False)
     """``scheme://host[:port]/`` of the base URL, exactly as `KeyAuth.allows` compares it: a URL
     that starts with it is the base URL's origin without parsing it (every exchange asks)."""
+    key_value: str = field(default="", repr=False, eq=False)
+    """``auth.value(api_key)``: what carries the key (made once, not for every exchange)."""
 
     @classmethod
     def create(
@@ -293,6 +295,7 @@ class _Binding:
             scrub=redactor_for((key,)),
             key_only=Redactor((key,), shapes=False),
             origin=_origin(base),
+            key_value=auth.value(key),
         )
 
     def retimed(self, timeout: httpx.Timeout | float, deadline: float | None) -> _Binding:
@@ -384,16 +387,21 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
     Raises:
         RequestError: The key goes in a query string httpx cannot build into the URL.
     """
-    headers = dict(outgoing.headers)
-    headers.setdefault("Accept", "application/json")
+    extra = outgoing.headers
+    if extra:
+        headers = dict(extra)
+        headers.setdefault("Accept", "application/json")
+    else:
+        headers = {"Accept": "application/json"}
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
     if isinstance(outgoing.body, JsonBody):
         headers["Content-Type"] = "application/json"
     url = outgoing.url
     auth = binding.auth
-    if binding.may_receive_key(url):
+    origin = binding.origin  # the base URL's own origin: no need to ask (may_receive_key)
+    if (origin is not None and url.startswith(origin)) or binding.may_receive_key(url):
         if auth.header is not None:
-            headers[auth.header] = auth.value(binding.api_key)
+            headers[auth.header] = binding.key_value
         else:
             assert auth.query is not None
             try:
@@ -401,10 +409,9 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
             except (httpx.InvalidURL, ValueError, TypeError) as exc:
                 raise unsendable(binding.adapter.name, binding.scrub, exc) from None
             hide_in_httpx_log(binding.api_key)
-    seconds = binding.limit(outgoing)
-    timeout = (
-        phase_timeouts(binding.timeout, seconds) if seconds < binding.deadline else binding.timeout
-    )
+    asked, deadline = outgoing.deadline, binding.deadline
+    seconds = deadline if asked is None else binding.limit(outgoing)
+    timeout = phase_timeouts(binding.timeout, seconds) if seconds < deadline else binding.timeout
     return Exchange(
         outgoing.method,
         url,
@@ -822,7 +829,8 @@ class _ClientBase:
     @property
     def _breaker(self) -> Breaker:
         """The cooldowns of this client's providers, shared with its `with_options` copies."""
-        return self._cooldowns.breaker(self._policy.cooldown)
+        made = self._cooldowns._breaker  # made once: read without a call after the first
+        return made if made is not None else self._cooldowns.breaker(self._policy.cooldown)
 
     @property
     def max_retries(self) -> int:
@@ -897,7 +905,12 @@ class _ClientBase:
 
     def _check_open(self) -> None:
         """Raise `ClientClosedError` once this client is closed; nothing is sent."""
-        if self._lifetime.why_closed() is None and not self._sender_closed():
+        lifetime = self._lifetime
+        if (
+            not lifetime._closed
+            and lifetime._maker is None  # a copy asks its maker (why_closed)
+            and not self._sender_closed()
+        ) or (lifetime.why_closed() is None and not self._sender_closed()):
             return  # every exchange asks: the open case builds no message
         error = self._closed_error()
         if error is not None:
@@ -1151,11 +1164,14 @@ def _result(
     The provider's figure is believed only when it makes a dollar amount that can be one: finite
     and not negative (a hostile or broken answer cannot credit the caller or overflow a budget).
     """
-    usage = _merged(job.usage if job is not None else None, answer.usage)
-    rate = getattr(binding.adapter, "usd_per_credit", None)
+    usage = answer.usage if job is None else _merged(job.usage, answer.usage)
     cost: float | None = None
     source: Literal["provider", "price table"] | None = None
-    reported = _reported_cost(usage, rate)
+    reported = (
+        None
+        if usage is None
+        else _reported_cost(usage, getattr(binding.adapter, "usd_per_credit", None))
+    )
     if reported is not None:
         cost, source = reported, "provider"
     elif estimated is not None:
@@ -1538,13 +1554,16 @@ class FluxClient(_ClientBase):
         if isinstance(instruction, Accepted):
             _note_accepted(binding, instruction)
             return None
-        started = time.perf_counter()
+        noted = LOGGER.isEnabledFor(logging.DEBUG)  # timed only if logged
+        started = time.perf_counter() if noted else 0.0
         try:
             response = self._send(binding, instruction)
         except FluxError as error:
-            _note_exchange(binding, instruction, started, error)
+            if noted:
+                _note_exchange(binding, instruction, started, error)
             raise
-        _note_exchange(binding, instruction, started, response)
+        if noted:
+            _note_exchange(binding, instruction, started, response)
         return response
 
     def _stop(self, binding: _Binding, flow: _Steps[Any]) -> StopJob:
@@ -1869,7 +1888,8 @@ class AsyncFluxClient(_ClientBase):
                     else:
                         if instruction.role == "submit" and watcher is not None:
                             await watcher.sending(binding.adapter.name)  # durable before it goes
-                        started = time.perf_counter()
+                        noted = LOGGER.isEnabledFor(logging.DEBUG)  # timed only if logged
+                        started = time.perf_counter() if noted else 0.0
                         try:
                             self._check_open()  # closed while a call was under way
                             try:
@@ -1877,9 +1897,11 @@ class AsyncFluxClient(_ClientBase):
                             except RuntimeError as exc:  # a refusal to send: closed meanwhile
                                 raise self._closed_instead(exc) from exc
                         except FluxError as error:
-                            _note_exchange(binding, instruction, started, error)
+                            if noted:
+                                _note_exchange(binding, instruction, started, error)
                             raise
-                        _note_exchange(binding, instruction, started, reply)
+                        if noted:
+                            _note_exchange(binding, instruction, started, reply)
                 except FluxError as error:  # the flow judges it, and attaches its job if any
                     instruction = flow.throw(error)
                 else:

@@ -77,7 +77,7 @@ class NumberRange:
     high: float
 
     def __contains__(self, value: object) -> bool:
-        return isinstance(value, int | float) and self.low <= value <= self.high
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
 
     def __str__(self) -> str:
         return f"{self.low:g}..{self.high:g}"
@@ -322,14 +322,86 @@ def _megapixels(pixels: int) -> str:
 def plan(request: EditRequest, limits: ModelLimits) -> Plan:
     """Resolve *request* against *limits*.
 
+    A request that fits is resolved once per shape: the plan depends only on what `_plan_key`
+    collects, so a later request of the same shape gets the same (immutable) plan without
+    being evaluated again. A request that does not fit is evaluated every time.
+
     Raises:
         RequestError: With every violation, when the request does not fit.
     """
+    key = _plan_key(request, limits)
+    if key is not None:
+        known = _PLANS.get(id(limits))
+        if known is not None and known[0] is limits:
+            found = known[1].get(key)
+            if found is not None:
+                return found
     violations, resolved = _evaluate(request, limits)
     if violations:
         raise RequestError(violations, provider=limits.provider, model=limits.model)
     assert resolved is not None
+    if key is not None:
+        _remember(limits, key, resolved)
     return resolved
+
+
+_PLANS: dict[int, tuple[ModelLimits, dict[tuple[object, ...], Plan]]] = {}
+"""Plans of requests that fit, by limits row (its id; the row is kept, so the id stays its own)
+and `_plan_key`. Bounded: a table past its size starts again empty."""
+_MOST_ROWS: Final = 64
+_MOST_PLANS: Final = 256
+
+
+def _plan_key(request: EditRequest, limits: ModelLimits) -> tuple[object, ...] | None:
+    """Everything of *request* that `_evaluate` reads, but the values that fit or not alone.
+
+    ``None`` when the request cannot share a plan: a subclass of `EditRequest` (its properties
+    may say anything), a seed out of range or a prompt too long (evaluated, to say so). The seed
+    and the prompt are otherwise left out: once they fit, they change nothing in the plan. Of
+    a local image, what its checks read (kind, format, size, pixels); of a URL, its kind.
+    """
+    if type(request) is not EditRequest:
+        return None
+    seed = request.seed
+    if seed is not None and seed not in limits.seed:
+        return None
+    cap = limits.prompt_max_chars
+    if cap is not None and len(request.prompt) > cap:
+        return None
+    images = request.images
+    return (
+        request.model,
+        request.width,
+        request.height,
+        request.size,
+        request.aspect_ratio,
+        request.output_format,
+        request.safety_tolerance,
+        request.steps,
+        request.guidance,
+        request.prompt_upsampling,
+        request.allow_conversions,
+        tuple([_image_key(image) for image in images]) if images else (),
+    )
+
+
+def _image_key(image: ImageInput) -> tuple[object, ...]:
+    if isinstance(image, UrlImage):
+        return ("url",)
+    info = image.info
+    return (image_kind(image), info.format, info.byte_size, info.width, info.height)
+
+
+def _remember(limits: ModelLimits, key: tuple[object, ...], resolved: Plan) -> None:
+    known = _PLANS.get(id(limits))
+    if known is None or known[0] is not limits:
+        if len(_PLANS) >= _MOST_ROWS:
+            _PLANS.clear()
+        known = _PLANS[id(limits)] = (limits, {})
+    table = known[1]
+    if len(table) >= _MOST_PLANS:
+        table.clear()
+    table[key] = resolved
 
 
 class _Found:

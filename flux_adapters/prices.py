@@ -86,6 +86,8 @@ class PerMegapixel:
 
 
 Price: TypeAlias = PerCall | PerMegapixel
+_PRICE_TYPES: Final = (PerCall, PerMegapixel)
+"""The kinds of `Price`, made once: ``PerCall | PerMegapixel`` makes a new union every call."""
 
 _LAOZHANG: Final = (
     "https://docs.laozhang.ai/en/api-capabilities/flux-image-edit (Models and Pricing)"
@@ -124,7 +126,7 @@ def price_for(
     price = PRICES.get(key)
     if price is None and isinstance(shipped, Mapping):
         price = shipped.get(model)
-    return price if isinstance(price, PerCall | PerMegapixel) else None
+    return price if isinstance(price, _PRICE_TYPES) else None
 
 
 def estimate(

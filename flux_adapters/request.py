@@ -23,14 +23,25 @@ find out (an object can be a Pillow image only once the caller imported it).
 from __future__ import annotations
 
 import binascii
+import functools
 import io
 import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final, Literal, Protocol, TypeAlias, get_args
+from typing import (
+    TYPE_CHECKING,
+    BinaryIO,
+    Final,
+    Literal,
+    NamedTuple,
+    Protocol,
+    TypeAlias,
+    get_args,
+)
 
 from flux_adapters._display import (
     SHOWN_CHARS,
@@ -131,6 +142,7 @@ _URL_FORBIDDEN: Final = r"[\x00-\x20\x7f-\x9f\s]"
 _DATA_URL: Final = r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,"
 # The limits a refusal names, written once: every request is checked, few are refused.
 _MODELS_LIMIT: Final = ", ".join(MODELS)
+_MODEL_SET: Final = frozenset(MODELS)
 _FORMATS_LIMIT: Final = " / ".join(_OUTPUT_FORMATS)
 _SIDES_LIMIT: Final = f"1..{MAX_SIDE}"
 _PAIRS: Final = (("size", _SIZE, "WxH", '"1024x768"'), ("aspect_ratio", _RATIO, "W:H", '"16:9"'))
@@ -431,28 +443,60 @@ def _open_regular(path: Path) -> BinaryIO | tuple[str, str]:
     open itself cannot block (``O_NONBLOCK``) and its descriptor is checked again (``fstat``),
     so a path swapped in between is refused too.
     """
+    opened = _regular_descriptor(path)
+    if isinstance(opened, _Refused):
+        return opened.problem, opened.limit
+    descriptor = opened[0]
     try:
-        found = _not_regular(os.stat(path).st_mode)
-        if found is not None:
-            return found
-        descriptor = os.open(path, _OPEN_FLAGS)
-    except OSError as error:
-        return _os_problem(error)
-    except (ValueError, UnicodeError):  # a NUL character; a name the file system cannot encode
-        return (
-            "path cannot be passed to the operating system",
-            "a path without NUL or lone surrogates",
-        )
-    try:
-        found = _not_regular(os.fstat(descriptor).st_mode)
-        if found is not None:
-            os.close(descriptor)
-            return found
         # O_NONBLOCK stays set: it has no effect on a regular file. The caller closes the stream.
         return open(descriptor, "rb")
     except BaseException:
         os.close(descriptor)
         raise
+
+
+class _Refused(NamedTuple):
+    """Why a path is not opened as a regular file."""
+
+    problem: str
+    limit: str
+
+
+def _regular_descriptor(path: Path) -> tuple[int, os.stat_result] | _Refused:
+    """`_open_regular`'s checks and open: the open descriptor and its ``fstat``, or why not."""
+    try:
+        found = _not_regular(os.stat(path).st_mode)
+        if found is not None:
+            return _Refused(*found)
+        descriptor = os.open(path, _OPEN_FLAGS)
+    except OSError as error:
+        return _Refused(*_os_problem(error))
+    except (ValueError, UnicodeError):  # a NUL character; a name the file system cannot encode
+        return _Refused(
+            "path cannot be passed to the operating system",
+            "a path without NUL or lone surrogates",
+        )
+    try:
+        status = os.fstat(descriptor)
+        found = _not_regular(status.st_mode)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    if found is not None:
+        os.close(descriptor)
+        return _Refused(*found)
+    return descriptor, status
+
+
+_INSPECTED: Final[dict[tuple[str | int, ...], ImageInfo]] = {}
+"""What the header of a file said, by its path and the file's identity and state as ``fstat``
+gives them (device, inode, size, and the times of its last change, in nanoseconds; the path too,
+for file systems that number no inodes): a request that names the same unchanged file again (an
+image sent with every call) is not read again. Bounded."""
+_MOST_INSPECTED: Final = 4096
+_SETTLED_NS: Final = 2_000_000_000
+"""A file changed less than this long ago is read every time: a write within the same tick of
+the file system's clock leaves its times as they were (git's "racily clean" files)."""
 
 
 def _from_path(path: Path) -> FileImage | _Unreadable:
@@ -467,11 +511,34 @@ def _from_path(path: Path) -> FileImage | _Unreadable:
             f"path has a lone surrogate at index {at}: the name is not valid UTF-8; rename it",
             "a path in valid Unicode",
         )
-    opened = _open_regular(path)
-    if isinstance(opened, tuple):
-        return _Unreadable(shown, *opened)
-    with opened as stream:
-        return FileImage(path=path, info=_inspect(stream, os.fstat(stream.fileno()).st_size))
+    opened = _regular_descriptor(path)
+    if isinstance(opened, _Refused):
+        return _Unreadable(shown, opened.problem, opened.limit)
+    descriptor, status = opened
+    key = (
+        text,
+        status.st_dev,
+        status.st_ino,
+        status.st_size,
+        status.st_mtime_ns,
+        status.st_ctime_ns,
+    )
+    info = _INSPECTED.get(key)
+    if info is not None:
+        os.close(descriptor)
+        return FileImage(path=path, info=info)
+    try:
+        stream = open(descriptor, "rb")  # noqa: SIM115 - closed by the with below
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with stream:
+        info = _inspect(stream, status.st_size)
+    if time.time_ns() - max(status.st_mtime_ns, status.st_ctime_ns) > _SETTLED_NS:
+        if len(_INSPECTED) >= _MOST_INSPECTED:
+            _INSPECTED.clear()
+        _INSPECTED[key] = info
+    return FileImage(path=path, info=info)
 
 
 def _from_path_like(value: object) -> FileImage | _Unreadable:
@@ -788,6 +855,8 @@ def _classify(values: object) -> tuple[ImageInput | _Unreadable, ...]:
     kind = type(values)
     if kind is tuple or kind is list:
         count = len(values)  # type: ignore[arg-type]
+        if not count:
+            return ()  # text-to-image: the default (), or []
         if count > MAX_IMAGES:
             return (_whole("too many images", f"at most {MAX_IMAGES}", f"{count} images"),)
         return tuple(_to_image(value) for value in values)  # type: ignore[attr-defined]
@@ -933,6 +1002,77 @@ _WHOLE_NUMBERS: Final = (
 )
 
 
+def _plainly_valid(request: EditRequest) -> bool:
+    """Whether *request* is plainly within every universal rule: the common case, told quickly.
+
+    True only when `_universal_violations` would find nothing and replace nothing: every field
+    of its exact built-in type (``str``, ``int``, ``bool``, ``float``; no subclass to copy),
+    text in ASCII (no lone surrogate can hide in it), numbers in range, at most one way to set
+    the output size, every image readable. Anything else is judged field by field there.
+    """
+    # Read as plain objects: callers may pass anything, whatever the annotations say.
+    prompt: object = request.prompt
+    model: object = request.model
+    if not (
+        type(prompt) is str
+        and prompt.isascii()
+        and prompt.strip()
+        and type(model) is str
+        and model in _MODEL_SET
+    ):
+        return False
+    images: Sequence[object] = request.images
+    for image in images:
+        if type(image) is _Unreadable:
+            return False
+    width: object = request.width
+    height: object = request.height
+    size: object = request.size
+    ratio: object = request.aspect_ratio
+    if width is not None or height is not None:
+        if not (
+            size is None
+            and ratio is None
+            and type(width) is int
+            and type(height) is int
+            and 1 <= width <= MAX_SIDE
+            and 1 <= height <= MAX_SIDE
+        ):
+            return False
+    elif size is not None:
+        if ratio is not None or type(size) is not str or _parsed_pair(_SIZE, size) is None:
+            return False
+    elif ratio is not None and (type(ratio) is not str or _parsed_pair(_RATIO, ratio) is None):
+        return False
+    seed: object = request.seed
+    tolerance: object = request.safety_tolerance
+    steps: object = request.steps
+    if (
+        (seed is not None and not (type(seed) is int and 0 <= seed <= MAX_SEED))
+        or (
+            tolerance is not None
+            and not (type(tolerance) is int and 0 <= tolerance <= MAX_SAFETY_TOLERANCE)
+        )
+        or (steps is not None and not (type(steps) is int and 1 <= steps <= MAX_STEPS))
+    ):
+        return False
+    output_format: object = request.output_format
+    if output_format is not None and not (
+        type(output_format) is str and output_format in _OUTPUT_FORMATS
+    ):
+        return False
+    upsampling: object = request.prompt_upsampling
+    conversions: object = request.allow_conversions
+    if (upsampling is not None and type(upsampling) is not bool) or (
+        conversions is not None and type(conversions) is not bool
+    ):
+        return False
+    guidance: object = request.guidance
+    return guidance is None or (
+        (type(guidance) is int or type(guidance) is float) and 0 <= guidance <= MAX_GUIDANCE
+    )
+
+
 def _universal_violations(request: EditRequest) -> list[Violation]:
     """Every rule that holds at every provider, in field order.
 
@@ -940,6 +1080,8 @@ def _universal_violations(request: EditRequest) -> list[Violation]:
     and compared only by their real type; a subclass of ``str``, ``int`` or ``float`` is
     replaced by a plain copy, so no overridden method runs after this point.
     """
+    if _plainly_valid(request):
+        return []
     found: list[Violation] = []
     prompt = _text_field(request, "prompt", "non-empty text", found)
     if prompt is not None and not prompt.strip():
@@ -1086,6 +1228,17 @@ def _image_violations(images: Sequence[object]) -> list[Violation]:
 
 def _parsed_pair(pattern: re.Pattern[str], value: str) -> tuple[int, int] | None:
     """``(a, b)`` from ``"AxB"`` / ``"A:B"`` when both are whole numbers from 1 to MAX_SIDE."""
+    if len(value) <= _PAIR_CHARS:  # the longest that can be one: "100000x100000"
+        return _known_pair(pattern, value)
+    return None
+
+
+_PAIR_CHARS: Final = 13
+
+
+@functools.lru_cache(maxsize=256)
+def _known_pair(pattern: re.Pattern[str], value: str) -> tuple[int, int] | None:
+    """`_parsed_pair` of a short *value*, remembered: requests ask for a few sizes and ratios."""
     match = pattern.fullmatch(value)
     if match is None:
         return None

@@ -223,6 +223,30 @@ def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
+def checked_image(
+    url: str | None,
+    b64_json: str | None,
+    declared_format: str | None = None,
+    downloader: Downloader | None = None,
+) -> ResultImage:
+    """A `ResultImage` of values already checked as its constructor checks them; not again.
+
+    For the library's own code only: *url* a non-empty ``str`` (or ``None`` with *b64_json*),
+    *b64_json* ``None`` or text `inline_image_problem` accepted, *declared_format* a format
+    name as `_declared` gives it, or ``None``. Inline data is scanned whole: once is enough.
+    """
+    image = object.__new__(ResultImage)
+    for name, value in (
+        ("url", url),
+        ("b64_json", b64_json),
+        ("declared_format", declared_format),
+        ("_held_downloader", downloader),
+        ("_held_seen", None),
+    ):
+        object.__setattr__(image, name, value)  # frozen: as attrs' own __init__ sets them
+    return image
+
+
 class _Held:
     """What a `ResultImage` holds besides its value, kept out of its attrs fields.
 
@@ -294,15 +318,13 @@ class ResultImage(_Held):
             )
         # The same url and data were checked when this one was made (inline data is scanned
         # whole): not again for every result.
-        copy = object.__new__(type(self))
-        copy.__attrs_init__(
-            url=self.url,
-            b64_json=self.b64_json,
-            declared_format=self.declared_format or _declared(declared_format),
+        return checked_image(  # type: ignore[return-value]  # ResultImage is the type of self
+            self.url,
+            self.b64_json,
+            self.declared_format
+            or (None if declared_format is None else _declared(declared_format)),
+            downloader,
         )
-        object.__setattr__(copy, "_held_downloader", downloader)
-        object.__setattr__(copy, "_held_seen", None)
-        return copy
 
     def _fetcher(self) -> Downloader:
         held: Downloader | None = getattr(self, "_held_downloader", None)  # None once unpickled

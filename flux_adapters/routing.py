@@ -37,6 +37,7 @@ just failed is skipped at once instead of being waited on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -331,6 +332,12 @@ class Pass:
     probe: bool = False
 
 
+@functools.lru_cache(maxsize=256)
+def _open_pass(key: tuple[str, str]) -> Pass:
+    """``Pass(key)``, made once per key: a closed circuit's pass, immutable, for every call."""
+    return Pass(key)
+
+
 @define
 class Breaker:
     """Cooldowns per (provider, model), shared by every call of a client; thread-safe.
@@ -367,7 +374,7 @@ class Breaker:
         `failure` or `release`.
         """
         if key not in self._circuits:  # closed: nothing to change, so no lock to take
-            return Pass(key)
+            return _open_pass(key)
         with self._lock:
             circuit = self._circuits.get(key)
             if circuit is None:

@@ -180,8 +180,12 @@ class HttpResponse:
         content = self.content
         if content[:1] in (b"{", b"[") and content[1:2] != b"\x00":
             # UTF-8, as json.loads would find (no byte-order mark, no UTF-16/32 zero byte):
-            # decoded at once, without its search for the encoding.
-            return _DECODER.decode(content.decode("utf-8", "surrogatepass"))
+            # decoded at once, without its search for the encoding. No whitespace leads; a
+            # value that ends the text is the whole answer, else ``decode`` judges what follows
+            # (whitespace, or the same "Extra data" error).
+            text = content.decode("utf-8", "surrogatepass")
+            value, end = _DECODER.raw_decode(text)
+            return value if end == len(text) else _DECODER.decode(text)
         return json.loads(content)
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from html import unescape
 from typing import TYPE_CHECKING, ClassVar, Final
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from attrs import frozen
 
@@ -41,7 +41,7 @@ from flux_adapters.errors import (
     ResponseFormatError,
 )
 from flux_adapters.providers import Answer
-from flux_adapters.result import ResultImage, Usage, inline_image_problem
+from flux_adapters.result import ResultImage, Usage, checked_image, inline_image_problem
 from flux_adapters.wire import ERROR_BODY_BYTES, HttpResponse
 
 if TYPE_CHECKING:
@@ -109,25 +109,68 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
                 code=code,
             )
         raise format_error(provider, response, "the answer reports an error despite its status")
-    try:
-        images = _converter().structure(body, _Images)
-    except Exception as exc:  # cattrs raises a ClassValidationError group for any shape mismatch
-        raise format_error(
-            provider, response, "the answer does not have the documented shape"
-        ) from exc
-    items = [item for item in images.data if item.url or item.b64_json]
+    items = _plain_items(body)
+    if items is None:  # not the common plain shape: cattrs reads it (or says what is wrong)
+        try:
+            images = _converter().structure(body, _Images)
+        except Exception as exc:  # cattrs raises a ClassValidationError group for any mismatch
+            raise format_error(
+                provider, response, "the answer does not have the documented shape"
+            ) from exc
+        items = [(item.url, item.b64_json) for item in images.data if item.url or item.b64_json]
     if not items:
         raise format_error(provider, response, "the answer holds no image")
     if len(items) > MAX_IMAGES:
         raise format_error(provider, response, f"the answer lists {len(items)} images")
-    for item in items:
-        problem = _image_problem(item)
+    for url, b64_json in items:
+        problem = _image_problem(url, b64_json)
         if problem:
             raise format_error(provider, response, problem)
     return Answer(
-        images=tuple([ResultImage(url=item.url, b64_json=item.b64_json) for item in items]),
+        images=tuple([_result_image(url, b64_json) for url, b64_json in items]),
         usage=_usage(body),
     )
+
+
+def _result_image(url: str | None, b64_json: str | None) -> ResultImage:
+    """The image of an item `_image_problem` accepted: not checked a second time.
+
+    `_image_problem` checks the inline data when there is any, else the URL, as `ResultImage`
+    does; only ``b64_json=""`` beside a URL is judged differently (by the URL there, as empty
+    inline data by `ResultImage`), so that one is made by the constructor.
+    """
+    if b64_json is None or b64_json:
+        return checked_image(url, b64_json)
+    return ResultImage(url=url, b64_json=b64_json)
+
+
+def _plain_items(body: object) -> list[tuple[str | None, str | None]] | None:
+    """The images of an answer in the common plain shape, as cattrs would read them; else ``None``.
+
+    Plain: a dict whose ``data`` is a list of dicts whose ``url`` and ``b64_json`` are each text
+    or absent (``None``). cattrs gives exactly these items for such an answer (text is kept as
+    it is); anything else (a number for a URL, which cattrs turns into text, a missing ``data``)
+    returns ``None`` and goes through cattrs. Only items with a URL or data are kept, as
+    ``(url, b64_json)``.
+    """
+    if type(body) is not dict:
+        return None
+    data = body.get("data")
+    if type(data) is not list:
+        return None
+    items = []
+    for entry in data:
+        if type(entry) is not dict:
+            return None
+        url = entry.get("url")
+        b64_json = entry.get("b64_json")
+        if (url is not None and type(url) is not str) or (
+            b64_json is not None and type(b64_json) is not str
+        ):
+            return None
+        if url or b64_json:
+            items.append((url, b64_json))
+    return items
 
 
 def _usage(body: object) -> Usage | None:
@@ -159,24 +202,50 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 """Characters no HTTP client puts in a request line (httpx refuses them)."""
 
 
-def _image_problem(item: _Item) -> str:
-    if item.b64_json:
-        return inline_image_problem(item.b64_json)
-    return url_problem(item.url or "", "a result URL")
+def _image_problem(url: str | None, b64_json: str | None) -> str:
+    if b64_json:
+        return inline_image_problem(b64_json)
+    return url_problem(url or "", "a result URL")
 
 
 def url_problem(url: str, what: str) -> str:
     """What is wrong with *url*, a URL an answer gave (*what*: ``"a result URL"``), or ``""``."""
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError:
         return f"{what} is not a valid URL"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"{what} is not an http(s) URL"
+    scheme, netloc = parts.scheme, parts.netloc
+    shape = (
+        _known_origin_shape(scheme, netloc)
+        if len(netloc) <= _REMEMBERED_NETLOC
+        else _origin_shape(scheme, netloc)
+    )
+    if shape:
+        return f"{what} {shape}"
     if _CONTROL.search(url):
         return f"{what} holds control characters"
     return ""
+
+
+_REMEMBERED_NETLOC: Final = 300
+"""Longest netloc whose verdict is remembered: a hostile answer's huge one is judged, not kept."""
+
+
+def _origin_shape(scheme: str, netloc: str) -> str:
+    """What is wrong with a URL's scheme and netloc as `url_problem` judges them, or ``""``."""
+    parts = SplitResult(scheme, netloc, "", "", "")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return "is not a valid URL"
+    if scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL"
+    return ""
+
+
+_known_origin_shape: Final = functools.lru_cache(maxsize=256)(_origin_shape)
+"""`_origin_shape`, remembered: the verdict depends on these two parts alone, and the URLs of
+answers come from a few origins."""
 
 
 def format_error(provider: str, response: HttpResponse, message: str) -> ResponseFormatError:

@@ -1,0 +1,206 @@
+"""What the per-edit shortcuts keep: each gives what the full path gives, and falls back to it.
+
+The library remembers what depends only on unchanged inputs (a file's header while the file is
+the same, a plan per request shape, the verdict on a result URL's origin) and makes the objects
+of every edit without attrs' generic ``__init__``; none of that may change a result or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Final
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flux_adapters.request as request_module
+from flux_adapters import EditRequest, get_adapter
+from flux_adapters._flows import resolve
+from flux_adapters.errors import RequestError, ResponseFormatError
+from flux_adapters.providers._images_api import parse_images, url_problem
+from flux_adapters.request import (
+    MAX_GUIDANCE,
+    MAX_SAFETY_TOLERANCE,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MODELS,
+)
+from flux_adapters.wire import HttpResponse
+from tests.conftest import image_bytes
+
+HOUR_AGO = time.time() - 3600
+
+
+def _settled(path: Path, data: bytes) -> None:
+    """Write *data* to *path* and date it an hour back (as an image kept on disk would be)."""
+    path.write_bytes(data)
+    os.utime(path, (HOUR_AGO, HOUR_AGO))
+
+
+def test_an_image_file_rewritten_in_place_is_inspected_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Same name, same size, same modification time put back: only the file's change time
+    # tells, and the header read for the first request must not answer for the second. (The
+    # header of a file changed in the last 2 s is never kept: here, every one is.)
+    monkeypatch.setattr(request_module, "_SETTLED_NS", 0)
+    path = tmp_path / "ref.png"
+    small, large = image_bytes(64, 48), image_bytes(2000, 1500)
+    size = max(len(small), len(large))
+    _settled(path, small.ljust(size, b"\0"))
+    first = EditRequest(prompt="p", model="flux-2-pro", images=[path]).images[0]
+    time.sleep(0.01)  # a change time the file system can tell apart
+    _settled(path, large.ljust(size, b"\0"))
+    second = EditRequest(prompt="p", model="flux-2-pro", images=[path]).images[0]
+    assert (first.info.width, first.info.height) == (64, 48)  # type: ignore[union-attr]
+    assert (second.info.width, second.info.height) == (2000, 1500)  # type: ignore[union-attr]
+
+
+def test_a_remembered_image_file_that_became_a_fifo_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(request_module, "_SETTLED_NS", 0)
+    path = tmp_path / "ref.png"
+    _settled(path, image_bytes())
+    EditRequest(prompt="p", model="flux-2-pro", images=[path])
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(RequestError, match="FIFO"):
+        EditRequest(prompt="p", model="flux-2-pro", images=[path])
+
+
+def test_a_plan_is_shared_only_by_requests_of_the_same_shape() -> None:
+    adapter = get_adapter("laozhang")
+    first = resolve(adapter, EditRequest(prompt="a", model="flux-2-pro", size="1024x768"))
+    again = resolve(adapter, EditRequest(prompt="b", model="flux-2-pro", size="1024x768", seed=7))
+    other = resolve(adapter, EditRequest(prompt="a", model="flux-2-pro", size="768x1024"))
+    assert again == first
+    assert other.dimensions == (768, 1024)
+    # What does not fit is refused every time, with its reasons, after a request that fit.
+    for _ in range(2):
+        with pytest.raises(RequestError) as refused:
+            resolve(adapter, EditRequest(prompt="a", model="flux-2-pro", seed=-1 + 2**70))
+        assert refused.value.violations
+
+
+def test_the_plan_key_tells_apart_requests_that_differ_in_any_field_but_prompt_and_seed() -> None:
+    """A field added to EditRequest later must be in the key of a shared plan, or two requests
+    that differ in it would share one."""
+    from flux_adapters.limits import _plan_key
+
+    limits = get_adapter("laozhang").limits["flux-2-pro"]
+    base = EditRequest(prompt="a", model="flux-2-pro")
+    changes: list[dict[str, object]] = [
+        {"model": "flux-2-max"},
+        {"images": ("https://cdn.example/a.png",)},
+        {"width": 512, "height": 512},
+        {"width": 512, "height": 768},
+        {"size": "512x512"},
+        {"aspect_ratio": "1:1"},
+        {"output_format": "png"},
+        {"safety_tolerance": 2},
+        {"prompt_upsampling": True},
+        {"steps": 20},
+        {"guidance": 3.5},
+        {"allow_conversions": True},
+    ]
+    names = {field.name for field in attrs.fields(EditRequest)}
+    covered = {name for change in changes for name in change}
+    assert names - {"prompt", "seed"} == covered  # a new field: add it here and to the key
+    keys = [_plan_key(attrs.evolve(base, **change), limits) for change in changes]  # type: ignore[arg-type]
+    assert len({_plan_key(base, limits), *keys}) == len(changes) + 1
+    assert _plan_key(attrs.evolve(base, prompt="b", seed=3), limits) == _plan_key(base, limits)
+
+
+@pytest.mark.parametrize(
+    ("answer", "images"),
+    [
+        (b'{"data": [{"url": "https://cdn.example/a.png"}]}', ["https://cdn.example/a.png"]),
+        (b'{"data": [{"url": 5}, {"url": null}]}', None),  # cattrs' reading: "5", not http(s)
+        (b'{"data": [{"url": ""}, {"url": "http://h:8/x"}]}', ["http://h:8/x"]),
+        (b'{"data": [{"url": "http://h:99999/x"}]}', None),  # no port that big
+        (b'{"data": [{"url": "https://h/x\\u0001"}]}', None),  # a control character
+        (b'{"data": {"url": "https://h/x"}}', None),  # not a list
+        (b'{"data": [{"url": "https://h/x"}]} \n', ["https://h/x"]),  # whitespace after it
+    ],
+)
+def test_answers_read_as_before(answer: bytes, images: list[str] | None) -> None:
+    response = HttpResponse(status_code=200, headers={}, content=answer)
+    if images is None:
+        with pytest.raises(ResponseFormatError):
+            parse_images("laozhang", response)
+    else:
+        assert [image.url for image in parse_images("laozhang", response).images] == images
+
+
+def test_a_result_url_is_judged_the_same_the_second_time() -> None:
+    for url in ("https://h:1/x", "https://h:70000/x", "ftp://h/x", "https:///x"):
+        assert url_problem(url, "a result URL") == url_problem(url, "a result URL")
+    assert url_problem("https://h:70000/x", "u") == "u is not a valid URL"
+    assert url_problem("ftp://h/x", "u") == "u is not an http(s) URL"
+
+
+_BOUNDS: Final = sorted(
+    {b + d for b in (0, 1, MAX_GUIDANCE, MAX_SAFETY_TOLERANCE, MAX_STEPS) for d in (-1, 0, 1)}
+    | {MAX_SIDE, MAX_SIDE + 1, MAX_SEED, MAX_SEED + 1}
+)
+_NEAR_BOUNDS: Final = [*_BOUNDS, None, True, False, 0.5, -0.0, float(MAX_GUIDANCE) + 0.1]
+_ODD: Final = st.one_of(
+    st.integers(),
+    st.floats(),
+    st.text(max_size=12),
+    st.sampled_from(["1024x768", "1024X768", " 64x64", "0x0", "16:9", "21:9 ", "png", "jpg"]),
+    st.binary(max_size=4),
+)
+"""Any value, in range or not, of any type: what a careless caller may put in any field."""
+_FITTING: Final = {
+    "prompt": st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=9),
+    "model": st.sampled_from(MODELS),
+    "width": st.integers(min_value=1, max_value=MAX_SIDE),
+    "height": st.integers(min_value=1, max_value=MAX_SIDE),
+    "size": st.sampled_from(["1024x768", "64x64", "1x1"]),
+    "aspect_ratio": st.sampled_from(["16:9", "1:1"]),
+    "seed": st.integers(min_value=0, max_value=MAX_SEED),
+    "output_format": st.sampled_from(["png", "jpeg", "webp"]),
+    "safety_tolerance": st.integers(min_value=0, max_value=6),
+    "prompt_upsampling": st.booleans(),
+    "steps": st.integers(min_value=1, max_value=50),
+    "guidance": st.one_of(st.integers(min_value=0, max_value=5), st.floats(0, 5)),
+    "allow_conversions": st.booleans(),
+}
+"""A value that fits, for each field (or None, for the optional ones)."""
+
+
+@pytest.mark.parametrize("odd", sorted(_FITTING))
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_the_quick_acceptance_of_a_request_never_accepts_what_the_rules_refuse(
+    odd: str, data: st.DataObject
+) -> None:
+    """`_plainly_valid` is a shortcut: whatever it accepts, the field-by-field rules accept too,
+    and leave as it is (no value replaced by a plain copy). The other fields fit (or are
+    unset); *odd* gets any value at all, most often one at or next to a bound."""
+    fields: dict[str, object] = {}
+    for name, fitting in _FITTING.items():
+        required = name in ("prompt", "model")
+        fields[name] = data.draw(fitting if required else st.one_of(st.none(), fitting), name)
+    if data.draw(st.integers(0, 3), "one way to size (or several, 0)"):
+        keep = data.draw(st.sampled_from([("width", "height"), ("size",), ("aspect_ratio",)]))
+        for name in ("width", "height", "size", "aspect_ratio"):
+            if name not in keep:
+                fields[name] = None
+    fields[odd] = data.draw(st.one_of(st.sampled_from(_NEAR_BOUNDS), _ODD), odd)
+    made = object.__new__(EditRequest)
+    for name, value in {**fields, "images": ()}.items():
+        object.__setattr__(made, name, value)
+    if not request_module._plainly_valid(made):
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(request_module, "_plainly_valid", lambda request: False)
+        assert request_module._universal_violations(made) == []
+    assert all(getattr(made, name) is value for name, value in fields.items())
