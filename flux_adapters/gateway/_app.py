@@ -635,9 +635,9 @@ async def _answer(
     data: list[dict[str, object]] = []
     try:
         for image in result.images:
-            name, path = await gateway.files.keep(image)
+            name, path, held = await gateway.files.keep(image)
             if response_format == "b64_json":
-                raw = await anyio.to_thread.run_sync(path.read_bytes)
+                raw = held if held is not None else await anyio.to_thread.run_sync(path.read_bytes)
                 data.append({"b64_json": base64.b64encode(raw).decode("ascii")})
             else:
                 data.append({"url": f"{root}/v1/files/{name}"})
