@@ -75,20 +75,18 @@ class FileStore:
         saved = image._written(out.file)
         return saved.name, saved, None
 
-    def find(self, name: str) -> Path | None:
-        """The file for *name* while it is kept; ``None`` for an unknown or expired name."""
-        if not _NAME.fullmatch(name):
-            return None
-        path = self.folder / name
-        try:
-            age = time.time() - path.stat().st_mtime
-        except OSError:
-            return None
-        if age > self.retention:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return None
-        return path
+    def path(self, name: str) -> Path | None:
+        """Where the file for *name* would be; ``None`` for a name this store never makes.
+
+        Whether it is there and still kept is for the caller to see (`expired`): the gateway
+        opens it and reads its age from the open file, one system call less than a ``stat``
+        first.
+        """
+        return self.folder / name if _NAME.fullmatch(name) else None
+
+    def expired(self, written: float) -> bool:
+        """Whether a file last written at *written* (``st_mtime``) is past the retention."""
+        return time.time() - written > self.retention
 
     def sweep(self) -> int:
         """Remove every file older than the retention; how many were removed."""
