@@ -4,6 +4,7 @@ error shapes and what a hostile client gets. Nothing leaves the machine."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import io
 import json
@@ -694,3 +695,37 @@ def test_a_key_limited_to_providers_is_routed_among_them_only(
     assert "flux-2-klein-4b" in models  # apiyi offers it, laozhang does not
     assert "flux-2-klein-4b" not in limited
     assert "flux-2-pro" in limited
+
+
+@pytest.mark.parametrize("held_bytes", [256 * 1024, 100])
+def test_kept_images_are_served_whole_and_leave_no_temporary_file(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_bytes: int
+) -> None:
+    """Small images are written once from memory; larger ones stream through a temporary file.
+
+    (100 bytes held: the emulator's image is larger, so it takes the streaming path.)
+    """
+    from flux_adapters.gateway import _files
+
+    monkeypatch.setattr(_files, "_IN_MEMORY", held_bytes)
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        client = sdk(gateway, key)
+        made = client.images.generate(model="flux-2-pro", prompt="kept").data
+        inline = client.images.generate(
+            model="flux-2-pro", prompt="kept", response_format="b64_json"
+        ).data
+        assert made is not None
+        assert made[0].url is not None
+        served = httpx.get(made[0].url)
+    assert inline is not None
+    assert inline[0].b64_json is not None
+    kept = sorted(path.name for path in tmp_path.iterdir())
+    assert len(kept) == 2
+    assert all(not name.startswith(".") for name in kept)
+    assert served.status_code == 200
+    assert served.content == (tmp_path / made[0].url.rsplit("/", 1)[1]).read_bytes()
+    Image.open(io.BytesIO(served.content)).load()  # raises on a cut image
+    decoded = base64.b64decode(inline[0].b64_json)
+    Image.open(io.BytesIO(decoded)).load()
+    assert decoded in [(tmp_path / name).read_bytes() for name in kept]

@@ -1,10 +1,17 @@
 """Result images kept by the gateway and served again from ``/v1/files/<name>``.
 
-Each image is streamed to disk as it arrives (`ResultImage.save_async`: at most 32 MB, checked
-to be a whole png, jpeg or webp image, written under a temporary name and renamed once
-complete), under an unguessable name (24 random bytes), and kept ``retention`` seconds. A name
-is a capability, like the providers' signed URLs: whoever holds the URL may fetch the image
-until it expires; no key is needed, so an ``<img src>`` works.
+Each image is downloaded as it arrives (at most 32 MB, checked to be a whole png, jpeg or webp
+image), stored under an unguessable name (24 random bytes), and kept ``retention`` seconds. A
+name is a capability, like the providers' signed URLs: whoever holds the URL may fetch the
+image until it expires; no key is needed, so an ``<img src>`` works.
+
+An image of up to `_IN_MEMORY` bytes (most results) is gathered in memory and written once,
+under its final name: that name is made here and given to nobody until the file is written
+and closed, so no client can fetch it part-written, and no temporary name and rename are
+needed (on ext4 the two cost as much as the write). A larger one is streamed to disk under a
+temporary name and renamed once complete (`flux_adapters._files.atomic_image`). A gateway
+killed while writing can leave a part-written file under a name nobody was given; the sweep
+removes it after the retention like any other.
 """
 
 from __future__ import annotations
@@ -17,9 +24,15 @@ import time
 from pathlib import Path
 from typing import Final
 
-from flux_adapters.result import ResultImage
+from flux_adapters._files import SNIFF_BYTES, ImageFile, atomic_image, image_format
+from flux_adapters.errors import OutputError
+from flux_adapters.result import ResultImage, _checking
 
 __all__ = ["FileStore"]
+
+_IN_MEMORY: Final = 256 * 1024
+"""An image up to this size is gathered in memory and written once, under its final name."""
+_NEW_FILE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_-]{32}\.(?:png|jpeg|webp)")
 MEDIA: Final = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -33,26 +46,47 @@ class FileStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.retention = retention
 
-    async def keep(self, image: ResultImage) -> tuple[str, Path]:
-        """Store *image* (downloading it now if it is a URL); its file name and path."""
-        stem = self.folder / secrets.token_urlsafe(24)
-        saved = await image.save_async(stem, add_suffix=True)
-        return saved.name, saved
+    async def keep(self, image: ResultImage) -> tuple[str, Path, bytes | None]:
+        """Store *image* (downloading it now if it is a URL): its file name, path, and bytes.
 
-    def find(self, name: str) -> Path | None:
-        """The file for *name* while it is kept; ``None`` for an unknown or expired name."""
-        if not _NAME.fullmatch(name):
-            return None
-        path = self.folder / name
-        try:
-            age = time.time() - path.stat().st_mtime
-        except OSError:
-            return None
-        if age > self.retention:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return None
-        return path
+        The bytes are given when they were held in memory anyway (an image up to
+        `_IN_MEMORY`), else ``None``.
+
+        Raises:
+            FluxError: The download failed (`OutputError`: the file could not be written).
+        """
+        # The folder is ours (made in __init__) and the name new: `save_async`'s checks of the
+        # target (three system calls) would tell nothing; a folder removed since fails as
+        # OutputError when the file is created.
+        stem = self.folder / secrets.token_urlsafe(24)
+        fetcher = _checking(image._fetcher()) if image.b64_json is None else None
+        if fetcher is None:
+            saved = await image._save_async(stem, add_suffix=True)
+            return saved.name, saved, None
+        with contextlib.ExitStack() as spill:
+            out = _Gathered(stem, spill)
+            await fetcher._fetch_async(image._url(), out.write, out.restart)
+            if out.file is None:
+                data = b"".join(out.chunks)
+                path = _write_new(stem, data)
+                image._seen(data[:SNIFF_BYTES], len(data))
+                return path.name, path, data
+        # Spilled to a temporary file, now renamed into place (by atomic_image's exit).
+        saved = image._written(out.file)
+        return saved.name, saved, None
+
+    def path(self, name: str) -> Path | None:
+        """Where the file for *name* would be; ``None`` for a name this store never makes.
+
+        Whether it is there and still kept is for the caller to see (`expired`): the gateway
+        opens it and reads its age from the open file, one system call less than a ``stat``
+        first.
+        """
+        return self.folder / name if _NAME.fullmatch(name) else None
+
+    def expired(self, written: float) -> bool:
+        """Whether a file last written at *written* (``st_mtime``) is past the retention."""
+        return time.time() - written > self.retention
 
     def sweep(self) -> int:
         """Remove every file older than the retention; how many were removed."""
@@ -67,3 +101,57 @@ class FileStore:
                 except OSError:
                     continue
         return removed
+
+
+class _Gathered:
+    """Where a download goes: memory up to `_IN_MEMORY` bytes, then an `atomic_image` file."""
+
+    def __init__(self, stem: Path, spill: contextlib.ExitStack) -> None:
+        self._stem = stem
+        self._spill = spill
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.file: ImageFile | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.file is not None:
+            self.file.write(data)
+            return
+        self.chunks.append(bytes(data))
+        self.size += len(data)
+        if self.size > _IN_MEMORY:
+            self.file = self._spill.enter_context(atomic_image(self._stem, add_suffix=True))
+            for chunk in self.chunks:
+                self.file.write(chunk)
+            self.chunks = []
+
+    def restart(self) -> None:
+        if self.file is not None:
+            self.file.restart()
+        self.chunks = []
+        self.size = 0
+
+
+def _write_new(stem: Path, data: bytes) -> Path:
+    """Write *data* to a new file named *stem* plus its format's extension; remove it on failure.
+
+    Raises:
+        OutputError: The file cannot be created or written.
+    """
+    path = Path(f"{stem}.{image_format(data[:SNIFF_BYTES]) or 'bin'}")
+    try:
+        fd = os.open(path, _NEW_FILE, 0o666)
+    except OSError as exc:
+        raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
+    return path

@@ -10,7 +10,7 @@ import python_multipart  # noqa: F401  (Starlette needs it for /v1/images/edits;
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from flux_adapters._serving import HeadDeadline, LoopbackServer, listening_socket
+from flux_adapters._serving import JoinedWrites, LoopbackServer, listening_socket
 from flux_adapters.gateway._app import LOGGER, Gateway, create_app
 
 __all__ = ["GatewayServer", "build_server"]
@@ -60,7 +60,7 @@ def build_server(
     """
     sock = listening_socket(host, port)
 
-    class Protocol(HeadDeadline):
+    class Protocol(JoinedWrites):
         head_timeout = header_timeout
 
     try:
