@@ -56,6 +56,29 @@ def test_a_multipart_number_that_only_looks_like_digits_is_a_400_not_a_500(
     assert len(emulator.calls("laozhang")) == before
 
 
+def test_a_json_body_of_a_million_tiny_values_is_refused_before_it_is_parsed(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # 3 MB of "{}," would parse into a million dicts (about 64 MB of Python objects): refused
+    # from its bytes. A prompt with thousands of commas is still a prompt.
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+        bomb = b'{"prompt": "x", "user": [' + b"{}," * 1_000_000 + b"{}]}"
+        refused = httpx.post(gateway.url + "/images/generations", content=bomb, headers=headers)
+        assert len(emulator.calls("laozhang")) == before
+        commas = httpx.post(
+            gateway.url + "/images/generations",
+            json={"prompt": "a robot, " * 2000, "size": "64x64"},
+            headers=headers,
+        )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "invalid_json"
+    assert "more than 100,000 JSON values" in refused.json()["error"]["message"]
+    assert commas.status_code == 200, commas.text
+
+
 @pytest.mark.parametrize("field", ["prompt", "seed", "image_urls"])
 def test_a_file_sent_in_a_text_field_is_refused_not_sent_as_text(
     field: str, emulator: Emulator, tmp_path: Path

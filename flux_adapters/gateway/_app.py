@@ -52,6 +52,11 @@ ClientFactory = Callable[[tuple[str, ...] | None], AsyncFluxClient]
 """Makes the client for a set of allowed providers (``None``: every configured one)."""
 
 _FIELD_BYTES: Final = 1024 * 1024
+_MOST_JSON_VALUES: Final = 100_000
+"""More commas, objects and arrays than this in a JSON body is refused before it is parsed: two
+bytes such as ``{},`` become a 64-byte dict, so a body within the size cap could still take
+hundreds of megabytes as Python objects. A real generation has a few dozen values (and a prompt
+far fewer commas than this)."""
 _INLINE_BODY_BYTES: Final = 64 * 1024
 """A request body up to this size is turned into a request on the event loop, not a thread."""
 _INLINE_FILE_BYTES: Final = 1024 * 1024
@@ -301,6 +306,14 @@ async def _json_fields(
             415, "Content-Type must be application/json", code="unsupported_media_type", retry=False
         )
     raw = await request.body()
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > _MOST_JSON_VALUES:
+        return openai_error(
+            400,
+            f"the body holds more than {_MOST_JSON_VALUES:,} JSON values (counted by its commas,"
+            " objects and arrays); a generation has a few dozen",
+            code="invalid_json",
+            retry=False,
+        )
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
