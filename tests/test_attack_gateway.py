@@ -79,6 +79,31 @@ def test_a_json_body_of_a_million_tiny_values_is_refused_before_it_is_parsed(
     assert commas.status_code == 200, commas.text
 
 
+def test_a_damaged_key_file_is_a_500_that_names_the_problem_in_the_log_not_a_bug(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys.json"
+    keys = FileKeys(path)
+    with run_gateway(
+        files_dir=tmp_path / "files", clients=single(emulator, "laozhang"), keys=keys
+    ) as gateway:
+        key, _ = gateway.add_key()
+        path.write_text('{"keys": [', encoding="utf-8")  # cut short by a full disk, say
+        with caplog.at_level("ERROR", logger="flux_adapters.gateway"):
+            answer = httpx.post(
+                gateway.url + "/images/generations",
+                json={"prompt": "x"},
+                headers={"authorization": f"Bearer {key}"},
+            )
+    assert answer.status_code == 500
+    assert answer.json()["error"]["code"] == "keys_unreadable"
+    assert answer.headers["x-should-retry"] == "false"
+    assert str(path) not in answer.text  # the caller learns nothing of the server's files
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(f"cannot read the key file {path}" in line for line in logged), logged
+    assert not any(record.exc_info for record in caplog.records)  # no traceback: not a bug
+
+
 @pytest.mark.parametrize("field", ["prompt", "seed", "image_urls"])
 def test_a_file_sent_in_a_text_field_is_refused_not_sent_as_text(
     field: str, emulator: Emulator, tmp_path: Path

@@ -251,7 +251,17 @@ async def _authorized(request: Request, gateway: Gateway) -> KeyRecord | Answer 
         key_hash = "0" * 64
     else:
         key_hash = hash_key(given)
-        record = await gateway.keys.get_key(key_hash)
+        try:
+            record = await gateway.keys.get_key(key_hash)
+        except errors.ConfigurationError as exc:  # the operator's to fix: say what, not a bug
+            LOGGER.error("the gateway's keys cannot be read: %s", exc)
+            return openai_error(
+                500,
+                "the gateway cannot read its keys; nothing was sent",
+                type_="server_error",
+                code="keys_unreadable",
+                retry=False,
+            )
     if not verify(record, key_hash):
         return openai_error(401, "Incorrect API key provided", code="invalid_api_key", retry=False)
     assert record is not None
