@@ -66,6 +66,8 @@ __all__ = ["NameSet", "file_key", "run_batch"]
 _ItemMaker = Callable[..., BatchItem]
 
 _MAX_NAME: Final = 200
+_NO_STATE: Final = JobState()
+"""What the journal knows of a job it has no record of (read, never changed)."""
 
 
 def _name_problem(name: object) -> str:
@@ -76,9 +78,9 @@ def _name_problem(name: object) -> str:
         return f"must be 1 to {_MAX_NAME} characters"
     if name in (".", "..") or name.startswith("."):
         return "must not start with a dot"
-    if any(part in name for part in ("/", "\\", "\0")) or not name.isprintable():
+    if "/" in name or "\\" in name or "\0" in name or not name.isprintable():
         return "must be a plain file name (no folder separator or control character)"
-    if name.encode("utf-8", errors="replace").decode() != name:
+    if not name.isascii() and name.encode("utf-8", errors="replace").decode() != name:
         return "must be valid text (no lone surrogate)"
     return ""
 
@@ -89,6 +91,8 @@ def file_key(name: str) -> str:
     macOS (APFS, HFS+) and Windows ignore case, and macOS ignores normalisation (``é`` as one
     code point or as ``e`` and an accent): two names with one key are one file there.
     """
+    if name.isascii():  # the same, at a batch's pace: ASCII is its own NFD, and casefolds as lower
+        return name.lower()
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
 
 
@@ -426,7 +430,8 @@ class _Batch:
         journal, folder = self.journal, self.folder
         digest = request_digest(request)
         known = journal.knows(name)
-        state = journal.state(name)
+        # A new job (most of a first run) has no state to read: nothing is made for it here.
+        state = journal.state(name) if known else _NO_STATE
         verdict = state.verdict(digest, folder, name) if known else "new"
         if verdict == "saved" and not self.force:
             files = state.saved_files(folder, name)
