@@ -44,6 +44,7 @@ import json
 import marshal
 import operator
 import os
+import queue
 import stat
 import threading
 import time
@@ -796,6 +797,9 @@ class _Syncer:
     waking a sleeping thread costs more than the ``fsync`` of a few records on some machines (100
     to 200 us on a 2-core VM), and a thread that finds more writes wanted when an ``fsync`` ends
     goes on at once, with no wake. Its results go back to the loop (`call_soon_threadsafe`).
+
+    What is wanted reaches it through a `queue.SimpleQueue` (one call in C each way), not a
+    `threading.Condition`, whose Python code held the GIL both threads take turns at.
     """
 
     def __init__(
@@ -807,43 +811,44 @@ class _Syncer:
         self._sync = sync
         self._loop = loop
         self._synced = synced
-        self._wanted = 0
-        self._stopping = False
-        self._changed = threading.Condition()
+        self._wants: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        """The numbers of the writes wanted synced, in order; ``None``: stop after them."""
         self._thread = threading.Thread(target=self._run, name="flux-journal-fsync", daemon=True)
         self._thread.start()
 
     def want(self, written: int) -> None:
         """Cover the writes up to number *written* (already written) with an fsync."""
-        with self._changed:
-            self._wanted = written
-            self._changed.notify()
+        self._wants.put(written)
 
     def stop(self) -> None:
         """End the thread once the fsyncs wanted are done (at once if none is)."""
-        with self._changed:
-            self._stopping = True
-            self._changed.notify()
+        self._wants.put(None)
         self._thread.join()
 
     def _run(self) -> None:
-        done = 0
+        wants, done = self._wants, 0
         while True:
-            with self._changed:
-                while self._wanted == done and not self._stopping:
-                    self._changed.wait()
-                if self._wanted == done:
+            wanted = wants.get()
+            stopping = wanted is None
+            covered = done if wanted is None else wanted
+            while not wants.empty():  # wanted meanwhile: one fsync, begun now, covers them all
+                wanted = wants.get()
+                if wanted is None:
+                    stopping = True
+                else:
+                    covered = wanted
+            if covered > done:
+                failure: Exception | None = None
+                try:
+                    self._sync()
+                except Exception as exc:  # the waiters hear of it, typed
+                    failure = exc
+                done = covered
+                try:
+                    self._loop.call_soon_threadsafe(self._synced, covered, failure)
+                except RuntimeError:  # the loop is closed: nobody waits any more
                     return
-                covered = self._wanted  # every write up to it was made before this fsync
-            failure: Exception | None = None
-            try:
-                self._sync()
-            except Exception as exc:  # the waiters hear of it, typed
-                failure = exc
-            done = covered
-            try:
-                self._loop.call_soon_threadsafe(self._synced, covered, failure)
-            except RuntimeError:  # the loop is closed: nobody waits any more
+            if stopping:
                 return
 
 
