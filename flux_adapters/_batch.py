@@ -605,7 +605,8 @@ async def run_batch(
     """Workers running a job (not waiting for the reader): those the grace may cut short."""
     # The batch's tasks run in their own context, so its per-provider gates stay its own.
     context = contextvars.copy_context()
-    if per_provider is not None:
+    # Each worker has one attempt in flight at most: a limit of *concurrency* or more never binds.
+    if per_provider is not None and per_provider < concurrency:
         gates = {name: asyncio.Semaphore(per_provider) for name in client.providers}
         context.run(_GATES.set, gates)
 

@@ -284,6 +284,9 @@ def image_identities(folder: Path, name: str) -> dict[str, str]:
     stem = os.path.join(folder, name)
     for kind in ("png", "jpeg", "webp"):
         try:
+            # Asked first: for a new job's names (none there) a failed stat costs an exception.
+            if not os.access(f"{stem}.{kind}", os.F_OK):
+                continue
             info = os.stat(f"{stem}.{kind}")
         except (OSError, ValueError):
             continue
