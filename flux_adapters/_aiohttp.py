@@ -256,7 +256,8 @@ class _Clock:
 
 
 _MOST_URLS: Final = 256
-"""URLs a driver keeps read (`AiohttpDriver._url`): polling URLs differ per job."""
+"""URLs a driver keeps read (`AiohttpDriver._url`): polling URLs differ per job. Also the most
+timeouts it keeps made (`AiohttpDriver._timeout`)."""
 
 
 def _yarl(url: str) -> URL:
@@ -397,6 +398,9 @@ class AiohttpDriver:
         key = (timeout.connect, timeout.pool, timeout.read if read else None)
         found = self._timeouts.get(key)
         if found is None:
+            # A poll near its job's deadline has phases cut to the time left: one of its own.
+            if len(self._timeouts) >= _MOST_URLS:
+                self._timeouts.clear()
             found = self._timeouts[key] = aiohttp.ClientTimeout(
                 total=None, connect=key[1], sock_connect=key[0], sock_read=key[2]
             )

@@ -186,9 +186,13 @@ def format_name(found: str | None) -> str:
 def extension_format(path: Path) -> str | None:
     """The image format the extension of *path* names (any case); ``None`` for none or another.
 
-    ``scene.JPG`` -> ``"jpeg"``; ``scene``, ``scene.bin``, ``scene.tmp`` -> ``None``.
+    ``scene.JPG`` -> ``"jpeg"``; ``scene``, ``scene.bin``, ``scene.tmp`` -> ``None``. A name that
+    is nothing but an extension (``.png``, which `pathlib` sees as a hidden file with none) names
+    that format too: its bytes must not be another's.
     """
-    return _EXTENSIONS.get(path.suffix[1:].lower()) if path.suffix else None
+    name = path.name
+    suffix = path.suffix or (name if name.startswith(".") and name.count(".") == 1 else "")
+    return _EXTENSIONS.get(suffix[1:].lower()) if suffix else None
 
 
 TAIL_BYTES: Final = 1024

@@ -433,8 +433,9 @@ def follow_job(
         )
         timeout.job = job
         raise timeout from None
-    except StopJob:
-        yield from _cancel(adapter, job)
+    except StopJob as stop:
+        stop.job = job
+        stop.cancelled = yield from _cancel(adapter, job)
         raise
     except FluxError as error:
         error.job = job

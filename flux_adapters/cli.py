@@ -2095,7 +2095,8 @@ def _failure_data(error: BaseException, code: int, flags: Mapping[str, str]) -> 
     """A failure, for ``--json``: ``{"error": {"type", "message", "exit_status", ...}}``."""
     name = "UsageError" if isinstance(error, _UsageError) else type(error).__name__
     if isinstance(error, KeyboardInterrupt):
-        message = "interrupted"
+        notes = [said.removeprefix("flux-adapters: ") for said in getattr(error, "__notes__", ())]
+        message = "; ".join(["interrupted", *notes])
     elif isinstance(error, errors.FluxError):
         message = _one_line(error, flags=flags)
     else:
@@ -2129,6 +2130,8 @@ def main(
         out.flush()
     except KeyboardInterrupt as error:
         _say(err, "flux-adapters: interrupted")
+        for said in getattr(error, "__notes__", ()):  # a job it cut short, from the client
+            _say(err, said)
         code, failure = EXIT_INTERRUPTED, error
     except BrokenPipeError:  # the reader of our output is gone (`| head`): nobody to tell
         code = EXIT_BROKEN_PIPE

@@ -101,7 +101,7 @@ if TYPE_CHECKING:
         send_within,
     )
     from flux_adapters.config import ProviderSettings
-    from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling
+    from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob
     from flux_adapters.limits import Plan
     from flux_adapters.prices import Price
     from flux_adapters.providers import Answer, AnyAdapter, KeyAuth, Provider
@@ -1254,6 +1254,15 @@ def _note_accepted(binding: _Binding, accepted: Accepted) -> None:
     )
 
 
+def _noted(interruption: BaseException, stop: StopJob) -> None:
+    """Add to *interruption* (Ctrl-C, a cancelled task) what became of the job it cut short."""
+    from flux_adapters._display import escape_controls
+
+    said = stop.note()
+    if said is not None:
+        interruption.add_note(f"flux-adapters: {escape_controls(said)}")
+
+
 def _adapter_of(binding: object) -> AnyAdapter:
     assert isinstance(binding, _Binding)
     return binding.adapter
@@ -1513,8 +1522,8 @@ class FluxClient(_ClientBase):
         except StopIteration as finished:
             result: _T = finished.value
             return result
-        except KeyboardInterrupt:
-            self._stop(binding, flow)
+        except KeyboardInterrupt as interrupt:
+            _noted(interrupt, self._stop(binding, flow))
             raise
         finally:
             flow.close()
@@ -1538,13 +1547,17 @@ class FluxClient(_ClientBase):
         _note_exchange(binding, instruction, started, response)
         return response
 
-    def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
-        """The caller stopped waiting: let *flow* cancel its job (each cancel bounded)."""
+    def _stop(self, binding: _Binding, flow: _Steps[Any]) -> StopJob:
+        """The caller stopped waiting: let *flow* cancel its job (each cancel bounded).
+
+        Returns the `StopJob` thrown in, which says what became of the job.
+        """
         from flux_adapters.jobs import StopJob
         from flux_adapters.wire import HttpRequest
 
+        stop = StopJob()
         try:
-            instruction = flow.throw(StopJob())
+            instruction = flow.throw(stop)
             while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
                 try:
                     reply = self._send(binding, instruction)
@@ -1554,6 +1567,7 @@ class FluxClient(_ClientBase):
                     instruction = flow.send(reply)
         except (StopJob, StopIteration, FluxError):
             pass
+        return stop
 
     def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
         name = binding.adapter.name
@@ -1873,8 +1887,8 @@ class AsyncFluxClient(_ClientBase):
         except StopIteration as finished:
             result: _T = finished.value
             return result
-        except asyncio.CancelledError:
-            await self._stop(binding, flow)
+        except asyncio.CancelledError as cancelled:
+            _noted(cancelled, await self._stop(binding, flow))
             raise
         finally:
             flow.close()
@@ -1891,13 +1905,17 @@ class AsyncFluxClient(_ClientBase):
         if watcher is not None:
             await watcher.accepted(binding.adapter.name, instruction.job)
 
-    async def _stop(self, binding: _Binding, flow: _Steps[Any]) -> None:
-        """The caller stopped waiting: let *flow* cancel its job (each cancel bounded)."""
+    async def _stop(self, binding: _Binding, flow: _Steps[Any]) -> StopJob:
+        """The caller stopped waiting: let *flow* cancel its job (each cancel bounded).
+
+        Returns the `StopJob` thrown in, which says what became of the job.
+        """
         from flux_adapters.jobs import StopJob
         from flux_adapters.wire import HttpRequest
 
+        stop = StopJob()
         try:
-            instruction = flow.throw(StopJob())
+            instruction = flow.throw(stop)
             while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
                 try:
                     reply = await self._send(binding, instruction)
@@ -1907,6 +1925,7 @@ class AsyncFluxClient(_ClientBase):
                     instruction = flow.send(reply)
         except (StopJob, StopIteration, FluxError):
             pass
+        return stop
 
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
         self._check_open()  # closed while a call was under way

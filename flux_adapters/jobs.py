@@ -226,7 +226,30 @@ class Accepted:
 
 
 class StopJob(Exception):
-    """Thrown into a job flow when the caller stops waiting: cancel the job if possible."""
+    """Thrown into a job flow when the caller stops waiting: cancel the job if possible.
+
+    The flow sets ``job`` and ``cancelled`` (as `errors.JobTimeout` has it: ``True`` accepted,
+    ``False`` refused or not answered, ``None`` the provider offers no cancel) before it lets
+    this propagate, so that the client can say what became of the job.
+    """
+
+    job: Job | None = None
+    cancelled: bool | None = None
+
+    def note(self) -> str | None:
+        """What became of the job, for the interruption's notes; ``None`` when none was taken."""
+        if self.job is None:
+            return None
+        provider = self.job.provider
+        what = f"the {provider} job {self.job.id!r}"
+        if self.cancelled:
+            return f"{what} was cancelled"
+        why = (
+            f"{provider} offers no cancel"
+            if self.cancelled is None
+            else "its cancel was refused or not answered"
+        )
+        return f"{what} goes on ({why}): it may still finish, and be billed"
 
 
 @frozen(kw_only=True)

@@ -760,3 +760,20 @@ def test_a_callers_httpx_client_on_aiohttp_is_judged_as_the_drivers_are(
                 return error
 
     assert judged(asyncio.run(main())) == judged(edit("aiohttp", url))
+
+
+def test_the_aiohttp_driver_keeps_few_timeouts_however_many_deadlines_it_meets() -> None:
+    """Polls near their job's deadline each have their phases cut to the time left: a
+    long-running worker must not keep one set of timeouts per poll."""
+    from flux_adapters._aiohttp import _MOST_URLS, AiohttpDriver
+
+    made = AiohttpDriver()
+    base = httpx.Timeout(10.0, connect=5.0)
+    first = made._timeout(base, True)
+    assert made._timeout(base, True) is first  # made once per set of phases
+    assert (first.sock_read, first.sock_connect, first.connect) == (10.0, 5.0, 10.0)
+    for n in range(3 * _MOST_URLS):
+        left = 1 + n / 1000
+        cut = made._timeout(httpx.Timeout(left), True)
+        assert cut.sock_read == left
+    assert len(made._timeouts) <= _MOST_URLS

@@ -427,6 +427,37 @@ def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("provider", "fate"),
+    [
+        ("bfl", "goes on (bfl offers no cancel): it may still finish, and be billed"),
+        ("fal", "was cancelled"),
+    ],
+)
+def test_ctrl_c_while_a_job_runs_says_what_became_of_the_job(
+    provider: str, fate: str, tmp_path: Path
+) -> None:
+    """Ctrl-C after the provider took the job: the job may go on and be billed. Say so."""
+    with run_emulator(faults={provider: [Fault(pending=10**9)]}) as emulator:
+        env = {**os.environ, f"{provider.upper()}_API_KEY": "k"}
+        base = emulator.base_url(provider)
+        with spawn("edit", "p", "-p", provider, "--base-url", base, "-o", str(tmp_path / "x.png"), env=env) as edit:  # fmt: skip
+            deadline = time.monotonic() + 10
+            while not emulator.calls(kind="poll") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert emulator.calls(kind="poll"), "the job was never polled"
+            edit.send_signal(signal.SIGINT)
+            _, err = edit.communicate(timeout=20)
+        cancels = len(emulator.calls(kind="cancel"))
+    assert edit.returncode == 130
+    assert cancels == (provider == "fal")
+    lines = err.splitlines()
+    assert lines[-2] == "flux-adapters: interrupted", err
+    assert lines[-1].startswith(f"flux-adapters: the {provider} job '"), err
+    assert lines[-1].endswith(fate), err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("how", ["--timeout", "$FLUX_JOB_DEADLINE"])
 def test_edit_at_a_job_provider_gives_up_on_the_whole_job_at_its_deadline(
     how: str, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

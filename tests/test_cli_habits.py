@@ -486,6 +486,18 @@ def test_an_output_name_no_result_can_have_is_refused_before_sending(
     assert not emulator.calls("aimlapi")  # nothing sent, nothing paid
 
 
+@pytest.mark.parametrize(("name", "expected"), [(".png", "PNG"), (".JPG", "JPEG")])
+def test_an_output_name_that_is_only_an_extension_sets_the_format_too(
+    name: str, expected: str, emulator: Emulator
+) -> None:
+    # pathlib sees ".png" as a hidden file with no extension; a reader sees a PNG file. Without
+    # the format set from it, laozhang's default JPEG would be saved under that name.
+    code, _, err = run("edit", "p", "-p", "laozhang", "--size", "64x64", "-o", name)
+    assert code == 0, err
+    with Image.open(name) as picture:
+        assert picture.format == expected
+
+
 # --- 8. <PROVIDER>_BASE_URL everywhere ---------------------------------------------------------------
 
 

@@ -12,10 +12,12 @@ import base64
 import json
 import logging
 import threading
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import attrs
 import httpx
 import pytest
 
@@ -580,11 +582,56 @@ def test_a_deadline_sends_exactly_one_cancel_and_says_it_was_accepted(kind: str)
     assert fake.count("POST", "/jobs") - fake.count("POST", "/cancel") == 1  # one submit
 
 
-def test_ctrl_c_while_waiting_cancels_the_job_then_propagates() -> None:
+def test_ctrl_c_while_waiting_cancels_the_job_then_propagates_saying_so() -> None:
     fake = FakeQueue(interrupt_on_poll=2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as caught:
         run("sync", fake, T2I, provider=Queue())
     assert fake.count("POST", "/cancel") == 1
+    assert caught.value.__notes__ == ["flux-adapters: the queue job 'q-1' was cancelled"]
+
+
+def test_ctrl_c_at_a_provider_without_cancel_says_the_job_goes_on_and_may_be_billed() -> None:
+    class Interrupting(FakeBfl):
+        def answer(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "GET" and self.count("GET") == 1:
+                raise KeyboardInterrupt
+            return super().answer(request)
+
+    fake = Interrupting(pending=5)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I)
+    assert fake.count("POST") == 1  # the submit, and no cancel: BFL has none
+    (said,) = caught.value.__notes__
+    assert said.startswith("flux-adapters: the bfl job '")
+    assert said.endswith("goes on (bfl offers no cancel): it may still finish, and be billed")
+
+
+def test_a_refused_cancel_is_said_and_a_hostile_job_id_is_shown_escaped() -> None:
+    class Refusing(FakeQueue):
+        def answer(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "POST" and request.url.path == "/jobs":
+                return httpx.Response(200, json={"id": "q-1\x1b[2J"})
+            if request.url.path.endswith("/cancel"):
+                return httpx.Response(409, json={"detail": "too late"})
+            return super().answer(request)
+
+    class Quoting(Queue):  # the id as the job's name, quoted in its URLs
+        def parse_submit(self, response: HttpResponse) -> Submitted:
+            submitted = super().parse_submit(response)
+            quoted = urllib.parse.quote(submitted.id)
+            return attrs.evolve(
+                submitted,
+                poll_url=f"https://queue.example/jobs/{quoted}",
+                cancel_url=f"https://queue.example/jobs/{quoted}/cancel",
+            )
+
+    fake = Refusing(interrupt_on_poll=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=Quoting())
+    assert fake.count("POST", "/cancel") == 1
+    (said,) = caught.value.__notes__
+    assert "\x1b" not in said
+    assert "goes on (its cancel was refused or not answered): it may still finish" in said
 
 
 def test_cancelling_the_async_task_cancels_the_job() -> None:
@@ -597,8 +644,9 @@ def test_cancelling_the_async_task_cancels_the_job() -> None:
             while fake.count("GET") < 2:
                 await asyncio.sleep(0.005)
             task.cancel()
-            with pytest.raises(asyncio.CancelledError):
+            with pytest.raises(asyncio.CancelledError) as caught:
                 await task
+            assert caught.value.__notes__ == ["flux-adapters: the queue job 'q-1' was cancelled"]
 
     asyncio.run(main())
     assert fake.cancelled
@@ -609,8 +657,9 @@ def test_nothing_is_cancelled_when_the_caller_stops_before_the_job_was_accepted(
     def submit_interrupted(request: httpx.Request) -> httpx.Response:
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as caught:
         run("sync", submit_interrupted, T2I, provider=Queue())
+    assert not hasattr(caught.value, "__notes__")  # no job to speak of
 
 
 def test_polls_back_off_and_honour_retry_after() -> None:
