@@ -24,6 +24,7 @@ With an output folder, the journal (``flux_adapters._journal``) records each job
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import hashlib
 import mmap
@@ -66,6 +67,8 @@ __all__ = ["NameSet", "file_key", "run_batch"]
 _ItemMaker = Callable[..., BatchItem]
 
 _MAX_NAME: Final = 200
+_NO_STATE: Final = JobState()
+"""What the journal knows of a job it has no record of (read, never changed)."""
 
 
 def _name_problem(name: object) -> str:
@@ -76,9 +79,9 @@ def _name_problem(name: object) -> str:
         return f"must be 1 to {_MAX_NAME} characters"
     if name in (".", "..") or name.startswith("."):
         return "must not start with a dot"
-    if any(part in name for part in ("/", "\\", "\0")) or not name.isprintable():
+    if "/" in name or "\\" in name or "\0" in name or not name.isprintable():
         return "must be a plain file name (no folder separator or control character)"
-    if name.encode("utf-8", errors="replace").decode() != name:
+    if not name.isascii() and name.encode("utf-8", errors="replace").decode() != name:
         return "must be valid text (no lone surrogate)"
     return ""
 
@@ -89,6 +92,8 @@ def file_key(name: str) -> str:
     macOS (APFS, HFS+) and Windows ignore case, and macOS ignores normalisation (``é`` as one
     code point or as ``e`` and an accent): two names with one key are one file there.
     """
+    if name.isascii():  # the same, at a batch's pace: ASCII is its own NFD, and casefolds as lower
+        return name.lower()
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
 
 
@@ -128,8 +133,18 @@ class NameSet:
         key = hashlib.blake2b(data, digest_size=self._width).digest()
         if key == self._empty:  # the all-zero digest marks a free slot
             key = b"\1" + key[1:]
-        if not self._insert(self._table, self._mask, key):
-            return False
+        # `_insert`, written out: a batch adds each name twice (the file's check, the job).
+        table, width, mask, empty = self._table, self._width, self._mask, self._empty
+        slot = int.from_bytes(key[:8], "little") & mask
+        while True:
+            start = slot * width
+            found = table[start : start + width]
+            if found == key:
+                return False
+            if found == empty:
+                table[start : start + width] = key
+                break
+            slot = (slot + 1) & mask
         self._count += 1
         if self._count * 3 > self._mask * 2:
             self._grow()
@@ -426,7 +441,8 @@ class _Batch:
         journal, folder = self.journal, self.folder
         digest = request_digest(request)
         known = journal.knows(name)
-        state = journal.state(name)
+        # A new job (most of a first run) has no state to read: nothing is made for it here.
+        state = journal.state(name) if known else _NO_STATE
         verdict = state.verdict(digest, folder, name) if known else "new"
         if verdict == "saved" and not self.force:
             files = state.saved_files(folder, name)
@@ -509,6 +525,52 @@ class _Batch:
             await self.journal.close()
 
 
+class _Results:
+    """A batch's items on their way from its workers to its one reader: a bounded queue.
+
+    `asyncio.Queue`'s ``put`` and ``get`` for a single reader, at one call each while the queue
+    is neither full nor empty (asyncio's runs five or six Python calls for each, for every job).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._items: collections.deque[BatchItem | None] = collections.deque()
+        self._size = size
+        self._reader: asyncio.Future[None] | None = None
+        self._writers: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def put(self, item: BatchItem | None) -> None:
+        """Add *item*, once there is room (the reader is not more than the size behind)."""
+        while len(self._items) >= self._size:
+            room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._writers.append(room)
+            try:
+                await room
+            except asyncio.CancelledError:
+                if not room.cancelled():  # woken, then cancelled: the room is another's
+                    self._wake_writer()
+                raise
+        self._items.append(item)
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
+    async def get(self) -> BatchItem | None:
+        """The next item, once there is one."""
+        while not self._items:
+            self._reader = asyncio.get_running_loop().create_future()
+            await self._reader
+        item = self._items.popleft()
+        self._wake_writer()
+        return item
+
+    def _wake_writer(self) -> None:
+        while self._writers:
+            room = self._writers.popleft()
+            if not room.done():  # a writer cancelled meanwhile no longer waits
+                room.set_result(None)
+                return
+
+
 async def run_batch(
     client: AsyncFluxClient,
     requests: Iterable[EditRequest],
@@ -537,13 +599,14 @@ async def run_batch(
     source = _numbered(jobs, named)
     # Bounded: a caller that reads slowly (or stopped reading without closing the iterator)
     # holds the workers back instead of piling up results, images and all, in memory.
-    results: asyncio.Queue[BatchItem | None] = asyncio.Queue(maxsize=concurrency)
+    results = _Results(concurrency)
     failures: list[BaseException] = []
     in_job: set[asyncio.Task[None]] = set()
     """Workers running a job (not waiting for the reader): those the grace may cut short."""
     # The batch's tasks run in their own context, so its per-provider gates stay its own.
     context = contextvars.copy_context()
-    if per_provider is not None:
+    # Each worker has one attempt in flight at most: a limit of *concurrency* or more never binds.
+    if per_provider is not None and per_provider < concurrency:
         gates = {name: asyncio.Semaphore(per_provider) for name in client.providers}
         context.run(_GATES.set, gates)
 

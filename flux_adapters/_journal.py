@@ -42,7 +42,9 @@ import functools
 import hashlib
 import json
 import marshal
+import operator
 import os
+import queue
 import stat
 import threading
 import time
@@ -83,8 +85,8 @@ def request_digest(request: EditRequest) -> str:
     so moving or re-checking-out the inputs does not make a job look changed.
     """
     hasher = hashlib.sha256()
-    settings = {name: getattr(request, name) for name in _settings_fields()}
-    hasher.update(_DIGEST_ENCODER.encode(settings).encode())
+    fields, values = _settings_fields()
+    hasher.update(_encode_digest(dict(zip(fields, values(request), strict=True))).encode())
     for image in request.images:
         hasher.update(b"\0image:")
         if isinstance(image, UrlImage):
@@ -98,14 +100,50 @@ def request_digest(request: EditRequest) -> str:
     return hasher.hexdigest()[:32]
 
 
-_DIGEST_ENCODER: Final = json.JSONEncoder(sort_keys=True, ensure_ascii=True)
+def compiled_encoder(encoder: json.JSONEncoder) -> Callable[[object], str]:
+    """*encoder*'s ``encode``, with the C encoder it would make for every value made once.
+
+    ``JSONEncoder.encode`` runs two Python functions and builds a new C encoder per value; a
+    batch encodes six values a job (its four journal records, its report line and its
+    request's digest). The text is the same; only the check for circular references is left
+    out: these values are dicts, lists and strings built here, never circular.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None or getattr(encoder, "indent", None) is not None:  # pragma: no cover
+        return encoder.encode  # no C accelerator, or an indented encoder: its own way
+    chunks = make(
+        None,
+        encoder.default,
+        json.encoder.encode_basestring_ascii
+        if encoder.ensure_ascii
+        else json.encoder.encode_basestring,
+        None,
+        encoder.key_separator,
+        encoder.item_separator,
+        encoder.sort_keys,
+        encoder.skipkeys,
+        encoder.allow_nan,
+    )
+    join = "".join
+
+    def encode(value: object) -> str:
+        return join(chunks(value, 0))
+
+    return encode
+
+
+_encode_digest: Final = compiled_encoder(json.JSONEncoder(sort_keys=True, ensure_ascii=True))
 """`json.dumps(..., sort_keys=True, ensure_ascii=True)`, made once: a batch digests every job."""
 
 
 @functools.cache
-def _settings_fields() -> tuple[str, ...]:
-    """Every field of `EditRequest` but the images (hashed by content): a field added later too."""
-    return tuple(field.name for field in attrs.fields(EditRequest) if field.name != "images")
+def _settings_fields() -> tuple[tuple[str, ...], Callable[[EditRequest], tuple[object, ...]]]:
+    """Every field of `EditRequest` but the images (hashed by content): a field added later too.
+
+    With a getter of their values, as a tuple.
+    """
+    names = tuple(field.name for field in attrs.fields(EditRequest) if field.name != "images")
+    return names, operator.attrgetter(*names)
 
 
 def _file_sample(image: FileImage) -> bytes:
@@ -162,8 +200,8 @@ class JobState:
                 self.job = None
             self.digest = digest
             self.files = []
-            before = record.get("old", {})
-            self.before = before if _is_string_map(before) else {}
+            before = record.get("old")
+            self.before = before if before and _is_string_map(before) else {}
         elif kind == "sent":
             self.open_sends.append(provider)
         elif kind == "job":
@@ -184,8 +222,12 @@ class JobState:
         elif kind == "saved":
             files = _strings(record.get("files"))
             # Only plain names in the folder: a path elsewhere was not saved by this batch.
-            if files and all(_plain_name(name) for name in files):
-                self.files = files
+            for name in files:
+                if not _plain_name(name):
+                    break
+            else:
+                if files:
+                    self.files = files
 
     @property
     def why_unconfirmed(self) -> str:
@@ -242,6 +284,9 @@ def image_identities(folder: Path, name: str) -> dict[str, str]:
     stem = os.path.join(folder, name)
     for kind in ("png", "jpeg", "webp"):
         try:
+            # Asked first: for a new job's names (none there) a failed stat costs an exception.
+            if not os.access(f"{stem}.{kind}", os.F_OK):
+                continue
             info = os.stat(f"{stem}.{kind}")
         except (OSError, ValueError):
             continue
@@ -251,19 +296,36 @@ def image_identities(folder: Path, name: str) -> dict[str, str]:
     return found
 
 
+# Loops rather than all() over a generator: a journal folds four records a job.
+
+
 def _is_string_map(value: object) -> bool:
-    return isinstance(value, dict) and all(isinstance(item, str) for item in value.values())
+    if not isinstance(value, dict):
+        return False
+    for item in value.values():  # noqa: SIM110 - all() over a generator costs a call per item
+        if not isinstance(item, str):
+            return False
+    return True
 
 
 def _strings(value: object) -> list[str]:
     """*value* if it is a list of strings, else an empty list."""
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return value
-    return []
+    if not isinstance(value, list):
+        return []
+    for item in value:
+        if not isinstance(item, str):
+            return []
+    return value
 
 
 def _plain_name(name: str) -> bool:
-    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
 
 
 def is_image_file(path: Path) -> bool:
@@ -351,7 +413,7 @@ def _share(fd: int) -> None:
     # Held exclusively for a second: the file is some batch's journal. Append unlocked.
 
 
-_LINE_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_encode_line: Final = compiled_encoder(json.JSONEncoder(ensure_ascii=False, separators=(",", ":")))
 """How `JsonLines.encode` writes a record, made once (as `json.dumps` with these options)."""
 
 
@@ -412,7 +474,7 @@ class JsonLines:
     @staticmethod
     def encode(record: dict[str, object]) -> bytes:
         """*record* as one line of JSON."""
-        return _LINE_ENCODER.encode(record).encode() + b"\n"
+        return (_encode_line(record) + "\n").encode()
 
     def write(self, data: bytes) -> None:
         """Append whole lines with one ``write`` (a kill cannot leave half of one).
@@ -631,7 +693,7 @@ class Journal:
             state = _unpack(earlier) if earlier is not None else JobState()
             self.states[job] = state
         state.fold(record)
-        self._unwritten.append(JsonLines.encode(record))
+        self._unwritten.append((_encode_line(record) + "\n").encode())
         if self._write_soon is None:
             self._write_soon = asyncio.get_running_loop().call_soon(self._write_now)
 
@@ -648,12 +710,12 @@ class Journal:
             OutputError: The record could not be written or synced.
         """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # A caller cancelled while it waits no longer hears of a failed write: mark the error
-        # as seen, or asyncio logs "exception was never retrieved" with a traceback.
-        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
         self.note(job, kind, **values)
         self._unwritten_waiters.append(waiter)
-        await asyncio.shield(waiter)
+        # Awaited as it is (no shield): a caller cancelled meanwhile cancels its own waiter,
+        # which the write and the fsync then pass over (they never set a done waiter), so no
+        # error is ever left unretrieved.
+        await waiter
 
     def _write_now(self) -> None:
         """Write the records noted so far with one ``write``, then have them synced if awaited.
@@ -738,6 +800,9 @@ class _Syncer:
     waking a sleeping thread costs more than the ``fsync`` of a few records on some machines (100
     to 200 us on a 2-core VM), and a thread that finds more writes wanted when an ``fsync`` ends
     goes on at once, with no wake. Its results go back to the loop (`call_soon_threadsafe`).
+
+    What is wanted reaches it through a `queue.SimpleQueue` (one call in C each way), not a
+    `threading.Condition`, whose Python code held the GIL both threads take turns at.
     """
 
     def __init__(
@@ -749,43 +814,44 @@ class _Syncer:
         self._sync = sync
         self._loop = loop
         self._synced = synced
-        self._wanted = 0
-        self._stopping = False
-        self._changed = threading.Condition()
+        self._wants: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        """The numbers of the writes wanted synced, in order; ``None``: stop after them."""
         self._thread = threading.Thread(target=self._run, name="flux-journal-fsync", daemon=True)
         self._thread.start()
 
     def want(self, written: int) -> None:
         """Cover the writes up to number *written* (already written) with an fsync."""
-        with self._changed:
-            self._wanted = written
-            self._changed.notify()
+        self._wants.put(written)
 
     def stop(self) -> None:
         """End the thread once the fsyncs wanted are done (at once if none is)."""
-        with self._changed:
-            self._stopping = True
-            self._changed.notify()
+        self._wants.put(None)
         self._thread.join()
 
     def _run(self) -> None:
-        done = 0
+        wants, done = self._wants, 0
         while True:
-            with self._changed:
-                while self._wanted == done and not self._stopping:
-                    self._changed.wait()
-                if self._wanted == done:
+            wanted = wants.get()
+            stopping = wanted is None
+            covered = done if wanted is None else wanted
+            while not wants.empty():  # wanted meanwhile: one fsync, begun now, covers them all
+                wanted = wants.get()
+                if wanted is None:
+                    stopping = True
+                else:
+                    covered = wanted
+            if covered > done:
+                failure: Exception | None = None
+                try:
+                    self._sync()
+                except Exception as exc:  # the waiters hear of it, typed
+                    failure = exc
+                done = covered
+                try:
+                    self._loop.call_soon_threadsafe(self._synced, covered, failure)
+                except RuntimeError:  # the loop is closed: nobody waits any more
                     return
-                covered = self._wanted  # every write up to it was made before this fsync
-            failure: Exception | None = None
-            try:
-                self._sync()
-            except Exception as exc:  # the waiters hear of it, typed
-                failure = exc
-            done = covered
-            try:
-                self._loop.call_soon_threadsafe(self._synced, covered, failure)
-            except RuntimeError:  # the loop is closed: nobody waits any more
+            if stopping:
                 return
 
 

@@ -88,10 +88,6 @@ def _plain(*kinds: type) -> Callable[[object, object], object]:
     return hook
 
 
-def _optional(kinds: tuple[type, ...]) -> Callable[[object, object], object]:
-    return _plain(*kinds, type(None))
-
-
 def _strings(value: object, _: object) -> list[str]:
     if type(value) is not list:
         raise _Wrong(value)
@@ -107,17 +103,24 @@ def _table(value: object, _: object) -> dict[str, object]:
     return dict(value)
 
 
+_NONE: Final = type(None)
+
+# The types taken as they are: what each is called in messages, and the exact types of its values.
+_SCALARS: Final[dict[object, tuple[str, tuple[type, ...]]]] = {
+    str: ("text", (str,)),
+    int: ("a whole number", (int,)),
+    float: ("a number", (int, float)),
+    bool: ("true or false", (bool,)),
+    str | None: ("text", (str, _NONE)),
+    int | None: ("a whole number", (int, _NONE)),
+    float | None: ("a number", (int, float, _NONE)),
+    bool | None: ("true or false", (bool, _NONE)),
+    str | int | None: ("text or a whole number", (str, int, _NONE)),
+}
+
 # What each type a value class may use is called in messages, and its hook.
 _TYPES: Final[dict[object, tuple[str, Callable[[object, object], object]]]] = {
-    str: ("text", _plain(str)),
-    int: ("a whole number", _plain(int)),
-    float: ("a number", _plain(int, float)),
-    bool: ("true or false", _plain(bool)),
-    str | None: ("text", _optional((str,))),
-    int | None: ("a whole number", _optional((int,))),
-    float | None: ("a number", _optional((int, float))),
-    bool | None: ("true or false", _optional((bool,))),
-    str | int | None: ("text or a whole number", _optional((str, int))),
+    **{kind: (words, _plain(*exact)) for kind, (words, exact) in _SCALARS.items()},
     list[str]: ("a list of strings", _strings),
     list[str] | None: (
         "a list of strings",
@@ -180,6 +183,62 @@ def _problems(error: BaseException, kind: type) -> Iterator[Problem]:
             raise inner
 
 
+_LIST: Final[tuple[type, ...]] = (list,)
+"""In a `_quick_plan`: the field takes a list of strings."""
+
+
+@functools.cache
+def _quick_plan(kind: type) -> tuple[dict[str, tuple[type, ...]], frozenset[str]] | None:
+    """What `_quick` checks of *kind*: each field's exact types, and the fields required.
+
+    ``None`` for a class with a field of another type (a table, another class): `_quick` passes
+    it on to cattrs. A field taking a list of strings has `_LIST`.
+    """
+    plan: dict[str, tuple[type, ...]] = {}
+    required = set()
+    for attribute in attrs.fields(attrs.resolve_types(kind)):
+        if attribute.alias != attribute.name:
+            return None
+        if attribute.type in _SCALARS:
+            plan[attribute.name] = _SCALARS[attribute.type][1]
+        elif attribute.type == list[str]:
+            plan[attribute.name] = _LIST
+        else:
+            return None
+        if attribute.default is attrs.NOTHING:
+            required.add(attribute.name)
+    return plan, frozenset(required)
+
+
+def _quick(data: dict[str, object], kind: type[_T]) -> _T | None:
+    """*data* as a *kind* when it fits at first sight (the usual case), else ``None``.
+
+    What it makes is what cattrs and the hooks above make (each value as it is, each list a
+    copy); whatever does not fit, or a class it does not know, goes to them for the problems.
+    """
+    plan = _quick_plan(kind)  # type: ignore[arg-type]  # a class is hashable
+    if plan is None:
+        return None
+    exact, required = plan
+    values = dict(data)
+    for key, value in values.items():
+        kinds = exact.get(key)
+        if kinds is None:  # not a field
+            return None
+        if kinds is _LIST:
+            if type(value) is not list:
+                return None
+            for item in value:
+                if type(item) is not str:
+                    return None
+            values[key] = list(value)
+        elif type(value) not in kinds:
+            return None
+    if not required <= values.keys():
+        return None
+    return kind(**values)
+
+
 def structure(data: dict[str, object], kind: type[_T]) -> _T:
     """*data* as a *kind* (an attrs class whose fields use the types above).
 
@@ -189,6 +248,9 @@ def structure(data: dict[str, object], kind: type[_T]) -> _T:
     """
     from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
+    made = _quick(data, kind)
+    if made is not None:
+        return made
     try:
         return _converter().structure(data, kind)
     except (ClassValidationError, ForbiddenExtraKeysError) as error:

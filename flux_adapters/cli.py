@@ -1297,6 +1297,7 @@ class _Interrupts:
 def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import asyncio
     import itertools
+    import operator
 
     from flux_adapters._batch_files import check_file, compact_report, requests
     from flux_adapters._journal import JOURNAL_NAME, JsonLines, load_states
@@ -1348,8 +1349,8 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         first, second = itertools.tee(requests(path, refused))
         async with client:
             items = client.edit_many(
-                (request for _, request in second),
-                names=taken(name for name, _ in first),
+                map(operator.itemgetter(1), second),
+                names=taken(map(operator.itemgetter(0), first)),
                 concurrency=arguments.concurrency,
                 per_provider=arguments.per_provider,
                 output_dir=folder,
