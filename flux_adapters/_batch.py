@@ -133,18 +133,8 @@ class NameSet:
         key = hashlib.blake2b(data, digest_size=self._width).digest()
         if key == self._empty:  # the all-zero digest marks a free slot
             key = b"\1" + key[1:]
-        # `_insert`, written out: a batch adds each name twice (the file's check, the job).
-        table, width, mask, empty = self._table, self._width, self._mask, self._empty
-        slot = int.from_bytes(key[:8], "little") & mask
-        while True:
-            start = slot * width
-            found = table[start : start + width]
-            if found == key:
-                return False
-            if found == empty:
-                table[start : start + width] = key
-                break
-            slot = (slot + 1) & mask
+        if not self._insert(self._table, self._mask, key):
+            return False
         self._count += 1
         if self._count * 3 > self._mask * 2:
             self._grow()
