@@ -7,6 +7,7 @@ of every edit without attrs' generic ``__init__``; none of that may change a res
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from flux_adapters.wire import HttpResponse
 from tests.conftest import image_bytes
 
 HOUR_AGO = time.time() - 3600
+_PNG64: Final = base64.b64encode(image_bytes(8, 8)).decode()
 
 
 def _settled(path: Path, data: bytes) -> None:
@@ -127,6 +129,10 @@ def test_the_plan_key_tells_apart_requests_that_differ_in_any_field_but_prompt_a
         (b'{"data": [{"url": "https://h/x\\u0001"}]}', None),  # a control character
         (b'{"data": {"url": "https://h/x"}}', None),  # not a list
         (b'{"data": [{"url": "https://h/x"}]} \n', ["https://h/x"]),  # whitespace after it
+        # Go gateways write every field: an empty one beside the other is no field, and the
+        # paid image is kept (it was refused as empty inline data).
+        (b'{"data": [{"url": "https://h/x", "b64_json": ""}]}', ["https://h/x"]),
+        (b'{"data": [{"url": "", "b64_json": "' + _PNG64.encode() + b'"}]}', [None]),
     ],
 )
 def test_answers_read_as_before(answer: bytes, images: list[str] | None) -> None:
@@ -136,6 +142,7 @@ def test_answers_read_as_before(answer: bytes, images: list[str] | None) -> None
             parse_images("laozhang", response)
     else:
         assert [image.url for image in parse_images("laozhang", response).images] == images
+        assert all(image.b64_json != "" for image in parse_images("laozhang", response).images)
 
 
 def test_a_result_url_is_judged_the_same_the_second_time() -> None:
