@@ -491,3 +491,54 @@ def test_a_remembered_plan_is_what_the_request_would_be_resolved_to(
             assert refused.value.violations == violations
         else:
             assert plans.plan(request, limits) == resolved
+
+
+def test_a_remembered_file_header_is_never_one_of_a_file_since_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After each change of what a path names (replaced by rename, truncated, rewritten at the
+    same size with its times put back, removed and made again, a symbolic link pointed
+    elsewhere), the header a request holds is the one read afresh. Every header is kept here
+    (no settling time), so each request after the first could be answered from memory."""
+    monkeypatch.setattr(request_module, "_SETTLED_NS", 0)
+    pictures = [image_bytes(64, 48), image_bytes(48, 64), image_bytes(33, 17, "JPEG")]
+    size = max(map(len, pictures))
+    padded = [picture.ljust(size, b"\0") for picture in pictures]
+    path, other, link = tmp_path / "ref.png", tmp_path / "other.png", tmp_path / "link.png"
+
+    def replaced(data: bytes) -> None:
+        spare = tmp_path / "spare"
+        _settled(spare, data)
+        spare.replace(path)
+
+    def rewritten(data: bytes) -> None:
+        times = path.stat()
+        with path.open("r+b") as stream:
+            stream.write(data)
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+    def truncated(data: bytes) -> None:
+        os.truncate(path, len(data) // 2)
+
+    def made_again(data: bytes) -> None:
+        path.unlink()
+        _settled(path, data)
+
+    def pointed_elsewhere(data: bytes) -> None:
+        _settled(other, data)
+        link.unlink()
+        link.symlink_to(other)
+
+    _settled(path, padded[0])
+    link.symlink_to(path)
+    changes = [replaced, rewritten, truncated, made_again, pointed_elsewhere, rewritten]
+    for step, change in enumerate(changes):
+        for name in (path, link):
+            EditRequest(prompt="p", model="flux-2-pro", images=[name])  # remembered
+        time.sleep(0.01)  # a change time the file system can tell apart
+        change(padded[(step + 1) % len(padded)])
+        for name in (path, link):
+            held = EditRequest(prompt="p", model="flux-2-pro", images=[name]).images[0]
+            with name.open("rb") as stream:
+                fresh = request_module._inspect(stream, name.stat().st_size)
+            assert held.info == fresh, (change.__name__, name.name)  # type: ignore[union-attr]
