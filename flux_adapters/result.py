@@ -188,7 +188,10 @@ def _short_url(url: str | None) -> str:
     # password) out of reprs and logs.
     if url is None:
         return "None"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[::1": made by hand, or beside inline data (which is used)
+        return "<an unusable URL>"
     host = parts.netloc.rpartition("@")[2]
     return repr(f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else ""))
 

@@ -643,6 +643,15 @@ def test_a_result_image_repr_never_shows_a_user_name_or_password() -> None:
     )
 
 
+def test_a_result_image_with_an_unusable_url_has_a_repr() -> None:
+    """A URL urlsplit refuses, as an answer may give beside its inline data (which is used, so
+    the URL is not judged): the image is still shown, never an exception from its repr."""
+    from flux_adapters.result import ResultImage
+
+    image = ResultImage(url=f"https://{KEY}@[::1/a.png")
+    assert repr(image) == "ResultImage(url=<an unusable URL>, b64_json=None, declared_format=None)"
+
+
 # --- honest kinds of transport failure -------------------------------------------------------
 
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 from flux_adapters._serving import _JOINED_BYTES, _JoinedTransport
 
@@ -91,3 +96,108 @@ def test_a_large_body_is_not_copied_into_the_head() -> None:
         b"x" * _JOINED_BYTES,
         b"y" * _JOINED_BYTES,
     ]
+
+
+def _answers(connection: socket.socket, count: int) -> list[bytes]:
+    """The bodies of *count* HTTP/1.1 answers read from *connection* (a length, or chunked)."""
+    reader = connection.makefile("rb")
+    bodies = []
+    for _ in range(count):
+        assert reader.readline().startswith(b"HTTP/1.1 200 ")
+        length = None
+        while (line := reader.readline()) != b"\r\n":
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        if length is not None:
+            bodies.append(reader.read(length))
+            continue
+        body = b""
+        while size := int(reader.readline(), 16):
+            body += reader.read(size)
+            assert reader.readline() == b"\r\n"
+        assert reader.readline() == b"\r\n"
+        bodies.append(body)
+    return bodies
+
+
+def test_pipelined_answers_of_every_shape_arrive_whole_and_in_order(tmp_path: Path) -> None:
+    """A client that sends 25 requests at once and reads them through a small receive buffer
+    (the server's writes pause and resume): small JSON, a slow stream, bodies just past the
+    joining size, 3,000 small pieces, a file of 2 MB. Then clients that hang up mid-answer, at
+    once or with a reset; the server still answers the next one."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    from flux_adapters._serving import JoinedWrites, LoopbackServer, listening_socket
+
+    large = os.urandom(2 * 1024 * 1024 + 7)
+    (tmp_path / "large").write_bytes(large)
+
+    async def small(request: Request) -> Response:
+        return JSONResponse({"n": request.query_params["n"]})
+
+    async def pieces(request: Request) -> Response:
+        async def slow() -> AsyncIterator[bytes]:
+            for piece in (b"a", b"b", b"c"):
+                yield piece
+                await asyncio.sleep(0.005)
+
+        async def many() -> AsyncIterator[bytes]:
+            for _ in range(3000):
+                yield b"x" * 100
+
+        return StreamingResponse(slow() if request.query_params["n"] == "slow" else many())
+
+    expected = {
+        "/small?n=": None,
+        "/pieces?n=slow": b"abc",
+        "/pieces?n=many": b"x" * 300_000,
+        "/past": b"p" * (_JOINED_BYTES + 1),
+        "/file": large,
+    }
+    app = Starlette(
+        routes=[
+            Route("/small", small),
+            Route("/pieces", pieces),
+            Route("/past", lambda request: Response(expected["/past"])),
+            Route("/file", lambda request: FileResponse(tmp_path / "large")),
+        ]
+    )
+    sock = listening_socket("127.0.0.1", 0)
+    config = uvicorn.Config(app, http=JoinedWrites, log_level="warning", lifespan="off")
+    paths = [list(expected)[n % len(expected)] + (str(n) if n % 5 == 0 else "") for n in range(25)]
+
+    def asked(*paths: str) -> bytes:
+        return b"".join(f"GET {path} HTTP/1.1\r\nHost: h\r\n\r\n".encode() for path in paths)
+
+    def connected(receive_buffer: int | None = None) -> socket.socket:
+        connection = socket.socket()
+        if receive_buffer:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        connection.settimeout(30)  # a lost answer fails here instead of hanging the suite
+        connection.connect(sock.getsockname())
+        return connection
+
+    with LoopbackServer(config).in_thread(sock, "the server", join=5):
+        with connected(4096) as connection:
+            connection.sendall(asked(*paths))
+            bodies = _answers(connection, len(paths))
+        for path, body in zip(paths, bodies, strict=True):
+            number = path.partition("?n=")[2]
+            wanted = expected[path] if not path.startswith("/small") else f'{{"n":"{number}"}}'
+            assert body == (wanted.encode() if isinstance(wanted, str) else wanted), path
+        for n in range(10):
+            with connected() as connection:
+                connection.sendall(asked("/file", "/pieces?n=slow", "/small?n=1"))
+                connection.recv(1 + n)
+                if n % 2:  # a reset rather than a close
+                    connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+        with connected() as connection:
+            connection.sendall(asked("/small?n=after"))
+            assert _answers(connection, 1) == [b'{"n":"after"}']

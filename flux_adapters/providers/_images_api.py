@@ -41,7 +41,7 @@ from flux_adapters.errors import (
     ResponseFormatError,
 )
 from flux_adapters.providers import Answer
-from flux_adapters.result import ResultImage, Usage, checked_image, inline_image_problem
+from flux_adapters.result import Usage, checked_image, inline_image_problem
 from flux_adapters.wire import ERROR_BODY_BYTES, HttpResponse
 
 if TYPE_CHECKING:
@@ -127,21 +127,11 @@ def parse_images(provider: str, response: HttpResponse) -> Answer:
         if problem:
             raise format_error(provider, response, problem)
     return Answer(
-        images=tuple([_result_image(url, b64_json) for url, b64_json in items]),
+        # An empty field beside the other is no field (Go gateways write ``"b64_json": ""``
+        # beside a URL): the image is the URL's, or the inline data's, as `_image_problem` judged.
+        images=tuple([checked_image(url or None, b64_json or None) for url, b64_json in items]),
         usage=_usage(body),
     )
-
-
-def _result_image(url: str | None, b64_json: str | None) -> ResultImage:
-    """The image of an item `_image_problem` accepted: not checked a second time.
-
-    `_image_problem` checks the inline data when there is any, else the URL, as `ResultImage`
-    does; only ``b64_json=""`` beside a URL is judged differently (by the URL there, as empty
-    inline data by `ResultImage`), so that one is made by the constructor.
-    """
-    if b64_json is None or b64_json:
-        return checked_image(url, b64_json)
-    return ResultImage(url=url, b64_json=b64_json)
 
 
 def _plain_items(body: object) -> list[tuple[str | None, str | None]] | None:
