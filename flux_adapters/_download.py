@@ -442,17 +442,12 @@ class HttpDownloader:
                 while True:
                     try:
                         own = self._own_getter()
-                        try:
+                        with mapped_transport_errors(self._provider, self._scrub):
                             if own is not None:
                                 await self._follow_async(own, url, sink)
                             else:  # closed, or its connections belong to another event loop
                                 async with httpx.AsyncClient(verify=shared_ssl_context()) as client:
                                     await self._follow_async(_HttpxGetter(client), url, sink)
-                        except Exception:
-                            # Mapped as `with mapped_transport_errors(...)` around the block would,
-                            # without entering a context manager for each download that succeeds.
-                            with mapped_transport_errors(self._provider, self._scrub):
-                                raise
                         return
                     except FluxError as error:
                         if attempt == RETRIES or not _may_pass(error):
@@ -473,11 +468,7 @@ class HttpDownloader:
             try:
                 async with http.get(url, _HEADERS, self._timeout) as (response, chunks):
                     status = response.status_code
-                    following = (
-                        None
-                        if 200 <= status < 300  # the usual answer, without two calls to say so
-                        else _next_url(response, url, self._provider, self._scrub)
-                    )
+                    following = _next_url(response, url, self._provider, self._scrub)
                     if following is None:
                         body = self._body(response, url, sink, None)
                         async for chunk in chunks:

@@ -387,19 +387,14 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
     Raises:
         RequestError: The key goes in a query string httpx cannot build into the URL.
     """
-    extra = outgoing.headers
-    if extra:
-        headers = dict(extra)
-        headers.setdefault("Accept", "application/json")
-    else:
-        headers = {"Accept": "application/json"}
+    headers = dict(outgoing.headers)
+    headers.setdefault("Accept", "application/json")
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
     if isinstance(outgoing.body, JsonBody):
         headers["Content-Type"] = "application/json"
     url = outgoing.url
     auth = binding.auth
-    origin = binding.origin  # the base URL's own origin: no need to ask (may_receive_key)
-    if (origin is not None and url.startswith(origin)) or binding.may_receive_key(url):
+    if binding.may_receive_key(url):
         if auth.header is not None:
             headers[auth.header] = binding.key_value
         else:
@@ -409,9 +404,10 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
             except (httpx.InvalidURL, ValueError, TypeError) as exc:
                 raise unsendable(binding.adapter.name, binding.scrub, exc) from None
             hide_in_httpx_log(binding.api_key)
-    asked, deadline = outgoing.deadline, binding.deadline
-    seconds = deadline if asked is None else binding.limit(outgoing)
-    timeout = phase_timeouts(binding.timeout, seconds) if seconds < deadline else binding.timeout
+    seconds = binding.limit(outgoing)
+    timeout = (
+        phase_timeouts(binding.timeout, seconds) if seconds < binding.deadline else binding.timeout
+    )
     return Exchange(
         outgoing.method,
         url,
@@ -829,8 +825,7 @@ class _ClientBase:
     @property
     def _breaker(self) -> Breaker:
         """The cooldowns of this client's providers, shared with its `with_options` copies."""
-        made = self._cooldowns._breaker  # made once: read without a call after the first
-        return made if made is not None else self._cooldowns.breaker(self._policy.cooldown)
+        return self._cooldowns.breaker(self._policy.cooldown)
 
     @property
     def max_retries(self) -> int:
@@ -905,12 +900,7 @@ class _ClientBase:
 
     def _check_open(self) -> None:
         """Raise `ClientClosedError` once this client is closed; nothing is sent."""
-        lifetime = self._lifetime
-        if (
-            not lifetime._closed
-            and lifetime._maker is None  # a copy asks its maker (why_closed)
-            and not self._sender_closed()
-        ) or (lifetime.why_closed() is None and not self._sender_closed()):
+        if self._lifetime.why_closed() is None and not self._sender_closed():
             return  # every exchange asks: the open case builds no message
         error = self._closed_error()
         if error is not None:
@@ -1164,14 +1154,11 @@ def _result(
     The provider's figure is believed only when it makes a dollar amount that can be one: finite
     and not negative (a hostile or broken answer cannot credit the caller or overflow a budget).
     """
-    usage = answer.usage if job is None else _merged(job.usage, answer.usage)
+    usage = _merged(job.usage if job is not None else None, answer.usage)
+    rate = getattr(binding.adapter, "usd_per_credit", None)
     cost: float | None = None
     source: Literal["provider", "price table"] | None = None
-    reported = (
-        None
-        if usage is None
-        else _reported_cost(usage, getattr(binding.adapter, "usd_per_credit", None))
-    )
+    reported = _reported_cost(usage, rate)
     if reported is not None:
         cost, source = reported, "provider"
     elif estimated is not None:
@@ -1554,16 +1541,13 @@ class FluxClient(_ClientBase):
         if isinstance(instruction, Accepted):
             _note_accepted(binding, instruction)
             return None
-        noted = LOGGER.isEnabledFor(logging.DEBUG)  # timed only if logged
-        started = time.perf_counter() if noted else 0.0
+        started = time.perf_counter()
         try:
             response = self._send(binding, instruction)
         except FluxError as error:
-            if noted:
-                _note_exchange(binding, instruction, started, error)
+            _note_exchange(binding, instruction, started, error)
             raise
-        if noted:
-            _note_exchange(binding, instruction, started, response)
+        _note_exchange(binding, instruction, started, response)
         return response
 
     def _stop(self, binding: _Binding, flow: _Steps[Any]) -> StopJob:
@@ -1888,8 +1872,7 @@ class AsyncFluxClient(_ClientBase):
                     else:
                         if instruction.role == "submit" and watcher is not None:
                             await watcher.sending(binding.adapter.name)  # durable before it goes
-                        noted = LOGGER.isEnabledFor(logging.DEBUG)  # timed only if logged
-                        started = time.perf_counter() if noted else 0.0
+                        started = time.perf_counter()
                         try:
                             self._check_open()  # closed while a call was under way
                             try:
@@ -1897,11 +1880,9 @@ class AsyncFluxClient(_ClientBase):
                             except RuntimeError as exc:  # a refusal to send: closed meanwhile
                                 raise self._closed_instead(exc) from exc
                         except FluxError as error:
-                            if noted:
-                                _note_exchange(binding, instruction, started, error)
+                            _note_exchange(binding, instruction, started, error)
                             raise
-                        if noted:
-                            _note_exchange(binding, instruction, started, reply)
+                        _note_exchange(binding, instruction, started, reply)
                 except FluxError as error:  # the flow judges it, and attaches its job if any
                     instruction = flow.throw(error)
                 else:

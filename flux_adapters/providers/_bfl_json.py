@@ -51,18 +51,8 @@ def build_bfl_style_body(
             body["width"], body["height"] = width, height
     if plan.ratio is not None:
         body["aspect_ratio"] = plan.ratio_text
-    # The settings set, in the order of _SETTINGS (read one by one: a loop of getattr costs
-    # more than the rest of the body).
-    if request.seed is not None:
-        body["seed"] = request.seed
-    if request.output_format is not None:
-        body["output_format"] = request.output_format
-    if request.safety_tolerance is not None:
-        body["safety_tolerance"] = request.safety_tolerance
-    if request.prompt_upsampling is not None:
-        body["prompt_upsampling"] = request.prompt_upsampling
-    if request.steps is not None:
-        body["steps"] = request.steps
-    if request.guidance is not None:
-        body["guidance"] = request.guidance
+    for key in _SETTINGS:  # those set, in this order
+        value = getattr(request, key)
+        if value is not None:
+            body[key] = value
     return body
