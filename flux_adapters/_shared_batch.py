@@ -219,6 +219,11 @@ class FsspecOutput:
             self.fs.pipe_file(temporary, data)
             self.fs.mv(temporary, f"{self.root}/{file}")
         except Exception as exc:  # any file system's own error
+            # Whatever of the temporary object was written goes (a failed write may have left
+            # part of it, a failed move all of it); if even that fails, it stays, under its
+            # temporary name only.
+            with contextlib.suppress(Exception):
+                self.fs.rm_file(temporary)
             raise OutputError(
                 f"cannot write it ({type(exc).__name__})", path=self.where(file)
             ) from None

@@ -537,6 +537,35 @@ def test_outputs_go_to_an_fsspec_url_whole(
         assert image_format(fs.cat_file(f"/shared-out/run/{name}")[:16]) == "jpeg"
 
 
+@pytest.mark.parametrize("failing", ["pipe_file", "mv"])
+def test_an_fsspec_write_that_fails_leaves_no_temporary_object(
+    failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    import fsspec
+
+    from flux_adapters._shared_batch import FsspecOutput
+    from flux_adapters.errors import OutputError
+    from flux_adapters.result import ResultImage
+    from tests.conftest import image_bytes
+
+    output = FsspecOutput("memory://failing-out/run")
+    fs = output.fs
+    real = getattr(fs, failing)
+
+    def broken(path: str, *args: Any, **kwargs: Any) -> None:
+        if failing == "pipe_file":  # part of the object is written, then the store fails
+            real(path, b"\x89PNG half of it")
+        raise ConnectionResetError("the store went away")
+
+    monkeypatch.setattr(fs, failing, broken)
+    image = ResultImage(b64_json=base64.b64encode(image_bytes(8, 8)).decode())
+    with pytest.raises(OutputError, match=r"cannot write it \(ConnectionResetError\)"):
+        asyncio.run(output.save([image], "job-1"))
+    assert fsspec.filesystem("memory").ls("/failing-out/run", detail=False) == []
+
+
 def test_a_worker_stopped_by_ctrl_c_gives_its_blocks_back_at_once(
     tmp_path: Path, redis: RedisServer
 ) -> None:
