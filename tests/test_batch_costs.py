@@ -77,11 +77,13 @@ def test_each_image_is_written_once_renamed_once_and_never_read_back(
 
 # --- memory that does not grow with the number of jobs --------------------------------------
 
-JOBS = 5000
+JOBS = 1000
+"""Far more than the bounds below (each a few times CONCURRENCY): a task or a state kept per job
+shows at any such count."""
 CONCURRENCY = 8
 
 
-def test_a_5000_job_batch_holds_a_bounded_number_of_jobs_tasks_and_states(
+def test_a_1000_job_batch_holds_a_bounded_number_of_jobs_tasks_and_states(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journals: list[Journal] = []
