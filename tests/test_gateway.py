@@ -631,7 +631,6 @@ def test_health_readiness_and_metrics(emulator: Emulator, tmp_path: Path) -> Non
     assert "flux_gateway_request_seconds" in metrics.text
 
 
-
 # -- the event loop ------------------------------------------------------------------------------
 
 
