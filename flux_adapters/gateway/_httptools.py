@@ -13,11 +13,11 @@ with `JoinedWrites` otherwise.
 from __future__ import annotations
 
 import asyncio
-from typing import ClassVar, Final
+from typing import Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from flux_adapters._serving import _JoinedTransport
+from flux_adapters._serving import HeadClock, _JoinedTransport
 
 __all__ = ["HttptoolsJoinedWrites"]
 
@@ -25,18 +25,15 @@ MOST_HEAD_BYTES: Final = 16 * 1024
 """A request head that has sent more than this without ending is answered 400 and closed."""
 
 
-class HttptoolsJoinedWrites(HttpToolsProtocol):
+class HttptoolsJoinedWrites(HeadClock, HttpToolsProtocol):
     """uvicorn's httptools protocol with a head deadline, a head size cap and joined writes.
 
     The connection waits for a head when every head it received has its message (body
     included) read and its answer sent: from the connection, and again from each complete
-    exchange. While it waits, the deadline runs (bytes of an unfinished head do not extend
-    it) and the bytes received are counted against `MOST_HEAD_BYTES`; a complete head stops
-    both, so a slow body or a slow answer is not cut.
+    exchange. While it waits, the deadline runs (`HeadClock`) and the bytes received are
+    counted against `MOST_HEAD_BYTES`; a complete head stops both.
     """
 
-    head_timeout: ClassVar[float] = 10.0
-    _deadline: asyncio.TimerHandle | None = None
     _heads = _messages = _answers = _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -49,10 +46,10 @@ class HttptoolsJoinedWrites(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._waiting():
+        if self._waiting_for_head():
             self._head_bytes += len(data)
         super().data_received(data)
-        if not self._waiting():
+        if not self._waiting_for_head():
             self._head_bytes = 0
         elif self._head_bytes > MOST_HEAD_BYTES and not self.transport.is_closing():
             self.send_400_response("Request head too large.")
@@ -72,22 +69,5 @@ class HttptoolsJoinedWrites(HttpToolsProtocol):
         self._answers += 1
         self._follow_head()
 
-    def _waiting(self) -> bool:
+    def _waiting_for_head(self) -> bool:
         return self._heads == self._messages == self._answers
-
-    def _follow_head(self) -> None:
-        if self.transport.is_closing() or not self._waiting():
-            self._stop_deadline()
-        elif self._deadline is None:
-            self._deadline = self.loop.call_later(self.head_timeout, self._head_too_late)
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _head_too_late(self) -> None:
-        self._deadline = None
-        if not self.transport.is_closing():
-            # Closed without an answer, as the h11 protocol does (`HeadDeadline`).
-            self.transport.close()
