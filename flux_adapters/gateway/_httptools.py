@@ -1,8 +1,8 @@
 """The gateway's connections on uvicorn's httptools protocol (a C parser) instead of h11.
 
 h11 parses each request and answer head in Python (a regular expression for every header):
-about 460 of the 2,600 Python function calls a gateway call makes. With httptools the gateway
-makes about 30 % fewer instructions per call (docs/benchmarks.md, row m). It keeps what the
+about 460 of the 2,600 Python function calls a gateway call makes on uvloop. With httptools it
+makes about 27 % fewer instructions per call (docs/benchmarks.md, row m). It keeps what the
 h11 protocol (`flux_adapters._serving.JoinedWrites`) gives: a deadline for each request head,
 a cap on a head's size (h11's is 16 KiB), and an answer's head and body sent in one write.
 

@@ -65,7 +65,7 @@ def event_loop() -> Literal["uvloop", "asyncio"]:
 def http_protocol() -> type[JoinedWrites] | type[HttptoolsJoinedWrites]:
     """How the gateway reads requests: httptools (C) when it is installed, else h11 (Python).
 
-    httptools comes with the ``gateway`` extra: about 30 % fewer instructions per call
+    httptools comes with the ``gateway`` extra: about 27 % fewer instructions per call
     (docs/benchmarks.md, row m). Both give each request head a deadline, cap its size and send
     an answer's head and body in one write.
     """
