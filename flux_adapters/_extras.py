@@ -8,8 +8,9 @@ feature cannot do without (the emulator, the conformance suite) is written insid
     with extra_imports():
         from flux_adapters.emulator._server import build_server
 
-The speed-ups of the ``fast`` extra (pybase64, aiohttp) and the live display of the ``cli``
-extra (rich) are not needed by anything: their imports fall back silently when missing.
+The speed-ups of the ``fast`` extra (pybase64, aiohttp), the gateway's event loop and request
+parser (uvloop, httptools, in the ``gateway`` extra) and the live display of the ``cli`` extra
+(rich) are not needed by anything: their imports fall back silently when missing.
 
 Nothing here is imported by ``import flux_adapters``; the error class is imported only when an
 import has already failed.
@@ -40,6 +41,8 @@ PROVIDED_BY: Final = {
     "pybase64": ("pybase64", "fast"),
     "aiohttp": ("aiohttp", "fast"),
     "prometheus_client": ("prometheus-client", "gateway"),
+    "uvloop": ("uvloop", "gateway"),
+    "httptools": ("httptools", "gateway"),
     "redis": ("redis", "redis"),
     "fsspec": ("fsspec", "fsspec"),
 }

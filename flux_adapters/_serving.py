@@ -25,6 +25,7 @@ from starlette.types import Message
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = [
+    "HeadClock",
     "HeadDeadline",
     "JoinedWrites",
     "LoopbackServer",
@@ -34,16 +35,53 @@ __all__ = [
 ]
 
 
-class HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol, closing connections whose request head is late.
+class HeadClock:
+    """A deadline for each request head, for a uvicorn protocol (`HeadDeadline`, the gateway's).
 
-    The deadline runs while h11 waits for a request head (``their_state`` is ``IDLE``): from the
-    connection, and again from each complete answer. Bytes of an unfinished head do not extend
-    it; a complete head stops it, so a slow body or a slow answer is not cut.
+    The protocol calls `_follow_head` after each step of its connection, and says when the
+    connection waits for a head (`_waiting_for_head`).
+
+    While it waits, one deadline runs: bytes of an unfinished head do not extend it; a complete
+    head stops it, so a slow body or a slow answer is not cut. Past it, the connection is
+    closed without an answer, as uvicorn closes an idle keep-alive connection: a 408 sent to a
+    client that sent nothing would be read as the answer to its next request.
     """
 
     head_timeout: ClassVar[float] = 10.0
     _deadline: asyncio.TimerHandle | None = None
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+
+    def _waiting_for_head(self) -> bool:
+        raise NotImplementedError
+
+    def _closing_unanswered(self) -> None:
+        """Tell the parser, if it keeps the connection's state, that it closes now."""
+
+    def _follow_head(self) -> None:
+        if self.transport.is_closing() or not self._waiting_for_head():
+            self._stop_deadline()
+        elif self._deadline is None:
+            self._deadline = self.loop.call_later(self.head_timeout, self._head_too_late)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_too_late(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self._closing_unanswered()
+            self.transport.close()
+
+
+class HeadDeadline(HeadClock, H11Protocol):
+    """uvicorn's h11 protocol, closing connections whose request head is late (`HeadClock`).
+
+    The connection waits for a head while h11's ``their_state`` is ``IDLE``: from the
+    connection, and again from each complete answer.
+    """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -61,24 +99,11 @@ class HeadDeadline(H11Protocol):
         super().on_response_complete()
         self._follow_head()
 
-    def _follow_head(self) -> None:
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-            self._stop_deadline()
-        elif self._deadline is None:
-            self._deadline = self.loop.call_later(self.head_timeout, self._head_too_late)
+    def _waiting_for_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE
 
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _head_too_late(self) -> None:
-        self._deadline = None
-        if not self.transport.is_closing():
-            # Close without an answer, as uvicorn does for an idle keep-alive connection: a 408
-            # sent to a client that sent nothing would be read as the answer to its next request.
-            self.conn.send(h11.ConnectionClosed())
-            self.transport.close()
+    def _closing_unanswered(self) -> None:
+        self.conn.send(h11.ConnectionClosed())
 
 
 _JOINED_BYTES = 64 * 1024

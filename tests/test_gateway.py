@@ -4,6 +4,7 @@ error shapes and what a hostile client gets. Nothing leaves the machine."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import io
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 from PIL import Image
 
 from flux_adapters import AsyncFluxClient
+from flux_adapters._serving import LoopbackServer
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.gateway import FileKeys, RunningGateway, run_gateway
@@ -626,6 +629,59 @@ def test_health_readiness_and_metrics(emulator: Emulator, tmp_path: Path) -> Non
     assert ready == {"status": "ready", "providers": ["laozhang"]}
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "flux_gateway_request_seconds" in metrics.text
+
+
+# -- the event loop ------------------------------------------------------------------------------
+
+
+def loops_started(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.AbstractEventLoop]:
+    """The event loop of each server (gateway or emulator) started from now on, in order."""
+    started: list[asyncio.AbstractEventLoop] = []
+    original = LoopbackServer.startup
+
+    async def startup(self: LoopbackServer, sockets: list[socket.socket] | None = None) -> None:
+        started.append(asyncio.get_running_loop())
+        await original(self, sockets)
+
+    monkeypatch.setattr(LoopbackServer, "startup", startup)
+    return started
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["uvloop", "without-uvloop"])
+def test_the_gateway_serves_on_uvloop_when_installed_else_on_asyncio(
+    installed: bool, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvloop
+
+    started = loops_started(monkeypatch)
+    if not installed:
+        monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` fails, as if absent
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key(name="app")
+        images = sdk(gateway, key).images.generate(
+            model="flux-2-pro", prompt="a robot", extra_body={"width": 64, "height": 64}
+        )
+        assert images.data is not None
+        assert images.data[0].url is not None
+        data = fetched(images.data[0].url)
+    assert size_of(data) == (64, 64)
+    [loop] = started
+    assert isinstance(loop, uvloop.Loop) is installed
+    assert isinstance(loop, asyncio.BaseEventLoop) is not installed  # asyncio's own
+
+
+def test_the_emulator_stays_on_asyncio_beside_the_gateways_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The emulator is the baseline of the gateway's benchmark: uvloop installed changes nothing."""
+    import uvloop  # installed here (the gateway extra), so uvicorn's default would take it
+
+    started = loops_started(monkeypatch)
+    with run_emulator():
+        pass
+    [loop] = started
+    assert not isinstance(loop, uvloop.Loop)
+    assert isinstance(loop, asyncio.BaseEventLoop)
 
 
 # -- several gateways, one Redis -----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The gateway's connections send an answer's head and body in one write (`_JoinedTransport`)."""
+"""The gateway's connections send an answer's head and body in one write (`_JoinedTransport`), on
+either of its protocols (h11's `JoinedWrites`, httptools' `HttptoolsJoinedWrites`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from flux_adapters._serving import _JOINED_BYTES, _JoinedTransport
+import pytest
+
+from flux_adapters._serving import _JOINED_BYTES, JoinedWrites, _JoinedTransport
+from flux_adapters.gateway._httptools import HttptoolsJoinedWrites
 
 
 class Recorded(asyncio.Transport):
@@ -121,7 +125,12 @@ def _answers(connection: socket.socket, count: int) -> list[bytes]:
     return bodies
 
 
-def test_pipelined_answers_of_every_shape_arrive_whole_and_in_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "protocol", [JoinedWrites, HttptoolsJoinedWrites], ids=["h11", "httptools"]
+)
+def test_pipelined_answers_of_every_shape_arrive_whole_and_in_order(
+    protocol: type[asyncio.Protocol], tmp_path: Path
+) -> None:
     """A client that sends 25 requests at once and reads them through a small receive buffer
     (the server's writes pause and resume): small JSON, a slow stream, bodies just past the
     joining size, 3,000 small pieces, a file of 2 MB. Then clients that hang up mid-answer, at
@@ -132,7 +141,7 @@ def test_pipelined_answers_of_every_shape_arrive_whole_and_in_order(tmp_path: Pa
     from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    from flux_adapters._serving import JoinedWrites, LoopbackServer, listening_socket
+    from flux_adapters._serving import LoopbackServer, listening_socket
 
     large = os.urandom(2 * 1024 * 1024 + 7)
     (tmp_path / "large").write_bytes(large)
@@ -168,7 +177,7 @@ def test_pipelined_answers_of_every_shape_arrive_whole_and_in_order(tmp_path: Pa
         ]
     )
     sock = listening_socket("127.0.0.1", 0)
-    config = uvicorn.Config(app, http=JoinedWrites, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, http=protocol, log_level="warning", lifespan="off")
     paths = [list(expected)[n % len(expected)] + (str(n) if n % 5 == 0 else "") for n in range(25)]
 
     def asked(*paths: str) -> bytes:

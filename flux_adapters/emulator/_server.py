@@ -73,6 +73,10 @@ def build_server(
             log_config=LOGGING_CONFIG if own_logging else None,
             access_log=False,
             lifespan="off",
+            # asyncio's own loop, even with uvloop installed (the gateway extra brings it, and
+            # uvicorn's default would take it): the emulator is the baseline the gateway's
+            # benchmark compares with, and serves tests the same on every install.
+            loop="asyncio",
         )
         return EmulatorServer(config), sock
     except BaseException:

@@ -1,0 +1,167 @@
+"""The gateway's connections against slow, silent and oversized request heads, on either of
+its protocols: httptools (installed with the ``gateway`` extra) and h11 (without httptools)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flux_adapters import AsyncFluxClient
+from flux_adapters.emulator import Emulator, run_emulator
+from flux_adapters.gateway import RunningGateway, run_gateway
+from flux_adapters.gateway._httptools import MOST_HEAD_BYTES
+
+HEAD_TIMEOUT = 0.5
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    with run_emulator() as running:
+        yield running
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def gateway(
+    request: pytest.FixtureRequest,
+    emulator: Emulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[RunningGateway, str]]:
+    """A gateway with a short head deadline, on the protocol named, and a key for it."""
+    from flux_adapters._serving import JoinedWrites
+    from flux_adapters.gateway._httptools import HttptoolsJoinedWrites
+    from flux_adapters.gateway._server import http_protocol
+
+    if request.param == "h11":
+        monkeypatch.setitem(sys.modules, "httptools", None)  # `import httptools` fails
+    assert http_protocol() is (JoinedWrites if request.param == "h11" else HttptoolsJoinedWrites)
+
+    def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
+        return AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+
+    with run_gateway(files_dir=tmp_path, clients=make, header_timeout=HEAD_TIMEOUT) as running:
+        key, _ = running.add_key(name="app")
+        yield running, key
+
+
+def connect(gateway: RunningGateway) -> socket.socket:
+    port = int(gateway.root.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def answer(sock: socket.socket) -> tuple[bytes, dict[str, str], bytes]:
+    """The status line, headers and body of one answer read from *sock*."""
+    reader = sock.makefile("rb")
+    status = reader.readline()
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, reader.read(int(headers.get("content-length", "0")))
+
+
+def generation(key: str, body: bytes) -> bytes:
+    return (
+        f"POST /v1/images/generations HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+
+def test_a_connection_that_sends_nothing_is_closed(gateway: tuple[RunningGateway, str]) -> None:
+    with connect(gateway[0]) as sock:
+        started = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the gateway, no answer
+        assert time.monotonic() - started < 5
+
+
+def test_a_request_head_sent_one_line_at_a_time_is_cut_off(
+    gateway: tuple[RunningGateway, str],
+) -> None:
+    with connect(gateway[0]) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        with pytest.raises(OSError):  # noqa: PT011, PT012  (a write meets the closed socket)
+            for line in range(100):
+                time.sleep(HEAD_TIMEOUT / 4)
+                sock.sendall(b"X-Slow: %d\r\n" % line)
+        assert time.monotonic() - started < 5
+
+
+def test_the_next_head_on_a_kept_alive_connection_has_a_deadline_and_keep_alive_works(
+    gateway: tuple[RunningGateway, str],
+) -> None:
+    with connect(gateway[0]) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            status, _, body = answer(sock)
+            assert status.startswith(b"HTTP/1.1 200")
+            assert json.loads(body) == {"status": "ok"}
+            time.sleep(HEAD_TIMEOUT / 2)  # idle, but within the deadline
+        started = time.monotonic()
+        with pytest.raises(OSError):  # noqa: PT011, PT012
+            for _ in range(100):
+                sock.sendall(b"G")
+                time.sleep(HEAD_TIMEOUT / 4)
+        assert time.monotonic() - started < 5
+
+
+def test_a_slow_body_and_a_slow_answer_are_not_cut_by_the_head_deadline(
+    gateway: tuple[RunningGateway, str], emulator: Emulator
+) -> None:
+    from flux_adapters.emulator import Fault
+
+    running, key = gateway
+    body = json.dumps({"model": "flux-2-pro", "prompt": "a robot"}).encode()
+    emulator.inject("laozhang", Fault(delay=HEAD_TIMEOUT * 2, first=1))
+    with connect(running) as sock:
+        sock.settimeout(30)
+        sock.sendall(generation(key, body))
+        for index in range(0, len(body), 10):
+            time.sleep(HEAD_TIMEOUT / 5)
+            sock.sendall(body[index : index + 10])
+        status, headers, answered = answer(sock)
+    assert status.startswith(b"HTTP/1.1 200"), answered
+    assert headers["x-flux-provider"] == "laozhang"
+    assert json.loads(answered)["data"][0]["url"].startswith("http://gw/v1/files/")
+
+
+def test_a_head_larger_than_the_cap_is_a_400_and_the_connection_closed(
+    gateway: tuple[RunningGateway, str],
+) -> None:
+    padding = b"".join(b"X-Padding-%d: %s\r\n" % (n, b"p" * 1000) for n in range(17))
+    with connect(gateway[0]) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n" + padding)  # and no end
+        status, _, _ = answer(sock)
+        assert status.startswith(b"HTTP/1.1 400"), status
+        assert sock.recv(100) == b""  # closed
+
+
+def test_a_head_just_under_the_cap_is_served(gateway: tuple[RunningGateway, str]) -> None:
+    padding = b"".join(b"X-Padding-%d: %s\r\n" % (n, b"p" * 900) for n in range(15))
+    with connect(gateway[0]) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n" + padding + b"\r\n")
+        status, _, body = answer(sock)
+    assert status.startswith(b"HTTP/1.1 200")
+    assert json.loads(body) == {"status": "ok"}
+
+
+def test_a_large_body_after_an_early_answer_is_not_taken_for_a_head(
+    gateway: tuple[RunningGateway, str],
+) -> None:
+    """A wrong key is answered before the body is read; the body still arriving afterwards is
+    the rest of that request, not a head over the cap, and the connection serves the next one."""
+    body = json.dumps({"model": "flux-2-pro", "prompt": "p" * (MOST_HEAD_BYTES * 4)}).encode()
+    with connect(gateway[0]) as sock:
+        sock.sendall(generation("fxg_wrong", body))
+        status, _, _ = answer(sock)
+        assert status.startswith(b"HTTP/1.1 401")
+        sock.sendall(body + b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        status, _, answered = answer(sock)
+    assert status.startswith(b"HTTP/1.1 200"), answered
+    assert json.loads(answered) == {"status": "ok"}
