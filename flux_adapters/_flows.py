@@ -358,6 +358,10 @@ def job_flow(
     )
     try:
         yield Accepted(job)
+    except StopJob as stop:  # the caller stopped while the job was being kept: it is taken
+        stop.job = job
+        stop.cancelled = yield from _cancel(adapter, job)
+        raise
     except FluxError as error:  # the job could not be recorded: it was accepted all the same
         error.job = job
         raise

@@ -653,6 +653,63 @@ def test_cancelling_the_async_task_cancels_the_job() -> None:
     assert fake.count("POST", "/cancel") == 1
 
 
+def test_ctrl_c_while_the_accepted_job_is_being_noted_cancels_it_and_says_so() -> None:
+    # Ctrl-C can land at any instruction; here just after the provider took the job, while the
+    # client logs that it did (before the first poll): the job must not be left running unsaid.
+    class Interrupting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "accepted the job" in record.getMessage():
+                raise KeyboardInterrupt
+
+    fake = FakeQueue()
+    logger = logging.getLogger("flux_adapters")
+    handler, level = Interrupting(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            run("sync", fake, T2I, provider=Queue())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert fake.count("POST", "/cancel") == 1
+    assert caught.value.__notes__ == ["flux-adapters: the queue job 'q-1' was cancelled"]
+
+
+def test_a_task_cancelled_while_its_accepted_job_is_kept_cancels_the_job() -> None:
+    # The batch journal makes the accepted job durable (an fsync awaited); a batch closed then
+    # cancels its tasks there: the job, taken and billed, must be cancelled like any other.
+    fake = FakeQueue()
+
+    class Keeping:  # a watcher whose keeping of the job takes a while (a slow disk)
+        def __init__(self) -> None:
+            self.keeping = asyncio.Event()
+
+        async def sending(self, provider: str) -> None:
+            pass
+
+        async def accepted(self, provider: str, job: Job) -> None:
+            self.keeping.set()
+            await asyncio.Event().wait()
+
+        def finished(self, *args: object) -> None:
+            pass
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as http:
+            client = AsyncFluxClient(Queue(), api_key=KEY, http_client=http, polling=FAST)
+            watcher = Keeping()
+            task = asyncio.create_task(client._edit(T2I, watcher))
+            await watcher.keeping.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await task
+            assert caught.value.__notes__ == ["flux-adapters: the queue job 'q-1' was cancelled"]
+
+    asyncio.run(main())
+    assert fake.count("POST", "/cancel") == 1
+
+
 def test_nothing_is_cancelled_when_the_caller_stops_before_the_job_was_accepted() -> None:
     def submit_interrupted(request: httpx.Request) -> httpx.Response:
         raise KeyboardInterrupt
