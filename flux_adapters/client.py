@@ -1266,6 +1266,12 @@ def _noted(interruption: BaseException, stop: StopJob) -> None:
         interruption.add_note(f"flux-adapters: {escape_controls(said)}")
 
 
+def _unanswered(stop: StopJob) -> StopJob:
+    """*stop* when its job's cancel was itself cut short: no answer, the job may go on."""
+    stop.cancelled = False
+    return stop
+
+
 def _adapter_of(binding: object) -> AnyAdapter:
     assert isinstance(binding, _Binding)
     return binding.adapter
@@ -1566,6 +1572,9 @@ class FluxClient(_ClientBase):
                     reply = self._send(binding, instruction)
                 except FluxError as error:
                     instruction = flow.throw(error)
+                except KeyboardInterrupt as again:  # Ctrl-C again: the job must still be named
+                    _noted(again, _unanswered(stop))
+                    raise
                 else:
                     instruction = flow.send(reply)
         except (StopJob, StopIteration, FluxError):
@@ -1924,6 +1933,9 @@ class AsyncFluxClient(_ClientBase):
                     reply = await self._send(binding, instruction)
                 except FluxError as error:
                     instruction = flow.throw(error)
+                except asyncio.CancelledError as again:  # cancelled again: still name the job
+                    _noted(again, _unanswered(stop))
+                    raise
                 else:
                     instruction = flow.send(reply)
         except (StopJob, StopIteration, FluxError):

@@ -710,6 +710,53 @@ def test_a_task_cancelled_while_its_accepted_job_is_kept_cancels_the_job() -> No
     assert fake.count("POST", "/cancel") == 1
 
 
+def test_ctrl_c_again_while_the_job_is_being_cancelled_still_names_the_job() -> None:
+    # A cancel may take up to 10 s; a user pressing Ctrl-C a second time must still learn which
+    # job may go on (to resume or check it), not just "interrupted".
+    class Twice(FakeQueue):
+        def answer(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/cancel"):
+                raise KeyboardInterrupt
+            return super().answer(request)
+
+    fake = Twice(interrupt_on_poll=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=Queue())
+    assert fake.count("POST", "/cancel") == 1
+    assert caught.value.__notes__ == [
+        "flux-adapters: the queue job 'q-1' goes on (its cancel was refused or not answered):"
+        " it may still finish, and be billed"
+    ]
+
+
+def test_a_task_cancelled_again_while_its_job_is_being_cancelled_still_names_the_job() -> None:
+    fake = FakeQueue()
+    cancelling = threading.Event()
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/cancel"):
+            cancelling.set()
+            await asyncio.Event().wait()  # the cancel hangs
+        return fake(request)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+            client = AsyncFluxClient(Queue(), api_key=KEY, http_client=http, polling=FAST)
+            task = asyncio.create_task(client.edit(T2I))
+            while fake.count("GET") < 1:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            while not cancelling.is_set():
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await task
+            (said,) = caught.value.__notes__
+            assert said.startswith("flux-adapters: the queue job 'q-1' goes on")
+
+    asyncio.run(main())
+
+
 def test_nothing_is_cancelled_when_the_caller_stops_before_the_job_was_accepted() -> None:
     def submit_interrupted(request: httpx.Request) -> httpx.Response:
         raise KeyboardInterrupt
