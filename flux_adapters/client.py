@@ -1257,11 +1257,11 @@ def _note_accepted(binding: _Binding, accepted: Accepted) -> None:
     )
 
 
-def _noted(interruption: BaseException, stop: StopJob) -> None:
+def _noted(interruption: BaseException, stop: StopJob, scrub: Redactor) -> None:
     """Add to *interruption* (Ctrl-C, a cancelled task) what became of the job it cut short."""
     from flux_adapters._display import escape_controls
 
-    said = stop.note()
+    said = stop.note(scrub)
     if said is not None:
         interruption.add_note(f"flux-adapters: {escape_controls(said)}")
 
@@ -1532,7 +1532,7 @@ class FluxClient(_ClientBase):
             result: _T = finished.value
             return result
         except KeyboardInterrupt as interrupt:
-            _noted(interrupt, self._stop(binding, flow))
+            _noted(interrupt, self._stop(binding, flow), binding.scrub)
             raise
         finally:
             flow.close()
@@ -1573,7 +1573,7 @@ class FluxClient(_ClientBase):
                 except FluxError as error:
                     instruction = flow.throw(error)
                 except KeyboardInterrupt as again:  # Ctrl-C again: the job must still be named
-                    _noted(again, _unanswered(stop))
+                    _noted(again, _unanswered(stop), binding.scrub)
                     raise
                 else:
                     instruction = flow.send(reply)
@@ -1900,7 +1900,7 @@ class AsyncFluxClient(_ClientBase):
             result: _T = finished.value
             return result
         except asyncio.CancelledError as cancelled:
-            _noted(cancelled, await self._stop(binding, flow))
+            _noted(cancelled, await self._stop(binding, flow), binding.scrub)
             raise
         finally:
             flow.close()
@@ -1934,7 +1934,7 @@ class AsyncFluxClient(_ClientBase):
                 except FluxError as error:
                     instruction = flow.throw(error)
                 except asyncio.CancelledError as again:  # cancelled again: still name the job
-                    _noted(again, _unanswered(stop))
+                    _noted(again, _unanswered(stop), binding.scrub)
                     raise
                 else:
                     instruction = flow.send(reply)

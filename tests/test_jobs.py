@@ -757,6 +757,36 @@ def test_a_task_cancelled_again_while_its_job_is_being_cancelled_still_names_the
     asyncio.run(main())
 
 
+class _Unshowable(str):
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize(
+    "ident",
+    [f"q-1{KEY}", "q" * 1_000_000, _Unshowable("q-1"), 12345],
+    ids=["the-key-echoed", "a-megabyte", "a-str-whose-repr-raises", "no-text"],
+)
+def test_the_note_on_an_interruption_never_shows_the_key_nor_runs_long_nor_raises(
+    ident: object,
+) -> None:
+    # The job's id comes from the provider (through its adapter): it may echo the key, be
+    # huge, or (an adapter's bug) be no plain text. The interruption must still come out as
+    # itself, with a short note that names the job without the key.
+    class Echoing(Queue):
+        def parse_submit(self, response: HttpResponse) -> Submitted:
+            return attrs.evolve(super().parse_submit(response), id=ident)
+
+    fake = FakeQueue(interrupt_on_poll=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=Echoing())
+    (said,) = caught.value.__notes__
+    assert said.startswith("flux-adapters: the queue job ")
+    assert said.endswith(" was cancelled")
+    assert KEY not in said
+    assert len(said) < 400
+
+
 def test_nothing_is_cancelled_when_the_caller_stops_before_the_job_was_accepted() -> None:
     def submit_interrupted(request: httpx.Request) -> httpx.Response:
         raise KeyboardInterrupt
