@@ -5,6 +5,7 @@ real parts (the loopback emulator, a real redis-server, real files), then fixed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -79,8 +80,19 @@ def test_a_json_body_of_a_million_tiny_values_is_refused_before_it_is_parsed(
     assert commas.status_code == 200, commas.text
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        '{"keys": [',  # cut short by a full disk, say
+        # a hand edit: a number too large for a float (json reads it as an int; float() of it
+        # raised OverflowError, outside the refusals of a damaged record)
+        json.dumps({"keys": [{"id": "a", "key_hash": "0" * 64, "budget_usd": 10**400}]}),
+        json.dumps({"keys": [{"id": "a", "key_hash": "0" * 64, "created": 10**400}]}),
+    ],
+    ids=["cut-short", "huge-budget", "huge-created"],
+)
 def test_a_damaged_key_file_is_a_500_that_names_the_problem_in_the_log_not_a_bug(
-    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    damaged: str, emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "keys.json"
     keys = FileKeys(path)
@@ -88,7 +100,7 @@ def test_a_damaged_key_file_is_a_500_that_names_the_problem_in_the_log_not_a_bug
         files_dir=tmp_path / "files", clients=single(emulator, "laozhang"), keys=keys
     ) as gateway:
         key, _ = gateway.add_key()
-        path.write_text('{"keys": [', encoding="utf-8")  # cut short by a full disk, say
+        path.write_text(damaged, encoding="utf-8")
         with caplog.at_level("ERROR", logger="flux_adapters.gateway"):
             answer = httpx.post(
                 gateway.url + "/images/generations",
