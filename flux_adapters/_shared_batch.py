@@ -224,9 +224,18 @@ class FsspecOutput:
             # temporary name only.
             with contextlib.suppress(Exception):
                 self.fs.rm_file(temporary)
+            if self._holds(file, data):  # a move is a copy, then a delete: only the delete failed
+                return
             raise OutputError(
                 f"cannot write it ({type(exc).__name__})", path=self.where(file)
             ) from None
+
+    def _holds(self, file: str, data: bytes) -> bool:
+        """Whether *file* holds exactly *data* (read back; ``False`` when it cannot be read)."""
+        try:
+            return bool(self.fs.cat_file(f"{self.root}/{file}") == data)
+        except Exception:  # any file system's own error
+            return False
 
     async def identities(self, name: str) -> dict[str, str]:
         return await asyncio.to_thread(self._identities, name)
