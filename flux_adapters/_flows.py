@@ -426,7 +426,11 @@ def follow_job(
                 return (yield from _fetch(adapter, job, secrets, polling, chance, ends, clock))
             wait = _next_wait(wait, polling, state)
     except _Deadline:
-        cancelled = yield from _cancel(adapter, job)
+        try:
+            cancelled = yield from _cancel(adapter, job)
+        except StopJob as stop:  # the caller stopped too, the cancel under way: no answer
+            stop.job, stop.cancelled = job, False
+            raise
         timeout = JobTimeout(
             f"the job did not finish within {polling.deadline:g} s"
             + ("; it was cancelled" if cancelled else "; it may still finish (resume it)"),

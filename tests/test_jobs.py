@@ -757,6 +757,24 @@ def test_a_task_cancelled_again_while_its_job_is_being_cancelled_still_names_the
     asyncio.run(main())
 
 
+def test_ctrl_c_while_the_deadline_cancels_the_job_still_names_the_job() -> None:
+    # The deadline passed and its cancel is under way (up to 10 s) when the user gives up too.
+    class CtrlCAtCancel(FakeQueue):
+        def answer(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/cancel"):
+                raise KeyboardInterrupt
+            return super().answer(request)
+
+    fake = CtrlCAtCancel()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=Queue(), polling=Polling(first=0.01, deadline=0.1))
+    assert fake.count("POST", "/cancel") == 1
+    assert caught.value.__notes__ == [
+        "flux-adapters: the queue job 'q-1' goes on (its cancel was refused or not answered):"
+        " it may still finish, and be billed"
+    ]
+
+
 class _Unshowable(str):
     def __repr__(self) -> str:
         raise RuntimeError("no repr")
