@@ -231,9 +231,13 @@ class FsspecOutput:
             ) from None
 
     def _holds(self, file: str, data: bytes) -> bool:
-        """Whether *file* holds exactly *data* (read back; ``False`` when it cannot be read)."""
+        """Whether *file* holds exactly *data* (read back; ``False`` when it cannot be read).
+
+        Its size is asked first: an object of another size is not read at all, however large.
+        """
+        path = f"{self.root}/{file}"
         try:
-            return bool(self.fs.cat_file(f"{self.root}/{file}") == data)
+            return self.fs.size(path) == len(data) and bool(self.fs.cat_file(path) == data)
         except Exception:  # any file system's own error
             return False
 
