@@ -264,8 +264,11 @@ class StopJob(Exception):
             return None
         provider = self.job.provider
         what = f"the {provider} job {_shown_id(self.job.id, scrub)}"
-        if self.cancelled:
-            return f"{what} was cancelled"
+        if self.cancelled:  # taken: fal removes a queued job, signals a running one to stop
+            return (
+                f"{what} was cancelled if it had not started ({provider} accepted the cancel);"
+                " if it had, it may still finish, and be billed"
+            )
         why = (
             f"{provider} offers no cancel"
             if self.cancelled is None
