@@ -433,7 +433,12 @@ def follow_job(
             raise
         timeout = JobTimeout(
             f"the job did not finish within {polling.deadline:g} s"
-            + ("; it was cancelled" if cancelled else "; it may still finish (resume it)"),
+            + (
+                "; it was cancelled if it had not started (if it had, it may still finish:"
+                " resume it)"
+                if cancelled
+                else "; it may still finish (resume it)"
+            ),
             provider=adapter.name,
             job_id=job.id,
             waited=clock() - begun,
