@@ -363,7 +363,7 @@ def job_flow(
         stop.cancelled = yield from _cancel(adapter, job)
         raise
     except FluxError as error:  # the job could not be recorded: it was accepted all the same
-        error.job = job
+        _attach(error, job, secrets)
         raise
     answer = yield from follow_job(
         adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
@@ -444,15 +444,31 @@ def follow_job(
             waited=clock() - begun,
             cancelled=cancelled,
         )
-        timeout.job = job
+        _attach(timeout, job, secrets)
         raise timeout from None
     except StopJob as stop:
         stop.job = job
         stop.cancelled = yield from _cancel(adapter, job)
         raise
     except FluxError as error:
-        error.job = job
+        _attach(error, job, secrets)
         raise
+
+
+def _attach(error: FluxError, job: Job, secrets: tuple[str, ...]) -> None:
+    """Give *error* its *job*; the ids its message shows without a key the provider echoed.
+
+    Only an id that holds one is shown changed (the job's id stands for the request id when
+    no header gave one); the job itself (``error.job``) keeps it whole, to be polled again.
+    """
+    error.job = job
+    if not any(secret and secret in job.id for secret in secrets):
+        return
+    shown = redact(job.id, secrets)
+    if isinstance(error, JobError) and error.job_id == job.id:
+        error.job_id = shown
+    if error._request_id is None:
+        error._request_id = shown
 
 
 def _pause(wait: float, polling: Polling, chance: random.Random, left: float) -> _Steps[None]:

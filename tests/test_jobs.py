@@ -590,6 +590,29 @@ def test_a_deadline_sends_exactly_one_cancel_and_says_it_was_accepted(kind: str)
     assert fake.count("POST", "/jobs") - fake.count("POST", "/cancel") == 1  # one submit
 
 
+@both
+@pytest.mark.parametrize("ends", ["failed", "deadline"])
+def test_a_job_id_that_echoes_the_key_is_shown_without_it_and_kept_whole_to_resume(
+    kind: str, ends: str
+) -> None:
+    # A hostile (or careless) provider's job id may hold the key it was sent; the error's
+    # message reaches terminals and logs, as the note on an interruption does.
+    submit = httpx.Response(
+        200,
+        json={"id": f"job-{KEY}", "polling_url": "https://api.eu2.bfl.ai/v1/get_result?id=1"},
+    )
+    outcome = {"status": "Error", "details": "the runner failed"}
+    fake = FakeBfl(pending=10**6 if ends == "deadline" else 0, outcome=outcome, submit=submit)
+    polling = Polling(first=0.01, deadline=0.1) if ends == "deadline" else FAST
+    with pytest.raises(errors.JobError) as caught:
+        run(kind, fake, T2I, polling=polling)
+    assert isinstance(caught.value, errors.JobTimeout if ends == "deadline" else errors.JobFailed)
+    assert KEY not in str(caught.value)
+    assert KEY not in caught.value.job_id
+    assert caught.value.job is not None
+    assert caught.value.job.id == f"job-{KEY}"  # what resume() polls, whole
+
+
 def test_ctrl_c_while_waiting_cancels_the_job_then_propagates_saying_so() -> None:
     fake = FakeQueue(interrupt_on_poll=2)
     with pytest.raises(KeyboardInterrupt) as caught:
