@@ -1532,7 +1532,7 @@ class FluxClient(_ClientBase):
             result: _T = finished.value
             return result
         except KeyboardInterrupt as interrupt:
-            _noted(interrupt, self._stop(binding, flow), binding.scrub)
+            _noted(interrupt, self._stop(binding, flow), binding.key_only)
             raise
         finally:
             flow.close()
@@ -1573,7 +1573,7 @@ class FluxClient(_ClientBase):
                 except FluxError as error:
                     instruction = flow.throw(error)
                 except KeyboardInterrupt as again:  # Ctrl-C again: the job must still be named
-                    _noted(again, _unanswered(stop), binding.scrub)
+                    _noted(again, _unanswered(stop), binding.key_only)
                     raise
                 else:
                     instruction = flow.send(reply)
@@ -1900,7 +1900,7 @@ class AsyncFluxClient(_ClientBase):
             result: _T = finished.value
             return result
         except asyncio.CancelledError as cancelled:
-            _noted(cancelled, await self._stop(binding, flow), binding.scrub)
+            _noted(cancelled, await self._stop(binding, flow), binding.key_only)
             raise
         finally:
             flow.close()
@@ -1934,7 +1934,7 @@ class AsyncFluxClient(_ClientBase):
                 except FluxError as error:
                     instruction = flow.throw(error)
                 except asyncio.CancelledError as again:  # cancelled again: still name the job
-                    _noted(again, _unanswered(stop), binding.scrub)
+                    _noted(again, _unanswered(stop), binding.key_only)
                     raise
                 else:
                     instruction = flow.send(reply)

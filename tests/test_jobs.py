@@ -836,6 +836,22 @@ def test_the_note_on_an_interruption_never_shows_the_key_nor_runs_long_nor_raise
     assert len(said) < 400
 
 
+def test_the_note_keeps_a_job_id_that_only_looks_like_a_key() -> None:
+    # Only the client's own keys are removed: an id shaped like some key (sk-..., 40 hex) is
+    # the one handle the user has on a job that may go on.
+    ident = "sk-abcdefghijklmnopqrstuvwx1234"
+
+    class KeyShaped(Queue):
+        def parse_submit(self, response: HttpResponse) -> Submitted:
+            return attrs.evolve(super().parse_submit(response), id=ident)
+
+    fake = FakeQueue(interrupt_on_poll=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=KeyShaped())
+    (said,) = caught.value.__notes__
+    assert said.startswith(f"flux-adapters: the queue job '{ident}' ")
+
+
 def test_nothing_is_cancelled_when_the_caller_stops_before_the_job_was_accepted() -> None:
     def submit_interrupted(request: httpx.Request) -> httpx.Response:
         raise KeyboardInterrupt
