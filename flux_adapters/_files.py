@@ -279,7 +279,8 @@ def check_extension(target: Path, found: str | None) -> None:
     named = extension_format(target)
     if named is None or found is None or named == found:
         return
-    suggested = target.with_suffix(f".{found}")
+    # A name that is only an extension (".png") has no suffix to pathlib: it is replaced whole.
+    suggested = target.with_suffix(f".{found}") if target.suffix else target.with_name(f".{found}")
     raise ExtensionMismatch(
         f"the image is {format_name(found)}, but the name says {format_name(named)}; "
         f"save it as {suggested.name} (nothing was written)",

@@ -358,8 +358,12 @@ def job_flow(
     )
     try:
         yield Accepted(job)
+    except StopJob as stop:  # the caller stopped while the job was being kept: it is taken
+        stop.job = job
+        stop.cancelled = yield from _cancel(adapter, job)
+        raise
     except FluxError as error:  # the job could not be recorded: it was accepted all the same
-        error.job = job
+        _attach(error, job, secrets)
         raise
     answer = yield from follow_job(
         adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
@@ -422,24 +426,49 @@ def follow_job(
                 return (yield from _fetch(adapter, job, secrets, polling, chance, ends, clock))
             wait = _next_wait(wait, polling, state)
     except _Deadline:
-        cancelled = yield from _cancel(adapter, job)
+        try:
+            cancelled = yield from _cancel(adapter, job)
+        except StopJob as stop:  # the caller stopped too, the cancel under way: no answer
+            stop.job, stop.cancelled = job, False
+            raise
         timeout = JobTimeout(
             f"the job did not finish within {polling.deadline:g} s"
-            + ("; it was cancelled" if cancelled else "; it may still finish (resume it)"),
+            + (
+                "; it was cancelled if it had not started (if it had, it may still finish:"
+                " resume it)"
+                if cancelled
+                else "; it may still finish (resume it)"
+            ),
             provider=adapter.name,
             job_id=job.id,
             waited=clock() - begun,
             cancelled=cancelled,
         )
-        timeout.job = job
+        _attach(timeout, job, secrets)
         raise timeout from None
     except StopJob as stop:
         stop.job = job
         stop.cancelled = yield from _cancel(adapter, job)
         raise
     except FluxError as error:
-        error.job = job
+        _attach(error, job, secrets)
         raise
+
+
+def _attach(error: FluxError, job: Job, secrets: tuple[str, ...]) -> None:
+    """Give *error* its *job*; the ids its message shows without a key the provider echoed.
+
+    Only an id that holds one is shown changed (the job's id stands for the request id when
+    no header gave one); the job itself (``error.job``) keeps it whole, to be polled again.
+    """
+    error.job = job
+    if not any(secret and secret in job.id for secret in secrets):
+        return
+    shown = redact(job.id, secrets)
+    if isinstance(error, JobError) and error.job_id == job.id:
+        error.job_id = shown
+    if error._request_id is None:
+        error._request_id = shown
 
 
 def _pause(wait: float, polling: Polling, chance: random.Random, left: float) -> _Steps[None]:

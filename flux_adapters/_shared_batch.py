@@ -224,9 +224,22 @@ class FsspecOutput:
             # temporary name only.
             with contextlib.suppress(Exception):
                 self.fs.rm_file(temporary)
+            if self._holds(file, data):  # a move is a copy, then a delete: only the delete failed
+                return
             raise OutputError(
                 f"cannot write it ({type(exc).__name__})", path=self.where(file)
             ) from None
+
+    def _holds(self, file: str, data: bytes) -> bool:
+        """Whether *file* holds exactly *data* (read back; ``False`` when it cannot be read).
+
+        Its size is asked first: an object of another size is not read at all, however large.
+        """
+        path = f"{self.root}/{file}"
+        try:
+            return self.fs.size(path) == len(data) and bool(self.fs.cat_file(path) == data)
+        except Exception:  # any file system's own error
+            return False
 
     async def identities(self, name: str) -> dict[str, str]:
         return await asyncio.to_thread(self._identities, name)

@@ -1257,13 +1257,19 @@ def _note_accepted(binding: _Binding, accepted: Accepted) -> None:
     )
 
 
-def _noted(interruption: BaseException, stop: StopJob) -> None:
+def _noted(interruption: BaseException, stop: StopJob, scrub: Redactor) -> None:
     """Add to *interruption* (Ctrl-C, a cancelled task) what became of the job it cut short."""
     from flux_adapters._display import escape_controls
 
-    said = stop.note()
+    said = stop.note(scrub)
     if said is not None:
         interruption.add_note(f"flux-adapters: {escape_controls(said)}")
+
+
+def _unanswered(stop: StopJob) -> StopJob:
+    """*stop* when its job's cancel was itself cut short: no answer, the job may go on."""
+    stop.cancelled = False
+    return stop
 
 
 def _adapter_of(binding: object) -> AnyAdapter:
@@ -1526,7 +1532,7 @@ class FluxClient(_ClientBase):
             result: _T = finished.value
             return result
         except KeyboardInterrupt as interrupt:
-            _noted(interrupt, self._stop(binding, flow))
+            _noted(interrupt, self._stop(binding, flow), binding.key_only)
             raise
         finally:
             flow.close()
@@ -1566,6 +1572,9 @@ class FluxClient(_ClientBase):
                     reply = self._send(binding, instruction)
                 except FluxError as error:
                     instruction = flow.throw(error)
+                except KeyboardInterrupt as again:  # Ctrl-C again: the job must still be named
+                    _noted(again, _unanswered(stop), binding.key_only)
+                    raise
                 else:
                     instruction = flow.send(reply)
         except (StopJob, StopIteration, FluxError):
@@ -1891,7 +1900,7 @@ class AsyncFluxClient(_ClientBase):
             result: _T = finished.value
             return result
         except asyncio.CancelledError as cancelled:
-            _noted(cancelled, await self._stop(binding, flow))
+            _noted(cancelled, await self._stop(binding, flow), binding.key_only)
             raise
         finally:
             flow.close()
@@ -1924,6 +1933,9 @@ class AsyncFluxClient(_ClientBase):
                     reply = await self._send(binding, instruction)
                 except FluxError as error:
                     instruction = flow.throw(error)
+                except asyncio.CancelledError as again:  # cancelled again: still name the job
+                    _noted(again, _unanswered(stop), binding.key_only)
+                    raise
                 else:
                     instruction = flow.send(reply)
         except (StopJob, StopIteration, FluxError):

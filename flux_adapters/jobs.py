@@ -29,7 +29,7 @@ common shape).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, runtime_checkable
 
 from attrs import frozen
@@ -218,6 +218,23 @@ class Done:
     answer: Answer | None = None
 
 
+_SHOWN_ID_CHARS: Final = 200  # as long as an id a built-in adapter accepts
+
+
+def _shown_id(ident: object, scrub: Callable[[str], str] | None) -> str:
+    """*ident* quoted for a note: secrets removed, at most `_SHOWN_ID_CHARS`; never raises."""
+    from flux_adapters._display import type_name
+
+    if not isinstance(ident, str):
+        return f"(an id of type {type_name(ident)})"
+    text = str.__str__(ident)  # plain text, whatever a subclass does
+    if scrub is not None:
+        text = scrub(text)
+    if len(text) > _SHOWN_ID_CHARS:
+        return str.__repr__(text[: _SHOWN_ID_CHARS - 3]) + "..."
+    return str.__repr__(text)
+
+
 @frozen
 class Accepted:
     """Yielded by a job flow once the submit was accepted: the client records the *job*."""
@@ -236,14 +253,22 @@ class StopJob(Exception):
     job: Job | None = None
     cancelled: bool | None = None
 
-    def note(self) -> str | None:
-        """What became of the job, for the interruption's notes; ``None`` when none was taken."""
+    def note(self, scrub: Callable[[str], str] | None = None) -> str | None:
+        """What became of the job, for the interruption's notes; ``None`` when none was taken.
+
+        The job's id, the provider's text, is shown through *scrub* (the client's removal of its
+        keys) and cut to 200 characters; one that is no plain text (an adapter's bug) is shown
+        by its type. Never raises: it must not replace the interruption it is added to.
+        """
         if self.job is None:
             return None
         provider = self.job.provider
-        what = f"the {provider} job {self.job.id!r}"
-        if self.cancelled:
-            return f"{what} was cancelled"
+        what = f"the {provider} job {_shown_id(self.job.id, scrub)}"
+        if self.cancelled:  # taken: fal removes a queued job, signals a running one to stop
+            return (
+                f"{what} was cancelled if it had not started ({provider} accepted the cancel);"
+                " if it had, it may still finish, and be billed"
+            )
         why = (
             f"{provider} offers no cancel"
             if self.cancelled is None

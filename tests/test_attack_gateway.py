@@ -5,6 +5,7 @@ real parts (the loopback emulator, a real redis-server, real files), then fixed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -79,8 +80,44 @@ def test_a_json_body_of_a_million_tiny_values_is_refused_before_it_is_parsed(
     assert commas.status_code == 200, commas.text
 
 
+def test_a_json_body_of_long_numbers_is_refused_before_they_are_converted(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # Within the values cap, 24,000 numbers of 4,000 digits (96 MB) took 1.6 s of the gateway's
+    # loop to convert (a bare str-to-int is quadratic in its digits): every other call waited.
+    # No field of a generation has a number of more than a few digits.
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+        long = b"9" * 4000
+        body = b'{"prompt": "x", "user": [' + b",".join([long] * 3) + b"]}"
+        refused = httpx.post(gateway.url + "/images/generations", content=body, headers=headers)
+        seeded = httpx.post(
+            gateway.url + "/images/generations",
+            json={"prompt": "x", "size": "64x64", "seed": 4294967295},
+            headers=headers,
+        )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "invalid_json"
+    assert "a number of more than 40 digits" in refused.json()["error"]["message"]
+    assert len(emulator.calls("laozhang")) == before + 1  # only the call with plain numbers
+    assert seeded.status_code == 200, seeded.text
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        '{"keys": [',  # cut short by a full disk, say
+        # a hand edit: a number too large for a float (json reads it as an int; float() of it
+        # raised OverflowError, outside the refusals of a damaged record)
+        json.dumps({"keys": [{"id": "a", "key_hash": "0" * 64, "budget_usd": 10**400}]}),
+        json.dumps({"keys": [{"id": "a", "key_hash": "0" * 64, "created": 10**400}]}),
+    ],
+    ids=["cut-short", "huge-budget", "huge-created"],
+)
 def test_a_damaged_key_file_is_a_500_that_names_the_problem_in_the_log_not_a_bug(
-    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    damaged: str, emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "keys.json"
     keys = FileKeys(path)
@@ -88,7 +125,7 @@ def test_a_damaged_key_file_is_a_500_that_names_the_problem_in_the_log_not_a_bug
         files_dir=tmp_path / "files", clients=single(emulator, "laozhang"), keys=keys
     ) as gateway:
         key, _ = gateway.add_key()
-        path.write_text('{"keys": [', encoding="utf-8")  # cut short by a full disk, say
+        path.write_text(damaged, encoding="utf-8")
         with caplog.at_level("ERROR", logger="flux_adapters.gateway"):
             answer = httpx.post(
                 gateway.url + "/images/generations",

@@ -431,7 +431,7 @@ def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
     ("provider", "fate"),
     [
         ("bfl", "goes on (bfl offers no cancel): it may still finish, and be billed"),
-        ("fal", "was cancelled"),
+        ("fal", "(fal accepted the cancel); if it had, it may still finish, and be billed"),
     ],
 )
 def test_ctrl_c_while_a_job_runs_says_what_became_of_the_job(

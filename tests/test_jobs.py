@@ -15,7 +15,7 @@ import threading
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import attrs
 import httpx
@@ -571,6 +571,14 @@ class FakeQueue(Fake):
         return httpx.Response(200, json={"state": "running"})
 
 
+# A provider that takes a cancel (fal: 202 CANCELLATION_REQUESTED) removes a job that had not
+# started; one that had gets a signal its app may ignore: it may still finish, and be billed.
+CANCELLED: Final = (
+    "flux-adapters: the queue job 'q-1' was cancelled if it had not started (queue accepted the"
+    " cancel); if it had, it may still finish, and be billed"
+)
+
+
 @both
 def test_a_deadline_sends_exactly_one_cancel_and_says_it_was_accepted(kind: str) -> None:
     fake = FakeQueue()
@@ -582,12 +590,35 @@ def test_a_deadline_sends_exactly_one_cancel_and_says_it_was_accepted(kind: str)
     assert fake.count("POST", "/jobs") - fake.count("POST", "/cancel") == 1  # one submit
 
 
+@both
+@pytest.mark.parametrize("ends", ["failed", "deadline"])
+def test_a_job_id_that_echoes_the_key_is_shown_without_it_and_kept_whole_to_resume(
+    kind: str, ends: str
+) -> None:
+    # A hostile (or careless) provider's job id may hold the key it was sent; the error's
+    # message reaches terminals and logs, as the note on an interruption does.
+    submit = httpx.Response(
+        200,
+        json={"id": f"job-{KEY}", "polling_url": "https://api.eu2.bfl.ai/v1/get_result?id=1"},
+    )
+    outcome = {"status": "Error", "details": "the runner failed"}
+    fake = FakeBfl(pending=10**6 if ends == "deadline" else 0, outcome=outcome, submit=submit)
+    polling = Polling(first=0.01, deadline=0.1) if ends == "deadline" else FAST
+    with pytest.raises(errors.JobError) as caught:
+        run(kind, fake, T2I, polling=polling)
+    assert isinstance(caught.value, errors.JobTimeout if ends == "deadline" else errors.JobFailed)
+    assert KEY not in str(caught.value)
+    assert KEY not in caught.value.job_id
+    assert caught.value.job is not None
+    assert caught.value.job.id == f"job-{KEY}"  # what resume() polls, whole
+
+
 def test_ctrl_c_while_waiting_cancels_the_job_then_propagates_saying_so() -> None:
     fake = FakeQueue(interrupt_on_poll=2)
     with pytest.raises(KeyboardInterrupt) as caught:
         run("sync", fake, T2I, provider=Queue())
     assert fake.count("POST", "/cancel") == 1
-    assert caught.value.__notes__ == ["flux-adapters: the queue job 'q-1' was cancelled"]
+    assert caught.value.__notes__ == [CANCELLED]
 
 
 def test_ctrl_c_at_a_provider_without_cancel_says_the_job_goes_on_and_may_be_billed() -> None:
@@ -646,11 +677,179 @@ def test_cancelling_the_async_task_cancels_the_job() -> None:
             task.cancel()
             with pytest.raises(asyncio.CancelledError) as caught:
                 await task
-            assert caught.value.__notes__ == ["flux-adapters: the queue job 'q-1' was cancelled"]
+            assert caught.value.__notes__ == [CANCELLED]
 
     asyncio.run(main())
     assert fake.cancelled
     assert fake.count("POST", "/cancel") == 1
+
+
+def test_ctrl_c_while_the_accepted_job_is_being_noted_cancels_it_and_says_so() -> None:
+    # Ctrl-C can land at any instruction; here just after the provider took the job, while the
+    # client logs that it did (before the first poll): the job must not be left running unsaid.
+    class Interrupting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "accepted the job" in record.getMessage():
+                raise KeyboardInterrupt
+
+    fake = FakeQueue()
+    logger = logging.getLogger("flux_adapters")
+    handler, level = Interrupting(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            run("sync", fake, T2I, provider=Queue())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert fake.count("POST", "/cancel") == 1
+    assert caught.value.__notes__ == [CANCELLED]
+
+
+def test_a_task_cancelled_while_its_accepted_job_is_kept_cancels_the_job() -> None:
+    # The batch journal makes the accepted job durable (an fsync awaited); a batch closed then
+    # cancels its tasks there: the job, taken and billed, must be cancelled like any other.
+    fake = FakeQueue()
+
+    class Keeping:  # a watcher whose keeping of the job takes a while (a slow disk)
+        def __init__(self) -> None:
+            self.keeping = asyncio.Event()
+
+        async def sending(self, provider: str) -> None:
+            pass
+
+        async def accepted(self, provider: str, job: Job) -> None:
+            self.keeping.set()
+            await asyncio.Event().wait()
+
+        def finished(self, *args: object) -> None:
+            pass
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as http:
+            client = AsyncFluxClient(Queue(), api_key=KEY, http_client=http, polling=FAST)
+            watcher = Keeping()
+            task = asyncio.create_task(client._edit(T2I, watcher))
+            await watcher.keeping.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await task
+            assert caught.value.__notes__ == [CANCELLED]
+
+    asyncio.run(main())
+    assert fake.count("POST", "/cancel") == 1
+
+
+def test_ctrl_c_again_while_the_job_is_being_cancelled_still_names_the_job() -> None:
+    # A cancel may take up to 10 s; a user pressing Ctrl-C a second time must still learn which
+    # job may go on (to resume or check it), not just "interrupted".
+    class Twice(FakeQueue):
+        def answer(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/cancel"):
+                raise KeyboardInterrupt
+            return super().answer(request)
+
+    fake = Twice(interrupt_on_poll=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=Queue())
+    assert fake.count("POST", "/cancel") == 1
+    assert caught.value.__notes__ == [
+        "flux-adapters: the queue job 'q-1' goes on (its cancel was refused or not answered):"
+        " it may still finish, and be billed"
+    ]
+
+
+def test_a_task_cancelled_again_while_its_job_is_being_cancelled_still_names_the_job() -> None:
+    fake = FakeQueue()
+    cancelling = threading.Event()
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/cancel"):
+            cancelling.set()
+            await asyncio.Event().wait()  # the cancel hangs
+        return fake(request)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+            client = AsyncFluxClient(Queue(), api_key=KEY, http_client=http, polling=FAST)
+            task = asyncio.create_task(client.edit(T2I))
+            while fake.count("GET") < 1:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            while not cancelling.is_set():
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await task
+            (said,) = caught.value.__notes__
+            assert said.startswith("flux-adapters: the queue job 'q-1' goes on")
+
+    asyncio.run(main())
+
+
+def test_ctrl_c_while_the_deadline_cancels_the_job_still_names_the_job() -> None:
+    # The deadline passed and its cancel is under way (up to 10 s) when the user gives up too.
+    class CtrlCAtCancel(FakeQueue):
+        def answer(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/cancel"):
+                raise KeyboardInterrupt
+            return super().answer(request)
+
+    fake = CtrlCAtCancel()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=Queue(), polling=Polling(first=0.01, deadline=0.1))
+    assert fake.count("POST", "/cancel") == 1
+    assert caught.value.__notes__ == [
+        "flux-adapters: the queue job 'q-1' goes on (its cancel was refused or not answered):"
+        " it may still finish, and be billed"
+    ]
+
+
+class _Unshowable(str):
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize(
+    "ident",
+    [f"q-1{KEY}", "q" * 1_000_000, _Unshowable("q-1"), 12345],
+    ids=["the-key-echoed", "a-megabyte", "a-str-whose-repr-raises", "no-text"],
+)
+def test_the_note_on_an_interruption_never_shows_the_key_nor_runs_long_nor_raises(
+    ident: object,
+) -> None:
+    # The job's id comes from the provider (through its adapter): it may echo the key, be
+    # huge, or (an adapter's bug) be no plain text. The interruption must still come out as
+    # itself, with a short note that names the job without the key.
+    class Echoing(Queue):
+        def parse_submit(self, response: HttpResponse) -> Submitted:
+            return attrs.evolve(super().parse_submit(response), id=ident)  # type: ignore[arg-type]
+
+    fake = FakeQueue(interrupt_on_poll=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=Echoing())
+    (said,) = caught.value.__notes__
+    assert said.startswith("flux-adapters: the queue job ")
+    assert said.endswith(CANCELLED.removeprefix("flux-adapters: the queue job 'q-1'"))
+    assert KEY not in said
+    assert len(said) < 400
+
+
+def test_the_note_keeps_a_job_id_that_only_looks_like_a_key() -> None:
+    # Only the client's own keys are removed: an id shaped like some key (sk-..., 40 hex) is
+    # the one handle the user has on a job that may go on.
+    ident = "sk-abcdefghijklmnopqrstuvwx1234"
+
+    class KeyShaped(Queue):
+        def parse_submit(self, response: HttpResponse) -> Submitted:
+            return attrs.evolve(super().parse_submit(response), id=ident)
+
+    fake = FakeQueue(interrupt_on_poll=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=KeyShaped())
+    (said,) = caught.value.__notes__
+    assert said.startswith(f"flux-adapters: the queue job '{ident}' ")
 
 
 def test_nothing_is_cancelled_when_the_caller_stops_before_the_job_was_accepted() -> None:

@@ -214,6 +214,19 @@ def test_saving_a_jpeg_as_png_is_refused_naming_both_and_nothing_is_written(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", [".png", ".PNG"])
+def test_a_name_that_is_only_an_extension_is_refused_with_one_that_is_only_the_right_one(
+    tmp_path: Path, name: str
+) -> None:
+    # pathlib sees ".png" as a stem with no suffix: with_suffix made ".png.jpeg" of it, a name
+    # still starting with the wrong format's, and hidden; the user asked for a bare extension.
+    with pytest.raises(errors.ExtensionMismatch) as caught:
+        inline(JPEG).save(tmp_path / name)
+    assert caught.value.suggested == str(tmp_path / ".jpeg")
+    assert str(caught.value).endswith("save it as .jpeg (nothing was written)")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("name", "data"),
     [
@@ -432,6 +445,9 @@ def test_saving_under_any_name_writes_a_true_name_or_raises_a_flux_error(
             saved = image.save(Path(folder) / name)
         except errors.ExtensionMismatch as mismatch:
             assert mismatch.image_format == image_format(data)  # noqa: PT017
+            suggested = Path(mismatch.suggested)
+            assert extension_format(suggested) == image_format(data)
+            assert suggested.parent == Path(folder)
             assert list(Path(folder).iterdir()) == []
         except errors.OutputError:
             pass  # "", ".", a NUL, a name the file system refuses

@@ -566,6 +566,38 @@ def test_an_fsspec_write_that_fails_leaves_no_temporary_object(
     assert fsspec.filesystem("memory").ls("/failing-out/run", detail=False) == []
 
 
+def test_an_fsspec_move_that_copied_but_could_not_delete_reports_the_image_saved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On an object store a move is a copy, then a delete of the source; a bucket that lets a
+    # worker write but not delete fails the delete after the image is under its name. The job
+    # was reported "could not be saved ... it is lost" with the paid image in its place.
+    import base64
+
+    import fsspec
+
+    from flux_adapters._shared_batch import FsspecOutput
+    from flux_adapters.result import ResultImage
+    from tests.conftest import image_bytes
+
+    output = FsspecOutput("memory://no-delete-out/run")
+    fs = output.fs
+
+    def copy_then_refused(source: str, target: str, **kwargs: Any) -> None:
+        fs.copy(source, target)
+        raise PermissionError("s3:DeleteObject denied")
+
+    def refused(path: str, **kwargs: Any) -> None:
+        raise PermissionError("s3:DeleteObject denied")
+
+    monkeypatch.setattr(fs, "mv", copy_then_refused)
+    monkeypatch.setattr(fs, "rm_file", refused)
+    data = image_bytes(8, 8)
+    image = ResultImage(b64_json=base64.b64encode(data).decode())
+    assert asyncio.run(output.save([image], "job-1")) == ["job-1.png"]
+    assert fsspec.filesystem("memory").cat_file("/no-delete-out/run/job-1.png") == data
+
+
 def test_a_worker_stopped_by_ctrl_c_gives_its_blocks_back_at_once(
     tmp_path: Path, redis: RedisServer
 ) -> None:

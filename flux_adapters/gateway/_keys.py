@@ -89,7 +89,9 @@ def record_from_dict(data: object) -> KeyRecord:
             rate_per_minute=None if rate is None else float(rate),
             created=float(data.get("created", 0.0)),
         )
-    except (AssertionError, KeyError, TypeError, ValueError, ConfigurationError):
+    except (AssertionError, KeyError, TypeError, ValueError, OverflowError, ConfigurationError):
+        # OverflowError: float() of an integer beyond a float's range (json reads 1e400 written
+        # out in digits as an int)
         raise ConfigurationError("a gateway key record is damaged") from None
 
 
@@ -182,7 +184,10 @@ class FileKeys:
         keys = data.get("keys") if isinstance(data, dict) else None
         if not isinstance(keys, list):
             raise ConfigurationError(f"the key file {self.path} holds no key list")
-        records = [record_from_dict(item) for item in keys]
+        try:
+            records = [record_from_dict(item) for item in keys]
+        except ConfigurationError as exc:  # say which file, as for a file that cannot be read
+            raise ConfigurationError(f"cannot read the key file {self.path}: {exc}") from None
         self._seen, self._by_hash = stamp, {record.key_hash: record for record in records}
         return self._by_hash
 
