@@ -141,6 +141,34 @@ def test_a_damaged_key_file_is_a_500_that_names_the_problem_in_the_log_not_a_bug
     assert not any(record.exc_info for record in caplog.records)  # no traceback: not a bug
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        # a hand edit: one provider written as a string was read as the letters b, f and l,
+        # so every call of the key was refused (403) and the file never called damaged
+        ("allowed_providers", "bfl"),
+        ("allowed_models", "flux-2-pro"),
+        ("allowed_models", ["flux-2-pro", 2]),
+        ("budget_usd", "50"),  # read as 50.0 before
+        ("rate_per_minute", True),
+        ("created", "yesterday"),
+        ("name", 5),  # read as "5" before
+        ("id", 12345678),
+    ],
+)
+def test_a_key_record_with_a_field_of_another_type_is_damaged_not_converted(
+    field: str, value: object
+) -> None:
+    from flux_adapters.errors import ConfigurationError
+    from flux_adapters.gateway._keys import new_key, record_from_dict, record_to_dict
+
+    _, record = new_key(name="ci", budget_usd=5, allowed_providers=["bfl"], rate_per_minute=60)
+    written = record_to_dict(record)
+    assert record_from_dict(written) == record  # what it writes, it reads back
+    with pytest.raises(ConfigurationError, match="a gateway key record is damaged"):
+        record_from_dict({**written, field: value})
+
+
 @pytest.mark.parametrize("field", ["prompt", "seed", "image_urls"])
 def test_a_file_sent_in_a_text_field_is_refused_not_sent_as_text(
     field: str, emulator: Emulator, tmp_path: Path

@@ -569,3 +569,45 @@ def test_a_refusal_refunds_but_a_moderated_accepted_job_keeps_its_reservation(
     refused, kept = asyncio.run(run())
     assert refused == 0.0
     assert kept > 0.0
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        b"[]",
+        # a hand edit: one provider as a string (read as the letters b, f and l before)
+        b'{"id": "abcd1234", "key_hash": "HASH", "allowed_providers": "bfl"}',
+        b'{"id": "abcd1234", "key_hash": "HASH", "budget_usd": "50"}',
+    ],
+)
+def test_a_damaged_gateway_key_record_in_redis_is_a_configuration_error(
+    redis: RedisServer, stored: bytes
+) -> None:
+    from flux_adapters.errors import ConfigurationError
+    from flux_adapters.gateway._keys import new_key
+
+    space = prefix()
+    _, record = new_key(name="ci", allowed_providers=["bfl"])
+
+    async def run() -> None:
+        state = open_state(redis.url, prefix=space)
+        try:
+            await state.put_key(record)
+            assert await state.get_key(record.key_hash) == record  # what it writes, it reads
+            client: Any = redis.client()
+            client.set(
+                f"{space}gwkey:{record.id}".encode(),
+                stored.replace(b"HASH", record.key_hash.encode()),
+            )
+            client.close()
+            # The gateway answers this with a 500 keys_unreadable (test_attack_gateway.py).
+            with pytest.raises(ConfigurationError, match="a gateway key record is damaged"):
+                await state.get_key(record.key_hash)
+            with pytest.raises(ConfigurationError, match="a gateway key record is damaged"):
+                await state.list_keys()
+        finally:
+            await state.aclose()
+
+    asyncio.run(run())

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Final, Literal, Protocol
 
 from flux_adapters.errors import ConfigurationError
-from flux_adapters.state import KeyRecord
+from flux_adapters.state import KeyRecord, record_from_dict, record_to_dict
 
 __all__ = [
     "DEFAULT_KEYS_PATH",
@@ -51,48 +51,6 @@ _SHAPE: Final = re.compile(r"fxg_([a-z0-9]{8})_[A-Za-z0-9_-]{43}")
 _MAX_FILE_BYTES: Final = 64 * 1024 * 1024
 MAX_KEY_LENGTH: Final = 200
 """A bearer value longer than this is refused before it is hashed."""
-
-
-def record_to_dict(record: KeyRecord) -> dict[str, object]:
-    """*record* as JSON data (the hash included, never a key)."""
-    return {
-        "id": record.id,
-        "key_hash": record.key_hash,
-        "name": record.name,
-        "budget_usd": record.budget_usd,
-        "period": record.period,
-        "allowed_models": list(record.allowed_models),
-        "allowed_providers": list(record.allowed_providers),
-        "rate_per_minute": record.rate_per_minute,
-        "created": record.created,
-    }
-
-
-def record_from_dict(data: object) -> KeyRecord:
-    """Read a record written by `record_to_dict`.
-
-    Raises:
-        ConfigurationError: *data* is not such a record.
-    """
-    try:
-        assert isinstance(data, dict)
-        budget = data.get("budget_usd")
-        rate = data.get("rate_per_minute")
-        return KeyRecord(
-            id=str(data["id"]),
-            key_hash=str(data["key_hash"]),
-            name=str(data.get("name", "")),
-            budget_usd=None if budget is None else float(budget),
-            period=data.get("period", "total"),
-            allowed_models=tuple(str(m) for m in data.get("allowed_models", ())),
-            allowed_providers=tuple(str(p) for p in data.get("allowed_providers", ())),
-            rate_per_minute=None if rate is None else float(rate),
-            created=float(data.get("created", 0.0)),
-        )
-    except (AssertionError, KeyError, TypeError, ValueError, OverflowError, ConfigurationError):
-        # OverflowError: float() of an integer beyond a float's range (json reads 1e400 written
-        # out in digits as an int)
-        raise ConfigurationError("a gateway key record is damaged") from None
 
 
 class KeyStore(Protocol):

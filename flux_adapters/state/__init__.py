@@ -250,6 +250,62 @@ class KeyRecord:
             raise ConfigurationError("created must be finite unix seconds")
 
 
+def record_to_dict(record: KeyRecord) -> dict[str, object]:
+    """*record* as JSON data (the hash included, never a key)."""
+    return {
+        "id": record.id,
+        "key_hash": record.key_hash,
+        "name": record.name,
+        "budget_usd": record.budget_usd,
+        "period": record.period,
+        "allowed_models": list(record.allowed_models),
+        "allowed_providers": list(record.allowed_providers),
+        "rate_per_minute": record.rate_per_minute,
+        "created": record.created,
+    }
+
+
+def record_from_dict(data: object) -> KeyRecord:
+    """Read a record written by `record_to_dict`, each field of the type it writes.
+
+    Raises:
+        ConfigurationError: *data* is not such a record (a field missing or of another type:
+            ``"allowed_providers": "bfl"`` is not read as the letters b, f and l).
+    """
+    try:
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        budget = data.get("budget_usd")
+        rate = data.get("rate_per_minute")
+        return KeyRecord(
+            id=data["id"],  # KeyRecord checks the strings themselves
+            key_hash=data["key_hash"],
+            name=data.get("name", ""),
+            budget_usd=None if budget is None else _number(budget),
+            period=data.get("period", "total"),
+            allowed_models=_names(data.get("allowed_models", [])),
+            allowed_providers=_names(data.get("allowed_providers", [])),
+            rate_per_minute=None if rate is None else _number(rate),
+            created=_number(data.get("created", 0.0)),
+        )
+    except (KeyError, TypeError, ValueError, OverflowError, ConfigurationError):
+        # OverflowError: float() of an integer beyond a float's range (json reads 1e400 written
+        # out in digits as an int)
+        raise ConfigurationError("a gateway key record is damaged") from None
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("not a JSON number")
+    return float(value)
+
+
+def _names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise TypeError("not a JSON list of strings")
+    return tuple(value)
+
+
 class StateBackend(Protocol):
     """The shared state, async; every read-modify-write atomic (see the module docstring)."""
 

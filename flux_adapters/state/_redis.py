@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 
 from flux_adapters._extras import extra_imports
-from flux_adapters.errors import StateUnavailable
+from flux_adapters.errors import ConfigurationError, StateUnavailable
 from flux_adapters.routing import Admitted, Denied, Pass
 from flux_adapters.state import (
     Ask,
@@ -45,6 +45,8 @@ from flux_adapters.state import (
     check_scope,
     check_seconds,
     check_usd,
+    record_from_dict,
+    record_to_dict,
     safe_part,
 )
 from flux_adapters.state._local import LocalState
@@ -255,18 +257,15 @@ def _answered(timeout: float) -> Iterator[None]:
 def _record(raw: object) -> KeyRecord | None:
     if raw is None:
         return None
-    data = json.loads(_text(raw))
-    data["allowed_models"] = tuple(data.get("allowed_models", ()))
-    data["allowed_providers"] = tuple(data.get("allowed_providers", ()))
-    return KeyRecord(**data)
+    try:
+        data = json.loads(_text(raw))
+    except ValueError:  # a hand edit in Redis
+        raise ConfigurationError("a gateway key record is damaged") from None
+    return record_from_dict(data)
 
 
 def _dumped(record: KeyRecord) -> str:
-
-    data = attrs.asdict(record)
-    data["allowed_models"] = list(record.allowed_models)
-    data["allowed_providers"] = list(record.allowed_providers)
-    return json.dumps(data, allow_nan=False)
+    return json.dumps(record_to_dict(record), allow_nan=False)
 
 
 def _checked_url(url: str) -> str:
