@@ -1266,6 +1266,19 @@ def _noted(interruption: BaseException, stop: StopJob, scrub: Redactor) -> None:
         interruption.add_note(f"flux-adapters: {escape_controls(said)}")
 
 
+def _submitting(stop: StopJob, binding: _Binding, instruction: object) -> StopJob:
+    """*stop*, naming the provider when its paid request was under way and no job was taken.
+
+    *instruction* is the flow's last: a submit (a synchronous provider's one call included) is
+    under way from the moment the flow asked for it until the flow asks for something else.
+    """
+    from flux_adapters.wire import HttpRequest
+
+    if stop.job is None and isinstance(instruction, HttpRequest) and instruction.role == "submit":
+        stop.submitting = binding.adapter.name
+    return stop
+
+
 def _unanswered(stop: StopJob) -> StopJob:
     """*stop* when its job's cancel was itself cut short: no answer, the job may go on."""
     stop.cancelled = False
@@ -1519,6 +1532,7 @@ class FluxClient(_ClientBase):
         never judged as a call of its own, which could fail over and pay twice). Ctrl-C lets the
         flow cancel its job, if the provider took one and can, before it propagates.
         """
+        instruction: HttpRequest | Sleep | Accepted | None = None  # for an interruption
         try:
             instruction = next(flow)
             while True:
@@ -1532,7 +1546,8 @@ class FluxClient(_ClientBase):
             result: _T = finished.value
             return result
         except KeyboardInterrupt as interrupt:
-            _noted(interrupt, self._stop(binding, flow), binding.key_only)
+            stop = _submitting(self._stop(binding, flow), binding, instruction)
+            _noted(interrupt, stop, binding.key_only)
             raise
         finally:
             flow.close()
@@ -1871,6 +1886,7 @@ class AsyncFluxClient(_ClientBase):
         An exchange is performed here rather than in a coroutine of its own: one less coroutine
         on the path of every exchange; a wait and an accepted job go to `_between`.
         """
+        instruction: HttpRequest | Sleep | Accepted | None = None  # for a cancellation
         try:
             instruction = next(flow)
             while True:
@@ -1900,7 +1916,8 @@ class AsyncFluxClient(_ClientBase):
             result: _T = finished.value
             return result
         except asyncio.CancelledError as cancelled:
-            _noted(cancelled, await self._stop(binding, flow), binding.key_only)
+            stop = await self._stop(binding, flow)
+            _noted(cancelled, _submitting(stop, binding, instruction), binding.key_only)
             raise
         finally:
             flow.close()

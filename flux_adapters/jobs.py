@@ -252,16 +252,24 @@ class StopJob(Exception):
 
     job: Job | None = None
     cancelled: bool | None = None
+    submitting: str | None = None
+    """The provider whose paid request (a submit, or a synchronous provider's one call) was
+    under way, with no job taken yet (set by the client)."""
 
     def note(self, scrub: Callable[[str], str] | None = None) -> str | None:
-        """What became of the job, for the interruption's notes; ``None`` when none was taken.
+        """What became of the job, for the interruption's notes; ``None`` when nothing was sent.
 
         The job's id, the provider's text, is shown through *scrub* (the client's removal of its
         keys) and cut to 200 characters; one that is no plain text (an adapter's bug) is shown
         by its type. Never raises: it must not replace the interruption it is added to.
         """
         if self.job is None:
-            return None
+            if self.submitting is None:
+                return None
+            return (
+                f"the request to {self.submitting} was under way: {self.submitting} may have"
+                " taken it, and may bill it"
+            )
         provider = self.job.provider
         what = f"the {provider} job {_shown_id(self.job.id, scrub)}"
         if self.cancelled:  # taken: fal removes a queued job, signals a running one to stop

@@ -343,7 +343,12 @@ def test_ctrl_c_while_waiting_for_the_provider_ends_with_130(tmp_path: Path) -> 
             edit.send_signal(signal.SIGINT)
             _, err = edit.communicate(timeout=10)
     assert edit.returncode == 130
-    assert err.splitlines()[-1] == "flux-adapters: interrupted"
+    # The request reached the provider: the user learns it may have been taken, and billed.
+    assert err.splitlines()[-2:] == [
+        "flux-adapters: interrupted",
+        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
+        " and may bill it",
+    ]
     assert "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
 

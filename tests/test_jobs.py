@@ -852,13 +852,62 @@ def test_the_note_keeps_a_job_id_that_only_looks_like_a_key() -> None:
     assert said.startswith(f"flux-adapters: the queue job '{ident}' ")
 
 
-def test_nothing_is_cancelled_when_the_caller_stops_before_the_job_was_accepted() -> None:
+def test_ctrl_c_during_the_submit_cancels_nothing_and_says_it_may_have_been_taken() -> None:
+    seen: list[str] = []
+
     def submit_interrupted(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt) as caught:
         run("sync", submit_interrupted, T2I, provider=Queue())
-    assert not hasattr(caught.value, "__notes__")  # no job to speak of
+    assert len(seen) == 1  # no job id came back: nothing to cancel
+    # The request had gone out: the provider may hold a job nobody will hear of, and bill it.
+    assert caught.value.__notes__ == [
+        "flux-adapters: the request to queue was under way: queue may have taken it,"
+        " and may bill it"
+    ]
+
+
+def test_ctrl_c_during_a_synchronous_providers_call_says_it_may_have_been_taken() -> None:
+    def interrupted(request: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", interrupted, T2I, provider="laozhang")
+    assert caught.value.__notes__ == [
+        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
+        " and may bill it"
+    ]
+
+
+def test_a_task_cancelled_during_a_call_says_it_may_have_been_taken_and_a_wait_says_nothing() -> (
+    None
+):
+    async def never_answers(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def cancelled_during(fake: Callable[[httpx.Request], Any], **options: Any) -> list[str]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as http:
+            client = AsyncFluxClient(http_client=http, api_key=KEY, polling=FAST, **options)
+            task = asyncio.ensure_future(client.edit(T2I))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await task
+        return getattr(caught.value, "__notes__", [])
+
+    assert asyncio.run(cancelled_during(never_answers, provider="laozhang")) == [
+        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
+        " and may bill it"
+    ]
+    # Waiting before a retry (a 503 said the call was not taken): nothing under way.
+    refused = httpx.Response(503, headers={"retry-after": "30"}, json={"error": "busy"})
+    waited = asyncio.run(
+        cancelled_during(lambda request: refused, provider="laozhang", max_retries=3)
+    )
+    assert waited == []
 
 
 def test_polls_back_off_and_honour_retry_after() -> None:
