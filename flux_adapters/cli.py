@@ -1023,6 +1023,11 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     flags = arguments.flags
     request = _request(arguments, flags)
     output: Path | None = arguments.output
+    if output == Path("-"):  # standard output to most tools: never a file named "-"
+        raise _UsageError(
+            "flux-adapters edit: error: -o -: the image cannot go to standard output; "
+            "name a file (-o out.png)"
+        )
     if output is not None:
         _check_output_file(output)
     else:
