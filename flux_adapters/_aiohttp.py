@@ -417,7 +417,12 @@ class AiohttpDriver:
         headers = exchange.headers
         body, write = exchange.body, exchange.timeout.write
         if isinstance(body, JsonBody):
-            segments = json_segments(body)
+            try:
+                segments = json_segments(body)
+            except FluxError:
+                raise
+            except (TypeError, ValueError) as exc:  # what the adapter built is no JSON
+                raise unsendable(exchange.provider, exchange.scrub, exc, "aiohttp") from None
             first = segments[0]
             if len(segments) == 1 and isinstance(first, bytes):  # no local image: one slice
                 return headers, _Body(iter((first,)), len(first), "application/json", write, clock)

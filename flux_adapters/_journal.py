@@ -55,6 +55,7 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 from attrs import define, field
 
+from flux_adapters._bodies import compiled_encoder
 from flux_adapters.errors import ConfigurationError, OutputError
 from flux_adapters.jobs import Job
 from flux_adapters.request import BytesImage, DataUrlImage, EditRequest, FileImage, UrlImage
@@ -98,38 +99,6 @@ def request_digest(request: EditRequest) -> str:
         else:
             hasher.update(b"file:" + _file_sample(image))
     return hasher.hexdigest()[:32]
-
-
-def compiled_encoder(encoder: json.JSONEncoder) -> Callable[[object], str]:
-    """*encoder*'s ``encode``, with the C encoder it would make for every value made once.
-
-    ``JSONEncoder.encode`` runs two Python functions and builds a new C encoder per value; a
-    batch encodes six values a job (its four journal records, its report line and its
-    request's digest). The text is the same; only the check for circular references is left
-    out: these values are dicts, lists and strings built here, never circular.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None or getattr(encoder, "indent", None) is not None:  # pragma: no cover
-        return encoder.encode  # no C accelerator, or an indented encoder: its own way
-    chunks = make(
-        None,
-        encoder.default,
-        json.encoder.encode_basestring_ascii
-        if encoder.ensure_ascii
-        else json.encoder.encode_basestring,
-        None,
-        encoder.key_separator,
-        encoder.item_separator,
-        encoder.sort_keys,
-        encoder.skipkeys,
-        encoder.allow_nan,
-    )
-    join = "".join
-
-    def encode(value: object) -> str:
-        return join(chunks(value, 0))
-
-    return encode
 
 
 _encode_digest: Final = compiled_encoder(json.JSONEncoder(sort_keys=True, ensure_ascii=True))

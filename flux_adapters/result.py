@@ -239,14 +239,12 @@ def checked_image(
     name as `_declared` gives it, or ``None``. Inline data is scanned whole: once is enough.
     """
     image = object.__new__(ResultImage)
-    for name, value in (
-        ("url", url),
-        ("b64_json", b64_json),
-        ("declared_format", declared_format),
-        ("_held_downloader", downloader),
-        ("_held_seen", None),
-    ):
-        object.__setattr__(image, name, value)  # frozen: as attrs' own __init__ sets them
+    set_slot = object.__setattr__  # frozen: as attrs' own __init__ sets them
+    set_slot(image, "url", url)
+    set_slot(image, "b64_json", b64_json)
+    set_slot(image, "declared_format", declared_format)
+    set_slot(image, "_held_downloader", downloader)
+    set_slot(image, "_held_seen", None)
     return image
 
 

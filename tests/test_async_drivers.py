@@ -777,3 +777,26 @@ def test_the_aiohttp_driver_keeps_few_timeouts_however_many_deadlines_it_meets()
         cut = made._timeout(httpx.Timeout(left), True)
         assert cut.sock_read == left
     assert len(made._timeouts) <= _MOST_URLS
+
+
+def _no_json() -> dict[str, object]:
+    holds_itself: dict[str, object] = {"model": "flux-2-pro"}
+    holds_itself["again"] = holds_itself
+    return holds_itself
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"prompt": "a robot", "tags": {"a", "b"}}, {"prompt": b"bytes"}, _no_json()],
+    ids=["a set", "bytes", "holds itself"],
+)
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+def test_a_body_json_cannot_hold_is_a_request_error_on_both_drivers_and_sends_nothing(
+    value: dict[str, Any], make: Callable[..., Any], serve: Callable[..., Server]
+) -> None:
+    """An adapter's mistake, refused before anything goes out (not a bare TypeError)."""
+    server = serve(gateway)
+    [outcome] = on_driver(make, exchange(f"{server.url}/v1", JsonBody(value)))
+    assert isinstance(outcome, errors.RequestError)
+    assert "cannot send" in str(outcome)
+    assert server.requests == 0

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flux_adapters import EditRequest
 from flux_adapters._bodies import (
@@ -20,7 +22,7 @@ from flux_adapters._bodies import (
 )
 from flux_adapters.errors import RequestError
 from flux_adapters.request import FileImage
-from flux_adapters.wire import JsonBody, json_image
+from flux_adapters.wire import ImageValue, JsonBody, json_image
 from tests.conftest import image_bytes
 
 PNG = image_bytes(16, 16)
@@ -123,3 +125,43 @@ def test_a_file_that_changed_since_the_request_never_goes_out_whole(
     # Stopped before the last slice of the image: the announced length is never reached, so no
     # server can take what went out for a whole request.
     assert len(out) < segments_length(segments) - len(b'","n":1}')
+
+
+# Any JSON a body can hold, with or without images among its values (text keys: JSON's own).
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+_values = st.recursive(
+    _scalars | st.sampled_from(["image"]),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=24,
+)
+
+
+def _with_images(value: object, image: ImageValue) -> object:
+    if value == "image":
+        return image
+    if isinstance(value, list):
+        return [_with_images(item, image) for item in value]
+    if isinstance(value, dict):
+        return {key: _with_images(item, image) for key, item in value.items()}
+    return value
+
+
+@given(st.dictionaries(st.text(max_size=6), _values, max_size=5), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_a_body_is_sent_as_json_dumps_writes_it(value: dict[str, object], bare: bool) -> None:
+    """The text of a body with or without images is exactly what json.dumps would write."""
+    image = json_image(
+        EditRequest(prompt="p", model="flux-2-pro", images=[PNG]).images[0], bare=bare
+    )
+    body = JsonBody(_with_images(value, image))  # type: ignore[arg-type]
+    streamed, _ = sent(body)
+    expected = json.dumps(body.materialize(), ensure_ascii=False, separators=(",", ":"))
+    assert streamed == expected.encode("utf-8")
