@@ -206,6 +206,15 @@ def _members(run: dict[str, JsonValue], written: int) -> bytes:
     return b"," + text if written else text
 
 
+def _key(key: object) -> bytes:
+    """``"key":`` as json.dumps writes a member's key.
+
+    Text as it is; a number, boolean or null made text (``1`` as ``"1"``); any other key is
+    json's `TypeError`.
+    """
+    return _JSON({key: None})[1:-5].encode("utf-8")  # {"key":null} without { and null}
+
+
 def _flatten(value: JsonValue, out: list[Segment]) -> None:
     if isinstance(value, ImageValue):
         # The data URL's head joins the text before it: the image stands for its payload.
@@ -225,7 +234,7 @@ def _flatten(value: JsonValue, out: list[Segment]) -> None:
                 out.append(_members(run, written))
                 written += len(run)
                 run = {}
-            out.append((b"," if written else b"") + _encode_scalar(key) + b":")
+            out.append((b"," if written else b"") + _key(key))
             written += 1
             _flatten(item, out)
         if run:
