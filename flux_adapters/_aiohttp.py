@@ -48,6 +48,7 @@ from flux_adapters._drivers import (
     CONNECTIONS,
     KEEPALIVE,
     Exchange,
+    check_headers,
     multipart_request,
     not_sent_by_deadline,
     unsendable,
@@ -309,27 +310,6 @@ def _check_ipv4(host: str) -> None:
     ipaddress.IPv4Address(host)
 
 
-def _check_headers(exchange: Exchange) -> None:
-    """Refuse a header that is not printable ASCII (a line break, a control character).
-
-    httpx refuses the same ones.
-
-    Raises:
-        RequestError: A header that cannot be sent.
-    """
-    headers = exchange.headers
-    text = "".join(headers.values()) + "".join(headers)
-    if text.isascii() and text.isprintable():
-        return
-    bad = next(name for name, value in headers.items() if not _printable(name + value))
-    problem = ValueError(f"the header {bad!r} cannot be sent as it is")
-    raise unsendable(exchange.provider, exchange.scrub, problem, "aiohttp")
-
-
-def _printable(text: str) -> bool:
-    return text.isascii() and text.isprintable()
-
-
 class AiohttpDriver:
     """Sends with one ``aiohttp.ClientSession``, made inside the event loop on first use.
 
@@ -448,7 +428,7 @@ class AiohttpDriver:
             raise unsendable(name, scrub, exc) from None
         except httpx.UnsupportedProtocol as exc:
             raise transport_error(exc, name, scrub) from exc
-        _check_headers(exchange)
+        check_headers(exchange, "aiohttp")
         session = self._open()
         has_body = exchange.body is not None
         loop = asyncio.get_running_loop()

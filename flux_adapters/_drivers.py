@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -188,6 +189,37 @@ def multipart_request(
         raise unsendable(exchange.provider, exchange.scrub, exc) from None
 
 
+_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""A header's name: an HTTP token (RFC 9110, 5.6.2)."""
+_SOUND_NAMES: Final[set[str]] = set()
+"""Header names found to be tokens (a few, repeated on every exchange); bounded."""
+
+
+def check_headers(exchange: Exchange, by: str) -> None:
+    """Refuse a header that cannot be sent, before anything is, on every driver alike.
+
+    A name must be an HTTP token; a value printable ASCII (no line break, no control character).
+
+    Raises:
+        RequestError: A header that cannot be sent.
+    """
+    headers = exchange.headers
+    values = "".join(headers.values())
+    if values.isascii() and values.isprintable() and _SOUND_NAMES.issuperset(headers):
+        return
+    for name, value in headers.items():
+        if name not in _SOUND_NAMES:
+            if not _TOKEN.fullmatch(name):
+                problem = ValueError(f"the header name {name!r} is not an HTTP token")
+                raise unsendable(exchange.provider, exchange.scrub, problem, by)
+            if len(_SOUND_NAMES) >= 256:
+                _SOUND_NAMES.clear()
+            _SOUND_NAMES.add(name)
+        if not (value.isascii() and value.isprintable()):
+            problem = ValueError(f"the header {name!r} cannot be sent as it is")
+            raise unsendable(exchange.provider, exchange.scrub, problem, by)
+
+
 def httpx_request(
     http: httpx.Client | httpx.AsyncClient,
     exchange: Exchange,
@@ -199,6 +231,7 @@ def httpx_request(
     Raises:
         RequestError: httpx cannot send what the adapter built (a bad URL or header).
     """
+    check_headers(exchange, "httpx")
     try:
         return _httpx_request(http, exchange, urls(exchange.url), files)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
