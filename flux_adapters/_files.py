@@ -13,6 +13,7 @@ still at its URL, or in memory), it just cannot go where it was asked to.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import stat
@@ -41,6 +42,9 @@ __all__ = [
 
 _PARTIAL: Final = re.compile(r"\..+\.[0-9a-f]{8}\.part")
 """The name `atomic_image` gives its temporary file: ``.<name>.<8 hex digits>.part``."""
+_numbers: Final = itertools.count(int.from_bytes(os.urandom(4), "big"))
+"""The temporary files' numbers: from a random start, one more each (not a `getrandom` call per
+image; ``O_EXCL`` is what makes a name this file's alone, and a name taken is passed over)."""
 _NAME_MAX: Final = 255
 """The longest file name (in bytes) common file systems take (ext4, APFS, NTFS in UTF-16)."""
 SNIFF_BYTES: Final = 32
@@ -364,7 +368,9 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
     # The name cut so that the temporary one is no longer than the longest the system takes.
     stem = os.fsdecode(os.fsencode(name)[: _NAME_MAX - len(".00000000.part") - 1])
     while True:
-        partial = os.path.join(folder, f".{stem}.{os.urandom(4).hex()}.part")  # _PARTIAL
+        partial = os.path.join(
+            folder, f".{stem}.{next(_numbers) & 0xFFFFFFFF:08x}.part"
+        )  # _PARTIAL
         try:
             fd = os.open(partial, flags, 0o666)
             break

@@ -401,9 +401,12 @@ class JsonLines:
 
     def __init__(self, path: Path, *, exclusive: bool = False) -> None:
         self.path = path
+        self._appended = 0
+        """Bytes this object appended to the file."""
         for _ in range(10):
             self._fd = self._open(path, exclusive=exclusive)
             if self._still_at(path):
+                self._started_empty = os.fstat(self._fd).st_size == 0
                 return
             # Replaced while its lock was awaited (a report being compacted): open the new one.
             os.close(self._fd)
@@ -461,6 +464,18 @@ class JsonLines:
                 raise OSError(28, "No space left on device")
         except OSError as exc:
             raise OutputError(exc.strerror or str(exc), path=str(self.path)) from exc
+        self._appended += written
+
+    def holds_only_its_own_lines(self) -> bool:
+        """Whether every line in the file is one appended here.
+
+        It was empty when opened, and holds what was appended since and nothing else (no other
+        process appended to it).
+        """
+        try:
+            return self._started_empty and os.fstat(self._fd).st_size == self._appended
+        except OSError:
+            return False
 
     def append(self, record: dict[str, object]) -> None:
         """Append *record* as one line."""

@@ -246,11 +246,11 @@ def structure(data: dict[str, object], kind: type[_T]) -> _T:
         Unstructured: Every key *kind* does not have, every required key missing, and every
             value of the wrong type.
     """
-    from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
-
     made = _quick(data, kind)
     if made is not None:
         return made
+    from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
     try:
         return _converter().structure(data, kind)
     except (ClassValidationError, ForbiddenExtraKeysError) as error:

@@ -1319,6 +1319,10 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     counts = dict.fromkeys(("ok", "skipped", "changed", "failed", "unconfirmed"), 0)
     display: list[BatchDisplay] = []
     """The progress display, once the batch runs (lines refused before it are said plainly)."""
+    may_repeat = False
+    """Whether this run may have written two report lines for one id. The jobs the batch ran
+    have distinct names, but for those it refused as not a request or a name (used twice, say);
+    a line refused here or a job cut short by a second signal may share another's id."""
 
     def tell(line: str) -> None:
         if display:
@@ -1327,6 +1331,8 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             _say(err, line)
 
     def refused(name: str, error: errors.RequestError) -> None:
+        nonlocal may_repeat
+        may_repeat = True
         counts["failed"] += 1
         report.append({"id": name, "status": "failed", "error": f"RequestError: {error}"})
         tell(_job_line(name, "failed", f"RequestError: {_one_line(error)}"))
@@ -1348,7 +1354,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             yield name
 
     async def run() -> None:
-        nonlocal at_once
+        nonlocal at_once, may_repeat
         stop = interrupts.watch()
         client = _batch_client(arguments)
         first, second = itertools.tee(requests(path, refused))
@@ -1374,6 +1380,8 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                             report.append(_report_line(item))
                             in_flight.discard(item.name)
                             if item.status in ("failed", "unconfirmed", "changed"):
+                                if isinstance(item.error, errors.RequestError):
+                                    may_repeat = True
                                 why = _why(item.error, item.reason)
                                 shown.say(_job_line(item.name, item.status, why))
                             shown.advance()
@@ -1389,6 +1397,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             # Stopped at once: the jobs in flight have no item. The journal (closed now) says
             # which of them may have been billed; they must not vanish from the report.
             states = load_states(folder / JOURNAL_NAME, in_flight)
+            may_repeat = True
             for name in sorted(in_flight):
                 state = states.get(name)
                 if state is not None and state.may_be_billed:
@@ -1397,8 +1406,12 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     report.append({"id": name, "status": "unconfirmed", "reason": reason})
                     tell(_job_line(name, "unconfirmed", reason))
     finally:
+        # One line per job; the lines of this run are all in. A report that held nothing but
+        # this run's lines, no id twice, is one already: not read back to find that out.
+        compacted = not may_repeat and report.holds_only_its_own_lines()
         report.close()
-        compact_report(report.path)  # one line per job; the lines of this run are all in
+        if not compacted:
+            compact_report(report.path)
     done = sum(counts.values())
     if arguments.json:
         _write_json(

@@ -75,6 +75,30 @@ def test_each_image_is_written_once_renamed_once_and_never_read_back(
     assert (image.format, image.byte_size) == ("png", len(PNG))
 
 
+def test_a_temporary_name_already_taken_is_passed_over_and_names_need_no_random_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import itertools
+
+    from flux_adapters import _files
+    from flux_adapters._files import atomic_image
+
+    monkeypatch.setattr(_files, "_numbers", itertools.count(0xFFFFFFFF))
+    taken = tmp_path / ".x.png.ffffffff.part"  # another writer's (or a killed run's) file
+    taken.write_bytes(b"not mine")
+
+    def no_random(size: int) -> bytes:
+        raise AssertionError("os.urandom called for a temporary name")
+
+    monkeypatch.setattr(os, "urandom", no_random)
+    with atomic_image(tmp_path / "x.png") as out:
+        out.write(PNG)
+    # The next number, wrapped to 8 hex digits as remove_partial_files expects.
+    assert (tmp_path / "x.png").read_bytes() == PNG
+    assert taken.read_bytes() == b"not mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [taken.name, "x.png"]
+
+
 # --- memory that does not grow with the number of jobs --------------------------------------
 
 JOBS = 1000

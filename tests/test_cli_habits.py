@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from flux_adapters import __version__
@@ -656,6 +658,73 @@ def test_the_report_keeps_one_line_per_job(tmp_path: Path) -> None:
     assert report.stat().st_mode & 0o777 == 0o600
     assert list(tmp_path.iterdir()) == [report]  # no temporary file left
     assert not compact_report(report)  # nothing repeated: left as it is
+
+
+def test_a_first_runs_report_is_not_read_back_and_a_reruns_is_compacted(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux_adapters import _batch_files
+
+    compactions: list[Path] = []
+    compact = _batch_files.compact_report
+
+    def counted(path: Path) -> bool:
+        compactions.append(path)
+        return compact(path)
+
+    monkeypatch.setattr(_batch_files, "compact_report", counted)
+    source = tmp_path / "jobs.jsonl"
+    source.write_text("".join(json.dumps({"id": f"j{n}", "prompt": "p", "size": "64x64"}) + "\n"
+                              for n in range(5)))  # fmt: skip
+    report = tmp_path / "o" / "report.jsonl"
+    assert run("batch", str(source), "-o", str(tmp_path / "o"), "-p", "laozhang")[0] == 0
+    assert compactions == []  # one line per job already, each this run's
+    first = report.read_text()
+    assert run("batch", str(source), "-o", str(tmp_path / "o"), "-p", "laozhang")[0] == 0
+    assert compactions == [report]  # a rerun's "skipped" lines follow the first run's
+    assert report.read_text() == first
+
+
+_IDS = st.sampled_from(["a", "b", "A", "c"])  # "a" and "A" are one file name (file_key)
+_LINES = st.one_of(
+    st.builds(lambda job: {"id": job, "prompt": "p", "size": "64x64"}, _IDS),
+    st.builds(lambda job: {"id": job, "prompt": "p", "size": "0x0"}, _IDS),  # no request
+    st.builds(lambda job: {"id": job, "prompt": 5}, _IDS),  # not the shape of a line
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(lines=st.lists(_LINES, min_size=1, max_size=6), earlier=st.lists(_IDS, max_size=2))
+def test_a_report_left_uncompacted_has_nothing_to_compact(
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    lines: list[dict[str, object]],
+    earlier: list[str],
+) -> None:
+    """The command compacts the report unless it holds one line per id already: what it leaves
+    is what compacting it always would (repeated ids reach the batch, as in a file edited after
+    its check; a report of an earlier run is there or not)."""
+    import tempfile
+
+    from flux_adapters import _batch_files
+    from flux_adapters._batch_files import compact_report
+
+    monkeypatch.setattr(_batch_files, "check_file", lambda path: len(lines))
+    with tempfile.TemporaryDirectory() as scratch:
+        source, folder = Path(scratch) / "jobs.jsonl", Path(scratch) / "o"
+        source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        folder.mkdir()
+        report = folder / "report.jsonl"
+        report.write_text("".join(json.dumps({"id": job, "status": "failed"}) + "\n"
+                                  for job in earlier))  # fmt: skip
+        run("batch", str(source), "-o", str(folder), "-p", "laozhang")
+        written = report.read_text()
+        ids = [json.loads(line)["id"] for line in written.splitlines()]
+        assert len(ids) == len(set(ids)), written
+        assert compact_report(report) is False
+        assert set(ids) == {str(line["id"]) for line in lines} | set(earlier)
 
 
 def test_the_temporary_file_of_a_compaction_killed_midway_is_removed_by_the_next_one(
