@@ -502,7 +502,9 @@ def test_calls_past_the_bodies_the_gateway_may_hold_are_a_503_before_reading(
         files_dir=tmp_path,
         clients=single(emulator, "laozhang"),
         max_body_bytes=4000,
-        max_bodies_bytes=6000,  # one call of up to 4000 bytes at a time, and a small one
+        # the first call's 3,000-odd bytes, three times over once read (bytes, text, values),
+        # leave room for a small call, not for another such one
+        max_bodies_bytes=12_000,
     ) as gateway:
         key, _ = gateway.add_key()
         headers = {"authorization": f"Bearer {key}"}
@@ -524,6 +526,49 @@ def test_calls_past_the_bodies_the_gateway_may_hold_are_a_503_before_reading(
     assert small.status_code == 200  # 3,000-odd bytes fit beside the first call
     assert after.status_code == 200  # the first call's body was given back
     assert len(emulator.calls("laozhang")) == before + 3  # the busy one was never sent
+
+
+@pytest.mark.parametrize(
+    ("text", "fits"),
+    [("a" * 1000, True), ("é" * 500, True), ("€" * 333, False), ("🐱" * 250, False)],
+    ids=["ascii", "latin-1", "bmp", "emoji"],
+)
+def test_a_json_body_counts_what_reading_it_takes_beside_other_calls(
+    text: str, fits: bool, emulator: Emulator, tmp_path: Path
+) -> None:
+    # json decodes a body into one string as wide as its widest character, then parses values
+    # as wide: 1,000 bytes of emoji become 4,000 bytes of text and as much again of values.
+    # Counted at their bytes only, many such bodies at once took several times the limit.
+    emulator.inject("laozhang", Fault(delay=3.0, first=1))  # the first call stays under way
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(
+        files_dir=tmp_path,
+        clients=single(emulator, "laozhang"),
+        max_body_bytes=4000,
+        max_bodies_bytes=5000,
+    ) as gateway:
+        key, _ = gateway.add_key()
+        headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+        url = gateway.url + "/images/generations"
+        wide = json.dumps({"prompt": "wide", "user": text}, ensure_ascii=False).encode()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(
+                httpx.post, url, json={"prompt": "held"}, headers=headers, timeout=30
+            )
+            for _ in range(3000):  # until the first call reached the provider (bounded)
+                if len(emulator.calls("laozhang")) > before or first.done():
+                    break
+                time.sleep(0.01)
+            beside = httpx.post(url, content=wide, headers=headers, timeout=30)
+            assert first.result().status_code == 200
+        alone = httpx.post(url, content=wide, headers=headers, timeout=30)
+    if fits:  # about 1,000 bytes, 3,000 once read, beside a small call: within 5,000
+        assert beside.status_code == 200, beside.text
+    else:  # about 1,000 bytes, 5,000 (2 bytes a character) or 9,000 (4) once read
+        assert beside.status_code == 503, beside.text
+        assert beside.json()["error"]["code"] == "server_busy"
+    assert alone.status_code == 200, alone.text  # alone, a call is read whatever it takes
+    assert len(emulator.calls("laozhang")) == before + (3 if fits else 2)
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,39 @@ far fewer commas than this)."""
 _MOST_DIGITS: Final = 40
 """A JSON number of more digits than this is refused: converting one costs time quadratic in
 its digits (4,000 digits, 70 us), in the gateway's loop; no field has more than a few."""
+_FOUR_BYTE_UTF8: Final = re.compile(rb"[\xf0-\xf4]")
+_BEYOND_LATIN1: Final = re.compile(rb"[\xc4-\xef]")
+
+
+def _reading_bytes(raw: bytes) -> int:
+    """What reading *raw* as JSON holds beyond its bytes: its text, then its values.
+
+    Python makes a string as wide as its widest character (1, 2 or 4 bytes each), and json
+    decodes the whole body into one before it parses it: a single emoji makes a 50 MB body a
+    200 MB text, and its values as wide.
+    """
+    if raw.isascii():
+        width = 1
+    elif _FOUR_BYTE_UTF8.search(raw):
+        width = 4
+    elif _BEYOND_LATIN1.search(raw):
+        width = 2
+    else:
+        width = 1  # Latin-1 letters (é, ü): one byte a character
+    return 2 * width * len(raw)
+
+
+def _busy() -> Answer:
+    return openai_error(
+        503,
+        "the gateway holds as many request bodies as it may; try again shortly (nothing sent)",
+        type_="server_error",
+        code="server_busy",
+        retry=True,
+        headers={"retry-after": "1", "connection": "close"},
+    )
+
+
 _INLINE_BODY_BYTES: Final = 64 * 1024
 """A request body up to this size is turned into a request on the event loop, not a thread."""
 _INLINE_FILE_BYTES: Final = 1024 * 1024
@@ -87,7 +120,10 @@ class GatewaySettings:
             1 GiB; at least *max_body_bytes*): a call that would pass it is answered 503
             ``server_busy`` with a ``Retry-After`` before its body is read, so many large
             calls at once cannot exhaust memory. A body counts its ``Content-Length``, or
-            *max_body_bytes* when it has none (chunked).
+            *max_body_bytes* when it has none (chunked); a JSON body, once read, also what
+            reading it takes (its text and its values: twice its size, up to 8 times when it
+            holds characters beyond Latin-1, such as an emoji), and is answered 503 if that
+            passes the limit while other calls' bodies are held (alone, it is read).
 
     Raises:
         ConfigurationError: A value of the wrong kind or out of range.
@@ -338,6 +374,15 @@ async def _json_fields(
             code="invalid_json",
             retry=False,
         )
+    # Its text and values are held until the call ends (the images' data URLs go on in the
+    # request). Beyond the bodies the gateway may hold, with other calls' bodies held: busy; a
+    # call alone is read whatever it takes (max_body_bytes bounds it).
+    reading = _reading_bytes(raw)
+    held = gateway.bodies_held
+    if held + reading > gateway.settings.max_bodies_bytes and held > request.state.held:
+        return _busy()
+    gateway.bodies_held += reading
+    request.state.held += reading
     try:
         body = json.loads(raw, parse_int=_bounded_int)
     except _LongNumber:
@@ -427,22 +472,15 @@ async def _image_call(
     declared = request.headers.get("content-length", "")
     size = min(int(declared), limit) if declared.isdigit() else limit
     if gateway.bodies_held + size > gateway.settings.max_bodies_bytes:
-        answer = openai_error(
-            503,
-            "the gateway holds as many request bodies as it may; try again shortly (nothing sent)",
-            type_="server_error",
-            code="server_busy",
-            retry=True,
-            headers={"retry-after": "1", "connection": "close"},
-        )
         return _finish(
-            gateway, request, route, _json(answer, _request_id()), time.perf_counter(), None, {}
+            gateway, request, route, _json(_busy(), _request_id()), time.perf_counter(), None, {}
         )
     gateway.bodies_held += size
+    request.state.held = size  # and what reading it takes (`_json_fields`)
     try:
         return await _image_call_held(gateway, request, route, read)
     finally:
-        gateway.bodies_held -= size
+        gateway.bodies_held -= request.state.held
 
 
 async def _image_call_held(
