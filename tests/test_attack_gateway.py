@@ -583,3 +583,28 @@ def test_redis_lost_after_a_billed_try_is_not_answered_as_nothing_sent(
     assert answer.headers["x-should-retry"] == "false"
     assert answer.json()["error"]["may_be_billed"] is True
     assert "laozhang" in [a["provider"] for a in answer.json()["error"]["attempts"]]
+
+
+def test_a_key_replaced_within_one_tick_of_the_clock_and_at_the_same_size_is_seen(
+    tmp_path: Path,
+) -> None:
+    # The gateway reads the key file again when it changed; judged by its time and size alone,
+    # a revoke and a create of a key of the same length within one tick of the file system's
+    # clock left the revoked key working.
+    import attrs
+
+    from flux_adapters.gateway._keys import new_key
+
+    path = tmp_path / "keys.json"
+    serving, other = FileKeys(path), FileKeys(path)
+    _, revoked = new_key(name="a")
+    serving.put_sync(revoked)
+    assert serving.get_sync(revoked.key_hash) == revoked
+    written = os.stat(path)
+    _, created = new_key(name="b")
+    other.delete_sync(revoked.id)
+    other.put_sync(attrs.evolve(created, created=revoked.created))
+    os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns))  # the same tick
+    assert os.stat(path).st_size == written.st_size
+    assert serving.get_sync(revoked.key_hash) is None
+    assert serving.get_sync(created.key_hash) is not None

@@ -117,7 +117,7 @@ class FileKeys:
         chosen = path or os.environ.get("FLUX_GATEWAY_KEYS") or DEFAULT_KEYS_PATH
         self.path = Path(chosen)
         self._lock = threading.Lock()
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int, int] | None = None
         self._by_hash: dict[str, KeyRecord] = {}
 
     def _load(self) -> dict[str, KeyRecord]:
@@ -132,7 +132,9 @@ class FileKeys:
             raise ConfigurationError(f"the key file {self.path} is not a regular file")
         if status.st_size > _MAX_FILE_BYTES:
             raise ConfigurationError(f"the key file {self.path} is larger than 64 MiB")
-        stamp = (status.st_mtime_ns, status.st_size)
+        # Every write (`_write`) renames a new file into place: a new inode, whatever the clock
+        # and the size say (a revoke and a create within one tick of the file system's clock).
+        stamp = (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
         if stamp == self._seen:
             return self._by_hash
         try:
