@@ -109,8 +109,8 @@ class FileKeys:
     """Key records in a JSON file: read again whenever the file changed, written atomically.
 
     Several gateway processes on one machine can share the file; a ``keys revoke`` takes effect
-    at the next request of each (the file's modification time and size are checked on every
-    lookup, a ``stat`` call).
+    at the next request of each (the file's inode, times and size are checked on every lookup,
+    a ``stat`` call).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
