@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import io
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -493,10 +494,25 @@ def test_a_body_dripped_slower_than_its_deadline_is_a_408(
     assert len(emulator.calls("laozhang")) == before
 
 
+@contextlib.contextmanager
+def one_call_under_way(
+    emulator: Emulator, url: str, headers: dict[str, str], body: Mapping[str, object]
+) -> Iterator[concurrent.futures.Future[httpx.Response]]:
+    """A call POSTed in a thread, held at the provider (a 3 s delay) while the block runs."""
+    emulator.inject("laozhang", Fault(delay=3.0, first=1))
+    before = len(emulator.calls("laozhang"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, url, json=body, headers=headers, timeout=30)
+        for _ in range(3000):  # until the call reached the provider (bounded)
+            if len(emulator.calls("laozhang")) > before or first.done():
+                break
+            time.sleep(0.01)
+        yield first
+
+
 def test_calls_past_the_bodies_the_gateway_may_hold_are_a_503_before_reading(
     emulator: Emulator, tmp_path: Path
 ) -> None:
-    emulator.inject("laozhang", Fault(delay=3.0, first=1))  # the first call stays under way
     before = len(emulator.calls("laozhang"))
     with run_gateway(
         files_dir=tmp_path,
@@ -510,12 +526,7 @@ def test_calls_past_the_bodies_the_gateway_may_hold_are_a_503_before_reading(
         headers = {"authorization": f"Bearer {key}"}
         url = gateway.url + "/images/generations"
         body = {"prompt": "held", "model": "flux-2-pro", "user": "x" * 3000}
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            first = pool.submit(httpx.post, url, json=body, headers=headers, timeout=30)
-            for _ in range(3000):  # until the first call reached the provider (bounded)
-                if len(emulator.calls("laozhang")) > before or first.done():
-                    break
-                time.sleep(0.01)
+        with one_call_under_way(emulator, url, headers, body) as first:
             busy = httpx.post(url, json=body, headers=headers, timeout=30)
             small = httpx.post(url, json={"prompt": "small"}, headers=headers, timeout=30)
             assert first.result().status_code == 200
@@ -539,7 +550,6 @@ def test_a_json_body_counts_what_reading_it_takes_beside_other_calls(
     # json decodes a body into one string as wide as its widest character, then parses values
     # as wide: 1,000 bytes of emoji become 4,000 bytes of text and as much again of values.
     # Counted at their bytes only, many such bodies at once took several times the limit.
-    emulator.inject("laozhang", Fault(delay=3.0, first=1))  # the first call stays under way
     before = len(emulator.calls("laozhang"))
     with run_gateway(
         files_dir=tmp_path,
@@ -551,14 +561,7 @@ def test_a_json_body_counts_what_reading_it_takes_beside_other_calls(
         headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
         url = gateway.url + "/images/generations"
         wide = json.dumps({"prompt": "wide", "user": text}, ensure_ascii=False).encode()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            first = pool.submit(
-                httpx.post, url, json={"prompt": "held"}, headers=headers, timeout=30
-            )
-            for _ in range(3000):  # until the first call reached the provider (bounded)
-                if len(emulator.calls("laozhang")) > before or first.done():
-                    break
-                time.sleep(0.01)
+        with one_call_under_way(emulator, url, headers, {"prompt": "held"}) as first:
             beside = httpx.post(url, content=wide, headers=headers, timeout=30)
             assert first.result().status_code == 200
         alone = httpx.post(url, content=wide, headers=headers, timeout=30)
