@@ -204,20 +204,31 @@ def check_headers(exchange: Exchange, by: str) -> None:
         RequestError: A header that cannot be sent.
     """
     headers = exchange.headers
-    values = "".join(headers.values())
+    try:
+        values = "".join(headers.values())
+    except TypeError:  # a value that is not text (an int, bytes, None): named below
+        values = "\n"
     if values.isascii() and values.isprintable() and _SOUND_NAMES.issuperset(headers):
         return
     for name, value in headers.items():
-        if name not in _SOUND_NAMES:
-            if not _TOKEN.fullmatch(name):
-                problem = ValueError(f"the header name {name!r} is not an HTTP token")
-                raise unsendable(exchange.provider, exchange.scrub, problem, by)
-            if len(_SOUND_NAMES) >= 256:
-                _SOUND_NAMES.clear()
-            _SOUND_NAMES.add(name)
-        if not (value.isascii() and value.isprintable()):
-            problem = ValueError(f"the header {name!r} cannot be sent as it is")
+        problem = _header_problem(name, value)
+        if problem is not None:
             raise unsendable(exchange.provider, exchange.scrub, problem, by)
+
+
+def _header_problem(name: object, value: object) -> Exception | None:
+    """Why a header cannot be sent (``None``: it can); adapters may build any type."""
+    if not isinstance(name, str) or not isinstance(value, str):
+        return TypeError(f"the header {name!r} is not text: {type(value).__name__}")
+    if name not in _SOUND_NAMES:
+        if not _TOKEN.fullmatch(name):
+            return ValueError(f"the header name {name!r} is not an HTTP token")
+        if len(_SOUND_NAMES) >= 256:
+            _SOUND_NAMES.clear()
+        _SOUND_NAMES.add(name)
+    if not (value.isascii() and value.isprintable()):
+        return ValueError(f"the header {name!r} cannot be sent as it is")
+    return None
 
 
 def httpx_request(

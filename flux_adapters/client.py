@@ -385,9 +385,13 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
     """*outgoing* as it goes on the wire: the key added only where its adapter allows it.
 
     Raises:
-        RequestError: The key goes in a query string httpx cannot build into the URL.
+        RequestError: The key goes in a query string httpx cannot build into the URL, or the
+            adapter's headers are not (name, value) pairs (nothing is sent).
     """
-    headers = dict(outgoing.headers)
+    try:
+        headers = dict(outgoing.headers)
+    except (TypeError, ValueError) as exc:  # an outside adapter's mistake: nothing was sent
+        raise unsendable(binding.adapter.name, binding.scrub, exc) from None
     headers.setdefault("Accept", "application/json")
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
     if isinstance(outgoing.body, JsonBody):

@@ -600,6 +600,26 @@ def test_a_header_that_cannot_be_sent_is_a_request_error_and_sends_nothing(
 
 
 @pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("X-Seed", 5), ("X-Trace", b"abc"), ("X-Trace", None), (b"X-Trace", "a"), (7, "a")],
+    ids=["int-value", "bytes-value", "none-value", "bytes-name", "int-name"],
+)
+def test_a_header_that_is_not_text_is_a_request_error_and_sends_nothing(
+    make: Callable[..., Any], name: object, value: object, serve: Callable[..., Server]
+) -> None:
+    # An adapter's header built from its options (a seed, a None left in): the check joined
+    # the values and matched the names as text, a bare TypeError out of the driver.
+    server = serve(gateway)
+    bad = exchange(f"{server.url}/v1", BODY)
+    headers: dict[Any, Any] = bad.headers
+    headers[name] = value
+    [outcome] = on_driver(make, bad)
+    assert isinstance(outcome, errors.RequestError), outcome
+    assert server.requests == 0
+
+
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
 def test_a_url_that_is_no_http_url_is_not_sent(make: Callable[..., Any]) -> None:
     [outcome] = on_driver(make, exchange("ftp://127.0.0.1:9/v1", BODY))
     assert type(outcome) is errors.TransportError

@@ -833,3 +833,114 @@ def test_kept_images_are_served_whole_and_leave_no_temporary_file(
     decoded = base64.b64decode(inline[0].b64_json)
     Image.open(io.BytesIO(decoded)).load()
     assert decoded in [(tmp_path / name).read_bytes() for name in kept]
+
+
+def test_every_kind_of_call_ending_gives_back_the_bodies_it_held(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # A body counted in and never counted out shrinks the room for every later call, for good:
+    # after enough such endings every call is a 503 server_busy. Every kind of ending, then the
+    # count must be back at nothing.
+    with run_gateway(
+        files_dir=tmp_path,
+        clients=single(emulator, "laozhang"),
+        max_body_bytes=4000,
+        max_bodies_bytes=12_000,
+        body_timeout=0.3,
+    ) as running:
+        key, _ = running.add_key()
+        gateway = running.gateway
+        good = {"authorization": f"Bearer {key}"}
+        url = running.url + "/images/generations"
+        address = httpx.URL(running.url)
+
+        def raw(head: bytes, body: bytes, *, wait: bool) -> bytes:
+            with socket.create_connection((address.host, address.port), timeout=30) as conn:
+                conn.sendall(
+                    b"POST /v1/images/generations HTTP/1.1\r\nhost: gateway\r\n"
+                    + f"authorization: Bearer {key}\r\n".encode()
+                    + head
+                    + b"\r\n"
+                    + body
+                )
+                answer = b""
+                while wait and (piece := conn.recv(65536)):  # to the end (30 s bound)
+                    answer += piece
+                return answer
+
+        codes = []
+        for _ in range(1):  # one of each: a single leak leaves a count above nothing
+            codes.append(httpx.post(url, json={"prompt": "p"}, timeout=30).status_code)  # 401
+            broken = httpx.post(  # a multipart body cut short
+                running.url + "/images/edits",
+                content=b'--b\r\ncontent-disposition: form-data; name="prompt"\r\n\r\np',
+                headers={**good, "content-type": "multipart/form-data; boundary=b"},
+                timeout=30,
+            )
+            codes.append(broken.status_code)
+            codes.append(  # 413, declared
+                httpx.post(url, json={"prompt": "x" * 5000}, headers=good, timeout=30).status_code
+            )
+            codes.append(  # invalid JSON
+                httpx.post(
+                    url,
+                    content=b"{not json",
+                    headers={**good, "content-type": "application/json"},
+                    timeout=30,
+                ).status_code
+            )
+            codes.append(  # a number too long
+                httpx.post(
+                    url,
+                    content=b'{"prompt": "p", "n": ' + b"9" * 100 + b"}",
+                    headers={**good, "content-type": "application/json"},
+                    timeout=30,
+                ).status_code
+            )
+            # 408: a body that stops coming
+            answer = raw(
+                b"content-type: application/json\r\ncontent-length: 100\r\n",
+                b'{"prompt": "',
+                wait=True,
+            )
+            codes.append(int(answer.split()[1]))
+            # the client gone mid-body, and mid-call (the provider holding its answer)
+            raw(b"content-type: application/json\r\ncontent-length: 100\r\n", b"{", wait=False)
+            emulator.inject("laozhang", Fault(status=500, first=1))
+            codes.append(
+                httpx.post(url, json={"prompt": "p"}, headers=good, timeout=30).status_code
+            )
+            with one_call_under_way(emulator, url, good, {"prompt": "x" * 3000}) as first:
+                busy = httpx.post(url, json={"prompt": "y" * 3000}, headers=good, timeout=30)
+                codes.append(busy.status_code)  # 503
+                assert first.result().status_code == 200
+            emulator.inject("laozhang", Fault(delay=1.0, first=1))
+            body = json.dumps({"prompt": "gone"}).encode()
+            raw(
+                b"content-type: application/json\r\n" + f"content-length: {len(body)}\r\n".encode(),
+                body,
+                wait=False,
+            )
+            codes.append(
+                httpx.post(url, json={"prompt": "ok"}, headers=good, timeout=30).status_code
+            )
+        for _ in range(3000):  # the calls cut short end on the gateway's side (bounded)
+            if gateway.bodies_held == 0:
+                break
+            time.sleep(0.01)
+        assert gateway.bodies_held == 0, (gateway.bodies_held, codes)
+        # shutdown with a call under way (cancelled, or left to finish)
+        emulator.inject("laozhang", Fault(delay=1.0, first=1))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(
+                raw,
+                b"content-type: application/json\r\ncontent-length: 17\r\n",
+                b'{"prompt": "end"}',
+                wait=True,
+            )
+            for _ in range(300):
+                if gateway.bodies_held:
+                    break
+                time.sleep(0.01)
+    assert gateway.bodies_held == 0
+    assert set(codes) == {401, 413, 400, 408, 502, 503, 200}, codes

@@ -982,3 +982,35 @@ def test_polling_refuses_a_value_that_cannot_be_waited_with_a_typed_error(
 
 def test_polling_takes_zero_waits_and_a_days_deadline() -> None:
     assert Polling(first=0, longest=0, jitter=0, deadline=86_400).deadline == 86_400
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    "headers",
+    [(("X-Trace", "a", "b"),), (("X-Trace",),), "ab", None, (("X-Seed", 5),)],
+    ids=["triple", "single", "text", "none", "int-value"],
+)
+def test_headers_an_adapter_built_in_another_shape_are_a_request_error_and_nothing_is_sent(
+    kind: str, headers: Any
+) -> None:
+    # HttpRequest does not check its headers' shape: an outside adapter's mistake came out as
+    # a bare ValueError or TypeError (async), or as a TransportError that may have been billed
+    # (sync), though nothing was sent.
+    class Shapeless(Queue):
+        def build_submit(self, request: EditRequest, plan: Any, base_url: str) -> HttpRequest:
+            return HttpRequest(
+                method="POST",
+                url=f"{base_url}/jobs",
+                body=JsonBody({"prompt": request.prompt}),
+                headers=headers,
+            )
+
+    sent: list[httpx.Request] = []
+
+    def fake(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(500)
+
+    with pytest.raises(errors.RequestError):
+        run(kind, fake, T2I, provider=Shapeless(), max_retries=0)
+    assert sent == []

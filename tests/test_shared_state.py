@@ -580,6 +580,9 @@ def test_a_refusal_refunds_but_a_moderated_accepted_job_keeps_its_reservation(
         # a hand edit: one provider as a string (read as the letters b, f and l before)
         b'{"id": "abcd1234", "key_hash": "HASH", "allowed_providers": "bfl"}',
         b'{"id": "abcd1234", "key_hash": "HASH", "budget_usd": "50"}',
+        # nested past json's recursion limit: a RecursionError, not a ValueError
+        b"[" * 100_000,
+        b'{"id": "abcd1234", "key_hash": "HASH", "name": ' + b"[" * 100_000 + b"}",
     ],
 )
 def test_a_damaged_gateway_key_record_in_redis_is_a_configuration_error(

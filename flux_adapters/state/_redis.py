@@ -259,7 +259,7 @@ def _record(raw: object) -> KeyRecord | None:
         return None
     try:
         data = json.loads(_text(raw))
-    except ValueError:  # a hand edit in Redis
+    except (ValueError, RecursionError):  # a hand edit in Redis (RecursionError: nested deep)
         raise ConfigurationError("a gateway key record is damaged") from None
     return record_from_dict(data)
 
