@@ -608,3 +608,15 @@ def test_a_key_replaced_within_one_tick_of_the_clock_and_at_the_same_size_is_see
     assert os.stat(path).st_size == written.st_size
     assert serving.get_sync(revoked.key_hash) is None
     assert serving.get_sync(created.key_hash) is not None
+
+
+def test_a_key_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Notepad and other Windows editors save UTF-8 with a BOM: a hand-edited key file is not
+    # damaged for it (every call was a 500 keys_unreadable).
+    from flux_adapters.gateway._keys import new_key
+
+    path = tmp_path / "keys.json"
+    _, record = new_key(name="edited")
+    FileKeys(path).put_sync(record)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert FileKeys(path).get_sync(record.key_hash) == record

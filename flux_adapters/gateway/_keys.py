@@ -138,7 +138,8 @@ class FileKeys:
         if stamp == self._seen:
             return self._by_hash
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            # utf-8-sig: a BOM, as some editors on Windows save a file, is not damage
+            data = json.loads(self.path.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError, RecursionError) as exc:
             raise ConfigurationError(f"cannot read the key file {self.path}: {exc}") from None
         keys = data.get("keys") if isinstance(data, dict) else None
