@@ -24,7 +24,7 @@ import io
 import os
 import re
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import (
     IO,
@@ -69,11 +69,13 @@ __all__ = [
     "DriverName",
     "Exchange",
     "HttpxDriver",
+    "check_headers",
     "choose",
     "httpx_request",
     "multipart_request",
     "not_sent_by_deadline",
     "open_upload",
+    "refuse_headers",
     "unsendable",
 ]
 
@@ -210,10 +212,17 @@ def check_headers(exchange: Exchange, by: str) -> None:
         values = "\n"
     if values.isascii() and values.isprintable() and _SOUND_NAMES.issuperset(headers):
         return
-    for name, value in headers.items():
+    refuse_headers(headers.items(), exchange.provider, exchange.scrub, by)
+
+
+def refuse_headers(
+    headers: Iterable[tuple[object, object]], provider: str, scrub: Callable[[str], str], by: str
+) -> None:
+    """Raise the `RequestError` for the first of *headers* that cannot be sent, if any."""
+    for name, value in headers:
         problem = _header_problem(name, value)
         if problem is not None:
-            raise unsendable(exchange.provider, exchange.scrub, problem, by)
+            raise unsendable(provider, scrub, problem, by)
 
 
 def _header_problem(name: object, value: object) -> Exception | None:

@@ -11,13 +11,32 @@ import json
 from typing import TYPE_CHECKING
 
 from flux_adapters._bodies import json_segments, segments_length
-from flux_adapters.request import DataUrlImage, FileImage
+from flux_adapters._drivers import refuse_headers, unsendable
+from flux_adapters._flows import adapter_built, first_request
+from flux_adapters.request import DataUrlImage, EditRequest, FileImage
 from flux_adapters.wire import HttpRequest, ImageValue, JsonBody, MultipartBody
 
 if TYPE_CHECKING:
-    from flux_adapters.providers import KeyAuth
+    from flux_adapters.limits import Plan
+    from flux_adapters.providers import AnyAdapter, KeyAuth
 
-__all__ = ["as_data", "render"]
+__all__ = ["as_data", "render", "sendable"]
+
+
+def sendable(adapter: AnyAdapter, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
+    """The request *adapter* sends first, as a client would send it.
+
+    Raises:
+        RequestError: What a client would raise before sending it: the adapter failed to build
+            it, or built headers that are not (name, value) pairs of sendable text.
+    """
+    outgoing = adapter_built(adapter, request, first_request, adapter, request, plan, base_url)
+    try:
+        headers = dict(outgoing.headers)
+    except (TypeError, ValueError) as exc:
+        raise unsendable(adapter.name, str, exc, "flux-adapters") from None
+    refuse_headers(headers.items(), adapter.name, str, "flux-adapters")
+    return outgoing
 
 
 def _size(byte_count: int) -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "Flow",
     "Instruction",
     "Outcome",
+    "adapter_built",
     "check",
     "edit_flow",
     "first_request",
@@ -180,7 +181,7 @@ def flow_for(
     return edit_flow(adapter, request, base_url, secrets, plan)  # type: ignore[arg-type]
 
 
-def _built(
+def adapter_built(
     adapter: object,
     request: EditRequest | None,
     build: Callable[_P, _T],
@@ -311,7 +312,7 @@ def edit_flow(
         ProviderError: The provider answered with an error (details redacted of *secrets*).
     """
     resolved = plan if plan is not None else resolve(adapter, request)
-    outgoing = _built(adapter, request, adapter.build_request, request, resolved, base_url)
+    outgoing = adapter_built(adapter, request, adapter.build_request, request, resolved, base_url)
     response = yield _as_submit(outgoing)
     assert response is not None
     answer = _answered(adapter, response, secrets, adapter.parse_response, response)
@@ -341,7 +342,7 @@ def job_flow(
     """
     resolved = plan if plan is not None else resolve(adapter, request)
     started = clock()
-    submit = _built(adapter, request, adapter.build_submit, request, resolved, base_url)
+    submit = adapter_built(adapter, request, adapter.build_submit, request, resolved, base_url)
     response = yield _as_submit(submit)
     assert response is not None
     submitted = _answered(adapter, response, secrets, adapter.parse_submit, response)
@@ -409,7 +410,9 @@ def follow_job(
             yield from _pause(wait, polling, chance, ends - clock())
             if clock() >= ends:
                 raise _Deadline
-            poll = _within(_built(adapter, None, adapter.build_poll, job), "poll", ends, clock)
+            poll = _within(
+                adapter_built(adapter, None, adapter.build_poll, job), "poll", ends, clock
+            )
             state = yield from _poll_once(adapter, job, poll, secrets)
             if isinstance(state, ResponseFormatError):
                 # Maybe a glitch, maybe an adapter that cannot read its provider's statuses:
@@ -578,7 +581,7 @@ def _fetch(
     """Fetch a finished job's result, trying again in place after failures that may pass."""
     wait = polling.first
     while True:
-        built = _built(adapter, None, adapter.build_fetch, job)
+        built = adapter_built(adapter, None, adapter.build_fetch, job)
         if built is None:
             raise ResponseFormatError(
                 "the job is done, and its answer holds no result to fetch",

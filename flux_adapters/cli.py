@@ -1746,8 +1746,7 @@ def _provider_data(provider: str, origin: str, prices: Mapping[str, Price]) -> d
 
 
 def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
-    from flux_adapters._explain import as_data, render
-    from flux_adapters._flows import first_request
+    from flux_adapters._explain import as_data, render, sendable
     from flux_adapters.config import base_url_for
     from flux_adapters.providers import BEARER, PROVIDERS, get_adapter
 
@@ -1760,6 +1759,11 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
         adapter = get_adapter(provider)
         base_url = base_url_for(adapter)  # where a client would send it: $<PROVIDER>_BASE_URL
         entry: dict[str, object] = {"provider": provider, "base_url": base_url}
+        if not isinstance(verdict, errors.RequestError):
+            try:
+                outgoing = sendable(adapter, request, verdict, base_url)
+            except errors.RequestError as error:  # an outside adapter's mistake, not sent
+                verdict = error
         if isinstance(verdict, errors.RequestError):
             entry |= {
                 "accepted": False,
@@ -1772,7 +1776,6 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
                 out.writelines(f"  - {_violation_text(v, flags)}\n" for v in verdict.violations)
                 out.write("\n")
         else:
-            outgoing = first_request(adapter, request, verdict, base_url)
             auth = getattr(adapter, "auth", None) or BEARER
             entry |= {
                 "accepted": True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -15,7 +16,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import attrs
 import httpx
 import pytest
 from PIL import Image
@@ -24,6 +27,7 @@ from flux_adapters import cli
 from flux_adapters.cli import main
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.providers import PROVIDERS
+from flux_adapters.wire import HttpRequest
 from tests.conftest import image_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +86,55 @@ def test_explain_lists_violations_instead_of_sending(tmp_path: Path) -> None:
     assert "refused before sending" in out
     assert "--image: too many reference images" in out  # the flags, not the library's fields
     assert "--seed: is out of range" in out
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (("X-Trace", "a", "b"),),
+        "ab",
+        None,
+        (("X-Seed", 5),),
+        (("X-Trace", "a\r\nX-Key: b"),),
+        KeyError("seed"),
+    ],
+    ids=["triple", "text", "none", "int-value", "line-break", "build-raises"],
+)
+@pytest.mark.parametrize("json_output", [False, True], ids=["text", "json"])
+def test_explain_refuses_an_outside_adapters_unsendable_headers_as_a_client_would(
+    headers: object, json_output: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client refuses such headers with a RequestError, nothing sent; explain printed the
+    # line break as if it would go, or failed with a bare ValueError ("unexpected", exit 1).
+    from flux_adapters.providers import _REGISTRY, register_provider
+    from flux_adapters.providers.laozhang import LaozhangAdapter
+
+    monkeypatch.setattr(_REGISTRY, "_targets", dict(_REGISTRY._targets))
+    monkeypatch.setattr(_REGISTRY, "_loaded", dict(_REGISTRY._loaded))
+
+    class Shapeless(LaozhangAdapter):
+        name = "shapeless"
+
+        def build_request(self, *args: Any) -> HttpRequest:
+            if isinstance(headers, Exception):
+                raise headers
+            return attrs.evolve(super().build_request(*args), headers=headers)
+
+    register_provider("shapeless", Shapeless())
+    code, out, err = run("explain", "p", "-p", "shapeless", "-p", "laozhang",
+                         *["--json"] * json_output)  # fmt: skip
+    assert (code, err) == (0, "")  # laozhang's request is shown
+    if json_output:
+        refused, shown = json.loads(out)["providers"]
+        assert (refused["accepted"], refused["request"]) == (False, None)
+        assert refused["violations"][0]["field"] == "request"
+        assert shown["accepted"] is True
+    else:
+        section = out.split("=== ")[1]
+        assert section.startswith("shapeless\nrefused before sending:\n")
+        cannot = "  - request: shapeless built a request flux-adapters cannot send"
+        assert cannot in section or "  - request: shapeless could not build it" in section
+        assert "\nX-Key: b\n" not in out
 
 
 def test_models_lists_limits_and_prices() -> None:
