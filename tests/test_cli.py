@@ -102,7 +102,7 @@ def test_explain_lists_violations_instead_of_sending(tmp_path: Path) -> None:
 )
 @pytest.mark.parametrize("json_output", [False, True], ids=["text", "json"])
 def test_explain_refuses_an_outside_adapters_unsendable_headers_as_a_client_would(
-    headers: object, json_output: bool, monkeypatch: pytest.MonkeyPatch
+    headers: Any, json_output: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The client refuses such headers with a RequestError, nothing sent; explain printed the
     # line break as if it would go, or failed with a bare ValueError ("unexpected", exit 1).
