@@ -121,6 +121,15 @@ def _number(text: str) -> float:
     return value
 
 
+def _image_file(text: str) -> Path:
+    """``-o``'s file: ``-`` is standard output to most tools, never a file named "-" (``./-`` is)."""
+    if text == "-":
+        raise argparse.ArgumentTypeError(
+            "the image cannot go to standard output; name a file (-o out.png)"
+        )
+    return Path(text)
+
+
 def _seconds(*, zero: bool = False) -> Callable[[str], float]:
     lowest = "from 0" if zero else "above 0"
 
@@ -286,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_image_file,
         help="where to save (default: out/<provider>-<time>.<format>); its extension "
         "(.png, .jpg, .jpeg, .webp) sets --format",
     )
@@ -1023,11 +1032,6 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     flags = arguments.flags
     request = _request(arguments, flags)
     output: Path | None = arguments.output
-    if output == Path("-"):  # standard output to most tools: never a file named "-"
-        raise _UsageError(
-            "flux-adapters edit: error: -o -: the image cannot go to standard output; "
-            "name a file (-o out.png)"
-        )
     if output is not None:
         _check_output_file(output)
     else:

@@ -166,6 +166,25 @@ def test_edit_saves_the_image_and_reports(
         assert picture.size == (512, 256)
 
 
+def test_edit_saves_to_a_file_named_dash_when_the_path_says_so(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "-o -" is refused (standard output to most tools); "./-" names the file plainly and was
+    # refused as well, since Path("./-") == Path("-").
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.chdir(tmp_path)
+    base = ["--provider", "laozhang", "--base-url", emulator.base_url("laozhang")]
+    code, _, err = run("edit", "p", *base, "-o", "-")
+    assert code == 2
+    assert "the image cannot go to standard output" in err
+    assert emulator.calls("laozhang") == []
+    code, out, err = run("edit", "p", *base, "-o", "./-")
+    assert code == 0, err
+    assert "saved:    -\n" in out
+    with Image.open(tmp_path / "-") as picture:
+        picture.verify()  # the image the provider made, whole
+
+
 def test_edit_exit_codes(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAOZHANG_API_KEY", "k")
     monkeypatch.delenv("FLUX_PROVIDERS", raising=False)

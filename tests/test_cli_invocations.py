@@ -173,7 +173,7 @@ ROWS = [
     Row("output directory", ("edit", "p", "-p", "laozhang", "-o", "folder"), 7, "cannot write folder: is a directory", process=True),
     Row("output FIFO", ("edit", "p", "-p", "laozhang", "-o", "fifo"), 7, "not a regular file"),
     # "-" is standard output to most tools: a file named "-" would surprise (nothing is sent)
-    Row("output dash", ("edit", "p", "-p", "laozhang", "-o", "-"), 2, "-o -: the image cannot go to standard output"),
+    Row("output dash", ("edit", "p", "-p", "laozhang", "-o", "-"), 2, "--output: the image cannot go to standard output"),
     Row("output device", ("edit", "p", "-p", "laozhang", "-o", "/dev/null"), 7, "not a regular file"),
     Row("output under a file", ("edit", "p", "-p", "laozhang", "-o", "regular/x.png"), 7, "regular is not a directory"),
     Row("output two levels under a file", ("edit", "p", "-p", "laozhang", "-o", "regular/sub/x.png"), 7, "a part of the path is a file"),
