@@ -620,3 +620,40 @@ def test_a_key_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None
     FileKeys(path).put_sync(record)
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert FileKeys(path).get_sync(record.key_hash) == record
+
+
+def test_a_changed_key_file_is_read_off_the_gateways_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A key file of up to 64 MiB was parsed on the event loop when it changed: every call the
+    # gateway had under way waited for it. An unchanged file is looked up on the loop, a stat.
+    import asyncio
+    import json
+    import threading
+
+    from flux_adapters.gateway._keys import new_key
+
+    path = tmp_path / "keys.json"
+    keys = FileKeys(path)
+    _, first = new_key(name="a")
+    _, second = new_key(name="b")
+    FileKeys(path).put_sync(first)
+    parsed_in: list[threading.Thread] = []
+    real_loads = json.loads
+
+    def loads(text: str) -> object:
+        parsed_in.append(threading.current_thread())
+        return real_loads(text)
+
+    async def lookups(*hashes: str) -> list[object]:
+        monkeypatch.setattr(json, "loads", loads)
+        try:
+            return [await keys.get_key(key_hash) for key_hash in hashes]
+        finally:
+            monkeypatch.setattr(json, "loads", real_loads)
+
+    assert asyncio.run(lookups(first.key_hash, first.key_hash, "0" * 64)) == [first, first, None]
+    FileKeys(path).put_sync(second)  # another process's `keys create`
+    assert asyncio.run(lookups(second.key_hash, first.key_hash)) == [second, first]
+    assert len(parsed_in) == 2  # once after each change, never when the file stayed the same
+    assert threading.main_thread() not in parsed_in  # the loop's thread

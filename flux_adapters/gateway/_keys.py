@@ -14,6 +14,7 @@ atomically with mode 0600. Nothing here needs an extra: ``flux-adapters keys`` w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -110,7 +111,7 @@ class FileKeys:
 
     Several gateway processes on one machine can share the file; a ``keys revoke`` takes effect
     at the next request of each (the file's inode, times and size are checked on every lookup,
-    a ``stat`` call).
+    a ``stat`` call). The gateway reads a file that changed in a thread, off its event loop.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
@@ -120,12 +121,17 @@ class FileKeys:
         self._seen: tuple[int, int, int, int] | None = None
         self._by_hash: dict[str, KeyRecord] = {}
 
-    def _load(self) -> dict[str, KeyRecord]:
+    def _stamp(self) -> tuple[int, int, int, int] | None:
+        """The file's identity and state now (``None``: there is no file).
+
+        Raises:
+            ConfigurationError: The file cannot be looked at, is not a regular file, or is
+                larger than 64 MiB.
+        """
         try:
             status = self.path.stat()
         except FileNotFoundError:
-            self._seen, self._by_hash = None, {}
-            return self._by_hash
+            return None
         except OSError as exc:
             raise ConfigurationError(f"cannot read the key file {self.path}: {exc}") from None
         if not stat.S_ISREG(status.st_mode):  # a FIFO would block the gateway's loop for ever
@@ -134,7 +140,13 @@ class FileKeys:
             raise ConfigurationError(f"the key file {self.path} is larger than 64 MiB")
         # Every write (`_write`) renames a new file into place: a new inode, whatever the clock
         # and the size say (a revoke and a create within one tick of the file system's clock).
-        stamp = (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
+        return (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
+
+    def _load(self) -> dict[str, KeyRecord]:
+        stamp = self._stamp()
+        if stamp is None:
+            self._seen, self._by_hash = None, {}
+            return self._by_hash
         if stamp == self._seen:
             return self._by_hash
         try:
@@ -232,7 +244,19 @@ class FileKeys:
         self.put_sync(record)
 
     async def get_key(self, key_hash: str) -> KeyRecord | None:
-        return self.get_sync(key_hash)
+        # A stat on every call; a file that changed is read in a thread (up to 64 MiB of JSON:
+        # seconds in which the gateway's loop would answer nothing else), as is any lookup while
+        # another thread holds the lock (reading it, or a `keys create` in this process).
+        if self._lock.acquire(blocking=False):
+            try:
+                stamp = self._stamp()
+                if stamp is None:
+                    return None
+                if stamp == self._seen:
+                    return self._by_hash.get(key_hash)
+            finally:
+                self._lock.release()
+        return await asyncio.to_thread(self.get_sync, key_hash)
 
     async def list_keys(self) -> list[KeyRecord]:
         return self.list_sync()
