@@ -219,8 +219,11 @@ class _Watch:
             self._set(when)
 
     def remove(self, clock: _Clock) -> None:
-        """Stop watching *clock* (its exchange is over). The timer stays: it runs for nothing
-        at worst, and is already set for the next exchange's clock, which passes later."""
+        """Stop watching *clock* (its exchange is over).
+
+        The timer stays: it runs for nothing at worst, and is already set for the next
+        exchange's clock, which passes later.
+        """
         self._clocks.pop(clock, None)
 
     def close(self) -> None:
@@ -294,8 +297,10 @@ class _Clock:
         return self._loop.time()
 
     def check(self, now: float) -> float | None:
-        """At *now*: ``None`` when the deadline or the read timeout passed (the exchange's task
-        is cancelled), else the soonest either could pass."""
+        """The soonest the deadline or the read timeout could pass, seen at *now*.
+
+        ``None`` once either passed: the exchange's task is cancelled (once).
+        """
         if self.expired is not None:
             return None
         read, since = self._read, self.read_from
