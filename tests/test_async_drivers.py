@@ -503,6 +503,51 @@ def test_aiohttp_the_read_timeout_restarts_with_each_piece_of_the_answer(
     assert "deadline of 1 s" in str(outcome)
 
 
+def test_aiohttp_exchanges_in_flight_together_each_keep_their_own_timeouts(
+    serve: Callable[..., Server],
+) -> None:
+    """The driver watches every exchange's deadline and read timeout on one timer: an exchange
+    with shorter timeouts than those already in flight still ends on time, a timeout ends only
+    its own exchange, and exchanges sent after others timed out are still watched."""
+
+    def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        time.sleep(1.5)
+        server.send(connection, answer(200, OK))
+
+    server = serve(slow)
+    url = f"{server.url}/v1"
+
+    async def main() -> list[object]:
+        sender = aiohttp_driver()
+
+        async def one(item: Exchange) -> object:
+            try:
+                return await sender.exchange(item)
+            except errors.FluxError as error:
+                return error
+
+        try:
+            together = await asyncio.gather(
+                one(exchange(url, BODY)),  # the longest first: 10 s, read 5 s
+                one(exchange(url, BODY)._replace(seconds=0.3)),
+                one(exchange(url, BODY, read=0.3)),
+            )
+            later = await one(exchange(url, BODY)._replace(seconds=0.4))
+            return [*together, later]
+        finally:
+            await sender.aclose()
+
+    answered, deadline, read, later = asyncio.run(main())
+    assert getattr(answered, "status_code", None) == 200
+    assert isinstance(deadline, errors.Timeout)
+    assert "deadline of 0.3 s" in str(deadline)
+    assert isinstance(read, errors.Timeout)
+    assert "ReadTimeout" in str(read)
+    assert read.sent is True
+    assert isinstance(later, errors.Timeout)
+    assert "deadline of 0.4 s" in str(later)
+
+
 def test_aiohttp_a_callers_own_cancellation_is_no_timeout(serve: Callable[..., Server]) -> None:
     def stall(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
         time.sleep(2)
