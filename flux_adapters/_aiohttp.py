@@ -62,6 +62,7 @@ from flux_adapters._transport import (
     deadline_error,
     shared_ssl_context,
     transport_error,
+    with_answer,
 )
 from flux_adapters.errors import ClientClosedError, FluxError, Timeout
 from flux_adapters.wire import HttpResponse, JsonBody, MultipartBody
@@ -509,6 +510,7 @@ class AiohttpDriver:
             watch = self._watch = _Watch(loop)
         clock = _Clock(watch, task, exchange.seconds, timeout.read if has_body else None)
         body: _Body | None = None
+        head: _Head | None = None  # once it came, a failure carries its headers (request id)
         # Upload files stay open until the body is sent; a JSON body opens its own as it goes.
         files = contextlib.ExitStack() if isinstance(exchange.body, MultipartBody) else None
         try:
@@ -549,7 +551,8 @@ class AiohttpDriver:
             except FluxError:
                 raise
             except Exception as exc:
-                raise self._failure(exc, exchange, body) from exc
+                failure = self._failure(exc, exchange, body)
+                raise (failure if head is None else with_answer(failure, head, scrub)) from exc
             finally:
                 response.release()  # to the pool only when read to its end; else closed
         except BaseException as exc:
@@ -560,7 +563,8 @@ class AiohttpDriver:
             if not clock.passed() and isinstance(exc, asyncio.CancelledError):
                 raise  # the caller cancelled too: that wins
             # The clock cancelled the task (whatever aiohttp made of the cancellation).
-            raise self._expired(clock, exchange, body) from None
+            expired = self._expired(clock, exchange, body)
+            raise (expired if head is None else with_answer(expired, head, scrub)) from None
         finally:
             clock.stop()
             if files is not None:

@@ -48,10 +48,12 @@ from flux_adapters._transport import (
     deadline_error,
     mapped_transport_errors,
     shared_ssl_context,
+    with_answer,
 )
 from flux_adapters.errors import (
     ClientClosedError,
     ConfigurationError,
+    FluxError,
     RequestError,
     Timeout,
     Violation,
@@ -499,6 +501,7 @@ class HttpxDriver:
         deadline = asyncio.timeout(seconds)
         waiting = True  # in the queue: nothing sent yet
         body: _Counted | None = None
+        response: httpx.Response | None = None
         try:
             async with deadline:
                 with contextlib.ExitStack() as files, mapped_transport_errors(name, scrub):
@@ -507,7 +510,11 @@ class HttpxDriver:
                     chosen = await self._enter(exchange.timeout.pool)
                     waiting = False
                     try:
-                        return await self._send(chosen.http, request, exchange)
+                        response = await self._send(chosen.http, request)
+                        try:
+                            return await _read(response, exchange)
+                        finally:
+                            await response.aclose()
                     finally:
                         self._leave(chosen)
         except TimeoutError as exc:  # transport timeouts are mapped inside: this is the deadline
@@ -515,30 +522,24 @@ class HttpxDriver:
                 raise
             if waiting or (body is not None and not body.complete):
                 raise not_sent_by_deadline(exchange) from exc
-            raise deadline_error(name, seconds) from exc
+            error = deadline_error(name, seconds)
+            if response is not None:
+                with_answer(error, response, scrub)
+            raise error from exc
+        except FluxError as error:  # the answer was cut short: its head names it (request id)
+            if response is not None:
+                with_answer(error, response, scrub)
+            raise
 
-    async def _send(
-        self, http: httpx.AsyncClient, request: httpx.Request, exchange: Exchange
-    ) -> HttpResponse:
+    async def _send(self, http: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
         try:
             # Never the caller's client-level auth (it would replace the provider's key), never
             # a redirect (a 307/308 would send the paid POST again; a 3xx is judged by its status).
-            response = await http.send(request, stream=True, auth=None, follow_redirects=False)
+            return await http.send(request, stream=True, auth=None, follow_redirects=False)
         except RuntimeError as exc:  # httpx refuses a closed client before sending anything
             if not http.is_closed:
                 raise
             raise _closed(not self._own) from exc
-        try:
-            body = AnswerBody(response, exchange.provider, exchange.seconds, None, exchange.scrub)
-            try:
-                async for chunk in aiter_decoded(response):
-                    if not body.take(chunk):
-                        break
-            except httpx.DecodingError as exc:
-                raise body.unreadable("the answer could not be decoded") from exc
-            return body.finish()
-        finally:
-            await response.aclose()
 
     @contextlib.asynccontextmanager
     async def get(
@@ -559,6 +560,18 @@ class HttpxDriver:
         self._closed = True
         for each in self._pools:
             await each.http.aclose()
+
+
+async def _read(response: httpx.Response, exchange: Exchange) -> HttpResponse:
+    """The answer *response* heads, read within its cap (`AnswerBody`)."""
+    body = AnswerBody(response, exchange.provider, exchange.seconds, None, exchange.scrub)
+    try:
+        async for chunk in aiter_decoded(response):
+            if not body.take(chunk):
+                break
+    except httpx.DecodingError as exc:
+        raise body.unreadable("the answer could not be decoded") from exc
+    return body.finish()
 
 
 def _installed(module: str) -> bool:

@@ -99,6 +99,7 @@ if TYPE_CHECKING:
         mapped_transport_errors,
         phase_timeouts,
         send_within,
+        with_answer,
     )
     from flux_adapters.config import ProviderSettings
     from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob
@@ -139,7 +140,7 @@ def _load_sending() -> None:
     global ACCEPT_ENCODING, Accepted, AnswerBody, EditResult, Exchange, JsonBody, Sleep, Wait
     global Admit, Admitted, Try
     global bounded_by, flow_for, hide_in_httpx_log, httpx_request, iter_decoded
-    global mapped_transport_errors, phase_timeouts, route, send_within, unsendable
+    global mapped_transport_errors, phase_timeouts, route, send_within, unsendable, with_answer
     from flux_adapters._drivers import Exchange, httpx_request, unsendable
     from flux_adapters._flows import flow_for
     from flux_adapters._redact import hide_in_httpx_log
@@ -151,6 +152,7 @@ def _load_sending() -> None:
         mapped_transport_errors,
         phase_timeouts,
         send_within,
+        with_answer,
     )
     from flux_adapters.jobs import Accepted
     from flux_adapters.result import EditResult
@@ -1605,29 +1607,36 @@ class FluxClient(_ClientBase):
         seconds = binding.limit(outgoing)
         ends = time.monotonic() + seconds
         self._check_open()  # closed while a call was under way (by another thread)
-        with (
-            contextlib.ExitStack() as files,
-            mapped_transport_errors(name, binding.scrub),
-            bounded_by(ends, name, seconds),
-        ):
-            request = httpx_request(self._http, _exchange(binding, outgoing), files, self._urls)
-            # Redirects are never followed, whatever the caller's client says: a 307/308 would
-            # send the paid POST again (and its images to another origin); a 3xx is judged by
-            # its status. A caller's client-level auth never replaces the provider's key. A
-            # server dripping its headers cannot hold the call past the deadline.
-            with self._closed_mapped():
-                response = send_within(self._http, request, ends, name, seconds)
-            try:
-                body = AnswerBody(response, name, seconds, ends, binding.scrub)
+        response: httpx.Response | None = None
+        try:
+            with (
+                contextlib.ExitStack() as files,
+                mapped_transport_errors(name, binding.scrub),
+                bounded_by(ends, name, seconds),
+            ):
+                request = httpx_request(self._http, _exchange(binding, outgoing), files, self._urls)
+                # Redirects are never followed, whatever the caller's client says: a 307/308
+                # would send the paid POST again (and its images to another origin); a 3xx is
+                # judged by its status. A caller's client-level auth never replaces the
+                # provider's key. A server dripping its headers cannot hold the call past the
+                # deadline.
+                with self._closed_mapped():
+                    response = send_within(self._http, request, ends, name, seconds)
                 try:
-                    for chunk in iter_decoded(response):
-                        if not body.take(chunk):
-                            break
-                except httpx.DecodingError as exc:
-                    raise body.unreadable("the answer could not be decoded") from exc
-                return body.finish()
-            finally:
-                response.close()
+                    body = AnswerBody(response, name, seconds, ends, binding.scrub)
+                    try:
+                        for chunk in iter_decoded(response):
+                            if not body.take(chunk):
+                                break
+                    except httpx.DecodingError as exc:
+                        raise body.unreadable("the answer could not be decoded") from exc
+                    return body.finish()
+                finally:
+                    response.close()
+        except FluxError as error:  # the answer was cut short: its head names it (request id)
+            if response is not None:
+                with_answer(error, response, binding.scrub)
+            raise
 
     def close(self) -> None:
         """Close this client: any later call raises `ClientClosedError`.

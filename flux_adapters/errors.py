@@ -120,7 +120,8 @@ class FluxError(Exception):
     def response_headers(self) -> Mapping[str, str]:
         """The headers of the answer this error came with (names in lower case); read-only.
 
-        Empty when no answer came (a transport failure, a request refused before sending).
+        Empty when no answer came (a refused connection, a request refused before sending);
+        an answer cut short after its head keeps the head's.
         Cookies and credentials (``set-cookie``, ``authorization``, ...) are masked, the client's
         keys and anything shaped like a key are removed from the rest, and the query string of
         a URL (``location``) is left out: it may be signed.

@@ -1069,3 +1069,34 @@ def test_a_configuration_file_that_cannot_be_read_says_why(
     path.write_bytes(content)
     with pytest.raises(errors.ConfigurationError, match=problem):
         FluxClient.from_env(config=path)
+
+
+def head_then_hang_up(connection: socket.socket, head: bytes) -> None:
+    """A 200 with the provider's request id and half its body, then the connection closes."""
+    connection.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-request-id: req-7\r\n"
+        b'Content-Length: 200\r\n\r\n{"created": 1, "da'
+    )
+
+
+def head_then_stall(connection: socket.socket, head: bytes) -> None:
+    """The same head and half body, then nothing until long after the deadline."""
+    head_then_hang_up(connection, head)
+    time.sleep(5)
+
+
+@every
+@pytest.mark.parametrize("respond", [head_then_hang_up, head_then_stall], ids=["drop", "stall"])
+def test_an_answer_cut_short_after_its_head_keeps_the_providers_request_id(
+    kind: str,
+    respond: Callable[[socket.socket, bytes], None],
+    serve: Callable[[Callable[[socket.socket, bytes], None]], Server],
+) -> None:
+    # A 2xx whose body never came whole: the provider took (and bills) the job, and its request
+    # id is what its support asks for. The error carried no headers and no id.
+    server = serve(respond)
+    with pytest.raises(errors.TransportError) as caught:
+        edit_on(kind, server.url, deadline=1.0, max_retries=0)
+    assert caught.value.sent is True
+    assert caught.value.request_id == "req-7"
+    assert caught.value.response_headers.get("x-request-id") == "req-7"
