@@ -22,8 +22,9 @@ from attrs import frozen
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from flux_adapters import errors
 from flux_adapters._serving import TooLarge, capped
@@ -949,6 +950,118 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return _json(answer, _request_id())
 
 
+_EXCEPTION_HANDLERS: Final[dict[Any, Callable[[Request, Exception], Awaitable[Response]]]] = {
+    errors.StateUnavailable: _state_down,
+}
+_STATUS_HANDLERS: Final[dict[int, Callable[[Request, Exception], Awaitable[Response]]]] = {
+    404: _not_found,
+    405: _not_found,
+}
+
+
+class _GatewayApp(Starlette):
+    """Starlette, with the two routes every call takes dispatched without its layers.
+
+    A call through the gateway is a ``POST /v1/images/generations`` and a ``GET`` of the kept
+    image: for those two, `__call__` finds the endpoint itself and runs it as Starlette's
+    layers would (its error middleware, exception middleware, router and route: five
+    coroutines and two ``send`` wrappers a request, and a regular expression per route tried),
+    with the same answers for every exception (`_fast`; tests/test_gateway.py compares the two
+    ways). Anything else (another route or method, a ``root_path``, HEAD, lifespan) goes
+    through Starlette.
+    """
+
+    fast = True
+    """``False``: every request goes through Starlette's layers (the tests' general path)."""
+
+    def __init__(self, hot: dict[str, Callable[[Request], Awaitable[Response]]], **kw: Any):
+        super().__init__(**kw)
+        self._generations = hot["generations"]
+        self._files = hot["files"]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast and scope["type"] == "http" and not scope.get("root_path"):
+            path: str = scope["path"]
+            method = scope["method"]
+            if method == "POST" and path == "/v1/images/generations":
+                await self._fast(self._generations, scope, receive, send)
+                return
+            if method == "GET" and path.startswith("/v1/files/"):
+                name = path[len("/v1/files/") :]
+                if name and "/" not in name:  # the route's {name}: one segment, not empty
+                    scope["path_params"] = {"name": name}
+                    await self._fast(self._files, scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
+
+    async def _fast(
+        self,
+        endpoint: Callable[[Request], Awaitable[Response]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Serve *endpoint* as Starlette's layers do, handlers and re-raising included.
+
+        The route's wrapper (and the exception middleware behind it) answers an exception with
+        its handler (`_STATUS_HANDLERS` for an `HTTPException` of that status, else the first
+        of `_EXCEPTION_HANDLERS` or Starlette's own for `HTTPException` along its classes),
+        unless the answer had started (then a RuntimeError); the error middleware answers any
+        other exception with `_unexpected` if nothing was sent yet, and raises it again.
+        """
+        scope["app"] = self
+        started = False
+
+        async def sender(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        request = Request(scope, receive, send)
+        try:
+            try:
+                response = await endpoint(request)
+                await response(scope, receive, sender)
+            except Exception as exc:
+                handler = _handler_for(exc)
+                if handler is None:
+                    raise
+                if started:
+                    raise RuntimeError(
+                        "Caught handled exception, but response already started."
+                    ) from exc
+                await (await handler(request, exc))(scope, receive, sender)
+                exc.__traceback__ = None
+        except Exception as exc:
+            answer = await _unexpected(Request(scope), exc)
+            if not started:
+                await answer(scope, receive, send)
+            raise exc
+
+
+def _handler_for(exc: Exception) -> Callable[[Request, Exception], Awaitable[Response]] | None:
+    """The handler Starlette's exception middleware would give *exc*, if any."""
+    if isinstance(exc, HTTPException):
+        by_status = _STATUS_HANDLERS.get(exc.status_code)
+        if by_status is not None:
+            return by_status
+    for kind in type(exc).__mro__:
+        if kind in _EXCEPTION_HANDLERS:
+            return _EXCEPTION_HANDLERS[kind]
+        if kind is HTTPException:
+            return _http_exception
+    return None
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    # Starlette's default for an HTTPException of a status without a handler of ours.
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in {204, 304}:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+
+
 def create_app(gateway: Gateway) -> Starlette:
     """The ASGI app serving *gateway*."""
 
@@ -961,22 +1074,19 @@ def create_app(gateway: Gateway) -> Starlette:
             sweeper.cancel()
             await gateway.aclose()
 
-    app = Starlette(
+    hot = {"generations": _guarded(generations), "files": _guarded(files)}
+    app = _GatewayApp(
+        hot,
         routes=[
-            Route("/v1/images/generations", _guarded(generations), methods=["POST"]),
+            Route("/v1/images/generations", hot["generations"], methods=["POST"]),
             Route("/v1/images/edits", _guarded(edits), methods=["POST"]),
             Route("/v1/models", _guarded(models), methods=["GET"]),
-            Route("/v1/files/{name}", _guarded(files), methods=["GET"]),
+            Route("/v1/files/{name}", hot["files"], methods=["GET"]),
             Route("/healthz", _guarded(healthz), methods=["GET"]),
             Route("/readyz", _guarded(readyz), methods=["GET"]),
             Route("/metrics", _guarded(metrics), methods=["GET"]),
         ],
-        exception_handlers={
-            404: _not_found,
-            405: _not_found,
-            errors.StateUnavailable: _state_down,
-            Exception: _unexpected,
-        },
+        exception_handlers={**_STATUS_HANDLERS, **_EXCEPTION_HANDLERS, Exception: _unexpected},
         lifespan=lifespan,
     )
     app.state.gateway = gateway
