@@ -9,6 +9,9 @@ run both ways here and must send the same messages and raise the same exception.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -156,3 +159,117 @@ def test_the_fast_routes_are_taken() -> None:
         assert app.middleware_stack is None
     sent, app = _run(True, "answer", "GET", "/v1/files/abc.png", "/prefix", keep_app=True)
     assert app.middleware_stack is not None
+
+
+# -- the access log -------------------------------------------------------------------------------
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.name} {record.levelname} {record.getMessage()}")
+
+
+def _other_handler(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    parent.addHandler(_Kept())
+
+
+def _access_handler(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    access.addHandler(_Kept())
+
+
+def _refusing_filter(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    access.addFilter(lambda record: False)
+
+
+def _passing_filter(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    access.addFilter(lambda record: True)
+
+
+def _handler_filter(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    lines.addFilter(lambda record: False)
+
+
+def _handler_level(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    lines.setLevel(logging.WARNING)
+
+
+def _timestamped(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    lines.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+
+def _propagating(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    parent.propagate = True
+    logging.getLogger("flux_adapters").addHandler(_Kept())
+
+
+def _not_propagating(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    access.propagate = False
+
+
+def _terminator(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    lines.terminator = "\r\n"
+
+
+def _as_serve(parent: logging.Logger, access: logging.Logger, lines: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("setup", "fast"),
+    [
+        (_as_serve, True),
+        (_terminator, True),
+        (_other_handler, False),
+        (_access_handler, False),
+        (_refusing_filter, False),
+        (_passing_filter, False),
+        (_handler_filter, False),
+        (_handler_level, False),
+        (_timestamped, False),
+        (_propagating, False),
+        (_not_propagating, False),
+    ],
+)
+def test_access_lines_are_logged_as_logging_would(
+    setup: Callable[[logging.Logger, logging.Logger, Any], None], fast: bool
+) -> None:
+    # serve's setup (a LineHandler alone on the gateway's logger, which does not propagate),
+    # and ways it can be changed since: each line must come out as logging.info would write it.
+    parent, access = logging.getLogger("flux_adapters.gateway"), _app.ACCESS
+    top = logging.getLogger("flux_adapters")
+    saved = [(x, x.handlers[:], x.filters[:], x.propagate, x.level) for x in (top, parent, access)]
+    stream = io.StringIO()
+    lines = _app.LineHandler(stream)
+    try:
+        for logger in (parent, access):
+            logger.handlers, logger.filters = [], []
+        parent.addHandler(lines)
+        parent.setLevel(logging.INFO)
+        parent.propagate = False
+        setup(parent, access, lines)
+        assert (_app._sole_access_handler() is lines) is fast
+        kept = [h for x in (top, parent, access) for h in x.handlers if isinstance(h, _Kept)]
+        text = json.dumps({"route": "/v1/files/{name}", "key": 'é"\n', "ms": 0.5})
+
+        def written(log: Callable[[str], None]) -> tuple[str, list[list[str]]]:
+            stream.seek(0)
+            stream.truncate()
+            for handler in kept:
+                handler.messages.clear()
+            log(text)
+            log(text)
+            return stream.getvalue(), [handler.messages[:] for handler in kept]
+
+        ours = written(_app._log_access)
+        assert ours == written(access.info)
+        if setup is _as_serve:
+            assert ours[0] == text + "\n" + text + "\n"
+    finally:
+        for logger, handlers, filters, propagate, level in saved:
+            logger.handlers, logger.filters = handlers, filters
+            logger.propagate = propagate
+            logger.setLevel(level)

@@ -261,6 +261,7 @@ def serve(
         OSError: The port is in use, before *on_ready* is called.
     """
     with extra_imports("gateway"):
+        from flux_adapters.gateway._app import LineHandler
         from flux_adapters.gateway._server import build_server
 
     state_url = state_url or configured_state_url(config)
@@ -272,8 +273,7 @@ def serve(
         state_url=state_url,
         **settings,
     )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler = LineHandler(sys.stderr)
     gateway_logger = logging.getLogger("flux_adapters.gateway")
     gateway_logger.addHandler(handler)
     level, propagate = gateway_logger.level, gateway_logger.propagate
