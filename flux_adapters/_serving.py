@@ -166,6 +166,11 @@ class _JoinedTransport:
         self._waiting = None
         self._transport.abort()
 
+    def is_closing(self) -> bool:
+        # Asked several times an exchange (uvicorn, `HeadClock`): spelled out, as a miss that
+        # falls to __getattr__ first raises and catches an AttributeError.
+        return self._transport.is_closing()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
