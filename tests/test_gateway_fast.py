@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -273,3 +275,50 @@ def test_access_lines_are_logged_as_logging_would(
             logger.handlers, logger.filters = handlers, filters
             logger.propagate = propagate
             logger.setLevel(level)
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),  # NaN and infinities included: json.dumps writes them as NaN, Infinity
+    st.text(),
+)
+
+
+@given(st.dictionaries(st.text(), _VALUES, max_size=14))
+def test_access_lines_are_json_dumps(line: dict[str, object]) -> None:
+    assert _app._line_json(line) == json.dumps(line)
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        {"scheme": "http", "server": ("127.0.0.1", 8080), "headers": [(b"host", b"gw:8080")]},
+        {"scheme": "https", "server": ("10.0.0.1", 443), "headers": [(b"host", b"gw.example")]},
+        {"scheme": "http", "server": ("127.0.0.1", 80), "headers": []},
+        {"scheme": "http", "server": ("127.0.0.1", 81), "headers": [(b"x-host", b"no")]},
+        {"scheme": "https", "server": ("::1", 8443), "headers": []},
+        {"scheme": "http", "server": None, "headers": []},
+        {"server": ["127.0.0.1", 80], "headers": [(b"host", b"a"), (b"host", b"b")]},
+        {"scheme": "http", "headers": [(b"host", b"gw")], "root_path": "/api"},
+        {"scheme": "http", "headers": [(b"host", b"gw")], "root_path": "/api/"},
+        {"scheme": "http", "headers": [(b"host", b"gw")], "app_root_path": "/x", "root_path": ""},
+        {"scheme": "http", "headers": [(b"host", "gé".encode("latin-1"))]},
+    ],
+)
+def test_image_links_start_as_starlettes_base_url(scope: dict[str, Any]) -> None:
+    gateway = cast(_app.Gateway, type("G", (), {"base_urls": {}})())
+    full = {"type": "http", "path": "/v1/images/generations", "query_string": b"q=1", **scope}
+    expected = str(Request(full).base_url).rstrip("/")
+    for _ in range(2):  # made, then found
+        assert _app._base_url(gateway, Request(dict(full))) == expected
+    assert len(gateway.base_urls) == 1
+
+
+def test_image_link_roots_kept_are_bounded() -> None:
+    gateway = cast(_app.Gateway, type("G", (), {"base_urls": {}})())
+    for n in range(200):
+        scope = {"type": "http", "path": "/", "headers": [(b"host", f"h{n}".encode())]}
+        assert _app._base_url(gateway, Request(scope)) == f"http://h{n}"
+        assert len(gateway.base_urls) <= 64

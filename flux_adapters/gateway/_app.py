@@ -14,6 +14,10 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from json.encoder import (  # type: ignore[attr-defined]
+    c_make_encoder,
+    encode_basestring_ascii,
+)
 from pathlib import Path
 from typing import Any, Final
 
@@ -202,6 +206,8 @@ class Gateway:
         """Bytes of request bodies taken in by the calls under way (`GatewaySettings.max_bodies_bytes`)."""
         self.draining = False
         self.started = time.time()
+        self.base_urls: dict[tuple[object, ...], str] = {}
+        """Root URLs of the image links, by what they are made from (`_base_url`)."""
 
     def client(self, allowed: tuple[str, ...] | None = None) -> AsyncFluxClient:
         """The client for *allowed* providers (``None``: all), made once."""
@@ -716,13 +722,15 @@ def _count_attempts(gateway: Gateway, attempts: Sequence[Any]) -> None:
 async def _answer(
     gateway: Gateway, request: Request, result: EditResult, response_format: str, request_id: str
 ) -> Response:
-    root = gateway.settings.public_url or str(request.base_url).rstrip("/")
+    root = gateway.settings.public_url or _base_url(gateway, request)
     data: list[dict[str, object]] = []
     try:
         for image in result.images:
-            name, path, held = await gateway.files.keep(image)
+            name, held = await gateway.files.keep(image)
             if response_format == "b64_json":
-                raw = held if held is not None else await anyio.to_thread.run_sync(path.read_bytes)
+                raw = held
+                if raw is None:
+                    raw = await anyio.to_thread.run_sync((gateway.files.folder / name).read_bytes)
                 data.append({"b64_json": base64.b64encode(raw).decode("ascii")})
             else:
                 data.append({"url": f"{root}/v1/files/{name}"})
@@ -778,22 +786,50 @@ async def _answer(
     return JSONResponse(body, headers=headers)
 
 
+def _base_url(gateway: Gateway, request: Request) -> str:
+    """``str(request.base_url)`` without its last ``/``, made once for each set of its inputs.
+
+    Starlette makes it from the scope's scheme, first ``host`` header, server and root path
+    (copying the scope and splitting the URL it made): the same few values on every call.
+    """
+    scope = request.scope
+    host = None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value
+            break
+    server = scope.get("server")
+    key = (
+        scope.get("scheme", "http"),
+        host,
+        None if server is None else tuple(server),
+        scope.get("app_root_path", scope.get("root_path", "")),
+    )
+    made = gateway.base_urls.get(key)
+    if made is None:
+        made = str(request.base_url).rstrip("/")
+        if len(gateway.base_urls) >= 64:  # Host headers are the client's: keep a few
+            gateway.base_urls.clear()
+        gateway.base_urls[key] = made
+    return made
+
+
 async def files(request: Request) -> Response:
     """``GET /v1/files/<name>``: a kept result image (no key: the name is the capability)."""
     gateway = _gateway(request)
     started = time.perf_counter()
     name = request.path_params["name"]
     path = gateway.files.path(name)
-    response = None if path is None else _kept(gateway, path)
+    response = None if path is None else _kept(gateway, path, name)
     if response is None:
         answer = openai_error(404, "no such image (or it has expired)", code="not_found")
         response = _json(answer, _request_id())
     return _finish(gateway, request, "/v1/files/{name}", response, started, None)
 
 
-def _kept(gateway: Gateway, path: Path) -> Response | None:
-    """The answer serving the kept image *path*; ``None`` if there is none (or it expired)."""
-    media = MEDIA[path.suffix.lstrip(".")]
+def _kept(gateway: Gateway, path: str, name: str) -> Response | None:
+    """The answer serving the kept image *name* (at *path*); ``None`` if none (or expired)."""
+    media = MEDIA[name.rpartition(".")[2]]
     headers = {"cache-control": "private, max-age=3600"}
     try:
         data = _small_file(gateway, path)
@@ -801,7 +837,7 @@ def _kept(gateway: Gateway, path: Path) -> Response | None:
         return None
     if data is None:  # expired: removed now, as the sweep would
         with contextlib.suppress(OSError):
-            path.unlink()
+            os.unlink(path)
         return None
     if data is not _LARGE:
         return Response(data, media_type=media, headers=headers)
@@ -812,7 +848,7 @@ _LARGE: Final = b"(large)"
 """What `_small_file` answers for a file over `_INLINE_FILE_BYTES`: it is streamed instead."""
 
 
-def _small_file(gateway: Gateway, path: Path) -> bytes | None:
+def _small_file(gateway: Gateway, path: str) -> bytes | None:
     """The bytes of the kept *path*; `_LARGE` if over `_INLINE_FILE_BYTES`; ``None`` if expired.
 
     One open, one ``fstat`` (for its age and size) and one read, without Python's buffered
@@ -890,9 +926,37 @@ def _finish(
             "client": request.client.host if request.client else None,
         }
         line.update(info or {})
-        _log_access(json.dumps(line))
+        _log_access(_line_json(line))
     return response
 
+
+def _line_json(line: dict[str, object]) -> str:
+    """``json.dumps(line)``, with an encoder made once instead of on every call.
+
+    *line* is flat (text, numbers, booleans, ``None``): json.dumps's check for a value
+    containing itself is all it leaves out. Without json's C encoder, json.dumps itself.
+    """
+    if _LINE_ENCODER is None:
+        return json.dumps(line)
+    return "".join(_LINE_ENCODER(line, 0))
+
+
+_LINE_ENCODER: Final = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(
+        None,  # no markers: no check for a value that contains itself
+        json.JSONEncoder().default,
+        encode_basestring_ascii,
+        None,  # indent
+        ": ",
+        ", ",
+        False,  # sort_keys
+        False,  # skipkeys
+        True,  # allow_nan
+    )
+)
+"""json.dumps's defaults: ASCII, ``": "`` and ``", "``, keys unsorted, NaN allowed."""
 
 _PLAIN: Final = logging.Formatter("%(message)s")
 

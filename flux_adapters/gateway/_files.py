@@ -45,9 +45,12 @@ class FileStore:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.retention = retention
+        self._prefix = os.path.join(os.fspath(self.folder), "")
+        """The folder's path and a separator: a kept file's path is this and its name (every
+        call passes there; pathlib's parsing of a path costs as much as the rest of it)."""
 
-    async def keep(self, image: ResultImage) -> tuple[str, Path, bytes | None]:
-        """Store *image* (downloading it now if it is a URL): its file name, path, and bytes.
+    async def keep(self, image: ResultImage) -> tuple[str, bytes | None]:
+        """Store *image* (downloading it now if it is a URL): its file name (in `folder`), bytes.
 
         The bytes are given when they were held in memory anyway (an image up to
         `_IN_MEMORY`), else ``None``.
@@ -58,31 +61,31 @@ class FileStore:
         # The folder is ours (made in __init__) and the name new: `save_async`'s checks of the
         # target (three system calls) would tell nothing; a folder removed since fails as
         # OutputError when the file is created.
-        stem = self.folder / secrets.token_urlsafe(24)
+        token = secrets.token_urlsafe(24)
         fetcher = _checking(image._fetcher()) if image.b64_json is None else None
         if fetcher is None:
-            saved = await image._save_async(stem, add_suffix=True)
-            return saved.name, saved, None
+            saved = await image._save_async(self.folder / token, add_suffix=True)
+            return saved.name, None
         with contextlib.ExitStack() as spill:
-            out = _Gathered(stem, spill)
+            out = _Gathered(self.folder, token, spill)
             await fetcher._fetch_async(image._url(), out.write, out.restart)
             if out.file is None:
                 data = b"".join(out.chunks)
-                path = _write_new(stem, data)
+                name = _write_new(self._prefix, token, data)
                 image._seen(data[:SNIFF_BYTES], len(data))
-                return path.name, path, data
+                return name, data
         # Spilled to a temporary file, now renamed into place (by atomic_image's exit).
         saved = image._written(out.file)
-        return saved.name, saved, None
+        return saved.name, None
 
-    def path(self, name: str) -> Path | None:
+    def path(self, name: str) -> str | None:
         """Where the file for *name* would be; ``None`` for a name this store never makes.
 
         Whether it is there and still kept is for the caller to see (`expired`): the gateway
         opens it and reads its age from the open file, one system call less than a ``stat``
         first.
         """
-        return self.folder / name if _NAME.fullmatch(name) else None
+        return self._prefix + name if _NAME.fullmatch(name) else None
 
     def expired(self, written: float) -> bool:
         """Whether a file last written at *written* (``st_mtime``) is past the retention."""
@@ -106,8 +109,9 @@ class FileStore:
 class _Gathered:
     """Where a download goes: memory up to `_IN_MEMORY` bytes, then an `atomic_image` file."""
 
-    def __init__(self, stem: Path, spill: contextlib.ExitStack) -> None:
-        self._stem = stem
+    def __init__(self, folder: Path, token: str, spill: contextlib.ExitStack) -> None:
+        self._folder = folder
+        self._token = token
         self._spill = spill
         self.chunks: list[bytes] = []
         self.size = 0
@@ -120,7 +124,9 @@ class _Gathered:
         self.chunks.append(bytes(data))
         self.size += len(data)
         if self.size > _IN_MEMORY:
-            self.file = self._spill.enter_context(atomic_image(self._stem, add_suffix=True))
+            self.file = self._spill.enter_context(
+                atomic_image(self._folder / self._token, add_suffix=True)
+            )
             for chunk in self.chunks:
                 self.file.write(chunk)
             self.chunks = []
@@ -132,17 +138,20 @@ class _Gathered:
         self.size = 0
 
 
-def _write_new(stem: Path, data: bytes) -> Path:
-    """Write *data* to a new file named *stem* plus its format's extension; remove it on failure.
+def _write_new(prefix: str, token: str, data: bytes) -> str:
+    """Write *data* to a new file *token* plus its format's extension in *prefix*; its name.
+
+    The file is removed if writing it fails.
 
     Raises:
         OutputError: The file cannot be created or written.
     """
-    path = Path(f"{stem}.{image_format(data[:SNIFF_BYTES]) or 'bin'}")
+    name = f"{token}.{image_format(data[:SNIFF_BYTES]) or 'bin'}"
+    path = prefix + name
     try:
         fd = os.open(path, _NEW_FILE, 0o666)
     except OSError as exc:
-        raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
+        raise OutputError(exc.strerror or str(exc), path=path) from exc
     try:
         try:
             view = memoryview(data)
@@ -153,5 +162,5 @@ def _write_new(stem: Path, data: bytes) -> Path:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(path)
-        raise OutputError(exc.strerror or str(exc), path=str(path)) from exc
-    return path
+        raise OutputError(exc.strerror or str(exc), path=path) from exc
+    return name
