@@ -490,6 +490,16 @@ async def _image_call(
         gateway.bodies_held -= request.state.held
 
 
+def _too_large(limit: int) -> Answer:
+    return openai_error(
+        413,
+        f"the body is larger than {limit} bytes",
+        code="request_too_large",
+        retry=False,
+        headers={"connection": "close"},
+    )
+
+
 async def _image_call_held(
     gateway: Gateway,
     request: Request,
@@ -514,15 +524,8 @@ async def _image_call_held(
         return done(record, None)
     limit = gateway.settings.max_body_bytes
     declared = request.headers.get("content-length", "")
-    too_large = openai_error(
-        413,
-        f"the body is larger than {limit} bytes",
-        code="request_too_large",
-        retry=False,
-        headers={"connection": "close"},
-    )
     if declared.isdigit() and int(declared) > limit:
-        return done(too_large, record)
+        return done(_too_large(limit), record)
     if record is not None and record.rate_per_minute:
         wait = await gateway.state.take(
             f"gwkey-{record.id}", record.rate_per_minute / 60.0, max(1, int(record.rate_per_minute))
@@ -545,7 +548,7 @@ async def _image_call_held(
         async with asyncio.timeout(gateway.settings.body_timeout):
             read_out = await read(capped(request, limit), gateway)
     except TooLarge:
-        return done(too_large, record)
+        return done(_too_large(limit), record)
     except TimeoutError:
         return done(
             openai_error(
