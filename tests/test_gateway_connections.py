@@ -142,6 +142,29 @@ def test_a_head_larger_than_the_cap_is_a_400_and_the_connection_closed(
         assert sock.recv(100) == b""  # closed
 
 
+@pytest.mark.parametrize("what", ["healthz", "generation"])
+def test_an_http_1_1_request_without_host_is_a_400_on_either_protocol(
+    gateway: tuple[RunningGateway, str], emulator: Emulator, what: str
+) -> None:
+    # RFC 9112, 3.2: a server must answer 400 to an HTTP/1.1 request that lacks Host. h11 did;
+    # httptools served it (a generation, paid, with image links made from the gateway's own
+    # address).
+    running, key = gateway
+    calls = len(emulator.calls("laozhang"))
+    body = b'{"model": "flux-2-pro", "prompt": "p"}' if what == "generation" else b""
+    head = generation(key, body) if body else b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
+    with connect(running) as sock:
+        sock.sendall(head.replace(b"Host: gw\r\n", b"") + body)
+        status, _, _ = answer(sock)
+        assert status.startswith(b"HTTP/1.1 400"), status
+        assert sock.recv(100) == b""  # closed
+    assert len(emulator.calls("laozhang")) == calls  # nothing sent on
+    with connect(running) as sock:  # HTTP/1.0 has no Host to require
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        status, _, _ = answer(sock)
+    assert status.startswith(b"HTTP/1.1 200"), status
+
+
 def test_a_head_just_under_the_cap_is_served(gateway: tuple[RunningGateway, str]) -> None:
     padding = b"".join(b"X-Padding-%d: %s\r\n" % (n, b"p" * 900) for n in range(15))
     with connect(gateway[0]) as sock:

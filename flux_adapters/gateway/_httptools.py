@@ -4,7 +4,8 @@ h11 parses each request and answer head in Python (a regular expression for ever
 about 460 of the 2,600 Python function calls a gateway call makes on uvloop. With httptools it
 makes about 27 % fewer instructions per call (docs/benchmarks.md, row m). It keeps what the
 h11 protocol (`flux_adapters._serving.JoinedWrites`) gives: a deadline for each request head,
-a cap on a head's size (h11's is 16 KiB), and an answer's head and body sent in one write.
+a cap on a head's size (h11's is 16 KiB), a 400 for an HTTP/1.1 request without ``Host``, and an
+answer's head and body sent in one write.
 
 Imported only when httptools is installed (the ``gateway`` extra brings it); the gateway serves
 with `JoinedWrites` otherwise.
@@ -55,6 +56,12 @@ class HttptoolsJoinedWrites(HeadClock, HttpToolsProtocol):
             self.send_400_response("Request head too large.")
 
     def on_headers_complete(self) -> None:
+        if self.parser.get_http_version() == "1.1" and not any(
+            name == b"host" for name, _ in self.headers
+        ):
+            # RFC 9112, 3.2, as h11 has it: raised in a callback, the parser stops, and uvicorn
+            # answers 400 and closes the connection (the app never sees the request).
+            raise ValueError("an HTTP/1.1 request without Host")
         super().on_headers_complete()
         self._heads += 1
         self._follow_head()
