@@ -85,9 +85,10 @@ def request_digest(request: EditRequest) -> str:
     Local files are identified by their size and first and last 64 KiB, not by path or time,
     so moving or re-checking-out the inputs does not make a job look changed.
     """
-    hasher = hashlib.sha256()
     fields, values = _settings_fields()
-    hasher.update(_encode_digest(dict(zip(fields, values(request), strict=True))).encode())
+    hasher = hashlib.sha256(
+        _encode_digest(dict(zip(fields, values(request), strict=True))).encode()
+    )
     for image in request.images:
         hasher.update(b"\0image:")
         if isinstance(image, UrlImage):
@@ -101,18 +102,20 @@ def request_digest(request: EditRequest) -> str:
     return hasher.hexdigest()[:32]
 
 
-_encode_digest: Final = compiled_encoder(json.JSONEncoder(sort_keys=True, ensure_ascii=True))
-"""`json.dumps(..., sort_keys=True, ensure_ascii=True)`, made once: a batch digests every job."""
+_encode_digest: Final = compiled_encoder(json.JSONEncoder(ensure_ascii=True))
+"""`json.dumps(..., sort_keys=True, ensure_ascii=True)` of a dict whose keys are in order already
+(`_settings_fields`), made once: a batch digests every job, and sorting its keys each time cost
+as much as the rest of the encoding."""
 
 
 @functools.cache
 def _settings_fields() -> tuple[tuple[str, ...], Callable[[EditRequest], tuple[object, ...]]]:
     """Every field of `EditRequest` but the images (hashed by content): a field added later too.
 
-    With a getter of their values, as a tuple.
+    Sorted by name, as the digest's JSON has them, with a getter of their values as a tuple.
     """
-    names = tuple(field.name for field in attrs.fields(EditRequest) if field.name != "images")
-    return names, operator.attrgetter(*names)
+    names = sorted(field.name for field in attrs.fields(EditRequest) if field.name != "images")
+    return tuple(names), operator.attrgetter(*names)
 
 
 def _file_sample(image: FileImage) -> bytes:
@@ -622,8 +625,10 @@ class Journal:
             ) from None
         self._earlier = load_packed(path)
         """What the journal knew, when it was opened, of each job not taken up since (packed)."""
-        self.states: dict[str, JobState] = {}
-        """The jobs taken up in this run and not ended yet (forgotten when they end)."""
+        self.states: dict[str, JobState | list[dict[str, object]]] = {}
+        """The jobs taken up in this run and not ended yet (forgotten when they end): what is
+        known of each, or, for a job no earlier run knew, its records so far, folded into its
+        state only if it is asked for (`state`): a job that goes well never is."""
         self._entry_durable = False
         """Whether the journal's own directory entry (and its folder's) has been synced."""
         self._unwritten: list[bytes] = []
@@ -649,9 +654,15 @@ class Journal:
         For a job of an earlier run not taken up yet in this one, a copy: what is noted of the
         job (`note`) is folded into the journal's own.
         """
-        state = self.states.get(job)
-        if state is not None:
+        known = self.states.get(job)
+        if type(known) is list:
+            state = JobState()
+            for record in known:
+                state.fold(record)
+            self.states[job] = state
             return state
+        if known is not None:
+            return known  # type: ignore[return-value]  # a JobState
         earlier = self._earlier.get(job)
         return _unpack(earlier) if earlier is not None else JobState()
 
@@ -671,12 +682,19 @@ class Journal:
         ``write``: a kill does not tear it), and made durable by the next ``fsync``.
         """
         record: dict[str, object] = {"id": job, "k": kind, **values}
-        state = self.states.get(job)
-        if state is None:  # taken up now: what earlier runs knew of it, if anything
+        known = self.states.get(job)
+        if type(known) is list:
+            known.append(record)
+        elif known is not None:
+            known.fold(record)  # type: ignore[union-attr]  # a JobState
+        else:  # taken up now: what earlier runs knew of it, if anything
             earlier = self._earlier.pop(job, None)
-            state = _unpack(earlier) if earlier is not None else JobState()
-            self.states[job] = state
-        state.fold(record)
+            if earlier is None:
+                self.states[job] = [record]
+            else:
+                state = _unpack(earlier)
+                state.fold(record)
+                self.states[job] = state
         self._unwritten.append((_encode_line(record) + "\n").encode())
         if self._write_soon is None:
             self._write_soon = asyncio.get_running_loop().call_soon(self._write_now)
