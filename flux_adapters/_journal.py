@@ -389,6 +389,31 @@ _encode_line: Final = compiled_encoder(json.JSONEncoder(ensure_ascii=False, sepa
 """How `JsonLines.encode` writes a record, made once (as `json.dumps` with these options)."""
 
 
+_quote: Final = json.encoder.encode_basestring
+"""How `_encode_line` writes text (``ensure_ascii=False``): the same C function where there is one."""
+
+
+def _record_line(job: str, kind: str, values: dict[str, object], record: dict[str, object]) -> str:
+    """Journal *record* (``{"id": job, "k": kind, **values}``) as `_encode_line` writes it.
+
+    With its newline. The usual records (text, and lists of text) are written here directly,
+    at about half the cost of the C encoder for so small an object (a batch writes four a
+    job). Any other value sends the record to the encoder.
+    """
+    line = f'{{"id":{_quote(job)},"k":{_quote(kind)}'
+    for key, value in values.items():
+        if type(value) is str:
+            line += f",{_quote(key)}:{_quote(value)}"
+        elif type(value) is list:
+            for item in value:
+                if type(item) is not str:
+                    return _encode_line(record) + "\n"
+            line += f",{_quote(key)}:[{','.join(map(_quote, value))}]"
+        else:
+            return _encode_line(record) + "\n"
+    return line + "}\n"
+
+
 class JsonLines:
     """An append-only JSON-lines file whose every line is whole, whatever kills the process.
 
@@ -695,7 +720,7 @@ class Journal:
                 state = _unpack(earlier)
                 state.fold(record)
                 self.states[job] = state
-        self._unwritten.append((_encode_line(record) + "\n").encode())
+        self._unwritten.append(_record_line(job, kind, values, record).encode())
         if self._write_soon is None:
             self._write_soon = asyncio.get_running_loop().call_soon(self._write_now)
 

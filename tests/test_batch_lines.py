@@ -18,7 +18,7 @@ import pytest
 
 from flux_adapters import _schema
 from flux_adapters._batch_files import _parse_line, build_request, check_file, parse_line
-from flux_adapters._journal import request_digest
+from flux_adapters._journal import JsonLines, _encode_line, _record_line, request_digest
 from flux_adapters.errors import RequestError
 from flux_adapters.request import EditRequest
 
@@ -149,3 +149,54 @@ def test_the_request_digest_is_the_one_journals_were_written_with(request_: Edit
     }
     text = json.dumps(settings, sort_keys=True, ensure_ascii=True)
     assert request_digest(request_) == hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+TEXTS = [
+    "",
+    "job-1",
+    'a "quoted" \\ back',
+    "tab\tnew\nline\x00\x1f\x7f",
+    "caf\u00e9 \u2615 \U0001f600",
+]
+VALUES: list[dict[str, object]] = [
+    {},
+    {"p": "laozhang"},
+    {"d": "0123456789abcdef", "old": {"job.png": "12:34"}},
+    {"p": "apiyi", "urls": ["https://x.example/a.png?sig=1&t=2", 'b"\\']},
+    {"files": []},
+    {"files": ["job-1.png", "job-1-2.png"]},
+    {"p": "bfl", "job": {"id": "j", "polling_url": "https://x/y", "n": 2}},
+    {"p": "fal", "b": "not-connected", "proves": "not taken", "e": "stopped"},
+    {"over": True, "p": "bfl"},
+    {"urls": ["a", 3]},
+    {"n": 1, "f": 1.5, "none": None, "nan": float("nan")},
+    {"\u00e9t\u00e9": "\u00e9", "t": "\t"},
+]
+
+
+@pytest.mark.parametrize("values", VALUES, ids=range(len(VALUES)))
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_a_journal_record_is_written_as_the_json_encoder_writes_it(
+    values: dict[str, object], text: str
+) -> None:
+    shaped = {
+        key: text + value
+        if isinstance(value, str)
+        else [text, *value]
+        if isinstance(value, list)
+        else value
+        for key, value in values.items()
+    }
+    for job, kind in [("job-1", "sent"), (text or "x", "answered"), ("job", text)]:
+        record = {"id": job, "k": kind, **shaped}
+        expected = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        assert _record_line(job, kind, shaped, record) == expected
+        assert _record_line(job, kind, shaped, record) == JsonLines.encode(record).decode()
+
+
+def test_a_lone_surrogate_in_a_record_fails_as_it_did(tmp_path: Path) -> None:
+    # Text the encoder passes through, which then cannot be UTF-8: the same error both ways.
+    record: dict[str, object] = {"id": "job", "k": "attempt", "e": "\ud800"}
+    assert _record_line("job", "attempt", {"e": "\ud800"}, record) == _encode_line(record) + "\n"
+    with pytest.raises(UnicodeEncodeError):
+        JsonLines.encode(record)
