@@ -86,9 +86,11 @@ def request_digest(request: EditRequest) -> str:
     so moving or re-checking-out the inputs does not make a job look changed.
     """
     fields, values = _settings_fields()
-    hasher = hashlib.sha256(
-        _encode_digest(dict(zip(fields, values(request), strict=True))).encode()
-    )
+    settings = values(request)
+    text = _settings_text(settings)
+    if text is None:  # a value of another kind: the encoder says how
+        text = _encode_digest(dict(zip(fields, settings, strict=True)))
+    hasher = hashlib.sha256(text.encode())
     for image in request.images:
         hasher.update(b"\0image:")
         if isinstance(image, UrlImage):
@@ -106,6 +108,40 @@ _encode_digest: Final = compiled_encoder(json.JSONEncoder(ensure_ascii=True))
 """`json.dumps(..., sort_keys=True, ensure_ascii=True)` of a dict whose keys are in order already
 (`_settings_fields`), made once: a batch digests every job, and sorting its keys each time cost
 as much as the rest of the encoding."""
+
+
+_quote_ascii: Final = json.encoder.encode_basestring_ascii
+_INFINITY: Final = float("inf")
+
+
+def _settings_text(values: tuple[object, ...]) -> str | None:
+    """`_encode_digest` of the settings *values* (in `_settings_fields` order), written directly.
+
+    For text, whole numbers, ``true``, ``false``, ``null`` and finite numbers, which is what an
+    `EditRequest` holds: the encoder costs about four times as much for these thirteen values.
+    ``None`` for any other value (the caller asks the encoder).
+    """
+    parts = []
+    for head, value in zip(_settings_heads(), values, strict=True):
+        if value is None:
+            parts.append(head + "null")
+        elif type(value) is str:
+            parts.append(head + _quote_ascii(value))
+        elif type(value) is bool:
+            parts.append(head + ("true" if value else "false"))
+        elif type(value) is int:
+            parts.append(head + int.__repr__(value))
+        elif type(value) is float and -_INFINITY < value < _INFINITY:
+            parts.append(head + float.__repr__(value))
+        else:
+            return None
+    return "{" + ", ".join(parts) + "}"
+
+
+@functools.cache
+def _settings_heads() -> tuple[str, ...]:
+    """Each setting's key as the digest's JSON writes it, ahead of its value."""
+    return tuple(f"{_quote_ascii(name)}: " for name in _settings_fields()[0])
 
 
 @functools.cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import IntEnum
 from pathlib import Path
 
 import attrs
@@ -18,7 +19,14 @@ import pytest
 
 from flux_adapters import _schema
 from flux_adapters._batch_files import _parse_line, build_request, check_file, parse_line
-from flux_adapters._journal import JsonLines, _encode_line, _record_line, request_digest
+from flux_adapters._journal import (
+    JsonLines,
+    _encode_line,
+    _record_line,
+    _settings_fields,
+    _settings_text,
+    request_digest,
+)
 from flux_adapters.errors import RequestError
 from flux_adapters.request import EditRequest
 
@@ -139,6 +147,8 @@ def test_a_file_checked_the_quick_way_is_checked_as_before(
             safety_tolerance=2,
         ),
         EditRequest(prompt="a", model="flux-2-pro", size="1024x1024", prompt_upsampling=True),
+        EditRequest(prompt="a", model="flux-2-pro", seed=2**31, guidance=3.0, steps=50),
+        EditRequest(prompt='"q" \\ \t', model="flux-2-pro", guidance=0.1),
     ],
 )
 def test_the_request_digest_is_the_one_journals_were_written_with(request_: EditRequest) -> None:
@@ -200,3 +210,45 @@ def test_a_lone_surrogate_in_a_record_fails_as_it_did(tmp_path: Path) -> None:
     assert _record_line("job", "attempt", {"e": "\ud800"}, record) == _encode_line(record) + "\n"
     with pytest.raises(UnicodeEncodeError):
         JsonLines.encode(record)
+
+
+class _Number(IntEnum):
+    ONE = 1
+
+
+SETTINGS = [
+    "a robot",
+    'quote " back \\ tab \t nl \n nul \x00 del \x7f',
+    "caf\u00e9 \u2615 \U0001f600",
+    "",
+    None,
+    True,
+    False,
+    0,
+    -7,
+    2**80,
+    2.5,
+    -0.0,
+    1e300,
+    3.0,
+    0.1,
+]
+
+
+@pytest.mark.parametrize("value", SETTINGS, ids=range(len(SETTINGS)))
+def test_the_settings_text_is_the_json_the_digest_was_made_of(value: object) -> None:
+    fields, _ = _settings_fields()
+    for at in range(len(fields)):
+        values = tuple(value if index == at else None for index in range(len(fields)))
+        expected = json.dumps(
+            dict(zip(fields, values, strict=True)), sort_keys=True, ensure_ascii=True
+        )
+        assert _settings_text(values) == expected
+
+
+@pytest.mark.parametrize(
+    "odd", [float("nan"), float("inf"), -float("inf"), [1], {"a": 1}, _Number.ONE]
+)
+def test_a_setting_of_another_kind_is_left_to_the_encoder(odd: object) -> None:
+    fields, _ = _settings_fields()
+    assert _settings_text((odd, *([None] * (len(fields) - 1)))) is None
