@@ -436,6 +436,8 @@ def _record_line(job: str, kind: str, values: dict[str, object], record: dict[st
     at about half the cost of the C encoder for so small an object (a batch writes four a
     job). Any other value sends the record to the encoder.
     """
+    if "id" in values or "k" in values:  # one key twice: the dict keeps the last, in place
+        return _encode_line(record) + "\n"
     line = f'{{"id":{_quote(job)},"k":{_quote(kind)}'
     for key, value in values.items():
         if type(value) is str:

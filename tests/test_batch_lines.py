@@ -181,6 +181,8 @@ VALUES: list[dict[str, object]] = [
     {"urls": ["a", 3]},
     {"n": 1, "f": 1.5, "none": None, "nan": float("nan")},
     {"\u00e9t\u00e9": "\u00e9", "t": "\t"},
+    {"p": "a", "id": "other"},
+    {"k": "other", "p": "a"},
 ]
 
 
