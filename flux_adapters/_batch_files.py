@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Final
 
 from attrs import field, frozen
 
+from flux_adapters import _schema
 from flux_adapters.errors import RequestError, Violation
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class BatchLine:
     id: str | int | None = field(
         default=None, metadata={"expected": "a file name (text) or a whole number"}
     )
-    model: str = "flux-2-pro"
+    model: str = "flux-2-pro"  # _DEFAULT_MODEL
     images: list[str] = field(
         factory=list, metadata={"expected": "a list of paths or URLs (strings)"}
     )
@@ -115,6 +116,22 @@ def read_lines(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
 
 def parse_line(raw: bytes) -> dict[str, object] | str:
     """One non-blank line of a JSONL file: its object, or what is wrong with it."""
+    # The usual line, an object in UTF-8 (a first byte "{" and a second that is not NUL is what
+    # json.detect_encoding calls UTF-8), read by the decoder's scanner directly; anything else,
+    # or anything the scanner does not take, the way json.loads reads it, for its message.
+    if raw[:1] == b"{" and raw[1:2] != b"\0":
+        try:
+            text = raw.decode("utf-8", "surrogatepass")
+            item, end = _SCAN(text, 0)
+        except Exception:  # read again below, for what is wrong
+            pass
+        else:
+            if not text[end:].strip(_JSON_SPACE) and isinstance(item, dict):
+                return item
+    return _parse_line(raw)
+
+
+def _parse_line(raw: bytes) -> dict[str, object] | str:
     try:
         # What json.loads(raw, object_pairs_hook=_unique_keys) does, with one decoder for all.
         item = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
@@ -142,6 +159,9 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 _DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_SCAN: Final[Callable[[str, int], tuple[object, int]]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_JSON_SPACE: Final = " \t\n\r"
+"""What JSON takes as white space around a value (`str.strip` alone takes more)."""
 
 
 def structure_line(where: str, item: dict[str, object] | str) -> BatchLine | list[Violation]:
@@ -182,15 +202,19 @@ def check_file(path: Path) -> int:
     for number, item in read_lines(path):
         count += 1
         where = f"{file_name}:{number}"
-        line = structure_line(where, item)
-        if isinstance(line, list):
-            problems += line
-            given = item.get("id", number) if isinstance(item, dict) else None
-            if type(given) not in (str, int):
-                continue  # no id to check (its type is among the problems)
-            name = str(given)
+        if isinstance(item, dict) and _schema.fits(item, BatchLine):
+            given = item.get("id")  # as BatchLine.name has it, without making the BatchLine
+            name = str(given) if given is not None else str(number)
         else:
-            name = line.name(number)
+            line = structure_line(where, item)
+            if isinstance(line, list):
+                problems += line
+                given = item.get("id", number) if isinstance(item, dict) else None
+                if type(given) not in (str, int):
+                    continue  # no id to check (its type is among the problems)
+                name = str(given)
+            else:
+                name = line.name(number)
         # Two ids that differ only in case or normalisation are one file on macOS (file_key).
         trouble = _name_problem(name) or ("" if seen.add(file_key(name)) else "is used twice")
         if trouble:
@@ -230,20 +254,32 @@ def build_request(
     """The job of line *number* (as `read_lines` gives it): its name, and its request or why not."""
     from flux_adapters.request import EditRequest
 
-    where = f"{file_name}:{number}"
-    line = structure_line(where, item)
-    if isinstance(line, list):
-        name = str(item.get("id", number)) if isinstance(item, dict) else str(number)
-        return name, RequestError(line)
-    settings = dict(zip(_SETTINGS, _settings_of(line), strict=True))
-    name = line.name(number)
+    if isinstance(item, dict) and _schema.fits(item, BatchLine):
+        # The values a BatchLine would hold (its defaults for the keys not given), read from
+        # the line itself: a BatchLine made only to be read again costs as much as the check.
+        get = item.get
+        given = get("id")
+        name = str(given) if given is not None else str(number)
+        prompt, model = item["prompt"], get("model", _DEFAULT_MODEL)
+        images: Iterable[object] = get("images", ())  # type: ignore[assignment]
+        allow_conversions = get("allow_conversions")
+        settings = {key: get(key) for key in _SETTINGS}
+    else:
+        line = structure_line(f"{file_name}:{number}", item)
+        if isinstance(line, list):
+            name = str(item.get("id", number)) if isinstance(item, dict) else str(number)
+            return name, RequestError(line)
+        name = line.name(number)
+        prompt, model, images = line.prompt, line.model, line.images
+        allow_conversions = line.allow_conversions
+        settings = dict(zip(_SETTINGS, _settings_of(line), strict=True))
     try:
         return name, EditRequest(
-            prompt=line.prompt,
-            model=line.model,  # type: ignore[arg-type]  # EditRequest checks it
-            images=[image_source(image, folder) for image in line.images],
-            allow_conversions=bool(line.allow_conversions),
-            **settings,
+            prompt=prompt,  # type: ignore[arg-type]  # a str: fits() or BatchLine says so
+            model=model,  # type: ignore[arg-type]  # EditRequest checks it
+            images=[image_source(image, folder) for image in images],  # type: ignore[arg-type]
+            allow_conversions=bool(allow_conversions),
+            **settings,  # type: ignore[arg-type]
         )
     except RequestError as error:
         return name, error
@@ -255,6 +291,8 @@ _SETTINGS: Final = (
 )  # fmt: skip
 """The fields of a line passed to `EditRequest` as they are."""
 _settings_of: Final = operator.attrgetter(*_SETTINGS)
+_DEFAULT_MODEL: Final = "flux-2-pro"
+"""`BatchLine.model` when a line does not give one."""
 
 
 _SKIPPED: Final = "skipped"

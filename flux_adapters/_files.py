@@ -17,7 +17,6 @@ import itertools
 import os
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -339,8 +338,7 @@ class ImageFile:
         self.size = 0
 
 
-@contextlib.contextmanager
-def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFile]:
+def atomic_image(target: Path, *, add_suffix: bool = False) -> _AtomicImage:
     """Write *target* through a temporary file beside it, renamed over it only once complete.
 
     The temporary file is created with the usual permissions (0666 less the umask) and removed
@@ -361,46 +359,68 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> Iterator[ImageFil
         ExtensionMismatch: *target*'s extension names another image format than the bytes'.
         OutputError: The file cannot be created, written or renamed into place.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    # Plain strings, not Paths, for the temporary name: a batch does this for every image.
-    where = os.fspath(target)
-    folder, name = os.path.split(where)
-    # The name cut so that the temporary one is no longer than the longest the system takes.
-    stem = os.fsdecode(os.fsencode(name)[: _NAME_MAX - len(".00000000.part") - 1])
-    while True:
-        partial = os.path.join(
-            folder, f".{stem}.{next(_numbers) & 0xFFFFFFFF:08x}.part"
-        )  # _PARTIAL
+    return _AtomicImage(target, add_suffix)
+
+
+class _AtomicImage:
+    """`atomic_image`'s ``with`` block: what ``contextlib.contextmanager`` made of it, written out.
+
+    A batch saves every image through it; the generator and its wrapper cost about as much
+    again as the file's own steps in Python.
+    """
+
+    __slots__ = ("_add_suffix", "_fd", "_out", "_partial", "_target", "_where")
+
+    def __init__(self, target: Path, add_suffix: bool) -> None:
+        self._target = target
+        self._add_suffix = add_suffix
+
+    def __enter__(self) -> ImageFile:
+        target = self._target
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        # Plain strings, not Paths, for the temporary name: a batch does this for every image.
+        where = os.fspath(target)
+        folder, name = os.path.split(where)
+        # The name cut so that the temporary one is no longer than the longest the system takes.
+        stem = os.fsdecode(os.fsencode(name)[: _NAME_MAX - len(".00000000.part") - 1])
+        while True:
+            partial = os.path.join(
+                folder, f".{stem}.{next(_numbers) & 0xFFFFFFFF:08x}.part"
+            )  # _PARTIAL
+            try:
+                fd = os.open(partial, flags, 0o666)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise OutputError(exc.strerror or str(exc), path=str(target)) from exc
+        self._where, self._partial, self._fd = where, partial, fd
+        self._out = ImageFile(fd, target)
+        return self._out
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        renamed = False
         try:
-            fd = os.open(partial, flags, 0o666)
-            break
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise OutputError(exc.strerror or str(exc), path=str(target)) from exc
-    out = ImageFile(fd, target)
-    renamed = False
-    try:
-        try:
-            yield out
+            os.close(self._fd)
+            if kind is not None:
+                return  # the block's own exception goes on, the temporary file removed
+            out, where = self._out, self._where
+            found = image_format(out.head)
+            final = where
+            if self._add_suffix:
+                final = f"{where}.{found or 'bin'}"
+                out.target = Path(final)
+            else:
+                check_extension(self._target, found)
+            try:
+                os.replace(self._partial, final)
+            except OSError as exc:
+                raise OutputError(exc.strerror or str(exc), path=final) from exc
+            renamed = True
         finally:
-            os.close(fd)
-        found = image_format(out.head)
-        final = where
-        if add_suffix:
-            final = f"{where}.{found or 'bin'}"
-            out.target = Path(final)
-        else:
-            check_extension(target, found)
-        try:
-            os.replace(partial, final)
-        except OSError as exc:
-            raise OutputError(exc.strerror or str(exc), path=final) from exc
-        renamed = True
-    finally:
-        if not renamed:
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
+            if not renamed:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._partial)
 
 
 def remove_partial_files(folder: Path) -> int:

@@ -24,7 +24,7 @@ from flux_adapters._display import render_value, type_name
 if TYPE_CHECKING:
     import cattrs
 
-__all__ = ["Problem", "Unstructured", "structure"]
+__all__ = ["Problem", "Unstructured", "fits", "structure"]
 
 _T = TypeVar("_T")
 
@@ -210,32 +210,45 @@ def _quick_plan(kind: type) -> tuple[dict[str, tuple[type, ...]], frozenset[str]
     return plan, frozenset(required)
 
 
+def fits(data: dict[str, object], kind: type) -> bool:
+    """Whether *data* fits *kind* at first sight (the usual case), without making a *kind*.
+
+    When it does, `structure` makes a *kind* of exactly these values (each list copied) with no
+    problem to report: a caller that needs only to know so, or only the values, is spared
+    making it (a batch checks each line of its file, then reads it again to send it). When it
+    does not, *data* may still fit: `structure` says.
+    """
+    plan = _quick_plan(kind)
+    if plan is None:
+        return False
+    exact, required = plan
+    for key, value in data.items():
+        kinds = exact.get(key)
+        if kinds is None:  # not a field
+            return False
+        if kinds is _LIST:
+            if type(value) is not list:
+                return False
+            for item in value:
+                if type(item) is not str:
+                    return False
+        elif type(value) not in kinds:
+            return False
+    return required <= data.keys()
+
+
 def _quick(data: dict[str, object], kind: type[_T]) -> _T | None:
-    """*data* as a *kind* when it fits at first sight (the usual case), else ``None``.
+    """*data* as a *kind* when it fits at first sight (`fits`), else ``None``.
 
     What it makes is what cattrs and the hooks above make (each value as it is, each list a
     copy); whatever does not fit, or a class it does not know, goes to them for the problems.
     """
-    plan = _quick_plan(kind)  # type: ignore[arg-type]  # a class is hashable
-    if plan is None:
+    if not fits(data, kind):
         return None
-    exact, required = plan
     values = dict(data)
     for key, value in values.items():
-        kinds = exact.get(key)
-        if kinds is None:  # not a field
-            return None
-        if kinds is _LIST:
-            if type(value) is not list:
-                return None
-            for item in value:
-                if type(item) is not str:
-                    return None
+        if type(value) is list:
             values[key] = list(value)
-        elif type(value) not in kinds:
-            return None
-    if not required <= values.keys():
-        return None
     return kind(**values)
 
 

@@ -31,7 +31,7 @@ import time
 import weakref
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 
 import httpx
 
@@ -156,30 +156,52 @@ def transport_error(exc: BaseException, provider: str, scrub: Callable[[str], st
     return TransportError(f"{what} ({detail})", provider=provider, sent=sent)
 
 
-@contextlib.contextmanager
-def mapped_transport_errors(provider: str, scrub: Callable[[str], str] = redact) -> Iterator[None]:
+def mapped_transport_errors(
+    provider: str, scrub: Callable[[str], str] = redact
+) -> _MappedTransportErrors:
     """Re-raise transport failures as ours, saying whether the provider may have the request.
 
     *scrub* removes the client's keys from the message (an ``Illegal header value`` error
     quotes the header it refused).
     """
-    try:
-        yield
-    except FluxError:
-        raise
-    except httpx.TransportError as exc:
-        raise transport_error(exc, provider, scrub) from exc
-    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-        # TooManyRedirects, DecodingError, stream errors, or InvalidURL (no HTTPError), which
-        # httpx raises from send() for an answer's Location header it cannot parse, even when
-        # not following it: the request went out and may be billed. (A URL of ours that httpx
-        # refuses fails earlier, when the request is built, as a RequestError.)
-        message = scrub(f"the answer could not be read ({type(exc).__name__}: {exc})")[:300]
-        raise TransportError(message, provider=provider, sent=True) from exc
-    except (TimeoutError, OSError) as exc:
-        # Raw failures some transports let through (asyncio timeouts, aiohttp client errors).
-        raise transport_error(exc, provider, scrub) from exc
-    except Exception as exc:
+    return _MappedTransportErrors(provider, scrub)
+
+
+class _MappedTransportErrors:
+    """`mapped_transport_errors`' ``with`` block, written out.
+
+    Not made by ``contextlib.contextmanager``: every exchange and every download goes through
+    one, and the generator and its wrapper cost more than the block's own work.
+    """
+
+    __slots__ = ("_provider", "_scrub")
+
+    def __init__(self, provider: str, scrub: Callable[[str], str]) -> None:
+        self._provider = provider
+        self._scrub = scrub
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: object, exc: BaseException | None, traceback: object
+    ) -> Literal[False]:
+        if exc is None or isinstance(exc, FluxError) or not isinstance(exc, Exception):
+            return False  # nothing, ours already, or not a failure (a cancel, an interrupt)
+        provider, scrub = self._provider, self._scrub
+        if isinstance(exc, httpx.TransportError):
+            raise transport_error(exc, provider, scrub) from exc
+        if isinstance(exc, httpx.HTTPError | httpx.InvalidURL | httpx.StreamError):
+            # TooManyRedirects, DecodingError, stream errors, or InvalidURL (no HTTPError),
+            # which httpx raises from send() for an answer's Location header it cannot parse,
+            # even when not following it: the request went out and may be billed. (A URL of
+            # ours that httpx refuses fails earlier, when the request is built, as a
+            # RequestError.)
+            message = scrub(f"the answer could not be read ({type(exc).__name__}: {exc})")[:300]
+            raise TransportError(message, provider=provider, sent=True) from exc
+        if isinstance(exc, TimeoutError | OSError):
+            # Raw failures some transports let through (asyncio timeouts, aiohttp client errors).
+            raise transport_error(exc, provider, scrub) from exc
         if type(exc).__module__.partition(".")[0] == "aiohttp":
             raise transport_error(exc, provider, scrub) from exc
         # Anything else a caller's transport raised: say what, never as "not sent" (which
