@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+import httpx
+
 from flux_adapters._bodies import json_segments, segments_length
 from flux_adapters._drivers import refuse_headers, unsendable
 from flux_adapters._flows import adapter_built, first_request
@@ -28,14 +30,27 @@ def sendable(adapter: AnyAdapter, request: EditRequest, plan: Plan, base_url: st
 
     Raises:
         RequestError: What a client would raise before sending it: the adapter failed to build
-            it, or built headers that are not (name, value) pairs of sendable text.
+            it, or built something other than a request, headers that are not (name, value)
+            pairs of sendable text, a URL httpx cannot send (a line break in it) or a JSON body
+            that is not JSON.
     """
-    outgoing = adapter_built(adapter, request, first_request, adapter, request, plan, base_url)
+    outgoing: object = adapter_built(
+        adapter, request, first_request, adapter, request, plan, base_url
+    )
+    if not isinstance(outgoing, HttpRequest):  # an outside adapter may return anything
+        why = TypeError(f"{type(outgoing).__name__}, not an HttpRequest")
+        raise unsendable(adapter.name, str, why, "flux-adapters")
     try:
         headers = dict(outgoing.headers)
     except (TypeError, ValueError) as exc:
         raise unsendable(adapter.name, str, exc, "flux-adapters") from None
     refuse_headers(headers.items(), adapter.name, str, "flux-adapters")
+    try:  # as the client's httpx_request finds them: rendered, they would look sendable
+        httpx.URL(outgoing.url)
+        if isinstance(outgoing.body, JsonBody):
+            json_segments(outgoing.body)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise unsendable(adapter.name, str, exc, "flux-adapters") from None
     return outgoing
 
 

@@ -198,11 +198,16 @@ def adapter_built(
     except FluxError:
         raise
     except Exception as exc:
-        name = str(getattr(adapter, "name", "the adapter"))
-        why = f"{type(exc).__name__}: {str(exc)[:120]}"
-        violation = Violation("request", f"{name} could not build it", "an adapter bug", why)
-        model = request.model if request is not None else None
-        raise RequestError([violation], provider=name, model=model) from exc
+        raise _not_built(adapter, request, exc) from exc
+
+
+def _not_built(adapter: object, request: EditRequest | None, exc: Exception) -> RequestError:
+    """The `RequestError` for an exchange *adapter* failed to build (*exc* says how): not sent."""
+    name = str(getattr(adapter, "name", "the adapter"))
+    why = f"{type(exc).__name__}: {str(exc)[:120]}"
+    violation = Violation("request", f"{name} could not build it", "an adapter bug", why)
+    model = request.model if request is not None else None
+    return RequestError([violation], provider=name, model=model)
 
 
 def _answer_id(response: HttpResponse, secrets: tuple[str, ...]) -> str | None:
@@ -313,7 +318,7 @@ def edit_flow(
     """
     resolved = plan if plan is not None else resolve(adapter, request)
     outgoing = adapter_built(adapter, request, adapter.build_request, request, resolved, base_url)
-    response = yield _as_submit(outgoing)
+    response = yield _as_submit(outgoing, adapter, request)
     assert response is not None
     answer = _answered(adapter, response, secrets, adapter.parse_response, response)
     return Outcome(plan=resolved, answer=answer, request_id=_answer_id(response, secrets))
@@ -343,7 +348,7 @@ def job_flow(
     resolved = plan if plan is not None else resolve(adapter, request)
     started = clock()
     submit = adapter_built(adapter, request, adapter.build_submit, request, resolved, base_url)
-    response = yield _as_submit(submit)
+    response = yield _as_submit(submit, adapter, request)
     assert response is not None
     submitted = _answered(adapter, response, secrets, adapter.parse_submit, response)
     submit_id = _answer_id(response, secrets)
@@ -495,8 +500,15 @@ def _next_wait(wait: float, polling: Polling, state: Pending | None) -> float:
     return grown
 
 
-def _as_submit(request: HttpRequest) -> HttpRequest:
-    """*request* marked as the paid exchange, whatever the adapter said (usually as it is)."""
+def _as_submit(request: object, adapter: object, edit: EditRequest) -> HttpRequest:
+    """*request* marked as the paid exchange, whatever the adapter said (usually as it is).
+
+    Raises:
+        RequestError: The adapter built something other than an `HttpRequest` (not sent).
+    """
+    if not isinstance(request, HttpRequest):  # an outside adapter may return anything
+        why = TypeError(f"{type(request).__name__}, not an HttpRequest")
+        raise _not_built(adapter, edit, why)
     return request if request.role == "submit" else attrs.evolve(request, role="submit")
 
 

@@ -387,8 +387,8 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
     """*outgoing* as it goes on the wire: the key added only where its adapter allows it.
 
     Raises:
-        RequestError: The key goes in a query string httpx cannot build into the URL, or the
-            adapter's headers are not (name, value) pairs (nothing is sent).
+        RequestError: The key goes in a query string httpx cannot build into the URL, the URL
+            is not text, or the adapter's headers are not (name, value) pairs (nothing is sent).
     """
     try:
         headers = dict(outgoing.headers)
@@ -398,7 +398,10 @@ def _exchange(binding: _Binding, outgoing: HttpRequest) -> Exchange:
     headers["Accept-Encoding"] = ACCEPT_ENCODING  # what iter_decoded inflates within bounds
     if isinstance(outgoing.body, JsonBody):
         headers["Content-Type"] = "application/json"
-    url = outgoing.url
+    url: object = outgoing.url
+    if not isinstance(url, str):  # an outside adapter's mistake: nothing was sent
+        why = TypeError(f"the URL is {type(url).__name__}, not text")
+        raise unsendable(binding.adapter.name, binding.scrub, why)
     auth = binding.auth
     if binding.may_receive_key(url):
         if auth.header is not None:

@@ -27,7 +27,7 @@ from flux_adapters import cli
 from flux_adapters.cli import main
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.providers import PROVIDERS
-from flux_adapters.wire import HttpRequest
+from flux_adapters.wire import HttpRequest, JsonBody
 from tests.conftest import image_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +134,52 @@ def test_explain_refuses_an_outside_adapters_unsendable_headers_as_a_client_woul
         assert section.startswith("shapeless\nrefused before sending:\n")
         cannot = "  - request: shapeless built a request flux-adapters cannot send"
         assert cannot in section or "  - request: shapeless could not build it" in section
+        assert "\nX-Key: b\n" not in out
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"url": "https://api.laozhang.ai/v1/images\r\nX-Key: b"},
+        {"url": 5},
+        {"body": JsonBody({"prompt": {"a", "b"}})},  # type: ignore[dict-item]
+        None,
+    ],
+    ids=["url-line-break", "url-int", "body-not-json", "not-a-request"],
+)
+@pytest.mark.parametrize("json_output", [False, True], ids=["text", "json"])
+def test_explain_refuses_an_outside_adapters_unsendable_url_or_body_as_a_client_would(
+    change: dict[str, Any] | None, json_output: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client refuses such a request with a RequestError before sending anything; explain
+    # printed a line break in the request line as if it would go, or failed ("unexpected",
+    # exit 1) on a body that is not JSON or on something that is not a request at all.
+    from flux_adapters.providers import _REGISTRY, register_provider
+    from flux_adapters.providers.laozhang import LaozhangAdapter
+
+    monkeypatch.setattr(_REGISTRY, "_targets", dict(_REGISTRY._targets))
+    monkeypatch.setattr(_REGISTRY, "_loaded", dict(_REGISTRY._loaded))
+
+    class Shapeless(LaozhangAdapter):
+        name = "shapeless"
+
+        def build_request(self, *args: Any) -> HttpRequest:
+            built = super().build_request(*args)
+            return attrs.evolve(built, **change) if change is not None else None  # type: ignore[return-value]
+
+    register_provider("shapeless", Shapeless())
+    code, out, err = run("explain", "p", "-p", "shapeless", "-p", "laozhang",
+                         *["--json"] * json_output)  # fmt: skip
+    assert (code, err) == (0, "")  # laozhang's request is shown
+    if json_output:
+        refused, shown = json.loads(out)["providers"]
+        assert (refused["accepted"], refused["request"]) == (False, None)
+        assert refused["violations"][0]["field"] == "request"
+        assert shown["accepted"] is True
+    else:
+        section = out.split("=== ")[1]
+        assert section.startswith("shapeless\nrefused before sending:\n")
+        assert "  - request: shapeless " in section
         assert "\nX-Key: b\n" not in out
 
 

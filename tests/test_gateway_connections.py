@@ -165,6 +165,29 @@ def test_an_http_1_1_request_without_host_is_a_400_on_either_protocol(
     assert status.startswith(b"HTTP/1.1 200"), status
 
 
+def test_a_request_without_host_behind_a_generation_does_not_lose_its_answer(
+    gateway: tuple[RunningGateway, str], emulator: Emulator
+) -> None:
+    # Pipelined behind a paid generation, an HTTP/1.1 request without Host is answered 400 in
+    # its turn, as on h11. On httptools the 400 went out at once and the connection closed while
+    # the generation was still under way: the provider did (and billed) it, its answer was lost.
+    running, key = gateway
+    calls = len(emulator.calls("laozhang"))
+    body = b'{"model": "flux-2-pro", "prompt": "p"}'
+    with connect(running) as sock:
+        sock.sendall(generation(key, body) + body + b"GET /healthz HTTP/1.1\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):  # to the close
+            received += chunk
+    first, _, rest = received.partition(b"\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), received[:200]
+    assert b"/v1/files/" in rest
+    later = rest.split(b"HTTP/1.1 ")[1:]
+    assert len(later) == 1, received
+    assert later[0].startswith(b"400"), received
+    assert len(emulator.calls("laozhang")) == calls + 1
+
+
 def test_a_head_just_under_the_cap_is_served(gateway: tuple[RunningGateway, str]) -> None:
     padding = b"".join(b"X-Padding-%d: %s\r\n" % (n, b"p" * 900) for n in range(15))
     with connect(gateway[0]) as sock:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 
@@ -343,7 +344,6 @@ def test_a_key_in_a_transport_failure_message_never_shows() -> None:
 
     with pytest.raises(errors.TransportError) as caught:
         run("sync", refuse, lambda client: client.edit(REQUEST))
-    assert caught.value.sent is False  # a local failure: nothing reached the provider
     assert "may have reached" not in str(caught.value)
     assert leaks(str(caught.value)) == []
 
@@ -479,6 +479,10 @@ class Broken:
     def build_request(self, *args: Any) -> Any:
         if self._fail_at == "build":
             raise KeyError("model")
+        if self._fail_at == "none":
+            return None  # not a request at all
+        if self._fail_at == "url":
+            return attrs.evolve(self._inner.build_request(*args), url=5)  # type: ignore[arg-type]
         return self._inner.build_request(*args)
 
     def parse_response(self, response: Any) -> Any:
@@ -497,6 +501,39 @@ def test_a_buggy_adapter_gets_typed_errors_in_place_of_its_own() -> None:
         client = FluxClient(Broken("parse"), api_key=KEY, http_client=http)
         with pytest.raises(errors.ResponseFormatError, match="could not read the answer"):
             client.edit(REQUEST)
+
+
+@pytest.mark.parametrize(
+    ("fail_at", "says"), [("none", "could not build it"), ("url", "cannot send")]
+)
+def test_an_adapter_that_builds_no_request_gets_a_typed_error_nothing_sent(
+    fail_at: str, says: str
+) -> None:
+    # build_request returning None (or anything not an HttpRequest) ended the call with a bare
+    # AttributeError ('NoneType' object has no attribute 'role'), outside FluxError; a URL that
+    # is not text did too on AsyncFluxClient, and was "the transport failed ... may have reached
+    # it" on FluxClient, though nothing went out.
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json=OK)
+
+    transport = httpx.MockTransport(handler)
+    with httpx.Client(transport=transport) as http:
+        client = FluxClient(Broken(fail_at), api_key=KEY, http_client=http)
+        with pytest.raises(errors.RequestError, match=says):
+            client.edit(REQUEST)
+    assert sent == []
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = AsyncFluxClient(Broken(fail_at), api_key=KEY, http_client=http)
+            with pytest.raises(errors.RequestError, match=says):
+                await client.edit(REQUEST)
+
+    asyncio.run(main())
+    assert sent == []
 
 
 def test_a_probe_cancelled_by_wait_for_lets_the_next_call_probe(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from flux_adapters._serving import HeadClock, _JoinedTransport
@@ -24,6 +25,26 @@ __all__ = ["HttptoolsJoinedWrites"]
 
 MOST_HEAD_BYTES: Final = 16 * 1024
 """A request head that has sent more than this without ending is answered 400 and closed."""
+
+
+_NO_HOST: Final = b"Invalid HTTP request received."
+"""What h11's protocol answers (400) to an HTTP/1.1 request without ``Host``."""
+
+
+async def _no_host(scope: Scope, receive: Receive, send: Send) -> None:
+    """The app that answers a request without ``Host``: 400, and the connection closed."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(_NO_HOST)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": _NO_HOST})
 
 
 class HttptoolsJoinedWrites(HeadClock, HttpToolsProtocol):
@@ -59,10 +80,16 @@ class HttptoolsJoinedWrites(HeadClock, HttpToolsProtocol):
         if self.parser.get_http_version() == "1.1" and not any(
             name == b"host" for name, _ in self.headers
         ):
-            # RFC 9112, 3.2, as h11 has it: raised in a callback, the parser stops, and uvicorn
-            # answers 400 and closes the connection (the app never sees the request).
-            raise ValueError("an HTTP/1.1 request without Host")
-        super().on_headers_complete()
+            # RFC 9112, 3.2, as h11 has it: a 400 and the connection closed, the app never sees
+            # the request. Answered in its turn, as uvicorn runs any request: one pipelined
+            # behind a generation under way must not cut off that (paid) generation's answer.
+            app, self.app = self.app, _no_host
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        else:
+            super().on_headers_complete()
         self._heads += 1
         self._follow_head()
 
