@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -657,3 +657,49 @@ def test_a_changed_key_file_is_read_off_the_gateways_loop(
     assert asyncio.run(lookups(second.key_hash, first.key_hash)) == [second, first]
     assert len(parsed_in) == 2  # once after each change, never when the file stayed the same
     assert threading.main_thread() not in parsed_in  # the loop's thread
+
+
+@pytest.mark.parametrize("swapped_in", ["fifo", "large"])
+def test_a_key_file_swapped_after_its_stat_is_judged_as_the_file_read(
+    tmp_path: Path, swapped_in: str
+) -> None:
+    # The checks (a regular file, at most 64 MiB) were made on the path's stat, then the path
+    # was read: a FIFO put there in between blocked the reading thread for ever (holding the
+    # lock every later lookup waits on), a larger file was read whole.
+    from flux_adapters.gateway import _keys
+    from flux_adapters.gateway._keys import new_key
+
+    path = tmp_path / "keys.json"
+    keys = FileKeys(path)
+    _, record = new_key(name="a")
+    keys.put_sync(record)
+    swapped = tmp_path / "swapped"
+    if swapped_in == "fifo":
+        os.mkfifo(swapped)
+    else:
+        swapped.write_bytes(b" " * (_keys._MAX_FILE_BYTES + 1))
+    real_stamp = keys._stamp
+
+    def stamp_then_swap() -> tuple[int, int, int, int] | None:
+        found = real_stamp()
+        os.replace(swapped, path)  # between the look and the read
+        return found
+
+    keys._stamp = stamp_then_swap  # type: ignore[method-assign]
+    outcome: list[object] = []
+    reader = threading.Thread(target=lambda: outcome.append(_raised(keys.list_sync)), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "the key file's reader blocked"
+    [error] = outcome
+    assert isinstance(error, errors.ConfigurationError)
+    expected = "is not a regular file" if swapped_in == "fifo" else "is larger than 64 MiB"
+    assert expected in str(error)
+
+
+def _raised(call: Callable[[], object]) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:  # the test looks at what came out
+        return exc
+    return None

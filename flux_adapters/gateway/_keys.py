@@ -142,6 +142,21 @@ class FileKeys:
         # and the size say (a revoke and a create within one tick of the file system's clock).
         return (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
 
+    def _read(self) -> bytes:
+        """The file's bytes, from what is at the path when it is opened.
+
+        The path was looked at (`_stamp`) before: a FIFO or a larger file put in its place since
+        is refused here too, as that file (never waited on, never read past the cap).
+        """
+        descriptor = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(descriptor, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise ConfigurationError(f"the key file {self.path} is not a regular file")
+            data = stream.read(_MAX_FILE_BYTES + 1)
+        if len(data) > _MAX_FILE_BYTES:
+            raise ConfigurationError(f"the key file {self.path} is larger than 64 MiB")
+        return data
+
     def _load(self) -> dict[str, KeyRecord]:
         stamp = self._stamp()
         if stamp is None:
@@ -151,7 +166,9 @@ class FileKeys:
             return self._by_hash
         try:
             # utf-8-sig: a BOM, as some editors on Windows save a file, is not damage
-            data = json.loads(self.path.read_text(encoding="utf-8-sig"))
+            data = json.loads(self._read().decode("utf-8-sig"))
+        except ConfigurationError:
+            raise
         except (OSError, ValueError, RecursionError) as exc:
             raise ConfigurationError(f"cannot read the key file {self.path}: {exc}") from None
         keys = data.get("keys") if isinstance(data, dict) else None
