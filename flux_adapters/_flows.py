@@ -415,9 +415,8 @@ def follow_job(
             yield from _pause(wait, polling, chance, ends - clock())
             if clock() >= ends:
                 raise _Deadline
-            poll = _within(
-                adapter_built(adapter, None, adapter.build_poll, job), "poll", ends, clock
-            )
+            built = adapter_built(adapter, None, adapter.build_poll, job)
+            poll = _within(built, adapter, "poll", ends, clock)
             state = yield from _poll_once(adapter, job, poll, secrets)
             if isinstance(state, ResponseFormatError):
                 # Maybe a glitch, maybe an adapter that cannot read its provider's statuses:
@@ -513,9 +512,17 @@ def _as_submit(request: object, adapter: object, edit: EditRequest) -> HttpReque
 
 
 def _within(
-    request: HttpRequest, role: Role, ends: float, clock: Callable[[], float]
+    request: object, adapter: object, role: Role, ends: float, clock: Callable[[], float]
 ) -> HttpRequest:
-    """*request* marked as *role* (whatever the adapter said), to end by the job's deadline."""
+    """*request* marked as *role* (whatever the adapter said), to end by the job's deadline.
+
+    Raises:
+        RequestError: *adapter* built something other than an `HttpRequest` (not sent; the
+            job's flow gives the error its job, as for an exception in building).
+    """
+    if not isinstance(request, HttpRequest):  # an outside adapter may return anything
+        why = TypeError(f"{type(request).__name__}, not an HttpRequest")
+        raise _not_built(adapter, None, why)
     return attrs.evolve(request, role=role, deadline=max(_SHORTEST_EXCHANGE, ends - clock()))
 
 
@@ -601,7 +608,7 @@ def _fetch(
                 status_code=200,
             )
         try:
-            response = yield _within(built, "fetch", ends, clock)
+            response = yield _within(built, adapter, "fetch", ends, clock)
         except TransportError:
             response = None
         retry: Pending | None = None
@@ -623,11 +630,13 @@ def _fetch(
 def _cancel(adapter: JobAdapter, job: Job) -> _Steps[bool | None]:
     """Ask the provider to cancel *job*: ``True`` accepted, ``False`` refused, ``None`` no cancel."""
     try:
-        request = adapter.build_cancel(job)
+        request: object = adapter.build_cancel(job)
     except Exception:  # an adapter bug must not hide why the job is being given up
         return False
     if request is None:
         return None
+    if not isinstance(request, HttpRequest):  # an adapter bug, as an exception above
+        return False
     try:
         response = yield attrs.evolve(request, role="cancel", deadline=CANCEL_DEADLINE)
     except FluxError:  # not sent, or no answer: it must not hide why the job is given up

@@ -1014,3 +1014,47 @@ def test_headers_an_adapter_built_in_another_shape_are_a_request_error_and_nothi
     with pytest.raises(errors.RequestError):
         run(kind, fake, T2I, provider=Shapeless(), max_retries=0)
     assert sent == []
+
+
+@both
+@pytest.mark.parametrize("builds", ["poll", "fetch", "cancel"])
+@pytest.mark.parametrize("instead", [None, "https://queue.example/jobs/q-1"], ids=["none", "text"])
+def test_a_taken_jobs_exchange_built_as_no_request_is_a_typed_error_that_names_the_job(
+    kind: str, builds: str, instead: object
+) -> None:
+    # build_poll (or build_fetch, build_cancel) returning something other than an HttpRequest
+    # ended the call with a bare NotAnAttrsClassError, outside FluxError and without the job
+    # the provider took (and bills), which the caller needs to resume or cancel it.
+    class Careless(Queue):
+        def parse_poll(self, response: HttpResponse, job: Job) -> Pending | Done:
+            state = super().parse_poll(response, job)
+            return Done() if builds == "fetch" and isinstance(state, Pending) else state
+
+        def build_poll(self, job: Job) -> HttpRequest:
+            return instead if builds == "poll" else super().build_poll(job)  # type: ignore[return-value]
+
+        def build_fetch(self, job: Job) -> HttpRequest | None:
+            return instead if builds == "fetch" else super().build_fetch(job)  # type: ignore[return-value]
+
+        def build_cancel(self, job: Job) -> HttpRequest | None:
+            return instead if builds == "cancel" else super().build_cancel(job)  # type: ignore[return-value]
+
+    fake = FakeQueue()
+    polling = Polling(first=0.01, deadline=0.2)
+    if builds == "cancel":  # asked at the deadline: the job goes on, and says so
+        with pytest.raises(errors.JobTimeout) as timed_out:
+            run(kind, fake, T2I, provider=Careless(), polling=polling)
+        assert timed_out.value.job_id == "q-1"
+        assert timed_out.value.cancelled is (None if instead is None else False)
+        assert fake.count("POST", "/cancel") == 0
+        return
+    if builds == "fetch" and instead is None:  # done, with nothing to fetch: said so
+        with pytest.raises(errors.ResponseFormatError, match="no result to fetch") as empty:
+            run(kind, fake, T2I, provider=Careless(), polling=polling)
+        assert empty.value.job is not None
+        return
+    with pytest.raises(errors.RequestError, match="not an HttpRequest") as caught:
+        run(kind, fake, T2I, provider=Careless(), polling=polling)
+    assert caught.value.job is not None
+    assert caught.value.job.id == "q-1"
+    assert fake.count("POST", "/jobs") == 1
