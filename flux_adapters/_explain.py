@@ -14,7 +14,7 @@ import httpx
 
 from flux_adapters._bodies import json_segments, segments_length
 from flux_adapters._drivers import refuse_headers, unsendable
-from flux_adapters._flows import adapter_built, first_request
+from flux_adapters._flows import adapter_built, as_request, first_request
 from flux_adapters.request import DataUrlImage, EditRequest, FileImage
 from flux_adapters.wire import HttpRequest, ImageValue, JsonBody, MultipartBody
 
@@ -34,12 +34,8 @@ def sendable(adapter: AnyAdapter, request: EditRequest, plan: Plan, base_url: st
             pairs of sendable text, a URL httpx cannot send (a line break in it) or a JSON body
             that is not JSON.
     """
-    outgoing: object = adapter_built(
-        adapter, request, first_request, adapter, request, plan, base_url
-    )
-    if not isinstance(outgoing, HttpRequest):  # an outside adapter may return anything
-        why = TypeError(f"{type(outgoing).__name__}, not an HttpRequest")
-        raise unsendable(adapter.name, str, why, "flux-adapters")
+    built = adapter_built(adapter, request, first_request, adapter, request, plan, base_url)
+    outgoing = as_request(built, adapter, request)
     try:
         headers = dict(outgoing.headers)
     except (TypeError, ValueError) as exc:

@@ -49,6 +49,7 @@ __all__ = [
     "Instruction",
     "Outcome",
     "adapter_built",
+    "as_request",
     "check",
     "edit_flow",
     "first_request",
@@ -499,15 +500,26 @@ def _next_wait(wait: float, polling: Polling, state: Pending | None) -> float:
     return grown
 
 
+def as_request(built: object, adapter: object, request: EditRequest | None) -> HttpRequest:
+    """*built*, what *adapter* built for *request* (``None``: a taken job's), as a request.
+
+    Raises:
+        RequestError: The adapter built something other than an `HttpRequest`: the error an
+            exception in building gives (not sent).
+    """
+    if not isinstance(built, HttpRequest):  # an outside adapter may return anything
+        why = TypeError(f"{type(built).__name__}, not an HttpRequest")
+        raise _not_built(adapter, request, why)
+    return built
+
+
 def _as_submit(request: object, adapter: object, edit: EditRequest) -> HttpRequest:
     """*request* marked as the paid exchange, whatever the adapter said (usually as it is).
 
     Raises:
         RequestError: The adapter built something other than an `HttpRequest` (not sent).
     """
-    if not isinstance(request, HttpRequest):  # an outside adapter may return anything
-        why = TypeError(f"{type(request).__name__}, not an HttpRequest")
-        raise _not_built(adapter, edit, why)
+    request = as_request(request, adapter, edit)
     return request if request.role == "submit" else attrs.evolve(request, role="submit")
 
 
@@ -520,10 +532,8 @@ def _within(
         RequestError: *adapter* built something other than an `HttpRequest` (not sent; the
             job's flow gives the error its job, as for an exception in building).
     """
-    if not isinstance(request, HttpRequest):  # an outside adapter may return anything
-        why = TypeError(f"{type(request).__name__}, not an HttpRequest")
-        raise _not_built(adapter, None, why)
-    return attrs.evolve(request, role=role, deadline=max(_SHORTEST_EXCHANGE, ends - clock()))
+    deadline = max(_SHORTEST_EXCHANGE, ends - clock())
+    return attrs.evolve(as_request(request, adapter, None), role=role, deadline=deadline)
 
 
 def _poll_once(
