@@ -2117,9 +2117,15 @@ def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _failure_data(error: BaseException, code: int, flags: Mapping[str, str]) -> dict[str, object]:
-    """A failure, for ``--json``: ``{"error": {"type", "message", "exit_status", ...}}``."""
+    """A failure, for ``--json``: ``{"error": {"type", "message", "exit_status", ...}}``.
+
+    An interruption that cut a job short also gives ``notes``: what became of the job (the
+    lines printed after ``interrupted``), which ``message`` repeats after ``interrupted; ``.
+    """
     name = "UsageError" if isinstance(error, _UsageError) else type(error).__name__
+    notes: list[str] = []
     if isinstance(error, KeyboardInterrupt):
+        # What became of a job it cut short, from the client: a field of its own, to act on.
         notes = [said.removeprefix("flux-adapters: ") for said in getattr(error, "__notes__", ())]
         message = "; ".join(["interrupted", *notes])
     elif isinstance(error, errors.FluxError):
@@ -2129,6 +2135,8 @@ def _failure_data(error: BaseException, code: int, flags: Mapping[str, str]) -> 
     detail: dict[str, object] = {"type": name, "message": message, "exit_status": code}
     if isinstance(error, errors.RequestError):
         detail["violations"] = [_violation_data(v, flags) for v in error.violations]
+    if notes:
+        detail["notes"] = notes
     return {"error": detail}
 
 

@@ -416,21 +416,27 @@ def test_ctrl_c_while_waiting_for_the_provider_ends_with_130(tmp_path: Path) -> 
     with run_emulator(faults={"laozhang": [Fault(delay=3)]}) as slow:
         env = {**os.environ, "LAOZHANG_API_KEY": "k"}
         base = slow.base_url("laozhang")
-        with spawn("edit", "p", "-p", "laozhang", "--base-url", base, "-o", str(tmp_path / "x.png"), env=env) as edit:  # fmt: skip
+        with spawn("edit", "p", "-p", "laozhang", "--base-url", base, "-o", str(tmp_path / "x.png"), "--json", env=env) as edit:  # fmt: skip
             deadline = time.monotonic() + 10
             while not slow.calls() and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert slow.calls(), "the request never arrived"
             edit.send_signal(signal.SIGINT)
-            _, err = edit.communicate(timeout=10)
+            out, err = edit.communicate(timeout=10)
     assert edit.returncode == 130
     # The request reached the provider: the user learns it may have been taken, and billed.
-    assert err.splitlines()[-2:] == [
-        "flux-adapters: interrupted",
-        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
-        " and may bill it",
-    ]
+    said = "the request to laozhang was under way: laozhang may have taken it, and may bill it"
+    assert err.splitlines()[-2:] == ["flux-adapters: interrupted", f"flux-adapters: {said}"]
     assert "Traceback" not in err
+    # A program reading --json finds it as a field of its own, beside the one-line message.
+    assert json.loads(out) == {
+        "error": {
+            "type": "KeyboardInterrupt",
+            "message": f"interrupted; {said}",
+            "exit_status": 130,
+            "notes": [said],
+        }
+    }
     assert not (tmp_path / "x.png").exists()
 
 
