@@ -241,6 +241,7 @@ class Gateway:
         if closing is not None and self.keys is not self.state:
             with contextlib.suppress(Exception):
                 await closing()
+        self.files.close()
 
     def models(self, among: tuple[str, ...] | None = None) -> list[str]:
         """Canonical models offered by at least one configured provider (of *among*, if given)."""
@@ -786,6 +787,8 @@ async def _answer(
     if result.request_id:
         headers["x-flux-provider-request-id"] = _header(result.request_id, 256)
     body = {"created": int(time.time()), "data": data}
+    if response_format == "b64_json":  # no image fetch to follow: the next call's file now
+        asyncio.get_running_loop().call_soon(gateway.files.replenish)
     return JSONResponse(body, headers=headers)
 
 
@@ -824,6 +827,9 @@ async def files(request: Request) -> Response:
     name = request.path_params["name"]
     path = gateway.files.path(name)
     response = None if path is None else _kept(gateway, path, name)
+    if response is not None:
+        # The next call's file, created once this answer is sent (`FileStore.replenish`).
+        asyncio.get_running_loop().call_soon(gateway.files.replenish)
     if response is None:
         answer = openai_error(404, "no such image (or it has expired)", code="not_found")
         response = _json(answer, _request_id())
