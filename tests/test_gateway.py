@@ -848,15 +848,18 @@ def test_an_image_is_kept_the_same_in_a_spare_file_as_in_a_new_one(tmp_path: Pat
     plain = FileStore(tmp_path / "plain", 60)
     store = FileStore(tmp_path / "spare", 60)
 
+    def spare_of(at: FileStore) -> tuple[str, int] | None:
+        return at._spare
+
     def kept(at: FileStore, data: bytes) -> tuple[str, bytes]:
-        name = at._write_new("t" * 32, data)
+        name = at._write_new(data)
         return name.rpartition(".")[2], (at.folder / name).read_bytes()
 
     store.replenish()  # under png, the format of none kept yet
     spare_name = store._spare[0] if store._spare else None
     assert spare_name is not None
     assert spare_name.endswith(".png")
-    name = store._write_new("a" * 32, png)
+    name = store._write_new(png)
     assert name == spare_name  # written into the spare
     assert (store.folder / name).read_bytes() == png
     assert kept(plain, png) == ("png", png)
@@ -869,8 +872,9 @@ def test_an_image_is_kept_the_same_in_a_spare_file_as_in_a_new_one(tmp_path: Pat
     store.replenish()  # one spare at most
     assert store._spare == waiting
     os.unlink(store.folder / waiting[0])  # as a sweep would, had it waited past the retention
-    name = store._write_new("b" * 32, png)
-    assert name == "b" * 32 + ".png"  # written anew, under the call's own name
+    name = store._write_new(png)
+    assert name != waiting[0]  # written anew, under a name of its own
+    assert name.endswith(".png")
     assert (store.folder / name).read_bytes() == png
     store.replenish()
     left = store._spare
@@ -878,7 +882,7 @@ def test_an_image_is_kept_the_same_in_a_spare_file_as_in_a_new_one(tmp_path: Pat
     store.close()
     assert not (store.folder / left[0]).exists()
     store.replenish()  # closed: none made after
-    assert store._spare is None
+    assert spare_of(store) is None
     assert sorted(p.read_bytes() for p in store.folder.iterdir()) == sorted([png, jpeg, png])
     assert all(p.stat().st_size for p in store.folder.iterdir())
 
@@ -887,7 +891,7 @@ def test_an_image_is_kept_the_same_in_a_spare_file_as_in_a_new_one(tmp_path: Pat
     gone.replenish()  # cannot: no spare, and the write says why, as without one
     assert gone._spare is None
     with pytest.raises(OutputError):
-        gone._write_new("c" * 32, png)
+        gone._write_new(png)
 
 
 def test_calls_after_the_first_keep_their_image_in_a_spare_file(

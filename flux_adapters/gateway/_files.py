@@ -104,17 +104,17 @@ class FileStore:
         # The folder is ours (made in __init__) and the name new: `save_async`'s checks of the
         # target (three system calls) would tell nothing; a folder removed since fails as
         # OutputError when the file is created.
-        token = secrets.token_urlsafe(24)
         fetcher = _checking(image._fetcher()) if image.b64_json is None else None
         if fetcher is None:
+            token = secrets.token_urlsafe(24)
             saved = await image._save_async(self.folder / token, add_suffix=True)
             return saved.name, None
         with contextlib.ExitStack() as spill:
-            out = _Gathered(self.folder, token, spill)
+            out = _Gathered(self.folder, spill)
             await fetcher._fetch_async(image._url(), out.write, out.restart)
             if out.file is None:
                 data = b"".join(out.chunks)
-                name = self._write_new(token, data)
+                name = self._write_new(data)
                 self._last_format = name.rpartition(".")[2]
                 image._seen(data[:SNIFF_BYTES], len(data))
                 return name, data
@@ -122,8 +122,8 @@ class FileStore:
         saved = image._written(out.file)
         return saved.name, None
 
-    def _write_new(self, token: str, data: bytes) -> str:
-        """Write *data* to a new file: its name, *token* plus its format's extension.
+    def _write_new(self, data: bytes) -> str:
+        """Write *data* to a new file: its name, a new token and its format's extension.
 
         The file is the spare one if that was created under the same extension (and is still
         there). It is removed if writing it fails.
@@ -136,7 +136,7 @@ class FileStore:
         # Removed meanwhile (by a sweep, if it waited longer than the retention): written anew.
         if spare is not None and _write_closed(spare[1], data, self._prefix + spare[0], True):
             return spare[0]
-        name = f"{token}.{extension}"
+        name = f"{secrets.token_urlsafe(24)}.{extension}"
         path = self._prefix + name
         try:
             fd = os.open(path, _NEW_FILE, 0o666)
@@ -176,9 +176,8 @@ class FileStore:
 class _Gathered:
     """Where a download goes: memory up to `_IN_MEMORY` bytes, then an `atomic_image` file."""
 
-    def __init__(self, folder: Path, token: str, spill: contextlib.ExitStack) -> None:
+    def __init__(self, folder: Path, spill: contextlib.ExitStack) -> None:
         self._folder = folder
-        self._token = token
         self._spill = spill
         self.chunks: list[bytes] = []
         self.size = 0
@@ -192,7 +191,7 @@ class _Gathered:
         self.size += len(data)
         if self.size > _IN_MEMORY:
             self.file = self._spill.enter_context(
-                atomic_image(self._folder / self._token, add_suffix=True)
+                atomic_image(self._folder / secrets.token_urlsafe(24), add_suffix=True)
             )
             for chunk in self.chunks:
                 self.file.write(chunk)
