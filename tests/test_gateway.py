@@ -835,6 +835,107 @@ def test_kept_images_are_served_whole_and_leave_no_temporary_file(
     assert decoded in [(tmp_path / name).read_bytes() for name in kept]
 
 
+def test_an_image_is_kept_the_same_in_a_spare_file_as_in_a_new_one(tmp_path: Path) -> None:
+    """The spare file made ahead (`FileStore.replenish`) holds what a new file would hold.
+
+    Used only under the image's own extension, never twice, not when a sweep removed it
+    meanwhile; one not used is removed on closing; with no spare, the file is made as before.
+    """
+    from flux_adapters.errors import OutputError
+    from flux_adapters.gateway._files import FileStore
+
+    png, jpeg = image_bytes(fmt="PNG"), image_bytes(fmt="JPEG")
+    plain = FileStore(tmp_path / "plain", 60)
+    store = FileStore(tmp_path / "spare", 60)
+
+    def spare_of(at: FileStore) -> tuple[str, int] | None:
+        return at._spare
+
+    def kept(at: FileStore, data: bytes) -> tuple[str, bytes]:
+        name = at._write_new(data)
+        return name.rpartition(".")[2], (at.folder / name).read_bytes()
+
+    store.replenish()  # under png, the format of none kept yet
+    spare_name = store._spare[0] if store._spare else None
+    assert spare_name is not None
+    assert spare_name.endswith(".png")
+    name = store._write_new(png)
+    assert name == spare_name  # written into the spare
+    assert (store.folder / name).read_bytes() == png
+    assert kept(plain, png) == ("png", png)
+    store._last_format = "png"
+    store.replenish()
+    waiting = store._spare
+    assert waiting is not None
+    assert kept(store, jpeg) == ("jpeg", jpeg)  # another format: a new file, the spare waits
+    assert store._spare == waiting
+    store.replenish()  # one spare at most
+    assert store._spare == waiting
+    os.unlink(store.folder / waiting[0])  # as a sweep would, had it waited past the retention
+    name = store._write_new(png)
+    assert name != waiting[0]  # written anew, under a name of its own
+    assert name.endswith(".png")
+    assert (store.folder / name).read_bytes() == png
+    store.replenish()
+    left = store._spare
+    assert left is not None
+    store.close()
+    assert not (store.folder / left[0]).exists()
+    store.replenish()  # closed: none made after
+    assert spare_of(store) is None
+    assert sorted(p.read_bytes() for p in store.folder.iterdir()) == sorted([png, jpeg, png])
+    assert all(p.stat().st_size for p in store.folder.iterdir())
+
+    gone = FileStore(tmp_path / "gone", 60)
+    gone.folder.rmdir()
+    gone.replenish()  # cannot: no spare, and the write says why, as without one
+    assert gone._spare is None
+    with pytest.raises(OutputError):
+        gone._write_new(png)
+
+
+def test_calls_after_the_first_keep_their_image_in_a_spare_file(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the gateway: each served image is its kept file, the spares are used, and none
+    is left behind once the gateway stops."""
+    from flux_adapters.gateway._files import FileStore
+
+    spares: list[str] = []
+    replenish = FileStore.replenish
+
+    def recording(self: FileStore) -> None:
+        replenish(self)
+        if self._spare is not None and self._spare[0] not in spares:
+            spares.append(self._spare[0])
+
+    monkeypatch.setattr(FileStore, "replenish", recording)
+    names = []
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        client = sdk(gateway, key)
+        for _ in range(4):
+            made = client.images.generate(model="flux-2-pro", prompt="kept").data
+            assert made is not None
+            assert made[0].url is not None
+            served = httpx.get(made[0].url)
+            name = made[0].url.rsplit("/", 1)[1]
+            assert served.status_code == 200
+            assert served.content == (tmp_path / name).read_bytes()
+            Image.open(io.BytesIO(served.content)).load()
+            names.append(name)
+        inline = client.images.generate(
+            model="flux-2-pro", prompt="kept", response_format="b64_json"
+        ).data
+        assert inline is not None
+        assert inline[0].b64_json is not None
+    assert set(names[1:]) <= set(spares)  # the first call made its own (png guessed, jpeg came)
+    kept = sorted(path.name for path in tmp_path.iterdir())
+    assert len(kept) == 5  # the four served, the one inline: no spare left
+    assert set(names) <= set(kept)
+    assert base64.b64decode(inline[0].b64_json) in [(tmp_path / n).read_bytes() for n in kept]
+
+
 def test_every_kind_of_call_ending_gives_back_the_bodies_it_held(
     emulator: Emulator, tmp_path: Path
 ) -> None:

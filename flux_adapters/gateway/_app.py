@@ -24,6 +24,7 @@ from typing import Any, Final
 import anyio
 from attrs import frozen
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -208,6 +209,8 @@ class Gateway:
         self.started = time.time()
         self.base_urls: dict[tuple[object, ...], str] = {}
         """Root URLs of the image links, by what they are made from (`_base_url`)."""
+        self.replenish = BackgroundTask(_replenish, self.files)
+        """Run once an answer is sent: the next kept image's file made (`FileStore.replenish`)."""
 
     def client(self, allowed: tuple[str, ...] | None = None) -> AsyncFluxClient:
         """The client for *allowed* providers (``None``: all), made once."""
@@ -241,6 +244,7 @@ class Gateway:
         if closing is not None and self.keys is not self.state:
             with contextlib.suppress(Exception):
                 await closing()
+        self.files.close()
 
     def models(self, among: tuple[str, ...] | None = None) -> list[str]:
         """Canonical models offered by at least one configured provider (of *among*, if given)."""
@@ -283,6 +287,12 @@ class Gateway:
 
 
 # -- the routes ----------------------------------------------------------------------------------
+
+
+async def _replenish(files: FileStore) -> None:
+    # A coroutine function, so that Starlette runs it right after the answer, in the same
+    # task (not in a thread): creating a file takes no longer than a thread hop would.
+    files.replenish()
 
 
 def _gateway(request: Request) -> Gateway:
@@ -786,7 +796,9 @@ async def _answer(
     if result.request_id:
         headers["x-flux-provider-request-id"] = _header(result.request_id, 256)
     body = {"created": int(time.time()), "data": data}
-    return JSONResponse(body, headers=headers)
+    # No image fetch to follow an inline answer: the next call's file once this one is sent.
+    later = gateway.replenish if response_format == "b64_json" else None
+    return JSONResponse(body, headers=headers, background=later)
 
 
 def _base_url(gateway: Gateway, request: Request) -> str:
@@ -824,6 +836,8 @@ async def files(request: Request) -> Response:
     name = request.path_params["name"]
     path = gateway.files.path(name)
     response = None if path is None else _kept(gateway, path, name)
+    if response is not None:
+        response.background = gateway.replenish  # once this answer is sent
     if response is None:
         answer = openai_error(404, "no such image (or it has expired)", code="not_found")
         response = _json(answer, _request_id())

@@ -12,6 +12,10 @@ needed (on ext4 the two cost as much as the write). A larger one is streamed to 
 temporary name and renamed once complete (`flux_adapters._files.atomic_image`). A gateway
 killed while writing can leave a part-written file under a name nobody was given; the sweep
 removes it after the retention like any other.
+
+Such a file is most often created before the call that fills it, while the gateway is idle
+(`FileStore.replenish`): creating it costs far more than writing it on ext4 where many files
+come and go.
 """
 
 from __future__ import annotations
@@ -48,6 +52,45 @@ class FileStore:
         self._prefix = os.path.join(os.fspath(self.folder), "")
         """The folder's path and a separator: a kept file's path is this and its name (every
         call passes there; pathlib's parsing of a path costs as much as the rest of it)."""
+        self._last_format = "png"
+        """The extension of the image kept last: a spare file is created under it."""
+        self._closed = False
+        self._spare: tuple[str, int] | None = None
+        """A new empty file (its name, open descriptor) for the next image kept (`replenish`)."""
+
+    def replenish(self) -> None:
+        """Create a spare file for the next image kept, unless one is waiting already.
+
+        Creating a file is the costly part of keeping an image (on ext4 in a folder where many
+        files come and go, such as ``/tmp``, 0.1 to 0.8 ms of the kernel's time, against 10 us
+        to write and close it): the gateway calls this once it has served a kept image (or
+        answered with one inline), when it most likely waits for the next request, instead of
+        creating the file in a call while its caller waits. The spare is an empty file under
+        a new random name that nobody is given until an image is written into it; one not
+        used is removed by `close`, or by the sweep if the gateway was stopped without it.
+        """
+        if self._spare is not None or self._closed:
+            return
+        name = f"{secrets.token_urlsafe(24)}.{self._last_format}"
+        with contextlib.suppress(OSError):  # kept images then create their own, and say why
+            self._spare = name, os.open(self._prefix + name, _NEW_FILE, 0o666)
+
+    def _take_spare(self, extension: str) -> tuple[str, int] | None:
+        spare = self._spare
+        if spare is None or spare[0].rpartition(".")[2] != extension:
+            return None
+        self._spare = None
+        return spare
+
+    def close(self) -> None:
+        """Remove the spare file, if any, and make no other."""
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(OSError):
+                os.close(spare[1])
+            with contextlib.suppress(OSError):
+                os.unlink(self._prefix + spare[0])
 
     async def keep(self, image: ResultImage) -> tuple[str, bytes | None]:
         """Store *image* (downloading it now if it is a URL): its file name (in `folder`), bytes.
@@ -61,22 +104,46 @@ class FileStore:
         # The folder is ours (made in __init__) and the name new: `save_async`'s checks of the
         # target (three system calls) would tell nothing; a folder removed since fails as
         # OutputError when the file is created.
-        token = secrets.token_urlsafe(24)
         fetcher = _checking(image._fetcher()) if image.b64_json is None else None
         if fetcher is None:
+            token = secrets.token_urlsafe(24)
             saved = await image._save_async(self.folder / token, add_suffix=True)
             return saved.name, None
         with contextlib.ExitStack() as spill:
-            out = _Gathered(self.folder, token, spill)
+            out = _Gathered(self.folder, spill)
             await fetcher._fetch_async(image._url(), out.write, out.restart)
             if out.file is None:
                 data = b"".join(out.chunks)
-                name = _write_new(self._prefix, token, data)
+                name = self._write_new(data)
+                self._last_format = name.rpartition(".")[2]
                 image._seen(data[:SNIFF_BYTES], len(data))
                 return name, data
         # Spilled to a temporary file, now renamed into place (by atomic_image's exit).
         saved = image._written(out.file)
         return saved.name, None
+
+    def _write_new(self, data: bytes) -> str:
+        """Write *data* to a new file: its name, a new token and its format's extension.
+
+        The file is the spare one if that was created under the same extension (and is still
+        there). It is removed if writing it fails.
+
+        Raises:
+            OutputError: The file cannot be created or written.
+        """
+        extension = image_format(data[:SNIFF_BYTES]) or "bin"
+        spare = self._take_spare(extension)
+        # Removed meanwhile (by a sweep, if it waited longer than the retention): written anew.
+        if spare is not None and _write_closed(spare[1], data, self._prefix + spare[0], True):
+            return spare[0]
+        name = f"{secrets.token_urlsafe(24)}.{extension}"
+        path = self._prefix + name
+        try:
+            fd = os.open(path, _NEW_FILE, 0o666)
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc), path=path) from exc
+        _write_closed(fd, data, path)
+        return name
 
     def path(self, name: str) -> str | None:
         """Where the file for *name* would be; ``None`` for a name this store never makes.
@@ -109,9 +176,8 @@ class FileStore:
 class _Gathered:
     """Where a download goes: memory up to `_IN_MEMORY` bytes, then an `atomic_image` file."""
 
-    def __init__(self, folder: Path, token: str, spill: contextlib.ExitStack) -> None:
+    def __init__(self, folder: Path, spill: contextlib.ExitStack) -> None:
         self._folder = folder
-        self._token = token
         self._spill = spill
         self.chunks: list[bytes] = []
         self.size = 0
@@ -125,7 +191,7 @@ class _Gathered:
         self.size += len(data)
         if self.size > _IN_MEMORY:
             self.file = self._spill.enter_context(
-                atomic_image(self._folder / self._token, add_suffix=True)
+                atomic_image(self._folder / secrets.token_urlsafe(24), add_suffix=True)
             )
             for chunk in self.chunks:
                 self.file.write(chunk)
@@ -138,29 +204,23 @@ class _Gathered:
         self.size = 0
 
 
-def _write_new(prefix: str, token: str, data: bytes) -> str:
-    """Write *data* to a new file *token* plus its format's extension in *prefix*; its name.
+def _write_closed(fd: int, data: bytes, path: str, linked: bool = False) -> bool:
+    """Write *data* to *fd*, the new file *path*, and close it; it is removed if that fails.
 
-    The file is removed if writing it fails.
+    With *linked*, whether the file still has a name (else ``True``).
 
     Raises:
-        OutputError: The file cannot be created or written.
+        OutputError: *data* could not be written.
     """
-    name = f"{token}.{image_format(data[:SNIFF_BYTES]) or 'bin'}"
-    path = prefix + name
-    try:
-        fd = os.open(path, _NEW_FILE, 0o666)
-    except OSError as exc:
-        raise OutputError(exc.strerror or str(exc), path=path) from exc
     try:
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            return not linked or os.fstat(fd).st_nlink > 0
         finally:
             os.close(fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise OutputError(exc.strerror or str(exc), path=path) from exc
-    return name
