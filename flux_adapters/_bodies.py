@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Final
 
@@ -117,18 +118,41 @@ def _file_chunks(image: FileImage) -> Iterator[bytes]:
             it had: raised before its last slice is produced, so a body with it never completes.
     """
     size, encode = image.info.byte_size, _b64encode()
-    # FileImage.open refuses anything but a regular file, without blocking: the path may have
-    # become a FIFO or a device since the request was built.
-    with image.open() as stream:
+    # Refuses anything but a regular file, without blocking: the path may have become a FIFO or
+    # a device since the request was built. Read with os.read, not through a file object.
+    descriptor = image._descriptor()
+    try:
         for start, length in _slices(size):
-            data = stream.read(length)
+            data = _read_exactly(descriptor, length)
             if len(data) != length:
                 raise _changed(image, f"{start + len(data)} bytes instead of {size}")
-            if start + length == size and stream.read(1):
+            if start + length == size and os.read(descriptor, 1):
                 raise _changed(image, f"more than {size} bytes")
             encoded = encode(data)
             del data  # only the base64 stays in memory while it is sent
             yield encoded
+    finally:
+        os.close(descriptor)
+
+
+def _read_exactly(descriptor: int, length: int) -> bytes:
+    """*length* bytes read from *descriptor*, or fewer at the file's end.
+
+    One ``read`` of the exact size, as a regular file gives it; a read that returns less (the
+    end, or a signal) is followed by more until the end.
+    """
+    data = os.read(descriptor, length)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.read(descriptor, length - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _payload_chunks(image: LocalImage) -> Iterator[bytes]:
