@@ -14,9 +14,12 @@ from hypothesis import strategies as st
 
 from flux_adapters import EditRequest
 from flux_adapters._bodies import (
+    _MARK,
     _ONE_SLICE,
     _READ_SIZE,
+    Segment,
     StreamedJson,
+    _flattened,
     json_segments,
     segments_length,
 )
@@ -162,6 +165,59 @@ def test_a_body_is_sent_as_json_dumps_writes_it(value: dict[str, object], bare: 
         EditRequest(prompt="p", model="flux-2-pro", images=[PNG]).images[0], bare=bare
     )
     body = JsonBody(_with_images(value, image))  # type: ignore[arg-type]
+    streamed, _ = sent(body)
+    expected = json.dumps(body.materialize(), ensure_ascii=False, separators=(",", ":"))
+    assert streamed == expected.encode("utf-8")
+
+
+def _images_of(segments: list[Segment]) -> list[Segment]:
+    return [segment for segment in segments if not isinstance(segment, bytes)]
+
+
+@given(st.dictionaries(_keys, _values, max_size=5), st.booleans(), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_a_body_is_cut_into_the_same_segments_in_one_pass_or_value_by_value(
+    value: dict[str, object], bare: bool, as_data_url: bool
+) -> None:
+    """json_segments' one encoding gives the segments the value-by-value flattening gives."""
+    source = "data:image/png;base64," + base64.b64encode(PNG).decode() if as_data_url else PNG
+    image = json_image(
+        EditRequest(prompt="p", model="flux-2-pro", images=[source]).images[0], bare=bare
+    )
+    assert isinstance(image, ImageValue)
+    body = JsonBody(_with_images(value, image))  # type: ignore[arg-type]
+    segments = json_segments(body)
+    assert segments == _flattened(body.value)
+    assert all(segment is image.image for segment in _images_of(segments))
+
+
+# Text that holds the mark json_segments writes for an image, whole or within a value or a key.
+_MARKED = [_MARK, f"a{_MARK}", f'"{_MARK}', f"{_MARK}\\", f'x"{_MARK}"y', _MARK * 2]
+
+
+@pytest.mark.parametrize("text", _MARKED)
+@pytest.mark.parametrize("given", ["path", "bytes", "data URL"])
+@pytest.mark.parametrize("where", ["value", "key", "in a list"])
+def test_a_body_whose_text_holds_the_image_mark_is_still_sent_as_json_dumps_writes_it(
+    text: str, given: str, where: str, tmp_path: Path
+) -> None:
+    source: bytes | str | Path = PNG
+    if given == "path":
+        source = tmp_path / "image.png"
+        source.write_bytes(PNG)
+    elif given == "data URL":
+        source = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    [image] = EditRequest(prompt="p", model="flux-2-pro", images=[source]).images
+    marks: dict[str, dict[str, object]] = {
+        "value": {"prompt": text},
+        "key": {text: 1},
+        "in a list": {"list": [text, json_image(image)]},
+    }
+    marked = marks[where]
+    body = JsonBody({"a": json_image(image), **marked, "b": json_image(image, bare=True)})  # type: ignore[dict-item]
+    segments = json_segments(body)
+    assert segments == _flattened(body.value)
+    assert len(_images_of(segments)) == 2 + (where == "in a list")
     streamed, _ = sent(body)
     expected = json.dumps(body.materialize(), ensure_ascii=False, separators=(",", ":"))
     assert streamed == expected.encode("utf-8")
