@@ -504,20 +504,19 @@ the file system's clock leaves its times as they were (git's "racily clean" file
 
 
 def _from_path(path: Path) -> FileImage | _Unreadable:
-    text = str(path)
-    shown = _short_path(text)
+    text = str(path)  # shown (`_short_path`) only in an error: every edit names its files
     if "\0" in text:
-        return _Unreadable(shown, "path contains a NUL character", "a path without NUL")
+        return _Unreadable(_short_path(text), "path contains a NUL character", "a path without NUL")
     at = _surrogate_at(text)
     if at is not None:
         return _Unreadable(
-            shown,
+            _short_path(text),
             f"path has a lone surrogate at index {at}: the name is not valid UTF-8; rename it",
             "a path in valid Unicode",
         )
     opened = _regular_descriptor(path)
     if isinstance(opened, _Refused):
-        return _Unreadable(shown, opened.problem, opened.limit)
+        return _Unreadable(_short_path(text), opened.problem, opened.limit)
     descriptor, status = opened
     key = (
         text,
