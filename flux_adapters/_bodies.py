@@ -1,6 +1,6 @@
 """Turn body descriptions into bytes on the wire, streamed, with the length known up front.
 
-A JSON body is flattened once into segments: runs of already-encoded JSON text and the local
+A JSON body is encoded once into segments: runs of already-encoded JSON text and the local
 images whose base64 goes between them (a data URL's ``data:image/...;base64,`` head goes with
 the text before it, so each image is one run of base64 between two runs of text). While
 sending, each image is read and base64-encoded slice by slice, so eight 20 MB images never sit
@@ -8,8 +8,9 @@ in memory as one 213 MB string, and httpx is never handed one large ``bytes`` ob
 httpx 0.28 sends slowly).
 
 A file is read as it was measured: exactly ``byte_size`` bytes, each slice with one ``read``
-of its exact size (a read of more than is left allocates the larger size first), and a file
-that is shorter or longer by then stops the body before its last slice goes out.
+of its exact size (a read of more than is left allocates the larger size first) on the
+descriptor `FileImage` opened and checked (no Python file object), and a file that is shorter
+or longer by then stops the body before its last slice goes out.
 """
 
 from __future__ import annotations
