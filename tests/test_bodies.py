@@ -195,7 +195,11 @@ def test_a_body_is_cut_into_the_same_segments_in_one_pass_or_value_by_value(
 _MARKED = [_MARK, f"a{_MARK}", f'"{_MARK}', f"{_MARK}\\", f'x"{_MARK}"y', _MARK * 2]
 
 
-@pytest.mark.parametrize("text", _MARKED)
+@pytest.mark.parametrize(
+    "text",
+    _MARKED,
+    ids=["whole", "after a letter", "after a quote", "before a backslash", "quoted", "twice"],
+)
 @pytest.mark.parametrize("given", ["path", "bytes", "data URL"])
 @pytest.mark.parametrize("where", ["value", "key", "in a list"])
 def test_a_body_whose_text_holds_the_image_mark_is_still_sent_as_json_dumps_writes_it(
