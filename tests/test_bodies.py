@@ -225,3 +225,24 @@ def test_a_body_whose_text_holds_the_image_mark_is_still_sent_as_json_dumps_writ
     streamed, _ = sent(body)
     expected = json.dumps(body.materialize(), ensure_ascii=False, separators=(",", ":"))
     assert streamed == expected.encode("utf-8")
+
+
+@pytest.mark.parametrize("size", [len(PNG), _READ_SIZE + 1, 3 * _READ_SIZE])
+def test_a_file_read_in_short_reads_still_goes_out_whole(
+    size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read may return less than asked (a signal, a network file system): the rest is read."""
+    import os
+
+    data = picture(size)
+    path = tmp_path / "image.png"
+    path.write_bytes(data)
+    [image] = EditRequest(prompt="p", model="flux-2-pro", images=[path]).images
+    body = JsonBody({"input_image": json_image(image), "n": 1})
+    whole, _ = sent(body)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 1000)))
+    streamed, _ = sent(body)
+    assert streamed == whole
+    _, _, payload = json.loads(streamed)["input_image"].partition(",")
+    assert base64.b64decode(payload, validate=True) == data
