@@ -1,6 +1,6 @@
 """Turn body descriptions into bytes on the wire, streamed, with the length known up front.
 
-A JSON body is flattened once into segments: runs of already-encoded JSON text and the local
+A JSON body is encoded once into segments: runs of already-encoded JSON text and the local
 images whose base64 goes between them (a data URL's ``data:image/...;base64,`` head goes with
 the text before it, so each image is one run of base64 between two runs of text). While
 sending, each image is read and base64-encoded slice by slice, so eight 20 MB images never sit
@@ -8,19 +8,23 @@ in memory as one 213 MB string, and httpx is never handed one large ``bytes`` ob
 httpx 0.28 sends slowly).
 
 A file is read as it was measured: exactly ``byte_size`` bytes, each slice with one ``read``
-of its exact size (a read of more than is left allocates the larger size first), and a file
-that is shorter or longer by then stops the body before its last slice goes out.
+of its exact size (a read of more than is left allocates the larger size first) on the
+descriptor `FileImage` opened and checked (no Python file object), and a file that is shorter
+or longer by then stops the body before its last slice goes out.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Final
 
 import httpx
 
+from flux_adapters._files import MEDIA_TYPES
 from flux_adapters.errors import RequestError, Violation
 from flux_adapters.request import DataUrlImage, FileImage, LocalImage
 from flux_adapters.wire import ImageValue, JsonBody, JsonValue
@@ -54,15 +58,22 @@ def _b64encode() -> Callable[[bytes | memoryview], bytes]:
     return encode
 
 
+_PREFIXES: Final = {
+    found: f"data:{media_type};base64,".encode("ascii") for found, media_type in MEDIA_TYPES.items()
+}
+"""The ``data:`` head of a local image of each format (`ImageInfo.media_type`'s)."""
+_OCTET_PREFIX: Final = b"data:application/octet-stream;base64,"
+
+
 def _prefix(image: LocalImage) -> bytes:
-    return f"data:{image.info.media_type};base64,".encode("ascii")
+    return _PREFIXES.get(image.info.format or "", _OCTET_PREFIX)
 
 
 def _head(value: ImageValue) -> bytes:
     """The text sent before *value*'s base64 payload: its data URL head, or nothing when bare."""
-    image = value.image
     if value.bare:
         return b""
+    image = value.image
     if isinstance(image, DataUrlImage):
         return image.data_url[: image.payload_offset].encode("ascii")
     return _prefix(image)
@@ -117,18 +128,41 @@ def _file_chunks(image: FileImage) -> Iterator[bytes]:
             it had: raised before its last slice is produced, so a body with it never completes.
     """
     size, encode = image.info.byte_size, _b64encode()
-    # FileImage.open refuses anything but a regular file, without blocking: the path may have
-    # become a FIFO or a device since the request was built.
-    with image.open() as stream:
+    # Refuses anything but a regular file, without blocking: the path may have become a FIFO or
+    # a device since the request was built. Read with os.read, not through a file object.
+    descriptor = image._descriptor()
+    try:
         for start, length in _slices(size):
-            data = stream.read(length)
+            data = _read_exactly(descriptor, length)
             if len(data) != length:
                 raise _changed(image, f"{start + len(data)} bytes instead of {size}")
-            if start + length == size and stream.read(1):
+            if start + length == size and os.read(descriptor, 1):
                 raise _changed(image, f"more than {size} bytes")
             encoded = encode(data)
             del data  # only the base64 stays in memory while it is sent
             yield encoded
+    finally:
+        os.close(descriptor)
+
+
+def _read_exactly(descriptor: int, length: int) -> bytes:
+    """*length* bytes read from *descriptor*, or fewer at the file's end.
+
+    One ``read`` of the exact size, as a regular file gives it; a read that returns less (the
+    end, or a signal) is followed by more until the end.
+    """
+    data = os.read(descriptor, length)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.read(descriptor, length - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _payload_chunks(image: LocalImage) -> Iterator[bytes]:
@@ -251,21 +285,82 @@ def _flatten(value: JsonValue, out: list[Segment]) -> None:
         out.append(_encode_scalar(value))
 
 
+_MARK: Final = f"\0{os.urandom(8).hex()}\0"
+"""The text `json_segments`' encoder writes in an image's place: a random word between two NUL
+characters, which JSON writes as ``\\u0000``. A body whose own text holds it is not mistaken
+for images: the marks found then outnumber the images met, and the body is flattened instead."""
+
+
+class _Met(threading.local):
+    """The images `json_segments`' encoder met, in order, in this thread."""
+
+    images: list[ImageValue]
+
+
+_met: Final = _Met()
+
+
+def _mark_image(value: object) -> object:
+    """The marking encoder's hook: an image is noted and written as `_MARK`; else a `TypeError`."""
+    if isinstance(value, ImageValue):
+        _met.images.append(value)
+        return _MARK
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_MARKING: Final = compiled_encoder(
+    json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_mark_image)
+)
+"""`_JSON`'s text, with each image written as `_MARK` (and noted in `_met`)."""
+_MARK_JSON: Final = _MARKING(_MARK)
+"""`_MARK` as the encoder writes it: ``"\\u0000...\\u0000"``, quotes included."""
+
+
 def json_segments(body: JsonBody) -> list[Segment]:
     """Flatten *body* into encoded JSON text runs and the images between them.
+
+    The body is encoded once, each image written as `_MARK`, and the text cut at the marks
+    (the text before an image ends with its opening quote and its data URL's head). A body
+    whose own text holds a mark is flattened value by value instead (`_flattened`): the same
+    segments either way.
 
     Raises:
         TypeError: A value JSON has no form for (a set, say): the adapter's mistake.
         ValueError: The body holds itself, or nests deeper than Python can encode.
     """
+    images: list[ImageValue] = []
+    _met.images = images
     try:
-        try:
-            # The common case (text-to-image, URL references): one encoding, the same bytes.
-            return [_JSON(body.value).encode("utf-8")]
-        except _ImageMet:
-            pass
-        raw: list[Segment] = []
-        _flatten(body.value, raw)
+        text = _MARKING(body.value)
+    except RecursionError:
+        raise ValueError("the body holds itself, or nests too deeply for JSON") from None
+    finally:
+        _met.images = []
+    if not images:
+        # The common case (text-to-image, URL references): one run of text.
+        return [text.encode("utf-8")]
+    runs = text.split(_MARK_JSON)
+    if len(runs) != len(images) + 1:
+        return _flattened(body.value)  # the body's own text holds a mark
+    segments: list[Segment] = []
+    before = runs[0]
+    for value, after in zip(images, runs[1:], strict=True):
+        segments += [(before + '"').encode("utf-8") + _head(value), value.image]
+        before = '"' + after
+    segments.append(before.encode("utf-8"))
+    return segments
+
+
+def _flattened(value: JsonValue) -> list[Segment]:
+    """`json_segments` value by value: for a body whose text holds `_MARK`.
+
+    Raises:
+        TypeError: As `json_segments`.
+        ValueError: As `json_segments`.
+    """
+    raw: list[Segment] = []
+    try:
+        _flatten(value, raw)
     except RecursionError:
         raise ValueError("the body holds itself, or nests too deeply for JSON") from None
     merged: list[Segment] = []

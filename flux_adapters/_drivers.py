@@ -341,7 +341,7 @@ class AsyncDriver(Protocol):
 
 
 def _closed(http_is_yours: bool) -> ClientClosedError:
-    # The client replaces this with its own message (flux_adapters.client, _closed_mapped).
+    # The client replaces this with its own message (flux_adapters.client, _closed_instead).
     what = "the httpx client" if http_is_yours else "the connection pool"
     return ClientClosedError(f"{what} is closed; nothing was sent")
 

@@ -20,7 +20,6 @@ caps each phase's timeout at it.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import math
@@ -314,22 +313,45 @@ def bounded_http_client() -> httpx.Client:
     return client
 
 
-@contextlib.contextmanager
-def bounded_by(ends: float, provider: str, deadline: float) -> Iterator[None]:
+def bounded_by(ends: float, provider: str, deadline: float) -> _BoundedBy:
     """End the exchange in this block at *ends* (`time.monotonic`): a `Timeout` after it.
 
     Sockets of a `bounded_http_client` wait no longer than the time left. A connect, pool or
     write timeout at the deadline stays what it is: it proves the request was not sent whole.
     """
-    token = ENDS.set(ends)
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        if time.monotonic() < ends or proves_not_sent(exc):
-            raise
-        raise deadline_error(provider, deadline) from exc
-    finally:
-        ENDS.reset(token)
+    return _BoundedBy(ends, provider, deadline)
+
+
+class _BoundedBy:
+    """`bounded_by`'s ``with`` block, written out.
+
+    Not made by ``contextlib.contextmanager``: every sync exchange and download goes through
+    one, and the generator and its wrapper cost more than the block's own work.
+    """
+
+    __slots__ = ("_deadline", "_ends", "_provider", "_token")
+
+    def __init__(self, ends: float, provider: str, deadline: float) -> None:
+        self._ends = ends
+        self._provider = provider
+        self._deadline = deadline
+
+    def __enter__(self) -> None:
+        self._token = ENDS.set(self._ends)
+
+    def __exit__(
+        self, kind: object, exc: BaseException | None, traceback: object
+    ) -> Literal[False]:
+        try:
+            if (
+                isinstance(exc, httpx.TimeoutException)
+                and time.monotonic() >= self._ends
+                and not proves_not_sent(exc)
+            ):
+                raise deadline_error(self._provider, self._deadline) from exc
+        finally:
+            ENDS.reset(self._token)
+        return False
 
 
 def send_within(

@@ -928,17 +928,6 @@ class _ClientBase:
             return error
         return exc
 
-    @contextlib.contextmanager
-    def _closed_mapped(self) -> Generator[None, None, None]:
-        """`_closed_instead` over a block."""
-        try:
-            yield
-        except RuntimeError as exc:
-            instead = self._closed_instead(exc)
-            if instead is exc:
-                raise
-            raise instead from exc
-
     @classmethod
     def from_env(
         cls,
@@ -1623,8 +1612,13 @@ class FluxClient(_ClientBase):
                 # judged by its status. A caller's client-level auth never replaces the
                 # provider's key. A server dripping its headers cannot hold the call past the
                 # deadline.
-                with self._closed_mapped():
+                try:
                     response = send_within(self._http, request, ends, name, seconds)
+                except RuntimeError as exc:
+                    instead = self._closed_instead(exc)
+                    if instead is exc:
+                        raise
+                    raise instead from exc
                 try:
                     body = AnswerBody(response, name, seconds, ends, binding.scrub)
                     try:

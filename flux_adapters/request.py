@@ -284,12 +284,30 @@ class FileImage:
         Raises:
             RequestError: The path is no longer a readable regular file.
         """
-        opened = _open_regular(self.path)
-        if isinstance(opened, tuple):
-            problem, limit = opened
+        descriptor = self._descriptor()
+        try:
+            # O_NONBLOCK stays set: it has no effect on a regular file. The caller closes it.
+            return open(descriptor, "rb")
+        except BaseException:
+            os.close(descriptor)
+            raise
+
+    def _descriptor(self) -> int:
+        """`open`'s checks, without a file object: the open descriptor, for the caller to close.
+
+        The body of a JSON request reads it with ``os.read`` (a Python file object costs three
+        system calls and as many instructions as the checks themselves).
+
+        Raises:
+            RequestError: The path is no longer a readable regular file.
+        """
+        opened = _regular_descriptor(self.path)
+        if isinstance(opened, _Refused):
             shown = self.describe()
-            raise RequestError([Violation("images", f"{shown} {problem}", limit, shown)])
-        return opened
+            raise RequestError(
+                [Violation("images", f"{shown} {opened.problem}", opened.limit, shown)]
+            )
+        return opened[0]
 
 
 @frozen
@@ -436,25 +454,6 @@ def _os_problem(error: OSError) -> tuple[str, str]:
     return reasons.get(error.errno or 0, fallback)
 
 
-def _open_regular(path: Path) -> BinaryIO | tuple[str, str]:
-    """Open *path* for reading when it is a regular file; else say why not as (problem, limit).
-
-    The path is looked at first (``stat``), so a device or FIFO is never opened at all; the
-    open itself cannot block (``O_NONBLOCK``) and its descriptor is checked again (``fstat``),
-    so a path swapped in between is refused too.
-    """
-    opened = _regular_descriptor(path)
-    if isinstance(opened, _Refused):
-        return opened.problem, opened.limit
-    descriptor = opened[0]
-    try:
-        # O_NONBLOCK stays set: it has no effect on a regular file. The caller closes the stream.
-        return open(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
-
-
 class _Refused(NamedTuple):
     """Why a path is not opened as a regular file."""
 
@@ -463,7 +462,12 @@ class _Refused(NamedTuple):
 
 
 def _regular_descriptor(path: Path) -> tuple[int, os.stat_result] | _Refused:
-    """`_open_regular`'s checks and open: the open descriptor and its ``fstat``, or why not."""
+    """Open *path* for reading when it is a regular file: the descriptor and its ``fstat``.
+
+    Else why not (`_Refused`). The path is looked at first (``stat``), so a device or FIFO is
+    never opened at all; the open itself cannot block (``O_NONBLOCK``) and its descriptor is
+    checked again (``fstat``), so a path swapped in between is refused too.
+    """
     try:
         found = _not_regular(os.stat(path).st_mode)
         if found is not None:
@@ -500,20 +504,19 @@ the file system's clock leaves its times as they were (git's "racily clean" file
 
 
 def _from_path(path: Path) -> FileImage | _Unreadable:
-    text = str(path)
-    shown = _short_path(text)
+    text = str(path)  # shown (`_short_path`) only in an error: every edit names its files
     if "\0" in text:
-        return _Unreadable(shown, "path contains a NUL character", "a path without NUL")
+        return _Unreadable(_short_path(text), "path contains a NUL character", "a path without NUL")
     at = _surrogate_at(text)
     if at is not None:
         return _Unreadable(
-            shown,
+            _short_path(text),
             f"path has a lone surrogate at index {at}: the name is not valid UTF-8; rename it",
             "a path in valid Unicode",
         )
     opened = _regular_descriptor(path)
     if isinstance(opened, _Refused):
-        return _Unreadable(shown, opened.problem, opened.limit)
+        return _Unreadable(_short_path(text), opened.problem, opened.limit)
     descriptor, status = opened
     key = (
         text,

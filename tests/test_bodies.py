@@ -14,9 +14,12 @@ from hypothesis import strategies as st
 
 from flux_adapters import EditRequest
 from flux_adapters._bodies import (
+    _MARK,
     _ONE_SLICE,
     _READ_SIZE,
+    Segment,
     StreamedJson,
+    _flattened,
     json_segments,
     segments_length,
 )
@@ -165,3 +168,81 @@ def test_a_body_is_sent_as_json_dumps_writes_it(value: dict[str, object], bare: 
     streamed, _ = sent(body)
     expected = json.dumps(body.materialize(), ensure_ascii=False, separators=(",", ":"))
     assert streamed == expected.encode("utf-8")
+
+
+def _images_of(segments: list[Segment]) -> list[Segment]:
+    return [segment for segment in segments if not isinstance(segment, bytes)]
+
+
+@given(st.dictionaries(_keys, _values, max_size=5), st.booleans(), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_a_body_is_cut_into_the_same_segments_in_one_pass_or_value_by_value(
+    value: dict[str, object], bare: bool, as_data_url: bool
+) -> None:
+    """json_segments' one encoding gives the segments the value-by-value flattening gives."""
+    source = "data:image/png;base64," + base64.b64encode(PNG).decode() if as_data_url else PNG
+    image = json_image(
+        EditRequest(prompt="p", model="flux-2-pro", images=[source]).images[0], bare=bare
+    )
+    assert isinstance(image, ImageValue)
+    body = JsonBody(_with_images(value, image))  # type: ignore[arg-type]
+    segments = json_segments(body)
+    assert segments == _flattened(body.value)
+    assert all(segment is image.image for segment in _images_of(segments))
+
+
+# Text that holds the mark json_segments writes for an image, whole or within a value or a key.
+_MARKED = [_MARK, f"a{_MARK}", f'"{_MARK}', f"{_MARK}\\", f'x"{_MARK}"y', _MARK * 2]
+
+
+@pytest.mark.parametrize(
+    "text",
+    _MARKED,
+    ids=["whole", "after a letter", "after a quote", "before a backslash", "quoted", "twice"],
+)
+@pytest.mark.parametrize("given", ["path", "bytes", "data URL"])
+@pytest.mark.parametrize("where", ["value", "key", "in a list"])
+def test_a_body_whose_text_holds_the_image_mark_is_still_sent_as_json_dumps_writes_it(
+    text: str, given: str, where: str, tmp_path: Path
+) -> None:
+    source: bytes | str | Path = PNG
+    if given == "path":
+        source = tmp_path / "image.png"
+        source.write_bytes(PNG)
+    elif given == "data URL":
+        source = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    [image] = EditRequest(prompt="p", model="flux-2-pro", images=[source]).images
+    marks: dict[str, dict[str, object]] = {
+        "value": {"prompt": text},
+        "key": {text: 1},
+        "in a list": {"list": [text, json_image(image)]},
+    }
+    marked = marks[where]
+    body = JsonBody({"a": json_image(image), **marked, "b": json_image(image, bare=True)})  # type: ignore[dict-item]
+    segments = json_segments(body)
+    assert segments == _flattened(body.value)
+    assert len(_images_of(segments)) == 2 + (where == "in a list")
+    streamed, _ = sent(body)
+    expected = json.dumps(body.materialize(), ensure_ascii=False, separators=(",", ":"))
+    assert streamed == expected.encode("utf-8")
+
+
+@pytest.mark.parametrize("size", [len(PNG), _READ_SIZE + 1, 3 * _READ_SIZE])
+def test_a_file_read_in_short_reads_still_goes_out_whole(
+    size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read may return less than asked (a signal, a network file system): the rest is read."""
+    import os
+
+    data = picture(size)
+    path = tmp_path / "image.png"
+    path.write_bytes(data)
+    [image] = EditRequest(prompt="p", model="flux-2-pro", images=[path]).images
+    body = JsonBody({"input_image": json_image(image), "n": 1})
+    whole, _ = sent(body)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 1000)))
+    streamed, _ = sent(body)
+    assert streamed == whole
+    _, _, payload = json.loads(streamed)["input_image"].partition(",")
+    assert base64.b64decode(payload, validate=True) == data
