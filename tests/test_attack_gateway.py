@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -703,3 +704,36 @@ def _raised(call: Callable[[], object]) -> BaseException | None:
     except BaseException as exc:  # the test looks at what came out
         return exc
     return None
+
+
+def test_a_spare_file_the_sweep_judged_expired_is_not_given_an_image(tmp_path: Path) -> None:
+    # The spare file is made ahead and may wait, empty, for longer than the retention while the
+    # gateway is idle. The sweep (in a worker thread) reads each file's age and then removes
+    # it: had the spare been written between the two, the answer linked a file the sweep then
+    # removed, and a paid image was lost. A spare that old is not used.
+    from flux_adapters.gateway._files import FileStore
+
+    store = FileStore(tmp_path, 60)
+    store.replenish()
+    spare = next(tmp_path.iterdir())
+    past = time.time() - 120  # idle for two retentions
+    os.utime(spare, (past, past))
+    judged, written = threading.Event(), threading.Event()
+    unlink = os.unlink
+
+    def slow_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(path) == os.fspath(spare) and threading.current_thread() is sweeper:
+            judged.set()  # the sweep has read the spare's age and is about to remove it
+            written.wait(10)
+        unlink(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "unlink", slow_unlink)
+        sweeper = threading.Thread(target=store.sweep)
+        sweeper.start()
+        assert judged.wait(10)
+        name = store._write_new(image_bytes())
+        written.set()
+        sweeper.join(10)
+    assert (tmp_path / name).read_bytes() == image_bytes()
+    store.close()

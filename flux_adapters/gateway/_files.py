@@ -21,6 +21,7 @@ come and go.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import secrets
@@ -67,7 +68,9 @@ class FileStore:
         answered with one inline), when it most likely waits for the next request, instead of
         creating the file in a call while its caller waits. The spare is an empty file under
         a new random name that nobody is given until an image is written into it; one not
-        used is removed by `close`, or by the sweep if the gateway was stopped without it.
+        used is removed by `close`, or by the sweep if the gateway was stopped without it. One
+        that waited over half the retention is removed instead of used: the sweep, reading its
+        age in another thread, could remove it just after an image went in.
         """
         if self._spare is not None or self._closed:
             return
@@ -80,7 +83,19 @@ class FileStore:
         if spare is None or spare[0].rpartition(".")[2] != extension:
             return None
         self._spare = None
-        return spare
+        try:
+            age = time.time() - os.fstat(spare[1]).st_mtime
+        except OSError:
+            age = math.inf
+        if age <= self.retention / 2:
+            return spare
+        # Waited long enough for the sweep (in a worker thread) to judge it expired: the sweep
+        # may have read its age already and remove it right after it is written. Not used.
+        with contextlib.suppress(OSError):
+            os.close(spare[1])
+        with contextlib.suppress(OSError):
+            os.unlink(self._prefix + spare[0])
+        return None
 
     def close(self) -> None:
         """Remove the spare file, if any, and make no other."""
