@@ -170,9 +170,21 @@ class _Body(Payload):
             self.error = error
             self.abort()
             raise
+        finally:
+            self.close_chunks()
         clock = self._clock
         if clock is not None and self.complete:
             clock.read_from = clock.now()
+
+    def close_chunks(self) -> None:
+        """Close what the slices come from (a file being read), if left part-way.
+
+        A write that fails leaves the generator suspended, its file open, for as long as the
+        error is kept (its traceback holds this body).
+        """
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
 
     def abort(self) -> None:
         """Drop the connection this body was going out on, unless it went out whole.

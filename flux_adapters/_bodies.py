@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Final
 
 import httpx
@@ -377,7 +377,7 @@ def segments_length(segments: list[Segment]) -> int:
     return sum(len(s) if isinstance(s, bytes) else _payload_length(s) for s in segments)
 
 
-def segment_chunks(segments: list[Segment]) -> Iterator[bytes]:
+def segment_chunks(segments: list[Segment]) -> Generator[bytes, None, None]:
     """The bytes *segments* encode to, in slices (images read and encoded as they go)."""
     for segment in segments:
         if isinstance(segment, bytes):
@@ -396,10 +396,23 @@ class StreamedJson(httpx.SyncByteStream, httpx.AsyncByteStream):
 
     def __init__(self, segments: list[Segment]) -> None:
         self._segments = segments
+        self._started: list[Generator[bytes, None, None]] = []
 
     def __iter__(self) -> Iterator[bytes]:
-        return segment_chunks(self._segments)
+        chunks = segment_chunks(self._segments)
+        self._started.append(chunks)
+        return chunks
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in segment_chunks(self._segments):
+        for chunk in self.__iter__():
             yield chunk
+
+    def close(self) -> None:
+        """Close the file being read, if the body was left part-sent.
+
+        A transport that fails mid-body leaves the body's generator suspended, its file open,
+        for as long as its error is kept (the traceback holds it): the sender closes the body.
+        """
+        started, self._started = self._started, []
+        for chunks in started:
+            chunks.close()

@@ -283,6 +283,8 @@ def _httpx_request(
                 exchange.method, url, headers=headers, content=segments[0], timeout=timeout
             )
         length = str(segments_length(segments))
+        stream = StreamedJson(segments)
+        files.callback(stream.close)  # a body left part-sent: its file closed with the call
         if isinstance(http, httpx.Client):
             # One request, the body an iterable of known length: httpx sends it as it comes
             # (as ``content=`` a generator of one's own), with this Content-Length.
@@ -290,7 +292,7 @@ def _httpx_request(
                 exchange.method,
                 url,
                 headers={**headers, "Content-Length": length},
-                content=StreamedJson(segments),
+                content=stream,
                 timeout=timeout,
             )
         # build_request applies the caller's client defaults; a fresh Request then carries the
@@ -303,7 +305,7 @@ def _httpx_request(
             base.method,
             base.url,
             headers=base.headers,
-            stream=StreamedJson(segments),
+            stream=stream,
             extensions=base.extensions,
         )
     return http.build_request(exchange.method, url, headers=headers, timeout=timeout)

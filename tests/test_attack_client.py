@@ -8,8 +8,11 @@ servers are `httpx.MockTransport` handlers or raw sockets on loopback; nothing l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import gc
 import json
+import os
 import socket
 import threading
 import time
@@ -1100,3 +1103,127 @@ def test_an_answer_cut_short_after_its_head_keeps_the_providers_request_id(
     assert caught.value.sent is True
     assert caught.value.request_id == "req-7"
     assert caught.value.response_headers.get("x-request-id") == "req-7"
+
+
+# --- a send that fails part-way closes the image file it was reading ------------------------
+
+
+def reset_mid_body(connection: socket.socket, head: bytes) -> None:
+    """Take part of the request's body, then reset the connection."""
+    import struct
+
+    taken = 0
+    while taken < 200_000:
+        received = connection.recv(65536)
+        if not received:
+            return
+        taken += len(received)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def open_descriptors_of(path: Path) -> int:
+    """How many of this process's descriptors are open on *path*."""
+    found = 0
+    for entry in os.scandir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found += os.readlink(entry.path) == str(path)
+    return found
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    """The garbage collector off: a file must be closed when the call ends, not when it runs."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def large_image(tmp_path: Path) -> Path:
+    """A PNG of 3 MB: several slices of the JSON body's base64."""
+    path = tmp_path / "large.png"
+    path.write_bytes(PNG + bytes(3_000_000))
+    return path
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@every
+@pytest.mark.usefixtures("no_collector")
+def test_a_send_cut_short_does_not_keep_the_image_file_open(
+    kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server], tmp_path: Path
+) -> None:
+    # With aiohttp the body's generator stayed suspended, its file open, for as long as the
+    # error was kept (its traceback holds the body): a batch keeping its failures ran out of
+    # descriptors ("Too many open files") and then refused every image.
+    image = large_image(tmp_path)
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[image])
+    server = serve(reset_mid_body)
+    failures: list[BaseException] = []
+
+    async def main() -> None:
+        async with AsyncFluxClient(
+            "laozhang", api_key=KEY, base_url=server.url, driver=driver(kind), max_retries=0
+        ) as client:
+            for _ in range(3):
+                with pytest.raises(errors.TransportError) as caught:
+                    await client.edit(request)
+                failures.append(caught.value)
+                assert open_descriptors_of(image) == 0
+
+    if kind == "sync":
+        with FluxClient("laozhang", api_key=KEY, base_url=server.url, max_retries=0) as client:
+            for _ in range(3):
+                with pytest.raises(errors.TransportError) as caught:
+                    client.edit(request)
+                failures.append(caught.value)
+                assert open_descriptors_of(image) == 0
+    else:
+        asyncio.run(main())
+
+
+class _TakesPartThenFails(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """A caller's transport that reads the first slice of the body, then fails."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.SyncByteStream)
+        chunks = iter(request.stream)
+        next(chunks), next(chunks)  # the text before the image, then the image's first slice
+        raise httpx.WriteError("the connection broke")
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        chunks = aiter(request.stream)
+        await anext(chunks), await anext(chunks)
+        raise httpx.WriteError("the connection broke")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@both
+@pytest.mark.usefixtures("no_collector")
+def test_a_callers_transport_failing_mid_body_does_not_keep_the_image_file_open(
+    kind: str, tmp_path: Path
+) -> None:
+    image = large_image(tmp_path)
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[image])
+    failures: list[BaseException] = []
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=_TakesPartThenFails()) as http:
+            client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http, max_retries=0)
+            for _ in range(3):
+                with pytest.raises(errors.TransportError) as caught:
+                    await client.edit(request)
+                failures.append(caught.value)
+                assert open_descriptors_of(image) == 0
+
+    if kind == "sync":
+        with httpx.Client(transport=_TakesPartThenFails()) as http:
+            client = FluxClient("laozhang", api_key=KEY, http_client=http, max_retries=0)
+            for _ in range(3):
+                with pytest.raises(errors.TransportError) as caught:
+                    client.edit(request)
+                failures.append(caught.value)
+                assert open_descriptors_of(image) == 0
+    else:
+        asyncio.run(main())
