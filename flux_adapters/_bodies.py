@@ -26,7 +26,7 @@ import httpx
 
 from flux_adapters._files import MEDIA_TYPES
 from flux_adapters.errors import RequestError, Violation
-from flux_adapters.request import DataUrlImage, FileImage, LocalImage
+from flux_adapters.request import DataUrlImage, FileImage, LocalImage, _os_problem
 from flux_adapters.wire import ImageValue, JsonBody, JsonValue
 
 _READ_SIZE: Final = 3 * 256 * 1024
@@ -124,8 +124,9 @@ def _file_chunks(image: FileImage) -> Iterator[bytes]:
     """*image*'s bytes as base64, slice by slice, read as measured when the request was built.
 
     Raises:
-        RequestError: The file is no longer a readable regular file, or no longer has the size
-            it had: raised before its last slice is produced, so a body with it never completes.
+        RequestError: The file is no longer a readable regular file, no longer has the size it
+            had, or cannot be read: raised before its last slice is produced, so a body with it
+            never completes.
     """
     size, encode = image.info.byte_size, _b64encode()
     # Refuses anything but a regular file, without blocking: the path may have become a FIFO or
@@ -133,16 +134,30 @@ def _file_chunks(image: FileImage) -> Iterator[bytes]:
     descriptor = image._descriptor()
     try:
         for start, length in _slices(size):
-            data = _read_exactly(descriptor, length)
+            data = _read(image, descriptor, length)
             if len(data) != length:
                 raise _changed(image, f"{start + len(data)} bytes instead of {size}")
-            if start + length == size and os.read(descriptor, 1):
+            if start + length == size and _read(image, descriptor, 1):
                 raise _changed(image, f"more than {size} bytes")
             encoded = encode(data)
             del data  # only the base64 stays in memory while it is sent
             yield encoded
     finally:
         os.close(descriptor)
+
+
+def _read(image: FileImage, descriptor: int, length: int) -> bytes:
+    """`_read_exactly`, a failed read (an I/O error) a `RequestError` naming *image*'s file.
+
+    Not left an ``OSError``: the clients would take it for the connection failing, and say
+    the provider may have the request when its body could not even be made.
+    """
+    try:
+        return _read_exactly(descriptor, length)
+    except OSError as exc:
+        problem, limit = _os_problem(exc)
+        shown = image.describe()
+        raise RequestError([Violation("images", f"{shown} {problem}", limit, shown)]) from None
 
 
 def _read_exactly(descriptor: int, length: int) -> bytes:

@@ -246,3 +246,40 @@ def test_a_file_read_in_short_reads_still_goes_out_whole(
     assert streamed == whole
     _, _, payload = json.loads(streamed)["input_image"].partition(",")
     assert base64.b64decode(payload, validate=True) == data
+
+
+def test_a_file_the_disk_fails_to_read_while_it_is_sent_is_a_request_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error reading the image (a failing disk, a network file system gone) names the
+    file, as a file that changed does: it was a raw OSError, which the clients reported as "the
+    connection failed (the request may have reached it)", blaming the network and saying the
+    job may be billed when the body could not even be made."""
+    import errno
+    import os
+
+    path = tmp_path / "image.png"
+    path.write_bytes(picture(3 * _READ_SIZE))
+    [image] = EditRequest(prompt="p", model="flux-2-pro", images=[path]).images
+    segments = json_segments(JsonBody({"input_image": json_image(image), "n": 1}))
+    real_read, reads = os.read, [0]
+
+    def failing(fd: int, n: int) -> bytes:
+        reads[0] += 1
+        if reads[0] == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", failing)
+    out = bytearray()
+
+    def send() -> None:
+        for chunk in StreamedJson(segments):
+            out.extend(chunk)
+
+    with pytest.raises(RequestError) as caught:
+        send()
+    [violation] = caught.value.violations
+    assert violation.field == "images"
+    assert "image.png cannot be read (Input/output error)" in violation.message
+    assert len(out) < segments_length(segments)
