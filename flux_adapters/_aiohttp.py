@@ -570,6 +570,8 @@ class AiohttpDriver:
         except BaseException as exc:
             if body is not None:
                 body.abort()  # given up with the body cut short: drop the rest of it
+                # Its file too: aiohttp's writer task, cancelled, may not have run yet.
+                body.close_chunks()
             if clock.expired is None:
                 raise
             if not clock.passed() and isinstance(exc, asyncio.CancelledError):
