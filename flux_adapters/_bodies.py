@@ -15,6 +15,7 @@ or longer by then stops the body before its last slice goes out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -430,4 +431,7 @@ class StreamedJson(httpx.SyncByteStream, httpx.AsyncByteStream):
         """
         started, self._started = self._started, []
         for chunks in started:
-            chunks.close()
+            # Running in another thread (a caller's transport sending from one): that thread
+            # closes the file when the generator ends.
+            with contextlib.suppress(ValueError):
+                chunks.close()

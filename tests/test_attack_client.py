@@ -1227,3 +1227,49 @@ def test_a_callers_transport_failing_mid_body_does_not_keep_the_image_file_open(
                 assert open_descriptors_of(image) == 0
     else:
         asyncio.run(main())
+
+
+class _UploadsInAThread(httpx.BaseTransport):
+    """A caller's transport that sends the body from a thread of its own and answers once that
+    thread is inside it (*reading* set), not waiting for the body to be sent."""
+
+    def __init__(self, reading: threading.Event) -> None:
+        self.uploading: threading.Thread | None = None
+        self._reading = reading
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.SyncByteStream)
+        stream = request.stream
+        self.uploading = threading.Thread(target=lambda: list(stream), daemon=True)
+        self.uploading.start()
+        assert self._reading.wait(10)
+        return httpx.Response(200, json=OK)
+
+
+def test_a_body_still_being_sent_by_a_callers_thread_when_the_call_ends_is_no_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing the body's file at the end of the call found the body's generator running in
+    # the transport's thread: "generator already executing", a ValueError out of edit().
+    image = large_image(tmp_path)
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[image])
+    reading, finish = threading.Event(), threading.Event()
+    transport = _UploadsInAThread(reading)
+    real_read = os.read
+
+    def slow_read(fd: int, n: int) -> bytes:
+        if threading.current_thread() is transport.uploading:
+            reading.set()
+            finish.wait(10)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", slow_read)
+    with httpx.Client(transport=transport) as http:
+        client = FluxClient("laozhang", api_key=KEY, http_client=http)
+        try:
+            result = client.edit(request)
+        finally:
+            finish.set()
+    assert result.images[0].url == RESULT_URL
+    assert transport.uploading is not None
+    transport.uploading.join(10)
