@@ -737,3 +737,29 @@ def test_a_spare_file_the_sweep_judged_expired_is_not_given_an_image(tmp_path: P
         sweeper.join(10)
     assert (tmp_path / name).read_bytes() == image_bytes()
     store.close()
+
+
+def test_a_spare_file_no_longer_at_its_name_is_not_given_an_image(tmp_path: Path) -> None:
+    # The spare was judged by its link count after the write: one renamed away (the folder
+    # rotated, `mv files files.old && mkdir files`) still has a link, so the answer named a
+    # file that is not in the folder, and the paid image was lost behind a 404. Without a
+    # spare the file is made at its name, in the folder as it is now.
+    from flux_adapters.gateway._files import FileStore
+
+    folder = tmp_path / "files"
+    store = FileStore(folder, 60)
+    store.replenish()
+    folder.rename(tmp_path / "files.old")
+    folder.mkdir()
+    name = store._write_new(image_bytes())
+    assert (folder / name).read_bytes() == image_bytes()
+
+    store.replenish()
+    [spare] = [path for path in folder.iterdir() if path.name != name]
+    spare.unlink()
+    spare.symlink_to(tmp_path / "elsewhere.png")  # replaced by someone else
+    name = store._write_new(image_bytes())
+    assert name != spare.name
+    assert (folder / name).read_bytes() == image_bytes()
+    assert not (tmp_path / "elsewhere.png").exists()
+    store.close()

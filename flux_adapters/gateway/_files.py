@@ -21,7 +21,6 @@ come and go.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import secrets
@@ -58,6 +57,8 @@ class FileStore:
         self._closed = False
         self._spare: tuple[str, int] | None = None
         """A new empty file (its name, open descriptor) for the next image kept (`replenish`)."""
+        self._spare_id = (0, 0)
+        """The spare's device and inode: it is used only while its name still leads to it."""
 
     def replenish(self) -> None:
         """Create a spare file for the next image kept, unless one is waiting already.
@@ -68,33 +69,45 @@ class FileStore:
         answered with one inline), when it most likely waits for the next request, instead of
         creating the file in a call while its caller waits. The spare is an empty file under
         a new random name that nobody is given until an image is written into it; one not
-        used is removed by `close`, or by the sweep if the gateway was stopped without it. One
-        that waited over half the retention is removed instead of used: the sweep, reading its
-        age in another thread, could remove it just after an image went in.
+        used is removed by `close`, or by the sweep if the gateway was stopped without it.
+
+        A spare is used only if its name still leads to it (not removed, renamed away with its
+        folder, or replaced) and it waited at most half the retention: the sweep, reading its
+        age in another thread, could otherwise remove it just after an image went in.
         """
         if self._spare is not None or self._closed:
             return
         name = f"{secrets.token_urlsafe(24)}.{self._last_format}"
+        path = self._prefix + name
         with contextlib.suppress(OSError):  # kept images then create their own, and say why
-            self._spare = name, os.open(self._prefix + name, _NEW_FILE, 0o666)
+            fd = os.open(path, _NEW_FILE, 0o666)
+            try:
+                status = os.fstat(fd)
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                raise
+            self._spare, self._spare_id = (name, fd), (status.st_dev, status.st_ino)
 
     def _take_spare(self, extension: str) -> tuple[str, int] | None:
         spare = self._spare
         if spare is None or spare[0].rpartition(".")[2] != extension:
             return None
         self._spare = None
-        try:
-            age = time.time() - os.fstat(spare[1]).st_mtime
-        except OSError:
-            age = math.inf
-        if age <= self.retention / 2:
-            return spare
-        # Waited long enough for the sweep (in a worker thread) to judge it expired: the sweep
-        # may have read its age already and remove it right after it is written. Not used.
+        path = self._prefix + spare[0]
+        ours = False
+        with contextlib.suppress(OSError):  # removed meanwhile
+            found = os.stat(path, follow_symlinks=False)
+            ours = (found.st_dev, found.st_ino) == self._spare_id
+            if ours and time.time() - found.st_mtime <= self.retention / 2:
+                return spare
+        # Gone, not at its name any more, or waited long enough for the sweep (in a worker
+        # thread) to judge it expired and remove it right after it is written. Not used.
         with contextlib.suppress(OSError):
             os.close(spare[1])
-        with contextlib.suppress(OSError):
-            os.unlink(self._prefix + spare[0])
+        if ours:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         return None
 
     def close(self) -> None:
@@ -140,16 +153,16 @@ class FileStore:
     def _write_new(self, data: bytes) -> str:
         """Write *data* to a new file: its name, a new token and its format's extension.
 
-        The file is the spare one if that was created under the same extension (and is still
-        there). It is removed if writing it fails.
+        The file is the spare one if that was created under the same extension and can still be
+        used (`_take_spare`). It is removed if writing it fails.
 
         Raises:
             OutputError: The file cannot be created or written.
         """
         extension = image_format(data[:SNIFF_BYTES]) or "bin"
         spare = self._take_spare(extension)
-        # Removed meanwhile (by a sweep, if it waited longer than the retention): written anew.
-        if spare is not None and _write_closed(spare[1], data, self._prefix + spare[0], True):
+        if spare is not None:
+            _write_closed(spare[1], data, self._prefix + spare[0])
             return spare[0]
         name = f"{secrets.token_urlsafe(24)}.{extension}"
         path = self._prefix + name
@@ -219,10 +232,8 @@ class _Gathered:
         self.size = 0
 
 
-def _write_closed(fd: int, data: bytes, path: str, linked: bool = False) -> bool:
+def _write_closed(fd: int, data: bytes, path: str) -> None:
     """Write *data* to *fd*, the new file *path*, and close it; it is removed if that fails.
-
-    With *linked*, whether the file still has a name (else ``True``).
 
     Raises:
         OutputError: *data* could not be written.
@@ -232,7 +243,6 @@ def _write_closed(fd: int, data: bytes, path: str, linked: bool = False) -> bool
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            return not linked or os.fstat(fd).st_nlink > 0
         finally:
             os.close(fd)
     except OSError as exc:
