@@ -198,6 +198,8 @@ class _Body(Payload):
             transport.abort()
 
 
+_LONGEST_HEAD: Final = 16 * 1024
+"""The longest status or header line read: h11's bound on a head still coming in (httpx)."""
 _EARLY: Final = 1e-6
 """A timer may run this much before its time (the loop's clock resolution): counted as on time."""
 _NO_CONTEXT: Final = contextvars.Context()
@@ -432,6 +434,10 @@ class AiohttpDriver:
             auto_decompress=False,  # inflated here, in bounded slices (adecoded)
             timeout=aiohttp.ClientTimeout(total=None),  # every exchange passes its own
             trust_env=False,  # no proxy (see choose), and no ~/.netrc credentials to a CDN
+            # A header line as long as httpx (h11) reads in any head: aiohttp's own 8,190 bytes
+            # lost a paid answer (a long request id, a CDN's cookie) that httpx returns.
+            max_line_size=_LONGEST_HEAD,
+            max_field_size=_LONGEST_HEAD,
         )
         self._session = session
         return session
