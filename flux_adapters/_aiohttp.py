@@ -195,7 +195,10 @@ class _Body(Payload):
         """
         transport = self._transport
         if transport is not None and not self.complete and isinstance(transport, asyncio.Transport):
-            transport.abort()
+            # A transport that already finished closing (the session closed meanwhile, its
+            # buffer drained) has nothing left to drop; asyncio's then fails on its loop, gone.
+            with contextlib.suppress(AttributeError):
+                transport.abort()
 
 
 _LONGEST_HEAD: Final = 16 * 1024

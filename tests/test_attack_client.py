@@ -1305,3 +1305,45 @@ def test_an_answer_with_a_header_line_over_8_kb_is_read_by_every_client(
     result = edit_on(kind, server.url)
     assert result.images[0].url == RESULT_URL
     assert result.request_id.startswith("req-777")
+
+
+def read_slowly(connection: socket.socket, head: bytes) -> None:
+    """Take the request's body a little at a time, never answering."""
+    while connection.recv(4096):
+        time.sleep(0.002)
+
+
+@every
+def test_a_client_closed_while_its_body_goes_out_ends_the_call_with_a_typed_error(
+    kind: str, serve: Callable[[Callable[[socket.socket, bytes], None]], Server], tmp_path: Path
+) -> None:
+    # On aiohttp the session's close let the connection finish closing on its own, and the
+    # body's abort then met asyncio's transport with its loop gone: an AttributeError
+    # ("'NoneType' object has no attribute 'call_soon'") out of edit().
+    image = tmp_path / "large.png"
+    image.write_bytes(PNG + bytes(20_000_000))
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[image])
+    server = serve(read_slowly)
+    if kind == "sync":
+        client = FluxClient("laozhang", api_key=KEY, base_url=server.url, deadline=30)
+        threading.Timer(0.3, client.close).start()
+        with pytest.raises(errors.FluxError):
+            client.edit(request)
+        return
+
+    async def main() -> None:
+        client = AsyncFluxClient(
+            "laozhang", api_key=KEY, base_url=server.url, driver=driver(kind), deadline=30
+        )
+        closed: list[asyncio.Task[None]] = []
+        closing = asyncio.get_running_loop().call_later(
+            0.3, lambda: closed.append(asyncio.ensure_future(client.aclose()))
+        )
+        try:
+            with pytest.raises(errors.FluxError):
+                await client.edit(request)
+        finally:
+            closing.cancel()
+            await client.aclose()
+
+    asyncio.run(main())
