@@ -17,9 +17,9 @@ from flux_adapters.wire import HttpResponse
 
 pytest.importorskip("aiohttp")
 
-from aiohttp.payload import BytesPayload  # noqa: E402
+from aiohttp.payload import BytesPayload
 
-from flux_adapters._aiohttp import _Body  # noqa: E402
+from flux_adapters._aiohttp import _Body
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -64,11 +64,14 @@ def test_a_streamed_body_carries_what_aiohttp_s_own_payload_would(kind: str) -> 
     assert dict(body.headers) == dict(reference.headers)
     assert body.content_type == reference.content_type
     assert body.size == reference.size == 18
-    assert body.filename is None and body.encoding is None
+    assert body.filename is None
+    assert body.encoding is None
 
     class Writer:
         transport = None
-        written: list[bytes] = []
+
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
 
         async def write(self, chunk: bytes) -> None:
             self.written.append(chunk)
