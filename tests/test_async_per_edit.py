@@ -81,4 +81,4 @@ def test_a_streamed_body_carries_what_aiohttp_s_own_payload_would(kind: str) -> 
     assert b"".join(writer.written) == b"".join(chunks)
     assert body.complete
     with pytest.raises(TypeError):
-        body.headers["X-Other"] = "no"  # type: ignore[index]  # shared by bodies: read-only
+        body.headers["X-Other"] = "no"  # shared by bodies: read-only
