@@ -36,7 +36,8 @@ import functools
 import ipaddress
 import math
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -224,8 +225,12 @@ class _Watch:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.time = loop.time
-        """The loop's ``time``, bound once: each clock reads it twice an exchange."""
+        # asyncio's own loops read time.monotonic in a Python method: called directly here
+        # (each clock reads it twice an exchange); any other loop (uvloop) through its own.
+        bound = loop.time
+        same = getattr(bound, "__func__", None) is asyncio.BaseEventLoop.time
+        self.time: Callable[[], float] = time.monotonic if same else bound
+        """The loop's clock."""
         self._clocks: dict[_Clock, None] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._when = math.inf

@@ -909,8 +909,13 @@ class _ClientBase:
 
     def _check_open(self) -> None:
         """Raise `ClientClosedError` once this client is closed; nothing is sent."""
-        if self._lifetime.why_closed() is None and not self._sender_closed():
-            return  # every exchange asks: the open case builds no message
+        lifetime = self._lifetime
+        # Every exchange asks: the open case builds no message (and, for a client that is no
+        # with_options copy, asks its lifetime nothing).
+        if (
+            not lifetime._closed and (lifetime._maker is None or lifetime.why_closed() is None)
+        ) and not self._sender_closed():
+            return
         error = self._closed_error()
         if error is not None:
             raise error

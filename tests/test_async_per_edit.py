@@ -82,3 +82,31 @@ def test_a_streamed_body_carries_what_aiohttp_s_own_payload_would(kind: str) -> 
     assert body.complete
     with pytest.raises(TypeError):
         body.headers["X-Other"] = "no"  # shared by bodies: read-only
+
+
+def test_the_exchanges_clock_is_the_loop_s_own() -> None:
+    """asyncio's loops read time.monotonic (so does the watch, directly); any other its own."""
+    from flux_adapters._aiohttp import _Watch
+
+    class Fixed(asyncio.SelectorEventLoop):
+        def time(self) -> float:
+            return 42.0
+
+    for make, expected in ((asyncio.new_event_loop, None), (Fixed, 42.0)):
+        loop = make()
+        try:
+            watch = _Watch(loop)
+            before = loop.time()
+            seen = watch.time()
+            if expected is None:
+                assert before <= seen <= loop.time()  # the same clock, read in between
+            else:
+                assert seen == expected
+        finally:
+            loop.close()
+    loop = asyncio.new_event_loop()
+    try:
+        loop.time = lambda: 7.0  # type: ignore[method-assign]  # an instance's own clock
+        assert _Watch(loop).time() == 7.0
+    finally:
+        loop.close()
