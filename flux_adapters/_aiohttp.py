@@ -179,7 +179,7 @@ class _Body(Payload):
             self.abort()
             raise
         clock = self._clock
-        if clock is not None and self.complete:
+        if clock is not None and self._handed >= self._length:  # complete: the read phase
             clock.read_from = clock.time()
 
     def abort(self) -> None:
@@ -596,7 +596,7 @@ class AiohttpDriver:
             expired = self._expired(clock, exchange, body)
             raise (expired if head is None else with_answer(expired, head, scrub)) from None
         finally:
-            clock.stop()
+            watch.remove(clock)  # the exchange is over (clock.stop, without its call)
             if files is not None:
                 files.close()
 
