@@ -7,12 +7,17 @@ headers name no request id is told so at once; neither may change what is sent o
 from __future__ import annotations
 
 import asyncio
+import base64
 from types import MappingProxyType
+from typing import Any, TypeVar
 
+import attrs
 import pytest
 
-from flux_adapters._flows import _answer_id
+from flux_adapters._flows import Outcome, _answer_id
 from flux_adapters._redact import REQUEST_ID_HEADERS, redactor_for, request_id
+from flux_adapters.providers import Answer
+from flux_adapters.result import Attempt, EditResult, Usage, checked_image
 from flux_adapters.wire import HttpResponse
 
 pytest.importorskip("aiohttp")
@@ -22,6 +27,8 @@ from aiohttp.payload import BytesPayload
 from flux_adapters._aiohttp import _Body
 
 KEY = "sk-test-0123456789abcdef"
+_T = TypeVar("_T")
+_PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
 
 _HEADER_TABLES: list[dict[str, str]] = [
     {},
@@ -110,3 +117,87 @@ def test_the_exchanges_clock_is_the_loop_s_own() -> None:
         assert _Watch(loop).time() == 7.0
     finally:
         loop.close()
+
+
+def _made_by_init(cls: type[_T], **values: object) -> _T:
+    made = object.__new__(cls)
+    cls.__init__(made, **values)  # as the library's hot paths do
+    return made
+
+
+@pytest.mark.parametrize(
+    ("cls", "tables"),
+    [
+        (
+            EditResult,
+            [
+                {"provider": "laozhang", "model": "flux-2-pro", "images": ()},
+                {
+                    "provider": "apiyi",
+                    "model": "flux-2-pro",
+                    "images": (checked_image("https://cdn.example/a.png", None),),
+                    "usage": Usage(credits_used=2.0),
+                    "cost_usd": 0.03,
+                    "cost_source": "provider",
+                    "attempts": (Attempt(provider="a", model="m", outcome="ok", elapsed_s=0.5),),
+                    "elapsed_s": 1.25,
+                    "request_id": "req-1",
+                },
+            ],
+        ),
+        (
+            Attempt,
+            [
+                {"provider": "laozhang", "model": "flux-2-pro", "outcome": "ok", "elapsed_s": 0.1},
+                {"provider": "x", "model": "y", "outcome": "failed", "elapsed_s": 0.0},
+            ],
+        ),
+        (
+            HttpResponse,
+            [
+                {"status_code": 200, "headers": {}, "content": b""},
+                {"status_code": 503, "headers": {"x-request-id": "r"}, "content": b"{}"},
+            ],
+        ),
+        (
+            Answer,
+            [
+                {"images": ()},
+                {
+                    "images": (checked_image(None, _PNG_B64),),
+                    "usage": Usage(credits_used=None, tokens_used=12),
+                },
+            ],
+        ),
+        (
+            Outcome,
+            [
+                {"plan": "a plan", "answer": Answer(images=())},
+                {"plan": "p", "answer": Answer(images=()), "request_id": "req-2"},
+            ],
+        ),
+    ],
+)
+def test_a_value_made_through_its_init_is_the_one_its_class_makes(
+    cls: type[Any], tables: list[dict[str, object]]
+) -> None:
+    """The per-edit values made as ``object.__new__`` then ``__init__`` are their class's own.
+
+    That holds while the class has no ``__new__``, ``__init_subclass__`` trick or metaclass of
+    its own (``cls(...)`` is then exactly those two steps): checked here, with the values.
+    """
+    assert attrs.has(cls)
+    assert cls.__new__ is object.__new__
+    assert type(cls) is type
+    for values in tables:
+        made = _made_by_init(cls, **values)
+        called = cls(**values)
+        assert type(made) is cls
+        assert made == called
+        assert repr(made) == repr(called)
+        assert attrs.asdict(made, recurse=False) == attrs.asdict(called, recurse=False)
+    with pytest.raises(TypeError) as by_init:  # a missing field: the same refusal
+        _made_by_init(cls)
+    with pytest.raises(TypeError) as by_call:
+        cls()
+    assert str(by_init.value) == str(by_call.value)
