@@ -36,13 +36,15 @@ import functools
 import ipaddress
 import math
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final
 
 import aiohttp
 import httpx
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from flux_adapters._bodies import json_segments, segment_chunks, segments_length
@@ -128,7 +130,13 @@ class _Body(Payload):
         write: float | None,
         clock: _Clock | None,
     ) -> None:
-        super().__init__(chunks, content_type=content_type)
+        # Payload's own __init__ is not run: it makes a CIMultiDict per body for the one header
+        # aiohttp copies from it (Content-Type, which the exchange's headers already carry, so
+        # the copy is skipped). One read-only set per content type stands in for it.
+        self._encoding = None
+        self._filename = None
+        self._value = chunks
+        self._headers = _payload_headers(content_type)  # type: ignore[assignment]  # read-only
         self._chunks = chunks
         self._size = self._length = size
         self._write = write
@@ -173,8 +181,8 @@ class _Body(Payload):
         finally:
             self.close_chunks()
         clock = self._clock
-        if clock is not None and self.complete:
-            clock.read_from = clock.now()
+        if clock is not None and self._handed >= self._length:  # complete: the read phase
+            clock.read_from = clock.time()
 
     def close_chunks(self) -> None:
         """Close what the slices come from (a file being read), if left part-way.
@@ -201,6 +209,15 @@ class _Body(Payload):
                 transport.abort()
 
 
+@functools.lru_cache(maxsize=8)
+def _payload_headers(content_type: str) -> CIMultiDictProxy[str]:
+    """The headers a `_Body` of *content_type* carries, as ``Payload.__init__`` would set them.
+
+    Read-only, and shared by every body of that type (aiohttp only reads them).
+    """
+    return CIMultiDictProxy(CIMultiDict({"Content-Type": content_type}))
+
+
 _LONGEST_HEAD: Final = 16 * 1024
 """The longest status or header line read: h11's bound on a head still coming in (httpx)."""
 _EARLY: Final = 1e-6
@@ -221,10 +238,16 @@ class _Watch:
     clock that could pass sooner than any before it (one with shorter timeouts).
     """
 
-    __slots__ = ("_clocks", "_handle", "_when", "loop")
+    __slots__ = ("_clocks", "_handle", "_when", "loop", "time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        # asyncio's own loops read time.monotonic in a Python method: called directly here
+        # (each clock reads it twice an exchange); any other loop (uvloop) through its own.
+        bound = loop.time
+        same = getattr(bound, "__func__", None) is asyncio.BaseEventLoop.time
+        self.time: Callable[[], float] = time.monotonic if same else bound
+        """The loop's clock."""
         self._clocks: dict[_Clock, None] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._when = math.inf
@@ -259,7 +282,7 @@ class _Watch:
 
     def _fire(self) -> None:
         self._handle, self._when = None, math.inf
-        now = self.loop.time() + _EARLY
+        now = self.time() + _EARLY
         soonest = math.inf
         for clock in list(self._clocks):
             when = clock.check(now)
@@ -289,7 +312,16 @@ class _Clock:
             aiohttp knows when it went out).
     """
 
-    __slots__ = ("_loop", "_read", "_task", "_watch", "cancelling", "ends", "expired", "read_from")
+    __slots__ = (
+        "_read",
+        "_task",
+        "_watch",
+        "cancelling",
+        "ends",
+        "expired",
+        "read_from",
+        "time",
+    )
 
     def __init__(
         self,
@@ -299,10 +331,11 @@ class _Clock:
         read: float | None,
     ) -> None:
         self._watch = watch
-        self._loop = loop = watch.loop
+        self.time = watch.time
+        """The loop's clock (its bound ``time``, made once per loop by the watch)."""
         self._task = task
         self.cancelling = task.cancelling()
-        now = loop.time()
+        now = watch.time()
         self.ends = ends = now + seconds
         self._read = read
         self.read_from: float | None = None
@@ -310,9 +343,6 @@ class _Clock:
         self.expired: str | None = None
         """``"deadline"`` or ``"read"``: what passed (the task was cancelled)."""
         watch.add(self, ends if read is None else min(ends, now + read))
-
-    def now(self) -> float:
-        return self._loop.time()
 
     def check(self, now: float) -> float | None:
         """The soonest the deadline or the read timeout could pass, seen at *now*.
@@ -562,7 +592,7 @@ class AiohttpDriver:
                 else:
                     # at_eof: a body whose declared length has all come needs no read of its end.
                     while True:
-                        clock.read_from = clock.now()
+                        clock.read_from = clock.time()
                         chunk = await content.readany()
                         if not chunk or not answer.take(chunk) or content.at_eof():
                             break
@@ -589,7 +619,7 @@ class AiohttpDriver:
             expired = self._expired(clock, exchange, body)
             raise (expired if head is None else with_answer(expired, head, scrub)) from None
         finally:
-            clock.stop()
+            watch.remove(clock)  # the exchange is over (clock.stop, without its call)
             if files is not None:
                 files.close()
 
@@ -692,7 +722,7 @@ class _Chunks:
     async def __anext__(self) -> bytes:
         clock = self._clock
         if clock is not None:  # each piece restarts the read timeout
-            clock.read_from = clock.now()
+            clock.read_from = clock.time()
         chunk = await self._content.readany()
         if not chunk:
             raise StopAsyncIteration

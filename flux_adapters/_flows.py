@@ -24,7 +24,13 @@ from attrs import frozen
 
 from flux_adapters._display import render_value, type_name
 from flux_adapters._ids import ProviderId, ProviderName
-from flux_adapters._redact import answer_headers, redact, redactor_for, request_id
+from flux_adapters._redact import (
+    REQUEST_ID_NAMES,
+    answer_headers,
+    redact,
+    redactor_for,
+    request_id,
+)
 from flux_adapters.errors import (
     FluxError,
     JobError,
@@ -213,7 +219,10 @@ def _not_built(adapter: object, request: EditRequest | None, exc: Exception) -> 
 
 def _answer_id(response: HttpResponse, secrets: tuple[str, ...]) -> str | None:
     """The provider's id for the exchange *response* answers, if it sent one."""
-    return request_id(response.headers, redactor_for(secrets))
+    headers = response.headers
+    if type(headers) is dict and REQUEST_ID_NAMES.isdisjoint(headers):  # most answers: none
+        return None
+    return request_id(headers, redactor_for(secrets))
 
 
 def _with_answer(error: _E, response: HttpResponse, secrets: tuple[str, ...]) -> _E:
@@ -322,7 +331,13 @@ def edit_flow(
     response = yield _as_submit(outgoing, adapter, request)
     assert response is not None
     answer = _answered(adapter, response, secrets, adapter.parse_response, response)
-    return Outcome(plan=resolved, answer=answer, request_id=_answer_id(response, secrets))
+    # Made as Outcome(...) makes it, without the dict of keyword arguments a class call
+    # builds (a third of the cost; tests/test_async_per_edit.py holds why it is the same).
+    outcome = object.__new__(Outcome)
+    Outcome.__init__(
+        outcome, plan=resolved, answer=answer, request_id=_answer_id(response, secrets)
+    )
+    return outcome
 
 
 def job_flow(

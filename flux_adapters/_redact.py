@@ -33,6 +33,7 @@ __all__ = [
     "MASK",
     "MOST_HEADERS",
     "REQUEST_ID_HEADERS",
+    "REQUEST_ID_NAMES",
     "Redactor",
     "answer_headers",
     "hide_in_httpx_log",
@@ -204,6 +205,8 @@ REQUEST_ID_HEADERS: Final = (
     "x-amz-request-id",
 )
 """Headers that carry a provider's id for an exchange, in the order they are looked for."""
+REQUEST_ID_NAMES: Final = frozenset(REQUEST_ID_HEADERS)
+"""The same names, to tell at once that a plain dict of headers holds none of them."""
 MOST_HEADERS: Final = 64
 """Most headers of an answer looked at: a hostile provider may send thousands."""
 _LONGEST_NAME: Final = 64
@@ -259,6 +262,8 @@ def request_id(headers: Mapping[str, str], scrub: Callable[[str], str]) -> str |
     Looked up among all of them (not only the first 64 that `answer_headers` keeps), and made
     safe the same way: a value that holds a key is masked, and a masked one is no id.
     """
+    if type(headers) is dict and REQUEST_ID_NAMES.isdisjoint(headers):  # most answers
+        return None
     for name in REQUEST_ID_HEADERS:
         raw = headers.get(name)
         if not raw:

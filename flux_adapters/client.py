@@ -909,8 +909,13 @@ class _ClientBase:
 
     def _check_open(self) -> None:
         """Raise `ClientClosedError` once this client is closed; nothing is sent."""
-        if self._lifetime.why_closed() is None and not self._sender_closed():
-            return  # every exchange asks: the open case builds no message
+        lifetime = self._lifetime
+        # Every exchange asks: the open case builds no message (and, for a client that is no
+        # with_options copy, asks its lifetime nothing).
+        if (
+            not lifetime._closed and (lifetime._maker is None or lifetime.why_closed() is None)
+        ) and not self._sender_closed():
+            return
         error = self._closed_error()
         if error is not None:
             raise error
@@ -1161,7 +1166,11 @@ def _result(
         cost, source = reported, "provider"
     elif estimated is not None:
         cost, source = estimated, "price table"
-    return EditResult(
+    # Made as EditResult(...) makes it, without the dict of keyword arguments a class call
+    # builds (a third of the cost; tests/test_async_per_edit.py holds why it is the same).
+    result = object.__new__(EditResult)
+    EditResult.__init__(
+        result,
         provider=binding.adapter.name,
         model=model,
         images=tuple(
@@ -1179,6 +1188,7 @@ def _result(
         job=job,
         request_id=request_id,
     )
+    return result
 
 
 def _reported_cost(usage: Usage | None, rate: object) -> float | None:

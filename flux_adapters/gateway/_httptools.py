@@ -4,8 +4,9 @@ h11 parses each request and answer head in Python (a regular expression for ever
 about 460 of the 2,600 Python function calls a gateway call makes on uvloop. With httptools it
 makes about 27 % fewer instructions per call (docs/benchmarks.md, row m). It keeps what the
 h11 protocol (`flux_adapters._serving.JoinedWrites`) gives: a deadline for each request head,
-a cap on a head's size (h11's is 16 KiB), a 400 for an HTTP/1.1 request without ``Host``, and an
-answer's head and body sent in one write.
+a cap on a head's size (h11's is 16 KiB), a 400 for an HTTP/1.1 request without ``Host`` or
+that the parser refuses, sent after the answers of the requests before it, and an answer's head
+and body sent in one write.
 
 Imported only when httptools is installed (the ``gateway`` extra brings it); the gateway serves
 with `JoinedWrites` otherwise.
@@ -57,6 +58,8 @@ class HttptoolsJoinedWrites(HeadClock, HttpToolsProtocol):
     """
 
     _heads = _messages = _answers = _head_bytes = 0
+    _refused: str | None = None
+    """The 400 owed for bytes the parser refused behind a whole request still being answered."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -68,6 +71,8 @@ class HttptoolsJoinedWrites(HeadClock, HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused is not None:
+            return  # the parser refused what came before: nothing after it is a request
         if self._waiting_for_head():
             self._head_bytes += len(data)
         super().data_received(data)
@@ -98,9 +103,22 @@ class HttptoolsJoinedWrites(HeadClock, HttpToolsProtocol):
         self._messages += 1
         self._follow_head()
 
+    def send_400_response(self, msg: str) -> None:
+        if self._answers < self._messages == self._heads and not self.transport.is_closing():
+            # The bytes refused follow whole requests not all answered yet (a paid generation,
+            # maybe): uvicorn would answer 400 and close at once, and those answers would be
+            # lost. They go first, the 400 after, as on h11, which reads no further meanwhile.
+            self._refused = msg
+            self.flow.pause_reading()
+            return
+        super().send_400_response(msg)
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._answers += 1
+        if self._refused is not None and self._waiting_for_head():
+            self.send_400_response(self._refused)  # every request before it answered
+            return
         self._follow_head()
 
     def _waiting_for_head(self) -> bool:
