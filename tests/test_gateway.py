@@ -1045,3 +1045,29 @@ def test_every_kind_of_call_ending_gives_back_the_bodies_it_held(
                 time.sleep(0.01)
     assert gateway.bodies_held == 0
     assert set(codes) == {401, 413, 400, 408, 502, 503, 200}, codes
+
+
+def test_a_shutdown_cut_short_leaves_no_spare_file(tmp_path: Path) -> None:
+    # A second Ctrl-C cancels the closing while a client or the state is still being closed:
+    # the empty spare made for the next call must not stay behind in the images' folder.
+    from flux_adapters.gateway._app import Gateway
+
+    class Stuck:
+        async def aclose(self) -> None:
+            await asyncio.Event().wait()  # never closes
+
+    stuck: Any = Stuck()
+    gateway = Gateway(GatewaySettings(files_dir=tmp_path), lambda only: stuck, stuck, stuck)
+    gateway.files.replenish()
+    assert len(list(tmp_path.iterdir())) == 1  # the spare
+
+    async def shut_down() -> None:
+        closing = asyncio.ensure_future(gateway.aclose())
+        await asyncio.sleep(0.05)
+        assert not closing.done()  # held by the state's close
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+
+    asyncio.run(shut_down())
+    assert list(tmp_path.iterdir()) == []

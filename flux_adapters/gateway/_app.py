@@ -234,7 +234,9 @@ class Gateway:
                     yield key[0], key[1], breaker.state(key)
 
     async def aclose(self) -> None:
-        """Close every client and the state backend."""
+        """Remove the spare file, then close every client and the state backend."""
+        # First: awaits below may be cancelled (a second Ctrl-C), and nothing needs the spare.
+        self.files.close()
         for client in self._clients.values():
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -244,7 +246,6 @@ class Gateway:
         if closing is not None and self.keys is not self.state:
             with contextlib.suppress(Exception):
                 await closing()
-        self.files.close()
 
     def models(self, among: tuple[str, ...] | None = None) -> list[str]:
         """Canonical models offered by at least one configured provider (of *among*, if given)."""
