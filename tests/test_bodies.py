@@ -61,6 +61,20 @@ def sent(body: JsonBody) -> tuple[bytes, list[bytes]]:
     return streamed, chunks
 
 
+def refused_while_sent(segments: list[Segment]) -> tuple[RequestError, int]:
+    """The `RequestError` the body's stream raised part-way, and how many bytes went out."""
+    went_out = 0
+
+    def send() -> None:
+        nonlocal went_out
+        for chunk in StreamedJson(segments):
+            went_out += len(chunk)
+
+    with pytest.raises(RequestError) as caught:
+        send()
+    return caught.value, went_out
+
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("given", ["path", "bytes", "data URL"])
 def test_every_byte_arrives_whatever_the_size(size: int, given: str, tmp_path: Path) -> None:
@@ -114,20 +128,13 @@ def test_a_file_that_changed_since_the_request_never_goes_out_whole(
     assert isinstance(image, FileImage)
     path.write_bytes(change(path.read_bytes()))  # type: ignore[operator]
     segments = json_segments(JsonBody({"input_image": json_image(image), "n": 1}))
-    out = bytearray()
-
-    def send() -> None:
-        for chunk in StreamedJson(segments):
-            out.extend(chunk)
-
-    with pytest.raises(RequestError) as caught:
-        send()
-    [violation] = caught.value.violations
+    error, went_out = refused_while_sent(segments)
+    [violation] = error.violations
     assert violation.message.endswith("image.png changed while it was being sent")
     assert found in violation.value
     # Stopped before the last slice of the image: the announced length is never reached, so no
     # server can take what went out for a whole request.
-    assert len(out) < segments_length(segments) - len(b'","n":1}')
+    assert went_out < segments_length(segments) - len(b'","n":1}')
 
 
 # Any JSON a body can hold, with or without images among its values. Keys are mostly text
@@ -271,15 +278,8 @@ def test_a_file_the_disk_fails_to_read_while_it_is_sent_is_a_request_error(
         return real_read(fd, n)
 
     monkeypatch.setattr(os, "read", failing)
-    out = bytearray()
-
-    def send() -> None:
-        for chunk in StreamedJson(segments):
-            out.extend(chunk)
-
-    with pytest.raises(RequestError) as caught:
-        send()
-    [violation] = caught.value.violations
+    error, went_out = refused_while_sent(segments)
+    [violation] = error.violations
     assert violation.field == "images"
     assert "image.png cannot be read (Input/output error)" in violation.message
-    assert len(out) < segments_length(segments)
+    assert went_out < segments_length(segments)
