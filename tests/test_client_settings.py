@@ -13,6 +13,7 @@ import logging
 import math
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -167,9 +168,21 @@ def scripted(answers: list[httpx.Response]) -> tuple[httpx.Client, list[httpx.Re
 
 @pytest.fixture
 def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Each wait the sync client makes between tries, recorded instead of slept."""
+    """Each wait the sync client makes between tries, recorded instead of slept.
+
+    Only this thread's: `time.sleep` is the module's, and a thread another test left running
+    (a server's, a journal's) still sleeps as it asked.
+    """
     slept: list[float] = []
-    monkeypatch.setattr("flux_adapters.client.time.sleep", slept.append)
+    real, here = time.sleep, threading.current_thread()
+
+    def sleep(seconds: float) -> None:
+        if threading.current_thread() is here:
+            slept.append(seconds)
+        else:
+            real(seconds)
+
+    monkeypatch.setattr("flux_adapters.client.time.sleep", sleep)
     return slept
 
 
