@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from typing import Final
+from typing import Any, Final
 
 import httpx
 
@@ -145,6 +146,64 @@ def _file_chunks(image: FileImage) -> Iterator[bytes]:
             yield encoded
     finally:
         os.close(descriptor)
+
+
+class CheckedUpload(io.RawIOBase):
+    """A local file as a multipart part's file object, read as measured when the request was built.
+
+    httpx's multipart encoder takes the part's length from ``seek``/``tell`` and reads it in
+    slices: this gives exactly ``byte_size`` bytes from the descriptor `FileImage` opened and
+    checked, and raises the `RequestError` `_file_chunks` raises for a JSON body when the file
+    turned shorter, longer (before its last slice is given, so the announced length is never
+    reached) or unreadable. A raw ``OSError`` would read as the connection failing, and say the
+    provider may have a request whose body could not even be made.
+    """
+
+    def __init__(self, image: FileImage) -> None:
+        super().__init__()
+        self._image = image
+        self._size = image.info.byte_size
+        self._at = 0
+        self._descriptor = image._descriptor()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._at
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Move within the measured size: the file's own end is not asked (it may have moved)."""
+        at = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: self._size}[whence] + offset
+        if not 0 <= at <= self._size:
+            raise OSError(f"seek outside the {self._size} bytes measured")
+        os.lseek(self._descriptor, at, os.SEEK_SET)
+        self._at = at
+        return at
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._size - self._at
+        wanted = left if size is None or size < 0 else min(size, left)
+        data = _read(self._image, self._descriptor, wanted)
+        if len(data) != wanted:
+            raise _changed(self._image, f"{self._at + len(data)} bytes instead of {self._size}")
+        self._at += wanted
+        if self._at == self._size and _read(self._image, self._descriptor, 1):
+            raise _changed(self._image, f"more than {self._size} bytes")
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._descriptor)
+        super().close()
 
 
 def _read(image: FileImage, descriptor: int, length: int) -> bytes:

@@ -1347,3 +1347,61 @@ def test_a_client_closed_while_its_body_goes_out_ends_the_call_with_a_typed_erro
             await client.aclose()
 
     asyncio.run(main())
+
+
+@every
+@pytest.mark.parametrize("fault", ["shrunk", "grown", "unreadable"])
+def test_a_multipart_file_changed_or_unreadable_while_sent_is_a_request_error(
+    kind: str, fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The multipart upload read the file through a plain file object: a disk error came out as
+    # "the connection failed (the request may have reached it)", and a file changed since it
+    # was measured sent another length than announced. Now as a JSON body's file: a
+    # RequestError naming it, raised before the announced length is reached.
+    import errno
+
+    from flux_adapters.emulator import run_emulator
+
+    path = tmp_path / "robot.png"
+    path.write_bytes(image_bytes(256, 256) + bytes(200_000))
+    request = EditRequest(prompt="p", model="flux-2-pro", images=[path], width=512, height=512)
+    if fault == "shrunk":
+        path.write_bytes(path.read_bytes()[:-1000])
+    elif fault == "grown":
+        with path.open("ab") as more:
+            more.write(bytes(1000))
+    else:
+
+        def failing(descriptor: int, length: int) -> bytes:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr("flux_adapters._bodies._read_exactly", failing)
+    with run_emulator() as emulator:
+        options: dict[str, Any] = {
+            "api_key": KEY,
+            "base_url": emulator.base_url("apiyi"),
+            "max_retries": 0,
+        }
+
+        def edit() -> None:
+            if kind == "sync":
+                with FluxClient("apiyi-multipart", **options) as client:
+                    client.edit(request)
+                return
+
+            async def main() -> None:
+                async with AsyncFluxClient(
+                    "apiyi-multipart", driver=driver(kind), **options
+                ) as flux:
+                    await flux.edit(request)
+
+            asyncio.run(main())
+
+        with pytest.raises(errors.RequestError) as caught:
+            edit()
+        assert emulator.billed() == []  # nothing the provider could take for a whole request
+    [violation] = caught.value.violations
+    assert violation.field == "images"
+    expected = "cannot be read" if fault == "unreadable" else "changed while it was being sent"
+    assert expected in violation.message
+    assert "robot.png" in violation.message
