@@ -9,8 +9,8 @@ httpx 0.28 sends slowly).
 
 A file is read as it was measured: exactly ``byte_size`` bytes, each slice with one ``read``
 of its exact size (a read of more than is left allocates the larger size first) on the
-descriptor `FileImage` opened and checked (no Python file object), and a file that is shorter
-or longer by then stops the body before its last slice goes out.
+descriptor `FileImage` opened and checked (`MeasuredFile`, no buffered file object), and a file
+that is shorter or longer by then stops the body before its last slice goes out.
 """
 
 from __future__ import annotations
@@ -130,33 +130,26 @@ def _file_chunks(image: FileImage) -> Iterator[bytes]:
             had, or cannot be read: raised before its last slice is produced, so a body with it
             never completes.
     """
-    size, encode = image.info.byte_size, _b64encode()
+    encode = _b64encode()
     # Refuses anything but a regular file, without blocking: the path may have become a FIFO or
-    # a device since the request was built. Read with os.read, not through a file object.
-    descriptor = image._descriptor()
-    try:
-        for start, length in _slices(size):
-            data = _read(image, descriptor, length)
-            if len(data) != length:
-                raise _changed(image, f"{start + len(data)} bytes instead of {size}")
-            if start + length == size and _read(image, descriptor, 1):
-                raise _changed(image, f"more than {size} bytes")
+    # a device since the request was built.
+    with MeasuredFile(image) as file:
+        for _, length in _slices(image.info.byte_size):
+            data = file.read(length)
             encoded = encode(data)
             del data  # only the base64 stays in memory while it is sent
             yield encoded
-    finally:
-        os.close(descriptor)
 
 
-class CheckedUpload(io.RawIOBase):
-    """A local file as a multipart part's file object, read as measured when the request was built.
+class MeasuredFile(io.RawIOBase):
+    """A local file read as measured when the request was built: a JSON body's, a multipart part's.
 
-    httpx's multipart encoder takes the part's length from ``seek``/``tell`` and reads it in
-    slices: this gives exactly ``byte_size`` bytes from the descriptor `FileImage` opened and
-    checked, and raises the `RequestError` `_file_chunks` raises for a JSON body when the file
-    turned shorter, longer (before its last slice is given, so the announced length is never
-    reached) or unreadable. A raw ``OSError`` would read as the connection failing, and say the
-    provider may have a request whose body could not even be made.
+    It gives exactly ``byte_size`` bytes, from the descriptor `FileImage` opened and checked (no
+    buffered file object), and raises a `RequestError` naming the file when it turned shorter,
+    longer (before its last slice is given, so the announced length is never reached) or
+    unreadable. A raw ``OSError`` would read as the connection failing, and say the provider
+    may have a request whose body could not even be made. httpx's multipart encoder takes a
+    part's length from ``seek``/``tell``: both stay within the measured size.
     """
 
     def __init__(self, image: FileImage) -> None:

@@ -40,7 +40,7 @@ from typing import (
 
 import httpx
 
-from flux_adapters._bodies import CheckedUpload, StreamedJson, json_segments, segments_length
+from flux_adapters._bodies import MeasuredFile, StreamedJson, json_segments, segments_length
 from flux_adapters._transport import (
     AnswerBody,
     ParsedUrls,
@@ -156,11 +156,11 @@ def not_sent_by_deadline(exchange: Exchange) -> Timeout:
 def open_upload(image: LocalImage, files: contextlib.ExitStack) -> io.RawIOBase | IO[bytes]:
     """*image* as a binary file object, closed with *files*.
 
-    A local file is read as measured (`CheckedUpload`): one changed or unreadable since is a
+    A local file is read as measured (`MeasuredFile`): one changed or unreadable since is a
     `RequestError` before its part goes out whole, as in a JSON body.
     """
     if isinstance(image, FileImage):
-        return files.enter_context(CheckedUpload(image))
+        return files.enter_context(MeasuredFile(image))
     if isinstance(image, DataUrlImage):
         return io.BytesIO(image.decode())
     # BytesIO, not bytes: httpx then streams it in 64 KiB slices instead of one large write.
