@@ -24,13 +24,7 @@ from attrs import frozen
 
 from flux_adapters._display import render_value, type_name
 from flux_adapters._ids import ProviderId, ProviderName
-from flux_adapters._redact import (
-    REQUEST_ID_NAMES,
-    answer_headers,
-    redact,
-    redactor_for,
-    request_id,
-)
+from flux_adapters._redact import answer_headers, redact, redactor_for, request_id
 from flux_adapters.errors import (
     FluxError,
     JobError,
@@ -219,10 +213,7 @@ def _not_built(adapter: object, request: EditRequest | None, exc: Exception) -> 
 
 def _answer_id(response: HttpResponse, secrets: tuple[str, ...]) -> str | None:
     """The provider's id for the exchange *response* answers, if it sent one."""
-    headers = response.headers
-    if type(headers) is dict and REQUEST_ID_NAMES.isdisjoint(headers):  # most answers: none
-        return None
-    return request_id(headers, redactor_for(secrets))
+    return request_id(response.headers, redactor_for(secrets))
 
 
 def _with_answer(error: _E, response: HttpResponse, secrets: tuple[str, ...]) -> _E:
