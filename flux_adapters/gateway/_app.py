@@ -837,11 +837,11 @@ async def files(request: Request) -> Response:
     name = request.path_params["name"]
     path = gateway.files.path(name)
     response = None if path is None else _kept(gateway, path, name)
-    if response is not None:
-        response.background = gateway.replenish  # once this answer is sent
     if response is None:
         answer = openai_error(404, "no such image (or it has expired)", code="not_found")
         response = _json(answer, _request_id())
+    else:
+        response.background = gateway.replenish  # once this answer is sent
     return _finish(gateway, request, "/v1/files/{name}", response, started, None)
 
 
