@@ -24,7 +24,7 @@ from flux_adapters._bodies import (
     segments_length,
 )
 from flux_adapters.errors import RequestError
-from flux_adapters.request import FileImage
+from flux_adapters.request import FileImage, LocalImage, UrlImage
 from flux_adapters.wire import ImageValue, JsonBody, json_image
 from tests.conftest import image_bytes
 
@@ -50,6 +50,20 @@ SIZES = sorted(
 def picture(size: int) -> bytes:
     """A valid PNG of exactly *size* bytes (its header, then padding)."""
     return PNG + bytes(range(256)) * ((size - len(PNG)) // 256) + bytes((size - len(PNG)) % 256)
+
+
+def given_as(given: str, data: bytes, folder: Path) -> LocalImage:
+    """*data* as a request's image, *given* as a ``"path"`` (a file in *folder*), ``"bytes"`` or
+    a ``"data URL"``."""
+    source: bytes | str | Path = data
+    if given == "path":
+        source = folder / "image.png"
+        source.write_bytes(data)
+    elif given == "data URL":
+        source = "data:image/png;base64," + base64.b64encode(data).decode()
+    [image] = EditRequest(prompt="p", model="flux-2-pro", images=[source]).images
+    assert not isinstance(image, UrlImage)
+    return image
 
 
 def sent(body: JsonBody) -> tuple[bytes, list[bytes]]:
@@ -80,13 +94,7 @@ def refused_while_sent(segments: list[Segment]) -> tuple[RequestError, int]:
 def test_every_byte_arrives_whatever_the_size(size: int, given: str, tmp_path: Path) -> None:
     data = picture(size)
     assert len(data) == size
-    source: bytes | str | Path = data
-    if given == "path":
-        source = tmp_path / "image.png"
-        source.write_bytes(data)
-    elif given == "data URL":
-        source = "data:image/png;base64," + base64.b64encode(data).decode()
-    [image] = EditRequest(prompt="p", model="flux-2-pro", images=[source]).images
+    image = given_as(given, data, tmp_path)
     body = JsonBody(
         {
             "prompt": 'a "quoted" prompt, ünïcode',
@@ -212,13 +220,7 @@ _MARKED = [_MARK, f"a{_MARK}", f'"{_MARK}', f"{_MARK}\\", f'x"{_MARK}"y', _MARK 
 def test_a_body_whose_text_holds_the_image_mark_is_still_sent_as_json_dumps_writes_it(
     text: str, given: str, where: str, tmp_path: Path
 ) -> None:
-    source: bytes | str | Path = PNG
-    if given == "path":
-        source = tmp_path / "image.png"
-        source.write_bytes(PNG)
-    elif given == "data URL":
-        source = "data:image/png;base64," + base64.b64encode(PNG).decode()
-    [image] = EditRequest(prompt="p", model="flux-2-pro", images=[source]).images
+    image = given_as(given, PNG, tmp_path)
     marks: dict[str, dict[str, object]] = {
         "value": {"prompt": text},
         "key": {text: 1},
