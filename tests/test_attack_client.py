@@ -18,7 +18,7 @@ import threading
 import time
 import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1147,6 +1147,31 @@ def large_image(tmp_path: Path) -> Path:
     return path
 
 
+def failing_hold_no_file(edit: Callable[[], object], image: Path) -> list[BaseException]:
+    """Three calls of *edit*, each a `TransportError` kept (its traceback holds the body), and
+    *image*'s file closed after each."""
+    failures: list[BaseException] = []
+    for _ in range(3):
+        with pytest.raises(errors.TransportError) as caught:
+            edit()
+        failures.append(caught.value)
+        assert open_descriptors_of(image) == 0
+    return failures
+
+
+async def failing_hold_no_file_async(
+    edit: Callable[[], Awaitable[object]], image: Path
+) -> list[BaseException]:
+    """`failing_hold_no_file`, for an *edit* to await."""
+    failures: list[BaseException] = []
+    for _ in range(3):
+        with pytest.raises(errors.TransportError) as caught:
+            await edit()
+        failures.append(caught.value)
+        assert open_descriptors_of(image) == 0
+    return failures
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
 @every
 @pytest.mark.usefixtures("no_collector")
@@ -1159,25 +1184,16 @@ def test_a_send_cut_short_does_not_keep_the_image_file_open(
     image = large_image(tmp_path)
     request = EditRequest(prompt="a robot", model="flux-2-pro", images=[image])
     server = serve(reset_mid_body)
-    failures: list[BaseException] = []
 
     async def main() -> None:
         async with AsyncFluxClient(
             "laozhang", api_key=KEY, base_url=server.url, driver=driver(kind), max_retries=0
         ) as client:
-            for _ in range(3):
-                with pytest.raises(errors.TransportError) as caught:
-                    await client.edit(request)
-                failures.append(caught.value)
-                assert open_descriptors_of(image) == 0
+            await failing_hold_no_file_async(lambda: client.edit(request), image)
 
     if kind == "sync":
         with FluxClient("laozhang", api_key=KEY, base_url=server.url, max_retries=0) as client:
-            for _ in range(3):
-                with pytest.raises(errors.TransportError) as caught:
-                    client.edit(request)
-                failures.append(caught.value)
-                assert open_descriptors_of(image) == 0
+            failing_hold_no_file(lambda: client.edit(request), image)
     else:
         asyncio.run(main())
 
@@ -1206,25 +1222,16 @@ def test_a_callers_transport_failing_mid_body_does_not_keep_the_image_file_open(
 ) -> None:
     image = large_image(tmp_path)
     request = EditRequest(prompt="a robot", model="flux-2-pro", images=[image])
-    failures: list[BaseException] = []
 
     async def main() -> None:
         async with httpx.AsyncClient(transport=_TakesPartThenFails()) as http:
             client = AsyncFluxClient("laozhang", api_key=KEY, http_client=http, max_retries=0)
-            for _ in range(3):
-                with pytest.raises(errors.TransportError) as caught:
-                    await client.edit(request)
-                failures.append(caught.value)
-                assert open_descriptors_of(image) == 0
+            await failing_hold_no_file_async(lambda: client.edit(request), image)
 
     if kind == "sync":
         with httpx.Client(transport=_TakesPartThenFails()) as http:
             client = FluxClient("laozhang", api_key=KEY, http_client=http, max_retries=0)
-            for _ in range(3):
-                with pytest.raises(errors.TransportError) as caught:
-                    client.edit(request)
-                failures.append(caught.value)
-                assert open_descriptors_of(image) == 0
+            failing_hold_no_file(lambda: client.edit(request), image)
     else:
         asyncio.run(main())
 
