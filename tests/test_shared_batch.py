@@ -81,6 +81,58 @@ def wait_for(condition: Any, process: subprocess.Popen[str], seconds: float = 60
         time.sleep(0.005)
 
 
+def dumped(command: list[str]) -> list[str]:
+    """*command* (a `worker`) run by tests/dumped_worker.py: SIGUSR1 dumps its stacks."""
+    assert command[1:3] == ["-m", "flux_adapters"]
+    return [command[0], "-m", "tests.dumped_worker", *command[3:]]
+
+
+def finish(
+    command: list[str], *, env: dict[str, str], seconds: float, evidence: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run *command* (`dumped`) to its end; past *seconds*, fail with where it was stuck.
+
+    The failure holds the stacks of its threads and asyncio tasks (SIGUSR1), its stderr and
+    what *evidence*() returns: a hang seen once can be diagnosed from the test's report alone.
+    """
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)  # its loop writes the tasks' stacks when it gets control back
+        process.kill()
+        stdout, stderr = process.communicate()
+    if process.returncode == -signal.SIGKILL:
+        pytest.fail(
+            f"the worker ran past {seconds} s; its stacks and stderr:\n{stderr}\n"
+            f"its stdout:\n{stdout}\n{evidence()}",
+            pytrace=False,
+        )
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def shared_state(client: Any, batch: str) -> str:
+    """What Redis holds of *batch* (no secret is stored there), for a failure's message."""
+    base = f"flux:batch:{{{batch}}}:"
+    found = [
+        f"TIME {client.time()}",
+        f"meta {client.hgetall(base + 'meta')}",
+        f"leases {client.zrange(base + 'leases', 0, -1, withscores=True)}",
+        f"owners {client.hgetall(base + 'owners')}",
+        f"jobs {client.hgetall(base + 'jobs')}",
+        f"saved {client.get(base + 'saved')!r} done {client.get(base + 'done')!r}",
+        f"counts {client.hgetall(base + 'counts')}",
+    ]
+    return "shared state:\n" + "\n".join(found) + "\n"
+
+
+def emulator_calls(emulator: Emulator) -> str:
+    return "emulator calls:\n" + "\n".join(map(repr, emulator.calls())) + "\n"
+
+
 # --- three workers, one killed --------------------------------------------------------------------
 
 
@@ -421,12 +473,11 @@ def test_a_killed_workers_accepted_jobs_are_polled_by_the_next_not_sent_again(
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         submitted = Counter(call.path for call in emulator.calls(kind="submit"))
-        second = subprocess.run(
-            worker(source, str(folder), redis.url, *args, provider="bfl"),
+        second = finish(
+            dumped(worker(source, str(folder), redis.url, *args, provider="bfl")),
             env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
+            seconds=120,
+            evidence=lambda: shared_state(journal, batch) + emulator_calls(emulator),
         )
         ledger = Counter(entry.prompt for entry in emulator.billed())
         submits = len(emulator.calls(kind="submit"))
