@@ -589,13 +589,15 @@ class _Run:
                 self.queue.put_nowait(None)
 
     def _take(self, claim: Claim) -> None:
-        if claim.block in self.held:
+        if claim.own and claim.block in self.held:
             # Its own block again: its lease ran out (a stalled loop) before anyone took it
             # over, and the claim renewed it. Its jobs are queued or in flight already.
             return
         # A block lost (taken over) and claimed again later: the jobs of the first claim still
-        # queued are dropped (this claim's come with what the journal knows now), and one
-        # still in flight here is not started twice (`running`).
+        # queued are dropped (this claim's come with what the journal knows now: the other
+        # worker may have sent some of them), and one still in flight here is not started
+        # twice (`running`). So too for a block still held here as far as this worker knows
+        # (the renewal that would have said it was lost has not come back yet).
         self.claimed += 1
         self.claims[claim.block] = self.claimed
         self.held[claim.block] = len(claim.jobs)

@@ -22,7 +22,14 @@ import pytest
 
 from flux_adapters._files import image_format
 from flux_adapters._journal import JobState
-from flux_adapters._shared_batch import Lines, batch_id, output_location
+from flux_adapters._shared_batch import (
+    Lines,
+    LocalOutput,
+    SharedOptions,
+    _Run,
+    batch_id,
+    output_location,
+)
 from flux_adapters._shared_batch_store import Claim, Store
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.state._redis import RedisState
@@ -277,6 +284,79 @@ def test_a_dead_workers_block_is_taken_over_when_its_lease_ends_and_it_is_fenced
         assert lost == {0}
         assert await alive.journal([["4", sent, "", 0, ""]]) == [True]
         await _close(dead, alive)
+
+    asyncio.run(scenario())
+
+
+def test_a_block_lost_and_claimed_back_comes_with_what_the_other_worker_recorded(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # A worker whose loop stalled past its lease: another took its block over, sent job 3 and
+    # gave the block back (stopped), all before the first worker's renewal noticed the loss.
+    # Its next claim brings the block back: it must not go on with what it knew before
+    # (job 3 not sent), which would send job 3 a second time, and pay twice.
+    source = write_jobs(tmp_path / "jobs.jsonl", 10)
+
+    async def scenario() -> None:
+        stalled = await _store(redis, "lost-back", "stalled", total=10, block=10)
+        other = await _store(redis, "lost-back", "other", total=10, block=10)
+        lines = Lines(source)
+        options = SharedOptions(state_url=redis.url, output=str(tmp_path / "out"), block=10)
+        run = _Run(
+            None,  # type: ignore[arg-type]  # no job is run: only what is queued is looked at
+            lines,
+            LocalOutput(tmp_path / "out"),
+            stalled,
+            options,
+            asyncio.Event(),
+            lambda ended: None,
+            lambda counts: None,
+        )
+        first = await stalled.claim()
+        assert isinstance(first, Claim)
+        run._take(first)
+        await asyncio.sleep(0.4)  # the lease (300 ms) ends: the worker's loop stalled
+        taken = await other.claim()
+        assert isinstance(taken, Claim)
+        assert taken.block == 0
+        assert not taken.own
+        sent = json.dumps({"k": "sent", "p": "laozhang"})
+        assert await other.journal([["3", sent, "", 0, ""], ["", "given up", "", 0, "0"]]) == [
+            True,
+            True,
+        ]
+        back = await stalled.claim()
+        assert isinstance(back, Claim)
+        assert back.block == 0
+        assert not back.own
+        run._take(back)
+        # What a worker task would start job 3 with: the claim current for its block, and the
+        # records that came with it.
+        queued = [run.queue.get_nowait() for _ in range(run.queue.qsize())]
+        started = [
+            item for item in queued if item is not None and run.claims.get(item.block) == item.claim
+        ]
+        [job3] = [item for item in started if item.job == 3]
+        state = JobState()
+        for record in job3.records:
+            state.fold(record)
+        assert state.may_be_billed  # recovered (or reported), never sent again
+        assert len(started) == 10
+        assert run.held[0] == 10
+        # Its own lease lapsed again, and no one took the block meanwhile: the same claim goes
+        # on (its jobs are queued or in flight already), nothing is queued twice.
+        await asyncio.sleep(0.4)
+        mine = await stalled.claim()
+        assert isinstance(mine, Claim)
+        assert mine.block == 0
+        assert mine.own
+        current = run.claims[0]
+        run._take(mine)
+        assert run.claims[0] == current
+        assert run.queue.qsize() == 0
+        await run.writer.close()
+        lines.close()
+        await _close(stalled, other)
 
     asyncio.run(scenario())
 
