@@ -23,6 +23,7 @@ import pytest
 from flux_adapters._files import image_format
 from flux_adapters._journal import JobState
 from flux_adapters._shared_batch import (
+    Ended,
     Lines,
     LocalOutput,
     SharedOptions,
@@ -359,6 +360,65 @@ def test_a_block_lost_and_claimed_back_comes_with_what_the_other_worker_recorded
         await _close(stalled, other)
 
     asyncio.run(scenario())
+
+
+def test_a_job_in_flight_when_its_block_is_claimed_back_ends_once_and_every_other_job_runs(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # Job 0 was in flight when its stalled worker claimed its block back: the claim queues
+    # every job of the block again, job 0 included. Job 0 ending before its new turn came
+    # counted for the new claim, and its new turn ran it again and counted it again: the block
+    # was released one job early, and its last job was never run in the round.
+    source = write_jobs(tmp_path / "jobs.jsonl", 10)
+
+    async def scenario() -> list[str]:
+        stalled = await _store(redis, "in-flight", "stalled", total=10, block=10)
+        other = await _store(redis, "in-flight", "other", total=10, block=10)
+        lines = Lines(source)
+        ended: list[str] = []
+        options = SharedOptions(state_url=redis.url, output=str(tmp_path / "out"), block=10)
+        run = _Run(
+            None,  # type: ignore[arg-type]  # jobs are run by the stand-in below
+            lines,
+            LocalOutput(tmp_path / "out"),
+            stalled,
+            options,
+            asyncio.Event(),
+            lambda job: ended.append(job.name),
+            lambda counts: None,
+        )
+        release = asyncio.Event()
+
+        async def run_job(number: int, saved: bool, records: Any) -> Ended:
+            if number == 0 and not ended:
+                await release.wait()  # in flight while the block is lost and claimed back
+            return Ended(f"job-{number:03d}", "ok")
+
+        run.run_job = run_job  # type: ignore[method-assign]
+        first = await stalled.claim()
+        assert isinstance(first, Claim)
+        run._take(first)
+        worker = asyncio.create_task(run.worker())  # one worker: the others wait their turn
+        await asyncio.sleep(0.4)  # the lease (300 ms) ends: the worker's loop stalled
+        taken = await other.claim()
+        assert isinstance(taken, Claim)
+        assert await other.journal([["", "given up", "", 0, "0"]]) == [True]
+        back = await stalled.claim()
+        assert isinstance(back, Claim)
+        run._take(back)
+        release.set()
+        deadline = time.monotonic() + 30
+        while 0 in run.held and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        run.queue.put_nowait(None)
+        await asyncio.wait_for(worker, 30)
+        await run.writer.close()
+        lines.close()
+        await _close(stalled, other)
+        return ended
+
+    ended = asyncio.run(scenario())
+    assert sorted(ended) == [f"job-{n:03d}" for n in range(10)]  # each once, none left
 
 
 def test_workers_claiming_at_once_never_hold_one_block_together(redis: RedisServer) -> None:
