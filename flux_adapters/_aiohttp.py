@@ -78,28 +78,60 @@ _SMALL_WRITE: Final = 64 * 1024
 """A slice this small goes into aiohttp's buffer without waiting (its limit is 64 KiB)."""
 
 
-class _Headers:
-    """An aiohttp answer's headers, read the way `flux_adapters._transport.HeadHeaders` says."""
+def _not_utf8(text: str) -> bool:
+    """Whether aiohttp's *text* was read from bytes that are no UTF-8 (it keeps them escaped)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: aiohttp's "surrogateescape" of a byte
+        return True
+    return False
 
-    __slots__ = ("_headers",)
+
+class _Headers:
+    r"""An aiohttp answer's headers, read the way `flux_adapters._transport.HeadHeaders` says.
+
+    Their text is httpx's (`httpx.Headers.encoding`): UTF-8 when every name and value of the
+    answer is UTF-8, else Latin-1 (each byte one character, HTTP's historical charset) for all
+    of them. aiohttp reads each as UTF-8 with undecodable bytes escaped (``caf\udce9``, which
+    neither a terminal nor JSON can show); such bytes are read back as they came. An ASCII value
+    reads the same either way: only a value that is not ASCII asks which (once per answer).
+    """
+
+    __slots__ = ("_headers", "_latin")
 
     def __init__(self, headers: Any) -> None:
         self._headers = headers  # aiohttp's CIMultiDictProxy: any case, in the order received
+        self._latin: bool | None = None
+
+    def _text(self, value: str) -> str:
+        if value.isascii():
+            return value
+        if self._latin is None:
+            self._latin = any(
+                _not_utf8(name) or _not_utf8(text) for name, text in self._headers.items()
+            )
+        return value.encode("utf-8", "surrogateescape").decode("latin-1") if self._latin else value
 
     def get(self, key: str, default: Any = None) -> Any:
         values = self._headers.getall(key, None)
         if values is None:
             return default
-        return values[0] if len(values) == 1 else ", ".join(values)  # as httpx joins them
+        text = values[0] if len(values) == 1 else ", ".join(values)  # as httpx joins them
+        return self._text(text)
 
     def get_list(self, key: str, split_commas: bool = False) -> list[str]:
-        values: list[str] = list(self._headers.getall(key, ()))
+        values: list[str] = [self._text(value) for value in self._headers.getall(key, ())]
         if not split_commas:
             return values
         return [part.strip() for value in values for part in value.split(",")]
 
     def multi_items(self) -> list[tuple[str, str]]:
-        return [(name.lower(), value) for name, value in self._headers.items()]
+        items = [(name.lower(), value) for name, value in self._headers.items()]  # every answer's
+        if all(value.isascii() for _, value in items):  # names are tokens: ASCII, or refused
+            return items
+        return [(self._text(name), self._text(value)) for name, value in items]
 
 
 class _Head:

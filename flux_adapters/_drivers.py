@@ -24,7 +24,7 @@ import io
 import os
 import re
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import (
     IO,
@@ -73,6 +73,7 @@ __all__ = [
     "HttpxDriver",
     "check_headers",
     "choose",
+    "counted_body",
     "httpx_request",
     "multipart_request",
     "not_sent_by_deadline",
@@ -391,6 +392,48 @@ def _counted(request: httpx.Request) -> _Counted | None:
         request.stream = counted
         return counted
     return None
+
+
+class CountedBody(httpx.SyncByteStream):
+    """A sync request body that knows whether its last byte was handed to httpx.
+
+    Until then the provider cannot have the whole request (its ``Content-Length`` says more is
+    to come): a send cut short earlier, in the thread that sends, proves it was not taken.
+    """
+
+    def __init__(self, inner: httpx.SyncByteStream, length: int) -> None:
+        self._inner = inner
+        self._left = length
+
+    @property
+    def complete(self) -> bool:
+        """Whether every byte was handed over."""
+        return self._left <= 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            self._left -= len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def counted_body(request: httpx.Request) -> CountedBody | None:
+    """*request*'s streamed sync body, now counted; ``None`` for a body held whole (or none).
+
+    A body held whole goes out in one write, which an interruption may cut anywhere: how much
+    of it went cannot be told.
+    """
+    stream = request.stream
+    if type(stream) is httpx.ByteStream or not isinstance(stream, httpx.SyncByteStream):
+        return None  # held whole (httpx's stream of a body given as bytes), or not sync
+    length = request.headers.get("content-length", "")
+    if not (length.isascii() and length.isdigit()):
+        return None
+    counted = CountedBody(stream, int(length))
+    request.stream = counted
+    return counted
 
 
 class _Pool:

@@ -548,8 +548,11 @@ class _Run:
         self.claims: dict[int, int] = {}
         """Blocks this worker holds -> the number of the claim that gave it (`_take`)."""
         self.claimed = 0
-        self.running: set[int] = set()
-        """The jobs this worker has in flight."""
+        self.running: dict[int, int] = {}
+        """The jobs this worker has in flight -> the claim whose count their end takes down."""
+        self.ended_late: set[int] = set()
+        """Jobs that ended after their block was claimed again: their turn in the new claim is
+        still queued, and only takes the count down."""
         self.failure: StateUnavailable | None = None
         self.mine = dict.fromkeys(STATUSES, 0)
         self.finished = False
@@ -589,13 +592,15 @@ class _Run:
                 self.queue.put_nowait(None)
 
     def _take(self, claim: Claim) -> None:
-        if claim.block in self.held:
+        if claim.own and claim.block in self.held:
             # Its own block again: its lease ran out (a stalled loop) before anyone took it
             # over, and the claim renewed it. Its jobs are queued or in flight already.
             return
         # A block lost (taken over) and claimed again later: the jobs of the first claim still
-        # queued are dropped (this claim's come with what the journal knows now), and one
-        # still in flight here is not started twice (`running`).
+        # queued are dropped (this claim's come with what the journal knows now: the other
+        # worker may have sent some of them), and one still in flight here is not started
+        # twice (`running`). So too for a block still held here as far as this worker knows
+        # (the renewal that would have said it was lost has not come back yet).
         self.claimed += 1
         self.claims[claim.block] = self.claimed
         self.held[claim.block] = len(claim.jobs)
@@ -641,12 +646,18 @@ class _Run:
             if self.stop.is_set() or self.claims.get(block) != taken.claim:
                 continue  # not started: the block goes back (given up) or is another's now
             if number in self.running:
-                continue  # in flight here from an earlier claim of its block: it ends there
+                # In flight here from an earlier claim of its block: it ends there, for this one.
+                self.running[number] = taken.claim
+                continue
+            if number in self.ended_late:  # ended there since this claim: not run again
+                self.ended_late.discard(number)
+                self._job_over(block)
+                continue
             if taken.done:  # ended in this round already (a block taken over)
                 self._job_over(block)
                 continue
             self.in_job.add(me)
-            self.running.add(number)
+            self.running[number] = taken.claim
             try:
                 ended = await self.run_job(number, taken.saved, taken.records)
             finally:
@@ -654,7 +665,7 @@ class _Run:
             try:
                 await self._end(block, number, ended)
             finally:
-                self.running.discard(number)
+                del self.running[number]
 
     async def _end(self, block: int, number: int, ended: Ended) -> None:
         if ended.given_back:  # its block is not finished: given up at the end of the run
@@ -675,7 +686,10 @@ class _Run:
         else:
             self.mine[ended.status] += 1
         self.on_end(ended)
-        self._job_over(block)
+        if self.claims.get(block) == self.running.get(number):
+            self._job_over(block)
+        elif block in self.held:  # claimed again since it started: its new turn is queued
+            self.ended_late.add(number)
 
     async def run_job(self, number: int, saved: bool, records: tuple[dict[str, Any], ...]) -> Ended:
         name, request = self.lines.job(number)

@@ -92,7 +92,8 @@ local blocks, total = tonumber(m[5]), tonumber(m[6])
 local b, took
 local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 1)
 if #expired > 0 then
-  b, took = tonumber(expired[1]), 1
+  -- 2: its lease was this worker's own, and no other took it meanwhile; 1: another's
+  b, took = tonumber(expired[1]), redis.call('HGET', owners, expired[1]) == ARGV[1] and 2 or 1
 elseif nxt < blocks then
   b, took = nxt, 0
   redis.call('HSET', meta, 'next', nxt + 1)
@@ -200,11 +201,15 @@ class Claim:
     """A block of jobs claimed: its number, whether it was taken over, and its jobs.
 
     ``jobs``: (job number, ended in this round, saved, journal records) for each job.
+    ``own``: taken over from this worker itself (its lease ran out, a stalled loop, and no
+    other worker held the block since): what this worker knows of its jobs is still all there
+    is. Not so for a block another worker held meanwhile, even one this worker held before.
     """
 
     block: int
     taken_over: bool
     jobs: tuple[tuple[int, bool, bool, tuple[dict[str, Any], ...]], ...]
+    own: bool = False
 
 
 def _text(value: object) -> str:
@@ -301,13 +306,13 @@ class Store:
             return max(int(_text(answer[1])), 0) / 1000
         if kind != "block":
             return None
-        block, took, flags = int(_text(answer[1])), _text(answer[2]) == "1", _text(answer[3])
+        block, took, flags = int(_text(answer[1])), _text(answer[2]), _text(answer[3])
         first = block * self.block
         jobs = tuple(
             (first + i, flags[2 * i] == "1", flags[2 * i + 1] == "1", _records(_text(raw)))
             for i, raw in enumerate(answer[4:])
         )
-        return Claim(block, took, jobs)
+        return Claim(block, took != "0", jobs, own=took == "2")
 
     async def renew(self, blocks: list[int]) -> tuple[set[int], bool, dict[str, int]]:
         """Extend the leases of *blocks*: those lost, whether the round is current, the counts."""

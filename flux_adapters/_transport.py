@@ -68,6 +68,7 @@ __all__ = [
     "phase_timeouts",
     "proves_not_sent",
     "send_within",
+    "sends_here",
     "transport_error",
     "with_answer",
 ]
@@ -352,6 +353,16 @@ class _BoundedBy:
         finally:
             ENDS.reset(self._token)
         return False
+
+
+def sends_here(http: httpx.Client) -> bool:
+    """Whether `send_within` sends with *http* in the caller's thread (a `bounded_http_client`).
+
+    Then an interruption (Ctrl-C) stops the send where it is: httpcore closes a connection left
+    mid-request, and no byte of the request goes out after it. Any other client sends on a
+    worker thread, which may go on writing on a connection taken from its pool.
+    """
+    return http in _BOUNDED
 
 
 def send_within(

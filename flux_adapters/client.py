@@ -83,8 +83,10 @@ if TYPE_CHECKING:
     from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
     from flux_adapters._drivers import (
         AsyncDriver,
+        CountedBody,
         DriverName,
         Exchange,
+        counted_body,
         httpx_request,
         unsendable,
     )
@@ -99,6 +101,7 @@ if TYPE_CHECKING:
         mapped_transport_errors,
         phase_timeouts,
         send_within,
+        sends_here,
         with_answer,
     )
     from flux_adapters.config import ProviderSettings
@@ -140,8 +143,9 @@ def _load_sending() -> None:
     global ACCEPT_ENCODING, Accepted, AnswerBody, EditResult, Exchange, JsonBody, Sleep, Wait
     global Admit, Admitted, Try
     global bounded_by, flow_for, hide_in_httpx_log, httpx_request, iter_decoded
-    global mapped_transport_errors, phase_timeouts, route, send_within, unsendable, with_answer
-    from flux_adapters._drivers import Exchange, httpx_request, unsendable
+    global counted_body, mapped_transport_errors, phase_timeouts, route, send_within, sends_here
+    global unsendable, with_answer
+    from flux_adapters._drivers import Exchange, counted_body, httpx_request, unsendable
     from flux_adapters._flows import flow_for
     from flux_adapters._redact import hide_in_httpx_log
     from flux_adapters._transport import (
@@ -152,6 +156,7 @@ def _load_sending() -> None:
         mapped_transport_errors,
         phase_timeouts,
         send_within,
+        sends_here,
         with_answer,
     )
     from flux_adapters.jobs import Accepted
@@ -1274,17 +1279,42 @@ def _noted(interruption: BaseException, stop: StopJob, scrub: Redactor) -> None:
         interruption.add_note(f"flux-adapters: {escape_controls(said)}")
 
 
-def _submitting(stop: StopJob, binding: _Binding, instruction: object) -> StopJob:
+def _submitting(
+    stop: StopJob, binding: _Binding, instruction: object, *, unsent: bool = False
+) -> StopJob:
     """*stop*, naming the provider when its paid request was under way and no job was taken.
 
     *instruction* is the flow's last: a submit (a synchronous provider's one call included) is
     under way from the moment the flow asked for it until the flow asks for something else.
+    *unsent*: the submit was cut short before its body's last byte was handed over, in the
+    thread that sends (`_Sending.unsent`): the provider cannot have it.
     """
     from flux_adapters.wire import HttpRequest
 
     if stop.job is None and isinstance(instruction, HttpRequest) and instruction.role == "submit":
         stop.submitting = binding.adapter.name
+        stop.unsent = unsent
     return stop
+
+
+class _Sending:
+    """The counted body of the submit `FluxClient._drive` is sending, if it can be counted.
+
+    Counted only when the client sends in the caller's thread (`sends_here`) and the body is
+    streamed (`counted_body`): then Ctrl-C stops the send where it is, and a body whose last
+    byte was not handed over proves the provider has no whole request (the money rule's "not
+    taken", as a write timeout). Otherwise ``None``: it cannot be told.
+    """
+
+    __slots__ = ("body",)
+
+    def __init__(self) -> None:
+        self.body: CountedBody | None = None
+
+    @property
+    def unsent(self) -> bool:
+        """Whether the body is counted and its last byte was not handed over."""
+        return self.body is not None and not self.body.complete
 
 
 def _unanswered(stop: StopJob) -> StopJob:
@@ -1541,11 +1571,13 @@ class FluxClient(_ClientBase):
         flow cancel its job, if the provider took one and can, before it propagates.
         """
         instruction: HttpRequest | Sleep | Accepted | None = None  # for an interruption
+        sending = _Sending()
         try:
             instruction = next(flow)
             while True:
+                sending.body = None
                 try:
-                    reply = self._perform(binding, instruction)
+                    reply = self._perform(binding, instruction, sending)
                 except FluxError as error:  # the flow judges it, and attaches its job if any
                     instruction = flow.throw(error)
                 else:
@@ -1554,14 +1586,15 @@ class FluxClient(_ClientBase):
             result: _T = finished.value
             return result
         except KeyboardInterrupt as interrupt:
-            stop = _submitting(self._stop(binding, flow), binding, instruction)
+            unsent = sending.unsent
+            stop = _submitting(self._stop(binding, flow), binding, instruction, unsent=unsent)
             _noted(interrupt, stop, binding.key_only)
             raise
         finally:
             flow.close()
 
     def _perform(
-        self, binding: _Binding, instruction: HttpRequest | Sleep | Accepted
+        self, binding: _Binding, instruction: HttpRequest | Sleep | Accepted, sending: _Sending
     ) -> HttpResponse | None:
         if isinstance(instruction, Sleep):
             _note_wait(binding, instruction)
@@ -1572,7 +1605,7 @@ class FluxClient(_ClientBase):
             return None
         started = time.perf_counter()
         try:
-            response = self._send(binding, instruction)
+            response = self._send(binding, instruction, sending)
         except FluxError as error:
             _note_exchange(binding, instruction, started, error)
             raise
@@ -1604,7 +1637,9 @@ class FluxClient(_ClientBase):
             pass
         return stop
 
-    def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
+    def _send(
+        self, binding: _Binding, outgoing: HttpRequest, sending: _Sending | None = None
+    ) -> HttpResponse:
         name = binding.adapter.name
         seconds = binding.limit(outgoing)
         ends = time.monotonic() + seconds
@@ -1617,6 +1652,10 @@ class FluxClient(_ClientBase):
                 bounded_by(ends, name, seconds),
             ):
                 request = httpx_request(self._http, _exchange(binding, outgoing), files, self._urls)
+                if sending is not None and outgoing.role == "submit":
+                    counted = counted_body(request)  # how far it got, if Ctrl-C cuts it
+                    if counted is not None and sends_here(self._http):
+                        sending.body = counted
                 # Redirects are never followed, whatever the caller's client says: a 307/308
                 # would send the paid POST again (and its images to another origin); a 3xx is
                 # judged by its status. A caller's client-level auth never replaces the

@@ -110,7 +110,8 @@ class FluxError(Exception):
         Read from the answer's headers (``x-request-id``, ``request-id``, ``x-fal-request-id``,
         ``x-oneapi-request-id`` of the one-api/new-api gateways many resellers run, ...). For an
         asynchronous provider's job with no such header, the job's id (BFL's task id; fal's
-        ``request_id``). Shown in ``str(error)``.
+        ``request_id``). Shown in ``str(error)``. A header that is not UTF-8 reads as httpx
+        reads it, on every client and driver: each byte one character (Latin-1).
         """
         if self._request_id is not None:
             return self._request_id

@@ -255,6 +255,10 @@ class StopJob(Exception):
     submitting: str | None = None
     """The provider whose paid request (a submit, or a synchronous provider's one call) was
     under way, with no job taken yet (set by the client)."""
+    unsent: bool = False
+    """Whether that request was stopped before the last byte of its body was handed over, in
+    the thread that sends it (set by `FluxClient`): the provider cannot have a whole request,
+    so it took no job and bills none (the money rule's "not taken", as a write timeout)."""
 
     def note(self, scrub: Callable[[str], str] | None = None) -> str | None:
         """What became of the job, for the interruption's notes; ``None`` when nothing was sent.
@@ -266,6 +270,11 @@ class StopJob(Exception):
         if self.job is None:
             if self.submitting is None:
                 return None
+            if self.unsent:
+                return (
+                    f"the request to {self.submitting} was stopped before all of it was sent:"
+                    f" {self.submitting} cannot have taken it, and bills nothing"
+                )
             return (
                 f"the request to {self.submitting} was under way: {self.submitting} may have"
                 " taken it, and may bill it"

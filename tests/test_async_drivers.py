@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
+from flux_adapters import AsyncFluxClient, EditRequest, EditResult, FluxClient, errors
 from flux_adapters._drivers import DRIVER_VARIABLE, Exchange, HttpxDriver, choose
 from flux_adapters._redact import redact
 from flux_adapters.emulator import Emulator, Fault, run_emulator
@@ -311,6 +311,46 @@ def test_every_client_reads_the_same_retry_after(serve: Callable[..., Server]) -
         assert isinstance(outcome, errors.RateLimited), outcome
         waits.add(outcome.retry_after)
     assert waits == {30.0}
+
+
+# A request id's bytes that are no UTF-8 (Latin-1's é, 0xE9), in UTF-8 (0xC3 0xA9), and UTF-8 in
+# an answer whose other header is no UTF-8: read as httpx reads headers, UTF-8 when every header
+# of the answer is, else each byte one character (Latin-1, HTTP's historical charset).
+REQUEST_IDS = {
+    "latin-1": ((b"x-request-id: caf\xe9",), "caf\xe9"),
+    "utf-8": ((b"x-request-id: caf\xc3\xa9",), "caf\xe9"),
+    "utf-8-beside-latin-1": ((b"x-request-id: caf\xc3\xa9", b"x-note: \xe9t\xe9"), "caf\xc3\xa9"),
+}
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+@pytest.mark.parametrize("status", [200, 502])
+@pytest.mark.parametrize("case", REQUEST_IDS, ids=list(REQUEST_IDS))
+def test_a_request_id_that_is_not_ascii_reads_the_same_on_every_client(
+    kind: str, status: int, case: str, serve: Callable[..., Server]
+) -> None:
+    # The id a user quotes to the provider's support: the same text whichever client read it
+    # (aiohttp's own reading was 'caf\udce9', a lone surrogate no terminal or JSON shows).
+    lines, shown = REQUEST_IDS[case]
+    body = OK if status == 200 else b'{"error": {"message": "upstream"}}'
+
+    def respond(server: Server, connection: socket.socket, head: bytes, _: bytes) -> None:
+        extra = b"".join(line + b"\r\n" for line in lines)
+        server.send(
+            connection,
+            b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (status, len(body), extra, body),
+        )
+
+    outcome = edit(kind, serve(respond).url, max_retries=0)
+    if status == 200:
+        assert isinstance(outcome, EditResult), outcome
+        assert outcome.request_id == shown
+    else:
+        assert isinstance(outcome, errors.ProviderError), outcome
+        assert outcome.request_id == shown
+        assert outcome.response_headers["x-request-id"] == shown
+        assert f"request id {shown}" in str(outcome)
 
 
 # --- downloads of result images, on each driver ------------------------------------------------

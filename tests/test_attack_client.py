@@ -13,6 +13,7 @@ import functools
 import gc
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -1412,3 +1413,126 @@ def test_a_multipart_file_changed_or_unreadable_while_sent_is_a_request_error(
     expected = "cannot be read" if fault == "unreadable" else "changed while it was being sent"
     assert expected in violation.message
     assert "robot.png" in violation.message
+
+
+# --- Ctrl-C while the paid request's body is being sent ---------------------------------------
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    raise AssertionError("no Content-Length")
+
+
+def _reads_all(received: list[tuple[int, int]]) -> Callable[[socket.socket, bytes], None]:
+    """A server that reads the request to its end (or until the client hangs up), answering
+    nothing: it notes (bytes of the body received, its Content-Length)."""
+
+    def respond(connection: socket.socket, head: bytes) -> None:
+        length = _content_length(head)
+        taken = len(head.partition(b"\r\n\r\n")[2])
+        while taken < length:
+            chunk = connection.recv(1 << 20)
+            if not chunk:
+                break
+            taken += len(chunk)
+        received.append((taken, length))
+        if taken >= length:  # the whole request came: Ctrl-C while its answer is awaited
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        connection.recv(1)  # until the client hangs up
+
+    return respond
+
+
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in the main thread, as in a terminal."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _interrupted_after_one_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the image is read for the body: after its first slice went out."""
+    from flux_adapters import _bodies
+
+    real = _bodies._payload_chunks
+
+    def interrupted(segment: Any) -> Iterator[bytes]:
+        chunks = real(segment)
+        yield next(chunks)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_bodies, "_payload_chunks", interrupted)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_ctrl_c_before_the_body_was_sent_whole_says_the_provider_cannot_have_taken_it(
+    serve: Callable[[Callable[[socket.socket, bytes], None]], Server],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Stopped mid-body, in the thread that sends: the provider has part of a request whose
+    # Content-Length says more was to come. It cannot run (nor bill) it: as a write timeout,
+    # proven not taken. The note said "may have taken it, and may bill it".
+    received: list[tuple[int, int]] = []
+    server = serve(_reads_all(received))
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    _interrupted_after_one_slice(monkeypatch)
+    with (
+        FluxClient("laozhang", api_key=KEY, base_url=server.url, max_retries=0) as client,
+        pytest.raises(KeyboardInterrupt) as caught,
+    ):
+        client.edit(request)
+    assert caught.value.__notes__ == [
+        "flux-adapters: the request to laozhang was stopped before all of it was sent: laozhang"
+        " cannot have taken it, and bills nothing"
+    ]
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    [(taken, length)] = received
+    assert taken < length  # the provider indeed never had the whole request
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_ctrl_c_once_the_body_was_sent_whole_says_the_provider_may_have_taken_it(
+    serve: Callable[[Callable[[socket.socket, bytes], None]], Server], tmp_path: Path
+) -> None:
+    received: list[tuple[int, int]] = []
+    server = serve(_reads_all(received))  # the whole body read, then Ctrl-C
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    with (
+        FluxClient("laozhang", api_key=KEY, base_url=server.url, max_retries=0) as client,
+        pytest.raises(KeyboardInterrupt) as caught,
+    ):
+        client.edit(request)
+    assert caught.value.__notes__ == [
+        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
+        " and may bill it"
+    ]
+    [(taken, length)] = received
+    assert taken == length
+
+
+def test_ctrl_c_mid_body_on_a_callers_client_cannot_tell_and_says_it_may_have_been_taken(
+    serve: Callable[[Callable[[socket.socket, bytes], None]], Server],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A caller's httpx client sends on a worker thread, which may go on writing on a connection
+    # of its pool after the caller stopped: how far the body got is no proof.
+    received: list[tuple[int, int]] = []
+    server = serve(_reads_all(received))
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    _interrupted_after_one_slice(monkeypatch)
+    with httpx.Client() as http:
+        client = FluxClient("laozhang", api_key=KEY, base_url=server.url, http_client=http)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.edit(request)
+    assert caught.value.__notes__ == [
+        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
+        " and may bill it"
+    ]

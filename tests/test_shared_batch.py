@@ -22,7 +22,15 @@ import pytest
 
 from flux_adapters._files import image_format
 from flux_adapters._journal import JobState
-from flux_adapters._shared_batch import Lines, batch_id, output_location
+from flux_adapters._shared_batch import (
+    Ended,
+    Lines,
+    LocalOutput,
+    SharedOptions,
+    _Run,
+    batch_id,
+    output_location,
+)
 from flux_adapters._shared_batch_store import Claim, Store
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.state._redis import RedisState
@@ -79,6 +87,58 @@ def wait_for(condition: Any, process: subprocess.Popen[str], seconds: float = 60
     deadline = time.monotonic() + seconds
     while not condition() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+
+
+def dumped(command: list[str]) -> list[str]:
+    """*command* (a `worker`) run by tests/dumped_worker.py: SIGUSR1 dumps its stacks."""
+    assert command[1:3] == ["-m", "flux_adapters"]
+    return [command[0], "-m", "tests.dumped_worker", *command[3:]]
+
+
+def finish(
+    command: list[str], *, env: dict[str, str], seconds: float, evidence: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run *command* (`dumped`) to its end; past *seconds*, fail with where it was stuck.
+
+    The failure holds the stacks of its threads and asyncio tasks (SIGUSR1), its stderr and
+    what *evidence*() returns: a hang seen once can be diagnosed from the test's report alone.
+    """
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)  # its loop writes the tasks' stacks when it gets control back
+        process.kill()
+        stdout, stderr = process.communicate()
+    if process.returncode == -signal.SIGKILL:
+        pytest.fail(
+            f"the worker ran past {seconds} s; its stacks and stderr:\n{stderr}\n"
+            f"its stdout:\n{stdout}\n{evidence()}",
+            pytrace=False,
+        )
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def shared_state(client: Any, batch: str) -> str:
+    """What Redis holds of *batch* (no secret is stored there), for a failure's message."""
+    base = f"flux:batch:{{{batch}}}:"
+    found = [
+        f"TIME {client.time()}",
+        f"meta {client.hgetall(base + 'meta')}",
+        f"leases {client.zrange(base + 'leases', 0, -1, withscores=True)}",
+        f"owners {client.hgetall(base + 'owners')}",
+        f"jobs {client.hgetall(base + 'jobs')}",
+        f"saved {client.get(base + 'saved')!r} done {client.get(base + 'done')!r}",
+        f"counts {client.hgetall(base + 'counts')}",
+    ]
+    return "shared state:\n" + "\n".join(found) + "\n"
+
+
+def emulator_calls(emulator: Emulator) -> str:
+    return "emulator calls:\n" + "\n".join(map(repr, emulator.calls())) + "\n"
 
 
 # --- three workers, one killed --------------------------------------------------------------------
@@ -227,6 +287,138 @@ def test_a_dead_workers_block_is_taken_over_when_its_lease_ends_and_it_is_fenced
         await _close(dead, alive)
 
     asyncio.run(scenario())
+
+
+def test_a_block_lost_and_claimed_back_comes_with_what_the_other_worker_recorded(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # A worker whose loop stalled past its lease: another took its block over, sent job 3 and
+    # gave the block back (stopped), all before the first worker's renewal noticed the loss.
+    # Its next claim brings the block back: it must not go on with what it knew before
+    # (job 3 not sent), which would send job 3 a second time, and pay twice.
+    source = write_jobs(tmp_path / "jobs.jsonl", 10)
+
+    async def scenario() -> None:
+        stalled = await _store(redis, "lost-back", "stalled", total=10, block=10)
+        other = await _store(redis, "lost-back", "other", total=10, block=10)
+        lines = Lines(source)
+        options = SharedOptions(state_url=redis.url, output=str(tmp_path / "out"), block=10)
+        run = _Run(
+            None,  # type: ignore[arg-type]  # no job is run: only what is queued is looked at
+            lines,
+            LocalOutput(tmp_path / "out"),
+            stalled,
+            options,
+            asyncio.Event(),
+            lambda ended: None,
+            lambda counts: None,
+        )
+        first = await stalled.claim()
+        assert isinstance(first, Claim)
+        run._take(first)
+        await asyncio.sleep(0.4)  # the lease (300 ms) ends: the worker's loop stalled
+        taken = await other.claim()
+        assert isinstance(taken, Claim)
+        assert taken.block == 0
+        assert not taken.own
+        sent = json.dumps({"k": "sent", "p": "laozhang"})
+        assert await other.journal([["3", sent, "", 0, ""], ["", "given up", "", 0, "0"]]) == [
+            True,
+            True,
+        ]
+        back = await stalled.claim()
+        assert isinstance(back, Claim)
+        assert back.block == 0
+        assert not back.own
+        run._take(back)
+        # What a worker task would start job 3 with: the claim current for its block, and the
+        # records that came with it.
+        queued = [run.queue.get_nowait() for _ in range(run.queue.qsize())]
+        started = [
+            item for item in queued if item is not None and run.claims.get(item.block) == item.claim
+        ]
+        [job3] = [item for item in started if item.job == 3]
+        state = JobState()
+        for record in job3.records:
+            state.fold(record)
+        assert state.may_be_billed  # recovered (or reported), never sent again
+        assert len(started) == 10
+        assert run.held[0] == 10
+        # Its own lease lapsed again, and no one took the block meanwhile: the same claim goes
+        # on (its jobs are queued or in flight already), nothing is queued twice.
+        await asyncio.sleep(0.4)
+        mine = await stalled.claim()
+        assert isinstance(mine, Claim)
+        assert mine.block == 0
+        assert mine.own
+        current = run.claims[0]
+        run._take(mine)
+        assert run.claims[0] == current
+        assert run.queue.qsize() == 0
+        await run.writer.close()
+        lines.close()
+        await _close(stalled, other)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_in_flight_when_its_block_is_claimed_back_ends_once_and_every_other_job_runs(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # Job 0 was in flight when its stalled worker claimed its block back: the claim queues
+    # every job of the block again, job 0 included. Job 0 ending before its new turn came
+    # counted for the new claim, and its new turn ran it again and counted it again: the block
+    # was released one job early, and its last job was never run in the round.
+    source = write_jobs(tmp_path / "jobs.jsonl", 10)
+
+    async def scenario() -> list[str]:
+        stalled = await _store(redis, "in-flight", "stalled", total=10, block=10)
+        other = await _store(redis, "in-flight", "other", total=10, block=10)
+        lines = Lines(source)
+        ended: list[str] = []
+        options = SharedOptions(state_url=redis.url, output=str(tmp_path / "out"), block=10)
+        run = _Run(
+            None,  # type: ignore[arg-type]  # jobs are run by the stand-in below
+            lines,
+            LocalOutput(tmp_path / "out"),
+            stalled,
+            options,
+            asyncio.Event(),
+            lambda job: ended.append(job.name),
+            lambda counts: None,
+        )
+        release = asyncio.Event()
+
+        async def run_job(number: int, saved: bool, records: Any) -> Ended:
+            if number == 0 and not ended:
+                await release.wait()  # in flight while the block is lost and claimed back
+            return Ended(f"job-{number:03d}", "ok")
+
+        run.run_job = run_job  # type: ignore[method-assign]
+        first = await stalled.claim()
+        assert isinstance(first, Claim)
+        run._take(first)
+        worker = asyncio.create_task(run.worker())  # one worker: the others wait their turn
+        await asyncio.sleep(0.4)  # the lease (300 ms) ends: the worker's loop stalled
+        taken = await other.claim()
+        assert isinstance(taken, Claim)
+        assert await other.journal([["", "given up", "", 0, "0"]]) == [True]
+        back = await stalled.claim()
+        assert isinstance(back, Claim)
+        run._take(back)
+        release.set()
+        deadline = time.monotonic() + 30
+        while 0 in run.held and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        run.queue.put_nowait(None)
+        await asyncio.wait_for(worker, 30)
+        await run.writer.close()
+        lines.close()
+        await _close(stalled, other)
+        return ended
+
+    ended = asyncio.run(scenario())
+    assert sorted(ended) == [f"job-{n:03d}" for n in range(10)]  # each once, none left
 
 
 def test_workers_claiming_at_once_never_hold_one_block_together(redis: RedisServer) -> None:
@@ -421,12 +613,11 @@ def test_a_killed_workers_accepted_jobs_are_polled_by_the_next_not_sent_again(
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         submitted = Counter(call.path for call in emulator.calls(kind="submit"))
-        second = subprocess.run(
-            worker(source, str(folder), redis.url, *args, provider="bfl"),
+        second = finish(
+            dumped(worker(source, str(folder), redis.url, *args, provider="bfl")),
             env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
+            seconds=120,
+            evidence=lambda: shared_state(journal, batch) + emulator_calls(emulator),
         )
         ledger = Counter(entry.prompt for entry in emulator.billed())
         submits = len(emulator.calls(kind="submit"))
