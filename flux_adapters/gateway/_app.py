@@ -1011,15 +1011,24 @@ def _record(
     counted.child(counted.requests, route, str(response.status_code)).inc()
     counted.child(counted.latency, route).observe(elapsed)
     if ACCESS.isEnabledFor(logging.INFO):
+        # What response.headers.get, request.method and request.client give, read straight
+        # from the answer's header list and the scope (without the objects they build).
+        request_id = None
+        for name, value in response.raw_headers:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+                break
+        scope = request.scope
+        client = scope.get("client")
         line: dict[str, object] = {
             "ts": round(time.time(), 3),
-            "request_id": response.headers.get("x-request-id"),
-            "method": request.method,
+            "request_id": request_id,
+            "method": scope["method"],
             "route": route,
             "status": response.status_code,
             "ms": round(elapsed * 1000, 2),
             "key": record.id if record is not None else None,
-            "client": request.client.host if request.client else None,
+            "client": client[0] if client else None,
         }
         line.update(info or {})
         _log_access(_line_json(line))
