@@ -880,7 +880,7 @@ def _kept(gateway: Gateway, path: str, name: str) -> Response | None:
     media = MEDIA[name.rpartition(".")[2]]
     headers = {"cache-control": "private, max-age=3600"}
     try:
-        data = _small_file(gateway, path)
+        data = _small_file(gateway, path, name)
     except OSError:  # never kept, or swept
         return None
     if data is None:  # expired: removed now, as the sweep would
@@ -896,15 +896,20 @@ _LARGE: Final = b"(large)"
 """What `_small_file` answers for a file over `_INLINE_FILE_BYTES`: it is streamed instead."""
 
 
-def _small_file(gateway: Gateway, path: str) -> bytes | None:
+def _small_file(gateway: Gateway, path: str, name: str) -> bytes | None:
     """The bytes of the kept *path*; `_LARGE` if over `_INLINE_FILE_BYTES`; ``None`` if expired.
 
-    One open, one ``fstat`` (for its age and size) and one read, without Python's buffered
-    file layers: every image fetched from the gateway passes here.
+    The first fetch of an image written last is served from the bytes written, after a
+    ``stat`` (`FileStore.fresh`); any other with one open, one ``fstat`` (for its age and size)
+    and one read, without Python's buffered file layers: every image fetched from the gateway
+    passes here.
 
     Raises:
         OSError: No such file.
     """
+    fresh = gateway.files.fresh(name, path)
+    if fresh is not None:
+        return None if gateway.files.expired(fresh[1]) else fresh[0]
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         status = os.fstat(fd)
