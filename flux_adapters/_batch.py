@@ -42,6 +42,7 @@ from flux_adapters._journal import (
     Journal,
     image_identities,
     request_digest,
+    zeroed,
 )
 from flux_adapters._options import is_number
 from flux_adapters.errors import (
@@ -115,7 +116,7 @@ class NameSet:
     def __init__(self, digest_size: int = 16) -> None:
         self._width = digest_size
         self._empty = bytes(digest_size)
-        self._table = _zeroed(digest_size * 1024)
+        self._table = zeroed(digest_size * 1024)
         self._mask = 1023
         self._count = 0
 
@@ -156,20 +157,13 @@ class NameSet:
     def _grow(self) -> None:
         old, width = self._table, self._width
         mask = self._mask * 2 + 1
-        table = _zeroed(width * (mask + 1))
+        table = zeroed(width * (mask + 1))
         for start in range(0, len(old), width):
             key = old[start : start + width]
             if key != self._empty:
                 self._insert(table, mask, key)
         self._table, self._mask = table, mask
         old.close()
-
-
-def _zeroed(size: int) -> mmap.mmap:
-    """*size* bytes of zeros, private to this process, given back to the system when closed."""
-    if hasattr(mmap, "MAP_PRIVATE"):
-        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-    return mmap.mmap(-1, size)  # pragma: no cover - Windows: an anonymous map is private
 
 
 def _iterable(value: object, argument: str) -> Iterator[object]:

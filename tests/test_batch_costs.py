@@ -198,6 +198,102 @@ def test_a_rerun_holds_earlier_jobs_packed_and_lets_each_go_once_taken_up(
     assert journals[0].states == {}
 
 
+def test_a_rerun_holds_what_the_journal_knew_outside_python_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from flux_adapters._journal import EarlierStates, load_states
+
+    jobs = 3000
+    lines = []
+    for n in range(jobs):  # a first run's four records a job, eight jobs interleaved
+        name = f"job-{n:05d}"
+        lines += [
+            {"id": name, "k": "accepted", "d": f"{n:032x}"},
+            {"id": name, "k": "sent", "p": "laozhang"},
+            {"id": name, "k": "answered", "p": "laozhang", "urls": [f"https://r.example/{n}"]},
+            {"id": name, "k": "saved", "files": [f"{name}.png"]},
+        ]
+    lines.append({"id": "job-00007", "k": "accepted", "d": "f" * 32})  # forced, long after
+    (tmp_path / JOURNAL_NAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    known = load_states(tmp_path / JOURNAL_NAME)
+    tracemalloc.start()
+    try:
+        journal = Journal(tmp_path)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert isinstance(journal._earlier, EarlierStates)
+        # A dict of packed states held about 300 bytes a job (900 KB here).
+        assert held < 150_000, held
+        assert len(journal._earlier) == jobs
+        assert all(journal.state(name) == state for name, state in known.items())
+        assert journal.state("job-00007").digest == "f" * 32
+        assert not journal.knows("job-99999")
+    finally:
+        asyncio.run(journal.close())
+    assert [entry.name for entry in os.scandir(tmp_path)] == [JOURNAL_NAME]  # no file left
+
+
+class _FewHashes:
+    """An `EarlierStates` whose names share a handful of hashes: every lookup meets others'."""
+
+    @staticmethod
+    def _hash(job: str) -> int:
+        return (len(job) % 3) << 62
+
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["add", "get", "pop", "in"]), st.text(max_size=4), st.binary()),
+    max_size=400,
+)
+
+
+@given(operations, st.booleans())
+def test_earlier_states_answer_as_a_dict_would(
+    steps: list[tuple[str, str, bytes]], few_hashes: bool
+) -> None:
+    import tempfile
+
+    from flux_adapters._journal import EarlierStates
+
+    kind = type("Few", (_FewHashes, EarlierStates), {}) if few_hashes else EarlierStates
+    model: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        states = kind(Path(folder))
+        try:
+            for step, name, packed in steps:
+                if step == "add" and name not in model:
+                    states.add(name, packed)
+                    model[name] = packed
+                elif step == "get":
+                    assert states.get(name) == model.get(name)
+                elif step == "pop":
+                    assert states.pop(name) == model.pop(name, None)
+                else:
+                    assert (name in states) == (name in model)
+                assert len(states) == len(model)
+            assert all(states.get(name) == packed for name, packed in model.items())
+        finally:
+            states.close()
+
+
+def test_earlier_states_grow_and_keep_every_state(tmp_path: Path) -> None:
+    from flux_adapters._journal import EarlierStates
+
+    states = EarlierStates(tmp_path)
+    try:
+        for n in range(5000):
+            states.add(f"job-{n}", b"x" * (n % 700))  # some longer than a first read
+            if n % 3 == 0:
+                assert states.pop(f"job-{n // 2}") == (b"x" * ((n // 2) % 700))
+        left = {f"job-{n}" for n in range(5000)} - {f"job-{n // 2}" for n in range(0, 5000, 3)}
+        assert len(states) == len(left)
+        assert all(states.get(name) == b"x" * (int(name[4:]) % 700) for name in left)
+    finally:
+        states.close()
+
+
 def test_a_batch_file_is_checked_in_one_pass_that_keeps_a_digest_per_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
