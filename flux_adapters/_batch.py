@@ -6,8 +6,9 @@ through the client's router, saves its images the moment they arrive, and yields
 becomes that job's item; the others go on. What a batch holds is the jobs in flight and the
 items waiting for the reader (at most ``concurrency`` of each); all that grows with the number
 of jobs is a 16-byte digest of each name (`NameSet`, to refuse a name used twice, 33 to 41
-bytes a name in all) and, on a rerun, what the journal knows of the jobs of earlier runs not
-yet taken up (packed: about 300 bytes a job, let go as each is taken up).
+bytes a name in all) and, on a rerun, a slot of 8 bytes (8 to 16 as its table grows) for each
+job of earlier runs not yet taken up: what the journal knows of it waits in a file beside the
+journal (`flux_adapters._journal.EarlierStates`).
 
 With an output folder, the journal (``flux_adapters._journal``) records each job's steps, the
 ``sent`` step durably before the request leaves. A rerun reads it and, per job:
