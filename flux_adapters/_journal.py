@@ -714,7 +714,9 @@ class EarlierStates:
             raise OutputError("No space left on device", path=str(self._folder))
         self._size += len(data)
         if (self._used + 1) * 4 > self._slots * 3:
-            self._grow()
+            # Doubled when half of it is states; else made again at its size without the taken
+            # ones (a journal whose jobs were each taken and put back holds more of those).
+            self._rebuild(self._slots * 2 if (self._live + 1) * 2 > self._slots else self._slots)
         tag, slot = self._start(job)
         table, mask = self._table, self._slots - 1
         while table[slot]:
@@ -774,9 +776,14 @@ class EarlierStates:
         name, packed = marshal.loads(head[4 : 4 + size])
         return name, packed
 
-    def _grow(self) -> None:
+    @property
+    def table_bytes(self) -> int:
+        """The bytes its table takes in memory."""
+        return len(self._map)
+
+    def _rebuild(self, slots: int) -> None:
         old, old_map = self._table, self._map
-        self._slots *= 2
+        self._slots = slots
         self._map = zeroed(8 * self._slots)
         table, mask = memoryview(self._map).cast("Q"), self._slots - 1
         for value in old:

@@ -278,6 +278,26 @@ def test_earlier_states_answer_as_a_dict_would(
             states.close()
 
 
+def test_earlier_states_taken_and_put_back_do_not_grow_the_table(tmp_path: Path) -> None:
+    """A journal's jobs each read back and kept again (records far apart) leave taken slots:
+    the table is made again without them, not doubled for them."""
+    from flux_adapters._journal import EarlierStates
+
+    states = EarlierStates(tmp_path)
+    try:
+        for n in range(500):
+            states.add(f"job-{n}", b"first")
+        size = states.table_bytes
+        for round_ in range(20):
+            for n in range(500):
+                assert states.pop(f"job-{n}") == (b"first" if round_ == 0 else b"again")
+                states.add(f"job-{n}", b"again")
+        assert states.table_bytes == size
+        assert len(states) == 500
+    finally:
+        states.close()
+
+
 def test_earlier_states_grow_and_keep_every_state(tmp_path: Path) -> None:
     from flux_adapters._journal import EarlierStates
 
