@@ -391,6 +391,72 @@ def test_a_report_with_repeated_ids_keeps_one_line_each(tmp_path: Path) -> None:
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b"]
 
 
+def _compacted_by_a_dict(lines: list[bytes]) -> list[bytes]:
+    """What `compact_report` wrote before `ChosenLines`: the same rule, with a dict of ids."""
+    from flux_adapters._batch_files import _id_and_status
+
+    chosen: dict[str, bytes] = {}
+    skipped: dict[str, bool] = {}
+    for raw in lines:
+        job, status = _id_and_status(raw)
+        if job is not None and (job not in chosen or skipped[job] or status != "skipped"):
+            chosen[job], skipped[job] = raw, status == "skipped"
+    out, written = [], set()
+    for raw in lines:
+        job, _ = _id_and_status(raw)
+        if job is None:
+            out.append(raw)
+        elif job not in written:
+            written.add(job)
+            out.append(chosen[job])
+    return out
+
+
+report_lines = st.lists(
+    st.one_of(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "é", "d\ud800"]),
+            st.sampled_from(["ok", "skipped", "failed"]),
+            st.integers(0, 3),
+        ).map(lambda t: (json.dumps({"id": t[0], "status": t[1], "n": t[2]}) + "\n").encode()),
+        st.sampled_from([b"not json\n", b'{"status": "ok"}\n', b"[1]\n", b"\n"]),
+    ),
+    max_size=40,
+)
+
+
+@given(report_lines)
+def test_a_compacted_report_keeps_the_lines_a_dict_of_ids_kept(lines: list[bytes]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "report.jsonl"
+        path.write_bytes(b"".join(lines))
+        if compact_report(path):
+            assert path.read_bytes() == b"".join(_compacted_by_a_dict(lines))
+        else:
+            assert path.read_bytes() == b"".join(lines)
+            assert _compacted_by_a_dict(lines) == lines
+
+
+def test_a_large_report_is_compacted_without_a_dict_of_its_ids(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "report.jsonl"
+    ids = [f"job-{n:05d}" for n in range(5000)]
+    first = [(json.dumps({"id": job, "status": "ok"}) + "\n").encode() for job in ids]
+    again = [(json.dumps({"id": job, "status": "skipped"}) + "\n").encode() for job in ids]
+    path.write_bytes(b"".join(first + again))
+    tracemalloc.start()
+    try:
+        assert compact_report(path) is True
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert path.read_bytes() == b"".join(first)  # each job's line that says how it was done
+    assert peak < 300_000, peak  # a dict and a set of 5,000 ids took about 1.2 MB
+
+
 _FOLDER_NOT_HELD: Final = 128 * 1024
 """Peak memory of a look through a folder of 2,000 entries that holds none of them: a list of
 its entries alone takes 400 KB. Not tighter: tracemalloc counts what every thread allocates
