@@ -428,9 +428,8 @@ class _Batch:
         known = journal.knows(name)
         # A new job (most of a first run) has no state to read: nothing is made for it here.
         state = journal.state(name) if known else _NO_STATE
-        verdict = state.verdict(digest, folder, name) if known else "new"
+        verdict, files = state.judged(digest, folder, name) if known else ("new", [])
         if verdict == "saved" and not self.force:
-            files = state.saved_files(folder, name)
             if files != state.files:  # renamed into place, then a kill before it was recorded
                 journal.note(name, "saved", files=files)
             return item(

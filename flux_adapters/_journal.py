@@ -275,13 +275,22 @@ class JobState:
         knows; ``unconfirmed``: it may have been billed and has no saved image; ``retry``: it
         was tried and provably never taken (or refused); ``new``: never sent.
         """
+        return self.judged(digest, folder, name)[0]
+
+    def judged(self, digest: str, folder: Path, name: str = "") -> tuple[Verdict, list[str]]:
+        """`verdict`, with the files `saved_files` found (empty unless ``saved``).
+
+        A rerun skips a saved job with the files it just checked, instead of opening each
+        image again to name them.
+        """
         if self.digest and digest != self.digest:
-            return "changed"
-        if self.saved_files(folder, name):
-            return "saved"
+            return "changed", []
+        files = self.saved_files(folder, name)
+        if files:
+            return "saved", files
         if self.may_be_billed:
-            return "unconfirmed"
-        return "retry" if self.note else "new"
+            return "unconfirmed", []
+        return ("retry" if self.note else "new"), []
 
 
 def image_identities(folder: Path, name: str) -> dict[str, str]:
@@ -680,6 +689,9 @@ class EarlierStates:
         self._live = 0
         self._used = 0
         """Slots holding a state or a taken one (`_DEAD`): what makes probing long."""
+        self._last: tuple[str, int, bytes] | None = None
+        """The job last found, its slot and state: a batch asks of one job two or three times
+        in a row (`Journal.knows`, `Journal.state`, then takes it), each a read otherwise."""
 
     def __len__(self) -> int:
         return self._live
@@ -697,10 +709,12 @@ class EarlierStates:
         if slot >= 0:
             self._table[slot] |= self._DEAD
             self._live -= 1
+            self._last = None
         return packed
 
     def add(self, job: str, packed: bytes) -> None:
         """Keep *packed* as *job*'s state (a job not in the table, or taken from it)."""
+        self._last = None
         blob = marshal.dumps((job, packed))
         place = self._size
         if place + 4 + len(blob) > self._LIMIT:
@@ -754,6 +768,9 @@ class EarlierStates:
         """The slot of *job*'s live state and the state, or ``(-1, None)``."""
         if not self._live:
             return -1, None
+        last = self._last
+        if last is not None and last[0] == job:
+            return last[1], last[2]
         tag, slot = self._start(job)
         table, mask = self._table, self._slots - 1
         while value := table[slot]:
@@ -761,6 +778,7 @@ class EarlierStates:
             if value >> 40 == tag and place != self._DEAD:
                 name, packed = self._read(place)
                 if name == job:
+                    self._last = (job, slot, packed)
                     return slot, packed
             slot = (slot + 1) & mask
         return -1, None
@@ -782,6 +800,7 @@ class EarlierStates:
         return len(self._map)
 
     def _rebuild(self, slots: int) -> None:
+        self._last = None
         old, old_map = self._table, self._map
         self._slots = slots
         self._map = zeroed(8 * self._slots)

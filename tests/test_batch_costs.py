@@ -314,6 +314,28 @@ def test_earlier_states_grow_and_keep_every_state(tmp_path: Path) -> None:
         states.close()
 
 
+def test_a_rerun_checks_each_saved_image_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux_adapters import _journal
+
+    names = [f"job-{n}" for n in range(50)]
+    provider = Provider()
+    batch(provider, names, tmp_path, names=names)
+    checked: Counter[str] = Counter()
+    real = _journal.is_image_file
+
+    def counted(path: Path) -> bool:
+        checked[Path(path).name] += 1
+        return real(path)
+
+    monkeypatch.setattr(_journal, "is_image_file", counted)
+    items = batch(provider, names, tmp_path, names=names)
+    assert Counter(item.status for item in items) == {"skipped": 50}
+    assert all(item.saved and item.saved[0].name == f"{item.name}.png" for item in items)
+    assert checked == {f"{name}.png": 1 for name in names}  # was opened twice: verdict, then names
+
+
 def test_a_batch_file_is_checked_in_one_pass_that_keeps_a_digest_per_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
