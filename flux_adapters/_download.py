@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
+from typing import Final, Protocol, TypeAlias
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -65,9 +65,6 @@ from flux_adapters.errors import (
     TransportError,
 )
 from flux_adapters.result import MAX_IMAGE_BYTES
-
-if TYPE_CHECKING:
-    import asyncio
 
 __all__ = [
     "DOWNLOAD_DEADLINE",
@@ -321,12 +318,6 @@ class _HttpxGetter:
         return httpx_get(self._http, bare_get(url, headers, timeout))
 
 
-def _pass_deadline(task: asyncio.Task[None], passed: list[bool]) -> None:
-    """A download's deadline passed: cancel its *task* (`HttpDownloader._fetch_async`)."""
-    passed.append(True)
-    task.cancel()
-
-
 class HttpDownloader:
     """Downloads result URLs with the client's httpx client, or a short-lived one if it is closed.
 
@@ -442,29 +433,12 @@ class HttpDownloader:
     async def _fetch_async(
         self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]
     ) -> None:
-        import asyncio  # here, not at the top: the sync path never loads it
+        from flux_adapters._deadline import DeadlinePassed, within
 
-        # The deadline as `asyncio.timeout` keeps one (its task cancelled when it passes, the
-        # cancellation taken back and turned into the typed error), on one timer of the loop:
-        # without the `Timeout` object and its two coroutines, about 30 of asyncio's calls a
-        # download (a batch makes one a job).
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - asyncio runs every coroutine in a task
-            raise RuntimeError("a download must run in an asyncio task")
-        cancelling = task.cancelling()
-        passed: list[bool] = []
-        timer = loop.call_at(loop.time() + self._deadline, _pass_deadline, task, passed)
         try:
-            await self._attempts_async(url, sink, restart)
-        except BaseException as exc:
-            timer.cancel()
-            if passed and task.uncancel() <= cancelling and type(exc) is asyncio.CancelledError:
-                raise deadline_error(self._provider, self._deadline) from exc
-            raise
-        timer.cancel()
-        if passed:  # passed as the download ended: the cancellation is taken back
-            task.uncancel()
+            await within(self._deadline, self._attempts_async(url, sink, restart))
+        except DeadlinePassed as exc:
+            raise deadline_error(self._provider, self._deadline) from exc
 
     async def _attempts_async(
         self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]

@@ -687,16 +687,16 @@ def test_a_callers_cancel_of_an_async_download_stays_a_cancel(
 ) -> None:
     """Cancelled by its caller (before its deadline, or in the turn the deadline passes), a
     download ends with the caller's CancelledError, never a Timeout, as under `asyncio.timeout`."""
-    from flux_adapters import _download
+    from flux_adapters import _deadline
 
     if late:  # the caller's cancel comes in the same turn of the loop as the deadline's
-        passing = _download._pass_deadline
+        passing = _deadline._expire
 
-        def passing_with_the_callers(task: asyncio.Task[None], passed: list[bool]) -> None:
+        def passing_with_the_callers(task: asyncio.Task[object], passed: list[bool]) -> None:
             passing(task, passed)
             task.cancel()
 
-        monkeypatch.setattr(_download, "_pass_deadline", passing_with_the_callers)
+        monkeypatch.setattr(_deadline, "_expire", passing_with_the_callers)
 
     async def main() -> str:
         downloader, http = _dripping_downloader(0.3)

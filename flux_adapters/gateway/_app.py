@@ -19,7 +19,7 @@ from json.encoder import (  # type: ignore[attr-defined]
     encode_basestring_ascii,
 )
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import anyio
 from attrs import frozen
@@ -32,6 +32,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from flux_adapters import errors
+from flux_adapters._deadline import within
 from flux_adapters._serving import TooLarge, capped
 from flux_adapters.client import AsyncFluxClient
 from flux_adapters.gateway._errors import (
@@ -56,8 +57,6 @@ ACCESS: Final = logging.getLogger("flux_adapters.gateway.access")
 
 ClientFactory = Callable[[tuple[str, ...] | None], AsyncFluxClient]
 """Makes the client for a set of allowed providers (``None``: every configured one)."""
-
-_T = TypeVar("_T")
 
 _FIELD_BYTES: Final = 1024 * 1024
 _MOST_JSON_VALUES: Final = 100_000
@@ -561,7 +560,7 @@ async def _image_call_held(
                 record,
             )
     try:
-        read_out = await _within(
+        read_out = await within(
             gateway.settings.body_timeout, read(capped(request, limit), gateway)
         )
     except TooLarge:
@@ -728,35 +727,6 @@ async def _image_call_held(
                             }
                         )
                     )
-
-
-async def _within(seconds: float, work: Awaitable[_T]) -> _T:
-    """``await work``, raising `TimeoutError` past *seconds*, as under ``asyncio.timeout``.
-
-    One timer that cancels this task; a cancellation it did not cause (or one more besides) is
-    raised as it is, as ``asyncio.timeout`` does, without its context manager and states: half
-    its cost on uvloop, 2.4 against 4.8 us (every call's body is read under it; anyio's
-    ``fail_after`` costs three times asyncio's).
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    cancelling = task.cancelling()
-    fired = False
-
-    def expire() -> None:
-        nonlocal fired
-        fired = True
-        task.cancel()
-
-    timer = asyncio.get_running_loop().call_later(seconds, expire)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if fired and task.uncancel() <= cancelling:
-            raise TimeoutError from None
-        raise
-    finally:
-        timer.cancel()
 
 
 def _count_attempts(gateway: Gateway, attempts: Sequence[Any]) -> None:
