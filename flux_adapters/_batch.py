@@ -6,8 +6,9 @@ through the client's router, saves its images the moment they arrive, and yields
 becomes that job's item; the others go on. What a batch holds is the jobs in flight and the
 items waiting for the reader (at most ``concurrency`` of each); all that grows with the number
 of jobs is a 16-byte digest of each name (`NameSet`, to refuse a name used twice, 33 to 41
-bytes a name in all) and, on a rerun, what the journal knows of the jobs of earlier runs not
-yet taken up (packed: about 300 bytes a job, let go as each is taken up).
+bytes a name in all) and, on a rerun, a slot of 8 bytes (8 to 16 as its table grows) for each
+job of earlier runs not yet taken up: what the journal knows of it waits in a file beside the
+journal (`flux_adapters._journal.EarlierStates`).
 
 With an output folder, the journal (``flux_adapters._journal``) records each job's steps, the
 ``sent`` step durably before the request leaves. A rerun reads it and, per job:
@@ -42,6 +43,7 @@ from flux_adapters._journal import (
     Journal,
     image_identities,
     request_digest,
+    zeroed,
 )
 from flux_adapters._options import is_number
 from flux_adapters.errors import (
@@ -115,7 +117,7 @@ class NameSet:
     def __init__(self, digest_size: int = 16) -> None:
         self._width = digest_size
         self._empty = bytes(digest_size)
-        self._table = _zeroed(digest_size * 1024)
+        self._table = zeroed(digest_size * 1024)
         self._mask = 1023
         self._count = 0
 
@@ -156,20 +158,13 @@ class NameSet:
     def _grow(self) -> None:
         old, width = self._table, self._width
         mask = self._mask * 2 + 1
-        table = _zeroed(width * (mask + 1))
+        table = zeroed(width * (mask + 1))
         for start in range(0, len(old), width):
             key = old[start : start + width]
             if key != self._empty:
                 self._insert(table, mask, key)
         self._table, self._mask = table, mask
         old.close()
-
-
-def _zeroed(size: int) -> mmap.mmap:
-    """*size* bytes of zeros, private to this process, given back to the system when closed."""
-    if hasattr(mmap, "MAP_PRIVATE"):
-        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-    return mmap.mmap(-1, size)  # pragma: no cover - Windows: an anonymous map is private
 
 
 def _iterable(value: object, argument: str) -> Iterator[object]:
@@ -433,9 +428,8 @@ class _Batch:
         known = journal.knows(name)
         # A new job (most of a first run) has no state to read: nothing is made for it here.
         state = journal.state(name) if known else _NO_STATE
-        verdict = state.verdict(digest, folder, name) if known else "new"
+        verdict, files = state.judged(digest, folder, name) if known else ("new", [])
         if verdict == "saved" and not self.force:
-            files = state.saved_files(folder, name)
             if files != state.files:  # renamed into place, then a kill before it was recorded
                 journal.note(name, "saved", files=files)
             return item(

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -65,6 +65,9 @@ from flux_adapters.errors import (
     TransportError,
 )
 from flux_adapters.result import MAX_IMAGE_BYTES
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "DOWNLOAD_DEADLINE",
@@ -318,6 +321,12 @@ class _HttpxGetter:
         return httpx_get(self._http, bare_get(url, headers, timeout))
 
 
+def _pass_deadline(task: asyncio.Task[None], passed: list[bool]) -> None:
+    """A download's deadline passed: cancel its *task* (`HttpDownloader._fetch_async`)."""
+    passed.append(True)
+    task.cancel()
+
+
 class HttpDownloader:
     """Downloads result URLs with the client's httpx client, or a short-lived one if it is closed.
 
@@ -435,30 +444,50 @@ class HttpDownloader:
     ) -> None:
         import asyncio  # here, not at the top: the sync path never loads it
 
-        deadline = asyncio.timeout(self._deadline)
+        # The deadline as `asyncio.timeout` keeps one (its task cancelled when it passes, the
+        # cancellation taken back and turned into the typed error), on one timer of the loop:
+        # without the `Timeout` object and its two coroutines, about 30 of asyncio's calls a
+        # download (a batch makes one a job).
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - asyncio runs every coroutine in a task
+            raise RuntimeError("a download must run in an asyncio task")
+        cancelling = task.cancelling()
+        passed: list[bool] = []
+        timer = loop.call_at(loop.time() + self._deadline, _pass_deadline, task, passed)
         try:
-            async with deadline:
-                attempt = 0
-                while True:
-                    try:
-                        own = self._own_getter()
-                        with mapped_transport_errors(self._provider, self._scrub):
-                            if own is not None:
-                                await self._follow_async(own, url, sink)
-                            else:  # closed, or its connections belong to another event loop
-                                async with httpx.AsyncClient(verify=shared_ssl_context()) as client:
-                                    await self._follow_async(_HttpxGetter(client), url, sink)
-                        return
-                    except FluxError as error:
-                        if attempt == RETRIES or not _may_pass(error):
-                            raise
-                    restart()
-                    await asyncio.sleep(backoff(attempt, _BACKOFF, _BACKOFF * 2**RETRIES))
-                    attempt += 1
-        except TimeoutError as exc:
-            if deadline.expired():
+            await self._attempts_async(url, sink, restart)
+        except BaseException as exc:
+            timer.cancel()
+            if passed and task.uncancel() <= cancelling and type(exc) is asyncio.CancelledError:
                 raise deadline_error(self._provider, self._deadline) from exc
             raise
+        timer.cancel()
+        if passed:  # passed as the download ended: the cancellation is taken back
+            task.uncancel()
+
+    async def _attempts_async(
+        self, url: str, sink: Callable[[bytes], None], restart: Callable[[], None]
+    ) -> None:
+        import asyncio
+
+        attempt = 0
+        while True:
+            try:
+                own = self._own_getter()
+                with mapped_transport_errors(self._provider, self._scrub):
+                    if own is not None:
+                        await self._follow_async(own, url, sink)
+                    else:  # closed, or its connections belong to another event loop
+                        async with httpx.AsyncClient(verify=shared_ssl_context()) as client:
+                            await self._follow_async(_HttpxGetter(client), url, sink)
+                return
+            except FluxError as error:
+                if attempt == RETRIES or not _may_pass(error):
+                    raise
+            restart()
+            await asyncio.sleep(backoff(attempt, _BACKOFF, _BACKOFF * 2**RETRIES))
+            attempt += 1
 
     async def _follow_async(
         self, http: AsyncGetter, url: str, sink: Callable[[bytes], None]

@@ -42,6 +42,7 @@ import functools
 import hashlib
 import json
 import marshal
+import mmap
 import operator
 import os
 import queue
@@ -63,6 +64,7 @@ from flux_adapters.request import BytesImage, DataUrlImage, EditRequest, FileIma
 __all__ = [
     "JOURNAL_NAME",
     "Busy",
+    "EarlierStates",
     "JobState",
     "Journal",
     "JsonLines",
@@ -71,6 +73,7 @@ __all__ = [
     "load_packed",
     "load_states",
     "request_digest",
+    "zeroed",
 ]
 
 JOURNAL_NAME: Final = ".flux-journal.jsonl"
@@ -272,13 +275,22 @@ class JobState:
         knows; ``unconfirmed``: it may have been billed and has no saved image; ``retry``: it
         was tried and provably never taken (or refused); ``new``: never sent.
         """
+        return self.judged(digest, folder, name)[0]
+
+    def judged(self, digest: str, folder: Path, name: str = "") -> tuple[Verdict, list[str]]:
+        """`verdict`, with the files `saved_files` found (empty unless ``saved``).
+
+        A rerun skips a saved job with the files it just checked, instead of opening each
+        image again to name them.
+        """
         if self.digest and digest != self.digest:
-            return "changed"
-        if self.saved_files(folder, name):
-            return "saved"
+            return "changed", []
+        files = self.saved_files(folder, name)
+        if files:
+            return "saved", files
         if self.may_be_billed:
-            return "unconfirmed"
-        return "retry" if self.note else "new"
+            return "unconfirmed", []
+        return ("retry" if self.note else "new"), []
 
 
 def image_identities(folder: Path, name: str) -> dict[str, str]:
@@ -637,31 +649,226 @@ def _unpack(packed: bytes) -> JobState:
     )
 
 
-def load_packed(path: Path) -> dict[str, bytes]:
+class EarlierStates:
+    """What a journal knew of each job of earlier runs, packed (`_pack`), kept out of memory.
+
+    Each state is written to an unnamed temporary file beside the journal as it is read; what
+    stays in memory is one 8-byte slot a job in an open-addressing table (an anonymous memory
+    map, as `NameSet`'s): 24 bits of the name's hash and where its state lies in the file. A
+    state is read back (one ``pread``) when its job comes up, and the name stored with it is
+    compared, so two names whose hashes agree are never taken for one. A rerun of 100,000
+    saved jobs held about 300 bytes a job as a dict of packed states (+38 MB); this holds 8 to
+    16 bytes a job (the file's pages are the system's cache, not the process's memory).
+
+    Answers as the ``dict[str, bytes]`` it replaces does, for `Journal`: ``in``, `get`, `pop`,
+    ``len``.
+
+    Raises:
+        OutputError: The temporary file cannot be made or written.
+    """
+
+    _DEAD: Final = (1 << 40) - 1
+    """The place of a state taken (popped): its slot stays, so that probing goes past it."""
+    _LIMIT: Final = _DEAD - 1
+
+    def __init__(self, folder: Path) -> None:
+        import tempfile
+
+        try:
+            # Unnamed where the system can (O_TMPFILE); else a dot file, unlinked at once.
+            self._file = tempfile.TemporaryFile(dir=folder, prefix=".flux-earlier-")  # noqa: SIM115
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc), path=str(folder)) from exc
+        self._folder = folder
+        self._fd = self._file.fileno()
+        self._size = 0
+        """Bytes written to the file so far: where the next state goes."""
+        self._slots = 1024
+        self._map = zeroed(8 * self._slots)
+        self._table = memoryview(self._map).cast("Q")
+        self._live = 0
+        self._used = 0
+        """Slots holding a state or a taken one (`_DEAD`): what makes probing long."""
+        self._last: tuple[str, int, bytes] | None = None
+        """The job last found, its slot and state: a batch asks of one job two or three times
+        in a row (`Journal.knows`, `Journal.state`, then takes it), each a read otherwise."""
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __contains__(self, job: object) -> bool:
+        return isinstance(job, str) and self._find(job)[0] >= 0
+
+    def get(self, job: str, default: None = None) -> bytes | None:
+        """The packed state of *job*, if the journal knew it and it was not taken."""
+        return self._find(job)[1]
+
+    def pop(self, job: str, default: None = None) -> bytes | None:
+        """`get`, and forget *job*: asked again, it is unknown."""
+        slot, packed = self._find(job)
+        if slot >= 0:
+            self._table[slot] |= self._DEAD
+            self._live -= 1
+            self._last = None
+        return packed
+
+    def add(self, job: str, packed: bytes) -> None:
+        """Keep *packed* as *job*'s state (a job not in the table, or taken from it)."""
+        self._last = None
+        blob = marshal.dumps((job, packed))
+        place = self._size
+        if place + 4 + len(blob) > self._LIMIT:
+            raise OutputError("too many earlier states to hold", path=str(self._folder))
+        data = len(blob).to_bytes(4, "little") + blob
+        try:
+            written = os.pwrite(self._fd, data, place)
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc), path=str(self._folder)) from exc
+        if written != len(data):
+            raise OutputError("No space left on device", path=str(self._folder))
+        self._size += len(data)
+        if (self._used + 1) * 4 > self._slots * 3:
+            # Doubled when half of it is states; else made again at its size without the taken
+            # ones (a journal whose jobs were each taken and put back holds more of those).
+            self._rebuild(self._slots * 2 if (self._live + 1) * 2 > self._slots else self._slots)
+        tag, slot = self._start(job)
+        table, mask = self._table, self._slots - 1
+        while table[slot]:
+            slot = (slot + 1) & mask
+        table[slot] = (tag << 40) | place
+        self._live += 1
+        self._used += 1
+
+    def close(self) -> None:
+        """Give back the table and remove the file."""
+        self._table.release()
+        self._map.close()
+        self._file.close()
+
+    def _start(self, job: str) -> tuple[int, int]:
+        """*job*'s tag (the top 24 bits of its hash, never 0) and first slot.
+
+        The first slot is the tag's top bits while the table has at most 2**24 slots, so that
+        growing it never reads a state back to place it again; beyond that, the hash's low bits.
+        """
+        hashed = self._hash(job)
+        tag = (hashed >> 40) or 1
+        return tag, self._first(tag, hashed)
+
+    @staticmethod
+    def _hash(job: str) -> int:
+        """64 bits of *job*'s hash (this process's: the table lives and dies with it)."""
+        return hash(job) & 0xFFFFFFFFFFFFFFFF
+
+    def _first(self, tag: int, hashed: int) -> int:
+        bits = self._slots.bit_length() - 1
+        return tag >> (24 - bits) if bits <= 24 else hashed & (self._slots - 1)
+
+    def _find(self, job: str) -> tuple[int, bytes | None]:
+        """The slot of *job*'s live state and the state, or ``(-1, None)``."""
+        if not self._live:
+            return -1, None
+        last = self._last
+        if last is not None and last[0] == job:
+            return last[1], last[2]
+        tag, slot = self._start(job)
+        table, mask = self._table, self._slots - 1
+        while value := table[slot]:
+            place = value & self._DEAD
+            if value >> 40 == tag and place != self._DEAD:
+                name, packed = self._read(place)
+                if name == job:
+                    self._last = (job, slot, packed)
+                    return slot, packed
+            slot = (slot + 1) & mask
+        return -1, None
+
+    def _read(self, place: int) -> tuple[str, bytes]:
+        try:
+            head = os.pread(self._fd, 512, place)
+            size = int.from_bytes(head[:4], "little")
+            if size + 4 > len(head):
+                head += os.pread(self._fd, size + 4 - len(head), place + len(head))
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc), path=str(self._folder)) from exc
+        name, packed = marshal.loads(head[4 : 4 + size])
+        return name, packed
+
+    @property
+    def table_bytes(self) -> int:
+        """The bytes its table takes in memory."""
+        return len(self._map)
+
+    def _rebuild(self, slots: int) -> None:
+        self._last = None
+        old, old_map = self._table, self._map
+        self._slots = slots
+        self._map = zeroed(8 * self._slots)
+        table, mask = memoryview(self._map).cast("Q"), self._slots - 1
+        for value in old:
+            place = value & self._DEAD
+            if value and place != self._DEAD:  # taken states are left behind
+                tag = value >> 40
+                # Beyond 2**24 slots (12 million jobs and more) the tag no longer places it.
+                large = self._slots > 1 << 24
+                hashed = self._hash(self._read(place)[0]) if large else 0
+                slot = self._first(tag, hashed)
+                while table[slot]:
+                    slot = (slot + 1) & mask
+                table[slot] = value
+        self._table, self._used = table, self._live
+        old.release()
+        old_map.close()
+
+
+def zeroed(size: int) -> mmap.mmap:
+    """*size* bytes of zeros, private to this process, given back to the system when closed."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    return mmap.mmap(-1, size)  # pragma: no cover - Windows: an anonymous map is private
+
+
+def load_packed(path: Path) -> EarlierStates | dict[str, bytes]:
     """`load_states` of every job, each state packed (`_pack`) as soon as its records are read.
 
-    A rerun of 100,000 jobs holds what the journal knows of each until the job is taken up:
-    as `JobState` objects that was about 800 bytes a job (and a peak of that while reading);
-    packed, about 250. Only the `_RECENT` jobs last read are held unpacked meanwhile.
+    Kept in an `EarlierStates` beside the journal (an empty dict when the journal knows no
+    job: a first run asks nothing of it). A rerun of 100,000 jobs holds what the journal knows
+    of each until the job is taken up: as `JobState` objects that was about 800 bytes a job;
+    packed, in a dict, about 300; in an `EarlierStates`, 8 to 16 bytes. Only the `_RECENT` jobs
+    last read are held unpacked meanwhile.
+
+    Raises:
+        OutputError: The states cannot be written beside the journal.
     """
-    packed: dict[str, bytes] = {}
+    packed: EarlierStates | None = None
     recent: collections.OrderedDict[str, JobState] = collections.OrderedDict()
-    for record in read_lines(path):
-        job = record.get("id")
-        if not isinstance(job, str):
-            continue
-        state = recent.pop(job, None)
-        if state is None:
-            earlier = packed.pop(job, None)
-            state = _unpack(earlier) if earlier is not None else JobState()
-        state.fold(record)
-        recent[job] = state
-        if len(recent) > _RECENT:
-            oldest, left = recent.popitem(last=False)
-            packed[oldest] = _pack(left)
-    for job, state in recent.items():
-        packed[job] = _pack(state)
-    return packed
+
+    def keep(job: str, state: JobState) -> None:
+        nonlocal packed
+        if packed is None:
+            packed = EarlierStates(path.parent)
+        packed.add(job, _pack(state))
+
+    try:
+        for record in read_lines(path):
+            job = record.get("id")
+            if not isinstance(job, str):
+                continue
+            state = recent.pop(job, None)
+            if state is None:
+                earlier = packed.pop(job) if packed is not None else None
+                state = _unpack(earlier) if earlier is not None else JobState()
+            state.fold(record)
+            recent[job] = state
+            if len(recent) > _RECENT:
+                keep(*recent.popitem(last=False))
+        for job, state in recent.items():
+            keep(job, state)
+    except BaseException:
+        if packed is not None:
+            packed.close()
+        raise
+    return packed if packed is not None else {}
 
 
 class Journal:
@@ -686,7 +893,12 @@ class Journal:
                 f"another batch is writing to {folder} (its journal is locked); wait for it or "
                 "choose another output folder"
             ) from None
-        self._earlier = load_packed(path)
+        try:
+            earlier = load_packed(path)
+        except BaseException:
+            self._lines.close()
+            raise
+        self._earlier = earlier
         """What the journal knew, when it was opened, of each job not taken up since (packed)."""
         self.states: dict[str, JobState | list[dict[str, object]]] = {}
         """The jobs taken up in this run and not ended yet (forgotten when they end): what is
@@ -855,6 +1067,8 @@ class Journal:
             if self._syncer is not None:
                 self._syncer.stop()
             self._lines.close()
+            if isinstance(self._earlier, EarlierStates):
+                self._earlier.close()
 
 
 class _Syncer:

@@ -198,6 +198,144 @@ def test_a_rerun_holds_earlier_jobs_packed_and_lets_each_go_once_taken_up(
     assert journals[0].states == {}
 
 
+def test_a_rerun_holds_what_the_journal_knew_outside_python_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from flux_adapters._journal import EarlierStates, load_states
+
+    jobs = 3000
+    lines = []
+    for n in range(jobs):  # a first run's four records a job, eight jobs interleaved
+        name = f"job-{n:05d}"
+        lines += [
+            {"id": name, "k": "accepted", "d": f"{n:032x}"},
+            {"id": name, "k": "sent", "p": "laozhang"},
+            {"id": name, "k": "answered", "p": "laozhang", "urls": [f"https://r.example/{n}"]},
+            {"id": name, "k": "saved", "files": [f"{name}.png"]},
+        ]
+    lines.append({"id": "job-00007", "k": "accepted", "d": "f" * 32})  # forced, long after
+    (tmp_path / JOURNAL_NAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    known = load_states(tmp_path / JOURNAL_NAME)
+    tracemalloc.start()
+    try:
+        journal = Journal(tmp_path)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert isinstance(journal._earlier, EarlierStates)
+        # A dict of packed states held about 300 bytes a job (900 KB here).
+        assert held < 150_000, held
+        assert len(journal._earlier) == jobs
+        assert all(journal.state(name) == state for name, state in known.items())
+        assert journal.state("job-00007").digest == "f" * 32
+        assert not journal.knows("job-99999")
+    finally:
+        asyncio.run(journal.close())
+    assert [entry.name for entry in os.scandir(tmp_path)] == [JOURNAL_NAME]  # no file left
+
+
+class _FewHashes:
+    """An `EarlierStates` whose names share a handful of hashes: every lookup meets others'."""
+
+    @staticmethod
+    def _hash(job: str) -> int:
+        return (len(job) % 3) << 62
+
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["add", "get", "pop", "in"]), st.text(max_size=4), st.binary()),
+    max_size=400,
+)
+
+
+@given(operations, st.booleans())
+def test_earlier_states_answer_as_a_dict_would(
+    steps: list[tuple[str, str, bytes]], few_hashes: bool
+) -> None:
+    import tempfile
+
+    from flux_adapters._journal import EarlierStates
+
+    kind = type("Few", (_FewHashes, EarlierStates), {}) if few_hashes else EarlierStates
+    model: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        states = kind(Path(folder))
+        try:
+            for step, name, packed in steps:
+                if step == "add" and name not in model:
+                    states.add(name, packed)
+                    model[name] = packed
+                elif step == "get":
+                    assert states.get(name) == model.get(name)
+                elif step == "pop":
+                    assert states.pop(name) == model.pop(name, None)
+                else:
+                    assert (name in states) == (name in model)
+                assert len(states) == len(model)
+            assert all(states.get(name) == packed for name, packed in model.items())
+        finally:
+            states.close()
+
+
+def test_earlier_states_taken_and_put_back_do_not_grow_the_table(tmp_path: Path) -> None:
+    """A journal's jobs each read back and kept again (records far apart) leave taken slots:
+    the table is made again without them, not doubled for them."""
+    from flux_adapters._journal import EarlierStates
+
+    states = EarlierStates(tmp_path)
+    try:
+        for n in range(500):
+            states.add(f"job-{n}", b"first")
+        size = states.table_bytes
+        for round_ in range(20):
+            for n in range(500):
+                assert states.pop(f"job-{n}") == (b"first" if round_ == 0 else b"again")
+                states.add(f"job-{n}", b"again")
+        assert states.table_bytes == size
+        assert len(states) == 500
+    finally:
+        states.close()
+
+
+def test_earlier_states_grow_and_keep_every_state(tmp_path: Path) -> None:
+    from flux_adapters._journal import EarlierStates
+
+    states = EarlierStates(tmp_path)
+    try:
+        for n in range(5000):
+            states.add(f"job-{n}", b"x" * (n % 700))  # some longer than a first read
+            if n % 3 == 0:
+                assert states.pop(f"job-{n // 2}") == (b"x" * ((n // 2) % 700))
+        left = {f"job-{n}" for n in range(5000)} - {f"job-{n // 2}" for n in range(0, 5000, 3)}
+        assert len(states) == len(left)
+        assert all(states.get(name) == b"x" * (int(name[4:]) % 700) for name in left)
+    finally:
+        states.close()
+
+
+def test_a_rerun_checks_each_saved_image_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux_adapters import _journal
+
+    names = [f"job-{n}" for n in range(50)]
+    provider = Provider()
+    batch(provider, names, tmp_path, names=names)
+    checked: Counter[str] = Counter()
+    real = _journal.is_image_file
+
+    def counted(path: Path) -> bool:
+        checked[Path(path).name] += 1
+        return real(path)
+
+    monkeypatch.setattr(_journal, "is_image_file", counted)
+    items = batch(provider, names, tmp_path, names=names)
+    assert Counter(item.status for item in items) == {"skipped": 50}
+    assert all(item.saved and item.saved[0].name == f"{item.name}.png" for item in items)
+    assert checked == {f"{name}.png": 1 for name in names}  # was opened twice: verdict, then names
+
+
 def test_a_batch_file_is_checked_in_one_pass_that_keeps_a_digest_per_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,6 +411,72 @@ def test_a_report_with_repeated_ids_keeps_one_line_each(tmp_path: Path) -> None:
     report_of(path, ["a", "b", "a"])
     assert compact_report(path) is True
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b"]
+
+
+def _compacted_by_a_dict(lines: list[bytes]) -> list[bytes]:
+    """What `compact_report` wrote before `ChosenLines`: the same rule, with a dict of ids."""
+    from flux_adapters._batch_files import _id_and_status
+
+    chosen: dict[str, bytes] = {}
+    skipped: dict[str, bool] = {}
+    for raw in lines:
+        job, status = _id_and_status(raw)
+        if job is not None and (job not in chosen or skipped[job] or status != "skipped"):
+            chosen[job], skipped[job] = raw, status == "skipped"
+    out, written = [], set()
+    for raw in lines:
+        job, _ = _id_and_status(raw)
+        if job is None:
+            out.append(raw)
+        elif job not in written:
+            written.add(job)
+            out.append(chosen[job])
+    return out
+
+
+report_lines = st.lists(
+    st.one_of(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "é", "d\ud800"]),
+            st.sampled_from(["ok", "skipped", "failed"]),
+            st.integers(0, 3),
+        ).map(lambda t: (json.dumps({"id": t[0], "status": t[1], "n": t[2]}) + "\n").encode()),
+        st.sampled_from([b"not json\n", b'{"status": "ok"}\n', b"[1]\n", b"\n"]),
+    ),
+    max_size=40,
+)
+
+
+@given(report_lines)
+def test_a_compacted_report_keeps_the_lines_a_dict_of_ids_kept(lines: list[bytes]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "report.jsonl"
+        path.write_bytes(b"".join(lines))
+        if compact_report(path):
+            assert path.read_bytes() == b"".join(_compacted_by_a_dict(lines))
+        else:
+            assert path.read_bytes() == b"".join(lines)
+            assert _compacted_by_a_dict(lines) == lines
+
+
+def test_a_large_report_is_compacted_without_a_dict_of_its_ids(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "report.jsonl"
+    ids = [f"job-{n:05d}" for n in range(5000)]
+    first = [(json.dumps({"id": job, "status": "ok"}) + "\n").encode() for job in ids]
+    again = [(json.dumps({"id": job, "status": "skipped"}) + "\n").encode() for job in ids]
+    path.write_bytes(b"".join(first + again))
+    tracemalloc.start()
+    try:
+        assert compact_report(path) is True
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert path.read_bytes() == b"".join(first)  # each job's line that says how it was done
+    assert peak < 300_000, peak  # a dict and a set of 5,000 ids took about 1.2 MB
 
 
 _FOLDER_NOT_HELD: Final = 128 * 1024

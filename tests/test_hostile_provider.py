@@ -646,3 +646,71 @@ def test_a_redirect_answering_the_post_is_neither_success_nor_a_refusal(kind: st
     with pytest.raises(errors.ResponseFormatError, match="neither success nor an error") as caught:
         run(kind, lambda request: moved, lambda client: client.edit(REQUEST))
     assert caught.value.status_code == 302
+
+
+def _dripping_downloader(deadline: float) -> tuple[Any, httpx.AsyncClient]:
+    from flux_adapters._download import HttpDownloader
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        slow = Stream(iter([PNG[:16], *([b"\x00"] * 500)]), pause=0.02)
+        return httpx.Response(200, stream=slow)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return HttpDownloader(async_client=http, deadline=deadline), http
+
+
+def test_an_async_downloads_deadline_gives_its_task_back_uncancelled() -> None:
+    """As `asyncio.timeout` does: the deadline's cancellation is taken back with its error, so
+    the caller's own timeouts and task groups still work after it."""
+
+    async def main() -> tuple[BaseException, int]:
+        downloader, http = _dripping_downloader(0.3)
+        async with http:
+            try:
+                await downloader.read_async("https://cdn.example/a.png")
+            except errors.Timeout as error:
+                caught: BaseException = error
+            task = asyncio.current_task()
+            assert task is not None
+            await asyncio.sleep(0.4)  # no late cancel from the download's timer
+            return caught, task.cancelling()
+
+    caught, cancelling = asyncio.run(main())
+    assert isinstance(caught, errors.Timeout)
+    assert "deadline of 0.3 s" in str(caught)
+    assert cancelling == 0
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["before-the-deadline", "as-it-passes"])
+def test_a_callers_cancel_of_an_async_download_stays_a_cancel(
+    late: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled by its caller (before its deadline, or in the turn the deadline passes), a
+    download ends with the caller's CancelledError, never a Timeout, as under `asyncio.timeout`."""
+    from flux_adapters import _download
+
+    if late:  # the caller's cancel comes in the same turn of the loop as the deadline's
+        passing = _download._pass_deadline
+
+        def passing_with_the_callers(task: asyncio.Task[None], passed: list[bool]) -> None:
+            passing(task, passed)
+            task.cancel()
+
+        monkeypatch.setattr(_download, "_pass_deadline", passing_with_the_callers)
+
+    async def main() -> str:
+        downloader, http = _dripping_downloader(0.3)
+        async with http:
+            task = asyncio.create_task(downloader.read_async("https://cdn.example/a.png"))
+            if not late:
+                await asyncio.sleep(0.1)
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return "cancelled"
+            except errors.Timeout:
+                return "timeout"
+            return "done"
+
+    assert asyncio.run(main()) == "cancelled"
