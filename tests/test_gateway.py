@@ -894,6 +894,86 @@ def test_an_image_is_kept_the_same_in_a_spare_file_as_in_a_new_one(tmp_path: Pat
         gone._write_new(png)
 
 
+def _changed_after_writing(how: str, path: Path) -> None:
+    if how == "removed":
+        path.unlink()
+    elif how == "re-dated":  # past the retention, as test_kept_images_expire does
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    elif how == "replaced":  # another file at the name, of the same size
+        other = path.with_name("other")
+        other.write_bytes(bytes(reversed(path.read_bytes())))
+        os.replace(other, path)
+    elif how == "cut":  # the same file, shorter
+        with path.open("r+b") as file:
+            file.truncate(10)
+    else:
+        assert how == "as written"
+
+
+@pytest.mark.parametrize("how", ["as written", "removed", "re-dated", "replaced", "cut"])
+def test_a_first_fetch_from_the_bytes_written_is_what_reading_the_file_gives(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image written last is fetched first from its bytes in memory (`FileStore.fresh`).
+
+    Whatever befell its file since (removed, expired, replaced, cut short), that fetch answers
+    what reading the file answers; only the file written, as written, is served without
+    opening it; a second fetch reads the file.
+    """
+    from types import SimpleNamespace
+
+    from flux_adapters.gateway import _app
+    from flux_adapters.gateway._files import FileStore
+
+    png = image_bytes(fmt="PNG")
+    answers: list[object] = []
+    for from_memory in (True, False):
+        store = FileStore(tmp_path / str(from_memory), 60)
+        store.replenish()
+        name = store._write_new(png)
+        path = store.path(name)
+        assert path is not None
+        if not from_memory:
+            store._fresh.clear()
+        _changed_after_writing(how, Path(path))
+        gateway: Any = SimpleNamespace(files=store)
+        try:
+            answers.append(_app._small_file(gateway, path, name))
+        except OSError as exc:
+            answers.append(type(exc))
+    assert answers[0] == answers[1]
+    assert (
+        answers[0]
+        == {
+            "as written": png,
+            "removed": FileNotFoundError,
+            "re-dated": None,
+            "replaced": bytes(reversed(png)),
+            "cut": png[:10],
+        }[how]
+    )
+
+    if how == "as written":  # without opening the file, once
+        store = FileStore(tmp_path / "once", 60)
+        store.replenish()
+        name = store._write_new(png)
+        path = store.path(name)
+        assert path is not None
+        gateway = SimpleNamespace(files=store)
+        opened: list[str] = []
+        real_open = os.open
+
+        def counted(file: str, *rest: Any, **named: Any) -> int:
+            opened.append(file)
+            return real_open(file, *rest, **named)
+
+        monkeypatch.setattr(os, "open", counted)
+        assert _app._small_file(gateway, path, name) == png
+        assert opened == []
+        assert _app._small_file(gateway, path, name) == png
+        assert opened == [path]
+
+
 def test_calls_after_the_first_keep_their_image_in_a_spare_file(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,6 +36,8 @@ __all__ = ["FileStore"]
 
 _IN_MEMORY: Final = 256 * 1024
 """An image up to this size is gathered in memory and written once, under its final name."""
+_MOST_FRESH: Final = 16
+"""Images written last whose bytes are held for their first fetch (`FileStore.fresh`)."""
 _NEW_FILE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_-]{32}\.(?:png|jpeg|webp)")
@@ -59,6 +61,9 @@ class FileStore:
         """A new empty file (its name, open descriptor) for the next image kept (`replenish`)."""
         self._spare_id = (0, 0)
         """The spare's device and inode: it is used only while its name still leads to it."""
+        self._fresh: dict[str, tuple[bytes, int, int]] = {}
+        """The images written last into a spare, by name: their bytes, device and inode, for
+        their first fetch (`fresh`), which most often follows at once."""
 
     def replenish(self) -> None:
         """Create a spare file for the next image kept, unless one is waiting already.
@@ -113,6 +118,7 @@ class FileStore:
     def close(self) -> None:
         """Remove the spare file, if any, and make no other."""
         self._closed = True
+        self._fresh.clear()
         spare, self._spare = self._spare, None
         if spare is not None:
             with contextlib.suppress(OSError):
@@ -163,6 +169,10 @@ class FileStore:
         spare = self._take_spare(extension)
         if spare is not None:
             _write_closed(spare[1], data, self._prefix + spare[0])
+            fresh = self._fresh
+            if len(fresh) >= _MOST_FRESH:  # links never fetched: the oldest goes
+                del fresh[next(iter(fresh))]
+            fresh[spare[0]] = (data, *self._spare_id)
             return spare[0]
         name = f"{secrets.token_urlsafe(24)}.{extension}"
         path = self._prefix + name
@@ -172,6 +182,28 @@ class FileStore:
             raise OutputError(exc.strerror or str(exc), path=path) from exc
         _write_closed(fd, data, path)
         return name
+
+    def fresh(self, name: str, path: str) -> tuple[bytes, float] | None:
+        """The bytes of *name* (at *path*) and its ``st_mtime``, if it was written last, once.
+
+        An image is most often fetched right after the answer linking it: its first fetch is
+        served from the bytes written, after one ``stat`` of *path* (instead of an ``open``,
+        ``fstat``, ``read`` and ``close``) shows the same file still there, of the same size
+        (not removed, replaced or cut short; its age is the caller's to judge, as for any
+        other file). ``None``: read the file itself (it was fetched already, or is not the
+        file written, or is not there: the file's own reading says which).
+        """
+        kept = self._fresh.pop(name, None)
+        if kept is None:
+            return None
+        data, device, inode = kept
+        try:
+            found = os.stat(path)
+        except OSError:
+            return None
+        if (found.st_dev, found.st_ino, found.st_size) != (device, inode, len(data)):
+            return None
+        return data, found.st_mtime
 
     def path(self, name: str) -> str | None:
         """Where the file for *name* would be; ``None`` for a name this store never makes.
