@@ -1313,7 +1313,10 @@ class _Sending:
 
     @property
     def unsent(self) -> bool:
-        """Whether the body is counted and its last byte was not handed over."""
+        """Whether the body is counted and its last byte was not handed over.
+
+        Until an answer came: `FluxClient._send` forgets the body then.
+        """
         return self.body is not None and not self.body.complete
 
 
@@ -1668,6 +1671,10 @@ class FluxClient(_ClientBase):
                     if instead is exc:
                         raise
                     raise instead from exc
+                if sending is not None:
+                    # An answer came, maybe before the body's end (a server may answer, and
+                    # take a job, without reading all of it): the body's count proves no more.
+                    sending.body = None
                 try:
                     body = AnswerBody(response, name, seconds, ends, binding.scrub)
                     try:
