@@ -1548,9 +1548,7 @@ class _AnswersBeforeTheBodyEnds(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         assert isinstance(request.stream, httpx.SyncByteStream)
-        chunks = iter(request.stream)
-        self.read = len(next(chunks))  # part of the body, never its end
-        chunks.close()
+        self.read = len(next(iter(request.stream)))  # part of the body, never its end
 
         def dripping() -> Iterator[bytes]:
             yield b'{"data": ['

@@ -617,7 +617,7 @@ def test_a_rerun_with_no_room_beside_the_journal_holds_what_it_knew_in_memory(
         raise OSError(errno.EACCES, "Permission denied")
 
     if fault == "disk-full":
-        monkeypatch.setattr(_journal.os, "pwrite", full)
+        monkeypatch.setattr(os, "pwrite", full)
     else:
         monkeypatch.setattr(tempfile, "TemporaryFile", refused)
     journal = Journal(tmp_path)
