@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -1151,3 +1151,45 @@ def test_a_shutdown_cut_short_leaves_no_spare_file(tmp_path: Path) -> None:
 
     asyncio.run(shut_down())
     assert list(tmp_path.iterdir()) == []
+
+
+async def _swallows_its_cancel() -> str:
+    try:
+        await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        return "ended anyway"
+    return "slept"
+
+
+async def _turns_its_cancel_into_an_error() -> str:
+    try:
+        await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        raise ValueError("turned") from None
+    return "slept"
+
+
+@pytest.mark.parametrize("work", [_swallows_its_cancel, _turns_its_cancel_into_an_error])
+def test_a_body_deadline_that_passed_leaves_its_task_as_asyncio_timeout_does(
+    work: Callable[[], Awaitable[str]],
+) -> None:
+    """The body's deadline (`_within`) cancels its task as it passes; whatever the work does
+    with that cancellation (ends anyway, or raises something else), the task's cancel request
+    is taken back, as ``asyncio.timeout`` does: one left behind would make the call's later
+    task groups and timeouts take a cancel nobody asked for."""
+    from flux_adapters.gateway._app import _within
+
+    async def under(kind: str) -> tuple[str, int]:
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            if kind == "asyncio":
+                async with asyncio.timeout(0.01):
+                    outcome = await work()
+            else:
+                outcome = await _within(0.01, work())
+        except ValueError as exc:
+            outcome = str(exc)
+        return outcome, task.cancelling()
+
+    assert asyncio.run(under("gateway")) == asyncio.run(under("asyncio"))

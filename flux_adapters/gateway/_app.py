@@ -752,11 +752,15 @@ async def _within(seconds: float, work: Awaitable[_T]) -> _T:
     try:
         return await work
     except asyncio.CancelledError:
-        if fired and task.uncancel() <= cancelling:
-            raise TimeoutError from None
+        if fired:
+            fired = False
+            if task.uncancel() <= cancelling:
+                raise TimeoutError from None
         raise
     finally:
         timer.cancel()
+        if fired:  # passed, and the work ended some other way: its cancel is taken back
+            task.uncancel()
 
 
 def _count_attempts(gateway: Gateway, attempts: Sequence[Any]) -> None:
