@@ -1193,3 +1193,34 @@ def test_a_body_deadline_that_passed_leaves_its_task_as_asyncio_timeout_does(
         return outcome, task.cancelling()
 
     assert asyncio.run(under("gateway")) == asyncio.run(under("asyncio"))
+
+
+def test_request_ids_differ_whoever_seeds_random_and_after_a_fork() -> None:
+    """Code beside the gateway seeding `random`'s shared generator (``random.seed(0)``, common
+    for reproducible runs) does not make every call's id the same (they key the paid calls
+    under way, and name each in the logs); a forked child makes ids of its own."""
+    import random
+
+    from flux_adapters.gateway._app import _request_id
+
+    state = random.getstate()
+    try:
+        ids = set()
+        for _ in range(3):
+            random.seed(0)
+            ids.add(_request_id())
+    finally:
+        random.setstate(state)
+    assert len(ids) == 3
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.write(write, _request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read, "rb") as pipe:
+        theirs = pipe.read().decode()
+    assert theirs.startswith("gw-")
+    assert theirs != _request_id()
