@@ -906,11 +906,18 @@ def _changed_after_writing(how: str, path: Path) -> None:
     elif how == "cut":  # the same file, shorter
         with path.open("r+b") as file:
             file.truncate(10)
+    elif how == "modified":  # the same file, the same size, other bytes, a second later
+        written = path.stat().st_mtime_ns
+        with path.open("r+b") as file:
+            file.write(bytes(reversed(path.read_bytes())))
+        os.utime(path, ns=(written + 10**9, written + 10**9))  # a clock's tick may be coarse
     else:
         assert how == "as written"
 
 
-@pytest.mark.parametrize("how", ["as written", "removed", "re-dated", "replaced", "cut"])
+@pytest.mark.parametrize(
+    "how", ["as written", "removed", "re-dated", "replaced", "cut", "modified"]
+)
 def test_a_first_fetch_from_the_bytes_written_is_what_reading_the_file_gives(
     how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -950,6 +957,7 @@ def test_a_first_fetch_from_the_bytes_written_is_what_reading_the_file_gives(
             "re-dated": None,
             "replaced": bytes(reversed(png)),
             "cut": png[:10],
+            "modified": bytes(reversed(png)),
         }[how]
     )
 
