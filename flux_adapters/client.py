@@ -1313,11 +1313,12 @@ class _Sending:
 
     @property
     def unsent(self) -> bool:
-        """Whether the body is counted and its last byte was not handed over.
+        """Whether the body is counted and its send was stopped within the body's part.
 
-        Until an answer came: `FluxClient._send` forgets the body then.
+        Not once an answer is awaited (`CountedBody.cut_short`), nor once one came
+        (`FluxClient._send` forgets the body then).
         """
-        return self.body is not None and not self.body.complete
+        return self.body is not None and self.body.cut_short
 
 
 def _unanswered(stop: StopJob) -> StopJob:

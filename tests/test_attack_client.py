@@ -1580,3 +1580,42 @@ def test_ctrl_c_after_an_answer_came_before_the_body_ended_says_the_provider_may
         "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
         " and may bill it"
     ]
+
+
+def _answers_and_hangs_up_mid_body(connection: socket.socket, head: bytes) -> None:
+    """A provider that reads part of the body, answers 200 and hangs up (a reset): the client's
+    next write fails, and httpcore goes on to read the answer."""
+    connection.recv(65536)  # part of the body, never its end
+    connection.sendall(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    connection.close()
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_ctrl_c_while_an_answer_is_awaited_after_a_failed_write_says_it_may_have_been_taken(
+    serve: Callable[[Callable[[socket.socket, bytes], None]], Server],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The body's write failed part way (the provider hung up); httpcore then reads the answer
+    # the provider may have sent first (a 200, a job): Ctrl-C there is past the body's part,
+    # and the note may not say "cannot have taken it".
+    import httpcore._sync.http11 as http11
+
+    def interrupted(self: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(http11.HTTP11Connection, "_receive_response_headers", interrupted)
+    server = serve(_answers_and_hangs_up_mid_body)
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    with (
+        FluxClient("laozhang", api_key=KEY, base_url=server.url, max_retries=0) as client,
+        pytest.raises(KeyboardInterrupt) as caught,
+    ):
+        client.edit(request)
+    assert caught.value.__notes__ == [
+        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
+        " and may bill it"
+    ]
