@@ -404,11 +404,28 @@ class CountedBody(httpx.SyncByteStream):
     def __init__(self, inner: httpx.SyncByteStream, length: int) -> None:
         self._inner = inner
         self._left = length
+        self._answer_awaited = False
 
     @property
     def complete(self) -> bool:
         """Whether every byte was handed over."""
         return self._left <= 0
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether the send is stopped within the body's part (no answer awaited yet).
+
+        Its last byte was not handed over, and no answer is awaited: httpcore awaits one once
+        the body is sent, and also after a write that failed part way (the server hung up),
+        to read the answer the server may have sent first (a 200 with a job among them).
+        Stopped there, the count proves nothing.
+        """
+        return self._left > 0 and not self._answer_awaited
+
+    def trace(self, event: str, info: Mapping[str, object]) -> None:
+        """Note when the answer's head is awaited (httpcore's ``trace`` extension)."""
+        if event.endswith(".receive_response_headers.started"):
+            self._answer_awaited = True
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._inner:
@@ -433,6 +450,16 @@ def counted_body(request: httpx.Request) -> CountedBody | None:
         return None
     counted = CountedBody(stream, int(length))
     request.stream = counted
+    traced = request.extensions.get("trace")
+    if traced is None:
+        request.extensions = {**request.extensions, "trace": counted.trace}
+    else:  # a caller's own trace: both are told
+
+        def both(event: str, info: Mapping[str, object]) -> None:
+            counted.trace(event, info)
+            traced(event, info)
+
+        request.extensions = {**request.extensions, "trace": both}
     return counted
 
 

@@ -794,6 +794,19 @@ class EarlierStates:
         name, packed = marshal.loads(head[4 : 4 + size])
         return name, packed
 
+    def held(self) -> dict[str, bytes]:
+        """Every live state, read back into a dict (what it replaces).
+
+        Raises:
+            OutputError: The file cannot be read.
+        """
+        return {
+            name: packed
+            for value in self._table
+            if value and value & self._DEAD != self._DEAD
+            for name, packed in [self._read(value & self._DEAD)]
+        }
+
     @property
     def table_bytes(self) -> int:
         """The bytes its table takes in memory."""
@@ -832,22 +845,35 @@ def load_packed(path: Path) -> EarlierStates | dict[str, bytes]:
     """`load_states` of every job, each state packed (`_pack`) as soon as its records are read.
 
     Kept in an `EarlierStates` beside the journal (an empty dict when the journal knows no
-    job: a first run asks nothing of it). A rerun of 100,000 jobs holds what the journal knows
+    job: a first run asks nothing of it); in a dict when no file can be made or written there
+    (a disk full, a folder that takes no new file while its journal is writable), as before. A rerun of 100,000 jobs holds what the journal knows
     of each until the job is taken up: as `JobState` objects that was about 800 bytes a job;
     packed, in a dict, about 300; in an `EarlierStates`, 8 to 16 bytes. Only the `_RECENT` jobs
     last read are held unpacked meanwhile.
 
     Raises:
-        OutputError: The states cannot be written beside the journal.
+        OutputError: The states written beside the journal cannot be read back.
     """
-    packed: EarlierStates | None = None
+    packed: EarlierStates | dict[str, bytes] | None = None
     recent: collections.OrderedDict[str, JobState] = collections.OrderedDict()
 
     def keep(job: str, state: JobState) -> None:
         nonlocal packed
-        if packed is None:
-            packed = EarlierStates(path.parent)
-        packed.add(job, _pack(state))
+        data = _pack(state)
+        if isinstance(packed, dict):
+            packed[job] = data
+            return
+        try:
+            if packed is None:
+                packed = EarlierStates(path.parent)
+            packed.add(job, data)
+        except OutputError:
+            # No room beside the journal: in memory, as before (a rerun is not refused for it).
+            held = packed.held() if isinstance(packed, EarlierStates) else {}
+            if isinstance(packed, EarlierStates):
+                packed.close()
+            held[job] = data
+            packed = held
 
     try:
         for record in read_lines(path):
@@ -856,7 +882,7 @@ def load_packed(path: Path) -> EarlierStates | dict[str, bytes]:
                 continue
             state = recent.pop(job, None)
             if state is None:
-                earlier = packed.pop(job) if packed is not None else None
+                earlier = packed.pop(job, None) if packed is not None else None
                 state = _unpack(earlier) if earlier is not None else JobState()
             state.fold(record)
             recent[job] = state
@@ -865,7 +891,7 @@ def load_packed(path: Path) -> EarlierStates | dict[str, bytes]:
         for job, state in recent.items():
             keep(job, state)
     except BaseException:
-        if packed is not None:
+        if isinstance(packed, EarlierStates):
             packed.close()
         raise
     return packed if packed is not None else {}

@@ -1313,8 +1313,12 @@ class _Sending:
 
     @property
     def unsent(self) -> bool:
-        """Whether the body is counted and its last byte was not handed over."""
-        return self.body is not None and not self.body.complete
+        """Whether the body is counted and its send was stopped within the body's part.
+
+        Not once an answer is awaited (`CountedBody.cut_short`), nor once one came
+        (`FluxClient._send` forgets the body then).
+        """
+        return self.body is not None and self.body.cut_short
 
 
 def _unanswered(stop: StopJob) -> StopJob:
@@ -1668,6 +1672,10 @@ class FluxClient(_ClientBase):
                     if instead is exc:
                         raise
                     raise instead from exc
+                if sending is not None:
+                    # An answer came, maybe before the body's end (a server may answer, and
+                    # take a job, without reading all of it): the body's count proves no more.
+                    sending.body = None
                 try:
                     body = AnswerBody(response, name, seconds, ends, binding.scrub)
                     try:

@@ -1536,3 +1536,86 @@ def test_ctrl_c_mid_body_on_a_callers_client_cannot_tell_and_says_it_may_have_be
         "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
         " and may bill it"
     ]
+
+
+class _AnswersBeforeTheBodyEnds(httpx.BaseTransport):
+    """A provider that reads part of the body, then answers 200 (httpcore stops writing on a
+    write error, and reads the answer the server sent before it stopped reading): Ctrl-C while
+    the answer's body comes in."""
+
+    def __init__(self) -> None:
+        self.read = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.SyncByteStream)
+        self.read = len(next(iter(request.stream)))  # part of the body, never its end
+
+        def dripping() -> Iterator[bytes]:
+            yield b'{"data": ['
+            raise KeyboardInterrupt
+
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=dripping())
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_ctrl_c_after_an_answer_came_before_the_body_ended_says_the_provider_may_have_it(
+    tmp_path: Path,
+) -> None:
+    # The provider stopped reading the body and answered (200): whatever the body's count, it
+    # may have taken a job, and the note may not say "cannot have taken it, and bills nothing".
+    # An answer that comes early is judged by its status, as after a write that failed.
+    from flux_adapters import _transport
+
+    provider = _AnswersBeforeTheBodyEnds()
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    with httpx.Client(transport=provider) as http:
+        _transport._BOUNDED.add(http)  # sends in this thread, as FluxClient's own client
+        client = FluxClient(
+            "laozhang", api_key=KEY, base_url="https://api.example", http_client=http
+        )
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.edit(request)
+    assert provider.read > 0
+    assert caught.value.__notes__ == [
+        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
+        " and may bill it"
+    ]
+
+
+def _answers_and_hangs_up_mid_body(connection: socket.socket, head: bytes) -> None:
+    """A provider that reads part of the body, answers 200 and hangs up (a reset): the client's
+    next write fails, and httpcore goes on to read the answer."""
+    connection.recv(65536)  # part of the body, never its end
+    connection.sendall(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    connection.close()
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_ctrl_c_while_an_answer_is_awaited_after_a_failed_write_says_it_may_have_been_taken(
+    serve: Callable[[Callable[[socket.socket, bytes], None]], Server],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The body's write failed part way (the provider hung up); httpcore then reads the answer
+    # the provider may have sent first (a 200, a job): Ctrl-C there is past the body's part,
+    # and the note may not say "cannot have taken it".
+    import httpcore._sync.http11 as http11
+
+    def interrupted(self: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(http11.HTTP11Connection, "_receive_response_headers", interrupted)
+    server = serve(_answers_and_hangs_up_mid_body)
+    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    with (
+        FluxClient("laozhang", api_key=KEY, base_url=server.url, max_retries=0) as client,
+        pytest.raises(KeyboardInterrupt) as caught,
+    ):
+        client.edit(request)
+    assert caught.value.__notes__ == [
+        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
+        " and may bill it"
+    ]

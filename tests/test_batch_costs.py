@@ -582,3 +582,48 @@ def test_a_record_written_while_an_fsync_runs_waits_for_the_next_one(
     assert len(began) == 3
     records = [record["id"] for record in read_lines(journal_path)]
     assert records == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("fault", ["disk-full", "no-new-file"])
+def test_a_rerun_with_no_room_beside_the_journal_holds_what_it_knew_in_memory(
+    fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk full, or a folder that takes no new file (its journal still writable): the rerun
+    goes on as before the earlier states were kept beside the journal, not refused."""
+    import errno
+    import tempfile
+
+    from flux_adapters import _journal
+
+    lines = []
+    for n in range(300):  # more than the jobs held unpacked while reading
+        name = f"job-{n:05d}"
+        lines += [
+            {"id": name, "k": "accepted", "d": f"{n:032x}"},
+            {"id": name, "k": "saved", "files": [f"{name}.png"]},
+        ]
+    (tmp_path / JOURNAL_NAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    known = _journal.load_states(tmp_path / JOURNAL_NAME)
+    real_pwrite = os.pwrite
+    writes = [0]
+
+    def full(fd: int, data: bytes, place: int) -> int:
+        writes[0] += 1
+        if writes[0] > 20:  # some states written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, place)
+
+    def refused(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    if fault == "disk-full":
+        monkeypatch.setattr(os, "pwrite", full)
+    else:
+        monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    journal = Journal(tmp_path)
+    try:
+        assert all(journal.state(name) == state for name, state in known.items())
+        assert journal.knows("job-00000")
+        assert not journal.knows("job-99999")
+    finally:
+        asyncio.run(journal.close())

@@ -8,6 +8,7 @@ the caller's own task groups and timeouts.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -71,3 +72,44 @@ def test_a_timeout_error_of_the_work_itself_is_not_the_deadlines() -> None:
     error = asyncio.run(main())
     assert not isinstance(error, DeadlinePassed)
     assert str(error) == "the work's own"
+
+
+async def _swallows_its_cancel() -> str:
+    try:
+        await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        return "ended anyway"
+    return "slept"
+
+
+async def _turns_its_cancel_into_an_error() -> str:
+    try:
+        await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        raise ValueError("turned") from None
+    return "slept"
+
+
+@pytest.mark.parametrize("work", [_swallows_its_cancel, _turns_its_cancel_into_an_error])
+def test_a_body_deadline_that_passed_leaves_its_task_as_asyncio_timeout_does(
+    work: Callable[[], Awaitable[str]],
+) -> None:
+    """The deadline cancels its task as it passes; whatever the work does with that
+    cancellation (ends anyway, or raises something else), the task's cancel request is taken
+    back, as ``asyncio.timeout`` does: one left behind would make the call's later task groups
+    and timeouts take a cancel nobody asked for (the gateway's body read under it: the 408)."""
+
+    async def under(kind: str) -> tuple[str, int]:
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            if kind == "asyncio":
+                async with asyncio.timeout(0.01):
+                    outcome = await work()
+            else:
+                outcome = await within(0.01, work())
+        except ValueError as exc:
+            outcome = str(exc)
+        return outcome, task.cancelling()
+
+    assert asyncio.run(under("within")) == asyncio.run(under("asyncio"))

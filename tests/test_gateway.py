@@ -906,11 +906,18 @@ def _changed_after_writing(how: str, path: Path) -> None:
     elif how == "cut":  # the same file, shorter
         with path.open("r+b") as file:
             file.truncate(10)
+    elif how == "modified":  # the same file, the same size, other bytes, a second later
+        written = path.stat().st_mtime_ns
+        with path.open("r+b") as file:
+            file.write(bytes(reversed(path.read_bytes())))
+        os.utime(path, ns=(written + 10**9, written + 10**9))  # a clock's tick may be coarse
     else:
         assert how == "as written"
 
 
-@pytest.mark.parametrize("how", ["as written", "removed", "re-dated", "replaced", "cut"])
+@pytest.mark.parametrize(
+    "how", ["as written", "removed", "re-dated", "replaced", "cut", "modified"]
+)
 def test_a_first_fetch_from_the_bytes_written_is_what_reading_the_file_gives(
     how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -950,6 +957,7 @@ def test_a_first_fetch_from_the_bytes_written_is_what_reading_the_file_gives(
             "re-dated": None,
             "replaced": bytes(reversed(png)),
             "cut": png[:10],
+            "modified": bytes(reversed(png)),
         }[how]
     )
 
@@ -1151,3 +1159,34 @@ def test_a_shutdown_cut_short_leaves_no_spare_file(tmp_path: Path) -> None:
 
     asyncio.run(shut_down())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_request_ids_differ_whoever_seeds_random_and_after_a_fork() -> None:
+    """Code beside the gateway seeding `random`'s shared generator (``random.seed(0)``, common
+    for reproducible runs) does not make every call's id the same (they key the paid calls
+    under way, and name each in the logs); a forked child makes ids of its own."""
+    import random
+
+    from flux_adapters.gateway._app import _request_id
+
+    state = random.getstate()
+    try:
+        ids = set()
+        for _ in range(3):
+            random.seed(0)
+            ids.add(_request_id())
+    finally:
+        random.setstate(state)
+    assert len(ids) == 3
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.write(write, _request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read, "rb") as pipe:
+        theirs = pipe.read().decode()
+    assert theirs.startswith("gw-")
+    assert theirs != _request_id()

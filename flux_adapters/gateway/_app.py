@@ -477,13 +477,22 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+_IDS: Final = random.Random()
+"""The generator of request ids: the gateway's own, seeded from the system's (and again in a
+forked child), so that code beside it seeding `random`'s shared one (``random.seed(0)`` for
+reproducible runs) cannot make every call's id the same."""
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_IDS.seed)
+
+
 def _request_id() -> str:
     """``gw-`` and 16 hex digits: a name for a call in headers and logs, not a secret.
 
-    From `random`'s generator, seeded once from the system's: as unlikely to repeat as
-    ``secrets.token_hex(8)``, without a ``getrandom`` system call on every call.
+    From a `random` generator of its own (`_IDS`), seeded from the system's: as unlikely to
+    repeat as ``secrets.token_hex(8)``, without a ``getrandom`` system call on every call. It
+    keys the paid calls under way (`Gateway.in_flight`): ids that repeat would hide calls.
     """
-    return f"gw-{random.getrandbits(64):016x}"
+    return f"gw-{_IDS.getrandbits(64):016x}"
 
 
 async def _image_call(

@@ -61,9 +61,10 @@ class FileStore:
         """A new empty file (its name, open descriptor) for the next image kept (`replenish`)."""
         self._spare_id = (0, 0)
         """The spare's device and inode: it is used only while its name still leads to it."""
-        self._fresh: dict[str, tuple[bytes, int, int]] = {}
-        """The images written last into a spare, by name: their bytes, device and inode, for
-        their first fetch (`fresh`), which most often follows at once."""
+        self._fresh: dict[str, tuple[bytes, int, int, int]] = {}
+        """The images written last into a spare, by name: their bytes, device, inode and
+        modification time (ns) once written, for their first fetch (`fresh`), which most often
+        follows at once."""
 
     def replenish(self) -> None:
         """Create a spare file for the next image kept, unless one is waiting already.
@@ -168,11 +169,11 @@ class FileStore:
         extension = image_format(data[:SNIFF_BYTES]) or "bin"
         spare = self._take_spare(extension)
         if spare is not None:
-            _write_closed(spare[1], data, self._prefix + spare[0])
+            written = _write_closed(spare[1], data, self._prefix + spare[0], measured=True)
             fresh = self._fresh
             if len(fresh) >= _MOST_FRESH:  # links never fetched: the oldest goes
                 del fresh[next(iter(fresh))]
-            fresh[spare[0]] = (data, *self._spare_id)
+            fresh[spare[0]] = (data, *self._spare_id, written)
             return spare[0]
         name = f"{secrets.token_urlsafe(24)}.{extension}"
         path = self._prefix + name
@@ -189,19 +190,24 @@ class FileStore:
         An image is most often fetched right after the answer linking it: its first fetch is
         served from the bytes written, after one ``stat`` of *path* (instead of an ``open``,
         ``fstat``, ``read`` and ``close``) shows the same file still there, of the same size
-        (not removed, replaced or cut short; its age is the caller's to judge, as for any
-        other file). ``None``: read the file itself (it was fetched already, or is not the
+        and modification time (not removed, replaced, cut short or written to since; its age
+        is the caller's to judge, as for any other file). ``None``: read the file itself (it was fetched already, or is not the
         file written, or is not there: the file's own reading says which).
         """
         kept = self._fresh.pop(name, None)
         if kept is None:
             return None
-        data, device, inode = kept
+        data, device, inode, written = kept
         try:
             found = os.stat(path)
         except OSError:
             return None
-        if (found.st_dev, found.st_ino, found.st_size) != (device, inode, len(data)):
+        if (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns) != (
+            device,
+            inode,
+            len(data),
+            written,
+        ):
             return None
         return data, found.st_mtime
 
@@ -264,8 +270,10 @@ class _Gathered:
         self.size = 0
 
 
-def _write_closed(fd: int, data: bytes, path: str) -> None:
+def _write_closed(fd: int, data: bytes, path: str, *, measured: bool = False) -> int:
     """Write *data* to *fd*, the new file *path*, and close it; it is removed if that fails.
+
+    *measured*: its modification time (``st_mtime_ns``) once written is returned (else 0).
 
     Raises:
         OutputError: *data* could not be written.
@@ -275,9 +283,11 @@ def _write_closed(fd: int, data: bytes, path: str) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            written = os.fstat(fd).st_mtime_ns if measured else 0
         finally:
             os.close(fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise OutputError(exc.strerror or str(exc), path=path) from exc
+    return written
