@@ -956,7 +956,8 @@ def _finish(
     """
     elapsed = time.perf_counter() - started
     response.background = _Recorded(
-        gateway, request, route, response, elapsed, record, info, response.background
+        functools.partial(_record, gateway, request, route, response, elapsed, record, info),
+        response.background,
     )
     return response
 
@@ -964,24 +965,14 @@ def _finish(
 class _Recorded(BackgroundTask):
     """An answer's metrics and access line (`_finish`), then the background it had."""
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        request: Request,
-        route: str,
-        response: Response,
-        elapsed: float,
-        record: KeyRecord | None,
-        info: dict[str, object] | None,
-        then: BackgroundTask | None,
-    ) -> None:
+    def __init__(self, recording: Callable[[], None], then: BackgroundTask | None) -> None:
         # Not BackgroundTask's own __init__: nothing here is a function to look at.
-        self._what = (gateway, request, route, response, elapsed, record, info)
+        self._recording = recording
         self._then = then
 
     async def __call__(self) -> None:
         try:
-            _record(*self._what)
+            self._recording()
         finally:
             if self._then is not None:
                 await self._then()
