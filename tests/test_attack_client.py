@@ -1426,6 +1426,23 @@ def _content_length(head: bytes) -> int:
     raise AssertionError("no Content-Length")
 
 
+MAY_HAVE_TAKEN_IT = [
+    "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
+    " and may bill it"
+]
+"""The note on a Ctrl-C that proves nothing of the paid request under way."""
+CANNOT_HAVE_TAKEN_IT = [
+    "flux-adapters: the request to laozhang was stopped before all of it was sent: laozhang"
+    " cannot have taken it, and bills nothing"
+]
+"""The note on a Ctrl-C before the body's last byte went, with no answer awaited yet."""
+
+
+def _with_a_large_image(tmp_path: Path) -> EditRequest:
+    """An edit whose body is streamed (an image of several slices): its sending can be cut."""
+    return EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+
+
 def _reads_all(received: list[tuple[int, int]]) -> Callable[[socket.socket, bytes], None]:
     """A server that reads the request to its end (or until the client hangs up), answering
     nothing: it notes (bytes of the body received, its Content-Length)."""
@@ -1479,17 +1496,14 @@ def test_ctrl_c_before_the_body_was_sent_whole_says_the_provider_cannot_have_tak
     # proven not taken. The note said "may have taken it, and may bill it".
     received: list[tuple[int, int]] = []
     server = serve(_reads_all(received))
-    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    request = _with_a_large_image(tmp_path)
     _interrupted_after_one_slice(monkeypatch)
     with (
         FluxClient("laozhang", api_key=KEY, base_url=server.url, max_retries=0) as client,
         pytest.raises(KeyboardInterrupt) as caught,
     ):
         client.edit(request)
-    assert caught.value.__notes__ == [
-        "flux-adapters: the request to laozhang was stopped before all of it was sent: laozhang"
-        " cannot have taken it, and bills nothing"
-    ]
+    assert caught.value.__notes__ == CANNOT_HAVE_TAKEN_IT
     deadline = time.monotonic() + 10
     while not received and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -1503,16 +1517,13 @@ def test_ctrl_c_once_the_body_was_sent_whole_says_the_provider_may_have_taken_it
 ) -> None:
     received: list[tuple[int, int]] = []
     server = serve(_reads_all(received))  # the whole body read, then Ctrl-C
-    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    request = _with_a_large_image(tmp_path)
     with (
         FluxClient("laozhang", api_key=KEY, base_url=server.url, max_retries=0) as client,
         pytest.raises(KeyboardInterrupt) as caught,
     ):
         client.edit(request)
-    assert caught.value.__notes__ == [
-        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
-        " and may bill it"
-    ]
+    assert caught.value.__notes__ == MAY_HAVE_TAKEN_IT
     [(taken, length)] = received
     assert taken == length
 
@@ -1526,16 +1537,13 @@ def test_ctrl_c_mid_body_on_a_callers_client_cannot_tell_and_says_it_may_have_be
     # of its pool after the caller stopped: how far the body got is no proof.
     received: list[tuple[int, int]] = []
     server = serve(_reads_all(received))
-    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    request = _with_a_large_image(tmp_path)
     _interrupted_after_one_slice(monkeypatch)
     with httpx.Client() as http:
         client = FluxClient("laozhang", api_key=KEY, base_url=server.url, http_client=http)
         with pytest.raises(KeyboardInterrupt) as caught:
             client.edit(request)
-    assert caught.value.__notes__ == [
-        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
-        " and may bill it"
-    ]
+    assert caught.value.__notes__ == MAY_HAVE_TAKEN_IT
 
 
 class _AnswersBeforeTheBodyEnds(httpx.BaseTransport):
@@ -1567,7 +1575,7 @@ def test_ctrl_c_after_an_answer_came_before_the_body_ended_says_the_provider_may
     from flux_adapters import _transport
 
     provider = _AnswersBeforeTheBodyEnds()
-    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    request = _with_a_large_image(tmp_path)
     with httpx.Client(transport=provider) as http:
         _transport._BOUNDED.add(http)  # sends in this thread, as FluxClient's own client
         client = FluxClient(
@@ -1576,10 +1584,7 @@ def test_ctrl_c_after_an_answer_came_before_the_body_ended_says_the_provider_may
         with pytest.raises(KeyboardInterrupt) as caught:
             client.edit(request)
     assert provider.read > 0
-    assert caught.value.__notes__ == [
-        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
-        " and may bill it"
-    ]
+    assert caught.value.__notes__ == MAY_HAVE_TAKEN_IT
 
 
 def _answers_and_hangs_up_mid_body(connection: socket.socket, head: bytes) -> None:
@@ -1609,13 +1614,10 @@ def test_ctrl_c_while_an_answer_is_awaited_after_a_failed_write_says_it_may_have
 
     monkeypatch.setattr(http11.HTTP11Connection, "_receive_response_headers", interrupted)
     server = serve(_answers_and_hangs_up_mid_body)
-    request = EditRequest(prompt="a robot", model="flux-2-pro", images=[large_image(tmp_path)])
+    request = _with_a_large_image(tmp_path)
     with (
         FluxClient("laozhang", api_key=KEY, base_url=server.url, max_retries=0) as client,
         pytest.raises(KeyboardInterrupt) as caught,
     ):
         client.edit(request)
-    assert caught.value.__notes__ == [
-        "flux-adapters: the request to laozhang was under way: laozhang may have taken it,"
-        " and may bill it"
-    ]
+    assert caught.value.__notes__ == MAY_HAVE_TAKEN_IT
