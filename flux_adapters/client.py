@@ -2060,8 +2060,10 @@ class AsyncFluxClient(_ClientBase):
             requests: The edits, each routed as `edit` would; read lazily, one as a worker
                 frees up. What the batch holds grows with the number of jobs only by a 16-byte
                 digest of each name (to refuse one used twice: about 32 MB for a million) and,
-                on a rerun, by what the journal knew of the jobs of earlier runs until each is
-                taken up (about 300 bytes a job); the rest is bounded by *concurrency*.
+                on a rerun, by a slot of 8 to 16 bytes for each job of earlier runs not yet
+                taken up (what the journal knew of it waits in a file beside the journal, or in
+                memory, about 300 bytes a job, where no file can be made there); the rest is
+                bounded by *concurrency*.
             concurrency: Most edits in flight at once.
             per_provider: Most requests in flight at any one provider.
             output_dir: Where to save images and keep the journal.
