@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -26,7 +27,7 @@ from PIL import Image
 
 from flux_adapters import AsyncFluxClient
 from flux_adapters._serving import LoopbackServer
-from flux_adapters.emulator import Emulator, Fault, run_emulator
+from flux_adapters.emulator import Emulator, Fault, _app, run_emulator
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.gateway import FileKeys, RunningGateway, run_gateway
 from flux_adapters.gateway._app import GatewaySettings
@@ -495,18 +496,38 @@ def test_a_body_dripped_slower_than_its_deadline_is_a_408(
 
 
 @contextlib.contextmanager
+def held_at_the_provider() -> Iterator[threading.Event]:
+    """The next call the emulator works on is held there (read, not yet answered) until the
+    block ends; the event is set once it is held. Released by the test, not by a timer."""
+    reached, release = threading.Event(), threading.Event()
+    render = _app._rendered
+
+    def holding(job: Any) -> bytes:  # in a worker thread of the emulator
+        if not reached.is_set():  # the first call only
+            reached.set()
+            release.wait(30)  # bounded
+        return render(job)
+
+    _app._rendered = holding
+    try:
+        yield reached
+    finally:
+        release.set()
+        _app._rendered = render
+
+
+@contextlib.contextmanager
 def one_call_under_way(
-    emulator: Emulator, url: str, headers: dict[str, str], body: Mapping[str, object]
+    url: str, headers: dict[str, str], body: Mapping[str, object]
 ) -> Iterator[concurrent.futures.Future[httpx.Response]]:
-    """A call POSTed in a thread, held at the provider (a 3 s delay) while the block runs."""
-    emulator.inject("laozhang", Fault(delay=3.0, first=1))
-    before = len(emulator.calls("laozhang"))
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    """A call POSTed in a thread, held at the provider while the block runs; it is answered
+    once the block ends."""
+    # The pool outlives the hold: its end waits for the call, answered once released.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, held_at_the_provider() as reached:
         first = pool.submit(httpx.post, url, json=body, headers=headers, timeout=30)
         for _ in range(3000):  # until the call reached the provider (bounded)
-            if len(emulator.calls("laozhang")) > before or first.done():
+            if reached.wait(0.01) or first.done():
                 break
-            time.sleep(0.01)
         yield first
 
 
@@ -526,10 +547,10 @@ def test_calls_past_the_bodies_the_gateway_may_hold_are_a_503_before_reading(
         headers = {"authorization": f"Bearer {key}"}
         url = gateway.url + "/images/generations"
         body = {"prompt": "held", "model": "flux-2-pro", "user": "x" * 3000}
-        with one_call_under_way(emulator, url, headers, body) as first:
+        with one_call_under_way(url, headers, body) as first:
             busy = httpx.post(url, json=body, headers=headers, timeout=30)
             small = httpx.post(url, json={"prompt": "small"}, headers=headers, timeout=30)
-            assert first.result().status_code == 200
+        assert first.result().status_code == 200
         after = httpx.post(url, json=body, headers=headers, timeout=30)
     assert busy.status_code == 503
     assert busy.json()["error"]["code"] == "server_busy"
@@ -561,9 +582,9 @@ def test_a_json_body_counts_what_reading_it_takes_beside_other_calls(
         headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
         url = gateway.url + "/images/generations"
         wide = json.dumps({"prompt": "wide", "user": text}, ensure_ascii=False).encode()
-        with one_call_under_way(emulator, url, headers, {"prompt": "held"}) as first:
+        with one_call_under_way(url, headers, {"prompt": "held"}) as first:
             beside = httpx.post(url, content=wide, headers=headers, timeout=30)
-            assert first.result().status_code == 200
+        assert first.result().status_code == 200
         alone = httpx.post(url, content=wide, headers=headers, timeout=30)
     if fits:  # about 1,000 bytes, 3,000 once read, beside a small call: within 5,000
         assert beside.status_code == 200, beside.text
@@ -1030,13 +1051,16 @@ def test_every_kind_of_call_ending_gives_back_the_bodies_it_held(
     # A body counted in and never counted out shrinks the room for every later call, for good:
     # after enough such endings every call is a 503 server_busy. Every kind of ending, then the
     # count must be back at nothing.
-    with run_gateway(
-        files_dir=tmp_path,
-        clients=single(emulator, "laozhang"),
-        max_body_bytes=4000,
-        max_bodies_bytes=12_000,
-        body_timeout=0.3,
-    ) as running:
+    with (
+        contextlib.ExitStack() as after_the_gateway,
+        run_gateway(
+            files_dir=tmp_path,
+            clients=single(emulator, "laozhang"),
+            max_body_bytes=4000,
+            max_bodies_bytes=12_000,
+            body_timeout=0.3,
+        ) as running,
+    ):
         key, _ = running.add_key()
         gateway = running.gateway
         good = {"authorization": f"Bearer {key}"}
@@ -1099,38 +1123,39 @@ def test_every_kind_of_call_ending_gives_back_the_bodies_it_held(
             codes.append(
                 httpx.post(url, json={"prompt": "p"}, headers=good, timeout=30).status_code
             )
-            with one_call_under_way(emulator, url, good, {"prompt": "x" * 3000}) as first:
+            with one_call_under_way(url, good, {"prompt": "x" * 3000}) as first:
                 busy = httpx.post(url, json={"prompt": "y" * 3000}, headers=good, timeout=30)
                 codes.append(busy.status_code)  # 503
-                assert first.result().status_code == 200
-            emulator.inject("laozhang", Fault(delay=1.0, first=1))
+            assert first.result().status_code == 200
             body = json.dumps({"prompt": "gone"}).encode()
-            raw(
-                b"content-type: application/json\r\n" + f"content-length: {len(body)}\r\n".encode(),
-                body,
-                wait=False,
-            )
-            codes.append(
-                httpx.post(url, json={"prompt": "ok"}, headers=good, timeout=30).status_code
-            )
+            with held_at_the_provider() as reached:
+                raw(
+                    b"content-type: application/json\r\n"
+                    + f"content-length: {len(body)}\r\n".encode(),
+                    body,
+                    wait=False,
+                )
+                reached.wait(30)  # the gone call is at the provider, which holds its answer
+                codes.append(
+                    httpx.post(url, json={"prompt": "ok"}, headers=good, timeout=30).status_code
+                )
         for _ in range(3000):  # the calls cut short end on the gateway's side (bounded)
             if gateway.bodies_held == 0:
                 break
             time.sleep(0.01)
         assert gateway.bodies_held == 0, (gateway.bodies_held, codes)
-        # shutdown with a call under way (cancelled, or left to finish)
-        emulator.inject("laozhang", Fault(delay=1.0, first=1))
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(
-                raw,
-                b"content-type: application/json\r\ncontent-length: 17\r\n",
-                b'{"prompt": "end"}',
-                wait=True,
-            )
-            for _ in range(300):
-                if gateway.bodies_held:
-                    break
-                time.sleep(0.01)
+        # shutdown with a call under way (cancelled, or left to finish): the call is held at the
+        # provider until after the gateway stopped, its client waiting in a thread till then
+        pool = after_the_gateway.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        reached = after_the_gateway.enter_context(held_at_the_provider())
+        pool.submit(
+            raw,
+            b"content-type: application/json\r\ncontent-length: 17\r\n",
+            b'{"prompt": "end"}',
+            wait=True,
+        )
+        reached.wait(30)
+        assert gateway.bodies_held
     assert gateway.bodies_held == 0
     assert set(codes) == {401, 413, 400, 408, 502, 503, 200}, codes
 
