@@ -233,13 +233,18 @@ def test_a_poll_that_cannot_connect_is_retried_and_never_submits_again(
 # --- acceptance: a deadline causes one cancel and a JobTimeout; resume completes ------------
 
 
+# A resumed job still has the rest of its long pending run to poll through (up to 40 polls,
+# each answered at once): polled with no wait between them.
+EAGER = Polling(first=0.0, factor=1.0, longest=0.0, jitter=0.0, deadline=30.0)
+
+
 def resume(
     kind: str, emulator: Emulator, provider: ProviderId, job: Any
 ) -> tuple[EditResult, bytes]:
     settings: dict[str, Any] = {
         "api_key": KEY,
         "base_url": emulator.base_url(provider),
-        "polling": FAST,
+        "polling": EAGER,
     }
     if kind == "sync":
         with FluxClient(provider, **settings) as client:
