@@ -492,7 +492,10 @@ def test_the_callers_async_http_client_timeout_is_respected(emulator: Emulator) 
 
 
 def test_timeout_precedence_against_the_emulator(emulator: Emulator) -> None:
-    emulator.inject("laozhang", Fault(delay=1.0))
+    # Every answer comes later than the caller's 0.2 s: the first by a wide margin (it must
+    # time out however slow the machine), the others by enough to time out if 0.2 s applied.
+    emulator.inject("laozhang", Fault(delay=1.0, first=1))
+    emulator.inject("laozhang", Fault(delay=0.5))
     with httpx.Client(timeout=0.2) as http:
         with pytest.raises(errors.Timeout) as caught:  # the caller's 0.2 s: too short
             FluxClient("laozhang", http_client=http).edit(REQUEST)
