@@ -597,7 +597,7 @@ def test_a_killed_workers_accepted_jobs_are_polled_by_the_next_not_sent_again(
         records = journal.hvals(f"flux:batch:{{{batch}}}:jobs")  # type: ignore[attr-defined]
         return sum(b'"k":"job"' in raw for raw in records)
 
-    with run_emulator() as emulator:
+    with run_emulator(pending_polls=1) as emulator:
         env = environment(emulator, "bfl")
         args = ("--block", "3", "--lease", "1", "--concurrency", "3")
         first = subprocess.Popen(
@@ -608,7 +608,9 @@ def test_a_killed_workers_accepted_jobs_are_polled_by_the_next_not_sent_again(
             text=True,
         )
         # Killed once three jobs are accepted (their ids in the journal): none of them done yet
-        # (a BFL job on the emulator answers two polls as pending: done 2.4 s after its submit).
+        # (a BFL job here answers its first poll as pending and is done at the second, 1.25 s
+        # after its submit at the CLI's pace: one pending poll, not the emulator's default two,
+        # which cost each worker another 1.1 s a job).
         wait_for(lambda: accepted_jobs() >= 3, first)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
