@@ -543,6 +543,9 @@ class _Run:
         self.on_progress = on_progress
         self.queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
         self.more = asyncio.Event()
+        self.released = asyncio.Event()
+        """Set when Redis has acknowledged the end of a block of this worker's: the round may be
+        over, and the claimer waiting on others' leases asks again at once."""
         self.held: dict[int, int] = {}
         """Blocks this worker holds -> jobs of it not ended yet."""
         self.claims: dict[int, int] = {}
@@ -576,13 +579,15 @@ class _Run:
                     self.more.clear()
                 if self.stop.is_set():
                     break
+                self.released.clear()
                 claim = await self.store.claim()
                 if claim is None:
                     self.finished = True
                     break
                 if isinstance(claim, float):  # others still work: their leases may end
+                    # (or this worker's own last jobs, whose end wakes it: not a second later)
                     waited = min(max(claim, 0.05), self.options.lease_s / 3, 1.0)
-                    await _first(self.stop, timeout=waited)
+                    await _first(self.stop, self.released, timeout=waited)
                     continue
                 self._take(claim)
         except StateUnavailable as exc:
@@ -627,7 +632,8 @@ class _Run:
         if left <= 1:
             del self.held[block]
             del self.claims[block]
-            self.writer.release(block, finished=True)
+            released = self.writer.release(block, finished=True)
+            released.add_done_callback(lambda _: self.released.set())
         else:
             self.held[block] = left - 1
 
