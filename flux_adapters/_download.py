@@ -352,6 +352,9 @@ class HttpDownloader:
         self._async_loop = async_loop or LoopBinding()
         self._deadline = deadline
         self._timeout = phase_timeouts(DOWNLOAD_TIMEOUT, deadline)
+        self._sleep: Callable[[float], None] = time.sleep
+        """How a sync download's pause between tries is spent (private: the client's
+        ``_download_sleep``, which a conformance replay spends without waiting)."""
 
     @contextlib.contextmanager
     def _sync_client(self) -> Iterator[httpx.Client]:
@@ -386,7 +389,7 @@ class HttpDownloader:
                     raise
             attempt += 1
             restart()
-            time.sleep(pause)
+            self._sleep(pause)
 
     def _unusable(self) -> TransportError:
         """The error for a URL that cannot be fetched as it is (``sent=False``; not retried)."""

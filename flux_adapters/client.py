@@ -1464,16 +1464,20 @@ class FluxClient(_ClientBase):
         self._urls = ParsedUrls()  # shared with with_options copies: same pool, same endpoints
         self._job_sleep: Callable[[float], None] = time.sleep
         """How a job's waits are spent (private, with `_job_clock`)."""
+        self._download_sleep: Callable[[float], None] = time.sleep
+        """How the pauses between a download's tries are spent (private)."""
 
     def _new_downloader(self) -> HttpDownloader:
         from flux_adapters._download import HttpDownloader
 
-        return HttpDownloader(
+        downloader = HttpDownloader(
             provider=self.provider,
             sync_client=self._http,
             deadline=self._downloader_deadline(),
             scrub=self._scrub,
         )
+        downloader._sleep = lambda seconds: self._download_sleep(seconds)  # read when it waits
+        return downloader
 
     def edit(self, request: EditRequest) -> EditResult:
         """Send *request* (failing over as configured) and return the images.

@@ -5,6 +5,7 @@ idempotent scrubbing, and streamed bodies that are still recorded and matched.""
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -537,6 +538,20 @@ def test_completing_means_every_image_downloads_as_an_image_of_the_size_asked_fo
     wrong_size = run_scenario(ShrunkImage(), by_id("explicit-size"), CASSETTES / "laozhang")
     assert wrong_size.outcome == "fail"
     assert wrong_size.detail == ("explicit-size: image 1 is 96x64; the request asked for 768x512")
+
+
+def test_a_replay_spends_no_real_time_between_a_downloads_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A replayed answer is the same however late it is asked for: the pauses between the tries
+    # of a download the cassette does not hold (a wrong adapter's) cost a replay nothing, as a
+    # job's waits between its polls cost it nothing.
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    for scenario_id in ("text-to-image", "job-pending-then-ready"):
+        verdict = run_scenario(PollingUrlAsImage(), by_id(scenario_id), CASSETTES / "bfl")
+        assert verdict.outcome == "fail"
+    assert slept == []
 
 
 class ForgetsTheCost(BflAdapter):

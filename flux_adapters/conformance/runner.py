@@ -216,8 +216,8 @@ def _network_blocked() -> Iterator[None]:
 class _Pace:
     """The clock of a job's deadline, moved by the job's own waits only.
 
-    *real* also spends each wait (recording against a live provider, which must not be polled
-    in a tight loop); otherwise a wait costs nothing.
+    *real* also spends each wait, and a download's pauses between tries (recording against a
+    live provider, which must not be polled in a tight loop); otherwise a wait costs nothing.
     """
 
     real: bool = False
@@ -228,6 +228,10 @@ class _Pace:
 
     def sleep(self, seconds: float) -> None:
         self.now += seconds
+        self.spend(seconds)
+
+    def spend(self, seconds: float) -> None:
+        """A wait that is not the job's (a download's pause between tries): the clock stays."""
         if self.real:
             time.sleep(seconds)
 
@@ -290,6 +294,7 @@ def _client(
         )
         client._job_clock = pace.clock
         client._job_sleep = pace.sleep
+        client._download_sleep = pace.spend  # a replayed answer is the same however late
         yield client, exchanges
 
 
