@@ -61,6 +61,14 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 @pytest.fixture(scope="module")
+def cli_sandbox() -> Iterator[Sandbox]:
+    """A sandbox whose tasks answer one poll as pending, not two: the command line polls at
+    the library's default pace (0.5 s, then 0.75 s), which no option of it makes shorter."""
+    with run_sandbox(pending_polls=1) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def emulator() -> Iterator[Emulator]:
     with run_emulator() as running:
         yield running
@@ -434,11 +442,11 @@ def test_a_failure_nimbus_says_was_not_charged_may_go_to_the_next_provider(
 # --- the command line: edit, batch, explain, conformance, with the provider's name -----------
 
 
-def test_cli_edit_with_nimbus_by_name(sandbox: Sandbox, tmp_path: Path) -> None:
+def test_cli_edit_with_nimbus_by_name(cli_sandbox: Sandbox, tmp_path: Path) -> None:
     output = tmp_path / "nimbus.png"
-    before = len(sandbox.calls())
+    before = len(cli_sandbox.calls())
     finished = run_cli(
-        "edit", "a robot on a skateboard", "-p", "nimbus", "--base-url", sandbox.url,
+        "edit", "a robot on a skateboard", "-p", "nimbus", "--base-url", cli_sandbox.url,
         "--width", "512", "--height", "384", "-o", str(output),
         env={"NIMBUS_API_KEY": KEY},
     )  # fmt: skip
@@ -446,17 +454,17 @@ def test_cli_edit_with_nimbus_by_name(sandbox: Sandbox, tmp_path: Path) -> None:
     assert decoded(output.read_bytes()).size == (512, 384)
     assert "cost:     $0.040 (reported by nimbus)" in finished.stdout  # 4 credits
     assert KEY not in finished.stdout + finished.stderr
-    assert [call.kind for call in calls_since(sandbox, before)].count("submit") == 1
+    assert [call.kind for call in calls_since(cli_sandbox, before)].count("submit") == 1
 
 
 def test_cli_edit_reads_the_nimbus_variables_and_flux_providers(
-    sandbox: Sandbox, tmp_path: Path
+    cli_sandbox: Sandbox, tmp_path: Path
 ) -> None:
     output = tmp_path / "nimbus.jpeg"
     environment = {
         "FLUX_PROVIDERS": "nimbus",
         "NIMBUS_API_KEY": KEY,
-        "NIMBUS_BASE_URL": sandbox.url,
+        "NIMBUS_BASE_URL": cli_sandbox.url,
     }
     finished = run_cli("edit", "a robot", "--format", "jpeg", "-o", str(output), env=environment)
     assert finished.returncode == 0, finished.stderr
@@ -464,7 +472,7 @@ def test_cli_edit_reads_the_nimbus_variables_and_flux_providers(
 
 
 def test_cli_batch_with_nimbus_journals_and_saves_each_job(
-    sandbox: Sandbox, tmp_path: Path
+    cli_sandbox: Sandbox, tmp_path: Path
 ) -> None:
     source = tmp_path / "jobs.jsonl"
     source.write_text(
@@ -473,21 +481,21 @@ def test_cli_batch_with_nimbus_journals_and_saves_each_job(
             for n in range(3)
         )
     )
-    submits = len(sandbox.calls("submit"))
+    submits = len(cli_sandbox.calls("submit"))
     finished = run_cli(
         "batch", str(source), "-o", str(tmp_path / "out"), "-p", "nimbus",
-        env={"NIMBUS_API_KEY": KEY, "NIMBUS_BASE_URL": sandbox.url},
+        env={"NIMBUS_API_KEY": KEY, "NIMBUS_BASE_URL": cli_sandbox.url},
     )  # fmt: skip
     assert finished.returncode == 0, finished.stderr
     saved = sorted(path.name for path in (tmp_path / "out").glob("job-*.png"))
     assert saved == ["job-0.png", "job-1.png", "job-2.png"]
-    assert len(sandbox.calls("submit")) - submits == 3
+    assert len(cli_sandbox.calls("submit")) - submits == 3
     again = run_cli(
         "batch", str(source), "-o", str(tmp_path / "out"), "-p", "nimbus",
-        env={"NIMBUS_API_KEY": KEY, "NIMBUS_BASE_URL": sandbox.url},
+        env={"NIMBUS_API_KEY": KEY, "NIMBUS_BASE_URL": cli_sandbox.url},
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
-    assert len(sandbox.calls("submit")) - submits == 3  # saved jobs are not sent again
+    assert len(cli_sandbox.calls("submit")) - submits == 3  # saved jobs are not sent again
 
 
 def test_cli_explain_shows_nimbus_wire_request_and_token_header(tmp_path: Path) -> None:
