@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -80,6 +80,30 @@ def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", color: str 
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+@contextmanager
+def held_at_the_provider() -> Iterator[threading.Event]:
+    """The next call an emulator of this process (`run_emulator`) works on is held there, read
+    and not yet answered, until the block ends; the event is set once it is held. Released by
+    the test, not by a timer."""
+    from flux_adapters.emulator import _app  # the emulator extra: only where it is used
+
+    reached, release = threading.Event(), threading.Event()
+    render = _app._rendered
+
+    def holding(job: Any) -> bytes:  # in a worker thread of the emulator
+        if not reached.is_set():  # the first call only
+            reached.set()
+            release.wait(30)  # bounded
+        return render(job)
+
+    _app._rendered = holding
+    try:
+        yield reached
+    finally:
+        release.set()
+        _app._rendered = render
 
 
 @pytest.fixture(autouse=True)

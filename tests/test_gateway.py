@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -27,12 +26,12 @@ from PIL import Image
 
 from flux_adapters import AsyncFluxClient
 from flux_adapters._serving import LoopbackServer
-from flux_adapters.emulator import Emulator, Fault, _app, run_emulator
+from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.gateway import FileKeys, RunningGateway, run_gateway
 from flux_adapters.gateway._app import GatewaySettings
 from flux_adapters.jobs import Polling
-from tests.conftest import image_bytes
+from tests.conftest import held_at_the_provider, image_bytes
 
 PROVIDER_SECRET = "sk-provider-SECRET-0123456789abcdef"
 FAST_POLLS = Polling(first=0.01, factor=1.0, longest=0.01, jitter=0.0)
@@ -493,27 +492,6 @@ def test_a_body_dripped_slower_than_its_deadline_is_a_408(
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"code":"request_timeout"' in answer.replace(b" ", b"")
     assert len(emulator.calls("laozhang")) == before
-
-
-@contextlib.contextmanager
-def held_at_the_provider() -> Iterator[threading.Event]:
-    """The next call the emulator works on is held there (read, not yet answered) until the
-    block ends; the event is set once it is held. Released by the test, not by a timer."""
-    reached, release = threading.Event(), threading.Event()
-    render = _app._rendered
-
-    def holding(job: Any) -> bytes:  # in a worker thread of the emulator
-        if not reached.is_set():  # the first call only
-            reached.set()
-            release.wait(30)  # bounded
-        return render(job)
-
-    _app._rendered = holding
-    try:
-        yield reached
-    finally:
-        release.set()
-        _app._rendered = render
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import pytest
 
 from flux_adapters.cli import main
 from flux_adapters.emulator import Emulator, Fault, run_emulator
+from tests.conftest import held_at_the_provider
 
 EXIT_CONFIG = 5
 
@@ -114,8 +115,9 @@ def test_serve_finishes_a_paid_call_under_way_on_sigterm(
     slow_emulator: Emulator, tmp_path: Path
 ) -> None:
     process, root, key = serve(slow_emulator, tmp_path)
+    assert process.stderr is not None
+    err = ""
     try:
-        slow_emulator.inject("laozhang", Fault(delay=2.0, first=1))
         answers: list[object] = []
 
         def call() -> None:
@@ -126,12 +128,18 @@ def test_serve_finishes_a_paid_call_under_way_on_sigterm(
                     answers.append(error)
 
         caller = threading.Thread(target=call)
-        caller.start()
-        while not slow_emulator.calls("laozhang"):  # the paid call has reached the provider
-            threading.Event().wait(0.01)
-        process.send_signal(signal.SIGTERM)
+        # The paid call is held at the provider until the gateway says it drains (or ends).
+        with held_at_the_provider() as reached:
+            caller.start()
+            reached.wait(30)  # the paid call has reached the provider
+            process.send_signal(signal.SIGTERM)
+            while line := process.stderr.readline():
+                err += line
+                if '"event": "draining"' in line:
+                    break
         caller.join(timeout=60)
-        _, err = process.communicate(timeout=60)
+        rest = process.communicate(timeout=60)[1]
+        err += rest
     finally:
         process.kill()
     assert process.returncode == 0
