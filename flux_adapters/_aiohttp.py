@@ -12,7 +12,7 @@ answer with the same `flux_adapters._transport.AnswerBody` as the httpx driver. 
   slice at a time (aiohttp's own decompression is off: it inflates each chunk whole);
 - timeouts per phase: the deadline over everything, and read (from the last byte of the body
   to the answer's head, then between its pieces), kept by a `_Clock` per exchange, all of a
-  loop's clocks on a single timer (`_Watch`); pool
+  loop's clocks on a single timer (`flux_adapters._deadline.Watch`); pool
   (waiting for a free connection, and opening one) and connect as aiohttp keeps them
   (`AiohttpDriver._timeout`), each timer made only when there is a wait or a new connection;
   write per slice of the body (`_Body`);
@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import ipaddress
-import math
 import re
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -48,6 +45,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from flux_adapters._bodies import json_segments, segment_chunks, segments_length
+from flux_adapters._deadline import Watch
 from flux_adapters._drivers import (
     CONNECTIONS,
     KEEPALIVE,
@@ -252,82 +250,10 @@ def _payload_headers(content_type: str) -> CIMultiDictProxy[str]:
 
 _LONGEST_HEAD: Final = 16 * 1024
 """The longest status or header line read: h11's bound on a head still coming in (httpx)."""
-_EARLY: Final = 1e-6
-"""A timer may run this much before its time (the loop's clock resolution): counted as on time."""
-_NO_CONTEXT: Final = contextvars.Context()
-
-
-class _Watch:
-    """The clocks of one event loop's exchanges (`_Clock`), on a single timer of that loop.
-
-    A timer per exchange (``loop.call_at``, then cancelled) costs more the more exchanges are in
-    flight: a ``TimerHandle``, its place in the loop's heap (found by comparisons written in
-    Python, about log2 of the timers pending) and the loop's clean-ups of cancelled ones: about
-    20 k instructions an exchange at 200 in flight. Here a clock is an entry in a dict; the one
-    timer is set for the earliest moment any clock could pass and, when it runs, looks at every
-    clock (cancelling the task of each that passed) and is set again for the earliest left. An
-    exchange that ends in time adds its entry and removes it; the timer is moved only for a
-    clock that could pass sooner than any before it (one with shorter timeouts).
-    """
-
-    __slots__ = ("_clocks", "_handle", "_when", "loop", "time")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        # asyncio's own loops read time.monotonic in a Python method: called directly here
-        # (each clock reads it twice an exchange); any other loop (uvloop) through its own.
-        bound = loop.time
-        same = getattr(bound, "__func__", None) is asyncio.BaseEventLoop.time
-        self.time: Callable[[], float] = time.monotonic if same else bound
-        """The loop's clock."""
-        self._clocks: dict[_Clock, None] = {}
-        self._handle: asyncio.TimerHandle | None = None
-        self._when = math.inf
-        """When the timer runs (``inf``: no timer)."""
-
-    def add(self, clock: _Clock, when: float) -> None:
-        """Watch *clock*, which could pass at *when* at the soonest."""
-        self._clocks[clock] = None
-        if when < self._when:
-            self._set(when)
-
-    def remove(self, clock: _Clock) -> None:
-        """Stop watching *clock* (its exchange is over).
-
-        The timer stays: it runs for nothing at worst, and is already set for the next
-        exchange's clock, which passes later.
-        """
-        self._clocks.pop(clock, None)
-
-    def close(self) -> None:
-        """No more timer, unless an exchange is still watched (the driver closed)."""
-        if self._handle is not None and not self._clocks:
-            self._handle.cancel()
-            self._handle, self._when = None, math.inf
-
-    def _set(self, when: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._when = when
-        # No context of the caller's: the timer's callback reads none.
-        self._handle = self.loop.call_at(when, self._fire, context=_NO_CONTEXT)
-
-    def _fire(self) -> None:
-        self._handle, self._when = None, math.inf
-        now = self.time() + _EARLY
-        soonest = math.inf
-        for clock in list(self._clocks):
-            when = clock.check(now)
-            if when is None:  # passed: its exchange ends with the error, and removes it
-                del self._clocks[clock]
-            elif when < soonest:
-                soonest = when
-        if soonest < math.inf:
-            self._set(soonest)
 
 
 class _Clock:
-    """The deadline and the read timeout of one exchange, watched by its loop's `_Watch`.
+    """The deadline and the read timeout of one exchange, watched by its loop's `Watch`.
 
     The read timeout runs from the body's last byte to the answer's head, then from one piece
     of the answer to the next. The watch looks at the clock at the earliest moment either could
@@ -357,7 +283,7 @@ class _Clock:
 
     def __init__(
         self,
-        watch: _Watch,
+        watch: Watch,
         task: asyncio.Task[Any],
         seconds: float,
         read: float | None,
@@ -475,7 +401,7 @@ class AiohttpDriver:
         self._closed = False
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
         self._urls: dict[str, URL] = {}
-        self._watch: _Watch | None = None
+        self._watch: Watch | None = None
 
     @property
     def is_closed(self) -> bool:
@@ -590,7 +516,7 @@ class AiohttpDriver:
         assert task is not None  # an exchange runs in a task (asyncio.run makes one)
         watch = self._watch
         if watch is None or watch.loop is not loop:  # made in the loop that sends
-            watch = self._watch = _Watch(loop)
+            watch = self._watch = Watch(loop)
         clock = _Clock(watch, task, exchange.seconds, timeout.read if has_body else None)
         body: _Body | None = None
         head: _Head | None = None  # once it came, a failure carries its headers (request id)
