@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import ipaddress
+import math
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Final
@@ -429,9 +431,17 @@ class AiohttpDriver:
             # lost a paid answer (a long request id, a CDN's cookie) that httpx returns.
             max_line_size=_LONGEST_HEAD,
             max_field_size=_LONGEST_HEAD,
+            response_class=_Response,  # starts a download's read phase on its clock
         )
         self._session = session
         return session
+
+    def _watch_in(self, loop: asyncio.AbstractEventLoop) -> Watch:
+        """The watch of this driver's clocks in *loop* (made in the loop that sends)."""
+        watch = self._watch
+        if watch is None or watch.loop is not loop:
+            watch = self._watch = Watch(loop)
+        return watch
 
     def _url(self, url: str) -> URL:
         """`_yarl` of *url*, read once: a client sends to the same endpoint again and again.
@@ -514,9 +524,7 @@ class AiohttpDriver:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         assert task is not None  # an exchange runs in a task (asyncio.run makes one)
-        watch = self._watch
-        if watch is None or watch.loop is not loop:  # made in the loop that sends
-            watch = self._watch = Watch(loop)
+        watch = self._watch_in(loop)
         clock = _Clock(watch, task, exchange.seconds, timeout.read if has_body else None)
         body: _Body | None = None
         head: _Head | None = None  # once it came, a failure carries its headers (request id)
@@ -614,9 +622,12 @@ class AiohttpDriver:
         """See `flux_adapters._drivers.AsyncDriver.get` (transport failures as aiohttp raises them).
 
         No ``httpx.Request`` is made: the URL is read as `_yarl` reads it, and refused where
-        httpx would refuse it (`_fetchable`). Result URLs differ per job: none is kept.
+        httpx would refuse it (`_fetchable`). Result URLs differ per job: none is kept. The
+        read timeout is kept by a `_Clock` (`_Getting`), the pool and connect timeouts by
+        aiohttp.
         """
-        return _Getting(self, _fetchable(url), headers, self._timeout(timeout, True))
+        aiohttp_keeps = self._timeout(timeout, False)  # pool and connect
+        return _Getting(self, _fetchable(url), headers, aiohttp_keeps, timeout.read)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -627,13 +638,43 @@ class AiohttpDriver:
             await session.close()
 
 
+_SENDING: Final[contextvars.ContextVar[_Clock | None]] = contextvars.ContextVar(
+    "flux_aiohttp_sending", default=None
+)
+"""The clock of the download whose request the running task is sending (`_Getting`)."""
+
+
+class _Response(aiohttp.ClientResponse):
+    """aiohttp's response, which starts a download's read phase (`_Getting`) when it is made.
+
+    aiohttp makes it right after writing a request with no body, where its own ``sock_read``
+    timer would start.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        clock = _SENDING.get()
+        if clock is not None:
+            clock.read_from = clock.time()
+
+
 class _Getting:
     """A download's GET while its block runs (`AiohttpDriver.get`): the answer's head and body.
+
+    Its read timeout (from the request's head going out to the answer's head, then between
+    pieces of the body) is a `_Clock` on the driver's `Watch`, not aiohttp's ``sock_read``:
+    that one takes a timer of the loop when the request goes out and another for each piece
+    that comes (three a download of a small image), each cancelled again. The read phase
+    begins when aiohttp makes the response object, right after it wrote the request
+    (`_Response`), as its ``sock_read`` would begin. When the clock passes, the task is
+    cancelled, and the cancellation is taken back and raised as the error aiohttp raises for
+    its own read timeout (``SocketTimeoutError``): the download maps it as before. A
+    cancellation of the caller's stays a cancellation.
 
     A class, not ``contextlib.asynccontextmanager``: a batch makes one per image.
     """
 
-    __slots__ = ("_driver", "_headers", "_response", "_target", "_timeout")
+    __slots__ = ("_clock", "_driver", "_headers", "_read", "_response", "_target", "_timeout")
 
     def __init__(
         self,
@@ -641,25 +682,65 @@ class _Getting:
         target: URL,
         headers: Mapping[str, str],
         timeout: aiohttp.ClientTimeout,
+        read: float | None,
     ) -> None:
         self._driver = driver
         self._target = target
         self._headers = headers
         self._timeout = timeout
+        self._read = read
         self._response: aiohttp.ClientResponse | None = None
+        self._clock: _Clock | None = None
 
     async def __aenter__(self) -> tuple[_Head, AsyncIterator[bytes]]:
-        session = self._driver._open()
-        response = self._response = await session.request(
-            "GET", self._target, headers=self._headers, timeout=self._timeout, allow_redirects=False
-        )
+        driver = self._driver
+        session = driver._open()
+        clock = None
+        if self._read is not None:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None  # a download runs in a task (asyncio.run makes one)
+            clock = self._clock = _Clock(driver._watch_in(loop), task, math.inf, self._read)
+        sending = _SENDING.set(clock)
+        try:
+            response = self._response = await session.request(
+                "GET",
+                self._target,
+                headers=self._headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except BaseException as exc:
+            if clock is not None:
+                clock.stop()
+                _read_timed_out(clock, exc)
+            raise
+        finally:
+            _SENDING.reset(sending)
         head = _Head(response)
-        chunks = _Chunks(response.content)
+        chunks = _Chunks(response.content, clock)
         return head, (adecoded(head, chunks) if "content-encoding" in response.headers else chunks)
 
-    async def __aexit__(self, *_: object) -> None:
+    async def __aexit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
         if self._response is not None:
             self._response.release()  # to the pool only when read to its end; else closed
+        clock = self._clock
+        if clock is not None:
+            clock.stop()
+            if exc is not None:
+                _read_timed_out(clock, exc)
+
+
+def _read_timed_out(clock: _Clock, exc: BaseException) -> None:
+    """Raise aiohttp's read timeout if *clock* cancelled the task that *exc* ended.
+
+    A cancellation of the caller's too (or instead) goes on as it is.
+    """
+    if clock.expired is None:
+        return
+    if not clock.passed() and isinstance(exc, asyncio.CancelledError):
+        return  # the caller cancelled too: that wins
+    raise aiohttp.SocketTimeoutError("Timeout on reading data from socket") from None
 
 
 class _Chunks:
