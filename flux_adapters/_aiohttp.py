@@ -12,7 +12,7 @@ answer with the same `flux_adapters._transport.AnswerBody` as the httpx driver. 
   slice at a time (aiohttp's own decompression is off: it inflates each chunk whole);
 - timeouts per phase: the deadline over everything, and read (from the last byte of the body
   to the answer's head, then between its pieces), kept by a `_Clock` per exchange, all of a
-  loop's clocks on a single timer (`_Watch`); pool
+  loop's clocks on a single timer (`flux_adapters._deadline.Watch`); pool
   (waiting for a free connection, and opening one) and connect as aiohttp keeps them
   (`AiohttpDriver._timeout`), each timer made only when there is a wait or a new connection;
   write per slice of the body (`_Body`);
@@ -36,8 +36,7 @@ import functools
 import ipaddress
 import math
 import re
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -48,6 +47,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from flux_adapters._bodies import json_segments, segment_chunks, segments_length
+from flux_adapters._deadline import Watch
 from flux_adapters._drivers import (
     CONNECTIONS,
     KEEPALIVE,
@@ -252,82 +252,10 @@ def _payload_headers(content_type: str) -> CIMultiDictProxy[str]:
 
 _LONGEST_HEAD: Final = 16 * 1024
 """The longest status or header line read: h11's bound on a head still coming in (httpx)."""
-_EARLY: Final = 1e-6
-"""A timer may run this much before its time (the loop's clock resolution): counted as on time."""
-_NO_CONTEXT: Final = contextvars.Context()
-
-
-class _Watch:
-    """The clocks of one event loop's exchanges (`_Clock`), on a single timer of that loop.
-
-    A timer per exchange (``loop.call_at``, then cancelled) costs more the more exchanges are in
-    flight: a ``TimerHandle``, its place in the loop's heap (found by comparisons written in
-    Python, about log2 of the timers pending) and the loop's clean-ups of cancelled ones: about
-    20 k instructions an exchange at 200 in flight. Here a clock is an entry in a dict; the one
-    timer is set for the earliest moment any clock could pass and, when it runs, looks at every
-    clock (cancelling the task of each that passed) and is set again for the earliest left. An
-    exchange that ends in time adds its entry and removes it; the timer is moved only for a
-    clock that could pass sooner than any before it (one with shorter timeouts).
-    """
-
-    __slots__ = ("_clocks", "_handle", "_when", "loop", "time")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        # asyncio's own loops read time.monotonic in a Python method: called directly here
-        # (each clock reads it twice an exchange); any other loop (uvloop) through its own.
-        bound = loop.time
-        same = getattr(bound, "__func__", None) is asyncio.BaseEventLoop.time
-        self.time: Callable[[], float] = time.monotonic if same else bound
-        """The loop's clock."""
-        self._clocks: dict[_Clock, None] = {}
-        self._handle: asyncio.TimerHandle | None = None
-        self._when = math.inf
-        """When the timer runs (``inf``: no timer)."""
-
-    def add(self, clock: _Clock, when: float) -> None:
-        """Watch *clock*, which could pass at *when* at the soonest."""
-        self._clocks[clock] = None
-        if when < self._when:
-            self._set(when)
-
-    def remove(self, clock: _Clock) -> None:
-        """Stop watching *clock* (its exchange is over).
-
-        The timer stays: it runs for nothing at worst, and is already set for the next
-        exchange's clock, which passes later.
-        """
-        self._clocks.pop(clock, None)
-
-    def close(self) -> None:
-        """No more timer, unless an exchange is still watched (the driver closed)."""
-        if self._handle is not None and not self._clocks:
-            self._handle.cancel()
-            self._handle, self._when = None, math.inf
-
-    def _set(self, when: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._when = when
-        # No context of the caller's: the timer's callback reads none.
-        self._handle = self.loop.call_at(when, self._fire, context=_NO_CONTEXT)
-
-    def _fire(self) -> None:
-        self._handle, self._when = None, math.inf
-        now = self.time() + _EARLY
-        soonest = math.inf
-        for clock in list(self._clocks):
-            when = clock.check(now)
-            if when is None:  # passed: its exchange ends with the error, and removes it
-                del self._clocks[clock]
-            elif when < soonest:
-                soonest = when
-        if soonest < math.inf:
-            self._set(soonest)
 
 
 class _Clock:
-    """The deadline and the read timeout of one exchange, watched by its loop's `_Watch`.
+    """The deadline and the read timeout of one exchange, watched by its loop's `Watch`.
 
     The read timeout runs from the body's last byte to the answer's head, then from one piece
     of the answer to the next. The watch looks at the clock at the earliest moment either could
@@ -357,7 +285,7 @@ class _Clock:
 
     def __init__(
         self,
-        watch: _Watch,
+        watch: Watch,
         task: asyncio.Task[Any],
         seconds: float,
         read: float | None,
@@ -475,7 +403,7 @@ class AiohttpDriver:
         self._closed = False
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
         self._urls: dict[str, URL] = {}
-        self._watch: _Watch | None = None
+        self._watch: Watch | None = None
 
     @property
     def is_closed(self) -> bool:
@@ -503,9 +431,17 @@ class AiohttpDriver:
             # lost a paid answer (a long request id, a CDN's cookie) that httpx returns.
             max_line_size=_LONGEST_HEAD,
             max_field_size=_LONGEST_HEAD,
+            response_class=_Response,  # starts a download's read phase on its clock
         )
         self._session = session
         return session
+
+    def _watch_in(self, loop: asyncio.AbstractEventLoop) -> Watch:
+        """The watch of this driver's clocks in *loop* (made in the loop that sends)."""
+        watch = self._watch
+        if watch is None or watch.loop is not loop:
+            watch = self._watch = Watch(loop)
+        return watch
 
     def _url(self, url: str) -> URL:
         """`_yarl` of *url*, read once: a client sends to the same endpoint again and again.
@@ -588,9 +524,7 @@ class AiohttpDriver:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         assert task is not None  # an exchange runs in a task (asyncio.run makes one)
-        watch = self._watch
-        if watch is None or watch.loop is not loop:  # made in the loop that sends
-            watch = self._watch = _Watch(loop)
+        watch = self._watch_in(loop)
         clock = _Clock(watch, task, exchange.seconds, timeout.read if has_body else None)
         body: _Body | None = None
         head: _Head | None = None  # once it came, a failure carries its headers (request id)
@@ -688,9 +622,12 @@ class AiohttpDriver:
         """See `flux_adapters._drivers.AsyncDriver.get` (transport failures as aiohttp raises them).
 
         No ``httpx.Request`` is made: the URL is read as `_yarl` reads it, and refused where
-        httpx would refuse it (`_fetchable`). Result URLs differ per job: none is kept.
+        httpx would refuse it (`_fetchable`). Result URLs differ per job: none is kept. The
+        read timeout is kept by a `_Clock` (`_Getting`), the pool and connect timeouts by
+        aiohttp.
         """
-        return _Getting(self, _fetchable(url), headers, self._timeout(timeout, True))
+        aiohttp_keeps = self._timeout(timeout, False)  # pool and connect
+        return _Getting(self, _fetchable(url), headers, aiohttp_keeps, timeout.read)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -701,13 +638,43 @@ class AiohttpDriver:
             await session.close()
 
 
+_SENDING: Final[contextvars.ContextVar[_Clock | None]] = contextvars.ContextVar(
+    "flux_aiohttp_sending", default=None
+)
+"""The clock of the download whose request the running task is sending (`_Getting`)."""
+
+
+class _Response(aiohttp.ClientResponse):
+    """aiohttp's response, which starts a download's read phase (`_Getting`) when it is made.
+
+    aiohttp makes it right after writing a request with no body, where its own ``sock_read``
+    timer would start.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        clock = _SENDING.get()
+        if clock is not None:
+            clock.read_from = clock.time()
+
+
 class _Getting:
     """A download's GET while its block runs (`AiohttpDriver.get`): the answer's head and body.
+
+    Its read timeout (from the request's head going out to the answer's head, then between
+    pieces of the body) is a `_Clock` on the driver's `Watch`, not aiohttp's ``sock_read``:
+    that one takes a timer of the loop when the request goes out and another for each piece
+    that comes (three a download of a small image), each cancelled again. The read phase
+    begins when aiohttp makes the response object, right after it wrote the request
+    (`_Response`), as its ``sock_read`` would begin. When the clock passes, the task is
+    cancelled, and the cancellation is taken back and raised as the error aiohttp raises for
+    its own read timeout (``SocketTimeoutError``): the download maps it as before. A
+    cancellation of the caller's stays a cancellation.
 
     A class, not ``contextlib.asynccontextmanager``: a batch makes one per image.
     """
 
-    __slots__ = ("_driver", "_headers", "_response", "_target", "_timeout")
+    __slots__ = ("_clock", "_driver", "_headers", "_read", "_response", "_target", "_timeout")
 
     def __init__(
         self,
@@ -715,25 +682,65 @@ class _Getting:
         target: URL,
         headers: Mapping[str, str],
         timeout: aiohttp.ClientTimeout,
+        read: float | None,
     ) -> None:
         self._driver = driver
         self._target = target
         self._headers = headers
         self._timeout = timeout
+        self._read = read
         self._response: aiohttp.ClientResponse | None = None
+        self._clock: _Clock | None = None
 
     async def __aenter__(self) -> tuple[_Head, AsyncIterator[bytes]]:
-        session = self._driver._open()
-        response = self._response = await session.request(
-            "GET", self._target, headers=self._headers, timeout=self._timeout, allow_redirects=False
-        )
+        driver = self._driver
+        session = driver._open()
+        clock = None
+        if self._read is not None:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None  # a download runs in a task (asyncio.run makes one)
+            clock = self._clock = _Clock(driver._watch_in(loop), task, math.inf, self._read)
+        sending = _SENDING.set(clock)
+        try:
+            response = self._response = await session.request(
+                "GET",
+                self._target,
+                headers=self._headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except BaseException as exc:
+            if clock is not None:
+                clock.stop()
+                _read_timed_out(clock, exc)
+            raise
+        finally:
+            _SENDING.reset(sending)
         head = _Head(response)
-        chunks = _Chunks(response.content)
+        chunks = _Chunks(response.content, clock)
         return head, (adecoded(head, chunks) if "content-encoding" in response.headers else chunks)
 
-    async def __aexit__(self, *_: object) -> None:
+    async def __aexit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
         if self._response is not None:
             self._response.release()  # to the pool only when read to its end; else closed
+        clock = self._clock
+        if clock is not None:
+            clock.stop()
+            if exc is not None:
+                _read_timed_out(clock, exc)
+
+
+def _read_timed_out(clock: _Clock, exc: BaseException) -> None:
+    """Raise aiohttp's read timeout if *clock* cancelled the task that *exc* ended.
+
+    A cancellation of the caller's too (or instead) goes on as it is.
+    """
+    if clock.expired is None:
+        return
+    if not clock.passed() and isinstance(exc, asyncio.CancelledError):
+        return  # the caller cancelled too: that wins
+    raise aiohttp.SocketTimeoutError("Timeout on reading data from socket") from None
 
 
 class _Chunks:

@@ -362,6 +362,22 @@ def atomic_image(target: Path, *, add_suffix: bool = False) -> _AtomicImage:
     return _AtomicImage(target, add_suffix)
 
 
+_STEM_BYTES: Final = _NAME_MAX - len(".00000000.part") - 1
+"""The most bytes of a name that its temporary file's name (`atomic_image`) keeps."""
+
+
+def partial_stem(name: str) -> str:
+    """*name* cut so that its temporary file's name is no longer than the longest a system takes.
+
+    Cut as bytes (the file system's encoding): a name of ASCII short enough is kept as it is
+    without encoding it (every file system encoding writes ASCII a byte a character), as a
+    batch's names are.
+    """
+    if len(name) <= _STEM_BYTES and name.isascii():
+        return name
+    return os.fsdecode(os.fsencode(name)[:_STEM_BYTES])
+
+
 class _AtomicImage:
     """`atomic_image`'s ``with`` block: what ``contextlib.contextmanager`` made of it, written out.
 
@@ -381,8 +397,7 @@ class _AtomicImage:
         # Plain strings, not Paths, for the temporary name: a batch does this for every image.
         where = os.fspath(target)
         folder, name = os.path.split(where)
-        # The name cut so that the temporary one is no longer than the longest the system takes.
-        stem = os.fsdecode(os.fsencode(name)[: _NAME_MAX - len(".00000000.part") - 1])
+        stem = partial_stem(name)
         while True:
             partial = os.path.join(
                 folder, f".{stem}.{next(_numbers) & 0xFFFFFFFF:08x}.part"

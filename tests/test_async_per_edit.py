@@ -93,7 +93,7 @@ def test_a_streamed_body_carries_what_aiohttp_s_own_payload_would(kind: str) -> 
 
 def test_the_exchanges_clock_is_the_loop_s_own() -> None:
     """asyncio's loops read time.monotonic (so does the watch, directly); any other its own."""
-    from flux_adapters._aiohttp import _Watch
+    from flux_adapters._deadline import Watch
 
     class Fixed(asyncio.SelectorEventLoop):
         def time(self) -> float:
@@ -102,7 +102,7 @@ def test_the_exchanges_clock_is_the_loop_s_own() -> None:
     for make, expected in ((asyncio.new_event_loop, None), (Fixed, 42.0)):
         loop = make()
         try:
-            watch = _Watch(loop)
+            watch = Watch(loop)
             before = loop.time()
             seen = watch.time()
             if expected is None:
@@ -114,7 +114,7 @@ def test_the_exchanges_clock_is_the_loop_s_own() -> None:
     loop = asyncio.new_event_loop()
     try:
         loop.time = lambda: 7.0  # type: ignore[method-assign]  # an instance's own clock
-        assert _Watch(loop).time() == 7.0
+        assert Watch(loop).time() == 7.0
     finally:
         loop.close()
 

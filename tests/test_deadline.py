@@ -113,3 +113,74 @@ def test_a_body_deadline_that_passed_leaves_its_task_as_asyncio_timeout_does(
         return outcome, task.cancelling()
 
     assert asyncio.run(under("within")) == asyncio.run(under("asyncio"))
+
+
+async def _under(kind: str, seconds: float, work: Awaitable[str]) -> str:
+    """*work* under a deadline of *seconds*, by `within` or ``asyncio.timeout``: what came out."""
+    try:
+        if kind == "asyncio":
+            async with asyncio.timeout(seconds):
+                return await work
+        return await within(seconds, work)
+    except TimeoutError:
+        return "deadline"
+
+
+@pytest.mark.parametrize("kind", ["within", "asyncio"])
+def test_deadlines_in_flight_together_each_pass_at_their_own_time(kind: str) -> None:
+    """`within`'s deadlines share one timer of the loop: a shorter one begun after a longer
+    one must still pass at its own time (the timer moved sooner), the longer ones must not pass
+    with it, and a deadline begun after the timer ran must be watched again. ``asyncio.timeout``
+    gives the same outcomes."""
+
+    async def main() -> tuple[list[str], list[str], int]:
+        go = asyncio.Event()
+
+        async def waits() -> str:
+            await go.wait()
+            return "done"
+
+        first = [asyncio.create_task(_under(kind, 60, waits())) for _ in range(3)]
+        await asyncio.sleep(0)
+        short = asyncio.create_task(_under(kind, 0.02, _sleeps(60)))
+        # Well before the long ones' timer: a timer left at 60 s would fail this wait.
+        assert await asyncio.wait_for(short, 10) == "deadline"
+        go.set()
+        again = [
+            asyncio.create_task(_under(kind, 0.02, _sleeps(60))),
+            asyncio.create_task(_under(kind, 60, _sleeps(0))),
+        ]
+        outcomes = [await task for task in first]
+        later = [await task for task in again]
+        loop = asyncio.get_running_loop()
+        pending = [t for t in loop._scheduled if not t.cancelled()]  # type: ignore[attr-defined]
+        return outcomes, later, len(pending)
+
+    assert asyncio.run(main()) == (["done"] * 3, ["deadline", "done"], 0)
+
+
+def test_a_deadline_is_kept_in_each_new_event_loop() -> None:
+    """Each loop has its own watch: a deadline in a second ``asyncio.run`` passes too (a watch
+    kept from the first, closed loop would never run its timer)."""
+
+    async def main() -> str:
+        return await _under("within", 0.02, _sleeps(60))
+
+    assert [asyncio.run(main()) for _ in range(2)] == ["deadline", "deadline"]
+
+
+def test_a_deadline_in_a_loop_of_another_thread_passes_while_this_loops_runs() -> None:
+    """Two threads' loops using deadlines at once: each passes in its own loop."""
+    import threading
+
+    found: list[str] = []
+
+    async def main() -> str:
+        return await _under("within", 0.05, _sleeps(60))
+
+    threads = [threading.Thread(target=lambda: found.append(asyncio.run(main()))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert found == ["deadline"] * 4

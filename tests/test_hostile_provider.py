@@ -690,13 +690,15 @@ def test_a_callers_cancel_of_an_async_download_stays_a_cancel(
     from flux_adapters import _deadline
 
     if late:  # the caller's cancel comes in the same turn of the loop as the deadline's
-        passing = _deadline._expire
+        passing = _deadline._Deadline.check
 
-        def passing_with_the_callers(task: asyncio.Task[object], passed: list[bool]) -> None:
-            passing(task, passed)
-            task.cancel()
+        def passing_with_the_callers(deadline: _deadline._Deadline, now: float) -> float | None:
+            soonest = passing(deadline, now)
+            if soonest is None:  # passed: its task was cancelled, and is again by the caller
+                deadline.task.cancel()
+            return soonest
 
-        monkeypatch.setattr(_deadline, "_expire", passing_with_the_callers)
+        monkeypatch.setattr(_deadline._Deadline, "check", passing_with_the_callers)
 
     async def main() -> str:
         downloader, http = _dripping_downloader(0.3)

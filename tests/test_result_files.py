@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import math
+import os
 import pickle
 import tempfile
 from pathlib import Path
@@ -455,3 +456,21 @@ def test_saving_under_any_name_writes_a_true_name_or_raises_a_flux_error(
             named = extension_format(saved)
             assert named in (None, image_format(data))
             assert saved.read_bytes() == data
+
+
+@given(
+    st.one_of(
+        st.text(min_size=1, max_size=300),
+        st.text(alphabet=st.characters(max_codepoint=127), min_size=1, max_size=300),
+        st.text(alphabet="é漢\U0001f600a", min_size=50, max_size=100),
+        st.sampled_from(["a" * 240, "a" * 241, "é" * 120, "é" * 121, "x\udce9" * 10]),
+    )
+)
+def test_a_temporary_files_stem_is_the_name_cut_to_its_bytes(name: str) -> None:
+    """`partial_stem` keeps a short ASCII name without encoding it: the same stem as the cut of
+    the name's bytes (the general way), for every name."""
+    from flux_adapters._files import _STEM_BYTES, partial_stem
+
+    cut = os.fsdecode(os.fsencode(name)[:_STEM_BYTES])
+    assert partial_stem(name) == cut
+    assert len(os.fsencode(partial_stem(name))) <= _STEM_BYTES
