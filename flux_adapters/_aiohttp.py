@@ -279,6 +279,7 @@ class _Clock:
         "cancelling",
         "ends",
         "expired",
+        "heading",
         "read_from",
         "time",
     )
@@ -302,6 +303,8 @@ class _Clock:
         """When the read phase began, or last received a piece of the answer."""
         self.expired: str | None = None
         """``"deadline"`` or ``"read"``: what passed (the task was cancelled)."""
+        self.heading: _Response | None = None
+        """A download's answer whose head is still coming (`_Response`), else ``None``."""
         watch.add(self, ends if read is None else min(ends, now + read))
 
     def check(self, now: float) -> float | None:
@@ -315,6 +318,12 @@ class _Clock:
         if now >= self.ends:
             self.expired = "deadline"
         elif read is not None and since is not None and now >= since + read:
+            heading = self.heading
+            if heading is not None and heading.hand_over(read):
+                # Pieces of the head may have come in the meantime: aiohttp times the rest of
+                # it from here, restarted by each piece (as httpx's read timeout is, per read).
+                self.heading = self.read_from = None
+                return min(self.ends, now + read)  # the body's read phase may begin by then
             self.expired = "read"
         else:  # a read phase that has not begun begins now at the soonest
             return self.ends if read is None else min(self.ends, (since or now) + read)
@@ -648,14 +657,38 @@ class _Response(aiohttp.ClientResponse):
     """aiohttp's response, which starts a download's read phase (`_Getting`) when it is made.
 
     aiohttp makes it right after writing a request with no body, where its own ``sock_read``
-    timer would start.
+    timer would start. A head that takes longer than the read timeout in all is handed over to
+    that timer (`hand_over`): only aiohttp sees the pieces of a head come in.
     """
+
+    _handed: Any = None
+    """The connection's protocol whose ``sock_read`` times the rest of the head, if handed."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         clock = _SENDING.get()
         if clock is not None:
             clock.read_from = clock.time()
+            clock.heading = self
+
+    def hand_over(self, read: float) -> bool:
+        """Have aiohttp time the rest of the head, *read* from now and from each piece."""
+        connection = self.connection
+        protocol = None if connection is None else connection.protocol
+        if protocol is None:
+            return False
+        protocol.read_timeout = read
+        protocol.start_timeout()
+        self._handed = protocol
+        return True
+
+    def head_in(self) -> None:
+        """The head came: aiohttp's timer, if it was handed the head, is dropped."""
+        protocol = self._handed
+        if protocol is not None:
+            self._handed = None
+            protocol.read_timeout = None
+            protocol.start_timeout()  # with no read timeout: drops the timer
 
 
 class _Getting:
@@ -666,10 +699,12 @@ class _Getting:
     that one takes a timer of the loop when the request goes out and another for each piece
     that comes (three a download of a small image), each cancelled again. The read phase
     begins when aiohttp makes the response object, right after it wrote the request
-    (`_Response`), as its ``sock_read`` would begin. When the clock passes, the task is
-    cancelled, and the cancellation is taken back and raised as the error aiohttp raises for
-    its own read timeout (``SocketTimeoutError``): the download maps it as before. A
-    cancellation of the caller's stays a cancellation.
+    (`_Response`), as its ``sock_read`` would begin. A head that takes longer than the read
+    timeout is handed to ``sock_read`` for the rest of it (`_Response.hand_over`): only aiohttp
+    sees its pieces come, and each restarts the read timeout, as under httpx. When the clock
+    passes, the task is cancelled, and the cancellation is taken back and raised as the error
+    aiohttp raises for its own read timeout (``SocketTimeoutError``): the download maps it as
+    before. A cancellation of the caller's stays a cancellation.
 
     A class, not ``contextlib.asynccontextmanager``: a batch makes one per image.
     """
@@ -713,10 +748,16 @@ class _Getting:
         except BaseException as exc:
             if clock is not None:
                 clock.stop()
+                if clock.heading is not None:  # no timer left on a connection aiohttp keeps
+                    clock.heading.head_in()
                 _read_timed_out(clock, exc)
             raise
         finally:
             _SENDING.reset(sending)
+        if clock is not None:
+            clock.heading = None
+            if isinstance(response, _Response):
+                response.head_in()
         head = _Head(response)
         chunks = _Chunks(response.content, clock)
         return head, (adecoded(head, chunks) if "content-encoding" in response.headers else chunks)

@@ -11,6 +11,7 @@ download that waited for a free connection longer than its read timeout is not t
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import threading
 import time
@@ -41,6 +42,12 @@ def _head(length: int) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n" % length
 
 
+HEAD = _head(len(PNG))
+GZIPPED = gzip.compress(PNG)
+GZIP_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Encoding: gzip\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(GZIPPED)
+)
 SERVED: dict[str, list[tuple[float, bytes]]] = {
     "at once": [(0, _head(len(PNG)) + PNG)],
     "head late, within the read timeout": [(READ / 2, _head(len(PNG)) + PNG)],
@@ -51,6 +58,24 @@ SERVED: dict[str, list[tuple[float, bytes]]] = {
         (0, _head(len(PNG)) + PNG[:16]),
         *((READ / 3, PNG[start : start + 16]) for start in range(16, 16 + 16 * 6, 16)),
         (READ / 3, PNG[16 + 16 * 6 :]),
+    ],
+    # The head in pieces, each within the read timeout, all of them well past it: httpx's read
+    # timeout restarts with each read, as aiohttp's sock_read with each piece.
+    "head in pieces, slower than the read timeout in all": [
+        *((READ / 3 if start else 0, HEAD[start : start + 8]) for start in range(0, 56, 8)),
+        (READ / 3, HEAD[56:] + PNG),
+    ],
+    "head in pieces, then stalls past the read timeout": [
+        *((READ / 3 if start else 0, HEAD[start : start + 8]) for start in range(0, 56, 8)),
+        (READ * 5, HEAD[56:] + PNG),
+    ],
+    "head in pieces past the read timeout in all, then the body stalls past it": [
+        *((READ / 3 if start else 0, HEAD[start : start + 8]) for start in range(0, 64, 8)),
+        (READ * 5, PNG),
+    ],
+    "a compressed body stalls past the read timeout": [
+        (0, GZIP_HEAD + GZIPPED[:20]),
+        (READ * 5, GZIPPED[20:]),
     ],
 }
 
@@ -150,6 +175,13 @@ def test_a_download_ends_as_under_httpx(
     expected = {
         "head past the read timeout": ("Timeout", True, True),
         "body stalls past the read timeout": ("Timeout", True, True),
+        "head in pieces, then stalls past the read timeout": ("Timeout", True, True),
+        "head in pieces past the read timeout in all, then the body stalls past it": (
+            "Timeout",
+            True,
+            True,
+        ),
+        "a compressed body stalls past the read timeout": ("Timeout", True, True),
     }.get(served, PNG)
     assert _read("httpx", [url]) == [expected]
     assert _read("aiohttp", [url]) == [expected]
