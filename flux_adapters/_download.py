@@ -329,6 +329,8 @@ class HttpDownloader:
         deadline: Seconds one download may take in all (default `DOWNLOAD_DEADLINE`).
         scrub: Removes the client's keys from messages (a hostile provider may put one in a
             result URL); by default, text shaped like a key.
+        sleep: How a sync download's pause between tries is spent (a `FluxClient` passes its
+            ``_download_sleep``, which a conformance replay spends without waiting).
     """
 
     def __init__(
@@ -340,6 +342,7 @@ class HttpDownloader:
         async_loop: LoopBinding | None = None,
         deadline: float = DOWNLOAD_DEADLINE,
         scrub: Callable[[str], str] = redact,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._provider = provider
         self._scrub = scrub
@@ -352,9 +355,7 @@ class HttpDownloader:
         self._async_loop = async_loop or LoopBinding()
         self._deadline = deadline
         self._timeout = phase_timeouts(DOWNLOAD_TIMEOUT, deadline)
-        self._sleep: Callable[[float], None] = time.sleep
-        """How a sync download's pause between tries is spent (private: the client's
-        ``_download_sleep``, which a conformance replay spends without waiting)."""
+        self._sleep = sleep
 
     @contextlib.contextmanager
     def _sync_client(self) -> Iterator[httpx.Client]:

@@ -1470,14 +1470,13 @@ class FluxClient(_ClientBase):
     def _new_downloader(self) -> HttpDownloader:
         from flux_adapters._download import HttpDownloader
 
-        downloader = HttpDownloader(
+        return HttpDownloader(
             provider=self.provider,
             sync_client=self._http,
             deadline=self._downloader_deadline(),
             scrub=self._scrub,
+            sleep=lambda seconds: self._download_sleep(seconds),  # read when it waits
         )
-        downloader._sleep = lambda seconds: self._download_sleep(seconds)  # read when it waits
-        return downloader
 
     def edit(self, request: EditRequest) -> EditResult:
         """Send *request* (failing over as configured) and return the images.
