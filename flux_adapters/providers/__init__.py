@@ -201,8 +201,20 @@ Provider: TypeAlias = "ProviderId | ProviderName | Adapter | JobAdapter"
 a provider registered at run time (`ProviderName`), or an adapter object."""
 
 
+@frozen
+class _Clash:
+    """Several installed packages register one provider id: none of them is used."""
+
+    origins: tuple[str, ...]
+
+
 class _Registry:
-    """Every provider known: built in, from installed packages' entry points, or registered."""
+    """Every provider known: built in, from installed packages' entry points, or registered.
+
+    Each id is loaded under a lock of its own, reentrant: a provider package whose import is
+    slow (or waits on a thread that loads another provider) holds up no other id, and one that
+    loads another provider while it is imported, in the same thread, does not deadlock.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -210,21 +222,42 @@ class _Registry:
             name: (target, "built in") for name, target in BUILT_IN.items()
         }
         self._loaded: dict[str, AnyAdapter] = {}
+        self._locks: dict[str, threading.RLock] = {}
+        self._loading = threading.local()
         self._scanned = False
 
     def _scan(self) -> None:
-        """Read the installed packages' entry points once (their modules load only when used)."""
+        """Read the installed packages' entry points once (their modules load only when used).
+
+        Two packages that claim one id (in any case) make that id unusable, naming both: taking
+        the first found would make the adapter, and so the billing rules, that serve the id
+        depend on the order of ``sys.path``.
+        """
         if self._scanned:
             return
         from importlib.metadata import entry_points
 
         found = list(entry_points(group=ENTRY_POINT_GROUP))  # two threads may both read: harmless
+        claims: dict[str, dict[tuple[str, str], object]] = {}
+        for point in found:
+            name = point.name.strip().lower()
+            package = point.dist.name if point.dist is not None else "an installed package"
+            if _NAME.fullmatch(name) and name not in BUILT_IN:
+                # The same package and target seen twice (installed on two paths) is one claim.
+                claims.setdefault(name, {}).setdefault((str(package), point.value), point)
         with self._lock:
-            for point in found:
-                name = point.name.strip().lower()
-                package = point.dist.name if point.dist is not None else "an installed package"
-                if _NAME.fullmatch(name) and name not in self._targets:
-                    self._targets[name] = (point, f"entry point of {package}")
+            for name, claimed in claims.items():
+                if name in self._targets:  # register_provider() came first: it stays
+                    continue
+                origins = tuple(f"entry point of {package}" for package, _ in claimed)
+                if len(claimed) == 1:
+                    self._targets[name] = (next(iter(claimed.values())), origins[0])
+                else:
+                    packages = sorted(render_value(package) for package, _ in claimed)
+                    self._targets[name] = (
+                        _Clash(origins),
+                        f"entry points of {', '.join(packages)}: a conflict",
+                    )
             self._scanned = True
 
     def names(self) -> tuple[str, ...]:
@@ -267,11 +300,26 @@ class _Registry:
         if adapter is not None:
             return adapter
         with self._lock:
+            lock = self._locks.setdefault(canonical, threading.RLock())
+        with lock:
             adapter = self._loaded.get(canonical)
-            if adapter is None:
+            if adapter is not None:
+                return adapter
+            loading: set[str] = self._loading.__dict__.setdefault("names", set())
+            with self._lock:
                 target, origin = self._targets[canonical]
+            if canonical in loading:
+                raise ConfigurationError(
+                    f"provider {canonical!r} ({origin}) asks for itself while it is loaded"
+                )
+            loading.add(canonical)
+            try:
                 adapter = _load(canonical, target, origin)
-                self._loaded[canonical] = adapter
+            finally:
+                loading.discard(canonical)
+            with self._lock:
+                if self._targets.get(canonical, (None,))[0] is target:  # not replaced meanwhile
+                    self._loaded[canonical] = adapter
         return adapter
 
     def register(self, name: object, adapter: object, *, replace: bool) -> str:
@@ -297,9 +345,21 @@ class _Registry:
 
 
 def _load(name: str, target: object, origin: str) -> AnyAdapter:
-    """The adapter behind *target*: a ``module:Class`` text, an entry point, a class or object."""
+    """The adapter behind *target*: a ``module:Class`` text, an entry point, a class or object.
+
+    Whatever the provider package's code raises while it is imported or built (an exception of
+    its own outside ``Exception``, one whose text cannot be made) is a `ConfigurationError`;
+    only an interruption (Ctrl-C, ``sys.exit``) goes on up as it is.
+    """
+    from flux_adapters._display import describe_exception
+    from flux_adapters._foreign import is_interruption
     from flux_adapters._options import check_adapter
 
+    if isinstance(target, _Clash):
+        raise ConfigurationError(
+            f"provider {name!r} is registered by more than one installed package "
+            f"({'; '.join(target.origins)}); none of them is used: uninstall all but one"
+        )
     try:
         if isinstance(target, str):
             module_name, _, attribute = target.partition(":")
@@ -309,10 +369,11 @@ def _load(name: str, target: object, origin: str) -> AnyAdapter:
         adapter = target() if isinstance(target, type) else target
     except ConfigurationError:
         raise
-    except Exception as exc:
+    except BaseException as exc:
+        if is_interruption(exc):
+            raise
         raise ConfigurationError(
-            f"provider {name!r} ({origin}) could not be loaded: {type(exc).__name__}: "
-            f"{render_value(str(exc))}"
+            f"provider {name!r} ({origin}) could not be loaded: {describe_exception(exc)}"
         ) from exc
     checked = check_adapter(adapter)
     if getattr(checked, "name", None) != name:

@@ -1,0 +1,226 @@
+"""A hostile or careless provider package: what it registers, raises and returns is typed.
+
+Each test installs provider packages of its own: modules written to a temporary folder, found
+through entry points handed to a fresh registry (nothing installed, nothing shared with the
+other tests), or adapters given to the client directly.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from flux_adapters import errors, providers
+from flux_adapters.providers import get_adapter
+
+GROUP = "flux_adapters.providers"
+
+ADAPTER = """
+from flux_adapters.providers.laozhang import LaozhangAdapter
+
+class Adapter(LaozhangAdapter):
+    name = {name!r}
+    env_prefix = "PLUGIN"
+"""
+"""A working adapter, as a provider package would write it (the body of laozhang's)."""
+
+
+class Plugins:
+    """Provider packages installed for one test: ``add(id, source)`` writes one."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.points: list[importlib.metadata.EntryPoint] = []
+
+    def add(self, name: str, source: str, *, package: str | None = None) -> str:
+        """A module holding *source*, registered as *name* by *package*; returns the module."""
+        module = f"plugin_{uuid.uuid4().hex[:12]}"
+        (self.folder / f"{module}.py").write_text(textwrap.dedent(source))
+        point = importlib.metadata.EntryPoint(name, f"{module}:Adapter", GROUP)
+        self.points.append(point._for(SimpleNamespace(name=package or f"{module}-dist")))  # type: ignore[attr-defined]
+        return module
+
+
+@pytest.fixture
+def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Plugins]:
+    installed = Plugins(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(providers, "_REGISTRY", providers._Registry())
+
+    def entry_points(*, group: str) -> list[importlib.metadata.EntryPoint]:
+        return [point for point in installed.points if point.group == group]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    before = set(sys.modules)
+    yield installed
+    for name in set(sys.modules) - before:
+        if name.startswith("plugin_"):
+            del sys.modules[name]
+
+
+def test_a_working_plugin_loads(plugins: Plugins) -> None:
+    plugins.add("pixelforge", ADAPTER.format(name="pixelforge"))
+    assert get_adapter("pixelforge").name == "pixelforge"
+
+
+def test_two_packages_claiming_one_id_load_neither_and_are_both_named(plugins: Plugins) -> None:
+    # The first one found was used and the other ignored without a word: which adapter (and
+    # which billing rules) served "pixelforge" depended on the order of sys.path.
+    plugins.add("pixelforge", ADAPTER.format(name="pixelforge"), package="pixelforge-official")
+    plugins.add("PixelForge", ADAPTER.format(name="pixelforge"), package="pixelforge-fork")
+    for _ in range(2):  # and the second time alike: nothing was cached
+        with pytest.raises(errors.ConfigurationError) as caught:
+            get_adapter("pixelforge")
+        message = str(caught.value)
+        assert "pixelforge-official" in message
+        assert "pixelforge-fork" in message
+    assert "pixelforge" in providers.PROVIDERS  # listed, so that `models` can say why
+
+
+class Odd(BaseException):
+    """Not an Exception: what a plugin may raise by mistake (a sentinel, a framework's own)."""
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+@pytest.mark.parametrize(
+    ("raised", "shown"),
+    [
+        ("raise tests.test_attack_plugins.Odd('half imported')", "Odd: half imported"),
+        ("raise tests.test_attack_plugins.Unprintable()", "Unprintable"),
+        ("raise RecursionError('deep')", "RecursionError: deep"),
+    ],
+)
+def test_a_plugin_failing_at_import_in_any_way_is_a_configuration_error(
+    plugins: Plugins, raised: str, shown: str
+) -> None:
+    plugins.add("pixelforge", f"import tests.test_attack_plugins\n{raised}\n")
+    with pytest.raises(errors.ConfigurationError, match="could not be loaded") as caught:
+        get_adapter("pixelforge")
+    assert shown in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_keyboard_interrupt_while_a_plugin_loads_stays_one(plugins: Plugins) -> None:
+    plugins.add("pixelforge", "raise KeyboardInterrupt\n")
+    plugins.add("other", "raise SystemExit(3)\n")
+    with pytest.raises(KeyboardInterrupt):
+        get_adapter("pixelforge")
+    with pytest.raises(SystemExit):
+        get_adapter("other")
+
+
+def test_a_plugin_that_loads_another_plugin_at_import_does_not_deadlock(
+    plugins: Plugins,
+) -> None:
+    plugins.add("base-forge", ADAPTER.format(name="base-forge"))
+    plugins.add(
+        "pixelforge",
+        """
+        from flux_adapters.providers import get_adapter
+        from flux_adapters.providers.laozhang import LaozhangAdapter
+
+        BASE = get_adapter("base-forge")
+
+        class Adapter(LaozhangAdapter):
+            name = "pixelforge"
+            env_prefix = "PLUGIN"
+        """,
+    )
+    assert get_adapter("pixelforge").name == "pixelforge"
+
+
+def test_a_plugin_that_loads_itself_at_import_is_a_configuration_error(plugins: Plugins) -> None:
+    plugins.add(
+        "pixelforge",
+        """
+        from flux_adapters.providers import get_adapter
+
+        get_adapter("pixelforge")
+        """,
+    )
+    with pytest.raises(errors.ConfigurationError, match="asks for itself while it is loaded"):
+        get_adapter("pixelforge")
+
+
+def test_a_slow_plugin_does_not_hold_up_loading_another(plugins: Plugins) -> None:
+    # One lock for every id: a plugin whose import waits (on a thread of its own that loads
+    # another provider, on a lock of the application) held every other provider's load.
+    started, release = threading.Event(), threading.Event()
+    sys.modules["tests.plugin_gate"] = SimpleNamespace(started=started, release=release)  # type: ignore[assignment]
+    try:
+        plugins.add("base-forge", ADAPTER.format(name="base-forge"))
+        plugins.add(
+            "slowforge",
+            """
+            import sys
+            from flux_adapters.providers.laozhang import LaozhangAdapter
+
+            gate = sys.modules["tests.plugin_gate"]
+            gate.started.set()
+            gate.release.wait()
+
+            class Adapter(LaozhangAdapter):
+                name = "slowforge"
+                env_prefix = "PLUGIN"
+            """,
+        )
+        loaded: list[str] = []
+        slow = threading.Thread(target=lambda: loaded.append(get_adapter("slowforge").name))
+        slow.start()
+        try:
+            assert started.wait(timeout=30)
+            other = threading.Thread(target=lambda: loaded.append(get_adapter("base-forge").name))
+            other.start()
+            other.join(timeout=30)
+            assert loaded == ["base-forge"]  # while slowforge still imports
+        finally:
+            release.set()
+            slow.join(timeout=30)
+        assert loaded == ["base-forge", "slowforge"]
+    finally:
+        del sys.modules["tests.plugin_gate"]
+
+
+def test_two_threads_loading_one_plugin_import_it_once(plugins: Plugins) -> None:
+    plugins.add(
+        "pixelforge",
+        """
+        import sys
+        from flux_adapters.providers.laozhang import LaozhangAdapter
+
+        sys.modules["tests.plugin_count"].count += 1
+
+        class Adapter(LaozhangAdapter):
+            name = "pixelforge"
+            env_prefix = "PLUGIN"
+        """,
+    )
+    counter = SimpleNamespace(count=0)
+    sys.modules["tests.plugin_count"] = counter  # type: ignore[assignment]
+    try:
+        found: list[object] = []
+        threads = [
+            threading.Thread(target=lambda: found.append(get_adapter("pixelforge")))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert counter.count == 1
+        assert len(found) == 4
+        assert all(adapter is found[0] for adapter in found)
+    finally:
+        del sys.modules["tests.plugin_count"]
