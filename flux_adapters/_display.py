@@ -20,6 +20,7 @@ __all__ = [
     "escape_controls",
     "printable",
     "render_value",
+    "toml_key",
     "type_name",
 ]
 
@@ -86,6 +87,38 @@ def printable(text: str) -> str:
         text = text[: 4 * SHOWN_CHARS]
     text = escape_controls(text)
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_ESCAPES: Final = {
+    '"': '\\"',
+    "\\": "\\\\",
+    **{char: "\\" + letter for char, letter in zip("\b\t\n\f\r", "btnfr", strict=True)},
+}
+
+
+def toml_key(text: str) -> str:
+    r"""*text* written as a TOML key, so that a message shows the key the file has.
+
+    A bare key as it is (``laozhang``); any other quoted as a TOML basic string, every control or
+    non-printable character escaped (``"a.b"``, ``"bad\r\nname"``): never a line break or an
+    escape sequence in a message. Past `SHOWN_CHARS`, cut and marked with ``...``.
+    """
+    if len(text) <= SHOWN_CHARS and _BARE_KEY.fullmatch(text):
+        return text
+    cut = text[:SHOWN_CHARS]
+    quoted = "".join(
+        _TOML_ESCAPES.get(char)
+        or (
+            char
+            if char.isprintable()
+            else f"\\u{ord(char):04x}"
+            if ord(char) <= 0xFFFF
+            else f"\\U{ord(char):08x}"
+        )
+        for char in cut
+    )
+    return f'"{quoted}"' + ("..." if len(text) > SHOWN_CHARS else "")
 
 
 def type_name(value: object) -> str:

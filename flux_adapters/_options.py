@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final, TypeGuard
 from urllib.parse import urlsplit
 
-from flux_adapters._display import render_value
+from flux_adapters._display import render_value, toml_key
 from flux_adapters.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -145,7 +145,8 @@ def base_url_for(
     elif from_env:
         base = check_base_url(from_env, f"${variable}")
     elif settings is not None and settings.base_url:
-        base = check_base_url(settings.base_url, f"base_url of [provider.{adapter.name}]")
+        where = f"base_url of [provider.{toml_key(adapter.name)}]"
+        base = check_base_url(settings.base_url, where)
     else:
         base = adapter.default_base_url
     # Accept the OpenAI-SDK habit of a base URL ending in /v1; adapters add /v1/... themselves.

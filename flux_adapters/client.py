@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from flux_adapters._display import render_value, type_name
+from flux_adapters._display import render_value, toml_key, type_name
 from flux_adapters._files import image_format
 from flux_adapters._ids import Routing
 from flux_adapters._log import LOGGER, note  # FLUX_LOG applies once this module is imported
@@ -288,7 +288,7 @@ class _Binding:
         if timeout is not None:
             phases, seconds = _timing(timeout, "timeout=", deadline, inherited)
         elif settings is not None and settings.timeout is not None:
-            where = f"timeout of [provider.{adapter.name}]"
+            where = f"timeout of [provider.{toml_key(adapter.name)}]"
             phases, seconds = _timing(settings.timeout, where, deadline, inherited)
         else:
             phases, seconds = _timing(None, "timeout=", deadline, inherited)

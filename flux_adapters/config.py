@@ -45,7 +45,7 @@ from typing import Final, TypeVar, get_args
 import attrs
 from attrs import field, frozen
 
-from flux_adapters._display import escape_controls
+from flux_adapters._display import escape_controls, render_value, toml_key
 from flux_adapters._files import read_text_file
 from flux_adapters._ids import Routing
 from flux_adapters._options import base_url_for
@@ -190,12 +190,18 @@ def _seconds(value: object, where: str) -> float:
 
 
 def _variable_name(value: str | None, where: str) -> str | None:
+    """*value* as the name of an environment variable: no whitespace, ``=`` or control in it.
+
+    A space typed after the name (``"LAOZHANG_API_KEY "``) names a variable nobody sets: the
+    provider would be skipped as having no key while the key the user did set sat unread.
+    """
     if value is None:
         return None
-    if not (value.isprintable() and value and "=" not in value):
+    if not value or "=" in value or any(not c.isprintable() or c.isspace() for c in value):
         raise _fail(
             where,
-            f"api_key_env must be the name of an environment variable, not {value[:40]!r}",
+            "api_key_env must be the name of an environment variable (no spaces, '=' or "
+            f"control characters), not {render_value(value)}",
         )
     return value
 
@@ -245,7 +251,7 @@ def _price(value: object, where: str) -> Price:
 
 
 def _provider(given: str, table: object, origin: str) -> ProviderSettings:
-    where = f"{origin} [provider.{given}]"
+    where = f"{origin} [provider.{toml_key(given)}]"
     try:
         name = canonical_name(given)
     except ConfigurationError as error:
@@ -263,7 +269,8 @@ def _provider(given: str, table: object, origin: str) -> ProviderSettings:
         priority=shape.priority,
         timeout=None if shape.timeout is None else _seconds(shape.timeout, f"{where} timeout"),
         prices={
-            model: _price(price, f"{where}.prices.{model}") for model, price in shape.prices.items()
+            model: _price(price, f"{where}.prices.{toml_key(model)}")
+            for model, price in shape.prices.items()
         },
         rate_per_minute=None
         if shape.rate_per_minute is None
@@ -329,7 +336,9 @@ def load_config(
     for given, table in shape.provider.items():
         one = _provider(given, table, origin)
         if one.name in configured:
-            raise _fail(origin, f"[provider.{one.name}] is given twice (names ignore case)")
+            raise _fail(
+                origin, f"[provider.{toml_key(one.name)}] is given twice (names ignore case)"
+            )
         configured[one.name] = one
 
     names = shape.providers

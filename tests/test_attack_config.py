@@ -1,0 +1,92 @@
+"""A careless or hostile configuration file: every mistake is a one-line ConfigurationError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flux_adapters import errors
+from flux_adapters.config import load_config
+
+
+def configured(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "flux-adapters.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "LAOZHANG_API_KEY ",  # a space typed after the name
+        " LAOZHANG_API_KEY",
+        "LAOZHANG API KEY",
+        "LAOZHANG_API_KEY\\t",
+        "LAOZHANG_API_KEY\\u00a0",  # a no-break space pasted from a web page
+        "LAOZHANG_API_KEY\\n",
+        "",
+        "A=B",
+        "KEY\\u0000",
+    ],
+)
+def test_an_api_key_env_that_no_variable_can_be_named_is_refused(
+    tmp_path: Path, variable: str
+) -> None:
+    # "LAOZHANG_API_KEY " was taken: the variable looked for was never set, so the provider was
+    # skipped as having no key, while the variable the user did set sat there.
+    path = configured(tmp_path, f'[provider.laozhang]\napi_key_env = "{variable}"\n')
+    with pytest.raises(errors.ConfigurationError, match="api_key_env") as caught:
+        load_config(path, environ={"FLUX_PROVIDERS": "laozhang"})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "\r" not in message
+    assert "\x00" not in message
+
+
+def test_a_usable_api_key_env_is_kept(tmp_path: Path) -> None:
+    path = configured(tmp_path, '[provider.laozhang]\napi_key_env = "MY_LAOZHANG_KEY"\n')
+    config = load_config(path, environ={})
+    assert config.providers[0].api_key_env == "MY_LAOZHANG_KEY"
+
+
+@pytest.mark.parametrize(
+    ("section", "shown"),
+    [
+        ('"laozhang\\r\\nX-Injected: 1"', '[provider."laozhang\\r\\nX-Injected: 1"]'),
+        ('"bad name"', '[provider."bad name"]'),
+        ('"evil\\u001b[2J"', '[provider."evil\\u001b[2J"]'),
+        ('"a\\"b"', '[provider."a\\"b"]'),
+        ("nope", "[provider.nope]"),
+    ],
+)
+def test_a_section_name_is_shown_as_the_toml_that_names_it(
+    tmp_path: Path, section: str, shown: str
+) -> None:
+    # The name was put into the message as it was: a CR LF in a quoted TOML key started a new
+    # line of the message (and of a log line), an escape sequence reached the terminal.
+    path = configured(tmp_path, f'[provider.{section}]\nbase_url = "https://x.example"\n')
+    with pytest.raises(errors.ConfigurationError) as caught:
+        load_config(path, environ={})
+    message = str(caught.value)
+    assert shown in message
+    assert not any(character in message for character in "\r\n\x1b")
+
+
+def test_a_dotted_provider_id_is_shown_quoted(tmp_path: Path) -> None:
+    # Ids may hold dots; [provider.my.forge] is another table than [provider."my.forge"].
+    path = configured(tmp_path, '[provider."my.forge"]\nbase_url = "https://x.example"\n')
+    with pytest.raises(errors.ConfigurationError, match=r'\[provider\."my\.forge"\]'):
+        load_config(path, environ={})
+
+
+def test_a_price_for_a_strange_model_key_is_shown_escaped(tmp_path: Path) -> None:
+    path = configured(
+        tmp_path,
+        '[provider.laozhang.prices]\n"flux-2-pro\\r\\nX: 1" = { usd = "free" }\n',
+    )
+    with pytest.raises(errors.ConfigurationError) as caught:
+        load_config(path, environ={})
+    message = str(caught.value)
+    assert not any(character in message for character in "\r\n")
+    assert '"flux-2-pro\\r\\nX: 1"' in message
