@@ -22,7 +22,8 @@ from typing import Final, ParamSpec, TypeAlias, TypeVar
 import attrs
 from attrs import frozen
 
-from flux_adapters._display import render_value, type_name
+from flux_adapters._display import describe_exception, render_value, type_name
+from flux_adapters._foreign import is_interruption
 from flux_adapters._ids import ProviderId, ProviderName
 from flux_adapters._redact import answer_headers, redact, redactor_for, request_id
 from flux_adapters.errors import (
@@ -198,14 +199,16 @@ def adapter_built(
         return build(*args, **kwargs)
     except FluxError:
         raise
-    except Exception as exc:
+    except BaseException as exc:  # an adapter's own, even outside Exception; not an interruption
+        if is_interruption(exc):
+            raise
         raise _not_built(adapter, request, exc) from exc
 
 
-def _not_built(adapter: object, request: EditRequest | None, exc: Exception) -> RequestError:
+def _not_built(adapter: object, request: EditRequest | None, exc: BaseException) -> RequestError:
     """The `RequestError` for an exchange *adapter* failed to build (*exc* says how): not sent."""
     name = str(getattr(adapter, "name", "the adapter"))
-    why = f"{type(exc).__name__}: {str(exc)[:120]}"
+    why = describe_exception(exc)
     violation = Violation("request", f"{name} could not build it", "an adapter bug", why)
     model = request.model if request is not None else None
     return RequestError([violation], provider=name, model=model)
@@ -229,13 +232,18 @@ def _scrubbed(error: ProviderError, status: int, secrets: tuple[str, ...]) -> Pr
     # The status the provider sent decides what the error proves (routing.billing_rule): an
     # adapter may not report another, nor turn a billed 2xx or 5xx into a 402 or 429.
     error.status_code = status
-    if error.detail:
-        error.detail = redact(error.detail, secrets)
-    if error.code:
-        error.code = redact(error.code, secrets)
+    error.detail = _redacted(error.detail, secrets)
+    error.code = _redacted(error.code, secrets)
     if isinstance(error, ResponseFormatError):
-        error.excerpt = redact(error.excerpt, secrets)
+        error.excerpt = _redacted(error.excerpt, secrets) or ""
     return error
+
+
+def _redacted(text: object, secrets: tuple[str, ...]) -> str | None:
+    """*text* (an adapter's, so perhaps not text at all) redacted of *secrets*; ``None`` if empty."""
+    if not text:
+        return None
+    return redact(text if type(text) is str else render_value(text), secrets)
 
 
 def _answered(
@@ -255,7 +263,16 @@ def _answered(
     """
     try:
         if not 200 <= response.status_code < 300:
-            raise adapter.parse_error(response)
+            failure: object = adapter.parse_error(response)
+            if not isinstance(failure, ProviderError | JobError):
+                # Raising what it returned as it is: KeyboardInterrupt() would stop the program.
+                raise ResponseFormatError(
+                    f"the {adapter.name} adapter returned {type_name(failure)} for an error "
+                    "answer, not a ProviderError",
+                    provider=adapter.name,
+                    status_code=response.status_code,
+                )
+            raise failure
         value = read(*args, **kwargs)
         unusable = _unusable_image(value)
         if unusable:
@@ -269,11 +286,12 @@ def _answered(
         scrubbed = _scrubbed(error, response.status_code, secrets)
         raise _with_answer(scrubbed, response, secrets) from error.__cause__
     except JobError as error:
-        if error.detail:
-            error.detail = redact(error.detail, secrets)
+        error.detail = _redacted(error.detail, secrets)
         _with_answer(error, response, secrets)
         raise
-    except Exception as exc:
+    except BaseException as exc:  # an adapter's own, even outside Exception; not an interruption
+        if is_interruption(exc):
+            raise
         unread = ResponseFormatError(
             f"the {adapter.name} adapter could not read the answer ({type(exc).__name__})",
             provider=adapter.name,
@@ -585,12 +603,13 @@ def _job_failure(
         return None
     try:
         failed = adapter.job_failure(response, job)
-    except Exception:  # an adapter that cannot tell: the answer is judged by its status
+    except BaseException as exc:  # an adapter that cannot tell: the answer is judged by its status
+        if is_interruption(exc):
+            raise
         return None
     if not isinstance(failed, JobError):
         return None
-    if failed.detail:
-        failed.detail = redact(failed.detail, secrets)
+    failed.detail = _redacted(failed.detail, secrets)
     return _with_answer(failed, response, secrets)
 
 
@@ -647,7 +666,9 @@ def _cancel(adapter: JobAdapter, job: Job) -> _Steps[bool | None]:
     """Ask the provider to cancel *job*: ``True`` accepted, ``False`` refused, ``None`` no cancel."""
     try:
         request: object = adapter.build_cancel(job)
-    except Exception:  # an adapter bug must not hide why the job is being given up
+    except BaseException as exc:  # an adapter bug must not hide why the job is being given up
+        if is_interruption(exc):
+            raise
         return False
     if request is None:
         return None

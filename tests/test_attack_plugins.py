@@ -7,19 +7,23 @@ other tests), or adapters given to the client directly.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import sys
 import textwrap
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
+import httpx
 import pytest
 
-from flux_adapters import errors, providers
+from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors, providers
 from flux_adapters.providers import get_adapter
+from flux_adapters.providers.laozhang import LaozhangAdapter
 
 GROUP = "flux_adapters.providers"
 
@@ -224,3 +228,146 @@ def test_two_threads_loading_one_plugin_import_it_once(plugins: Plugins) -> None
         assert all(adapter is found[0] for adapter in found)
     finally:
         del sys.modules["tests.plugin_count"]
+
+
+# --- What an adapter's methods raise or return ---------------------------------------------
+
+KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
+REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
+RESULT_URL = "https://cdn.example/results/a.png"
+OK = {"created": 1, "data": [{"url": RESULT_URL}]}
+
+
+class Hostile(LaozhangAdapter):
+    """laozhang's adapter, with one method replaced by what a provider package got wrong."""
+
+    name = "hostile"
+    env_prefix = "HOSTILE"
+
+    def __init__(self, **methods: Callable[..., Any]) -> None:
+        self._methods = methods
+
+    def build_request(self, *args: Any) -> Any:
+        if "build_request" in self._methods:
+            return self._methods["build_request"](*args)
+        return super().build_request(*args)
+
+    def parse_response(self, response: Any) -> Any:
+        if "parse_response" in self._methods:
+            return self._methods["parse_response"](response)
+        return super().parse_response(response)
+
+    def parse_error(self, response: Any) -> Any:
+        if "parse_error" in self._methods:
+            return self._methods["parse_error"](response)
+        return super().parse_error(response)
+
+
+def raising(error: BaseException) -> Callable[..., Any]:
+    def method(*args: Any) -> Any:
+        raise error
+
+    return method
+
+
+def edited(adapter: object, status: int = 200, body: object = OK) -> tuple[object, list[object]]:
+    """What ``edit`` ends with on FluxClient and on AsyncFluxClient: the result or the error."""
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(status, json=body)
+
+    outcomes: list[object] = []
+    transport = httpx.MockTransport(handler)
+    with httpx.Client(transport=transport) as http:
+        client = FluxClient(adapter, api_key=KEY, http_client=http)  # type: ignore[arg-type]
+        try:
+            outcomes.append(client.edit(REQUEST))
+        except errors.FluxError as error:
+            outcomes.append(error)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = AsyncFluxClient(adapter, api_key=KEY, http_client=http)  # type: ignore[arg-type]
+            try:
+                outcomes.append(await client.edit(REQUEST))
+            except errors.FluxError as error:
+                outcomes.append(error)
+
+    asyncio.run(main())
+    return outcomes[0], [outcomes[1], len(sent)]
+
+
+ODDITIES: dict[str, BaseException] = {
+    "base-exception": Odd("adapter bug"),
+    "unprintable": Unprintable(),
+    "stop-iteration": StopIteration(),
+    "recursion": RecursionError("deep"),
+}
+
+
+@pytest.mark.parametrize("raised", ODDITIES.values(), ids=ODDITIES.keys())
+def test_whatever_build_request_raises_is_a_request_error_with_nothing_sent(
+    raised: BaseException,
+) -> None:
+    sync, (async_, sent) = edited(Hostile(build_request=raising(raised)))
+    assert isinstance(sync, errors.RequestError)
+    assert isinstance(async_, errors.RequestError)
+    assert "hostile could not build it" in str(sync)
+    assert sent == 0
+
+
+@pytest.mark.parametrize("raised", ODDITIES.values(), ids=ODDITIES.keys())
+@pytest.mark.parametrize("method", ["parse_response", "parse_error"])
+def test_whatever_the_parse_methods_raise_is_a_response_format_error(
+    raised: BaseException, method: str
+) -> None:
+    status = 200 if method == "parse_response" else 400
+    sync, (async_, sent) = edited(Hostile(**{method: raising(raised)}), status)
+    for outcome in (sync, async_):
+        assert isinstance(outcome, errors.ResponseFormatError)
+        assert outcome.status_code == status
+    assert sent == 2
+
+
+def test_an_interruption_in_an_adapter_method_stays_one() -> None:
+    with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json=OK))) as h:
+        client = FluxClient(
+            Hostile(parse_response=raising(KeyboardInterrupt())), api_key=KEY, http_client=h
+        )
+        with pytest.raises(KeyboardInterrupt):
+            client.edit(REQUEST)
+
+
+ERRORS_RETURNED: dict[str, object] = {
+    "none": None,
+    "keyboard-interrupt": KeyboardInterrupt(),  # raised as it is, it stopped the program
+    "base-exception": Odd("an error?"),
+    "text": "bad request",
+    "request-error": errors.RequestError([]),
+}
+
+
+@pytest.mark.parametrize("returned", ERRORS_RETURNED.values(), ids=ERRORS_RETURNED.keys())
+def test_parse_error_returning_no_provider_error_is_a_response_format_error(
+    returned: object,
+) -> None:
+    sync, (async_, sent) = edited(Hostile(parse_error=lambda response: returned), 400)
+    for outcome in (sync, async_):
+        assert isinstance(outcome, errors.ResponseFormatError), repr(outcome)
+        assert outcome.status_code == 400
+    assert sent == 2
+
+
+def test_a_provider_error_with_a_detail_that_is_no_text_is_still_typed() -> None:
+    def parse_error(response: Any) -> errors.ProviderError:
+        error = errors.ProviderError("refused", provider="hostile", status_code=400)
+        error.detail = 5  # type: ignore[assignment]
+        error.code = ["x"]  # type: ignore[assignment]
+        return error
+
+    sync, (async_, _) = edited(Hostile(parse_error=parse_error), 400)
+    for outcome in (sync, async_):
+        assert isinstance(outcome, errors.ProviderError)
+        assert outcome.status_code == 400
