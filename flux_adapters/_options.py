@@ -216,4 +216,9 @@ def check_adapter(value: object) -> object:
         raise ConfigurationError(
             f"adapter {type(value).__name__}: name must be a non-empty str and limits a mapping"
         )
+    from flux_adapters._declared import check_limits, check_not_taken
+
+    shown = render_value(name)
+    check_limits(shown, limits)
+    check_not_taken(shown, _attribute(value, "not_taken"))
     return value

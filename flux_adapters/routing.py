@@ -436,7 +436,10 @@ def billing_rule(error: FluxError, not_taken: Mapping[int, str] | None = None) -
     if not isinstance(error, ProviderError):
         return _RULES["refused-locally"]  # RequestError and the other errors raised here
     status = error.status_code
-    if not_taken and status in not_taken:
+    # Only a refusal or a server error can be declared "not taken" (checked when the adapter is
+    # loaded, and here again: an adapter may change its data later). A 2xx that could not be
+    # read may have been billed, whatever the adapter says.
+    if not_taken and 400 <= status < 600 and status in not_taken:
         return _RULES["provider-rule"]
     named = {429: "rate-limited", 402: "no-balance", 401: "key-refused", 403: "key-refused"}
     if status in named:

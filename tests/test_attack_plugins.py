@@ -18,10 +18,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors, providers
+from flux_adapters.limits import IntRange, ModelLimits, NumberRange, RatioRule, SizeRule
 from flux_adapters.providers import get_adapter
 from flux_adapters.providers.laozhang import LaozhangAdapter
 
@@ -371,3 +373,129 @@ def test_a_provider_error_with_a_detail_that_is_no_text_is_still_typed() -> None
     for outcome in (sync, async_):
         assert isinstance(outcome, errors.ProviderError)
         assert outcome.status_code == 400
+
+
+# --- What an adapter declares: checked when it is loaded -----------------------------------
+
+
+def declaring(**declared: Any) -> type[LaozhangAdapter]:
+    """An adapter class (laozhang's) that declares *declared* as well, as class attributes."""
+    return type("Declaring", (LaozhangAdapter,), {"name": "declaring", **declared})
+
+
+NOT_TAKEN_REFUSED: dict[str, object] = {
+    "2xx": {200: "our document"},  # an unreadable 200 would be failed over: paid twice
+    "204": {204: "our document"},
+    "3xx": {302: "our document"},
+    "1xx": {100: "our document"},
+    "600": {600: "our document"},
+    "negative": {-1: "our document"},
+    "text-status": {"503": "our document"},
+    "bool-status": {True: "our document"},
+    "float-status": {500.0: "our document"},
+    "no-document": {409: ""},
+    "document-not-text": {409: 5},
+    "a-list": [409],
+    "text": "409",
+}
+
+
+@pytest.mark.parametrize("declared", NOT_TAKEN_REFUSED.values(), ids=NOT_TAKEN_REFUSED.keys())
+def test_an_unusable_not_taken_is_refused_when_the_adapter_is_loaded(
+    plugins: Plugins, declared: object
+) -> None:
+    providers.register_provider("declaring", declaring(not_taken=declared))
+    with pytest.raises(errors.ConfigurationError, match="not_taken"):
+        get_adapter("declaring")
+    with pytest.raises(errors.ConfigurationError, match="not_taken"):
+        FluxClient(declaring(not_taken=declared)(), api_key=KEY)
+
+
+def test_a_documented_not_taken_status_is_taken_as_declared(plugins: Plugins) -> None:
+    providers.register_provider(
+        "declaring", declaring(not_taken={409: "https://docs.example/errors#409", 599: "doc"})
+    )
+    assert get_adapter("declaring").not_taken == {  # type: ignore[union-attr]
+        409: "https://docs.example/errors#409",
+        599: "doc",
+    }
+
+
+def test_a_2xx_slipped_into_not_taken_after_loading_is_still_never_failed_over() -> None:
+    # The billing rule reads not_taken on every failure: an adapter may change it after it was
+    # checked. An unreadable 200 may have been billed, whatever the adapter says.
+    from flux_adapters.routing import billing_rule
+
+    unreadable = errors.ResponseFormatError("unreadable", provider="x", status_code=200)
+    assert billing_rule(unreadable, {200: "our document"}) == billing_rule(unreadable)
+    redirected = errors.ProviderError("moved", provider="x", status_code=302)
+    assert billing_rule(redirected, {302: "our document"}).name != "provider-rule"
+
+
+def test_failover_after_an_unreadable_200_never_happens_whatever_not_taken_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)  # the adapter is laozhang's, renamed
+    adapter = declaring(not_taken={409: "doc"})()
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.host)
+        return httpx.Response(200, content=b"not json")
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = FluxClient(
+            providers=[adapter, "laozhang"],
+            http_client=http,
+        )
+        adapter.not_taken = {200: "doc"}  # type: ignore[attr-defined]  # after it was checked
+        with pytest.raises(errors.FluxError):
+            client.edit(REQUEST)
+    assert len(sent) == 1
+
+
+def _limits(**changes: Any) -> dict[str, ModelLimits]:
+    row = LaozhangAdapter.limits["flux-2-pro"]
+    return {"flux-2-pro": attrs.evolve(row, **changes)}
+
+
+LIMITS_REFUSED: dict[str, object] = {
+    "negative-images": _limits(images=IntRange(-1, 8)),
+    "images-upside-down": _limits(images=IntRange(8, 1)),
+    "images-not-int": _limits(images=IntRange(0, 8.5)),  # type: ignore[arg-type]
+    "images-bool": _limits(images=IntRange(False, True)),
+    "size-multiple-zero": _limits(sizes=SizeRule(multiple=0, min_side=64)),
+    "size-not-int": _limits(sizes=SizeRule(multiple=16, min_side=64.5)),  # type: ignore[arg-type]
+    "size-max-below-min": _limits(sizes=SizeRule(multiple=16, min_side=64, max_side=32)),
+    "pixels-negative": _limits(sizes=SizeRule(multiple=16, min_side=64, max_pixels=-1)),
+    "prompt-negative": _limits(prompt_max_chars=-5),
+    "prompt-text": _limits(prompt_max_chars="4000"),
+    "image-bytes-zero": _limits(
+        image=attrs.evolve(LaozhangAdapter.limits["flux-2-pro"].image, max_bytes=0)
+    ),
+    "image-kind-unknown": _limits(
+        image=attrs.evolve(
+            LaozhangAdapter.limits["flux-2-pro"].image,
+            kinds=frozenset({"url", "ftp"}),  # type: ignore[arg-type]
+        )
+    ),
+    "guidance-nan": _limits(guidance=NumberRange(float("nan"), 5.0)),
+    "ratio-zero": _limits(ratios=RatioRule(narrowest=(0, 1), widest=(7, 3))),
+    "formats-empty": _limits(output_formats=()),
+    "formats-text": _limits(output_formats="png"),
+    "model-mismatch": {"flux-2-max": LaozhangAdapter.limits["flux-2-pro"]},
+    "not-limits": {"flux-2-pro": {"images": 8}},
+    "model-not-text": {5: LaozhangAdapter.limits["flux-2-pro"]},
+}
+
+
+@pytest.mark.parametrize("declared", LIMITS_REFUSED.values(), ids=LIMITS_REFUSED.keys())
+def test_unusable_limits_are_refused_when_the_adapter_is_loaded(
+    plugins: Plugins, declared: object
+) -> None:
+    # Such a row was taken, and failed later: as a TypeError comparing a float side with a
+    # str, a ZeroDivisionError on a grid of 0, or a check that passed every request.
+    providers.register_provider("declaring", declaring(limits=declared))
+    with pytest.raises(errors.ConfigurationError, match="limits") as caught:
+        get_adapter("declaring")
+    assert "declaring" in str(caught.value)
