@@ -14,6 +14,7 @@ so every provider limit is enforced before the first request is yielded.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Generator
@@ -25,6 +26,7 @@ from attrs import frozen
 from flux_adapters._display import describe_exception, render_value, type_name
 from flux_adapters._foreign import is_interruption
 from flux_adapters._ids import ProviderId, ProviderName
+from flux_adapters._options import is_number
 from flux_adapters._redact import answer_headers, redact, redactor_for, request_id
 from flux_adapters.errors import (
     FluxError,
@@ -38,11 +40,20 @@ from flux_adapters.errors import (
     Violation,
     attach_response,
 )
-from flux_adapters.jobs import Accepted, Done, Job, JobAdapter, Pending, Polling, StopJob
+from flux_adapters.jobs import (
+    Accepted,
+    Done,
+    Job,
+    JobAdapter,
+    Pending,
+    Polling,
+    StopJob,
+    Submitted,
+)
 from flux_adapters.limits import Plan, plan
 from flux_adapters.providers import Adapter, Answer, AnyAdapter, get_adapter
 from flux_adapters.request import EditRequest
-from flux_adapters.result import ResultImage
+from flux_adapters.result import ResultImage, Usage
 from flux_adapters.wire import HttpRequest, HttpResponse, Role, Sleep
 
 __all__ = [
@@ -250,11 +261,15 @@ def _answered(
     adapter: AnyAdapter,
     response: HttpResponse,
     secrets: tuple[str, ...],
-    read: Callable[_P, _T],
+    expected: tuple[type[_T], ...],
+    read: Callable[_P, object],
     *args: _P.args,
     **kwargs: _P.kwargs,
 ) -> _T:
     """``read(*args)`` of a 2xx answer; the typed error of any other, or of an answer it fails on.
+
+    What *read* returns must be one of *expected* (checked and made whole by `_as_returned`):
+    anything else, or a part of it that is no value of its kind, is a `ResponseFormatError`.
 
     An adapter's own exception, or a `FluxError` that is no answer's (a "not sent"
     `TransportError`, say), becomes a `ResponseFormatError`: the provider did answer, so it is
@@ -273,15 +288,7 @@ def _answered(
                     status_code=response.status_code,
                 )
             raise failure
-        value = read(*args, **kwargs)
-        unusable = _unusable_image(value)
-        if unusable:
-            raise ResponseFormatError(
-                f"the {adapter.name} adapter returned {unusable}",
-                provider=adapter.name,
-                status_code=response.status_code,
-            )
-        return value
+        return _as_returned(adapter.name, read(*args, **kwargs), expected)
     except ProviderError as error:
         scrubbed = _scrubbed(error, response.status_code, secrets)
         raise _with_answer(scrubbed, response, secrets) from error.__cause__
@@ -289,32 +296,118 @@ def _answered(
         error.detail = _redacted(error.detail, secrets)
         _with_answer(error, response, secrets)
         raise
+    except _Unusable as exc:
+        unusable = ResponseFormatError(
+            f"the {adapter.name} adapter returned {exc}",
+            provider=adapter.name,
+            status_code=response.status_code,
+        )
+        raise _with_answer(unusable, response, secrets) from None
     except BaseException as exc:  # an adapter's own, even outside Exception; not an interruption
         if is_interruption(exc):
             raise
         unread = ResponseFormatError(
-            f"the {adapter.name} adapter could not read the answer ({type(exc).__name__})",
+            f"the {adapter.name} adapter could not read the answer ({type_name(exc)})",
             provider=adapter.name,
             status_code=response.status_code,
         )
         raise _with_answer(unread, response, secrets) from exc
 
 
-def _unusable_image(value: object) -> str:
-    """What is wrong with an image in a parsed answer (an `Answer`, a `Done`), or ``""``.
+class _Unusable(Exception):
+    """What a parse method returned is not what it must return (internal to `_answered`)."""
 
-    An adapter from another package may put anything in ``images``; a `ResultImage` itself
-    checked its inline data when it was made (base64 of a whole png, jpeg or webp image), and a
-    download is checked as it arrives.
+
+def _as_returned(name: str, value: object, expected: tuple[type[_T], ...]) -> _T:
+    """*value*, returned by *name*'s adapter, checked to be one of *expected* and made whole.
+
+    An adapter from another package may return anything: another type, ``images`` as a list
+    or a generator (kept, as a tuple: checking them must not use them up), entries that are no
+    `ResultImage`, a job id that is no text. Each is an error of the answer (the caller raises
+    `ResponseFormatError`), except a usage that cannot be read: the images are there, so only
+    the figures are dropped, with a warning (`_usage`).
+
+    Raises:
+        _Unusable: *value* is not usable; its text says why.
     """
-    answer = value.answer if isinstance(value, Done) else value
-    if not isinstance(answer, Answer):
-        return ""
-    images: tuple[object, ...] = answer.images  # typed, but built by code we do not know
+    if not isinstance(value, expected):
+        wanted = " or ".join(kind.__name__ for kind in expected)
+        raise _Unusable(f"{type_name(value)}, not {wanted}")
+    if isinstance(value, Answer):
+        return _whole_answer(name, value)  # type: ignore[return-value]
+    if isinstance(value, Done) and value.answer is not None:
+        if not isinstance(value.answer, Answer):
+            raise _Unusable(f"Done with {type_name(value.answer)}, not an Answer")
+        answer = _whole_answer(name, value.answer)
+        return value if answer is value.answer else Done(answer=answer)  # type: ignore[return-value]
+    if isinstance(value, Submitted):
+        return _whole_submitted(name, value)  # type: ignore[return-value]
+    return value
+
+
+def _whole_answer(name: str, answer: Answer) -> Answer:
+    images: object = answer.images
+    if type(images) is not tuple:
+        if isinstance(images, str | bytes) or not hasattr(images, "__iter__"):
+            raise _Unusable(f"images as {type_name(images)}, not a sequence of ResultImage")
+        images = tuple(images)
+    assert isinstance(images, tuple)
     for image in images:
         if not isinstance(image, ResultImage):
-            return f"{type_name(image)} for an image, not a ResultImage"
-    return ""
+            raise _Unusable(f"{type_name(image)} for an image, not a ResultImage")
+    usage = _usage(name, answer.usage)
+    if images is answer.images and usage is answer.usage:
+        return answer  # as it came: nothing to make (the usual case, and the fast one)
+    return Answer(images=images, usage=usage)
+
+
+def _whole_submitted(name: str, submitted: Submitted) -> Submitted:
+    # The id and URLs are taken as they are: the job was accepted, and is followed as long as
+    # the adapter can build its polls (a poll it cannot build is a typed error with the job).
+    usage = _usage(name, submitted.usage)
+    return submitted if usage is submitted.usage else attrs.evolve(submitted, usage=usage)
+
+
+_USAGE_FIELDS: Final = ("credits_used", "tokens_used", "input_mp", "output_mp")
+
+
+def _usage(name: str, usage: object) -> Usage | None:
+    """*usage* as a `Usage` of finite figures >= 0 (``tokens_used`` whole); others dropped.
+
+    A provider's figures are extras beside the images it made (and may have billed): one that
+    cannot be read is dropped with a warning on the ``flux_adapters`` logger, never a failure.
+    """
+    if usage is None:
+        return None
+    kept: dict[str, object] = {}
+    dropped: list[str] = []
+    if isinstance(usage, Usage):
+        for field in _USAGE_FIELDS:
+            try:
+                figure = getattr(usage, field)
+            except Exception:  # a subclass's property, failing in its own way
+                dropped.append(field)
+                continue
+            whole = field != "tokens_used" or type(figure) is int
+            if figure is None or (is_number(figure) and figure >= 0 and whole):
+                kept[field] = figure
+            else:
+                dropped.append(field)
+    if not dropped and type(usage) is Usage:
+        return usage
+    from flux_adapters._log import note
+
+    what = ", ".join(dropped) if isinstance(usage, Usage) else f"a {type_name(usage)}"
+    note(
+        logging.WARNING,
+        "usage-dropped",
+        str,
+        "%s: the adapter reported a usage it could not read (%s); dropped",
+        name,
+        what,
+    )
+    figures = {field: value for field, value in kept.items() if value is not None}
+    return Usage(**figures) if figures else None  # type: ignore[arg-type]
 
 
 def edit_flow(
@@ -339,7 +432,7 @@ def edit_flow(
     outgoing = adapter_built(adapter, request, adapter.build_request, request, resolved, base_url)
     response = yield _as_submit(outgoing, adapter, request)
     assert response is not None
-    answer = _answered(adapter, response, secrets, adapter.parse_response, response)
+    answer = _answered(adapter, response, secrets, (Answer,), adapter.parse_response, response)
     # Made as Outcome(...) makes it, without the dict of keyword arguments a class call
     # builds (a third of the cost; tests/test_async_per_edit.py holds why it is the same).
     outcome = object.__new__(Outcome)
@@ -375,7 +468,7 @@ def job_flow(
     submit = adapter_built(adapter, request, adapter.build_submit, request, resolved, base_url)
     response = yield _as_submit(submit, adapter, request)
     assert response is not None
-    submitted = _answered(adapter, response, secrets, adapter.parse_submit, response)
+    submitted = _answered(adapter, response, secrets, (Submitted,), adapter.parse_submit, response)
     submit_id = _answer_id(response, secrets)
     job = Job(
         provider=adapter.name,
@@ -580,7 +673,8 @@ def _poll_once(
     if response.status_code in (404, 410):
         raise _with_answer(_not_found(adapter, job, response), response, secrets)
     try:
-        return _answered(adapter, response, secrets, adapter.parse_poll, response, job)
+        expected: tuple[type[Pending | Done], ...] = (Pending, Done)
+        return _answered(adapter, response, secrets, expected, adapter.parse_poll, response, job)
     except ResponseFormatError as error:
         if not 200 <= response.status_code < 300:
             raise
@@ -655,7 +749,9 @@ def _fetch(
                 raise _with_answer(_not_found(adapter, job, response), response, secrets)
             retry = _transient(response)
             if retry is None:
-                return _answered(adapter, response, secrets, adapter.parse_fetch, response, job)
+                return _answered(
+                    adapter, response, secrets, (Answer,), adapter.parse_fetch, response, job
+                )
         wait = _next_wait(wait, polling, retry)  # backing off after a dropped fetch too
         yield from _pause(wait, polling, chance, ends - clock())
         if clock() >= ends:

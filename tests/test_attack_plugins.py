@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import logging
 import sys
 import textwrap
 import threading
@@ -23,9 +24,16 @@ import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors, providers
+from flux_adapters.jobs import Done, Job, Polling, Submitted
 from flux_adapters.limits import IntRange, ModelLimits, NumberRange, RatioRule, SizeRule
-from flux_adapters.providers import get_adapter
+from flux_adapters.providers import Answer, get_adapter
+from flux_adapters.providers.bfl import BflAdapter
 from flux_adapters.providers.laozhang import LaozhangAdapter
+from flux_adapters.result import EditResult, ResultImage, Usage
+from tests.test_jobs import KEY as JOBS_KEY
+from tests.test_jobs import T2I, Both, FakeBfl, both, run
+
+QUICK = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=2.0)
 
 GROUP = "flux_adapters.providers"
 
@@ -499,3 +507,161 @@ def test_unusable_limits_are_refused_when_the_adapter_is_loaded(
     with pytest.raises(errors.ConfigurationError, match="limits") as caught:
         get_adapter("declaring")
     assert "declaring" in str(caught.value)
+
+
+# --- What the parse methods return ---------------------------------------------------------
+
+
+def _image(url: str = RESULT_URL) -> ResultImage:
+    return ResultImage(url=url)
+
+
+RETURNED_REFUSED: dict[str, Callable[[], object]] = {
+    "none": lambda: None,
+    "dict": lambda: {"images": [RESULT_URL]},
+    "images-a-number": lambda: Answer(images=5),  # type: ignore[arg-type]
+    "images-urls": lambda: Answer(images=(RESULT_URL,)),  # type: ignore[arg-type]
+    "images-unreadable": lambda: Answer(images=raising_iterable()),  # type: ignore[arg-type]
+    "a-done": lambda: Done(answer=Answer(images=(_image(),))),
+}
+
+
+def raising_iterable() -> Iterator[ResultImage]:
+    yield _image()
+    raise Odd("half way")
+
+
+@pytest.mark.parametrize("returned", RETURNED_REFUSED.values(), ids=RETURNED_REFUSED.keys())
+def test_parse_response_returning_no_answer_is_a_response_format_error(
+    returned: Callable[[], object],
+) -> None:
+    sync, (async_, _) = edited(Hostile(parse_response=lambda response: returned()))
+    for outcome in (sync, async_):
+        assert isinstance(outcome, errors.ResponseFormatError), repr(outcome)
+        assert outcome.status_code == 200
+
+
+def test_images_given_as_a_generator_or_a_list_are_all_kept() -> None:
+    # The images were checked by iterating over them, which used a generator up: the result
+    # had no image at all, and the call "succeeded".
+    def generated(response: Any) -> Answer:
+        return Answer(images=(image for image in (_image(), _image(RESULT_URL + "?2"))))  # type: ignore[arg-type]
+
+    def listed(response: Any) -> Answer:
+        return Answer(images=[_image(), _image(RESULT_URL + "?2")])  # type: ignore[arg-type]
+
+    for parse in (generated, listed):
+        sync, (async_, _) = edited(Hostile(parse_response=parse))
+        for outcome in (sync, async_):
+            assert isinstance(outcome, EditResult), repr(outcome)
+            assert isinstance(outcome.images, tuple)
+            assert [image.url for image in outcome.images] == [RESULT_URL, RESULT_URL + "?2"]
+
+
+USAGES: dict[str, tuple[object, Usage | None]] = {
+    "a-dict": ({"credits_used": 4}, None),
+    "a-number": (4, None),
+    "credits-text": (Usage(credits_used="4", tokens_used=10), Usage(tokens_used=10)),  # type: ignore[arg-type]
+    "credits-nan": (Usage(credits_used=float("nan")), None),
+    "credits-negative": (Usage(credits_used=-3.0, output_mp=1.0), Usage(output_mp=1.0)),
+    "credits-huge-int": (Usage(credits_used=10**400), None),
+    "credits-bool": (Usage(credits_used=True), None),
+    "tokens-float": (Usage(tokens_used=1.5, input_mp=0.5), Usage(input_mp=0.5)),  # type: ignore[arg-type]
+    "sound": (Usage(credits_used=4, tokens_used=10), Usage(credits_used=4, tokens_used=10)),
+}
+
+
+@pytest.mark.parametrize(("reported", "kept"), USAGES.values(), ids=USAGES.keys())
+def test_a_malformed_usage_is_dropped_with_a_warning_and_the_images_kept(
+    reported: object, kept: Usage | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A dict there ended the paid call with AttributeError ('dict' object has no attribute
+    # 'credits_used') after the image was made; a figure of the wrong type reached cost_usd.
+    def parse(response: Any) -> Answer:
+        return Answer(images=(_image(),), usage=reported)  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"):
+        sync, (async_, _) = edited(Hostile(parse_response=parse))
+    for outcome in (sync, async_):
+        assert isinstance(outcome, EditResult), repr(outcome)
+        assert outcome.usage == kept
+        assert [image.url for image in outcome.images] == [RESULT_URL]
+    if kept != reported:
+        assert "usage" in caplog.text
+        assert "hostile" in caplog.text
+    else:
+        assert "usage" not in caplog.text
+
+
+class HostileJobs(BflAdapter):
+    """BFL's adapter, with one parse method replaced by what a provider package got wrong."""
+
+    name = "hostile-jobs"
+
+    def __init__(self, method: str, returned: Callable[[], object]) -> None:
+        self._method, self._returned = method, returned
+
+    def parse_submit(self, response: Any) -> Any:
+        return (
+            self._returned() if self._method == "parse_submit" else super().parse_submit(response)
+        )
+
+    def parse_poll(self, response: Any, job: Job) -> Any:
+        if self._method == "parse_poll":
+            return self._returned()
+        return super().parse_poll(response, job)
+
+
+JOB_RETURNS: dict[str, tuple[str, Callable[[], object]]] = {
+    "submit-none": ("parse_submit", lambda: None),
+    "submit-dict": ("parse_submit", lambda: {"id": "job-1"}),
+    "submit-id-number": (
+        "parse_submit",
+        lambda: Submitted(
+            id=5,  # type: ignore[arg-type]
+            poll_url="https://api.eu2.bfl.ai/v1/get_result?id=job-1",
+        ),
+    ),
+    "submit-usage-dict": (
+        "parse_submit",
+        lambda: Submitted(
+            id="job-1",
+            poll_url="https://api.eu2.bfl.ai/v1/get_result?id=job-1",
+            usage={"credits_used": 3},  # type: ignore[arg-type]
+        ),
+    ),
+    "poll-dict": ("parse_poll", lambda: {"status": "Ready"}),
+    "poll-done-dict": ("parse_poll", lambda: Done(answer={"images": []})),  # type: ignore[arg-type]
+}
+
+
+@both
+@pytest.mark.parametrize(("method", "returned"), JOB_RETURNS.values(), ids=JOB_RETURNS.keys())
+def test_a_job_parse_method_returning_the_wrong_type_is_typed_and_never_resubmitted(
+    kind: str, method: str, returned: Callable[[], object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "lz-key-0123456789abcdef")
+    monkeypatch.setenv("BFL_API_KEY", JOBS_KEY)
+    everything = Both(FakeBfl())
+    outcome: object
+    try:
+        outcome = run(
+            kind,
+            everything,
+            T2I,
+            provider=[HostileJobs(method, returned), "laozhang"],
+            polling=QUICK,
+            # A submit answer that cannot be read is ambiguous: the caller may opt in to fail
+            # over on it. Once the job is taken, never, whatever the caller said.
+            failover_on_ambiguous=method == "parse_poll",
+        )
+    except errors.FluxError as error:
+        outcome = error
+    assert everything.bfl.count("POST") == 1
+    assert everything.laozhang == []  # the submit was accepted: never paid twice
+    if isinstance(outcome, EditResult):  # a job followed, only a usage it cannot read dropped
+        assert method == "parse_submit"
+        assert outcome.usage is None
+    else:
+        assert isinstance(outcome, errors.FluxError)
+        assert not isinstance(outcome.__cause__, AttributeError | TypeError)
