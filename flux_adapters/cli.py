@@ -41,7 +41,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -1141,8 +1141,16 @@ def _chosen_providers(named: Sequence[str] | None) -> list[str]:
 def _check(arguments: argparse.Namespace, out: TextIO) -> int:
     flags = arguments.flags
     request = _request(arguments, flags)
-    verdicts = _verdicts(request, _chosen_providers(arguments.provider))
-    every = all(not isinstance(verdict, errors.RequestError) for verdict in verdicts.values())
+    chosen = _chosen_providers(arguments.provider)
+    adapters, broken = _loaded(chosen)
+    if not adapters:  # nothing to check: the error of the first one named
+        from flux_adapters.providers import get_adapter
+
+        get_adapter(chosen[0])
+    verdicts = _verdicts(request, list(adapters))
+    every = not broken and all(
+        not isinstance(verdict, errors.RequestError) for verdict in verdicts.values()
+    )
     if arguments.json:
         _write_json(
             out,
@@ -1150,6 +1158,10 @@ def _check(arguments: argparse.Namespace, out: TextIO) -> int:
                 "model": request.model,
                 "accepted": every,
                 "providers": [
+                    {"provider": provider, "accepted": False, "error": error}
+                    for provider, error in broken.items()
+                ]
+                + [
                     {
                         "provider": provider,
                         "accepted": not isinstance(verdict, errors.RequestError),
@@ -1165,6 +1177,7 @@ def _check(arguments: argparse.Namespace, out: TextIO) -> int:
             },
         )
     else:
+        out.writelines(f"{provider}: {error}\n" for provider, error in broken.items())
         for provider, verdict in verdicts.items():
             if isinstance(verdict, errors.RequestError):
                 count = len(verdict.violations)
@@ -1682,16 +1695,36 @@ def _mutation(
     return EXIT_OK if all(score.reached for score in scores) else EXIT_FAILED
 
 
+def _loaded(providers: Iterable[str]) -> tuple[dict[str, AnyAdapter], dict[str, str]]:
+    """Each of *providers* loaded, and, apart, why each that could not be loaded was not.
+
+    One provider package that fails (at import, or claiming an id another package claims too)
+    must not hide every other provider from the commands that list or explain them all.
+    """
+    from flux_adapters.providers import get_adapter
+
+    adapters: dict[str, AnyAdapter] = {}
+    broken: dict[str, str] = {}
+    for provider in providers:
+        try:
+            adapters[provider] = get_adapter(provider)
+        except errors.ConfigurationError as error:
+            broken[provider] = str(error)
+    return adapters, broken
+
+
 def _models(arguments: argparse.Namespace, out: TextIO) -> int:
     from flux_adapters.prices import price_for
-    from flux_adapters.providers import PROVIDERS, get_adapter
+    from flux_adapters.providers import PROVIDERS
 
+    origins = dict(PROVIDERS.items())
+    adapters, broken = _loaded(origins)
     prices: dict[str, dict[str, Price]] = {}
-    for provider in PROVIDERS:
-        shipped = getattr(get_adapter(provider), "prices", None)
+    for provider, adapter in adapters.items():
+        shipped = getattr(adapter, "prices", None)
         prices[provider] = {
             model: price
-            for model in get_adapter(provider).limits
+            for model in adapter.limits
             if (price := price_for(provider, model, None, shipped)) is not None
         }
     if arguments.json:
@@ -1699,14 +1732,24 @@ def _models(arguments: argparse.Namespace, out: TextIO) -> int:
             out,
             [
                 _provider_data(provider, origin, prices[provider])
-                for provider, origin in PROVIDERS.items()
+                if provider in adapters
+                else {
+                    "provider": provider,
+                    "origin": origin,
+                    "error": broken[provider],
+                    "models": [],
+                }
+                for provider, origin in origins.items()
             ],
         )
         return EXIT_OK
     from flux_adapters._terminal import models_table, rich_console
 
     console = None if arguments.markdown else rich_console(out, terminal_only=False)
-    for provider, origin in PROVIDERS.items():
+    for provider, origin in origins.items():
+        if provider in broken:
+            out.write(f"\n{provider} ({origin})\n\n{broken[provider]}\n")
+            continue
         described = {model: price.describe() for model, price in prices[provider].items()}
         if console is not None:
             models_table(console, provider, origin, described)
@@ -1757,10 +1800,19 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
     flags = arguments.flags
     request = _request(arguments, flags)
     providers = list(dict.fromkeys(arguments.provider or PROVIDERS))
-    verdicts = _verdicts(request, providers)
-    documents = []
-    for provider, verdict in verdicts.items():
-        adapter = get_adapter(provider)
+    adapters, broken = _loaded(providers)
+    if not adapters:  # nothing to explain: the error of the first one named
+        get_adapter(providers[0])
+    verdicts = _verdicts(request, list(adapters))
+    documents: list[dict[str, object]] = []
+    for provider in providers:
+        if provider in broken:
+            documents.append({"provider": provider, "accepted": False, "error": broken[provider]})
+            if not arguments.json:
+                out.write(f"=== {provider}\n{broken[provider]}\n\n")
+            continue
+        verdict = verdicts[provider]
+        adapter = adapters[provider]
         base_url = base_url_for(adapter)  # where a client would send it: $<PROVIDER>_BASE_URL
         entry: dict[str, object] = {"provider": provider, "base_url": base_url}
         if not isinstance(verdict, errors.RequestError):

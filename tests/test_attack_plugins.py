@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import io
+import json
 import logging
 import sys
 import textwrap
@@ -24,6 +26,7 @@ import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors, providers
+from flux_adapters.cli import main
 from flux_adapters.jobs import Done, Job, Polling, Submitted
 from flux_adapters.limits import IntRange, ModelLimits, NumberRange, RatioRule, SizeRule
 from flux_adapters.providers import Answer, get_adapter
@@ -665,3 +668,92 @@ def test_a_job_parse_method_returning_the_wrong_type_is_typed_and_never_resubmit
     else:
         assert isinstance(outcome, errors.FluxError)
         assert not isinstance(outcome.__cause__, AttributeError | TypeError)
+
+
+# --- The command line with a broken provider package installed -----------------------------
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def broken(plugins: Plugins) -> Plugins:
+    """A working provider package, one that fails at import, and two that claim one id."""
+    plugins.add("goodforge", ADAPTER.format(name="goodforge"))
+    plugins.add("brokenforge", "raise ImportError('needs numpy<1')\n", package="brokenforge-dist")
+    plugins.add("twinforge", ADAPTER.format(name="twinforge"), package="twin-a")
+    plugins.add("twinforge", ADAPTER.format(name="twinforge"), package="twin-b")
+    return plugins
+
+
+@pytest.mark.parametrize("style", [[], ["--markdown"]], ids=["console", "markdown"])
+def test_models_lists_every_provider_and_says_which_could_not_be_loaded(
+    broken: Plugins, style: list[str]
+) -> None:
+    # One package failing at import ended the whole command with "unexpected" or a config
+    # error: no provider was listed at all, built-in ones included.
+    code, out, _ = cli("models", *style)
+    assert code == 0
+    for listed in ("laozhang", "bfl", "goodforge"):
+        assert listed in out
+    assert "brokenforge" in out
+    assert "needs numpy<1" in out
+    assert "twin-a" in out
+    assert "twin-b" in out
+
+
+def test_models_json_gives_the_error_of_each_provider_that_could_not_be_loaded(
+    broken: Plugins,
+) -> None:
+    code, out, _ = cli("models", "--json")
+    assert code == 0
+    entries = {entry["provider"]: entry for entry in json.loads(out)}
+    assert entries["goodforge"]["models"]
+    assert "error" not in entries["goodforge"]
+    assert entries["brokenforge"]["models"] == []
+    assert "needs numpy<1" in entries["brokenforge"]["error"]
+    assert "twin-a" in entries["twinforge"]["error"]
+
+
+def test_explain_explains_for_the_others_and_says_which_could_not_be_loaded(
+    broken: Plugins,
+) -> None:
+    code, out, _ = cli("explain", "a robot", "-m", "flux-2-pro")
+    assert code == 0
+    sections = dict(part.split("\n", 1) for part in out.split("=== ")[1:])
+    assert "POST https://api.laozhang.ai/v1/images/generations" in sections["laozhang"]
+    assert "POST https://api.laozhang.ai/v1/images/generations" in sections["goodforge"]
+    assert "could not be loaded" in sections["brokenforge"]
+    assert "needs numpy<1" in sections["brokenforge"]
+    code, out, _ = cli("explain", "a robot", "-m", "flux-2-pro", "--json")
+    assert code == 0
+    documents = {entry["provider"]: entry for entry in json.loads(out)["providers"]}
+    assert documents["goodforge"]["accepted"] is True
+    assert documents["brokenforge"]["accepted"] is False
+    assert "needs numpy<1" in documents["brokenforge"]["error"]
+
+
+def test_explain_of_only_a_broken_provider_is_a_configuration_error(broken: Plugins) -> None:
+    code, _, err = cli("explain", "a robot", "-p", "brokenforge")
+    assert code == 5
+    assert "needs numpy<1" in err
+
+
+def test_check_of_every_provider_checks_the_others_and_says_which_could_not_be_loaded(
+    broken: Plugins, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    monkeypatch.delenv("FLUX_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no flux-adapters.toml: every known provider is checked
+    code, out, _ = cli("check", "a robot", "-m", "flux-2-pro")
+    assert code == 2  # not every provider can take it: one could not even be loaded
+    assert "laozhang: accepted" in out
+    assert "goodforge: accepted" in out
+    assert "needs numpy<1" in out
+    code, out, _ = cli("check", "a robot", "-m", "flux-2-pro", "--json")
+    entries = {entry["provider"]: entry for entry in json.loads(out)["providers"]}
+    assert entries["goodforge"]["accepted"] is True
+    assert "twin-b" in entries["twinforge"]["error"]
