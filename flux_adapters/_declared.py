@@ -1,10 +1,12 @@
-"""Checking the data an adapter declares, when it is loaded: its limits and its ``not_taken``.
+"""Checking the data an adapter declares, when it is loaded: limits, ``not_taken``, prices, auth.
 
 An adapter may come from another package, so its data is user input: a row that cannot be one
 (a negative count, a size that is not a whole number, a grid of 0) was taken, and failed later
 as a bare ``TypeError`` or ``ZeroDivisionError`` inside a call, or let every request through.
 A status declared "not taken" moves money: the router fails over on it, so a 2xx there would
-pay twice. Each problem is a `ConfigurationError` that names the adapter and the field.
+pay twice. A price ranks providers under ``routing="cheapest"``: a negative or NaN one would put
+the provider first (or break the sort). Each problem is a `ConfigurationError` that names the
+adapter and the field.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from flux_adapters._display import render_value, type_name
+from flux_adapters._options import is_number
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.limits import (
     IMAGE_KINDS,
@@ -25,7 +28,14 @@ from flux_adapters.limits import (
     SizeRule,
 )
 
-__all__ = ["check_limits", "check_not_taken"]
+__all__ = [
+    "check_auth",
+    "check_limits",
+    "check_not_taken",
+    "check_price",
+    "check_prices",
+    "check_usd_per_credit",
+]
 
 _NOT_TAKEN_STATUSES: Final = range(400, 600)
 """Statuses that may be declared not taken: refusals and server errors. A 1xx, 2xx or 3xx is no
@@ -163,6 +173,14 @@ def _row(model: str, row: ModelLimits) -> list[str]:
         problems["prompt_max_chars"] = (
             f"must be a whole number above 0 or None, not {render_value(row.prompt_max_chars)}"
         )
+    edit_wire_model: object = row.edit_wire_model
+    if edit_wire_model is not None and not (isinstance(edit_wire_model, str) and edit_wire_model):
+        problems["edit_wire_model"] = (
+            f"must be a non-empty str or None, not {render_value(edit_wire_model)}"
+        )
+    source: object = row.source
+    if not isinstance(source, str):
+        problems["source"] = f"must cite the document (a str), not {render_value(source)}"
     formats: object = row.output_formats
     if not (
         isinstance(formats, tuple) and formats and all(isinstance(f, str) and f for f in formats)
@@ -176,7 +194,10 @@ def _row(model: str, row: ModelLimits) -> list[str]:
 def check_limits(adapter: str, limits: Mapping[object, object]) -> None:
     """*limits* (an adapter's) as canonical model id -> a usable `ModelLimits` row."""
     where = f"adapter {adapter}: limits"
-    for model, row in _items(limits, where):
+    rows = _items(limits, where)
+    if not rows:
+        raise ConfigurationError(f"{where} offer no model; give one ModelLimits row per model")
+    for model, row in rows:
         if not isinstance(model, str) or not model:
             raise ConfigurationError(
                 f"{where} are keyed by model id (str), not {render_value(model)}"
@@ -191,3 +212,61 @@ def check_limits(adapter: str, limits: Mapping[object, object]) -> None:
             problems = [f"could not be read ({type_name(exc)})"]
         if problems:
             raise ConfigurationError(f"{where}[{model!r}]: " + "; ".join(problems))
+
+
+def _amount(value: object) -> bool:
+    return is_number(value) and value >= 0
+
+
+def check_price(price: object, where: str) -> None:
+    """*price* as a `PerCall` or `PerMegapixel` of finite dollar amounts >= 0."""
+    from flux_adapters.prices import PerCall, PerMegapixel
+
+    if isinstance(price, PerCall):
+        amounts: tuple[object, ...] = (price.usd,)
+    elif isinstance(price, PerMegapixel):
+        amounts = (price.usd_first, price.usd_extra, price.usd_input)
+    else:
+        raise ConfigurationError(
+            f"{where} must be a PerCall or PerMegapixel, not {type_name(price)}"
+        )
+    if not all(_amount(amount) for amount in amounts):
+        raise ConfigurationError(
+            f"{where} must hold dollar amounts, finite and >= 0, not {render_value(price)}"
+        )
+
+
+def check_prices(adapter: str, prices: object, offered: Mapping[object, object]) -> None:
+    """*prices* (an adapter's ``prices``) as model -> price, for models the adapter offers."""
+    if prices is None:
+        return
+    where = f"adapter {adapter}: prices"
+    if not isinstance(prices, Mapping):
+        raise ConfigurationError(f"{where} must map a model id to a price, not {type_name(prices)}")
+    for model, price in _items(prices, where):
+        if not isinstance(model, str) or model not in offered:
+            # A price no request can meet is never used: a typo that would pass in silence.
+            raise ConfigurationError(
+                f"{where} has a price for {render_value(model)}, a model its limits do not offer"
+            )
+        check_price(price, f"{where}[{model!r}]")
+
+
+def check_usd_per_credit(adapter: str, value: object) -> None:
+    """*value* (an adapter's ``usd_per_credit``) as ``None`` or a finite dollar amount >= 0."""
+    if value is not None and not _amount(value):
+        raise ConfigurationError(
+            f"adapter {adapter}: usd_per_credit must be the dollars of one credit, a finite "
+            f"number >= 0, not {render_value(value)}"
+        )
+
+
+def check_auth(adapter: str, value: object) -> None:
+    """*value* (an adapter's ``auth``) as ``None`` (``BEARER``) or a `KeyAuth`."""
+    from flux_adapters.providers import KeyAuth
+
+    if value is not None and not isinstance(value, KeyAuth):
+        raise ConfigurationError(
+            f"adapter {adapter}: auth must be a flux_adapters.providers.KeyAuth, "
+            f"not {type_name(value)}"
+        )

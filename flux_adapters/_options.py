@@ -216,9 +216,12 @@ def check_adapter(value: object) -> object:
         raise ConfigurationError(
             f"adapter {type(value).__name__}: name must be a non-empty str and limits a mapping"
         )
-    from flux_adapters._declared import check_limits, check_not_taken
+    from flux_adapters import _declared
 
     shown = render_value(name)
-    check_limits(shown, limits)
-    check_not_taken(shown, _attribute(value, "not_taken"))
+    _declared.check_limits(shown, limits)
+    _declared.check_not_taken(shown, _attribute(value, "not_taken"))
+    _declared.check_prices(shown, _attribute(value, "prices"), limits)
+    _declared.check_usd_per_credit(shown, _attribute(value, "usd_per_credit"))
+    _declared.check_auth(shown, _attribute(value, "auth"))
     return value

@@ -533,7 +533,7 @@ def _check_prices(prices: object, providers: Sequence[str]) -> dict[tuple[str, s
         return {}
     if not isinstance(prices, Mapping):
         raise ConfigurationError("prices= must map (provider, model) to a price")
-    from flux_adapters.prices import PerCall, PerMegapixel
+    from flux_adapters._declared import check_price
     from flux_adapters.providers import canonical_name
 
     mine = {name.lower(): name for name in providers}
@@ -548,10 +548,7 @@ def _check_prices(prices: object, providers: Sequence[str]) -> dict[tuple[str, s
         ):
             raise ConfigurationError("prices= keys must be (provider, model) pairs of strings")
         shown = render_value(key)
-        if not isinstance(price, PerCall | PerMegapixel):
-            raise ConfigurationError(
-                f"prices=[{shown}] must be a PerCall or PerMegapixel, not {type_name(price)}"
-            )
+        check_price(price, f"prices=[{shown}]")  # a NaN or negative one would rank first
         provider, model = (str.__str__(part) for part in key)
         lowered = mine.get(provider.strip().lower())
         if lowered is None:

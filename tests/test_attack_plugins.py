@@ -29,6 +29,7 @@ from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors, prov
 from flux_adapters.cli import main
 from flux_adapters.jobs import Done, Job, Polling, Submitted
 from flux_adapters.limits import IntRange, ModelLimits, NumberRange, RatioRule, SizeRule
+from flux_adapters.prices import PerCall, PerMegapixel
 from flux_adapters.providers import Answer, get_adapter
 from flux_adapters.providers.bfl import BflAdapter
 from flux_adapters.providers.laozhang import LaozhangAdapter
@@ -757,3 +758,62 @@ def test_check_of_every_provider_checks_the_others_and_says_which_could_not_be_l
     entries = {entry["provider"]: entry for entry in json.loads(out)["providers"]}
     assert entries["goodforge"]["accepted"] is True
     assert "twin-b" in entries["twinforge"]["error"]
+
+
+DECLARED_REFUSED: dict[str, tuple[str, dict[str, object]]] = {
+    "no-model": ("limits", {"limits": {}}),
+    "source-not-text": ("limits", {"limits": _limits(source=None)}),
+    "edit-wire-model-number": ("limits", {"limits": _limits(edit_wire_model=5)}),
+    "price-negative": ("prices", {"prices": {"flux-2-pro": PerCall(usd=-0.01)}}),
+    "price-nan": ("prices", {"prices": {"flux-2-pro": PerCall(usd=float("nan"))}}),
+    "price-text": ("prices", {"prices": {"flux-2-pro": PerCall(usd="0.03")}}),  # type: ignore[arg-type]
+    "price-per-mp-inf": (
+        "prices",
+        {"prices": {"flux-2-pro": PerMegapixel(usd_first=0.03, usd_extra=float("inf"))}},
+    ),
+    "price-not-a-price": ("prices", {"prices": {"flux-2-pro": 0.03}}),
+    "price-for-no-model-offered": ("prices", {"prices": {"flux-2-klein-4b": PerCall(usd=0.01)}}),
+    "prices-a-list": ("prices", {"prices": [PerCall(usd=0.01)]}),
+    "credit-text": ("usd_per_credit", {"usd_per_credit": "0.01"}),
+    "credit-negative": ("usd_per_credit", {"usd_per_credit": -0.01}),
+    "credit-nan": ("usd_per_credit", {"usd_per_credit": float("nan")}),
+    "auth-text": ("auth", {"auth": "Bearer"}),
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "declared"), DECLARED_REFUSED.values(), ids=DECLARED_REFUSED.keys()
+)
+def test_unusable_declared_data_is_refused_when_the_adapter_is_loaded(
+    plugins: Plugins, field: str, declared: dict[str, object]
+) -> None:
+    # A negative or NaN price ranked the provider first under routing="cheapest" (or broke the
+    # sort); a price that was no Price was ignored without a word; an auth that was no KeyAuth
+    # was refused only when a client was built, and broke `models` and `explain` before that.
+    providers.register_provider("declaring", declaring(**declared))
+    with pytest.raises(errors.ConfigurationError, match=field) as caught:
+        get_adapter("declaring")
+    assert "declaring" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "price",
+    [
+        PerCall(usd=float("nan")),
+        PerCall(usd=-1.0),
+        PerCall(usd="free"),  # type: ignore[arg-type]
+        PerMegapixel(usd_first=0.03, usd_extra=-1.0),
+    ],
+    ids=["nan", "negative", "text", "per-mp-negative"],
+)
+def test_a_callers_price_that_is_no_amount_is_refused_when_the_client_is_built(
+    price: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("APIYI_API_KEY", KEY)
+    with pytest.raises(errors.ConfigurationError, match="prices="):
+        FluxClient(
+            providers=["laozhang", "apiyi"],
+            routing="cheapest",
+            prices={("laozhang", "flux-2-pro"): price},  # type: ignore[dict-item]
+        )
