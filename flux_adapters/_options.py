@@ -217,8 +217,28 @@ def check_adapter(value: object) -> object:
             f"adapter {type(value).__name__}: name must be a non-empty str and limits a mapping"
         )
     from flux_adapters import _declared
+    from flux_adapters.providers import _NAME
 
     shown = render_value(name)
+    # What a registered adapter's id already is; an adapter given to a client directly is
+    # checked alike: its name goes into every message and log line, and keys the shared state.
+    if not _NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"adapter {shown}: name must be a provider id, 1 to 64 lower-case letters, digits, "
+            "'.', '_' or '-'"
+        )
+    prefix = _attribute(value, "env_prefix")
+    if not (
+        isinstance(prefix, str)
+        and prefix
+        and "=" not in prefix
+        and all(c.isprintable() and not c.isspace() for c in prefix)
+    ):
+        raise ConfigurationError(
+            f"adapter {shown}: env_prefix must start the name of an environment variable "
+            f"(no spaces, '=' or control characters), not {render_value(prefix)}"
+        )
+    check_base_url(_attribute(value, "default_base_url"), f"adapter {shown}: default_base_url")
     _declared.check_limits(shown, limits)
     _declared.check_not_taken(shown, _attribute(value, "not_taken"))
     _declared.check_prices(shown, _attribute(value, "prices"), limits)

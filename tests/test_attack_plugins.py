@@ -817,3 +817,33 @@ def test_a_callers_price_that_is_no_amount_is_refused_when_the_client_is_built(
             routing="cheapest",
             prices={("laozhang", "flux-2-pro"): price},  # type: ignore[dict-item]
         )
+
+
+IDENTITY_REFUSED: dict[str, tuple[str, dict[str, object]]] = {
+    "name-line-break": ("name", {"name": "evil\r\nX-Injected: 1"}),
+    "name-spaces": ("name", {"name": "pixel forge"}),
+    "name-upper": ("name", {"name": "PixelForge"}),
+    "prefix-line-break": ("env_prefix", {"env_prefix": "EVIL\nX"}),
+    "prefix-equals": ("env_prefix", {"env_prefix": "A=B"}),
+    "prefix-empty": ("env_prefix", {"env_prefix": ""}),
+    "prefix-number": ("env_prefix", {"env_prefix": 5}),
+    "base-url-line-break": ("default_base_url", {"default_base_url": "https://x.example\r\nX: 1"}),
+    "base-url-ftp": ("default_base_url", {"default_base_url": "ftp://x.example"}),
+    "base-url-number": ("default_base_url", {"default_base_url": 5}),
+    "base-url-with-user": ("default_base_url", {"default_base_url": "https://u:p@x.example"}),
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "declared"), IDENTITY_REFUSED.values(), ids=IDENTITY_REFUSED.keys()
+)
+def test_an_adapter_given_to_a_client_must_have_a_usable_name_prefix_and_base_url(
+    field: str, declared: dict[str, object]
+) -> None:
+    # An adapter object given to a client was not checked as a registered one is: a line break
+    # in its name went into every message and log line, a prefix into the names of variables,
+    # and its default base URL was used as it was (never checked like a configured one).
+    with pytest.raises(errors.ConfigurationError, match=field) as caught:
+        FluxClient(declaring(**declared)(), api_key=KEY)
+    assert "\n" not in str(caught.value)
+    assert "\r" not in str(caught.value)
