@@ -268,14 +268,33 @@ def _provider(given: str, table: object, origin: str) -> ProviderSettings:
         base_url=shape.base_url,
         priority=shape.priority,
         timeout=None if shape.timeout is None else _seconds(shape.timeout, f"{where} timeout"),
-        prices={
-            model: _price(price, f"{where}.prices.{toml_key(model)}")
-            for model, price in shape.prices.items()
-        },
+        prices=_prices(name, shape.prices, where),
         rate_per_minute=None
         if shape.rate_per_minute is None
         else _rate(shape.rate_per_minute, f"{where} rate_per_minute"),
     )
+
+
+def _prices(provider: str, given: Mapping[str, object], where: str) -> dict[str, Price]:
+    """The ``[provider.NAME.prices]`` table: a price for each model *provider* offers.
+
+    A price no request can meet (a misspelt model, one the provider does not offer) would be
+    taken and never used; it is refused here, where the file gives it.
+    """
+    from flux_adapters._options import did_you_mean
+    from flux_adapters.providers import get_adapter
+    from flux_adapters.request import MODELS
+
+    prices: dict[str, Price] = {}
+    for model, price in given.items():
+        here = f"{where}.prices.{toml_key(model)}"
+        if model not in MODELS:
+            hint = did_you_mean(model, MODELS) if len(model) <= 64 else ""
+            raise _fail(here, f"not a FLUX model id{hint}")
+        if model not in get_adapter(provider).limits:
+            raise _fail(here, f"{provider} does not offer it; no request would use this price")
+        prices[model] = _price(price, here)
+    return prices
 
 
 def _rate(value: object, where: str) -> float:
@@ -342,15 +361,27 @@ def load_config(
         configured[one.name] = one
 
     names = shape.providers
+    listed = f"{origin} providers"
     if env.get("FLUX_PROVIDERS"):
         names = [name.strip() for name in env["FLUX_PROVIDERS"].split(",") if name.strip()]
+        listed = "$FLUX_PROVIDERS"
     if names is None:
         names = list(configured)
     if not names:
         raise ConfigurationError(
             "no providers configured: set FLUX_PROVIDERS or providers = [...] in flux-adapters.toml"
         )
-    ids: list[str] = [canonical_name(name) for name in names]
+    ids: list[str] = []
+    for name in names:
+        try:
+            ids.append(canonical_name(name))
+        except ConfigurationError as error:
+            raise _fail(listed, str(error)) from None
+    twice = sorted({name for name in ids if ids.count(name) > 1})
+    if twice:
+        raise ConfigurationError(
+            f"{listed} lists {', '.join(twice)} more than once (names ignore case)"
+        )
     settings = [configured.get(name) or ProviderSettings(name=name) for name in ids]
     ordered = sorted(
         settings, key=lambda s: (s.priority is None, s.priority or 0, ids.index(s.name))

@@ -90,3 +90,45 @@ def test_a_price_for_a_strange_model_key_is_shown_escaped(tmp_path: Path) -> Non
     message = str(caught.value)
     assert not any(character in message for character in "\r\n")
     assert '"flux-2-pro\\r\\nX: 1"' in message
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        ("flux-2-typo", "not a FLUX model id (did you mean 'flux-2-pro'?)"),
+        ("flux-2-klein-4b", "laozhang does not offer it"),
+    ],
+)
+def test_a_price_no_request_can_use_is_refused_where_the_file_gives_it(
+    tmp_path: Path, model: str, says: str
+) -> None:
+    # A price for a model the provider does not offer was taken and never used; a misspelt
+    # model was refused only when the client was built, as "prices=[...]", an argument the
+    # user never passed.
+    path = configured(
+        tmp_path,
+        f'providers = ["laozhang"]\n[provider.laozhang.prices]\n"{model}" = {{ usd = 0.1 }}\n',
+    )
+    with pytest.raises(errors.ConfigurationError) as caught:
+        load_config(path, environ={})
+    message = str(caught.value)
+    assert message.startswith(f"{path} [provider.laozhang].prices.{model}")
+    assert says in message
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "says"),
+    [
+        ('providers = ["laozhang", "LAOZHANG"]\n', {}, "providers lists laozhang more than once"),
+        ('providers = [""]\n', {}, "providers: unknown provider ''"),
+        ("", {"FLUX_PROVIDERS": "apiyi, nope"}, "$FLUX_PROVIDERS: unknown provider 'nope'"),
+        ("", {"FLUX_PROVIDERS": "apiyi,APIYI"}, "$FLUX_PROVIDERS lists apiyi more than once"),
+    ],
+)
+def test_the_provider_list_is_checked_where_it_is_given(
+    tmp_path: Path, text: str, environ: dict[str, str], says: str
+) -> None:
+    path = configured(tmp_path, text)
+    with pytest.raises(errors.ConfigurationError) as caught:
+        load_config(path, environ=environ)
+    assert says in str(caught.value)
