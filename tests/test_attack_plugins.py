@@ -30,7 +30,7 @@ from flux_adapters.cli import main
 from flux_adapters.jobs import Done, Job, Polling, Submitted
 from flux_adapters.limits import IntRange, ModelLimits, NumberRange, RatioRule, SizeRule
 from flux_adapters.prices import PerCall, PerMegapixel
-from flux_adapters.providers import Answer, get_adapter
+from flux_adapters.providers import Answer, KeyAuth, get_adapter
 from flux_adapters.providers.bfl import BflAdapter
 from flux_adapters.providers.laozhang import LaozhangAdapter
 from flux_adapters.result import EditResult, ResultImage, Usage
@@ -847,3 +847,37 @@ def test_an_adapter_given_to_a_client_must_have_a_usable_name_prefix_and_base_ur
         FluxClient(declaring(**declared)(), api_key=KEY)
     assert "\n" not in str(caught.value)
     assert "\r" not in str(caught.value)
+
+
+# --- Where an adapter's key may go ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        "*.bfl.ai",  # a str, not a tuple: its characters were the patterns, "*" among them
+        ("*",),
+        ("*.ai",),  # every host under a top-level domain
+        ("*.*.bfl.ai",),
+        ("api.bfl.a?",),
+        ("[a-z]*.bfl.ai",),
+        ("bfl.*",),
+        ("",),
+        ("https://api.bfl.ai",),
+        (5,),
+    ],
+    ids=repr,
+)
+def test_key_hosts_that_would_send_the_key_beyond_the_provider_are_refused(hosts: object) -> None:
+    # KeyAuth(hosts="*.bfl.ai") allowed the key to go to https://attacker.example: a polling
+    # URL from a hostile or compromised answer carried the user's key away.
+    with pytest.raises(errors.ConfigurationError, match="hosts"):
+        KeyAuth(hosts=hosts)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("hosts", [("*.bfl.ai",), ("localhost", "api.eu.bfl.ai"), ["*.bfl.ai"]])
+def test_key_hosts_naming_the_providers_own_hosts_are_taken(hosts: object) -> None:
+    auth = KeyAuth(hosts=hosts)  # type: ignore[arg-type]
+    assert isinstance(auth.hosts, tuple)
+    assert auth.allows("https://api.eu.bfl.ai/v1/get_result", "https://api.bfl.ai")
+    assert not auth.allows("https://attacker.example/v1/get_result", "https://api.bfl.ai")

@@ -24,11 +24,11 @@ import fnmatch
 import importlib
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 from urllib.parse import urlsplit
 
-from attrs import frozen
+from attrs import field, frozen
 
 from flux_adapters._display import render_value, type_name
 from flux_adapters._ids import ProviderId, ProviderName
@@ -75,6 +75,29 @@ BUILT_IN: Final[Mapping[str, str]] = {
 _NAME: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
+def _host_patterns(hosts: Iterable[str]) -> tuple[str, ...]:
+    """*hosts* as a tuple of host patterns that stay within one provider's domain.
+
+    Each is a host name (``api.bfl.ai``, ``localhost``) or ``*.`` before a name of two labels or
+    more (``*.bfl.ai``). Nothing wider: a ``*`` alone, ``*.ai`` or ``bfl.*`` would send the key
+    to hosts the provider does not own whenever an answer names one. A str is refused rather
+    than read as a sequence: its characters, ``*`` among them, would each be a pattern.
+    """
+    why = "hosts must be a tuple of host names or '*.' patterns such as ('*.bfl.ai',)"
+    if isinstance(hosts, str | bytes) or not isinstance(hosts, tuple | list | frozenset | set):
+        raise ConfigurationError(f"KeyAuth: {why}, not {type_name(hosts)}")
+    patterns = tuple(hosts)
+    for pattern in patterns:
+        name = pattern[2:] if isinstance(pattern, str) and pattern.startswith("*.") else pattern
+        if not (
+            isinstance(name, str)
+            and _DNS_NAME.fullmatch(name.lower())
+            and (name is pattern or "." in name)
+        ):
+            raise ConfigurationError(f"KeyAuth: {why}; not {render_value(pattern)}")
+    return patterns
+
+
 @frozen(kw_only=True)
 class KeyAuth:
     """How an adapter's API key is sent, and which hosts may receive it.
@@ -94,7 +117,7 @@ class KeyAuth:
     header: str | None = "Authorization"
     scheme: str | None = "Bearer"
     query: str | None = None
-    hosts: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = field(default=(), converter=_host_patterns)
 
     def __attrs_post_init__(self) -> None:
         if (self.header is None) == (self.query is None):
