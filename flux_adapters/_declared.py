@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from flux_adapters._display import render_value, type_name
+from flux_adapters._foreign import is_interruption
 from flux_adapters._options import is_number
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.limits import (
@@ -68,7 +69,9 @@ def check_not_taken(adapter: str, value: object) -> None:
 def _items(value: Mapping[object, object], where: str) -> list[tuple[object, object]]:
     try:
         return list(value.items())
-    except Exception as exc:
+    except BaseException as exc:  # a mapping of another package's, failing in any way
+        if is_interruption(exc):
+            raise
         raise ConfigurationError(f"{where} could not be read ({type_name(exc)})") from exc
 
 
@@ -208,7 +211,9 @@ def check_limits(adapter: str, limits: Mapping[object, object]) -> None:
             )
         try:
             problems = _row(model, row)
-        except Exception as exc:  # a value whose comparison or repr fails in its own way
+        except BaseException as exc:  # a value whose comparison or repr fails in its own way
+            if is_interruption(exc):
+                raise
             problems = [f"could not be read ({type_name(exc)})"]
         if problems:
             raise ConfigurationError(f"{where}[{model!r}]: " + "; ".join(problems))

@@ -189,9 +189,13 @@ def check_timeout(value: object, source: str) -> httpx.Timeout:
 
 
 def _attribute(value: object, name: str) -> object:
+    from flux_adapters._foreign import is_interruption
+
     try:
         return getattr(value, name)
-    except Exception:  # a missing attribute, or a __getattr__ that fails in its own way
+    except BaseException as exc:  # missing, or a property failing in its own way, even oddly
+        if is_interruption(exc):
+            raise
         return None
 
 
@@ -240,8 +244,27 @@ def check_adapter(value: object) -> object:
         )
     check_base_url(_attribute(value, "default_base_url"), f"adapter {shown}: default_base_url")
     _declared.check_limits(shown, limits)
-    _declared.check_not_taken(shown, _attribute(value, "not_taken"))
-    _declared.check_prices(shown, _attribute(value, "prices"), limits)
-    _declared.check_usd_per_credit(shown, _attribute(value, "usd_per_credit"))
-    _declared.check_auth(shown, _attribute(value, "auth"))
+    _declared.check_not_taken(shown, _optional(value, "not_taken", shown))
+    _declared.check_prices(shown, _optional(value, "prices", shown), limits)
+    _declared.check_usd_per_credit(shown, _optional(value, "usd_per_credit", shown))
+    _declared.check_auth(shown, _optional(value, "auth", shown))
     return value
+
+
+def _optional(value: object, name: str, shown: str) -> object:
+    """*value*'s optional attribute *name*, ``None`` when it has none.
+
+    One that fails to be read, in any way but being absent, is refused: the client reads it
+    again on every call (``getattr(adapter, "not_taken", None)``), where it would fail alike.
+    """
+    from flux_adapters._display import describe_exception
+    from flux_adapters._foreign import is_interruption
+
+    try:
+        return getattr(value, name, None)
+    except BaseException as exc:
+        if is_interruption(exc):
+            raise
+        raise ConfigurationError(
+            f"adapter {shown}: {name} could not be read ({describe_exception(exc)})"
+        ) from exc

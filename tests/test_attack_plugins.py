@@ -881,3 +881,28 @@ def test_key_hosts_naming_the_providers_own_hosts_are_taken(hosts: object) -> No
     assert isinstance(auth.hosts, tuple)
     assert auth.allows("https://api.eu.bfl.ai/v1/get_result", "https://api.bfl.ai")
     assert not auth.allows("https://attacker.example/v1/get_result", "https://api.bfl.ai")
+
+
+def _odd_property(self: object) -> object:
+    raise Odd("property")
+
+
+@pytest.mark.parametrize(
+    "attribute", ["name", "limits", "not_taken", "prices", "auth", "env_prefix"]
+)
+def test_an_adapter_attribute_raising_anything_is_a_configuration_error(
+    plugins: Plugins, attribute: str
+) -> None:
+    providers.register_provider("declaring", declaring(**{attribute: property(_odd_property)}))
+    with pytest.raises(errors.ConfigurationError):
+        get_adapter("declaring")
+
+
+def test_limits_whose_items_raise_anything_are_a_configuration_error(plugins: Plugins) -> None:
+    class Limits(dict[str, ModelLimits]):
+        def items(self) -> Any:
+            raise Odd("items")
+
+    providers.register_provider("declaring", declaring(limits=Limits(LaozhangAdapter.limits)))
+    with pytest.raises(errors.ConfigurationError, match="limits"):
+        get_adapter("declaring")
