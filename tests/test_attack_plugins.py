@@ -906,3 +906,29 @@ def test_limits_whose_items_raise_anything_are_a_configuration_error(plugins: Pl
     providers.register_provider("declaring", declaring(limits=Limits(LaozhangAdapter.limits)))
     with pytest.raises(errors.ConfigurationError, match="limits"):
         get_adapter("declaring")
+
+
+def test_an_entry_point_under_an_unusable_id_is_named_when_that_id_is_asked_for(
+    plugins: Plugins, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It was dropped without a word: "unknown provider", as if the package were not installed.
+    plugins.add("Pixel Forge", ADAPTER.format(name="pixelforge"), package="pixel-forge-dist")
+    with (
+        caplog.at_level(logging.WARNING, logger="flux_adapters"),
+        pytest.raises(errors.ConfigurationError) as caught,
+    ):
+        get_adapter("pixel forge")
+    assert "pixel-forge-dist" in str(caught.value)
+    assert "not a usable provider id" in str(caught.value)
+    assert "pixel-forge-dist" in caplog.text
+
+
+def test_an_entry_point_claiming_a_built_in_id_is_ignored_with_a_warning(
+    plugins: Plugins, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugins.add("LaoZhang", ADAPTER.format(name="laozhang"), package="laozhang-fork")
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"):
+        assert providers.PROVIDERS["laozhang"] == "built in"
+    assert type(get_adapter("laozhang")) is LaozhangAdapter
+    assert "laozhang-fork" in caplog.text
+    assert "built in" in caplog.text

@@ -247,6 +247,8 @@ class _Registry:
         self._loaded: dict[str, AnyAdapter] = {}
         self._locks: dict[str, threading.RLock] = {}
         self._loading = threading.local()
+        self._ignored: dict[str, str] = {}
+        """Entry points not used, by id asked for (lower case) -> why (said when it is asked)."""
         self._scanned = False
 
     def _scan(self) -> None:
@@ -262,13 +264,33 @@ class _Registry:
 
         found = list(entry_points(group=ENTRY_POINT_GROUP))  # two threads may both read: harmless
         claims: dict[str, dict[tuple[str, str], object]] = {}
+        ignored: dict[str, str] = {}
         for point in found:
             name = point.name.strip().lower()
             package = point.dist.name if point.dist is not None else "an installed package"
-            if _NAME.fullmatch(name) and name not in BUILT_IN:
+            if not _NAME.fullmatch(name):
+                ignored[name] = (
+                    f"the entry point {render_value(point.name)} of {render_value(package)} "
+                    "is ignored: not a usable provider id (1 to 64 letters, digits, '.', '_' "
+                    "or '-')"
+                )
+            elif name in BUILT_IN:
+                ignored[name] = (
+                    f"the entry point {name!r} of {render_value(package)} is ignored: "
+                    f"{name!r} is built in, and the built-in provider is used"
+                )
+            else:
                 # The same package and target seen twice (installed on two paths) is one claim.
                 claims.setdefault(name, {}).setdefault((str(package), point.value), point)
+        if ignored:
+            import logging
+
+            from flux_adapters._log import note
+
+            for why in ignored.values():
+                note(logging.WARNING, "entry-point-ignored", str, "%s", why)
         with self._lock:
+            self._ignored.update(ignored)
             for name, claimed in claims.items():
                 if name in self._targets:  # register_provider() came first: it stays
                     continue
@@ -308,6 +330,9 @@ class _Registry:
 
     def _unknown(self, name: str) -> str:
         message = f"unknown provider {render_value(name)}"
+        why = self._ignored.get(name.strip().lower())
+        if why is not None:
+            return f"{message}: {why}"
         known = self.names()
         if len(name) <= 64:  # difflib is quadratic; a long id resembles nothing anyway
             import difflib  # lazy: only a mistyped id pays for it
