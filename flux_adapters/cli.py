@@ -1612,14 +1612,24 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
         get_adapter(name) for name in arguments.provider or ([] if arguments.adapter else BUILT_IN)
     ]
     if arguments.adapter:
+        from flux_adapters._foreign import is_interruption
+
         module, _, name = arguments.adapter.partition(":")
         try:
             adapter_class = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
             raise errors.ConfigurationError(f"--adapter {arguments.adapter}: {exc}") from None
+        except BaseException as exc:  # the module's own failure, in any way but an interruption
+            if is_interruption(exc):
+                raise
+            raise errors.ConfigurationError(
+                f"--adapter {arguments.adapter} could not be loaded ({describe_exception(exc)})"
+            ) from None
         try:
             adapter = adapter_class()
-        except Exception as exc:  # the other package's code: anything may go wrong
+        except BaseException as exc:  # the other package's code: anything may go wrong
+            if is_interruption(exc):
+                raise
             raise errors.ConfigurationError(
                 f"--adapter {arguments.adapter} could not be created ({describe_exception(exc)})"
             ) from None

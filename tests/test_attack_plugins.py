@@ -932,3 +932,26 @@ def test_an_entry_point_claiming_a_built_in_id_is_ignored_with_a_warning(
     assert type(get_adapter("laozhang")) is LaozhangAdapter
     assert "laozhang-fork" in caplog.text
     assert "built in" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "raise RuntimeError('needs a GPU')\n",
+        "raise tests.test_attack_plugins.Odd('needs a GPU')\n",
+        "def broken(:\n",
+    ],
+    ids=["runtime-error", "base-exception", "syntax-error"],
+)
+def test_conformance_with_an_adapter_module_failing_at_import_is_a_configuration_error(
+    plugins: Plugins, source: str, tmp_path: Path
+) -> None:
+    # Only ImportError and AttributeError were caught: anything else the module raised ended
+    # the command as "unexpected", with a traceback.
+    module = plugins.add("unused", f"import tests.test_attack_plugins\n{source}")
+    code, _, err = cli(
+        "conformance", "--adapter", f"{module}:Adapter", "--report-dir", str(tmp_path / "out")
+    )
+    assert code == 5
+    assert "could not be loaded" in err
+    assert "Traceback" not in err
