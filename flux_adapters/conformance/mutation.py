@@ -1225,7 +1225,11 @@ def _auth_mutants(adapter: AnyAdapter) -> list[Mutant]:
     elif auth.query is not None:
         other = "api_key" if auth.query != "api_key" else "key"
         made.append(("auth-header", f"?{auth.query} -> ?{other}", attrs.evolve(auth, query=other)))
-    made.append(("auth-hosts", "any host may receive the key", attrs.evolve(auth, hosts=("*",))))
+    # KeyAuth refuses "*" (and any pattern wider than one provider's domain) when it is made;
+    # the mutant stands for any declaration that lets the key go too far, so it is set as is.
+    leaky = attrs.evolve(auth)
+    object.__setattr__(leaky, "hosts", ("*",))
+    made.append(("auth-hosts", "any host may receive the key", leaky))
     made += [
         (
             "auth-hosts",
