@@ -130,6 +130,11 @@ def resolve(adapter: AnyAdapter, request: EditRequest) -> Plan:
             "model", f"{adapter.name} does not offer {request.model}", offered, request.model
         )
         raise RequestError([violation], provider=adapter.name, model=request.model)
+    if limits.provider != adapter.name:
+        # A reseller's adapter may reuse another provider's rows as they are ("compatible with
+        # laozhang"): the plan is this provider's, so that its refusals name it and its price
+        # (looked up by the row's provider) is its own.
+        limits = attrs.evolve(limits, provider=adapter.name)
     return plan(request, limits)
 
 

@@ -955,3 +955,50 @@ def test_conformance_with_an_adapter_module_failing_at_import_is_a_configuration
     assert code == 5
     assert "could not be loaded" in err
     assert "Traceback" not in err
+
+
+# --- A reseller adapter that reuses another provider's limits rows -------------------------
+
+
+class Reseller(LaozhangAdapter):
+    """A "laozhang-compatible" reseller: laozhang's wire and its limits rows, as they are."""
+
+    name = "reseller"
+    env_prefix = "RESELLER"
+    default_base_url = "https://api.reseller.example"
+
+
+def test_a_request_refused_by_a_reseller_reusing_rows_names_the_reseller() -> None:
+    # The rows say provider="laozhang": the refusal named laozhang, and its RequestError too,
+    # though laozhang was not even configured.
+    too_many = EditRequest(prompt="a robot", model="flux-2-pro", images=[b"x"] * 9)
+    with pytest.raises(errors.RequestError) as caught:
+        FluxClient(Reseller(), api_key=KEY).edit(too_many)
+    assert caught.value.provider == "reseller"
+    assert "laozhang" not in str(caught.value)
+
+
+def test_a_price_given_for_a_reseller_reusing_rows_is_the_one_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The price was looked up under the rows' provider: the caller's price for the reseller was
+    # never used, and laozhang's own price (or the caller's price for laozhang) was used instead.
+    monkeypatch.setenv("RESELLER_API_KEY", KEY)
+    monkeypatch.setenv("APIYI_API_KEY", KEY)
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return httpx.Response(200, json=OK)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = FluxClient(
+            providers=["apiyi", Reseller()],
+            routing="cheapest",
+            prices={("reseller", "flux-2-pro"): PerCall(usd=0.0001)},
+            http_client=http,
+        )
+        result = client.edit(REQUEST)
+    assert result.provider == "reseller"
+    assert result.cost_usd == pytest.approx(0.0001)
+    assert hosts == ["api.reseller.example"]
