@@ -199,12 +199,30 @@ def _attribute(value: object, name: str) -> object:
         return None
 
 
+def _class_name(cls: type) -> str:
+    """*cls*'s name for a message: printable, never raising (a metaclass may do anything)."""
+    from flux_adapters._display import printable
+
+    try:
+        name = cls.__name__
+    except Exception:
+        return "the class"
+    return printable(name) if type(name) is str else "the class"
+
+
 def check_adapter(value: object) -> object:
     """*value* if it has what the client needs of an adapter, else `ConfigurationError`.
 
     An adapter with ``build_submit`` is an asynchronous provider's, and needs the whole job
     protocol; any other needs ``build_request``, ``parse_response`` and ``parse_error``.
     """
+    if isinstance(value, type):
+        # Its attributes are the class's and its methods callable: it would pass every check
+        # below, then fail each call as an adapter bug ("missing 1 required argument").
+        shown = _class_name(value)
+        raise ConfigurationError(
+            f"a provider must be an adapter object, not the class {shown}: pass {shown}()"
+        )
     jobs = callable(_attribute(value, "build_submit"))
     methods = _JOB_ADAPTER_METHODS if jobs else _ADAPTER_METHODS
     missing = [part for part in _ADAPTER_PARTS if _attribute(value, part) is None]

@@ -1002,3 +1002,13 @@ def test_a_price_given_for_a_reseller_reusing_rows_is_the_one_used(
     assert result.provider == "reseller"
     assert result.cost_usd == pytest.approx(0.0001)
     assert hosts == ["api.reseller.example"]
+
+
+def test_an_adapter_class_given_in_place_of_an_adapter_is_refused_with_the_fix() -> None:
+    # The class passed every check (its attributes are class attributes, its methods callable)
+    # and each call then failed as "laozhang could not build it ... missing 1 required
+    # positional argument", an adapter bug, though the adapter was fine.
+    with pytest.raises(errors.ConfigurationError, match=r"LaozhangAdapter\(\)"):
+        FluxClient(LaozhangAdapter, api_key=KEY)  # type: ignore[arg-type]
+    with pytest.raises(errors.ConfigurationError, match=r"LaozhangAdapter\(\)"):
+        FluxClient(providers=[LaozhangAdapter, "apiyi"])  # type: ignore[list-item]
