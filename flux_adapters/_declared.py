@@ -191,6 +191,20 @@ def _row(model: str, row: ModelLimits) -> list[str]:
         problems["output_formats"] = (
             f"must be a non-empty tuple of format names, not {render_value(formats)}"
         )
+    texts: dict[str, object] = {
+        "wire_model": row.wire_model,
+        "edit_wire_model": row.edit_wire_model,
+        "source": row.source,
+        "output_formats": row.output_formats,
+    }
+    for name, text in texts.items():
+        parts = text if isinstance(text, tuple) else (text,)
+        if not problems.get(name) and any(
+            isinstance(part, str) and not part.isprintable() for part in parts
+        ):
+            # Shown by `models` and `explain` on a terminal, and sent: a line break or an
+            # escape sequence has no place in either.
+            problems[name] = "holds control or other non-printable characters"
     return [f"{name} {problem}" for name, problem in problems.items() if problem]
 
 

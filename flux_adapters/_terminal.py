@@ -177,6 +177,7 @@ def models_table(console: Console, provider: str, origin: str, prices: dict[str,
     from rich.table import Table
     from rich.text import Text
 
+    from flux_adapters._display import escape_controls
     from flux_adapters.providers import get_adapter
 
     rows = get_adapter(provider).limits
@@ -203,11 +204,14 @@ def models_table(console: Console, provider: str, origin: str, prices: dict[str,
         ]
         shown = [(label, value) for label, value in lines if value]
         for number, (label, value) in enumerate(shown):
-            table.add_row(
-                model if number == 0 else "", label, value, end_section=number == len(shown) - 1
+            table.add_row(  # Text, never markup: a provider package's "[/]" is text
+                Text(model if number == 0 else ""),
+                label,
+                Text(escape_controls(value)),
+                end_section=number == len(shown) - 1,
             )
     console.print(table)
-    first = next(iter(rows.values()))
+    first = next(iter(rows.values()))  # check_adapter refuses limits that offer no model
     rule = first.image
     console.print(
         Text(

@@ -1012,3 +1012,37 @@ def test_an_adapter_class_given_in_place_of_an_adapter_is_refused_with_the_fix()
         FluxClient(LaozhangAdapter, api_key=KEY)  # type: ignore[arg-type]
     with pytest.raises(errors.ConfigurationError, match=r"LaozhangAdapter\(\)"):
         FluxClient(providers=[LaozhangAdapter, "apiyi"])  # type: ignore[list-item]
+
+
+def test_models_shows_a_plugins_text_as_text_not_as_console_markup(plugins: Plugins) -> None:
+    # A wire id "flux[/]pro" was read as rich markup: `models` ended with MarkupError, exit 1;
+    # "[bold]" in a source restyled the table.
+    row = attrs.evolve(
+        LaozhangAdapter.limits["flux-2-pro"], wire_model="flux[/]pro", source="doc [bold]x"
+    )
+    providers.register_provider("declaring", declaring(limits={"flux-2-pro": row}))
+    code, out, err = cli("models")
+    assert code == 0, err
+    assert "flux[/]pro" in out
+    assert "doc [bold]x" in out
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"wire_model": "flux-2-pro\x1b[2J"},
+        {"source": "https://docs.example\r\nInjected: yes"},
+        {"output_formats": ("png", "jp\u202eeg")},
+    ],
+    ids=["wire-model-escape", "source-line-break", "format-bidi"],
+)
+def test_declared_text_with_control_characters_is_refused_when_loaded(
+    plugins: Plugins, changes: dict[str, object]
+) -> None:
+    # Such text reached the terminal through `models` and `explain`, and the wire as it was.
+    row = attrs.evolve(LaozhangAdapter.limits["flux-2-pro"], **changes)  # type: ignore[arg-type]
+    providers.register_provider("declaring", declaring(limits={"flux-2-pro": row}))
+    with pytest.raises(errors.ConfigurationError, match="control") as caught:
+        get_adapter("declaring")
+    assert "\x1b" not in str(caught.value)
+    assert "\r" not in str(caught.value)
