@@ -30,6 +30,7 @@ __all__ = [
     "check_key",
     "check_seconds",
     "check_timeout",
+    "check_variable_name",
     "did_you_mean",
     "is_number",
 ]
@@ -93,6 +94,25 @@ def check_key(value: object, source: str) -> str:
         )
     # A plain copy of the characters: a str subclass may print itself as "****" (a "secret
     # string"), and the header is built by formatting the key.
+    return str.__str__(value)
+
+
+def check_variable_name(value: object, source: str) -> str:
+    """*value* as the name of an environment variable: no whitespace, ``=`` or control in it.
+
+    A space typed after the name (``"LAOZHANG_API_KEY "``) names a variable nobody sets: the
+    provider would be skipped as having no key while the key the user did set sat unread.
+    """
+    if not (
+        isinstance(value, str)
+        and value
+        and "=" not in value
+        and all(c.isprintable() and not c.isspace() for c in value)
+    ):
+        raise ConfigurationError(
+            f"{source} must be the name of an environment variable (no spaces, '=' or control "
+            f"characters), not {render_value(value)}"
+        )
     return str.__str__(value)
 
 

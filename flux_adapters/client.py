@@ -567,6 +567,33 @@ def _check_prices(prices: object, providers: Sequence[str]) -> dict[tuple[str, s
     return checked
 
 
+def _check_one_setting(settings: ProviderSettings, where: str) -> None:
+    """What `load_config` checks in a file, for `ProviderSettings` made in code."""
+    from flux_adapters._declared import check_price
+    from flux_adapters._options import check_variable_name
+
+    if settings.api_key_env is not None:
+        check_variable_name(settings.api_key_env, f"{where} api_key_env")
+    rate = settings.rate_per_minute
+    if rate is not None and not (is_number(rate) and 0 < rate <= 60_000_000):
+        raise ConfigurationError(
+            f"{where} rate_per_minute must be a number of requests a minute above 0, "
+            f"not {render_value(rate)}"
+        )
+    prices: object = settings.prices
+    if not isinstance(prices, Mapping):
+        raise ConfigurationError(f"{where} prices must map model ids to prices")
+    for model, price in prices.items():
+        if model not in MODELS:
+            hint = (
+                did_you_mean(model, MODELS) if isinstance(model, str) and len(model) <= 64 else ""
+            )
+            raise ConfigurationError(
+                f"{where} prices: {render_value(model)} is not a FLUX model id{hint}"
+            )
+        check_price(price, f"{where} prices[{model!r}]")
+
+
 def _check_settings(settings: object, names: Sequence[str]) -> dict[str, ProviderSettings]:
     """*settings* keyed by this client's provider ids (any case); a key for none is refused."""
     if settings is None:
@@ -584,6 +611,7 @@ def _check_settings(settings: object, names: Sequence[str]) -> dict[str, Provide
     for key, value in items:
         if not isinstance(key, str) or not isinstance(value, ProviderSettings):
             raise ConfigurationError("settings= must map provider ids to ProviderSettings")
+        _check_one_setting(value, f"settings=[{render_value(key)}]")
         name = mine.get(str.__str__(key).strip().lower())
         if name is None:
             given = str.__str__(key).strip().lower()
@@ -794,6 +822,9 @@ class _ClientBase:
         """Removes every key of this client, in any form, from a message."""
         self._cooldowns = _Cooldowns()
         self._prices = _check_prices(prices, names_of)
+        for name, configured in known.items():  # prices= first, then each provider's settings
+            for model, price in configured.prices.items():
+                self._prices.setdefault((name, model), price)
         rates = {
             name: settings.rate_per_minute / 60.0
             for name, settings in known.items()
@@ -1365,7 +1396,8 @@ class FluxClient(_ClientBase):
         policy: Full routing settings (overrides *routing*, *max_cost_usd*, *failover_on_ambiguous*).
         prices: Price overrides by (provider, model); each provider and model must be one that
             can match (any case for the provider).
-        settings: `ProviderSettings` by provider id (any case), for this client's providers.
+        settings: `ProviderSettings` by provider id (any case), for this client's providers,
+            checked as the configuration file is; their ``prices`` join *prices* (which win).
         polling: How jobs at asynchronous providers (``"bfl"``, ``"fal"``) are polled, and the
             deadline of a whole job (default `Polling()`: ten minutes).
         state: Where cooldowns, budgets and rate limits are kept and shared

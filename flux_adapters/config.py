@@ -45,7 +45,7 @@ from typing import Final, TypeVar, get_args
 import attrs
 from attrs import field, frozen
 
-from flux_adapters._display import escape_controls, render_value, toml_key
+from flux_adapters._display import escape_controls, toml_key
 from flux_adapters._files import read_text_file
 from flux_adapters._ids import Routing
 from flux_adapters._options import base_url_for
@@ -190,20 +190,9 @@ def _seconds(value: object, where: str) -> float:
 
 
 def _variable_name(value: str | None, where: str) -> str | None:
-    """*value* as the name of an environment variable: no whitespace, ``=`` or control in it.
+    from flux_adapters._options import check_variable_name
 
-    A space typed after the name (``"LAOZHANG_API_KEY "``) names a variable nobody sets: the
-    provider would be skipped as having no key while the key the user did set sat unread.
-    """
-    if value is None:
-        return None
-    if not value or "=" in value or any(not c.isprintable() or c.isspace() for c in value):
-        raise _fail(
-            where,
-            "api_key_env must be the name of an environment variable (no spaces, '=' or "
-            f"control characters), not {render_value(value)}",
-        )
-    return value
+    return None if value is None else check_variable_name(value, f"{where}: api_key_env")
 
 
 _T = TypeVar("_T")

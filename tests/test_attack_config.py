@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
-from flux_adapters import errors
-from flux_adapters.config import load_config
+from flux_adapters import EditRequest, FluxClient, errors
+from flux_adapters.config import ProviderSettings, load_config
+from flux_adapters.prices import PerCall
 
 
 def configured(tmp_path: Path, text: str) -> Path:
@@ -132,3 +134,67 @@ def test_the_provider_list_is_checked_where_it_is_given(
     with pytest.raises(errors.ConfigurationError) as caught:
         load_config(path, environ=environ)
     assert says in str(caught.value)
+
+
+# --- ProviderSettings given in code (settings=) --------------------------------------------
+
+
+@pytest.fixture
+def keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "sk-abcdefabcdefabcdef")
+    monkeypatch.setenv("APIYI_API_KEY", "sk-abcdefabcdefabcdef")
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        (ProviderSettings(name="laozhang", api_key_env="LAOZHANG_API_KEY\r\nX: y"), "api_key_env"),
+        (ProviderSettings(name="laozhang", api_key_env="LAOZHANG_API_KEY "), "api_key_env"),
+        (ProviderSettings(name="laozhang", rate_per_minute=-5), "rate_per_minute"),
+        (ProviderSettings(name="laozhang", rate_per_minute=float("nan")), "rate_per_minute"),
+        (
+            ProviderSettings(name="laozhang", prices={"flux-2-pro": PerCall(usd=float("nan"))}),
+            "prices",
+        ),
+        (ProviderSettings(name="laozhang", prices={"flux-2-typo": PerCall(usd=0.1)}), "prices"),
+    ],
+    ids=[
+        "key-env-line-break",
+        "key-env-space",
+        "rate-negative",
+        "rate-nan",
+        "price-nan",
+        "price-typo",
+    ],
+)
+def test_settings_given_in_code_are_checked_as_the_file_is(
+    keys: None, settings: ProviderSettings, says: str
+) -> None:
+    # Taken as they were: a line break in api_key_env reached the "set ..." message, a
+    # negative rate reached the rate limiter, a NaN price the ranking.
+    with pytest.raises(errors.ConfigurationError, match=says) as caught:
+        FluxClient(providers=["laozhang", "apiyi"], settings={"laozhang": settings})
+    assert "\n" not in str(caught.value)
+
+
+def test_prices_given_in_settings_are_used(keys: None) -> None:
+    # They were dropped without a word: only prices= (and from_env) reached the price table.
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return httpx.Response(
+            200, json={"created": 1, "data": [{"url": "https://cdn.example/a.png"}]}
+        )
+
+    cheap = ProviderSettings(name="apiyi", prices={"flux-2-pro": PerCall(usd=0.0001)})
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = FluxClient(
+            providers=["laozhang", "apiyi"],
+            routing="cheapest",
+            settings={"apiyi": cheap},
+            http_client=http,
+        )
+        result = client.edit(EditRequest(prompt="a robot", model="flux-2-pro"))
+    assert result.provider == "apiyi"
+    assert result.cost_usd == pytest.approx(0.0001)
