@@ -357,6 +357,8 @@ def _whole_answer(name: str, answer: Answer) -> Answer:
             raise _Unusable(f"images as {type_name(images)}, not a sequence of ResultImage")
         images = tuple(images)
     assert isinstance(images, tuple)
+    if not images:  # a success with nothing to show for it: as a built-in adapter says
+        raise _Unusable("an Answer that holds no image")
     for image in images:
         if not isinstance(image, ResultImage):
             raise _Unusable(f"{type_name(image)} for an image, not a ResultImage")

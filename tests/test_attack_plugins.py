@@ -527,6 +527,9 @@ RETURNED_REFUSED: dict[str, Callable[[], object]] = {
     "images-urls": lambda: Answer(images=(RESULT_URL,)),  # type: ignore[arg-type]
     "images-unreadable": lambda: Answer(images=raising_iterable()),  # type: ignore[arg-type]
     "a-done": lambda: Done(answer=Answer(images=(_image(),))),
+    # A paid call "succeeded" with nothing to show for it; the built-in adapters refuse it.
+    "no-image": lambda: Answer(images=()),
+    "no-image-generated": lambda: Answer(images=iter(())),  # type: ignore[arg-type]
 }
 
 
