@@ -1049,3 +1049,25 @@ def test_declared_text_with_control_characters_is_refused_when_loaded(
         get_adapter("declaring")
     assert "\x1b" not in str(caught.value)
     assert "\r" not in str(caught.value)
+
+
+class CancelRaises(BflAdapter):
+    """BFL's adapter whose cancel and job_failure raise what no adapter should."""
+
+    name = "cancel-raises"
+
+    def build_cancel(self, job: Job) -> Any:
+        raise Odd("cancel")
+
+    def job_failure(self, response: Any, job: Job) -> Any:
+        raise Odd("failure")
+
+
+@both
+def test_a_cancel_that_raises_anything_still_ends_the_job_as_timed_out(kind: str) -> None:
+    # The cancel is built when the deadline passes: an exception outside Exception there hid
+    # the JobTimeout (and the job it carries) behind the adapter's own.
+    brief = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=0.05)
+    with pytest.raises(errors.JobTimeout) as caught:
+        run(kind, FakeBfl(pending=10**6), T2I, provider=CancelRaises(), polling=brief)
+    assert caught.value.job is not None
