@@ -33,6 +33,7 @@ from flux_adapters.errors import (
     JobError,
     JobNotFound,
     JobTimeout,
+    Moderated,
     ProviderError,
     RequestError,
     ResponseFormatError,
@@ -266,6 +267,7 @@ def _answered(
     adapter: AnyAdapter,
     response: HttpResponse,
     secrets: tuple[str, ...],
+    taken: bool,
     expected: tuple[type[_T], ...],
     read: Callable[_P, object],
     *args: _P.args,
@@ -275,6 +277,10 @@ def _answered(
 
     What *read* returns must be one of *expected* (checked and made whole by `_as_returned`):
     anything else, or a part of it that is no value of its kind, is a `ResponseFormatError`.
+    A `JobError` other than `Moderated` counts only once a job was *taken* (a poll, a fetch):
+    before that (a synchronous call, a submit), ``JobFailed(billed=False)`` would make an answer
+    that may have been billed "not billed", and the router would pay twice. It is then a
+    `ResponseFormatError`, judged by the status the provider sent.
 
     An adapter's own exception, or a `FluxError` that is no answer's (a "not sent"
     `TransportError`, say), becomes a `ResponseFormatError`: the provider did answer, so it is
@@ -298,6 +304,14 @@ def _answered(
         scrubbed = _scrubbed(error, response.status_code, secrets)
         raise _with_answer(scrubbed, response, secrets) from error.__cause__
     except JobError as error:
+        if not taken and not isinstance(error, Moderated):
+            unread = ResponseFormatError(
+                f"the {adapter.name} adapter reported a job's end ({type_name(error)}) where no "
+                "job was taken",
+                provider=adapter.name,
+                status_code=response.status_code,
+            )
+            raise _with_answer(unread, response, secrets) from error
         error.detail = _redacted(error.detail, secrets)
         _with_answer(error, response, secrets)
         raise
@@ -439,7 +453,9 @@ def edit_flow(
     outgoing = adapter_built(adapter, request, adapter.build_request, request, resolved, base_url)
     response = yield _as_submit(outgoing, adapter, request)
     assert response is not None
-    answer = _answered(adapter, response, secrets, (Answer,), adapter.parse_response, response)
+    answer = _answered(
+        adapter, response, secrets, False, (Answer,), adapter.parse_response, response
+    )
     # Made as Outcome(...) makes it, without the dict of keyword arguments a class call
     # builds (a third of the cost; tests/test_async_per_edit.py holds why it is the same).
     outcome = object.__new__(Outcome)
@@ -475,7 +491,9 @@ def job_flow(
     submit = adapter_built(adapter, request, adapter.build_submit, request, resolved, base_url)
     response = yield _as_submit(submit, adapter, request)
     assert response is not None
-    submitted = _answered(adapter, response, secrets, (Submitted,), adapter.parse_submit, response)
+    submitted = _answered(
+        adapter, response, secrets, False, (Submitted,), adapter.parse_submit, response
+    )
     submit_id = _answer_id(response, secrets)
     job = Job(
         provider=adapter.name,
@@ -681,7 +699,9 @@ def _poll_once(
         raise _with_answer(_not_found(adapter, job, response), response, secrets)
     try:
         expected: tuple[type[Pending | Done], ...] = (Pending, Done)
-        return _answered(adapter, response, secrets, expected, adapter.parse_poll, response, job)
+        return _answered(
+            adapter, response, secrets, True, expected, adapter.parse_poll, response, job
+        )
     except ResponseFormatError as error:
         if not 200 <= response.status_code < 300:
             raise
@@ -757,7 +777,7 @@ def _fetch(
             retry = _transient(response)
             if retry is None:
                 return _answered(
-                    adapter, response, secrets, (Answer,), adapter.parse_fetch, response, job
+                    adapter, response, secrets, True, (Answer,), adapter.parse_fetch, response, job
                 )
         wait = _next_wait(wait, polling, retry)  # backing off after a dropped fetch too
         yield from _pause(wait, polling, chance, ends - clock())

@@ -1071,3 +1071,45 @@ def test_a_cancel_that_raises_anything_still_ends_the_job_as_timed_out(kind: str
     with pytest.raises(errors.JobTimeout) as caught:
         run(kind, FakeBfl(pending=10**6), T2I, provider=CancelRaises(), polling=brief)
     assert caught.value.job is not None
+
+
+# --- "Not billed" only where a job was accepted --------------------------------------------
+
+
+def _unbilled(*args: Any) -> errors.JobFailed:
+    return errors.JobFailed("generation failed", provider="hostile", job_id="-", billed=False)
+
+
+def raising_unbilled(*args: Any) -> Any:
+    raise _unbilled()
+
+
+@pytest.mark.parametrize(
+    ("status", "methods"),
+    [
+        (200, {"parse_response": raising_unbilled}),  # a 200 that may have been billed
+        (500, {"parse_error": _unbilled}),  # a 500 that may have been billed
+        (502, {"parse_error": raising_unbilled}),
+    ],
+    ids=["200-parse-response-raises", "500-parse-error-returns", "502-parse-error-raises"],
+)
+def test_a_synchronous_adapter_cannot_call_an_ambiguous_answer_unbilled(
+    status: int, methods: dict[str, Callable[..., Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # JobFailed(billed=False) is the row "a job the provider accepted failed, not charged":
+    # raised by a synchronous adapter (no job at all) for a 200 or a 5xx, it made the router
+    # fail over after an answer that may have been billed: the image paid twice.
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("HOSTILE_API_KEY", KEY)
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return httpx.Response(status, json=OK)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = FluxClient(providers=[Hostile(**methods), "laozhang"], http_client=http)
+        with pytest.raises(errors.FluxError) as caught:
+            client.edit(REQUEST)
+    assert hosts == ["api.laozhang.ai"]  # Hostile is laozhang's wire: one host, one call
+    assert [attempt.billing for attempt in caught.value.attempts] != ["job-not-billed"]
