@@ -406,7 +406,9 @@ def _usage(name: str, usage: object) -> Usage | None:
         for field in _USAGE_FIELDS:
             try:
                 figure = getattr(usage, field)
-            except Exception:  # a subclass's property, failing in its own way
+            except BaseException as exc:  # a subclass's property, failing in its own way
+                if is_interruption(exc):
+                    raise
                 dropped.append(field)
                 continue
             whole = field != "tokens_used" or type(figure) is int

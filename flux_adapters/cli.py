@@ -1711,11 +1711,12 @@ def _loaded(providers: Iterable[str]) -> tuple[dict[str, AnyAdapter], dict[str, 
     One provider package that fails (at import, or claiming an id another package claims too)
     must not hide every other provider from the commands that list or explain them all.
     """
-    from flux_adapters.providers import get_adapter
+    from flux_adapters.providers import canonical_name, get_adapter
 
     adapters: dict[str, AnyAdapter] = {}
     broken: dict[str, str] = {}
     for provider in providers:
+        canonical_name(provider)  # an unknown id is the caller's mistake: raised, not listed
         try:
             adapters[provider] = get_adapter(provider)
         except errors.ConfigurationError as error:
