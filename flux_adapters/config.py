@@ -45,7 +45,7 @@ from typing import Final, TypeVar, get_args
 import attrs
 from attrs import field, frozen
 
-from flux_adapters._display import escape_controls, toml_key
+from flux_adapters._display import escape_controls, render_value, toml_key
 from flux_adapters._files import read_text_file
 from flux_adapters._ids import Routing
 from flux_adapters._options import base_url_for
@@ -354,6 +354,11 @@ def load_config(
     if env.get("FLUX_PROVIDERS"):
         names = [name.strip() for name in env["FLUX_PROVIDERS"].split(",") if name.strip()]
         listed = "$FLUX_PROVIDERS"
+        if not names:
+            raise ConfigurationError(
+                f"$FLUX_PROVIDERS names no provider ({render_value(env['FLUX_PROVIDERS'])}); "
+                "give ids separated by commas, e.g. laozhang,apiyi"
+            )
     if names is None:
         names = list(configured)
     if not names:

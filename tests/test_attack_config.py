@@ -198,3 +198,9 @@ def test_prices_given_in_settings_are_used(keys: None) -> None:
         result = client.edit(EditRequest(prompt="a robot", model="flux-2-pro"))
     assert result.provider == "apiyi"
     assert result.cost_usd == pytest.approx(0.0001)
+
+
+def test_a_flux_providers_naming_nothing_says_so(tmp_path: Path) -> None:
+    # "no providers configured: set FLUX_PROVIDERS", though it was set (to commas and spaces).
+    with pytest.raises(errors.ConfigurationError, match=r"\$FLUX_PROVIDERS names no provider"):
+        load_config(configured(tmp_path, ""), environ={"FLUX_PROVIDERS": " , ,"})
