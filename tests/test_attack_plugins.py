@@ -1113,3 +1113,16 @@ def test_a_synchronous_adapter_cannot_call_an_ambiguous_answer_unbilled(
             client.edit(REQUEST)
     assert hosts == ["api.laozhang.ai"]  # Hostile is laozhang's wire: one host, one call
     assert [attempt.billing for attempt in caught.value.attempts] != ["job-not-billed"]
+
+
+def test_a_package_name_with_control_characters_is_shown_escaped(plugins: Plugins) -> None:
+    # The distribution's name comes from the package's own metadata: it went into `models` and
+    # into every message about the provider as it was, escape sequences included.
+    plugins.add("pixelforge", ADAPTER.format(name="pixelforge"), package="evil\x1b[2J\r\nname")
+    origin = providers.provider_origin("pixelforge")
+    assert "\x1b" not in origin
+    assert "\n" not in origin
+    assert "evil" in origin
+    code, out, _ = cli("models", "--markdown")
+    assert code == 0
+    assert "\x1b[2J" not in out

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
-from flux_adapters._display import render_value, type_name
+from flux_adapters._display import printable, render_value, type_name
 from flux_adapters._ids import ProviderId, ProviderName
 from flux_adapters.errors import ConfigurationError, ProviderError
 from flux_adapters.limits import ModelLimits, Plan
@@ -267,7 +267,12 @@ class _Registry:
         ignored: dict[str, str] = {}
         for point in found:
             name = point.name.strip().lower()
-            package = point.dist.name if point.dist is not None else "an installed package"
+            # The package's own metadata: shown in messages and by `models`, so made printable.
+            package = (
+                printable(str(point.dist.name))
+                if point.dist is not None
+                else "an installed package"
+            )
             if not _NAME.fullmatch(name):
                 ignored[name] = (
                     f"the entry point {render_value(point.name)} of {render_value(package)} "
