@@ -560,7 +560,8 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="seconds a kept image is served (default 86400: one day)",
     )  # fmt: skip
     serve.add_argument(
-        "--public-url", help="root URL for image links (default: the URL each client called)"
+        "--public-url",
+        help="root URL for image links, http(s)://host[/path] (default: the URL each client called)",
     )
     serve.add_argument(
         "--keys-file",

@@ -593,6 +593,51 @@ def test_gateway_settings_out_of_range_are_refused(
         GatewaySettings(files_dir=tmp_path, **setting)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "images.example.com",
+        "ftp://images.example.com",
+        "https://",
+        "https://h:99999",
+        "https://h/?a=1",
+        "https://h/\r\nx: y",
+        8080,
+    ],
+)
+def test_a_public_url_that_cannot_root_links_is_refused(url: object, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="public_url must be an http:// or https://"):
+        GatewaySettings(files_dir=tmp_path, public_url=url)
+
+
+def test_image_links_follow_the_public_url_without_a_doubled_slash(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    with run_gateway(
+        files_dir=tmp_path,
+        clients=single(emulator, "laozhang"),
+        public_url="http://images.example.com/flux/",
+    ) as gateway:
+        key, _ = gateway.add_key()
+        made = sdk(gateway, key).images.generate(model="flux-2-pro", prompt="x").data
+    assert made is not None
+    assert made[0].url is not None
+    assert made[0].url.startswith("http://images.example.com/flux/v1/files/")
+
+
+def test_a_files_dir_that_is_a_file_is_a_configuration_error(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"not a folder")
+    for folder in (taken, taken / "below"):
+        with (
+            pytest.raises(ConfigurationError, match=r"files_dir .* cannot be used as a folder"),
+            run_gateway(files_dir=folder, clients=single(emulator, "laozhang")),
+        ):
+            pass
+
+
 def test_an_image_that_cannot_be_kept_is_a_502_that_shows_no_gateway_path(
     emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import anyio
-from attrs import frozen
+from attrs import field, frozen
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -108,6 +108,27 @@ sent as one answer; a larger one is streamed from a thread (`FileResponse`)."""
 _HEADER_TEXT: Final = re.compile(r"[^\x20-\x7e]")
 
 
+def _public_root(url: object) -> str | None:
+    """*url* checked as the root of image links, without a trailing ``/`` (links add one)."""
+    if url is None:
+        return None
+    if isinstance(url, str) and not _HEADER_TEXT.search(url):
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+            usable = usable and not (parts.query or parts.fragment) and parts.port != 0
+        except ValueError:  # an odd port or bracket
+            usable = False
+        if usable:
+            return url.rstrip("/")
+    raise errors.ConfigurationError(
+        "GatewaySettings: public_url must be an http:// or https:// URL with a host and no "
+        f"query, such as https://images.example.com, not {url!r:.200}"
+    )
+
+
 @frozen(kw_only=True)
 class GatewaySettings:
     """How a gateway serves.
@@ -116,7 +137,8 @@ class GatewaySettings:
         files_dir: Where result images are kept.
         retention: Seconds a kept image is served (default one day).
         max_body_bytes: Largest request body (default 240 MiB: 8 images of 20 MB as base64).
-        public_url: Root URL for the image links (default: the URL the client called).
+        public_url: Root URL for the image links, ``http://`` or ``https://`` and a host
+            (default: the URL the client called); a trailing ``/`` is dropped.
         require_keys: Refuse requests without a valid gateway key (``False``: open, for a
             gateway only its own machine can reach).
         default_model: The model when a request names none.
@@ -139,7 +161,7 @@ class GatewaySettings:
     files_dir: Path
     retention: float = 86400.0
     max_body_bytes: int = 240 * 1024 * 1024
-    public_url: str | None = None
+    public_url: str | None = field(default=None, converter=_public_root)
     require_keys: bool = True
     default_model: str = "flux-2-pro"
     body_timeout: float = 300.0
