@@ -216,9 +216,13 @@ def _adapter_name(text: str) -> str:
 def _fault(text: str) -> tuple[str, Fault]:
     from flux_adapters.emulator import PROVIDER_PREFIXES, Fault  # light: no server imports
 
-    provider, _, spec = text.partition(":")
+    provider, colon, spec = text.partition(":")
     if provider not in PROVIDER_PREFIXES:
-        raise argparse.ArgumentTypeError(f"{text!r}: unknown provider {provider!r}")
+        known = ", ".join(sorted(PROVIDER_PREFIXES))
+        shape = "" if colon else ", written PROVIDER:SPEC such as laozhang:429"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown provider {provider!r} (one of {known}){shape}"
+        )
     try:
         fault = Fault.parse(spec)  # which also checks each value
         fault.check_for(provider)  # and that it can happen there (a poll fault at laozhang...)

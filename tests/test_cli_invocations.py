@@ -141,7 +141,8 @@ ROWS = [
     Row("ttl NaN", ("emulate", "--ttl", "nan"), 2, "--ttl"),
     Row("ttl negative inf", ("emulate", "--ttl=-inf"), 2, "--ttl"),
     Row("fault unknown part", ("emulate", "--fault", "laozhang:teapot"), 2, "teapot"),
-    Row("fault unknown provider", ("emulate", "--fault", "mars:503"), 2, "mars"),
+    Row("fault unknown provider", ("emulate", "--fault", "mars:503"), 2, "'mars' (one of aimlapi, "),
+    Row("fault without provider", ("emulate", "--fault", "503"), 2, "written PROVIDER:SPEC"),
     Row("fault NaN delay", ("emulate", "--fault", "apiyi:delay=nan"), 2, "delay must be from 0 to 86400"),
     Row("record flag without record", ("conformance", "--emulator"), 2, "go with --record"),
     # Input files: never opened unless they are regular files.
