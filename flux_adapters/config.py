@@ -349,8 +349,10 @@ def load_config(
 
     routing = env.get("FLUX_ROUTING") or shape.routing or "ordered"
     if routing not in get_args(Routing):
-        raise ConfigurationError(f"routing must be 'ordered' or 'cheapest', not {routing!r}")
+        where = "$FLUX_ROUTING" if env.get("FLUX_ROUTING") else origin
+        raise _fail(where, f"routing must be 'ordered' or 'cheapest', not {routing!r:.40}")
     budget = env.get("FLUX_MAX_COST_USD") or shape.max_cost_usd
+    budget_from = "$FLUX_MAX_COST_USD" if env.get("FLUX_MAX_COST_USD") else f"{origin} max_cost_usd"
     timeout = env.get("FLUX_TIMEOUT") or shape.timeout
     timeout_from = "$FLUX_TIMEOUT" if env.get("FLUX_TIMEOUT") else f"{origin} timeout"
     job_deadline = job_deadline_from_env(env)
@@ -379,7 +381,7 @@ def load_config(
         routing=routing,  # type: ignore[arg-type]
         max_cost_usd=None
         if budget is None
-        else _number(_as_float(budget, "max_cost_usd"), "max_cost_usd"),
+        else _number(_as_float(budget, budget_from), budget_from),
         unknown_price=str(unknown_price),
         failover_on_ambiguous=ambiguous,
         timeout=None

@@ -192,6 +192,8 @@ ROWS = [
     Row("adapter whose constructor fails", ("conformance", "--adapter", "zipfile:ZipFile"), 5, "could not be created"),
     Row("base URL with a password", ("edit", "p", "-p", "laozhang", "--base-url", "http://u:secret@127.0.0.1:9"), 2, "argument --base-url: the URL must not hold a user", not_in_stderr="secret"),
     Row("timeout beyond a day", ("edit", "p"), 5, "FLUX_TIMEOUT", env={"FLUX_PROVIDERS": "laozhang", "FLUX_TIMEOUT": "1e10"}),
+    Row("routing misspelled", ("edit", "p"), 5, "$FLUX_ROUTING: routing must be", env={"FLUX_PROVIDERS": "laozhang", "FLUX_ROUTING": "cheap"}),
+    Row("budget not a number", ("edit", "p"), 5, "$FLUX_MAX_COST_USD must be a number", env={"FLUX_PROVIDERS": "laozhang", "FLUX_MAX_COST_USD": "$5"}),
     Row("connection refused", ("edit", "p", "-p", "laozhang"), 4, "Connection refused", process=True),
     Row("every provider refused", ("edit", "p"), 4, "no provider produced", env={"FLUX_PROVIDERS": "laozhang,aimlapi"}),
     Row("busy port", ("emulate", "--port", "{busy}"), 5, "Address already in use", not_in_stdout="emulator on", process=True),
