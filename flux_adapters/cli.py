@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Final, NoReturn, TextIO
+from typing import TYPE_CHECKING, Final, NoReturn, TextIO, TypeVar
 
 from flux_adapters import errors
 from flux_adapters._batch_files import is_url
@@ -1054,7 +1054,7 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             polling=_polling(arguments.timeout),
         )
     else:  # the configured provider or failover list: flux-adapters.toml and $FLUX_PROVIDERS
-        client = FluxClient.from_env()
+        client = _configured(FluxClient.from_env, "edit")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     saved: list[dict[str, object]] = []
     code = EXIT_OK
@@ -1223,12 +1223,29 @@ def _job_line(name: str, status: str, why: str) -> str:
     return f"flux-adapters: {escape_controls(name)}: {status}: {text}"
 
 
+_T = TypeVar("_T")
+
+
+def _configured(from_env: Callable[[], _T], command: str) -> _T:
+    """A client's ``from_env()``, a configuration naming no provider told that ``-p`` names one."""
+    from flux_adapters.config import NO_PROVIDERS
+
+    try:
+        return from_env()
+    except errors.ConfigurationError as error:
+        if not str(error).startswith(NO_PROVIDERS):
+            raise
+        raise errors.ConfigurationError(
+            f"{error}; or name one: flux-adapters {command} -p laozhang ..."
+        ) from None
+
+
 def _batch_client(arguments: argparse.Namespace) -> AsyncFluxClient:
     """The client for a batch: ``-p`` providers (those without a key left out), else configured."""
     from flux_adapters.client import AsyncFluxClient
 
     if not arguments.provider:
-        return AsyncFluxClient.from_env()
+        return _configured(AsyncFluxClient.from_env, "batch")
     from flux_adapters._ids import ProviderName
     from flux_adapters.config import ProviderSettings, with_keys
 

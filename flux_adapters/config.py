@@ -166,6 +166,10 @@ class Config:
         return {(p.name, model): price for p in self.providers for model, price in p.prices.items()}
 
 
+NO_PROVIDERS: Final = "no providers configured"
+"""How the error for a configuration naming no provider begins (the CLI adds its flag)."""
+
+
 def _fail(where: str, message: str) -> ConfigurationError:
     return ConfigurationError(f"{where}: {message}")
 
@@ -339,7 +343,7 @@ def load_config(
         names = list(configured)
     if not names:
         raise ConfigurationError(
-            "no providers configured: set FLUX_PROVIDERS or providers = [...] in flux-adapters.toml"
+            f"{NO_PROVIDERS}: set FLUX_PROVIDERS or providers = [...] in flux-adapters.toml"
         )
     ids: list[str] = [canonical_name(name) for name in names]
     settings = [configured.get(name) or ProviderSettings(name=name) for name in ids]

@@ -185,7 +185,7 @@ ROWS = [
     # Configuration and the network (loopback ports that refuse).
     Row("missing key", ("edit", "p", "-p", "laozhang"), 5, "LAOZHANG_API_KEY", env={"LAOZHANG_API_KEY": None}, process=True),
     Row("unknown provider configured", ("edit", "p"), 5, "mars", env={"FLUX_PROVIDERS": "mars"}),
-    Row("no provider configured", ("edit", "p"), 5, "provider"),
+    Row("no provider configured", ("edit", "p"), 5, "or name one: flux-adapters edit -p laozhang"),
     Row("adapter not importable", ("conformance", "--adapter", "no_such_module:Adapter"), 5, "no_such_module"),
     Row("adapter not an adapter", ("conformance", "--adapter", "json:JSONDecoder"), 5, "JSONDecoder has no name"),
     Row("adapter that cannot be made", ("conformance", "--adapter", "pathlib:PurePath.__new__"), 2, "module:Class"),
