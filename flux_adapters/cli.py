@@ -1608,13 +1608,11 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     if arguments.mutate and arguments.record:
         raise _UsageError("flux-adapters conformance: error: --mutate replays; not with --record")
     _check_folder(arguments.report_dir)
+    shipped = False
     if arguments.cassettes is None:
         arguments.cassettes = Path("cassettes")
         if not arguments.record and not arguments.cassettes.is_dir():
-            arguments.cassettes = bundled_cassettes()
-            out.write(
-                f"replaying the cassettes shipped with flux-adapters ({arguments.cassettes})\n"
-            )
+            arguments.cassettes, shipped = bundled_cassettes(), True
     if arguments.record:
         _check_folder(arguments.cassettes)
     adapters: list[AnyAdapter] = [
@@ -1633,6 +1631,15 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 f"--adapter {arguments.adapter} could not be created ({describe_exception(exc)})"
             ) from None
         adapters.append(check_adapter(adapter))  # type: ignore[arg-type]
+    if shipped:
+        unrecorded = [a.name for a in adapters if not (arguments.cassettes / a.name).is_dir()]
+        if unrecorded:  # its every scenario would fail, and advise recording into the package
+            raise _UsageError(
+                f"flux-adapters conformance: error: no cassettes for {', '.join(unrecorded)}: "
+                "./cassettes does not exist and flux-adapters ships only its built-in "
+                "providers' cassettes; pass --cassettes DIR (record them into one with --record)"
+            )
+        out.write(f"replaying the cassettes shipped with flux-adapters ({arguments.cassettes})\n")
     if arguments.mutate:
         return _mutation(adapters, arguments.cassettes, arguments.report_dir, out)
     if arguments.record:

@@ -106,6 +106,7 @@ ROWS = [
     Row("unknown provider flag", ("edit", "p", "-p", "mars"), 2, "unknown provider 'mars'"),
     Row("provider typo", ("edit", "p", "-p", "laozang"), 2, "did you mean 'laozhang'"),
     Row("conformance unknown provider", ("conformance", "-p", "mars"), 2, "unknown provider"),
+    Row("conformance without cassettes for it", ("conformance", "-p", "nimbus"), 2, "no cassettes for nimbus: ./cassettes does not exist"),
     Row("width not an int", ("edit", "p", "--width", "1e3", "--height", "64"), 2, "invalid int"),
     Row("width zero", ("edit", "p", "-p", "laozhang", "--width", "0", "--height", "64"), 2, "width"),
     Row("height NaN", ("edit", "p", "--width", "64", "--height", "nan"), 2, "argument --height"),
