@@ -763,6 +763,18 @@ def _in_flags(text: str, flags: Mapping[str, str]) -> str:
     return _SPELLED.sub(spelled, text)
 
 
+def _in_fields(text: str) -> str:
+    """*text* with each argument the library's advice names spelled as a batch line's field."""
+
+    def spelled(match: re.Match[str]) -> str:
+        if match[1]:
+            return '"width" and "height"'
+        value = {"True": "true", "": ""}.get(match[3] or "", match[3])
+        return f'"{match[2]}": {value}' if value else f'"{match[2]}"'
+
+    return _SPELLED.sub(spelled, text)
+
+
 def _violation_text(violation: errors.Violation, flags: Mapping[str, str]) -> str:
     """One violation, as the command line says it: flags, not the library's argument names."""
     return (
@@ -1277,7 +1289,10 @@ def _why(error: BaseException | None, reason: str) -> str:
     """What a job's line says of why it did not end saved: its error, and the reason too."""
     if error is None:
         return reason
-    why = f"{type(error).__name__}: {_one_line(error)}"
+    shown = _one_line(error)
+    if isinstance(error, errors.RequestError):  # advice as a line of the batch spells it
+        shown = _in_fields(shown)
+    why = f"{type(error).__name__}: {shown}"
     return f"{why} ({reason})" if reason else why
 
 
@@ -1361,7 +1376,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         may_repeat = True
         counts["failed"] += 1
         report.append({"id": name, "status": "failed", "error": f"RequestError: {error}"})
-        tell(_job_line(name, "failed", f"RequestError: {_one_line(error)}"))
+        tell(_job_line(name, "failed", _why(error, "")))
         if display:
             display[0].advance()
 

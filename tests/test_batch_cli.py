@@ -182,3 +182,18 @@ def test_ctrl_c_stops_taking_jobs_lets_those_in_flight_finish_and_prints_the_sum
         assert isinstance(files, list)
         assert len(files) == 1
         assert Path(str(files[0])).is_file()
+
+
+def test_a_refused_line_is_told_how_to_fix_it_as_a_line_of_the_batch_spells_it(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "jobs.jsonl"
+    line = {"id": "wide", "prompt": "x", "model": "flux-kontext-pro", "width": 1000, "height": 700}
+    source.write_text(json.dumps(line) + "\n")
+    done = batch(source, tmp_path / "out", "http://127.0.0.1:9")  # refused before any call
+
+    assert done.returncode == 3, done.stderr  # a request refused
+    [said] = [line for line in done.stderr.splitlines() if ": wide: failed: " in line]
+    assert 'pass "aspect_ratio": "10:7" or "allow_conversions": true' in said
+    assert "allow_conversions=True" not in said  # the Python spelling, not a JSON field
+    assert report(tmp_path / "out")[0]["status"] == "failed"
