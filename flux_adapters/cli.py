@@ -22,9 +22,10 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
 
 When every provider of a failover list failed, the status is that of the last failure.
 
-With --json (edit, check, explain, models, batch), standard output is one JSON document and
-nothing else; after the arguments are read, a failure is the JSON object {"error": {...}} there
-(its type, message, exit status and any violations), besides its line on standard error.
+With --json (edit, check, explain, models, batch, keys create, keys list), standard output is
+one JSON document and nothing else; after the arguments are read, a failure is the JSON object
+{"error": {...}} there (its type, message, exit status and any violations), besides its line on
+standard error.
 """
 
 from __future__ import annotations
@@ -227,7 +228,9 @@ def _fault(text: str) -> tuple[str, Fault]:
     return provider, fault
 
 
-def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_request_arguments(
+    parser: argparse.ArgumentParser, format_default: str = "the provider's"
+) -> None:
     from flux_adapters.request import MODELS
 
     parser.add_argument("prompt", help="what to generate, or how to edit the images")
@@ -245,7 +248,7 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="output height (with --width)")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
-        "--format", dest="output_format", choices=_FORMATS, help="default: from -o's extension"
+        "--format", dest="output_format", choices=_FORMATS, help=f"default: {format_default}"
     )
     parser.add_argument("--safety-tolerance", type=int)
     parser.add_argument("--steps", type=int, help="inference steps (flux-2-flex)")
@@ -283,9 +286,13 @@ def _parser() -> argparse.ArgumentParser:
         "and the output path, then sends it and saves the image. Nothing is sent when a check "
         "fails.",
     )
-    _add_request_arguments(edit)
+    _add_request_arguments(edit, "from -o's extension, else the provider's")
     edit.add_argument(
-        "-p", "--provider", type=_provider_id, help="default: first of $FLUX_PROVIDERS"
+        "-p",
+        "--provider",
+        type=_provider_id,
+        help="default: the configured provider or failover list (flux-adapters.toml, "
+        "$FLUX_PROVIDERS)",
     )
     edit.add_argument(
         "--base-url",
@@ -570,7 +577,8 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
     serve.add_argument(
         "--state",
         metavar="URL",
-        help="shared state, e.g. redis://host:6379/0 (default: $FLUX_STATE_URL, else in-process)",
+        help="shared state, e.g. redis://host:6379/0 (default: $FLUX_STATE_URL, else state_url "
+        "in the configuration file, else in-process)",
     )
     serve.add_argument(
         "--no-auth", action="store_true",
@@ -646,7 +654,7 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         "--rate-per-minute", type=_number, help="calls per minute (default: no limit)"
     )
     _add_json(create, "the key and its record")
-    listing = actions.add_parser("list", help="the keys (ids, limits, spend today; never a key)")
+    listing = actions.add_parser("list", help="the keys (ids, names, limits; never a key)")
     _add_json(listing, "the records")
     revoke = actions.add_parser("revoke", help="delete a key by its id")
     revoke.add_argument("key_id", help="the id `keys list` shows")
