@@ -534,7 +534,10 @@ def _parser() -> argparse.ArgumentParser:
         "--key", action="append", help="accept only these API keys (default: any non-empty key)"
     )
     emulate.add_argument(
-        "--bad-key", action="append", default=[], help="refuse this API key with 401"
+        "--bad-key",
+        action="append",
+        default=[],
+        help="refuse this API key with 401 (bfl: 403, as BFL does)",
     )
     _add_serve(commands)
     _add_keys(commands)
@@ -1820,11 +1823,9 @@ def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
         out.write(f"flux-adapters emulator on {root} (Ctrl-C to stop); base URLs:\n")
         for provider, prefix in PROVIDER_PREFIXES.items():
             out.write(f"  {provider:<16} {root}/{prefix}\n")
-        out.write(
-            "any non-empty API key is accepted\n"
-            if not arguments.key
-            else "only the given API keys are accepted\n"
-        )
+        accepted = "only the given API keys are" if arguments.key else "any non-empty API key is"
+        refused = " (but those given with --bad-key)" if arguments.bad_key else ""
+        out.write(f"{accepted} accepted{refused}\n")
         out.flush()
 
     # uvicorn stops on Ctrl-C, then raises the signal again once its loop is done; asyncio.run's
