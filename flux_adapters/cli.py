@@ -1204,6 +1204,18 @@ def _attempt_lines(item: BatchItem) -> list[dict[str, object]]:
     ]
 
 
+def _in_command_words(item: BatchItem) -> BatchItem:
+    """*item* with a reason that names an argument of `edit_many` naming the flag instead."""
+    from flux_adapters._batch import COMMAND_REASONS
+
+    said = COMMAND_REASONS.get(item.reason)
+    if said is None:
+        return item
+    import attrs
+
+    return attrs.evolve(item, reason=said)
+
+
 def _report_line(item: BatchItem) -> dict[str, object]:
     line: dict[str, object] = {"id": item.name, "status": item.status}
     if item.result is not None:
@@ -1391,6 +1403,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     # Closed here even if writing the report fails: jobs stop before the client.
                     async with contextlib.aclosing(items):
                         async for item in items:
+                            item = _in_command_words(item)
                             counts[item.status] += 1
                             report.append(_report_line(item))
                             in_flight.discard(item.name)
