@@ -5,7 +5,8 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
 
     0    success (batch: every request saved or already saved)
     1    unexpected failure (a bug, or standard output cannot be written, e.g. a full disk)
-    2    bad arguments, an unusable input file, or a request the limits refuse (nothing sent)
+    2    bad arguments, an unusable input file, or a request the limits or a cumulative budget
+         refuse (nothing sent)
     3    the provider answered with an error, or its job ended without an image (failed,
          moderated, unknown) (batch: at least one request failed)
     4    no usable answer: connection failed or timed out, or a job passed its deadline, or
@@ -1983,6 +1984,7 @@ _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
     (errors.OutputError, EXIT_OUTPUT),
     (errors.MissingExtraError, EXIT_CONFIG),
     (errors.RequestError, EXIT_REQUEST),
+    (errors.BudgetExceeded, EXIT_REQUEST),  # refused before sending, as by a provider's limits
     (errors.ConfigurationError, EXIT_CONFIG),
     (errors.ResultExpired, EXIT_EXPIRED),
     (errors.ProviderError, EXIT_PROVIDER),

@@ -685,3 +685,24 @@ def test_a_malformed_base_url_variable_stops_a_recording_before_any_request(
     assert code != 0
     assert "$LAOZHANG_BASE_URL" in err
     assert not (tmp_path / "cassettes").exists()
+
+
+def test_a_cumulative_budget_with_no_room_is_status_2_not_a_bug(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Status 1 is "unexpected failure (a bug)"; a budget refusing the call before anything is
+    # sent is refused like a request the limits refuse.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    monkeypatch.delenv("FLUX_CONFIG", raising=False)
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+    (tmp_path / "flux-adapters.toml").write_text('providers = ["laozhang"]\nbudget_usd = 0.01\n')
+    sent = len(emulator.calls("laozhang"))
+    code, _, err = run("edit", "p")
+    assert code == 2, err
+    assert "BudgetExceeded" in err
+    code, out, _ = run("edit", "p", "--json")
+    assert code == 2
+    assert json.loads(out)["error"]["exit_status"] == 2
+    assert len(emulator.calls("laozhang")) == sent  # nothing was sent
