@@ -267,28 +267,6 @@ def test_a_hung_redis_is_a_clear_error_within_the_timeout_not_a_hang(
         state.blocking.close()
 
 
-def test_a_socket_timeout_in_the_url_is_the_states_timeout() -> None:
-    # docs/scaling.md: the timeout is 1 s by default, or ?socket_timeout= in the URL. redis-py
-    # took the URL's for reading answers while connecting and the message kept the 1 s.
-    with redis_server() as server:
-        state = open_state(f"{server.url}?socket_timeout=0.4", prefix=prefix())
-        assert "timeout=0.4" in repr(state)
-        with pytest.raises(ConfigurationError, match="the state URL's socket_timeout"):
-            open_state(f"{server.url}?socket_timeout=1e9")
-
-        async def run() -> None:
-            assert await state.spent("client:default", "total") == 0.0
-            server.freeze()  # connected, but answering nothing
-            try:
-                with pytest.raises(StateUnavailable, match=r"did not answer within 0.4 s"):
-                    await state.spent("client:default", "total")
-            finally:
-                server.thaw()
-            await state.aclose()
-
-        asyncio.run(run())
-
-
 def test_a_hung_redis_is_a_clear_error_for_the_async_client_too(emulator: Emulator) -> None:
     async def run(server: RedisServer) -> None:
         state = open_state(server.url, prefix=prefix(), timeout=0.3)

@@ -292,14 +292,6 @@ def _checked_url(url: str) -> str:
     return url
 
 
-def _url_timeout(url: str) -> float | None:
-    """The ``socket_timeout`` a state URL gives (``?socket_timeout=3``), if it gives one."""
-    from redis.connection import parse_url
-
-    value = parse_url(url).get("socket_timeout")  # type: ignore[no-untyped-call]
-    return None if value is None else float(value)
-
-
 def _made_locally(done: Finish) -> bool:
     """Whether *done* settles a reservation made in the local state while Redis was down."""
     return done.reservation is not None and done.reservation.local
@@ -366,13 +358,7 @@ class RedisState:
         with extra_imports():
             import redis  # noqa: F401  (the redis extra: raise its install hint now, not later)
         self._url = _checked_url(url)
-        # A ``?socket_timeout=`` in the URL is the state's timeout: redis-py lets it win over the
-        # socket timeout given here, so connecting, the pool's wait and the messages take it too.
-        asked = _url_timeout(self._url)
-        self._timeout = check_seconds(
-            timeout if asked is None else asked,
-            "timeout" if asked is None else "the state URL's socket_timeout",
-        )
+        self._timeout = check_seconds(timeout, "timeout")
         if self._timeout == 0:
             self._timeout = 1.0
         if not prefix or not all(c.isalnum() or c in ":_-." for c in prefix) or len(prefix) > 40:
