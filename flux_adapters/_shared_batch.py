@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from attrs import define, field, frozen
 
-from flux_adapters._batch import _finished_record, _save_all
+from flux_adapters._batch import CHANGED_REASON, COMMAND_REASONS, _finished_record, _save_all
 from flux_adapters._batch_files import build_request, parse_line
 from flux_adapters._journal import JobState, image_identities, is_image_file, request_digest
 from flux_adapters._shared_batch_store import STATUSES, Claim, Store
@@ -747,8 +747,7 @@ class _Run:
             return Ended(
                 name,
                 "changed",
-                reason="the request for this id is not the one sent before (run with --force "
-                "to send it)",
+                reason=COMMAND_REASONS[CHANGED_REASON],
             )
         if known and state.may_be_billed and not (force and state.digest != digest):
             recovered = await self._recover(number, name, state)

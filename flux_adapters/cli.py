@@ -5,7 +5,8 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
 
     0    success (batch: every request saved or already saved)
     1    unexpected failure (a bug, or standard output cannot be written, e.g. a full disk)
-    2    bad arguments, an unusable input file, or a request the limits refuse (nothing sent)
+    2    bad arguments, an unusable input file, or a request the limits or a cumulative budget
+         refuse (nothing sent)
     3    the provider answered with an error, or its job ended without an image (failed,
          moderated, unknown) (batch: at least one request failed)
     4    no usable answer: connection failed or timed out, or a job passed its deadline, or
@@ -22,9 +23,10 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
 
 When every provider of a failover list failed, the status is that of the last failure.
 
-With --json (edit, check, explain, models, batch), standard output is one JSON document and
-nothing else; after the arguments are read, a failure is the JSON object {"error": {...}} there
-(its type, message, exit status and any violations), besides its line on standard error.
+With --json (edit, check, explain, models, batch, keys create, keys list), standard output is
+one JSON document and nothing else; after the arguments are read, a failure is the JSON object
+{"error": {...}} there (its type, message, exit status and any violations), besides its line on
+standard error.
 """
 
 from __future__ import annotations
@@ -231,7 +233,9 @@ def _fault(text: str) -> tuple[str, Fault]:
     return provider, fault
 
 
-def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_request_arguments(
+    parser: argparse.ArgumentParser, format_default: str = "the provider's"
+) -> None:
     from flux_adapters.request import MODELS
 
     parser.add_argument("prompt", help="what to generate, or how to edit the images")
@@ -249,7 +253,7 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="output height (with --width)")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
-        "--format", dest="output_format", choices=_FORMATS, help="default: from -o's extension"
+        "--format", dest="output_format", choices=_FORMATS, help=f"default: {format_default}"
     )
     parser.add_argument("--safety-tolerance", type=int)
     parser.add_argument("--steps", type=int, help="inference steps (flux-2-flex)")
@@ -287,9 +291,13 @@ def _parser() -> argparse.ArgumentParser:
         "and the output path, then sends it and saves the image. Nothing is sent when a check "
         "fails.",
     )
-    _add_request_arguments(edit)
+    _add_request_arguments(edit, "from -o's extension, else the provider's")
     edit.add_argument(
-        "-p", "--provider", type=_provider_id, help="default: first of $FLUX_PROVIDERS"
+        "-p",
+        "--provider",
+        type=_provider_id,
+        help="default: the configured provider or failover list (flux-adapters.toml, "
+        "$FLUX_PROVIDERS)",
     )
     edit.add_argument(
         "--base-url",
@@ -531,7 +539,10 @@ def _parser() -> argparse.ArgumentParser:
         "--key", action="append", help="accept only these API keys (default: any non-empty key)"
     )
     emulate.add_argument(
-        "--bad-key", action="append", default=[], help="refuse this API key with 401"
+        "--bad-key",
+        action="append",
+        default=[],
+        help="refuse this API key with 401 (bfl: 403, as BFL does)",
     )
     _add_serve(commands)
     _add_keys(commands)
@@ -575,7 +586,8 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
     serve.add_argument(
         "--state",
         metavar="URL",
-        help="shared state, e.g. redis://host:6379/0 (default: $FLUX_STATE_URL, else in-process)",
+        help="shared state, e.g. redis://host:6379/0 (default: $FLUX_STATE_URL, else state_url "
+        "in the configuration file, else in-process)",
     )
     serve.add_argument(
         "--no-auth", action="store_true",
@@ -651,7 +663,7 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         "--rate-per-minute", type=_number, help="calls per minute (default: no limit)"
     )
     _add_json(create, "the key and its record")
-    listing = actions.add_parser("list", help="the keys (ids, limits, spend today; never a key)")
+    listing = actions.add_parser("list", help="the keys (ids, names, limits; never a key)")
     _add_json(listing, "the records")
     revoke = actions.add_parser("revoke", help="delete a key by its id")
     revoke.add_argument("key_id", help="the id `keys list` shows")
@@ -1210,6 +1222,18 @@ def _attempt_lines(item: BatchItem) -> list[dict[str, object]]:
     ]
 
 
+def _in_command_words(item: BatchItem) -> BatchItem:
+    """*item* with a reason that names an argument of `edit_many` naming the flag instead."""
+    from flux_adapters._batch import COMMAND_REASONS
+
+    said = COMMAND_REASONS.get(item.reason)
+    if said is None:
+        return item
+    import attrs
+
+    return attrs.evolve(item, reason=said)
+
+
 def _report_line(item: BatchItem) -> dict[str, object]:
     line: dict[str, object] = {"id": item.name, "status": item.status}
     if item.result is not None:
@@ -1417,6 +1441,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     # Closed here even if writing the report fails: jobs stop before the client.
                     async with contextlib.aclosing(items):
                         async for item in items:
+                            item = _in_command_words(item)
                             counts[item.status] += 1
                             report.append(_report_line(item))
                             in_flight.discard(item.name)
@@ -1856,11 +1881,9 @@ def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
         out.write(f"flux-adapters emulator on {root} (Ctrl-C to stop); base URLs:\n")
         for provider, prefix in PROVIDER_PREFIXES.items():
             out.write(f"  {provider:<16} {root}/{prefix}\n")
-        out.write(
-            "any non-empty API key is accepted\n"
-            if not arguments.key
-            else "only the given API keys are accepted\n"
-        )
+        accepted = "only the given API keys are" if arguments.key else "any non-empty API key is"
+        refused = " (but those given with --bad-key)" if arguments.bad_key else ""
+        out.write(f"{accepted} accepted{refused}\n")
         out.flush()
 
     # uvicorn stops on Ctrl-C, then raises the signal again once its loop is done; asyncio.run's
@@ -2005,6 +2028,7 @@ _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
     (errors.OutputError, EXIT_OUTPUT),
     (errors.MissingExtraError, EXIT_CONFIG),
     (errors.RequestError, EXIT_REQUEST),
+    (errors.BudgetExceeded, EXIT_REQUEST),  # refused before sending, as by a provider's limits
     (errors.ConfigurationError, EXIT_CONFIG),
     (errors.ResultExpired, EXIT_EXPIRED),
     (errors.ProviderError, EXIT_PROVIDER),

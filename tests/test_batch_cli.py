@@ -114,6 +114,21 @@ class _Echo(BaseHTTPRequestHandler):
         pass
 
 
+def test_a_changed_job_is_told_with_the_commands_flag(emulator: Emulator, tmp_path: Path) -> None:
+    # The command's messages name its flags (docs/cli.md): --force, not edit_many's force=True.
+    source, folder = tmp_path / "jobs.jsonl", tmp_path / "out"
+    source.write_text(json.dumps({"id": "robot", "prompt": "a red robot", "size": "256x256"}))
+    assert batch(source, folder, emulator.base_url("laozhang")).returncode == 0
+    source.write_text(json.dumps({"id": "robot", "prompt": "a blue robot", "size": "256x256"}))
+    second = batch(source, folder, emulator.base_url("laozhang"))
+    assert second.returncode == 3, second.stderr
+    said = "the request for this id is not the one sent before (run with --force to send it)"
+    assert f"flux-adapters: robot: changed: {said}" in second.stderr
+    assert "force=True" not in second.stderr
+    [line] = report(folder)
+    assert (line["status"], line["reason"]) == ("changed", said)
+
+
 def test_a_key_echoed_in_every_position_never_reaches_the_report_or_the_terminal(
     tmp_path: Path,
 ) -> None:
