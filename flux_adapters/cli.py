@@ -123,6 +123,19 @@ def _number(text: str) -> float:
     return value
 
 
+def _above_zero(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
+def _label(text: str) -> str:
+    if len(text) > 200 or not text.isprintable():
+        raise argparse.ArgumentTypeError("must be printable text of at most 200 characters")
+    return text
+
+
 def _image_file(text: str) -> Path:
     """``-o``'s file: ``-`` is standard output to most tools, never a file named "-" (``./-`` is)."""
     if text == "-":
@@ -616,6 +629,8 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
+    from flux_adapters.request import MODELS
+
     keys = commands.add_parser("keys", help="create, list or revoke gateway keys")
     keys.add_argument(
         "--keys-file",
@@ -632,8 +647,8 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
     create = actions.add_parser(
         "create", help="make a key; it is shown once, only its hash is kept"
     )
-    create.add_argument("--name", default="", help="a label")
-    create.add_argument("--budget-usd", type=_number, help="dollars this key may spend")
+    create.add_argument("--name", default="", type=_label, help="a label")
+    create.add_argument("--budget-usd", type=_above_zero, help="dollars this key may spend")
     period = create.add_mutually_exclusive_group()
     period.add_argument(
         "--per-day",
@@ -650,7 +665,11 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="the budget is for the key's life (default)",
     )
     create.add_argument(
-        "--model", action="append", default=[], help="a model it may use (repeat; default all)"
+        "--model",
+        action="append",
+        default=[],
+        choices=MODELS,
+        help="a model it may use (repeat; default all)",
     )
     create.add_argument(
         "--provider",
@@ -660,7 +679,7 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="a provider its calls may go to (repeat; default all)",
     )
     create.add_argument(
-        "--rate-per-minute", type=_number, help="calls per minute (default: no limit)"
+        "--rate-per-minute", type=_above_zero, help="calls per minute (default: no limit)"
     )
     _add_json(create, "the key and its record")
     listing = actions.add_parser("list", help="the keys (ids, names, limits; never a key)")
@@ -1969,19 +1988,6 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
 
     store = open_key_store(arguments.state or configured_state_url(), arguments.keys_file)
     if arguments.keys_command == "create":
-        from flux_adapters.request import MODELS
-
-        unknown = [m for m in arguments.model if m not in MODELS]
-        if unknown:
-            raise errors.ConfigurationError(
-                f"unknown model {unknown[0]!r}; models: {', '.join(MODELS)}"
-            )
-        for name, value in (
-            ("--budget-usd", arguments.budget_usd),
-            ("--rate-per-minute", arguments.rate_per_minute),
-        ):
-            if value is not None and not value > 0:
-                raise errors.ConfigurationError(f"{name} must be above 0")
         key, record = new_key(
             name=arguments.name,
             budget_usd=arguments.budget_usd,
