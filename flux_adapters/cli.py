@@ -461,20 +461,17 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--lease",
         type=_lease,
-        default=30.0,
         help="with --state: seconds a worker's claim lasts unless renewed; a worker that dies "
         "loses its jobs to the others after this long (default 30; the first worker's counts)",
     )
     batch.add_argument(
         "--block",
         type=_whole(1, 10_000),
-        default=50,
         help="with --state: jobs claimed at a time (default 50; the first worker's counts)",
     )
     batch.add_argument(
         "--state-expiry",
         type=_expiry,
-        default=7 * 86400.0,
         metavar="SECONDS",
         help="with --state: seconds the batch's state stays in Redis after its last step "
         "(default 604800, 7 days)",
@@ -1533,17 +1530,21 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
 
     path: Path = arguments.file
     total = check_file(path)
+    expiry = arguments.state_expiry
+    given = {  # those not given: SharedOptions' defaults, which --help states
+        "block": arguments.block,
+        "lease_s": arguments.lease,
+        "keep_s": None if expiry is None else max(int(expiry), 1),
+    }
     options = SharedOptions(
         state_url=arguments.state,
         output=arguments.output,
         concurrency=arguments.concurrency,
         per_provider=arguments.per_provider,
-        block=arguments.block,
-        lease_s=arguments.lease,
-        keep_s=max(int(arguments.state_expiry), 1),
         resend_unconfirmed=arguments.resend_unconfirmed,
         force=arguments.force,
         grace=arguments.grace,
+        **{name: value for name, value in given.items() if value is not None},
     )
     report = JsonLines(arguments.report) if arguments.report is not None else None
     lines = Lines(path)
@@ -2156,11 +2157,23 @@ def _library_warnings(err: TextIO) -> Iterator[None]:
         LOGGER.removeHandler(handler)
 
 
+_SHARED_ONLY: Final = {"--lease": "lease", "--block": "block", "--state-expiry": "state_expiry"}
+"""``batch`` options of a batch shared through Redis: refused without ``--state``."""
+
+
 def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if arguments.command == "batch" and arguments.state is not None:
         if arguments.report is not None:
             _check_output_file(arguments.report)
     elif arguments.command == "batch":  # then check_file checks every line, also before sending
+        given = [
+            flag for flag, name in _SHARED_ONLY.items() if getattr(arguments, name) is not None
+        ]
+        if given:
+            raise _UsageError(
+                f"flux-adapters batch: error: {', '.join(given)}: only with --state (a batch "
+                "shared through Redis)"
+            )
         if "://" in arguments.output and not arguments.output.startswith("file://"):
             raise errors.ConfigurationError(
                 "an output URL is for a batch shared through Redis (--state); a batch of one "

@@ -129,6 +129,7 @@ ROWS = [
     Row("concurrency negative", ("batch", "good.jsonl", "--concurrency=-3"), 2, "--concurrency"),
     Row("concurrency NaN", ("batch", "good.jsonl", "--concurrency", "nan"), 2, "--concurrency"),
     Row("per-provider zero", ("batch", "good.jsonl", "--per-provider", "0"), 2, "--per-provider"),
+    Row("lease without state", ("batch", "good.jsonl", "--lease", "10", "--state-expiry", "60"), 2, "--lease, --state-expiry: only with --state"),
     Row("concurrency inf", ("batch", "good.jsonl", "--concurrency", "inf"), 2, "--concurrency"),
     Row("per-provider negative", ("batch", "good.jsonl", "--per-provider=-1"), 2, "--per-provider"),
     Row("per-provider NaN", ("batch", "good.jsonl", "--per-provider", "NaN"), 2, "--per-provider"),
