@@ -432,7 +432,8 @@ def _parser() -> argparse.ArgumentParser:
         "aspect_ratio, seed, output_format, safety_tolerance, prompt_upsampling, steps, "
         "guidance, allow_conversions. Every line is checked before anything is sent. Providers "
         "come from --provider, or from flux-adapters.toml and $FLUX_PROVIDERS. A journal in the "
-        "output folder records every request before it is sent, so a batch stopped at any point "
+        "output folder (with --state: in Redis) records every request before it is sent, so a "
+        "batch stopped at any point "
         "(Ctrl-C, a kill, a power loss) can be run again: saved jobs are skipped, and jobs that "
         "may have been billed are reported 'unconfirmed' and not sent again unless "
         "--resend-unconfirmed. A job that fails is one line on standard error as it ends.",
