@@ -528,12 +528,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_json(explain, "each provider's request")
 
     emulate = commands.add_parser(
-        "emulate", help="run the provider emulator on 127.0.0.1 in the foreground"
+        "emulate",
+        help="run the provider emulator on 127.0.0.1 in the foreground",
+        description="Serves every built-in provider's API offline, each under its own path "
+        "(http://HOST:PORT/laozhang, /apiyi, /aimlapi, /bfl, /fal): point <PROVIDER>_BASE_URL "
+        "there. Faults can be injected at start (--fault) or while it runs (POST "
+        "/<provider>/__flux/faults). See docs/emulator.md.",
     )
     emulate.add_argument(
         "--port", type=_whole(0, 65535), default=8000, help="default 8000; 0: any free port"
     )
-    emulate.add_argument("--host", default="127.0.0.1")
+    emulate.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     emulate.add_argument(
         "--ttl", type=_seconds(), default=600.0, help="seconds result URLs stay valid (default 600)"
     )
