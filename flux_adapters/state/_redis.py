@@ -21,8 +21,10 @@ write and read) and never retried by redis-py; a failure raises `StateUnavailabl
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -407,10 +409,15 @@ class RedisState:
 
     async def _call(self, name: str, keys: list[str], args: list[str]) -> Any:
 
+        import asyncio
+
         client = self._client()
-        # Bounded by the pool's wait, the connect timeout and the socket timeout.
+        # One deadline for the whole call: the pool's wait, connecting, and every round trip
+        # (EVALSHA, and SCRIPT LOAD and EVALSHA again after a NOSCRIPT), each of which redis-py
+        # bounds only on its own.
         with _answered(self._timeout):
-            return await self._scripts[name](keys=keys, args=args, client=client)
+            async with asyncio.timeout(self._timeout):
+                return await self._scripts[name](keys=keys, args=args, client=client)
 
     async def _raw(self, *command: str) -> Any:
         import asyncio
@@ -585,6 +592,89 @@ class RedisState:
         return self._blocking
 
 
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "flux_adapters_redis_deadline", default=None
+)
+"""When (``time.monotonic()``) the blocking Redis call under way in this thread must end."""
+
+
+class _DeadlineSocket:
+    """A blocking connection's socket whose reads and writes end at the call's deadline.
+
+    redis-py bounds each ``recv`` by the socket timeout, not a reply: a Redis that drips its
+    reply a byte at a time, or a call that takes several round trips (``EVALSHA``, then
+    ``SCRIPT LOAD`` after a ``NOSCRIPT``), could go on for ever with every read in time. Here
+    each read waits at most what is left of the deadline `_RedisBlocking` set for the call.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+        self._sock.settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def _cut(self) -> bool:
+        """Lower the socket's timeout to what is left of the deadline; whether it was."""
+        deadline = _DEADLINE.get()
+        if deadline is None:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the Redis call's deadline passed")  # socket.timeout
+        if self._timeout is not None and self._timeout <= left:
+            return False  # the socket's own timeout ends this read within the deadline
+        if self._timeout == 0:
+            return False  # a non-blocking peek (redis-py checking for a closed connection)
+        self._sock.settimeout(left)
+        return True
+
+    def recv(self, *args: Any) -> bytes:
+        cut = self._cut()
+        try:
+            return self._sock.recv(*args)
+        finally:
+            if cut:
+                self._sock.settimeout(self._timeout)
+
+    def recv_into(self, *args: Any) -> int:
+        cut = self._cut()
+        try:
+            return self._sock.recv_into(*args)
+        finally:
+            if cut:
+                self._sock.settimeout(self._timeout)
+
+    def sendall(self, data: Any) -> None:
+        cut = self._cut()
+        try:
+            self._sock.sendall(data)
+        finally:
+            if cut:
+                self._sock.settimeout(self._timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _deadline_connection(url: str) -> type[Any]:
+    """The connection class redis-py would use for *url*, its sockets `_DeadlineSocket`s."""
+    import redis
+    from redis.connection import parse_url
+
+    base: type[Any] = parse_url(url).get("connection_class", redis.Connection)  # type: ignore[no-untyped-call]
+
+    class DeadlineConnection(base):  # type: ignore[misc]
+        def _connect(self) -> _DeadlineSocket:
+            return _DeadlineSocket(super()._connect())
+
+    return DeadlineConnection
+
+
 class _RedisBlocking:
     """`RedisState` for `flux_adapters.FluxClient`: the same scripts, on the blocking client."""
 
@@ -599,6 +689,7 @@ class _RedisBlocking:
             max_connections=64,
             timeout=state._timeout,
             retry=Retry(NoBackoff(), 0),
+            connection_class=_deadline_connection(state._url),
             **state._options(),
         )
         self._client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
@@ -606,8 +697,15 @@ class _RedisBlocking:
         self._finish = self._client.register_script(FINISH)
 
     def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
-        with _answered(self._state._timeout):
-            return script(keys=keys, args=args)
+        # Every read of the call (the handshake of a new connection, EVALSHA, and SCRIPT LOAD
+        # and EVALSHA again after a NOSCRIPT) shares one deadline: `_DeadlineSocket`.
+        timeout = self._state._timeout
+        token = _DEADLINE.set(time.monotonic() + timeout)
+        try:
+            with _answered(timeout):
+                return script(keys=keys, args=args)
+        finally:
+            _DEADLINE.reset(token)
 
     def admit(self, ask: Ask) -> Admitted | Denied:
         fallback = self._state._fallback
