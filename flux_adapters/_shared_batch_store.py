@@ -26,7 +26,9 @@ a job (250 KB for a million jobs), never with the jobs saved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from attrs import frozen
@@ -85,6 +87,7 @@ CLAIM: Final = (
     _HEAD
     + """
 -- ARGV: worker, round, keep
+if redis.call('EXISTS', meta) == 0 then return {'missing'} end  -- flushed: see Store
 local m = redis.call('HMGET', meta, 'round', 'block', 'lease', 'next', 'blocks', 'total')
 if m[1] ~= ARGV[2] then return {'over'} end
 local block, lease, nxt = tonumber(m[2]), tonumber(m[3]), tonumber(m[4])
@@ -123,6 +126,7 @@ RENEW: Final = (
     _HEAD
     + """
 -- ARGV: worker, keep, round, blocks...
+if redis.call('EXISTS', meta) == 0 then return {'missing'} end  -- flushed: see Store
 local lease = tonumber(redis.call('HGET', meta, 'lease') or '0')
 local lost = {}
 for i = 4, #ARGV do
@@ -143,6 +147,7 @@ JOURNAL: Final = (
     + """
 -- ARGV: worker, keep, ops (JSON list of [job or block, record, end status, saved, release])
 -- Every op is fenced: only the worker holding a job's block may write for it.
+if redis.call('EXISTS', meta) == 0 then return {'missing'} end  -- flushed: see Store
 local block = tonumber(redis.call('HGET', meta, 'block') or '0')
 local ops = cjson.decode(ARGV[3])
 local out = {}
@@ -186,6 +191,7 @@ STATUS: Final = (
     _HEAD
     + """
 -- ARGV: round
+if redis.call('EXISTS', meta) == 0 then return {'missing'} end  -- flushed: see Store
 local m = redis.call('HMGET', meta, 'round', 'prev_round', 'prev_counts')
 if m[1] == ARGV[1] then return {'current', cjson.encode(redis.call('HGETALL', counts))} end
 if m[2] == ARGV[1] then return {'previous', m[3]} end
@@ -222,8 +228,12 @@ def _counts(flat: object) -> dict[str, int]:
     found = dict.fromkeys(STATUSES, 0)
     for status, count in zip(items[::2], items[1::2], strict=False):
         if status in found:
-            found[status] = int(count)
+            found[status] = max(int(count), 0)
     return found
+
+
+def _positive(text: str) -> bool:
+    return text.isdigit() and 0 < int(text) <= 10**12
 
 
 def _records(raw: str) -> tuple[dict[str, Any], ...]:
@@ -231,7 +241,7 @@ def _records(raw: str) -> tuple[dict[str, Any], ...]:
     for line in raw.splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deep (not ours)
             continue
         if isinstance(record, dict):
             found.append(record)
@@ -258,9 +268,10 @@ class Store:
         self._scripts: dict[str, Any] = {}
         self.round = ""
         self.block = 0
+        self.total = 0
 
     async def _run(self, name: str, source: str, args: list[str]) -> Any:
-        import redis.exceptions
+        from flux_adapters.state._redis import failure
 
         client = self._state._client()  # the state's pool: its timeouts, no retries
         script = self._scripts.get(name)
@@ -269,12 +280,34 @@ class Store:
         timeout = self._state._timeout
         try:
             async with asyncio.timeout(timeout * 2 + 0.5):  # a belt over the socket bounds
-                return await script(keys=self.keys, args=args, client=client)
-        except (OSError, TimeoutError, redis.exceptions.RedisError) as exc:
+                answer = await script(keys=self.keys, args=args, client=client)
+        except Exception as exc:  # redis-py at work on what the server sent: see _redis._answered
+            what, detail = failure(exc, timeout)
             raise StateUnavailable(
-                f"the batch's shared state (Redis) did not answer within {timeout:g} s "
-                f"({type(exc).__name__}): no job is sent without its record there; stopping"
+                f"the batch's shared state (Redis) {what} ({detail}): no job is sent without "
+                "its record there; stopping"
             ) from exc
+        if isinstance(answer, list) and answer[:1] in ([b"missing"], ["missing"]):
+            raise StateUnavailable(
+                f"the shared state (Redis) no longer holds batch {self.batch_id} (flushed, "
+                "restarted without persistence, or failed over to a replica that lacked it): "
+                "its journal is lost, so no job is sent; stopping (see docs/scaling.md: "
+                "appendonly yes, appendfsync always)"
+            )
+        return answer
+
+    @contextlib.contextmanager
+    def _read(self, what: str) -> Iterator[None]:
+        """Raise an answer of the wrong shape (a script's, read here) as `StateUnavailable`."""
+        try:
+            yield
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, RecursionError) as exc:
+            # ValueError: also UnicodeDecodeError and json's JSONDecodeError; RecursionError: JSON
+            # nested deep
+            raise StateUnavailable(
+                f"the batch's shared state (Redis) gave an answer to {what} that cannot be read "
+                f"({type(exc).__name__}): no job is sent without its record there; stopping"
+            ) from None
 
     async def begin(
         self, *, total: int, block: int, lease_ms: int, file_digest: str, output: str
@@ -285,14 +318,21 @@ class Store:
             ConfigurationError: Another batch has this id (it cannot, but for a digest match).
         """
         args = [str(total), str(block), str(lease_ms), self._keep, file_digest, output]
-        answer = [_text(part) for part in await self._run("begin", BEGIN, args)]
-        if answer[0] == "mismatch":
-            raise ConfigurationError(
-                f"the shared state holds another batch under id {self.batch_id} "
-                f"(output {answer[1]!r}); use another --state prefix"
-            )
-        self.round, self.block = answer[1], int(answer[2])
-        return answer[0], int(answer[2]), int(answer[3])
+        raw = await self._run("begin", BEGIN, args)
+        with self._read("BEGIN"):
+            answer = [_text(part) for part in raw]
+            if answer[0] == "mismatch":
+                raise ConfigurationError(
+                    f"the shared state holds another batch under id {self.batch_id} "
+                    f"(output {answer[1][:200]!r}); use another --state prefix"
+                )
+            how, round_, size, lease = answer
+            if how not in ("new", "join", "rerun") or not round_.isdigit():
+                raise ValueError(how)
+            if not (_positive(size) and _positive(lease)):
+                raise ValueError(size)
+        self.round, self.block, self.total = round_, int(size), total
+        return how, int(size), int(lease)
 
     async def claim(self) -> Claim | float | None:
         """A block of jobs to work on.
@@ -301,35 +341,51 @@ class Store:
         or ``None`` when this round is over.
         """
         answer = await self._run("claim", CLAIM, [self.worker, self.round, self._keep])
-        kind = _text(answer[0])
-        if kind == "wait":
-            return max(int(_text(answer[1])), 0) / 1000
-        if kind != "block":
-            return None
-        block, took, flags = int(_text(answer[1])), _text(answer[2]), _text(answer[3])
-        first = block * self.block
-        jobs = tuple(
-            (first + i, flags[2 * i] == "1", flags[2 * i + 1] == "1", _records(_text(raw)))
-            for i, raw in enumerate(answer[4:])
-        )
+        with self._read("CLAIM"):
+            kind = _text(answer[0])
+            if kind == "wait":
+                return min(max(int(_text(answer[1])), 0), 86_400_000) / 1000
+            if kind in ("over", "done"):
+                return None
+            if kind != "block":
+                raise ValueError(kind)
+            block, took, flags = int(_text(answer[1])), _text(answer[2]), _text(answer[3])
+            first = block * self.block
+            count = min(self.block, self.total - first)
+            if block < 0 or count < 1 or took not in ("0", "1", "2"):
+                raise ValueError(block)
+            if len(answer) != 4 + count or len(flags) != 2 * count:
+                raise ValueError(len(answer))
+            jobs = tuple(
+                (first + i, flags[2 * i] == "1", flags[2 * i + 1] == "1", _records(_text(raw)))
+                for i, raw in enumerate(answer[4:])
+            )
         return Claim(block, took != "0", jobs, own=took == "2")
 
     async def renew(self, blocks: list[int]) -> tuple[set[int], bool, dict[str, int]]:
         """Extend the leases of *blocks*: those lost, whether the round is current, the counts."""
         args = [self.worker, self._keep, self.round, *(str(block) for block in blocks)]
-        lost, current, counts = await self._run("renew", RENEW, args)
-        text = _text(lost)
-        return {int(b) for b in text.split(",") if b}, bool(int(current)), _counts(counts)
+        answer = await self._run("renew", RENEW, args)
+        with self._read("RENEW"):
+            lost, current, counts = answer
+            text = _text(lost)
+            return {int(b) for b in text.split(",") if b}, bool(int(current)), _counts(counts)
 
     async def journal(self, ops: list[list[object]]) -> list[bool]:
         """Apply *ops* in order, fenced; for each, whether it was (not lost to another worker)."""
         payload = json.dumps(ops, separators=(",", ":"), ensure_ascii=True)
         answer = await self._run("journal", JOURNAL, [self.worker, self._keep, payload])
-        return [_text(part) == "ok" for part in answer]
+        with self._read("JOURNAL"):
+            results = [_text(part) for part in answer]
+            if len(results) != len(ops) or not set(results) <= {"ok", "lost"}:
+                raise ValueError(len(results))
+        return [result == "ok" for result in results]
 
     async def totals(self) -> dict[str, int] | None:
         """The counts of this worker's round (``None`` when they have expired)."""
-        kind, raw = (_text(part) for part in await self._run("status", STATUS, [self.round]))
-        if kind == "gone":
-            return None
-        return _counts(json.loads(raw))
+        answer = await self._run("status", STATUS, [self.round])
+        with self._read("STATUS"):
+            kind, raw = (_text(part) for part in answer)
+            if kind == "gone":
+                return None
+            return _counts(json.loads(raw))

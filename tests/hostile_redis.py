@@ -64,8 +64,11 @@ _HANDSHAKE = {b"CLIENT", b"SELECT", b"PING", b"AUTH"}
 class HostileRedis:
     """The running server; ``url`` is its ``redis://`` URL, ``commands`` what it received."""
 
-    def __init__(self, answer: Callable[[list[bytes]], Reply]) -> None:
+    def __init__(
+        self, answer: Callable[[list[bytes]], Reply], *, hello: bytes | None = None
+    ) -> None:
         self.answer = answer
+        self.hello = hello or b"%2\r\n+server\r\n+redis\r\n+proto\r\n:3\r\n"
         self.commands: list[list[bytes]] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -94,7 +97,7 @@ class HostileRedis:
                 if command is None:
                     return
                 if command[0].upper() == b"HELLO":  # redis-py 8 speaks RESP3 by default
-                    conn.sendall(b"%2\r\n+server\r\n+redis\r\n+proto\r\n:3\r\n")
+                    conn.sendall(self.hello)
                     continue
                 if command[0].upper() in _HANDSHAKE:
                     conn.sendall(b"+OK\r\n")
@@ -150,8 +153,11 @@ def _read_command(reader: BinaryIO) -> list[bytes] | None:
 
 
 @contextmanager
-def hostile_redis(answer: Callable[[list[bytes]], Reply]) -> Iterator[HostileRedis]:
-    server = HostileRedis(answer)
+def hostile_redis(
+    answer: Callable[[list[bytes]], Reply], *, hello: bytes | None = None
+) -> Iterator[HostileRedis]:
+    """A running `HostileRedis`; *hello*: its answer to ``HELLO`` (default: Redis 7's shape)."""
+    server = HostileRedis(answer, hello=hello)
     try:
         yield server
     finally:

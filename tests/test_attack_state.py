@@ -10,14 +10,24 @@ another exception, never a hang.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from flux_adapters._shared_batch import Lines, batch_id
+from flux_adapters.emulator import Fault, run_emulator
 from flux_adapters.errors import StateUnavailable
+from flux_adapters.routing import Admitted
 from flux_adapters.state import Ask, Finish, Reservation, open_state
 from flux_adapters.state._redis import RedisState
 from tests.hostile_redis import Reply, hostile_redis, resp
+from tests.redis_server import redis_server
+from tests.test_shared_batch import environment, wait_for, worker, write_jobs
 
 KEY = ("laozhang", "flux-2-pro")
 ASK = Ask(key=KEY, scope="team", amount_usd=0.05, limit_usd=10.0)
@@ -104,3 +114,275 @@ def test_a_dripping_redis_with_fallback_to_local_falls_back() -> None:
             assert state.blocking.finish(Finish(reservation=reservation, charge_usd=0.0)) is None
         finally:
             state.blocking.close()
+
+
+# -- 2. error replies named; answers of the wrong shape are StateUnavailable ---------------------
+
+
+def _admit_sync(url: str) -> object:
+    state = open_state(url, timeout=2.0)
+    assert isinstance(state, RedisState)
+    try:
+        return state.blocking.admit(ASK)
+    finally:
+        state.blocking.close()
+
+
+def _admit_async(url: str) -> object:
+    async def run() -> object:
+        state = open_state(url, timeout=2.0)
+        try:
+            return await state.admit(ASK)
+        finally:
+            await state.aclose()
+
+    return asyncio.run(run())
+
+
+CALLS = {"blocking": _admit_sync, "async": _admit_async}
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize(
+    ("reply", "named"),
+    [
+        (b"-ERR something odd happened\r\n", "ERR something odd happened"),
+        (b"-BUSY Redis is busy running a script.\r\n", "BUSY Redis is busy"),
+        (b"-MASTERDOWN Link with MASTER is down\r\n", "MASTERDOWN"),
+        (b"-NOSCRIPT No matching script. Please use EVAL.\r\n", "NOSCRIPT"),
+    ],
+)
+def test_an_error_reply_is_named_in_the_error(call: str, reply: bytes, named: str) -> None:
+    # NOSCRIPT even after SCRIPT LOAD: a proxy in front of Redis that drops scripts.
+    with (
+        hostile_redis(scripts(lambda command: Reply(reply))) as server,
+        pytest.raises(StateUnavailable, match=named) as caught,
+    ):
+        CALLS[call](server.url)
+    assert "nothing was sent" in str(caught.value)
+
+
+ODD_ANSWERS = {
+    "an integer": b":1\r\n",
+    "nil": b"_\r\n",
+    "a string": resp("ok"),
+    "too short": resp(["ok", "0"]),
+    "too long": resp(["ok", "0", "total", "more"]),
+    "an unknown status": resp(["weird", "1", "0"]),
+    "a wait that is no number": resp(["paused", "soon", "0"]),
+    "a wait that is NaN": resp(["paused", "nan", "0"]),
+    "a negative wait": resp(["cooling", "-5", "0"]),
+    "an infinite wait": resp(["paced", "inf", "0"]),
+    "a nested array": resp([["ok"], "0", "total"]),
+    "bytes that are not UTF-8": resp([b"\xff\xfe", "0", "total"]),
+    "a window that is not a day": resp(["ok", "0", "yesterday"]),
+    "a RESP3 map": b"%1\r\n+ok\r\n+0\r\n",
+    "a double": b",1.5\r\n",
+    "not RESP at all": b"HTTP/1.1 400 Bad Request\r\n\r\n",
+    "an array of absurd length": b"*99999999999999999999\r\n",
+    "a bulk string of absurd length": b"$-7\r\n",
+}
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("odd", ODD_ANSWERS)
+def test_an_admission_answer_of_the_wrong_shape_is_state_unavailable(call: str, odd: str) -> None:
+    with (
+        hostile_redis(scripts(lambda command: Reply(ODD_ANSWERS[odd]))) as server,
+        pytest.raises(StateUnavailable, match="nothing was sent"),
+    ):
+        CALLS[call](server.url)
+
+
+FINISH = Finish(
+    granted=None, reservation=Reservation("team", "total", "total", 0.05), charge_usd=0.0
+)
+
+
+@pytest.mark.parametrize(
+    "odd", [resp(["1"]), resp("soon"), resp("nan"), resp("-3"), b":7\r\n", resp(b"\xff")]
+)
+def test_a_finish_answer_of_the_wrong_shape_is_state_unavailable(odd: bytes) -> None:
+    cooling = Finish(
+        granted=None, outcome="failure", reservation=FINISH.reservation, charge_usd=0.0
+    )
+    with hostile_redis(scripts(lambda command: Reply(odd))) as server:
+        state = open_state(server.url, timeout=2.0)
+        assert isinstance(state, RedisState)
+        try:
+            with pytest.raises(StateUnavailable):
+                state.blocking.finish(cooling)
+        finally:
+            state.blocking.close()
+
+
+@pytest.mark.parametrize("odd", [resp(["1"]), resp("many"), resp("nan"), resp("-1"), b"_\r\n"])
+def test_a_spent_answer_of_the_wrong_shape_is_state_unavailable(odd: bytes) -> None:
+    async def run(url: str) -> None:
+        state = open_state(url, timeout=2.0)
+        try:
+            with pytest.raises(StateUnavailable):
+                await state.spent("team", "total")
+        finally:
+            await state.aclose()
+
+    with hostile_redis(scripts(lambda command: Reply(odd))) as server:
+        asyncio.run(run(server.url))
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize(
+    "hello",
+    [b"*1\r\n$5\r\nproto\r\n", b":3\r\n", b"-NOPROTO unsupported protocol version\r\n", b"+OK\r\n"],
+)
+def test_a_handshake_answer_of_the_wrong_shape_is_state_unavailable_or_ignored(
+    call: str, hello: bytes
+) -> None:
+    # What answers at the URL is not Redis (or not one redis-py can talk to). The blocking
+    # client checks the handshake (and raised AttributeError on a list); the async one goes on
+    # and is answered: either is fine, anything outside the FluxError tree is not.
+    with hostile_redis(scripts(lambda command: Reply(OK_ADMIT)), hello=hello) as server:
+        try:
+            answer = CALLS[call](server.url)
+        except StateUnavailable:
+            return
+        assert isinstance(answer, Admitted)
+
+
+def test_a_redis_out_of_memory_is_named_for_both_clients() -> None:
+    with redis_server() as server:
+        client: Any = server.client()
+        client.config_set("maxmemory", "1")
+        client.config_set("maxmemory-policy", "noeviction")
+        for call in CALLS.values():
+            with pytest.raises(StateUnavailable, match="OOM"):
+                call(server.url)
+
+
+def test_a_read_only_replica_is_named_for_both_clients() -> None:
+    with redis_server() as server:
+        client: Any = server.client()
+        client.execute_command("REPLICAOF", "127.0.0.1", "1")  # nobody there: stays read-only
+        for call in CALLS.values():
+            with pytest.raises(StateUnavailable, match="READONLY"):
+                call(server.url)
+
+
+# -- 6. a shared batch whose Redis was flushed mid-run --------------------------------------------
+
+
+def test_a_batch_whose_redis_was_flushed_mid_run_stops_with_exit_4_and_says_so(
+    tmp_path: Path,
+) -> None:
+    # FLUSHALL (or a restart without persistence, or a failover to a replica that lacked the
+    # batch): the journal is gone. A worker must not take that for "the round is over" (exit 0,
+    # jobs never run counted nowhere) nor write a fresh journal over it (a job whose `sent`
+    # record was lost could be sent again): it stops, exit 4, and says what happened.
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 300), tmp_path / "out"
+    with redis_server() as server, run_emulator() as emulator:
+        emulator.inject("laozhang", Fault(delay=0.05))
+        env = environment(emulator)
+        workers = [
+            subprocess.Popen(
+                worker(source, str(folder), server.url, "--block", "10", "--concurrency", "4"),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        wait_for(lambda: len(emulator.calls()) >= 40, workers[0])
+        client: Any = server.client()
+        client.flushall()
+        at_flush = len(emulator.calls())
+        done = [process.communicate(timeout=120) for process in workers]
+        after = len(emulator.calls())
+        ledger = Counter(entry.prompt for entry in emulator.billed())
+        left = client.keys("*")
+        client.close()
+
+    lines = Lines(source)
+    batch = batch_id(lines.digest, str(folder))
+    lines.close()
+    for process, (stdout, stderr) in zip(workers, done, strict=True):
+        assert process.returncode == 4, stderr
+        assert "Traceback" not in stderr
+        assert f"no longer holds batch {batch}" in stderr
+        assert "did not answer" not in stderr  # it answered: the batch was not there
+        assert json.loads(stdout)["error"]["type"] == "StateUnavailable"
+    # At most the requests on their way when the journal vanished (4 in flight per worker),
+    # and no job twice; no worker wrote a new batch into the flushed Redis.
+    assert after - at_flush <= 8, (at_flush, after)
+    assert max(ledger.values()) == 1
+    assert left == []
+
+
+# -- the shared batch's scripts answered with the wrong shape, or refused ----------------------
+
+
+def _store_call(url: str, step: str) -> object:
+    from flux_adapters._shared_batch_store import Store
+
+    async def run() -> object:
+        state = open_state(url, timeout=2.0)
+        assert isinstance(state, RedisState)
+        store = Store(state, "b" * 24, worker="w", keep_s=60)
+        store.round, store.block, store.total = "1", 10, 25
+        try:
+            if step == "begin":
+                return await store.begin(
+                    total=25, block=10, lease_ms=1000, file_digest="d", output="o"
+                )
+            if step == "claim":
+                return await store.claim()
+            if step == "renew":
+                return await store.renew([0, 1])
+            if step == "journal":
+                return await store.journal([[3, '{"k":"sent"}', "", 0, ""]])
+            return await store.totals()
+        finally:
+            await state.aclose()
+
+    return asyncio.run(run())
+
+
+BATCH_ANSWERS = {
+    "begin": [resp(["new", "1"]), resp(["odd", "1", "10", "1000"]), resp(["new", "1", "0", "x"])],
+    "claim": [
+        resp(["block", "0", "0", "10"]),  # flags and jobs missing
+        resp(["block", "0", "7", "00" * 10, *[""] * 10]),
+        resp(["block", "9", "0", "", ""]),  # a block past the end of the batch
+        resp(["block", "x"]),
+        resp(["wait", "soon"]),
+        resp(["whatever"]),
+        b":5\r\n",
+    ],
+    "renew": [resp(["", "1"]), resp(["1,x", "1", []]), b":1\r\n"],
+    "journal": [resp(["ok", "ok"]), resp(["maybe"]), b"_\r\n"],
+    "totals": [resp(["current", "{"]), resp(["current", "[" * 100_000]), resp(["current"])],
+}
+
+
+@pytest.mark.parametrize(
+    ("step", "answer"),
+    [(step, answer) for step, answers in BATCH_ANSWERS.items() for answer in answers],
+)
+def test_a_batch_script_answer_of_the_wrong_shape_is_state_unavailable(
+    step: str, answer: bytes
+) -> None:
+    with (
+        hostile_redis(scripts(lambda command: Reply(answer))) as server,
+        pytest.raises(StateUnavailable, match="cannot be read"),
+    ):
+        _store_call(server.url, step)
+
+
+@pytest.mark.parametrize("step", BATCH_ANSWERS)
+def test_a_batch_script_refused_names_the_error(step: str) -> None:
+    refused = Reply(b"-BUSY Redis is busy running a script. You can only call SCRIPT KILL\r\n")
+    with (
+        hostile_redis(scripts(lambda command: refused)) as server,
+        pytest.raises(StateUnavailable, match=r"answered with an error \(BUSY Redis is busy"),
+    ):
+        _store_call(server.url, step)

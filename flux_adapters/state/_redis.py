@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -158,6 +159,9 @@ return redis.call('GET', KEYS[1] .. ':' .. window) or '0'
 """
 )
 
+_DENIALS: Final = frozenset({"paused", "cooling", "probing", "paced", "budget"})
+"""The statuses ``ADMIT`` refuses a call with."""
+
 _RETRY_LOCAL: Final = 30.0
 """Seconds a fallen-back state waits before trying Redis again."""
 
@@ -199,14 +203,23 @@ class _Layout:
 
     @staticmethod
     def admitted(ask: Ask, answer: Any) -> Admitted | Denied:
-        status, number, extra = (_text(part) for part in answer)
+        """The admission script's answer (``ADMIT``), checked: a wrong shape is `StateUnavailable`."""
+        status, number, extra = _strings(answer, 3, "the admission")
         if status == "ok":
+            if number not in ("0", "1") or not (extra == "total" or extra.isdigit()):
+                raise _unreadable("the admission is not one the script gives")
             granted = Pass(ask.key, probe=number == "1") if ask.key is not None else None
             reservation = None
             if ask.scope is not None:
                 reservation = Reservation(ask.scope, ask.period, extra, ask.amount_usd)
             return Admitted(granted, reservation)
-        return Denied(status, float(number), float(extra))  # type: ignore[arg-type]
+        if status not in _DENIALS:
+            raise _unreadable("the admission's status is not one the script gives")
+        return Denied(
+            status,  # type: ignore[arg-type]
+            _amount(number, "the admission's wait"),
+            _amount(extra, "the budget's spending"),
+        )
 
     def finish(self, done: Finish) -> tuple[list[str], list[str]]:
         granted = done.granted
@@ -231,29 +244,87 @@ class _Layout:
 
     @staticmethod
     def finished(answer: Any) -> float | None:
-        text = _text(answer)
-        return float(text) if text else None
+        """The finishing script's answer (``FINISH``): the cooldown started, if one was."""
+        text = _string(answer, "the cooldown")
+        return _amount(text, "the cooldown") if text else None
+
+
+def failure(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """How a Redis call failed, for a message: what Redis did, and the detail.
+
+    An error reply (``-OOM ...``, ``-READONLY ...``, ``-NOSCRIPT ...``) is named with its text
+    (cut, controls escaped: a hostile server writes it); a socket error or a timeout is "did not
+    answer"; anything else redis-py raised on what it read is "an answer that cannot be read".
+    """
+    import redis.exceptions
+
+    from flux_adapters._display import escape_controls
+
+    code = getattr(exc, "status_code", None)
+    if isinstance(exc, redis.exceptions.ResponseError) or (isinstance(code, str) and code):
+        text = str(exc)
+        if isinstance(code, str) and code and not text.startswith(code):
+            text = f"{code} {text}"  # redis-py strips the code of the errors it knows
+        return "answered with an error", escape_controls(text[:200])
+    if isinstance(exc, OSError | redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return f"did not answer within {timeout:g} s", type(exc).__name__
+    return "gave an answer that cannot be read", type(exc).__name__
 
 
 def _unavailable(exc: BaseException, timeout: float) -> StateUnavailable:
+    what, detail = failure(exc, timeout)
+    return StateUnavailable(f"the shared state (Redis) {what}: {detail}; nothing was sent")
+
+
+def _unreadable(what: str) -> StateUnavailable:
     return StateUnavailable(
-        f"the shared state (Redis) did not answer within {timeout:g} s: "
-        f"{type(exc).__name__}; nothing was sent"
+        f"the shared state (Redis) gave an answer that cannot be read: {what}; nothing was sent"
     )
 
 
 @contextlib.contextmanager
 def _answered(timeout: float) -> Iterator[None]:
-    """Raise a Redis call's failure to answer as `StateUnavailable`, anything else as it is.
+    """Raise a Redis call's failure as `StateUnavailable`.
 
-    A failure to answer is a socket error, a timeout, or any of redis-py's own errors.
+    Anything raised inside is redis-py at work on what a server sent (a socket error, a
+    timeout, an error reply, or a handshake answer of a shape it did not expect: an
+    ``AttributeError`` there): the state's failure, never a bug to pass up as it is.
     """
-    import redis.exceptions
-
     try:
         yield
-    except (OSError, redis.exceptions.RedisError) as exc:  # TimeoutError is an OSError
+    except Exception as exc:
         raise _unavailable(exc, timeout) from exc
+
+
+def _string(part: object, what: str) -> str:
+    """*part* of a script's answer as text, or `StateUnavailable`."""
+    try:
+        if isinstance(part, bytes):
+            return part.decode()
+    except UnicodeDecodeError:
+        pass
+    else:
+        if isinstance(part, str):
+            return part
+    raise _unreadable(f"{what} is not text")
+
+
+def _strings(answer: object, count: int, what: str) -> list[str]:
+    """*answer* as *count* strings (a script's array of them), or `StateUnavailable`."""
+    if not isinstance(answer, list) or len(answer) != count:
+        raise _unreadable(f"{what} is not {count} values")
+    return [_string(part, what) for part in answer]
+
+
+def _amount(text: str, what: str) -> float:
+    """*text* as a finite number from 0 (seconds or dollars), or `StateUnavailable`."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise _unreadable(f"{what} is not a number") from None
+    if not (math.isfinite(number) and number >= 0):
+        raise _unreadable(f"{what} is not a finite number from 0")
+    return number
 
 
 def _record(raw: object) -> KeyRecord | None:
@@ -473,7 +544,8 @@ class RedisState:
         if self._fallback.active():
             return await self._fallback.local.spent(scope, period)
         try:
-            return float(_text(await self._call("spent", [key], [check_period(period)])))
+            answer = await self._call("spent", [key], [check_period(period)])
+            return _amount(_string(answer, "the budget's spending"), "the budget's spending")
         except StateUnavailable as exc:
             self._fallback.fell(exc)
             return await self._fallback.local.spent(scope, period)
