@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 from collections import Counter
 from collections.abc import Callable
@@ -386,3 +387,40 @@ def test_a_batch_script_refused_names_the_error(step: str) -> None:
         pytest.raises(StateUnavailable, match=r"answered with an error \(BUSY Redis is busy"),
     ):
         _store_call(server.url, step)
+
+
+# -- 3. the gateway's key lookup, Redis failing ------------------------------------------------------
+
+
+def test_a_gateway_key_lookup_that_redis_fails_is_logged_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import httpx
+
+    from flux_adapters import AsyncFluxClient
+    from flux_adapters.gateway import run_gateway
+
+    def clients(only: tuple[str, ...] | None) -> AsyncFluxClient:
+        return AsyncFluxClient("laozhang", api_key="k", base_url="http://127.0.0.1:9/v1")
+
+    caplog.set_level(logging.WARNING, logger="flux_adapters.gateway")
+    with (
+        redis_server() as redis,
+        run_gateway(files_dir=tmp_path, clients=clients, state_url=redis.url) as gateway,
+    ):
+        key, _ = gateway.add_key()
+        redis.kill()
+        with httpx.Client(base_url=gateway.root, timeout=30) as http:
+            answer = http.post(
+                "/v1/images/generations",
+                json={"model": "flux-2-pro", "prompt": "no state"},
+                headers={"authorization": f"Bearer {key}"},
+            )
+            metrics = http.get("/metrics").text
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "state_unavailable"
+    assert 'flux_gateway_state_failures_total{step="key_lookup"} 1.0' in metrics
+    assert 'flux_gateway_requests_total{route="/v1/images/generations",status="503"} 1.0' in metrics
+    logged = [r for r in caplog.records if r.name == "flux_adapters.gateway"]
+    assert any("key" in r.getMessage() and "did not answer" in r.getMessage() for r in logged)
+    assert key not in caplog.text

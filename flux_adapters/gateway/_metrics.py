@@ -74,6 +74,13 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("flux_gateway_in_flight", "Paid calls under way", registry=r)
+        self.state_failures = Counter(
+            "flux_gateway_state_failures",
+            "Calls to the shared state (Redis) that failed and refused a request, by step "
+            "(key_lookup: a gateway key could not be looked up)",
+            ["step"],
+            registry=r,
+        )
         r.register(_Breakers(breaker_states))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
