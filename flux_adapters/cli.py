@@ -60,12 +60,14 @@ if TYPE_CHECKING:
 
     from flux_adapters.client import AsyncFluxClient
     from flux_adapters.emulator import Fault
+    from flux_adapters.gateway._keys import KeyStore
     from flux_adapters.jobs import Polling
     from flux_adapters.limits import Plan
     from flux_adapters.prices import Price
     from flux_adapters.providers import AnyAdapter
     from flux_adapters.request import EditRequest
     from flux_adapters.result import Attempt, BatchItem, ConversionWarning, ResultImage
+    from flux_adapters.state import KeyRecord
 
 __all__ = ["main"]
 
@@ -1923,7 +1925,7 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
             allowed_providers=arguments.provider,
             rate_per_minute=arguments.rate_per_minute,
         )
-        asyncio.run(store.put_key(record))
+        asyncio.run(_stored(store, record))
         if arguments.json:
             _write_json(out, {"key": key, "record": record_to_dict(record)})
         else:
@@ -1950,6 +1952,30 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
         raise errors.ConfigurationError(f"no gateway key with id {arguments.key_id!r}")
     out.write(f"revoked {arguments.key_id}\n")
     return EXIT_OK
+
+
+async def _stored(store: KeyStore, record: KeyRecord) -> None:
+    """Store *record*, and read it back: a key is shown only once the store has it.
+
+    A key shown but not kept cannot be shown again (only its hash is stored): a Redis, or a
+    proxy in front of it, that acknowledged the write and dropped it would leave the user
+    with a key no gateway accepts.
+
+    Raises:
+        StateUnavailable: The store refused the write or does not hold the record after it.
+    """
+    try:
+        await store.put_key(record)
+        kept = await store.get_key(record.key_hash)
+    finally:
+        close = getattr(store, "aclose", None)
+        if close is not None:
+            await close()
+    if kept != record:
+        raise errors.StateUnavailable(
+            f"the key store did not keep gateway key {record.id} (read back after writing it: "
+            f"{'nothing' if kept is None else 'another record'}); the key is not shown"
+        )
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

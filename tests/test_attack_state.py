@@ -10,6 +10,7 @@ another exception, never a hang.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import subprocess
@@ -424,3 +425,49 @@ def test_a_gateway_key_lookup_that_redis_fails_is_logged_and_counted(
     logged = [r for r in caplog.records if r.name == "flux_adapters.gateway"]
     assert any("key" in r.getMessage() and "did not answer" in r.getMessage() for r in logged)
     assert key not in caplog.text
+
+
+# -- 4. `keys create` prints a key only once Redis has it ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer", [b":0\r\n", b"_\r\n", b"+QUEUED\r\n", resp("1"), b"-READONLY replica\r\n"]
+)
+def test_keys_create_prints_no_key_unless_redis_confirmed_the_write(answer: bytes) -> None:
+    from flux_adapters.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with hostile_redis(lambda command: Reply(answer)) as server:
+        status = main(["keys", "--state", server.url, "create", "--name", "ci"], out=out, err=err)
+    assert status == 4, err.getvalue()
+    assert "fxg_" not in out.getvalue()
+    assert "StateUnavailable" in err.getvalue()
+
+
+def test_keys_create_prints_no_key_that_redis_does_not_hold_afterwards() -> None:
+    # A proxy that acknowledges writes and drops them: the key is read back before it is shown.
+    def answer(command: list[bytes]) -> Reply:
+        return Reply(b":1\r\n" if b"SET" in command[1] else b"_\r\n")
+
+    from flux_adapters.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with hostile_redis(answer) as server:
+        status = main(["keys", "--state", server.url, "create", "--name", "ci"], out=out, err=err)
+    assert status == 4, err.getvalue()
+    assert "fxg_" not in out.getvalue()
+    assert "did not keep" in err.getvalue()
+
+
+def test_keys_create_with_redis_prints_the_key_it_stored() -> None:
+    from flux_adapters.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redis_server() as server:
+        status = main(["keys", "--state", server.url, "create", "--name", "ci"], out=out, err=err)
+        client: Any = server.client()
+        ids = client.smembers("flux:gwkeys")
+    assert status == 0, err.getvalue()
+    key = out.getvalue().split()[0]
+    assert key.startswith("fxg_")
+    assert [i.decode() for i in ids] == [key.split("_")[1]]

@@ -593,7 +593,7 @@ class RedisState:
             raise TypeError("put_key takes a KeyRecord")
         p = self._layout.prefix
         # One script: the record, its hash's index and the set of ids change together.
-        await self._raw(
+        answer = await self._raw(
             "EVAL",
             "redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[2]); "
             "redis.call('SADD', KEYS[3], ARGV[2]); return 1",
@@ -604,6 +604,10 @@ class RedisState:
             _dumped(record),
             record.id,
         )
+        if answer != 1:  # the script answers 1: anything else is not Redis confirming the write
+            raise StateUnavailable(
+                f"the shared state (Redis) did not confirm storing gateway key {record.id}"
+            )
 
     async def get_key(self, key_hash: str) -> KeyRecord | None:
         given: object = key_hash
