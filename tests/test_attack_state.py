@@ -23,7 +23,7 @@ import pytest
 
 from flux_adapters._shared_batch import Lines, batch_id
 from flux_adapters.emulator import Fault, run_emulator
-from flux_adapters.errors import StateUnavailable
+from flux_adapters.errors import ConfigurationError, StateUnavailable
 from flux_adapters.routing import Admitted
 from flux_adapters.state import Ask, Finish, Reservation, open_state
 from flux_adapters.state._redis import RedisState
@@ -471,3 +471,42 @@ def test_keys_create_with_redis_prints_the_key_it_stored() -> None:
     key = out.getvalue().split()[0]
     assert key.startswith("fxg_")
     assert [i.decode() for i in ids] == [key.split("_")[1]]
+
+
+# -- 5. timeouts in the state URL ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "socket_timeout=abc",
+        "socket_timeout=nan",
+        "socket_timeout=inf",
+        "socket_timeout=-1",
+        "socket_timeout=0",
+        "socket_timeout=1e400",
+        "socket_timeout=100000",
+        "socket_connect_timeout=nan",
+        "socket_connect_timeout=-2",
+        "timeout=inf",
+        "health_check_interval=nan",
+    ],
+)
+def test_a_state_url_with_an_unusable_timeout_is_a_configuration_error(query: str) -> None:
+    option = query.partition("=")[0]
+    with pytest.raises(ConfigurationError, match=option):
+        open_state(f"redis://127.0.0.1:6379/0?{query}")
+
+
+def test_a_state_url_socket_timeout_is_the_states_timeout() -> None:
+    state = open_state("redis://127.0.0.1:6379/0?socket_timeout=0.25", timeout=5.0)
+    assert repr(state) == "RedisState(prefix='flux:', timeout=0.25)"
+    slow = Reply(OK_ADMIT, delay=1.0)  # past the URL's 0.3 s, within the 5 s given in code
+    with hostile_redis(scripts(lambda command: slow)) as server:
+        state = open_state(f"{server.url}?socket_timeout=0.3", timeout=5.0)
+        assert isinstance(state, RedisState)
+        try:
+            with pytest.raises(StateUnavailable, match=r"did not answer within 0\.3 s"):
+                state.blocking.admit(ASK)
+        finally:
+            state.blocking.close()

@@ -341,28 +341,48 @@ def _dumped(record: KeyRecord) -> str:
     return json.dumps(record_to_dict(record), allow_nan=False)
 
 
-def _checked_url(url: str) -> str:
-    """*url* once redis-py can read it (its port, database and options), checked now.
+_URL_SECONDS: Final = (
+    "socket_timeout",
+    "socket_connect_timeout",
+    "timeout",
+    "health_check_interval",
+)
+"""The options of a state URL that are seconds (redis-py reads them as floats, NaN included)."""
+
+
+def _checked_url(url: str) -> dict[str, Any]:
+    """*url*'s options once redis-py can read it (its port, database and options), checked now.
 
     redis-py reads it only at the first call, and raises ``ValueError`` there: a
-    `ConfigurationError` now instead, never showing the URL's password.
+    `ConfigurationError` now instead, never showing the URL's password. A timeout in it must be
+    a finite number of seconds above 0 and at most a day (redis-py takes ``nan``, ``inf``, a
+    negative number or 0, which would make every call fail at once, or wait for ever).
 
     Raises:
-        ConfigurationError: redis-py cannot read *url*.
+        ConfigurationError: redis-py cannot read *url*, or a timeout in it is unusable.
     """
     from redis.connection import parse_url
 
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
     except (ValueError, TypeError) as exc:
-        from flux_adapters.errors import ConfigurationError
-
         userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
         reason = str(exc)[:200]
         if userinfo and userinfo.rpartition(":")[2] in reason:
             reason = type(exc).__name__
         raise ConfigurationError(f"the state URL cannot be used: {reason}") from None
-    return url
+    for name in _URL_SECONDS:
+        value = options.get(name)
+        if value is None:
+            continue
+        zero = name == "health_check_interval"  # 0: no health checks, redis-py's default
+        if not (math.isfinite(value) and (value > 0 or (zero and value == 0)) and value <= 86400):
+            low = "from 0" if zero else "above 0"
+            raise ConfigurationError(
+                f"the state URL's {name} must be a finite number of seconds {low} and at most "
+                f"86400, not {value!r}"
+            )
+    return options
 
 
 def _made_locally(done: Finish) -> bool:
@@ -430,10 +450,15 @@ class RedisState:
     ) -> None:
         with extra_imports():
             import redis  # noqa: F401  (the redis extra: raise its install hint now, not later)
-        self._url = _checked_url(url)
+        options = _checked_url(url)
+        self._url = url
         self._timeout = check_seconds(timeout, "timeout")
         if self._timeout == 0:
             self._timeout = 1.0
+        if options.get("socket_timeout") is not None:
+            # redis-py lets the URL's option win over the one given in code: so does the state,
+            # so that its deadlines and its messages say the timeout the sockets have.
+            self._timeout = float(options["socket_timeout"])
         if not prefix or not all(c.isalnum() or c in ":_-." for c in prefix) or len(prefix) > 40:
             from flux_adapters.errors import ConfigurationError
 
