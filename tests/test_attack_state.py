@@ -510,3 +510,46 @@ def test_a_state_url_socket_timeout_is_the_states_timeout() -> None:
                 state.blocking.admit(ASK)
         finally:
             state.blocking.close()
+
+
+# -- gateway keys: answers of the wrong shape --------------------------------------------------------
+
+
+def _keys_call(url: str, step: str) -> object:
+    async def run() -> object:
+        state = open_state(url, timeout=2.0)
+        assert isinstance(state, RedisState)
+        try:
+            if step == "list":
+                return await state.list_keys()
+            if step == "get":
+                return await state.get_key("a" * 64)
+            return await state.delete_key("abc")
+        finally:
+            await state.aclose()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("step", "smembers", "other"),
+    [
+        ("list", b":5\r\n", b"*0\r\n"),
+        ("list", resp(["a", "b"]), b":1\r\n"),
+        ("list", resp(["a", "b"]), resp([None])),  # fewer records than ids
+        ("list", resp([b"\xff"]), resp([None])),
+        ("list", resp([["nested"]]), resp([None])),
+        ("get", b"*0\r\n", resp(["not", "a", "record"])),
+        ("get", b"*0\r\n", b":5\r\n"),
+        ("get", b"*0\r\n", resp(b"\xff\xfe")),
+        ("delete", b"*0\r\n", resp(["x"])),
+    ],
+)
+def test_a_gateway_key_answer_of_the_wrong_shape_is_a_flux_error(
+    step: str, smembers: bytes, other: bytes
+) -> None:
+    def answer(command: list[bytes]) -> Reply:
+        return Reply(smembers if command[0].upper() == b"SMEMBERS" else other)
+
+    with hostile_redis(answer) as server, pytest.raises((StateUnavailable, ConfigurationError)):
+        _keys_call(server.url, step)

@@ -652,9 +652,14 @@ class RedisState:
     async def list_keys(self) -> list[KeyRecord]:
         p = self._layout.prefix
         ids = await self._raw("SMEMBERS", f"{p}gwkeys")
-        if not ids:
+        if not isinstance(ids, list | set):  # a set in RESP3, a list in RESP2
+            raise _unreadable("the set of gateway key ids is not a set")
+        names = [_string(i, "a gateway key id") for i in ids]
+        if not names:
             return []
-        raws = await self._raw("MGET", *(f"{p}gwkey:{_text(i)}" for i in ids))
+        raws = await self._raw("MGET", *(f"{p}gwkey:{name}" for name in names))
+        if not isinstance(raws, list) or len(raws) != len(names):
+            raise _unreadable("the gateway key records are not one for each id")
         found = [r for r in (_record(raw) for raw in raws) if r is not None]
         return sorted(found, key=lambda r: (r.created, r.id))
 
@@ -674,6 +679,8 @@ class RedisState:
             f"{p}gwhash:",
             key_id,
         )
+        if removed not in (0, 1):
+            raise _unreadable("the deletion of a gateway key is not 0 or 1")
         return bool(removed)
 
     async def aclose(self) -> None:
