@@ -271,7 +271,7 @@ class Store:
         self.total = 0
 
     async def _run(self, name: str, source: str, args: list[str]) -> Any:
-        from flux_adapters.state._redis import failure
+        from flux_adapters.state._redis import MAX_ANSWER, bounded_answer, failure
 
         client = self._state._client()  # the state's pool: its timeouts, no retries
         script = self._scripts.get(name)
@@ -279,8 +279,9 @@ class Store:
             script = self._scripts[name] = client.register_script(source)
         timeout = self._state._timeout
         try:
-            async with asyncio.timeout(timeout * 2 + 0.5):  # a belt over the socket bounds
-                answer = await script(keys=self.keys, args=args, client=client)
+            with bounded_answer(MAX_ANSWER):
+                async with asyncio.timeout(timeout * 2 + 0.5):  # a belt over the socket bounds
+                    answer = await script(keys=self.keys, args=args, client=client)
         except Exception as exc:  # redis-py at work on what the server sent: see _redis._answered
             what, detail = failure(exc, timeout)
             raise StateUnavailable(

@@ -29,13 +29,16 @@ class Reply:
 
     ``data``: the bytes (RESP or garbage); ``delay``: seconds before the first byte;
     ``drip``: when set, the bytes go one at a time, this many seconds apart; ``close``: close
-    the connection after sending.
+    the connection after sending; ``tail``: see below.
     """
 
     data: bytes
     delay: float = 0.0
     drip: float | None = None
     close: bool = False
+    tail: int = 0
+    """Bytes (``a``) sent after *data*, as fast as the client takes them: a huge answer made
+    without holding it in memory. `HostileRedis.tail_sent` counts those the client took."""
 
 
 def bulk(value: bytes | str) -> bytes:
@@ -70,6 +73,7 @@ class HostileRedis:
         self.answer = answer
         self.hello = hello or b"%2\r\n+server\r\n+redis\r\n+proto\r\n:3\r\n"
         self.commands: list[list[bytes]] = []
+        self.tail_sent = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -121,6 +125,13 @@ class HostileRedis:
             return False
         if reply.drip is None:
             conn.sendall(reply.data)
+            chunk = b"a" * 65536
+            left = reply.tail
+            while left > 0:
+                conn.sendall(chunk[:left])
+                with self._lock:
+                    self.tail_sent += min(left, len(chunk))
+                left -= len(chunk)
             return True
         for i in range(len(reply.data)):
             conn.sendall(reply.data[i : i + 1])

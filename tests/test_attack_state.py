@@ -553,3 +553,27 @@ def test_a_gateway_key_answer_of_the_wrong_shape_is_a_flux_error(
 
     with hostile_redis(answer) as server, pytest.raises((StateUnavailable, ConfigurationError)):
         _keys_call(server.url, step)
+
+
+# -- a huge answer: read up to a bound, not into memory whole ---------------------------------------
+
+HUGE = 256 << 20  # far more than any answer of the scripts; never held whole by the test
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_a_huge_answer_is_cut_at_a_bound_not_read_whole(call: str) -> None:
+    huge = Reply(b"$%d\r\n" % HUGE, tail=HUGE)
+    with hostile_redis(scripts(lambda command: huge)) as server:
+        with pytest.raises(StateUnavailable, match="longer than"):
+            CALLS[call](server.url)
+        taken = server.tail_sent
+    assert taken < HUGE // 2
+
+
+def test_a_huge_answer_to_a_batch_script_is_cut_at_a_bound() -> None:
+    huge = Reply(b"$%d\r\n" % HUGE, tail=HUGE)
+    with hostile_redis(scripts(lambda command: huge)) as server:
+        with pytest.raises(StateUnavailable, match="longer than the bound"):
+            _store_call(server.url, "claim")
+        taken = server.tail_sent
+    assert taken < HUGE // 2

@@ -249,6 +249,46 @@ class _Layout:
         return _amount(text, "the cooldown") if text else None
 
 
+MAX_ANSWER: Final = 64 << 20
+"""The most bytes one call reads from Redis (the async client: a claim of 10,000 jobs with
+their records, or thousands of gateway keys, are a few MB)."""
+MAX_ANSWER_BLOCKING: Final = 1 << 20
+"""The most bytes one call of the blocking client reads (its answers are a few dozen bytes)."""
+
+
+class AnswerTooLong(OSError):
+    """Redis sent one call more than it may read (`MAX_ANSWER`): the connection is dropped."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an answer longer than {limit} bytes")
+        self.limit = limit
+
+
+_LEFT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "flux_adapters_redis_left", default=None
+)
+"""The bytes the Redis call under way (in this thread or task) may still read, and its bound."""
+
+
+@contextlib.contextmanager
+def bounded_answer(limit: int) -> Iterator[None]:
+    """Let the Redis call run inside read at most *limit* bytes (see `AnswerTooLong`)."""
+    token = _LEFT.set([limit, limit])
+    try:
+        yield
+    finally:
+        _LEFT.reset(token)
+
+
+def _count(size: int) -> None:
+    """*size* bytes read for the call under way; `AnswerTooLong` past its bound."""
+    left = _LEFT.get()
+    if left is not None:
+        left[0] -= size
+        if left[0] < 0:
+            raise AnswerTooLong(left[1])
+
+
 def failure(exc: BaseException, timeout: float) -> tuple[str, str]:
     """How a Redis call failed, for a message: what Redis did, and the detail.
 
@@ -260,6 +300,11 @@ def failure(exc: BaseException, timeout: float) -> tuple[str, str]:
 
     from flux_adapters._display import escape_controls
 
+    cause: BaseException | None = exc
+    while cause is not None:  # redis-py raises its ConnectionError in the except of ours
+        if isinstance(cause, AnswerTooLong):
+            return "gave an answer longer than the bound", f"{cause.limit} bytes at most"
+        cause = cause.__cause__ or cause.__context__
     code = getattr(exc, "status_code", None)
     if isinstance(exc, redis.exceptions.ResponseError) or (isinstance(code, str) and code):
         text = str(exc)
@@ -496,6 +541,7 @@ class RedisState:
                 max_connections=64,
                 timeout=self._timeout,
                 retry=Retry(NoBackoff(), 0),
+                connection_class=bounded_connection(self._url),
                 **self._options(),
             )
             self._async = redis.asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
@@ -511,7 +557,7 @@ class RedisState:
         # One deadline for the whole call: the pool's wait, connecting, and every round trip
         # (EVALSHA, and SCRIPT LOAD and EVALSHA again after a NOSCRIPT), each of which redis-py
         # bounds only on its own.
-        with _answered(self._timeout):
+        with _answered(self._timeout), bounded_answer(MAX_ANSWER):
             async with asyncio.timeout(self._timeout):
                 return await self._scripts[name](keys=keys, args=args, client=client)
 
@@ -519,7 +565,7 @@ class RedisState:
         import asyncio
 
         client = self._client()
-        with _answered(self._timeout):
+        with _answered(self._timeout), bounded_answer(MAX_ANSWER):
             async with asyncio.timeout(self._timeout * 2 + 0.5):
                 return await client.execute_command(*command)  # type: ignore[no-untyped-call]
 
@@ -744,18 +790,23 @@ class _DeadlineSocket:
     def recv(self, *args: Any) -> bytes:
         cut = self._cut()
         try:
-            return self._sock.recv(*args)
+            data = self._sock.recv(*args)
         finally:
             if cut:
                 self._sock.settimeout(self._timeout)
+        if len(args) < 2 or not args[1] & socket.MSG_PEEK:
+            _count(len(data))
+        return data
 
     def recv_into(self, *args: Any) -> int:
         cut = self._cut()
         try:
-            return self._sock.recv_into(*args)
+            size = self._sock.recv_into(*args)
         finally:
             if cut:
                 self._sock.settimeout(self._timeout)
+        _count(size)
+        return size
 
     def sendall(self, data: Any) -> None:
         cut = self._cut()
@@ -767,6 +818,46 @@ class _DeadlineSocket:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
+
+
+class _BoundedReader:
+    """An async connection's stream, counting what each call reads (`bounded_answer`)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def read(self, n: int = -1) -> bytes:
+        data: bytes = await self._stream.read(n)
+        _count(len(data))
+        return data
+
+    async def readline(self) -> bytes:
+        data: bytes = await self._stream.readline()
+        _count(len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        _count(n)  # before: the stream would gather all *n* bytes in memory first
+        data: bytes = await self._stream.readexactly(n)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def bounded_connection(url: str) -> type[Any]:
+    """The connection class ``redis.asyncio`` would use for *url*, its reads counted."""
+    import redis.asyncio
+    from redis.asyncio.connection import parse_url
+
+    base: type[Any] = parse_url(url).get("connection_class", redis.asyncio.Connection)
+
+    class BoundedConnection(base):  # type: ignore[misc]
+        async def _connect(self) -> None:
+            await super()._connect()
+            self._reader = _BoundedReader(self._reader)  # type: ignore[has-type]
+
+    return BoundedConnection
 
 
 def _deadline_connection(url: str) -> type[Any]:
@@ -810,7 +901,7 @@ class _RedisBlocking:
         timeout = self._state._timeout
         token = _DEADLINE.set(time.monotonic() + timeout)
         try:
-            with _answered(timeout):
+            with _answered(timeout), bounded_answer(MAX_ANSWER_BLOCKING):
                 return script(keys=keys, args=args)
         finally:
             _DEADLINE.reset(token)
