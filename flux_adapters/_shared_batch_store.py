@@ -10,7 +10,10 @@ key).
 Keys (``B`` = the block size, job *n* is in block ``n // B``):
 
 ``meta``     hash: total, block, blocks, lease (ms), round, next (the next block never
-             claimed), file (digest of the jobs file), output, prev_round / prev_counts
+             claimed), file (digest of the jobs file), output, prev_round / prev_counts,
+             epoch (random, made by the worker that began the batch: every later script of
+             a worker names it, so a batch begun afresh under the same id after a flush is
+             refused to the workers of the lost one)
 ``leases``   sorted set: block -> lease end (server ms); only the blocks being worked on
 ``owners``   hash: block -> the worker holding it
 ``jobs``     hash: job number -> its journal records (JSON lines), for the jobs in flight and
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -53,13 +57,13 @@ end
 BEGIN: Final = (
     _HEAD
     + """
--- ARGV: total, block, lease_ms, keep, file digest, output
+-- ARGV: total, block, lease_ms, keep, file digest, output, epoch (for a new batch)
 local total, block = tonumber(ARGV[1]), tonumber(ARGV[2])
 local how = 'join'
 if redis.call('EXISTS', meta) == 0 then
   redis.call('HSET', meta, 'total', total, 'block', block,
     'blocks', math.ceil(total / block), 'lease', ARGV[3], 'round', 1, 'next', 0,
-    'file', ARGV[5], 'output', ARGV[6])
+    'file', ARGV[5], 'output', ARGV[6], 'epoch', ARGV[7])
   redis.call('DEL', leases, owners, jobs, saved, done, counts)
   how = 'new'
 else
@@ -78,16 +82,19 @@ else
   end
 end
 keep(tonumber(ARGV[4]))
-local m = redis.call('HMGET', meta, 'round', 'block', 'lease')
-return {how, m[1], m[2], m[3]}
+local m = redis.call('HMGET', meta, 'round', 'block', 'lease', 'epoch')
+return {how, m[1], m[2], m[3], m[4] or ''}
 """
 )
 
 CLAIM: Final = (
     _HEAD
     + """
--- ARGV: worker, round, keep
-if redis.call('EXISTS', meta) == 0 then return {'missing'} end  -- flushed: see Store
+-- ARGV: worker, round, keep, epoch
+-- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
+if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
+  return {'missing'}
+end
 local m = redis.call('HMGET', meta, 'round', 'block', 'lease', 'next', 'blocks', 'total')
 if m[1] ~= ARGV[2] then return {'over'} end
 local block, lease, nxt = tonumber(m[2]), tonumber(m[3]), tonumber(m[4])
@@ -125,11 +132,14 @@ return out
 RENEW: Final = (
     _HEAD
     + """
--- ARGV: worker, keep, round, blocks...
-if redis.call('EXISTS', meta) == 0 then return {'missing'} end  -- flushed: see Store
+-- ARGV: worker, keep, round, blocks..., epoch
+-- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
+if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
+  return {'missing'}
+end
 local lease = tonumber(redis.call('HGET', meta, 'lease') or '0')
 local lost = {}
-for i = 4, #ARGV do
+for i = 4, #ARGV - 1 do
   if redis.call('HGET', owners, ARGV[i]) == ARGV[1] and redis.call('ZSCORE', leases, ARGV[i]) then
     redis.call('ZADD', leases, 'XX', now + lease, ARGV[i])
   else
@@ -145,9 +155,12 @@ return {table.concat(lost, ','), current and 1 or 0, redis.call('HGETALL', count
 JOURNAL: Final = (
     _HEAD
     + """
--- ARGV: worker, keep, ops (JSON list of [job or block, record, end status, saved, release])
+-- ARGV: worker, keep, ops (JSON list of [job or block, record, end status, saved, release]), epoch
 -- Every op is fenced: only the worker holding a job's block may write for it.
-if redis.call('EXISTS', meta) == 0 then return {'missing'} end  -- flushed: see Store
+-- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
+if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
+  return {'missing'}
+end
 local block = tonumber(redis.call('HGET', meta, 'block') or '0')
 local ops = cjson.decode(ARGV[3])
 local out = {}
@@ -190,8 +203,11 @@ return out
 STATUS: Final = (
     _HEAD
     + """
--- ARGV: round
-if redis.call('EXISTS', meta) == 0 then return {'missing'} end  -- flushed: see Store
+-- ARGV: round, epoch
+-- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
+if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
+  return {'missing'}
+end
 local m = redis.call('HMGET', meta, 'round', 'prev_round', 'prev_counts')
 if m[1] == ARGV[1] then return {'current', cjson.encode(redis.call('HGETALL', counts))} end
 if m[2] == ARGV[1] then return {'previous', m[3]} end
@@ -269,6 +285,9 @@ class Store:
         self.round = ""
         self.block = 0
         self.total = 0
+        self.epoch = ""
+        """The batch's own random id, made by the worker that began it: a batch begun afresh
+        under the same id (after a flush) has another, and this worker's scripts refuse it."""
 
     async def _run(self, name: str, source: str, args: list[str]) -> Any:
         from flux_adapters.state._redis import MAX_ANSWER, bounded_answer, failure
@@ -318,7 +337,10 @@ class Store:
         Raises:
             ConfigurationError: Another batch has this id (it cannot, but for a digest match).
         """
-        args = [str(total), str(block), str(lease_ms), self._keep, file_digest, output]
+        args = [
+            *(str(total), str(block), str(lease_ms), self._keep, file_digest, output),
+            secrets.token_hex(8),  # the batch's epoch, if this worker makes it
+        ]
         raw = await self._run("begin", BEGIN, args)
         with self._read("BEGIN"):
             answer = [_text(part) for part in raw]
@@ -327,12 +349,12 @@ class Store:
                     f"the shared state holds another batch under id {self.batch_id} "
                     f"(output {answer[1][:200]!r}); use another --state prefix"
                 )
-            how, round_, size, lease = answer
+            how, round_, size, lease, epoch = answer
             if how not in ("new", "join", "rerun") or not round_.isdigit():
                 raise ValueError(how)
             if not (_positive(size) and _positive(lease)):
                 raise ValueError(size)
-        self.round, self.block, self.total = round_, int(size), total
+        self.round, self.block, self.total, self.epoch = round_, int(size), total, epoch
         return how, int(size), int(lease)
 
     async def claim(self) -> Claim | float | None:
@@ -341,7 +363,8 @@ class Store:
         Else the seconds until a lease held by another worker ends (others are still working),
         or ``None`` when this round is over.
         """
-        answer = await self._run("claim", CLAIM, [self.worker, self.round, self._keep])
+        args = [self.worker, self.round, self._keep, self.epoch]
+        answer = await self._run("claim", CLAIM, args)
         with self._read("CLAIM"):
             kind = _text(answer[0])
             if kind == "wait":
@@ -365,7 +388,7 @@ class Store:
 
     async def renew(self, blocks: list[int]) -> tuple[set[int], bool, dict[str, int]]:
         """Extend the leases of *blocks*: those lost, whether the round is current, the counts."""
-        args = [self.worker, self._keep, self.round, *(str(block) for block in blocks)]
+        args = [self.worker, self._keep, self.round, *(str(b) for b in blocks), self.epoch]
         answer = await self._run("renew", RENEW, args)
         with self._read("RENEW"):
             lost, current, counts = answer
@@ -375,7 +398,8 @@ class Store:
     async def journal(self, ops: list[list[object]]) -> list[bool]:
         """Apply *ops* in order, fenced; for each, whether it was (not lost to another worker)."""
         payload = json.dumps(ops, separators=(",", ":"), ensure_ascii=True)
-        answer = await self._run("journal", JOURNAL, [self.worker, self._keep, payload])
+        args = [self.worker, self._keep, payload, self.epoch]
+        answer = await self._run("journal", JOURNAL, args)
         with self._read("JOURNAL"):
             results = [_text(part) for part in answer]
             if len(results) != len(ops) or not set(results) <= {"ok", "lost"}:
@@ -384,7 +408,7 @@ class Store:
 
     async def totals(self) -> dict[str, int] | None:
         """The counts of this worker's round (``None`` when they have expired)."""
-        answer = await self._run("status", STATUS, [self.round])
+        answer = await self._run("status", STATUS, [self.round, self.epoch])
         with self._read("STATUS"):
             kind, raw = (_text(part) for part in answer)
             if kind == "gone":

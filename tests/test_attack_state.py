@@ -577,3 +577,49 @@ def test_a_huge_answer_to_a_batch_script_is_cut_at_a_bound() -> None:
             _store_call(server.url, "claim")
         taken = server.tail_sent
     assert taken < HUGE // 2
+
+
+def test_workers_of_a_flushed_batch_begun_afresh_by_another_worker_stop_and_send_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    # The flush and a new worker's BEGIN in one step (as if it came right after): the running
+    # workers never see the batch missing, only a batch that is not the one they joined. Taking
+    # it for theirs, they would claim block 0 again with no journal: every job sent again.
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 300), tmp_path / "out"
+    lines = Lines(source)
+    batch = batch_id(lines.digest, str(folder))
+    lines.close()
+    meta = f"flux:batch:{{{batch}}}:meta"
+    with redis_server() as server, run_emulator() as emulator:
+        emulator.inject("laozhang", Fault(delay=0.05))
+        env = environment(emulator)
+        workers = [
+            subprocess.Popen(
+                worker(source, str(folder), server.url, "--block", "10", "--concurrency", "4"),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        wait_for(lambda: len(emulator.calls()) >= 40, workers[0])
+        client: Any = server.client()
+        fields = client.hgetall(meta)
+        begun = {**fields, b"next": b"0", b"epoch": b"0123456789abcdef"}
+        with client.pipeline(transaction=True) as step:
+            step.flushall()
+            step.hset(meta, mapping=begun)
+            step.execute()
+        at_flush = len(emulator.calls())
+        done = [process.communicate(timeout=120) for process in workers]
+        after = len(emulator.calls())
+        ledger = Counter(entry.prompt for entry in emulator.billed())
+        client.close()
+
+    for process, (stdout, stderr) in zip(workers, done, strict=True):
+        assert process.returncode == 4, stderr
+        assert f"no longer holds batch {batch}" in stderr
+        assert json.loads(stdout)["error"]["type"] == "StateUnavailable"
+    assert after - at_flush <= 8, (at_flush, after)
+    assert max(ledger.values()) == 1
