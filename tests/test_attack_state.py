@@ -623,3 +623,22 @@ def test_workers_of_a_flushed_batch_begun_afresh_by_another_worker_stop_and_send
         assert json.loads(stdout)["error"]["type"] == "StateUnavailable"
     assert after - at_flush <= 8, (at_flush, after)
     assert max(ledger.values()) == 1
+
+
+@pytest.mark.parametrize("password", [None, "wrong-PW-x"])
+def test_a_redis_refusing_the_password_is_named_and_the_password_never_shown(
+    password: str | None,
+) -> None:
+    with redis_server() as server:
+        client: Any = server.client()
+        client.config_set("requirepass", "the-right-PW")
+        client.close()
+        url = (
+            server.url
+            if password is None
+            else server.url.replace("unix://", f"unix://:{password}@")
+        )
+        for call in CALLS.values():
+            with pytest.raises(StateUnavailable, match=r"NOAUTH|WRONGPASS") as caught:
+                call(url)
+            assert "PW" not in str(caught.value)

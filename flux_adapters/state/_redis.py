@@ -301,16 +301,19 @@ def failure(exc: BaseException, timeout: float) -> tuple[str, str]:
     from flux_adapters._display import escape_controls
 
     cause: BaseException | None = exc
-    while cause is not None:  # redis-py raises its ConnectionError in the except of ours
+    for _ in range(10):  # redis-py raises its ConnectionError in the except of the real one
+        if cause is None:
+            break
         if isinstance(cause, AnswerTooLong):
             return "gave an answer longer than the bound", f"{cause.limit} bytes at most"
+        code = getattr(cause, "status_code", None)
+        if isinstance(cause, redis.exceptions.ResponseError) or (isinstance(code, str) and code):
+            # An error reply (the async client wraps an AUTH one in a ConnectionError)
+            text = str(cause)
+            if isinstance(code, str) and code and not text.startswith(code):
+                text = f"{code} {text}"  # redis-py strips the code of the errors it knows
+            return "answered with an error", escape_controls(text[:200])
         cause = cause.__cause__ or cause.__context__
-    code = getattr(exc, "status_code", None)
-    if isinstance(exc, redis.exceptions.ResponseError) or (isinstance(code, str) and code):
-        text = str(exc)
-        if isinstance(code, str) and code and not text.startswith(code):
-            text = f"{code} {text}"  # redis-py strips the code of the errors it knows
-        return "answered with an error", escape_controls(text[:200])
     if isinstance(exc, OSError | redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return f"did not answer within {timeout:g} s", type(exc).__name__
     return "gave an answer that cannot be read", type(exc).__name__
