@@ -642,3 +642,62 @@ def test_a_redis_refusing_the_password_is_named_and_the_password_never_shown(
             with pytest.raises(StateUnavailable, match=r"NOAUTH|WRONGPASS") as caught:
                 call(url)
             assert "PW" not in str(caught.value)
+
+
+# -- a careless operator's hand edits: a number key holding something else ---------------------------
+
+DAMAGE = ["nan", "-nan", "inf", "-inf", "abc", "1e400", "-5"]
+
+
+@pytest.mark.parametrize("value", DAMAGE)
+def test_a_budget_key_damaged_by_hand_fails_closed_naming_the_key(value: str) -> None:
+    # "nan" used to admit every call (NaN > limit is false) and stay "nan": no budget at all.
+    with redis_server() as server:
+        client: Any = server.client()
+        client.set("flux:budget:team:total", value)
+        for call in CALLS.values():
+            with pytest.raises(StateUnavailable, match="flux:budget:team:total holds"):
+                call(server.url)
+        assert client.get("flux:budget:team:total") == value.encode()  # nothing written
+
+
+@pytest.mark.parametrize("value", DAMAGE[:-1])
+@pytest.mark.parametrize(
+    ("key", "field", "ask"),
+    [
+        ("flux:rate:k-1", "tokens", Ask(bucket="k-1", rate_per_s=1.0, burst=1)),
+        ("flux:rate:k-1", "ts", Ask(bucket="k-1", rate_per_s=1.0, burst=1)),
+        ("flux:pause:k-1", None, Ask(bucket="k-1")),
+        ("flux:cb:laozhang:flux-2-pro", "until", Ask(key=KEY)),
+        ("flux:cb:laozhang:flux-2-pro", "probing", Ask(key=KEY)),
+    ],
+)
+def test_a_number_damaged_by_hand_in_redis_fails_closed_naming_the_key(
+    value: str, key: str, field: str | None, ask: Ask
+) -> None:
+    with redis_server() as server:
+        client: Any = server.client()
+        if field is None:
+            client.set(key, value)
+        else:
+            client.hset(key, mapping={"until": "0", field: value})
+        state = open_state(server.url, timeout=2.0)
+        assert isinstance(state, RedisState)
+        try:
+            with pytest.raises(StateUnavailable, match=f"{key} holds"):
+                state.blocking.admit(ask)
+        finally:
+            state.blocking.close()
+
+
+def test_a_pause_key_damaged_by_hand_does_not_stop_a_429_pausing_everyone() -> None:
+    with redis_server() as server:
+        client: Any = server.client()
+        client.set("flux:pause:k-1", "nan")
+        state = open_state(server.url, timeout=2.0)
+        assert isinstance(state, RedisState)
+        try:
+            with pytest.raises(StateUnavailable, match="flux:pause:k-1 holds"):
+                state.blocking.finish(Finish(bucket="k-1", pause_s=30.0))
+        finally:
+            state.blocking.close()

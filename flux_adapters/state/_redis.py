@@ -64,6 +64,18 @@ _NOW: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function f(x) return string.format('%.17g', x) end
+-- A number kept in *key* (raw: what Redis holds, false when nothing), or *default*. Anything
+-- else (a hand edit: 'nan' compares false with everything, and would lift a budget) stops the
+-- script before it writes, with an error naming the key.
+local function num(key, raw, default, low)
+  if not raw then return default end
+  local x = tonumber(raw)
+  if x == nil or x ~= x or x == math.huge or x == -math.huge or (low and x < low) then
+    local shown = string.gsub(string.sub(tostring(raw), 1, 40), '[^%w%.%+%-]', '?')
+    error('flux: ' .. key .. ' holds ' .. shown .. ', not a number it can hold: fix or delete it', 0)
+  end
+  return x
+end
 """
 
 ADMIT: Final = (
@@ -72,16 +84,16 @@ ADMIT: Final = (
 -- KEYS: circuit, pause, bucket, budget (without its window)
 -- ARGV: has_key, has_bucket, rate, burst, has_budget, amount, limit, period, probe_ttl
 if ARGV[2] == '1' then
-  local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local paused = num(KEYS[2], redis.call('GET', KEYS[2]), 0)
   if paused > now then return {'paused', f(paused - now), '0'} end
 end
 local probe = 0
 if ARGV[1] == '1' then
   local c = redis.call('HMGET', KEYS[1], 'until', 'probing')
   if c[1] then
-    local left = tonumber(c[1]) - now
+    local left = num(KEYS[1], c[1]) - now
     if left > 0 then return {'cooling', f(left), '0'} end
-    if c[2] and tonumber(c[2]) > now then return {'probing', '0', '0'} end
+    if c[2] and num(KEYS[1], c[2]) > now then return {'probing', '0', '0'} end
     probe = 1
   end
 end
@@ -90,8 +102,8 @@ local rate = tonumber(ARGV[3])
 if ARGV[2] == '1' and rate then
   local burst = tonumber(ARGV[4])
   local b = redis.call('HMGET', KEYS[3], 'tokens', 'ts')
-  local had = tonumber(b[1] or ARGV[4])
-  local at = tonumber(b[2] or f(now))
+  local had = num(KEYS[3], b[1], burst)
+  local at = num(KEYS[3], b[2], now)
   tokens = math.min(burst, had + math.max(0, now - at) * rate)
   if tokens < 1 then return {'paced', f((1 - tokens) / rate), '0'} end
 end
@@ -99,7 +111,7 @@ local window = 'total'
 if ARGV[5] == '1' then
   if ARGV[8] == 'day' then window = string.format('%d', math.floor(now / 86400)) end
   local bkey = KEYS[4] .. ':' .. window
-  local spent = tonumber(redis.call('GET', bkey) or '0')
+  local spent = num(bkey, redis.call('GET', bkey), 0, -1e-6)
   local amount = tonumber(ARGV[6])
   if spent + amount > tonumber(ARGV[7]) + 1e-9 then return {'budget', '0', f(spent)} end
   redis.call('SET', bkey, f(spent + amount))
@@ -119,6 +131,15 @@ FINISH: Final = (
     + """
 -- KEYS: circuit, budget (without its window), pause
 -- ARGV: outcome, probe, cooldown, max_pause, retry_after, window, reserved, charge, pause_s
+-- The numbers read first: one that is damaged stops the script before any write.
+local charge = tonumber(ARGV[8])
+if charge then
+  local bkey = KEYS[2] .. ':' .. ARGV[6]
+  num(bkey, redis.call('GET', bkey), 0, -1e-6)
+end
+local pause_s = tonumber(ARGV[9])
+local old = 0
+if pause_s and pause_s > 0 then old = num(KEYS[3], redis.call('GET', KEYS[3]), 0) end
 local started = ''
 if ARGV[1] == 'success' then
   redis.call('DEL', KEYS[1])
@@ -133,15 +154,12 @@ elseif ARGV[1] == 'failure' and tonumber(ARGV[3]) > 0 then
 elseif ARGV[2] == '1' then
   redis.call('HDEL', KEYS[1], 'probing')
 end
-local charge = tonumber(ARGV[8])
 if charge then
   local bkey = KEYS[2] .. ':' .. ARGV[6]
   redis.call('INCRBYFLOAT', bkey, f(charge - tonumber(ARGV[7])))
   if ARGV[6] ~= 'total' then redis.call('EXPIRE', bkey, 172800) end
 end
-local pause_s = tonumber(ARGV[9])
 if pause_s and pause_s > 0 then
-  local old = tonumber(redis.call('GET', KEYS[3]) or '0')
   if now + pause_s > old then
     redis.call('SET', KEYS[3], f(now + pause_s), 'PX', math.ceil(pause_s * 1000) + 1000)
   end
@@ -155,7 +173,10 @@ SPENT: Final = (
     + """
 local window = 'total'
 if ARGV[1] == 'day' then window = string.format('%d', math.floor(now / 86400)) end
-return redis.call('GET', KEYS[1] .. ':' .. window) or '0'
+local bkey = KEYS[1] .. ':' .. window
+local raw = redis.call('GET', bkey)
+num(bkey, raw, 0, -1e-6)
+return raw or '0'
 """
 )
 
