@@ -701,3 +701,38 @@ def test_a_pause_key_damaged_by_hand_does_not_stop_a_429_pausing_everyone() -> N
                 state.blocking.finish(Finish(bucket="k-1", pause_s=30.0))
         finally:
             state.blocking.close()
+
+
+def test_a_gateway_call_whose_admission_redis_fails_is_logged_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import httpx
+
+    from flux_adapters import AsyncFluxClient
+    from flux_adapters.gateway import FileKeys, run_gateway
+
+    caplog.set_level(logging.WARNING, logger="flux_adapters.gateway")
+    keys = FileKeys(tmp_path / "keys.json")  # keys in a file: only the admission needs Redis
+    with redis_server() as redis:
+
+        def clients(only: tuple[str, ...] | None) -> AsyncFluxClient:
+            return AsyncFluxClient(
+                "laozhang", api_key="k", base_url="http://127.0.0.1:9/v1", state=redis.url
+            )
+
+        with run_gateway(
+            files_dir=tmp_path / "files", clients=clients, keys=keys, state_url=redis.url
+        ) as gateway:
+            key, _ = gateway.add_key()
+            redis.kill()
+            with httpx.Client(base_url=gateway.root, timeout=30) as http:
+                answer = http.post(
+                    "/v1/images/generations",
+                    json={"model": "flux-2-pro", "prompt": "no state"},
+                    headers={"authorization": f"Bearer {key}"},
+                )
+                metrics = http.get("/metrics").text
+    assert answer.status_code == 503, answer.text
+    assert 'flux_gateway_state_failures_total{step="call"} 1.0' in metrics, (answer.text, metrics)
+    logged = [r.getMessage() for r in caplog.records if r.name == "flux_adapters.gateway"]
+    assert any("shared state" in line and "did not answer" in line for line in logged)

@@ -697,6 +697,9 @@ async def _image_call_held(
             raise
         except errors.FluxError as error:
             _count_attempts(gateway, getattr(error, "attempts", ()) or ())
+            if isinstance(error, errors.StateUnavailable):  # Redis failing: say so, count it
+                LOGGER.warning("the shared state failed a call: %s", error)
+                gateway.metrics.child(gateway.metrics.state_failures, "call").inc()
             answer = error_answer(error)
             billed = bool(answer.body["error"].get("may_be_billed"))  # type: ignore[attr-defined]
             kept = billed or budget_keeps(error)

@@ -76,8 +76,8 @@ class Metrics:
         self.in_flight = Gauge("flux_gateway_in_flight", "Paid calls under way", registry=r)
         self.state_failures = Counter(
             "flux_gateway_state_failures",
-            "Calls to the shared state (Redis) that failed and refused a request, by step "
-            "(key_lookup: a gateway key could not be looked up)",
+            "Requests refused because the shared state (Redis) failed, by step (key_lookup: "
+            "looking up the gateway key; call: admitting the call, before it was sent)",
             ["step"],
             registry=r,
         )
