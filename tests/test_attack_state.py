@@ -736,3 +736,30 @@ def test_a_gateway_call_whose_admission_redis_fails_is_logged_and_counted(
     assert 'flux_gateway_state_failures_total{step="call"} 1.0' in metrics, (answer.text, metrics)
     logged = [r.getMessage() for r in caplog.records if r.name == "flux_adapters.gateway"]
     assert any("shared state" in line and "did not answer" in line for line in logged)
+
+
+@pytest.mark.parametrize("reply", [b"-ERR no\r\n", resp("soon")])
+def test_a_failure_after_the_call_never_says_nothing_was_sent(reply: bytes) -> None:
+    # What FluxClient logs when the bookkeeping after a call fails ("its outcome stands"): the
+    # call was sent; a message saying otherwise would mislead whoever checks the bill.
+    done = Finish(granted=None, outcome="failure", reservation=FINISH.reservation, charge_usd=0.0)
+
+    async def run(url: str) -> None:
+        state = open_state(url, timeout=2.0)
+        try:
+            with pytest.raises(StateUnavailable, match="after the call") as caught:
+                await state.finish(done)
+            assert "nothing was sent" not in str(caught.value)
+        finally:
+            await state.aclose()
+
+    with hostile_redis(scripts(lambda command: Reply(reply))) as server:
+        state = open_state(server.url, timeout=2.0)
+        assert isinstance(state, RedisState)
+        try:
+            with pytest.raises(StateUnavailable, match="after the call") as caught:
+                state.blocking.finish(done)
+            assert "nothing was sent" not in str(caught.value)
+        finally:
+            state.blocking.close()
+        asyncio.run(run(server.url))

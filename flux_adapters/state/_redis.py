@@ -340,14 +340,30 @@ def failure(exc: BaseException, timeout: float) -> tuple[str, str]:
     return "gave an answer that cannot be read", type(exc).__name__
 
 
+_ENDING: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "flux_adapters_redis_ending", default="nothing was sent"
+)
+"""How a state error's message ends: an admission's failure means nothing was sent; a
+finishing step's comes after the call (`_after_the_call`), and must not say so."""
+
+
+@contextlib.contextmanager
+def _after_the_call() -> Iterator[None]:
+    token = _ENDING.set("after the call")
+    try:
+        yield
+    finally:
+        _ENDING.reset(token)
+
+
 def _unavailable(exc: BaseException, timeout: float) -> StateUnavailable:
     what, detail = failure(exc, timeout)
-    return StateUnavailable(f"the shared state (Redis) {what}: {detail}; nothing was sent")
+    return StateUnavailable(f"the shared state (Redis) {what}: {detail}; {_ENDING.get()}")
 
 
 def _unreadable(what: str) -> StateUnavailable:
     return StateUnavailable(
-        f"the shared state (Redis) gave an answer that cannot be read: {what}; nothing was sent"
+        f"the shared state (Redis) gave an answer that cannot be read: {what}; {_ENDING.get()}"
     )
 
 
@@ -612,7 +628,8 @@ class RedisState:
             return self._fallback.finish_locally(done)
         keys, args = self._layout.finish(done)
         try:
-            return self._layout.finished(await self._call("finish", keys, args))
+            with _after_the_call():
+                return self._layout.finished(await self._call("finish", keys, args))
         except StateUnavailable as exc:
             self._fallback.fell(exc)
             return self._fallback.finish_locally(done)
@@ -947,7 +964,8 @@ class _RedisBlocking:
             return fallback.finish_locally(done)
         keys, args = self._state._layout.finish(done)
         try:
-            return self._state._layout.finished(self._call(self._finish, keys, args))
+            with _after_the_call():
+                return self._state._layout.finished(self._call(self._finish, keys, args))
         except StateUnavailable as exc:
             fallback.fell(exc)
             return fallback.finish_locally(done)
