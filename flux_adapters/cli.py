@@ -41,12 +41,12 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Final, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 
 from flux_adapters import errors
 from flux_adapters._batch_files import is_url
@@ -1933,7 +1933,7 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
             out.write(f"id {record.id}: the key above is shown once; only its hash is kept\n")
         return EXIT_OK
     if arguments.keys_command == "list":
-        records = asyncio.run(store.list_keys())
+        records = asyncio.run(_closing(store, store.list_keys()))
         if arguments.json:
             _write_json(out, {"keys": [record_to_dict(r) | {"key_hash": None} for r in records]})
             return EXIT_OK
@@ -1948,10 +1948,23 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
                 f"{r.id}  {escape_controls(r.name) or '-'}  {budget}{rate}{models}{providers}\n"
             )
         return EXIT_OK
-    if not asyncio.run(store.delete_key(arguments.key_id)):
+    if not asyncio.run(_closing(store, store.delete_key(arguments.key_id))):
         raise errors.ConfigurationError(f"no gateway key with id {arguments.key_id!r}")
     out.write(f"revoked {arguments.key_id}\n")
     return EXIT_OK
+
+
+_T = TypeVar("_T")
+
+
+async def _closing(store: KeyStore, step: Coroutine[Any, Any, _T]) -> _T:
+    """*step*'s result, the store's connections (Redis) closed after it, in its event loop."""
+    try:
+        return await step
+    finally:
+        close = getattr(store, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def _stored(store: KeyStore, record: KeyRecord) -> None:
@@ -1964,13 +1977,12 @@ async def _stored(store: KeyStore, record: KeyRecord) -> None:
     Raises:
         StateUnavailable: The store refused the write or does not hold the record after it.
     """
-    try:
+
+    async def written() -> KeyRecord | None:
         await store.put_key(record)
-        kept = await store.get_key(record.key_hash)
-    finally:
-        close = getattr(store, "aclose", None)
-        if close is not None:
-            await close()
+        return await store.get_key(record.key_hash)
+
+    kept = await _closing(store, written())
     if kept != record:
         raise errors.StateUnavailable(
             f"the key store did not keep gateway key {record.id} (read back after writing it: "

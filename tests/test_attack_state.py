@@ -763,3 +763,28 @@ def test_a_failure_after_the_call_never_says_nothing_was_sent(reply: bytes) -> N
         finally:
             state.blocking.close()
         asyncio.run(run(server.url))
+
+
+def test_keys_commands_with_redis_close_their_connections() -> None:
+    import sys
+
+    with redis_server() as server:
+        for action in (["create", "--name", "ci"], ["list"], ["revoke", "nosuchkey"]):
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    "-X",
+                    "dev",
+                    "-m",
+                    "flux_adapters",
+                    "keys",
+                    "--state",
+                    server.url,
+                    *action,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode in (0, 5), run.stderr
+            assert "ResourceWarning" not in run.stderr, (action, run.stderr)
