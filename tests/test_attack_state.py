@@ -490,9 +490,11 @@ def test_keys_create_with_redis_prints_the_key_it_stored() -> None:
         "socket_connect_timeout=-2",
         "timeout=inf",
         "health_check_interval=nan",
+        "socket_timout=0.5",  # a typo: redis-py passed it on, and every call failed
+        "protocol=9",
     ],
 )
-def test_a_state_url_with_an_unusable_timeout_is_a_configuration_error(query: str) -> None:
+def test_a_state_url_with_an_unusable_option_is_a_configuration_error(query: str) -> None:
     option = query.partition("=")[0]
     with pytest.raises(ConfigurationError, match=option):
         open_state(f"redis://127.0.0.1:6379/0?{query}")

@@ -446,11 +446,20 @@ def _checked_url(url: str) -> dict[str, Any]:
     Raises:
         ConfigurationError: redis-py cannot read *url*, or a timeout in it is unusable.
     """
+    import redis
     from redis.connection import parse_url
 
     try:
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-    except (ValueError, TypeError) as exc:
+        # A connection made now, without connecting: an option redis-py does not know (a typo,
+        # "socket_timout") or cannot use ("protocol=9") fails here, not at every call as if
+        # Redis had failed (and, with fallback="local", for ever unnoticed).
+        arguments = dict(options)
+        made = arguments.pop("connection_class", redis.Connection)
+        for pool_option in ("max_connections", "timeout"):
+            arguments.pop(pool_option, None)
+        made(**arguments)
+    except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
         userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
         reason = str(exc)[:200]
         if userinfo and userinfo.rpartition(":")[2] in reason:
