@@ -790,3 +790,21 @@ def test_keys_commands_with_redis_close_their_connections() -> None:
             )
             assert run.returncode in (0, 5), run.stderr
             assert "ResourceWarning" not in run.stderr, (action, run.stderr)
+
+
+def test_a_state_used_in_a_second_event_loop_says_so() -> None:
+    # Its connections belong to the first loop: redis-py failed every later call with a
+    # RuntimeError ("cannot be read"). Now one clear error, outside the fallback to local state.
+    with redis_server() as server:
+        state = open_state(server.url, timeout=2.0, fallback="local")
+        first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+        try:
+            assert isinstance(first.run_until_complete(state.admit(ASK)), Admitted)
+            with pytest.raises(ConfigurationError, match="another event loop"):
+                second.run_until_complete(state.admit(ASK))
+            first.run_until_complete(state.aclose())
+            assert isinstance(second.run_until_complete(state.admit(ASK)), Admitted)
+            second.run_until_complete(state.aclose())
+        finally:
+            first.close()
+            second.close()

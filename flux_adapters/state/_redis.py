@@ -560,6 +560,7 @@ class RedisState:
         self._layout = _Layout(prefix)
         self._fallback = _Fallback(fallback == "local")
         self._async: redis.asyncio.Redis | None = None
+        self._loop: object = None  # the event loop `_async` was made in
         self._scripts: dict[str, Any] = {}
         self._blocking: _RedisBlocking | None = None
 
@@ -579,6 +580,18 @@ class RedisState:
         }
 
     def _client(self) -> redis.asyncio.Redis:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._async is not None and self._loop is not loop:
+            # Its connections belong to the loop they were made in (closed by now, after an
+            # asyncio.run): every call would fail with redis-py's RuntimeError. They cannot be
+            # closed from here; the caller must (or open a state for each loop).
+            raise ConfigurationError(
+                "this Redis state was used in another event loop (asyncio.run called again?): "
+                "close it there (await state.aclose()) before using it in another, or open "
+                "one state for each loop"
+            )
         if self._async is None:
             import redis.asyncio
             from redis.asyncio.retry import Retry
@@ -594,6 +607,7 @@ class RedisState:
                 **self._options(),
             )
             self._async = redis.asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+            self._loop = loop
             for name, source in (("admit", ADMIT), ("finish", FINISH), ("spent", SPENT)):
                 self._scripts[name] = self._async.register_script(source)
         return self._async
@@ -780,9 +794,12 @@ class RedisState:
         return bool(removed)
 
     async def aclose(self) -> None:
+        import asyncio
+
         client, self._async = self._async, None
-        if client is not None:
+        if client is not None and self._loop is asyncio.get_running_loop():
             await client.aclose(close_connection_pool=True)
+        # else: made in another loop, which alone can close its connections (if it still runs)
         if self._blocking is not None:
             self._blocking.close()
 
