@@ -47,7 +47,7 @@ def scripts(reply: Callable[[list[bytes]], Reply]) -> Callable[[list[bytes]], Re
     return answer
 
 
-# -- 1. one deadline for all the reads of one call ------------------------------------------------
+# -- one deadline for all the reads of one call ------------------------------------------------
 
 
 def test_a_blocking_call_to_a_redis_that_drips_its_answer_ends_unavailable() -> None:
@@ -118,7 +118,7 @@ def test_a_dripping_redis_with_fallback_to_local_falls_back() -> None:
             state.blocking.close()
 
 
-# -- 2. error replies named; answers of the wrong shape are StateUnavailable ---------------------
+# -- error replies named; answers of the wrong shape are StateUnavailable ---------------------
 
 
 def _admit_sync(url: str) -> object:
@@ -270,7 +270,7 @@ def test_a_read_only_replica_is_named_for_both_clients() -> None:
                 call(server.url)
 
 
-# -- 6. a shared batch whose Redis was flushed mid-run --------------------------------------------
+# -- a shared batch whose Redis was flushed mid-run --------------------------------------------
 
 
 def test_a_batch_whose_redis_was_flushed_mid_run_stops_with_exit_4_and_says_so(
@@ -390,7 +390,7 @@ def test_a_batch_script_refused_names_the_error(step: str) -> None:
         _store_call(server.url, step)
 
 
-# -- 3. the gateway's key lookup, Redis failing ------------------------------------------------------
+# -- the gateway's key lookup, Redis failing ------------------------------------------------------
 
 
 def test_a_gateway_key_lookup_that_redis_fails_is_logged_and_counted(
@@ -427,7 +427,7 @@ def test_a_gateway_key_lookup_that_redis_fails_is_logged_and_counted(
     assert key not in caplog.text
 
 
-# -- 4. `keys create` prints a key only once Redis has it ------------------------------------------
+# -- `keys create` prints a key only once Redis has it ------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -473,7 +473,7 @@ def test_keys_create_with_redis_prints_the_key_it_stored() -> None:
     assert [i.decode() for i in ids] == [key.split("_")[1]]
 
 
-# -- 5. timeouts in the state URL ------------------------------------------------------------------
+# -- timeouts in the state URL ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -581,6 +581,9 @@ def test_a_huge_answer_to_a_batch_script_is_cut_at_a_bound() -> None:
     assert taken < HUGE // 2
 
 
+# -- a shared batch begun afresh under its id after a flush -------------------------------------
+
+
 def test_workers_of_a_flushed_batch_begun_afresh_by_another_worker_stop_and_send_nothing_twice(
     tmp_path: Path,
 ) -> None:
@@ -625,6 +628,9 @@ def test_workers_of_a_flushed_batch_begun_afresh_by_another_worker_stop_and_send
         assert json.loads(stdout)["error"]["type"] == "StateUnavailable"
     assert after - at_flush <= 8, (at_flush, after)
     assert max(ledger.values()) == 1
+
+
+# -- a Redis that wants a password ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("password", [None, "wrong-PW-x"])
@@ -692,7 +698,8 @@ def test_a_number_damaged_by_hand_in_redis_fails_closed_naming_the_key(
             state.blocking.close()
 
 
-def test_a_pause_key_damaged_by_hand_does_not_stop_a_429_pausing_everyone() -> None:
+def test_a_pause_key_damaged_by_hand_fails_the_429s_pause_naming_the_key() -> None:
+    # 'nan' there made every later pause compare false: no 429 paused the key again.
     with redis_server() as server:
         client: Any = server.client()
         client.set("flux:pause:k-1", "nan")
