@@ -620,9 +620,15 @@ class RedisState:
         # One deadline for the whole call: the pool's wait, connecting, and every round trip
         # (EVALSHA, and SCRIPT LOAD and EVALSHA again after a NOSCRIPT), each of which redis-py
         # bounds only on its own.
-        with _answered(self._timeout), bounded_answer(MAX_ANSWER):
+        # (_answered and bounded_answer written out: this is every AsyncFluxClient call's path)
+        left = _LEFT.set([MAX_ANSWER, MAX_ANSWER])
+        try:
             async with asyncio.timeout(self._timeout):
                 return await self._scripts[name](keys=keys, args=args, client=client)
+        except Exception as exc:
+            raise _unavailable(exc, self._timeout) from exc
+        finally:
+            _LEFT.reset(left)
 
     async def _raw(self, *command: str) -> Any:
         import asyncio
@@ -965,13 +971,17 @@ class _RedisBlocking:
     def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
         # Every read of the call (the handshake of a new connection, EVALSHA, and SCRIPT LOAD
         # and EVALSHA again after a NOSCRIPT) shares one deadline: `_DeadlineSocket`.
+        # (_answered and bounded_answer written out: this is every FluxClient call's path)
         timeout = self._state._timeout
-        token = _DEADLINE.set(time.monotonic() + timeout)
+        deadline = _DEADLINE.set(time.monotonic() + timeout)
+        left = _LEFT.set([MAX_ANSWER_BLOCKING, MAX_ANSWER_BLOCKING])
         try:
-            with _answered(timeout), bounded_answer(MAX_ANSWER_BLOCKING):
-                return script(keys=keys, args=args)
+            return script(keys=keys, args=args)
+        except Exception as exc:
+            raise _unavailable(exc, timeout) from exc
         finally:
-            _DEADLINE.reset(token)
+            _LEFT.reset(left)
+            _DEADLINE.reset(deadline)
 
     def admit(self, ask: Ask) -> Admitted | Denied:
         fallback = self._state._fallback
