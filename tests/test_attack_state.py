@@ -242,10 +242,11 @@ def test_a_handshake_answer_of_the_wrong_shape_is_state_unavailable_or_ignored(
 ) -> None:
     # What answers at the URL is not Redis (or not one redis-py can talk to). The blocking
     # client checks the handshake (and raised AttributeError on a list); the async one goes on
-    # and is answered: either is fine, anything outside the FluxError tree is not.
+    # and is answered: either is fine, anything outside the FluxError tree is not. (HELLO is
+    # sent only when the URL asks for RESP3.)
     with hostile_redis(scripts(lambda command: Reply(OK_ADMIT)), hello=hello) as server:
         try:
-            answer = CALLS[call](server.url)
+            answer = CALLS[call](f"{server.url}?protocol=3")
         except StateUnavailable:
             return
         assert isinstance(answer, Admitted)
@@ -815,3 +816,13 @@ def test_a_state_used_in_a_second_event_loop_says_so() -> None:
         finally:
             first.close()
             second.close()
+
+
+# -- a Redis without HELLO (Redis 5, a proxy) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_a_redis_that_does_not_know_hello_is_used_with_resp2(call: str) -> None:
+    refused = b"-ERR unknown command 'HELLO'\r\n"
+    with hostile_redis(scripts(lambda command: Reply(OK_ADMIT)), hello=refused) as server:
+        assert isinstance(CALLS[call](server.url), Admitted)
