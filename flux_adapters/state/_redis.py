@@ -577,8 +577,8 @@ class RedisState:
             "socket_connect_timeout": self._timeout,
             "retry_on_timeout": False,
             "health_check_interval": 0,
-            # RESP2: all the scripts need, spoken by every Redis they run on (4.0 and later:
-            # HSET of several fields). redis-py 8 asks for RESP3 by default, with a HELLO that a
+            # RESP2: all the scripts need, spoken by every Redis they run on (5.0 and later:
+            # TIME before writes). redis-py 8 asks for RESP3 by default, with a HELLO that a
             # Redis 5 (or a proxy without HELLO) refuses: every call would fail.
             "protocol": 2,
         }
