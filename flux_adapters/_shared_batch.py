@@ -686,7 +686,8 @@ class _Run:
             lost = "another worker took this job's block over (this worker's lease ended)"
         except StateUnavailable:
             ended.counted = False
-            lost = "its end could not be recorded: the shared state (Redis) did not answer"
+            # (the worker's one line after the run says why: no answer, an error, a flush)
+            lost = "its end could not be recorded in the shared state (Redis)"
         if not ended.counted:
             ended.reason = f"{ended.reason}; {lost}" if ended.reason else lost
         else:

@@ -43,12 +43,12 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Final, NoReturn, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 
 from flux_adapters import errors
 from flux_adapters._batch_files import is_url
@@ -62,12 +62,14 @@ if TYPE_CHECKING:
 
     from flux_adapters.client import AsyncFluxClient
     from flux_adapters.emulator import Fault
+    from flux_adapters.gateway._keys import KeyStore
     from flux_adapters.jobs import Polling
     from flux_adapters.limits import Plan
     from flux_adapters.prices import Price
     from flux_adapters.providers import AnyAdapter
     from flux_adapters.request import EditRequest
     from flux_adapters.result import Attempt, BatchItem, ConversionWarning, ResultImage
+    from flux_adapters.state import KeyRecord
 
 __all__ = ["main"]
 
@@ -2003,7 +2005,7 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
             allowed_providers=arguments.provider,
             rate_per_minute=arguments.rate_per_minute,
         )
-        asyncio.run(store.put_key(record))
+        asyncio.run(_stored(store, record))
         if arguments.json:
             _write_json(out, {"key": key, "record": record_to_dict(record)})
         else:
@@ -2011,7 +2013,7 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
             out.write(f"id {record.id}: the key above is shown once; only its hash is kept\n")
         return EXIT_OK
     if arguments.keys_command == "list":
-        records = asyncio.run(store.list_keys())
+        records = asyncio.run(_closing(store, store.list_keys()))
         if arguments.json:
             _write_json(out, {"keys": [record_to_dict(r) | {"key_hash": None} for r in records]})
             return EXIT_OK
@@ -2026,10 +2028,43 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
                 f"{r.id}  {escape_controls(r.name) or '-'}  {budget}{rate}{models}{providers}\n"
             )
         return EXIT_OK
-    if not asyncio.run(store.delete_key(arguments.key_id)):
+    if not asyncio.run(_closing(store, store.delete_key(arguments.key_id))):
         raise errors.ConfigurationError(f"no gateway key with id {arguments.key_id!r}")
     out.write(f"revoked {arguments.key_id}\n")
     return EXIT_OK
+
+
+async def _closing(store: KeyStore, step: Coroutine[Any, Any, _T]) -> _T:
+    """*step*'s result, the store's connections (Redis) closed after it, in its event loop."""
+    try:
+        return await step
+    finally:
+        close = getattr(store, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _stored(store: KeyStore, record: KeyRecord) -> None:
+    """Store *record*, and read it back: a key is shown only once the store has it.
+
+    A key shown but not kept cannot be shown again (only its hash is stored): a Redis, or a
+    proxy in front of it, that acknowledged the write and dropped it would leave the user
+    with a key no gateway accepts.
+
+    Raises:
+        StateUnavailable: The store refused the write or does not hold the record after it.
+    """
+
+    async def written() -> KeyRecord | None:
+        await store.put_key(record)
+        return await store.get_key(record.key_hash)
+
+    kept = await _closing(store, written())
+    if kept != record:
+        raise errors.StateUnavailable(
+            f"the key store did not keep gateway key {record.id} (read back after writing it: "
+            f"{'nothing' if kept is None else 'another record'}); the key is not shown"
+        )
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -353,6 +353,10 @@ async def _authorized(request: Request, gateway: Gateway) -> KeyRecord | Answer 
                 code="keys_unreadable",
                 retry=False,
             )
+        except errors.StateUnavailable as exc:  # Redis down, refusing, or garbled: never silent
+            LOGGER.warning("a gateway key could not be looked up: %s", exc)
+            gateway.metrics.child(gateway.metrics.state_failures, "key_lookup").inc()
+            return _state_down_answer()
     if not verify(record, key_hash):
         return openai_error(401, "Incorrect API key provided", code="invalid_api_key", retry=False)
     assert record is not None
@@ -715,6 +719,9 @@ async def _image_call_held(
             raise
         except errors.FluxError as error:
             _count_attempts(gateway, getattr(error, "attempts", ()) or ())
+            if isinstance(error, errors.StateUnavailable):  # Redis failing: say so, count it
+                LOGGER.warning("the shared state failed a call: %s", error)
+                gateway.metrics.child(gateway.metrics.state_failures, "call").inc()
             answer = error_answer(error)
             billed = bool(answer.body["error"].get("may_be_billed"))  # type: ignore[attr-defined]
             kept = billed or budget_keeps(error)
@@ -1129,16 +1136,20 @@ def _log_access(text: str) -> None:
         handler.release()
 
 
-async def _state_down(request: Request, exc: Exception) -> Response:
-    # The shared state did not answer (Redis down, failing closed) before anything was sent.
-    answer = openai_error(
+def _state_down_answer() -> Answer:
+    return openai_error(
         503,
         "the gateway's shared state is not reachable; nothing was sent",
         type_="server_error",
         code="state_unavailable",
         retry=True,
     )
-    return _json(answer, _request_id())
+
+
+async def _state_down(request: Request, exc: Exception) -> Response:
+    # The shared state did not answer (Redis down, failing closed) before anything was sent.
+    LOGGER.warning("the shared state failed a request: %s", exc)
+    return _json(_state_down_answer(), _request_id())
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
