@@ -824,6 +824,28 @@ def test_redis_down_is_a_503_before_anything_is_sent(emulator: Emulator, tmp_pat
     assert len(emulator.calls("laozhang")) == before
 
 
+def test_readiness_says_not_ready_while_the_shared_state_does_not_answer(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    from tests.redis_server import redis_server
+
+    with (
+        redis_server() as redis,
+        run_gateway(
+            files_dir=tmp_path, clients=single(emulator, "laozhang"), state_url=redis.url
+        ) as gateway,
+    ):
+        up = httpx.get(gateway.root + "/readyz", timeout=30)
+        redis.kill()
+        down = httpx.get(gateway.root + "/readyz", timeout=30)
+        alive = httpx.get(gateway.root + "/healthz", timeout=30)
+    assert (up.status_code, up.json()["state"]) == (200, "redis")
+    assert down.status_code == 503  # a load balancer sends calls elsewhere
+    assert down.json()["status"] == "state_unavailable"
+    assert "Redis" in down.json()["detail"]
+    assert alive.status_code == 200  # alive, only not ready
+
+
 def test_a_key_limited_to_providers_is_routed_among_them_only(
     emulator: Emulator, failover_env: None, tmp_path: Path
 ) -> None:

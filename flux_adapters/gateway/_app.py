@@ -949,13 +949,25 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready to take calls: not draining, providers configured."""
+    """Ready to take calls: not draining, and a shared state (Redis) that answers.
+
+    A gateway whose Redis is down (and has no local fallback) answers every call 503: a load
+    balancer asking here sends the calls to another.
+    """
     gateway = _gateway(request)
     if gateway.draining:
         return JSONResponse(
             {"status": "draining", "in_flight": len(gateway.in_flight)}, status_code=503
         )
-    return JSONResponse({"status": "ready", "providers": list(gateway.providers)})
+    ready: dict[str, object] = {"status": "ready", "providers": list(gateway.providers)}
+    where = getattr(gateway.state, "where", None)  # a shared state (RedisState)
+    if where is not None:
+        try:
+            ready["state"] = await where()
+        except errors.StateUnavailable as error:
+            body = {"status": "state_unavailable", "detail": str(error)}
+            return JSONResponse(body, status_code=503)
+    return JSONResponse(ready)
 
 
 async def metrics(request: Request) -> Response:

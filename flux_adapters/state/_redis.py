@@ -642,6 +642,24 @@ class RedisState:
             async with asyncio.timeout(self._timeout * 2 + 0.5):
                 return await client.execute_command(*command)  # type: ignore[no-untyped-call]
 
+    async def where(self) -> Literal["redis", "local"]:
+        """Where the state is kept now, for a readiness check (the gateway's ``/readyz``).
+
+        ``"redis"`` once Redis answered a ``PING`` in time; ``"local"`` while this process's
+        own state stands in for it (``fallback="local"`` after a failure).
+
+        Raises:
+            StateUnavailable: Redis did not answer, and there is no fallback.
+        """
+        if self._fallback.active():
+            return "local"
+        try:
+            await self._raw("PING")
+        except StateUnavailable as exc:
+            self._fallback.fell(exc)  # raises it again without a fallback
+            return "local"
+        return "redis"
+
     # -- the atomic steps --------------------------------------------------------------------
 
     async def admit(self, ask: Ask) -> Admitted | Denied:
