@@ -66,6 +66,14 @@ if TYPE_CHECKING:
 
 __all__ = ["NameSet", "file_key", "run_batch"]
 
+CHANGED_REASON: Final = "the request for this id is not the one sent before (force=True sends it)"
+"""A ``changed`` job's reason; the command line names its flag instead (`COMMAND_REASONS`)."""
+COMMAND_REASONS: Final = {
+    CHANGED_REASON: "the request for this id is not the one sent before (run with --force to "
+    "send it)"
+}
+"""Reasons that name an argument of `edit_many`, as ``flux-adapters batch`` says them."""
+
 _ItemMaker = Callable[..., BatchItem]
 
 _MAX_NAME: Final = 200
@@ -442,11 +450,7 @@ class _Batch:
                 existing = tuple(folder / file for file in before)
                 return item("skipped", saved=existing, reason="already saved (no journal entry)")
         if verdict == "changed" and not self.force:
-            return item(
-                "changed",
-                reason="the request for this id is not the one sent before (run with force to "
-                "send it)",
-            )
+            return item("changed", reason=CHANGED_REASON)
         if verdict == "unconfirmed":
             recovered, failure = await self._download_again(name, state)
             if recovered:

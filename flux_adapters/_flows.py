@@ -586,10 +586,10 @@ def follow_job(
         timeout = JobTimeout(
             f"the job did not finish within {polling.deadline:g} s"
             + (
-                "; it was cancelled if it had not started (if it had, it may still finish:"
-                " resume it)"
+                "; it was cancelled if it had not started (if it had, it may still finish"
+                " and be billed)"
                 if cancelled
-                else "; it may still finish (resume it)"
+                else "; it may still finish and be billed"
             ),
             provider=adapter.name,
             job_id=job.id,

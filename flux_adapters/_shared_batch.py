@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from attrs import define, field, frozen
 
-from flux_adapters._batch import _finished_record, _save_all
+from flux_adapters._batch import CHANGED_REASON, COMMAND_REASONS, _finished_record, _save_all
 from flux_adapters._batch_files import build_request, parse_line
 from flux_adapters._journal import JobState, image_identities, is_image_file, request_digest
 from flux_adapters._shared_batch_store import STATUSES, Claim, Store
@@ -686,7 +686,8 @@ class _Run:
             lost = "another worker took this job's block over (this worker's lease ended)"
         except StateUnavailable:
             ended.counted = False
-            lost = "its end could not be recorded: the shared state (Redis) did not answer"
+            # (the worker's one line after the run says why: no answer, an error, a flush)
+            lost = "its end could not be recorded in the shared state (Redis)"
         if not ended.counted:
             ended.reason = f"{ended.reason}; {lost}" if ended.reason else lost
         else:
@@ -747,8 +748,7 @@ class _Run:
             return Ended(
                 name,
                 "changed",
-                reason="the request for this id is not the one sent before (run with --force "
-                "to send it)",
+                reason=COMMAND_REASONS[CHANGED_REASON],
             )
         if known and state.may_be_billed and not (force and state.digest != digest):
             recovered = await self._recover(number, name, state)

@@ -10,7 +10,10 @@ key).
 Keys (``B`` = the block size, job *n* is in block ``n // B``):
 
 ``meta``     hash: total, block, blocks, lease (ms), round, next (the next block never
-             claimed), file (digest of the jobs file), output, prev_round / prev_counts
+             claimed), file (digest of the jobs file), output, prev_round / prev_counts,
+             epoch (random, made by the worker that began the batch: every later script of
+             a worker names it, so a batch begun afresh under the same id after a flush is
+             refused to the workers of the lost one)
 ``leases``   sorted set: block -> lease end (server ms); only the blocks being worked on
 ``owners``   hash: block -> the worker holding it
 ``jobs``     hash: job number -> its journal records (JSON lines), for the jobs in flight and
@@ -26,7 +29,10 @@ a job (250 KB for a million jobs), never with the jobs saved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import secrets
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from attrs import frozen
@@ -51,13 +57,13 @@ end
 BEGIN: Final = (
     _HEAD
     + """
--- ARGV: total, block, lease_ms, keep, file digest, output
+-- ARGV: total, block, lease_ms, keep, file digest, output, epoch (for a new batch)
 local total, block = tonumber(ARGV[1]), tonumber(ARGV[2])
 local how = 'join'
 if redis.call('EXISTS', meta) == 0 then
   redis.call('HSET', meta, 'total', total, 'block', block,
     'blocks', math.ceil(total / block), 'lease', ARGV[3], 'round', 1, 'next', 0,
-    'file', ARGV[5], 'output', ARGV[6])
+    'file', ARGV[5], 'output', ARGV[6], 'epoch', ARGV[7])
   redis.call('DEL', leases, owners, jobs, saved, done, counts)
   how = 'new'
 else
@@ -76,15 +82,19 @@ else
   end
 end
 keep(tonumber(ARGV[4]))
-local m = redis.call('HMGET', meta, 'round', 'block', 'lease')
-return {how, m[1], m[2], m[3]}
+local m = redis.call('HMGET', meta, 'round', 'block', 'lease', 'epoch')
+return {how, m[1], m[2], m[3], m[4] or ''}
 """
 )
 
 CLAIM: Final = (
     _HEAD
     + """
--- ARGV: worker, round, keep
+-- ARGV: worker, round, keep, epoch
+-- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
+if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
+  return {'missing'}
+end
 local m = redis.call('HMGET', meta, 'round', 'block', 'lease', 'next', 'blocks', 'total')
 if m[1] ~= ARGV[2] then return {'over'} end
 local block, lease, nxt = tonumber(m[2]), tonumber(m[3]), tonumber(m[4])
@@ -122,10 +132,14 @@ return out
 RENEW: Final = (
     _HEAD
     + """
--- ARGV: worker, keep, round, blocks...
+-- ARGV: worker, keep, round, blocks..., epoch
+-- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
+if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
+  return {'missing'}
+end
 local lease = tonumber(redis.call('HGET', meta, 'lease') or '0')
 local lost = {}
-for i = 4, #ARGV do
+for i = 4, #ARGV - 1 do
   if redis.call('HGET', owners, ARGV[i]) == ARGV[1] and redis.call('ZSCORE', leases, ARGV[i]) then
     redis.call('ZADD', leases, 'XX', now + lease, ARGV[i])
   else
@@ -141,8 +155,12 @@ return {table.concat(lost, ','), current and 1 or 0, redis.call('HGETALL', count
 JOURNAL: Final = (
     _HEAD
     + """
--- ARGV: worker, keep, ops (JSON list of [job or block, record, end status, saved, release])
+-- ARGV: worker, keep, ops (JSON list of [job or block, record, end status, saved, release]), epoch
 -- Every op is fenced: only the worker holding a job's block may write for it.
+-- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
+if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
+  return {'missing'}
+end
 local block = tonumber(redis.call('HGET', meta, 'block') or '0')
 local ops = cjson.decode(ARGV[3])
 local out = {}
@@ -185,7 +203,11 @@ return out
 STATUS: Final = (
     _HEAD
     + """
--- ARGV: round
+-- ARGV: round, epoch
+-- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
+if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
+  return {'missing'}
+end
 local m = redis.call('HMGET', meta, 'round', 'prev_round', 'prev_counts')
 if m[1] == ARGV[1] then return {'current', cjson.encode(redis.call('HGETALL', counts))} end
 if m[2] == ARGV[1] then return {'previous', m[3]} end
@@ -222,8 +244,12 @@ def _counts(flat: object) -> dict[str, int]:
     found = dict.fromkeys(STATUSES, 0)
     for status, count in zip(items[::2], items[1::2], strict=False):
         if status in found:
-            found[status] = int(count)
+            found[status] = max(int(count), 0)
     return found
+
+
+def _positive(text: str) -> bool:
+    return text.isdigit() and 0 < int(text) <= 10**12
 
 
 def _records(raw: str) -> tuple[dict[str, Any], ...]:
@@ -231,7 +257,7 @@ def _records(raw: str) -> tuple[dict[str, Any], ...]:
     for line in raw.splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deep (not ours)
             continue
         if isinstance(record, dict):
             found.append(record)
@@ -258,9 +284,13 @@ class Store:
         self._scripts: dict[str, Any] = {}
         self.round = ""
         self.block = 0
+        self.total = 0
+        self.epoch = ""
+        """The batch's own random id, made by the worker that began it: a batch begun afresh
+        under the same id (after a flush) has another, and this worker's scripts refuse it."""
 
     async def _run(self, name: str, source: str, args: list[str]) -> Any:
-        import redis.exceptions
+        from flux_adapters.state._redis import MAX_ANSWER, bounded_answer, failure
 
         client = self._state._client()  # the state's pool: its timeouts, no retries
         script = self._scripts.get(name)
@@ -268,13 +298,36 @@ class Store:
             script = self._scripts[name] = client.register_script(source)
         timeout = self._state._timeout
         try:
-            async with asyncio.timeout(timeout * 2 + 0.5):  # a belt over the socket bounds
-                return await script(keys=self.keys, args=args, client=client)
-        except (OSError, TimeoutError, redis.exceptions.RedisError) as exc:
+            with bounded_answer(MAX_ANSWER):
+                async with asyncio.timeout(timeout * 2 + 0.5):  # a belt over the socket bounds
+                    answer = await script(keys=self.keys, args=args, client=client)
+        except Exception as exc:  # redis-py at work on what the server sent: see _redis._answered
+            what, detail = failure(exc, timeout)
             raise StateUnavailable(
-                f"the batch's shared state (Redis) did not answer within {timeout:g} s "
-                f"({type(exc).__name__}): no job is sent without its record there; stopping"
+                f"the batch's shared state (Redis) {what} ({detail}): no job is sent without "
+                "its record there; stopping"
             ) from exc
+        if isinstance(answer, list) and answer[:1] in ([b"missing"], ["missing"]):
+            raise StateUnavailable(
+                f"the shared state (Redis) no longer holds batch {self.batch_id} (flushed, "
+                "restarted without persistence, or failed over to a replica that lacked it): "
+                "its journal is lost, so no job is sent; stopping (see docs/scaling.md: "
+                "appendonly yes, appendfsync always)"
+            )
+        return answer
+
+    @contextlib.contextmanager
+    def _read(self, what: str) -> Iterator[None]:
+        """Raise an answer of the wrong shape (a script's, read here) as `StateUnavailable`."""
+        try:
+            yield
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, RecursionError) as exc:
+            # ValueError: also UnicodeDecodeError and json's JSONDecodeError; RecursionError: JSON
+            # nested deep
+            raise StateUnavailable(
+                f"the batch's shared state (Redis) gave an answer to {what} that cannot be read "
+                f"({type(exc).__name__}): no job is sent without its record there; stopping"
+            ) from None
 
     async def begin(
         self, *, total: int, block: int, lease_ms: int, file_digest: str, output: str
@@ -284,15 +337,25 @@ class Store:
         Raises:
             ConfigurationError: Another batch has this id (it cannot, but for a digest match).
         """
-        args = [str(total), str(block), str(lease_ms), self._keep, file_digest, output]
-        answer = [_text(part) for part in await self._run("begin", BEGIN, args)]
-        if answer[0] == "mismatch":
-            raise ConfigurationError(
-                f"the shared state holds another batch under id {self.batch_id} "
-                f"(output {answer[1]!r}); use another --state prefix"
-            )
-        self.round, self.block = answer[1], int(answer[2])
-        return answer[0], int(answer[2]), int(answer[3])
+        args = [
+            *(str(total), str(block), str(lease_ms), self._keep, file_digest, output),
+            secrets.token_hex(8),  # the batch's epoch, if this worker makes it
+        ]
+        raw = await self._run("begin", BEGIN, args)
+        with self._read("BEGIN"):
+            answer = [_text(part) for part in raw]
+            if answer[0] == "mismatch":
+                raise ConfigurationError(
+                    f"the shared state holds another batch under id {self.batch_id} "
+                    f"(output {answer[1][:200]!r}); use another --state prefix"
+                )
+            how, round_, size, lease, epoch = answer
+            if how not in ("new", "join", "rerun") or not round_.isdigit():
+                raise ValueError(how)
+            if not (_positive(size) and _positive(lease)):
+                raise ValueError(size)
+        self.round, self.block, self.total, self.epoch = round_, int(size), total, epoch
+        return how, int(size), int(lease)
 
     async def claim(self) -> Claim | float | None:
         """A block of jobs to work on.
@@ -300,36 +363,54 @@ class Store:
         Else the seconds until a lease held by another worker ends (others are still working),
         or ``None`` when this round is over.
         """
-        answer = await self._run("claim", CLAIM, [self.worker, self.round, self._keep])
-        kind = _text(answer[0])
-        if kind == "wait":
-            return max(int(_text(answer[1])), 0) / 1000
-        if kind != "block":
-            return None
-        block, took, flags = int(_text(answer[1])), _text(answer[2]), _text(answer[3])
-        first = block * self.block
-        jobs = tuple(
-            (first + i, flags[2 * i] == "1", flags[2 * i + 1] == "1", _records(_text(raw)))
-            for i, raw in enumerate(answer[4:])
-        )
+        args = [self.worker, self.round, self._keep, self.epoch]
+        answer = await self._run("claim", CLAIM, args)
+        with self._read("CLAIM"):
+            kind = _text(answer[0])
+            if kind == "wait":
+                return min(max(int(_text(answer[1])), 0), 86_400_000) / 1000
+            if kind in ("over", "done"):
+                return None
+            if kind != "block":
+                raise ValueError(kind)
+            block, took, flags = int(_text(answer[1])), _text(answer[2]), _text(answer[3])
+            first = block * self.block
+            count = min(self.block, self.total - first)
+            if block < 0 or count < 1 or took not in ("0", "1", "2"):
+                raise ValueError(block)
+            if len(answer) != 4 + count or len(flags) != 2 * count:
+                raise ValueError(len(answer))
+            jobs = tuple(
+                (first + i, flags[2 * i] == "1", flags[2 * i + 1] == "1", _records(_text(raw)))
+                for i, raw in enumerate(answer[4:])
+            )
         return Claim(block, took != "0", jobs, own=took == "2")
 
     async def renew(self, blocks: list[int]) -> tuple[set[int], bool, dict[str, int]]:
         """Extend the leases of *blocks*: those lost, whether the round is current, the counts."""
-        args = [self.worker, self._keep, self.round, *(str(block) for block in blocks)]
-        lost, current, counts = await self._run("renew", RENEW, args)
-        text = _text(lost)
-        return {int(b) for b in text.split(",") if b}, bool(int(current)), _counts(counts)
+        args = [self.worker, self._keep, self.round, *(str(b) for b in blocks), self.epoch]
+        answer = await self._run("renew", RENEW, args)
+        with self._read("RENEW"):
+            lost, current, counts = answer
+            text = _text(lost)
+            return {int(b) for b in text.split(",") if b}, bool(int(current)), _counts(counts)
 
     async def journal(self, ops: list[list[object]]) -> list[bool]:
         """Apply *ops* in order, fenced; for each, whether it was (not lost to another worker)."""
         payload = json.dumps(ops, separators=(",", ":"), ensure_ascii=True)
-        answer = await self._run("journal", JOURNAL, [self.worker, self._keep, payload])
-        return [_text(part) == "ok" for part in answer]
+        args = [self.worker, self._keep, payload, self.epoch]
+        answer = await self._run("journal", JOURNAL, args)
+        with self._read("JOURNAL"):
+            results = [_text(part) for part in answer]
+            if len(results) != len(ops) or not set(results) <= {"ok", "lost"}:
+                raise ValueError(len(results))
+        return [result == "ok" for result in results]
 
     async def totals(self) -> dict[str, int] | None:
         """The counts of this worker's round (``None`` when they have expired)."""
-        kind, raw = (_text(part) for part in await self._run("status", STATUS, [self.round]))
-        if kind == "gone":
-            return None
-        return _counts(json.loads(raw))
+        answer = await self._run("status", STATUS, [self.round, self.epoch])
+        with self._read("STATUS"):
+            kind, raw = (_text(part) for part in answer)
+            if kind == "gone":
+                return None
+            return _counts(json.loads(raw))

@@ -5,7 +5,8 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
 
     0    success (batch: every request saved or already saved)
     1    unexpected failure (a bug, or standard output cannot be written, e.g. a full disk)
-    2    bad arguments, an unusable input file, or a request the limits refuse (nothing sent)
+    2    bad arguments, an unusable input file, or a request the limits or a cumulative budget
+         refuse (nothing sent)
     3    the provider answered with an error, or its job ended without an image (failed,
          moderated, unknown) (batch: at least one request failed)
     4    no usable answer: connection failed or timed out, or a job passed its deadline, or
@@ -22,9 +23,10 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
 
 When every provider of a failover list failed, the status is that of the last failure.
 
-With --json (edit, check, explain, models, batch), standard output is one JSON document and
-nothing else; after the arguments are read, a failure is the JSON object {"error": {...}} there
-(its type, message, exit status and any violations), besides its line on standard error.
+With --json (edit, check, explain, models, batch, keys create, keys list), standard output is
+one JSON document and nothing else; after the arguments are read, a failure is the JSON object
+{"error": {...}} there (its type, message, exit status and any violations), besides its line on
+standard error.
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Final, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 
 from flux_adapters import errors
 from flux_adapters._batch_files import is_url
@@ -60,12 +62,14 @@ if TYPE_CHECKING:
 
     from flux_adapters.client import AsyncFluxClient
     from flux_adapters.emulator import Fault
+    from flux_adapters.gateway._keys import KeyStore
     from flux_adapters.jobs import Polling
     from flux_adapters.limits import Plan
     from flux_adapters.prices import Price
     from flux_adapters.providers import AnyAdapter
     from flux_adapters.request import EditRequest
     from flux_adapters.result import Attempt, BatchItem, ConversionWarning, ResultImage
+    from flux_adapters.state import KeyRecord
 
 __all__ = ["main"]
 
@@ -119,6 +123,19 @@ def _number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def _above_zero(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
+def _label(text: str) -> str:
+    if len(text) > 200 or not text.isprintable():
+        raise argparse.ArgumentTypeError("must be printable text of at most 200 characters")
+    return text
 
 
 def _image_file(text: str) -> Path:
@@ -216,9 +233,13 @@ def _adapter_name(text: str) -> str:
 def _fault(text: str) -> tuple[str, Fault]:
     from flux_adapters.emulator import PROVIDER_PREFIXES, Fault  # light: no server imports
 
-    provider, _, spec = text.partition(":")
+    provider, colon, spec = text.partition(":")
     if provider not in PROVIDER_PREFIXES:
-        raise argparse.ArgumentTypeError(f"{text!r}: unknown provider {provider!r}")
+        known = ", ".join(sorted(PROVIDER_PREFIXES))
+        shape = "" if colon else ", written PROVIDER:SPEC such as laozhang:429"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown provider {provider!r} (one of {known}){shape}"
+        )
     try:
         fault = Fault.parse(spec)  # which also checks each value
         fault.check_for(provider)  # and that it can happen there (a poll fault at laozhang...)
@@ -227,7 +248,9 @@ def _fault(text: str) -> tuple[str, Fault]:
     return provider, fault
 
 
-def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_request_arguments(
+    parser: argparse.ArgumentParser, format_default: str = "the provider's"
+) -> None:
     from flux_adapters.request import MODELS
 
     parser.add_argument("prompt", help="what to generate, or how to edit the images")
@@ -245,7 +268,7 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="output height (with --width)")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
-        "--format", dest="output_format", choices=_FORMATS, help="default: from -o's extension"
+        "--format", dest="output_format", choices=_FORMATS, help=f"default: {format_default}"
     )
     parser.add_argument("--safety-tolerance", type=int)
     parser.add_argument("--steps", type=int, help="inference steps (flux-2-flex)")
@@ -283,9 +306,13 @@ def _parser() -> argparse.ArgumentParser:
         "and the output path, then sends it and saves the image. Nothing is sent when a check "
         "fails.",
     )
-    _add_request_arguments(edit)
+    _add_request_arguments(edit, "from -o's extension, else the provider's")
     edit.add_argument(
-        "-p", "--provider", type=_provider_id, help="default: first of $FLUX_PROVIDERS"
+        "-p",
+        "--provider",
+        type=_provider_id,
+        help="default: the configured provider or failover list (flux-adapters.toml, "
+        "$FLUX_PROVIDERS)",
     )
     edit.add_argument(
         "--base-url",
@@ -407,7 +434,8 @@ def _parser() -> argparse.ArgumentParser:
         "aspect_ratio, seed, output_format, safety_tolerance, prompt_upsampling, steps, "
         "guidance, allow_conversions. Every line is checked before anything is sent. Providers "
         "come from --provider, or from flux-adapters.toml and $FLUX_PROVIDERS. A journal in the "
-        "output folder records every request before it is sent, so a batch stopped at any point "
+        "output folder (with --state: in Redis) records every request before it is sent, so a "
+        "batch stopped at any point "
         "(Ctrl-C, a kill, a power loss) can be run again: saved jobs are skipped, and jobs that "
         "may have been billed are reported 'unconfirmed' and not sent again unless "
         "--resend-unconfirmed. A job that fails is one line on standard error as it ends.",
@@ -436,20 +464,17 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--lease",
         type=_lease,
-        default=30.0,
         help="with --state: seconds a worker's claim lasts unless renewed; a worker that dies "
         "loses its jobs to the others after this long (default 30; the first worker's counts)",
     )
     batch.add_argument(
         "--block",
         type=_whole(1, 10_000),
-        default=50,
         help="with --state: jobs claimed at a time (default 50; the first worker's counts)",
     )
     batch.add_argument(
         "--state-expiry",
         type=_expiry,
-        default=7 * 86400.0,
         metavar="SECONDS",
         help="with --state: seconds the batch's state stays in Redis after its last step "
         "(default 604800, 7 days)",
@@ -505,12 +530,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_json(explain, "each provider's request")
 
     emulate = commands.add_parser(
-        "emulate", help="run the provider emulator on 127.0.0.1 in the foreground"
+        "emulate",
+        help="run the provider emulator on 127.0.0.1 in the foreground",
+        description="Serves every built-in provider's API offline, each under its own path "
+        "(http://HOST:PORT/laozhang, /apiyi, /aimlapi, /bfl, /fal): point <PROVIDER>_BASE_URL "
+        "there. Faults can be injected at start (--fault) or while it runs (POST "
+        "/<provider>/__flux/faults). See docs/emulator.md.",
     )
     emulate.add_argument(
         "--port", type=_whole(0, 65535), default=8000, help="default 8000; 0: any free port"
     )
-    emulate.add_argument("--host", default="127.0.0.1")
+    emulate.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     emulate.add_argument(
         "--ttl", type=_seconds(), default=600.0, help="seconds result URLs stay valid (default 600)"
     )
@@ -527,7 +557,10 @@ def _parser() -> argparse.ArgumentParser:
         "--key", action="append", help="accept only these API keys (default: any non-empty key)"
     )
     emulate.add_argument(
-        "--bad-key", action="append", default=[], help="refuse this API key with 401"
+        "--bad-key",
+        action="append",
+        default=[],
+        help="refuse this API key with 401 (bfl: 403, as BFL does)",
     )
     _add_serve(commands)
     _add_keys(commands)
@@ -560,7 +593,8 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="seconds a kept image is served (default 86400: one day)",
     )  # fmt: skip
     serve.add_argument(
-        "--public-url", help="root URL for image links (default: the URL each client called)"
+        "--public-url",
+        help="root URL for image links, http(s)://host[/path] (default: the URL each client called)",
     )
     serve.add_argument(
         "--keys-file",
@@ -570,7 +604,8 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
     serve.add_argument(
         "--state",
         metavar="URL",
-        help="shared state, e.g. redis://host:6379/0 (default: $FLUX_STATE_URL, else in-process)",
+        help="shared state, e.g. redis://host:6379/0 (default: $FLUX_STATE_URL, else state_url "
+        "in the configuration file, else in-process)",
     )
     serve.add_argument(
         "--no-auth", action="store_true",
@@ -599,6 +634,8 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
+    from flux_adapters.request import MODELS
+
     keys = commands.add_parser("keys", help="create, list or revoke gateway keys")
     keys.add_argument(
         "--keys-file",
@@ -615,8 +652,8 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
     create = actions.add_parser(
         "create", help="make a key; it is shown once, only its hash is kept"
     )
-    create.add_argument("--name", default="", help="a label")
-    create.add_argument("--budget-usd", type=_number, help="dollars this key may spend")
+    create.add_argument("--name", default="", type=_label, help="a label")
+    create.add_argument("--budget-usd", type=_above_zero, help="dollars this key may spend")
     period = create.add_mutually_exclusive_group()
     period.add_argument(
         "--per-day",
@@ -633,7 +670,11 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="the budget is for the key's life (default)",
     )
     create.add_argument(
-        "--model", action="append", default=[], help="a model it may use (repeat; default all)"
+        "--model",
+        action="append",
+        default=[],
+        choices=MODELS,
+        help="a model it may use (repeat; default all)",
     )
     create.add_argument(
         "--provider",
@@ -643,10 +684,10 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="a provider its calls may go to (repeat; default all)",
     )
     create.add_argument(
-        "--rate-per-minute", type=_number, help="calls per minute (default: no limit)"
+        "--rate-per-minute", type=_above_zero, help="calls per minute (default: no limit)"
     )
     _add_json(create, "the key and its record")
-    listing = actions.add_parser("list", help="the keys (ids, limits, spend today; never a key)")
+    listing = actions.add_parser("list", help="the keys (ids, names, limits; never a key)")
     _add_json(listing, "the records")
     revoke = actions.add_parser("revoke", help="delete a key by its id")
     revoke.add_argument("key_id", help="the id `keys list` shows")
@@ -754,6 +795,18 @@ def _in_flags(text: str, flags: Mapping[str, str]) -> str:
             return match[0]
         value = match[3] or ""
         return flag if value in ("", "True") else f"{flag} {value.strip(chr(34))}"
+
+    return _SPELLED.sub(spelled, text)
+
+
+def _in_fields(text: str) -> str:
+    """*text* with each argument the library's advice names spelled as a batch line's field."""
+
+    def spelled(match: re.Match[str]) -> str:
+        if match[1]:
+            return '"width" and "height"'
+        value = {"True": "true", "": ""}.get(match[3] or "", match[3])
+        return f'"{match[2]}": {value}' if value else f'"{match[2]}"'
 
     return _SPELLED.sub(spelled, text)
 
@@ -1049,7 +1102,7 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             polling=_polling(arguments.timeout),
         )
     else:  # the configured provider or failover list: flux-adapters.toml and $FLUX_PROVIDERS
-        client = FluxClient.from_env()
+        client = _configured(FluxClient.from_env, "edit")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     saved: list[dict[str, object]] = []
     code = EXIT_OK
@@ -1206,6 +1259,18 @@ def _attempt_lines(item: BatchItem) -> list[dict[str, object]]:
     ]
 
 
+def _in_command_words(item: BatchItem) -> BatchItem:
+    """*item* with a reason that names an argument of `edit_many` naming the flag instead."""
+    from flux_adapters._batch import COMMAND_REASONS
+
+    said = COMMAND_REASONS.get(item.reason)
+    if said is None:
+        return item
+    import attrs
+
+    return attrs.evolve(item, reason=said)
+
+
 def _report_line(item: BatchItem) -> dict[str, object]:
     line: dict[str, object] = {"id": item.name, "status": item.status}
     if item.result is not None:
@@ -1231,12 +1296,29 @@ def _job_line(name: str, status: str, why: str) -> str:
     return f"flux-adapters: {escape_controls(name)}: {status}: {text}"
 
 
+_T = TypeVar("_T")
+
+
+def _configured(from_env: Callable[[], _T], command: str) -> _T:
+    """A client's ``from_env()``, a configuration naming no provider told that ``-p`` names one."""
+    from flux_adapters.config import NO_PROVIDERS
+
+    try:
+        return from_env()
+    except errors.ConfigurationError as error:
+        if not str(error).startswith(NO_PROVIDERS):
+            raise
+        raise errors.ConfigurationError(
+            f"{error}; or name one: flux-adapters {command} -p laozhang ..."
+        ) from None
+
+
 def _batch_client(arguments: argparse.Namespace) -> AsyncFluxClient:
     """The client for a batch: ``-p`` providers (those without a key left out), else configured."""
     from flux_adapters.client import AsyncFluxClient
 
     if not arguments.provider:
-        return AsyncFluxClient.from_env()
+        return _configured(AsyncFluxClient.from_env, "batch")
     from flux_adapters._ids import ProviderName
     from flux_adapters.config import ProviderSettings, with_keys
 
@@ -1268,7 +1350,10 @@ def _why(error: BaseException | None, reason: str) -> str:
     """What a job's line says of why it did not end saved: its error, and the reason too."""
     if error is None:
         return reason
-    why = f"{type(error).__name__}: {_one_line(error)}"
+    shown = _one_line(error)
+    if isinstance(error, errors.RequestError):  # advice as a line of the batch spells it
+        shown = _in_fields(shown)
+    why = f"{type(error).__name__}: {shown}"
     return f"{why} ({reason})" if reason else why
 
 
@@ -1352,7 +1437,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         may_repeat = True
         counts["failed"] += 1
         report.append({"id": name, "status": "failed", "error": f"RequestError: {error}"})
-        tell(_job_line(name, "failed", f"RequestError: {_one_line(error)}"))
+        tell(_job_line(name, "failed", _why(error, "")))
         if display:
             display[0].advance()
 
@@ -1393,6 +1478,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     # Closed here even if writing the report fails: jobs stop before the client.
                     async with contextlib.aclosing(items):
                         async for item in items:
+                            item = _in_command_words(item)
                             counts[item.status] += 1
                             report.append(_report_line(item))
                             in_flight.discard(item.name)
@@ -1465,17 +1551,21 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
 
     path: Path = arguments.file
     total = check_file(path)
+    expiry = arguments.state_expiry
+    given = {  # those not given: SharedOptions' defaults, which --help states
+        "block": arguments.block,
+        "lease_s": arguments.lease,
+        "keep_s": None if expiry is None else max(int(expiry), 1),
+    }
     options = SharedOptions(
         state_url=arguments.state,
         output=arguments.output,
         concurrency=arguments.concurrency,
         per_provider=arguments.per_provider,
-        block=arguments.block,
-        lease_s=arguments.lease,
-        keep_s=max(int(arguments.state_expiry), 1),
         resend_unconfirmed=arguments.resend_unconfirmed,
         force=arguments.force,
         grace=arguments.grace,
+        **{name: value for name, value in given.items() if value is not None},
     )
     report = JsonLines(arguments.report) if arguments.report is not None else None
     lines = Lines(path)
@@ -1599,13 +1689,11 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
     if arguments.mutate and arguments.record:
         raise _UsageError("flux-adapters conformance: error: --mutate replays; not with --record")
     _check_folder(arguments.report_dir)
+    shipped = False
     if arguments.cassettes is None:
         arguments.cassettes = Path("cassettes")
         if not arguments.record and not arguments.cassettes.is_dir():
-            arguments.cassettes = bundled_cassettes()
-            out.write(
-                f"replaying the cassettes shipped with flux-adapters ({arguments.cassettes})\n"
-            )
+            arguments.cassettes, shipped = bundled_cassettes(), True
     if arguments.record:
         _check_folder(arguments.cassettes)
     adapters: list[AnyAdapter] = [
@@ -1634,6 +1722,15 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 f"--adapter {arguments.adapter} could not be created ({describe_exception(exc)})"
             ) from None
         adapters.append(check_adapter(adapter))  # type: ignore[arg-type]
+    if shipped:
+        unrecorded = [a.name for a in adapters if not (arguments.cassettes / a.name).is_dir()]
+        if unrecorded:  # its every scenario would fail, and advise recording into the package
+            raise _UsageError(
+                f"flux-adapters conformance: error: no cassettes for {', '.join(unrecorded)}: "
+                "./cassettes does not exist and flux-adapters ships only its built-in "
+                "providers' cassettes; pass --cassettes DIR (record them into one with --record)"
+            )
+        out.write(f"replaying the cassettes shipped with flux-adapters ({arguments.cassettes})\n")
     if arguments.mutate:
         return _mutation(adapters, arguments.cassettes, arguments.report_dir, out)
     if arguments.record:
@@ -1875,11 +1972,9 @@ def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
         out.write(f"flux-adapters emulator on {root} (Ctrl-C to stop); base URLs:\n")
         for provider, prefix in PROVIDER_PREFIXES.items():
             out.write(f"  {provider:<16} {root}/{prefix}\n")
-        out.write(
-            "any non-empty API key is accepted\n"
-            if not arguments.key
-            else "only the given API keys are accepted\n"
-        )
+        accepted = "only the given API keys are" if arguments.key else "any non-empty API key is"
+        refused = " (but those given with --bad-key)" if arguments.bad_key else ""
+        out.write(f"{accepted} accepted{refused}\n")
         out.flush()
 
     # uvicorn stops on Ctrl-C, then raises the signal again once its loop is done; asyncio.run's
@@ -1965,19 +2060,6 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
 
     store = open_key_store(arguments.state or configured_state_url(), arguments.keys_file)
     if arguments.keys_command == "create":
-        from flux_adapters.request import MODELS
-
-        unknown = [m for m in arguments.model if m not in MODELS]
-        if unknown:
-            raise errors.ConfigurationError(
-                f"unknown model {unknown[0]!r}; models: {', '.join(MODELS)}"
-            )
-        for name, value in (
-            ("--budget-usd", arguments.budget_usd),
-            ("--rate-per-minute", arguments.rate_per_minute),
-        ):
-            if value is not None and not value > 0:
-                raise errors.ConfigurationError(f"{name} must be above 0")
         key, record = new_key(
             name=arguments.name,
             budget_usd=arguments.budget_usd,
@@ -1986,7 +2068,7 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
             allowed_providers=arguments.provider,
             rate_per_minute=arguments.rate_per_minute,
         )
-        asyncio.run(store.put_key(record))
+        asyncio.run(_stored(store, record))
         if arguments.json:
             _write_json(out, {"key": key, "record": record_to_dict(record)})
         else:
@@ -1994,7 +2076,7 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
             out.write(f"id {record.id}: the key above is shown once; only its hash is kept\n")
         return EXIT_OK
     if arguments.keys_command == "list":
-        records = asyncio.run(store.list_keys())
+        records = asyncio.run(_closing(store, store.list_keys()))
         if arguments.json:
             _write_json(out, {"keys": [record_to_dict(r) | {"key_hash": None} for r in records]})
             return EXIT_OK
@@ -2009,10 +2091,43 @@ def _keys(arguments: argparse.Namespace, out: TextIO) -> int:
                 f"{r.id}  {escape_controls(r.name) or '-'}  {budget}{rate}{models}{providers}\n"
             )
         return EXIT_OK
-    if not asyncio.run(store.delete_key(arguments.key_id)):
+    if not asyncio.run(_closing(store, store.delete_key(arguments.key_id))):
         raise errors.ConfigurationError(f"no gateway key with id {arguments.key_id!r}")
     out.write(f"revoked {arguments.key_id}\n")
     return EXIT_OK
+
+
+async def _closing(store: KeyStore, step: Coroutine[Any, Any, _T]) -> _T:
+    """*step*'s result, the store's connections (Redis) closed after it, in its event loop."""
+    try:
+        return await step
+    finally:
+        close = getattr(store, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _stored(store: KeyStore, record: KeyRecord) -> None:
+    """Store *record*, and read it back: a key is shown only once the store has it.
+
+    A key shown but not kept cannot be shown again (only its hash is stored): a Redis, or a
+    proxy in front of it, that acknowledged the write and dropped it would leave the user
+    with a key no gateway accepts.
+
+    Raises:
+        StateUnavailable: The store refused the write or does not hold the record after it.
+    """
+
+    async def written() -> KeyRecord | None:
+        await store.put_key(record)
+        return await store.get_key(record.key_hash)
+
+    kept = await _closing(store, written())
+    if kept != record:
+        raise errors.StateUnavailable(
+            f"the key store did not keep gateway key {record.id} (read back after writing it: "
+            f"{'nothing' if kept is None else 'another record'}); the key is not shown"
+        )
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -2024,6 +2139,7 @@ _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (
     (errors.OutputError, EXIT_OUTPUT),
     (errors.MissingExtraError, EXIT_CONFIG),
     (errors.RequestError, EXIT_REQUEST),
+    (errors.BudgetExceeded, EXIT_REQUEST),  # refused before sending, as by a provider's limits
     (errors.ConfigurationError, EXIT_CONFIG),
     (errors.ResultExpired, EXIT_EXPIRED),
     (errors.ProviderError, EXIT_PROVIDER),
@@ -2145,11 +2261,23 @@ def _library_warnings(err: TextIO) -> Iterator[None]:
         LOGGER.removeHandler(handler)
 
 
+_SHARED_ONLY: Final = {"--lease": "lease", "--block": "block", "--state-expiry": "state_expiry"}
+"""``batch`` options of a batch shared through Redis: refused without ``--state``."""
+
+
 def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if arguments.command == "batch" and arguments.state is not None:
         if arguments.report is not None:
             _check_output_file(arguments.report)
     elif arguments.command == "batch":  # then check_file checks every line, also before sending
+        given = [
+            flag for flag, name in _SHARED_ONLY.items() if getattr(arguments, name) is not None
+        ]
+        if given:
+            raise _UsageError(
+                f"flux-adapters batch: error: {', '.join(given)}: only with --state (a batch "
+                "shared through Redis)"
+            )
         if "://" in arguments.output and not arguments.output.startswith("file://"):
             raise errors.ConfigurationError(
                 "an output URL is for a batch shared through Redis (--state); a batch of one "

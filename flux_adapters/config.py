@@ -166,6 +166,10 @@ class Config:
         return {(p.name, model): price for p in self.providers for model, price in p.prices.items()}
 
 
+NO_PROVIDERS: Final = "no providers configured"
+"""How the error for a configuration naming no provider begins (the CLI adds its flag)."""
+
+
 def _fail(where: str, message: str) -> ConfigurationError:
     return ConfigurationError(f"{where}: {message}")
 
@@ -363,7 +367,7 @@ def load_config(
         names = list(configured)
     if not names:
         raise ConfigurationError(
-            "no providers configured: set FLUX_PROVIDERS or providers = [...] in flux-adapters.toml"
+            f"{NO_PROVIDERS}: set FLUX_PROVIDERS or providers = [...] in flux-adapters.toml"
         )
     ids: list[str] = []
     for name in names:
@@ -383,8 +387,10 @@ def load_config(
 
     routing = env.get("FLUX_ROUTING") or shape.routing or "ordered"
     if routing not in get_args(Routing):
-        raise ConfigurationError(f"routing must be 'ordered' or 'cheapest', not {routing!r}")
+        where = "$FLUX_ROUTING" if env.get("FLUX_ROUTING") else origin
+        raise _fail(where, f"routing must be 'ordered' or 'cheapest', not {routing!r:.40}")
     budget = env.get("FLUX_MAX_COST_USD") or shape.max_cost_usd
+    budget_from = "$FLUX_MAX_COST_USD" if env.get("FLUX_MAX_COST_USD") else f"{origin} max_cost_usd"
     timeout = env.get("FLUX_TIMEOUT") or shape.timeout
     timeout_from = "$FLUX_TIMEOUT" if env.get("FLUX_TIMEOUT") else f"{origin} timeout"
     job_deadline = job_deadline_from_env(env)
@@ -413,7 +419,7 @@ def load_config(
         routing=routing,  # type: ignore[arg-type]
         max_cost_usd=None
         if budget is None
-        else _number(_as_float(budget, "max_cost_usd"), "max_cost_usd"),
+        else _number(_as_float(budget, budget_from), budget_from),
         unknown_price=str(unknown_price),
         failover_on_ambiguous=ambiguous,
         timeout=None

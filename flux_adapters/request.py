@@ -518,6 +518,9 @@ def _from_path(path: Path) -> FileImage | _Unreadable:
     if isinstance(opened, _Refused):
         return _Unreadable(_short_path(text), opened.problem, opened.limit)
     descriptor, status = opened
+    if status.st_size == 0:  # not "in no known image format": nothing is in it at all
+        os.close(descriptor)
+        return _Unreadable(_short_path(text), "is empty", "at least one byte of image data")
     key = (
         text,
         status.st_dev,

@@ -227,6 +227,7 @@ def test_a_changed_request_is_reported_and_force_sends_it(tmp_path: Path) -> Non
     batch(provider, ["a red robot"], tmp_path, names=["robot"])
     [item] = batch(provider, ["a blue robot"], tmp_path, names=["robot"])
     assert item.status == "changed"
+    assert item.reason.endswith("(force=True sends it)")  # the argument, for a caller in Python
     assert provider.posts == Counter({"a red robot": 1})
     [item] = batch(provider, ["a blue robot"], tmp_path, names=["robot"], force=True)
     assert item.status == "ok"

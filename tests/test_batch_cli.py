@@ -114,6 +114,21 @@ class _Echo(BaseHTTPRequestHandler):
         pass
 
 
+def test_a_changed_job_is_told_with_the_commands_flag(emulator: Emulator, tmp_path: Path) -> None:
+    # The command's messages name its flags (docs/cli.md): --force, not edit_many's force=True.
+    source, folder = tmp_path / "jobs.jsonl", tmp_path / "out"
+    source.write_text(json.dumps({"id": "robot", "prompt": "a red robot", "size": "256x256"}))
+    assert batch(source, folder, emulator.base_url("laozhang")).returncode == 0
+    source.write_text(json.dumps({"id": "robot", "prompt": "a blue robot", "size": "256x256"}))
+    second = batch(source, folder, emulator.base_url("laozhang"))
+    assert second.returncode == 3, second.stderr
+    said = "the request for this id is not the one sent before (run with --force to send it)"
+    assert f"flux-adapters: robot: changed: {said}" in second.stderr
+    assert "force=True" not in second.stderr
+    [line] = report(folder)
+    assert (line["status"], line["reason"]) == ("changed", said)
+
+
 def test_a_key_echoed_in_every_position_never_reaches_the_report_or_the_terminal(
     tmp_path: Path,
 ) -> None:
@@ -182,3 +197,18 @@ def test_ctrl_c_stops_taking_jobs_lets_those_in_flight_finish_and_prints_the_sum
         assert isinstance(files, list)
         assert len(files) == 1
         assert Path(str(files[0])).is_file()
+
+
+def test_a_refused_line_is_told_how_to_fix_it_as_a_line_of_the_batch_spells_it(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "jobs.jsonl"
+    line = {"id": "wide", "prompt": "x", "model": "flux-kontext-pro", "width": 1000, "height": 700}
+    source.write_text(json.dumps(line) + "\n")
+    done = batch(source, tmp_path / "out", "http://127.0.0.1:9")  # refused before any call
+
+    assert done.returncode == 3, done.stderr  # a request refused
+    [said] = [line for line in done.stderr.splitlines() if ": wide: failed: " in line]
+    assert 'pass "aspect_ratio": "10:7" or "allow_conversions": true' in said
+    assert "allow_conversions=True" not in said  # the Python spelling, not a JSON field
+    assert report(tmp_path / "out")[0]["status"] == "failed"

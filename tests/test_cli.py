@@ -269,6 +269,31 @@ def test_emulate_serves_in_the_foreground_with_faults_from_the_command_line() ->
 
 
 @pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        ([], "any non-empty API key is accepted\n"),
+        (["--bad-key", "b"], "any non-empty API key is accepted (but those given with --bad-key)\n"),
+        (["--key", "a"], "only the given API keys are accepted\n"),
+        (["--key", "a", "--bad-key", "b"], "only the given API keys are accepted (but those given with --bad-key)\n"),
+    ],
+)  # fmt: skip
+def test_emulate_banner_says_which_keys_are_accepted(
+    flags: list[str], said: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A --bad-key is refused (401, bfl 403): the banner must not say every key is accepted.
+    import flux_adapters.emulator
+
+    def serve(**options: Any) -> None:
+        assert options["bad_keys"] == (["b"] if "--bad-key" in flags else [])
+        options["on_ready"]("http://127.0.0.1:1")
+
+    monkeypatch.setattr(flux_adapters.emulator, "serve", serve)
+    code, out, _ = run("emulate", *flags)
+    assert code == 0
+    assert out.endswith(said)
+
+
+@pytest.mark.parametrize(
     "spec", ["laozhang:on=poll,503", "aimlapi:pending=3", "apiyi:failed", "bfl:on=fetch,500"]
 )
 def test_emulate_refuses_a_fault_the_provider_cannot_have(spec: str) -> None:
@@ -660,3 +685,24 @@ def test_a_malformed_base_url_variable_stops_a_recording_before_any_request(
     assert code != 0
     assert "$LAOZHANG_BASE_URL" in err
     assert not (tmp_path / "cassettes").exists()
+
+
+def test_a_cumulative_budget_with_no_room_is_status_2_not_a_bug(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Status 1 is "unexpected failure (a bug)"; a budget refusing the call before anything is
+    # sent is refused like a request the limits refuse.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    monkeypatch.delenv("FLUX_CONFIG", raising=False)
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+    (tmp_path / "flux-adapters.toml").write_text('providers = ["laozhang"]\nbudget_usd = 0.01\n')
+    sent = len(emulator.calls("laozhang"))
+    code, _, err = run("edit", "p")
+    assert code == 2, err
+    assert "BudgetExceeded" in err
+    code, out, _ = run("edit", "p", "--json")
+    assert code == 2
+    assert json.loads(out)["error"]["exit_status"] == 2
+    assert len(emulator.calls("laozhang")) == sent  # nothing was sent

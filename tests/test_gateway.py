@@ -593,6 +593,51 @@ def test_gateway_settings_out_of_range_are_refused(
         GatewaySettings(files_dir=tmp_path, **setting)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "images.example.com",
+        "ftp://images.example.com",
+        "https://",
+        "https://h:99999",
+        "https://h/?a=1",
+        "https://h/\r\nx: y",
+        8080,
+    ],
+)
+def test_a_public_url_that_cannot_root_links_is_refused(url: object, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="public_url must be an http:// or https://"):
+        GatewaySettings(files_dir=tmp_path, public_url=url)
+
+
+def test_image_links_follow_the_public_url_without_a_doubled_slash(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    with run_gateway(
+        files_dir=tmp_path,
+        clients=single(emulator, "laozhang"),
+        public_url="http://images.example.com/flux/",
+    ) as gateway:
+        key, _ = gateway.add_key()
+        made = sdk(gateway, key).images.generate(model="flux-2-pro", prompt="x").data
+    assert made is not None
+    assert made[0].url is not None
+    assert made[0].url.startswith("http://images.example.com/flux/v1/files/")
+
+
+def test_a_files_dir_that_is_a_file_is_a_configuration_error(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"not a folder")
+    for folder in (taken, taken / "below"):
+        with (
+            pytest.raises(ConfigurationError, match=r"files_dir .* cannot be used as a folder"),
+            run_gateway(files_dir=folder, clients=single(emulator, "laozhang")),
+        ):
+            pass
+
+
 def test_an_image_that_cannot_be_kept_is_a_502_that_shows_no_gateway_path(
     emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -777,6 +822,28 @@ def test_redis_down_is_a_503_before_anything_is_sent(emulator: Emulator, tmp_pat
     assert body["code"] == "state_unavailable"
     assert caught.value.response.headers["x-should-retry"] == "true"
     assert len(emulator.calls("laozhang")) == before
+
+
+def test_readiness_says_not_ready_while_the_shared_state_does_not_answer(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    from tests.redis_server import redis_server
+
+    with (
+        redis_server() as redis,
+        run_gateway(
+            files_dir=tmp_path, clients=single(emulator, "laozhang"), state_url=redis.url
+        ) as gateway,
+    ):
+        up = httpx.get(gateway.root + "/readyz", timeout=30)
+        redis.kill()
+        down = httpx.get(gateway.root + "/readyz", timeout=30)
+        alive = httpx.get(gateway.root + "/healthz", timeout=30)
+    assert (up.status_code, up.json()["state"]) == (200, "redis")
+    assert down.status_code == 503  # a load balancer sends calls elsewhere
+    assert down.json()["status"] == "state_unavailable"
+    assert "Redis" in down.json()["detail"]
+    assert alive.status_code == 200  # alive, only not ready
 
 
 def test_a_key_limited_to_providers_is_routed_among_them_only(

@@ -58,17 +58,21 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "said"),
     [
-        ("--model", "flux-9"),
-        ("--budget-usd", "-1"),
-        ("--name", "two\nlines"),
-        ("--provider", "laozang"),
+        (("--model", "flux-9"), "argument --model: invalid choice: 'flux-9'"),
+        (("--budget-usd", "-1"), "argument --budget-usd: must be above 0, got '-1'"),
+        (("--rate-per-minute", "0"), "argument --rate-per-minute: must be above 0, got '0'"),
+        (("--name", "two\nlines"), "argument --name: must be printable text"),
+        (("--provider", "laozang"), "argument --provider: unknown provider 'laozang'"),
     ],
 )
-def test_keys_create_refuses_unusable_settings(argv: tuple[str, ...], tmp_path: Path) -> None:
-    code, out, _ = run("keys", "--keys-file", str(tmp_path / "k.json"), "create", *argv)
-    assert code in (2, EXIT_CONFIG)
+def test_keys_create_refuses_unusable_settings_as_bad_arguments(
+    argv: tuple[str, ...], said: str, tmp_path: Path
+) -> None:
+    code, out, err = run("keys", "--keys-file", str(tmp_path / "k.json"), "create", *argv)
+    assert code == 2, err  # bad arguments, as the help's exit table says
+    assert said in err
     assert out == ""
     assert not (tmp_path / "k.json").exists()
 

@@ -153,6 +153,14 @@ def test_an_empty_file_object_or_one_at_its_end_says_so(where: str) -> None:
     assert violation.limit == "at least one byte of image data"
 
 
+def test_an_empty_file_is_said_to_be_empty_not_of_an_unknown_format(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.touch()
+    violation = refused([empty])
+    assert violation.message.endswith("empty.png is empty")  # a long path is shortened
+    assert violation.limit == "at least one byte of image data"
+
+
 class Endless:
     """A stream that never ends; it counts every byte asked for and given."""
 

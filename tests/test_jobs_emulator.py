@@ -298,7 +298,7 @@ def test_a_job_whose_cancel_was_refused_is_resumed_to_its_image_without_a_submit
         edit(kind, emulator, "fal", request, polling=SHORT)
     assert caught.value.cancelled is False
     assert caught.value.job is not None
-    assert "it may still finish (resume it)" in str(caught.value)
+    assert "it may still finish and be billed" in str(caught.value)
     submits = len(emulator.calls("fal", "submit"))
 
     resumed, data = resume(kind, emulator, "fal", caught.value.job)

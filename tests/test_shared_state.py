@@ -306,6 +306,29 @@ def test_with_fallback_to_local_a_dead_redis_warns_once_and_calls_go_on(
     assert len(warnings) == 1
 
 
+@pytest.mark.parametrize("fallback", ["none", "local"])
+def test_where_the_state_is_kept_follows_redis_and_the_fallback(fallback: str) -> None:
+    async def run(server: RedisServer) -> tuple[str, str | BaseException]:
+        state = open_state(server.url, prefix=prefix(), timeout=0.5, fallback=fallback)  # type: ignore[arg-type]
+        assert isinstance(state, RedisState)
+        up = await state.where()
+        server.kill()
+        try:
+            down: str | BaseException = await state.where()
+        except StateUnavailable as error:
+            down = error
+        await state.aclose()
+        return up, down
+
+    with redis_server() as server:
+        up, down = asyncio.run(run(server))
+    assert up == "redis"
+    if fallback == "local":
+        assert down == "local"
+    else:
+        assert isinstance(down, StateUnavailable)
+
+
 def test_a_client_whose_budget_is_used_up_refuses_before_sending(
     redis: RedisServer, emulator: Emulator
 ) -> None:

@@ -205,7 +205,9 @@ def run_gateway(
         clients: Makes the clients (default: `clients_from_config`).
         keys: Where gateway keys live (default: the state, this process's or Redis with
             *state_url*; a key file only when given one, e.g. `FileKeys`).
-        state_url: The shared state (``redis://...``); default in-process.
+        state_url: The shared state (``redis://...``); default: the configured one
+            (``$FLUX_STATE_URL``, else ``state_url`` in *config*) unless *clients* is given,
+            else in-process.
         header_timeout: Seconds a connection may take to send its request head.
         **settings: `GatewaySettings` fields: ``retention``, ``max_body_bytes``,
             ``public_url``, ``require_keys``, ``default_model``, ``body_timeout``,

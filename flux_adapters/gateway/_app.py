@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import anyio
-from attrs import frozen
+from attrs import field, frozen
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -108,6 +108,27 @@ sent as one answer; a larger one is streamed from a thread (`FileResponse`)."""
 _HEADER_TEXT: Final = re.compile(r"[^\x20-\x7e]")
 
 
+def _public_root(url: object) -> str | None:
+    """*url* checked as the root of image links, without a trailing ``/`` (links add one)."""
+    if url is None:
+        return None
+    if isinstance(url, str) and not _HEADER_TEXT.search(url):
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+            usable = usable and not (parts.query or parts.fragment) and parts.port != 0
+        except ValueError:  # an odd port or bracket
+            usable = False
+        if usable:
+            return url.rstrip("/")
+    raise errors.ConfigurationError(
+        "GatewaySettings: public_url must be an http:// or https:// URL with a host and no "
+        f"query, such as https://images.example.com, not {url!r:.200}"
+    )
+
+
 @frozen(kw_only=True)
 class GatewaySettings:
     """How a gateway serves.
@@ -116,7 +137,8 @@ class GatewaySettings:
         files_dir: Where result images are kept.
         retention: Seconds a kept image is served (default one day).
         max_body_bytes: Largest request body (default 240 MiB: 8 images of 20 MB as base64).
-        public_url: Root URL for the image links (default: the URL the client called).
+        public_url: Root URL for the image links, ``http://`` or ``https://`` and a host
+            (default: the URL the client called); a trailing ``/`` is dropped.
         require_keys: Refuse requests without a valid gateway key (``False``: open, for a
             gateway only its own machine can reach).
         default_model: The model when a request names none.
@@ -139,7 +161,7 @@ class GatewaySettings:
     files_dir: Path
     retention: float = 86400.0
     max_body_bytes: int = 240 * 1024 * 1024
-    public_url: str | None = None
+    public_url: str | None = field(default=None, converter=_public_root)
     require_keys: bool = True
     default_model: str = "flux-2-pro"
     body_timeout: float = 300.0
@@ -331,6 +353,10 @@ async def _authorized(request: Request, gateway: Gateway) -> KeyRecord | Answer 
                 code="keys_unreadable",
                 retry=False,
             )
+        except errors.StateUnavailable as exc:  # Redis down, refusing, or garbled: never silent
+            LOGGER.warning("a gateway key could not be looked up: %s", exc)
+            gateway.metrics.child(gateway.metrics.state_failures, "key_lookup").inc()
+            return _state_down_answer()
     if not verify(record, key_hash):
         return openai_error(401, "Incorrect API key provided", code="invalid_api_key", retry=False)
     assert record is not None
@@ -693,6 +719,9 @@ async def _image_call_held(
             raise
         except errors.FluxError as error:
             _count_attempts(gateway, getattr(error, "attempts", ()) or ())
+            if isinstance(error, errors.StateUnavailable):  # Redis failing: say so, count it
+                LOGGER.warning("the shared state failed a call: %s", error)
+                gateway.metrics.child(gateway.metrics.state_failures, "call").inc()
             answer = error_answer(error)
             billed = bool(answer.body["error"].get("may_be_billed"))  # type: ignore[attr-defined]
             kept = billed or budget_keeps(error)
@@ -920,13 +949,25 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready to take calls: not draining, providers configured."""
+    """Ready to take calls: not draining, and a shared state (Redis) that answers.
+
+    A gateway whose Redis is down (and has no local fallback) answers every call 503: a load
+    balancer asking here sends the calls to another.
+    """
     gateway = _gateway(request)
     if gateway.draining:
         return JSONResponse(
             {"status": "draining", "in_flight": len(gateway.in_flight)}, status_code=503
         )
-    return JSONResponse({"status": "ready", "providers": list(gateway.providers)})
+    ready: dict[str, object] = {"status": "ready", "providers": list(gateway.providers)}
+    where = getattr(gateway.state, "where", None)  # a shared state (RedisState)
+    if where is not None:
+        try:
+            ready["state"] = await where()
+        except errors.StateUnavailable as error:
+            body = {"status": "state_unavailable", "detail": str(error)}
+            return JSONResponse(body, status_code=503)
+    return JSONResponse(ready)
 
 
 async def metrics(request: Request) -> Response:
@@ -1107,16 +1148,20 @@ def _log_access(text: str) -> None:
         handler.release()
 
 
-async def _state_down(request: Request, exc: Exception) -> Response:
-    # The shared state did not answer (Redis down, failing closed) before anything was sent.
-    answer = openai_error(
+def _state_down_answer() -> Answer:
+    return openai_error(
         503,
         "the gateway's shared state is not reachable; nothing was sent",
         type_="server_error",
         code="state_unavailable",
         retry=True,
     )
-    return _json(answer, _request_id())
+
+
+async def _state_down(request: Request, exc: Exception) -> Response:
+    # The shared state did not answer (Redis down, failing closed) before anything was sent.
+    LOGGER.warning("the shared state failed a request: %s", exc)
+    return _json(_state_down_answer(), _request_id())
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

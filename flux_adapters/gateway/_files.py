@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from flux_adapters._files import SNIFF_BYTES, ImageFile, atomic_image, image_format
-from flux_adapters.errors import OutputError
+from flux_adapters.errors import ConfigurationError, OutputError
 from flux_adapters.result import ResultImage, _checking
 
 __all__ = ["FileStore"]
@@ -49,7 +49,13 @@ class FileStore:
 
     def __init__(self, folder: str | os.PathLike[str], retention: float) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, a part of the path a file, no permission
+            reason = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
+            raise ConfigurationError(
+                f"files_dir {str(self.folder)!r} cannot be used as a folder: {reason or exc}"
+            ) from None
         self.retention = retention
         self._prefix = os.path.join(os.fspath(self.folder), "")
         """The folder's path and a separator: a kept file's path is this and its name (every

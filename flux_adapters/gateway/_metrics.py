@@ -74,6 +74,13 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("flux_gateway_in_flight", "Paid calls under way", registry=r)
+        self.state_failures = Counter(
+            "flux_gateway_state_failures",
+            "Requests refused because the shared state (Redis) failed, by step (key_lookup: "
+            "looking up the gateway key; call: admitting the call, before it was sent)",
+            ["step"],
+            registry=r,
+        )
         r.register(_Breakers(breaker_states))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 

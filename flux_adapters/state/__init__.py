@@ -410,7 +410,8 @@ def open_state(
         url: Where the state lives.
         fallback: ``"local"``: when Redis does not answer, use in-process state (one WARNING);
             ``"none"`` (default): raise `StateUnavailable` (fail closed).
-        timeout: Seconds any one Redis call may take (connect, send, answer).
+        timeout: Seconds any one Redis call may take (connect, send, answer); a
+            ``socket_timeout`` in *url* takes its place.
         prefix: The namespace of every Redis key.
 
     Raises:

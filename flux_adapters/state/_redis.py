@@ -21,8 +21,11 @@ write and read) and never retried by redis-py; a failure raises `StateUnavailabl
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
+import math
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -61,6 +64,18 @@ _NOW: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function f(x) return string.format('%.17g', x) end
+-- A number kept in *key* (raw: what Redis holds, false when nothing), or *default*. Anything
+-- else (a hand edit: 'nan' compares false with everything, and would lift a budget) stops the
+-- script before it writes, with an error naming the key.
+local function num(key, raw, default, low)
+  if not raw then return default end
+  local x = tonumber(raw)
+  if x == nil or x ~= x or x == math.huge or x == -math.huge or (low and x < low) then
+    local shown = string.gsub(string.sub(tostring(raw), 1, 40), '[^%w%.%+%-]', '?')
+    error('flux: ' .. key .. ' holds ' .. shown .. ', not a number it can hold: fix or delete it', 0)
+  end
+  return x
+end
 """
 
 ADMIT: Final = (
@@ -69,16 +84,16 @@ ADMIT: Final = (
 -- KEYS: circuit, pause, bucket, budget (without its window)
 -- ARGV: has_key, has_bucket, rate, burst, has_budget, amount, limit, period, probe_ttl
 if ARGV[2] == '1' then
-  local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local paused = num(KEYS[2], redis.call('GET', KEYS[2]), 0)
   if paused > now then return {'paused', f(paused - now), '0'} end
 end
 local probe = 0
 if ARGV[1] == '1' then
   local c = redis.call('HMGET', KEYS[1], 'until', 'probing')
   if c[1] then
-    local left = tonumber(c[1]) - now
+    local left = num(KEYS[1], c[1]) - now
     if left > 0 then return {'cooling', f(left), '0'} end
-    if c[2] and tonumber(c[2]) > now then return {'probing', '0', '0'} end
+    if c[2] and num(KEYS[1], c[2]) > now then return {'probing', '0', '0'} end
     probe = 1
   end
 end
@@ -87,8 +102,8 @@ local rate = tonumber(ARGV[3])
 if ARGV[2] == '1' and rate then
   local burst = tonumber(ARGV[4])
   local b = redis.call('HMGET', KEYS[3], 'tokens', 'ts')
-  local had = tonumber(b[1] or ARGV[4])
-  local at = tonumber(b[2] or f(now))
+  local had = num(KEYS[3], b[1], burst)
+  local at = num(KEYS[3], b[2], now)
   tokens = math.min(burst, had + math.max(0, now - at) * rate)
   if tokens < 1 then return {'paced', f((1 - tokens) / rate), '0'} end
 end
@@ -96,7 +111,7 @@ local window = 'total'
 if ARGV[5] == '1' then
   if ARGV[8] == 'day' then window = string.format('%d', math.floor(now / 86400)) end
   local bkey = KEYS[4] .. ':' .. window
-  local spent = tonumber(redis.call('GET', bkey) or '0')
+  local spent = num(bkey, redis.call('GET', bkey), 0, -1e-6)
   local amount = tonumber(ARGV[6])
   if spent + amount > tonumber(ARGV[7]) + 1e-9 then return {'budget', '0', f(spent)} end
   redis.call('SET', bkey, f(spent + amount))
@@ -116,6 +131,15 @@ FINISH: Final = (
     + """
 -- KEYS: circuit, budget (without its window), pause
 -- ARGV: outcome, probe, cooldown, max_pause, retry_after, window, reserved, charge, pause_s
+-- The numbers read first: one that is damaged stops the script before any write.
+local charge = tonumber(ARGV[8])
+if charge then
+  local bkey = KEYS[2] .. ':' .. ARGV[6]
+  num(bkey, redis.call('GET', bkey), 0, -1e-6)
+end
+local pause_s = tonumber(ARGV[9])
+local old = 0
+if pause_s and pause_s > 0 then old = num(KEYS[3], redis.call('GET', KEYS[3]), 0) end
 local started = ''
 if ARGV[1] == 'success' then
   redis.call('DEL', KEYS[1])
@@ -130,15 +154,12 @@ elseif ARGV[1] == 'failure' and tonumber(ARGV[3]) > 0 then
 elseif ARGV[2] == '1' then
   redis.call('HDEL', KEYS[1], 'probing')
 end
-local charge = tonumber(ARGV[8])
 if charge then
   local bkey = KEYS[2] .. ':' .. ARGV[6]
   redis.call('INCRBYFLOAT', bkey, f(charge - tonumber(ARGV[7])))
   if ARGV[6] ~= 'total' then redis.call('EXPIRE', bkey, 172800) end
 end
-local pause_s = tonumber(ARGV[9])
 if pause_s and pause_s > 0 then
-  local old = tonumber(redis.call('GET', KEYS[3]) or '0')
   if now + pause_s > old then
     redis.call('SET', KEYS[3], f(now + pause_s), 'PX', math.ceil(pause_s * 1000) + 1000)
   end
@@ -152,9 +173,15 @@ SPENT: Final = (
     + """
 local window = 'total'
 if ARGV[1] == 'day' then window = string.format('%d', math.floor(now / 86400)) end
-return redis.call('GET', KEYS[1] .. ':' .. window) or '0'
+local bkey = KEYS[1] .. ':' .. window
+local raw = redis.call('GET', bkey)
+num(bkey, raw, 0, -1e-6)
+return raw or '0'
 """
 )
+
+_DENIALS: Final = frozenset({"paused", "cooling", "probing", "paced", "budget"})
+"""The statuses ``ADMIT`` refuses a call with."""
 
 _RETRY_LOCAL: Final = 30.0
 """Seconds a fallen-back state waits before trying Redis again."""
@@ -197,14 +224,23 @@ class _Layout:
 
     @staticmethod
     def admitted(ask: Ask, answer: Any) -> Admitted | Denied:
-        status, number, extra = (_text(part) for part in answer)
+        """The admission script's answer (``ADMIT``), checked: a wrong shape is `StateUnavailable`."""
+        status, number, extra = _strings(answer, 3, "the admission")
         if status == "ok":
+            if number not in ("0", "1") or not (extra == "total" or extra.isdigit()):
+                raise _unreadable("the admission is not one the script gives")
             granted = Pass(ask.key, probe=number == "1") if ask.key is not None else None
             reservation = None
             if ask.scope is not None:
                 reservation = Reservation(ask.scope, ask.period, extra, ask.amount_usd)
             return Admitted(granted, reservation)
-        return Denied(status, float(number), float(extra))  # type: ignore[arg-type]
+        if status not in _DENIALS:
+            raise _unreadable("the admission's status is not one the script gives")
+        return Denied(
+            status,  # type: ignore[arg-type]
+            _amount(number, "the admission's wait"),
+            _amount(extra, "the budget's spending"),
+        )
 
     def finish(self, done: Finish) -> tuple[list[str], list[str]]:
         granted = done.granted
@@ -229,29 +265,151 @@ class _Layout:
 
     @staticmethod
     def finished(answer: Any) -> float | None:
-        text = _text(answer)
-        return float(text) if text else None
+        """The finishing script's answer (``FINISH``): the cooldown started, if one was."""
+        text = _string(answer, "the cooldown")
+        return _amount(text, "the cooldown") if text else None
+
+
+MAX_ANSWER: Final = 64 << 20
+"""The most bytes one call reads from Redis (the async client: a claim of 10,000 jobs with
+their records, or thousands of gateway keys, are a few MB)."""
+MAX_ANSWER_BLOCKING: Final = 1 << 20
+"""The most bytes one call of the blocking client reads (its answers are a few dozen bytes)."""
+
+
+class AnswerTooLong(OSError):
+    """Redis sent one call more than it may read (`MAX_ANSWER`): the connection is dropped."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an answer longer than {limit} bytes")
+        self.limit = limit
+
+
+_LEFT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "flux_adapters_redis_left", default=None
+)
+"""The bytes the Redis call under way (in this thread or task) may still read, and its bound."""
+
+
+@contextlib.contextmanager
+def bounded_answer(limit: int) -> Iterator[None]:
+    """Let the Redis call run inside read at most *limit* bytes (see `AnswerTooLong`)."""
+    token = _LEFT.set([limit, limit])
+    try:
+        yield
+    finally:
+        _LEFT.reset(token)
+
+
+def _count(size: int) -> None:
+    """*size* bytes read for the call under way; `AnswerTooLong` past its bound."""
+    left = _LEFT.get()
+    if left is not None:
+        left[0] -= size
+        if left[0] < 0:
+            raise AnswerTooLong(left[1])
+
+
+def failure(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """How a Redis call failed, for a message: what Redis did, and the detail.
+
+    An error reply (``-OOM ...``, ``-READONLY ...``, ``-NOSCRIPT ...``) is named with its text
+    (cut, controls escaped: a hostile server writes it); a socket error or a timeout is "did not
+    answer"; anything else redis-py raised on what it read is "an answer that cannot be read".
+    """
+    import redis.exceptions
+
+    from flux_adapters._display import escape_controls
+
+    cause: BaseException | None = exc
+    for _ in range(10):  # redis-py raises its ConnectionError in the except of the real one
+        if cause is None:
+            break
+        if isinstance(cause, AnswerTooLong):
+            return "gave an answer longer than the bound", f"{cause.limit} bytes at most"
+        code = getattr(cause, "status_code", None)
+        if isinstance(cause, redis.exceptions.ResponseError) or (isinstance(code, str) and code):
+            # An error reply (the async client wraps an AUTH one in a ConnectionError)
+            text = str(cause)
+            if isinstance(code, str) and code and not text.startswith(code):
+                text = f"{code} {text}"  # redis-py strips the code of the errors it knows
+            return "answered with an error", escape_controls(text[:200])
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, OSError | redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return f"did not answer within {timeout:g} s", type(exc).__name__
+    return "gave an answer that cannot be read", type(exc).__name__
+
+
+_ENDING: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "flux_adapters_redis_ending", default="nothing was sent"
+)
+"""How a state error's message ends: an admission's failure means nothing was sent; a
+finishing step's comes after the call (`_after_the_call`), and must not say so."""
+
+
+@contextlib.contextmanager
+def _after_the_call() -> Iterator[None]:
+    token = _ENDING.set("after the call")
+    try:
+        yield
+    finally:
+        _ENDING.reset(token)
 
 
 def _unavailable(exc: BaseException, timeout: float) -> StateUnavailable:
+    what, detail = failure(exc, timeout)
+    return StateUnavailable(f"the shared state (Redis) {what}: {detail}; {_ENDING.get()}")
+
+
+def _unreadable(what: str) -> StateUnavailable:
     return StateUnavailable(
-        f"the shared state (Redis) did not answer within {timeout:g} s: "
-        f"{type(exc).__name__}; nothing was sent"
+        f"the shared state (Redis) gave an answer that cannot be read: {what}; {_ENDING.get()}"
     )
 
 
 @contextlib.contextmanager
 def _answered(timeout: float) -> Iterator[None]:
-    """Raise a Redis call's failure to answer as `StateUnavailable`, anything else as it is.
+    """Raise a Redis call's failure as `StateUnavailable`.
 
-    A failure to answer is a socket error, a timeout, or any of redis-py's own errors.
+    Anything raised inside is redis-py at work on what a server sent (a socket error, a
+    timeout, an error reply, or a handshake answer of a shape it did not expect: an
+    ``AttributeError`` there): the state's failure, never a bug to pass up as it is.
     """
-    import redis.exceptions
-
     try:
         yield
-    except (OSError, redis.exceptions.RedisError) as exc:  # TimeoutError is an OSError
+    except Exception as exc:
         raise _unavailable(exc, timeout) from exc
+
+
+def _string(part: object, what: str) -> str:
+    """*part* of a script's answer as text, or `StateUnavailable`."""
+    try:
+        if isinstance(part, bytes):
+            return part.decode()
+    except UnicodeDecodeError:
+        pass
+    else:
+        if isinstance(part, str):
+            return part
+    raise _unreadable(f"{what} is not text")
+
+
+def _strings(answer: object, count: int, what: str) -> list[str]:
+    """*answer* as *count* strings (a script's array of them), or `StateUnavailable`."""
+    if not isinstance(answer, list) or len(answer) != count:
+        raise _unreadable(f"{what} is not {count} values")
+    return [_string(part, what) for part in answer]
+
+
+def _amount(text: str, what: str) -> float:
+    """*text* as a finite number from 0 (seconds or dollars), or `StateUnavailable`."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise _unreadable(f"{what} is not a number") from None
+    if not (math.isfinite(number) and number >= 0):
+        raise _unreadable(f"{what} is not a finite number from 0")
+    return number
 
 
 def _record(raw: object) -> KeyRecord | None:
@@ -268,28 +426,57 @@ def _dumped(record: KeyRecord) -> str:
     return json.dumps(record_to_dict(record), allow_nan=False)
 
 
-def _checked_url(url: str) -> str:
-    """*url* once redis-py can read it (its port, database and options), checked now.
+_URL_SECONDS: Final = (
+    "socket_timeout",
+    "socket_connect_timeout",
+    "timeout",
+    "health_check_interval",
+)
+"""The options of a state URL that are seconds (redis-py reads them as floats, NaN included)."""
+
+
+def _checked_url(url: str) -> dict[str, Any]:
+    """*url*'s options once redis-py can read it (its port, database and options), checked now.
 
     redis-py reads it only at the first call, and raises ``ValueError`` there: a
-    `ConfigurationError` now instead, never showing the URL's password.
+    `ConfigurationError` now instead, never showing the URL's password. A timeout in it must be
+    a finite number of seconds above 0 and at most a day (redis-py takes ``nan``, ``inf``, a
+    negative number or 0, which would make every call fail at once, or wait for ever).
 
     Raises:
-        ConfigurationError: redis-py cannot read *url*.
+        ConfigurationError: redis-py cannot read *url*, or a timeout in it is unusable.
     """
+    import redis
     from redis.connection import parse_url
 
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
-    except (ValueError, TypeError) as exc:
-        from flux_adapters.errors import ConfigurationError
-
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        # A connection made now, without connecting: an option redis-py does not know (a typo,
+        # "socket_timout") or cannot use ("protocol=9") fails here, not at every call as if
+        # Redis had failed (and, with fallback="local", for ever unnoticed).
+        arguments = dict(options)
+        made = arguments.pop("connection_class", redis.Connection)
+        for pool_option in ("max_connections", "timeout"):
+            arguments.pop(pool_option, None)
+        made(**arguments)
+    except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
         userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
         reason = str(exc)[:200]
         if userinfo and userinfo.rpartition(":")[2] in reason:
             reason = type(exc).__name__
         raise ConfigurationError(f"the state URL cannot be used: {reason}") from None
-    return url
+    for name in _URL_SECONDS:
+        value = options.get(name)
+        if value is None:
+            continue
+        zero = name == "health_check_interval"  # 0: no health checks, redis-py's default
+        if not (math.isfinite(value) and (value > 0 or (zero and value == 0)) and value <= 86400):
+            low = "from 0" if zero else "above 0"
+            raise ConfigurationError(
+                f"the state URL's {name} must be a finite number of seconds {low} and at most "
+                f"86400, not {value!r}"
+            )
+    return options
 
 
 def _made_locally(done: Finish) -> bool:
@@ -357,10 +544,15 @@ class RedisState:
     ) -> None:
         with extra_imports():
             import redis  # noqa: F401  (the redis extra: raise its install hint now, not later)
-        self._url = _checked_url(url)
+        options = _checked_url(url)
+        self._url = url
         self._timeout = check_seconds(timeout, "timeout")
         if self._timeout == 0:
             self._timeout = 1.0
+        if options.get("socket_timeout") is not None:
+            # redis-py lets the URL's option win over the one given in code: so does the state,
+            # so that its deadlines and its messages say the timeout the sockets have.
+            self._timeout = float(options["socket_timeout"])
         if not prefix or not all(c.isalnum() or c in ":_-." for c in prefix) or len(prefix) > 40:
             from flux_adapters.errors import ConfigurationError
 
@@ -368,6 +560,7 @@ class RedisState:
         self._layout = _Layout(prefix)
         self._fallback = _Fallback(fallback == "local")
         self._async: redis.asyncio.Redis | None = None
+        self._loop: object = None  # the event loop `_async` was made in
         self._scripts: dict[str, Any] = {}
         self._blocking: _RedisBlocking | None = None
 
@@ -384,9 +577,25 @@ class RedisState:
             "socket_connect_timeout": self._timeout,
             "retry_on_timeout": False,
             "health_check_interval": 0,
+            # RESP2: all the scripts need, spoken by every Redis they run on (5.0 and later:
+            # TIME before writes). redis-py 8 asks for RESP3 by default, with a HELLO that a
+            # Redis 5 (or a proxy without HELLO) refuses: every call would fail.
+            "protocol": 2,
         }
 
     def _client(self) -> redis.asyncio.Redis:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._async is not None and self._loop is not loop:
+            # Its connections belong to the loop they were made in (closed by now, after an
+            # asyncio.run): every call would fail with redis-py's RuntimeError. They cannot be
+            # closed from here; the caller must (or open a state for each loop).
+            raise ConfigurationError(
+                "this Redis state was used in another event loop (asyncio.run called again?): "
+                "close it there (await state.aclose()) before using it in another, or open "
+                "one state for each loop"
+            )
         if self._async is None:
             import redis.asyncio
             from redis.asyncio.retry import Retry
@@ -398,27 +607,58 @@ class RedisState:
                 max_connections=64,
                 timeout=self._timeout,
                 retry=Retry(NoBackoff(), 0),
+                connection_class=bounded_connection(self._url),
                 **self._options(),
             )
             self._async = redis.asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+            self._loop = loop
             for name, source in (("admit", ADMIT), ("finish", FINISH), ("spent", SPENT)):
                 self._scripts[name] = self._async.register_script(source)
         return self._async
 
     async def _call(self, name: str, keys: list[str], args: list[str]) -> Any:
 
+        import asyncio
+
         client = self._client()
-        # Bounded by the pool's wait, the connect timeout and the socket timeout.
-        with _answered(self._timeout):
-            return await self._scripts[name](keys=keys, args=args, client=client)
+        # One deadline for the whole call: the pool's wait, connecting, and every round trip
+        # (EVALSHA, and SCRIPT LOAD and EVALSHA again after a NOSCRIPT), each of which redis-py
+        # bounds only on its own.
+        # (_answered and bounded_answer written out: this is every AsyncFluxClient call's path)
+        left = _LEFT.set([MAX_ANSWER, MAX_ANSWER])
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._scripts[name](keys=keys, args=args, client=client)
+        except Exception as exc:
+            raise _unavailable(exc, self._timeout) from exc
+        finally:
+            _LEFT.reset(left)
 
     async def _raw(self, *command: str) -> Any:
         import asyncio
 
         client = self._client()
-        with _answered(self._timeout):
+        with _answered(self._timeout), bounded_answer(MAX_ANSWER):
             async with asyncio.timeout(self._timeout * 2 + 0.5):
                 return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+
+    async def where(self) -> Literal["redis", "local"]:
+        """Where the state is kept now, for a readiness check (the gateway's ``/readyz``).
+
+        ``"redis"`` once Redis answered a ``PING`` in time; ``"local"`` while this process's
+        own state stands in for it (``fallback="local"`` after a failure).
+
+        Raises:
+            StateUnavailable: Redis did not answer, and there is no fallback.
+        """
+        if self._fallback.active():
+            return "local"
+        try:
+            await self._raw("PING")
+        except StateUnavailable as exc:
+            self._fallback.fell(exc)  # raises it again without a fallback
+            return "local"
+        return "redis"
 
     # -- the atomic steps --------------------------------------------------------------------
 
@@ -439,7 +679,8 @@ class RedisState:
             return self._fallback.finish_locally(done)
         keys, args = self._layout.finish(done)
         try:
-            return self._layout.finished(await self._call("finish", keys, args))
+            with _after_the_call():
+                return self._layout.finished(await self._call("finish", keys, args))
         except StateUnavailable as exc:
             self._fallback.fell(exc)
             return self._fallback.finish_locally(done)
@@ -466,7 +707,8 @@ class RedisState:
         if self._fallback.active():
             return await self._fallback.local.spent(scope, period)
         try:
-            return float(_text(await self._call("spent", [key], [check_period(period)])))
+            answer = await self._call("spent", [key], [check_period(period)])
+            return _amount(_string(answer, "the budget's spending"), "the budget's spending")
         except StateUnavailable as exc:
             self._fallback.fell(exc)
             return await self._fallback.local.spent(scope, period)
@@ -514,7 +756,7 @@ class RedisState:
             raise TypeError("put_key takes a KeyRecord")
         p = self._layout.prefix
         # One script: the record, its hash's index and the set of ids change together.
-        await self._raw(
+        answer = await self._raw(
             "EVAL",
             "redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[2]); "
             "redis.call('SADD', KEYS[3], ARGV[2]); return 1",
@@ -525,6 +767,10 @@ class RedisState:
             _dumped(record),
             record.id,
         )
+        if answer != 1:  # the script answers 1: anything else is not Redis confirming the write
+            raise StateUnavailable(
+                f"the shared state (Redis) did not confirm storing gateway key {record.id}"
+            )
 
     async def get_key(self, key_hash: str) -> KeyRecord | None:
         given: object = key_hash
@@ -544,9 +790,14 @@ class RedisState:
     async def list_keys(self) -> list[KeyRecord]:
         p = self._layout.prefix
         ids = await self._raw("SMEMBERS", f"{p}gwkeys")
-        if not ids:
+        if not isinstance(ids, list | set):  # a set in RESP3, a list in RESP2
+            raise _unreadable("the set of gateway key ids is not a set")
+        names = [_string(i, "a gateway key id") for i in ids]
+        if not names:
             return []
-        raws = await self._raw("MGET", *(f"{p}gwkey:{_text(i)}" for i in ids))
+        raws = await self._raw("MGET", *(f"{p}gwkey:{name}" for name in names))
+        if not isinstance(raws, list) or len(raws) != len(names):
+            raise _unreadable("the gateway key records are not one for each id")
         found = [r for r in (_record(raw) for raw in raws) if r is not None]
         return sorted(found, key=lambda r: (r.created, r.id))
 
@@ -566,12 +817,17 @@ class RedisState:
             f"{p}gwhash:",
             key_id,
         )
+        if removed not in (0, 1):
+            raise _unreadable("the deletion of a gateway key is not 0 or 1")
         return bool(removed)
 
     async def aclose(self) -> None:
+        import asyncio
+
         client, self._async = self._async, None
-        if client is not None:
+        if client is not None and self._loop is asyncio.get_running_loop():
             await client.aclose(close_connection_pool=True)
+        # else: made in another loop, which alone can close its connections (if it still runs)
         if self._blocking is not None:
             self._blocking.close()
 
@@ -583,6 +839,134 @@ class RedisState:
         if self._blocking is None:
             self._blocking = _RedisBlocking(self)
         return self._blocking
+
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "flux_adapters_redis_deadline", default=None
+)
+"""When (``time.monotonic()``) the blocking Redis call under way in this thread must end."""
+
+
+class _DeadlineSocket:
+    """A blocking connection's socket whose reads and writes end at the call's deadline.
+
+    redis-py bounds each ``recv`` by the socket timeout, not a reply: a Redis that drips its
+    reply a byte at a time, or a call that takes several round trips (``EVALSHA``, then
+    ``SCRIPT LOAD`` after a ``NOSCRIPT``), could go on for ever with every read in time. Here
+    each read waits at most what is left of the deadline `_RedisBlocking` set for the call.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+        self._sock.settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def _cut(self) -> bool:
+        """Lower the socket's timeout to what is left of the deadline; whether it was."""
+        deadline = _DEADLINE.get()
+        if deadline is None:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the Redis call's deadline passed")  # socket.timeout
+        if self._timeout is not None and self._timeout <= left:
+            return False  # the socket's own timeout ends this read within the deadline
+        if self._timeout == 0:
+            return False  # a non-blocking peek (redis-py checking for a closed connection)
+        self._sock.settimeout(left)
+        return True
+
+    def recv(self, *args: Any) -> bytes:
+        cut = self._cut()
+        try:
+            data = self._sock.recv(*args)
+        finally:
+            if cut:
+                self._sock.settimeout(self._timeout)
+        if len(args) < 2 or not args[1] & socket.MSG_PEEK:
+            _count(len(data))
+        return data
+
+    def recv_into(self, *args: Any) -> int:
+        cut = self._cut()
+        try:
+            size = self._sock.recv_into(*args)
+        finally:
+            if cut:
+                self._sock.settimeout(self._timeout)
+        _count(size)
+        return size
+
+    def sendall(self, data: Any) -> None:
+        cut = self._cut()
+        try:
+            self._sock.sendall(data)
+        finally:
+            if cut:
+                self._sock.settimeout(self._timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _BoundedReader:
+    """An async connection's stream, counting what each call reads (`bounded_answer`)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def read(self, n: int = -1) -> bytes:
+        data: bytes = await self._stream.read(n)
+        _count(len(data))
+        return data
+
+    async def readline(self) -> bytes:
+        data: bytes = await self._stream.readline()
+        _count(len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        _count(n)  # before: the stream would gather all *n* bytes in memory first
+        data: bytes = await self._stream.readexactly(n)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def bounded_connection(url: str) -> type[Any]:
+    """The connection class ``redis.asyncio`` would use for *url*, its reads counted."""
+    import redis.asyncio
+    from redis.asyncio.connection import parse_url
+
+    base: type[Any] = parse_url(url).get("connection_class", redis.asyncio.Connection)
+
+    class BoundedConnection(base):  # type: ignore[misc]
+        async def _connect(self) -> None:
+            await super()._connect()
+            self._reader = _BoundedReader(self._reader)  # type: ignore[has-type]
+
+    return BoundedConnection
+
+
+def _deadline_connection(url: str) -> type[Any]:
+    """The connection class redis-py would use for *url*, its sockets `_DeadlineSocket`s."""
+    import redis
+    from redis.connection import parse_url
+
+    base: type[Any] = parse_url(url).get("connection_class", redis.Connection)  # type: ignore[no-untyped-call]
+
+    class DeadlineConnection(base):  # type: ignore[misc]
+        def _connect(self) -> _DeadlineSocket:
+            return _DeadlineSocket(super()._connect())
+
+    return DeadlineConnection
 
 
 class _RedisBlocking:
@@ -599,6 +983,7 @@ class _RedisBlocking:
             max_connections=64,
             timeout=state._timeout,
             retry=Retry(NoBackoff(), 0),
+            connection_class=_deadline_connection(state._url),
             **state._options(),
         )
         self._client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
@@ -606,8 +991,19 @@ class _RedisBlocking:
         self._finish = self._client.register_script(FINISH)
 
     def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
-        with _answered(self._state._timeout):
+        # Every read of the call (the handshake of a new connection, EVALSHA, and SCRIPT LOAD
+        # and EVALSHA again after a NOSCRIPT) shares one deadline: `_DeadlineSocket`.
+        # (_answered and bounded_answer written out: this is every FluxClient call's path)
+        timeout = self._state._timeout
+        deadline = _DEADLINE.set(time.monotonic() + timeout)
+        left = _LEFT.set([MAX_ANSWER_BLOCKING, MAX_ANSWER_BLOCKING])
+        try:
             return script(keys=keys, args=args)
+        except Exception as exc:
+            raise _unavailable(exc, timeout) from exc
+        finally:
+            _LEFT.reset(left)
+            _DEADLINE.reset(deadline)
 
     def admit(self, ask: Ask) -> Admitted | Denied:
         fallback = self._state._fallback
@@ -626,7 +1022,8 @@ class _RedisBlocking:
             return fallback.finish_locally(done)
         keys, args = self._state._layout.finish(done)
         try:
-            return self._state._layout.finished(self._call(self._finish, keys, args))
+            with _after_the_call():
+                return self._state._layout.finished(self._call(self._finish, keys, args))
         except StateUnavailable as exc:
             fallback.fell(exc)
             return fallback.finish_locally(done)
