@@ -241,9 +241,11 @@ def check_price(price: object, where: str) -> None:
     """*price* as a `PerCall` or `PerMegapixel` of finite dollar amounts >= 0."""
     from flux_adapters.prices import PerCall, PerMegapixel
 
-    if isinstance(price, PerCall):
+    # The exact classes: a subclass may estimate what it likes, and the estimate is what ranks
+    # providers under routing="cheapest" and reserves a cumulative budget.
+    if type(price) is PerCall:
         amounts: tuple[object, ...] = (price.usd,)
-    elif isinstance(price, PerMegapixel):
+    elif type(price) is PerMegapixel:
         amounts = (price.usd_first, price.usd_extra, price.usd_input)
     else:
         raise ConfigurationError(

@@ -1126,3 +1126,18 @@ def test_a_package_name_with_control_characters_is_shown_escaped(plugins: Plugin
     code, out, _ = cli("models", "--markdown")
     assert code == 0
     assert "\x1b[2J" not in out
+
+
+class Rebate(PerCall):
+    """A price whose estimate is not its figure: it pays the caller to be chosen."""
+
+    def estimate(self, request: Any, plan: Any) -> float:
+        return -1.0
+
+
+def test_a_price_subclass_with_its_own_estimate_is_refused(plugins: Plugins) -> None:
+    # Its figure passed the check, its estimate (what ranks providers under "cheapest" and
+    # reserves a cumulative budget) was never looked at: -1.0 put it first on every call.
+    providers.register_provider("declaring", declaring(prices={"flux-2-pro": Rebate(usd=0.01)}))
+    with pytest.raises(errors.ConfigurationError, match="PerCall or PerMegapixel"):
+        get_adapter("declaring")
