@@ -97,18 +97,23 @@ def check_key(value: object, source: str) -> str:
     return str.__str__(value)
 
 
+def _variable_text(value: object) -> bool:
+    """Whether *value* can be (the start of) an environment variable's name as typed."""
+    return (
+        isinstance(value, str)
+        and bool(value)
+        and "=" not in value
+        and all(c.isprintable() and not c.isspace() for c in value)
+    )
+
+
 def check_variable_name(value: object, source: str) -> str:
     """*value* as the name of an environment variable: no whitespace, ``=`` or control in it.
 
     A space typed after the name (``"LAOZHANG_API_KEY "``) names a variable nobody sets: the
     provider would be skipped as having no key while the key the user did set sat unread.
     """
-    if not (
-        isinstance(value, str)
-        and value
-        and "=" not in value
-        and all(c.isprintable() and not c.isspace() for c in value)
-    ):
+    if not _variable_text(value):
         raise ConfigurationError(
             f"{source} must be the name of an environment variable (no spaces, '=' or control "
             f"characters), not {render_value(value)}"
@@ -270,12 +275,7 @@ def check_adapter(value: object) -> object:
             "'.', '_' or '-'"
         )
     prefix = _attribute(value, "env_prefix")
-    if not (
-        isinstance(prefix, str)
-        and prefix
-        and "=" not in prefix
-        and all(c.isprintable() and not c.isspace() for c in prefix)
-    ):
+    if not _variable_text(prefix):
         raise ConfigurationError(
             f"adapter {shown}: env_prefix must start the name of an environment variable "
             f"(no spaces, '=' or control characters), not {render_value(prefix)}"
