@@ -329,6 +329,63 @@ def test_where_the_state_is_kept_follows_redis_and_the_fallback(fallback: str) -
         assert isinstance(down, StateUnavailable)
 
 
+def test_with_fallback_each_outage_warns_and_redis_answering_again_is_said(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flux_adapters.state._redis as redis_state
+
+    monkeypatch.setattr(redis_state, "_RETRY_LOCAL", 0.0)  # try Redis again at once
+
+    async def run(server: RedisServer) -> list[str]:
+        state = open_state(server.url, prefix=prefix(), timeout=0.3, fallback="local")
+        assert isinstance(state, RedisState)
+        kept: list[str] = []
+        for frozen in (False, True, False, True, True, False):
+            if frozen:
+                server.freeze()
+            try:
+                kept.append(await state.where())
+            finally:
+                server.thaw()
+        await state.aclose()
+        return kept
+
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"), redis_server() as server:
+        kept = asyncio.run(run(server))
+    assert kept == ["redis", "local", "redis", "local", "local", "redis"]
+    said = [
+        "down" if "unavailable" in r.getMessage() else "up"
+        for r in caplog.records
+        if "shared state" in r.getMessage()
+    ]
+    assert said == ["down", "up", "down", "up"]  # each outage once, however long
+
+
+def test_with_fallback_the_blocking_client_also_says_redis_answers_again(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flux_adapters.state._redis as redis_state
+    from flux_adapters.routing import Admitted
+    from flux_adapters.state import Ask
+
+    monkeypatch.setattr(redis_state, "_RETRY_LOCAL", 0.0)
+    ask = Ask(key=("laozhang", "flux-2-pro"))
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"), redis_server() as server:
+        state = open_state(server.url, prefix=prefix(), timeout=0.3, fallback="local")
+        assert isinstance(state, RedisState)
+        server.freeze()
+        try:
+            assert isinstance(state.blocking.admit(ask), Admitted)  # locally
+        finally:
+            server.thaw()
+        assert isinstance(state.blocking.admit(ask), Admitted)  # by Redis again
+        state.blocking.close()
+    said = [r.getMessage() for r in caplog.records if "shared state" in r.getMessage()]
+    assert len(said) == 2
+    assert "unavailable" in said[0]
+    assert "available again" in said[1]
+
+
 def test_a_client_whose_budget_is_used_up_refuses_before_sending(
     redis: RedisServer, emulator: Emulator
 ) -> None:

@@ -408,7 +408,8 @@ def open_state(
 
     Args:
         url: Where the state lives.
-        fallback: ``"local"``: when Redis does not answer, use in-process state (one WARNING);
+        fallback: ``"local"``: when Redis does not answer, use in-process state (one WARNING
+            as an outage starts, one as it ends);
             ``"none"`` (default): raise `StateUnavailable` (fail closed).
         timeout: Seconds any one Redis call may take (connect, send, answer); a
             ``socket_timeout`` in *url* takes its place.

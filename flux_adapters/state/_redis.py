@@ -14,8 +14,8 @@ stored (buckets are digests of keys, gateway keys are kept as SHA-256 digests). 
 The async methods use ``redis.asyncio``; `blocking` gives the same scripts on redis-py's
 blocking client, for `flux_adapters.FluxClient`. Every call is bounded by *timeout* (connect,
 write and read) and never retried by redis-py; a failure raises `StateUnavailable`, or, with
-``fallback="local"``, switches to in-process state with one WARNING (Redis is tried again after
-30 seconds).
+``fallback="local"``, switches to in-process state with one WARNING an outage (Redis is tried
+again after 30 seconds; one more WARNING says when it answers again).
 """
 
 from __future__ import annotations
@@ -491,7 +491,8 @@ class _Fallback:
         self.enabled = enabled
         self.local = LocalState()
         self._until = 0.0
-        self._warned = False
+        self.down = False
+        """Whether Redis failed and has not answered since (read after every Redis call)."""
         self._lock = threading.Lock()
 
     def active(self) -> bool:
@@ -520,14 +521,25 @@ class _Fallback:
             raise exc
         with self._lock:
             self._until = time.monotonic() + _RETRY_LOCAL
-            if self._warned:
+            if self.down:
                 return
-            self._warned = True
+            self.down = True
         _LOG.warning(
             "shared state unavailable (%s); using this process's own state instead "
             "(state_fallback = 'local'): budgets, breakers and rate limits are not shared "
             "until Redis answers again",
             exc,
+        )
+
+    def back(self) -> None:
+        """Redis answered after a failure: say so once; its next failure warns again."""
+        with self._lock:
+            if not self.down:
+                return
+            self.down = False
+        _LOG.warning(
+            "shared state available again: budgets, breakers and rate limits are shared again "
+            "(what this process counted meanwhile stays its own)"
         )
 
 
@@ -628,7 +640,10 @@ class RedisState:
         left = _LEFT.set([MAX_ANSWER, MAX_ANSWER])
         try:
             async with asyncio.timeout(self._timeout):
-                return await self._scripts[name](keys=keys, args=args, client=client)
+                answer = await self._scripts[name](keys=keys, args=args, client=client)
+            if self._fallback.down:  # it failed before, and answers again
+                self._fallback.back()
+            return answer
         except Exception as exc:
             raise _unavailable(exc, self._timeout) from exc
         finally:
@@ -658,6 +673,8 @@ class RedisState:
         except StateUnavailable as exc:
             self._fallback.fell(exc)  # raises it again without a fallback
             return "local"
+        if self._fallback.down:
+            self._fallback.back()
         return "redis"
 
     # -- the atomic steps --------------------------------------------------------------------
@@ -998,9 +1015,13 @@ class _RedisBlocking:
         deadline = _DEADLINE.set(time.monotonic() + timeout)
         left = _LEFT.set([MAX_ANSWER_BLOCKING, MAX_ANSWER_BLOCKING])
         try:
-            return script(keys=keys, args=args)
+            answer = script(keys=keys, args=args)
         except Exception as exc:
             raise _unavailable(exc, timeout) from exc
+        else:
+            if self._state._fallback.down:  # it failed before, and answers again
+                self._state._fallback.back()
+            return answer
         finally:
             _LEFT.reset(left)
             _DEADLINE.reset(deadline)
