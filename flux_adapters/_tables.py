@@ -77,7 +77,8 @@ def limits_table(provider: str) -> str:
             f"≤ {limits.prompt_max_chars} chars" if limits.prompt_max_chars else "—",
             str(limits.seed),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        # A provider package's text (a wire id, say) may hold a "|", which would end the cell.
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     first = next(iter(get_adapter(provider).limits.values()))
     rule = first.image
     lines += [

@@ -1128,6 +1128,29 @@ def test_a_package_name_with_control_characters_is_shown_escaped(plugins: Plugin
     assert "\x1b[2J" not in out
 
 
+def test_models_markdown_keeps_a_pipe_in_a_wire_id_inside_its_cell(plugins: Plugins) -> None:
+    source = """
+import attrs
+from flux_adapters.providers.laozhang import LaozhangAdapter
+
+class Adapter(LaozhangAdapter):
+    name = "pipeforge"
+    env_prefix = "PLUGIN"
+    limits = {
+        model: attrs.evolve(row, wire_model="flux|pro")
+        for model, row in LaozhangAdapter.limits.items()
+    }
+"""
+    plugins.add("pipeforge", source)
+    code, out, _ = cli("models", "--markdown")
+    assert code == 0
+    section = out.split("pipeforge (", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| `flux-2-pro`")]
+    assert rows
+    assert "`flux\\|pro`" in rows[0]  # escaped: the row keeps its eleven cells
+    assert rows[0].replace("\\|", "").count("|") == 12
+
+
 class Rebate(PerCall):
     """A price whose estimate is not its figure: it pays the caller to be chosen."""
 
