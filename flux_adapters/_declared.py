@@ -241,15 +241,17 @@ def check_price(price: object, where: str) -> None:
     """*price* as a `PerCall` or `PerMegapixel` of finite dollar amounts >= 0."""
     from flux_adapters.prices import PerCall, PerMegapixel
 
-    # The exact classes: a subclass may estimate what it likes, and the estimate is what ranks
-    # providers under routing="cheapest" and reserves a cumulative budget.
-    if type(price) is PerCall:
+    # A subclass is taken only with its base's estimate: the estimate is what ranks providers
+    # under routing="cheapest" and reserves a cumulative budget, and only the figures it reads
+    # are checked here. One adding data of its own (a region, a contract id) is a price as any.
+    if isinstance(price, PerCall) and type(price).estimate is PerCall.estimate:
         amounts: tuple[object, ...] = (price.usd,)
-    elif type(price) is PerMegapixel:
+    elif isinstance(price, PerMegapixel) and type(price).estimate is PerMegapixel.estimate:
         amounts = (price.usd_first, price.usd_extra, price.usd_input)
     else:
         raise ConfigurationError(
             f"{where} must be a PerCall or PerMegapixel, not {type_name(price)}"
+            + (" (whose estimate is its own)" if isinstance(price, PerCall | PerMegapixel) else "")
         )
     if not all(_amount(amount) for amount in amounts):
         raise ConfigurationError(
