@@ -11,6 +11,7 @@ adapter and the field.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 from typing import Final
@@ -54,7 +55,10 @@ def check_not_taken(adapter: str, value: object) -> None:
             f"not {type_name(value)}"
         )
     for status, document in _items(value, where):
-        if type(status) is not int or status not in _NOT_TAKEN_STATUSES:
+        # An int, or an IntEnum member such as http.HTTPStatus.CONFLICT (the standard
+        # library's name for a status); not any int subclass, whose equality could be its own.
+        whole = type(status) is int or isinstance(status, enum.IntEnum)
+        if not whole or status not in _NOT_TAKEN_STATUSES:
             raise ConfigurationError(
                 f"{where} holds {render_value(status)}: only a 4xx or 5xx status (an int from "
                 "400 to 599) can prove a job was not taken"

@@ -433,6 +433,20 @@ def test_a_documented_not_taken_status_is_taken_as_declared(plugins: Plugins) ->
     }
 
 
+def test_not_taken_statuses_written_as_http_status_members_are_taken(plugins: Plugins) -> None:
+    # HTTPStatus is an int (an IntEnum), the standard library's own name for a status: the
+    # exact-int check refused {HTTPStatus.CONFLICT: ...}, which the router had always matched.
+    from http import HTTPStatus
+
+    from flux_adapters.routing import billing_rule
+
+    declared = {HTTPStatus.CONFLICT: "https://docs.example/errors#409"}
+    providers.register_provider("declaring", declaring(not_taken=declared))
+    adapter = get_adapter("declaring")
+    conflict = errors.ProviderError("busy", provider="declaring", status_code=409)
+    assert billing_rule(conflict, adapter.not_taken).name == "provider-rule"  # type: ignore[union-attr]
+
+
 def test_a_2xx_slipped_into_not_taken_after_loading_is_still_never_failed_over() -> None:
     # The billing rule reads not_taken on every failure: an adapter may change it after it was
     # checked. An unreadable 200 may have been billed, whatever the adapter says.
