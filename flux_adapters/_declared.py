@@ -11,6 +11,7 @@ adapter and the field.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 from typing import Final
@@ -54,7 +55,10 @@ def check_not_taken(adapter: str, value: object) -> None:
             f"not {type_name(value)}"
         )
     for status, document in _items(value, where):
-        if type(status) is not int or status not in _NOT_TAKEN_STATUSES:
+        # An int, or an IntEnum member such as http.HTTPStatus.CONFLICT (the standard
+        # library's name for a status); not any int subclass, whose equality could be its own.
+        whole = type(status) is int or isinstance(status, enum.IntEnum)
+        if not whole or status not in _NOT_TAKEN_STATUSES:
             raise ConfigurationError(
                 f"{where} holds {render_value(status)}: only a 4xx or 5xx status (an int from "
                 "400 to 599) can prove a job was not taken"
@@ -241,15 +245,17 @@ def check_price(price: object, where: str) -> None:
     """*price* as a `PerCall` or `PerMegapixel` of finite dollar amounts >= 0."""
     from flux_adapters.prices import PerCall, PerMegapixel
 
-    # The exact classes: a subclass may estimate what it likes, and the estimate is what ranks
-    # providers under routing="cheapest" and reserves a cumulative budget.
-    if type(price) is PerCall:
+    # A subclass is taken only with its base's estimate: the estimate is what ranks providers
+    # under routing="cheapest" and reserves a cumulative budget, and only the figures it reads
+    # are checked here. One adding data of its own (a region, a contract id) is a price as any.
+    if isinstance(price, PerCall) and type(price).estimate is PerCall.estimate:
         amounts: tuple[object, ...] = (price.usd,)
-    elif type(price) is PerMegapixel:
+    elif isinstance(price, PerMegapixel) and type(price).estimate is PerMegapixel.estimate:
         amounts = (price.usd_first, price.usd_extra, price.usd_input)
     else:
         raise ConfigurationError(
             f"{where} must be a PerCall or PerMegapixel, not {type_name(price)}"
+            + (" (whose estimate is its own)" if isinstance(price, PerCall | PerMegapixel) else "")
         )
     if not all(_amount(amount) for amount in amounts):
         raise ConfigurationError(

@@ -41,6 +41,7 @@ __all__ = [
     "redactor_for",
     "request_id",
     "secret_forms",
+    "shown_state_url",
 ]
 
 MASK: Final = "[redacted]"
@@ -272,3 +273,17 @@ def request_id(headers: Mapping[str, str], scrub: Callable[[str], str]) -> str |
         if value and value != MASK:
             return value[:_LONGEST_ID]
     return None
+
+
+def shown_state_url(url: str | None) -> str:
+    """*url* for a repr: a password in it (``redis://:pw@host``) is a credential, never shown."""
+    if url is None:
+        return "None"
+    # redis-py also takes the password as a query parameter (?password=...).
+    url = re.sub(r"(?i)([?&]password=)[^&#]*", rf"\g<1>{MASK}", url)
+    head, at, rest = url.rpartition("@")
+    if not at:
+        return repr(url)
+    scheme, slashes, userinfo = head.partition("://")
+    user = userinfo.partition(":")[0] if slashes else ""
+    return repr(f"{scheme}{slashes}{user}:{MASK}@{rest}" if slashes else f"{MASK}@{rest}")

@@ -40,6 +40,7 @@ from attrs import define, field, frozen
 from flux_adapters._batch import CHANGED_REASON, COMMAND_REASONS, _finished_record, _save_all
 from flux_adapters._batch_files import build_request, parse_line
 from flux_adapters._journal import JobState, image_identities, is_image_file, request_digest
+from flux_adapters._redact import shown_state_url
 from flux_adapters._shared_batch_store import STATUSES, Claim, Store
 from flux_adapters.errors import FluxError, OutputError, RequestError, StateUnavailable
 from flux_adapters.request import EditRequest
@@ -455,7 +456,7 @@ class _Watcher:
 class SharedOptions:
     """The options of a shared batch (see the ``batch`` command)."""
 
-    state_url: str
+    state_url: str = field(repr=shown_state_url)
     output: str
     concurrency: int = 8
     per_provider: int | None = 4

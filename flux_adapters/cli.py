@@ -125,11 +125,16 @@ def _number(text: str) -> float:
     return value
 
 
-def _above_zero(text: str) -> float:
-    value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
-    return value
+def _above_zero_to(most: float) -> Callable[[str], float]:
+    """Above 0 and at most *most*: what the key store takes (`flux_adapters.state.KeyRecord`)."""
+
+    def checked(text: str) -> float:
+        value = _number(text)
+        if not 0 < value <= most:
+            raise argparse.ArgumentTypeError(f"must be above 0 and at most {most:g}, got {text!r}")
+        return value
+
+    return checked
 
 
 def _label(text: str) -> str:
@@ -653,7 +658,9 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         "create", help="make a key; it is shown once, only its hash is kept"
     )
     create.add_argument("--name", default="", type=_label, help="a label")
-    create.add_argument("--budget-usd", type=_above_zero, help="dollars this key may spend")
+    create.add_argument(
+        "--budget-usd", type=_above_zero_to(1e9), help="dollars this key may spend (at most 1e9)"
+    )
     period = create.add_mutually_exclusive_group()
     period.add_argument(
         "--per-day",
@@ -684,7 +691,9 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="a provider its calls may go to (repeat; default all)",
     )
     create.add_argument(
-        "--rate-per-minute", type=_above_zero, help="calls per minute (default: no limit)"
+        "--rate-per-minute",
+        type=_above_zero_to(1e6),
+        help="calls per minute, at most 1e6 (default: no limit)",
     )
     _add_json(create, "the key and its record")
     listing = actions.add_parser("list", help="the keys (ids, names, limits; never a key)")

@@ -49,6 +49,7 @@ from flux_adapters._display import escape_controls, render_value, toml_key
 from flux_adapters._files import read_text_file
 from flux_adapters._ids import Routing
 from flux_adapters._options import base_url_for
+from flux_adapters._redact import shown_state_url
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.prices import PerCall, PerMegapixel, Price
 from flux_adapters.providers import canonical_name
@@ -80,7 +81,9 @@ class _FileShape:
     failover_on_ambiguous: bool | None = None
     timeout: float | None = field(default=None, metadata={"expected": _SECONDS})
     job_deadline: float | None = field(default=None, metadata={"expected": _SECONDS})
-    state_url: str | None = field(default=None, metadata={"expected": "'local' or redis://..."})
+    state_url: str | None = field(
+        default=None, metadata={"expected": "'local' or redis://..."}, repr=shown_state_url
+    )
     state_fallback: str | None = None
     budget_usd: float | None = field(default=None, metadata={"expected": "dollars, a number"})
     budget_period: str | None = None
@@ -154,7 +157,7 @@ class Config:
     timeout: float | None = None
     job_deadline: float | None = None
     source: str = "environment"
-    state_url: str | None = None
+    state_url: str | None = field(default=None, repr=shown_state_url)
     state_fallback: str = "none"
     budget_usd: float | None = None
     budget_period: str = "total"

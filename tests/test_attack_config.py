@@ -204,3 +204,24 @@ def test_a_flux_providers_naming_nothing_says_so(tmp_path: Path) -> None:
     # "no providers configured: set FLUX_PROVIDERS", though it was set (to commas and spaces).
     with pytest.raises(errors.ConfigurationError, match=r"\$FLUX_PROVIDERS names no provider"):
         load_config(configured(tmp_path, ""), environ={"FLUX_PROVIDERS": " , ,"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2-pw@redis.internal:6379/0",
+        "rediss://app:hunter2-pw@r.example/1",
+        "redis://r.example/0?password=hunter2-pw",
+    ],
+)
+def test_the_state_urls_password_is_not_in_the_configurations_repr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    # A Config is what a user prints or logs to see what was loaded; the Redis password in its
+    # state_url is a credential as the API key is, and stays out of it.
+    path = configured(tmp_path, f'providers = ["laozhang"]\nstate_url = "{url}"\n')
+    monkeypatch.setenv("FLUX_CONFIG", str(path))
+    config = load_config()
+    assert config.state_url == url  # kept whole: the state needs it
+    assert "hunter2" not in repr(config)
+    assert "redis.internal" in repr(config) or "r.example" in repr(config)

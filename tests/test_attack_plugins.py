@@ -433,6 +433,20 @@ def test_a_documented_not_taken_status_is_taken_as_declared(plugins: Plugins) ->
     }
 
 
+def test_not_taken_statuses_written_as_http_status_members_are_taken(plugins: Plugins) -> None:
+    # HTTPStatus is an int (an IntEnum), the standard library's own name for a status: the
+    # exact-int check refused {HTTPStatus.CONFLICT: ...}, which the router had always matched.
+    from http import HTTPStatus
+
+    from flux_adapters.routing import billing_rule
+
+    declared = {HTTPStatus.CONFLICT: "https://docs.example/errors#409"}
+    providers.register_provider("declaring", declaring(not_taken=declared))
+    adapter = get_adapter("declaring")
+    conflict = errors.ProviderError("busy", provider="declaring", status_code=409)
+    assert billing_rule(conflict, adapter.not_taken).name == "provider-rule"  # type: ignore[union-attr]
+
+
 def test_a_2xx_slipped_into_not_taken_after_loading_is_still_never_failed_over() -> None:
     # The billing rule reads not_taken on every failure: an adapter may change it after it was
     # checked. An unreadable 200 may have been billed, whatever the adapter says.
@@ -1164,3 +1178,38 @@ def test_a_price_subclass_with_its_own_estimate_is_refused(plugins: Plugins) -> 
     providers.register_provider("declaring", declaring(prices={"flux-2-pro": Rebate(usd=0.01)}))
     with pytest.raises(errors.ConfigurationError, match="PerCall or PerMegapixel"):
         get_adapter("declaring")
+
+
+@attrs.frozen(kw_only=True)
+class RegionalPerCall(PerCall):
+    """A price with a field of its caller's own, estimating as PerCall does."""
+
+    region: str = "eu"
+
+
+def test_a_price_subclass_that_keeps_the_estimate_is_taken(plugins: Plugins) -> None:
+    # Before the exact-class check any PerCall was taken: a subclass adding only data of its
+    # own (a region, a contract id) estimates by its checked figure, so it stays usable.
+    price = RegionalPerCall(usd=0.02)
+    providers.register_provider("declaring", declaring(prices={"flux-2-pro": price}))
+    assert getattr(get_adapter("declaring"), "prices", None) == {"flux-2-pro": price}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=OK))
+    with httpx.Client(transport=transport) as http:
+        client = FluxClient(
+            provider="laozhang",
+            api_key=KEY,
+            prices={("laozhang", "flux-2-pro"): price},
+            http_client=http,
+        )
+        assert client.edit(REQUEST).cost_usd == pytest.approx(0.02)
+
+
+def test_a_price_subclass_keeping_the_estimate_still_has_its_figures_checked(
+    plugins: Plugins,
+) -> None:
+    with pytest.raises(errors.ConfigurationError, match="dollar amounts"):
+        FluxClient(
+            provider="laozhang",
+            api_key="sk-x",
+            prices={("laozhang", "flux-2-pro"): RegionalPerCall(usd=-1.0)},
+        )

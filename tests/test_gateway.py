@@ -610,6 +610,24 @@ def test_a_public_url_that_cannot_root_links_is_refused(url: object, tmp_path: P
         GatewaySettings(files_dir=tmp_path, public_url=url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://links:hunter2-secret@images.example.com",
+        "https://hunter2-secret@images.example.com/flux/",
+        "https://links:hunter2-secret@images.example.com:0/",
+    ],
+)
+def test_a_public_url_with_credentials_is_refused_without_showing_them(
+    url: str, tmp_path: Path
+) -> None:
+    # The root of every image link handed to every caller: a user or password in it would be
+    # given to all of them, and the refusal must not print it either.
+    with pytest.raises(ConfigurationError, match="no user or password") as refused:
+        GatewaySettings(files_dir=tmp_path, public_url=url)
+    assert "hunter2" not in str(refused.value)
+
+
 def test_image_links_follow_the_public_url_without_a_doubled_slash(
     emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -61,8 +61,17 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
     ("argv", "said"),
     [
         (("--model", "flux-9"), "argument --model: invalid choice: 'flux-9'"),
-        (("--budget-usd", "-1"), "argument --budget-usd: must be above 0, got '-1'"),
-        (("--rate-per-minute", "0"), "argument --rate-per-minute: must be above 0, got '0'"),
+        (
+            ("--budget-usd", "-1"),
+            "argument --budget-usd: must be above 0 and at most 1e+09, got '-1'",
+        ),
+        (
+            ("--rate-per-minute", "0"),
+            "argument --rate-per-minute: must be above 0 and at most 1e+06, got '0'",
+        ),
+        # Above what the key store takes: as bad an argument as 0 (exit 2, nothing opened).
+        (("--budget-usd", "1e300"), "argument --budget-usd: must be above 0 and at most"),
+        (("--rate-per-minute", "1e300"), "argument --rate-per-minute: must be above 0 and at most"),
         (("--name", "two\nlines"), "argument --name: must be printable text"),
         (("--provider", "laozang"), "argument --provider: unknown provider 'laozang'"),
     ],

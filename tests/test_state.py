@@ -283,6 +283,13 @@ def test_careless_key_records_are_refused(fields: dict[str, Any]) -> None:
         KeyRecord(**fields)
 
 
+@pytest.mark.parametrize("rate", [-1.0, 2e6, math.inf])
+def test_a_key_records_rate_is_refused_in_its_own_unit(rate: float) -> None:
+    # The rate is per minute; the refusal said "at most 1e6 per second", 60 times the bound.
+    with pytest.raises(ConfigurationError, match=r"rate_per_minute .* at most 1e6 a minute"):
+        KeyRecord(id="ab", key_hash="a" * 64, rate_per_minute=rate)
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -112,20 +112,24 @@ def _public_root(url: object) -> str | None:
     """*url* checked as the root of image links, without a trailing ``/`` (links add one)."""
     if url is None:
         return None
+    shown = url
     if isinstance(url, str) and not _HEADER_TEXT.search(url):
         from urllib.parse import urlsplit
 
+        # A user or password would go to every caller in every link: refused, and not shown.
+        shown = re.sub(r"(?<=//)[^/?#]*@", "[redacted]@", url)
         try:
             parts = urlsplit(url)
             usable = parts.scheme in ("http", "https") and bool(parts.hostname)
             usable = usable and not (parts.query or parts.fragment) and parts.port != 0
+            usable = usable and "@" not in parts.netloc
         except ValueError:  # an odd port or bracket
             usable = False
         if usable:
             return url.rstrip("/")
     raise errors.ConfigurationError(
-        "GatewaySettings: public_url must be an http:// or https:// URL with a host and no "
-        f"query, such as https://images.example.com, not {url!r:.200}"
+        "GatewaySettings: public_url must be an http:// or https:// URL with a host, no user "
+        f"or password and no query, such as https://images.example.com, not {shown!r:.200}"
     )
 
 

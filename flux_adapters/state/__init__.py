@@ -242,8 +242,17 @@ class KeyRecord:
                 isinstance(n, str) and _NAME.fullmatch(n) for n in names
             ):
                 raise ConfigurationError("allowed models and providers must be a tuple of names")
-        if self.rate_per_minute is not None:
-            check_rate(self.rate_per_minute, 1)
+        rate: object = self.rate_per_minute
+        if rate is not None and not (
+            isinstance(rate, int | float)
+            and not isinstance(rate, bool)
+            and math.isfinite(rate)
+            and 0 < rate <= 1_000_000  # the bucket holds a minute's worth: at most 1e6 tokens
+        ):
+            raise ConfigurationError(
+                "rate_per_minute must be a finite number above 0 and at most 1e6 a minute, "
+                f"not {rate!r:.40}"
+            )
         if isinstance(self.created, bool) or not isinstance(self.created, int | float):
             raise ConfigurationError("created must be unix seconds")
         if not math.isfinite(self.created):
