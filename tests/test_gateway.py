@@ -861,6 +861,7 @@ def test_readiness_says_not_ready_while_the_shared_state_does_not_answer(
     assert down.status_code == 503  # a load balancer sends calls elsewhere
     assert down.json()["status"] == "state_unavailable"
     assert "Redis" in down.json()["detail"]
+    assert "nothing was sent" not in down.json()["detail"]  # no call was made
     assert alive.status_code == 200  # alive, only not ready
 
 

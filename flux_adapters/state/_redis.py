@@ -348,12 +348,17 @@ finishing step's comes after the call (`_after_the_call`), and must not say so."
 
 
 @contextlib.contextmanager
-def _after_the_call() -> Iterator[None]:
-    token = _ENDING.set("after the call")
+def _ending(text: str) -> Iterator[None]:
+    """State errors raised inside end with *text* instead of "nothing was sent"."""
+    token = _ENDING.set(text)
     try:
         yield
     finally:
         _ENDING.reset(token)
+
+
+def _after_the_call() -> contextlib.AbstractContextManager[None]:
+    return _ending("after the call")
 
 
 def _unavailable(exc: BaseException, timeout: float) -> StateUnavailable:
@@ -669,7 +674,8 @@ class RedisState:
         if self._fallback.active():
             return "local"
         try:
-            await self._raw("PING")
+            with _ending("asked by a readiness check"):
+                await self._raw("PING")
         except StateUnavailable as exc:
             self._fallback.fell(exc)  # raises it again without a fallback
             return "local"
