@@ -501,6 +501,29 @@ def test_a_state_url_with_an_unusable_option_is_a_configuration_error(query: str
         open_state(f"redis://127.0.0.1:6379/0?{query}")
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/flux", "'flux'"),  # meant as a namespace: it was database 0
+        ("rediss://127.0.0.1:6379/flux/", "'flux'"),
+        ("redis://127.0.0.1:6379/-1", "'-1'"),
+        ("unix:///tmp/redis.sock?db=-2", "-2"),
+    ],
+)
+def test_a_state_url_whose_database_is_no_number_is_a_configuration_error(
+    url: str, shown: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"database must be a whole number .* not {shown}"):
+        open_state(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:6379", "redis://h:6379/", "redis://h/3/", "unix:///s?db=2"]
+)
+def test_a_state_url_with_a_database_or_none_opens(url: str) -> None:
+    assert isinstance(open_state(url), RedisState)
+
+
 def test_a_state_url_socket_timeout_is_the_states_timeout() -> None:
     state = open_state("redis://127.0.0.1:6379/0?socket_timeout=0.25", timeout=5.0)
     assert repr(state) == "RedisState(prefix='flux:', timeout=0.25)"

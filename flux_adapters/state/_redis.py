@@ -470,6 +470,17 @@ def _checked_url(url: str) -> dict[str, Any]:
         if userinfo and userinfo.rpartition(":")[2] in reason:
             reason = type(exc).__name__
         raise ConfigurationError(f"the state URL cannot be used: {reason}") from None
+    scheme, _, rest = url.partition("://")
+    path = rest.partition("?")[0].partition("/")[2].strip("/")
+    db = options.get("db", 0)
+    named = scheme in ("redis", "rediss") and path and not path.isdigit()
+    if named or db < 0:
+        # redis-py reads "/flux" as no database at all (so 0), and takes -1 until it connects.
+        shown = path if named else db
+        raise ConfigurationError(
+            "the state URL's database must be a whole number from 0 (redis://host:6379/0; "
+            f"key names take prefix=), not {shown!r:.40}"
+        )
     for name in _URL_SECONDS:
         value = options.get(name)
         if value is None:
