@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from flux_adapters._shared_batch import Lines, batch_id
-from flux_adapters.emulator import Fault, run_emulator
+from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.errors import ConfigurationError, StateUnavailable
 from flux_adapters.routing import Admitted
 from flux_adapters.state import Ask, Finish, Reservation, open_state
@@ -274,6 +274,24 @@ def test_a_read_only_replica_is_named_for_both_clients() -> None:
 # -- a shared batch whose Redis was flushed mid-run --------------------------------------------
 
 
+def two_workers_under_way(
+    source: Path, folder: Path, url: str, env: dict[str, str], emulator: Emulator
+) -> list[subprocess.Popen[str]]:
+    """Two workers of one shared batch (blocks of 10), once the emulator saw 40 calls."""
+    workers = [
+        subprocess.Popen(
+            worker(source, str(folder), url, "--block", "10", "--concurrency", "4"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    wait_for(lambda: len(emulator.calls()) >= 40, workers[0])
+    return workers
+
+
 def test_a_batch_whose_redis_was_flushed_mid_run_stops_with_exit_4_and_says_so(
     tmp_path: Path,
 ) -> None:
@@ -285,17 +303,7 @@ def test_a_batch_whose_redis_was_flushed_mid_run_stops_with_exit_4_and_says_so(
     with redis_server() as server, run_emulator() as emulator:
         emulator.inject("laozhang", Fault(delay=0.05))
         env = environment(emulator)
-        workers = [
-            subprocess.Popen(
-                worker(source, str(folder), server.url, "--block", "10", "--concurrency", "4"),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        wait_for(lambda: len(emulator.calls()) >= 40, workers[0])
+        workers = two_workers_under_way(source, folder, server.url, env, emulator)
         client: Any = server.client()
         client.flushall()
         at_flush = len(emulator.calls())
@@ -622,17 +630,7 @@ def test_workers_of_a_flushed_batch_begun_afresh_by_another_worker_stop_and_send
     with redis_server() as server, run_emulator() as emulator:
         emulator.inject("laozhang", Fault(delay=0.05))
         env = environment(emulator)
-        workers = [
-            subprocess.Popen(
-                worker(source, str(folder), server.url, "--block", "10", "--concurrency", "4"),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        wait_for(lambda: len(emulator.calls()) >= 40, workers[0])
+        workers = two_workers_under_way(source, folder, server.url, env, emulator)
         client: Any = server.client()
         fields = client.hgetall(meta)
         begun = {**fields, b"next": b"0", b"epoch": b"0123456789abcdef"}
