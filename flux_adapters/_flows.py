@@ -211,9 +211,15 @@ def adapter_built(
 
     *request* is the edit for a submit, ``None`` for a later exchange of an accepted job. (The
     call and its arguments rather than a closure: one less function, and its cells, per call.)
+    A `JobError` is no build's to raise: only an answer can tell how a job ended, and
+    ``JobFailed(billed=False)`` from ``build_poll`` of an accepted job would make the router
+    fail over while the job may still run and be billed. It is a `RequestError` too (raised
+    after the submit, it carries the job: final, "may be billed").
     """
     try:
         return build(*args, **kwargs)
+    except JobError as error:
+        raise _not_built(adapter, request, error) from error
     except FluxError:
         raise
     except BaseException as exc:  # an adapter's own, even outside Exception; not an interruption

@@ -1129,6 +1129,32 @@ def test_a_synchronous_adapter_cannot_call_an_ambiguous_answer_unbilled(
     assert [attempt.billing for attempt in caught.value.attempts] != ["job-not-billed"]
 
 
+class PollRaisesUnbilled(BflAdapter):
+    """BFL's adapter whose build_poll says the job failed unbilled: no answer says so."""
+
+    name = "poll-unbilled"
+
+    def build_poll(self, job: Job) -> Any:
+        raise _unbilled()
+
+
+@both
+def test_a_build_method_cannot_call_an_accepted_job_unbilled(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # JobFailed(billed=False) from build_poll passed through as the answer's verdict: the
+    # router failed over to laozhang while the accepted job at bfl could still run and bill.
+    monkeypatch.setenv("LAOZHANG_API_KEY", "lz-key-0123456789abcdef")
+    monkeypatch.setenv("BFL_API_KEY", JOBS_KEY)
+    everything = Both(FakeBfl())
+    with pytest.raises(errors.FluxError) as caught:
+        run(kind, everything, T2I, provider=[PollRaisesUnbilled(), "laozhang"], polling=QUICK)
+    assert everything.bfl.count("POST") == 1
+    assert everything.laozhang == []  # never sent elsewhere: the job may be billed
+    assert caught.value.job is not None
+    assert [attempt.billing for attempt in caught.value.attempts] == ["job-accepted"]
+
+
 def test_a_package_name_with_control_characters_is_shown_escaped(plugins: Plugins) -> None:
     # The distribution's name comes from the package's own metadata: it went into `models` and
     # into every message about the provider as it was, escape sequences included.
