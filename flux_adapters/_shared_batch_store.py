@@ -54,6 +54,18 @@ local function keep(seconds)
 end
 """
 
+_FENCED: Final = (
+    _HEAD
+    + """
+-- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
+if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
+  return {'missing'}
+end
+"""
+)
+"""`_HEAD` and the fence of every script a worker runs after `BEGIN`: its last argument is the
+batch's epoch (`Store.epoch`), and a batch that is not the one it joined answers ``missing``."""
+
 BEGIN: Final = (
     _HEAD
     + """
@@ -88,13 +100,9 @@ return {how, m[1], m[2], m[3], m[4] or ''}
 )
 
 CLAIM: Final = (
-    _HEAD
+    _FENCED
     + """
 -- ARGV: worker, round, keep, epoch
--- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
-if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
-  return {'missing'}
-end
 local m = redis.call('HMGET', meta, 'round', 'block', 'lease', 'next', 'blocks', 'total')
 if m[1] ~= ARGV[2] then return {'over'} end
 local block, lease, nxt = tonumber(m[2]), tonumber(m[3]), tonumber(m[4])
@@ -130,13 +138,9 @@ return out
 )
 
 RENEW: Final = (
-    _HEAD
+    _FENCED
     + """
 -- ARGV: worker, keep, round, blocks..., epoch
--- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
-if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
-  return {'missing'}
-end
 local lease = tonumber(redis.call('HGET', meta, 'lease') or '0')
 local lost = {}
 for i = 4, #ARGV - 1 do
@@ -153,14 +157,10 @@ return {table.concat(lost, ','), current and 1 or 0, redis.call('HGETALL', count
 )
 
 JOURNAL: Final = (
-    _HEAD
+    _FENCED
     + """
 -- ARGV: worker, keep, ops (JSON list of [job or block, record, end status, saved, release]), epoch
 -- Every op is fenced: only the worker holding a job's block may write for it.
--- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
-if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
-  return {'missing'}
-end
 local block = tonumber(redis.call('HGET', meta, 'block') or '0')
 local ops = cjson.decode(ARGV[3])
 local out = {}
@@ -201,13 +201,9 @@ return out
 )
 
 STATUS: Final = (
-    _HEAD
+    _FENCED
     + """
 -- ARGV: round, epoch
--- the batch this worker joined (its epoch, the last ARGV) is gone: flushed, or begun afresh
-if redis.call('EXISTS', meta) == 0 or (redis.call('HGET', meta, 'epoch') or '') ~= ARGV[#ARGV] then
-  return {'missing'}
-end
 local m = redis.call('HMGET', meta, 'round', 'prev_round', 'prev_counts')
 if m[1] == ARGV[1] then return {'current', cjson.encode(redis.call('HGETALL', counts))} end
 if m[2] == ARGV[1] then return {'previous', m[3]} end
