@@ -1205,10 +1205,6 @@ def _check(arguments: argparse.Namespace, out: TextIO) -> int:
     request = _request(arguments, flags)
     chosen = _chosen_providers(arguments.provider)
     adapters, broken = _loaded(chosen)
-    if not adapters:  # nothing to check: the error of the first one named
-        from flux_adapters.providers import get_adapter
-
-        get_adapter(chosen[0])
     verdicts = _verdicts(request, list(adapters))
     every = not broken and all(
         not isinstance(verdict, errors.RequestError) for verdict in verdicts.values()
@@ -1816,17 +1812,25 @@ def _loaded(providers: Iterable[str]) -> tuple[dict[str, AnyAdapter], dict[str, 
 
     One provider package that fails (at import, or claiming an id another package claims too)
     must not hide every other provider from the commands that list or explain them all.
+
+    Raises:
+        ConfigurationError: An id is unknown, or none of them could be loaded (the first's
+            error: there is nothing to show).
     """
     from flux_adapters.providers import canonical_name, get_adapter
 
     adapters: dict[str, AnyAdapter] = {}
     broken: dict[str, str] = {}
+    first: errors.ConfigurationError | None = None
     for provider in providers:
         canonical_name(provider)  # an unknown id is the caller's mistake: raised, not listed
         try:
             adapters[provider] = get_adapter(provider)
         except errors.ConfigurationError as error:
             broken[provider] = str(error)
+            first = first or error
+    if first is not None and not adapters:
+        raise first
     return adapters, broken
 
 
@@ -1912,14 +1916,12 @@ def _provider_data(provider: str, origin: str, prices: Mapping[str, Price]) -> d
 def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
     from flux_adapters._explain import as_data, render, sendable
     from flux_adapters.config import base_url_for
-    from flux_adapters.providers import BEARER, PROVIDERS, get_adapter
+    from flux_adapters.providers import BEARER, PROVIDERS
 
     flags = arguments.flags
     request = _request(arguments, flags)
     providers = list(dict.fromkeys(arguments.provider or PROVIDERS))
     adapters, broken = _loaded(providers)
-    if not adapters:  # nothing to explain: the error of the first one named
-        get_adapter(providers[0])
     verdicts = _verdicts(request, list(adapters))
     documents: list[dict[str, object]] = []
     for provider in providers:
