@@ -109,24 +109,26 @@ _HEADER_TEXT: Final = re.compile(r"[^\x20-\x7e]")
 
 
 def _public_root(url: object) -> str | None:
-    """*url* checked as the root of image links, without a trailing ``/`` (links add one)."""
+    """*url* checked as the root of image links, without a trailing ``/`` (links add one).
+
+    A provider base URL's rules (`check_base_url`: http or https, a host, no user or password,
+    no query), and no port 0.
+    """
     if url is None:
         return None
-    shown = url
-    if isinstance(url, str) and not _HEADER_TEXT.search(url):
-        from urllib.parse import urlsplit
+    from urllib.parse import urlsplit
 
-        # A user or password would go to every caller in every link: refused, and not shown.
-        shown = re.sub(r"(?<=//)[^/?#]*@", "[redacted]@", url)
-        try:
-            parts = urlsplit(url)
-            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
-            usable = usable and not (parts.query or parts.fragment) and parts.port != 0
-            usable = usable and "@" not in parts.netloc
-        except ValueError:  # an odd port or bracket
-            usable = False
-        if usable:
-            return url.rstrip("/")
+    from flux_adapters._options import check_base_url
+
+    try:
+        checked = check_base_url(url, "public_url")
+        usable = urlsplit(checked).port != 0
+    except errors.ConfigurationError:
+        usable = False
+    if usable:
+        return checked.rstrip("/")
+    # A user or password would go to every caller in every link: refused, and not shown.
+    shown = re.sub(r"(?<=//)[^/?#]*@", "[redacted]@", url) if isinstance(url, str) else url
     raise errors.ConfigurationError(
         "GatewaySettings: public_url must be an http:// or https:// URL with a host, no user "
         f"or password and no query, such as https://images.example.com, not {shown!r:.200}"
