@@ -395,7 +395,7 @@ def _whole_submitted(name: str, submitted: Submitted) -> Submitted:
     return submitted if usage is submitted.usage else attrs.evolve(submitted, usage=usage)
 
 
-_USAGE_FIELDS: Final = ("credits_used", "tokens_used", "input_mp", "output_mp")
+_USAGE_FIELDS: Final = tuple(field.name for field in attrs.fields(Usage))
 
 
 def _usage(name: str, usage: object) -> Usage | None:
