@@ -56,6 +56,8 @@ Outcome: TypeAlias = Literal["success", "failure", "release", "none"]
 
 MAX_USD: Final = 1_000_000_000.0
 """The largest budget or amount accepted (a larger one is a mistake, refused)."""
+MAX_TOKENS: Final = 1_000_000
+"""The most a token bucket holds, and refills a second (a key's rate: a minute's worth)."""
 MAX_SECONDS: Final = 86_400.0
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/+=-]{0,199}")
 _BUCKET: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -116,11 +118,11 @@ def check_rate(rate_per_s: object, burst: object) -> tuple[float, int]:
     if isinstance(rate_per_s, bool) or not isinstance(rate_per_s, int | float):
         raise ConfigurationError("a rate must be a number of requests per second")
     rate = float(rate_per_s)
-    if not (math.isfinite(rate) and 0 < rate <= 1_000_000):
+    if not (math.isfinite(rate) and 0 < rate <= MAX_TOKENS):
         raise ConfigurationError(
             "a rate must be a finite number above 0 and at most 1e6 per second"
         )
-    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= 1_000_000:
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_TOKENS:
         raise ConfigurationError("a burst must be a whole number from 1 to 1000000")
     return rate, burst
 
@@ -247,7 +249,7 @@ class KeyRecord:
             isinstance(rate, int | float)
             and not isinstance(rate, bool)
             and math.isfinite(rate)
-            and 0 < rate <= 1_000_000  # the bucket holds a minute's worth: at most 1e6 tokens
+            and 0 < rate <= MAX_TOKENS  # the bucket holds a minute's worth
         ):
             raise ConfigurationError(
                 "rate_per_minute must be a finite number above 0 and at most 1e6 a minute, "
