@@ -574,6 +574,12 @@ def _check_one_setting(settings: ProviderSettings, where: str) -> None:
 
     if settings.api_key_env is not None:
         check_variable_name(settings.api_key_env, f"{where} api_key_env")
+    priority: object = settings.priority
+    if priority is not None and not (isinstance(priority, int) and not isinstance(priority, bool)):
+        raise ConfigurationError(
+            f"{where} priority must be a whole number (lower is tried first) or None, "
+            f"not {render_value(priority)}"
+        )
     rate = settings.rate_per_minute
     if rate is not None and not (is_number(rate) and 0 < rate <= 60_000_000):
         raise ConfigurationError(
@@ -779,6 +785,12 @@ class _ClientBase:
         retries = None if max_retries is None else _check_retries(max_retries)
         names_of = [name if isinstance(name, str) else name.name for name in names]
         known = _check_settings(given["settings"], names_of)
+        if any(setting.priority is not None for setting in known.values()):
+            from flux_adapters.config import by_priority
+
+            order = by_priority([known.get(label) for label in names_of])
+            names = [names[n] for n in order]
+            names_of = [names_of[n] for n in order]
         if given["polling"] is not None:
             from flux_adapters.jobs import Polling
 
@@ -1397,7 +1409,9 @@ class FluxClient(_ClientBase):
         prices: Price overrides by (provider, model); each provider and model must be one that
             can match (any case for the provider).
         settings: `ProviderSettings` by provider id (any case), for this client's providers,
-            checked as the configuration file is; their ``prices`` join *prices* (which win).
+            checked as the configuration file is; their ``prices`` join *prices* (which win),
+            and a ``priority`` orders the providers as in the file (lower first, then those
+            without one, each group in the order given).
         polling: How jobs at asynchronous providers (``"bfl"``, ``"fal"``) are polled, and the
             deadline of a whole job (default `Polling()`: ten minutes).
         state: Where cooldowns, budgets and rate limits are kept and shared

@@ -145,6 +145,20 @@ class ProviderSettings:
     rate_per_minute: float | None = None
 
 
+def by_priority(settings: Sequence[ProviderSettings | None]) -> list[int]:
+    """The indexes of *settings* in the order ``routing = "ordered"`` tries them.
+
+    A given ``priority`` first, lower before higher, then the providers without one; ties as
+    listed.
+    """
+
+    def key(n: int) -> tuple[bool, int, int]:
+        priority = getattr(settings[n], "priority", None)
+        return (priority is None, priority or 0, n)
+
+    return sorted(range(len(settings)), key=key)
+
+
 @frozen(kw_only=True)
 class Config:
     """Everything ``from_env`` needs to build a client."""
@@ -384,9 +398,7 @@ def load_config(
             f"{listed} lists {', '.join(twice)} more than once (names ignore case)"
         )
     settings = [configured.get(name) or ProviderSettings(name=name) for name in ids]
-    ordered = sorted(
-        settings, key=lambda s: (s.priority is None, s.priority or 0, ids.index(s.name))
-    )
+    ordered = [settings[n] for n in by_priority(settings)]
 
     routing = env.get("FLUX_ROUTING") or shape.routing or "ordered"
     if routing not in get_args(Routing):

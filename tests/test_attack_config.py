@@ -157,6 +157,8 @@ def keys(monkeypatch: pytest.MonkeyPatch) -> None:
             "prices",
         ),
         (ProviderSettings(name="laozhang", prices={"flux-2-typo": PerCall(usd=0.1)}), "prices"),
+        (ProviderSettings(name="laozhang", priority="1"), "priority"),  # type: ignore[arg-type]
+        (ProviderSettings(name="laozhang", priority=True), "priority"),
     ],
     ids=[
         "key-env-line-break",
@@ -165,6 +167,8 @@ def keys(monkeypatch: pytest.MonkeyPatch) -> None:
         "rate-nan",
         "price-nan",
         "price-typo",
+        "priority-text",
+        "priority-bool",
     ],
 )
 def test_settings_given_in_code_are_checked_as_the_file_is(
@@ -198,6 +202,37 @@ def test_prices_given_in_settings_are_used(keys: None) -> None:
         result = client.edit(EditRequest(prompt="a robot", model="flux-2-pro"))
     assert result.provider == "apiyi"
     assert result.cost_usd == pytest.approx(0.0001)
+
+
+@pytest.mark.parametrize(
+    ("priorities", "tried"),
+    [
+        ({"apiyi": 1}, ["apiyi", "laozhang"]),  # a priority before none
+        ({"laozhang": 2, "apiyi": 1}, ["apiyi", "laozhang"]),  # lower first
+        ({"laozhang": 1, "apiyi": 1}, ["laozhang", "apiyi"]),  # ties as listed
+        ({}, ["laozhang", "apiyi"]),  # none: as listed
+    ],
+)
+def test_a_priority_given_in_code_orders_the_providers_as_in_the_file(
+    keys: None, priorities: dict[str, int], tried: list[str]
+) -> None:
+    # ProviderSettings(priority=...) made in code was ignored: the providers list alone
+    # decided, though the docstring and the file's [provider.X] priority say otherwise.
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return httpx.Response(503, json={"error": {"message": "busy"}})
+
+    settings = {name: ProviderSettings(name=name, priority=p) for name, p in priorities.items()}
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = FluxClient(
+            providers=["laozhang", "apiyi"], settings=settings, http_client=http, max_retries=0
+        )
+        assert client.providers == tuple(tried)
+        with pytest.raises(errors.FluxError):
+            client.edit(EditRequest(prompt="a robot", model="flux-2-pro"))
+    assert [host.split(".")[-2] for host in hosts] == tried
 
 
 def test_a_flux_providers_naming_nothing_says_so(tmp_path: Path) -> None:
