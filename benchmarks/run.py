@@ -70,7 +70,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, cast
@@ -1304,7 +1304,9 @@ def gateway_process(emulator_root: str, folder: Path) -> Iterator[tuple[str, str
         yield root, key
 
 
-def hand_gateway_process(emulator_root: str, folder: Path, key: str, *flags: str) -> Any:
+def hand_gateway_process(
+    emulator_root: str, folder: Path, key: str, *flags: str
+) -> AbstractContextManager[str]:
     """benchmarks/hand_gateway.py (the baseline of (m)) in its own process: its root URL."""
     command = [sys.executable, str(HERE / "hand_gateway.py"), emulator_root, "{port}",
                str(folder), key, *flags]  # fmt: skip
