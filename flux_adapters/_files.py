@@ -301,9 +301,10 @@ class ImageFile:
     `target`, `head` and `size`, so nobody needs to open the file again to know what it holds.
     """
 
-    def __init__(self, fd: int, target: Path) -> None:
+    def __init__(self, fd: int, target: Path, *, named: bool = False) -> None:
         self._fd = fd
         self._target = target
+        self._named = named  # the name must fit the bytes: refuse them once the head says not
         self.target = target
         """Where the image ends up."""
         self.head = b""
@@ -315,9 +316,17 @@ class ImageFile:
         return OutputError(exc.strerror or str(exc), path=str(self._target))
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append *data*."""
+        """Append *data*.
+
+        Raises:
+            ExtensionMismatch: The first bytes name another format than the target's name
+                (unless the name is to get the bytes' extension): a download stops there,
+                rather than fetching the whole image only to refuse it at the end.
+        """
         if len(self.head) < SNIFF_BYTES:
             self.head += bytes(data[: SNIFF_BYTES - len(self.head)])
+            if self._named and len(self.head) == SNIFF_BYTES:
+                check_extension(self._target, image_format(self.head))
         view = memoryview(data)
         try:
             while view:
@@ -410,7 +419,7 @@ class _AtomicImage:
             except OSError as exc:
                 raise OutputError(exc.strerror or str(exc), path=str(target)) from exc
         self._where, self._partial, self._fd = where, partial, fd
-        self._out = ImageFile(fd, target)
+        self._out = ImageFile(fd, target, named=not self._add_suffix)
         return self._out
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
