@@ -5,15 +5,19 @@ download from a hostile server, resuming a job that holds odd values, and the co
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 
-from flux_adapters import errors
+from flux_adapters import AsyncFluxClient, FluxClient, errors
 from flux_adapters._download import HttpDownloader
-from flux_adapters.result import ResultImage
+from flux_adapters.jobs import Job, Polling
+from flux_adapters.result import EditResult, ResultImage, Usage
 from tests.conftest import image_bytes
 
 KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
@@ -79,3 +83,47 @@ def test_a_download_under_a_name_of_another_format_stops_at_its_first_bytes(
             tmp_path / "scene.jpg"
         )
     assert saved.stat().st_size == len(JPEG) + 200 * 1024
+
+
+# --- resume: a job made by hand or read back holds odd values besides its URLs ----------------
+
+QUICK = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=2.0)
+JOB = Job(
+    provider="bfl", model="flux-2-pro", id="j", poll_url="https://api.bfl.ai/v1/get_result?id=j"
+)
+READY = {"status": "Ready", "result": {"sample": "https://delivery-eu1.bfl.ai/results/a.png"}}
+
+
+def resume(kind: str, job: Job) -> EditResult:
+    """``client.resume(job)`` at a BFL that answers the job done, and the image's bytes."""
+    transport = httpx.MockTransport(
+        lambda request: (
+            httpx.Response(200, json=READY)
+            if request.url.host == "api.bfl.ai"
+            else httpx.Response(200, content=PNG)
+        )
+    )
+    if kind == "sync":
+        with httpx.Client(transport=transport) as http:
+            return FluxClient("bfl", api_key=KEY, http_client=http, polling=QUICK).resume(job)
+
+    async def main() -> EditResult:
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = AsyncFluxClient("bfl", api_key=KEY, http_client=http, polling=QUICK)
+            return await client.resume(job)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("when", [math.nan, math.inf, -math.inf, "yesterday", None])
+def test_a_jobs_dict_is_json_whatever_its_submit_time_holds(when: object) -> None:
+    # Before: NaN or infinity went into the dict as it was: json.dumps wrote `NaN`, which no
+    # JSON parser but Python's reads, though `EditResult.to_dict` promises that a number JSON
+    # cannot hold is left out; a text or None went through as it was, not a time.
+    job = attrs.evolve(JOB, submitted_at=when, usage=Usage(credits_used=math.nan, input_mp=1.0))  # type: ignore[arg-type]
+    data = job.to_dict()
+    assert data["submitted_at"] == 0.0  # the value of a job whose submit time is not known
+    assert data["usage"] == {"input_mp": 1.0}
+    assert Job.from_dict(json.loads(json.dumps(data, allow_nan=False))) == attrs.evolve(
+        JOB, usage=Usage(input_mp=1.0)
+    )
