@@ -115,6 +115,26 @@ def resume(kind: str, job: Job) -> EditResult:
     return asyncio.run(main())
 
 
+@both
+@pytest.mark.parametrize(
+    "usage",
+    ["credits", 4.5, {"credits_used": 4.5}, Usage(credits_used="4.5"), Usage(tokens_used=1.5)],  # type: ignore[arg-type]
+    ids=["text", "number", "dict", "text-credits", "fractional-tokens"],
+)
+def test_resuming_a_job_whose_usage_cannot_be_read_still_gives_the_paid_image(
+    kind: str, usage: object
+) -> None:
+    # Before: an AttributeError or a TypeError ("must be real number, not str") once the job
+    # had been polled to its end: the paid image was never returned. The submit's usage is only
+    # a figure for the cost: what cannot be read of it is left out.
+    job = attrs.evolve(JOB, usage=usage)  # type: ignore[arg-type]
+    result = resume(kind, job)
+    assert len(result.images) == 1
+    assert result.cost_usd is None or math.isfinite(result.cost_usd)
+    json.dumps(result.to_dict(), allow_nan=False)
+    assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) is not None
+
+
 @pytest.mark.parametrize("when", [math.nan, math.inf, -math.inf, "yesterday", None])
 def test_a_jobs_dict_is_json_whatever_its_submit_time_holds(when: object) -> None:
     # Before: NaN or infinity went into the dict as it was: json.dumps wrote `NaN`, which no
