@@ -719,6 +719,10 @@ def _check_folder(folder: Path, *, named: Path | None = None) -> None:
         try:
             mode = existing.stat().st_mode
         except FileNotFoundError:
+            if os.path.islink(existing):  # a link to nothing: mkdir fails there ("File exists")
+                raise errors.OutputError(
+                    f"{existing} is a broken symbolic link", path=shown
+                ) from None
             if existing.parent == existing:
                 raise errors.OutputError(f"no folder {folder}", path=shown) from None
             existing = existing.parent

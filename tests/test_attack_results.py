@@ -5,6 +5,7 @@ download from a hostile server, resuming a job that holds odd values, and the co
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +17,8 @@ import pytest
 
 from flux_adapters import AsyncFluxClient, FluxClient, errors
 from flux_adapters._download import HttpDownloader
+from flux_adapters.cli import main
+from flux_adapters.emulator import Emulator, run_emulator
 from flux_adapters.jobs import Job, Polling
 from flux_adapters.result import EditResult, ResultImage, Usage
 from tests.conftest import image_bytes
@@ -147,3 +150,37 @@ def test_a_jobs_dict_is_json_whatever_its_submit_time_holds(when: object) -> Non
     assert Job.from_dict(json.loads(json.dumps(data, allow_nan=False))) == attrs.evolve(
         JOB, usage=Usage(input_mp=1.0)
     )
+
+
+# --- the command line: an output folder that is a broken symbolic link ------------------------
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    with run_emulator() as running:
+        yield running
+
+
+def edit(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["edit", *argv], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("output", ["shots/a.png", "shots/deeper/a.png", None])
+def test_an_output_folder_that_is_a_broken_link_is_refused_before_the_paid_call(
+    output: str | None, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the check climbed past a symbolic link to nothing as if the folder were missing
+    # and creatable; the provider was paid, then the folder could not be made ("File exists")
+    # and the image went to out/ or the temporary folder instead of where it was asked to go.
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ("shots" if output else "out")).symlink_to(tmp_path / "gone")
+    before = len(emulator.calls("laozhang"))
+    base = ["--provider", "laozhang", "--base-url", emulator.base_url("laozhang"), "--json"]
+    code, out, err = edit("p", *base, *(["-o", output] if output else []))
+    assert code == 7, err
+    assert "broken symbolic link" in err
+    assert json.loads(out)["error"]["exit_status"] == 7
+    assert len(emulator.calls("laozhang")) == before  # nothing was sent, nothing paid
