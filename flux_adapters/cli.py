@@ -1185,8 +1185,20 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return code
 
 
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+
+
 def _write_json(out: TextIO, document: object) -> None:
-    out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    """Write *document* as JSON that is UTF-8 whatever its strings hold.
+
+    A lone surrogate (a file name's bytes that are not UTF-8, as Python decodes them) is
+    escaped: written as it is, standard output would carry those bytes, which no UTF-8 reader
+    takes; escaped, it is JSON, and reads back to the same name.
+    """
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    if not text.isascii():  # surrogates appear only inside strings: escaped, they stay JSON
+        text = _SURROGATE.sub(lambda found: f"\\u{ord(found[0]):04x}", text)
+    out.write(text + "\n")
 
 
 # --- check, explain -----------------------------------------------------------------------------

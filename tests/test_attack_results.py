@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import math
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -184,3 +185,38 @@ def test_an_output_folder_that_is_a_broken_link_is_refused_before_the_paid_call(
     assert "broken symbolic link" in err
     assert json.loads(out)["error"]["exit_status"] == 7
     assert len(emulator.calls("laozhang")) == before  # nothing was sent, nothing paid
+
+
+# --- the command line: --json stays UTF-8 for a file name that is not -------------------------
+
+
+def utf8_json(text: str) -> object:
+    """The document in *text*, as a program reading standard output as UTF-8 would parse it."""
+    return json.loads(text.encode("utf-8"))  # UnicodeEncodeError: bytes that are not UTF-8
+
+
+@pytest.mark.parametrize("paid", [False, True], ids=["refused", "saved"])
+def test_json_output_naming_a_file_whose_name_is_not_utf8_is_still_utf8(
+    paid: bool, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a name of bytes that are not UTF-8 (b"shot\xff.png", which Python decodes to a
+    # lone surrogate) was written into the JSON document as those bytes: standard output was
+    # no longer UTF-8, and a strict reader (Python's json, most languages' decoders) failed on
+    # the document of a paid image. An escaped surrogate is JSON, and reads back to the name.
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.chdir(tmp_path)
+    name = os.fsdecode(b"shot\xff.png")
+    if not paid:
+        (tmp_path / name).write_bytes(b"a file, not a folder")
+    target = name if paid else f"{name}/a.png"
+    base = ["--provider", "laozhang", "--base-url", emulator.base_url("laozhang"), "--json"]
+    code, out, err = edit("p", *base, "-o", target)
+    document = utf8_json(out)
+    assert isinstance(document, dict)
+    if paid:
+        assert code == 0, err
+        assert document["images"][0]["path"] == name
+        assert (tmp_path / name).stat().st_size == document["images"][0]["bytes"]
+    else:
+        assert code == 7
+        assert name in document["error"]["message"]
