@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 
 from flux_adapters import errors
 from flux_adapters._batch_files import is_url
-from flux_adapters._display import escape_controls
+from flux_adapters._display import escape_controls, escape_surrogates
 from flux_adapters._version import __version__
 
 if TYPE_CHECKING:
@@ -1185,9 +1185,6 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return code
 
 
-_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
-
-
 def _write_json(out: TextIO, document: object) -> None:
     """Write *document* as JSON that is UTF-8 whatever its strings hold.
 
@@ -1196,9 +1193,7 @@ def _write_json(out: TextIO, document: object) -> None:
     takes; escaped, it is JSON, and reads back to the same name.
     """
     text = json.dumps(document, indent=2, ensure_ascii=False)
-    if not text.isascii():  # surrogates appear only inside strings: escaped, they stay JSON
-        text = _SURROGATE.sub(lambda found: f"\\u{ord(found[0]):04x}", text)
-    out.write(text + "\n")
+    out.write((text if text.isascii() else escape_surrogates(text)) + "\n")
 
 
 # --- check, explain -----------------------------------------------------------------------------
@@ -1428,7 +1423,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import operator
 
     from flux_adapters._batch_files import check_file, compact_report, requests
-    from flux_adapters._journal import JOURNAL_NAME, JsonLines, load_states
+    from flux_adapters._journal import JOURNAL_NAME, ReportLines, load_states
     from flux_adapters._terminal import BatchDisplay, batch_progress
 
     path: Path = arguments.file
@@ -1438,7 +1433,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise errors.OutputError(exc.strerror or str(exc), path=str(folder)) from None
-    report = JsonLines(arguments.report or folder / "report.jsonl")
+    report = ReportLines(arguments.report or folder / "report.jsonl")
     counts = dict.fromkeys(("ok", "skipped", "changed", "failed", "unconfirmed"), 0)
     display: list[BatchDisplay] = []
     """The progress display, once the batch runs (lines refused before it are said plainly)."""
@@ -1566,7 +1561,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     import asyncio
 
     from flux_adapters._batch_files import check_file
-    from flux_adapters._journal import JsonLines
+    from flux_adapters._journal import ReportLines
     from flux_adapters._shared_batch import Ended, Lines, SharedOptions, Summary, run_shared
     from flux_adapters._terminal import BatchDisplay, batch_progress
 
@@ -1588,7 +1583,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
         grace=arguments.grace,
         **{name: value for name, value in given.items() if value is not None},
     )
-    report = JsonLines(arguments.report) if arguments.report is not None else None
+    report = ReportLines(arguments.report) if arguments.report is not None else None
     lines = Lines(path)
     shown_done = 0
     display: list[BatchDisplay] = []

@@ -220,3 +220,25 @@ def test_json_output_naming_a_file_whose_name_is_not_utf8_is_still_utf8(
     else:
         assert code == 7
         assert name in document["error"]["message"]
+
+
+def test_a_batch_into_a_folder_whose_name_is_not_utf8_reports_each_saved_job(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the first report line (which names the saved image by its path) raised
+    # UnicodeEncodeError: the batch stopped after one paid image with "unexpected" (exit 1),
+    # the other jobs not run, and report.jsonl empty.
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jobs.jsonl").write_text('{"id": "a", "prompt": "p"}\n{"id": "b", "prompt": "q"}\n')
+    folder = os.fsdecode(b"shots\xff")
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["batch", "jobs.jsonl", "-p", "laozhang", "-o", folder, "--json"], out=out, err=err)
+    assert code == 0, err.getvalue()
+    assert utf8_json(out.getvalue())["saved"] == 2  # type: ignore[index]
+    report = (tmp_path / folder / "report.jsonl").read_bytes().decode("utf-8").splitlines()
+    lines = [json.loads(line) for line in report]
+    assert sorted(line["status"] for line in lines) == ["ok", "ok"]
+    for line in lines:
+        assert all((tmp_path / path).is_file() for path in line["files"])
