@@ -242,3 +242,39 @@ def test_a_batch_into_a_folder_whose_name_is_not_utf8_reports_each_saved_job(
     assert sorted(line["status"] for line in lines) == ["ok", "ok"]
     for line in lines:
         assert all((tmp_path / path).is_file() for path in line["files"])
+
+
+@pytest.mark.parametrize("name", ["漢" * 84, "é" * 126, "😀" * 63], ids=["cjk", "accents", "emoji"])
+def test_a_batch_id_too_long_for_a_file_name_is_refused_before_anything_is_sent(
+    name: str, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: an id of at most 200 characters passed the file's check, but 84 CJK characters
+    # are 252 bytes: the request was sent and billed, then "File name too long" when its image
+    # was saved, reported unconfirmed, and no rerun could ever save it (--resend-unconfirmed
+    # only paid again). A file system takes 255 bytes a name, the id's extension included.
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+    monkeypatch.chdir(tmp_path)
+    lines = [{"id": name, "prompt": "p"}, {"id": "b", "prompt": "q"}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    before = len(emulator.calls("laozhang"))
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["batch", "jobs.jsonl", "-p", "laozhang", "-o", "shots"], out=out, err=err)
+    assert code == 2, err.getvalue()
+    assert "jobs.jsonl:1" in err.getvalue()
+    assert "bytes" in err.getvalue()
+    assert len(emulator.calls("laozhang")) == before
+
+
+def test_a_batch_id_of_the_longest_name_a_file_system_takes_is_saved(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+    monkeypatch.chdir(tmp_path)
+    name = "漢" * 83  # 249 bytes: with ".jpeg", 254
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"id": name, "prompt": "p"}) + "\n")
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["batch", "jobs.jsonl", "-p", "laozhang", "-o", "shots"], out=out, err=err)
+    assert code == 0, err.getvalue()
+    assert [path.stem for path in (tmp_path / "shots").glob("*.jpeg")] == [name]
