@@ -232,14 +232,15 @@ def _kind(mode: int) -> str:
     return "is not a regular file"
 
 
-def check_target(path: str | os.PathLike[str]) -> Path:
+def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
     """Return *path* as a `Path` if an image can be written there; never writes anything.
 
-    A new file in an existing, writable folder, or an existing regular file (replaced).
+    A new file in an existing, writable folder, or an existing regular file (replaced). With
+    *add_suffix*, the name must leave room for the extension the image's bytes will add.
 
     Raises:
         OutputError: A directory, FIFO, device or socket; a missing or read-only folder; a
-            parent that is not a folder; not a path at all.
+            parent that is not a folder; a name too long; not a path at all.
     """
     try:
         target = Path(path)
@@ -248,6 +249,12 @@ def check_target(path: str | os.PathLike[str]) -> Path:
         raise OutputError(f"not a path ({type(exc).__name__})", path=repr(path)[:80]) from None
     if target.name in ("", ".", ".."):
         raise OutputError("is not a file name", path=shown)
+    # Else the whole image is downloaded, and only renaming it to its full name fails.
+    if add_suffix and _name_bytes(target.name) > _SUFFIXED_MAX:
+        raise OutputError(
+            f"is too long a name to add an extension to (at most {_SUFFIXED_MAX} bytes)",
+            path=shown,
+        )
     try:
         found = os.stat(target)
     except FileNotFoundError:
@@ -267,6 +274,17 @@ def check_target(path: str | os.PathLike[str]) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"the folder {folder} is not writable", path=shown)
     return target
+
+
+_SUFFIXED_MAX: Final = _NAME_MAX - len(".jpeg")
+"""The longest name (in bytes) that `atomic_image` can add an extension to."""
+
+
+def _name_bytes(name: str) -> int:
+    try:
+        return len(os.fsencode(name))
+    except UnicodeError:  # a lone surrogate the file system encoding cannot write: stat says so
+        return 0
 
 
 def check_extension(target: Path, found: str | None) -> None:

@@ -411,7 +411,7 @@ class ResultImage(_Held):
             ResponseFormatError: What the URL served is not an image, or is too large.
             TransportError: The download failed or passed its deadline.
         """
-        target = check_target(path)
+        target = check_target(path, add_suffix=add_suffix)
         if self.b64_json is None:
             fetcher = self._fetcher()
             ours = _checking(fetcher)
@@ -465,7 +465,9 @@ class ResultImage(_Held):
 
     async def save_async(self, path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
         """Async twin of `save`."""
-        return await self._save_async(check_target(path), add_suffix=add_suffix)
+        return await self._save_async(
+            check_target(path, add_suffix=add_suffix), add_suffix=add_suffix
+        )
 
     async def _save_async(self, target: Path, *, add_suffix: bool) -> Path:
         """`save_async` to *target*, checked by `check_target` or in a batch's own folder.

@@ -31,11 +31,11 @@ CDN = "https://cdn.example/results/a?signature=s3cr3t"
 both = pytest.mark.parametrize("kind", ["sync", "async"])
 
 
-def save(kind: str, image: ResultImage, target: Path) -> Path:
+def save(kind: str, image: ResultImage, target: Path, *, add_suffix: bool = False) -> Path:
     """`ResultImage.save`, or `save_async` run to its end."""
     if kind == "sync":
-        return image.save(target)
-    return asyncio.run(image.save_async(target))
+        return image.save(target, add_suffix=add_suffix)
+    return asyncio.run(image.save_async(target, add_suffix=add_suffix))
 
 
 # --- a name that names another format: refused when the first bytes say so, not at the end ----
@@ -278,3 +278,33 @@ def test_a_batch_id_of_the_longest_name_a_file_system_takes_is_saved(
     code = main(["batch", "jobs.jsonl", "-p", "laozhang", "-o", "shots"], out=out, err=err)
     assert code == 0, err.getvalue()
     assert [path.stem for path in (tmp_path / "shots").glob("*.jpeg")] == [name]
+
+
+# --- add_suffix: a name that fits, but not with the extension the bytes give it ---------------
+
+
+@both
+@pytest.mark.parametrize("name", ["x" * 251, "é" * 125 + "x"], ids=["ascii", "accents"])
+def test_a_name_with_no_room_for_its_extension_is_refused_before_the_download(
+    kind: str, name: str, tmp_path: Path
+) -> None:
+    # Before: a name of 251 to 255 bytes passed the check (the file system takes it), the image
+    # was downloaded whole, and only renaming it to name + ".jpeg" failed: "File name too long".
+    gets: list[httpx.Request] = []
+
+    def cdn(request: httpx.Request) -> httpx.Response:
+        gets.append(request)
+        return httpx.Response(200, content=JPEG)
+
+    transport = httpx.MockTransport(cdn)
+    downloader = HttpDownloader(
+        sync_client=httpx.Client(transport=transport),
+        async_client=httpx.AsyncClient(transport=transport),
+    )
+    image = ResultImage(url=CDN, downloader=downloader)
+    with pytest.raises(errors.OutputError, match="too long"):
+        save(kind, image, tmp_path / name, add_suffix=True)
+    assert gets == []
+    assert list(tmp_path.iterdir()) == []
+    fits = name[: -1 if name.isascii() else -2]  # 250 bytes: ".jpeg" makes 255
+    assert save(kind, image, tmp_path / fits, add_suffix=True).name == f"{fits}.jpeg"
