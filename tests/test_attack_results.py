@@ -308,3 +308,22 @@ def test_a_name_with_no_room_for_its_extension_is_refused_before_the_download(
     assert list(tmp_path.iterdir()) == []
     fits = name[: -1 if name.isascii() else -2]  # 250 bytes: ".jpeg" makes 255
     assert save(kind, image, tmp_path / fits, add_suffix=True).name == f"{fits}.jpeg"
+
+
+# --- models: a $COLUMNS of 0 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("columns", ["0", "00"])
+def test_models_with_columns_of_zero_still_prints_the_table(
+    columns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: with the cli extra, rich took COLUMNS=0 (what a shell in a container without a
+    # terminal size may export) as a width of 0 and drew nothing: `models` printed nothing at
+    # all and ended with 0. A width of 0 is no width: the default of 80 is used.
+    pytest.importorskip("rich")
+    monkeypatch.setenv("COLUMNS", columns)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["models"], out=out, err=err) == 0
+    assert "laozhang" in out.getvalue()
+    assert "flux-2-pro" in out.getvalue()
+    assert max(len(line) for line in out.getvalue().splitlines()) <= 80
