@@ -92,11 +92,36 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with each error as one line (no usage block) that `main` writes and maps to 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        raise _UsageError(f"{self.prog}: error: {_unechoed(message)} (see {self.prog} --help)")
 
     def print_help(self, file: SupportsWrite[str] | None = None) -> None:
         # argparse's own ignores a failed write: `--help | head -1` must end like `models | head -1`.
         (file or sys.stdout).write(self.format_help())
+
+
+_SECRET_FLAG: Final = re.compile(
+    r"(--?[\w-]*(?:key|token|secret|password|auth)[\w-]*)(=|\s+)(\S+)", re.IGNORECASE
+)
+_URL_USER: Final = re.compile(r"(://)[^/@\s]*@")
+
+
+def _unechoed(message: str) -> str:
+    """*message* of argparse's without a key the user typed where the command takes none.
+
+    argparse echoes arguments it does not know (``unrecognized arguments: --api-key sk-...``):
+    there is no ``--api-key``, and typing one is a careless user's first try. Removed: text
+    shaped like a key, the values of the ``*_API_KEY`` variables set, what follows a flag that
+    names a key or token, and the user name and password of a URL.
+    """
+    from flux_adapters._redact import redact
+
+    keys = tuple(
+        value for name, value in os.environ.items() if name.endswith("_API_KEY") and len(value) >= 8
+    )
+    message = redact(message, keys)
+    if "unrecognized arguments" in message:  # our own flags' values are never secrets
+        message = _SECRET_FLAG.sub(r"\1\2[redacted]", message)
+    return _URL_USER.sub(r"\1[redacted]@", message)
 
 
 # Argument types: argparse shows an ArgumentTypeError's text as "argument --flag: <text>".

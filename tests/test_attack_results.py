@@ -327,3 +327,36 @@ def test_models_with_columns_of_zero_still_prints_the_table(
     assert "laozhang" in out.getvalue()
     assert "flux-2-pro" in out.getvalue()
     assert max(len(line) for line in out.getvalue().splitlines()) <= 80
+
+
+# --- a key pasted on the command line is not echoed by the argument parser --------------------
+
+PLAIN_KEY = "7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"  # no prefix: not shaped like a key
+
+
+@pytest.mark.parametrize(
+    ("argv", "in_environment"),
+    [
+        (["edit", "p", "--api-key", PLAIN_KEY], False),
+        (["check", "p", f"--api-key={PLAIN_KEY}"], False),
+        (["explain", "p", "--token", PLAIN_KEY], False),
+        (["edit", "p", PLAIN_KEY], True),  # the key itself, pasted where the prompt goes next
+        (["models", "--key", KEY], False),
+        (["check", "p", "-p", "laozhang", "--base-url", f"https://u:{PLAIN_KEY}@h/"], False),
+    ],
+    ids=["flag", "flag=", "token", "bare-in-env", "prefixed", "url-password"],
+)
+def test_a_key_given_as_an_argument_the_command_does_not_take_is_not_echoed(
+    argv: list[str], in_environment: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: "flux-adapters: error: unrecognized arguments: --api-key 7Qw2..." showed the key
+    # on standard error (and in every CI log that keeps it): there is no --api-key option, and
+    # typing one is what a careless user does first.
+    if in_environment:
+        monkeypatch.setenv("BFL_API_KEY", PLAIN_KEY)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(argv, out=out, err=err) == 2
+    assert "unrecognized arguments" in err.getvalue()
+    assert PLAIN_KEY[:12] not in err.getvalue()
+    assert KEY[8:20] not in err.getvalue()
+    assert "[redacted]" in err.getvalue()
