@@ -1053,7 +1053,7 @@ def _save(
     try:
         return _saved_data(_save_into(image, folder, name, stem)), EXIT_OK
     except errors.OutputError as error:
-        problem = f"flux-adapters: OutputError: {error}"
+        problem = f"flux-adapters: OutputError: {_one_line(error)}"  # as `main` writes errors
         failure: errors.FluxError = error
     except errors.FluxError as error:
         problem, where = f"flux-adapters: {type(error).__name__}: {_one_line(error)}", ""

@@ -360,3 +360,30 @@ def test_a_key_given_as_an_argument_the_command_does_not_take_is_not_echoed(
     assert PLAIN_KEY[:12] not in err.getvalue()
     assert KEY[8:20] not in err.getvalue()
     assert "[redacted]" in err.getvalue()
+
+
+# --- edit: a failure to save after the paid call is one line, whatever the path holds ---------
+
+
+def test_a_path_with_a_line_break_that_fails_after_the_paid_call_is_one_line(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: every other failure is written by `main` as one line (`_one_line`), but the
+    # message of an image saved elsewhere after the paid call printed the error as it was: a
+    # line break in the folder's name split it over lines.
+    from tests.test_cli import folder_replaced_by_a_file_once_sent
+
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.chdir(tmp_path)
+    wanted = tmp_path / "two\nlines"
+    wanted.mkdir()
+    with folder_replaced_by_a_file_once_sent(emulator, wanted):
+        code, _, err = edit(
+            "p", "-p", "laozhang", "--base-url", emulator.base_url("laozhang"), "-o",
+            str(wanted / "robot.png"),
+        )  # fmt: skip
+    assert code == 7
+    (message,) = [line for line in err.splitlines() if "OutputError" in line]
+    assert message.startswith("flux-adapters: OutputError: cannot write ")
+    assert "lines" in message
+    assert message.endswith(" instead")
