@@ -1178,7 +1178,7 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "provider": result.provider,
             "model": result.model,
             "images": saved,
-            "cost_usd": result.cost_usd,
+            "cost_usd": _dollars(result.cost_usd),
             "cost_source": result.cost_source,
             "seconds": round(elapsed, 3),
             "attempts": [_attempt_data(attempt) for attempt in result.attempts],
@@ -1208,6 +1208,14 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             instead = f" (instead of {place['instead_of']})" if "instead_of" in place else ""
             out.write(f"saved:    {place['path']}{instead}\n")
     return code
+
+
+def _dollars(cost: float | None) -> float | None:
+    """*cost* for JSON: ``None`` for one too large to be a number, as `EditResult.to_dict` has it.
+
+    Finite prices can sum to infinity, which JSON cannot hold.
+    """
+    return cost if cost is None or math.isfinite(cost) else None
 
 
 def _write_json(out: TextIO, document: object) -> None:
@@ -1316,7 +1324,7 @@ def _report_line(item: BatchItem) -> dict[str, object]:
     line: dict[str, object] = {"id": item.name, "status": item.status}
     if item.result is not None:
         line["provider"] = item.result.provider
-        line["cost_usd"] = item.result.cost_usd
+        line["cost_usd"] = _dollars(item.result.cost_usd)
     if item.saved:
         line["files"] = [str(path) for path in item.saved]
     if item.error is not None:

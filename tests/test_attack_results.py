@@ -387,3 +387,34 @@ def test_a_path_with_a_line_break_that_fails_after_the_paid_call_is_one_line(
     assert message.startswith("flux-adapters: OutputError: cannot write ")
     assert "lines" in message
     assert message.endswith(" instead")
+
+
+# --- a configured price whose estimate is too large for a float -------------------------------
+
+HUGE_PRICE = """providers = ["laozhang"]
+[provider.laozhang.prices]
+flux-2-pro = { usd_first = 1e308, usd_extra = 1e308, usd_input = 1e308 }
+"""
+
+
+def test_an_estimate_too_large_for_a_number_is_null_in_json_not_infinity(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: each figure is a finite price, as the configuration check asks, but their sum for
+    # a 4 MP image overflows: edit --json wrote "cost_usd": Infinity, and batch's report the
+    # same, which no JSON parser but Python's reads (EditResult.to_dict writes null).
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flux-adapters.toml").write_text(HUGE_PRICE)
+    code, out, err = edit("p", "--size", "2048x2048", "--json", "-o", "a.png")
+    assert code == 0, err
+    document = json.loads(out, parse_constant=lambda constant: pytest.fail(constant))
+    assert document["cost_usd"] is None
+    (tmp_path / "jobs.jsonl").write_text('{"id": "a", "prompt": "p", "size": "2048x2048"}\n')
+    said = io.StringIO()
+    assert main(["batch", "jobs.jsonl", "-o", "shots"], out=io.StringIO(), err=said) == 0, said
+    (line,) = (tmp_path / "shots" / "report.jsonl").read_text().splitlines()
+    report = json.loads(line, parse_constant=lambda constant: pytest.fail(constant))
+    assert report["cost_usd"] is None
