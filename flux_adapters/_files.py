@@ -235,8 +235,9 @@ def _kind(mode: int) -> str:
 def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
     """Return *path* as a `Path` if an image can be written there; never writes anything.
 
-    A new file in an existing, writable folder, or an existing regular file (replaced). With
-    *add_suffix*, the name must leave room for the extension the image's bytes will add.
+    A new file in an existing, writable folder, or an existing regular file (replaced). A
+    symbolic link is written through: the path returned is the file it names, and the link
+    stays. With *add_suffix*, the name must leave room for the extension the bytes will add.
 
     Raises:
         OutputError: A directory, FIFO, device or socket; a missing or read-only folder; a
@@ -265,6 +266,10 @@ def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> P
     else:
         if not stat.S_ISREG(found.st_mode):
             raise OutputError(_kind(found.st_mode), path=shown)
+    if not add_suffix and os.path.islink(target):  # (with add_suffix, a new name is written)
+        # Written through, as cp and curl -o do: renamed over, the link itself was replaced and
+        # the file it names kept its old bytes (as root, `-o /dev/stdout` replaced /dev/stdout).
+        target = Path(os.path.realpath(target))
     folder = target.parent
     try:
         if not folder.is_dir():

@@ -390,7 +390,8 @@ class ResultImage(_Held):
         """Write the image to *path* (streamed to disk for a URL) and return where it went.
 
         *path* must be a new file in an existing folder, or a regular file (replaced); it is
-        checked before anything is downloaded. The file appears only once complete and verified
+        checked before anything is downloaded. A symbolic link is written through (the file it
+        names is replaced, the link stays), and the path returned is that file's. The file appears only once complete and verified
         as an image: a failed download leaves nothing behind. With *add_suffix*, the image's
         real extension is added to the name (``out/robot`` -> ``out/robot.png``).
 

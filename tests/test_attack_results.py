@@ -5,6 +5,7 @@ download from a hostile server, resuming a job that holds odd values, and the co
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import math
@@ -418,3 +419,27 @@ def test_an_estimate_too_large_for_a_number_is_null_in_json_not_infinity(
     (line,) = (tmp_path / "shots" / "report.jsonl").read_text().splitlines()
     report = json.loads(line, parse_constant=lambda constant: pytest.fail(constant))
     assert report["cost_usd"] is None
+
+
+# --- a symbolic link as the target: written through, never replaced ---------------------------
+
+
+@both
+@pytest.mark.parametrize("existing", [True, False], ids=["to-a-file", "to-nothing-yet"])
+def test_saving_to_a_symbolic_link_writes_where_it_points_and_keeps_the_link(
+    kind: str, existing: bool, tmp_path: Path
+) -> None:
+    # Before: the image was renamed over the link itself: the file it pointed to kept its old
+    # bytes and the link was gone. `-o /dev/stdout > image.png` (as -o - is refused) run as root
+    # replaced the system's /dev/stdout link with a regular file.
+    (tmp_path / "real").mkdir()
+    pointed = tmp_path / "real" / "latest.png"
+    if existing:
+        pointed.write_bytes(b"yesterday's image")
+    link = tmp_path / "latest.png"
+    link.symlink_to(pointed)
+    image = ResultImage(b64_json=base64.b64encode(PNG).decode())
+    assert save(kind, image, link) == pointed
+    assert link.is_symlink()
+    assert pointed.read_bytes() == PNG
+    assert sorted(path.name for path in (tmp_path / "real").iterdir()) == ["latest.png"]
