@@ -18,6 +18,7 @@ __all__ = [
     "SHOWN_CHARS",
     "describe_exception",
     "escape_controls",
+    "escape_surrogates",
     "printable",
     "render_value",
     "toml_key",
@@ -79,6 +80,20 @@ def escape_controls(text: str) -> str:
         char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
         for char in text
     )
+
+
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+
+
+def escape_surrogates(json_text: str) -> str:
+    r"""*json_text* (``json.dumps(..., ensure_ascii=False)``) with lone surrogates escaped.
+
+    Python decodes a file name's bytes that are not UTF-8 to lone surrogates; left as they are,
+    they cannot be written as UTF-8 (or are written back as the raw bytes, which no UTF-8 reader
+    takes). Surrogates appear only inside JSON strings, where the escape (``\udcff``) is JSON
+    and reads back to the same name.
+    """
+    return _SURROGATE.sub(lambda found: f"\\u{ord(found[0]):04x}", json_text)
 
 
 def printable(text: str) -> str:

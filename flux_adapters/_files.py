@@ -232,14 +232,16 @@ def _kind(mode: int) -> str:
     return "is not a regular file"
 
 
-def check_target(path: str | os.PathLike[str]) -> Path:
+def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
     """Return *path* as a `Path` if an image can be written there; never writes anything.
 
-    A new file in an existing, writable folder, or an existing regular file (replaced).
+    A new file in an existing, writable folder, or an existing regular file (replaced). A
+    symbolic link is written through: the path returned is the file it names, and the link
+    stays. With *add_suffix*, the name must leave room for the extension the bytes will add.
 
     Raises:
         OutputError: A directory, FIFO, device or socket; a missing or read-only folder; a
-            parent that is not a folder; not a path at all.
+            parent that is not a folder; a name too long; not a path at all.
     """
     try:
         target = Path(path)
@@ -248,6 +250,12 @@ def check_target(path: str | os.PathLike[str]) -> Path:
         raise OutputError(f"not a path ({type(exc).__name__})", path=repr(path)[:80]) from None
     if target.name in ("", ".", ".."):
         raise OutputError("is not a file name", path=shown)
+    # Else the whole image is downloaded, and only renaming it to its full name fails.
+    if add_suffix and _name_bytes(target.name) > _SUFFIXED_MAX:
+        raise OutputError(
+            f"is too long a name to add an extension to (at most {_SUFFIXED_MAX} bytes)",
+            path=shown,
+        )
     try:
         found = os.stat(target)
     except FileNotFoundError:
@@ -258,6 +266,10 @@ def check_target(path: str | os.PathLike[str]) -> Path:
     else:
         if not stat.S_ISREG(found.st_mode):
             raise OutputError(_kind(found.st_mode), path=shown)
+    if not add_suffix and os.path.islink(target):  # (with add_suffix, a new name is written)
+        # Written through, as cp and curl -o do: renamed over, the link itself was replaced and
+        # the file it names kept its old bytes (as root, `-o /dev/stdout` replaced /dev/stdout).
+        target = Path(os.path.realpath(target))
     folder = target.parent
     try:
         if not folder.is_dir():
@@ -267,6 +279,17 @@ def check_target(path: str | os.PathLike[str]) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"the folder {folder} is not writable", path=shown)
     return target
+
+
+_SUFFIXED_MAX: Final = _NAME_MAX - len(".jpeg")
+"""The longest name (in bytes) that `atomic_image` can add an extension to."""
+
+
+def _name_bytes(name: str) -> int:
+    try:
+        return len(os.fsencode(name))
+    except UnicodeError:  # a lone surrogate the file system encoding cannot write: stat says so
+        return 0
 
 
 def check_extension(target: Path, found: str | None) -> None:
@@ -301,9 +324,10 @@ class ImageFile:
     `target`, `head` and `size`, so nobody needs to open the file again to know what it holds.
     """
 
-    def __init__(self, fd: int, target: Path) -> None:
+    def __init__(self, fd: int, target: Path, *, named: bool = False) -> None:
         self._fd = fd
         self._target = target
+        self._named = named  # the name must fit the bytes: refuse them once the head says not
         self.target = target
         """Where the image ends up."""
         self.head = b""
@@ -315,9 +339,17 @@ class ImageFile:
         return OutputError(exc.strerror or str(exc), path=str(self._target))
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append *data*."""
+        """Append *data*.
+
+        Raises:
+            ExtensionMismatch: The first bytes name another format than the target's name
+                (unless the name is to get the bytes' extension): a download stops there,
+                rather than fetching the whole image only to refuse it at the end.
+        """
         if len(self.head) < SNIFF_BYTES:
             self.head += bytes(data[: SNIFF_BYTES - len(self.head)])
+            if self._named and len(self.head) == SNIFF_BYTES:
+                check_extension(self._target, image_format(self.head))
         view = memoryview(data)
         try:
             while view:
@@ -410,7 +442,7 @@ class _AtomicImage:
             except OSError as exc:
                 raise OutputError(exc.strerror or str(exc), path=str(target)) from exc
         self._where, self._partial, self._fd = where, partial, fd
-        self._out = ImageFile(fd, target)
+        self._out = ImageFile(fd, target, named=not self._add_suffix)
         return self._out
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:

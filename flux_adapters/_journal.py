@@ -57,6 +57,7 @@ import attrs
 from attrs import define, field
 
 from flux_adapters._bodies import compiled_encoder
+from flux_adapters._display import escape_surrogates
 from flux_adapters.errors import ConfigurationError, OutputError
 from flux_adapters.jobs import Job
 from flux_adapters.request import BytesImage, DataUrlImage, EditRequest, FileImage, UrlImage
@@ -68,6 +69,7 @@ __all__ = [
     "JobState",
     "Journal",
     "JsonLines",
+    "ReportLines",
     "image_identities",
     "is_image_file",
     "load_packed",
@@ -895,6 +897,24 @@ def load_packed(path: Path) -> EarlierStates | dict[str, bytes]:
             packed.close()
         raise
     return packed if packed is not None else {}
+
+
+class ReportLines(JsonLines):
+    r"""A batch's report: `JsonLines` whose lines may name paths whose bytes are not UTF-8.
+
+    Python decodes such a path (an output folder named ``shots\xff``) to a lone surrogate,
+    which cannot be written as UTF-8: the first report line naming a saved image stopped the
+    batch. Here it is escaped (``\udcff``), which is JSON and reads back to the same path.
+    """
+
+    @staticmethod
+    def encode(record: dict[str, object]) -> bytes:
+        """*record* as one line of JSON, in UTF-8."""
+        line = _encode_line(record) + "\n"
+        try:
+            return line.encode()
+        except UnicodeEncodeError:
+            return escape_surrogates(line).encode()
 
 
 class Journal:

@@ -41,7 +41,8 @@ def is_terminal(stream: TextIO | None) -> bool:
 def rich_console(stream: TextIO, *, terminal_only: bool = True) -> Console | None:
     """A rich console writing to *stream*; ``None`` without rich, or (*terminal_only*) off a terminal.
 
-    Off a terminal its width is ``$COLUMNS``, else 80, and it writes no colour or control codes.
+    Off a terminal its width is ``$COLUMNS``, else 80 (also for a width of 0), and it writes no
+    colour or control codes.
     """
     if terminal_only and not is_terminal(stream):
         return None
@@ -56,7 +57,10 @@ def rich_console(stream: TextIO, *, terminal_only: bool = True) -> Console | Non
             self.quiet = True
             raise BrokenPipeError(errno.EPIPE, "the reader of this output is gone")
 
-    return Quiet(file=stream, highlight=False, soft_wrap=False)
+    console = Quiet(file=stream, highlight=False, soft_wrap=False)
+    if console.width < 1:  # COLUMNS=0 (a container's shell without a size): rich draws nothing
+        console.width = 80
+    return console
 
 
 def _say(stream: TextIO, line: str) -> None:

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 
 from flux_adapters import errors
 from flux_adapters._batch_files import is_url
-from flux_adapters._display import escape_controls
+from flux_adapters._display import escape_controls, escape_surrogates
 from flux_adapters._version import __version__
 
 if TYPE_CHECKING:
@@ -92,11 +92,36 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with each error as one line (no usage block) that `main` writes and maps to 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        raise _UsageError(f"{self.prog}: error: {_unechoed(message)} (see {self.prog} --help)")
 
     def print_help(self, file: SupportsWrite[str] | None = None) -> None:
         # argparse's own ignores a failed write: `--help | head -1` must end like `models | head -1`.
         (file or sys.stdout).write(self.format_help())
+
+
+_SECRET_FLAG: Final = re.compile(
+    r"(--?[\w-]*(?:key|token|secret|password|auth)[\w-]*)(=|\s+)(\S+)", re.IGNORECASE
+)
+_URL_USER: Final = re.compile(r"(://)[^/@\s]*@")
+
+
+def _unechoed(message: str) -> str:
+    """*message* of argparse's without a key the user typed where the command takes none.
+
+    argparse echoes arguments it does not know (``unrecognized arguments: --api-key sk-...``):
+    there is no ``--api-key``, and typing one is a careless user's first try. Removed: text
+    shaped like a key, the values of the ``*_API_KEY`` variables set, what follows a flag that
+    names a key or token, and the user name and password of a URL.
+    """
+    from flux_adapters._redact import redact
+
+    keys = tuple(
+        value for name, value in os.environ.items() if name.endswith("_API_KEY") and len(value) >= 8
+    )
+    message = redact(message, keys)
+    if "unrecognized arguments" in message:  # our own flags' values are never secrets
+        message = _SECRET_FLAG.sub(r"\1\2[redacted]", message)
+    return _URL_USER.sub(r"\1[redacted]@", message)
 
 
 # Argument types: argparse shows an ArgumentTypeError's text as "argument --flag: <text>".
@@ -719,6 +744,10 @@ def _check_folder(folder: Path, *, named: Path | None = None) -> None:
         try:
             mode = existing.stat().st_mode
         except FileNotFoundError:
+            if os.path.islink(existing):  # a link to nothing: mkdir fails there ("File exists")
+                raise errors.OutputError(
+                    f"{existing} is a broken symbolic link", path=shown
+                ) from None
             if existing.parent == existing:
                 raise errors.OutputError(f"no folder {folder}", path=shown) from None
             existing = existing.parent
@@ -1024,7 +1053,7 @@ def _save(
     try:
         return _saved_data(_save_into(image, folder, name, stem)), EXIT_OK
     except errors.OutputError as error:
-        problem = f"flux-adapters: OutputError: {error}"
+        problem = f"flux-adapters: OutputError: {_one_line(error)}"  # as `main` writes errors
         failure: errors.FluxError = error
     except errors.FluxError as error:
         problem, where = f"flux-adapters: {type(error).__name__}: {_one_line(error)}", ""
@@ -1149,7 +1178,7 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "provider": result.provider,
             "model": result.model,
             "images": saved,
-            "cost_usd": result.cost_usd,
+            "cost_usd": _dollars(result.cost_usd),
             "cost_source": result.cost_source,
             "seconds": round(elapsed, 3),
             "attempts": [_attempt_data(attempt) for attempt in result.attempts],
@@ -1181,8 +1210,23 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return code
 
 
+def _dollars(cost: float | None) -> float | None:
+    """*cost* for JSON: ``None`` for one too large to be a number, as `EditResult.to_dict` has it.
+
+    Finite prices can sum to infinity, which JSON cannot hold.
+    """
+    return cost if cost is None or math.isfinite(cost) else None
+
+
 def _write_json(out: TextIO, document: object) -> None:
-    out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    """Write *document* as JSON that is UTF-8 whatever its strings hold.
+
+    A lone surrogate (a file name's bytes that are not UTF-8, as Python decodes them) is
+    escaped: written as it is, standard output would carry those bytes, which no UTF-8 reader
+    takes; escaped, it is JSON, and reads back to the same name.
+    """
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    out.write((text if text.isascii() else escape_surrogates(text)) + "\n")
 
 
 # --- check, explain -----------------------------------------------------------------------------
@@ -1280,7 +1324,7 @@ def _report_line(item: BatchItem) -> dict[str, object]:
     line: dict[str, object] = {"id": item.name, "status": item.status}
     if item.result is not None:
         line["provider"] = item.result.provider
-        line["cost_usd"] = item.result.cost_usd
+        line["cost_usd"] = _dollars(item.result.cost_usd)
     if item.saved:
         line["files"] = [str(path) for path in item.saved]
     if item.error is not None:
@@ -1412,7 +1456,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import operator
 
     from flux_adapters._batch_files import check_file, compact_report, requests
-    from flux_adapters._journal import JOURNAL_NAME, JsonLines, load_states
+    from flux_adapters._journal import JOURNAL_NAME, ReportLines, load_states
     from flux_adapters._terminal import BatchDisplay, batch_progress
 
     path: Path = arguments.file
@@ -1422,7 +1466,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise errors.OutputError(exc.strerror or str(exc), path=str(folder)) from None
-    report = JsonLines(arguments.report or folder / "report.jsonl")
+    report = ReportLines(arguments.report or folder / "report.jsonl")
     counts = dict.fromkeys(("ok", "skipped", "changed", "failed", "unconfirmed"), 0)
     display: list[BatchDisplay] = []
     """The progress display, once the batch runs (lines refused before it are said plainly)."""
@@ -1550,7 +1594,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     import asyncio
 
     from flux_adapters._batch_files import check_file
-    from flux_adapters._journal import JsonLines
+    from flux_adapters._journal import ReportLines
     from flux_adapters._shared_batch import Ended, Lines, SharedOptions, Summary, run_shared
     from flux_adapters._terminal import BatchDisplay, batch_progress
 
@@ -1572,7 +1616,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
         grace=arguments.grace,
         **{name: value for name, value in given.items() if value is not None},
     )
-    report = JsonLines(arguments.report) if arguments.report is not None else None
+    report = ReportLines(arguments.report) if arguments.report is not None else None
     lines = Lines(path)
     shown_done = 0
     display: list[BatchDisplay] = []

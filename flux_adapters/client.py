@@ -1589,6 +1589,9 @@ class FluxClient(_ClientBase):
             ProviderError: A poll was refused for good (a revoked key, say).
         """
         binding = self._job_binding(job)
+        from flux_adapters.jobs import _readable_job  # loaded by _job_binding
+
+        job = _readable_job(job)  # its odd usage or time must not lose the paid image
         started = time.perf_counter()
         answer = self._drive(binding, self._follow(binding, job))
         return _result(
@@ -1941,6 +1944,9 @@ class AsyncFluxClient(_ClientBase):
 
     async def _resume(self, job: Job, watcher: Watcher | None) -> EditResult:
         binding = self._job_binding(job)
+        from flux_adapters.jobs import _readable_job  # loaded by _job_binding
+
+        job = _readable_job(job)  # its odd usage or time must not lose the paid image
         self._claim_loop()
         started = time.perf_counter()
         name = binding.adapter.name

@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, runtime_checkable
 
+import attrs
 from attrs import frozen
 
 from flux_adapters.result import Usage
@@ -90,13 +91,13 @@ class Job:
             "poll_url": self.poll_url,
             "result_url": self.result_url,
             "cancel_url": self.cancel_url,
-            "submitted_at": self.submitted_at,
+            # A job made by hand may hold anything here: a time JSON cannot hold is not known.
+            "submitted_at": _number(self.submitted_at) or 0.0,
         }
-        if self.usage is not None:
+        usage = _readable_usage(self.usage)
+        if usage is not None:
             data["usage"] = {
-                name: value
-                for name in ("credits_used", "tokens_used", "input_mp", "output_mp")
-                if (value := getattr(self.usage, name)) is not None
+                name: value for name in _USAGE_FIELDS if (value := getattr(usage, name)) is not None
             }
         return data
 
@@ -152,6 +153,30 @@ def job_problem(job: Job) -> str:
         if problem:
             return problem
     return ""
+
+
+def _readable_job(job: Job) -> Job:
+    """*job* with what cannot be read of its submit time and usage left out; *job* if all can.
+
+    A `Job` is plain data: one made by hand or read back may hold a usage that is no `Usage`
+    (or one of text), or a submit time of NaN. Those are figures for the cost and the record,
+    never a reason to lose the paid image that resuming the job fetches.
+    """
+    usage = _readable_usage(job.usage)
+    when = _number(job.submitted_at) or 0.0
+    if usage == job.usage and when == job.submitted_at:
+        return job
+    return attrs.evolve(job, usage=usage, submitted_at=when)
+
+
+def _readable_usage(usage: object) -> Usage | None:
+    """The figures of *usage* that are numbers (whole ones for tokens), as a `Usage`, or None."""
+    if not isinstance(usage, Usage):
+        return None
+    return _usage({name: getattr(usage, name) for name in _USAGE_FIELDS})
+
+
+_USAGE_FIELDS: Final = ("credits_used", "tokens_used", "input_mp", "output_mp")
 
 
 def _number(value: object) -> float | None:

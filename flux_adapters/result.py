@@ -390,7 +390,8 @@ class ResultImage(_Held):
         """Write the image to *path* (streamed to disk for a URL) and return where it went.
 
         *path* must be a new file in an existing folder, or a regular file (replaced); it is
-        checked before anything is downloaded. The file appears only once complete and verified
+        checked before anything is downloaded. A symbolic link is written through (the file it
+        names is replaced, the link stays), and the path returned is that file's. The file appears only once complete and verified
         as an image: a failed download leaves nothing behind. With *add_suffix*, the image's
         real extension is added to the name (``out/robot`` -> ``out/robot.png``).
 
@@ -411,7 +412,7 @@ class ResultImage(_Held):
             ResponseFormatError: What the URL served is not an image, or is too large.
             TransportError: The download failed or passed its deadline.
         """
-        target = check_target(path)
+        target = check_target(path, add_suffix=add_suffix)
         if self.b64_json is None:
             fetcher = self._fetcher()
             ours = _checking(fetcher)
@@ -465,7 +466,9 @@ class ResultImage(_Held):
 
     async def save_async(self, path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
         """Async twin of `save`."""
-        return await self._save_async(check_target(path), add_suffix=add_suffix)
+        return await self._save_async(
+            check_target(path, add_suffix=add_suffix), add_suffix=add_suffix
+        )
 
     async def _save_async(self, target: Path, *, add_suffix: bool) -> Path:
         """`save_async` to *target*, checked by `check_target` or in a batch's own folder.
