@@ -42,6 +42,7 @@ from flux_adapters.errors import (
     attach_response,
 )
 from flux_adapters.jobs import (
+    _USAGE_FIELDS,
     Accepted,
     Done,
     Job,
@@ -393,9 +394,6 @@ def _whole_submitted(name: str, submitted: Submitted) -> Submitted:
     # the adapter can build its polls (a poll it cannot build is a typed error with the job).
     usage = _usage(name, submitted.usage)
     return submitted if usage is submitted.usage else attrs.evolve(submitted, usage=usage)
-
-
-_USAGE_FIELDS: Final = tuple(field.name for field in attrs.fields(Usage))
 
 
 def _usage(name: str, usage: object) -> Usage | None:

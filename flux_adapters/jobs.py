@@ -176,7 +176,8 @@ def _readable_usage(usage: object) -> Usage | None:
     return _usage({name: getattr(usage, name) for name in _USAGE_FIELDS})
 
 
-_USAGE_FIELDS: Final = ("credits_used", "tokens_used", "input_mp", "output_mp")
+_USAGE_FIELDS: Final = tuple(field.name for field in attrs.fields(Usage))
+"""The names of `Usage`'s figures."""
 
 
 def _number(value: object) -> float | None:

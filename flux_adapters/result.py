@@ -391,8 +391,9 @@ class ResultImage(_Held):
 
         *path* must be a new file in an existing folder, or a regular file (replaced); it is
         checked before anything is downloaded. A symbolic link is written through (the file it
-        names is replaced, the link stays), and the path returned is that file's. The file appears only once complete and verified
-        as an image: a failed download leaves nothing behind. With *add_suffix*, the image's
+        names is replaced, the link stays), and the path returned is that file's. The file
+        appears only once complete and verified as an image: a failed download leaves nothing
+        behind. With *add_suffix*, the image's
         real extension is added to the name (``out/robot`` -> ``out/robot.png``).
 
         The image is written as it came, never converted. An extension that names another image
