@@ -21,6 +21,7 @@ __all__ = [
     "escape_surrogates",
     "printable",
     "render_value",
+    "shown_url",
     "toml_key",
     "type_name",
 ]
@@ -94,6 +95,28 @@ def escape_surrogates(json_text: str) -> str:
     and reads back to the same name.
     """
     return _SURROGATE.sub(lambda found: f"\\u{ord(found[0]):04x}", json_text)
+
+
+_HIDDEN: Final = "[redacted]"
+
+
+def shown_url(url: str) -> str:
+    """*url* for a message or a repr, its user info and query hidden; the rest as given.
+
+    A URL a caller gives (a reference image's, say) may carry a credential: a password
+    (``https://user:pw@host/...``) or a signature in its query (a presigned S3, GCS or Azure
+    URL). Plain string work, so that even a URL too broken to parse is shown without them.
+    """
+    scheme, slashes, rest = url.partition("://")
+    if slashes:
+        ends = [at for at in (rest.find(mark) for mark in "/?#") if at >= 0]
+        authority = rest[: min(ends, default=len(rest))]
+        if "@" in authority:
+            host = authority.rpartition("@")[2]
+            rest = f"{_HIDDEN}@{host}{rest[len(authority) :]}"
+        url = f"{scheme}{slashes}{rest}"
+    path, query, _ = url.partition("?")
+    return f"{path}?{_HIDDEN}" if query else path
 
 
 def printable(text: str) -> str:

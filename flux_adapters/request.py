@@ -48,6 +48,7 @@ from flux_adapters._display import (
     describe_exception,
     printable,
     render_value,
+    shown_url,
     type_name,
 )
 from flux_adapters._files import MEDIA_TYPES, SNIFF_BYTES, image_format
@@ -237,11 +238,12 @@ class ImageInfo:
 class UrlImage:
     """A public ``http(s)`` URL; the provider fetches it."""
 
-    url: str
+    url: str = field(repr=lambda url: repr(shown_url(url)))
+    """The URL (its user info and query are hidden in the repr and in messages)."""
 
     def describe(self) -> str:
         """A short, human-readable name for messages."""
-        return printable(self.url)
+        return printable(shown_url(self.url))
 
 
 @frozen
@@ -634,12 +636,12 @@ def _from_text(text: str) -> ImageInput | _Unreadable:
     if scheme.startswith(("https://", "http://")):
         problem = _url_problem(text)
         if problem is not None:
-            return _Unreadable(render_value(text), *problem)
+            return _Unreadable(render_value(shown_url(text)), *problem)
         return UrlImage(text)
     if scheme.startswith("data:"):
         return _from_data_url(text)
     return _Unreadable(
-        render_value(text),
+        render_value(shown_url(text)),
         "is neither an http(s) URL nor a data URL (pass a local file as pathlib.Path)",
         "http(s)://..., data:image/...;base64,..., a Path or bytes",
     )

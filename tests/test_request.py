@@ -166,3 +166,28 @@ def test_a_huge_local_file_is_inspected_without_being_read(tmp_path: Path) -> No
     assert isinstance(image, FileImage)
     assert image.info.byte_size == 25 * 1024 * 1024
     assert image.info.pixels == 25_000_000
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://alice:hunter2-pw@example.com/a.png?X-Amz-Signature=hunter2-sig",
+        "https://alice:hunter2-pw@exa mple.com/a.png",  # refused: whitespace
+        "http://alice:hunter2-pw@[::1/a.png",  # refused: not parseable
+        "ftp://alice:hunter2-pw@example.com/a.png",  # refused: not http(s)
+    ],
+)
+def test_a_password_or_signature_in_an_image_url_is_never_shown(url: str) -> None:
+    # They were echoed whole: in the repr, in "got: ..." of every refusal, and in the CLI's
+    # `check` lines (a provider that takes no URL images) - a password and a presigned
+    # URL's signature are credentials.
+    try:
+        request = EditRequest(prompt="p", model="flux-2-pro", images=[url])
+    except RequestError as error:
+        shown = str(error)
+        assert "[redacted]@" in shown  # the message still says which URL it is
+    else:
+        assert request.images[0].url == url  # sent as given
+        shown = repr(request) + request.images[0].describe()
+        assert shown.count("example.com/a.png?[redacted]") == 2
+    assert "hunter2" not in shown
