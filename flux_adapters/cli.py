@@ -1205,8 +1205,14 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(f"warning:  {warning}\n")
     for place in saved:
         if place["path"] is not None:
-            instead = f" (instead of {place['instead_of']})" if "instead_of" in place else ""
-            out.write(f"saved:    {place['path']}{instead}\n")
+            instead = (
+                f" (instead of {escape_controls(str(place['instead_of']))})"
+                if "instead_of" in place
+                else ""
+            )
+            # The user's own path, but a line break or an escape sequence in it would forge
+            # lines or repaint the terminal, as in every other line of ours.
+            out.write(f"saved:    {escape_controls(str(place['path']))}{instead}\n")
     return code
 
 

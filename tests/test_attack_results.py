@@ -188,6 +188,24 @@ def test_an_output_folder_that_is_a_broken_link_is_refused_before_the_paid_call(
     assert len(emulator.calls("laozhang")) == before  # nothing was sent, nothing paid
 
 
+def test_the_saved_line_shows_control_characters_of_the_path_escaped(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: `saved:` wrote the path as it was: a line break in it forged a second line, an
+    # escape sequence repainted the terminal (every other line of ours escapes them).
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.chdir(tmp_path)
+    name = "a\nsaved:    /etc/passwd\x1b[2J.png"
+    base = ["--provider", "laozhang", "--base-url", emulator.base_url("laozhang")]
+    code, out, err = edit("p", *base, "-o", name)
+    assert code == 0, err
+    assert (tmp_path / name).is_file()
+    saved = [line for line in out.splitlines() if line.startswith("saved:")]
+    assert len(saved) == 1
+    assert "\x1b" not in out
+    assert "\\n" in saved[0]  # shown escaped, one line
+
+
 # --- the command line: --json stays UTF-8 for a file name that is not -------------------------
 
 
