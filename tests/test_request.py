@@ -187,7 +187,9 @@ def test_a_password_or_signature_in_an_image_url_is_never_shown(url: str) -> Non
         shown = str(error)
         assert "[redacted]@" in shown  # the message still says which URL it is
     else:
-        assert request.images[0].url == url  # sent as given
-        shown = repr(request) + request.images[0].describe()
+        image = request.images[0]
+        assert isinstance(image, UrlImage)
+        assert image.url == url  # sent as given
+        shown = repr(request) + image.describe()
         assert shown.count("example.com/a.png?[redacted]") == 2
     assert "hunter2" not in shown
