@@ -393,8 +393,8 @@ class ResultImage(_Held):
         checked before anything is downloaded. A symbolic link is written through (the file it
         names is replaced, the link stays), and the path returned is that file's. The file
         appears only once complete and verified as an image: a failed download leaves nothing
-        behind. With *add_suffix*, the image's
-        real extension is added to the name (``out/robot`` -> ``out/robot.png``).
+        behind. With *add_suffix*, the image's real extension is added to the name
+        (``out/robot`` -> ``out/robot.png``).
 
         The image is written as it came, never converted. An extension that names another image
         format than the bytes have (a JPEG saved as ``scene.png``) is refused with
