@@ -1,0 +1,69 @@
+"""The money rules attacked: a provider that may have billed and then a second one that fails
+in a final way, budgets under odd prices, and what errors and answers say was billed.
+
+The rule under test (docs/routing.md): a failure is judged per job by what it proves; every
+answer that sums up a call says ``may be billed`` when any of its tries may have been billed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from flux_adapters import EditRequest, FluxClient, errors
+from flux_adapters.gateway._errors import error_answer
+
+KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
+REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
+OK = {"created": 1, "data": [{"url": "https://cdn.example/results/a.png"}]}
+
+
+def failed_over(second: httpx.Response, monkeypatch: pytest.MonkeyPatch) -> errors.FluxError:
+    """The error of a call whose first provider answered 500 and whose second answered *second*,
+    failing over on ambiguous failures (the first may have made, and billed, the image)."""
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("APIYI_API_KEY", KEY)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "api.laozhang.ai":
+            return httpx.Response(500, json={"error": {"message": "upstream failed"}})
+        return second
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = FluxClient(
+            providers=["laozhang", "apiyi"], http_client=http, failover_on_ambiguous=True
+        )
+        with pytest.raises(errors.FluxError) as caught:
+            client.edit(REQUEST)
+    return caught.value
+
+
+SECOND: dict[str, Callable[[], httpx.Response]] = {
+    "invalid": lambda: httpx.Response(400, json={"error": {"message": "bad size"}}),
+    "moderated": lambda: httpx.Response(
+        400,
+        json={"error": {"message": "blocked", "code": "content_policy_violation"}},
+    ),
+}
+
+
+@pytest.mark.parametrize("second", sorted(SECOND))
+def test_a_gateway_answer_after_an_ambiguous_failover_says_it_may_be_billed(
+    second: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: with failover_on_ambiguous, a first provider's 500 (may be billed) followed by a
+    # second provider's final refusal (400 invalid, moderation) was answered by the gateway as
+    # the refusal alone: "may_be_billed": false, though the first provider may have billed the
+    # image (docs/gateway.md: an answer is marked may_be_billed if any attempt was ambiguous;
+    # only AllProvidersFailed and StateUnavailable were).
+    error = failed_over(SECOND[second](), monkeypatch)
+    assert error.attempts[0].billing == "server-error"
+    answer = error_answer(error)
+    inner = answer.body["error"]
+    assert isinstance(inner, dict)
+    assert inner["may_be_billed"] is True
+    assert "may have done, and billed" in str(inner["message"])
+    assert answer.headers["x-should-retry"] == "false"
+    assert [a["billing"] for a in inner["attempts"]] == ["server-error", second]
