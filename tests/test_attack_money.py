@@ -8,12 +8,18 @@ answer that sums up a call says ``may be billed`` when any of its tries may have
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
-from flux_adapters import EditRequest, FluxClient, errors
+from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
+from flux_adapters.emulator import Fault, run_emulator
+from flux_adapters.gateway import run_gateway
 from flux_adapters.gateway._errors import error_answer
+from flux_adapters.prices import PerCall
 
 KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
 REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
@@ -67,3 +73,44 @@ def test_a_gateway_answer_after_an_ambiguous_failover_says_it_may_be_billed(
     assert "may have done, and billed" in str(inner["message"])
     assert answer.headers["x-should-retry"] == "false"
     assert [a["billing"] for a in inner["attempts"]] == ["server-error", second]
+
+
+def test_a_gateway_keys_budget_counts_a_try_that_may_have_been_billed_before_a_failover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: the gateway reserved one estimate per call and settled a served call at the cost of
+    # its result alone. With failover_on_ambiguous, apiyi's 500 (it may have made, and billed,
+    # the image) followed by laozhang's image was counted as one call: a key with a budget of two
+    # calls made a second call, and paid up to three. The library's own budget counts both tries
+    # (docs/gateway.md: "as the library's budgets count them").
+    prices = {("apiyi", "flux-2-pro"): PerCall(usd=0.03)}  # laozhang: $0.03 a call, built in
+    with run_emulator() as emulator:
+        emulator.inject("apiyi", Fault(status=500, first=1))
+        for name in ("apiyi", "laozhang"):
+            monkeypatch.setenv(f"{name.upper()}_API_KEY", KEY)
+            monkeypatch.setenv(f"{name.upper()}_BASE_URL", emulator.base_url(name))
+
+        def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
+            names = [name for name in ("apiyi", "laozhang") if only is None or name in only]
+            return AsyncFluxClient(
+                providers=names,  # type: ignore[arg-type]
+                failover_on_ambiguous=True,
+                prices=prices,
+            )
+
+        with run_gateway(files_dir=tmp_path, clients=make) as gateway:
+            key, _ = gateway.add_key(budget_usd=0.06)  # two calls' worth
+            client = openai.OpenAI(base_url=gateway.url, api_key=key, max_retries=0)
+            try:
+                raw = client.images.with_raw_response.generate(model="flux-2-pro", prompt="one")
+                raw.parse()
+                assert raw.headers["x-flux-attempt-log"] == (
+                    "apiyi=failed:server-error; laozhang=ok"
+                )
+                with pytest.raises(openai.RateLimitError) as caught:
+                    client.images.generate(model="flux-2-pro", prompt="two")
+            finally:
+                client.close()
+        body: Any = caught.value.body
+        assert body["code"] == "budget_exceeded"
+        assert len(emulator.calls("apiyi")) + len(emulator.calls("laozhang")) == 2

@@ -19,7 +19,14 @@ from attrs import frozen
 from flux_adapters import errors
 from flux_adapters.result import Attempt
 
-__all__ = ["Answer", "budget_keeps", "error_answer", "openai_error", "violations_answer"]
+__all__ = [
+    "Answer",
+    "budget_keeps",
+    "error_answer",
+    "kept_tries",
+    "openai_error",
+    "violations_answer",
+]
 
 
 @frozen
@@ -98,13 +105,23 @@ def budget_keeps(error: errors.FluxError) -> bool:
     "may be billed" for a resend (it will not pass anywhere), but fal bills it, so a budget
     keeps its reservation, as the library's budgets do (`flux_adapters.routing`).
     """
+    return kept_tries(getattr(error, "attempts", ()) or (), error) > 0
+
+
+def kept_tries(attempts: Sequence[Attempt], error: errors.FluxError | None = None) -> int:
+    """How many tries of a call (its *attempts*, and *error*, its end) a budget keeps.
+
+    Each is a try that may have been billed, as the library's budgets count them (each try
+    reserves its own estimate): with ``failover_on_ambiguous`` a call can pay more than once.
+    """
     from flux_adapters.routing import _charge, billing_rule
 
-    tried: Sequence[Attempt] = getattr(error, "attempts", ()) or ()
-    failures = [a.error for a in tried if a.outcome == "failed" and a.error is not None]
-    if not isinstance(error, errors.AllProvidersFailed):
+    failures = [a.error for a in attempts if a.outcome == "failed" and a.error is not None]
+    if error is None or isinstance(error, errors.AllProvidersFailed):
+        pass  # no end of its own: every try is in its attempts
+    elif not any(failure is error for failure in failures):
         failures.append(error)
-    return any(_charge(billing_rule(e), e) == "keep" for e in failures)
+    return sum(1 for e in failures if _charge(billing_rule(e), e) == "keep")
 
 
 def _attempts(attempts: Sequence[Attempt]) -> list[dict[str, object]]:
