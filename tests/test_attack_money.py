@@ -71,6 +71,7 @@ def test_a_gateway_answer_after_an_ambiguous_failover_says_it_may_be_billed(
     assert isinstance(inner, dict)
     assert inner["may_be_billed"] is True
     assert "may have done, and billed" in str(inner["message"])
+    assert "not retried elsewhere" not in str(inner["message"])  # it was: that is the point
     assert answer.headers["x-should-retry"] == "false"
     assert [a["billing"] for a in inner["attempts"]] == ["server-error", second]
 

@@ -90,6 +90,10 @@ _MAY_BE_BILLED: Final = (
     " The provider may have done, and billed, the job: it was not retried elsewhere; "
     "do not resend it blindly."
 )
+_FAILED_OVER_MAY_BE_BILLED: Final = (
+    " A provider tried may have done, and billed, the job before the next was tried "
+    "(failover_on_ambiguous; see attempts); do not resend it blindly."
+)
 
 
 def _may_be_billed(error: errors.FluxError) -> bool:
@@ -328,10 +332,14 @@ def _all_failed(error: errors.AllProvidersFailed) -> Answer:
 
 
 def _marked(answer: Answer, message: str, attempts: Sequence[Attempt]) -> Answer:
-    """*answer*, of a call one of whose tries may have been billed, saying so: never retried."""
+    """*answer*, of a call one of whose tries may have been billed, saying so: never retried.
+
+    Only a call that failed over after an ambiguous failure gets here (otherwise the ambiguous
+    failure ends it, and is its own answer): "not retried elsewhere" would be false.
+    """
     inner = dict(answer.body["error"])  # type: ignore[call-overload]
     inner.update(
-        message=message + _MAY_BE_BILLED,
+        message=message + _FAILED_OVER_MAY_BE_BILLED,
         may_be_billed=True,
         attempts=_attempts(attempts),
         code="provider_error_may_be_billed",
