@@ -7,6 +7,7 @@ answer that sums up a call says ``may be billed`` when any of its tries may have
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,36 @@ def test_a_gateway_keys_budget_counts_a_try_that_may_have_been_billed_before_a_f
         body: Any = caught.value.body
         assert body["code"] == "budget_exceeded"
         assert len(emulator.calls("apiyi")) + len(emulator.calls("laozhang")) == 2
+
+
+def test_a_batch_says_which_try_may_have_been_billed_not_the_last_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: the journal kept the last failure's words as the reason a job "may have been
+    # billed": after laozhang's 500 (may be billed) and, failing over, apiyi's 400 (refused,
+    # nothing done), a rerun reported "may have been billed, no image saved: ProviderRejected:
+    # apiyi: ... (HTTP 400)", naming the one provider that certainly did not bill it.
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("APIYI_API_KEY", KEY)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "api.laozhang.ai":
+            return httpx.Response(500, json={"error": {"message": "upstream failed"}})
+        return httpx.Response(400, json={"error": {"message": "bad size"}})
+
+    async def run() -> list[tuple[str, str]]:
+        seen: list[tuple[str, str]] = []
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            client = AsyncFluxClient(
+                providers=["laozhang", "apiyi"], http_client=http, failover_on_ambiguous=True
+            )
+            for _ in range(2):  # the run, then a rerun that reads the journal
+                async for item in client.edit_many([REQUEST], names=["job"], output_dir=tmp_path):
+                    seen.append((item.status, item.reason or ""))
+        return seen
+
+    (first, _), (status, reason) = asyncio.run(run())
+    assert (first, status) == ("unconfirmed", "unconfirmed")
+    assert "laozhang" in reason
+    assert "HTTP 500" in reason
+    assert "apiyi" not in reason
