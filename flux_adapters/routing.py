@@ -785,7 +785,7 @@ def route(
                 if retried and tries < policy.retries:
                     pause = _retry_pause(reply, policy, tries, draw)
                     if admitted is not None and rule.name == "rate-limited":
-                        asked = _seconds_asked(_asked(reply))
+                        asked = _told_state(reply)
                         if asked:  # every worker on this provider key waits it, not only this one
                             yield Settle(candidate, admitted, "none", pause_s=asked)
                     if pause is not None:
@@ -821,10 +821,10 @@ def route(
                     raise _with_attempts(reply, attempts)
                 # Not taken, or failing in a way that may have billed: either way the provider
                 # is not serving now, so later calls skip it for the cooldown.
-                asked = _seconds_asked(_asked(reply))
                 if admitted is None:
-                    pause_for = breaker.failure(key, asked)
+                    pause_for = breaker.failure(key, _seconds_asked(_asked(reply)))
                 else:
+                    asked = _told_state(reply)
                     told = yield Settle(
                         candidate,
                         admitted,
@@ -946,6 +946,21 @@ def _seconds_asked(value: object) -> float | None:
     if seconds != seconds:  # NaN
         return None
     return max(0.0, seconds)
+
+
+_LONGEST_PAUSE: Final = 86_400.0
+"""The longest a provider key is paused for everyone by one ``Retry-After`` (the built-in
+adapters read none longer; a provider package may give any number, infinity included)."""
+
+
+def _told_state(error: FluxError) -> float | None:
+    """The provider's ``Retry-After`` with *error*, as the shared state is told it: at most a day.
+
+    Uncapped, an endless one (a provider package's ``float("inf")``) paused the provider key for
+    every worker for ever, and a skip's ``available_in_s`` became infinite.
+    """
+    asked = _seconds_asked(_asked(error))
+    return asked if asked is None else min(asked, _LONGEST_PAUSE)
 
 
 def _retry_pause(

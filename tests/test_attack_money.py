@@ -149,3 +149,45 @@ def test_a_batch_says_which_try_may_have_been_billed_not_the_last_failure(
     assert "laozhang" in reason
     assert "HTTP 500" in reason
     assert "apiyi" not in reason
+
+
+@pytest.mark.parametrize("asked", [float("inf"), 10**400, 1e300])
+def test_a_provider_packages_endless_retry_after_pauses_its_key_no_longer_than_a_day(
+    asked: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: with a shared state (a budget, state="local" or Redis), a 429 whose retry_after a
+    # provider package set to infinity (or an int too large for a float) paused the provider
+    # key for every worker for ever: its Retry-After went to the state uncapped, as "inf". Every
+    # later call skipped it with available_in_s=inf, and the gateway's answer for such a call
+    # raised OverflowError (math.ceil(inf)) instead of a typed answer. The built-in adapters
+    # cap a Retry-After at a day; so does the router now.
+    from flux_adapters.state import LocalState
+    from tests.test_attack_client import Fibbing
+
+    monkeypatch.setenv("FIBBING_API_KEY", KEY)
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    report = errors.RateLimited("slow down", provider="fibbing", status_code=429)
+    report.retry_after = asked
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "fibbing.example":
+            return httpx.Response(429)
+        return httpx.Response(200, json=OK)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = FluxClient(
+            providers=[Fibbing(report), "laozhang"],
+            http_client=http,
+            state=LocalState(),
+            max_retries=0,
+        )
+        assert client.edit(REQUEST).provider == "laozhang"
+        later = client.edit(REQUEST)
+    skipped = later.attempts[0]
+    assert (skipped.provider, skipped.outcome) == ("fibbing", "skipped")
+    assert skipped.available_in_s is not None
+    assert 0 < skipped.available_in_s <= 86_400
+    # What the gateway answers when such a skip is all there is: a typed answer, with a wait.
+    answer = error_answer(errors.AllProvidersFailed("none", attempts=(skipped,)))
+    assert answer.status == 503
+    assert int(answer.headers["retry-after"]) <= 86_400
