@@ -191,3 +191,32 @@ def test_a_provider_packages_endless_retry_after_pauses_its_key_no_longer_than_a
     answer = error_answer(errors.AllProvidersFailed("none", attempts=(skipped,)))
     assert answer.status == 503
     assert int(answer.headers["retry-after"]) <= 86_400
+
+
+def test_a_call_priced_above_what_a_budget_can_hold_is_refused_by_the_key_budget(
+    tmp_path: Path,
+) -> None:
+    # Was: a price may be any finite amount, but the state takes no reservation above $1e9: a
+    # key with a budget asking for a call estimated at $2e9 (a mistyped price, a per-megapixel
+    # figure times a large image) got the gateway's 500 "internal error" (the state's
+    # ConfigurationError), not the 429 budget_exceeded its budget gives every call that
+    # does not fit. Nothing was sent either way.
+    prices = {("laozhang", "flux-2-pro"): PerCall(usd=2e9)}
+    with run_emulator() as emulator:
+
+        def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
+            return AsyncFluxClient(
+                "laozhang", api_key=KEY, base_url=emulator.base_url("laozhang"), prices=prices
+            )
+
+        with run_gateway(files_dir=tmp_path, clients=make) as gateway:
+            key, _ = gateway.add_key(budget_usd=10.0)
+            answer = httpx.post(
+                gateway.url + "/images/generations",
+                headers={"authorization": f"Bearer {key}"},
+                json={"model": "flux-2-pro", "prompt": "a robot"},
+                timeout=30,
+            )
+        assert answer.status_code == 429
+        assert answer.json()["error"]["code"] == "budget_exceeded"
+        assert emulator.calls("laozhang") == []

@@ -686,8 +686,14 @@ async def _image_call_held(
                     record,
                 )
             client = gateway.client(priced)
-        reservation = await gateway.state.reserve(
-            f"key:{record.id}", estimate, record.budget_usd, record.period
+        # A call estimated above the whole budget cannot fit, whatever was spent: refused here,
+        # as the state takes no amount above its largest (a price may be any finite figure).
+        reservation = (
+            await gateway.state.reserve(
+                f"key:{record.id}", estimate, record.budget_usd, record.period
+            )
+            if estimate <= record.budget_usd
+            else None
         )
         if reservation is None:
             spent = await gateway.state.spent(f"key:{record.id}", record.period)
