@@ -864,7 +864,11 @@ def route(
                 breaker.release(granted)
     if last is not None and len(candidates) == 1:
         raise _with_attempts(last, attempts)
-    if over_budget is not None and all(a.outcome == "skipped" for a in attempts):
+    # The budget's refusal only when nothing else is in the way: a provider skipped for a while
+    # (cooling down, its key paused or paced) may fit the budget once it can be tried again.
+    if over_budget is not None and all(
+        a.outcome == "skipped" and a.available_in_s is None for a in attempts
+    ):
         left = max(0.0, over_budget.limit_usd - over_budget.spent_usd)
         skipped = "; ".join(f"{a.provider}: {a.reason}" for a in attempts)
         message = (

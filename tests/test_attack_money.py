@@ -220,3 +220,61 @@ def test_a_call_priced_above_what_a_budget_can_hold_is_refused_by_the_key_budget
         assert answer.status_code == 429
         assert answer.json()["error"]["code"] == "budget_exceeded"
         assert emulator.calls("laozhang") == []
+
+
+def test_a_provider_cooling_down_that_fits_the_budget_is_no_budget_exceeded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Was: with laozhang ($0.03) cooling down after a 503 and apiyi ($0.10) over the $0.05 left,
+    # the call raised BudgetExceeded: "has $0.0500 left, not enough for this call". But the
+    # budget refused one candidate only: laozhang fits it, in 30 s. The command line said
+    # "refused" (exit 2), and the gateway a 429 never to retry, with no Retry-After.
+    from flux_adapters.state import LocalState
+
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("APIYI_API_KEY", KEY)
+    prices = {("apiyi", "flux-2-pro"): PerCall(usd=0.10)}  # laozhang: $0.03, built in
+    with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(503))) as http:
+        client = FluxClient(
+            providers=["laozhang", "apiyi"],
+            http_client=http,
+            state=LocalState(),
+            budget_usd=0.05,
+            prices=prices,
+        )
+        with pytest.raises(errors.AllProvidersFailed):
+            client.edit(REQUEST)  # laozhang's 503 starts its cooldown
+        with pytest.raises(errors.FluxError) as caught:
+            client.edit(REQUEST)
+    error = caught.value
+    assert not isinstance(error, errors.BudgetExceeded)
+    assert isinstance(error, errors.AllProvidersFailed)
+    cooling = error.attempts[0]
+    assert cooling.provider == "laozhang"
+    assert cooling.available_in_s is not None
+    assert cooling.available_in_s > 0
+    answer = error_answer(error)
+    assert (answer.status, answer.headers["x-should-retry"]) == (503, "true")
+    assert "retry-after" in answer.headers
+
+
+def test_a_budget_that_refuses_every_candidate_is_still_budget_exceeded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flux_adapters.state import LocalState
+
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    monkeypatch.setenv("APIYI_API_KEY", KEY)
+    prices = {("apiyi", "flux-2-pro"): PerCall(usd=0.10)}
+    with httpx.Client(
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json=OK))
+    ) as http:
+        client = FluxClient(
+            providers=["laozhang", "apiyi"],
+            http_client=http,
+            state=LocalState(),
+            budget_usd=0.02,
+            prices=prices,
+        )
+        with pytest.raises(errors.BudgetExceeded):
+            client.edit(REQUEST)
