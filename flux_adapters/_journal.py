@@ -182,7 +182,8 @@ class JobState:
         job: The job an asynchronous provider accepted for it and has not ended: a rerun
             polls it (`AsyncFluxClient.resume`) rather than paying for another.
         files: The image files saved, when it was saved.
-        note: The last thing that went wrong, in words.
+        note: The last thing that went wrong, in words; once a try may have billed the job,
+            what went wrong in that try (the reason it may have been billed).
     """
 
     digest: str = ""
@@ -228,8 +229,12 @@ class JobState:
                 urls = _strings(record.get("urls"))
                 self.urls = [url for url in urls if url.startswith(("https://", "http://"))]
             else:
-                self.billed = self.billed or record.get("proves") == "may be billed"
-                self.note = str(record.get("e", ""))[:300]
+                billed = record.get("proves") == "may be billed"
+                if billed or not self.billed:
+                    # Once a try may have billed the job, its words stay the reason: a later
+                    # try's refusal elsewhere (failover_on_ambiguous) did not bill it.
+                    self.note = str(record.get("e", ""))[:300]
+                self.billed = self.billed or billed
                 if record.get("over") is True:  # the provider ended the job: nothing to poll
                     self.job = None
         elif kind == "saved":

@@ -785,7 +785,7 @@ def route(
                 if retried and tries < policy.retries:
                     pause = _retry_pause(reply, policy, tries, draw)
                     if admitted is not None and rule.name == "rate-limited":
-                        asked = _seconds_asked(_asked(reply))
+                        asked = _told_state(reply)
                         if asked:  # every worker on this provider key waits it, not only this one
                             yield Settle(candidate, admitted, "none", pause_s=asked)
                     if pause is not None:
@@ -821,10 +821,10 @@ def route(
                     raise _with_attempts(reply, attempts)
                 # Not taken, or failing in a way that may have billed: either way the provider
                 # is not serving now, so later calls skip it for the cooldown.
-                asked = _seconds_asked(_asked(reply))
                 if admitted is None:
-                    pause_for = breaker.failure(key, asked)
+                    pause_for = breaker.failure(key, _seconds_asked(_asked(reply)))
                 else:
+                    asked = _told_state(reply)
                     told = yield Settle(
                         candidate,
                         admitted,
@@ -864,7 +864,11 @@ def route(
                 breaker.release(granted)
     if last is not None and len(candidates) == 1:
         raise _with_attempts(last, attempts)
-    if over_budget is not None and all(a.outcome == "skipped" for a in attempts):
+    # The budget's refusal only when nothing else is in the way: a provider skipped for a while
+    # (cooling down, its key paused or paced) may fit the budget once it can be tried again.
+    if over_budget is not None and all(
+        a.outcome == "skipped" and a.available_in_s is None for a in attempts
+    ):
         left = max(0.0, over_budget.limit_usd - over_budget.spent_usd)
         skipped = "; ".join(f"{a.provider}: {a.reason}" for a in attempts)
         message = (
@@ -946,6 +950,21 @@ def _seconds_asked(value: object) -> float | None:
     if seconds != seconds:  # NaN
         return None
     return max(0.0, seconds)
+
+
+_LONGEST_PAUSE: Final = 86_400.0
+"""The longest a provider key is paused for everyone by one ``Retry-After`` (the built-in
+adapters read none longer; a provider package may give any number, infinity included)."""
+
+
+def _told_state(error: FluxError) -> float | None:
+    """The provider's ``Retry-After`` with *error*, as the shared state is told it: at most a day.
+
+    Uncapped, an endless one (a provider package's ``float("inf")``) paused the provider key for
+    every worker for ever, and a skip's ``available_in_s`` became infinite.
+    """
+    asked = _seconds_asked(_asked(error))
+    return asked if asked is None else min(asked, _LONGEST_PAUSE)
 
 
 def _retry_pause(

@@ -39,6 +39,7 @@ from flux_adapters.gateway._errors import (
     Answer,
     budget_keeps,
     error_answer,
+    kept_tries,
     openai_error,
     violations_answer,
 )
@@ -685,8 +686,14 @@ async def _image_call_held(
                     record,
                 )
             client = gateway.client(priced)
-        reservation = await gateway.state.reserve(
-            f"key:{record.id}", estimate, record.budget_usd, record.period
+        # A call estimated above the whole budget cannot fit, whatever was spent: refused here,
+        # as the state takes no amount above its largest (a price may be any finite figure).
+        reservation = (
+            await gateway.state.reserve(
+                f"key:{record.id}", estimate, record.budget_usd, record.period
+            )
+            if estimate <= record.budget_usd
+            else None
         )
         if reservation is None:
             spent = await gateway.state.spent(f"key:{record.id}", record.period)
@@ -731,7 +738,9 @@ async def _image_call_held(
             answer = error_answer(error)
             billed = bool(answer.body["error"].get("may_be_billed"))  # type: ignore[attr-defined]
             kept = billed or budget_keeps(error)
-            settled = estimate if kept else 0.0
+            # Each try that may have been billed counts (failover_on_ambiguous: more than one).
+            settled = estimate * max(1, kept_tries(getattr(error, "attempts", ()) or (), error))
+            settled = settled if kept else 0.0
             info["may_be_billed"] = billed
             if kept:
                 tried = getattr(error, "attempts", ()) or ()
@@ -746,7 +755,8 @@ async def _image_call_held(
             if result.cost_usd is not None and math.isfinite(result.cost_usd)
             else estimate
         )
-        settled = cost
+        # A try before it that may have been billed (failover_on_ambiguous) counts too.
+        settled = cost + estimate * kept_tries(result.attempts)
         gateway.metrics.child(gateway.metrics.spend, key_label, result.provider).inc(cost)
         info.update(provider=result.provider, attempts=len(result.attempts), cost_usd=cost)
         return done(

@@ -19,7 +19,14 @@ from attrs import frozen
 from flux_adapters import errors
 from flux_adapters.result import Attempt
 
-__all__ = ["Answer", "budget_keeps", "error_answer", "openai_error", "violations_answer"]
+__all__ = [
+    "Answer",
+    "budget_keeps",
+    "error_answer",
+    "kept_tries",
+    "openai_error",
+    "violations_answer",
+]
 
 
 @frozen
@@ -83,6 +90,10 @@ _MAY_BE_BILLED: Final = (
     " The provider may have done, and billed, the job: it was not retried elsewhere; "
     "do not resend it blindly."
 )
+_FAILED_OVER_MAY_BE_BILLED: Final = (
+    " A provider tried may have done, and billed, the job before the next was tried "
+    "(failover_on_ambiguous; see attempts); do not resend it blindly."
+)
 
 
 def _may_be_billed(error: errors.FluxError) -> bool:
@@ -98,13 +109,23 @@ def budget_keeps(error: errors.FluxError) -> bool:
     "may be billed" for a resend (it will not pass anywhere), but fal bills it, so a budget
     keeps its reservation, as the library's budgets do (`flux_adapters.routing`).
     """
+    return kept_tries(getattr(error, "attempts", ()) or (), error) > 0
+
+
+def kept_tries(attempts: Sequence[Attempt], error: errors.FluxError | None = None) -> int:
+    """How many tries of a call (its *attempts*, and *error*, its end) a budget keeps.
+
+    Each is a try that may have been billed, as the library's budgets count them (each try
+    reserves its own estimate): with ``failover_on_ambiguous`` a call can pay more than once.
+    """
     from flux_adapters.routing import _charge, billing_rule
 
-    tried: Sequence[Attempt] = getattr(error, "attempts", ()) or ()
-    failures = [a.error for a in tried if a.outcome == "failed" and a.error is not None]
-    if not isinstance(error, errors.AllProvidersFailed):
+    failures = [a.error for a in attempts if a.outcome == "failed" and a.error is not None]
+    if error is None or isinstance(error, errors.AllProvidersFailed):
+        pass  # no end of its own: every try is in its attempts
+    elif not any(failure is error for failure in failures):
         failures.append(error)
-    return any(_charge(billing_rule(e), e) == "keep" for e in failures)
+    return sum(1 for e in failures if _charge(billing_rule(e), e) == "keep")
 
 
 def _attempts(attempts: Sequence[Attempt]) -> list[dict[str, object]]:
@@ -130,10 +151,28 @@ def _retry_after(error: errors.FluxError) -> dict[str, str]:
 
 
 def error_answer(error: errors.FluxError) -> Answer:
-    """The answer for *error*, raised by `AsyncFluxClient.edit`."""
-    attempts: Sequence[Attempt] = getattr(error, "attempts", ()) or ()
+    """The answer for *error*, raised by `AsyncFluxClient.edit`.
+
+    Marked ``may_be_billed`` when any try of the call may have been billed: with
+    ``failover_on_ambiguous`` an earlier provider's 500 may be followed by a final refusal of
+    the next one, and the refusal alone would say that nothing was billed.
+    """
     if isinstance(error, errors.AllProvidersFailed):
         return _all_failed(error)
+    answer = _answer(error)
+    if answer.body["error"].get("may_be_billed") is True:  # type: ignore[attr-defined]
+        return answer
+    attempts: Sequence[Attempt] = getattr(error, "attempts", ()) or ()
+    if not any(
+        a.outcome == "failed" and a.error is not None and _may_be_billed(a.error) for a in attempts
+    ):
+        return answer
+    return _marked(answer, str(error), attempts)
+
+
+def _answer(error: errors.FluxError) -> Answer:
+    """The answer for *error* itself, not AllProvidersFailed (see `error_answer`)."""
+    attempts: Sequence[Attempt] = getattr(error, "attempts", ()) or ()
     extra: dict[str, Any] = {"attempts": _attempts(attempts)} if attempts else {}
     if isinstance(error, errors.RequestError):
         return violations_answer([(v, error.provider) for v in error.violations])
@@ -273,7 +312,7 @@ def _all_failed(error: errors.AllProvidersFailed) -> Answer:
     billed = any(a.error is not None and _may_be_billed(a.error) for a in tried)
     last = tried[-1].error if tried else None
     if last is not None:
-        answer = error_answer(last)
+        answer = _answer(last)
         status, body, headers = answer.status, answer.body, dict(answer.headers)
     else:  # every provider skipped (cooling down, no price under the budget, ...)
         status, body, headers = (
@@ -284,15 +323,28 @@ def _all_failed(error: errors.AllProvidersFailed) -> Answer:
         waits = [a.available_in_s for a in attempts if a.available_in_s is not None]
         if waits:  # when the first of them may be tried again: clients wait that long
             headers["retry-after"] = str(max(1, math.ceil(min(waits))))
-    inner = dict(body["error"])  # type: ignore[call-overload]
-    message = str(error) + (_MAY_BE_BILLED if billed else "")
-    inner.update(
-        message=message,
-        may_be_billed=billed,
-        attempts=_attempts(attempts),
-        code=inner.get("code") if not billed else "provider_error_may_be_billed",
-    )
+    answer = Answer(status, body, headers)
     if billed:
-        headers["x-should-retry"] = "false"
-        status = status if status in (502, 504) else 502
+        return _marked(answer, str(error), attempts)
+    inner = dict(body["error"])  # type: ignore[call-overload]
+    inner.update(message=str(error), may_be_billed=False, attempts=_attempts(attempts))
+    return Answer(status, {"error": inner}, headers)
+
+
+def _marked(answer: Answer, message: str, attempts: Sequence[Attempt]) -> Answer:
+    """*answer*, of a call one of whose tries may have been billed, saying so: never retried.
+
+    Only a call that failed over after an ambiguous failure gets here (otherwise the ambiguous
+    failure ends it, and is its own answer): "not retried elsewhere" would be false.
+    """
+    inner = dict(answer.body["error"])  # type: ignore[call-overload]
+    inner.update(
+        message=message + _FAILED_OVER_MAY_BE_BILLED,
+        may_be_billed=True,
+        attempts=_attempts(attempts),
+        code="provider_error_may_be_billed",
+    )
+    headers = dict(answer.headers)
+    headers["x-should-retry"] = "false"
+    status = answer.status if answer.status in (502, 504) else 502
     return Answer(status, {"error": inner}, headers)
