@@ -952,19 +952,17 @@ def _seconds_asked(value: object) -> float | None:
     return max(0.0, seconds)
 
 
-_LONGEST_PAUSE: Final = 86_400.0
-"""The longest a provider key is paused for everyone by one ``Retry-After`` (the built-in
-adapters read none longer; a provider package may give any number, infinity included)."""
-
-
 def _told_state(error: FluxError) -> float | None:
-    """The provider's ``Retry-After`` with *error*, as the shared state is told it: at most a day.
+    """The provider's ``Retry-After`` with *error*, as the shared state is told it.
 
+    At most the longest pause the state takes (`flux_adapters.state.MAX_SECONDS`, a day).
     Uncapped, an endless one (a provider package's ``float("inf")``) paused the provider key for
     every worker for ever, and a skip's ``available_in_s`` became infinite.
     """
+    from flux_adapters.state import MAX_SECONDS  # loaded: only a call with a state gets here
+
     asked = _seconds_asked(_asked(error))
-    return asked if asked is None else min(asked, _LONGEST_PAUSE)
+    return asked if asked is None else min(asked, MAX_SECONDS)
 
 
 def _retry_pause(
