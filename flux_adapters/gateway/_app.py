@@ -37,7 +37,6 @@ from flux_adapters._serving import TooLarge, capped
 from flux_adapters.client import AsyncFluxClient
 from flux_adapters.gateway._errors import (
     Answer,
-    budget_keeps,
     error_answer,
     kept_tries,
     openai_error,
@@ -731,19 +730,19 @@ async def _image_call_held(
             )
             raise
         except errors.FluxError as error:
-            _count_attempts(gateway, getattr(error, "attempts", ()) or ())
+            tried = getattr(error, "attempts", ()) or ()
+            _count_attempts(gateway, tried)
             if isinstance(error, errors.StateUnavailable):  # Redis failing: say so, count it
                 LOGGER.warning("the shared state failed a call: %s", error)
                 gateway.metrics.child(gateway.metrics.state_failures, "call").inc()
             answer = error_answer(error)
             billed = bool(answer.body["error"].get("may_be_billed"))  # type: ignore[attr-defined]
-            kept = billed or budget_keeps(error)
             # Each try that may have been billed counts (failover_on_ambiguous: more than one).
-            settled = estimate * max(1, kept_tries(getattr(error, "attempts", ()) or (), error))
-            settled = settled if kept else 0.0
+            tries = kept_tries(tried, error)
+            kept = billed or tries > 0
+            settled = estimate * max(1, tries) if kept else 0.0
             info["may_be_billed"] = billed
             if kept:
-                tried = getattr(error, "attempts", ()) or ()
                 provider = getattr(error, "provider", None) or (
                     tried[-1].provider if tried else "-"
                 )

@@ -21,7 +21,6 @@ from flux_adapters.result import Attempt
 
 __all__ = [
     "Answer",
-    "budget_keeps",
     "error_answer",
     "kept_tries",
     "openai_error",
@@ -102,21 +101,14 @@ def _may_be_billed(error: errors.FluxError) -> bool:
     return billing_rule(error).proves == "may be billed"
 
 
-def budget_keeps(error: errors.FluxError) -> bool:
-    """Whether a key's reservation stays spent after *error*: the router's own rule.
-
-    Wider than ``may_be_billed``: a job the provider accepted and then moderated is not
-    "may be billed" for a resend (it will not pass anywhere), but fal bills it, so a budget
-    keeps its reservation, as the library's budgets do (`flux_adapters.routing`).
-    """
-    return kept_tries(getattr(error, "attempts", ()) or (), error) > 0
-
-
 def kept_tries(attempts: Sequence[Attempt], error: errors.FluxError | None = None) -> int:
     """How many tries of a call (its *attempts*, and *error*, its end) a budget keeps.
 
-    Each is a try that may have been billed, as the library's budgets count them (each try
-    reserves its own estimate): with ``failover_on_ambiguous`` a call can pay more than once.
+    Each is a try that may have been billed, by the router's own rule, as the library's budgets
+    count them (each try reserves its own estimate): with ``failover_on_ambiguous`` a call can
+    pay more than once. Wider than ``may_be_billed``: a job the provider accepted and then
+    moderated is not "may be billed" for a resend (it will not pass anywhere), but fal bills
+    it, so a budget keeps its reservation (`flux_adapters.routing`).
     """
     from flux_adapters.routing import _charge, billing_rule
 
@@ -163,11 +155,14 @@ def error_answer(error: errors.FluxError) -> Answer:
     if answer.body["error"].get("may_be_billed") is True:  # type: ignore[attr-defined]
         return answer
     attempts: Sequence[Attempt] = getattr(error, "attempts", ()) or ()
-    if not any(
+    return _marked(answer, str(error), attempts) if _billed_before(attempts) else answer
+
+
+def _billed_before(attempts: Sequence[Attempt]) -> bool:
+    """Whether a try among *attempts* failed in a way that may have billed the job."""
+    return any(
         a.outcome == "failed" and a.error is not None and _may_be_billed(a.error) for a in attempts
-    ):
-        return answer
-    return _marked(answer, str(error), attempts)
+    )
 
 
 def _answer(error: errors.FluxError) -> Answer:
@@ -309,7 +304,6 @@ def _all_failed(error: errors.AllProvidersFailed) -> Answer:
     ]
     if not tried and refused:
         return violations_answer(refused, note=" for every configured provider")
-    billed = any(a.error is not None and _may_be_billed(a.error) for a in tried)
     last = tried[-1].error if tried else None
     if last is not None:
         answer = _answer(last)
@@ -324,7 +318,7 @@ def _all_failed(error: errors.AllProvidersFailed) -> Answer:
         if waits:  # when the first of them may be tried again: clients wait that long
             headers["retry-after"] = str(max(1, math.ceil(min(waits))))
     answer = Answer(status, body, headers)
-    if billed:
+    if _billed_before(attempts):
         return _marked(answer, str(error), attempts)
     inner = dict(body["error"])  # type: ignore[call-overload]
     inner.update(message=str(error), may_be_billed=False, attempts=_attempts(attempts))
