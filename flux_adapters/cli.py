@@ -1114,6 +1114,7 @@ def _attempt_data(attempt: Attempt) -> dict[str, object]:
 def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from flux_adapters._terminal import waiting
     from flux_adapters.client import FluxClient
+    from flux_adapters.result import _finite  # None for what JSON cannot hold, as to_dict has it
 
     if not arguments.provider and (arguments.base_url or arguments.timeout):
         raise _UsageError(
@@ -1178,7 +1179,7 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "provider": result.provider,
             "model": result.model,
             "images": saved,
-            "cost_usd": _dollars(result.cost_usd),
+            "cost_usd": _finite(result.cost_usd),  # finite prices can sum to infinity
             "cost_source": result.cost_source,
             "seconds": round(elapsed, 3),
             "attempts": [_attempt_data(attempt) for attempt in result.attempts],
@@ -1214,14 +1215,6 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             # lines or repaint the terminal, as in every other line of ours.
             out.write(f"saved:    {escape_controls(str(place['path']))}{instead}\n")
     return code
-
-
-def _dollars(cost: float | None) -> float | None:
-    """*cost* for JSON: ``None`` for one too large to be a number, as `EditResult.to_dict` has it.
-
-    Finite prices can sum to infinity, which JSON cannot hold.
-    """
-    return cost if cost is None or math.isfinite(cost) else None
 
 
 def _write_json(out: TextIO, document: object) -> None:
@@ -1327,10 +1320,12 @@ def _in_command_words(item: BatchItem) -> BatchItem:
 
 
 def _report_line(item: BatchItem) -> dict[str, object]:
+    from flux_adapters.result import _finite  # loaded with the result
+
     line: dict[str, object] = {"id": item.name, "status": item.status}
     if item.result is not None:
         line["provider"] = item.result.provider
-        line["cost_usd"] = _dollars(item.result.cost_usd)
+        line["cost_usd"] = _finite(item.result.cost_usd)  # finite prices can sum to infinity
     if item.saved:
         line["files"] = [str(path) for path in item.saved]
     if item.error is not None:
