@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from flux_adapters._display import render_value, type_name
-from flux_adapters._files import remove_partial_files
+from flux_adapters._files import SUFFIXED_NAME_MAX, remove_partial_files
 from flux_adapters._flows import Outcome
 from flux_adapters._journal import (
     JobState,
@@ -77,8 +77,6 @@ COMMAND_REASONS: Final = {
 _ItemMaker = Callable[..., BatchItem]
 
 _MAX_NAME: Final = 200
-_MAX_NAME_BYTES: Final = 250
-"""The longest id in UTF-8 bytes: with ``.jpeg`` or ``.webp``, the 255 bytes of a file name."""
 _NO_STATE: Final = JobState()
 """What the journal knows of a job it has no record of (read, never changed)."""
 
@@ -95,10 +93,11 @@ def _name_problem(name: object) -> str:
         return "must be a plain file name (no folder separator or control character)"
     if not name.isascii() and name.encode("utf-8", errors="replace").decode() != name:
         return "must be valid text (no lone surrogate)"
-    if not name.isascii() and len(name.encode()) > _MAX_NAME_BYTES:
-        # Else sent and billed, then refused by the file system when its image is saved.
+    if not name.isascii() and len(name.encode()) > SUFFIXED_NAME_MAX:
+        # Else sent and billed, then refused by the file system when its image is saved (its
+        # name and the extension its bytes add, as `atomic_image` does).
         return (
-            f"must be at most {_MAX_NAME_BYTES} bytes in UTF-8 (its file name, with the "
+            f"must be at most {SUFFIXED_NAME_MAX} bytes in UTF-8 (its file name, with the "
             "extension, must fit in the 255 bytes a file system takes)"
         )
     return ""

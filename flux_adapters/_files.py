@@ -26,6 +26,7 @@ __all__ = [
     "IMAGE_FORMATS",
     "MEDIA_TYPES",
     "SNIFF_BYTES",
+    "SUFFIXED_NAME_MAX",
     "TAIL_BYTES",
     "ImageFile",
     "atomic_image",
@@ -251,9 +252,9 @@ def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> P
     if target.name in ("", ".", ".."):
         raise OutputError("is not a file name", path=shown)
     # Else the whole image is downloaded, and only renaming it to its full name fails.
-    if add_suffix and _name_bytes(target.name) > _SUFFIXED_MAX:
+    if add_suffix and _name_bytes(target.name) > SUFFIXED_NAME_MAX:
         raise OutputError(
-            f"is too long a name to add an extension to (at most {_SUFFIXED_MAX} bytes)",
+            f"is too long a name to add an extension to (at most {SUFFIXED_NAME_MAX} bytes)",
             path=shown,
         )
     try:
@@ -281,7 +282,7 @@ def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> P
     return target
 
 
-_SUFFIXED_MAX: Final = _NAME_MAX - len(".jpeg")
+SUFFIXED_NAME_MAX: Final = _NAME_MAX - len(".jpeg")
 """The longest name (in bytes) that `atomic_image` can add an extension to."""
 
 
