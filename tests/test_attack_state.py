@@ -22,14 +22,14 @@ from typing import Any
 import pytest
 
 from flux_adapters._shared_batch import Lines, batch_id
-from flux_adapters.emulator import Emulator, Fault, run_emulator
+from flux_adapters.emulator import Fault, run_emulator
 from flux_adapters.errors import ConfigurationError, StateUnavailable
 from flux_adapters.routing import Admitted
 from flux_adapters.state import Ask, Finish, Reservation, open_state
 from flux_adapters.state._redis import RedisState
 from tests.hostile_redis import Reply, hostile_redis, resp
 from tests.redis_server import redis_server
-from tests.test_shared_batch import environment, wait_for, worker, write_jobs
+from tests.test_shared_batch import environment, two_workers_under_way, write_jobs
 
 KEY = ("laozhang", "flux-2-pro")
 ASK = Ask(key=KEY, scope="team", amount_usd=0.05, limit_usd=10.0)
@@ -272,24 +272,6 @@ def test_a_read_only_replica_is_named_for_both_clients() -> None:
 
 
 # -- a shared batch whose Redis was flushed mid-run --------------------------------------------
-
-
-def two_workers_under_way(
-    source: Path, folder: Path, url: str, env: dict[str, str], emulator: Emulator
-) -> list[subprocess.Popen[str]]:
-    """Two workers of one shared batch (blocks of 10), once the emulator saw 40 calls."""
-    workers = [
-        subprocess.Popen(
-            worker(source, str(folder), url, "--block", "10", "--concurrency", "4"),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    wait_for(lambda: len(emulator.calls()) >= 40, workers[0])
-    return workers
 
 
 def test_a_batch_whose_redis_was_flushed_mid_run_stops_with_exit_4_and_says_so(

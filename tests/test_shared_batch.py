@@ -89,6 +89,24 @@ def wait_for(condition: Any, process: subprocess.Popen[str], seconds: float = 60
         time.sleep(0.005)
 
 
+def two_workers_under_way(
+    source: Path, folder: Path, url: str, env: dict[str, str], emulator: Emulator
+) -> list[subprocess.Popen[str]]:
+    """Two workers of one shared batch (blocks of 10), once the emulator saw 40 calls."""
+    workers = [
+        subprocess.Popen(
+            worker(source, str(folder), url, "--block", "10", "--concurrency", "4"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    wait_for(lambda: len(emulator.calls()) >= 40, workers[0])
+    return workers
+
+
 def dumped(command: list[str]) -> list[str]:
     """*command* (a `worker`) run by tests/dumped_worker.py: SIGUSR1 dumps its stacks."""
     assert command[1:3] == ["-m", "flux_adapters"]
@@ -531,17 +549,7 @@ def test_redis_failing_mid_batch_stops_every_worker_with_a_clear_error_and_sends
     with redis_server() as server, run_emulator() as emulator:
         emulator.inject("laozhang", Fault(delay=0.05))
         env = environment(emulator)
-        workers = [
-            subprocess.Popen(
-                worker(source, str(folder), server.url, "--block", "10", "--concurrency", "4"),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        wait_for(lambda: len(emulator.calls()) >= 40, workers[0])
+        workers = two_workers_under_way(source, folder, server.url, env, emulator)
         if how == "killed":
             server.kill()
         else:
