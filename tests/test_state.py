@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from flux_adapters import FluxClient
 from flux_adapters.errors import ConfigurationError, FluxError
 from flux_adapters.routing import Admitted, Denied, Pass
 from flux_adapters.state import (
@@ -24,6 +25,9 @@ from flux_adapters.state import (
     LocalState,
     RedisState,
     bucket_id,
+    check_rate,
+    check_seconds,
+    check_usd,
     open_state,
 )
 from tests.redis_server import RedisServer, redis_server
@@ -276,11 +280,33 @@ async def test_careless_periods_rates_and_pauses_are_refused(backend: Any) -> No
         {"id": "ab", "key_hash": "a" * 64, "allowed_models": ["flux-2-pro"]},
         {"id": "ab", "key_hash": "a" * 64, "rate_per_minute": -1.0},
         {"id": "ab", "key_hash": "a" * 64, "created": math.inf},
+        # An int beyond a float's range: OverflowError, outside the FluxError tree, before.
+        {"id": "ab", "key_hash": "a" * 64, "budget_usd": 10**400},
+        {"id": "ab", "key_hash": "a" * 64, "rate_per_minute": 10**400},
+        {"id": "ab", "key_hash": "a" * 64, "created": 10**400},
     ],
 )
 def test_careless_key_records_are_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         KeyRecord(**fields)
+
+
+@pytest.mark.parametrize(
+    "check", [check_usd, check_seconds, lambda value, what: check_rate(value, 1)]
+)
+def test_an_int_too_large_for_a_float_is_refused_not_an_overflow_error(check: Any) -> None:
+    # float(10**400) raised OverflowError out of the checks: FluxClient(budget_usd=10**400)
+    # ended outside the FluxError tree.
+    with pytest.raises(ConfigurationError, match="finite number"):
+        check(10**400, "x")
+
+
+def test_a_client_budget_too_large_for_a_float_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "sk-abcdefabcdefabcdef")
+    with pytest.raises(ConfigurationError, match="budget"):
+        FluxClient("laozhang", budget_usd=10**400)
 
 
 @pytest.mark.parametrize("rate", [-1.0, 2e6, math.inf])

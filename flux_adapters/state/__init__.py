@@ -22,12 +22,13 @@ Nothing here is imported by ``import flux_adapters``; redis-py only when Redis i
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeAlias
 
 from attrs import field, frozen
 
+from flux_adapters._display import render_value
+from flux_adapters._options import is_number
 from flux_adapters.errors import BudgetExceeded, ConfigurationError, StateUnavailable
 
 if TYPE_CHECKING:
@@ -90,21 +91,19 @@ def check_usd(value: object, what: str, *, zero: bool = True) -> float:
     """*value* as dollars: a finite number from 0 (or above 0) to `MAX_USD`."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{what} must be a number of dollars, not {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0 or (not zero and number == 0) or number > MAX_USD:
+    if not is_number(value) or value < 0 or (not zero and value == 0) or value > MAX_USD:
         low = ">= 0" if zero else "> 0"
         raise ConfigurationError(f"{what} must be a finite number of dollars {low} and at most 1e9")
-    return number
+    return float(value)
 
 
 def check_seconds(value: object, what: str) -> float:
     """*value* as seconds: a finite number from 0 to a day."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{what} must be a number of seconds, not {type(value).__name__}")
-    number = float(value)
-    if not (math.isfinite(number) and 0 <= number <= MAX_SECONDS):
+    if not (is_number(value) and 0 <= value <= MAX_SECONDS):
         raise ConfigurationError(f"{what} must be a finite number of seconds from 0 to 86400")
-    return number
+    return float(value)
 
 
 def check_period(value: object) -> Period:
@@ -117,14 +116,13 @@ def check_rate(rate_per_s: object, burst: object) -> tuple[float, int]:
     """A token bucket's refill rate (per second, finite, > 0) and size (1 to 1,000,000)."""
     if isinstance(rate_per_s, bool) or not isinstance(rate_per_s, int | float):
         raise ConfigurationError("a rate must be a number of requests per second")
-    rate = float(rate_per_s)
-    if not (math.isfinite(rate) and 0 < rate <= MAX_TOKENS):
+    if not (is_number(rate_per_s) and 0 < rate_per_s <= MAX_TOKENS):
         raise ConfigurationError(
             "a rate must be a finite number above 0 and at most 1e6 per second"
         )
     if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_TOKENS:
         raise ConfigurationError("a burst must be a whole number from 1 to 1000000")
-    return rate, burst
+    return float(rate_per_s), burst
 
 
 def safe_part(name: str) -> str:
@@ -245,19 +243,15 @@ class KeyRecord:
             ):
                 raise ConfigurationError("allowed models and providers must be a tuple of names")
         rate: object = self.rate_per_minute
-        if rate is not None and not (
-            isinstance(rate, int | float)
-            and not isinstance(rate, bool)
-            and math.isfinite(rate)
-            and 0 < rate <= MAX_TOKENS  # the bucket holds a minute's worth
-        ):
+        # (the bucket holds a minute's worth)
+        if rate is not None and not (is_number(rate) and 0 < rate <= MAX_TOKENS):
             raise ConfigurationError(
                 "rate_per_minute must be a finite number above 0 and at most 1e6 a minute, "
-                f"not {rate!r:.40}"
+                f"not {render_value(rate)}"
             )
         if isinstance(self.created, bool) or not isinstance(self.created, int | float):
             raise ConfigurationError("created must be unix seconds")
-        if not math.isfinite(self.created):
+        if not is_number(self.created):
             raise ConfigurationError("created must be finite unix seconds")
 
 
