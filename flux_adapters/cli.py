@@ -1162,13 +1162,14 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             target = output.with_name(f"{output.stem}{suffix}{output.suffix}") if output else None
             try:
                 place, status = _save(image, target, f"{result.provider}-{stamp}{suffix}", err)
-            except KeyboardInterrupt:  # the images are paid for: say where they still are
+            except KeyboardInterrupt as interruption:
+                # The images are paid for: where they still are, after "interrupted" on the
+                # terminal and in --json's "notes" (`_failure_data`), as for a job cut short.
                 urls = [later.url for later in result.images[index:] if later.url]
                 if urls:
-                    _say(
-                        err,
+                    interruption.add_note(
                         "flux-adapters: not saved; download it within 10 minutes from "
-                        + " ".join(escape_controls(url) for url in urls),
+                        + " ".join(escape_controls(url) for url in urls)
                     )
                 raise
             saved.append(place)

@@ -516,16 +516,20 @@ def test_two_edits_in_the_same_second_keep_both_images(
     assert len(list((tmp_path / "out").iterdir())) == 2  # no second image written over the first
 
 
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
 def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
-    tmp_path: Path,
+    json_flag: list[str], tmp_path: Path
 ) -> None:
-    """The image was made and billed; its URL lives minutes: Ctrl-C must not lose it quietly."""
+    """The image was made and billed; its URL lives minutes: Ctrl-C must not lose it quietly.
+
+    Under ``--json`` the URL is in the failure's ``notes`` too: a script reads only stdout.
+    """
     # A byte every 20 ms: the first bytes (enough to tell the format) are saved within a second,
     # the whole image would take minutes.
     with run_emulator(faults={"laozhang": [Fault(download="drip", drip=0.02)]}) as cdn:
         env = {**os.environ, "LAOZHANG_API_KEY": "k"}
         base = cdn.base_url("laozhang")
-        with spawn("edit", "p", "-p", "laozhang", "--base-url", base, "-o", str(tmp_path / "x.png"), env=env) as edit:  # fmt: skip
+        with spawn("edit", "p", "-p", "laozhang", "--base-url", base, "-o", str(tmp_path / "x.png"), *json_flag, env=env) as edit:  # fmt: skip
 
             def downloading() -> bool:  # the answer came, and the first dripped bytes are saved
                 return any(part.stat().st_size for part in tmp_path.glob(".x.png.*.part"))
@@ -536,12 +540,17 @@ def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
             assert cdn.billed(), "the request never arrived"
             assert downloading(), "the download never started"
             edit.send_signal(signal.SIGINT)
-            _, err = edit.communicate(timeout=10)
+            out, err = edit.communicate(timeout=10)
     assert edit.returncode == 130
-    assert "download it within 10 minutes from http://127.0.0.1:" in err, err
-    assert err.splitlines()[-1] == "flux-adapters: interrupted"
+    where = "not saved; download it within 10 minutes from http://127.0.0.1:"
+    assert err.splitlines()[-2] == "flux-adapters: interrupted"
+    assert err.splitlines()[-1].startswith(f"flux-adapters: {where}"), err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+    if json_flag:
+        (note,) = json.loads(out)["error"]["notes"]
+        assert note.startswith(where), note
+        assert note.split(" from ", 1)[1] == err.splitlines()[-1].split(" from ", 1)[1]
 
 
 @pytest.mark.parametrize(
