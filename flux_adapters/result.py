@@ -525,9 +525,12 @@ class EditResult:
         model: The canonical model id.
         images: The images it returned.
         usage: Usage the provider reported, if any.
-        cost_usd: What the call cost in US dollars: the provider's own figure where it reports
-            one with a documented rate (BFL's credits, $0.01 each), else an estimate from the
-            price table (``flux_adapters.prices``); ``None`` when neither is known.
+        cost_usd: What the call cost in US dollars at the provider that served it: the
+            provider's own figure where it reports one with a documented rate (BFL's credits,
+            $0.01 each), else an estimate from the price table (``flux_adapters.prices``);
+            ``None`` when neither is known. An earlier attempt that may have been billed too
+            (failed after sending, its ``billing`` row ambiguous: only with
+            ``failover_on_ambiguous``) is not in it; a client's ``budget_usd`` counts it.
         cost_source: Where ``cost_usd`` came from: ``"provider"`` or ``"price table"``.
         warnings: Conversions made because the request allowed them.
         attempts: Every provider tried, in order.
