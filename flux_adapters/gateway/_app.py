@@ -712,6 +712,12 @@ async def _image_call_held(
     gateway.metrics.in_flight.inc()
     settled = estimate  # unless shown otherwise (a bug of ours included), the call may be billed
     try:
+        if await request.is_disconnected():
+            # The client left while its call waited (its key, the shared state): no one would
+            # get the image, and an OpenAI SDK that gave up sends the call again. Nothing sent.
+            settled = 0.0
+            info["client_gone"] = True
+            return done(Response(status_code=499), record)
         try:
             result = await client.edit(edit)
         except asyncio.CancelledError:
@@ -742,11 +748,10 @@ async def _image_call_held(
             kept = billed or tries > 0
             settled = estimate * max(1, tries) if kept else 0.0
             info["may_be_billed"] = billed
+            provider = getattr(error, "provider", None) or (tried[-1].provider if tried else "-")
             if kept:
-                provider = getattr(error, "provider", None) or (
-                    tried[-1].provider if tried else "-"
-                )
                 gateway.metrics.child(gateway.metrics.spend, key_label, str(provider)).inc(estimate)
+                await _left_unanswered(request, request_id, key_label, edit, str(provider), info)
             return done(answer, record)
         _count_attempts(gateway, result.attempts)
         cost = (
@@ -758,9 +763,9 @@ async def _image_call_held(
         settled = cost + estimate * kept_tries(result.attempts)
         gateway.metrics.child(gateway.metrics.spend, key_label, result.provider).inc(cost)
         info.update(provider=result.provider, attempts=len(result.attempts), cost_usd=cost)
-        return done(
-            await _answer(gateway, request, result, parsed.response_format, request_id), record
-        )
+        response = await _answer(gateway, request, result, parsed.response_format, request_id)
+        await _left_unanswered(request, request_id, key_label, edit, result.provider, info)
+        return done(response, record)
     finally:
         gateway.in_flight.pop(request_id, None)
         gateway.metrics.in_flight.dec()
@@ -780,6 +785,39 @@ async def _image_call_held(
                             }
                         )
                     )
+
+
+async def _left_unanswered(
+    request: Request,
+    request_id: str,
+    key_label: str,
+    edit: EditRequest,
+    provider: str,
+    info: dict[str, object],
+) -> None:
+    """Log a call that may have been billed whose client has gone: its answer reaches no one.
+
+    The server drops an answer to a closed connection without a word, and the access line
+    would show it as given (a 200 with its cost): the warning says that the provider may have
+    done, and billed, a job no client got, so that it is not lost silently.
+    """
+    if not await request.is_disconnected():
+        return
+    info["client_gone"] = True
+    LOGGER.warning(
+        json.dumps(
+            {
+                "event": "client-gone",
+                "request_id": request_id,
+                "key": key_label,
+                "model": edit.model,
+                "provider": provider,
+                "may_be_billed": True,
+                "message": "the client left before its answer: the provider may have done, "
+                "and billed, a job it will not get",
+            }
+        )
+    )
 
 
 def _count_attempts(gateway: Gateway, attempts: Sequence[Any]) -> None:

@@ -1,0 +1,130 @@
+"""The gateway against a careless client, a hostile provider and a failing shared state: what a
+client that leaves, a provider that lies and a Redis that goes away get. Each test is a problem
+that was found (attack 31), shown on real parts (the loopback emulator, real sockets), then
+fixed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flux_adapters.emulator import Emulator, run_emulator
+from flux_adapters.gateway import RunningGateway, run_gateway
+from tests.conftest import held_at_the_provider
+from tests.test_gateway import single
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    with run_emulator() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _fresh_emulator(emulator: Emulator) -> None:
+    emulator.clear_faults()
+
+
+def _raw_generation(gateway: RunningGateway, key: str) -> socket.socket:
+    """A connection that has sent a whole generation call and reads nothing back."""
+    host, port = gateway.root.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"prompt": "a robot", "size": "64x64"}).encode()
+    head = (
+        "POST /v1/images/generations HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    connection = socket.create_connection((host, int(port)))
+    connection.sendall(head.encode() + body)
+    return connection
+
+
+def _access_line(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
+    """The gateway's access line for the one image call, once it is logged (bounded wait)."""
+    for _ in range(1000):
+        for record in caplog.records:
+            if record.name == "flux_adapters.gateway.access":
+                line: dict[str, Any] = json.loads(record.getMessage())
+                if line["route"] == "/v1/images/generations":
+                    return line
+        time.sleep(0.01)
+    raise AssertionError("no access line")
+
+
+def test_a_client_gone_before_its_paid_answer_is_logged_as_possibly_billed(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client left while the provider made (and billed) its image: uvicorn drops the answer
+    # without a word, and the access line said 200 as if it had been given. Nothing said that
+    # a paid job reached no one.
+    caplog.set_level(logging.INFO, logger="flux_adapters.gateway")
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, record = gateway.add_key()
+        with held_at_the_provider() as reached:
+            connection = _raw_generation(gateway, key)
+            assert reached.wait(30)
+            connection.close()  # before the provider answers
+        line = _access_line(caplog)
+    assert line["client_gone"] is True
+    assert line["provider"] == "laozhang"
+    gone = [
+        json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "flux_adapters.gateway" and '"client-gone"' in r.getMessage()
+    ]
+    assert len(gone) == 1, [r.getMessage() for r in caplog.records]
+    assert gone[0]["may_be_billed"] is True
+    assert gone[0]["request_id"] == line["request_id"]
+    assert gone[0]["key"] == record.id
+    assert key not in caplog.text
+
+
+class _HeldBudget:
+    """Holds the next budget reservation until the test releases it (from its thread)."""
+
+    def __init__(self, gateway: RunningGateway) -> None:
+        self.reached, self.release = threading.Event(), threading.Event()
+        state = gateway.gateway.state
+        self._reserve = state.reserve
+        state.reserve = self.reserve  # type: ignore[method-assign]
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        self.reached.set()
+        while not self.release.is_set():
+            await asyncio.sleep(0.005)
+        return await self._reserve(*args, **kwargs)
+
+
+def test_a_client_gone_before_its_call_was_sent_is_not_paid_for(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client left while its call waited for its key's budget (a slow Redis): the call was
+    # sent to the provider all the same, paid for an image no one would get (and an OpenAI SDK
+    # that gave up sends the call again: paid twice).
+    caplog.set_level(logging.INFO, logger="flux_adapters.gateway")
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, record = gateway.add_key(budget_usd=1)
+        held = _HeldBudget(gateway)
+        connection = _raw_generation(gateway, key)
+        assert held.reached.wait(30)
+        connection.shutdown(socket.SHUT_RDWR)
+        connection.close()
+        held.release.set()
+        line = _access_line(caplog)
+        spent = asyncio.run_coroutine_threadsafe(
+            gateway.gateway.state.spent(f"key:{record.id}", record.period), gateway._loop
+        ).result(30)
+    assert len(emulator.calls("laozhang")) == before
+    assert line["status"] == 499
+    assert line["client_gone"] is True
+    assert spent == 0
