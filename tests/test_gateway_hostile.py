@@ -15,12 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from flux_adapters import AsyncFluxClient
 from flux_adapters.emulator import Emulator, run_emulator
 from flux_adapters.gateway import RunningGateway, run_gateway
 from tests.conftest import held_at_the_provider
-from tests.test_gateway import single
+from tests.test_gateway import FAST_POLLS, PROVIDER_SECRET, single
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +130,54 @@ def test_a_client_gone_before_its_call_was_sent_is_not_paid_for(
     assert line["status"] == 499
     assert line["client_gone"] is True
     assert spent == 0
+
+
+class _InflatedCost(httpx.AsyncBaseTransport):
+    """The emulator's BFL, whose submit answers report a cost of 10^12 credits ($10^10)."""
+
+    def __init__(self) -> None:
+        self._real = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self._real.handle_async_request(request)
+        if request.method != "POST":
+            return answer
+        body = json.loads(await answer.aread())
+        body["cost"] = 1e12
+        return httpx.Response(answer.status_code, json=body)
+
+    async def aclose(self) -> None:
+        await self._real.aclose()
+
+
+def test_a_cost_reported_beyond_what_a_budget_holds_still_spends_the_keys_budget(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The key's budget was settled at the provider's own figure, refused by the state (more
+    # than $1e9): the settle failed, the budget kept only the $0.03 estimate, and the key
+    # went on calling as if nothing had been spent.
+    made: list[httpx.AsyncClient] = []
+
+    def inflated(only: tuple[str, ...] | None) -> AsyncFluxClient:
+        made.append(httpx.AsyncClient(transport=_InflatedCost()))
+        return AsyncFluxClient(
+            "bfl",
+            api_key=PROVIDER_SECRET,
+            base_url=emulator.base_url("bfl"),
+            polling=FAST_POLLS,
+            http_client=made[-1],
+        )
+
+    before = len(emulator.calls("bfl", kind="submit"))
+    with run_gateway(files_dir=tmp_path, clients=inflated) as gateway:
+        key, _ = gateway.add_key(budget_usd=1)
+        headers = {"authorization": f"Bearer {key}"}
+        call = {"prompt": "a robot", "size": "64x64"}
+        first = httpx.post(gateway.url + "/images/generations", json=call, headers=headers)
+        second = httpx.post(gateway.url + "/images/generations", json=call, headers=headers)
+        for http in made:  # ours to close, in the gateway's loop
+            asyncio.run_coroutine_threadsafe(http.aclose(), gateway._loop).result(30)
+    assert first.status_code == 200, first.text
+    assert second.status_code == 429, second.text
+    assert second.json()["error"]["code"] == "budget_exceeded"
+    assert len(emulator.calls("bfl", kind="submit")) == before + 1

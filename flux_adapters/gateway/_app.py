@@ -48,7 +48,7 @@ from flux_adapters.gateway._metrics import Metrics
 from flux_adapters.gateway._requests import EDIT_FIELDS, GENERATION_FIELDS, MAX_IMAGES, from_fields
 from flux_adapters.request import EditRequest
 from flux_adapters.result import EditResult
-from flux_adapters.state import StateBackend
+from flux_adapters.state import MAX_USD, StateBackend
 
 __all__ = ["ClientFactory", "GatewaySettings", "LineHandler", "create_app"]
 
@@ -772,7 +772,9 @@ async def _image_call_held(
         if reservation is not None:
             with anyio.CancelScope(shield=True):
                 try:
-                    await gateway.state.settle(reservation, settled)
+                    # A provider's own figure may pass what a budget can hold (a hostile one:
+                    # 1e12 credits): the most it holds, refusing every later call, not nothing.
+                    await gateway.state.settle(reservation, min(settled, MAX_USD))
                 except errors.FluxError as error:  # the answer stands; only the books are off
                     LOGGER.warning(
                         json.dumps(
