@@ -181,3 +181,25 @@ def test_a_cost_reported_beyond_what_a_budget_holds_still_spends_the_keys_budget
     assert second.status_code == 429, second.text
     assert second.json()["error"]["code"] == "budget_exceeded"
     assert len(emulator.calls("bfl", kind="submit")) == before + 1
+
+
+@pytest.mark.parametrize("guidance", ["0_5", "\u0665"])
+def test_a_multipart_guidance_that_only_looks_like_a_number_is_a_400_not_sent(
+    guidance: str, emulator: Emulator, tmp_path: Path
+) -> None:
+    # float() takes "0_5" and an Arabic-Indic five as 5.0: the edit went to the provider (and
+    # was paid for) with a guidance the client never wrote; the integer fields refuse them.
+    from tests.conftest import image_bytes
+
+    before = len(emulator.calls("bfl", kind="submit"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "bfl")) as gateway:
+        key, _ = gateway.add_key()
+        answer = httpx.post(
+            gateway.url + "/images/edits",
+            data={"prompt": "x", "model": "flux-2-flex", "guidance": guidance},
+            files={"image": ("a.png", image_bytes(64, 64), "image/png")},
+            headers={"authorization": f"Bearer {key}"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "guidance"
+    assert len(emulator.calls("bfl", kind="submit")) == before

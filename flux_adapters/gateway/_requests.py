@@ -11,6 +11,7 @@ FLUX cannot do what ``quality``, ``style`` or ``mask`` ask, and a caller should 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -47,6 +48,7 @@ GENERATION_FIELDS: Final = _COMMON | {"image_urls", *_NUMBERED}
 EDIT_FIELDS: Final = _COMMON | {"image", "image[]"}
 _INTS: Final = ("n", "seed", "width", "height", "safety_tolerance", "steps")
 _BOOLS: Final = ("prompt_upsampling", "allow_conversions")
+_DECIMAL: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 @frozen
@@ -74,10 +76,10 @@ def _from_text(name: str, value: object) -> object:
             return int(text)
         return value
     if name == "guidance":
-        try:
-            return float(value)
-        except ValueError:
-            return value
+        # A decimal number in ASCII only: float() alone takes "1_5" (15.0) and "١٥" (Arabic
+        # digits, 15.0), which a client did not mean as a guidance.
+        text = value.strip()
+        return float(text) if len(text) < 40 and _DECIMAL.fullmatch(text) else value
     if name in _BOOLS and value.lower() in ("true", "false"):
         return value.lower() == "true"
     return value
