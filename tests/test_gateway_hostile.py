@@ -203,3 +203,66 @@ def test_a_multipart_guidance_that_only_looks_like_a_number_is_a_400_not_sent(
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == "guidance"
     assert len(emulator.calls("bfl", kind="submit")) == before
+
+
+def test_a_json_field_named_by_a_lone_surrogate_is_a_400_that_names_it_not_a_500(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # JSON's "\udcff" is a lone surrogate: the 400 naming the unknown field could not be
+    # encoded as UTF-8, and the client got a 500 "internal error in the gateway".
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        answer = httpx.post(
+            gateway.url + "/images/generations",
+            content=b'{"prompt": "x", "\\udcff": 1}',
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["violations"][0]["field"] == "\udcff"
+
+
+def _multipart(prompt: bytes, name: bytes = b"prompt") -> bytes:
+    from tests.conftest import image_bytes
+
+    return (
+        b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + image_bytes(64, 64) + b"\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="'
+        + name
+        + b'"\r\n\r\n'
+        + prompt
+        + b"\r\n--XyZ--\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("prompt", "name"),
+    [
+        ("机器人在温室里".encode("gbk"), b"prompt"),  # a terminal in GBK, curl -F prompt=...
+        ("ロボット".encode("shift_jis"), b"prompt"),
+        (b"a robot", "prömpt".encode("latin-1")),
+    ],
+)
+def test_multipart_text_that_is_not_utf_8_is_refused_not_sent_as_mojibake(
+    prompt: bytes, name: bytes, emulator: Emulator, tmp_path: Path
+) -> None:
+    # Starlette decodes a multipart field that is not UTF-8 as Latin-1, silently: the prompt
+    # went to the provider (and was paid for) as "»úÆ÷ÈËÔÚÎÂÊÒÀï".
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        headers = {"authorization": f"Bearer {key}"}
+        refused = httpx.post(
+            gateway.url + "/images/edits",
+            content=_multipart(prompt, name),
+            headers={**headers, "content-type": "multipart/form-data; boundary=XyZ"},
+        )
+        assert len(emulator.calls("laozhang")) == before
+        served = httpx.post(  # the same text in UTF-8 is a prompt
+            gateway.url + "/images/edits",
+            content=_multipart("机器人 ロボット".encode(), b"prompt"),
+            headers={**headers, "content-type": "multipart/form-data; charset=UTF-8; boundary=XyZ"},
+        )
+    assert refused.status_code == 400, refused.text
+    assert "is not UTF-8 text" in refused.json()["error"]["message"]
+    assert served.status_code == 200, served.text

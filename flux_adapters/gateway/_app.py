@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import functools
 import json
@@ -209,9 +210,20 @@ def _header(value: object, limit: int = 512) -> str:
     return _HEADER_TEXT.sub("?", str(value))[:limit]
 
 
+class _ErrorJSON(JSONResponse):
+    r"""An error answer's JSON, in ASCII.
+
+    It may quote what the client sent (a field's name), and JSON's ``"\udcff"`` is a lone
+    surrogate that Starlette's UTF-8 cannot encode: the answer was a 500 instead.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _json(answer: Answer, request_id: str) -> JSONResponse:
     headers = {**answer.headers, "x-request-id": request_id}
-    return JSONResponse(answer.body, status_code=answer.status, headers=headers)
+    return _ErrorJSON(answer.body, status_code=answer.status, headers=headers)
 
 
 class Gateway:
@@ -463,10 +475,19 @@ async def _form_fields(
     fields: dict[str, object] = {}
     images: list[object] = []
     try:
-        async with request.form(
+        async with _strict_text(request).form(
             max_files=MAX_IMAGES + 1, max_fields=64, max_part_size=_FIELD_BYTES
         ) as form:
             for name, value in form.multi_items():
+                if _MARKED.search(name):
+                    shown = name.encode("utf-8", "backslashreplace").decode()[:60]
+                    return openai_error(
+                        400,
+                        f"the name of the field '{shown}' is not UTF-8 text; nothing was sent",
+                        code="invalid_request",
+                        param=shown,
+                        retry=False,
+                    )
                 if isinstance(value, str) == (name in ("image", "image[]")):
                     # A file where text is expected (it was sent on as "(a file)"), or an
                     # image as text (it was dropped): refused, never guessed at.
@@ -479,6 +500,14 @@ async def _form_fields(
                         retry=False,
                     )
                 if isinstance(value, str):
+                    if _MARKED.search(value):
+                        return openai_error(
+                            400,
+                            f"the field {name[:60]!r} is not UTF-8 text; nothing was sent",
+                            code="invalid_request",
+                            param=name[:60],
+                            retry=False,
+                        )
                     if name in fields:
                         return openai_error(
                             400,
@@ -503,6 +532,47 @@ async def _form_fields(
             retry=False,
         )
     return fields, images, True
+
+
+_STRICT_UTF8: Final = "flux-gateway-utf-8"
+"""UTF-8 whose undecodable bytes become lone surrogates (`_MARKED`), for a multipart body's
+text: Starlette decodes a field that is not UTF-8 as Latin-1 instead, silently (a prompt typed
+in GBK or Shift-JIS would be sent, and paid for, as mojibake)."""
+_MARKED: Final = re.compile("[\udc80-\udcff]")
+
+
+def _strict_utf8(name: str) -> codecs.CodecInfo | None:
+    if name != "flux_gateway_utf_8":  # what codecs.lookup asks for _STRICT_UTF8
+        return None
+    return codecs.CodecInfo(
+        name=_STRICT_UTF8,
+        encode=codecs.utf_8_encode,
+        decode=lambda data, errors="strict": codecs.utf_8_decode(data, "surrogateescape", True),
+    )
+
+
+codecs.register(_strict_utf8)
+
+
+def _strict_text(request: Request) -> Request:
+    """*request*, its multipart text decoded as `_STRICT_UTF8` unless it names another charset.
+
+    A body of the default charset (UTF-8, named or not) gets the strict one; one that names
+    another (``charset=shift_jis``) is read in it, as Starlette reads it.
+    """
+    from python_multipart.multipart import parse_options_header
+
+    value = request.headers.get("content-type", "")
+    named = parse_options_header(value)[1].get(b"charset")
+    if named is not None:
+        try:
+            if codecs.lookup(named.decode("latin-1")).name != "utf-8":
+                return request
+        except LookupError:
+            pass  # a charset Python does not know: Starlette would take Latin-1
+    headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+    headers.append((b"content-type", f"{value}; charset={_STRICT_UTF8}".encode("latin-1")))
+    return Request({**request.scope, "headers": headers}, request.receive)
 
 
 def _media_type(request: Request) -> str:
