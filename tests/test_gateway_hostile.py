@@ -266,3 +266,48 @@ def test_multipart_text_that_is_not_utf_8_is_refused_not_sent_as_mojibake(
     assert refused.status_code == 400, refused.text
     assert "is not UTF-8 text" in refused.json()["error"]["message"]
     assert served.status_code == 200, served.text
+
+
+@pytest.mark.parametrize(
+    ("settings", "damaged"),
+    [
+        ({"budget_usd": 1}, "flux:budget:key:{id}:total"),
+        ({"rate_per_minute": 60}, "flux:rate:gwkey-{id}"),
+    ],
+)
+def test_a_shared_state_failing_a_keys_budget_or_rate_is_logged_and_counted(
+    settings: dict[str, Any],
+    damaged: str,
+    emulator: Emulator,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Redis failing the key's own budget or rate limit (here a key of the wrong type: WRONGTYPE)
+    # was answered 503 by an exception handler: no access line, not in requests_total, and not
+    # in flux_gateway_state_failures_total, which the docs give for alerting on it.
+    from tests.redis_server import redis_server
+
+    caplog.set_level(logging.INFO, logger="flux_adapters.gateway")
+    before = len(emulator.calls("laozhang"))
+    with (
+        redis_server() as redis,
+        run_gateway(
+            files_dir=tmp_path, clients=single(emulator, "laozhang"), state_url=redis.url
+        ) as gateway,
+    ):
+        key, record = gateway.add_key(**settings)
+        redis.client().rpush(damaged.format(id=record.id), "not a number")  # type: ignore[attr-defined]
+        answer = httpx.post(
+            gateway.url + "/images/generations",
+            json={"prompt": "a robot", "size": "64x64"},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        line = _access_line(caplog)
+        metrics = httpx.get(gateway.root + "/metrics").text
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "state_unavailable"
+    assert len(emulator.calls("laozhang")) == before
+    assert line["status"] == 503
+    assert line["key"] == record.id
+    assert 'flux_gateway_state_failures_total{step="call"} 1.0' in metrics
+    assert 'flux_gateway_requests_total{route="/v1/images/generations",status="503"} 1.0' in metrics

@@ -655,9 +655,14 @@ async def _image_call_held(
     if declared.isdigit() and int(declared) > limit:
         return done(_too_large(limit), record)
     if record is not None and record.rate_per_minute:
-        wait = await gateway.state.take(
-            f"gwkey-{record.id}", record.rate_per_minute / 60.0, max(1, int(record.rate_per_minute))
-        )
+        try:
+            wait = await gateway.state.take(
+                f"gwkey-{record.id}",
+                record.rate_per_minute / 60.0,
+                max(1, int(record.rate_per_minute)),
+            )
+        except errors.StateUnavailable as exc:
+            return done(_state_failed(gateway, exc), record)
         if wait > 0:
             return done(
                 openai_error(
@@ -757,15 +762,22 @@ async def _image_call_held(
             client = gateway.client(priced)
         # A call estimated above the whole budget cannot fit, whatever was spent: refused here,
         # as the state takes no amount above its largest (a price may be any finite figure).
-        reservation = (
-            await gateway.state.reserve(
-                f"key:{record.id}", estimate, record.budget_usd, record.period
+        try:
+            reservation = (
+                await gateway.state.reserve(
+                    f"key:{record.id}", estimate, record.budget_usd, record.period
+                )
+                if estimate <= record.budget_usd
+                else None
             )
-            if estimate <= record.budget_usd
-            else None
-        )
+            spent = (
+                await gateway.state.spent(f"key:{record.id}", record.period)
+                if reservation is None
+                else 0.0
+            )
+        except errors.StateUnavailable as exc:
+            return done(_state_failed(gateway, exc), record)
         if reservation is None:
-            spent = await gateway.state.spent(f"key:{record.id}", record.period)
             return done(
                 openai_error(
                     429,
@@ -1271,6 +1283,16 @@ def _log_access(text: str) -> None:
         )
     finally:
         handler.release()
+
+
+def _state_failed(gateway: Gateway, exc: errors.StateUnavailable) -> Answer:
+    """The answer to a call whose key's rate limit or budget the shared state failed to check.
+
+    Counted (``step="call"``) and logged as the client's own admission is: nothing was sent.
+    """
+    LOGGER.warning("the shared state failed a call: %s", exc)
+    gateway.metrics.child(gateway.metrics.state_failures, "call").inc()
+    return _state_down_answer()
 
 
 def _state_down_answer() -> Answer:
