@@ -311,3 +311,28 @@ def test_a_shared_state_failing_a_keys_budget_or_rate_is_logged_and_counted(
     assert line["key"] == record.id
     assert 'flux_gateway_state_failures_total{step="call"} 1.0' in metrics
     assert 'flux_gateway_requests_total{route="/v1/images/generations",status="503"} 1.0' in metrics
+
+
+def test_a_client_gone_while_sending_its_body_is_in_the_access_log(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The call ended with a bare 499 that bypassed the access line and the request metrics: a
+    # client dropping its uploads was invisible.
+    caplog.set_level(logging.INFO, logger="flux_adapters.gateway")
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, record = gateway.add_key()
+        host, port = gateway.root.removeprefix("http://").rsplit(":", 1)
+        connection = socket.create_connection((host, int(port)))
+        connection.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: gw\r\n"
+            + f"Authorization: Bearer {key}\r\n".encode()
+            + b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"prompt": '
+        )
+        connection.shutdown(socket.SHUT_RDWR)
+        connection.close()
+        line = _access_line(caplog)
+        metrics = httpx.get(gateway.root + "/metrics").text
+    assert line["status"] == 499
+    assert line["client_gone"] is True
+    assert line["key"] == record.id
+    assert 'route="/v1/images/generations",status="499"' in metrics

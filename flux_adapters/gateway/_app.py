@@ -692,8 +692,9 @@ async def _image_call_held(
             ),
             record,
         )
-    except ClientDisconnect:
-        return Response(status_code=499)
+    except ClientDisconnect:  # gone while sending its body: nothing sent, in the log all the same
+        info["client_gone"] = True
+        return done(Response(status_code=499), record)
     if isinstance(read_out, Answer):
         return done(read_out, record)
     fields, images, as_text = read_out
