@@ -336,3 +336,51 @@ def test_a_client_gone_while_sending_its_body_is_in_the_access_log(
     assert line["client_gone"] is True
     assert line["key"] == record.id
     assert 'route="/v1/images/generations",status="499"' in metrics
+
+
+def test_a_paid_call_cut_at_shutdown_while_its_image_is_fetched_is_logged(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The provider had made (and billed) the image; the gateway was fetching it to keep it when
+    # the shutdown's grace ran out. Only a cut inside the provider call was logged: this one
+    # left no cut-at-shutdown line and no access line, a paid call lost silently.
+    import signal
+    import subprocess
+
+    from flux_adapters.emulator import Fault, _answers
+    from tests.test_gateway_cli import serve
+
+    fetching = threading.Event()
+    download = _answers.download
+
+    def watched(*args: Any) -> Any:
+        fetching.set()
+        return download(*args)
+
+    monkeypatch.setattr(_answers, "download", watched)
+    emulator.inject("laozhang", Fault(download="drip", drip=0.5))  # never ends in time
+    process, root, key = serve(emulator, tmp_path, "--shutdown-timeout", "0")
+    try:
+        caller = threading.Thread(
+            target=lambda: httpx.post(
+                root + "/v1/images/generations",
+                json={"prompt": "cut", "model": "flux-2-pro"},
+                headers={"authorization": f"Bearer {key}"},
+                timeout=60,
+            ),
+            daemon=True,
+        )
+        caller.start()
+        assert fetching.wait(30)  # the image is being fetched: the job was done, and billed
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    finally:
+        process.kill()
+    assert len(emulator.billed("laozhang")) >= 1
+    cut = [json.loads(line) for line in err.splitlines() if '"cut-at-shutdown"' in line]
+    assert len(cut) == 1, err
+    assert cut[0]["may_be_billed"] is True
+    assert key not in err

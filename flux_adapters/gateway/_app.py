@@ -803,21 +803,6 @@ async def _image_call_held(
             return done(Response(status_code=499), record)
         try:
             result = await client.edit(edit)
-        except asyncio.CancelledError:
-            LOGGER.warning(
-                json.dumps(
-                    {
-                        "event": "cut-at-shutdown",
-                        "request_id": request_id,
-                        "key": key_label,
-                        "model": edit.model,
-                        "may_be_billed": True,
-                        "message": "a paid call was still under way when the gateway stopped: "
-                        "the provider may have done, and billed, it",
-                    }
-                )
-            )
-            raise
         except errors.FluxError as error:
             tried = getattr(error, "attempts", ()) or ()
             _count_attempts(gateway, tried)
@@ -849,6 +834,23 @@ async def _image_call_held(
         response = await _answer(gateway, request, result, parsed.response_format, request_id)
         await _left_unanswered(request, request_id, key_label, edit, result.provider, info)
         return done(response, record)
+    except asyncio.CancelledError:
+        # Cut while the provider worked, or while its image was fetched to be kept (the job
+        # done, and billed): either way no answer, and no access line, will say it.
+        LOGGER.warning(
+            json.dumps(
+                {
+                    "event": "cut-at-shutdown",
+                    "request_id": request_id,
+                    "key": key_label,
+                    "model": edit.model,
+                    "may_be_billed": True,
+                    "message": "a paid call was still under way when the gateway stopped: "
+                    "the provider may have done, and billed, it",
+                }
+            )
+        )
+        raise
     finally:
         gateway.in_flight.pop(request_id, None)
         gateway.metrics.in_flight.dec()
