@@ -384,3 +384,28 @@ def test_a_paid_call_cut_at_shutdown_while_its_image_is_fetched_is_logged(
     assert len(cut) == 1, err
     assert cut[0]["may_be_billed"] is True
     assert key not in err
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "a robot", "size": "64x64", "size": "128x128"}',
+        b'{"prompt": "a robot", "size": "64x64", "prompt": "a cat"}',
+    ],
+)
+def test_a_json_field_given_twice_is_refused_not_half_dropped(
+    body: bytes, emulator: Emulator, tmp_path: Path
+) -> None:
+    # json.loads keeps the last of two same-named fields, silently: the call was sent (and paid)
+    # with one of them dropped; a multipart field given twice is refused.
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        answer = httpx.post(
+            gateway.url + "/images/generations",
+            content=body,
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert "given twice" in answer.json()["error"]["message"]
+    assert len(emulator.calls("laozhang")) == before

@@ -198,6 +198,31 @@ class _LongNumber(ValueError):
     """A JSON body holds a number of more than `_MOST_DIGITS` digits."""
 
 
+class _GivenTwice(ValueError):
+    """A JSON object of the body names a field twice."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object for `json.loads`, refusing one that names a field twice.
+
+    json keeps the last of them, silently: ``{"size": "1024x768", ..., "size": "512x512"}``
+    (a body put together by hand) would be sent, and paid for, at a size the client may not
+    have meant; a multipart body naming a field twice is refused too.
+    """
+    made = dict(pairs)
+    if len(made) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _GivenTwice(name)
+            seen.add(name)
+    return made
+
+
 def _bounded_int(digits: str) -> int:
     """``int(digits)`` for `json.loads`, refusing one too long to convert cheaply."""
     if len(digits) > _MOST_DIGITS + 1:  # a minus sign may come first
@@ -447,7 +472,15 @@ async def _json_fields(
     gateway.bodies_held += reading
     request.state.held += reading
     try:
-        body = json.loads(raw, parse_int=_bounded_int)
+        body = json.loads(raw, parse_int=_bounded_int, object_pairs_hook=_unique_names)
+    except _GivenTwice as twice:
+        return openai_error(
+            400,
+            f"the field {twice.name[:60]!r} is given twice (one of them would be dropped)",
+            code="invalid_json",
+            param=twice.name[:60],
+            retry=False,
+        )
     except _LongNumber:
         return openai_error(
             400,
