@@ -409,3 +409,52 @@ def test_a_json_field_given_twice_is_refused_not_half_dropped(
     assert answer.status_code == 400, answer.text
     assert "given twice" in answer.json()["error"]["message"]
     assert len(emulator.calls("laozhang")) == before
+
+
+def test_with_state_fallback_local_a_known_key_is_served_while_redis_is_down(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # state_fallback = "local" kept budgets and rate limits going when Redis died, and /readyz
+    # said ready ("state": "local"), but every call was a 503: the gateway keys live in Redis and
+    # their lookup never fell back. A load balancer kept sending calls to a gateway that could
+    # serve none of them.
+    from tests.redis_server import redis_server
+
+    monkeypatch.delenv("FLUX_STATE_URL", raising=False)
+    monkeypatch.setenv("A31_LAOZHANG_KEY", PROVIDER_SECRET)
+    before = len(emulator.calls("laozhang"))
+    with redis_server() as redis:
+        config = tmp_path / "flux-adapters.toml"
+        config.write_text(
+            f'providers = ["laozhang"]\nstate_url = "{redis.url}"\nstate_fallback = "local"\n'
+            f'[provider.laozhang]\napi_key_env = "A31_LAOZHANG_KEY"\n'
+            f'base_url = "{emulator.base_url("laozhang")}"\n'
+        )
+        with run_gateway(files_dir=tmp_path / "files", config=config) as gateway:
+            key, _ = gateway.add_key(budget_usd=5)
+            stranger, _ = gateway.add_key()  # stored, never used before the outage
+            call = {"prompt": "a robot", "size": "64x64"}
+            first = httpx.post(
+                gateway.url + "/images/generations",
+                json=call,
+                headers={"authorization": f"Bearer {key}"},
+            )
+            redis.kill()
+            during = httpx.post(
+                gateway.url + "/images/generations",
+                json=call,
+                headers={"authorization": f"Bearer {key}"},
+            )
+            unknown = httpx.post(
+                gateway.url + "/images/generations",
+                json=call,
+                headers={"authorization": f"Bearer {stranger}"},
+            )
+            ready = httpx.get(gateway.root + "/readyz")
+    assert first.status_code == 200, first.text
+    assert ready.json()["state"] == "local"
+    assert during.status_code == 200, during.text
+    # A key never seen cannot be checked without Redis: nothing is sent for it.
+    assert unknown.status_code == 503, unknown.text
+    assert unknown.json()["error"]["code"] == "state_unavailable"
+    assert len(emulator.calls("laozhang")) == before + 2

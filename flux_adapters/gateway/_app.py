@@ -101,6 +101,8 @@ def _busy() -> Answer:
     )
 
 
+_MOST_KNOWN_KEYS: Final = 10_000
+"""Gateway key records kept for a Redis outage (`Gateway.known_keys`); past it, they start again."""
 _INLINE_BODY_BYTES: Final = 64 * 1024
 """A request body up to this size is turned into a request on the event loop, not a thread."""
 _INLINE_FILE_BYTES: Final = 1024 * 1024
@@ -277,6 +279,19 @@ class Gateway:
         """Root URLs of the image links, by what they are made from (`_base_url`)."""
         self.replenish = BackgroundTask(_replenish, self.files)
         """Run once an answer is sent: the next kept image's file made (`FileStore.replenish`)."""
+        self.known_keys: dict[str, KeyRecord] = {}
+        """Gateway key records as the key store last gave them, by hash: what a gateway whose
+        shared state falls back locally (``state_fallback = "local"``) goes on with while Redis
+        does not answer."""
+
+    def remember(self, key_hash: str, record: KeyRecord | None) -> None:
+        """Keep *record*, just read for *key_hash*, for `known_keys` (``None``: it is gone)."""
+        if record is None:
+            self.known_keys.pop(key_hash, None)
+            return
+        if key_hash not in self.known_keys and len(self.known_keys) >= _MOST_KNOWN_KEYS:
+            self.known_keys.clear()
+        self.known_keys[key_hash] = record
 
     def client(self, allowed: tuple[str, ...] | None = None) -> AsyncFluxClient:
         """The client for *allowed* providers (``None``: all), made once."""
@@ -397,9 +412,17 @@ async def _authorized(request: Request, gateway: Gateway) -> KeyRecord | Answer 
                 retry=False,
             )
         except errors.StateUnavailable as exc:  # Redis down, refusing, or garbled: never silent
-            LOGGER.warning("a gateway key could not be looked up: %s", exc)
             gateway.metrics.child(gateway.metrics.state_failures, "key_lookup").inc()
-            return _state_down_answer()
+            record = gateway.known_keys.get(key_hash)
+            if record is None or getattr(gateway.state, "fallback", "none") != "local":
+                LOGGER.warning("a gateway key could not be looked up: %s", exc)
+                return _state_down_answer()
+            # state_fallback = "local": calls go on, as the state's budgets and rate limits do
+            # (it warns once an outage), for the keys this gateway has seen, as Redis last gave
+            # them, until Redis answers again.
+            LOGGER.debug("a gateway key was taken as last read: %s", exc)
+        else:
+            gateway.remember(key_hash, record)
     if not verify(record, key_hash):
         return openai_error(401, "Incorrect API key provided", code="invalid_api_key", retry=False)
     assert record is not None

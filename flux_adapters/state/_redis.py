@@ -599,6 +599,11 @@ class RedisState:
     def prefix(self) -> str:
         return self._layout.prefix
 
+    @property
+    def fallback(self) -> Literal["none", "local"]:
+        """What this state does when Redis does not answer: fail closed, or use local state."""
+        return "local" if self._fallback.enabled else "none"
+
     def _options(self) -> dict[str, Any]:
         return {
             "socket_timeout": self._timeout,
