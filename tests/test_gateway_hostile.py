@@ -458,3 +458,24 @@ def test_with_state_fallback_local_a_known_key_is_served_while_redis_is_down(
     assert unknown.status_code == 503, unknown.text
     assert unknown.json()["error"]["code"] == "state_unavailable"
     assert len(emulator.calls("laozhang")) == before + 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("model", ""), ("model", False), ("response_format", "")]
+)
+def test_an_empty_model_or_format_is_refused_not_taken_as_the_default(
+    field: str, value: object, emulator: Emulator, tmp_path: Path
+) -> None:
+    # `values.pop("model") or default` took "" (an unset variable in the client's template)
+    # and false as "flux-2-pro": the call was sent, and paid, for a model nobody named.
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        answer = httpx.post(
+            gateway.url + "/images/generations",
+            json={"prompt": "a robot", "size": "64x64", field: value},
+            headers={"authorization": f"Bearer {key}"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == field
+    assert len(emulator.calls("laozhang")) == before

@@ -113,7 +113,12 @@ def from_fields(
     n = values.pop("n", 1)
     if n is not None and (type(n) is not int or n != 1):
         found.append(_v("n", "must be 1: each FLUX call makes one image", "1", n))
-    response_format = values.pop("response_format", None) or "url"
+    # Only an absent (or null) field takes its default: "", false, 0 or [] is a mistake to
+    # name, not a request for the default (a model of "" would be sent, and paid, as
+    # flux-2-pro).
+    response_format = values.pop("response_format", None)
+    if response_format is None:
+        response_format = "url"
     if response_format not in ("url", "b64_json"):
         found.append(
             _v("response_format", "is not a format", '"url" or "b64_json"', response_format)
@@ -161,7 +166,9 @@ def from_fields(
         found.append(
             _v("images", "too many reference images", f"at most {MAX_IMAGES}", len(references))
         )
-    model = values.pop("model", None) or default_model
+    model = values.pop("model", None)
+    if model is None:
+        model = default_model
     prompt = values.pop("prompt", None)
     if prompt is None:
         found.append(_v("prompt", "is required", "text", None))
