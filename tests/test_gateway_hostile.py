@@ -479,3 +479,26 @@ def test_an_empty_model_or_format_is_refused_not_taken_as_the_default(
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == field
     assert len(emulator.calls("laozhang")) == before
+
+
+def test_an_image_made_but_not_kept_is_logged_as_possibly_billed(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client got a 502 result_not_kept, may_be_billed; the access line, which says
+    # may_be_billed for every failed call, said nothing of it: a paid 502 looked like any other.
+    from flux_adapters.emulator import Fault
+
+    caplog.set_level(logging.INFO, logger="flux_adapters.gateway")
+    emulator.inject("laozhang", Fault(download="html"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        answer = httpx.post(
+            gateway.url + "/images/generations",
+            json={"prompt": "a robot", "size": "64x64"},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        line = _access_line(caplog)
+    assert answer.status_code == 502, answer.text
+    assert answer.json()["error"]["code"] == "result_not_kept"
+    assert line["status"] == 502
+    assert line["may_be_billed"] is True

@@ -888,6 +888,8 @@ async def _image_call_held(
         gateway.metrics.child(gateway.metrics.spend, key_label, result.provider).inc(cost)
         info.update(provider=result.provider, attempts=len(result.attempts), cost_usd=cost)
         response = await _answer(gateway, request, result, parsed.response_format, request_id)
+        if response.status_code != 200:  # made and billed, but not kept: the client gets a 502
+            info["may_be_billed"] = True
         await _left_unanswered(request, request_id, key_label, edit, result.provider, info)
         return done(response, record)
     except asyncio.CancelledError:
