@@ -851,7 +851,7 @@ async def _image_call_held(
     gateway.metrics.in_flight.inc()
     settled = estimate  # unless shown otherwise (a bug of ours included), the call may be billed
     try:
-        if await request.is_disconnected():
+        if await _gone(request):
             # The client left while its call waited (its key, the shared state): no one would
             # get the image, and an OpenAI SDK that gave up sends the call again. Nothing sent.
             settled = 0.0
@@ -932,6 +932,20 @@ async def _image_call_held(
                     )
 
 
+async def _gone(request: Request) -> bool:
+    """Whether *request*'s client has closed its connection (its body all read by now).
+
+    On uvicorn, the flag its request cycle keeps (``receive`` is the cycle's method): asking
+    through ``receive``, as `Request.is_disconnected` does, would also let the connection read
+    on past a request pipelined behind this one, which the server held back. Elsewhere, that.
+    """
+    cycle = getattr(request.receive, "__self__", None)
+    gone = getattr(cycle, "disconnected", None)
+    if isinstance(gone, bool):
+        return gone
+    return await request.is_disconnected()
+
+
 async def _left_unanswered(
     request: Request,
     request_id: str,
@@ -946,7 +960,7 @@ async def _left_unanswered(
     would show it as given (a 200 with its cost): the warning says that the provider may have
     done, and billed, a job no client got, so that it is not lost silently.
     """
-    if not await request.is_disconnected():
+    if not await _gone(request):
         return
     info["client_gone"] = True
     LOGGER.warning(
