@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import functools
 import json
@@ -48,7 +49,7 @@ from flux_adapters.gateway._metrics import Metrics
 from flux_adapters.gateway._requests import EDIT_FIELDS, GENERATION_FIELDS, MAX_IMAGES, from_fields
 from flux_adapters.request import EditRequest
 from flux_adapters.result import EditResult
-from flux_adapters.state import StateBackend
+from flux_adapters.state import MAX_USD, StateBackend
 
 __all__ = ["ClientFactory", "GatewaySettings", "LineHandler", "create_app"]
 
@@ -100,6 +101,8 @@ def _busy() -> Answer:
     )
 
 
+_MOST_KNOWN_KEYS: Final = 10_000
+"""Gateway key records kept for a Redis outage (`Gateway.known_keys`); past it, they start again."""
 _INLINE_BODY_BYTES: Final = 64 * 1024
 """A request body up to this size is turned into a request on the event loop, not a thread."""
 _INLINE_FILE_BYTES: Final = 1024 * 1024
@@ -197,6 +200,31 @@ class _LongNumber(ValueError):
     """A JSON body holds a number of more than `_MOST_DIGITS` digits."""
 
 
+class _GivenTwice(ValueError):
+    """A JSON object of the body names a field twice."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object for `json.loads`, refusing one that names a field twice.
+
+    json keeps the last of them, silently: ``{"size": "1024x768", ..., "size": "512x512"}``
+    (a body put together by hand) would be sent, and paid for, at a size the client may not
+    have meant; a multipart body naming a field twice is refused too.
+    """
+    made = dict(pairs)
+    if len(made) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _GivenTwice(name)
+            seen.add(name)
+    return made
+
+
 def _bounded_int(digits: str) -> int:
     """``int(digits)`` for `json.loads`, refusing one too long to convert cheaply."""
     if len(digits) > _MOST_DIGITS + 1:  # a minus sign may come first
@@ -209,9 +237,20 @@ def _header(value: object, limit: int = 512) -> str:
     return _HEADER_TEXT.sub("?", str(value))[:limit]
 
 
+class _ErrorJSON(JSONResponse):
+    r"""An error answer's JSON, in ASCII.
+
+    It may quote what the client sent (a field's name), and JSON's ``"\udcff"`` is a lone
+    surrogate that Starlette's UTF-8 cannot encode: the answer was a 500 instead.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _json(answer: Answer, request_id: str) -> JSONResponse:
     headers = {**answer.headers, "x-request-id": request_id}
-    return JSONResponse(answer.body, status_code=answer.status, headers=headers)
+    return _ErrorJSON(answer.body, status_code=answer.status, headers=headers)
 
 
 class Gateway:
@@ -240,6 +279,19 @@ class Gateway:
         """Root URLs of the image links, by what they are made from (`_base_url`)."""
         self.replenish = BackgroundTask(_replenish, self.files)
         """Run once an answer is sent: the next kept image's file made (`FileStore.replenish`)."""
+        self.known_keys: dict[str, KeyRecord] = {}
+        """Gateway key records as the key store last gave them, by hash: what a gateway whose
+        shared state falls back locally (``state_fallback = "local"``) goes on with while Redis
+        does not answer."""
+
+    def remember(self, key_hash: str, record: KeyRecord | None) -> None:
+        """Keep *record*, just read for *key_hash*, for `known_keys` (``None``: it is gone)."""
+        if record is None:
+            self.known_keys.pop(key_hash, None)
+            return
+        if key_hash not in self.known_keys and len(self.known_keys) >= _MOST_KNOWN_KEYS:
+            self.known_keys.clear()
+        self.known_keys[key_hash] = record
 
     def client(self, allowed: tuple[str, ...] | None = None) -> AsyncFluxClient:
         """The client for *allowed* providers (``None``: all), made once."""
@@ -360,9 +412,17 @@ async def _authorized(request: Request, gateway: Gateway) -> KeyRecord | Answer 
                 retry=False,
             )
         except errors.StateUnavailable as exc:  # Redis down, refusing, or garbled: never silent
-            LOGGER.warning("a gateway key could not be looked up: %s", exc)
             gateway.metrics.child(gateway.metrics.state_failures, "key_lookup").inc()
-            return _state_down_answer()
+            record = gateway.known_keys.get(key_hash)
+            if record is None or getattr(gateway.state, "fallback", "none") != "local":
+                LOGGER.warning("a gateway key could not be looked up: %s", exc)
+                return _state_down_answer()
+            # state_fallback = "local": calls go on, as the state's budgets and rate limits do
+            # (it warns once an outage), for the keys this gateway has seen, as Redis last gave
+            # them, until Redis answers again.
+            LOGGER.debug("a gateway key was taken as last read: %s", exc)
+        else:
+            gateway.remember(key_hash, record)
     if not verify(record, key_hash):
         return openai_error(401, "Incorrect API key provided", code="invalid_api_key", retry=False)
     assert record is not None
@@ -435,7 +495,15 @@ async def _json_fields(
     gateway.bodies_held += reading
     request.state.held += reading
     try:
-        body = json.loads(raw, parse_int=_bounded_int)
+        body = json.loads(raw, parse_int=_bounded_int, object_pairs_hook=_unique_names)
+    except _GivenTwice as twice:
+        return openai_error(
+            400,
+            f"the field {twice.name[:60]!r} is given twice (one of them would be dropped)",
+            code="invalid_json",
+            param=twice.name[:60],
+            retry=False,
+        )
     except _LongNumber:
         return openai_error(
             400,
@@ -463,10 +531,19 @@ async def _form_fields(
     fields: dict[str, object] = {}
     images: list[object] = []
     try:
-        async with request.form(
+        async with _strict_text(request).form(
             max_files=MAX_IMAGES + 1, max_fields=64, max_part_size=_FIELD_BYTES
         ) as form:
             for name, value in form.multi_items():
+                if _MARKED.search(name):
+                    shown = name.encode("utf-8", "backslashreplace").decode()[:60]
+                    return openai_error(
+                        400,
+                        f"the name of the field '{shown}' is not UTF-8 text; nothing was sent",
+                        code="invalid_request",
+                        param=shown,
+                        retry=False,
+                    )
                 if isinstance(value, str) == (name in ("image", "image[]")):
                     # A file where text is expected (it was sent on as "(a file)"), or an
                     # image as text (it was dropped): refused, never guessed at.
@@ -479,6 +556,14 @@ async def _form_fields(
                         retry=False,
                     )
                 if isinstance(value, str):
+                    if _MARKED.search(value):
+                        return openai_error(
+                            400,
+                            f"the field {name[:60]!r} is not UTF-8 text; nothing was sent",
+                            code="invalid_request",
+                            param=name[:60],
+                            retry=False,
+                        )
                     if name in fields:
                         return openai_error(
                             400,
@@ -503,6 +588,47 @@ async def _form_fields(
             retry=False,
         )
     return fields, images, True
+
+
+_STRICT_UTF8: Final = "flux-gateway-utf-8"
+"""UTF-8 whose undecodable bytes become lone surrogates (`_MARKED`), for a multipart body's
+text: Starlette decodes a field that is not UTF-8 as Latin-1 instead, silently (a prompt typed
+in GBK or Shift-JIS would be sent, and paid for, as mojibake)."""
+_MARKED: Final = re.compile("[\udc80-\udcff]")
+
+
+def _strict_utf8(name: str) -> codecs.CodecInfo | None:
+    if name != "flux_gateway_utf_8":  # what codecs.lookup asks for _STRICT_UTF8
+        return None
+    return codecs.CodecInfo(
+        name=_STRICT_UTF8,
+        encode=codecs.utf_8_encode,
+        decode=lambda data, errors="strict": codecs.utf_8_decode(data, "surrogateescape", True),
+    )
+
+
+codecs.register(_strict_utf8)
+
+
+def _strict_text(request: Request) -> Request:
+    """*request*, its multipart text decoded as `_STRICT_UTF8` unless it names another charset.
+
+    A body of the default charset (UTF-8, named or not) gets the strict one; one that names
+    another (``charset=shift_jis``) is read in it, as Starlette reads it.
+    """
+    from python_multipart.multipart import parse_options_header
+
+    value = request.headers.get("content-type", "")
+    named = parse_options_header(value)[1].get(b"charset")
+    if named is not None:
+        try:
+            if codecs.lookup(named.decode("latin-1")).name != "utf-8":
+                return request
+        except LookupError:
+            pass  # a charset Python does not know: Starlette would take Latin-1
+    headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+    headers.append((b"content-type", f"{value}; charset={_STRICT_UTF8}".encode("latin-1")))
+    return Request({**request.scope, "headers": headers}, request.receive)
 
 
 def _media_type(request: Request) -> str:
@@ -585,9 +711,14 @@ async def _image_call_held(
     if declared.isdigit() and int(declared) > limit:
         return done(_too_large(limit), record)
     if record is not None and record.rate_per_minute:
-        wait = await gateway.state.take(
-            f"gwkey-{record.id}", record.rate_per_minute / 60.0, max(1, int(record.rate_per_minute))
-        )
+        try:
+            wait = await gateway.state.take(
+                f"gwkey-{record.id}",
+                record.rate_per_minute / 60.0,
+                max(1, int(record.rate_per_minute)),
+            )
+        except errors.StateUnavailable as exc:
+            return done(_state_failed(gateway, exc), record)
         if wait > 0:
             return done(
                 openai_error(
@@ -617,8 +748,9 @@ async def _image_call_held(
             ),
             record,
         )
-    except ClientDisconnect:
-        return Response(status_code=499)
+    except ClientDisconnect:  # gone while sending its body: nothing sent, in the log all the same
+        info["client_gone"] = True
+        return done(Response(status_code=499), record)
     if isinstance(read_out, Answer):
         return done(read_out, record)
     fields, images, as_text = read_out
@@ -687,15 +819,22 @@ async def _image_call_held(
             client = gateway.client(priced)
         # A call estimated above the whole budget cannot fit, whatever was spent: refused here,
         # as the state takes no amount above its largest (a price may be any finite figure).
-        reservation = (
-            await gateway.state.reserve(
-                f"key:{record.id}", estimate, record.budget_usd, record.period
+        try:
+            reservation = (
+                await gateway.state.reserve(
+                    f"key:{record.id}", estimate, record.budget_usd, record.period
+                )
+                if estimate <= record.budget_usd
+                else None
             )
-            if estimate <= record.budget_usd
-            else None
-        )
+            spent = (
+                await gateway.state.spent(f"key:{record.id}", record.period)
+                if reservation is None
+                else 0.0
+            )
+        except errors.StateUnavailable as exc:
+            return done(_state_failed(gateway, exc), record)
         if reservation is None:
-            spent = await gateway.state.spent(f"key:{record.id}", record.period)
             return done(
                 openai_error(
                     429,
@@ -712,23 +851,14 @@ async def _image_call_held(
     gateway.metrics.in_flight.inc()
     settled = estimate  # unless shown otherwise (a bug of ours included), the call may be billed
     try:
+        if await _gone(request):
+            # The client left while its call waited (its key, the shared state): no one would
+            # get the image, and an OpenAI SDK that gave up sends the call again. Nothing sent.
+            settled = 0.0
+            info["client_gone"] = True
+            return done(Response(status_code=499), record)
         try:
             result = await client.edit(edit)
-        except asyncio.CancelledError:
-            LOGGER.warning(
-                json.dumps(
-                    {
-                        "event": "cut-at-shutdown",
-                        "request_id": request_id,
-                        "key": key_label,
-                        "model": edit.model,
-                        "may_be_billed": True,
-                        "message": "a paid call was still under way when the gateway stopped: "
-                        "the provider may have done, and billed, it",
-                    }
-                )
-            )
-            raise
         except errors.FluxError as error:
             tried = getattr(error, "attempts", ()) or ()
             _count_attempts(gateway, tried)
@@ -742,11 +872,10 @@ async def _image_call_held(
             kept = billed or tries > 0
             settled = estimate * max(1, tries) if kept else 0.0
             info["may_be_billed"] = billed
+            provider = getattr(error, "provider", None) or (tried[-1].provider if tried else "-")
             if kept:
-                provider = getattr(error, "provider", None) or (
-                    tried[-1].provider if tried else "-"
-                )
                 gateway.metrics.child(gateway.metrics.spend, key_label, str(provider)).inc(estimate)
+                await _left_unanswered(request, request_id, key_label, edit, str(provider), info)
             return done(answer, record)
         _count_attempts(gateway, result.attempts)
         cost = (
@@ -758,16 +887,37 @@ async def _image_call_held(
         settled = cost + estimate * kept_tries(result.attempts)
         gateway.metrics.child(gateway.metrics.spend, key_label, result.provider).inc(cost)
         info.update(provider=result.provider, attempts=len(result.attempts), cost_usd=cost)
-        return done(
-            await _answer(gateway, request, result, parsed.response_format, request_id), record
+        response = await _answer(gateway, request, result, parsed.response_format, request_id)
+        if response.status_code != 200:  # made and billed, but not kept: the client gets a 502
+            info["may_be_billed"] = True
+        await _left_unanswered(request, request_id, key_label, edit, result.provider, info)
+        return done(response, record)
+    except asyncio.CancelledError:
+        # Cut while the provider worked, or while its image was fetched to be kept (the job
+        # done, and billed): either way no answer, and no access line, will say it.
+        LOGGER.warning(
+            json.dumps(
+                {
+                    "event": "cut-at-shutdown",
+                    "request_id": request_id,
+                    "key": key_label,
+                    "model": edit.model,
+                    "may_be_billed": True,
+                    "message": "a paid call was still under way when the gateway stopped: "
+                    "the provider may have done, and billed, it",
+                }
+            )
         )
+        raise
     finally:
         gateway.in_flight.pop(request_id, None)
         gateway.metrics.in_flight.dec()
         if reservation is not None:
             with anyio.CancelScope(shield=True):
                 try:
-                    await gateway.state.settle(reservation, settled)
+                    # A provider's own figure may pass what a budget can hold (a hostile one:
+                    # 1e12 credits): the most it holds, refusing every later call, not nothing.
+                    await gateway.state.settle(reservation, min(settled, MAX_USD))
                 except errors.FluxError as error:  # the answer stands; only the books are off
                     LOGGER.warning(
                         json.dumps(
@@ -780,6 +930,53 @@ async def _image_call_held(
                             }
                         )
                     )
+
+
+async def _gone(request: Request) -> bool:
+    """Whether *request*'s client has closed its connection (its body all read by now).
+
+    On uvicorn, the flag its request cycle keeps (``receive`` is the cycle's method): asking
+    through ``receive``, as `Request.is_disconnected` does, would also let the connection read
+    on past a request pipelined behind this one, which the server held back. Elsewhere, that.
+    """
+    cycle = getattr(request.receive, "__self__", None)
+    gone = getattr(cycle, "disconnected", None)
+    if isinstance(gone, bool):
+        return gone
+    return await request.is_disconnected()
+
+
+async def _left_unanswered(
+    request: Request,
+    request_id: str,
+    key_label: str,
+    edit: EditRequest,
+    provider: str,
+    info: dict[str, object],
+) -> None:
+    """Log a call that may have been billed whose client has gone: its answer reaches no one.
+
+    The server drops an answer to a closed connection without a word, and the access line
+    would show it as given (a 200 with its cost): the warning says that the provider may have
+    done, and billed, a job no client got, so that it is not lost silently.
+    """
+    if not await _gone(request):
+        return
+    info["client_gone"] = True
+    LOGGER.warning(
+        json.dumps(
+            {
+                "event": "client-gone",
+                "request_id": request_id,
+                "key": key_label,
+                "model": edit.model,
+                "provider": provider,
+                "may_be_billed": True,
+                "message": "the client left before its answer: the provider may have done, "
+                "and billed, a job it will not get",
+            }
+        )
+    )
 
 
 def _count_attempts(gateway: Gateway, attempts: Sequence[Any]) -> None:
@@ -1161,6 +1358,16 @@ def _log_access(text: str) -> None:
         )
     finally:
         handler.release()
+
+
+def _state_failed(gateway: Gateway, exc: errors.StateUnavailable) -> Answer:
+    """The answer to a call whose key's rate limit or budget the shared state failed to check.
+
+    Counted (``step="call"``) and logged as the client's own admission is: nothing was sent.
+    """
+    LOGGER.warning("the shared state failed a call: %s", exc)
+    gateway.metrics.child(gateway.metrics.state_failures, "call").inc()
+    return _state_down_answer()
 
 
 def _state_down_answer() -> Answer:

@@ -11,6 +11,7 @@ FLUX cannot do what ``quality``, ``style`` or ``mask`` ask, and a caller should 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -47,6 +48,7 @@ GENERATION_FIELDS: Final = _COMMON | {"image_urls", *_NUMBERED}
 EDIT_FIELDS: Final = _COMMON | {"image", "image[]"}
 _INTS: Final = ("n", "seed", "width", "height", "safety_tolerance", "steps")
 _BOOLS: Final = ("prompt_upsampling", "allow_conversions")
+_DECIMAL: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 @frozen
@@ -74,10 +76,10 @@ def _from_text(name: str, value: object) -> object:
             return int(text)
         return value
     if name == "guidance":
-        try:
-            return float(value)
-        except ValueError:
-            return value
+        # A decimal number in ASCII only: float() alone takes "1_5" (15.0) and "١٥" (Arabic
+        # digits, 15.0), which a client did not mean as a guidance.
+        text = value.strip()
+        return float(text) if len(text) < 40 and _DECIMAL.fullmatch(text) else value
     if name in _BOOLS and value.lower() in ("true", "false"):
         return value.lower() == "true"
     return value
@@ -111,7 +113,12 @@ def from_fields(
     n = values.pop("n", 1)
     if n is not None and (type(n) is not int or n != 1):
         found.append(_v("n", "must be 1: each FLUX call makes one image", "1", n))
-    response_format = values.pop("response_format", None) or "url"
+    # Only an absent (or null) field takes its default: "", false, 0 or [] is a mistake to
+    # name, not a request for the default (a model of "" would be sent, and paid, as
+    # flux-2-pro).
+    response_format = values.pop("response_format", None)
+    if response_format is None:
+        response_format = "url"
     if response_format not in ("url", "b64_json"):
         found.append(
             _v("response_format", "is not a format", '"url" or "b64_json"', response_format)
@@ -159,7 +166,9 @@ def from_fields(
         found.append(
             _v("images", "too many reference images", f"at most {MAX_IMAGES}", len(references))
         )
-    model = values.pop("model", None) or default_model
+    model = values.pop("model", None)
+    if model is None:
+        model = default_model
     prompt = values.pop("prompt", None)
     if prompt is None:
         found.append(_v("prompt", "is required", "text", None))

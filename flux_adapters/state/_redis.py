@@ -333,6 +333,11 @@ def failure(exc: BaseException, timeout: float) -> tuple[str, str]:
             text = str(cause)
             if isinstance(code, str) and code and not text.startswith(code):
                 text = f"{code} {text}"  # redis-py strips the code of the errors it knows
+            ours = text.find(" flux: ", text.find("@user_script:"))
+            if "@user_script:" in text and ours >= 0:
+                # A script's own error: its words, without Redis's wrapping (which script, which
+                # line), and whole up to a longer bound: the key it names may be 220 characters.
+                return "answered with an error", escape_controls(text[ours + 1 :][:400])
             return "answered with an error", escape_controls(text[:200])
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, OSError | redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
@@ -361,9 +366,39 @@ def _after_the_call() -> contextlib.AbstractContextManager[None]:
     return _ending("after the call")
 
 
+class DamagedState(StateUnavailable):
+    """Redis answered, and a key of the state holds what the scripts never write.
+
+    A hand edit (``nan`` in a budget, which would compare false with every limit) or a key of
+    another type (``WRONGTYPE``): not an outage, so never a reason to fall back to this
+    process's own state (``fallback="local"``), where a budget starts again from $0. The call
+    fails closed, naming the key.
+    """
+
+
+_DAMAGE: Final = ("not a number it can hold", "WRONGTYPE")
+"""What the error reply of a damaged key says: the scripts' own ``num`` check, or Redis's."""
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether *exc* (or what it was raised from) is Redis's error reply for a damaged key."""
+    import redis.exceptions
+
+    cause: BaseException | None = exc
+    for _ in range(10):
+        if cause is None:
+            return False
+        if isinstance(cause, redis.exceptions.ResponseError):
+            text = str(cause)  # whole: the key's name may be long, the marker after it
+            return any(marker in text for marker in _DAMAGE)
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def _unavailable(exc: BaseException, timeout: float) -> StateUnavailable:
     what, detail = failure(exc, timeout)
-    return StateUnavailable(f"the shared state (Redis) {what}: {detail}; {_ENDING.get()}")
+    made = DamagedState if _damaged(exc) else StateUnavailable
+    return made(f"the shared state (Redis) {what}: {detail}; {_ENDING.get()}")
 
 
 def _unreadable(what: str) -> StateUnavailable:
@@ -532,8 +567,12 @@ class _Fallback:
         return answer
 
     def fell(self, exc: StateUnavailable) -> None:
-        """Redis failed: raise (fail closed), or use local state for a while, warning once."""
-        if not self.enabled:
+        """Redis failed: raise (fail closed), or use local state for a while, warning once.
+
+        A damaged key (`DamagedState`) always fails closed: Redis answers, and falling back
+        would lift the budget it holds.
+        """
+        if not self.enabled or isinstance(exc, DamagedState):
             raise exc
         with self._lock:
             self._until = time.monotonic() + _RETRY_LOCAL
@@ -598,6 +637,11 @@ class RedisState:
     @property
     def prefix(self) -> str:
         return self._layout.prefix
+
+    @property
+    def fallback(self) -> Literal["none", "local"]:
+        """What this state does when Redis does not answer: fail closed, or use local state."""
+        return "local" if self._fallback.enabled else "none"
 
     def _options(self) -> dict[str, Any]:
         return {
