@@ -270,8 +270,7 @@ def _answer(error: errors.FluxError) -> Answer:
             text,
             type_="server_error",
             code="provider_overloaded",
-            retry=True,
-            headers=_retry_after(error),
+            retry=True,  # no Retry-After: a provider's 503 is backed off from, not waited out
             may_be_billed=False,
             **common,
         )
