@@ -989,12 +989,12 @@ class _ClientBase:
         """Build a client from ``flux-adapters.toml`` (or *config*) and the environment.
 
         ``$FLUX_PROVIDERS`` (comma-separated, in failover order), ``$FLUX_ROUTING``,
-        ``$FLUX_MAX_COST_USD``, ``$FLUX_TIMEOUT``, ``$FLUX_JOB_DEADLINE``,
-        ``$<PROVIDER>_API_KEY`` and ``$<PROVIDER>_BASE_URL`` override the file; see
-        `flux_adapters.config`. A configured timeout (``$FLUX_TIMEOUT``, or ``timeout`` in the
-        file) counts as ``timeout=``: it wins over *http_client*'s own; ``timeout`` in a
-        ``[provider.NAME]`` section applies when no top-level one is set. *max_retries* is the
-        client's (default: 0 for one provider, 1 for several).
+        ``$FLUX_MAX_COST_USD``, ``$FLUX_TIMEOUT``, ``$FLUX_JOB_DEADLINE``, ``$FLUX_STATE_URL``,
+        ``$FLUX_STATE_FALLBACK``, ``$<PROVIDER>_API_KEY`` and ``$<PROVIDER>_BASE_URL`` override
+        the file; see `flux_adapters.config`. A configured timeout (``$FLUX_TIMEOUT``, or
+        ``timeout`` in the file) counts as ``timeout=``: it wins over *http_client*'s own;
+        ``timeout`` in a ``[provider.NAME]`` section applies when no top-level one is set.
+        *max_retries* is the client's (default: 0 for one provider, 1 for several).
 
         A configured provider whose key variable is unset or empty is left out, with a warning
         on the ``flux_adapters`` logger, when another one has a key (``client.providers`` says
