@@ -1599,6 +1599,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     from flux_adapters._journal import ReportLines
     from flux_adapters._shared_batch import Ended, Lines, SharedOptions, Summary, run_shared
     from flux_adapters._terminal import BatchDisplay, batch_progress
+    from flux_adapters.result import _finite
 
     path: Path = arguments.file
     total = check_file(path)
@@ -1629,7 +1630,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
             line: dict[str, object] = {"id": job.name, "status": job.status}
             if job.result is not None:
                 line["provider"] = job.result.provider
-                line["cost_usd"] = job.result.cost_usd
+                line["cost_usd"] = _finite(job.result.cost_usd)  # as in a batch of one process
             if job.files:
                 line["files"] = job.files
             if job.error is not None:
