@@ -1330,7 +1330,7 @@ def _report_line(item: BatchItem) -> dict[str, object]:
     if item.saved:
         line["files"] = [str(path) for path in item.saved]
     if item.error is not None:
-        line["error"] = f"{type(item.error).__name__}: {item.error}"
+        line["error"] = _report_error(item.error)
     if item.reason:
         line["reason"] = item.reason
     attempts = _attempt_lines(item)
@@ -1395,6 +1395,14 @@ def _said(counts: Mapping[str, int]) -> str:
         f"{counts['ok']} saved, {counts['skipped']} already saved, {counts['failed']} failed, "
         f"{counts['unconfirmed']} unconfirmed, {counts['changed']} changed"
     )
+
+
+def _report_error(error: BaseException) -> str:
+    """A job's error for its report line: its type and message, advice in the line's fields."""
+    shown = str(error)
+    if isinstance(error, errors.RequestError):  # as its line on standard error spells it
+        shown = _in_fields(shown)
+    return f"{type(error).__name__}: {shown}"
 
 
 def _why(error: BaseException | None, reason: str) -> str:
@@ -1487,7 +1495,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         nonlocal may_repeat
         may_repeat = True
         counts["failed"] += 1
-        report.append({"id": name, "status": "failed", "error": f"RequestError: {error}"})
+        report.append({"id": name, "status": "failed", "error": _report_error(error)})
         tell(_job_line(name, "failed", _why(error, "")))
         if display:
             display[0].advance()
@@ -1634,7 +1642,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
             if job.files:
                 line["files"] = job.files
             if job.error is not None:
-                line["error"] = f"{type(job.error).__name__}: {job.error}"
+                line["error"] = _report_error(job.error)
             if job.reason:
                 line["reason"] = job.reason
             if not job.counted:
