@@ -1098,14 +1098,15 @@ def _polling(timeout: float | None) -> Polling | None:
     return Polling(deadline=deadline) if deadline is not None else None
 
 
-def _attempt_data(attempt: Attempt) -> dict[str, object]:
+def _attempt_data(attempt: Attempt, flags: Mapping[str, str]) -> dict[str, object]:
+    """One attempt for ``edit --json``: its error's violations and advice name the flags."""
     return {
         "provider": attempt.provider,
         "outcome": attempt.outcome,
         "seconds": round(attempt.elapsed_s, 3),
         "billing": attempt.billing,
         "reason": attempt.reason,
-        "error": f"{type(attempt.error).__name__}: {_one_line(attempt.error)}"
+        "error": f"{type(attempt.error).__name__}: {_one_line(attempt.error, flags=flags)}"
         if attempt.error
         else None,
     }
@@ -1183,7 +1184,7 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "cost_usd": _finite(result.cost_usd),  # finite prices can sum to infinity
             "cost_source": result.cost_source,
             "seconds": round(elapsed, 3),
-            "attempts": [_attempt_data(attempt) for attempt in result.attempts],
+            "attempts": [_attempt_data(attempt, flags) for attempt in result.attempts],
             "warnings": [_warning_data(warning) for warning in result.warnings],
             "exit_status": code,
         }
