@@ -228,6 +228,24 @@ def _http_url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _public_url(text: str) -> str:
+    """The gateway's --public-url, checked as `GatewaySettings` checks it, before it starts."""
+    from urllib.parse import urlsplit
+
+    from flux_adapters._options import check_base_url
+
+    try:
+        usable = urlsplit(check_base_url(text, "--public-url")).port != 0
+    except (errors.ConfigurationError, ValueError):
+        usable = False
+    if not usable:  # not the URL itself: a password in it would go to every caller's links
+        raise argparse.ArgumentTypeError(
+            "must be an http:// or https:// URL with a host, no user or password, no query and "
+            "no port 0, such as https://images.example.com"
+        )
+    return text
+
+
 def _input_file(text: str) -> Path:
     """An existing regular file, checked with ``stat`` so a FIFO or a device is never opened."""
     try:
@@ -624,6 +642,7 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
     )  # fmt: skip
     serve.add_argument(
         "--public-url",
+        type=_public_url,
         help="root URL for image links, http(s)://host[/path] (default: the URL each client called)",
     )
     serve.add_argument(
@@ -2073,6 +2092,13 @@ def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
 
 def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
     from flux_adapters.gateway import serve
+
+    if arguments.max_bodies_mb < arguments.max_body_mb:  # else GatewaySettings names its fields
+        raise _UsageError(
+            f"flux-adapters serve: error: --max-bodies-mb {arguments.max_bodies_mb} is less than "
+            f"--max-body-mb {arguments.max_body_mb}: the bodies held at once must leave room "
+            "for the largest one"
+        )
 
     listening = False
 

@@ -86,6 +86,32 @@ def test_keys_create_refuses_unusable_settings_as_bad_arguments(
     assert not (tmp_path / "k.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (("--public-url", "https://ops:hunter2@img.example.com"), "argument --public-url: must be"),
+        (("--public-url", "https://img.example.com/?v=1"), "argument --public-url: must be"),
+        (("--public-url", "https://img.example.com:0"), "argument --public-url: must be"),
+        (("--max-body-mb", "10", "--max-bodies-mb", "5"), "--max-bodies-mb 5 is less than"),
+    ],
+)
+def test_serve_refuses_unusable_settings_as_bad_arguments_naming_its_flags(
+    argv: tuple[str, ...], said: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a configuration error (exit 5) naming the library's fields ("GatewaySettings:
+    # public_url", "max_bodies_bytes"), where every other message of the command names its
+    # flags and a bad argument is exit 2.
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    code, out, err = run("serve", "--port", "0", "--files-dir", str(tmp_path / "files"), *argv)
+    assert code == 2, err
+    assert said in err
+    assert "GatewaySettings" not in err
+    assert "_bytes" not in err
+    assert "hunter2" not in err
+    assert out == ""
+
+
 # -- the served gateway, in its own process ------------------------------------------------------
 
 
