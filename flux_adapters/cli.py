@@ -372,7 +372,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         type=_image_file,
         help="where to save (default: out/<provider>-<time>.<format>); its extension "
-        "(.png, .jpg, .jpeg, .webp) sets --format",
+        "(.png; .jpg, .jpeg, .jpe, .jfif; .webp; any case) sets --format",
     )
     edit.add_argument(
         "--timeout",
