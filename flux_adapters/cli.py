@@ -320,7 +320,9 @@ def _add_request_arguments(
     )
     parser.add_argument("--safety-tolerance", type=int)
     parser.add_argument("--steps", type=int, help="inference steps (flux-2-flex)")
-    parser.add_argument("--guidance", type=_number, help="guidance (flux-2-flex)")
+    parser.add_argument(
+        "--guidance", type=_number, help="guidance (flux-2-flex; also aimlapi's flux-2-pro)"
+    )
     parser.add_argument("--prompt-upsampling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
         "--allow-conversions", action="store_true",
