@@ -192,7 +192,7 @@ def _seconds(*, zero: bool = False) -> Callable[[str], float]:
 
 
 def _expiry(text: str) -> float:
-    """Seconds a shared batch's state is kept in Redis: above 0, up to a year."""
+    """Seconds above 0, up to a year: a shared batch's state in Redis, a gateway's kept image."""
     value = _number(text)
     if not 0 < value <= 365 * 86400:
         raise argparse.ArgumentTypeError(
@@ -639,8 +639,8 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="where result images are kept and served from (default ./flux-gateway-files)",
     )  # fmt: skip
     serve.add_argument(
-        "--retention", type=_seconds(), default=86400.0,
-        help="seconds a kept image is served (default 86400: one day)",
+        "--retention", type=_expiry, default=86400.0,
+        help="seconds a kept image is served, up to a year (default 86400: one day)",
     )  # fmt: skip
     serve.add_argument(
         "--public-url",

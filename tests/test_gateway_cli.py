@@ -112,6 +112,21 @@ def test_serve_refuses_unusable_settings_as_bad_arguments_naming_its_flags(
     assert out == ""
 
 
+def test_serve_keeps_images_for_up_to_a_year(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: --retention was refused above 86400, its default, so the command could keep
+    # images for less than a day only, though GatewaySettings (and run_gateway) take a year.
+    import flux_adapters.gateway
+
+    given: dict[str, object] = {}
+    monkeypatch.setattr(flux_adapters.gateway, "serve", lambda **options: given.update(options))
+    code, _, err = run("serve", "--port", "0", "--retention", "604800")
+    assert code == 0, err
+    assert given["retention"] == 604800.0  # a week
+    code, _, err = run("serve", "--port", "0", "--retention", str(365 * 86400 + 1))
+    assert code == 2
+    assert "argument --retention: must be seconds above 0 to 31536000 (a year)" in err
+
+
 # -- the served gateway, in its own process ------------------------------------------------------
 
 
