@@ -14,7 +14,7 @@ NODE_STAMP := $(NODE_DIR)/.installed
 .PHONY: help install demo test lint typecheck pytest package bench docs docs-build cassettes conformance mutation clean
 
 help: ## Show the targets.
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
 
 # The project in editable mode with the `dev` dependency group of pyproject.toml (every extra,
 # plus the test and lint tools; `--group` needs pip 25.1 or newer). examples/nimbus is a provider
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml examples/nimbus/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e 'examples/nimbus[sandbox]'
 	@touch $(STAMP)
 
-install: $(STAMP) $(NODE_STAMP) ## Create .venv: the project (editable), every extra, the test and lint tools.
+install: $(STAMP) $(NODE_STAMP) ## Create .venv: the project (editable), every extra, the test and lint tools, examples/nimbus (and, where npm is, the Node test's openai package).
 
 # Where Node.js and npm are installed, the openai npm package at the version tests/node pins
 # (npm ci: exactly the lock file); without them the Node test is skipped and says why.
@@ -48,7 +48,7 @@ lint: $(STAMP) ## ruff lint and format check.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP) ## mypy --strict over the package, tests and benchmarks.
+typecheck: $(STAMP) ## mypy --strict over the package, tests, benchmarks and examples.
 	$(BIN)/mypy
 
 # Worker processes (pytest-xdist), each taking whole files, so that a module's fixtures (an
@@ -96,5 +96,5 @@ docs: $(DOCS_STAMP) ## Regenerate the tables (limits, billing rule) in README.md
 docs-build: $(DOCS_STAMP) ## Build the docs site into site/ with mkdocs --strict (offline, about 5 s).
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-clean: ## Remove .venv, caches and the built site.
+clean: ## Remove .venv, caches, out/ and the built site.
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache out site

@@ -192,7 +192,7 @@ def _seconds(*, zero: bool = False) -> Callable[[str], float]:
 
 
 def _expiry(text: str) -> float:
-    """Seconds a shared batch's state is kept in Redis: above 0, up to a year."""
+    """Seconds above 0, up to a year: a shared batch's state in Redis, a gateway's kept image."""
     value = _number(text)
     if not 0 < value <= 365 * 86400:
         raise argparse.ArgumentTypeError(
@@ -226,6 +226,24 @@ def _http_url(text: str) -> str:
     except errors.ConfigurationError as error:
         # Not the URL itself: it may hold a password.
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _public_url(text: str) -> str:
+    """The gateway's --public-url, checked as `GatewaySettings` checks it, before it starts."""
+    from urllib.parse import urlsplit
+
+    from flux_adapters._options import check_base_url
+
+    try:
+        usable = urlsplit(check_base_url(text, "--public-url")).port != 0
+    except (errors.ConfigurationError, ValueError):
+        usable = False
+    if not usable:  # not the URL itself: a password in it would go to every caller's links
+        raise argparse.ArgumentTypeError(
+            "must be an http:// or https:// URL with a host, no user or password, no query and "
+            "no port 0, such as https://images.example.com"
+        )
+    return text
 
 
 def _input_file(text: str) -> Path:
@@ -302,7 +320,9 @@ def _add_request_arguments(
     )
     parser.add_argument("--safety-tolerance", type=int)
     parser.add_argument("--steps", type=int, help="inference steps (flux-2-flex)")
-    parser.add_argument("--guidance", type=_number, help="guidance (flux-2-flex)")
+    parser.add_argument(
+        "--guidance", type=_number, help="guidance (flux-2-flex; also aimlapi's flux-2-pro)"
+    )
     parser.add_argument("--prompt-upsampling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
         "--allow-conversions", action="store_true",
@@ -354,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         type=_image_file,
         help="where to save (default: out/<provider>-<time>.<format>); its extension "
-        "(.png, .jpg, .jpeg, .webp) sets --format",
+        "(.png; .jpg, .jpeg, .jpe, .jfif; .webp; any case) sets --format",
     )
     edit.add_argument(
         "--timeout",
@@ -619,11 +639,12 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="where result images are kept and served from (default ./flux-gateway-files)",
     )  # fmt: skip
     serve.add_argument(
-        "--retention", type=_seconds(), default=86400.0,
-        help="seconds a kept image is served (default 86400: one day)",
+        "--retention", type=_expiry, default=86400.0,
+        help="seconds a kept image is served, up to a year (default 86400: one day)",
     )  # fmt: skip
     serve.add_argument(
         "--public-url",
+        type=_public_url,
         help="root URL for image links, http(s)://host[/path] (default: the URL each client called)",
     )
     serve.add_argument(
@@ -1098,14 +1119,15 @@ def _polling(timeout: float | None) -> Polling | None:
     return Polling(deadline=deadline) if deadline is not None else None
 
 
-def _attempt_data(attempt: Attempt) -> dict[str, object]:
+def _attempt_data(attempt: Attempt, flags: Mapping[str, str]) -> dict[str, object]:
+    """One attempt for ``edit --json``: its error's violations and advice name the flags."""
     return {
         "provider": attempt.provider,
         "outcome": attempt.outcome,
         "seconds": round(attempt.elapsed_s, 3),
         "billing": attempt.billing,
         "reason": attempt.reason,
-        "error": f"{type(attempt.error).__name__}: {_one_line(attempt.error)}"
+        "error": f"{type(attempt.error).__name__}: {_one_line(attempt.error, flags=flags)}"
         if attempt.error
         else None,
     }
@@ -1183,7 +1205,7 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "cost_usd": _finite(result.cost_usd),  # finite prices can sum to infinity
             "cost_source": result.cost_source,
             "seconds": round(elapsed, 3),
-            "attempts": [_attempt_data(attempt) for attempt in result.attempts],
+            "attempts": [_attempt_data(attempt, flags) for attempt in result.attempts],
             "warnings": [_warning_data(warning) for warning in result.warnings],
             "exit_status": code,
         }
@@ -1330,7 +1352,7 @@ def _report_line(item: BatchItem) -> dict[str, object]:
     if item.saved:
         line["files"] = [str(path) for path in item.saved]
     if item.error is not None:
-        line["error"] = f"{type(item.error).__name__}: {item.error}"
+        line["error"] = _report_error(item.error)
     if item.reason:
         line["reason"] = item.reason
     attempts = _attempt_lines(item)
@@ -1395,6 +1417,14 @@ def _said(counts: Mapping[str, int]) -> str:
         f"{counts['ok']} saved, {counts['skipped']} already saved, {counts['failed']} failed, "
         f"{counts['unconfirmed']} unconfirmed, {counts['changed']} changed"
     )
+
+
+def _report_error(error: BaseException) -> str:
+    """A job's error for its report line: its type and message, advice in the line's fields."""
+    shown = str(error)
+    if isinstance(error, errors.RequestError):  # as its line on standard error spells it
+        shown = _in_fields(shown)
+    return f"{type(error).__name__}: {shown}"
 
 
 def _why(error: BaseException | None, reason: str) -> str:
@@ -1487,7 +1517,7 @@ def _batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         nonlocal may_repeat
         may_repeat = True
         counts["failed"] += 1
-        report.append({"id": name, "status": "failed", "error": f"RequestError: {error}"})
+        report.append({"id": name, "status": "failed", "error": _report_error(error)})
         tell(_job_line(name, "failed", _why(error, "")))
         if display:
             display[0].advance()
@@ -1599,6 +1629,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     from flux_adapters._journal import ReportLines
     from flux_adapters._shared_batch import Ended, Lines, SharedOptions, Summary, run_shared
     from flux_adapters._terminal import BatchDisplay, batch_progress
+    from flux_adapters.result import _finite
 
     path: Path = arguments.file
     total = check_file(path)
@@ -1629,11 +1660,11 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
             line: dict[str, object] = {"id": job.name, "status": job.status}
             if job.result is not None:
                 line["provider"] = job.result.provider
-                line["cost_usd"] = job.result.cost_usd
+                line["cost_usd"] = _finite(job.result.cost_usd)  # as in a batch of one process
             if job.files:
                 line["files"] = job.files
             if job.error is not None:
-                line["error"] = f"{type(job.error).__name__}: {job.error}"
+                line["error"] = _report_error(job.error)
             if job.reason:
                 line["reason"] = job.reason
             if not job.counted:
@@ -2063,6 +2094,13 @@ def _emulate(arguments: argparse.Namespace, out: TextIO) -> int:
 
 def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
     from flux_adapters.gateway import serve
+
+    if arguments.max_bodies_mb < arguments.max_body_mb:  # else GatewaySettings names its fields
+        raise _UsageError(
+            f"flux-adapters serve: error: --max-bodies-mb {arguments.max_bodies_mb} is less than "
+            f"--max-body-mb {arguments.max_body_mb}: the bodies held at once must leave room "
+            "for the largest one"
+        )
 
     listening = False
 

@@ -254,11 +254,14 @@ class _Binding:
         deadline: float | None = None,
         settings: ProviderSettings | None = None,
         inherited: httpx.Timeout | None = None,
+        keyed_by_argument: bool = True,
     ) -> _Binding:
         """Bind *provider*: explicit arguments, then the environment, then its settings.
 
         Timeouts: *timeout*, else the settings' ``timeout``, else *inherited* (the caller's
-        httpx client's), else `DEFAULT_TIMEOUT` (see `_timing`).
+        httpx client's), else `DEFAULT_TIMEOUT` (see `_timing`). *keyed_by_argument*: whether
+        the client could have been given the key as ``api_key=`` (one ``provider=``), which the
+        message for a missing key then suggests.
 
         Raises:
             ConfigurationError: Unknown provider, no key, or a key, URL or timeout that is not
@@ -280,9 +283,10 @@ class _Binding:
         else:
             found = os.environ.get(variable)
             if not found:
-                raise ConfigurationError(
-                    f"no API key for {adapter.name}: pass api_key= or set {variable}"
+                remedy = (
+                    f"pass api_key= or set {variable}" if keyed_by_argument else f"set {variable}"
                 )
+                raise ConfigurationError(f"no API key for {adapter.name}: {remedy}")
             key = check_key(found, f"${variable}")
         base = base_url_for(adapter, base_url, settings)
         if timeout is not None:
@@ -814,6 +818,7 @@ class _ClientBase:
                 deadline=deadline,
                 settings=known.get(label),
                 inherited=inherited,
+                keyed_by_argument=providers is None,  # api_key= goes with provider= only
             )
             for name, label in zip(names, names_of, strict=True)
         )
@@ -989,12 +994,12 @@ class _ClientBase:
         """Build a client from ``flux-adapters.toml`` (or *config*) and the environment.
 
         ``$FLUX_PROVIDERS`` (comma-separated, in failover order), ``$FLUX_ROUTING``,
-        ``$FLUX_MAX_COST_USD``, ``$FLUX_TIMEOUT``, ``$FLUX_JOB_DEADLINE``,
-        ``$<PROVIDER>_API_KEY`` and ``$<PROVIDER>_BASE_URL`` override the file; see
-        `flux_adapters.config`. A configured timeout (``$FLUX_TIMEOUT``, or ``timeout`` in the
-        file) counts as ``timeout=``: it wins over *http_client*'s own; ``timeout`` in a
-        ``[provider.NAME]`` section applies when no top-level one is set. *max_retries* is the
-        client's (default: 0 for one provider, 1 for several).
+        ``$FLUX_MAX_COST_USD``, ``$FLUX_TIMEOUT``, ``$FLUX_JOB_DEADLINE``, ``$FLUX_STATE_URL``,
+        ``$FLUX_STATE_FALLBACK``, ``$<PROVIDER>_API_KEY`` and ``$<PROVIDER>_BASE_URL`` override
+        the file; see `flux_adapters.config`. A configured timeout (``$FLUX_TIMEOUT``, or
+        ``timeout`` in the file) counts as ``timeout=``: it wins over *http_client*'s own;
+        ``timeout`` in a ``[provider.NAME]`` section applies when no top-level one is set.
+        *max_retries* is the client's (default: 0 for one provider, 1 for several).
 
         A configured provider whose key variable is unset or empty is left out, with a warning
         on the ``flux_adapters`` logger, when another one has a key (``client.providers`` says

@@ -7,14 +7,15 @@ in the working directory, or the path in ``$FLUX_CONFIG``; environment variables
     providers = ["aimlapi", "laozhang"]      # failover order        ($FLUX_PROVIDERS="aimlapi,laozhang")
     routing = "cheapest"                     # or "ordered"          ($FLUX_ROUTING)
     max_cost_usd = 0.05                      # budget per call       ($FLUX_MAX_COST_USD)
-    unknown_price = "allow"                  # under a budget: "allow" or "refuse"
+    unknown_price = "allow"                  # with max_cost_usd: "allow" or "refuse"
     failover_on_ambiguous = false            # see flux_adapters.routing
     timeout = 300                            # seconds               ($FLUX_TIMEOUT)
     job_deadline = 600                       # seconds a whole job at bfl or fal may take ($FLUX_JOB_DEADLINE)
     state_url = "redis://localhost:6379/0"   # shared state, docs/scaling.md ($FLUX_STATE_URL)
-    state_fallback = "none"                  # Redis down: "none" fails closed, "local" falls back
+    state_fallback = "none"                  # Redis down: "none" fails closed, "local" falls back ($FLUX_STATE_FALLBACK)
     budget_usd = 50                          # a cumulative budget, shared through the state
     budget_period = "day"                    # "day" (UTC) or "total"
+    budget_scope = "client:default"          # who shares the budget (the default scope)
 
     [provider.laozhang]
     api_key_env = "LAOZHANG_API_KEY"         # the variable holding the key (the default)

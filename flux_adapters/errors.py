@@ -18,7 +18,7 @@ The tree::
     ├── TransportError                no usable answer; ``sent``: may the provider have it?
     │   └── Timeout
     ├── JobError                      a job the provider accepted ended without an image
-    │   ├── Moderated                 its filter blocked the request or the output (not charged)
+    │   ├── Moderated                 its filter blocked the request or the output (BFL: not charged)
     │   ├── JobFailed                 the provider says processing failed
     │   ├── JobNotFound               the provider no longer knows the job (unknown or expired)
     │   └── JobTimeout                the job passed its deadline (cancelled if the provider can)
@@ -375,8 +375,9 @@ class JobError(FluxError):
 class Moderated(JobError):
     """The provider's filter blocked the job: its input (``"request"``) or its output (``"content"``).
 
-    Black Forest Labs documents both as not charged. Never failed over: another provider's filter
-    would most likely block it too.
+    Black Forest Labs documents both as not charged; fal may charge them ("invalid inputs (HTTP
+    422) may still be charged"), and a budget counts them. Never failed over: another provider's
+    filter would most likely block it too.
 
     Attributes:
         stage: ``"request"`` (blocked before processing) or ``"content"`` (the output was).

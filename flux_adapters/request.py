@@ -956,7 +956,8 @@ class EditRequest:
             range a provider takes is narrower.
         prompt_upsampling: Let the provider rewrite the prompt.
         steps: Inference steps (FLUX.2 [flex] only), 1 to `MAX_STEPS`.
-        guidance: Guidance scale (FLUX.2 [flex] only), a finite number from 0 to `MAX_GUIDANCE`.
+        guidance: Guidance scale (FLUX.2 [flex]; aimlapi's FLUX.2 [pro] takes it too, as
+            ``guidance_scale``), a finite number from 0 to `MAX_GUIDANCE`.
         allow_conversions: Let an adapter express a setting its provider cannot take exactly in
             the nearest form it can (e.g. a size as an aspect ratio), reporting each conversion
             as a warning on the result. Off by default: such a request is refused.

@@ -254,7 +254,9 @@ class RoutingPolicy:
         failover_on_ambiguous: Fail over after an ambiguous failure (500, a timeout or a drop
             after sending, an unreadable 200), accepting that the first provider may bill too.
         max_cost_usd: Skip a provider whose estimate for the call exceeds this.
-        unknown_price: Under a budget, whether a provider without a known price may be used.
+        unknown_price: With *max_cost_usd*, whether a provider without a known price may be
+            used (``"allow"``) or is skipped (``"refuse"``). Under a cumulative ``budget_usd``
+            it is always skipped: it could not be counted.
         retries: Further tries at the same provider (0 to 10) after a failure that proves the
             job was not taken and may pass: a refused connection, a 429 (with a ``Retry-After``
             no longer than *max_retry_wait*, or none), a 503 when no other provider is left to

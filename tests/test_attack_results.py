@@ -24,6 +24,7 @@ from flux_adapters.emulator import Emulator, run_emulator
 from flux_adapters.jobs import Job, Polling
 from flux_adapters.result import EditResult, ResultImage, Usage
 from tests.conftest import image_bytes
+from tests.redis_server import redis_server
 
 KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
 PNG = image_bytes(16, 12)
@@ -461,3 +462,25 @@ def test_saving_to_a_symbolic_link_writes_where_it_points_and_keeps_the_link(
     assert link.is_symlink()
     assert pointed.read_bytes() == PNG
     assert sorted(path.name for path in (tmp_path / "real").iterdir()) == ["latest.png"]
+
+
+def test_a_shared_batchs_report_writes_an_estimate_too_large_for_a_number_as_null(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a batch of one process wrote null (the test above), but a worker of a batch shared
+    # through Redis wrote "cost_usd": Infinity in its --report, which no JSON parser but
+    # Python's reads.
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flux-adapters.toml").write_text(HUGE_PRICE)
+    (tmp_path / "jobs.jsonl").write_text('{"id": "a", "prompt": "p", "size": "2048x2048"}\n')
+    said = io.StringIO()
+    with redis_server() as redis:
+        arguments = ["batch", "jobs.jsonl", "-o", "shots", "--state", redis.url]
+        status = main([*arguments, "--report", "mine.jsonl"], out=io.StringIO(), err=said)
+    assert status == 0, said.getvalue()
+    (line,) = (tmp_path / "mine.jsonl").read_text().splitlines()
+    report = json.loads(line, parse_constant=lambda constant: pytest.fail(constant))
+    assert report["cost_usd"] is None

@@ -175,6 +175,26 @@ def test_edit_saves_the_image_and_reports(
         assert picture.size == (512, 256)
 
 
+def test_edit_json_tells_a_provider_skipped_for_its_limits_in_the_commands_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the attempt's error in --json gave the library's advice (aspect_ratio="4:3" or
+    # allow_conversions=True); everything else the command says names its flags.
+    monkeypatch.setenv("FLUX_PROVIDERS", "apiyi,laozhang")
+    monkeypatch.chdir(tmp_path)
+    with run_emulator() as own:  # not the module's: other tests count its calls
+        for provider in ("apiyi", "laozhang"):
+            monkeypatch.setenv(f"{provider.upper()}_API_KEY", "k")
+            monkeypatch.setenv(f"{provider.upper()}_BASE_URL", own.base_url(provider))
+        code, out, err = run("edit", "a robot", "--size", "1024x768", "-o", "a.png", "--json")
+    assert code == 0, err
+    skipped, served = json.loads(out)["attempts"]
+    assert (skipped["provider"], skipped["outcome"]) == ("apiyi", "skipped")
+    assert "pass --aspect-ratio 4:3 or --allow-conversions" in skipped["error"]
+    assert "allow_conversions" not in skipped["error"]
+    assert served["provider"] == "laozhang"
+
+
 def test_edit_saves_to_a_file_named_dash_when_the_path_says_so(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -728,6 +728,21 @@ def test_from_env_leaves_out_a_provider_without_a_key_and_says_so(
     assert KEYS["aimlapi"] not in caplog.text
 
 
+def test_a_provider_list_without_a_key_is_told_to_set_the_variable_not_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: "pass api_key= or set APIYI_API_KEY", but api_key= goes with provider= only: a
+    # list given it is refused. One provider= is still offered both.
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEYS["laozhang"])
+    monkeypatch.delenv("APIYI_API_KEY", raising=False)
+    with pytest.raises(errors.ConfigurationError) as caught:
+        FluxClient(providers=["laozhang", "apiyi"])
+    assert str(caught.value) == "no API key for apiyi: set APIYI_API_KEY"
+    with pytest.raises(errors.ConfigurationError) as caught:
+        FluxClient("apiyi")
+    assert str(caught.value) == "no API key for apiyi: pass api_key= or set APIYI_API_KEY"
+
+
 def test_from_env_with_no_key_at_all_names_every_variable_to_set(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

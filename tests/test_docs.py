@@ -1,5 +1,6 @@
-"""The documents say what the code does: generated tables match the limits data."""
+"""The documents say what the code does: generated tables, links, and the shown CLI examples."""
 
+import os
 import re
 from pathlib import Path
 
@@ -43,3 +44,108 @@ def test_links_into_the_repository_name_files_that_exist(path: Path) -> None:
     targets = _REPOSITORY_LINK.findall(path.read_text())
     missing = [target for target in targets if not (ROOT / target).exists()]
     assert not missing, f"{path.name} links to files this repository does not have: {missing}"
+
+
+# The shell examples whose output a page shows, run as written (the `flux-adapters` of the
+# example is `main`) against the emulator, and their output compared with what the page shows.
+# In a shown line, `...` stands for any text; a shown line that is only `...` (after its
+# indentation and any `- `) stands for one or more lines.
+
+
+def _blocks_after(path: Path, heading: str) -> tuple[str, str]:
+    """The first ```sh block under *heading* in *path*, and the plain block that follows it."""
+    text = path.read_text(encoding="utf-8").split(heading, 1)[1]
+    command = text.split("```sh\n", 1)[1].split("\n```", 1)[0]
+    shown = text.split("```sh\n", 1)[1].split("\n```", 1)[1].split("```\n", 1)[1]
+    return command, shown.split("\n```", 1)[0]
+
+
+def _argv(command: str, subcommand: str) -> list[str]:
+    """The arguments of the example's ``flux-adapters <subcommand>`` line."""
+    import shlex
+
+    lines = command.replace("\\\n", " ").splitlines()
+    (line,) = [line for line in lines if line.startswith(f"flux-adapters {subcommand} ")]
+    return shlex.split(line)[1:]
+
+
+def _matches(shown: str, printed: str) -> bool:
+    """Whether *printed* is what *shown* shows, `...` standing for what a page leaves out."""
+    patterns = []
+    for line in shown.splitlines():
+        if line.strip().removeprefix("- ") == "...":
+            lead = re.escape(line[: line.index("...")])
+            patterns.append(f"(?:{lead}[^\\n]*\\n)*{lead}[^\\n]*")
+        else:
+            patterns.append(".*?".join(re.escape(part) for part in line.split("...")))
+    return re.fullmatch("\n".join(patterns) + "\n?", printed) is not None
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    import io
+
+    from flux_adapters.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main(argv, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def example_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder holding the images the examples name, and no configuration."""
+    import shutil
+
+    for image in (ROOT / "examples" / "assets").glob("*.png"):
+        shutil.copy(image, tmp_path / image.name)
+    for name in list(os.environ):
+        if name.startswith("FLUX_") or name.endswith(("_API_KEY", "_BASE_URL")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_check_example_of_the_cli_page_prints_what_it_shows(example_folder: Path) -> None:
+    command, shown = _blocks_after(ROOT / "docs" / "cli.md", "## `flux-adapters check`")
+    code, out, err = _cli(_argv(command, "check"))
+    assert code == 2, err  # a provider refuses: exit 2, as the page says
+    assert _matches(shown, out), f"docs/cli.md shows:\n{shown}\nthe command printed:\n{out}"
+
+
+def test_the_edit_example_of_the_cli_page_prints_what_it_shows(
+    example_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    from flux_adapters.emulator import run_emulator
+
+    command, shown = _blocks_after(ROOT / "docs" / "cli.md", "## `flux-adapters edit`")
+    shown = re.sub(r"(?m)^time: +[0-9.]+ s$", "time:     ... s", shown)  # the time varies
+    with run_emulator() as emulator:
+        monkeypatch.setenv("LAOZHANG_API_KEY", "sk-doc-example")
+        monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+        code, out, err = _cli(_argv(command, "edit"))
+    assert code == 0, err
+    assert _matches(shown, out), f"docs/cli.md shows:\n{shown}\nthe command printed:\n{out}"
+    with Image.open(example_folder / "out" / "robot.png") as image:
+        assert (image.format, image.size) == ("PNG", (1792, 1024))
+
+
+def test_the_readme_emulator_example_makes_the_image_it_asks_for(
+    example_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    from flux_adapters.emulator import run_emulator
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = text.split("No key yet?", 1)[1].split("```sh\n", 1)[1].split("\n```", 1)[0]
+    assert "LAOZHANG_BASE_URL=http://127.0.0.1:8000/laozhang" in command  # the emulator's path
+    with run_emulator() as emulator:
+        monkeypatch.setenv("LAOZHANG_API_KEY", "any")
+        monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+        code, out, err = _cli(_argv(command, "edit"))
+    assert code == 0, err
+    assert "saved:    robot.png" in out
+    with Image.open(example_folder / "robot.png") as image:  # the asset, replaced by the edit
+        assert (image.format, image.size) == ("PNG", (1024, 768))

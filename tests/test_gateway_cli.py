@@ -86,6 +86,47 @@ def test_keys_create_refuses_unusable_settings_as_bad_arguments(
     assert not (tmp_path / "k.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (("--public-url", "https://ops:hunter2@img.example.com"), "argument --public-url: must be"),
+        (("--public-url", "https://img.example.com/?v=1"), "argument --public-url: must be"),
+        (("--public-url", "https://img.example.com:0"), "argument --public-url: must be"),
+        (("--max-body-mb", "10", "--max-bodies-mb", "5"), "--max-bodies-mb 5 is less than"),
+    ],
+)
+def test_serve_refuses_unusable_settings_as_bad_arguments_naming_its_flags(
+    argv: tuple[str, ...], said: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a configuration error (exit 5) naming the library's fields ("GatewaySettings:
+    # public_url", "max_bodies_bytes"), where every other message of the command names its
+    # flags and a bad argument is exit 2.
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    code, out, err = run("serve", "--port", "0", "--files-dir", str(tmp_path / "files"), *argv)
+    assert code == 2, err
+    assert said in err
+    assert "GatewaySettings" not in err
+    assert "_bytes" not in err
+    assert "hunter2" not in err
+    assert out == ""
+
+
+def test_serve_keeps_images_for_up_to_a_year(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: --retention was refused above 86400, its default, so the command could keep
+    # images for less than a day only, though GatewaySettings (and run_gateway) take a year.
+    import flux_adapters.gateway
+
+    given: dict[str, object] = {}
+    monkeypatch.setattr(flux_adapters.gateway, "serve", lambda **options: given.update(options))
+    code, _, err = run("serve", "--port", "0", "--retention", "604800")
+    assert code == 0, err
+    assert given["retention"] == 604800.0  # a week
+    code, _, err = run("serve", "--port", "0", "--retention", str(365 * 86400 + 1))
+    assert code == 2
+    assert "argument --retention: must be seconds above 0 to 31536000 (a year)" in err
+
+
 # -- the served gateway, in its own process ------------------------------------------------------
 
 
