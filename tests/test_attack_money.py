@@ -21,6 +21,7 @@ from flux_adapters.emulator import Fault, run_emulator
 from flux_adapters.gateway import run_gateway
 from flux_adapters.gateway._errors import error_answer
 from flux_adapters.prices import PerCall
+from flux_adapters.result import Attempt
 
 KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
 REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
@@ -278,3 +279,24 @@ def test_a_budget_that_refuses_every_candidate_is_still_budget_exceeded(
         )
         with pytest.raises(errors.BudgetExceeded):
             client.edit(REQUEST)
+
+
+def test_a_job_failed_unbilled_is_answered_with_its_provider_status_and_attempts() -> None:
+    # Was: the 502 job_failed body alone lacked provider, provider_status and attempts, which
+    # docs/gateway.md says every provider error carries where they apply.
+    failed = errors.JobFailed("the job failed", provider="fal", job_id="j-1", billed=False)
+    attempt = Attempt(
+        provider="fal",
+        model="flux-2-pro",
+        outcome="failed",
+        elapsed_s=1.0,
+        error=failed,
+        billing="job-failed-unbilled",
+    )
+    failed.attempts = (attempt,)
+    answer = error_answer(failed)
+    inner = answer.body["error"]
+    assert isinstance(inner, dict)
+    assert (answer.status, inner["code"], inner["may_be_billed"]) == (502, "job_failed", False)
+    assert inner["provider"] == "fal"
+    assert [a["provider"] for a in inner["attempts"]] == ["fal"]

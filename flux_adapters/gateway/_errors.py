@@ -252,7 +252,13 @@ def _answer(error: errors.FluxError) -> Answer:
         )
     if isinstance(error, errors.JobFailed) and error.billed is False:
         return openai_error(
-            502, text, type_="server_error", code="job_failed", retry=True, may_be_billed=False
+            502,
+            text,
+            type_="server_error",
+            code="job_failed",
+            retry=True,
+            may_be_billed=False,
+            **common,
         )
     if isinstance(error, errors.TransportError) and not error.sent:
         return openai_error(
