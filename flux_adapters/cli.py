@@ -17,7 +17,7 @@ traceback (with FLUX_DEBUG=1 set, an unexpected failure also prints its tracebac
          fails after a paid call, the image is saved elsewhere and the message says where)
     8    batch: some requests are unconfirmed (they may have been billed) and were not sent
          again; rerun with --resend-unconfirmed to send them
-    130  interrupted (Ctrl-C)
+    130  interrupted (Ctrl-C; for edit and batch, SIGTERM too)
     141  standard output was closed by its reader before everything was written, as in
          "flux-adapters models | head -1" (the shell's status for a broken pipe)
 
@@ -1167,7 +1167,7 @@ def _edit(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     saved: list[dict[str, object]] = []
     code = EXIT_OK
-    with client:
+    with client, _terminated_as_interrupted():
         if verdicts is None:
             verdicts = _verdicts(request, client.providers)
             _stop_if_refused(verdicts, request.model)
@@ -2227,6 +2227,27 @@ async def _stored(store: KeyStore, record: KeyRecord) -> None:
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupted() -> Iterator[None]:
+    """SIGTERM ends the block as Ctrl-C does: what a paid call left is said, not lost.
+
+    By default SIGTERM (``timeout``, a supervisor, ``kill``) ends Python at once: a paid image
+    being downloaded was lost without a word and its ``.part`` file left behind. As `batch`
+    takes it, it is an interruption instead (exit 130, the job's fate or the image's URL
+    after ``interrupted``, nothing half-written kept). Outside the main thread (`main` called
+    from another one) no handler can be set: SIGTERM keeps its own.
+    """
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _EXIT_FOR: tuple[tuple[type[BaseException], int], ...] = (

@@ -536,13 +536,19 @@ def test_two_edits_in_the_same_second_keep_both_images(
     assert len(list((tmp_path / "out").iterdir())) == 2  # no second image written over the first
 
 
-@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
+@pytest.mark.parametrize(
+    ("stop", "json_flag"),
+    [(signal.SIGINT, []), (signal.SIGINT, ["--json"]), (signal.SIGTERM, [])],
+    ids=["ctrl-c", "ctrl-c-json", "sigterm"],
+)
 def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
-    json_flag: list[str], tmp_path: Path
+    stop: signal.Signals, json_flag: list[str], tmp_path: Path
 ) -> None:
     """The image was made and billed; its URL lives minutes: Ctrl-C must not lose it quietly.
 
     Under ``--json`` the URL is in the failure's ``notes`` too: a script reads only stdout.
+    SIGTERM (``timeout``, a supervisor) is taken as Ctrl-C: it ended the process at once, the
+    image lost without a word and its ``.part`` file left behind.
     """
     # A byte every 20 ms: the first bytes (enough to tell the format) are saved within a second,
     # the whole image would take minutes.
@@ -559,7 +565,7 @@ def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
                 time.sleep(0.01)
             assert cdn.billed(), "the request never arrived"
             assert downloading(), "the download never started"
-            edit.send_signal(signal.SIGINT)
+            edit.send_signal(stop)
             out, err = edit.communicate(timeout=10)
     assert edit.returncode == 130
     where = "not saved; download it within 10 minutes from http://127.0.0.1:"
