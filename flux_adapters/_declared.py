@@ -241,6 +241,10 @@ def _amount(value: object) -> bool:
     return is_number(value) and value >= 0
 
 
+def _megapixel(value: object) -> bool:
+    return type(value) is int and 1 <= value <= 10**9
+
+
 def check_price(price: object, where: str) -> None:
     """*price* as a `PerCall` or `PerMegapixel` of finite dollar amounts >= 0."""
     from flux_adapters.prices import PerCall, PerMegapixel
@@ -260,6 +264,11 @@ def check_price(price: object, where: str) -> None:
     if not all(_amount(amount) for amount in amounts):
         raise ConfigurationError(
             f"{where} must hold dollar amounts, finite and >= 0, not {render_value(price)}"
+        )
+    if isinstance(price, PerMegapixel) and not _megapixel(price.pixels_per_mp):
+        raise ConfigurationError(
+            f"{where} must count a megapixel as a whole number of pixels from 1 to 10^9, "
+            f"not {render_value(price.pixels_per_mp)}"
         )
 
 

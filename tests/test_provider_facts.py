@@ -1,0 +1,65 @@
+"""Limits and prices checked against the figures the providers' own documents state.
+
+Each test quotes the document it holds the code to; the audit that found the difference is in
+the commit that added the test.
+"""
+
+import pytest
+
+from flux_adapters import EditRequest, ModelId
+from flux_adapters.errors import ConfigurationError
+from flux_adapters.limits import plan
+from flux_adapters.prices import PerMegapixel, estimate
+from flux_adapters.providers import bfl, fal
+from tests.conftest import image_bytes
+
+
+def _fal_estimate(model: ModelId, width: int, height: int, *images: bytes) -> float | None:
+    request = EditRequest(prompt="x", model=model, width=width, height=height, images=list(images))
+    return estimate(request, plan(request, fal.LIMITS[model]), shipped=fal.PRICES)
+
+
+@pytest.mark.parametrize(
+    ("model", "width", "height", "usd"),
+    [
+        # flex/edit: "a 1024x1024 image will cost $0.05, and a 1920x1080 image will cost $0.10
+        # ($0.05 x 2 megapixels)". 1920x1088, the 16-grid size nearest 1920x1080, is as many
+        # megapixels of either kind.
+        ("flux-2-flex", 1024, 1024, 0.05),
+        ("flux-2-flex", 1920, 1088, 0.10),
+        # pro/edit: "$0.03 first output MP + $0.015 per extra MP ...; 1920x1080 = $0.045".
+        ("flux-2-pro", 1920, 1088, 0.045),
+        ("flux-2-pro", 1024, 1024, 0.03),
+        # max/edit: "$0.07 first MP + $0.03 per additional".
+        ("flux-2-max", 2048, 2048, 0.07 + 3 * 0.03),
+    ],
+)
+def test_fal_counts_a_megapixel_as_1024_by_1024(
+    model: ModelId, width: int, height: int, usd: float
+) -> None:
+    # Was: a million pixels, so 1024x1024 was two megapixels and 1920x1080 three: fal's own
+    # examples were estimated at up to half again their price (budgets and "cheapest" routing).
+    assert _fal_estimate(model, width, height) == pytest.approx(usd)
+
+
+def test_fal_counts_input_megapixels_by_the_same_unit() -> None:
+    # "Input images counted as processed megapixel": a 1024x1024 reference is one more.
+    reference = image_bytes(1024, 1024)
+    assert _fal_estimate("flux-2-pro", 1024, 1024, reference) == pytest.approx(0.045)
+
+
+def test_bfl_keeps_a_million_pixels_to_the_megapixel() -> None:
+    # BFL does not say which megapixel it bills (and reports its own cost once a job is taken);
+    # its estimate stays at a million pixels, the larger of the two.
+    price = bfl.PRICES["flux-2-pro"]
+    assert isinstance(price, PerMegapixel)
+    assert price.pixels_per_mp == 1_000_000
+
+
+@pytest.mark.parametrize("unit", [0, -1, 1.5, True, 10**10])
+def test_a_megapixel_of_no_pixels_is_refused(unit: object) -> None:
+    from flux_adapters._declared import check_price
+
+    price = PerMegapixel(usd_first=0.03, usd_extra=0.015, pixels_per_mp=unit)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="megapixel as a whole number of pixels"):
+        check_price(price, "prices")
