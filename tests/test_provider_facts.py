@@ -10,7 +10,7 @@ from flux_adapters import EditRequest, ModelId
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.limits import plan
 from flux_adapters.prices import PerMegapixel, estimate
-from flux_adapters.providers import bfl, fal
+from flux_adapters.providers import bfl, fal, laozhang
 from tests.conftest import image_bytes
 
 
@@ -63,3 +63,13 @@ def test_a_megapixel_of_no_pixels_is_refused(unit: object) -> None:
     price = PerMegapixel(usd_first=0.03, usd_extra=0.015, pixels_per_mp=unit)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="megapixel as a whole number of pixels"):
         check_price(price, "prices")
+
+
+@pytest.mark.parametrize("model", list(laozhang.LIMITS))
+def test_laozhang_rows_cite_the_overview_they_come_from(model: str) -> None:
+    # Seed 001 (sizes 64-2048, Kontext 3:7..7:3, safety_tolerance 0-6) is laozhang's "Flux Image
+    # Generation API" page, .../api-capabilities/flux-image-generation; the rows cited
+    # .../api-capabilities/flux-image, which is not it.
+    source = laozhang.LIMITS[model].source
+    assert "https://docs.laozhang.ai/en/api-capabilities/flux-image-generation " in source
+    assert "api-capabilities/flux-image " not in source
