@@ -136,12 +136,14 @@ def _image(value: object) -> str:
         and set(kinds) <= set(IMAGE_KINDS)
         and _whole(value.max_bytes, 1)
         and _whole(value.max_pixels, 1)
+        and (value.max_total_pixels is None or _whole(value.max_total_pixels, 1))
         and isinstance(formats, frozenset | set | tuple)
         and all(isinstance(name, str) for name in formats)
     ):
         return (
             f"must take kinds among {', '.join(IMAGE_KINDS)}, whole numbers above 0 "
-            f"(max_bytes, max_pixels) and format names, not {render_value(value)}"
+            f"(max_bytes, max_pixels, max_total_pixels if set) and format names, "
+            f"not {render_value(value)}"
         )
     return ""
 

@@ -4,9 +4,11 @@ Each test quotes the document it holds the code to; the audit that found the dif
 the commit that added the test.
 """
 
+import base64
+
 import pytest
 
-from flux_adapters import EditRequest, ModelId
+from flux_adapters import EditRequest, ModelId, check
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.limits import plan
 from flux_adapters.prices import PerMegapixel, estimate
@@ -73,3 +75,46 @@ def test_laozhang_rows_cite_the_overview_they_come_from(model: str) -> None:
     source = laozhang.LIMITS[model].source
     assert "https://docs.laozhang.ai/en/api-capabilities/flux-image-generation " in source
     assert "api-capabilities/flux-image " not in source
+
+
+def _pictures(count: int, width: int, height: int) -> list[bytes]:
+    return [image_bytes(width, height, color=color) for color in ("red", "blue", "green")[:count]]
+
+
+def test_bfl_pro_takes_at_most_nine_megapixels_of_references_together() -> None:
+    # "[pro] API: Up to 8 images (9MP total limit)" (help.bfl.ai, "How do I reference specific
+    # images when editing"). Was: eight 4 MP references went out, 32 MP in all.
+    three = _pictures(3, 2048, 1536)  # 3 MP each (1024 x 1024 to the MP): 9 MP, the limit
+    fits = EditRequest(prompt="x", model="flux-2-pro", images=three)
+    assert check(fits, "bfl") == ()
+    over = EditRequest(prompt="x", model="flux-2-pro", images=[*three, image_bytes(64, 64)])
+    [violation] = check(over, "bfl")
+    assert violation.field == "images"
+    assert violation.limit == "at most 9 MP in all"
+    assert violation.value == "9.00 MP"  # 9 MP and 4096 pixels, shown to two places
+    assert "help.bfl.ai/articles/3531680306" in (violation.source or "")
+
+
+def test_the_nine_megapixels_are_pro_s_and_count_only_what_can_be_measured() -> None:
+    many = _pictures(3, 2048, 2048)  # 12 MP
+    assert check(EditRequest(prompt="x", model="flux-2-max", images=many), "bfl") == ()
+    assert check(EditRequest(prompt="x", model="flux-2-pro", images=many), "laozhang") == ()
+    urls = ["https://example.com/big.png"] * 8  # sizes unknown before sending: not refused
+    assert check(EditRequest(prompt="x", model="flux-2-pro", images=urls), "bfl") == ()
+
+
+def test_the_emulator_refuses_what_bfl_pro_refuses() -> None:
+    from flux_adapters.emulator._job_dialects import Problem
+    from flux_adapters.emulator._job_dialects import bfl as bfl_dialect
+
+    pictures = _pictures(3, 2048, 2048)
+    body = {"prompt": "x"} | {
+        ("input_image" if n == 0 else f"input_image_{n + 1}"): base64.b64encode(p).decode()
+        for n, p in enumerate(pictures)
+    }
+    answer = bfl_dialect("flux-2-pro", body)
+    assert isinstance(answer, list)
+    assert [problem.loc for problem in answer] == [("body", "input_image")]
+    assert isinstance(answer[0], Problem)
+    assert "at most 9 MP in all" in answer[0].msg
+    assert not isinstance(bfl_dialect("flux-2-max", body), list)
