@@ -79,6 +79,9 @@ class PerMegapixel:
         """The price in words."""
         text = f"${self.usd_first:g} first MP + ${self.usd_extra:g} per further MP"
         text += f" + ${self.usd_input:g} per input MP" if self.usd_input else ""
+        unit = self.pixels_per_mp
+        if unit != MEGAPIXEL:  # the MP a reader assumes; any other is said
+            text += ", 1 MP = " + ("1024x1024" if unit == BINARY_MEGAPIXEL else f"{unit}") + " px"
         return text + (f" (as of {self.as_of})" if self.as_of else "")
 
     def estimate(self, request: EditRequest, plan: Plan) -> float:

@@ -118,3 +118,12 @@ def test_the_emulator_refuses_what_bfl_pro_refuses() -> None:
     assert isinstance(answer[0], Problem)
     assert "at most 9 MP in all" in answer[0].msg
     assert not isinstance(bfl_dialect("flux-2-max", body), list)
+
+
+def test_a_price_in_other_megapixels_says_so() -> None:
+    # `flux-adapters models` shows describe(): the figures alone read as a million pixels.
+    assert fal.PRICES["flux-2-pro"].describe() == (
+        "$0.03 first MP + $0.015 per further MP + $0.015 per input MP, 1 MP = 1024x1024 px "
+        "(as of 2026-11-22)"
+    )
+    assert "1 MP =" not in bfl.PRICES["flux-2-pro"].describe()
