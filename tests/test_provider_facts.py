@@ -5,6 +5,7 @@ the commit that added the test.
 """
 
 import base64
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,27 @@ def test_a_price_in_other_megapixels_says_so() -> None:
         "(as of 2026-11-22)"
     )
     assert "1 MP =" not in bfl.PRICES["flux-2-pro"].describe()
+
+
+def test_a_configured_price_may_say_its_megapixel(tmp_path: Path) -> None:
+    # Overriding fal's figures in the file must not silently go back to a million pixels.
+    from flux_adapters.config import load_config
+
+    file = tmp_path / "flux-adapters.toml"
+    file.write_text(
+        '[provider.fal.prices]\n"flux-2-pro" = '
+        "{ usd_first = 0.03, usd_extra = 0.015, usd_input = 0.015, pixels_per_mp = 1048576 }\n"
+    )
+    [settings] = load_config(file, environ={}).providers
+    price = settings.prices["flux-2-pro"]
+    assert isinstance(price, PerMegapixel)
+    assert price.pixels_per_mp == 1024 * 1024
+    file.write_text('[provider.fal.prices]\n"flux-2-pro" = { usd = 0.04, pixels_per_mp = 1 }\n')
+    with pytest.raises(ConfigurationError, match="do not go together"):
+        load_config(file, environ={})
+    file.write_text(
+        '[provider.fal.prices]\n"flux-2-pro" = { usd_first = 0.03, usd_extra = 0.01, '
+        "pixels_per_mp = 0 }\n"
+    )
+    with pytest.raises(ConfigurationError, match="pixels_per_mp must be a whole number"):
+        load_config(file, environ={})
