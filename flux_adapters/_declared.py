@@ -136,12 +136,14 @@ def _image(value: object) -> str:
         and set(kinds) <= set(IMAGE_KINDS)
         and _whole(value.max_bytes, 1)
         and _whole(value.max_pixels, 1)
+        and (value.max_total_pixels is None or _whole(value.max_total_pixels, 1))
         and isinstance(formats, frozenset | set | tuple)
         and all(isinstance(name, str) for name in formats)
     ):
         return (
             f"must take kinds among {', '.join(IMAGE_KINDS)}, whole numbers above 0 "
-            f"(max_bytes, max_pixels) and format names, not {render_value(value)}"
+            f"(max_bytes, max_pixels, max_total_pixels if set) and format names, "
+            f"not {render_value(value)}"
         )
     return ""
 
@@ -241,6 +243,10 @@ def _amount(value: object) -> bool:
     return is_number(value) and value >= 0
 
 
+def _megapixel(value: object) -> bool:
+    return type(value) is int and 1 <= value <= 10**9
+
+
 def check_price(price: object, where: str) -> None:
     """*price* as a `PerCall` or `PerMegapixel` of finite dollar amounts >= 0."""
     from flux_adapters.prices import PerCall, PerMegapixel
@@ -260,6 +266,11 @@ def check_price(price: object, where: str) -> None:
     if not all(_amount(amount) for amount in amounts):
         raise ConfigurationError(
             f"{where} must hold dollar amounts, finite and >= 0, not {render_value(price)}"
+        )
+    if isinstance(price, PerMegapixel) and not _megapixel(price.pixels_per_mp):
+        raise ConfigurationError(
+            f"{where} must count a megapixel as a whole number of pixels from 1 to 10^9, "
+            f"not {render_value(price.pixels_per_mp)}"
         )
 
 

@@ -52,7 +52,7 @@ from flux_adapters._ids import Routing
 from flux_adapters._options import base_url_for
 from flux_adapters._redact import shown_state_url
 from flux_adapters.errors import ConfigurationError
-from flux_adapters.prices import PerCall, PerMegapixel, Price
+from flux_adapters.prices import MEGAPIXEL, PerCall, PerMegapixel, Price
 from flux_adapters.providers import canonical_name
 
 __all__ = [
@@ -114,12 +114,17 @@ class _ProviderShape:
 
 @frozen(kw_only=True)
 class _PriceShape:
-    """One price: ``{ usd = ... }`` or ``{ usd_first = ..., usd_extra = ..., usd_input = ... }``."""
+    """One price: ``{ usd = ... }`` or ``{ usd_first = ..., usd_extra = ..., usd_input = ... }``.
+
+    A per-megapixel price takes ``pixels_per_mp`` too, where the provider's megapixel is not a
+    million pixels (fal's is 1048576, 1024 x 1024).
+    """
 
     usd: float | None = None
     usd_first: float | None = None
     usd_extra: float | None = None
     usd_input: float | None = None
+    pixels_per_mp: int | None = None
 
 
 @frozen(kw_only=True)
@@ -248,16 +253,22 @@ def _price(value: object, where: str) -> Price:
     given = {name for name in attrs.fields_dict(_PriceShape) if getattr(shape, name) is not None}
     if given == {"usd"}:
         return PerCall(usd=_number(shape.usd, where), source=where)
-    if {"usd_first", "usd_extra"} <= given <= {"usd_first", "usd_extra", "usd_input"}:
+    per_mp = {"usd_first", "usd_extra", "usd_input", "pixels_per_mp"}
+    if {"usd_first", "usd_extra"} <= given <= per_mp:
+        unit = MEGAPIXEL if shape.pixels_per_mp is None else shape.pixels_per_mp
+        if type(unit) is not int or not 1 <= unit <= 10**9:
+            raise _fail(where, f"pixels_per_mp must be a whole number from 1 to 10^9, not {unit!r}")
         return PerMegapixel(
             usd_first=_number(shape.usd_first, where),
             usd_extra=_number(shape.usd_extra, where),
             usd_input=_number(shape.usd_input or 0.0, where),
             source=where,
+            pixels_per_mp=unit,
         )
     raise _fail(
         where,
-        f"price keys {sorted(given)} do not go together; use usd, or usd_first/usd_extra/usd_input",
+        f"price keys {sorted(given)} do not go together; use usd, or usd_first/usd_extra/usd_input"
+        " (and pixels_per_mp)",
     )
 
 

@@ -217,12 +217,15 @@ class ImageRule:
         max_bytes: Largest local image, in bytes.
         max_pixels: Most pixels in a local image.
         formats: Accepted formats of local images.
+        max_total_pixels: Most pixels in all local images of one call together, when limited
+            (a URL's size is unknown here: it is left out).
     """
 
     kinds: frozenset[ImageKind]
     max_bytes: int
     max_pixels: int
     formats: frozenset[str]
+    max_total_pixels: int | None = None
 
 
 @frozen(kw_only=True)
@@ -496,6 +499,7 @@ def _check_images(request: EditRequest, limits: ModelLimits, found: _Found) -> N
         else:
             found.add("images", "too many reference images", f"{allowed} images", count)
     rule = limits.image
+    total = 0
     for index, image in enumerate(request.images):
         name = f"images[{index}]"
         shown = image.describe()  # each message names the image: which of five is at fault?
@@ -546,6 +550,16 @@ def _check_images(request: EditRequest, limits: ModelLimits, found: _Found) -> N
                 f"at most {rule.max_pixels / 1_000_000:g} MP",
                 f"{info.width}x{info.height}",
             )
+        else:
+            total += info.pixels
+    if rule.max_total_pixels is not None and total > rule.max_total_pixels:
+        found.add(
+            "images",
+            f"the reference images of one call have too many pixels together for "
+            f"{limits.provider}'s {limits.model}",
+            f"at most {rule.max_total_pixels / MEGAPIXEL:g} MP in all",
+            _megapixels(total),
+        )
 
 
 @frozen(kw_only=True)

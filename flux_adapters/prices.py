@@ -10,7 +10,6 @@ is known, `estimate` returns ``None`` and the cost is reported as unknown, never
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Final, TypeAlias
 
@@ -22,6 +21,10 @@ from flux_adapters.request import EditRequest, UrlImage
 __all__ = ["PRICES", "PerCall", "PerMegapixel", "Price", "estimate", "price_for"]
 
 MEGAPIXEL: Final = 1_000_000
+"""A megapixel where the provider does not say otherwise: a million pixels. fal counts 1024 x 1024
+(`BINARY_MEGAPIXEL`), and says so by its examples; see `PerMegapixel.pixels_per_mp`."""
+BINARY_MEGAPIXEL: Final = 1024 * 1024
+"""fal's megapixel: "a 1024x1024 image will cost $0.05" at $0.05 per megapixel."""
 
 
 @frozen(kw_only=True)
@@ -51,8 +54,9 @@ class PerCall:
 class PerMegapixel:
     """Black Forest Labs' formula: first output MP, each further output MP, each input MP.
 
-    Megapixels are rounded up. An output of unknown size (the provider decides) counts as one
-    megapixel; a reference given by URL, whose size is unknown here, counts as one megapixel.
+    Megapixels are rounded up, each of ``pixels_per_mp`` pixels. An output of unknown size (the
+    provider decides) counts as one megapixel; a reference given by URL, whose size is unknown
+    here, counts as one megapixel.
 
     Attributes:
         usd_first: US dollars for the first output megapixel.
@@ -60,6 +64,8 @@ class PerMegapixel:
         usd_input: US dollars for each input megapixel.
         source: Where the figures come from.
         as_of: The date of the source.
+        pixels_per_mp: Pixels in one billed megapixel: `MEGAPIXEL` (a million) unless the
+            provider bills by another, as fal does by 1024 x 1024 (`BINARY_MEGAPIXEL`).
     """
 
     usd_first: float
@@ -67,21 +73,26 @@ class PerMegapixel:
     usd_input: float = 0.0
     source: str = "configured"
     as_of: str = ""
+    pixels_per_mp: int = MEGAPIXEL
 
     def describe(self) -> str:
         """The price in words."""
         text = f"${self.usd_first:g} first MP + ${self.usd_extra:g} per further MP"
         text += f" + ${self.usd_input:g} per input MP" if self.usd_input else ""
+        unit = self.pixels_per_mp
+        if unit != MEGAPIXEL:  # the MP a reader assumes; any other is said
+            text += ", 1 MP = " + ("1024x1024" if unit == BINARY_MEGAPIXEL else f"{unit}") + " px"
         return text + (f" (as of {self.as_of})" if self.as_of else "")
 
     def estimate(self, request: EditRequest, plan: Plan) -> float:
         """The cost of one call of *request* as resolved by *plan*."""
         width_height = plan.dimensions
-        output = math.ceil(width_height[0] * width_height[1] / MEGAPIXEL) if width_height else 1
+        unit = self.pixels_per_mp
+        output = -(-width_height[0] * width_height[1] // unit) if width_height else 1
         inputs = 0
         for image in request.images:
             pixels = None if isinstance(image, UrlImage) else image.info.pixels
-            inputs += math.ceil(pixels / MEGAPIXEL) if pixels else 1
+            inputs += -(-pixels // unit) if pixels else 1
         return self.usd_first + (max(output, 1) - 1) * self.usd_extra + inputs * self.usd_input
 
 

@@ -511,7 +511,7 @@ def test_a_day_is_still_a_usable_timeout() -> None:
         ("retries = 3", r"unknown keys \['retries'\]; known: budget_period, budget_scope, budget_usd, failover_on_ambiguous, job_deadline"),
         ("[provider.laozhang]\nprices = 3", "prices must be a table of model = price, not int 3"),
         ('[provider.laozhang.prices]\n"flux-2-pro" = 0.03', r"prices.flux-2-pro: must be a table such as \{ usd = 0.03 \}"),
-        ('[provider.laozhang.prices]\n"flux-2-pro" = { usd = 0.03, eur = 1 }', r"unknown keys \['eur'\]; known: usd, usd_extra, usd_first, usd_input"),
+        ('[provider.laozhang.prices]\n"flux-2-pro" = { usd = 0.03, eur = 1 }', r"unknown keys \['eur'\]; known: pixels_per_mp, usd, usd_extra, usd_first, usd_input"),
         ('[provider.laozhang.prices]\n"flux-2-pro" = { usd = "0.03" }', "usd must be a number, not str '0.03'"),
         ('[provider.laozhang.prices]\n"flux-2-pro" = { usd = 0.03, usd_first = 1 }', "do not go together; use usd, or usd_first/usd_extra/usd_input"),
     ],

@@ -284,11 +284,22 @@ def bfl(model: str, body: Mapping[str, object]) -> Submission | list[Problem]:
     most = limits.images.high or 0
     if len(present) > most:
         problems.add(present[most], f"{model} takes at most {most} reference images")
-    references = [
-        image
-        for name in present[:most]
-        if (image := _bfl_image(body[name], name, limits, problems)) is not None
-    ]
+    decoded = [(name, _bfl_image(body[name], name, limits, problems)) for name in present[:most]]
+    references = [image for _, image in decoded if image is not None]
+    # FLUX.2 [pro]: "9MP total limit" of its references; a URL's placeholder is not counted,
+    # as the library cannot count it before sending either.
+    uploaded = sum(
+        image.width * image.height
+        for name, image in decoded
+        if image is not None and not _URL.fullmatch(str(body[name]))
+    )
+    total = limits.image.max_total_pixels
+    if total is not None and uploaded > total:
+        problems.add(
+            present[0],
+            f"the reference images have {uploaded / MEGAPIXEL:.2f} MP together; "
+            f"{model} takes at most {total / MEGAPIXEL:g} MP in all",
+        )
 
     seed = _integer(body, "seed", problems, limits.seed.low)
     tolerance = limits.safety_tolerance

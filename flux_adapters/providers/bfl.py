@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar, Final
 
+import attrs
+
 from flux_adapters.errors import JobFailed, JobNotFound, Moderated
 from flux_adapters.jobs import Done, Job, JobAdapterBase, Pending, Submitted
 from flux_adapters.limits import (
@@ -68,6 +70,9 @@ _KONTEXT: Final = (
     "https://docs.bfl.ml/api-reference/tasks/edit-or-create-an-image-with-flux-kontext-max"
 )
 _SDK: Final = "https://github.com/black-forest-labs/blackforest (src/bfl/_models.py)"
+_MULTIREF: Final = (
+    "https://help.bfl.ai/articles/3531680306-how-do-i-reference-specific-images-when-editing"
+)
 _PRICING: Final = (
     "https://docs.bfl.ai/quick_start/pricing.md; "
     "https://github.com/black-forest-labs/skills (skills/bfl-api/SKILL.md)"
@@ -81,6 +86,9 @@ _IMAGES: Final = ImageRule(
     max_pixels=20_000_000,
     formats=frozenset({"png", "jpeg", "webp"}),
 )
+# FLUX.2 [pro]: "Up to 8 images (9MP total limit)" through the API (_MULTIREF). BFL's megapixel
+# here is 1024 x 1024, as in "4 megapixels (e.g., 2048x2048)" (_SPECS): the larger reading.
+_PRO_IMAGES: Final = attrs.evolve(_IMAGES, max_total_pixels=9 * MEGAPIXEL)
 # "min 64; multiples of 16; max 4 MP total. Omit them and the model picks the size."
 _SIZES: Final = SizeRule(multiple=16, min_side=64, max_pixels=4 * MEGAPIXEL)
 # Kontext: the API reference says "between 21:9 and 9:21" (its text-to-image guide says 3:7 to
@@ -120,7 +128,7 @@ def _flux2(model: str) -> ModelLimits:
         images=IntRange(0, _MAX_IMAGES[model]),
         sizes=_SIZES,
         ratios=None,
-        image=_IMAGES,
+        image=_PRO_IMAGES if model == "flux-2-pro" else _IMAGES,
         # Public docs: 0 (strict) to 5; 6 and 7 need an allowlisted organisation (the SDK).
         safety_tolerance=IntRange(0, 5),
         # The SDK: "FLUX.2 [klein] has no upsampling control".
@@ -128,7 +136,9 @@ def _flux2(model: str) -> ModelLimits:
         output_formats=("jpeg", "png", "webp"),
         steps=_FLEX_STEPS if model == "flux-2-flex" else None,
         guidance=_FLEX_GUIDANCE if model == "flux-2-flex" else None,
-        source=f"{_EDITING}; {_SPECS}; {_KLEIN}; {_SDK}; " + _CHOICES.get(model, _TOLERANCE),
+        source=f"{_EDITING}; {_SPECS}; {_KLEIN}; {_SDK}; "
+        + (f"{_MULTIREF}; " if model == "flux-2-pro" else "")
+        + _CHOICES.get(model, _TOLERANCE),
     )
 
 

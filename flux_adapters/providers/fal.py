@@ -42,7 +42,7 @@ from flux_adapters.limits import (
     RatioRule,
     SizeRule,
 )
-from flux_adapters.prices import PerMegapixel, Price
+from flux_adapters.prices import BINARY_MEGAPIXEL, PerMegapixel, Price
 from flux_adapters.providers import Answer, KeyAuth
 from flux_adapters.providers._images_api import url_problem
 from flux_adapters.providers._job_answers import (
@@ -160,10 +160,18 @@ LIMITS: Final[Mapping[str, ModelLimits]] = {
 
 
 def _price(first: float, extra: float, app: str) -> PerMegapixel:
-    # "first output MP + per extra MP of input and output, rounded up"
+    # "first output MP + per extra MP of input and output, rounded up". fal's megapixel is
+    # 1024 x 1024: "a 1024x1024 image will cost $0.05" and "a 1920x1080 image will cost $0.10
+    # ($0.05 x 2 megapixels)" (flex/edit), "1920x1080 = $0.045" (pro/edit); a million pixels
+    # would make them $0.10, $0.15 and $0.06.
     source = f"https://fal.ai/models/fal-ai/{app}/llms.txt"
     return PerMegapixel(
-        usd_first=first, usd_extra=extra, usd_input=extra, source=source, as_of="2026-11-22"
+        usd_first=first,
+        usd_extra=extra,
+        usd_input=extra,
+        source=source,
+        as_of="2026-11-22",
+        pixels_per_mp=BINARY_MEGAPIXEL,
     )
 
 

@@ -1,7 +1,8 @@
 """laozhang.ai: FLUX.2 and FLUX.1 Kontext through one OpenAI-style JSON endpoint.
 
 Documents: https://docs.laozhang.ai/en/api-capabilities/flux-image-edit (editing) and
-https://docs.laozhang.ai/en/api-capabilities/flux-image (generation overview).
+https://docs.laozhang.ai/en/api-capabilities/flux-image-generation (generation
+overview).
 
 Wire shape: ``POST {base}/v1/images/generations`` with a JSON body. Reference images are string
 fields ``input_image``, ``input_image_2`` .. ``input_image_8`` (public URL or data URL); without
@@ -43,7 +44,7 @@ from flux_adapters.wire import HttpRequest, JsonBody
 __all__ = ["LIMITS", "LaozhangAdapter"]
 
 _EDIT_DOC: Final = "https://docs.laozhang.ai/en/api-capabilities/flux-image-edit"
-_OVERVIEW_DOC: Final = "https://docs.laozhang.ai/en/api-capabilities/flux-image"
+_OVERVIEW_DOC: Final = "https://docs.laozhang.ai/en/api-capabilities/flux-image-generation"
 
 # laozhang documents no per-image limit; these are the limits of the BFL API it forwards to
 # (20 MB / 20 MP, png/jpeg/webp), the same apiyi documents for the same upstream.
@@ -86,7 +87,7 @@ def _kontext(model: str) -> ModelLimits:
         safety_tolerance=IntRange(0, 6),
         prompt_upsampling=True,
         output_formats=("jpeg", "png"),
-        source=f"{_OVERVIEW_DOC} (Legacy Flux Kontext Ratios)",
+        source=f"{_OVERVIEW_DOC} (Legacy Flux Kontext Ratios, Important Notes)",
     )
 
 
