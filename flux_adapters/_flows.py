@@ -252,7 +252,9 @@ def _with_answer(error: _E, response: HttpResponse, secrets: tuple[str, ...]) ->
     return error
 
 
-def _scrubbed(error: ProviderError, status: int, secrets: tuple[str, ...]) -> ProviderError:
+def _scrubbed(
+    error: ProviderError, name: str, status: int, secrets: tuple[str, ...]
+) -> ProviderError:
     # The status the provider sent decides what the error proves (routing.billing_rule): an
     # adapter may not report another, nor turn a billed 2xx or 5xx into a 402 or 429.
     error.status_code = status
@@ -260,6 +262,20 @@ def _scrubbed(error: ProviderError, status: int, secrets: tuple[str, ...]) -> Pr
     error.code = _redacted(error.code, secrets)
     if isinstance(error, ResponseFormatError):
         error.excerpt = _redacted(error.excerpt, secrets) or ""
+    return _owned(error, name, secrets)
+
+
+def _owned(error: _E, name: str, secrets: tuple[str, ...]) -> _E:
+    """*error*, made by *name*'s adapter, naming that adapter, its message redacted of *secrets*.
+
+    An adapter writes the message itself, often with the answer's text in it
+    (``ProviderRejected(f"refused: {response.text()}")``): a provider that echoes the key would
+    have it shown by ``str(error)``, as the detail never is. And an adapter's error names the
+    provider that answered, not the one it says (a copy of another package's code may say
+    ``provider="laozhang"``).
+    """
+    error.provider = name  # type: ignore[attr-defined]  # ProviderError and JobError have one
+    error.args = tuple(redact(arg, secrets) if type(arg) is str else arg for arg in error.args)
     return error
 
 
@@ -308,7 +324,7 @@ def _answered(
             raise failure
         return _as_returned(adapter.name, read(*args, **kwargs), expected)
     except ProviderError as error:
-        scrubbed = _scrubbed(error, response.status_code, secrets)
+        scrubbed = _scrubbed(error, adapter.name, response.status_code, secrets)
         raise _with_answer(scrubbed, response, secrets) from error.__cause__
     except JobError as error:
         if not taken and not isinstance(error, Moderated):
@@ -320,7 +336,7 @@ def _answered(
             )
             raise _with_answer(unread, response, secrets) from error
         error.detail = _redacted(error.detail, secrets)
-        _with_answer(error, response, secrets)
+        _with_answer(_owned(error, adapter.name, secrets), response, secrets)
         raise
     except _Unusable as exc:
         unusable = ResponseFormatError(
@@ -737,7 +753,7 @@ def _job_failure(
     if not isinstance(failed, JobError):
         return None
     failed.detail = _redacted(failed.detail, secrets)
-    return _with_answer(failed, response, secrets)
+    return _with_answer(_owned(failed, adapter.name, secrets), response, secrets)
 
 
 def _transient(response: HttpResponse) -> Pending | None:

@@ -387,6 +387,66 @@ def test_a_provider_error_with_a_detail_that_is_no_text_is_still_typed() -> None
         assert outcome.status_code == 400
 
 
+def _echoing(kind: type[errors.ProviderError]) -> Callable[[Any], errors.ProviderError]:
+    """A parse_error that puts the answer's text in its message, as careless adapters do."""
+
+    def parse_error(response: Any) -> errors.ProviderError:
+        return kind(f"refused: {response.text()}", provider="laozhang", status_code=400)
+
+    return parse_error
+
+
+def _raising_echo(response: Any) -> Any:
+    raise errors.ResponseFormatError(
+        f"unreadable: {response.text()}", provider="laozhang", status_code=200
+    )
+
+
+ECHOED: dict[str, tuple[int, Callable[..., Any]]] = {
+    "parse-error": (400, _echoing(errors.ProviderRejected)),
+    "parse-response": (200, _raising_echo),
+}
+
+
+@pytest.mark.parametrize(("status", "method"), ECHOED.values(), ids=ECHOED.keys())
+def test_a_key_echoed_into_an_adapters_own_message_never_shows_and_the_adapter_is_named(
+    status: int, method: Callable[..., Any]
+) -> None:
+    # The provider repeats the key it was sent; the adapter writes the answer into its message
+    # (the detail was redacted, the message was not) and names a provider it was copied from.
+    name = "parse_error" if status >= 300 else "parse_response"
+    sync, (async_, _) = edited(Hostile(**{name: method}), status, {"echo": f"key {KEY}"})
+    for outcome in (sync, async_):
+        assert isinstance(outcome, errors.ProviderError)
+        assert KEY not in str(outcome)
+        assert KEY not in repr(outcome)
+        assert KEY[:12] not in str(outcome)
+        assert outcome.provider == "hostile"
+        assert str(outcome).startswith("hostile: ")
+
+
+class EchoingJobs(BflAdapter):
+    """BFL's adapter whose job outcome quotes the poll's answer in its message."""
+
+    name = "echoing-jobs"
+
+    def parse_poll(self, response: Any, job: Job) -> Any:
+        raise errors.JobFailed(
+            f"failed: {response.text()}", provider="bfl", job_id=job.id, billed=None
+        )
+
+
+@both
+def test_a_key_echoed_into_a_job_adapters_message_never_shows(kind: str) -> None:
+    fake = FakeBfl(outcome={"status": "Error", "echo": f"your key {JOBS_KEY}"}, pending=0)
+    with pytest.raises(errors.JobFailed) as caught:
+        run(kind, fake, T2I, provider=EchoingJobs(), polling=QUICK)
+    assert JOBS_KEY not in str(caught.value)
+    assert JOBS_KEY[:12] not in str(caught.value)
+    assert caught.value.provider == "echoing-jobs"
+    assert caught.value.job is not None  # the job it ended keeps its id, to be looked up
+
+
 # --- What an adapter declares: checked when it is loaded -----------------------------------
 
 
