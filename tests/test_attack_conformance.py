@@ -8,7 +8,9 @@ redirects the protocol elsewhere, or echoes the key, replaces no cassette and le
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import os
 import shutil
 import socket
@@ -21,6 +23,7 @@ from typing import Any, cast
 import attrs
 import httpx
 import pytest
+import yaml
 from nimbus_flux import NimbusAdapter
 from pixelforge_flux import PixelforgeAdapter
 from pixelforge_flux import sandbox as pixelforge_sandbox
@@ -231,6 +234,44 @@ def test_a_sandbox_that_echoes_the_key_leaks_it_nowhere(tmp_path: Path) -> None:
     assert KEY[:12] not in said
     assert KEY[8:16] not in said
     assert _snapshot(folder) == before
+
+
+def test_a_sandbox_compressing_its_answer_in_its_own_spelling_leaks_no_key(
+    tmp_path: Path,
+) -> None:
+    """Its render answer is gzip sent as ``Content-Encoding: GZIP``, the key inside."""
+
+    async def render(request: Request) -> Response:
+        answer = await pixelforge_sandbox.render_route(request)
+        data = json.loads(bytes(answer.body))
+        data["debug"] = f"rendered for {KEY}"
+        squeezed = gzip.compress(json.dumps(data).encode())
+        return Response(
+            squeezed, media_type="application/json", headers={"content-encoding": "GZIP"}
+        )
+
+    folder = tmp_path / "pixelforge"
+    app = Starlette(
+        routes=[
+            Route("/api/v2/render", render, methods=["POST"]),
+            Mount("/", app=pixelforge_sandbox.app),
+        ]
+    )
+    with serve(app) as url:
+        verdicts = record(
+            PixelforgeAdapter(),
+            folder,
+            api_key=KEY,
+            base_url=url,
+            scenarios=[by_id("text-to-image")],
+            log=lambda line: None,
+        )
+    assert [v.outcome for v in verdicts] == ["pass"]
+    stored = yaml.safe_load((folder / "text-to-image.yaml").read_text())["interactions"][0]
+    assert "GZIP" not in str(stored["response"]["headers"])  # stored as read: plain text
+    assert json.loads(stored["response"]["body"]["string"])["debug"] == "rendered for [redacted]"
+    assert scan_for_secrets(folder, [KEY]) == []
+    assert run_scenario(PixelforgeAdapter(), by_id("text-to-image"), folder).outcome == "pass"
 
 
 # --- an adapter wrong on the wire ---------------------------------------------------------------
