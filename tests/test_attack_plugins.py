@@ -1125,6 +1125,27 @@ def test_declared_text_with_control_characters_is_refused_when_loaded(
     assert "\r" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "model", ["flux-2-pro\x1b[2J", "flux-2-pro\r\nInjected: yes", "flux-2-pro\u202e"]
+)
+def test_a_model_id_with_control_characters_is_refused_when_loaded(
+    plugins: Plugins, model: str
+) -> None:
+    # The key of a limits row went to the terminal as it was: `models` cleared the screen.
+    base = LaozhangAdapter.limits["flux-2-pro"]
+    row = attrs.evolve(base, model=model)
+    limits = {"flux-2-pro": base, model: row}
+    providers.register_provider("declaring", declaring(limits=limits))
+    with pytest.raises(errors.ConfigurationError, match="printable") as caught:
+        get_adapter("declaring")
+    assert model not in str(caught.value)
+    code, out, err = cli("models")
+    assert code == 0, err
+    assert "\x1b" not in out + err
+    assert "\r" not in out + err
+    assert "\u202e" not in out + err
+
+
 class CancelRaises(BflAdapter):
     """BFL's adapter whose cancel and job_failure raise what no adapter should."""
 
