@@ -693,11 +693,23 @@ def _within(
     """*request* marked as *role* (whatever the adapter said), to end by the job's deadline.
 
     Raises:
-        RequestError: *adapter* built something other than an `HttpRequest` (not sent; the
-            job's flow gives the error its job, as for an exception in building).
+        RequestError: *adapter* built something other than an `HttpRequest`, or one whose URL
+            is no http(s) URL with a host (not sent; the job's flow gives the error its job, as
+            for an exception in building).
     """
+    from flux_adapters.providers._images_api import url_problem
+
+    built = as_request(request, adapter, None)
+    url: object = built.url
+    # A poll URL the provider returned relative ("/v1/jobs/1"), or with no scheme, taken as it
+    # was: no such request can ever be sent, and each try failed as "not sent", to be tried
+    # again in place until the job's deadline (ten minutes by default), then a JobTimeout that
+    # offered a job `resume` refuses for the same reason.
+    problem = url_problem(url, f"its {role} URL") if isinstance(url, str) else ""
+    if problem:
+        raise _not_built(adapter, None, ValueError(problem))
     deadline = max(_SHORTEST_EXCHANGE, ends - clock())
-    return attrs.evolve(as_request(request, adapter, None), role=role, deadline=deadline)
+    return attrs.evolve(built, role=role, deadline=deadline)
 
 
 def _poll_once(

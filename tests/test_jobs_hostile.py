@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
-from flux_adapters.jobs import Done, Job, Pending, Polling
+from flux_adapters.jobs import Done, Job, Pending, Polling, Submitted
 from flux_adapters.providers.bfl import BflAdapter
 from flux_adapters.wire import HttpResponse
 from tests.test_jobs import KEY, T2I, Both, Fake, FakeBfl, both, run
@@ -71,6 +71,50 @@ def test_an_error_of_the_client_after_acceptance_keeps_the_job_and_never_fails_o
     assert bfl.count("POST") == 1
     assert caught.value.job is not None
     assert caught.value.job.id == "job-1"
+    assert [a.billing for a in caught.value.attempts] == ["job-accepted"]
+
+
+class RelativePolls(BflAdapter):
+    """An adapter passing on the polling URL its provider answered relative, as it came."""
+
+    name = "relative-polls"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def parse_submit(self, response: HttpResponse) -> Submitted:
+        return attrs.evolve(super().parse_submit(response), poll_url=self.url)
+
+
+class Unsupported(Both):
+    """bfl and laozhang, and what httpx's own transport does with a URL of no http(s) host."""
+
+    def __init__(self, bfl: FakeBfl) -> None:
+        super().__init__(bfl)
+        self.unsendable = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme not in ("http", "https") or not request.url.host:
+            self.unsendable += 1
+            raise httpx.UnsupportedProtocol("Request URL is missing an 'http://' protocol.")
+        return super().__call__(request)
+
+
+@both
+@pytest.mark.parametrize("url", ["/v1/get_result?id=job-1", "", "api.eu2.bfl.ai/v1/get_result"])
+def test_a_poll_url_that_can_never_be_sent_ends_the_job_at_once_with_the_job(
+    kind: str, url: str, keys: None
+) -> None:
+    # Each poll failed as "not sent" and was tried again in place until the job's deadline
+    # (ten minutes by default), to end in a JobTimeout whose job `resume` refuses.
+    fake = Unsupported(FakeBfl())
+    with pytest.raises(errors.RequestError) as caught:
+        run(kind, fake, T2I, provider=[RelativePolls(url), "laozhang"], polling=QUICK)
+    assert fake.unsendable == 0
+    assert fake.bfl.count("POST") == 1
+    assert fake.laozhang == []  # accepted: never paid twice
+    assert caught.value.job is not None
+    assert "poll URL" in str(caught.value)
     assert [a.billing for a in caught.value.attempts] == ["job-accepted"]
 
 
