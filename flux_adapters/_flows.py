@@ -23,7 +23,7 @@ from typing import Final, ParamSpec, TypeAlias, TypeVar
 import attrs
 from attrs import frozen
 
-from flux_adapters._display import describe_exception, render_value, type_name
+from flux_adapters._display import describe_exception, escape_controls, render_value, type_name
 from flux_adapters._foreign import is_interruption
 from flux_adapters._ids import ProviderId, ProviderName
 from flux_adapters._options import is_number
@@ -275,15 +275,24 @@ def _owned(error: _E, name: str, secrets: tuple[str, ...]) -> _E:
     ``provider="laozhang"``).
     """
     error.provider = name  # type: ignore[attr-defined]  # ProviderError and JobError have one
-    error.args = tuple(redact(arg, secrets) if type(arg) is str else arg for arg in error.args)
+    error.args = tuple(
+        _redacted(arg, secrets) or "" if type(arg) is str else arg for arg in error.args
+    )
+    if isinstance(error, JobError) and type(error.job_id) is str:
+        error.job_id = _redacted(error.job_id, secrets) or ""
     return error
 
 
 def _redacted(text: object, secrets: tuple[str, ...]) -> str | None:
-    """*text* (an adapter's, so perhaps not text at all) redacted of *secrets*; ``None`` if empty."""
+    """*text* (an adapter's, so perhaps not text at all) redacted of *secrets*; ``None`` if empty.
+
+    Its control characters are escaped, as the built-in adapters escape the provider's text they
+    quote: an adapter of another package that quotes ``response.text()`` as it is would carry a
+    provider's escape sequences to the terminal ``str(error)`` is printed on.
+    """
     if not text:
         return None
-    return redact(text if type(text) is str else render_value(text), secrets)
+    return escape_controls(redact(text if type(text) is str else render_value(text), secrets))
 
 
 def _answered(

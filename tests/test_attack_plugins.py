@@ -447,6 +447,49 @@ def test_a_key_echoed_into_a_job_adapters_message_never_shows(kind: str) -> None
     assert caught.value.job is not None  # the job it ended keeps its id, to be looked up
 
 
+ESCAPES = "\x1b[2J\x1b]0;pwned\x07"
+"""What a hostile provider writes to clear a terminal and retitle it."""
+
+
+def test_a_providers_escape_sequences_quoted_by_an_adapter_never_reach_the_terminal() -> None:
+    def parse_error(response: Any) -> errors.ProviderError:
+        text = response.json()["say"]
+        return errors.ProviderRejected(
+            f"refused: {text}", provider="hostile", status_code=400, detail=text, code=text
+        )
+
+    sync, (async_, _) = edited(Hostile(parse_error=parse_error), 400, {"say": ESCAPES})
+    for outcome in (sync, async_):
+        assert isinstance(outcome, errors.ProviderRejected)
+        assert str(outcome).isprintable()
+        assert "\\x1b[2J" in str(outcome)  # shown escaped, as the built-in adapters show it
+        assert outcome.code is not None
+        assert outcome.code.isprintable()
+
+
+class EscapingJobs(BflAdapter):
+    """BFL's adapter taking the job id as the provider gave it, escape sequences and all."""
+
+    name = "escaping-jobs"
+
+    def parse_submit(self, response: Any) -> Submitted:
+        return attrs.evolve(super().parse_submit(response), id=f"job-1{ESCAPES}")
+
+
+@both
+@pytest.mark.parametrize("ending", ["deadline", "refused-poll"])
+def test_a_job_id_with_escape_sequences_is_shown_escaped(kind: str, ending: str) -> None:
+    fake = FakeBfl(pending=10**6)
+    if ending == "refused-poll":
+        fake = FakeBfl(poll_faults=[httpx.Response(403, json={"detail": "no"})])
+    polling = attrs.evolve(QUICK, deadline=0.05)
+    with pytest.raises(errors.FluxError) as caught:
+        run(kind, fake, T2I, provider=EscapingJobs(), polling=polling)
+    assert caught.value.job is not None
+    assert caught.value.job.id == f"job-1{ESCAPES}"  # kept whole, to be polled again
+    assert str(caught.value).isprintable(), str(caught.value)
+
+
 # --- What an adapter declares: checked when it is loaded -----------------------------------
 
 
