@@ -1043,6 +1043,39 @@ def test_an_entry_point_under_an_unusable_id_is_named_when_that_id_is_asked_for(
     assert "pixel-forge-dist" in caplog.text
 
 
+class _Unreadable:
+    """An installed package whose entry_points.txt has a line without "=" (in any group)."""
+
+    name = "careless-dist"
+
+    @property
+    def entry_points(self) -> Any:
+        raise TypeError("Pair.__new__() missing 1 required positional argument: 'value'")
+
+
+def test_a_package_whose_entry_points_cannot_be_parsed_hides_no_other_provider(
+    plugins: Plugins, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # importlib.metadata parses every package's entry points before it filters by group: one
+    # unparsable file made every lookup of a provider package's id a bare TypeError.
+    plugins.add("pixelforge", ADAPTER.format(name="pixelforge"), package="pixelforge-dist")
+
+    def entry_points(*, group: str) -> list[importlib.metadata.EntryPoint]:
+        raise TypeError("Pair.__new__() missing 1 required positional argument: 'value'")
+
+    good = SimpleNamespace(
+        name="pixelforge-dist", entry_points=importlib.metadata.EntryPoints(plugins.points)
+    )
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [_Unreadable(), good])
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"):
+        assert get_adapter("pixelforge").name == "pixelforge"
+    assert "pixelforge" in providers.PROVIDERS
+    assert "'careless-dist' cannot be read" in caplog.text
+    with pytest.raises(errors.ConfigurationError, match="unknown provider"):
+        get_adapter("nosuchforge")
+
+
 def test_an_entry_point_claiming_a_built_in_id_is_ignored_with_a_warning(
     plugins: Plugins, caplog: pytest.LogCaptureFixture
 ) -> None:
