@@ -47,6 +47,7 @@ from flux_adapters.providers import AnyAdapter, get_adapter
 from flux_adapters.providers.laozhang import LaozhangAdapter
 from flux_adapters.request import EditRequest
 from flux_adapters.wire import HttpRequest, HttpResponse
+from tests.test_async_drivers import _socket_buffers
 from tests.test_fault_control import PIXELFORGE_CASSETTES, ROOT, _snapshot, serve
 
 KEY = "a-recording-key-0123456789abcdef"
@@ -107,6 +108,29 @@ def test_an_endless_answer_to_the_probe_is_not_read_whole() -> None:
         assert FaultControl(url, http).probe() == ""  # a 200: it speaks the protocol
     # What the kernel buffers aside, the client stopped reading at its cap.
     assert sent["bytes"] < 64 * 1024 * 1024
+
+
+def test_an_endless_answer_to_a_recorded_request_is_not_read_whole(tmp_path: Path) -> None:
+    # vcrpy reads each answer whole inside the transport, under the library's own reader and
+    # its cap: the sandbox's 256 MiB were all read into memory, and an endless one had no end.
+    sent = {"bytes": 0}
+
+    def endless(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+        for _ in range(4096):  # 256 MiB, if anyone read it all
+            conn.sendall(chunk)
+            sent["bytes"] += 0x10000
+
+    folder = tmp_path / "pixelforge"
+    with raw_server(endless) as (url, _):
+        failed = _record(url, folder, ["text-to-image"], [])
+    assert "larger than a cassette may hold" in failed.failures[0].detail
+    assert not folder.exists()  # nothing written
+    assert sent["bytes"] <= runner.CASSETTE_BYTES + _socket_buffers()
 
 
 @pytest.mark.parametrize("head_too", [False, True], ids=["body", "head"])
