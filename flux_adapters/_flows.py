@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Generator
-from typing import Final, ParamSpec, TypeAlias, TypeVar
+from typing import Any, Final, ParamSpec, TypeAlias, TypeVar
 
 import attrs
 from attrs import frozen
@@ -536,6 +536,7 @@ def job_flow(
         submitted_at=time.time(),
         usage=submitted.usage,
     )
+    job = _keyless(adapter, job, secrets)
     try:
         yield Accepted(job)
     except StopJob as stop:  # the caller stopped while the job was being kept: it is taken
@@ -549,6 +550,49 @@ def job_flow(
         adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
     )
     return Outcome(plan=resolved, answer=answer, job=job, request_id=submit_id or job.id)
+
+
+def _keyless(adapter: JobAdapter, job: Job, secrets: tuple[str, ...]) -> Job:
+    """*job* without the key in its URLs, where its adapter sends the key as a query parameter.
+
+    A provider that takes the key in the query (``?key=...``) may answer with URLs that repeat
+    it: kept in the `Job`, the key went into the result's repr, ``--json``, and the batch
+    journal on disk. The client adds it again to each URL that may receive it, as it sends.
+    Only that parameter holding one of *secrets* is taken out: the same name holding anything
+    else (a CDN's own signed ``token=``) is the URL's.
+    """
+    from flux_adapters.providers import KeyAuth
+
+    auth = getattr(adapter, "auth", None)
+    name = auth.query if isinstance(auth, KeyAuth) else None
+    if not name or not secrets:
+        return job
+    changes: dict[str, Any] = {
+        field: kept
+        for field in ("poll_url", "result_url", "cancel_url")
+        if isinstance(url := getattr(job, field), str)
+        and (kept := _without_key(url, name, secrets)) != url
+    }
+    return attrs.evolve(job, **changes) if changes else job
+
+
+def _without_key(url: str, name: str, secrets: tuple[str, ...]) -> str:
+    """*url* without the query parameter *name* where it holds one of *secrets*.
+
+    Every other byte of it stays as it was: the URL may be signed.
+    """
+    head, mark, rest = url.partition("?")
+    if not mark:
+        return url
+    query, hash_, fragment = rest.partition("#")
+    from urllib.parse import unquote_plus
+
+    def keyed(pair: str) -> bool:
+        field, _, value = pair.partition("=")
+        return unquote_plus(field) == name and unquote_plus(value) in secrets
+
+    kept = [pair for pair in query.split("&") if not keyed(pair)]
+    return head + (mark + "&".join(kept) if kept else "") + hash_ + fragment
 
 
 class _Deadline(Exception):
