@@ -35,11 +35,17 @@ from starlette.types import ASGIApp
 
 from flux_adapters import errors
 from flux_adapters.cli import main
-from flux_adapters.conformance import RecordingFailed, _fault_control, record, runner
+from flux_adapters.conformance import (
+    ConformanceSuite,
+    RecordingFailed,
+    _fault_control,
+    record,
+    runner,
+)
 from flux_adapters.conformance._fault_control import FaultControl
 from flux_adapters.conformance.mutation import render, score
 from flux_adapters.conformance.runner import reported_usage, run_scenario, scan_for_secrets
-from flux_adapters.conformance.scenarios import by_id
+from flux_adapters.conformance.scenarios import SCENARIOS, by_id
 from flux_adapters.emulator import Fault
 from flux_adapters.jobs import Done, Job, Pending
 from flux_adapters.limits import Plan
@@ -296,6 +302,25 @@ def test_a_sandbox_compressing_its_answer_in_its_own_spelling_leaks_no_key(
     assert json.loads(stored["response"]["body"]["string"])["debug"] == "rendered for [redacted]"
     assert scan_for_secrets(folder, [KEY]) == []
     assert run_scenario(PixelforgeAdapter(), by_id("text-to-image"), folder).outcome == "pass"
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"flux-2-pro": "a row"}, [("flux-2-pro", None)], {}],
+    ids=["row-no-model-limits", "a-list", "no-model"],
+)
+def test_an_adapter_declaring_unusable_limits_is_told_so_not_given_a_traceback(
+    limits: object, tmp_path: Path
+) -> None:
+    # A ConformanceSuite subclass hands the runner its adapter as it is: the runner read its
+    # limits before any client checked them, and raised AttributeError from most scenarios.
+    wrong = type("Wrong", (LaozhangAdapter,), {"name": "wrong", "limits": limits})()
+    suite = type("TestWrong", (ConformanceSuite,), {"adapter": wrong, "cassettes": tmp_path})()
+    for scenario in SCENARIOS:
+        with pytest.raises(errors.ConfigurationError, match="limits"):
+            run_scenario(wrong, scenario, ROOT / "cassettes" / "laozhang")
+        with pytest.raises(pytest.fail.Exception, match=r"the adapter cannot be used: .*limits"):
+            suite.test_scenario(scenario)
 
 
 # --- an adapter wrong on the wire ---------------------------------------------------------------

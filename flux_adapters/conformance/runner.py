@@ -862,7 +862,16 @@ def run_scenario(
     cassettes: Path,
     deviations: Mapping[str, str] | None = None,
 ) -> Verdict:
-    """Judge *adapter* on *scenario* from the cassettes in *cassettes* (see the module docstring)."""
+    """Judge *adapter* on *scenario* from the cassettes in *cassettes* (see the module docstring).
+
+    Raises:
+        ConfigurationError: *adapter*'s declared data cannot be used (checked as a client checks
+            it): a `ConformanceSuite` subclass hands its adapter over as it is, and its limits
+            are read before any client is made.
+    """
+    from flux_adapters._options import check_adapter
+
+    check_adapter(adapter)
     return _declared(_judge(adapter, scenario, cassettes), (deviations or {}).get(scenario.id))
 
 
