@@ -415,8 +415,16 @@ def _whole_answer(name: str, answer: Answer) -> Answer:
 
 
 def _whole_submitted(name: str, submitted: Submitted) -> Submitted:
-    # The id and URLs are taken as they are: the job was accepted, and is followed as long as
-    # the adapter can build its polls (a poll it cannot build is a typed error with the job).
+    # The URLs are taken as they are: the job was accepted, and is followed as long as the
+    # adapter can build its polls (a poll it cannot build is a typed error with the job).
+    # The id is text: a provider's numeric id, taken as it came ({"id": 12345}), is made its
+    # text; anything else is no id (every error after the acceptance showed it, quoted it in
+    # the journal and compared keys with it, and failed there with a bare TypeError).
+    ident: object = submitted.id
+    if type(ident) is int:
+        submitted = attrs.evolve(submitted, id=str(ident))
+    elif not isinstance(ident, str) or not ident:
+        raise _Unusable(f"Submitted with an id of {type_name(ident)}, not a text")
     usage = _usage(name, submitted.usage)
     return submitted if usage is submitted.usage else attrs.evolve(submitted, usage=usage)
 
@@ -687,7 +695,8 @@ def _attach(error: FluxError, job: Job, secrets: tuple[str, ...]) -> None:
     no header gave one); the job itself (``error.job``) keeps it whole, to be polled again.
     """
     error.job = job
-    if not any(secret and secret in job.id for secret in secrets):
+    ident: object = job.id  # a job made by hand (resume) may hold anything
+    if not isinstance(ident, str) or not any(secret and secret in ident for secret in secrets):
         return
     shown = redact(job.id, secrets)
     if isinstance(error, JobError) and error.job_id == job.id:

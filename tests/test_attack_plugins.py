@@ -791,6 +791,58 @@ def test_a_job_parse_method_returning_the_wrong_type_is_typed_and_never_resubmit
         assert not isinstance(outcome.__cause__, AttributeError | TypeError)
 
 
+class NumberedJobs(BflAdapter):
+    """BFL's adapter taking the job id as its provider sent it: a number, or not at all."""
+
+    name = "numbered-jobs"
+
+    def __init__(self, ident: object) -> None:
+        self.ident = ident
+
+    def parse_submit(self, response: Any) -> Submitted:
+        return attrs.evolve(super().parse_submit(response), id=self.ident)  # type: ignore[arg-type]
+
+
+ENDINGS: dict[str, dict[str, Any]] = {
+    "job-failed": {"pending": 0, "outcome": {"status": "Error"}},
+    "deadline": {"pending": 10**6},
+    "poll-refused": {"poll_faults": [httpx.Response(401, json={"detail": "revoked"})]},
+}
+
+
+@both
+@pytest.mark.parametrize("ending", ENDINGS.values(), ids=ENDINGS.keys())
+def test_a_numeric_job_id_is_kept_as_its_text_and_every_ending_is_typed(
+    kind: str, ending: dict[str, Any]
+) -> None:
+    # Every error after the acceptance looked for the keys in the id: a bare TypeError, the
+    # job it carried lost.
+    fake = FakeBfl(**ending)
+    polling = attrs.evolve(QUICK, deadline=0.2)
+    with pytest.raises(errors.FluxError) as caught:
+        run(kind, fake, T2I, provider=NumberedJobs(12345), polling=polling)
+    assert caught.value.job is not None
+    assert caught.value.job.id == "12345"  # text: it can be journalled and resumed
+    assert fake.count("POST") == 1
+
+
+@both
+@pytest.mark.parametrize(
+    "ident", [None, 1.5, {"id": 1}, ""], ids=["none", "float", "dict", "empty"]
+)
+def test_a_job_accepted_with_no_usable_id_is_an_unreadable_acceptance(
+    kind: str, ident: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "lz-key-0123456789abcdef")
+    monkeypatch.setenv("BFL_API_KEY", JOBS_KEY)
+    everything = Both(FakeBfl(pending=0, outcome={"status": "Error"}))
+    with pytest.raises(errors.ResponseFormatError, match="id of") as caught:
+        run(kind, everything, T2I, provider=[NumberedJobs(ident), "laozhang"], polling=QUICK)
+    assert caught.value.status_code == 200  # may have been billed: final, never failed over
+    assert everything.laozhang == []
+    assert everything.bfl.count("POST") == 1
+
+
 # --- The command line with a broken provider package installed -----------------------------
 
 
