@@ -323,6 +323,23 @@ def test_an_adapter_declaring_unusable_limits_is_told_so_not_given_a_traceback(
             suite.test_scenario(scenario)
 
 
+def test_recording_a_provider_package_against_the_emulator_is_refused_saying_why(
+    tmp_path: Path,
+) -> None:
+    # The emulator speaks the built-in providers only: the run started it, then broke off with
+    # "KeyError: 'nimbus'".
+    with pytest.raises(errors.ConfigurationError, match="emulator speaks the built-in"):
+        record(NimbusAdapter(), tmp_path / "nimbus", api_key=KEY, emulator=True)
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["conformance", "-p", "nimbus", "--record", "--emulator", "-y"]
+    code = main([*argv, "--cassettes", str(tmp_path), "--report-dir", str(tmp_path)], out, err)
+    assert code != 0
+    assert "emulator speaks the built-in providers only" in err.getvalue()
+    assert "KeyError" not in err.getvalue()
+    assert "to record against" not in out.getvalue()  # refused before counting paid calls
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- an adapter wrong on the wire ---------------------------------------------------------------
 
 

@@ -1033,10 +1033,12 @@ def record(
     Raises:
         RecordingFailed: A scenario failed, recording broke off before its scenarios, or a new
             cassette held a secret; nothing was replaced.
-        ConfigurationError: *cassettes*/``deviations.toml`` cannot be read (`read_deviations`).
+        ConfigurationError: *cassettes*/``deviations.toml`` cannot be read (`read_deviations`),
+            or *emulator* is asked for a provider it does not serve (a provider package's).
     """
     deviations = read_deviations(cassettes)
     if emulator:
+        _check_emulated(adapter)
         api_key = "emu-" + secrets.token_urlsafe(24)
     keys = _recording_keys(api_key, scenarios)
     redact = Redactor(keys)
@@ -1099,6 +1101,24 @@ def record(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return verdicts
+
+
+def _check_emulated(adapter: AnyAdapter) -> None:
+    """Refuse to record *adapter* against the emulator when it does not speak its dialect.
+
+    Raises:
+        ConfigurationError: *adapter* is none of the built-in providers the emulator serves (a
+            provider package's: it has its own sandbox); said before anything is sent, rather
+            than ``KeyError: 'nimbus'`` once the emulator was started.
+    """
+    from flux_adapters.emulator import PROVIDER_PREFIXES
+
+    if adapter.name not in PROVIDER_PREFIXES:
+        raise errors.ConfigurationError(
+            f"the bundled emulator speaks the built-in providers only "
+            f"({', '.join(PROVIDER_PREFIXES)}), not {adapter.name!r}: record it against its "
+            "own sandbox (--base-url) or the live provider"
+        )
 
 
 def _exchanges(folder: Path) -> tuple[int, int]:
