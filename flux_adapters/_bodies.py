@@ -292,7 +292,7 @@ def _no_image(value: object) -> object:
 
 
 _JSON: Final = compiled_encoder(
-    json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_no_image)
+    json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_no_image, allow_nan=False)
 )
 """Compact JSON, as ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))`` writes it,
 that stops at the first image (`_ImageMet`)."""
@@ -377,7 +377,9 @@ def _mark_image(value: object) -> object:
 
 
 _MARKING: Final = compiled_encoder(
-    json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_mark_image)
+    json.JSONEncoder(
+        ensure_ascii=False, separators=(",", ":"), default=_mark_image, allow_nan=False
+    )
 )
 """`_JSON`'s text, with each image written as `_MARK` (and noted in `_met`)."""
 _MARK_JSON: Final = _MARKING(_MARK)
@@ -394,7 +396,9 @@ def json_segments(body: JsonBody) -> list[Segment]:
 
     Raises:
         TypeError: A value JSON has no form for (a set, say): the adapter's mistake.
-        ValueError: The body holds itself, or nests deeper than Python can encode.
+        ValueError: The body holds itself, nests deeper than Python can encode, or holds a
+            float JSON has no form for (NaN, infinity: Python would write ``NaN``, which no
+            provider's parser reads, and the paid request would go out all the same).
     """
     images: list[ImageValue] = []
     _met.images = images

@@ -221,9 +221,11 @@ def check_limits(adapter: str, limits: Mapping[object, object]) -> None:
     if not rows:
         raise ConfigurationError(f"{where} offer no model; give one ModelLimits row per model")
     for model, row in rows:
-        if not isinstance(model, str) or not model:
+        if not isinstance(model, str) or not model or not model.isprintable():
+            # Shown by `models` and `explain` on a terminal as it is: a line break or an
+            # escape sequence in it has no place there, as in the row's own texts.
             raise ConfigurationError(
-                f"{where} are keyed by model id (str), not {render_value(model)}"
+                f"{where} are keyed by model id (printable str), not {render_value(model)}"
             )
         if not isinstance(row, ModelLimits):
             raise ConfigurationError(

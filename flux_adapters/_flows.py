@@ -18,12 +18,12 @@ import logging
 import random
 import time
 from collections.abc import Callable, Generator
-from typing import Final, ParamSpec, TypeAlias, TypeVar
+from typing import Any, Final, ParamSpec, TypeAlias, TypeVar
 
 import attrs
 from attrs import frozen
 
-from flux_adapters._display import describe_exception, render_value, type_name
+from flux_adapters._display import describe_exception, escape_controls, render_value, type_name
 from flux_adapters._foreign import is_interruption
 from flux_adapters._ids import ProviderId, ProviderName
 from flux_adapters._options import is_number
@@ -252,7 +252,9 @@ def _with_answer(error: _E, response: HttpResponse, secrets: tuple[str, ...]) ->
     return error
 
 
-def _scrubbed(error: ProviderError, status: int, secrets: tuple[str, ...]) -> ProviderError:
+def _scrubbed(
+    error: ProviderError, name: str, status: int, secrets: tuple[str, ...]
+) -> ProviderError:
     # The status the provider sent decides what the error proves (routing.billing_rule): an
     # adapter may not report another, nor turn a billed 2xx or 5xx into a 402 or 429.
     error.status_code = status
@@ -260,14 +262,37 @@ def _scrubbed(error: ProviderError, status: int, secrets: tuple[str, ...]) -> Pr
     error.code = _redacted(error.code, secrets)
     if isinstance(error, ResponseFormatError):
         error.excerpt = _redacted(error.excerpt, secrets) or ""
+    return _owned(error, name, secrets)
+
+
+def _owned(error: _E, name: str, secrets: tuple[str, ...]) -> _E:
+    """*error*, made by *name*'s adapter, naming that adapter, its message redacted of *secrets*.
+
+    An adapter writes the message itself, often with the answer's text in it
+    (``ProviderRejected(f"refused: {response.text()}")``): a provider that echoes the key would
+    have it shown by ``str(error)``, as the detail never is. And an adapter's error names the
+    provider that answered, not the one it says (a copy of another package's code may say
+    ``provider="laozhang"``).
+    """
+    error.provider = name  # type: ignore[attr-defined]  # ProviderError and JobError have one
+    error.args = tuple(
+        _redacted(arg, secrets) or "" if type(arg) is str else arg for arg in error.args
+    )
+    if isinstance(error, JobError) and type(error.job_id) is str:
+        error.job_id = _redacted(error.job_id, secrets) or ""
     return error
 
 
 def _redacted(text: object, secrets: tuple[str, ...]) -> str | None:
-    """*text* (an adapter's, so perhaps not text at all) redacted of *secrets*; ``None`` if empty."""
+    """*text* (an adapter's, so perhaps not text at all) redacted of *secrets*; ``None`` if empty.
+
+    Its control characters are escaped, as the built-in adapters escape the provider's text they
+    quote: an adapter of another package that quotes ``response.text()`` as it is would carry a
+    provider's escape sequences to the terminal ``str(error)`` is printed on.
+    """
     if not text:
         return None
-    return redact(text if type(text) is str else render_value(text), secrets)
+    return escape_controls(redact(text if type(text) is str else render_value(text), secrets))
 
 
 def _answered(
@@ -308,7 +333,7 @@ def _answered(
             raise failure
         return _as_returned(adapter.name, read(*args, **kwargs), expected)
     except ProviderError as error:
-        scrubbed = _scrubbed(error, response.status_code, secrets)
+        scrubbed = _scrubbed(error, adapter.name, response.status_code, secrets)
         raise _with_answer(scrubbed, response, secrets) from error.__cause__
     except JobError as error:
         if not taken and not isinstance(error, Moderated):
@@ -320,7 +345,7 @@ def _answered(
             )
             raise _with_answer(unread, response, secrets) from error
         error.detail = _redacted(error.detail, secrets)
-        _with_answer(error, response, secrets)
+        _with_answer(_owned(error, adapter.name, secrets), response, secrets)
         raise
     except _Unusable as exc:
         unusable = ResponseFormatError(
@@ -390,8 +415,16 @@ def _whole_answer(name: str, answer: Answer) -> Answer:
 
 
 def _whole_submitted(name: str, submitted: Submitted) -> Submitted:
-    # The id and URLs are taken as they are: the job was accepted, and is followed as long as
-    # the adapter can build its polls (a poll it cannot build is a typed error with the job).
+    # The URLs are taken as they are: the job was accepted, and is followed as long as the
+    # adapter can build its polls (a poll it cannot build is a typed error with the job).
+    # The id is text: a provider's numeric id, taken as it came ({"id": 12345}), is made its
+    # text; anything else is no id (every error after the acceptance showed it, quoted it in
+    # the journal and compared keys with it, and failed there with a bare TypeError).
+    ident: object = submitted.id
+    if type(ident) is int:
+        submitted = attrs.evolve(submitted, id=str(ident))
+    elif not isinstance(ident, str) or not ident:
+        raise _Unusable(f"Submitted with an id of {type_name(ident)}, not a text")
     usage = _usage(name, submitted.usage)
     return submitted if usage is submitted.usage else attrs.evolve(submitted, usage=usage)
 
@@ -511,6 +544,7 @@ def job_flow(
         submitted_at=time.time(),
         usage=submitted.usage,
     )
+    job = _keyless(adapter, job, secrets)
     try:
         yield Accepted(job)
     except StopJob as stop:  # the caller stopped while the job was being kept: it is taken
@@ -524,6 +558,49 @@ def job_flow(
         adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
     )
     return Outcome(plan=resolved, answer=answer, job=job, request_id=submit_id or job.id)
+
+
+def _keyless(adapter: JobAdapter, job: Job, secrets: tuple[str, ...]) -> Job:
+    """*job* without the key in its URLs, where its adapter sends the key as a query parameter.
+
+    A provider that takes the key in the query (``?key=...``) may answer with URLs that repeat
+    it: kept in the `Job`, the key went into the result's repr, ``--json``, and the batch
+    journal on disk. The client adds it again to each URL that may receive it, as it sends.
+    Only that parameter holding one of *secrets* is taken out: the same name holding anything
+    else (a CDN's own signed ``token=``) is the URL's.
+    """
+    from flux_adapters.providers import KeyAuth
+
+    auth = getattr(adapter, "auth", None)
+    name = auth.query if isinstance(auth, KeyAuth) else None
+    if not name or not secrets:
+        return job
+    changes: dict[str, Any] = {
+        field: kept
+        for field in ("poll_url", "result_url", "cancel_url")
+        if isinstance(url := getattr(job, field), str)
+        and (kept := _without_key(url, name, secrets)) != url
+    }
+    return attrs.evolve(job, **changes) if changes else job
+
+
+def _without_key(url: str, name: str, secrets: tuple[str, ...]) -> str:
+    """*url* without the query parameter *name* where it holds one of *secrets*.
+
+    Every other byte of it stays as it was: the URL may be signed.
+    """
+    head, mark, rest = url.partition("?")
+    if not mark:
+        return url
+    query, hash_, fragment = rest.partition("#")
+    from urllib.parse import unquote_plus
+
+    def keyed(pair: str) -> bool:
+        field, _, value = pair.partition("=")
+        return unquote_plus(field) == name and unquote_plus(value) in secrets
+
+    kept = [pair for pair in query.split("&") if not keyed(pair)]
+    return head + (mark + "&".join(kept) if kept else "") + hash_ + fragment
 
 
 class _Deadline(Exception):
@@ -618,7 +695,8 @@ def _attach(error: FluxError, job: Job, secrets: tuple[str, ...]) -> None:
     no header gave one); the job itself (``error.job``) keeps it whole, to be polled again.
     """
     error.job = job
-    if not any(secret and secret in job.id for secret in secrets):
+    ident: object = job.id  # a job made by hand (resume) may hold anything
+    if not isinstance(ident, str) or not any(secret and secret in ident for secret in secrets):
         return
     shown = redact(job.id, secrets)
     if isinstance(error, JobError) and error.job_id == job.id:
@@ -677,11 +755,23 @@ def _within(
     """*request* marked as *role* (whatever the adapter said), to end by the job's deadline.
 
     Raises:
-        RequestError: *adapter* built something other than an `HttpRequest` (not sent; the
-            job's flow gives the error its job, as for an exception in building).
+        RequestError: *adapter* built something other than an `HttpRequest`, or one whose URL
+            is no http(s) URL with a host (not sent; the job's flow gives the error its job, as
+            for an exception in building).
     """
+    from flux_adapters.providers._images_api import url_problem
+
+    built = as_request(request, adapter, None)
+    url: object = built.url
+    # A poll URL the provider returned relative ("/v1/jobs/1"), or with no scheme, taken as it
+    # was: no such request can ever be sent, and each try failed as "not sent", to be tried
+    # again in place until the job's deadline (ten minutes by default), then a JobTimeout that
+    # offered a job `resume` refuses for the same reason.
+    problem = url_problem(url, f"its {role} URL") if isinstance(url, str) else ""
+    if problem:
+        raise _not_built(adapter, None, ValueError(problem))
     deadline = max(_SHORTEST_EXCHANGE, ends - clock())
-    return attrs.evolve(as_request(request, adapter, None), role=role, deadline=deadline)
+    return attrs.evolve(built, role=role, deadline=deadline)
 
 
 def _poll_once(
@@ -737,7 +827,7 @@ def _job_failure(
     if not isinstance(failed, JobError):
         return None
     failed.detail = _redacted(failed.detail, secrets)
-    return _with_answer(failed, response, secrets)
+    return _with_answer(_owned(failed, adapter.name, secrets), response, secrets)
 
 
 def _transient(response: HttpResponse) -> Pending | None:

@@ -224,6 +224,25 @@ def _attribute(value: object, name: str) -> object:
         return None
 
 
+def _read_failure(value: object, name: str) -> str:
+    """How reading *value*'s attribute *name* fails (a property raising), ``""`` if it does not.
+
+    An attribute that is merely absent is no failure: the message says the part is missing.
+    """
+    from flux_adapters._display import describe_exception
+    from flux_adapters._foreign import is_interruption
+
+    try:
+        getattr(value, name)
+    except AttributeError:
+        return ""
+    except BaseException as exc:
+        if is_interruption(exc):
+            raise
+        return f"could not be read ({describe_exception(exc)})"
+    return ""
+
+
 def _class_name(cls: type) -> str:
     """*cls*'s name for a message: printable, never raising (a metaclass may do anything)."""
     from flux_adapters._display import printable
@@ -253,9 +272,11 @@ def check_adapter(value: object) -> object:
     missing = [part for part in _ADAPTER_PARTS if _attribute(value, part) is None]
     missing += [part for part in methods if not callable(_attribute(value, part))]
     if missing:
+        failures = [f"{part}: {why}" for part in missing if (why := _read_failure(value, part))]
         raise ConfigurationError(
             f"a provider must be a provider id or an adapter; {type(value).__name__} has no "
             + ", ".join(missing)
+            + (f" ({'; '.join(failures)})" if failures else "")
         )
     name = _attribute(value, "name")
     limits = _attribute(value, "limits")

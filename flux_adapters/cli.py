@@ -1831,6 +1831,10 @@ def _conformance(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int
                 if os.environ.get(variable) and not arguments.emulator
                 else None
             )
+            if arguments.emulator:  # before counting what it would record there
+                from flux_adapters.conformance.runner import _check_emulated
+
+                _check_emulated(adapter)
             # Whether the fault scenarios can be recorded there: a free DELETE, without the key.
             unable = "" if arguments.emulator else fault_control_problem(adapter, base_url)
             requests, billed = paid_calls(adapter, arguments.emulator, faults=not unable)

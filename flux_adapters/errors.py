@@ -131,8 +131,12 @@ class FluxError(Exception):
 
     def _request_note(self) -> str:
         """``", request id X"`` when there is one, for ``__str__``."""
+        from flux_adapters._display import escape_controls
+
         found = self.request_id
-        return f", request id {found}" if found else ""
+        # For a job with no request id header, its id: the provider's text, which an adapter
+        # of another package may take as it came.
+        return f", request id {escape_controls(found)}" if isinstance(found, str) and found else ""
 
     def __reduce__(self) -> tuple[object, ...]:
         # The state goes third, so pickle records the error before it: a router's error holds
@@ -366,10 +370,14 @@ class JobError(FluxError):
         self.detail = detail
 
     def __str__(self) -> str:
+        from flux_adapters._display import escape_controls
+
         detail = f": {self.detail}" if self.detail else ""
         found = self.request_id
-        note = f", request id {found}" if found and found != self.job_id else ""
-        return f"{self.provider}: {self.args[0]} (job {self.job_id}{note}){detail}"
+        note = self._request_note() if found and found != self.job_id else ""
+        # The id is the provider's text: an adapter of another package may take it as it came.
+        shown = escape_controls(self.job_id) if type(self.job_id) is str else self.job_id
+        return f"{self.provider}: {self.args[0]} (job {shown}{note}){detail}"
 
 
 class Moderated(JobError):

@@ -8,7 +8,9 @@ redirects the protocol elsewhere, or echoes the key, replaces no cassette and le
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import os
 import shutil
 import socket
@@ -21,6 +23,7 @@ from typing import Any, cast
 import attrs
 import httpx
 import pytest
+import yaml
 from nimbus_flux import NimbusAdapter
 from pixelforge_flux import PixelforgeAdapter
 from pixelforge_flux import sandbox as pixelforge_sandbox
@@ -32,11 +35,17 @@ from starlette.types import ASGIApp
 
 from flux_adapters import errors
 from flux_adapters.cli import main
-from flux_adapters.conformance import RecordingFailed, _fault_control, record, runner
+from flux_adapters.conformance import (
+    ConformanceSuite,
+    RecordingFailed,
+    _fault_control,
+    record,
+    runner,
+)
 from flux_adapters.conformance._fault_control import FaultControl
 from flux_adapters.conformance.mutation import render, score
 from flux_adapters.conformance.runner import reported_usage, run_scenario, scan_for_secrets
-from flux_adapters.conformance.scenarios import by_id
+from flux_adapters.conformance.scenarios import SCENARIOS, by_id
 from flux_adapters.emulator import Fault
 from flux_adapters.jobs import Done, Job, Pending
 from flux_adapters.limits import Plan
@@ -44,6 +53,7 @@ from flux_adapters.providers import AnyAdapter, get_adapter
 from flux_adapters.providers.laozhang import LaozhangAdapter
 from flux_adapters.request import EditRequest
 from flux_adapters.wire import HttpRequest, HttpResponse
+from tests.test_async_drivers import _socket_buffers
 from tests.test_fault_control import PIXELFORGE_CASSETTES, ROOT, _snapshot, serve
 
 KEY = "a-recording-key-0123456789abcdef"
@@ -104,6 +114,29 @@ def test_an_endless_answer_to_the_probe_is_not_read_whole() -> None:
         assert FaultControl(url, http).probe() == ""  # a 200: it speaks the protocol
     # What the kernel buffers aside, the client stopped reading at its cap.
     assert sent["bytes"] < 64 * 1024 * 1024
+
+
+def test_an_endless_answer_to_a_recorded_request_is_not_read_whole(tmp_path: Path) -> None:
+    # vcrpy reads each answer whole inside the transport, under the library's own reader and
+    # its cap: the sandbox's 256 MiB were all read into memory, and an endless one had no end.
+    sent = {"bytes": 0}
+
+    def endless(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+        for _ in range(4096):  # 256 MiB, if anyone read it all
+            conn.sendall(chunk)
+            sent["bytes"] += 0x10000
+
+    folder = tmp_path / "pixelforge"
+    with raw_server(endless) as (url, _):
+        failed = _record(url, folder, ["text-to-image"], [])
+    assert "larger than a cassette may hold" in failed.failures[0].detail
+    assert not folder.exists()  # nothing written
+    assert sent["bytes"] <= runner.CASSETTE_BYTES + _socket_buffers()
 
 
 @pytest.mark.parametrize("head_too", [False, True], ids=["body", "head"])
@@ -231,6 +264,80 @@ def test_a_sandbox_that_echoes_the_key_leaks_it_nowhere(tmp_path: Path) -> None:
     assert KEY[:12] not in said
     assert KEY[8:16] not in said
     assert _snapshot(folder) == before
+
+
+def test_a_sandbox_compressing_its_answer_in_its_own_spelling_leaks_no_key(
+    tmp_path: Path,
+) -> None:
+    """Its render answer is gzip sent as ``Content-Encoding: GZIP``, the key inside."""
+
+    async def render(request: Request) -> Response:
+        answer = await pixelforge_sandbox.render_route(request)
+        data = json.loads(bytes(answer.body))
+        data["debug"] = f"rendered for {KEY}"
+        squeezed = gzip.compress(json.dumps(data).encode())
+        return Response(
+            squeezed, media_type="application/json", headers={"content-encoding": "GZIP"}
+        )
+
+    folder = tmp_path / "pixelforge"
+    app = Starlette(
+        routes=[
+            Route("/api/v2/render", render, methods=["POST"]),
+            Mount("/", app=pixelforge_sandbox.app),
+        ]
+    )
+    with serve(app) as url:
+        verdicts = record(
+            PixelforgeAdapter(),
+            folder,
+            api_key=KEY,
+            base_url=url,
+            scenarios=[by_id("text-to-image")],
+            log=lambda line: None,
+        )
+    assert [v.outcome for v in verdicts] == ["pass"]
+    stored = yaml.safe_load((folder / "text-to-image.yaml").read_text())["interactions"][0]
+    assert "GZIP" not in str(stored["response"]["headers"])  # stored as read: plain text
+    assert json.loads(stored["response"]["body"]["string"])["debug"] == "rendered for [redacted]"
+    assert scan_for_secrets(folder, [KEY]) == []
+    assert run_scenario(PixelforgeAdapter(), by_id("text-to-image"), folder).outcome == "pass"
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"flux-2-pro": "a row"}, [("flux-2-pro", None)], {}],
+    ids=["row-no-model-limits", "a-list", "no-model"],
+)
+def test_an_adapter_declaring_unusable_limits_is_told_so_not_given_a_traceback(
+    limits: object, tmp_path: Path
+) -> None:
+    # A ConformanceSuite subclass hands the runner its adapter as it is: the runner read its
+    # limits before any client checked them, and raised AttributeError from most scenarios.
+    wrong = type("Wrong", (LaozhangAdapter,), {"name": "wrong", "limits": limits})()
+    suite = type("TestWrong", (ConformanceSuite,), {"adapter": wrong, "cassettes": tmp_path})()
+    for scenario in SCENARIOS:
+        with pytest.raises(errors.ConfigurationError, match="limits"):
+            run_scenario(wrong, scenario, ROOT / "cassettes" / "laozhang")
+        with pytest.raises(pytest.fail.Exception, match=r"the adapter cannot be used: .*limits"):
+            suite.test_scenario(scenario)
+
+
+def test_recording_a_provider_package_against_the_emulator_is_refused_saying_why(
+    tmp_path: Path,
+) -> None:
+    # The emulator speaks the built-in providers only: the run started it, then broke off with
+    # "KeyError: 'nimbus'".
+    with pytest.raises(errors.ConfigurationError, match="emulator speaks the built-in"):
+        record(NimbusAdapter(), tmp_path / "nimbus", api_key=KEY, emulator=True)
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["conformance", "-p", "nimbus", "--record", "--emulator", "-y"]
+    code = main([*argv, "--cassettes", str(tmp_path), "--report-dir", str(tmp_path)], out, err)
+    assert code != 0
+    assert "emulator speaks the built-in providers only" in err.getvalue()
+    assert "KeyError" not in err.getvalue()
+    assert "to record against" not in out.getvalue()  # refused before counting paid calls
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- an adapter wrong on the wire ---------------------------------------------------------------

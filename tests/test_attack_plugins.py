@@ -387,6 +387,109 @@ def test_a_provider_error_with_a_detail_that_is_no_text_is_still_typed() -> None
         assert outcome.status_code == 400
 
 
+def _echoing(kind: type[errors.ProviderError]) -> Callable[[Any], errors.ProviderError]:
+    """A parse_error that puts the answer's text in its message, as careless adapters do."""
+
+    def parse_error(response: Any) -> errors.ProviderError:
+        return kind(f"refused: {response.text()}", provider="laozhang", status_code=400)
+
+    return parse_error
+
+
+def _raising_echo(response: Any) -> Any:
+    raise errors.ResponseFormatError(
+        f"unreadable: {response.text()}", provider="laozhang", status_code=200
+    )
+
+
+ECHOED: dict[str, tuple[int, Callable[..., Any]]] = {
+    "parse-error": (400, _echoing(errors.ProviderRejected)),
+    "parse-response": (200, _raising_echo),
+}
+
+
+@pytest.mark.parametrize(("status", "method"), ECHOED.values(), ids=ECHOED.keys())
+def test_a_key_echoed_into_an_adapters_own_message_never_shows_and_the_adapter_is_named(
+    status: int, method: Callable[..., Any]
+) -> None:
+    # The provider repeats the key it was sent; the adapter writes the answer into its message
+    # (the detail was redacted, the message was not) and names a provider it was copied from.
+    name = "parse_error" if status >= 300 else "parse_response"
+    sync, (async_, _) = edited(Hostile(**{name: method}), status, {"echo": f"key {KEY}"})
+    for outcome in (sync, async_):
+        assert isinstance(outcome, errors.ProviderError)
+        assert KEY not in str(outcome)
+        assert KEY not in repr(outcome)
+        assert KEY[:12] not in str(outcome)
+        assert outcome.provider == "hostile"
+        assert str(outcome).startswith("hostile: ")
+
+
+class EchoingJobs(BflAdapter):
+    """BFL's adapter whose job outcome quotes the poll's answer in its message."""
+
+    name = "echoing-jobs"
+
+    def parse_poll(self, response: Any, job: Job) -> Any:
+        raise errors.JobFailed(
+            f"failed: {response.text()}", provider="bfl", job_id=job.id, billed=None
+        )
+
+
+@both
+def test_a_key_echoed_into_a_job_adapters_message_never_shows(kind: str) -> None:
+    fake = FakeBfl(outcome={"status": "Error", "echo": f"your key {JOBS_KEY}"}, pending=0)
+    with pytest.raises(errors.JobFailed) as caught:
+        run(kind, fake, T2I, provider=EchoingJobs(), polling=QUICK)
+    assert JOBS_KEY not in str(caught.value)
+    assert JOBS_KEY[:12] not in str(caught.value)
+    assert caught.value.provider == "echoing-jobs"
+    assert caught.value.job is not None  # the job it ended keeps its id, to be looked up
+
+
+ESCAPES = "\x1b[2J\x1b]0;pwned\x07"
+"""What a hostile provider writes to clear a terminal and retitle it."""
+
+
+def test_a_providers_escape_sequences_quoted_by_an_adapter_never_reach_the_terminal() -> None:
+    def parse_error(response: Any) -> errors.ProviderError:
+        text = response.json()["say"]
+        return errors.ProviderRejected(
+            f"refused: {text}", provider="hostile", status_code=400, detail=text, code=text
+        )
+
+    sync, (async_, _) = edited(Hostile(parse_error=parse_error), 400, {"say": ESCAPES})
+    for outcome in (sync, async_):
+        assert isinstance(outcome, errors.ProviderRejected)
+        assert str(outcome).isprintable()
+        assert "\\x1b[2J" in str(outcome)  # shown escaped, as the built-in adapters show it
+        assert outcome.code is not None
+        assert outcome.code.isprintable()
+
+
+class EscapingJobs(BflAdapter):
+    """BFL's adapter taking the job id as the provider gave it, escape sequences and all."""
+
+    name = "escaping-jobs"
+
+    def parse_submit(self, response: Any) -> Submitted:
+        return attrs.evolve(super().parse_submit(response), id=f"job-1{ESCAPES}")
+
+
+@both
+@pytest.mark.parametrize("ending", ["deadline", "refused-poll"])
+def test_a_job_id_with_escape_sequences_is_shown_escaped(kind: str, ending: str) -> None:
+    fake = FakeBfl(pending=10**6)
+    if ending == "refused-poll":
+        fake = FakeBfl(poll_faults=[httpx.Response(403, json={"detail": "no"})])
+    polling = attrs.evolve(QUICK, deadline=0.05)
+    with pytest.raises(errors.FluxError) as caught:
+        run(kind, fake, T2I, provider=EscapingJobs(), polling=polling)
+    assert caught.value.job is not None
+    assert caught.value.job.id == f"job-1{ESCAPES}"  # kept whole, to be polled again
+    assert str(caught.value).isprintable(), str(caught.value)
+
+
 # --- What an adapter declares: checked when it is loaded -----------------------------------
 
 
@@ -688,6 +791,58 @@ def test_a_job_parse_method_returning_the_wrong_type_is_typed_and_never_resubmit
         assert not isinstance(outcome.__cause__, AttributeError | TypeError)
 
 
+class NumberedJobs(BflAdapter):
+    """BFL's adapter taking the job id as its provider sent it: a number, or not at all."""
+
+    name = "numbered-jobs"
+
+    def __init__(self, ident: object) -> None:
+        self.ident = ident
+
+    def parse_submit(self, response: Any) -> Submitted:
+        return attrs.evolve(super().parse_submit(response), id=self.ident)  # type: ignore[arg-type]
+
+
+ENDINGS: dict[str, dict[str, Any]] = {
+    "job-failed": {"pending": 0, "outcome": {"status": "Error"}},
+    "deadline": {"pending": 10**6},
+    "poll-refused": {"poll_faults": [httpx.Response(401, json={"detail": "revoked"})]},
+}
+
+
+@both
+@pytest.mark.parametrize("ending", ENDINGS.values(), ids=ENDINGS.keys())
+def test_a_numeric_job_id_is_kept_as_its_text_and_every_ending_is_typed(
+    kind: str, ending: dict[str, Any]
+) -> None:
+    # Every error after the acceptance looked for the keys in the id: a bare TypeError, the
+    # job it carried lost.
+    fake = FakeBfl(**ending)
+    polling = attrs.evolve(QUICK, deadline=0.2)
+    with pytest.raises(errors.FluxError) as caught:
+        run(kind, fake, T2I, provider=NumberedJobs(12345), polling=polling)
+    assert caught.value.job is not None
+    assert caught.value.job.id == "12345"  # text: it can be journalled and resumed
+    assert fake.count("POST") == 1
+
+
+@both
+@pytest.mark.parametrize(
+    "ident", [None, 1.5, {"id": 1}, ""], ids=["none", "float", "dict", "empty"]
+)
+def test_a_job_accepted_with_no_usable_id_is_an_unreadable_acceptance(
+    kind: str, ident: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAOZHANG_API_KEY", "lz-key-0123456789abcdef")
+    monkeypatch.setenv("BFL_API_KEY", JOBS_KEY)
+    everything = Both(FakeBfl(pending=0, outcome={"status": "Error"}))
+    with pytest.raises(errors.ResponseFormatError, match="id of") as caught:
+        run(kind, everything, T2I, provider=[NumberedJobs(ident), "laozhang"], polling=QUICK)
+    assert caught.value.status_code == 200  # may have been billed: final, never failed over
+    assert everything.laozhang == []
+    assert everything.bfl.count("POST") == 1
+
+
 # --- The command line with a broken provider package installed -----------------------------
 
 
@@ -940,6 +1095,39 @@ def test_an_entry_point_under_an_unusable_id_is_named_when_that_id_is_asked_for(
     assert "pixel-forge-dist" in caplog.text
 
 
+class _Unreadable:
+    """An installed package whose entry_points.txt has a line without "=" (in any group)."""
+
+    name = "careless-dist"
+
+    @property
+    def entry_points(self) -> Any:
+        raise TypeError("Pair.__new__() missing 1 required positional argument: 'value'")
+
+
+def test_a_package_whose_entry_points_cannot_be_parsed_hides_no_other_provider(
+    plugins: Plugins, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # importlib.metadata parses every package's entry points before it filters by group: one
+    # unparsable file made every lookup of a provider package's id a bare TypeError.
+    plugins.add("pixelforge", ADAPTER.format(name="pixelforge"), package="pixelforge-dist")
+
+    def entry_points(*, group: str) -> list[importlib.metadata.EntryPoint]:
+        raise TypeError("Pair.__new__() missing 1 required positional argument: 'value'")
+
+    good = SimpleNamespace(
+        name="pixelforge-dist", entry_points=importlib.metadata.EntryPoints(plugins.points)
+    )
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [_Unreadable(), good])
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"):
+        assert get_adapter("pixelforge").name == "pixelforge"
+    assert "pixelforge" in providers.PROVIDERS
+    assert "'careless-dist' cannot be read" in caplog.text
+    with pytest.raises(errors.ConfigurationError, match="unknown provider"):
+        get_adapter("nosuchforge")
+
+
 def test_an_entry_point_claiming_a_built_in_id_is_ignored_with_a_warning(
     plugins: Plugins, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1063,6 +1251,27 @@ def test_declared_text_with_control_characters_is_refused_when_loaded(
         get_adapter("declaring")
     assert "\x1b" not in str(caught.value)
     assert "\r" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "model", ["flux-2-pro\x1b[2J", "flux-2-pro\r\nInjected: yes", "flux-2-pro\u202e"]
+)
+def test_a_model_id_with_control_characters_is_refused_when_loaded(
+    plugins: Plugins, model: str
+) -> None:
+    # The key of a limits row went to the terminal as it was: `models` cleared the screen.
+    base = LaozhangAdapter.limits["flux-2-pro"]
+    row = attrs.evolve(base, model=model)
+    limits = {"flux-2-pro": base, model: row}
+    providers.register_provider("declaring", declaring(limits=limits))
+    with pytest.raises(errors.ConfigurationError, match="printable") as caught:
+        get_adapter("declaring")
+    assert model not in str(caught.value)
+    code, out, err = cli("models")
+    assert code == 0, err
+    assert "\x1b" not in out + err
+    assert "\r" not in out + err
+    assert "\u202e" not in out + err
 
 
 class CancelRaises(BflAdapter):

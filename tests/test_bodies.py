@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -147,14 +148,10 @@ def test_a_file_that_changed_since_the_request_never_goes_out_whole(
 
 # Any JSON a body can hold, with or without images among its values. Keys are mostly text
 # (JSON's own); an adapter may also use what json.dumps turns into text: numbers, booleans, None.
-_keys = st.text(max_size=6) | st.integers() | st.floats() | st.booleans() | st.none()
-_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12)
-)
+# No NaN or infinity: JSON has no form for them (see the test after the next two).
+_finite = st.floats(allow_nan=False, allow_infinity=False)
+_keys = st.text(max_size=6) | st.integers() | _finite | st.booleans() | st.none()
+_scalars = st.none() | st.booleans() | st.integers() | _finite | st.text(max_size=12)
 _values = st.recursive(
     _scalars | st.sampled_from(["image"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_keys, inner, max_size=4),
@@ -204,6 +201,22 @@ def test_a_body_is_cut_into_the_same_segments_in_one_pass_or_value_by_value(
     segments = json_segments(body)
     assert segments == _flattened(body.value)
     assert all(segment is image.image for segment in _images_of(segments))
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["value", "key", "beside an image"])
+def test_a_float_json_has_no_form_for_is_refused_not_written(number: float, where: str) -> None:
+    # Python's encoder writes NaN and Infinity, which no provider's JSON parser reads: the paid
+    # request went out all the same, to be refused (or misread) there.
+    image = json_image(EditRequest(prompt="p", model="flux-2-pro", images=[PNG]).images[0])
+    values: dict[str, dict[object, object]] = {
+        "value": {"weight": number},
+        "key": {number: 1},
+        "beside an image": {"weight": number, "image": image},
+    }
+    value = values[where]
+    with pytest.raises(ValueError, match="JSON"):
+        json_segments(JsonBody(value))  # type: ignore[arg-type]
 
 
 # Text that holds the mark json_segments writes for an image, whole or within a value or a key.

@@ -9,11 +9,13 @@ its query and userinfo, base64 ``user:key``); cassettes are recorded from it thr
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import random
 import re
 import shutil
 import string
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,12 @@ from hypothesis import strategies as st
 from flux_adapters import errors
 from flux_adapters._redact import secret_forms
 from flux_adapters.conformance import RecordingFailed, record, run_scenario, scan_for_secrets
-from flux_adapters.conformance.cassettes import Scrubber, scrub_request, scrub_response
+from flux_adapters.conformance.cassettes import (
+    UNDECODABLE,
+    Scrubber,
+    scrub_request,
+    scrub_response,
+)
 from flux_adapters.conformance.runner import paid_calls
 from flux_adapters.conformance.scenarios import Completes, ProviderFails, Scenario, by_id
 from flux_adapters.providers.laozhang import LaozhangAdapter
@@ -493,6 +500,49 @@ def test_a_binary_response_body_is_kept_whole_and_a_text_one_scrubbed() -> None:
     scrubbed = scrub_response(page, secrets=[PLAIN_KEY])
     assert scrubbed["body"]["string"] == b"<p>[redacted]</p>"
     assert scrubbed["headers"] == {"Content-Type": ["text/html"], "content-length": ["17"]}
+
+
+def _inflations(data: bytes) -> list[bytes]:
+    """*data* and every layer of gzip or deflate it inflates to."""
+    found = [data]
+    for _ in range(3):
+        for wbits in (16 + zlib.MAX_WBITS, zlib.MAX_WBITS, -zlib.MAX_WBITS):
+            try:
+                found.append(zlib.decompress(found[-1], wbits))
+                break
+            except zlib.error:
+                continue
+        else:
+            break
+    return found
+
+
+@pytest.mark.parametrize("coding", ["GZIP", "x-gzip", "Deflate", "gzip, gzip", "br", "gzip"])
+def test_a_compressed_answer_is_stored_as_the_library_read_it_never_compressed(
+    coding: str,
+) -> None:
+    # vcrpy inflates "gzip" and "deflate" spelt so, alone; the library reads any case and
+    # x-gzip too. A body left compressed was stored as binary: the key a sandbox echoed in it
+    # reached the cassette, out of sight of the scrubber and the scan.
+    plain = json.dumps({"data": [{"url": "https://cdn.example/a.png"}], "seen": PLAIN_KEY})
+    data = plain.encode()
+    for layer in reversed(coding.split(",")):
+        data = gzip.compress(data) if "gzip" in layer.lower() else zlib.compress(data)
+    answer = {
+        "status": {"code": 200, "message": "OK"},
+        "headers": {"Content-Type": ["application/json"], "Content-Encoding": [coding]},
+        "body": {"string": data},
+    }
+    stored = scrub_response(answer, secrets=[PLAIN_KEY])
+    body = stored["body"]["string"]
+    assert not any(PLAIN_KEY[:12].encode() in layer for layer in _inflations(body))
+    if coding in ("gzip, gzip", "br"):  # refused by the library: refused again on replay
+        assert stored["headers"]["Content-Encoding"] == [coding]
+        assert body == UNDECODABLE
+    else:
+        assert "Content-Encoding" not in stored["headers"]
+        assert json.loads(body)["seen"] == "[redacted]"
+        assert stored["headers"]["content-length"] == [str(len(body))]
 
 
 def test_the_scan_names_each_kind_and_never_the_secret(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters._redact import FRAGMENT, secret_forms
 from flux_adapters.result import MAX_IMAGE_BYTES
-from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES
+from flux_adapters.wire import ERROR_BODY_BYTES, MAX_ANSWER_BYTES, JsonBody
 from tests.conftest import call_adapter, image_bytes
 
 KEY = "sk-live-7Qw2Zr9XbT4mKp1VfH8sLd3NcY6gJa0E"
@@ -483,6 +483,12 @@ class Broken:
             return None  # not a request at all
         if self._fail_at == "url":
             return attrs.evolve(self._inner.build_request(*args), url=5)  # type: ignore[arg-type]
+        if self._fail_at in ("nan", "infinity"):
+            # A float no JSON has: Python's encoder wrote NaN, and the paid request went out.
+            built = self._inner.build_request(*args)
+            assert isinstance(built.body, JsonBody)
+            weight = float(self._fail_at.replace("infinity", "inf"))
+            return attrs.evolve(built, body=JsonBody({**built.body.value, "weight": weight}))
         return self._inner.build_request(*args)
 
     def parse_response(self, response: Any) -> Any:
@@ -504,7 +510,13 @@ def test_a_buggy_adapter_gets_typed_errors_in_place_of_its_own() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fail_at", "says"), [("none", "could not build it"), ("url", "cannot send")]
+    ("fail_at", "says"),
+    [
+        ("none", "could not build it"),
+        ("url", "cannot send"),
+        ("nan", "cannot send"),
+        ("infinity", "cannot send"),
+    ],
 )
 def test_an_adapter_that_builds_no_request_gets_a_typed_error_nothing_sent(
     fail_at: str, says: str

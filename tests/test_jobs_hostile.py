@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
-from flux_adapters.jobs import Done, Job, Pending, Polling
+from flux_adapters.jobs import Done, Job, Pending, Polling, Submitted
+from flux_adapters.providers import KeyAuth
 from flux_adapters.providers.bfl import BflAdapter
 from flux_adapters.wire import HttpResponse
 from tests.test_jobs import KEY, T2I, Both, Fake, FakeBfl, both, run
@@ -71,6 +72,50 @@ def test_an_error_of_the_client_after_acceptance_keeps_the_job_and_never_fails_o
     assert bfl.count("POST") == 1
     assert caught.value.job is not None
     assert caught.value.job.id == "job-1"
+    assert [a.billing for a in caught.value.attempts] == ["job-accepted"]
+
+
+class RelativePolls(BflAdapter):
+    """An adapter passing on the polling URL its provider answered relative, as it came."""
+
+    name = "relative-polls"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def parse_submit(self, response: HttpResponse) -> Submitted:
+        return attrs.evolve(super().parse_submit(response), poll_url=self.url)
+
+
+class Unsupported(Both):
+    """bfl and laozhang, and what httpx's own transport does with a URL of no http(s) host."""
+
+    def __init__(self, bfl: FakeBfl) -> None:
+        super().__init__(bfl)
+        self.unsendable = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme not in ("http", "https") or not request.url.host:
+            self.unsendable += 1
+            raise httpx.UnsupportedProtocol("Request URL is missing an 'http://' protocol.")
+        return super().__call__(request)
+
+
+@both
+@pytest.mark.parametrize("url", ["/v1/get_result?id=job-1", "", "api.eu2.bfl.ai/v1/get_result"])
+def test_a_poll_url_that_can_never_be_sent_ends_the_job_at_once_with_the_job(
+    kind: str, url: str, keys: None
+) -> None:
+    # Each poll failed as "not sent" and was tried again in place until the job's deadline
+    # (ten minutes by default), to end in a JobTimeout whose job `resume` refuses.
+    fake = Unsupported(FakeBfl())
+    with pytest.raises(errors.RequestError) as caught:
+        run(kind, fake, T2I, provider=[RelativePolls(url), "laozhang"], polling=QUICK)
+    assert fake.unsendable == 0
+    assert fake.bfl.count("POST") == 1
+    assert fake.laozhang == []  # accepted: never paid twice
+    assert caught.value.job is not None
+    assert "poll URL" in str(caught.value)
     assert [a.billing for a in caught.value.attempts] == ["job-accepted"]
 
 
@@ -433,3 +478,53 @@ def test_a_declared_host_pattern_never_matches_a_host_that_is_no_plain_dns_name(
 )
 def test_bfls_regional_polling_hosts_still_get_the_key(url: str) -> None:
     assert BflAdapter.auth.allows(url, "https://api.bfl.ai")
+
+
+class QueryKeyed(BflAdapter):
+    """BFL's API as a provider that takes the key in the query (``?key=``)."""
+
+    name = "query-keyed"
+    auth = KeyAuth(header=None, scheme=None, query="key", hosts=("*.bfl.ai",))
+
+
+class EchoesTheKey(FakeBfl):
+    """Answers a submit with a polling URL that repeats the key it was sent in the query."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.params.get("key") == KEY:
+            request = httpx.Request("GET", request.url, headers={**request.headers, "x-key": KEY})
+        return super().__call__(request)
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            key = request.url.params.get("key")
+            url = f"https://api.eu2.bfl.ai/v1/get_result?id=job-1&key={key}&sig=a%2Fb"
+            return httpx.Response(200, json={"id": "job-1", "polling_url": url})
+        return super().answer(request)
+
+
+@both
+def test_a_key_a_provider_repeats_in_a_polling_url_is_not_kept_with_the_job(kind: str) -> None:
+    # The job kept the URL as answered: the key went into the result's repr, `--json` and the
+    # batch journal. The client adds it again to each poll, as to every request.
+    fake = EchoesTheKey()
+    result = run(kind, fake, T2I, provider=QueryKeyed())
+    assert result.job is not None
+    assert result.job.poll_url == "https://api.eu2.bfl.ai/v1/get_result?id=job-1&sig=a%2Fb"
+    assert KEY not in repr(result)
+    assert KEY not in json.dumps(result.to_dict())
+    polls = [r for r in fake.requests if r.method == "GET" and "get_result" in str(r.url)]
+    assert polls
+    assert all(r.url.params.get_list("key") == [KEY] for r in polls)
+
+
+def test_only_the_key_is_taken_out_of_a_jobs_url_not_a_parameter_of_the_same_name() -> None:
+    from flux_adapters._flows import _without_key
+
+    url = "https://cdn.bfl.ai/r?token=cdn-signed%2Fvalue&token=" + KEY + "&a=1#part"
+    # A CDN's own token= under the name the key travels in is the URL's: it stays, byte for byte.
+    assert (
+        _without_key(url, "token", (KEY,))
+        == "https://cdn.bfl.ai/r?token=cdn-signed%2Fvalue&a=1#part"
+    )
+    assert _without_key(url, "token", ("another-key-0123456789",)) == url

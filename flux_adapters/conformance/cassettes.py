@@ -18,6 +18,10 @@ removes every secret it can find before anything is written, in both directions:
   (``https://user:REDACTED@host``; a lone user name, often a token, becomes ``REDACTED``);
 - **volatile response headers** (``date``, ``server``, request ids) are dropped.
 
+A compressed answer is stored inflated, as the library read it (`Content-Encoding` in any case,
+``x-gzip`` too, which vcrpy leaves compressed), so that it is scrubbed as text; one the library
+cannot inflate keeps its header and becomes `UNDECODABLE`.
+
 Not scrubbed, on purpose: a **binary** body (an image, anything that is not UTF-8 text, or is
 typed image/audio/video/font) is stored as it is, since replacing bytes would corrupt it; the
 scan that runs on every new cassette (`SecretScan`) looks for the recording keys' forms in those
@@ -67,6 +71,7 @@ __all__ = [
     "MATCH_ON",
     "PLACEHOLDER",
     "RECORDING",
+    "UNDECODABLE",
     "URL_PLACEHOLDER",
     "Scrubber",
     "SecretScan",
@@ -467,6 +472,7 @@ class Scrubber:
     def response(self, response: dict[str, Any]) -> dict[str, Any]:
         """Scrub a vcrpy response in place and return it (the ``before_record_response`` hook)."""
         headers = response.setdefault("headers", {})
+        _decode_body(response, headers)
         for name in list(headers):
             if name.lower() in _DROPPED_RESPONSE_HEADERS:
                 del headers[name]
@@ -490,6 +496,68 @@ class Scrubber:
                 response["body"]["string"] = scrubbed.encode()
                 _set_header(headers, "content-length", [str(len(response["body"]["string"]))])
         return response
+
+
+UNDECODABLE: Final = b"\xff(a body in an encoding the library cannot read: not recorded)"
+"""What an answer's body becomes when its ``Content-Encoding`` is one the library refuses (br,
+a chain of two, data that does not inflate): the library fails to read it on replay as it did
+while recording (no decoder takes a first byte of 0xff), and no key hides in it."""
+_DECODED_MAX: Final = 16 * 1024 * 1024
+"""The most an encoded answer is inflated to: a replay reads no larger cassette."""
+
+
+def _decode_body(response: dict[str, Any], headers: dict[str, Any]) -> None:
+    """Store *response*'s body as the library read it: decoded, so that it can be scrubbed.
+
+    vcrpy decodes ``gzip`` and ``deflate`` spelt so, alone; the library (`_transport`) reads any
+    case and ``x-gzip`` too. A body vcrpy left compressed was stored as binary, where neither
+    the scrubber nor the scan can see a key a sandbox echoed in it, and anyone can inflate it.
+    """
+    names = [name for name in headers if name.lower() == "content-encoding"]
+    values = [
+        str(value)
+        for name in names
+        for value in (headers[name] if isinstance(headers[name], list) else [headers[name]])
+    ]
+    codings = [
+        coding.strip().lower()
+        for value in values
+        for coding in value.split(",")
+        if coding.strip() and coding.strip().lower() != "identity"
+    ]
+    if not codings:
+        return
+    body = response.setdefault("body", {}).get("string", b"")
+    data = body.encode() if isinstance(body, str) else body
+    decoded = _inflated(codings, data) if isinstance(data, bytes) else None
+    if decoded is None:
+        response["body"]["string"] = UNDECODABLE
+    else:
+        for name in names:
+            del headers[name]
+        response["body"]["string"] = decoded
+    _set_header(headers, "content-length", [str(len(response["body"]["string"]))])
+
+
+def _inflated(codings: list[str], data: bytes) -> bytes | None:
+    """*data* inflated as the library inflates an answer, or ``None`` where it fails to."""
+    import httpx
+
+    from flux_adapters._transport import _WBITS, _Inflater
+
+    if len(codings) != 1 or codings[0] not in _WBITS:
+        return None
+    pieces: list[bytes] = []
+    size = 0
+    try:
+        for piece in _Inflater(codings[0]).feed(data):
+            size += len(piece)
+            if size > _DECODED_MAX:
+                return None
+            pieces.append(piece)
+    except httpx.DecodingError:
+        return None
+    return b"".join(pieces)
 
 
 def scrub_request(

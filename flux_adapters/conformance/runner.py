@@ -52,7 +52,7 @@ from flux_adapters import errors
 from flux_adapters._files import read_bytes_file, read_text_file
 from flux_adapters._flows import first_request, is_job_adapter, resolve
 from flux_adapters._redact import Redactor
-from flux_adapters._transport import bounded_http_client, shared_ssl_context
+from flux_adapters._transport import bounded_http_client
 from flux_adapters._version import __version__
 from flux_adapters.client import FluxClient
 from flux_adapters.conformance._fault_control import FaultControl
@@ -282,13 +282,7 @@ def _client(
     adapter: AnyAdapter, api_key: str, base_url: str, polling: Polling, pace: _Pace
 ) -> Iterator[tuple[FluxClient, _Exchanges]]:
     exchanges = _Exchanges()
-    # gzip only: vcrpy cannot decode every encoding httpx may advertise (zstd), and a body it
-    # cannot decode cannot be scrubbed.
-    with httpx.Client(
-        verify=shared_ssl_context(),
-        headers={"Accept-Encoding": "gzip"},
-        event_hooks={"request": [exchanges.on_request], "response": [exchanges.on_response]},
-    ) as http:
+    with _recording_http(exchanges) as http:
         client = FluxClient(
             adapter, api_key=api_key, base_url=base_url, http_client=http, polling=polling
         )
@@ -296,6 +290,67 @@ def _client(
         client._job_sleep = pace.sleep
         client._download_sleep = pace.spend  # a replayed answer is the same however late
         yield client, exchanges
+
+
+def _recording_http(exchanges: _Exchanges) -> httpx.Client:
+    """The httpx client a scenario is recorded (and replayed) through.
+
+    vcrpy reads each answer whole inside the transport, before the library's own reader (its
+    size cap and deadline) sees a byte of it: a sandbox answering without end, or a byte at a
+    time, held a recording for ever and filled the memory. So the client is the library's own
+    (`bounded_http_client`: each socket read ends by the exchange's deadline), and no answer is
+    read past `CASSETTE_BYTES`, more than a replay reads from a cassette anyway.
+    """
+    http = bounded_http_client()
+    # gzip only: vcrpy cannot decode every encoding httpx may advertise (zstd), and a body it
+    # cannot decode cannot be scrubbed.
+    http.headers["Accept-Encoding"] = "gzip"
+    http.event_hooks = {"request": [exchanges.on_request], "response": [exchanges.on_response]}
+    for transport in [http._transport, *http._mounts.values()]:
+        pool = getattr(transport, "_pool", None)
+        if pool is not None:
+            pool.handle_request = _capped(pool.handle_request)
+    return http
+
+
+def _capped(send: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """*send* (a connection pool's), its answers' bodies cut off past `CASSETTE_BYTES`."""
+    import httpcore
+
+    def capped(request: Any) -> Any:
+        response = send(request)
+        return httpcore.Response(
+            response.status,
+            headers=response.headers,
+            content=_CappedBody(response.stream),
+            extensions=response.extensions,
+        )
+
+    return capped
+
+
+class _CappedBody:
+    """An answer's body as the connection gives it, failing once it passes `CASSETTE_BYTES`."""
+
+    def __init__(self, stream: Iterable[bytes]) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        import httpcore
+
+        size = 0
+        for chunk in self._stream:
+            size += len(chunk)
+            if size > CASSETTE_BYTES:
+                raise httpcore.ReadError(
+                    f"the answer is larger than a cassette may hold ({CASSETTE_BYTES} bytes)"
+                )
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
 
 
 def _is_unrecorded(cause: BaseException | None) -> bool:
@@ -807,7 +862,16 @@ def run_scenario(
     cassettes: Path,
     deviations: Mapping[str, str] | None = None,
 ) -> Verdict:
-    """Judge *adapter* on *scenario* from the cassettes in *cassettes* (see the module docstring)."""
+    """Judge *adapter* on *scenario* from the cassettes in *cassettes* (see the module docstring).
+
+    Raises:
+        ConfigurationError: *adapter*'s declared data cannot be used (checked as a client checks
+            it): a `ConformanceSuite` subclass hands its adapter over as it is, and its limits
+            are read before any client is made.
+    """
+    from flux_adapters._options import check_adapter
+
+    check_adapter(adapter)
     return _declared(_judge(adapter, scenario, cassettes), (deviations or {}).get(scenario.id))
 
 
@@ -969,10 +1033,12 @@ def record(
     Raises:
         RecordingFailed: A scenario failed, recording broke off before its scenarios, or a new
             cassette held a secret; nothing was replaced.
-        ConfigurationError: *cassettes*/``deviations.toml`` cannot be read (`read_deviations`).
+        ConfigurationError: *cassettes*/``deviations.toml`` cannot be read (`read_deviations`),
+            or *emulator* is asked for a provider it does not serve (a provider package's).
     """
     deviations = read_deviations(cassettes)
     if emulator:
+        _check_emulated(adapter)
         api_key = "emu-" + secrets.token_urlsafe(24)
     keys = _recording_keys(api_key, scenarios)
     redact = Redactor(keys)
@@ -1035,6 +1101,24 @@ def record(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return verdicts
+
+
+def _check_emulated(adapter: AnyAdapter) -> None:
+    """Refuse to record *adapter* against the emulator when it does not speak its dialect.
+
+    Raises:
+        ConfigurationError: *adapter* is none of the built-in providers the emulator serves (a
+            provider package's: it has its own sandbox); said before anything is sent, rather
+            than ``KeyError: 'nimbus'`` once the emulator was started.
+    """
+    from flux_adapters.emulator import PROVIDER_PREFIXES
+
+    if adapter.name not in PROVIDER_PREFIXES:
+        raise errors.ConfigurationError(
+            f"the bundled emulator speaks the built-in providers only "
+            f"({', '.join(PROVIDER_PREFIXES)}), not {adapter.name!r}: record it against its "
+            "own sandbox (--base-url) or the live provider"
+        )
 
 
 def _exchanges(folder: Path) -> tuple[int, int]:

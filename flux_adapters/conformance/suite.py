@@ -43,6 +43,7 @@ from flux_adapters.conformance.runner import (
     scan_for_secrets,
 )
 from flux_adapters.conformance.scenarios import SCENARIOS, Scenario
+from flux_adapters.errors import ConfigurationError
 from flux_adapters.providers import AnyAdapter
 
 with extra_imports():
@@ -71,7 +72,10 @@ class ConformanceSuite:
     @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda scenario: scenario.id)
     def test_scenario(self, scenario: Scenario) -> None:
         """The scenario passes, is verifiably unsupported, or is a declared deviation."""
-        verdict = run_scenario(self.adapter, scenario, self.cassettes, self._deviations())
+        try:
+            verdict = run_scenario(self.adapter, scenario, self.cassettes, self._deviations())
+        except ConfigurationError as error:  # the adapter's data, said without a traceback
+            pytest.fail(f"the adapter cannot be used: {error}", pytrace=False)
         if verdict.outcome == "fail":
             pytest.fail(f"[{self.adapter.name}] {verdict.detail}", pytrace=False)
         if verdict.outcome == "deviation":

@@ -262,7 +262,15 @@ class _Registry:
             return
         from importlib.metadata import entry_points
 
-        found = list(entry_points(group=ENTRY_POINT_GROUP))  # two threads may both read: harmless
+        unread: list[str] = []
+        try:
+            found = list(entry_points(group=ENTRY_POINT_GROUP))  # two threads may both read
+        except Exception:
+            # One installed package's entry_points.txt that cannot be parsed (a line without
+            # "=", in any group) fails the whole reading, with a bare TypeError: every provider
+            # of every other package would be unknown, and `models` would stop. Read them one
+            # package at a time instead, leaving out (and naming) those that cannot be read.
+            found = _entry_points_one_by_one(unread)
         claims: dict[str, dict[tuple[str, str], object]] = {}
         ignored: dict[str, str] = {}
         for point in found:
@@ -287,12 +295,12 @@ class _Registry:
             else:
                 # The same package and target seen twice (installed on two paths) is one claim.
                 claims.setdefault(name, {}).setdefault((str(package), point.value), point)
-        if ignored:
+        if ignored or unread:
             import logging
 
             from flux_adapters._log import note
 
-            for why in ignored.values():
+            for why in [*ignored.values(), *unread]:
                 note(logging.WARNING, "entry-point-ignored", str, "%s", why)
         with self._lock:
             self._ignored.update(ignored)
@@ -395,6 +403,39 @@ class _Registry:
             self._targets[canonical] = (adapter, "register_provider()")
             self._loaded.pop(canonical, None)
         return canonical
+
+
+def _entry_points_one_by_one(unread: list[str]) -> list[Any]:
+    """The entry points of `ENTRY_POINT_GROUP`, read one installed package at a time.
+
+    A package whose entry points cannot be read is left out, and why is added to *unread*.
+    """
+    from importlib.metadata import distributions
+
+    found: list[Any] = []
+    seen: set[str] = set()
+    try:
+        installed = list(distributions())
+    except Exception as exc:
+        unread.append(f"the installed packages cannot be listed ({type_name(exc)})")
+        return found
+    for dist in installed:
+        try:
+            package = printable(str(dist.name))
+        except Exception:
+            package = "an installed package"
+        same = re.sub(r"[-_.]+", "-", package).lower()
+        if same in seen:  # the first on sys.path, as entry_points() takes it
+            continue
+        seen.add(same)
+        try:
+            found += list(dist.entry_points.select(group=ENTRY_POINT_GROUP))
+        except Exception as exc:
+            unread.append(
+                f"the entry points of {render_value(package)} cannot be read ({type_name(exc)}); "
+                "its providers, if any, are not known"
+            )
+    return found
 
 
 def _load(name: str, target: object, origin: str) -> AnyAdapter:
