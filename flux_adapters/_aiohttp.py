@@ -252,6 +252,9 @@ def _payload_headers(content_type: str) -> CIMultiDictProxy[str]:
 
 _LONGEST_HEAD: Final = 16 * 1024
 """The longest status or header line read: h11's bound on a head still coming in (httpx)."""
+_MOST_HEADERS: Final = _LONGEST_HEAD // 4
+"""The most header lines read: as many as a head of `_LONGEST_HEAD` holds (4 bytes a line at
+least: a name of one character, the colon, the line break)."""
 
 
 class _Clock:
@@ -440,6 +443,9 @@ class AiohttpDriver:
             # lost a paid answer (a long request id, a CDN's cookie) that httpx returns.
             max_line_size=_LONGEST_HEAD,
             max_field_size=_LONGEST_HEAD,
+            # As many header lines as such a head holds: h11 counts none, and aiohttp's own 128
+            # lost a paid answer carrying more ("Too many headers received") that httpx returns.
+            max_headers=_MOST_HEADERS,
             response_class=_Response,  # starts a download's read phase on its clock
         )
         self._session = session

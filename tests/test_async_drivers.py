@@ -938,3 +938,18 @@ def test_a_body_json_cannot_hold_is_a_request_error_on_both_drivers_and_sends_no
     assert isinstance(outcome, errors.RequestError)
     assert "cannot send" in str(outcome)
     assert server.requests == 0
+
+
+def many_headers(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    # A CDN's or a proxy's headers piled on a paid answer: more than aiohttp's default 128.
+    server.send(connection, answer(200, OK, *(f"X-Hop-{n}: {n}" for n in range(300))))
+
+
+def test_an_answer_with_many_headers_is_read_by_every_client(serve: Callable[..., Server]) -> None:
+    """h11 counts no header lines; the aiohttp driver read at most 128, failing a paid answer
+    ("Too many headers received", may have been billed) that the other clients return."""
+    server = serve(many_headers)
+    for kind in CLIENT_KINDS:
+        outcome = edit(kind, server.url)
+        assert isinstance(outcome, EditResult), (kind, outcome)
+    assert server.requests == len(CLIENT_KINDS)
