@@ -547,6 +547,9 @@ class AiohttpDriver:
         files = contextlib.ExitStack() if isinstance(exchange.body, MultipartBody) else None
         try:
             headers, body = self._body(exchange, files, clock)
+            # A request with no body went out when aiohttp makes its response (`_Response`):
+            # until then it waits for a connection, and a deadline passing there proves it unsent.
+            sending = None if has_body else _SENDING.set(clock)
             try:
                 response = await session.request(
                     exchange.method,
@@ -560,6 +563,9 @@ class AiohttpDriver:
                 raise
             except Exception as exc:
                 raise self._failure(exc, exchange, body) from exc
+            finally:
+                if sending is not None:
+                    _SENDING.reset(sending)
             # The answer, read within its cap (`AnswerBody`) and its read timeout (*clock*);
             # here, not in a coroutine of its own: one less on the path of every exchange.
             try:
@@ -612,9 +618,10 @@ class AiohttpDriver:
                 provider=exchange.provider,
                 sent=True,
             )
-        if body is not None and not body.complete:
-            # Before the body's last byte went out (waiting for a connection, say): nothing
-            # can be billed. A request with no body may have gone out whole.
+        if (body is not None and not body.complete) or (body is None and clock.read_from is None):
+            # Before the body's last byte went out (waiting for a connection, say), or before a
+            # request with no body was written (`_Response` starts its read phase): nothing can
+            # be billed.
             return not_sent_by_deadline(exchange)
         return deadline_error(exchange.provider, exchange.seconds)
 
@@ -656,7 +663,8 @@ class AiohttpDriver:
 _SENDING: Final[contextvars.ContextVar[_Clock | None]] = contextvars.ContextVar(
     "flux_aiohttp_sending", default=None
 )
-"""The clock of the download whose request the running task is sending (`_Getting`)."""
+"""The clock of the download (`_Getting`), or of the exchange with no body, whose request the
+running task is sending: `_Response` notes on it when the request went out."""
 
 
 class _Response(aiohttp.ClientResponse):

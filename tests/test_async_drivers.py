@@ -645,22 +645,43 @@ def test_a_wait_for_a_free_connection_past_the_pool_timeout_is_not_sent(
     assert server.requests == 1
 
 
+@pytest.mark.parametrize("body", [BODY, None], ids=["post", "no-body"])
 @pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
 def test_a_deadline_that_passes_in_the_queue_is_not_sent(
-    make: Callable[..., Any], serve: Callable[..., Server]
+    make: Callable[..., Any], body: JsonBody | None, serve: Callable[..., Server]
 ) -> None:
-    def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    # A request with no body (a job's poll) too: the aiohttp driver said it may have reached
+    # the provider, as if aiohttp had written it, while it waited for a connection.
+    def slow(server: Server, connection: socket.socket, head: bytes, _: bytes) -> None:
         time.sleep(1.0)
         server.send(connection, answer(200, OK))
 
     server = serve(slow)
     one = (lambda: make(connections=1, per_pool=1)) if make is HttpxDriver else lambda: make(1)
-    queued = exchange(f"{server.url}/v1", BODY)._replace(seconds=0.3)
-    first, second = on_driver(one, exchange(f"{server.url}/v1", BODY), queued)
+    queued = exchange(f"{server.url}/v1", body)._replace(seconds=0.3)
+    first, second = on_driver(one, exchange(f"{server.url}/v1", body), queued)
     assert getattr(first, "status_code", None) == 200
     assert isinstance(second, errors.Timeout)
     assert second.sent is False
-    assert "deadline of 0.3 s" in str(second)
+    assert str(second) == (
+        "laozhang: the request could not be sent within the deadline of 0.3 s"
+        " (the request was not sent)"
+    )
+    assert server.requests == 1
+
+
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+def test_a_deadline_that_passes_after_a_request_with_no_body_went_out_may_be_billed(
+    make: Callable[..., Any], serve: Callable[..., Server]
+) -> None:
+    def stall(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        time.sleep(1.0)
+
+    server = serve(stall)
+    [outcome] = on_driver(make, exchange(f"{server.url}/v1")._replace(seconds=0.3))
+    assert isinstance(outcome, errors.Timeout)
+    assert outcome.sent is True
+    assert "no complete answer within the deadline of 0.3 s" in str(outcome)
 
 
 @pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
