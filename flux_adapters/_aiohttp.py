@@ -363,7 +363,11 @@ def _yarl(url: str) -> URL:
     if not (url.isascii() and _PLAIN_URL.fullmatch(url)):
         url = str(httpx.URL(url))
     parsed = URL(url, encoded=True)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
+    try:
+        host = parsed.host  # yarl reads the netloc here: a port out of range or no number
+    except ValueError as exc:
+        raise httpx.InvalidURL(str(exc)) from None
+    if parsed.scheme not in ("http", "https") or not host:
         scheme = parsed.scheme or "no scheme"
         raise httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol '{scheme}://'.")
     return parsed

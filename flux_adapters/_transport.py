@@ -295,7 +295,11 @@ class ParsedUrls:
         if found is None:
             if len(self._urls) >= self.MOST:
                 self._urls.clear()
-            found = self._urls[url] = httpx.URL(url)
+            parsed = httpx.URL(url)
+            port = parsed.port
+            if port is not None and port > 65535:  # httpx takes it; the connect then fails
+                raise httpx.InvalidURL(f"Invalid port: {port} (most 65535)")
+            found = self._urls[url] = parsed
         return found
 
 

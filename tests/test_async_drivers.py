@@ -751,6 +751,19 @@ def test_a_url_that_is_no_http_url_is_not_sent(make: Callable[..., Any]) -> None
     assert outcome.sent is False
 
 
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+@pytest.mark.parametrize("port", ["99999", "9:9"], ids=["out-of-range", "not-a-number"])
+def test_a_url_whose_port_cannot_be_is_a_request_error_on_both_drivers(
+    make: Callable[..., Any], port: str
+) -> None:
+    # A provider's polling URL, say: the aiohttp driver let yarl's bare ValueError out of the
+    # client (no FluxError, the job it polled lost), the httpx driver tried to connect and
+    # called the failure one that may have reached the provider.
+    [outcome] = on_driver(make, exchange(f"http://127.0.0.1:{port}/v1", BODY))
+    assert isinstance(outcome, errors.RequestError), outcome
+    assert "cannot send" in str(outcome)
+
+
 def test_aiohttp_a_signed_query_is_sent_as_written(serve: Callable[..., Server]) -> None:
     """yarl would re-quote a URL; a signed one must reach the server byte for byte."""
     heads: list[bytes] = []
