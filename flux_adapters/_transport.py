@@ -113,7 +113,13 @@ def proves_not_sent(exc: BaseException) -> bool:
         # disconnect after the body was sent; only aiohttp's connector errors prove it unsent.
         import aiohttp
 
-        return isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+        if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            return True
+        # A URL aiohttp will not send to (a host it reads no address from, 127.1 say) is refused
+        # before it connects; only one met following a redirect comes after a request went out.
+        return isinstance(cause, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError) and not (
+            isinstance(cause, aiohttp.RedirectClientError)
+        )
     # A write timeout or a local protocol error means the body was not fully written, so the
     # provider cannot have a complete request; a proxy error happens before it is forwarded.
     return isinstance(

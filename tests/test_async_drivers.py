@@ -764,6 +764,15 @@ def test_a_url_whose_port_cannot_be_is_a_request_error_on_both_drivers(
     assert "cannot send" in str(outcome)
 
 
+def test_aiohttp_a_host_aiohttp_refuses_to_connect_to_is_not_sent() -> None:
+    # aiohttp refuses 127.1 (an IPv4 address it will not read) before it connects: the driver
+    # called that a failure that may have reached the provider, which is never failed over.
+    [outcome] = on_driver(aiohttp_driver, exchange("http://127.1:9/v1", BODY))
+    assert type(outcome) is errors.TransportError, outcome
+    assert outcome.sent is False
+    assert "could not send the request (InvalidUrlClientError: 127.1" in str(outcome)
+
+
 def test_aiohttp_a_signed_query_is_sent_as_written(serve: Callable[..., Server]) -> None:
     """yarl would re-quote a URL; a signed one must reach the server byte for byte."""
     heads: list[bytes] = []
