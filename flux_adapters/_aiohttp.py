@@ -285,6 +285,7 @@ class _Clock:
         "heading",
         "read_from",
         "time",
+        "writes",
     )
 
     def __init__(
@@ -293,6 +294,7 @@ class _Clock:
         task: asyncio.Task[Any],
         seconds: float,
         read: float | None,
+        writes: bool = False,
     ) -> None:
         self._watch = watch
         self.time = watch.time
@@ -307,7 +309,9 @@ class _Clock:
         self.expired: str | None = None
         """``"deadline"`` or ``"read"``: what passed (the task was cancelled)."""
         self.heading: _Response | None = None
-        """A download's answer whose head is still coming (`_Response`), else ``None``."""
+        """An answer whose head is still coming (`_Response`), else ``None``."""
+        self.writes = writes
+        """Whether a body is sent: its last byte, not the answer's making, starts the read phase."""
         watch.add(self, ends if read is None else min(ends, now + read))
 
     def check(self, now: float) -> float | None:
@@ -544,16 +548,18 @@ class AiohttpDriver:
         task = asyncio.current_task(loop)
         assert task is not None  # an exchange runs in a task (asyncio.run makes one)
         watch = self._watch_in(loop)
-        clock = _Clock(watch, task, exchange.seconds, timeout.read if has_body else None)
+        clock = _Clock(watch, task, exchange.seconds, timeout.read if has_body else None, has_body)
         body: _Body | None = None
         head: _Head | None = None  # once it came, a failure carries its headers (request id)
         # Upload files stay open until the body is sent; a JSON body opens its own as it goes.
         files = contextlib.ExitStack() if isinstance(exchange.body, MultipartBody) else None
         try:
             headers, body = self._body(exchange, files, clock)
-            # A request with no body went out when aiohttp makes its response (`_Response`):
-            # until then it waits for a connection, and a deadline passing there proves it unsent.
-            sending = None if has_body else _SENDING.set(clock)
+            # aiohttp makes the response (`_Response`) once the request's head is written: a
+            # request with no body has gone out then (a deadline passing earlier, waiting for a
+            # connection, proves it unsent), and a head slower than the read timeout in all,
+            # coming in pieces, can be handed to aiohttp's own timer, which sees them come.
+            sending = _SENDING.set(clock)
             try:
                 response = await session.request(
                     exchange.method,
@@ -568,8 +574,11 @@ class AiohttpDriver:
             except Exception as exc:
                 raise self._failure(exc, exchange, body) from exc
             finally:
-                if sending is not None:
-                    _SENDING.reset(sending)
+                _SENDING.reset(sending)
+            heading = clock.heading
+            if heading is not None:  # the head came: no timer of aiohttp's left on it
+                clock.heading = None
+                heading.head_in()
             # The answer, read within its cap (`AnswerBody`) and its read timeout (*clock*);
             # here, not in a coroutine of its own: one less on the path of every exchange.
             try:
@@ -598,6 +607,8 @@ class AiohttpDriver:
             finally:
                 response.release()  # to the pool only when read to its end; else closed
         except BaseException as exc:
+            if clock.heading is not None:  # no timer left on a connection aiohttp keeps
+                clock.heading.head_in()
             if body is not None:
                 body.abort()  # given up with the body cut short: drop the rest of it
                 # Its file too: aiohttp's writer task, cancelled, may not have run yet.
@@ -639,6 +650,12 @@ class AiohttpDriver:
                 "timed out before the request was sent (WriteTimeout)",
                 provider=exchange.provider,
                 sent=False,
+            )
+        if isinstance(exc, aiohttp.SocketTimeoutError):  # the read timeout, handed a slow head
+            return Timeout(
+                "timed out waiting for the answer (ReadTimeout)",
+                provider=exchange.provider,
+                sent=True,
             )
         if isinstance(exc, RuntimeError) and self._closed:  # "Session is closed"
             return ClientClosedError("the connection pool is closed; nothing was sent")
@@ -686,7 +703,8 @@ class _Response(aiohttp.ClientResponse):
         super().__init__(*args, **kwargs)
         clock = _SENDING.get()
         if clock is not None:
-            clock.read_from = clock.time()
+            if not clock.writes:  # else the body's last byte starts it (`_Body`)
+                clock.read_from = clock.time()
             clock.heading = self
 
     def hand_over(self, read: float) -> bool:
