@@ -12,7 +12,9 @@ answer with the same `flux_adapters._transport.AnswerBody` as the httpx driver. 
   slice at a time (aiohttp's own decompression is off: it inflates each chunk whole);
 - timeouts per phase: the deadline over everything, and read (from the last byte of the body
   to the answer's head, then between its pieces), kept by a `_Clock` per exchange, all of a
-  loop's clocks on a single timer (`flux_adapters._deadline.Watch`); pool
+  loop's clocks on a single timer (`flux_adapters._deadline.Watch`); a head slower than the
+  read timeout in all is handed to aiohttp's ``sock_read``, which sees its pieces come
+  (`_Response.hand_over`), so each piece restarts it, as under httpx; pool
   (waiting for a free connection, and opening one) and connect as aiohttp keeps them
   (`AiohttpDriver._timeout`), each timer made only when there is a wait or a new connection;
   write per slice of the body (`_Body`);
