@@ -553,6 +553,7 @@ class AiohttpDriver:
         clock = _Clock(watch, task, exchange.seconds, timeout.read if has_body else None, has_body)
         body: _Body | None = None
         head: _Head | None = None  # once it came, a failure carries its headers (request id)
+        answer: AnswerBody | None = None
         # Upload files stay open until the body is sent; a JSON body opens its own as it goes.
         files = contextlib.ExitStack() if isinstance(exchange.body, MultipartBody) else None
         try:
@@ -600,10 +601,15 @@ class AiohttpDriver:
                             break
                 return answer.finish()
             except httpx.DecodingError as exc:
+                assert answer is not None  # raised while inflating it
+                if answer.judged_by_status():
+                    return answer.finish()
                 raise answer.unreadable("the answer could not be decoded") from exc
             except FluxError:
                 raise
             except Exception as exc:
+                if answer is not None and answer.judged_by_status():
+                    return answer.finish()  # an error's head came: its status decides
                 failure = self._failure(exc, exchange, body)
                 raise (failure if head is None else with_answer(failure, head, scrub)) from exc
             finally:

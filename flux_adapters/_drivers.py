@@ -646,7 +646,13 @@ async def _read(response: httpx.Response, exchange: Exchange) -> HttpResponse:
             if not body.take(chunk):
                 break
     except httpx.DecodingError as exc:
+        if body.judged_by_status():
+            return body.finish()
         raise body.unreadable("the answer could not be decoded") from exc
+    except httpx.TransportError:
+        if body.judged_by_status():  # an error's head came: its status says what became of it
+            return body.finish()
+        raise
     return body.finish()
 
 

@@ -607,6 +607,15 @@ class AnswerBody:
             self._check_time()
         return self._success or self._size <= ERROR_BODY_BYTES
 
+    def judged_by_status(self) -> bool:
+        """Whether the answer's status decides it, whatever became of its body.
+
+        An error status (4xx, 5xx): its body is read only for the message, and a 429's or a
+        401's head proves the provider did not take the job even when the body that follows is
+        cut short (a drop, a read timeout) or cannot be decoded. What was read is the answer.
+        """
+        return self._response.status_code >= 400
+
     def finish(self) -> HttpResponse:
         """The answer as read."""
         # Made as HttpResponse(...) makes it, without the dict of keyword arguments a class call

@@ -1019,3 +1019,47 @@ def test_an_answer_with_many_headers_is_read_by_every_client(serve: Callable[...
         outcome = edit(kind, server.url)
         assert isinstance(outcome, EditResult), (kind, outcome)
     assert server.requests == len(CLIENT_KINDS)
+
+
+def rate_limited_then_dropped(
+    server: Server, connection: socket.socket, head: bytes, body: bytes
+) -> None:
+    server.send(connection, b'HTTP/1.1 429 X\r\nContent-Length: 100\r\nRetry-After: 7\r\n\r\n{"err')
+    connection.shutdown(socket.SHUT_RDWR)
+
+
+def refused_key_then_dropped(
+    server: Server, connection: socket.socket, head: bytes, body: bytes
+) -> None:
+    server.send(connection, b'HTTP/1.1 401 X\r\nContent-Length: 100\r\n\r\n{"err')
+    connection.shutdown(socket.SHUT_RDWR)
+
+
+def rate_limited_undecodable(
+    server: Server, connection: socket.socket, head: bytes, body: bytes
+) -> None:
+    server.send(connection, answer(429, b"no gzip", "Content-Encoding: gzip", "Retry-After: 7"))
+
+
+ERROR_HEADS = {
+    "429-dropped": (rate_limited_then_dropped, errors.RateLimited),
+    "401-dropped": (refused_key_then_dropped, errors.AuthenticationFailed),
+    "429-undecodable": (rate_limited_undecodable, errors.RateLimited),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_HEADS, ids=list(ERROR_HEADS))
+def test_an_error_status_whose_body_is_cut_short_is_judged_by_its_status(
+    case: str, serve: Callable[..., Server]
+) -> None:
+    """A 429's or a 401's head proves the provider did not take the job: a body cut short after
+    it (a drop, bytes that do not inflate) was a TransportError that may have been billed, or
+    an unreadable answer, on every client, and a router never failed over from it."""
+    respond, error = ERROR_HEADS[case]
+    server = serve(respond)
+    for kind in CLIENT_KINDS:
+        outcome = edit(kind, server.url, max_retries=0)
+        assert type(outcome) is error, (kind, outcome)
+        if isinstance(outcome, errors.RateLimited):
+            assert outcome.retry_after == 7.0, kind
+    assert server.requests == len(CLIENT_KINDS)
