@@ -625,6 +625,8 @@ class AiohttpDriver:
                 raise
             if not clock.passed() and isinstance(exc, asyncio.CancelledError):
                 raise  # the caller cancelled too: that wins
+            if answer is not None and answer.judged_by_status():
+                return answer.finish()  # an error's head came: its status decides
             # The clock cancelled the task (whatever aiohttp made of the cancellation).
             expired = self._expired(clock, exchange, body)
             raise (expired if head is None else with_answer(expired, head, scrub)) from None

@@ -1063,3 +1063,27 @@ def test_an_error_status_whose_body_is_cut_short_is_judged_by_its_status(
         if isinstance(outcome, errors.RateLimited):
             assert outcome.retry_after == 7.0, kind
     assert server.requests == len(CLIENT_KINDS)
+
+
+def rate_limited_then_stalled(
+    server: Server, connection: socket.socket, head: bytes, body: bytes
+) -> None:
+    server.send(connection, b'HTTP/1.1 429 X\r\nContent-Length: 100\r\nRetry-After: 7\r\n\r\n{"err')
+    time.sleep(3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"timeout": 0.5, "deadline": 5}, {"timeout": 5, "deadline": 0.5}],
+    ids=["read-timeout", "deadline"],
+)
+def test_an_error_status_whose_body_stalls_is_judged_by_its_status(
+    options: dict[str, float], serve: Callable[..., Server]
+) -> None:
+    # The async drivers' read timeout (aiohttp's clock) and deadline after a 429's head were a
+    # Timeout that may have been billed; FluxClient's ReadTimeout is a transport error.
+    server = serve(rate_limited_then_stalled)
+    for kind in CLIENT_KINDS:
+        outcome = edit(kind, server.url, REQUEST, max_retries=0, **options)
+        assert type(outcome) is errors.RateLimited, (kind, outcome)
+        assert outcome.retry_after == 7.0, kind
