@@ -12,7 +12,9 @@ answer with the same `flux_adapters._transport.AnswerBody` as the httpx driver. 
   slice at a time (aiohttp's own decompression is off: it inflates each chunk whole);
 - timeouts per phase: the deadline over everything, and read (from the last byte of the body
   to the answer's head, then between its pieces), kept by a `_Clock` per exchange, all of a
-  loop's clocks on a single timer (`flux_adapters._deadline.Watch`); pool
+  loop's clocks on a single timer (`flux_adapters._deadline.Watch`); a head slower than the
+  read timeout in all is handed to aiohttp's ``sock_read``, which sees its pieces come
+  (`_Response.hand_over`), so each piece restarts it, as under httpx; pool
   (waiting for a free connection, and opening one) and connect as aiohttp keeps them
   (`AiohttpDriver._timeout`), each timer made only when there is a wait or a new connection;
   write per slice of the body (`_Body`);
@@ -252,6 +254,9 @@ def _payload_headers(content_type: str) -> CIMultiDictProxy[str]:
 
 _LONGEST_HEAD: Final = 16 * 1024
 """The longest status or header line read: h11's bound on a head still coming in (httpx)."""
+_MOST_HEADERS: Final = _LONGEST_HEAD // 4
+"""The most header lines read: as many as a head of `_LONGEST_HEAD` holds (4 bytes a line at
+least: a name of one character, the colon, the line break)."""
 
 
 class _Clock:
@@ -282,6 +287,7 @@ class _Clock:
         "heading",
         "read_from",
         "time",
+        "writes",
     )
 
     def __init__(
@@ -290,6 +296,7 @@ class _Clock:
         task: asyncio.Task[Any],
         seconds: float,
         read: float | None,
+        writes: bool = False,
     ) -> None:
         self._watch = watch
         self.time = watch.time
@@ -304,7 +311,9 @@ class _Clock:
         self.expired: str | None = None
         """``"deadline"`` or ``"read"``: what passed (the task was cancelled)."""
         self.heading: _Response | None = None
-        """A download's answer whose head is still coming (`_Response`), else ``None``."""
+        """An answer whose head is still coming (`_Response`), else ``None``."""
+        self.writes = writes
+        """Whether a body is sent: its last byte, not the answer's making, starts the read phase."""
         watch.add(self, ends if read is None else min(ends, now + read))
 
     def check(self, now: float) -> float | None:
@@ -360,7 +369,11 @@ def _yarl(url: str) -> URL:
     if not (url.isascii() and _PLAIN_URL.fullmatch(url)):
         url = str(httpx.URL(url))
     parsed = URL(url, encoded=True)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
+    try:
+        host = parsed.host  # yarl reads the netloc here: a port out of range or no number
+    except ValueError as exc:
+        raise httpx.InvalidURL(str(exc)) from None
+    if parsed.scheme not in ("http", "https") or not host:
         scheme = parsed.scheme or "no scheme"
         raise httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol '{scheme}://'.")
     return parsed
@@ -440,6 +453,9 @@ class AiohttpDriver:
             # lost a paid answer (a long request id, a CDN's cookie) that httpx returns.
             max_line_size=_LONGEST_HEAD,
             max_field_size=_LONGEST_HEAD,
+            # As many header lines as such a head holds: h11 counts none, and aiohttp's own 128
+            # lost a paid answer carrying more ("Too many headers received") that httpx returns.
+            max_headers=_MOST_HEADERS,
             response_class=_Response,  # starts a download's read phase on its clock
         )
         self._session = session
@@ -534,13 +550,19 @@ class AiohttpDriver:
         task = asyncio.current_task(loop)
         assert task is not None  # an exchange runs in a task (asyncio.run makes one)
         watch = self._watch_in(loop)
-        clock = _Clock(watch, task, exchange.seconds, timeout.read if has_body else None)
+        clock = _Clock(watch, task, exchange.seconds, timeout.read if has_body else None, has_body)
         body: _Body | None = None
         head: _Head | None = None  # once it came, a failure carries its headers (request id)
+        answer: AnswerBody | None = None
         # Upload files stay open until the body is sent; a JSON body opens its own as it goes.
         files = contextlib.ExitStack() if isinstance(exchange.body, MultipartBody) else None
         try:
             headers, body = self._body(exchange, files, clock)
+            # aiohttp makes the response (`_Response`) once the request's head is written: a
+            # request with no body has gone out then (a deadline passing earlier, waiting for a
+            # connection, proves it unsent), and a head slower than the read timeout in all,
+            # coming in pieces, can be handed to aiohttp's own timer, which sees them come.
+            sending = _SENDING.set(clock)
             try:
                 response = await session.request(
                     exchange.method,
@@ -554,6 +576,12 @@ class AiohttpDriver:
                 raise
             except Exception as exc:
                 raise self._failure(exc, exchange, body) from exc
+            finally:
+                _SENDING.reset(sending)
+            heading = clock.heading
+            if heading is not None:  # the head came: no timer of aiohttp's left on it
+                clock.heading = None
+                heading.head_in()
             # The answer, read within its cap (`AnswerBody`) and its read timeout (*clock*);
             # here, not in a coroutine of its own: one less on the path of every exchange.
             try:
@@ -573,15 +601,22 @@ class AiohttpDriver:
                             break
                 return answer.finish()
             except httpx.DecodingError as exc:
+                assert answer is not None  # raised while inflating it
+                if answer.judged_by_status():
+                    return answer.finish()
                 raise answer.unreadable("the answer could not be decoded") from exc
             except FluxError:
                 raise
             except Exception as exc:
+                if answer is not None and answer.judged_by_status():
+                    return answer.finish()  # an error's head came: its status decides
                 failure = self._failure(exc, exchange, body)
                 raise (failure if head is None else with_answer(failure, head, scrub)) from exc
             finally:
                 response.release()  # to the pool only when read to its end; else closed
         except BaseException as exc:
+            if clock.heading is not None:  # no timer left on a connection aiohttp keeps
+                clock.heading.head_in()
             if body is not None:
                 body.abort()  # given up with the body cut short: drop the rest of it
                 # Its file too: aiohttp's writer task, cancelled, may not have run yet.
@@ -590,6 +625,8 @@ class AiohttpDriver:
                 raise
             if not clock.passed() and isinstance(exc, asyncio.CancelledError):
                 raise  # the caller cancelled too: that wins
+            if answer is not None and answer.judged_by_status():
+                return answer.finish()  # an error's head came: its status decides
             # The clock cancelled the task (whatever aiohttp made of the cancellation).
             expired = self._expired(clock, exchange, body)
             raise (expired if head is None else with_answer(expired, head, scrub)) from None
@@ -606,9 +643,10 @@ class AiohttpDriver:
                 provider=exchange.provider,
                 sent=True,
             )
-        if body is not None and not body.complete:
-            # Before the body's last byte went out (waiting for a connection, say): nothing
-            # can be billed. A request with no body may have gone out whole.
+        if (body is not None and not body.complete) or (body is None and clock.read_from is None):
+            # Before the body's last byte went out (waiting for a connection, say), or before a
+            # request with no body was written (`_Response` starts its read phase): nothing can
+            # be billed.
             return not_sent_by_deadline(exchange)
         return deadline_error(exchange.provider, exchange.seconds)
 
@@ -622,6 +660,12 @@ class AiohttpDriver:
                 "timed out before the request was sent (WriteTimeout)",
                 provider=exchange.provider,
                 sent=False,
+            )
+        if isinstance(exc, aiohttp.SocketTimeoutError):  # the read timeout, handed a slow head
+            return Timeout(
+                "timed out waiting for the answer (ReadTimeout)",
+                provider=exchange.provider,
+                sent=True,
             )
         if isinstance(exc, RuntimeError) and self._closed:  # "Session is closed"
             return ClientClosedError("the connection pool is closed; nothing was sent")
@@ -650,7 +694,8 @@ class AiohttpDriver:
 _SENDING: Final[contextvars.ContextVar[_Clock | None]] = contextvars.ContextVar(
     "flux_aiohttp_sending", default=None
 )
-"""The clock of the download whose request the running task is sending (`_Getting`)."""
+"""The clock of the download (`_Getting`), or of the exchange with no body, whose request the
+running task is sending: `_Response` notes on it when the request went out."""
 
 
 class _Response(aiohttp.ClientResponse):
@@ -668,7 +713,8 @@ class _Response(aiohttp.ClientResponse):
         super().__init__(*args, **kwargs)
         clock = _SENDING.get()
         if clock is not None:
-            clock.read_from = clock.time()
+            if not clock.writes:  # else the body's last byte starts it (`_Body`)
+                clock.read_from = clock.time()
             clock.heading = self
 
     def hand_over(self, read: float) -> bool:

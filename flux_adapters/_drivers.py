@@ -578,6 +578,7 @@ class HttpxDriver:
         waiting = True  # in the queue: nothing sent yet
         body: _Counted | None = None
         response: httpx.Response | None = None
+        answer: AnswerBody | None = None
         try:
             async with deadline:
                 with contextlib.ExitStack() as files, mapped_transport_errors(name, scrub):
@@ -588,7 +589,8 @@ class HttpxDriver:
                     try:
                         response = await self._send(chosen.http, request)
                         try:
-                            return await _read(response, exchange)
+                            answer = AnswerBody(response, name, seconds, None, scrub)
+                            return await _read(response, answer)
                         finally:
                             await response.aclose()
                     finally:
@@ -598,6 +600,8 @@ class HttpxDriver:
                 raise
             if waiting or (body is not None and not body.complete):
                 raise not_sent_by_deadline(exchange) from exc
+            if answer is not None and answer.judged_by_status():
+                return answer.finish()  # an error's head came: its status decides
             error = deadline_error(name, seconds)
             if response is not None:
                 with_answer(error, response, scrub)
@@ -638,15 +642,20 @@ class HttpxDriver:
             await each.http.aclose()
 
 
-async def _read(response: httpx.Response, exchange: Exchange) -> HttpResponse:
-    """The answer *response* heads, read within its cap (`AnswerBody`)."""
-    body = AnswerBody(response, exchange.provider, exchange.seconds, None, exchange.scrub)
+async def _read(response: httpx.Response, body: AnswerBody) -> HttpResponse:
+    """The answer *response* heads, read into *body* within its cap."""
     try:
         async for chunk in aiter_decoded(response):
             if not body.take(chunk):
                 break
     except httpx.DecodingError as exc:
+        if body.judged_by_status():
+            return body.finish()
         raise body.unreadable("the answer could not be decoded") from exc
+    except httpx.TransportError:
+        if body.judged_by_status():  # an error's head came: its status says what became of it
+            return body.finish()
+        raise
     return body.finish()
 
 

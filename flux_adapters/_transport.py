@@ -113,7 +113,13 @@ def proves_not_sent(exc: BaseException) -> bool:
         # disconnect after the body was sent; only aiohttp's connector errors prove it unsent.
         import aiohttp
 
-        return isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+        if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            return True
+        # A URL aiohttp will not send to (a host it reads no address from, 127.1 say) is refused
+        # before it connects; only one met following a redirect comes after a request went out.
+        return isinstance(cause, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError) and not (
+            isinstance(cause, aiohttp.RedirectClientError)
+        )
     # A write timeout or a local protocol error means the body was not fully written, so the
     # provider cannot have a complete request; a proxy error happens before it is forwarded.
     return isinstance(
@@ -295,7 +301,11 @@ class ParsedUrls:
         if found is None:
             if len(self._urls) >= self.MOST:
                 self._urls.clear()
-            found = self._urls[url] = httpx.URL(url)
+            parsed = httpx.URL(url)
+            port = parsed.port
+            if port is not None and port > 65535:  # httpx takes it; the connect then fails
+                raise httpx.InvalidURL(f"Invalid port: {port} (most 65535)")
+            found = self._urls[url] = parsed
         return found
 
 
@@ -596,6 +606,15 @@ class AnswerBody:
         if self._ends is not None:
             self._check_time()
         return self._success or self._size <= ERROR_BODY_BYTES
+
+    def judged_by_status(self) -> bool:
+        """Whether the answer's status decides it, whatever became of its body.
+
+        An error status (4xx, 5xx): its body is read only for the message, and a 429's or a
+        401's head proves the provider did not take the job even when the body that follows is
+        cut short (a drop, a read timeout) or cannot be decoded. What was read is the answer.
+        """
+        return self._response.status_code >= 400
 
     def finish(self) -> HttpResponse:
         """The answer as read."""

@@ -1737,7 +1737,13 @@ class FluxClient(_ClientBase):
                             if not body.take(chunk):
                                 break
                     except httpx.DecodingError as exc:
+                        if body.judged_by_status():
+                            return body.finish()
                         raise body.unreadable("the answer could not be decoded") from exc
+                    except httpx.TransportError:
+                        if body.judged_by_status():  # an error's head: its status decides
+                            return body.finish()
+                        raise
                     return body.finish()
                 finally:
                     response.close()

@@ -562,6 +562,29 @@ def test_aiohttp_the_read_timeout_restarts_with_each_piece_of_the_answer(
     assert "deadline of 1 s" in str(outcome)
 
 
+def drip_head(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    """The answer's head four bytes every 100 ms (about 2 s), then its body at once."""
+    whole = answer(200, OK)
+    start, _, rest = whole.partition(b"\r\n\r\n")
+    for at in range(0, len(start), 4):
+        server.send(connection, start[at : at + 4])
+        time.sleep(0.1)
+    server.send(connection, b"\r\n\r\n" + rest)
+
+
+@pytest.mark.parametrize("body", [BODY, None], ids=["post", "no-body"])
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+def test_the_read_timeout_restarts_with_each_piece_of_the_answers_head(
+    make: Callable[..., Any], body: JsonBody | None, serve: Callable[..., Server]
+) -> None:
+    """Each piece of the head well within the read timeout: the answer is read. The aiohttp
+    driver timed a POST's head whole, from the body's last byte: a paid answer whose head came
+    slower than the read timeout in all was a ReadTimeout (may have been billed, final)."""
+    server = serve(drip_head)
+    [outcome] = on_driver(make, exchange(f"{server.url}/v1", body, read=0.5))
+    assert getattr(outcome, "status_code", None) == 200, outcome
+
+
 def test_aiohttp_exchanges_in_flight_together_each_keep_their_own_timeouts(
     serve: Callable[..., Server],
 ) -> None:
@@ -645,22 +668,43 @@ def test_a_wait_for_a_free_connection_past_the_pool_timeout_is_not_sent(
     assert server.requests == 1
 
 
+@pytest.mark.parametrize("body", [BODY, None], ids=["post", "no-body"])
 @pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
 def test_a_deadline_that_passes_in_the_queue_is_not_sent(
-    make: Callable[..., Any], serve: Callable[..., Server]
+    make: Callable[..., Any], body: JsonBody | None, serve: Callable[..., Server]
 ) -> None:
-    def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    # A request with no body (a job's poll) too: the aiohttp driver said it may have reached
+    # the provider, as if aiohttp had written it, while it waited for a connection.
+    def slow(server: Server, connection: socket.socket, head: bytes, _: bytes) -> None:
         time.sleep(1.0)
         server.send(connection, answer(200, OK))
 
     server = serve(slow)
     one = (lambda: make(connections=1, per_pool=1)) if make is HttpxDriver else lambda: make(1)
-    queued = exchange(f"{server.url}/v1", BODY)._replace(seconds=0.3)
-    first, second = on_driver(one, exchange(f"{server.url}/v1", BODY), queued)
+    queued = exchange(f"{server.url}/v1", body)._replace(seconds=0.3)
+    first, second = on_driver(one, exchange(f"{server.url}/v1", body), queued)
     assert getattr(first, "status_code", None) == 200
     assert isinstance(second, errors.Timeout)
     assert second.sent is False
-    assert "deadline of 0.3 s" in str(second)
+    assert str(second) == (
+        "laozhang: the request could not be sent within the deadline of 0.3 s"
+        " (the request was not sent)"
+    )
+    assert server.requests == 1
+
+
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+def test_a_deadline_that_passes_after_a_request_with_no_body_went_out_may_be_billed(
+    make: Callable[..., Any], serve: Callable[..., Server]
+) -> None:
+    def stall(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        time.sleep(1.0)
+
+    server = serve(stall)
+    [outcome] = on_driver(make, exchange(f"{server.url}/v1")._replace(seconds=0.3))
+    assert isinstance(outcome, errors.Timeout)
+    assert outcome.sent is True
+    assert "no complete answer within the deadline of 0.3 s" in str(outcome)
 
 
 @pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
@@ -728,6 +772,28 @@ def test_a_url_that_is_no_http_url_is_not_sent(make: Callable[..., Any]) -> None
     [outcome] = on_driver(make, exchange("ftp://127.0.0.1:9/v1", BODY))
     assert type(outcome) is errors.TransportError
     assert outcome.sent is False
+
+
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+@pytest.mark.parametrize("port", ["99999", "9:9"], ids=["out-of-range", "not-a-number"])
+def test_a_url_whose_port_cannot_be_is_a_request_error_on_both_drivers(
+    make: Callable[..., Any], port: str
+) -> None:
+    # A provider's polling URL, say: the aiohttp driver let yarl's bare ValueError out of the
+    # client (no FluxError, the job it polled lost), the httpx driver tried to connect and
+    # called the failure one that may have reached the provider.
+    [outcome] = on_driver(make, exchange(f"http://127.0.0.1:{port}/v1", BODY))
+    assert isinstance(outcome, errors.RequestError), outcome
+    assert "cannot send" in str(outcome)
+
+
+def test_aiohttp_a_host_aiohttp_refuses_to_connect_to_is_not_sent() -> None:
+    # aiohttp refuses 127.1 (an IPv4 address it will not read) before it connects: the driver
+    # called that a failure that may have reached the provider, which is never failed over.
+    [outcome] = on_driver(aiohttp_driver, exchange("http://127.1:9/v1", BODY))
+    assert type(outcome) is errors.TransportError, outcome
+    assert outcome.sent is False
+    assert "could not send the request (InvalidUrlClientError: 127.1" in str(outcome)
 
 
 def test_aiohttp_a_signed_query_is_sent_as_written(serve: Callable[..., Server]) -> None:
@@ -938,3 +1004,86 @@ def test_a_body_json_cannot_hold_is_a_request_error_on_both_drivers_and_sends_no
     assert isinstance(outcome, errors.RequestError)
     assert "cannot send" in str(outcome)
     assert server.requests == 0
+
+
+def many_headers(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+    # A CDN's or a proxy's headers piled on a paid answer: more than aiohttp's default 128.
+    server.send(connection, answer(200, OK, *(f"X-Hop-{n}: {n}" for n in range(300))))
+
+
+def test_an_answer_with_many_headers_is_read_by_every_client(serve: Callable[..., Server]) -> None:
+    """h11 counts no header lines; the aiohttp driver read at most 128, failing a paid answer
+    ("Too many headers received", may have been billed) that the other clients return."""
+    server = serve(many_headers)
+    for kind in CLIENT_KINDS:
+        outcome = edit(kind, server.url)
+        assert isinstance(outcome, EditResult), (kind, outcome)
+    assert server.requests == len(CLIENT_KINDS)
+
+
+def rate_limited_then_dropped(
+    server: Server, connection: socket.socket, head: bytes, body: bytes
+) -> None:
+    server.send(connection, b'HTTP/1.1 429 X\r\nContent-Length: 100\r\nRetry-After: 7\r\n\r\n{"err')
+    connection.shutdown(socket.SHUT_RDWR)
+
+
+def refused_key_then_dropped(
+    server: Server, connection: socket.socket, head: bytes, body: bytes
+) -> None:
+    server.send(connection, b'HTTP/1.1 401 X\r\nContent-Length: 100\r\n\r\n{"err')
+    connection.shutdown(socket.SHUT_RDWR)
+
+
+def rate_limited_undecodable(
+    server: Server, connection: socket.socket, head: bytes, body: bytes
+) -> None:
+    server.send(connection, answer(429, b"no gzip", "Content-Encoding: gzip", "Retry-After: 7"))
+
+
+ERROR_HEADS = {
+    "429-dropped": (rate_limited_then_dropped, errors.RateLimited),
+    "401-dropped": (refused_key_then_dropped, errors.AuthenticationFailed),
+    "429-undecodable": (rate_limited_undecodable, errors.RateLimited),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_HEADS, ids=list(ERROR_HEADS))
+def test_an_error_status_whose_body_is_cut_short_is_judged_by_its_status(
+    case: str, serve: Callable[..., Server]
+) -> None:
+    """A 429's or a 401's head proves the provider did not take the job: a body cut short after
+    it (a drop, bytes that do not inflate) was a TransportError that may have been billed, or
+    an unreadable answer, on every client, and a router never failed over from it."""
+    respond, error = ERROR_HEADS[case]
+    server = serve(respond)
+    for kind in CLIENT_KINDS:
+        outcome = edit(kind, server.url, max_retries=0)
+        assert type(outcome) is error, (kind, outcome)
+        if isinstance(outcome, errors.RateLimited):
+            assert outcome.retry_after == 7.0, kind
+    assert server.requests == len(CLIENT_KINDS)
+
+
+def rate_limited_then_stalled(
+    server: Server, connection: socket.socket, head: bytes, body: bytes
+) -> None:
+    server.send(connection, b'HTTP/1.1 429 X\r\nContent-Length: 100\r\nRetry-After: 7\r\n\r\n{"err')
+    time.sleep(3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"timeout": 0.5, "deadline": 5}, {"timeout": 5, "deadline": 0.5}],
+    ids=["read-timeout", "deadline"],
+)
+def test_an_error_status_whose_body_stalls_is_judged_by_its_status(
+    options: dict[str, float], serve: Callable[..., Server]
+) -> None:
+    # The async drivers' read timeout (aiohttp's clock) and deadline after a 429's head were a
+    # Timeout that may have been billed; FluxClient's ReadTimeout is a transport error.
+    server = serve(rate_limited_then_stalled)
+    for kind in CLIENT_KINDS:
+        outcome = edit(kind, server.url, REQUEST, max_retries=0, **options)
+        assert type(outcome) is errors.RateLimited, (kind, outcome)
+        assert outcome.retry_after == 7.0, kind
