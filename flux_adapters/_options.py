@@ -73,8 +73,8 @@ def check_key(value: object, source: str) -> str:
     """*value* as an API key; *source* says where it came from, e.g. ``$LAOZHANG_API_KEY``.
 
     A key goes into an HTTP header, so it must be printable ASCII without spaces. Whitespace
-    around it (a line break from a CRLF ``.env`` file) is refused rather than stripped: the key
-    you set is the key that is sent.
+    around it (a line break from a CRLF ``.env`` file), or quotes (``"sk-..."`` read by a tool
+    that keeps them), are refused rather than stripped: the key you set is the key that is sent.
     """
     if not isinstance(value, str):
         raise ConfigurationError(f"{source} must be a string, not {type(value).__name__}")
@@ -87,6 +87,10 @@ def check_key(value: object, source: str) -> str:
         )
     if value.lower().startswith(("bearer ", "key ", "token ")):
         raise ConfigurationError(f"{source} starts with a scheme word; give the key alone")
+    if value[0] in "\"'`" or value[-1] in "\"'`":
+        # KEY="sk-..." in a file read by something that keeps the quotes (docker --env-file,
+        # systemd's EnvironmentFile= with odd quoting): the quotes would be sent as the key.
+        raise ConfigurationError(f"{source} is wrapped in quotes; give the key without them")
     if not all(0x21 <= ord(character) <= 0x7E for character in value):
         raise ConfigurationError(
             f"{source} holds characters an HTTP header cannot carry (spaces, control or "
