@@ -49,7 +49,7 @@ from attrs import field, frozen
 from flux_adapters._display import escape_controls, render_value, toml_key
 from flux_adapters._files import read_text_file
 from flux_adapters._ids import Routing
-from flux_adapters._options import base_url_for
+from flux_adapters._options import base_url_for, check_base_url
 from flux_adapters._redact import shown_state_url
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.prices import MEGAPIXEL, PerCall, PerMegapixel, Price
@@ -287,7 +287,9 @@ def _provider(given: str, table: object, origin: str) -> ProviderSettings:
     return ProviderSettings(
         name=name,
         api_key_env=_variable_name(shape.api_key_env, where),
-        base_url=shape.base_url,
+        base_url=None
+        if shape.base_url is None
+        else check_base_url(shape.base_url, f"{where} base_url"),
         priority=shape.priority,
         timeout=None if shape.timeout is None else _seconds(shape.timeout, f"{where} timeout"),
         prices=_prices(name, shape.prices, where),
@@ -412,7 +414,10 @@ def load_config(
     settings = [configured.get(name) or ProviderSettings(name=name) for name in ids]
     ordered = [settings[n] for n in by_priority(settings)]
 
-    routing = env.get("FLUX_ROUTING") or shape.routing or "ordered"
+    # A value the file gives is taken as given, even "": an empty routing, unknown_price,
+    # state_fallback, state_url or budget_scope there is refused, not read as the default.
+    # An empty variable is an unset one (FLUX_ROUTING= in a shell script).
+    routing = env.get("FLUX_ROUTING") or _given(shape.routing, "ordered")
     if routing not in get_args(Routing):
         where = "$FLUX_ROUTING" if env.get("FLUX_ROUTING") else origin
         raise _fail(where, f"routing must be 'ordered' or 'cheapest', not {routing!r:.40}")
@@ -423,7 +428,7 @@ def load_config(
     job_deadline = job_deadline_from_env(env)
     if job_deadline is None and shape.job_deadline is not None:
         job_deadline = _seconds(shape.job_deadline, f"{origin} job_deadline")
-    unknown_price = shape.unknown_price or "allow"
+    unknown_price = _given(shape.unknown_price, "allow")
     if unknown_price not in ("allow", "refuse"):
         raise _fail(origin, f"unknown_price must be 'allow' or 'refuse', not {unknown_price!r}")
     ambiguous = bool(shape.failover_on_ambiguous)
@@ -431,10 +436,24 @@ def load_config(
         raise _fail(
             origin, f"budget_period must be 'day' or 'total', not {shape.budget_period!r:.40}"
         )
-    fallback = env.get("FLUX_STATE_FALLBACK") or shape.state_fallback or "none"
+    fallback = env.get("FLUX_STATE_FALLBACK") or _given(shape.state_fallback, "none")
     if fallback not in ("none", "local"):
         where = "$FLUX_STATE_FALLBACK" if env.get("FLUX_STATE_FALLBACK") else origin
         raise _fail(where, f"state_fallback must be 'none' or 'local', not {fallback!r:.40}")
+    from flux_adapters.state import check_url
+
+    if shape.state_url is not None:
+        check_url(shape.state_url, f"{origin} state_url")
+    if env.get("FLUX_STATE_URL"):
+        check_url(env["FLUX_STATE_URL"], "$FLUX_STATE_URL")
+    state_url = env.get("FLUX_STATE_URL") or shape.state_url
+    if shape.budget_scope is not None:
+        from flux_adapters.state import check_scope
+
+        try:
+            check_scope(shape.budget_scope)
+        except ConfigurationError as error:
+            raise _fail(f"{origin} budget_scope", str(error)) from None
     if shape.budget_usd is not None:
         from flux_adapters._options import is_number
 
@@ -454,11 +473,11 @@ def load_config(
         else _seconds(_as_float(timeout, timeout_from), timeout_from),
         job_deadline=job_deadline,
         source=origin,
-        state_url=env.get("FLUX_STATE_URL") or shape.state_url,
+        state_url=state_url,
         state_fallback=fallback,
         budget_usd=None if shape.budget_usd is None else float(shape.budget_usd),
         budget_period=shape.budget_period or "total",
-        budget_scope=shape.budget_scope or "client:default",
+        budget_scope=_given(shape.budget_scope, "client:default"),
     )
 
 
@@ -524,6 +543,10 @@ def job_deadline_from_env(env: Mapping[str, str] | None = None) -> float | None:
     if not value:
         return None
     return _seconds(_as_float(value, "$FLUX_JOB_DEADLINE"), "$FLUX_JOB_DEADLINE")
+
+
+def _given(value: str | None, default: str) -> str:
+    return default if value is None else value
 
 
 def _as_float(value: object, name: str) -> object:

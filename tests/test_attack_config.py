@@ -260,3 +260,64 @@ def test_the_state_urls_password_is_not_in_the_configurations_repr(
     assert config.state_url == url  # kept whole: the state needs it
     assert "hunter2" not in repr(config)
     assert "redis.internal" in repr(config) or "r.example" in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("line", "where"),
+    [
+        ('routing = ""', "routing must be"),
+        ('unknown_price = ""', "unknown_price must be"),
+        ('state_fallback = ""', "state_fallback must be"),
+        ('state_url = ""', "state_url must be"),
+        ('budget_scope = ""', "budget_scope: a state scope"),
+    ],
+)
+def test_an_empty_value_in_the_file_is_refused_not_read_as_the_default(
+    tmp_path: Path, line: str, where: str
+) -> None:
+    # unknown_price = "" (a template whose variable was empty) was read as "allow", routing = ""
+    # as "ordered", budget_scope = "" as "client:default": a value given and silently dropped,
+    # though budget_period = "" was refused and budget_scope="" in code is too.
+    path = configured(tmp_path, f'providers = ["laozhang"]\n{line}\n')
+    with pytest.raises(errors.ConfigurationError, match=where) as caught:
+        load_config(path, environ={})
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["", "ftp://api.example.com", "https://api.example.com/?a=1"])
+def test_a_files_base_url_is_checked_where_the_file_gives_it(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # base_url = "" was taken as no base_url at all: the client sent to the provider's real, paid
+    # endpoint, where the operator meant a proxy or the emulator. Any other bad base_url was
+    # refused only when the client was built, by a message not naming the file.
+    text = f'providers = ["laozhang"]\n[provider.laozhang]\nbase_url = "{url}"\n'
+    path = configured(tmp_path, text)
+    with pytest.raises(errors.ConfigurationError, match=r"\[provider.laozhang\] base_url") as c:
+        load_config(path, environ={})
+    assert str(path) in str(c.value)
+    monkeypatch.setenv("LAOZHANG_API_KEY", "sk-test-0123456789abcdef")
+    monkeypatch.delenv("LAOZHANG_BASE_URL", raising=False)
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    with pytest.raises(errors.ConfigurationError, match="base_url"):
+        FluxClient.from_env(config=path)
+
+
+@pytest.mark.parametrize(
+    ("file", "environ", "where"),
+    [
+        ('state_url = "mysql://db/0"', {}, "state_url must be 'local' or start with redis://"),
+        ("", {"FLUX_STATE_URL": "redis ://x"}, r"\$FLUX_STATE_URL must be 'local'"),
+        ("", {"FLUX_STATE_URL": "localhost:6379"}, r"\$FLUX_STATE_URL must be 'local'"),
+    ],
+)
+def test_a_state_url_that_is_no_state_says_where_it_was_given(
+    tmp_path: Path, file: str, environ: dict[str, str], where: str
+) -> None:
+    # "a state URL must be 'local' or ...": with a file and a variable that may both give one,
+    # the message did not say which of them to fix.
+    path = configured(tmp_path, f'providers = ["laozhang"]\n{file}\n')
+    with pytest.raises(errors.ConfigurationError, match=where) as caught:
+        load_config(path, environ=environ)
+    if file:
+        assert str(path) in str(caught.value)
