@@ -359,7 +359,9 @@ def load_config(
         file = chosen or DEFAULT_PATH
         shown = escape_controls(str(file))  # a NUL, or a name that is not valid UTF-8
         try:
-            data = tomllib.loads(read_text_file(file, limit=1024 * 1024))
+            text = read_text_file(file, limit=1024 * 1024)
+            bom = text.startswith("\ufeff")  # Notepad's "UTF-8 with BOM"
+            data = {} if bom else tomllib.loads(text)
         except FileNotFoundError:
             raise _fail(shown, "no such file") from None
         except OSError as exc:
@@ -373,6 +375,12 @@ def load_config(
                 else "is not a usable path"
             )
             raise _fail(shown, why) from None
+        if bom:
+            raise _fail(
+                shown,
+                "starts with a byte order mark (BOM), which TOML does not allow; save it as "
+                "UTF-8 without BOM",
+            )
         origin = shown
     shape = _shaped(data, _FileShape, origin, "a table")
     configured: dict[str, ProviderSettings] = {}

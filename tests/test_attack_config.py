@@ -321,3 +321,13 @@ def test_a_state_url_that_is_no_state_says_where_it_was_given(
         load_config(path, environ=environ)
     if file:
         assert str(path) in str(caught.value)
+
+
+def test_a_file_saved_with_a_byte_order_mark_says_so(tmp_path: Path) -> None:
+    # Notepad's "UTF-8 with BOM": the file read as "not valid TOML (Invalid statement (at line
+    # 1, column 1))", pointing at a line that looks right, with nothing to see there.
+    path = tmp_path / "flux-adapters.toml"
+    path.write_bytes(b'\xef\xbb\xbfproviders = ["laozhang"]\n')
+    with pytest.raises(errors.ConfigurationError, match=r"byte order mark \(BOM\)") as caught:
+        load_config(path, environ={})
+    assert str(caught.value).startswith(str(path))
