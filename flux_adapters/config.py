@@ -176,6 +176,7 @@ class Config:
     failover_on_ambiguous: bool = False
     timeout: float | None = None
     job_deadline: float | None = None
+    timeout_overrides: bool = False
     source: str = "environment"
     state_url: str | None = field(default=None, repr=shown_state_url)
     state_fallback: str = "none"
@@ -479,6 +480,7 @@ def load_config(
         timeout=None
         if timeout is None
         else _seconds(_as_float(timeout, timeout_from), timeout_from),
+        timeout_overrides=bool(env.get("FLUX_TIMEOUT")),
         job_deadline=job_deadline,
         source=origin,
         state_url=state_url,
@@ -486,6 +488,22 @@ def load_config(
         budget_usd=None if shape.budget_usd is None else float(shape.budget_usd),
         budget_period=shape.budget_period or "total",
         budget_scope=_given(shape.budget_scope, "client:default"),
+    )
+
+
+def timeouts(
+    config: Config, providers: Sequence[ProviderSettings]
+) -> tuple[float | None, tuple[ProviderSettings, ...]]:
+    """The client's ``timeout=`` for *config*, and *providers* with the timeout each one gets.
+
+    ``$FLUX_TIMEOUT`` overrides the file, every provider's own ``timeout`` too; the file's
+    top-level ``timeout`` is the default of the providers whose section gives none.
+    """
+    if config.timeout is None or config.timeout_overrides:
+        return config.timeout, tuple(providers)
+    return None, tuple(
+        settings if settings.timeout is not None else attrs.evolve(settings, timeout=config.timeout)
+        for settings in providers
     )
 
 

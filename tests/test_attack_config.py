@@ -331,3 +331,29 @@ def test_a_file_saved_with_a_byte_order_mark_says_so(tmp_path: Path) -> None:
     with pytest.raises(errors.ConfigurationError, match=r"byte order mark \(BOM\)") as caught:
         load_config(path, environ={})
     assert str(caught.value).startswith(str(path))
+
+
+def test_a_providers_own_timeout_wins_over_the_files_top_level_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The example in docs/routing.md: timeout = 300, and 240 in [provider.laozhang]. The 300 was
+    # passed as timeout=, which wins over a section's: laozhang waited 300 s, its 240 unread.
+    monkeypatch.setenv("LAOZHANG_API_KEY", "sk-test-0123456789abcdef")
+    monkeypatch.setenv("AIMLAPI_API_KEY", "sk-test-0123456789abcdef")
+    for name in ("FLUX_TIMEOUT", "FLUX_PROVIDERS", "LAOZHANG_BASE_URL", "AIMLAPI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    text = "providers = [{}]\ntimeout = 300\n[provider.laozhang]\ntimeout = 240\n"
+    first = configured(tmp_path, text.format('"laozhang", "aimlapi"'))
+    with FluxClient.from_env(config=first) as client:
+        assert client.provider == "laozhang"
+        assert client.timeout.read == 240.0
+    with httpx.Client(timeout=7) as http:
+        # aimlapi first: no timeout of its own, so the file's 300, not the http_client's 7.
+        second = tmp_path / "second.toml"
+        second.write_text(text.format('"aimlapi", "laozhang"'), encoding="utf-8")
+        with FluxClient.from_env(config=second, http_client=http) as client:
+            assert client.provider == "aimlapi"
+            assert client.timeout.read == 300.0
+    monkeypatch.setenv("FLUX_TIMEOUT", "45")  # the environment overrides the whole file
+    with FluxClient.from_env(config=first) as client:
+        assert client.timeout.read == 45.0
