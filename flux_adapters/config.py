@@ -469,6 +469,9 @@ def load_config(
         budget_usd = shape.budget_usd
         if not (is_number(budget_usd) and 0 <= budget_usd <= 1e9):
             raise _fail(origin, f"budget_usd must be dollars from 0 to 1e9, not {budget_usd!r:.40}")
+    _note_unused(shape, origin, listed_by_file=listed != "$FLUX_PROVIDERS", ids=ids)
+    if budget is None and shape.unknown_price is not None:
+        _unused(f"{origin} unknown_price", "max_cost_usd (or $FLUX_MAX_COST_USD)")
     return Config(
         providers=tuple(ordered),
         routing=routing,  # type: ignore[arg-type]
@@ -505,6 +508,35 @@ def timeouts(
         settings if settings.timeout is not None else attrs.evolve(settings, timeout=config.timeout)
         for settings in providers
     )
+
+
+def _unused(what: str, needs: str) -> None:
+    import logging
+
+    from flux_adapters._log import note
+
+    # Names of settings and providers only: nothing here to scrub.
+    note(logging.WARNING, "unused-setting", str, "%s has no effect without %s", what, needs)
+
+
+def _note_unused(shape: _FileShape, origin: str, *, listed_by_file: bool, ids: list[str]) -> None:
+    """Warn of what the file gives that nothing will read: a setting that works with another.
+
+    A section for a provider the file's own ``providers`` leaves out is one too (with
+    ``$FLUX_PROVIDERS`` choosing among the sections, those it leaves out are expected).
+    """
+    if shape.budget_usd is None:
+        for name in ("budget_period", "budget_scope"):
+            if getattr(shape, name) is not None:
+                _unused(f"{origin} {name}", "budget_usd")
+    if listed_by_file and shape.providers is not None:
+        for given in shape.provider:
+            name = canonical_name(given)
+            if name not in ids:
+                _unused(
+                    f"{origin} [provider.{toml_key(given)}]",
+                    f"{name} in providers = [...] (it lists {', '.join(ids)})",
+                )
 
 
 def key_variable(settings: ProviderSettings) -> str:

@@ -357,3 +357,41 @@ def test_a_providers_own_timeout_wins_over_the_files_top_level_one(
     monkeypatch.setenv("FLUX_TIMEOUT", "45")  # the environment overrides the whole file
     with FluxClient.from_env(config=first) as client:
         assert client.timeout.read == 45.0
+
+
+@pytest.mark.parametrize(
+    ("text", "warned"),
+    [
+        ('budget_period = "day"\n', "budget_period has no effect without budget_usd"),
+        ('budget_scope = "team:a"\n', "budget_scope has no effect without budget_usd"),
+        ('unknown_price = "refuse"\n', "unknown_price has no effect without max_cost_usd"),
+        (
+            "[provider.aimlapi]\ntimeout = 30\n",
+            "[provider.aimlapi] has no effect without aimlapi in providers",
+        ),
+    ],
+)
+def test_a_setting_nothing_will_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str, warned: str
+) -> None:
+    # Each was taken and silently unused: a day's budget period with no budget to count, a
+    # failover provider configured in its section but missing from the list.
+    path = configured(tmp_path, 'providers = ["laozhang"]\n' + text)
+    with caplog.at_level("WARNING", logger="flux_adapters"):
+        load_config(path, environ={})
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"{path} {warned}")
+
+
+def test_settings_that_work_together_are_not_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = (
+        'providers = ["laozhang"]\nbudget_usd = 5\nbudget_period = "day"\nbudget_scope = "t"\n'
+        'unknown_price = "refuse"\n[provider.laozhang]\ntimeout = 30\n[provider.aimlapi]\n'
+    )
+    path = configured(tmp_path, text)
+    with caplog.at_level("WARNING", logger="flux_adapters"):
+        load_config(path, environ={"FLUX_MAX_COST_USD": "0.1", "FLUX_PROVIDERS": "laozhang"})
+        load_config(path, environ={"FLUX_MAX_COST_USD": "0.1", "FLUX_PROVIDERS": "aimlapi"})
+    assert caplog.records == []
