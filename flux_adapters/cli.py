@@ -2386,6 +2386,10 @@ _SHARED_ONLY: Final = {"--lease": "lease", "--block": "block", "--state-expiry":
 
 
 def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if getattr(arguments, "state", None) is not None:  # batch, serve, keys: say it was --state
+        from flux_adapters.state import check_url
+
+        check_url(arguments.state, "--state")
     if arguments.command == "batch" and arguments.state is not None:
         if arguments.report is not None:
             _check_output_file(arguments.report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -395,3 +396,40 @@ def test_settings_that_work_together_are_not_warned_of(
         load_config(path, environ={"FLUX_MAX_COST_USD": "0.1", "FLUX_PROVIDERS": "laozhang"})
         load_config(path, environ={"FLUX_MAX_COST_USD": "0.1", "FLUX_PROVIDERS": "aimlapi"})
     assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "where"),
+    [
+        (["keys", "--state", "localhost:6379", "list"], {}, "--state must be"),
+        (["keys", "list"], {"FLUX_STATE_URL": "localhost:6379"}, r"\$FLUX_STATE_URL must be"),
+        (["serve", "--state", "localhost:6379", "--port", "0"], {}, "--state must be"),
+        (["batch", "{jobs}", "--state", "localhost:6379", "-o", "{out}"], {}, "--state must be"),
+    ],
+)
+def test_the_command_line_says_which_state_url_is_no_state(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    environ: dict[str, str],
+    where: str,
+) -> None:
+    # "a state URL must be 'local' or ...": from --state, $FLUX_STATE_URL or the file, it did
+    # not say which one to fix.
+    import io
+
+    from flux_adapters.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no flux-adapters.toml here
+    for name in ("FLUX_CONFIG", "FLUX_STATE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "sk-test-0123456789abcdef")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "a", "prompt": "p", "size": "64x64"}\n', encoding="utf-8")
+    argv = [arg.format(jobs=jobs, out=tmp_path / "out") for arg in argv]
+    out, err = io.StringIO(), io.StringIO()
+    assert main(argv, out=out, err=err) == 5
+    assert re.search(where, err.getvalue()), err.getvalue()

@@ -109,7 +109,9 @@ def configured_state_url(config: str | os.PathLike[str] | None = None) -> str | 
     from flux_adapters.config import DEFAULT_PATH, load_config
 
     if os.environ.get("FLUX_STATE_URL"):
-        return os.environ["FLUX_STATE_URL"]
+        from flux_adapters.state import check_url
+
+        return check_url(os.environ["FLUX_STATE_URL"], "$FLUX_STATE_URL")
     if config is None and not os.environ.get("FLUX_CONFIG") and not DEFAULT_PATH.exists():
         return None
     return load_config(config).state_url
