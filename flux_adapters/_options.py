@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final, TypeGuard
 from urllib.parse import urlsplit
@@ -122,7 +123,19 @@ def check_variable_name(value: object, source: str) -> str:
             f"{source} must be the name of an environment variable (no spaces, '=' or control "
             f"characters), not {render_value(value)}"
         )
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        # "sk-...", "a1b2:c3d4": the key itself, given where its variable's name goes (the
+        # setting is called api_key_env). Shown, it would be in the error, and as "set sk-..."
+        # in every "no API key" message and warning after it: it is not shown.
+        raise ConfigurationError(
+            f"{source} must be the name of an environment variable (letters, digits and _, not "
+            "starting with a digit), such as LAOZHANG_API_KEY; the value given is not shown, "
+            "as it may be a key: put the key in that variable, never in the configuration"
+        )
     return str.__str__(value)
+
+
+_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_base_url(value: object, source: str) -> str:

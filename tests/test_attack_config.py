@@ -433,3 +433,31 @@ def test_the_command_line_says_which_state_url_is_no_state(
     out, err = io.StringIO(), io.StringIO()
     assert main(argv, out=out, err=err) == 5
     assert re.search(where, err.getvalue()), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["sk-live-0123456789abcdefABCDEF", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0:0123456789abcdef"],
+)
+def test_a_key_given_as_api_key_env_is_refused_without_being_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str
+) -> None:
+    # api_key_env = "sk-..." (the setting's name invites the key itself) was taken as the name
+    # of a variable: "no API key for laozhang: set sk-live-..." printed the key, and so did the
+    # warning "laozhang skipped: no API key (set sk-live-...)" when another provider had one.
+    text = f'providers = ["laozhang", "aimlapi"]\n[provider.laozhang]\napi_key_env = "{key}"\n'
+    path = configured(tmp_path, text)
+    monkeypatch.setenv("AIMLAPI_API_KEY", "sk-test-0123456789abcdef")
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    with caplog.at_level("DEBUG"), pytest.raises(errors.ConfigurationError) as caught:
+        FluxClient.from_env(config=path)
+    assert "api_key_env must be the name of an environment variable" in str(caught.value)
+    assert key[:8] not in str(caught.value)
+    assert key[:8] not in caplog.text
+    with pytest.raises(errors.ConfigurationError) as in_code:
+        FluxClient(
+            providers=["laozhang"],
+            settings={"laozhang": ProviderSettings(name="laozhang", api_key_env=key)},
+        )
+    assert "api_key_env must be the name" in str(in_code.value)
+    assert key[:8] not in str(in_code.value)
