@@ -2288,8 +2288,10 @@ def _one_line(
             for violation in error.violations
         ]
         text = str(error).partition("\n")[0] + " " + "; ".join(shown)
-    elif flags is not None and isinstance(error, errors.ConfigurationError):
-        text = _in_flags(str(error), flags)
+    elif isinstance(error, errors.ConfigurationError):
+        # It may echo a value set in the wrong place: a key pasted into $FLUX_PROVIDERS or
+        # $FLUX_TIMEOUT ("unknown provider 'sk-...'"). Keys are scrubbed as from argparse's.
+        text = _unechoed(str(error) if flags is None else _in_flags(str(error), flags))
     else:
         text = str(error)
     text = " ".join(text.split())

@@ -461,3 +461,27 @@ def test_a_key_given_as_api_key_env_is_refused_without_being_shown(
         )
     assert "api_key_env must be the name" in str(in_code.value)
     assert key[:8] not in str(in_code.value)
+
+
+@pytest.mark.parametrize("variable", ["FLUX_PROVIDERS", "FLUX_TIMEOUT", "FLUX_ROUTING"])
+def test_a_key_pasted_into_another_variable_is_not_printed_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # FLUX_PROVIDERS=$LAOZHANG_API_KEY (a slip in a deploy script): "unknown provider
+    # 'Zx9a...'" printed the key on stderr and in --json, into the CI log.
+    import io
+    import json
+
+    from flux_adapters.cli import main
+
+    key = "Zx9aQ7bWm3Lp0Rt5Yv8Nc2Kd"  # no shape a scrubber would know: only its value tells
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLUX_CONFIG", raising=False)
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
+    monkeypatch.setenv("LAOZHANG_API_KEY", key)
+    monkeypatch.setenv(variable, key)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["edit", "a cat", "--json"], out=out, err=err) == 5
+    assert variable in err.getvalue()
+    assert key[:8] not in err.getvalue() + out.getvalue()
+    assert "[redacted]" in json.loads(out.getvalue())["error"]["message"]
