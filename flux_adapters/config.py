@@ -612,5 +612,7 @@ def _as_float(value: object, name: str) -> object:
         try:
             return float(value)
         except ValueError:
-            raise ConfigurationError(f"{name} must be a number, not {value!r}") from None
+            raise ConfigurationError(
+                f"{name} must be a number, not {render_value(value)}"
+            ) from None
     return value

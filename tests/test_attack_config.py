@@ -485,3 +485,11 @@ def test_a_key_pasted_into_another_variable_is_not_printed_back(
     assert variable in err.getvalue()
     assert key[:8] not in err.getvalue() + out.getvalue()
     assert "[redacted]" in json.loads(out.getvalue())["error"]["message"]
+
+
+@pytest.mark.parametrize("variable", ["FLUX_TIMEOUT", "FLUX_MAX_COST_USD", "FLUX_JOB_DEADLINE"])
+def test_a_huge_number_variable_is_refused_in_a_short_message(variable: str) -> None:
+    # A file's contents pasted into $FLUX_TIMEOUT came back whole in the error: 100 kB.
+    with pytest.raises(errors.ConfigurationError, match=f"{variable} must be a number") as caught:
+        load_config(environ={"FLUX_PROVIDERS": "laozhang", variable: "x" * 100_000})
+    assert len(str(caught.value)) < 300
