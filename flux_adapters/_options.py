@@ -199,6 +199,11 @@ def base_url_for(
     return base
 
 
+MIN_RATE_PER_MINUTE: Final = 1 / 1440
+"""The lowest ``rate_per_minute`` taken: one a day. Below it, a key's first call holds the next
+for years (1e-300 a minute said "the next call in 6000...0 s", 300 digits), which is no limit
+anyone means: a typo for a rate, or 0 written as a tiny number."""
+
 MAX_SECONDS: Final = 86_400.0
 """The longest timeout or deadline taken: a day. A socket timeout of 1e10 s overflows time_t."""
 

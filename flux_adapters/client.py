@@ -574,7 +574,7 @@ def _check_prices(prices: object, providers: Sequence[str]) -> dict[tuple[str, s
 def _check_one_setting(settings: ProviderSettings, where: str) -> None:
     """What `load_config` checks in a file, for `ProviderSettings` made in code."""
     from flux_adapters._declared import check_price
-    from flux_adapters._options import check_variable_name
+    from flux_adapters._options import MIN_RATE_PER_MINUTE, check_variable_name
 
     if settings.api_key_env is not None:
         check_variable_name(settings.api_key_env, f"{where} api_key_env")
@@ -585,10 +585,10 @@ def _check_one_setting(settings: ProviderSettings, where: str) -> None:
             f"not {render_value(priority)}"
         )
     rate = settings.rate_per_minute
-    if rate is not None and not (is_number(rate) and 0 < rate <= 60_000_000):
+    if rate is not None and not (is_number(rate) and MIN_RATE_PER_MINUTE <= rate <= 60_000_000):
         raise ConfigurationError(
-            f"{where} rate_per_minute must be a number of requests a minute above 0, "
-            f"not {render_value(rate)}"
+            f"{where} rate_per_minute must be a number of requests a minute, at least one a day "
+            f"(1/1440) and at most 60000000, not {render_value(rate)}"
         )
     prices: object = settings.prices
     if not isinstance(prices, Mapping):

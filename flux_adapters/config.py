@@ -323,9 +323,15 @@ def _prices(provider: str, given: Mapping[str, object], where: str) -> dict[str,
 
 
 def _rate(value: object, where: str) -> float:
+    from flux_adapters._options import MIN_RATE_PER_MINUTE
+
     number = _number(value, where)
-    if not 0 < number <= 60_000_000:
-        raise _fail(where, "must be a number of requests a minute above 0")
+    if not MIN_RATE_PER_MINUTE <= number <= 60_000_000:
+        raise _fail(
+            where,
+            "must be a number of requests a minute, at least one a day (1/1440) and at most "
+            f"60000000, not {render_value(value)}",
+        )
     return number
 
 

@@ -493,3 +493,23 @@ def test_a_huge_number_variable_is_refused_in_a_short_message(variable: str) -> 
     with pytest.raises(errors.ConfigurationError, match=f"{variable} must be a number") as caught:
         load_config(environ={"FLUX_PROVIDERS": "laozhang", variable: "x" * 100_000})
     assert len(str(caught.value)) < 300
+
+
+@pytest.mark.parametrize("rate", ["1e-300", "1e-9", "0.0001"])
+def test_a_rate_no_one_means_is_refused_in_the_file_and_in_code(tmp_path: Path, rate: str) -> None:
+    # rate_per_minute = 1e-300 was taken: the key's first call held the next for 10^300
+    # seconds, and the skip said so in a 300-digit number.
+    text = f'providers = ["laozhang"]\n[provider.laozhang]\nrate_per_minute = {rate}\n'
+    with pytest.raises(errors.ConfigurationError, match="at least one a day") as caught:
+        load_config(configured(tmp_path, text), environ={})
+    assert "rate_per_minute" in str(caught.value)
+    with pytest.raises(errors.ConfigurationError, match="at least one a day"):
+        FluxClient(
+            providers=["laozhang"],
+            settings={"laozhang": ProviderSettings(name="laozhang", rate_per_minute=float(rate))},
+        )
+
+
+def test_a_rate_of_one_a_day_is_taken(tmp_path: Path) -> None:
+    text = 'providers = ["laozhang"]\n[provider.laozhang]\nrate_per_minute = 0.000695\n'
+    assert load_config(configured(tmp_path, text), environ={}).providers[0].rate_per_minute
