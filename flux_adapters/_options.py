@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final, TypeGuard
 from urllib.parse import urlsplit
@@ -73,8 +74,8 @@ def check_key(value: object, source: str) -> str:
     """*value* as an API key; *source* says where it came from, e.g. ``$LAOZHANG_API_KEY``.
 
     A key goes into an HTTP header, so it must be printable ASCII without spaces. Whitespace
-    around it (a line break from a CRLF ``.env`` file) is refused rather than stripped: the key
-    you set is the key that is sent.
+    around it (a line break from a CRLF ``.env`` file), or quotes (``"sk-..."`` read by a tool
+    that keeps them), are refused rather than stripped: the key you set is the key that is sent.
     """
     if not isinstance(value, str):
         raise ConfigurationError(f"{source} must be a string, not {type(value).__name__}")
@@ -87,6 +88,10 @@ def check_key(value: object, source: str) -> str:
         )
     if value.lower().startswith(("bearer ", "key ", "token ")):
         raise ConfigurationError(f"{source} starts with a scheme word; give the key alone")
+    if value[0] in "\"'`" or value[-1] in "\"'`":
+        # KEY="sk-..." in a file read by something that keeps the quotes (docker --env-file,
+        # systemd's EnvironmentFile= with odd quoting): the quotes would be sent as the key.
+        raise ConfigurationError(f"{source} is wrapped in quotes; give the key without them")
     if not all(0x21 <= ord(character) <= 0x7E for character in value):
         raise ConfigurationError(
             f"{source} holds characters an HTTP header cannot carry (spaces, control or "
@@ -118,7 +123,19 @@ def check_variable_name(value: object, source: str) -> str:
             f"{source} must be the name of an environment variable (no spaces, '=' or control "
             f"characters), not {render_value(value)}"
         )
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        # "sk-...", "a1b2:c3d4": the key itself, given where its variable's name goes (the
+        # setting is called api_key_env). Shown, it would be in the error, and as "set sk-..."
+        # in every "no API key" message and warning after it: it is not shown.
+        raise ConfigurationError(
+            f"{source} must be the name of an environment variable (letters, digits and _, not "
+            "starting with a digit), such as LAOZHANG_API_KEY; the value given is not shown, "
+            "as it may be a key: put the key in that variable, never in the configuration"
+        )
     return str.__str__(value)
+
+
+_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_base_url(value: object, source: str) -> str:
@@ -181,6 +198,11 @@ def base_url_for(
         base = base[: -len("/v1")]
     return base
 
+
+MIN_RATE_PER_MINUTE: Final = 1 / 1440
+"""The lowest ``rate_per_minute`` taken: one a day. Below it, a key's first call holds the next
+for years (1e-300 a minute said "the next call in 6000...0 s", 300 digits), which is no limit
+anyone means: a typo for a rate, or 0 written as a tiny number."""
 
 MAX_SECONDS: Final = 86_400.0
 """The longest timeout or deadline taken: a day. A socket timeout of 1e10 s overflows time_t."""

@@ -2288,8 +2288,10 @@ def _one_line(
             for violation in error.violations
         ]
         text = str(error).partition("\n")[0] + " " + "; ".join(shown)
-    elif flags is not None and isinstance(error, errors.ConfigurationError):
-        text = _in_flags(str(error), flags)
+    elif isinstance(error, errors.ConfigurationError):
+        # It may echo a value set in the wrong place: a key pasted into $FLUX_PROVIDERS or
+        # $FLUX_TIMEOUT ("unknown provider 'sk-...'"). Keys are scrubbed as from argparse's.
+        text = _unechoed(str(error) if flags is None else _in_flags(str(error), flags))
     else:
         text = str(error)
     text = " ".join(text.split())
@@ -2386,6 +2388,10 @@ _SHARED_ONLY: Final = {"--lease": "lease", "--block": "block", "--state-expiry":
 
 
 def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if getattr(arguments, "state", None) is not None:  # batch, serve, keys: say it was --state
+        from flux_adapters.state import check_url
+
+        check_url(arguments.state, "--state")
     if arguments.command == "batch" and arguments.state is not None:
         if arguments.report is not None:
             _check_output_file(arguments.report)

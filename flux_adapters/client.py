@@ -574,7 +574,7 @@ def _check_prices(prices: object, providers: Sequence[str]) -> dict[tuple[str, s
 def _check_one_setting(settings: ProviderSettings, where: str) -> None:
     """What `load_config` checks in a file, for `ProviderSettings` made in code."""
     from flux_adapters._declared import check_price
-    from flux_adapters._options import check_variable_name
+    from flux_adapters._options import MIN_RATE_PER_MINUTE, check_variable_name
 
     if settings.api_key_env is not None:
         check_variable_name(settings.api_key_env, f"{where} api_key_env")
@@ -585,10 +585,10 @@ def _check_one_setting(settings: ProviderSettings, where: str) -> None:
             f"not {render_value(priority)}"
         )
     rate = settings.rate_per_minute
-    if rate is not None and not (is_number(rate) and 0 < rate <= 60_000_000):
+    if rate is not None and not (is_number(rate) and MIN_RATE_PER_MINUTE <= rate <= 60_000_000):
         raise ConfigurationError(
-            f"{where} rate_per_minute must be a number of requests a minute above 0, "
-            f"not {render_value(rate)}"
+            f"{where} rate_per_minute must be a number of requests a minute, at least one a day "
+            f"(1/1440) and at most 60000000, not {render_value(rate)}"
         )
     prices: object = settings.prices
     if not isinstance(prices, Mapping):
@@ -997,8 +997,9 @@ class _ClientBase:
         ``$FLUX_MAX_COST_USD``, ``$FLUX_TIMEOUT``, ``$FLUX_JOB_DEADLINE``, ``$FLUX_STATE_URL``,
         ``$FLUX_STATE_FALLBACK``, ``$<PROVIDER>_API_KEY`` and ``$<PROVIDER>_BASE_URL`` override
         the file; see `flux_adapters.config`. A configured timeout (``$FLUX_TIMEOUT``, or
-        ``timeout`` in the file) counts as ``timeout=``: it wins over *http_client*'s own;
-        ``timeout`` in a ``[provider.NAME]`` section applies when no top-level one is set.
+        ``timeout`` in the file) counts as ``timeout=``: it wins over *http_client*'s own.
+        ``timeout`` in a ``[provider.NAME]`` section wins over the file's top-level one for
+        that provider; ``$FLUX_TIMEOUT`` wins over both.
         *max_retries* is the client's (default: 0 for one provider, 1 for several).
 
         A configured provider whose key variable is unset or empty is left out, with a warning
@@ -1010,11 +1011,12 @@ class _ClientBase:
                 provider has a key (the message names each variable), or an argument is not
                 usable.
         """
-        from flux_adapters.config import load_config, with_keys
+        from flux_adapters.config import load_config, timeouts, with_keys
         from flux_adapters.jobs import Polling
 
         loaded = load_config(config)
         usable = with_keys(loaded.providers)  # a provider without a key: skipped, with a warning
+        timeout, usable = timeouts(loaded, usable)
         names = [settings.name for settings in usable]
         retries = None if max_retries is None else _check_retries(max_retries)
         policy = _default_policy(
@@ -1028,7 +1030,7 @@ class _ClientBase:
         options: dict[str, Any] = {
             "providers": names,
             "http_client": http_client,
-            "timeout": loaded.timeout,
+            "timeout": timeout,
             "policy": policy,
             "prices": loaded.prices,
             "settings": {settings.name: settings for settings in usable},

@@ -49,7 +49,7 @@ from attrs import field, frozen
 from flux_adapters._display import escape_controls, render_value, toml_key
 from flux_adapters._files import read_text_file
 from flux_adapters._ids import Routing
-from flux_adapters._options import base_url_for
+from flux_adapters._options import base_url_for, check_base_url
 from flux_adapters._redact import shown_state_url
 from flux_adapters.errors import ConfigurationError
 from flux_adapters.prices import MEGAPIXEL, PerCall, PerMegapixel, Price
@@ -176,6 +176,7 @@ class Config:
     failover_on_ambiguous: bool = False
     timeout: float | None = None
     job_deadline: float | None = None
+    timeout_overrides: bool = False
     source: str = "environment"
     state_url: str | None = field(default=None, repr=shown_state_url)
     state_fallback: str = "none"
@@ -287,7 +288,9 @@ def _provider(given: str, table: object, origin: str) -> ProviderSettings:
     return ProviderSettings(
         name=name,
         api_key_env=_variable_name(shape.api_key_env, where),
-        base_url=shape.base_url,
+        base_url=None
+        if shape.base_url is None
+        else check_base_url(shape.base_url, f"{where} base_url"),
         priority=shape.priority,
         timeout=None if shape.timeout is None else _seconds(shape.timeout, f"{where} timeout"),
         prices=_prices(name, shape.prices, where),
@@ -320,9 +323,15 @@ def _prices(provider: str, given: Mapping[str, object], where: str) -> dict[str,
 
 
 def _rate(value: object, where: str) -> float:
+    from flux_adapters._options import MIN_RATE_PER_MINUTE
+
     number = _number(value, where)
-    if not 0 < number <= 60_000_000:
-        raise _fail(where, "must be a number of requests a minute above 0")
+    if not MIN_RATE_PER_MINUTE <= number <= 60_000_000:
+        raise _fail(
+            where,
+            "must be a number of requests a minute, at least one a day (1/1440) and at most "
+            f"60000000, not {render_value(value)}",
+        )
     return number
 
 
@@ -357,7 +366,9 @@ def load_config(
         file = chosen or DEFAULT_PATH
         shown = escape_controls(str(file))  # a NUL, or a name that is not valid UTF-8
         try:
-            data = tomllib.loads(read_text_file(file, limit=1024 * 1024))
+            text = read_text_file(file, limit=1024 * 1024)
+            bom = text.startswith("\ufeff")  # Notepad's "UTF-8 with BOM"
+            data = {} if bom else tomllib.loads(text)
         except FileNotFoundError:
             raise _fail(shown, "no such file") from None
         except OSError as exc:
@@ -371,6 +382,12 @@ def load_config(
                 else "is not a usable path"
             )
             raise _fail(shown, why) from None
+        if bom:
+            raise _fail(
+                shown,
+                "starts with a byte order mark (BOM), which TOML does not allow; save it as "
+                "UTF-8 without BOM",
+            )
         origin = shown
     shape = _shaped(data, _FileShape, origin, "a table")
     configured: dict[str, ProviderSettings] = {}
@@ -412,7 +429,10 @@ def load_config(
     settings = [configured.get(name) or ProviderSettings(name=name) for name in ids]
     ordered = [settings[n] for n in by_priority(settings)]
 
-    routing = env.get("FLUX_ROUTING") or shape.routing or "ordered"
+    # A value the file gives is taken as given, even "": an empty routing, unknown_price,
+    # state_fallback, state_url or budget_scope there is refused, not read as the default.
+    # An empty variable is an unset one (FLUX_ROUTING= in a shell script).
+    routing = env.get("FLUX_ROUTING") or _given(shape.routing, "ordered")
     if routing not in get_args(Routing):
         where = "$FLUX_ROUTING" if env.get("FLUX_ROUTING") else origin
         raise _fail(where, f"routing must be 'ordered' or 'cheapest', not {routing!r:.40}")
@@ -423,7 +443,7 @@ def load_config(
     job_deadline = job_deadline_from_env(env)
     if job_deadline is None and shape.job_deadline is not None:
         job_deadline = _seconds(shape.job_deadline, f"{origin} job_deadline")
-    unknown_price = shape.unknown_price or "allow"
+    unknown_price = _given(shape.unknown_price, "allow")
     if unknown_price not in ("allow", "refuse"):
         raise _fail(origin, f"unknown_price must be 'allow' or 'refuse', not {unknown_price!r}")
     ambiguous = bool(shape.failover_on_ambiguous)
@@ -431,16 +451,33 @@ def load_config(
         raise _fail(
             origin, f"budget_period must be 'day' or 'total', not {shape.budget_period!r:.40}"
         )
-    fallback = env.get("FLUX_STATE_FALLBACK") or shape.state_fallback or "none"
+    fallback = env.get("FLUX_STATE_FALLBACK") or _given(shape.state_fallback, "none")
     if fallback not in ("none", "local"):
         where = "$FLUX_STATE_FALLBACK" if env.get("FLUX_STATE_FALLBACK") else origin
         raise _fail(where, f"state_fallback must be 'none' or 'local', not {fallback!r:.40}")
+    from flux_adapters.state import check_url
+
+    if shape.state_url is not None:
+        check_url(shape.state_url, f"{origin} state_url")
+    if env.get("FLUX_STATE_URL"):
+        check_url(env["FLUX_STATE_URL"], "$FLUX_STATE_URL")
+    state_url = env.get("FLUX_STATE_URL") or shape.state_url
+    if shape.budget_scope is not None:
+        from flux_adapters.state import check_scope
+
+        try:
+            check_scope(shape.budget_scope)
+        except ConfigurationError as error:
+            raise _fail(f"{origin} budget_scope", str(error)) from None
     if shape.budget_usd is not None:
         from flux_adapters._options import is_number
 
         budget_usd = shape.budget_usd
         if not (is_number(budget_usd) and 0 <= budget_usd <= 1e9):
             raise _fail(origin, f"budget_usd must be dollars from 0 to 1e9, not {budget_usd!r:.40}")
+    _note_unused(shape, origin, listed_by_file=listed != "$FLUX_PROVIDERS", ids=ids)
+    if budget is None and shape.unknown_price is not None:
+        _unused(f"{origin} unknown_price", "max_cost_usd (or $FLUX_MAX_COST_USD)")
     return Config(
         providers=tuple(ordered),
         routing=routing,  # type: ignore[arg-type]
@@ -452,14 +489,60 @@ def load_config(
         timeout=None
         if timeout is None
         else _seconds(_as_float(timeout, timeout_from), timeout_from),
+        timeout_overrides=bool(env.get("FLUX_TIMEOUT")),
         job_deadline=job_deadline,
         source=origin,
-        state_url=env.get("FLUX_STATE_URL") or shape.state_url,
+        state_url=state_url,
         state_fallback=fallback,
         budget_usd=None if shape.budget_usd is None else float(shape.budget_usd),
         budget_period=shape.budget_period or "total",
-        budget_scope=shape.budget_scope or "client:default",
+        budget_scope=_given(shape.budget_scope, "client:default"),
     )
+
+
+def timeouts(
+    config: Config, providers: Sequence[ProviderSettings]
+) -> tuple[float | None, tuple[ProviderSettings, ...]]:
+    """The client's ``timeout=`` for *config*, and *providers* with the timeout each one gets.
+
+    ``$FLUX_TIMEOUT`` overrides the file, every provider's own ``timeout`` too; the file's
+    top-level ``timeout`` is the default of the providers whose section gives none.
+    """
+    if config.timeout is None or config.timeout_overrides:
+        return config.timeout, tuple(providers)
+    return None, tuple(
+        settings if settings.timeout is not None else attrs.evolve(settings, timeout=config.timeout)
+        for settings in providers
+    )
+
+
+def _unused(what: str, needs: str) -> None:
+    import logging
+
+    from flux_adapters._log import note
+
+    # Names of settings and providers only: nothing here to scrub.
+    note(logging.WARNING, "unused-setting", str, "%s has no effect without %s", what, needs)
+
+
+def _note_unused(shape: _FileShape, origin: str, *, listed_by_file: bool, ids: list[str]) -> None:
+    """Warn of what the file gives that nothing will read: a setting that works with another.
+
+    A section for a provider the file's own ``providers`` leaves out is one too (with
+    ``$FLUX_PROVIDERS`` choosing among the sections, those it leaves out are expected).
+    """
+    if shape.budget_usd is None:
+        for name in ("budget_period", "budget_scope"):
+            if getattr(shape, name) is not None:
+                _unused(f"{origin} {name}", "budget_usd")
+    if listed_by_file and shape.providers is not None:
+        for given in shape.provider:
+            name = canonical_name(given)
+            if name not in ids:
+                _unused(
+                    f"{origin} [provider.{toml_key(given)}]",
+                    f"{name} in providers = [...] (it lists {', '.join(ids)})",
+                )
 
 
 def key_variable(settings: ProviderSettings) -> str:
@@ -526,10 +609,16 @@ def job_deadline_from_env(env: Mapping[str, str] | None = None) -> float | None:
     return _seconds(_as_float(value, "$FLUX_JOB_DEADLINE"), "$FLUX_JOB_DEADLINE")
 
 
+def _given(value: str | None, default: str) -> str:
+    return default if value is None else value
+
+
 def _as_float(value: object, name: str) -> object:
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
-            raise ConfigurationError(f"{name} must be a number, not {value!r}") from None
+            raise ConfigurationError(
+                f"{name} must be a number, not {render_value(value)}"
+            ) from None
     return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -260,3 +261,255 @@ def test_the_state_urls_password_is_not_in_the_configurations_repr(
     assert config.state_url == url  # kept whole: the state needs it
     assert "hunter2" not in repr(config)
     assert "redis.internal" in repr(config) or "r.example" in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("line", "where"),
+    [
+        ('routing = ""', "routing must be"),
+        ('unknown_price = ""', "unknown_price must be"),
+        ('state_fallback = ""', "state_fallback must be"),
+        ('state_url = ""', "state_url must be"),
+        ('budget_scope = ""', "budget_scope: a state scope"),
+    ],
+)
+def test_an_empty_value_in_the_file_is_refused_not_read_as_the_default(
+    tmp_path: Path, line: str, where: str
+) -> None:
+    # unknown_price = "" (a template whose variable was empty) was read as "allow", routing = ""
+    # as "ordered", budget_scope = "" as "client:default": a value given and silently dropped,
+    # though budget_period = "" was refused and budget_scope="" in code is too.
+    path = configured(tmp_path, f'providers = ["laozhang"]\n{line}\n')
+    with pytest.raises(errors.ConfigurationError, match=where) as caught:
+        load_config(path, environ={})
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["", "ftp://api.example.com", "https://api.example.com/?a=1"])
+def test_a_files_base_url_is_checked_where_the_file_gives_it(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # base_url = "" was taken as no base_url at all: the client sent to the provider's real, paid
+    # endpoint, where the operator meant a proxy or the emulator. Any other bad base_url was
+    # refused only when the client was built, by a message not naming the file.
+    text = f'providers = ["laozhang"]\n[provider.laozhang]\nbase_url = "{url}"\n'
+    path = configured(tmp_path, text)
+    with pytest.raises(errors.ConfigurationError, match=r"\[provider.laozhang\] base_url") as c:
+        load_config(path, environ={})
+    assert str(path) in str(c.value)
+    monkeypatch.setenv("LAOZHANG_API_KEY", "sk-test-0123456789abcdef")
+    monkeypatch.delenv("LAOZHANG_BASE_URL", raising=False)
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    with pytest.raises(errors.ConfigurationError, match="base_url"):
+        FluxClient.from_env(config=path)
+
+
+@pytest.mark.parametrize(
+    ("file", "environ", "where"),
+    [
+        ('state_url = "mysql://db/0"', {}, "state_url must be 'local' or start with redis://"),
+        ("", {"FLUX_STATE_URL": "redis ://x"}, r"\$FLUX_STATE_URL must be 'local'"),
+        ("", {"FLUX_STATE_URL": "localhost:6379"}, r"\$FLUX_STATE_URL must be 'local'"),
+    ],
+)
+def test_a_state_url_that_is_no_state_says_where_it_was_given(
+    tmp_path: Path, file: str, environ: dict[str, str], where: str
+) -> None:
+    # "a state URL must be 'local' or ...": with a file and a variable that may both give one,
+    # the message did not say which of them to fix.
+    path = configured(tmp_path, f'providers = ["laozhang"]\n{file}\n')
+    with pytest.raises(errors.ConfigurationError, match=where) as caught:
+        load_config(path, environ=environ)
+    if file:
+        assert str(path) in str(caught.value)
+
+
+def test_a_file_saved_with_a_byte_order_mark_says_so(tmp_path: Path) -> None:
+    # Notepad's "UTF-8 with BOM": the file read as "not valid TOML (Invalid statement (at line
+    # 1, column 1))", pointing at a line that looks right, with nothing to see there.
+    path = tmp_path / "flux-adapters.toml"
+    path.write_bytes(b'\xef\xbb\xbfproviders = ["laozhang"]\n')
+    with pytest.raises(errors.ConfigurationError, match=r"byte order mark \(BOM\)") as caught:
+        load_config(path, environ={})
+    assert str(caught.value).startswith(str(path))
+
+
+def test_a_providers_own_timeout_wins_over_the_files_top_level_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The example in docs/routing.md: timeout = 300, and 240 in [provider.laozhang]. The 300 was
+    # passed as timeout=, which wins over a section's: laozhang waited 300 s, its 240 unread.
+    monkeypatch.setenv("LAOZHANG_API_KEY", "sk-test-0123456789abcdef")
+    monkeypatch.setenv("AIMLAPI_API_KEY", "sk-test-0123456789abcdef")
+    for name in ("FLUX_TIMEOUT", "FLUX_PROVIDERS", "LAOZHANG_BASE_URL", "AIMLAPI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    text = "providers = [{}]\ntimeout = 300\n[provider.laozhang]\ntimeout = 240\n"
+    first = configured(tmp_path, text.format('"laozhang", "aimlapi"'))
+    with FluxClient.from_env(config=first) as client:
+        assert client.provider == "laozhang"
+        assert client.timeout.read == 240.0
+    with httpx.Client(timeout=7) as http:
+        # aimlapi first: no timeout of its own, so the file's 300, not the http_client's 7.
+        second = tmp_path / "second.toml"
+        second.write_text(text.format('"aimlapi", "laozhang"'), encoding="utf-8")
+        with FluxClient.from_env(config=second, http_client=http) as client:
+            assert client.provider == "aimlapi"
+            assert client.timeout.read == 300.0
+    monkeypatch.setenv("FLUX_TIMEOUT", "45")  # the environment overrides the whole file
+    with FluxClient.from_env(config=first) as client:
+        assert client.timeout.read == 45.0
+
+
+@pytest.mark.parametrize(
+    ("text", "warned"),
+    [
+        ('budget_period = "day"\n', "budget_period has no effect without budget_usd"),
+        ('budget_scope = "team:a"\n', "budget_scope has no effect without budget_usd"),
+        ('unknown_price = "refuse"\n', "unknown_price has no effect without max_cost_usd"),
+        (
+            "[provider.aimlapi]\ntimeout = 30\n",
+            "[provider.aimlapi] has no effect without aimlapi in providers",
+        ),
+    ],
+)
+def test_a_setting_nothing_will_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str, warned: str
+) -> None:
+    # Each was taken and silently unused: a day's budget period with no budget to count, a
+    # failover provider configured in its section but missing from the list.
+    path = configured(tmp_path, 'providers = ["laozhang"]\n' + text)
+    with caplog.at_level("WARNING", logger="flux_adapters"):
+        load_config(path, environ={})
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"{path} {warned}")
+
+
+def test_settings_that_work_together_are_not_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = (
+        'providers = ["laozhang"]\nbudget_usd = 5\nbudget_period = "day"\nbudget_scope = "t"\n'
+        'unknown_price = "refuse"\n[provider.laozhang]\ntimeout = 30\n[provider.aimlapi]\n'
+    )
+    path = configured(tmp_path, text)
+    with caplog.at_level("WARNING", logger="flux_adapters"):
+        load_config(path, environ={"FLUX_MAX_COST_USD": "0.1", "FLUX_PROVIDERS": "laozhang"})
+        load_config(path, environ={"FLUX_MAX_COST_USD": "0.1", "FLUX_PROVIDERS": "aimlapi"})
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "where"),
+    [
+        (["keys", "--state", "localhost:6379", "list"], {}, "--state must be"),
+        (["keys", "list"], {"FLUX_STATE_URL": "localhost:6379"}, r"\$FLUX_STATE_URL must be"),
+        (["serve", "--state", "localhost:6379", "--port", "0"], {}, "--state must be"),
+        (["batch", "{jobs}", "--state", "localhost:6379", "-o", "{out}"], {}, "--state must be"),
+    ],
+)
+def test_the_command_line_says_which_state_url_is_no_state(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    environ: dict[str, str],
+    where: str,
+) -> None:
+    # "a state URL must be 'local' or ...": from --state, $FLUX_STATE_URL or the file, it did
+    # not say which one to fix.
+    import io
+
+    from flux_adapters.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no flux-adapters.toml here
+    for name in ("FLUX_CONFIG", "FLUX_STATE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "sk-test-0123456789abcdef")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "a", "prompt": "p", "size": "64x64"}\n', encoding="utf-8")
+    argv = [arg.format(jobs=jobs, out=tmp_path / "out") for arg in argv]
+    out, err = io.StringIO(), io.StringIO()
+    assert main(argv, out=out, err=err) == 5
+    assert re.search(where, err.getvalue()), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["sk-live-0123456789abcdefABCDEF", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0:0123456789abcdef"],
+)
+def test_a_key_given_as_api_key_env_is_refused_without_being_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str
+) -> None:
+    # api_key_env = "sk-..." (the setting's name invites the key itself) was taken as the name
+    # of a variable: "no API key for laozhang: set sk-live-..." printed the key, and so did the
+    # warning "laozhang skipped: no API key (set sk-live-...)" when another provider had one.
+    text = f'providers = ["laozhang", "aimlapi"]\n[provider.laozhang]\napi_key_env = "{key}"\n'
+    path = configured(tmp_path, text)
+    monkeypatch.setenv("AIMLAPI_API_KEY", "sk-test-0123456789abcdef")
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    with caplog.at_level("DEBUG"), pytest.raises(errors.ConfigurationError) as caught:
+        FluxClient.from_env(config=path)
+    assert "api_key_env must be the name of an environment variable" in str(caught.value)
+    assert key[:8] not in str(caught.value)
+    assert key[:8] not in caplog.text
+    with pytest.raises(errors.ConfigurationError) as in_code:
+        FluxClient(
+            providers=["laozhang"],
+            settings={"laozhang": ProviderSettings(name="laozhang", api_key_env=key)},
+        )
+    assert "api_key_env must be the name" in str(in_code.value)
+    assert key[:8] not in str(in_code.value)
+
+
+@pytest.mark.parametrize("variable", ["FLUX_PROVIDERS", "FLUX_TIMEOUT", "FLUX_ROUTING"])
+def test_a_key_pasted_into_another_variable_is_not_printed_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # FLUX_PROVIDERS=$LAOZHANG_API_KEY (a slip in a deploy script): "unknown provider
+    # 'Zx9a...'" printed the key on stderr and in --json, into the CI log.
+    import io
+    import json
+
+    from flux_adapters.cli import main
+
+    key = "Zx9aQ7bWm3Lp0Rt5Yv8Nc2Kd"  # no shape a scrubber would know: only its value tells
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLUX_CONFIG", raising=False)
+    monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
+    monkeypatch.setenv("LAOZHANG_API_KEY", key)
+    monkeypatch.setenv(variable, key)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["edit", "a cat", "--json"], out=out, err=err) == 5
+    assert variable in err.getvalue()
+    assert key[:8] not in err.getvalue() + out.getvalue()
+    assert "[redacted]" in json.loads(out.getvalue())["error"]["message"]
+
+
+@pytest.mark.parametrize("variable", ["FLUX_TIMEOUT", "FLUX_MAX_COST_USD", "FLUX_JOB_DEADLINE"])
+def test_a_huge_number_variable_is_refused_in_a_short_message(variable: str) -> None:
+    # A file's contents pasted into $FLUX_TIMEOUT came back whole in the error: 100 kB.
+    with pytest.raises(errors.ConfigurationError, match=f"{variable} must be a number") as caught:
+        load_config(environ={"FLUX_PROVIDERS": "laozhang", variable: "x" * 100_000})
+    assert len(str(caught.value)) < 300
+
+
+@pytest.mark.parametrize("rate", ["1e-300", "1e-9", "0.0001"])
+def test_a_rate_no_one_means_is_refused_in_the_file_and_in_code(tmp_path: Path, rate: str) -> None:
+    # rate_per_minute = 1e-300 was taken: the key's first call held the next for 10^300
+    # seconds, and the skip said so in a 300-digit number.
+    text = f'providers = ["laozhang"]\n[provider.laozhang]\nrate_per_minute = {rate}\n'
+    with pytest.raises(errors.ConfigurationError, match="at least one a day") as caught:
+        load_config(configured(tmp_path, text), environ={})
+    assert "rate_per_minute" in str(caught.value)
+    with pytest.raises(errors.ConfigurationError, match="at least one a day"):
+        FluxClient(
+            providers=["laozhang"],
+            settings={"laozhang": ProviderSettings(name="laozhang", rate_per_minute=float(rate))},
+        )
+
+
+def test_a_rate_of_one_a_day_is_taken(tmp_path: Path) -> None:
+    text = 'providers = ["laozhang"]\n[provider.laozhang]\nrate_per_minute = 0.000695\n'
+    assert load_config(configured(tmp_path, text), environ={}).providers[0].rate_per_minute

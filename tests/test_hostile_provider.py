@@ -357,6 +357,9 @@ def test_a_key_in_a_transport_failure_message_never_shows() -> None:
         (KEY[:10] + "é" + KEY[10:], "cannot carry"),
         (KEY[:10] + " " + KEY[10:], "cannot carry"),
         ("Bearer " + KEY, "scheme word"),
+        ('"' + KEY + '"', "wrapped in quotes"),
+        ("'" + KEY + "'", "wrapped in quotes"),
+        ('"' + KEY, "wrapped in quotes"),
         ("", "is empty"),
     ],
 )

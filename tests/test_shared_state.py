@@ -557,7 +557,7 @@ def test_from_env_reads_the_state_and_the_budget_from_the_file(
     assert caught.value.scope == "team:a"
     assert caught.value.period == "day"
     monkeypatch.setenv("FLUX_STATE_URL", "http://not-redis")
-    with pytest.raises(ConfigurationError, match="state URL"):
+    with pytest.raises(ConfigurationError, match=r"\$FLUX_STATE_URL must be"):
         FluxClient.from_env(config=config)
 
 

@@ -63,11 +63,11 @@ def clients_from_config(
         ConfigurationError: As `AsyncFluxClient.from_env`.
     """
     from flux_adapters.client import AsyncFluxClient, _default_policy
-    from flux_adapters.config import load_config, with_keys
+    from flux_adapters.config import load_config, timeouts, with_keys
     from flux_adapters.jobs import Polling
 
     loaded = load_config(config)
-    usable = with_keys(loaded.providers)
+    timeout, usable = timeouts(loaded, with_keys(loaded.providers))
     AsyncFluxClient.from_env(config=config)  # every check from_env makes, once, now
 
     def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
@@ -82,7 +82,7 @@ def clients_from_config(
         names: list[Any] = [s.name for s in chosen]
         return AsyncFluxClient(
             providers=names,
-            timeout=loaded.timeout,
+            timeout=timeout,
             policy=policy,
             prices=loaded.prices,
             settings={s.name: s for s in chosen},
@@ -109,7 +109,9 @@ def configured_state_url(config: str | os.PathLike[str] | None = None) -> str | 
     from flux_adapters.config import DEFAULT_PATH, load_config
 
     if os.environ.get("FLUX_STATE_URL"):
-        return os.environ["FLUX_STATE_URL"]
+        from flux_adapters.state import check_url
+
+        return check_url(os.environ["FLUX_STATE_URL"], "$FLUX_STATE_URL")
     if config is None and not os.environ.get("FLUX_CONFIG") and not DEFAULT_PATH.exists():
         return None
     return load_config(config).state_url

@@ -80,6 +80,24 @@ def check_scope(scope: object) -> str:
     return scope
 
 
+def check_url(url: object, source: str = "a state URL") -> str:
+    """*url* when it is ``local`` or a Redis URL; *source* names where it was given.
+
+    Raises:
+        ConfigurationError: anything else (an empty string, a space, another scheme, ...).
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"{source} must be a string, not {type(url).__name__}")
+    if url != "local" and (
+        not url.startswith(("redis://", "rediss://", "unix://")) or any(ord(c) < 33 for c in url)
+    ):
+        raise ConfigurationError(
+            f"{source} must be 'local' or start with redis://, rediss:// or unix:// "
+            "(with no space or control character)"
+        )
+    return url
+
+
 def check_bucket(bucket: object) -> str:
     """*bucket* when it is a usable bucket id (`bucket_id` makes them)."""
     if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
@@ -430,13 +448,7 @@ def open_state(
         from flux_adapters.state._local import shared_local
 
         return shared_local()
-    if not isinstance(url, str):
-        raise ConfigurationError(f"a state URL must be a string, not {type(url).__name__}")
-    if not url.startswith(("redis://", "rediss://", "unix://")) or any(ord(c) < 33 for c in url):
-        raise ConfigurationError(
-            "a state URL must be 'local' or start with redis://, rediss:// or unix:// "
-            "(with no space or control character)"
-        )
+    check_url(url)
     from flux_adapters.state._redis import RedisState
 
     return RedisState(url, fallback=fallback, timeout=timeout, prefix=prefix)
