@@ -518,6 +518,11 @@ async def _json_fields(
     return body, [], False
 
 
+def _refused_field(message: str, param: str) -> Answer:
+    """A multipart field refused: a 400 ``invalid_request`` naming it (nothing was sent)."""
+    return openai_error(400, message, code="invalid_request", param=param, retry=False)
+
+
 async def _form_fields(
     request: Request, gateway: Gateway
 ) -> tuple[dict[str, object], list[object], bool] | Answer:
@@ -537,41 +542,23 @@ async def _form_fields(
             for name, value in form.multi_items():
                 if _MARKED.search(name):
                     shown = name.encode("utf-8", "backslashreplace").decode()[:60]
-                    return openai_error(
-                        400,
+                    return _refused_field(
                         f"the name of the field '{shown}' is not UTF-8 text; nothing was sent",
-                        code="invalid_request",
-                        param=shown,
-                        retry=False,
+                        shown,
                     )
                 if isinstance(value, str) == (name in ("image", "image[]")):
                     # A file where text is expected (it was sent on as "(a file)"), or an
                     # image as text (it was dropped): refused, never guessed at.
                     wanted = "a file" if isinstance(value, str) else "text"
-                    return openai_error(
-                        400,
-                        f"the field {name[:60]!r} must be {wanted}",
-                        code="invalid_request",
-                        param=name[:60],
-                        retry=False,
-                    )
+                    return _refused_field(f"the field {name[:60]!r} must be {wanted}", name[:60])
                 if isinstance(value, str):
                     if _MARKED.search(value):
-                        return openai_error(
-                            400,
+                        return _refused_field(
                             f"the field {name[:60]!r} is not UTF-8 text; nothing was sent",
-                            code="invalid_request",
-                            param=name[:60],
-                            retry=False,
+                            name[:60],
                         )
                     if name in fields:
-                        return openai_error(
-                            400,
-                            f"the field {name[:60]!r} is given twice",
-                            code="invalid_request",
-                            param=name[:60],
-                            retry=False,
-                        )
+                        return _refused_field(f"the field {name[:60]!r} is given twice", name[:60])
                     fields[name] = value
                 else:
                     images.append(await value.read())
