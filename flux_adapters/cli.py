@@ -68,7 +68,13 @@ if TYPE_CHECKING:
     from flux_adapters.prices import Price
     from flux_adapters.providers import AnyAdapter
     from flux_adapters.request import EditRequest
-    from flux_adapters.result import Attempt, BatchItem, ConversionWarning, ResultImage
+    from flux_adapters.result import (
+        Attempt,
+        BatchItem,
+        ConversionWarning,
+        EditResult,
+        ResultImage,
+    )
     from flux_adapters.state import KeyRecord
 
 __all__ = ["main"]
@@ -1342,19 +1348,33 @@ def _in_command_words(item: BatchItem) -> BatchItem:
     return attrs.evolve(item, reason=said)
 
 
-def _report_line(item: BatchItem) -> dict[str, object]:
+def _job_report(
+    name: str,
+    status: str,
+    result: EditResult | None,
+    files: list[str],
+    error: BaseException | None,
+    reason: str,
+) -> dict[str, object]:
+    """A job's line of ``--report``, in a batch of one process or of many (`_shared_batch`)."""
     from flux_adapters.result import _finite  # loaded with the result
 
-    line: dict[str, object] = {"id": item.name, "status": item.status}
-    if item.result is not None:
-        line["provider"] = item.result.provider
-        line["cost_usd"] = _finite(item.result.cost_usd)  # finite prices can sum to infinity
-    if item.saved:
-        line["files"] = [str(path) for path in item.saved]
-    if item.error is not None:
-        line["error"] = _report_error(item.error)
-    if item.reason:
-        line["reason"] = item.reason
+    line: dict[str, object] = {"id": name, "status": status}
+    if result is not None:
+        line["provider"] = result.provider
+        line["cost_usd"] = _finite(result.cost_usd)  # finite prices can sum to infinity
+    if files:
+        line["files"] = files
+    if error is not None:
+        line["error"] = _report_error(error)
+    if reason:
+        line["reason"] = reason
+    return line
+
+
+def _report_line(item: BatchItem) -> dict[str, object]:
+    saved = [str(path) for path in item.saved]
+    line = _job_report(item.name, item.status, item.result, saved, item.error, item.reason)
     attempts = _attempt_lines(item)
     if attempts:
         line["attempts"] = attempts
@@ -1629,7 +1649,6 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     from flux_adapters._journal import ReportLines
     from flux_adapters._shared_batch import Ended, Lines, SharedOptions, Summary, run_shared
     from flux_adapters._terminal import BatchDisplay, batch_progress
-    from flux_adapters.result import _finite
 
     path: Path = arguments.file
     total = check_file(path)
@@ -1657,16 +1676,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     def ended(job: Ended) -> None:
         nonlocal shown_done
         if report is not None:
-            line: dict[str, object] = {"id": job.name, "status": job.status}
-            if job.result is not None:
-                line["provider"] = job.result.provider
-                line["cost_usd"] = _finite(job.result.cost_usd)  # as in a batch of one process
-            if job.files:
-                line["files"] = job.files
-            if job.error is not None:
-                line["error"] = _report_error(job.error)
-            if job.reason:
-                line["reason"] = job.reason
+            line = _job_report(job.name, job.status, job.result, job.files, job.error, job.reason)
             if not job.counted:
                 line["counted"] = False
             report.append(line)
