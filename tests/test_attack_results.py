@@ -417,17 +417,22 @@ flux-2-pro = { usd_first = 1e308, usd_extra = 1e308, usd_input = 1e308 }
 """
 
 
+def _priced_too_high(emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work in *tmp_path*, with laozhang on *emulator* at `HUGE_PRICE` (the file there)."""
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
+    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flux-adapters.toml").write_text(HUGE_PRICE)
+
+
 def test_an_estimate_too_large_for_a_number_is_null_in_json_not_infinity(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Before: each figure is a finite price, as the configuration check asks, but their sum for
     # a 4 MP image overflows: edit --json wrote "cost_usd": Infinity, and batch's report the
     # same, which no JSON parser but Python's reads (EditResult.to_dict writes null).
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
-    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
-    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "flux-adapters.toml").write_text(HUGE_PRICE)
+    _priced_too_high(emulator, tmp_path, monkeypatch)
     code, out, err = edit("p", "--size", "2048x2048", "--json", "-o", "a.png")
     assert code == 0, err
     document = json.loads(out, parse_constant=lambda constant: pytest.fail(constant))
@@ -470,11 +475,7 @@ def test_a_shared_batchs_report_writes_an_estimate_too_large_for_a_number_as_nul
     # Before: a batch of one process wrote null (the test above), but a worker of a batch shared
     # through Redis wrote "cost_usd": Infinity in its --report, which no JSON parser but
     # Python's reads.
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
-    monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
-    monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "flux-adapters.toml").write_text(HUGE_PRICE)
+    _priced_too_high(emulator, tmp_path, monkeypatch)
     (tmp_path / "jobs.jsonl").write_text('{"id": "a", "prompt": "p", "size": "2048x2048"}\n')
     said = io.StringIO()
     with redis_server() as redis:
