@@ -504,6 +504,41 @@ def test_a_provider_on_loopback_is_trusted_as_the_emulator_is(
     assert internal.paths == ["/result.png"]
 
 
+def test_the_cli_says_the_paid_image_was_refused_and_offers_no_private_address(
+    provider: Provider,
+    internal: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import io
+
+    from flux_adapters.cli import main
+
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    provider.result = f"http://127.0.0.1:{internal.port}/latest/meta-data/"
+    out, err = io.StringIO(), io.StringIO()
+    code = main(
+        [
+            "edit",
+            "p",
+            "-p",
+            "laozhang",
+            "--base-url",
+            base(provider),
+            "-o",
+            str(tmp_path / "a.png"),
+        ],
+        out=out,
+        err=err,
+    )
+    assert code != 0
+    said = err.getvalue()
+    assert "flux-adapters: AddressRefused: laozhang: the result URL it gave leads to" in said
+    assert "download it" not in said  # the refused address is not offered to fetch by hand
+    assert internal.paths == []
+    assert not (tmp_path / "a.png").exists()
+
+
 def test_a_callers_httpx_client_has_the_name_checked_beforehand(
     provider: Provider, internal: Recorder, names: dict[str, str]
 ) -> None:
