@@ -311,6 +311,33 @@ def test_the_aiohttp_resolver_checks_what_it_resolves() -> None:
     asyncio.run(resolve())
 
 
+def test_through_a_proxy_the_name_is_checked_beforehand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy resolves the target itself: the connection to it (the proxy's) is not checked,
+    and the caller resolves and checks the target first instead."""
+    from flux_adapters._bounded import needs_lookup
+    from flux_adapters._drivers import HttpxDriver
+    from flux_adapters._transport import bounded_http_client
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "direct.test")
+    with bounded_http_client() as sync:
+        assert needs_lookup(sync, "http://cdn.test/x.png")
+        assert not needs_lookup(sync, "http://direct.test/x.png")
+    own = HttpxDriver()
+    try:
+        assert own.needs_lookup("http://cdn.test/x.png")
+        assert not own.needs_lookup("http://direct.test/x.png")
+    finally:
+        asyncio.run(own.aclose())
+    monkeypatch.delenv("HTTP_PROXY")
+    with bounded_http_client() as direct:
+        assert not needs_lookup(direct, "http://cdn.test/x.png")
+    with httpx.Client() as yours:  # the caller's: its connections cannot be reached
+        assert needs_lookup(yours, "http://cdn.test/x.png")
+    with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200))) as mocked:
+        assert not needs_lookup(mocked, "http://cdn.test/x.png")  # it goes where it says
+
+
 # -- end to end: a provider at a public-looking name, mapped to loopback ----------------------------
 
 
@@ -453,6 +480,18 @@ def test_a_result_url_to_a_private_address_is_refused_unsent(
     assert text.startswith("laozhang: the result URL it gave leads to a loopback")
     assert "allow_private_urls = true in [provider.laozhang]" in text
     assert KEY not in text
+
+
+@pytest.mark.parametrize("kind", ["sync", "httpx"])
+def test_a_short_form_of_a_loopback_address_is_judged_by_what_it_resolves_to(
+    kind: str, provider: Provider, internal: Recorder
+) -> None:
+    # "127.1" is no address to ``ipaddress``, but the resolver reads it as 127.0.0.1 (aiohttp
+    # refuses such a URL before it connects: tests/test_async_drivers.py).
+    provider.result = f"http://127.1:{internal.port}/result.png"
+    with pytest.raises(errors.AddressRefused, match="loopback"):
+        fetched(kind, base(provider))
+    assert internal.paths == []
 
 
 @pytest.mark.parametrize("kind", CLIENT_KINDS)
