@@ -346,11 +346,13 @@ class Recorder(http.server.ThreadingHTTPServer):
 
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.heads: list[str] = []
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 recorder.paths.append(self.path)
+                recorder.heads.append(str(self.headers))
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", str(len(PNG)))
@@ -532,6 +534,8 @@ def test_allow_private_urls_lets_a_provider_lead_anywhere(
     settings = {"laozhang": ProviderSettings(name="laozhang", allow_private_urls=True)}
     assert fetched(kind, base(provider), settings=settings) == PNG
     assert internal.paths == ["/result.png"]
+    assert KEY not in internal.heads[0]  # a result URL never gets the key, allowed or not
+    assert "authorization" not in internal.heads[0].lower()
 
 
 @pytest.mark.parametrize("kind", CLIENT_KINDS)
