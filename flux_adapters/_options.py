@@ -204,6 +204,24 @@ MIN_RATE_PER_MINUTE: Final = 1 / 1440
 for years (1e-300 a minute said "the next call in 6000...0 s", 300 digits), which is no limit
 anyone means: a typo for a rate, or 0 written as a tiny number."""
 
+MAX_RATE_PER_MINUTE: Final = 60_000_000
+"""The highest ``rate_per_minute`` a provider's settings take: a million a second."""
+
+
+def check_rate_per_minute(value: object, source: str, most: float = MAX_RATE_PER_MINUTE) -> float:
+    """*value* as a rate a minute, from one a day (`MIN_RATE_PER_MINUTE`) to *most*.
+
+    The one check of every ``rate_per_minute``: a provider's (file or code) and a gateway
+    key's (`flux_adapters.state.KeyRecord`, ``keys create --rate-per-minute``).
+    """
+    if not (is_number(value) and MIN_RATE_PER_MINUTE <= value <= most):
+        raise ConfigurationError(
+            f"{source} must be a number of requests a minute, at least one a day (1/1440) "
+            f"and at most {most:.0f}, not {render_value(value)}"
+        )
+    return float(value)
+
+
 MAX_SECONDS: Final = 86_400.0
 """The longest timeout or deadline taken: a day. A socket timeout of 1e10 s overflows time_t."""
 

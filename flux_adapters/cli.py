@@ -168,6 +168,17 @@ def _above_zero_to(most: float) -> Callable[[str], float]:
     return checked
 
 
+def _key_rate(text: str) -> float:
+    """``keys create --rate-per-minute``, checked as the key store checks it."""
+    from flux_adapters._options import check_rate_per_minute
+    from flux_adapters.state import MAX_TOKENS
+
+    try:
+        return check_rate_per_minute(_number(text), "the rate", MAX_TOKENS)
+    except errors.ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _label(text: str) -> str:
     if len(text) > 200 or not text.isprintable():
         raise argparse.ArgumentTypeError("must be printable text of at most 200 characters")
@@ -744,8 +755,8 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
     )
     create.add_argument(
         "--rate-per-minute",
-        type=_above_zero_to(1e6),
-        help="calls per minute, at most 1e6 (default: no limit)",
+        type=_key_rate,
+        help="calls per minute, from one a day (1/1440) to 1e6 (default: no limit)",
     )
     _add_json(create, "the key and its record")
     listing = actions.add_parser("list", help="the keys (ids, names, limits; never a key)")

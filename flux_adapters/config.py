@@ -330,16 +330,9 @@ def _prices(provider: str, given: Mapping[str, object], where: str) -> dict[str,
 
 
 def _rate(value: object, where: str) -> float:
-    from flux_adapters._options import MIN_RATE_PER_MINUTE
+    from flux_adapters._options import check_rate_per_minute
 
-    number = _number(value, where)
-    if not MIN_RATE_PER_MINUTE <= number <= 60_000_000:
-        raise _fail(
-            where,
-            "must be a number of requests a minute, at least one a day (1/1440) and at most "
-            f"60000000, not {render_value(value)}",
-        )
-    return number
+    return check_rate_per_minute(_number(value, where), where)
 
 
 def load_config(

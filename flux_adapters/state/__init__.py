@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeAlias
 
 from attrs import field, frozen
 
-from flux_adapters._display import render_value
-from flux_adapters._options import is_number
+from flux_adapters._options import check_rate_per_minute, is_number
 from flux_adapters.errors import BudgetExceeded, ConfigurationError, StateUnavailable
 
 if TYPE_CHECKING:
@@ -260,13 +259,8 @@ class KeyRecord:
                 isinstance(n, str) and _NAME.fullmatch(n) for n in names
             ):
                 raise ConfigurationError("allowed models and providers must be a tuple of names")
-        rate: object = self.rate_per_minute
-        # (the bucket holds a minute's worth)
-        if rate is not None and not (is_number(rate) and 0 < rate <= MAX_TOKENS):
-            raise ConfigurationError(
-                "rate_per_minute must be a finite number above 0 and at most 1e6 a minute, "
-                f"not {render_value(rate)}"
-            )
+        if self.rate_per_minute is not None:  # (the bucket holds a minute's worth)
+            check_rate_per_minute(self.rate_per_minute, "rate_per_minute", MAX_TOKENS)
         if isinstance(self.created, bool) or not isinstance(self.created, int | float):
             raise ConfigurationError("created must be unix seconds")
         if not is_number(self.created):
