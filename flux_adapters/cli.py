@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
     from flux_adapters.client import AsyncFluxClient
+    from flux_adapters.config import Config
     from flux_adapters.emulator import Fault
     from flux_adapters.gateway._keys import KeyStore
     from flux_adapters.jobs import Polling
@@ -586,8 +587,9 @@ def _parser() -> argparse.ArgumentParser:
     explain = commands.add_parser(
         "explain",
         help="print the HTTP request each provider would receive; sends nothing",
-        description="For each provider, the request it would receive (at $<PROVIDER>_BASE_URL "
-        "when that is set), the key redacted and images abbreviated, or the violations that "
+        description="For each provider, the request it would receive where edit would send "
+        "it ($<PROVIDER>_BASE_URL, else, without -p, the configuration file's base_url), the "
+        "key redacted and images abbreviated, or the violations that "
         "stop it. Exit status 2 when every provider refuses the request.",
     )
     _add_request_arguments(explain)
@@ -1277,15 +1279,24 @@ def _write_json(out: TextIO, document: object) -> None:
 # --- check, explain -----------------------------------------------------------------------------
 
 
+def _configuration() -> Config | None:
+    """The configuration ``edit`` without ``-p`` would use, or ``None`` when there is none."""
+    from flux_adapters.config import DEFAULT_PATH, load_config
+
+    if os.environ.get("FLUX_PROVIDERS") or os.environ.get("FLUX_CONFIG") or DEFAULT_PATH.exists():
+        return load_config()
+    return None
+
+
 def _chosen_providers(named: Sequence[str] | None) -> list[str]:
     """``-p`` providers, else the configured ones, else every known one."""
-    from flux_adapters.config import DEFAULT_PATH, load_config
     from flux_adapters.providers import PROVIDERS
 
     if named:
         return list(dict.fromkeys(named))
-    if os.environ.get("FLUX_PROVIDERS") or os.environ.get("FLUX_CONFIG") or DEFAULT_PATH.exists():
-        return [settings.name for settings in load_config().providers]
+    configured = _configuration()
+    if configured is not None:
+        return [settings.name for settings in configured.providers]
     return list(PROVIDERS)
 
 
@@ -2029,6 +2040,10 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
     flags = arguments.flags
     request = _request(arguments, flags)
     providers = list(dict.fromkeys(arguments.provider or PROVIDERS))
+    # Where edit sends: with -p, that provider with the configuration left aside; without,
+    # the configured providers with their file's base_url too.
+    configured = None if arguments.provider else _configuration()
+    settings = {} if configured is None else {one.name: one for one in configured.providers}
     adapters, broken = _loaded(providers)
     verdicts = _verdicts(request, list(adapters))
     documents: list[dict[str, object]] = []
@@ -2040,7 +2055,7 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
             continue
         verdict = verdicts[provider]
         adapter = adapters[provider]
-        base_url = base_url_for(adapter)  # where a client would send it: $<PROVIDER>_BASE_URL
+        base_url = base_url_for(adapter, settings=settings.get(provider))
         entry: dict[str, object] = {"provider": provider, "base_url": base_url}
         if not isinstance(verdict, errors.RequestError):
             try:
