@@ -123,19 +123,34 @@ def check_variable_name(value: object, source: str) -> str:
             f"{source} must be the name of an environment variable (no spaces, '=' or control "
             f"characters), not {render_value(value)}"
         )
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or _key_shaped(value):
         # "sk-...", "a1b2:c3d4": the key itself, given where its variable's name goes (the
         # setting is called api_key_env). Shown, it would be in the error, and as "set sk-..."
         # in every "no API key" message and warning after it: it is not shown.
         raise ConfigurationError(
             f"{source} must be the name of an environment variable (letters, digits and _, not "
-            "starting with a digit), such as LAOZHANG_API_KEY; the value given is not shown, "
-            "as it may be a key: put the key in that variable, never in the configuration"
+            "starting with a digit; 32 or more letters and digits without _ are taken for a "
+            "key), such as LAOZHANG_API_KEY; the value given is not shown, as it may be a key: "
+            "put the key in that variable, never in the configuration"
         )
     return str.__str__(value)
 
 
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _key_shaped(name: str) -> bool:
+    """Whether *name*, valid as a variable's name, is rather a key of letters and digits only.
+
+    Names are words joined by ``_`` (``MY_LAOZHANG_KEY``); 32 letters and digits with no ``_``,
+    in both cases or with digits among the letters, are a key (``Xk9fQ2mZ...``, 40 hex digits),
+    not a name anyone types.
+    """
+    return (
+        len(name) >= 32
+        and name.isalnum()
+        and not (name.isalpha() and (name.isupper() or name.islower()))
+    )
 
 
 def check_base_url(value: object, source: str) -> str:

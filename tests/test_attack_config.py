@@ -437,7 +437,14 @@ def test_the_command_line_says_which_state_url_is_no_state(
 
 @pytest.mark.parametrize(
     "key",
-    ["sk-live-0123456789abcdefABCDEF", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0:0123456789abcdef"],
+    [
+        "sk-live-0123456789abcdefABCDEF",
+        "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0:0123456789abcdef",
+        # Letters and digits only: a valid name to a shell, taken as one, and printed back.
+        "Xk9fQ2mZr7Lp4Tn8Wb3Vc6Yd1Hs5Jg0A",
+        "0123456789abcdef0123456789abcdef",  # 32 hex digits
+        "ABCDEF0123456789ABCDEF0123456789ABCDEF01",
+    ],
 )
 def test_a_key_given_as_api_key_env_is_refused_without_being_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str
@@ -461,6 +468,24 @@ def test_a_key_given_as_api_key_env_is_refused_without_being_shown(
         )
     assert "api_key_env must be the name" in str(in_code.value)
     assert key[:8] not in str(in_code.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "LAOZHANG_API_KEY",
+        "MY_COMPANY_LAOZHANG_API_KEY_FOR_PRODUCTION_2026",  # long, with underscores
+        "laozhangKey2",  # mixed case and digits, but short
+        "LAOZHANGAPIKEYFORTHEPRODUCTIONTEAM",  # long, one case, no digit
+    ],
+)
+def test_a_name_that_could_be_a_variables_is_kept_as_api_key_env(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(name, raising=False)
+    settings = ProviderSettings(name="laozhang", api_key_env=name)
+    with pytest.raises(errors.ConfigurationError, match=f"no API key for laozhang: set {name}$"):
+        FluxClient(providers=["laozhang"], settings={"laozhang": settings})
 
 
 @pytest.mark.parametrize("variable", ["FLUX_PROVIDERS", "FLUX_TIMEOUT", "FLUX_ROUTING"])
