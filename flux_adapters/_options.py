@@ -119,9 +119,20 @@ def check_variable_name(value: object, source: str) -> str:
     provider would be skipped as having no key while the key the user did set sat unread.
     """
     if not _variable_text(value):
+        # Shown when it is a name with a space around it ("LAOZHANG_API_KEY "); not when it
+        # may hold a key: "Bearer sk-...", "LAOZHANG_API_KEY=sk-...", "sk-...\n".
+        core = value.strip() if isinstance(value, str) else ""
+        shown = not (isinstance(value, str) and value) or (
+            bool(_NAME.fullmatch(core)) and not _key_shaped(core)
+        )
         raise ConfigurationError(
             f"{source} must be the name of an environment variable (no spaces, '=' or control "
-            f"characters), not {render_value(value)}"
+            "characters), "
+            + (
+                f"not {render_value(value)}"
+                if shown
+                else "and the value given is not shown, as it may hold a key"
+            )
         )
     if not isinstance(value, str) or not _NAME.fullmatch(value) or _key_shaped(value):
         # "sk-...", "a1b2:c3d4": the key itself, given where its variable's name goes (the

@@ -471,6 +471,31 @@ def test_a_key_given_as_api_key_env_is_refused_without_being_shown(
 
 
 @pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer sk-live-0123456789abcdefABCDEF",
+        "LAOZHANG_API_KEY=sk-live-0123456789abcdef",  # a line of a .env file
+        "sk-live-0123456789abcdefABCDEF\n",
+        "Xk9fQ2mZr7Lp4Tn8Wb3Vc6Yd1Hs5Jg0A ",
+    ],
+)
+def test_a_key_with_a_space_or_equals_sign_in_api_key_env_is_not_shown(value: str) -> None:
+    # Refused for its space or '=', and then printed whole: "..., not 'Bearer sk-live-...'".
+    settings = ProviderSettings(name="laozhang", api_key_env=value)
+    with pytest.raises(errors.ConfigurationError, match="api_key_env must be") as caught:
+        FluxClient(providers=["laozhang"], settings={"laozhang": settings})
+    assert "not shown" in str(caught.value)
+    assert "sk-live" not in str(caught.value)
+    assert "Xk9f" not in str(caught.value)
+
+
+def test_a_name_with_a_space_after_it_in_api_key_env_is_shown() -> None:
+    settings = ProviderSettings(name="laozhang", api_key_env="LAOZHANG_API_KEY ")
+    with pytest.raises(errors.ConfigurationError, match="not 'LAOZHANG_API_KEY '"):
+        FluxClient(providers=["laozhang"], settings={"laozhang": settings})
+
+
+@pytest.mark.parametrize(
     "name",
     [
         "LAOZHANG_API_KEY",
