@@ -2410,6 +2410,36 @@ class _WarningLines(logging.Handler):
 
 
 @contextmanager
+def _python_warnings(err: TextIO) -> Iterator[None]:
+    """The library's Python warnings (an unknown ``$FLUX_LOG``) as the command's other warnings.
+
+    One ``flux-adapters: warning: ...`` line, not Python's ``file:line: RuntimeWarning:`` and
+    the source line under it. Other packages' warnings are shown as Python shows them.
+    """
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    with warnings.catch_warnings():  # restores showwarning after the command
+        shown = warnings.showwarning
+
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if os.path.abspath(filename).startswith(package):
+                _say(err, f"flux-adapters: warning: {message}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+@contextmanager
 def _library_warnings(err: TextIO) -> Iterator[None]:
     from flux_adapters._log import LOGGER
     from flux_adapters._log import _installed as flux_log_handlers
@@ -2513,12 +2543,13 @@ def main(
     wants_json = False
     failure: BaseException | None = None
     try:
-        parsed = _parse(argv, out)
-        if isinstance(parsed, int):
-            code = parsed
-        else:
-            flags, wants_json = parsed.flags, bool(getattr(parsed, "json", False))
-            code = _run(parsed, out, err)
+        with _python_warnings(err):
+            parsed = _parse(argv, out)
+            if isinstance(parsed, int):
+                code = parsed
+            else:
+                flags, wants_json = parsed.flags, bool(getattr(parsed, "json", False))
+                code = _run(parsed, out, err)
         out.flush()
     except KeyboardInterrupt as error:
         _say(err, "flux-adapters: interrupted")

@@ -71,6 +71,27 @@ def test_version_and_a_bare_command_print_on_stdout_and_succeed() -> None:
         assert command in out
 
 
+def test_an_unknown_flux_log_is_one_warning_line_as_the_commands_others(tmp_path: Path) -> None:
+    # It was Python's "/.../flux_adapters/_log.py:96: RuntimeWarning: FLUX_LOG=..." with the
+    # source line "  configure_from_env()" under it. (A process of its own: FLUX_LOG is read
+    # when the client module is first imported.)
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "FLUX_CONFIG")}
+    finished = subprocess.run(
+        [sys.executable, "-m", "flux_adapters", "models", "--json"],
+        env=env | {"FLUX_LOG": "verbose"}, cwd=tmp_path, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stderr == (
+        "flux-adapters: warning: FLUX_LOG='verbose' is neither 'info' nor 'debug'; "
+        "flux_adapters logs nothing\n"
+    )
+    json.loads(finished.stdout)
+
+
 # --- 2. --json ----------------------------------------------------------------------------------
 
 
