@@ -47,7 +47,7 @@ from typing import Final, TypeVar, get_args
 import attrs
 from attrs import field, frozen
 
-from flux_adapters._display import escape_controls, render_value, toml_key
+from flux_adapters._display import SHOWN_CHARS, render_value, short_path, toml_key
 from flux_adapters._files import read_text_file
 from flux_adapters._ids import Routing
 from flux_adapters._options import base_url_for, check_base_url
@@ -364,7 +364,10 @@ def load_config(
     origin = "environment"
     if chosen is not None or DEFAULT_PATH.exists():
         file = chosen or DEFAULT_PATH
-        shown = escape_controls(str(file))  # a NUL, or a name that is not valid UTF-8
+        # Escaped (a NUL, or a name that is not valid UTF-8) and cut to its end: a $FLUX_CONFIG
+        # of 5,000 characters made a message of 5,000. It begins every message about the file,
+        # which its reader has to find: a deep path is kept whole up to 4 lines' worth.
+        shown = short_path(str(file), 4 * SHOWN_CHARS)
         try:
             text = read_text_file(file, limit=1024 * 1024)
             bom = text.startswith("\ufeff")  # Notepad's "UTF-8 with BOM"

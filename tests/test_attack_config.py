@@ -545,6 +545,23 @@ def test_a_huge_number_variable_is_refused_in_a_short_message(variable: str) -> 
     assert len(str(caught.value)) < 300
 
 
+def test_a_very_long_config_path_is_shortened_to_its_end_in_the_error(tmp_path: Path) -> None:
+    # The whole $FLUX_CONFIG came back: a path of 5,000 characters, a message of 5,000.
+    deep = tmp_path / ("d" * 250) / ("e" * 250) / "flux-adapters.toml"
+    deep.parent.mkdir(parents=True)
+    deep.write_text('providers = ["laozhang"]\nrouting = "fastest"\n')
+    with pytest.raises(errors.ConfigurationError) as caught:
+        load_config(environ={"FLUX_CONFIG": str(deep)})
+    message = str(caught.value)
+    assert len(message) < 500
+    assert message.startswith("...ddd")
+    assert "/flux-adapters.toml: " in message  # the file's name, where the mistake is
+    assert "fastest" in message
+    with pytest.raises(errors.ConfigurationError, match=r"^\.\.\.d+/x\.toml: ") as missing:
+        load_config(environ={"FLUX_CONFIG": "/" + "d" * 5000 + "/x.toml"})
+    assert len(str(missing.value)) < 500
+
+
 @pytest.mark.parametrize("rate", ["1e-300", "1e-9", "0.0001"])
 def test_a_rate_no_one_means_is_refused_in_the_file_and_in_code(tmp_path: Path, rate: str) -> None:
     # rate_per_minute = 1e-300 was taken: the key's first call held the next for 10^300
