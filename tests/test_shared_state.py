@@ -363,6 +363,68 @@ def test_with_fallback_each_outage_warns_and_redis_answering_again_is_said(
     assert said == ["down", "up", "down", "up"]  # each outage once, however long
 
 
+def test_with_fallback_a_key_lookup_that_timed_out_skips_redis_for_a_while(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A frozen Redis made every gateway call wait out the key lookup's timeout before the
+    # gateway used the key it remembered: admit skipped Redis after a failure, get_key never
+    # did. Now one lookup waits; the next ones are not asked until Redis is tried again.
+    import time
+
+    import flux_adapters.state._redis as redis_state
+    from flux_adapters.gateway import new_key
+
+    class Later:
+        """The fallback's clock, *ahead* seconds after the real one (nothing else reads it)."""
+
+        ahead = 0.0
+
+        def monotonic(self) -> float:
+            return time.monotonic() + self.ahead
+
+    clock = Later()
+    monkeypatch.setattr(redis_state, "time", clock)
+    _, record = new_key(name="ci")
+
+    async def lookups(server: RedisServer, fallback: Any) -> list[str]:
+        state = open_state(server.url, prefix=prefix(), timeout=0.3, fallback=fallback)
+        await state.put_key(record)
+        said: list[str] = []
+        server.freeze()
+        try:
+            for _ in range(3):
+                try:
+                    await state.get_key(record.key_hash)
+                except StateUnavailable as exc:
+                    said.append("waited" if "did not answer" in str(exc) else "skipped")
+        finally:
+            server.thaw()
+        try:  # Redis answers again; within the while, it is still not asked
+            said.append("read" if await state.get_key(record.key_hash) == record else "?")
+        except StateUnavailable:
+            said.append("skipped")
+        clock.ahead += redis_state._RETRY_LOCAL  # the while is over: Redis is asked again
+        server.freeze()
+        try:
+            with pytest.raises(StateUnavailable, match="did not answer"):
+                await state.get_key(record.key_hash)  # asked again, and down again
+        finally:
+            server.thaw()
+        clock.ahead += redis_state._RETRY_LOCAL
+        said.append("read" if await state.get_key(record.key_hash) == record else "?")
+        await state.aclose()
+        return said
+
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"), redis_server() as server:
+        assert asyncio.run(lookups(server, "local")) == [
+            "waited", "skipped", "skipped", "skipped", "read"
+        ]  # fmt: skip
+        warned = [r.getMessage() for r in caplog.records if "shared state" in r.getMessage()]
+        assert ["unavailable" in said for said in warned] == [True, False]  # one outage
+        # Fail closed, the default: each lookup asks Redis, none is taken from anywhere else.
+        assert asyncio.run(lookups(server, "none"))[:3] == ["waited"] * 3
+
+
 def test_with_fallback_the_blocking_client_also_says_redis_answers_again(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
