@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_SECONDS",
+    "SHORTEST_KEY",
     "base_url_for",
     "check_adapter",
     "check_base_url",
     "check_key",
+    "check_rate_per_minute",
     "check_seconds",
     "check_timeout",
     "check_variable_name",
@@ -70,12 +72,21 @@ def did_you_mean(value: str, known: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+SHORTEST_KEY: Final = 8
+"""The fewest characters an API key may have. Every provider's keys are far longer (dozens of
+characters); a shorter value is a placeholder or a slip (``any``, ``x``, the key's first
+letters). It is also the redactor's fragment (`flux_adapters._redact.FRAGMENT`): a key of 8 or
+more is removed from messages in every 8-character piece too, and one of 1 to 3 would not be
+looked for at all (replacing it would mangle every message)."""
+
+
 def check_key(value: object, source: str) -> str:
     """*value* as an API key; *source* says where it came from, e.g. ``$LAOZHANG_API_KEY``.
 
     A key goes into an HTTP header, so it must be printable ASCII without spaces. Whitespace
     around it (a line break from a CRLF ``.env`` file), or quotes (``"sk-..."`` read by a tool
     that keeps them), are refused rather than stripped: the key you set is the key that is sent.
+    One shorter than `SHORTEST_KEY` is refused (never shown).
     """
     if not isinstance(value, str):
         raise ConfigurationError(f"{source} must be a string, not {type(value).__name__}")
@@ -96,6 +107,11 @@ def check_key(value: object, source: str) -> str:
         raise ConfigurationError(
             f"{source} holds characters an HTTP header cannot carry (spaces, control or "
             "non-ASCII characters); check the key"
+        )
+    if len(value) < SHORTEST_KEY:
+        raise ConfigurationError(
+            f"{source} is {len(value)} character{'s' if len(value) != 1 else ''} long; an API "
+            f"key has at least {SHORTEST_KEY} (no provider issues shorter ones): check the key"
         )
     # A plain copy of the characters: a str subclass may print itself as "****" (a "secret
     # string"), and the header is built by formatting the key.

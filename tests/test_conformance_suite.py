@@ -298,7 +298,7 @@ def test_streamed_large_bodies_are_recorded_and_matched(tmp_path: Path) -> None:
     verdicts = record(
         LaozhangAdapter(),
         tmp_path / "cassettes",
-        api_key="k",
+        api_key="test-key",
         emulator=True,
         scenarios=[scenario],
         log=lambda _: None,

@@ -105,7 +105,7 @@ def test_serve_refuses_unusable_settings_as_bad_arguments_naming_its_flags(
     # public_url", "max_bodies_bytes"), where every other message of the command names its
     # flags and a bad argument is exit 2.
     monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     code, out, err = run("serve", "--port", "0", "--files-dir", str(tmp_path / "files"), *argv)
     assert code == 2, err
     assert said in err

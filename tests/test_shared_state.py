@@ -541,7 +541,7 @@ def test_careless_state_arguments_are_refused_when_the_client_is_built(
     options: dict[str, Any], match: str
 ) -> None:
     with pytest.raises(ConfigurationError, match=match):
-        FluxClient("laozhang", api_key="k", **options)
+        FluxClient("laozhang", api_key="test-key", **options)
 
 
 def test_the_sync_client_with_local_state_never_imports_asyncio() -> None:
@@ -551,7 +551,7 @@ def test_the_sync_client_with_local_state_never_imports_asyncio() -> None:
         "from flux_adapters.prices import PerCall\n"
         "def answer(request):\n"
         "    return httpx.Response(200, json={'data': [{'url': 'https://cdn.example/i.png'}]})\n"
-        "client = FluxClient('laozhang', api_key='k', budget_usd=1.0, state='local',\n"
+        "client = FluxClient('laozhang', api_key='test-key', budget_usd=1.0, state='local',\n"
         "    prices={('laozhang', 'flux-2-pro'): PerCall(usd=0.07)},\n"
         "    http_client=httpx.Client(transport=httpx.MockTransport(answer)))\n"
         "result = client.edit(EditRequest(prompt='x', model='flux-2-pro'))\n"
@@ -567,7 +567,7 @@ def test_importing_the_package_does_not_load_the_state() -> None:
     code = (
         "import sys, flux_adapters\n"
         "from flux_adapters import EditRequest, FluxClient\n"
-        "FluxClient('laozhang', api_key='k')\n"
+        "FluxClient('laozhang', api_key='test-key')\n"
         "print(sorted(m for m in sys.modules if m.startswith(('flux_adapters.state', 'redis'))))\n"
     )
     out = subprocess.run(
@@ -651,8 +651,8 @@ def test_mock_transport_clients_share_a_cooldown_through_local_state(
             http_client=httpx.Client(transport=httpx.MockTransport(answer)),
         )
 
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k1")
-    monkeypatch.setenv("APIYI_API_KEY", "k2")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key-1")
+    monkeypatch.setenv("APIYI_API_KEY", "test-key-2")
     monkeypatch.delenv("LAOZHANG_BASE_URL", raising=False)
     monkeypatch.delenv("APIYI_BASE_URL", raising=False)
     request = EditRequest(prompt="x", model="flux-2-flex")  # a model no other test cools here
@@ -668,10 +668,10 @@ def test_a_redis_url_without_the_redis_extra_names_the_extra() -> None:
         "import sys; sys.modules['redis'] = None  # as if redis-py were not installed\n"
         "from flux_adapters import FluxClient, errors\n"
         "try:\n"
-        "    FluxClient('laozhang', api_key='k', state='redis://localhost:6379/0')\n"
+        "    FluxClient('laozhang', api_key='test-key', state='redis://localhost:6379/0')\n"
         "except errors.MissingExtraError as error:\n"
         "    print(error.extra)\n"
-        "FluxClient('laozhang', api_key='k', state='local', budget_usd=1)\n"
+        "FluxClient('laozhang', api_key='test-key', state='local', budget_usd=1)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
@@ -685,7 +685,7 @@ def test_a_refusal_refunds_but_a_moderated_accepted_job_keeps_its_reservation(
     from flux_adapters.errors import ContentModerated, Moderated
     from flux_adapters.jobs import Polling
 
-    monkeypatch.setenv("FAL_API_KEY", "fal-key")
+    monkeypatch.setenv("FAL_API_KEY", "fal-test-key")
     monkeypatch.setenv("FAL_BASE_URL", emulator.base_url("fal"))
     fast = Polling(first=0.01, factor=1.5, longest=0.05, jitter=0.1, deadline=30.0)
 
