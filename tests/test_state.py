@@ -333,6 +333,14 @@ def test_a_key_rate_no_one_means_is_refused_as_a_providers_is(rate: float) -> No
     assert str(client.value).endswith(said.replace("1000000", "60000000"))
 
 
+def test_a_stored_key_rate_below_one_a_day_names_the_rule_it_breaks() -> None:
+    # Stored before the bound: the key store cannot be read, and its message says why.
+    from flux_adapters.gateway._keys import record_from_dict
+
+    with pytest.raises(ConfigurationError, match=r"damaged: rate_per_minute must be .* one a day"):
+        record_from_dict({"id": "ab", "key_hash": "a" * 64, "rate_per_minute": 1e-300})
+
+
 def test_a_key_rate_of_one_a_day_is_taken() -> None:
     assert KeyRecord(id="ab", key_hash="a" * 64, rate_per_minute=1 / 1440).rate_per_minute
 

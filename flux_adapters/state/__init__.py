@@ -305,7 +305,11 @@ def record_from_dict(data: object) -> KeyRecord:
             rate_per_minute=None if rate is None else _number(rate),
             created=_number(data.get("created", 0.0)),
         )
-    except (KeyError, TypeError, ValueError, OverflowError, ConfigurationError):
+    except ConfigurationError as exc:
+        # A value KeyRecord refuses (its messages show no key): say which rule, so that a record
+        # written under an older one (a rate below one a day) can be found and fixed.
+        raise ConfigurationError(f"a gateway key record is damaged: {exc}") from None
+    except (KeyError, TypeError, ValueError, OverflowError):
         # OverflowError: float() of an integer beyond a float's range (json reads 1e400 written
         # out in digits as an int)
         raise ConfigurationError("a gateway key record is damaged") from None
