@@ -37,6 +37,7 @@ from flux_adapters.gateway._keys import FileKeys, KeyRecord, KeyStore, new_key
 if TYPE_CHECKING:
     from flux_adapters.client import AsyncFluxClient
     from flux_adapters.gateway._app import ClientFactory, Gateway
+    from flux_adapters.state import StateBackend
 
 __all__ = [
     "FileKeys",
@@ -52,12 +53,19 @@ __all__ = [
 
 
 def clients_from_config(
-    config: str | os.PathLike[str] | None = None, *, state_url: str | None = None
+    config: str | os.PathLike[str] | None = None,
+    *,
+    state_url: str | None = None,
+    state: StateBackend | None = None,
 ) -> ClientFactory:
     """Clients as ``AsyncFluxClient.from_env(config=...)`` builds them, for any provider subset.
 
     The configuration is read (and checked) now: a mistake fails here, before the server starts.
-    *state_url* replaces the configured shared state (``state_url``, ``$FLUX_STATE_URL``).
+    *state_url* replaces the configured shared state (``state_url``, ``$FLUX_STATE_URL``);
+    *state*, an open backend, replaces both: every client then shares its connections and its
+    view of an outage (the gateway gives its own, so that a Redis that stops answering is
+    waited for once, not once by the key lookup and again by each client), and closing a
+    client leaves it open.
 
     Raises:
         ConfigurationError: As `AsyncFluxClient.from_env`.
@@ -87,7 +95,7 @@ def clients_from_config(
             prices=loaded.prices,
             settings={s.name: s for s in chosen},
             polling=None if loaded.job_deadline is None else Polling(deadline=loaded.job_deadline),
-            state=state_url or loaded.state_url,
+            state=state if state is not None else state_url or loaded.state_url,
             budget_usd=loaded.budget_usd,
             budget_period="day" if loaded.budget_period == "day" else "total",
             budget_scope=loaded.budget_scope,
@@ -169,13 +177,17 @@ def _gateway(
         loaded = load_config(config)
         state_url = state_url or loaded.state_url
         fallback = "local" if loaded.state_fallback == "local" else "none"
-        clients = clients_from_config(config, state_url=state_url)
+    state = open_state(state_url, fallback=fallback)
+    if clients is None:
+        # One Redis state for the key lookups and every client (an in-process one stays each
+        # client's own: without a budget or a rate, a client keeps only its cooldowns).
+        shared = state if state_url not in (None, "local") else None
+        clients = clients_from_config(config, state_url=state_url, state=shared)
     folder = (
         Path(files_dir)
         if files_dir is not None
         else Path(tempfile.gettempdir()) / "flux-gateway-files"
     )
-    state = open_state(state_url, fallback=fallback)
     return Gateway(
         GatewaySettings(files_dir=folder, **settings),
         clients,
