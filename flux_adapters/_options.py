@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from flux_adapters.providers import AnyAdapter
 
 __all__ = [
+    "MAX_KEEP_SECONDS",
     "MAX_SECONDS",
     "SHORTEST_KEY",
     "base_url_for",
@@ -266,6 +267,9 @@ def check_rate_per_minute(value: object, source: str, most: float = MAX_RATE_PER
 
 MAX_SECONDS: Final = 86_400.0
 """The longest timeout or deadline taken: a day. A socket timeout of 1e10 s overflows time_t."""
+
+MAX_KEEP_SECONDS: Final = 365 * 86_400.0
+"""The longest a thing is kept: a year (a gateway's images, a shared batch's state in Redis)."""
 
 
 def check_seconds(value: object, source: str) -> float:

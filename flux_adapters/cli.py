@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 from flux_adapters import errors
 from flux_adapters._batch_files import is_url
 from flux_adapters._display import escape_controls, escape_surrogates
+from flux_adapters._options import MAX_KEEP_SECONDS, MAX_SECONDS
 from flux_adapters._version import __version__
 
 if TYPE_CHECKING:
@@ -86,8 +87,6 @@ EXIT_OK, EXIT_FAILED, EXIT_REQUEST, EXIT_PROVIDER, EXIT_TRANSPORT, EXIT_CONFIG, 
 EXIT_OUTPUT, EXIT_UNCONFIRMED, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 7, 8, 130, 141
 
 MAX_CONCURRENCY = 1000
-MAX_SECONDS = 86400.0
-"""The most seconds any option takes: a day (a socket timeout of 1e12 s overflows time_t)."""
 DEFAULT_OUTPUT = Path("out")
 
 
@@ -212,9 +211,9 @@ def _seconds(*, zero: bool = False) -> Callable[[str], float]:
 def _expiry(text: str) -> float:
     """Seconds above 0, up to a year: a shared batch's state in Redis, a gateway's kept image."""
     value = _number(text)
-    if not 0 < value <= 365 * 86400:
+    if not 0 < value <= MAX_KEEP_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"must be seconds above 0 to 31536000 (a year), got {text!r}"
+            f"must be seconds above 0 to {MAX_KEEP_SECONDS:.0f} (a year), got {text!r}"
         )
     return value
 

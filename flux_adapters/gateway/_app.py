@@ -177,11 +177,11 @@ class GatewaySettings:
     max_bodies_bytes: int = 1 << 30
 
     def __attrs_post_init__(self) -> None:
-        from flux_adapters._options import MAX_SECONDS, is_number
+        from flux_adapters._options import MAX_KEEP_SECONDS, MAX_SECONDS, is_number
 
         problems = []
         retention: object = self.retention
-        if not (is_number(retention) and 0 < retention <= 365 * 86400):
+        if not (is_number(retention) and 0 < retention <= MAX_KEEP_SECONDS):
             problems.append("retention must be seconds above 0, up to a year")
         body_timeout: object = self.body_timeout  # a timeout: bounded as every other one
         if not (is_number(body_timeout) and 0 < body_timeout <= MAX_SECONDS):
