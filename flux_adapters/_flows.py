@@ -544,7 +544,7 @@ def job_flow(
         submitted_at=time.time(),
         usage=submitted.usage,
     )
-    job = _keyless(adapter, job, secrets)
+    job = _keyless(job, secrets)
     try:
         yield Accepted(job)
     except StopJob as stop:  # the caller stopped while the job was being kept: it is taken
@@ -560,32 +560,29 @@ def job_flow(
     return Outcome(plan=resolved, answer=answer, job=job, request_id=submit_id or job.id)
 
 
-def _keyless(adapter: JobAdapter, job: Job, secrets: tuple[str, ...]) -> Job:
-    """*job* without the key in its URLs, where its adapter sends the key as a query parameter.
+def _keyless(job: Job, secrets: tuple[str, ...]) -> Job:
+    """*job* without the key in its URLs' queries, wherever the adapter sends the key.
 
-    A provider that takes the key in the query (``?key=...``) may answer with URLs that repeat
-    it: kept in the `Job`, the key went into the result's repr, ``--json``, and the batch
-    journal on disk. The client adds it again to each URL that may receive it, as it sends.
-    Only that parameter holding one of *secrets* is taken out: the same name holding anything
-    else (a CDN's own signed ``token=``) is the URL's.
+    A provider may answer with URLs that repeat the key (``?key=...``, or ``?token=...`` at a
+    provider that takes it in a header): kept in the `Job`, the key went into the result's repr,
+    ``--json``, httpx's log line of every poll and the batch journal on disk. The client sends
+    the key as the adapter declares it (a header, or its query parameter, added again to each
+    URL that may receive it). Only a parameter holding one of *secrets* is taken out: the same
+    name holding anything else (a CDN's own signed ``token=``) is the URL's.
     """
-    from flux_adapters.providers import KeyAuth
-
-    auth = getattr(adapter, "auth", None)
-    name = auth.query if isinstance(auth, KeyAuth) else None
-    if not name or not secrets:
+    if not secrets:
         return job
     changes: dict[str, Any] = {
         field: kept
         for field in ("poll_url", "result_url", "cancel_url")
         if isinstance(url := getattr(job, field), str)
-        and (kept := _without_key(url, name, secrets)) != url
+        and (kept := _without_key(url, secrets)) != url
     }
     return attrs.evolve(job, **changes) if changes else job
 
 
-def _without_key(url: str, name: str, secrets: tuple[str, ...]) -> str:
-    """*url* without the query parameter *name* where it holds one of *secrets*.
+def _without_key(url: str, secrets: tuple[str, ...]) -> str:
+    """*url* without the query parameters that hold one of *secrets*, whatever their name.
 
     Every other byte of it stays as it was: the URL may be signed.
     """
@@ -596,8 +593,7 @@ def _without_key(url: str, name: str, secrets: tuple[str, ...]) -> str:
     from urllib.parse import unquote_plus
 
     def keyed(pair: str) -> bool:
-        field, _, value = pair.partition("=")
-        return unquote_plus(field) == name and unquote_plus(value) in secrets
+        return unquote_plus(pair.partition("=")[2]) in secrets
 
     kept = [pair for pair in query.split("&") if not keyed(pair)]
     return head + (mark + "&".join(kept) if kept else "") + hash_ + fragment

@@ -1,0 +1,65 @@
+"""The asynchronous providers (bfl, fal) and their resumption, attacked by a hostile provider.
+
+Each test here failed before the fix it names. What is held: an accepted job is never submitted
+again and stays resumable; the key never reaches a file, a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flux_adapters import AsyncFluxClient
+from tests.test_jobs import KEY, T2I, FakeBfl, both, run
+
+# --- a key the provider repeats in a job's URL, at a provider that takes it in a header -------
+
+
+class EchoesTheKeyInItsUrl(FakeBfl):
+    """BFL (the key in ``x-key``) answering a submit with a polling URL that repeats the key."""
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            url = f"https://api.eu2.bfl.ai/v1/get_result?id=job-1&token={KEY}&sig=a%2Fb"
+            return httpx.Response(200, json={"id": "job-1", "polling_url": url})
+        return super().answer(request)
+
+
+@both
+def test_a_key_echoed_in_a_polling_url_is_kept_nowhere_where_the_key_goes_in_a_header(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only adapters taking the key in the query had it taken out of a job's URLs: at BFL and
+    # fal (a header) the job kept the URL as answered, and the key went into the result's repr,
+    # its to_dict (--json), and httpx's log line of every poll.
+    fake = EchoesTheKeyInItsUrl()
+    with caplog.at_level(logging.INFO):
+        result = run(kind, fake, T2I)
+    assert result.job is not None
+    assert result.job.poll_url == "https://api.eu2.bfl.ai/v1/get_result?id=job-1&sig=a%2Fb"
+    assert KEY not in repr(result)
+    assert KEY not in json.dumps(result.to_dict())
+    assert KEY not in caplog.text
+    polls = [r for r in fake.requests if r.method == "GET" and "get_result" in str(r.url)]
+    assert polls
+    assert all(r.headers["x-key"] == KEY for r in polls)  # the key goes as declared, still
+
+
+def test_a_key_echoed_in_a_polling_url_never_reaches_the_batch_journal(tmp_path: Path) -> None:
+    fake = EchoesTheKeyInItsUrl()
+
+    async def batch() -> list[str]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as http:
+            client = AsyncFluxClient("bfl", api_key=KEY, http_client=http)
+            items = client.edit_many([T2I], output_dir=tmp_path, names=["a"])
+            return [item.status async for item in items]
+
+    assert asyncio.run(batch()) == ["ok"]
+    journal = (tmp_path / ".flux-journal.jsonl").read_text()
+    assert '"job"' in journal
+    assert KEY not in journal
