@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient
-from tests.test_jobs import KEY, T2I, FakeBfl, both, run
+from tests.test_jobs import KEY, T2I, Fake, FakeBfl, both, run
 
 # --- a key the provider repeats in a job's URL, at a provider that takes it in a header -------
 
@@ -63,3 +63,50 @@ def test_a_key_echoed_in_a_polling_url_never_reaches_the_batch_journal(tmp_path:
     journal = (tmp_path / ".flux-journal.jsonl").read_text()
     assert '"job"' in journal
     assert KEY not in journal
+
+
+# --- fal: an unusable cancel URL beside usable status and result URLs -----------------------
+
+FAL_QUEUE = "https://queue.fal.run/fal-ai/flux-2-pro/requests/req-1"
+
+
+class FakeFal(Fake):
+    """fal's queue: POST /<app> -> the request's URLs; status COMPLETED; the result's images."""
+
+    def __init__(self, cancel_url: object = f"{FAL_QUEUE}/cancel") -> None:
+        super().__init__()
+        self.cancel_url = cancel_url
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(
+                200,
+                json={
+                    "request_id": "req-1",
+                    "status_url": f"{FAL_QUEUE}/status",
+                    "response_url": FAL_QUEUE,
+                    "cancel_url": self.cancel_url,
+                },
+            )
+        if request.url.path.endswith("/status"):
+            return httpx.Response(200, json={"status": "COMPLETED"})
+        image = {"url": "https://v3.fal.media/files/a/out.png", "content_type": "image/png"}
+        return httpx.Response(200, json={"images": [image], "seed": 1})
+
+
+@both
+@pytest.mark.parametrize(
+    "cancel_url", ["ftp://queue.fal.run/cancel", "/fal-ai/flux-2-pro/requests/req-1/cancel", 42]
+)
+def test_a_fal_job_whose_cancel_url_is_unusable_is_followed_to_its_image(
+    kind: str, cancel_url: object
+) -> None:
+    # The whole acceptance was refused as unreadable for its one optional URL: the job fal took
+    # (and bills) was never polled, its status and result URLs fine; a batch reported it
+    # unconfirmed and its image was lost. Without a usable cancel URL it is a job with no cancel.
+    fake = FakeFal(cancel_url)
+    result = run(kind, fake, T2I, provider="fal")
+    assert fake.count("POST") == 1
+    assert result.job is not None
+    assert result.job.cancel_url is None
+    assert [image.url for image in result.images] == ["https://v3.fal.media/files/a/out.png"]
