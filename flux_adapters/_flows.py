@@ -791,13 +791,20 @@ def _poll_once(
         raise _with_answer(_not_found(adapter, job, response), response, secrets)
     try:
         expected: tuple[type[Pending | Done], ...] = (Pending, Done)
-        return _answered(
+        state = _answered(
             adapter, response, secrets, True, expected, adapter.parse_poll, response, job
         )
     except ResponseFormatError as error:
         if not 200 <= response.status_code < 300:
             raise
         return error
+    if isinstance(state, Pending) and state.retry_after is None:
+        # A pending answer's Retry-After is the least wait, as a 429's: the adapter reads the
+        # body, the header is the exchange's.
+        asked = _asked_wait(response)
+        if asked is not None:
+            return attrs.evolve(state, retry_after=asked)
+    return state
 
 
 def _not_found(adapter: JobAdapter, job: Job, response: HttpResponse) -> JobNotFound:
@@ -831,9 +838,14 @@ def _transient(response: HttpResponse) -> Pending | None:
     status = response.status_code
     if status not in (408, 429) and not 500 <= status < 600:
         return None
+    return Pending(retry_after=_asked_wait(response))
+
+
+def _asked_wait(response: HttpResponse) -> float | None:
+    """Seconds *response*'s ``Retry-After`` asks to wait, if it has a usable one."""
     from flux_adapters.providers._images_api import retry_after
 
-    return Pending(retry_after=retry_after(response.header("retry-after")))
+    return retry_after(response.header("retry-after"))
 
 
 def _fetch(

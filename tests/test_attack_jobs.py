@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient
+from flux_adapters.jobs import Polling
 from tests.test_jobs import KEY, T2I, Fake, FakeBfl, both, run
 
 # --- a key the provider repeats in a job's URL, at a provider that takes it in a header -------
@@ -110,3 +111,32 @@ def test_a_fal_job_whose_cancel_url_is_unusable_is_followed_to_its_image(
     assert result.job is not None
     assert result.job.cancel_url is None
     assert [image.url for image in result.images] == ["https://v3.fal.media/files/a/out.png"]
+
+
+# --- a Retry-After on a pending answer, as docs/concepts.md says it is honoured -------------
+
+
+def test_a_retry_after_on_a_pending_poll_answer_is_the_least_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Honoured on a 429 or a 5xx only: a provider answering "Pending" with "Retry-After: 0.05"
+    # was polled again at the backoff's first waits, faster than it asked.
+    import time as time_module
+
+    slept: list[float] = []
+    real = time_module.sleep
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        real(min(seconds, 0.001))
+
+    fake = FakeBfl(
+        pending=0,
+        poll_faults=[
+            httpx.Response(200, headers={"retry-after": "0.05"}, json={"status": "Pending"})
+        ],
+    )
+    polling = Polling(first=0.01, factor=2.0, longest=0.03, jitter=0.0, deadline=5)
+    monkeypatch.setattr(time_module, "sleep", sleep)
+    run("sync", fake, T2I, polling=polling)
+    assert slept == [pytest.approx(0.01), pytest.approx(0.05)]
