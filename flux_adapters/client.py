@@ -1318,9 +1318,16 @@ def _note_accepted(binding: _Binding, accepted: Accepted) -> None:
 
 
 def _noted(interruption: BaseException, stop: StopJob, scrub: Redactor) -> None:
-    """Add to *interruption* (Ctrl-C, a cancelled task) what became of the job it cut short."""
+    """Add to *interruption* (Ctrl-C, a cancelled task) what became of the job it cut short.
+
+    A job the provider took is also the interruption's ``job``, as it is every `FluxError`'s
+    after a submit: the note says it in words, this is what ``client.resume(job)`` takes (a job
+    that goes on, at a provider with no cancel, is still billed).
+    """
     from flux_adapters._display import escape_controls
 
+    if stop.job is not None:
+        interruption.job = stop.job  # type: ignore[attr-defined]
     said = stop.note(scrub)
     if said is not None:
         interruption.add_note(f"flux-adapters: {escape_controls(said)}")

@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flux_adapters import AsyncFluxClient
+from flux_adapters import AsyncFluxClient, FluxClient
 from flux_adapters.jobs import Polling
 from tests.test_jobs import KEY, T2I, Fake, FakeBfl, both, run
+
+QUICK = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=30.0)
 
 # --- a key the provider repeats in a job's URL, at a provider that takes it in a header -------
 
@@ -140,3 +142,61 @@ def test_a_retry_after_on_a_pending_poll_answer_is_the_least_wait(
     monkeypatch.setattr(time_module, "sleep", sleep)
     run("sync", fake, T2I, polling=polling)
     assert slept == [pytest.approx(0.01), pytest.approx(0.05)]
+
+
+# --- the caller's own deadline (asyncio.timeout, wait_for, Ctrl-C) passing mid-poll ----------
+
+
+def test_a_bfl_job_the_callers_timeout_cut_short_is_resumed_without_a_second_submit() -> None:
+    # BFL has no cancel: the job goes on, and is billed. The interruption only said so in a
+    # note, the job's id as text and no polling URL: no program could resume it, and its image
+    # was lost. The job is on the interruption now (`.job`), as on every FluxError after a submit.
+    fake = FakeBfl(pending=10**9)
+
+    async def main() -> list[str]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as http:
+            client = AsyncFluxClient("bfl", api_key=KEY, http_client=http, polling=QUICK)
+            with pytest.raises(TimeoutError) as caught:
+                await asyncio.wait_for(client.edit(T2I), 0.2)
+            cut = caught.value.__cause__
+            assert isinstance(cut, asyncio.CancelledError)
+            assert cut.__notes__[0].endswith("it may still finish, and be billed")
+            job = cut.job  # type: ignore[attr-defined]
+            fake.pending = 0  # the job finished meanwhile
+            result = await client.resume(job)
+            return [image.url for image in result.images if image.url]
+
+    assert asyncio.run(main()) == ["https://delivery-eu1.bfl.ai/results/a/sample.png"]
+    assert fake.count("POST") == 1
+
+
+def test_ctrl_c_mid_poll_leaves_the_job_on_the_interruption_to_resume() -> None:
+    class Interrupting(FakeBfl):
+        def answer(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "GET" and self.count("GET") == 2 and self.pending:
+                raise KeyboardInterrupt
+            return super().answer(request)
+
+    fake = Interrupting(pending=10**9)
+    with httpx.Client(transport=httpx.MockTransport(fake)) as http:
+        client = FluxClient("bfl", api_key=KEY, http_client=http, polling=QUICK)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.edit(T2I)
+        job = caught.value.job  # type: ignore[attr-defined]
+        assert job.id == "job-1"
+        fake.pending = 0
+        result = client.resume(job)
+    assert result.job == job
+    assert fake.count("POST") == 1
+
+
+def test_an_interruption_before_any_job_was_taken_carries_none() -> None:
+    class Interrupting(FakeBfl):
+        def answer(self, request: httpx.Request) -> httpx.Response:
+            raise KeyboardInterrupt
+
+    with httpx.Client(transport=httpx.MockTransport(Interrupting())) as http:
+        client = FluxClient("bfl", api_key=KEY, http_client=http, polling=QUICK)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.edit(T2I)
+    assert getattr(caught.value, "job", None) is None
