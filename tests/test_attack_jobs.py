@@ -14,8 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flux_adapters import AsyncFluxClient, FluxClient
+from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
+from flux_adapters.emulator import Fault, run_emulator
 from flux_adapters.jobs import Polling
+from flux_adapters.result import BatchItem
 from tests.test_jobs import KEY, T2I, Fake, FakeBfl, both, run
 
 QUICK = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=30.0)
@@ -200,3 +202,31 @@ def test_an_interruption_before_any_job_was_taken_carries_none() -> None:
         with pytest.raises(KeyboardInterrupt) as caught:
             client.edit(T2I)
     assert getattr(caught.value, "job", None) is None
+
+
+# --- a batch rerun after a job fal accepted, then moderated (fal bills it) -------------------
+
+
+def test_a_rerun_never_sends_again_a_job_fal_accepted_then_moderated(tmp_path: Path) -> None:
+    # The journal took moderation for a refusal ("failed": not billed) wherever it came from;
+    # but a job fal accepted and then moderated is billed ("invalid inputs (HTTP 422) may still
+    # be charged"; the budget keeps it, as the emulator bills it): each rerun sent the job
+    # again, and paid for it again.
+    request = EditRequest(prompt="moderated after acceptance", model="flux-2-pro", size="256x256")
+    with run_emulator(pending_polls=0) as emulator:
+        emulator.inject("fal", Fault(outcome="content-moderated"))
+
+        async def batch() -> list[BatchItem]:
+            async with AsyncFluxClient(
+                "fal", api_key=KEY, base_url=emulator.base_url("fal"), polling=QUICK
+            ) as client:
+                items = client.edit_many([request], output_dir=tmp_path, names=["a"])
+                return [item async for item in items]
+
+        [first] = asyncio.run(batch())
+        [again] = asyncio.run(batch())
+        billed = len(emulator.billed("fal"))
+        submits = len(emulator.calls("fal", "submit"))
+    assert isinstance(first.error, errors.Moderated)
+    assert (first.status, again.status) == ("unconfirmed", "unconfirmed")
+    assert (submits, billed) == (1, 1)
