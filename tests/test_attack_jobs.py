@@ -230,3 +230,37 @@ def test_a_rerun_never_sends_again_a_job_fal_accepted_then_moderated(tmp_path: P
     assert isinstance(first.error, errors.Moderated)
     assert (first.status, again.status) == ("unconfirmed", "unconfirmed")
     assert (submits, billed) == (1, 1)
+
+
+# --- an id of another type than the document's, beside a usable polling URL -----------------
+
+
+@both
+def test_a_bfl_job_accepted_with_a_numeric_id_is_followed_to_its_image(kind: str) -> None:
+    # The polling URL is what follows the job; the id names it. A number ({"id": 12345}, as
+    # some BFL-compatible resellers answer) made the acceptance unreadable: the job BFL took
+    # (and bills) was never polled, and its image was lost. The flow takes a number as its
+    # text for any adapter; the built-in ones now do too.
+    submit = httpx.Response(
+        200, json={"id": 12345, "polling_url": "https://api.eu2.bfl.ai/v1/get_result?id=12345"}
+    )
+    fake = FakeBfl(submit=submit)
+    result = run(kind, fake, T2I)
+    assert result.job is not None
+    assert result.job.id == "12345"
+    assert fake.count("POST") == 1
+    assert len(result.images) == 1
+
+
+@pytest.mark.parametrize("ident", [True, 1.5, [1], {"a": 1}, "", 10**250, -1])
+def test_an_id_that_is_no_whole_number_nor_text_is_still_no_id(ident: object) -> None:
+    from flux_adapters.providers.bfl import BflAdapter
+    from flux_adapters.wire import HttpResponse
+
+    body = {"id": ident, "polling_url": "https://api.bfl.ai/v1/get_result?id=1"}
+    answer = HttpResponse(status_code=200, headers={}, content=json.dumps(body).encode())
+    if ident == -1:
+        assert BflAdapter().parse_submit(answer).id == "-1"
+        return
+    with pytest.raises(errors.ResponseFormatError):
+        BflAdapter().parse_submit(answer)
