@@ -857,8 +857,13 @@ def _fetch(
     ends: float,
     clock: Callable[[], float],
 ) -> _Steps[Answer]:
-    """Fetch a finished job's result, trying again in place after failures that may pass."""
+    """Fetch a finished job's result, trying again in place after failures that may pass.
+
+    A success answer that cannot be read (a proxy's page, JSON cut short, one too large) is
+    tried again as a poll's is: the fetch is as free, and `_UNREADABLE_POLLS` in a row end it.
+    """
     wait = polling.first
+    unreadable = 0
     while True:
         built = adapter_built(adapter, None, adapter.build_fetch, job)
         if built is None:
@@ -870,6 +875,11 @@ def _fetch(
         try:
             response = yield _within(built, adapter, "fetch", ends, clock)
         except TransportError:
+            response, unreadable = None, 0
+        except ResponseFormatError:  # a 2xx the client could not read (too large ...)
+            unreadable += 1
+            if unreadable >= _UNREADABLE_POLLS:
+                raise
             response = None
         retry: Pending | None = None
         if response is not None:
@@ -879,10 +889,18 @@ def _fetch(
             if response.status_code in (404, 410):
                 raise _with_answer(_not_found(adapter, job, response), response, secrets)
             retry = _transient(response)
-            if retry is None:
-                return _answered(
-                    adapter, response, secrets, True, (Answer,), adapter.parse_fetch, response, job
-                )
+            if retry is not None:
+                unreadable = 0  # "in a row", as polls count them
+            else:
+                try:
+                    return _answered(
+                        adapter, response, secrets, True, (Answer,), adapter.parse_fetch,
+                        response, job,
+                    )  # fmt: skip
+                except ResponseFormatError:
+                    unreadable += 1
+                    if not 200 <= response.status_code < 300 or unreadable >= _UNREADABLE_POLLS:
+                        raise
         wait = _next_wait(wait, polling, retry)  # backing off after a dropped fetch too
         yield from _pause(wait, polling, chance, ends - clock())
         if clock() >= ends:

@@ -18,7 +18,9 @@ from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters.emulator import Fault, run_emulator
 from flux_adapters.jobs import Polling
 from flux_adapters.result import BatchItem
+from tests.conftest import CLIENT_KINDS
 from tests.test_jobs import KEY, T2I, Fake, FakeBfl, both, run
+from tests.test_jobs_emulator import edit
 
 QUICK = Polling(first=0.001, factor=1.5, longest=0.005, jitter=0.0, deadline=30.0)
 
@@ -264,3 +266,35 @@ def test_an_id_that_is_no_whole_number_nor_text_is_still_no_id(ident: object) ->
         return
     with pytest.raises(errors.ResponseFormatError):
         BflAdapter().parse_submit(answer)
+
+
+# --- fal: an unreadable answer to the result fetch, as to a poll ----------------------------
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+@pytest.mark.parametrize("body", ["html", "malformed"])
+def test_one_unreadable_fetch_answer_is_tried_again_as_a_polls_is(kind: str, body: str) -> None:
+    # A poll's unreadable 2xx (a CDN's "Just a moment..." page, a cut JSON) is tried again, up to
+    # three in a row; the fetch of the result, as free, ended the paid job at the first one.
+    request = EditRequest(prompt=f"fetch garbled once {body}", model="flux-2-pro", size="256x256")
+    with run_emulator(pending_polls=1) as emulator:
+        emulator.inject("fal", Fault(on="fetch", body=body, first=1))
+        result, images = edit(kind, emulator, "fal", request)
+        fetches = len(emulator.calls("fal", "fetch"))
+        submits = len(emulator.calls("fal", "submit"))
+    assert len(images) == 1
+    assert result.job is not None
+    assert (submits, fetches) == (1, 2)
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+def test_a_fetch_unreadable_every_time_ends_the_job_after_three_with_the_job(kind: str) -> None:
+    request = EditRequest(prompt="fetch garbled forever", model="flux-2-pro", size="256x256")
+    with run_emulator(pending_polls=0) as emulator:
+        emulator.inject("fal", Fault(on="fetch", body="html"))
+        with pytest.raises(errors.ResponseFormatError) as caught:
+            edit(kind, emulator, "fal", request)
+        fetches = len(emulator.calls("fal", "fetch"))
+        submits = len(emulator.calls("fal", "submit"))
+    assert caught.value.job is not None
+    assert (submits, fetches) == (1, 3)
