@@ -38,16 +38,18 @@ import functools
 import ipaddress
 import math
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Final
 
 import aiohttp
 import httpx
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp.abc import AbstractResolver, AbstractStreamWriter, ResolveResult
 from aiohttp.payload import Payload
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from flux_adapters._addresses import GUARDED
 from flux_adapters._bodies import json_segments, segment_chunks, segments_length
 from flux_adapters._deadline import Watch
 from flux_adapters._drivers import (
@@ -413,6 +415,31 @@ def _check_ipv4(host: str) -> None:
     ipaddress.IPv4Address(host)
 
 
+class _GuardedResolver(AbstractResolver):
+    """aiohttp's resolver, refusing a provider-given host that leads to a non-public address.
+
+    Where the connection is made: the addresses checked are the ones aiohttp connects to (DNS
+    rebinding gains nothing). aiohttp keeps an answer for a few seconds and shares one lookup
+    between requests for the same host and port; only a checked or a trusted lookup is kept.
+    Literal IP hosts never reach a resolver: the downloader and the client refuse those first.
+    """
+
+    def __init__(self, inner: AbstractResolver) -> None:
+        self._inner = inner
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        target = GUARDED.get()
+        if target is not None:
+            target.check(entry["host"] for entry in found)
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 class AiohttpDriver:
     """Sends with one ``aiohttp.ClientSession``, made inside the event loop on first use.
 
@@ -442,6 +469,7 @@ class AiohttpDriver:
         if self._closed:
             raise ClientClosedError("the connection pool is closed; nothing was sent")
         connector = aiohttp.TCPConnector(
+            resolver=_GuardedResolver(aiohttp.DefaultResolver()),
             limit=self._connections,
             limit_per_host=0,
             keepalive_timeout=KEEPALIVE,
@@ -674,6 +702,10 @@ class AiohttpDriver:
         if isinstance(exc, RuntimeError) and self._closed:  # "Session is closed"
             return ClientClosedError("the connection pool is closed; nothing was sent")
         return transport_error(exc, exchange.provider, exchange.scrub)
+
+    def needs_lookup(self, url: str) -> bool:
+        """Never: no proxy, and every name goes through `_GuardedResolver`."""
+        return False
 
     def get(self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout) -> _Getting:
         """See `flux_adapters._drivers.AsyncDriver.get` (transport failures as aiohttp raises them).

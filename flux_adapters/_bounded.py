@@ -10,6 +10,10 @@ timeout, would hold a blocking call for as long as it likes. So:
   daemon worker thread and the caller stops waiting at the deadline or on Ctrl-C
   (`send_on_worker`).
 
+The same backends, on the library's own clients (sync and async), check where a URL the
+provider gave leads (``flux_adapters._addresses``): they resolve the name, refuse a non-public
+address, and connect to the very address they checked (TLS still names the host).
+
 Imported on first use: httpx loads httpcore only when a client is made.
 """
 
@@ -28,9 +32,10 @@ from typing import Any, Final
 import httpcore
 import httpx
 
+from flux_adapters._addresses import GUARDED, Target
 from flux_adapters._transport import ENDS, deadline_error
 
-__all__ = ["bound", "send_on_worker"]
+__all__ = ["bound", "bound_async", "needs_lookup", "send_on_worker"]
 
 
 def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
@@ -73,11 +78,27 @@ class _BoundedStream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
-class _BoundedBackend(httpcore.NetworkBackend):
-    """Opens `_BoundedStream` connections."""
+def _addresses(found: Iterable[tuple[Any, ...]]) -> list[str]:
+    """The addresses of a ``getaddrinfo`` answer, each once, in its order."""
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
 
-    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+
+def _checked(target: Target, found: Iterable[tuple[Any, ...]]) -> list[str]:
+    addresses = _addresses(found)
+    target.check(addresses)
+    return addresses
+
+
+class _BoundedBackend(httpcore.NetworkBackend):
+    """Opens `_BoundedStream` connections; *guarded*: checks provider-given hosts first.
+
+    A proxy's pool is not *guarded*: its connections go to the proxy, which resolves the
+    target itself (the caller checks that beforehand, `needs_lookup`).
+    """
+
+    def __init__(self, inner: httpcore.NetworkBackend, guarded: bool = True) -> None:
         self._inner = inner
+        self.guarded = guarded
 
     def connect_tcp(
         self,
@@ -87,9 +108,28 @@ class _BoundedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        seconds = _left(timeout, httpcore.ConnectTimeout)
-        stream = self._inner.connect_tcp(host, port, seconds, local_address, socket_options)
-        return _BoundedStream(stream)
+        target = GUARDED.get() if self.guarded else None
+        if target is None:
+            seconds = _left(timeout, httpcore.ConnectTimeout)
+            stream = self._inner.connect_tcp(host, port, seconds, local_address, socket_options)
+            return _BoundedStream(stream)
+        # Resolved once, here: the addresses checked are the ones connected to.
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:  # what the inner backend's own lookup would raise
+            raise httpcore.ConnectError(str(exc)) from exc
+        failed: httpcore.ConnectError | None = None
+        for address in _checked(target, found):
+            seconds = _left(timeout, httpcore.ConnectTimeout)
+            try:
+                stream = self._inner.connect_tcp(
+                    address, port, seconds, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:  # the next address, as a plain connect does
+                failed = exc
+                continue
+            return _BoundedStream(stream)
+        raise failed or httpcore.ConnectError(f"{host} resolved to no address")
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
@@ -101,19 +141,99 @@ class _BoundedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
+class _GuardedAsyncBackend(httpcore.AsyncNetworkBackend):
+    """The async backend of the library's own httpx pools: checks provider-given hosts first."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+        self.guarded = True
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        target = GUARDED.get()
+        if target is None:
+            return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        import anyio  # httpx's own dependency, loaded with httpcore's async backend
+
+        try:
+            found = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        failed: httpcore.ConnectError | None = None
+        for address in _checked(target, found):
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:
+                failed = exc
+        raise failed or httpcore.ConnectError(f"{host} resolved to no address")
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        return await self._inner.connect_unix_socket(path, timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+_PROXIES: Final = (httpcore.HTTPProxy, httpcore.SOCKSProxy)
+_ASYNC_PROXIES: Final = (httpcore.AsyncHTTPProxy, httpcore.AsyncSOCKSProxy)
+
+
+def _pools(client: httpx.Client | httpx.AsyncClient) -> list[Any]:
+    transports = [client._transport, *client._mounts.values()]
+    return [getattr(transport, "_pool", None) for transport in transports if transport]
+
+
 def bound(client: httpx.Client) -> bool:
     """Put the bounded backend under each of *client*'s connection pools (proxies included).
 
     httpx does not let one pass a network backend in, so it is set on its pools; ``False``
     (nothing changed) if a future httpx keeps them elsewhere.
     """
-    transports = [client._transport, *client._mounts.values()]
-    pools = [getattr(transport, "_pool", None) for transport in transports if transport]
+    pools = _pools(client)
     if not pools or not all(isinstance(pool, httpcore.ConnectionPool) for pool in pools):
         return False
     for pool in pools:
-        pool._network_backend = _BoundedBackend(pool._network_backend)  # type: ignore[union-attr]
+        guarded = not isinstance(pool, _PROXIES)
+        pool._network_backend = _BoundedBackend(pool._network_backend, guarded)
     return True
+
+
+def bound_async(client: httpx.AsyncClient) -> httpx.AsyncClient:
+    """*client*, its direct connection pools checking provider-given hosts (not its proxies')."""
+    for pool in _pools(client):
+        if isinstance(pool, httpcore.AsyncConnectionPool) and not isinstance(pool, _ASYNC_PROXIES):
+            pool._network_backend = _GuardedAsyncBackend(pool._network_backend)
+    return client
+
+
+def needs_lookup(http: httpx.Client | httpx.AsyncClient, url: str) -> bool:
+    """Whether a provider-given *url* must be resolved and checked before *http* sends to it.
+
+    ``False`` when the library's backend checks its host where it connects, or when the
+    transport is not httpx's own network transport (a caller's ``MockTransport``, ASGI or
+    other transport decides where its bytes go). ``True`` for httpx's transport on a caller's
+    client, or through a proxy: the host is then checked beforehand (`Target.check_resolved`),
+    best effort.
+    """
+    try:
+        transport = http._transport_for_url(httpx.URL(url))
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return False  # a URL httpx cannot send: it fails when the request is built
+    if not isinstance(transport, httpx.HTTPTransport | httpx.AsyncHTTPTransport):
+        return False
+    pool = getattr(transport, "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    return not (isinstance(backend, _BoundedBackend | _GuardedAsyncBackend) and backend.guarded)
 
 
 class _Workers:

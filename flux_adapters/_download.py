@@ -5,7 +5,9 @@ first bytes, before anything is kept, and from the last: a whole one) of at most
 `MAX_IMAGE_BYTES`, within a deadline.
 Redirects are followed by hand, at most `MAX_REDIRECTS`, each to an ``http(s)`` URL. A 302 to a
 login page, an HTML error page with status 200, an empty body: each is a typed error, never a
-saved "image". Result URLs are signed and need no key, so none is ever sent with them.
+saved "image". Result URLs are signed and need no key, so none is ever sent with them. A result URL, and each
+redirect from it, may lead only to a public address unless the provider is trusted
+(``flux_adapters._addresses``): else `AddressRefused`, and nothing is sent there.
 
 A download is an idempotent GET: a failure that may pass (no connection, a 5xx, a 429, a
 timeout) is retried in place a few times, after a jittered wait (``flux_adapters._backoff``), so a
@@ -19,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -65,6 +67,9 @@ from flux_adapters.errors import (
     TransportError,
 )
 from flux_adapters.result import MAX_IMAGE_BYTES
+
+if TYPE_CHECKING:
+    from flux_adapters._addresses import Guard, Target
 
 __all__ = [
     "DOWNLOAD_DEADLINE",
@@ -312,10 +317,25 @@ class _HttpxGetter:
     def is_closed(self) -> bool:
         return self._http.is_closed
 
+    def needs_lookup(self, url: str) -> bool:
+        """See `flux_adapters._bounded.needs_lookup`."""
+        from flux_adapters._bounded import needs_lookup
+
+        return needs_lookup(self._http, url)
+
     def get(
         self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout
     ) -> AbstractAsyncContextManager[Incoming]:
         return httpx_get(self._http, bare_get(url, headers, timeout))
+
+
+def _needs_lookup(getter: AsyncGetter, url: str) -> bool:
+    """Whether *url*'s host is to be checked before *getter* sends (see `needs_lookup`).
+
+    A getter that does not say (one made by hand) connects by its own means: ``False``.
+    """
+    method = getattr(getter, "needs_lookup", None)
+    return bool(method(url)) if method is not None else False
 
 
 class HttpDownloader:
@@ -331,6 +351,8 @@ class HttpDownloader:
             result URL); by default, text shaped like a key.
         sleep: How a sync download's pause between tries is spent (a `FluxClient` passes its
             ``_download_sleep``, which a conformance replay spends without waiting).
+        guard: Where result URLs may lead (``flux_adapters._addresses``); ``None``: anywhere
+            (a URL the caller gave, a trusted provider). See `guarded`.
     """
 
     def __init__(
@@ -343,8 +365,11 @@ class HttpDownloader:
         deadline: float = DOWNLOAD_DEADLINE,
         scrub: Callable[[str], str] = redact,
         sleep: Callable[[float], None] = time.sleep,
+        guard: Guard | None = None,
     ) -> None:
         self._provider = provider
+        self._guard = guard
+        self._guarded: dict[Guard, HttpDownloader] = {}
         self._scrub = scrub
         self._sync = sync_client
         self._async: AsyncGetter | None = (
@@ -356,6 +381,34 @@ class HttpDownloader:
         self._deadline = deadline
         self._timeout = phase_timeouts(DOWNLOAD_TIMEOUT, deadline)
         self._sleep = sleep
+
+    def guarded(self, guard: Guard | None) -> HttpDownloader:
+        """This downloader, its URLs checked by *guard* (the provider's that gave them).
+
+        Shares this one's clients and settings; made once per guard.
+        """
+        if guard is self._guard:
+            return self
+        found = self._guarded.get(guard) if guard is not None else None
+        if found is None:
+            found = object.__new__(HttpDownloader)
+            found.__dict__.update(self.__dict__)
+            found._guard = guard
+            found._guarded = {}
+            if guard is not None:
+                self._guarded[guard] = found
+        return found
+
+    def _target(self, url: str, hop: int) -> Target | None:
+        """What to check where *url* is connected to; ``None``: nothing.
+
+        Raises:
+            AddressRefused: *url* names a non-public IP address.
+        """
+        guard = self._guard
+        if guard is None:
+            return None
+        return guard.target(url, "result" if hop == 0 else "redirect (from a result)")
 
     @contextlib.contextmanager
     def _sync_client(self) -> Iterator[httpx.Client]:
@@ -403,8 +456,10 @@ class HttpDownloader:
     def _follow(
         self, http: httpx.Client, url: str, sink: Callable[[bytes], None], ends: float
     ) -> None:
+        from flux_adapters._addresses import GUARDED
+
         status = 0
-        for _ in range(MAX_REDIRECTS + 1):
+        for hop in range(MAX_REDIRECTS + 1):
             # A bare GET (none of the caller's client defaults), sent so that a server dripping
             # its headers cannot hold it past the deadline.
             try:
@@ -412,7 +467,17 @@ class HttpDownloader:
             except UnusableURL as refused:
                 # httpx.InvalidURL is what _may_pass reads as "cannot pass".
                 raise self._unusable() from httpx.InvalidURL(str(refused))
-            response = send_within(http, request, ends, self._provider, self._deadline)
+            target = self._target(url, hop)
+            if target is not None:
+                from flux_adapters._bounded import needs_lookup
+
+                if needs_lookup(http, url):
+                    target.check_resolved()
+            token = GUARDED.set(target)
+            try:
+                response = send_within(http, request, ends, self._provider, self._deadline)
+            finally:
+                GUARDED.reset(token)
             try:
                 status = response.status_code
                 following = _next_url(response, url, self._provider, self._scrub)
@@ -457,8 +522,13 @@ class HttpDownloader:
                     if own is not None:
                         await self._follow_async(own, url, sink)
                     else:  # closed, or its connections belong to another event loop
-                        async with httpx.AsyncClient(verify=shared_ssl_context()) as client:
-                            await self._follow_async(_HttpxGetter(client), url, sink)
+                        from flux_adapters._bounded import bound_async
+
+                        own = _HttpxGetter(
+                            bound_async(httpx.AsyncClient(verify=shared_ssl_context()))
+                        )
+                        async with own._http:
+                            await self._follow_async(own, url, sink)
                 return
             except FluxError as error:
                 if attempt == RETRIES or not _may_pass(error):
@@ -470,8 +540,14 @@ class HttpDownloader:
     async def _follow_async(
         self, http: AsyncGetter, url: str, sink: Callable[[bytes], None]
     ) -> None:
+        from flux_adapters._addresses import GUARDED
+
         status = 0
-        for _ in range(MAX_REDIRECTS + 1):
+        for hop in range(MAX_REDIRECTS + 1):
+            target = self._target(url, hop)
+            if target is not None and _needs_lookup(http, url):
+                await target.acheck_resolved()
+            token = GUARDED.set(target)
             try:
                 async with http.get(url, _HEADERS, self._timeout) as (response, chunks):
                     status = response.status_code
@@ -485,6 +561,8 @@ class HttpDownloader:
             except UnusableURL as refused:
                 # httpx.InvalidURL is what _may_pass reads as "cannot pass".
                 raise self._unusable() from httpx.InvalidURL(str(refused))
+            finally:
+                GUARDED.reset(token)
             url = following
         raise _too_many_redirects(url, self._provider, status, self._scrub)
 
@@ -527,6 +605,6 @@ class HttpDownloader:
 
     async def write_async(self, url: str, path: Path, *, add_suffix: bool = False) -> ImageFile:
         """Async twin of `write`."""
-        with atomic_image(path, add_suffix=add_suffix) as out:
+        async with atomic_image(path, add_suffix=add_suffix) as out:
             await self._fetch_async(url, out.write, out.restart)
         return out

@@ -327,6 +327,12 @@ class AsyncDriver(Protocol):
     def is_closed(self) -> bool:
         """Whether it can no longer send."""
 
+    def needs_lookup(self, url: str) -> bool:
+        """Whether a provider-given *url*'s host is to be resolved and checked before sending.
+
+        ``False`` when it is checked where it is connected to (``flux_adapters._addresses``).
+        """
+
     async def exchange(self, exchange: Exchange) -> HttpResponse:
         """Send *exchange* and read its answer within the cap and the deadline.
 
@@ -521,11 +527,19 @@ class HttpxDriver:
             max_keepalive_connections=self._per_pool,
             keepalive_expiry=KEEPALIVE,
         )
-        return httpx.AsyncClient(limits=limits, verify=shared_ssl_context())
+        from flux_adapters._bounded import bound_async  # checks provider-given hosts
+
+        return bound_async(httpx.AsyncClient(limits=limits, verify=shared_ssl_context()))
 
     @property
     def is_closed(self) -> bool:
         return self._closed if self._own else self.http.is_closed
+
+    def needs_lookup(self, url: str) -> bool:
+        """See `AsyncDriver.needs_lookup`: its own pools check where they connect, a proxy not."""
+        from flux_adapters._bounded import needs_lookup
+
+        return needs_lookup(self.http, url)
 
     async def _enter(self, pool: float | None) -> _Pool:
         """A pool with room, after a turn in the queue, waited for no longer than *pool* seconds.

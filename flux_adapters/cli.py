@@ -1084,7 +1084,11 @@ def _save(
         failure: errors.FluxError = error
     except errors.FluxError as error:
         problem, where = f"flux-adapters: {type(error).__name__}: {_one_line(error)}", ""
-        if image.url is not None and not isinstance(error, errors.ResultExpired):
+        # Neither a URL that is gone nor one refused as leading to a private address (to
+        # fetch by hand from this machine: what the refusal was for) is offered.
+        if image.url is not None and not isinstance(
+            error, errors.ResultExpired | errors.AddressRefused
+        ):
             where = f"; download it within 10 minutes from {escape_controls(image.url)}"
         _say(err, problem + where)
         return _unsaved(image, error), _exit_code(error)
@@ -1112,7 +1116,9 @@ def _unsaved(image: ResultImage, error: errors.FluxError) -> dict[str, object]:
     return {
         "path": None,
         "error": f"{type(error).__name__}: {_one_line(error)}",
-        "url": None if isinstance(error, errors.ResultExpired) else image.url,
+        "url": None
+        if isinstance(error, errors.ResultExpired | errors.AddressRefused)
+        else image.url,
     }
 
 

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
 
     from attrs import field, frozen
 
+    from flux_adapters._addresses import Guard, Target
     from flux_adapters._download import DOWNLOAD_DEADLINE, DOWNLOAD_TIMEOUT, HttpDownloader
     from flux_adapters._drivers import (
         AsyncDriver,
@@ -242,6 +243,8 @@ class _Binding:
     that starts with it is the base URL's origin without parsing it (every exchange asks)."""
     key_value: str = field(default="", repr=False, eq=False)
     """``auth.value(api_key)``: what carries the key (made once, not for every exchange)."""
+    guard: Guard | None = field(default=None, repr=False, eq=False)
+    """Where the URLs it gives (polls, results) may lead; ``None``: anywhere (trusted)."""
 
     @classmethod
     def create(
@@ -267,6 +270,7 @@ class _Binding:
             ConfigurationError: Unknown provider, no key, or a key, URL or timeout that is not
                 usable (the message names where it came from, never the key).
         """
+        from flux_adapters._addresses import guard_for
         from flux_adapters._redact import Redactor, redactor_for
         from flux_adapters.providers import BEARER, KeyAuth, get_adapter
 
@@ -296,6 +300,8 @@ class _Binding:
             phases, seconds = _timing(settings.timeout, where, deadline, inherited)
         else:
             phases, seconds = _timing(None, "timeout=", deadline, inherited)
+        scrub = redactor_for((key,))
+        allow = settings is not None and settings.allow_private_urls is True
         return cls(
             adapter=adapter,
             auth=auth,
@@ -303,10 +309,11 @@ class _Binding:
             timeout=phases,
             deadline=seconds,
             api_key=key,
-            scrub=redactor_for((key,)),
+            scrub=scrub,
             key_only=Redactor((key,), shapes=False),
             origin=_origin(base),
             key_value=auth.value(key),
+            guard=guard_for(adapter.name, base, scrub, allow),
         )
 
     def retimed(self, timeout: httpx.Timeout | float, deadline: float | None) -> _Binding:
@@ -589,6 +596,11 @@ def _check_one_setting(settings: ProviderSettings, where: str) -> None:
         raise ConfigurationError(
             f"{where} rate_per_minute must be a number of requests a minute, at least one a day "
             f"(1/1440) and at most 60000000, not {render_value(rate)}"
+        )
+    allow: object = settings.allow_private_urls
+    if not isinstance(allow, bool):
+        raise ConfigurationError(
+            f"{where} allow_private_urls must be True or False, not {render_value(allow)}"
         )
     prices: object = settings.prices
     if not isinstance(prices, Mapping):
@@ -1190,6 +1202,22 @@ class _ClientBase:
         return self._copy_with(timeout, max_retries)
 
 
+_WHAT: Final = {"poll": "polling", "fetch": "result-fetch", "cancel": "cancel"}
+"""How a message names the URL of each exchange of a job after its submit."""
+
+
+def _target(binding: _Binding, outgoing: HttpRequest) -> Target | None:
+    """What to check where *outgoing*, a URL *binding*'s provider gave, is connected to.
+
+    Raises:
+        AddressRefused: Its host is a literal non-public IP address (nothing was sent).
+    """
+    guard = binding.guard
+    if guard is None:
+        return None
+    return guard.target(outgoing.url, _WHAT.get(outgoing.role, outgoing.role))
+
+
 def _result(
     binding: _Binding,
     answer: Answer,
@@ -1210,6 +1238,7 @@ def _result(
     and not negative (a hostile or broken answer cannot credit the caller or overflow a budget).
     """
     usage = _merged(job.usage if job is not None else None, answer.usage)
+    guarded = downloader.guarded(binding.guard)  # its URLs checked as this provider's
     rate = getattr(binding.adapter, "usd_per_credit", None)
     cost: float | None = None
     source: Literal["provider", "price table"] | None = None
@@ -1227,7 +1256,7 @@ def _result(
         model=model,
         images=tuple(
             [
-                image.fetched_with(downloader, declared_format=requested_format)
+                image.fetched_with(guarded, declared_format=requested_format)
                 for image in answer.images
             ]
         ),
@@ -1707,6 +1736,24 @@ class FluxClient(_ClientBase):
     def _send(
         self, binding: _Binding, outgoing: HttpRequest, sending: _Sending | None = None
     ) -> HttpResponse:
+        if outgoing.role == "submit" or binding.guard is None:
+            return self._send_now(binding, outgoing, sending)
+        # A URL the provider gave (a poll, a fetch, a cancel): where it may lead is checked.
+        from flux_adapters._addresses import GUARDED
+        from flux_adapters._bounded import needs_lookup
+
+        target = _target(binding, outgoing)
+        if target is not None and needs_lookup(self._http, outgoing.url):
+            target.check_resolved()
+        token = GUARDED.set(target)
+        try:
+            return self._send_now(binding, outgoing, sending)
+        finally:
+            GUARDED.reset(token)
+
+    def _send_now(
+        self, binding: _Binding, outgoing: HttpRequest, sending: _Sending | None = None
+    ) -> HttpResponse:
         name = binding.adapter.name
         seconds = binding.limit(outgoing)
         ends = time.monotonic() + seconds
@@ -2040,7 +2087,11 @@ class AsyncFluxClient(_ClientBase):
                         try:
                             self._check_open()  # closed while a call was under way
                             try:
-                                reply = await self._driver.exchange(_exchange(binding, instruction))
+                                if instruction.role == "submit" or binding.guard is None:
+                                    exchange = _exchange(binding, instruction)
+                                    reply = await self._driver.exchange(exchange)
+                                else:
+                                    reply = await self._guarded(binding, instruction)
                             except RuntimeError as exc:  # a refusal to send: closed meanwhile
                                 raise self._closed_instead(exc) from exc
                         except FluxError as error:
@@ -2101,9 +2152,24 @@ class AsyncFluxClient(_ClientBase):
     async def _send(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
         self._check_open()  # closed while a call was under way
         try:
-            return await self._driver.exchange(_exchange(binding, outgoing))
+            if outgoing.role == "submit" or binding.guard is None:
+                return await self._driver.exchange(_exchange(binding, outgoing))
+            return await self._guarded(binding, outgoing)
         except RuntimeError as exc:  # a refusal to send on a client closed meanwhile
             raise self._closed_instead(exc) from exc
+
+    async def _guarded(self, binding: _Binding, outgoing: HttpRequest) -> HttpResponse:
+        """Send *outgoing*, a URL the provider gave (a poll...): where it may lead is checked."""
+        from flux_adapters._addresses import GUARDED
+
+        target = _target(binding, outgoing)
+        if target is not None and self._driver.needs_lookup(outgoing.url):
+            await target.acheck_resolved()
+        token = GUARDED.set(target)
+        try:
+            return await self._driver.exchange(_exchange(binding, outgoing))
+        finally:
+            GUARDED.reset(token)
 
     def edit_many(
         self,

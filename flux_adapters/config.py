@@ -23,6 +23,7 @@ in the working directory, or the path in ``$FLUX_CONFIG``; environment variables
     priority = 1                             # lower first, for routing = "ordered"
     timeout = 240
     rate_per_minute = 60                     # its key's rate limit, shared through the state
+    allow_private_urls = false               # true: its result/polling URLs may lead to private addresses
 
     [provider.aimlapi.prices]
     "flux-2-pro" = { usd_first = 0.03, usd_extra = 0.015, usd_input = 0.015 }   # per megapixel
@@ -107,6 +108,7 @@ class _ProviderShape:
     rate_per_minute: float | None = field(
         default=None, metadata={"expected": "requests a minute, a number"}
     )
+    allow_private_urls: bool | None = None
     prices: dict[str, object] = field(
         factory=dict, metadata={"expected": "a table of model = price"}
     )
@@ -140,6 +142,9 @@ class ProviderSettings:
         prices: Price overrides by canonical model id.
         rate_per_minute: Requests a minute its key may send, counted in the shared state
             (`flux_adapters.state`) by every client and worker using that key.
+        allow_private_urls: Let the URLs it gives (results, polling URLs, their redirects)
+            lead to non-public addresses (loopback, private networks, link-local). Off by
+            default, unless its base URL's host is itself such an address (docs/routing.md).
     """
 
     name: str
@@ -149,6 +154,7 @@ class ProviderSettings:
     timeout: float | None = None
     prices: Mapping[str, Price] = {}
     rate_per_minute: float | None = None
+    allow_private_urls: bool = False
 
 
 def by_priority(settings: Sequence[ProviderSettings | None]) -> list[int]:
@@ -297,6 +303,7 @@ def _provider(given: str, table: object, origin: str) -> ProviderSettings:
         rate_per_minute=None
         if shape.rate_per_minute is None
         else _rate(shape.rate_per_minute, f"{where} rate_per_minute"),
+        allow_private_urls=bool(shape.allow_private_urls),
     )
 
 

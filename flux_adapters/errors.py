@@ -23,6 +23,7 @@ The tree::
     │   ├── JobNotFound               the provider no longer knows the job (unknown or expired)
     │   └── JobTimeout                the job passed its deadline (cancelled if the provider can)
     ├── ResultExpired                 the short-lived result URL is gone (403/404/410 on download)
+    ├── AddressRefused                a URL the provider gave leads to a non-public address; not sent
     ├── OutputError                   an image could not be written where asked; nothing was lost upstream
     │   └── ExtensionMismatch         the file name says another image format than the bytes have
     ├── MissingExtraError             an optional extra is not installed (also ModuleNotFoundError)
@@ -59,6 +60,7 @@ else:  # Violation is made an attrs class on first use: importing errors does no
     from flux_adapters._lazy_attrs import frozen
 
 __all__ = [
+    "AddressRefused",
     "AllProvidersFailed",
     "AuthenticationFailed",
     "BudgetExceeded",
@@ -470,6 +472,33 @@ class ResultExpired(FluxError):
         return (
             f"{self.args[0]} (HTTP {self.status_code} from {self.location}{self._request_note()})"
         )
+
+
+class AddressRefused(FluxError):
+    """A URL the provider gave (a result, a polling URL, a redirect) leads to a non-public address.
+
+    Loopback, a private network, link-local (cloud metadata at 169.254.169.254), shared (CGNAT),
+    unspecified, multicast or reserved addresses, IPv4 inside IPv6 included: nothing was sent
+    there (the check is made where the connection would be opened, after the name is resolved).
+    What it means for the job: a refused result URL after a synchronous answer is a job done,
+    and billed, whose image was not fetched; a refused polling URL is an accepted job whose
+    outcome is unknown (``error.job``; ``client.resume`` polls it). See docs/routing.md.
+
+    Attributes:
+        provider: The provider id.
+        host: The URL's host (with its port), scrubbed of the client's keys.
+        reason: The kind of address it leads to ("loopback", "link-local", ...).
+    """
+
+    def __init__(self, message: str, *, provider: str, host: str, reason: str) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.host = host
+        self.reason = reason
+
+    def __str__(self) -> str:
+        note = self._request_note()
+        return f"{self.provider}: {self.args[0]}" + (f" ({note[2:]})" if note else "")
 
 
 class MissingExtraError(FluxError, ModuleNotFoundError):

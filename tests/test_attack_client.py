@@ -28,6 +28,7 @@ import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters._files import image_format
+from flux_adapters.config import ProviderSettings
 from flux_adapters.result import MAX_IMAGE_BYTES
 from flux_adapters.wire import MAX_ANSWER_BYTES
 from tests.conftest import CLIENT_KINDS, call_adapter, driver, image_bytes
@@ -495,7 +496,7 @@ def test_a_day_is_still_a_usable_timeout() -> None:
         # The shape: every key and TOML type checked, nothing converted, all problems at once.
         ('[provider.laozhang]\npriority = "1"', "priority must be a whole number, not str '1'"),
         ("[provider.laozhang]\npriority = true", "priority must be a whole number, not bool True"),
-        ('[provider.laozhang]\ncolour = 1\npriority = 1.5', r"\[provider.laozhang\]: priority must be a whole number, not float 1.5; unknown keys \['colour'\]; known: api_key_env, base_url, prices, priority, rate_per_minute, timeout"),
+        ('[provider.laozhang]\ncolour = 1\npriority = 1.5', r"\[provider.laozhang\]: priority must be a whole number, not float 1.5; unknown keys \['colour'\]; known: allow_private_urls, api_key_env, base_url, prices, priority, rate_per_minute, timeout"),
         ('providers = "laozhang"', "providers must be a list of strings, not str 'laozhang'"),
         ('providers = ["laozhang", 5]', r"providers\[1\] must be text, not int 5"),
         ("provider = 5", r"provider must be \[provider.NAME\] sections, not int 5"),
@@ -924,7 +925,10 @@ def test_a_content_length_shorter_than_the_image_is_refused(
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"data": [{"url": f"{cdn.url}/a.png"}]})
 
-    result = run(kind, handler, lambda client: client.edit(REQUEST))
+    # The lying CDN is on loopback, which a provider at a public base URL may not lead to
+    # unless allowed (tests/test_private_urls.py).
+    allowed = {"laozhang": ProviderSettings(name="laozhang", allow_private_urls=True)}
+    result = run(kind, handler, lambda client: client.edit(REQUEST), settings=allowed)
     image, target = result.images[0], tmp_path / "a.png"
     with pytest.raises(errors.ResponseFormatError, match="cut short"):
         image.save(target) if kind == "sync" else asyncio.run(image.save_async(target))

@@ -30,6 +30,12 @@ INSTANCES = [
     errors.TransportError("refused", provider="laozhang", sent=False),
     errors.Timeout("slow", provider="laozhang", sent=True),
     errors.ResultExpired("gone", status_code=403, location="cdn.example/x.png"),
+    errors.AddressRefused(
+        "the result URL leads to a loopback address",
+        provider="laozhang",
+        host="x:80",
+        reason="loopback",
+    ),
     errors.OutputError("is a directory", path="out/robot.png"),
     errors.MissingExtraError(
         "the emulator needs starlette", name="starlette", distribution="starlette", extra="emulator"

@@ -55,6 +55,7 @@ from flux_adapters._redact import Redactor
 from flux_adapters._transport import bounded_http_client
 from flux_adapters._version import __version__
 from flux_adapters.client import FluxClient
+from flux_adapters.config import ProviderSettings
 from flux_adapters.conformance._fault_control import FaultControl
 from flux_adapters.conformance.cassettes import (
     RECORDING,
@@ -279,12 +280,30 @@ def _polling(expect: Expectation) -> Polling:
 
 @contextlib.contextmanager
 def _client(
-    adapter: AnyAdapter, api_key: str, base_url: str, polling: Polling, pace: _Pace
+    adapter: AnyAdapter,
+    api_key: str,
+    base_url: str,
+    polling: Polling,
+    pace: _Pace,
+    *,
+    replay: bool = False,
 ) -> Iterator[tuple[FluxClient, _Exchanges]]:
     exchanges = _Exchanges()
+    # A replay's answers come from its cassette, the network blocked: the URLs a sandbox on
+    # loopback gave when it was recorded lead nowhere, and are not refused as private ones.
+    settings = (
+        {adapter.name: ProviderSettings(name=adapter.name, allow_private_urls=True)}
+        if replay
+        else None
+    )
     with _recording_http(exchanges) as http:
         client = FluxClient(
-            adapter, api_key=api_key, base_url=base_url, http_client=http, polling=polling
+            adapter,
+            api_key=api_key,
+            base_url=base_url,
+            http_client=http,
+            polling=polling,
+            settings=settings,
         )
         client._job_clock = pace.clock
         client._job_sleep = pace.sleep
@@ -710,7 +729,7 @@ def _judge(adapter: AnyAdapter, scenario: Scenario, cassettes: Path) -> Verdict:
     try:
         replay = make_vcr("none", secrets=[REPLAY_KEY], credentials=credential_names(adapter))
         with _network_blocked(), replay.use_cassette(str(path)) as cassette:
-            with _client(adapter, REPLAY_KEY, base_url, _polling(expect), _Pace()) as (
+            with _client(adapter, REPLAY_KEY, base_url, _polling(expect), _Pace(), replay=True) as (
                 client,
                 exchanges,
             ):
