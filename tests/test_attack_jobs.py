@@ -298,3 +298,26 @@ def test_a_fetch_unreadable_every_time_ends_the_job_after_three_with_the_job(kin
         submits = len(emulator.calls("fal", "submit"))
     assert caught.value.job is not None
     assert (submits, fetches) == (1, 3)
+
+
+# --- a status of another type than text -----------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [["Ready"], {"state": "Ready"}])
+def test_a_bfl_status_that_is_no_text_is_an_unknown_status_not_an_adapter_failure(
+    status: object,
+) -> None:
+    # A list or an object as the status is an answer of the wrong shape; the adapter looked it up
+    # in a set of statuses and failed with a TypeError, shown as "the bfl adapter could not read
+    # the answer (TypeError)", a bug of ours, without the answer's excerpt.
+    from flux_adapters.jobs import Job
+    from flux_adapters.providers.bfl import BflAdapter
+    from flux_adapters.wire import HttpResponse
+
+    job = Job(provider="bfl", model="flux-2-pro", id="j", poll_url="https://api.bfl.ai/v1/r")
+    answer = HttpResponse(
+        status_code=200, headers={}, content=json.dumps({"status": status}).encode()
+    )
+    with pytest.raises(errors.ResponseFormatError, match="no known job status") as caught:
+        BflAdapter().parse_poll(answer, job)
+    assert caught.value.excerpt
