@@ -55,7 +55,7 @@ from flux_adapters.errors import (
     RequestError,
     Violation,
 )
-from flux_adapters.jobs import Job
+from flux_adapters.jobs import Job, _shown_id
 from flux_adapters.request import EditRequest
 from flux_adapters.result import BatchItem, BatchStatus, EditResult, ResultImage
 from flux_adapters.routing import billing_rule, proven
@@ -467,7 +467,8 @@ class _Batch:
             if state.job is not None:
                 self.started.add(index)
                 resumed = await self.client._resume(state.job, _JobWatcher(journal, name))
-                return await self._save(name, resumed, item, f"job {state.job.id} polled again")
+                polled = f"job {_shown_id(state.job.id, self.client._scrub)} polled again"
+                return await self._save(name, resumed, item, polled)
             if not self.resend_unconfirmed:
                 why = failure or state.why_unconfirmed
                 return item("unconfirmed", reason=f"may have been billed, no image saved: {why}")

@@ -321,3 +321,30 @@ def test_a_bfl_status_that_is_no_text_is_an_unknown_status_not_an_adapter_failur
     with pytest.raises(errors.ResponseFormatError, match="no known job status") as caught:
         BflAdapter().parse_poll(answer, job)
     assert caught.value.excerpt
+
+
+# --- a job id echoing the key, in what a rerun says of the job it polled again --------------
+
+
+def test_a_reruns_reason_for_a_job_polled_again_never_shows_the_key(tmp_path: Path) -> None:
+    # A provider's job id may hold the key it was sent: every error scrubs it, but a rerun's
+    # reason for a job it polled again quoted the id as it came, into report.jsonl and --json.
+    submit = httpx.Response(
+        200, json={"id": f"job-{KEY}", "polling_url": "https://api.eu2.bfl.ai/v1/get_result?id=1"}
+    )
+    fake = FakeBfl(pending=10**9, submit=submit)
+
+    async def batch(polling: Polling) -> BatchItem:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as http:
+            client = AsyncFluxClient("bfl", api_key=KEY, http_client=http, polling=polling)
+            [item] = [item async for item in client.edit_many([T2I], output_dir=tmp_path)]
+            return item
+
+    late = asyncio.run(batch(Polling(first=0.001, deadline=0.05)))
+    assert isinstance(late.error, errors.JobTimeout)
+    fake.pending = 0
+    again = asyncio.run(batch(QUICK))
+    assert again.status == "ok"
+    assert "polled again" in again.reason
+    assert KEY not in again.reason
+    assert fake.count("POST") == 1
