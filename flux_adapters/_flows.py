@@ -70,6 +70,7 @@ __all__ = [
     "flow_for",
     "follow_job",
     "job_flow",
+    "job_request_id",
     "resolve",
 ]
 
@@ -557,7 +558,22 @@ def job_flow(
     answer = yield from follow_job(
         adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
     )
-    return Outcome(plan=resolved, answer=answer, job=job, request_id=submit_id or job.id)
+    return Outcome(
+        plan=resolved, answer=answer, job=job, request_id=submit_id or job_request_id(job, secrets)
+    )
+
+
+def job_request_id(job: Job, secrets: tuple[str, ...]) -> str:
+    """*job*'s id as the request id of its result, where no header named one: without *secrets*.
+
+    A provider's id may echo the key it was sent; the result's ``request_id`` is shown (a
+    gateway answers it to its own clients as ``x-flux-provider-request-id``), as an error's
+    is, while ``result.job`` keeps the id whole, to be polled again.
+    """
+    ident = job.id
+    if any(secret and secret in ident for secret in secrets):
+        return redact(ident, secrets)
+    return ident
 
 
 def _keyless(job: Job, secrets: tuple[str, ...]) -> Job:

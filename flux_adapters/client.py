@@ -1632,7 +1632,8 @@ class FluxClient(_ClientBase):
             ProviderError: A poll was refused for good (a revoked key, say).
         """
         binding = self._job_binding(job)
-        from flux_adapters.jobs import _readable_job  # loaded by _job_binding
+        from flux_adapters._flows import job_request_id  # loaded by _job_binding
+        from flux_adapters.jobs import _readable_job
 
         job = _readable_job(job)  # its odd usage or time must not lose the paid image
         started = time.perf_counter()
@@ -1645,7 +1646,7 @@ class FluxClient(_ClientBase):
             started,
             model=job.model,
             estimated=None,
-            request_id=job.id,
+            request_id=job_request_id(job, (binding.api_key,)),
         )
 
     def _attempt(self, binding: object, request: EditRequest, plan: Plan) -> Outcome | FluxError:
@@ -2011,7 +2012,8 @@ class AsyncFluxClient(_ClientBase):
 
     async def _resume(self, job: Job, watcher: Watcher | None) -> EditResult:
         binding = self._job_binding(job)
-        from flux_adapters.jobs import _readable_job  # loaded by _job_binding
+        from flux_adapters._flows import job_request_id  # loaded by _job_binding
+        from flux_adapters.jobs import _readable_job
 
         job = _readable_job(job)  # its odd usage or time must not lose the paid image
         self._claim_loop()
@@ -2033,7 +2035,7 @@ class AsyncFluxClient(_ClientBase):
             started,
             model=job.model,
             estimated=None,
-            request_id=job.id,
+            request_id=job_request_id(job, (binding.api_key,)),
         )
 
     async def _attempt(

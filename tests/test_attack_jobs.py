@@ -348,3 +348,77 @@ def test_a_reruns_reason_for_a_job_polled_again_never_shows_the_key(tmp_path: Pa
     assert "polled again" in again.reason
     assert KEY not in again.reason
     assert fake.count("POST") == 1
+
+
+# --- a job id echoing the key, as the provider's request id of a result ---------------------
+
+
+class _IdEchoesTheKey(httpx.AsyncBaseTransport):
+    """The emulator's BFL, whose submit answers name the job by an id holding the key sent."""
+
+    def __init__(self) -> None:
+        self._real = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self._real.handle_async_request(request)
+        if request.method != "POST":
+            return answer
+        body = json.loads(await answer.aread())
+        body["id"] = f"{body['id']}-{request.headers['x-key']}"  # the polling URL is untouched
+        return httpx.Response(answer.status_code, json=body)
+
+    async def aclose(self) -> None:
+        await self._real.aclose()
+
+
+def test_a_job_id_echoing_the_key_never_reaches_a_gateway_client(tmp_path: Path) -> None:
+    # A result's request_id was the job's id as it came (no header named one): the gateway
+    # answered it to its client as x-flux-provider-request-id, handing the operator's provider
+    # key to whoever holds a gateway key.
+    from flux_adapters.gateway import run_gateway
+    from tests.test_gateway import FAST_POLLS, PROVIDER_SECRET
+
+    made: list[httpx.AsyncClient] = []
+    with run_emulator(pending_polls=1) as emulator:
+
+        def echoing(only: tuple[str, ...] | None) -> AsyncFluxClient:
+            made.append(httpx.AsyncClient(transport=_IdEchoesTheKey()))
+            return AsyncFluxClient(
+                "bfl",
+                api_key=PROVIDER_SECRET,
+                base_url=emulator.base_url("bfl"),
+                polling=FAST_POLLS,
+                http_client=made[-1],
+            )
+
+        with run_gateway(files_dir=tmp_path, clients=echoing) as gateway:
+            key, _ = gateway.add_key()
+            answer = httpx.post(
+                gateway.url + "/images/generations",
+                json={"prompt": "a robot", "size": "64x64"},
+                headers={"authorization": f"Bearer {key}"},
+                timeout=60,
+            )
+            for http in made:  # ours to close, in the gateway's loop
+                asyncio.run_coroutine_threadsafe(http.aclose(), gateway._loop).result(30)
+    assert answer.status_code == 200, answer.text
+    assert "x-flux-provider-request-id" in answer.headers
+    assert PROVIDER_SECRET not in str(answer.headers)
+    assert PROVIDER_SECRET not in answer.text
+
+
+@both
+def test_a_resumed_or_edited_jobs_request_id_never_holds_the_key(kind: str) -> None:
+    submit = httpx.Response(
+        200, json={"id": f"job-{KEY}", "polling_url": "https://api.eu2.bfl.ai/v1/get_result?id=1"}
+    )
+    fake = FakeBfl(submit=submit)
+    result = run(kind, fake, T2I)
+    assert result.request_id is not None
+    assert KEY not in result.request_id
+    assert result.job is not None
+    assert result.job.id == f"job-{KEY}"  # kept whole, to be polled again
+    with httpx.Client(transport=httpx.MockTransport(fake)) as http:
+        resumed = FluxClient("bfl", api_key=KEY, http_client=http).resume(result.job)
+    assert resumed.request_id is not None
+    assert KEY not in resumed.request_id
