@@ -599,7 +599,7 @@ if mode == "hand-json":
     http.post(base + "/laozhang/v1/images/generations", json=payload).raise_for_status()
 else:
     provider = "laozhang" if mode == "json" else "apiyi-multipart"
-    client = FluxClient(provider, api_key="k", base_url=f"{base}/{provider}", http_client=http)
+    client = FluxClient(provider, api_key="test-key", base_url=f"{base}/{provider}", http_client=http)
     client.edit(EditRequest(prompt="blend", model="flux-2-pro", images=paths))
 elapsed = time.perf_counter() - started
 peak = status_mb("VmHWM")

@@ -21,6 +21,7 @@ __all__ = [
     "escape_surrogates",
     "printable",
     "render_value",
+    "short_path",
     "shown_url",
     "toml_key",
     "type_name",
@@ -133,6 +134,15 @@ _TOML_ESCAPES: Final = {
     "\\": "\\\\",
     **{char: "\\" + letter for char, letter in zip("\b\t\n\f\r", "btnfr", strict=True)},
 }
+
+
+def short_path(text: str, most: int = SHOWN_CHARS) -> str:
+    """A path for messages: printable, and its end (the file name) kept past *most* characters."""
+    if len(text) > most and text.isprintable():
+        return "..." + text[-(most - 3) :]
+    if text.isprintable():
+        return text
+    return render_value(text)
 
 
 def toml_key(text: str) -> str:

@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_SECONDS",
+    "SHORTEST_KEY",
     "base_url_for",
     "check_adapter",
     "check_base_url",
     "check_key",
+    "check_rate_per_minute",
     "check_seconds",
     "check_timeout",
     "check_variable_name",
@@ -70,12 +72,21 @@ def did_you_mean(value: str, known: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+SHORTEST_KEY: Final = 8
+"""The fewest characters an API key may have. Every provider's keys are far longer (dozens of
+characters); a shorter value is a placeholder or a slip (``any``, ``x``, the key's first
+letters). It is also the redactor's fragment (`flux_adapters._redact.FRAGMENT`): a key of 8 or
+more is removed from messages in every 8-character piece too, and one of 1 to 3 would not be
+looked for at all (replacing it would mangle every message)."""
+
+
 def check_key(value: object, source: str) -> str:
     """*value* as an API key; *source* says where it came from, e.g. ``$LAOZHANG_API_KEY``.
 
     A key goes into an HTTP header, so it must be printable ASCII without spaces. Whitespace
     around it (a line break from a CRLF ``.env`` file), or quotes (``"sk-..."`` read by a tool
     that keeps them), are refused rather than stripped: the key you set is the key that is sent.
+    One shorter than `SHORTEST_KEY` is refused (never shown).
     """
     if not isinstance(value, str):
         raise ConfigurationError(f"{source} must be a string, not {type(value).__name__}")
@@ -96,6 +107,11 @@ def check_key(value: object, source: str) -> str:
         raise ConfigurationError(
             f"{source} holds characters an HTTP header cannot carry (spaces, control or "
             "non-ASCII characters); check the key"
+        )
+    if len(value) < SHORTEST_KEY:
+        raise ConfigurationError(
+            f"{source} is {len(value)} character{'s' if len(value) != 1 else ''} long; an API "
+            f"key has at least {SHORTEST_KEY} (no provider issues shorter ones): check the key"
         )
     # A plain copy of the characters: a str subclass may print itself as "****" (a "secret
     # string"), and the header is built by formatting the key.
@@ -119,23 +135,49 @@ def check_variable_name(value: object, source: str) -> str:
     provider would be skipped as having no key while the key the user did set sat unread.
     """
     if not _variable_text(value):
+        # Shown when it is a name with a space around it ("LAOZHANG_API_KEY "); not when it
+        # may hold a key: "Bearer sk-...", "LAOZHANG_API_KEY=sk-...", "sk-...\n".
+        core = value.strip() if isinstance(value, str) else ""
+        shown = not (isinstance(value, str) and value) or (
+            bool(_NAME.fullmatch(core)) and not _key_shaped(core)
+        )
         raise ConfigurationError(
             f"{source} must be the name of an environment variable (no spaces, '=' or control "
-            f"characters), not {render_value(value)}"
+            "characters), "
+            + (
+                f"not {render_value(value)}"
+                if shown
+                else "and the value given is not shown, as it may hold a key"
+            )
         )
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or _key_shaped(value):
         # "sk-...", "a1b2:c3d4": the key itself, given where its variable's name goes (the
         # setting is called api_key_env). Shown, it would be in the error, and as "set sk-..."
         # in every "no API key" message and warning after it: it is not shown.
         raise ConfigurationError(
             f"{source} must be the name of an environment variable (letters, digits and _, not "
-            "starting with a digit), such as LAOZHANG_API_KEY; the value given is not shown, "
-            "as it may be a key: put the key in that variable, never in the configuration"
+            "starting with a digit; 32 or more letters and digits without _ are taken for a "
+            "key), such as LAOZHANG_API_KEY; the value given is not shown, as it may be a key: "
+            "put the key in that variable, never in the configuration"
         )
     return str.__str__(value)
 
 
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _key_shaped(name: str) -> bool:
+    """Whether *name*, valid as a variable's name, is rather a key of letters and digits only.
+
+    Names are words joined by ``_`` (``MY_LAOZHANG_KEY``); 32 letters and digits with no ``_``,
+    in both cases or with digits among the letters, are a key (``Xk9fQ2mZ...``, 40 hex digits),
+    not a name anyone types.
+    """
+    return (
+        len(name) >= 32
+        and name.isalnum()
+        and not (name.isalpha() and (name.isupper() or name.islower()))
+    )
 
 
 def check_base_url(value: object, source: str) -> str:
@@ -203,6 +245,24 @@ MIN_RATE_PER_MINUTE: Final = 1 / 1440
 """The lowest ``rate_per_minute`` taken: one a day. Below it, a key's first call holds the next
 for years (1e-300 a minute said "the next call in 6000...0 s", 300 digits), which is no limit
 anyone means: a typo for a rate, or 0 written as a tiny number."""
+
+MAX_RATE_PER_MINUTE: Final = 60_000_000
+"""The highest ``rate_per_minute`` a provider's settings take: a million a second."""
+
+
+def check_rate_per_minute(value: object, source: str, most: float = MAX_RATE_PER_MINUTE) -> float:
+    """*value* as a rate a minute, from one a day (`MIN_RATE_PER_MINUTE`) to *most*.
+
+    The one check of every ``rate_per_minute``: a provider's (file or code) and a gateway
+    key's (`flux_adapters.state.KeyRecord`, ``keys create --rate-per-minute``).
+    """
+    if not (is_number(value) and MIN_RATE_PER_MINUTE <= value <= most):
+        raise ConfigurationError(
+            f"{source} must be a number of requests a minute, at least one a day (1/1440) "
+            f"and at most {most:.0f}, not {render_value(value)}"
+        )
+    return float(value)
+
 
 MAX_SECONDS: Final = 86_400.0
 """The longest timeout or deadline taken: a day. A socket timeout of 1e10 s overflows time_t."""

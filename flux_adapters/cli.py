@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
     from flux_adapters.client import AsyncFluxClient
+    from flux_adapters.config import Config
     from flux_adapters.emulator import Fault
     from flux_adapters.gateway._keys import KeyStore
     from flux_adapters.jobs import Polling
@@ -166,6 +167,17 @@ def _above_zero_to(most: float) -> Callable[[str], float]:
         return value
 
     return checked
+
+
+def _key_rate(text: str) -> float:
+    """``keys create --rate-per-minute``, checked as the key store checks it."""
+    from flux_adapters._options import check_rate_per_minute
+    from flux_adapters.state import MAX_TOKENS
+
+    try:
+        return check_rate_per_minute(_number(text), "the rate", MAX_TOKENS)
+    except errors.ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _label(text: str) -> str:
@@ -575,8 +587,9 @@ def _parser() -> argparse.ArgumentParser:
     explain = commands.add_parser(
         "explain",
         help="print the HTTP request each provider would receive; sends nothing",
-        description="For each provider, the request it would receive (at $<PROVIDER>_BASE_URL "
-        "when that is set), the key redacted and images abbreviated, or the violations that "
+        description="For each provider, the request it would receive where edit would send "
+        "it ($<PROVIDER>_BASE_URL, else, without -p, the configuration file's base_url), the "
+        "key redacted and images abbreviated, or the violations that "
         "stop it. Exit status 2 when every provider refuses the request.",
     )
     _add_request_arguments(explain)
@@ -744,8 +757,8 @@ def _add_keys(commands: argparse._SubParsersAction[_Parser]) -> None:
     )
     create.add_argument(
         "--rate-per-minute",
-        type=_above_zero_to(1e6),
-        help="calls per minute, at most 1e6 (default: no limit)",
+        type=_key_rate,
+        help="calls per minute, from one a day (1/1440) to 1e6 (default: no limit)",
     )
     _add_json(create, "the key and its record")
     listing = actions.add_parser("list", help="the keys (ids, names, limits; never a key)")
@@ -1266,15 +1279,24 @@ def _write_json(out: TextIO, document: object) -> None:
 # --- check, explain -----------------------------------------------------------------------------
 
 
+def _configuration() -> Config | None:
+    """The configuration ``edit`` without ``-p`` would use, or ``None`` when there is none."""
+    from flux_adapters.config import DEFAULT_PATH, load_config
+
+    if os.environ.get("FLUX_PROVIDERS") or os.environ.get("FLUX_CONFIG") or DEFAULT_PATH.exists():
+        return load_config()
+    return None
+
+
 def _chosen_providers(named: Sequence[str] | None) -> list[str]:
     """``-p`` providers, else the configured ones, else every known one."""
-    from flux_adapters.config import DEFAULT_PATH, load_config
     from flux_adapters.providers import PROVIDERS
 
     if named:
         return list(dict.fromkeys(named))
-    if os.environ.get("FLUX_PROVIDERS") or os.environ.get("FLUX_CONFIG") or DEFAULT_PATH.exists():
-        return [settings.name for settings in load_config().providers]
+    configured = _configuration()
+    if configured is not None:
+        return [settings.name for settings in configured.providers]
     return list(PROVIDERS)
 
 
@@ -2018,6 +2040,10 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
     flags = arguments.flags
     request = _request(arguments, flags)
     providers = list(dict.fromkeys(arguments.provider or PROVIDERS))
+    # Where edit sends: with -p, that provider with the configuration left aside; without,
+    # the configured providers with their file's base_url too.
+    configured = None if arguments.provider else _configuration()
+    settings = {} if configured is None else {one.name: one for one in configured.providers}
     adapters, broken = _loaded(providers)
     verdicts = _verdicts(request, list(adapters))
     documents: list[dict[str, object]] = []
@@ -2029,7 +2055,7 @@ def _explain(arguments: argparse.Namespace, out: TextIO) -> int:
             continue
         verdict = verdicts[provider]
         adapter = adapters[provider]
-        base_url = base_url_for(adapter)  # where a client would send it: $<PROVIDER>_BASE_URL
+        base_url = base_url_for(adapter, settings=settings.get(provider))
         entry: dict[str, object] = {"provider": provider, "base_url": base_url}
         if not isinstance(verdict, errors.RequestError):
             try:
@@ -2384,6 +2410,36 @@ class _WarningLines(logging.Handler):
 
 
 @contextmanager
+def _python_warnings(err: TextIO) -> Iterator[None]:
+    """The library's Python warnings (an unknown ``$FLUX_LOG``) as the command's other warnings.
+
+    One ``flux-adapters: warning: ...`` line, not Python's ``file:line: RuntimeWarning:`` and
+    the source line under it. Other packages' warnings are shown as Python shows them.
+    """
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    with warnings.catch_warnings():  # restores showwarning after the command
+        shown = warnings.showwarning
+
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if os.path.abspath(filename).startswith(package):
+                _say(err, f"flux-adapters: warning: {message}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+@contextmanager
 def _library_warnings(err: TextIO) -> Iterator[None]:
     from flux_adapters._log import LOGGER
     from flux_adapters._log import _installed as flux_log_handlers
@@ -2487,12 +2543,13 @@ def main(
     wants_json = False
     failure: BaseException | None = None
     try:
-        parsed = _parse(argv, out)
-        if isinstance(parsed, int):
-            code = parsed
-        else:
-            flags, wants_json = parsed.flags, bool(getattr(parsed, "json", False))
-            code = _run(parsed, out, err)
+        with _python_warnings(err):
+            parsed = _parse(argv, out)
+            if isinstance(parsed, int):
+                code = parsed
+            else:
+                flags, wants_json = parsed.flags, bool(getattr(parsed, "json", False))
+                code = _run(parsed, out, err)
         out.flush()
     except KeyboardInterrupt as error:
         _say(err, "flux-adapters: interrupted")

@@ -581,7 +581,7 @@ def _check_prices(prices: object, providers: Sequence[str]) -> dict[tuple[str, s
 def _check_one_setting(settings: ProviderSettings, where: str) -> None:
     """What `load_config` checks in a file, for `ProviderSettings` made in code."""
     from flux_adapters._declared import check_price
-    from flux_adapters._options import MIN_RATE_PER_MINUTE, check_variable_name
+    from flux_adapters._options import check_rate_per_minute, check_variable_name
 
     if settings.api_key_env is not None:
         check_variable_name(settings.api_key_env, f"{where} api_key_env")
@@ -591,12 +591,8 @@ def _check_one_setting(settings: ProviderSettings, where: str) -> None:
             f"{where} priority must be a whole number (lower is tried first) or None, "
             f"not {render_value(priority)}"
         )
-    rate = settings.rate_per_minute
-    if rate is not None and not (is_number(rate) and MIN_RATE_PER_MINUTE <= rate <= 60_000_000):
-        raise ConfigurationError(
-            f"{where} rate_per_minute must be a number of requests a minute, at least one a day "
-            f"(1/1440) and at most 60000000, not {render_value(rate)}"
-        )
+    if settings.rate_per_minute is not None:
+        check_rate_per_minute(settings.rate_per_minute, f"{where} rate_per_minute")
     allow: object = settings.allow_private_urls
     if not isinstance(allow, bool):
         raise ConfigurationError(

@@ -47,7 +47,7 @@ from typing import Final, TypeVar, get_args
 import attrs
 from attrs import field, frozen
 
-from flux_adapters._display import escape_controls, render_value, toml_key
+from flux_adapters._display import SHOWN_CHARS, render_value, short_path, toml_key
 from flux_adapters._files import read_text_file
 from flux_adapters._ids import Routing
 from flux_adapters._options import base_url_for, check_base_url
@@ -330,16 +330,9 @@ def _prices(provider: str, given: Mapping[str, object], where: str) -> dict[str,
 
 
 def _rate(value: object, where: str) -> float:
-    from flux_adapters._options import MIN_RATE_PER_MINUTE
+    from flux_adapters._options import check_rate_per_minute
 
-    number = _number(value, where)
-    if not MIN_RATE_PER_MINUTE <= number <= 60_000_000:
-        raise _fail(
-            where,
-            "must be a number of requests a minute, at least one a day (1/1440) and at most "
-            f"60000000, not {render_value(value)}",
-        )
-    return number
+    return check_rate_per_minute(_number(value, where), where)
 
 
 def load_config(
@@ -371,7 +364,10 @@ def load_config(
     origin = "environment"
     if chosen is not None or DEFAULT_PATH.exists():
         file = chosen or DEFAULT_PATH
-        shown = escape_controls(str(file))  # a NUL, or a name that is not valid UTF-8
+        # Escaped (a NUL, or a name that is not valid UTF-8) and cut to its end: a $FLUX_CONFIG
+        # of 5,000 characters made a message of 5,000. It begins every message about the file,
+        # which its reader has to find: a deep path is kept whole up to 4 lines' worth.
+        shown = short_path(str(file), 4 * SHOWN_CHARS)
         try:
             text = read_text_file(file, limit=1024 * 1024)
             bom = text.startswith("\ufeff")  # Notepad's "UTF-8 with BOM"

@@ -44,10 +44,10 @@ from typing import (
 )
 
 from flux_adapters._display import (
-    SHOWN_CHARS,
     describe_exception,
     printable,
     render_value,
+    short_path,
     shown_url,
     type_name,
 )
@@ -273,7 +273,7 @@ class FileImage:
 
     def describe(self) -> str:
         """A short, human-readable name for messages."""
-        return _short_path(str(self.path))
+        return short_path(str(self.path))
 
     def open(self) -> BinaryIO:
         """Open the file for reading, as the request body is sent.
@@ -387,15 +387,6 @@ def _whole(problem: str, limit: str, shown: str) -> _Unreadable:
     return _Unreadable(shown, problem, limit, whole=True)
 
 
-def _short_path(text: str) -> str:
-    """A path for messages: printable, and its end (the file name) kept when it is long."""
-    if len(text) > SHOWN_CHARS and text.isprintable():
-        return "..." + text[-(SHOWN_CHARS - 3) :]
-    if text.isprintable():
-        return text
-    return render_value(text)
-
-
 def _dimensions(stream: BinaryIO) -> tuple[int | None, int | None]:
     import imagesize  # lazy: only requests with local images pay for it
 
@@ -506,23 +497,23 @@ the file system's clock leaves its times as they were (git's "racily clean" file
 
 
 def _from_path(path: Path) -> FileImage | _Unreadable:
-    text = str(path)  # shown (`_short_path`) only in an error: every edit names its files
+    text = str(path)  # shown (`short_path`) only in an error: every edit names its files
     if "\0" in text:
-        return _Unreadable(_short_path(text), "path contains a NUL character", "a path without NUL")
+        return _Unreadable(short_path(text), "path contains a NUL character", "a path without NUL")
     at = _surrogate_at(text)
     if at is not None:
         return _Unreadable(
-            _short_path(text),
+            short_path(text),
             f"path has a lone surrogate at index {at}: the name is not valid UTF-8; rename it",
             "a path in valid Unicode",
         )
     opened = _regular_descriptor(path)
     if isinstance(opened, _Refused):
-        return _Unreadable(_short_path(text), opened.problem, opened.limit)
+        return _Unreadable(short_path(text), opened.problem, opened.limit)
     descriptor, status = opened
     if status.st_size == 0:  # not "in no known image format": nothing is in it at all
         os.close(descriptor)
-        return _Unreadable(_short_path(text), "is empty", "at least one byte of image data")
+        return _Unreadable(short_path(text), "is empty", "at least one byte of image data")
     key = (
         text,
         status.st_dev,
@@ -677,7 +668,7 @@ def _stream_name(value: object) -> str:
         name = None
     text = _as_text(name)
     if text:
-        return _short_path(text)
+        return short_path(text)
     return f"<{type_name(value)} object>"
 
 
@@ -762,7 +753,7 @@ def _from_pil(value: object) -> BytesImage | _Unreadable:
     except Exception as error:
         return _Unreadable("a PIL image", f"cannot be read ({describe_exception(error)})", "PNG")
     shown = f"a PIL image ({width}x{height}"
-    shown += f", from {_short_path(filename)!r})" if filename else ")"
+    shown += f", from {short_path(filename)!r})" if filename else ")"
     if width * height > MAX_ENCODED_PIXELS:
         limit = f"at most {MAX_ENCODED_PIXELS / 1_000_000:g} MP"
         return _Unreadable(shown, f"has too many pixels to encode ({width}x{height})", limit)

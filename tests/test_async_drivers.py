@@ -925,10 +925,10 @@ def test_aiohttp_is_loaded_only_by_an_async_client_that_sends_with_it() -> None:
         "import sys\n"
         "import flux_adapters\n"
         "from flux_adapters import FluxClient, AsyncFluxClient, EditRequest\n"
-        "FluxClient('laozhang', api_key='k')\n"
-        "AsyncFluxClient('laozhang', api_key='k', driver='httpx')\n"
+        "FluxClient('laozhang', api_key='test-key')\n"
+        "AsyncFluxClient('laozhang', api_key='test-key', driver='httpx')\n"
         "print('aiohttp' in sys.modules)\n"
-        "AsyncFluxClient('laozhang', api_key='k', driver='aiohttp')\n"
+        "AsyncFluxClient('laozhang', api_key='test-key', driver='aiohttp')\n"
         "print('aiohttp' in sys.modules)\n"
     )
     done = subprocess.run(

@@ -437,7 +437,14 @@ def test_the_command_line_says_which_state_url_is_no_state(
 
 @pytest.mark.parametrize(
     "key",
-    ["sk-live-0123456789abcdefABCDEF", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0:0123456789abcdef"],
+    [
+        "sk-live-0123456789abcdefABCDEF",
+        "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0:0123456789abcdef",
+        # Letters and digits only: a valid name to a shell, taken as one, and printed back.
+        "Xk9fQ2mZr7Lp4Tn8Wb3Vc6Yd1Hs5Jg0A",
+        "0123456789abcdef0123456789abcdef",  # 32 hex digits
+        "ABCDEF0123456789ABCDEF0123456789ABCDEF01",
+    ],
 )
 def test_a_key_given_as_api_key_env_is_refused_without_being_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str
@@ -461,6 +468,49 @@ def test_a_key_given_as_api_key_env_is_refused_without_being_shown(
         )
     assert "api_key_env must be the name" in str(in_code.value)
     assert key[:8] not in str(in_code.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer sk-live-0123456789abcdefABCDEF",
+        "LAOZHANG_API_KEY=sk-live-0123456789abcdef",  # a line of a .env file
+        "sk-live-0123456789abcdefABCDEF\n",
+        "Xk9fQ2mZr7Lp4Tn8Wb3Vc6Yd1Hs5Jg0A ",
+    ],
+)
+def test_a_key_with_a_space_or_equals_sign_in_api_key_env_is_not_shown(value: str) -> None:
+    # Refused for its space or '=', and then printed whole: "..., not 'Bearer sk-live-...'".
+    settings = ProviderSettings(name="laozhang", api_key_env=value)
+    with pytest.raises(errors.ConfigurationError, match="api_key_env must be") as caught:
+        FluxClient(providers=["laozhang"], settings={"laozhang": settings})
+    assert "not shown" in str(caught.value)
+    assert "sk-live" not in str(caught.value)
+    assert "Xk9f" not in str(caught.value)
+
+
+def test_a_name_with_a_space_after_it_in_api_key_env_is_shown() -> None:
+    settings = ProviderSettings(name="laozhang", api_key_env="LAOZHANG_API_KEY ")
+    with pytest.raises(errors.ConfigurationError, match="not 'LAOZHANG_API_KEY '"):
+        FluxClient(providers=["laozhang"], settings={"laozhang": settings})
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "LAOZHANG_API_KEY",
+        "MY_COMPANY_LAOZHANG_API_KEY_FOR_PRODUCTION_2026",  # long, with underscores
+        "laozhangKey2",  # mixed case and digits, but short
+        "LAOZHANGAPIKEYFORTHEPRODUCTIONTEAM",  # long, one case, no digit
+    ],
+)
+def test_a_name_that_could_be_a_variables_is_kept_as_api_key_env(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(name, raising=False)
+    settings = ProviderSettings(name="laozhang", api_key_env=name)
+    with pytest.raises(errors.ConfigurationError, match=f"no API key for laozhang: set {name}$"):
+        FluxClient(providers=["laozhang"], settings={"laozhang": settings})
 
 
 @pytest.mark.parametrize("variable", ["FLUX_PROVIDERS", "FLUX_TIMEOUT", "FLUX_ROUTING"])
@@ -493,6 +543,23 @@ def test_a_huge_number_variable_is_refused_in_a_short_message(variable: str) -> 
     with pytest.raises(errors.ConfigurationError, match=f"{variable} must be a number") as caught:
         load_config(environ={"FLUX_PROVIDERS": "laozhang", variable: "x" * 100_000})
     assert len(str(caught.value)) < 300
+
+
+def test_a_very_long_config_path_is_shortened_to_its_end_in_the_error(tmp_path: Path) -> None:
+    # The whole $FLUX_CONFIG came back: a path of 5,000 characters, a message of 5,000.
+    deep = tmp_path / ("d" * 250) / ("e" * 250) / "flux-adapters.toml"
+    deep.parent.mkdir(parents=True)
+    deep.write_text('providers = ["laozhang"]\nrouting = "fastest"\n')
+    with pytest.raises(errors.ConfigurationError) as caught:
+        load_config(environ={"FLUX_CONFIG": str(deep)})
+    message = str(caught.value)
+    assert len(message) < 500
+    assert message.startswith("...ddd")
+    assert "/flux-adapters.toml: " in message  # the file's name, where the mistake is
+    assert "fastest" in message
+    with pytest.raises(errors.ConfigurationError, match=r"^\.\.\.d+/x\.toml: ") as missing:
+        load_config(environ={"FLUX_CONFIG": "/" + "d" * 5000 + "/x.toml"})
+    assert len(str(missing.value)) < 500
 
 
 @pytest.mark.parametrize("rate", ["1e-300", "1e-9", "0.0001"])

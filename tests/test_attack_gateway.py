@@ -362,7 +362,7 @@ def test_a_password_in_a_shared_batchs_output_url_is_not_kept_in_redis(
 
     source = tmp_path / "jobs.jsonl"
     source.write_text('{"id": "a", "prompt": "a red robot", "size": "256x256"}\n')
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
     output = "memory://user:hunter2-SECRET@host/run"
 

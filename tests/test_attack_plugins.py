@@ -1445,6 +1445,6 @@ def test_a_price_subclass_keeping_the_estimate_still_has_its_figures_checked(
     with pytest.raises(errors.ConfigurationError, match="dollar amounts"):
         FluxClient(
             provider="laozhang",
-            api_key="sk-x",
+            api_key="sk-test-key",
             prices={("laozhang", "flux-2-pro"): RegionalPerCall(usd=-1.0)},
         )

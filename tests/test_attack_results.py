@@ -177,7 +177,7 @@ def test_an_output_folder_that_is_a_broken_link_is_refused_before_the_paid_call(
     # Before: the check climbed past a symbolic link to nothing as if the folder were missing
     # and creatable; the provider was paid, then the folder could not be made ("File exists")
     # and the image went to out/ or the temporary folder instead of where it was asked to go.
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.chdir(tmp_path)
     (tmp_path / ("shots" if output else "out")).symlink_to(tmp_path / "gone")
     before = len(emulator.calls("laozhang"))
@@ -194,7 +194,7 @@ def test_the_saved_line_shows_control_characters_of_the_path_escaped(
 ) -> None:
     # Before: `saved:` wrote the path as it was: a line break in it forged a second line, an
     # escape sequence repainted the terminal (every other line of ours escapes them).
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.chdir(tmp_path)
     name = "a\nsaved:    /etc/passwd\x1b[2J.png"
     base = ["--provider", "laozhang", "--base-url", emulator.base_url("laozhang")]
@@ -223,7 +223,7 @@ def test_json_output_naming_a_file_whose_name_is_not_utf8_is_still_utf8(
     # lone surrogate) was written into the JSON document as those bytes: standard output was
     # no longer UTF-8, and a strict reader (Python's json, most languages' decoders) failed on
     # the document of a paid image. An escaped surrogate is JSON, and reads back to the name.
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.chdir(tmp_path)
     name = os.fsdecode(b"shot\xff.png")
     if not paid:
@@ -248,7 +248,7 @@ def test_a_batch_into_a_folder_whose_name_is_not_utf8_reports_each_saved_job(
     # Before: the first report line (which names the saved image by its path) raised
     # UnicodeEncodeError: the batch stopped after one paid image with "unexpected" (exit 1),
     # the other jobs not run, and report.jsonl empty.
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "jobs.jsonl").write_text('{"id": "a", "prompt": "p"}\n{"id": "b", "prompt": "q"}\n')
@@ -272,7 +272,7 @@ def test_a_batch_id_too_long_for_a_file_name_is_refused_before_anything_is_sent(
     # are 252 bytes: the request was sent and billed, then "File name too long" when its image
     # was saved, reported unconfirmed, and no rerun could ever save it (--resend-unconfirmed
     # only paid again). A file system takes 255 bytes a name, the id's extension included.
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
     monkeypatch.chdir(tmp_path)
     lines = [{"id": name, "prompt": "p"}, {"id": "b", "prompt": "q"}]
@@ -289,7 +289,7 @@ def test_a_batch_id_too_long_for_a_file_name_is_refused_before_anything_is_sent(
 def test_a_batch_id_of_the_longest_name_a_file_system_takes_is_saved(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
     monkeypatch.chdir(tmp_path)
     name = "漢" * 83  # 249 bytes: with ".jpeg", 254
@@ -393,7 +393,7 @@ def test_a_path_with_a_line_break_that_fails_after_the_paid_call_is_one_line(
     # line break in the folder's name split it over lines.
     from tests.test_cli import folder_replaced_by_a_file_once_sent
 
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.chdir(tmp_path)
     wanted = tmp_path / "two\nlines"
     wanted.mkdir()
@@ -419,7 +419,7 @@ flux-2-pro = { usd_first = 1e308, usd_extra = 1e308, usd_input = 1e308 }
 
 def _priced_too_high(emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Work in *tmp_path*, with laozhang on *emulator* at `HUGE_PRICE` (the file there)."""
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
     monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -393,7 +393,7 @@ def test_a_gateway_key_lookup_that_redis_fails_is_logged_and_counted(
     from flux_adapters.gateway import run_gateway
 
     def clients(only: tuple[str, ...] | None) -> AsyncFluxClient:
-        return AsyncFluxClient("laozhang", api_key="k", base_url="http://127.0.0.1:9/v1")
+        return AsyncFluxClient("laozhang", api_key="test-key", base_url="http://127.0.0.1:9/v1")
 
     caplog.set_level(logging.WARNING, logger="flux_adapters.gateway")
     with (
@@ -730,7 +730,7 @@ def test_a_gateway_call_whose_admission_redis_fails_is_logged_and_counted(
 
         def clients(only: tuple[str, ...] | None) -> AsyncFluxClient:
             return AsyncFluxClient(
-                "laozhang", api_key="k", base_url="http://127.0.0.1:9/v1", state=redis.url
+                "laozhang", api_key="test-key", base_url="http://127.0.0.1:9/v1", state=redis.url
             )
 
         with run_gateway(

@@ -53,7 +53,7 @@ def test_a_batch_killed_five_times_never_does_a_job_twice(tmp_path: Path) -> Non
     with run_emulator() as emulator:
         emulator.inject("laozhang", Fault(delay=0.1))  # so that kills land with jobs in flight
         environment = os.environ | {
-            "LAOZHANG_API_KEY": "k",
+            "LAOZHANG_API_KEY": "test-key",
             "LAOZHANG_BASE_URL": emulator.base_url("laozhang"),
         }
         kills = []

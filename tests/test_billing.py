@@ -74,7 +74,7 @@ def running() -> Iterator[Emulator]:
 @pytest.fixture
 def emulator(running: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
     for prefix, provider in (("LAOZHANG", "laozhang"), ("APIYI", "apiyi"), ("AIMLAPI", "aimlapi")):
-        monkeypatch.setenv(f"{prefix}_API_KEY", "k")
+        monkeypatch.setenv(f"{prefix}_API_KEY", "test-key")
         monkeypatch.setenv(f"{prefix}_BASE_URL", running.base_url(provider))
     yield running
     running.clear_faults()

@@ -157,7 +157,7 @@ def test_models_lists_limits_and_prices() -> None:
 def test_edit_saves_the_image_and_reports(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("APIYI_API_KEY", "k")
+    monkeypatch.setenv("APIYI_API_KEY", "test-key")
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     first.write_bytes(image_bytes(200, 100))
     second.write_bytes(image_bytes(300, 200))
@@ -184,7 +184,7 @@ def test_edit_json_tells_a_provider_skipped_for_its_limits_in_the_commands_flags
     monkeypatch.chdir(tmp_path)
     with run_emulator() as own:  # not the module's: other tests count its calls
         for provider in ("apiyi", "laozhang"):
-            monkeypatch.setenv(f"{provider.upper()}_API_KEY", "k")
+            monkeypatch.setenv(f"{provider.upper()}_API_KEY", "test-key")
             monkeypatch.setenv(f"{provider.upper()}_BASE_URL", own.base_url(provider))
         code, out, err = run("edit", "a robot", "--size", "1024x768", "-o", "a.png", "--json")
     assert code == 0, err
@@ -200,7 +200,7 @@ def test_edit_saves_to_a_file_named_dash_when_the_path_says_so(
 ) -> None:
     # "-o -" is refused (standard output to most tools); "./-" names the file plainly and was
     # refused as well, since Path("./-") == Path("-").
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.chdir(tmp_path)
     base = ["--provider", "laozhang", "--base-url", emulator.base_url("laozhang")]
     code, _, err = run("edit", "p", *base, "-o", "-")
@@ -215,7 +215,7 @@ def test_edit_saves_to_a_file_named_dash_when_the_path_says_so(
 
 
 def test_edit_exit_codes(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
     base = ["--provider", "laozhang", "--base-url", emulator.base_url("laozhang")]
     assert run("edit", "p", "--width", "1000", "--height", "1000", *base)[0] == 2
@@ -330,7 +330,7 @@ def edit_at(emulator: Emulator, *argv: str) -> tuple[int, str, str]:
 def test_an_output_path_that_cannot_be_written_is_refused_before_the_paid_call(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     (tmp_path / "a-file").write_text("")
     sent = len(emulator.calls())
     for target in (tmp_path, tmp_path / "a-file" / "robot.png"):
@@ -365,7 +365,7 @@ def folder_replaced_by_a_file_once_sent(emulator: Emulator, folder: Path) -> Ite
 def test_an_image_that_cannot_be_saved_after_the_paid_call_is_saved_elsewhere(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.chdir(tmp_path)
     wanted = tmp_path / "wanted"
     wanted.mkdir()
@@ -385,7 +385,7 @@ def test_an_image_that_cannot_be_saved_after_the_paid_call_is_saved_elsewhere(
 def test_an_image_that_cannot_be_saved_anywhere_leaves_its_download_address(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").write_text("a file where the fallback folder would go")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "out" / "tmp"))
@@ -401,7 +401,7 @@ def test_an_image_that_cannot_be_saved_anywhere_leaves_its_download_address(
 def test_a_result_that_expired_before_its_download_ends_with_6(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     with run_emulator() as expiring:
         expiring.ttl = -1.0  # every URL it signs is already past its expiry
         code, _, err = edit_at(expiring, "-o", str(tmp_path / "robot.png"))
@@ -435,7 +435,7 @@ def test_a_bug_is_one_line_and_the_traceback_only_when_asked(
 def test_recording_asks_only_a_person_at_a_terminal(
     stdin: io.StringIO | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.setattr(sys, "stdin", stdin)
     code, out, err = run(
         "conformance", "--record", "-p", "laozhang", "--base-url", "http://127.0.0.1:9",
@@ -459,7 +459,7 @@ def spawn(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[str
 
 def test_ctrl_c_while_waiting_for_the_provider_ends_with_130(tmp_path: Path) -> None:
     with run_emulator(faults={"laozhang": [Fault(delay=3)]}) as slow:
-        env = {**os.environ, "LAOZHANG_API_KEY": "k"}
+        env = {**os.environ, "LAOZHANG_API_KEY": "test-key"}
         base = slow.base_url("laozhang")
         with spawn("edit", "p", "-p", "laozhang", "--base-url", base, "-o", str(tmp_path / "x.png"), "--json", env=env) as edit:  # fmt: skip
             deadline = time.monotonic() + 10
@@ -529,7 +529,7 @@ def test_two_edits_in_the_same_second_keep_both_images(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     base = ["--provider", "laozhang", "--base-url", emulator.base_url("laozhang")]
     for seed in ("1", "2"):
         assert run("edit", "p", "--seed", seed, "--size", "64x64", *base)[0] == 0
@@ -553,7 +553,7 @@ def test_ctrl_c_while_saving_a_paid_image_says_where_it_can_still_be_fetched(
     # A byte every 20 ms: the first bytes (enough to tell the format) are saved within a second,
     # the whole image would take minutes.
     with run_emulator(faults={"laozhang": [Fault(download="drip", drip=0.02)]}) as cdn:
-        env = {**os.environ, "LAOZHANG_API_KEY": "k"}
+        env = {**os.environ, "LAOZHANG_API_KEY": "test-key"}
         base = cdn.base_url("laozhang")
         with spawn("edit", "p", "-p", "laozhang", "--base-url", base, "-o", str(tmp_path / "x.png"), *json_flag, env=env) as edit:  # fmt: skip
 
@@ -591,7 +591,7 @@ def test_ctrl_c_while_a_job_runs_says_what_became_of_the_job(
 ) -> None:
     """Ctrl-C after the provider took the job: the job may go on and be billed. Say so."""
     with run_emulator(faults={provider: [Fault(pending=10**9)]}) as emulator:
-        env = {**os.environ, f"{provider.upper()}_API_KEY": "k"}
+        env = {**os.environ, f"{provider.upper()}_API_KEY": "test-key"}
         base = emulator.base_url(provider)
         with spawn("edit", "p", "-p", provider, "--base-url", base, "-o", str(tmp_path / "x.png"), env=env) as edit:  # fmt: skip
             deadline = time.monotonic() + 10
@@ -614,7 +614,7 @@ def test_ctrl_c_while_a_job_runs_says_what_became_of_the_job(
 def test_edit_at_a_job_provider_gives_up_on_the_whole_job_at_its_deadline(
     how: str, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("BFL_API_KEY", "k")
+    monkeypatch.setenv("BFL_API_KEY", "test-key")
     emulator.inject("bfl", Fault(pending=10**9, first=1))  # a job that never ends
     argv = ["edit", "p", "-p", "bfl", "--base-url", emulator.base_url("bfl")]
     argv += ["-o", str(tmp_path / "x.png")]
@@ -631,7 +631,7 @@ def test_edit_at_a_job_provider_gives_up_on_the_whole_job_at_its_deadline(
 def test_a_bad_flux_job_deadline_is_a_configuration_error_before_sending(
     emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("BFL_API_KEY", "k")
+    monkeypatch.setenv("BFL_API_KEY", "test-key")
     monkeypatch.setenv("FLUX_JOB_DEADLINE", "soon")
     sent = len(emulator.calls("bfl"))
     code, _, err = run("edit", "p", "-p", "bfl", "--base-url", emulator.base_url("bfl"))
@@ -730,7 +730,7 @@ def test_a_cumulative_budget_with_no_room_is_status_2_not_a_bug(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
     monkeypatch.delenv("FLUX_CONFIG", raising=False)
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
     (tmp_path / "flux-adapters.toml").write_text('providers = ["laozhang"]\nbudget_usd = 0.01\n')
     sent = len(emulator.calls("laozhang"))

@@ -71,6 +71,27 @@ def test_version_and_a_bare_command_print_on_stdout_and_succeed() -> None:
         assert command in out
 
 
+def test_an_unknown_flux_log_is_one_warning_line_as_the_commands_others(tmp_path: Path) -> None:
+    # It was Python's "/.../flux_adapters/_log.py:96: RuntimeWarning: FLUX_LOG=..." with the
+    # source line "  configure_from_env()" under it. (A process of its own: FLUX_LOG is read
+    # when the client module is first imported.)
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "FLUX_CONFIG")}
+    finished = subprocess.run(
+        [sys.executable, "-m", "flux_adapters", "models", "--json"],
+        env=env | {"FLUX_LOG": "verbose"}, cwd=tmp_path, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stderr == (
+        "flux-adapters: warning: FLUX_LOG='verbose' is neither 'info' nor 'debug'; "
+        "flux_adapters logs nothing\n"
+    )
+    json.loads(finished.stdout)
+
+
 # --- 2. --json ----------------------------------------------------------------------------------
 
 
@@ -513,6 +534,31 @@ def test_edit_and_batch_send_to_the_base_url_variable(emulator: Emulator, tmp_pa
     code, _, err = run("batch", str(source), "-o", str(tmp_path / "o"), "-p", "laozhang")
     assert code == 0, err
     assert [entry.prompt for entry in emulator.billed("laozhang")][-2:] == ["p", "batch"]
+
+
+def test_explain_shows_the_configuration_files_base_url_where_edit_sends(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # explain read $LAOZHANG_BASE_URL only: with base_url in the file, it showed the real host
+    # while edit sent to the file's.
+    monkeypatch.delenv("LAOZHANG_BASE_URL")
+    url = emulator.base_url("laozhang")
+    (tmp_path / "flux-adapters.toml").write_text(
+        f'providers = ["laozhang"]\n[provider.laozhang]\nbase_url = "{url}"\n'
+    )
+    code, _, err = run("edit", "p", "--size", "64x64", "-o", str(tmp_path / "a.png"))
+    assert code == 0, err
+    assert [entry.prompt for entry in emulator.billed("laozhang")] == ["p"]
+    code, out, _ = run("explain", "p", "--size", "64x64", "--json")
+    assert code == 0
+    document = one_document(out)
+    assert isinstance(document, dict)
+    laozhang = next(entry for entry in document["providers"] if entry["provider"] == "laozhang")
+    assert laozhang["base_url"] == url.rstrip("/")
+    assert laozhang["request"]["url"] == f"{url.rstrip('/')}/v1/images/generations"
+    # -p leaves the configuration aside, in explain as in edit: the provider's own URL.
+    code, out, _ = run("explain", "p", "-p", "laozhang")
+    assert "POST https://api.laozhang.ai/v1/images/generations" in out
 
 
 # --- 9. providers without a key are skipped ---------------------------------------------------------

@@ -205,7 +205,7 @@ def test_every_retry_after_is_bounded(
 ) -> None:
     answer = httpx.Response(429, headers={"Retry-After": header}, json={"error": {"message": "x"}})
     http, sent = scripted([answer])
-    client = FluxClient("laozhang", api_key="k", http_client=http, max_retries=1)
+    client = FluxClient("laozhang", api_key="test-key", http_client=http, max_retries=1)
     if retried:
         assert client.edit(REQUEST).provider == "laozhang"
         assert len(sent) == 2
@@ -221,13 +221,13 @@ def test_every_retry_after_is_bounded(
 def test_no_wait_is_longer_than_the_clients_deadline(waits: list[float]) -> None:
     answer = httpx.Response(429, headers={"Retry-After": "5"}, json={"error": {"message": "x"}})
     http, sent = scripted([answer])
-    client = FluxClient("laozhang", api_key="k", http_client=http, max_retries=2, timeout=2)
+    client = FluxClient("laozhang", api_key="test-key", http_client=http, max_retries=2, timeout=2)
     with pytest.raises(errors.RateLimited):  # 5 s would be within max_retry_wait, not the 2 s
         client.edit(REQUEST)
     assert (len(sent), waits) == (1, [])
     http, sent = scripted([httpx.Response(503), httpx.Response(503)])
     slow = RoutingPolicy(retries=2, backoff=60.0, max_retry_wait=60.0, cooldown=0)
-    client = FluxClient("laozhang", api_key="k", http_client=http, policy=slow, timeout=2)
+    client = FluxClient("laozhang", api_key="test-key", http_client=http, policy=slow, timeout=2)
     assert client.edit(REQUEST).provider == "laozhang"
     assert len(waits) == 2
     assert all(0.0 <= wait <= 2.0 for wait in waits)
@@ -254,7 +254,7 @@ def test_a_retry_after_an_adapter_of_another_package_made_up_is_bounded(
 
         http, _ = scripted([httpx.Response(429)])
         waits.clear()
-        client = FluxClient(Odd(), api_key="k", http_client=http, max_retries=1)
+        client = FluxClient(Odd(), api_key="test-key", http_client=http, max_retries=1)
         if asked in (math.inf, 10**400):
             with pytest.raises(errors.RateLimited):
                 client.edit(REQUEST)
@@ -337,10 +337,10 @@ BAD_RETRIES: list[object] = [-1, True, False, 1e9, "3", 3.0, 11, 10**100, math.n
 @pytest.mark.parametrize("value", BAD_TIMEOUTS, ids=repr)
 def test_a_bad_timeout_fails_when_the_client_is_built_or_copied(value: object) -> None:
     with pytest.raises(errors.ConfigurationError, match="timeout="):
-        FluxClient("laozhang", api_key="k", timeout=value)  # type: ignore[arg-type]
+        FluxClient("laozhang", api_key="test-key", timeout=value)  # type: ignore[arg-type]
     with pytest.raises(errors.ConfigurationError, match="timeout="):
-        AsyncFluxClient("laozhang", api_key="k", timeout=value)  # type: ignore[arg-type]
-    client = FluxClient("laozhang", api_key="k")
+        AsyncFluxClient("laozhang", api_key="test-key", timeout=value)  # type: ignore[arg-type]
+    client = FluxClient("laozhang", api_key="test-key")
     with pytest.raises(errors.ConfigurationError, match="timeout="):
         client.with_options(timeout=value)  # type: ignore[arg-type]
 
@@ -348,21 +348,21 @@ def test_a_bad_timeout_fails_when_the_client_is_built_or_copied(value: object) -
 @pytest.mark.parametrize("value", BAD_RETRIES, ids=repr)
 def test_a_bad_max_retries_fails_when_the_client_is_built_or_copied(value: object) -> None:
     with pytest.raises(errors.ConfigurationError, match="max_retries="):
-        FluxClient("laozhang", api_key="k", max_retries=value)  # type: ignore[arg-type]
+        FluxClient("laozhang", api_key="test-key", max_retries=value)  # type: ignore[arg-type]
     with pytest.raises(errors.ConfigurationError, match="max_retries="):
-        AsyncFluxClient("laozhang", api_key="k", max_retries=value)  # type: ignore[arg-type]
+        AsyncFluxClient("laozhang", api_key="test-key", max_retries=value)  # type: ignore[arg-type]
     with pytest.raises(errors.ConfigurationError, match="max_retries="):
-        FluxClient("laozhang", api_key="k").with_options(max_retries=value)  # type: ignore[arg-type]
+        FluxClient("laozhang", api_key="test-key").with_options(max_retries=value)  # type: ignore[arg-type]
 
 
 def test_good_settings_are_taken_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
-    monkeypatch.setenv("APIYI_API_KEY", "k")
-    client = FluxClient("laozhang", api_key="k", max_retries=10, timeout=httpx.Timeout(7.0))
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
+    monkeypatch.setenv("APIYI_API_KEY", "test-key")
+    client = FluxClient("laozhang", api_key="test-key", max_retries=10, timeout=httpx.Timeout(7.0))
     assert (client.max_retries, client.timeout.read, client.deadline) == (10, 7.0, DEFAULT_DEADLINE)
     policy = RoutingPolicy(retries=4)
-    assert FluxClient("laozhang", api_key="k", policy=policy).max_retries == 4
-    assert FluxClient("laozhang", api_key="k", policy=policy, max_retries=1).max_retries == 1
+    assert FluxClient("laozhang", api_key="test-key", policy=policy).max_retries == 4
+    assert FluxClient("laozhang", api_key="test-key", policy=policy, max_retries=1).max_retries == 1
     assert FluxClient(providers=["laozhang", "apiyi"]).max_retries == 1
 
 
@@ -387,13 +387,13 @@ def test_every_argument_is_checked_when_the_client_is_built(
     arguments: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(errors.ConfigurationError, match=message.replace("(", r"\(")):
-        FluxClient("laozhang", api_key="k", **arguments)
+        FluxClient("laozhang", api_key="test-key", **arguments)
 
 
 def test_provider_ids_take_any_case_and_settings_and_prices_follow() -> None:
     client = FluxClient(
         ProviderName("LaoZhang"),  # a plain "LaoZhang" works too; mypy wants the canonical id
-        api_key="k",
+        api_key="test-key",
         settings={"LAOZHANG": ProviderSettings(name="laozhang", timeout=12)},
         prices={("Laozhang", "flux-2-pro"): PerCall(usd=0.5)},
     )
@@ -422,7 +422,7 @@ def timeouts_sent(client_timeout: Any, **options: Any) -> dict[str, float | None
         else httpx.Client(transport=transport, timeout=client_timeout)
     )
     with http:
-        client = FluxClient("laozhang", api_key="k", http_client=http, **options)
+        client = FluxClient("laozhang", api_key="test-key", http_client=http, **options)
         client.edit(REQUEST)
     [timeouts] = seen
     return timeouts
@@ -442,7 +442,9 @@ def test_the_callers_http_client_timeout_is_respected_unless_timeout_is_given() 
     # httpx.Client(timeout=None): no timeout per phase; the deadline still bounds each one.
     assert timeouts_sent(httpx.Timeout(None))["read"] == DEFAULT_DEADLINE
     with pytest.raises(errors.ConfigurationError, match="http_client="):
-        FluxClient("laozhang", api_key="k", http_client=httpx.Client(timeout=httpx.Timeout(0)))
+        FluxClient(
+            "laozhang", api_key="test-key", http_client=httpx.Client(timeout=httpx.Timeout(0))
+        )
 
 
 def test_from_env_takes_max_retries_and_a_configured_timeout_wins_over_the_http_clients(
@@ -472,7 +474,7 @@ def test_a_hostile_http_client_timeout_is_a_configuration_error() -> None:
             raise RuntimeError("no")
 
     with pytest.raises(errors.ConfigurationError, match="http_client="):
-        FluxClient("laozhang", api_key="k", http_client=Broken())
+        FluxClient("laozhang", api_key="test-key", http_client=Broken())
 
 
 def test_the_callers_async_http_client_timeout_is_respected(emulator: Emulator) -> None:
@@ -615,7 +617,7 @@ def test_no_key_is_logged_even_at_debug_from_a_url_or_an_error_body(
 def test_a_log_line_holds_its_text_and_no_arguments(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="flux_adapters")
     http, _ = scripted([])
-    FluxClient("laozhang", api_key="k", http_client=http).edit(REQUEST)
+    FluxClient("laozhang", api_key="test-key", http_client=http).edit(REQUEST)
     for record in caplog.records:
         if record.name == "flux_adapters":
             assert record.args in ((), None)
@@ -634,7 +636,7 @@ def test_logging_costs_nothing_when_off(monkeypatch: pytest.MonkeyPatch) -> None
     LOGGER.setLevel(logging.WARNING)
     try:
         http, _ = scripted([])
-        FluxClient("laozhang", api_key="k", http_client=http).edit(REQUEST)
+        FluxClient("laozhang", api_key="test-key", http_client=http).edit(REQUEST)
     finally:
         LOGGER.setLevel(logging.NOTSET)
     assert formatted == []

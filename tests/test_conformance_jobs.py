@@ -277,7 +277,12 @@ def test_recording_the_deadline_makes_the_same_polls_every_time(
     shapes = []
     for run in ("first", "second"):
         verdicts = record(
-            adapter, tmp_path / run, api_key="k", emulator=True, scenarios=scenarios, log=print
+            adapter,
+            tmp_path / run,
+            api_key="test-key",
+            emulator=True,
+            scenarios=scenarios,
+            log=print,
         )
         assert [v.outcome for v in verdicts] == ["pass", "pass"]
         late = _interactions(tmp_path / run / "job-deadline.yaml")

@@ -298,7 +298,7 @@ def test_streamed_large_bodies_are_recorded_and_matched(tmp_path: Path) -> None:
     verdicts = record(
         LaozhangAdapter(),
         tmp_path / "cassettes",
-        api_key="k",
+        api_key="test-key",
         emulator=True,
         scenarios=[scenario],
         log=lambda _: None,
@@ -378,6 +378,32 @@ def test_the_cli_reads_the_same_deviations_file_and_passes_only_with_it(tmp_path
     code, outcomes = report(None)
     assert outcomes["three-references-in-order"] == "fail"
     assert code != 0
+
+
+def test_a_reason_with_line_breaks_or_bars_keeps_the_reports_layout(tmp_path: Path) -> None:
+    # A deviations.toml reason is written into conformance.md as it is: its line breaks ended the
+    # list item, and the lines after them made a table and a heading of their own.
+    import json
+
+    from flux_adapters.conformance.runner import write_report
+
+    reason = "drops the third image | ticket 12\nsecond line\n\n| a | b |\n|---|---|\n# Heading"
+    verdict = run_scenario(
+        DroppedThirdImage(),
+        by_id("three-references-in-order"),
+        CASSETTES / "laozhang",
+        {"three-references-in-order": reason},
+    )
+    assert verdict.outcome == "deviation"
+    markdown, data = write_report([verdict], tmp_path)
+    notes = markdown.read_text().partition("## Failures and deviations\n\n")[2]
+    assert notes.count("\n") == 1  # one line: the one list item
+    assert notes.startswith(
+        "- `laozhang` drops the third image \\| ticket 12 second line \\| a \\| b \\| "
+        "\\|---\\|---\\| # Heading ("
+    )
+    assert "\n# Heading" not in markdown.read_text()
+    assert reason in json.loads(data.read_text())["verdicts"][0]["detail"]  # kept whole there
 
 
 def test_pytest_reports_a_deviation_as_xfail_and_unsupported_as_skipped(tmp_path: Path) -> None:

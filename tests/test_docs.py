@@ -142,7 +142,7 @@ def test_the_readme_emulator_example_makes_the_image_it_asks_for(
     command = text.split("No key yet?", 1)[1].split("```sh\n", 1)[1].split("\n```", 1)[0]
     assert "LAOZHANG_BASE_URL=http://127.0.0.1:8000/laozhang" in command  # the emulator's path
     with run_emulator() as emulator:
-        monkeypatch.setenv("LAOZHANG_API_KEY", "any")
+        monkeypatch.setenv("LAOZHANG_API_KEY", "emulator-key")
         monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
         code, out, err = _cli(_argv(command, "edit"))
     assert code == 0, err

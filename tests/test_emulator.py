@@ -247,7 +247,9 @@ def test_result_urls_expire_and_are_signed(emulator: Emulator) -> None:
 
 
 def client(emulator: Emulator, provider: ProviderId = "laozhang") -> FluxClient:
-    return FluxClient(provider, api_key="k", base_url=emulator.base_url(provider), timeout=10)
+    return FluxClient(
+        provider, api_key="test-key", base_url=emulator.base_url(provider), timeout=10
+    )
 
 
 @pytest.mark.parametrize(
@@ -298,7 +300,9 @@ def test_delay_and_first_n_calls(emulator: Emulator) -> None:
 
 def test_a_read_timeout_during_a_delay_is_reported_as_maybe_sent(emulator: Emulator) -> None:
     emulator.inject("laozhang", Fault(delay=2))
-    flux = FluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"), timeout=0.5)
+    flux = FluxClient(
+        "laozhang", api_key="test-key", base_url=emulator.base_url("laozhang"), timeout=0.5
+    )
     with pytest.raises(errors.Timeout) as caught, flux:
         flux.edit(EditRequest(prompt="p", model="flux-2-pro"))
     assert caught.value.sent is True

@@ -176,7 +176,7 @@ def test_the_client_sees_a_gateway_error_for_a_job_the_provider_billed(emulator:
     emulator.inject("laozhang", Fault(status=502, after_work=True))
     with (
         pytest.raises(errors.ProviderUnavailable),
-        FluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang")) as flux,
+        FluxClient("laozhang", api_key="test-key", base_url=emulator.base_url("laozhang")) as flux,
     ):
         flux.edit(EditRequest(prompt="after work: through the client", model="flux-2-pro"))
     assert len(billed(emulator, "after work: through the client")) == 1

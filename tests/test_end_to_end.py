@@ -69,7 +69,7 @@ def check_image(data: bytes, provider: str) -> None:
 
 @pytest.mark.parametrize("provider", ["laozhang", "apiyi", "apiyi-multipart", "aimlapi"])
 def test_sync(provider: ProviderId, emulator: Emulator, tmp_path: Path) -> None:
-    with FluxClient(provider, api_key="k", base_url=emulator.base_url(provider)) as client:
+    with FluxClient(provider, api_key="test-key", base_url=emulator.base_url(provider)) as client:
         for name, request in requests(provider, tmp_path).items():
             result = client.edit(request)
             assert (result.provider, result.model) == (provider, "flux-2-pro"), name
@@ -81,7 +81,7 @@ def test_sync(provider: ProviderId, emulator: Emulator, tmp_path: Path) -> None:
 def test_async(provider: ProviderId, emulator: Emulator, tmp_path: Path) -> None:
     async def run() -> list[EditResult]:
         async with AsyncFluxClient(
-            provider, api_key="k", base_url=emulator.base_url(provider)
+            provider, api_key="test-key", base_url=emulator.base_url(provider)
         ) as client:
             results = await asyncio.gather(
                 *(client.edit(r) for r in requests(provider, tmp_path).values())
@@ -94,7 +94,7 @@ def test_async(provider: ProviderId, emulator: Emulator, tmp_path: Path) -> None
 
 
 def test_an_expired_result_url_raises_result_expired(emulator: Emulator) -> None:
-    with FluxClient("aimlapi", api_key="k", base_url=emulator.base_url("aimlapi")) as client:
+    with FluxClient("aimlapi", api_key="test-key", base_url=emulator.base_url("aimlapi")) as client:
         result = client.edit(EditRequest(prompt="p", model="flux-2-pro"))
         emulator.advance_clock(emulator.ttl + 1)
         try:

@@ -28,14 +28,14 @@ REQUEST = EditRequest(prompt="a robot", model="flux-2-pro")
 
 @pytest.fixture(scope="module")
 def running() -> Iterator[Emulator]:
-    with run_emulator(bad_keys={"revoked"}) as emulator:
+    with run_emulator(bad_keys={"revoked-key"}) as emulator:
         yield emulator
 
 
 @pytest.fixture
 def emulator(running: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
     for prefix, provider in (("LAOZHANG", "laozhang"), ("APIYI", "apiyi"), ("AIMLAPI", "aimlapi")):
-        monkeypatch.setenv(f"{prefix}_API_KEY", "k")
+        monkeypatch.setenv(f"{prefix}_API_KEY", "test-key")
         monkeypatch.setenv(f"{prefix}_BASE_URL", running.base_url(provider))
     monkeypatch.delenv("FLUX_PROVIDERS", raising=False)
     monkeypatch.delenv("FLUX_CONFIG", raising=False)
@@ -168,7 +168,7 @@ def test_a_refused_connection_fails_over(
 
 
 def test_a_revoked_key_fails_over(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LAOZHANG_API_KEY", "revoked")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "revoked-key")
     with FluxClient(providers=["laozhang", "aimlapi"]) as client:
         result = client.edit(REQUEST)
     assert result.provider == "aimlapi"

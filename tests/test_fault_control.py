@@ -185,7 +185,7 @@ def test_the_emulator_arms_a_fault_for_the_next_submits_until_it_is_cleared(
     assert armed.status_code == 200
     assert armed.json() == {"armed": {"status": 503}, "providers": ["laozhang"]}
     request = EditRequest(prompt="a robot", model="flux-2-pro")
-    client = FluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+    client = FluxClient("laozhang", api_key="test-key", base_url=emulator.base_url("laozhang"))
     with client:
         for _ in range(2):  # every submit, not only the first
             with pytest.raises(errors.ProviderUnavailable) as caught:
@@ -258,7 +258,7 @@ def test_record_against_a_standalone_emulator_records_the_fault_scenarios(
         assert run_scenario(adapter, scenario, tmp_path / "aimlapi").outcome == "pass", scenario.id
     # The protocol's own requests are not in any cassette, and no fault is left armed.
     assert not any("__flux" in path.read_text() for path in (tmp_path / "aimlapi").iterdir())
-    with FluxClient(adapter, api_key="k", base_url=emulator.base_url("aimlapi")) as client:
+    with FluxClient(adapter, api_key="test-key", base_url=emulator.base_url("aimlapi")) as client:
         assert client.edit(EditRequest(prompt="after", model="flux-2-pro")).images
 
 
@@ -518,7 +518,7 @@ def test_pixelforge_answers_each_armed_fault_in_its_own_shape(
     pixelforge_url: str, body: dict[str, object], error: type[errors.ProviderError], status: int
 ) -> None:
     request = EditRequest(prompt="a robot", model="flux-2-pro")
-    client = FluxClient(PixelforgeAdapter(), api_key="k", base_url=pixelforge_url)
+    client = FluxClient(PixelforgeAdapter(), api_key="test-key", base_url=pixelforge_url)
     assert httpx.post(f"{pixelforge_url}/__flux/faults", json=body).status_code == 204
     try:
         with client, pytest.raises(error) as caught:
@@ -529,7 +529,7 @@ def test_pixelforge_answers_each_armed_fault_in_its_own_shape(
     if isinstance(caught.value, errors.RateLimited):
         # Its documented quirk: the wait is in the body, which the adapter does not read yet.
         assert caught.value.retry_after is None
-    with FluxClient(PixelforgeAdapter(), api_key="k", base_url=pixelforge_url) as client:
+    with FluxClient(PixelforgeAdapter(), api_key="test-key", base_url=pixelforge_url) as client:
         assert client.edit(request).images
 
 

@@ -579,6 +579,9 @@ def test_a_json_body_counts_what_reading_it_takes_beside_other_calls(
         {"retention": 0},
         {"retention": float("nan")},
         {"body_timeout": -1},
+        # serve --body-timeout refused more than a day; the library took up to a year.
+        {"body_timeout": 86400.5},
+        {"body_timeout": 30 * 86400},
         {"max_body_bytes": 0},
         {"max_body_bytes": 2.5},
         {"max_body_bytes": True},
@@ -591,6 +594,15 @@ def test_gateway_settings_out_of_range_are_refused(
 ) -> None:
     with pytest.raises(ConfigurationError, match=next(iter(setting))):
         GatewaySettings(files_dir=tmp_path, **setting)  # type: ignore[arg-type]
+
+
+def test_the_longest_body_timeout_is_the_one_serve_takes(tmp_path: Path) -> None:
+    from flux_adapters._options import MAX_SECONDS
+    from flux_adapters.cli import _parser
+
+    assert GatewaySettings(files_dir=tmp_path, body_timeout=MAX_SECONDS).body_timeout == 86400
+    arguments = _parser().parse_args(["serve", "--body-timeout", str(MAX_SECONDS)])
+    assert arguments.body_timeout == MAX_SECONDS
 
 
 @pytest.mark.parametrize(

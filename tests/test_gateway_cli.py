@@ -67,11 +67,14 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
         ),
         (
             ("--rate-per-minute", "0"),
-            "argument --rate-per-minute: must be above 0 and at most 1e+06, got '0'",
+            "argument --rate-per-minute: the rate must be a number of requests a minute, at "
+            "least one a day (1/1440) and at most 1000000, not 0.0",
         ),
+        # Stored before: the key's first call held the next for 10^300 s.
+        (("--rate-per-minute", "1e-300"), "argument --rate-per-minute: the rate must be"),
         # Above what the key store takes: as bad an argument as 0 (exit 2, nothing opened).
         (("--budget-usd", "1e300"), "argument --budget-usd: must be above 0 and at most"),
-        (("--rate-per-minute", "1e300"), "argument --rate-per-minute: must be above 0 and at most"),
+        (("--rate-per-minute", "1e300"), "argument --rate-per-minute: the rate must be"),
         (("--name", "two\nlines"), "argument --name: must be printable text"),
         (("--provider", "laozang"), "argument --provider: unknown provider 'laozang'"),
     ],
@@ -102,7 +105,7 @@ def test_serve_refuses_unusable_settings_as_bad_arguments_naming_its_flags(
     # public_url", "max_bodies_bytes"), where every other message of the command names its
     # flags and a bad argument is exit 2.
     monkeypatch.setenv("FLUX_PROVIDERS", "laozhang")
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     code, out, err = run("serve", "--port", "0", "--files-dir", str(tmp_path / "files"), *argv)
     assert code == 2, err
     assert said in err

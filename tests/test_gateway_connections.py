@@ -43,7 +43,9 @@ def gateway(
     assert http_protocol() is (JoinedWrites if request.param == "h11" else HttptoolsJoinedWrites)
 
     def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
-        return AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+        return AsyncFluxClient(
+            "laozhang", api_key="test-key", base_url=emulator.base_url("laozhang")
+        )
 
     with run_gateway(files_dir=tmp_path, clients=make, header_timeout=HEAD_TIMEOUT) as running:
         key, _ = running.add_key(name="app")

@@ -460,6 +460,50 @@ def test_with_state_fallback_local_a_known_key_is_served_while_redis_is_down(
     assert len(emulator.calls("laozhang")) == before + 2
 
 
+def test_with_state_fallback_local_a_frozen_redis_is_waited_for_once_not_at_every_call(
+    emulator: Emulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A frozen Redis (SIGSTOP: connected, answering nothing) made every call wait out the key
+    # lookup's timeout before the gateway used the key it remembered: the lookup never skipped
+    # Redis after a failure, as the state's budgets and rate limits do.
+    from tests.redis_server import redis_server
+
+    monkeypatch.delenv("FLUX_STATE_URL", raising=False)
+    monkeypatch.setenv("A31_LAOZHANG_KEY", PROVIDER_SECRET)
+    caplog.set_level(logging.DEBUG, logger="flux_adapters.gateway")
+    call = {"prompt": "a robot", "size": "64x64"}
+    with redis_server() as redis:
+        config = tmp_path / "flux-adapters.toml"
+        config.write_text(
+            f'providers = ["laozhang"]\nstate_url = "{redis.url}?socket_timeout=0.3"\n'
+            f'state_fallback = "local"\n[provider.laozhang]\napi_key_env = "A31_LAOZHANG_KEY"\n'
+            f'base_url = "{emulator.base_url("laozhang")}"\n'
+        )
+        with run_gateway(files_dir=tmp_path / "files", config=config) as gateway:
+            key, _ = gateway.add_key()
+            headers = {"authorization": f"Bearer {key}"}
+            first = httpx.post(gateway.url + "/images/generations", json=call, headers=headers)
+            redis.freeze()
+            try:
+                during = [
+                    httpx.post(gateway.url + "/images/generations", json=call, headers=headers)
+                    for _ in range(3)
+                ]
+            finally:
+                redis.thaw()
+    assert first.status_code == 200, first.text
+    assert [answer.status_code for answer in during] == [200, 200, 200]
+    taken = [r.getMessage() for r in caplog.records if "taken as last read" in r.getMessage()]
+    assert len(taken) == 3
+    assert (
+        sum("did not answer within 0.3 s" in said for said in taken) == 1
+    )  # Redis waited for once
+    assert key not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("field", "value"), [("model", ""), ("model", False), ("response_format", "")]
 )

@@ -61,7 +61,9 @@ def test_the_openai_npm_package_generates_and_edits(
     node_modules: Path, emulator: Emulator, tmp_path: Path
 ) -> None:
     def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
-        return AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+        return AsyncFluxClient(
+            "laozhang", api_key="test-key", base_url=emulator.base_url("laozhang")
+        )
 
     png = tmp_path / "in.png"
     png.write_bytes(image_bytes(64, 64))

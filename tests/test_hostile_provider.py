@@ -378,6 +378,27 @@ def test_an_unusable_key_is_refused_when_the_client_is_built_without_showing_it(
     assert "may have reached" not in str(from_env.value)
 
 
+@pytest.mark.parametrize("key", ["k", "any", "sk-x", "abcdefg"])
+def test_a_key_shorter_than_any_providers_is_refused_when_the_client_is_built(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "any" or "k" was taken as a key, and the redactor does not look for a key under 4
+    # characters (masking it would mangle every message): nowhere would it be kept out of a
+    # message. No provider issues keys under 8 characters; such a value is a placeholder.
+    with pytest.raises(
+        errors.ConfigurationError,
+        match=r"^api_key= is \d characters? long; an API key has at least 8",
+    ) as given:
+        FluxClient("laozhang", api_key=key)
+    assert f"'{key}'" not in str(given.value)
+    monkeypatch.setenv("LAOZHANG_API_KEY", key)
+    with pytest.raises(errors.ConfigurationError, match=r"^\$LAOZHANG_API_KEY is \d char") as env:
+        AsyncFluxClient("laozhang")
+    assert f"'{key}'" not in str(env.value)
+    monkeypatch.setenv("LAOZHANG_API_KEY", key + "h" * (8 - len(key)))  # 8: taken
+    FluxClient("laozhang").close()
+
+
 def test_the_key_never_appears_in_debug_logs(caplog: pytest.LogCaptureFixture) -> None:
     from flux_adapters.emulator import run_emulator
 

@@ -67,12 +67,12 @@ def base(httpd: Server, provider: str) -> str:
 
 def edit(kind: str, url: str, provider: ProviderId, request: EditRequest) -> EditResult:
     if kind == "sync":
-        with FluxClient(provider, api_key="k", base_url=url, timeout=10) as client:
+        with FluxClient(provider, api_key="test-key", base_url=url, timeout=10) as client:
             return client.edit(request)
 
     async def run() -> EditResult:
         async with AsyncFluxClient(
-            provider, api_key="k", base_url=url, timeout=10, driver=driver(kind)
+            provider, api_key="test-key", base_url=url, timeout=10, driver=driver(kind)
         ) as client:
             return await client.edit(request)
 

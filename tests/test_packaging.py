@@ -335,7 +335,7 @@ def test_the_speed_ups_and_the_display_fall_back_silently() -> None:
         "from flux_adapters import cli\n"
         "from flux_adapters._bodies import _b64encode\n"
         "from flux_adapters import AsyncFluxClient\n"
-        "client = AsyncFluxClient('laozhang', api_key='k')\n"
+        "client = AsyncFluxClient('laozhang', api_key='test-key')\n"
         "print(_b64encode()(b'flux').decode(), client.driver, type(client._driver.http._transport).__name__)\n"
         "out, err = io.StringIO(), io.StringIO()\n"
         "print(cli.main(['models'], out, err), 'laozhang' in out.getvalue(), repr(err.getvalue()))\n"

@@ -147,7 +147,7 @@ def test_the_named_import_and_building_a_request_and_client_load_nothing_they_do
         "import json; before = set(sys.modules); "
         "from flux_adapters import EditRequest, FluxClient; "
         "imported = sorted(set(sys.modules) - before); "
-        "EditRequest(prompt='x', model='flux-2-pro'); FluxClient('laozhang', api_key='k'); "
+        "EditRequest(prompt='x', model='flux-2-pro'); FluxClient('laozhang', api_key='test-key'); "
         "built = sorted(set(sys.modules) - before); "
         "print(json.dumps({'imported': imported, 'built': built}))"
     )
@@ -168,7 +168,7 @@ def test_a_sync_edit_and_its_download_never_load_asyncio(tmp_path: Path) -> None
         "        return httpx.Response(200, content=png, headers={'content-type': 'image/png'})\n"
         "    return httpx.Response(200, json={'data': [{'url': 'https://cdn.example.com/1'}]})\n"
         "http = httpx.Client(transport=httpx.MockTransport(answer))\n"
-        "with FluxClient('laozhang', api_key='k', http_client=http) as client:\n"
+        "with FluxClient('laozhang', api_key='test-key', http_client=http) as client:\n"
         "    result = client.edit(EditRequest(prompt='x', model='flux-2-pro'))\n"
         f"    saved = result.images[0].save({str(tmp_path / 'out.png')!r})\n"
         "print(json.dumps({'saved': [str(saved)], 'asyncio': sorted(m for m in sys.modules "

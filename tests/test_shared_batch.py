@@ -64,7 +64,7 @@ def worker(
 def environment(emulator: Emulator, provider: str = "laozhang") -> dict[str, str]:
     prefix = provider.upper()
     return os.environ | {
-        f"{prefix}_API_KEY": "k",
+        f"{prefix}_API_KEY": "test-key",
         f"{prefix}_BASE_URL": emulator.base_url(provider),
     }
 
@@ -710,7 +710,7 @@ def test_outputs_go_to_an_fsspec_url_whole(
 
     source = write_jobs(tmp_path / "jobs.jsonl", 5)
     with run_emulator() as emulator:
-        monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+        monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
         monkeypatch.setenv("LAOZHANG_BASE_URL", emulator.base_url("laozhang"))
 
         async def run() -> Any:

@@ -363,6 +363,68 @@ def test_with_fallback_each_outage_warns_and_redis_answering_again_is_said(
     assert said == ["down", "up", "down", "up"]  # each outage once, however long
 
 
+def test_with_fallback_a_key_lookup_that_timed_out_skips_redis_for_a_while(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A frozen Redis made every gateway call wait out the key lookup's timeout before the
+    # gateway used the key it remembered: admit skipped Redis after a failure, get_key never
+    # did. Now one lookup waits; the next ones are not asked until Redis is tried again.
+    import time
+
+    import flux_adapters.state._redis as redis_state
+    from flux_adapters.gateway import new_key
+
+    class Later:
+        """The fallback's clock, *ahead* seconds after the real one (nothing else reads it)."""
+
+        ahead = 0.0
+
+        def monotonic(self) -> float:
+            return time.monotonic() + self.ahead
+
+    clock = Later()
+    monkeypatch.setattr(redis_state, "time", clock)
+    _, record = new_key(name="ci")
+
+    async def lookups(server: RedisServer, fallback: Any) -> list[str]:
+        state = open_state(server.url, prefix=prefix(), timeout=0.3, fallback=fallback)
+        await state.put_key(record)
+        said: list[str] = []
+        server.freeze()
+        try:
+            for _ in range(3):
+                try:
+                    await state.get_key(record.key_hash)
+                except StateUnavailable as exc:
+                    said.append("waited" if "did not answer" in str(exc) else "skipped")
+        finally:
+            server.thaw()
+        try:  # Redis answers again; within the while, it is still not asked
+            said.append("read" if await state.get_key(record.key_hash) == record else "?")
+        except StateUnavailable:
+            said.append("skipped")
+        clock.ahead += redis_state._RETRY_LOCAL  # the while is over: Redis is asked again
+        server.freeze()
+        try:
+            with pytest.raises(StateUnavailable, match="did not answer"):
+                await state.get_key(record.key_hash)  # asked again, and down again
+        finally:
+            server.thaw()
+        clock.ahead += redis_state._RETRY_LOCAL
+        said.append("read" if await state.get_key(record.key_hash) == record else "?")
+        await state.aclose()
+        return said
+
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"), redis_server() as server:
+        assert asyncio.run(lookups(server, "local")) == [
+            "waited", "skipped", "skipped", "skipped", "read"
+        ]  # fmt: skip
+        warned = [r.getMessage() for r in caplog.records if "shared state" in r.getMessage()]
+        assert ["unavailable" in said for said in warned] == [True, False]  # one outage
+        # Fail closed, the default: each lookup asks Redis, none is taken from anywhere else.
+        assert asyncio.run(lookups(server, "none"))[:3] == ["waited"] * 3
+
+
 def test_with_fallback_the_blocking_client_also_says_redis_answers_again(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -479,7 +541,7 @@ def test_careless_state_arguments_are_refused_when_the_client_is_built(
     options: dict[str, Any], match: str
 ) -> None:
     with pytest.raises(ConfigurationError, match=match):
-        FluxClient("laozhang", api_key="k", **options)
+        FluxClient("laozhang", api_key="test-key", **options)
 
 
 def test_the_sync_client_with_local_state_never_imports_asyncio() -> None:
@@ -489,7 +551,7 @@ def test_the_sync_client_with_local_state_never_imports_asyncio() -> None:
         "from flux_adapters.prices import PerCall\n"
         "def answer(request):\n"
         "    return httpx.Response(200, json={'data': [{'url': 'https://cdn.example/i.png'}]})\n"
-        "client = FluxClient('laozhang', api_key='k', budget_usd=1.0, state='local',\n"
+        "client = FluxClient('laozhang', api_key='test-key', budget_usd=1.0, state='local',\n"
         "    prices={('laozhang', 'flux-2-pro'): PerCall(usd=0.07)},\n"
         "    http_client=httpx.Client(transport=httpx.MockTransport(answer)))\n"
         "result = client.edit(EditRequest(prompt='x', model='flux-2-pro'))\n"
@@ -505,7 +567,7 @@ def test_importing_the_package_does_not_load_the_state() -> None:
     code = (
         "import sys, flux_adapters\n"
         "from flux_adapters import EditRequest, FluxClient\n"
-        "FluxClient('laozhang', api_key='k')\n"
+        "FluxClient('laozhang', api_key='test-key')\n"
         "print(sorted(m for m in sys.modules if m.startswith(('flux_adapters.state', 'redis'))))\n"
     )
     out = subprocess.run(
@@ -589,8 +651,8 @@ def test_mock_transport_clients_share_a_cooldown_through_local_state(
             http_client=httpx.Client(transport=httpx.MockTransport(answer)),
         )
 
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k1")
-    monkeypatch.setenv("APIYI_API_KEY", "k2")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key-1")
+    monkeypatch.setenv("APIYI_API_KEY", "test-key-2")
     monkeypatch.delenv("LAOZHANG_BASE_URL", raising=False)
     monkeypatch.delenv("APIYI_BASE_URL", raising=False)
     request = EditRequest(prompt="x", model="flux-2-flex")  # a model no other test cools here
@@ -606,10 +668,10 @@ def test_a_redis_url_without_the_redis_extra_names_the_extra() -> None:
         "import sys; sys.modules['redis'] = None  # as if redis-py were not installed\n"
         "from flux_adapters import FluxClient, errors\n"
         "try:\n"
-        "    FluxClient('laozhang', api_key='k', state='redis://localhost:6379/0')\n"
+        "    FluxClient('laozhang', api_key='test-key', state='redis://localhost:6379/0')\n"
         "except errors.MissingExtraError as error:\n"
         "    print(error.extra)\n"
-        "FluxClient('laozhang', api_key='k', state='local', budget_usd=1)\n"
+        "FluxClient('laozhang', api_key='test-key', state='local', budget_usd=1)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
@@ -623,7 +685,7 @@ def test_a_refusal_refunds_but_a_moderated_accepted_job_keeps_its_reservation(
     from flux_adapters.errors import ContentModerated, Moderated
     from flux_adapters.jobs import Polling
 
-    monkeypatch.setenv("FAL_API_KEY", "fal-key")
+    monkeypatch.setenv("FAL_API_KEY", "fal-test-key")
     monkeypatch.setenv("FAL_BASE_URL", emulator.base_url("fal"))
     fast = Polling(first=0.01, factor=1.5, longest=0.05, jitter=0.1, deadline=30.0)
 

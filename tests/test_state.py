@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from flux_adapters import FluxClient
+from flux_adapters.config import ProviderSettings
 from flux_adapters.errors import ConfigurationError, FluxError
 from flux_adapters.routing import Admitted, Denied, Pass
 from flux_adapters.state import (
@@ -312,8 +313,36 @@ def test_a_client_budget_too_large_for_a_float_is_a_configuration_error(
 @pytest.mark.parametrize("rate", [-1.0, 2e6, math.inf])
 def test_a_key_records_rate_is_refused_in_its_own_unit(rate: float) -> None:
     # The rate is per minute; the refusal said "at most 1e6 per second", 60 times the bound.
-    with pytest.raises(ConfigurationError, match=r"rate_per_minute .* at most 1e6 a minute"):
+    with pytest.raises(ConfigurationError, match=r"rate_per_minute .* a minute.* at most 1000000"):
         KeyRecord(id="ab", key_hash="a" * 64, rate_per_minute=rate)
+
+
+@pytest.mark.parametrize("rate", [1e-300, 1e-9, 0.0001])
+def test_a_key_rate_no_one_means_is_refused_as_a_providers_is(rate: float) -> None:
+    # A provider's rate_per_minute refused 1e-300 (the first call held the next for 10^300 s);
+    # a gateway key's took it. One check, one message.
+    with pytest.raises(ConfigurationError) as caught:
+        KeyRecord(id="ab", key_hash="a" * 64, rate_per_minute=rate)
+    said = str(caught.value)
+    assert said.startswith(
+        "rate_per_minute must be a number of requests a minute, at least one a day"
+    )
+    settings = {"laozhang": ProviderSettings(name="laozhang", rate_per_minute=rate)}
+    with pytest.raises(ConfigurationError) as client:
+        FluxClient(providers=["laozhang"], settings=settings)
+    assert str(client.value).endswith(said.replace("1000000", "60000000"))
+
+
+def test_a_stored_key_rate_below_one_a_day_names_the_rule_it_breaks() -> None:
+    # Stored before the bound: the key store cannot be read, and its message says why.
+    from flux_adapters.gateway._keys import record_from_dict
+
+    with pytest.raises(ConfigurationError, match=r"damaged: rate_per_minute must be .* one a day"):
+        record_from_dict({"id": "ab", "key_hash": "a" * 64, "rate_per_minute": 1e-300})
+
+
+def test_a_key_rate_of_one_a_day_is_taken() -> None:
+    assert KeyRecord(id="ab", key_hash="a" * 64, rate_per_minute=1 / 1440).rate_per_minute
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ import httpx
 from attrs import define, frozen
 
 from flux_adapters import errors
+from flux_adapters._display import escape_controls
 from flux_adapters._files import read_bytes_file, read_text_file
 from flux_adapters._flows import first_request, is_job_adapter, resolve
 from flux_adapters._redact import Redactor
@@ -1382,6 +1383,15 @@ _SYMBOLS: Final = {
 }
 
 
+def _one_markdown_line(text: str) -> str:
+    """*text* as one line of Markdown: line breaks as spaces, ``|`` escaped, controls shown.
+
+    A detail holds a deviations.toml reason as written, and an answer's text: a line break in
+    it ended the list item and let the next lines be a table or a heading of their own.
+    """
+    return escape_controls(" ".join(text.split())).replace("|", "\\|")
+
+
 def write_report(verdicts: Sequence[Verdict], folder: Path) -> tuple[Path, Path]:
     """Write the provider x scenario table as ``conformance.md`` and ``conformance.json``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -1402,7 +1412,7 @@ def write_report(verdicts: Sequence[Verdict], folder: Path) -> tuple[Path, Path]
     notes = [v for v in verdicts if v.outcome in ("fail", "deviation")]
     if notes:
         lines += ["", "## Failures and deviations", ""] + [
-            f"- `{v.provider}` {v.detail}" for v in notes
+            f"- `{v.provider}` {_one_markdown_line(v.detail)}" for v in notes
         ]
     markdown, data = folder / "conformance.md", folder / "conformance.json"
     markdown.write_text("\n".join(lines) + "\n")

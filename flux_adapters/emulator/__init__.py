@@ -9,7 +9,7 @@ which names the missing package and ``pip install 'flux-adapters[emulator]'``::
 
     with run_emulator() as emulator:
         emulator.inject("laozhang", Fault(status=429, retry_after=2, first=1))
-        client = FluxClient("laozhang", api_key="any", base_url=emulator.base_url("laozhang"))
+        client = FluxClient("laozhang", api_key="emulator-key", base_url=emulator.base_url("laozhang"))
         ...
 
 From the command line: ``flux-adapters emulate --port 8000 --fault laozhang:503,first=2``.

@@ -151,8 +151,8 @@ class GatewaySettings:
         require_keys: Refuse requests without a valid gateway key (``False``: open, for a
             gateway only its own machine can reach).
         default_model: The model when a request names none.
-        body_timeout: Seconds a request's whole body may take to arrive (default 300): a
-            client that drips it is answered 408 and its connection closed, so slow uploads
+        body_timeout: Seconds a request's whole body may take to arrive (default 300, at most
+            a day, as ``serve --body-timeout`` and every timeout): a client that drips it is answered 408 and its connection closed, so slow uploads
             cannot hold the gateway's connections.
         max_bodies_bytes: Request bodies the gateway holds at once, all calls together (default
             1 GiB; at least *max_body_bytes*): a call that would pass it is answered 503
@@ -177,13 +177,17 @@ class GatewaySettings:
     max_bodies_bytes: int = 1 << 30
 
     def __attrs_post_init__(self) -> None:
-        from flux_adapters._options import is_number
+        from flux_adapters._options import MAX_SECONDS, is_number
 
         problems = []
-        for name in ("retention", "body_timeout"):
-            seconds = getattr(self, name)
-            if not (is_number(seconds) and 0 < seconds <= 365 * 86400):
-                problems.append(f"{name} must be seconds above 0, up to a year")
+        retention: object = self.retention
+        if not (is_number(retention) and 0 < retention <= 365 * 86400):
+            problems.append("retention must be seconds above 0, up to a year")
+        body_timeout: object = self.body_timeout  # a timeout: bounded as every other one
+        if not (is_number(body_timeout) and 0 < body_timeout <= MAX_SECONDS):
+            problems.append(
+                f"body_timeout must be seconds above 0, up to {MAX_SECONDS:.0f} (a day)"
+            )
         size: object = self.max_body_bytes  # whatever a caller passed
         if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= 4096 << 20:
             problems.append("max_body_bytes must be a whole number of bytes from 1 to 4 GiB")

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeAlias
 
 from attrs import field, frozen
 
-from flux_adapters._display import render_value
-from flux_adapters._options import is_number
+from flux_adapters._options import check_rate_per_minute, is_number
 from flux_adapters.errors import BudgetExceeded, ConfigurationError, StateUnavailable
 
 if TYPE_CHECKING:
@@ -260,13 +259,8 @@ class KeyRecord:
                 isinstance(n, str) and _NAME.fullmatch(n) for n in names
             ):
                 raise ConfigurationError("allowed models and providers must be a tuple of names")
-        rate: object = self.rate_per_minute
-        # (the bucket holds a minute's worth)
-        if rate is not None and not (is_number(rate) and 0 < rate <= MAX_TOKENS):
-            raise ConfigurationError(
-                "rate_per_minute must be a finite number above 0 and at most 1e6 a minute, "
-                f"not {render_value(rate)}"
-            )
+        if self.rate_per_minute is not None:  # (the bucket holds a minute's worth)
+            check_rate_per_minute(self.rate_per_minute, "rate_per_minute", MAX_TOKENS)
         if isinstance(self.created, bool) or not isinstance(self.created, int | float):
             raise ConfigurationError("created must be unix seconds")
         if not is_number(self.created):
@@ -311,7 +305,11 @@ def record_from_dict(data: object) -> KeyRecord:
             rate_per_minute=None if rate is None else _number(rate),
             created=_number(data.get("created", 0.0)),
         )
-    except (KeyError, TypeError, ValueError, OverflowError, ConfigurationError):
+    except ConfigurationError as exc:
+        # A value KeyRecord refuses (its messages show no key): say which rule, so that a record
+        # written under an older one (a rate below one a day) can be found and fixed.
+        raise ConfigurationError(f"a gateway key record is damaged: {exc}") from None
+    except (KeyError, TypeError, ValueError, OverflowError):
         # OverflowError: float() of an integer beyond a float's range (json reads 1e400 written
         # out in digits as an int)
         raise ConfigurationError("a gateway key record is damaged") from None

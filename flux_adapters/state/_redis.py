@@ -14,8 +14,9 @@ stored (buckets are digests of keys, gateway keys are kept as SHA-256 digests). 
 The async methods use ``redis.asyncio``; `blocking` gives the same scripts on redis-py's
 blocking client, for `flux_adapters.FluxClient`. Every call is bounded by *timeout* (connect,
 write and read) and never retried by redis-py; a failure raises `StateUnavailable`, or, with
-``fallback="local"``, switches to in-process state with one WARNING an outage (Redis is tried
-again after 30 seconds; one more WARNING says when it answers again).
+``fallback="local"``, switches to in-process state with one WARNING an outage (Redis, gateway
+key lookups included, is not asked again for 30 seconds; one more WARNING says when it
+answers again).
 """
 
 from __future__ import annotations
@@ -854,15 +855,29 @@ class RedisState:
         given: object = key_hash
         if not isinstance(given, str) or len(given) != 64:
             return None
+        if self._fallback.active():
+            # fallback="local", Redis failed moments ago: not asked again before it is retried,
+            # as admit is not, so that a frozen Redis costs one call its timeout, not every call
+            # (the gateway goes on with the keys it has seen).
+            raise StateUnavailable(
+                "the shared state (Redis) is not asked for a while after it failed "
+                f"(state_fallback = 'local'); {_ENDING.get()}"
+            )
         p = self._layout.prefix
-        raw = await self._raw(
-            "EVAL",
-            "local id = redis.call('GET', KEYS[1]); if not id then return false end; "
-            "return redis.call('GET', ARGV[1] .. id)",
-            "1",
-            f"{p}gwhash:{key_hash}",
-            f"{p}gwkey:",
-        )
+        try:
+            raw = await self._raw(
+                "EVAL",
+                "local id = redis.call('GET', KEYS[1]); if not id then return false end; "
+                "return redis.call('GET', ARGV[1] .. id)",
+                "1",
+                f"{p}gwhash:{key_hash}",
+                f"{p}gwkey:",
+            )
+        except StateUnavailable as exc:
+            self._fallback.fell(exc)  # raises it again without a fallback
+            raise
+        if self._fallback.down:  # it failed before, and answers again
+            self._fallback.back()
         return _record(raw)
 
     async def list_keys(self) -> list[KeyRecord]:
