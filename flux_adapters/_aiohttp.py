@@ -365,11 +365,15 @@ def _yarl(url: str) -> URL:
     re-quote it, which can break a signed query). Any other is normalised by httpx first.
 
     Raises:
-        httpx.InvalidURL: httpx cannot read it.
+        httpx.InvalidURL: httpx cannot read it, or it holds what no URL can carry (a lone
+            surrogate, which has no UTF-8: httpx raises a bare UnicodeEncodeError for it).
         httpx.UnsupportedProtocol: Not an http(s) URL with a host (nothing is sent).
     """
     if not (url.isascii() and _PLAIN_URL.fullmatch(url)):
-        url = str(httpx.URL(url))
+        try:
+            url = str(httpx.URL(url))
+        except UnicodeError as exc:  # httpx_request reads it as a ValueError: "cannot send"
+            raise httpx.InvalidURL(str(exc)) from None
     parsed = URL(url, encoded=True)
     try:
         host = parsed.host  # yarl reads the netloc here: a port out of range or no number

@@ -55,10 +55,10 @@ from flux_adapters.errors import (
     RequestError,
     Violation,
 )
-from flux_adapters.jobs import Job
+from flux_adapters.jobs import Job, _shown_id
 from flux_adapters.request import EditRequest
 from flux_adapters.result import BatchItem, BatchStatus, EditResult, ResultImage
-from flux_adapters.routing import billing_rule
+from flux_adapters.routing import billing_rule, proven
 
 if TYPE_CHECKING:
     from flux_adapters.client import AsyncFluxClient
@@ -221,6 +221,8 @@ def _finished_record(
     """The journal record of an attempt at *provider* that ended with *reply*.
 
     Judged by the same rule as the router's (with the statuses the adapter says are not billed).
+    A refusal (moderation) of a job the provider had accepted may have been billed, as the
+    budget counts it (fal bills a job it moderated): a rerun must not send it again.
     A result URL that carries the API key (a provider echoing it) is not kept: the journal is a
     file in the output folder, and the key never goes in a file.
     """
@@ -230,7 +232,7 @@ def _finished_record(
             "k": "attempt",
             "p": provider,
             "b": rule.name,
-            "proves": rule.proves,
+            "proves": proven(rule, reply),
             "e": f"{type(reply).__name__}: {reply}"[:300],
         }
         if isinstance(reply, JobError) and not isinstance(reply, JobTimeout):
@@ -465,7 +467,8 @@ class _Batch:
             if state.job is not None:
                 self.started.add(index)
                 resumed = await self.client._resume(state.job, _JobWatcher(journal, name))
-                return await self._save(name, resumed, item, f"job {state.job.id} polled again")
+                polled = f"job {_shown_id(state.job.id, self.client._scrub)} polled again"
+                return await self._save(name, resumed, item, polled)
             if not self.resend_unconfirmed:
                 why = failure or state.why_unconfirmed
                 return item("unconfirmed", reason=f"may have been billed, no image saved: {why}")

@@ -70,6 +70,7 @@ __all__ = [
     "flow_for",
     "follow_job",
     "job_flow",
+    "job_request_id",
     "resolve",
 ]
 
@@ -544,7 +545,7 @@ def job_flow(
         submitted_at=time.time(),
         usage=submitted.usage,
     )
-    job = _keyless(adapter, job, secrets)
+    job = _keyless(job, secrets)
     try:
         yield Accepted(job)
     except StopJob as stop:  # the caller stopped while the job was being kept: it is taken
@@ -557,35 +558,47 @@ def job_flow(
     answer = yield from follow_job(
         adapter, job, secrets, polling=polling, clock=clock, rng=rng, started=started
     )
-    return Outcome(plan=resolved, answer=answer, job=job, request_id=submit_id or job.id)
+    return Outcome(
+        plan=resolved, answer=answer, job=job, request_id=submit_id or job_request_id(job, secrets)
+    )
 
 
-def _keyless(adapter: JobAdapter, job: Job, secrets: tuple[str, ...]) -> Job:
-    """*job* without the key in its URLs, where its adapter sends the key as a query parameter.
+def job_request_id(job: Job, secrets: tuple[str, ...]) -> str:
+    """*job*'s id as the request id of its result, where no header named one: without *secrets*.
 
-    A provider that takes the key in the query (``?key=...``) may answer with URLs that repeat
-    it: kept in the `Job`, the key went into the result's repr, ``--json``, and the batch
-    journal on disk. The client adds it again to each URL that may receive it, as it sends.
-    Only that parameter holding one of *secrets* is taken out: the same name holding anything
-    else (a CDN's own signed ``token=``) is the URL's.
+    A provider's id may echo the key it was sent; the result's ``request_id`` is shown (a
+    gateway answers it to its own clients as ``x-flux-provider-request-id``), as an error's
+    is, while ``result.job`` keeps the id whole, to be polled again.
     """
-    from flux_adapters.providers import KeyAuth
+    ident = job.id
+    if any(secret and secret in ident for secret in secrets):
+        return redact(ident, secrets)
+    return ident
 
-    auth = getattr(adapter, "auth", None)
-    name = auth.query if isinstance(auth, KeyAuth) else None
-    if not name or not secrets:
+
+def _keyless(job: Job, secrets: tuple[str, ...]) -> Job:
+    """*job* without the key in its URLs' queries, wherever the adapter sends the key.
+
+    A provider may answer with URLs that repeat the key (``?key=...``, or ``?token=...`` at a
+    provider that takes it in a header): kept in the `Job`, the key went into the result's repr,
+    ``--json``, httpx's log line of every poll and the batch journal on disk. The client sends
+    the key as the adapter declares it (a header, or its query parameter, added again to each
+    URL that may receive it). Only a parameter holding one of *secrets* is taken out: the same
+    name holding anything else (a CDN's own signed ``token=``) is the URL's.
+    """
+    if not secrets:
         return job
     changes: dict[str, Any] = {
         field: kept
         for field in ("poll_url", "result_url", "cancel_url")
         if isinstance(url := getattr(job, field), str)
-        and (kept := _without_key(url, name, secrets)) != url
+        and (kept := _without_key(url, secrets)) != url
     }
     return attrs.evolve(job, **changes) if changes else job
 
 
-def _without_key(url: str, name: str, secrets: tuple[str, ...]) -> str:
-    """*url* without the query parameter *name* where it holds one of *secrets*.
+def _without_key(url: str, secrets: tuple[str, ...]) -> str:
+    """*url* without the query parameters that hold one of *secrets*, whatever their name.
 
     Every other byte of it stays as it was: the URL may be signed.
     """
@@ -596,8 +609,7 @@ def _without_key(url: str, name: str, secrets: tuple[str, ...]) -> str:
     from urllib.parse import unquote_plus
 
     def keyed(pair: str) -> bool:
-        field, _, value = pair.partition("=")
-        return unquote_plus(field) == name and unquote_plus(value) in secrets
+        return unquote_plus(pair.partition("=")[2]) in secrets
 
     kept = [pair for pair in query.split("&") if not keyed(pair)]
     return head + (mark + "&".join(kept) if kept else "") + hash_ + fragment
@@ -795,13 +807,20 @@ def _poll_once(
         raise _with_answer(_not_found(adapter, job, response), response, secrets)
     try:
         expected: tuple[type[Pending | Done], ...] = (Pending, Done)
-        return _answered(
+        state = _answered(
             adapter, response, secrets, True, expected, adapter.parse_poll, response, job
         )
     except ResponseFormatError as error:
         if not 200 <= response.status_code < 300:
             raise
         return error
+    if isinstance(state, Pending) and state.retry_after is None:
+        # A pending answer's Retry-After is the least wait, as a 429's: the adapter reads the
+        # body, the header is the exchange's.
+        asked = _asked_wait(response)
+        if asked is not None:
+            return attrs.evolve(state, retry_after=asked)
+    return state
 
 
 def _not_found(adapter: JobAdapter, job: Job, response: HttpResponse) -> JobNotFound:
@@ -835,9 +854,14 @@ def _transient(response: HttpResponse) -> Pending | None:
     status = response.status_code
     if status not in (408, 429) and not 500 <= status < 600:
         return None
+    return Pending(retry_after=_asked_wait(response))
+
+
+def _asked_wait(response: HttpResponse) -> float | None:
+    """Seconds *response*'s ``Retry-After`` asks to wait, if it has a usable one."""
     from flux_adapters.providers._images_api import retry_after
 
-    return Pending(retry_after=retry_after(response.header("retry-after")))
+    return retry_after(response.header("retry-after"))
 
 
 def _fetch(
@@ -849,8 +873,13 @@ def _fetch(
     ends: float,
     clock: Callable[[], float],
 ) -> _Steps[Answer]:
-    """Fetch a finished job's result, trying again in place after failures that may pass."""
+    """Fetch a finished job's result, trying again in place after failures that may pass.
+
+    A success answer that cannot be read (a proxy's page, JSON cut short, one too large) is
+    tried again as a poll's is: the fetch is as free, and `_UNREADABLE_POLLS` in a row end it.
+    """
     wait = polling.first
+    unreadable = 0
     while True:
         built = adapter_built(adapter, None, adapter.build_fetch, job)
         if built is None:
@@ -862,6 +891,11 @@ def _fetch(
         try:
             response = yield _within(built, adapter, "fetch", ends, clock)
         except TransportError:
+            response, unreadable = None, 0
+        except ResponseFormatError:  # a 2xx the client could not read (too large ...)
+            unreadable += 1
+            if unreadable >= _UNREADABLE_POLLS:
+                raise
             response = None
         retry: Pending | None = None
         if response is not None:
@@ -871,10 +905,18 @@ def _fetch(
             if response.status_code in (404, 410):
                 raise _with_answer(_not_found(adapter, job, response), response, secrets)
             retry = _transient(response)
-            if retry is None:
-                return _answered(
-                    adapter, response, secrets, True, (Answer,), adapter.parse_fetch, response, job
-                )
+            if retry is not None:
+                unreadable = 0  # "in a row", as polls count them
+            else:
+                try:
+                    return _answered(
+                        adapter, response, secrets, True, (Answer,), adapter.parse_fetch,
+                        response, job,
+                    )  # fmt: skip
+                except ResponseFormatError:
+                    unreadable += 1
+                    if not 200 <= response.status_code < 300 or unreadable >= _UNREADABLE_POLLS:
+                        raise
         wait = _next_wait(wait, polling, retry)  # backing off after a dropped fetch too
         yield from _pause(wait, polling, chance, ends - clock())
         if clock() >= ends:

@@ -43,6 +43,7 @@ from flux_adapters._journal import JobState, image_identities, is_image_file, re
 from flux_adapters._redact import shown_state_url
 from flux_adapters._shared_batch_store import STATUSES, Claim, Store
 from flux_adapters.errors import FluxError, OutputError, RequestError, StateUnavailable
+from flux_adapters.jobs import _shown_id
 from flux_adapters.request import EditRequest
 from flux_adapters.result import EditResult, ResultImage
 
@@ -802,7 +803,8 @@ class _Run:
         if state.job is not None:
             watcher = _Watcher(self.writer, number, state)
             resumed = await self.client._resume(state.job, watcher)
-            return await self._save(name, resumed, f"job {state.job.id} polled again")
+            polled = f"job {_shown_id(state.job.id, self.client._scrub)} polled again"
+            return await self._save(name, resumed, polled)
         if not self.options.resend_unconfirmed:
             why = failure or state.why_unconfirmed
             return Ended(name, "unconfirmed", reason=f"may have been billed, no image saved: {why}")

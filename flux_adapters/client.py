@@ -1343,9 +1343,16 @@ def _note_accepted(binding: _Binding, accepted: Accepted) -> None:
 
 
 def _noted(interruption: BaseException, stop: StopJob, scrub: Redactor) -> None:
-    """Add to *interruption* (Ctrl-C, a cancelled task) what became of the job it cut short."""
+    """Add to *interruption* (Ctrl-C, a cancelled task) what became of the job it cut short.
+
+    A job the provider took is also the interruption's ``job``, as it is every `FluxError`'s
+    after a submit: the note says it in words, this is what ``client.resume(job)`` takes (a job
+    that goes on, at a provider with no cancel, is still billed).
+    """
     from flux_adapters._display import escape_controls
 
+    if stop.job is not None:
+        interruption.job = stop.job  # type: ignore[attr-defined]
     said = stop.note(scrub)
     if said is not None:
         interruption.add_note(f"flux-adapters: {escape_controls(said)}")
@@ -1621,7 +1628,8 @@ class FluxClient(_ClientBase):
             ProviderError: A poll was refused for good (a revoked key, say).
         """
         binding = self._job_binding(job)
-        from flux_adapters.jobs import _readable_job  # loaded by _job_binding
+        from flux_adapters._flows import job_request_id  # loaded by _job_binding
+        from flux_adapters.jobs import _readable_job
 
         job = _readable_job(job)  # its odd usage or time must not lose the paid image
         started = time.perf_counter()
@@ -1634,7 +1642,7 @@ class FluxClient(_ClientBase):
             started,
             model=job.model,
             estimated=None,
-            request_id=job.id,
+            request_id=job_request_id(job, (binding.api_key,)),
         )
 
     def _attempt(self, binding: object, request: EditRequest, plan: Plan) -> Outcome | FluxError:
@@ -2000,7 +2008,8 @@ class AsyncFluxClient(_ClientBase):
 
     async def _resume(self, job: Job, watcher: Watcher | None) -> EditResult:
         binding = self._job_binding(job)
-        from flux_adapters.jobs import _readable_job  # loaded by _job_binding
+        from flux_adapters._flows import job_request_id  # loaded by _job_binding
+        from flux_adapters.jobs import _readable_job
 
         job = _readable_job(job)  # its odd usage or time must not lose the paid image
         self._claim_loop()
@@ -2022,7 +2031,7 @@ class AsyncFluxClient(_ClientBase):
             started,
             model=job.model,
             estimated=None,
-            request_id=job.id,
+            request_id=job_request_id(job, (binding.api_key,)),
         )
 
     async def _attempt(

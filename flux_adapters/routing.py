@@ -89,6 +89,7 @@ __all__ = [
     "Wait",
     "billing_rule",
     "disposition",
+    "proven",
     "route",
 ]
 
@@ -903,18 +904,25 @@ def route(
     )
 
 
+def proven(rule: BillingRule, error: FluxError) -> Proves:
+    """What *error*, under *rule* (`billing_rule`), proves of the job's billing.
+
+    ``rule.proves``, except for a refusal of a job the provider had accepted (moderated after
+    its submit was taken): fal bills that, BFL does not, so it "may be billed", the side that
+    cannot pay twice or overspend. The budget (`_charge`) and the batch journal both read it.
+    """
+    if rule.proves == "refused" and (error.job is not None or isinstance(error, JobError)):
+        return "may be billed"
+    return rule.proves
+
+
 def _charge(rule: BillingRule, error: FluxError) -> Charge:
     """What a failed try costs the budget: nothing only when it proves the job was not billed.
 
     A refusal refunds when it came before a job was accepted; a job the provider accepted and
-    then moderated keeps its reservation (fal bills it, BFL does not: counting it is the side
-    that cannot overspend).
+    then moderated keeps its reservation (`proven`).
     """
-    if rule.proves in ("not taken", "not billed"):
-        return "refund"
-    if rule.proves == "refused" and error.job is None and not isinstance(error, JobError):
-        return "refund"
-    return "keep"
+    return "keep" if proven(rule, error) == "may be billed" else "refund"
 
 
 def _denied_reason(denied: Denied, cost: float | None) -> str:

@@ -787,6 +787,22 @@ def test_a_url_whose_port_cannot_be_is_a_request_error_on_both_drivers(
     assert "cannot send" in str(outcome)
 
 
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+@pytest.mark.parametrize("where", ["path", "query"])
+def test_a_url_holding_a_lone_surrogate_is_a_request_error_on_both_drivers(
+    make: Callable[..., Any], where: str, serve: Callable[..., Server]
+) -> None:
+    # A job's polling URL read from JSON that escapes half a surrogate pair ("\\ud800"): no
+    # URL can carry it (it has no UTF-8). The aiohttp driver let httpx's bare
+    # UnicodeEncodeError out of the client: no FluxError, and the job it polled lost with it.
+    server = serve(gateway)
+    url = f"{server.url}/v1/get_result\ud800" if where == "path" else f"{server.url}/v1?id=\ud800"
+    [outcome] = on_driver(make, exchange(url))
+    assert isinstance(outcome, errors.RequestError), outcome
+    assert "cannot send" in str(outcome)
+    assert server.requests == 0
+
+
 def test_aiohttp_a_host_aiohttp_refuses_to_connect_to_is_not_sent() -> None:
     # aiohttp refuses 127.1 (an IPv4 address it will not read) before it connects: the driver
     # called that a failure that may have reached the provider, which is never failed over.

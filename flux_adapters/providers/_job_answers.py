@@ -23,6 +23,8 @@ from flux_adapters.wire import HttpResponse
 __all__ = ["json_object", "number", "required_text", "required_url", "unreadable", "words"]
 
 _ID_CHARS: Final = 200
+_ID_NUMBERS: Final = 10 ** (_ID_CHARS - 1)
+"""Whole numbers taken as an id: their text, sign and all, is at most `_ID_CHARS` long."""
 
 
 def json_object(provider: str, response: HttpResponse) -> Mapping[str, object]:
@@ -45,10 +47,16 @@ def required_text(
 ) -> str:
     """The non-empty, printable text field *name* (an id), at most 200 characters.
 
+    A whole number is taken as its text (``{"id": 12345}``), as the job flow takes an outside
+    adapter's: the id only names the job the provider took (and bills), which is followed by
+    its URLs; refused, the paid job would never be polled.
+
     Raises:
         ResponseFormatError: It is missing or not such a text.
     """
     value = body.get(name)
+    if type(value) is int and abs(value) < _ID_NUMBERS:  # str() of a huge one would raise
+        value = str(value)
     if not isinstance(value, str) or not value or len(value) > _ID_CHARS:
         raise format_error(provider, response, f"the answer has no usable {name!r}")
     if not value.isprintable():

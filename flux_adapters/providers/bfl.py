@@ -232,6 +232,8 @@ class BflAdapter(JobAdapterBase):
         """Read ``{status, result, progress}`` (``state`` is read as a synonym of ``status``)."""
         body = json_object(self.name, response)
         status = body.get("status", body.get("state"))
+        if not isinstance(status, str):  # a list or an object is no status (nor hashable)
+            raise unreadable(self.name, response, "the answer has no known job status")
         if status in _PENDING:
             progress = number(body.get("progress"))
             if progress is not None and not 0 <= progress <= 1:

@@ -242,14 +242,21 @@ class FalAdapter(JobAdapterBase):
         return HttpRequest(method="POST", url=f"{base_url}/{plan.wire_model}", body=JsonBody(body))
 
     def parse_submit(self, response: HttpResponse) -> Submitted:
-        """Read ``{request_id, status_url, response_url, cancel_url}``."""
+        """Read ``{request_id, status_url, response_url, cancel_url}``.
+
+        The id, status and result URLs are the job; without them it cannot be followed. A cancel
+        URL that is missing or unusable (no http(s) URL) only means the job has no cancel: fal
+        took it and bills it, so it is followed to its image all the same.
+        """
         body = json_object(self.name, response)
         cancel = body.get("cancel_url")
+        if not isinstance(cancel, str) or url_problem(cancel, "cancel_url"):
+            cancel = None
         return Submitted(
             id=required_text(self.name, response, body, "request_id"),
             poll_url=required_url(self.name, response, body, "status_url"),
             result_url=required_url(self.name, response, body, "response_url"),
-            cancel_url=(required_url(self.name, response, body, "cancel_url") if cancel else None),
+            cancel_url=cancel,
         )
 
     def parse_poll(self, response: HttpResponse, job: Job) -> Pending | Done:
