@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from flux_adapters._display import render_value, type_name
-from flux_adapters._files import SUFFIXED_NAME_MAX, remove_partial_files
+from flux_adapters._files import SUFFIXED_NAME_MAX, plain_path, remove_partial_files
 from flux_adapters._flows import Outcome
 from flux_adapters._journal import (
     JobState,
@@ -330,13 +330,14 @@ def _check_options(
 
 def _open_folder(output_dir: object) -> Path:
     try:
-        folder = Path(output_dir)  # type: ignore[arg-type]
-    except TypeError:
-        raise ConfigurationError("output_dir= must be a path") from None
+        folder = plain_path(output_dir)  # a str subclass's characters, not its __str__
+    except TypeError as exc:
+        raise ConfigurationError(f"output_dir= must be a path ({exc})") from None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(exc.strerror or str(exc), path=str(folder)) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise OutputError(reason, path=str(folder)) from None
     return folder
 
 

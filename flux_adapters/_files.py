@@ -17,9 +17,10 @@ import itertools
 import os
 import re
 import stat
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Final
 
+from flux_adapters._display import describe_exception, render_value, type_name
 from flux_adapters.errors import ExtensionMismatch, OutputError
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "format_name",
     "image_format",
     "image_is_whole",
+    "plain_path",
     "read_text_file",
     "remove_partial_files",
 ]
@@ -233,6 +235,36 @@ def _kind(mode: int) -> str:
     return "is not a regular file"
 
 
+def plain_path(value: object) -> Path:
+    """*value* (a ``str``, a `pathlib` path, an ``os.PathLike``) as the `Path` it names.
+
+    A ``str`` subclass names the file its characters name, as ``open()`` takes it (``Path()``
+    of Python 3.11 asks its ``__str__``, which may name another file). An ``os.PathLike``'s
+    ``__fspath__`` is the caller's code: whatever it raises is the `TypeError` here.
+
+    Raises:
+        TypeError: *value* is not a path (bytes included), or its ``__fspath__`` failed; the
+            message says which, briefly.
+    """
+    kind = type(value)  # asked of the real type: a __class__ property cannot lie
+    if issubclass(kind, PurePath):  # pathlib's own: Path() reads its parts, no user code
+        return Path(value)  # type: ignore[arg-type]
+    if not issubclass(kind, str):
+        try:
+            fspath = getattr(kind, "__fspath__", None)
+        except Exception:  # a metaclass that refuses attribute lookups
+            fspath = None
+        if fspath is None:
+            raise TypeError(type_name(value))
+        try:
+            value = os.fspath(value)  # type: ignore[call-overload]
+        except Exception as exc:
+            raise TypeError(f"its __fspath__ raised {describe_exception(exc)}") from None
+        if not issubclass(type(value), str):
+            raise TypeError(f"its __fspath__ returned {type_name(value)}, not str")
+    return Path(str.__str__(value))
+
+
 def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
     """Return *path* as a `Path` if an image can be written there; never writes anything.
 
@@ -245,10 +277,10 @@ def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> P
             parent that is not a folder; a name too long; not a path at all.
     """
     try:
-        target = Path(path)
-        shown = str(target)
-    except (TypeError, ValueError) as exc:
-        raise OutputError(f"not a path ({type(exc).__name__})", path=repr(path)[:80]) from None
+        target = plain_path(path)
+    except TypeError as exc:
+        raise OutputError(f"not a path ({exc})", path=render_value(path)) from None
+    shown = str(target)
     if target.name in ("", ".", ".."):
         raise OutputError("is not a file name", path=shown)
     # Else the whole image is downloaded, and only renaming it to its full name fails.

@@ -1,0 +1,147 @@
+"""Attacks on the Python API as a careless caller uses it: odd paths given to ``save`` and to
+``edit_many``. Each ends in a typed `FluxError` (or the image written where its characters
+say), before anything is sent or paid for."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flux_adapters import AsyncFluxClient, EditRequest, errors
+from flux_adapters.emulator import Emulator, run_emulator
+from flux_adapters.result import ResultImage
+from tests.conftest import image_bytes
+
+PNG = image_bytes(16, 12)
+both = pytest.mark.parametrize("kind", ["sync", "async"])
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    with run_emulator() as running:
+        yield running
+
+
+def save(kind: str, image: ResultImage, target: object) -> Path:
+    """`ResultImage.save`, or `save_async` run to its end, with any *target* at all."""
+    if kind == "sync":
+        return image.save(target)  # type: ignore[arg-type]
+    return asyncio.run(image.save_async(target))  # type: ignore[arg-type]
+
+
+class PathLike:
+    """An ``os.PathLike`` whose ``__fspath__`` returns *value*, or raises it."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __fspath__(self) -> object:
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+
+class Elsewhere(str):
+    """A ``str`` whose ``__str__`` names another file than its characters do."""
+
+    elsewhere = ""
+
+    def __str__(self) -> str:
+        return self.elsewhere
+
+
+# --- save(): a path object whose own code fails, or says another name --------------------------
+
+
+@both
+@pytest.mark.parametrize(
+    "failure", [RecursionError("too deep"), KeyError("name"), RuntimeError("no path today")]
+)
+def test_a_path_object_whose_fspath_raises_anything_is_an_output_error(
+    kind: str, failure: Exception, tmp_path: Path
+) -> None:
+    # Before: only a TypeError or ValueError from the path became an OutputError; a
+    # RecursionError (or any other) from the caller's __fspath__ escaped save() as it was.
+    image = ResultImage(b64_json=base64.b64encode(PNG).decode())
+    with pytest.raises(errors.OutputError, match=type(failure).__name__):
+        save(kind, image, PathLike(failure))
+    assert list(tmp_path.iterdir()) == []
+
+
+@both
+def test_a_str_subclass_is_saved_under_its_characters_not_its_str(
+    kind: str, tmp_path: Path
+) -> None:
+    # Before: Path() (Python 3.11) took the str() of a str subclass, so the image replaced the
+    # file its __str__ named, not the one its characters name (which open() would write).
+    image = ResultImage(b64_json=base64.b64encode(PNG).decode())
+    decoy = tmp_path / "decoy.png"
+    decoy.write_bytes(b"keep me")
+    target = Elsewhere(str(tmp_path / "asked.png"))
+    target.elsewhere = str(decoy)
+    assert save(kind, image, target) == tmp_path / "asked.png"
+    assert (tmp_path / "asked.png").read_bytes() == PNG
+    assert decoy.read_bytes() == b"keep me"
+
+
+# --- edit_many(): an output folder that is no usable path --------------------------------------
+
+
+def batch_error(emulator: Emulator, **options: object) -> errors.FluxError:
+    """The `FluxError` a batch of one request with *options* ends with (asserted, not a bare one)."""
+
+    async def run() -> None:
+        client = AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+        async with client:
+            request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
+            async for _ in client.edit_many([request], **options):  # type: ignore[arg-type]
+                pass
+
+    before = len(emulator.calls("laozhang"))
+    with pytest.raises(errors.FluxError) as raised:
+        asyncio.run(run())
+    assert len(emulator.calls("laozhang")) == before  # refused before anything was sent
+    return raised.value
+
+
+@pytest.mark.parametrize(
+    "output_dir",
+    [
+        "out\0put",
+        PathLike(RecursionError("too deep")),
+        PathLike(KeyError("name")),
+        PathLike(b"out\0put"),
+    ],
+    ids=["nul", "fspath-recursion", "fspath-keyerror", "fspath-bytes-nul"],
+)
+def test_an_output_dir_that_cannot_be_a_folder_is_a_typed_error_before_sending(
+    output_dir: object, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a NUL in the name was mkdir's bare ValueError, and whatever the caller's
+    # __fspath__ raised came out of the batch as it was.
+    monkeypatch.chdir(tmp_path)
+    error = batch_error(emulator, output_dir=output_dir)
+    assert isinstance(error, errors.ConfigurationError | errors.OutputError)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_str_subclass_output_dir_is_the_folder_its_characters_name(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # Before: the folder made (and the journal and images written) was the one its __str__ named.
+    folder = Elsewhere(str(tmp_path / "asked"))
+    folder.elsewhere = str(tmp_path / "elsewhere")
+
+    async def run() -> list[str]:
+        client = AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+        async with client:
+            request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
+            return [item.status async for item in client.edit_many([request], output_dir=folder)]
+
+    assert asyncio.run(run()) == ["ok"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["asked"]
