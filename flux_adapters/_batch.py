@@ -45,7 +45,7 @@ from flux_adapters._journal import (
     request_digest,
     zeroed,
 )
-from flux_adapters._options import is_number
+from flux_adapters._options import MAX_CONCURRENCY, is_number
 from flux_adapters.errors import (
     ConfigurationError,
     FluxError,
@@ -315,8 +315,15 @@ async def _save_all(images: Iterable[ResultImage], folder: Path, name: str) -> t
 def _check_options(
     concurrency: object, per_provider: object, grace: object, flags: dict[str, object]
 ) -> None:
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ConfigurationError("concurrency= must be a whole number >= 1")
+    if (
+        isinstance(concurrency, bool)
+        or not isinstance(concurrency, int)
+        or not 1 <= concurrency <= MAX_CONCURRENCY
+    ):
+        raise ConfigurationError(
+            f"concurrency= must be a whole number from 1 to {MAX_CONCURRENCY} "
+            "(one worker is made for each)"
+        )
     if per_provider is not None and (
         isinstance(per_provider, bool) or not isinstance(per_provider, int) or per_provider < 1
     ):

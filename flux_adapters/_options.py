@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from flux_adapters.providers import AnyAdapter
 
 __all__ = [
+    "MAX_CONCURRENCY",
     "MAX_SECONDS",
     "base_url_for",
     "check_adapter",
@@ -203,6 +204,11 @@ MIN_RATE_PER_MINUTE: Final = 1 / 1440
 """The lowest ``rate_per_minute`` taken: one a day. Below it, a key's first call holds the next
 for years (1e-300 a minute said "the next call in 6000...0 s", 300 digits), which is no limit
 anyone means: a typo for a rate, or 0 written as a tiny number."""
+
+MAX_CONCURRENCY: Final = 1000
+"""The most jobs a batch runs at once (``edit_many(concurrency=)``, ``batch --concurrency``): a
+batch makes one worker task for each, whatever the number of jobs, and more than this many in
+flight only wait in the clients' queues (an AsyncFluxClient has at most 100 exchanges out)."""
 
 MAX_SECONDS: Final = 86_400.0
 """The longest timeout or deadline taken: a day. A socket timeout of 1e10 s overflows time_t."""

@@ -2129,7 +2129,8 @@ class AsyncFluxClient(_ClientBase):
                 taken up (what the journal knew of it waits in a file beside the journal, or in
                 memory, about 300 bytes a job, where no file can be made there); the rest is
                 bounded by *concurrency*.
-            concurrency: Most edits in flight at once.
+            concurrency: Most edits in flight at once, 1 to 1000 (a worker task is made for
+                each, however few the requests).
             per_provider: Most requests in flight at any one provider.
             output_dir: Where to save images and keep the journal.
             names: File names (without extension) for the requests, in order; default the

@@ -1,6 +1,6 @@
 """Attacks on the Python API as a careless caller uses it: odd paths given to ``save`` and to
-``edit_many``. Each ends in a typed `FluxError` (or the image written where its characters
-say), before anything is sent or paid for."""
+``edit_many``, and batch options no machine can honour. Each ends in a typed `FluxError` (or the
+image written where its characters say), before anything is sent or paid for."""
 
 from __future__ import annotations
 
@@ -145,3 +145,33 @@ def test_a_str_subclass_output_dir_is_the_folder_its_characters_name(
 
     assert asyncio.run(run()) == ["ok"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["asked"]
+
+
+# --- edit_many(): a concurrency no machine can honour --------------------------------------------
+
+
+def test_a_concurrency_over_the_most_is_refused_naming_it_before_sending(
+    emulator: Emulator,
+) -> None:
+    # Before: any whole number was taken, and one worker task made per unit whatever the number
+    # of requests: 300,000 took 4.5 s and 280 MB for one request, 10**9 never ended.
+    error = batch_error(emulator, concurrency=1001)
+    assert isinstance(error, errors.ConfigurationError)
+    assert "1 to 1000" in str(error)
+
+
+def test_the_most_concurrency_is_still_taken_and_the_command_takes_the_same(
+    emulator: Emulator,
+) -> None:
+    from flux_adapters import cli
+    from flux_adapters._options import MAX_CONCURRENCY
+
+    async def run() -> list[str]:
+        client = AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+        async with client:
+            request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
+            items = client.edit_many([request], concurrency=MAX_CONCURRENCY)
+            return [item.status async for item in items]
+
+    assert asyncio.run(run()) == ["ok"]
+    assert cli.MAX_CONCURRENCY == MAX_CONCURRENCY
