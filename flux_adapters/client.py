@@ -2184,10 +2184,24 @@ class AsyncFluxClient(_ClientBase):
             )
 
     async def aclose(self) -> None:
-        """Close this client: any later call raises `ClientClosedError`; see `FluxClient.close`."""
+        """Close this client: any later call raises `ClientClosedError`; see `FluxClient.close`.
+
+        Its connections are closed in the event loop they belong to, the one that used the client
+        first. Closed from another (``asyncio.run(client.aclose())`` after an
+        ``asyncio.run(client.edit(...))``), it is closed for calls, and its connections are left
+        to their loop, with a WARNING: they cannot be closed from here (httpx raised
+        ``RuntimeError: Event loop is closed``).
+        """
         self._lifetime.close()
         if self._own_http:
-            await self._driver.aclose()
+            if self._loop.claim():
+                await self._driver.aclose()
+            else:
+                LOGGER.warning(
+                    "an AsyncFluxClient was closed in another event loop than the one that used "
+                    "it: its connections belong to that loop and are left to it; close the "
+                    "client inside the loop that uses it (async with, in your async main)"
+                )
         if self._shared is not None:
             await self._shared.aclose()
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
+import logging
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -175,3 +178,55 @@ def test_the_most_concurrency_is_still_taken_and_the_command_takes_the_same(
 
     assert asyncio.run(run()) == ["ok"]
     assert cli.MAX_CONCURRENCY == MAX_CONCURRENCY
+
+
+# --- an AsyncFluxClient closed in another event loop than the one that used it ------------------
+
+
+@pytest.mark.parametrize("driver", ["httpx", "aiohttp"])
+def test_closing_an_async_client_after_the_loop_that_used_it_ended_is_no_crash(
+    driver: str, emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before (httpx driver): aclose() in a second asyncio.run raised a bare RuntimeError("Event
+    # loop is closed") from the first loop's connections; at the end of `async with client:` it
+    # replaced the ConfigurationError that says what was wrong.
+    def made() -> AsyncFluxClient:
+        return AsyncFluxClient(
+            "laozhang",
+            api_key="k",
+            base_url=emulator.base_url("laozhang"),
+            driver=driver,  # type: ignore[arg-type]
+        )
+
+    # The loops end with the client's connections open (that is the point): they are collected
+    # in here, where the warnings of sockets left unclosed are not the test's failure.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        run_both_closings(made, caplog)
+        gc.collect()
+
+
+def run_both_closings(
+    made: Callable[[], AsyncFluxClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``aclose()`` in a later ``asyncio.run``, then ``async with`` around a later one."""
+    request = EditRequest(prompt="p", model="flux-2-pro")
+    client = made()
+    assert asyncio.run(client.edit(request)).provider == "laozhang"
+    with caplog.at_level(logging.WARNING, logger="flux_adapters"):
+        asyncio.run(client.aclose())
+    assert client.is_closed
+    assert "closed in another event loop" in caplog.text  # the connections left: said, once
+    with pytest.raises(errors.ClientClosedError):
+        asyncio.run(client.edit(request))
+
+    client = made()
+    asyncio.run(client.edit(request))
+
+    async def again(used: AsyncFluxClient) -> None:
+        async with used:
+            await used.edit(request)
+
+    with pytest.raises(errors.ConfigurationError, match="another event loop"):
+        asyncio.run(again(client))
+    assert client.is_closed
