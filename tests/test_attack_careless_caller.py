@@ -230,3 +230,62 @@ def run_both_closings(
     with pytest.raises(errors.ConfigurationError, match="another event loop"):
         asyncio.run(again(client))
     assert client.is_closed
+
+
+# --- a Downloader of the caller's own make that answers the wrong type ---------------------------
+
+
+class Answering:
+    """A `Downloader` that writes the image where asked and answers *answer* from every method
+    (``"the path as str"`` answers the path it wrote, as a ``str``)."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    def _answer(self, path: Path | None = None) -> object:
+        if self.answer == "the path as str" and path is not None:
+            return str(path)
+        return self.answer
+
+    def read(self, url: str) -> bytes:
+        return self._answer()  # type: ignore[return-value]
+
+    def save(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        path.write_bytes(PNG)
+        return self._answer(path)  # type: ignore[return-value]
+
+    async def read_async(self, url: str) -> bytes:
+        return self.read(url)
+
+    async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        return self.save(url, path, add_suffix=add_suffix)
+
+
+@both
+def test_a_downloader_answering_the_path_as_str_still_saves(kind: str, tmp_path: Path) -> None:
+    # Before: save() read the file back with `saved.open(...)`: AttributeError on a str.
+    image = ResultImage(url="https://cdn.example/a.png", downloader=Answering("the path as str"))
+    assert save(kind, image, tmp_path / "a.png") == tmp_path / "a.png"
+    assert image.format == "png"
+
+
+@both
+@pytest.mark.parametrize("answer", [None, 5, b"\x89PNG"], ids=["None", "int", "bytes"])
+def test_a_downloader_saving_without_saying_where_is_a_configuration_error(
+    kind: str, answer: object, tmp_path: Path
+) -> None:
+    # Before: AttributeError ('NoneType' object has no attribute 'open'), from the library.
+    image = ResultImage(url="https://cdn.example/a.png", downloader=Answering(answer))
+    with pytest.raises(errors.ConfigurationError, match="save"):
+        save(kind, image, tmp_path / "a.png")
+
+
+@both
+@pytest.mark.parametrize("answer", [None, 5, "\x89PNG"], ids=["None", "int", "str"])
+def test_a_downloader_reading_what_is_not_bytes_is_a_configuration_error(
+    kind: str, answer: object
+) -> None:
+    # Before: TypeError ('NoneType' object is not subscriptable), from the library.
+    image = ResultImage(url="https://cdn.example/a.png", downloader=Answering(answer))
+    with pytest.raises(errors.ConfigurationError, match="read"):
+        image.read() if kind == "sync" else asyncio.run(image.read_async())
