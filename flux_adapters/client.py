@@ -718,6 +718,17 @@ def _shared_for(
     return Shared(backend, owned=owned, budget=budget, rates=rates)
 
 
+def _plain(value: _T) -> _T:
+    """*value*, or the plain ``str`` of its characters when it is a ``str`` subclass.
+
+    Then none of the subclass's own methods (``__eq__``, ``__hash__``, ``__len__``, ``lower``,
+    ...) runs when the argument is checked or used, as `EditRequest` takes its text fields.
+    """
+    if issubclass(type(value), str) and type(value) is not str:
+        return str.__str__(value)  # type: ignore[return-value]
+    return value
+
+
 class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
@@ -751,6 +762,18 @@ class _ClientBase:
         state_fallback: str = "none",
     ) -> None:
         self._lifetime = _Lifetime()
+        provider, api_key, base_url, routing, state = (
+            _plain(provider),
+            _plain(api_key),
+            _plain(base_url),
+            _plain(routing),
+            _plain(state),
+        )
+        budget_period, budget_scope, state_fallback = (
+            _plain(budget_period),
+            _plain(budget_scope),
+            _plain(state_fallback),
+        )
         names = _provider_list(provider, providers)
         if providers is not None and (api_key is not None or base_url is not None):
             raise ConfigurationError(
@@ -1863,7 +1886,7 @@ class AsyncFluxClient(_ClientBase):
         from flux_adapters._drivers import HttpxDriver, choose
         from flux_adapters._transport import LoopBinding
 
-        chosen = choose(driver, http_client)
+        chosen = choose(_plain(driver), http_client)
         if http_client is not None:
             self._driver = HttpxDriver(http_client)
         elif chosen == "aiohttp":

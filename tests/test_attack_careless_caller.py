@@ -12,10 +12,11 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
-from flux_adapters import AsyncFluxClient, EditRequest, errors
+from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters.emulator import Emulator, run_emulator
 from flux_adapters.result import ResultImage
 from tests.conftest import image_bytes
@@ -289,3 +290,84 @@ def test_a_downloader_reading_what_is_not_bytes_is_a_configuration_error(
     image = ResultImage(url="https://cdn.example/a.png", downloader=Answering(answer))
     with pytest.raises(errors.ConfigurationError, match="read"):
         image.read() if kind == "sync" else asyncio.run(image.read_async())
+
+
+# --- a client's text arguments given as str subclasses whose own methods fail ----------------------
+
+
+def raising(name: str) -> NoReturn:
+    raise RuntimeError(f"{name} was called")
+
+
+class Touchy(str):
+    """A ``str`` whose comparison, hashing, length, iteration and usual methods all raise."""
+
+    def __eq__(self, other: object) -> bool:
+        raising("__eq__")
+
+    def __hash__(self) -> int:
+        raising("__hash__")
+
+    def __len__(self) -> int:
+        raising("__len__")
+
+    def __iter__(self) -> Iterator[str]:
+        raising("__iter__")
+
+    def __getitem__(self, key: object) -> str:
+        raising("__getitem__")
+
+    def __contains__(self, key: object) -> bool:
+        raising("__contains__")
+
+    def lower(self) -> str:
+        raising("lower")
+
+    def strip(self, chars: str | None = None) -> str:
+        raising("strip")
+
+    def startswith(self, *args: object) -> bool:
+        raising("startswith")
+
+
+TEXT_ARGUMENTS = {
+    "provider": "laozhang",
+    "api_key": "sk-abc",
+    "base_url": "http://127.0.0.1:9/laozhang",
+    "routing": "ordered",
+    "state": "local",
+    "budget_period": "total",
+    "budget_scope": "x",
+    "state_fallback": "none",
+    "driver": "httpx",
+}
+
+
+@pytest.mark.parametrize(
+    ("client_class", "argument"),
+    [
+        (client_class, argument)
+        for client_class in (FluxClient, AsyncFluxClient)
+        for argument in sorted(TEXT_ARGUMENTS)
+        if argument != "driver" or client_class is AsyncFluxClient  # FluxClient has no driver=
+    ],
+)
+def test_a_str_subclass_argument_is_taken_by_its_characters(
+    client_class: type[FluxClient] | type[AsyncFluxClient],
+    argument: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: api_key= and base_url= (len, iteration, hashing, methods), routing=, state=,
+    # budget_period= and driver= (comparison) ran the subclass's own methods: whatever they
+    # raised came out of the constructor as it was, where every other value is checked.
+    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    options: dict[str, object] = {"provider": "laozhang"}
+    if argument == "routing":
+        options = {"providers": ["laozhang"]}
+    if argument.startswith("budget"):
+        options["budget_usd"] = 1.0
+    options[argument] = Touchy(TEXT_ARGUMENTS[argument])
+    client = client_class(**options)  # type: ignore[arg-type]
+    assert client.providers == ("laozhang",)
+    if argument == "base_url":
+        assert repr(client).count("http://127.0.0.1:9/laozhang") == 1
