@@ -1135,7 +1135,7 @@ class _ClientBase:
                 `ClientClosedError` when it is closed. Nothing was sent.
         """
         from flux_adapters._flows import is_job_adapter
-        from flux_adapters.jobs import Job, job_problem
+        from flux_adapters.jobs import Job, job_problem, plain_texts
 
         if not _sending_loaded:
             _load_sending()
@@ -1143,6 +1143,7 @@ class _ClientBase:
             raise ConfigurationError(
                 f"resume() takes a flux_adapters.jobs.Job (an error's .job), not {type_name(job)}"
             )
+        job = plain_texts(job)
         problem = job_problem(job)
         if problem:
             raise ConfigurationError(f"resume() cannot poll this job: {problem}")

@@ -371,3 +371,48 @@ def test_a_str_subclass_argument_is_taken_by_its_characters(
     assert client.providers == ("laozhang",)
     if argument == "base_url":
         assert repr(client).count("http://127.0.0.1:9/laozhang") == 1
+
+
+# --- resume() of a job made by hand, its texts str subclasses whose own methods fail ------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    "name", ["provider", "model", "id", "poll_url", "result_url", "cancel_url"]
+)
+def test_resuming_a_job_whose_texts_are_str_subclasses_polls_their_characters(
+    kind: str, name: str, emulator: Emulator
+) -> None:
+    # Before: checking the job ran the subclass's __len__ (provider, model, id) or __hash__ (the
+    # URLs): a bare RuntimeError from resume(), whose refusals are ConfigurationErrors.
+    from flux_adapters.jobs import Job
+
+    fields = {
+        "provider": "bfl",
+        "model": "flux-2-pro",
+        "id": "never-submitted",
+        "poll_url": emulator.base_url("bfl") + "/v1/get_result?id=never-submitted",
+        "result_url": "https://delivery.example/a.png",
+        "cancel_url": "https://api.example/cancel",
+    }
+    fields[name] = Touchy(fields[name])
+    job = Job(**fields)  # type: ignore[arg-type]
+    url = emulator.base_url("bfl")
+
+    def resume() -> None:
+        if kind == "sync":
+            with FluxClient("bfl", api_key="k", base_url=url) as client:
+                client.resume(job)
+            return
+
+        async def resumed() -> None:
+            async with AsyncFluxClient("bfl", api_key="k", base_url=url) as client:
+                await client.resume(job)
+
+        asyncio.run(resumed())
+
+    with pytest.raises(errors.JobNotFound):  # the poll went out, and BFL never heard of it
+        resume()
+    assert Job.from_dict({**job.to_dict(), name: Touchy(fields[name])}) == Job.from_dict(
+        {**job.to_dict(), name: str.__str__(fields[name])}
+    )
