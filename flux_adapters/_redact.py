@@ -9,7 +9,8 @@ knows the keys it was given and removes, from any text:
   encoding that do not depend on what precedes it (for each of the three byte alignments);
 - every fragment of 8 characters or more of any of those forms, so that a key cut at a boundary
   leaves at most 7 characters behind;
-- anything shaped like a key, a bearer token or a URL signature, even of a key it was not given.
+- anything shaped like a key, a bearer token, a URL signature or a URL's user info (a
+  password), even of a key it was not given.
 
 The work is linear in the text: one regular-expression scan with a lookahead per position.
 """
@@ -53,7 +54,9 @@ every message, and no provider issues keys that short."""
 
 _SHAPES: Final = re.compile(
     r"((?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{6,}|Bearer\s+[^\s\"',;]+|Basic\s+[A-Za-z0-9+/=]{8,}"
-    r"|(?:signature|sig|X-Amz-Signature)=[^&\s\"']+)",
+    r"|(?:signature|sig|X-Amz-Signature)=[^&\s\"']+"
+    # A URL's user info (https://user:password@host/...): a caller's image URL quoted back.
+    r"|(?<=://)[^\s/?#@\"'<>]+(?=@))",
     re.IGNORECASE,
 )
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
+import httpx
 import pytest
 
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
@@ -416,3 +417,44 @@ def test_resuming_a_job_whose_texts_are_str_subclasses_polls_their_characters(
     assert Job.from_dict({**job.to_dict(), name: Touchy(fields[name])}) == Job.from_dict(
         {**job.to_dict(), name: str.__str__(fields[name])}
     )
+
+
+# --- a reference image URL with a password, echoed back by the provider ---------------------------
+
+
+@both
+def test_a_password_in_an_image_url_echoed_by_the_provider_never_shows(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the request's repr hid the URL's user info, but the provider's error quoting the
+    # URL carried the password into str(error) and the log line of the failed attempt.
+    url = "https://alice:hunter2-PASSWORD@cdn.example/private.png"
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"message": f"cannot fetch {url}: 404"}})
+
+    request = EditRequest(prompt="p", model="flux-2-pro", images=[url])
+    transport = httpx.MockTransport(refuse)
+
+    def edit() -> None:
+        if kind == "sync":
+            http = httpx.Client(transport=transport)
+            with http, FluxClient("laozhang", api_key="k", http_client=http) as client:
+                client.edit(request)
+            return
+
+        async def edited() -> None:
+            http = httpx.AsyncClient(transport=transport)
+            async with http, AsyncFluxClient("laozhang", api_key="k", http_client=http) as client:
+                await client.edit(request)
+
+        asyncio.run(edited())
+
+    with (
+        caplog.at_level(logging.DEBUG, logger="flux_adapters"),
+        pytest.raises(errors.ProviderRejected) as raised,
+    ):
+        edit()
+    shown = f"{raised.value} {raised.value!r} {raised.value.detail} {caplog.text}"
+    assert "hunter2" not in shown
+    assert "https://[redacted]@cdn.example/private.png" in str(raised.value)
