@@ -426,14 +426,17 @@ def test_resuming_a_job_whose_texts_are_str_subclasses_polls_their_characters(
 def test_a_password_in_an_image_url_echoed_by_the_provider_never_shows(
     kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Before: the request's repr hid the URL's user info, but the provider's error quoting the
-    # URL carried the password into str(error) and the log line of the failed attempt.
+    # Before: the request's repr hid the URLs' user info and query, but the provider's error
+    # quoting them carried the password and the token into str(error) and the attempt's log
+    # line (only a query parameter named like a signature was masked).
     url = "https://alice:hunter2-PASSWORD@cdn.example/private.png"
+    firebase = "https://storage.example/o/b.png?alt=media&token=hunter2-TOKEN"  # signed by token=
 
     def refuse(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(400, json={"error": {"message": f"cannot fetch {url}: 404"}})
+        message = f"cannot fetch {url} nor {firebase}: 404"
+        return httpx.Response(400, json={"error": {"message": message}})
 
-    request = EditRequest(prompt="p", model="flux-2-pro", images=[url])
+    request = EditRequest(prompt="p", model="flux-2-pro", images=[url, firebase])
     transport = httpx.MockTransport(refuse)
 
     def edit() -> None:
@@ -458,3 +461,4 @@ def test_a_password_in_an_image_url_echoed_by_the_provider_never_shows(
     shown = f"{raised.value} {raised.value!r} {raised.value.detail} {caplog.text}"
     assert "hunter2" not in shown
     assert "https://[redacted]@cdn.example/private.png" in str(raised.value)
+    assert "https://storage.example/o/b.png?[redacted]" in str(raised.value)
