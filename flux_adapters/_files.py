@@ -406,9 +406,10 @@ class ImageFile:
 def atomic_image(target: Path, *, add_suffix: bool = False) -> _AtomicImage:
     """Write *target* through a temporary file beside it, renamed over it only once complete.
 
-    The temporary file is created with the usual permissions (0666 less the umask) and removed
-    on any failure, so a failed or interrupted write never leaves a partial image behind under
-    the target's name. With *add_suffix*, the file is named *target* plus the extension of the
+    The temporary file is created with the usual permissions (0666 less the umask), given those
+    of the file it replaces if there is one (as ``cp`` keeps them), and removed on any failure,
+    so a failed or interrupted write never leaves a partial image behind under the target's
+    name. With *add_suffix*, the file is named *target* plus the extension of the
     format its bytes turned out to have (``robot`` -> ``robot.png``); the final path is
     `ImageFile.target` once the block has ended. Without it, an extension that names another
     image format than the bytes have is refused (`check_extension`), and nothing is written.
@@ -492,6 +493,7 @@ class _AtomicImage:
                 out.target = Path(final)
             else:
                 check_extension(self._target, found)
+            _keep_mode(self._partial, final)
             try:
                 os.replace(self._partial, final)
             except OSError as exc:
@@ -501,6 +503,20 @@ class _AtomicImage:
             if not renamed:
                 with contextlib.suppress(OSError):
                     os.unlink(self._partial)
+
+
+def _keep_mode(partial: str, final: str) -> None:
+    """Give *partial* the permissions of the regular file at *final* it replaces, if any.
+
+    As ``cp`` over an existing file: one kept private (0600) stays so, rather than becoming
+    the new file's 0666 less the umask. A file that cannot be looked at is replaced as it is.
+    """
+    try:
+        found = os.stat(final)
+        if stat.S_ISREG(found.st_mode):
+            os.chmod(partial, stat.S_IMODE(found.st_mode))
+    except OSError:
+        pass
 
 
 def remove_partial_files(folder: Path) -> int:

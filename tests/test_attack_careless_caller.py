@@ -9,6 +9,7 @@ import base64
 import gc
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -462,3 +463,32 @@ def test_a_password_in_an_image_url_echoed_by_the_provider_never_shows(
     assert "hunter2" not in shown
     assert "https://[redacted]@cdn.example/private.png" in str(raised.value)
     assert "https://storage.example/o/b.png?[redacted]" in str(raised.value)
+
+
+# --- save() over an existing file keeps who may read it ------------------------------------------
+
+
+@both
+@pytest.mark.parametrize("add_suffix", [False, True])
+def test_saving_over_a_private_file_keeps_it_private(
+    kind: str, add_suffix: bool, tmp_path: Path
+) -> None:
+    # Before: the image was written to a new file (0666 less the umask) renamed over the old
+    # one: a file kept 0600 became readable by everyone, as cp would never make it.
+    image = ResultImage(b64_json=base64.b64encode(PNG).decode())
+    existing = tmp_path / "private.png"
+    existing.write_bytes(b"old")
+    existing.chmod(0o600)
+    target = tmp_path / "private" if add_suffix else existing
+    saved = (
+        image.save(target, add_suffix=add_suffix)
+        if kind == "sync"
+        else asyncio.run(image.save_async(target, add_suffix=add_suffix))
+    )
+    assert saved == existing
+    assert existing.read_bytes() == PNG
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o600
+    fresh = image.save(tmp_path / "fresh.png")  # a new file: the usual permissions, as before
+    usual = tmp_path / "usual"
+    usual.touch()  # 0666 less the umask
+    assert stat.S_IMODE(fresh.stat().st_mode) == stat.S_IMODE(usual.stat().st_mode)
