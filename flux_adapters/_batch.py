@@ -193,6 +193,20 @@ def _iterable(value: object, argument: str) -> Iterator[object]:
             f"{argument} must be a list or an iterable (one per job), not a single "
             f"{type(value).__name__}"
         )
+    # A job is named by its place (or by names= in the same order): a set's order changes from
+    # one process to the next (str hashing is salted), so a rerun's jobs would each meet
+    # another's journal. A dict gives its keys.
+    if isinstance(value, set | frozenset):
+        raise ConfigurationError(
+            f"{argument} must be in order (a list or a generator), not a {type(value).__name__}: "
+            "each job is named by its place, which a set does not keep from one run to the next"
+        )
+    if argument == "requests" and isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"requests must be in order (a list or a generator), not a {type(value).__name__}, "
+            "whose keys it would give; for named jobs pass names=list(jobs) and "
+            "requests=list(jobs.values())"
+        )
     try:
         return iter(value)  # type: ignore[call-overload,no-any-return]
     except TypeError:

@@ -2177,7 +2177,8 @@ class AsyncFluxClient(_ClientBase):
         Raises:
             ClientClosedError: This client is closed.
             ConfigurationError: *requests* or *names* is not a list or iterable (one request, a
-                string), *concurrency*, *per_provider* or *grace* are not usable, the output
+                string) or is in no order (a set; a dict as *requests*, which would give its
+                keys), *concurrency*, *per_provider* or *grace* are not usable, the output
                 folder cannot be used, or another batch is writing to it; or, after the jobs
                 already taken, *names* and *requests* turned out to have different lengths.
             Exception: Whatever the caller's *requests* or *names* iterable raised, once the

@@ -105,7 +105,8 @@ def batch_error(emulator: Emulator, **options: object) -> errors.FluxError:
         client = AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
         async with client:
             request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
-            async for _ in client.edit_many([request], **options):  # type: ignore[arg-type]
+            options.setdefault("requests", [request])
+            async for _ in client.edit_many(**options):  # type: ignore[arg-type]
                 pass
 
     before = len(emulator.calls("laozhang"))
@@ -492,3 +493,48 @@ def test_saving_over_a_private_file_keeps_it_private(
     usual = tmp_path / "usual"
     usual.touch()  # 0666 less the umask
     assert stat.S_IMODE(fresh.stat().st_mode) == stat.S_IMODE(usual.stat().st_mode)
+
+
+# --- edit_many() given requests or names in no order ---------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["set", "frozenset", "dict"])
+def test_requests_in_no_order_are_refused_before_anything_is_sent(
+    shape: str, emulator: Emulator, tmp_path: Path
+) -> None:
+    # Before: a set was run in its iteration order, which changes from one process to the next
+    # (str hashing is salted): the journal's jobs, named by their place, each held another
+    # request on a rerun, so every job was "changed" and force=True paid for all of them again.
+    # A dict ran its keys, as requests that were no requests.
+    requests = [EditRequest(prompt=f"p{n}", model="flux-2-pro") for n in range(3)]
+    given: object = {
+        "set": set(requests),
+        "frozenset": frozenset(requests),
+        "dict": {f"job{n}": request for n, request in enumerate(requests)},
+    }[shape]
+    error = batch_error(emulator, requests=given, output_dir=tmp_path)
+    assert isinstance(error, errors.ConfigurationError)
+    assert "in order" in str(error)
+    if shape == "dict":
+        assert "names=list(" in str(error)
+
+
+def test_names_in_no_order_are_refused_and_a_dicts_keys_taken(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # Before: a set of names was paired with the requests in its own order, so images were saved
+    # under one another's names.
+    error = batch_error(emulator, names={"a", "b"}, output_dir=tmp_path)
+    assert isinstance(error, errors.ConfigurationError)
+    assert "in order" in str(error)
+
+    async def run() -> list[str]:
+        request = EditRequest(prompt="p", model="flux-2-pro")
+        named = {"robot": request}
+        async with AsyncFluxClient(
+            "laozhang", api_key="k", base_url=emulator.base_url("laozhang")
+        ) as client:
+            items = client.edit_many(named.values(), names=named.keys(), output_dir=tmp_path)
+            return [item.name async for item in items]
+
+    assert asyncio.run(run()) == ["robot"]
