@@ -7,8 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import http.server
+import json
 import logging
 import os
+import socket
+import socketserver
 import stat
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,7 +25,7 @@ import pytest
 from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters.emulator import Emulator, run_emulator
 from flux_adapters.result import ResultImage
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, serving
 
 PNG = image_bytes(16, 12)
 both = pytest.mark.parametrize("kind", ["sync", "async"])
@@ -538,3 +542,60 @@ def test_names_in_no_order_are_refused_and_a_dicts_keys_taken(
             return [item.name async for item in items]
 
     assert asyncio.run(run()) == ["robot"]
+
+
+# --- a FluxClient made before os.fork(), used on both sides ---------------------------------------
+
+
+class Counting(http.server.BaseHTTPRequestHandler):
+    """Answers every POST as laozhang does; the server counts the connections it accepted."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as a provider's server
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        body = json.dumps({"created": 1, "data": [{"url": "https://cdn.example/a.png"}]})
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class CountingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    accepted = 0
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        found = super().get_request()
+        self.accepted += 1
+        return found
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_a_forked_child_never_sends_on_its_parents_connection() -> None:
+    # Before: the child took the parent's kept-alive connection from the pool it inherited: a
+    # request from each at once went out interleaved on one socket, and each could read the
+    # other's answer (a paid image handed to the wrong call) or garbage (an ambiguous error).
+    with serving(CountingServer(("127.0.0.1", 0), Counting)) as server:
+        base_url = f"http://127.0.0.1:{server.server_address[1]}/laozhang"
+        client = FluxClient("laozhang", api_key="k", base_url=base_url)
+        request = EditRequest(prompt="p", model="flux-2-pro")
+        client.edit(request)  # the parent's connection, kept alive in the pool
+        assert server.accepted == 1
+        with warnings.catch_warnings():  # Python 3.12+ warns of forking a process with threads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            child = os.fork()
+        if child == 0:  # the child: one edit, then out without running pytest's teardown
+            try:
+                client.edit(request)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        assert server.accepted == 2  # the child connected on its own
+        client.edit(request)  # the parent's own connection still serves it
+        assert server.accepted == 2
+        client.close()
