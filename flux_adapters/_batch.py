@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from flux_adapters._display import render_value, type_name
-from flux_adapters._files import SUFFIXED_NAME_MAX, remove_partial_files
+from flux_adapters._files import SUFFIXED_NAME_MAX, plain_path, remove_partial_files
 from flux_adapters._flows import Outcome
 from flux_adapters._journal import (
     JobState,
@@ -45,7 +45,7 @@ from flux_adapters._journal import (
     request_digest,
     zeroed,
 )
-from flux_adapters._options import is_number
+from flux_adapters._options import MAX_CONCURRENCY, is_number
 from flux_adapters.errors import (
     ConfigurationError,
     FluxError,
@@ -193,6 +193,20 @@ def _iterable(value: object, argument: str) -> Iterator[object]:
             f"{argument} must be a list or an iterable (one per job), not a single "
             f"{type(value).__name__}"
         )
+    # A job is named by its place (or by names= in the same order): a set's order changes from
+    # one process to the next (str hashing is salted), so a rerun's jobs would each meet
+    # another's journal. A dict gives its keys.
+    if isinstance(value, set | frozenset):
+        raise ConfigurationError(
+            f"{argument} must be in order (a list or a generator), not a {type(value).__name__}: "
+            "each job is named by its place, which a set does not keep from one run to the next"
+        )
+    if argument == "requests" and isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"requests must be in order (a list or a generator), not a {type(value).__name__}, "
+            "whose keys it would give; for named jobs pass names=list(jobs) and "
+            "requests=list(jobs.values())"
+        )
     try:
         return iter(value)  # type: ignore[call-overload,no-any-return]
     except TypeError:
@@ -317,8 +331,15 @@ async def _save_all(images: Iterable[ResultImage], folder: Path, name: str) -> t
 def _check_options(
     concurrency: object, per_provider: object, grace: object, flags: dict[str, object]
 ) -> None:
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ConfigurationError("concurrency= must be a whole number >= 1")
+    if (
+        isinstance(concurrency, bool)
+        or not isinstance(concurrency, int)
+        or not 1 <= concurrency <= MAX_CONCURRENCY
+    ):
+        raise ConfigurationError(
+            f"concurrency= must be a whole number from 1 to {MAX_CONCURRENCY} "
+            "(one worker is made for each)"
+        )
     if per_provider is not None and (
         isinstance(per_provider, bool) or not isinstance(per_provider, int) or per_provider < 1
     ):
@@ -332,13 +353,14 @@ def _check_options(
 
 def _open_folder(output_dir: object) -> Path:
     try:
-        folder = Path(output_dir)  # type: ignore[arg-type]
-    except TypeError:
-        raise ConfigurationError("output_dir= must be a path") from None
+        folder = plain_path(output_dir)  # a str subclass's characters, not its __str__
+    except TypeError as exc:
+        raise ConfigurationError(f"output_dir= must be a path ({exc})") from None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(exc.strerror or str(exc), path=str(folder)) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise OutputError(reason, path=str(folder)) from None
     return folder
 
 

@@ -17,9 +17,10 @@ import itertools
 import os
 import re
 import stat
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Final
 
+from flux_adapters._display import describe_exception, render_value, type_name
 from flux_adapters.errors import ExtensionMismatch, OutputError
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = [
     "format_name",
     "image_format",
     "image_is_whole",
+    "plain_path",
     "read_text_file",
     "remove_partial_files",
 ]
@@ -236,6 +238,36 @@ def _kind(mode: int) -> str:
     return "is not a regular file"
 
 
+def plain_path(value: object) -> Path:
+    """*value* (a ``str``, a `pathlib` path, an ``os.PathLike``) as the `Path` it names.
+
+    A ``str`` subclass names the file its characters name, as ``open()`` takes it (``Path()``
+    of Python 3.11 asks its ``__str__``, which may name another file). An ``os.PathLike``'s
+    ``__fspath__`` is the caller's code: whatever it raises is the `TypeError` here.
+
+    Raises:
+        TypeError: *value* is not a path (bytes included), or its ``__fspath__`` failed; the
+            message says which, briefly.
+    """
+    kind = type(value)  # asked of the real type: a __class__ property cannot lie
+    if issubclass(kind, PurePath):  # pathlib's own: Path() reads its parts, no user code
+        return Path(value)  # type: ignore[arg-type]
+    if not issubclass(kind, str):
+        try:
+            fspath = getattr(kind, "__fspath__", None)
+        except Exception:  # a metaclass that refuses attribute lookups
+            fspath = None
+        if fspath is None:
+            raise TypeError(type_name(value))
+        try:
+            value = os.fspath(value)  # type: ignore[call-overload]
+        except Exception as exc:
+            raise TypeError(f"its __fspath__ raised {describe_exception(exc)}") from None
+        if not issubclass(type(value), str):
+            raise TypeError(f"its __fspath__ returned {type_name(value)}, not str")
+    return Path(str.__str__(value))
+
+
 def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
     """Return *path* as a `Path` if an image can be written there; never writes anything.
 
@@ -248,10 +280,10 @@ def check_target(path: str | os.PathLike[str], *, add_suffix: bool = False) -> P
             parent that is not a folder; a name too long; not a path at all.
     """
     try:
-        target = Path(path)
-        shown = str(target)
-    except (TypeError, ValueError) as exc:
-        raise OutputError(f"not a path ({type(exc).__name__})", path=repr(path)[:80]) from None
+        target = plain_path(path)
+    except TypeError as exc:
+        raise OutputError(f"not a path ({exc})", path=render_value(path)) from None
+    shown = str(target)
     if target.name in ("", ".", ".."):
         raise OutputError("is not a file name", path=shown)
     # Else the whole image is downloaded, and only renaming it to its full name fails.
@@ -377,9 +409,10 @@ class ImageFile:
 def atomic_image(target: Path, *, add_suffix: bool = False) -> _AtomicImage:
     """Write *target* through a temporary file beside it, renamed over it only once complete.
 
-    The temporary file is created with the usual permissions (0666 less the umask) and removed
-    on any failure, so a failed or interrupted write never leaves a partial image behind under
-    the target's name. With *add_suffix*, the file is named *target* plus the extension of the
+    The temporary file is created with the usual permissions (0666 less the umask), given those
+    of the file it replaces if there is one (as ``cp`` keeps them), and removed on any failure,
+    so a failed or interrupted write never leaves a partial image behind under the target's
+    name. With *add_suffix*, the file is named *target* plus the extension of the
     format its bytes turned out to have (``robot`` -> ``robot.png``); the final path is
     `ImageFile.target` once the block has ended. Without it, an extension that names another
     image format than the bytes have is refused (`check_extension`), and nothing is written.
@@ -486,6 +519,7 @@ class _AtomicImage:
                 out.target = Path(final)
             else:
                 check_extension(self._target, found)
+            _keep_mode(self._partial, final)
             try:
                 os.replace(self._partial, final)
             except OSError as exc:
@@ -495,6 +529,20 @@ class _AtomicImage:
             if not renamed:
                 with contextlib.suppress(OSError):
                     os.unlink(self._partial)
+
+
+def _keep_mode(partial: str, final: str) -> None:
+    """Give *partial* the permissions of the regular file at *final* it replaces, if any.
+
+    As ``cp`` over an existing file: one kept private (0600) stays so, rather than becoming
+    the new file's 0666 less the umask. A file that cannot be looked at is replaced as it is.
+    """
+    try:
+        found = os.stat(final)
+        if stat.S_ISREG(found.st_mode):
+            os.chmod(partial, stat.S_IMODE(found.st_mode))
+    except OSError:
+        pass
 
 
 def remove_partial_files(folder: Path) -> int:

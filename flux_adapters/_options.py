@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from flux_adapters.providers import AnyAdapter
 
 __all__ = [
+    "MAX_CONCURRENCY",
     "MAX_KEEP_SECONDS",
     "MAX_SECONDS",
     "SHORTEST_KEY",
@@ -263,6 +264,12 @@ def check_rate_per_minute(value: object, source: str, most: float = MAX_RATE_PER
             f"and at most {most:.0f}, not {render_value(value)}"
         )
     return float(value)
+
+
+MAX_CONCURRENCY: Final = 1000
+"""The most jobs a batch runs at once (``edit_many(concurrency=)``, ``batch --concurrency``): a
+batch makes one worker task for each, whatever the number of jobs, and more than this many in
+flight only wait in the clients' queues (an AsyncFluxClient has at most 100 exchanges out)."""
 
 
 MAX_SECONDS: Final = 86_400.0

@@ -9,7 +9,8 @@ knows the keys it was given and removes, from any text:
   encoding that do not depend on what precedes it (for each of the three byte alignments);
 - every fragment of 8 characters or more of any of those forms, so that a key cut at a boundary
   leaves at most 7 characters behind;
-- anything shaped like a key, a bearer token or a URL signature, even of a key it was not given.
+- anything shaped like a key, a bearer token, a URL signature, a URL's user info (a
+  password) or query (it may be signed by any name), even of a key it was not given.
 
 The work is linear in the text: one regular-expression scan with a lookahead per position.
 """
@@ -53,9 +54,31 @@ every message, and no provider issues keys that short."""
 
 _SHAPES: Final = re.compile(
     r"((?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{6,}|Bearer\s+[^\s\"',;]+|Basic\s+[A-Za-z0-9+/=]{8,}"
-    r"|(?:signature|sig|X-Amz-Signature)=[^&\s\"']+)",
+    r"|(?:signature|sig|X-Amz-Signature)=[^&\s\"']+"
+    # A URL's user info (https://user:password@host/...): a caller's image URL quoted back.
+    r"|(?<=://)[^\s/?#@\"'<>]+(?=@))",
     re.IGNORECASE,
 )
+_WORD: Final = re.compile(r"[^\s\"'<>]+")
+"""A run of text a URL may be part of."""
+
+
+def _url_query_hidden(found: re.Match[str]) -> str:
+    """*found*'s run with the query of the http(s) URL in it masked (its fragment kept).
+
+    A caller's presigned image URL may be signed by any parameter name (Firebase's ``token=``),
+    not only by the ones `_SHAPES` knows. String searches, not a pattern: one pass per run.
+    """
+    word = found[0]
+    lower = word.lower()
+    starts = [at for at in (lower.find("http://"), lower.find("https://")) if at >= 0]
+    if not starts:
+        return word
+    query = word.find("?", min(starts))
+    if query < 0 or query + 1 == len(word):
+        return word
+    fragment = word.find("#", query)
+    return word[: query + 1] + MASK + (word[fragment:] if fragment >= 0 else "")
 
 
 def _base64_cores(secret: bytes) -> Iterable[str]:
@@ -129,7 +152,10 @@ class Redactor:
         """Return *text* with every secret, fragment and key-shaped value replaced by a mask."""
         if self._pattern is not None:
             text = self._cover(text, self._pattern)
-        return _SHAPES.sub(MASK, text) if self._shapes else text
+        if not self._shapes:
+            return text
+        text = _SHAPES.sub(MASK, text)
+        return _WORD.sub(_url_query_hidden, text) if "?" in text and "://" in text else text
 
     @staticmethod
     def _cover(text: str, pattern: re.Pattern[str]) -> str:

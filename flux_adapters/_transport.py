@@ -320,8 +320,46 @@ def bounded_http_client() -> httpx.Client:
 
     client = httpx.Client(verify=shared_ssl_context())
     if bound(client):
+        if hasattr(os, "register_at_fork"):
+            _AT_FORK.register()
         _BOUNDED.add(client)
     return client
+
+
+class _AtFork:
+    """Registers `_forget_connections` to run in each forked child, once per process."""
+
+    def __init__(self) -> None:
+        self._done = False
+
+    def register(self) -> None:
+        if not self._done:
+            self._done = True
+            os.register_at_fork(after_in_child=_forget_connections)
+
+
+_AT_FORK: Final = _AtFork()
+
+
+def _forget_connections() -> None:
+    """In a forked child: drop the connections the parent's clients (`_BOUNDED`) keep alive.
+
+    The child has copies of its parent's sockets: a request from each at once on one kept-alive
+    connection goes out interleaved, and each may read the other's answer (a paid image handed
+    to the wrong call) or garbage. The child makes its own connections instead. Nothing is sent
+    or shut down on the dropped ones: the child's copies of their sockets are closed as they are
+    collected, which leaves the parent's connections as they were. A pool's lock, which another
+    thread may have held when the process forked, is made anew.
+    """
+    import httpcore  # loaded with any bounded client
+
+    for client in list(_BOUNDED):
+        for transport in [client._transport, *client._mounts.values()]:
+            pool = getattr(transport, "_pool", None)
+            if isinstance(pool, httpcore.ConnectionPool):
+                pool._connections = []
+                pool._requests = []
+                pool._optional_thread_lock = type(pool._optional_thread_lock)()
 
 
 def bounded_by(ends: float, provider: str, deadline: float) -> _BoundedBy:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, TypeVar
 from flux_adapters import errors
 from flux_adapters._batch_files import is_url
 from flux_adapters._display import escape_controls, escape_surrogates
+from flux_adapters._options import MAX_CONCURRENCY as MAX_CONCURRENCY
 from flux_adapters._options import MAX_KEEP_SECONDS, MAX_SECONDS
 from flux_adapters._version import __version__
 
@@ -86,7 +87,6 @@ EXIT_OK, EXIT_FAILED, EXIT_REQUEST, EXIT_PROVIDER, EXIT_TRANSPORT, EXIT_CONFIG, 
 )
 EXIT_OUTPUT, EXIT_UNCONFIRMED, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 7, 8, 130, 141
 
-MAX_CONCURRENCY = 1000
 DEFAULT_OUTPUT = Path("out")
 
 

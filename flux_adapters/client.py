@@ -726,6 +726,17 @@ def _shared_for(
     return Shared(backend, owned=owned, budget=budget, rates=rates)
 
 
+def _plain(value: _T) -> _T:
+    """*value*, or the plain ``str`` of its characters when it is a ``str`` subclass.
+
+    Then none of the subclass's own methods (``__eq__``, ``__hash__``, ``__len__``, ``lower``,
+    ...) runs when the argument is checked or used, as `EditRequest` takes its text fields.
+    """
+    if issubclass(type(value), str) and type(value) is not str:
+        return str.__str__(value)  # type: ignore[return-value]
+    return value
+
+
 class _ClientBase:
     """What both clients share: bindings, routing policy, breaker, prices, and a key-free repr."""
 
@@ -759,6 +770,18 @@ class _ClientBase:
         state_fallback: str = "none",
     ) -> None:
         self._lifetime = _Lifetime()
+        provider, api_key, base_url, routing, state = (
+            _plain(provider),
+            _plain(api_key),
+            _plain(base_url),
+            _plain(routing),
+            _plain(state),
+        )
+        budget_period, budget_scope, state_fallback = (
+            _plain(budget_period),
+            _plain(budget_scope),
+            _plain(state_fallback),
+        )
         names = _provider_list(provider, providers)
         if providers is not None and (api_key is not None or base_url is not None):
             raise ConfigurationError(
@@ -1120,7 +1143,7 @@ class _ClientBase:
                 `ClientClosedError` when it is closed. Nothing was sent.
         """
         from flux_adapters._flows import is_job_adapter
-        from flux_adapters.jobs import Job, job_problem
+        from flux_adapters.jobs import Job, job_problem, plain_texts
 
         if not _sending_loaded:
             _load_sending()
@@ -1128,6 +1151,7 @@ class _ClientBase:
             raise ConfigurationError(
                 f"resume() takes a flux_adapters.jobs.Job (an error's .job), not {type_name(job)}"
             )
+        job = plain_texts(job)
         problem = job_problem(job)
         if problem:
             raise ConfigurationError(f"resume() cannot poll this job: {problem}")
@@ -1914,7 +1938,7 @@ class AsyncFluxClient(_ClientBase):
         from flux_adapters._drivers import HttpxDriver, choose
         from flux_adapters._transport import LoopBinding
 
-        chosen = choose(driver, http_client)
+        chosen = choose(_plain(driver), http_client)
         if http_client is not None:
             self._driver = HttpxDriver(http_client)
         elif chosen == "aiohttp":
@@ -2200,7 +2224,8 @@ class AsyncFluxClient(_ClientBase):
                 taken up (what the journal knew of it waits in a file beside the journal, or in
                 memory, about 300 bytes a job, where no file can be made there); the rest is
                 bounded by *concurrency*.
-            concurrency: Most edits in flight at once.
+            concurrency: Most edits in flight at once, 1 to 1000 (a worker task is made for
+                each, however few the requests).
             per_provider: Most requests in flight at any one provider.
             output_dir: Where to save images and keep the journal.
             names: File names (without extension) for the requests, in order; default the
@@ -2223,7 +2248,8 @@ class AsyncFluxClient(_ClientBase):
         Raises:
             ClientClosedError: This client is closed.
             ConfigurationError: *requests* or *names* is not a list or iterable (one request, a
-                string), *concurrency*, *per_provider* or *grace* are not usable, the output
+                string) or is in no order (a set; a dict as *requests*, which would give its
+                keys), *concurrency*, *per_provider* or *grace* are not usable, the output
                 folder cannot be used, or another batch is writing to it; or, after the jobs
                 already taken, *names* and *requests* turned out to have different lengths.
             Exception: Whatever the caller's *requests* or *names* iterable raised, once the
@@ -2254,10 +2280,24 @@ class AsyncFluxClient(_ClientBase):
             )
 
     async def aclose(self) -> None:
-        """Close this client: any later call raises `ClientClosedError`; see `FluxClient.close`."""
+        """Close this client: any later call raises `ClientClosedError`; see `FluxClient.close`.
+
+        Its connections are closed in the event loop they belong to, the one that used the client
+        first. Closed from another (``asyncio.run(client.aclose())`` after an
+        ``asyncio.run(client.edit(...))``), it is closed for calls, and its connections are left
+        to their loop, with a WARNING: they cannot be closed from here (httpx raised
+        ``RuntimeError: Event loop is closed``).
+        """
         self._lifetime.close()
         if self._own_http:
-            await self._driver.aclose()
+            if self._loop.claim():
+                await self._driver.aclose()
+            else:
+                LOGGER.warning(
+                    "an AsyncFluxClient was closed in another event loop than the one that used "
+                    "it: its connections belong to that loop and are left to it; close the "
+                    "client inside the loop that uses it (async with, in your async main)"
+                )
         if self._shared is not None:
             await self._shared.aclose()
 

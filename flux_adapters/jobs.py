@@ -112,22 +112,26 @@ class Job:
         if not isinstance(given, Mapping):
             return None
         texts = {name: data.get(name) for name in ("provider", "model", "id", "poll_url")}
-        if not all(isinstance(value, str) and value for value in texts.values()):
+        if not all(isinstance(value, str) and str.__len__(value) for value in texts.values()):
             return None
         optional = {name: data.get(name) for name in ("result_url", "cancel_url")}
         when = data.get("submitted_at")
         usage = data.get("usage")
         job = cls(
-            provider=str(texts["provider"]),
-            model=str(texts["model"]),
-            id=str(texts["id"]),
-            poll_url=str(texts["poll_url"]),
-            result_url=optional["result_url"] if isinstance(optional["result_url"], str) else None,
-            cancel_url=optional["cancel_url"] if isinstance(optional["cancel_url"], str) else None,
+            provider=str.__str__(texts["provider"]),  # a subclass's own __str__ never runs
+            model=str.__str__(texts["model"]),
+            id=str.__str__(texts["id"]),
+            poll_url=str.__str__(texts["poll_url"]),
+            result_url=_plain_url(optional["result_url"]),
+            cancel_url=_plain_url(optional["cancel_url"]),
             submitted_at=_number(when) or 0.0,
             usage=_usage(usage) if isinstance(usage, Mapping) else None,
         )
         return None if job_problem(job) else job
+
+
+def _plain_url(value: object) -> str | None:
+    return str.__str__(value) if isinstance(value, str) else None
 
 
 def job_problem(job: Job) -> str:
@@ -155,13 +159,32 @@ def job_problem(job: Job) -> str:
     return ""
 
 
+_TEXTS: Final = ("provider", "model", "id", "poll_url", "result_url", "cancel_url")
+
+
+def plain_texts(job: Job) -> Job:
+    """*job* with each text that is a ``str`` subclass as the plain ``str`` of its characters.
+
+    A `Job` made by hand may hold any ``str``: its own ``__eq__``, ``__len__`` or methods then
+    never run while the job is checked, compared with a provider's name or polled.
+    """
+    odd: dict[str, Any] = {}
+    for name in _TEXTS:
+        value: object = getattr(job, name)
+        if isinstance(value, str) and type(value) is not str:
+            odd[name] = str.__str__(value)
+    return attrs.evolve(job, **odd) if odd else job
+
+
 def _readable_job(job: Job) -> Job:
     """*job* with what cannot be read of its submit time and usage left out; *job* if all can.
 
     A `Job` is plain data: one made by hand or read back may hold a usage that is no `Usage`
     (or one of text), or a submit time of NaN. Those are figures for the cost and the record,
-    never a reason to lose the paid image that resuming the job fetches.
+    never a reason to lose the paid image that resuming the job fetches. Its texts are made
+    plain (`plain_texts`).
     """
+    job = plain_texts(job)
     usage = _readable_usage(job.usage)
     when = _number(job.submitted_at) or 0.0
     if usage == job.usage and when == job.submitted_at:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
+from flux_adapters._display import type_name
 from flux_adapters._files import (
     IMAGE_FORMATS,
     MEDIA_TYPES,
@@ -25,6 +26,7 @@ from flux_adapters._files import (
     check_target,
     image_format,
     image_is_whole,
+    plain_path,
 )
 from flux_adapters.errors import ExtensionMismatch, FluxError
 
@@ -181,6 +183,15 @@ class Downloader(Protocol):
 
     async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
         """Stream the image at *url* into *path* (plus its real extension with *add_suffix*)."""
+
+
+def _odd_answer(method: str, answer: object, wanted: str) -> FluxError:
+    """A `Downloader` of the caller's own make answered *method* with the wrong type."""
+    from flux_adapters.errors import ConfigurationError
+
+    return ConfigurationError(
+        f"ResultImage: its downloader's {method}() answered {type_name(answer)}, not {wanted}"
+    )
 
 
 def _short_url(url: str | None) -> str:
@@ -379,10 +390,21 @@ class ResultImage(_Held):
             ResultExpired: The URL has expired.
             ResponseFormatError: What the URL served is not an image, or is too large.
             TransportError: The download failed or passed its deadline.
+            ConfigurationError: A downloader of your own make answered something but bytes.
         """
         if self.b64_json is not None:
             return b"".join(_inline_chunks(self.b64_json))
-        data = self._fetcher().read(self._url())
+        return self._read(self._fetcher().read(self._url()))
+
+    def _read(self, data: object) -> bytes:
+        """Note what a downloader read; one of the caller's own make may answer anything.
+
+        Raises:
+            ConfigurationError: It answered something other than bytes.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise _odd_answer("read", data, "the image's bytes")
+        data = bytes(data)
         self._seen(data[:SNIFF_BYTES], len(data))
         return data
 
@@ -412,6 +434,7 @@ class ResultImage(_Held):
             ResultExpired: The URL has expired.
             ResponseFormatError: What the URL served is not an image, or is too large.
             TransportError: The download failed or passed its deadline.
+            ConfigurationError: A downloader of your own make answered no path.
         """
         target = check_target(path, add_suffix=add_suffix)
         if self.b64_json is None:
@@ -436,12 +459,21 @@ class ResultImage(_Held):
         self._seen(written.head, written.size)
         return written.target
 
-    def _saved(self, saved: Path) -> Path:
+    def _saved(self, answer: object) -> Path:
         """Note what the downloaded file holds; refuse (and remove) a mislabelled one.
 
         For a `Downloader` of another make, which says only where it saved the image: the file
-        is read back to hold it to the rule that `HttpDownloader` keeps as it writes.
+        is read back to hold it to the rule that `HttpDownloader` keeps as it writes. Where it
+        says so as a ``str`` is taken too.
+
+        Raises:
+            ConfigurationError: It answered no path.
+            ExtensionMismatch: The file's name says another image format than its bytes.
         """
+        try:
+            saved = plain_path(answer)
+        except TypeError:
+            raise _odd_answer("save", answer, "the path it wrote") from None
         try:
             with saved.open("rb") as stream:
                 head = stream.read(SNIFF_BYTES)
@@ -461,9 +493,7 @@ class ResultImage(_Held):
         """Async twin of `read`."""
         if self.b64_json is not None:
             return self.read()
-        data = await self._fetcher().read_async(self._url())
-        self._seen(data[:SNIFF_BYTES], len(data))
-        return data
+        return self._read(await self._fetcher().read_async(self._url()))
 
     async def save_async(self, path: str | os.PathLike[str], *, add_suffix: bool = False) -> Path:
         """Async twin of `save`."""
