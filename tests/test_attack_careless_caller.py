@@ -106,7 +106,7 @@ def batch_error(emulator: Emulator, **options: object) -> errors.FluxError:
     """The `FluxError` a batch of one request with *options* ends with (asserted, not a bare one)."""
 
     async def run() -> None:
-        client = AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+        client = AsyncFluxClient("laozhang", api_key="test-key", base_url=emulator.base_url("laozhang"))
         async with client:
             request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
             options.setdefault("requests", [request])
@@ -149,7 +149,7 @@ def test_a_str_subclass_output_dir_is_the_folder_its_characters_name(
     folder.elsewhere = str(tmp_path / "elsewhere")
 
     async def run() -> list[str]:
-        client = AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+        client = AsyncFluxClient("laozhang", api_key="test-key", base_url=emulator.base_url("laozhang"))
         async with client:
             request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
             return [item.status async for item in client.edit_many([request], output_dir=folder)]
@@ -178,7 +178,7 @@ def test_the_most_concurrency_is_still_taken_and_the_command_takes_the_same(
     from flux_adapters._options import MAX_CONCURRENCY
 
     async def run() -> list[str]:
-        client = AsyncFluxClient("laozhang", api_key="k", base_url=emulator.base_url("laozhang"))
+        client = AsyncFluxClient("laozhang", api_key="test-key", base_url=emulator.base_url("laozhang"))
         async with client:
             request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
             items = client.edit_many([request], concurrency=MAX_CONCURRENCY)
@@ -201,7 +201,7 @@ def test_closing_an_async_client_after_the_loop_that_used_it_ended_is_no_crash(
     def made() -> AsyncFluxClient:
         return AsyncFluxClient(
             "laozhang",
-            api_key="k",
+            api_key="test-key",
             base_url=emulator.base_url("laozhang"),
             driver=driver,  # type: ignore[arg-type]
         )
@@ -339,7 +339,7 @@ class Touchy(str):
 
 TEXT_ARGUMENTS = {
     "provider": "laozhang",
-    "api_key": "sk-abc",
+    "api_key": "sk-abc-123",
     "base_url": "http://127.0.0.1:9/laozhang",
     "routing": "ordered",
     "state": "local",
@@ -367,7 +367,7 @@ def test_a_str_subclass_argument_is_taken_by_its_characters(
     # Before: api_key= and base_url= (len, iteration, hashing, methods), routing=, state=,
     # budget_period= and driver= (comparison) ran the subclass's own methods: whatever they
     # raised came out of the constructor as it was, where every other value is checked.
-    monkeypatch.setenv("LAOZHANG_API_KEY", "k")
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key")
     options: dict[str, object] = {"provider": "laozhang"}
     if argument == "routing":
         options = {"providers": ["laozhang"]}
@@ -408,12 +408,12 @@ def test_resuming_a_job_whose_texts_are_str_subclasses_polls_their_characters(
 
     def resume() -> None:
         if kind == "sync":
-            with FluxClient("bfl", api_key="k", base_url=url) as client:
+            with FluxClient("bfl", api_key="test-key", base_url=url) as client:
                 client.resume(job)
             return
 
         async def resumed() -> None:
-            async with AsyncFluxClient("bfl", api_key="k", base_url=url) as client:
+            async with AsyncFluxClient("bfl", api_key="test-key", base_url=url) as client:
                 await client.resume(job)
 
         asyncio.run(resumed())
@@ -448,13 +448,13 @@ def test_a_password_in_an_image_url_echoed_by_the_provider_never_shows(
     def edit() -> None:
         if kind == "sync":
             http = httpx.Client(transport=transport)
-            with http, FluxClient("laozhang", api_key="k", http_client=http) as client:
+            with http, FluxClient("laozhang", api_key="test-key", http_client=http) as client:
                 client.edit(request)
             return
 
         async def edited() -> None:
             http = httpx.AsyncClient(transport=transport)
-            async with http, AsyncFluxClient("laozhang", api_key="k", http_client=http) as client:
+            async with http, AsyncFluxClient("laozhang", api_key="test-key", http_client=http) as client:
                 await client.edit(request)
 
         asyncio.run(edited())
@@ -536,7 +536,7 @@ def test_names_in_no_order_are_refused_and_a_dicts_keys_taken(
         request = EditRequest(prompt="p", model="flux-2-pro")
         named = {"robot": request}
         async with AsyncFluxClient(
-            "laozhang", api_key="k", base_url=emulator.base_url("laozhang")
+            "laozhang", api_key="test-key", base_url=emulator.base_url("laozhang")
         ) as client:
             items = client.edit_many(named.values(), names=named.keys(), output_dir=tmp_path)
             return [item.name async for item in items]
@@ -582,7 +582,7 @@ def test_a_forked_child_never_sends_on_its_parents_connection() -> None:
     # other's answer (a paid image handed to the wrong call) or garbage (an ambiguous error).
     with serving(CountingServer(("127.0.0.1", 0), Counting)) as server:
         base_url = f"http://127.0.0.1:{server.server_address[1]}/laozhang"
-        client = FluxClient("laozhang", api_key="k", base_url=base_url)
+        client = FluxClient("laozhang", api_key="test-key", base_url=base_url)
         request = EditRequest(prompt="p", model="flux-2-pro")
         client.edit(request)  # the parent's connection, kept alive in the pool
         assert server.accepted == 1
