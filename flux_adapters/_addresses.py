@@ -111,16 +111,28 @@ def _trusted_host(host: str) -> bool:
     return _literal(host) and address_kind(host) is not None
 
 
+_UNREADABLE_PORT: Final = -1
+"""The port of a URL whose port ``urlsplit`` refuses but a sender may read (`_origin`)."""
+
+
 def _origin(url: str) -> tuple[str, int | None] | None:
-    """Host (lower case, no brackets) and port (the scheme's default if none) of *url*."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
+    """Host (lower case, no brackets) and port (the scheme's default if none) of *url*.
+
+    ``None`` when it has no host. A port ``urlsplit`` refuses ("+8080", " 8080", "８０８０") is
+    read by ``int()``, as httpx and yarl read it, and they send there: it is then
+    `_UNREADABLE_PORT`, never the base URL's own port.
+
+    Raises:
+        ValueError: ``urlsplit`` cannot read *url* (its host is unknown here).
+    """
+    parts = urlsplit(url)
     host = parts.hostname
     if not host:
         return None
+    try:
+        port = parts.port
+    except ValueError:
+        return host, _UNREADABLE_PORT
     return host, port if port is not None else _DEFAULT_PORTS.get(parts.scheme.lower())
 
 
@@ -138,21 +150,30 @@ class Guard:
     def __init__(self, provider: str, base_url: str, scrub: Callable[[str], str]) -> None:
         self.provider = provider
         self.scrub = scrub
-        self._base = _origin(base_url)
+        try:
+            self._base = _origin(base_url)
+        except ValueError:
+            self._base = None
 
     def target(self, url: str, what: str) -> Target | None:
         """The check to make for a fetch of *url* (*what*: "result", "polling"...).
 
         ``None``: nothing to check at connect time (the base URL's own host and port, a public
-        literal IP, or a URL that cannot be sent at all, which fails when it is built).
+        literal IP, or a URL with no host, which cannot be sent at all).
 
         Raises:
-            AddressRefused: *url*'s host is a literal non-public IP address.
+            AddressRefused: *url*'s host is a literal non-public IP address, or cannot be read
+                (where a sender, reading it otherwise, would go is unknown).
         """
-        found = _origin(url)
+        try:
+            found = _origin(url)
+        except ValueError:
+            raise Target(self, "?", None, what).refused("unreadable") from None
         if found is None or found == self._base:
             return None
         host, port = found
+        if port == _UNREADABLE_PORT:
+            port = None
         if _literal(host):
             kind = address_kind(host)
             if kind is not None:
@@ -179,8 +200,13 @@ class Target:
         if self.port is not None:
             shown = f"{shown}:{self.port}"
         shown = escape_controls(guard.scrub(shown))[:200]
+        where = (
+            "has a host that cannot be read (a sender reading it otherwise could go anywhere)"
+            if kind == "unreadable"
+            else f"leads to a {kind} address ({shown})"
+        )
         return AddressRefused(
-            f"the {self.what} URL it gave leads to a {kind} address ({shown}); nothing was sent "
+            f"the {self.what} URL it gave {where}; nothing was sent "
             "there. A provider may only lead the library to public addresses unless its base_url "
             "is itself private; to allow it, set allow_private_urls = true in "
             f"[provider.{toml_key(guard.provider)}] (ProviderSettings(allow_private_urls=True))",
@@ -237,7 +263,10 @@ def guard_for(
     """The guard of a provider at *base_url*; ``None`` when its URLs are trusted as they are."""
     if allow_private_urls:
         return None
-    base = _origin(base_url)
+    try:
+        base = _origin(base_url)
+    except ValueError:
+        base = None
     if base is not None and _trusted_host(base[0]):
         return None
     return Guard(provider, base_url, scrub)

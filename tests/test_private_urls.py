@@ -734,3 +734,38 @@ def test_the_gateway_answers_a_refused_result_as_paid_and_not_kept(tmp_path: Pat
     assert "AddressRefused" in body["message"]
     # Sent (and paid) once, not again by the SDK's retries; the metadata URL never asked.
     assert asked == ["POST https://api.laozhang.ai/v1/images/generations"]
+
+
+# -- a port httpx and yarl read but urlsplit does not ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+@pytest.mark.parametrize(("host", "port"), [("127.0.0.1", "+{}"), ("internal.test", " {}")])
+def test_a_redirect_with_a_port_written_oddly_is_still_checked(
+    kind: str, host: str, port: str, provider: Provider, internal: Recorder, names: dict[str, str]
+) -> None:
+    """``:+8080`` or ``: 8080``: ``int()`` reads them (so httpx and yarl send there), but
+    ``urlsplit`` refuses the port: the URL was taken as one nothing could send, and left
+    unchecked."""
+    names["internal.test"] = "127.0.0.1"
+    provider.result = f"{base(provider)}/redirect"
+    provider.location = f"http://{host}:{port.format(internal.port)}/result.png"
+    with pytest.raises(errors.AddressRefused, match="loopback"):
+        fetched(kind, base(provider))
+    assert internal.paths == []
+
+
+def test_a_url_whose_host_or_port_urlsplit_cannot_read_is_never_taken_as_unchecked() -> None:
+    guard = Guard("laozhang", "https://api.laozhang.ai", scrub)
+    for url in ("http://127.0.0.1:+8080/x", "http://[::1]: 80/x"):
+        with pytest.raises(errors.AddressRefused, match="loopback"):
+            guard.target(url, "redirect")
+    # The base URL's host, but a port written oddly: not provably its own port, so checked.
+    found = guard.target("https://api.laozhang.ai:+443/x", "redirect")
+    assert isinstance(found, Target)
+    assert (found.host, found.port) == ("api.laozhang.ai", None)
+    # urlsplit refuses the netloc (NFKC makes a "#" of it); httpx reads the host 127.0.0.1.
+    with pytest.raises(errors.AddressRefused) as caught:
+        guard.target("https://api.laozhang.ai\uff03@127.0.0.1/x", "redirect")
+    assert caught.value.reason == "unreadable"
+    assert "has a host that cannot be read" in str(caught.value)
