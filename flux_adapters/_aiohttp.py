@@ -39,13 +39,16 @@ import ipaddress
 import math
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
 import httpx
 from aiohttp.abc import AbstractResolver, AbstractStreamWriter, ResolveResult
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
 from aiohttp.payload import Payload
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -416,8 +419,9 @@ class _GuardedResolver(AbstractResolver):
 
     Where the connection is made: the addresses checked are the ones aiohttp connects to (DNS
     rebinding gains nothing). aiohttp keeps an answer for a few seconds and shares one lookup
-    between requests for the same host and port; only a checked or a trusted lookup is kept.
-    Literal IP hosts never reach a resolver: the downloader and the client refuse those first.
+    between requests for the same host and port: `_GuardedConnector` checks what a request is
+    given again, in its own context. Literal IP hosts never reach a resolver: the downloader
+    and the client refuse those first.
     """
 
     def __init__(self, inner: AbstractResolver) -> None:
@@ -434,6 +438,44 @@ class _GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+class _GuardedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, checking a provider-given URL's addresses wherever aiohttp takes them.
+
+    `_GuardedResolver` sees only the lookups that reach the resolver, but aiohttp keeps an
+    answer (its DNS cache) and shares one lookup between concurrent requests: either may have
+    been made for a trusted URL (the base URL, a provider allowed private URLs). And a
+    kept-alive connection is reused with no lookup at all. So the addresses a request is given
+    are checked in its own context (`_resolve_host`: before any connection to them), and so is
+    the peer of the connection it is handed (`connect`: a reused one).
+    """
+
+    async def _resolve_host(
+        self, host: str, port: int, traces: Sequence[Trace] | None = None
+    ) -> list[ResolveResult]:
+        found = await super()._resolve_host(host, port, traces)
+        target = GUARDED.get()
+        if target is not None:
+            target.check(entry["host"] for entry in found)
+        return found
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        target = GUARDED.get()
+        if target is None:
+            return connection
+        transport = connection.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if isinstance(peer, tuple) and peer:
+            try:
+                target.check((str(peer[0]),))
+            except BaseException:
+                connection.release()  # nothing was written on it: kept for whoever opened it
+                raise
+        return connection
 
 
 class AiohttpDriver:
@@ -464,7 +506,7 @@ class AiohttpDriver:
             return session
         if self._closed:
             raise ClientClosedError("the connection pool is closed; nothing was sent")
-        connector = aiohttp.TCPConnector(
+        connector = _GuardedConnector(
             resolver=_GuardedResolver(aiohttp.DefaultResolver()),
             limit=self._connections,
             limit_per_host=0,

@@ -769,3 +769,130 @@ def test_a_url_whose_host_or_port_urlsplit_cannot_read_is_never_taken_as_uncheck
         guard.target("https://api.laozhang.ai\uff03@127.0.0.1/x", "redirect")
     assert caught.value.reason == "unreadable"
     assert "has a host that cannot be read" in str(caught.value)
+
+
+# -- a connection a trusted provider opened, reused for an untrusted one's URL ----------------------
+
+
+class Trusted(http.server.ThreadingHTTPServer):
+    """An internal reseller (aimlapi-shaped) the operator allows: it answers ``statuses`` in turn
+    (200 with its own result URL, or an error), and serves that image; it records every path."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.statuses: list[int] = []
+        self.url = ""
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: its connections stay open for reuse
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                server.paths.append(self.path)
+                status = server.statuses.pop(0)
+                body = json.dumps(
+                    {"created": 1, "data": [{"url": f"{server.url}/own.png"}]}
+                    if status == 200
+                    else {"error": {"message": "no balance"}}
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                server.paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(PNG)))
+                self.end_headers()
+                self.wfile.write(PNG)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def trusted(names: dict[str, str]) -> Iterator[Trusted]:
+    names["internal.test"] = "127.0.0.1"
+    with serving(Trusted()) as server:
+        server.url = f"http://internal.test:{server.server_address[1]}"
+        yield server
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+def test_a_connection_a_trusted_provider_opened_is_not_reused_for_another_ones_url(
+    kind: str, provider: Provider, trusted: Trusted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aimlapi is allowed private URLs (an internal reseller); laozhang, in the same client, is
+    not. The first edit (aimlapi) leaves a keep-alive connection to internal.test; the second
+    fails over from aimlapi (402) to laozhang, whose result URL is at internal.test: reusing that
+    connection would connect nowhere anew, so nothing would be checked."""
+    trusted.statuses = [200, 402]
+    provider.result = f"{trusted.url}/admin/secrets"
+    monkeypatch.setenv("AIMLAPI_API_KEY", KEY)
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    options: dict[str, Any] = {
+        "providers": ["aimlapi", "laozhang"],
+        "settings": {
+            "aimlapi": ProviderSettings(
+                name="aimlapi", base_url=trusted.url, allow_private_urls=True
+            ),
+            "laozhang": ProviderSettings(name="laozhang", base_url=base(provider)),
+        },
+    }
+    if kind == "sync":
+        with FluxClient(**options) as client:
+            assert client.edit(REQUEST).images[0].read() == PNG
+            result = client.edit(REQUEST)
+            with pytest.raises(errors.AddressRefused, match="loopback"):
+                result.images[0].read()
+    else:
+
+        async def run() -> None:
+            async with AsyncFluxClient(driver=driver(kind), **options) as client:
+                assert await (await client.edit(REQUEST)).images[0].read_async() == PNG
+                result = await client.edit(REQUEST)
+                with pytest.raises(errors.AddressRefused, match="loopback"):
+                    await result.images[0].read_async()
+
+        asyncio.run(run())
+    assert "/admin/secrets" not in trusted.paths
+    assert trusted.paths == ["/v1/images/generations", "/own.png", "/v1/images/generations"]
+
+
+def test_an_answer_aiohttp_kept_for_a_trusted_url_is_checked_for_a_guarded_one() -> None:
+    """aiohttp's DNS cache answers without the resolver: what a request is given is checked in
+    its own context (a lookup made for the base URL, or a trusted provider, is kept 10 s)."""
+    pytest.importorskip("aiohttp")
+    from aiohttp.abc import ResolveResult
+
+    from flux_adapters._aiohttp import _GuardedConnector
+
+    async def resolve() -> None:
+        connector = _GuardedConnector()
+        try:
+            kept = ResolveResult(
+                hostname="internal.test",
+                host="10.0.0.5",
+                port=80,
+                family=socket.AF_INET,
+                proto=0,
+                flags=0,
+            )
+            connector._cached_hosts.add(("internal.test", 80), [kept])
+            assert await connector._resolve_host("internal.test", 80) == [kept]  # trusted
+            token = GUARDED.set(_target())
+            try:
+                with pytest.raises(errors.AddressRefused, match="private network"):
+                    await connector._resolve_host("internal.test", 80)
+            finally:
+                GUARDED.reset(token)
+        finally:
+            await connector.close()
+
+    asyncio.run(resolve())
