@@ -896,3 +896,55 @@ def test_an_answer_aiohttp_kept_for_a_trusted_url_is_checked_for_a_guarded_one()
             await connector.close()
 
     asyncio.run(resolve())
+
+
+# -- a batch's rerun downloads again the URLs its journal kept --------------------------------------
+
+
+def _batch(kind: str, url_base: str, folder: Path, **options: Any) -> list[Any]:
+    async def run() -> list[Any]:
+        async with AsyncFluxClient(
+            "laozhang", api_key=KEY, base_url=url_base, driver=driver(kind), **options
+        ) as client:
+            return [item async for item in client.edit_many([REQUEST], output_dir=folder)]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["aiohttp", "httpx"])
+def test_a_rerun_checks_the_result_urls_its_journal_kept_as_their_providers(
+    kind: str, provider: Provider, internal: Recorder, names: dict[str, str], tmp_path: Path
+) -> None:
+    """The first run's download is refused; the job is answered (billed) and its URL kept in the
+    journal, as after a crash between the answer and the save. The rerun downloads it again
+    from the journal: checked as the URLs of the provider that gave it (the record says which),
+    and, when the record does not say, as an untrusted provider's."""
+    names["internal.test"] = "127.0.0.1"
+    provider.result = f"http://internal.test:{internal.port}/latest/meta-data/"
+    [first] = _batch(kind, base(provider), tmp_path)
+    assert first.status == "unconfirmed"
+    assert isinstance(first.error, errors.AddressRefused)
+    journal = tmp_path / ".flux-journal.jsonl"
+    lines = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines()]
+    assert [line["p"] for line in lines if line.get("k") == "answered"] == ["laozhang"]
+    [again] = _batch(kind, base(provider), tmp_path)
+    assert again.status == "unconfirmed"  # not downloaded from the internal host, nor sent again
+    assert "could not be downloaded again (AddressRefused)" in again.reason
+    # A journal that does not say (edited, or written otherwise): the strictest check.
+    for line in lines:
+        line.pop("p", None)
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    trusting = {"laozhang": ProviderSettings(name="laozhang", allow_private_urls=True)}
+    [unknown] = _batch(kind, base(provider), tmp_path, settings=trusting)
+    assert unknown.status == "unconfirmed"
+    assert internal.paths == []
+    assert provider.paths == ["/v1/images/generations"]  # the job was paid for once
+    # The provider named, and allowed: its URL downloaded again, for free.
+    for line in lines:
+        if line.get("k") == "answered":
+            line["p"] = "laozhang"
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    [allowed] = _batch(kind, base(provider), tmp_path, settings=trusting)
+    assert (allowed.status, allowed.reason) == ("ok", "downloaded again from its result URL")
+    assert internal.paths == ["/latest/meta-data/"]
+    assert provider.paths == ["/v1/images/generations"]
