@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from flux_adapters._display import escape_controls, toml_key
 from flux_adapters.errors import AddressRefused
 
-__all__ = ["GUARDED", "Guard", "Target", "address_kind", "guard_for"]
+__all__ = ["GUARDED", "Guard", "Target", "address_kind", "guard_for", "strict"]
 
 GUARDED: contextvars.ContextVar[Target | None] = contextvars.ContextVar(
     "flux_guarded", default=None
@@ -143,13 +143,18 @@ class Guard:
         provider: The provider id (for messages).
         base_url: The configured base URL: its host and port are trusted.
         scrub: Removes the client's keys from a message (a URL may carry one).
+        hint: What a refusal's message says to do instead of naming the provider's
+            ``allow_private_urls`` (for URLs whose provider is not known, `strict`).
     """
 
-    __slots__ = ("_base", "provider", "scrub")
+    __slots__ = ("_base", "hint", "provider", "scrub")
 
-    def __init__(self, provider: str, base_url: str, scrub: Callable[[str], str]) -> None:
+    def __init__(
+        self, provider: str, base_url: str, scrub: Callable[[str], str], hint: str = ""
+    ) -> None:
         self.provider = provider
         self.scrub = scrub
+        self.hint = hint
         try:
             self._base = _origin(base_url)
         except ValueError:
@@ -205,11 +210,13 @@ class Target:
             if kind == "unreadable"
             else f"leads to a {kind} address ({shown})"
         )
+        allow = guard.hint or (
+            "A provider may only lead the library to public addresses unless its base_url is "
+            "itself private; to allow it, set allow_private_urls = true in "
+            f"[provider.{toml_key(guard.provider)}] (ProviderSettings(allow_private_urls=True))"
+        )
         return AddressRefused(
-            f"the {self.what} URL it gave {where}; nothing was sent "
-            "there. A provider may only lead the library to public addresses unless its base_url "
-            "is itself private; to allow it, set allow_private_urls = true in "
-            f"[provider.{toml_key(guard.provider)}] (ProviderSettings(allow_private_urls=True))",
+            f"the {self.what} URL it gave {where}; nothing was sent there. {allow}",
             provider=guard.provider,
             host=shown,
             reason=kind,
@@ -255,6 +262,16 @@ class Target:
         except (OSError, UnicodeError):
             return
         self.check(str(info[4][0]) for info in found)
+
+
+def strict(provider: str, hint: str) -> Guard:
+    """The guard of URLs a provider gave that is not known (or not said): nothing is trusted.
+
+    No base URL, so no host is trusted; literal and resolved non-public addresses are refused.
+    """
+    from flux_adapters._redact import redact  # the key-shaped text of any provider
+
+    return Guard(provider, "", redact, hint)
 
 
 def guard_for(
