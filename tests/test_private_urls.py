@@ -948,3 +948,52 @@ def test_a_rerun_checks_the_result_urls_its_journal_kept_as_their_providers(
     assert (allowed.status, allowed.reason) == ("ok", "downloaded again from its result URL")
     assert internal.paths == ["/latest/meta-data/"]
     assert provider.paths == ["/v1/images/generations"]
+
+
+# -- a result that lost its downloader --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_unpickled_result_checks_its_url_the_strictest_way(
+    kind: str, internal: Recorder, names: dict[str, str]
+) -> None:
+    """Pickled (a task queue, a cache), a result loses its downloader, and with it which provider
+    gave its URL: the short-lived one it gets refuses what no provider's settings are there to
+    allow. A ResultImage the caller makes holds a URL the caller trusts: as it was."""
+    import pickle
+
+    from flux_adapters.result import ResultImage
+
+    names["internal.test"] = "127.0.0.1"
+    for url in (
+        f"http://127.0.0.1:{internal.port}/latest/meta-data/",
+        f"http://internal.test:{internal.port}/latest/meta-data/",
+    ):
+        image = pickle.loads(pickle.dumps(ResultImage(url=url).fetched_with(_NOWHERE)))
+        with pytest.raises(errors.AddressRefused, match="unpickled result") as caught:
+            image.read() if kind == "sync" else asyncio.run(image.read_async())
+        assert "loopback" in str(caught.value)
+        assert "allow_private_urls" not in str(caught.value)  # no provider to name
+    assert internal.paths == []
+    mine = ResultImage(url=f"http://internal.test:{internal.port}/mine.png")
+    assert (mine.read() if kind == "sync" else asyncio.run(mine.read_async())) == PNG
+    assert internal.paths == ["/mine.png"]
+
+
+class _Nowhere:
+    """A downloader a result holds until it is pickled (it never downloads here)."""
+
+    def read(self, url: str) -> bytes:
+        raise AssertionError(url)
+
+    def save(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        raise AssertionError(url)
+
+    async def read_async(self, url: str) -> bytes:
+        raise AssertionError(url)
+
+    async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        raise AssertionError(url)
+
+
+_NOWHERE = _Nowhere()
