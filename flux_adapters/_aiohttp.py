@@ -38,13 +38,12 @@ import functools
 import ipaddress
 import math
 import re
-import socket
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
 import httpx
-from aiohttp.abc import AbstractResolver, AbstractStreamWriter, ResolveResult
+from aiohttp.abc import AbstractStreamWriter, ResolveResult
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.payload import Payload
@@ -414,41 +413,18 @@ def _check_ipv4(host: str) -> None:
     ipaddress.IPv4Address(host)
 
 
-class _GuardedResolver(AbstractResolver):
-    """aiohttp's resolver, refusing a provider-given host that leads to a non-public address.
+class _GuardedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, refusing a provider-given host that leads to a non-public address.
 
     Where the connection is made: the addresses checked are the ones aiohttp connects to (DNS
-    rebinding gains nothing). aiohttp keeps an answer for a few seconds and shares one lookup
-    between requests for the same host and port: `_GuardedConnector` checks what a request is
-    given again, in its own context. Literal IP hosts never reach a resolver: the downloader
-    and the client refuse those first.
-    """
-
-    def __init__(self, inner: AbstractResolver) -> None:
-        self._inner = inner
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
-        target = GUARDED.get()
-        if target is not None:
-            target.check(entry["host"] for entry in found)
-        return found
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-class _GuardedConnector(aiohttp.TCPConnector):
-    """aiohttp's connector, checking a provider-given URL's addresses wherever aiohttp takes them.
-
-    `_GuardedResolver` sees only the lookups that reach the resolver, but aiohttp keeps an
-    answer (its DNS cache) and shares one lookup between concurrent requests: either may have
-    been made for a trusted URL (the base URL, a provider allowed private URLs). And a
-    kept-alive connection is reused with no lookup at all. So the addresses a request is given
-    are checked in its own context (`_resolve_host`: before any connection to them), and so is
-    the peer of the connection it is handed (`connect`: a reused one).
+    rebinding gains nothing). Not in the resolver: aiohttp keeps an answer (its DNS cache) and
+    shares one lookup between concurrent requests for a host and port, made in the context of
+    the first; a check there would pass a trusted lookup to a guarded request, and fail a
+    trusted request that joined a guarded one's lookup with the other's refusal. So the
+    addresses a request is given are checked in its own context (`_resolve_host`, before any
+    connection to them), and so is the peer of the connection it is handed (`connect`: a
+    kept-alive one is reused with no lookup at all). Literal IP hosts skip the lookup; the
+    downloader and the client refuse non-public ones first, and `connect` sees their peer.
     """
 
     async def _resolve_host(
@@ -507,7 +483,6 @@ class AiohttpDriver:
         if self._closed:
             raise ClientClosedError("the connection pool is closed; nothing was sent")
         connector = _GuardedConnector(
-            resolver=_GuardedResolver(aiohttp.DefaultResolver()),
             limit=self._connections,
             limit_per_host=0,
             keepalive_timeout=KEEPALIVE,
@@ -742,7 +717,7 @@ class AiohttpDriver:
         return transport_error(exc, exchange.provider, exchange.scrub)
 
     def needs_lookup(self, url: str) -> bool:
-        """Never: no proxy, and every name goes through `_GuardedResolver`."""
+        """Never: no proxy, and every connection goes through `_GuardedConnector`."""
         return False
 
     def get(self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout) -> _Getting:

@@ -277,11 +277,11 @@ def test_the_async_backend_checks_where_it_connects(rebinding: list[list[str]]) 
     assert inner.asked == ["93.184.216.34"]
 
 
-def test_the_aiohttp_resolver_checks_what_it_resolves() -> None:
+def test_the_aiohttp_connector_checks_what_it_resolves() -> None:
     pytest.importorskip("aiohttp")
     from aiohttp.abc import AbstractResolver, ResolveResult
 
-    from flux_adapters._aiohttp import _GuardedResolver
+    from flux_adapters._aiohttp import _GuardedConnector
 
     turns = [["93.184.216.34"], ["10.0.0.5"]]
 
@@ -298,15 +298,16 @@ def test_the_aiohttp_resolver_checks_what_it_resolves() -> None:
             pass
 
     async def resolve() -> None:
-        resolver = _GuardedResolver(Inner())
+        connector = _GuardedConnector(resolver=Inner(), use_dns_cache=False)
         token = GUARDED.set(_target())
         try:
-            found = await resolver.resolve("rebind.test", 443)
+            found = await connector._resolve_host("rebind.test", 443)
             assert [entry["host"] for entry in found] == ["93.184.216.34"]
             with pytest.raises(errors.AddressRefused, match="private network"):
-                await resolver.resolve("rebind.test", 443)
+                await connector._resolve_host("rebind.test", 443)
         finally:
             GUARDED.reset(token)
+            await connector.close()
 
     asyncio.run(resolve())
 
@@ -997,3 +998,47 @@ class _Nowhere:
 
 
 _NOWHERE = _Nowhere()
+
+
+def test_a_lookup_aiohttp_shares_is_refused_only_to_the_guarded_request() -> None:
+    """aiohttp makes one lookup for concurrent requests to a host and port, in the context of
+    the first. A guarded request first and a trusted one (an allowed provider's poll) joining:
+    the refusal is the guarded request's alone; the trusted one gets its addresses (it failed
+    with the other provider's AddressRefused, ending its job unknown)."""
+    pytest.importorskip("aiohttp")
+    from aiohttp.abc import AbstractResolver, ResolveResult
+
+    from flux_adapters._aiohttp import _GuardedConnector
+
+    class Slow(AbstractResolver):
+        async def resolve(self, host: str, port: int = 0, family: Any = 0) -> list[ResolveResult]:
+            await asyncio.sleep(0.01)
+            return [
+                ResolveResult(
+                    hostname=host, host="10.0.0.5", port=port, family=socket.AF_INET, proto=0,
+                    flags=0,
+                )
+            ]  # fmt: skip
+
+        async def close(self) -> None:
+            pass
+
+    async def both() -> list[object]:
+        connector = _GuardedConnector(resolver=Slow())
+
+        async def guarded() -> object:
+            GUARDED.set(_target())  # in its task's own context only
+            return await connector._resolve_host("internal.test", 80)
+
+        try:
+            first = asyncio.create_task(guarded())
+            await asyncio.sleep(0)  # it started the shared lookup
+            second = asyncio.create_task(connector._resolve_host("internal.test", 80))
+            return list(await asyncio.gather(first, second, return_exceptions=True))
+        finally:
+            await connector.close()
+
+    refused, trusted = asyncio.run(both())
+    assert isinstance(refused, errors.AddressRefused)
+    assert isinstance(trusted, list)
+    assert [entry["host"] for entry in trusted] == ["10.0.0.5"]
