@@ -86,6 +86,8 @@ def address_kind(address: str) -> str | None:
         kind = "multicast"
     elif isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED:
         kind = "shared (carrier-grade NAT)"
+    elif isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        kind = "private network (IPv6 site-local)"  # fec0::/10: deprecated, ipaddress says global
     elif ip.is_private:
         kind = "private network"
     elif ip.is_reserved or not ip.is_global:

@@ -58,6 +58,7 @@ def test_public_addresses_pass(address: str) -> None:
         ("172.16.0.1", "private"),
         ("192.168.1.1", "private"),
         ("fd12:3456::1", "private"),
+        ("fec0::1", "site-local"),  # deprecated, but routed where a network still uses it
         ("169.254.169.254", "link-local"),
         ("fe80::1%eth0", "link-local"),
         ("100.64.0.1", "carrier-grade NAT"),
