@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from flux_adapters._display import escape_controls, toml_key
 from flux_adapters.errors import AddressRefused
 
-__all__ = ["GUARDED", "Guard", "Target", "address_kind", "guard_for"]
+__all__ = ["GUARDED", "Guard", "Target", "address_kind", "guard_for", "strict"]
 
 GUARDED: contextvars.ContextVar[Target | None] = contextvars.ContextVar(
     "flux_guarded", default=None
@@ -86,6 +86,8 @@ def address_kind(address: str) -> str | None:
         kind = "multicast"
     elif isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED:
         kind = "shared (carrier-grade NAT)"
+    elif isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        kind = "private network (IPv6 site-local)"  # fec0::/10: deprecated, ipaddress says global
     elif ip.is_private:
         kind = "private network"
     elif ip.is_reserved or not ip.is_global:
@@ -111,16 +113,28 @@ def _trusted_host(host: str) -> bool:
     return _literal(host) and address_kind(host) is not None
 
 
+_UNREADABLE_PORT: Final = -1
+"""The port of a URL whose port ``urlsplit`` refuses but a sender may read (`_origin`)."""
+
+
 def _origin(url: str) -> tuple[str, int | None] | None:
-    """Host (lower case, no brackets) and port (the scheme's default if none) of *url*."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
+    """Host (lower case, no brackets) and port (the scheme's default if none) of *url*.
+
+    ``None`` when it has no host. A port ``urlsplit`` refuses ("+8080", " 8080", "８０８０") is
+    read by ``int()``, as httpx and yarl read it, and they send there: it is then
+    `_UNREADABLE_PORT`, never the base URL's own port.
+
+    Raises:
+        ValueError: ``urlsplit`` cannot read *url* (its host is unknown here).
+    """
+    parts = urlsplit(url)
     host = parts.hostname
     if not host:
         return None
+    try:
+        port = parts.port
+    except ValueError:
+        return host, _UNREADABLE_PORT
     return host, port if port is not None else _DEFAULT_PORTS.get(parts.scheme.lower())
 
 
@@ -131,28 +145,42 @@ class Guard:
         provider: The provider id (for messages).
         base_url: The configured base URL: its host and port are trusted.
         scrub: Removes the client's keys from a message (a URL may carry one).
+        hint: What a refusal's message says to do instead of naming the provider's
+            ``allow_private_urls`` (for URLs whose provider is not known, `strict`).
     """
 
-    __slots__ = ("_base", "provider", "scrub")
+    __slots__ = ("_base", "hint", "provider", "scrub")
 
-    def __init__(self, provider: str, base_url: str, scrub: Callable[[str], str]) -> None:
+    def __init__(
+        self, provider: str, base_url: str, scrub: Callable[[str], str], hint: str = ""
+    ) -> None:
         self.provider = provider
         self.scrub = scrub
-        self._base = _origin(base_url)
+        self.hint = hint
+        try:
+            self._base = _origin(base_url)
+        except ValueError:
+            self._base = None
 
     def target(self, url: str, what: str) -> Target | None:
         """The check to make for a fetch of *url* (*what*: "result", "polling"...).
 
         ``None``: nothing to check at connect time (the base URL's own host and port, a public
-        literal IP, or a URL that cannot be sent at all, which fails when it is built).
+        literal IP, or a URL with no host, which cannot be sent at all).
 
         Raises:
-            AddressRefused: *url*'s host is a literal non-public IP address.
+            AddressRefused: *url*'s host is a literal non-public IP address, or cannot be read
+                (where a sender, reading it otherwise, would go is unknown).
         """
-        found = _origin(url)
+        try:
+            found = _origin(url)
+        except ValueError:
+            raise Target(self, "?", None, what).refused("unreadable") from None
         if found is None or found == self._base:
             return None
         host, port = found
+        if port == _UNREADABLE_PORT:
+            port = None
         if _literal(host):
             kind = address_kind(host)
             if kind is not None:
@@ -179,11 +207,18 @@ class Target:
         if self.port is not None:
             shown = f"{shown}:{self.port}"
         shown = escape_controls(guard.scrub(shown))[:200]
+        where = (
+            "has a host that cannot be read (a sender reading it otherwise could go anywhere)"
+            if kind == "unreadable"
+            else f"leads to a {kind} address ({shown})"
+        )
+        allow = guard.hint or (
+            "A provider may only lead the library to public addresses unless its base_url is "
+            "itself private; to allow it, set allow_private_urls = true in "
+            f"[provider.{toml_key(guard.provider)}] (ProviderSettings(allow_private_urls=True))"
+        )
         return AddressRefused(
-            f"the {self.what} URL it gave leads to a {kind} address ({shown}); nothing was sent "
-            "there. A provider may only lead the library to public addresses unless its base_url "
-            "is itself private; to allow it, set allow_private_urls = true in "
-            f"[provider.{toml_key(guard.provider)}] (ProviderSettings(allow_private_urls=True))",
+            f"the {self.what} URL it gave {where}; nothing was sent there. {allow}",
             provider=guard.provider,
             host=shown,
             reason=kind,
@@ -231,13 +266,26 @@ class Target:
         self.check(str(info[4][0]) for info in found)
 
 
+def strict(provider: str, hint: str) -> Guard:
+    """The guard of URLs a provider gave that is not known (or not said): nothing is trusted.
+
+    No base URL, so no host is trusted; literal and resolved non-public addresses are refused.
+    """
+    from flux_adapters._redact import redact  # the key-shaped text of any provider
+
+    return Guard(provider, "", redact, hint)
+
+
 def guard_for(
     provider: str, base_url: str, scrub: Callable[[str], str], allow_private_urls: bool
 ) -> Guard | None:
     """The guard of a provider at *base_url*; ``None`` when its URLs are trusted as they are."""
     if allow_private_urls:
         return None
-    base = _origin(base_url)
+    try:
+        base = _origin(base_url)
+    except ValueError:
+        base = None
     if base is not None and _trusted_host(base[0]):
         return None
     return Guard(provider, base_url, scrub)

@@ -38,14 +38,16 @@ import functools
 import ipaddress
 import math
 import re
-import socket
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
 import httpx
-from aiohttp.abc import AbstractResolver, AbstractStreamWriter, ResolveResult
+from aiohttp.abc import AbstractStreamWriter, ResolveResult
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
 from aiohttp.payload import Payload
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -415,29 +417,45 @@ def _check_ipv4(host: str) -> None:
     ipaddress.IPv4Address(host)
 
 
-class _GuardedResolver(AbstractResolver):
-    """aiohttp's resolver, refusing a provider-given host that leads to a non-public address.
+class _GuardedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, refusing a provider-given host that leads to a non-public address.
 
     Where the connection is made: the addresses checked are the ones aiohttp connects to (DNS
-    rebinding gains nothing). aiohttp keeps an answer for a few seconds and shares one lookup
-    between requests for the same host and port; only a checked or a trusted lookup is kept.
-    Literal IP hosts never reach a resolver: the downloader and the client refuse those first.
+    rebinding gains nothing). Not in the resolver: aiohttp keeps an answer (its DNS cache) and
+    shares one lookup between concurrent requests for a host and port, made in the context of
+    the first; a check there would pass a trusted lookup to a guarded request, and fail a
+    trusted request that joined a guarded one's lookup with the other's refusal. So the
+    addresses a request is given are checked in its own context (`_resolve_host`, before any
+    connection to them), and so is the peer of the connection it is handed (`connect`: a
+    kept-alive one is reused with no lookup at all). Literal IP hosts skip the lookup; the
+    downloader and the client refuse non-public ones first, and `connect` sees their peer.
     """
 
-    def __init__(self, inner: AbstractResolver) -> None:
-        self._inner = inner
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    async def _resolve_host(
+        self, host: str, port: int, traces: Sequence[Trace] | None = None
     ) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
+        found = await super()._resolve_host(host, port, traces)
         target = GUARDED.get()
         if target is not None:
             target.check(entry["host"] for entry in found)
         return found
 
-    async def close(self) -> None:
-        await self._inner.close()
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        target = GUARDED.get()
+        if target is None:
+            return connection
+        transport = connection.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if isinstance(peer, tuple) and peer:
+            try:
+                target.check((str(peer[0]),))
+            except BaseException:
+                connection.release()  # nothing was written on it: kept for whoever opened it
+                raise
+        return connection
 
 
 class AiohttpDriver:
@@ -468,8 +486,7 @@ class AiohttpDriver:
             return session
         if self._closed:
             raise ClientClosedError("the connection pool is closed; nothing was sent")
-        connector = aiohttp.TCPConnector(
-            resolver=_GuardedResolver(aiohttp.DefaultResolver()),
+        connector = _GuardedConnector(
             limit=self._connections,
             limit_per_host=0,
             keepalive_timeout=KEEPALIVE,
@@ -704,7 +721,7 @@ class AiohttpDriver:
         return transport_error(exc, exchange.provider, exchange.scrub)
 
     def needs_lookup(self, url: str) -> bool:
-        """Never: no proxy, and every name goes through `_GuardedResolver`."""
+        """Never: no proxy, and every connection goes through `_GuardedConnector`."""
         return False
 
     def get(self, url: str, headers: Mapping[str, str], timeout: httpx.Timeout) -> _Getting:

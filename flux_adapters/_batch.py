@@ -532,7 +532,9 @@ class _Batch:
         """
         if not state.urls or self.journal is None or self.folder is None:
             return (), ""
-        images = [ResultImage(url=url, downloader=self.client._downloader) for url in state.urls]
+        # Checked as the URLs of the provider that gave them (the journal says which).
+        downloader = self.client._downloader_of(state.urls_by)
+        images = [ResultImage(url=url, downloader=downloader) for url in state.urls]
         try:
             saved = await _save_all(images, self.folder, name)
         except Exception as error:  # a URL from the journal is data: whatever fails, no image

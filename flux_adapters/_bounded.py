@@ -53,16 +53,45 @@ def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> fl
     return left if timeout is None else min(timeout, left)
 
 
-class _BoundedStream(httpcore.NetworkStream):
-    """A socket stream whose every read, write and TLS handshake ends by the deadline."""
+def _check_peer(
+    target: Target, stream: httpcore.NetworkStream | httpcore.AsyncNetworkStream
+) -> None:
+    """Refuse unless the address *stream* is connected to is public.
 
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
+    For a connection opened without a check (for the base URL, or a trusted provider's URL)
+    that the pool reuses for a provider-given URL at the same host and port: no connection is
+    opened then, so nothing else would look. A peer that cannot be read (a closed socket, a
+    test's stream) is left to the write.
+    """
+    try:
+        peer = stream.get_extra_info("server_addr")
+    except OSError:
+        return
+    if isinstance(peer, tuple) and peer:
+        target.check((str(peer[0]),))
+
+
+class _BoundedStream(httpcore.NetworkStream):
+    """A socket stream whose every read, write and TLS handshake ends by the deadline.
+
+    *checked*: its peer is known to be public (opened for a provider-given URL, checked), or
+    not to be looked at (a proxy's). Otherwise a write for a provider-given URL checks the
+    peer first (`_check_peer`): a connection opened unchecked may be reused for one.
+    """
+
+    def __init__(self, inner: httpcore.NetworkStream, checked: bool = False) -> None:
         self._inner = inner
+        self._checked = checked
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not self._checked:
+            target = GUARDED.get()
+            if target is not None:
+                _check_peer(target, self._inner)
+                self._checked = True
         self._inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
@@ -72,7 +101,8 @@ class _BoundedStream(httpcore.NetworkStream):
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.NetworkStream:
         seconds = _left(timeout, httpcore.ConnectTimeout)
-        return _BoundedStream(self._inner.start_tls(ssl_context, server_hostname, seconds))
+        stream = self._inner.start_tls(ssl_context, server_hostname, seconds)
+        return _BoundedStream(stream, self._checked)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
@@ -112,7 +142,7 @@ class _BoundedBackend(httpcore.NetworkBackend):
         if target is None:
             seconds = _left(timeout, httpcore.ConnectTimeout)
             stream = self._inner.connect_tcp(host, port, seconds, local_address, socket_options)
-            return _BoundedStream(stream)
+            return _BoundedStream(stream, checked=not self.guarded)
         # Resolved once, here: the addresses checked are the ones connected to.
         try:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -128,21 +158,56 @@ class _BoundedBackend(httpcore.NetworkBackend):
             except httpcore.ConnectError as exc:  # the next address, as a plain connect does
                 failed = exc
                 continue
-            return _BoundedStream(stream)
+            return _BoundedStream(stream, checked=True)
         raise failed or httpcore.ConnectError(f"{host} resolved to no address")
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore.NetworkStream:
         seconds = _left(timeout, httpcore.ConnectTimeout)
-        return _BoundedStream(self._inner.connect_unix_socket(path, seconds, socket_options))
+        stream = self._inner.connect_unix_socket(path, seconds, socket_options)
+        return _BoundedStream(stream, checked=True)  # no IP address to judge
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
 
 
+class _PeerCheckedStream(httpcore.AsyncNetworkStream):
+    """An async stream opened without a check: a write for a provider-given URL checks its peer.
+
+    As `_BoundedStream` does for the sync pools (`_check_peer`). Reads, closing and the rest go
+    straight to the inner stream's own methods, without a frame of their own.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._checked = False
+        self.read = inner.read  # type: ignore[method-assign]
+        self.aclose = inner.aclose  # type: ignore[method-assign]
+        self.get_extra_info = inner.get_extra_info  # type: ignore[method-assign]
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not self._checked:
+            target = GUARDED.get()
+            if target is not None:
+                _check_peer(target, self._inner)
+                self._checked = True
+        await self._inner.write(buffer, timeout)
+
+    async def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        if self._checked:
+            return stream
+        return _PeerCheckedStream(stream)
+
+
 class _GuardedAsyncBackend(httpcore.AsyncNetworkBackend):
-    """The async backend of the library's own httpx pools: checks provider-given hosts first."""
+    """The async backend of the library's own httpx pools: checks provider-given hosts first.
+
+    A connection it opens unchecked checks its peer when reused for one (`_PeerCheckedStream`).
+    """
 
     def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
         self._inner = inner
@@ -158,7 +223,10 @@ class _GuardedAsyncBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         target = GUARDED.get()
         if target is None:
-            return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+            stream = await self._inner.connect_tcp(
+                host, port, timeout, local_address, socket_options
+            )
+            return _PeerCheckedStream(stream)
         import anyio  # httpx's own dependency, loaded with httpcore's async backend
 
         try:

@@ -179,6 +179,8 @@ class JobState:
         open_sends: Providers sent to with no answer or failure recorded (a crash, a cancel).
         billed: Some provider may have billed it (an ambiguous failure, or an answer).
         urls: Result URLs of the last answer, to download again.
+        urls_by: The provider that gave them (its URLs are checked as its own), ``""`` if the
+            record does not say.
         job: The job an asynchronous provider accepted for it and has not ended: a rerun
             polls it (`AsyncFluxClient.resume`) rather than paying for another.
         files: The image files saved, when it was saved.
@@ -191,6 +193,7 @@ class JobState:
     open_sends: list[str] = field(factory=list)
     billed: bool = False
     urls: list[str] = field(factory=list)
+    urls_by: str = ""
     job: Job | None = None
     files: list[str] = field(factory=list)
     note: str = ""
@@ -211,7 +214,7 @@ class JobState:
                 # Another request under this name (forced): what was known is of the old one,
                 # whose answer's URLs are not this request's image.
                 self.open_sends, self.billed, self.urls, self.note = [], False, [], ""
-                self.job = None
+                self.job, self.urls_by = None, ""
             self.digest = digest
             self.files = []
             before = record.get("old")
@@ -228,6 +231,7 @@ class JobState:
                 self.billed = True
                 urls = _strings(record.get("urls"))
                 self.urls = [url for url in urls if url.startswith(("https://", "http://"))]
+                self.urls_by = provider
             else:
                 billed = record.get("proves") == "may be billed"
                 if billed or not self.billed:
@@ -639,17 +643,18 @@ def _pack(state: JobState) -> bytes:
     """*state* as compact bytes (`marshal`, of this process's own making): a fifth of its size."""
     job = state.job.to_dict() if state.job is not None else None
     fields = (state.digest, state.before, state.open_sends, state.billed, state.urls, job)
-    return marshal.dumps((*fields, state.files, state.note))
+    return marshal.dumps((*fields, state.files, state.note, state.urls_by))
 
 
 def _unpack(packed: bytes) -> JobState:
-    digest, before, open_sends, billed, urls, job, files, note = marshal.loads(packed)
+    digest, before, open_sends, billed, urls, job, files, note, urls_by = marshal.loads(packed)
     return JobState(
         digest=digest,
         before=before,
         open_sends=open_sends,
         billed=billed,
         urls=urls,
+        urls_by=urls_by,
         job=Job.from_dict(job) if job is not None else None,
         files=files,
         note=note,

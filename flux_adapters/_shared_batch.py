@@ -789,9 +789,9 @@ class _Run:
             return Ended(name, "ok", reason="saved before its worker stopped", files=new)
         failure = ""
         if state.urls:
-            images = [
-                ResultImage(url=url, downloader=self.client._downloader) for url in state.urls
-            ]
+            # Checked as the URLs of the provider that gave them (the journal says which).
+            downloader = self.client._downloader_of(state.urls_by)
+            images = [ResultImage(url=url, downloader=downloader) for url in state.urls]
             try:
                 files = await self.output.save(images, name)
             except Exception as error:  # a URL from the journal is data: whatever fails, no image

@@ -912,6 +912,33 @@ class _ClientBase:
         """Downloads the images of this client's results."""
         return self._new_downloader()
 
+    def _downloader_of(self, provider: str) -> HttpDownloader:
+        """The downloader of result URLs *provider* gave, kept apart from their result.
+
+        A batch journal's: its URLs checked as that provider's (``flux_adapters._addresses``).
+
+        A provider this client does not have, or none recorded: every such URL is checked, as
+        an untrusted provider's at no base URL would be. Which provider gave it is data from a
+        file, but the URL itself came from a provider all the same.
+        """
+        from flux_adapters._addresses import Guard
+
+        for binding in self._bindings:
+            if binding.adapter.name == provider:
+                return self._downloader.guarded(binding.guard)
+        made: dict[str, Guard] = self.__dict__.setdefault("_strict_guards", {})
+        guard = made.get(provider)
+        if guard is None:
+            shown = f"{provider!r:.60}, which this client does not have" if provider else "none"
+            guard = made[provider] = Guard(
+                provider or "unknown",
+                "",
+                self._scrub,
+                f"The record names the provider that gave it as {shown}: it is checked the "
+                "strictest way (see docs/routing.md)",
+            )
+        return self._downloader.guarded(guard)
+
     @property
     def _breaker(self) -> Breaker:
         """The cooldowns of this client's providers, shared with its `with_options` copies."""

@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
@@ -213,6 +213,27 @@ def _default_downloader() -> Downloader:
     return HttpDownloader()
 
 
+_UNPICKLED: Final[Any] = object()
+"""What `ResultImage._fetcher` finds of an unpickled image's downloader (it is not pickled)."""
+
+
+def _unpickled_downloader() -> Downloader:
+    """A short-lived downloader for an unpickled image: its URL checked the strictest way.
+
+    The image came from a provider's answer, and which provider (whose settings may trust it)
+    is not known once unpickled: its URL may lead only to public addresses.
+    """
+    from flux_adapters._addresses import strict
+    from flux_adapters._download import HttpDownloader
+
+    guard = strict(
+        "unknown",
+        "An unpickled result no longer knows which provider gave it, and is checked the "
+        "strictest way; ResultImage(url=image.url) downloads a URL you trust as it is",
+    )
+    return HttpDownloader(guard=guard)
+
+
 def _checking(fetcher: Downloader) -> HttpDownloader | None:
     """*fetcher* if it is this library's, which says what it wrote: nothing is read back."""
     from flux_adapters._download import HttpDownloader  # lazy, as in `_default_downloader`
@@ -339,8 +360,12 @@ class ResultImage(_Held):
         )
 
     def _fetcher(self) -> Downloader:
-        held: Downloader | None = getattr(self, "_held_downloader", None)  # None once unpickled
-        return held if held is not None else _default_downloader()
+        held: Downloader | None = getattr(self, "_held_downloader", _UNPICKLED)
+        if held is None:  # made by the caller: the URL is theirs
+            return _default_downloader()
+        if held is _UNPICKLED:  # a provider's URL, whose provider is no longer known
+            return _unpickled_downloader()
+        return held
 
     def _seen(self, head: bytes, size: int) -> None:
         """Remember what the bytes turned out to be, once they were read or saved."""

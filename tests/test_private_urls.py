@@ -58,6 +58,7 @@ def test_public_addresses_pass(address: str) -> None:
         ("172.16.0.1", "private"),
         ("192.168.1.1", "private"),
         ("fd12:3456::1", "private"),
+        ("fec0::1", "site-local"),  # deprecated, but routed where a network still uses it
         ("169.254.169.254", "link-local"),
         ("fe80::1%eth0", "link-local"),
         ("100.64.0.1", "carrier-grade NAT"),
@@ -277,11 +278,11 @@ def test_the_async_backend_checks_where_it_connects(rebinding: list[list[str]]) 
     assert inner.asked == ["93.184.216.34"]
 
 
-def test_the_aiohttp_resolver_checks_what_it_resolves() -> None:
+def test_the_aiohttp_connector_checks_what_it_resolves() -> None:
     pytest.importorskip("aiohttp")
     from aiohttp.abc import AbstractResolver, ResolveResult
 
-    from flux_adapters._aiohttp import _GuardedResolver
+    from flux_adapters._aiohttp import _GuardedConnector
 
     turns = [["93.184.216.34"], ["10.0.0.5"]]
 
@@ -298,15 +299,16 @@ def test_the_aiohttp_resolver_checks_what_it_resolves() -> None:
             pass
 
     async def resolve() -> None:
-        resolver = _GuardedResolver(Inner())
+        connector = _GuardedConnector(resolver=Inner(), use_dns_cache=False)
         token = GUARDED.set(_target())
         try:
-            found = await resolver.resolve("rebind.test", 443)
+            found = await connector._resolve_host("rebind.test", 443)
             assert [entry["host"] for entry in found] == ["93.184.216.34"]
             with pytest.raises(errors.AddressRefused, match="private network"):
-                await resolver.resolve("rebind.test", 443)
+                await connector._resolve_host("rebind.test", 443)
         finally:
             GUARDED.reset(token)
+            await connector.close()
 
     asyncio.run(resolve())
 
@@ -734,3 +736,310 @@ def test_the_gateway_answers_a_refused_result_as_paid_and_not_kept(tmp_path: Pat
     assert "AddressRefused" in body["message"]
     # Sent (and paid) once, not again by the SDK's retries; the metadata URL never asked.
     assert asked == ["POST https://api.laozhang.ai/v1/images/generations"]
+
+
+# -- a port httpx and yarl read but urlsplit does not ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+@pytest.mark.parametrize(("host", "port"), [("127.0.0.1", "+{}"), ("internal.test", " {}")])
+def test_a_redirect_with_a_port_written_oddly_is_still_checked(
+    kind: str, host: str, port: str, provider: Provider, internal: Recorder, names: dict[str, str]
+) -> None:
+    """``:+8080`` or ``: 8080``: ``int()`` reads them (so httpx and yarl send there), but
+    ``urlsplit`` refuses the port: the URL was taken as one nothing could send, and left
+    unchecked."""
+    names["internal.test"] = "127.0.0.1"
+    provider.result = f"{base(provider)}/redirect"
+    provider.location = f"http://{host}:{port.format(internal.port)}/result.png"
+    with pytest.raises(errors.AddressRefused, match="loopback"):
+        fetched(kind, base(provider))
+    assert internal.paths == []
+
+
+def test_a_url_whose_host_or_port_urlsplit_cannot_read_is_never_taken_as_unchecked() -> None:
+    guard = Guard("laozhang", "https://api.laozhang.ai", scrub)
+    for url in ("http://127.0.0.1:+8080/x", "http://[::1]: 80/x"):
+        with pytest.raises(errors.AddressRefused, match="loopback"):
+            guard.target(url, "redirect")
+    # The base URL's host, but a port written oddly: not provably its own port, so checked.
+    found = guard.target("https://api.laozhang.ai:+443/x", "redirect")
+    assert isinstance(found, Target)
+    assert (found.host, found.port) == ("api.laozhang.ai", None)
+    # urlsplit refuses the netloc (NFKC makes a "#" of it); httpx reads the host 127.0.0.1.
+    with pytest.raises(errors.AddressRefused) as caught:
+        guard.target("https://api.laozhang.ai\uff03@127.0.0.1/x", "redirect")
+    assert caught.value.reason == "unreadable"
+    assert "has a host that cannot be read" in str(caught.value)
+
+
+# -- a connection a trusted provider opened, reused for an untrusted one's URL ----------------------
+
+
+class Trusted(http.server.ThreadingHTTPServer):
+    """An internal reseller (aimlapi-shaped) the operator allows: it answers ``statuses`` in turn
+    (200 with its own result URL, or an error), and serves that image; it records every path."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.statuses: list[int] = []
+        self.url = ""
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: its connections stay open for reuse
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                server.paths.append(self.path)
+                status = server.statuses.pop(0)
+                body = json.dumps(
+                    {"created": 1, "data": [{"url": f"{server.url}/own.png"}]}
+                    if status == 200
+                    else {"error": {"message": "no balance"}}
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                server.paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(PNG)))
+                self.end_headers()
+                self.wfile.write(PNG)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def trusted(names: dict[str, str]) -> Iterator[Trusted]:
+    names["internal.test"] = "127.0.0.1"
+    with serving(Trusted()) as server:
+        server.url = f"http://internal.test:{server.server_address[1]}"
+        yield server
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+def test_a_connection_a_trusted_provider_opened_is_not_reused_for_another_ones_url(
+    kind: str, provider: Provider, trusted: Trusted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aimlapi is allowed private URLs (an internal reseller); laozhang, in the same client, is
+    not. The first edit (aimlapi) leaves a keep-alive connection to internal.test; the second
+    fails over from aimlapi (402) to laozhang, whose result URL is at internal.test: reusing that
+    connection would connect nowhere anew, so nothing would be checked."""
+    trusted.statuses = [200, 402]
+    provider.result = f"{trusted.url}/admin/secrets"
+    monkeypatch.setenv("AIMLAPI_API_KEY", KEY)
+    monkeypatch.setenv("LAOZHANG_API_KEY", KEY)
+    options: dict[str, Any] = {
+        "providers": ["aimlapi", "laozhang"],
+        "settings": {
+            "aimlapi": ProviderSettings(
+                name="aimlapi", base_url=trusted.url, allow_private_urls=True
+            ),
+            "laozhang": ProviderSettings(name="laozhang", base_url=base(provider)),
+        },
+    }
+    if kind == "sync":
+        with FluxClient(**options) as client:
+            assert client.edit(REQUEST).images[0].read() == PNG
+            result = client.edit(REQUEST)
+            with pytest.raises(errors.AddressRefused, match="loopback"):
+                result.images[0].read()
+    else:
+
+        async def run() -> None:
+            async with AsyncFluxClient(driver=driver(kind), **options) as client:
+                assert await (await client.edit(REQUEST)).images[0].read_async() == PNG
+                result = await client.edit(REQUEST)
+                with pytest.raises(errors.AddressRefused, match="loopback"):
+                    await result.images[0].read_async()
+
+        asyncio.run(run())
+    assert "/admin/secrets" not in trusted.paths
+    assert trusted.paths == ["/v1/images/generations", "/own.png", "/v1/images/generations"]
+
+
+def test_an_answer_aiohttp_kept_for_a_trusted_url_is_checked_for_a_guarded_one() -> None:
+    """aiohttp's DNS cache answers without the resolver: what a request is given is checked in
+    its own context (a lookup made for the base URL, or a trusted provider, is kept 10 s)."""
+    pytest.importorskip("aiohttp")
+    from aiohttp.abc import ResolveResult
+
+    from flux_adapters._aiohttp import _GuardedConnector
+
+    async def resolve() -> None:
+        connector = _GuardedConnector()
+        try:
+            kept = ResolveResult(
+                hostname="internal.test",
+                host="10.0.0.5",
+                port=80,
+                family=socket.AF_INET,
+                proto=0,
+                flags=0,
+            )
+            connector._cached_hosts.add(("internal.test", 80), [kept])
+            assert await connector._resolve_host("internal.test", 80) == [kept]  # trusted
+            token = GUARDED.set(_target())
+            try:
+                with pytest.raises(errors.AddressRefused, match="private network"):
+                    await connector._resolve_host("internal.test", 80)
+            finally:
+                GUARDED.reset(token)
+        finally:
+            await connector.close()
+
+    asyncio.run(resolve())
+
+
+# -- a batch's rerun downloads again the URLs its journal kept --------------------------------------
+
+
+def _batch(kind: str, url_base: str, folder: Path, **options: Any) -> list[Any]:
+    async def run() -> list[Any]:
+        async with AsyncFluxClient(
+            "laozhang", api_key=KEY, base_url=url_base, driver=driver(kind), **options
+        ) as client:
+            return [item async for item in client.edit_many([REQUEST], output_dir=folder)]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["aiohttp", "httpx"])
+def test_a_rerun_checks_the_result_urls_its_journal_kept_as_their_providers(
+    kind: str, provider: Provider, internal: Recorder, names: dict[str, str], tmp_path: Path
+) -> None:
+    """The first run's download is refused; the job is answered (billed) and its URL kept in the
+    journal, as after a crash between the answer and the save. The rerun downloads it again
+    from the journal: checked as the URLs of the provider that gave it (the record says which),
+    and, when the record does not say, as an untrusted provider's."""
+    names["internal.test"] = "127.0.0.1"
+    provider.result = f"http://internal.test:{internal.port}/latest/meta-data/"
+    [first] = _batch(kind, base(provider), tmp_path)
+    assert first.status == "unconfirmed"
+    assert isinstance(first.error, errors.AddressRefused)
+    journal = tmp_path / ".flux-journal.jsonl"
+    lines = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines()]
+    assert [line["p"] for line in lines if line.get("k") == "answered"] == ["laozhang"]
+    [again] = _batch(kind, base(provider), tmp_path)
+    assert again.status == "unconfirmed"  # not downloaded from the internal host, nor sent again
+    assert "could not be downloaded again (AddressRefused)" in again.reason
+    # A journal that does not say (edited, or written otherwise): the strictest check.
+    for line in lines:
+        line.pop("p", None)
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    trusting = {"laozhang": ProviderSettings(name="laozhang", allow_private_urls=True)}
+    [unknown] = _batch(kind, base(provider), tmp_path, settings=trusting)
+    assert unknown.status == "unconfirmed"
+    assert internal.paths == []
+    assert provider.paths == ["/v1/images/generations"]  # the job was paid for once
+    # The provider named, and allowed: its URL downloaded again, for free.
+    for line in lines:
+        if line.get("k") == "answered":
+            line["p"] = "laozhang"
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    [allowed] = _batch(kind, base(provider), tmp_path, settings=trusting)
+    assert (allowed.status, allowed.reason) == ("ok", "downloaded again from its result URL")
+    assert internal.paths == ["/latest/meta-data/"]
+    assert provider.paths == ["/v1/images/generations"]
+
+
+# -- a result that lost its downloader --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_unpickled_result_checks_its_url_the_strictest_way(
+    kind: str, internal: Recorder, names: dict[str, str]
+) -> None:
+    """Pickled (a task queue, a cache), a result loses its downloader, and with it which provider
+    gave its URL: the short-lived one it gets refuses what no provider's settings are there to
+    allow. A ResultImage the caller makes holds a URL the caller trusts: as it was."""
+    import pickle
+
+    from flux_adapters.result import ResultImage
+
+    names["internal.test"] = "127.0.0.1"
+    for url in (
+        f"http://127.0.0.1:{internal.port}/latest/meta-data/",
+        f"http://internal.test:{internal.port}/latest/meta-data/",
+    ):
+        image = pickle.loads(pickle.dumps(ResultImage(url=url).fetched_with(_NOWHERE)))
+        with pytest.raises(errors.AddressRefused, match="unpickled result") as caught:
+            image.read() if kind == "sync" else asyncio.run(image.read_async())
+        assert "loopback" in str(caught.value)
+        assert "allow_private_urls" not in str(caught.value)  # no provider to name
+    assert internal.paths == []
+    mine = ResultImage(url=f"http://internal.test:{internal.port}/mine.png")
+    assert (mine.read() if kind == "sync" else asyncio.run(mine.read_async())) == PNG
+    assert internal.paths == ["/mine.png"]
+
+
+class _Nowhere:
+    """A downloader a result holds until it is pickled (it never downloads here)."""
+
+    def read(self, url: str) -> bytes:
+        raise AssertionError(url)
+
+    def save(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        raise AssertionError(url)
+
+    async def read_async(self, url: str) -> bytes:
+        raise AssertionError(url)
+
+    async def save_async(self, url: str, path: Path, *, add_suffix: bool = False) -> Path:
+        raise AssertionError(url)
+
+
+_NOWHERE = _Nowhere()
+
+
+def test_a_lookup_aiohttp_shares_is_refused_only_to_the_guarded_request() -> None:
+    """aiohttp makes one lookup for concurrent requests to a host and port, in the context of
+    the first. A guarded request first and a trusted one (an allowed provider's poll) joining:
+    the refusal is the guarded request's alone; the trusted one gets its addresses (it failed
+    with the other provider's AddressRefused, ending its job unknown)."""
+    pytest.importorskip("aiohttp")
+    from aiohttp.abc import AbstractResolver, ResolveResult
+
+    from flux_adapters._aiohttp import _GuardedConnector
+
+    class Slow(AbstractResolver):
+        async def resolve(self, host: str, port: int = 0, family: Any = 0) -> list[ResolveResult]:
+            await asyncio.sleep(0.01)
+            return [
+                ResolveResult(
+                    hostname=host, host="10.0.0.5", port=port, family=socket.AF_INET, proto=0,
+                    flags=0,
+                )
+            ]  # fmt: skip
+
+        async def close(self) -> None:
+            pass
+
+    async def both() -> list[object]:
+        connector = _GuardedConnector(resolver=Slow())
+
+        async def guarded() -> object:
+            GUARDED.set(_target())  # in its task's own context only
+            return await connector._resolve_host("internal.test", 80)
+
+        try:
+            first = asyncio.create_task(guarded())
+            await asyncio.sleep(0)  # it started the shared lookup
+            second = asyncio.create_task(connector._resolve_host("internal.test", 80))
+            return list(await asyncio.gather(first, second, return_exceptions=True))
+        finally:
+            await connector.close()
+
+    refused, trusted = asyncio.run(both())
+    assert isinstance(refused, errors.AddressRefused)
+    assert isinstance(trusted, list)
+    assert [entry["host"] for entry in trusted] == ["10.0.0.5"]

@@ -34,6 +34,7 @@ from flux_adapters._shared_batch import (
 from flux_adapters._shared_batch_store import Claim, Store
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.state._redis import RedisState
+from tests.conftest import serving
 from tests.redis_server import RedisServer, redis_server
 
 
@@ -695,6 +696,62 @@ def test_a_sent_unconfirmed_job_is_reported_and_sent_again_only_when_asked(
     assert (again["saved"], again["already_saved"], again["round"]) == (1, 3, 2)
     assert ledger["job 2"] == 1
     assert max(ledger.values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("given_by", "fetched"), [("", False), ("aimlapi", False), ("laozhang", True)]
+)
+def test_a_dead_workers_answered_job_is_downloaded_again_only_as_its_provider_may(
+    tmp_path: Path, redis: RedisServer, given_by: str, fetched: bool
+) -> None:
+    """A worker died after job 1 was answered, before its image was saved: the next downloads
+    it again from the URL in the journal, a loopback one. The emulator's laozhang (at 127.0.0.1)
+    may lead there; a provider this worker does not have, or none recorded, may not (the URL
+    came from a provider all the same), and the job is reported, not fetched nor sent again."""
+    from tests.test_private_urls import Recorder
+
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 2), tmp_path / "out"
+    lines = Lines(source)
+    batch = batch_id(lines.digest, str(folder))
+    lines.close()
+    with serving(Recorder()) as internal:
+        url = f"http://127.0.0.1:{internal.port}/latest/meta-data/"
+
+        async def dead_worker_answered_job_1() -> None:
+            store = Store(RedisState(redis.url), batch, worker="dead", keep_s=600)
+            await store.begin(
+                total=2, block=2, lease_ms=1000, file_digest=lines.digest,
+                output=output_location(str(folder)),
+            )  # fmt: skip
+            claim = await store.claim()
+            assert isinstance(claim, Claim)
+            from flux_adapters._batch_files import requests
+            from flux_adapters._journal import request_digest
+
+            digest = request_digest(next(r for n, r in requests(source, print) if n == "job-001"))
+            answered: dict[str, object] = {"k": "answered", "urls": [url]}
+            if given_by:
+                answered["p"] = given_by
+            records = [json.dumps({"k": "accepted", "d": digest}), json.dumps(answered)]
+            assert await store.journal([["1", r, "", 0, ""] for r in records]) == [True] * 2
+            await store._state.aclose()
+
+        asyncio.run(dead_worker_answered_job_1())
+        with run_emulator() as emulator:
+            done = subprocess.run(
+                worker(source, str(folder), redis.url), env=environment(emulator),
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            ledger = Counter(entry.prompt for entry in emulator.billed())
+        asked = list(internal.paths)
+    assert "job 1" not in ledger  # answered already: never sent again
+    if fetched:
+        assert done.returncode == 0, done.stderr
+        assert asked == ["/latest/meta-data/"]
+    else:
+        assert done.returncode == 8, done.stderr
+        assert "job-001: unconfirmed: may have been billed" in done.stderr
+        assert asked == []
 
 
 # --- outputs at an fsspec URL ----------------------------------------------------------------------
