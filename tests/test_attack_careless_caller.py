@@ -106,7 +106,9 @@ def batch_error(emulator: Emulator, **options: object) -> errors.FluxError:
     """The `FluxError` a batch of one request with *options* ends with (asserted, not a bare one)."""
 
     async def run() -> None:
-        client = AsyncFluxClient("laozhang", api_key="test-key", base_url=emulator.base_url("laozhang"))
+        client = AsyncFluxClient(
+            "laozhang", api_key="test-key", base_url=emulator.base_url("laozhang")
+        )
         async with client:
             request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
             options.setdefault("requests", [request])
@@ -149,7 +151,9 @@ def test_a_str_subclass_output_dir_is_the_folder_its_characters_name(
     folder.elsewhere = str(tmp_path / "elsewhere")
 
     async def run() -> list[str]:
-        client = AsyncFluxClient("laozhang", api_key="test-key", base_url=emulator.base_url("laozhang"))
+        client = AsyncFluxClient(
+            "laozhang", api_key="test-key", base_url=emulator.base_url("laozhang")
+        )
         async with client:
             request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
             return [item.status async for item in client.edit_many([request], output_dir=folder)]
@@ -178,7 +182,9 @@ def test_the_most_concurrency_is_still_taken_and_the_command_takes_the_same(
     from flux_adapters._options import MAX_CONCURRENCY
 
     async def run() -> list[str]:
-        client = AsyncFluxClient("laozhang", api_key="test-key", base_url=emulator.base_url("laozhang"))
+        client = AsyncFluxClient(
+            "laozhang", api_key="test-key", base_url=emulator.base_url("laozhang")
+        )
         async with client:
             request = EditRequest(prompt="p", model="flux-2-pro", images=[PNG])
             items = client.edit_many([request], concurrency=MAX_CONCURRENCY)
@@ -454,7 +460,10 @@ def test_a_password_in_an_image_url_echoed_by_the_provider_never_shows(
 
         async def edited() -> None:
             http = httpx.AsyncClient(transport=transport)
-            async with http, AsyncFluxClient("laozhang", api_key="test-key", http_client=http) as client:
+            async with (
+                http,
+                AsyncFluxClient("laozhang", api_key="test-key", http_client=http) as client,
+            ):
                 await client.edit(request)
 
         asyncio.run(edited())
