@@ -352,11 +352,20 @@ def test_a_job_status_becomes_a_typed_error_with_the_job_and_no_made_up_status(
         assert "Derivative Works" in error.detail
 
 
-def test_a_poll_answered_404_means_the_provider_no_longer_knows_the_job() -> None:
-    fake = FakeBfl(poll_faults=[httpx.Response(404, json={"detail": "Not Found"})])
-    with pytest.raises(errors.JobNotFound) as caught:
-        run("sync", fake, T2I)
+@both
+def test_a_poll_answered_404_is_polled_again_only_task_not_found_ends_the_job(kind: str) -> None:
+    # BFL answers an unknown job with a 200 "Task not found"; a 404 is a host's or a proxy's.
+    not_found = httpx.Response(404, json={"detail": "Not Found"})
+    fake = FakeBfl(poll_faults=[not_found, not_found])
+    result = run(kind, fake, T2I)
+    assert DOWNLOADED[id(result)] == [PNG]
+    assert fake.count("POST") == 1
+    stuck = FakeBfl(poll_faults=[not_found] * 1000)
+    with pytest.raises(errors.JobTimeout) as caught:
+        run(kind, stuck, T2I, polling=Polling(first=0.01, longest=0.02, deadline=0.2))
     assert caught.value.job is not None
+    assert "HTTP 404" in str(caught.value)
+    assert stuck.count("POST") == 1
 
 
 def test_unreadable_polls_are_tolerated_twice_and_given_up_the_third_time() -> None:
