@@ -145,9 +145,16 @@ def test_bfl_reports_credits_and_the_result_says_where_its_cost_came_from(
 
 
 class LocalhostBfl(BflAdapter):
-    """BFL's adapter, declaring the emulator's other host name as a polling host."""
+    """BFL's adapter, declaring both of the emulator's host names as BFL's own hosts.
 
-    auth: ClassVar[KeyAuth] = KeyAuth(header="x-key", scheme=None, hosts=("*.bfl.ai", "localhost"))
+    Declared hosts apply only while the base URL is at one of them (the provider's own API; a
+    reseller's key never goes to them): the emulator, standing in for BFL's own API at
+    127.0.0.1, declares it too, as BFL's api.bfl.ai is one of its *.bfl.ai.
+    """
+
+    auth: ClassVar[KeyAuth] = KeyAuth(
+        header="x-key", scheme=None, hosts=("*.bfl.ai", "127.0.0.1", "localhost")
+    )
 
 
 def test_an_other_host_polling_url_gets_the_key_only_when_declared(emulator: Emulator) -> None:
