@@ -106,6 +106,11 @@ CANCEL_DEADLINE: Final = 10.0
 _SHORTEST_EXCHANGE: Final = 0.1
 """The least time a poll or fetch is given, however close the job's deadline."""
 
+_UNPROVEN: Final = (404, 410)
+"""HTTP statuses of a poll or fetch that say a URL was not found, not that the job is unknown:
+BFL answers an unknown job with a 200 whose status is ``Task not found``, fal documents no such
+answer. A regional host's routing, a proxy or a CDN may send them for a job that goes on."""
+
 
 def _not_a_request(value: object, provider: str) -> RequestError:
     violation = Violation(
@@ -633,8 +638,8 @@ def follow_job(
 
     Waits grow from ``polling.first`` by ``polling.factor`` up to ``polling.longest``, each
     varied by ``polling.jitter``, or follow the provider's ``Retry-After``. A poll or fetch that
-    fails in a way that may pass (a dropped connection, a timeout, a 429, a 5xx) is tried again
-    in place: they are free. At ``polling.deadline`` after *started* (default: now) the job is
+    fails in a way that may pass (a dropped connection, a timeout, a 429, a 5xx, a 404 or 410
+    that is not the provider's documented "unknown job") is tried again in place: they are free. At ``polling.deadline`` after *started* (default: now) the job is
     cancelled where the provider can, and `JobTimeout` raised. `StopJob` thrown in (the caller
     stopped waiting) cancels it too, then propagates.
 
@@ -648,6 +653,7 @@ def follow_job(
     ends = begun + polling.deadline
     wait = polling.first
     unreadable = 0
+    missing: list[str] = []  # the last poll's or fetch's "not found", for the deadline's error
     try:
         while True:
             yield from _pause(wait, polling, chance, ends - clock())
@@ -656,6 +662,9 @@ def follow_job(
             built = adapter_built(adapter, None, adapter.build_poll, job)
             poll = _within(built, adapter, "poll", ends, clock)
             state = yield from _poll_once(adapter, job, poll, secrets)
+            missing[:] = [state.why] if isinstance(state, _Missing) else []
+            if isinstance(state, _Missing):
+                state = state.pending
             if isinstance(state, ResponseFormatError):
                 # Maybe a glitch, maybe an adapter that cannot read its provider's statuses:
                 # a few in a row, and the job is given up as unreadable (it may still finish).
@@ -668,7 +677,9 @@ def follow_job(
             if isinstance(state, Done):
                 if state.answer is not None:
                     return state.answer
-                return (yield from _fetch(adapter, job, secrets, polling, chance, ends, clock))
+                return (
+                    yield from _fetch(adapter, job, secrets, polling, chance, ends, clock, missing)
+                )
             wait = _next_wait(wait, polling, state)
     except _Deadline:
         try:
@@ -678,6 +689,11 @@ def follow_job(
             raise
         timeout = JobTimeout(
             f"the job did not finish within {polling.deadline:g} s"
+            + (
+                f"; {missing[0]}, which does not prove the job gone (it was accepted)"
+                if missing
+                else ""
+            )
             + (
                 "; it was cancelled if it had not started (if it had, it may still finish"
                 " and be billed)"
@@ -698,6 +714,24 @@ def follow_job(
     except FluxError as error:
         _attach(error, job, secrets)
         raise
+
+
+@frozen
+class _Missing:
+    """A poll or fetch answered 404 or 410, which does not prove the job gone (`_UNPROVEN`).
+
+    The job is polled again, as after a 5xx, until its deadline.
+    """
+
+    why: str
+    pending: Pending = attrs.field(factory=Pending)
+
+
+def _unproven(response: HttpResponse, role: str) -> _Missing:
+    return _Missing(
+        f"its {role} URL was last answered HTTP {response.status_code}",
+        Pending(retry_after=_asked_wait(response)),
+    )
 
 
 def _attach(error: FluxError, job: Job, secrets: tuple[str, ...]) -> None:
@@ -788,10 +822,13 @@ def _within(
 
 def _poll_once(
     adapter: JobAdapter, job: Job, request: HttpRequest, secrets: tuple[str, ...]
-) -> _Steps[Pending | Done | ResponseFormatError]:
+) -> _Steps[Pending | Done | _Missing | ResponseFormatError]:
     """One poll's state: `Done`, `Pending` (also after a failure that may pass), or an error.
 
-    The error is the `ResponseFormatError` of a success answer that could not be read.
+    The error is the `ResponseFormatError` of a success answer that could not be read. A 404
+    or 410 is `_Missing`: polled again, since only the provider's own documented answer says
+    that it does not know the job (BFL's ``Task not found`` in a 200, read by `parse_poll`; a
+    404 the adapter's `JobAdapter.job_failure` reads as `JobNotFound`).
     """
     try:
         response = yield request
@@ -803,8 +840,12 @@ def _poll_once(
     retry = _transient(response)
     if retry is not None:
         return retry
-    if response.status_code in (404, 410):
-        raise _with_answer(_not_found(adapter, job, response), response, secrets)
+    if response.status_code in _UNPROVEN:
+        # Proof only when the adapter reads it as its provider's documented "unknown job".
+        failed = _job_failure(adapter, response, job, secrets)
+        if isinstance(failed, JobNotFound):
+            raise failed
+        return _unproven(response, "poll")
     try:
         expected: tuple[type[Pending | Done], ...] = (Pending, Done)
         state = _answered(
@@ -821,14 +862,6 @@ def _poll_once(
         if asked is not None:
             return attrs.evolve(state, retry_after=asked)
     return state
-
-
-def _not_found(adapter: JobAdapter, job: Job, response: HttpResponse) -> JobNotFound:
-    return JobNotFound(
-        f"the provider does not know the job (HTTP {response.status_code})",
-        provider=adapter.name,
-        job_id=job.id,
-    )
 
 
 def _job_failure(
@@ -872,11 +905,14 @@ def _fetch(
     chance: random.Random,
     ends: float,
     clock: Callable[[], float],
+    missing: list[str],
 ) -> _Steps[Answer]:
     """Fetch a finished job's result, trying again in place after failures that may pass.
 
     A success answer that cannot be read (a proxy's page, JSON cut short, one too large) is
     tried again as a poll's is: the fetch is as free, and `_UNREADABLE_POLLS` in a row end it.
+    A 404 or 410 is tried again too (the job said it is done; `_UNPROVEN`), and noted in
+    *missing* for the deadline's error.
     """
     wait = polling.first
     unreadable = 0
@@ -902,9 +938,13 @@ def _fetch(
             failed = _job_failure(adapter, response, job, secrets)
             if failed is not None:
                 raise failed
-            if response.status_code in (404, 410):
-                raise _with_answer(_not_found(adapter, job, response), response, secrets)
-            retry = _transient(response)
+            missing[:] = []
+            if response.status_code in _UNPROVEN:
+                unproven = _unproven(response, "result")
+                missing.append(unproven.why)
+                retry = unproven.pending
+            else:
+                retry = _transient(response)
             if retry is not None:
                 unreadable = 0  # "in a row", as polls count them
             else:

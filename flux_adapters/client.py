@@ -65,6 +65,7 @@ from flux_adapters.errors import (
     ClientClosedError,
     ConfigurationError,
     FluxError,
+    ProviderError,
     RequestError,
     StateUnavailable,
     Violation,
@@ -334,6 +335,47 @@ class _Binding:
         """Seconds *outgoing* may take in all: the client's deadline, or the flow's if shorter."""
         asked = outgoing.deadline
         return self.deadline if asked is None else max(0.0, min(self.deadline, asked))
+
+
+def _say_key_withheld(binding: _Binding, last: object, error: FluxError) -> None:
+    """Add to *error* why the key was not sent, when it is a refusal for the want of it.
+
+    A URL the provider gave (a poll, a fetch) at another host than the base URL's is sent
+    without the key unless the adapter declares that host and the base URL is itself at one of
+    its declared hosts (`KeyAuth.allows`); the provider then answers 401 or 403, which alone
+    reads as a revoked key.
+    """
+    from flux_adapters._display import escape_controls
+    from flux_adapters.wire import HttpRequest
+
+    if not isinstance(error, ProviderError) or error.status_code not in (401, 403):
+        return
+    if not isinstance(last, HttpRequest) or last.role == "submit":
+        return
+    url: object = last.url
+    if not isinstance(url, str) or binding.may_receive_key(url):
+        return
+    try:
+        host = urlsplit(url).hostname or "?"
+        base = urlsplit(binding.base_url).hostname or "?"
+    except ValueError:
+        return
+    name, hosts = binding.adapter.name, binding.auth.hosts
+    own = (
+        f"; {name}'s own hosts ({', '.join(hosts)}) receive it only when the base URL is one"
+        " of them, and this base URL is another's (a reseller's or a proxy's): its key must not"
+        " go to a third party"
+        if hosts
+        else ""
+    )
+    why = (
+        f"the key was not sent to {host}, where the {last.role} URL {name} returned leads: it"
+        f" goes only to the configured base URL's host ({base}){own}. No setting sends it"
+        " further; if that host is meant to have it, point base_url at it, or use an adapter"
+        " whose KeyAuth hosts include both"
+    )
+    shown = escape_controls(binding.scrub(why))
+    error.args = (f"{error.args[0]} ({shown})", *error.args[1:])
 
 
 def _origin(base_url: str) -> str | None:
@@ -1729,6 +1771,9 @@ class FluxClient(_ClientBase):
         except StopIteration as finished:
             result: _T = finished.value
             return result
+        except FluxError as error:
+            _say_key_withheld(binding, instruction, error)
+            raise
         except KeyboardInterrupt as interrupt:
             unsent = sending.unsent
             stop = _submitting(self._stop(binding, flow), binding, instruction, unsent=unsent)
@@ -2154,6 +2199,9 @@ class AsyncFluxClient(_ClientBase):
         except StopIteration as finished:
             result: _T = finished.value
             return result
+        except FluxError as error:
+            _say_key_withheld(binding, instruction, error)
+            raise
         except asyncio.CancelledError as cancelled:
             stop = await self._stop(binding, flow)
             _noted(cancelled, _submitting(stop, binding, instruction), binding.key_only)

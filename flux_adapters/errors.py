@@ -428,7 +428,12 @@ class JobFailed(JobError):
 
 
 class JobNotFound(JobError):
-    """The provider does not know the job (its id is unknown, or it expired)."""
+    """The provider does not know the job (its id is unknown, or it expired).
+
+    Raised only on the provider's own documented word (BFL's ``Task not found`` status): a bare
+    HTTP 404 or 410 to a poll or fetch may come from a proxy or another host, and the job is
+    polled again until its deadline (then `JobTimeout`, with the job to resume).
+    """
 
 
 class JobTimeout(JobError):

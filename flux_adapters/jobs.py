@@ -14,8 +14,9 @@ exchange, and the library owns everything else, the same way for `FluxClient` an
   ``Retry-After``), `Done` (with the answer, or without it when the result is fetched
   separately), or raises a typed outcome: `errors.Moderated`, `errors.JobFailed`,
   `errors.JobNotFound`. The library waits between polls (growing intervals with jitter,
-  honouring ``Retry-After``), retries a poll in place after a dropped connection, a timeout, a 429
-  or a 5xx, and gives up at the job's deadline.
+  honouring ``Retry-After``), retries a poll in place after a dropped connection, a timeout, a 429,
+  a 5xx or a 404 (a host's or a proxy's: only the provider's own answer says a job is unknown),
+  and gives up at the job's deadline.
 - ``fetch`` (optional): `JobAdapter.build_fetch` and `JobAdapter.parse_fetch`, for providers
   that answer the result at its own URL (fal).
 - ``cancel`` (optional): `JobAdapter.build_cancel`; sent when the deadline passes or the caller
@@ -456,9 +457,11 @@ class JobAdapter(Protocol):
 
         Some providers keep a failed job's error at its result URL (fal answers its app's 422
         or 500 there): that is the job's outcome, not a failed exchange to try again. ``None``
-        leaves the answer to the library: tried again in place when it may pass (429, 5xx),
-        `errors.JobNotFound` for 404 and 410, the provider's error otherwise. Error answers to a
-        poll are never read as the job's outcome: they are about the poll.
+        leaves the answer to the library: tried again in place when it may pass (429, 5xx, and
+        404 and 410, which a proxy or another host may send for a job that goes on), the
+        provider's error otherwise. Error answers to a poll are about the poll, with one
+        exception: a 404 or 410 this method reads as `errors.JobNotFound` (the provider's own
+        documented "unknown job", in its body) ends the job; any other 404 is polled again.
         """
 
     def parse_error(self, response: HttpResponse) -> ProviderError:

@@ -1047,12 +1047,21 @@ def test_key_hosts_that_would_send_the_key_beyond_the_provider_are_refused(hosts
         KeyAuth(hosts=hosts)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("hosts", [("*.bfl.ai",), ("localhost", "api.eu.bfl.ai"), ["*.bfl.ai"]])
-def test_key_hosts_naming_the_providers_own_hosts_are_taken(hosts: object) -> None:
+@pytest.mark.parametrize(
+    ("hosts", "base"),
+    [
+        (("*.bfl.ai",), "https://api.bfl.ai"),
+        # The declared hosts apply only while the base URL is at one of them (the provider's
+        # own API): here localhost, not api.bfl.ai, which this adapter does not declare.
+        (("localhost", "api.eu.bfl.ai"), "https://localhost:8443"),
+        (["*.bfl.ai"], "https://api.bfl.ai"),
+    ],
+)
+def test_key_hosts_naming_the_providers_own_hosts_are_taken(hosts: object, base: str) -> None:
     auth = KeyAuth(hosts=hosts)  # type: ignore[arg-type]
     assert isinstance(auth.hosts, tuple)
-    assert auth.allows("https://api.eu.bfl.ai/v1/get_result", "https://api.bfl.ai")
-    assert not auth.allows("https://attacker.example/v1/get_result", "https://api.bfl.ai")
+    assert auth.allows("https://api.eu.bfl.ai/v1/get_result", base)
+    assert not auth.allows("https://attacker.example/v1/get_result", base)
 
 
 def _odd_property(self: object) -> object:

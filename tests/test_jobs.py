@@ -232,6 +232,64 @@ def test_a_polling_url_on_an_undeclared_host_never_gets_the_key(host: str) -> No
     assert fake.count("POST") == 1
 
 
+@both
+@pytest.mark.parametrize("poll_host", ["api.eu.bfl.ai", "gateway.bfl.ai"])
+def test_a_reseller_base_urls_key_never_goes_to_bfls_own_polling_hosts(
+    kind: str, poll_host: str
+) -> None:
+    # BflAdapter declares *.bfl.ai for the polling URLs BFL returns on other hosts; with
+    # base_url at a BFL-compatible reseller or proxy, the reseller's key went to the *.bfl.ai
+    # polling URL it returned: its key, leaked to a third party.
+    fake = FakeBfl(poll_host=poll_host)
+    with pytest.raises(errors.ProviderError) as caught:
+        run(kind, fake, T2I, base_url="https://bfl-proxy.test")
+    assert fake.keys_sent_to("bfl-proxy.test") == [KEY]  # the submit, to the base URL
+    assert fake.keys_sent_to(poll_host) == [None]  # the poll, without the key: refused
+    error = caught.value
+    assert error.status_code == 401
+    assert error.job is not None  # accepted: kept, to resume
+    assert fake.count("POST") == 1
+    message = str(error)
+    assert f"the key was not sent to {poll_host}" in message
+    assert "the configured base URL's host (bfl-proxy.test)" in message
+    assert "*.bfl.ai" in message
+    assert KEY not in message
+
+
+@both
+def test_a_reseller_polling_on_its_own_host_gets_the_key(kind: str) -> None:
+    fake = FakeBfl(poll_host="bfl-proxy.test")
+    result = run(kind, fake, T2I, base_url="https://bfl-proxy.test")
+    assert DOWNLOADED[id(result)] == [PNG]
+    assert set(fake.keys_sent_to("bfl-proxy.test")) == {KEY}
+
+
+@pytest.mark.parametrize(
+    ("base", "allowed"),
+    [
+        ("https://api.bfl.ai", True),
+        ("https://api.us.bfl.ai", True),
+        ("https://bfl-proxy.test", False),
+        ("https://bfl.ai.reseller.example", False),
+        ("https://reseller.example/bfl", False),
+    ],
+)
+def test_bfls_key_hosts_apply_only_when_the_base_url_is_one_of_them(
+    base: str, allowed: bool
+) -> None:
+    auth = BflAdapter.auth
+    assert auth.allows("https://api.eu.bfl.ai/v1/get_result?id=1", base) is allowed
+    assert auth.allows(base + "/v1/get_result?id=1", base)  # the base URL's own origin, always
+
+
+def test_a_subclass_of_bfls_adapter_keeps_the_rule() -> None:
+    class Reseller(BflAdapter):
+        name: ClassVar[str] = "bfl-reseller"
+
+    assert not Reseller.auth.allows("https://api.eu.bfl.ai/v1/get_result", "https://r.example")
+    assert Reseller.auth.allows("https://api.eu.bfl.ai/v1/get_result", "https://api.bfl.ai")
+
+
 def test_plain_http_to_a_declared_host_never_gets_the_key() -> None:
     class Plain(FakeBfl):
         def answer(self, request: httpx.Request) -> httpx.Response:
@@ -352,11 +410,20 @@ def test_a_job_status_becomes_a_typed_error_with_the_job_and_no_made_up_status(
         assert "Derivative Works" in error.detail
 
 
-def test_a_poll_answered_404_means_the_provider_no_longer_knows_the_job() -> None:
-    fake = FakeBfl(poll_faults=[httpx.Response(404, json={"detail": "Not Found"})])
-    with pytest.raises(errors.JobNotFound) as caught:
-        run("sync", fake, T2I)
+@both
+def test_a_poll_answered_404_is_polled_again_only_task_not_found_ends_the_job(kind: str) -> None:
+    # BFL answers an unknown job with a 200 "Task not found"; a 404 is a host's or a proxy's.
+    not_found = httpx.Response(404, json={"detail": "Not Found"})
+    fake = FakeBfl(poll_faults=[not_found, not_found])
+    result = run(kind, fake, T2I)
+    assert DOWNLOADED[id(result)] == [PNG]
+    assert fake.count("POST") == 1
+    stuck = FakeBfl(poll_faults=[not_found] * 1000)
+    with pytest.raises(errors.JobTimeout) as caught:
+        run(kind, stuck, T2I, polling=Polling(first=0.01, longest=0.02, deadline=0.2))
     assert caught.value.job is not None
+    assert "HTTP 404" in str(caught.value)
+    assert stuck.count("POST") == 1
 
 
 def test_unreadable_polls_are_tolerated_twice_and_given_up_the_third_time() -> None:

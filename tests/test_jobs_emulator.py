@@ -145,9 +145,16 @@ def test_bfl_reports_credits_and_the_result_says_where_its_cost_came_from(
 
 
 class LocalhostBfl(BflAdapter):
-    """BFL's adapter, declaring the emulator's other host name as a polling host."""
+    """BFL's adapter, declaring both of the emulator's host names as BFL's own hosts.
 
-    auth: ClassVar[KeyAuth] = KeyAuth(header="x-key", scheme=None, hosts=("*.bfl.ai", "localhost"))
+    Declared hosts apply only while the base URL is at one of them (the provider's own API; a
+    reseller's key never goes to them): the emulator, standing in for BFL's own API at
+    127.0.0.1, declares it too, as BFL's api.bfl.ai is one of its *.bfl.ai.
+    """
+
+    auth: ClassVar[KeyAuth] = KeyAuth(
+        header="x-key", scheme=None, hosts=("*.bfl.ai", "127.0.0.1", "localhost")
+    )
 
 
 def test_an_other_host_polling_url_gets_the_key_only_when_declared(emulator: Emulator) -> None:
@@ -331,7 +338,9 @@ OUTCOMES = [
     ("fal", "content-moderated", errors.Moderated),
     ("fal", "failed", errors.JobFailed),
     ("fal", "invalid", errors.JobFailed),
-    ("fal", "not-found", errors.JobNotFound),
+    # fal documents no answer for a request it does not know: its 404 is polled again until the
+    # deadline, and the job kept to resume (test_a_404_on_a_poll_...).
+    ("fal", "not-found", errors.JobTimeout),
 ]
 
 
@@ -340,13 +349,105 @@ def test_each_job_outcome_is_its_typed_error_with_the_job(
     provider: str, outcome: str, expected: type[errors.JobError], emulator: Emulator
 ) -> None:
     emulator.inject(provider, Fault(outcome=outcome, first=1))
+    short = {"polling": NOT_FOUND_DEADLINE} if expected is errors.JobTimeout else {}
     with pytest.raises(errors.FluxError) as caught:
-        edit("sync", emulator, provider, EditRequest(prompt=outcome, model="flux-2-pro"))
+        edit("sync", emulator, provider, EditRequest(prompt=outcome, model="flux-2-pro"), **short)
     assert type(caught.value) is expected, caught.value
     assert caught.value.job is not None
     if outcome == "failed" and provider == "fal":
         assert isinstance(caught.value, errors.JobFailed)
         assert caught.value.billed is False  # fal: server errors are never charged
+
+
+# --- a 404 on a poll does not prove a paid job gone -----------------------------------------
+#
+# Neither BFL (an unknown job is a 200 whose status is "Task not found") nor fal (no answer for
+# an unknown request documented) says a job is gone with an HTTP 404: a regional host's routing
+# or a proxy sends one for a job that goes on. It ended the accepted, billed job as JobNotFound,
+# which a batch journal marked "over": never polled again, its image lost.
+
+NOT_FOUND_DEADLINE = Polling(first=0.01, factor=1.5, longest=0.02, jitter=0.0, deadline=0.4)
+
+
+def not_found_everywhere(emulator: Emulator, provider: str, first: int | None = None) -> None:
+    """Every poll (the first *first*) answered 404; at fal its cancel URL too (the same host)."""
+    emulator.inject(provider, Fault(on="poll", status=404, first=first))
+    if provider == "fal":  # else the deadline's cancel removes the queued job, to resume nothing
+        emulator.inject(provider, Fault(on="cancel", status=404, first=first))
+
+
+@both
+@pytest.mark.parametrize("provider", JOB_PROVIDERS)
+def test_a_poll_answered_404_is_polled_again_and_the_image_saved(
+    kind: str, provider: str, emulator: Emulator
+) -> None:
+    not_found_everywhere(emulator, provider, first=2)
+    submits = len(emulator.calls(provider, "submit"))
+    prompt = f"poll 404 then ready {kind} {provider}"
+    result, images = edit(kind, emulator, provider, EditRequest(prompt=prompt, model="flux-2-pro"))
+    assert result.job is not None
+    assert size_of(images[0])
+    assert len(emulator.calls(provider, "submit")) == submits + 1
+    assert [job.prompt for job in emulator.billed(provider)].count(prompt) == 1
+
+
+@both
+@pytest.mark.parametrize("provider", JOB_PROVIDERS)
+def test_a_poll_answered_404_until_the_deadline_keeps_the_job_to_resume(
+    kind: str, provider: str, emulator: Emulator
+) -> None:
+    not_found_everywhere(emulator, provider)
+    submits = len(emulator.calls(provider, "submit"))
+    request = EditRequest(prompt=f"poll 404 forever {kind} {provider}", model="flux-2-pro")
+    with pytest.raises(errors.JobTimeout) as caught:
+        edit(kind, emulator, provider, request, polling=NOT_FOUND_DEADLINE)
+    job = caught.value.job
+    assert job is not None
+    assert "its poll URL was last answered HTTP 404" in str(caught.value)
+    assert "does not prove the job gone" in str(caught.value)
+    assert len(emulator.calls(provider, "poll")) >= 2  # polled again, not given up at once
+
+    emulator.clear_faults(provider)  # the host answers again
+    resumed, image = resume(kind, emulator, provider, job)  # type: ignore[arg-type]
+    assert resumed.job is not None
+    assert size_of(image)
+    assert len(emulator.calls(provider, "submit")) == submits + 1  # resumed: never resubmitted
+
+
+@pytest.mark.parametrize("kind", [kind for kind in CLIENT_KINDS if kind != "sync"])
+@pytest.mark.parametrize("provider", JOB_PROVIDERS)
+def test_a_batch_whose_polls_answered_404_polls_the_job_again_on_rerun(
+    kind: str, provider: str, tmp_path: Path
+) -> None:
+    request = EditRequest(prompt=f"batch poll 404 {provider}", model="flux-2-pro", size="256x256")
+    with run_emulator(pending_polls=1) as emulator:
+
+        async def batch(polling: Polling) -> list[Any]:
+            async with AsyncFluxClient(
+                provider,  # type: ignore[arg-type]
+                api_key=KEY,
+                base_url=emulator.base_url(provider),
+                driver=driver(kind),
+                polling=polling,
+            ) as client:
+                items = client.edit_many([request], output_dir=tmp_path, names=["a"])
+                return [item async for item in items]
+
+        not_found_everywhere(emulator, provider)
+        [first] = asyncio.run(batch(NOT_FOUND_DEADLINE))
+        journal = (tmp_path / ".flux-journal.jsonl").read_text()
+        emulator.clear_faults(provider)
+        [again] = asyncio.run(batch(FAST))
+        submits = len(emulator.calls(provider, "submit"))
+        billed = len(emulator.billed(provider))
+    assert isinstance(first.error, errors.JobTimeout)
+    assert first.status == "unconfirmed"
+    assert '"over"' not in journal  # the job is not ended: a rerun may poll it
+    assert again.status == "ok", again.error
+    assert "polled again" in (again.reason or "")
+    assert again.saved
+    assert all(path.exists() for path in again.saved)
+    assert (submits, billed) == (1, 1)
 
 
 # --- acceptance: failover from a refused bfl submit, never after acceptance -----------------

@@ -391,17 +391,20 @@ def test_a_result_fetch_failing_forever_backs_off_until_the_deadline(
 
 @both
 @pytest.mark.parametrize("status", [404, 410])
-def test_a_result_the_provider_no_longer_has_is_job_not_found_as_documented(
+def test_a_result_url_answering_404_is_fetched_again_and_the_job_kept_to_resume(
     kind: str, status: int
 ) -> None:
-    # JobAdapter.job_failure: "None leaves the answer to the library: ... errors.JobNotFound for
-    # 404 and 410". The fetch raised the adapter's ProviderRejected instead.
+    # fal documents no answer for a request it does not know: a 404 or 410 from its result URL
+    # (a proxy's, a CDN's) does not prove the paid job gone. It ended the job as JobNotFound,
+    # which a batch journal marked "over", never to be fetched again.
     fake = FakeFal(lambda request: httpx.Response(status, json={"detail": "Request not found"}))
-    with pytest.raises(errors.JobNotFound) as caught:
+    with pytest.raises(errors.JobTimeout) as caught:
         run(kind, fake, T2I, provider="fal", polling=SLOW)
     assert caught.value.job is not None
     assert caught.value.job_id == "r-1"
-    assert fake.fetches() == 1
+    assert f"its result URL was last answered HTTP {status}" in str(caught.value)
+    assert 2 <= fake.fetches() <= 30  # backed off, as after a 5xx
+    assert fake.count("POST") == 1
 
 
 # --- odd but valid arguments: every ratio fal's Kontext enum lists is taken ------------------

@@ -184,6 +184,8 @@ def _inapplicable(adapter: AnyAdapter, scenario: Scenario) -> str:
             f"{adapter.name} runs jobs: it moderates a job it accepted "
             "(job-request-moderated, job-content-moderated), not the call"
         )
+    if scenario.needs is not None and getattr(adapter, scenario.needs, True) is False:
+        return f"{adapter.name} declares {scenario.needs} = False"
     return ""
 
 

@@ -164,6 +164,9 @@ class Scenario:
         result_form: ``"b64_json"`` when it needs the provider to answer inline.
         applies_to: ``"any"`` adapter, ``"job"`` (asynchronous providers only) or ``"call"``
             (synchronous providers only); elsewhere the scenario is not applicable.
+        needs: An adapter attribute that must not be ``False`` for the scenario to apply
+            (``reports_unknown_jobs``: the provider documents an answer for a job it does not
+            know); an adapter without the attribute is held to the scenario.
     """
 
     id: str
@@ -174,6 +177,7 @@ class Scenario:
     api_key: str | None = None
     result_form: str = "url"
     applies_to: Applies = "any"
+    needs: str | None = None
 
 
 def _request(
@@ -578,6 +582,9 @@ SCENARIOS: Final[tuple[Scenario, ...]] = (
         expect=JobEnds(errors.JobNotFound),
         fault=Fault(outcome="not-found"),
         applies_to="job",
+        # Only the provider's documented answer proves a job unknown: a bare 404 is polled
+        # again until the deadline (job-deadline), so a provider documenting none is exempt.
+        needs="reports_unknown_jobs",
     ),
     Scenario(
         id="job-deadline",

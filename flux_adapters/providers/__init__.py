@@ -110,7 +110,10 @@ class KeyAuth:
         query: The query parameter that carries the key, instead of a header.
         hosts: Host patterns besides the base URL's own origin that may receive the key, for
             URLs the provider returns (``"*.bfl.ai"`` for polling URLs on regional hosts): over
-            https, or over http when the base URL itself is http (an emulator). A result or
+            https, or over http when the base URL itself is http (an emulator). They are the
+            provider's own hosts, so they apply only while the configured base URL's host is
+            one of them: with a base URL at a reseller or a proxy (``https://bfl-proxy.test``),
+            the key is that reseller's, and goes to the base URL's own origin only. A result or
             delivery URL never receives it: downloads carry none.
     """
 
@@ -137,23 +140,33 @@ class KeyAuth:
         return f"{self.scheme} {key}" if self.scheme and self.header else key
 
     def allows(self, url: str, base_url: str) -> bool:
-        """Whether *url* may receive the key: *base_url*'s own origin, or a declared host."""
+        """Whether *url* may receive the key: *base_url*'s own origin, or a declared host.
+
+        A declared host only while *base_url* is itself at one (`declares`): the provider's own
+        API. Any other base URL (a reseller, a proxy) keeps its key to its own origin, whatever
+        hosts the URLs it returns name.
+        """
         try:
             theirs, mine = urlsplit(url), urlsplit(base_url)
             host = theirs.hostname or ""
+            base_host = mine.hostname or ""
         except ValueError:
             return False
         if (theirs.scheme, theirs.netloc) == (mine.scheme, mine.netloc):
             return True
         # A declared host over https; over plain http only when the base URL is plain http too
-        # (an emulator, a local proxy), where the key travels in the clear anyway. Only a plain
-        # DNS name is matched: "evil.com\.bfl.ai" or "evil.com%2f.bfl.ai" end like a declared
-        # host, but a resolver need not read them as one of its names.
+        # (an emulator, a local proxy), where the key travels in the clear anyway.
         secure = theirs.scheme == "https" or theirs.scheme == mine.scheme == "http"
-        return (
-            secure
-            and _DNS_NAME.fullmatch(host) is not None
-            and any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.hosts)
+        return secure and self.declares(base_host) and self.declares(host)
+
+    def declares(self, host: str) -> bool:
+        r"""Whether *host* (lower case, as ``urlsplit`` gives it) is one of the declared hosts.
+
+        Only a plain DNS name is matched: "evil.com\.bfl.ai" or "evil.com%2f.bfl.ai" end like a
+        declared host, but a resolver need not read them as one of its names.
+        """
+        return _DNS_NAME.fullmatch(host) is not None and any(
+            fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.hosts
         )
 
 

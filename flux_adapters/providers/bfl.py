@@ -14,7 +14,8 @@ lives 10 minutes.
 
 Quirks:
 - "Always use the polling_url returned": it may be on another host than the submit
-  (``api.eu2.bfl.ai``, ``gateway.bfl.ai``), so the key may go to ``*.bfl.ai`` over https.
+  (``api.eu2.bfl.ai``, ``gateway.bfl.ai``), so the key may go to ``*.bfl.ai`` over https,
+  while the base URL is BFL's own (a reseller's key stays with the reseller's host).
 - Statuses: ``Pending``, ``Ready``, ``Request Moderated`` and ``Content Moderated`` ("not
   charged"), ``Error`` (processing failed), ``Task not found`` (unknown or expired id).
 - HTTP 402 insufficient credits, 403 the key lacks access, 422 invalid body, 429 over the
@@ -205,7 +206,8 @@ class BflAdapter(JobAdapterBase):
     """"1 credit = $0.01" (https://docs.bfl.ai/quick_start/pricing.md)."""
     auth: ClassVar[KeyAuth] = KeyAuth(header="x-key", scheme=None, hosts=("*.bfl.ai",))
     """``x-key``; polling URLs come back on regional hosts (``api.eu2.bfl.ai``,
-    ``gateway.bfl.ai``) and are polled as returned, so ``*.bfl.ai`` may receive the key."""
+    ``gateway.bfl.ai``) and are polled as returned, so ``*.bfl.ai`` may receive the key: only
+    while the base URL is a BFL host itself (`KeyAuth.allows`), never a reseller's key."""
 
     def build_submit(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
         """``POST {base}/v1/<model>`` with the prompt, ``input_image`` .. and the settings."""

@@ -215,6 +215,12 @@ class FalAdapter(JobAdapterBase):
     auth: ClassVar[KeyAuth] = KeyAuth(header="Authorization", scheme="Key")
     """``Authorization: Key <key>``; the status, result and cancel URLs are on the queue's own
     origin, so no other host receives it."""
+    reports_unknown_jobs: ClassVar[bool] = False
+    """fal's queue documents no answer for a request it does not know (its statuses are
+    ``IN_QUEUE``, ``IN_PROGRESS`` and ``COMPLETED``): a 404 from its status or result URL is
+    not its word that the job is gone, so the job is polled again until its deadline, then
+    `errors.JobTimeout` with the job to resume. (The conformance suite's ``job-not-found``
+    does not apply.)"""
 
     def build_submit(self, request: EditRequest, plan: Plan, base_url: str) -> HttpRequest:
         """``POST {base}/<app>`` with fal's field names."""

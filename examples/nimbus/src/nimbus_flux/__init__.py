@@ -243,6 +243,23 @@ class NimbusAdapter(JobAdapterBase):
             usage=Usage(credits_used=credits) if credits is not None and credits >= 0 else None,
         )
 
+    def job_failure(self, response: HttpResponse, job: Job) -> errors.JobError | None:
+        """``404 task_not_found`` at a task's URL: "A task is kept for 24 hours; after that its
+        ``status_url`` answers ``404 task_not_found``" (``_DOC``). Nimbus's word, in its code:
+        a bare 404 (a proxy's, a host that is not Nimbus's) is left to the library, which polls
+        again rather than give up a task that may still finish and be billed."""
+        if response.status_code != 404:
+            return None
+        body = json_object(self.name, response)
+        error = body.get("error")
+        if not isinstance(error, dict) or error.get("code") != "task_not_found":
+            return None
+        return errors.JobNotFound(
+            "Nimbus no longer knows the task (tasks are kept for 24 hours)",
+            provider=self.name,
+            job_id=job.id,
+        )
+
     def build_cancel(self, job: Job) -> HttpRequest | None:
         """``POST cancel_url``: a queued or running task stops and is not charged."""
         if job.cancel_url is None:
