@@ -605,6 +605,6 @@ class HttpDownloader:
 
     async def write_async(self, url: str, path: Path, *, add_suffix: bool = False) -> ImageFile:
         """Async twin of `write`."""
-        async with atomic_image(path, add_suffix=add_suffix) as out:
+        with atomic_image(path, add_suffix=add_suffix) as out:
             await self._fetch_async(url, out.write, out.restart)
         return out

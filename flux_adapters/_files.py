@@ -18,13 +18,10 @@ import os
 import re
 import stat
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from flux_adapters._display import describe_exception, render_value, type_name
 from flux_adapters.errors import ExtensionMismatch, OutputError
-
-if TYPE_CHECKING:
-    import asyncio
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -481,29 +478,6 @@ class _AtomicImage:
         self._where, self._partial, self._fd = where, partial, fd
         self._out = ImageFile(fd, target, named=not self._add_suffix)
         return self._out
-
-    async def __aenter__(self) -> ImageFile:
-        """`__enter__` in a worker thread, for ``async with``.
-
-        Creating a file may keep a file system busy for a while (ext4 on this project's
-        benchmark machine: 200 to 600 us of kernel time), time in which an event loop goes on
-        with other downloads instead of waiting.
-        """
-        import asyncio
-
-        entered = asyncio.get_running_loop().run_in_executor(None, self.__enter__)
-        try:
-            return await asyncio.shield(entered)
-        except asyncio.CancelledError:
-            entered.add_done_callback(self._abandoned)  # the file is made all the same
-            raise
-
-    def _abandoned(self, entered: asyncio.Future[ImageFile]) -> None:
-        if not entered.cancelled() and entered.exception() is None:
-            self.__exit__(BaseException, None, None)  # closed and removed, nothing renamed
-
-    async def __aexit__(self, kind: object, error: object, traceback: object) -> None:
-        self.__exit__(kind, error, traceback)
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
         renamed = False
