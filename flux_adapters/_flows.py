@@ -963,6 +963,14 @@ def _fetch(
             raise _Deadline
 
 
+def cancel_steps(adapter: JobAdapter, job: Job, stop: StopJob) -> _Steps[None]:
+    """Cancel *job*, as a flow does when `StopJob` is thrown in: *stop* says how it went.
+
+    For a client whose flow ended before it could (Ctrl-C in the flow's own code).
+    """
+    stop.cancelled = yield from _cancel(adapter, job)
+
+
 def _cancel(adapter: JobAdapter, job: Job) -> _Steps[bool | None]:
     """Ask the provider to cancel *job*: ``True`` accepted, ``False`` refused, ``None`` no cancel."""
     try:

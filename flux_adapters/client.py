@@ -43,6 +43,7 @@ from typing import (
     Self,
     TypeAlias,
     TypeVar,
+    cast,
     get_args,
 )
 from urllib.parse import urlsplit
@@ -1757,11 +1758,14 @@ class FluxClient(_ClientBase):
         flow cancel its job, if the provider took one and can, before it propagates.
         """
         instruction: HttpRequest | Sleep | Accepted | None = None  # for an interruption
+        accepted: Job | None = None  # the job the flow saw taken, if any: for an interruption
         sending = _Sending()
         try:
             instruction = next(flow)
             while True:
                 sending.body = None
+                if isinstance(instruction, Accepted):
+                    accepted = instruction.job
                 try:
                     reply = self._perform(binding, instruction, sending)
                 except FluxError as error:  # the flow judges it, and attaches its job if any
@@ -1776,7 +1780,8 @@ class FluxClient(_ClientBase):
             raise
         except KeyboardInterrupt as interrupt:
             unsent = sending.unsent
-            stop = _submitting(self._stop(binding, flow), binding, instruction, unsent=unsent)
+            stop = self._stop(binding, flow, accepted)
+            stop = _submitting(stop, binding, instruction, unsent=unsent)
             _noted(interrupt, stop, binding.key_only)
             raise
         finally:
@@ -1801,30 +1806,54 @@ class FluxClient(_ClientBase):
         _note_exchange(binding, instruction, started, response)
         return response
 
-    def _stop(self, binding: _Binding, flow: _Steps[Any]) -> StopJob:
+    def _stop(self, binding: _Binding, flow: _Steps[Any], accepted: Job | None) -> StopJob:
         """The caller stopped waiting: let *flow* cancel its job (each cancel bounded).
+
+        Ctrl-C may land in the flow's own code rather than in a wait or an exchange: the flow
+        has then ended with it, and cannot cancel the job it had (*accepted*): the job is
+        cancelled here instead, as the flow would have.
 
         Returns the `StopJob` thrown in, which says what became of the job.
         """
+        from flux_adapters._flows import cancel_steps
+        from flux_adapters.jobs import StopJob
+
+        stop = StopJob()
+        ended = getattr(flow, "gi_frame", False) is None  # the interruption ended it
+        self._cancelling(binding, flow, stop, flow.throw, stop)
+        if ended and stop.job is None and accepted is not None:
+            stop.job = accepted
+            adapter = cast("JobAdapter", binding.adapter)  # it took a job: it runs jobs
+            steps = cancel_steps(adapter, accepted, stop)
+            self._cancelling(binding, steps, stop, steps.send, None)
+        return stop
+
+    def _cancelling(
+        self,
+        binding: _Binding,
+        steps: _Steps[Any],
+        stop: StopJob,
+        first: Callable[[Any], object],
+        given: object,
+    ) -> None:
+        """Send the cancels *steps* ask for, starting with ``first(given)``, till they end."""
         from flux_adapters.jobs import StopJob
         from flux_adapters.wire import HttpRequest
 
-        stop = StopJob()
         try:
-            instruction = flow.throw(stop)
+            instruction = first(given)
             while isinstance(instruction, HttpRequest) and instruction.role == "cancel":
                 try:
                     reply = self._send(binding, instruction)
                 except FluxError as error:
-                    instruction = flow.throw(error)
+                    instruction = steps.throw(error)
                 except KeyboardInterrupt as again:  # Ctrl-C again: the job must still be named
                     _noted(again, _unanswered(stop), binding.key_only)
                     raise
                 else:
-                    instruction = flow.send(reply)
+                    instruction = steps.send(reply)
         except (StopJob, StopIteration, FluxError):
             pass
-        return stop
 
     def _send(
         self, binding: _Binding, outgoing: HttpRequest, sending: _Sending | None = None

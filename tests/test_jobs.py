@@ -688,6 +688,24 @@ def test_ctrl_c_while_waiting_cancels_the_job_then_propagates_saying_so() -> Non
     assert caught.value.__notes__ == [CANCELLED]
 
 
+def test_ctrl_c_landing_in_the_flows_own_code_still_cancels_the_job() -> None:
+    # A signal lands between any two bytecodes: in a wait or an exchange the flow is suspended
+    # and cancels its job when told; in its own code (reading a poll's answer) the interruption
+    # ended the flow, and the job, taken and billed, went on without a cancel or a word of it.
+    class Reading(Queue):
+        def parse_poll(self, response: HttpResponse, job: Job) -> Pending | Done:
+            if fake.count("GET", "/jobs/q-1") == 2:
+                raise KeyboardInterrupt
+            return super().parse_poll(response, job)
+
+    fake = FakeQueue()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run("sync", fake, T2I, provider=Reading())
+    assert fake.count("POST", "/cancel") == 1
+    assert caught.value.__notes__ == [CANCELLED]
+    assert caught.value.job.id == "q-1"  # type: ignore[attr-defined]
+
+
 def test_ctrl_c_at_a_provider_without_cancel_says_the_job_goes_on_and_may_be_billed() -> None:
     class Interrupting(FakeBfl):
         def answer(self, request: httpx.Request) -> httpx.Response:
