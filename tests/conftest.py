@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import socketserver
 import tempfile
@@ -26,6 +27,18 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give SIGINT back its default when the suite was started with it ignored.
+
+    A non-interactive shell starts a background command (``make test &``, ``nohup``) with SIGINT
+    ignored, and every process it starts inherits that: the commands the tests stop with Ctrl-C
+    (``edit``, ``batch``, ``serve``) would never hear it, and their tests wait out their
+    timeouts and fail. A Python handler here is reset to the default in each child.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 CLIENT_KINDS = ("sync", "aiohttp", "httpx")
