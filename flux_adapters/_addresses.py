@@ -15,7 +15,7 @@ Trusted without a check (`guard_for` gives no guard):
 
 The check is made where a connection is opened, after the name is resolved, on the addresses
 then connected to (`GUARDED`, read by ``flux_adapters._bounded``'s network backends and the
-aiohttp driver's resolver): a name that resolves to a public address for one look and a private
+aiohttp driver's connector): a name that resolves to a public address for one look and a private
 one for the next (DNS rebinding) gains nothing. Where the library cannot reach the connection (a
 caller's ``http_client``, an HTTP proxy, which resolves the name itself), the name is resolved
 beforehand and checked (`Target.check_resolved`): best effort, since the proxy or the
