@@ -35,7 +35,7 @@ import httpx
 from flux_adapters._addresses import GUARDED, Target
 from flux_adapters._transport import ENDS, deadline_error
 
-__all__ = ["bound", "bound_async", "needs_lookup", "send_on_worker"]
+__all__ = ["bound", "bound_async", "connection_pools", "needs_lookup", "send_on_worker"]
 
 
 def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
@@ -256,7 +256,11 @@ _PROXIES: Final = (httpcore.HTTPProxy, httpcore.SOCKSProxy)
 _ASYNC_PROXIES: Final = (httpcore.AsyncHTTPProxy, httpcore.AsyncSOCKSProxy)
 
 
-def _pools(client: httpx.Client | httpx.AsyncClient) -> list[Any]:
+def connection_pools(client: httpx.Client | httpx.AsyncClient) -> list[Any]:
+    """*client*'s httpcore connection pools (its proxies' included), where httpx keeps them.
+
+    httpx has no public way to reach them; an item is ``None`` for a transport without one.
+    """
     transports = [client._transport, *client._mounts.values()]
     return [getattr(transport, "_pool", None) for transport in transports if transport]
 
@@ -267,7 +271,7 @@ def bound(client: httpx.Client) -> bool:
     httpx does not let one pass a network backend in, so it is set on its pools; ``False``
     (nothing changed) if a future httpx keeps them elsewhere.
     """
-    pools = _pools(client)
+    pools = connection_pools(client)
     if not pools or not all(isinstance(pool, httpcore.ConnectionPool) for pool in pools):
         return False
     for pool in pools:
@@ -278,7 +282,7 @@ def bound(client: httpx.Client) -> bool:
 
 def bound_async(client: httpx.AsyncClient) -> httpx.AsyncClient:
     """*client*, its direct connection pools checking provider-given hosts (not its proxies')."""
-    for pool in _pools(client):
+    for pool in connection_pools(client):
         if isinstance(pool, httpcore.AsyncConnectionPool) and not isinstance(pool, _ASYNC_PROXIES):
             pool._network_backend = _GuardedAsyncBackend(pool._network_backend)
     return client

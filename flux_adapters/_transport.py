@@ -321,24 +321,15 @@ def bounded_http_client() -> httpx.Client:
     client = httpx.Client(verify=shared_ssl_context())
     if bound(client):
         if hasattr(os, "register_at_fork"):
-            _AT_FORK.register()
+            _forget_connections_at_fork()
         _BOUNDED.add(client)
     return client
 
 
-class _AtFork:
-    """Registers `_forget_connections` to run in each forked child, once per process."""
-
-    def __init__(self) -> None:
-        self._done = False
-
-    def register(self) -> None:
-        if not self._done:
-            self._done = True
-            os.register_at_fork(after_in_child=_forget_connections)
-
-
-_AT_FORK: Final = _AtFork()
+@functools.cache
+def _forget_connections_at_fork() -> None:
+    """Have `_forget_connections` run in each forked child: registered once per process."""
+    os.register_at_fork(after_in_child=_forget_connections)
 
 
 def _forget_connections() -> None:
@@ -353,9 +344,10 @@ def _forget_connections() -> None:
     """
     import httpcore  # loaded with any bounded client
 
+    from flux_adapters._bounded import connection_pools
+
     for client in list(_BOUNDED):
-        for transport in [client._transport, *client._mounts.values()]:
-            pool = getattr(transport, "_pool", None)
+        for pool in connection_pools(client):
             if isinstance(pool, httpcore.ConnectionPool):
                 pool._connections = []
                 pool._requests = []

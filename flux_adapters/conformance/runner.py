@@ -323,13 +323,14 @@ def _recording_http(exchanges: _Exchanges) -> httpx.Client:
     (`bounded_http_client`: each socket read ends by the exchange's deadline), and no answer is
     read past `CASSETTE_BYTES`, more than a replay reads from a cassette anyway.
     """
+    from flux_adapters._bounded import connection_pools  # as bounded_http_client does
+
     http = bounded_http_client()
     # gzip only: vcrpy cannot decode every encoding httpx may advertise (zstd), and a body it
     # cannot decode cannot be scrubbed.
     http.headers["Accept-Encoding"] = "gzip"
     http.event_hooks = {"request": [exchanges.on_request], "response": [exchanges.on_response]}
-    for transport in [http._transport, *http._mounts.values()]:
-        pool = getattr(transport, "_pool", None)
+    for pool in connection_pools(http):
         if pool is not None:
             pool.handle_request = _capped(pool.handle_request)
     return http
