@@ -266,14 +266,17 @@ class Target:
         self.check(str(info[4][0]) for info in found)
 
 
-def strict(provider: str, hint: str) -> Guard:
+def strict(provider: str, hint: str, scrub: Callable[[str], str] | None = None) -> Guard:
     """The guard of URLs a provider gave that is not known (or not said): nothing is trusted.
 
     No base URL, so no host is trusted; literal and resolved non-public addresses are refused.
+    *scrub*: a client's removal of its keys (default: of key-shaped text only).
     """
-    from flux_adapters._redact import redact  # the key-shaped text of any provider
+    if scrub is None:
+        from flux_adapters._redact import redact  # the key-shaped text of any provider
 
-    return Guard(provider, "", redact, hint)
+        scrub = redact
+    return Guard(provider, "", scrub, hint)
 
 
 def guard_for(

@@ -964,23 +964,17 @@ class _ClientBase:
         an untrusted provider's at no base URL would be. Which provider gave it is data from a
         file, but the URL itself came from a provider all the same.
         """
-        from flux_adapters._addresses import Guard
+        from flux_adapters._addresses import strict
 
         for binding in self._bindings:
             if binding.adapter.name == provider:
                 return self._downloader.guarded(binding.guard)
-        made: dict[str, Guard] = self.__dict__.setdefault("_strict_guards", {})
-        guard = made.get(provider)
-        if guard is None:
-            shown = f"{provider!r:.60}, which this client does not have" if provider else "none"
-            guard = made[provider] = Guard(
-                provider or "unknown",
-                "",
-                self._scrub,
-                f"The record names the provider that gave it as {shown}: it is checked the "
-                "strictest way (see docs/routing.md)",
-            )
-        return self._downloader.guarded(guard)
+        shown = f"{provider!r:.60}, which this client does not have" if provider else "none"
+        hint = (
+            f"The record names the provider that gave it as {shown}: it is checked the "
+            "strictest way (see docs/routing.md)"
+        )
+        return self._downloader.guarded(strict(provider or "unknown", hint, self._scrub))
 
     @property
     def _breaker(self) -> Breaker:
