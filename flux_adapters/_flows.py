@@ -742,9 +742,11 @@ def _attach(error: FluxError, job: Job, secrets: tuple[str, ...]) -> None:
     """
     error.job = job
     ident: object = job.id  # a job made by hand (resume) may hold anything
-    if not isinstance(ident, str) or not any(secret and secret in ident for secret in secrets):
+    if not isinstance(ident, str):
         return
-    shown = redact(job.id, secrets)
+    shown = job_request_id(job, secrets)
+    if shown == ident:
+        return
     if isinstance(error, JobError) and error.job_id == job.id:
         error.job_id = shown
     if error._request_id is None:
