@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
 import socketserver
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 from PIL import Image
@@ -138,3 +140,26 @@ def call_adapter(name: str) -> Adapter:
     adapter = get_adapter(name)
     assert not is_job_adapter(adapter), name
     return cast(Adapter, adapter)
+
+
+class SubmitRewritten(httpx.AsyncBaseTransport):
+    """A real transport (to the emulator), each POST's JSON answer changed by *rewrite*.
+
+    *rewrite* is given the answer's body (to change in place) and the request: a provider that
+    echoes what it was sent, or reports what it likes, in its submit answers.
+    """
+
+    def __init__(self, rewrite: Callable[[dict[str, Any], httpx.Request], None]) -> None:
+        self._real = httpx.AsyncHTTPTransport()
+        self._rewrite = rewrite
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self._real.handle_async_request(request)
+        if request.method != "POST":
+            return answer
+        body = json.loads(await answer.aread())
+        self._rewrite(body, request)
+        return httpx.Response(answer.status_code, json=body)
+
+    async def aclose(self) -> None:
+        await self._real.aclose()

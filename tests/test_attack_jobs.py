@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters.emulator import Fault, run_emulator
 from flux_adapters.jobs import Polling
 from flux_adapters.result import BatchItem
-from tests.conftest import CLIENT_KINDS
+from tests.conftest import CLIENT_KINDS, SubmitRewritten
 from tests.test_jobs import KEY, T2I, Fake, FakeBfl, both, run
 from tests.test_jobs_emulator import edit
 
@@ -353,22 +354,9 @@ def test_a_reruns_reason_for_a_job_polled_again_never_shows_the_key(tmp_path: Pa
 # --- a job id echoing the key, as the provider's request id of a result ---------------------
 
 
-class _IdEchoesTheKey(httpx.AsyncBaseTransport):
-    """The emulator's BFL, whose submit answers name the job by an id holding the key sent."""
-
-    def __init__(self) -> None:
-        self._real = httpx.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        answer = await self._real.handle_async_request(request)
-        if request.method != "POST":
-            return answer
-        body = json.loads(await answer.aread())
-        body["id"] = f"{body['id']}-{request.headers['x-key']}"  # the polling URL is untouched
-        return httpx.Response(answer.status_code, json=body)
-
-    async def aclose(self) -> None:
-        await self._real.aclose()
+def _id_echoes_the_key(body: dict[str, Any], request: httpx.Request) -> None:
+    """The emulator's BFL naming each job by an id holding the key sent (polling URL untouched)."""
+    body["id"] = f"{body['id']}-{request.headers['x-key']}"
 
 
 def test_a_job_id_echoing_the_key_never_reaches_a_gateway_client(tmp_path: Path) -> None:
@@ -382,7 +370,7 @@ def test_a_job_id_echoing_the_key_never_reaches_a_gateway_client(tmp_path: Path)
     with run_emulator(pending_polls=1) as emulator:
 
         def echoing(only: tuple[str, ...] | None) -> AsyncFluxClient:
-            made.append(httpx.AsyncClient(transport=_IdEchoesTheKey()))
+            made.append(httpx.AsyncClient(transport=SubmitRewritten(_id_echoes_the_key)))
             return AsyncFluxClient(
                 "bfl",
                 api_key=PROVIDER_SECRET,

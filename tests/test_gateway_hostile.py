@@ -21,7 +21,7 @@ import pytest
 from flux_adapters import AsyncFluxClient
 from flux_adapters.emulator import Emulator, run_emulator
 from flux_adapters.gateway import RunningGateway, run_gateway
-from tests.conftest import held_at_the_provider
+from tests.conftest import SubmitRewritten, held_at_the_provider
 from tests.test_gateway import FAST_POLLS, PROVIDER_SECRET, single
 
 
@@ -132,22 +132,9 @@ def test_a_client_gone_before_its_call_was_sent_is_not_paid_for(
     assert spent == 0
 
 
-class _InflatedCost(httpx.AsyncBaseTransport):
-    """The emulator's BFL, whose submit answers report a cost of 10^12 credits ($10^10)."""
-
-    def __init__(self) -> None:
-        self._real = httpx.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        answer = await self._real.handle_async_request(request)
-        if request.method != "POST":
-            return answer
-        body = json.loads(await answer.aread())
-        body["cost"] = 1e12
-        return httpx.Response(answer.status_code, json=body)
-
-    async def aclose(self) -> None:
-        await self._real.aclose()
+def _inflated_cost(body: dict[str, Any], request: httpx.Request) -> None:
+    """The emulator's BFL reporting a cost of 10^12 credits ($10^10) for each job."""
+    body["cost"] = 1e12
 
 
 def test_a_cost_reported_beyond_what_a_budget_holds_still_spends_the_keys_budget(
@@ -159,7 +146,7 @@ def test_a_cost_reported_beyond_what_a_budget_holds_still_spends_the_keys_budget
     made: list[httpx.AsyncClient] = []
 
     def inflated(only: tuple[str, ...] | None) -> AsyncFluxClient:
-        made.append(httpx.AsyncClient(transport=_InflatedCost()))
+        made.append(httpx.AsyncClient(transport=SubmitRewritten(_inflated_cost)))
         return AsyncFluxClient(
             "bfl",
             api_key=PROVIDER_SECRET,
