@@ -969,12 +969,17 @@ class _ClientBase:
         for binding in self._bindings:
             if binding.adapter.name == provider:
                 return self._downloader.guarded(binding.guard)
-        shown = f"{provider!r:.60}, which this client does not have" if provider else "none"
-        hint = (
-            f"The record names the provider that gave it as {shown}: it is checked the "
-            "strictest way (see docs/routing.md)"
-        )
-        return self._downloader.guarded(strict(provider or "unknown", hint, self._scrub))
+        # One guard per name: the downloader keeps one copy of itself per guard it is given.
+        made: dict[str, Guard] = self.__dict__.setdefault("_strict_guards", {})
+        guard = made.get(provider)
+        if guard is None:
+            shown = f"{provider!r:.60}, which this client does not have" if provider else "none"
+            hint = (
+                f"The record names the provider that gave it as {shown}: it is checked the "
+                "strictest way (see docs/routing.md)"
+            )
+            guard = made[provider] = strict(provider or "unknown", hint, self._scrub)
+        return self._downloader.guarded(guard)
 
     @property
     def _breaker(self) -> Breaker:
