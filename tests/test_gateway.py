@@ -991,6 +991,71 @@ def test_an_image_is_kept_the_same_in_a_spare_file_as_in_a_new_one(tmp_path: Pat
         gone._write_new(png)
 
 
+def test_a_spare_file_is_made_off_the_event_loop_and_never_left_behind(tmp_path: Path) -> None:
+    """`FileStore.replenish_async` creates the file in a worker thread (the next request, most
+    often already there, is served meanwhile); closed or cancelled while the thread works, the
+    file it made is removed; at most one spare is made at a time."""
+    import threading
+
+    from flux_adapters.gateway._files import FileStore
+
+    store = FileStore(tmp_path, 60)
+    made_in: list[threading.Thread] = []
+    release = threading.Event()
+    new_spare = store._new_spare
+
+    def slow(extension: str) -> Any:
+        made_in.append(threading.current_thread())
+        release.wait(5)
+        return new_spare(extension)
+
+    store._new_spare = slow  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        loop_thread = threading.current_thread()
+        making = asyncio.ensure_future(store.replenish_async())
+        await asyncio.sleep(0.05)
+        await store.replenish_async()  # one under way: nothing more started
+        assert len(made_in) == 1
+        assert made_in[0] is not loop_thread
+        assert not making.done()  # the loop went on while the thread waits
+        release.set()
+        await making
+        assert store._spare is not None
+        assert (tmp_path / store._spare[0]).exists()
+
+        store.close()  # removes the spare; one made after that goes too
+        assert list(tmp_path.iterdir()) == []
+        reopened = FileStore(tmp_path, 60)
+        reopened._new_spare = slow  # type: ignore[method-assign]
+        release.clear()
+        late = asyncio.ensure_future(reopened.replenish_async())
+        await asyncio.sleep(0.05)
+        reopened.close()
+        release.set()
+        await late
+        assert reopened._spare is None
+        assert list(tmp_path.iterdir()) == []
+
+        cancelled = FileStore(tmp_path, 60)
+        cancelled._new_spare = slow  # type: ignore[method-assign]
+        release.clear()
+        cut = asyncio.ensure_future(cancelled.replenish_async())
+        await asyncio.sleep(0.05)
+        cut.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cut
+        release.set()
+        for _ in range(100):  # the thread's file, removed once made
+            await asyncio.sleep(0.01)
+            if len(made_in) == 3 and not list(tmp_path.iterdir()):
+                break
+        assert list(tmp_path.iterdir()) == []
+        assert cancelled._spare is None
+
+    asyncio.run(scenario())
+
+
 def _changed_after_writing(how: str, path: Path) -> None:
     if how == "removed":
         path.unlink()
@@ -1087,14 +1152,14 @@ def test_calls_after_the_first_keep_their_image_in_a_spare_file(
     from flux_adapters.gateway._files import FileStore
 
     spares: list[str] = []
-    replenish = FileStore.replenish
+    keep_spare = FileStore._keep_spare
 
-    def recording(self: FileStore) -> None:
-        replenish(self)
+    def recording(self: FileStore, made: Any) -> None:
+        keep_spare(self, made)
         if self._spare is not None and self._spare[0] not in spares:
             spares.append(self._spare[0])
 
-    monkeypatch.setattr(FileStore, "replenish", recording)
+    monkeypatch.setattr(FileStore, "_keep_spare", recording)
     names = []
     with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
         key, _ = gateway.add_key()

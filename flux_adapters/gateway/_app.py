@@ -281,7 +281,7 @@ class Gateway:
         self.started = time.time()
         self.base_urls: dict[tuple[object, ...], str] = {}
         """Root URLs of the image links, by what they are made from (`_base_url`)."""
-        self.replenish = BackgroundTask(_replenish, self.files)
+        self.replenish = BackgroundTask(self.files.replenish_async)
         """Run once an answer is sent: the next kept image's file made (`FileStore.replenish`)."""
         self.known_keys: dict[str, KeyRecord] = {}
         """Gateway key records as the key store last gave them, by hash: what a gateway whose
@@ -373,12 +373,6 @@ class Gateway:
 
 
 # -- the routes ----------------------------------------------------------------------------------
-
-
-async def _replenish(files: FileStore) -> None:
-    # A coroutine function, so that Starlette runs it right after the answer, in the same
-    # task (not in a thread): creating a file takes no longer than a thread hop would.
-    files.replenish()
 
 
 def _gateway(request: Request) -> Gateway:

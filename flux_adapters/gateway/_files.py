@@ -13,13 +13,14 @@ temporary name and renamed once complete (`flux_adapters._files.atomic_image`). 
 killed while writing can leave a part-written file under a name nobody was given; the sweep
 removes it after the retention like any other.
 
-Such a file is most often created before the call that fills it, while the gateway is idle
-(`FileStore.replenish`): creating it costs far more than writing it on ext4 where many files
-come and go.
+Such a file is most often created before the call that fills it, while the gateway is idle,
+in a worker thread (`FileStore.replenish_async`): creating it costs far more than writing it on
+ext4 where many files come and go.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -42,6 +43,9 @@ _NEW_FILE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_-]{32}\.(?:png|jpeg|webp)")
 MEDIA: Final = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+_Spare = tuple[str, int, tuple[int, int]]
+"""A spare file made: its name, its open descriptor, its device and inode."""
 
 
 class FileStore:
@@ -67,6 +71,8 @@ class FileStore:
         """A new empty file (its name, open descriptor) for the next image kept (`replenish`)."""
         self._spare_id = (0, 0)
         """The spare's device and inode: it is used only while its name still leads to it."""
+        self._making = False
+        """A spare is being made in a worker thread (`replenish_async`)."""
         self._fresh: dict[str, tuple[bytes, int, int, int]] = {}
         """The images written last into a spare, by name: their bytes, device, inode and
         modification time (ns) once written, for their first fetch (`fresh`), which most often
@@ -77,29 +83,82 @@ class FileStore:
 
         Creating a file is the costly part of keeping an image (on ext4 in a folder where many
         files come and go, such as ``/tmp``, 0.1 to 0.8 ms of the kernel's time, against 10 us
-        to write and close it): the gateway calls this once it has served a kept image (or
+        to write and close it): the gateway makes it once it has served a kept image (or
         answered with one inline), when it most likely waits for the next request, instead of
-        creating the file in a call while its caller waits. The spare is an empty file under
-        a new random name that nobody is given until an image is written into it; one not
-        used is removed by `close`, or by the sweep if the gateway was stopped without it.
+        creating the file in a call while its caller waits; and in a worker thread
+        (`replenish_async`), so that the next request, which most often is already there, is
+        not held up meanwhile. The spare is an empty file under a new random name that nobody
+        is given until an image is written into it; one not used is removed by `close`, or by
+        the sweep if the gateway was stopped without it.
 
         A spare is used only if its name still leads to it (not removed, renamed away with its
         folder, or replaced) and it waited at most half the retention: the sweep, reading its
         age in another thread, could otherwise remove it just after an image went in.
         """
-        if self._spare is not None or self._closed:
+        if self._wants_spare():
+            self._keep_spare(self._new_spare(self._last_format))
+
+    async def replenish_async(self) -> None:
+        """`replenish`, the file created in a worker thread while the event loop goes on.
+
+        The spare is taken in (or, if the store was closed meanwhile, removed) on the event
+        loop, which alone reads and sets it. Cancelled while the thread works, the file it
+        makes is removed once made.
+        """
+        if not self._wants_spare():
             return
-        name = f"{secrets.token_urlsafe(24)}.{self._last_format}"
-        path = self._prefix + name
-        with contextlib.suppress(OSError):  # kept images then create their own, and say why
-            fd = os.open(path, _NEW_FILE, 0o666)
+        self._making = True
+        try:
+            making = asyncio.get_running_loop().run_in_executor(
+                None, self._new_spare, self._last_format
+            )
             try:
-                status = os.fstat(fd)
-            except OSError:
-                os.close(fd)
-                os.unlink(path)
+                made = await asyncio.shield(making)
+            except asyncio.CancelledError:
+                making.add_done_callback(lambda done: self._discard(done.result()))
                 raise
-            self._spare, self._spare_id = (name, fd), (status.st_dev, status.st_ino)
+        finally:
+            self._making = False
+        self._keep_spare(made)
+
+    def _wants_spare(self) -> bool:
+        return self._spare is None and not self._closed and not self._making
+
+    def _new_spare(self, extension: str) -> _Spare | None:
+        """A new empty file under a new name with *extension*; ``None`` if it cannot be made.
+
+        Kept images then create their own, and say why. Run in a worker thread: it reads and
+        sets none of the store's state.
+        """
+        name = f"{secrets.token_urlsafe(24)}.{extension}"
+        path = self._prefix + name
+        try:
+            fd = os.open(path, _NEW_FILE, 0o666)
+        except OSError:
+            return None
+        try:
+            status = os.fstat(fd)
+        except OSError:
+            self._discard((name, fd, (0, 0)))
+            return None
+        return name, fd, (status.st_dev, status.st_ino)
+
+    def _keep_spare(self, made: _Spare | None) -> None:
+        if made is None:
+            return
+        if self._spare is not None or self._closed:  # one made meanwhile, or closed since
+            self._discard(made)
+            return
+        self._spare, self._spare_id = made[:2], made[2]
+
+    def _discard(self, made: _Spare | None) -> None:
+        """Close and remove a spare made but not kept."""
+        if made is None:
+            return
+        with contextlib.suppress(OSError):
+            os.close(made[1])
+        with contextlib.suppress(OSError):
+            os.unlink(self._prefix + made[0])
 
     def _take_spare(self, extension: str) -> tuple[str, int] | None:
         spare = self._spare
@@ -128,10 +187,7 @@ class FileStore:
         self._fresh.clear()
         spare, self._spare = self._spare, None
         if spare is not None:
-            with contextlib.suppress(OSError):
-                os.close(spare[1])
-            with contextlib.suppress(OSError):
-                os.unlink(self._prefix + spare[0])
+            self._discard((*spare, self._spare_id))
 
     async def keep(self, image: ResultImage) -> tuple[str, bytes | None]:
         """Store *image* (downloading it now if it is a URL): its file name (in `folder`), bytes.
