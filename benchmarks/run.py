@@ -1243,8 +1243,13 @@ def bench_batch(base: str) -> None:
         (place, mode): [] for place in places for mode in ("floor", "cli")
     }
     for _ in range(3):  # alternated, each in a fresh process, so drift hits both alike
-        for (place, mode), measured in runs.items():
-            measured.append(batch_child(mode, base, jobs, under=places[place]))
+        for place, under in places.items():
+            # Both sides in one parent folder: ext4 puts a folder's subfolders in its own block
+            # group, and on this VM creating a file costs 20 us in one group and 600 us in the
+            # next; two folders made apart in /tmp can land in either.
+            with tempfile.TemporaryDirectory(dir=under) as parent:
+                for mode in ("floor", "cli"):
+                    runs[place, mode].append(batch_child(mode, base, jobs, under=parent))
 
     def per_job(place: str, mode: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[place, mode]) / jobs
