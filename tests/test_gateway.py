@@ -999,57 +999,64 @@ def test_a_spare_file_is_made_off_the_event_loop_and_never_left_behind(tmp_path:
 
     from flux_adapters.gateway._files import FileStore
 
-    store = FileStore(tmp_path, 60)
     made_in: list[threading.Thread] = []
-    release = threading.Event()
-    new_spare = store._new_spare
+    finished: list[object] = []
+    entered, release = threading.Semaphore(0), threading.Event()
 
-    def slow(extension: str) -> Any:
-        made_in.append(threading.current_thread())
-        release.wait(5)
-        return new_spare(extension)
+    def held(store: FileStore) -> FileStore:
+        """*store*, its spares made only once `release` is set."""
+        new_spare = store._new_spare
 
-    store._new_spare = slow  # type: ignore[method-assign]
+        def slow(extension: str) -> Any:
+            made_in.append(threading.current_thread())
+            entered.release()
+            release.wait(5)
+            made = new_spare(extension)
+            finished.append(made)
+            return made
+
+        store._new_spare = slow  # type: ignore[method-assign]
+        return store
+
+    async def making(store: FileStore) -> asyncio.Future[None]:
+        """`replenish_async` started, once its worker thread is at work."""
+        release.clear()
+        task = asyncio.ensure_future(store.replenish_async())
+        assert await asyncio.to_thread(entered.acquire, timeout=5)
+        return task
 
     async def scenario() -> None:
-        loop_thread = threading.current_thread()
-        making = asyncio.ensure_future(store.replenish_async())
-        await asyncio.sleep(0.05)
+        store = held(FileStore(tmp_path, 60))
+        made = await making(store)
         await store.replenish_async()  # one under way: nothing more started
-        assert len(made_in) == 1
-        assert made_in[0] is not loop_thread
-        assert not making.done()  # the loop went on while the thread waits
+        assert made_in[0] is not threading.current_thread()  # the loop went on meanwhile
         release.set()
-        await making
+        await made
+        assert len(made_in) == 1
         assert store._spare is not None
         assert (tmp_path / store._spare[0]).exists()
-
-        store.close()  # removes the spare; one made after that goes too
+        store.close()  # removes the spare
         assert list(tmp_path.iterdir()) == []
-        reopened = FileStore(tmp_path, 60)
-        reopened._new_spare = slow  # type: ignore[method-assign]
-        release.clear()
-        late = asyncio.ensure_future(reopened.replenish_async())
-        await asyncio.sleep(0.05)
-        reopened.close()
+
+        closed = held(FileStore(tmp_path, 60))
+        late = await making(closed)
+        closed.close()  # while the thread makes one: that one goes too
         release.set()
         await late
-        assert reopened._spare is None
+        assert closed._spare is None
         assert list(tmp_path.iterdir()) == []
 
-        cancelled = FileStore(tmp_path, 60)
-        cancelled._new_spare = slow  # type: ignore[method-assign]
-        release.clear()
-        cut = asyncio.ensure_future(cancelled.replenish_async())
-        await asyncio.sleep(0.05)
+        cancelled = held(FileStore(tmp_path, 60))
+        cut = await making(cancelled)
         cut.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cut
         release.set()
-        for _ in range(100):  # the thread's file, removed once made
-            await asyncio.sleep(0.01)
-            if len(made_in) == 3 and not list(tmp_path.iterdir()):
+        for _ in range(500):  # the thread's file, removed once made
+            if len(finished) == 3 and not list(tmp_path.iterdir()):
                 break
+            await asyncio.sleep(0.01)
+        assert finished[2] is not None  # a file was made, and then removed
         assert list(tmp_path.iterdir()) == []
         assert cancelled._spare is None
 
