@@ -4,7 +4,10 @@ uvicorn closes a connection that sits idle *between* requests (``timeout_keep_al
 cancels that timer on the first byte of the next request, and starts none for a fresh
 connection. A client that connects and sends nothing, or sends a header line every few seconds
 and never finishes (slowloris), would hold its connection and task for ever. `HeadDeadline`
-gives each request head a deadline from the moment the server starts waiting for it.
+gives each request head a deadline from the moment the server starts waiting for it. Nor does
+uvicorn bound how long an answer may wait for its client to read it: one that never reads
+would hold the answer (a gateway's inline image: tens of MB) and its task for ever. `HeadClock`
+closes a connection whose client has not taken a stalled answer's bytes in time.
 
 Imported only with uvicorn installed (the ``emulator`` or ``gateway`` extra).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
@@ -48,9 +52,58 @@ class HeadClock:
     """
 
     head_timeout: ClassVar[float] = 10.0
+    send_timeout: ClassVar[float] = 60.0
+    """Seconds an answer may make no progress while the connection's send buffer is full: if
+    none of it was taken by the client in that time, the connection is aborted and the bytes
+    not yet sent dropped, so a client that stops reading cannot hold an answer for ever. One
+    that goes on reading, however slowly, is not cut."""
     _deadline: asyncio.TimerHandle | None = None
+    _stalled: asyncio.TimerHandle | None = None
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._stalled is None and not self.transport.is_closing():
+            self._watch_stall(self._unread())
+
+    def resume_writing(self) -> None:
+        self._stop_stall()
+        super().resume_writing()  # type: ignore[misc]
+
+    def _watch_stall(self, unread: int) -> None:
+        self._stalled = self.loop.call_later(self.send_timeout, self._stall_check, unread)
+
+    def _stall_check(self, unread: int) -> None:
+        now = self._unread()
+        if now < unread:  # the client took some meanwhile
+            self._watch_stall(now)
+            return
+        self._stalled = None
+        self.transport.abort()  # not close(): that would wait for the buffer to be read
+
+    def _unread(self) -> int:
+        """Bytes written and not yet taken by the client: the transport's, and the kernel's.
+
+        The transport's buffer shrinks only when the kernel's send queue has room for a good
+        part of it, after the client has read megabytes: a slow client would look stalled for
+        seconds. The queue itself (``SIOCOUTQ``, Linux) shrinks with every read; where it
+        cannot be asked, the transport's buffer alone is judged.
+        """
+        unread = self.transport.get_write_buffer_size()
+        with contextlib.suppress(ImportError, AttributeError, OSError, TypeError, ValueError):
+            import fcntl
+            import termios  # TIOCOUTQ is SIOCOUTQ
+
+            fd = self.transport.get_extra_info("socket").fileno()
+            queued = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
+            unread += int.from_bytes(queued, sys.byteorder, signed=True)
+        return unread
+
+    def _stop_stall(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
 
     def _waiting_for_head(self) -> bool:
         raise NotImplementedError
@@ -90,6 +143,7 @@ class HeadDeadline(HeadClock, H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_deadline()
+        self._stop_stall()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:

@@ -697,6 +697,11 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="seconds a request's whole body may take to arrive; slower is a 408 (default 300)",
     )  # fmt: skip
     serve.add_argument(
+        "--send-timeout", type=_seconds(), default=60.0,
+        help="seconds an answer may wait for its client to read more of it; then the "
+        "connection is closed (default 60)",
+    )  # fmt: skip
+    serve.add_argument(
         "--shutdown-timeout", type=_seconds(zero=True), default=300.0,
         help="seconds to let paid calls under way finish on SIGTERM/Ctrl-C (default 300)",
     )  # fmt: skip
@@ -2177,6 +2182,7 @@ def _serve(arguments: argparse.Namespace, out: TextIO) -> int:
             max_body_bytes=arguments.max_body_mb * 1024 * 1024,
             body_timeout=arguments.body_timeout,
             max_bodies_bytes=arguments.max_bodies_mb * 1024 * 1024,
+            send_timeout=arguments.send_timeout,
             shutdown_timeout=arguments.shutdown_timeout,
             on_ready=banner,
         )

@@ -596,6 +596,40 @@ def test_gateway_settings_out_of_range_are_refused(
         GatewaySettings(files_dir=tmp_path, **setting)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        {"send_timeout": 0},
+        {"send_timeout": "60"},
+        {"send_timeout": float("inf")},
+        {"send_timeout": 86400.5},
+        {"header_timeout": -1},
+        {"header_timeout": None},
+    ],
+)
+def test_connection_timeouts_out_of_range_are_refused_before_listening(
+    timeout: dict[str, object], emulator: Emulator, tmp_path: Path
+) -> None:
+    name = next(iter(timeout))
+    with (
+        pytest.raises(ConfigurationError, match=f"{name} must be seconds above 0"),
+        run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang"), **timeout),  # type: ignore[arg-type]
+    ):
+        pass
+
+
+def test_serve_takes_a_send_timeout_of_up_to_a_day(tmp_path: Path) -> None:
+    from flux_adapters._options import MAX_SECONDS
+    from flux_adapters.cli import _parser, _UsageError
+
+    parser = _parser()
+    assert parser.parse_args(["serve"]).send_timeout == 60
+    assert parser.parse_args(["serve", "--send-timeout", "86400"]).send_timeout == MAX_SECONDS
+    for refused in ("0", "86401", "nan"):
+        with pytest.raises(_UsageError, match="--send-timeout"):
+            parser.parse_args(["serve", "--send-timeout", refused])
+
+
 def test_the_longest_body_timeout_is_the_one_serve_takes(tmp_path: Path) -> None:
     from flux_adapters._options import MAX_SECONDS
     from flux_adapters.cli import _parser

@@ -3,7 +3,11 @@ its protocols: httptools (installed with the ``gateway`` extra) and h11 (without
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
+import secrets
 import socket
 import sys
 import time
@@ -18,6 +22,7 @@ from flux_adapters.gateway import RunningGateway, run_gateway
 from flux_adapters.gateway._httptools import MOST_HEAD_BYTES
 
 HEAD_TIMEOUT = 0.5
+SEND_TIMEOUT = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,9 @@ def gateway(
             "laozhang", api_key="test-key", base_url=emulator.base_url("laozhang")
         )
 
-    with run_gateway(files_dir=tmp_path, clients=make, header_timeout=HEAD_TIMEOUT) as running:
+    with run_gateway(
+        files_dir=tmp_path, clients=make, header_timeout=HEAD_TIMEOUT, send_timeout=SEND_TIMEOUT
+    ) as running:
         key, _ = running.add_key(name="app")
         yield running, key
 
@@ -133,6 +140,66 @@ def test_a_slow_body_and_a_slow_answer_are_not_cut_by_the_head_deadline(
     assert status.startswith(b"HTTP/1.1 200"), answered
     assert headers["x-flux-provider"] == "laozhang"
     assert json.loads(answered)["data"][0]["url"].startswith("http://gw/v1/files/")
+
+
+def _kept_image(folder: Path, size: int) -> tuple[str, bytes]:
+    """A kept image of *size* bytes put in the gateway's folder: its name and its bytes."""
+    data = b"\x89PNG\r\n\x1a\n" + os.urandom(size - 8)
+    name = secrets.token_urlsafe(24) + ".png"
+    (folder / name).write_bytes(data)
+    return name, data
+
+
+def _reading(gateway: RunningGateway, name: str, buffer: int) -> socket.socket:
+    """A connection asking for the kept image *name*, receiving into a *buffer* bytes large
+    (fixed: the kernel does not grow it)."""
+    port = int(gateway.root.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET /v1/files/{name} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+    return sock
+
+
+def test_an_answer_whose_client_stops_reading_is_cut_after_the_send_timeout(
+    gateway: tuple[RunningGateway, str], tmp_path: Path
+) -> None:
+    # A client that asks and never reads would otherwise hold the answer, and its task, for
+    # ever. 16 MB: more than the kernel's buffers on both sides hold.
+    name, data = _kept_image(tmp_path, 16 << 20)
+    with _reading(gateway[0], name, 4096) as sock:
+        time.sleep(SEND_TIMEOUT + 2)  # the gateway's buffer fills, stalls, and is dropped
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert 0 < len(body) < len(data)  # cut short: the connection was aborted
+    assert data.startswith(body)
+
+
+def test_a_client_reading_slowly_but_steadily_gets_the_whole_answer(
+    gateway: tuple[RunningGateway, str], tmp_path: Path
+) -> None:
+    # Each read the client makes counts as progress (the kernel's send queue shrinks), though
+    # the gateway's own buffer stays full until the client has read a good part of the
+    # kernel's megabytes: here for longer than the timeout, in every protocol.
+    name, data = _kept_image(tmp_path, 4 << 20)
+    started = time.monotonic()
+    with _reading(gateway[0], name, 4096) as sock:
+        received = b""
+        for count in itertools.count(1):
+            chunk = sock.recv(4096)
+            assert chunk, "closed before the whole answer"
+            received += chunk
+            if len(received.partition(b"\r\n\r\n")[2]) >= len(data):
+                break
+            if count % 50 == 0:  # about 200 KB, then a pause: about 800 KB a second
+                time.sleep(SEND_TIMEOUT / 4)
+    assert time.monotonic() - started > SEND_TIMEOUT
+    assert received.partition(b"\r\n\r\n")[2] == data
 
 
 def test_a_head_larger_than_the_cap_is_a_400_and_the_connection_closed(

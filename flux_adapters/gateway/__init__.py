@@ -207,6 +207,7 @@ def run_gateway(
     keys: KeyStore | None = None,
     state_url: str | None = None,
     header_timeout: float = 10.0,
+    send_timeout: float = 60.0,
     **settings: Any,
 ) -> Iterator[RunningGateway]:
     """Run a gateway in a background thread (on a free port by default); stop it on exit.
@@ -223,6 +224,8 @@ def run_gateway(
             (``$FLUX_STATE_URL``, else ``state_url`` in *config*) unless *clients* is given,
             else in-process.
         header_timeout: Seconds a connection may take to send its request head.
+        send_timeout: Seconds an answer may wait for its client to read more of it (from when
+            the connection's send buffer is full); then the connection is closed.
         **settings: `GatewaySettings` fields: ``retention``, ``max_body_bytes``,
             ``public_url``, ``require_keys``, ``default_model``, ``body_timeout``,
             ``max_bodies_bytes``.
@@ -243,7 +246,12 @@ def run_gateway(
         **settings,
     )
     server, sock = build_server(
-        gateway, host, port, header_timeout=header_timeout, own_logging=False
+        gateway,
+        host,
+        port,
+        header_timeout=header_timeout,
+        send_timeout=send_timeout,
+        own_logging=False,
     )
 
     with server.in_thread(sock, "the gateway", join=30):
@@ -263,6 +271,7 @@ def serve(
     shutdown_timeout: float = 300.0,
     on_ready: Callable[[str], None] | None = None,
     header_timeout: float = 10.0,
+    send_timeout: float = 60.0,
     **settings: Any,
 ) -> None:
     """Run the gateway in the foreground until SIGINT or SIGTERM (``flux-adapters serve``).
@@ -300,6 +309,7 @@ def serve(
         host,
         port,
         header_timeout=header_timeout,
+        send_timeout=send_timeout,
         own_logging=True,
         shutdown_timeout=shutdown_timeout,
     )

@@ -11,7 +11,9 @@ import python_multipart  # noqa: F401  (Starlette needs it for /v1/images/edits;
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from flux_adapters._options import MAX_SECONDS, is_number
 from flux_adapters._serving import JoinedWrites, LoopbackServer, listening_socket
+from flux_adapters.errors import ConfigurationError
 from flux_adapters.gateway._app import LOGGER, Gateway, create_app
 
 if TYPE_CHECKING:
@@ -85,17 +87,28 @@ def build_server(
     *,
     header_timeout: float,
     own_logging: bool,
+    send_timeout: float = 60.0,
     shutdown_timeout: float = 300.0,
 ) -> tuple[GatewayServer, socket.socket]:
     """A uvicorn server for *gateway* and its socket, already bound and listening.
 
     Raises:
+        ConfigurationError: A timeout is not seconds above 0, up to a day.
         OSError: The address is in use or cannot be bound.
     """
+    for name, seconds in (("header_timeout", header_timeout), ("send_timeout", send_timeout)):
+        if not (is_number(seconds) and 0 < seconds <= MAX_SECONDS):
+            raise ConfigurationError(
+                f"{name} must be seconds above 0, up to {MAX_SECONDS:.0f} (a day), "
+                f"not {seconds!r:.40}"
+            )
     sock = listening_socket(host, port)
+
+    stall = send_timeout  # a class body does not see a name it assigns from the function
 
     class Protocol(http_protocol()):  # type: ignore[misc]
         head_timeout = header_timeout
+        send_timeout = stall
 
     try:
         config = uvicorn.Config(
