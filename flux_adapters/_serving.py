@@ -183,7 +183,11 @@ class _JoinedTransport:
         self._waiting: bytes | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
+        if not data or self._transport.is_closing():
+            # Dropped, as asyncio's own transports drop writes after a close (uvloop's raise):
+            # uvicorn's httptools protocol, when a request was pipelined behind the answer
+            # under way, marks only that request's exchange as cut off when the connection is
+            # lost, so the answer's next write still comes.
             return
         waiting = self._waiting
         if waiting is None:
