@@ -282,7 +282,8 @@ class Gateway:
         self.base_urls: dict[tuple[object, ...], str] = {}
         """Root URLs of the image links, by what they are made from (`_base_url`)."""
         self.replenish = BackgroundTask(self.files.replenish_async)
-        """Run once an answer is sent: the next kept image's file made (`FileStore.replenish`)."""
+        """Run once an answer is sent: the next kept image's file made, in a worker thread
+        (`FileStore.replenish_async`)."""
         self.known_keys: dict[str, KeyRecord] = {}
         """Gateway key records as the key store last gave them, by hash: what a gateway whose
         shared state falls back locally (``state_fallback = "local"``) goes on with while Redis
