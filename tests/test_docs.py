@@ -149,3 +149,74 @@ def test_the_readme_emulator_example_makes_the_image_it_asks_for(
     assert "saved:    robot.png" in out
     with Image.open(example_folder / "robot.png") as image:  # the asset, replaced by the edit
         assert (image.format, image.size) == ("PNG", (1024, 768))
+
+
+# docs/cli.md names the flags of each command under its own heading: each must be one of that
+# command's (a flag renamed or removed leaves the page telling users to type an error), and
+# each option a command takes must be named on the page (serve's, on the gateway page it links
+# to), so that a new flag does not go unexplained.
+_FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-zA-Z])(?![\w-])")
+
+
+def _options(parser: object) -> list[tuple[str, ...]]:
+    """The option strings of each option of *parser* and of its subcommands (``keys create``)."""
+    import argparse
+
+    assert isinstance(parser, argparse.ArgumentParser)
+    found = []
+    for action in parser._actions:
+        if action.option_strings and "--help" not in action.option_strings:
+            found.append(tuple(action.option_strings))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _options(sub)
+    return found
+
+
+def _commands() -> dict[str, list[tuple[str, ...]]]:
+    import argparse
+
+    from flux_adapters.cli import _parser
+
+    top = _parser()
+    (commands,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    return {name: _options(parser) for name, parser in commands.choices.items()}
+
+
+def _cli_sections() -> dict[str, str]:
+    """docs/cli.md's text under each ``## `flux-adapters <command>` `` heading."""
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    parts = re.split(r"^## ", text, flags=re.MULTILINE)
+    sections = {}
+    for part in parts[1:]:
+        heading = re.match(r"`flux-adapters (\w+)`", part)
+        sections[heading[1] if heading else part.split("\n", 1)[0]] = part
+    return sections
+
+
+def test_every_flag_the_cli_page_names_is_one_its_command_takes() -> None:
+    commands = {
+        name: {flag for option in options for flag in option}
+        for name, options in _commands().items()
+    }
+    every = set().union(*commands.values(), {"--version", "-h", "--help"})
+    sections = _cli_sections()
+    assert set(commands) <= set(sections), "a command without its section in docs/cli.md"
+    wrong = []
+    for heading, text in sections.items():
+        # Under a command's heading its own flags (`models` tells of `explain` and `check` too).
+        allowed = commands[heading] | commands["check"] if heading in commands else every
+        wrong += [f"{heading}: {flag}" for flag in _FLAG.findall(text) if flag not in allowed]
+    assert not wrong, f"docs/cli.md names flags its commands do not take: {wrong}"
+
+
+def test_every_option_of_every_command_is_named_in_the_docs() -> None:
+    sections = _cli_sections()
+    gateway = (ROOT / "docs" / "gateway.md").read_text(encoding="utf-8")
+    # `check` and `explain` take the request arguments of `edit`, which its section lists.
+    shared = {"check": sections["edit"], "explain": sections["edit"], "serve": gateway}
+    missing = []
+    for name, options in _commands().items():
+        named = set(_FLAG.findall(sections[name] + shared.get(name, "")))
+        missing += ["/".join(option) for option in options if not named & set(option)]
+    assert not missing, f"options that docs/cli.md (or docs/gateway.md) does not name: {missing}"
