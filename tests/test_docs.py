@@ -220,3 +220,26 @@ def test_every_option_of_every_command_is_named_in_the_docs() -> None:
         named = set(_FLAG.findall(sections[name] + shared.get(name, "")))
         missing += ["/".join(option) for option in options if not named & set(option)]
     assert not missing, f"options that docs/cli.md (or docs/gateway.md) does not name: {missing}"
+
+
+# The pages cite tests as evidence (docs/scaling.md's tables, "`tests/test_gateway.py::test_...`"):
+# a test renamed or removed leaves a citation of nothing.
+_CITED_TEST = re.compile(r"\b(test_[a-z0-9_]+)\b(?!\.py)")
+
+
+def test_every_test_a_page_cites_exists() -> None:
+    defined = set()
+    suite = ROOT / "flux_adapters" / "conformance" / "suite.py"  # the tests a subclass inherits
+    for source in [*ROOT.glob("tests/**/*.py"), *ROOT.glob("examples/*/tests/**/*.py"), suite]:
+        defined.update(
+            re.findall(r"^\s*(?:async )?def (test_[a-z0-9_]+)", source.read_text(), re.M)
+        )
+    pages = [ROOT / "README.md", *DOCUMENTS]
+    missing = [
+        f"{page.relative_to(ROOT)}: {name}"
+        for page in pages
+        if page.name != "benchmarks.md"
+        for name in _CITED_TEST.findall(page.read_text(encoding="utf-8"))
+        if name not in defined and not name.endswith("_")  # `..._for_the_async_client_too`
+    ]
+    assert not missing, f"pages cite tests that do not exist: {missing}"
