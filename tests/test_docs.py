@@ -243,3 +243,27 @@ def test_every_test_a_page_cites_exists() -> None:
         if name not in defined and not name.endswith("_")  # `..._for_the_async_client_too`
     ]
     assert not missing, f"pages cite tests that do not exist: {missing}"
+
+
+# A configuration file a page shows (`flux-adapters.toml`: routing.md, scaling.md) is read as
+# the library reads one: a key renamed or a value it no longer takes fails here, not for a user
+# who copied it. Package metadata (`[project...]`) and deviations files are other files.
+def _configuration_blocks() -> list[tuple[str, str]]:
+    found = []
+    for page in [ROOT / "README.md", *DOCUMENTS]:
+        for body in re.findall(r"```toml\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            if not re.search(r"^\s*\[(?:project|deviations)", body, re.M):
+                found.append((str(page.relative_to(ROOT)), body))
+    return found
+
+
+def test_every_configuration_file_a_page_shows_is_read_as_written(tmp_path: Path) -> None:
+    from flux_adapters.config import load_config
+
+    blocks = _configuration_blocks()
+    assert {page for page, _ in blocks} >= {"docs/routing.md", "docs/scaling.md"}
+    for number, (page, body) in enumerate(blocks):
+        path = tmp_path / f"{number}.toml"
+        path.write_text(body, encoding="utf-8")
+        loaded = load_config(path, environ={})
+        assert loaded.providers, f"{page}: the file configures no provider"
