@@ -267,3 +267,49 @@ def test_every_configuration_file_a_page_shows_is_read_as_written(tmp_path: Path
         path.write_text(body, encoding="utf-8")
         loaded = load_config(path, environ={})
         assert loaded.providers, f"{page}: the file configures no provider"
+
+
+# Every `flux-adapters ...` line of a page's shell examples is one the command's parser takes (a
+# flag renamed, a value out of its range, an option put where it is not read). Parsed only,
+# nothing run, in a folder holding the files they name; `[--json]` stands for an option.
+def _command_lines() -> list[tuple[str, list[str]]]:
+    import shlex
+
+    found = []
+    for page in [ROOT / "README.md", *DOCUMENTS]:
+        if page.name == "benchmarks.md":
+            continue
+        text = page.read_text(encoding="utf-8")
+        for body in re.findall(r"```(?:sh|bash|shell)\n(.*?)```", text, re.S):
+            for line in body.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s#.*", "", line).strip()
+                if line.startswith("#"):
+                    continue
+                match = re.search(r"(?:^|[\s;&|(])(?:\S*/)?flux-adapters (.*)", line)
+                if match is None:
+                    continue
+                command = re.split(r" &| \||\s>", match[1])[0]
+                argv = [word for word in shlex.split(command) if not word.startswith("[")]
+                found.append((str(page.relative_to(ROOT)), argv))
+    return found
+
+
+def test_every_command_a_page_shows_is_one_the_parser_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux_adapters.cli import _parser, _UsageError
+
+    lines = _command_lines()
+    assert len(lines) >= 25
+    monkeypatch.chdir(tmp_path)
+    refused = []
+    for page, argv in lines:
+        for word in argv:  # the files a line names, so that the parser's own checks pass
+            if re.fullmatch(r"[\w./-]+\.(?:png|jsonl)", word) and not word.startswith("/"):
+                (tmp_path / word).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / word).touch()
+        try:
+            _parser().parse_args(argv)
+        except (_UsageError, SystemExit) as error:
+            refused.append(f"{page}: flux-adapters {' '.join(argv)}: {error}")
+    assert not refused, "\n".join(refused)
