@@ -519,7 +519,8 @@ def _parser() -> argparse.ArgumentParser:
         "--report",
         type=Path,
         help="JSONL report, one line per job; a rerun replaces the lines of the jobs it ran "
-        "(default: <output>/report.jsonl; with --state: none, else this worker's jobs only)",
+        "(default: <output>/report.jsonl; with --state: none by default, and a given one "
+        "holds this worker's jobs only)",
     )
     batch.add_argument(
         "--state",

@@ -21,7 +21,8 @@ provider's. Whatever happens after that is final (the error carries ``job``, to 
 a failure the provider documents as not charged, which fails over.
 
 The status code decides, never the text of a body: a 500 that says "insufficient quota" is
-still a 500. Text only tells apart the kinds of a 4xx, which is a refusal either way.
+still a 500. Text only tells apart the kinds of a 4xx, which is a refusal either way, and finds
+moderation, at any status: that is final (the table's first row), never a failover or a retry.
 
 Retries are the client's ``max_retries`` (`RoutingPolicy.retries`), per provider: never after
 a failure that may have been billed. The wait before each is the provider's ``Retry-After`` when
@@ -123,6 +124,13 @@ class BillingRule:
 
 BILLING_RULES: Final[tuple[BillingRule, ...]] = (
     BillingRule(
+        name="moderated",
+        failure="moderation (any status, or a job's moderated status)",
+        proves="refused",
+        disposition="final",
+        reason="another provider's filter would most likely block it too",
+    ),
+    BillingRule(
         name="job-not-billed",
         failure="a job the provider accepted failed in a way its document says is not charged",
         proves="not billed",
@@ -147,6 +155,14 @@ BILLING_RULES: Final[tuple[BillingRule, ...]] = (
         proves="not taken",
         disposition="retry",
         reason="the provider never received a complete request, so it cannot have started the job",
+    ),
+    BillingRule(
+        name="provider-rule",
+        failure="a status the provider's own document says is not billed",
+        proves="not taken",
+        disposition="next",
+        reason="the adapter cites the document (`Adapter.not_taken`); none of the resellers "
+        "documents one",
     ),
     BillingRule(
         name="rate-limited",
@@ -179,27 +195,12 @@ BILLING_RULES: Final[tuple[BillingRule, ...]] = (
         "when no other provider is left to try, it is retried like a 429",
     ),
     BillingRule(
-        name="provider-rule",
-        failure="a status the provider's own document says is not billed",
-        proves="not taken",
-        disposition="next",
-        reason="the adapter cites the document (`Adapter.not_taken`); none of the resellers "
-        "documents one",
-    ),
-    BillingRule(
         name="refused-model-or-balance",
         failure="another 4xx that names the model as unavailable or the balance as exhausted",
         proves="refused",
         disposition="next",
         reason="a 4xx is a refusal, so nothing was done; another provider may offer the model "
         "or have balance",
-    ),
-    BillingRule(
-        name="moderated",
-        failure="moderation (any status, or a job's moderated status)",
-        proves="refused",
-        disposition="final",
-        reason="another provider's filter would most likely block it too",
     ),
     BillingRule(
         name="invalid",

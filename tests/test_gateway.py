@@ -24,7 +24,7 @@ import openai
 import pytest
 from PIL import Image
 
-from flux_adapters import AsyncFluxClient
+from flux_adapters import AsyncFluxClient, errors
 from flux_adapters._serving import LoopbackServer
 from flux_adapters.emulator import Emulator, Fault, run_emulator
 from flux_adapters.errors import ConfigurationError
@@ -245,6 +245,36 @@ def test_a_provider_rate_limit_keeps_its_meaning(emulator: Emulator, tmp_path: P
     assert caught.value.response.headers["x-should-retry"] == "true"
     body: Any = caught.value.body
     assert (body["code"], body["may_be_billed"]) == ("provider_rate_limited", False)
+
+
+# docs/gateway.md: a provider's failure is answered with `may_be_billed`, the field a client
+# reads before it sends a call again. Each failure that proves nothing was billed says `false`
+# (was: a model_unavailable answer, a 4xx naming the model or a 503 with no channel, had none).
+NOT_BILLED: list[tuple[errors.FluxError, str]] = [
+    (errors.ModelUnavailable("m", provider="x", status_code=404), "model_unavailable"),
+    (errors.ModelUnavailable("m", provider="x", status_code=503), "model_unavailable"),
+    (errors.ProviderUnavailable("m", provider="x", status_code=503), "provider_overloaded"),
+    (errors.TransportError("m", provider="x", sent=False), "provider_unreachable"),
+    (errors.RateLimited("m", provider="x", status_code=429), "provider_rate_limited"),
+    (
+        errors.InsufficientBalance("m", provider="x", status_code=402),
+        "provider_insufficient_balance",
+    ),
+    (errors.AuthenticationFailed("m", provider="x", status_code=401), "provider_key_refused"),
+    (errors.ProviderRejected("m", provider="x", status_code=400), "provider_rejected"),
+    (errors.ContentModerated("m", provider="x", status_code=400), "content_policy_violation"),
+    (errors.JobFailed("m", provider="x", job_id="j", billed=False), "job_failed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"), NOT_BILLED, ids=[f"{type(e).__name__}-{code}" for e, code in NOT_BILLED]
+)
+def test_a_provider_failure_that_billed_nothing_says_so(error: errors.FluxError, code: str) -> None:
+    from flux_adapters.gateway._errors import error_answer
+
+    inner: Any = error_answer(error).body["error"]
+    assert (inner["code"], inner["may_be_billed"]) == (code, False)
 
 
 # -- keys, budgets, rate limits ------------------------------------------------------------------

@@ -381,6 +381,38 @@ def test_the_billing_table_is_walked_row_by_row() -> None:
     assert _rule("job-accepted").disposition == "final"
 
 
+# docs/routing.md shows BILLING_RULES as a table whose rows are "checked top to bottom": a failure
+# that fits two rows must fall under the one higher in the table, or a reader of the table
+# predicts the wrong outcome (a 503 whose body reports moderation is final, not failed over).
+OVERLAPS: list[tuple[errors.FluxError, str]] = [
+    (fail(errors.ContentModerated, 503), "overloaded"),
+    (fail(errors.ContentModerated, 500), "server-error"),
+    (fail(errors.ContentModerated, 502), "server-error"),
+    (fail(errors.ContentModerated, 401), "key-refused"),
+    (fail(errors.ContentModerated, 402), "no-balance"),
+    (
+        after_acceptance(errors.Moderated("m", provider="x", job_id="j", stage="content")),
+        "job-accepted",
+    ),
+    (fail(errors.RateLimited, 429), "rate-limited"),  # 429 declared below
+    (fail(errors.ProviderUnavailable, 503), "overloaded"),  # 503 declared below
+    (fail(errors.AuthenticationFailed, 401), "key-refused"),  # 401 declared below
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "also_fits"), OVERLAPS, ids=lambda v: getattr(v, "__name__", str(v))
+)
+def test_a_failure_fitting_two_rows_falls_under_the_higher_one(
+    error: errors.FluxError, also_fits: str
+) -> None:
+    declared = dict.fromkeys((429, 503, 401), "https://provider.example/docs/errors")
+    found = billing_rule(error, declared).name
+    names = [row.name for row in BILLING_RULES]
+    assert found != also_fits
+    assert names.index(found) < names.index(also_fits), (found, also_fits)
+
+
 # provider-rule needs an adapter that declares the status: the test after this one.
 @pytest.mark.parametrize("name", [r.name for r in BILLING_RULES if r.name != "provider-rule"])
 def test_each_row_does_what_it_says_in_a_failover(name: str) -> None:

@@ -244,7 +244,13 @@ def _answer(error: errors.FluxError) -> Answer:
         )
     if isinstance(error, errors.ModelUnavailable):
         return openai_error(
-            503, text, type_="server_error", code="model_unavailable", retry=True, **common
+            503,
+            text,
+            type_="server_error",
+            code="model_unavailable",
+            retry=True,
+            may_be_billed=False,
+            **common,
         )
     if isinstance(error, errors.ProviderRejected):
         return openai_error(

@@ -18,7 +18,7 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60,
 
 
 class _Breakers(Collector):
-    """``flux_gateway_breaker_open{provider, model}``: 1 while a circuit is open, read at scrape."""
+    """``flux_gateway_breaker_state{provider, model}``: 0 closed, 1 half-open, 2 open, read at scrape."""
 
     def __init__(self, states: Callable[[], Iterator[tuple[str, str, str]]]) -> None:
         self._states = states

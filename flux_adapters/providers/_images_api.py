@@ -292,7 +292,8 @@ def parse_error(provider: str, response: HttpResponse) -> ProviderError:
     """Return the typed error for an error answer, keeping the real status code.
 
     The status decides the kind; the body's code or text only tells apart the kinds of a 4xx
-    (and of a 503), never turning a 500 into "insufficient balance" (see
+    (and of a 503) and finds moderation at any status (final: never failed over), never turning
+    a 500 into "insufficient balance" (see
     ``flux_adapters.routing.BILLING_RULES``). At most `ERROR_BODY_BYTES` of the body are read.
     """
     detail, code = _detail(response)
