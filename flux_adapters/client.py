@@ -860,6 +860,20 @@ class _ClientBase:
 
             if not isinstance(given["policy"], RoutingPolicy):
                 raise ConfigurationError("policy= must be a flux_adapters.routing.RoutingPolicy")
+            beside = [
+                f"{name}={render_value(value)}"
+                for name, value, default in (
+                    ("routing", routing, "ordered"),
+                    ("max_cost_usd", max_cost_usd, None),
+                    ("failover_on_ambiguous", failover_on_ambiguous, False),
+                )
+                if value != default
+            ]
+            if beside:  # the policy's own would silently win: a cost cap dropped, say
+                raise ConfigurationError(
+                    f"{', '.join(beside)} given beside policy=, which sets them itself: give "
+                    "them in the RoutingPolicy (attrs.evolve(policy, ...)) instead"
+                )
         retries = None if max_retries is None else _check_retries(max_retries)
         names_of = [name if isinstance(name, str) else name.name for name in names]
         known = _check_settings(given["settings"], names_of)
@@ -1537,7 +1551,8 @@ class FluxClient(_ClientBase):
             one provider, 1 with several; overrides ``policy.retries``.
         max_cost_usd: Skip providers whose estimated price for the call exceeds this.
         failover_on_ambiguous: Fail over even after a failure that may have been billed.
-        policy: Full routing settings (overrides *routing*, *max_cost_usd*, *failover_on_ambiguous*).
+        policy: Full routing settings, *routing*, *max_cost_usd* and *failover_on_ambiguous*
+            included (given beside it, any of those is a `ConfigurationError`).
         prices: Price overrides by (provider, model); each provider and model must be one that
             can match (any case for the provider).
         settings: `ProviderSettings` by provider id (any case), for this client's providers,

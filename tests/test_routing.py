@@ -4,6 +4,7 @@ what is never failed over. The breaker is checked against a model with Hypothesi
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -472,6 +473,35 @@ def test_a_routing_policy_refuses_values_it_cannot_use(
 ) -> None:
     with pytest.raises(errors.ConfigurationError, match=problem):
         RoutingPolicy(**settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("client_class", ["FluxClient", "AsyncFluxClient"])
+@pytest.mark.parametrize(
+    "beside",
+    [{"max_cost_usd": 0.01}, {"routing": "cheapest"}, {"failover_on_ambiguous": True}],
+)
+def test_a_routing_setting_beside_a_policy_is_refused_not_silently_dropped(
+    client_class: str, beside: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The policy holds these too: given beside it, the policy's own won without a word (a
+    # cost cap of one cent dropped, the calls made at any price).
+    import asyncio
+
+    import flux_adapters
+
+    monkeypatch.setenv("LAOZHANG_API_KEY", "test-key-laozhang")
+    monkeypatch.setenv("APIYI_API_KEY", "test-key-apiyi")
+    make = getattr(flux_adapters, client_class)
+    name = next(iter(beside))
+    with pytest.raises(errors.ConfigurationError, match=f"{name}=.* beside policy="):
+        make(providers=["laozhang", "apiyi"], policy=RoutingPolicy(), **beside)
+    # With the policy alone, or max_retries beside it (documented to replace its retries), fine.
+    client = make(providers=["laozhang", "apiyi"], policy=RoutingPolicy(**beside), max_retries=0)
+    assert client._policy == RoutingPolicy(**beside, retries=0)
+    if client_class == "FluxClient":
+        client.close()
+    else:
+        asyncio.run(client.aclose())
 
 
 class BreakerMachine(RuleBasedStateMachine):
