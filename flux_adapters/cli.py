@@ -108,6 +108,9 @@ class _Parser(argparse.ArgumentParser):
 _SECRET_FLAG: Final = re.compile(
     r"(--?[\w-]*(?:key|token|secret|password|auth)[\w-]*)(=|\s+)(\S+)", re.IGNORECASE
 )
+_NOT_SECRET_FLAGS: Final = frozenset({"--keys-file", "--key-env"})
+"""Our own flags whose names say key but whose values are a path and a variable's name: shown
+when misplaced (``keys --keys-file F list`` is right, ``keys list --keys-file F`` is not)."""
 _URL_USER: Final = re.compile(r"(://)[^/@\s]*@")
 
 
@@ -126,8 +129,13 @@ def _unechoed(message: str) -> str:
     )
     message = redact(message, keys)
     if "unrecognized arguments" in message:  # our own flags' values are never secrets
-        message = _SECRET_FLAG.sub(r"\1\2[redacted]", message)
+        message = _SECRET_FLAG.sub(_hidden_value, message)
     return _URL_USER.sub(r"\1[redacted]@", message)
+
+
+def _hidden_value(found: re.Match[str]) -> str:
+    flag, between, _ = found.groups()
+    return found.group() if flag in _NOT_SECRET_FLAGS else f"{flag}{between}[redacted]"
 
 
 # Argument types: argparse shows an ArgumentTypeError's text as "argument --flag: <text>".

@@ -382,6 +382,18 @@ def test_a_key_given_as_an_argument_the_command_does_not_take_is_not_echoed(
     assert "[redacted]" in err.getvalue()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["keys", "list", "--keys-file", "team-keys.json"], ["models", "--key-env", "TEAM_KEY"]],
+)
+def test_a_misplaced_flag_of_ours_that_holds_no_secret_is_shown(argv: list[str]) -> None:
+    # `keys --keys-file F list` is right; after the action the flag is an unrecognized
+    # argument, and the path the user typed was shown as [redacted], which told them nothing.
+    err = io.StringIO()
+    assert main(argv, out=io.StringIO(), err=err) == 2
+    assert f"unrecognized arguments: {argv[-2]} {argv[-1]}" in err.getvalue()
+
+
 # --- edit: a failure to save after the paid call is one line, whatever the path holds ---------
 
 
