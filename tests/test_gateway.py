@@ -307,6 +307,24 @@ def test_no_key_at_all_is_a_401_in_openai_shape(emulator: Emulator, tmp_path: Pa
     assert answer.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_a_call_while_the_gateway_drains_is_a_503_that_says_so(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    before = len(emulator.calls("laozhang"))
+    with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
+        key, _ = gateway.add_key()
+        gateway.gateway.draining = True  # as a SIGTERM makes it
+        answer = httpx.post(
+            gateway.url + "/images/generations",
+            json={"model": "flux-2-pro", "prompt": "late"},
+            headers={"authorization": f"Bearer {key}"},
+        )
+    assert answer.status_code == 503
+    assert answer.headers["x-should-retry"] == "true"  # another replica may take it
+    assert answer.json()["error"]["code"] == "shutting_down"
+    assert len(emulator.calls("laozhang")) == before  # nothing sent
+
+
 def test_a_key_limited_to_models_gets_a_403_for_others(emulator: Emulator, tmp_path: Path) -> None:
     with run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang")) as gateway:
         key, _ = gateway.add_key(allowed_models=["flux-2-max"])

@@ -686,7 +686,13 @@ async def _image_call_held(
 
     if gateway.draining:
         return done(
-            openai_error(503, "the gateway is shutting down", type_="server_error", retry=True),
+            openai_error(
+                503,
+                "the gateway is shutting down (nothing sent)",
+                type_="server_error",
+                code="shutting_down",
+                retry=True,
+            ),
             None,
         )
     record = await _authorized(request, gateway)
