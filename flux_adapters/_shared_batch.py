@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -414,10 +415,13 @@ class _Watcher:
     Each record is folded into the job's `JobState` here as well.
     """
 
-    def __init__(self, writer: _Writer, job: int, state: JobState) -> None:
+    def __init__(
+        self, writer: _Writer, job: int, state: JobState, held: Callable[[int], bool]
+    ) -> None:
         self._writer = writer
         self._job = job
         self.state = state
+        self._held = held
 
     async def sending(self, provider: str) -> None:
         record = {"k": "sent", "p": provider}
@@ -425,13 +429,24 @@ class _Watcher:
             await self._writer.durable(self._job, record)  # acknowledged before anything goes out
         except asyncio.CancelledError:
             # Stopped while its record was on its way: the request never left.
-            self._writer.note(
-                self._job,
-                {"k": "attempt", "p": provider, "b": "not-connected", "proves": "not taken",
-                 "e": "stopped before the request was sent"},
-            )  # fmt: skip
+            self._unsent(provider, "stopped before the request was sent")
             raise
+        if not self._held(self._job):
+            # The acknowledgement proves the lease was this worker's when Redis wrote the
+            # record, not that it still is: a worker that stalled since (SIGSTOP, a swapped-out
+            # machine, a stalled loop) may have lost the block to another, which decides by
+            # the journal (and may send the job itself, with --resend-unconfirmed).
+            why = "this worker's lease on its block may have ended (the worker stalled)"
+            self._unsent(provider, f"not sent: {why}")
+            raise LeaseLost(f"{why}: the job was not sent; the worker holding the block decides")
         self.state.fold(record)
+
+    def _unsent(self, provider: str, why: str) -> None:
+        """Record that the request whose ``sent`` record was written never left."""
+        self._writer.note(
+            self._job,
+            {"k": "attempt", "p": provider, "b": "not-connected", "proves": "not taken", "e": why},
+        )
 
     async def accepted(self, provider: str, job: Job) -> None:
         record = {"k": "job", "p": provider, "job": job.to_dict()}
@@ -552,6 +567,9 @@ class _Run:
         """Blocks this worker holds -> jobs of it not ended yet."""
         self.claims: dict[int, int] = {}
         """Blocks this worker holds -> the number of the claim that gave it (`_take`)."""
+        self.leased: dict[int, float] = {}
+        """Blocks this worker holds -> when (`time.monotonic`) the claim or renewal that last
+        set their lease was asked for: the lease lasts at least `lease_s` from then (`holds`)."""
         self.claimed = 0
         self.running: dict[int, int] = {}
         """The jobs this worker has in flight -> the claim whose count their end takes down."""
@@ -582,6 +600,7 @@ class _Run:
                 if self.stop.is_set():
                     break
                 self.released.clear()
+                asked = time.monotonic()
                 claim = await self.store.claim()
                 if claim is None:
                     self.finished = True
@@ -591,14 +610,28 @@ class _Run:
                     waited = min(max(claim, 0.05), self.options.lease_s / 3, 1.0)
                     await _first(self.stop, self.released, timeout=waited)
                     continue
-                self._take(claim)
+                self._take(claim, asked)
         except StateUnavailable as exc:
             self._broken(exc)
         finally:
             for _ in range(self.options.concurrency):
                 self.queue.put_nowait(None)
 
-    def _take(self, claim: Claim) -> None:
+    def holds(self, job: int) -> bool:
+        """Whether this worker's lease on *job*'s block surely lasts still.
+
+        By this machine's monotonic clock, which runs on while the process is stopped.
+        """
+        block = job // self.options.block
+        asked = self.leased.get(block)
+        return (
+            block in self.held
+            and asked is not None
+            and time.monotonic() - asked < self.options.lease_s
+        )
+
+    def _take(self, claim: Claim, asked: float) -> None:
+        self.leased[claim.block] = asked  # a claim sets the block's lease anew (own or not)
         if claim.own and claim.block in self.held:
             # Its own block again: its lease ran out (a stalled loop) before anyone took it
             # over, and the claim renewed it. Its jobs are queued or in flight already.
@@ -619,10 +652,15 @@ class _Run:
         try:
             while True:
                 await asyncio.sleep(period)
-                lost, _, counts = await self.store.renew(sorted(self.held))
-                for block in lost:
-                    self.held.pop(block, None)
-                    self.claims.pop(block, None)
+                asked, blocks = time.monotonic(), sorted(self.held)
+                lost, _, counts = await self.store.renew(blocks)
+                for block in blocks:
+                    if block in lost:
+                        self.held.pop(block, None)
+                        self.claims.pop(block, None)
+                        self.leased.pop(block, None)
+                    elif block in self.leased:
+                        self.leased[block] = max(self.leased[block], asked)
                 self.on_progress(counts)
         except StateUnavailable as exc:
             self._broken(exc)
@@ -634,6 +672,7 @@ class _Run:
         if left <= 1:
             del self.held[block]
             del self.claims[block]
+            self.leased.pop(block, None)
             released = self.writer.release(block, finished=True)
             released.add_done_callback(lambda _: self.released.set())
         else:
@@ -770,7 +809,7 @@ class _Run:
             accepted["old"] = before
         state.fold(accepted)
         self.writer.note(number, accepted)
-        watcher = _Watcher(self.writer, number, state)
+        watcher = _Watcher(self.writer, number, state, self.holds)
         result = await self.client._edit(request, watcher)
         return await self._save(name, result)
 
@@ -801,7 +840,7 @@ class _Run:
             else:
                 return Ended(name, "ok", reason="downloaded again from its result URL", files=files)
         if state.job is not None:
-            watcher = _Watcher(self.writer, number, state)
+            watcher = _Watcher(self.writer, number, state, self.holds)
             resumed = await self.client._resume(state.job, watcher)
             polled = f"job {_shown_id(state.job.id, self.client._scrub)} polled again"
             return await self._save(name, resumed, polled)
