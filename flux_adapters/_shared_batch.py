@@ -940,12 +940,14 @@ async def run_shared(
         keep_s=options.keep_s,
     )
     try:
+        shown = shown_location(output_location(options.output))
+        await store.take_output(shown, resend_unconfirmed=options.resend_unconfirmed)
         how, _, lease_ms = await store.begin(
             total=len(lines),
             block=options.block,
             lease_ms=max(int(options.lease_s * 1000), 1),
             file_digest=lines.digest,
-            output=shown_location(output_location(options.output)),
+            output=shown,
         )
         # The first worker's lease and block size are the batch's.
         options = attrs.evolve(options, lease_s=lease_ms / 1000, block=store.block)

@@ -8,7 +8,10 @@ ledger says what was billed) and the batch's own code; a stall is the process no
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +19,29 @@ from typing import Any
 import pytest
 
 from flux_adapters._journal import JobState
-from flux_adapters._shared_batch import Ended, Lines, LocalOutput, SharedOptions, _Run, batch_id
-from flux_adapters._shared_batch_store import Claim
+from flux_adapters._shared_batch import (
+    Ended,
+    Lines,
+    LocalOutput,
+    SharedOptions,
+    _Run,
+    batch_id,
+    output_location,
+)
+from flux_adapters._shared_batch_store import Claim, Store
 from flux_adapters.client import AsyncFluxClient
-from flux_adapters.emulator import run_emulator
+from flux_adapters.emulator import Fault, run_emulator
+from flux_adapters.state._redis import RedisState
 from tests.redis_server import RedisServer, redis_server
-from tests.test_shared_batch import _close, _store, write_jobs
+from tests.test_shared_batch import (
+    _close,
+    _store,
+    environment,
+    summary,
+    wait_for,
+    worker,
+    write_jobs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +113,105 @@ def test_a_worker_stalled_after_its_sent_record_never_sends_a_job_another_took_o
     for record in records:
         state.fold(record)
     assert state.may_be_billed
+
+
+# --- two jobs files, one output ---------------------------------------------------------------
+
+
+def _worker_run(
+    source: Path, folder: Path, url: str, env: dict[str, str], *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        worker(source, str(folder), url, *extra),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_jobs_file_edited_after_a_job_went_unconfirmed_never_sends_it_again(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # The batch ended with job 2 unconfirmed (sent by a worker that died: it may have been
+    # billed). The operator adds a line to the jobs file and runs it again: another file is
+    # another batch, whose journal is empty, and job 2 (no image in the output) was sent again
+    # without --resend-unconfirmed.
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 4), tmp_path / "out"
+    lines = Lines(source)
+    batch = batch_id(lines.digest, str(folder))
+    lines.close()
+
+    asyncio.run(_dead_worker_sent(redis, batch, lines.digest, folder, job=2, total=4))
+    with run_emulator() as emulator:
+        env = environment(emulator)
+        first = _worker_run(source, folder, redis.url, env)
+        assert emulator.billed() != []
+        before = len(emulator.billed())
+        with source.open("a") as stream:  # one more job, at the end
+            stream.write(json.dumps({"id": "job-004", "prompt": "job 4", "size": "256x256"}) + "\n")
+        again = _worker_run(source, folder, redis.url, env)
+        refused = [entry.prompt for entry in emulator.billed()[before:]]
+        asked = _worker_run(source, folder, redis.url, env, "--resend-unconfirmed")
+        ledger = Counter(entry.prompt for entry in emulator.billed())
+    assert first.returncode == 8, first.stderr
+    assert summary(first.stdout)["unconfirmed"] == 1
+    assert refused == []  # job 2 not sent again, nor anything else
+    assert again.returncode == 5, again.stderr  # a configuration error
+    assert "unconfirmed" in again.stderr
+    assert "--resend-unconfirmed" in again.stderr
+    assert "Traceback" not in again.stderr
+    # Asked to: job 2 is sent again (once), with the new job; the saved ones are skipped.
+    assert asked.returncode == 0, asked.stderr
+    assert ledger["job 2"] == 1
+    assert ledger["job 4"] == 1
+    assert max(ledger.values()) == 1
+
+
+async def _dead_worker_sent(
+    redis: RedisServer, batch: str, digest: str, folder: Path, *, job: int, total: int
+) -> None:
+    """What a worker leaves when it dies just after sending *job* (its lease ends in 1 s)."""
+    store = Store(RedisState(redis.url), batch, worker="dead", keep_s=600)
+    await store.begin(
+        total=total, block=total, lease_ms=1000, file_digest=digest,
+        output=output_location(str(folder)),
+    )  # fmt: skip
+    claim = await store.claim()
+    assert isinstance(claim, Claim)
+    sent = json.dumps({"k": "sent", "p": "laozhang"})
+    assert await store.journal([[str(job), sent, "", 0, ""]]) == [True]
+    await _close(store)
+
+
+def test_a_jobs_file_edited_while_its_batch_runs_is_not_a_second_batch_on_the_same_output(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # One line of the file changed in place while a worker runs, then another worker started:
+    # its file is another batch, and both batches did the same jobs into the same folder, each
+    # job billed twice.
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 40), tmp_path / "out"
+    args = ("--block", "5", "--concurrency", "2", "--lease", "5")
+    with run_emulator() as emulator:
+        emulator.inject("laozhang", Fault(delay=0.1))
+        env = environment(emulator)
+        first = subprocess.Popen(
+            worker(source, str(folder), redis.url, *args),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: len(emulator.calls()) >= 4, first)
+        assert first.poll() is None
+        text = source.read_text()
+        source.write_text(text.replace('"job 39"', '"job 39, in blue"'))  # in place
+        second = _worker_run(source, folder, redis.url, env, *args)
+        stdout, stderr = first.communicate(timeout=120)
+        ledger = Counter(entry.prompt for entry in emulator.billed())
+    assert second.returncode == 5, second.stderr  # a configuration error
+    assert "another jobs file" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, stderr
+    assert summary(stdout)["saved"] == 40  # every job, by the batch it began with
+    assert max(ledger.values()) == 1, ledger.most_common(3)
