@@ -30,7 +30,9 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -43,7 +45,13 @@ from flux_adapters._batch_files import build_request, parse_line
 from flux_adapters._journal import JobState, image_identities, is_image_file, request_digest
 from flux_adapters._redact import shown_state_url
 from flux_adapters._shared_batch_store import STATUSES, Claim, Store
-from flux_adapters.errors import FluxError, OutputError, RequestError, StateUnavailable
+from flux_adapters.errors import (
+    FluxError,
+    OutputError,
+    RequestError,
+    StateUnavailable,
+    Violation,
+)
 from flux_adapters.jobs import _shown_id
 from flux_adapters.request import EditRequest
 from flux_adapters.result import EditResult, ResultImage
@@ -100,38 +108,66 @@ def batch_id(file_digest: str, output: str) -> str:
 class Lines:
     """The jobs of a JSONL file by number (its non-blank lines): where each line starts.
 
-    Made in one pass, which also digests the file; 16 bytes a job (16 MB for a million).
+    Made in one pass, which also digests the file; 20 bytes a job (20 MB for a million): where
+    its line starts, its number, and its CRC-32, so that a line read again later is the one the
+    digest covered (a file edited in place meanwhile is not taken for the batch's).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._offsets = array.array("q")
         self._numbers = array.array("q")
+        self._sums = array.array("I")
         hasher = hashlib.sha256()
         try:
-            with path.open("rb") as stream:
-                offset = 0
-                for number, raw in enumerate(stream, start=1):
-                    hasher.update(raw)
-                    if raw.strip():
-                        self._offsets.append(offset)
-                        self._numbers.append(number)
-                    offset += len(raw)
+            # One handle, read here and kept: the lines read later are those of this file, not
+            # of one renamed into its place since; opened without waiting (a FIFO put there).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise OutputError(exc.strerror or str(exc), path=str(path)) from None
+        stream = os.fdopen(fd, "rb")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                violation = Violation("file", "is not a regular file", "a JSONL file", str(path))
+                raise RequestError([violation])
+            offset = 0
+            for number, raw in enumerate(stream, start=1):
+                hasher.update(raw)
+                if raw.strip():
+                    self._offsets.append(offset)
+                    self._numbers.append(number)
+                    self._sums.append(zlib.crc32(raw))
+                offset += len(raw)
+        except OSError as exc:
+            stream.close()
+            raise OutputError(exc.strerror or str(exc), path=str(path)) from None
+        except BaseException:
+            stream.close()
+            raise
+        self._size = offset
         self.digest = hasher.hexdigest()
-        self._stream = path.open("rb")
+        self._stream = stream
 
     def __len__(self) -> int:
         return len(self._offsets)
 
     def job(self, index: int) -> tuple[str, EditRequest | RequestError]:
         """Job *index*'s name, and its request or why it cannot be one."""
-        self._stream.seek(self._offsets[index])
-        raw = self._stream.readline()
-        return build_request(
-            self.path.name, self.path.parent, self._numbers[index], parse_line(raw)
-        )
+        start = self._offsets[index]
+        end = self._offsets[index + 1] if index + 1 < len(self._offsets) else self._size
+        self._stream.seek(start)
+        raw = self._stream.readline(end - start)  # no more than its line was, whatever is there
+        number = self._numbers[index]
+        if zlib.crc32(raw) != self._sums[index]:
+            where = f"{self.path.name}:{number}"
+            changed = Violation(
+                where,
+                "changed since this worker read the file (edited in place?): not sent",
+                "the line the batch began with",
+                "another line",
+            )
+            return where, RequestError([changed])
+        return build_request(self.path.name, self.path.parent, number, parse_line(raw))
 
     def close(self) -> None:
         self._stream.close()

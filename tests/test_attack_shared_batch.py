@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,7 @@ from flux_adapters._shared_batch import (
 from flux_adapters._shared_batch_store import Claim, Store
 from flux_adapters.client import AsyncFluxClient
 from flux_adapters.emulator import Fault, run_emulator
+from flux_adapters.errors import RequestError
 from flux_adapters.state._redis import RedisState
 from tests.redis_server import RedisServer, redis_server
 from tests.test_shared_batch import (
@@ -215,3 +219,56 @@ def test_a_jobs_file_edited_while_its_batch_runs_is_not_a_second_batch_on_the_sa
     assert first.returncode == 0, stderr
     assert summary(stdout)["saved"] == 40  # every job, by the batch it began with
     assert max(ledger.values()) == 1, ledger.most_common(3)
+
+
+# --- the jobs file changed under a running worker ---------------------------------------------------
+
+
+def test_a_line_changed_in_place_under_a_running_worker_is_not_sent_as_its_job(
+    tmp_path: Path,
+) -> None:
+    # A worker reads each job's line again when it claims it, at the place the line had when
+    # the file was digested. Two lines swapped in place (an editor writing over the file): job
+    # 0 was read as job-001's line, so job-001 was done twice (as job 0, and as itself) and
+    # job-000 never; a line changed was sent as a job of a batch whose digest it is not in.
+    source = write_jobs(tmp_path / "jobs.jsonl", 3)
+    lines = Lines(source)
+    try:
+        first, second, _ = source.read_bytes().splitlines(keepends=True)
+        assert len(first) == len(second)
+        with source.open("r+b") as stream:  # in place: the same file, the same offsets
+            stream.write(second + first)
+        name, request = lines.job(0)
+        assert isinstance(request, RequestError)
+        assert "changed since this worker read the file" in str(request)
+        assert name != "job-001"
+        assert isinstance(lines.job(1)[1], RequestError)
+        assert lines.job(2)[0] == "job-002"  # a line not changed is still its job
+        # A line grown huge in place is not read whole: no more than the line it was.
+        with source.open("r+b") as stream:
+            stream.write(b'{"id": "job-000", "prompt": "' + b"x" * 5_000_000)
+        tracemalloc.start()
+        try:
+            assert isinstance(lines.job(0)[1], RequestError)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1_000_000
+    finally:
+        lines.close()
+
+
+def test_a_jobs_file_replaced_by_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # Checked (check_file), then replaced by a FIFO before the worker indexed it: the open
+    # waited for a writer that never came.
+    source = tmp_path / "jobs.jsonl"
+    os.mkfifo(source)
+    code = (
+        "from pathlib import Path; from flux_adapters._shared_batch import Lines; Lines(Path(%r))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code % str(source)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1
+    assert "RequestError" in run.stderr
+    assert "is not a regular file" in run.stderr
