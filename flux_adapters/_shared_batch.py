@@ -227,12 +227,17 @@ class FsspecOutput:
             import fsspec  # type: ignore[import-untyped]
 
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
         try:
+            # A file system is made (and may connect: ftp://, sftp://) here too: an unknown
+            # protocol, its package missing, a server refusing, all before anything is sent.
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
             self.fs.makedirs(self.root, exist_ok=True)
         except Exception as exc:  # any file system's own error
+            # Its text may quote the URL (and its password): only a missing package is named.
+            detail = str(exc)[:200] if isinstance(exc, ImportError) else ""
             raise OutputError(
-                f"cannot create it ({type(exc).__name__})", path=shown_location(self.url)
+                f"cannot open or create it ({type(exc).__name__}{': ' if detail else ''}{detail})",
+                path=shown_location(self.url),
             ) from None
 
     def where(self, file: str) -> str:

@@ -29,12 +29,13 @@ from flux_adapters._shared_batch import (
     SharedOptions,
     _Run,
     batch_id,
+    open_output,
     output_location,
 )
 from flux_adapters._shared_batch_store import Claim, Store
 from flux_adapters.client import AsyncFluxClient
 from flux_adapters.emulator import Fault, run_emulator
-from flux_adapters.errors import RequestError
+from flux_adapters.errors import OutputError, RequestError
 from flux_adapters.state._redis import RedisState
 from tests.redis_server import RedisServer, redis_server
 from tests.test_shared_batch import (
@@ -272,3 +273,28 @@ def test_a_jobs_file_replaced_by_a_fifo_is_refused_not_waited_on(tmp_path: Path)
     assert run.returncode == 1
     assert "RequestError" in run.stderr
     assert "is not a regular file" in run.stderr
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "named"),
+    [
+        ("nosuchproto://user:hunter2pw@host/run", "ValueError"),
+        ("ftp://user:hunter2pw@127.0.0.1:9/run", "Error"),  # refused at once (discard port)
+        ("zip://run::file:///nonexistent-attack38.zip", "FileNotFoundError"),
+    ],
+)
+def test_an_output_url_that_cannot_be_opened_is_an_output_error_without_its_password(
+    output: str, named: str
+) -> None:
+    # The file system is made (and connects, for ftp://) before its folder is created: its
+    # failure escaped as the file system's own exception (exit 1, "unexpected"), outside the
+    # FluxError tree.
+    with pytest.raises(OutputError) as caught:
+        open_output(output)
+    assert named in str(caught.value)
+    assert "hunter2pw" not in str(caught.value)
+    assert "hunter2pw" not in repr(caught.value)
+    assert caught.value.__cause__ is None
