@@ -982,7 +982,6 @@ async def run_shared(
     )
     try:
         shown = shown_location(output_location(options.output))
-        await store.take_output(shown, resend_unconfirmed=options.resend_unconfirmed)
         how, _, lease_ms = await store.begin(
             total=len(lines),
             block=options.block,
@@ -990,6 +989,9 @@ async def run_shared(
             file_digest=lines.digest,
             output=shown,
         )
+        # After `begin`: a batch that took the output has its state in Redis by then, so two
+        # batches starting at once never both find the other gone.
+        await store.take_output(shown, resend_unconfirmed=options.resend_unconfirmed)
         # The first worker's lease and block size are the batch's.
         options = attrs.evolve(options, lease_s=lease_ms / 1000, block=store.block)
         run = _Run(client, lines, output, store, options, stop, on_end, on_progress)

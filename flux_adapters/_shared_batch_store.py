@@ -384,7 +384,7 @@ class Store:
                 holder = _text(answer)
             if holder == self.batch_id:
                 return
-            if len(holder) > 64 or not holder.isalnum():
+            if not 0 < len(holder) <= 64 or not holder.replace("-", "").replace("_", "").isalnum():
                 raise StateUnavailable(
                     "the batch's shared state (Redis) holds a damaged key of the output "
                     f"({key[0]}): fix or delete it; no job is sent"

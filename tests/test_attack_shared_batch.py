@@ -35,7 +35,7 @@ from flux_adapters._shared_batch import (
 from flux_adapters._shared_batch_store import Claim, Store
 from flux_adapters.client import AsyncFluxClient
 from flux_adapters.emulator import Fault, run_emulator
-from flux_adapters.errors import OutputError, RequestError
+from flux_adapters.errors import ConfigurationError, OutputError, RequestError
 from flux_adapters.state._redis import RedisState
 from tests.redis_server import RedisServer, redis_server
 from tests.test_shared_batch import (
@@ -298,3 +298,30 @@ def test_an_output_url_that_cannot_be_opened_is_an_output_error_without_its_pass
     assert "hunter2pw" not in str(caught.value)
     assert "hunter2pw" not in repr(caught.value)
     assert caught.value.__cause__ is None
+
+
+def test_two_batches_taking_one_output_at_once_never_both_have_it(redis: RedisServer) -> None:
+    async def scenario() -> list[BaseException | None]:
+        stores = [
+            await _store(redis, f"race-out-{n}", f"w{n}", total=4, block=4, lease_ms=60_000)
+            for n in range(2)
+        ]
+        taken = await asyncio.gather(
+            *(store.take_output("file:///same", resend_unconfirmed=False) for store in stores),
+            return_exceptions=True,
+        )
+        # The one that has it ends every job, with nothing unconfirmed: then the other may.
+        winner = stores[taken.index(None)]
+        loser = stores[1 - taken.index(None)]
+        claim = await winner.claim()
+        assert isinstance(claim, Claim)
+        ops: list[list[object]] = [[str(n), "", "ok", 1, ""] for n, *_ in claim.jobs]
+        assert all(await winner.journal([*ops, ["", "finished", "", 0, str(claim.block)]]))
+        await loser.take_output("file:///same", resend_unconfirmed=False)
+        await _close(*stores)
+        return taken
+
+    taken = asyncio.run(scenario())
+    assert taken.count(None) == 1
+    [refused] = [error for error in taken if error is not None]
+    assert isinstance(refused, ConfigurationError)
