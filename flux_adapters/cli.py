@@ -1433,12 +1433,26 @@ def _configured(from_env: Callable[[], _T], command: str) -> _T:
         ) from None
 
 
-def _batch_client(arguments: argparse.Namespace) -> AsyncFluxClient:
-    """The client for a batch: ``-p`` providers (those without a key left out), else configured."""
-    from flux_adapters.client import AsyncFluxClient
+def _batch_client(arguments: argparse.Namespace, state: str | None = None) -> AsyncFluxClient:
+    """The client for a batch: ``-p`` providers (those without a key left out), else configured.
+
+    *state*: a shared batch's Redis, the configured client's state when its configuration names
+    none: its budget (and breakers, and its keys' rate limits) are then the workers', not each
+    worker's own (N workers spending a budget N times over).
+    """
+    from flux_adapters.client import AsyncFluxClient, _configured_options
 
     if not arguments.provider:
-        return _configured(AsyncFluxClient.from_env, "batch")
+        if state is None:
+            return _configured(AsyncFluxClient.from_env, "batch")
+
+        def configured() -> AsyncFluxClient:
+            options = _configured_options(None, None, None)
+            if options["state"] is None:
+                options["state"] = state
+            return AsyncFluxClient(**options)
+
+        return _configured(configured, "batch")
     from flux_adapters._ids import ProviderName
     from flux_adapters.config import ProviderSettings, with_keys
 
@@ -1734,7 +1748,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
 
     async def run() -> Summary:
         stop = interrupts.watch()
-        client = _batch_client(arguments)
+        client = _batch_client(arguments, arguments.state)
         async with client:
             with batch_progress(total, err) as shown:
                 display.append(shown)

@@ -325,3 +325,39 @@ def test_two_batches_taking_one_output_at_once_never_both_have_it(redis: RedisSe
     assert taken.count(None) == 1
     [refused] = [error for error in taken if error is not None]
     assert isinstance(refused, ConfigurationError)
+
+
+# --- the client's shared state in a shared batch ------------------------------------------------
+
+
+def test_a_configured_budget_is_kept_across_the_workers_of_a_shared_batch(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # The configuration sets a budget and no state_url: each worker's client kept the budget
+    # in its own process, so two workers of one batch spent it twice over (its breakers and
+    # its key's rate limit were each worker's own as well), though every worker was given a
+    # Redis (--state) to share.
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 24), tmp_path / "out"
+    config = tmp_path / "flux-adapters.toml"
+    config.write_text('providers = ["laozhang"]\nbudget_usd = 0.3\nbudget_period = "total"\n')
+    with run_emulator() as emulator:
+        emulator.inject("laozhang", Fault(delay=0.05))
+        env = environment(emulator) | {"FLUX_CONFIG": str(config)}
+        env.pop("FLUX_STATE_URL", None)
+        command = [
+            sys.executable, "-m", "flux_adapters", "batch", str(source), "-o", str(folder),
+            "--state", redis.url, "--json", "--block", "4", "--concurrency", "2",
+        ]  # fmt: skip
+        workers = [
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(2)
+        ]
+        done = [process.communicate(timeout=120) for process in workers]
+        billed = len(emulator.billed())
+    for process, (_, stderr) in zip(workers, done, strict=True):
+        assert "Traceback" not in stderr
+        assert process.returncode == 3, stderr  # jobs failed: refused by the budget
+    assert billed == 10  # $0.30 at $0.03 a call, by both workers together
+    assert summary(done[0][0])["saved"] == 10
