@@ -690,9 +690,13 @@ class _Run:
 
     async def renewer(self) -> None:
         period = self.options.lease_s / 3
+        output_kept = time.monotonic()
         try:
             while True:
                 await asyncio.sleep(period)
+                if time.monotonic() - output_kept > self.options.keep_s / 4:
+                    output_kept = time.monotonic()
+                    await self.store.keep_output()
                 asked, blocks = time.monotonic(), sorted(self.held)
                 lost, _, counts = await self.store.renew(blocks)
                 for block in blocks:

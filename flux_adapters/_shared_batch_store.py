@@ -311,6 +311,8 @@ class Store:
         base = f"{state.prefix}batch:{{{batch_id}}}:"
         self.keys = [base + part for part in _PARTS]
         self._scripts: dict[str, Any] = {}
+        self._output: list[str] = []
+        """The output's key, once taken (`take_output`)."""
         self.round = ""
         self.block = 0
         self.total = 0
@@ -376,7 +378,7 @@ class Store:
         import hashlib
 
         place = hashlib.sha256(output.encode("utf-8", "surrogatepass")).hexdigest()[:24]
-        key = [f"{self._state.prefix}batch-output:{{{place}}}"]
+        key = self._output = [f"{self._state.prefix}batch-output:{{{place}}}"]
         replaced = ""
         for _ in range(3):  # another batch took it meanwhile: judged again, a few times
             answer = await self._run("output", OUTPUT, [self.batch_id, self._keep, replaced], key)
@@ -413,6 +415,15 @@ class Store:
                 )
             replaced = holder
         raise ConfigurationError(f"the output {output[:200]!r} changed hands three times; retry")
+
+    async def keep_output(self) -> None:
+        """Set the expiry of the output's key (`take_output`) again.
+
+        As every step does the batch's: a batch running longer than its expiry
+        (``--state-expiry``) keeps its output.
+        """
+        if self._output:
+            await self._run("output", OUTPUT, [self.batch_id, self._keep, ""], self._output)
 
     async def begin(
         self, *, total: int, block: int, lease_ms: int, file_digest: str, output: str

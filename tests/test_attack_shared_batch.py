@@ -361,3 +361,34 @@ def test_a_configured_budget_is_kept_across_the_workers_of_a_shared_batch(
         assert process.returncode == 3, stderr  # jobs failed: refused by the budget
     assert billed == 10  # $0.30 at $0.03 a call, by both workers together
     assert summary(done[0][0])["saved"] == 10
+
+
+def test_a_batch_running_longer_than_its_state_expiry_keeps_its_output(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # The output's key was given the batch's expiry when a worker began, and never again: past
+    # --state-expiry, with the batch still running, another batch found the output free.
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 16), tmp_path / "out"
+    other = write_jobs(tmp_path / "other.jsonl", 16, tag="other")
+    args = ("--block", "4", "--concurrency", "1", "--lease", "1", "--state-expiry", "1")
+    with run_emulator() as emulator:
+        emulator.inject("laozhang", Fault(delay=0.2))
+        env = environment(emulator)
+        first = subprocess.Popen(
+            worker(source, str(folder), redis.url, *args),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # Past the expiry (1 s) twice over, the batch under way (16 jobs of 0.2 s, one at a
+        # time): 10 jobs in, 2 s at least since it began.
+        wait_for(lambda: len(emulator.calls()) >= 10, first)
+        assert first.poll() is None
+        second = _worker_run(other, folder, redis.url, env, *args)
+        _, stderr = first.communicate(timeout=120)
+        prompts = [call for call in emulator.billed() if call.prompt.startswith("other")]
+    assert first.returncode == 0, stderr
+    assert second.returncode == 5, second.stderr
+    assert "a worker is on it" in second.stderr
+    assert prompts == []
