@@ -1437,8 +1437,9 @@ def _batch_client(arguments: argparse.Namespace, state: str | None = None) -> As
     """The client for a batch: ``-p`` providers (those without a key left out), else configured.
 
     *state*: a shared batch's Redis, the configured client's state when its configuration names
-    none: its budget (and breakers, and its keys' rate limits) are then the workers', not each
-    worker's own (N workers spending a budget N times over).
+    none and sets a budget or a key's rate limit: they are then the workers', not each worker's
+    own (N workers spending a budget N times over). Without either, the client's cooldowns stay
+    its own, as for any client with no state: no Redis call a job.
     """
     from flux_adapters.client import AsyncFluxClient, _configured_options
 
@@ -1448,7 +1449,9 @@ def _batch_client(arguments: argparse.Namespace, state: str | None = None) -> As
 
         def configured() -> AsyncFluxClient:
             options = _configured_options(None, None, None)
-            if options["state"] is None:
+            settings = options["settings"].values()
+            limited = any(given.rate_per_minute is not None for given in settings)
+            if options["state"] is None and (options["budget_usd"] is not None or limited):
                 options["state"] = state
             return AsyncFluxClient(**options)
 
