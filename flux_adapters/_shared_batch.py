@@ -514,7 +514,8 @@ class SharedOptions:
     """The options of a shared batch (see the ``batch`` command)."""
 
     state_url: str = field(repr=shown_state_url)
-    output: str
+    output: str = field(repr=lambda output: repr(shown_location(output)))
+    """A folder or an fsspec URL, whose ``user:password@`` part its repr does not show."""
     concurrency: int = 8
     per_provider: int | None = 4
     block: int = 50

@@ -392,3 +392,11 @@ def test_a_batch_running_longer_than_its_state_expiry_keeps_its_output(
     assert second.returncode == 5, second.stderr
     assert "a worker is on it" in second.stderr
     assert prompts == []
+
+
+def test_the_options_of_a_shared_batch_show_no_password_of_the_output_or_redis() -> None:
+    options = SharedOptions(
+        state_url="redis://:hunter2redis@host/0", output="ftp://user:hunter2ftp@host/run"
+    )
+    assert "hunter2" not in repr(options)
+    assert "ftp://user:***@host/run" in repr(options)
