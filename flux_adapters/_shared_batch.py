@@ -951,6 +951,35 @@ class _Run:
                 self.failure = self.writer.failure
 
 
+async def _check_file_batch(folder: Path, resend_unconfirmed: bool) -> None:
+    """Refuse a folder that a batch run without ``--state`` writes to, or whose journal knows jobs.
+
+    Jobs that may have been billed (unless *resend_unconfirmed*): this batch's journal is in
+    Redis, and would send them again.
+
+    Raises:
+        ConfigurationError: Either.
+    """
+    from flux_adapters._journal import JOURNAL_NAME, file_batch_in
+    from flux_adapters.errors import ConfigurationError
+
+    running, unsettled = await asyncio.to_thread(file_batch_in, folder)
+    where = f"{folder} holds the journal of a batch run without --state ({JOURNAL_NAME})"
+    if running:
+        raise ConfigurationError(
+            f"{where}, running there now: let it end, or write to another output"
+        )
+    if unsettled and not resend_unconfirmed:
+        shown = ", ".join(repr(name[:60]) for name in unsettled[:3])
+        more = f" and {len(unsettled) - 3} more" if len(unsettled) > 3 else ""
+        raise ConfigurationError(
+            f"{where}, which knows {len(unsettled)} job(s) that may have been billed and have no "
+            f"image ({shown}{more}); a batch shared through Redis does not read it, and would "
+            "send them again: rerun that batch without --state to settle them, write to another "
+            "output, or pass --resend-unconfirmed to send them again"
+        )
+
+
 async def run_shared(
     client: AsyncFluxClient,
     lines: Lines,
@@ -973,6 +1002,8 @@ async def run_shared(
     from flux_adapters.state._redis import RedisState
 
     output = open_output(options.output)
+    if isinstance(output, LocalOutput):
+        await _check_file_batch(output.folder, options.resend_unconfirmed)
     state = open_state(options.state_url, fallback="none", timeout=options.timeout)
     if not isinstance(state, RedisState):
         from flux_adapters.errors import ConfigurationError

@@ -8,6 +8,7 @@ ledger says what was billed) and the batch's own code; a stall is the process no
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from flux_adapters._journal import JobState
+from flux_adapters._journal import JOURNAL_NAME, JobState
 from flux_adapters._shared_batch import (
     Ended,
     Lines,
@@ -400,3 +401,50 @@ def test_the_options_of_a_shared_batch_show_no_password_of_the_output_or_redis()
     )
     assert "hunter2" not in repr(options)
     assert "ftp://user:***@host/run" in repr(options)
+
+
+def test_a_folder_of_a_batch_run_without_state_is_not_paid_again_by_a_shared_one(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # A batch run without --state ended with its jobs unconfirmed (a 500 after the work: billed),
+    # its journal in the folder. The same jobs run again as a shared batch, on the same folder:
+    # its journal is in Redis and knew nothing of them, so each was sent (and billed) again.
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 3), tmp_path / "out"
+    alone = [sys.executable, "-m", "flux_adapters", "batch", str(source), "-o", str(folder)]
+    with run_emulator() as emulator:
+        env = environment(emulator)
+        emulator.inject("laozhang", Fault(status=500, after_work=True))
+        first = subprocess.run(
+            [*alone, "-p", "laozhang"], env=env, capture_output=True, text=True, timeout=120
+        )
+        emulator.clear_faults()
+        billed = len(emulator.billed())
+        shared = _worker_run(source, folder, redis.url, env)
+        refused = len(emulator.billed()) - billed
+        # A batch without --state writing there now (it holds its journal locked) is never
+        # joined, even with --resend-unconfirmed.
+        fd = os.open(folder / JOURNAL_NAME, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            busy = _worker_run(source, folder, redis.url, env, "--resend-unconfirmed")
+        finally:
+            os.close(fd)
+        asked = _worker_run(source, folder, redis.url, env, "--resend-unconfirmed")
+        ledger = Counter(entry.prompt for entry in emulator.billed())
+        # Their images saved now, the old journal holds nothing unsettled: a rerun is let in.
+        again = _worker_run(source, folder, redis.url, env)
+        after = len(emulator.billed())
+        # Their images saved now, the old journal holds nothing unsettled: a rerun is let in.
+        again = _worker_run(source, folder, redis.url, env)
+        after = len(emulator.billed())
+    assert first.returncode == 8, first.stderr
+    assert billed == 3
+    assert shared.returncode == 5, shared.stderr  # a configuration error
+    assert "3 job(s) that may have been billed" in shared.stderr
+    assert refused == 0
+    assert busy.returncode == 5, busy.stderr
+    assert "running there now" in busy.stderr
+    assert asked.returncode == 0, asked.stderr  # asked to: each sent again, once
+    assert set(ledger.values()) == {2}
+    assert again.returncode == 0, again.stderr
+    assert after == sum(ledger.values())
