@@ -397,6 +397,8 @@ class Store:
             with self._read("HOLDER"):
                 how, unconfirmed = (_text(part) for part in state)
                 count = int(unconfirmed)
+                if how not in ("gone", "live", "open", "ended"):
+                    raise ValueError(how)
             where = (
                 f"the output {output[:200]!r} is batch {holder}'s (another jobs file, or this "
                 "one changed since that batch began; each batch knows its jobs by their line in "

@@ -36,9 +36,17 @@ from flux_adapters._shared_batch import (
 from flux_adapters._shared_batch_store import Claim, Store
 from flux_adapters.client import AsyncFluxClient
 from flux_adapters.emulator import Fault, run_emulator
-from flux_adapters.errors import ConfigurationError, OutputError, RequestError
+from flux_adapters.errors import (
+    ConfigurationError,
+    OutputError,
+    RequestError,
+    StateUnavailable,
+)
+from flux_adapters.state import open_state
 from flux_adapters.state._redis import RedisState
+from tests.hostile_redis import Reply, hostile_redis, resp
 from tests.redis_server import RedisServer, redis_server
+from tests.test_attack_state import scripts
 from tests.test_shared_batch import (
     _close,
     _store,
@@ -448,3 +456,35 @@ def test_a_folder_of_a_batch_run_without_state_is_not_paid_again_by_a_shared_one
     assert set(ledger.values()) == {2}
     assert again.returncode == 0, again.stderr
     assert after == sum(ledger.values())
+
+
+@pytest.mark.parametrize(
+    "holder",
+    [
+        resp(["weird", "0"]),  # a state the script never gives: not taken for "ended"
+        resp(["ended", "many"]),
+        resp(["ended"]),
+        b":1\r\n",
+    ],
+)
+def test_an_output_holder_answer_of_the_wrong_shape_is_state_unavailable(holder: bytes) -> None:
+    def reply(command: list[bytes]) -> Reply:
+        if command[2] == b"1":  # the output's key: another batch holds it
+            return Reply(resp("other-batch"))
+        return Reply(holder)  # what is left of that batch
+
+    async def take() -> None:
+        state = open_state(server.url, timeout=2.0)
+        assert isinstance(state, RedisState)
+        try:
+            await Store(state, "b" * 24, worker="w", keep_s=60).take_output(
+                "file:///out", resend_unconfirmed=False
+            )
+        finally:
+            await state.aclose()
+
+    with (
+        hostile_redis(scripts(reply)) as server,
+        pytest.raises(StateUnavailable, match="cannot be read"),
+    ):
+        asyncio.run(take())
