@@ -33,7 +33,7 @@ import secrets
 import stat
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -457,7 +457,11 @@ class _Watcher:
     """
 
     def __init__(
-        self, writer: _Writer, job: int, state: JobState, held: Callable[[int], bool]
+        self,
+        writer: _Writer,
+        job: int,
+        state: JobState,
+        held: Callable[[int], Awaitable[bool]],
     ) -> None:
         self._writer = writer
         self._job = job
@@ -472,12 +476,17 @@ class _Watcher:
             # Stopped while its record was on its way: the request never left.
             self._unsent(provider, "stopped before the request was sent")
             raise
-        if not self._held(self._job):
-            # The acknowledgement proves the lease was this worker's when Redis wrote the
-            # record, not that it still is: a worker that stalled since (SIGSTOP, a swapped-out
-            # machine, a stalled loop) may have lost the block to another, which decides by
-            # the journal (and may send the job itself, with --resend-unconfirmed).
-            why = "this worker's lease on its block may have ended (the worker stalled)"
+        # The acknowledgement proves the lease was this worker's when Redis wrote the record,
+        # not that it still is: a worker that stalled since (SIGSTOP, a swapped-out machine, a
+        # stalled loop) may have lost the block to another, which decides by the journal (and
+        # may send the job itself, with --resend-unconfirmed).
+        try:
+            held = await self._held(self._job)
+        except BaseException:
+            self._unsent(provider, "not sent: its lease could not be confirmed")
+            raise
+        if not held:
+            why = "this worker's lease on its block ended (the worker stalled)"
             self._unsent(provider, f"not sent: {why}")
             raise LeaseLost(f"{why}: the job was not sent; the worker holding the block decides")
         self.state.fold(record)
@@ -672,6 +681,28 @@ class _Run:
             and time.monotonic() - asked < self.options.lease_s
         )
 
+    async def confirm(self, job: int) -> bool:
+        """Whether this worker still holds *job*'s block, for a request to go out now.
+
+        Known by the monotonic clock while the lease surely lasts (`holds`); past that (the
+        worker stalled), asked of Redis, which renews the lease if no other worker took the
+        block meanwhile.
+
+        Raises:
+            StateUnavailable: Redis did not answer.
+        """
+        if self.holds(job):
+            return True
+        block = job // self.options.block
+        if block not in self.held:
+            return False
+        asked = time.monotonic()
+        lost, _, _ = await self.store.renew([block])
+        if block in lost or block not in self.leased:
+            return False
+        self.leased[block] = max(self.leased[block], asked)
+        return self.holds(job)  # (unless it stalled again while Redis answered)
+
     def _take(self, claim: Claim, asked: float) -> None:
         self.leased[claim.block] = asked  # a claim sets the block's lease anew (own or not)
         if claim.own and claim.block in self.held:
@@ -855,7 +886,7 @@ class _Run:
             accepted["old"] = before
         state.fold(accepted)
         self.writer.note(number, accepted)
-        watcher = _Watcher(self.writer, number, state, self.holds)
+        watcher = _Watcher(self.writer, number, state, self.confirm)
         result = await self.client._edit(request, watcher)
         return await self._save(name, result)
 
@@ -886,7 +917,7 @@ class _Run:
             else:
                 return Ended(name, "ok", reason="downloaded again from its result URL", files=files)
         if state.job is not None:
-            watcher = _Watcher(self.writer, number, state, self.holds)
+            watcher = _Watcher(self.writer, number, state, self.confirm)
             resumed = await self.client._resume(state.job, watcher)
             polled = f"job {_shown_id(state.job.id, self.client._scrub)} polled again"
             return await self._save(name, resumed, polled)
