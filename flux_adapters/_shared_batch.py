@@ -123,8 +123,10 @@ class Lines:
             # One handle, read here and kept: the lines read later are those of this file, not
             # of one renamed into its place since; opened without waiting (a FIFO put there).
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise OutputError(exc.strerror or str(exc), path=str(path)) from None
+        except OSError as exc:  # as `check_file` says it: the jobs file is an input
+            reason = exc.strerror or str(exc)
+            violation = Violation("file", reason, "a readable JSONL file", str(path))
+            raise RequestError([violation]) from None
         stream = os.fdopen(fd, "rb")
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -140,7 +142,9 @@ class Lines:
                 offset += len(raw)
         except OSError as exc:
             stream.close()
-            raise OutputError(exc.strerror or str(exc), path=str(path)) from None
+            reason = exc.strerror or str(exc)
+            violation = Violation("file", reason, "a readable JSONL file", str(path))
+            raise RequestError([violation]) from None
         except BaseException:
             stream.close()
             raise

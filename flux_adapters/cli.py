@@ -1695,7 +1695,16 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     from flux_adapters._terminal import BatchDisplay, batch_progress
 
     path: Path = arguments.file
-    total = check_file(path)
+    # Indexed first, then checked: a line edited in place between the two was checked as it is
+    # on disk, or is refused when its job comes (its CRC-32 is not the index's). Checked first,
+    # the index took lines no check had seen (a second job of one id).
+    lines = Lines(path)
+    try:
+        check_file(path)
+    except BaseException:
+        lines.close()
+        raise
+    total = len(lines)
     expiry = arguments.state_expiry
     given = {  # those not given: SharedOptions' defaults, which --help states
         "block": arguments.block,
@@ -1712,8 +1721,11 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
         grace=arguments.grace,
         **{name: value for name, value in given.items() if value is not None},
     )
-    report = ReportLines(arguments.report) if arguments.report is not None else None
-    lines = Lines(path)
+    try:
+        report = ReportLines(arguments.report) if arguments.report is not None else None
+    except BaseException:
+        lines.close()
+        raise
     shown_done = 0
     display: list[BatchDisplay] = []
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import io
 import json
 import os
 import subprocess
@@ -496,3 +497,39 @@ def test_an_output_holder_answer_of_the_wrong_shape_is_state_unavailable(holder:
         pytest.raises(StateUnavailable, match="cannot be read"),
     ):
         asyncio.run(take())
+
+
+def test_a_line_edited_between_the_check_and_the_index_is_not_sent_unchecked(
+    tmp_path: Path, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file was checked (ids unique), then edited in place before the worker indexed it:
+    # the index (and the batch) took the edited lines, which no check had seen: here a second
+    # "job-000", whose image went under the first one's name.
+    from flux_adapters import _batch_files
+    from flux_adapters.cli import main
+
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 3), tmp_path / "out"
+    checked = _batch_files.check_file
+
+    def check_then_edited(path: Path) -> int:
+        count = checked(path)
+        text = path.read_text()
+        path.write_text(text.replace('"job-001"', '"job-000"'))  # the same length, in place
+        return count
+
+    monkeypatch.setattr(_batch_files, "check_file", check_then_edited)
+    out, err = io.StringIO(), io.StringIO()
+    with run_emulator() as emulator:
+        for name, value in environment(emulator).items():
+            monkeypatch.setenv(name, value)
+        status = main(
+            ["batch", str(source), "-o", str(folder), "-p", "laozhang", "--state", redis.url,
+             "--json"],
+            out,
+            err,
+        )  # fmt: skip
+        billed = [entry.prompt for entry in emulator.billed()]
+    assert "job 1" not in billed, err.getvalue()
+    assert sorted(billed) == ["job 0", "job 2"]
+    assert status == 3, err.getvalue()  # the edited line: failed, not sent
+    assert "changed since this worker read the file" in err.getvalue()
