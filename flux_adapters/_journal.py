@@ -70,6 +70,7 @@ __all__ = [
     "Journal",
     "JsonLines",
     "ReportLines",
+    "file_batch_in",
     "image_identities",
     "is_image_file",
     "load_packed",
@@ -623,6 +624,42 @@ def _sync_directory(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_batch_in(folder: Path) -> tuple[bool, list[str]]:
+    """What a batch run without ``--state`` left in *folder*, for a batch shared through Redis.
+
+    Whether it is running there now (it holds its journal locked), and the jobs its journal
+    knows as maybe billed with no image saved: a shared batch keeps its journal in Redis and
+    does not read this one, so it would send them again. Only the jobs not saved are held
+    while the journal is read.
+    """
+    path = folder / JOURNAL_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:  # none (an unreadable one is read below, as nothing)
+        return False, []
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False, []
+        if not _lock(fd, exclusive=False):
+            return True, []
+    finally:
+        os.close(fd)  # (and its lock with it)
+    states: dict[str, JobState] = {}
+    for record in read_lines(path):
+        job = record.get("id")
+        if not isinstance(job, str):
+            continue
+        state = states.setdefault(job, JobState())
+        state.fold(record)
+        if state.files and not state.open_sends and state.job is None:
+            del states[job]  # saved: nothing of it is sent again (a forced rerun starts anew)
+    return False, [
+        name
+        for name, state in states.items()
+        if state.may_be_billed and not state.saved_files(folder, name)
+    ]
 
 
 def load_states(path: Path, jobs: Container[str] | None = None) -> dict[str, JobState]:

@@ -30,7 +30,10 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+import stat
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -42,7 +45,13 @@ from flux_adapters._batch_files import build_request, parse_line
 from flux_adapters._journal import JobState, image_identities, is_image_file, request_digest
 from flux_adapters._redact import shown_state_url
 from flux_adapters._shared_batch_store import STATUSES, Claim, Store
-from flux_adapters.errors import FluxError, OutputError, RequestError, StateUnavailable
+from flux_adapters.errors import (
+    FluxError,
+    OutputError,
+    RequestError,
+    StateUnavailable,
+    Violation,
+)
 from flux_adapters.jobs import _shown_id
 from flux_adapters.request import EditRequest
 from flux_adapters.result import EditResult, ResultImage
@@ -99,38 +108,70 @@ def batch_id(file_digest: str, output: str) -> str:
 class Lines:
     """The jobs of a JSONL file by number (its non-blank lines): where each line starts.
 
-    Made in one pass, which also digests the file; 16 bytes a job (16 MB for a million).
+    Made in one pass, which also digests the file; 20 bytes a job (20 MB for a million): where
+    its line starts, its number, and its CRC-32, so that a line read again later is the one the
+    digest covered (a file edited in place meanwhile is not taken for the batch's).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._offsets = array.array("q")
         self._numbers = array.array("q")
+        self._sums = array.array("I")
         hasher = hashlib.sha256()
         try:
-            with path.open("rb") as stream:
-                offset = 0
-                for number, raw in enumerate(stream, start=1):
-                    hasher.update(raw)
-                    if raw.strip():
-                        self._offsets.append(offset)
-                        self._numbers.append(number)
-                    offset += len(raw)
+            # One handle, read here and kept: the lines read later are those of this file, not
+            # of one renamed into its place since; opened without waiting (a FIFO put there).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:  # as `check_file` says it: the jobs file is an input
+            reason = exc.strerror or str(exc)
+            violation = Violation("file", reason, "a readable JSONL file", str(path))
+            raise RequestError([violation]) from None
+        stream = os.fdopen(fd, "rb")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                violation = Violation("file", "is not a regular file", "a JSONL file", str(path))
+                raise RequestError([violation])
+            offset = 0
+            for number, raw in enumerate(stream, start=1):
+                hasher.update(raw)
+                if raw.strip():
+                    self._offsets.append(offset)
+                    self._numbers.append(number)
+                    self._sums.append(zlib.crc32(raw))
+                offset += len(raw)
         except OSError as exc:
-            raise OutputError(exc.strerror or str(exc), path=str(path)) from None
+            stream.close()
+            reason = exc.strerror or str(exc)
+            violation = Violation("file", reason, "a readable JSONL file", str(path))
+            raise RequestError([violation]) from None
+        except BaseException:
+            stream.close()
+            raise
+        self._size = offset
         self.digest = hasher.hexdigest()
-        self._stream = path.open("rb")
+        self._stream = stream
 
     def __len__(self) -> int:
         return len(self._offsets)
 
     def job(self, index: int) -> tuple[str, EditRequest | RequestError]:
         """Job *index*'s name, and its request or why it cannot be one."""
-        self._stream.seek(self._offsets[index])
-        raw = self._stream.readline()
-        return build_request(
-            self.path.name, self.path.parent, self._numbers[index], parse_line(raw)
-        )
+        start = self._offsets[index]
+        end = self._offsets[index + 1] if index + 1 < len(self._offsets) else self._size
+        self._stream.seek(start)
+        raw = self._stream.readline(end - start)  # no more than its line was, whatever is there
+        number = self._numbers[index]
+        if zlib.crc32(raw) != self._sums[index]:
+            where = f"{self.path.name}:{number}"
+            changed = Violation(
+                where,
+                "changed since this worker read the file (edited in place?): not sent",
+                "the line the batch began with",
+                "another line",
+            )
+            return where, RequestError([changed])
+        return build_request(self.path.name, self.path.parent, number, parse_line(raw))
 
     def close(self) -> None:
         self._stream.close()
@@ -190,12 +231,17 @@ class FsspecOutput:
             import fsspec  # type: ignore[import-untyped]
 
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
         try:
+            # A file system is made (and may connect: ftp://, sftp://) here too: an unknown
+            # protocol, its package missing, a server refusing, all before anything is sent.
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
             self.fs.makedirs(self.root, exist_ok=True)
         except Exception as exc:  # any file system's own error
+            # Its text may quote the URL (and its password): only a missing package is named.
+            detail = str(exc)[:200] if isinstance(exc, ImportError) else ""
             raise OutputError(
-                f"cannot create it ({type(exc).__name__})", path=shown_location(self.url)
+                f"cannot open or create it ({type(exc).__name__}{': ' if detail else ''}{detail})",
+                path=shown_location(self.url),
             ) from None
 
     def where(self, file: str) -> str:
@@ -414,10 +460,17 @@ class _Watcher:
     Each record is folded into the job's `JobState` here as well.
     """
 
-    def __init__(self, writer: _Writer, job: int, state: JobState) -> None:
+    def __init__(
+        self,
+        writer: _Writer,
+        job: int,
+        state: JobState,
+        held: Callable[[int], Awaitable[bool]],
+    ) -> None:
         self._writer = writer
         self._job = job
         self.state = state
+        self._held = held
 
     async def sending(self, provider: str) -> None:
         record = {"k": "sent", "p": provider}
@@ -425,13 +478,29 @@ class _Watcher:
             await self._writer.durable(self._job, record)  # acknowledged before anything goes out
         except asyncio.CancelledError:
             # Stopped while its record was on its way: the request never left.
-            self._writer.note(
-                self._job,
-                {"k": "attempt", "p": provider, "b": "not-connected", "proves": "not taken",
-                 "e": "stopped before the request was sent"},
-            )  # fmt: skip
+            self._unsent(provider, "stopped before the request was sent")
             raise
+        # The acknowledgement proves the lease was this worker's when Redis wrote the record,
+        # not that it still is: a worker that stalled since (SIGSTOP, a swapped-out machine, a
+        # stalled loop) may have lost the block to another, which decides by the journal (and
+        # may send the job itself, with --resend-unconfirmed).
+        try:
+            held = await self._held(self._job)
+        except BaseException:
+            self._unsent(provider, "not sent: its lease could not be confirmed")
+            raise
+        if not held:
+            why = "this worker's lease on its block ended (the worker stalled)"
+            self._unsent(provider, f"not sent: {why}")
+            raise LeaseLost(f"{why}: the job was not sent; the worker holding the block decides")
         self.state.fold(record)
+
+    def _unsent(self, provider: str, why: str) -> None:
+        """Record that the request whose ``sent`` record was written never left."""
+        self._writer.note(
+            self._job,
+            {"k": "attempt", "p": provider, "b": "not-connected", "proves": "not taken", "e": why},
+        )
 
     async def accepted(self, provider: str, job: Job) -> None:
         record = {"k": "job", "p": provider, "job": job.to_dict()}
@@ -458,7 +527,8 @@ class SharedOptions:
     """The options of a shared batch (see the ``batch`` command)."""
 
     state_url: str = field(repr=shown_state_url)
-    output: str
+    output: str = field(repr=lambda output: repr(shown_location(output)))
+    """A folder or an fsspec URL, whose ``user:password@`` part its repr does not show."""
     concurrency: int = 8
     per_provider: int | None = 4
     block: int = 50
@@ -552,6 +622,9 @@ class _Run:
         """Blocks this worker holds -> jobs of it not ended yet."""
         self.claims: dict[int, int] = {}
         """Blocks this worker holds -> the number of the claim that gave it (`_take`)."""
+        self.leased: dict[int, float] = {}
+        """Blocks this worker holds -> when (`time.monotonic`) the claim or renewal that last
+        set their lease was asked for: the lease lasts at least `lease_s` from then (`holds`)."""
         self.claimed = 0
         self.running: dict[int, int] = {}
         """The jobs this worker has in flight -> the claim whose count their end takes down."""
@@ -582,6 +655,7 @@ class _Run:
                 if self.stop.is_set():
                     break
                 self.released.clear()
+                asked = time.monotonic()
                 claim = await self.store.claim()
                 if claim is None:
                     self.finished = True
@@ -591,14 +665,50 @@ class _Run:
                     waited = min(max(claim, 0.05), self.options.lease_s / 3, 1.0)
                     await _first(self.stop, self.released, timeout=waited)
                     continue
-                self._take(claim)
+                self._take(claim, asked)
         except StateUnavailable as exc:
             self._broken(exc)
         finally:
             for _ in range(self.options.concurrency):
                 self.queue.put_nowait(None)
 
-    def _take(self, claim: Claim) -> None:
+    def holds(self, job: int) -> bool:
+        """Whether this worker's lease on *job*'s block surely lasts still.
+
+        By this machine's monotonic clock, which runs on while the process is stopped.
+        """
+        block = job // self.options.block
+        asked = self.leased.get(block)
+        return (
+            block in self.held
+            and asked is not None
+            and time.monotonic() - asked < self.options.lease_s
+        )
+
+    async def confirm(self, job: int) -> bool:
+        """Whether this worker still holds *job*'s block, for a request to go out now.
+
+        Known by the monotonic clock while the lease surely lasts (`holds`); past that (the
+        worker stalled), asked of Redis, which renews the lease if no other worker took the
+        block meanwhile.
+
+        Raises:
+            StateUnavailable: Redis did not answer.
+        """
+        if self.holds(job):
+            return True
+        block = job // self.options.block
+        if block not in self.held:
+            return False
+        asked = time.monotonic()
+        lost, _, _ = await self.store.renew([block])
+        if block in lost or block not in self.leased:
+            return False
+        self.leased[block] = max(self.leased[block], asked)
+        return self.holds(job)  # (unless it stalled again while Redis answered)
+
+    def _take(self, claim: Claim, asked: float) -> None:
+        self.leased[claim.block] = asked  # a claim sets the block's lease anew (own or not)
         if claim.own and claim.block in self.held:
             # Its own block again: its lease ran out (a stalled loop) before anyone took it
             # over, and the claim renewed it. Its jobs are queued or in flight already.
@@ -616,13 +726,22 @@ class _Run:
 
     async def renewer(self) -> None:
         period = self.options.lease_s / 3
+        output_kept = time.monotonic()
         try:
             while True:
                 await asyncio.sleep(period)
-                lost, _, counts = await self.store.renew(sorted(self.held))
-                for block in lost:
-                    self.held.pop(block, None)
-                    self.claims.pop(block, None)
+                if time.monotonic() - output_kept > self.options.keep_s / 4:
+                    output_kept = time.monotonic()
+                    await self.store.keep_output()
+                asked, blocks = time.monotonic(), sorted(self.held)
+                lost, _, counts = await self.store.renew(blocks)
+                for block in blocks:
+                    if block in lost:
+                        self.held.pop(block, None)
+                        self.claims.pop(block, None)
+                        self.leased.pop(block, None)
+                    elif block in self.leased:
+                        self.leased[block] = max(self.leased[block], asked)
                 self.on_progress(counts)
         except StateUnavailable as exc:
             self._broken(exc)
@@ -634,6 +753,7 @@ class _Run:
         if left <= 1:
             del self.held[block]
             del self.claims[block]
+            self.leased.pop(block, None)
             released = self.writer.release(block, finished=True)
             released.add_done_callback(lambda _: self.released.set())
         else:
@@ -770,7 +890,7 @@ class _Run:
             accepted["old"] = before
         state.fold(accepted)
         self.writer.note(number, accepted)
-        watcher = _Watcher(self.writer, number, state)
+        watcher = _Watcher(self.writer, number, state, self.confirm)
         result = await self.client._edit(request, watcher)
         return await self._save(name, result)
 
@@ -801,7 +921,7 @@ class _Run:
             else:
                 return Ended(name, "ok", reason="downloaded again from its result URL", files=files)
         if state.job is not None:
-            watcher = _Watcher(self.writer, number, state)
+            watcher = _Watcher(self.writer, number, state, self.confirm)
             resumed = await self.client._resume(state.job, watcher)
             polled = f"job {_shown_id(state.job.id, self.client._scrub)} polled again"
             return await self._save(name, resumed, polled)
@@ -866,6 +986,35 @@ class _Run:
                 self.failure = self.writer.failure
 
 
+async def _check_file_batch(folder: Path, resend_unconfirmed: bool) -> None:
+    """Refuse a folder that a batch run without ``--state`` writes to, or whose journal knows jobs.
+
+    Jobs that may have been billed (unless *resend_unconfirmed*): this batch's journal is in
+    Redis, and would send them again.
+
+    Raises:
+        ConfigurationError: Either.
+    """
+    from flux_adapters._journal import JOURNAL_NAME, file_batch_in
+    from flux_adapters.errors import ConfigurationError
+
+    running, unsettled = await asyncio.to_thread(file_batch_in, folder)
+    where = f"{folder} holds the journal of a batch run without --state ({JOURNAL_NAME})"
+    if running:
+        raise ConfigurationError(
+            f"{where}, running there now: let it end, or write to another output"
+        )
+    if unsettled and not resend_unconfirmed:
+        shown = ", ".join(repr(name[:60]) for name in unsettled[:3])
+        more = f" and {len(unsettled) - 3} more" if len(unsettled) > 3 else ""
+        raise ConfigurationError(
+            f"{where}, which knows {len(unsettled)} job(s) that may have been billed and have no "
+            f"image ({shown}{more}); a batch shared through Redis does not read it, and would "
+            "send them again: rerun that batch without --state to settle them, write to another "
+            "output, or pass --resend-unconfirmed to send them again"
+        )
+
+
 async def run_shared(
     client: AsyncFluxClient,
     lines: Lines,
@@ -888,6 +1037,8 @@ async def run_shared(
     from flux_adapters.state._redis import RedisState
 
     output = open_output(options.output)
+    if isinstance(output, LocalOutput):
+        await _check_file_batch(output.folder, options.resend_unconfirmed)
     state = open_state(options.state_url, fallback="none", timeout=options.timeout)
     if not isinstance(state, RedisState):
         from flux_adapters.errors import ConfigurationError
@@ -901,13 +1052,17 @@ async def run_shared(
         keep_s=options.keep_s,
     )
     try:
+        shown = shown_location(output_location(options.output))
         how, _, lease_ms = await store.begin(
             total=len(lines),
             block=options.block,
             lease_ms=max(int(options.lease_s * 1000), 1),
             file_digest=lines.digest,
-            output=shown_location(output_location(options.output)),
+            output=shown,
         )
+        # After `begin`: a batch that took the output has its state in Redis by then, so two
+        # batches starting at once never both find the other gone.
+        await store.take_output(shown, resend_unconfirmed=options.resend_unconfirmed)
         # The first worker's lease and block size are the batch's.
         options = attrs.evolve(options, lease_s=lease_ms / 1000, block=store.block)
         run = _Run(client, lines, output, store, options, stop, on_end, on_progress)

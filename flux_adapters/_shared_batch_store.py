@@ -22,6 +22,9 @@ Keys (``B`` = the block size, job *n* is in block ``n // B``):
 ``done``     bitmap: job number -> ended in this round (counted once)
 ``counts``   hash: status -> jobs of this round that ended so
 
+Beside them, ``<prefix>batch-output:{<digest of the output>}`` (a string, its own slot) names the
+batch the output is (`Store.take_output`), with the same expiry.
+
 So what Redis holds grows with the jobs in flight and the jobs that ended unsaved, plus two bits
 a job (250 KB for a million jobs), never with the jobs saved.
 """
@@ -211,6 +214,34 @@ return {'gone', '[]'}
 """
 )
 
+OUTPUT: Final = """
+-- KEYS: the output's key. ARGV: this batch's id, keep, the id of the batch it replaces ('')
+-- The batch the output is this one's now, unless another holds it: that one's id.
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] and holder ~= ARGV[3] then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return ARGV[1]
+"""
+"""One output, one batch at a time (see `Store.take_output`)."""
+
+HOLDER: Final = (
+    _HEAD
+    + """
+-- KEYS: another batch's. What is left of it: 'gone'; 'live' (a lease not ended: a worker is
+-- on it); 'open' (jobs not ended, no worker on them) or 'ended'; and its unconfirmed jobs.
+if redis.call('EXISTS', meta) == 0 then return {'gone', '0'} end
+local unconfirmed = redis.call('HGET', counts, 'unconfirmed') or '0'
+if #redis.call('ZRANGEBYSCORE', leases, '(' .. now, '+inf', 'LIMIT', 0, 1) > 0 then
+  return {'live', unconfirmed}
+end
+local m = redis.call('HMGET', meta, 'next', 'blocks')
+if tonumber(m[1] or '0') < tonumber(m[2] or '0') or redis.call('ZCARD', leases) > 0 then
+  return {'open', unconfirmed}
+end
+return {'ended', unconfirmed}
+"""
+)
+
 STATUSES: Final = ("ok", "skipped", "failed", "unconfirmed", "changed")
 
 
@@ -228,6 +259,10 @@ class Claim:
     taken_over: bool
     jobs: tuple[tuple[int, bool, bool, tuple[dict[str, Any], ...]], ...]
     own: bool = False
+
+
+_PARTS: Final = ("meta", "leases", "owners", "jobs", "saved", "done", "counts")
+"""The keys of a batch, under ``<prefix>batch:{<batch id>}:``, in the order the scripts take."""
 
 
 def _text(value: object) -> str:
@@ -274,10 +309,10 @@ class Store:
         self.worker = worker
         self._keep = str(keep_s)
         base = f"{state.prefix}batch:{{{batch_id}}}:"
-        self.keys = [
-            base + part for part in ("meta", "leases", "owners", "jobs", "saved", "done", "counts")
-        ]
+        self.keys = [base + part for part in _PARTS]
         self._scripts: dict[str, Any] = {}
+        self._output: list[str] = []
+        """The output's key, once taken (`take_output`)."""
         self.round = ""
         self.block = 0
         self.total = 0
@@ -285,7 +320,9 @@ class Store:
         """The batch's own random id, made by the worker that began it: a batch begun afresh
         under the same id (after a flush) has another, and this worker's scripts refuse it."""
 
-    async def _run(self, name: str, source: str, args: list[str]) -> Any:
+    async def _run(
+        self, name: str, source: str, args: list[str], keys: list[str] | None = None
+    ) -> Any:
         from flux_adapters.state._redis import MAX_ANSWER, bounded_answer, failure
 
         client = self._state._client()  # the state's pool: its timeouts, no retries
@@ -296,7 +333,7 @@ class Store:
         try:
             with bounded_answer(MAX_ANSWER):
                 async with asyncio.timeout(timeout * 2 + 0.5):  # a belt over the socket bounds
-                    answer = await script(keys=self.keys, args=args, client=client)
+                    answer = await script(keys=keys or self.keys, args=args, client=client)
         except Exception as exc:  # redis-py at work on what the server sent: see _redis._answered
             what, detail = failure(exc, timeout)
             raise StateUnavailable(
@@ -324,6 +361,71 @@ class Store:
                 f"the batch's shared state (Redis) gave an answer to {what} that cannot be read "
                 f"({type(exc).__name__}): no job is sent without its record there; stopping"
             ) from None
+
+    async def take_output(self, output: str, *, resend_unconfirmed: bool) -> None:
+        """Make *output* (`flux_adapters._shared_batch.shown_location`) this batch's.
+
+        A batch's journal knows its jobs by number in its own jobs file: another batch writing
+        to the same output (another file, or the same one changed) would send its jobs again
+        under their names, those in flight and those that may have been billed alike. So an
+        output is one batch's at a time: another batch's becomes this one's once it ended with
+        nothing unconfirmed (or is gone from Redis); with jobs that may have been billed, only
+        with *resend_unconfirmed*; while a worker holds a lease of it, never.
+
+        Raises:
+            ConfigurationError: Another batch holds the output.
+        """
+        import hashlib
+
+        place = hashlib.sha256(output.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+        key = self._output = [f"{self._state.prefix}batch-output:{{{place}}}"]
+        replaced = ""
+        for _ in range(3):  # another batch took it meanwhile: judged again, a few times
+            answer = await self._run("output", OUTPUT, [self.batch_id, self._keep, replaced], key)
+            with self._read("OUTPUT"):
+                holder = _text(answer)
+            if holder == self.batch_id:
+                return
+            if not 0 < len(holder) <= 64 or not holder.replace("-", "").replace("_", "").isalnum():
+                raise StateUnavailable(
+                    "the batch's shared state (Redis) holds a damaged key of the output "
+                    f"({key[0]}): fix or delete it; no job is sent"
+                )
+            other = f"{self._state.prefix}batch:{{{holder}}}:"
+            keys = [other + part for part in _PARTS]
+            state = await self._run("holder", HOLDER, [], keys)
+            with self._read("HOLDER"):
+                how, unconfirmed = (_text(part) for part in state)
+                count = int(unconfirmed)
+                if how not in ("gone", "live", "open", "ended"):
+                    raise ValueError(how)
+            where = (
+                f"the output {output[:200]!r} is batch {holder}'s (another jobs file, or this "
+                "one changed since that batch began; each batch knows its jobs by their line in "
+                "its own file, so this one would send that one's jobs again)"
+            )
+            if how == "live":
+                raise ConfigurationError(
+                    f"{where}, and a worker is on it: let it end, or write to another output"
+                )
+            if (how == "open" or count > 0) and not resend_unconfirmed:
+                left = f"{count} unconfirmed job(s)" if count else "jobs not ended"
+                raise ConfigurationError(
+                    f"{where}, and it has {left}, which may have been billed and would be sent "
+                    "again: end it with its own jobs file, write to another output, or pass "
+                    "--resend-unconfirmed to send them again"
+                )
+            replaced = holder
+        raise ConfigurationError(f"the output {output[:200]!r} changed hands three times; retry")
+
+    async def keep_output(self) -> None:
+        """Set the expiry of the output's key (`take_output`) again.
+
+        As every step does the batch's: a batch running longer than its expiry
+        (``--state-expiry``) keeps its output.
+        """
+        if self._output:
+            await self._run("output", OUTPUT, [self.batch_id, self._keep, ""], self._output)
 
     async def begin(
         self, *, total: int, block: int, lease_ms: int, file_digest: str, output: str

@@ -1447,12 +1447,29 @@ def _configured(from_env: Callable[[], _T], command: str) -> _T:
         ) from None
 
 
-def _batch_client(arguments: argparse.Namespace) -> AsyncFluxClient:
-    """The client for a batch: ``-p`` providers (those without a key left out), else configured."""
-    from flux_adapters.client import AsyncFluxClient
+def _batch_client(arguments: argparse.Namespace, state: str | None = None) -> AsyncFluxClient:
+    """The client for a batch: ``-p`` providers (those without a key left out), else configured.
+
+    *state*: a shared batch's Redis, the configured client's state when its configuration names
+    none and sets a budget or a key's rate limit: they are then the workers', not each worker's
+    own (N workers spending a budget N times over). Without either, the client's cooldowns stay
+    its own, as for any client with no state: no Redis call a job.
+    """
+    from flux_adapters.client import AsyncFluxClient, _configured_options
 
     if not arguments.provider:
-        return _configured(AsyncFluxClient.from_env, "batch")
+        if state is None:
+            return _configured(AsyncFluxClient.from_env, "batch")
+
+        def configured() -> AsyncFluxClient:
+            options = _configured_options(None, None, None)
+            settings = options["settings"].values()
+            limited = any(given.rate_per_minute is not None for given in settings)
+            if options["state"] is None and (options["budget_usd"] is not None or limited):
+                options["state"] = state
+            return AsyncFluxClient(**options)
+
+        return _configured(configured, "batch")
     from flux_adapters._ids import ProviderName
     from flux_adapters.config import ProviderSettings, with_keys
 
@@ -1692,7 +1709,16 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     from flux_adapters._terminal import BatchDisplay, batch_progress
 
     path: Path = arguments.file
-    total = check_file(path)
+    # Indexed first, then checked: a line edited in place between the two was checked as it is
+    # on disk, or is refused when its job comes (its CRC-32 is not the index's). Checked first,
+    # the index took lines no check had seen (a second job of one id).
+    lines = Lines(path)
+    try:
+        check_file(path)
+    except BaseException:
+        lines.close()
+        raise
+    total = len(lines)
     expiry = arguments.state_expiry
     given = {  # those not given: SharedOptions' defaults, which --help states
         "block": arguments.block,
@@ -1709,8 +1735,11 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
         grace=arguments.grace,
         **{name: value for name, value in given.items() if value is not None},
     )
-    report = ReportLines(arguments.report) if arguments.report is not None else None
-    lines = Lines(path)
+    try:
+        report = ReportLines(arguments.report) if arguments.report is not None else None
+    except BaseException:
+        lines.close()
+        raise
     shown_done = 0
     display: list[BatchDisplay] = []
 
@@ -1748,7 +1777,7 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
 
     async def run() -> Summary:
         stop = interrupts.watch()
-        client = _batch_client(arguments)
+        client = _batch_client(arguments, arguments.state)
         async with client:
             with batch_progress(total, err) as shown:
                 display.append(shown)

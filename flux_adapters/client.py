@@ -433,6 +433,47 @@ def _callers_timeout(http: httpx.Client | httpx.AsyncClient | None) -> httpx.Tim
     return check_timeout(timeout, "the timeout of http_client=")
 
 
+def _configured_options(
+    config: str | os.PathLike[str] | None, http_client: Any, max_retries: int | None
+) -> dict[str, Any]:
+    """The arguments `FluxClient.from_env` builds a client with (see it).
+
+    Also for a caller that sets one of them first: a shared batch gives the client the batch's
+    Redis as its state when the configuration names none.
+    """
+    from flux_adapters.config import load_config, timeouts, with_keys
+    from flux_adapters.jobs import Polling
+
+    loaded = load_config(config)
+    usable = with_keys(loaded.providers)  # a provider without a key: skipped, with a warning
+    timeout, usable = timeouts(loaded, usable)
+    names = [settings.name for settings in usable]
+    retries = None if max_retries is None else _check_retries(max_retries)
+    policy = _default_policy(
+        len(names),
+        routing=loaded.routing,
+        max_cost_usd=loaded.max_cost_usd,
+        unknown_price="refuse" if loaded.unknown_price == "refuse" else "allow",
+        failover_on_ambiguous=loaded.failover_on_ambiguous,
+        **({} if retries is None else {"retries": retries}),
+    )
+    options: dict[str, Any] = {
+        "providers": names,
+        "http_client": http_client,
+        "timeout": timeout,
+        "policy": policy,
+        "prices": loaded.prices,
+        "settings": {settings.name: settings for settings in usable},
+        "polling": None if loaded.job_deadline is None else Polling(deadline=loaded.job_deadline),
+        "state": loaded.state_url,
+        "budget_usd": loaded.budget_usd,
+        "budget_period": loaded.budget_period,
+        "budget_scope": loaded.budget_scope,
+        "state_fallback": loaded.state_fallback,
+    }
+    return options
+
+
 def _check_retries(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
         raise ConfigurationError(
@@ -1125,39 +1166,7 @@ class _ClientBase:
                 provider has a key (the message names each variable), or an argument is not
                 usable.
         """
-        from flux_adapters.config import load_config, timeouts, with_keys
-        from flux_adapters.jobs import Polling
-
-        loaded = load_config(config)
-        usable = with_keys(loaded.providers)  # a provider without a key: skipped, with a warning
-        timeout, usable = timeouts(loaded, usable)
-        names = [settings.name for settings in usable]
-        retries = None if max_retries is None else _check_retries(max_retries)
-        policy = _default_policy(
-            len(names),
-            routing=loaded.routing,
-            max_cost_usd=loaded.max_cost_usd,
-            unknown_price="refuse" if loaded.unknown_price == "refuse" else "allow",
-            failover_on_ambiguous=loaded.failover_on_ambiguous,
-            **({} if retries is None else {"retries": retries}),
-        )
-        options: dict[str, Any] = {
-            "providers": names,
-            "http_client": http_client,
-            "timeout": timeout,
-            "policy": policy,
-            "prices": loaded.prices,
-            "settings": {settings.name: settings for settings in usable},
-            "polling": None
-            if loaded.job_deadline is None
-            else Polling(deadline=loaded.job_deadline),
-            "state": loaded.state_url,
-            "budget_usd": loaded.budget_usd,
-            "budget_period": loaded.budget_period,
-            "budget_scope": loaded.budget_scope,
-            "state_fallback": loaded.state_fallback,
-        }
-        return cls(**options)
+        return cls(**_configured_options(config, http_client, max_retries))
 
     def __repr__(self) -> str:
         if len(self._bindings) == 1:

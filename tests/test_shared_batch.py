@@ -334,7 +334,7 @@ def test_a_block_lost_and_claimed_back_comes_with_what_the_other_worker_recorded
         )
         first = await stalled.claim()
         assert isinstance(first, Claim)
-        run._take(first)
+        run._take(first, time.monotonic())
         await asyncio.sleep(0.4)  # the lease (300 ms) ends: the worker's loop stalled
         taken = await other.claim()
         assert isinstance(taken, Claim)
@@ -349,7 +349,7 @@ def test_a_block_lost_and_claimed_back_comes_with_what_the_other_worker_recorded
         assert isinstance(back, Claim)
         assert back.block == 0
         assert not back.own
-        run._take(back)
+        run._take(back, time.monotonic())
         # What a worker task would start job 3 with: the claim current for its block, and the
         # records that came with it.
         queued = [run.queue.get_nowait() for _ in range(run.queue.qsize())]
@@ -371,7 +371,7 @@ def test_a_block_lost_and_claimed_back_comes_with_what_the_other_worker_recorded
         assert mine.block == 0
         assert mine.own
         current = run.claims[0]
-        run._take(mine)
+        run._take(mine, time.monotonic())
         assert run.claims[0] == current
         assert run.queue.qsize() == 0
         await run.writer.close()
@@ -416,7 +416,7 @@ def test_a_job_in_flight_when_its_block_is_claimed_back_ends_once_and_every_othe
         run.run_job = run_job  # type: ignore[method-assign]
         first = await stalled.claim()
         assert isinstance(first, Claim)
-        run._take(first)
+        run._take(first, time.monotonic())
         worker = asyncio.create_task(run.worker())  # one worker: the others wait their turn
         await asyncio.sleep(0.4)  # the lease (300 ms) ends: the worker's loop stalled
         taken = await other.claim()
@@ -424,7 +424,7 @@ def test_a_job_in_flight_when_its_block_is_claimed_back_ends_once_and_every_othe
         assert await other.journal([["", "given up", "", 0, "0"]]) == [True]
         back = await stalled.claim()
         assert isinstance(back, Claim)
-        run._take(back)
+        run._take(back, time.monotonic())
         release.set()
         deadline = time.monotonic() + 30
         while 0 in run.held and time.monotonic() < deadline:
