@@ -364,6 +364,30 @@ def _open_folder(output_dir: object) -> Path:
     return folder
 
 
+def _refuse_shared_output(folder: Path) -> None:
+    """Refuse *folder* if a batch shared through Redis writes or wrote there (`SHARED_MARK`).
+
+    Its journal is in Redis: this batch would find none of its jobs that may have been billed
+    with no image, and send them again.
+
+    Raises:
+        ConfigurationError: It did, and may have left such jobs.
+    """
+    from flux_adapters._journal import SHARED_MARK, shared_batch_in
+
+    found = shared_batch_in(folder)
+    if found is None:
+        return
+    state = found["state"] or "its Redis"
+    raise ConfigurationError(
+        f"{folder} is the output of a batch shared through Redis ({state}, batch "
+        f"{found['batch'] or '?'}; {SHARED_MARK}), whose journal is there, not in the folder: "
+        "jobs it left maybe billed with no image would be sent again. Finish it with "
+        "--state (the same jobs file and output), or pass --resend-unconfirmed to send again "
+        "every job without an image"
+    )
+
+
 class _Batch:
     """One run of `run_batch`: its options, journal and bookkeeping."""
 
@@ -617,6 +641,8 @@ async def run_batch(
     jobs = _iterable(requests, "requests")
     named = _iterable(names, "names=") if names is not None else None
     folder = _open_folder(output_dir) if output_dir is not None else None
+    if folder is not None and not resend_unconfirmed:
+        _refuse_shared_output(folder)
     batch = _Batch(client, folder, resend_unconfirmed=resend_unconfirmed, force=force)
     source = _numbered(jobs, named)
     # Bounded: a caller that reads slowly (or stopped reading without closing the iterator)

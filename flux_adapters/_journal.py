@@ -64,6 +64,7 @@ from flux_adapters.request import BytesImage, DataUrlImage, EditRequest, FileIma
 
 __all__ = [
     "JOURNAL_NAME",
+    "SHARED_MARK",
     "Busy",
     "EarlierStates",
     "JobState",
@@ -75,7 +76,10 @@ __all__ = [
     "is_image_file",
     "load_packed",
     "load_states",
+    "mark_shared",
     "request_digest",
+    "shared_batch_in",
+    "unmark_shared",
     "zeroed",
 ]
 
@@ -624,6 +628,68 @@ def _sync_directory(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+SHARED_MARK: Final = ".flux-shared-batch.json"
+"""In a folder that a batch shared through Redis writes to: that batch's state URL (its
+password hidden) and id. Its journal is in Redis, not in the folder: a batch run there without
+``--state`` knows nothing of the jobs it left maybe billed with no image, and refuses the
+folder (`shared_batch_in`), unless told to send those again. Removed once the batch ended with
+none such."""
+
+_MOST_MARK_BYTES: Final = 4096
+
+
+def mark_shared(folder: Path, state: str, batch: str) -> None:
+    """Leave `SHARED_MARK` in *folder*: a batch shared through *state* (shown) writes there.
+
+    Raises:
+        OutputError: It cannot be written (nor can the images be).
+    """
+    text = json.dumps({"state": state, "batch": batch}) + "\n"
+    path = folder / SHARED_MARK
+    partial = folder / f"{SHARED_MARK}.{os.urandom(8).hex()}.part"
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise OutputError(exc.strerror or str(exc), path=str(path)) from None
+
+
+def unmark_shared(folder: Path, batch: str) -> None:
+    """Remove `SHARED_MARK` from *folder* if batch *batch* left it (it ended, nothing unsettled)."""
+    found = shared_batch_in(folder)
+    if found is not None and found.get("batch") == batch:
+        with contextlib.suppress(OSError):
+            (folder / SHARED_MARK).unlink()
+
+
+def shared_batch_in(folder: Path) -> dict[str, str] | None:
+    """The `SHARED_MARK` in *folder* (``state``, ``batch``), if a shared batch left one.
+
+    One that cannot be read as such (damaged, not a regular file) still says a shared batch
+    wrote there: its values are then empty.
+    """
+    path = folder / SHARED_MARK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {"state": "", "batch": ""}
+    data = None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            data = json.loads(os.read(fd, _MOST_MARK_BYTES))
+    except (OSError, ValueError, RecursionError):
+        pass
+    finally:
+        os.close(fd)
+    if not isinstance(data, dict):
+        return {"state": "", "batch": ""}
+    return {name: str(data.get(name, ""))[:500] for name in ("state", "batch")}
 
 
 def file_batch_in(folder: Path) -> tuple[bool, list[str]]:

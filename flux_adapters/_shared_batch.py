@@ -42,7 +42,14 @@ from attrs import define, field, frozen
 
 from flux_adapters._batch import CHANGED_REASON, COMMAND_REASONS, _finished_record, _save_all
 from flux_adapters._batch_files import build_request, parse_line
-from flux_adapters._journal import JobState, image_identities, is_image_file, request_digest
+from flux_adapters._journal import (
+    JobState,
+    image_identities,
+    is_image_file,
+    mark_shared,
+    request_digest,
+    unmark_shared,
+)
 from flux_adapters._redact import shown_state_url
 from flux_adapters._shared_batch_store import STATUSES, Claim, Store
 from flux_adapters.errors import (
@@ -1063,6 +1070,10 @@ async def run_shared(
         # After `begin`: a batch that took the output has its state in Redis by then, so two
         # batches starting at once never both find the other gone.
         await store.take_output(shown, resend_unconfirmed=options.resend_unconfirmed)
+        if isinstance(output, LocalOutput):  # so that a batch without --state stops there
+            await asyncio.to_thread(
+                mark_shared, output.folder, shown_state_url(options.state_url), identity
+            )
         # The first worker's lease and block size are the batch's.
         options = attrs.evolve(options, lease_s=lease_ms / 1000, block=store.block)
         run = _Run(client, lines, output, store, options, stop, on_end, on_progress)
@@ -1072,6 +1083,9 @@ async def run_shared(
             if run.failure is not None:
                 raise run.failure
         totals = await store.totals()
+        settled = run.finished and totals is not None and not totals.get("unconfirmed")
+        if isinstance(output, LocalOutput) and settled:  # nothing a batch could pay twice
+            await asyncio.to_thread(unmark_shared, output.folder, identity)
         return Summary(
             batch=identity,
             round=int(store.round),

@@ -2377,8 +2377,10 @@ class AsyncFluxClient(_ClientBase):
             ConfigurationError: *requests* or *names* is not a list or iterable (one request, a
                 string) or is in no order (a set; a dict as *requests*, which would give its
                 keys), *concurrency*, *per_provider* or *grace* are not usable, the output
-                folder cannot be used, or another batch is writing to it; or, after the jobs
-                already taken, *names* and *requests* turned out to have different lengths.
+                folder cannot be used, another batch is writing to it, or a batch shared through
+                Redis wrote to it and may have left jobs billed with no image (unless
+                *resend_unconfirmed*); or, after the jobs already taken, *names* and
+                *requests* turned out to have different lengths.
             Exception: Whatever the caller's *requests* or *names* iterable raised, once the
                 jobs already taken have been yielded.
         """

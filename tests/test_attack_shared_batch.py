@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from flux_adapters._journal import JOURNAL_NAME, JobState
+from flux_adapters._journal import JOURNAL_NAME, SHARED_MARK, JobState
 from flux_adapters._shared_batch import (
     Ended,
     Lines,
@@ -451,9 +451,6 @@ def test_a_folder_of_a_batch_run_without_state_is_not_paid_again_by_a_shared_one
         # Their images saved now, the old journal holds nothing unsettled: a rerun is let in.
         again = _worker_run(source, folder, redis.url, env)
         after = len(emulator.billed())
-        # Their images saved now, the old journal holds nothing unsettled: a rerun is let in.
-        again = _worker_run(source, folder, redis.url, env)
-        after = len(emulator.billed())
     assert first.returncode == 8, first.stderr
     assert billed == 3
     assert shared.returncode == 5, shared.stderr  # a configuration error
@@ -465,6 +462,40 @@ def test_a_folder_of_a_batch_run_without_state_is_not_paid_again_by_a_shared_one
     assert set(ledger.values()) == {2}
     assert again.returncode == 0, again.stderr
     assert after == sum(ledger.values())
+
+
+def test_a_shared_batchs_folder_is_not_paid_again_by_a_batch_run_without_state(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    # The reverse: a shared batch ended with its jobs unconfirmed (a 500 after the work:
+    # billed), its journal in Redis. The same jobs run without --state on the same folder
+    # found no journal there and sent each again. Once a shared batch ends with nothing
+    # unsettled, its mark is gone and such a run is let in (nothing left to send).
+    source, folder = write_jobs(tmp_path / "jobs.jsonl", 3), tmp_path / "out"
+    alone = [sys.executable, "-m", "flux_adapters", "batch", str(source), "-o", str(folder),
+             "-p", "laozhang"]  # fmt: skip
+    with run_emulator() as emulator:
+        env = environment(emulator)
+        emulator.inject("laozhang", Fault(status=500, after_work=True))
+        shared = _worker_run(source, folder, redis.url, env)
+        emulator.clear_faults()
+        billed = len(emulator.billed())
+        refused = subprocess.run(alone, env=env, capture_output=True, text=True, timeout=120)
+        refused_billed = len(emulator.billed()) - billed
+        settled = _worker_run(source, folder, redis.url, env, "--resend-unconfirmed")
+        mark_left = (folder / SHARED_MARK).exists()
+        billed = len(emulator.billed())
+        rerun = subprocess.run(alone, env=env, capture_output=True, text=True, timeout=120)
+        rerun_billed = len(emulator.billed()) - billed
+    assert shared.returncode == 8, shared.stderr  # unconfirmed jobs
+    assert refused.returncode == 5, refused.stderr  # a configuration error, before sending
+    assert "output of a batch shared through Redis" in refused.stderr
+    assert "--resend-unconfirmed" in refused.stderr
+    assert refused_billed == 0
+    assert settled.returncode == 0, settled.stderr
+    assert not mark_left  # it ended with nothing unsettled
+    assert rerun.returncode == 0, rerun.stderr  # every image there: nothing sent
+    assert rerun_billed == 0
 
 
 @pytest.mark.parametrize(
@@ -533,3 +564,44 @@ def test_a_line_edited_between_the_check_and_the_index_is_not_sent_unchecked(
     assert sorted(billed) == ["job 0", "job 2"]
     assert status == 3, err.getvalue()  # the edited line: failed, not sent
     assert "changed since this worker read the file" in err.getvalue()
+
+
+@pytest.mark.parametrize("how", ["garbage", "fifo", "folder", "huge"])
+def test_a_damaged_shared_mark_still_keeps_a_batch_without_state_out(
+    tmp_path: Path, how: str
+) -> None:
+    # Whatever is at the mark's name says a shared batch wrote there: read without waiting (a
+    # FIFO), without reading much, and refused all the same.
+    from flux_adapters._batch import _refuse_shared_output
+    from flux_adapters._journal import shared_batch_in
+
+    mark = tmp_path / SHARED_MARK
+    if how == "garbage":
+        mark.write_bytes(b"\xff{not json")
+    elif how == "fifo":
+        os.mkfifo(mark)
+    elif how == "folder":
+        mark.mkdir()
+    else:
+        mark.write_text(json.dumps({"state": "redis://h/0", "batch": "b" * 10_000_000}))
+    assert shared_batch_in(tmp_path) == {"state": "", "batch": ""}
+    with pytest.raises(ConfigurationError, match="output of a batch shared through Redis"):
+        _refuse_shared_output(tmp_path)
+
+
+def test_a_shared_mark_names_the_state_without_its_password(tmp_path: Path) -> None:
+    from flux_adapters._batch import _refuse_shared_output
+    from flux_adapters._journal import mark_shared, unmark_shared
+    from flux_adapters._redact import shown_state_url
+
+    mark_shared(tmp_path, shown_state_url("redis://:hunter2-secret@cache:6379/0"), "batch-1")
+    with pytest.raises(ConfigurationError) as refused:
+        _refuse_shared_output(tmp_path)
+    assert "cache:6379/0" in str(refused.value)
+    assert "batch-1" in str(refused.value)
+    assert "hunter2" not in (tmp_path / SHARED_MARK).read_text() + str(refused.value)
+    unmark_shared(tmp_path, "another-batch")  # not the one that left it: stays
+    assert (tmp_path / SHARED_MARK).exists()
+    unmark_shared(tmp_path, "batch-1")
+    assert not (tmp_path / SHARED_MARK).exists()
+    _refuse_shared_output(tmp_path)  # let in
