@@ -502,6 +502,37 @@ def on_driver(make: Callable[[], Any], *exchanges: Exchange) -> list[object]:
     return asyncio.run(main())
 
 
+def queued_behind(
+    make: Callable[[], Any], first: Exchange, queued: Exchange, released: threading.Event
+) -> list[object]:
+    """*first* and *queued* sent at once by one driver made by *make*, as `on_driver` sends
+    them; *released* is set once *queued* has ended, for the server to answer *first* only
+    then: *queued* waits for the connection *first* holds for as long as it takes, not for a
+    fixed time."""
+
+    async def main() -> list[object]:
+        sender = make()
+        try:
+
+            async def one(item: Exchange) -> object:
+                try:
+                    return await sender.exchange(item)
+                except errors.FluxError as error:
+                    return error
+
+            holding = asyncio.ensure_future(one(first))
+            waiting = asyncio.ensure_future(one(queued))
+            try:
+                ended = await waiting
+            finally:
+                released.set()
+            return [await holding, ended]
+        finally:
+            await sender.aclose()
+
+    return asyncio.run(main())
+
+
 BODY = JsonBody({"model": "flux-2-pro", "prompt": "a robot"})
 
 
@@ -652,14 +683,19 @@ def test_aiohttp_a_callers_own_cancellation_is_no_timeout(serve: Callable[..., S
 def test_a_wait_for_a_free_connection_past_the_pool_timeout_is_not_sent(
     make: Callable[..., Any], serve: Callable[..., Server]
 ) -> None:
+    released = threading.Event()
+
     def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
-        time.sleep(1.0)
+        released.wait(10)  # until the second has waited for the connection past its timeout
         server.send(connection, answer(200, OK))
 
     server = serve(slow)
     one = (lambda: make(connections=1, per_pool=1)) if make is HttpxDriver else lambda: make(1)
-    first, second = on_driver(
-        one, exchange(f"{server.url}/v1", BODY), exchange(f"{server.url}/v1", BODY, pool=0.2)
+    first, second = queued_behind(
+        one,
+        exchange(f"{server.url}/v1", BODY),
+        exchange(f"{server.url}/v1", BODY, pool=0.2),
+        released,
     )
     assert getattr(first, "status_code", None) == 200
     assert isinstance(second, errors.Timeout)
@@ -675,14 +711,16 @@ def test_a_deadline_that_passes_in_the_queue_is_not_sent(
 ) -> None:
     # A request with no body (a job's poll) too: the aiohttp driver said it may have reached
     # the provider, as if aiohttp had written it, while it waited for a connection.
+    released = threading.Event()
+
     def slow(server: Server, connection: socket.socket, head: bytes, _: bytes) -> None:
-        time.sleep(1.0)
+        released.wait(10)  # until the second's deadline passed while it waited its turn
         server.send(connection, answer(200, OK))
 
     server = serve(slow)
     one = (lambda: make(connections=1, per_pool=1)) if make is HttpxDriver else lambda: make(1)
     queued = exchange(f"{server.url}/v1", body)._replace(seconds=0.3)
-    first, second = on_driver(one, exchange(f"{server.url}/v1", body), queued)
+    first, second = queued_behind(one, exchange(f"{server.url}/v1", body), queued, released)
     assert getattr(first, "status_code", None) == 200
     assert isinstance(second, errors.Timeout)
     assert second.sent is False
