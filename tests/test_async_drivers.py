@@ -623,8 +623,13 @@ def test_aiohttp_exchanges_in_flight_together_each_keep_their_own_timeouts(
     with shorter timeouts than those already in flight still ends on time, a timeout ends only
     its own exchange, and exchanges sent after others timed out are still watched."""
 
+    released = threading.Event()
+
     def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
-        time.sleep(1.5)
+        if head.startswith(b"POST /v1/longest "):
+            released.wait(10)  # in flight until the others timed out, not a fixed 1.5 s
+        else:
+            time.sleep(1.5)  # past each of the others' timeouts
         server.send(connection, answer(200, OK))
 
     server = serve(slow)
@@ -640,11 +645,15 @@ def test_aiohttp_exchanges_in_flight_together_each_keep_their_own_timeouts(
                 return error
 
         try:
-            together = await asyncio.gather(
-                one(exchange(url, BODY)),  # the longest first: 10 s, read 5 s
-                one(exchange(url, BODY)._replace(seconds=0.3)),
-                one(exchange(url, BODY, read=0.3)),
-            )
+            longest = asyncio.ensure_future(one(exchange(f"{url}/longest", BODY)))  # 10 s, read 5 s
+            try:
+                shorter = await asyncio.gather(
+                    one(exchange(url, BODY)._replace(seconds=0.3)),
+                    one(exchange(url, BODY, read=0.3)),
+                )
+            finally:
+                released.set()
+            together = [await longest, *shorter]
             later = await one(exchange(url, BODY)._replace(seconds=0.4))
             return [*together, later]
         finally:
