@@ -135,6 +135,10 @@ def serve() -> Iterator[Callable[[list[tuple[float, bytes]]], _Server]]:
 def _read_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     # A short read timeout; the pool's and the connect's long (a download may wait its turn).
     monkeypatch.setattr(_download, "DOWNLOAD_TIMEOUT", httpx.Timeout(READ, pool=10, connect=10))
+    # A timed-out download is tried twice more after a jittered wait of up to 0.5 s, then 1 s:
+    # how long it waits is not what these tests are about (their outcome is the same), and at
+    # its own ceiling it was most of their time.
+    monkeypatch.setattr(_download, "_BACKOFF", 0.01)
 
 
 def _outcome(found: object) -> object:

@@ -502,6 +502,37 @@ def on_driver(make: Callable[[], Any], *exchanges: Exchange) -> list[object]:
     return asyncio.run(main())
 
 
+def queued_behind(
+    make: Callable[[], Any], first: Exchange, queued: Exchange, released: threading.Event
+) -> list[object]:
+    """*first* and *queued* sent at once by one driver made by *make*, as `on_driver` sends
+    them; *released* is set once *queued* has ended, for the server to answer *first* only
+    then: *queued* waits for the connection *first* holds for as long as it takes, not for a
+    fixed time."""
+
+    async def main() -> list[object]:
+        sender = make()
+        try:
+
+            async def one(item: Exchange) -> object:
+                try:
+                    return await sender.exchange(item)
+                except errors.FluxError as error:
+                    return error
+
+            holding = asyncio.ensure_future(one(first))
+            waiting = asyncio.ensure_future(one(queued))
+            try:
+                ended = await waiting
+            finally:
+                released.set()
+            return [await holding, ended]
+        finally:
+            await sender.aclose()
+
+    return asyncio.run(main())
+
+
 BODY = JsonBody({"model": "flux-2-pro", "prompt": "a robot"})
 
 
@@ -592,8 +623,13 @@ def test_aiohttp_exchanges_in_flight_together_each_keep_their_own_timeouts(
     with shorter timeouts than those already in flight still ends on time, a timeout ends only
     its own exchange, and exchanges sent after others timed out are still watched."""
 
+    released = threading.Event()
+
     def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
-        time.sleep(1.5)
+        if head.startswith(b"POST /v1/longest "):
+            released.wait(10)  # in flight until the others timed out, not a fixed 1.5 s
+        else:
+            time.sleep(1.5)  # past each of the others' timeouts
         server.send(connection, answer(200, OK))
 
     server = serve(slow)
@@ -609,11 +645,15 @@ def test_aiohttp_exchanges_in_flight_together_each_keep_their_own_timeouts(
                 return error
 
         try:
-            together = await asyncio.gather(
-                one(exchange(url, BODY)),  # the longest first: 10 s, read 5 s
-                one(exchange(url, BODY)._replace(seconds=0.3)),
-                one(exchange(url, BODY, read=0.3)),
-            )
+            longest = asyncio.ensure_future(one(exchange(f"{url}/longest", BODY)))  # 10 s, read 5 s
+            try:
+                shorter = await asyncio.gather(
+                    one(exchange(url, BODY)._replace(seconds=0.3)),
+                    one(exchange(url, BODY, read=0.3)),
+                )
+            finally:
+                released.set()
+            together = [await longest, *shorter]
             later = await one(exchange(url, BODY)._replace(seconds=0.4))
             return [*together, later]
         finally:
@@ -652,14 +692,19 @@ def test_aiohttp_a_callers_own_cancellation_is_no_timeout(serve: Callable[..., S
 def test_a_wait_for_a_free_connection_past_the_pool_timeout_is_not_sent(
     make: Callable[..., Any], serve: Callable[..., Server]
 ) -> None:
+    released = threading.Event()
+
     def slow(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
-        time.sleep(1.0)
+        released.wait(10)  # until the second has waited for the connection past its timeout
         server.send(connection, answer(200, OK))
 
     server = serve(slow)
     one = (lambda: make(connections=1, per_pool=1)) if make is HttpxDriver else lambda: make(1)
-    first, second = on_driver(
-        one, exchange(f"{server.url}/v1", BODY), exchange(f"{server.url}/v1", BODY, pool=0.2)
+    first, second = queued_behind(
+        one,
+        exchange(f"{server.url}/v1", BODY),
+        exchange(f"{server.url}/v1", BODY, pool=0.2),
+        released,
     )
     assert getattr(first, "status_code", None) == 200
     assert isinstance(second, errors.Timeout)
@@ -675,14 +720,16 @@ def test_a_deadline_that_passes_in_the_queue_is_not_sent(
 ) -> None:
     # A request with no body (a job's poll) too: the aiohttp driver said it may have reached
     # the provider, as if aiohttp had written it, while it waited for a connection.
+    released = threading.Event()
+
     def slow(server: Server, connection: socket.socket, head: bytes, _: bytes) -> None:
-        time.sleep(1.0)
+        released.wait(10)  # until the second's deadline passed while it waited its turn
         server.send(connection, answer(200, OK))
 
     server = serve(slow)
     one = (lambda: make(connections=1, per_pool=1)) if make is HttpxDriver else lambda: make(1)
     queued = exchange(f"{server.url}/v1", body)._replace(seconds=0.3)
-    first, second = on_driver(one, exchange(f"{server.url}/v1", body), queued)
+    first, second = queued_behind(one, exchange(f"{server.url}/v1", body), queued, released)
     assert getattr(first, "status_code", None) == 200
     assert isinstance(second, errors.Timeout)
     assert second.sent is False

@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,14 +171,28 @@ def test_an_answer_whose_client_stops_reading_is_cut_after_the_send_timeout(
     tmp_path: Path,
     pipelined: bool,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A client that asks and never reads would otherwise hold the answer, and its task, for
     # ever. 16 MB: more than the kernel's buffers on both sides hold. A request pipelined
     # behind it must not turn the cut into an error in the gateway's log.
+    from flux_adapters._serving import HeadClock
+
+    aborted = threading.Event()
+    checking = HeadClock._stall_check
+
+    def check(clock: HeadClock, unread: int) -> None:
+        checking(clock, unread)
+        if clock.transport.is_closing():
+            aborted.set()
+
+    monkeypatch.setattr(HeadClock, "_stall_check", check)
     name, data = _kept_image(tmp_path, 16 << 20)
     then = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n" if pipelined else b""
     with _reading(gateway[0], name, 4096, then) as sock:
-        time.sleep(SEND_TIMEOUT + 2)  # the gateway's buffer fills, stalls, and is dropped
+        # The gateway's buffer fills, stalls, and is dropped: waited for as it happens (a
+        # fixed sleep of the timeout and 2 s more held each case 3 s), not read before.
+        assert aborted.wait(SEND_TIMEOUT + 30), "the stalled answer was not cut"
         received = b""
         with contextlib.suppress(ConnectionResetError):
             while chunk := sock.recv(1 << 20):
@@ -206,7 +221,7 @@ def test_a_client_reading_slowly_but_steadily_gets_the_whole_answer(
             received += chunk
             if len(received.partition(b"\r\n\r\n")[2]) >= len(data):
                 break
-            if count % 50 == 0:  # about 200 KB, then a pause: about 800 KB a second
+            if count % 100 == 0:  # about 400 KB, then a pause: about 1.6 MB a second
                 time.sleep(SEND_TIMEOUT / 4)
     assert time.monotonic() - started > SEND_TIMEOUT
     assert received.partition(b"\r\n\r\n")[2] == data
