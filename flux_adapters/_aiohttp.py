@@ -44,6 +44,7 @@ from typing import Any, Final
 import aiohttp
 import httpx
 from aiohttp.abc import AbstractStreamWriter, ResolveResult
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.payload import Payload
@@ -332,9 +333,10 @@ class _Clock:
             self.expired = "deadline"
         elif read is not None and since is not None and now >= since + read:
             heading = self.heading
-            if heading is not None and heading.hand_over(read):
-                # Pieces of the head may have come in the meantime: aiohttp times the rest of
-                # it from here, restarted by each piece (as httpx's read timeout is, per read).
+            if heading is not None and heading.hand_over(read, since):
+                # Pieces of the head came in the meantime: aiohttp times the rest of it from
+                # here, restarted by each piece (as httpx's read timeout is, per read). None:
+                # the read timeout passed, not twice it.
                 self.heading = self.read_from = None
                 return min(self.ends, now + read)  # the body's read phase may begin by then
             self.expired = "read"
@@ -417,6 +419,17 @@ def _check_ipv4(host: str) -> None:
     ipaddress.IPv4Address(host)
 
 
+class _Handler(ResponseHandler):
+    """aiohttp's connection protocol, noting when bytes last came (`_Response.hand_over`)."""
+
+    received_at = -math.inf
+    """When (the loop's clock) bytes last came on this connection."""
+
+    def data_received(self, data: bytes) -> None:
+        self.received_at = self._loop.time()
+        super().data_received(data)
+
+
 class _GuardedConnector(aiohttp.TCPConnector):
     """aiohttp's connector, refusing a provider-given host that leads to a non-public address.
 
@@ -430,6 +443,12 @@ class _GuardedConnector(aiohttp.TCPConnector):
     kept-alive one is reused with no lookup at all). Literal IP hosts skip the lookup; the
     downloader and the client refuse non-public ones first, and `connect` sees their peer.
     """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # As aiohttp makes its own (a private attribute: tests/test_async_drivers.py fails if
+        # it is renamed).
+        self._factory = functools.partial(_Handler, loop=self._loop)  # type: ignore[assignment]
 
     async def _resolve_host(
         self, host: str, port: int, traces: Sequence[Trace] | None = None
@@ -770,11 +789,15 @@ class _Response(aiohttp.ClientResponse):
                 clock.read_from = clock.time()
             clock.heading = self
 
-    def hand_over(self, read: float) -> bool:
-        """Have aiohttp time the rest of the head, *read* from now and from each piece."""
+    def hand_over(self, read: float, since: float) -> bool:
+        """Have aiohttp time the rest of the head, *read* from now and from each piece.
+
+        Only if a piece of it came after *since* (the read phase's start, on the loop's
+        clock): ``False`` if none did (the read timeout has passed).
+        """
         connection = self.connection
         protocol = None if connection is None else connection.protocol
-        if protocol is None:
+        if not isinstance(protocol, _Handler) or protocol.received_at < since:
             return False
         protocol.read_timeout = read
         protocol.start_timeout()

@@ -616,6 +616,25 @@ def test_the_read_timeout_restarts_with_each_piece_of_the_answers_head(
     assert getattr(outcome, "status_code", None) == 200, outcome
 
 
+@pytest.mark.parametrize("body", [BODY, None], ids=["post", "no-body"])
+@pytest.mark.parametrize("make", [aiohttp_driver, HttpxDriver], ids=ASYNC_DRIVERS)
+def test_a_head_that_never_comes_ends_at_the_read_timeout_not_twice_it(
+    make: Callable[..., Any], body: JsonBody | None, serve: Callable[..., Server]
+) -> None:
+    """No byte of the answer: the read timeout (1 s) ends it, before the deadline (1.7 s). The
+    aiohttp driver handed the head to aiohttp's own timer when its clock ran out, which waited
+    a whole read timeout more: a caller's timeout=30 waited 60 s (here: the deadline)."""
+
+    def silent(server: Server, connection: socket.socket, head: bytes, body: bytes) -> None:
+        time.sleep(3)
+
+    server = serve(silent)
+    slow = exchange(f"{server.url}/v1", body, read=1.0)._replace(seconds=1.7)
+    [outcome] = on_driver(make, slow)
+    assert isinstance(outcome, errors.Timeout), outcome
+    assert "deadline" not in str(outcome), outcome
+
+
 def test_aiohttp_exchanges_in_flight_together_each_keep_their_own_timeouts(
     serve: Callable[..., Server],
 ) -> None:
