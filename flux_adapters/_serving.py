@@ -62,19 +62,36 @@ class HeadClock:
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
 
+    _paused = False
+
     def pause_writing(self) -> None:
+        self._paused = True
         super().pause_writing()  # type: ignore[misc]
         if self._stalled is None and not self.transport.is_closing():
             self._watch_stall(self._unread())
 
     def resume_writing(self) -> None:
-        self._stop_stall()
+        self._paused = False
+        if not self.transport.get_write_buffer_size():
+            # Bytes still in the buffer stay watched: the answer may be complete and the
+            # connection closing (close() waits for them), with nothing left to pause it again.
+            self._stop_stall()
         super().resume_writing()  # type: ignore[misc]
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        # Its last bytes may wait in the buffer, below the mark that pauses writing: a client
+        # that never reads them would hold the connection for ever (closing it waits for them).
+        if self._stalled is None and self.transport.get_write_buffer_size():
+            self._watch_stall(self._unread())
 
     def _watch_stall(self, unread: int) -> None:
         self._stalled = self.loop.call_later(self.send_timeout, self._stall_check, unread)
 
     def _stall_check(self, unread: int) -> None:
+        if not self._paused and not self.transport.get_write_buffer_size():
+            self._stalled = None  # all handed to the kernel: nothing holds the connection
+            return
         now = self._unread()
         if now < unread:  # the client took some meanwhile
             self._watch_stall(now)
@@ -224,6 +241,10 @@ class _JoinedTransport:
     def abort(self) -> None:
         self._waiting = None
         self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        waiting = self._waiting
+        return self._transport.get_write_buffer_size() + (0 if waiting is None else len(waiting))
 
     def is_closing(self) -> bool:
         # Asked several times an exchange (uvicorn, `HeadClock`): spelled out, as a miss that
