@@ -67,22 +67,32 @@ class HeadClock:
     def pause_writing(self) -> None:
         self._paused = True
         super().pause_writing()  # type: ignore[misc]
-        if self._stalled is None and not self.transport.is_closing():
+        if not self.transport.is_closing():
+            # From now: bytes were added since any watch before (one kept by `_follow_sends`).
+            self._stop_stall()
             self._watch_stall(self._unread())
 
     def resume_writing(self) -> None:
         self._paused = False
-        if not self.transport.get_write_buffer_size():
-            # Bytes still in the buffer stay watched: the answer may be complete and the
-            # connection closing (close() waits for them), with nothing left to pause it again.
-            self._stop_stall()
+        self._stop_stall()
         super().resume_writing()  # type: ignore[misc]
+        self._follow_sends()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
-        # Its last bytes may wait in the buffer, below the mark that pauses writing: a client
-        # that never reads them would hold the connection for ever (closing it waits for them).
-        if self._stalled is None and self.transport.get_write_buffer_size():
+        self._follow_sends()
+
+    def _follow_sends(self) -> None:
+        """Watch the bytes left in the buffer once the answer is complete.
+
+        They are below the mark that pauses writing, and nothing will pause it again; closing
+        the connection (the next head's deadline, keep-alive's end) waits for them, so a client
+        that never reads them would hold the connection for ever.
+        """
+        if self._stalled is not None or not self.transport.get_write_buffer_size():
+            return
+        cycle = getattr(self, "cycle", None)
+        if self.transport.is_closing() or cycle is None or cycle.response_complete:
             self._watch_stall(self._unread())
 
     def _watch_stall(self, unread: int) -> None:
