@@ -53,7 +53,8 @@ class HeadClock:
 
     head_timeout: ClassVar[float] = 10.0
     send_timeout: ClassVar[float] = 60.0
-    """Seconds an answer may make no progress while the connection's send buffer is full: if
+    """Seconds an answer may make no progress while the connection's send buffer is full (or,
+    the answer complete, holds bytes the kernel has not taken; closing waits for them): if
     none of it was taken by the client in that time, the connection is aborted and the bytes
     not yet sent dropped, so a client that stops reading cannot hold an answer for ever. One
     that goes on reading, however slowly, is not cut."""
