@@ -364,17 +364,26 @@ def _open_folder(output_dir: object) -> Path:
     return folder
 
 
-def _refuse_shared_output(folder: Path) -> None:
+def _refuse_shared_output(folder: Path, resend_unconfirmed: bool = False) -> None:
     """Refuse *folder* if a batch shared through Redis writes or wrote there (`SHARED_MARK`).
 
     Its journal is in Redis: this batch would find none of its jobs that may have been billed
-    with no image, and send them again.
+    with no image, and send them again; with *resend_unconfirmed*, only while one of its
+    workers runs there (it would send the jobs those are sending).
 
     Raises:
-        ConfigurationError: It did, and may have left such jobs.
+        ConfigurationError: It did, and may have left such jobs; or one of its workers runs.
     """
-    from flux_adapters._journal import SHARED_MARK, shared_batch_in
+    from flux_adapters._journal import SHARED_MARK, shared_batch_in, shared_batch_running
 
+    if shared_batch_running(folder):
+        raise ConfigurationError(
+            f"{folder} is the output of a batch shared through Redis whose workers run there "
+            f"now ({SHARED_MARK} is held): this batch would send again the jobs they are "
+            "sending. Let it end, run this one with its --state, or write to another output"
+        )
+    if resend_unconfirmed:
+        return
     found = shared_batch_in(folder)
     if found is None:
         return
@@ -641,8 +650,8 @@ async def run_batch(
     jobs = _iterable(requests, "requests")
     named = _iterable(names, "names=") if names is not None else None
     folder = _open_folder(output_dir) if output_dir is not None else None
-    if folder is not None and not resend_unconfirmed:
-        _refuse_shared_output(folder)
+    if folder is not None:
+        _refuse_shared_output(folder, resend_unconfirmed)
     batch = _Batch(client, folder, resend_unconfirmed=resend_unconfirmed, force=force)
     source = _numbered(jobs, named)
     # Bounded: a caller that reads slowly (or stopped reading without closing the iterator)

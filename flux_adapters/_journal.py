@@ -79,6 +79,7 @@ __all__ = [
     "mark_shared",
     "request_digest",
     "shared_batch_in",
+    "shared_batch_running",
     "unmark_shared",
     "zeroed",
 ]
@@ -640,8 +641,13 @@ none such."""
 _MOST_MARK_BYTES: Final = 4096
 
 
-def mark_shared(folder: Path, state: str, batch: str) -> None:
+def mark_shared(folder: Path, state: str, batch: str) -> int:
     """Leave `SHARED_MARK` in *folder*: a batch shared through *state* (shown) writes there.
+
+    Returns a descriptor open on it, holding a shared lock while the worker runs (close it at
+    the end): a batch run without ``--state`` finds it locked (`shared_batch_running`) and
+    stays out even when told to send again the jobs left unconfirmed, which the workers are
+    sending now. A mark the same batch left is kept (another worker's lock is on it).
 
     Raises:
         OutputError: It cannot be written (nor can the images be).
@@ -651,11 +657,36 @@ def mark_shared(folder: Path, state: str, batch: str) -> None:
     partial = folder / f"{SHARED_MARK}.{os.urandom(8).hex()}.part"
     try:
         partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            found = shared_batch_in(folder)
+            if found is None or found.get("batch") != batch or not path.is_file():
+                os.replace(partial, path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
+        raise OutputError(exc.strerror or str(exc), path=str(path)) from None
+    finally:
         with contextlib.suppress(OSError):
             partial.unlink()
-        raise OutputError(exc.strerror or str(exc), path=str(path)) from None
+    _share(fd)
+    return fd
+
+
+def shared_batch_running(folder: Path) -> bool:
+    """Whether a worker of a batch shared through Redis writes to *folder* now (`mark_shared`)."""
+    try:
+        fd = os.open(
+            folder / SHARED_MARK, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        )
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and not _lock(fd, exclusive=False)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (and the lock taken, if it was)
 
 
 def unmark_shared(folder: Path, batch: str) -> None:

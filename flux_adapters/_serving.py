@@ -53,7 +53,8 @@ class HeadClock:
 
     head_timeout: ClassVar[float] = 10.0
     send_timeout: ClassVar[float] = 60.0
-    """Seconds an answer may make no progress while the connection's send buffer is full: if
+    """Seconds an answer may make no progress while the connection's send buffer is full (or,
+    the answer complete, holds bytes the kernel has not taken; closing waits for them): if
     none of it was taken by the client in that time, the connection is aborted and the bytes
     not yet sent dropped, so a client that stops reading cannot hold an answer for ever. One
     that goes on reading, however slowly, is not cut."""
@@ -62,19 +63,46 @@ class HeadClock:
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
 
+    _paused = False
+
     def pause_writing(self) -> None:
+        self._paused = True
         super().pause_writing()  # type: ignore[misc]
-        if self._stalled is None and not self.transport.is_closing():
+        if not self.transport.is_closing():
+            # From now: bytes were added since any watch before (one kept by `_follow_sends`).
+            self._stop_stall()
             self._watch_stall(self._unread())
 
     def resume_writing(self) -> None:
+        self._paused = False
         self._stop_stall()
         super().resume_writing()  # type: ignore[misc]
+        self._follow_sends()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._follow_sends()
+
+    def _follow_sends(self) -> None:
+        """Watch the bytes left in the buffer once the answer is complete.
+
+        They are below the mark that pauses writing, and nothing will pause it again; closing
+        the connection (the next head's deadline, keep-alive's end) waits for them, so a client
+        that never reads them would hold the connection for ever.
+        """
+        if self._stalled is not None or not self.transport.get_write_buffer_size():
+            return
+        cycle = getattr(self, "cycle", None)
+        if self.transport.is_closing() or cycle is None or cycle.response_complete:
+            self._watch_stall(self._unread())
 
     def _watch_stall(self, unread: int) -> None:
         self._stalled = self.loop.call_later(self.send_timeout, self._stall_check, unread)
 
     def _stall_check(self, unread: int) -> None:
+        if not self._paused and not self.transport.get_write_buffer_size():
+            self._stalled = None  # all handed to the kernel: nothing holds the connection
+            return
         now = self._unread()
         if now < unread:  # the client took some meanwhile
             self._watch_stall(now)
@@ -224,6 +252,10 @@ class _JoinedTransport:
     def abort(self) -> None:
         self._waiting = None
         self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        waiting = self._waiting
+        return self._transport.get_write_buffer_size() + (0 if waiting is None else len(waiting))
 
     def is_closing(self) -> bool:
         # Asked several times an exchange (uvicorn, `HeadClock`): spelled out, as a miss that

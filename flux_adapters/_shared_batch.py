@@ -1058,6 +1058,7 @@ async def run_shared(
         worker=worker or f"{os.getpid()}-{secrets.token_hex(6)}",
         keep_s=options.keep_s,
     )
+    held: int | None = None  # the mark, locked while this worker runs
     try:
         shown = shown_location(output_location(options.output))
         how, _, lease_ms = await store.begin(
@@ -1071,7 +1072,7 @@ async def run_shared(
         # batches starting at once never both find the other gone.
         await store.take_output(shown, resend_unconfirmed=options.resend_unconfirmed)
         if isinstance(output, LocalOutput):  # so that a batch without --state stops there
-            await asyncio.to_thread(
+            held = await asyncio.to_thread(
                 mark_shared, output.folder, shown_state_url(options.state_url), identity
             )
         # The first worker's lease and block size are the batch's.
@@ -1097,4 +1098,7 @@ async def run_shared(
             finished=run.finished,
         )
     finally:
+        if held is not None:
+            with contextlib.suppress(OSError):
+                os.close(held)
         await state.aclose()

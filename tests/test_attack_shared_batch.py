@@ -594,7 +594,9 @@ def test_a_shared_mark_names_the_state_without_its_password(tmp_path: Path) -> N
     from flux_adapters._journal import mark_shared, unmark_shared
     from flux_adapters._redact import shown_state_url
 
-    mark_shared(tmp_path, shown_state_url("redis://:hunter2-secret@cache:6379/0"), "batch-1")
+    os.close(
+        mark_shared(tmp_path, shown_state_url("redis://:hunter2-secret@cache:6379/0"), "batch-1")
+    )
     with pytest.raises(ConfigurationError) as refused:
         _refuse_shared_output(tmp_path)
     assert "cache:6379/0" in str(refused.value)
@@ -605,3 +607,25 @@ def test_a_shared_mark_names_the_state_without_its_password(tmp_path: Path) -> N
     unmark_shared(tmp_path, "batch-1")
     assert not (tmp_path / SHARED_MARK).exists()
     _refuse_shared_output(tmp_path)  # let in
+
+
+def test_a_batch_without_state_told_to_resend_stays_out_while_shared_workers_run(
+    tmp_path: Path,
+) -> None:
+    # --resend-unconfirmed lets a batch without --state into a shared batch's output once it
+    # ended; while its workers run there it would send again the jobs they are sending now
+    # (billed twice). A worker holds its mark locked while it runs; a second worker of the
+    # same batch keeps the mark (and its lock) as it is.
+    from flux_adapters._journal import mark_shared
+    from tests.test_batch import Provider, batch
+
+    first = mark_shared(tmp_path, "redis://cache:6379/0", "batch-1")
+    second = mark_shared(tmp_path, "redis://cache:6379/0", "batch-1")
+    provider = Provider()
+    os.close(first)
+    with pytest.raises(ConfigurationError, match="whose workers run there now"):
+        batch(provider, ["a"], tmp_path, resend_unconfirmed=True)
+    os.close(second)
+    assert not provider.posts
+    batch(provider, ["a"], tmp_path, resend_unconfirmed=True)  # ended: let in, as told
+    assert provider.posts == {"a": 1}

@@ -205,6 +205,44 @@ def test_an_answer_whose_client_stops_reading_is_cut_after_the_send_timeout(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def test_an_answer_complete_in_the_buffer_whose_client_never_reads_is_cut(
+    gateway: tuple[RunningGateway, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last bytes of an answer may wait in the gateway's buffer below the mark that pauses
+    # writing (up to 64 KB, or what a resume left): the answer is complete, the connection is
+    # closed (the next head's deadline), and closing waits for them. A client that never reads
+    # held the connection for ever: only a pause started the send timeout. Here the mark is
+    # raised above the whole answer, so that every byte the kernel does not take is such.
+    from flux_adapters._serving import JoinedWrites
+    from flux_adapters.gateway._httptools import HttptoolsJoinedWrites
+
+    lost = threading.Event()
+    for protocol in (JoinedWrites, HttptoolsJoinedWrites):
+        made, ended = protocol.connection_made, protocol.connection_lost
+
+        def connection_made(self, transport, made=made):  # type: ignore[no-untyped-def]
+            transport.set_write_buffer_limits(high=64 << 20)
+            made(self, transport)
+
+        def connection_lost(self, exc, ended=ended):  # type: ignore[no-untyped-def]
+            ended(self, exc)
+            lost.set()
+
+        monkeypatch.setattr(protocol, "connection_made", connection_made)
+        monkeypatch.setattr(protocol, "connection_lost", connection_lost)
+    name, data = _kept_image(tmp_path, 16 << 20)
+    with _reading(gateway[0], name, 4096) as sock:
+        assert lost.wait(SEND_TIMEOUT + 30), "the connection was held for ever"
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert 0 < len(body) < len(data)  # cut short: the connection was aborted
+    assert data.startswith(body)
+
+
 def test_a_client_reading_slowly_but_steadily_gets_the_whole_answer(
     gateway: tuple[RunningGateway, str], tmp_path: Path
 ) -> None:
