@@ -107,7 +107,7 @@ if TYPE_CHECKING:
         sends_here,
         with_answer,
     )
-    from flux_adapters.config import ProviderSettings
+    from flux_adapters.config import Config, ProviderSettings
     from flux_adapters.jobs import Accepted, Job, JobAdapter, Polling, StopJob
     from flux_adapters.limits import Plan
     from flux_adapters.prices import Price
@@ -449,19 +449,11 @@ def _configured_options(
     timeout, usable = timeouts(loaded, usable)
     names = [settings.name for settings in usable]
     retries = None if max_retries is None else _check_retries(max_retries)
-    policy = _default_policy(
-        len(names),
-        routing=loaded.routing,
-        max_cost_usd=loaded.max_cost_usd,
-        unknown_price="refuse" if loaded.unknown_price == "refuse" else "allow",
-        failover_on_ambiguous=loaded.failover_on_ambiguous,
-        **({} if retries is None else {"retries": retries}),
-    )
     options: dict[str, Any] = {
         "providers": names,
         "http_client": http_client,
         "timeout": timeout,
-        "policy": policy,
+        "policy": _configured_policy(loaded, len(names), retries),
         "prices": loaded.prices,
         "settings": {settings.name: settings for settings in usable},
         "polling": None if loaded.job_deadline is None else Polling(deadline=loaded.job_deadline),
@@ -554,6 +546,20 @@ class Watcher(Protocol):
         *not_taken*: the statuses its adapter says are not billed; *key_only* masks the API key
         (and nothing else) in a text, so what the provider sent back can be kept without it.
         """
+
+
+def _configured_policy(
+    loaded: Config, provider_count: int, retries: int | None = None
+) -> RoutingPolicy:
+    """The routing policy of a client of *provider_count* providers, from its configuration."""
+    return _default_policy(
+        provider_count,
+        routing=loaded.routing,
+        max_cost_usd=loaded.max_cost_usd,
+        unknown_price="refuse" if loaded.unknown_price == "refuse" else "allow",
+        failover_on_ambiguous=loaded.failover_on_ambiguous,
+        **({} if retries is None else {"retries": retries}),
+    )
 
 
 def _default_policy(provider_count: int, **settings: Any) -> RoutingPolicy:

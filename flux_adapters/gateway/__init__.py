@@ -70,7 +70,7 @@ def clients_from_config(
     Raises:
         ConfigurationError: As `AsyncFluxClient.from_env`.
     """
-    from flux_adapters.client import AsyncFluxClient, _default_policy
+    from flux_adapters.client import AsyncFluxClient, _configured_policy
     from flux_adapters.config import load_config, timeouts, with_keys
     from flux_adapters.jobs import Polling
 
@@ -80,13 +80,7 @@ def clients_from_config(
 
     def make(only: tuple[str, ...] | None) -> AsyncFluxClient:
         chosen = [s for s in usable if only is None or s.name in only]
-        policy = _default_policy(
-            len(chosen),
-            routing=loaded.routing,
-            max_cost_usd=loaded.max_cost_usd,
-            unknown_price="refuse" if loaded.unknown_price == "refuse" else "allow",
-            failover_on_ambiguous=loaded.failover_on_ambiguous,
-        )
+        policy = _configured_policy(loaded, len(chosen))
         names: list[Any] = [s.name for s in chosen]
         return AsyncFluxClient(
             providers=names,
