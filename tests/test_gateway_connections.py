@@ -153,6 +153,18 @@ def _kept_image(folder: Path, size: int) -> tuple[str, bytes]:
     return name, data
 
 
+def _assert_cut_short(sock: socket.socket, data: bytes) -> None:
+    """What *sock* still gets is a 200 with the first part of *data*: the rest was dropped."""
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert 0 < len(body) < len(data)  # cut short: the connection was aborted
+    assert data.startswith(body)
+
+
 def _reading(gateway: RunningGateway, name: str, buffer: int, then: bytes = b"") -> socket.socket:
     """A connection asking for the kept image *name* (and sending *then* right after it),
     receiving into a *buffer* bytes large (fixed: the kernel does not grow it)."""
@@ -193,14 +205,7 @@ def test_an_answer_whose_client_stops_reading_is_cut_after_the_send_timeout(
         # The gateway's buffer fills, stalls, and is dropped: waited for as it happens (a
         # fixed sleep of the timeout and 2 s more held each case 3 s), not read before.
         assert aborted.wait(SEND_TIMEOUT + 30), "the stalled answer was not cut"
-        received = b""
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := sock.recv(1 << 20):
-                received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
-    assert 0 < len(body) < len(data)  # cut short: the connection was aborted
-    assert data.startswith(body)
+        _assert_cut_short(sock, data)
     assert httpx.get(f"{gateway[0].root}/healthz").status_code == 200  # and the gateway on
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
@@ -233,14 +238,7 @@ def test_an_answer_complete_in_the_buffer_whose_client_never_reads_is_cut(
     name, data = _kept_image(tmp_path, 16 << 20)
     with _reading(gateway[0], name, 4096) as sock:
         assert lost.wait(SEND_TIMEOUT + 30), "the connection was held for ever"
-        received = b""
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := sock.recv(1 << 20):
-                received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
-    assert 0 < len(body) < len(data)  # cut short: the connection was aborted
-    assert data.startswith(body)
+        _assert_cut_short(sock, data)
 
 
 def test_a_client_reading_slowly_but_steadily_gets_the_whole_answer(
