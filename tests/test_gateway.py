@@ -264,6 +264,8 @@ NOT_BILLED: list[tuple[errors.FluxError, str]] = [
     (errors.ProviderRejected("m", provider="x", status_code=400), "provider_rejected"),
     (errors.ContentModerated("m", provider="x", status_code=400), "content_policy_violation"),
     (errors.JobFailed("m", provider="x", job_id="j", billed=False), "job_failed"),
+    # The gateway's clients closed as it stops: a 503 like a call arriving while it drains.
+    (errors.ClientClosedError("the connection pool is closed; nothing was sent"), "shutting_down"),
 ]
 
 

@@ -200,8 +200,15 @@ def _answer(error: errors.FluxError) -> Answer:
             retry=True,
             may_be_billed=False,
         )
-    if isinstance(error, errors.ClientClosedError):
-        return openai_error(503, "the gateway is shutting down", type_="server_error", retry=True)
+    if isinstance(error, errors.ClientClosedError):  # its clients closed as it stops
+        return openai_error(
+            503,
+            "the gateway is shutting down (nothing sent)",
+            type_="server_error",
+            code="shutting_down",
+            retry=True,
+            may_be_billed=False,
+        )
     if isinstance(error, errors.ConfigurationError):
         return openai_error(400, text, code="invalid_request", retry=False)
     if isinstance(error, errors.ContentModerated | errors.Moderated):
