@@ -71,7 +71,7 @@ from flux_adapters.errors import (
     StateUnavailable,
     Violation,
 )
-from flux_adapters.request import MODELS, EditRequest
+from flux_adapters.request import MODELS, EditRequest, _as_text
 
 # What only sending, a result, several providers or a batch needs is imported where it is used,
 # so that `from flux_adapters import EditRequest, FluxClient` loads neither the routing, the
@@ -822,9 +822,8 @@ def _plain(value: _T) -> _T:
     Then none of the subclass's own methods (``__eq__``, ``__hash__``, ``__len__``, ``lower``,
     ...) runs when the argument is checked or used, as `EditRequest` takes its text fields.
     """
-    if issubclass(type(value), str) and type(value) is not str:
-        return str.__str__(value)  # type: ignore[return-value]
-    return value
+    text = _as_text(value)
+    return value if text is None else text  # type: ignore[return-value]
 
 
 class _ClientBase:

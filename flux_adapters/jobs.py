@@ -132,7 +132,9 @@ class Job:
 
 
 def _plain_url(value: object) -> str | None:
-    return str.__str__(value) if isinstance(value, str) else None
+    from flux_adapters.request import _as_text
+
+    return _as_text(value)
 
 
 def job_problem(job: Job) -> str:
@@ -169,11 +171,14 @@ def plain_texts(job: Job) -> Job:
     A `Job` made by hand may hold any ``str``: its own ``__eq__``, ``__len__`` or methods then
     never run while the job is checked, compared with a provider's name or polled.
     """
+    from flux_adapters.request import _as_text
+
     odd: dict[str, Any] = {}
     for name in _TEXTS:
         value: object = getattr(job, name)
-        if isinstance(value, str) and type(value) is not str:
-            odd[name] = str.__str__(value)
+        text = _as_text(value)
+        if text is not None and text is not value:
+            odd[name] = text
     return attrs.evolve(job, **odd) if odd else job
 
 
