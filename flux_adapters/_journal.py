@@ -85,6 +85,8 @@ __all__ = [
 ]
 
 JOURNAL_NAME: Final = ".flux-journal.jsonl"
+_READ: Final = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+"""How a file is opened to be read: a FIFO put in its place opens at once (and is refused)."""
 _SAMPLE: Final = 64 * 1024
 
 Verdict: TypeAlias = Literal["new", "saved", "changed", "unconfirmed", "retry"]
@@ -599,7 +601,7 @@ def read_lines(path: Path) -> Iterator[dict[str, Any]]:
     Nothing but a regular file is read (a FIFO in its place would block forever).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, _READ)
     except FileNotFoundError:
         return
     stream = os.fdopen(fd, "rb")
@@ -663,7 +665,7 @@ def mark_shared(folder: Path, state: str, batch: str) -> int:
             found = shared_batch_in(folder)
             if found is None or found.get("batch") != batch or not path.is_file():
                 os.replace(partial, path)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, _READ)
     except OSError as exc:
         raise OutputError(exc.strerror or str(exc), path=str(path)) from None
     finally:
@@ -675,16 +677,24 @@ def mark_shared(folder: Path, state: str, batch: str) -> int:
 
 def shared_batch_running(folder: Path) -> bool:
     """Whether a worker of a batch shared through Redis writes to *folder* now (`mark_shared`)."""
+    return _held(folder / SHARED_MARK) is True
+
+
+def _held(path: Path) -> bool | None:
+    """Whether another process holds a lock on the regular file *path*; ``None``: no such file.
+
+    Asked by taking the lock, at once released.
+    """
     try:
-        fd = os.open(
-            folder / SHARED_MARK, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-        )
+        fd = os.open(path, _READ)
     except OSError:
-        return False
+        return None
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and not _lock(fd, exclusive=False)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return not _lock(fd, exclusive=False)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)  # (and the lock taken, if it was)
 
@@ -705,7 +715,7 @@ def shared_batch_in(folder: Path) -> dict[str, str] | None:
     """
     path = folder / SHARED_MARK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, _READ)
     except FileNotFoundError:
         return None
     except OSError:
@@ -732,17 +742,11 @@ def file_batch_in(folder: Path) -> tuple[bool, list[str]]:
     while the journal is read.
     """
     path = folder / JOURNAL_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError:  # none (an unreadable one is read below, as nothing)
+    held = _held(path)
+    if held is None:  # none
         return False, []
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False, []
-        if not _lock(fd, exclusive=False):
-            return True, []
-    finally:
-        os.close(fd)  # (and its lock with it)
+    if held:
+        return True, []
     states: dict[str, JobState] = {}
     for record in read_lines(path):
         job = record.get("id")
