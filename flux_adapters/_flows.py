@@ -662,8 +662,9 @@ def follow_job(
             built = adapter_built(adapter, None, adapter.build_poll, job)
             poll = _within(built, adapter, "poll", ends, clock)
             state = yield from _poll_once(adapter, job, poll, secrets)
-            missing[:] = [state.why] if isinstance(state, _Missing) else []
+            missing[:] = []
             if isinstance(state, _Missing):
+                missing.append(state.why)
                 state = state.pending
             if isinstance(state, ResponseFormatError):
                 # Maybe a glitch, maybe an adapter that cannot read its provider's statuses:
