@@ -1713,29 +1713,25 @@ def _shared_batch(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> in
     # on disk, or is refused when its job comes (its CRC-32 is not the index's). Checked first,
     # the index took lines no check had seen (a second job of one id).
     lines = Lines(path)
-    try:
+    try:  # until the run takes the lines, whatever is refused closes them
         check_file(path)
-    except BaseException:
-        lines.close()
-        raise
-    total = len(lines)
-    expiry = arguments.state_expiry
-    given = {  # those not given: SharedOptions' defaults, which --help states
-        "block": arguments.block,
-        "lease_s": arguments.lease,
-        "keep_s": None if expiry is None else max(int(expiry), 1),
-    }
-    options = SharedOptions(
-        state_url=arguments.state,
-        output=arguments.output,
-        concurrency=arguments.concurrency,
-        per_provider=arguments.per_provider,
-        resend_unconfirmed=arguments.resend_unconfirmed,
-        force=arguments.force,
-        grace=arguments.grace,
-        **{name: value for name, value in given.items() if value is not None},
-    )
-    try:
+        total = len(lines)
+        expiry = arguments.state_expiry
+        given = {  # those not given: SharedOptions' defaults, which --help states
+            "block": arguments.block,
+            "lease_s": arguments.lease,
+            "keep_s": None if expiry is None else max(int(expiry), 1),
+        }
+        options = SharedOptions(
+            state_url=arguments.state,
+            output=arguments.output,
+            concurrency=arguments.concurrency,
+            per_provider=arguments.per_provider,
+            resend_unconfirmed=arguments.resend_unconfirmed,
+            force=arguments.force,
+            grace=arguments.grace,
+            **{name: value for name, value in given.items() if value is not None},
+        )
         report = ReportLines(arguments.report) if arguments.report is not None else None
     except BaseException:
         lines.close()
