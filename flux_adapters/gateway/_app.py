@@ -41,6 +41,7 @@ from flux_adapters.gateway._errors import (
     error_answer,
     kept_tries,
     openai_error,
+    shutting_down,
     violations_answer,
 )
 from flux_adapters.gateway._files import MEDIA, FileStore
@@ -152,8 +153,9 @@ class GatewaySettings:
             gateway only its own machine can reach).
         default_model: The model when a request names none.
         body_timeout: Seconds a request's whole body may take to arrive (default 300, at most
-            a day, as ``serve --body-timeout`` and every timeout): a client that drips it is answered 408 and its connection closed, so slow uploads
-            cannot hold the gateway's connections.
+            a day, as ``serve --body-timeout`` and every timeout): a client that drips it is
+            answered 408 and its connection closed, so slow uploads cannot hold the gateway's
+            connections.
         max_bodies_bytes: Request bodies the gateway holds at once, all calls together (default
             1 GiB; at least *max_body_bytes*): a call that would pass it is answered 503
             ``server_busy`` with a ``Retry-After`` before its body is read, so many large
@@ -685,16 +687,7 @@ async def _image_call_held(
         return _finish(gateway, request, route, response, started, record, info)
 
     if gateway.draining:
-        return done(
-            openai_error(
-                503,
-                "the gateway is shutting down (nothing sent)",
-                type_="server_error",
-                code="shutting_down",
-                retry=True,
-            ),
-            None,
-        )
+        return done(shutting_down(), None)
     record = await _authorized(request, gateway)
     if isinstance(record, Answer):
         return done(record, None)

@@ -57,6 +57,18 @@ def openai_error(
     return Answer(status, {"error": body}, out)
 
 
+def shutting_down() -> Answer:
+    """The answer to a call the gateway takes no more, as it stops: nothing was sent."""
+    return openai_error(
+        503,
+        "the gateway is shutting down (nothing sent)",
+        type_="server_error",
+        code="shutting_down",
+        retry=True,
+        may_be_billed=False,
+    )
+
+
 def _violation(v: errors.Violation, provider: str | None) -> dict[str, object]:
     return {
         "provider": provider,
@@ -201,14 +213,7 @@ def _answer(error: errors.FluxError) -> Answer:
             may_be_billed=False,
         )
     if isinstance(error, errors.ClientClosedError):  # its clients closed as it stops
-        return openai_error(
-            503,
-            "the gateway is shutting down (nothing sent)",
-            type_="server_error",
-            code="shutting_down",
-            retry=True,
-            may_be_billed=False,
-        )
+        return shutting_down()
     if isinstance(error, errors.ConfigurationError):
         return openai_error(400, text, code="invalid_request", retry=False)
     if isinstance(error, errors.ContentModerated | errors.Moderated):
