@@ -662,7 +662,7 @@ def test_connection_timeouts_out_of_range_are_refused_before_listening(
 ) -> None:
     name = next(iter(timeout))
     with (
-        pytest.raises(ConfigurationError, match=f"{name} must be seconds above 0"),
+        pytest.raises(ConfigurationError, match=f"{name} must be a number of seconds > 0"),
         run_gateway(files_dir=tmp_path, clients=single(emulator, "laozhang"), **timeout),  # type: ignore[arg-type]
     ):
         pass

@@ -11,9 +11,8 @@ import python_multipart  # noqa: F401  (Starlette needs it for /v1/images/edits;
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from flux_adapters._options import MAX_SECONDS, is_number
+from flux_adapters._options import check_seconds
 from flux_adapters._serving import JoinedWrites, LoopbackServer, listening_socket
-from flux_adapters.errors import ConfigurationError
 from flux_adapters.gateway._app import LOGGER, Gateway, create_app
 
 if TYPE_CHECKING:
@@ -96,12 +95,8 @@ def build_server(
         ConfigurationError: A timeout is not seconds above 0, up to a day.
         OSError: The address is in use or cannot be bound.
     """
-    for name, seconds in (("header_timeout", header_timeout), ("send_timeout", send_timeout)):
-        if not (is_number(seconds) and 0 < seconds <= MAX_SECONDS):
-            raise ConfigurationError(
-                f"{name} must be seconds above 0, up to {MAX_SECONDS:.0f} (a day), "
-                f"not {seconds!r:.40}"
-            )
+    header_timeout = check_seconds(header_timeout, "header_timeout")
+    send_timeout = check_seconds(send_timeout, "send_timeout")
     sock = listening_socket(host, port)
 
     stall = send_timeout  # a class body does not see a name it assigns from the function
