@@ -52,6 +52,7 @@ from tests.test_shared_batch import (
     _close,
     _store,
     environment,
+    started,
     summary,
     wait_for,
     worker,
@@ -218,13 +219,7 @@ def test_a_jobs_file_edited_while_its_batch_runs_is_not_a_second_batch_on_the_sa
     with run_emulator() as emulator:
         emulator.inject("laozhang", Fault(delay=0.1))
         env = environment(emulator)
-        first = subprocess.Popen(
-            worker(source, str(folder), redis.url, *args),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        first = started(source, folder, redis.url, env, *args)
         wait_for(lambda: len(emulator.calls()) >= 4, first)
         assert first.poll() is None
         text = source.read_text()
@@ -392,13 +387,7 @@ def test_a_batch_running_longer_than_its_state_expiry_keeps_its_output(
     with run_emulator() as emulator:
         emulator.inject("laozhang", Fault(delay=0.2))
         env = environment(emulator)
-        first = subprocess.Popen(
-            worker(source, str(folder), redis.url, *args),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        first = started(source, folder, redis.url, env, *args)
         # Past the expiry (1 s) twice over, the batch under way (16 jobs of 0.2 s, one at a
         # time): 10 jobs in, 2 s at least since it began.
         wait_for(lambda: len(emulator.calls()) >= 10, first)

@@ -62,6 +62,19 @@ def worker(
     ]  # fmt: skip
 
 
+def started(
+    source: Path, folder: Path, state: str, env: dict[str, str], *extra: str
+) -> subprocess.Popen[str]:
+    """A worker (`worker`) running in the background, its output piped."""
+    return subprocess.Popen(
+        worker(source, str(folder), state, *extra),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def environment(emulator: Emulator, provider: str = "laozhang") -> dict[str, str]:
     prefix = provider.upper()
     return os.environ | {
@@ -95,14 +108,7 @@ def two_workers_under_way(
 ) -> list[subprocess.Popen[str]]:
     """Two workers of one shared batch (blocks of 10), once the emulator saw 40 calls."""
     workers = [
-        subprocess.Popen(
-            worker(source, str(folder), url, "--block", "10", "--concurrency", "4"),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
+        started(source, folder, url, env, "--block", "10", "--concurrency", "4") for _ in range(2)
     ]
     wait_for(lambda: len(emulator.calls()) >= 40, workers[0])
     return workers
@@ -173,13 +179,7 @@ def test_three_workers_share_600_jobs_and_one_killed_never_makes_a_job_done_twic
         options = ("--block", "10", "--lease", "2", "--concurrency", "6")
         reports = [tmp_path / f"report-{n}.jsonl" for n in range(3)]
         workers = [
-            subprocess.Popen(
-                worker(source, str(folder), redis.url, *options, "--report", str(report)),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            started(source, folder, redis.url, env, *options, "--report", str(report))
             for report in reports
         ]
         victim = workers[0]
@@ -865,13 +865,7 @@ def test_a_worker_stopped_by_ctrl_c_gives_its_blocks_back_at_once(
     with run_emulator() as emulator:
         emulator.inject("laozhang", Fault(delay=0.2))
         env = environment(emulator)
-        first = subprocess.Popen(
-            worker(source, str(folder), redis.url, *args),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        first = started(source, folder, redis.url, env, *args)
         wait_for(lambda: len(emulator.calls()) >= 6, first)
         first.send_signal(signal.SIGINT)
         stdout, stderr = first.communicate(timeout=60)
