@@ -482,20 +482,21 @@ def aiohttp_driver(connections: int = 100) -> Any:
     return AiohttpDriver(connections)
 
 
+async def _answer(sender: Any, item: Exchange) -> object:
+    """*item*'s answer from *sender*, or the FluxError it ended with."""
+    try:
+        return await sender.exchange(item)
+    except errors.FluxError as error:
+        return error
+
+
 def on_driver(make: Callable[[], Any], *exchanges: Exchange) -> list[object]:
     """Each exchange's answer or FluxError, sent at once by one driver made by *make*."""
 
     async def main() -> list[object]:
         sender = make()
         try:
-
-            async def one(item: Exchange) -> object:
-                try:
-                    return await sender.exchange(item)
-                except errors.FluxError as error:
-                    return error
-
-            return list(await asyncio.gather(*(one(item) for item in exchanges)))
+            return list(await asyncio.gather(*(_answer(sender, item) for item in exchanges)))
         finally:
             await sender.aclose()
 
@@ -513,15 +514,8 @@ def queued_behind(
     async def main() -> list[object]:
         sender = make()
         try:
-
-            async def one(item: Exchange) -> object:
-                try:
-                    return await sender.exchange(item)
-                except errors.FluxError as error:
-                    return error
-
-            holding = asyncio.ensure_future(one(first))
-            waiting = asyncio.ensure_future(one(queued))
+            holding = asyncio.ensure_future(_answer(sender, first))
+            waiting = asyncio.ensure_future(_answer(sender, queued))
             try:
                 ended = await waiting
             finally:
@@ -657,11 +651,8 @@ def test_aiohttp_exchanges_in_flight_together_each_keep_their_own_timeouts(
     async def main() -> list[object]:
         sender = aiohttp_driver()
 
-        async def one(item: Exchange) -> object:
-            try:
-                return await sender.exchange(item)
-            except errors.FluxError as error:
-                return error
+        def one(item: Exchange) -> Any:
+            return _answer(sender, item)
 
         try:
             longest = asyncio.ensure_future(one(exchange(f"{url}/longest", BODY)))  # 10 s, read 5 s
