@@ -19,7 +19,7 @@ from flux_adapters import AsyncFluxClient, EditRequest, FluxClient, errors
 from flux_adapters.emulator import Fault, run_emulator
 from flux_adapters.jobs import Polling
 from flux_adapters.result import BatchItem
-from tests.conftest import CLIENT_KINDS, SubmitRewritten
+from tests.conftest import CLIENT_KINDS
 from tests.test_jobs import KEY, T2I, Fake, FakeBfl, both, run
 from tests.test_jobs_emulator import edit
 
@@ -364,21 +364,10 @@ def test_a_job_id_echoing_the_key_never_reaches_a_gateway_client(tmp_path: Path)
     # answered it to its client as x-flux-provider-request-id, handing the operator's provider
     # key to whoever holds a gateway key.
     from flux_adapters.gateway import run_gateway
-    from tests.test_gateway import FAST_POLLS, PROVIDER_SECRET
+    from tests.test_gateway import PROVIDER_SECRET, RewrittenBfl
 
-    made: list[httpx.AsyncClient] = []
     with run_emulator(pending_polls=1) as emulator:
-
-        def echoing(only: tuple[str, ...] | None) -> AsyncFluxClient:
-            made.append(httpx.AsyncClient(transport=SubmitRewritten(_id_echoes_the_key)))
-            return AsyncFluxClient(
-                "bfl",
-                api_key=PROVIDER_SECRET,
-                base_url=emulator.base_url("bfl"),
-                polling=FAST_POLLS,
-                http_client=made[-1],
-            )
-
+        echoing = RewrittenBfl(emulator, _id_echoes_the_key)
         with run_gateway(files_dir=tmp_path, clients=echoing) as gateway:
             key, _ = gateway.add_key()
             answer = httpx.post(
@@ -387,8 +376,7 @@ def test_a_job_id_echoing_the_key_never_reaches_a_gateway_client(tmp_path: Path)
                 headers={"authorization": f"Bearer {key}"},
                 timeout=60,
             )
-            for http in made:  # ours to close, in the gateway's loop
-                asyncio.run_coroutine_threadsafe(http.aclose(), gateway._loop).result(30)
+            echoing.close(gateway)
     assert answer.status_code == 200, answer.text
     assert "x-flux-provider-request-id" in answer.headers
     assert PROVIDER_SECRET not in str(answer.headers)

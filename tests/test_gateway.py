@@ -78,6 +78,33 @@ def single(emulator: Emulator, name: str) -> Callable[[tuple[str, ...] | None], 
     return make
 
 
+class RewrittenBfl:
+    """The gateway's clients: BFL on *emulator*, each submit answer changed by *rewrite*
+    (`tests.conftest.SubmitRewritten`). The httpx clients they send with are the test's to
+    close, in the gateway's loop (`close`)."""
+
+    def __init__(self, emulator: Emulator, rewrite: Callable[[dict[str, Any], Any], None]):
+        self._base_url = emulator.base_url("bfl")
+        self._rewrite = rewrite
+        self._made: list[httpx.AsyncClient] = []
+
+    def __call__(self, only: tuple[str, ...] | None) -> AsyncFluxClient:
+        from tests.conftest import SubmitRewritten
+
+        self._made.append(httpx.AsyncClient(transport=SubmitRewritten(self._rewrite)))
+        return AsyncFluxClient(
+            "bfl",
+            api_key=PROVIDER_SECRET,
+            base_url=self._base_url,
+            polling=FAST_POLLS,
+            http_client=self._made[-1],
+        )
+
+    def close(self, gateway: RunningGateway) -> None:
+        for http in self._made:
+            asyncio.run_coroutine_threadsafe(http.aclose(), gateway._loop).result(30)
+
+
 def providers_env(
     emulator: Emulator, monkeypatch: pytest.MonkeyPatch, where: Path, *names: str
 ) -> None:

@@ -18,11 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from flux_adapters import AsyncFluxClient
 from flux_adapters.emulator import Emulator, run_emulator
 from flux_adapters.gateway import RunningGateway, run_gateway
-from tests.conftest import SubmitRewritten, held_at_the_provider
-from tests.test_gateway import FAST_POLLS, PROVIDER_SECRET, single
+from tests.conftest import held_at_the_provider
+from tests.test_gateway import PROVIDER_SECRET, RewrittenBfl, single
 
 
 @pytest.fixture(scope="module")
@@ -143,18 +142,7 @@ def test_a_cost_reported_beyond_what_a_budget_holds_still_spends_the_keys_budget
     # The key's budget was settled at the provider's own figure, refused by the state (more
     # than $1e9): the settle failed, the budget kept only the $0.03 estimate, and the key
     # went on calling as if nothing had been spent.
-    made: list[httpx.AsyncClient] = []
-
-    def inflated(only: tuple[str, ...] | None) -> AsyncFluxClient:
-        made.append(httpx.AsyncClient(transport=SubmitRewritten(_inflated_cost)))
-        return AsyncFluxClient(
-            "bfl",
-            api_key=PROVIDER_SECRET,
-            base_url=emulator.base_url("bfl"),
-            polling=FAST_POLLS,
-            http_client=made[-1],
-        )
-
+    inflated = RewrittenBfl(emulator, _inflated_cost)
     before = len(emulator.calls("bfl", kind="submit"))
     with run_gateway(files_dir=tmp_path, clients=inflated) as gateway:
         key, _ = gateway.add_key(budget_usd=1)
@@ -162,8 +150,7 @@ def test_a_cost_reported_beyond_what_a_budget_holds_still_spends_the_keys_budget
         call = {"prompt": "a robot", "size": "64x64"}
         first = httpx.post(gateway.url + "/images/generations", json=call, headers=headers)
         second = httpx.post(gateway.url + "/images/generations", json=call, headers=headers)
-        for http in made:  # ours to close, in the gateway's loop
-            asyncio.run_coroutine_threadsafe(http.aclose(), gateway._loop).result(30)
+        inflated.close(gateway)
     assert first.status_code == 200, first.text
     assert second.status_code == 429, second.text
     assert second.json()["error"]["code"] == "budget_exceeded"
